@@ -1,0 +1,170 @@
+"""Drive the engine from one background thread; give each request an async stream of outputs.
+
+The HTTP layer only queues work and awaits results: `generate()` puts a request on a thread-safe
+inbox and yields `RequestOutput`s as the engine thread produces them. If the consumer goes away
+(client disconnect, timeout), the request is aborted inside the engine at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from server.engine.engine import LLMEngine
+from server.engine.request import FinishReason, Request, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; the caller should retry later (HTTP 503)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; no request can be served (HTTP 503)."""
+
+
+class AsyncEngine:
+    """Thread-driven wrapper: `generate`, `abort`, `start`, `shutdown`, `is_alive`."""
+
+    def __init__(self, engine: LLMEngine, max_queue_size: int = 256):
+        self.engine = engine
+        self.max_queue_size = max_queue_size
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.fatal_error: str | None = None
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.fatal_error is None
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Queue `request` and yield its outputs until it finishes. Validation errors raise at once."""
+        if not self.is_alive():
+            raise EngineDeadError("the engine loop is not running")
+        if self.num_in_flight >= self.max_queue_size:
+            raise QueueFullError(f"{self.num_in_flight} requests in flight; the queue holds {self.max_queue_size}")
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        added: asyncio.Future = loop.create_future()
+        with self._lock:
+            self._streams[request.request_id] = (loop, stream)
+        self._inbox.put(("add", request, (loop, added)))
+        self._wakeup.set()
+        finished = False
+        try:
+            await added  # raises the engine's validation error, if any
+            while True:
+                output: RequestOutput = await stream.get()
+                finished = output.finished
+                yield output
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id, None))
+        self._wakeup.set()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- engine thread ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain_inbox()
+                if not self.engine.has_unfinished():
+                    self._wakeup.wait(0.05)
+                    self._wakeup.clear()
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except Exception as err:  # one bad step (e.g. CUDA OOM) fails its requests, not the server
+                    log.exception("engine step failed")
+                    outputs = self.engine.fail_all(f"{type(err).__name__} during generation")
+                    _free_cuda_cache()
+                self._dispatch(outputs)
+        except BaseException as err:  # pragma: no cover - last resort: mark the engine dead for /health
+            self.fatal_error = repr(err)
+            log.exception("engine loop died")
+            raise
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item, extra = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                loop, added = extra
+                try:
+                    self.engine.add_request(item)
+                except Exception as err:
+                    loop.call_soon_threadsafe(_set_exception, added, err)
+                    with self._lock:
+                        self._streams.pop(item.request_id, None)
+                else:
+                    loop.call_soon_threadsafe(_set_result, added)
+            else:
+                output = self.engine.abort(item)
+                if output is not None:
+                    self._dispatch([output])
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            with self._lock:
+                target = self._streams.get(output.request_id)
+            if target is not None:
+                loop, stream = target
+                loop.call_soon_threadsafe(stream.put_nowait, output)
+
+
+def _set_result(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _set_exception(future: asyncio.Future, err: Exception) -> None:
+    if not future.done():
+        future.set_exception(err)
+
+
+def _free_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+__all__ = ["AsyncEngine", "EngineDeadError", "FinishReason", "QueueFullError"]

@@ -1,0 +1,244 @@
+"""The synchronous engine core: `add_request`, `step`, `abort`, `has_unfinished`.
+
+A step schedules (admit, chunk, preempt), runs prefill chunks and the decode batch, samples, and
+turns new tokens into `RequestOutput`s. The asynchronous wrapper (async_engine) drives it from a
+thread. Adapter policy per mode:
+- unmerged: each request holds a GPU slot for its adapter version; one batch mixes adapters.
+- merged: one adapter version is merged into the base weights; only its requests run; when the
+  batch drains, the swapper rebuilds the weights for the adapter at the head of the queue.
+- auto: at each drain point, merge if every waiting request uses one adapter, else unmerged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from server.config import LoraMode, Settings
+from server.engine.detokenizer import update_text
+from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
+from server.engine.request import FinishReason, Request, RequestOutput, RequestStatus, SamplingError
+from server.engine.runner import ModelRunner
+from server.engine.sampler import sample
+from server.engine.scheduler import Admission, Scheduler
+from server.engine.slot_table import SlotTable
+from server.engine.stats import EngineMetrics
+from server.model.loader import LoadedModel
+from server.model.lora import LoraSlots
+from server.model.merge import MergedSwapper
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLongError(SamplingError):
+    """The prompt leaves no room for generation within max_model_len."""
+
+
+class LLMEngine:
+    """Model, KV cache, adapter slots, scheduler and sampler for one base model."""
+
+    def __init__(self, loaded: LoadedModel, settings: Settings):
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.model_id
+        cfg = loaded.config
+        self.max_model_len = min(settings.max_model_len, cfg.max_position_embeddings)
+        per_block = bytes_per_block(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.model.dtype)
+        num_blocks = choose_num_blocks(
+            settings.kv_cache_blocks, settings.kv_cache_memory_fraction, per_block, self.model.device,
+            settings.max_batch_size, self.max_model_len,
+        )
+        self.kv_cache = KVCache(cfg.num_layers, num_blocks, cfg.num_kv_heads, cfg.head_dim,
+                                self.model.dtype, self.model.device)
+        self.model.kv_cache = self.kv_cache.layer_caches()
+        self.mode = settings.lora_mode
+        self.merged_active = self.mode is LoraMode.MERGED
+        self.lora_slots = None if self.mode is LoraMode.MERGED else LoraSlots(
+            self.model, settings.max_slots, settings.max_rank
+        )
+        self.slot_table = SlotTable(settings.max_slots, self._load_slot)
+        self.swapper = None if self.mode is LoraMode.UNMERGED else MergedSwapper(self.model)
+        self.scheduler = Scheduler(self.kv_cache, settings.max_batch_size, settings.max_num_batched_tokens,
+                                   self._admit, self._release)
+        self.runner = ModelRunner(self.model, self.kv_cache, settings.max_batch_size, self.max_model_len,
+                                  use_lora=self.lora_slots is not None,
+                                  use_cuda_graphs=settings.cuda_graphs)
+        self.metrics = EngineMetrics(self.model_name, settings.max_slots)
+        self.eos_token_ids = _eos_ids(self.tokenizer, loaded.config.hf_config)
+        self._by_id: dict[str, Request] = {}
+        log.info("engine ready: %d KV blocks (%.1f MiB), mode=%s, slots=%d",
+                 num_blocks, num_blocks * per_block / 2**20, self.mode.value, settings.max_slots)
+
+    # ---- public surface -------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Validate and queue a request; raises SamplingError (a 4xx) on bad input."""
+        request.params.validate()
+        if not request.prompt_token_ids:
+            raise SamplingError("prompt is empty")
+        if len(request.prompt_token_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(request.prompt_token_ids)} tokens; max_model_len is {self.max_model_len}"
+            )
+        if any(t < 0 or t >= self.model.config.vocab_size for t in request.prompt_token_ids):
+            raise SamplingError("prompt token id out of vocabulary range")
+        self._by_id[request.request_id] = request
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self._by_id.pop(request_id, None)
+        if request is None or self.scheduler.remove(request_id) is None:
+            return None
+        request.finish_reason = FinishReason.ABORT
+        self.metrics.record_finished(request)
+        return self._output(request, "", finished=True)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration; returns an output for every request that advanced or finished."""
+        self._maybe_swap()
+        batch = self.scheduler.schedule()
+        for request in batch.preempted:
+            log.info("preempted %s (KV cache full); it will recompute", request.request_id)
+        to_sample: list[Request] = []
+        logits_parts: list[torch.Tensor] = []
+        if batch.prefill:
+            for request, _ in batch.prefill:
+                if request.num_computed_tokens == 0:
+                    self.metrics.record_scheduled(request)
+            logits = self.runner.prefill(batch.prefill)
+            for request, chunk in batch.prefill:
+                request.num_computed_tokens += chunk
+                self.metrics.record_prefill(chunk)
+                if not request.is_prefilling:
+                    to_sample.append(request)
+            if logits is not None:
+                logits_parts.append(logits)
+        if batch.decode:
+            logits_parts.append(self.runner.decode(batch.decode))
+            to_sample += batch.decode
+        running = self.scheduler.running
+        distinct = len({r.adapter_key for r in running}) if running else None
+        self.metrics.record_step(running, list(self.scheduler.waiting), self.kv_cache.usage, distinct)
+        if not to_sample:
+            return []
+        token_ids, logprobs = sample(torch.cat(logits_parts), to_sample)
+        return self._postprocess(to_sample, token_ids, logprobs)
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """Finish every request with an error (after an exception inside a step)."""
+        outputs = []
+        for request in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.remove(request.request_id)
+            self._by_id.pop(request.request_id, None)
+            request.finish_reason = FinishReason.ERROR
+            self.metrics.record_finished(request)
+            outputs.append(self._output(request, "", finished=True, error=message))
+        return outputs
+
+    # ---- adapter policy ---------------------------------------------------------------------------
+
+    def _admit(self, request: Request) -> Admission:
+        if self.merged_active:
+            return Admission.ADMIT if request.adapter_key == self.swapper.current else Admission.BLOCK
+        if request.adapter is None:
+            request.slot = -1
+            return Admission.ADMIT
+        slot = self.slot_table.acquire(request.adapter_key, request.adapter.weights)
+        if slot is None:
+            return Admission.SKIP
+        request.slot = slot
+        return Admission.ADMIT
+
+    def _release(self, request: Request) -> None:
+        if request.slot >= 0:
+            self.slot_table.release(request.adapter_key)
+            request.slot = -1
+
+    def _load_slot(self, slot: int, weights) -> None:
+        start = time.perf_counter()
+        self.lora_slots.load(slot, weights)
+        self.metrics.record_swap("unmerged", time.perf_counter() - start)
+        self.metrics.record_resident("gpu", self.slot_table.num_resident)
+
+    def _maybe_swap(self) -> None:
+        """At a drain point (nothing running), pick the merged adapter or the unmerged mode."""
+        if self.swapper is None or self.scheduler.running or not self.scheduler.waiting:
+            return
+        head = self.scheduler.waiting[0]
+        if self.mode is LoraMode.AUTO:
+            keys = {r.adapter_key for r in self.scheduler.waiting}
+            self.merged_active = len(keys) == 1 and head.adapter is not None
+            target = head if self.merged_active else None
+        else:
+            target = head
+        key = None if target is None else target.adapter_key
+        if key != self.swapper.current:
+            seconds = self.swapper.swap(key, None if target is None else target.adapter.weights)
+            self.metrics.record_swap("merged", seconds)
+            log.info("merged swap to %s in %.1f ms", key, seconds * 1e3)
+
+    # ---- outputs ----------------------------------------------------------------------------------
+
+    def _postprocess(self, requests: list[Request], token_ids: list[int], logprobs) -> list[RequestOutput]:
+        outputs = []
+        now = time.monotonic()
+        for row, (request, token) in enumerate(zip(requests, token_ids, strict=True)):
+            request.output_token_ids.append(token)
+            if logprobs is not None:
+                request.output_logprobs.append(logprobs[row])
+            request.num_computed_tokens = request.num_tokens - 1
+            self.metrics.record_token(request, now)
+            params = request.params
+            if (token in params.stop_token_ids) or (not params.ignore_eos and token in self.eos_token_ids):
+                request.finish_reason = FinishReason.STOP
+            elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+                request.finish_reason = FinishReason.LENGTH
+            new_text = update_text(request, self.tokenizer)
+            finished = request.finish_reason is not None
+            if finished:
+                self.scheduler.finish(request)
+                self._by_id.pop(request.request_id, None)
+                self.metrics.record_finished(request)
+            outputs.append(self._output(request, new_text, finished))
+        return outputs
+
+    def _output(self, request: Request, new_text: str, finished: bool, error: str | None = None):
+        start = request.num_emitted_tokens
+        request.num_emitted_tokens = len(request.output_token_ids)
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=request.output_token_ids[start:],
+            new_text=new_text,
+            new_logprobs=request.output_logprobs[start:] if request.params.logprobs else None,
+            finished=finished,
+            finish_reason=request.finish_reason if finished else None,
+            prompt_tokens=len(request.prompt_token_ids),
+            completion_tokens=len(request.output_token_ids),
+            error=error,
+        )
+
+
+def _eos_ids(tokenizer, hf_config) -> set[int]:
+    ids = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    return ids
+
+
+__all__ = ["LLMEngine", "PromptTooLongError", "RequestStatus"]

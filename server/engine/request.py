@@ -1,0 +1,138 @@
+"""A generation request, its sampling parameters, and what the engine streams back for it."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+_ids = itertools.count()
+
+
+class SamplingError(ValueError):
+    """A sampling parameter is out of range; the message names the field."""
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding controls (OpenAI / TGI semantics)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def validate(self) -> None:
+        """Raise SamplingError naming the first bad field."""
+        if self.max_tokens < 1:
+            raise SamplingError("max_tokens must be >= 1")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise SamplingError("temperature must be in [0, 100]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise SamplingError("top_k must be >= 0")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise SamplingError("repetition_penalty must be in (0, 10]")
+        if len(self.stop) > 16 or any(not s for s in self.stop):
+            raise SamplingError("stop must hold at most 16 non-empty strings")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class RequestStatus(enum.Enum):
+    """Lifecycle of a request inside the engine."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    """Why a request stopped (OpenAI names, plus abort and error)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+@dataclass
+class AdapterRef:
+    """The adapter version a request was admitted with; weights stay alive while it runs."""
+
+    name: str
+    version: int
+    weights: Any  # server.model.lora.AdapterWeights
+
+
+@dataclass
+class RequestOutput:
+    """One streamed increment for a request: new tokens and text, and a final record when done."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[float] | None
+    finished: bool
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    """A sequence inside the engine: prompt, generated tokens, adapter and KV blocks."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterRef | None = None
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    block_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    prefill_target: int = 0  # tokens to prefill before sampling (prompt, plus outputs after preemption)
+    slot: int = -1  # GPU adapter slot while running (unmerged mode); -1 = base only
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    text: str = ""  # detokenized output so far
+    num_emitted_chars: int = 0
+    num_emitted_tokens: int = 0
+    generator: Any = None  # torch.Generator for seeded sampling
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.prefill_target
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def adapter_key(self) -> tuple[str, int] | None:
+        return None if self.adapter is None else (self.adapter.name, self.adapter.version)

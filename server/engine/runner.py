@@ -1,0 +1,131 @@
+"""Turn a scheduled batch into model inputs, run the forward, and return logits to sample from.
+
+Prefill runs eagerly (variable shapes). Decode has static shapes per batch-size bucket with all
+metadata in device tensors, so on CUDA each bucket is captured once as a CUDA graph and replayed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from server.engine.kv_cache import KVCache
+from server.engine.request import Request
+from server.model.llama import CausalLM, PrefillSeq, StepContext
+from server.model.lora import LoraContext
+from server.model.lora_ops import decode_lora_meta, make_lora_meta
+
+log = logging.getLogger(__name__)
+
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+def bucket_for(batch_size: int, max_batch_size: int) -> int:
+    for bucket in DECODE_BUCKETS:
+        if bucket >= batch_size:
+            return min(bucket, max(max_batch_size, batch_size))
+    return batch_size
+
+
+class ModelRunner:
+    """Owns the model's step inputs; `prefill` and `decode` return float32 logits."""
+
+    def __init__(self, model: CausalLM, kv_cache: KVCache, max_batch_size: int, max_model_len: int,
+                 use_lora: bool, use_cuda_graphs: bool):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = model.device
+        self.block_size = kv_cache.block_size
+        self.max_blocks = -(-max_model_len // self.block_size)
+        self.max_batch_size = max_batch_size
+        self.use_lora = use_lora
+        self.graphs = None
+        if use_cuda_graphs and self.device.type == "cuda":
+            from server.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, max_batch_size)
+
+    def _slot_index(self, request: Request, position: int) -> int:
+        block = request.block_ids[position // self.block_size]
+        return block * self.block_size + position % self.block_size
+
+    @torch.inference_mode()
+    def prefill(self, chunks: list[tuple[Request, int]]) -> torch.Tensor | None:
+        """Run prefill chunks; logits [n, vocab] for the chunks that complete their prefill, in order."""
+        tokens, positions, slots, seqs, segments, last_rows = [], [], [], [], [], []
+        for request, chunk in chunks:
+            start = request.num_computed_tokens
+            q_start = len(tokens)
+            tokens += request.all_token_ids[start : start + chunk]
+            positions += range(start, start + chunk)
+            slots += [self._slot_index(request, p) for p in range(start, start + chunk)]
+            table = torch.tensor(request.block_ids, dtype=torch.long, device=self.device)
+            seqs.append(PrefillSeq(q_start, chunk, start + chunk, table))
+            segments.append((q_start, chunk, request.slot))
+            if start + chunk == request.prefill_target:
+                last_rows.append(len(tokens) - 1)
+        ctx = StepContext(
+            is_prefill=True,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            prefill_seqs=seqs,
+            lora=self._prefill_lora(segments),
+        )
+        hidden = self.model(
+            torch.tensor(tokens, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            ctx,
+        )
+        if not last_rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+
+    def _prefill_lora(self, segments: list[tuple[int, int, int]]) -> LoraContext | None:
+        if not self.use_lora or all(slot < 0 for _, _, slot in segments):
+            return None
+        meta = make_lora_meta([n for _, n, _ in segments], [s for _, _, s in segments], self.device)
+        return LoraContext(meta=meta, host_segments=segments)
+
+    def decode_inputs(self, requests: list[Request], padded: int) -> dict[str, torch.Tensor]:
+        """Host-built decode metadata for `padded` rows (rows past len(requests) are padding)."""
+        input_ids = torch.zeros(padded, dtype=torch.long)
+        positions = torch.zeros(padded, dtype=torch.long)
+        slot_mapping = torch.full((padded,), -1, dtype=torch.long)
+        context_lens = torch.zeros(padded, dtype=torch.int32)
+        block_tables = torch.zeros(padded, self.max_blocks, dtype=torch.int32)
+        lora_slots = torch.full((padded,), -1, dtype=torch.int32)
+        for row, request in enumerate(requests):
+            position = request.num_tokens - 1
+            input_ids[row] = request.all_token_ids[-1]
+            positions[row] = position
+            slot_mapping[row] = self._slot_index(request, position)
+            context_lens[row] = request.num_tokens
+            block_tables[row, : len(request.block_ids)] = torch.tensor(request.block_ids, dtype=torch.int32)
+            lora_slots[row] = request.slot
+        return {
+            "input_ids": input_ids, "positions": positions, "slot_mapping": slot_mapping,
+            "context_lens": context_lens, "block_tables": block_tables, "lora_slots": lora_slots,
+        }
+
+    def forward_decode(self, inputs: dict[str, torch.Tensor], with_lora: bool) -> torch.Tensor:
+        """The capturable decode step: device tensors in, logits [rows, vocab] out."""
+        lora = LoraContext(meta=decode_lora_meta(inputs["lora_slots"])) if with_lora else None
+        ctx = StepContext(
+            is_prefill=False,
+            slot_mapping=inputs["slot_mapping"],
+            block_tables=inputs["block_tables"],
+            context_lens=inputs["context_lens"],
+            lora=lora,
+        )
+        hidden = self.model(inputs["input_ids"], inputs["positions"], ctx)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def decode(self, requests: list[Request]) -> torch.Tensor:
+        """One token for each request; logits [len(requests), vocab]."""
+        with_lora = self.use_lora and any(r.slot >= 0 for r in requests)
+        if self.graphs is not None and len(requests) <= self.max_batch_size:
+            return self.graphs.run(requests, with_lora)
+        inputs = self.decode_inputs(requests, len(requests))
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        return self.forward_decode(inputs, with_lora)

@@ -1,0 +1,150 @@
+"""Iteration-level scheduling: every step admits waiting requests, continues chunked prefills,
+decodes the running batch, and preempts on KV-cache pressure without losing a request."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from server.engine.kv_cache import KVCache
+from server.engine.request import Request, RequestStatus
+
+
+class Admission(enum.Enum):
+    """What the adapter policy says about admitting a waiting request now."""
+
+    ADMIT = "admit"
+    SKIP = "skip"  # not now; later requests in the queue may go first
+    BLOCK = "block"  # not now, and nobody behind it either (keeps FIFO order, e.g. merged mode)
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: prefill chunks and decode rows (both run in the same engine step)."""
+
+    prefill: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens this chunk)
+    decode: list[Request] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+
+class Scheduler:
+    """Waiting deque and running list; `admit_fn`/`release_fn` apply the adapter policy."""
+
+    def __init__(self, kv_cache: KVCache, max_batch_size: int, max_num_batched_tokens: int,
+                 admit_fn: Callable[[Request], Admission], release_fn: Callable[[Request], None]):
+        self.kv_cache = kv_cache
+        self.max_batch_size = max_batch_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.admit_fn = admit_fn
+        self.release_fn = release_fn
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        for request in [r for r in self.running if r.is_prefilling]:
+            budget -= self._schedule_chunk(request, budget, batch)
+        for request in [r for r in self.running if not r.is_prefilling]:
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if self._reserve_decode(request, batch):
+                batch.decode.append(request)
+        skipped: list[Request] = []
+        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
+            request = self.waiting[0]
+            decision = self.admit_fn(request)
+            if decision is Admission.BLOCK:
+                break
+            if decision is Admission.SKIP:
+                skipped.append(self.waiting.popleft())
+                continue
+            first_chunk = min(request.num_tokens, budget)
+            if not self.kv_cache.can_allocate(self.kv_cache.blocks_needed(first_chunk)):
+                self.release_fn(request)
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.prefill_target = request.num_tokens
+            request.num_computed_tokens = 0
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            budget -= self._schedule_chunk(request, budget, batch)
+        self.waiting.extendleft(reversed(skipped))
+        return batch
+
+    def _schedule_chunk(self, request: Request, budget: int, batch: ScheduledBatch) -> int:
+        chunk = min(request.prefill_target - request.num_computed_tokens, budget)
+        if chunk <= 0 or not self._ensure_blocks(request, request.num_computed_tokens + chunk):
+            return 0
+        batch.prefill.append((request, chunk))
+        return chunk
+
+    def _reserve_decode(self, request: Request, batch: ScheduledBatch) -> bool:
+        """Make room for one more token; preempt the newest other requests if the cache is full."""
+        while not self._ensure_blocks(request, request.num_tokens):
+            victim = next((r for r in reversed(self.running) if r is not request), None)
+            if victim is None:
+                self.preempt(request)
+                batch.preempted.append(request)
+                return False
+            self.preempt(victim)
+            batch.preempted.append(victim)
+            batch.decode[:] = [r for r in batch.decode if r is not victim]
+            batch.prefill[:] = [(r, n) for r, n in batch.prefill if r is not victim]
+        return True
+
+    def _ensure_blocks(self, request: Request, num_tokens: int) -> bool:
+        missing = self.kv_cache.blocks_needed(num_tokens) - len(request.block_ids)
+        if missing <= 0:
+            return True
+        if not self.kv_cache.can_allocate(missing):
+            return False
+        request.block_ids += self.kv_cache.allocate(missing)
+        return True
+
+    def preempt(self, request: Request) -> None:
+        """Free a running request's cache and slot; it rejoins the queue front and recomputes later."""
+        self._release(request)
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request) -> None:
+        self._release(request)
+        request.status = RequestStatus.FINISHED
+
+    def remove(self, request_id: str) -> Request | None:
+        """Take a request out wherever it is (abort); None if unknown."""
+        for request in self.running:
+            if request.request_id == request_id:
+                self.finish(request)
+                return request
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                request.status = RequestStatus.FINISHED
+                return request
+        return None
+
+    def _release(self, request: Request) -> None:
+        if request in self.running:
+            self.running.remove(request)
+            self.release_fn(request)
+        self.kv_cache.free(request.block_ids)
+        request.block_ids = []
+        request.num_computed_tokens = 0

@@ -1,0 +1,316 @@
+"""Our own forward for the Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2).
+
+Tokens of a step are flattened: `input_ids [num_tokens]`, `positions [num_tokens]`. Keys and values
+go to a paged KV cache (server.engine.kv_cache); `StepContext` carries where, and which adapter
+slot each token uses. q/k/v and gate/up are fused into one linear each (fewer kernel launches);
+LoRA adapters still target q, k, v, gate and up separately through output slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from server.model.attention_ops import paged_decode_attention
+from server.model.lora import LoraContext, LoraLinear
+from server.model.quant import make_linear
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is not a Llama-family model we implement."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture facts our forward needs, read from a transformers config."""
+
+    model_type: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    hf_config: Any = field(compare=False, repr=False)
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> ModelConfig:
+        if hf.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model_type {hf.model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})"
+            )
+        heads = hf.num_attention_heads
+        return cls(
+            model_type=hf.model_type,
+            architecture=(getattr(hf, "architectures", None) or [f"{hf.model_type}ForCausalLM"])[0],
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+            rms_norm_eps=hf.rms_norm_eps,
+            max_position_embeddings=hf.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            hf_config=hf,
+        )
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of every LoRA-targetable projection."""
+        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, (
+            self.intermediate_size
+        )
+        return {
+            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+        }
+
+
+@dataclass
+class PrefillSeq:
+    """One sequence's chunk inside a prefill step (host-side facts, the step is eager)."""
+
+    q_start: int  # first token of this chunk in the flattened batch
+    q_len: int  # tokens in this chunk
+    ctx_len: int  # tokens in the cache after this chunk (prefix + chunk)
+    block_table: torch.Tensor  # [num_blocks] int64 on device
+
+
+@dataclass
+class StepContext:
+    """Per-step metadata: where K/V go and how attention and LoRA read them."""
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [num_tokens] int64 flat cache index, -1 = do not write
+    prefill_seqs: list[PrefillSeq] = field(default_factory=list)
+    block_tables: torch.Tensor | None = None  # [batch, max_blocks] int32 (decode)
+    context_lens: torch.Tensor | None = None  # [batch] int32 (decode), 0 = padding row
+    lora: LoraContext | None = None
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, as transformers does."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotary_tables(config: ModelConfig, max_positions: int, device: torch.device) -> torch.Tensor:
+    """cos/sin for every position, honouring the config's rope scaling: [max_positions, 2, head_dim]."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = config.hf_config
+    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+        dim = config.head_dim
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        scaling = 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float), inv_freq.float())
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return torch.stack([emb.cos() * scaling, emb.sin() * scaling], dim=1).to(device)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D]; cos/sin [T, 1, D]; rotate-half convention of transformers."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """GQA attention over the paged cache, with fused qkv and optional Qwen3 q/k norms."""
+
+    def __init__(self, config: ModelConfig, qkv: LoraLinear, o: LoraLinear, q_norm, k_norm):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.qkv_proj, self.o_proj = qkv, o
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, x, rope, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
+        qkv = self.qkv_proj(x, ctx.lora)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
+        k = qkv[:, q_size : q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope[:, 0:1], rope[:, 1:2]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        _write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        if ctx.is_prefill:
+            out = self._prefill_attention(q, k, v, ctx, k_cache, v_cache)
+        else:
+            out = paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale)
+        return self.o_proj(out.reshape(-1, q_size), ctx.lora)
+
+    def _prefill_attention(self, q, k, v, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for seq in ctx.prefill_seqs:
+            rows = slice(seq.q_start, seq.q_start + seq.q_len)
+            qs = q[rows].transpose(0, 1)  # [heads, q_len, D]
+            if seq.ctx_len == seq.q_len:  # no cached prefix: attend to this chunk, causally
+                ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+                mask, causal = None, True
+            else:  # chunked prefill: the prefix comes from the cache
+                ks, vs = _gather_context(k_cache, v_cache, seq.block_table, seq.ctx_len)
+                q_pos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len, device=q.device)
+                mask = torch.arange(seq.ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+                causal = False
+            out[rows] = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
+            ).transpose(0, 1)
+        return out
+
+
+def _write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Scatter this step's keys/values into the flat view of the paged cache."""
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    valid = slot_mapping >= 0
+    index = torch.where(valid, slot_mapping, flat_k.shape[0] - 1)
+    # Padding rows (-1) write onto the last cache entry, which the allocator never hands out.
+    flat_k.index_copy_(0, index, k.to(flat_k.dtype))
+    flat_v.index_copy_(0, index, v.to(flat_v.dtype))
+
+
+def _gather_context(k_cache, v_cache, block_table, ctx_len):
+    block_size = k_cache.shape[1]
+    index = (block_table[:, None] * block_size + torch.arange(block_size, device=block_table.device)).flatten()
+    index = index[:ctx_len]
+    ks = k_cache.view(-1, *k_cache.shape[2:])[index].transpose(0, 1)
+    vs = v_cache.view(-1, *v_cache.shape[2:])[index].transpose(0, 1)
+    return ks, vs
+
+
+class MLP(nn.Module):
+    """SwiGLU with fused gate/up."""
+
+    def __init__(self, gate_up: LoraLinear, down: LoraLinear):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = gate_up, down
+
+    def forward(self, x, lora: LoraContext | None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, attn: Attention, mlp: MLP, input_norm: RMSNorm, post_norm: RMSNorm):
+        super().__init__()
+        self.self_attn, self.mlp = attn, mlp
+        self.input_layernorm, self.post_attention_layernorm = input_norm, post_norm
+
+    def forward(self, h, rope, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rope, ctx, k_cache, v_cache)
+        return h + self.mlp(self.post_attention_layernorm(h), ctx.lora)
+
+
+class CausalLM(nn.Module):
+    """Embeddings, decoder layers, final norm and a 16-bit LM head."""
+
+    def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm,
+                 head: torch.Tensor | None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Parameter(embed, requires_grad=False)  # [vocab, hidden]
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = None if head is None else nn.Parameter(head, requires_grad=False)  # [vocab, hidden]
+        self.rope = rotary_tables(config, config.max_position_embeddings, embed.device)
+        self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # set by the engine
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    def lora_linears(self) -> list[tuple[int, LoraLinear]]:
+        """(layer index, layer) for every LoRA-capable linear, in a fixed order."""
+        found = []
+        for i, layer in enumerate(self.layers):
+            a, m = layer.self_attn, layer.mlp
+            found += [(i, a.qkv_proj), (i, a.o_proj), (i, m.gate_up_proj), (i, m.down_proj)]
+        return found
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """input_ids/positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
+        h = F.embedding(input_ids, self.embed_tokens)
+        rope = self.rope[positions]
+        for layer, (k_cache, v_cache) in zip(self.layers, self.kv_cache, strict=True):
+            h = layer(h, rope, ctx, k_cache, v_cache)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, hidden] -> float32 logits [n, vocab]."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head).float()
+
+    @classmethod
+    def from_weights(cls, config: ModelConfig, w: dict[str, torch.Tensor], *, dtype: torch.dtype,
+                     device: torch.device, quantize: bool) -> CausalLM:
+        """Build from an HF state dict (names as in LlamaForCausalLM), quantizing linears if asked."""
+
+        def take(name):
+            return w.pop(name).to(device)
+
+        def take_opt(name):
+            return w.pop(name).to(device) if name in w else None
+
+        def linear(prefix, names, shapes):
+            weight = torch.cat([take(f"{prefix}.{n}.weight") for n in names])
+            biases = [take_opt(f"{prefix}.{n}.bias") for n in names]
+            bias = None if biases[0] is None else torch.cat(biases)
+            base = make_linear(weight, bias, dtype, quantize)
+            return LoraLinear(base, names, [shapes[n][1] for n in names])
+
+        shapes = config.module_shapes()
+        layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}"
+            qn, kn = take_opt(f"{p}.self_attn.q_norm.weight"), take_opt(f"{p}.self_attn.k_norm.weight")
+            attn = Attention(
+                config,
+                linear(f"{p}.self_attn", ("q_proj", "k_proj", "v_proj"), shapes),
+                linear(f"{p}.self_attn", ("o_proj",), shapes),
+                None if qn is None else RMSNorm(qn.to(dtype), config.rms_norm_eps),
+                None if kn is None else RMSNorm(kn.to(dtype), config.rms_norm_eps),
+            )
+            mlp = MLP(linear(f"{p}.mlp", ("gate_proj", "up_proj"), shapes), linear(f"{p}.mlp", ("down_proj",), shapes))
+            layers.append(DecoderLayer(
+                attn, mlp,
+                RMSNorm(take(f"{p}.input_layernorm.weight").to(dtype), config.rms_norm_eps),
+                RMSNorm(take(f"{p}.post_attention_layernorm.weight").to(dtype), config.rms_norm_eps),
+            ))
+        embed = take("model.embed_tokens.weight").to(dtype)
+        head = take_opt("lm_head.weight")
+        if config.tie_word_embeddings:
+            head = None
+        norm = RMSNorm(take("model.norm.weight").to(dtype), config.rms_norm_eps)
+        return cls(config, embed, layers, norm, None if head is None else head.to(dtype))

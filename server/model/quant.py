@@ -1,0 +1,111 @@
+"""Linear layers over a frozen base weight: NF4 (bitsandbytes 4-bit) or dense 16/32-bit.
+
+Both expose the same small surface the model, the LoRA slots and the merged swap need:
+`forward(x)`, `dequantize()` (float32 weight), `load_weight(w)` (in-place, no reallocation, so
+captured CUDA graphs stay valid) and `state_tensors()` (the exact stored representation).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NF4_BLOCKSIZE = 64
+
+
+def _bnb():
+    import bitsandbytes as bnb  # heavy import, deferred so config/CLI stay snappy
+
+    return bnb
+
+
+class DenseLinear(nn.Module):
+    """y = x @ W^T (+ b) with W kept in the compute dtype."""
+
+    is_quantized = False
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)  # [out, in]
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float()
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        self.weight.data.copy_(weight.to(self.weight.dtype))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight.data}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.weight.data.copy_(tensors["weight"])
+
+
+class NF4Linear(nn.Module):
+    """y = x @ dequant(W)^T (+ b) with W stored as bitsandbytes NF4 codes, double-quantized absmax."""
+
+    is_quantized = True
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = dtype
+        codes, state = _quantize(weight, dtype)
+        self.codes = nn.Parameter(codes, requires_grad=False)  # [out * in / 2, 1] uint8, two codes a byte
+        self.quant_state = state
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _bnb().matmul_4bit(x, self.codes.t(), self.quant_state, bias=self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(self.codes.data, self.quant_state).float()
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Requantize `weight` into the existing buffers (same storage, same QuantState object)."""
+        codes, state = _quantize(weight, self.compute_dtype)
+        self.codes.data.copy_(codes)
+        self.load_state_tensors(_state_tensors(codes, state))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return _state_tensors(self.codes.data, self.quant_state)
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy a saved exact representation back in place."""
+        for name, live in self.state_tensors().items():
+            live.copy_(tensors[name])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
+
+
+def _quantize(weight: torch.Tensor, dtype: torch.dtype):
+    from bitsandbytes.functional import quantize_4bit
+
+    return quantize_4bit(
+        weight.to(dtype).contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4"
+    )
+
+
+def _state_tensors(codes: torch.Tensor, state) -> dict[str, torch.Tensor]:
+    tensors = {"codes": codes, "absmax": state.absmax}
+    if state.nested:
+        tensors["offset"] = state.offset
+        tensors["absmax2"] = state.state2.absmax
+    return tensors
+
+
+def make_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, quantize: bool
+) -> DenseLinear | NF4Linear:
+    """Build the base linear layer for one (possibly fused) projection."""
+    cls = NF4Linear if quantize else DenseLinear
+    return cls(weight, bias, dtype)
