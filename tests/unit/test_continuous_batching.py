@@ -1,0 +1,145 @@
+"""Continuous batching, preemption, cancellation and adapter replacement lose no request and never
+apply the wrong adapter."""
+
+from __future__ import annotations
+
+from server.engine.request import AdapterRef, FinishReason, Request, SamplingParams
+from tests.unit.engine_helpers import make_engine
+from tests.unit.test_mixed_batch_oracle import adapter_refs
+
+PROMPTS = [[5, 17, 33, 100, 7], [44, 55, 66, 77, 88, 99, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21],
+           [200, 201], [1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 10, 20, 30]]
+LENGTHS = [12, 5, 20, 9, 15]
+
+
+def greedy(prompt, n, adapter=None):
+    return Request(list(prompt), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), adapter=adapter)
+
+
+def run_alone(model_dir, request, **kw):
+    engine = make_engine(model_dir, kv_cache_blocks=128, **kw)
+    engine.add_request(request)
+    while engine.has_unfinished():
+        engine.step()
+    return request.output_token_ids
+
+
+def test_requests_joining_at_different_steps_match_running_alone(tiny_llama_dir):
+    alone = [run_alone(tiny_llama_dir, greedy(p, n)) for p, n in zip(PROMPTS, LENGTHS, strict=True)]
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=128)
+    requests = [greedy(p, n) for p, n in zip(PROMPTS, LENGTHS, strict=True)]
+    arrivals = {0: [0], 2: [1, 2], 3: [3], 7: [4]}
+    step, batch_sizes = 0, []
+    while step <= max(arrivals) or engine.has_unfinished():
+        for i in arrivals.get(step, []):
+            engine.add_request(requests[i])
+        batch_sizes.append(engine.num_running)
+        engine.step()
+        step += 1
+    assert max(batch_sizes) >= 3  # they really overlapped
+    assert [r.output_token_ids for r in requests] == alone
+    assert all(len(r.output_token_ids) == n for r, n in zip(requests, LENGTHS, strict=True))
+
+
+def test_preemption_under_kv_pressure_loses_nothing(tiny_llama_dir):
+    alone = [run_alone(tiny_llama_dir, greedy(p, 30)) for p in PROMPTS]
+    # 9 usable blocks of 16 tokens cannot hold five sequences of up to ~47 tokens at once.
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=10)
+    requests = [greedy(p, 30) for p in PROMPTS]
+    for r in requests:
+        engine.add_request(r)
+    preemptions = 0
+    schedule = engine.scheduler.schedule
+
+    def counting_schedule():
+        nonlocal preemptions
+        batch = schedule()
+        preemptions += len(batch.preempted)
+        return batch
+
+    engine.scheduler.schedule = counting_schedule
+    while engine.has_unfinished():
+        engine.step()
+    assert preemptions > 0
+    assert [r.output_token_ids for r in requests] == alone
+    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_usable_blocks  # every block came back
+
+
+def test_abort_frees_resources_and_others_continue(tiny_llama_dir, tiny_adapters):
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=64, max_slots=2)
+    keep = greedy(PROMPTS[0], 10, refs["attn-r4"])
+    drop = greedy(PROMPTS[1], 50, refs["all-r8"])
+    engine.add_request(keep)
+    engine.add_request(drop)
+    engine.step()
+    engine.step()
+    output = engine.abort(drop.request_id)
+    assert output.finished and output.finish_reason is FinishReason.ABORT
+    assert engine.slot_table.users(("all-r8", 1)) == 0
+    while engine.has_unfinished():
+        engine.step()
+    assert keep.output_token_ids == run_alone(tiny_llama_dir, greedy(PROMPTS[0], 10, refs["attn-r4"]))
+    assert engine.abort("no-such-request") is None
+    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_usable_blocks
+
+
+def test_replaced_adapter_version_keeps_running_on_its_own_weights(tiny_llama_dir, tiny_adapters):
+    """v1 of 'task' is replaced by v2 while a v1 request runs: it finishes on v1; new ones use v2."""
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    v1 = AdapterRef("task", 1, refs["attn-r4"].weights)
+    v2 = AdapterRef("task", 2, refs["ko-r16"].weights)
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=64, max_slots=1)
+    old = greedy(PROMPTS[3], 12, v1)
+    engine.add_request(old)
+    for _ in range(3):
+        engine.step()
+    new = greedy(PROMPTS[3], 12, v2)
+    engine.add_request(new)  # only one slot: v2 waits until v1's request releases it
+    waited_steps = 0
+    while engine.has_unfinished():
+        if new.status.value == "waiting":
+            waited_steps += 1
+        engine.step()
+    assert waited_steps > 0
+    assert old.output_token_ids == run_alone(tiny_llama_dir, greedy(PROMPTS[3], 12, v1))
+    assert new.output_token_ids == run_alone(tiny_llama_dir, greedy(PROMPTS[3], 12, v2))
+    assert old.output_token_ids != new.output_token_ids
+
+
+def test_slot_limit_caps_distinct_adapters_per_step(tiny_llama_dir, tiny_adapters):
+    refs = list(adapter_refs(tiny_llama_dir, tiny_adapters).values())
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=128, max_slots=2)
+    requests = [greedy(PROMPTS[i % 5], 6, refs[i % 4]) for i in range(8)]
+    for r in requests:
+        engine.add_request(r)
+    most = 0
+    while engine.has_unfinished():
+        engine.step()
+        most = max(most, len({r.adapter_key for r in engine.scheduler.running}))
+    assert most == 2
+    assert all(len(r.output_token_ids) == 6 for r in requests)
+
+
+def test_prompt_validation(tiny_llama_dir):
+    import pytest
+
+    from server.engine.request import SamplingError
+
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=16, max_model_len=64)
+    with pytest.raises(SamplingError, match="max_model_len"):
+        engine.add_request(greedy([1] * 64, 4))
+    with pytest.raises(SamplingError, match="temperature"):
+        engine.add_request(Request([1, 2], SamplingParams(temperature=-1)))
+    with pytest.raises(SamplingError, match="empty"):
+        engine.add_request(greedy([], 4))
+    assert not engine.has_unfinished()
+
+
+def test_generation_stops_at_max_model_len(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=16, max_model_len=32)
+    request = greedy([1] * 28, 100)
+    engine.add_request(request)
+    while engine.has_unfinished():
+        engine.step()
+    assert request.num_tokens == 32 and request.finish_reason is FinishReason.LENGTH
