@@ -1,0 +1,34 @@
+"""Durable adapter storage: PEFT LoRA parsing and validation, atomic versioned writes, sha256, listing.
+
+Independent of the server: it imports torch and safetensors only, never pickle.
+"""
+
+from .errors import (
+    AdapterError,
+    AdapterIntegrityError,
+    AdapterNotFoundError,
+    AdapterTooLargeError,
+    AdapterValidationError,
+    InvalidAdapterNameError,
+)
+from .peft_format import load_adapter_dir, parse_adapter
+from .spec import AdapterWeights, BaseModelSpec, weights_nbytes
+from .store import NAME_RE, AdapterRecord, AdapterStore, validate_name
+
+__all__ = [
+    "NAME_RE",
+    "AdapterError",
+    "AdapterIntegrityError",
+    "AdapterNotFoundError",
+    "AdapterRecord",
+    "AdapterStore",
+    "AdapterTooLargeError",
+    "AdapterValidationError",
+    "AdapterWeights",
+    "BaseModelSpec",
+    "InvalidAdapterNameError",
+    "load_adapter_dir",
+    "parse_adapter",
+    "validate_name",
+    "weights_nbytes",
+]

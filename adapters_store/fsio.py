@@ -1,0 +1,80 @@
+"""Durable writes (fsync file and directory) and symlink-free reads of adapter files."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+from .errors import AdapterNotFoundError, AdapterTooLargeError, AdapterValidationError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHT_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+_CHUNK = 1 << 20
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durable(path: Path, data: bytes) -> None:
+    """Create `path` (must not exist), write `data` in chunks and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view[:_CHUNK])
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """Read a regular file without following a symlink at its last component; bounded by max_bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise AdapterNotFoundError(f"{path.name} not found in {path.parent}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise AdapterValidationError(f"{path.name} is a symlink; copy the real file instead") from None
+        raise AdapterValidationError(f"{path.name} cannot be read: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise AdapterValidationError(f"{path.name} is not a regular file")
+        if info.st_size > max_bytes:
+            raise AdapterTooLargeError(
+                f"{path.name} is {info.st_size} bytes, more than the {max_bytes}-byte limit"
+            )
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise AdapterTooLargeError(f"{path.name} is more than the {max_bytes}-byte limit")
+    return data
+
+
+def read_adapter_dir(path: Path, max_bytes: int) -> tuple[bytes, bytes]:
+    """Read (adapter_config.json, adapter_model.safetensors) bytes from a PEFT directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterNotFoundError(f"adapter directory {path} does not exist")
+    if not (path / WEIGHTS_FILE).exists() and not (path / WEIGHTS_FILE).is_symlink():
+        pickled = [name for name in PICKLE_WEIGHT_FILES if (path / name).exists()]
+        if pickled:
+            raise AdapterValidationError(
+                f"{pickled[0]} is a pickle checkpoint and is not accepted; save with safe_serialization=True"
+            )
+        raise AdapterValidationError(f"{path} has no {WEIGHTS_FILE}")
+    if not (path / CONFIG_FILE).exists():
+        raise AdapterValidationError(f"{path} has no {CONFIG_FILE}")
+    config_bytes = read_regular_file(path / CONFIG_FILE, max_bytes)
+    weights_bytes = read_regular_file(path / WEIGHTS_FILE, max_bytes - len(config_bytes))
+    return config_bytes, weights_bytes
