@@ -1,0 +1,92 @@
+"""`python -m server`: parse settings, log, serve with uvicorn; SIGTERM drains before exiting 0.
+
+A first SIGTERM or SIGINT starts a drain: /ready turns 503, new requests get 503, requests in
+flight run to completion (bounded by request_timeout_s), then uvicorn shuts down. A second signal
+skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import uvicorn
+
+from server.api.auth import KeyFileError
+from server.api.state import Phase, ServerState
+from server.app import create_app
+from server.config import Settings, parse_settings
+
+log = logging.getLogger("loraplex")
+SHUTDOWN_GRACE_S = 5.0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first exit signal drains the app before the usual shutdown."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout_s: float):
+        super().__init__(config)
+        self.state = state
+        self.drain_timeout_s = drain_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # Not calling super(): it would re-raise the signal after shutdown and end with a non-zero status.
+        if self._loop is None or self._drain_task is not None or self.state.phase is not Phase.READY:
+            if self.should_exit:
+                self.force_exit = True
+            self.should_exit = True
+            return
+        log.info("received %s: draining (%d requests in flight)", signal.Signals(sig).name,
+                 self.state.num_active_requests)
+        self._drain_task = self._loop.create_task(self._drain())
+
+    def request_exit(self) -> None:
+        self.should_exit = True
+
+    async def _drain(self) -> None:
+        await self.state.drain(self.drain_timeout_s)
+        self.should_exit = True
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve(settings: Settings) -> int:
+    """Run the server until a signal; returns the process exit status."""
+    if settings.auth_file is None:
+        log.warning("OPEN MODE: no auth file (LORAPLEX_AUTH_FILE), so every caller may generate and manage "
+                    "adapters; listening on %s only. Set an auth file to serve other hosts.", settings.host)
+    try:
+        app = create_app(settings)
+    except KeyFileError as exc:
+        log.error("%s", exc)
+        return 2
+    state: ServerState = app.state.server
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S, access_log=settings.log_level == "debug",
+    )
+    server = DrainingServer(config, state, drain_timeout_s=settings.request_timeout_s)
+    # The signal handler runs on the event loop's thread; the engine thread never touches these.
+    app.state.on_startup_failure = server.request_exit
+    server.run()
+    return 1 if state.phase is Phase.FAILED else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    configure_logging(settings.log_level)
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Adapter management: upload (new version), list, inspect, delete; vLLM's load/unload aliases.
+
+Uploads are multipart with parts `adapter_config.json` + `adapter_model.safetensors`, or one
+`archive` part (.tar.gz or .zip). The body is counted while it is read and refused with 413 as soon
+as it passes max_upload_bytes; nothing becomes visible until the store has validated and committed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from adapters_store import AdapterNotFoundError, InvalidAdapterNameError, validate_name
+from server.api.auth import Principal
+from server.api.deps import AdminCaller, Caller, StateDep
+from server.api.errors import ERROR_RESPONSES, APIError, adapter_not_found
+from server.api.schemas import AdapterList, AdapterOut, LoadLoraRequest, UnloadLoraRequest
+from server.api.state import ServerState
+
+router = APIRouter(prefix="/v1", tags=["adapters"], responses=ERROR_RESPONSES)
+CONFIG_PART, WEIGHTS_PART, ARCHIVE_PART = "adapter_config.json", "adapter_model.safetensors", "archive"
+_UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "properties": {name: {"type": "string", "format": "binary"}
+                           for name in (CONFIG_PART, WEIGHTS_PART, ARCHIVE_PART)},
+        }}},
+    }
+}
+
+
+def _checked_name(name: str, param: str = "name") -> str:
+    try:
+        return validate_name(name)
+    except InvalidAdapterNameError as exc:
+        raise APIError(400, str(exc), param=param) from None
+
+
+def _visible(caller: Principal, name: str) -> str:
+    """`name` if the caller may see it; otherwise the same 404 as a missing adapter."""
+    if not caller.may_use(_checked_name(name)):
+        raise adapter_not_found(name)
+    return name
+
+
+def _writable(caller: Principal, name: str, param: str = "name") -> str:
+    if not caller.may_use(_checked_name(name, param)):
+        raise APIError(403, f"tenant {caller.tenant!r} may not manage an adapter named {name!r}", param=param)
+    return name
+
+
+async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    total = 0
+    async for chunk in stream:
+        total += len(chunk)
+        if total > limit:
+            raise APIError(413, f"upload is larger than max_upload_bytes ({limit} bytes)")
+        yield chunk
+
+
+async def _read_parts(request: Request, limit: int) -> dict[str, bytes]:
+    """The multipart parts of an upload, read with the size bound enforced as bytes arrive."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"upload is {declared} bytes, more than max_upload_bytes ({limit} bytes)")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise APIError(415, f"send multipart/form-data with parts {CONFIG_PART!r} and {WEIGHTS_PART!r}, "
+                       f"or one {ARCHIVE_PART!r} part")
+    parser = MultiPartParser(request.headers, _bounded(request.stream(), limit), max_files=3, max_fields=3,
+                             max_part_size=limit)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise APIError(400, f"malformed multipart body: {exc.message}") from None
+    parts: dict[str, bytes] = {}
+    try:
+        for key, value in form.multi_items():
+            if key not in (CONFIG_PART, WEIGHTS_PART, ARCHIVE_PART):
+                raise APIError(400, f"unexpected part {key!r}; expected {CONFIG_PART!r} and "
+                               f"{WEIGHTS_PART!r}, or {ARCHIVE_PART!r}", param=key)
+            if key in parts:
+                raise APIError(400, f"part {key!r} appears twice", param=key)
+            parts[key] = await value.read() if isinstance(value, UploadFile) else value.encode("utf-8")
+    finally:
+        await form.close()
+    return parts
+
+
+def _store_upload(state: ServerState, name: str, parts: dict[str, bytes]):
+    if ARCHIVE_PART in parts:
+        if len(parts) > 1:
+            raise APIError(400, f"send either {ARCHIVE_PART!r} alone or the two adapter files",
+                           param=ARCHIVE_PART)
+        return state.store.put_archive(name, parts[ARCHIVE_PART])
+    missing = [part for part in (CONFIG_PART, WEIGHTS_PART) if part not in parts]
+    if missing:
+        raise APIError(400, f"missing part {missing[0]!r}", param=missing[0])
+    return state.store.put(name, parts[CONFIG_PART], parts[WEIGHTS_PART])
+
+
+async def _after_change(state: ServerState, name: str, deleted: bool = False) -> None:
+    if deleted:
+        state.registry.forget(name)
+    await asyncio.to_thread(state.refresh_adapter_gauges)
+
+
+@router.put("/adapters/{name:path}", status_code=201, response_model=AdapterOut, openapi_extra=_UPLOAD_SCHEMA,
+            summary="Upload an adapter (a new version if the name exists)")
+async def put_adapter(name: str, request: Request, state: StateDep, caller: AdminCaller) -> dict:
+    _writable(caller, name)
+    parts = await _read_parts(request, state.settings.max_upload_bytes)
+    record = await asyncio.to_thread(_store_upload, state, name, parts)
+    await _after_change(state, name)
+    return record.to_public()
+
+
+@router.get("/adapters", response_model=AdapterList, summary="Adapters you may use (latest versions)")
+async def list_adapters(state: StateDep, caller: Caller) -> dict:
+    records = await asyncio.to_thread(state.store.list)
+    return {"object": "list", "data": [r.to_public() for r in records if caller.may_use(r.name)]}
+
+
+@router.get("/adapters/{name:path}", response_model=AdapterOut, summary="One adapter's latest version")
+async def get_adapter(name: str, state: StateDep, caller: Caller) -> dict:
+    _visible(caller, name)
+    try:
+        record = await asyncio.to_thread(state.store.get, name)
+    except AdapterNotFoundError:
+        raise adapter_not_found(name) from None
+    return record.to_public()
+
+
+@router.delete("/adapters/{name:path}", summary="Delete every version of an adapter")
+async def delete_adapter(name: str, state: StateDep, caller: AdminCaller) -> dict:
+    _visible(caller, name)
+    try:
+        await asyncio.to_thread(state.store.delete, name)
+    except AdapterNotFoundError:
+        raise adapter_not_found(name) from None
+    await _after_change(state, name, deleted=True)
+    return {"id": name, "object": "adapter", "deleted": True}
+
+
+def _allowed_path(state: ServerState, raw_path: str) -> Path:
+    allowed = [Path(d).resolve() for d in state.settings.allowed_adapter_dirs]
+    if not allowed:
+        raise APIError(403, "loading adapters from server paths is disabled (allowed_adapter_dirs is empty)",
+                       param="lora_path")
+    try:
+        path = Path(raw_path).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise APIError(400, f"lora_path is not a usable path: {exc}", param="lora_path") from None
+    if not any(path == root or path.is_relative_to(root) for root in allowed):
+        raise APIError(403, "lora_path is outside the allowed adapter directories (allowed_adapter_dirs)",
+                       param="lora_path")
+    return path
+
+
+@router.post("/load_lora_adapter", response_model=AdapterOut,
+             summary="vLLM alias: store an adapter from a server path")
+async def load_lora_adapter(body: LoadLoraRequest, state: StateDep, caller: AdminCaller) -> dict:
+    _writable(caller, body.lora_name, param="lora_name")
+    path = _allowed_path(state, body.lora_path)
+    record = await asyncio.to_thread(state.store.put_dir, body.lora_name, path)
+    await _after_change(state, body.lora_name)
+    return record.to_public()
+
+
+@router.post("/unload_lora_adapter", summary="vLLM alias: delete an adapter")
+async def unload_lora_adapter(body: UnloadLoraRequest, state: StateDep, caller: AdminCaller) -> dict:
+    return await delete_adapter(body.lora_name, state, caller)

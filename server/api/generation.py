@@ -1,0 +1,189 @@
+"""Submit one request to the engine and consume its outputs, for every generation route.
+
+`Generation.start` resolves nothing and validates everything it can before queueing, then awaits
+the first output so admission failures (queue full, bad parameters) become HTTP errors rather than
+errors inside an already-started stream. Consumers iterate `outputs()`; leaving early, a timeout or
+a client disconnect closes the engine stream, which aborts the request inside the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request as HTTPRequest
+from starlette.responses import StreamingResponse
+
+from adapters_store import NAME_RE, AdapterNotFoundError
+from server import metrics
+from server.api.auth import Principal
+from server.api.errors import APIError, model_not_found, to_api_error
+from server.api.state import ServerState
+from server.engine.request import (
+    AdapterRef,
+    FinishReason,
+    Request,
+    RequestOutput,
+    SamplingError,
+    SamplingParams,
+)
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(NAME_RE)
+
+
+async def resolve_model(state: ServerState, principal: Principal, model: str | None) -> AdapterRef | None:
+    """None for the base model; the adapter's current version otherwise; 404 if the caller may not
+    use it or it does not exist (the same answer for both)."""
+    if model is None or model == state.model_id:
+        return None
+    if not _NAME.fullmatch(model) or not principal.may_use(model):
+        raise model_not_found(model)
+    try:
+        return await asyncio.to_thread(state.registry.resolve, model)
+    except AdapterNotFoundError:
+        raise model_not_found(model) from None
+
+
+class Generation:
+    """One request in the engine: a primed output stream with a deadline and token accounting."""
+
+    def __init__(self, state: ServerState, principal: Principal, request: Request):
+        self.state = state
+        self.principal = principal
+        self.request = request
+        self.deadline = time.monotonic() + state.settings.request_timeout_s
+        self.prompt_tokens = len(request.prompt_token_ids)
+        self.completion_tokens = 0
+        self._stream = state.engine.generate(request)
+        self._first: RequestOutput | None = None
+        self._closed = False
+
+    @classmethod
+    async def start(cls, state: ServerState, principal: Principal, prompt_ids: list[int],
+                    params: SamplingParams, adapter: AdapterRef | None, request_id: str,
+                    prompt_field: str = "prompt") -> Generation:
+        """Validate, rate-limit and queue a request; return once its first output is ready."""
+        adapter_label = adapter.name if adapter else "base"
+        try:
+            params.validate()
+            if not prompt_ids:
+                raise APIError(400, f"{prompt_field} is empty", param=prompt_field)
+            if len(prompt_ids) >= state.max_model_len:
+                raise APIError(400, f"{prompt_field} has {len(prompt_ids)} tokens; this model's context "
+                               f"(max_model_len) is {state.max_model_len} tokens", param=prompt_field)
+            state.limiter.check_tokens(principal)
+            generation = cls(state, principal, Request(prompt_ids, params, adapter, request_id=request_id))
+        except (SamplingError, APIError) as exc:
+            metrics.adapter_requests.labels(state.model_id, adapter_label, "rejected").inc()
+            raise to_api_error(exc) from None
+        try:
+            generation._first = await generation._next()
+        except BaseException as exc:
+            await generation.aclose()
+            if isinstance(exc, Exception):
+                metrics.adapter_requests.labels(state.model_id, adapter_label, "rejected").inc()
+                raise to_api_error(exc) from None
+            raise
+        return generation
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """Every output up to the finished one; raises APIError on engine errors or the deadline."""
+        output, self._first = self._first, None
+        while output is not None:
+            self.completion_tokens = output.completion_tokens
+            if output.finished and output.finish_reason is FinishReason.ERROR:
+                log.error("request %s failed in the engine: %s", self.request.request_id, output.error)
+                raise APIError(500, "generation failed with an internal error")
+            if output.finished and output.finish_reason is FinishReason.ABORT:
+                raise APIError(503, "the request was aborted by the server")
+            yield output
+            if output.finished:
+                return
+            output = await self._next()
+
+    async def collect(self, http_request: HTTPRequest) -> list[RequestOutput]:
+        """All outputs of a non-streaming request; gives up (and aborts) if the client disconnects."""
+        consume = asyncio.ensure_future(_gather(self.outputs()))
+        watch = asyncio.ensure_future(_wait_disconnect(http_request))
+        try:
+            await asyncio.wait({consume, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not consume.done():
+                consume.cancel()
+                await asyncio.wait({consume})
+            await self.aclose()
+        if consume.cancelled():
+            raise APIError(499, "client closed the request")
+        return consume.result()
+
+    async def aclose(self) -> None:
+        """Close the engine stream (aborting the request if unfinished) and charge its tokens."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._stream.aclose()
+        self.state.limiter.charge_tokens(self.principal, self.prompt_tokens + self.completion_tokens)
+
+    async def _next(self) -> RequestOutput:
+        timeout = self.state.settings.request_timeout_s
+        remaining = self.deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(self._stream.__anext__(), remaining)
+        except asyncio.TimeoutError:
+            raise APIError(504, f"request timed out after {timeout:g} s (request_timeout_s)") from None
+        except StopAsyncIteration:
+            raise APIError(503, "the engine stopped before the request finished") from None
+
+
+async def _gather(outputs: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
+    return [output async for output in outputs]
+
+
+async def _wait_disconnect(http_request: HTTPRequest) -> None:
+    while (await http_request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def sse_event(payload: dict | str) -> str:
+    if isinstance(payload, str):
+        return f"data: {payload}\n\n"
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events whose body generator is always closed, even when the client vanishes."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], **kwargs):
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **kwargs.pop("headers", {})}
+        super().__init__(content, headers=headers, **kwargs)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def stream_events(generation: Generation, events: AsyncIterator[dict],
+                        done_marker: bool) -> AsyncIterator[str]:
+    """SSE lines for `events`; an error mid-stream becomes one error event. Always closes the request."""
+    try:
+        async for event in events:
+            yield sse_event(event)
+    except APIError as err:
+        yield sse_event(err.body())
+    finally:
+        await generation.aclose()
+    if done_marker:
+        yield sse_event("[DONE]")

@@ -1,0 +1,38 @@
+"""Lifecycle gate: refuse new work (503) while loading or draining, and count requests in flight."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.api.errors import APIError, error_response, retry_after
+from server.api.state import Phase, ServerState
+
+# Probes and docs answer in every phase and do not hold up a drain.
+ALWAYS_OPEN = frozenset({"/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json"})
+
+
+class LifecycleMiddleware:
+    """Pure ASGI middleware (streaming responses count until their last byte is sent)."""
+
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in ALWAYS_OPEN:
+            await self.app(scope, receive, send)
+            return
+        if not self.state.is_ready:
+            reason = {
+                Phase.LOADING: "the model is loading",
+                Phase.DRAINING: "the server is shutting down",
+            }.get(self.state.phase, "the server is not running")
+            await error_response(APIError(503, f"{reason}; retry later", headers=retry_after(5)))(
+                scope, receive, send
+            )
+            return
+        self.state.num_active_requests += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.num_active_requests -= 1

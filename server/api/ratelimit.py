@@ -1,0 +1,96 @@
+"""Per-tenant token buckets: requests per second, and generated+prompt tokens per minute.
+
+Tokens are charged after a request finishes (its size is unknown before), so a tenant may overdraw
+its token bucket once; it is then refused until the bucket refills above zero.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from server.api.auth import Principal
+from server.api.errors import APIError, retry_after
+
+
+@dataclass
+class TokenBucket:
+    """`capacity` tokens refilled at `rate` per second; `level` may go negative (debt)."""
+
+    capacity: float
+    rate: float
+    level: float = field(init=False)
+    updated: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.level = self.capacity
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def seconds_until(self, amount: float) -> float:
+        """How long until `amount` tokens are available (0 if they are now)."""
+        return max(0.0, (amount - self.level) / self.rate)
+
+
+class RateLimiter:
+    """Buckets keyed by tenant; raises APIError(429) with Retry-After when a limit is hit."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._requests: dict[str, TokenBucket] = {}
+        self._tokens: dict[str, TokenBucket] = {}
+        self._lock = threading.Lock()
+
+    def check_request(self, principal: Principal) -> None:
+        """Take one request from the tenant's request bucket; 429 if it is empty."""
+        limit = principal.rate_limit
+        if limit is None or limit.requests_per_second is None:
+            return
+        rps = limit.requests_per_second
+        with self._lock:
+            bucket = self._bucket(self._requests, principal.tenant, max(1.0, rps), rps)
+            wait = bucket.seconds_until(1.0)
+            if wait > 0:
+                raise _limited(principal, f"{rps:g} requests per second", wait)
+            bucket.level -= 1.0
+
+    def check_tokens(self, principal: Principal) -> None:
+        """Refuse (429) while the tenant's token bucket is empty or overdrawn."""
+        limit = principal.rate_limit
+        if limit is None or limit.tokens_per_minute is None:
+            return
+        with self._lock:
+            bucket = self._token_bucket(principal)
+            if bucket.level <= 0:
+                wait = bucket.seconds_until(1.0)
+                raise _limited(principal, f"{limit.tokens_per_minute} tokens per minute", wait)
+
+    def charge_tokens(self, principal: Principal, num_tokens: int) -> None:
+        """Debit prompt + completion tokens of a finished request."""
+        limit = principal.rate_limit
+        if limit is None or limit.tokens_per_minute is None or num_tokens <= 0:
+            return
+        with self._lock:
+            self._token_bucket(principal).level -= num_tokens
+
+    def _token_bucket(self, principal: Principal) -> TokenBucket:
+        tpm = principal.rate_limit.tokens_per_minute
+        return self._bucket(self._tokens, principal.tenant, float(tpm), tpm / 60.0)
+
+    def _bucket(self, buckets: dict[str, TokenBucket], tenant: str, capacity: float, rate: float):
+        now = self._clock()
+        bucket = buckets.get(tenant)
+        if bucket is None:
+            bucket = buckets[tenant] = TokenBucket(capacity, rate, updated=now)
+        bucket.refill(now)
+        return bucket
+
+
+def _limited(principal: Principal, what: str, wait_s: float) -> APIError:
+    return APIError(
+        429, f"rate limit exceeded for tenant {principal.tenant!r} ({what}); retry later",
+        headers=retry_after(wait_s),
+    )

@@ -1,0 +1,135 @@
+"""What every route shares: settings, auth, rate limits, the engine, the adapter store and registry,
+and the server's lifecycle phase (loading -> ready -> draining -> stopped, or failed)."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+
+from adapters_store import AdapterStore, BaseModelSpec
+from server import metrics
+from server.api.auth import KeyRing
+from server.api.ratelimit import RateLimiter
+from server.config import Settings
+from server.engine.async_engine import AsyncEngine
+from server.engine.engine import LLMEngine
+from server.engine.request import FinishReason
+from server.model.loader import LoadedModel, load_model
+from server.registry import AdapterRegistry, pin_memory_available
+
+log = logging.getLogger(__name__)
+
+
+class Phase(str, enum.Enum):
+    """Lifecycle of the server process as /ready and /health report it."""
+
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class ServerState:
+    """Shared runtime objects; `start` builds them (blocking), `drain` and `stop` wind them down."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.keyring = KeyRing.from_file(settings.auth_file) if settings.auth_file else None
+        self.limiter = RateLimiter()
+        self.phase = Phase.LOADING
+        self.load_error: str | None = None
+        self.engine: AsyncEngine | None = None
+        self.store: AdapterStore | None = None
+        self.registry: AdapterRegistry | None = None
+        self.model_id = settings.served_model_name or ""
+        self.max_model_len = settings.max_model_len
+        self.created = int(time.time())
+        self.num_active_requests = 0  # HTTP requests in progress, probes excluded
+
+    @property
+    def is_ready(self) -> bool:
+        return self.phase is Phase.READY
+
+    @property
+    def is_alive(self) -> bool:
+        """Liveness: true while loading, and afterwards while the engine loop runs."""
+        if self.phase is Phase.LOADING:
+            return True
+        return self.engine is not None and self.engine.is_alive()
+
+    def start(self, loaded: LoadedModel | None = None) -> None:
+        """Load the base model unless given, build store, registry and engine, start the engine loop."""
+        settings = self.settings
+        if loaded is None:
+            loaded = load_model(settings.model, cache_dir=settings.cache_dir, device=settings.device,
+                                dtype=settings.dtype, quantization=settings.quantization,
+                                served_model_name=settings.served_model_name)
+        loaded.model_id = settings.served_model_name or loaded.model_id
+        self.model_id = loaded.model_id
+        spec = BaseModelSpec.from_hf_config(loaded.config.hf_config)
+        self.store = AdapterStore(settings.adapters_dir, spec, settings.max_rank, settings.max_upload_bytes)
+        self.registry = AdapterRegistry(self.store, settings.max_cpu_adapters, pin_memory_available(),
+                                        on_load=self._on_adapter_load)
+        engine = LLMEngine(loaded, settings)
+        self.max_model_len = engine.max_model_len
+        _prime_metrics(self.model_id, settings.max_slots)
+        engine.metrics.record_step([], [], 0.0, None)
+        self.engine = AsyncEngine(engine, settings.max_queue_size)
+        self.engine.start()
+        self.refresh_adapter_gauges()
+        if self.phase is Phase.LOADING:  # not if a drain began while loading
+            self.phase = Phase.READY
+        log.info("ready: model %r, %d adapters on disk, max_model_len %d",
+                 self.model_id, len(self.store.list()), self.max_model_len)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new work, then wait until in-flight requests finish; False if the timeout hit."""
+        if self.phase in (Phase.READY, Phase.LOADING):
+            self.phase = Phase.DRAINING
+        deadline = time.monotonic() + timeout_s
+        log.info("draining: %d requests in flight", self.num_active_requests)
+        while self.num_active_requests > 0 or (self.engine is not None and self.engine.num_in_flight > 0):
+            if time.monotonic() >= deadline:
+                log.warning("drain timed out after %.0f s with %d requests in flight",
+                            timeout_s, self.num_active_requests)
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+        if self.phase is not Phase.FAILED:
+            self.phase = Phase.STOPPED
+
+    def refresh_adapter_gauges(self) -> None:
+        """Set loraplex_adapters_resident for the disk and CPU tiers (blocking: lists the store)."""
+        if self.store is None or self.registry is None:
+            return
+        metrics.adapters_resident.labels(self.model_id, "disk").set(len(self.store.list()))
+        metrics.adapters_resident.labels(self.model_id, "cpu").set(self.registry.num_cached)
+
+    def _on_adapter_load(self, seconds: float, num_cached: int) -> None:
+        metrics.adapter_load_seconds.labels(self.model_id, "cpu").observe(seconds)
+        metrics.adapters_resident.labels(self.model_id, "cpu").set(num_cached)
+
+
+def _prime_metrics(model_id: str, max_slots: int) -> None:
+    """Create every labelled series at zero so dashboards and scrapers see each family from the start."""
+    for family in (metrics.num_requests_running, metrics.num_requests_waiting, metrics.kv_cache_usage_perc,
+                   metrics.time_to_first_token_seconds, metrics.inter_token_latency_seconds,
+                   metrics.e2e_request_latency_seconds, metrics.request_queue_time_seconds,
+                   metrics.prompt_tokens, metrics.generation_tokens, metrics.batch_distinct_adapters):
+        family.labels(model_id)
+    for reason in FinishReason:
+        metrics.request_success.labels(model_id, reason.value)
+    for tier in ("disk", "cpu", "gpu"):
+        metrics.adapters_resident.labels(model_id, tier)
+    for tier in ("cpu", "gpu"):
+        metrics.adapter_load_seconds.labels(model_id, tier)
+    for mode in ("unmerged", "merged"):
+        metrics.adapter_swaps.labels(model_id, mode)
+    metrics.adapter_requests.labels(model_id, "base", "ok")

@@ -1,0 +1,128 @@
+"""The official openai client against a real uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.api.conftest import BASE_ID, upload
+
+
+@pytest.fixture(scope="module")
+def oai(open_server, tiny_adapters) -> openai.OpenAI:
+    with open_server.client() as client:
+        upload(client, "attn", tiny_adapters["attn-r4"])
+    return openai.OpenAI(base_url=f"{open_server.url}/v1", api_key="unused", timeout=30, max_retries=0)
+
+
+def test_models_lists_base_and_adapters(oai):
+    models = {m.id: m for m in oai.models.list().data}
+    assert models[BASE_ID].model_extra["parent"] is None
+    assert models["attn"].model_extra["parent"] == BASE_ID
+    assert models["attn"].model_extra["root"] == "attn"
+    assert models[BASE_ID].model_extra["max_model_len"] == 256
+
+
+def test_completion_greedy_is_deterministic_and_adapter_changes_output(oai):
+    base = oai.completions.create(model=BASE_ID, prompt="Hello world", max_tokens=10, temperature=0)
+    again = oai.completions.create(model=BASE_ID, prompt="Hello world", max_tokens=10, temperature=0)
+    adapted = oai.completions.create(model="attn", prompt="Hello world", max_tokens=10, temperature=0)
+    assert base.object == "text_completion" and base.model == BASE_ID
+    assert base.choices[0].text == again.choices[0].text
+    assert base.usage.completion_tokens == 10 and base.choices[0].finish_reason == "length"
+    assert base.usage.total_tokens == base.usage.prompt_tokens + 10
+    assert adapted.choices[0].text != base.choices[0].text
+
+
+def test_completion_seed_reproduces_sampling(oai):
+    texts = [oai.completions.create(model="attn", prompt="Hello", max_tokens=12, temperature=1.0, seed=7)
+             .choices[0].text for _ in range(2)]
+    assert texts[0] == texts[1]
+
+
+def test_completion_logprobs(oai):
+    result = oai.completions.create(model=BASE_ID, prompt="Hello", max_tokens=5, temperature=0, logprobs=1)
+    logprobs = result.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == 5 and all(v <= 0 for v in logprobs.token_logprobs)
+    assert len(logprobs.tokens) == 5 and len(logprobs.top_logprobs) == 5
+
+
+def test_completion_stream_with_usage(oai):
+    full = oai.completions.create(model="attn", prompt="Hello world", max_tokens=16, temperature=0)
+    chunks = list(oai.completions.create(model="attn", prompt="Hello world", max_tokens=16, temperature=0,
+                                         stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    assert all(c.usage is None for c in chunks[:-1])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_completion_and_stream(oai):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    full = oai.chat.completions.create(model="attn", messages=messages, max_tokens=12, temperature=0)
+    assert full.object == "chat.completion"
+    assert full.choices[0].message.role == "assistant"
+    assert full.usage.completion_tokens == 12
+    stream = oai.chat.completions.create(model="attn", messages=messages, max_completion_tokens=12,
+                                         temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == full.usage.total_tokens
+
+
+def test_chat_logprobs(oai):
+    result = oai.chat.completions.create(model=BASE_ID, messages=[{"role": "user", "content": "Hi"}],
+                                         max_tokens=4, temperature=0, logprobs=True, top_logprobs=1)
+    content = result.choices[0].logprobs.content
+    assert len(content) == 4 and all(item.logprob <= 0 for item in content)
+    assert content[0].top_logprobs[0].token == content[0].token
+
+
+def test_stop_string_ends_generation(oai):
+    free = oai.completions.create(model=BASE_ID, prompt="Hello world", max_tokens=16, temperature=0)
+    text = free.choices[0].text
+    stop = text[3:5]
+    assert stop.strip(), "the random model should produce some visible text"
+    stopped = oai.completions.create(model=BASE_ID, prompt="Hello world", max_tokens=16, temperature=0,
+                                     stop=stop)
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == text[: text.index(stop)]
+
+
+def test_unknown_model_is_404_in_openai_shape(oai):
+    with pytest.raises(openai.NotFoundError) as info:
+        oai.completions.create(model="no-such-adapter", prompt="Hi", max_tokens=2)
+    error = info.value.body
+    assert error["type"] == "NotFoundError" and error["code"] == 404
+    assert "no-such-adapter" in error["message"]
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="no-such-adapter", messages=[{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"n": 2}, "n"),
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"extra_body": {"echo": True}}, "echo"),
+])
+def test_bad_parameters_are_400_naming_the_field(oai, kwargs, field):
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.completions.create(model=BASE_ID, prompt="Hi", **{"max_tokens": 2, **kwargs})
+    assert info.value.body["param"] == field
+    assert field in info.value.body["message"]
+
+
+def test_chat_rejects_tools_and_image_parts(oai):
+    with pytest.raises(openai.BadRequestError, match="tool"):
+        oai.chat.completions.create(
+            model=BASE_ID, messages=[{"role": "user", "content": "x"}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
+    with pytest.raises(openai.BadRequestError, match="image_url"):
+        oai.chat.completions.create(model=BASE_ID, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
