@@ -1,0 +1,94 @@
+"""Paged KV cache ops: writing new keys/values into the cache, and single-token decode attention.
+
+Cache layout: k_cache / v_cache are [num_blocks, block_size, Hkv, D]; a sequence's token p lives in
+block block_tables[row, p // block_size] at offset p % block_size. Query head h reads kv head
+h // (Hq // Hkv) (grouped-query attention).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.model.lora_ops import triton_available
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Store k/v [T, Hkv, D] at flat cache slots (block * block_size + offset); slot -1 = skip.
+
+    No host sync and static shapes (graph-capturable): rows marked -1 rewrite what the first real row
+    writes (same slot, same value), so duplicate indices stay deterministic; with no real row they
+    rewrite flat slot 0 with its own contents.
+    """
+    num_tokens = slot_mapping.shape[0]
+    if num_tokens == 0:
+        return
+    is_real = slot_mapping >= 0
+    first_real = torch.argmax(is_real.to(torch.int32))  # 0 when there is none
+    rows = torch.where(is_real, torch.arange(num_tokens, device=slot_mapping.device), first_real)
+    slots = slot_mapping[rows]
+    has_slot = (slots >= 0).view(-1, 1, 1)
+    slots = slots.clamp(min=0)
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        flat = cache.view(-1, *cache.shape[2:])  # [num_blocks * block_size, Hkv, D]
+        values = torch.where(has_slot, new[rows].to(cache.dtype), flat[:1])
+        flat.index_copy_(0, slots, values)
+
+
+def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale: float):
+    """Decode attention over a paged cache, one row and head at a time (the oracle for the fast paths).
+
+    Shapes: q [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]
+    int32; context_lens [B] int32 (tokens in the cache for the row, the current one included; 0 = a
+    padding row, whose output is zeros). Returns [B, Hq, D] in q.dtype.
+
+    Semantics:
+      for b in range(B):
+          n = context_lens[b]
+          keys, values = tokens 0..n-1 of row b gathered through block_tables[b]   # [n, Hkv, D]
+          for h in range(Hq):
+              g = h // (Hq // Hkv)
+              p = softmax(scale * keys[:, g] @ q[b, h])          # fp32
+              out[b, h] = p @ values[:, g]
+    """
+    num_rows, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    out = torch.zeros_like(q)
+    for b, n in enumerate(context_lens.tolist()):
+        if n == 0:
+            continue
+        blocks = block_tables[b, : (n + block_size - 1) // block_size].long()
+        keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()
+        values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()
+        for h in range(num_q_heads):
+            p = torch.softmax(scale * (keys[:, h // group] @ q[b, h].float()), dim=0)
+            out[b, h] = (p @ values[:, h // group]).to(q.dtype)
+    return out
+
+
+def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale: float):
+    """Vectorised `paged_decode_attention_reference`: gathers all max_blocks blocks of every row and masks
+    past each row's length, so its cost follows max_blocks, not the real lengths. Graph-capturable."""
+    num_rows, num_q_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
+    group = num_q_heads // num_kv_heads
+    blocks = block_tables.long().clamp(0, num_blocks - 1)  # padding entries may hold anything
+    keys = k_cache[blocks].flatten(1, 2).float()  # [B, L, Hkv, D]
+    values = v_cache[blocks].flatten(1, 2).float()
+    qg = q.float().view(num_rows, num_kv_heads, group, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale  # [B, Hkv, G, L]
+    positions = torch.arange(keys.shape[1], device=q.device)
+    is_valid = (positions[None, :] < context_lens[:, None].long()).view(num_rows, 1, 1, -1)
+    probs = torch.softmax(scores.masked_fill(~is_valid, float("-inf")), dim=-1)
+    probs = torch.where(is_valid, probs, 0.0)  # padding rows: softmax of all -inf is NaN
+    out = torch.einsum("bhgl,blhd->bhgd", probs, values)
+    return out.reshape(num_rows, num_q_heads, head_dim).to(q.dtype)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float):
+    """Decode attention over a paged cache (semantics of the reference): Triton on CUDA, torch elsewhere."""
+    if q.is_cuda and triton_available():
+        from server.model.triton_attention import paged_decode_attention_triton
+
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)

@@ -1,0 +1,146 @@
+"""Batched multi-adapter LoRA: metadata, a plain-loop reference, a pure-torch path, and the dispatcher.
+
+Every token of a batch may use a different adapter slot. Tokens come in segments (one per request);
+the Triton kernels in `triton_lora.py` walk segments so that a slot's A/B tiles are reused across the
+tokens of a prefill segment, while the torch path works per token.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+# Cap on the elements of the per-token gathered A or B held at once by the torch path.
+_GATHER_BUDGET = 1 << 24
+
+
+@dataclass
+class LoraBatchMeta:
+    """Device-side per-step LoRA metadata. Tokens are laid out in segments; every token of segment g
+    uses slot seg_slots[g]."""
+
+    seg_starts: torch.Tensor  # [num_segments + 1] int32, seg_starts[0] = 0, last = num_tokens
+    seg_slots: torch.Tensor  # [num_segments] int32, -1 = base only (no adapter)
+    token_slots: torch.Tensor  # [num_tokens] int32, same info per token (derived once per step)
+    max_seg_len: int  # static upper bound on a segment's length (1 for decode)
+
+    @property
+    def num_segments(self) -> int:
+        return self.seg_slots.shape[0]
+
+
+def make_lora_meta(seg_lens: list[int], seg_slots: list[int], device: torch.device | str) -> LoraBatchMeta:
+    """Build metadata from host lists (one host-to-device copy per tensor)."""
+    if len(seg_lens) != len(seg_slots):
+        raise ValueError(f"{len(seg_lens)} segment lengths but {len(seg_slots)} segment slots")
+    if any(n < 0 for n in seg_lens):
+        raise ValueError("segment lengths must be >= 0")
+    starts = [0]
+    for n in seg_lens:
+        starts.append(starts[-1] + n)
+    token_slots = [s for n, s in zip(seg_lens, seg_slots, strict=True) for _ in range(n)]
+    return LoraBatchMeta(
+        seg_starts=torch.tensor(starts, dtype=torch.int32, device=device),
+        seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=device),
+        token_slots=torch.tensor(token_slots, dtype=torch.int32, device=device),
+        max_seg_len=max(seg_lens, default=0),
+    )
+
+
+def decode_lora_meta(slots: torch.Tensor) -> LoraBatchMeta:
+    """Metadata for a decode step (one token per segment) from device slots [B] int32; no host sync."""
+    slots = slots.to(torch.int32)
+    starts = torch.arange(slots.shape[0] + 1, dtype=torch.int32, device=slots.device)
+    return LoraBatchMeta(seg_starts=starts, seg_slots=slots, token_slots=slots, max_seg_len=1)
+
+
+def check_lora_shapes(y, x, lora_a, lora_b, meta: LoraBatchMeta, slice_offsets: tuple[int, ...]) -> int:
+    """Validate shapes; return the rank R."""
+    num_slices = len(slice_offsets) - 1
+    if num_slices < 1 or slice_offsets[0] != 0 or slice_offsets[-1] != y.shape[1]:
+        raise ValueError(f"slice_offsets {slice_offsets} must run from 0 to out={y.shape[1]}")
+    if any(lo > hi for lo, hi in itertools.pairwise(slice_offsets)):
+        raise ValueError(f"slice_offsets {slice_offsets} must be non-decreasing")
+    rank = lora_b.shape[2]
+    if lora_a.shape[1:] != (num_slices * rank, x.shape[1]):
+        raise ValueError(f"lora_a {tuple(lora_a.shape)} does not match {num_slices} slices of rank {rank}")
+    if lora_b.shape[:2] != (lora_a.shape[0], y.shape[1]):
+        raise ValueError(f"lora_b {tuple(lora_b.shape)} does not match lora_a and y")
+    if x.shape[0] != y.shape[0] or meta.token_slots.shape[0] != x.shape[0]:
+        raise ValueError("x, y and meta.token_slots must have the same number of tokens")
+    return rank
+
+
+def lora_apply_reference(y, x, lora_a, lora_b, meta: LoraBatchMeta, slice_offsets: tuple[int, ...]) -> None:
+    """Add each token's LoRA delta into y, one token at a time (the oracle for the fast paths).
+
+    Shapes:
+      y: [T, out] updated in place; x: [T, in]
+      lora_a: [S, num_slices * R, in]  (stacked A of each output slice; scaling NOT here)
+      lora_b: [S, out, R]               (scaling folded in; rows of slice i are slice_offsets[i]:[i+1])
+      slice_offsets: python ints, len num_slices + 1, [0, ..., out]
+
+    Semantics:
+      for t in range(T):
+          s = token_slots[t]
+          if s < 0: continue
+          h = lora_a[s] @ x[t]                          # [num_slices * R], fp32 accumulate
+          for i in range(num_slices):
+              lo, hi = slice_offsets[i], slice_offsets[i+1]
+              y[t, lo:hi] += lora_b[s, lo:hi, :] @ h[i*R:(i+1)*R]
+    """
+    rank = check_lora_shapes(y, x, lora_a, lora_b, meta, slice_offsets)
+    for t, s in enumerate(meta.token_slots.tolist()):
+        if s < 0:
+            continue
+        h = lora_a[s].float() @ x[t].float()
+        for i, (lo, hi) in enumerate(itertools.pairwise(slice_offsets)):
+            y[t, lo:hi] += lora_b[s, lo:hi, :].float() @ h[i * rank : (i + 1) * rank]
+
+
+def lora_apply_torch(y, x, lora_a, lora_b, meta: LoraBatchMeta, slice_offsets: tuple[int, ...]) -> None:
+    """Same semantics as `lora_apply_reference`, vectorised per token; graph-capturable (no host syncs,
+    static shapes). Gathers each token's A and B, in chunks of tokens to bound the temporary memory."""
+    rank = check_lora_shapes(y, x, lora_a, lora_b, meta, slice_offsets)
+    num_tokens = x.shape[0]
+    if num_tokens == 0 or lora_a.shape[0] == 0:
+        return
+    per_token = lora_a.shape[1] * lora_a.shape[2] + lora_b.shape[1] * lora_b.shape[2]
+    chunk = max(1, _GATHER_BUDGET // per_token)
+    for t0 in range(0, num_tokens, chunk):
+        t1 = min(t0 + chunk, num_tokens)
+        slots = meta.token_slots[t0:t1]
+        idx = slots.clamp(min=0).long()
+        h = torch.bmm(lora_a[idx].float(), x[t0:t1].float().unsqueeze(-1))  # [t, num_slices * R, 1]
+        is_active = (slots >= 0).unsqueeze(-1)  # [t, 1]
+        for i, (lo, hi) in enumerate(itertools.pairwise(slice_offsets)):
+            if lo == hi:
+                continue
+            b = lora_b[idx, lo:hi, :].float()  # [t, hi - lo, R]
+            delta = torch.bmm(b, h[:, i * rank : (i + 1) * rank]).squeeze(-1)  # [t, hi - lo]
+            # where, not a multiply: a slot-0 stand-in for -1 tokens may hold non-finite garbage.
+            y[t0:t1, lo:hi] += torch.where(is_active, delta, 0.0)
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when Triton can be imported (it is not a declared dependency)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def lora_apply(y, x, lora_a, lora_b, meta: LoraBatchMeta, slice_offsets: tuple[int, ...]) -> None:
+    """Add the per-token LoRA delta into y (semantics of `lora_apply_reference`): Triton on CUDA,
+    torch elsewhere."""
+    if y.is_cuda and triton_available():
+        from server.model.triton_lora import lora_apply_triton
+
+        lora_apply_triton(y, x, lora_a, lora_b, meta, slice_offsets)
+    else:
+        lora_apply_torch(y, x, lora_a, lora_b, meta, slice_offsets)

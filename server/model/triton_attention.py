@@ -1,0 +1,147 @@
+"""Triton paged decode attention (semantics of `attention_ops.paged_decode_attention_reference`).
+
+One program per (row, kv head, split) loads each K/V tile of its row once for the whole group of query
+heads that share the kv head (the group is padded to BLOCK_H >= 16 rows for tl.dot) and runs an online
+softmax over that row's real blocks only, so cost follows each row's context length. With NUM_SPLITS > 1
+(flash-decoding) a row's blocks are cut into NUM_SPLITS contiguous ranges whose partial results a second
+kernel merges; this fills the GPU when batch * kv heads is small and contexts are long. Grids depend on
+static shapes only (max_blocks, not the real lengths), so both kernels can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_NUM_SMS = 132  # H100; only steers the split heuristic
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, acc_ptr, stats_ptr,
+    qk_scale, group,
+    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_bt, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + row)
+    num_tiles = tl.cdiv(context_len, TILE_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_start = split * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
+
+    heads = kv_head * group + tl.arange(0, BLOCK_H)
+    head_mask = tl.arange(0, BLOCK_H) < group
+    dims = tl.arange(0, HEAD_DIM)
+    q_ptrs = q_ptr + row.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :]
+    q = tl.load(q_ptrs, mask=head_mask[:, None], other=0.0)
+
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)  # running max, log2 domain
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, HEAD_DIM), dtype=tl.float32)
+    for tile in range(tile_start, tile_end):
+        positions = tile * TILE_N + tl.arange(0, TILE_N)
+        is_valid = positions < context_len
+        table_ptrs = block_tables_ptr + row * stride_bt + positions // BLOCK_SIZE
+        block_ids = tl.load(table_ptrs, mask=is_valid, other=0).to(tl.int64)
+        offsets = positions % BLOCK_SIZE
+        k_ptrs = k_ptr + block_ids[:, None] * stride_kb + offsets[:, None] * stride_kt + kv_head * stride_kh
+        k = tl.load(k_ptrs + dims[None, :], mask=is_valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, TILE_N]
+        scores = tl.where(is_valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_ptrs = v_ptr + block_ids[:, None] * stride_vb + offsets[:, None] * stride_vt + kv_head * stride_vh
+        v = tl.load(v_ptrs + dims[None, :], mask=is_valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+        out_ptrs = out_ptr + row.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+    else:
+        # Partials laid out [B, Hq, NUM_SPLITS, ...]: acc unnormalised, stats = (max, sum of exp).
+        part = (row.to(tl.int64) * tl.num_programs(1) * group + heads) * NUM_SPLITS + split
+        tl.store(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_mask[:, None])
+        tl.store(stats_ptr + part * 2, m_i, mask=head_mask)
+        tl.store(stats_ptr + part * 2 + 1, l_i, mask=head_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    acc_ptr, stats_ptr, out_ptr, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    split_mask = splits < NUM_SPLITS
+    part = (row.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + splits
+    m = tl.load(stats_ptr + part * 2, mask=split_mask, other=float("-inf"))
+    l = tl.load(stats_ptr + part * 2 + 1, mask=split_mask, other=0.0)  # noqa: E741
+    m_max = tl.maximum(tl.max(m, axis=0), -1e30)  # finite even when every split is empty
+    weight = tl.exp2(m - m_max)  # empty splits (m = -inf) weigh 0
+    total = tl.sum(weight * l, axis=0)
+    dims = tl.arange(0, HEAD_DIM)
+    acc = tl.load(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=split_mask[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.maximum(total, 1e-30)
+    out = tl.where(total > 0, out, 0.0)
+    out_ptrs = out_ptr + row.to(tl.int64) * stride_ob + head * stride_oh + dims
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
+
+
+def choose_num_splits(num_rows: int, num_kv_heads: int, max_blocks: int, block_size: int) -> int:
+    """Split each row's context when rows x kv heads leave SMs idle and contexts can be long."""
+    programs = num_rows * num_kv_heads
+    max_by_length = max(1, (max_blocks * block_size) // 512)  # keep >= 512 tokens per split
+    return max(1, min(16, max_by_length, (2 * _NUM_SMS) // max(programs, 1)))
+
+
+def paged_decode_attention_triton(
+    q, k_cache, v_cache, block_tables, context_lens, scale: float, num_splits: int | None = None
+):
+    """Triton decode attention; q [B, Hq, D], caches [num_blocks, block_size, Hkv, D] -> [B, Hq, D]."""
+    num_rows, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads")
+    if head_dim not in (64, 128) or block_size not in (16, 32):
+        raise ValueError(f"head_dim {head_dim} / block_size {block_size} not supported (64|128, 16|32)")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("q and the caches must be contiguous along head_dim")
+    group = num_q_heads // num_kv_heads
+    if num_splits is None:
+        num_splits = choose_num_splits(num_rows, num_kv_heads, block_tables.shape[1], block_size)
+    out = torch.empty_like(q)
+    if num_rows == 0:
+        return out
+    if num_splits > 1:
+        acc = torch.empty((num_rows, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        stats = torch.empty((num_rows, num_q_heads, num_splits, 2), dtype=torch.float32, device=q.device)
+    else:
+        acc = stats = out  # unused
+    _decode_kernel[(num_rows, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, acc, stats,
+        scale * _LOG2E, group,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        TILE_N=64, NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )  # fmt: skip
+    if num_splits > 1:
+        _merge_splits_kernel[(num_rows, num_q_heads)](
+            acc, stats, out, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+        )  # fmt: skip
+    return out

@@ -1,0 +1,249 @@
+"""Triton LoRA and paged-attention kernels vs their plain-loop references on a CUDA GPU, eager and replayed
+from a CUDA graph. Timings print with `pytest -s -k timing`; nothing asserts on them."""
+
+import random
+
+import pytest
+import torch
+
+from server.model.attention_ops import paged_decode_attention_reference, write_kv_cache
+from server.model.lora_ops import decode_lora_meta, lora_apply_reference, make_lora_meta
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+TOLERANCE = {torch.float32: (1e-3, 1e-3), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 3e-2)}
+DEVICE = "cuda"
+
+
+@pytest.fixture(scope="module")
+def triton_lora():
+    pytest.importorskip("triton")
+    from server.model import triton_lora
+
+    return triton_lora
+
+
+@pytest.fixture(scope="module")
+def triton_attention():
+    pytest.importorskip("triton")
+    from server.model import triton_attention
+
+    return triton_attention
+
+
+def time_us(fn, iters: int = 50) -> float:
+    """Mean wall time of fn() on the current stream, in microseconds (after a warm-up call)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / iters
+
+
+def capture(fn) -> torch.cuda.CUDAGraph:
+    """Capture fn() into a CUDA graph after a warm-up on a side stream (compiles the kernels)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def lora_inputs(num_tokens, num_slots, rank, slice_offsets, in_features, dtype, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    num_slices, out_features = len(slice_offsets) - 1, slice_offsets[-1]
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device=DEVICE) * scale).to(dtype)
+
+    y = randn(num_tokens, out_features)
+    x = randn(num_tokens, in_features)
+    lora_a = randn(num_slots, num_slices * rank, in_features, scale=in_features**-0.5)
+    lora_b = randn(num_slots, out_features, rank, scale=rank**-0.5)
+    return y, x, lora_a, lora_b
+
+
+def random_segments(num_tokens: int, max_seg: int, num_slots: int, rng: random.Random):
+    seg_lens, seg_slots = [], []
+    while sum(seg_lens) < num_tokens:
+        seg_lens.append(min(rng.randint(1, max_seg), num_tokens - sum(seg_lens)))
+        seg_slots.append(rng.choice([-1, *range(num_slots)]))
+    return seg_lens, seg_slots
+
+
+LORA_SHAPES = [
+    # (slice_offsets, in_features)
+    ((0, 1024), 1024),
+    ((0, 2048, 2560, 3072), 2048),  # qkv with GQA: unequal slices
+    ((0, 200, 264, 328), 520),  # widths that straddle column tiles
+    ((0, 4096), 14336),  # down_proj: long reduction
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rank", [8, 16, 64])
+@pytest.mark.parametrize("shape", LORA_SHAPES)
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_lora_matches_reference(triton_lora, mode, shape, rank, dtype):
+    slice_offsets, in_features = shape
+    rng = random.Random(rank)
+    num_slots = 6
+    if mode == "decode":
+        slots = [rng.choice([-1, *range(num_slots)]) for _ in range(33)]
+        meta = decode_lora_meta(torch.tensor(slots, dtype=torch.int32, device=DEVICE))
+    else:
+        meta = make_lora_meta(*random_segments(300, 130, num_slots, rng), DEVICE)
+    num_tokens = meta.token_slots.shape[0]
+    y, x, lora_a, lora_b = lora_inputs(num_tokens, num_slots, rank, slice_offsets, in_features, dtype)
+    expected, actual = y.clone(), y.clone()
+    lora_apply_reference(expected, x, lora_a, lora_b, meta, slice_offsets)
+    triton_lora.lora_apply_triton(actual, x, lora_a, lora_b, meta, slice_offsets)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("split_k", [1, 4, 16])
+def test_lora_shrink_split_k(triton_lora, split_k):
+    _, x, lora_a, _ = lora_inputs(5, 3, 16, (0, 64, 96, 128), 4096, torch.bfloat16)
+    meta = make_lora_meta([2, 3], [2, 0], DEVICE)
+    h = triton_lora.lora_shrink(x, lora_a, meta, split_k=split_k)
+    expected = torch.einsum("tri,ti->tr", lora_a[meta.token_slots.long()].float(), x.float())
+    torch.testing.assert_close(h, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_lora_decode_graph_replay(triton_lora):
+    """A captured decode step replays correctly after slots and inputs change in place."""
+    slice_offsets, num_slots = (0, 512, 640, 768), 4
+    y0, x, lora_a, lora_b = lora_inputs(16, num_slots, 16, slice_offsets, 512, torch.bfloat16)
+    slots = torch.zeros(16, dtype=torch.int32, device=DEVICE)
+    y = y0.clone()
+    meta = decode_lora_meta(slots)
+
+    def step():
+        y.copy_(y0)
+        triton_lora.lora_apply_triton(y, x, lora_a, lora_b, meta, slice_offsets)
+
+    graph = capture(step)
+    for seed in range(3):
+        slots.copy_(torch.randint(-1, num_slots, (16,), generator=torch.Generator().manual_seed(seed)))
+        x.normal_()
+        graph.replay()
+        expected = y0.clone()
+        lora_apply_reference(expected, x, lora_a, lora_b, meta, slice_offsets)
+        torch.testing.assert_close(y, expected, atol=6e-2, rtol=3e-2)
+
+
+def test_lora_prefill_graph_replay(triton_lora):
+    """A captured prefill step replays a new segment layout with the same count and max length."""
+    slice_offsets = (0, 384)
+    y0, x, lora_a, lora_b = lora_inputs(96, 3, 8, slice_offsets, 256, torch.float16)
+    meta = make_lora_meta([40, 16, 40], [0, 1, 2], DEVICE)
+    y = y0.clone()
+
+    def step():
+        y.copy_(y0)
+        triton_lora.lora_apply_triton(y, x, lora_a, lora_b, meta, slice_offsets)
+
+    graph = capture(step)
+    fresh = make_lora_meta([30, 40, 26], [2, -1, 1], DEVICE)
+    meta.seg_starts.copy_(fresh.seg_starts)
+    meta.seg_slots.copy_(fresh.seg_slots)
+    graph.replay()
+    expected = y0.clone()
+    lora_apply_reference(expected, x, lora_a, lora_b, fresh, slice_offsets)
+    torch.testing.assert_close(y, expected, atol=1e-2, rtol=1e-2)
+
+
+def paged_inputs(context_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    max_blocks = max(1, max(-(-n // block_size) for n in context_lens))
+    num_blocks = len(context_lens) * max_blocks + 1
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen, device=DEVICE).to(dtype)
+    v_cache = torch.randn(shape, generator=gen, device=DEVICE).to(dtype)
+    order = torch.randperm(num_blocks, generator=gen, device=DEVICE)[: len(context_lens) * max_blocks]
+    block_tables = order.view(len(context_lens), max_blocks).to(torch.int32)
+    q = torch.randn(len(context_lens), num_q_heads, head_dim, generator=gen, device=DEVICE).to(dtype)
+    context_lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    return q, k_cache, v_cache, block_tables, context_lens
+
+
+ATTENTION_CASES = [
+    # (context_lens, Hq, Hkv, D, block_size)
+    ([1], 8, 8, 64, 16),
+    ([1, 0, 17, 4100], 32, 8, 128, 16),
+    ([4100], 32, 8, 128, 32),
+    ([513, 2, 0, 1000, 31, 32, 33], 16, 4, 64, 32),
+    ([5, 4000, 77], 28, 4, 128, 16),  # 7 query heads per kv head
+    ([1, 2, 3, 300] * 8, 32, 32, 128, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_paged_attention_matches_reference(triton_attention, case, num_splits, dtype):
+    lens, num_q_heads, num_kv_heads, head_dim, block_size = case
+    inputs = paged_inputs(lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype)
+    scale = head_dim**-0.5
+    expected = paged_decode_attention_reference(*inputs, scale)
+    actual = triton_attention.paged_decode_attention_triton(*inputs, scale, num_splits=num_splits)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+def test_paged_attention_graph_replay(triton_attention):
+    q, k_cache, v_cache, block_tables, context_lens = paged_inputs([64] * 4, 16, 4, 128, 16, torch.bfloat16)
+    out = torch.empty_like(q)
+
+    def step():
+        attend = triton_attention.paged_decode_attention_triton
+        out.copy_(attend(q, k_cache, v_cache, block_tables, context_lens, 0.1))
+
+    graph = capture(step)
+    for lens in ([1, 64, 0, 30], [64, 17, 16, 2]):
+        context_lens.copy_(torch.tensor(lens))
+        q.normal_()
+        graph.replay()
+        expected = paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, 0.1)
+        torch.testing.assert_close(out, expected, atol=6e-2, rtol=3e-2)
+
+
+def test_write_kv_cache_graph_replay():
+    k_cache = torch.zeros(8, 16, 2, 64, device=DEVICE, dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    k, v = torch.randn(4, 2, 64, device=DEVICE).bfloat16(), torch.randn(4, 2, 64, device=DEVICE).bfloat16()
+    slot_mapping = torch.tensor([5, -1, 100, -1], device=DEVICE)
+    graph = capture(lambda: write_kv_cache(k, v, k_cache, v_cache, slot_mapping))
+    k_cache.zero_()
+    graph.replay()
+    flat = k_cache.view(-1, 2, 64)
+    assert torch.equal(flat[5], k[0]) and torch.equal(flat[100], k[2])
+    assert flat.abs().sum(dim=(1, 2)).count_nonzero().item() == 2
+
+
+def test_timing_printout(triton_lora, triton_attention):
+    """Decode-shaped timings and effective bandwidth; read with -s. No assertions on speed."""
+    for out_features in (4096, 14336):
+        y, x, lora_a, lora_b = lora_inputs(32, 32, 16, (0, out_features), 4096, torch.bfloat16)
+        meta = decode_lora_meta(torch.arange(32, dtype=torch.int32, device=DEVICE))
+        us = time_us(lambda: triton_lora.lora_apply_triton(y, x, lora_a, lora_b, meta, (0, out_features)))  # noqa: B023
+        moved = lora_a.numel() * 2 + lora_b.numel() * 2 + y.numel() * 4 + x.numel() * 2
+        label = f"lora decode T=32 slots=32 in=4096 out={out_features} R=16"
+        print(f"\n{label}: {us:.1f} us, {moved / us / 1e3:.0f} GB/s")
+    for lens in ([1024] * 32, [4096] * 2):
+        inputs = paged_inputs(lens, 32, 8, 128, 16, torch.bfloat16)
+        us = time_us(lambda: triton_attention.paged_decode_attention_triton(*inputs, 128**-0.5))  # noqa: B023
+        moved = sum(lens) * 8 * 128 * 2 * 2
+        label = f"paged decode B={len(lens)} ctx={lens[0]} Hq=32 Hkv=8 D=128"
+        print(f"\n{label}: {us:.1f} us, {moved / us / 1e3:.0f} GB/s")

@@ -1,0 +1,141 @@
+"""Batched multi-adapter LoRA: the torch path (and, opt-in, the Triton kernels) against the plain loop."""
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+from server.model.lora_ops import (
+    decode_lora_meta,
+    lora_apply,
+    lora_apply_reference,
+    lora_apply_torch,
+    make_lora_meta,
+)
+
+TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 3e-2)}
+
+# (segment lengths, segment slots): T = 1, 5, 33 with -1 segments and an empty segment.
+LAYOUTS = [
+    ([1], [0]),
+    ([1], [-1]),
+    ([1, 1, 1, 1, 1], [2, -1, 0, 2, 1]),
+    ([2, 0, 3], [1, 0, -1]),
+    ([10, 1, 22], [0, -1, 2]),
+    ([33], [1]),
+]
+SLICES = [(0, 24), (0, 16, 20, 37)]  # one slice; three of unequal widths
+
+
+def make_inputs(seg_lens, seg_slots, rank, slice_offsets, dtype, num_slots=3, in_features=40, seed=0):
+    """Random y, x, lora_a, lora_b, meta for one batch layout."""
+    gen = torch.Generator().manual_seed(seed)
+    num_tokens, num_slices, out_features = sum(seg_lens), len(slice_offsets) - 1, slice_offsets[-1]
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+    y = randn(num_tokens, out_features)
+    x = randn(num_tokens, in_features)
+    lora_a = randn(num_slots, num_slices * rank, in_features, scale=in_features**-0.5)
+    lora_b = randn(num_slots, out_features, rank, scale=rank**-0.5)
+    return y, x, lora_a, lora_b, make_lora_meta(seg_lens, seg_slots, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slice_offsets", SLICES)
+@pytest.mark.parametrize("rank", [1, 8, 16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_torch_matches_reference(layout, rank, slice_offsets, dtype):
+    y, x, lora_a, lora_b, meta = make_inputs(*layout, rank, slice_offsets, dtype)
+    expected, actual = y.clone(), y.clone()
+    lora_apply_reference(expected, x, lora_a, lora_b, meta, slice_offsets)
+    lora_apply_torch(actual, x, lora_a, lora_b, meta, slice_offsets)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+    for t, slot in enumerate(meta.token_slots.tolist()):
+        if slot < 0:
+            assert torch.equal(actual[t], y[t]), "a -1 token must keep the base output"
+
+
+def test_torch_chunks_tokens_like_one_pass(monkeypatch):
+    y, x, lora_a, lora_b, meta = make_inputs([10, 1, 22], [0, -1, 2], 8, SLICES[1], torch.float32)
+    whole, chunked = y.clone(), y.clone()
+    lora_apply_torch(whole, x, lora_a, lora_b, meta, SLICES[1])
+    monkeypatch.setattr("server.model.lora_ops._GATHER_BUDGET", 7 * lora_a[0].numel())
+    lora_apply_torch(chunked, x, lora_a, lora_b, meta, SLICES[1])
+    torch.testing.assert_close(chunked, whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_batch_equals_each_slot_alone(dtype):
+    seg_lens, seg_slots = [3, 1, 4, 2, 1], [2, -1, 0, 2, 1]
+    y, x, lora_a, lora_b, meta = make_inputs(seg_lens, seg_slots, 8, SLICES[1], dtype)
+    mixed = y.clone()
+    lora_apply(mixed, x, lora_a, lora_b, meta, SLICES[1])
+    start = 0
+    for n, slot in zip(seg_lens, seg_slots, strict=True):
+        alone = y[start : start + n].clone()
+        lora_apply(alone, x[start : start + n], lora_a, lora_b, make_lora_meta([n], [slot], "cpu"), SLICES[1])
+        atol, rtol = TOLERANCE[dtype]
+        torch.testing.assert_close(mixed[start : start + n], alone, atol=atol, rtol=rtol)
+        start += n
+
+
+def test_decode_meta_matches_host_meta():
+    slots = [3, -1, 0, 0]
+    decode = decode_lora_meta(torch.tensor(slots, dtype=torch.int32))
+    host = make_lora_meta([1] * len(slots), slots, "cpu")
+    for name in ("seg_starts", "seg_slots", "token_slots"):
+        assert torch.equal(getattr(decode, name), getattr(host, name)), name
+    assert decode.max_seg_len == host.max_seg_len == 1
+
+
+def test_make_meta_rejects_mismatched_lists():
+    with pytest.raises(ValueError):
+        make_lora_meta([1, 2], [0], "cpu")
+
+
+def test_rejects_offsets_not_covering_out():
+    y, x, lora_a, lora_b, meta = make_inputs([2], [0], 4, (0, 24), torch.float32)
+    with pytest.raises(ValueError):
+        lora_apply_torch(y, x, lora_a, lora_b, meta, (0, 20))
+
+
+@pytest.fixture(scope="module")
+def triton_lora():
+    """The Triton LoRA module under the Triton CPU interpreter; opt-in (LORAPLEX_TRITON_INTERPRET=1)."""
+    if os.environ.get("LORAPLEX_TRITON_INTERPRET") != "1":
+        pytest.skip("set LORAPLEX_TRITON_INTERPRET=1 to run the Triton kernels under the interpreter")
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton was already imported for a GPU in this session")
+    os.environ["TRITON_INTERPRET"] = "1"  # read when any @triton.jit runs, Triton's own included
+    pytest.importorskip("triton")
+    return importlib.import_module("server.model.triton_lora")
+
+
+# The interpreter multiplies bf16 operands of tl.dot as raw uint16 (Triton 3.9), so bf16 is GPU-only.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("slice_offsets", SLICES)
+@pytest.mark.parametrize(
+    "layout, rank",
+    [(([1, 1, 1, 1], [2, -1, 0, 2]), 8), (([3, 0, 20, 1], [1, 0, 2, -1]), 16), (([18], [1]), 1)],
+)
+def test_triton_interpreted_matches_reference(triton_lora, layout, rank, slice_offsets, dtype):
+    y, x, lora_a, lora_b, meta = make_inputs(*layout, rank, slice_offsets, dtype, in_features=300)
+    expected, actual = y.clone(), y.clone()
+    lora_apply_reference(expected, x, lora_a, lora_b, meta, slice_offsets)
+    triton_lora.lora_apply_triton(actual, x, lora_a, lora_b, meta, slice_offsets)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_triton_interpreted_shrink_split_k(triton_lora, split_k):
+    _, x, lora_a, _, meta = make_inputs([3, 4], [1, 0], 8, SLICES[1], torch.float32, in_features=300)
+    h = triton_lora.lora_shrink(x, lora_a, meta, split_k=split_k)
+    slots = meta.token_slots.long()
+    expected = torch.einsum("tri,ti->tr", lora_a[slots], x)
+    torch.testing.assert_close(h, expected, atol=1e-4, rtol=1e-4)
