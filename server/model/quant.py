@@ -7,10 +7,16 @@ captured CUDA graphs stay valid) and `state_tensors()` (the exact stored represe
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 NF4_BLOCKSIZE = 64
+# Decode batches up to this many rows use the fused dequantize-in-registers Triton kernel on CUDA
+# (reads 0.53 byte/param); larger ones use bitsandbytes (dequantize to 16-bit, then cuBLAS).
+FUSED_NF4_MAX_ROWS = 64
+USE_FUSED_NF4 = os.environ.get("LORAPLEX_NF4_KERNEL", "triton") == "triton"
 
 
 def _bnb():
@@ -60,6 +66,14 @@ class NF4Linear(nn.Module):
         self.quant_state = state
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
         self._cpu_weight: torch.Tensor | None = None  # [out, in] dequantized once, CPU only
+        # float32 per-64-block scales with double quant undone, for the fused Triton kernel; derived
+        # from (absmax, absmax2, offset) and refreshed in place whenever those change.
+        self.absmax_f = self._derive_absmax() if self.codes.is_cuda else None  # [out * in / 64]
+
+    def _derive_absmax(self) -> torch.Tensor:
+        from server.model.nf4_ops import nf4_absmax_float
+
+        return nf4_absmax_float(self.quant_state).float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.codes.device.type == "cpu":
@@ -69,6 +83,11 @@ class NF4Linear(nn.Module):
             if self._cpu_weight is None:
                 self._cpu_weight = self.dequantize().to(self.compute_dtype)
             return nn.functional.linear(x, self._cpu_weight, self.bias)
+        if x.shape[0] <= FUSED_NF4_MAX_ROWS and self.absmax_f is not None and USE_FUSED_NF4:
+            from server.model.nf4_ops import nf4_matmul
+
+            shape = (self.out_features, self.in_features)
+            return nf4_matmul(x, self.codes, self.absmax_f, shape, self.quant_state.code, bias=self.bias)
         return _bnb().matmul_4bit(x, self.codes.t(), self.quant_state, bias=self.bias)
 
     def dequantize(self) -> torch.Tensor:
@@ -90,6 +109,8 @@ class NF4Linear(nn.Module):
         for name, live in self.state_tensors().items():
             live.copy_(tensors[name])
         self._cpu_weight = None
+        if self.absmax_f is not None:
+            self.absmax_f.copy_(self._derive_absmax())
 
     @property
     def nbytes(self) -> int:
