@@ -87,7 +87,8 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float):
     """Decode attention over a paged cache (semantics of the reference): Triton on CUDA, torch elsewhere."""
-    if q.is_cuda and triton_available():
+    triton_shapes = q.shape[-1] in (64, 128) and k_cache.shape[1] in (16, 32)  # what the kernel supports
+    if q.is_cuda and triton_shapes and triton_available():
         from server.model.triton_attention import paged_decode_attention_triton
 
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)

@@ -1,0 +1,71 @@
+"""GPU engine checks (run on the GPU machine): CUDA-graph decode equals eager, and the mixed batch
+through the Triton kernels matches PEFT with each adapter alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.config import Settings
+from server.engine.engine import LLMEngine
+from server.engine.request import Request, SamplingParams
+from server.model.loader import load_hf_dir
+from tests.unit.test_mixed_batch_oracle import PROMPTS, adapter_refs, peft_logits, run_capturing
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def gpu_engine(model_dir, *, dtype="float32", quantize=False, graphs=True, **kw):
+    settings = Settings(model=str(model_dir), device="cuda", dtype=dtype, quantization="nf4" if quantize else "none",
+                        cuda_graphs=graphs, kv_cache_blocks=256, **kw)
+    loaded = load_hf_dir(model_dir, device=torch.device("cuda"), dtype=getattr(torch, dtype), quantize=quantize)
+    return LLMEngine(loaded, settings)
+
+
+def make_requests(refs, names, n=8):
+    return [Request(list(p), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
+                    adapter=None if name is None else refs[name]) for p, name in zip(PROMPTS, names, strict=True)]
+
+
+@pytest.mark.parametrize("quantize,dtype", [(False, "float32"), (True, "bfloat16")])
+def test_graph_decode_equals_eager(tiny_llama_dir, tiny_adapters, quantize, dtype):
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    names = [None, "attn-r4", "all-r8", "mlp-r2-rs", "ko-r16"]
+    results = []
+    for graphs in (False, True):
+        engine = gpu_engine(tiny_llama_dir, dtype=dtype, quantize=quantize, graphs=graphs, max_slots=4, max_rank=16)
+        requests = make_requests(refs, names)
+        captured, _ = run_capturing(engine, requests)
+        results.append((requests, captured))
+        if graphs:
+            assert engine.runner.graphs.num_captured > 0
+    (eager_reqs, eager_logits), (graph_reqs, graph_logits) = results
+    for a, b in zip(eager_reqs, graph_reqs, strict=True):
+        assert a.output_token_ids == b.output_token_ids
+        for x, y in zip(eager_logits[a.request_id], graph_logits[b.request_id], strict=True):
+            torch.testing.assert_close(x, y, atol=2e-2 if dtype == "bfloat16" else 1e-3, rtol=1e-2)
+
+
+def test_gpu_mixed_batch_matches_peft_alone(tiny_llama_dir, tiny_adapters):
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    names = [None, "attn-r4", "all-r8", "mlp-r2-rs", "ko-r16"]
+    engine = gpu_engine(tiny_llama_dir, max_slots=4, max_rank=16)
+    requests = make_requests(refs, names, n=6)
+    captured, distinct = run_capturing(engine, requests)
+    assert max(distinct) == 5
+    for request, name in zip(requests, names, strict=True):
+        full = request.prompt_token_ids + request.output_token_ids
+        reference = peft_logits(tiny_llama_dir, None if name is None else tiny_adapters[name], full)
+        start = len(request.prompt_token_ids) - 1
+        for step, row in enumerate(captured[request.request_id]):
+            torch.testing.assert_close(row.cpu(), reference[start + step], atol=1e-3, rtol=1e-3)
+
+
+def test_gpu_merged_swap_restores_nf4_bit_exact(tiny_llama_dir, tiny_adapters):
+    engine = gpu_engine(tiny_llama_dir, dtype="bfloat16", quantize=True, lora_mode="merged")
+    refs = list(adapter_refs(tiny_llama_dir, tiny_adapters).values())
+    for i in range(200):
+        engine.swapper.swap((refs[i % 4].name, i), refs[i % 4].weights)
+    assert not engine.swapper.is_pristine()
+    engine.swapper.swap(None)
+    assert engine.swapper.is_pristine()
