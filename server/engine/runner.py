@@ -88,20 +88,19 @@ class ModelRunner:
 
     def decode_inputs(self, requests: list[Request], padded: int) -> dict[str, torch.Tensor]:
         """Host-built decode metadata for `padded` rows (rows past len(requests) are padding)."""
-        input_ids = torch.zeros(padded, dtype=torch.long)
-        positions = torch.zeros(padded, dtype=torch.long)
-        slot_mapping = torch.full((padded,), -1, dtype=torch.long)
-        context_lens = torch.zeros(padded, dtype=torch.int32)
-        block_tables = torch.zeros(padded, self.max_blocks, dtype=torch.int32)
-        lora_slots = torch.full((padded,), -1, dtype=torch.int32)
-        for row, request in enumerate(requests):
-            position = request.num_tokens - 1
-            input_ids[row] = request.all_token_ids[-1]
-            positions[row] = position
-            slot_mapping[row] = self._slot_index(request, position)
-            context_lens[row] = request.num_tokens
-            block_tables[row, : len(request.block_ids)] = torch.tensor(request.block_ids, dtype=torch.int32)
-            lora_slots[row] = request.slot
+        pad = padded - len(requests)
+        positions = [r.num_tokens - 1 for r in requests]
+        tables = [r.block_ids + [0] * (self.max_blocks - len(r.block_ids)) for r in requests]
+        input_ids = torch.tensor([r.output_token_ids[-1] if r.output_token_ids else r.prompt_token_ids[-1]
+                                  for r in requests] + [0] * pad, dtype=torch.long)
+        slot_mapping = torch.tensor(
+            [self._slot_index(r, p) for r, p in zip(requests, positions, strict=True)] + [-1] * pad,
+            dtype=torch.long,
+        )
+        context_lens = torch.tensor([r.num_tokens for r in requests] + [0] * pad, dtype=torch.int32)
+        block_tables = torch.tensor(tables + [[0] * self.max_blocks] * pad, dtype=torch.int32)
+        lora_slots = torch.tensor([r.slot for r in requests] + [-1] * pad, dtype=torch.int32)
+        positions = torch.tensor(positions + [0] * pad, dtype=torch.long)
         return {
             "input_ids": input_ids, "positions": positions, "slot_mapping": slot_mapping,
             "context_lens": context_lens, "block_tables": block_tables, "lora_slots": lora_slots,

@@ -46,12 +46,17 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], li
     raw_logprobs = None
     if any(r.params.logprobs for r in requests):
         raw_logprobs = torch.log_softmax(logits, dim=-1)
+    if all(r.params.is_greedy and r.params.repetition_penalty == 1.0 for r in requests):
+        chosen = logits.argmax(-1)  # the common fast path: one kernel, one sync
+        logprobs = None if raw_logprobs is None else raw_logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+        return chosen.tolist(), logprobs
     processed = logits.clone()
     chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
     greedy_rows = []
     for row, request in enumerate(requests):
         params = request.params
-        apply_repetition_penalty(processed[row], request.all_token_ids, params.repetition_penalty)
+        if params.repetition_penalty != 1.0:
+            apply_repetition_penalty(processed[row], request.all_token_ids, params.repetition_penalty)
         if params.is_greedy:
             greedy_rows.append(row)
             continue
