@@ -74,6 +74,7 @@ def serve(settings: Settings) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S, access_log=settings.log_level == "debug",
+        log_config=None,  # keep configure_logging's format for uvicorn's loggers too
     )
     server = DrainingServer(config, state, drain_timeout_s=settings.request_timeout_s)
     # The signal handler runs on the event loop's thread; the engine thread never touches these.
