@@ -12,8 +12,9 @@ from .errors import (
     InvalidAdapterNameError,
 )
 from .peft_format import load_adapter_dir, parse_adapter
+from .records import NAME_RE, AdapterRecord, validate_name
 from .spec import AdapterWeights, BaseModelSpec, weights_nbytes
-from .store import NAME_RE, AdapterRecord, AdapterStore, validate_name
+from .store import AdapterStore
 
 __all__ = [
     "NAME_RE",

@@ -43,8 +43,7 @@ def extract_adapter_files(archive_bytes: bytes, max_bytes: int) -> tuple[bytes, 
     missing = [name for name in WANTED_FILES if prefix + name not in contents]
     if WEIGHTS_FILE in missing and any(prefix + name in names for name in PICKLE_WEIGHT_FILES):
         raise AdapterValidationError(
-            "archive holds a pickle checkpoint (.bin/.pt), which is not accepted; "
-            "save with safe_serialization=True"
+            "archive holds a pickle checkpoint (.bin/.pt), which is not accepted; save with safe_serialization=True"
         )
     if missing:
         raise AdapterValidationError(f"archive has no {' or '.join(missing)} at its root")
@@ -72,9 +71,7 @@ def _root_prefix(names: list[str]) -> str:
     if any("/" not in name for name in names):
         nested = [name for name in names if "/" in name]
         if nested:
-            raise AdapterValidationError(
-                f"archive member {nested[0]!r} is nested; files must lie at the root"
-            )
+            raise AdapterValidationError(f"archive member {nested[0]!r} is nested; files must lie at the root")
         return ""
     folders = {name.split("/", 1)[0] for name in names}
     deep = [name for name in names if name.count("/") > 1]
@@ -139,9 +136,7 @@ def _read_tar_gz(data: bytes, max_bytes: int) -> tuple[list[str], dict[str, byte
             for member in archive:
                 name = _normalize(member.name)
                 if member.issym() or member.islnk():
-                    raise AdapterValidationError(
-                        f"archive member {member.name!r} is a link; links are not accepted"
-                    )
+                    raise AdapterValidationError(f"archive member {member.name!r} is a link; links are not accepted")
                 if member.isdir():
                     continue
                 if not member.isreg():
@@ -151,9 +146,7 @@ def _read_tar_gz(data: bytes, max_bytes: int) -> tuple[list[str], dict[str, byte
                     raise _too_large(max_bytes)
                 if _add_member(name, names, seen):
                     handle = archive.extractfile(member)
-                    contents[name] = _read_bounded(
-                        handle, max_bytes - sum(map(len, contents.values())), max_bytes
-                    )
+                    contents[name] = _read_bounded(handle, max_bytes - sum(map(len, contents.values())), max_bytes)
     except (tarfile.TarError, gzip.BadGzipFile, zlib.error, EOFError) as exc:
         raise AdapterValidationError(f"archive is not a valid .tar.gz: {exc}") from None
     return names, contents
@@ -174,9 +167,7 @@ def _read_zip(data: bytes, max_bytes: int) -> tuple[list[str], dict[str, bytes]]
         for info in infos:
             name = _normalize(info.filename)
             if stat.S_ISLNK(info.external_attr >> 16):
-                raise AdapterValidationError(
-                    f"archive member {info.filename!r} is a link; links are not accepted"
-                )
+                raise AdapterValidationError(f"archive member {info.filename!r} is a link; links are not accepted")
             if info.is_dir():
                 continue
             if _add_member(name, names, seen):
@@ -187,9 +178,7 @@ def _read_zip(data: bytes, max_bytes: int) -> tuple[list[str], dict[str, bytes]]
         try:
             for name, info in wanted:
                 with archive.open(info) as handle:
-                    contents[name] = _read_bounded(
-                        handle, max_bytes - sum(map(len, contents.values())), max_bytes
-                    )
+                    contents[name] = _read_bounded(handle, max_bytes - sum(map(len, contents.values())), max_bytes)
         except (zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error, EOFError) as exc:
             raise AdapterValidationError(f"archive member could not be read: {exc}") from None
     return names, contents

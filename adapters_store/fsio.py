@@ -52,9 +52,7 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise AdapterValidationError(f"{path.name} is not a regular file")
         if info.st_size > max_bytes:
-            raise AdapterTooLargeError(
-                f"{path.name} is {info.st_size} bytes, more than the {max_bytes}-byte limit"
-            )
+            raise AdapterTooLargeError(f"{path.name} is {info.st_size} bytes, more than the {max_bytes}-byte limit")
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise AdapterTooLargeError(f"{path.name} is more than the {max_bytes}-byte limit")

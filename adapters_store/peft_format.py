@@ -20,7 +20,15 @@ MAX_DIR_BYTES = 4 * 1024**3
 PEFT_DEFAULT_ALPHA = 8
 EMBEDDING_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "wpe", "embed_out", "embed_in"})
 # Fields that make an adapter do more than add B·A to linear layers.
-UNSUPPORTED_FIELDS = ("trainable_token_indices", "layer_replication", "target_parameters")
+UNSUPPORTED_FIELDS = (
+    "trainable_token_indices",
+    "layer_replication",
+    "target_parameters",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "use_bdlora",
+    "arrow_config",
+)
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A[.default].weight, with or without prefixes.
 _KEY_RE = re.compile(
     r"^(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>\d{1,6})\.(?P<parent>self_attn|mlp)"
@@ -43,21 +51,14 @@ def parse_config(config_bytes: bytes, spec: BaseModelSpec, max_rank: int) -> dic
     if not isinstance(config, dict):
         raise _fail(f"{CONFIG_FILE} must be a JSON object")
     if config.get("peft_type") != "LORA":
-        raise _fail(
-            f"{CONFIG_FILE} peft_type is {config.get('peft_type')!r}; only 'LORA' adapters are supported"
-        )
+        raise _fail(f"{CONFIG_FILE} peft_type is {config.get('peft_type')!r}; only 'LORA' adapters are supported")
     rank = config.get("r")
     if type(rank) is not int or rank < 1:
         raise _fail(f"{CONFIG_FILE} r must be a positive integer, got {rank!r}")
     if rank > max_rank:
         raise _fail(f"rank {rank} exceeds the server's max_rank {max_rank}")
     alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
-        or not math.isfinite(alpha)
-        or alpha <= 0
-    ):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise _fail(f"{CONFIG_FILE} lora_alpha must be a positive number, got {alpha!r}")
     use_rslora = config.get("use_rslora") or False
     if not isinstance(use_rslora, bool):
@@ -78,9 +79,7 @@ def _reject_unsupported(config: dict[str, Any], spec: BaseModelSpec) -> None:
     if config.get("use_dora"):
         raise _fail("DoRA adapters (use_dora: true) are not supported")
     if config.get("modules_to_save"):
-        raise _fail(
-            f"modules_to_save {config['modules_to_save']!r} is not supported: it replaces whole modules"
-        )
+        raise _fail(f"modules_to_save {config['modules_to_save']!r} is not supported: it replaces whole modules")
     if config.get("bias", "none") != "none":
         raise _fail(f"bias {config['bias']!r} is not supported; only bias 'none' adapters are accepted")
     if config.get("lora_bias"):
@@ -90,7 +89,7 @@ def _reject_unsupported(config: dict[str, Any], spec: BaseModelSpec) -> None:
             raise _fail(f"{key} {config[key]!r} is not supported: every module must use r and lora_alpha")
     for key in UNSUPPORTED_FIELDS:
         if config.get(key):
-            raise _fail(f"{key} is not supported")
+            raise _fail(f"{key} {config[key]!r} is not supported: only plain LoRA on linear layers is served")
     auto_mapping = config.get("auto_mapping")
     base_class = auto_mapping.get("base_model_class") if isinstance(auto_mapping, dict) else None
     # Only compare causal-LM class names; base_model_name_or_path differs across mirrors and is ignored.
@@ -112,20 +111,14 @@ def _parse_target_modules(value: Any, spec: BaseModelSpec) -> list[str] | None:
                 raise _fail(f"{CONFIG_FILE} target_modules regex {value!r} is invalid: {exc}") from None
             return None
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise _fail(
-            f"{CONFIG_FILE} target_modules must be a non-empty list of names or a regex, got {value!r}"
-        )
+        raise _fail(f"{CONFIG_FILE} target_modules must be a non-empty list of names or a regex, got {value!r}")
     short_names = set()
     for item in value:
         short = item.rsplit(".", 1)[-1]
         if short in EMBEDDING_MODULES:
-            raise _fail(
-                f"target module {item!r} is not supported: embedding and lm_head adapters are not accepted"
-            )
+            raise _fail(f"target module {item!r} is not supported: embedding and lm_head adapters are not accepted")
         if short not in LINEAR_MODULES or short not in spec.module_shapes:
-            raise _fail(
-                f"target module {item!r} is unknown; supported: {', '.join(sorted(spec.module_shapes))}"
-            )
+            raise _fail(f"target module {item!r} is unknown; supported: {', '.join(sorted(spec.module_shapes))}")
         short_names.add(short)
     return sorted(short_names)
 
@@ -167,17 +160,13 @@ def _check_tensor_shapes(header: dict[str, dict], config: dict[str, Any], spec: 
         if (match["parent"] == "self_attn") != (module in ATTENTION_MODULES):
             raise _fail(f"tensor {key!r} puts {module} under {match['parent']}")
         if layer >= spec.num_layers:
-            raise _fail(
-                f"tensor {key!r} is for layer {layer}, but the base model has {spec.num_layers} layers"
-            )
+            raise _fail(f"tensor {key!r} is for layer {layer}, but the base model has {spec.num_layers} layers")
         if layers is not None and layer not in layers:
             raise _fail(f"tensor {key!r} is for layer {layer}, which layers_to_transform does not list")
         if allowed is not None and module not in allowed:
             raise _fail(f"tensor {key!r} is for {module}, which target_modules does not list")
         if (layer, module, ab) in slots:
-            raise _fail(
-                f"layer {layer} {module} lora_{ab} appears twice ({slots[layer, module, ab]!r}, {key!r})"
-            )
+            raise _fail(f"layer {layer} {module} lora_{ab} appears twice ({slots[layer, module, ab]!r}, {key!r})")
         in_features, out_features = spec.module_shapes[module]
         expected = [rank, in_features] if ab == "A" else [out_features, rank]
         if entry["shape"] != expected:
@@ -216,9 +205,7 @@ def parse_adapter(
     return config, weights
 
 
-def load_adapter_dir(
-    path: Path, spec: BaseModelSpec, max_rank: int, max_bytes: int = MAX_DIR_BYTES
-) -> AdapterWeights:
+def load_adapter_dir(path: Path, spec: BaseModelSpec, max_rank: int, max_bytes: int = MAX_DIR_BYTES) -> AdapterWeights:
     """Read and validate a stored or PEFT adapter directory (safetensors only, no symlinked files)."""
     config_bytes, safetensors_bytes = read_adapter_dir(Path(path), max_bytes)
     return parse_adapter(config_bytes, safetensors_bytes, spec, max_rank)[1]

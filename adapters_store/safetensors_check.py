@@ -56,9 +56,7 @@ def read_header(data: bytes) -> dict[str, dict]:
             raise _not_safetensors(f"header length {header_len} exceeds the file size {len(data)}")
         raise _not_safetensors("header does not start with '{'")
     try:
-        header = json.loads(
-            data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_reject_duplicate_keys
-        )
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _not_safetensors(f"malformed JSON header: {exc}") from None
     if not isinstance(header, dict):
@@ -91,8 +89,7 @@ def _check_entries(header: dict, data_len: int) -> None:
             or not 0 <= offsets[0] <= offsets[1] <= data_len
         ):
             raise AdapterValidationError(
-                f"{FILE_NAME} tensor {name!r} has data_offsets {offsets!r} "
-                f"outside the {data_len}-byte data area"
+                f"{FILE_NAME} tensor {name!r} has data_offsets {offsets!r} outside the {data_len}-byte data area"
             )
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if offsets[1] - offsets[0] != expected:

@@ -77,6 +77,4 @@ class AdapterWeights:
 
 def weights_nbytes(weights: AdapterWeights) -> int:
     """Bytes held by all A and B tensors (what a CPU cache or GPU slot must budget for)."""
-    return sum(
-        a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in weights.tensors.values()
-    )
+    return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in weights.tensors.values())

@@ -7,27 +7,26 @@ Layout::
     root/<name>/v<version>/manifest.json      written last; without it the version does not exist
     root/.staging/<random>/                    uploads being written (swept at start)
     root/.trash/<random>/                      adapters being deleted (swept at start)
+    root/.versions/<name>                      last version of a deleted adapter (a tombstone)
 
 A put writes and fsyncs the files in a staging dir, renames it to `v<N>`, then writes manifest.json
 (temp file + fsync + rename). A crash at any point leaves the previous versions untouched and at
 most an invisible version dir, which the next start removes. One process owns a root: writes are
 serialized by a threading.Lock, readers take no lock. Versions start at 1 and grow by one; every
-older version stays readable until the adapter is deleted (running requests keep theirs). After a
-delete, a new upload under the same name starts again at version 1, so caches should key on
-(name, version, sha256), not (name, version).
+older version stays readable until the adapter is deleted (running requests keep theirs). Versions
+never repeat for a name, even after a delete (the tombstone remembers the last one), so
+(name, version) always identifies the same bytes and is a safe cache key.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import secrets
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .archive import extract_adapter_files
@@ -41,42 +40,10 @@ from .fsio import (
     write_file_durable,
 )
 from .peft_format import parse_adapter
+from .records import NAME_PATTERN, AdapterRecord, read_manifest, validate_name, write_manifest
 from .spec import AdapterWeights, BaseModelSpec
 
-NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = 1
-_NAME_PATTERN = re.compile(NAME_RE)
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]{0,8})$")
-
-
-@dataclass(frozen=True)
-class AdapterRecord:
-    """One stored, complete adapter version."""
-
-    name: str
-    version: int
-    sha256: str  # of adapter_model.safetensors
-    rank: int
-    alpha: float
-    use_rslora: bool
-    target_modules: list[str]  # sorted short names, e.g. ["k_proj", "q_proj"]
-    size_bytes: int  # adapter_config.json + adapter_model.safetensors
-    created: int  # unix seconds
-    path: Path  # the version dir
-
-    def to_public(self) -> dict:
-        """The fields the HTTP API returns."""
-        fields = asdict(self)
-        del fields["path"], fields["use_rslora"]
-        return fields
-
-
-def validate_name(name: str) -> str:
-    """Return `name` if it matches NAME_RE, else raise InvalidAdapterNameError."""
-    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
-        raise InvalidAdapterNameError(f"invalid adapter name {name!r}: must match {NAME_RE}")
-    return name
 
 
 class AdapterStore:
@@ -87,7 +54,8 @@ class AdapterStore:
         self.spec, self.max_rank, self.max_bytes = spec, max_rank, max_bytes
         self._lock = threading.Lock()
         self._staging, self._trash = self.root / ".staging", self.root / ".trash"
-        for path in (self.root, self._staging, self._trash):
+        self._tombstones = self.root / ".versions"
+        for path in (self.root, self._staging, self._trash, self._tombstones):
             path.mkdir(parents=True, exist_ok=True)
         self._sweep()
 
@@ -96,9 +64,7 @@ class AdapterStore:
         adapter_dir = self._adapter_dir(name)
         size_bytes = len(config_bytes) + len(safetensors_bytes)
         if size_bytes > self.max_bytes:
-            raise AdapterTooLargeError(
-                f"adapter is {size_bytes} bytes, more than the {self.max_bytes}-byte limit"
-            )
+            raise AdapterTooLargeError(f"adapter is {size_bytes} bytes, more than the {self.max_bytes}-byte limit")
         config, weights = parse_adapter(config_bytes, safetensors_bytes, self.spec, self.max_rank)
         sha256 = hashlib.sha256(safetensors_bytes).hexdigest()
         with self._lock:
@@ -110,7 +76,7 @@ class AdapterStore:
                 fsync_dir(staging)
                 adapter_dir.mkdir(exist_ok=True)
                 fsync_dir(self.root)
-                version = max(self._version_numbers(adapter_dir), default=0) + 1
+                version = max(self._version_numbers(adapter_dir), default=self._deleted_version(name)) + 1
                 version_dir = adapter_dir / f"v{version}"
                 os.rename(staging, version_dir)
                 fsync_dir(adapter_dir)
@@ -130,7 +96,7 @@ class AdapterStore:
                 path=version_dir,
             )
             try:
-                self._write_manifest(record)
+                write_manifest(record)
             except BaseException:
                 shutil.rmtree(version_dir, ignore_errors=True)
                 raise
@@ -164,7 +130,7 @@ class AdapterStore:
         """The latest version of every adapter, sorted by name."""
         latest = []
         for entry in sorted(os.listdir(self.root)):
-            if _NAME_PATTERN.fullmatch(entry) and (records := self._records(self.root / entry)):
+            if NAME_PATTERN.fullmatch(entry) and (records := self._records(self.root / entry)):
                 latest.append(records[-1])
         return latest
 
@@ -174,6 +140,7 @@ class AdapterStore:
         with self._lock:
             if not self._records(adapter_dir):
                 raise AdapterNotFoundError(f"adapter {name!r} not found")
+            self._write_tombstone(name, max(self._version_numbers(adapter_dir)))
             doomed = self._trash / secrets.token_hex(8)
             os.rename(adapter_dir, doomed)
             fsync_dir(self.root)
@@ -195,9 +162,7 @@ class AdapterStore:
             record.alpha,
             record.use_rslora,
         ):
-            raise AdapterIntegrityError(
-                f"adapter {record.name!r} v{record.version}: {CONFIG_FILE} changed on disk"
-            )
+            raise AdapterIntegrityError(f"adapter {record.name!r} v{record.version}: {CONFIG_FILE} changed on disk")
         return weights
 
     def _adapter_dir(self, name: str) -> Path:
@@ -218,50 +183,38 @@ class AdapterStore:
         """Complete versions of one adapter, oldest first."""
         records = []
         for version in sorted(self._version_numbers(adapter_dir)):
-            record = self._read_manifest(adapter_dir.name, version, adapter_dir / f"v{version}")
+            record = read_manifest(adapter_dir.name, version, adapter_dir / f"v{version}")
             if record is not None:
                 records.append(record)
         return records
 
-    def _write_manifest(self, record: AdapterRecord) -> None:
-        fields = asdict(record)
-        fields.update(format=MANIFEST_FORMAT, path=None)
-        data = json.dumps(fields, indent=2, sort_keys=True).encode()
-        temp = record.path / (MANIFEST_FILE + ".tmp")
-        write_file_durable(temp, data)
-        os.rename(temp, record.path / MANIFEST_FILE)
-        fsync_dir(record.path)
-
-    @staticmethod
-    def _read_manifest(name: str, version: int, version_dir: Path) -> AdapterRecord | None:
-        """The record of a complete version, or None when the manifest is missing or invalid."""
+    def _deleted_version(self, name: str) -> int:
         try:
-            fields = json.loads((version_dir / MANIFEST_FILE).read_bytes())
-            if fields.pop("format") != MANIFEST_FORMAT or (fields["name"], fields["version"]) != (
-                name,
-                version,
-            ):
-                return None
-            fields["path"] = version_dir
-            record = AdapterRecord(**fields)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
-            return None
-        if not all((version_dir / file).is_file() for file in (CONFIG_FILE, WEIGHTS_FILE)):
-            return None
-        return record
+            return int((self._tombstones / name).read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def _write_tombstone(self, name: str, version: int) -> None:
+        temp = self._tombstones / f"{name}.{secrets.token_hex(8)}.tmp"
+        write_file_durable(temp, str(version).encode())
+        os.rename(temp, self._tombstones / name)
+        fsync_dir(self._tombstones)
 
     def _sweep(self) -> None:
         """Remove what an interrupted put or delete left behind: staging, trash, manifest-less versions."""
         for parent in (self._staging, self._trash):
             for entry in os.listdir(parent):
                 shutil.rmtree(parent / entry, ignore_errors=True)
+        for entry in os.listdir(self._tombstones):
+            if entry.endswith(".tmp"):
+                os.unlink(self._tombstones / entry)
         for entry in os.listdir(self.root):
             adapter_dir = self.root / entry
-            if not _NAME_PATTERN.fullmatch(entry) or not adapter_dir.is_dir():
+            if not NAME_PATTERN.fullmatch(entry) or not adapter_dir.is_dir():
                 continue
             for version in self._version_numbers(adapter_dir):
                 version_dir = adapter_dir / f"v{version}"
-                if self._read_manifest(entry, version, version_dir) is None:
+                if read_manifest(entry, version, version_dir) is None:
                     shutil.rmtree(version_dir, ignore_errors=True)
             if not os.listdir(adapter_dir):
                 adapter_dir.rmdir()

@@ -98,10 +98,12 @@ def test_versions_increment_and_old_versions_stay_readable(tmp_path):
     assert_matches_peft(store.load_weights(v1), first)
     with pytest.raises(AdapterNotFoundError, match="no version 7"):
         store.get("a", 7)
-    # Reopening sees the same versions; after delete a new upload restarts at version 1.
+    # Reopening sees the same versions; versions never repeat, even after a delete.
     assert make_store(tmp_path).get("a") == v3
     store.delete("a")
-    assert store.put("a", first.config_bytes, first.safetensors_bytes).version == 1
+    assert store.put("a", second.config_bytes, second.safetensors_bytes).version == 4
+    store.delete("a")
+    assert make_store(tmp_path).put("a", first.config_bytes, first.safetensors_bytes).version == 5
 
 
 def test_list_is_sorted_latest_per_name(tmp_path):

@@ -101,9 +101,7 @@ BAD_INPUTS = {
         "malformed JSON header",
     ),
     "offsets outside file": (
-        lambda: with_weights(
-            raw_safetensors(header({"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}))
-        ),
+        lambda: with_weights(raw_safetensors(header({"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}))),
         "data_offsets [0, 16] outside the 0-byte data area",
     ),
     "offsets disagree with shape": (
@@ -197,6 +195,11 @@ BAD_INPUTS = {
     "bias all": (lambda: with_config(bias="all"), "bias 'all' is not supported"),
     "rank_pattern": (lambda: with_config(rank_pattern={"q_proj": 8}), "rank_pattern {'q_proj': 8}"),
     "alpha_pattern": (lambda: with_config(alpha_pattern={"q_proj": 8}), "alpha_pattern"),
+    "activated LoRA": (
+        lambda: with_config(alora_invocation_tokens=[1, 2]),
+        "alora_invocation_tokens [1, 2] is not supported",
+    ),
+    "trainable tokens": (lambda: with_config(trainable_token_indices=[3]), "trainable_token_indices [3]"),
     "unknown target module": (lambda: with_config(target_modules=["foo_proj"]), "'foo_proj' is unknown"),
     "embedding target": (lambda: with_config(target_modules=["q_proj", "embed_tokens"]), "embed_tokens"),
     "lm_head target": (lambda: with_config(target_modules=["lm_head"]), "'lm_head' is not supported"),
@@ -235,9 +238,7 @@ def test_bad_adapter_is_rejected_and_store_unchanged(seeded_store, case):
 
 
 def test_server_base_model_name_and_unknown_fields_do_not_matter():
-    config_bytes = edit_config(
-        good(), base_model_name_or_path="some/other-mirror", task_type="CAUSAL_LM", x=1
-    )
+    config_bytes = edit_config(good(), base_model_name_or_path="some/other-mirror", task_type="CAUSAL_LM", x=1)
     config, weights = parse_adapter(config_bytes, good().safetensors_bytes, SPEC, max_rank=16)
     assert config["base_model_name_or_path"] == "some/other-mirror"
     assert len(weights.tensors) == 4

@@ -1,0 +1,301 @@
+"""adapters_store durability: failures and crashes mid-put never expose a partial version."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import adapters_store.records as records_module
+import adapters_store.store as store_module
+from adapters_store import AdapterIntegrityError, AdapterNotFoundError, AdapterStore, BaseModelSpec
+from tests.unit.store_helpers import make_store, peft_adapter, save_tensors, snapshot
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def seeded(root):
+    store = make_store(root)
+    adapter = peft_adapter(seed=0)
+    return store, store.put("a", adapter.config_bytes, adapter.safetensors_bytes)
+
+
+def assert_only_v1(root, record):
+    reopened = make_store(root)
+    assert reopened.list() == [record]
+    assert reopened.get("a") == record
+    assert sorted(os.listdir(root / "a")) == ["v1"]
+    assert os.listdir(root / ".staging") == []
+    q_a = reopened.load_weights(record).tensors[0, "q_proj"][0]
+    assert torch.equal(q_a, peft_adapter(seed=0).lora_pair(0, "q_proj")[0])
+
+
+def test_rename_failure_leaves_no_trace(tmp_path, monkeypatch):
+    store, record = seeded(tmp_path)
+    before = snapshot(tmp_path)
+    new = peft_adapter(seed=1)
+
+    def broken_rename(src, dst):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(store_module.os, "rename", broken_rename)
+    with pytest.raises(OSError, match="disk on fire"):
+        store.put("a", new.config_bytes, new.safetensors_bytes)
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before
+    assert_only_v1(tmp_path, record)
+
+
+def test_manifest_write_failure_removes_the_version_dir(tmp_path, monkeypatch):
+    store, record = seeded(tmp_path)
+    new = peft_adapter(seed=1)
+    real_write = records_module.write_file_durable
+
+    def failing_manifest_write(path, data):
+        if path.name.startswith("manifest"):
+            raise OSError("no space left")
+        real_write(path, data)
+
+    monkeypatch.setattr(records_module, "write_file_durable", failing_manifest_write)
+    with pytest.raises(OSError, match="no space left"):
+        store.put("a", new.config_bytes, new.safetensors_bytes)
+    monkeypatch.undo()
+    assert store.get("a") == record
+    assert_only_v1(tmp_path, record)
+    assert store.put("a", new.config_bytes, new.safetensors_bytes).version == 2
+
+
+def test_leftovers_of_a_crash_are_invisible_and_swept_at_start(tmp_path):
+    store, record = seeded(tmp_path)
+    new = peft_adapter(seed=1)
+    # What a crash can leave: a half-written staging dir, a renamed version without manifest, a version
+    # whose manifest is still a temp file, a half-deleted adapter in .trash, and a corrupt manifest.
+    staging = tmp_path / ".staging" / "deadbeef"
+    staging.mkdir()
+    (staging / "adapter_config.json").write_bytes(new.config_bytes)
+    (staging / "adapter_model.safetensors").write_bytes(new.safetensors_bytes[:100])
+    for version, manifest in ((2, None), (3, "manifest.json.tmp"), (4, "manifest.json")):
+        version_dir = tmp_path / "a" / f"v{version}"
+        version_dir.mkdir()
+        (version_dir / "adapter_config.json").write_bytes(new.config_bytes)
+        (version_dir / "adapter_model.safetensors").write_bytes(new.safetensors_bytes)
+        if manifest:
+            (version_dir / manifest).write_text('{"name": "a", "version": ')
+    (tmp_path / "ghost" / "v1").mkdir(parents=True)
+    (tmp_path / ".trash" / "cafe" / "v1").mkdir(parents=True)
+    (tmp_path / ".versions" / "a.cafe.tmp").write_text("9")  # a tombstone that was never renamed
+    assert store.get("a") == record
+    assert [r.name for r in store.list()] == ["a"]
+    assert_only_v1(tmp_path, record)
+    assert not (tmp_path / "ghost").exists()
+    assert os.listdir(tmp_path / ".trash") == []
+    assert os.listdir(tmp_path / ".versions") == []
+    assert make_store(tmp_path).put("a", new.config_bytes, new.safetensors_bytes).version == 2
+
+
+def test_manifest_for_another_name_or_version_is_invalid(tmp_path):
+    store, record = seeded(tmp_path)
+    manifest = json.loads((record.path / "manifest.json").read_text())
+    copy = tmp_path / "a" / "v2"
+    copy.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (copy / name).write_bytes((record.path / name).read_bytes())
+    (copy / "manifest.json").write_text(json.dumps(manifest))  # still says version 1
+    assert store.get("a") == record
+    with pytest.raises(AdapterNotFoundError, match="no version 2"):
+        store.get("a", 2)
+
+
+def test_load_weights_detects_tampering(tmp_path):
+    store, record = seeded(tmp_path)
+    tensors = peft_adapter(seed=0).tensors()
+    tensors[next(iter(tensors))] = tensors[next(iter(tensors))] + 1
+    (record.path / "adapter_model.safetensors").write_bytes(save_tensors(tensors))
+    with pytest.raises(AdapterIntegrityError, match="sha256 is") as caught:
+        store.load_weights(record)
+    assert caught.value.status_code == 500
+    store2, record2 = seeded(tmp_path / "other")
+    config = json.loads((record2.path / "adapter_config.json").read_text())
+    config["lora_alpha"] = 999
+    (record2.path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterIntegrityError, match="adapter_config.json changed on disk"):
+        store2.load_weights(record2)
+
+
+def test_delete_is_atomic_rename_then_removal(tmp_path, monkeypatch):
+    store, record = seeded(tmp_path)
+    monkeypatch.setattr(store_module.shutil, "rmtree", lambda *args, **kwargs: None)
+    store.delete("a")  # crash stand-in: the rmtree after the rename never happens
+    monkeypatch.undo()
+    assert store.list() == []
+    assert not (tmp_path / "a").exists()
+    assert len(os.listdir(tmp_path / ".trash")) == 1
+    make_store(tmp_path)
+    assert os.listdir(tmp_path / ".trash") == []
+
+
+# One child imports adapters_store once, then forks a worker per kill point. Each worker puts v2 of a
+# ~17 MB adapter; a hook on os.fsync / os.rename stops it right after the N-th call, and the test
+# SIGKILLs it there. The "none" worker is killed after a random delay instead.
+CHILD = """
+import json, os, sys, time
+from pathlib import Path
+import torch
+from adapters_store import AdapterStore, BaseModelSpec
+torch.set_num_threads(1)  # the workers share a small CI machine; intra-op threads only contend there
+spec_json, config_path, weights_path, *jobs = sys.argv[1:]
+spec = BaseModelSpec(**json.loads(spec_json))
+config, weights = Path(config_path).read_bytes(), Path(weights_path).read_bytes()
+workers = {}
+for job in jobs:
+    root, point, count = job.split(",")
+    pid = os.fork()
+    if pid:
+        workers[pid] = root
+        continue
+    store = AdapterStore(Path(root), spec, 64, 1 << 30)
+    if point != "none":
+        real, calls = getattr(os, point), [0]
+        def hooked(*args):
+            result = real(*args)
+            calls[0] += 1
+            if calls[0] == int(count):
+                os.write(1, f"PAUSED {root} {os.getpid()}\\n".encode())
+                time.sleep(60)
+            return result
+        setattr(os, point, hooked)
+    os.write(1, f"START {root} {os.getpid()}\\n".encode())
+    store.put("big", config, weights)
+    os.write(1, f"DONE {root} {os.getpid()}\\n".encode())
+    time.sleep(60)
+    os._exit(0)
+for _ in jobs:
+    pid, status = os.wait()
+    signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else -1
+    os.write(1, f"REAPED {workers[pid]} {signum}\\n".encode())
+"""
+
+BIG_SPEC = BaseModelSpec(
+    architecture="LlamaForCausalLM",
+    model_type="llama",
+    num_layers=4,
+    module_shapes={
+        "q_proj": (1024, 1024),
+        "k_proj": (1024, 256),
+        "v_proj": (1024, 256),
+        "o_proj": (1024, 1024),
+        "gate_proj": (1024, 2048),
+        "up_proj": (1024, 2048),
+        "down_proj": (2048, 1024),
+    },
+)
+
+
+def make_big_store(root):
+    return AdapterStore(root, BIG_SPEC, max_rank=64, max_bytes=1 << 30)
+
+
+def big_adapter(rank: int, seed: int) -> tuple[bytes, bytes]:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(BIG_SPEC.num_layers):
+        for module, (in_features, out_features) in BIG_SPEC.module_shapes.items():
+            parent = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            key = f"base_model.model.model.layers.{layer}.{parent}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator)
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": sorted(BIG_SPEC.module_shapes),
+    }
+    return json.dumps(config).encode(), save_tensors(tensors)
+
+
+# (hook, call number) -> (what the kill leaves on disk, version visible after reopening).
+# fsync calls in a put: 1 config, 2 weights, 3 staging dir, 4 root, 5 adapter dir, 6 manifest tmp,
+# 7 version dir; rename calls: 1 staging -> v2, 2 manifest tmp -> manifest.json.
+KILL_POINTS = {
+    ("fsync", "1"): (".staging/*/adapter_config.json", 1),
+    ("fsync", "2"): (".staging/*/adapter_model.safetensors", 1),
+    ("rename", "1"): ("big/v2/adapter_model.safetensors", 1),
+    ("fsync", "6"): ("big/v2/manifest.json.tmp", 1),
+    ("rename", "2"): ("big/v2/manifest.json", 2),
+    ("none", "0"): ("", None),  # killed after a random delay: either version is fine
+}
+
+
+def test_sigkill_mid_put_leaves_old_or_new_version(tmp_path):
+    small, big = big_adapter(rank=4, seed=0), big_adapter(rank=64, seed=1)
+    assert len(big[1]) > 16_000_000
+    (tmp_path / "config.json").write_bytes(big[0])
+    (tmp_path / "weights.safetensors").write_bytes(big[1])
+    roots = {str(tmp_path / f"root{index}"): point for index, point in enumerate(KILL_POINTS)}
+    records = {root: make_big_store(Path(root)).put("big", *small) for root in roots}
+    jobs = [f"{root},{point},{count}" for root, (point, count) in roots.items()]
+    spec_json = json.dumps(BIG_SPEC.__dict__)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            spec_json,
+            str(tmp_path / "config.json"),
+            str(tmp_path / "weights.safetensors"),
+        ]
+        + jobs,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    watchdog = threading.Timer(120, child.kill)  # a hung worker fails the test instead of blocking it
+    watchdog.daemon = True
+    watchdog.start()
+    reaped, finished = {}, set()
+    try:
+        for line in child.stdout:
+            event, root, value = line.split()
+            if event == "PAUSED":
+                os.kill(int(value), signal.SIGKILL)
+            elif event == "START" and roots[root][0] == "none":
+                killer = threading.Timer(random.uniform(0.0, 0.5), os.kill, (int(value), signal.SIGKILL))
+                killer.daemon = True
+                killer.start()
+            elif event == "DONE":
+                finished.add(roots[root])
+                os.kill(int(value), signal.SIGKILL)
+            elif event == "REAPED":
+                reaped[root] = int(value)
+    finally:
+        watchdog.cancel()
+        child.stdout.close()
+    assert child.wait() == 0
+    assert reaped == {root: signal.SIGKILL for root in roots}
+    assert finished <= {("none", "0")}, "a worker finished its put without reaching its kill point"
+    for root, point in roots.items():
+        leftover, expected_version = KILL_POINTS[point]
+        if leftover:
+            assert list(Path(root).glob(leftover)), (point, leftover)
+        store = make_big_store(Path(root))
+        latest = store.get("big")
+        assert os.listdir(Path(root) / ".staging") == [], point
+        assert sorted(os.listdir(Path(root) / "big")) == [f"v{v}" for v in range(1, latest.version + 1)], point
+        if expected_version is not None:
+            assert latest.version == expected_version, point
+        weights = store.load_weights(latest)
+        if latest.version == 1:
+            assert latest == records[root]
+            assert weights.rank == 4
+        else:
+            assert weights.rank == 64
+            assert len(weights.tensors) == 28
+            assert latest.size_bytes == len(big[0]) + len(big[1])
