@@ -76,7 +76,7 @@ class AdapterStore:
                 fsync_dir(staging)
                 adapter_dir.mkdir(exist_ok=True)
                 fsync_dir(self.root)
-                version = max(self._version_numbers(adapter_dir), default=self._deleted_version(name)) + 1
+                version = max([*self._version_numbers(adapter_dir), self._deleted_version(name)]) + 1
                 version_dir = adapter_dir / f"v{version}"
                 os.rename(staging, version_dir)
                 fsync_dir(adapter_dir)
@@ -157,11 +157,8 @@ class AdapterStore:
                 f"manifest says {record.sha256}"
             )
         _, weights = parse_adapter(config_bytes, safetensors_bytes, self.spec, self.max_rank)
-        if (weights.rank, weights.alpha, weights.use_rslora) != (
-            record.rank,
-            record.alpha,
-            record.use_rslora,
-        ):
+        stored = (record.rank, record.alpha, record.use_rslora)
+        if (weights.rank, weights.alpha, weights.use_rslora) != stored:
             raise AdapterIntegrityError(f"adapter {record.name!r} v{record.version}: {CONFIG_FILE} changed on disk")
         return weights
 
@@ -195,7 +192,7 @@ class AdapterStore:
             return 0
 
     def _write_tombstone(self, name: str, version: int) -> None:
-        temp = self._tombstones / f"{name}.{secrets.token_hex(8)}.tmp"
+        temp = self._tombstones / f".{name}.{secrets.token_hex(8)}"  # no adapter name starts with "."
         write_file_durable(temp, str(version).encode())
         os.rename(temp, self._tombstones / name)
         fsync_dir(self._tombstones)
@@ -206,7 +203,7 @@ class AdapterStore:
             for entry in os.listdir(parent):
                 shutil.rmtree(parent / entry, ignore_errors=True)
         for entry in os.listdir(self._tombstones):
-            if entry.endswith(".tmp"):
+            if entry.startswith("."):
                 os.unlink(self._tombstones / entry)
         for entry in os.listdir(self.root):
             adapter_dir = self.root / entry

@@ -91,7 +91,7 @@ def test_leftovers_of_a_crash_are_invisible_and_swept_at_start(tmp_path):
             (version_dir / manifest).write_text('{"name": "a", "version": ')
     (tmp_path / "ghost" / "v1").mkdir(parents=True)
     (tmp_path / ".trash" / "cafe" / "v1").mkdir(parents=True)
-    (tmp_path / ".versions" / "a.cafe.tmp").write_text("9")  # a tombstone that was never renamed
+    (tmp_path / ".versions" / ".a.cafe").write_text("9")  # a tombstone that was never renamed
     assert store.get("a") == record
     assert [r.name for r in store.list()] == ["a"]
     assert_only_v1(tmp_path, record)
