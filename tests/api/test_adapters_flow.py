@@ -115,14 +115,12 @@ def test_tgi_generate_and_stream(client, tiny_adapters):
                  400, "temperature")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine GPU slots are keyed by (name, version) and the store restarts versions at 1 after a "
-    "delete, so a re-uploaded adapter is served with the deleted one's cached slot weights"))
 def test_delete_then_reupload_serves_the_new_weights(client, tiny_adapters):
-    upload(client, "again", tiny_adapters["attn-r4"])
+    """The engine caches GPU slots by (name, version): a re-upload after a delete must not reuse one."""
+    old = upload(client, "again", tiny_adapters["attn-r4"])
     first = greedy_text(client, "again")
     assert client.delete("/v1/adapters/again").status_code == 200
-    upload(client, "again", tiny_adapters["all-r8"])
+    assert upload(client, "again", tiny_adapters["all-r8"])["version"] > old["version"]
     upload(client, "again-ref", tiny_adapters["all-r8"])
     assert greedy_text(client, "again") == greedy_text(client, "again-ref") != first
 
