@@ -31,7 +31,8 @@ class DrainingServer(uvicorn.Server):
         self.state = state
         self.drain_timeout_s = drain_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain_task: asyncio.Task | None = None
+        self._drain_task: asyncio.Future | None = None
+        self._is_draining = False
 
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -39,14 +40,18 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame) -> None:
         # Not calling super(): it would re-raise the signal after shutdown and end with a non-zero status.
-        if self._loop is None or self._drain_task is not None or self.state.phase is not Phase.READY:
+        if self._loop is None or self._is_draining or self.state.phase is not Phase.READY:
             if self.should_exit:
                 self.force_exit = True
             self.should_exit = True
             return
+        self._is_draining = True
         log.info("received %s: draining (%d requests in flight)", signal.Signals(sig).name,
                  self.state.num_active_requests)
-        self._drain_task = self._loop.create_task(self._drain())
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain())
 
     def request_exit(self) -> None:
         self.should_exit = True
