@@ -11,7 +11,7 @@ import tarfile
 import httpx
 import pytest
 
-from tests.api.conftest import BASE_ID, api_settings, assert_error, greedy_text, live_server, upload
+from tests.api.helpers import BASE_ID, api_settings, assert_error, greedy_text, live_server, upload
 
 STREAM_TOKENS = 48
 

@@ -9,7 +9,7 @@ import pytest
 
 from server.api.auth import KeyFileError, KeyRing
 from server.api.ratelimit import RateLimiter
-from tests.api.conftest import BASE_ID, api_settings, assert_error, live_server, upload_files
+from tests.api.helpers import BASE_ID, api_settings, assert_error, live_server, upload_files
 
 KEYS = {"alice": "key-alice", "alice-admin": "key-alice-admin", "bob-admin": "key-bob-admin",
         "slow": "key-slow", "thrifty": "key-thrifty"}

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from tests.api.conftest import BASE_ID, api_settings, assert_error, live_server, upload
+from tests.api.helpers import BASE_ID, api_settings, assert_error, live_server, upload
 
 MAX_RANK = 8
 MAX_UPLOAD = 100_000

@@ -8,8 +8,7 @@ import re
 import yaml
 
 from server.metrics import REGISTRY
-from tests.api.conftest import REPO_ROOT
-from tests.api.test_metrics import FAMILIES
+from tests.api.helpers import DESIGN_FAMILIES, REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
 
@@ -26,7 +25,7 @@ def test_dashboard_uses_only_real_metrics_and_covers_every_family():
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     used = {name for expr in exprs for name in re.findall(r"\b((?:vllm:|loraplex_)[a-z0-9_:]+)", expr)}
     assert used <= _exported_sample_names(), used - _exported_sample_names()
-    for family in FAMILIES:
+    for family in DESIGN_FAMILIES:
         assert any(name.startswith(family) for name in used), f"no panel shows {family}"
     assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
 

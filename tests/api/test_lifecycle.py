@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from server.metrics import REGISTRY
-from tests.api.conftest import BASE_ID, api_settings, assert_error, live_server, wait_ready
+from tests.api.helpers import BASE_ID, api_settings, assert_error, live_server, wait_ready
 
 LONG = {"model": BASE_ID, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
 

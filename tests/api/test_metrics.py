@@ -5,27 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.conftest import BASE_ID, api_settings, live_server, upload
-
-# family (as the parser names it: counters without _total) -> labels DESIGN.md requires
-FAMILIES = {
-    "vllm:num_requests_running": {"model_name"},
-    "vllm:num_requests_waiting": {"model_name"},
-    "vllm:kv_cache_usage_perc": {"model_name"},
-    "vllm:lora_requests_info": {"model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"},
-    "vllm:time_to_first_token_seconds": {"model_name"},
-    "vllm:inter_token_latency_seconds": {"model_name"},
-    "vllm:e2e_request_latency_seconds": {"model_name"},
-    "vllm:request_queue_time_seconds": {"model_name"},
-    "vllm:prompt_tokens": {"model_name"},
-    "vllm:generation_tokens": {"model_name"},
-    "vllm:request_success": {"model_name", "finished_reason"},
-    "loraplex_adapter_requests": {"adapter", "status"},
-    "loraplex_adapter_load_seconds": set(),
-    "loraplex_adapters_resident": {"tier"},
-    "loraplex_adapter_swaps": {"mode"},
-    "loraplex_batch_distinct_adapters": set(),
-}
+from tests.api.helpers import BASE_ID, DESIGN_FAMILIES, api_settings, live_server, upload
 
 
 def scrape(client) -> dict[str, list]:
@@ -52,7 +32,7 @@ def server(tiny_llama_dir, tmp_path_factory):
 def test_every_design_family_and_label_is_exported_from_the_start(server):
     with server.client() as client:
         families = scrape(client)
-    for name, labels in FAMILIES.items():
+    for name, labels in DESIGN_FAMILIES.items():
         assert name in families, f"{name} missing from /metrics"
         assert families[name], f"{name} has no samples"
         for sample in families[name]:

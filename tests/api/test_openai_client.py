@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.api.conftest import BASE_ID, upload
+from tests.api.helpers import BASE_ID, upload
 
 
 @pytest.fixture(scope="module")

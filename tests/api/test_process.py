@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import BASE_ID, free_port, spawn_server, upload, upload_files, wait_ready
+from tests.api.helpers import BASE_ID, free_port, spawn_server, upload, upload_files, wait_ready
 
 
 def _server_args(model_dir: Path, adapters_dir: Path) -> list[str]:

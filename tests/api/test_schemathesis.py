@@ -11,7 +11,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from tests.api.conftest import api_settings, live_server
+from tests.api.helpers import api_settings, live_server
 
 MAX_EXAMPLES = 10
 

@@ -1,0 +1,176 @@
+"""API test helpers: live uvicorn servers (in a thread or a subprocess) on the tiny random Llama."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+
+from server.app import create_app
+from server.config import Settings
+from server.model.loader import load_hf_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BASE_ID = "tiny-llama"
+START_TIMEOUT_S = 60
+
+
+def api_settings(model_dir: Path, adapters_dir: Path, **overrides) -> Settings:
+    """Settings for a fast CPU server on the tiny model (float32, no NF4, short context)."""
+    values = dict(
+        model=str(model_dir), served_model_name=BASE_ID, device="cpu", quantization="none", dtype="float32",
+        cuda_graphs=False, max_model_len=256, kv_cache_blocks=1024, adapters_dir=adapters_dir,
+        max_rank=16, max_upload_bytes=200_000, request_timeout_s=60,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class LiveServer:
+    """A uvicorn server running create_app() in a background thread."""
+
+    app: object
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def state(self):
+        return self.app.state.server
+
+    def client(self, key: str | None = None, timeout: float = 30.0) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, timeout_s: float = START_TIMEOUT_S, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+@contextlib.contextmanager
+def live_server(settings: Settings, wait: bool = True, before_start=None) -> Iterator[LiveServer]:
+    """Serve create_app(settings) with a freshly loaded tiny model on 127.0.0.1 in a thread."""
+    loaded = load_hf_dir(Path(settings.model), device=torch.device("cpu"), dtype=torch.float32,
+                         quantize=settings.quantization == "nf4")
+    app = create_app(settings, loaded=loaded)
+    if before_start is not None:
+        before_start(app)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    live = LiveServer(app, f"http://127.0.0.1:{port}", server, thread)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if wait:
+            wait_ready(live.url)
+        yield live
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+def upload_files(client: httpx.Client, name: str, adapter_dir: Path) -> httpx.Response:
+    files = {
+        "adapter_config.json": ("adapter_config.json", (adapter_dir / "adapter_config.json").read_bytes()),
+        "adapter_model.safetensors": (
+            "adapter_model.safetensors", (adapter_dir / "adapter_model.safetensors").read_bytes()
+        ),
+    }
+    return client.put(f"/v1/adapters/{name}", files=files)
+
+
+def upload(client: httpx.Client, name: str, adapter_dir: Path) -> dict:
+    response = upload_files(client, name, adapter_dir)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def complete(client: httpx.Client, model: str, prompt: str = "Hello world", max_tokens: int = 12,
+             **extra) -> httpx.Response:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+    return client.post("/v1/completions", json=body)
+
+
+def greedy_text(client: httpx.Client, model: str, **kwargs) -> str:
+    response = complete(client, model, **kwargs)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+def assert_error(response: httpx.Response, status: int, *needles: str) -> dict:
+    """The response is an OpenAI-shaped error with `status` whose message names every needle."""
+    assert response.status_code == status, (response.status_code, response.text)
+    error = response.json()["error"]
+    assert error["code"] == status
+    assert isinstance(error["type"], str) and error["type"].endswith("Error")
+    message = error["message"]
+    for needle in needles:
+        assert needle.lower() in message.lower(), f"{needle!r} not in {message!r}"
+    assert "Traceback" not in message
+    return error
+
+
+def spawn_server(args: list[str], port: int, env: dict[str, str] | None = None,
+                 log_path: Path | None = None) -> subprocess.Popen:
+    """`python -m server` as a subprocess on 127.0.0.1:port."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives with the process
+    return subprocess.Popen(
+        [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), *args],
+        cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+    )
+
+
+# Metric family (as prometheus_client's parser names it: counters without _total) -> the labels
+# DESIGN.md requires on it.
+DESIGN_FAMILIES = {
+    "vllm:num_requests_running": {"model_name"},
+    "vllm:num_requests_waiting": {"model_name"},
+    "vllm:kv_cache_usage_perc": {"model_name"},
+    "vllm:lora_requests_info": {"model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"},
+    "vllm:time_to_first_token_seconds": {"model_name"},
+    "vllm:inter_token_latency_seconds": {"model_name"},
+    "vllm:e2e_request_latency_seconds": {"model_name"},
+    "vllm:request_queue_time_seconds": {"model_name"},
+    "vllm:prompt_tokens": {"model_name"},
+    "vllm:generation_tokens": {"model_name"},
+    "vllm:request_success": {"model_name", "finished_reason"},
+    "loraplex_adapter_requests": {"adapter", "status"},
+    "loraplex_adapter_load_seconds": set(),
+    "loraplex_adapters_resident": {"tier"},
+    "loraplex_adapter_swaps": {"mode"},
+    "loraplex_batch_distinct_adapters": set(),
+}
