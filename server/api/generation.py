@@ -1,7 +1,7 @@
 """Submit one request to the engine and consume its outputs, for every generation route.
 
-`Generation.start` resolves nothing and validates everything it can before queueing, then awaits
-the first output so admission failures (queue full, bad parameters) become HTTP errors rather than
+`Generation.start` validates what it can before queueing, then awaits the first output, so that
+admission failures (queue full, bad parameters, prompt too long) become HTTP errors rather than
 errors inside an already-started stream. Consumers iterate `outputs()`; leaving early, a timeout or
 a client disconnect closes the engine stream, which aborts the request inside the engine.
 """
@@ -85,10 +85,11 @@ class Generation:
             generation._first = await generation._next()
         except BaseException as exc:
             await generation.aclose()
-            if isinstance(exc, Exception):
+            if not isinstance(exc, Exception):
+                raise
+            if not isinstance(exc, APIError):  # refused at admission; the engine never counted it
                 metrics.adapter_requests.labels(state.model_id, adapter_label, "rejected").inc()
-                raise to_api_error(exc) from None
-            raise
+            raise to_api_error(exc) from None
         return generation
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
