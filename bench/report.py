@@ -1,0 +1,158 @@
+"""`python -m bench.report`: rebuild bench/RESULTS.md from the latest result file per model shape."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.results import RATIOS
+
+BENCH_MODELS = ("1b", "8b")
+RAW_FIELDS = (
+    ("tokens/s", "tokens_per_s"),
+    ("decode step ms (median)", "decode_step_ms_median"),
+    ("mean context", "mean_context"),
+    ("batch", "batch"),
+    ("new tokens", "new_tokens"),  # ours: max_tokens
+)
+
+
+def load_latest(results_dir: Path) -> dict[str, tuple[str, dict]]:
+    """model -> (file name, data) of the newest result per benchmark model: full runs before --quick
+    smoke runs, then by timestamp, then by file name."""
+    latest: dict[str, tuple[tuple[bool, str, str], str, dict]] = {}
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        model = data.get("model")
+        if model not in BENCH_MODELS:
+            continue
+        order = (not data.get("quick"), str(data.get("timestamp") or data.get("date") or ""), path.name)
+        if model not in latest or order > latest[model][0]:
+            latest[model] = (order, path.name, data)
+    return {model: (name, data) for model, (_, name, data) in latest.items()}
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def ratio_table(latest: dict[str, tuple[str, dict]]) -> list[str]:
+    lines = ["| ratio | what | target | measured | met | source |", "|---|---|---|---|---|---|"]
+    for ratio in RATIOS:
+        source, value = "—", None
+        if ratio.model in latest:
+            source, data = latest[ratio.model]
+            value = (data.get("ratios") or {}).get(ratio.key)
+        met = ratio.is_met(value)
+        met_text = "—" if met is None else ("yes" if met else "**no**")
+        lines.append(f"| `{ratio.key}` | {ratio.description} | {ratio.target_text} | {fmt(value)} | {met_text} | "
+                     f"{source if source == '—' else f'`results/{source}`'} |")
+    return lines
+
+
+def raw_table(name: str, data: dict) -> list[str]:
+    lines = [f"### {data.get('model')} shape — `results/{name}`", "",
+             f"{data.get('device')}, {data.get('date')}, torch {_version(data, 'torch')}, transformers "
+             f"{_version(data, 'transformers')}, peft {_version(data, 'peft')}, bitsandbytes "
+             f"{_version(data, 'bitsandbytes')}{', quick run' if data.get('quick') else ''}; "
+             f"command `{data.get('command', 'python -m bench')}`.", ""]
+    header = "| side | config | " + " | ".join(title for title, _ in RAW_FIELDS) + " | note |"
+    lines += [header, "|" + "---|" * (len(RAW_FIELDS) + 3)]
+    for side in ("ours", "baseline"):
+        for config, value in (data.get(side) or {}).items():
+            if not _is_row(value):
+                continue
+            value = {"new_tokens": value.get("max_tokens"), **value}
+            cells = " | ".join(fmt(value.get(key)) for _, key in RAW_FIELDS)
+            lines.append(f"| {side} | {config} | {cells} | {_note(value)} |")
+    lines.append("")
+    lines += _extras(data)
+    return lines
+
+
+def _is_row(value: Any) -> bool:
+    """A measurement worth a row: it has a figure of RAW_FIELDS, or an error, a skip, a swap or merge."""
+    return isinstance(value, dict) and bool({key for _, key in RAW_FIELDS} & value.keys() or _note(value))
+
+
+def _note(value: dict) -> str:
+    if "error" in value:
+        return "error: " + str(value["error"]).splitlines()[0][:160].replace("|", "/")
+    if "skipped" in value:
+        return str(value["skipped"])
+    if "merge_s" in value:
+        return f"PEFT merge {fmt(value['merge_s'])} s, unmerge {fmt(value.get('unmerge_s'))} s"
+    if "swap_ms_median" in value:
+        return f"swap median {fmt(value['swap_ms_median'])} ms, bit exact {fmt(value.get('bit_exact'))}"
+    return ""
+
+
+def _extras(data: dict) -> list[str]:
+    lines = []
+    bandwidth = data.get("bandwidth") or {}
+    if "gbps_best" in bandwidth:
+        lines.append(f"- device-to-device copy bandwidth: {fmt(bandwidth['gbps_best'])} GB/s best, "
+                     f"{fmt(bandwidth.get('gbps_median'))} GB/s median (read + write of a "
+                     f"{bandwidth.get('copy_bytes', 0) / 2**30:.0f} GiB copy)")
+    for name, roof in (data.get("roofline") or {}).items():
+        if roof:
+            lines.append(f"- roofline {name}: {fmt(roof['bytes']['total'] / 1e9)} GB per step at context "
+                         f"{fmt(roof['mean_context'])} -> {fmt(roof['roofline_step_ms'])} ms; measured "
+                         f"{fmt(roof['measured_step_ms'])} ms (fraction {fmt(roof['fraction'])})")
+    return lines + ([""] if lines else [])
+
+
+def _version(data: dict, name: str) -> str:
+    return str((data.get("versions") or {}).get(name, "?"))
+
+
+def build_report(results_dir: Path) -> str:
+    latest = load_latest(results_dir)
+    lines = ["# Benchmark results", "",
+             "Generated by `python -m bench.report` from the newest `bench/results/*.json` per model shape; "
+             "each file comes from one `python -m bench --model 1b|8b` run on one GPU, loraplex and the "
+             "HF transformers + PEFT baseline measured side by side on the same random NF4 weights. "
+             "Targets are those of issue 6.", ""]
+    if not latest:
+        lines += ["**No GPU run yet.** Run `python -m bench --model 1b` and `python -m bench --model 8b` on the "
+                  "GPU machine, commit `bench/results/`, then `python -m bench.report`.", ""]
+    lines += ["## Ratios", ""] + ratio_table(latest) + [""]
+    lines += ["Definitions: tokens/s = generated tokens / wall time from submission to the last token, prefill "
+              "included, after a warm-up run of the same shape. Decode step time = median of engine steps that "
+              "only decode with the whole batch running. Swap = `MergedSwapper.swap` from one adapter to "
+              "another (median); PEFT's equivalent is `merge_adapter` + `unmerge_adapter`. Roofline = bytes a "
+              "decode step must read (NF4 linears at 0.52 byte/param, 16-bit LM head, KV cache at the "
+              "measured mean context, adapter slots) / measured copy bandwidth.", ""]
+    if latest:
+        lines += ["## Raw figures", ""]
+        for model in BENCH_MODELS:
+            if model in latest:
+                lines += raw_table(*latest[model])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
+    parser.add_argument("--results", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, default=Path("bench/RESULTS.md"))
+    args = parser.parse_args(argv)
+    text = build_report(args.results)
+    args.out.write_text(text)
+    print(f"wrote {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

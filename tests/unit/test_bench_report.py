@@ -1,0 +1,92 @@
+"""bench.report builds RESULTS.md from result files: the ratio table, latest file per model, raw rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.report import build_report, load_latest
+from bench.results import RATIO_KEYS, derive
+
+SHAPE_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_layers": 32, "num_heads": 32,
+            "num_kv_heads": 8, "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": False}
+
+
+def _gen(tokens_per_s: float, step_ms: float | None = None, batch: int = 32) -> dict:
+    return {"batch": batch, "max_tokens": 128, "tokens_per_s": tokens_per_s, "decode_step_ms_median": step_ms,
+            "mean_context": 192.0}
+
+
+def fake_8b(timestamp: str, mixed32: float) -> dict:
+    data = {
+        "model": "8b", "date": timestamp[:10], "timestamp": timestamp, "device": "NVIDIA H100 80GB HBM3",
+        "versions": {"torch": "2.11"}, "config": {"shape": SHAPE_8B},
+        "bandwidth": {"gbps_best": 3000.0, "gbps_median": 2900.0, "copy_bytes": 2 << 30},
+        "ours": {
+            "base_b1": _gen(200.0, 4.0, batch=1), "merged1_b32": _gen(4000.0, 8.0),
+            "mixed32_b32": _gen(mixed32, 10.0), "swap": {"swap_ms_median": 100.0, "bit_exact": True},
+            "ctx128_b32": _gen(0.0, 5.0), "ctx2048_b32": _gen(0.0, 10.0),
+            "unmerged1_b1": {"error": "RuntimeError: boom"},
+        },
+        "baseline": {"hf_b1": {"batch": 1, "new_tokens": 64, "tokens_per_s": 20.0},
+                     "peft_merged_b32": {"merge_s": 1.5, "unmerge_s": 1.5, "merge_unmerge_s": 3.0}},
+    }
+    derive(data)
+    return data
+
+
+def fake_1b() -> dict:
+    data = {"model": "1b", "date": "2026-11-24", "timestamp": "2026-11-24T10:00:00+00:00", "device": "H100",
+            "ours": {"mixed32_b32": _gen(3000.0, 9.0)},
+            "baseline": {"peft_mixed32_b32": {"batch": 32, "new_tokens": 16, "tokens_per_s": 40.0}}}
+    derive(data)
+    return data
+
+
+def _write(directory: Path, name: str, data: dict) -> None:
+    (directory / name).write_text(json.dumps(data))
+
+
+def test_derive_computes_the_eight_ratios():
+    ratios = fake_8b("2026-11-24T10:00:00+00:00", 3600.0)["ratios"]
+    assert set(ratios) == set(RATIO_KEYS)
+    assert ratios["mixed32_over_merged_8b"] == 0.9
+    assert ratios["vs_hf_b1_8b"] == 10.0
+    assert ratios["swap_ms_8b"] == 100.0
+    assert ratios["swap_speedup_vs_peft_8b"] == 30.0
+    assert ratios["swap_bit_exact"] is True
+    assert ratios["ctx128_over_ctx2048_8b"] == 0.5
+    assert ratios["vs_peft_mixed32_1b"] is None  # belongs to the 1b file
+    # 3.63e9 NF4 + 1.05e9 head + 0.81e9 KV bytes at 3000 GB/s = 1.83 ms of a measured 8 ms step
+    assert 0.2 < ratios["roofline_fraction_merged_b32_8b"] < 0.25
+    assert fake_1b()["ratios"]["vs_peft_mixed32_1b"] == 75.0
+
+
+def test_report_takes_each_ratio_from_the_latest_file_of_its_model(tmp_path):
+    _write(tmp_path, "2026-11-23-h100-8b.json", fake_8b("2026-11-23T10:00:00+00:00", 1000.0))
+    _write(tmp_path, "2026-11-24-h100-8b.json", fake_8b("2026-11-24T10:00:00+00:00", 3600.0))
+    _write(tmp_path, "2026-11-24-h100-1b.json", fake_1b())
+    _write(tmp_path, "2026-11-25-h100-8b-quick.json", dict(fake_8b("2026-11-25T10:00:00+00:00", 1.0), quick=True))
+    _write(tmp_path, "2026-11-24-cpu-tiny.json", {"model": "tiny", "timestamp": "2026-11-25"})
+
+    latest = load_latest(tmp_path)
+    assert sorted(latest) == ["1b", "8b"]
+    assert latest["8b"][0] == "2026-11-24-h100-8b.json"
+
+    text = build_report(tmp_path)
+    rows = {line.split("|")[1].strip(" `"): [c.strip() for c in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| `")}
+    assert set(rows) == set(RATIO_KEYS)
+    assert rows["mixed32_over_merged_8b"][3:6] == ["0.9", "yes", "`results/2026-11-24-h100-8b.json`"]
+    assert rows["vs_peft_mixed32_1b"][3:6] == ["75", "**no**", "`results/2026-11-24-h100-1b.json`"]
+    assert rows["swap_bit_exact"][2:5] == ["true", "true", "yes"]
+    assert rows["ctx128_over_ctx2048_8b"][2:5] == ["<= 0.6", "0.5", "yes"]
+    assert "No GPU run yet" not in text
+    assert "| ours | unmerged1_b1 |" in text and "error: RuntimeError: boom" in text
+    assert "| baseline | hf_b1 | 20 |" in text
+
+
+def test_report_without_results_says_no_gpu_run(tmp_path):
+    text = build_report(tmp_path)
+    assert "No GPU run yet" in text
+    assert text.count("| — | — | — |") == len(RATIO_KEYS)
