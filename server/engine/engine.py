@@ -93,6 +93,7 @@ class LLMEngine:
             return None
         request.finish_reason = FinishReason.ABORT
         self.metrics.record_finished(request)
+        self._record_state()
         return self._output(request, "", finished=True)
 
     def has_unfinished(self) -> bool:
@@ -129,13 +130,18 @@ class LLMEngine:
         if batch.decode:
             logits_parts.append(self.runner.decode(batch.decode))
             to_sample += batch.decode
-        running = self.scheduler.running
-        distinct = len({r.adapter_key for r in running}) if running else None
-        self.metrics.record_step(running, list(self.scheduler.waiting), self.kv_cache.usage, distinct)
-        if not to_sample:
-            return []
-        token_ids, logprobs = sample(torch.cat(logits_parts), to_sample)
-        return self._postprocess(to_sample, token_ids, logprobs)
+        distinct = len({r.adapter_key for r in self.scheduler.running}) if self.scheduler.running else None
+        outputs = []
+        if to_sample:
+            token_ids, logprobs = sample(torch.cat(logits_parts), to_sample)
+            outputs = self._postprocess(to_sample, token_ids, logprobs)
+        self._record_state(distinct)
+        return outputs
+
+    def _record_state(self, batch_adapters: int | None = None) -> None:
+        """Gauges after the step: finished requests have left the batch, so idle reads as zero."""
+        self.metrics.record_step(self.scheduler.running, list(self.scheduler.waiting), self.kv_cache.usage,
+                                 batch_adapters)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Finish every request with an error (after an exception inside a step)."""
@@ -146,6 +152,7 @@ class LLMEngine:
             request.finish_reason = FinishReason.ERROR
             self.metrics.record_finished(request)
             outputs.append(self._output(request, "", finished=True, error=message))
+        self._record_state()
         return outputs
 
     # ---- adapter policy ---------------------------------------------------------------------------
@@ -171,7 +178,7 @@ class LLMEngine:
         start = time.perf_counter()
         self.lora_slots.load(slot, weights)
         self.metrics.record_swap("unmerged", time.perf_counter() - start)
-        self.metrics.record_resident("gpu", self.slot_table.num_resident)
+        self.metrics.record_resident("gpu", self.slot_table.num_resident + 1)  # + the slot being filled
 
     def _maybe_swap(self) -> None:
         """At a drain point (nothing running), pick the merged adapter or the unmerged mode."""

@@ -42,10 +42,11 @@ class SlotTable:
             if slot is None:
                 return None
             start = time.perf_counter()
+            self.slot_to_key[slot] = None  # not valid while the copy runs (or if it fails)
             self._load_fn(slot, weights)
+            self.slot_to_key[slot] = key
             self.last_load_seconds = time.perf_counter() - start
             self.num_loads += 1
-            self.slot_to_key[slot] = key
         self._refcount[slot] += 1
         self._last_used[slot] = time.monotonic()
         return slot

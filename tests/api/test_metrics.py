@@ -78,10 +78,6 @@ def test_metrics_move_as_requests_run(server, tiny_adapters):
     assert value(after, "loraplex_adapters_resident", tier="cpu") >= 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine records step gauges before finished requests leave the batch and records nothing once "
-    "idle, so num_requests_running stays at its last value; the gpu resident count is set before the "
-    "new slot is marked used"))
 def test_gauges_settle_when_idle(server):
     with server.client() as client:
         body = {"model": BASE_ID, "prompt": "Hello", "max_tokens": 3, "temperature": 0}
