@@ -13,10 +13,13 @@ import torch
 from torch import nn
 
 NF4_BLOCKSIZE = 64
-# Decode batches up to this many rows use the fused dequantize-in-registers Triton kernel on CUDA
-# (reads 0.53 byte/param); larger ones use bitsandbytes (dequantize to 16-bit, then cuBLAS).
+# Which kernel multiplies by an NF4 weight on CUDA, by rows in the batch (H100 sweep,
+# bench/results/2026-11-23-*-nf4-sweep.txt): one row -> bitsandbytes' gemv_4bit (2-3x faster than
+# our kernel there); 2..64 rows -> our fused dequantize-in-registers Triton kernel (1.2-3x faster
+# than bitsandbytes, which dequantizes the whole weight to 16-bit and calls cuBLAS); more rows
+# (prefill) -> bitsandbytes. LORAPLEX_NF4_KERNEL=bnb turns the fused kernel off.
+FUSED_NF4_MIN_ROWS = 2 if os.environ.get("LORAPLEX_NF4_KERNEL", "triton") == "triton" else 1 << 30
 FUSED_NF4_MAX_ROWS = 64
-USE_FUSED_NF4 = os.environ.get("LORAPLEX_NF4_KERNEL", "triton") == "triton"
 
 
 def _bnb():
@@ -83,7 +86,7 @@ class NF4Linear(nn.Module):
             if self._cpu_weight is None:
                 self._cpu_weight = self.dequantize().to(self.compute_dtype)
             return nn.functional.linear(x, self._cpu_weight, self.bias)
-        if x.shape[0] <= FUSED_NF4_MAX_ROWS and self.absmax_f is not None and USE_FUSED_NF4:
+        if FUSED_NF4_MIN_ROWS <= x.shape[0] <= FUSED_NF4_MAX_ROWS and self.absmax_f is not None:
             from server.model.nf4_ops import nf4_matmul
 
             shape = (self.out_features, self.in_features)

@@ -135,18 +135,16 @@ def pick_config(num_tokens: int, out_features: int, in_features: int, num_sms: i
     if num_tokens > _DECODE_MAX_T:
         block_t = 64 if num_tokens <= 256 else 128
         return Nf4KernelConfig(block_t, 128, k_groups=min(k_groups, 2), split_k=1, num_warps=8)
+    # Decode tiles from a sweep on an H100 (bench/results/2026-11-23-*-nf4-sweep.txt, Llama-3.1-8B
+    # shapes, T=1 and 32): split K as far as 8 ways (more programs in flight hides the load latency
+    # of num_stages=1), 128-wide tiles only for very wide outputs, 4 quant blocks per step for long K.
     block_t = max(16, triton.next_power_of_2(num_tokens))
-    is_wide = num_tokens > 16 and triton.cdiv(out_features, 128) >= num_sms
-    block_n = 128 if is_wide else 64
-    num_tiles = triton.cdiv(out_features, block_n)
-    max_split_k = max(1, in_features // (32 * num_tokens))
-    split_k = 1
-    while (
-        num_tiles * split_k < num_sms
-        and 2 * split_k <= max_split_k
-        and num_k_blocks % (2 * split_k * k_groups) == 0
-    ):
-        split_k *= 2
+    block_n = 128 if out_features >= 16384 else 64
+    k_groups = next(g for g in ((4, 2, 1) if in_features >= 8192 else (2, 1)) if num_k_blocks % g == 0)
+    max_split_k = max(1, in_features // (32 * num_tokens))  # fp32 partials <= half the code bytes
+    split_k = next(
+        s for s in (8, 4, 2, 1) if s <= max_split_k and num_k_blocks % (s * k_groups) == 0
+    )
     return Nf4KernelConfig(block_t, block_n, k_groups, split_k)
 
 
