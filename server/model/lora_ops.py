@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from dataclasses import dataclass
 
 import torch
+
+# LORAPLEX_LORA_KERNEL=torch forces the pure-torch path on CUDA too (debugging, A/B timing).
+USE_TRITON_LORA = os.environ.get("LORAPLEX_LORA_KERNEL", "triton") == "triton"
 
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
 _GATHER_BUDGET = 1 << 24
@@ -138,7 +142,7 @@ def triton_available() -> bool:
 def lora_apply(y, x, lora_a, lora_b, meta: LoraBatchMeta, slice_offsets: tuple[int, ...]) -> None:
     """Add the per-token LoRA delta into y (semantics of `lora_apply_reference`): Triton on CUDA,
     torch elsewhere."""
-    if y.is_cuda and triton_available():
+    if y.is_cuda and USE_TRITON_LORA and triton_available():
         from server.model.triton_lora import lora_apply_triton
 
         lora_apply_triton(y, x, lora_a, lora_b, meta, slice_offsets)

@@ -43,13 +43,13 @@ def run_capturing(engine, requests):
         logits = prefill(chunks)
         done = [r for r, n in chunks if r.num_computed_tokens + n == r.prefill_target]
         for row, r in enumerate(done):
-            captured[r.request_id].append(logits[row])
+            captured[r.request_id].append(logits[row].clone())  # graph outputs are reused buffers
         return logits
 
     def on_decode(reqs):
         logits = decode(reqs)
         for row, r in enumerate(reqs):
-            captured[r.request_id].append(logits[row])
+            captured[r.request_id].append(logits[row].clone())  # graph outputs are reused buffers
         return logits
 
     engine.runner.prefill, engine.runner.decode = on_prefill, on_decode
