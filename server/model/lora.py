@@ -90,19 +90,23 @@ class LoraLinear(nn.Module):
             a_slot[i * rank : i * rank + r].copy_(a)
             b_slot[lo:hi, :r].copy_(b * adapter.scaling)
 
-    def delta_weight(self, layer: int, adapter) -> torch.Tensor | None:
-        """The adapter's dense update for this fused weight, float32 [out, in] (merged mode)."""
-        parts, any_target = [], False
+    def targets(self, layer: int, adapter) -> bool:
+        """True if the adapter changes any slice of this layer's weight."""
+        return any((layer, name) in adapter.tensors for name in self.slice_names)
+
+    def add_delta_(self, weight: torch.Tensor, layer: int, adapter) -> None:
+        """weight [out, in] += the adapter's B·A·scale, slice by slice, in place (merged mode).
+
+        One fused GEMM per targeted slice (`addmm_`, fp32 accumulation inside), in the weight's own
+        dtype: no float32 copy of the whole matrix is materialized.
+        """
         for i, name in enumerate(self.slice_names):
-            width = self.slice_offsets[i + 1] - self.slice_offsets[i]
             pair = adapter.tensors.get((layer, name))
             if pair is None:
-                parts.append(torch.zeros(width, self.in_features, device=self.base_device))
                 continue
-            any_target = True
-            a, b = (t.to(self.base_device, torch.float32) for t in pair)
-            parts.append((b @ a) * adapter.scaling)
-        return torch.cat(parts) if any_target else None
+            a, b = (t.to(weight.device, weight.dtype) for t in pair)
+            lo, hi = self.slice_offsets[i], self.slice_offsets[i + 1]
+            weight[lo:hi].addmm_(b, a, alpha=adapter.scaling)
 
     @property
     def base_device(self) -> torch.device:

@@ -1,7 +1,7 @@
 """Linear layers over a frozen base weight: NF4 (bitsandbytes 4-bit) or dense 16/32-bit.
 
 Both expose the same small surface the model, the LoRA slots and the merged swap need:
-`forward(x)`, `dequantize()` (float32 weight), `load_weight(w)` (in-place, no reallocation, so
+`forward(x)`, `dequantize(dtype)` (float32 by default), `load_weight(w)` (in-place, no reallocation, so
 captured CUDA graphs stay valid) and `state_tensors()` (the exact stored representation).
 """
 
@@ -42,8 +42,8 @@ class DenseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight, self.bias)
 
-    def dequantize(self) -> torch.Tensor:
-        return self.weight.float()
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype, copy=True)
 
     def load_weight(self, weight: torch.Tensor) -> None:
         self.weight.data.copy_(weight.to(self.weight.dtype))
@@ -93,10 +93,10 @@ class NF4Linear(nn.Module):
             return nf4_matmul(x, self.codes, self.absmax_f, shape, self.quant_state.code, bias=self.bias)
         return _bnb().matmul_4bit(x, self.codes.t(), self.quant_state, bias=self.bias)
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from bitsandbytes.functional import dequantize_4bit
 
-        return dequantize_4bit(self.codes.data, self.quant_state).float()
+        return dequantize_4bit(self.codes.data, self.quant_state).to(dtype)
 
     def load_weight(self, weight: torch.Tensor) -> None:
         """Requantize `weight` into the existing buffers (same storage, same QuantState object)."""
