@@ -135,6 +135,9 @@ def build_report(results_dir: Path) -> str:
               "another (median); PEFT's equivalent is `merge_adapter` + `unmerge_adapter`. Roofline = bytes a "
               "decode step must read (NF4 linears at 0.52 byte/param, 16-bit LM head, KV cache at the "
               "measured mean context, adapter slots) / measured copy bandwidth.", ""]
+    notes = results_dir.parent / "NOTES.md"
+    if notes.is_file():  # hand-written analysis that the generated tables cannot carry
+        lines += [notes.read_text().rstrip(), ""]
     if latest:
         lines += ["## Raw figures", ""]
         for model in BENCH_MODELS:
