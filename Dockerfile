@@ -1,6 +1,6 @@
 # loraplex server image. Build:  docker build -t loraplex:0.1.0 .
 # CPU-only image: docker build --build-arg TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" .
-# Run: mount an API keys file (docs/api.md, "Auth"); without one the server refuses to listen on 0.0.0.0.
+# Run: mount an API keys file (README.md, API conventions); without one the server refuses to listen on 0.0.0.0.
 #   docker run --gpus all -p 8000:8000 -v $PWD/keys.toml:/etc/loraplex/keys.toml:ro \
 #     -v loraplex-data:/var/lib/loraplex loraplex:0.1.0
 FROM python:3.11-slim
