@@ -1,8 +1,5 @@
 """Paged decode attention and KV-cache writes: torch path vs the plain loop vs SDPA on a contiguous cache."""
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ from server.model.attention_ops import (
     paged_decode_attention_torch,
     write_kv_cache,
 )
+from tests.unit.triton_interp import interpreted
 
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 
@@ -99,14 +97,7 @@ def test_write_kv_cache_all_padding_is_a_no_op():
 
 @pytest.fixture(scope="module")
 def triton_attention():
-    """The Triton attention module under the Triton CPU interpreter; opt-in (LORAPLEX_TRITON_INTERPRET=1)."""
-    if os.environ.get("LORAPLEX_TRITON_INTERPRET") != "1":
-        pytest.skip("set LORAPLEX_TRITON_INTERPRET=1 to run the Triton kernels under the interpreter")
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton was already imported for a GPU in this session")
-    os.environ["TRITON_INTERPRET"] = "1"  # read when any @triton.jit runs, Triton's own included
-    pytest.importorskip("triton")
-    return importlib.import_module("server.model.triton_attention")
+    return interpreted("server.model.triton_attention")
 
 
 # The interpreter multiplies bf16 operands of tl.dot as raw uint16 (Triton 3.9), so bf16 is GPU-only.

@@ -1,8 +1,5 @@
 """Batched multi-adapter LoRA: the torch path (and, opt-in, the Triton kernels) against the plain loop."""
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ from server.model.lora_ops import (
     lora_apply_torch,
     make_lora_meta,
 )
+from tests.unit.triton_interp import interpreted
 
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 3e-2)}
 
@@ -106,14 +104,7 @@ def test_rejects_offsets_not_covering_out():
 
 @pytest.fixture(scope="module")
 def triton_lora():
-    """The Triton LoRA module under the Triton CPU interpreter; opt-in (LORAPLEX_TRITON_INTERPRET=1)."""
-    if os.environ.get("LORAPLEX_TRITON_INTERPRET") != "1":
-        pytest.skip("set LORAPLEX_TRITON_INTERPRET=1 to run the Triton kernels under the interpreter")
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton was already imported for a GPU in this session")
-    os.environ["TRITON_INTERPRET"] = "1"  # read when any @triton.jit runs, Triton's own included
-    pytest.importorskip("triton")
-    return importlib.import_module("server.model.triton_lora")
+    return interpreted("server.model.triton_lora")
 
 
 # The interpreter multiplies bf16 operands of tl.dot as raw uint16 (Triton 3.9), so bf16 is GPU-only.
