@@ -13,25 +13,22 @@ BLOCK_SIZE = 16
 
 
 class KVCache:
-    """Per-layer key/value tensors `[num_blocks, block_size, kv_heads, head_dim]` and a free list.
-
-    The last block is never handed out: padding rows of a captured batch write there.
-    """
+    """Per-layer key/value tensors `[num_blocks, block_size, kv_heads, head_dim]` and a free list."""
 
     def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, block_size: int = BLOCK_SIZE):
-        if num_blocks < 2:
-            raise ValueError("the KV cache needs at least 2 blocks")
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least 1 block")
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._free: deque[int] = deque(range(num_blocks - 1))
+        self._free: deque[int] = deque(range(num_blocks))
 
     @property
     def num_usable_blocks(self) -> int:
-        return self.num_blocks - 1
+        return self.num_blocks
 
     @property
     def num_free_blocks(self) -> int:
@@ -71,8 +68,8 @@ def choose_num_blocks(requested: int | None, memory_fraction: float, per_block: 
     a full batch of max-length sequences."""
     if requested is not None:
         return requested
-    full_batch = max_batch_size * -(-max_model_len // block_size) + 1
+    full_batch = max_batch_size * -(-max_model_len // block_size)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return max(2, int(free * memory_fraction) // per_block)
+        return max(1, int(free * memory_fraction) // per_block)
     return full_batch

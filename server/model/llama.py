@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from server.model.attention_ops import paged_decode_attention
+from server.model.attention_ops import paged_decode_attention, write_kv_cache
 from server.model.lora import LoraContext, LoraLinear
 from server.model.quant import make_linear
 
@@ -160,7 +160,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope[:, 0:1], rope[:, 1:2]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        _write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        write_kv_cache(k, v, k_cache, v_cache, ctx.slot_mapping)
         if ctx.is_prefill:
             out = self._prefill_attention(q, k, v, ctx, k_cache, v_cache)
         else:
@@ -184,17 +184,6 @@ class Attention(nn.Module):
                 qs, ks, vs, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
             ).transpose(0, 1)
         return out
-
-
-def _write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Scatter this step's keys/values into the flat view of the paged cache."""
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    valid = slot_mapping >= 0
-    index = torch.where(valid, slot_mapping, flat_k.shape[0] - 1)
-    # Padding rows (-1) write onto the last cache entry, which the allocator never hands out.
-    flat_k.index_copy_(0, index, k.to(flat_k.dtype))
-    flat_v.index_copy_(0, index, v.to(flat_v.dtype))
 
 
 def _gather_context(k_cache, v_cache, block_table, ctx_len):

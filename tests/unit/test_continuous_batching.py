@@ -43,7 +43,7 @@ def test_requests_joining_at_different_steps_match_running_alone(tiny_llama_dir)
 
 def test_preemption_under_kv_pressure_loses_nothing(tiny_llama_dir):
     alone = [run_alone(tiny_llama_dir, greedy(p, 30)) for p in PROMPTS]
-    # 9 usable blocks of 16 tokens cannot hold five sequences of up to ~47 tokens at once.
+    # 10 blocks of 16 tokens cannot hold five sequences of up to ~47 tokens at once.
     engine = make_engine(tiny_llama_dir, kv_cache_blocks=10)
     requests = [greedy(p, 30) for p in PROMPTS]
     for r in requests:
