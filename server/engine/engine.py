@@ -115,11 +115,20 @@ class LLMEngine:
             log.info("preempted %s (KV cache full); it will recompute", request.request_id)
         to_sample: list[Request] = []
         logits_parts: list[torch.Tensor] = []
+        failed: list[RequestOutput] = []
         if batch.prefill:
             for request, _ in batch.prefill:
                 if request.num_computed_tokens == 0:
                     self.metrics.record_scheduled(request)
-            logits = self.runner.prefill(batch.prefill)
+            try:
+                logits = self.runner.prefill(batch.prefill)
+            except torch.cuda.OutOfMemoryError:
+                # A long prompt ran out of memory: fail the requests of this prefill only; the decode
+                # batch (its memory already in the KV cache and captured graphs) carries on.
+                log.warning("out of memory in a prefill of %d tokens", sum(n for _, n in batch.prefill))
+                failed = self.fail([r for r, _ in batch.prefill], "out of memory while processing the prompt")
+                _empty_cuda_cache()
+                batch.prefill, logits = [], None
             for request, chunk in batch.prefill:
                 request.num_computed_tokens += chunk
                 self.metrics.record_prefill(chunk)
@@ -131,10 +140,10 @@ class LLMEngine:
             logits_parts.append(self.runner.decode(batch.decode))
             to_sample += batch.decode
         distinct = len({r.adapter_key for r in self.scheduler.running}) if self.scheduler.running else None
-        outputs = []
+        outputs = failed
         if to_sample:
             token_ids, logprobs = sample(torch.cat(logits_parts), to_sample)
-            outputs = self._postprocess(to_sample, token_ids, logprobs)
+            outputs += self._postprocess(to_sample, token_ids, logprobs)
         self._record_state(distinct)
         return outputs
 
@@ -144,9 +153,13 @@ class LLMEngine:
                                  batch_adapters)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
-        """Finish every request with an error (after an exception inside a step)."""
+        """Finish every request with an error (after an unexpected exception inside a step)."""
+        return self.fail(list(self.scheduler.running) + list(self.scheduler.waiting), message)
+
+    def fail(self, requests: list[Request], message: str) -> list[RequestOutput]:
+        """Finish `requests` with an error; their cache blocks and slots are freed."""
         outputs = []
-        for request in list(self.scheduler.running) + list(self.scheduler.waiting):
+        for request in requests:
             self.scheduler.remove(request.request_id)
             self._by_id.pop(request.request_id, None)
             request.finish_reason = FinishReason.ERROR
@@ -236,6 +249,11 @@ class LLMEngine:
             completion_tokens=len(request.output_token_ids),
             error=error,
         )
+
+
+def _empty_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _eos_ids(tokenizer, hf_config) -> set[int]:

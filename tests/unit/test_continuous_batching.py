@@ -3,6 +3,8 @@ apply the wrong adapter."""
 
 from __future__ import annotations
 
+import torch
+
 from server.engine.request import AdapterRef, FinishReason, Request, SamplingParams
 from tests.unit.engine_helpers import make_engine
 from tests.unit.test_mixed_batch_oracle import adapter_refs
@@ -143,3 +145,28 @@ def test_generation_stops_at_max_model_len(tiny_llama_dir):
     while engine.has_unfinished():
         engine.step()
     assert request.num_tokens == 32 and request.finish_reason is FinishReason.LENGTH
+
+
+def test_out_of_memory_in_one_prefill_fails_only_that_request(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=64)
+    survivor = greedy(PROMPTS[0], 8)
+    engine.add_request(survivor)
+    engine.step()  # survivor is decoding now
+    doomed = greedy([7] * 40, 8)
+    engine.add_request(doomed)
+    prefill = engine.runner.prefill
+
+    def failing_prefill(chunks):
+        if any(r is doomed for r, _ in chunks):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return prefill(chunks)
+
+    engine.runner.prefill = failing_prefill
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    doomed_out = [o for o in outputs if o.request_id == doomed.request_id]
+    assert len(doomed_out) == 1 and doomed_out[0].finish_reason is FinishReason.ERROR
+    assert "out of memory" in doomed_out[0].error
+    assert survivor.output_token_ids == run_alone(tiny_llama_dir, greedy(PROMPTS[0], 8))
+    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_usable_blocks
