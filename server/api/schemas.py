@@ -6,11 +6,29 @@ a 400 naming the field, never silently dropped.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def _unsupported(accept: Callable[[Any], bool], message: str) -> AfterValidator:
+    """Validator for a known field this server cannot honour: a value `accept` refuses is a 400 whose
+    message (formatted with the value) names the problem."""
+
+    def check(value: Any) -> Any:
+        if not accept(value):
+            raise ValueError(message.format(value=value))
+        return value
+
+    return AfterValidator(check)
+
+
+_NO_PENALTY = _unsupported(lambda v: v == 0, "is not supported; use repetition_penalty (or 0)")
+_ONLY_BEST_OF_ONE = _unsupported(lambda v: v in (None, 1), "only best_of=1 is supported, got {value}")
+_NO_TOOLS = "tool calling is not supported"
 
 
 class _Body(BaseModel):
@@ -27,41 +45,22 @@ class _OpenAISampling(_Body):
     model: str = Field(min_length=1, max_length=256, description="base model id or adapter name")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1")
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, description="only 1 is supported")
+    n: Annotated[int, _unsupported(lambda v: v == 1, "only n=1 is supported, got {value}")] = Field(
+        1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="up to 16 stop strings")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    presence_penalty: float = Field(0.0, description="only 0 is supported")
-    frequency_penalty: float = Field(0.0, description="only 0 is supported")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported")
+    presence_penalty: Annotated[float, _NO_PENALTY] = Field(0.0, description="only 0 is supported")
+    frequency_penalty: Annotated[float, _NO_PENALTY] = Field(0.0, description="only 0 is supported")
+    logit_bias: Annotated[dict[str, float] | None, _unsupported(lambda v: not v, "is not supported")] = Field(
+        None, description="not supported")
     user: str | None = Field(None, description="ignored")
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1, description="0 or -1 = off")
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(None, max_length=64)
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError(f"only n=1 is supported, got {value}")
-        return value
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("is not supported; use repetition_penalty (or 0)")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> dict | None:
-        if value:
-            raise ValueError("is not supported")
-        return value
 
     @property
     def stop_list(self) -> list[str]:
@@ -82,30 +81,11 @@ class CompletionRequest(_OpenAISampling):
     )
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5, description="log-probability of each chosen token")
-    echo: bool = Field(False, description="not supported")
-    suffix: str | None = Field(None, description="not supported")
-    best_of: int | None = Field(None, description="only 1 is supported")
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo=true is not supported")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("suffix is not supported")
-        return value
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of_one(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError(f"only best_of=1 is supported, got {value}")
-        return value
+    echo: Annotated[bool, _unsupported(lambda v: not v, "echo=true is not supported")] = Field(
+        False, description="not supported")
+    suffix: Annotated[str | None, _unsupported(lambda v: not v, "suffix is not supported")] = Field(
+        None, description="not supported")
+    best_of: Annotated[int | None, _ONLY_BEST_OF_ONE] = Field(None, description="only 1 is supported")
 
 
 class ContentPart(_Body):
@@ -131,31 +111,17 @@ class ChatCompletionRequest(_OpenAISampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20, description="only the chosen token is returned")
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none' is supported")
-    response_format: ResponseFormat | None = Field(None, description="only type 'text' is supported")
+    tools: Annotated[list[dict[str, Any]] | None, _unsupported(lambda v: not v, _NO_TOOLS)] = Field(
+        None, description="not supported")
+    tool_choice: Annotated[
+        str | dict[str, Any] | None, _unsupported(lambda v: v in (None, "none", "auto"), _NO_TOOLS)
+    ] = Field(None, description="only 'none' is supported")
+    response_format: Annotated[
+        ResponseFormat | None,
+        _unsupported(lambda v: v is None or v.type == "text",
+                     "response_format type {value.type!r} is not supported; only 'text'"),
+    ] = Field(None, description="only type 'text' is supported")
     add_generation_prompt: bool = True
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list | None) -> list | None:
-        if value:
-            raise ValueError("tool calling is not supported")
-        return value
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, value: Any) -> Any:
-        if value not in (None, "none", "auto"):
-            raise ValueError("tool calling is not supported")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: ResponseFormat | None) -> ResponseFormat | None:
-        if value is not None and value.type != "text":
-            raise ValueError(f"response_format type {value.type!r} is not supported; only 'text'")
-        return value
 
 
 class GenerateParameters(_Body):
@@ -174,30 +140,11 @@ class GenerateParameters(_Body):
     return_full_text: bool = False
     truncate: int | None = Field(None, ge=1, description="keep only the last N prompt tokens")
     decoder_input_details: bool = Field(False, description="ignored")
-    best_of: int | None = Field(None, description="only 1 is supported")
-    typical_p: float | None = Field(None, description="not supported")
-    watermark: bool = Field(False, description="not supported")
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of_one(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError(f"only best_of=1 is supported, got {value}")
-        return value
-
-    @field_validator("typical_p")
-    @classmethod
-    def _no_typical(cls, value: float | None) -> float | None:
-        if value not in (None, 1.0):
-            raise ValueError("typical_p is not supported")
-        return value
-
-    @field_validator("watermark")
-    @classmethod
-    def _no_watermark(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("watermark is not supported")
-        return value
+    best_of: Annotated[int | None, _ONLY_BEST_OF_ONE] = Field(None, description="only 1 is supported")
+    typical_p: Annotated[float | None, _unsupported(lambda v: v in (None, 1.0), "typical_p is not supported")] = Field(
+        None, description="not supported")
+    watermark: Annotated[bool, _unsupported(lambda v: not v, "watermark is not supported")] = Field(
+        False, description="not supported")
 
 
 class GenerateRequest(_Body):
