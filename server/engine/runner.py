@@ -126,5 +126,9 @@ class ModelRunner:
         if self.graphs is not None and len(requests) <= self.max_batch_size:
             return self.graphs.run(requests, with_lora)
         inputs = self.decode_inputs(requests, len(requests))
+        # Eager steps need no static shape: trim the block tables to the longest sequence so that the
+        # torch attention path (CPU) reads what the batch holds, not max_model_len.
+        used_blocks = max(len(r.block_ids) for r in requests)
+        inputs["block_tables"] = inputs["block_tables"][:, :used_blocks].contiguous()
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         return self.forward_decode(inputs, with_lora)
