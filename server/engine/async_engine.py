@@ -8,6 +8,7 @@ inbox and yields `RequestOutput`s as the engine thread produces them. If the con
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -131,11 +132,11 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(item)
                 except Exception as err:
-                    loop.call_soon_threadsafe(_set_exception, added, err)
                     with self._lock:
                         self._streams.pop(item.request_id, None)
+                    _call_soon(loop, _set_exception, added, err)
                 else:
-                    loop.call_soon_threadsafe(_set_result, added)
+                    _call_soon(loop, _set_result, added)
             else:
                 output = self.engine.abort(item)
                 if output is not None:
@@ -145,9 +146,23 @@ class AsyncEngine:
         for output in outputs:
             with self._lock:
                 target = self._streams.get(output.request_id)
-            if target is not None:
-                loop, stream = target
+            if target is None:
+                continue
+            loop, stream = target
+            try:
                 loop.call_soon_threadsafe(stream.put_nowait, output)
+            except RuntimeError:  # the consumer's event loop is closed: nobody will read this stream
+                with self._lock:
+                    self._streams.pop(output.request_id, None)
+                if not output.finished:
+                    self._inbox.put(("abort", output.request_id, None))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """Schedule fn on the consumer's loop; a closed loop means the consumer is gone (its request is
+    then aborted when its stream is next written)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
 
 
 def _set_result(future: asyncio.Future) -> None:

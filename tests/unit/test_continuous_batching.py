@@ -170,3 +170,30 @@ def test_out_of_memory_in_one_prefill_fails_only_that_request(tiny_llama_dir):
     assert "out of memory" in doomed_out[0].error
     assert survivor.output_token_ids == run_alone(tiny_llama_dir, greedy(PROMPTS[0], 8))
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_usable_blocks
+
+
+def test_engine_thread_survives_a_consumer_whose_event_loop_closed(tiny_llama_dir):
+    """A client's event loop that closes mid-stream must not kill the engine thread."""
+    import asyncio
+
+    from server.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(make_engine(tiny_llama_dir, kv_cache_blocks=64))
+    engine.start()
+    try:
+        async def first_output():
+            stream = engine.generate(greedy(PROMPTS[0], 200))
+            return await stream.__anext__()  # leave the stream open, then drop the loop
+
+        loop = asyncio.new_event_loop()
+        assert loop.run_until_complete(first_output()).new_token_ids
+        loop.close()
+
+        async def full_run():
+            return [o async for o in engine.generate(greedy(PROMPTS[1], 5))]
+
+        outputs = asyncio.run(asyncio.wait_for(full_run(), timeout=60))
+        assert outputs[-1].finished and outputs[-1].completion_tokens == 5
+        assert engine.is_alive()
+    finally:
+        engine.shutdown()
