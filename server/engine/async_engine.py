@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from server.engine.engine import LLMEngine
-from server.engine.request import FinishReason, Request, RequestOutput
+from server.engine.request import Request, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -181,5 +181,3 @@ def _free_cuda_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-__all__ = ["AsyncEngine", "EngineDeadError", "FinishReason", "QueueFullError"]

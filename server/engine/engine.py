@@ -19,7 +19,7 @@ import torch
 from server.config import LoraMode, Settings
 from server.engine.detokenizer import update_text
 from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
-from server.engine.request import FinishReason, Request, RequestOutput, RequestStatus, SamplingError
+from server.engine.request import FinishReason, Request, RequestOutput, SamplingError
 from server.engine.runner import ModelRunner
 from server.engine.sampler import sample
 from server.engine.scheduler import Admission, Scheduler
@@ -265,5 +265,3 @@ def _eos_ids(tokenizer, hf_config) -> set[int]:
             ids.update(value)
     return ids
 
-
-__all__ = ["LLMEngine", "PromptTooLongError", "RequestStatus"]
