@@ -53,6 +53,10 @@ class LLMEngine:
         self.kv_cache = KVCache(cfg.num_layers, num_blocks, cfg.num_kv_heads, cfg.head_dim,
                                 self.model.dtype, self.model.device)
         self.model.kv_cache = self.kv_cache.layer_caches()
+        if self.kv_cache.num_usable_blocks * self.kv_cache.block_size < self.max_model_len:
+            # One sequence must always fit, or preempting everything else could never make room.
+            self.max_model_len = self.kv_cache.num_usable_blocks * self.kv_cache.block_size
+            log.warning("KV cache holds %d tokens: max_model_len lowered to that", self.max_model_len)
         self.mode = settings.lora_mode
         self.merged_active = self.mode is LoraMode.MERGED
         self.lora_slots = None if self.mode is LoraMode.MERGED else LoraSlots(

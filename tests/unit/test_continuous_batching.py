@@ -197,3 +197,13 @@ def test_engine_thread_survives_a_consumer_whose_event_loop_closed(tiny_llama_di
         assert engine.is_alive()
     finally:
         engine.shutdown()
+
+
+def test_max_model_len_never_exceeds_the_cache(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=4, max_model_len=512)
+    assert engine.max_model_len == 4 * engine.kv_cache.block_size
+    request = greedy([3] * 40, 100)
+    engine.add_request(request)
+    while engine.has_unfinished():
+        engine.step()
+    assert request.finish_reason is FinishReason.LENGTH and request.num_tokens == engine.max_model_len
