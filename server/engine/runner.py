@@ -69,6 +69,7 @@ class ModelRunner:
             is_prefill=True,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             prefill_seqs=seqs,
+            fresh_groups=self._fresh_groups(seqs),
             lora=self._prefill_lora(segments),
         )
         hidden = self.model(
@@ -79,6 +80,17 @@ class ModelRunner:
         if not last_rows:
             return None
         return self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+
+    def _fresh_groups(self, seqs: list[PrefillSeq]) -> list[torch.Tensor]:
+        """Token rows [num_seqs, length] of whole prompts (no cached prefix), grouped by length."""
+        by_length: dict[int, list[int]] = {}
+        for seq in seqs:
+            if seq.ctx_len == seq.q_len:
+                by_length.setdefault(seq.q_len, []).append(seq.q_start)
+        return [
+            (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).to(self.device)
+            for length, starts in by_length.items()
+        ]
 
     def _prefill_lora(self, segments: list[tuple[int, int, int]]) -> LoraContext | None:
         if not self.use_lora or all(slot < 0 for _, _, slot in segments):

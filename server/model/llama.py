@@ -95,6 +95,9 @@ class StepContext:
     is_prefill: bool
     slot_mapping: torch.Tensor  # [num_tokens] int64 flat cache index, -1 = do not write
     prefill_seqs: list[PrefillSeq] = field(default_factory=list)
+    # Optional: fresh sequences (no cached prefix) of equal length, batched into one attention call
+    # each: [num_seqs, length] token rows. When set, prefill_seqs only needs the other sequences.
+    fresh_groups: list[torch.Tensor] | None = None
     block_tables: torch.Tensor | None = None  # [batch, max_blocks] int32 (decode)
     context_lens: torch.Tensor | None = None  # [batch] int32 (decode), 0 = padding row
     lora: LoraContext | None = None
@@ -169,7 +172,13 @@ class Attention(nn.Module):
 
     def _prefill_attention(self, q, k, v, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
         out = torch.empty_like(q)
+        for rows in ctx.fresh_groups or ():  # [num_seqs, length]: one causal call for the group
+            qs, ks, vs = (t[rows].transpose(1, 2) for t in (q, k, v))  # [num_seqs, heads, length, D]
+            attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
+            out[rows] = attended.transpose(1, 2)
         for seq in ctx.prefill_seqs:
+            if ctx.fresh_groups is not None and seq.ctx_len == seq.q_len:
+                continue  # done above
             rows = slice(seq.q_start, seq.q_start + seq.q_len)
             qs = q[rows].transpose(0, 1)  # [heads, q_len, D]
             if seq.ctx_len == seq.q_len:  # no cached prefix: attend to this chunk, causally

@@ -207,3 +207,26 @@ def test_max_model_len_never_exceeds_the_cache(tiny_llama_dir):
     while engine.has_unfinished():
         engine.step()
     assert request.finish_reason is FinishReason.LENGTH and request.num_tokens == engine.max_model_len
+
+
+def test_equal_length_prompts_prefilled_together_match_running_alone(tiny_llama_dir):
+    """Same-length fresh prompts share one batched attention call; chunked ones still attend to their cache."""
+    prompts = [[i, i + 1, i + 2, i + 3, i + 4, i + 5, i + 6] for i in (3, 40, 90, 150)] + [list(range(1, 30))]
+    alone = [run_alone(tiny_llama_dir, greedy(p, 6)) for p in prompts]
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=64, max_num_batched_tokens=40)
+    requests = [greedy(p, 6) for p in prompts]
+    for r in requests:
+        engine.add_request(r)
+    groups_seen = []
+    fresh_groups = engine.runner._fresh_groups
+
+    def spying_fresh_groups(seqs):
+        groups = fresh_groups(seqs)
+        groups_seen.extend(tuple(g.shape) for g in groups)
+        return groups
+
+    engine.runner._fresh_groups = spying_fresh_groups
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.output_token_ids for r in requests] == alone
+    assert (4, 7) in groups_seen  # the four 7-token prompts went through one batched call
