@@ -63,6 +63,7 @@ class LLMEngine:
             self.model, settings.max_slots, settings.max_rank
         )
         self.slot_table = SlotTable(settings.max_slots, self._load_slot)
+        self._draining_key: tuple[str, int] | None = None  # adapter refused new work until its slot frees
         self.swapper = None if self.mode is LoraMode.UNMERGED else MergedSwapper(self.model)
         self.scheduler = Scheduler(self.kv_cache, settings.max_batch_size, settings.max_num_batched_tokens,
                                    self._admit, self._release)
@@ -180,9 +181,19 @@ class LLMEngine:
         if request.adapter is None:
             request.slot = -1
             return Admission.ADMIT
-        slot = self.slot_table.acquire(request.adapter_key, request.adapter.weights)
+        key = request.adapter_key
+        if key == self._draining_key:
+            if self.slot_table.users(key) > 0:
+                return Admission.SKIP
+            self._draining_key = None  # drained: the slot goes to whoever is first in line
+        slot = self.slot_table.acquire(key, request.adapter.weights)
         if slot is None:
+            # Every slot is busy. Stop admitting new work for the least-used resident adapter so its
+            # slot empties: without this, steady traffic to resident adapters starves this one.
+            self._draining_key = self.slot_table.least_used_key()
             return Admission.SKIP
+        if self.slot_table.slot_of(self._draining_key) is None:
+            self._draining_key = None  # its slot was handed over
         request.slot = slot
         return Admission.ADMIT
 

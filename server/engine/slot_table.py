@@ -74,6 +74,16 @@ class SlotTable:
         ]
         return min(idle, key=lambda s: self._last_used[s]) if idle else None
 
+    def least_used_key(self) -> AdapterKey | None:
+        """The resident, unpinned adapter with the fewest running users (the cheapest to drain)."""
+        candidates = [
+            s for s in range(self.max_slots)
+            if self.slot_to_key[s] is not None and self.slot_to_key[s] not in self._pinned
+        ]
+        if not candidates:
+            return None
+        return self.slot_to_key[min(candidates, key=lambda s: (self._refcount[s], self._last_used[s]))]
+
     def users(self, key: AdapterKey) -> int:
         slot = self.slot_of(key)
         return 0 if slot is None else self._refcount[slot]

@@ -230,3 +230,40 @@ def test_equal_length_prompts_prefilled_together_match_running_alone(tiny_llama_
         engine.step()
     assert [r.output_token_ids for r in requests] == alone
     assert (4, 7) in groups_seen  # the four 7-token prompts went through one batched call
+
+
+def test_waiting_adapter_is_not_starved_by_steady_traffic_to_a_resident_one(tiny_llama_dir, tiny_adapters):
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=128, max_slots=1)
+    busy = [greedy(PROMPTS[0], 6, refs["attn-r4"]) for _ in range(2)]
+    for r in busy:
+        engine.add_request(r)
+    engine.step()
+    starved = greedy(PROMPTS[1], 4, refs["ko-r16"])
+    engine.add_request(starved)
+    for step in range(60):  # a new request for the resident adapter arrives at every step
+        engine.add_request(greedy(PROMPTS[step % 5], 6, refs["attn-r4"]))
+        engine.step()
+        if starved.is_finished:
+            break
+    assert starved.is_finished and len(starved.output_token_ids) == 4
+    while engine.has_unfinished():
+        engine.step()
+
+
+def test_drained_adapter_serves_again_when_the_waiting_request_is_aborted(tiny_llama_dir, tiny_adapters):
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=128, max_slots=1)
+    engine.add_request(greedy(PROMPTS[0], 3, refs["attn-r4"]))
+    engine.step()
+    blocked = greedy(PROMPTS[1], 4, refs["ko-r16"])
+    engine.add_request(blocked)
+    engine.step()  # blocked: no free slot, attn-r4 starts draining
+    engine.abort(blocked.request_id)
+    late = greedy(PROMPTS[2], 3, refs["attn-r4"])
+    engine.add_request(late)
+    for _ in range(20):
+        engine.step()
+        if late.is_finished:
+            break
+    assert late.is_finished and len(late.output_token_ids) == 3
