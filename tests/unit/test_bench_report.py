@@ -90,3 +90,15 @@ def test_report_without_results_says_no_gpu_run(tmp_path):
     text = build_report(tmp_path)
     assert "No GPU run yet" in text
     assert text.count("| — | — | — |") == len(RATIO_KEYS)
+
+
+def test_a_ratio_missing_from_the_newest_run_comes_from_the_newest_run_that_has_it(tmp_path):
+    older = fake_8b("2026-11-24T09:00:00+00:00", 3600.0)
+    newer = fake_8b("2026-11-24T10:00:00+00:00", 3200.0)
+    newer["ratios"]["swap_speedup_vs_peft_8b"] = None  # the newer run skipped PEFT's merge
+    _write(tmp_path, "old-8b.json", older)
+    _write(tmp_path, "new-8b.json", newer)
+    rows = {line.split("|")[1].strip(" `"): line for line in build_report(tmp_path).splitlines()
+            if line.startswith("| `")}
+    assert "new-8b.json" in rows["mixed32_over_merged_8b"] and "0.8 " in rows["mixed32_over_merged_8b"]
+    assert "old-8b.json" in rows["swap_speedup_vs_peft_8b"] and "| 30 |" in rows["swap_speedup_vs_peft_8b"]
