@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from adapters_store import AdapterWeights
+from bench.build import random_adapters
+from bench.shapes import shape_facts
 from server.config import Settings
 from server.engine.engine import LLMEngine
 from server.engine.request import Request, SamplingParams
@@ -43,25 +44,15 @@ def decode_speed(engine: LLMEngine, prompt: list[int], batch: int, new_tokens: i
             f"{batch * steps / decode_s:.1f} tok/s decode ({decode_s / steps * 1e3:.0f} ms/step)")
 
 
-def random_adapter(config, rank: int = 16, seed: int = 0) -> AdapterWeights:
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {
-        (layer, name): (torch.randn(rank, fan_in, generator=gen) / fan_in**0.5,
-                        torch.randn(fan_out, rank, generator=gen) * 0.01)
-        for layer in range(config.num_layers) for name, (fan_in, fan_out) in config.module_shapes().items()
-    }
-    return AdapterWeights(rank=rank, alpha=2.0 * rank, use_rslora=False, scaling=2.0, tensors=tensors)
-
-
 def main() -> None:
     loaded = load_model("embedded", cache_dir=Path.home() / ".cache" / "loraplex", device="cpu")
     engine = LLMEngine(loaded, Settings(device="cpu", cuda_graphs=False, max_model_len=2048))
     prompt = chat_prompt(loaded.tokenizer)
     for batch in (1, 8):
         print(decode_speed(engine, prompt, batch), flush=True)
-    adapter = random_adapter(loaded.config)
+    (adapter,) = random_adapters(shape_facts(loaded.config.hf_config), 1, torch.device("cpu"))
     swapper = MergedSwapper(loaded.model)
-    swaps = [swapper.swap(("adapter", i), adapter) * 1e3 for i in range(5)]
+    swaps = [swapper.swap(("adapter", i), adapter.weights) * 1e3 for i in range(5)]
     back = swapper.swap(None) * 1e3
     print(f"merged swap, all-linear rank 16: {', '.join(f'{t:.0f}' for t in swaps)} ms; back to base {back:.0f} ms; "
           f"bit-exact base restored: {swapper.is_pristine()}", flush=True)

@@ -14,7 +14,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
-from server.engine.engine import LLMEngine
+from server.engine.engine import LLMEngine, empty_cuda_cache
 from server.engine.request import Request, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class AsyncEngine:
                 except Exception as err:  # one bad step (e.g. CUDA OOM) fails its requests, not the server
                     log.exception("engine step failed")
                     outputs = self.engine.fail_all(f"{type(err).__name__} during generation")
-                    _free_cuda_cache()
+                    empty_cuda_cache()
                 self._dispatch(outputs)
         except BaseException as err:  # pragma: no cover - last resort: mark the engine dead for /health
             self.fatal_error = repr(err)
@@ -173,11 +173,4 @@ def _set_result(future: asyncio.Future) -> None:
 def _set_exception(future: asyncio.Future, err: Exception) -> None:
     if not future.done():
         future.set_exception(err)
-
-
-def _free_cuda_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 

@@ -132,7 +132,7 @@ class LLMEngine:
                 # batch (its memory already in the KV cache and captured graphs) carries on.
                 log.warning("out of memory in a prefill of %d tokens", sum(n for _, n in batch.prefill))
                 failed = self.fail([r for r, _ in batch.prefill], "out of memory while processing the prompt")
-                _empty_cuda_cache()
+                empty_cuda_cache()
                 batch.prefill, logits = [], None
             for request, chunk in batch.prefill:
                 request.num_computed_tokens += chunk
@@ -266,7 +266,8 @@ class LLMEngine:
         )
 
 
-def _empty_cuda_cache() -> None:
+def empty_cuda_cache() -> None:
+    """Return cached CUDA blocks after an out-of-memory error (no-op without CUDA)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

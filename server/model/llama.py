@@ -68,14 +68,11 @@ class ModelConfig:
         )
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of every LoRA-targetable projection."""
-        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, (
-            self.intermediate_size
-        )
-        return {
-            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-        }
+        """(in_features, out_features) of every LoRA-targetable projection: the adapter store's
+        BaseModelSpec holds the one formula, so the model and adapter validation cannot disagree."""
+        from adapters_store import BaseModelSpec
+
+        return BaseModelSpec.from_hf_config(self.hf_config).module_shapes
 
 
 @dataclass
