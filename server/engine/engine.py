@@ -161,6 +161,10 @@ class LLMEngine:
         """Finish every request with an error (after an unexpected exception inside a step)."""
         return self.fail(list(self.scheduler.running) + list(self.scheduler.waiting), message)
 
+    def fail_ids(self, request_ids: list[str], message: str) -> list[RequestOutput]:
+        """Finish the known requests among `request_ids` with an error."""
+        return self.fail([self._by_id[i] for i in request_ids if i in self._by_id], message)
+
     def fail(self, requests: list[Request], message: str) -> list[RequestOutput]:
         """Finish `requests` with an error; their cache blocks and slots are freed."""
         outputs = []

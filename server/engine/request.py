@@ -92,9 +92,13 @@ class RequestOutput:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """A sequence inside the engine: prompt, generated tokens, adapter and KV blocks."""
+    """A sequence inside the engine: prompt, generated tokens, adapter and KV blocks.
+
+    Compared and hashed by identity (``eq=False``): the scheduler's ``in`` / ``remove`` must never
+    compare two requests field by field, down to their adapters' tensors.
+    """
 
     prompt_token_ids: list[int]
     params: SamplingParams
