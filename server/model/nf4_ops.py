@@ -102,12 +102,7 @@ def nf4_matmul(
     out: torch.Tensor | None = None,  # [T, out] x.dtype
     bias: torch.Tensor | None = None,  # [out]
 ) -> torch.Tensor:
-    """y = x @ W^T: the fused Triton kernel on CUDA when triton imports, else the torch reference.
-
-    The kernel reads the 0.5 byte/param codes once per output tile, which wins for decode (T <= 64).
-    For prefill-sized T it is correct but not tuned; a caller may prefer
-    ``nf4_dequantize_reference(...).to(x.dtype)`` once plus a cuBLAS matmul there.
-    """
+    """y = x @ W^T: the fused Triton kernel on CUDA when triton imports, else the torch reference."""
     validate_matmul_args(x, shape, bias)
     kernels = _triton_nf4_module() if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else None
     if kernels is not None:
