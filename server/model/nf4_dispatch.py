@@ -12,14 +12,21 @@ The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESUL
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
 from server.model.nf4_layout import codes_as_words
 
-# (largest row count, kernel), scanned in order; None = any count.
-KERNEL_BY_ROWS: tuple[tuple[int | None, str], ...] = ((1, "gemv"), (64, "fused"), (None, "dequant"))
+# (largest row count, kernel), scanned in order; None = any count. From the H200 run
+# bench/results/2026-12-01-nvidia-h200-kernels.json (geometric mean over the 8B layer shapes, time over
+# bf16 cuBLAS): 1-2 rows bnb 0.92 / 1.41 (our GEMV 1.41 at one row, fused 1.72); 3-32 rows fused
+# 1.69-2.11 (word layout; bnb 2.5-3.0, dequant 2.2); from 33 rows dequant + cuBLAS 2.18 at 64 rows
+# down to 1.90 at 256 (fused 3.2-6.9, bnb 3.0). At 1B shapes dequant already wins from 16 rows.
+# bnb's one-row GEMV is the fastest today but not exact to the fp32 semantics (max error 4.9e-3 of the
+# output's range against 3.3e-3 for ours, same run).
+KERNEL_BY_ROWS: tuple[tuple[int | None, str], ...] = ((2, "bnb"), (32, "fused"), (None, "dequant"))
 if os.environ.get("LORAPLEX_NF4_KERNEL", "triton") == "bnb":
     KERNEL_BY_ROWS = ((None, "bnb"),)
 
@@ -67,9 +74,12 @@ def nf4_linear_cuda(
         return triton_nf4_gemv.nf4_gemv_triton(x.contiguous(), codes_as_words(codes), absmax_f, shape, code_table,
                                                out, bias=bias, num_sms=device_num_sms(x.device.index or 0))
     if name in ("fused", "gemv"):
-        from server.model.triton_nf4 import nf4_matmul_triton
+        from server.model.triton_nf4 import device_num_sms, nf4_matmul_triton, pick_config
 
-        return nf4_matmul_triton(x, codes, absmax_f, shape, code_table, bias=bias)
+        config = pick_config(x.shape[0], out_features, in_features, device_num_sms(x.device.index or 0))
+        if x.shape[0] > 16:  # the word layout measured faster at 32 rows (2.11 vs 2.45), equal below
+            config = dataclasses.replace(config, layout="words")
+        return nf4_matmul_triton(x, codes, absmax_f, shape, code_table, bias=bias, config=config)
     if name == "dequant":
         from server.model.triton_nf4_dequant import nf4_dequantize_triton
 
