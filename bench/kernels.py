@@ -26,6 +26,13 @@ from bench.shapes import SHAPES
 
 L2_DEFEAT_BYTES = 256 << 20  # weight bytes cycled through per timed pass (H200 L2: 60 MB)
 CALLS_PER_GRAPH = 24
+SWEEP_MMA = False  # --sweep-mma: also time the CUDA kernel's warps and split-K neighbours
+
+
+def _mma_available() -> bool:
+    from server.model import cuda_nf4
+
+    return cuda_nf4.is_available()
 
 
 def layer_shapes(model: str) -> dict[str, tuple[int, int]]:
@@ -125,6 +132,17 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                 lambda c=c, cfg=cfg: nf4_matmul_triton(x, c[0], c[1], layer.shape, layer.table, config=cfg)
                 for c in layer.nf4
             ]
+    if rows <= 64 and _mma_available():
+        from server.model import cuda_nf4
+
+        variants = {"mma": {}}
+        if SWEEP_MMA:
+            split = cuda_nf4.pick_split_k(rows, *layer.shape, device_num_sms(0))
+            variants.update({"mma_w2": {"warps": 2}, "mma_w8": {"warps": 8},
+                             "mma_s_half": {"split_k": max(1, split // 2)}, "mma_s_double": {"split_k": split * 2}})
+        for vname, kw in variants.items():
+            impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_mma(x, c[0], c[1], layer.shape, layer.table, **kw)
+                            for c in layer.nf4]
     if not isinstance(layer.int4[0], str):
         impls["tinygemm"] = [lambda p=p: torch._weight_int4pack_mm(x, p[0], p[2], p[1]) for p in layer.int4]
     return impls
@@ -185,7 +203,10 @@ def main() -> None:
     parser.add_argument("--models", default="8b,1b")
     parser.add_argument("--rows", default="1,2,4,8,16,32,64,128,256")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--sweep-mma", action="store_true")
     args = parser.parse_args()
+    global SWEEP_MMA
+    SWEEP_MMA = args.sweep_mma
     device = torch.cuda.get_device_name(0)
     results = {"date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__,
                "command": "python -m bench.kernels " + f"--models {args.models} --rows {args.rows}", "layers": []}

@@ -4,6 +4,7 @@
 - ``fused``: few rows, the fused dequantize-in-registers Triton matmul (server.model.triton_nf4);
 - ``dequant``: prefill-sized batches, dequantize into one reused 16-bit scratch buffer and let cuBLAS
   multiply (server.model.triton_nf4_dequant); the buffer holds one layer, never the whole model;
+- ``mma``: 1-64 rows, the CUDA tensor-core kernel compiled at first use (server.model.cuda_nf4);
 - ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
 
 The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESULTS.md);
@@ -80,6 +81,12 @@ def nf4_linear_cuda(
         if x.shape[0] > 16:  # the word layout measured faster at 32 rows (2.11 vs 2.45), equal below
             config = dataclasses.replace(config, layout="words")
         return nf4_matmul_triton(x, codes, absmax_f, shape, code_table, bias=bias, config=config)
+    if name == "mma":
+        from server.model import cuda_nf4
+        from server.model.triton_nf4 import device_num_sms
+
+        return cuda_nf4.nf4_mma(x, codes, absmax_f, shape, code_table, bias,
+                                num_sms=device_num_sms(x.device.index or 0))
     if name == "dequant":
         from server.model.triton_nf4_dequant import nf4_dequantize_triton
 

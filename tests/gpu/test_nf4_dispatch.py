@@ -34,6 +34,7 @@ def _rel_err(got, x, codes, absmax, shape, table, bias):
 @pytest.mark.parametrize("kernel, rows", [
     ("gemv", 1), ("fused", 1), ("fused", 3), ("fused", 16), ("fused", 33), ("fused", 64),
     ("dequant", 65), ("dequant", 300), (None, 1), (None, 7), (None, 128),
+    ("mma", 1), ("mma", 2), ("mma", 9), ("mma", 16), ("mma", 31), ("mma", 64),
 ])  # fmt: skip
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"in{s[0]}_out{s[1]}")
 def test_kernel_matches_float64_reference(kernel, rows, shape):
@@ -57,3 +58,14 @@ def test_dequantize_kernel_is_bit_exact():
     scratch = torch.empty(wshape[0] * wshape[1], device="cuda", dtype=torch.bfloat16)
     got = nf4_dequantize_triton(codes_as_words(codes), absmax, table, scratch).view(wshape)
     assert torch.equal(got, nf4_ops.nf4_dequantize_reference(codes, absmax, wshape, table).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("split_k, warps", [(1, 4), (3, 2), (8, 8)])
+def test_mma_kernel_splits_and_warps(split_k, warps):
+    from server.model import cuda_nf4
+
+    codes, absmax, wshape, table, _ = _layer(1536, 576)
+    x = torch.randn(5, 1536, device="cuda").to(torch.float16)
+    bias = torch.randn(576, device="cuda").to(torch.float16)
+    got = cuda_nf4.nf4_mma(x, codes, absmax, wshape, table, bias, split_k=split_k, warps=warps)
+    assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
