@@ -135,10 +135,10 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
     if rows <= 64 and _mma_available():
         from server.model import cuda_nf4
 
-        variants = {"mma": {}}
+        variants = {}
         if SWEEP_MMA:
             split = cuda_nf4.pick_split_k(rows, *layer.shape, device_num_sms(0))
-            variants.update({"mma_w2": {"warps": 2}, "mma_w8": {"warps": 8},
+            variants.update({"mma_w2": {"warps": 2}, "mma_w4": {"warps": 4},
                              "mma_s_half": {"split_k": max(1, split // 2)}, "mma_s_double": {"split_k": split * 2}})
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_mma(x, c[0], c[1], layer.shape, layer.table, **kw)

@@ -73,6 +73,11 @@ class LLMEngine:
         self.metrics = EngineMetrics(self.model_name, settings.max_slots)
         self.eos_token_ids = _eos_ids(self.tokenizer, loaded.config.hf_config)
         self._by_id: dict[str, Request] = {}
+        if self.model.device.type == "cuda" and settings.quantization == "nf4":
+            from server.model import nf4_dispatch
+
+            # Before any graph capture: building the CUDA NF4 kernel takes ~90 s on a fresh machine.
+            log.info("NF4 kernels by batch rows: %s", nf4_dispatch.prepare())
         log.info("engine ready: %d KV blocks (%.1f MiB), mode=%s, slots=%d",
                  num_blocks, num_blocks * per_block / 2**20, self.mode.value, settings.max_slots)
 

@@ -8,33 +8,55 @@
 - ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
 
 The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESULTS.md);
-``LORAPLEX_NF4_KERNEL=bnb`` sends every call to bitsandbytes.
+``LORAPLEX_NF4_KERNEL=triton`` skips the CUDA extension, ``=bnb`` sends every call to bitsandbytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
 
 from server.model.nf4_layout import codes_as_words
 
-# (largest row count, kernel), scanned in order; None = any count. From the H200 run
-# bench/results/2026-12-01-nvidia-h200-kernels.json (geometric mean over the 8B layer shapes, time over
-# bf16 cuBLAS): 1-2 rows bnb 0.92 / 1.41 (our GEMV 1.41 at one row, fused 1.72); 3-32 rows fused
-# 1.69-2.11 (word layout; bnb 2.5-3.0, dequant 2.2); from 33 rows dequant + cuBLAS 2.18 at 64 rows
-# down to 1.90 at 256 (fused 3.2-6.9, bnb 3.0). At 1B shapes dequant already wins from 16 rows.
-# bnb's one-row GEMV is the fastest today but not exact to the fp32 semantics (max error 4.9e-3 of the
-# output's range against 3.3e-3 for ours, same run).
-KERNEL_BY_ROWS: tuple[tuple[int | None, str], ...] = ((2, "bnb"), (32, "fused"), (None, "dequant"))
-if os.environ.get("LORAPLEX_NF4_KERNEL", "triton") == "bnb":
-    KERNEL_BY_ROWS = ((None, "bnb"),)
+# (largest row count, kernel), scanned in order; None = any count. From the H200 runs of 2026-12-01
+# (bench/results/2026-12-01-nvidia-h200-kernels*.json; time over bf16 cuBLAS, 8B layer shapes):
+# the CUDA tensor-core kernel ("mma") takes 1-32 rows (gate_up: 47 µs at 1 row vs bnb 54, fused 105;
+# 78 µs at 32 rows vs fused 141-154, dequant 154); from 33 rows dequant + cuBLAS (at 64 rows it ties
+# mma on gate_up and wins on qkv/o). Without the CUDA extension (no nvcc, pre-Ampere, or
+# LORAPLEX_NF4_KERNEL=triton): bnb at 1-2 rows (0.92 / 1.41 of bf16; our Triton GEMV 1.41, fused 1.72),
+# fused Triton to 32 rows, dequant beyond. bnb's one-row GEMV is not exact to the fp32 semantics (max
+# error 4.9e-3 of the output's range against 3.3e-3 for ours).
+WITH_CUDA_KERNEL: tuple[tuple[int | None, str], ...] = ((32, "mma"), (None, "dequant"))
+TRITON_ONLY: tuple[tuple[int | None, str], ...] = ((2, "bnb"), (32, "fused"), (None, "dequant"))
+BNB_ONLY: tuple[tuple[int | None, str], ...] = ((None, "bnb"),)
 
 
-def kernel_for_rows(num_rows: int, table=KERNEL_BY_ROWS) -> str:
+@functools.cache
+def kernel_table() -> tuple[tuple[int | None, str], ...]:
+    """The table in force: LORAPLEX_NF4_KERNEL=auto (default: the CUDA kernel if it builds), triton, bnb."""
+    choice = os.environ.get("LORAPLEX_NF4_KERNEL", "auto")
+    if choice == "bnb":
+        return BNB_ONLY
+    if choice == "auto":
+        from server.model import cuda_nf4
+
+        if cuda_nf4.is_available():
+            return WITH_CUDA_KERNEL
+    return TRITON_ONLY
+
+
+def prepare() -> str:
+    """Settle the kernel table (building the CUDA extension once, ~90 s on a fresh machine) before any
+    CUDA graph is captured; returns a one-line description for the log."""
+    return " ".join(f"<={rows}:{name}" if rows else f"rest:{name}" for rows, name in kernel_table())
+
+
+def kernel_for_rows(num_rows: int, table=None) -> str:
     """The kernel name the dispatch uses for a batch of `num_rows` rows."""
-    return next(name for max_rows, name in table if max_rows is None or num_rows <= max_rows)
+    return next(name for max_rows, name in table or kernel_table() if max_rows is None or num_rows <= max_rows)
 
 
 class DequantScratch:
@@ -85,7 +107,8 @@ def nf4_linear_cuda(
         from server.model import cuda_nf4
         from server.model.triton_nf4 import device_num_sms
 
-        return cuda_nf4.nf4_mma(x, codes, absmax_f, shape, code_table, bias,
+        # Two warps a block measured faster up to 8 rows (gate_up 47 vs 48.5 µs, down 25 vs 30), four above.
+        return cuda_nf4.nf4_mma(x, codes, absmax_f, shape, code_table, bias, warps=2 if x.shape[0] <= 8 else 4,
                                 num_sms=device_num_sms(x.device.index or 0))
     if name == "dequant":
         from server.model.triton_nf4_dequant import nf4_dequantize_triton

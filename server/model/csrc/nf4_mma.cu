@@ -238,9 +238,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
   nf4_mma_kernel<T, NT, W, PREFETCH><<<dim3((row_tiles + W - 1) / W, splits), W * 32, 0, stream>>>(      \
       reinterpret_cast<const T*>(x.data_ptr()), codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(),    \
       table.data_ptr<float>(), splits > 1 ? nullptr : bias_ptr, target, M, N, K, blocks_per_split, splits > 1)
-  if (warps == 8) {
-    LORAPLEX_LAUNCH(8);
-  } else if (warps == 2) {
+  if (warps == 2) {
     LORAPLEX_LAUNCH(2);
   } else {
     LORAPLEX_LAUNCH(4);
