@@ -21,7 +21,7 @@ from server.engine.detokenizer import update_text
 from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingError
 from server.engine.runner import ModelRunner
-from server.engine.sampler import sample
+from server.engine.sampler import Sampler
 from server.engine.scheduler import Admission, Scheduler
 from server.engine.slot_table import SlotTable
 from server.engine.stats import EngineMetrics
@@ -72,6 +72,7 @@ class LLMEngine:
                                   use_cuda_graphs=settings.cuda_graphs)
         self.metrics = EngineMetrics(self.model_name, settings.max_slots)
         self.eos_token_ids = _eos_ids(self.tokenizer, loaded.config.hf_config)
+        self.sampler = Sampler(self.model.config.vocab_size, self.model.device)
         self._by_id: dict[str, Request] = {}
         log.info("engine ready: %d KV blocks (%.1f MiB), mode=%s, slots=%d",
                  num_blocks, num_blocks * per_block / 2**20, self.mode.value, settings.max_slots)
@@ -89,6 +90,7 @@ class LLMEngine:
             )
         if any(t < 0 or t >= self.model.config.vocab_size for t in request.prompt_token_ids):
             raise SamplingError("prompt token id out of vocabulary range")
+        request.params.validate_token_ids(self.model.config.vocab_size)
         self._by_id[request.request_id] = request
         self.scheduler.add(request)
 
@@ -147,7 +149,8 @@ class LLMEngine:
         distinct = len({r.adapter_key for r in self.scheduler.running}) if self.scheduler.running else None
         outputs = failed
         if to_sample:
-            token_ids, logprobs = sample(torch.cat(logits_parts), to_sample)
+            logits = logits_parts[0] if len(logits_parts) == 1 else torch.cat(logits_parts)
+            token_ids, logprobs = self.sampler.sample(logits, to_sample)
             outputs += self._postprocess(to_sample, token_ids, logprobs)
         self._record_state(distinct)
         return outputs
@@ -202,6 +205,7 @@ class LLMEngine:
         return Admission.ADMIT
 
     def _release(self, request: Request) -> None:
+        self.sampler.release(request)
         if request.slot >= 0:
             self.slot_table.release(request.adapter_key)
             request.slot = -1
