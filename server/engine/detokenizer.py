@@ -18,19 +18,31 @@ from server.engine.request import FinishReason, Request
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for the bytes of a character not complete yet
 
 
-def decode_fn(tokenizer) -> Callable[[list[int]], str]:
-    """The cheapest call that decodes exactly as `tokenizer.decode(ids, skip_special_tokens=True)`."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return lambda ids: backend.decode(ids, skip_special_tokens=True)  # skips transformers' wrapper
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+class TokenDecoder:
+    """How one tokenizer's ids become text, for incremental detokenization; built once per tokenizer."""
+
+    def __init__(self, tokenizer):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            # The Rust decoder directly: what tokenizer.decode calls, minus the wrapper's overhead.
+            self.decode: Callable[[list[int]], str] = lambda ids: backend.decode(ids, skip_special_tokens=True)
+        else:
+            self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        # A ByteFallback decoder (SentencePiece-style <0xNN> tokens) turns a run of byte tokens into
+        # text as a whole, every byte a U+FFFD if any is invalid: a run's text is final only once a
+        # token of another kind follows it.
+        self.byte_token_ids: frozenset[int] = frozenset()
+        if backend is not None and "ByteFallback" in repr(backend.decoder):
+            ids = (backend.token_to_id(f"<0x{byte:02X}>") for byte in range(256))
+            self.byte_token_ids = frozenset(i for i in ids if i is not None)
 
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into released text: a few tokens are decoded per step."""
 
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        self._decode = decode_fn(tokenizer)
+    def __init__(self, decoder: TokenDecoder, stop: Sequence[str] = ()):
+        self._decode = decoder.decode
+        self._byte_token_ids = decoder.byte_token_ids
         self._stop = [s for s in stop if s]
         self._prefix_offset = 0  # first token of the decode window
         self._read_offset = 0  # tokens whose text has been decoded (released or held)
@@ -65,7 +77,7 @@ class IncrementalDetokenizer:
         return self._release(candidate[: len(candidate) - keep])
 
     def _decode_new(self, token_ids: list[int], is_last: bool) -> str:
-        if len(token_ids) == self._read_offset:
+        if len(token_ids) == self._read_offset or (not is_last and token_ids[-1] in self._byte_token_ids):
             return ""
         text = self._decode(token_ids[self._prefix_offset:])
         if not is_last and (len(text) <= len(self._prefix_text) or text.endswith(REPLACEMENT_CHAR)):
@@ -100,10 +112,10 @@ class IncrementalDetokenizer:
         return text
 
 
-def update_text(request: Request, tokenizer) -> str:
+def update_text(request: Request, decoder: TokenDecoder) -> str:
     """Detokenize the request's new tokens; return the text to stream. A stop string finishes it."""
     if request.detokenizer is None:
-        request.detokenizer = IncrementalDetokenizer(tokenizer, request.params.stop)
+        request.detokenizer = IncrementalDetokenizer(decoder, request.params.stop)
     detokenizer = request.detokenizer
     new_text = detokenizer.step(request.output_token_ids, is_last=request.finish_reason is not None)
     if detokenizer.is_stopped:

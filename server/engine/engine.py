@@ -17,7 +17,7 @@ import time
 import torch
 
 from server.config import LoraMode, Settings
-from server.engine.detokenizer import update_text
+from server.engine.detokenizer import TokenDecoder, update_text
 from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingError
 from server.engine.runner import ModelRunner
@@ -73,6 +73,7 @@ class LLMEngine:
         self.metrics = EngineMetrics(self.model_name, settings.max_slots)
         self.eos_token_ids = _eos_ids(self.tokenizer, loaded.config.hf_config)
         self.sampler = Sampler(self.model.config.vocab_size, self.model.device)
+        self.token_decoder = TokenDecoder(self.tokenizer)
         self._by_id: dict[str, Request] = {}
         log.info("engine ready: %d KV blocks (%.1f MiB), mode=%s, slots=%d",
                  num_blocks, num_blocks * per_block / 2**20, self.mode.value, settings.max_slots)
@@ -249,7 +250,7 @@ class LLMEngine:
                 request.finish_reason = FinishReason.STOP
             elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
                 request.finish_reason = FinishReason.LENGTH
-            new_text = update_text(request, self.tokenizer)
+            new_text = update_text(request, self.token_decoder)
             finished = request.finish_reason is not None
             if finished:
                 self.scheduler.finish(request)
