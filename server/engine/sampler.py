@@ -61,15 +61,16 @@ def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, in_prompt
     return logits - frequency[:, None] * output_counts - presence[:, None] * (output_counts > 0)
 
 
-def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor,
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor | None = None,
                   top_k: torch.Tensor | None = None, max_top_k: int = 0,
                   top_p: torch.Tensor | None = None) -> torch.Tensor:
-    """Steps 5-8 on logits [S, vocab]; temperature, min_p [S] float. top_k [S] int (0 = off, at most
-    `max_top_k`, a host int) and top_p [S] float (1 = off) are None when no row uses them.
-    Returns new logits, -inf where dropped."""
+    """Steps 5-8 on logits [S, vocab] with temperature [S]. min_p [S] float (0 = off), top_k [S] int
+    (0 = off, at most `max_top_k`, a host int) and top_p [S] float (1 = off) are None when no row
+    uses them. Returns new logits, -inf where dropped."""
     logits = logits / temperature[:, None]
-    top = logits.max(dim=-1, keepdim=True).values
-    logits = logits.masked_fill(logits < top + min_p[:, None].log(), float("-inf"))  # min_p 0: log = -inf
+    if min_p is not None:
+        top = logits.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(logits < top + min_p[:, None].log(), float("-inf"))  # min_p 0: log = -inf
     if top_k is not None:
         largest = torch.topk(logits, max_top_k, dim=-1).values  # [S, max_top_k], descending
         kth = largest.gather(1, (top_k.clamp(min=1) - 1)[:, None])
@@ -128,15 +129,17 @@ class TokenCounts:
     """Token counts of the running requests that use a penalty, on the device, one row each.
 
     A row is filled once from the request's tokens when it first needs one, then each sampled token
-    is added in place (no per-step rebuild); released rows are reused, and the table doubles when full.
+    is added in place (no per-step rebuild); released rows are reused. The table is allocated at the
+    first penalized request and doubles when full: 5 bytes x vocab per row (0.6 MiB for a 128k
+    vocabulary), at most one row per request running at once.
     """
 
-    def __init__(self, vocab_size: int, device: torch.device, num_rows: int = 8):
+    def __init__(self, vocab_size: int, device: torch.device):
         self.vocab_size = vocab_size
         self.device = device
-        self.output_counts = torch.zeros(num_rows, vocab_size, dtype=torch.int32, device=device)  # [rows, vocab]
-        self.in_prompt = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)  # [rows, vocab]
-        self.free_rows = list(range(num_rows))
+        self.output_counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)  # [rows, vocab]
+        self.in_prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)  # [rows, vocab]
+        self.free_rows: list[int] = []
 
     def row_of(self, request: Request) -> int:
         """The request's row, filled from its prompt and output on first use."""
@@ -167,9 +170,10 @@ class TokenCounts:
 
     def _grow(self) -> None:
         num_rows = self.output_counts.shape[0]
-        self.output_counts = torch.cat([self.output_counts, torch.zeros_like(self.output_counts)])
-        self.in_prompt = torch.cat([self.in_prompt, torch.zeros_like(self.in_prompt)])
-        self.free_rows += range(2 * num_rows - 1, num_rows - 1, -1)
+        extra = max(8, num_rows)
+        self.output_counts = torch.cat([self.output_counts, self.output_counts.new_zeros(extra, self.vocab_size)])
+        self.in_prompt = torch.cat([self.in_prompt, self.in_prompt.new_zeros(extra, self.vocab_size)])
+        self.free_rows += range(num_rows + extra - 1, num_rows - 1, -1)
 
 
 class Sampler:
@@ -244,7 +248,8 @@ class Sampler:
             logits = logits[_to_device(rows, torch.long, logits.device)]
         max_top_k = max(top_k)
         filtered = filter_logits(
-            logits, params[0], params[1],
+            logits, params[0],
+            min_p=params[1] if any(r.params.min_p > 0 for r in requests) else None,
             top_k=params[3].long() if max_top_k > 0 else None, max_top_k=max_top_k,
             top_p=params[2] if any(r.params.top_p < 1.0 for r in requests) else None,
         )

@@ -137,10 +137,10 @@ def test_sampling_only_draws_from_allowed_tokens():
 def test_filter_masks_per_row():
     logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [1.0, 4.0, 3.0, 2.0]])
     ones = torch.ones(2)
-    kept = ~torch.isinf(filter_logits(logits, ones, torch.zeros(2), top_k=torch.tensor([2, 0]), max_top_k=2))
+    kept = ~torch.isinf(filter_logits(logits, ones, top_k=torch.tensor([2, 0]), max_top_k=2))
     assert kept.tolist() == [[False, True, True, False], [True, True, True, True]]
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(2, 1)
-    kept = ~torch.isinf(filter_logits(probs, ones, torch.tensor([0.0, 0.5]), top_p=torch.tensor([0.7, 1.0])))
+    kept = ~torch.isinf(filter_logits(probs, ones, min_p=torch.tensor([0.0, 0.5]), top_p=torch.tensor([0.7, 1.0])))
     assert kept.tolist() == [[True, True, False, False], [True, True, False, False]]
 
 
