@@ -176,10 +176,12 @@ def test_penalties_change_the_greedy_choice_as_tokens_repeat():
     assert picks == [0, 0, 1, 0]  # 3.0, 2.6, then 2.2 < 2.5, then 2.2 > 2.1
 
 
-def test_draws_follow_the_distribution():
-    probs = torch.tensor([0.45, 0.25, 0.15, 0.1, 0.05])
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_draws_follow_the_tempered_distribution(temperature):
+    logits = torch.tensor([0.45, 0.25, 0.15, 0.1, 0.05]).log()
+    probs = (logits / temperature).softmax(-1).double()
     n = 4000
-    tokens, _ = sample(probs.log().repeat(n, 1), [req(temperature=1.0, seed=s) for s in range(n)])
+    tokens, _ = sample(logits.repeat(n, 1), [req(temperature=temperature, seed=s) for s in range(n)])
     counts = torch.bincount(torch.tensor(tokens), minlength=5).double()
     sigma = (n * probs * (1 - probs)).sqrt()
     assert ((counts - n * probs).abs() < 4 * sigma).all(), counts.tolist()
