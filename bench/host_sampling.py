@@ -74,13 +74,19 @@ def time_sampler(rev: str, device: torch.device, repeats: int) -> dict[str, floa
     for request in old_common:
         request.generator = None  # the old sampler kept a torch.Generator per request there
     sampler = Sampler(VOCAB, device)
-    greedy = make_requests([dict(temperature=0.0)])
-    return {
-        "old_common_ms": median_ms(lambda: old.sample(logits, old_common), repeats),
-        "new_common_ms": median_ms(lambda: sampler.sample(logits, common), repeats),
+    figures = {
+        "old_mixed_ms": median_ms(lambda: old.sample(logits, old_common), repeats),
+        "new_mixed_ms": median_ms(lambda: sampler.sample(logits, common), repeats),
         "new_all_params_ms": median_ms(lambda: sampler.sample(logits, full), repeats),
-        "new_all_greedy_ms": median_ms(lambda: sampler.sample(logits, greedy), repeats),
     }
+    for name, mix in (("greedy", dict(temperature=0.0)), ("t1_top_p", dict(temperature=1.0, top_p=0.9, seed=5)),
+                      ("t08_top_k", dict(temperature=0.8, top_k=50, seed=6))):
+        old_requests, new_requests = make_requests([mix]), make_requests([mix])
+        for request in old_requests:
+            request.generator = None
+        figures[f"old_{name}_ms"] = median_ms(lambda r=old_requests: old.sample(logits, r), repeats)
+        figures[f"new_{name}_ms"] = median_ms(lambda r=new_requests: sampler.sample(logits, r), repeats)
+    return {k: round(v, 2) for k, v in figures.items()}
 
 
 def load_tokenizer():
@@ -117,7 +123,9 @@ def time_detokenizer(rev: str, num_tokens: int) -> dict[str, float]:
             request.output_token_ids.append(token)
             update_text(request, decoder)
 
-    return {"tokenizer": name, "tokens": len(ids), "old_ms": median_ms(run_old, 3), "new_ms": median_ms(run_new, 5)}
+    old_ms, new_ms = median_ms(run_old, 3), median_ms(run_new, 5)
+    return {"tokenizer": name, "tokens": len(ids), "old_ms": old_ms, "new_ms": new_ms,
+            "new_us_per_token": new_ms * 1e3 / len(ids)}
 
 
 def main() -> None:
@@ -125,7 +133,9 @@ def main() -> None:
     parser.add_argument("--old-rev", default="b806c6c", help="git revision of the old implementation")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least noise)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print("sampler, 32 x 49152:", time_sampler(args.old_rev, torch.device(args.device), args.repeats))
     print("detokenizer:", time_detokenizer(args.old_rev, 2000))
 

@@ -63,10 +63,11 @@ def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, in_prompt
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor | None = None,
                   top_k: torch.Tensor | None = None, max_top_k: int = 0,
-                  top_p: torch.Tensor | None = None) -> torch.Tensor:
+                  top_p: torch.Tensor | None = None, top_p_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Steps 5-8 on logits [S, vocab] with temperature [S]. min_p [S] float (0 = off), top_k [S] int
-    (0 = off, at most `max_top_k`, a host int) and top_p [S] float (1 = off) are None when no row
-    uses them. Returns new logits, -inf where dropped."""
+    (0 = off, at most `max_top_k`, a host int) and top_p [R] float are None when no row uses them;
+    top_p applies to rows top_p_rows [R] int64 (None: every row, R = S), so that only those rows pay
+    for the sort. Returns new logits, -inf where dropped."""
     logits = logits / temperature[:, None]
     if min_p is not None:
         top = logits.max(dim=-1, keepdim=True).values
@@ -77,10 +78,12 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.
         kth = kth.masked_fill((top_k <= 0)[:, None], float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        rows = logits if top_p_rows is None else logits[top_p_rows]
+        ordered, order = torch.sort(rows, dim=-1, descending=True, stable=True)  # stable: ties by token id
         probs = ordered.softmax(dim=-1)
         is_dropped = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
-        logits = logits.masked_fill(torch.zeros_like(is_dropped).scatter(1, order, is_dropped), float("-inf"))
+        rows = rows.masked_fill(torch.zeros_like(is_dropped).scatter(1, order, is_dropped), float("-inf"))
+        logits = rows if top_p_rows is None else logits.index_copy(0, top_p_rows, rows)
     return logits
 
 
@@ -247,11 +250,18 @@ class Sampler:
         if len(rows) < logits.shape[0]:
             logits = logits[_to_device(rows, torch.long, logits.device)]
         max_top_k = max(top_k)
+        top_p_rows = [i for i, r in enumerate(requests) if r.params.top_p < 1.0]
+        top_p, top_p_index = None, None
+        if len(top_p_rows) == len(requests):
+            top_p = params[2]
+        elif top_p_rows:
+            top_p_index = _to_device(top_p_rows, torch.long, logits.device)
+            top_p = params[2][top_p_index]
         filtered = filter_logits(
             logits, params[0],
             min_p=params[1] if any(r.params.min_p > 0 for r in requests) else None,
             top_k=params[3].long() if max_top_k > 0 else None, max_top_k=max_top_k,
-            top_p=params[2] if any(r.params.top_p < 1.0 for r in requests) else None,
+            top_p=top_p, top_p_rows=top_p_index,
         )
         return draw_inverse_cdf(filtered, params[4])
 

@@ -142,6 +142,8 @@ def test_filter_masks_per_row():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(2, 1)
     kept = ~torch.isinf(filter_logits(probs, ones, min_p=torch.tensor([0.0, 0.5]), top_p=torch.tensor([0.7, 1.0])))
     assert kept.tolist() == [[True, True, False, False], [True, True, False, False]]
+    kept = ~torch.isinf(filter_logits(probs, ones, top_p=torch.tensor([0.7]), top_p_rows=torch.tensor([1])))
+    assert kept.tolist() == [[True, True, True, True], [True, True, False, False]]
 
 
 def test_logit_bias_forces_and_bans_tokens():
