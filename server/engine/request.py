@@ -52,6 +52,8 @@ class SamplingParams:
             raise SamplingError("presence_penalty must be in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise SamplingError("frequency_penalty must be in [-2, 2]")
+        if any(not isinstance(token, int) for token in self.logit_bias):
+            raise SamplingError("logit_bias keys must be token ids")
         if any(not -100.0 <= bias <= 100.0 for bias in self.logit_bias.values()):
             raise SamplingError("logit_bias values must be in [-100, 100]")
         if len(self.stop) > 16 or any(not s for s in self.stop):

@@ -202,6 +202,7 @@ def test_uniforms_are_in_range_and_spread():
     (dict(top_k=-1), "top_k"), (dict(repetition_penalty=0), "repetition_penalty"), (dict(stop=[""]), "stop"),
     (dict(min_p=1.5), "min_p"), (dict(min_p=-0.1), "min_p"), (dict(presence_penalty=2.5), "presence_penalty"),
     (dict(frequency_penalty=-2.1), "frequency_penalty"), (dict(logit_bias={3: 101.0}), "logit_bias"),
+    (dict(logit_bias={"3": 1.0}), "logit_bias"),
 ])
 def test_bad_params_name_the_field(params, field):
     with pytest.raises(SamplingError, match=field):
