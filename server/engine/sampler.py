@@ -10,15 +10,18 @@ Semantics, per row (`sample_row_reference` is this as plain code for one row):
 5. logits /= temperature
 6. min_p: drop tokens whose probability is below min_p * the top one (in logits: below max + log(min_p))
 7. top_k: keep the k largest logits (ties with the k-th kept)
-8. top_p: keep the most probable tokens, in order, while the mass before the next one is below top_p
+8. top_p: in order of probability after 5-7 (ties by token id), keep each token while the mass of
+   the tokens before it is below top_p (the token that crosses top_p is kept)
 9. draw by inverse CDF in vocabulary order with one uniform u per row: the first token whose
    cumulative probability reaches u * (total mass).
 
-u is a counter-based hash of (request seed, output token index), computed on the host in the pass
-that gathers the parameters, so a row's tokens do not depend on what else is in the batch and no
-per-row generator runs: the batch is a fixed handful of kernels. Logprobs are those of the model's
-raw distribution (log-softmax before steps 1-8) at the chosen token, as vLLM reports by default.
-The only host sync is the final copy of the chosen tokens (and logprobs) to the host.
+u is a counter-based hash of (request seed, output token index) with 23-bit resolution, computed on
+the host in the pass that gathers the parameters, so a row's tokens do not depend on what else is in
+the batch, survive preemption, and need no per-row generator: the batch is a fixed handful of
+kernels. A request without a seed gets a random one at its first draw. Logprobs are those of the
+model's raw distribution (log-softmax before steps 1-8) at the chosen token, as vLLM reports by
+default; they are not those of the processed distribution that was sampled from. The only host
+sync is the final copy of the chosen tokens (and logprobs) to the host.
 """
 
 from __future__ import annotations
@@ -278,7 +281,6 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], li
 
 def _to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host list -> device tensor without a sync (pinned staging, asynchronous copy on CUDA)."""
-    tensor = torch.tensor(values, dtype=dtype)
     if device.type == "cpu":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
