@@ -9,7 +9,6 @@ import threading
 import pytest
 
 from adapters_store import BaseModelSpec, load_adapter_dir
-from server.engine import engine as engine_module
 from server.engine.async_engine import AsyncEngine
 from server.engine.request import AdapterRef, FinishReason, Request, SamplingParams
 from tests.unit.engine_helpers import make_engine
@@ -93,10 +92,11 @@ STAGES = {
     "record_state": lambda e: (e, "_record_state"),
     "swap": lambda e: (e, "_maybe_swap"),
     "abort": lambda e: (e, "abort"),
+    "sample": lambda e: (e.sampler, "sample"),
 }
 
 
-@pytest.mark.parametrize("stage", [*STAGES, "sample"])
+@pytest.mark.parametrize("stage", STAGES)
 def test_watchdog_a_fault_at_any_stage_fails_requests_not_the_loop(tiny_llama_dir, stage, monkeypatch):
     """Inject one exception at `stage`; the affected requests finish with an error (or are aborted),
     the loop keeps serving, and the next request runs to the end."""
@@ -112,11 +112,8 @@ def test_watchdog_a_fault_at_any_stage_fails_requests_not_the_loop(tiny_llama_di
 
         return faulty
 
-    if stage == "sample":
-        monkeypatch.setattr(engine_module, "sample", inject(engine_module.sample))
-    else:
-        owner, name = STAGES[stage](engine)
-        monkeypatch.setattr(owner, name, inject(getattr(owner, name)))
+    owner, name = STAGES[stage](engine)
+    monkeypatch.setattr(owner, name, inject(getattr(owner, name)))
     async_engine = AsyncEngine(engine)
     async_engine.start()
     try:
