@@ -200,14 +200,16 @@ class AdapterStore:
     def _bury(self, doomed: Path, name: str, last_version: int) -> None:
         """Empty a deleted adapter's trash dir, record its last version in a tombstone, remove the dir.
         If the tombstone cannot be written the empty dir stays: its name still carries the version."""
+        with contextlib.suppress(OSError):  # make the rename durable before the files go
+            fsync_dir(self.root)
+            fsync_dir(self._trash)
         for entry in os.listdir(doomed):
             shutil.rmtree(doomed / entry, ignore_errors=True)
         try:
-            fsync_dir(self._trash)
             self._write_tombstone(name, max(last_version, self._tombstone_version(name)))
             doomed.rmdir()
         except OSError:
-            pass  # the adapter is gone either way; the next delete or start finishes the job
+            pass  # the adapter is gone either way; the next start retries (the dir name keeps the version)
 
     def load_weights(self, record: AdapterRecord) -> AdapterWeights:
         """Read a stored version back as float32 tensors, after re-checking its sha256 and config."""

@@ -106,3 +106,17 @@ def test_upload_on_a_full_disk_is_507_and_delete_still_works(server, tiny_adapte
         assert_error(client.get("/v1/adapters/alice-full"), 404)
         assert not (root / "alice-full").exists() and os.listdir(root / ".trash") == []
         assert (root / ".versions" / "alice-full").read_text() == "1"
+
+
+def test_no_space_for_the_uploads_temporary_files_is_507(server, tiny_adapters, monkeypatch):
+    import starlette.formparsers
+
+    class FullSpool(starlette.formparsers.SpooledTemporaryFile):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", FullSpool)
+    with server.client(KEYS["alice"]) as client:
+        assert_error(upload_files(client, "alice-spool", tiny_adapters["attn-r4"]), 507, "temporary files")
+        monkeypatch.undo()
+        assert_error(client.get("/v1/adapters/alice-spool"), 404)
