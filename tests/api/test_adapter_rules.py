@@ -120,3 +120,13 @@ def test_no_space_for_the_uploads_temporary_files_is_507(server, tiny_adapters, 
         assert_error(upload_files(client, "alice-spool", tiny_adapters["attn-r4"]), 507, "temporary files")
         monkeypatch.undo()
         assert_error(client.get("/v1/adapters/alice-spool"), 404)
+
+
+def test_the_server_keeps_adapter_versions_kept_versions(server, tiny_adapters):
+    kept = server.state.settings.adapter_versions_kept
+    with server.client(KEYS["alice"]) as client:
+        versions = [upload(client, "alice-many", tiny_adapters["attn-r4"])["version"] for _ in range(kept + 3)]
+        assert client.post("/v1/completions", json={"model": "alice-many", "prompt": "Hi",
+                                                     "max_tokens": 2}).status_code == 200
+    on_disk = sorted(p.name for p in (server.state.store.root / "alice-many").iterdir())
+    assert on_disk == sorted(f"v{v}" for v in versions[-kept:])
