@@ -1,0 +1,186 @@
+"""Client disconnects abort generation on every route, streaming or not, every time.
+
+The race test drives `Generation.collect` against a fake engine that emits an output on every
+event-loop iteration, and disconnects the client at a random iteration: the disconnect and an output
+then arrive together often, which is the moment a consumer task can swallow its one cancellation
+(issue 9, defect 3). Every abandoned request must be aborted in the engine, never run to its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import httpx
+import pytest
+
+from server.api.auth import OPEN_PRINCIPAL
+from server.api.errors import APIError
+from server.api.generation import Generation
+from server.api.state import ServerState
+from server.config import Settings
+from server.engine.request import FinishReason, RequestOutput, SamplingParams
+from server.metrics import REGISTRY
+from tests.api.helpers import BASE_ID, api_settings, live_server
+
+NUM_RACES = 200
+NUM_TOKENS = 5_000  # far more than a race lasts, so a request that was not aborted visibly runs on
+
+
+class RacingEngine:
+    """Stands in for AsyncEngine: one output per loop iteration through a queue; records aborts."""
+
+    def __init__(self, num_tokens: int):
+        self.num_tokens = num_tokens
+        self.aborted: set[str] = set()
+        self.completed: set[str] = set()
+
+    async def generate(self, request) -> RequestOutput:
+        loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
+        request_id, count = request.request_id, 0
+
+        def produce() -> None:
+            nonlocal count
+            if request_id in self.aborted:
+                outputs.put_nowait(_output(request_id, count, FinishReason.ABORT))
+                return
+            count += 1
+            if count >= self.num_tokens:
+                self.completed.add(request_id)
+                outputs.put_nowait(_output(request_id, count, FinishReason.LENGTH))
+                return
+            outputs.put_nowait(_output(request_id, count, None))
+            loop.call_soon(produce)
+
+        loop.call_soon(produce)
+        finished = False
+        try:
+            while not finished:
+                output = await outputs.get()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        if request_id not in self.completed:
+            self.aborted.add(request_id)
+
+
+def _output(request_id: str, count: int, reason: FinishReason | None) -> RequestOutput:
+    return RequestOutput(request_id, [count], "x", None, finished=reason is not None, finish_reason=reason,
+                         prompt_tokens=3, completion_tokens=count)
+
+
+class VanishingClient:
+    """The part of a Starlette Request that `collect` uses: `receive` reports a disconnect once told to."""
+
+    def __init__(self):
+        self.gone = asyncio.Event()
+
+    async def receive(self) -> dict:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    def leave_after(self, num_iterations: int) -> None:
+        loop = asyncio.get_running_loop()
+
+        def tick(left: int) -> None:
+            if left == 0:
+                self.gone.set()
+            else:
+                loop.call_soon(tick, left - 1)
+
+        loop.call_soon(tick, num_iterations)
+
+
+async def _race(state: ServerState, index: int, rng: random.Random) -> int:
+    """One abandoned non-streaming request; the HTTP status `collect` ends it with (200 if it ran on)."""
+    generation = await Generation.start(state, OPEN_PRINCIPAL, [1, 2, 3], SamplingParams(max_tokens=NUM_TOKENS),
+                                        None, f"race-{index}")
+    client = VanishingClient()
+    client.leave_after(rng.randrange(1, 40))
+    try:
+        await generation.collect(client)
+    except APIError as err:
+        return err.status_code
+    return 200
+
+
+def test_disconnect_races_always_abort():
+    """200 disconnects racing outputs: every request is aborted in the engine, none runs to its end."""
+    state = ServerState(Settings())
+    engine = state.engine = RacingEngine(NUM_TOKENS)
+    rng = random.Random(9)
+
+    async def run_all() -> list[int]:
+        return [await _race(state, index, rng) for index in range(NUM_RACES)]
+
+    statuses = asyncio.run(run_all())
+    assert not engine.completed, f"{len(engine.completed)} of {NUM_RACES} abandoned requests ran to the end"
+    assert statuses == [499] * NUM_RACES
+    assert len(engine.aborted) == NUM_RACES
+
+
+# ---- the same on a live server: every route, streaming and not ------------------------------------
+
+LONG_PARAMS = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
+ROUTES = {
+    "completions": ("/v1/completions", {"model": BASE_ID, "prompt": "Hello", **LONG_PARAMS}),
+    "chat": ("/v1/chat/completions",
+             {"model": BASE_ID, "messages": [{"role": "user", "content": "Hello"}], **LONG_PARAMS}),
+    "generate": ("/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 400}}),
+}
+NUM_ROUNDS = 3
+
+
+def _aborted_count() -> float:
+    value = REGISTRY.get_sample_value("vllm:request_success_total",
+                                      {"model_name": BASE_ID, "finished_reason": "abort"})
+    return value or 0.0
+
+
+def _wait_idle(state, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if state.engine.num_in_flight == 0 and not state.engine.engine.has_unfinished():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{state.engine.num_in_flight} requests still in flight after the client left")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, tmp_path_factory):
+    with live_server(api_settings(tiny_llama_dir, tmp_path_factory.mktemp("store"))) as live:
+        engine = live.state.engine.engine
+        step = engine.step
+
+        def slow_step():  # 400 tokens then take over 4 s: only an abort ends a request within the test
+            time.sleep(0.01)
+            return step()
+
+        engine.step = slow_step
+        yield live
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_disconnect_aborts_every_route(server, route, stream):
+    path, body = ROUTES[route]
+    if stream:
+        path = "/generate_stream" if route == "generate" else path
+        body = body if route == "generate" else {**body, "stream": True}
+    aborted = _aborted_count()
+    for _ in range(NUM_ROUNDS):
+        with httpx.Client(base_url=server.url) as client:
+            if stream:
+                with client.stream("POST", path, json=body) as response:
+                    assert response.status_code == 200
+                    next(response.iter_lines())
+            else:
+                with pytest.raises(httpx.ReadTimeout):
+                    client.post(path, json=body, timeout=httpx.Timeout(30, read=0.3))
+        _wait_idle(server.state, timeout_s=2.0)
+    assert _aborted_count() == aborted + NUM_ROUNDS
