@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server.api import adapters, generate, openai, ops
-from server.api.errors import install_error_handlers
+from server.api.errors import CatchAllMiddleware, install_error_handlers
 from server.api.middleware import LifecycleMiddleware
 from server.api.state import Phase, ServerState
 from server.config import Settings
@@ -37,6 +37,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.state.on_startup_failure = None
     install_error_handlers(app)
     app.add_middleware(LifecycleMiddleware, state=state)
+    app.add_middleware(CatchAllMiddleware)  # added last: outermost of ours
     for module in (ops, openai, generate, adapters):
         app.include_router(module.router)
     return app

@@ -116,16 +116,18 @@ class Generation:
         """All outputs of a non-streaming request; gives up (and aborts) if the client disconnects."""
         consume = asyncio.ensure_future(_gather(self.outputs()))
         watch = asyncio.ensure_future(_wait_disconnect(http_request))
+        is_abandoned = False
         try:
             await asyncio.wait({consume, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
             if not consume.done():
+                is_abandoned = True
                 self.abort()  # decided here, whatever the consumer makes of its cancellation
                 consume.cancel()
                 await asyncio.wait({consume})
             await self.aclose()
-        if self._is_aborted:
+        if is_abandoned:
             if not consume.cancelled():
                 consume.exception()  # it ran on to the abort output; nobody is left to tell
             raise APIError(499, "client closed the request")
