@@ -45,7 +45,7 @@ INVALID_UNICODE = "is not valid Unicode text (it holds a lone surrogate such as 
 # OpenAPI documentation of the error body for the statuses every API route may return.
 ERROR_RESPONSES: dict[int | str, dict] = {
     code: {"model": ErrorResponse, "description": ERROR_TYPES[code]}
-    for code in (400, 401, 403, 404, 429, 503)
+    for code in (400, 401, 403, 404, 413, 429, 503)
 }
 
 
