@@ -4,6 +4,8 @@ The race test drives `Generation.collect` against a fake engine that emits an ou
 event-loop iteration, and disconnects the client at a random iteration: the disconnect and an output
 then arrive together often, which is the moment a consumer task can swallow its one cancellation
 (issue 9, defect 3). Every abandoned request must be aborted in the engine, never run to its end.
+Before the fix all 200 non-streaming races ran to the end; streaming responses (where Starlette
+re-delivers the cancellation) held already and are raced the same way to keep it so.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 
 from server.api.auth import OPEN_PRINCIPAL
 from server.api.errors import APIError
-from server.api.generation import Generation
+from server.api.generation import Generation, SSEResponse, stream_events
 from server.api.state import ServerState
 from server.config import Settings
 from server.engine.request import FinishReason, RequestOutput, SamplingParams
@@ -96,12 +98,8 @@ class VanishingClient:
         loop.call_soon(tick, num_iterations)
 
 
-async def _race(state: ServerState, index: int, rng: random.Random) -> int:
-    """One abandoned non-streaming request; the HTTP status `collect` ends it with (200 if it ran on)."""
-    generation = await Generation.start(state, OPEN_PRINCIPAL, [1, 2, 3], SamplingParams(max_tokens=NUM_TOKENS),
-                                        None, f"race-{index}")
-    client = VanishingClient()
-    client.leave_after(rng.randrange(1, 40))
+async def _race_json(state: ServerState, generation: Generation, client: VanishingClient) -> int:
+    """A non-streaming response: the status `collect` ends with (200 if the request ran on)."""
     try:
         await generation.collect(client)
     except APIError as err:
@@ -109,19 +107,42 @@ async def _race(state: ServerState, index: int, rng: random.Random) -> int:
     return 200
 
 
-def test_disconnect_races_always_abort():
+async def _race_stream(state: ServerState, generation: Generation, client: VanishingClient) -> int:
+    """A streaming response as uvicorn runs it (ASGI spec 2.3: Starlette listens for the disconnect)."""
+
+    async def events():
+        async for output in generation.outputs():
+            yield {"text": output.new_text}
+
+    async def send(message: dict) -> None:
+        await asyncio.sleep(0)
+
+    response = SSEResponse(stream_events(generation, events(), done_marker=True))
+    await response({"type": "http", "asgi": {"spec_version": "2.3"}}, client.receive, send)
+    return 499
+
+
+@pytest.mark.parametrize("race", [_race_json, _race_stream], ids=["json", "stream"])
+def test_disconnect_races_always_abort(race):
     """200 disconnects racing outputs: every request is aborted in the engine, none runs to its end."""
     state = ServerState(Settings())
     engine = state.engine = RacingEngine(NUM_TOKENS)
     rng = random.Random(9)
 
     async def run_all() -> list[int]:
-        return [await _race(state, index, rng) for index in range(NUM_RACES)]
+        statuses = []
+        for index in range(NUM_RACES):
+            generation = await Generation.start(state, OPEN_PRINCIPAL, [1, 2, 3],
+                                                SamplingParams(max_tokens=NUM_TOKENS), None, f"race-{index}")
+            client = VanishingClient()
+            client.leave_after(rng.randrange(1, 40))
+            statuses.append(await race(state, generation, client))
+        return statuses
 
     statuses = asyncio.run(run_all())
     assert not engine.completed, f"{len(engine.completed)} of {NUM_RACES} abandoned requests ran to the end"
-    assert statuses == [499] * NUM_RACES
     assert len(engine.aborted) == NUM_RACES
+    assert statuses == [499] * NUM_RACES
 
 
 # ---- the same on a live server: every route, streaming and not ------------------------------------
