@@ -3,8 +3,9 @@
 The cheap checks run first, on the event loop: every string of the body must be valid Unicode (a
 lone surrogate such as "\\ud800" is a 400 naming its field; no tokenizer accepts it) and a prompt may
 hold at most max_prompt_chars characters. Only then is the prompt rendered and tokenized, on a small
-pool of worker threads: a long prompt never stalls the event loop (fast tokenizers release the
-interpreter lock while they work), and at most `tokenizer_threads` prompts are tokenized at once.
+pool of worker threads, at most `tokenizer_threads` prompts at once. Fast tokenizers release the
+interpreter lock while they encode, but hold it while they build and free the token list, a pause
+that grows with the number of tokens: max_prompt_chars is what keeps it short for the event loop.
 """
 
 from __future__ import annotations
