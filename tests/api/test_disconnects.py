@@ -205,3 +205,57 @@ def test_disconnect_aborts_every_route(server, route, stream):
                     client.post(path, json=body, timeout=httpx.Timeout(30, read=0.3))
         _wait_idle(server.state, timeout_s=2.0)
     assert _aborted_count() == aborted + NUM_ROUNDS
+
+
+def _finished_count(reason: str) -> float:
+    value = REGISTRY.get_sample_value("vllm:request_success_total",
+                                      {"model_name": BASE_ID, "finished_reason": reason})
+    return value or 0.0
+
+
+def _leave_with_outputs(monkeypatch, engine) -> dict[str, tuple]:
+    """Make the engine thread disconnect a client just before it hands over that request's n-th output,
+    so the disconnect and the output land in one event-loop iteration (the moment a consumer could
+    swallow its cancellation): returns {request_id: (loop, client, n)} to fill in."""
+    leavers: dict[str, tuple] = {}
+    dispatch = engine._dispatch
+
+    def leave_then_dispatch(outputs):
+        for output in outputs:
+            loop, client, left = leavers.get(output.request_id, (None, None, 0))
+            if client is not None:
+                leavers[output.request_id] = (loop, client, left - 1)
+                if left == 1:
+                    loop.call_soon_threadsafe(client.gone.set)
+        dispatch(outputs)
+
+    monkeypatch.setattr(engine, "_dispatch", leave_then_dispatch)
+    return leavers
+
+
+def test_disconnect_races_on_the_real_engine_always_abort(server, monkeypatch):
+    """200 non-streaming requests on the engine of the live server, each abandoned at the moment the
+    engine thread hands over its n-th output (n random in 2..5): all 200 are aborted (before the fix,
+    117 of 200 ran all their tokens)."""
+    state, rng = server.state, random.Random(3)
+    leavers = _leave_with_outputs(monkeypatch, state.engine)
+    prompt_ids = state.prompts.tokenizer.encode("Hello")
+    params = {"max_tokens": 400, "ignore_eos": True, "temperature": 0.0}
+    aborted, completed = _aborted_count(), _finished_count("length")
+
+    async def run_all() -> list[int]:
+        statuses = []
+        for index in range(NUM_RACES):
+            client, request_id = VanishingClient(), f"real-race-{index}"
+            leavers[request_id] = (asyncio.get_running_loop(), client, 2 + rng.randrange(4))
+            generation = await Generation.start(state, OPEN_PRINCIPAL, prompt_ids, SamplingParams(**params), None,
+                                                request_id)
+            statuses.append(await _race_json(state, generation, client))
+        return statuses
+
+    statuses = asyncio.run(run_all())
+    _wait_idle(state, timeout_s=2.0)
+    ran_on = _finished_count("length") - completed
+    assert ran_on == 0, f"{ran_on:.0f} of {NUM_RACES} abandoned requests ran to their end"
+    assert _aborted_count() == aborted + NUM_RACES
+    assert statuses == [499] * NUM_RACES
