@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from server.api.body_limit import BodyLimit, BodyLimitMiddleware
+from server.api.prompts import PromptEncoder
 from tests.api.helpers import BASE_ID, api_settings, assert_error, free_port, live_server, spawn_server, wait_ready
 
 MAX_BODY = 64 * 1024
@@ -158,6 +159,50 @@ def test_prompt_at_the_character_limit_is_tokenized(server, tokenizer_calls):
         response = client.post("/v1/completions", json={"model": BASE_ID, "prompt": "y" * MAX_PROMPT_CHARS})
     assert_error(response, 400, "max_model_len")  # past the character check, refused on its tokens
     assert tokenizer_calls == ["encode"]
+
+
+class _SlowTokenizer:
+    """Records where and how many at once `encode` runs; each call takes 50 ms of sleep."""
+
+    def __init__(self):
+        self.lock, self.num_running, self.peak, self.threads = threading.Lock(), 0, 0, set()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        with self.lock:
+            self.num_running += 1
+            self.peak = max(self.peak, self.num_running)
+            self.threads.add(threading.current_thread().name)
+        time.sleep(0.05)
+        with self.lock:
+            self.num_running -= 1
+        return [1]
+
+
+def test_tokenization_runs_on_a_bounded_pool_off_the_event_loop():
+    tokenizer = _SlowTokenizer()
+    encoder = PromptEncoder(tokenizer, max_prompt_chars=100, num_threads=2)
+
+    async def main() -> int:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        ticker = asyncio.ensure_future(tick())
+        await asyncio.gather(*(encoder.encode_text("hello", "prompt") for _ in range(6)))
+        ticker.cancel()
+        return ticks
+
+    try:
+        ticks = asyncio.run(main())
+    finally:
+        encoder.close()
+    assert tokenizer.peak == 2  # six prompts, two threads: three rounds of 50 ms
+    assert all(name.startswith("loraplex-tokenize") for name in tokenizer.threads)
+    assert ticks >= 10  # the event loop kept running meanwhile (150 ms at one tick per 5 ms is ~30)
 
 
 # ---- /health under the largest requests, on a server process with the default limits --------------
