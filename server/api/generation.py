@@ -199,12 +199,13 @@ class SSEResponse(StreamingResponse):
 
 async def stream_events(generation: Generation, events: AsyncIterator[dict],
                         done_marker: bool) -> AsyncIterator[str]:
-    """SSE lines for `events`; an error mid-stream becomes one error event. Always closes the request."""
+    """SSE lines for `events`; an error mid-stream becomes one error event (a 500 without details when it
+    is not an APIError). Always closes the request."""
     try:
         async for event in events:
             yield sse_event(event)
-    except APIError as err:
-        yield sse_event(err.body())
+    except Exception as exc:
+        yield sse_event(to_api_error(exc).body())
     finally:
         await generation.aclose()
     if done_marker:

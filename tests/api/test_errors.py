@@ -108,3 +108,34 @@ def test_unhandled_error_is_json_500_and_the_connection_lives_on(server, monkeyp
     finally:
         uvicorn_log.removeHandler(records)
     assert not [m for m in records.messages if "Exception in ASGI application" in m]
+
+
+def test_error_mid_stream_is_an_error_event_then_done(server, monkeypatch):
+    """A bug while rendering the second chunk of a stream: the client gets an error event (no details)
+    and [DONE], uvicorn logs no ASGI exception, and the connection serves the next request."""
+    from server.api import openai
+
+    render, calls = openai._finish_reason, []
+
+    def failing_finish_reason(output):
+        calls.append(output)
+        if len(calls) == 2:
+            raise RuntimeError("secret detail of a bug")
+        return render(output)
+
+    monkeypatch.setattr(openai, "_finish_reason", failing_finish_reason)
+    records = _Records()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(records)
+    body = {"model": BASE_ID, "prompt": "Hi", "max_tokens": 8, "ignore_eos": True, "stream": True}
+    try:
+        with server.client() as client:
+            with client.stream("POST", "/v1/completions", json=body) as response:
+                lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]"
+            error = json.loads(lines[-2][6:])["error"]
+            assert error["code"] == 500 and "secret" not in error["message"]
+            assert client.get("/health").status_code == 200
+    finally:
+        uvicorn_log.removeHandler(records)
+    assert not [m for m in records.messages if "Exception in ASGI application" in m]
