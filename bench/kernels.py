@@ -137,7 +137,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
 
         variants = {}
         if SWEEP_MMA:
-            split = cuda_nf4.pick_split_k(rows, *layer.shape, device_num_sms(0))
+            split = cuda_nf4.pick_split_k(rows, *layer.shape, device_num_sms(0), warps=2 if rows <= 8 else 4)
             variants.update({"mma_w2": {"warps": 2}, "mma_w4": {"warps": 4},
                              "mma_s_half": {"split_k": max(1, split // 2)}, "mma_s_double": {"split_k": split * 2}})
         for vname, kw in variants.items():

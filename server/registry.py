@@ -13,8 +13,10 @@ from collections.abc import Callable
 
 import torch
 
-from adapters_store import AdapterRecord, AdapterStore, AdapterWeights
+from adapters_store import AdapterNotFoundError, AdapterRecord, AdapterStore, AdapterWeights
 from server.engine.request import AdapterRef
+
+_RESOLVE_ATTEMPTS = 3  # a pruned version (store versions_kept) makes resolve look again
 
 
 class AdapterRegistry:
@@ -33,8 +35,13 @@ class AdapterRegistry:
     def resolve(self, name: str) -> AdapterRef:
         """Latest version of `name` with its weights in memory; raises AdapterNotFoundError. Blocking:
         call it through a worker thread from async code."""
-        record = self.store.get(name)
-        return AdapterRef(name=record.name, version=record.version, weights=self.weights(record))
+        for _ in range(_RESOLVE_ATTEMPTS):
+            record = self.store.get(name)
+            try:
+                return AdapterRef(name=record.name, version=record.version, weights=self.weights(record))
+            except AdapterNotFoundError:
+                continue  # that version was pruned between get and load: a newer one is the latest now
+        raise AdapterNotFoundError(f"adapter {name!r} kept changing while it was being loaded; retry")
 
     def weights(self, record: AdapterRecord) -> AdapterWeights:
         """The in-memory weights of one version, loaded from disk at most once at a time: concurrent

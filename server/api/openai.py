@@ -177,9 +177,9 @@ async def list_models(state: StateDep, caller: Caller) -> ModelList:
     base = ModelCard(id=state.model_id, created=state.created, owned_by="loraplex", root=state.model_id,
                      max_model_len=state.max_model_len)
     adapters = [
-        ModelCard(id=r.name, created=r.created, owned_by=caller.tenant, root=r.name, parent=state.model_id,
-                  max_model_len=state.max_model_len)
-        for r in records if caller.may_use(r.name)
+        ModelCard(id=r.name, created=r.created, owned_by=r.owner or "unknown", root=r.name,
+                  parent=state.model_id, max_model_len=state.max_model_len)
+        for r in records if caller.may_use(r.name) and r.name != state.model_id  # the base id is the base
     ]
     return ModelList(data=[base, *adapters])
 

@@ -84,8 +84,16 @@ __device__ __forceinline__ uint32_t dequant_pair(const char* lut, uint32_t hi_of
   return Ops<T>::pack(even * scale, odd * scale);
 }
 
+// Register cap: ncu (H200, 1 row) showed 92 registers limiting the SM to 20 warps (24% achieved occupancy)
+// with the L1 pipe, not DRAM, the busiest unit. The one-token-tile kernel is capped at 80 registers
+// (8 bytes spilled; at 64 it spilled 104 bytes into local memory, which goes through that same L1 pipe).
+template <int WARPS, int NT>
+struct MinBlocks {
+  static constexpr int value = NT == 1 ? 65536 / (80 * WARPS * 32) : 1;
+};
+
 template <typename T, int NT, int WARPS, int PREFETCH>
-__global__ void __launch_bounds__(WARPS * 32) nf4_mma_kernel(
+__global__ void __launch_bounds__(WARPS * 32, (MinBlocks<WARPS, NT>::value)) nf4_mma_kernel(
     const T* __restrict__ x, const uint8_t* __restrict__ codes, const float* __restrict__ absmax,
     const float* __restrict__ table, const T* __restrict__ bias, void* __restrict__ out,
     int M, int N, int K, int blocks_per_split, int write_partial) {
@@ -280,4 +288,22 @@ void nf4_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax, torch::
   }
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("nf4_mma", &nf4_mma, "NF4 x 16-bit matmul on tensor cores, M <= 64"); }
+// Resident blocks per SM of the kernel instance nf4_mma would launch for `rows` and `warps` (bf16 x).
+int64_t nf4_mma_blocks_per_sm(int64_t rows, int64_t warps) {
+  int blocks = 0;
+  const int threads = static_cast<int>(warps) * 32;
+#define LORAPLEX_OCC(NT)                                                                                   \
+  if (warps == 2) {                                                                                        \
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, nf4_mma_kernel<__nv_bfloat16, NT, 2, 4>, threads, 0); \
+  } else {                                                                                                 \
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, nf4_mma_kernel<__nv_bfloat16, NT, 4, 4>, threads, 0); \
+  }
+  if (rows <= 8) { LORAPLEX_OCC(1) } else if (rows <= 16) { LORAPLEX_OCC(2) } else if (rows <= 32) { LORAPLEX_OCC(4) } else { LORAPLEX_OCC(8) }
+#undef LORAPLEX_OCC
+  return blocks;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("nf4_mma", &nf4_mma, "NF4 x 16-bit matmul on tensor cores, M <= 64");
+  m.def("nf4_mma_blocks_per_sm", &nf4_mma_blocks_per_sm, "resident blocks per SM of the kernel for (rows, warps)");
+}
