@@ -16,6 +16,7 @@ import pytest
 
 from server.api.body_limit import BodyLimit, BodyLimitMiddleware
 from server.api.prompts import PromptEncoder
+from server.config import Settings, parse_settings
 from tests.api.helpers import BASE_ID, api_settings, assert_error, free_port, live_server, spawn_server, wait_ready
 
 MAX_BODY = 64 * 1024
@@ -159,6 +160,14 @@ def test_prompt_at_the_character_limit_is_tokenized(server, tokenizer_calls):
         response = client.post("/v1/completions", json={"model": BASE_ID, "prompt": "y" * MAX_PROMPT_CHARS})
     assert_error(response, 400, "max_model_len")  # past the character check, refused on its tokens
     assert tokenizer_calls == ["encode"]
+
+
+def test_limit_settings_defaults_and_flags():
+    assert Settings(max_model_len=128).max_prompt_chars == 16 * 128
+    assert Settings().max_request_body_bytes == 4 * 1024 * 1024
+    settings = parse_settings(["--max-prompt-chars", "500", "--max-request-body-bytes", "2048",
+                               "--tokenizer-threads", "3"])
+    assert (settings.max_prompt_chars, settings.max_request_body_bytes, settings.tokenizer_threads) == (500, 2048, 3)
 
 
 class _SlowTokenizer:
