@@ -10,7 +10,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server.api import adapters, generate, openai, ops
-from server.api.errors import install_error_handlers
+from server.api.body_limit import BodyLimit, BodyLimitMiddleware
+from server.api.errors import CatchAllMiddleware, install_error_handlers
 from server.api.middleware import LifecycleMiddleware
 from server.api.state import Phase, ServerState
 from server.config import Settings
@@ -37,6 +38,10 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI
     app.state.on_startup_failure = None
     install_error_handlers(app)
     app.add_middleware(LifecycleMiddleware, state=state)
+    app.add_middleware(BodyLimitMiddleware,
+                       default=BodyLimit(settings.max_request_body_bytes, "max_request_body_bytes"),
+                       upload=BodyLimit(settings.max_upload_bytes, "max_upload_bytes"))
+    app.add_middleware(CatchAllMiddleware)  # added last: outermost of ours
     for module in (ops, openai, generate, adapters):
         app.include_router(module.router)
     return app

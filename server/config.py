@@ -11,6 +11,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loraplex"
+# Default max_prompt_chars per token of max_model_len: English averages about 4.5 characters per token
+# (SmolLM2), so a longer prompt cannot fit the context and is refused before tokenizing it.
+PROMPT_CHARS_PER_TOKEN = 16
 
 
 class LoraMode(str, Enum):
@@ -66,6 +69,14 @@ class Settings(BaseSettings):
         None, pattern=r"^[0-9a-fA-F]{64}$",
         description="sha256 of a key that may read /metrics and nothing else; setting it protects /metrics",
     )
+    max_request_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="largest request body, adapter uploads aside (max_upload_bytes)"
+    )
+    max_prompt_chars: int | None = Field(
+        None, ge=1, description=f"prompt characters, checked before tokenizing; default "
+        f"{PROMPT_CHARS_PER_TOKEN} x max_model_len"
+    )
+    tokenizer_threads: int = Field(2, ge=1, le=64, description="threads tokenizing prompts (at most this many at once)")
 
     @field_validator("model")
     @classmethod
@@ -85,6 +96,8 @@ class Settings(BaseSettings):
     def _cross_checks(self) -> Settings:
         if self.max_num_batched_tokens < 16:
             raise ValueError("max_num_batched_tokens must be at least 16")
+        if self.max_prompt_chars is None:
+            self.max_prompt_chars = PROMPT_CHARS_PER_TOKEN * self.max_model_len
         if self.auth_file is None and self.host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(
                 f"host {self.host!r} needs an auth_file: open mode (no auth file) binds 127.0.0.1 only"

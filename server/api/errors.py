@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters_store import AdapterError, AdapterNotFoundError
 from server.api.schemas import ErrorResponse
@@ -40,10 +41,11 @@ ERROR_TYPES = {
     504: "TimeoutError",
 }
 RETRY_AFTER_BUSY_S = 1
+INVALID_UNICODE = "is not valid Unicode text (it holds a lone surrogate such as \\ud800)"
 # OpenAPI documentation of the error body for the statuses every API route may return.
 ERROR_RESPONSES: dict[int | str, dict] = {
     code: {"model": ErrorResponse, "description": ERROR_TYPES[code]}
-    for code in (400, 401, 403, 404, 429, 503)
+    for code in (400, 401, 403, 404, 413, 429, 503)
 }
 
 
@@ -65,7 +67,13 @@ class APIError(Exception):
 def error_body(status_code: int, message: str, param: str | None = None) -> dict:
     """The OpenAI error object for one status and message."""
     kind = ERROR_TYPES.get(status_code) or HTTPStatus(status_code).phrase.replace(" ", "") + "Error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": status_code}}
+    return {"error": {"message": _encodable(message), "type": kind, "param": param and _encodable(param),
+                      "code": status_code}}
+
+
+def _encodable(text: str) -> str:
+    """`text` with lone surrogates (echoed from a request) escaped, so the body always encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def model_not_found(model: str) -> APIError:
@@ -112,7 +120,8 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
         loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
         param = ".".join(loc) or None
         first_param = first_param or param
-        problems.append(f"{param}: {error.get('msg')}" if param else str(error.get("msg")))
+        message = INVALID_UNICODE if error.get("type") == "string_unicode" else error.get("msg")
+        problems.append(f"{param}: {message}" if param else str(message))
     return "; ".join(problems) or "invalid request", first_param
 
 
@@ -132,5 +141,39 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    for exc_type in (APIError, AdapterError, SamplingError, QueueFullError, EngineDeadError, Exception):
+    # Not `Exception`: Starlette hands that one to its ServerErrorMiddleware, which re-raises after
+    # answering (uvicorn then logs "Exception in ASGI application" and drops the connection).
+    # CatchAllMiddleware answers those instead.
+    for exc_type in (APIError, AdapterError, SamplingError, QueueFullError, EngineDeadError):
         app.add_exception_handler(exc_type, on_domain)
+
+
+class CatchAllMiddleware:
+    """The app's outermost middleware: an exception no handler took becomes the JSON 500 (logged once,
+    by `to_api_error`) and goes no further, so the keep-alive connection stays usable. A response
+    already under way is ended where it stands."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        progress = {"started": False, "complete": False}
+
+        async def tracked_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                progress["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                progress["complete"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as exc:
+            err = to_api_error(exc)
+            if not progress["started"]:
+                await error_response(err)(scope, receive, send)
+            elif not progress["complete"]:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from server.api.deps import GenerateCaller, StateDep
 from server.api.errors import ERROR_RESPONSES
 from server.api.generation import Generation, SSEResponse, resolve_model, stream_events
-from server.api.prompts import encode_text
+from server.api.prompts import reject_invalid_text
 from server.api.schemas import GenerateParameters, GenerateRequest
 from server.api.state import ServerState
 from server.engine.request import FinishReason, RequestOutput, SamplingParams
@@ -38,9 +38,10 @@ def _sampling_params(p: GenerateParameters) -> SamplingParams:
 
 
 async def _start(state: ServerState, caller, body: GenerateRequest) -> Generation:
+    reject_invalid_text(body)
     params = body.parameters
     adapter = await resolve_model(state, caller, params.adapter_id or None)
-    prompt_ids = await encode_text(state.engine.tokenizer, body.inputs)
+    prompt_ids = await state.prompts.encode_text(body.inputs, "inputs")
     if params.truncate:
         prompt_ids = prompt_ids[-params.truncate:]
     request_id = f"gen-{uuid.uuid4().hex}"

@@ -3,7 +3,9 @@
 `Generation.start` validates what it can before queueing, then awaits the first output, so that
 admission failures (queue full, bad parameters, prompt too long) become HTTP errors rather than
 errors inside an already-started stream. Consumers iterate `outputs()`; leaving early, a timeout or
-a client disconnect closes the engine stream, which aborts the request inside the engine.
+a client disconnect aborts the request inside the engine explicitly (`abort`), never by relying on a
+task cancellation alone: a consumer awaiting `wait_for` swallows its one cancel when an output
+arrives at the same moment, and would then run the request to its end.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class Generation:
         self.completion_tokens = 0
         self._stream = state.engine.generate(request)
         self._first: RequestOutput | None = None
+        self._is_finished = False  # the engine sent the request's last output
+        self._is_aborted = False
         self._closed = False
 
     @classmethod
@@ -97,6 +101,7 @@ class Generation:
         output, self._first = self._first, None
         while output is not None:
             self.completion_tokens = output.completion_tokens
+            self._is_finished = output.finished
             if output.finished and output.finish_reason is FinishReason.ERROR:
                 log.error("request %s failed in the engine: %s", self.request.request_id, output.error)
                 raise APIError(500, "generation failed with an internal error")
@@ -111,24 +116,40 @@ class Generation:
         """All outputs of a non-streaming request; gives up (and aborts) if the client disconnects."""
         consume = asyncio.ensure_future(_gather(self.outputs()))
         watch = asyncio.ensure_future(_wait_disconnect(http_request))
+        is_abandoned = False
         try:
             await asyncio.wait({consume, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
             if not consume.done():
+                is_abandoned = True
+                self.abort()  # decided here, whatever the consumer makes of its cancellation
                 consume.cancel()
                 await asyncio.wait({consume})
             await self.aclose()
-        if consume.cancelled():
+        if is_abandoned:
+            if not consume.cancelled():
+                consume.exception()  # it ran on to the abort output; nobody is left to tell
             raise APIError(499, "client closed the request")
         return consume.result()
 
+    def abort(self) -> None:
+        """Abort the request in the engine now unless it already finished (idempotent, never blocks)."""
+        if self._is_finished or self._is_aborted:
+            return
+        self._is_aborted = True
+        self.state.engine.abort(self.request.request_id)
+
     async def aclose(self) -> None:
-        """Close the engine stream (aborting the request if unfinished) and charge its tokens."""
+        """Abort the request if unfinished, close the engine stream and charge the request's tokens."""
         if self._closed:
             return
         self._closed = True
-        await self._stream.aclose()
+        self.abort()
+        try:
+            await self._stream.aclose()
+        except RuntimeError:  # still awaited by a consumer being cancelled; the abort above stands
+            log.debug("stream of %s closed while in use", self.request.request_id)
         self.state.limiter.charge_tokens(self.principal, self.prompt_tokens + self.completion_tokens)
 
     async def _next(self) -> RequestOutput:
@@ -178,12 +199,13 @@ class SSEResponse(StreamingResponse):
 
 async def stream_events(generation: Generation, events: AsyncIterator[dict],
                         done_marker: bool) -> AsyncIterator[str]:
-    """SSE lines for `events`; an error mid-stream becomes one error event. Always closes the request."""
+    """SSE lines for `events`; an error mid-stream becomes one error event (a 500 without details when it
+    is not an APIError). Always closes the request."""
     try:
         async for event in events:
             yield sse_event(event)
-    except APIError as err:
-        yield sse_event(err.body())
+    except Exception as exc:
+        yield sse_event(to_api_error(exc).body())
     finally:
         await generation.aclose()
     if done_marker:

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from server.api.deps import Caller, GenerateCaller, StateDep
 from server.api.errors import ERROR_RESPONSES
 from server.api.generation import Generation, SSEResponse, resolve_model, stream_events
-from server.api.prompts import encode_chat, encode_completion_prompt
+from server.api.prompts import reject_invalid_text
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.api.state import ServerState
 from server.engine.request import RequestOutput, SamplingParams
@@ -100,9 +100,10 @@ async def _start(state: ServerState, caller, body, adapter, prompt_ids: list[int
 @router.post("/completions", summary="Text completion (OpenAI)")
 async def create_completion(body: CompletionRequest, state: StateDep, caller: GenerateCaller,
                             http_request: Request):
+    reject_invalid_text(body)
     tokenizer = state.engine.tokenizer
     adapter = await resolve_model(state, caller, body.model)
-    prompt_ids = await encode_completion_prompt(tokenizer, body.prompt)
+    prompt_ids = await state.prompts.encode_completion_prompt(body.prompt)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     generation = await _start(state, caller, body, adapter, prompt_ids, body.max_tokens,
                               body.logprobs is not None, request_id, "prompt")
@@ -131,9 +132,10 @@ async def create_completion(body: CompletionRequest, state: StateDep, caller: Ge
 @router.post("/chat/completions", summary="Chat completion (OpenAI)")
 async def create_chat_completion(body: ChatCompletionRequest, state: StateDep, caller: GenerateCaller,
                                  http_request: Request):
+    reject_invalid_text(body)
     tokenizer = state.engine.tokenizer
     adapter = await resolve_model(state, caller, body.model)
-    prompt_ids = await encode_chat(tokenizer, body.messages, body.add_generation_prompt)
+    prompt_ids = await state.prompts.encode_chat(body.messages, body.add_generation_prompt)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     max_tokens = body.max_completion_tokens or body.max_tokens
     generation = await _start(state, caller, body, adapter, prompt_ids, max_tokens, body.logprobs, request_id,

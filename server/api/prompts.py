@@ -1,32 +1,52 @@
-"""Turn request bodies into prompt token ids: plain text, token-id lists, and chat templates."""
+"""Turn request bodies into prompt token ids: plain text, token-id lists, and chat templates.
+
+The cheap checks run first, on the event loop: every string of the body must be valid Unicode (a
+lone surrogate such as "\\ud800" is a 400 naming its field; no tokenizer accepts it) and a prompt may
+hold at most max_prompt_chars characters. Only then is the prompt rendered and tokenized, on a small
+pool of worker threads, at most `tokenizer_threads` prompts at once. Fast tokenizers release the
+interpreter lock while they encode, but hold it while they build and free the token list, a pause
+that grows with the number of tokens: max_prompt_chars is what keeps it short for the event loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import re
+from concurrent.futures import ThreadPoolExecutor
 
-from server.api.errors import APIError
+from pydantic import BaseModel
+
+from server.api.errors import INVALID_UNICODE, APIError
 from server.api.schemas import ChatMessage
 
-
-async def encode_text(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
-    """Tokenize off the event loop (long prompts take milliseconds)."""
-    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-async def encode_completion_prompt(tokenizer, prompt: str | list) -> list[int]:
-    """One completion prompt: a string, token ids, or a one-element list of either."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise APIError(400, f"only one prompt per request is supported, got {len(prompt)}",
-                           param="prompt")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise APIError(400, "prompt is empty", param="prompt")
-        return await encode_text(tokenizer, prompt)
-    if not prompt:
-        raise APIError(400, "prompt is empty", param="prompt")
-    return list(prompt)
+def _first_invalid_text(value: object, path: str) -> str | None:
+    """The dotted path of the first string in `value` that holds a lone surrogate, or None."""
+    if isinstance(value, str):
+        return path if _LONE_SURROGATE.search(value) else None
+    if isinstance(value, BaseModel):
+        items = ((name, getattr(value, name)) for name in type(value).model_fields)
+    elif isinstance(value, dict):
+        items = [*((str(key), key) for key in value), *((str(key), item) for key, item in value.items())]
+    elif isinstance(value, (list, tuple)):
+        items = ((str(index), item) for index, item in enumerate(value))
+    else:
+        return None
+    for name, item in items:
+        found = _first_invalid_text(item, f"{path}.{name}" if path else name)
+        if found is not None:
+            return found
+    return None
+
+
+def reject_invalid_text(body: BaseModel) -> None:
+    """400 naming the first field of `body` whose text is not valid Unicode (a lone surrogate)."""
+    field = _first_invalid_text(body, "")
+    if field is not None:
+        raise APIError(400, f"{field} {INVALID_UNICODE}", param=field)
 
 
 def _message_text(index: int, message: ChatMessage) -> str:
@@ -41,16 +61,54 @@ def _message_text(index: int, message: ChatMessage) -> str:
     return "\n".join(texts)
 
 
-async def encode_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-    """Render `messages` with the model's chat template and tokenize the result."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-    conversation = [{"role": m.role, "content": _message_text(i, m)} for i, m in enumerate(messages)]
-    try:
-        text = await asyncio.to_thread(
-            tokenizer.apply_chat_template, conversation, tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
-    except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
-        raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
-    return await encode_text(tokenizer, text, add_special_tokens=False)
+class PromptEncoder:
+    """Checks prompt lengths, then renders and tokenizes prompts on a bounded pool of worker threads."""
+
+    def __init__(self, tokenizer, max_prompt_chars: int, num_threads: int):
+        self.tokenizer = tokenizer
+        self.max_prompt_chars = max_prompt_chars
+        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="loraplex-tokenize")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def check_length(self, num_chars: int, field: str) -> None:
+        """400 naming `field` and the limit when a prompt is longer than max_prompt_chars."""
+        if num_chars > self.max_prompt_chars:
+            raise APIError(400, f"{field} has {num_chars} characters, more than max_prompt_chars "
+                           f"({self.max_prompt_chars})", param=field)
+
+    async def encode_text(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` after the length check; `field` names it in errors."""
+        self.check_length(len(text), field)
+        return await self._run(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+    async def encode_completion_prompt(self, prompt: str | list) -> list[int]:
+        """One completion prompt: a string, token ids, or a one-element list of either."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise APIError(400, f"only one prompt per request is supported, got {len(prompt)}",
+                               param="prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if isinstance(prompt, str):
+            return await self.encode_text(prompt, "prompt")
+        return list(prompt)
+
+    async def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+        """Render `messages` with the model's chat template and tokenize the result."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        conversation = [{"role": m.role, "content": _message_text(i, m)} for i, m in enumerate(messages)]
+        self.check_length(sum(len(m["content"]) for m in conversation), "messages")
+        try:
+            text = await self._run(self.tokenizer.apply_chat_template, conversation, tokenize=False,
+                                   add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
+            raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
+        return await self._run(self.tokenizer.encode, text, add_special_tokens=False)
+
+    async def _run(self, fn, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))

@@ -11,6 +11,7 @@ import time
 from adapters_store import AdapterStore, BaseModelSpec
 from server import metrics
 from server.api.auth import KeyRing
+from server.api.prompts import PromptEncoder
 from server.api.ratelimit import RateLimiter
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
@@ -44,6 +45,7 @@ class ServerState:
         self.engine: AsyncEngine | None = None
         self.store: AdapterStore | None = None
         self.registry: AdapterRegistry | None = None
+        self.prompts: PromptEncoder | None = None
         self.model_id = settings.served_model_name or ""
         self.max_model_len = settings.max_model_len
         self.created = int(time.time())
@@ -77,6 +79,7 @@ class ServerState:
                                         on_load=self._on_adapter_load)
         engine = LLMEngine(loaded, settings)
         self.max_model_len = engine.max_model_len
+        self.prompts = PromptEncoder(engine.tokenizer, settings.max_prompt_chars, settings.tokenizer_threads)
         _prime_metrics(self.model_id, settings.max_slots)
         engine.metrics.record_step([], [], 0.0, None)
         self.engine = AsyncEngine(engine, settings.max_queue_size)
@@ -104,6 +107,8 @@ class ServerState:
     def stop(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+        if self.prompts is not None:
+            self.prompts.close()
         if self.phase is not Phase.FAILED:
             self.phase = Phase.STOPPED
 
