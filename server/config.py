@@ -76,6 +76,10 @@ class Settings(BaseSettings):
         None, ge=1, description=f"prompt characters, checked before tokenizing; default "
         f"{PROMPT_CHARS_PER_TOKEN} x max_model_len"
     )
+    engine_process: bool = Field(
+        False, description="run the engine core (scheduler, model, sampler) in its own process, talking to "
+        "the HTTP process over ZeroMQ; off: the engine runs in a thread of the HTTP process"
+    )
     tokenizer_threads: int = Field(2, ge=1, le=64, description="threads tokenizing prompts (at most this many at once)")
 
     @field_validator("model")

@@ -2,6 +2,8 @@
 
 GPU slots are the engine's business (server.engine.slot_table); this tier keeps parsed weights in
 CPU memory (pinned when a GPU is present) so a slot load is a host-to-device copy, not a disk read.
+With the engine in its own process, the API process's registry only resolves names to versions
+(`load_weights=False`) and the engine process keeps the weights, loading a version by (name, version).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ class AdapterRegistry:
     """Resolve adapter names to loaded versions; LRU of at most `max_cpu_adapters` in memory."""
 
     def __init__(self, store: AdapterStore, max_cpu_adapters: int, pin_memory: bool = False,
-                 on_load: Callable[[float, int], None] | None = None):
+                 on_load: Callable[[float, int], None] | None = None, load_weights: bool = True):
         self.store = store
+        self.load_weights = load_weights
         self.max_cpu_adapters = max_cpu_adapters
         self.pin_memory = pin_memory
         self._on_load = on_load
@@ -33,10 +36,12 @@ class AdapterRegistry:
         self._loading: dict[tuple[str, int], _PendingLoad] = {}  # loads in flight, one per version
 
     def resolve(self, name: str) -> AdapterRef:
-        """Latest version of `name` with its weights in memory; raises AdapterNotFoundError. Blocking:
-        call it through a worker thread from async code."""
+        """Latest version of `name` with its weights in memory (None unless `load_weights`); raises
+        AdapterNotFoundError. Blocking: call it through a worker thread from async code."""
         for _ in range(_RESOLVE_ATTEMPTS):
             record = self.store.get(name)
+            if not self.load_weights:
+                return AdapterRef(name=record.name, version=record.version, weights=None)
             try:
                 return AdapterRef(name=record.name, version=record.version, weights=self.weights(record))
             except AdapterNotFoundError:
@@ -78,6 +83,11 @@ class AdapterRegistry:
         if self._on_load is not None:
             self._on_load(time.perf_counter() - start, resident)
         return weights
+
+    def cached(self, name: str, version: int) -> AdapterWeights | None:
+        """The weights of one version if they are in memory (never reads the disk)."""
+        with self._lock:
+            return self._cache.get((name, version))
 
     def _load(self, record: AdapterRecord) -> AdapterWeights:
         weights = self.store.load_weights(record)

@@ -55,7 +55,7 @@ class _Tokens:
     def __init__(self, state: ServerState):
         tokenizer = state.engine.tokenizer
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-        self.eos_ids = state.engine.engine.eos_token_ids
+        self.eos_ids = state.engine.eos_token_ids
 
     def render(self, output: RequestOutput) -> list[dict]:
         ids, logprobs = output.new_token_ids, output.new_logprobs or [None] * len(output.new_token_ids)

@@ -23,7 +23,7 @@ _NOT_READY = {
 @router.get("/health", summary="Liveness: 200 while the engine loop runs (and while loading)")
 async def health(state: StateDep) -> Response:
     if not state.is_alive:
-        reason = state.load_error or "the engine loop has stopped"
+        reason = state.failure_reason
         return error_response(APIError(503, f"unhealthy: {reason}"))
     return JSONResponse({"status": state.phase.value})
 
@@ -32,7 +32,8 @@ async def health(state: StateDep) -> Response:
 async def ready(state: StateDep) -> Response:
     if state.is_ready and state.is_alive:
         return JSONResponse({"status": "ready", "model": state.model_id})
-    reason = _NOT_READY.get(state.phase) or f"failed to start: {state.load_error or 'engine stopped'}"
+    reason = _NOT_READY.get(state.phase) or (f"failed to start: {state.load_error}" if state.load_error
+                                             else f"the engine stopped: {state.failure_reason}")
     return error_response(APIError(503, f"not ready: {reason}", headers=retry_after(5)))
 
 

@@ -7,6 +7,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Callable
 
 from adapters_store import AdapterStore, BaseModelSpec
 from server import metrics
@@ -15,9 +16,10 @@ from server.api.prompts import PromptEncoder
 from server.api.ratelimit import RateLimiter
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
+from server.engine.client import EngineProcessClient
 from server.engine.engine import LLMEngine
 from server.engine.request import FinishReason
-from server.model.loader import LoadedModel, load_model
+from server.model.loader import LoadedModel, load_model, load_model_info
 from server.registry import AdapterRegistry, pin_memory_available
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,8 @@ class ServerState:
         self.limiter = RateLimiter()
         self.phase = Phase.LOADING
         self.load_error: str | None = None
-        self.engine: AsyncEngine | None = None
+        self.engine: AsyncEngine | EngineProcessClient | None = None
+        self.engine_core_target: Callable[..., None] | None = None  # tests: another engine process entry
         self.store: AdapterStore | None = None
         self.registry: AdapterRegistry | None = None
         self.prompts: PromptEncoder | None = None
@@ -62,10 +65,21 @@ class ServerState:
             return True
         return self.engine is not None and self.engine.is_alive()
 
+    @property
+    def failure_reason(self) -> str:
+        """Why the server cannot serve: its failed start, or the engine's death."""
+        engine_error = self.engine.fatal_error if self.engine is not None else None
+        return self.load_error or engine_error or "the engine loop has stopped"
+
     def start(self, loaded: LoadedModel | None = None) -> None:
-        """Load the base model unless given, build store, registry and engine, start the engine loop."""
+        """Load the base model unless given, build store, registry and engine, start the engine loop.
+        With `engine_process`, only the tokenizer and config load here; the engine process loads the
+        weights (given weights are then unused)."""
         settings = self.settings
-        if loaded is None:
+        if loaded is None and settings.engine_process:
+            loaded = load_model_info(settings.model, cache_dir=settings.cache_dir,
+                                     served_model_name=settings.served_model_name)
+        elif loaded is None:
             loaded = load_model(settings.model, cache_dir=settings.cache_dir, device=settings.device,
                                 dtype=settings.dtype, quantization=settings.quantization,
                                 served_model_name=settings.served_model_name)
@@ -76,14 +90,18 @@ class ServerState:
                                   versions_kept=settings.adapter_versions_kept)
         metrics.adapter_requests.max_adapters = settings.metrics_max_adapters
         self.registry = AdapterRegistry(self.store, settings.max_cpu_adapters, pin_memory_available(),
-                                        on_load=self._on_adapter_load)
-        engine = LLMEngine(loaded, settings)
-        self.max_model_len = engine.max_model_len
-        self.prompts = PromptEncoder(engine.tokenizer, settings.max_prompt_chars, settings.tokenizer_threads)
+                                        on_load=self._on_adapter_load, load_weights=not settings.engine_process)
         _prime_metrics(self.model_id, settings.max_slots)
-        engine.metrics.record_step([], [], 0.0, None)
-        self.engine = AsyncEngine(engine, settings.max_queue_size)
+        if settings.engine_process:
+            self.engine = EngineProcessClient(settings, loaded.tokenizer, self.model_id, loaded.hf_dir,
+                                              self.engine_core_target)
+        else:
+            engine = LLMEngine(loaded, settings)
+            engine.metrics.record_step([], [], 0.0, None)
+            self.engine = AsyncEngine(engine, settings.max_queue_size)
         self.engine.start()
+        self.max_model_len = self.engine.max_model_len
+        self.prompts = PromptEncoder(loaded.tokenizer, settings.max_prompt_chars, settings.tokenizer_threads)
         self.refresh_adapter_gauges()
         if self.phase is Phase.LOADING:  # not if a drain began while loading
             self.phase = Phase.READY

@@ -14,7 +14,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
-from server.engine.engine import LLMEngine, empty_cuda_cache
+from server.engine.engine import LLMEngine, run_step
 from server.engine.request import FinishReason, Request, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,14 @@ class AsyncEngine:
     @property
     def model_name(self) -> str:
         return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return self.engine.eos_token_ids
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
@@ -112,13 +120,7 @@ class AsyncEngine:
                     self._wakeup.wait(0.05)
                     self._wakeup.clear()
                     continue
-                try:
-                    outputs = self.engine.step()
-                except Exception as err:  # one bad step (e.g. CUDA OOM) fails its requests, not the server
-                    log.exception("engine step failed")
-                    outputs = self.engine.fail_all(f"{type(err).__name__} during generation")
-                    empty_cuda_cache()
-                self._dispatch(outputs)
+                self._dispatch(run_step(self.engine))
         except BaseException as err:
             self.fatal_error = repr(err)
             log.exception("engine loop died")

@@ -19,6 +19,7 @@ import torch
 from server.config import LoraMode, Settings
 from server.engine.detokenizer import TokenDecoder, update_text
 from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
+from server.engine.metric_sink import DeltaSink, PrometheusSink
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingError
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
@@ -39,7 +40,11 @@ class PromptTooLongError(SamplingError):
 class LLMEngine:
     """Model, KV cache, adapter slots, scheduler and sampler for one base model."""
 
-    def __init__(self, loaded: LoadedModel, settings: Settings):
+    def __init__(self, loaded: LoadedModel, settings: Settings, detokenize: bool = True,
+                 metrics_sink: PrometheusSink | DeltaSink | None = None):
+        """`detokenize` False: outputs carry token ids only and stop strings are the caller's business
+        (the engine process: the API process detokenizes)."""
+        self.detokenize = detokenize
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.model_id
@@ -70,7 +75,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, settings.max_batch_size, self.max_model_len,
                                   use_lora=self.lora_slots is not None,
                                   use_cuda_graphs=settings.cuda_graphs)
-        self.metrics = EngineMetrics(self.model_name, settings.max_slots)
+        self.metrics = EngineMetrics(self.model_name, settings.max_slots, metrics_sink)
         self.eos_token_ids = _eos_ids(self.tokenizer, loaded.config.hf_config)
         self.sampler = Sampler(self.model.config.vocab_size, self.model.device)
         self.token_decoder = TokenDecoder(self.tokenizer)
@@ -100,11 +105,12 @@ class LLMEngine:
         self._by_id[request.request_id] = request
         self.scheduler.add(request)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> RequestOutput | None:
+        """Remove a request; `reason` STOP when its caller found a stop string (a normal finish)."""
         request = self._by_id.pop(request_id, None)
         if request is None or self.scheduler.remove(request_id) is None:
             return None
-        request.finish_reason = FinishReason.ABORT
+        request.finish_reason = reason
         self.metrics.record_finished(request)
         self._record_state()
         return self._output(request, "", finished=True)
@@ -255,7 +261,7 @@ class LLMEngine:
                 request.finish_reason = FinishReason.STOP
             elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
                 request.finish_reason = FinishReason.LENGTH
-            new_text = update_text(request, self.token_decoder)
+            new_text = update_text(request, self.token_decoder) if self.detokenize else ""
             finished = request.finish_reason is not None
             if finished:
                 self.scheduler.finish(request)
@@ -278,6 +284,17 @@ class LLMEngine:
             completion_tokens=len(request.output_token_ids),
             error=error,
         )
+
+
+def run_step(engine: LLMEngine) -> list[RequestOutput]:
+    """One step; an exception inside it (e.g. CUDA OOM) fails that step's requests, not the server."""
+    try:
+        return engine.step()
+    except Exception as err:
+        log.exception("engine step failed")
+        outputs = engine.fail_all(f"{type(err).__name__} during generation")
+        empty_cuda_cache()
+        return outputs
 
 
 def empty_cuda_cache() -> None:

@@ -41,7 +41,7 @@ class ModelLoadError(RuntimeError):
 class LoadedModel:
     """The base model with everything the server needs beside it."""
 
-    model: CausalLM
+    model: CausalLM | None  # None: config and tokenizer only (load_model_info)
     tokenizer: object  # transformers PreTrainedTokenizerBase
     config: ModelConfig
     model_id: str
@@ -167,6 +167,15 @@ def load_hf_dir(
     return LoadedModel(model, tokenizer, config, model_id or hf_dir.name, hf_dir)
 
 
+def resolve_model_dir(model: str, cache_dir: Path) -> tuple[Path, str]:
+    """The HF dir of `model` ('embedded', a .gguf file converted once, or an HF dir) and its default id."""
+    if model == "embedded":
+        return convert_gguf(embedded_gguf_path(), cache_dir), EMBEDDED_NAME
+    if model.endswith(".gguf"):
+        return convert_gguf(Path(model), cache_dir), Path(model).stem
+    return Path(model), Path(model).name
+
+
 def load_model(
     model: str, *, cache_dir: Path, device: str = "auto", dtype: str = "auto", quantization: str = "nf4",
     served_model_name: str | None = None,
@@ -174,13 +183,19 @@ def load_model(
     """Load `model` ('embedded', a .gguf file, or an HF dir) per the server settings."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if model == "embedded":
-        hf_dir, model_id = convert_gguf(embedded_gguf_path(), cache_dir), EMBEDDED_NAME
-    elif model.endswith(".gguf"):
-        hf_dir, model_id = convert_gguf(Path(model), cache_dir), Path(model).stem
-    else:
-        hf_dir, model_id = Path(model), Path(model).name
+    hf_dir, model_id = resolve_model_dir(model, cache_dir)
     return load_hf_dir(
         hf_dir, device=dev, dtype=torch_dtype, quantize=quantization == "nf4",
         model_id=served_model_name or model_id,
     )
+
+
+def load_model_info(model: str, *, cache_dir: Path, served_model_name: str | None = None) -> LoadedModel:
+    """Config and tokenizer of `model` without its weights (`model` is None): what the API process needs
+    when the engine process loads the weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    hf_dir, model_id = resolve_model_dir(model, cache_dir)
+    hf_config = AutoConfig.from_pretrained(hf_dir)
+    return LoadedModel(None, AutoTokenizer.from_pretrained(hf_dir), ModelConfig.from_hf(hf_config),
+                       served_model_name or model_id, hf_dir)

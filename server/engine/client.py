@@ -1,0 +1,313 @@
+"""The API process's side of the engine process: same interface as AsyncEngine, over ZeroMQ.
+
+`start` spawns the engine process (spawn start method, so CUDA initialises cleanly in the child), binds
+two ipc:// sockets in a private temp dir and waits for `Ready`. `generate` sends an `AddRequest` and
+yields `RequestOutput`s; a receiver thread reads `Outputs`, applies their metric updates to this
+process's registry, detokenizes each request's new tokens (stop strings are found here: the request is
+then stopped in the engine) and hands the outputs to each request's event loop. If the engine process
+dies, `is_alive` is false at once and every open stream raises EngineDeadError within IDLE_POLL_S.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from adapters_store import AdapterNotFoundError
+from server.config import Settings
+from server.engine.async_engine import EngineDeadError, QueueFullError
+from server.engine.core import run_engine_core
+from server.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
+from server.engine.metric_sink import PrometheusSink
+from server.engine.protocol import (
+    AbortRequests,
+    AddRequest,
+    Failed,
+    Outputs,
+    Ready,
+    Rejected,
+    Shutdown,
+    TokenOutput,
+    input_codec,
+    output_codec,
+)
+from server.engine.request import FinishReason, Request, RequestOutput, SamplingError
+
+log = logging.getLogger(__name__)
+IDLE_POLL_S = 0.1  # the receiver checks the engine process at least this often
+STARTUP_POLL_S = 0.1
+KILL_GRACE_S = 5.0
+
+
+class EngineStartError(RuntimeError):
+    """The engine process failed to load or exited before it was ready."""
+
+
+@dataclass
+class _Stream:
+    """One request in flight: where its outputs go and the detokenizer state of its output."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    is_finished: bool = False
+
+
+class EngineProcessClient:
+    """Drives an engine process: `start`, `generate`, `abort`, `shutdown`, `is_alive` (as AsyncEngine)."""
+
+    def __init__(self, settings: Settings, tokenizer, model_name: str, hf_dir: Path,
+                 target: Callable[..., None] | None = None):
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.hf_dir = hf_dir
+        self.max_queue_size = settings.max_queue_size
+        self.max_model_len = settings.max_model_len
+        self.eos_token_ids: set[int] = set()
+        self.fatal_error: str | None = None
+        self._target = target or run_engine_core
+        self._decoder = TokenDecoder(tokenizer)
+        self._metrics = PrometheusSink()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()  # guards _streams
+        self._send_lock = threading.Lock()  # zmq sockets are not thread-safe
+        self._stopping = threading.Event()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._receiver: threading.Thread | None = None
+        self._ipc_dir: str | None = None
+        self._context = zmq.Context()
+        self._input = self._context.socket(zmq.PUSH)
+        self._output = self._context.socket(zmq.PULL)
+        self._input_encoder, _ = input_codec()
+        _, self._output_decoder = output_codec()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def is_alive(self) -> bool:
+        return self._process is not None and self._process.is_alive() and self.fatal_error is None
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn the engine process and block until it is ready; raises EngineStartError."""
+        self._ipc_dir = tempfile.mkdtemp(prefix="loraplex-ipc-")
+        input_address, output_address = (f"ipc://{self._ipc_dir}/{name}" for name in ("input", "output"))
+        self._input.setsockopt(zmq.LINGER, 0)
+        self._output.setsockopt(zmq.LINGER, 0)
+        self._input.bind(input_address)
+        self._output.bind(output_address)
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=self._target, name="loraplex-engine",
+            args=(self.settings, str(self.hf_dir), self.model_name, input_address, output_address, os.getpid()),
+        )
+        self._process.start()
+        atexit.register(self._kill)
+        log.info("engine process %d started; waiting for it to load the model", self._process.pid)
+        try:
+            ready = self._wait_ready()
+        except BaseException:
+            self._kill()
+            self._close_sockets()
+            raise
+        self.max_model_len, self.eos_token_ids = ready.max_model_len, set(ready.eos_token_ids)
+        if ready.metrics is not None:
+            self._metrics.apply(ready.metrics)
+        self._receiver = threading.Thread(target=self._receive_loop, name="loraplex-engine-client", daemon=True)
+        self._receiver.start()
+
+    def _wait_ready(self) -> Ready:
+        while True:
+            if self._output.poll(STARTUP_POLL_S * 1000):
+                message = self._output_decoder.decode(self._output.recv())
+                if isinstance(message, Ready):
+                    return message
+                if isinstance(message, Failed):
+                    raise EngineStartError(message.error)
+            if not self._process.is_alive():
+                raise EngineStartError(f"the engine process exited with code {self._process.exitcode} "
+                                       "while loading")
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the engine process (Shutdown, then terminate, then kill) and the receiver thread."""
+        self._stopping.set()
+        if self._process is not None and self._process.is_alive():
+            with contextlib.suppress(zmq.ZMQError), self._send_lock:
+                self._input.send(self._input_encoder.encode(Shutdown()), zmq.NOBLOCK)
+            self._process.join(timeout)
+        self._kill()
+        if self._receiver is not None:
+            self._receiver.join(timeout)
+        self._close_sockets()
+
+    def _kill(self) -> None:
+        process = self._process
+        if process is None or not process.is_alive():
+            return
+        process.terminate()
+        process.join(KILL_GRACE_S)
+        if process.is_alive():
+            process.kill()
+            process.join(KILL_GRACE_S)
+
+    def _close_sockets(self) -> None:
+        with self._send_lock:
+            self._input.close()
+        if self._receiver is None or not self._receiver.is_alive():
+            self._output.close()
+            self._context.term()
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+    # ---- requests -----------------------------------------------------------------------------------
+
+    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Send `request` and yield its outputs until it finishes. Refusals raise (SamplingError: 400;
+        AdapterNotFoundError: 404); the engine process dying raises EngineDeadError."""
+        if not self.is_alive():
+            raise EngineDeadError(self.fatal_error or "the engine process is not running")
+        if self.num_in_flight >= self.max_queue_size:
+            raise QueueFullError(f"{self.num_in_flight} requests in flight; the queue holds {self.max_queue_size}")
+        request_id = request.request_id
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(),
+                         IncrementalDetokenizer(self._decoder, request.params.stop))
+        with self._lock:
+            self._streams[request_id] = stream
+        finished = False
+        try:
+            if self.fatal_error is not None:  # died after the check above, before the stream was registered
+                raise EngineDeadError(self.fatal_error)
+            adapter = None if request.adapter is None else (request.adapter.name, request.adapter.version)
+            self._send(AddRequest(request_id, request.prompt_token_ids, request.params, adapter,
+                                  request.arrival_time))
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True  # refused or failed: the engine holds nothing for it
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
+        """Stop a request in the engine (never blocks; a no-op once the engine is gone)."""
+        with contextlib.suppress(EngineDeadError):
+            self._send(AbortRequests([request_id], reason))
+
+    def _send(self, message) -> None:
+        frame = self._input_encoder.encode(message)
+        try:
+            with self._send_lock:
+                self._input.send(frame, zmq.NOBLOCK)
+        except zmq.ZMQError as err:  # Again: nobody reads the socket any more; or it is closed
+            raise EngineDeadError(self.fatal_error or "the engine process is not reading requests") from err
+
+    # ---- receiver thread ----------------------------------------------------------------------------
+
+    def _receive_loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                if self._output.poll(IDLE_POLL_S * 1000):
+                    while True:
+                        try:
+                            frame = self._output.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(self._output_decoder.decode(frame))
+                if self.fatal_error is None and not self._process.is_alive():
+                    self._die(f"the engine process exited with code {self._process.exitcode}")
+                if self.fatal_error is not None:
+                    return
+        except Exception as err:
+            log.exception("engine client receiver failed")
+            self._die(f"the engine client failed: {type(err).__name__}")
+
+    def _handle(self, message) -> None:
+        if isinstance(message, Failed):
+            self._die(message.error)
+            return
+        if not isinstance(message, Outputs):
+            return
+        if message.metrics is not None:
+            self._metrics.apply(message.metrics)  # before the outputs: a finished response sees its metrics
+        for rejected in message.rejected:
+            self._put(rejected.request_id, _refusal(rejected))
+        for output in message.outputs:
+            self._deliver(output)
+
+    def _deliver(self, output: TokenOutput) -> None:
+        with self._lock:
+            stream = self._streams.get(output.request_id)
+        if stream is None or stream.is_finished:
+            return
+        reason = output.finish_reason
+        text = ""
+        if reason not in (FinishReason.ABORT, FinishReason.ERROR):
+            stream.token_ids += output.new_token_ids
+            text = stream.detokenizer.step(stream.token_ids, is_last=reason is not None)
+            if stream.detokenizer.is_stopped:
+                if reason is None:
+                    self.abort(output.request_id, FinishReason.STOP)
+                reason = FinishReason.STOP
+        stream.is_finished = reason is not None
+        self._put(output.request_id, RequestOutput(
+            output.request_id, output.new_token_ids, text, output.new_logprobs, finished=reason is not None,
+            finish_reason=reason, prompt_tokens=output.prompt_tokens,
+            completion_tokens=output.completion_tokens, error=output.error,
+        ))
+
+    def _put(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody will read this stream
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not (isinstance(item, RequestOutput) and item.finished):
+                self.abort(request_id)
+
+    def _die(self, message: str) -> None:
+        """The engine is gone: refuse new work and fail every open stream with EngineDeadError."""
+        self.fatal_error = message
+        log.error("engine process failed: %s; failing %d requests in flight", message, self.num_in_flight)
+        with self._lock:
+            streams = list(self._streams)
+        for request_id in streams:
+            self._put(request_id, EngineDeadError(f"{message}; the request was not completed"))
+
+
+def _refusal(rejected: Rejected) -> Exception:
+    if rejected.kind == "sampling":
+        return SamplingError(rejected.message)
+    if rejected.kind == "adapter":
+        return AdapterNotFoundError(rejected.message)
+    return RuntimeError(rejected.message)
+

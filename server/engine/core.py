@@ -1,0 +1,232 @@
+"""The engine core in its own process (vLLM V1 style): schedule, run the model, sample; token ids out.
+
+`run_engine_core` is the spawn target. It loads the model and builds the engine itself, reports `Ready`,
+then serves `AddRequest` / `AbortRequests` from the API process and sends one `Outputs` message per step
+(token ids, finishes, and the step's metric updates). Adapter weights are read here from the shared
+adapter store by the (name, version) the API process resolved, on a loader thread, so a cold adapter
+never stalls the running batch. The process ends on `Shutdown`, when its parent process is gone, or
+(after sending `Failed`) when the loop itself fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import zmq
+
+from adapters_store import AdapterNotFoundError, AdapterStore, BaseModelSpec
+from server.config import Settings
+from server.engine.engine import LLMEngine, run_step
+from server.engine.metric_sink import DeltaSink
+from server.engine.protocol import (
+    AbortRequests,
+    AddRequest,
+    EngineInput,
+    Failed,
+    Outputs,
+    Ready,
+    Rejected,
+    Shutdown,
+    TokenOutput,
+    input_codec,
+    output_codec,
+)
+from server.engine.request import AdapterRef, Request, RequestOutput, SamplingError
+from server.model.loader import load_hf_dir, resolve_device, resolve_dtype
+from server.registry import AdapterRegistry, pin_memory_available
+
+log = logging.getLogger(__name__)
+IDLE_POLL_MS = 100  # how long an idle engine waits for input before checking on its parent
+LOADING_POLL_MS = 2  # while adapter weights are loading: how soon a finished load is picked up
+SEND_LINGER_MS = 2000  # time given to the last messages (Failed) to leave when the process ends
+ADAPTER_LOAD_THREADS = 2
+
+
+class EngineCore:
+    """The engine plus what the process boundary adds: adapter loading by version and output messages."""
+
+    def __init__(self, engine: LLMEngine, store: AdapterStore, registry: AdapterRegistry, sink: DeltaSink):
+        self.engine = engine
+        self.store = store
+        self.registry = registry
+        self.sink = sink
+        self._pending: dict[str, AddRequest] = {}  # waiting for their adapter's weights
+        self._loaded: queue.SimpleQueue[tuple[AddRequest, Future]] = queue.SimpleQueue()
+        self._loader = ThreadPoolExecutor(ADAPTER_LOAD_THREADS, thread_name_prefix="loraplex-adapter-load")
+        self._rejected: list[Rejected] = []
+        self._outputs: list[RequestOutput] = []  # produced outside a step (aborts)
+
+    @classmethod
+    def build(cls, settings: Settings, hf_dir: Path, model_id: str) -> EngineCore:
+        device = resolve_device(settings.device)
+        loaded = load_hf_dir(hf_dir, device=device, dtype=resolve_dtype(settings.dtype, device),
+                             quantize=settings.quantization == "nf4", model_id=model_id)
+        store = AdapterStore(settings.adapters_dir, BaseModelSpec.from_hf_config(loaded.config.hf_config),
+                             settings.max_rank, settings.max_upload_bytes,
+                             versions_kept=settings.adapter_versions_kept)
+        registry = AdapterRegistry(store, settings.max_cpu_adapters, pin_memory_available())
+        sink = DeltaSink()
+        engine = LLMEngine(loaded, settings, detokenize=False, metrics_sink=sink)
+        engine.metrics.record_step([], [], 0.0, None)
+        return cls(engine, store, registry, sink)
+
+    def ready_message(self) -> Ready:
+        return Ready(self.engine.max_model_len, sorted(self.engine.eos_token_ids), self.sink.drain())
+
+    # ---- inputs -------------------------------------------------------------------------------------
+
+    def handle(self, message: AddRequest | AbortRequests) -> None:
+        if isinstance(message, AddRequest):
+            self._add(message)
+        else:
+            self._abort(message)
+
+    def _add(self, message: AddRequest) -> None:
+        if message.adapter is None:
+            self._admit(message, None)
+            return
+        weights = self.registry.cached(*message.adapter)
+        if weights is not None:
+            self._admit(message, weights)
+            return
+        self._pending[message.request_id] = message
+        future = self._loader.submit(self._load_weights, *message.adapter)
+        future.add_done_callback(lambda done, m=message: self._loaded.put((m, done)))
+
+    def _load_weights(self, name: str, version: int):
+        return self.registry.weights(self.store.get(name, version))
+
+    def _admit(self, message: AddRequest, weights) -> None:
+        adapter = None if message.adapter is None else AdapterRef(*message.adapter, weights)
+        request = Request(message.prompt_token_ids, message.params, adapter, request_id=message.request_id,
+                          arrival_time=message.arrival_time)
+        try:
+            self.engine.add_request(request)
+        except SamplingError as err:
+            self._rejected.append(Rejected(message.request_id, "sampling", str(err)))
+
+    def take_loaded(self) -> None:
+        """Admit the requests whose adapter weights finished loading (skipping those aborted meanwhile)."""
+        while True:
+            try:
+                message, future = self._loaded.get_nowait()
+            except queue.Empty:
+                return
+            if self._pending.pop(message.request_id, None) is None:
+                continue
+            try:
+                weights = future.result()
+            except AdapterNotFoundError as err:
+                self._rejected.append(Rejected(message.request_id, "adapter", str(err)))
+            except Exception as err:
+                log.exception("loading adapter %s v%d failed", *message.adapter)
+                self._rejected.append(Rejected(message.request_id, "error", f"{type(err).__name__} while "
+                                               "loading the adapter"))
+            else:
+                self._admit(message, weights)
+
+    def _abort(self, message: AbortRequests) -> None:
+        for request_id in message.request_ids:
+            if self._pending.pop(request_id, None) is not None:
+                continue  # never reached the engine: nothing to free or count
+            try:
+                output = self.engine.abort(request_id, message.reason)
+                self._outputs += [] if output is None else [output]
+            except Exception as err:  # the request still leaves the engine, as a failure
+                log.exception("abort of %s failed; failing it instead", request_id)
+                self._outputs += self.engine.fail_ids([request_id], f"{type(err).__name__} while aborting")
+
+    @property
+    def is_loading(self) -> bool:
+        return bool(self._pending)
+
+    # ---- outputs ------------------------------------------------------------------------------------
+
+    def step(self) -> Outputs | None:
+        """Run one step if there is work; the message for everything produced since the last one."""
+        outputs, self._outputs = self._outputs, []
+        if self.engine.has_unfinished():
+            outputs += run_step(self.engine)
+        rejected, self._rejected = self._rejected, []
+        delta = self.sink.drain()
+        if not (outputs or rejected or delta):
+            return None
+        return Outputs([_token_output(o) for o in outputs], rejected, delta)
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+def _token_output(output: RequestOutput) -> TokenOutput:
+    return TokenOutput(output.request_id, output.new_token_ids, output.new_logprobs,
+                       output.finish_reason if output.finished else None, output.prompt_tokens,
+                       output.completion_tokens, output.error)
+
+
+def serve(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int) -> None:
+    """Read inputs, step, send outputs, until Shutdown or until the parent process is gone."""
+    _, decoder = input_codec()
+    encoder, _ = output_codec()
+    poller = zmq.Poller()
+    poller.register(inputs, zmq.POLLIN)
+    while True:
+        timeout = 0 if core.engine.has_unfinished() else LOADING_POLL_MS if core.is_loading else IDLE_POLL_MS
+        if poller.poll(timeout):
+            while True:
+                try:
+                    message: EngineInput = decoder.decode(inputs.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                if isinstance(message, Shutdown):
+                    return
+                core.handle(message)
+        if os.getppid() != parent_pid:
+            log.warning("the API process is gone: the engine process exits")
+            return
+        core.take_loaded()
+        message = core.step()
+        if message is not None:
+            outputs.send(encoder.encode(message))
+
+
+def run_engine_core(settings: Settings, hf_dir: str, model_id: str, input_address: str, output_address: str,
+                    parent_pid: int) -> None:
+    """Entry point of the engine process: load, send Ready (or Failed), serve until told to stop."""
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
+    # Ctrl-C reaches the whole process group: the API process decides when the engine stops (after a drain).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    context = zmq.Context()
+    inputs = context.socket(zmq.PULL)
+    outputs = context.socket(zmq.PUSH)
+    outputs.setsockopt(zmq.SNDHWM, 0)  # never block a step on a slow reader; the API process drains it
+    outputs.setsockopt(zmq.LINGER, SEND_LINGER_MS)
+    inputs.setsockopt(zmq.LINGER, 0)
+    inputs.connect(input_address)
+    outputs.connect(output_address)
+    encoder, _ = output_codec()
+    core = None
+    try:
+        try:
+            core = EngineCore.build(settings, Path(hf_dir), model_id)
+        except Exception as exc:
+            log.exception("engine startup failed")
+            outputs.send(encoder.encode(Failed(f"{type(exc).__name__}: {exc}")))
+            return
+        outputs.send(encoder.encode(core.ready_message()))
+        serve(core, inputs, outputs, parent_pid)
+    except BaseException as exc:
+        log.exception("engine loop died")
+        outputs.send(encoder.encode(Failed(f"the engine stopped: {type(exc).__name__}")))
+        raise
+    finally:
+        if core is not None:
+            core.close()
+        inputs.close()
+        outputs.close()
+        context.term()

@@ -1,0 +1,89 @@
+"""Where the engine's metric updates go: straight to Prometheus, or batched for another process.
+
+With the engine in its own process, its updates are recorded in a `DeltaSink`, shipped with each
+`Outputs` message and applied to the API process's registry by `PrometheusSink.apply`, so /metrics keeps
+serving every family from one registry under the same names. (prometheus_client's multiprocess mode was
+the alternative; it was not chosen because it cannot remove a series, which the per-adapter label cap
+and `vllm:lora_requests_info` rely on, and it changes how gauges aggregate and how /metrics collects.)
+Families are named by their attribute in server.metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from server import metrics
+from server.engine.protocol import MetricsDelta
+
+Labels = tuple[str, ...]
+
+
+class PrometheusSink:
+    """Applies updates to the families of server.metrics in this process."""
+
+    def inc(self, family: str, labels: Labels, amount: float = 1.0) -> None:
+        getattr(metrics, family).labels(*labels).inc(amount)
+
+    def set(self, family: str, labels: Labels, value: float) -> None:
+        getattr(metrics, family).labels(*labels).set(value)
+
+    def observe(self, family: str, labels: Labels, value: float) -> None:
+        getattr(metrics, family).labels(*labels).observe(value)
+
+    def remove(self, family: str, labels: Labels) -> None:
+        with contextlib.suppress(KeyError):
+            getattr(metrics, family).remove(*labels)
+
+    def apply(self, delta: MetricsDelta) -> None:
+        """Replay a batch recorded by a DeltaSink: removals first, then gauges, counters, histograms."""
+        for family, labels in delta.removals:
+            self.remove(family, tuple(labels))
+        for family, labels, value in delta.gauges:
+            self.set(family, tuple(labels), value)
+        for family, labels, amount in delta.increments:
+            self.inc(family, tuple(labels), amount)
+        for family, labels, values in delta.observations:
+            child = getattr(metrics, family).labels(*labels)
+            for value in values:
+                child.observe(value)
+
+
+class DeltaSink:
+    """Accumulates updates (counters summed, gauges last value, observations listed) until `drain`."""
+
+    def __init__(self):
+        self._increments: dict[tuple[str, Labels], float] = {}
+        self._gauges: dict[tuple[str, Labels], float] = {}
+        self._observations: dict[tuple[str, Labels], list[float]] = {}
+        self._removals: set[tuple[str, Labels]] = set()
+
+    def inc(self, family: str, labels: Labels, amount: float = 1.0) -> None:
+        key = (family, labels)
+        self._increments[key] = self._increments.get(key, 0.0) + amount
+
+    def set(self, family: str, labels: Labels, value: float) -> None:
+        key = (family, labels)
+        self._removals.discard(key)
+        self._gauges[key] = value
+
+    def observe(self, family: str, labels: Labels, value: float) -> None:
+        self._observations.setdefault((family, labels), []).append(value)
+
+    def remove(self, family: str, labels: Labels) -> None:
+        """Removals apply before the batch's gauge values, so a later `set` of the same series wins."""
+        key = (family, labels)
+        self._gauges.pop(key, None)
+        self._removals.add(key)
+
+    def drain(self) -> MetricsDelta | None:
+        """Everything recorded since the last drain, or None if nothing was."""
+        if not (self._increments or self._gauges or self._observations or self._removals):
+            return None
+        delta = MetricsDelta(
+            increments=[(f, list(labels), v) for (f, labels), v in self._increments.items()],
+            gauges=[(f, list(labels), v) for (f, labels), v in self._gauges.items()],
+            observations=[(f, list(labels), v) for (f, labels), v in self._observations.items()],
+            removals=[(f, list(labels)) for f, labels in self._removals],
+        )
+        self._increments, self._gauges, self._observations, self._removals = {}, {}, {}, set()
+        return delta
