@@ -24,6 +24,7 @@ from server.model.loader import load_hf_dir
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BASE_ID = "tiny-llama"
 START_TIMEOUT_S = 60
+ENGINE_MODES = {"thread": False, "process": True}  # the engine_process setting, by test id
 
 
 def api_settings(model_dir: Path, adapters_dir: Path, **overrides) -> Settings:

@@ -11,15 +11,16 @@ import tarfile
 import httpx
 import pytest
 
-from tests.api.helpers import BASE_ID, api_settings, assert_error, greedy_text, live_server, upload
+from tests.api.helpers import BASE_ID, ENGINE_MODES, api_settings, assert_error, greedy_text, live_server, upload
 
 STREAM_TOKENS = 48
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama_dir, tiny_adapters, tmp_path_factory):
+@pytest.fixture(scope="module", params=list(ENGINE_MODES))
+def server(request, tiny_llama_dir, tiny_adapters, tmp_path_factory):
     settings = api_settings(tiny_llama_dir, tmp_path_factory.mktemp("store"),
-                            allowed_adapter_dirs=[tiny_adapters["attn-r4"].parent], max_batch_size=32)
+                            allowed_adapter_dirs=[tiny_adapters["attn-r4"].parent], max_batch_size=32,
+                            engine_process=ENGINE_MODES[request.param])
     with live_server(settings) as live:
         yield live
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.helpers import BASE_ID, free_port, spawn_server, upload, upload_files, wait_ready
+from tests.api.helpers import BASE_ID, ENGINE_MODES, free_port, spawn_server, upload, upload_files, wait_ready
 
 
 def _server_args(model_dir: Path, adapters_dir: Path) -> list[str]:
@@ -26,9 +26,9 @@ def process_server(tiny_llama_dir, tmp_path):
     """Start a server process; the test signals it; whatever is left is killed at the end."""
     started = []
 
-    def start(adapters_dir: Path):
+    def start(adapters_dir: Path, extra_args: tuple[str, ...] = ()):
         port = free_port()
-        process = spawn_server(_server_args(tiny_llama_dir, adapters_dir), port,
+        process = spawn_server([*_server_args(tiny_llama_dir, adapters_dir), *extra_args], port,
                                log_path=tmp_path / f"server-{len(started)}.log")
         started.append(process)
         url = f"http://127.0.0.1:{port}"
@@ -42,8 +42,9 @@ def process_server(tiny_llama_dir, tmp_path):
             process.wait(10)
 
 
-def test_sigterm_drains_in_flight_streams_then_exits_0(process_server, tmp_path):
-    process, url = process_server(tmp_path / "store")
+@pytest.mark.parametrize("engine_args", [(), ("--engine-process",)], ids=list(ENGINE_MODES))
+def test_sigterm_drains_in_flight_streams_then_exits_0(process_server, tmp_path, engine_args):
+    process, url = process_server(tmp_path / "store", engine_args)
     body = {"model": BASE_ID, "prompt": "Hello", "max_tokens": 480, "ignore_eos": True, "temperature": 0,
             "stream": True}
     results: list[list[str]] = []
