@@ -131,11 +131,13 @@ class ServerState:
             self.phase = Phase.STOPPED
 
     def refresh_adapter_gauges(self) -> None:
-        """Set loraplex_adapters_resident for the disk and CPU tiers (blocking: lists the store)."""
+        """Set loraplex_adapters_resident for the disk and CPU tiers (blocking: lists the store). The engine
+        process reports its own CPU tier."""
         if self.store is None or self.registry is None:
             return
         metrics.adapters_resident.labels(self.model_id, "disk").set(len(self.store.list()))
-        metrics.adapters_resident.labels(self.model_id, "cpu").set(self.registry.num_cached)
+        if self.registry.load_weights:
+            metrics.adapters_resident.labels(self.model_id, "cpu").set(self.registry.num_cached)
 
     def _on_adapter_load(self, seconds: float, num_cached: int) -> None:
         metrics.adapter_load_seconds.labels(self.model_id, "cpu").observe(seconds)

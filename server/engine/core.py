@@ -69,8 +69,13 @@ class EngineCore:
         store = AdapterStore(settings.adapters_dir, BaseModelSpec.from_hf_config(loaded.config.hf_config),
                              settings.max_rank, settings.max_upload_bytes,
                              versions_kept=settings.adapter_versions_kept)
-        registry = AdapterRegistry(store, settings.max_cpu_adapters, pin_memory_available())
         sink = DeltaSink()
+
+        def on_load(seconds: float, num_cached: int) -> None:  # the CPU tier lives in this process
+            sink.observe("adapter_load_seconds", (model_id, "cpu"), seconds)
+            sink.set("adapters_resident", (model_id, "cpu"), num_cached)
+
+        registry = AdapterRegistry(store, settings.max_cpu_adapters, pin_memory_available(), on_load=on_load)
         engine = LLMEngine(loaded, settings, detokenize=False, metrics_sink=sink)
         engine.metrics.record_step([], [], 0.0, None)
         return cls(engine, store, registry, sink)

@@ -11,6 +11,7 @@ Families are named by their attribute in server.metrics.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 from server import metrics
 from server.engine.protocol import MetricsDelta
@@ -49,9 +50,11 @@ class PrometheusSink:
 
 
 class DeltaSink:
-    """Accumulates updates (counters summed, gauges last value, observations listed) until `drain`."""
+    """Accumulates updates (counters summed, gauges last value, observations listed) until `drain`.
+    Thread-safe: the engine loop and the adapter loader thread both record."""
 
     def __init__(self):
+        self._lock = threading.Lock()
         self._increments: dict[tuple[str, Labels], float] = {}
         self._gauges: dict[tuple[str, Labels], float] = {}
         self._observations: dict[tuple[str, Labels], list[float]] = {}
@@ -59,31 +62,37 @@ class DeltaSink:
 
     def inc(self, family: str, labels: Labels, amount: float = 1.0) -> None:
         key = (family, labels)
-        self._increments[key] = self._increments.get(key, 0.0) + amount
+        with self._lock:
+            self._increments[key] = self._increments.get(key, 0.0) + amount
 
     def set(self, family: str, labels: Labels, value: float) -> None:
         key = (family, labels)
-        self._removals.discard(key)
-        self._gauges[key] = value
+        with self._lock:
+            self._removals.discard(key)
+            self._gauges[key] = value
 
     def observe(self, family: str, labels: Labels, value: float) -> None:
-        self._observations.setdefault((family, labels), []).append(value)
+        with self._lock:
+            self._observations.setdefault((family, labels), []).append(value)
 
     def remove(self, family: str, labels: Labels) -> None:
         """Removals apply before the batch's gauge values, so a later `set` of the same series wins."""
         key = (family, labels)
-        self._gauges.pop(key, None)
-        self._removals.add(key)
+        with self._lock:
+            self._gauges.pop(key, None)
+            self._removals.add(key)
 
     def drain(self) -> MetricsDelta | None:
         """Everything recorded since the last drain, or None if nothing was."""
-        if not (self._increments or self._gauges or self._observations or self._removals):
-            return None
-        delta = MetricsDelta(
-            increments=[(f, list(labels), v) for (f, labels), v in self._increments.items()],
-            gauges=[(f, list(labels), v) for (f, labels), v in self._gauges.items()],
-            observations=[(f, list(labels), v) for (f, labels), v in self._observations.items()],
-            removals=[(f, list(labels)) for f, labels in self._removals],
+        with self._lock:
+            if not (self._increments or self._gauges or self._observations or self._removals):
+                return None
+            increments, gauges, observations, removals = (self._increments, self._gauges, self._observations,
+                                                          self._removals)
+            self._increments, self._gauges, self._observations, self._removals = {}, {}, {}, set()
+        return MetricsDelta(
+            increments=[(f, list(labels), v) for (f, labels), v in increments.items()],
+            gauges=[(f, list(labels), v) for (f, labels), v in gauges.items()],
+            observations=[(f, list(labels), v) for (f, labels), v in observations.items()],
+            removals=[(f, list(labels)) for f, labels in removals],
         )
-        self._increments, self._gauges, self._observations, self._removals = {}, {}, {}, set()
-        return delta

@@ -8,7 +8,7 @@ import hashlib
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.helpers import BASE_ID, DESIGN_FAMILIES, api_settings, assert_error, live_server, upload
+from tests.api.helpers import BASE_ID, DESIGN_FAMILIES, ENGINE_MODES, api_settings, assert_error, live_server, upload
 
 
 def scrape(client) -> dict[str, list]:
@@ -26,9 +26,11 @@ def value(families, name: str, sample_name: str | None = None, **labels) -> floa
                if s.name == target and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama_dir, tmp_path_factory):
-    with live_server(api_settings(tiny_llama_dir, tmp_path_factory.mktemp("store"))) as live:
+@pytest.fixture(scope="module", params=list(ENGINE_MODES))
+def server(request, tiny_llama_dir, tmp_path_factory):
+    settings = api_settings(tiny_llama_dir, tmp_path_factory.mktemp("store"),
+                            engine_process=ENGINE_MODES[request.param])
+    with live_server(settings) as live:
         yield live
 
 
