@@ -239,7 +239,7 @@ class EngineProcessClient:
                         except zmq.Again:
                             break
                         self._handle(self._output_decoder.decode(frame))
-                if self.fatal_error is None and not self._process.is_alive():
+                if self.fatal_error is None and not self._process.is_alive() and not self._stopping.is_set():
                     self._die(f"the engine process exited with code {self._process.exitcode}")
                 if self.fatal_error is not None:
                     return
