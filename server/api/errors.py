@@ -105,7 +105,7 @@ def to_api_error(exc: Exception) -> APIError:
     if isinstance(exc, QueueFullError):
         return APIError(503, f"server is busy: {exc}; retry later", headers=retry_after(RETRY_AFTER_BUSY_S))
     if isinstance(exc, EngineDeadError):
-        return APIError(503, "the engine is not running", headers=retry_after(RETRY_AFTER_BUSY_S))
+        return APIError(503, f"the engine is not running: {exc}", headers=retry_after(RETRY_AFTER_BUSY_S))
     log.error("unhandled error: %s", exc, exc_info=exc)
     return APIError(500, "internal server error")
 

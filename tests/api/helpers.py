@@ -175,3 +175,18 @@ DESIGN_FAMILIES = {
     "loraplex_adapter_swaps": {"mode"},
     "loraplex_batch_distinct_adapters": set(),
 }
+
+
+def slow_engine_core(*args) -> None:
+    """Engine process entry (a spawn target) whose steps take at least 10 ms, so requests stay in flight."""
+    from server.engine.core import run_engine_core
+    from server.engine.engine import LLMEngine
+
+    step = LLMEngine.step
+
+    def slow_step(self):
+        time.sleep(0.01)
+        return step(self)
+
+    LLMEngine.step = slow_step
+    run_engine_core(*args)
