@@ -1,4 +1,6 @@
-"""`python -m server`: parse settings, log, serve with uvicorn; SIGTERM drains before exiting 0.
+"""`python -m server` (or `loraplex`): parse settings, log, serve with uvicorn; SIGTERM drains before exiting 0.
+
+`loraplex keys ...` (or `python -m server keys ...`) manages the API keys file instead: server/keys_cli.py.
 
 A first SIGTERM or SIGINT starts a drain: /ready turns 503, new requests get 503, requests in
 flight run to completion (bounded by request_timeout_s), then uvicorn shuts down. A second signal
@@ -14,6 +16,7 @@ import sys
 
 import uvicorn
 
+from server import keys_cli
 from server.api.auth import KeyFileError
 from server.api.state import Phase, ServerState
 from server.app import create_app
@@ -72,6 +75,9 @@ def serve(settings: Settings) -> int:
                     "adapters; listening on %s only. Set an auth file to serve other hosts.", settings.host)
     try:
         app = create_app(settings)
+        if settings.auth_file is not None:
+            num_keys, num_tenants = keys_cli.summarize(settings.auth_file)
+            log.info("auth: %d keys for %d tenants loaded from %s", num_keys, num_tenants, settings.auth_file)
     except KeyFileError as exc:
         log.error("%s", exc)
         return 2
@@ -89,6 +95,9 @@ def serve(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        return keys_cli.main(argv[1:])
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
     return serve(settings)
