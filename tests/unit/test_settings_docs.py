@@ -62,7 +62,7 @@ def test_every_flag_has_help_default_choices_and_env(name, capsys):
         parse_settings(["--help"])
     help_text = re.sub(r"\s+", " ", capsys.readouterr().out)
     options = help_text[help_text.index("options:"):]  # past the usage line, which names every flag too
-    entry = options[options.index(settings_docs.flag_name(name) + " "):]
+    entry = options[re.search(re.escape(settings_docs.flag_name(name)) + "[ ,]", options).start():]
     entry = entry[:entry.index(settings_docs.env_name(name)) + len(settings_docs.env_name(name))]
     assert f"default: {settings_docs.default_text(field)}" in entry
     assert field.description.split()[0] in entry
