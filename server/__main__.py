@@ -2,7 +2,8 @@
 
 `loraplex keys ...` (or `python -m server keys ...`) manages the API keys file instead: server/keys_cli.py.
 
-A first SIGTERM or SIGINT starts a drain: /ready turns 503, new requests get 503, requests in
+A signal while the model is still loading ends the process at once (nothing is in flight yet).
+Otherwise a first SIGTERM or SIGINT starts a drain: /ready turns 503, new requests get 503, requests in
 flight run to completion (bounded by request_timeout_s), then uvicorn shuts down. A second signal
 skips the wait.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -40,6 +42,15 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+
+    async def serve(self, sockets=None) -> None:
+        await super().serve(sockets)
+        if self.state.engine is None and self.state.phase is not Phase.FAILED:
+            # Stopped while the model loads in a worker thread that cannot be interrupted; returning
+            # would wait for it (asyncio joins its executor), so a pod would outlive its grace period.
+            log.info("stopped while loading the model: exiting without waiting for the load to finish")
+            logging.shutdown()
+            os._exit(0)
 
     def handle_exit(self, sig: int, frame) -> None:
         # Not calling super(): it would re-raise the signal after shutdown and end with a non-zero status.
