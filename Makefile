@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 CPU_SERVE_ARGS := --kv-cache-blocks 256 --max-slots 4 --max-rank 32
 SERVE_ARGS ?= $(shell $(BIN)/python -c 'import torch; print("" if torch.cuda.is_available() else "$(CPU_SERVE_ARGS)")' 2>/dev/null)
 
-.PHONY: serve test test-triton lint install clean bench
+.PHONY: serve demo test test-triton lint install clean bench
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ $(STAMP): pyproject.toml
 
 serve: $(STAMP)
 	$(BIN)/python -m server $(SERVE_ARGS)
+
+# Needs `make serve` running (another terminal): trains ./demo-adapter once (CPU, PEFT, 1-2 min), uploads it
+# as `json-answers` and prints base and adapter answers. With auth: `make demo KEY=...` (generate + admin).
+DEMO_ARGS ?=
+demo: $(STAMP)
+	$(BIN)/python -m server.demo_adapter $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
