@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import httpx
@@ -91,19 +92,20 @@ def answer_loss(peft_model, input_ids: torch.Tensor, attention: torch.Tensor, la
     return torch.nn.functional.cross_entropy(logits.float(), targets[scored])
 
 
-def train(out_dir: Path, cache_dir: Path, steps: int, seed: int) -> None:
-    """Train the JSON-answers LoRA with PEFT on the CPU and save it in PEFT format into out_dir."""
+def train(out_dir: Path, hf_dir: Path, steps: int, seed: int) -> None:
+    """Train the JSON-answers LoRA on the model in `hf_dir` with PEFT on the CPU; save it in PEFT format."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    hf_dir = embedded_hf_dir(cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT 0.21 reads a property that transformers 5 deprecates
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     batch_size = 4
     examples = [encode(tokenizer, q, a) for q, a in training_examples(rng, steps * batch_size)]
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("LORAPLEX_CACHE_DIR", DEFAULT_CACHE_DIR)),
                         help="where the converted embedded model lives (as the server's cache_dir)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="an HF model dir to train on instead of the embedded model (it must be the server's base)")
     parser.add_argument("--retrain", action="store_true", help="train again even if --out holds an adapter")
     parser.add_argument("--no-upload", action="store_true", help="only train and save")
     args = parser.parse_args(argv)
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.retrain or not all((args.out / f).is_file() for f in ADAPTER_FILES):
         print(f"training a rank-8 LoRA that answers in JSON, {args.steps} steps on the CPU ...", flush=True)
-        train(args.out, args.cache_dir, args.steps, args.seed)
+        train(args.out, args.model or embedded_hf_dir(args.cache_dir), args.steps, args.seed)
     else:
         print(f"using the adapter already in {args.out}/ (--retrain trains it again)")
     if args.no_upload:
