@@ -156,6 +156,7 @@ def load_model(
     served_model_name: str | None = None,
 ) -> LoadedModel:
     """Load `model` ('embedded', a .gguf file, or an HF dir) per the server settings."""
+    start = time.perf_counter()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if model == "embedded" or model.endswith(".gguf"):
@@ -165,7 +166,10 @@ def load_model(
         model_id = EMBEDDED_NAME if model == "embedded" else gguf_path.stem
     else:
         hf_dir, model_id = Path(model), Path(model).name
-    return load_hf_dir(
+    loaded = load_hf_dir(
         hf_dir, device=dev, dtype=torch_dtype, quantize=quantization == "nf4",
         model_id=served_model_name or model_id,
     )
+    log.info("loading: model loaded in %.1f s; next: KV cache and engine start (\"engine ready\" when done)",
+             time.perf_counter() - start)
+    return loaded
