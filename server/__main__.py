@@ -44,13 +44,19 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
 
     async def serve(self, sockets=None) -> None:
-        await super().serve(sockets)
-        if self.state.engine is None and self.state.phase is not Phase.FAILED:
-            # Stopped while the model loads in a worker thread that cannot be interrupted; returning
-            # would wait for it (asyncio joins its executor), so a pod would outlive its grace period.
-            log.info("stopped while loading the model: exiting without waiting for the load to finish")
-            logging.shutdown()
-            os._exit(0)
+        status = 0
+        try:
+            await super().serve(sockets)
+        except SystemExit as exc:  # uvicorn's start-up failure, e.g. the port is taken
+            status = exc.code if isinstance(exc.code, int) else 1
+            raise
+        finally:
+            if self.state.engine is None and self.state.phase is not Phase.FAILED:
+                # Stopped while the model loads in a worker thread that cannot be interrupted; returning
+                # would wait for it (asyncio joins its executor), so a pod would outlive its grace period.
+                log.info("stopped while loading the model: exiting without waiting for the load to finish")
+                logging.shutdown()
+                os._exit(status)
 
     def handle_exit(self, sig: int, frame) -> None:
         # Not calling super(): it would re-raise the signal after shutdown and end with a non-zero status.
