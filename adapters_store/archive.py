@@ -7,7 +7,10 @@ Layout rules (nothing is ever extracted to disk, but unsafe archives are still r
 - other files (README.md, tokenizer files, training_args.bin) are ignored and never read, but their
   declared sizes count toward the limit; a pickle checkpoint without a safetensors file is rejected;
 - the uncompressed size is bounded twice: by the sizes the archive declares and by counting the
-  bytes actually decompressed, so a zip/gzip bomb stops at the limit.
+  bytes actually decompressed, so a zip/gzip bomb stops at the limit. The limit is max_bytes, and
+  also MAX_EXPANSION times the archive's own size (at least EXPANSION_FLOOR bytes): adapter weights
+  barely compress (about 1.1x; 2x for an untrained adapter whose B is zero), so a 500 KB archive
+  that expands to 500 MB is a bomb, refused after reading at most 20x its size, not after 500 MB.
 """
 
 from __future__ import annotations
@@ -29,14 +32,22 @@ WANTED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 # Tar headers and padding add up to 1.5 KiB per member plus trailing zero records.
 _TAR_OVERHEAD = MAX_MEMBERS * 1536 + (1 << 20)
 _CHUNK = 1 << 20
+MAX_EXPANSION = 20
+EXPANSION_FLOOR = 8 << 20
+
+
+def uncompressed_limit(archive_size: int, max_bytes: int) -> int:
+    """The most bytes an archive of `archive_size` bytes may expand to."""
+    return min(max_bytes, max(EXPANSION_FLOOR, MAX_EXPANSION * archive_size))
 
 
 def extract_adapter_files(archive_bytes: bytes, max_bytes: int) -> tuple[bytes, bytes]:
     """Return (adapter_config.json, adapter_model.safetensors) bytes from a .tar.gz or .zip archive."""
+    limit = _Limit(uncompressed_limit(len(archive_bytes), max_bytes), max_bytes, len(archive_bytes))
     if archive_bytes.startswith(GZIP_MAGIC):
-        names, contents = _read_tar_gz(archive_bytes, max_bytes)
+        names, contents = _read_tar_gz(archive_bytes, limit)
     elif archive_bytes.startswith(ZIP_MAGICS):
-        names, contents = _read_zip(archive_bytes, max_bytes)
+        names, contents = _read_zip(archive_bytes, limit)
     else:
         raise AdapterValidationError("archive is neither a .tar.gz nor a .zip file")
     prefix = _root_prefix(names)
@@ -94,25 +105,37 @@ def _add_member(name: str, names: list[str], seen: set[str]) -> bool:
     return name.rsplit("/", 1)[-1] in WANTED_FILES and name.count("/") <= 1
 
 
-def _too_large(max_bytes: int) -> AdapterTooLargeError:
-    return AdapterTooLargeError(f"archive content exceeds the {max_bytes}-byte limit when uncompressed")
+class _Limit:
+    """The uncompressed-size bound of one archive, and the error that names why it is that size."""
+
+    def __init__(self, num_bytes: int, max_bytes: int, archive_size: int):
+        self.num_bytes, self.max_bytes, self.archive_size = num_bytes, max_bytes, archive_size
+
+    def exceeded(self) -> AdapterTooLargeError:
+        if self.num_bytes < self.max_bytes:
+            return AdapterTooLargeError(
+                f"archive expands to more than {self.num_bytes} bytes, over {MAX_EXPANSION}x its own "
+                f"{self.archive_size} bytes (a compression bomb?); send {CONFIG_FILE} and {WEIGHTS_FILE} "
+                f"as multipart parts instead"
+            )
+        return AdapterTooLargeError(f"archive content exceeds the {self.max_bytes}-byte limit when uncompressed")
 
 
-def _read_bounded(handle: io.BufferedIOBase, budget: int, max_bytes: int) -> bytes:
+def _read_bounded(handle: io.BufferedIOBase, budget: int, limit: _Limit) -> bytes:
     chunks, total = [], 0
     while chunk := handle.read(min(_CHUNK, budget - total + 1)):
         total += len(chunk)
         if total > budget:
-            raise _too_large(max_bytes)
+            raise limit.exceeded()
         chunks.append(chunk)
     return b"".join(chunks)
 
 
 class _BoundedStream(io.RawIOBase):
-    """Counts decompressed bytes and stops a gzip bomb at `limit`."""
+    """Counts decompressed bytes and stops a gzip bomb at `num_bytes`."""
 
-    def __init__(self, raw: io.BufferedIOBase, limit: int, max_bytes: int):
-        self._raw, self._limit, self._max_bytes, self.count = raw, limit, max_bytes, 0
+    def __init__(self, raw: io.BufferedIOBase, num_bytes: int, limit: _Limit):
+        self._raw, self._num_bytes, self._limit, self.count = raw, num_bytes, limit, 0
 
     def readable(self) -> bool:
         return True
@@ -120,17 +143,17 @@ class _BoundedStream(io.RawIOBase):
     def readinto(self, buffer) -> int:
         num_read = self._raw.readinto(buffer)
         self.count += num_read
-        if self.count > self._limit:
-            raise _too_large(self._max_bytes)
+        if self.count > self._num_bytes:
+            raise self._limit.exceeded()
         return num_read
 
 
-def _read_tar_gz(data: bytes, max_bytes: int) -> tuple[list[str], dict[str, bytes]]:
+def _read_tar_gz(data: bytes, limit: _Limit) -> tuple[list[str], dict[str, bytes]]:
     names: list[str] = []
     seen: set[str] = set()
     contents: dict[str, bytes] = {}
     declared = 0
-    stream = _BoundedStream(gzip.GzipFile(fileobj=io.BytesIO(data)), max_bytes + _TAR_OVERHEAD, max_bytes)
+    stream = _BoundedStream(gzip.GzipFile(fileobj=io.BytesIO(data)), limit.num_bytes + _TAR_OVERHEAD, limit)
     try:
         with tarfile.open(fileobj=stream, mode="r|") as archive:
             for member in archive:
@@ -142,17 +165,18 @@ def _read_tar_gz(data: bytes, max_bytes: int) -> tuple[list[str], dict[str, byte
                 if not member.isreg():
                     raise AdapterValidationError(f"archive member {member.name!r} is not a regular file")
                 declared += member.size
-                if declared > max_bytes:
-                    raise _too_large(max_bytes)
+                if declared > limit.num_bytes:
+                    raise limit.exceeded()
                 if _add_member(name, names, seen):
                     handle = archive.extractfile(member)
-                    contents[name] = _read_bounded(handle, max_bytes - sum(map(len, contents.values())), max_bytes)
+                    budget = limit.num_bytes - sum(map(len, contents.values()))
+                    contents[name] = _read_bounded(handle, budget, limit)
     except (tarfile.TarError, gzip.BadGzipFile, zlib.error, EOFError) as exc:
         raise AdapterValidationError(f"archive is not a valid .tar.gz: {exc}") from None
     return names, contents
 
 
-def _read_zip(data: bytes, max_bytes: int) -> tuple[list[str], dict[str, bytes]]:
+def _read_zip(data: bytes, limit: _Limit) -> tuple[list[str], dict[str, bytes]]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
@@ -172,13 +196,14 @@ def _read_zip(data: bytes, max_bytes: int) -> tuple[list[str], dict[str, bytes]]
                 continue
             if _add_member(name, names, seen):
                 wanted.append((name, info))
-        if sum(info.file_size for info in infos) > max_bytes:
-            raise _too_large(max_bytes)
+        if sum(info.file_size for info in infos) > limit.num_bytes:
+            raise limit.exceeded()
         contents: dict[str, bytes] = {}
         try:
             for name, info in wanted:
                 with archive.open(info) as handle:
-                    contents[name] = _read_bounded(handle, max_bytes - sum(map(len, contents.values())), max_bytes)
+                    budget = limit.num_bytes - sum(map(len, contents.values()))
+                    contents[name] = _read_bounded(handle, budget, limit)
         except (zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error, EOFError) as exc:
             raise AdapterValidationError(f"archive member could not be read: {exc}") from None
     return names, contents

@@ -37,3 +37,9 @@ class AdapterIntegrityError(AdapterError):
     """A stored adapter no longer matches its manifest (sha256 or config changed on disk)."""
 
     status_code = 500
+
+
+class AdapterStorageFullError(AdapterError):
+    """The store's filesystem is full (ENOSPC or quota); nothing of the failed write is left behind."""
+
+    status_code = 507

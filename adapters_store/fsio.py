@@ -24,8 +24,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """True for the OSErrors a full filesystem or an exhausted quota raises."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def write_file_durable(path: Path, data: bytes) -> None:
-    """Create `path` (must not exist), write `data` in chunks and fsync it."""
+    """Create `path` (must not exist), write `data` in chunks and fsync it; on failure remove it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)
@@ -33,8 +38,11 @@ def write_file_durable(path: Path, data: bytes) -> None:
             written = os.write(fd, view[:_CHUNK])
             view = view[written:]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 def read_regular_file(path: Path, max_bytes: int) -> bytes:

@@ -31,11 +31,12 @@ class AdapterRecord:
     size_bytes: int  # adapter_config.json + adapter_model.safetensors
     created: int  # unix seconds
     path: Path  # the version dir
+    owner: str | None = None  # tenant that uploaded this version (None: stored before owners were kept)
 
     def to_public(self) -> dict:
         """The fields the HTTP API returns."""
         fields = asdict(self)
-        del fields["path"], fields["use_rslora"]
+        del fields["path"], fields["use_rslora"], fields["owner"]
         return fields
 
 

@@ -6,20 +6,27 @@ Layout::
     root/<name>/v<version>/adapter_model.safetensors
     root/<name>/v<version>/manifest.json      written last; without it the version does not exist
     root/.staging/<random>/                    uploads being written (swept at start)
-    root/.trash/<random>/                      adapters being deleted (swept at start)
+    root/.trash/<random>/                      pruned versions being removed (swept at start)
+    root/.trash/<random>@<last version>@<name>/ adapters being deleted (swept at start)
     root/.versions/<name>                      last version of a deleted adapter (a tombstone)
 
 A put writes and fsyncs the files in a staging dir, renames it to `v<N>`, then writes manifest.json
 (temp file + fsync + rename). A crash at any point leaves the previous versions untouched and at
-most an invisible version dir, which the next start removes. One process owns a root: writes are
-serialized by a threading.Lock, readers take no lock. Versions start at 1 and grow by one; every
-older version stays readable until the adapter is deleted (running requests keep theirs). Versions
-never repeat for a name, even after a delete (the tombstone remembers the last one), so
-(name, version) always identifies the same bytes and is a safe cache key.
+most an invisible version dir, which the next start removes. A put that fails because the disk is
+full raises AdapterStorageFullError (507) and leaves nothing behind. One process owns a root: writes
+are serialized by a threading.Lock, readers take no lock. Versions start at 1 and grow by one; with
+`versions_kept=K` a put then moves every version older than the newest K into .trash and removes it
+(readers of a pruned version get AdapterNotFoundError and re-resolve). Versions never repeat for a
+name, even after a delete, so (name, version) always identifies the same bytes and is a safe cache
+key: a delete first renames the adapter into .trash under a name that carries its last version,
+empties it (so a delete frees space even on a full disk), then writes the tombstone and removes the
+empty dir; until the tombstone exists, the trash entry itself remembers the version.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import os
 import re
@@ -30,11 +37,18 @@ import time
 from pathlib import Path
 
 from .archive import extract_adapter_files
-from .errors import AdapterIntegrityError, AdapterNotFoundError, AdapterTooLargeError, InvalidAdapterNameError
+from .errors import (
+    AdapterIntegrityError,
+    AdapterNotFoundError,
+    AdapterStorageFullError,
+    AdapterTooLargeError,
+    InvalidAdapterNameError,
+)
 from .fsio import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     fsync_dir,
+    is_disk_full,
     read_adapter_dir,
     read_regular_file,
     write_file_durable,
@@ -44,14 +58,19 @@ from .records import NAME_PATTERN, AdapterRecord, read_manifest, validate_name, 
 from .spec import AdapterWeights, BaseModelSpec
 
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]{0,8})$")
+_TRASHED_ADAPTER = re.compile(r"^[0-9a-f]{16}@([1-9][0-9]{0,8})@(.+)$")
 
 
 class AdapterStore:
     """Versioned adapter directories under one root, written atomically."""
 
-    def __init__(self, root: Path, spec: BaseModelSpec, max_rank: int, max_bytes: int):
+    def __init__(self, root: Path, spec: BaseModelSpec, max_rank: int, max_bytes: int,
+                 versions_kept: int | None = None):
+        if versions_kept is not None and versions_kept < 1:
+            raise ValueError(f"versions_kept must be at least 1 (or None to keep all), got {versions_kept}")
         self.root = Path(root).resolve()
         self.spec, self.max_rank, self.max_bytes = spec, max_rank, max_bytes
+        self.versions_kept = versions_kept
         self._lock = threading.Lock()
         self._staging, self._trash = self.root / ".staging", self.root / ".trash"
         self._tombstones = self.root / ".versions"
@@ -59,60 +78,92 @@ class AdapterStore:
             path.mkdir(parents=True, exist_ok=True)
         self._sweep()
 
-    def put(self, name: str, config_bytes: bytes, safetensors_bytes: bytes) -> AdapterRecord:
-        """Validate an adapter and store it as the next version of `name`."""
+    def put(self, name: str, config_bytes: bytes, safetensors_bytes: bytes,
+            owner: str | None = None) -> AdapterRecord:
+        """Validate an adapter and store it as the next version of `name`, uploaded by tenant `owner`."""
         adapter_dir = self._adapter_dir(name)
         size_bytes = len(config_bytes) + len(safetensors_bytes)
         if size_bytes > self.max_bytes:
             raise AdapterTooLargeError(f"adapter is {size_bytes} bytes, more than the {self.max_bytes}-byte limit")
         config, weights = parse_adapter(config_bytes, safetensors_bytes, self.spec, self.max_rank)
-        sha256 = hashlib.sha256(safetensors_bytes).hexdigest()
+        record = AdapterRecord(
+            name=name,
+            version=0,  # set under the lock
+            sha256=hashlib.sha256(safetensors_bytes).hexdigest(),
+            rank=weights.rank,
+            alpha=weights.alpha,
+            use_rslora=weights.use_rslora,
+            target_modules=config["target_modules"],
+            size_bytes=size_bytes,
+            created=0,
+            path=adapter_dir,
+            owner=owner,
+        )
         with self._lock:
-            staging = self._staging / secrets.token_hex(8)
-            staging.mkdir()
             try:
-                write_file_durable(staging / CONFIG_FILE, config_bytes)
-                write_file_durable(staging / WEIGHTS_FILE, safetensors_bytes)
-                fsync_dir(staging)
-                adapter_dir.mkdir(exist_ok=True)
-                fsync_dir(self.root)
-                version = max([*self._version_numbers(adapter_dir), self._deleted_version(name)]) + 1
-                version_dir = adapter_dir / f"v{version}"
-                os.rename(staging, version_dir)
-                fsync_dir(adapter_dir)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
+                record = self._commit(record, config_bytes, safetensors_bytes)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise AdapterStorageFullError(
+                        f"no space left on the adapter store's disk ({self.root}) for {size_bytes} bytes: "
+                        f"adapter {name!r} was not stored; delete adapters or free space and retry"
+                    ) from None
                 raise
-            record = AdapterRecord(
-                name=name,
-                version=version,
-                sha256=sha256,
-                rank=weights.rank,
-                alpha=weights.alpha,
-                use_rslora=weights.use_rslora,
-                target_modules=config["target_modules"],
-                size_bytes=size_bytes,
-                created=int(time.time()),
-                path=version_dir,
-            )
-            try:
-                write_manifest(record)
-            except BaseException:
-                shutil.rmtree(version_dir, ignore_errors=True)
-                raise
+            self._prune(adapter_dir)
         return record
 
-    def put_archive(self, name: str, archive_bytes: bytes) -> AdapterRecord:
+    def _commit(self, record: AdapterRecord, config_bytes: bytes, safetensors_bytes: bytes) -> AdapterRecord:
+        """Write one version durably (caller holds the lock); on any failure remove what it wrote."""
+        adapter_dir, name = record.path, record.name
+        staging = self._staging / secrets.token_hex(8)
+        staging.mkdir()
+        version_dir = None
+        try:
+            write_file_durable(staging / CONFIG_FILE, config_bytes)
+            write_file_durable(staging / WEIGHTS_FILE, safetensors_bytes)
+            fsync_dir(staging)
+            adapter_dir.mkdir(exist_ok=True)
+            fsync_dir(self.root)
+            version = max([*self._version_numbers(adapter_dir), self._deleted_version(name)]) + 1
+            version_dir = adapter_dir / f"v{version}"
+            os.rename(staging, version_dir)
+            fsync_dir(adapter_dir)
+            record = dataclasses.replace(record, version=version, created=int(time.time()), path=version_dir)
+            write_manifest(record)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if version_dir is not None:
+                shutil.rmtree(version_dir, ignore_errors=True)
+            _remove_if_empty(adapter_dir)
+            raise
+        return record
+
+    def _prune(self, adapter_dir: Path) -> None:
+        """Remove every complete version older than the newest `versions_kept` (caller holds the lock).
+
+        A request holds its adapter's weights in memory from the moment it resolves them, so removing
+        the files of an older version never affects a running request (see README, "Versions")."""
+        if self.versions_kept is None:
+            return
+        for record in self._records(adapter_dir)[: -self.versions_kept]:
+            doomed = self._trash / secrets.token_hex(8)
+            try:
+                os.rename(record.path, doomed)
+            except OSError:
+                continue  # stays on disk; the next put or start retries
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def put_archive(self, name: str, archive_bytes: bytes, owner: str | None = None) -> AdapterRecord:
         """Store an adapter uploaded as one .tar.gz or .zip archive (see archive.py for layout rules)."""
         self._adapter_dir(name)
         config_bytes, safetensors_bytes = extract_adapter_files(archive_bytes, self.max_bytes)
-        return self.put(name, config_bytes, safetensors_bytes)
+        return self.put(name, config_bytes, safetensors_bytes, owner)
 
-    def put_dir(self, name: str, src_dir: Path) -> AdapterRecord:
+    def put_dir(self, name: str, src_dir: Path, owner: str | None = None) -> AdapterRecord:
         """Store a copy of a PEFT adapter directory (symlinked files are refused)."""
         self._adapter_dir(name)
         config_bytes, safetensors_bytes = read_adapter_dir(Path(src_dir), self.max_bytes)
-        return self.put(name, config_bytes, safetensors_bytes)
+        return self.put(name, config_bytes, safetensors_bytes, owner)
 
     def get(self, name: str, version: int | None = None) -> AdapterRecord:
         """The latest (or the given) complete version of `name`."""
@@ -135,16 +186,30 @@ class AdapterStore:
         return latest
 
     def delete(self, name: str) -> None:
-        """Remove every version of `name`: one atomic rename into .trash, then rmtree."""
+        """Remove every version of `name`: one atomic rename into .trash, then removal. Writes nothing
+        before the files are gone, so it works on a full disk."""
         adapter_dir = self._adapter_dir(name)
         with self._lock:
             if not self._records(adapter_dir):
                 raise AdapterNotFoundError(f"adapter {name!r} not found")
-            self._write_tombstone(name, max(self._version_numbers(adapter_dir)))
-            doomed = self._trash / secrets.token_hex(8)
+            last_version = max(self._version_numbers(adapter_dir))
+            doomed = self._trash / f"{secrets.token_hex(8)}@{last_version}@{name}"
             os.rename(adapter_dir, doomed)
+            self._bury(doomed, name, last_version)
+
+    def _bury(self, doomed: Path, name: str, last_version: int) -> None:
+        """Empty a deleted adapter's trash dir, record its last version in a tombstone, remove the dir.
+        If the tombstone cannot be written the empty dir stays: its name still carries the version."""
+        with contextlib.suppress(OSError):  # make the rename durable before the files go
             fsync_dir(self.root)
-        shutil.rmtree(doomed, ignore_errors=True)
+            fsync_dir(self._trash)
+        for entry in os.listdir(doomed):
+            shutil.rmtree(doomed / entry, ignore_errors=True)
+        try:
+            self._write_tombstone(name, max(last_version, self._tombstone_version(name)))
+            doomed.rmdir()
+        except OSError:
+            pass  # the adapter is gone either way; the next start retries (the dir name keeps the version)
 
     def load_weights(self, record: AdapterRecord) -> AdapterWeights:
         """Read a stored version back as float32 tensors, after re-checking its sha256 and config."""
@@ -186,6 +251,12 @@ class AdapterStore:
         return records
 
     def _deleted_version(self, name: str) -> int:
+        """The last version a deleted `name` had: its tombstone, or a trash dir not yet buried."""
+        buried = [int(m[1]) for entry in os.listdir(self._trash)
+                  if (m := _TRASHED_ADAPTER.fullmatch(entry)) and m[2] == name]
+        return max([self._tombstone_version(name), *buried])
+
+    def _tombstone_version(self, name: str) -> int:
         try:
             return int((self._tombstones / name).read_text())
         except (FileNotFoundError, ValueError):
@@ -199,12 +270,16 @@ class AdapterStore:
 
     def _sweep(self) -> None:
         """Remove what an interrupted put or delete left behind: staging, trash, manifest-less versions."""
-        for parent in (self._staging, self._trash):
-            for entry in os.listdir(parent):
-                shutil.rmtree(parent / entry, ignore_errors=True)
         for entry in os.listdir(self._tombstones):
             if entry.startswith("."):
                 os.unlink(self._tombstones / entry)
+        for entry in os.listdir(self._staging):
+            shutil.rmtree(self._staging / entry, ignore_errors=True)
+        for entry in os.listdir(self._trash):
+            if m := _TRASHED_ADAPTER.fullmatch(entry):
+                self._bury(self._trash / entry, m[2], int(m[1]))
+            else:
+                shutil.rmtree(self._trash / entry, ignore_errors=True)
         for entry in os.listdir(self.root):
             adapter_dir = self.root / entry
             if not NAME_PATTERN.fullmatch(entry) or not adapter_dir.is_dir():
@@ -213,5 +288,11 @@ class AdapterStore:
                 version_dir = adapter_dir / f"v{version}"
                 if read_manifest(entry, version, version_dir) is None:
                     shutil.rmtree(version_dir, ignore_errors=True)
-            if not os.listdir(adapter_dir):
-                adapter_dir.rmdir()
+            _remove_if_empty(adapter_dir)
+            self._prune(adapter_dir)
+
+
+def _remove_if_empty(path: Path) -> None:
+    """rmdir `path` if it exists and is empty (an adapter dir left without versions)."""
+    with contextlib.suppress(OSError):
+        path.rmdir()

@@ -65,6 +65,19 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(600.0, gt=0, description="per-request limit (504 after it); also the drain limit")
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs on CUDA")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug also logs each request")
+    adapter_versions_kept: int = Field(
+        3, ge=1, description="versions kept on disk per adapter; older ones are pruned after an upload"
+    )
+    metrics_max_adapters: int = Field(
+        100, ge=0, description="distinct adapter names in per-adapter metrics; the rest count as 'other'"
+    )
+    metrics_require_key: bool = Field(
+        False, description="/metrics needs an admin-scope API key (or the metrics key)"
+    )
+    metrics_key_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-fA-F]{64}$",
+        description="sha256 of a key that may read /metrics and nothing else; setting it protects /metrics",
+    )
 
     @field_validator("model")
     @classmethod
@@ -88,7 +101,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"host {self.host!r} needs an auth_file: open mode (no auth file) binds 127.0.0.1 only"
             )
+        if self.metrics_require_key and self.auth_file is None and self.metrics_key_sha256 is None:
+            raise ValueError(
+                "metrics_require_key needs an auth_file (admin-scope keys) or a metrics_key_sha256"
+            )
         return self
+
+    @property
+    def is_metrics_protected(self) -> bool:
+        """Whether /metrics asks for a key (an admin-scope API key or the metrics key)."""
+        return self.metrics_require_key or self.metrics_key_sha256 is not None
 
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:

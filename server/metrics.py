@@ -3,9 +3,15 @@ Inference Extension work unchanged; loraplex_* metrics are our own."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+BASE_LABEL, OTHER_LABEL = "base", "other"
+_SHARED_LABELS = frozenset((BASE_LABEL, OTHER_LABEL))
+DEFAULT_MAX_ADAPTER_LABELS = 100
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.0, 2.5)
@@ -48,9 +54,46 @@ generation_tokens = Counter(
 request_success = Counter(
     "vllm:request_success", "Finished requests", ["model_name", "finished_reason"], registry=REGISTRY
 )
-adapter_requests = Counter(
-    "loraplex_adapter_requests", "Requests per adapter and outcome", ["model_name", "adapter", "status"],
-    registry=REGISTRY,
+
+
+class AdapterLabelCounter(Counter):
+    """A Counter whose `adapter` label (the 2nd) takes at most `max_adapters` distinct adapter names;
+    later names count under "other", so a tenant uploading thousands of adapters cannot grow /metrics
+    without bound. `forget(name)` removes a deleted adapter's series and frees its place."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_adapters = DEFAULT_MAX_ADAPTER_LABELS
+        self._series_by_adapter: dict[str, set[tuple[str, ...]]] = {}
+        self._names_lock = threading.Lock()
+
+    def labels(self, *labelvalues, **labelkwargs):
+        """Like Counter.labels, with the adapter name mapped to itself or to "other" (the cap)."""
+        if labelkwargs or not self._labelnames:  # keyword labels or a child: nothing to map
+            return super().labels(*labelvalues, **labelkwargs)
+        model_name, adapter, *rest = (str(value) for value in labelvalues)
+        with self._names_lock:
+            if adapter not in self._series_by_adapter and adapter not in _SHARED_LABELS:
+                num_named = len(self._series_by_adapter.keys() - _SHARED_LABELS)
+                if num_named >= self.max_adapters:
+                    adapter = OTHER_LABEL
+            self._series_by_adapter.setdefault(adapter, set()).add((model_name, adapter, *rest))
+        return super().labels(model_name, adapter, *rest)
+
+    def forget(self, adapter: str) -> None:
+        """Remove every series of a deleted adapter (no-op for one that never had any)."""
+        if adapter in _SHARED_LABELS:
+            return
+        with self._names_lock:
+            series = self._series_by_adapter.pop(adapter, set())
+        for labelvalues in series:
+            with contextlib.suppress(KeyError):
+                self.remove(*labelvalues)
+
+
+adapter_requests = AdapterLabelCounter(
+    "loraplex_adapter_requests", "Requests per adapter and outcome (adapters past the label cap: 'other')",
+    ["model_name", "adapter", "status"], registry=REGISTRY,
 )
 adapter_load_seconds = Histogram(
     "loraplex_adapter_load_seconds", "Adapter load time (disk to CPU, CPU to GPU slot)",

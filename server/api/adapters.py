@@ -15,7 +15,15 @@ from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from adapters_store import AdapterNotFoundError, InvalidAdapterNameError, validate_name
+from adapters_store import (
+    NAME_RE,
+    AdapterNotFoundError,
+    AdapterStorageFullError,
+    InvalidAdapterNameError,
+    validate_name,
+)
+from adapters_store.fsio import is_disk_full
+from server import metrics
 from server.api.auth import Principal
 from server.api.deps import AdminCaller, Caller, StateDep
 from server.api.errors import ERROR_RESPONSES, APIError, adapter_not_found
@@ -43,6 +51,16 @@ def _checked_name(name: str, param: str = "name") -> str:
         raise APIError(400, str(exc), param=param) from None
 
 
+def _path_name(request: Request, name: str) -> str:
+    """The adapter name of a /v1/adapters/{name} route, checked against the raw path: the route regex
+    ends in `$`, which also matches before a trailing newline, so `good%0A` would arrive as `good`."""
+    path = request.scope["path"]
+    if not path.endswith("/" + name):
+        tail = path.rsplit("/adapters/", 1)[-1]
+        raise APIError(400, f"invalid adapter name {tail!r}: must match {NAME_RE}", param="name")
+    return _checked_name(name)
+
+
 def _visible(caller: Principal, name: str) -> str:
     """`name` if the caller may see it; otherwise the same 404 as a missing adapter."""
     if not caller.may_use(_checked_name(name)):
@@ -50,10 +68,18 @@ def _visible(caller: Principal, name: str) -> str:
     return name
 
 
-def _writable(caller: Principal, name: str, param: str = "name") -> str:
+def _writable(state: ServerState, caller: Principal, name: str, param: str = "name") -> str:
     if not caller.may_use(_checked_name(name, param)):
         raise APIError(403, f"tenant {caller.tenant!r} may not manage an adapter named {name!r}", param=param)
+    if name == state.model_id:
+        raise APIError(409, f"adapter name {name!r} is the base model's id; choose another name", param=param)
     return name
+
+
+def _storage_full(exc: AdapterStorageFullError | OSError) -> APIError:
+    if isinstance(exc, AdapterStorageFullError):
+        return APIError(507, str(exc))
+    return APIError(507, "no space left on the server's disk for the upload's temporary files; nothing was stored")
 
 
 async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
@@ -79,6 +105,10 @@ async def _read_parts(request: Request, limit: int) -> dict[str, bytes]:
         form = await parser.parse()
     except MultiPartException as exc:
         raise APIError(400, f"malformed multipart body: {exc.message}") from None
+    except OSError as exc:  # the parts spill to temporary files past 1 MB; the parser closes them
+        if is_disk_full(exc):
+            raise _storage_full(exc) from None
+        raise
     parts: dict[str, bytes] = {}
     try:
         for key, value in form.multi_items():
@@ -93,30 +123,34 @@ async def _read_parts(request: Request, limit: int) -> dict[str, bytes]:
     return parts
 
 
-def _store_upload(state: ServerState, name: str, parts: dict[str, bytes]):
+def _store_upload(state: ServerState, name: str, parts: dict[str, bytes], owner: str):
     if ARCHIVE_PART in parts:
         if len(parts) > 1:
             raise APIError(400, f"send either {ARCHIVE_PART!r} alone or the two adapter files",
                            param=ARCHIVE_PART)
-        return state.store.put_archive(name, parts[ARCHIVE_PART])
+        return state.store.put_archive(name, parts[ARCHIVE_PART], owner)
     missing = [part for part in (CONFIG_PART, WEIGHTS_PART) if part not in parts]
     if missing:
         raise APIError(400, f"missing part {missing[0]!r}", param=missing[0])
-    return state.store.put(name, parts[CONFIG_PART], parts[WEIGHTS_PART])
+    return state.store.put(name, parts[CONFIG_PART], parts[WEIGHTS_PART], owner)
 
 
 async def _after_change(state: ServerState, name: str, deleted: bool = False) -> None:
     if deleted:
         state.registry.forget(name)
+        metrics.adapter_requests.forget(name)
     await asyncio.to_thread(state.refresh_adapter_gauges)
 
 
 @router.put("/adapters/{name:path}", status_code=201, response_model=AdapterOut, openapi_extra=_UPLOAD_SCHEMA,
             summary="Upload an adapter (a new version if the name exists)")
 async def put_adapter(name: str, request: Request, state: StateDep, caller: AdminCaller) -> dict:
-    _writable(caller, name)
+    _writable(state, caller, _path_name(request, name))
     parts = await _read_parts(request, state.settings.max_upload_bytes)
-    record = await asyncio.to_thread(_store_upload, state, name, parts)
+    try:
+        record = await asyncio.to_thread(_store_upload, state, name, parts, caller.tenant)
+    except AdapterStorageFullError as exc:
+        raise _storage_full(exc) from None
     await _after_change(state, name)
     return record.to_public()
 
@@ -128,8 +162,8 @@ async def list_adapters(state: StateDep, caller: Caller) -> dict:
 
 
 @router.get("/adapters/{name:path}", response_model=AdapterOut, summary="One adapter's latest version")
-async def get_adapter(name: str, state: StateDep, caller: Caller) -> dict:
-    _visible(caller, name)
+async def get_adapter(name: str, request: Request, state: StateDep, caller: Caller) -> dict:
+    _visible(caller, _path_name(request, name))
     try:
         record = await asyncio.to_thread(state.store.get, name)
     except AdapterNotFoundError:
@@ -138,7 +172,11 @@ async def get_adapter(name: str, state: StateDep, caller: Caller) -> dict:
 
 
 @router.delete("/adapters/{name:path}", summary="Delete every version of an adapter")
-async def delete_adapter(name: str, state: StateDep, caller: AdminCaller) -> dict:
+async def delete_adapter(name: str, request: Request, state: StateDep, caller: AdminCaller) -> dict:
+    return await _delete(_path_name(request, name), state, caller)
+
+
+async def _delete(name: str, state: ServerState, caller: Principal) -> dict:
     _visible(caller, name)
     try:
         await asyncio.to_thread(state.store.delete, name)
@@ -166,13 +204,16 @@ def _allowed_path(state: ServerState, raw_path: str) -> Path:
 @router.post("/load_lora_adapter", response_model=AdapterOut,
              summary="vLLM alias: store an adapter from a server path")
 async def load_lora_adapter(body: LoadLoraRequest, state: StateDep, caller: AdminCaller) -> dict:
-    _writable(caller, body.lora_name, param="lora_name")
+    _writable(state, caller, body.lora_name, param="lora_name")
     path = _allowed_path(state, body.lora_path)
-    record = await asyncio.to_thread(state.store.put_dir, body.lora_name, path)
+    try:
+        record = await asyncio.to_thread(state.store.put_dir, body.lora_name, path, caller.tenant)
+    except AdapterStorageFullError as exc:
+        raise _storage_full(exc) from None
     await _after_change(state, body.lora_name)
     return record.to_public()
 
 
 @router.post("/unload_lora_adapter", summary="vLLM alias: delete an adapter")
 async def unload_lora_adapter(body: UnloadLoraRequest, state: StateDep, caller: AdminCaller) -> dict:
-    return await delete_adapter(body.lora_name, state, caller)
+    return await _delete(body.lora_name, state, caller)

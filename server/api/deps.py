@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from server.api.auth import OPEN_PRINCIPAL, Principal
+from server.api.auth import OPEN_PRINCIPAL, Principal, hash_key
 from server.api.errors import APIError
 from server.api.state import ServerState
 
@@ -49,3 +50,27 @@ def _require(scope: str):
 Caller = Annotated[Principal, Depends(get_principal)]
 GenerateCaller = Annotated[Principal, Depends(_require("generate"))]
 AdminCaller = Annotated[Principal, Depends(_require("admin"))]
+
+
+def require_metrics_reader(
+    state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """When /metrics is protected (metrics_require_key or metrics_key_sha256), let through only the
+    metrics key or an admin-scope API key: adapter names of every tenant appear in the metrics."""
+    settings = state.settings
+    if not settings.is_metrics_protected:
+        return
+    if credentials is None or not credentials.credentials:
+        raise APIError(401, "/metrics needs a key: send 'Authorization: Bearer <key>' (the metrics key "
+                       "or an admin-scope API key)", headers={"WWW-Authenticate": "Bearer"})
+    digest = hash_key(credentials.credentials)
+    if settings.metrics_key_sha256 and hmac.compare_digest(digest, bytes.fromhex(settings.metrics_key_sha256)):
+        return
+    principal = state.keyring.authenticate(credentials.credentials) if state.keyring else None
+    if principal is None:
+        raise APIError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    if not principal.has_scope("admin"):
+        raise APIError(403, f"this API key (tenant {principal.tenant!r}) lacks the 'admin' scope /metrics needs")
+
+
+MetricsReader = Annotated[None, Depends(require_metrics_reader)]

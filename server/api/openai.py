@@ -33,7 +33,11 @@ def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=max(0, body.top_k or 0),
+        min_p=body.min_p or 0.0,
         repetition_penalty=body.repetition_penalty or 1.0,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=dict(body.logit_bias or {}),
         seed=body.seed,
         stop=body.stop_list,
         stop_token_ids=list(body.stop_token_ids or []),
@@ -171,9 +175,9 @@ async def list_models(state: StateDep, caller: Caller) -> ModelList:
     base = ModelCard(id=state.model_id, created=state.created, owned_by="loraplex", root=state.model_id,
                      max_model_len=state.max_model_len)
     adapters = [
-        ModelCard(id=r.name, created=r.created, owned_by=caller.tenant, root=r.name, parent=state.model_id,
-                  max_model_len=state.max_model_len)
-        for r in records if caller.may_use(r.name)
+        ModelCard(id=r.name, created=r.created, owned_by=r.owner or "unknown", root=r.name,
+                  parent=state.model_id, max_model_len=state.max_model_len)
+        for r in records if caller.may_use(r.name) and r.name != state.model_id  # the base id is the base
     ]
     return ModelList(data=[base, *adapters])
 

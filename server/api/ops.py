@@ -1,4 +1,5 @@
-"""Operations routes: liveness, readiness and Prometheus metrics (no auth: keep them on the pod network)."""
+"""Operations routes: liveness, readiness and Prometheus metrics (no auth unless metrics_require_key or
+metrics_key_sha256 protects /metrics; keep them on the pod network)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.api.deps import StateDep
+from server.api.deps import MetricsReader, StateDep
 from server.api.errors import APIError, error_response, retry_after
 from server.api.state import Phase
 from server.metrics import REGISTRY
@@ -35,6 +36,6 @@ async def ready(state: StateDep) -> Response:
     return error_response(APIError(503, f"not ready: {reason}", headers=retry_after(5)))
 
 
-@router.get("/metrics", summary="Prometheus metrics (vLLM names plus loraplex_*)")
-async def prometheus_metrics() -> Response:
+@router.get("/metrics", summary="Prometheus metrics (vLLM names plus loraplex_*; a key when metrics_require_key)")
+async def prometheus_metrics(_: MetricsReader) -> Response:
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

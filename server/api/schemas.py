@@ -26,7 +26,6 @@ def _unsupported(accept: Callable[[Any], bool], message: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-_NO_PENALTY = _unsupported(lambda v: v == 0, "is not supported; use repetition_penalty (or 0)")
 _ONLY_BEST_OF_ONE = _unsupported(lambda v: v in (None, 1), "only best_of=1 is supported, got {value}")
 _NO_TOOLS = "tool calling is not supported"
 
@@ -51,13 +50,14 @@ class _OpenAISampling(_Body):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="up to 16 stop strings")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    presence_penalty: Annotated[float, _NO_PENALTY] = Field(0.0, description="only 0 is supported")
-    frequency_penalty: Annotated[float, _NO_PENALTY] = Field(0.0, description="only 0 is supported")
-    logit_bias: Annotated[dict[str, float] | None, _unsupported(lambda v: not v, "is not supported")] = Field(
-        None, description="not supported")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id -> bias added to its logit")
     user: str | None = Field(None, description="ignored")
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1, description="0 or -1 = off")
+    min_p: float | None = Field(None, ge=0, le=1, description="0 = off")
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(None, max_length=64)

@@ -70,7 +70,9 @@ class ServerState:
         loaded.model_id = settings.served_model_name or loaded.model_id
         self.model_id = loaded.model_id
         spec = BaseModelSpec.from_hf_config(loaded.config.hf_config)
-        self.store = AdapterStore(settings.adapters_dir, spec, settings.max_rank, settings.max_upload_bytes)
+        self.store = AdapterStore(settings.adapters_dir, spec, settings.max_rank, settings.max_upload_bytes,
+                                  versions_kept=settings.adapter_versions_kept)
+        metrics.adapter_requests.max_adapters = settings.metrics_max_adapters
         self.registry = AdapterRegistry(self.store, settings.max_cpu_adapters, pin_memory_available(),
                                         on_load=self._on_adapter_load)
         engine = LLMEngine(loaded, settings)

@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from server.engine.engine import LLMEngine, empty_cuda_cache
-from server.engine.request import Request, RequestOutput
+from server.engine.request import FinishReason, Request, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,9 @@ class AsyncEngine:
     # ---- engine thread ------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        """Serve until shutdown. An exception while handling one request fails that request; one inside
+        a step fails that step's requests; only a failure of that recovery itself ends the loop, and
+        then every open stream gets an error instead of hanging."""
         try:
             while not self._stopping.is_set():
                 self._drain_inbox()
@@ -116,9 +119,10 @@ class AsyncEngine:
                     outputs = self.engine.fail_all(f"{type(err).__name__} during generation")
                     empty_cuda_cache()
                 self._dispatch(outputs)
-        except BaseException as err:  # pragma: no cover - last resort: mark the engine dead for /health
+        except BaseException as err:
             self.fatal_error = repr(err)
             log.exception("engine loop died")
+            self._fail_open_streams(f"the engine stopped: {type(err).__name__}")
             raise
 
     def _drain_inbox(self) -> None:
@@ -128,19 +132,38 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                loop, added = extra
-                try:
-                    self.engine.add_request(item)
-                except Exception as err:
-                    with self._lock:
-                        self._streams.pop(item.request_id, None)
-                    _call_soon(loop, _set_exception, added, err)
-                else:
-                    _call_soon(loop, _set_result, added)
+                self._add(item, *extra)
             else:
-                output = self.engine.abort(item)
-                if output is not None:
-                    self._dispatch([output])
+                self._abort(item)
+
+    def _add(self, request: Request, loop: asyncio.AbstractEventLoop, added: asyncio.Future) -> None:
+        try:
+            self.engine.add_request(request)
+        except Exception as err:
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+            _call_soon(loop, _set_exception, added, err)
+        else:
+            _call_soon(loop, _set_result, added)
+
+    def _abort(self, request_id: str) -> None:
+        try:
+            output = self.engine.abort(request_id)
+            outputs = [] if output is None else [output]
+        except Exception as err:  # the request still leaves the engine, as a failure
+            log.exception("abort of %s failed; failing it instead", request_id)
+            outputs = self.engine.fail_ids([request_id], f"{type(err).__name__} while aborting")
+        self._dispatch(outputs)
+
+    def _fail_open_streams(self, message: str) -> None:
+        with self._lock:
+            streams = list(self._streams.items())
+            self._streams.clear()
+        for request_id, (loop, stream) in streams:
+            output = RequestOutput(request_id, [], "", None, finished=True, finish_reason=FinishReason.ERROR,
+                                   error=message)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stream.put_nowait, output)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:

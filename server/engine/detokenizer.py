@@ -1,29 +1,123 @@
-"""Incremental detokenization with stop strings that are never emitted, even in part."""
+"""Incremental detokenization, O(1) per token, with stop strings that are never emitted, even in part.
+
+Each step decodes only a short window of the newest tokens, as vLLM does with its prefix and read
+offsets: the window starts at the tokens of the previous released piece, so a decoder that looks at
+its neighbour (SentencePiece's leading-space strip, byte-level BPE's multi-byte characters) sees the
+same context as a full decode does. `tokenizers`' DecodeStream runs the same scheme in Rust but cannot
+flush: a trailing partial character at the end of a stream never comes out, so its text can fall
+short of a full decode. Here `step(..., is_last=True)` releases it, and the concatenated output equals
+`tokenizer.decode(output_ids, skip_special_tokens=True)` (cut before the first stop string).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from server.engine.request import FinishReason, Request
 
+REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for the bytes of a character not complete yet
 
-def update_text(request: Request, tokenizer) -> str:
-    """Re-decode the output, apply stop strings, and return the newly emittable text."""
-    text = tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
-    stops = request.params.stop
-    if stops:
-        search_from = max(0, request.num_emitted_chars - max(len(s) for s in stops))
-        hits = [i for i in (text.find(s, search_from) for s in stops) if i >= 0]
-        if hits:
-            text = text[: min(hits)]
-            request.finish_reason = FinishReason.STOP
-    request.text = text
-    emit_until = len(text)
-    if request.finish_reason is None:
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            emit_until = len(text.rstrip("\ufffd"))
-        if stops:  # hold back a tail that could still grow into a stop string
-            held = max(len(s) for s in stops) - 1
-            emit_until = min(emit_until, len(text) - held)
-    emit_until = max(emit_until, request.num_emitted_chars)
-    new_text = text[request.num_emitted_chars : emit_until]
-    request.num_emitted_chars = emit_until
+
+class TokenDecoder:
+    """How one tokenizer's ids become text, for incremental detokenization; built once per tokenizer."""
+
+    def __init__(self, tokenizer):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            # The Rust decoder directly: what tokenizer.decode calls, minus the wrapper's overhead.
+            self.decode: Callable[[list[int]], str] = lambda ids: backend.decode(ids, skip_special_tokens=True)
+        else:
+            self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        # A ByteFallback decoder (SentencePiece-style <0xNN> tokens) turns a run of byte tokens into
+        # text as a whole, every byte a U+FFFD if any is invalid: a run's text is final only once a
+        # token of another kind follows it.
+        self.byte_token_ids: frozenset[int] = frozenset()
+        if backend is not None and "ByteFallback" in repr(backend.decoder):
+            ids = (backend.token_to_id(f"<0x{byte:02X}>") for byte in range(256))
+            self.byte_token_ids = frozenset(i for i in ids if i is not None)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into released text: a few tokens are decoded per step."""
+
+    def __init__(self, decoder: TokenDecoder, stop: Sequence[str] = ()):
+        self._decode = decoder.decode
+        self._byte_token_ids = decoder.byte_token_ids
+        self._stop = [s for s in stop if s]
+        self._prefix_offset = 0  # first token of the decode window
+        self._read_offset = 0  # tokens whose text has been decoded (released or held)
+        self._prefix_text = ""  # decode(ids[prefix_offset:read_offset]), alone
+        self._released: list[str] = []
+        self._held = ""  # decoded text that ends like the start of a stop string
+        self.is_stopped = False  # a stop string was found; nothing more is released
+
+    @property
+    def text(self) -> str:
+        """Everything decoded so far: the released text and the held-back tail."""
+        return "".join(self._released) + self._held
+
+    def step(self, token_ids: list[int], is_last: bool = False) -> str:
+        """Decode the tokens appended to `token_ids` since the last call; return the text to release.
+
+        `token_ids` is the whole output so far (only its tail is read). `is_last`: no token follows,
+        so a trailing partial character and any held-back tail are released too.
+        """
+        if self.is_stopped:
+            return ""
+        candidate = self._held + self._decode_new(token_ids, is_last)
+        if not candidate:
+            return ""
+        stop_at = self._find_stop(candidate)
+        if stop_at >= 0:
+            self.is_stopped = True
+            self._held = ""
+            return self._release(candidate[:stop_at])
+        keep = 0 if is_last else self._stop_prefix_length(candidate)
+        self._held = candidate[len(candidate) - keep:] if keep else ""
+        return self._release(candidate[: len(candidate) - keep])
+
+    def _decode_new(self, token_ids: list[int], is_last: bool) -> str:
+        if len(token_ids) == self._read_offset or (not is_last and token_ids[-1] in self._byte_token_ids):
+            return ""
+        text = self._decode(token_ids[self._prefix_offset:])
+        if not is_last and (len(text) <= len(self._prefix_text) or text.endswith(REPLACEMENT_CHAR)):
+            return ""  # nothing visible yet, or a character whose bytes are still arriving
+        new_text = text[len(self._prefix_text):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(token_ids)
+        self._prefix_text = self._decode(token_ids[self._prefix_offset:self._read_offset])
+        return new_text
+
+    def _find_stop(self, text: str) -> int:
+        """Start of the first stop string in `text` (held tail + new text), or -1.
+
+        Searching only this tail is enough: the held tail is the longest end of the earlier text that
+        begins a stop string, so a stop string completed by the new text starts inside it.
+        """
+        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
+        return min(hits, default=-1)
+
+    def _stop_prefix_length(self, text: str) -> int:
+        """Length of the longest end of `text` that is the start of a stop string (held back)."""
+        longest = 0
+        for stop in self._stop:
+            for length in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest
+
+    def _release(self, text: str) -> str:
+        if text:
+            self._released.append(text)
+        return text
+
+
+def update_text(request: Request, decoder: TokenDecoder) -> str:
+    """Detokenize the request's new tokens; return the text to stream. A stop string finishes it."""
+    if request.detokenizer is None:
+        request.detokenizer = IncrementalDetokenizer(decoder, request.params.stop)
+    detokenizer = request.detokenizer
+    new_text = detokenizer.step(request.output_token_ids, is_last=request.finish_reason is not None)
+    if detokenizer.is_stopped:
+        request.finish_reason = FinishReason.STOP
     return new_text

@@ -17,11 +17,11 @@ import time
 import torch
 
 from server.config import LoraMode, Settings
-from server.engine.detokenizer import update_text
+from server.engine.detokenizer import TokenDecoder, update_text
 from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingError
 from server.engine.runner import ModelRunner
-from server.engine.sampler import sample
+from server.engine.sampler import Sampler
 from server.engine.scheduler import Admission, Scheduler
 from server.engine.slot_table import SlotTable
 from server.engine.stats import EngineMetrics
@@ -72,7 +72,14 @@ class LLMEngine:
                                   use_cuda_graphs=settings.cuda_graphs)
         self.metrics = EngineMetrics(self.model_name, settings.max_slots)
         self.eos_token_ids = _eos_ids(self.tokenizer, loaded.config.hf_config)
+        self.sampler = Sampler(self.model.config.vocab_size, self.model.device)
+        self.token_decoder = TokenDecoder(self.tokenizer)
         self._by_id: dict[str, Request] = {}
+        if self.model.device.type == "cuda" and settings.quantization == "nf4":
+            from server.model import nf4_dispatch
+
+            # Before any graph capture: building the CUDA NF4 kernel takes ~90 s on a fresh machine.
+            log.info("NF4 kernels by batch rows: %s", nf4_dispatch.prepare())
         log.info("engine ready: %d KV blocks (%.1f MiB), mode=%s, slots=%d",
                  num_blocks, num_blocks * per_block / 2**20, self.mode.value, settings.max_slots)
 
@@ -89,6 +96,7 @@ class LLMEngine:
             )
         if any(t < 0 or t >= self.model.config.vocab_size for t in request.prompt_token_ids):
             raise SamplingError("prompt token id out of vocabulary range")
+        request.params.validate_token_ids(self.model.config.vocab_size)
         self._by_id[request.request_id] = request
         self.scheduler.add(request)
 
@@ -147,7 +155,8 @@ class LLMEngine:
         distinct = len({r.adapter_key for r in self.scheduler.running}) if self.scheduler.running else None
         outputs = failed
         if to_sample:
-            token_ids, logprobs = sample(torch.cat(logits_parts), to_sample)
+            logits = logits_parts[0] if len(logits_parts) == 1 else torch.cat(logits_parts)
+            token_ids, logprobs = self.sampler.sample(logits, to_sample)
             outputs += self._postprocess(to_sample, token_ids, logprobs)
         self._record_state(distinct)
         return outputs
@@ -160,6 +169,10 @@ class LLMEngine:
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Finish every request with an error (after an unexpected exception inside a step)."""
         return self.fail(list(self.scheduler.running) + list(self.scheduler.waiting), message)
+
+    def fail_ids(self, request_ids: list[str], message: str) -> list[RequestOutput]:
+        """Finish the known requests among `request_ids` with an error."""
+        return self.fail([self._by_id[i] for i in request_ids if i in self._by_id], message)
 
     def fail(self, requests: list[Request], message: str) -> list[RequestOutput]:
         """Finish `requests` with an error; their cache blocks and slots are freed."""
@@ -198,6 +211,7 @@ class LLMEngine:
         return Admission.ADMIT
 
     def _release(self, request: Request) -> None:
+        self.sampler.release(request)
         if request.slot >= 0:
             self.slot_table.release(request.adapter_key)
             request.slot = -1
@@ -241,7 +255,7 @@ class LLMEngine:
                 request.finish_reason = FinishReason.STOP
             elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
                 request.finish_reason = FinishReason.LENGTH
-            new_text = update_text(request, self.tokenizer)
+            new_text = update_text(request, self.token_decoder)
             finished = request.finish_reason is not None
             if finished:
                 self.scheduler.finish(request)

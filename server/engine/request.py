@@ -23,7 +23,11 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    repetition_penalty: float = 1.0
+    min_p: float = 0.0  # drop tokens whose probability is below min_p * the top probability; 0 = off
+    repetition_penalty: float = 1.0  # CTRL-style, over prompt and output tokens; 1 = off
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from each token already in the output
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence of the token in the output
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -40,14 +44,34 @@ class SamplingParams:
             raise SamplingError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise SamplingError("top_k must be >= 0")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise SamplingError("min_p must be in [0, 1]")
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise SamplingError("repetition_penalty must be in (0, 10]")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise SamplingError("presence_penalty must be in [-2, 2]")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise SamplingError("frequency_penalty must be in [-2, 2]")
+        if any(not isinstance(token, int) for token in self.logit_bias):
+            raise SamplingError("logit_bias keys must be token ids")
+        if any(not -100.0 <= bias <= 100.0 for bias in self.logit_bias.values()):
+            raise SamplingError("logit_bias values must be in [-100, 100]")
         if len(self.stop) > 16 or any(not s for s in self.stop):
             raise SamplingError("stop must hold at most 16 non-empty strings")
+
+    def validate_token_ids(self, vocab_size: int) -> None:
+        """Raise SamplingError if a token id named by the params is outside [0, vocab_size)."""
+        bad = [t for t in self.logit_bias if not 0 <= t < vocab_size]
+        if bad:
+            raise SamplingError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 class RequestStatus(enum.Enum):
@@ -92,9 +116,13 @@ class RequestOutput:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """A sequence inside the engine: prompt, generated tokens, adapter and KV blocks."""
+    """A sequence inside the engine: prompt, generated tokens, adapter and KV blocks.
+
+    Compared and hashed by identity (``eq=False``): the scheduler's ``in`` / ``remove`` must never
+    compare two requests field by field, down to their adapters' tensors.
+    """
 
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -112,10 +140,10 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
-    text: str = ""  # detokenized output so far
-    num_emitted_chars: int = 0
     num_emitted_tokens: int = 0
-    generator: Any = None  # torch.Generator for seeded sampling
+    detokenizer: Any = None  # server.engine.detokenizer.IncrementalDetokenizer, made at the first token
+    sampling_seed: int | None = None  # params.seed, or a random seed drawn at the first sampled token
+    penalty_row: int = -1  # the request's row of the sampler's token-count table; -1 = none
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -124,6 +152,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def text(self) -> str:
+        """The detokenized output so far (cut before a stop string)."""
+        return "" if self.detokenizer is None else self.detokenizer.text
 
     @property
     def is_prefilling(self) -> bool:

@@ -1,73 +1,286 @@
-"""Pick the next token of every row: greedy, temperature, top-k, top-p, repetition penalty, seeds."""
+"""Pick the next token of every row on the device, all sampling parameters in one batched pass.
+
+Semantics, per row (`sample_row_reference` is this as plain code for one row):
+1. logits[t] += logit_bias[t]
+2. repetition penalty (CTRL, as transformers and vLLM) on the tokens seen in the prompt or output:
+   a positive logit is divided by the penalty, a negative one multiplied by it
+3. presence and frequency penalties (OpenAI) on the output tokens:
+   logits[t] -= frequency_penalty * count[t] + presence_penalty * (count[t] > 0)
+4. a greedy row (temperature 0 or top_k 1) takes the argmax here; the rest only applies to draws
+5. logits /= temperature
+6. min_p: drop tokens whose probability is below min_p * the top one (in logits: below max + log(min_p))
+7. top_k: keep the k largest logits (ties with the k-th kept)
+8. top_p: in order of probability after 5-7 (ties by token id), keep each token while the mass of
+   the tokens before it is below top_p (the token that crosses top_p is kept)
+9. draw by inverse CDF in vocabulary order with one uniform u per row: the first token whose
+   cumulative probability reaches u * (total mass).
+
+u is a counter-based hash of (request seed, output token index) with 23-bit resolution, computed on
+the host in the pass that gathers the parameters, so a row's tokens do not depend on what else is in
+the batch, survive preemption, and need no per-row generator: the batch is a fixed handful of
+kernels. A request without a seed gets a random one at its first draw. Logprobs are those of the
+model's raw distribution (log-softmax before steps 1-8) at the chosen token, as vLLM reports by
+default; they are not those of the processed distribution that was sampled from. The only host
+sync is the final copy of the chosen tokens (and logprobs) to the host.
+"""
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
+
 import torch
 
-from server.engine.request import Request
+from server.engine.request import Request, SamplingParams
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN64 = 0x9E3779B97F4A7C15
 
 
-def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty: float) -> None:
-    """CTRL-style penalty on one row [vocab], in place: seen tokens' positive logits are divided by
-    `penalty`, negative ones multiplied (as transformers and vLLM do)."""
-    if penalty == 1.0 or not token_ids:
-        return
-    seen = torch.tensor(sorted(set(token_ids)), device=logits.device)
-    values = logits[seen]
-    logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
+def _mix64(x: int) -> int:
+    """splitmix64's finalizer: a bijection of 64-bit integers whose outputs look independent."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask logits [vocab] outside the top-k and outside the smallest set with mass >= top_p."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
+def draw_uniform(seed: int, step: int) -> float:
+    """The uniform in (0, 1) for output token `step` of a request seeded with `seed`.
+
+    A pure function of both (splitmix64 over the counter) and exactly representable in float32
+    ((2k + 1) / 2**24), so the device uses the value the host computed.
+    """
+    bits = _mix64((_mix64(seed & _MASK64) + (step + 1) * _GOLDEN64) & _MASK64)
+    return ((bits >> 41) * 2 + 1) / 2**24
+
+
+def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, in_prompt: torch.Tensor,
+                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """Steps 2-3 on logits [P, vocab]: output_counts [P, vocab] int, in_prompt [P, vocab] bool,
+    penalties [P] float. Returns new logits."""
+    repetition = repetition[:, None]
+    penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(in_prompt | (output_counts > 0), penalized, logits)
+    return logits - frequency[:, None] * output_counts - presence[:, None] * (output_counts > 0)
+
+
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor | None = None,
+                  top_k: torch.Tensor | None = None, max_top_k: int = 0,
+                  top_p: torch.Tensor | None = None, top_p_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Steps 5-8 on logits [S, vocab] with temperature [S]. min_p [S] float (0 = off), top_k [S] int
+    (0 = off, at most `max_top_k`, a host int) and top_p [R] float are None when no row uses them;
+    top_p applies to rows top_p_rows [R] int64 (None: every row, R = S), so that only those rows pay
+    for the sort. Returns new logits, -inf where dropped."""
+    logits = logits / temperature[:, None]
+    if min_p is not None:
+        top = logits.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(logits < top + min_p[:, None].log(), float("-inf"))  # min_p 0: log = -inf
+    if top_k is not None:
+        largest = torch.topk(logits, max_top_k, dim=-1).values  # [S, max_top_k], descending
+        kth = largest.gather(1, (top_k.clamp(min=1) - 1)[:, None])
+        kth = kth.masked_fill((top_k <= 0)[:, None], float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if top_p is not None:
+        rows = logits if top_p_rows is None else logits[top_p_rows]
+        ordered, order = torch.sort(rows, dim=-1, descending=True, stable=True)  # stable: ties by token id
+        probs = ordered.softmax(dim=-1)
+        is_dropped = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+        rows = rows.masked_fill(torch.zeros_like(is_dropped).scatter(1, order, is_dropped), float("-inf"))
+        logits = rows if top_p_rows is None else logits.index_copy(0, top_p_rows, rows)
     return logits
 
 
-def _generator_for(request: Request, device: torch.device) -> torch.Generator | None:
-    if request.params.seed is None:
-        return None
-    if request.generator is None:
-        request.generator = torch.Generator(device=device).manual_seed(request.params.seed)
-    return request.generator
+def draw_inverse_cdf(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Step 9: logits [S, vocab] (-inf = dropped), uniform [S] in (0, 1) -> token ids [S] int64."""
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    target = uniform[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+
+
+def sample_row_reference(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
+                         output_ids: Sequence[int], seed: int) -> int:
+    """Steps 1-9 for one row, logits [vocab] float32, as plain code: the oracle of the batched
+    sampler (each float operation as the batched one does it, so the two agree bit for bit)."""
+    def f32(value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=torch.float32)
+
+    logits = logits.clone()
+    for token, bias in params.logit_bias.items():
+        logits[token] += f32(bias)
+    counts: dict[int, int] = {}
+    for token in output_ids:
+        counts[token] = counts.get(token, 0) + 1
+    for token in set(prompt_ids) | set(counts):
+        value, penalty = logits[token], f32(params.repetition_penalty)
+        logits[token] = value / penalty if value > 0 else value * penalty
+    for token, count in counts.items():
+        logits[token] = logits[token] - f32(params.frequency_penalty) * count - f32(params.presence_penalty)
+    if params.is_greedy:
+        return int(logits.argmax())
+    logits = logits / f32(params.temperature)
+    if params.min_p > 0:
+        logits[logits < logits.max() + f32(params.min_p).log()] = float("-inf")
+    if 0 < params.top_k < logits.shape[0]:
+        logits[logits < torch.topk(logits, params.top_k).values[-1]] = float("-inf")
+    if params.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=True, stable=True)
+        probs = ordered.softmax(-1)
+        logits[order[(probs.cumsum(-1) - probs) >= f32(params.top_p)]] = float("-inf")
+    cdf = logits.softmax(-1).cumsum(-1)
+    target = f32(draw_uniform(seed, len(output_ids))) * cdf[-1]
+    return min(int((cdf < target).sum()), logits.shape[0] - 1)
+
+
+class TokenCounts:
+    """Token counts of the running requests that use a penalty, on the device, one row each.
+
+    A row is filled once from the request's tokens when it first needs one, then each sampled token
+    is added in place (no per-step rebuild); released rows are reused. The table is allocated at the
+    first penalized request and doubles when full: 5 bytes x vocab per row (0.6 MiB for a 128k
+    vocabulary), at most one row per request running at once.
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.vocab_size = vocab_size
+        self.device = device
+        self.output_counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)  # [rows, vocab]
+        self.in_prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)  # [rows, vocab]
+        self.free_rows: list[int] = []
+
+    def row_of(self, request: Request) -> int:
+        """The request's row, filled from its prompt and output on first use."""
+        if request.penalty_row < 0:
+            if not self.free_rows:
+                self._grow()
+            row = self.free_rows.pop()
+            outputs = _to_device(request.output_token_ids, torch.long, self.device)
+            prompt = _to_device(request.prompt_token_ids, torch.long, self.device)
+            # index_put rather than bincount, whose output size needs a host sync on CUDA.
+            self.output_counts[row] = 0
+            self.output_counts[row].index_put_((outputs,), torch.ones_like(outputs, dtype=torch.int32),
+                                               accumulate=True)
+            self.in_prompt[row] = False
+            self.in_prompt[row, prompt] = True
+            request.penalty_row = row
+        return request.penalty_row
+
+    def add(self, rows: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Count one more occurrence of token_ids[i] in row rows[i] (both [n] int64, on the device)."""
+        self.output_counts.index_put_((rows, token_ids), torch.ones_like(rows, dtype=torch.int32),
+                                      accumulate=True)
+
+    def release(self, request: Request) -> None:
+        if request.penalty_row >= 0:
+            self.free_rows.append(request.penalty_row)
+            request.penalty_row = -1
+
+    def _grow(self) -> None:
+        num_rows = self.output_counts.shape[0]
+        extra = max(8, num_rows)
+        self.output_counts = torch.cat([self.output_counts, self.output_counts.new_zeros(extra, self.vocab_size)])
+        self.in_prompt = torch.cat([self.in_prompt, self.in_prompt.new_zeros(extra, self.vocab_size)])
+        self.free_rows += range(num_rows + extra - 1, num_rows - 1, -1)
+
+
+class Sampler:
+    """The batched sampler of one engine: per-row parameters gathered on the host in one pass,
+    then a fixed handful of kernels for the whole batch."""
+
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.device = torch.device(device)
+        self.counts = TokenCounts(vocab_size, self.device)
+        self._seeds = random.Random()  # seeds for requests that bring none (drawn once each)
+
+    def release(self, request: Request) -> None:
+        """The request left the running batch: free its token-count row (rebuilt if it returns)."""
+        self.counts.release(request)
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[float] | None]:
+        """logits [len(requests), vocab] float32 -> chosen token ids and (if any row asks) their
+        logprobs. `logits` is not modified."""
+        device = logits.device
+        processed = logits
+        bias = [(row, token, value) for row, r in enumerate(requests) for token, value in r.params.logit_bias.items()]
+        if bias:
+            rows, tokens, values = zip(*bias, strict=True)
+            index = _to_device([rows, tokens], torch.long, device)
+            processed = processed.index_put((index[0], index[1]), _to_device(values, torch.float32, device),
+                                            accumulate=True)
+        penalized = [row for row, r in enumerate(requests) if r.params.has_penalties]
+        if penalized:
+            processed = self._apply_penalties(processed, requests, penalized)
+        sampled = [row for row, r in enumerate(requests) if not r.params.is_greedy]
+        if not sampled:
+            chosen = processed.argmax(dim=-1)  # [B]
+        elif len(sampled) == len(requests):
+            chosen = self._draw(processed, requests, sampled)
+        else:  # greedy and sampled rows: the argmax of every row, then the draws written over it
+            drawn = self._draw(processed, [requests[row] for row in sampled], sampled)
+            chosen = processed.argmax(dim=-1).index_copy(0, _to_device(sampled, torch.long, device), drawn)
+        if penalized:
+            index = _to_device([penalized, [requests[row].penalty_row for row in penalized]], torch.long, device)
+            self.counts.add(index[1], chosen[index[0]])
+        if not any(r.params.logprobs for r in requests):
+            return chosen.tolist(), None
+        logprobs = logits.gather(1, chosen[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        host = torch.stack([chosen.double(), logprobs.double()]).tolist()  # one copy, one sync
+        return [int(t) for t in host[0]], host[1]
+
+    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request], penalized: list[int]) -> torch.Tensor:
+        table_rows = [self.counts.row_of(requests[row]) for row in penalized]
+        index = _to_device([penalized, table_rows], torch.long, logits.device)
+        params = _to_device([[requests[row].params.repetition_penalty for row in penalized],
+                             [requests[row].params.presence_penalty for row in penalized],
+                             [requests[row].params.frequency_penalty for row in penalized]],
+                            torch.float32, logits.device)
+        rows = apply_penalties(logits[index[0]], self.counts.output_counts[index[1]],
+                               self.counts.in_prompt[index[1]], params[0], params[1], params[2])
+        return logits.index_copy(0, index[0], rows)
+
+    def _draw(self, logits: torch.Tensor, requests: list[Request], rows: list[int]) -> torch.Tensor:
+        """Steps 5-9 for the sampled rows (batch rows `rows`); token ids [len(rows)] int64."""
+        vocab = logits.shape[-1]
+        for request in requests:
+            if request.sampling_seed is None:
+                seed = request.params.seed
+                request.sampling_seed = self._seeds.getrandbits(64) if seed is None else seed
+        top_k = [r.params.top_k if r.params.top_k < vocab else 0 for r in requests]
+        # One float32 tensor carries every per-row value (top_k < 2**24 is exact in float32).
+        params = _to_device([[r.params.temperature for r in requests], [r.params.min_p for r in requests],
+                             [r.params.top_p for r in requests], top_k,
+                             [draw_uniform(r.sampling_seed, len(r.output_token_ids)) for r in requests]],
+                            torch.float32, logits.device)
+        if len(rows) < logits.shape[0]:
+            logits = logits[_to_device(rows, torch.long, logits.device)]
+        max_top_k = max(top_k)
+        top_p_rows = [i for i, r in enumerate(requests) if r.params.top_p < 1.0]
+        top_p, top_p_index = None, None
+        if len(top_p_rows) == len(requests):
+            top_p = params[2]
+        elif top_p_rows:
+            top_p_index = _to_device(top_p_rows, torch.long, logits.device)
+            top_p = params[2][top_p_index]
+        filtered = filter_logits(
+            logits, params[0],
+            min_p=params[1] if any(r.params.min_p > 0 for r in requests) else None,
+            top_k=params[3].long() if max_top_k > 0 else None, max_top_k=max_top_k,
+            top_p=top_p, top_p_rows=top_p_index,
+        )
+        return draw_inverse_cdf(filtered, params[4])
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[float] | None]:
-    """logits [len(requests), vocab] float32 -> chosen token ids and (if any row asks) their logprobs.
+    """One-off batched sampling (tests, tools): penalties count from the requests' tokens each call."""
+    sampler = Sampler(logits.shape[-1], logits.device)
+    try:
+        return sampler.sample(logits, requests)
+    finally:
+        for request in requests:
+            sampler.release(request)
 
-    Logprobs are those of the model's raw distribution, as vLLM reports by default.
-    """
-    raw_logprobs = None
-    if any(r.params.logprobs for r in requests):
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
-    if all(r.params.is_greedy and r.params.repetition_penalty == 1.0 for r in requests):
-        chosen = logits.argmax(-1)  # the common fast path: one kernel, one sync
-        logprobs = None if raw_logprobs is None else raw_logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
-        return chosen.tolist(), logprobs
-    processed = logits.clone()
-    chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
-    greedy_rows = []
-    for row, request in enumerate(requests):
-        params = request.params
-        if params.repetition_penalty != 1.0:
-            apply_repetition_penalty(processed[row], request.all_token_ids, params.repetition_penalty)
-        if params.is_greedy:
-            greedy_rows.append(row)
-            continue
-        row_logits = filter_top_k_top_p(processed[row] / params.temperature, params.top_k, params.top_p)
-        probs = row_logits.softmax(-1)
-        chosen[row] = torch.multinomial(probs, 1, generator=_generator_for(request, logits.device))[0]
-    if greedy_rows:
-        index = torch.tensor(greedy_rows, device=logits.device)
-        chosen[index] = processed[index].argmax(-1)
-    token_ids = chosen.tolist()
-    logprobs = None
-    if raw_logprobs is not None:
-        logprobs = raw_logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
-    return token_ids, logprobs
+
+def _to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host list -> device tensor without a sync (pinned staging, asynchronous copy on CUDA)."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

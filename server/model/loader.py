@@ -7,6 +7,8 @@ loading them executes code.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -16,7 +18,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class LoadedModel:
     hf_dir: Path
 
 
-@contextmanager
+@contextlib.contextmanager
 def load_phase(name: str, detail: str = "") -> Iterator[None]:
     """Log the start and the duration of one loading phase, so a slow start-up is not taken for a hang."""
     log.info("loading: %s%s ...", name, f" ({detail})" if detail else "")
@@ -85,17 +86,48 @@ def embedded_gguf_path() -> Path:
 
 
 def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
-    """Dequantize a GGUF file once into an HF safetensors dir under cache_dir; return that dir."""
+    """Dequantize a GGUF file once into an HF safetensors dir under cache_dir; return that dir.
+
+    Safe when several processes (servers starting together on an empty cache) convert the same file:
+    an flock on `<target>.lock` lets one convert while the others wait, then find its result."""
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     target = cache_dir / "models" / f"{gguf_path.stem}-{key[:12]}"
-    if (target / "config.json").is_file():
+    if _is_converted(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(target.with_name(target.name + ".lock")):
+        if not _is_converted(target):  # another process may have finished it while this one waited
+            _convert_gguf_into(gguf_path, target)
+    return target
+
+
+def _is_converted(target: Path) -> bool:
+    return (target / "config.json").is_file()
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_path` (created if missing; never removed: removing it would let
+    a waiter and a newcomer lock two different files)."""
+    with open(lock_path, "a+b") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process to finish converting into %s", lock_path.with_suffix(""))
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _convert_gguf_into(gguf_path: Path, target: Path) -> None:
+    """Convert into a private staging dir, then rename it to `target` (caller holds the lock)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (once; about 30 s)", gguf_path.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         hf = AutoModelForCausalLM.from_pretrained(
@@ -110,10 +142,11 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
         config.pop("quantization_config", None)
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(staging)
+        if target.exists():  # an incomplete dir from an older, unlocked conversion: replace it
+            shutil.rmtree(target)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _read_safetensors(hf_dir: Path, device: torch.device) -> dict[str, torch.Tensor]:

@@ -32,7 +32,12 @@ from __future__ import annotations
 
 import torch
 
-NF4_BLOCKSIZE = 64  # elements per absmax scale; the only blocksize the kernels support
+from server.model.nf4_layout import (  # noqa: F401  (re-exported: the ops' public surface)
+    NF4_BLOCKSIZE,
+    codes_as_bytes,
+    validate_matmul_args,
+    validate_nf4_layout,
+)
 
 
 def nf4_absmax_float(quant_state) -> torch.Tensor:
@@ -46,26 +51,6 @@ def nf4_absmax_float(quant_state) -> torch.Tensor:
     # Same fp32 ops in the same order as bnb: code2[q] * absmax2[i // blocksize2], then + offset.
     absmax = state2.code[quant_state.absmax.long()] * state2.absmax[block_ids // state2.blocksize]
     return absmax + quant_state.offset
-
-
-def validate_nf4_layout(codes: torch.Tensor, absmax_f: torch.Tensor, shape, code_table: torch.Tensor) -> None:
-    """Raise ValueError unless the packed weight matches ``shape`` (see the module docstring)."""
-    out_features, in_features = shape
-    if in_features % NF4_BLOCKSIZE != 0:
-        raise ValueError(f"in_features must be a multiple of {NF4_BLOCKSIZE}, got {in_features}")
-    numel = out_features * in_features
-    if codes.numel() * codes.element_size() != numel // 2:
-        raise ValueError(f"codes hold {codes.numel() * codes.element_size()} bytes, need {numel // 2}")
-    if absmax_f.numel() != numel // NF4_BLOCKSIZE or absmax_f.dtype != torch.float32:
-        raise ValueError(f"absmax_f must be float32 [{numel // NF4_BLOCKSIZE}]")
-    if code_table.numel() != 16:
-        raise ValueError("code_table must have 16 entries")
-
-
-def codes_as_bytes(codes: torch.Tensor) -> torch.Tensor:
-    """Flat uint8 view of the packed codes, whatever bnb's quant_storage dtype was."""
-    flat = codes.reshape(-1)
-    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
 def nf4_dequantize_reference(
@@ -99,14 +84,6 @@ def nf4_matmul_reference(
     return y.to(x.dtype)
 
 
-def validate_matmul_args(x: torch.Tensor, shape, bias: torch.Tensor | None) -> None:
-    """Raise ValueError unless x is [T, in] and bias (if any) is [out]."""
-    if x.ndim != 2 or x.shape[1] != shape[1]:
-        raise ValueError(f"x must be [T, {shape[1]}], got {list(x.shape)}")
-    if bias is not None and bias.shape != (shape[0],):
-        raise ValueError(f"bias must be [{shape[0]}], got {list(bias.shape)}")
-
-
 def _triton_nf4_module():
     """The Triton kernel module, or None where triton cannot be imported."""
     try:
@@ -125,12 +102,7 @@ def nf4_matmul(
     out: torch.Tensor | None = None,  # [T, out] x.dtype
     bias: torch.Tensor | None = None,  # [out]
 ) -> torch.Tensor:
-    """y = x @ W^T: the fused Triton kernel on CUDA when triton imports, else the torch reference.
-
-    The kernel reads the 0.5 byte/param codes once per output tile, which wins for decode (T <= 64).
-    For prefill-sized T it is correct but not tuned; a caller may prefer
-    ``nf4_dequantize_reference(...).to(x.dtype)`` once plus a cuBLAS matmul there.
-    """
+    """y = x @ W^T: the fused Triton kernel on CUDA when triton imports, else the torch reference."""
     validate_matmul_args(x, shape, bias)
     kernels = _triton_nf4_module() if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else None
     if kernels is not None:

@@ -7,25 +7,10 @@ captured CUDA graphs stay valid) and `state_tensors()` (the exact stored represe
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 NF4_BLOCKSIZE = 64
-# Which kernel multiplies by an NF4 weight on CUDA, by rows in the batch (H100 sweep,
-# bench/results/2026-11-23-*-nf4-sweep.txt): one row -> bitsandbytes' gemv_4bit (2-3x faster than
-# our kernel there); 2..64 rows -> our fused dequantize-in-registers Triton kernel (1.2-3x faster
-# than bitsandbytes, which dequantizes the whole weight to 16-bit and calls cuBLAS); more rows
-# (prefill) -> bitsandbytes. LORAPLEX_NF4_KERNEL=bnb turns the fused kernel off.
-FUSED_NF4_MIN_ROWS = 2 if os.environ.get("LORAPLEX_NF4_KERNEL", "triton") == "triton" else 1 << 30
-FUSED_NF4_MAX_ROWS = 64
-
-
-def _bnb():
-    import bitsandbytes as bnb  # heavy import, deferred so config/CLI stay snappy
-
-    return bnb
 
 
 class DenseLinear(nn.Module):
@@ -86,12 +71,10 @@ class NF4Linear(nn.Module):
             if self._cpu_weight is None:
                 self._cpu_weight = self.dequantize().to(self.compute_dtype)
             return nn.functional.linear(x, self._cpu_weight, self.bias)
-        if FUSED_NF4_MIN_ROWS <= x.shape[0] <= FUSED_NF4_MAX_ROWS and self.absmax_f is not None:
-            from server.model.nf4_ops import nf4_matmul
+        from server.model.nf4_dispatch import nf4_linear_cuda  # kernels by rows, measured crossovers
 
-            shape = (self.out_features, self.in_features)
-            return nf4_matmul(x, self.codes, self.absmax_f, shape, self.quant_state.code, bias=self.bias)
-        return _bnb().matmul_4bit(x, self.codes.t(), self.quant_state, bias=self.bias)
+        shape = (self.out_features, self.in_features)
+        return nf4_linear_cuda(x, self.codes, self.absmax_f, shape, self.quant_state.code, self.bias, self.quant_state)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from bitsandbytes.functional import dequantize_4bit

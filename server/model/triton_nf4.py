@@ -31,7 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
-from server.model.nf4_ops import NF4_BLOCKSIZE, codes_as_bytes, validate_matmul_args, validate_nf4_layout
+from server.model.nf4_layout import (
+    NF4_BLOCKSIZE,
+    codes_as_bytes,
+    codes_as_words,
+    validate_matmul_args,
+    validate_nf4_layout,
+)
+from server.model.triton_split_k import split_k_reduce
 
 _DECODE_MAX_T = 64
 
@@ -45,6 +52,9 @@ class Nf4KernelConfig:
     k_groups: int  # 64-element quant blocks unrolled per loop step (more bytes in flight)
     split_k: int  # programs sharing one output tile's K range
     num_warps: int = 4
+    # "bytes": the original kernel (byte loads, even/odd halves interleaved back into k order);
+    # "words": 32-bit words of 8 nibbles expanded straight into k order (no interleave).
+    layout: str = "bytes"
     # Software pipelining (>= 2) turns the table gathers into 4-byte cp.async copies through shared
     # memory (~90-200 KB of it at these tiles, PTX for sm_90): 1 keeps them L1 loads.
     num_stages: int = 1
@@ -101,21 +111,55 @@ def _nf4_matmul_kernel(
 
 
 @triton.jit
-def _split_k_reduce_kernel(
-    partial_ptr, bias_ptr, out_ptr, num_tokens, out_features, stride_ot, stride_on,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+def _nf4_matmul_words_kernel(
+    x_ptr, words_ptr, absmax_ptr, table_ptr, bias_ptr, out_ptr,
+    num_tokens, out_features, in_features,
+    stride_xt, stride_xk, stride_ot, stride_on,
+    HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, K_GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat index into [T, out]
-    numel = num_tokens * out_features
-    mask = offs < numel
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(partial_ptr + s * numel + offs, mask=mask, other=0.0)
-    col = offs % out_features
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
-    out_offs = (offs // out_features).to(tl.int64) * stride_ot + col * stride_on
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    """As _nf4_matmul_kernel, but each quant block's codes are read as 8 words whose nibbles expand
+    straight into k order (nibble j of a word is element j at shift 4 * (j ^ 1)): no interleave."""
+    WORDS: tl.constexpr = 8
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    offs_w = tl.arange(0, WORDS)
+    shifts = ((tl.arange(0, 8) ^ 1) * 4).to(tl.uint32)
+    mask_n = offs_n < out_features
+    mask_t = offs_t < num_tokens
+    num_k_blocks = in_features // 64
+    blocks_per_split = num_k_blocks // SPLIT_K
+    word_rows = words_ptr + offs_n[:, None].to(tl.int64) * (in_features // 8) + offs_w[None, :]  # [BLOCK_N, WORDS]
+    absmax_rows = absmax_ptr + offs_n.to(tl.int64) * num_k_blocks
+    offs_k = tl.arange(0, 64)
+    x_cols = x_ptr + offs_t[None, :].to(tl.int64) * stride_xt + offs_k[:, None] * stride_xk  # [64, BLOCK_T]
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    first_block = pid_k * blocks_per_split
+    for block0 in range(first_block, first_block + blocks_per_split, K_GROUPS):
+        for g in tl.static_range(K_GROUPS):
+            block = block0 + g
+            words = tl.load(word_rows + block * WORDS, mask=mask_n[:, None], other=0,
+                            eviction_policy="evict_first").to(tl.uint32, bitcast=True)  # [BLOCK_N, WORDS]
+            nibbles = (words[:, :, None] >> shifts[None, None, :]) & 0xF  # [BLOCK_N, WORDS, 8]
+            scale = tl.load(absmax_rows + block, mask=mask_n, other=0.0)[:, None, None]
+            w = tl.reshape((tl.load(table_ptr + nibbles) * scale).to(x_ptr.dtype.element_ty), (BLOCK_N, 64))
+            xt = tl.load(x_cols + (block * 64) * stride_xk, mask=mask_t[None, :], other=0.0)  # [64, BLOCK_T]
+            if UPCAST_DOT:
+                w, xt = w.to(tl.float32), xt.to(tl.float32)
+            acc = tl.dot(w, xt, acc)
+    out_mask = mask_n[:, None] & mask_t[None, :]
+    out_offs = offs_t[None, :].to(tl.int64) * stride_ot + offs_n[:, None] * stride_on
+    if WRITE_PARTIAL:
+        partial_ptr = out_ptr + pid_k.to(tl.int64) * num_tokens * out_features
+        tl.store(partial_ptr + out_offs, acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
 
 
 @functools.cache
@@ -194,8 +238,13 @@ def nf4_matmul_triton(
         triton.cdiv(num_tokens, config.block_t),
         config.split_k,
     )
-    _nf4_matmul_kernel[grid](
-        x, codes_as_bytes(codes), absmax_f, code_table, bias_arg, target,
+    kernel, packed = (
+        (_nf4_matmul_words_kernel, codes_as_words(codes))
+        if config.layout == "words"
+        else (_nf4_matmul_kernel, codes_as_bytes(codes))
+    )
+    kernel[grid](
+        x, packed, absmax_f, code_table, bias_arg, target,
         num_tokens, out_features, in_features,
         x.stride(0), x.stride(1), stride_ot, stride_on,
         HAS_BIAS=has_bias, WRITE_PARTIAL=is_split, UPCAST_DOT=not x.is_cuda,
@@ -203,9 +252,5 @@ def nf4_matmul_triton(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if is_split:
-        reduce_block = 1024
-        _split_k_reduce_kernel[(triton.cdiv(num_tokens * out_features, reduce_block),)](
-            partial, bias_arg, out, num_tokens, out_features, out.stride(0), out.stride(1),
-            HAS_BIAS=has_bias, SPLIT_K=config.split_k, BLOCK=reduce_block,
-        )  # fmt: skip
+        split_k_reduce(partial, bias_arg if has_bias else None, out)
     return out

@@ -1,11 +1,14 @@
-"""/metrics: every family and label named in DESIGN.md is present and moves as requests run."""
+"""/metrics: every family and label named in DESIGN.md is present and moves as requests run; per-adapter
+series go with their adapter and are capped; /metrics can require a key."""
 
 from __future__ import annotations
+
+import hashlib
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.helpers import BASE_ID, DESIGN_FAMILIES, api_settings, live_server, upload
+from tests.api.helpers import BASE_ID, DESIGN_FAMILIES, api_settings, assert_error, live_server, upload
 
 
 def scrape(client) -> dict[str, list]:
@@ -85,3 +88,89 @@ def test_gauges_settle_when_idle(server):
         families = scrape(client)
     assert value(families, "vllm:num_requests_running") == 0
     assert value(families, "loraplex_adapters_resident", tier="gpu") >= 1
+
+
+def num_series(client) -> int:
+    return sum(1 for line in client.get("/metrics").text.splitlines() if line and not line.startswith("#"))
+
+
+def adapter_labels(client) -> set[str]:
+    samples = scrape(client)["loraplex_adapter_requests"]
+    return {s.labels["adapter"] for s in samples}
+
+
+def test_deleting_an_adapter_removes_its_series(server, tiny_adapters):
+    names = [f"gone-{i}" for i in range(12)]
+    with server.client() as client:
+        before = num_series(client)
+        for name in names:
+            upload(client, name, tiny_adapters["attn-r4"])
+            body = {"model": name, "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+            assert client.post("/v1/completions", json=body).status_code == 200
+            body["prompt"] = "Hello world " * 200  # rejected: a second status series for the adapter
+            assert client.post("/v1/completions", json=body).status_code == 400
+        assert set(names) <= adapter_labels(client)
+        for name in names:
+            assert client.delete(f"/v1/adapters/{name}").status_code == 200
+        assert not set(names) & adapter_labels(client)
+        assert num_series(client) <= before
+
+
+def test_adapter_labels_are_capped_with_an_other_bucket(server, tiny_adapters, monkeypatch):
+    from server import metrics
+
+    assert metrics.adapter_requests.max_adapters == server.state.settings.metrics_max_adapters
+    names = [f"capped-{i}" for i in range(5)]
+    with server.client() as client:
+        named_now = len(adapter_labels(client) - {"base", "other"})
+        monkeypatch.setattr(metrics.adapter_requests, "max_adapters", named_now + 2)
+        for name in names:
+            upload(client, name, tiny_adapters["attn-r4"])
+            body = {"model": name, "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+            assert client.post("/v1/completions", json=body).status_code == 200
+        labels = adapter_labels(client)
+        assert {"capped-0", "capped-1", "other"} <= labels
+        assert not {"capped-2", "capped-3", "capped-4"} & labels
+        assert client.delete("/v1/adapters/capped-0").status_code == 200  # frees a place under the cap
+        body = {"model": "capped-4", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+        assert client.post("/v1/completions", json=body).status_code == 200
+        assert "capped-4" in adapter_labels(client)
+        for name in names[1:]:
+            assert client.delete(f"/v1/adapters/{name}").status_code == 200
+
+
+METRICS_KEY, ADMIN_KEY, USER_KEY = "key-prometheus", "key-ops-admin", "key-user"
+
+
+def _sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def test_metrics_can_require_the_admin_scope_or_the_metrics_key(tiny_llama_dir, tmp_path):
+    keys_file = tmp_path / "keys.toml"
+    keys_file.write_text("".join(
+        f'[[keys]]\nkey_sha256 = "{_sha(key)}"\ntenant = "{tenant}"\nscopes = {scopes}\nadapters = ["*"]\n'
+        for key, tenant, scopes in ((ADMIN_KEY, "ops", '["admin"]'), (USER_KEY, "user", '["generate"]'))
+    ))
+    settings = api_settings(tiny_llama_dir, tmp_path / "store", auth_file=keys_file,
+                            metrics_key_sha256=_sha(METRICS_KEY))
+    with live_server(settings) as live:
+        with live.client() as anonymous:
+            assert_error(anonymous.get("/metrics"), 401, "/metrics needs a key")
+            assert anonymous.get("/health").status_code == 200
+        with live.client(USER_KEY) as user:
+            assert_error(user.get("/metrics"), 403, "admin")
+        with live.client("not-a-key") as stranger:
+            assert_error(stranger.get("/metrics"), 401, "invalid")
+        for key in (ADMIN_KEY, METRICS_KEY):
+            with live.client(key) as reader:
+                assert reader.get("/metrics").status_code == 200
+        with live.client(METRICS_KEY) as prometheus:
+            assert_error(prometheus.get("/v1/models"), 401)  # the metrics key opens /metrics only
+
+
+def test_metrics_require_key_needs_some_key_to_check(tiny_llama_dir, tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="metrics_require_key needs"):
+        api_settings(tiny_llama_dir, tmp_path, metrics_require_key=True)

@@ -92,6 +92,15 @@ def test_stop_string_ends_generation(oai):
     assert stopped.choices[0].text == text[: text.index(stop)]
 
 
+def test_logit_bias_penalties_and_min_p_reach_the_sampler(oai):
+    result = oai.completions.create(model=BASE_ID, prompt="Hello", max_tokens=4, temperature=1.0, seed=1,
+                                    logit_bias={"72": 100}, presence_penalty=0.5, frequency_penalty=0.5,
+                                    logprobs=1, extra_body={"min_p": 0.1})
+    assert len(set(result.choices[0].logprobs.tokens)) == 1  # the +100 bias wins every step
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        oai.completions.create(model=BASE_ID, prompt="Hi", max_tokens=2, logit_bias={"1000000": 1})
+
+
 def test_unknown_model_is_404_in_openai_shape(oai):
     with pytest.raises(openai.NotFoundError) as info:
         oai.completions.create(model="no-such-adapter", prompt="Hi", max_tokens=2)
@@ -107,7 +116,7 @@ def test_unknown_model_is_404_in_openai_shape(oai):
     ({"temperature": -1}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"extra_body": {"echo": True}}, "echo"),
 ])
 def test_bad_parameters_are_400_naming_the_field(oai, kwargs, field):

@@ -51,6 +51,11 @@ def _inputs(num_tokens, in_features, out_features, seed=0):
     return x, bias
 
 
+def _float64_reference(x, codes, absmax, shape, table, bias):
+    weight = nf4_ops.nf4_dequantize_reference(codes, absmax, shape, table).to(x.dtype).double()
+    return x.double() @ weight.t() + bias.double()
+
+
 def _assert_close_bf16(got, expected, tolerance):
     scale = expected.float().abs().max().item()
     torch.testing.assert_close(got.float(), expected.float(), atol=tolerance * 0.1 * scale, rtol=tolerance)
@@ -65,7 +70,12 @@ def test_decode_matches_reference_and_bnb(weights, shape, num_tokens):
     expected = nf4_ops.nf4_matmul_reference(x, codes, absmax, wshape, table, bias=bias)
     # Same bf16 weights, fp32 accumulate: only summation order and the final rounding differ.
     _assert_close_bf16(got, expected, tolerance=1e-2)
-    _assert_close_bf16(got, bnb.matmul_4bit(x, codes.t(), quant_state=state, bias=bias), tolerance=2e-2)
+    # bitsandbytes is a second opinion, not the truth: at one row its gemv_4bit rounds differently
+    # (up to 1.5 at output magnitude 155, H200 2026-12-01), so it must not be closer to the float64
+    # result than we are.
+    theirs = bnb.matmul_4bit(x, codes.t(), quant_state=state, bias=bias)
+    exact = _float64_reference(x, codes, absmax, wshape, table, bias)
+    assert (got.double() - exact).abs().max() <= (theirs.double() - exact).abs().max() * 1.5 + 1e-6
 
 
 @pytest.mark.parametrize(

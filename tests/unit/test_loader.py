@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +55,40 @@ def test_gguf_round_trip(tiny_llama_dir, tmp_path):
     a, _ = prefill_logits(loaded.model, attach_cache(loaded.model), ids)
     b, _ = prefill_logits(original.model, attach_cache(original.model), ids)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_concurrent_conversions_of_one_gguf_convert_once(tiny_llama_dir, tmp_path, monkeypatch):
+    """Two servers starting on an empty cache: both ask for the conversion at once; neither fails,
+    one converts, the other waits for it and uses the result (issue 9 defect 6)."""
+    gguf = pytest.importorskip("gguf")
+    import safetensors.torch
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(gguf, AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                     tiny_llama_dir, path)
+    real_save, num_saves = safetensors.torch.save_file, []
+
+    def slow_save(*args, **kwargs):  # keeps the first conversion running while the second starts
+        num_saves.append(1)
+        time.sleep(0.5)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", slow_save)
+    start = threading.Barrier(2)
+
+    def convert() -> Path:
+        start.wait()
+        return convert_gguf(path, tmp_path / "cache")
+
+    with ThreadPoolExecutor(2) as pool:
+        results = [future.result() for future in [pool.submit(convert), pool.submit(convert)]]
+    assert results[0] == results[1] and (results[0] / "config.json").is_file()
+    assert len(num_saves) == 1
+    models = tmp_path / "cache" / "models"
+    assert sorted(p.name for p in models.iterdir()) == sorted([results[0].name, results[0].name + ".lock"])
+    loaded = load_model(str(path), cache_dir=tmp_path / "cache", device="cpu", quantization="none")
+    assert loaded.config.num_layers == 2
 
 
 def write_llama_gguf(gguf, hf, tokenizer_dir, path):

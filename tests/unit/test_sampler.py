@@ -1,78 +1,224 @@
-"""Sampling controls: greedy, temperature, top-k, top-p, repetition penalty, seeds, stop strings."""
+"""The batched sampler against its per-row reference, each parameter's effect, and validation."""
 
 from __future__ import annotations
+
+import math
+import random
 
 import pytest
 import torch
 
-from server.engine.detokenizer import update_text
-from server.engine.request import FinishReason, Request, SamplingError, SamplingParams
-from server.engine.sampler import apply_repetition_penalty, filter_top_k_top_p, sample
+from server.engine.request import Request, SamplingError, SamplingParams
+from server.engine.sampler import (
+    Sampler,
+    apply_penalties,
+    draw_uniform,
+    filter_logits,
+    sample,
+    sample_row_reference,
+)
+
+VOCAB = 257
 
 
-def req(**params):
-    return Request([1, 2, 3], SamplingParams(**params))
+def req(prompt=(1, 2, 3), **params) -> Request:
+    return Request(list(prompt), SamplingParams(**params))
 
 
-def test_greedy_picks_argmax_and_reports_logprob():
+def random_params(rng: random.Random) -> SamplingParams:
+    """Every parameter, each often at its neutral value, so rows mix every combination."""
+    return SamplingParams(
+        temperature=rng.choice([0.0, 0.3, 0.7, 1.0, 1.6]),
+        top_k=rng.choice([0, 0, 1, 3, 20, 1000]),
+        top_p=rng.choice([1.0, 1.0, 0.9, 0.5]),
+        min_p=rng.choice([0.0, 0.0, 0.05, 0.4]),
+        repetition_penalty=rng.choice([1.0, 1.0, 1.3, 0.7]),
+        presence_penalty=rng.choice([0.0, 0.0, 0.8, -0.6]),
+        frequency_penalty=rng.choice([0.0, 0.0, 0.4, -0.3]),
+        logit_bias=rng.choice([{}, {}, {5: 3.0, 9: -100.0}, {rng.randrange(VOCAB): 8.0}]),
+        seed=rng.choice([None, rng.randrange(-(2**63), 2**64)]),
+        logprobs=rng.random() < 0.3,
+    )
+
+
+def random_requests(rng: random.Random, n: int) -> list[Request]:
+    return [Request([rng.randrange(VOCAB) for _ in range(rng.randrange(1, 12))], random_params(rng),
+                    output_token_ids=[rng.randrange(VOCAB) for _ in range(rng.randrange(0, 6))]) for _ in range(n)]
+
+
+def reference_tokens(logits: torch.Tensor, requests: list[Request]) -> list[int]:
+    return [sample_row_reference(logits[i], r.params, r.prompt_token_ids, r.output_token_ids,
+                                 r.sampling_seed if r.sampling_seed is not None else 0)
+            for i, r in enumerate(requests)]
+
+
+def test_batched_sampler_matches_the_per_row_reference_over_many_steps():
+    rng = random.Random(0)
+    requests = random_requests(rng, 40)  # past the initial 8 rows of the token-count table
+    sampler = Sampler(VOCAB, torch.device("cpu"))
+    torch.manual_seed(0)
+    for _ in range(12):
+        logits = torch.randn(len(requests), VOCAB) * 4
+        tokens, _ = sampler.sample(logits, requests)
+        assert tokens == reference_tokens(logits, requests)
+        for request, token in zip(requests, tokens, strict=True):
+            request.output_token_ids.append(token)
+        sampler.release(requests[rng.randrange(len(requests))])  # as preemption does: its row is rebuilt
+
+
+def test_a_row_gets_the_same_tokens_whatever_else_is_in_the_batch():
+    rng = random.Random(1)
+    torch.manual_seed(1)
+    for _ in range(10):
+        requests = random_requests(rng, 12)
+        for request in requests:
+            request.sampling_seed = rng.randrange(2**64)  # fixed, as a seeded request's would be
+        logits = torch.randn(len(requests), VOCAB) * 3
+        together, _ = sample(logits, requests)
+        alone = [sample(logits[i : i + 1], [r])[0][0] for i, r in enumerate(requests)]
+        order = list(range(len(requests)))
+        rng.shuffle(order)
+        shuffled, _ = sample(logits[order], [requests[i] for i in order])
+        assert together == alone
+        assert shuffled == [together[i] for i in order]
+
+
+def test_seed_makes_sampling_reproducible_and_different_seeds_differ():
+    logits = torch.randn(1, 50)
+    first, _ = sample(logits, [req(temperature=1.0, seed=7)])
+    again, _ = sample(torch.cat([torch.randn(1, 50), logits]), [req(temperature=1.0, seed=3),
+                                                                req(temperature=1.0, seed=7)])
+    assert first[0] == again[1]
+    draws = {sample(logits, [req(temperature=5.0, seed=s)])[0][0] for s in range(40)}
+    assert len(draws) > 5
+
+
+def test_unseeded_requests_draw_different_tokens():
+    logits = torch.zeros(200, 50)
+    tokens, _ = sample(logits, [req(temperature=1.0) for _ in range(200)])
+    assert len(set(tokens)) > 30
+
+
+def test_greedy_rows_take_the_argmax_and_report_raw_logprobs():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
     tokens, logprobs = sample(logits, [req(temperature=0, logprobs=True), req(temperature=0, logprobs=True)])
     assert tokens == [1, 0]
     assert logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1)[1].item())
 
 
-def test_top_k_and_top_p_masks():
-    logits = torch.tensor([1.0, 4.0, 3.0, 2.0])
-    assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0)).tolist() == [True, False, False, True]
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
-    kept = ~torch.isinf(filter_top_k_top_p(probs, 0, 0.7))
-    assert kept.tolist() == [True, True, False, False]
+def test_greedy_and_sampled_rows_in_one_batch():
+    torch.manual_seed(2)
+    logits = torch.randn(16, VOCAB)
+    requests = [req(temperature=0.0) if i % 2 else req(temperature=1.0, seed=i) for i in range(16)]
+    tokens, logprobs = sample(logits, requests)
+    assert logprobs is None
+    assert tokens[1::2] == logits[1::2].argmax(-1).tolist()
+    assert tokens == reference_tokens(logits, requests)
+
+
+def test_top_k_one_is_greedy():
+    torch.manual_seed(3)
+    logits = torch.randn(8, VOCAB)
+    top1, _ = sample(logits, [req(temperature=1.5, top_k=1, seed=i) for i in range(8)])
+    assert top1 == logits.argmax(-1).tolist()
 
 
 def test_sampling_only_draws_from_allowed_tokens():
-    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]]).repeat(200, 1)
-    requests = [req(temperature=1.0, top_k=2, seed=i) for i in range(200)]
-    tokens, _ = sample(logits, requests)
-    assert set(tokens) == {3, 4}
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]]).repeat(300, 1)
+    top_k, _ = sample(logits, [req(temperature=1.0, top_k=2, seed=i) for i in range(300)])
+    assert set(top_k) == {3, 4}
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(300, 1)
+    top_p, _ = sample(probs, [req(temperature=1.0, top_p=0.7, seed=i) for i in range(300)])
+    assert set(top_p) == {0, 1}  # 0.5 < 0.7, so the 0.3 token that crosses 0.7 is kept
+    min_p, _ = sample(probs, [req(temperature=1.0, min_p=0.2, seed=i) for i in range(300)])
+    assert set(min_p) == {0, 1, 2}  # 0.05 < 0.2 * 0.5
 
 
-def test_seed_makes_sampling_reproducible_and_independent_of_batch():
-    logits = torch.randn(1, 50)
-    a, _ = sample(logits, [req(temperature=1.0, seed=7)])
-    b, _ = sample(torch.cat([torch.randn(1, 50), logits]), [req(temperature=1.0, seed=3), req(temperature=1.0, seed=7)])
-    assert a[0] == b[1]
-    draws = {sample(logits, [req(temperature=5.0, seed=s)])[0][0] for s in range(40)}
-    assert len(draws) > 5  # different seeds really give different tokens
+def test_filter_masks_per_row():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [1.0, 4.0, 3.0, 2.0]])
+    ones = torch.ones(2)
+    kept = ~torch.isinf(filter_logits(logits, ones, top_k=torch.tensor([2, 0]), max_top_k=2))
+    assert kept.tolist() == [[False, True, True, False], [True, True, True, True]]
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(2, 1)
+    kept = ~torch.isinf(filter_logits(probs, ones, min_p=torch.tensor([0.0, 0.5]), top_p=torch.tensor([0.7, 1.0])))
+    assert kept.tolist() == [[True, True, False, False], [True, True, False, False]]
+    kept = ~torch.isinf(filter_logits(probs, ones, top_p=torch.tensor([0.7]), top_p_rows=torch.tensor([1])))
+    assert kept.tolist() == [[True, True, True, True], [True, True, False, False]]
 
 
-def test_repetition_penalty():
-    row = torch.tensor([2.0, -2.0, 1.0])
-    apply_repetition_penalty(row, [0, 1], 2.0)
-    assert row.tolist() == [1.0, -4.0, 1.0]
+def test_logit_bias_forces_and_bans_tokens():
+    torch.manual_seed(4)
+    logits = torch.randn(20, VOCAB)
+    forced, _ = sample(logits, [req(temperature=1.0, seed=i, logit_bias={17: 100.0}) for i in range(20)])
+    assert forced == [17] * 20
+    top = int(logits[0].argmax())
+    banned, _ = sample(logits[:1], [req(temperature=0.0, logit_bias={top: -100.0})])
+    assert banned[0] != top
+
+
+def test_penalties_follow_the_formula():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    counts = torch.tensor([[0, 2, 1, 0]], dtype=torch.int32)  # output tokens 1, 1, 2
+    in_prompt = torch.tensor([[True, False, False, False]])
+    out = apply_penalties(logits, counts, in_prompt, torch.tensor([2.0]), torch.tensor([0.5]), torch.tensor([0.25]))
+    # token 0: prompt only, repetition 2.0 / 2; token 1: -2 * 2 - 0.25 * 2 - 0.5;
+    # token 2: 1 / 2 - 0.25 - 0.5; token 3: unseen
+    assert out.tolist() == [[1.0, -5.0, -0.25, 0.5]]
+
+
+def test_penalties_change_the_greedy_choice_as_tokens_repeat():
+    logits = torch.tensor([[3.0, 2.5, 0.0]])
+    request = req(prompt=[2], temperature=0.0, frequency_penalty=0.4)
+    sampler = Sampler(3, torch.device("cpu"))
+    picks = []
+    for _ in range(4):
+        token = sampler.sample(logits, [request])[0][0]
+        request.output_token_ids.append(token)
+        picks.append(token)
+    assert picks == [0, 0, 1, 0]  # 3.0, 2.6, then 2.2 < 2.5, then 2.2 > 2.1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_draws_follow_the_tempered_distribution(temperature):
+    logits = torch.tensor([0.45, 0.25, 0.15, 0.1, 0.05]).log()
+    probs = (logits / temperature).softmax(-1).double()
+    n = 4000
+    tokens, _ = sample(logits.repeat(n, 1), [req(temperature=temperature, seed=s) for s in range(n)])
+    counts = torch.bincount(torch.tensor(tokens), minlength=5).double()
+    sigma = (n * probs * (1 - probs)).sqrt()
+    assert ((counts - n * probs).abs() < 4 * sigma).all(), counts.tolist()
+
+
+def test_uniforms_are_in_range_and_spread():
+    values = [draw_uniform(seed, step) for seed in (0, 1, -5, 2**64 - 1) for step in range(500)]
+    assert all(0.0 < v < 1.0 for v in values)
+    assert abs(sum(values) / len(values) - 0.5) < 0.02
+    assert all(torch.tensor(v, dtype=torch.float32).item() == v for v in values)
+    assert len(set(values)) > 0.99 * len(values)
 
 
 @pytest.mark.parametrize("params,field", [
     (dict(max_tokens=0), "max_tokens"), (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"),
     (dict(top_k=-1), "top_k"), (dict(repetition_penalty=0), "repetition_penalty"), (dict(stop=[""]), "stop"),
+    (dict(min_p=1.5), "min_p"), (dict(min_p=-0.1), "min_p"), (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-2.1), "frequency_penalty"), (dict(logit_bias={3: 101.0}), "logit_bias"),
+    (dict(logit_bias={"3": 1.0}), "logit_bias"),
 ])
 def test_bad_params_name_the_field(params, field):
     with pytest.raises(SamplingError, match=field):
         SamplingParams(**params).validate()
 
 
-class CharTokenizer:
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids)
+def test_logit_bias_token_ids_are_checked_against_the_vocabulary():
+    SamplingParams(logit_bias={0: 1.0, 99: -1.0}).validate_token_ids(100)
+    for bad in (100, -1):
+        with pytest.raises(SamplingError, match="logit_bias"):
+            SamplingParams(logit_bias={bad: 1.0}).validate_token_ids(100)
 
 
-def test_stop_string_is_never_emitted_even_in_part():
-    request = req(stop=["END"])
-    emitted = ""
-    for ch in "hello ENjoy the END of it":
-        request.output_token_ids.append(ord(ch))
-        emitted += update_text(request, CharTokenizer())
-        if request.finish_reason is not None:
-            break
-    assert request.finish_reason is FinishReason.STOP
-    assert emitted == "hello ENjoy the "
-    assert request.text == "hello ENjoy the "
+def test_logprob_of_a_drawn_token_is_its_raw_logprob():
+    torch.manual_seed(5)
+    logits = torch.randn(4, VOCAB)
+    tokens, logprobs = sample(logits, [req(temperature=0.8, top_k=10, seed=i, logprobs=True) for i in range(4)])
+    expected = torch.log_softmax(logits, -1)[torch.arange(4), torch.tensor(tokens)]
+    assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(logprobs, expected.tolist(), strict=True))

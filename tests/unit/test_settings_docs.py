@@ -21,7 +21,7 @@ def _readme_rows() -> dict[str, str]:
     block = text[text.index(settings_docs.TABLE_BEGIN):text.index(settings_docs.TABLE_END)]
     rows = {}
     for line in block.splitlines():
-        match = re.match(r"^\| `([a-z_]+)` \| `([^`]*)` \|", line)
+        match = re.match(r"^\| `([a-z0-9_]+)` \| `([^`]*)` \|", line)
         if match:
             rows[match.group(1)] = match.group(2)
     return rows

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import pickle
 import struct
 import tarfile
+import tracemalloc
 import zipfile
 
 import pytest
 
 from adapters_store import AdapterTooLargeError, AdapterValidationError
+from adapters_store.archive import EXPANSION_FLOOR, MAX_EXPANSION, extract_adapter_files, uncompressed_limit
 from tests.unit.store_helpers import (
     adapter_members,
     make_store,
@@ -173,3 +176,37 @@ def test_not_an_archive(seeded_store):
         *seeded_store, gzip.compress(b"not a tar" * 100), AdapterValidationError, "not a valid .tar.gz"
     )
     assert_rejected(*seeded_store, b"PK\x03\x04garbage", AdapterValidationError, "not a valid .zip")
+
+
+SERVER_LIMIT = 512 << 20  # the server's default max_upload_bytes
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+@pytest.mark.parametrize("member", ["adapter_model.safetensors", "README.md"])
+def test_small_archive_that_expands_far_is_refused_without_decompressing_it(kind, member):
+    """64 MiB of zeros in a ~64 KiB archive is under the size limit, but no adapter compresses 1000x:
+    refused by the expansion bound, holding a few MiB at most (it used to read all 64 MiB, twice)."""
+    files = members() | {member: bytes(64 << 20)}
+    archive = make_zip(files) if kind == "zip" else make_tar_gz(files)
+    del files
+    assert len(archive) < 256 * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(AdapterTooLargeError, match=f"over {MAX_EXPANSION}x its own"):
+            extract_adapter_files(archive, SERVER_LIMIT)
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_bytes < 4 * EXPANSION_FLOOR
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_archives_of_real_weights_pass_the_expansion_bound(kind):
+    """Incompressible weights, and an untrained adapter (B all zero, ~2x), well past the floor."""
+    random_half = os.urandom(EXPANSION_FLOOR)
+    for weights in (random_half * 2, random_half + bytes(EXPANSION_FLOOR)):
+        files = {"adapter_config.json": b"{}", "adapter_model.safetensors": weights}
+        archive = make_zip(files) if kind == "zip" else make_tar_gz(files)
+        assert extract_adapter_files(archive, SERVER_LIMIT) == (b"{}", weights)
+    assert uncompressed_limit(1000, SERVER_LIMIT) == EXPANSION_FLOOR
+    assert uncompressed_limit(100 << 20, SERVER_LIMIT) == SERVER_LIMIT

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# One GPU-machine call for the NF4 kernels issue: kernel table, then the GPU suite (logs under $OUT).
+# Usage there: bash bench/gpu_nf4.sh   (carry .whl; see ../shared/gpu/wheels.sh)
+set -o pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/smi.txt"
+timeout "${KERNELS_TIMEOUT:-330}" python3 -m bench.kernels --out "$OUT" ${KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.log"
+timeout "${TESTS_TIMEOUT:-220}" python3 -m pytest tests/gpu -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} 2>&1 \
+  | tee "$OUT/gpu_tests.log" | tail -40

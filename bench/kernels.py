@@ -1,0 +1,230 @@
+"""NF4 linear-layer kernels against bf16 cuBLAS, bitsandbytes and PyTorch's tinygemm, in one run.
+
+    python -m bench.kernels [--models 8b,1b] [--rows 1,2,4,8,16,32,64,128,256] [--out bench/results]
+
+For each layer shape of the model (fused qkv, o, fused gate_up, down) and each row count M it times,
+by CUDA-graph replay over enough weight copies to defeat the L2 cache, µs per call of:
+``bf16`` (F.linear on a 16-bit weight), ``ours`` (the NF4 dispatch loraplex runs: server.model.
+nf4_dispatch), each of our kernels forced (``gemv``, ``fused_bytes``, ``fused_words``, ``dequant``),
+``bnb`` (bitsandbytes.matmul_4bit) and ``tinygemm`` (torch._weight_int4pack_mm, int4, group 64: a
+speed reference only, not NF4). Each of ours is also checked against the float64 reference.
+Writes ``<out>/<date>-<device>-kernels.json`` with ``ratios`` (geometric means over the four layer
+shapes of the 8B model): nf4_over_bf16_m{1,16,32,128}, nf4_over_tinygemm_m1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from bench.shapes import SHAPES
+
+L2_DEFEAT_BYTES = 256 << 20  # weight bytes cycled through per timed pass (H200 L2: 60 MB)
+CALLS_PER_GRAPH = 24
+SWEEP_MMA = False  # --sweep-mma: also time the CUDA kernel's warps and split-K neighbours
+
+
+def _mma_available() -> bool:
+    from server.model import cuda_nf4
+
+    return cuda_nf4.is_available()
+
+
+def layer_shapes(model: str) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each fused linear of one transformer layer."""
+    cfg = SHAPES[model]
+    hidden, inter, head_dim = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * head_dim
+    return {"qkv": (hidden, qkv), "o": (cfg["num_attention_heads"] * head_dim, hidden),
+            "gate_up": (hidden, 2 * inter), "down": (inter, hidden)}
+
+
+def time_calls(fns: list, reps: int = 10) -> float:
+    """Median µs per call of `fns` (cycled CALLS_PER_GRAPH times) replayed as one CUDA graph."""
+    calls = [fns[i % len(fns)] for i in range(max(CALLS_PER_GRAPH, len(fns)))]
+    for fn in calls[: len(fns)]:
+        fn()  # compile / warm up outside the capture
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        for fn in calls:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    times = []
+    for i in range(reps + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) * 1000 / len(calls))
+    return sorted(times)[len(times) // 2]
+
+
+class Layer:
+    """One weight in every representation the implementations need (several copies)."""
+
+    def __init__(self, in_features: int, out_features: int, copies: int, seed: int):
+        import bitsandbytes.functional as bnbf
+
+        from server.model.nf4_ops import nf4_absmax_float
+
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        self.shape = (out_features, in_features)
+        self.bf16, self.nf4, self.int4 = [], [], []
+        for _ in range(copies):
+            w = (torch.randn(out_features, in_features, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+            codes, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+            self.nf4.append((codes, nf4_absmax_float(state).contiguous(), state))
+            self.bf16.append(w)
+            self.int4.append(_tinygemm_pack(w))
+        self.table = self.nf4[0][2].code
+
+
+def _tinygemm_pack(w: torch.Tensor, group: int = 64):
+    """torch's int4 tinygemm layout of `w` (asymmetric, per-group scale and zero); None if unsupported."""
+    try:
+        out_features, in_features = w.shape
+        groups = w.float().view(out_features, in_features // group, group)
+        lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-6)
+        q = ((groups - lo) / scale).round().clamp(0, 15).to(torch.int32).view(out_features, in_features)
+        packed_u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        packed = torch._convert_weight_to_int4pack(packed_u8, 8)
+        zero = lo + 8 * scale  # tinygemm dequantizes as (q - 8) * scale + zero
+        scales_zeros = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1).contiguous()
+        return packed, scales_zeros.to(torch.bfloat16), group
+    except (RuntimeError, AttributeError) as err:
+        return repr(err)
+
+
+def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
+    """name -> one callable per weight copy."""
+    import bitsandbytes as bnb
+
+    from server.model.nf4_dispatch import nf4_linear_cuda
+    from server.model.triton_nf4 import device_num_sms, nf4_matmul_triton, pick_config
+
+    rows = x.shape[0]
+    impls = {
+        "bf16": [lambda w=w: torch.nn.functional.linear(x, w) for w in layer.bf16],
+        "ours": [lambda c=c: nf4_linear_cuda(x, c[0], c[1], layer.shape, layer.table, None, c[2]) for c in layer.nf4],
+        "bnb": [lambda c=c: bnb.matmul_4bit(x, c[0].t(), c[2]) for c in layer.nf4],
+    }
+    for name in ("gemv", "dequant"):
+        if name == "gemv" and rows != 1:
+            continue
+        impls[name] = [lambda c=c, n=name: nf4_linear_cuda(x, c[0], c[1], layer.shape, layer.table, None, c[2], n)
+                       for c in layer.nf4]
+    if rows <= 256:
+        base = pick_config(rows, layer.shape[0], layer.shape[1], device_num_sms(0))
+        for layout in ("bytes", "words"):
+            cfg = type(base)(**{**base.__dict__, "layout": layout})
+            impls[f"fused_{layout}"] = [
+                lambda c=c, cfg=cfg: nf4_matmul_triton(x, c[0], c[1], layer.shape, layer.table, config=cfg)
+                for c in layer.nf4
+            ]
+    if rows <= 64 and _mma_available():
+        from server.model import cuda_nf4
+
+        variants = {}
+        if SWEEP_MMA:
+            split = cuda_nf4.pick_split_k(rows, *layer.shape, device_num_sms(0))
+            variants.update({"mma_w2": {"warps": 2}, "mma_w4": {"warps": 4},
+                             "mma_s_half": {"split_k": max(1, split // 2)}, "mma_s_double": {"split_k": split * 2}})
+        for vname, kw in variants.items():
+            impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_mma(x, c[0], c[1], layer.shape, layer.table, **kw)
+                            for c in layer.nf4]
+    if not isinstance(layer.int4[0], str):
+        impls["tinygemm"] = [lambda p=p: torch._weight_int4pack_mm(x, p[0], p[2], p[1]) for p in layer.int4]
+    return impls
+
+
+def check_error(layer: Layer, x: torch.Tensor, fn) -> float:
+    """max |y - ref| / max |ref| against the float64 reference on copy 0's weight."""
+    from server.model.nf4_ops import nf4_dequantize_reference
+
+    codes, absmax, _ = layer.nf4[0]
+    weight = nf4_dequantize_reference(codes, absmax, layer.shape, layer.table).to(x.dtype).double()
+    ref = x.double() @ weight.t()
+    got = fn().double()
+    return ((got - ref).abs().max() / ref.abs().max()).item()
+
+
+def run_model(model: str, rows_list: list[int], results: dict) -> None:
+    for layer_name, (in_features, out_features) in layer_shapes(model).items():
+        bytes_bf16 = in_features * out_features * 2
+        layer = Layer(in_features, out_features, copies=max(1, min(8, math.ceil(L2_DEFEAT_BYTES / bytes_bf16))),
+                      seed=in_features + out_features)
+        for rows in rows_list:
+            x = torch.randn(rows, in_features, device="cuda").to(torch.bfloat16)
+            entry = {"in": in_features, "out": out_features, "rows": rows, "us": {}, "rel_err": {}, "errors": {}}
+            if isinstance(layer.int4[0], str):
+                entry["errors"]["tinygemm"] = layer.int4[0]
+            for name, fns in implementations(layer, x).items():
+                try:
+                    entry["us"][name] = round(time_calls(fns), 2)
+                    if name not in ("bf16", "tinygemm"):
+                        entry["rel_err"][name] = check_error(layer, x, fns[0])
+                except Exception as err:  # record and go on: one broken variant must not end the run
+                    entry["errors"][name] = f"{type(err).__name__}: {err}"[:300]
+            results["layers"].append({"model": model, "layer": layer_name, **entry})
+            print(model, layer_name, rows, {k: v for k, v in entry["us"].items()}, entry["errors"] or "", flush=True)
+        del layer
+        torch.cuda.empty_cache()
+
+
+def geomean(values: list[float]) -> float | None:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def ratios(results: dict) -> dict[str, float | None]:
+    out = {}
+    rows8b = [r for r in results["layers"] if r["model"] == "8b"]
+    for m in (1, 16, 32, 128):
+        vals = [r["us"]["ours"] / r["us"]["bf16"] for r in rows8b if r["rows"] == m and "ours" in r["us"]]
+        out[f"nf4_over_bf16_m{m}"] = round(geomean(vals), 3) if len(vals) == 4 else None
+    vals = [r["us"]["ours"] / r["us"]["tinygemm"] for r in rows8b
+            if r["rows"] == 1 and "ours" in r["us"] and "tinygemm" in r["us"]]
+    out["nf4_over_tinygemm_m1"] = round(geomean(vals), 3) if len(vals) == 4 else None
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="8b,1b")
+    parser.add_argument("--rows", default="1,2,4,8,16,32,64,128,256")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--sweep-mma", action="store_true")
+    args = parser.parse_args()
+    global SWEEP_MMA
+    SWEEP_MMA = args.sweep_mma
+    device = torch.cuda.get_device_name(0)
+    results = {"date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__,
+               "command": "python -m bench.kernels " + f"--models {args.models} --rows {args.rows}", "layers": []}
+    try:
+        import triton
+
+        results["triton"] = triton.__version__
+    except ImportError:
+        pass
+    for model in args.models.split(","):
+        run_model(model, [int(r) for r in args.rows.split(",")], results)
+    results["ratios"] = ratios(results)
+    slug = device.lower().replace(" ", "-")
+    path = Path(args.out) / f"{results['date']}-{slug}-kernels.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results["ratios"]), "->", path)
+
+
+if __name__ == "__main__":
+    main()

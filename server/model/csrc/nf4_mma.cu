@@ -1,0 +1,283 @@
+// NF4 (bitsandbytes layout) x bf16/fp16 matmul on tensor cores for few rows: y[M, N] = x[M, K] @ W^T.
+//
+// Semantics (server/model/nf4_ops.py): W[n, k] = round_to_T(code_table[nibble] * absmax_f[block]) in fp32,
+// products summed in fp32 (mma.sync accumulates in fp32), + bias, stored as T (or fp32 split-K partials).
+//
+// Layout read as stored by bitsandbytes, no repacking: row-major, byte i of a row holds element 2i in its
+// high nibble and 2i + 1 in its low nibble; one fp32 absmax per 64 elements.
+//
+// Mapping. A warp owns 16 weight rows (the MMA's M side: rows g and g + 8 of lane = 4 * g + t) and walks
+// K one 64-element quant block at a time (4 MMA k-steps of 16). The MMA sums over k in any order as long
+// as A and B agree, so k is permuted: lane t of a quad holds k in [16t, 16t + 16) of the block, i.e. 8
+// contiguous code bytes of each of its two rows (one 8-byte load per row, 32 contiguous bytes per quad).
+// In k-step j, fragment column pair p (0: columns 2t, 2t+1; 1: columns 2t+8, 2t+9) is code byte 2j + p of
+// the lane's 8, whose two nibbles are the pair's two columns; x (the B side, tokens on N) is read with the
+// same permutation: b0 = x[tok, 16t + 4j + {0,1}], b1 = x[tok, 16t + 4j + 2 + {0,1}].
+// Dequantization: the 16-entry fp32 table sits in shared memory (lanes reading one entry broadcast, lanes
+// reading different entries hit different banks: one wavefront), scaled in fp32, rounded in pairs.
+// Code loads run PREFETCH blocks ahead in registers. Grid: (row tiles / WARPS, split_k); with split_k > 1
+// each split writes fp32 partials [split_k, M, N] that a second kernel sums.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+template <typename T> struct Ops;
+
+template <> struct Ops<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <> struct Ops<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+};
+
+// One quant block's inputs for one lane: its 8 code bytes of rows g and g + 8, their two scales.
+struct BlockCodes {
+  uint2 row_lo;  // row g
+  uint2 row_hi;  // row g + 8
+  float scale_lo;
+  float scale_hi;
+};
+
+__device__ __forceinline__ uint2 load_codes(const uint8_t* p, bool ok) {
+  uint2 v = make_uint2(0u, 0u);
+  if (ok) asm volatile("ld.global.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+// Two dequantized, rounded values (element 2i: high nibble, element 2i + 1: low nibble) of byte `b` of
+// `hi_offs` / `lo_offs` (byte offsets into the fp32 table, precomputed for the 4 bytes of a word).
+template <typename T>
+__device__ __forceinline__ uint32_t dequant_pair(const char* lut, uint32_t hi_offs, uint32_t lo_offs, int b,
+                                                 float scale) {
+  const uint32_t sel = 0x4440u | static_cast<uint32_t>(b);
+  const float even = *reinterpret_cast<const float*>(lut + __byte_perm(hi_offs, 0u, sel));
+  const float odd = *reinterpret_cast<const float*>(lut + __byte_perm(lo_offs, 0u, sel));
+  return Ops<T>::pack(even * scale, odd * scale);
+}
+
+template <typename T, int NT, int WARPS, int PREFETCH>
+__global__ void __launch_bounds__(WARPS * 32) nf4_mma_kernel(
+    const T* __restrict__ x, const uint8_t* __restrict__ codes, const float* __restrict__ absmax,
+    const float* __restrict__ table, const T* __restrict__ bias, void* __restrict__ out,
+    int M, int N, int K, int blocks_per_split, int write_partial) {
+  __shared__ float lut_shared[16];
+  if (threadIdx.x < 16) lut_shared[threadIdx.x] = table[threadIdx.x];
+  __syncthreads();
+  const char* lut = reinterpret_cast<const char*>(lut_shared);
+
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int row_tile = blockIdx.x * WARPS + (threadIdx.x >> 5);
+  const int row_lo = row_tile * 16 + g;
+  const int row_hi = row_lo + 8;
+  const bool ok_lo = row_lo < N;
+  const bool ok_hi = row_hi < N;
+  const int num_blocks = K / 64;
+  const int first = blockIdx.y * blocks_per_split;
+  const int last = min(first + blocks_per_split, num_blocks);
+
+  const uint8_t* codes_lo = codes + static_cast<int64_t>(row_lo) * (K / 2) + 8 * t;
+  const uint8_t* codes_hi = codes + static_cast<int64_t>(row_hi) * (K / 2) + 8 * t;
+  const float* absmax_lo = absmax + static_cast<int64_t>(row_lo) * num_blocks;
+  const float* absmax_hi = absmax + static_cast<int64_t>(row_hi) * num_blocks;
+
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+
+  BlockCodes ring[PREFETCH];
+#pragma unroll
+  for (int i = 0; i < PREFETCH; ++i) {
+    const int blk = first + i;
+    const bool ok = blk < last;
+    ring[i].row_lo = load_codes(codes_lo + 32 * blk, ok && ok_lo);
+    ring[i].row_hi = load_codes(codes_hi + 32 * blk, ok && ok_hi);
+    ring[i].scale_lo = (ok && ok_lo) ? absmax_lo[blk] : 0.f;
+    ring[i].scale_hi = (ok && ok_hi) ? absmax_hi[blk] : 0.f;
+  }
+
+  for (int base = first; base < last; base += PREFETCH) {
+#pragma unroll
+    for (int i = 0; i < PREFETCH; ++i) {
+      const int blk = base + i;
+      if (blk >= last) break;  // warp-uniform
+      const BlockCodes cur = ring[i];
+      // Refill this ring slot with the block PREFETCH ahead before computing on the current one.
+      const int ahead = blk + PREFETCH;
+      const bool ok = ahead < last;
+      ring[i].row_lo = load_codes(codes_lo + 32 * ahead, ok && ok_lo);
+      ring[i].row_hi = load_codes(codes_hi + 32 * ahead, ok && ok_hi);
+      ring[i].scale_lo = (ok && ok_lo) ? absmax_lo[ahead] : 0.f;
+      ring[i].scale_hi = (ok && ok_hi) ? absmax_hi[ahead] : 0.f;
+
+      // x for this block: token (nt * 8 + g), k = 64 * blk + 16t .. + 16: 8 words of 2 values.
+      uint32_t xb[NT][8];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int tok = nt * 8 + g;
+        if (tok < M) {
+          const uint4* px = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(tok) * K + 64 * blk + 16 * t);
+          const uint4 v0 = __ldg(px);
+          const uint4 v1 = __ldg(px + 1);
+          xb[nt][0] = v0.x; xb[nt][1] = v0.y; xb[nt][2] = v0.z; xb[nt][3] = v0.w;
+          xb[nt][4] = v1.x; xb[nt][5] = v1.y; xb[nt][6] = v1.z; xb[nt][7] = v1.w;
+        } else {
+#pragma unroll
+          for (int w = 0; w < 8; ++w) xb[nt][w] = 0u;
+        }
+      }
+
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {  // code word `half` holds bytes 4 * half .. + 4: k-steps 2*half, +1
+        const uint32_t w_lo = half ? cur.row_lo.y : cur.row_lo.x;
+        const uint32_t w_hi = half ? cur.row_hi.y : cur.row_hi.x;
+        const uint32_t lo_even = (w_lo >> 2) & 0x3C3C3C3Cu, lo_odd = (w_lo << 2) & 0x3C3C3C3Cu;
+        const uint32_t hi_even = (w_hi >> 2) & 0x3C3C3C3Cu, hi_odd = (w_hi << 2) & 0x3C3C3C3Cu;
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          const int j = 2 * half + jj;  // k-step: code bytes 2j (columns 2t, 2t+1), 2j + 1 (2t+8, 2t+9)
+          const uint32_t a0 = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj, cur.scale_lo);
+          const uint32_t a1 = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj, cur.scale_hi);
+          const uint32_t a2 = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj + 1, cur.scale_lo);
+          const uint32_t a3 = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj + 1, cur.scale_hi);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) Ops<T>::mma(acc[nt], a0, a1, a2, a3, xb[nt][2 * j], xb[nt][2 * j + 1]);
+        }
+      }
+    }
+  }
+
+  // C fragment: acc[nt][0..1] = (row g, tokens nt*8 + 2t, +1), acc[nt][2..3] = (row g + 8, same tokens).
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = (i < 2) ? row_lo : row_hi;
+      const int tok = nt * 8 + 2 * t + (i & 1);
+      if (row >= N || tok >= M) continue;
+      if (write_partial) {
+        float* partial = reinterpret_cast<float*>(out) + static_cast<int64_t>(blockIdx.y) * M * N;
+        partial[static_cast<int64_t>(tok) * N + row] = acc[nt][i];
+      } else {
+        float v = acc[nt][i];
+        if (bias != nullptr) v += Ops<T>::to_float(bias[row]);
+        reinterpret_cast<T*>(out)[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void split_k_sum_kernel(const float* __restrict__ partial, const T* __restrict__ bias, T* __restrict__ out,
+                                   int M, int N, int splits) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<int64_t>(M) * N) return;
+  float v = 0.f;
+  for (int s = 0; s < splits; ++s) v += partial[s * static_cast<int64_t>(M) * N + i];
+  if (bias != nullptr) v += Ops<T>::to_float(bias[i % N]);
+  out[i] = Ops<T>::from_float(v);
+}
+
+}  // namespace
+
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+template <typename T, int NT>
+void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
+            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+            int64_t split_k, int64_t warps) {
+  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  const int num_blocks = K / 64;
+  const int blocks_per_split = (num_blocks + split_k - 1) / split_k;
+  const int splits = (num_blocks + blocks_per_split - 1) / blocks_per_split;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
+  torch::Tensor partial;
+  void* target = out.data_ptr();
+  if (splits > 1) {
+    partial = torch::empty({splits, M, N}, x.options().dtype(torch::kFloat32));
+    target = partial.data_ptr();
+  }
+  constexpr int PREFETCH = 4;
+  const int row_tiles = (N + 15) / 16;
+#define LORAPLEX_LAUNCH(W)                                                                              \
+  nf4_mma_kernel<T, NT, W, PREFETCH><<<dim3((row_tiles + W - 1) / W, splits), W * 32, 0, stream>>>(      \
+      reinterpret_cast<const T*>(x.data_ptr()), codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(),    \
+      table.data_ptr<float>(), splits > 1 ? nullptr : bias_ptr, target, M, N, K, blocks_per_split, splits > 1)
+  if (warps == 2) {
+    LORAPLEX_LAUNCH(2);
+  } else {
+    LORAPLEX_LAUNCH(4);
+  }
+#undef LORAPLEX_LAUNCH
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    const int64_t total = static_cast<int64_t>(M) * N;
+    split_k_sum_kernel<T><<<(total + 255) / 256, 256, 0, stream>>>(
+        partial.data_ptr<float>(), bias_ptr, reinterpret_cast<T*>(out.data_ptr()), M, N, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T>
+void dispatch_tiles(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
+                    const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                    int64_t split_k, int64_t warps) {
+  const int64_t M = x.size(0);
+  if (M <= 8) launch<T, 1>(x, codes, absmax, table, bias, out, split_k, warps);
+  else if (M <= 16) launch<T, 2>(x, codes, absmax, table, bias, out, split_k, warps);
+  else if (M <= 32) launch<T, 4>(x, codes, absmax, table, bias, out, split_k, warps);
+  else launch<T, 8>(x, codes, absmax, table, bias, out, split_k, warps);
+}
+
+// out[M, N] = x[M, K] @ dequant(codes, absmax)^T (+ bias); M <= 64, K % 64 == 0, all contiguous on one GPU.
+void nf4_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax, torch::Tensor table,
+             c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t warps) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 64, "nf4_mma takes 1..64 rows, got ", x.size(0));
+  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type(), "out must be contiguous, x's dtype");
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && absmax.scalar_type() == torch::kFloat32, "codes u8, absmax f32");
+  if (x.scalar_type() == torch::kBFloat16) {
+    dispatch_tiles<__nv_bfloat16>(x, codes, absmax, table, bias, out, split_k, warps);
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
+    dispatch_tiles<__half>(x, codes, absmax, table, bias, out, split_k, warps);
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("nf4_mma", &nf4_mma, "NF4 x 16-bit matmul on tensor cores, M <= 64"); }

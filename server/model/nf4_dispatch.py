@@ -1,0 +1,123 @@
+"""Which kernel multiplies by an NF4 weight on CUDA, chosen by the rows (tokens) in the batch.
+
+- ``gemv``: one row, the Triton GEMV (server.model.triton_nf4_gemv);
+- ``fused``: few rows, the fused dequantize-in-registers Triton matmul (server.model.triton_nf4);
+- ``dequant``: prefill-sized batches, dequantize into one reused 16-bit scratch buffer and let cuBLAS
+  multiply (server.model.triton_nf4_dequant); the buffer holds one layer, never the whole model;
+- ``mma``: 1-64 rows, the CUDA tensor-core kernel compiled at first use (server.model.cuda_nf4);
+- ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
+
+The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESULTS.md);
+``LORAPLEX_NF4_KERNEL=triton`` skips the CUDA extension, ``=bnb`` sends every call to bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+
+from server.model.nf4_layout import codes_as_words
+
+# (largest row count, kernel), scanned in order; None = any count. From the H200 runs of 2026-12-01
+# (bench/results/2026-12-01-nvidia-h200-kernels*.json; time over bf16 cuBLAS, 8B layer shapes):
+# the CUDA tensor-core kernel ("mma") takes 1-32 rows (gate_up: 47 µs at 1 row vs bnb 54, fused 105;
+# 78 µs at 32 rows vs fused 141-154, dequant 154); from 33 rows dequant + cuBLAS (at 64 rows it ties
+# mma on gate_up and wins on qkv/o). Without the CUDA extension (no nvcc, pre-Ampere, or
+# LORAPLEX_NF4_KERNEL=triton): bnb at 1-2 rows (0.92 / 1.41 of bf16; our Triton GEMV 1.41, fused 1.72),
+# fused Triton to 32 rows, dequant beyond. bnb's one-row GEMV is not exact to the fp32 semantics (max
+# error 4.9e-3 of the output's range against 3.3e-3 for ours).
+WITH_CUDA_KERNEL: tuple[tuple[int | None, str], ...] = ((32, "mma"), (None, "dequant"))
+TRITON_ONLY: tuple[tuple[int | None, str], ...] = ((2, "bnb"), (32, "fused"), (None, "dequant"))
+BNB_ONLY: tuple[tuple[int | None, str], ...] = ((None, "bnb"),)
+
+
+@functools.cache
+def kernel_table() -> tuple[tuple[int | None, str], ...]:
+    """The table in force: LORAPLEX_NF4_KERNEL=auto (default: the CUDA kernel if it builds), triton, bnb."""
+    choice = os.environ.get("LORAPLEX_NF4_KERNEL", "auto")
+    if choice == "bnb":
+        return BNB_ONLY
+    if choice == "auto":
+        from server.model import cuda_nf4
+
+        if cuda_nf4.is_available():
+            return WITH_CUDA_KERNEL
+    return TRITON_ONLY
+
+
+def prepare() -> str:
+    """Settle the kernel table (building the CUDA extension once, ~90 s on a fresh machine) before any
+    CUDA graph is captured; returns a one-line description for the log."""
+    return " ".join(f"<={rows}:{name}" if rows else f"rest:{name}" for rows, name in kernel_table())
+
+
+def kernel_for_rows(num_rows: int, table=None) -> str:
+    """The kernel name the dispatch uses for a batch of `num_rows` rows."""
+    return next(name for max_rows, name in table or kernel_table() if max_rows is None or num_rows <= max_rows)
+
+
+class DequantScratch:
+    """One 16-bit buffer per (device, dtype), grown to the largest layer it has held; never shrunk."""
+
+    def __init__(self):
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(self, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, device=device, dtype=dtype)
+        return buffer
+
+
+SCRATCH = DequantScratch()  # process-wide: layers run one at a time, so one buffer serves them all
+
+
+def nf4_linear_cuda(
+    x: torch.Tensor,  # [T, in] bf16 / fp16, CUDA
+    codes: torch.Tensor,  # [out * in / 2, 1] uint8
+    absmax_f: torch.Tensor,  # [out * in / 64] float32
+    shape,  # (out, in)
+    code_table: torch.Tensor,  # [16] float32
+    bias: torch.Tensor | None,  # [out]
+    quant_state=None,  # bnb QuantState, for the bnb fallback
+    kernel: str | None = None,  # force one kernel (benchmarks, tests)
+) -> torch.Tensor:
+    """y = x @ dequant(W)^T (+ bias), semantics of nf4_ops.nf4_matmul_reference, by the fastest kernel."""
+    name = kernel or kernel_for_rows(x.shape[0])
+    out_features, in_features = shape
+    if name == "gemv" and x.shape[0] == 1:
+        from server.model import triton_nf4_gemv
+        from server.model.triton_nf4 import device_num_sms
+
+        out = torch.empty(1, out_features, device=x.device, dtype=x.dtype)
+        return triton_nf4_gemv.nf4_gemv_triton(x.contiguous(), codes_as_words(codes), absmax_f, shape, code_table,
+                                               out, bias=bias, num_sms=device_num_sms(x.device.index or 0))
+    if name in ("fused", "gemv"):
+        from server.model.triton_nf4 import device_num_sms, nf4_matmul_triton, pick_config
+
+        config = pick_config(x.shape[0], out_features, in_features, device_num_sms(x.device.index or 0))
+        if x.shape[0] > 16:  # the word layout measured faster at 32 rows (2.11 vs 2.45), equal below
+            config = dataclasses.replace(config, layout="words")
+        return nf4_matmul_triton(x, codes, absmax_f, shape, code_table, bias=bias, config=config)
+    if name == "mma":
+        from server.model import cuda_nf4
+        from server.model.triton_nf4 import device_num_sms
+
+        # Two warps a block measured faster up to 8 rows (gate_up 47 vs 48.5 µs, down 25 vs 30), four above.
+        return cuda_nf4.nf4_mma(x, codes, absmax_f, shape, code_table, bias, warps=2 if x.shape[0] <= 8 else 4,
+                                num_sms=device_num_sms(x.device.index or 0))
+    if name == "dequant":
+        from server.model.triton_nf4_dequant import nf4_dequantize_triton
+
+        scratch = SCRATCH.get(out_features * in_features, x.device, x.dtype)
+        weight = nf4_dequantize_triton(codes_as_words(codes), absmax_f, code_table, scratch)
+        return torch.nn.functional.linear(x, weight.view(out_features, in_features), bias)
+    if name == "bnb":
+        import bitsandbytes as bnb
+
+        return bnb.matmul_4bit(x, codes.t(), quant_state, bias=bias)
+    raise ValueError(f"unknown NF4 kernel {name!r}")
