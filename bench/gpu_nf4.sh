@@ -7,5 +7,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/smi.txt"
 timeout "${KERNELS_TIMEOUT:-330}" python3 -m bench.kernels --out "$OUT" ${KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.log"
+timeout "${PREFILL_TIMEOUT:-150}" python3 -m bench.prefill --out "$OUT" 2>&1 | tee "$OUT/prefill.log"
 timeout "${TESTS_TIMEOUT:-220}" python3 -m pytest tests/gpu -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -40

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from server.model import glue_ops
-from server.model.attention_ops import paged_decode_attention
+from server.model.attention_ops import paged_decode_attention, prefill_attention
 from server.model.lora import LoraContext, LoraLinear
 from server.model.quant import make_linear
 
@@ -164,37 +164,7 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(-1, q_size), ctx.lora)
 
     def _prefill_attention(self, q, k, v, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
-        out = torch.empty_like(q)
-        for rows in ctx.fresh_groups or ():  # [num_seqs, length]: one causal call for the group
-            qs, ks, vs = (t[rows].transpose(1, 2) for t in (q, k, v))  # [num_seqs, heads, length, D]
-            attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
-            out[rows] = attended.transpose(1, 2)
-        for seq in ctx.prefill_seqs:
-            if ctx.fresh_groups is not None and seq.ctx_len == seq.q_len:
-                continue  # done above
-            rows = slice(seq.q_start, seq.q_start + seq.q_len)
-            qs = q[rows].transpose(0, 1)  # [heads, q_len, D]
-            if seq.ctx_len == seq.q_len:  # no cached prefix: attend to this chunk, causally
-                ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
-                mask, causal = None, True
-            else:  # chunked prefill: the prefix comes from the cache
-                ks, vs = _gather_context(k_cache, v_cache, seq.block_table, seq.ctx_len)
-                q_pos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len, device=q.device)
-                mask = torch.arange(seq.ctx_len, device=q.device)[None, :] <= q_pos[:, None]
-                causal = False
-            out[rows] = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
-            ).transpose(0, 1)
-        return out
-
-
-def _gather_context(k_cache, v_cache, block_table, ctx_len):
-    block_size = k_cache.shape[1]
-    index = (block_table[:, None] * block_size + torch.arange(block_size, device=block_table.device)).flatten()
-    index = index[:ctx_len]
-    ks = k_cache.view(-1, *k_cache.shape[2:])[index].transpose(0, 1)
-    vs = v_cache.view(-1, *v_cache.shape[2:])[index].transpose(0, 1)
-    return ks, vs
+        return prefill_attention(q, k, v, k_cache, v_cache, ctx.prefill_seqs, ctx.fresh_groups, self.scale)
 
 
 class MLP(nn.Module):
