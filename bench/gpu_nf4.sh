@@ -12,6 +12,7 @@ export TORCH_EXTENSIONS_DIR=$PWD/.torch_ext
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/smi.txt"
 timeout "${KERNELS_TIMEOUT:-330}" python3 -m bench.kernels --out "$OUT" ${KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.log"
 timeout "${PREFILL_TIMEOUT:-150}" python3 -m bench.prefill --out "$OUT" 2>&1 | tee "$OUT/prefill.log"
+timeout "${PROFILE_TIMEOUT:-120}" python3 -m bench.profile_step --model 1b --out "$OUT" 2>&1 | tee "$OUT/profile.log"
 timeout "${TESTS_TIMEOUT:-220}" python3 -m pytest tests/gpu -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -40
 tar czf "$OUT/torch_ext.tgz" -C .torch_ext . 2>/dev/null || true
