@@ -62,14 +62,19 @@ def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, dtype: to
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
+CPU_KV_CACHE_BYTES = 512 << 20  # default KV cache cap on the CPU
+
+
 def choose_num_blocks(requested: int | None, memory_fraction: float, per_block: int, device: torch.device,
                       max_batch_size: int, max_model_len: int, block_size: int = BLOCK_SIZE) -> int:
     """Blocks to preallocate: the flag if given, else a fraction of free GPU memory, else (CPU) enough for
-    a full batch of max-length sequences."""
+    a full batch of max-length sequences but at most CPU_KV_CACHE_BYTES (never less than one sequence):
+    uncapped, the embedded model's default batch took 2.9 GB of RAM for a cache the CPU never fills."""
     if requested is not None:
         return requested
     full_batch = max_batch_size * -(-max_model_len // block_size)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(1, int(free * memory_fraction) // per_block)
-    return full_batch
+    one_sequence = -(-max_model_len // block_size)
+    return min(full_batch, max(one_sequence, CPU_KV_CACHE_BYTES // per_block))
