@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     kv_cache_blocks: int | None = Field(
         None, ge=1, description="KV cache size in 16-token blocks; unset = memory fraction on CUDA, a full batch on CPU"
     )
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV blocks of prompt prefixes already computed (same adapter version)"
+    )
     kv_cache_memory_fraction: float = Field(
         0.5, gt=0, le=0.95, description="share of free GPU memory for the KV cache when kv_cache_blocks is unset"
     )

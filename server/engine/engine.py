@@ -69,7 +69,8 @@ class LLMEngine:
         self.swapper = None if self.mode is LoraMode.UNMERGED else MergedSwapper(self.model)
         self.auto_policy = AutoModePolicy()
         self.scheduler = Scheduler(self.kv_cache, settings.max_batch_size, settings.max_num_batched_tokens,
-                                   self._admit, self._release)
+                                   self._admit, self._release,
+                                   self._prefix_space if settings.enable_prefix_caching else None)
         self.runner = ModelRunner(self.model, self.kv_cache, settings.max_batch_size, self.max_model_len,
                                   use_lora=self.lora_slots is not None,
                                   use_cuda_graphs=settings.cuda_graphs)
@@ -148,6 +149,7 @@ class LLMEngine:
                 batch.prefill, logits = [], None
             for request, chunk in batch.prefill:
                 request.num_computed_tokens += chunk
+                self.scheduler.register_computed_blocks(request)
                 self.metrics.record_prefill(chunk)
                 if not request.is_prefilling:
                     to_sample.append(request)
@@ -224,6 +226,13 @@ class LLMEngine:
             self.slot_table.release(request.adapter_key)
             request.slot = -1
 
+    def _prefix_space(self, request: Request) -> bytes:
+        """Prefix-cache namespace: blocks are shared only within one adapter version and weight mode."""
+        from server.engine.prefix_cache import namespace
+
+        merged = self.merged_active and request.adapter_key == (self.swapper.current if self.swapper else None)
+        return namespace(request.adapter_key, merged)
+
     def _load_slot(self, slot: int, weights) -> None:
         start = time.perf_counter()
         self.lora_slots.load(slot, weights)
@@ -289,6 +298,7 @@ class LLMEngine:
             if logprobs is not None:
                 request.output_logprobs.append(logprobs[row])
             request.num_computed_tokens = request.num_tokens - 1
+            self.scheduler.register_computed_blocks(request)
             self.metrics.record_token(request, now)
             params = request.params
             if (token in params.stop_token_ids) or (not params.ignore_eos and token in self.eos_token_ids):
