@@ -93,13 +93,14 @@ class ServerState:
                                         on_load=self._on_adapter_load, load_weights=not settings.engine_process)
         _prime_metrics(self.model_id, settings.max_slots)
         if settings.engine_process:
-            self.engine = EngineProcessClient(settings, loaded.tokenizer, self.model_id, loaded.hf_dir,
-                                              self.engine_core_target)
+            engine = EngineProcessClient(settings, loaded.tokenizer, self.model_id, loaded.hf_dir,
+                                         self.engine_core_target)
         else:
-            engine = LLMEngine(loaded, settings)
-            engine.metrics.record_step([], [], 0.0, None)
-            self.engine = AsyncEngine(engine, settings.max_queue_size)
-        self.engine.start()
+            core = LLMEngine(loaded, settings)
+            core.metrics.record_step([], [], 0.0, None)
+            engine = AsyncEngine(core, settings.max_queue_size)
+        engine.start()  # the engine process loads the model here
+        self.engine = engine  # only once started: None still means "loading" (server.__main__)
         self.max_model_len = self.engine.max_model_len
         self.prompts = PromptEncoder(loaded.tokenizer, settings.max_prompt_chars, settings.tokenizer_threads)
         self.refresh_adapter_gauges()

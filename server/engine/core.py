@@ -14,6 +14,8 @@ import logging
 import os
 import queue
 import signal
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,7 +43,8 @@ from server.model.loader import load_hf_dir, resolve_device, resolve_dtype
 from server.registry import AdapterRegistry, pin_memory_available
 
 log = logging.getLogger(__name__)
-IDLE_POLL_MS = 100  # how long an idle engine waits for input before checking on its parent
+IDLE_POLL_MS = 100  # how long an idle engine waits for input
+PARENT_CHECK_S = 0.5  # how often the engine process checks that the API process still exists
 LOADING_POLL_MS = 2  # while adapter weights are loading: how soon a finished load is picked up
 SEND_LINGER_MS = 2000  # time given to the last messages (Failed) to leave when the process ends
 ADAPTER_LOAD_THREADS = 2
@@ -173,8 +176,8 @@ def _token_output(output: RequestOutput) -> TokenOutput:
                        output.completion_tokens, output.error)
 
 
-def serve(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int) -> None:
-    """Read inputs, step, send outputs, until Shutdown or until the parent process is gone."""
+def serve(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket) -> None:
+    """Read inputs, step, send outputs, until Shutdown."""
     _, decoder = input_codec()
     encoder, _ = output_codec()
     poller = zmq.Poller()
@@ -190,13 +193,19 @@ def serve(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid:
                 if isinstance(message, Shutdown):
                     return
                 core.handle(message)
-        if os.getppid() != parent_pid:
-            log.warning("the API process is gone: the engine process exits")
-            return
         core.take_loaded()
         message = core.step()
         if message is not None:
             outputs.send(encoder.encode(message))
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """End this process soon after the API process is gone, even mid-load or mid-step (it may have been
+    killed, or have exited without a shutdown): nobody is left to read the outputs."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_S)
+    log.warning("the API process is gone: the engine process exits")
+    os._exit(0)
 
 
 def run_engine_core(settings: Settings, hf_dir: str, model_id: str, input_address: str, output_address: str,
@@ -206,6 +215,7 @@ def run_engine_core(settings: Settings, hf_dir: str, model_id: str, input_addres
                         format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     # Ctrl-C reaches the whole process group: the API process decides when the engine stops (after a drain).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="loraplex-parent-watch", daemon=True).start()
     context = zmq.Context()
     inputs = context.socket(zmq.PULL)
     outputs = context.socket(zmq.PUSH)
@@ -224,7 +234,7 @@ def run_engine_core(settings: Settings, hf_dir: str, model_id: str, input_addres
             outputs.send(encoder.encode(Failed(f"{type(exc).__name__}: {exc}")))
             return
         outputs.send(encoder.encode(core.ready_message()))
-        serve(core, inputs, outputs, parent_pid)
+        serve(core, inputs, outputs)
     except BaseException as exc:
         log.exception("engine loop died")
         outputs.send(encoder.encode(Failed(f"the engine stopped: {type(exc).__name__}")))

@@ -190,3 +190,26 @@ def slow_engine_core(*args) -> None:
 
     LLMEngine.step = slow_step
     run_engine_core(*args)
+
+
+def loading_forever_engine_core(*args) -> None:
+    """Engine process entry (a spawn target) whose model load never ends on its own."""
+    from server.engine import core
+
+    def sleep_forever(*_args, **_kwargs):
+        time.sleep(3600)
+
+    core.EngineCore.build = sleep_forever
+    core.run_engine_core(*args)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry.name))
+    return children

@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -27,7 +29,16 @@ from server.api.state import ServerState
 from server.engine.client import EngineStartError
 from server.engine.request import AdapterRef, SamplingParams
 from server.metrics import REGISTRY
-from tests.api.helpers import BASE_ID, api_settings, assert_error, live_server, slow_engine_core
+from tests.api.helpers import (
+    BASE_ID,
+    REPO_ROOT,
+    api_settings,
+    assert_error,
+    child_pids,
+    free_port,
+    live_server,
+    slow_engine_core,
+)
 
 LONG = {"model": BASE_ID, "prompt": "Hello", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
 
@@ -158,3 +169,56 @@ def test_a_failed_load_in_the_engine_process_is_reported(tiny_llama_dir, tmp_pat
     with pytest.raises(EngineStartError, match=r"no \*\.safetensors weights"):
         state.start()
     state.stop()
+
+
+# `python -m server --engine-process` whose engine process never finishes loading the model.
+LOADING_FOREVER_SERVER = """
+import sys
+import server.engine.client
+from tests.api.helpers import loading_forever_engine_core
+server.engine.client.run_engine_core = loading_forever_engine_core
+from server.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _pid_exists(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_while_the_engine_process_loads_ends_both_processes(tiny_llama_dir, tmp_path):
+    """The API process exits at once (it skips its exit handlers); the engine process notices its parent
+    is gone and exits too, though it is busy loading."""
+    port = free_port()
+    args = ["--port", str(port), "--model", str(tiny_llama_dir), "--device", "cpu", "--quantization", "none",
+            "--adapters-dir", str(tmp_path / "a"), "--engine-process"]
+    with open(tmp_path / "server.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-c", LOADING_FOREVER_SERVER, *args], cwd=REPO_ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (engines := child_pids(process.pid)) or not _answers_loading(port):
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        deadline = time.monotonic() + 5
+        while any(_pid_exists(pid) for pid in engines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_pid_exists(pid) for pid in engines), "the engine process outlived the API process"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _answers_loading(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json() == {"status": "loading"}
+    except httpx.HTTPError:
+        return False
