@@ -213,3 +213,21 @@ def child_pids(pid: int) -> list[int]:
                 if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                     children.append(int(entry.name))
     return children
+
+
+def failing_first_decode_engine_core(*args) -> None:
+    """Engine process entry (a spawn target) whose first decode step raises, as a CUDA OOM would."""
+    from server.engine.core import run_engine_core
+    from server.engine.runner import ModelRunner
+
+    decode = ModelRunner.decode
+    calls = {"n": 0}
+
+    def failing_decode(self, *decode_args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA out of memory (secret detail)")
+        return decode(self, *decode_args, **kwargs)
+
+    ModelRunner.decode = failing_decode
+    run_engine_core(*args)

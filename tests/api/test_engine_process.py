@@ -35,6 +35,7 @@ from tests.api.helpers import (
     api_settings,
     assert_error,
     child_pids,
+    failing_first_decode_engine_core,
     free_port,
     live_server,
     slow_engine_core,
@@ -158,6 +159,19 @@ def test_engine_process_death_fails_in_flight_requests_and_probes(tiny_llama_dir
         error = json.loads(lines[-2][6:])["error"]
         assert error["code"] == 503 and "engine process exited" in error["message"]
         assert_error(client.post("/v1/completions", json={**LONG, "max_tokens": 2}), 503)
+
+
+def test_an_engine_error_fails_only_that_request(tiny_llama_dir, tmp_path):
+    def failing_engine(app) -> None:
+        app.state.server.engine_core_target = failing_first_decode_engine_core
+
+    settings = api_settings(tiny_llama_dir, tmp_path / "store", engine_process=True)
+    with live_server(settings, before_start=failing_engine) as live, live.client() as client:
+        response = client.post("/v1/completions", json={**LONG, "max_tokens": 4})
+        error = assert_error(response, 500, "internal error")
+        assert "secret" not in response.text and "CUDA" not in error["message"]
+        assert client.post("/v1/completions", json={**LONG, "max_tokens": 4}).status_code == 200
+        assert client.get("/health").status_code == 200 and live.state.engine.is_alive()
 
 
 def test_a_failed_load_in_the_engine_process_is_reported(tiny_llama_dir, tmp_path):
