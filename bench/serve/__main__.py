@@ -11,7 +11,6 @@ rewritten after every measurement; a failed measurement records its error and th
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import shutil
 import sys
@@ -26,7 +25,7 @@ from bench.serve.adapters import AdapterFactory, adapter_nbytes, adapter_specs, 
 from bench.serve.modeldir import build_model_dir, special_token_ids
 from bench.serve.process import ServerConfig, ServerProcess
 from bench.serve.scenarios import PRESETS, Knobs, Phase, Scenario, build, derive_ratios
-from bench.shapes import SHAPES, llama_config, shape_facts
+from bench.shapes import LINEAR_MODULES, SHAPES, llama_config, shape_facts
 
 SERVER_START_TIMEOUT_S = 300.0
 ENGINE_RESERVE_S = {"tiny": 10.0, "1b": 60.0, "8b": 120.0}  # budget kept for the engine-only part
@@ -80,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-adapters", type=int)
     p.add_argument("--ranks", type=_ints, help="comma-separated; adapters cycle through them")
     p.add_argument("--adapter-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--adapter-modules", type=lambda text: tuple(text.split(",")), default=LINEAR_MODULES,
+                   help="comma-separated target modules (default all seven linears)")
     p.add_argument("--max-load-s", type=float, default=300.0, help="a load stops sending new requests after this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-mode", default="unmerged", choices=("unmerged", "merged", "auto"),
@@ -132,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "config": {"shape": shape, "knobs": knobs.__dict__, "ranks": scenario.ranks,
                    "num_adapters": scenario.num_adapters, "adapter_dtype": args.adapter_dtype,
-                   "adapter_bytes_by_rank": {r: adapter_nbytes(shape, r, getattr(torch, args.adapter_dtype))
+                   "adapter_bytes_by_rank": {r: adapter_nbytes(shape, r, getattr(torch, args.adapter_dtype),
+                                                                        args.adapter_modules)
                                              for r in scenario.ranks},
-                   "seed_store": scenario.seed_store, "phases": {}},
+                   "adapter_modules": list(args.adapter_modules), "seed_store": scenario.seed_store,
+                   "client_event_loop": http.event_loop_name(), "phases": {}},
     }
     name = f"{data['date']}-{slug(device_name)}-serve-{args.preset}-{args.model}{'-' + args.tag if args.tag else ''}"
     rec = ServeRecorder(args.out / f"{name}.json", data, args.budget_s, args.preset, args.model)
@@ -156,7 +159,7 @@ def run(rec: ServeRecorder, args: argparse.Namespace, scenario: Scenario, device
     model_dir = Path(built["path"])
     shape = rec.data["config"]["shape"]
     max_rank = max(scenario.ranks)
-    factory = AdapterFactory(shape, max_rank, getattr(torch, args.adapter_dtype))
+    factory = AdapterFactory(shape, max_rank, getattr(torch, args.adapter_dtype), args.adapter_modules)
     specs = adapter_specs(scenario.num_adapters, scenario.ranks, "bench")
     adapters_dir = work / "adapters"
     if scenario.seed_store and specs:
@@ -202,7 +205,7 @@ def run_phase(rec: ServeRecorder, phase: Phase, config: ServerConfig, factory: A
     try:
         if upload:
             rec.measure("server", f"{phase.name}/upload",
-                        lambda: asyncio.run(http.upload_all(server.url, factory.iter_files(upload))))
+                        lambda: http.run_async(http.upload_all(server.url, factory.iter_files(upload))))
         for load in phase.loads:
             names = tuple(spec.name for spec in specs[: load.num_adapters])
             traffic = replace(load.traffic, adapters=names)
@@ -210,22 +213,26 @@ def run_phase(rec: ServeRecorder, phase: Phase, config: ServerConfig, factory: A
                              seed=traffic.seed + 999)
 
             def measure(traffic=traffic, warmup=warmup) -> dict:
-                asyncio.run(http.run_load(server.url, warmup, tokens, config.served_model_name))
+                http.run_async(http.run_load(server.url, warmup, tokens, config.served_model_name))
                 capped = replace(traffic, max_seconds=min(traffic.max_seconds, max(5.0, rec.left_s - reserve_s)))
-                return asyncio.run(http.run_load(server.url, capped, tokens, config.served_model_name))
+                return http.run_async(http.run_load(server.url, capped, tokens, config.served_model_name))
 
             rec.measure("server", f"{phase.name}/{load.name}", measure, needs_s=reserve_s + 10)
         if phase.upload_probes:
             probes = adapter_specs(phase.upload_probes, rec.data["config"]["ranks"][:1], "probe")
             files = [(spec, *factory.files(spec, 100_000 + i)) for i, spec in enumerate(probes)]
             rec.measure("server", f"{phase.name}/upload_to_usable",
-                        lambda: asyncio.run(http.upload_to_usable(server.url, files, tokens, config_prompt(phase))))
+                        lambda: http.run_async(http.upload_to_usable(server.url, files, tokens, config_prompt(phase))))
         if phase.cold_adapters:
             server = cold_and_warm(rec, phase, config, factory, server, tokens, work)
     finally:
         if server is not None:
             code = server.stop()
-            rec.data["server"].setdefault(f"{phase.name}/start", {})["exit_code"] = code
+            record = rec.data["server"].setdefault(f"{phase.name}/start", {})
+            record["exit_code"] = code
+            if code not in (0, None):
+                record["log_tail"] = server.log_tail()
+            rec.save()
 
 
 def config_prompt(phase: Phase) -> int:
@@ -239,18 +246,18 @@ def cold_and_warm(rec: ServeRecorder, phase: Phase, config: ServerConfig, factor
     rank = rec.data["config"]["ranks"][0]
     cold = adapter_specs(phase.cold_adapters, [rank], "cold")
     files = [(spec, *factory.files(spec, 200_000 + i)) for i, spec in enumerate(cold)]
-    rec.measure("server", f"{phase.name}/cold_upload", lambda: asyncio.run(http.upload_all(server.url, iter(files))))
+    rec.measure("server", f"{phase.name}/cold_upload", lambda: http.run_async(http.upload_all(server.url, iter(files))))
     server.stop()
     server = _start(rec, f"{phase.name}/restart", config, work, phase)
     if server is None:
         return None
     names = [spec.name for spec in cold]
     prompt_len = config_prompt(phase)
-    rec.measure("server", f"{phase.name}/base", lambda: asyncio.run(
+    rec.measure("server", f"{phase.name}/base", lambda: http.run_async(
         http.sequential_ttft(server.url, [config.served_model_name] * 2, tokens, prompt_len)))
-    rec.measure("server", f"{phase.name}/cold", lambda: asyncio.run(
+    rec.measure("server", f"{phase.name}/cold", lambda: http.run_async(
         http.sequential_ttft(server.url, names, tokens, prompt_len)))
-    rec.measure("server", f"{phase.name}/warm", lambda: asyncio.run(
+    rec.measure("server", f"{phase.name}/warm", lambda: http.run_async(
         http.sequential_ttft(server.url, names, tokens, prompt_len)))
     return server
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,8 +123,12 @@ def seed_store(model_dir: Path, adapters_dir: Path, factory: AdapterFactory, spe
     start = time.perf_counter()
     spec = BaseModelSpec.from_hf_config(json.loads((model_dir / "config.json").read_text()))
     store = AdapterStore(adapters_dir, spec, max_rank=max_rank, max_bytes=max_bytes)
-    total = 0
-    for adapter, config, weights in factory.iter_files(specs):
-        store.put(adapter.name, config, weights)
-        total += len(weights)
+
+    def put(index: int) -> int:  # validation (torch, outside the store's lock) runs in parallel
+        config, weights = factory.files(specs[index], index)
+        store.put(specs[index].name, config, weights)
+        return len(weights)
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        total = sum(pool.map(put, range(len(specs))))
     return {"count": len(specs), "bytes": total, "seconds": round(time.perf_counter() - start, 2)}

@@ -73,6 +73,24 @@ class RequestResult:
     completion_tokens: int | None = None
 
 
+def event_loop_name() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def run_async(coro):
+    """Run `coro` on uvloop when it is installed (a lighter client under many streams), else asyncio."""
+    if event_loop_name() == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    return asyncio.run(coro)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Linear-interpolated percentile (q in [0, 100]) of `values`; None when empty."""
     if not values:
