@@ -15,7 +15,6 @@ import datetime as dt
 import shutil
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,12 @@ from bench.results import Recorder, slug
 from bench.serve import load as http
 from bench.serve.adapters import AdapterFactory, adapter_nbytes, adapter_specs, seed_store
 from bench.serve.modeldir import build_model_dir, special_token_ids
-from bench.serve.process import ServerConfig, ServerProcess
-from bench.serve.scenarios import PRESETS, Knobs, Phase, Scenario, build, derive_ratios
+from bench.serve.phases import PhaseRunner, run_engine, write_auth_file
+from bench.serve.process import ServerConfig
+from bench.serve.scenarios import PRESETS, Knobs, Scenario, build, derive_ratios, tenant_key
 from bench.shapes import LINEAR_MODULES, SHAPES, llama_config, shape_facts
 
-SERVER_START_TIMEOUT_S = 300.0
+MAX_UPLOAD_BYTES = 4 << 30
 ENGINE_RESERVE_S = {"tiny": 10.0, "1b": 60.0, "8b": 120.0}  # budget kept for the engine-only part
 
 
@@ -157,30 +157,33 @@ def run(rec: ServeRecorder, args: argparse.Namespace, scenario: Scenario, device
     if "error" in built:
         return 1
     model_dir = Path(built["path"])
-    shape = rec.data["config"]["shape"]
     max_rank = max(scenario.ranks)
-    factory = AdapterFactory(shape, max_rank, getattr(torch, args.adapter_dtype), args.adapter_modules)
+    factory = AdapterFactory(rec.data["config"]["shape"], max_rank, getattr(torch, args.adapter_dtype),
+                             args.adapter_modules)
     specs = adapter_specs(scenario.num_adapters, scenario.ranks, "bench")
     adapters_dir = work / "adapters"
     if scenario.seed_store and specs:
         rec.measure("build", "seed_store",
-                    lambda: seed_store(model_dir, adapters_dir, factory, specs, max_rank, 4 << 30))
-    tokens = token_range(args.model)
+                    lambda: seed_store(model_dir, adapters_dir, factory, specs, max_rank, MAX_UPLOAD_BYTES))
+    auth_file = write_auth_file(work / "keys.toml", scenario.tenants) if scenario.tenants else None
     engine_loads = [(phase, load) for phase in scenario.phases for load in phase.loads
                     if load.engine and not args.skip_engine]
-    reserve = ENGINE_RESERVE_S[args.model] if engine_loads else 0.0
+    runner = PhaseRunner(rec, factory, specs, scenario.ranks, token_range(args.model), work,
+                         admin_key=tenant_key(scenario.tenants[0]) if scenario.tenants else None,
+                         reserve_s=ENGINE_RESERVE_S[args.model] if engine_loads else 0.0)
+    configs = {}
     for index, phase in enumerate(scenario.phases):
-        config = ServerConfig(
+        loads = [load.traffic for load in phase.loads] + [load.background for load in phase.loads if load.background]
+        configs[phase.name] = config = ServerConfig(
             model_dir=model_dir, adapters_dir=adapters_dir, device=device, lora_mode=phase.lora_mode,
             quantization=args.quantization, max_slots=args.max_slots, max_rank=max_rank,
-            max_batch_size=args.max_batch_size or max([64] + [ld.traffic.concurrency for ld in phase.loads]),
-            max_model_len=max([256] + [ld.traffic.prompt_len + ld.traffic.output_len + 16 for ld in phase.loads]),
-            max_cpu_adapters=args.max_cpu_adapters, extra_args=args.server_arg)
+            max_batch_size=args.max_batch_size or max([64] + [t.concurrency for t in loads]),
+            max_model_len=max([256] + [t.prompt_len + t.output_len + 16 for t in loads]),
+            max_cpu_adapters=args.max_cpu_adapters, auth_file=auth_file, extra_args=args.server_arg)
         rec.data["config"]["phases"][phase.name] = config.as_dict()
-        upload = specs if index == 0 and not scenario.seed_store else []
-        run_phase(rec, phase, config, factory, upload, specs, tokens, work, reserve)
+        runner.run(phase, config, specs if index == 0 and not scenario.seed_store else [])
     if engine_loads:
-        run_engine(rec, engine_loads, model_dir, device, factory, specs, tokens, max_rank, args, scenario)
+        run_engine(rec, engine_loads, configs, factory, specs, runner.tokens)
     rec.save()
     rec.log(f"done: {rec.path}")
     for key, value in rec.data["ratios"].items():
@@ -188,112 +191,6 @@ def run(rec: ServeRecorder, args: argparse.Namespace, scenario: Scenario, device
     if rec.data["errors"]:
         rec.log(f"{len(rec.data['errors'])} measurement(s) failed: {', '.join(rec.data['errors'])}")
     return 0
-
-
-def _start(rec: ServeRecorder, label: str, config: ServerConfig, work: Path, phase: Phase) -> ServerProcess | None:
-    server = ServerProcess(config, work / f"server-{phase.name}.log")
-    started = rec.measure("server", label, lambda: {"ready_s": server.start(SERVER_START_TIMEOUT_S)})
-    return None if "error" in started else server
-
-
-def run_phase(rec: ServeRecorder, phase: Phase, config: ServerConfig, factory: AdapterFactory, upload: list,
-              specs: list, tokens: tuple[int, int], work: Path, reserve_s: float) -> None:
-    """Start the server, upload, run the loads and probes, stop it."""
-    server = _start(rec, f"{phase.name}/start", config, work, phase)
-    if server is None:
-        return
-    try:
-        if upload:
-            rec.measure("server", f"{phase.name}/upload",
-                        lambda: http.run_async(http.upload_all(server.url, factory.iter_files(upload))))
-        for load in phase.loads:
-            names = tuple(spec.name for spec in specs[: load.num_adapters])
-            traffic = replace(load.traffic, adapters=names)
-            warmup = replace(traffic, num_requests=traffic.concurrency, output_len=min(16, traffic.output_len),
-                             seed=traffic.seed + 999)
-
-            def measure(traffic=traffic, warmup=warmup) -> dict:
-                http.run_async(http.run_load(server.url, warmup, tokens, config.served_model_name))
-                capped = replace(traffic, max_seconds=min(traffic.max_seconds, max(5.0, rec.left_s - reserve_s)))
-                return http.run_async(http.run_load(server.url, capped, tokens, config.served_model_name))
-
-            rec.measure("server", f"{phase.name}/{load.name}", measure, needs_s=reserve_s + 10)
-        if phase.upload_probes:
-            probes = adapter_specs(phase.upload_probes, rec.data["config"]["ranks"][:1], "probe")
-            files = [(spec, *factory.files(spec, 100_000 + i)) for i, spec in enumerate(probes)]
-            rec.measure("server", f"{phase.name}/upload_to_usable",
-                        lambda: http.run_async(http.upload_to_usable(server.url, files, tokens, config_prompt(phase))))
-        if phase.cold_adapters:
-            server = cold_and_warm(rec, phase, config, factory, server, tokens, work)
-    finally:
-        if server is not None:
-            code = server.stop()
-            record = rec.data["server"].setdefault(f"{phase.name}/start", {})
-            record["exit_code"] = code
-            if code not in (0, None):
-                record["log_tail"] = server.log_tail()
-            rec.save()
-
-
-def config_prompt(phase: Phase) -> int:
-    return phase.loads[0].traffic.prompt_len if phase.loads else 128
-
-
-def cold_and_warm(rec: ServeRecorder, phase: Phase, config: ServerConfig, factory: AdapterFactory,
-                  server: ServerProcess, tokens: tuple[int, int], work: Path) -> ServerProcess | None:
-    """Upload fresh adapters, restart the server so they are on disk only, then TTFT of a request
-    naming each (cold), then of the same requests again (warm)."""
-    rank = rec.data["config"]["ranks"][0]
-    cold = adapter_specs(phase.cold_adapters, [rank], "cold")
-    files = [(spec, *factory.files(spec, 200_000 + i)) for i, spec in enumerate(cold)]
-    rec.measure("server", f"{phase.name}/cold_upload", lambda: http.run_async(http.upload_all(server.url, iter(files))))
-    server.stop()
-    server = _start(rec, f"{phase.name}/restart", config, work, phase)
-    if server is None:
-        return None
-    names = [spec.name for spec in cold]
-    prompt_len = config_prompt(phase)
-    rec.measure("server", f"{phase.name}/base", lambda: http.run_async(
-        http.sequential_ttft(server.url, [config.served_model_name] * 2, tokens, prompt_len)))
-    rec.measure("server", f"{phase.name}/cold", lambda: http.run_async(
-        http.sequential_ttft(server.url, names, tokens, prompt_len)))
-    rec.measure("server", f"{phase.name}/warm", lambda: http.run_async(
-        http.sequential_ttft(server.url, names, tokens, prompt_len)))
-    return server
-
-
-def run_engine(rec: ServeRecorder, engine_loads: list, model_dir: Path, device: str, factory: AdapterFactory,
-               specs: list, tokens: tuple[int, int], max_rank: int, args: argparse.Namespace,
-               scenario: Scenario) -> None:
-    """The engine alone for each load marked `engine`, with its phase's server settings."""
-    from bench.serve.engine_only import EngineBench
-
-    holder: dict[str, Any] = {}
-
-    def load_model() -> dict:
-        import time
-
-        start = time.perf_counter()
-        holder["bench"] = EngineBench(model_dir, device)
-        return {"seconds": time.perf_counter() - start}
-
-    rec.measure("engine", "load_model", load_model)
-    bench = holder.get("bench")
-    if bench is None:
-        return
-    for phase, load in engine_loads:
-        names = tuple(spec.name for spec in specs[: load.num_adapters])
-        traffic = replace(load.traffic, adapters=names)
-        config = ServerConfig(model_dir=model_dir, adapters_dir=Path("."), device=device,
-                              lora_mode=phase.lora_mode, max_slots=args.max_slots, max_rank=max_rank,
-                              max_batch_size=args.max_batch_size or max(64, traffic.concurrency),
-                              max_model_len=max(256, traffic.prompt_len + traffic.output_len + 16))
-
-        def measure(traffic=traffic, config=config) -> dict:
-            bench.adapter_refs(factory, specs, set(traffic.choices(traffic.concurrency)), max_rank)
-            return bench.measure(config, traffic, tokens)
-
-        rec.measure("engine", f"{phase.name}/{load.name}", measure)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class Traffic:
     top_p: float = 1.0
     seed: int = 0
     max_seconds: float = 300.0  # stop sending new requests after this long
+    api_key: str | None = None  # Bearer key (a tenant of the auth file); None in open mode
 
     def choices(self, count: int, seed: int | None = None) -> list[str]:
         """The adapter of each of `count` requests (Zipf ranks follow the order of `adapters`)."""
@@ -108,9 +109,11 @@ def _ms_stats(prefix: str, seconds: list[float]) -> dict:
             f"{prefix}_ms_mean": sum(ms) / len(ms) if ms else None}
 
 
-def make_client(url: str, concurrency: int) -> httpx.AsyncClient:
+def make_client(url: str, concurrency: int, api_key: str | None = None) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
-    return httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(900.0, connect=30.0))
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.AsyncClient(base_url=url, limits=limits, headers=headers,
+                             timeout=httpx.Timeout(900.0, connect=30.0))
 
 
 async def stream_completion(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
@@ -151,20 +154,23 @@ async def stream_completion(client: httpx.AsyncClient, model: str, prompt: list[
     return result
 
 
-async def run_load(url: str, traffic: Traffic, token_range: tuple[int, int], model_for_base: str) -> dict:
-    """Closed-loop load; returns throughput, latency percentiles and errors by status."""
+async def run_load(url: str, traffic: Traffic, token_range: tuple[int, int], model_for_base: str,
+                   stop: asyncio.Event | None = None) -> dict:
+    """Closed-loop load; returns throughput, latency percentiles and errors by status. A set `stop`
+    ends it early (no new requests; those in flight finish)."""
     adapters = traffic.choices(traffic.num_requests)
     prompts = traffic.prompts(traffic.num_requests, token_range)
     results: list[RequestResult] = []
     next_index = 0
-    async with make_client(url, traffic.concurrency) as client:
+    async with make_client(url, traffic.concurrency, traffic.api_key) as client:
         start = time.perf_counter()
         deadline = start + traffic.max_seconds
         cpu_start = resource.getrusage(resource.RUSAGE_SELF)
 
         async def worker(worker_index: int) -> None:
             nonlocal next_index
-            while next_index < traffic.num_requests and time.perf_counter() < deadline:
+            while (next_index < traffic.num_requests and time.perf_counter() < deadline
+                   and not (stop is not None and stop.is_set())):
                 index = next_index
                 next_index += 1
                 seed = traffic.seed * 100_003 + index if traffic.temperature > 0 else None
@@ -181,6 +187,17 @@ async def run_load(url: str, traffic: Traffic, token_range: tuple[int, int], mod
     return summary
 
 
+async def run_with_background(url: str, foreground: Traffic, background: Traffic, token_range: tuple[int, int],
+                              model_for_base: str, head_start_s: float = 2.0) -> dict:
+    """`background` runs from `head_start_s` before `foreground` until it ends: the two-tenant run."""
+    stop = asyncio.Event()
+    behind = asyncio.ensure_future(run_load(url, background, token_range, model_for_base, stop))
+    await asyncio.sleep(head_start_s)
+    front = await run_load(url, foreground, token_range, model_for_base)
+    stop.set()
+    return {**front, "background": await behind}
+
+
 def summarize(results: list[RequestResult], wall: float, traffic: Traffic) -> dict:
     ok = [r for r in results if r.status == 200]
     tokens = sum(r.completion_tokens or 0 for r in ok)
@@ -188,7 +205,7 @@ def summarize(results: list[RequestResult], wall: float, traffic: Traffic) -> di
     itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
     exact = sum(1 for r in ok if r.completion_tokens == traffic.output_len)
     return {
-        "traffic": {k: v for k, v in traffic.__dict__.items() if k != "adapters"} | {
+        "traffic": {k: v for k, v in traffic.__dict__.items() if k not in ("adapters", "api_key")} | {
             "num_adapters": len(traffic.adapters)},
         "requests_sent": len(results), "requests_ok": len(ok), "wall_s": wall,
         "output_tokens": tokens, "tokens_per_s": tokens / wall if wall > 0 else None,
@@ -211,10 +228,10 @@ async def upload(client: httpx.AsyncClient, name: str, config: bytes, weights: b
     return response.status_code, time.perf_counter() - start, response.text[:300]
 
 
-async def upload_all(url: str, files) -> dict:
+async def upload_all(url: str, files, api_key: str | None = None) -> dict:
     """Upload every (spec, config, weights) of `files` one after another; timing and errors."""
     seconds, errors, first_error, total = [], Counter(), {}, 0
-    async with make_client(url, 1) as client:
+    async with make_client(url, 1, api_key) as client:
         start = time.perf_counter()
         for spec, config, weights in files:
             status, took, text = await upload(client, spec.name, config, weights)
@@ -229,12 +246,13 @@ async def upload_all(url: str, files) -> dict:
             "errors_by_status": dict(errors), "first_error": first_error}
 
 
-async def upload_to_usable(url: str, files, token_range: tuple[int, int], prompt_len: int) -> dict:
+async def upload_to_usable(url: str, files, token_range: tuple[int, int], prompt_len: int,
+                           api_key: str | None = None) -> dict:
     """For each adapter: upload it, then send a request naming it; seconds from the upload's start to
     that request's first token (and the upload alone)."""
     usable, uploads, errors = [], [], Counter()
     traffic = Traffic(adapters=(), prompt_len=prompt_len)
-    async with make_client(url, 1) as client:
+    async with make_client(url, 1, api_key) as client:
         for index, (spec, config, weights) in enumerate(files):
             start = time.perf_counter()
             status, took, _ = await upload(client, spec.name, config, weights)
@@ -254,11 +272,11 @@ async def upload_to_usable(url: str, files, token_range: tuple[int, int], prompt
 
 
 async def sequential_ttft(url: str, names: list[str], token_range: tuple[int, int], prompt_len: int,
-                          output_len: int = 4) -> dict:
+                          output_len: int = 4, api_key: str | None = None) -> dict:
     """One request at a time, each naming the next adapter: TTFT of each (cold or warm, by setup)."""
     traffic = Traffic(adapters=(), prompt_len=prompt_len)
     ttfts, errors = [], Counter()
-    async with make_client(url, 1) as client:
+    async with make_client(url, 1, api_key) as client:
         for index, name in enumerate(names):
             prompt = traffic.prompts(1, token_range, seed=20_000 + index)[0]
             result = await stream_completion(client, name, prompt, output_len, 0.0, 1.0)

@@ -34,6 +34,7 @@ class ServerConfig:
     max_queue_size: int = 4096
     max_cpu_adapters: int = 64
     served_model_name: str = "bench-base"
+    auth_file: Path | None = None  # None = open mode
     extra_args: list[str] = field(default_factory=list)
 
     def args(self) -> list[str]:
@@ -45,6 +46,8 @@ class ServerConfig:
             "max-cpu-adapters": self.max_cpu_adapters, "adapters-dir": self.adapters_dir,
             "max-upload-bytes": 4 << 30, "request-timeout-s": 900, "log-level": "warning",
         }
+        if self.auth_file is not None:
+            flags["auth-file"] = self.auth_file
         args = [item for name, value in flags.items() for item in (f"--{name}", str(value))]
         return args + list(self.extra_args)
 

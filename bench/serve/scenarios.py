@@ -19,6 +19,7 @@ class Load:
     traffic: Traffic
     num_adapters: int  # the first N adapters of the run's set; 0 = the base model; 1 = one adapter
     engine: bool = False  # also measure the engine alone on the same batch
+    background: Traffic | None = None  # another tenant's load running all along (fairness)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Scenario:
     ranks: list[int]
     phases: list[Phase]
     seed_store: bool = False  # write the adapters into the store before the server starts (vs HTTP)
+    tenants: tuple[str, ...] = ()  # with tenants, the server gets an auth file with one key each
 
 
 @dataclass
@@ -59,7 +61,13 @@ class Knobs:
     top_p: float = 1.0
 
 
-PRESETS = ("c32", "lora-modes", "zipf1000", "cold-warm", "custom")
+PRESETS = ("c32", "lora-modes", "zipf1000", "cold-warm", "fairness", "custom")
+HEAVY_FACTOR = 10  # the heavy tenant keeps ten times the light tenant's streams busy
+
+
+def tenant_key(tenant: str) -> str:
+    """The API key of a benchmark tenant (the auth file holds its sha256)."""
+    return f"bench-key-{tenant}"
 
 
 def _traffic(knobs: Knobs, **preset) -> Traffic:
@@ -104,6 +112,17 @@ def build(preset: str, knobs: Knobs) -> Scenario:
         n = num or 8
         phase = Phase("serve", knobs.lora_mode, [], upload_probes=n, cold_adapters=n)
         return Scenario(preset, 0, knobs.ranks or [16], [phase])
+    if preset == "fairness":
+        n = num or 8
+        light = _traffic(knobs, distribution="cycle", concurrency=2, num_requests=32,
+                         api_key=tenant_key("light"))
+        heavy = replace(light, concurrency=HEAVY_FACTOR * light.concurrency, num_requests=1_000_000,
+                        api_key=tenant_key("heavy"), seed=light.seed + 1)
+        phase = Phase("serve", knobs.lora_mode, [
+            Load("light_alone", light, n),
+            Load("light_with_heavy", light, n, background=heavy),
+        ])
+        return Scenario(preset, n, knobs.ranks or [16], [phase], tenants=("light", "heavy"))
     if preset == "custom":
         n = 0 if num is None else num
         traffic = _traffic(knobs, distribution=knobs.distribution, zipf_s=knobs.zipf_s,
@@ -166,6 +185,9 @@ def derive_ratios(preset: str, shape: str, data: dict) -> dict:
             f"upload_to_usable_ms_{shape}_r{rank}": _get(server, "serve/upload_to_usable",
                                                          "upload_to_first_token_ms_p50"),
         }
+    if preset == "fairness":
+        return {"fair_light_p99_ratio": _div(_get(server, "serve/light_with_heavy", "ttft_ms_p99"),
+                                             _get(server, "serve/light_alone", "ttft_ms_p99"))}
     if preset == "custom":
         return {f"serve_over_engine_{shape}_custom": _div(_get(server, "serve/custom", tps),
                                                           _get(engine, "serve/custom", tps))}
