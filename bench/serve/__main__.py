@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=None, help="default: max(64, concurrency)")
     p.add_argument("--server-arg", action="append", default=[], help="extra `python -m server` flag, e.g. "
                    "--server-arg=--kv-cache-memory-fraction=0.3 (repeatable)")
+    p.add_argument("--key-line", action="append", default=[], help="fairness preset: a TOML line added to "
+                   "each tenant's key in the auth file, e.g. --key-line='max_concurrent_requests = 16' (repeatable)")
     p.add_argument("--skip-engine", action="store_true", help="no engine-only reference")
     return p.parse_args(argv)
 
@@ -165,7 +167,7 @@ def run(rec: ServeRecorder, args: argparse.Namespace, scenario: Scenario, device
     if scenario.seed_store and specs:
         rec.measure("build", "seed_store",
                     lambda: seed_store(model_dir, adapters_dir, factory, specs, max_rank, MAX_UPLOAD_BYTES))
-    auth_file = write_auth_file(work / "keys.toml", scenario.tenants) if scenario.tenants else None
+    auth_file = write_auth_file(work / "keys.toml", scenario.tenants, args.key_line) if scenario.tenants else None
     engine_loads = [(phase, load) for phase in scenario.phases for load in phase.loads
                     if load.engine and not args.skip_engine]
     runner = PhaseRunner(rec, factory, specs, scenario.ranks, token_range(args.model), work,

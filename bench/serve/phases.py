@@ -18,10 +18,12 @@ SERVER_START_TIMEOUT_S = 300.0
 PROBE_OFFSET, COLD_OFFSET = 100_000, 200_000  # factory indices of probe and cold adapters: distinct bytes
 
 
-def write_auth_file(path: Path, tenants: tuple[str, ...]) -> Path:
-    """A TOML keys file with one generate+admin key per tenant, allowed every adapter."""
+def write_auth_file(path: Path, tenants: tuple[str, ...], extra_lines: list[str] = ()) -> Path:
+    """A TOML keys file with one generate+admin key per tenant, allowed every adapter; `extra_lines`
+    (TOML, e.g. a per-tenant cap the server reads from the keys file) go into every key's table."""
+    extra = "".join(f"{line}\n" for line in extra_lines)
     blocks = [f'[[keys]]\nkey_sha256 = "{hashlib.sha256(tenant_key(t).encode()).hexdigest()}"\n'
-              f'tenant = "{t}"\nscopes = ["generate", "admin"]\nadapters = ["*"]\n' for t in tenants]
+              f'tenant = "{t}"\nscopes = ["generate", "admin"]\nadapters = ["*"]\n{extra}' for t in tenants]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(blocks))
     return path

@@ -58,3 +58,13 @@ def test_percentile_and_ratios():
     ratios = derive_ratios("lora-modes", "1b", data)
     assert ratios["auto_over_best_zipf_1b"] == 0.9
     assert json.dumps(derive_ratios("c32", "1b", {}))  # missing figures give nulls, not errors
+
+
+def test_fairness_keys_file_is_one_the_server_reads(tmp_path):
+    from bench.serve.phases import write_auth_file
+    from bench.serve.scenarios import tenant_key
+    from server.api.auth import KeyRing
+
+    ring = KeyRing.from_file(write_auth_file(tmp_path / "keys.toml", ("light", "heavy")))
+    assert ring.authenticate(tenant_key("heavy")).tenant == "heavy"
+    assert "admin" in ring.authenticate(tenant_key("light")).scopes
