@@ -115,7 +115,8 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 def seed_store(model_dir: Path, adapters_dir: Path, factory: AdapterFactory, specs: list[AdapterSpec],
                max_rank: int, max_bytes: int) -> dict:
     """Write adapters straight into the server's store (before it starts), as uploads would leave them:
-    the fast way to have a thousand adapters on disk. Returns counts, bytes and seconds."""
+    the fast way to have a thousand adapters on disk. Adapters already there of the same rank are kept
+    (a reused --work-dir skips the writing). Returns counts, bytes and seconds."""
     import time
 
     from adapters_store import AdapterStore, BaseModelSpec
@@ -123,6 +124,8 @@ def seed_store(model_dir: Path, adapters_dir: Path, factory: AdapterFactory, spe
     start = time.perf_counter()
     spec = BaseModelSpec.from_hf_config(json.loads((model_dir / "config.json").read_text()))
     store = AdapterStore(adapters_dir, spec, max_rank=max_rank, max_bytes=max_bytes)
+    present = {(record.name, record.rank) for record in store.list()}
+    missing = [index for index, adapter in enumerate(specs) if (adapter.name, adapter.rank) not in present]
 
     def put(index: int) -> int:  # validation (torch, outside the store's lock) runs in parallel
         config, weights = factory.files(specs[index], index)
@@ -130,5 +133,6 @@ def seed_store(model_dir: Path, adapters_dir: Path, factory: AdapterFactory, spe
         return len(weights)
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        total = sum(pool.map(put, range(len(specs))))
-    return {"count": len(specs), "bytes": total, "seconds": round(time.perf_counter() - start, 2)}
+        total = sum(pool.map(put, missing))
+    return {"count": len(specs), "written": len(missing), "bytes_written": total,
+            "seconds": round(time.perf_counter() - start, 2)}

@@ -63,7 +63,7 @@ def test_adapter_presets_on_tiny(tmp_path, preset, num_adapters, keys):
     data = run_bench(tmp_path, "--preset", preset, "--num-adapters", num_adapters)
     server = data["server"]
     if preset == "zipf1000":
-        assert data["build"]["seed_store"]["count"] == 12
+        assert data["build"]["seed_store"]["count"] == data["build"]["seed_store"]["written"] == 12
         check_load(server["serve/zipf1000"], 6, 5)
         check_load(server["serve/uniform32"], 6, 5)
     else:
