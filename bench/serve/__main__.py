@@ -53,10 +53,6 @@ class ServeRecorder(Recorder):
         tmp.write_text(json.dumps(self.data, indent=2, default=str))
         os.replace(tmp, self.path)
 
-    @property
-    def left_s(self) -> float:
-        return self.budget_s - self.elapsed
-
 
 def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
