@@ -57,10 +57,15 @@ class Traffic:
             return rng.choices(self.adapters, weights=weights, k=count)
         raise ValueError(f"unknown distribution {self.distribution!r}")
 
-    def prompts(self, count: int, token_range: tuple[int, int], seed: int | None = None) -> list[list[int]]:
-        rng = random.Random((self.seed if seed is None else seed) + 1)
+    def prompt(self, index: int, token_range: tuple[int, int], seed: int | None = None) -> list[int]:
+        """The prompt of request `index`: `prompt_len` random ordinary token ids (made on demand, so a
+        background load of a million requests costs nothing up front)."""
+        rng = random.Random(((self.seed if seed is None else seed) + 1) * 1_000_003 + index)
         low, high = token_range
-        return [[rng.randrange(low, high) for _ in range(self.prompt_len)] for _ in range(count)]
+        return [rng.randrange(low, high) for _ in range(self.prompt_len)]
+
+    def prompts(self, count: int, token_range: tuple[int, int], seed: int | None = None) -> list[list[int]]:
+        return [self.prompt(index, token_range, seed) for index in range(count)]
 
 
 @dataclass
@@ -159,7 +164,6 @@ async def run_load(url: str, traffic: Traffic, token_range: tuple[int, int], mod
     """Closed-loop load; returns throughput, latency percentiles and errors by status. A set `stop`
     ends it early (no new requests; those in flight finish)."""
     adapters = traffic.choices(traffic.num_requests)
-    prompts = traffic.prompts(traffic.num_requests, token_range)
     results: list[RequestResult] = []
     next_index = 0
     async with make_client(url, traffic.concurrency, traffic.api_key) as client:
@@ -175,7 +179,7 @@ async def run_load(url: str, traffic: Traffic, token_range: tuple[int, int], mod
                 next_index += 1
                 seed = traffic.seed * 100_003 + index if traffic.temperature > 0 else None
                 results.append(await stream_completion(
-                    client, adapters[index] or model_for_base, prompts[index], traffic.output_len,
+                    client, adapters[index] or model_for_base, traffic.prompt(index, token_range), traffic.output_len,
                     traffic.temperature, traffic.top_p, seed))
 
         await asyncio.gather(*(worker(i) for i in range(traffic.concurrency)))

@@ -116,7 +116,7 @@ def build(preset: str, knobs: Knobs) -> Scenario:
         n = num or 8
         light = _traffic(knobs, distribution="cycle", concurrency=2, num_requests=32,
                          api_key=tenant_key("light"))
-        heavy = replace(light, concurrency=HEAVY_FACTOR * light.concurrency, num_requests=1_000_000,
+        heavy = replace(light, concurrency=HEAVY_FACTOR * light.concurrency, num_requests=100_000,
                         api_key=tenant_key("heavy"), seed=light.seed + 1)
         phase = Phase("serve", knobs.lora_mode, [
             Load("light_alone", light, n),
