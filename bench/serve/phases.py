@@ -63,18 +63,19 @@ class PhaseRunner:
                 server = self._cold_and_warm(server, phase, config)
         finally:
             if server is not None:
-                self._stop(server, phase)
+                self._stop(server)
 
     def _start(self, phase: Phase, config: ServerConfig, label: str) -> ServerProcess | None:
-        server = ServerProcess(config, self.work / f"server-{phase.name}-{label}.log")
+        server = ServerProcess(config, self.work / f"server-{phase.name}-{label}.log", f"{phase.name}/{label}")
         started = self.rec.measure("server", f"{phase.name}/{label}",
                                    lambda: {"ready_s": server.start(SERVER_START_TIMEOUT_S)})
         return None if "error" in started else server
 
-    def _stop(self, server: ServerProcess, phase: Phase) -> None:
+    def _stop(self, server: ServerProcess) -> None:
+        began = time.perf_counter()
         code = server.stop()
-        record = self.rec.data["server"].setdefault(f"{phase.name}/start", {})
-        record["exit_code"] = code
+        record = self.rec.data["server"].setdefault(server.name, {})
+        record["exit_code"], record["stop_s"] = code, round(time.perf_counter() - began, 2)
         if code not in (0, None):
             record["log_tail"] = server.log_tail()
         self.rec.save()
@@ -110,7 +111,7 @@ class PhaseRunner:
         files = [(spec, *self.factory.files(spec, COLD_OFFSET + i)) for i, spec in enumerate(cold)]
         self.rec.measure("server", f"{phase.name}/cold_upload", lambda: http.run_async(
             http.upload_all(server.url, iter(files), self.admin_key)))
-        self._stop(server, phase)
+        self._stop(server)
         server = self._start(phase, config, "restart")
         if server is None:
             return None

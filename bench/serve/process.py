@@ -64,8 +64,8 @@ def free_port() -> int:
 class ServerProcess:
     """Starts the server, waits for /ready, and stops it with SIGTERM (SIGKILL after a grace period)."""
 
-    def __init__(self, config: ServerConfig, log_path: Path):
-        self.config, self.log_path = config, log_path
+    def __init__(self, config: ServerConfig, log_path: Path, name: str = "server"):
+        self.config, self.log_path, self.name = config, log_path, name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None

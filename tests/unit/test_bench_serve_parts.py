@@ -68,3 +68,18 @@ def test_fairness_keys_file_is_one_the_server_reads(tmp_path):
     ring = KeyRing.from_file(write_auth_file(tmp_path / "keys.toml", ("light", "heavy")))
     assert ring.authenticate(tenant_key("heavy")).tenant == "heavy"
     assert "admin" in ring.authenticate(tenant_key("light")).scopes
+
+
+def test_seed_store_writes_mixed_ranks_once(tmp_path):
+    from adapters_store import AdapterStore
+    from bench.serve.adapters import seed_store
+    from bench.serve.modeldir import build_model_dir
+
+    model_dir, _ = build_model_dir("tiny", tmp_path / "cache")
+    factory = AdapterFactory(shape_facts(llama_config("tiny")), max_rank=16)
+    specs = adapter_specs(6, [8, 16])
+    first = seed_store(model_dir, tmp_path / "store", factory, specs, 16, 1 << 30)
+    again = seed_store(model_dir, tmp_path / "store", factory, specs, 16, 1 << 30)
+    assert (first["written"], again["written"]) == (6, 0)
+    store = AdapterStore(tmp_path / "store", BaseModelSpec.from_hf_config(llama_config("tiny")), 16, 1 << 30)
+    assert sorted((r.name, r.rank, r.version) for r in store.list()) == sorted((s.name, s.rank, 1) for s in specs)
