@@ -76,6 +76,7 @@ class AdapterFactory:
         return out
 
     def config(self, spec: AdapterSpec) -> dict:
+        """adapter_config.json of a PEFT LoRA with alpha = 2 x rank."""
         return {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": 2 * spec.rank,
             "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "fan_in_fan_out": False,
@@ -88,6 +89,7 @@ class AdapterFactory:
         return json.dumps(self.config(spec)).encode(), safetensors_bytes(self.tensors(spec, index))
 
     def iter_files(self, specs: list[AdapterSpec]) -> Iterator[tuple[AdapterSpec, bytes, bytes]]:
+        """(spec, config bytes, safetensors bytes) of each adapter, made one at a time."""
         for index, spec in enumerate(specs):
             config, weights = self.files(spec, index)
             yield spec, config, weights

@@ -70,6 +70,8 @@ class Traffic:
 
 @dataclass
 class RequestResult:
+    """What the client saw of one request."""
+
     adapter: str
     status: int | str  # HTTP status, or an exception / "stream_error" name
     sent: float  # perf_counter at send
@@ -80,6 +82,7 @@ class RequestResult:
 
 
 def event_loop_name() -> str:
+    """The event loop the client runs on: uvloop when installed, else asyncio."""
     try:
         import uvloop  # noqa: F401
     except ImportError:
@@ -115,6 +118,7 @@ def _ms_stats(prefix: str, seconds: list[float]) -> dict:
 
 
 def make_client(url: str, concurrency: int, api_key: str | None = None) -> httpx.AsyncClient:
+    """An async client with a connection per stream and a long read timeout."""
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.AsyncClient(base_url=url, limits=limits, headers=headers,
@@ -203,6 +207,7 @@ async def run_with_background(url: str, foreground: Traffic, background: Traffic
 
 
 def summarize(results: list[RequestResult], wall: float, traffic: Traffic) -> dict:
+    """Throughput, latency percentiles and errors of one load's requests."""
     ok = [r for r in results if r.status == 200]
     tokens = sum(r.completion_tokens or 0 for r in ok)
     chunks = sum(len(r.chunk_times or []) for r in ok)

@@ -38,6 +38,7 @@ class ServerConfig:
     extra_args: list[str] = field(default_factory=list)
 
     def args(self) -> list[str]:
+        """The `python -m server` flags of this config."""
         flags = {
             "model": self.model_dir, "served-model-name": self.served_model_name, "device": self.device,
             "quantization": self.quantization, "lora-mode": self.lora_mode, "max-slots": self.max_slots,
@@ -56,6 +57,7 @@ class ServerConfig:
 
 
 def free_port() -> int:
+    """A loopback port nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -15,6 +15,8 @@ from bench.serve.load import Traffic
 
 @dataclass
 class Load:
+    """One measured load of a phase."""
+
     name: str
     traffic: Traffic
     num_adapters: int  # the first N adapters of the run's set; 0 = the base model; 1 = one adapter
@@ -24,6 +26,8 @@ class Load:
 
 @dataclass
 class Phase:
+    """One server start: its lora mode, loads and probes."""
+
     name: str
     lora_mode: str
     loads: list[Load] = field(default_factory=list)
@@ -33,6 +37,8 @@ class Phase:
 
 @dataclass
 class Scenario:
+    """A preset made concrete: the adapter set and the phases."""
+
     preset: str
     num_adapters: int
     ranks: list[int]
