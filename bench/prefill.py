@@ -13,12 +13,12 @@ heads x head_dim per layer and sequence).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+
+from bench.results import write_named_result
 
 NUM_PROMPTS, MEAN_LEN, MIN_LEN, MAX_LEN = 32, 2048, 256, 3840
 
@@ -102,11 +102,7 @@ def main() -> None:
         f"prefill_unequal_over_equal_{args.model}": runs["unequal"]["median_s"] / runs["equal"]["median_s"],
         f"prefill_tflops_{args.model}": runs["equal"]["model_tflops"],
     }
-    slug = results["device"].lower().replace(" ", "-")
-    path = Path(args.out) / f"{results['date']}-{slug}-prefill.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1))
-    print(json.dumps(results["ratios"]), "->", path)
+    write_named_result(args.out, results, "prefill")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+
+from bench.results import write_named_result
 
 KINDS = (  # first match wins; lower-case substrings of kernel names
     ("nf4_matmul", ("nf4_mma", "nf4_matmul", "nf4_gemv", "nf4_dequant", "kgemm_4bit", "dequantize")),
@@ -100,12 +101,8 @@ def main() -> None:
               **summary,
               "ratios": {f"decode_step_ms_{tag}": summary["total_ms_per_step"],
                          f"glue_fraction_{tag}": summary["glue_fraction"]}}
-    slug = result["device"].lower().replace(" ", "-")
-    path = Path(args.out) / f"{result['date']}-{slug}-{args.model}-b{args.batch}-{args.mode}-profile.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("ms_per_step", "total_ms_per_step", "glue_fraction")}, indent=1))
-    print("->", path)
+    write_named_result(args.out, result, f"{args.model}-b{args.batch}-{args.mode}-profile")
 
 
 if __name__ == "__main__":
