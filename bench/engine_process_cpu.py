@@ -4,6 +4,14 @@ Starts the real app (uvicorn on 127.0.0.1) once per mode on the same model, driv
 streaming completions (greedy, `--max-tokens` new tokens, EOS ignored) `--rounds` times, and prints
 output tok/s and the p50 gap between streamed chunks. On the CPU this measures the cost of the
 process boundary (IPC, detokenizing in the API process), not the GPU speed-up it is for.
+
+Measured 2026-12-01 on the shared 2-core CPU machine (load average about 2; under a load of 6-10
+from other jobs either mode can be 10x slower in one run, so repeat runs):
+- `--model <tiny random Llama dir> --quantization none --concurrency 8 --rounds 3 --max-tokens 64`
+  (host-bound): thread 2,468 / 2,741 tok/s, process 3,646 / 3,231 tok/s (two runs).
+- embedded SmolLM2-135M NF4, 8 streams x 32 tokens, modes interleaved t p t p: thread 101 / 103 tok/s,
+  process 118 / 114 tok/s; chunk gap p50 73 / 70 ms vs 62 / 65 ms.
+GPU runs: `python -m bench.serve ... --server-arg=--engine-process` against the same without it.
 """
 
 from __future__ import annotations
