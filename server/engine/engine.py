@@ -71,6 +71,9 @@ class LLMEngine:
                                   use_lora=self.lora_slots is not None,
                                   use_cuda_graphs=settings.cuda_graphs)
         self.metrics = EngineMetrics(self.model_name, settings.max_slots)
+        self.metrics.record_config(self.max_model_len, self.kv_cache.block_size, num_blocks,
+                                   str(self.model.dtype).removeprefix("torch."),
+                                   None if settings.kv_cache_blocks else settings.kv_cache_memory_fraction)
         self.eos_token_ids = _eos_ids(self.tokenizer, loaded.config.hf_config)
         self.sampler = Sampler(self.model.config.vocab_size, self.model.device, self.eos_token_ids)
         self.token_decoder = TokenDecoder(self.tokenizer)
@@ -126,6 +129,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         for request in batch.preempted:
             log.info("preempted %s (KV cache full); it will recompute", request.request_id)
+        self.metrics.record_iteration(sum(n for _, n in batch.prefill) + len(batch.decode), len(batch.preempted))
         to_sample: list[Request] = []
         logits_parts: list[torch.Tensor] = []
         failed: list[RequestOutput] = []
