@@ -2,8 +2,8 @@
 Inference Extension work unchanged; loraplex_* metrics are our own. Like vLLM, no family emits a
 `_created` series.
 
-vllm:prefix_cache_queries counts the prompt tokens looked up; vllm:prefix_cache_hits stays 0 until
-the engine has a prefix cache (every prompt is recomputed today), so the hit rate reads 0.
+vllm:prefix_cache_queries counts the prompt tokens looked up, vllm:prefix_cache_hits those whose KV
+blocks the automatic prefix cache supplied (server.engine.kv_cache).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ prefix_cache_queries = Counter(
     registry=REGISTRY,
 )
 prefix_cache_hits = Counter(
-    "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens (0: no prefix cache yet).",
+    "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
     ["model_name"], registry=REGISTRY,
 )
 CACHE_CONFIG_LABELS = ("block_size", "cache_dtype", "enable_prefix_caching", "gpu_memory_utilization",

@@ -48,6 +48,7 @@ def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens
         allowed_token_ids=None if body.allowed_token_ids is None else sorted(set(body.allowed_token_ids)),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        cache_salt=body.cache_salt,
     )
 
 

@@ -93,7 +93,7 @@ class _OpenAISampling(_Body):
     truncate_prompt_tokens: int | None = Field(None, ge=1, description="keep only the last N prompt tokens")
     return_tokens_as_token_ids: bool = Field(False, description="logprob tokens as 'token_id:<id>'")
     cache_salt: str | None = Field(None, min_length=1, max_length=256,
-                                   description="accepted; no prefix cache yet, so nothing is shared anyway")
+                                   description="cached prompt blocks are shared only under the same salt")
     best_of: Annotated[int | None, _ONLY_BEST_OF_ONE] = Field(None, description="only 1 is supported")
     use_beam_search: _refused("use_beam_search", "no beam search", False)
     length_penalty: _refused("length_penalty", "it applies to beam search only", 1, 1.0)

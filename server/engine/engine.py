@@ -77,7 +77,8 @@ class LLMEngine:
         self.metrics = EngineMetrics(self.model_name, settings.max_slots)
         self.metrics.record_config(self.max_model_len, self.kv_cache.block_size, num_blocks,
                                    str(self.model.dtype).removeprefix("torch."),
-                                   None if settings.kv_cache_blocks else settings.kv_cache_memory_fraction)
+                                   None if settings.kv_cache_blocks else settings.kv_cache_memory_fraction,
+                                   settings.enable_prefix_caching)
         self.eos_token_ids = _eos_ids(self.tokenizer, loaded.config.hf_config)
         self.sampler = Sampler(self.model.config.vocab_size, self.model.device, self.eos_token_ids)
         self.token_decoder = TokenDecoder(self.tokenizer)
@@ -140,7 +141,7 @@ class LLMEngine:
         failed: list[RequestOutput] = []
         if batch.prefill:
             for request, _ in batch.prefill:
-                if request.num_computed_tokens == 0:
+                if request.num_computed_tokens == request.num_prefix_hit_tokens:  # its first chunk
                     self.metrics.record_scheduled(request)
             try:
                 logits = self.runner.prefill(batch.prefill)
@@ -234,7 +235,7 @@ class LLMEngine:
         from server.engine.prefix_cache import namespace
 
         merged = self.merged_active and request.adapter_key == (self.swapper.current if self.swapper else None)
-        return namespace(request.adapter_key, merged)
+        return namespace(request.adapter_key, merged, request.params.cache_salt)
 
     def _load_slot(self, slot: int, weights) -> None:
         start = time.perf_counter()

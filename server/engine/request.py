@@ -37,6 +37,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # only these tokens may be sampled; None = all
     logprobs: bool = False  # report the chosen tokens' logprobs
     top_logprobs: int = 0  # also report this many most likely alternatives per token (needs logprobs)
+    cache_salt: str | None = None  # prefix-cache blocks are shared only under the same salt
 
     def validate(self) -> None:
         """Raise SamplingError naming the first bad field."""
@@ -153,6 +154,7 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hash of each full block
     hash_space: bytes = b""  # the namespace block_hashes were computed in
     num_registered_blocks: int = 0  # leading blocks offered to the prefix cache
+    num_prefix_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at admission
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     prefill_target: int = 0  # tokens to prefill before sampling (prompt, plus outputs after preemption)
     slot: int = -1  # GPU adapter slot while running (unmerged mode); -1 = base only

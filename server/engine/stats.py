@@ -21,14 +21,14 @@ class EngineMetrics:
             family.labels(model_name)  # every series exists (at 0) from the start
 
     def record_config(self, max_model_len: int, block_size: int, num_gpu_blocks: int, cache_dtype: str,
-                      memory_fraction: float | None) -> None:
+                      memory_fraction: float | None, enable_prefix_caching: bool = False) -> None:
         """vllm:cache_config_info, and the token-count histograms whose buckets follow max_model_len."""
         metrics.length_histograms.configure(max_model_len)
         for family in metrics.length_histograms.get():
             family.labels(self.model_name)
         metrics.cache_config_info.clear()
         metrics.cache_config_info.labels(
-            block_size=str(block_size), cache_dtype=cache_dtype, enable_prefix_caching="False",
+            block_size=str(block_size), cache_dtype=cache_dtype, enable_prefix_caching=str(enable_prefix_caching),
             gpu_memory_utilization=str(memory_fraction), num_gpu_blocks=str(num_gpu_blocks),
             num_cpu_blocks="None", swap_space="0",
         ).set(1)
@@ -59,8 +59,9 @@ class EngineMetrics:
         metrics.request_queue_time_seconds.labels(self.model_name).observe(
             request.first_scheduled_time - request.arrival_time
         )
-        # Every prompt token is looked up in the (not yet existing) prefix cache and misses.
+        # As vLLM: every prompt token is a query; the hits are the tokens whose KV blocks were reused.
         metrics.prefix_cache_queries.labels(self.model_name).inc(len(request.prompt_token_ids))
+        metrics.prefix_cache_hits.labels(self.model_name).inc(request.num_prefix_hit_tokens)
 
     def record_prefill(self, num_tokens: int) -> None:
         metrics.prompt_tokens.labels(self.model_name).inc(num_tokens)

@@ -211,11 +211,11 @@ def test_vllm_families_have_vllms_names_labels_and_buckets_and_no_created_series
         bounds = [s.labels["le"] for s in families[name] if s.name.endswith("_bucket")]
         assert bounds == [*(str(float(b)) for b in expected), "+Inf"], (name, bounds)
     info = families["vllm:cache_config_info"][0]
-    assert info.value == 1 and info.labels["enable_prefix_caching"] == "False"
+    assert info.value == 1 and info.labels["enable_prefix_caching"] == "True"
     assert "vllm:num_preemptions_total" in text and "vllm:prefix_cache_hits_total" in text
 
 
-def test_vllm_request_families_move_and_prefix_cache_hits_stay_zero(server):
+def test_vllm_request_families_move(server):
     body = {"model": BASE_ID, "prompt": "Hello world", "max_tokens": 5, "ignore_eos": True, "temperature": 0}
     with server.client() as client:
         before = scrape(client)
@@ -236,7 +236,24 @@ def test_vllm_request_families_move_and_prefix_cache_hits_stay_zero(server):
     assert delta("vllm:request_params_max_tokens", "vllm:request_params_max_tokens_sum") == 5
     assert delta("vllm:iteration_tokens_total", "vllm:iteration_tokens_total_sum") >= prompt_tokens + 4
     assert delta("vllm:prefix_cache_queries", "vllm:prefix_cache_queries_total") == prompt_tokens
-    assert value(after, "vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total") == 0  # no prefix cache yet
+
+
+def test_prefix_cache_queries_and_hits(server):
+    """The second identical long prompt reuses the first one's full KV blocks."""
+    body = {"model": BASE_ID, "prompt": "Hello world! " * 20, "max_tokens": 2, "temperature": 0}
+    hits = []
+    with server.client() as client:
+        for _ in range(2):
+            before = scrape(client)
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200
+            after = scrape(client)
+            hits.append(value(after, "vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total")
+                        - value(before, "vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total"))
+        prompt_tokens = response.json()["usage"]["prompt_tokens"]
+    assert prompt_tokens > 32
+    assert hits[0] in (0, hits[1])
+    assert hits[1] == (prompt_tokens - 1) // 16 * 16  # every full block but the one holding the last token
 
 
 def test_preemptions_are_counted(tiny_llama_dir):

@@ -83,13 +83,12 @@ REFUSED = [
 # Accepted with no effect, because the parameter's contract asks for none here.
 INFORMATIONAL = {
     ("both", "user"): "an end-user id for the provider's abuse monitoring; affects no output",
-    ("both", "cache_salt"): "isolates prefix-cache entries; there is no prefix cache yet, so nothing is shared",
     ("chat", "parallel_tool_calls"): "governs tool calls; tools are refused, so there are none",
     ("chat", "include_reasoning"): "governs a reasoning parser's output; there is none",
     ("chat", "prompt_cache_key"): "a cache-routing hint; affects no output",
     ("chat", "safety_identifier"): "like user: an id for abuse monitoring",
 }
-INFORMATIONAL_VALUES = {"user": "u-1", "cache_salt": "salt", "parallel_tool_calls": False,
+INFORMATIONAL_VALUES = {"user": "u-1", "parallel_tool_calls": False,
                         "include_reasoning": False, "prompt_cache_key": "k", "safety_identifier": "s"}
 
 HONOURED: dict[tuple[str, str], Callable] = {}
@@ -476,6 +475,24 @@ def _tgi_text(api):
     assert api.generate(max_new_tokens=16, truncate=1)["generated_text"] != text
 
 
+@honoured("both", "cache_salt")
+def _cache_salt(api):
+    """Cached prompt blocks are reused only under the same salt (the hit counter moves only then)."""
+    from server import metrics
+
+    def hits():
+        return sum(s.value for f in metrics.REGISTRY.collect() if f.name == "vllm:prefix_cache_hits"
+                   for s in f.samples if s.name.endswith("_total"))
+
+    prompt = "Hello world! " * 12
+    api.complete(prompt=prompt, max_tokens=1, cache_salt="tenant-a")
+    before = hits()
+    api.complete(prompt=prompt, max_tokens=1, cache_salt="tenant-b")
+    assert hits() == before  # another salt: nothing shared
+    api.complete(prompt=prompt, max_tokens=1, cache_salt="tenant-a")
+    assert hits() > before
+
+
 # Parametrized here, below every @honoured registration.
 @pytest.mark.parametrize("key", sorted(HONOURED), ids=lambda k: f"{k[0]}-{k[1]}")
 def test_honoured_parameters_have_their_effect(api, key):
@@ -519,3 +536,4 @@ def test_out_of_range_seeds_are_400(api, seed):
     assert api.complete(seed=-(2**63), temperature=1.0)["choices"]
     response = api.client.post("/generate", json={"inputs": "x", "parameters": {"seed": -1}})
     assert assert_error(response, 400, "seed")["param"] == "parameters.seed"
+
