@@ -111,3 +111,19 @@ batch_distinct_adapters = Histogram(
     "loraplex_batch_distinct_adapters", "Distinct adapters in one engine step", ["model_name"],
     buckets=(0, 1, 2, 4, 8, 16, 32, 64), registry=REGISTRY,
 )
+
+
+# ---- Gateway API Inference Extension (model-server protocol) --------------------------------------------------
+# Kept apart from the families above: the endpoint picker reads vllm:cache_config_info (optional in the
+# protocol) for the KV block size and block count that its prefix-cache scorer assumes. vLLM's shape: an info
+# gauge whose value is 1 and whose labels carry the numbers. tests/api/test_gateway_metrics.py checks it.
+cache_config_info = Gauge(
+    "vllm:cache_config_info", "KV cache configuration; the value is always 1",
+    ["model_name", "block_size", "num_gpu_blocks"], registry=REGISTRY,
+)
+
+
+def set_cache_config_info(model_name: str, block_size: int, num_gpu_blocks: int) -> None:
+    """Publish the KV cache shape for one model (one series: a restarted engine replaces it)."""
+    cache_config_info.clear()
+    cache_config_info.labels(model_name, str(block_size), str(num_gpu_blocks)).set(1)

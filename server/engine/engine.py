@@ -74,6 +74,7 @@ class LLMEngine:
                                   use_lora=self.lora_slots is not None,
                                   use_cuda_graphs=settings.cuda_graphs)
         self.metrics = EngineMetrics(self.model_name, settings.max_slots)
+        self.metrics.record_cache_config(self.kv_cache.block_size, self.kv_cache.num_usable_blocks)
         self.eos_token_ids = _eos_ids(self.tokenizer, loaded.config.hf_config)
         self.sampler = Sampler(self.model.config.vocab_size, self.model.device)
         self.token_decoder = TokenDecoder(self.tokenizer)

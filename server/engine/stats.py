@@ -31,6 +31,9 @@ class EngineMetrics:
         if batch_adapters is not None:
             metrics.batch_distinct_adapters.labels(m).observe(batch_adapters)
 
+    def record_cache_config(self, block_size: int, num_gpu_blocks: int) -> None:
+        metrics.set_cache_config_info(self.model_name, block_size, num_gpu_blocks)
+
     def record_scheduled(self, request: Request) -> None:
         metrics.request_queue_time_seconds.labels(self.model_name).observe(
             request.first_scheduled_time - request.arrival_time
