@@ -15,6 +15,9 @@ class EngineMetrics:
         self.model_name = model_name
         self.max_lora = str(max_lora)
         self._lora_labels: tuple[str, str] | None = None
+        # One lora_requests_info series per process: an engine built after another (a restart, tests) drops the
+        # old one's, which the gateway's endpoint picker would otherwise keep reading beside the live one.
+        metrics.lora_requests_info.clear()
 
     def record_step(self, running: list[Request], waiting: list[Request], kv_usage: float,
                     batch_adapters: int | None) -> None:
