@@ -17,6 +17,7 @@ adapter's latest version on disk. See README.md beside this file for what is and
 import argparse
 import asyncio
 import json
+import logging
 import os
 import socket
 import sys
@@ -26,9 +27,11 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import RayError
 
+log = logging.getLogger("loraplex.ray")
 ROUTE_PREFIX = "/"
 _HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive", "host"}
 _STREAM_PATHS = ("/generate_stream",)
@@ -127,7 +130,8 @@ def adapter_of(path: str, body: bytes, base_model: str) -> tuple[str, bool]:
     return adapter, is_stream
 
 
-ingress_app = FastAPI(title="loraplex on Ray Serve")
+# No docs routes of its own: /docs and /openapi.json go to a replica, as every other path.
+ingress_app = FastAPI(title="loraplex on Ray Serve", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -146,11 +150,18 @@ class Ingress:
         adapter, is_stream = adapter_of("/" + path, body, self.base_model)
         handle = self.engines.options(multiplexed_model_id=adapter) if adapter else self.engines
         headers = _forwarded_headers(request.headers)
-        if not is_stream:
-            status, out_headers, content = await handle.forward.remote(request.method, full_path, headers, body)
-            return Response(content, status_code=status, headers=out_headers)
-        chunks = handle.options(stream=True).forward_stream.remote(request.method, full_path, headers, body)
-        status, out_headers = json.loads(await chunks.__anext__())
+        try:
+            if not is_stream:
+                status, out_headers, content = await handle.forward.remote(request.method, full_path, headers, body)
+                return Response(content, status_code=status, headers=out_headers)
+            chunks = handle.options(stream=True).forward_stream.remote(request.method, full_path, headers, body)
+            status, out_headers = json.loads(await chunks.__anext__())
+        except RayError as exc:
+            # The replica died with the request on it (node lost, killed, OOM): the single server's error shape.
+            log.warning("replica failed a %s %s request: %s", request.method, path, type(exc).__name__)
+            return JSONResponse({"error": {"message": "the replica serving this request stopped; retry it",
+                                           "type": "ServiceUnavailableError", "code": 503}},
+                                status_code=503, headers={"Retry-After": "1"})
         return StreamingResponse(chunks, status_code=status, headers=out_headers)
 
 
@@ -180,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     args, server_args = parser.parse_known_args(argv)
     settings = parse_settings([a for a in server_args if a != "--"]).model_dump(mode="json", exclude_unset=True)
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    python_path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": python_path}})  # the workers import deploy.ray.app
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build(settings, args.replicas), route_prefix=ROUTE_PREFIX)
     print(f"loraplex on Ray Serve: {args.replicas} replicas at http://{args.host}:{args.port}", flush=True)
