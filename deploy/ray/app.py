@@ -190,7 +190,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args, server_args = parser.parse_known_args(argv)
-    settings = parse_settings([a for a in server_args if a != "--"]).model_dump(mode="json", exclude_unset=True)
+    parsed = parse_settings([a for a in server_args if a != "--"])
+    if parsed.auth_file is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        # The replicas bind loopback, so the single server's own rule (open mode only on loopback) is kept here.
+        parser.error(f"--host {args.host} without an auth file would open every adapter to the network: "
+                     "set LORAPLEX_AUTH_FILE or --auth-file")
+    settings = parsed.model_dump(mode="json", exclude_unset=True)
     python_path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
     ray.init(runtime_env={"env_vars": {"PYTHONPATH": python_path}})  # the workers import deploy.ray.app
     serve.start(http_options={"host": args.host, "port": args.port})
