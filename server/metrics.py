@@ -95,7 +95,7 @@ prefix_cache_hits = Counter(
     "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
     ["model_name"], registry=REGISTRY,
 )
-CACHE_CONFIG_LABELS = ("block_size", "cache_dtype", "enable_prefix_caching", "gpu_memory_utilization",
+CACHE_CONFIG_LABELS = ("model_name", "block_size", "cache_dtype", "enable_prefix_caching", "gpu_memory_utilization",
                        "num_gpu_blocks", "num_cpu_blocks", "swap_space")
 cache_config_info = Gauge(
     "vllm:cache_config_info", "Information of the LLMEngine CacheConfig", list(CACHE_CONFIG_LABELS),

@@ -19,6 +19,9 @@ class EngineMetrics:
                        metrics.request_inference_time_seconds, metrics.request_prefill_time_seconds,
                        metrics.request_decode_time_seconds, metrics.prefix_cache_queries, metrics.prefix_cache_hits):
             family.labels(model_name)  # every series exists (at 0) from the start
+        # One lora_requests_info series per process: an engine built after another (a restart, tests) drops the
+        # old one's, which the gateway's endpoint picker would otherwise keep reading beside the live one.
+        metrics.lora_requests_info.clear()
 
     def record_config(self, max_model_len: int, block_size: int, num_gpu_blocks: int, cache_dtype: str,
                       memory_fraction: float | None, enable_prefix_caching: bool = False) -> None:
@@ -28,7 +31,8 @@ class EngineMetrics:
             family.labels(self.model_name)
         metrics.cache_config_info.clear()
         metrics.cache_config_info.labels(
-            block_size=str(block_size), cache_dtype=cache_dtype, enable_prefix_caching=str(enable_prefix_caching),
+            model_name=self.model_name, block_size=str(block_size), cache_dtype=cache_dtype,
+            enable_prefix_caching=str(enable_prefix_caching),
             gpu_memory_utilization=str(memory_fraction), num_gpu_blocks=str(num_gpu_blocks),
             num_cpu_blocks="None", swap_space="0",
         ).set(1)
