@@ -76,7 +76,7 @@ class ServerState:
                                   versions_kept=settings.adapter_versions_kept)
         metrics.adapter_requests.max_adapters = settings.metrics_max_adapters
         self.registry = AdapterRegistry(self.store, settings.max_cpu_adapters, pin_memory_available(),
-                                        on_load=self._on_adapter_load)
+                                        on_load=self._on_adapter_load, max_bytes=settings.cpu_adapter_cache_bytes)
         engine = LLMEngine(loaded, settings)
         self.max_model_len = engine.max_model_len
         self.prompts = PromptEncoder(engine.tokenizer, settings.max_prompt_chars, settings.tokenizer_threads)

@@ -17,9 +17,11 @@ import time
 
 import torch
 
+from server.api.auth import tenant_policies
 from server.config import LoraMode, Settings
 from server.engine.auto_mode import AutoModePolicy
 from server.engine.detokenizer import TokenDecoder, update_text
+from server.engine.fairness import TenantCounters, TenantPolicy
 from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingError
 from server.engine.runner import ModelRunner
@@ -70,7 +72,8 @@ class LLMEngine:
         self.auto_policy = AutoModePolicy()
         self.scheduler = Scheduler(self.kv_cache, settings.max_batch_size, settings.max_num_batched_tokens,
                                    self._admit, self._release,
-                                   self._prefix_space if settings.enable_prefix_caching else None)
+                                   self._prefix_space if settings.enable_prefix_caching else None,
+                                   tenants=tenant_counters(settings))
         self.runner = ModelRunner(self.model, self.kv_cache, settings.max_batch_size, self.max_model_len,
                                   use_lora=self.lora_slots is not None,
                                   use_cuda_graphs=settings.cuda_graphs)
@@ -252,7 +255,7 @@ class LLMEngine:
             return
         if self.scheduler.running or not self.scheduler.waiting:
             return
-        head = self.scheduler.waiting[0]
+        head = self.scheduler.peek() or self.scheduler.waiting[0]  # the request admitted next
         self._swap_to(head.adapter_key, head.adapter.weights if head.adapter is not None else None)
 
     def _auto_switch(self) -> None:
@@ -335,6 +338,15 @@ class LLMEngine:
             completion_tokens=len(request.output_token_ids),
             error=error,
         )
+
+
+def tenant_counters(settings: Settings) -> TenantCounters:
+    """Fair-scheduling state: weights and default caps from Settings, per-tenant ones from the keys file."""
+    default = TenantPolicy(max_running_requests=settings.tenant_max_running_requests,
+                           max_queued_requests=settings.tenant_max_queued_requests)
+    return TenantCounters(settings.fair_prompt_token_weight, settings.fair_output_token_weight,
+                          tenant_policies(settings.auth_file, default), default,
+                          is_fair=settings.scheduling_policy == "fair")
 
 
 def empty_cuda_cache() -> None:

@@ -165,6 +165,7 @@ class Request:
     detokenizer: Any = None  # server.engine.detokenizer.IncrementalDetokenizer, made at the first token
     sampling_seed: int | None = None  # params.seed, or a random seed drawn at the first sampled token
     penalty_row: int = -1  # the request's row of the sampler's token-count table; -1 = none
+    tenant: str = ""  # who sent it (the API key's tenant): fair scheduling and per-tenant caps
 
     @property
     def all_token_ids(self) -> list[int]:
