@@ -27,7 +27,7 @@ from server.engine.request import FinishReason, Request, RequestOutput, Sampling
 from server.engine.runner import ModelRunner
 from server.engine.sampler import SampledTokens, Sampler
 from server.engine.scheduler import Admission, Scheduler
-from server.engine.slot_table import SlotTable
+from server.engine.slot_table import SLOT_LOADING, SlotTable
 from server.engine.stats import EngineMetrics
 from server.model.loader import LoadedModel
 from server.model.lora import LoraSlots
@@ -66,7 +66,7 @@ class LLMEngine:
         self.lora_slots = None if self.mode is LoraMode.MERGED else LoraSlots(
             self.model, settings.max_slots, settings.max_rank
         )
-        self.slot_table = SlotTable(settings.max_slots, self._load_slot)
+        self.slot_table = SlotTable(settings.max_slots, self._load_slot, self._slot_loaded)
         self._draining_key: tuple[str, int] | None = None  # adapter refused new work until its slot frees
         self.swapper = None if self.mode is LoraMode.UNMERGED else MergedSwapper(self.model)
         self.auto_policy = AutoModePolicy()
@@ -136,6 +136,7 @@ class LLMEngine:
         self._maybe_swap()
         step_start = time.perf_counter()
         batch = self.scheduler.schedule()
+        self._prefetch_adapters()
         for request in batch.preempted:
             log.info("preempted %s (KV cache full); it will recompute", request.request_id)
         self.metrics.record_iteration(sum(n for _, n in batch.prefill) + len(batch.decode), len(batch.preempted))
@@ -217,6 +218,8 @@ class LLMEngine:
                 return Admission.SKIP
             self._draining_key = None  # drained: the slot goes to whoever is first in line
         slot = self.slot_table.acquire(key, request.adapter.weights)
+        if slot == SLOT_LOADING:
+            return Admission.SKIP  # its copy runs beside the batch (CUDA); admitted once it is done
         if slot is None:
             # Every slot is busy. Stop admitting new work for the least-used resident adapter so its
             # slot empties: without this, steady traffic to resident adapters starves this one.
@@ -240,11 +243,21 @@ class LLMEngine:
         merged = self.merged_active and request.adapter_key == (self.swapper.current if self.swapper else None)
         return namespace(request.adapter_key, merged, request.params.cache_salt)
 
-    def _load_slot(self, slot: int, weights) -> None:
-        start = time.perf_counter()
-        self.lora_slots.load(slot, weights)
-        self.metrics.record_swap("unmerged", time.perf_counter() - start)
-        self.metrics.record_resident("gpu", self.slot_table.num_resident + 1)  # + the slot being filled
+    def _load_slot(self, slot: int, weights):
+        return self.lora_slots.load(slot, weights)
+
+    def _slot_loaded(self, seconds: float) -> None:
+        self.metrics.record_swap("unmerged", seconds)
+        self.metrics.record_resident("gpu", self.slot_table.num_resident)
+
+    def _prefetch_adapters(self) -> None:
+        """Start slot copies for the adapters of the next waiting requests, while the batch decodes (CUDA
+        only: on the CPU a copy is synchronous, so it waits for the request's own admission)."""
+        if self.lora_slots is None or not self.lora_slots.is_async or self.merged_active:
+            return
+        for request in list(self.scheduler.waiting)[: self.slot_table.max_slots]:
+            if request.adapter is not None and request.adapter_key != self._draining_key:
+                self.slot_table.prefetch(request.adapter_key, request.adapter.weights)
 
     def _maybe_swap(self) -> None:
         """Merged mode: at a drain point, merge the adapter at the head of the queue. Auto: see _auto_switch."""
@@ -269,7 +282,7 @@ class LLMEngine:
                 self._swap_to(None, None)
                 self.merged_active = False
                 for request in list(self.scheduler.running):
-                    slot = self.slot_table.acquire(request.adapter_key, request.adapter.weights)
+                    slot = self.slot_table.acquire(request.adapter_key, request.adapter.weights, wait=True)
                     if slot is None:  # cannot happen with one adapter running; recompute rather than misapply
                         self.scheduler.preempt(request)
                     else:
