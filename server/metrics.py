@@ -202,3 +202,21 @@ batch_distinct_adapters = Histogram(
     "loraplex_batch_distinct_adapters", "Distinct adapters in one engine step", ["model_name"],
     buckets=(0, 1, 2, 4, 8, 16, 32, 64), registry=REGISTRY,
 )
+# Adapter tiers (issue 15). tier: "cpu" (weights in host memory, loaded from disk) or "gpu" (slots).
+adapter_bytes_resident = Gauge(
+    "loraplex_adapter_bytes_resident",
+    "Bytes of adapter weights per tier (cpu: cached plus evicted ones still used by a request; gpu: in slots)",
+    ["model_name", "tier"], registry=REGISTRY,
+)
+adapter_loads = Counter(
+    "loraplex_adapter_loads", "Adapter versions loaded into a tier (cpu: from disk; gpu: into a slot)",
+    ["model_name", "tier"], registry=REGISTRY,
+)
+adapter_evictions = Counter(
+    "loraplex_adapter_evictions", "Adapter versions evicted from a tier", ["model_name", "tier"], registry=REGISTRY,
+)
+# Tenants come from the keys file (few); without one every request is tenant "open".
+tenant_queue_time_seconds = Histogram(
+    "loraplex_tenant_queue_time_seconds", "Arrival to first scheduled, per tenant", ["model_name", "tenant"],
+    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)

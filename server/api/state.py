@@ -76,7 +76,8 @@ class ServerState:
                                   versions_kept=settings.adapter_versions_kept)
         metrics.adapter_requests.max_adapters = settings.metrics_max_adapters
         self.registry = AdapterRegistry(self.store, settings.max_cpu_adapters, pin_memory_available(),
-                                        on_load=self._on_adapter_load, max_bytes=settings.cpu_adapter_cache_bytes)
+                                        on_load=self._on_adapter_load, max_bytes=settings.cpu_adapter_cache_bytes,
+                                        on_evict=self._on_adapter_evict)
         engine = LLMEngine(loaded, settings)
         self.max_model_len = engine.max_model_len
         self.prompts = PromptEncoder(engine.tokenizer, settings.max_prompt_chars, settings.tokenizer_threads)
@@ -118,10 +119,16 @@ class ServerState:
             return
         metrics.adapters_resident.labels(self.model_id, "disk").set(len(self.store.list()))
         metrics.adapters_resident.labels(self.model_id, "cpu").set(self.registry.num_cached)
+        metrics.adapter_bytes_resident.labels(self.model_id, "cpu").set(self.registry.nbytes)
 
     def _on_adapter_load(self, seconds: float, num_cached: int) -> None:
         metrics.adapter_load_seconds.labels(self.model_id, "cpu").observe(seconds)
         metrics.adapters_resident.labels(self.model_id, "cpu").set(num_cached)
+        metrics.adapter_loads.labels(self.model_id, "cpu").inc()
+        metrics.adapter_bytes_resident.labels(self.model_id, "cpu").set(self.registry.nbytes)
+
+    def _on_adapter_evict(self, num_evicted: int) -> None:
+        metrics.adapter_evictions.labels(self.model_id, "cpu").inc(num_evicted)
 
 
 def _prime_metrics(model_id: str, max_slots: int) -> None:
@@ -136,7 +143,9 @@ def _prime_metrics(model_id: str, max_slots: int) -> None:
     for tier in ("disk", "cpu", "gpu"):
         metrics.adapters_resident.labels(model_id, tier)
     for tier in ("cpu", "gpu"):
-        metrics.adapter_load_seconds.labels(model_id, tier)
+        for family in (metrics.adapter_load_seconds, metrics.adapter_bytes_resident, metrics.adapter_loads,
+                       metrics.adapter_evictions):
+            family.labels(model_id, tier)
     for mode in ("unmerged", "merged"):
         metrics.adapter_swaps.labels(model_id, mode)
     metrics.adapter_requests.labels(model_id, "base", "ok")

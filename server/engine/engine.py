@@ -66,7 +66,9 @@ class LLMEngine:
         self.lora_slots = None if self.mode is LoraMode.MERGED else LoraSlots(
             self.model, settings.max_slots, settings.max_rank
         )
-        self.slot_table = SlotTable(settings.max_slots, self._load_slot, self._slot_loaded)
+        self.slot_table = SlotTable(settings.max_slots, self._load_slot, self._slot_loaded,
+                                    on_evicted=self._slot_evicted)
+        self._slot_nbytes = [0] * settings.max_slots  # device bytes of the adapter in (or loading into) each slot
         self._draining_key: tuple[str, int] | None = None  # adapter refused new work until its slot frees
         self.swapper = None if self.mode is LoraMode.UNMERGED else MergedSwapper(self.model)
         self.auto_policy = AutoModePolicy()
@@ -244,11 +246,21 @@ class LLMEngine:
         return namespace(request.adapter_key, merged, request.params.cache_salt)
 
     def _load_slot(self, slot: int, weights):
-        return self.lora_slots.load(slot, weights)
+        self._slot_nbytes[slot] = 0
+        done = self.lora_slots.load(slot, weights)
+        self._slot_nbytes[slot] = adapter_device_nbytes(weights, self.model.dtype)
+        return done
 
     def _slot_loaded(self, seconds: float) -> None:
         self.metrics.record_swap("unmerged", seconds)
-        self.metrics.record_resident("gpu", self.slot_table.num_resident)
+        self.metrics.record_tier_load("gpu")
+        table = self.slot_table
+        self.metrics.record_resident("gpu", table.num_resident, sum(
+            n for n, key in zip(self._slot_nbytes, table.slot_to_key, strict=True) if key is not None
+        ))
+
+    def _slot_evicted(self, key) -> None:
+        self.metrics.record_evictions("gpu")
 
     def _prefetch_adapters(self) -> None:
         """Start slot copies for the adapters of the next waiting requests, while the batch decodes (CUDA
@@ -351,6 +363,12 @@ class LLMEngine:
             completion_tokens=len(request.output_token_ids),
             error=error,
         )
+
+
+def adapter_device_nbytes(weights, dtype: torch.dtype) -> int:
+    """Bytes an adapter's A and B take on the device in the model's dtype (before slot padding)."""
+    element = torch.tensor([], dtype=dtype).element_size()
+    return sum((a.numel() + b.numel()) * element for a, b in weights.tensors.values())
 
 
 def tenant_counters(settings: Settings) -> TenantCounters:

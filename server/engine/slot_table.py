@@ -38,14 +38,17 @@ class SlotTable:
     runs on a side stream); the slot then counts as loading, never as a victim, and `acquire` answers
     SLOT_LOADING until the copy is done, so the request waits while the running batch carries on.
     `load_fn` returning None means the copy is complete (CPU): acquire then behaves synchronously.
-    `on_loaded(seconds)` is called when a load completes, with the time from issue to observed completion.
+    `on_loaded(seconds)` is called when a load completes, with the time from issue to observed completion;
+    `on_evicted(key)` when a slot's adapter is replaced.
     """
 
     def __init__(self, max_slots: int, load_fn: Callable[[int, object], CopyDone | None],
-                 on_loaded: Callable[[float], None] | None = None, clock: Callable[[], float] = time.perf_counter):
+                 on_loaded: Callable[[float], None] | None = None, clock: Callable[[], float] = time.perf_counter,
+                 on_evicted: Callable[[AdapterKey], None] | None = None):
         self.max_slots = max_slots
         self._load_fn = load_fn
         self._on_loaded = on_loaded
+        self._on_evicted = on_evicted
         self._clock = clock
         self.slot_to_key: list[AdapterKey | None] = [None] * max_slots
         self._refcount = [0] * max_slots
@@ -95,6 +98,9 @@ class SlotTable:
         if slot is None:
             return None
         start = self._clock()
+        evicted = self.slot_to_key[slot]
+        if evicted is not None and self._on_evicted is not None:
+            self._on_evicted(evicted)
         self.slot_to_key[slot] = None  # not valid while the copy runs (or if it fails)
         done = self._load_fn(slot, weights)
         self.slot_to_key[slot] = key

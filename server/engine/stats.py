@@ -60,9 +60,9 @@ class EngineMetrics:
             metrics.batch_distinct_adapters.labels(m).observe(batch_adapters)
 
     def record_scheduled(self, request: Request) -> None:
-        metrics.request_queue_time_seconds.labels(self.model_name).observe(
-            request.first_scheduled_time - request.arrival_time
-        )
+        queued = request.first_scheduled_time - request.arrival_time
+        metrics.request_queue_time_seconds.labels(self.model_name).observe(queued)
+        metrics.tenant_queue_time_seconds.labels(self.model_name, request.tenant or "none").observe(queued)
         # As vLLM: every prompt token is a query; the hits are the tokens whose KV blocks were reused.
         metrics.prefix_cache_queries.labels(self.model_name).inc(len(request.prompt_token_ids))
         metrics.prefix_cache_hits.labels(self.model_name).inc(request.num_prefix_hit_tokens)
@@ -113,8 +113,16 @@ class EngineMetrics:
         metrics.adapter_swaps.labels(self.model_name, mode).inc()
         metrics.adapter_load_seconds.labels(self.model_name, tier).observe(seconds)
 
-    def record_resident(self, tier: str, count: int) -> None:
+    def record_resident(self, tier: str, count: int, nbytes: int | None = None) -> None:
         metrics.adapters_resident.labels(self.model_name, tier).set(count)
+        if nbytes is not None:
+            metrics.adapter_bytes_resident.labels(self.model_name, tier).set(nbytes)
+
+    def record_tier_load(self, tier: str) -> None:
+        metrics.adapter_loads.labels(self.model_name, tier).inc()
+
+    def record_evictions(self, tier: str, count: int = 1) -> None:
+        metrics.adapter_evictions.labels(self.model_name, tier).inc(count)
 
 
 def _adapter_names(requests: list[Request]) -> str:

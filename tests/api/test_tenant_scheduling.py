@@ -7,11 +7,12 @@ import hashlib
 
 import pytest
 
+from server import metrics
 from server.api.auth import KeyFileError, KeyRing, Principal, Scheduling, tenant_policies
 from server.api.errors import APIError
 from server.api.ratelimit import RateLimiter
 from server.engine.fairness import TenantPolicy
-from tests.api.helpers import BASE_ID, api_settings, assert_error, live_server
+from tests.api.helpers import BASE_ID, api_settings, assert_error, live_server, upload
 
 
 def _sha(key: str) -> str:
@@ -28,7 +29,8 @@ scheduling = {{ weight = 2.0, max_running_requests = 1, max_queued_requests = 1 
 [[keys]]
 key_sha256 = "{_sha('key-free')}"
 tenant = "free"
-scopes = ["generate"]
+scopes = ["generate", "admin"]
+adapters = ["free-*"]
 """
 
 
@@ -110,3 +112,21 @@ def test_tenant_policies_fill_missing_fields_from_the_default(tmp_path):
     default = TenantPolicy(max_running_requests=3, max_queued_requests=9)
     assert tenant_policies(path, default) == {"t": TenantPolicy(0.5, 3, 9)}
     assert tenant_policies(None, default) == {}
+
+
+def test_tier_and_tenant_metrics_move(server, tiny_adapters):
+    def sample(name, **labels):
+        return metrics.REGISTRY.get_sample_value(name, {"model_name": BASE_ID, **labels}) or 0.0
+
+    before = {tier: sample("loraplex_adapter_loads_total", tier=tier) for tier in ("cpu", "gpu")}
+    with server.client("key-free") as client:
+        upload(client, "free-a", tiny_adapters["attn-r4"])
+        body = {"model": "free-a", "prompt": "Hello", "max_tokens": 2}
+        assert client.post("/v1/completions", json=body).status_code == 200
+        text = client.get("/metrics").text
+    for tier in ("cpu", "gpu"):
+        assert sample("loraplex_adapter_loads_total", tier=tier) == before[tier] + 1
+        assert sample("loraplex_adapter_bytes_resident", tier=tier) > 0
+        assert f'loraplex_adapter_evictions_total{{model_name="{BASE_ID}",tier="{tier}"}}' in text
+    assert sample("loraplex_tenant_queue_time_seconds_count", tenant="free") >= 2
+    assert 'loraplex_tenant_queue_time_seconds_count{model_name="tiny-llama",tenant="free"}' in text

@@ -141,3 +141,25 @@ def test_cpu_engine_loads_synchronously_and_never_prefetches(tiny_llama_dir, tin
     while engine.has_unfinished():
         engine.step()
     assert engine.slot_table.num_loads == 1
+
+
+def test_gpu_tier_loads_and_evictions_are_counted(tiny_llama_dir, tiny_adapters):
+    from server import metrics
+
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=128, max_slots=1)
+    labels = {"model_name": engine.model_name, "tier": "gpu"}
+
+    def sample(name):
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    loads, evictions = sample("loraplex_adapter_loads_total"), sample("loraplex_adapter_evictions_total")
+    for name in ("attn-r4", "ko-r16", "attn-r4"):
+        engine.add_request(greedy(PROMPTS[0], 2, refs[name]))
+        while engine.has_unfinished():
+            engine.step()
+    assert sample("loraplex_adapter_loads_total") == loads + 3
+    assert sample("loraplex_adapter_evictions_total") == evictions + 2
+    assert sample("loraplex_adapter_bytes_resident") == sum(
+        (a.numel() + b.numel()) * 4 for a, b in refs["attn-r4"].weights.tensors.values()
+    )
