@@ -178,3 +178,25 @@ def test_counters_charge_prompt_once_and_every_output_token():
     engine.add("a", 1)
     engine.run()
     assert tenants.counters["a"] == PROMPT_LEN * 1.0 + OUTPUT_LEN * 2.0
+
+
+def light_waits(is_fair: bool, num_steps: int = 2000) -> list[int]:
+    """Steps each light request waited, with the heavy tenant at 10x its rate and the server 10% overloaded
+    (one admission per step; heavy asks for one per step, light for one per ten steps)."""
+    engine = FakeEngine(TenantCounters(is_fair=is_fair))
+    waits, arrivals = [], []
+    for step in range(num_steps):
+        engine.add("heavy", 1)
+        if step % 10 == 0:
+            engine.add("light", 1)
+            arrivals.append(step)
+        before = engine.admitted.count("light")
+        engine.step()
+        waits += [step - arrivals.pop(0) for _ in range(engine.admitted.count("light") - before)]
+    return sorted(waits)
+
+
+def test_overload_queues_the_light_tenant_behind_the_flood_only_without_fairness():
+    fair, fcfs = light_waits(True), light_waits(False)
+    assert len(fair) == 200 and fair[-1] <= 2  # every light request admitted within 2 steps
+    assert len(fcfs) < 200 and fcfs[len(fcfs) // 2] > 50  # FCFS: the backlog grows, light waits in it
