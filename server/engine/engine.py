@@ -34,6 +34,9 @@ from server.model.lora import LoraSlots
 from server.model.merge import MergedSwapper
 
 log = logging.getLogger(__name__)
+# Waiting requests at the queue's head whose adapters are copied into idle slots ahead of admission: a
+# few, so that a long queue of cold adapters cannot evict every idle resident adapter each step.
+PREFETCH_LOOKAHEAD = 4
 
 
 class PromptTooLongError(SamplingError):
@@ -267,7 +270,7 @@ class LLMEngine:
         only: on the CPU a copy is synchronous, so it waits for the request's own admission)."""
         if self.lora_slots is None or not self.lora_slots.is_async or self.merged_active:
             return
-        for request in list(self.scheduler.waiting)[: self.slot_table.max_slots]:
+        for request in list(self.scheduler.waiting)[:PREFETCH_LOOKAHEAD]:
             if request.adapter is not None and request.adapter_key != self._draining_key:
                 self.slot_table.prefetch(request.adapter_key, request.adapter.weights)
 
