@@ -20,6 +20,9 @@ class SlowCopy:
         self.polls_left -= 1
         return self.polls_left < 0
 
+    def synchronize(self) -> None:
+        self.polls_left = 0
+
 
 class FakeClock:
     def __init__(self):
@@ -45,6 +48,12 @@ def test_slot_table_answers_loading_until_the_copy_is_done():
     assert len(copies) == 1  # one copy, not one per attempt
     slot = table.acquire(("a", 1), "wa")
     assert slot == 0 and table.users(("a", 1)) == 1 and loaded == [1.0]  # issue to observed completion (fake clock)
+
+
+def test_acquire_with_wait_blocks_until_the_copy_is_done():
+    table = SlotTable(1, lambda slot, w: SlowCopy(100))
+    assert table.acquire(("a", 1), "wa", wait=True) == 0  # for rows already running (auto mode's unmerge)
+    assert table.users(("a", 1)) == 1
 
 
 def test_loading_slot_is_never_a_victim():
