@@ -172,3 +172,4 @@ def test_gpu_tier_loads_and_evictions_are_counted(tiny_llama_dir, tiny_adapters)
     assert sample("loraplex_adapter_bytes_resident") == sum(
         (a.numel() + b.numel()) * 4 for a, b in refs["attn-r4"].weights.tensors.values()
     )
+
