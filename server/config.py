@@ -49,6 +49,10 @@ class Settings(BaseSettings):
         None, description="TOML or YAML keys file (`loraplex keys add`); unset = open mode, loopback only"
     )
     max_slots: int = Field(8, ge=1, le=256, description="distinct adapters in one batch (GPU slots)")
+    adapter_gpu_memory_bytes: int | None = Field(
+        None, ge=1, description="GPU memory for adapter slots: as many max_rank slots as fit (at most 256) "
+        "instead of max_slots; unset = max_slots"
+    )
     max_cpu_adapters: int | None = Field(
         None, ge=1, description="optional count cap on the CPU adapter tier, besides cpu_adapter_cache_bytes"
     )

@@ -81,7 +81,7 @@ class ServerState:
         engine = LLMEngine(loaded, settings)
         self.max_model_len = engine.max_model_len
         self.prompts = PromptEncoder(engine.tokenizer, settings.max_prompt_chars, settings.tokenizer_threads)
-        _prime_metrics(self.model_id, settings.max_slots)
+        _prime_metrics(self.model_id, engine.num_slots)
         engine.metrics.record_step([], [], 0.0, None)
         self.engine = AsyncEngine(engine, settings.max_queue_size)
         self.engine.start()

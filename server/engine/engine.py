@@ -66,12 +66,13 @@ class LLMEngine:
             log.warning("KV cache holds %d tokens: max_model_len lowered to that", self.max_model_len)
         self.mode = settings.lora_mode
         self.merged_active = self.mode is LoraMode.MERGED
+        self.num_slots = num_adapter_slots(self.model, settings)
         self.lora_slots = None if self.mode is LoraMode.MERGED else LoraSlots(
-            self.model, settings.max_slots, settings.max_rank
+            self.model, self.num_slots, settings.max_rank
         )
-        self.slot_table = SlotTable(settings.max_slots, self._load_slot, self._slot_loaded,
+        self.slot_table = SlotTable(self.num_slots, self._load_slot, self._slot_loaded,
                                     on_evicted=self._slot_evicted)
-        self._slot_nbytes = [0] * settings.max_slots  # device bytes of the adapter in (or loading into) each slot
+        self._slot_nbytes = [0] * self.num_slots  # device bytes of the adapter in (or loading into) each slot
         self._draining_key: tuple[str, int] | None = None  # adapter refused new work until its slot frees
         self.swapper = None if self.mode is LoraMode.UNMERGED else MergedSwapper(self.model)
         self.auto_policy = AutoModePolicy()
@@ -82,7 +83,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, settings.max_batch_size, self.max_model_len,
                                   use_lora=self.lora_slots is not None,
                                   use_cuda_graphs=settings.cuda_graphs)
-        self.metrics = EngineMetrics(self.model_name, settings.max_slots)
+        self.metrics = EngineMetrics(self.model_name, self.num_slots)
         self.metrics.record_config(self.max_model_len, self.kv_cache.block_size, num_blocks,
                                    str(self.model.dtype).removeprefix("torch."),
                                    None if settings.kv_cache_blocks else settings.kv_cache_memory_fraction,
@@ -97,7 +98,7 @@ class LLMEngine:
             # Before any graph capture: building the CUDA NF4 kernel takes ~90 s on a fresh machine.
             log.info("NF4 kernels by batch rows: %s", nf4_dispatch.prepare())
         log.info("engine ready: %d KV blocks (%.1f MiB), mode=%s, slots=%d",
-                 num_blocks, num_blocks * per_block / 2**20, self.mode.value, settings.max_slots)
+                 num_blocks, num_blocks * per_block / 2**20, self.mode.value, self.num_slots)
 
     # ---- public surface -------------------------------------------------------------------------
 
@@ -366,6 +367,21 @@ class LLMEngine:
             completion_tokens=len(request.output_token_ids),
             error=error,
         )
+
+
+MAX_ADAPTER_SLOTS = 256
+
+
+def num_adapter_slots(model, settings: Settings) -> int:
+    """GPU adapter slots: max_slots, or as many max_rank slots as adapter_gpu_memory_bytes holds."""
+    budget = settings.adapter_gpu_memory_bytes
+    if budget is None:
+        return settings.max_slots
+    per_slot = LoraSlots.slot_nbytes(model, settings.max_rank)
+    if budget < per_slot:
+        raise ValueError(f"adapter_gpu_memory_bytes ({budget}) holds no adapter slot: one slot of max_rank "
+                         f"{settings.max_rank} takes {per_slot} bytes; raise it or lower max_rank")
+    return min(MAX_ADAPTER_SLOTS, budget // per_slot)
 
 
 def adapter_device_nbytes(weights, dtype: torch.dtype) -> int:

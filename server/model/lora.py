@@ -157,6 +157,15 @@ class LoraSlots:
         for layer, linear in self.model.lora_linears():
             linear.load_slot(slot, layer, adapter)
 
+    @staticmethod
+    def slot_nbytes(model, max_rank: int) -> int:
+        """Device bytes of one slot across every LoRA linear of `model` (A and B padded to max_rank)."""
+        element = torch.tensor([], dtype=model.dtype).element_size()
+        return sum(
+            (len(lin.slice_names) * max_rank * lin.in_features + lin.out_features * max_rank) * element
+            for _, lin in model.lora_linears()
+        )
+
     @property
     def nbytes(self) -> int:
         return sum(
