@@ -105,7 +105,10 @@ class TenantCounters:
         the earlier queue position), skipping tenants at their cap and requests in `excluded` (ids)."""
         best: Request | None = None
         seen: set[str] = set()
+        num_tenants = len(self._num_active)  # every waiting request's tenant is active
         for request in waiting:
+            if len(seen) == num_tenants:
+                break  # every tenant's candidate has been seen
             tenant = request.tenant
             if tenant in seen or id(request) in excluded:
                 continue
