@@ -200,3 +200,19 @@ def test_overload_queues_the_light_tenant_behind_the_flood_only_without_fairness
     fair, fcfs = light_waits(True), light_waits(False)
     assert len(fair) == 200 and fair[-1] <= 2  # every light request admitted within 2 steps
     assert len(fcfs) < 200 and fcfs[len(fcfs) // 2] > 50  # FCFS: the backlog grows, light waits in it
+
+
+def test_counts_return_to_zero_after_finish_abort_and_preemption():
+    tenants = TenantCounters()
+    engine = FakeEngine(tenants, max_batch_size=2)
+    engine.add("a", 3)
+    engine.add("b", 2)
+    engine.step()
+    running, waiting = engine.scheduler.running[0], engine.scheduler.waiting[-1]
+    engine.scheduler.preempt(engine.scheduler.running[1])
+    engine.scheduler.remove(running.request_id)  # abort a running request
+    engine.scheduler.remove(waiting.request_id)  # and a waiting one
+    engine.run()
+    assert tenants._num_active == {} and tenants._num_running == {}
+    engine.add("c", 1)  # a tenant arriving to an idle server starts from the last one's counter
+    assert tenants.counters["c"] == tenants._last_departed > 0
