@@ -49,7 +49,16 @@ class Settings(BaseSettings):
         None, description="TOML or YAML keys file (`loraplex keys add`); unset = open mode, loopback only"
     )
     max_slots: int = Field(8, ge=1, le=256, description="distinct adapters in one batch (GPU slots)")
-    max_cpu_adapters: int = Field(64, ge=1, description="adapters kept in CPU memory (LRU)")
+    adapter_gpu_memory_bytes: int | None = Field(
+        None, ge=1, description="GPU memory for adapter slots: as many max_rank slots as fit (at most 256) "
+        "instead of max_slots; unset = max_slots"
+    )
+    max_cpu_adapters: int | None = Field(
+        None, ge=1, description="optional count cap on the CPU adapter tier, besides cpu_adapter_cache_bytes"
+    )
+    cpu_adapter_cache_bytes: int = Field(
+        4 * 1024**3, ge=0, description="bytes of adapter weights kept in CPU memory (pinned on CUDA; LRU; 4 GiB)"
+    )
     max_rank: int = Field(64, ge=1, le=512, description="largest accepted LoRA rank (sizes the GPU slots)")
     lora_mode: LoraMode = Field(
         LoraMode.UNMERGED, description="unmerged: mixed batches; merged: one adapter merged and hot-swapped; auto"
@@ -94,6 +103,18 @@ class Settings(BaseSettings):
     engine_process: bool = Field(
         False, description="run the engine core (scheduler, model, sampler) in its own process, talking to "
         "the HTTP process over ZeroMQ; off: the engine runs in a thread of the HTTP process"
+    )
+    scheduling_policy: Literal["fair", "fcfs"] = Field(
+        "fair", description="fair: virtual token counters across tenants; fcfs: arrival order"
+    )
+    fair_prompt_token_weight: float = Field(1.0, ge=0, description="fair scheduling: cost of one prompt token")
+    fair_output_token_weight: float = Field(2.0, ge=0, description="fair scheduling: cost of one generated token")
+    tenant_max_running_requests: int | None = Field(
+        None, ge=1, description="default per-tenant cap on running requests (auth file may override); unset = none"
+    )
+    tenant_max_queued_requests: int | None = Field(
+        None, ge=1, description="default per-tenant cap on requests in flight, more get 429 (auth file may "
+        "override); unset = none"
     )
     tokenizer_threads: int = Field(2, ge=1, le=64, description="threads tokenizing prompts (at most this many at once)")
 

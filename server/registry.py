@@ -4,34 +4,53 @@ GPU slots are the engine's business (server.engine.slot_table); this tier keeps 
 CPU memory (pinned when a GPU is present) so a slot load is a host-to-device copy, not a disk read.
 With the engine in its own process, the API process's registry only resolves names to versions
 (`load_weights=False`) and the engine process keeps the weights, loading a version by (name, version).
+
+The tier is sized in bytes (`max_bytes`, optionally also in adapters). Eviction drops the cache's
+reference only: a request admitted with a version keeps its weights alive through its AdapterRef.
+Such evicted-but-in-use weights still occupy memory, so they stay counted against the budget until
+their last user is gone, and a new request for that version adopts them again instead of reading the
+disk a second time. Unused versions are evicted first (least recently used first); in-use ones only
+when the unused ones do not make room.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 
-from adapters_store import AdapterNotFoundError, AdapterRecord, AdapterStore, AdapterWeights
+from adapters_store import AdapterNotFoundError, AdapterRecord, AdapterStore, AdapterWeights, weights_nbytes
 from server.engine.request import AdapterRef
 
 _RESOLVE_ATTEMPTS = 3  # a pruned version (store versions_kept) makes resolve look again
 
 
 class AdapterRegistry:
-    """Resolve adapter names to loaded versions; LRU of at most `max_cpu_adapters` in memory."""
+    """Resolve adapter names to loaded versions; an LRU of at most `max_bytes` of weights (and at most
+    `max_cpu_adapters` versions, when set) in memory, counting evicted weights still in use."""
 
-    def __init__(self, store: AdapterStore, max_cpu_adapters: int, pin_memory: bool = False,
-                 on_load: Callable[[float, int], None] | None = None, load_weights: bool = True):
+    def __init__(self, store: AdapterStore, max_cpu_adapters: int | None = None, pin_memory: bool = False,
+                 on_load: Callable[[float, int], None] | None = None, *, max_bytes: int | None = None,
+                 on_evict: Callable[[int], None] | None = None, load_weights: bool = True):
         self.store = store
         self.load_weights = load_weights
         self.max_cpu_adapters = max_cpu_adapters
+        self.max_bytes = max_bytes
         self.pin_memory = pin_memory
         self._on_load = on_load
+        self._on_evict = on_evict  # called with the number of versions just evicted
         self._cache: OrderedDict[tuple[str, int], AdapterWeights] = OrderedDict()
+        self._nbytes: dict[tuple[str, int], int] = {}  # bytes of every cached version
+        # Evicted versions a request still holds: alive only as long as some AdapterRef refers to them.
+        self._evicted_in_use: weakref.WeakValueDictionary[tuple[str, int], AdapterWeights] = (
+            weakref.WeakValueDictionary()
+        )
+        self._evicted_nbytes: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, int], _PendingLoad] = {}  # loads in flight, one per version
 
@@ -52,17 +71,23 @@ class AdapterRegistry:
         """The in-memory weights of one version, loaded from disk at most once at a time: concurrent
         first uses wait for the one load in flight and share its result."""
         key = (record.name, record.version)
+        num_evicted = 0
         with self._lock:
             cached = self._cache.get(key)
             if cached is not None:
                 self._cache.move_to_end(key)
                 return cached
-            pending = self._loading.get(key)
-            if pending is None:
-                pending = self._loading[key] = _PendingLoad()
-                is_loader = True
+            cached = self._evicted_in_use.pop(key, None)
+            if cached is not None:  # still in memory for a running request: adopt it again
+                num_evicted = self._insert(key, cached, self._evicted_nbytes.pop(key))
             else:
-                is_loader = False
+                pending = self._loading.get(key)
+                is_loader = pending is None
+                if is_loader:
+                    pending = self._loading[key] = _PendingLoad()
+        if cached is not None:
+            self._report_evictions(num_evicted)
+            return cached
         if not is_loader:
             return pending.wait()
         start = time.perf_counter()
@@ -75,19 +100,62 @@ class AdapterRegistry:
             raise
         with self._lock:
             del self._loading[key]
-            self._cache[key] = weights
-            while len(self._cache) > self.max_cpu_adapters:
-                self._cache.popitem(last=False)  # running requests keep their own reference
+            num_evicted = self._insert(key, weights, weights_nbytes(weights))
             resident = len(self._cache)
         pending.done(weights)
         if self._on_load is not None:
             self._on_load(time.perf_counter() - start, resident)
+        self._report_evictions(num_evicted)
         return weights
 
     def cached(self, name: str, version: int) -> AdapterWeights | None:
         """The weights of one version if they are in memory (never reads the disk)."""
         with self._lock:
             return self._cache.get((name, version))
+
+    def _report_evictions(self, num_evicted: int) -> None:
+        if num_evicted and self._on_evict is not None:
+            self._on_evict(num_evicted)
+
+    def _insert(self, key: tuple[str, int], weights: AdapterWeights, nbytes: int) -> int:
+        """Cache `weights` as the most recent entry and evict until within budget (lock held); returns how
+        many versions were evicted. The new entry itself is never evicted: its caller is about to use it."""
+        self._cache[key] = weights
+        self._nbytes[key] = nbytes
+        num_evicted = 0
+        for is_in_use_pass in (False, True):
+            for old in [k for k in self._cache if k != key]:
+                if not self._is_over_budget():
+                    return num_evicted
+                if self._is_in_use(old) is is_in_use_pass:
+                    self._evict(old)
+                    num_evicted += 1
+        return num_evicted
+
+    def _is_over_budget(self) -> bool:
+        over_count = self.max_cpu_adapters is not None and len(self._cache) > self.max_cpu_adapters
+        return over_count or (self.max_bytes is not None and self._count_bytes() > self.max_bytes)
+
+    def _is_in_use(self, key: tuple[str, int]) -> bool:
+        """Whether anything besides this cache refers to the cached weights (a live request's AdapterRef)."""
+        return sys.getrefcount(self._cache[key]) > _CACHED_ONLY_REFS
+
+    def _evict(self, key: tuple[str, int]) -> None:
+        weights = self._cache.pop(key)
+        nbytes = self._nbytes.pop(key)
+        if sys.getrefcount(weights) > _LOCAL_ONLY_REFS:  # in use: it stays in memory, and counted
+            self._evicted_in_use[key] = weights
+            self._evicted_nbytes[key] = nbytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of adapter weights this tier holds in memory: cached, plus evicted but still in use."""
+        with self._lock:
+            return self._count_bytes()
+
+    def _count_bytes(self) -> int:
+        self._evicted_nbytes = {k: n for k, n in self._evicted_nbytes.items() if k in self._evicted_in_use}
+        return sum(self._nbytes.values()) + sum(self._evicted_nbytes.values())
 
     def _load(self, record: AdapterRecord) -> AdapterWeights:
         weights = self.store.load_weights(record)
@@ -99,11 +167,23 @@ class AdapterRegistry:
         """Drop every cached version of `name` (after delete); running requests keep theirs."""
         with self._lock:
             for key in [k for k in self._cache if k[0] == name]:
-                del self._cache[key]
+                self._evict(key)
 
     @property
     def num_cached(self) -> int:
         return len(self._cache)
+
+
+def _refcount_baselines() -> tuple[int, int]:
+    """sys.getrefcount of an object held only by a dict entry, and only by a local name, measured the
+    way the registry measures (the counts include the call's own reference and differ by version)."""
+    cache = {0: AdapterWeights(rank=1, alpha=1.0, use_rslora=False, scaling=1.0)}
+    cached_only = sys.getrefcount(cache[0])
+    local = cache.pop(0)
+    return cached_only, sys.getrefcount(local)
+
+
+_CACHED_ONLY_REFS, _LOCAL_ONLY_REFS = _refcount_baselines()
 
 
 class _PendingLoad:

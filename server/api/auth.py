@@ -8,9 +8,14 @@ Example keys file (TOML)::
     scopes = ["generate", "admin"]
     adapters = ["acme-*"]
     rate_limit = { requests_per_second = 5, tokens_per_minute = 20000 }
+    scheduling = { weight = 1.0, max_running_requests = 8, max_queued_requests = 64 }
 
 The YAML form is the same list under a top-level `keys:`. Keys of one tenant share one rate-limit
-bucket, so they must list the same `rate_limit` (or none).
+bucket and one scheduling policy, so they must list the same `rate_limit` and `scheduling` (or none).
+`scheduling` (every field optional; a missing one takes the server default): `weight`, the tenant's
+share under fair scheduling relative to others; `max_running_requests`, its requests in the running
+batch at once (more wait in the queue); `max_queued_requests`, its requests in flight (running and
+waiting) before new ones get 429.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from server.engine.fairness import TenantPolicy
 
 try:
     import tomllib
@@ -47,6 +54,16 @@ class RateLimit(BaseModel):
     tokens_per_minute: int | None = Field(None, gt=0)
 
 
+class Scheduling(BaseModel):
+    """Per-tenant scheduling: fair-share weight and request caps; a missing field takes the default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight: float = Field(1.0, gt=0, le=1000)
+    max_running_requests: int | None = Field(None, ge=1)
+    max_queued_requests: int | None = Field(None, ge=1)
+
+
 class KeyEntry(BaseModel):
     """One API key as stored: its sha256, tenant, scopes and the adapter name globs it may use."""
 
@@ -57,6 +74,7 @@ class KeyEntry(BaseModel):
     scopes: list[Scope] = Field(min_length=1)
     adapters: list[str] = Field(default_factory=list)
     rate_limit: RateLimit | None = None
+    scheduling: Scheduling | None = None
 
 
 class KeyFile(BaseModel):
@@ -73,6 +91,7 @@ class Principal:
     scopes: frozenset[str]
     adapter_globs: tuple[str, ...]
     rate_limit: RateLimit | None = None
+    scheduling: Scheduling | None = None
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
@@ -95,9 +114,15 @@ class KeyRing:
     def __init__(self, entries: list[KeyEntry]):
         self._entries = [(bytes.fromhex(e.key_sha256), _principal(e)) for e in entries]
         limits: dict[str, RateLimit | None] = {}
+        self.scheduling: dict[str, Scheduling] = {}  # tenant -> policy, for tenants that set one
         for entry in entries:
             if limits.setdefault(entry.tenant, entry.rate_limit) != entry.rate_limit:
                 raise KeyFileError(f"tenant {entry.tenant!r}: its keys list different rate_limit values")
+            if entry.scheduling is not None:
+                self.scheduling.setdefault(entry.tenant, entry.scheduling)
+        for entry in entries:
+            if entry.scheduling != self.scheduling.get(entry.tenant):
+                raise KeyFileError(f"tenant {entry.tenant!r}: its keys list different scheduling values")
 
     @classmethod
     def from_file(cls, path: Path) -> KeyRing:
@@ -143,4 +168,19 @@ def _principal(entry: KeyEntry) -> Principal:
         scopes=frozenset(entry.scopes),
         adapter_globs=tuple(entry.adapters),
         rate_limit=entry.rate_limit,
+        scheduling=entry.scheduling,
     )
+
+
+def tenant_policies(auth_file: Path | None, default: TenantPolicy) -> dict[str, TenantPolicy]:
+    """The engine's per-tenant scheduling policies from the keys file, missing fields from `default`."""
+    if auth_file is None:
+        return {}
+    return {
+        tenant: TenantPolicy(
+            weight=s.weight,
+            max_running_requests=s.max_running_requests or default.max_running_requests,
+            max_queued_requests=s.max_queued_requests or default.max_queued_requests,
+        )
+        for tenant, s in KeyRing.from_file(auth_file).scheduling.items()
+    }

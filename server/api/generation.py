@@ -81,7 +81,9 @@ class Generation:
                 raise APIError(400, f"{prompt_field} has {len(prompt_ids)} tokens; this model's context "
                                f"(max_model_len) is {state.max_model_len} tokens", param=prompt_field)
             state.limiter.check_tokens(principal)
-            generation = cls(state, principal, Request(prompt_ids, params, adapter, request_id=request_id))
+            request = Request(prompt_ids, params, adapter, request_id=request_id, tenant=principal.tenant)
+            state.limiter.enter(principal, state.settings.tenant_max_queued_requests)  # left in aclose
+            generation = cls(state, principal, request)
         except (SamplingError, APIError) as exc:
             metrics.adapter_requests.labels(state.model_id, adapter_label, "rejected").inc()
             raise to_api_error(exc) from None
@@ -151,6 +153,7 @@ class Generation:
         except RuntimeError:  # still awaited by a consumer being cancelled; the abort above stands
             log.debug("stream of %s closed while in use", self.request.request_id)
         self.state.limiter.charge_tokens(self.principal, self.prompt_tokens + self.completion_tokens)
+        self.state.limiter.leave(self.principal)
 
     async def _next(self) -> RequestOutput:
         timeout = self.state.settings.request_timeout_s

@@ -42,6 +42,7 @@ class RateLimiter:
         self._clock = clock
         self._requests: dict[str, TokenBucket] = {}
         self._tokens: dict[str, TokenBucket] = {}
+        self._in_flight: dict[str, int] = {}  # tenant -> requests accepted and not yet closed
         self._lock = threading.Lock()
 
     def check_request(self, principal: Principal) -> None:
@@ -75,6 +76,25 @@ class RateLimiter:
             return
         with self._lock:
             self._token_bucket(principal).level -= num_tokens
+
+    def enter(self, principal: Principal, default_limit: int | None = None) -> None:
+        """Count one more request of the tenant in flight; 429 if it already has its
+        `max_queued_requests` (the key's scheduling, else `default_limit`). Pair with `leave`."""
+        scheduling = principal.scheduling
+        limit = scheduling.max_queued_requests if scheduling and scheduling.max_queued_requests else default_limit
+        with self._lock:
+            num = self._in_flight.get(principal.tenant, 0)
+            if limit is not None and num >= limit:
+                raise _limited(principal, f"{limit} requests in flight", 1.0)
+            self._in_flight[principal.tenant] = num + 1
+
+    def leave(self, principal: Principal) -> None:
+        with self._lock:
+            num = self._in_flight.get(principal.tenant, 0) - 1
+            if num > 0:
+                self._in_flight[principal.tenant] = num
+            else:
+                self._in_flight.pop(principal.tenant, None)
 
     def _token_bucket(self, principal: Principal) -> TokenBucket:
         tpm = principal.rate_limit.tokens_per_minute

@@ -90,8 +90,8 @@ class ServerState:
                                   versions_kept=settings.adapter_versions_kept)
         metrics.adapter_requests.max_adapters = settings.metrics_max_adapters
         self.registry = AdapterRegistry(self.store, settings.max_cpu_adapters, pin_memory_available(),
-                                        on_load=self._on_adapter_load, load_weights=not settings.engine_process)
-        _prime_metrics(self.model_id, settings.max_slots)
+                                        on_load=self._on_adapter_load, max_bytes=settings.cpu_adapter_cache_bytes,
+                                        on_evict=self._on_adapter_evict, load_weights=not settings.engine_process)
         if settings.engine_process:
             engine = EngineProcessClient(settings, loaded.tokenizer, self.model_id, loaded.hf_dir,
                                          self.engine_core_target)
@@ -103,6 +103,7 @@ class ServerState:
         self.engine = engine  # only once started: None still means "loading" (server.__main__)
         self.max_model_len = self.engine.max_model_len
         self.prompts = PromptEncoder(loaded.tokenizer, settings.max_prompt_chars, settings.tokenizer_threads)
+        _prime_metrics(self.model_id, self.engine.num_slots)
         self.refresh_adapter_gauges()
         if self.phase is Phase.LOADING:  # not if a drain began while loading
             self.phase = Phase.READY
@@ -137,12 +138,18 @@ class ServerState:
         if self.store is None or self.registry is None:
             return
         metrics.adapters_resident.labels(self.model_id, "disk").set(len(self.store.list()))
-        if self.registry.load_weights:
+        if self.registry.load_weights:  # else the engine process reports its own CPU tier
             metrics.adapters_resident.labels(self.model_id, "cpu").set(self.registry.num_cached)
+            metrics.adapter_bytes_resident.labels(self.model_id, "cpu").set(self.registry.nbytes)
 
     def _on_adapter_load(self, seconds: float, num_cached: int) -> None:
         metrics.adapter_load_seconds.labels(self.model_id, "cpu").observe(seconds)
         metrics.adapters_resident.labels(self.model_id, "cpu").set(num_cached)
+        metrics.adapter_loads.labels(self.model_id, "cpu").inc()
+        metrics.adapter_bytes_resident.labels(self.model_id, "cpu").set(self.registry.nbytes)
+
+    def _on_adapter_evict(self, num_evicted: int) -> None:
+        metrics.adapter_evictions.labels(self.model_id, "cpu").inc(num_evicted)
 
 
 def _prime_metrics(model_id: str, max_slots: int) -> None:
@@ -157,7 +164,9 @@ def _prime_metrics(model_id: str, max_slots: int) -> None:
     for tier in ("disk", "cpu", "gpu"):
         metrics.adapters_resident.labels(model_id, tier)
     for tier in ("cpu", "gpu"):
-        metrics.adapter_load_seconds.labels(model_id, tier)
+        for family in (metrics.adapter_load_seconds, metrics.adapter_bytes_resident, metrics.adapter_loads,
+                       metrics.adapter_evictions):
+            family.labels(model_id, tier)
     for mode in ("unmerged", "merged"):
         metrics.adapter_swaps.labels(model_id, mode)
     metrics.adapter_requests.labels(model_id, "base", "ok")

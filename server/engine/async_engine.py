@@ -58,6 +58,10 @@ class AsyncEngine:
     def eos_token_ids(self) -> set[int]:
         return self.engine.eos_token_ids
 
+    @property
+    def num_slots(self) -> int:
+        return self.engine.num_slots
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
         self._thread.start()

@@ -44,6 +44,7 @@ from server.engine.protocol import (
     output_codec,
 )
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingError
+from server.engine.stats import EngineMetrics
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.1  # the receiver checks the engine process at least this often
@@ -78,6 +79,7 @@ class EngineProcessClient:
         self.max_queue_size = settings.max_queue_size
         self.max_model_len = settings.max_model_len
         self.eos_token_ids: set[int] = set()
+        self.num_slots = settings.max_slots
         self.fatal_error: str | None = None
         self._target = target or run_engine_core
         self._decoder = TokenDecoder(tokenizer)
@@ -130,6 +132,10 @@ class EngineProcessClient:
             self._close_sockets()
             raise
         self.max_model_len, self.eos_token_ids = ready.max_model_len, set(ready.eos_token_ids)
+        self.num_slots = ready.num_slots
+        engine_metrics = EngineMetrics(self.model_name, ready.num_slots)  # the engine's series, in this registry
+        if ready.cache_config is not None:
+            engine_metrics.record_config(*ready.cache_config)
         if ready.metrics is not None:
             self._metrics.apply(ready.metrics)
         self._receiver = threading.Thread(target=self._receive_loop, name="loraplex-engine-client", daemon=True)
@@ -198,7 +204,7 @@ class EngineProcessClient:
                 raise EngineDeadError(self.fatal_error)
             adapter = None if request.adapter is None else (request.adapter.name, request.adapter.version)
             self._send(AddRequest(request_id, request.prompt_token_ids, request.params, adapter,
-                                  request.arrival_time))
+                                  request.arrival_time, request.tenant))
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):

@@ -77,14 +77,21 @@ class EngineCore:
         def on_load(seconds: float, num_cached: int) -> None:  # the CPU tier lives in this process
             sink.observe("adapter_load_seconds", (model_id, "cpu"), seconds)
             sink.set("adapters_resident", (model_id, "cpu"), num_cached)
+            sink.inc("adapter_loads", (model_id, "cpu"))
+            sink.set("adapter_bytes_resident", (model_id, "cpu"), registry.nbytes)
 
-        registry = AdapterRegistry(store, settings.max_cpu_adapters, pin_memory_available(), on_load=on_load)
+        def on_evict(num_evicted: int) -> None:
+            sink.inc("adapter_evictions", (model_id, "cpu"), num_evicted)
+
+        registry = AdapterRegistry(store, settings.max_cpu_adapters, pin_memory_available(), on_load=on_load,
+                                   max_bytes=settings.cpu_adapter_cache_bytes, on_evict=on_evict)
         engine = LLMEngine(loaded, settings, detokenize=False, metrics_sink=sink)
         engine.metrics.record_step([], [], 0.0, None)
         return cls(engine, store, registry, sink)
 
     def ready_message(self) -> Ready:
-        return Ready(self.engine.max_model_len, sorted(self.engine.eos_token_ids), self.sink.drain())
+        return Ready(self.engine.max_model_len, sorted(self.engine.eos_token_ids), self.engine.num_slots,
+                     self.engine.metrics.config, self.sink.drain())
 
     # ---- inputs -------------------------------------------------------------------------------------
 
@@ -112,7 +119,7 @@ class EngineCore:
     def _admit(self, message: AddRequest, weights) -> None:
         adapter = None if message.adapter is None else AdapterRef(*message.adapter, weights)
         request = Request(message.prompt_token_ids, message.params, adapter, request_id=message.request_id,
-                          arrival_time=message.arrival_time)
+                          arrival_time=message.arrival_time, tenant=message.tenant)
         try:
             self.engine.add_request(request)
         except SamplingError as err:

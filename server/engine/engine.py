@@ -17,22 +17,27 @@ import time
 
 import torch
 
+from server.api.auth import tenant_policies
 from server.config import LoraMode, Settings
 from server.engine.auto_mode import AutoModePolicy
 from server.engine.detokenizer import TokenDecoder, update_text
+from server.engine.fairness import TenantCounters, TenantPolicy
 from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
 from server.engine.metric_sink import DeltaSink, PrometheusSink
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingError
 from server.engine.runner import ModelRunner
-from server.engine.sampler import Sampler
+from server.engine.sampler import SampledTokens, Sampler
 from server.engine.scheduler import Admission, Scheduler
-from server.engine.slot_table import SlotTable
+from server.engine.slot_table import SLOT_LOADING, SlotTable
 from server.engine.stats import EngineMetrics
 from server.model.loader import LoadedModel
 from server.model.lora import LoraSlots
 from server.model.merge import MergedSwapper
 
 log = logging.getLogger(__name__)
+# Waiting requests at the queue's head whose adapters are copied into idle slots ahead of admission: a
+# few, so that a long queue of cold adapters cannot evict every idle resident adapter each step.
+PREFETCH_LOOKAHEAD = 4
 
 
 class PromptTooLongError(SamplingError):
@@ -66,22 +71,30 @@ class LLMEngine:
             log.warning("KV cache holds %d tokens: max_model_len lowered to that", self.max_model_len)
         self.mode = settings.lora_mode
         self.merged_active = self.mode is LoraMode.MERGED
+        self.num_slots = num_adapter_slots(self.model, settings)
         self.lora_slots = None if self.mode is LoraMode.MERGED else LoraSlots(
-            self.model, settings.max_slots, settings.max_rank
+            self.model, self.num_slots, settings.max_rank
         )
-        self.slot_table = SlotTable(settings.max_slots, self._load_slot)
+        self.slot_table = SlotTable(self.num_slots, self._load_slot, self._slot_loaded,
+                                    on_evicted=self._slot_evicted)
+        self._slot_nbytes = [0] * self.num_slots  # device bytes of the adapter in (or loading into) each slot
         self._draining_key: tuple[str, int] | None = None  # adapter refused new work until its slot frees
         self.swapper = None if self.mode is LoraMode.UNMERGED else MergedSwapper(self.model)
         self.auto_policy = AutoModePolicy()
         self.scheduler = Scheduler(self.kv_cache, settings.max_batch_size, settings.max_num_batched_tokens,
                                    self._admit, self._release,
-                                   self._prefix_space if settings.enable_prefix_caching else None)
+                                   self._prefix_space if settings.enable_prefix_caching else None,
+                                   tenants=tenant_counters(settings))
         self.runner = ModelRunner(self.model, self.kv_cache, settings.max_batch_size, self.max_model_len,
                                   use_lora=self.lora_slots is not None,
                                   use_cuda_graphs=settings.cuda_graphs)
-        self.metrics = EngineMetrics(self.model_name, settings.max_slots, metrics_sink)
+        self.metrics = EngineMetrics(self.model_name, self.num_slots, metrics_sink)
+        self.metrics.record_config(self.max_model_len, self.kv_cache.block_size, num_blocks,
+                                   str(self.model.dtype).removeprefix("torch."),
+                                   None if settings.kv_cache_blocks else settings.kv_cache_memory_fraction,
+                                   settings.enable_prefix_caching)
         self.eos_token_ids = _eos_ids(self.tokenizer, loaded.config.hf_config)
-        self.sampler = Sampler(self.model.config.vocab_size, self.model.device)
+        self.sampler = Sampler(self.model.config.vocab_size, self.model.device, self.eos_token_ids)
         self.token_decoder = TokenDecoder(self.tokenizer)
         self._by_id: dict[str, Request] = {}
         if self.model.device.type == "cuda" and settings.quantization == "nf4":
@@ -90,7 +103,7 @@ class LLMEngine:
             # Before any graph capture: building the CUDA NF4 kernel takes ~90 s on a fresh machine.
             log.info("NF4 kernels by batch rows: %s", nf4_dispatch.prepare())
         log.info("engine ready: %d KV blocks (%.1f MiB), mode=%s, slots=%d",
-                 num_blocks, num_blocks * per_block / 2**20, self.mode.value, settings.max_slots)
+                 num_blocks, num_blocks * per_block / 2**20, self.mode.value, self.num_slots)
 
     # ---- public surface -------------------------------------------------------------------------
 
@@ -135,14 +148,16 @@ class LLMEngine:
         self._maybe_swap()
         step_start = time.perf_counter()
         batch = self.scheduler.schedule()
+        self._prefetch_adapters()
         for request in batch.preempted:
             log.info("preempted %s (KV cache full); it will recompute", request.request_id)
+        self.metrics.record_iteration(sum(n for _, n in batch.prefill) + len(batch.decode), len(batch.preempted))
         to_sample: list[Request] = []
         logits_parts: list[torch.Tensor] = []
         failed: list[RequestOutput] = []
         if batch.prefill:
             for request, _ in batch.prefill:
-                if request.num_computed_tokens == 0:
+                if request.num_computed_tokens == request.num_prefix_hit_tokens:  # its first chunk
                     self.metrics.record_scheduled(request)
             try:
                 logits = self.runner.prefill(batch.prefill)
@@ -168,8 +183,7 @@ class LLMEngine:
         outputs = failed
         if to_sample:
             logits = logits_parts[0] if len(logits_parts) == 1 else torch.cat(logits_parts)
-            token_ids, logprobs = self.sampler.sample(logits, to_sample)
-            outputs += self._postprocess(to_sample, token_ids, logprobs)
+            outputs += self._postprocess(to_sample, self.sampler.sample(logits, to_sample))
         self._record_state(distinct)
         if self.mode is LoraMode.AUTO and batch.decode and not batch.prefill:
             uses_lora = any(r.slot >= 0 for r in batch.decode)
@@ -216,6 +230,8 @@ class LLMEngine:
                 return Admission.SKIP
             self._draining_key = None  # drained: the slot goes to whoever is first in line
         slot = self.slot_table.acquire(key, request.adapter.weights)
+        if slot == SLOT_LOADING:
+            return Admission.SKIP  # its copy runs beside the batch (CUDA); admitted once it is done
         if slot is None:
             # Every slot is busy. Stop admitting new work for the least-used resident adapter so its
             # slot empties: without this, steady traffic to resident adapters starves this one.
@@ -237,13 +253,33 @@ class LLMEngine:
         from server.engine.prefix_cache import namespace
 
         merged = self.merged_active and request.adapter_key == (self.swapper.current if self.swapper else None)
-        return namespace(request.adapter_key, merged)
+        return namespace(request.adapter_key, merged, request.params.cache_salt)
 
-    def _load_slot(self, slot: int, weights) -> None:
-        start = time.perf_counter()
-        self.lora_slots.load(slot, weights)
-        self.metrics.record_swap("unmerged", time.perf_counter() - start)
-        self.metrics.record_resident("gpu", self.slot_table.num_resident + 1)  # + the slot being filled
+    def _load_slot(self, slot: int, weights):
+        self._slot_nbytes[slot] = 0
+        done = self.lora_slots.load(slot, weights)
+        self._slot_nbytes[slot] = adapter_device_nbytes(weights, self.model.dtype)
+        return done
+
+    def _slot_loaded(self, seconds: float) -> None:
+        self.metrics.record_swap("unmerged", seconds)
+        self.metrics.record_tier_load("gpu")
+        table = self.slot_table
+        self.metrics.record_resident("gpu", table.num_resident, sum(
+            n for n, key in zip(self._slot_nbytes, table.slot_to_key, strict=True) if key is not None
+        ))
+
+    def _slot_evicted(self, key) -> None:
+        self.metrics.record_evictions("gpu")
+
+    def _prefetch_adapters(self) -> None:
+        """Start slot copies for the adapters of the next waiting requests, while the batch decodes (CUDA
+        only: on the CPU a copy is synchronous, so it waits for the request's own admission)."""
+        if self.lora_slots is None or not self.lora_slots.is_async or self.merged_active:
+            return
+        for request in list(self.scheduler.waiting)[:PREFETCH_LOOKAHEAD]:
+            if request.adapter is not None and request.adapter_key != self._draining_key:
+                self.slot_table.prefetch(request.adapter_key, request.adapter.weights)
 
     def _maybe_swap(self) -> None:
         """Merged mode: at a drain point, merge the adapter at the head of the queue. Auto: see _auto_switch."""
@@ -254,7 +290,7 @@ class LLMEngine:
             return
         if self.scheduler.running or not self.scheduler.waiting:
             return
-        head = self.scheduler.waiting[0]
+        head = self.scheduler.peek() or self.scheduler.waiting[0]  # the request admitted next
         self._swap_to(head.adapter_key, head.adapter.weights if head.adapter is not None else None)
 
     def _auto_switch(self) -> None:
@@ -268,7 +304,7 @@ class LLMEngine:
                 self._swap_to(None, None)
                 self.merged_active = False
                 for request in list(self.scheduler.running):
-                    slot = self.slot_table.acquire(request.adapter_key, request.adapter.weights)
+                    slot = self.slot_table.acquire(request.adapter_key, request.adapter.weights, wait=True)
                     if slot is None:  # cannot happen with one adapter running; recompute rather than misapply
                         self.scheduler.preempt(request)
                     else:
@@ -296,13 +332,15 @@ class LLMEngine:
 
     # ---- outputs ----------------------------------------------------------------------------------
 
-    def _postprocess(self, requests: list[Request], token_ids: list[int], logprobs) -> list[RequestOutput]:
+    def _postprocess(self, requests: list[Request], sampled: SampledTokens) -> list[RequestOutput]:
         outputs = []
         now = time.monotonic()
-        for row, (request, token) in enumerate(zip(requests, token_ids, strict=True)):
+        for row, (request, token) in enumerate(zip(requests, sampled.token_ids, strict=True)):
             request.output_token_ids.append(token)
-            if logprobs is not None:
-                request.output_logprobs.append(logprobs[row])
+            if sampled.logprobs is not None:
+                request.output_logprobs.append(sampled.logprobs[row])
+            if request.params.top_logprobs:
+                request.output_top_logprobs.append(sampled.top_logprobs[row])
             request.num_computed_tokens = request.num_tokens - 1
             self.scheduler.register_computed_blocks(request)
             self.metrics.record_token(request, now)
@@ -328,6 +366,7 @@ class LLMEngine:
             new_token_ids=request.output_token_ids[start:],
             new_text=new_text,
             new_logprobs=request.output_logprobs[start:] if request.params.logprobs else None,
+            new_top_logprobs=request.output_top_logprobs[start:] if request.params.top_logprobs else None,
             finished=finished,
             finish_reason=request.finish_reason if finished else None,
             prompt_tokens=len(request.prompt_token_ids),
@@ -345,6 +384,36 @@ def run_step(engine: LLMEngine) -> list[RequestOutput]:
         outputs = engine.fail_all(f"{type(err).__name__} during generation")
         empty_cuda_cache()
         return outputs
+
+
+MAX_ADAPTER_SLOTS = 256
+
+
+def num_adapter_slots(model, settings: Settings) -> int:
+    """GPU adapter slots: max_slots, or as many max_rank slots as adapter_gpu_memory_bytes holds."""
+    budget = settings.adapter_gpu_memory_bytes
+    if budget is None:
+        return settings.max_slots
+    per_slot = LoraSlots.slot_nbytes(model, settings.max_rank)
+    if budget < per_slot:
+        raise ValueError(f"adapter_gpu_memory_bytes ({budget}) holds no adapter slot: one slot of max_rank "
+                         f"{settings.max_rank} takes {per_slot} bytes; raise it or lower max_rank")
+    return min(MAX_ADAPTER_SLOTS, budget // per_slot)
+
+
+def adapter_device_nbytes(weights, dtype: torch.dtype) -> int:
+    """Bytes an adapter's A and B take on the device in the model's dtype (before slot padding)."""
+    element = torch.tensor([], dtype=dtype).element_size()
+    return sum((a.numel() + b.numel()) * element for a, b in weights.tensors.values())
+
+
+def tenant_counters(settings: Settings) -> TenantCounters:
+    """Fair-scheduling state: weights and default caps from Settings, per-tenant ones from the keys file."""
+    default = TenantPolicy(max_running_requests=settings.tenant_max_running_requests,
+                           max_queued_requests=settings.tenant_max_queued_requests)
+    return TenantCounters(settings.fair_prompt_token_weight, settings.fair_output_token_weight,
+                          tenant_policies(settings.auth_file, default), default,
+                          is_fair=settings.scheduling_policy == "fair")
 
 
 def empty_cuda_cache() -> None:

@@ -17,23 +17,30 @@ from server import metrics
 from server.engine.protocol import MetricsDelta
 
 Labels = tuple[str, ...]
+LENGTH_FAMILY = "length_histogram:"  # + index into metrics.length_histograms.get() (configured at run time)
+
+
+def _family(name: str):
+    if name.startswith(LENGTH_FAMILY):
+        return metrics.length_histograms.get()[int(name[len(LENGTH_FAMILY):])]
+    return getattr(metrics, name)
 
 
 class PrometheusSink:
     """Applies updates to the families of server.metrics in this process."""
 
     def inc(self, family: str, labels: Labels, amount: float = 1.0) -> None:
-        getattr(metrics, family).labels(*labels).inc(amount)
+        _family(family).labels(*labels).inc(amount)
 
     def set(self, family: str, labels: Labels, value: float) -> None:
-        getattr(metrics, family).labels(*labels).set(value)
+        _family(family).labels(*labels).set(value)
 
     def observe(self, family: str, labels: Labels, value: float) -> None:
-        getattr(metrics, family).labels(*labels).observe(value)
+        _family(family).labels(*labels).observe(value)
 
     def remove(self, family: str, labels: Labels) -> None:
         with contextlib.suppress(KeyError):
-            getattr(metrics, family).remove(*labels)
+            _family(family).remove(*labels)
 
     def apply(self, delta: MetricsDelta) -> None:
         """Replay a batch recorded by a DeltaSink: removals first, then gauges, counters, histograms."""
@@ -44,7 +51,7 @@ class PrometheusSink:
         for family, labels, amount in delta.increments:
             self.inc(family, tuple(labels), amount)
         for family, labels, values in delta.observations:
-            child = getattr(metrics, family).labels(*labels)
+            child = _family(family).labels(*labels)
             for value in values:
                 child.observe(value)
 

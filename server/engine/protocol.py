@@ -22,6 +22,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     params: SamplingParams
     adapter: tuple[str, int] | None
     arrival_time: float  # time.monotonic() in the API process (one clock for every process of the host)
+    tenant: str = ""  # the API key's tenant: fair scheduling
 
 
 class AbortRequests(msgspec.Struct, tag="abort", array_like=True):
@@ -80,6 +81,8 @@ class Ready(msgspec.Struct, tag="ready", array_like=True):
 
     max_model_len: int
     eos_token_ids: list[int]
+    num_slots: int
+    cache_config: tuple[int, int, int, str, float | None, bool] | None  # EngineMetrics.record_config's arguments
     metrics: MetricsDelta | None = None
 
 

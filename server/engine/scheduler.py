@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from server.engine.fairness import TenantCounters
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request, RequestStatus
 
@@ -35,11 +36,13 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    """Waiting deque and running list; `admit_fn`/`release_fn` apply the adapter policy."""
+    """Waiting deque (arrival order) and running list; `tenants` picks which waiting request goes
+    next (fair across tenants, FCFS within one); `admit_fn`/`release_fn` apply the adapter policy."""
 
     def __init__(self, kv_cache: KVCache, max_batch_size: int, max_num_batched_tokens: int,
                  admit_fn: Callable[[Request], Admission], release_fn: Callable[[Request], None],
-                 prefix_space_fn: Callable[[Request], bytes] | None = None):
+                 prefix_space_fn: Callable[[Request], bytes] | None = None,
+                 tenants: TenantCounters | None = None):
         self.kv_cache = kv_cache
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -48,12 +51,18 @@ class Scheduler:
         self.prefix_space_fn = prefix_space_fn  # None: no prefix caching
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
+        self.tenants = tenants or TenantCounters()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
+        self.tenants.on_arrival(request.tenant)
         self.waiting.append(request)
+
+    def peek(self) -> Request | None:
+        """The waiting request the next admission would try first."""
+        return self.tenants.pick(self.waiting, set())
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -68,29 +77,34 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if self._reserve_decode(request, batch):
                 batch.decode.append(request)
-        skipped: list[Request] = []
+        skipped: set[int] = set()  # ids of requests the adapter policy said SKIP to in this step
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
-            request = self.waiting[0]
+            request = self.tenants.pick(self.waiting, skipped)
+            if request is None:
+                break
             decision = self.admit_fn(request)
             if decision is Admission.BLOCK:
                 break
             if decision is Admission.SKIP:
-                skipped.append(self.waiting.popleft())
+                skipped.add(id(request))
                 continue
             first_chunk = min(request.num_tokens, budget)
             if not self.kv_cache.can_allocate(self.kv_cache.blocks_needed(first_chunk)):
                 self.release_fn(request)
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             request.prefill_target = request.num_tokens
             request.num_computed_tokens = 0
             self._reuse_cached_prefix(request)
-            if request.first_scheduled_time is None:
+            is_first_admission = request.first_scheduled_time is None
+            if is_first_admission:
                 request.first_scheduled_time = time.monotonic()
+            self.tenants.on_admitted(request, is_first_admission)
             self.running.append(request)
             budget -= self._schedule_chunk(request, budget, batch)
-        self.waiting.extendleft(reversed(skipped))
+        self.tenants.charge_output(batch.decode)
+        self.tenants.charge_output(r for r, n in batch.prefill if r.num_computed_tokens + n >= r.prefill_target)
         return batch
 
     def _reuse_cached_prefix(self, request: Request) -> None:
@@ -102,7 +116,7 @@ class Scheduler:
         blocks = self.kv_cache.match_prefix(hashes)
         request.block_ids = blocks
         request.num_registered_blocks = len(blocks)
-        request.num_computed_tokens = len(blocks) * size
+        request.num_computed_tokens = request.num_prefix_hit_tokens = len(blocks) * size
         self.prefix_queried_tokens += len(hashes) * size
         self.prefix_hit_tokens += len(blocks) * size
 
@@ -166,6 +180,7 @@ class Scheduler:
     def finish(self, request: Request) -> None:
         self._release(request)
         request.status = RequestStatus.FINISHED
+        self.tenants.on_departure(request.tenant)
 
     def remove(self, request_id: str) -> Request | None:
         """Take a request out wherever it is (abort); None if unknown."""
@@ -177,12 +192,14 @@ class Scheduler:
             if request.request_id == request_id:
                 self.waiting.remove(request)
                 request.status = RequestStatus.FINISHED
+                self.tenants.on_departure(request.tenant)
                 return request
         return None
 
     def _release(self, request: Request) -> None:
         if request in self.running:
             self.running.remove(request)
+            self.tenants.on_left_batch(request)
             self.release_fn(request)
         self.kv_cache.free(request.block_ids)
         request.block_ids = []

@@ -129,12 +129,42 @@ class LoraSlots:
         self.max_rank = max_rank
         for _, linear in model.lora_linears():
             linear.allocate_slots(max_slots, max_rank, model.dtype, model.device)
+        self._copy_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
 
-    def load(self, slot: int, adapter) -> None:
+    @property
+    def is_async(self) -> bool:
+        """Whether `load` returns before the copy is done (CUDA: a side stream), leaving an event to poll."""
+        return self._copy_stream is not None
+
+    def load(self, slot: int, adapter) -> torch.cuda.Event | None:
+        """Copy one adapter into `slot`. On CUDA the copies run on a side stream, ordered after the work
+        already queued on the compute stream (which may still read the slot's previous adapter), and the
+        returned event marks their end: the slot must not be read before `event.query()` is True. The
+        running batch keeps decoding meanwhile. On the CPU the copy is done on return (None)."""
         if max_adapter_rank(adapter) > self.max_rank:
             raise ValueError(f"adapter rank {max_adapter_rank(adapter)} exceeds max_rank {self.max_rank}")
+        if self._copy_stream is None:
+            self._copy_into(slot, adapter)
+            return None
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_into(slot, adapter)
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        return done
+
+    def _copy_into(self, slot: int, adapter) -> None:
         for layer, linear in self.model.lora_linears():
             linear.load_slot(slot, layer, adapter)
+
+    @staticmethod
+    def slot_nbytes(model, max_rank: int) -> int:
+        """Device bytes of one slot across every LoRA linear of `model` (A and B padded to max_rank)."""
+        element = torch.tensor([], dtype=model.dtype).element_size()
+        return sum(
+            (len(lin.slice_names) * max_rank * lin.in_features + lin.out_features * max_rank) * element
+            for _, lin in model.lora_linears()
+        )
 
     @property
     def nbytes(self) -> int:

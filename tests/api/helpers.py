@@ -178,14 +178,14 @@ DESIGN_FAMILIES = {
 
 
 def slow_engine_core(*args) -> None:
-    """Engine process entry (a spawn target) whose steps take at least 10 ms, so requests stay in flight."""
+    """Engine process entry (a spawn target) whose steps take at least 20 ms, so requests stay in flight."""
     from server.engine.core import run_engine_core
     from server.engine.engine import LLMEngine
 
     step = LLMEngine.step
 
     def slow_step(self):
-        time.sleep(0.01)
+        time.sleep(0.02)
         return step(self)
 
     LLMEngine.step = slow_step

@@ -41,7 +41,7 @@ from tests.api.helpers import (
     slow_engine_core,
 )
 
-LONG = {"model": BASE_ID, "prompt": "Hello", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+LONG = {"model": BASE_ID, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
 
 
 def _slow_engine(app) -> None:
@@ -86,7 +86,7 @@ def test_disconnect_aborts_the_request_in_the_engine_process(server, path, body,
         else:
             with pytest.raises(httpx.ReadTimeout):
                 client.post(path, json=body, timeout=httpx.Timeout(30, read=0.3))
-    _wait_engine_idle(server.state, timeout_s=2.0)  # 400 slowed steps would take over 4 s
+    _wait_engine_idle(server.state, timeout_s=2.0)  # 200 slowed steps would take over 4 s
     assert _count("vllm:request_success_total", finished_reason="abort") == aborted + 1
 
 
@@ -100,7 +100,7 @@ def test_a_stop_string_found_by_the_api_process_stops_the_engine_request(server)
         assert response.status_code == 200
         choice = response.json()["choices"][0]
         assert choice["finish_reason"] == "stop" and choice["text"] == free[: free.index(stop)]
-        assert time.monotonic() - started < 3  # not the 400 slowed steps
+        assert time.monotonic() - started < 3  # not the 200 slowed steps
     _wait_engine_idle(server.state, timeout_s=2.0)
     assert _count("vllm:request_success_total", finished_reason="stop") == stopped + 1
 

@@ -43,7 +43,7 @@ def fake_engine_core(settings, hf_dir, model_id, input_address, output_address, 
     outputs.connect(output_address)
     _, decoder = input_codec()
     encoder, _ = output_codec()
-    outputs.send(encoder.encode(Ready(max_model_len=64, eos_token_ids=[0])))
+    outputs.send(encoder.encode(Ready(max_model_len=64, eos_token_ids=[0], num_slots=8, cache_config=None)))
     running: dict[str, _Running] = {}
     while True:
         if inputs.poll(0 if running else 50):

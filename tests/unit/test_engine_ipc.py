@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from prometheus_client.metrics import MetricWrapperBase
 from transformers import AutoTokenizer
 
 from server import metrics
@@ -31,18 +32,32 @@ from server.engine.request import FinishReason, Request, SamplingError, Sampling
 from server.metrics import REGISTRY
 from tests.unit.fake_engine_core import DIE, MODEL, REFUSE, fake_engine_core
 
+SINK_TEST_MODEL = "sink-test-model"
+
+
+@pytest.fixture(autouse=True)
+def _drop_test_series():
+    """Leave no series of this module's model names in the shared registry (tests of /metrics read it)."""
+    yield
+    families = [f for f in vars(metrics).values() if isinstance(f, MetricWrapperBase)]
+    for family in families + list(metrics.length_histograms.get()):
+        for labels in list(getattr(family, "_metrics", {})):
+            if labels and labels[0] in (MODEL, SINK_TEST_MODEL):
+                family.remove(*labels)
+
 
 def test_every_message_round_trips():
     params = SamplingParams(max_tokens=7, temperature=0.5, top_k=3, logit_bias={5: -1.5}, seed=9, stop=["\n"],
                             stop_token_ids=[2], logprobs=True)
-    inputs = [AddRequest("a", [1, 2, 3], params, ("tenant-lora", 4), 12.5), AddRequest("b", [7], SamplingParams(),
-              None, 0.0), AbortRequests(["a", "b"]), AbortRequests(["c"], FinishReason.STOP), Shutdown()]
+    inputs = [AddRequest("a", [1, 2, 3], params, ("tenant-lora", 4), 12.5, "tenant-a"),
+              AddRequest("b", [7], SamplingParams(), None, 0.0), AbortRequests(["a", "b"]),
+              AbortRequests(["c"], FinishReason.STOP), Shutdown()]
     encoder, decoder = input_codec()
     assert [decoder.decode(encoder.encode(m)) for m in inputs] == inputs
     delta = MetricsDelta(increments=[("generation_tokens", ["m"], 3.0)], gauges=[("kv_cache_usage_perc", ["m"], 0.5)],
                          observations=[("inter_token_latency_seconds", ["m"], [0.01, 0.02])],
                          removals=[("lora_requests_info", ["m", "8", "a", ""])])
-    outputs = [Ready(256, [0, 2], delta), Failed("OSError: gone"),
+    outputs = [Ready(256, [0, 2], 8, (256, 16, 1024, "float32", None, True), delta), Failed("OSError: gone"),
                Outputs([TokenOutput("a", [5, 6], [-0.1, -0.2], None, 3, 2),
                         TokenOutput("b", [], None, FinishReason.ERROR, 1, 0, "RuntimeError during generation")],
                        [Rejected("c", "sampling", "logit_bias token id 999 is outside the vocabulary")], delta)]
@@ -72,7 +87,7 @@ def test_delta_sink_coalesces_and_orders_removals_before_gauges():
 
 
 def test_prometheus_sink_applies_a_delta_to_the_registry():
-    model = "sink-test-model"
+    model = SINK_TEST_MODEL
     sink = DeltaSink()
     sink.set("lora_requests_info", (model, "8", "stale", ""), 1.0)
     PrometheusSink().apply(sink.drain())

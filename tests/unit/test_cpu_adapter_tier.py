@@ -1,0 +1,128 @@
+"""The CPU adapter tier sized in bytes: LRU eviction under pressure, versions in use never freed nor
+counted as free, re-adoption of evicted-but-in-use weights without a disk read."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from adapters_store import AdapterNotFoundError, AdapterWeights
+from server.config import Settings
+from server.registry import AdapterRegistry
+
+KIB = 1024
+
+
+@dataclass(frozen=True)
+class FakeRecord:
+    name: str
+    version: int
+
+
+class FakeStore:
+    """Adapters of a given size in bytes (float32 A of [size/4/64, 64] and an empty B); counts disk reads."""
+
+    def __init__(self, sizes: dict[str, int]):
+        self.sizes = sizes
+        self.versions = dict.fromkeys(sizes, 1)
+        self.num_reads: dict[tuple[str, int], int] = {}
+
+    def get(self, name: str, version: int | None = None) -> FakeRecord:
+        if name not in self.sizes:
+            raise AdapterNotFoundError(name)
+        return FakeRecord(name, version or self.versions[name])
+
+    def load_weights(self, record: FakeRecord) -> AdapterWeights:
+        key = (record.name, record.version)
+        self.num_reads[key] = self.num_reads.get(key, 0) + 1
+        rows = self.sizes[record.name] // (4 * 64)
+        return AdapterWeights(rank=rows, alpha=1.0, use_rslora=False, scaling=1.0,
+                              tensors={(0, "q_proj"): (torch.zeros(rows, 64), torch.zeros(0, rows))})
+
+
+def _registry(sizes: dict[str, int], max_bytes: int, **kwargs) -> tuple[AdapterRegistry, FakeStore]:
+    store = FakeStore(sizes)
+    return AdapterRegistry(store, max_bytes=max_bytes, **kwargs), store
+
+
+def test_byte_budget_evicts_least_recently_used():
+    registry, store = _registry({"a": 64 * KIB, "b": 64 * KIB, "c": 64 * KIB}, max_bytes=128 * KIB)
+    registry.resolve("a")
+    registry.resolve("b")
+    registry.resolve("a")  # a is now the most recent
+    registry.resolve("c")  # over budget: b goes
+    gc.collect()
+    assert registry.nbytes == 128 * KIB and registry.num_cached == 2
+    registry.resolve("a")
+    assert store.num_reads[("a", 1)] == 1  # still cached
+    registry.resolve("b")
+    assert store.num_reads[("b", 1)] == 2  # was evicted
+
+
+def test_count_cap_still_applies():
+    registry, _ = _registry(dict.fromkeys("abc", 4 * KIB), max_bytes=1 << 30, max_cpu_adapters=2)
+    for name in "abc":
+        registry.resolve(name)
+    assert registry.num_cached == 2
+
+
+def test_in_use_version_is_kept_and_counted_until_its_request_ends():
+    registry, store = _registry({"a": 64 * KIB, "b": 64 * KIB, "c": 64 * KIB}, max_bytes=128 * KIB)
+    running = registry.resolve("a")  # a request holds this AdapterRef while it runs
+    registry.resolve("b")
+    registry.resolve("c")  # over budget: b (unused) goes before a (in use), though a is older
+    assert registry.num_cached == 2 and registry.nbytes == 128 * KIB
+    assert registry.resolve("a").weights is running.weights  # a stayed cached
+    registry.resolve("b")
+    assert store.num_reads == {("a", 1): 1, ("b", 1): 2, ("c", 1): 1}  # only b was read twice
+
+
+def test_evicted_in_use_weights_are_not_counted_as_free():
+    registry, _ = _registry({"a": 64 * KIB, "b": 64 * KIB, "c": 64 * KIB}, max_bytes=128 * KIB)
+    running_a = registry.resolve("a")
+    running_b = registry.resolve("b")
+    registry.resolve("c")  # everything else in use: a is evicted from the cache but stays in memory
+    assert registry.num_cached < 3
+    assert registry.nbytes == 192 * KIB  # the memory really held: a (in use), b (in use), c
+    del running_a
+    gc.collect()
+    assert registry.nbytes == 128 * KIB  # a's last user is gone: its bytes are free now
+    del running_b
+
+
+def test_evicted_in_use_version_is_adopted_again_without_a_disk_read():
+    registry, store = _registry({"a": 64 * KIB, "b": 64 * KIB}, max_bytes=64 * KIB)
+    running = registry.resolve("a")
+    registry.resolve("b")  # a is evicted from the cache, but a request still holds it
+    again = registry.resolve("a")
+    assert again.weights is running.weights  # one copy in memory, not two
+    assert store.num_reads[("a", 1)] == 1
+
+
+def test_evictions_are_reported():
+    evicted = []
+    registry, _ = _registry(dict.fromkeys("abcd", 64 * KIB), max_bytes=128 * KIB, on_evict=evicted.append)
+    for name in "abcd":
+        registry.resolve(name)
+    assert sum(evicted) == 2
+
+
+def test_forget_keeps_running_requests_weights_counted():
+    registry, _ = _registry({"a": 64 * KIB}, max_bytes=1 << 20)
+    running = registry.resolve("a")
+    registry.forget("a")
+    assert registry.num_cached == 0 and registry.nbytes == 64 * KIB
+    del running
+    gc.collect()
+    assert registry.nbytes == 0
+
+
+def test_settings_size_the_tier_in_bytes_and_keep_the_count_cap_optional():
+    settings = Settings(device="cpu")
+    assert settings.cpu_adapter_cache_bytes == 4 * 1024**3 and settings.max_cpu_adapters is None
+    assert Settings(device="cpu", max_cpu_adapters=8).max_cpu_adapters == 8
+    with pytest.raises(ValueError):
+        Settings(device="cpu", cpu_adapter_cache_bytes=-1)
