@@ -60,6 +60,7 @@ class TokenOutput(msgspec.Struct, array_like=True):
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    new_top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: (id, logprob), best first
 
 
 class Rejected(msgspec.Struct, array_like=True):

@@ -58,7 +58,7 @@ def test_every_message_round_trips():
                          observations=[("inter_token_latency_seconds", ["m"], [0.01, 0.02])],
                          removals=[("lora_requests_info", ["m", "8", "a", ""])])
     outputs = [Ready(256, [0, 2], 8, (256, 16, 1024, "float32", None, True), delta), Failed("OSError: gone"),
-               Outputs([TokenOutput("a", [5, 6], [-0.1, -0.2], None, 3, 2),
+               Outputs([TokenOutput("a", [5, 6], [-0.1, -0.2], None, 3, 2, None, [[(5, -0.1), (9, -2.5)], [(6, -0.2)]]),
                         TokenOutput("b", [], None, FinishReason.ERROR, 1, 0, "RuntimeError during generation")],
                        [Rejected("c", "sampling", "logit_bias token id 999 is outside the vocabulary")], delta)]
     encoder, decoder = output_codec()
