@@ -110,6 +110,7 @@ class HealthProbe:
                 try:
                     status = client.get("/health").status_code
                 except httpx.HTTPError as exc:
+                    self._stop.wait(0.5)
                     if self.server.process.poll() is not None:
                         return  # the scenario stopped the server
                     self.failures.append(f"{type(exc).__name__}: {exc}")
