@@ -89,6 +89,7 @@ class HealthProbe:
 
     server: ServerProcess
     interval_s: float = 0.02
+    is_exit_expected: bool = False  # set before stopping the server: a refused connection then ends the probe
     latencies_s: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -111,7 +112,7 @@ class HealthProbe:
                     status = client.get("/health").status_code
                 except httpx.HTTPError as exc:
                     self._stop.wait(0.5)
-                    if self.server.process.poll() is not None:
+                    if self.is_exit_expected or self.server.process.poll() is not None:
                         return  # the scenario stopped the server
                     self.failures.append(f"{type(exc).__name__}: {exc}")
                     continue
