@@ -190,6 +190,7 @@ def assert_server_sound(server: ServerProcess, probe: HealthProbe, rss_before_mi
     figures = {"rss_before_mib": round(rss_before_mib), "rss_after_mib": round(rss_after),
                "peak_rss_mib": round(server.peak_rss_mib()), "max_health_ms": round(probe.max_latency_s * 1000),
                "health_probes": len(probe.latencies_s)}
+    assert "Traceback" not in server.log_path.read_text(errors="replace"), server.log_tail()
     assert not probe.failures, probe.failures[:5]
     assert probe.latencies_s, "the /health probe never got an answer"
     assert probe.max_latency_s < HEALTH_BOUND_S, figures

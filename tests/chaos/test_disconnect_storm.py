@@ -5,10 +5,12 @@ outputs must stay right and malformed ones that must be refused at once."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import random
 import time
+from pathlib import Path
 
 import httpx
 
@@ -26,12 +28,14 @@ from tests.chaos.harness import (
 
 NUM_ABANDONED = 300
 NUM_HONEST = 40
+NUM_ABANDONED_UPLOADS = 30
 STORM_SPREAD_S = 4.0  # requests start at random moments over this many seconds
 LONG_TOKENS = 400  # abandoned requests ask for this many tokens, so one that is not aborted keeps running
 
 
 def test_disconnect_storm_with_bad_inputs(chaos_server, tiny_adapters, tmp_path, record_figures):
-    server = chaos_server(tmp_path / "store")
+    store = tmp_path / "store"
+    server = chaos_server(store)
     with server.client() as client:
         references = reference_outputs(client, tiny_adapters)
         aborted_before = _num_aborted(client)
@@ -40,7 +44,7 @@ def test_disconnect_storm_with_bad_inputs(chaos_server, tiny_adapters, tmp_path,
     rss_before = server.rss_mib()
     started = time.monotonic()
     with HealthProbe(server) as probe:
-        results = asyncio.run(_storm(server.url, expected, rng))
+        results = asyncio.run(_storm(server.url, expected, rng, tiny_adapters["all-r8"]))
         figures = assert_server_sound(server, probe, rss_before, expected)
     seconds = time.monotonic() - started
     with server.client() as client:
@@ -49,9 +53,9 @@ def test_disconnect_storm_with_bad_inputs(chaos_server, tiny_adapters, tmp_path,
     hung = [r for r in results if r[1] == "hung"]
     assert not hung, hung[:5]
     abandoned = [r for r in results if r[0] == "abandoned"]
-    unclean = [r for r in abandoned if r[1] not in ("left", 200, 503)]
+    unclean = [r for r in abandoned if r[1] not in ("left", 200, 201, 503)]
     assert not unclean, unclean[:5]
-    num_left = sum(r[1] == "left" for r in abandoned)
+    num_left = sum(r[1] == "left" and r[2] != "upload" for r in abandoned)
     assert num_left >= NUM_ABANDONED // 2, "the storm should abandon most of its requests mid-flight"
     # An abandoned request the engine saw is aborted there (one left while queued in the API may never reach it).
     assert num_aborted >= num_left // 2, (num_aborted, num_left)
@@ -59,6 +63,12 @@ def test_disconnect_storm_with_bad_inputs(chaos_server, tiny_adapters, tmp_path,
     assert not wrong, wrong[:5]
     refused_wrongly = [r for r in results if r[0].startswith("bad:") and r[1] not in r[2]]
     assert not refused_wrongly, refused_wrongly
+    # An upload abandoned mid-body leaves nothing; one abandoned after its body arrived is whole.
+    whole_sha256 = hashlib.sha256((tiny_adapters["all-r8"] / "adapter_model.safetensors").read_bytes()).hexdigest()
+    with server.client() as client:
+        uploaded = [a for a in client.get("/v1/adapters").json()["data"] if a["name"].startswith("abandoned-")]
+    assert all(a["sha256"] == whole_sha256 and a["version"] == 1 for a in uploaded), uploaded
+    assert not list((store / ".staging").iterdir())
     record_figures({**figures, "requests": len(results), "abandoned_mid_flight": num_left,
                     "aborted_in_engine": int(num_aborted), "seconds": round(seconds, 1)})
 
@@ -68,12 +78,13 @@ def _num_aborted(client: httpx.Client) -> float:
         "vllm:request_success_total"]
 
 
-async def _storm(url: str, expected: dict[str, str], rng: random.Random) -> list[tuple]:
+async def _storm(url: str, expected: dict[str, str], rng: random.Random, adapter_dir: Path) -> list[tuple]:
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=50)
     async with httpx.AsyncClient(base_url=url, timeout=HANG_BOUND_S, limits=limits) as client:
         jobs = [_abandoned(client, rng, list(expected)) for _ in range(NUM_ABANDONED)]
         jobs += [_honest(client, rng, model, text) for model, text in rng.choices(list(expected.items()),
                                                                                    k=NUM_HONEST)]
+        jobs += [_abandoned_upload(client, rng, f"abandoned-{i}", adapter_dir) for i in range(NUM_ABANDONED_UPLOADS)]
         jobs += [_bad(client, rng, name, request, allowed) for name, (request, allowed) in _bad_inputs().items()]
         rng.shuffle(jobs)
         return await asyncio.gather(*jobs)
@@ -116,6 +127,33 @@ async def _abandoned(client: httpx.AsyncClient, rng: random.Random, models: list
     except (httpx.HTTPError, StopAsyncIteration) as exc:
         outcome = f"{type(exc).__name__}: {exc}"
     return ("abandoned", outcome, route)
+
+
+async def _abandoned_upload(client: httpx.AsyncClient, rng: random.Random, name: str, adapter_dir: Path) -> tuple:
+    """A multipart upload sent slowly in small pieces and abandoned at a random moment."""
+    await _after_random_delay(rng)
+    boundary = "chaos-boundary"
+    payload = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{part}"; filename="{part}"\r\n\r\n'.encode()
+        + (adapter_dir / part).read_bytes() + b"\r\n"
+        for part in ("adapter_config.json", "adapter_model.safetensors")) + f"--{boundary}--\r\n".encode()
+    pieces = [payload[i:i + 4096] for i in range(0, len(payload), 4096)]
+
+    async def body():
+        for piece in pieces:
+            await asyncio.sleep(0.002)
+            yield piece
+
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    try:
+        response = await asyncio.wait_for(client.put(f"/v1/adapters/{name}", content=body(), headers=headers),
+                                          rng.uniform(0.0, 0.3))
+        outcome = response.status_code
+    except asyncio.TimeoutError:
+        outcome = "left"
+    except httpx.HTTPError as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    return ("abandoned", outcome, "upload")
 
 
 def _long_request(rng: random.Random, model: str) -> tuple[str, dict, bool]:

@@ -75,6 +75,7 @@ def test_sigterm_under_load_drains_then_exits(chaos_server, tiny_adapters, tmp_p
         thread.join(HANG_BOUND_S)
     assert not any(thread.is_alive() for thread in threads), "a request hung"
     assert status == 0, server.log_tail()
+    assert "Traceback" not in server.log_path.read_text(errors="replace"), server.log_tail()
     assert exit_s < DRAIN_TIMEOUT_S + SHUTDOWN_GRACE_S, f"exit took {exit_s:.1f} s"
 
     before = [(kind, outcome) for after, kind, outcome in outcomes if not after]
