@@ -24,6 +24,7 @@ from tests.chaos.harness import (
 DRAIN_TIMEOUT_S = 4.0  # request_timeout_s: the drain waits at most this long
 NUM_CLIENTS = 24
 LONG_TOKENS = 480  # some requests outlast the drain and must end as a clean 504
+STALLED_DRAIN_TIMEOUT_S = 1.0
 
 
 def test_sigterm_under_load_drains_then_exits(chaos_server, tiny_adapters, tmp_path, record_figures):
@@ -130,3 +131,46 @@ def _long_outcome(choice: dict, usage: dict) -> str:
     if choice["finish_reason"] == "length" and usage["completion_tokens"] == LONG_TOKENS:
         return "length"
     return f"long request ended with {choice['finish_reason']} after {usage['completion_tokens']} tokens"
+
+
+def test_sigterm_with_a_stalled_upload_exits_after_drain_and_grace(chaos_server, tiny_adapters, tmp_path,
+                                                                    record_figures):
+    """An upload whose body stops arriving holds the drain to its timeout; uvicorn's grace period then
+    cuts it. The process still exits 0 within drain timeout + grace, and nothing of the upload is stored."""
+    store = tmp_path / "store"
+    server = chaos_server(store, request_timeout_s=STALLED_DRAIN_TIMEOUT_S)
+    stop = threading.Event()
+    outcome: list[object] = []
+
+    def body():
+        yield b"--b\r\nContent-Disposition: form-data; name=\"archive\"; filename=\"a.zip\"\r\n\r\n"
+        while not stop.is_set():
+            time.sleep(0.05)
+            yield b"\0" * 512
+
+    def stalled_upload() -> None:
+        try:
+            response = httpx.put(f"{server.url}/v1/adapters/stalled", content=body(), timeout=HANG_BOUND_S,
+                                 headers={"content-type": "multipart/form-data; boundary=b"})
+            outcome.append(response.status_code)
+        except httpx.TransportError as exc:
+            outcome.append(type(exc).__name__)
+
+    thread = threading.Thread(target=stalled_upload, daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    sent = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    status = server.process.wait(STALLED_DRAIN_TIMEOUT_S + SHUTDOWN_GRACE_S + 10)
+    exit_s = time.monotonic() - sent
+    stop.set()
+    thread.join(HANG_BOUND_S)
+    assert status == 0, server.log_tail()
+    assert exit_s < STALLED_DRAIN_TIMEOUT_S + SHUTDOWN_GRACE_S + 2, f"exit took {exit_s:.1f} s"
+    assert outcome and outcome[0] != 201, outcome  # cut: uvicorn's 500 or a closed connection
+
+    server = chaos_server(store)
+    with server.client() as client:
+        assert client.get("/v1/adapters/stalled").status_code == 404
+    assert not list((store / ".staging").iterdir())
+    record_figures({"exit_s": round(exit_s, 1), "upload_outcome": outcome[0]})
