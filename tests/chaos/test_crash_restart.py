@@ -25,6 +25,7 @@ from tests.chaos.harness import (
 NUM_NAMES = 5  # uploads cycle over crash-0 .. crash-4
 MIN_ACKNOWLEDGED = 8  # uploads answered 201 before the kill
 NUM_STREAMS = 6
+NUM_DELETED = 3  # gone-0 .. gone-2 are uploaded and deleted in turn
 
 
 class Load:
@@ -34,11 +35,13 @@ class Load:
         self.server, self.adapters, self.models = server, adapters, models
         self.acknowledged: dict[str, int] = {}  # name -> highest version answered 201
         self.num_chunks = 0  # stream chunks received, over all streams
+        self.last_done: dict[str, tuple[str, int]] = {}  # gone-i -> last acknowledged op: (put|delete, version)
+        self.in_flight: dict[str, str] = {}  # gone-i -> the op under way when the server died
         self.lock = threading.Lock()
         self.stop = threading.Event()
         targets = [self._stream] * NUM_STREAMS
         if uploads:
-            targets += [self._upload_loop, self._upload_loop, self._trickle]
+            targets += [self._upload_loop, self._upload_loop, self._trickle, self._put_delete_loop]
         self.threads = [threading.Thread(target=target, args=(i,), daemon=True) for i, target in enumerate(targets)]
 
     def __enter__(self) -> Load:
@@ -73,6 +76,26 @@ class Load:
                     with self.lock:
                         self.acknowledged[record["name"]] = max(self.acknowledged.get(record["name"], 0),
                                                                 record["version"])
+
+    def _put_delete_loop(self, index: int) -> None:
+        """Upload then delete gone-0 .. gone-2 in turn, keeping the last acknowledged op of each."""
+        source = next(iter(self.adapters.values()))
+        with httpx.Client(base_url=self.server.url, timeout=HANG_BOUND_S) as client:
+            for i in range(100_000):
+                name = f"gone-{(i // 2) % NUM_DELETED}"
+                kind = "put" if i % 2 == 0 else "delete"
+                if self.stop.is_set():
+                    return
+                self.in_flight[name] = kind
+                try:
+                    response = upload_files(client, name, source) if kind == "put" else \
+                        client.delete(f"/v1/adapters/{name}")
+                except httpx.HTTPError:
+                    return
+                assert response.status_code in (200, 201), response.text
+                version = response.json()["version"] if kind == "put" else self.last_done[name][1]
+                self.last_done[name] = (kind, version)
+                del self.in_flight[name]
 
     def _trickle(self, index: int) -> None:
         """A chunked upload that is still arriving when the process dies."""
@@ -112,7 +135,8 @@ def test_kill_9_during_uploads_and_generation_then_restart(chaos_server, tiny_ad
     models = list(expected_outputs(references))
 
     with HealthProbe(server) as under_load, Load(server, tiny_adapters, models, uploads=True) as load:
-        load.wait_for(lambda: sum(load.acknowledged.values()) >= MIN_ACKNOWLEDGED and load.num_chunks >= 50)
+        load.wait_for(lambda: sum(load.acknowledged.values()) >= MIN_ACKNOWLEDGED and load.num_chunks >= 50
+                      and len(load.last_done) == NUM_DELETED)
         server.kill9()
     assert not under_load.failures, under_load.failures[:5]
     acknowledged = dict(load.acknowledged)
@@ -122,6 +146,8 @@ def test_kill_9_during_uploads_and_generation_then_restart(chaos_server, tiny_ad
     server = chaos_server(store)
     restarts_s.append(time.monotonic() - started)
     _assert_store_intact(server, store, acknowledged, by_sha256, references)
+    _assert_deletes_durable(server, dict(load.last_done), dict(load.in_flight), by_sha256,
+                            next(iter(tiny_adapters.values())))
 
     with Load(server, tiny_adapters, models, uploads=False) as load:  # kill -9 mid-generation only
         load.wait_for(lambda: load.num_chunks >= 200)
@@ -147,7 +173,8 @@ def _assert_store_intact(server: ServerProcess, store: Path, acknowledged: dict[
         listed = {a["name"]: a for a in client.get("/v1/adapters").json()["data"]}
         crashed = {name: a for name, a in listed.items() if name.startswith("crash-")}
         assert set(crashed) >= set(acknowledged), "an acknowledged upload is missing after the restart"
-        assert set(listed) - set(crashed) == {f"ref-{key}" for key in by_sha256.values()}
+        others = {name for name in set(listed) - set(crashed) if not name.startswith("gone-")}
+        assert others == {f"ref-{key}" for key in by_sha256.values()}
         for name, adapter in crashed.items():
             assert adapter["version"] >= acknowledged.get(name, 0), f"{name}: acknowledged version lost"
             assert adapter["sha256"] in by_sha256, f"{name} v{adapter['version']} is not a whole upload"
@@ -157,3 +184,22 @@ def _assert_store_intact(server: ServerProcess, store: Path, acknowledged: dict[
     for adapter_dir in store.glob("crash-*"):
         for version_dir in adapter_dir.iterdir():
             assert (version_dir / "manifest.json").is_file(), f"{version_dir} has no manifest"
+
+
+def _assert_deletes_durable(server: ServerProcess, last_done: dict[str, tuple[str, int]], in_flight: dict[str, str],
+                            by_sha256: dict[str, str], source: Path) -> None:
+    """An acknowledged delete stays deleted, an acknowledged upload stays (unless the op under way at the
+    kill changed it), and a new upload never reuses a version number that was acknowledged before."""
+    with server.client() as client:
+        for name, (kind, version) in last_done.items():
+            response = client.get(f"/v1/adapters/{name}")
+            pending = in_flight.get(name)
+            if response.status_code == 404:
+                assert kind == "delete" or pending == "delete", f"{name}: acknowledged v{version} lost"
+            else:
+                record = response.json()
+                assert kind == "put" or pending == "put", f"{name}: deleted, yet back after the restart"
+                assert record["version"] >= version and record["sha256"] in by_sha256, record
+            new = upload_files(client, name, source)
+            assert new.status_code == 201 and new.json()["version"] > version, (name, version, new.text)
+
