@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint install clean bench
+.PHONY: serve test lint install clean bench chaos
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# The reliability suite alone (also part of `make test`); ends with a one-run summary of its figures.
+chaos: $(STAMP)
+	$(BIN)/python -m pytest tests/chaos -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
