@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import threading
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from tests.api.helpers import BASE_ID, free_port, spawn_server, upload, wait_ready
+from tests.api.helpers import BASE_ID, REPO_ROOT, free_port, spawn_server, upload, wait_ready
 
 PROMPT = "Hello world"
 NUM_TOKENS = 16  # greedy, ignore_eos: a fixed-length output that tells the adapters apart
@@ -82,44 +84,47 @@ def _proc_status_kib(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
-@dataclass
 class HealthProbe:
-    """Polls /health every `interval_s` in a thread while a scenario runs: the longest round trip, any
-    answer but 200, and the server's peak RSS."""
+    """Polls /health every `interval_s` from a separate process while a scenario runs: the longest round
+    trip and any answer but 200 (connection errors after `expect_exit()` do not count)."""
 
-    server: ServerProcess
-    interval_s: float = 0.02
-    is_exit_expected: bool = False  # set before stopping the server: a refused connection then ends the probe
-    latencies_s: list[float] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    def __init__(self, server: ServerProcess, interval_s: float = 0.02):
+        self.server, self.interval_s = server, interval_s
+        self.latencies_s: list[float] = []
+        self.failures: list[str] = []
+        self._exit_expected_at = float("inf")
+        self._process: subprocess.Popen | None = None
+
+    def expect_exit(self) -> None:
+        """The scenario is about to stop the server: refused connections from now on are expected."""
+        self._exit_expected_at = time.monotonic()
 
     def __enter__(self) -> HealthProbe:
-        self._thread = threading.Thread(target=self._run, name="health-probe", daemon=True)
-        self._thread.start()
+        self._output = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would stall the probe
+        self._process = subprocess.Popen([sys.executable, "-m", "tests.chaos.probe", self.server.url,
+                                          str(self.interval_s)], cwd=REPO_ROOT, stdout=self._output)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(HANG_BOUND_S)
+        self.stop()
 
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.server.url, timeout=HANG_BOUND_S) as client:
-            while not self._stop.is_set():
-                started = time.perf_counter()
-                try:
-                    status = client.get("/health").status_code
-                except httpx.HTTPError as exc:
-                    self._stop.wait(0.5)
-                    if self.is_exit_expected or self.server.process.poll() is not None:
-                        return  # the scenario stopped the server
-                    self.failures.append(f"{type(exc).__name__}: {exc}")
-                    continue
-                self.latencies_s.append(time.perf_counter() - started)
-                if status != 200:
-                    self.failures.append(f"/health answered {status}")
-                self._stop.wait(self.interval_s)
+    def stop(self) -> None:
+        """End the probe and read its results (idempotent)."""
+        if self._process is None or self._process.returncode is not None:
+            return
+        self._process.terminate()
+        self._process.wait(HANG_BOUND_S)
+        self._output.seek(0)
+        output, _ = self._output.read(), self._output.close()
+        for line in output.splitlines():
+            started, result, *rest = line.split(" ", 2)
+            if result == "error":
+                if float(started) < self._exit_expected_at:
+                    self.failures.append(rest[0])
+                continue
+            self.latencies_s.append(float(result))
+            if rest[0] != "200":
+                self.failures.append(f"/health answered {rest[0]}")
 
     @property
     def max_latency_s(self) -> float:
@@ -186,6 +191,7 @@ def assert_server_sound(server: ServerProcess, probe: HealthProbe, rss_before_mi
             assert generate_alone(client, model) == text, f"{model} answers differently after the storm"
         if not expected:
             generate_alone(client, BASE_ID)
+    probe.stop()
     rss_after = server.rss_mib()
     figures = {"rss_before_mib": round(rss_before_mib), "rss_after_mib": round(rss_after),
                "peak_rss_mib": round(server.peak_rss_mib()), "max_health_ms": round(probe.max_latency_s * 1000),

@@ -137,6 +137,7 @@ def test_kill_9_during_uploads_and_generation_then_restart(chaos_server, tiny_ad
     with HealthProbe(server) as under_load, Load(server, tiny_adapters, models, uploads=True) as load:
         load.wait_for(lambda: sum(load.acknowledged.values()) >= MIN_ACKNOWLEDGED and load.num_chunks >= 50
                       and len(load.last_done) == NUM_DELETED)
+        under_load.expect_exit()
         server.kill9()
     assert not under_load.failures, under_load.failures[:5]
     acknowledged = dict(load.acknowledged)

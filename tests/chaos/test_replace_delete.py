@@ -96,6 +96,8 @@ def test_replace_and_delete_under_load(chaos_server, tiny_adapters, tmp_path, re
                 with results_lock:
                     results.append((outcome, num_completed, answered[0] if answered else log.counts()[1],
                                     is_stream))
+                if outcome == 404:
+                    time.sleep(0.02)  # deleted for now: do not spin on quick 404s
 
     upload(server.client(), "hot", tiny_adapters[sources[0]])  # op 0, so every request has a version to see
     log.ops.append(("put", sources[0]))
