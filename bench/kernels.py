@@ -5,7 +5,7 @@
 For each layer shape of the model (fused qkv, o, fused gate_up, down) and each row count M it times,
 by CUDA-graph replay over enough weight copies to defeat the L2 cache, µs per call of:
 ``bf16`` (F.linear on a 16-bit weight), ``ours`` (the NF4 dispatch loraplex runs: server.model.
-nf4_dispatch), each of our kernels forced (``gemv``, ``fused_bytes``, ``fused_words``, ``dequant``),
+nf4_dispatch), each of our kernels forced (``fused``, ``dequant``, ``mma`` variants with --sweep-mma),
 ``bnb`` (bitsandbytes.matmul_4bit) and ``tinygemm`` (torch._weight_int4pack_mm, int4, group 64: a
 speed reference only, not NF4). Each of ours is also checked against the float64 reference.
 Writes ``<out>/<date>-<device>-kernels.json`` with ``ratios`` (geometric means over the four layer
@@ -15,13 +15,12 @@ shapes of the 8B model): nf4_over_bf16_m{1,16,32,128}, nf4_over_tinygemm_m1.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 
+from bench.results import write_named_result
 from bench.shapes import SHAPES
 
 L2_DEFEAT_BYTES = 256 << 20  # weight bytes cycled through per timed pass (H200 L2: 60 MB)
@@ -111,7 +110,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
     import bitsandbytes as bnb
 
     from server.model.nf4_dispatch import nf4_linear_cuda
-    from server.model.triton_nf4 import device_num_sms, nf4_matmul_triton, pick_config
+    from server.model.triton_nf4 import device_num_sms, nf4_matmul_triton
 
     rows = x.shape[0]
     impls = {
@@ -119,19 +118,12 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         "ours": [lambda c=c: nf4_linear_cuda(x, c[0], c[1], layer.shape, layer.table, None, c[2]) for c in layer.nf4],
         "bnb": [lambda c=c: bnb.matmul_4bit(x, c[0].t(), c[2]) for c in layer.nf4],
     }
-    for name in ("gemv", "dequant"):
-        if name == "gemv" and rows != 1:
-            continue
+    for name in ("dequant",):
         impls[name] = [lambda c=c, n=name: nf4_linear_cuda(x, c[0], c[1], layer.shape, layer.table, None, c[2], n)
                        for c in layer.nf4]
     if rows <= 256:
-        base = pick_config(rows, layer.shape[0], layer.shape[1], device_num_sms(0))
-        for layout in ("bytes", "words"):
-            cfg = type(base)(**{**base.__dict__, "layout": layout})
-            impls[f"fused_{layout}"] = [
-                lambda c=c, cfg=cfg: nf4_matmul_triton(x, c[0], c[1], layer.shape, layer.table, config=cfg)
-                for c in layer.nf4
-            ]
+        impls["fused"] = [lambda c=c: nf4_matmul_triton(x, c[0], c[1], layer.shape, layer.table)
+                          for c in layer.nf4]
     if rows <= 64 and _mma_available():
         from server.model import cuda_nf4
 
@@ -219,11 +211,7 @@ def main() -> None:
     for model in args.models.split(","):
         run_model(model, [int(r) for r in args.rows.split(",")], results)
     results["ratios"] = ratios(results)
-    slug = device.lower().replace(" ", "-")
-    path = Path(args.out) / f"{results['date']}-{slug}-kernels.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1))
-    print(json.dumps(results["ratios"]), "->", path)
+    write_named_result(args.out, results, "kernels")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.report_kernels import kernel_section
 from bench.results import RATIOS
 
 BENCH_MODELS = ("1b", "8b")
@@ -146,6 +147,7 @@ def build_report(results_dir: Path) -> str:
               "another (median); PEFT's equivalent is `merge_adapter` + `unmerge_adapter`. Roofline = bytes a "
               "decode step must read (NF4 linears at 0.52 byte/param, 16-bit LM head, KV cache at the "
               "measured mean context, adapter slots) / measured copy bandwidth.", ""]
+    lines += kernel_section(results_dir, runs)
     notes = results_dir.parent / "NOTES.md"
     if notes.is_file():  # hand-written analysis that the generated tables cannot carry
         lines += [notes.read_text().rstrip(), ""]

@@ -176,3 +176,14 @@ def summary(value: Any) -> str:
              "gbps_best", "mean_context")
     shown = {k: value[k] for k in picks if k in value}
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) or "ok"
+
+
+def write_named_result(out_dir: str | Path, result: dict, suffix: str) -> Path:
+    """Write `result` (with "date" and "device") to <out_dir>/<date>-<device slug>-<suffix>.json and print
+    its ratios; for the one-shot GPU scripts (bench.kernels, bench.prefill, bench.profile_step)."""
+    slug = str(result["device"]).lower().replace(" ", "-")
+    path = Path(out_dir) / f"{result['date']}-{slug}-{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result.get("ratios")), "->", path, flush=True)
+    return path

@@ -1,6 +1,9 @@
-"""`python -m server`: parse settings, log, serve with uvicorn; SIGTERM drains before exiting 0.
+"""`python -m server` (or `loraplex`): parse settings, log, serve with uvicorn; SIGTERM drains before exiting 0.
 
-A first SIGTERM or SIGINT starts a drain: /ready turns 503, new requests get 503, requests in
+`loraplex keys ...` (or `python -m server keys ...`) manages the API keys file instead: server/keys_cli.py.
+
+A signal while the model is still loading ends the process at once (nothing is in flight yet).
+Otherwise a first SIGTERM or SIGINT starts a drain: /ready turns 503, new requests get 503, requests in
 flight run to completion (bounded by request_timeout_s), then uvicorn shuts down. A second signal
 skips the wait.
 """
@@ -9,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 import uvicorn
 
+from server import keys_cli
 from server.api.auth import KeyFileError
 from server.api.state import Phase, ServerState
 from server.app import create_app
@@ -37,6 +42,21 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+
+    async def serve(self, sockets=None) -> None:
+        status = 0
+        try:
+            await super().serve(sockets)
+        except SystemExit as exc:  # uvicorn's start-up failure, e.g. the port is taken
+            status = exc.code if isinstance(exc.code, int) else 1
+            raise
+        finally:
+            if self.state.engine is None and self.state.phase is not Phase.FAILED:
+                # Stopped while the model loads in a worker thread that cannot be interrupted; returning
+                # would wait for it (asyncio joins its executor), so a pod would outlive its grace period.
+                log.info("stopped while loading the model: exiting without waiting for the load to finish")
+                logging.shutdown()
+                os._exit(status)
 
     def handle_exit(self, sig: int, frame) -> None:
         # Not calling super(): it would re-raise the signal after shutdown and end with a non-zero status.
@@ -72,6 +92,9 @@ def serve(settings: Settings) -> int:
                     "adapters; listening on %s only. Set an auth file to serve other hosts.", settings.host)
     try:
         app = create_app(settings)
+        if settings.auth_file is not None:
+            num_keys, num_tenants = keys_cli.summarize(settings.auth_file)
+            log.info("auth: %d keys for %d tenants loaded from %s", num_keys, num_tenants, settings.auth_file)
     except KeyFileError as exc:
         log.error("%s", exc)
         return 2
@@ -89,6 +112,9 @@ def serve(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        return keys_cli.main(argv[1:])
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
     return serve(settings)

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server import settings_docs
+
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loraplex"
 # Default max_prompt_chars per token of max_model_len: English averages about 4.5 characters per token
 # (SmolLM2), so a longer prompt cannot fit the context and is refused before tokenizing it.
@@ -29,33 +31,46 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="forbid", validate_default=True)
 
-    model: str = Field("embedded", description="HF model dir, a .gguf file, or 'embedded'")
-    served_model_name: str | None = Field(None, description="id shown in /v1/models; default from model")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantization: Literal["nf4", "none"] = "nf4"
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    model: str = Field("embedded", description="HF model dir (safetensors), a .gguf file, or 'embedded'")
+    served_model_name: str | None = Field(None, description="the base model's id in /v1/models; unset = from model")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype; auto = bfloat16 on CUDA, float32 on the CPU"
+    )
+    quantization: Literal["nf4", "none"] = Field("nf4", description="nf4: 4-bit linears at load; none: 16-bit")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = cuda when a GPU is visible, else cpu")
+    host: str = Field("127.0.0.1", description="address to bind; anything but loopback needs auth_file")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port")
     adapters_dir: Path = Field(DEFAULT_CACHE_DIR / "adapters", description="adapter store root")
     allowed_adapter_dirs: list[Path] = Field(
         default_factory=list, description="dirs /v1/load_lora_adapter may read from"
     )
-    cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="converted models and other caches")
-    auth_file: Path | None = Field(None, description="TOML or YAML keys file; none = open mode")
+    cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="converted models (GGUF to safetensors) and other caches")
+    auth_file: Path | None = Field(
+        None, description="TOML or YAML keys file (`loraplex keys add`); unset = open mode, loopback only"
+    )
     max_slots: int = Field(8, ge=1, le=256, description="distinct adapters in one batch (GPU slots)")
     max_cpu_adapters: int = Field(64, ge=1, description="adapters kept in CPU memory (LRU)")
-    max_rank: int = Field(64, ge=1, le=512)
-    lora_mode: LoraMode = LoraMode.UNMERGED
+    max_rank: int = Field(64, ge=1, le=512, description="largest accepted LoRA rank (sizes the GPU slots)")
+    lora_mode: LoraMode = Field(
+        LoraMode.UNMERGED, description="unmerged: mixed batches; merged: one adapter merged and hot-swapped; auto"
+    )
     max_batch_size: int = Field(32, ge=1, le=1024, description="running sequences per step")
     max_model_len: int = Field(2048, ge=16, description="prompt + generated tokens per sequence")
     max_num_batched_tokens: int = Field(2048, ge=16, description="prefill tokens per step (chunking)")
-    kv_cache_blocks: int | None = Field(None, ge=1, description="KV blocks; default from memory")
-    kv_cache_memory_fraction: float = Field(0.5, gt=0, le=0.95)
-    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024)
-    max_queue_size: int = Field(256, ge=1, description="waiting requests before 503")
-    request_timeout_s: float = Field(600.0, gt=0)
+    kv_cache_blocks: int | None = Field(
+        None, ge=1, description="KV cache size in 16-token blocks; unset = memory fraction on CUDA, a full batch on CPU"
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV blocks of prompt prefixes already computed (same adapter version)"
+    )
+    kv_cache_memory_fraction: float = Field(
+        0.5, gt=0, le=0.95, description="share of free GPU memory for the KV cache when kv_cache_blocks is unset"
+    )
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="largest adapter upload (512 MiB)")
+    max_queue_size: int = Field(256, ge=1, description="requests in flight before new ones get 503")
+    request_timeout_s: float = Field(600.0, gt=0, description="per-request limit (504 after it); also the drain limit")
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs on CUDA")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug also logs each request")
     adapter_versions_kept: int = Field(
         3, ge=1, description="versions kept on disk per adapter; older ones are pruned after an upload"
     )
@@ -116,18 +131,25 @@ class Settings(BaseSettings):
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+        flag, help_text = settings_docs.flag_name(name), settings_docs.help_text(name, field)
+        metavar = settings_docs.metavar(field)
         if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif name == "allowed_adapter_dirs":
-            parser.add_argument(flag, dest=name, action="append", default=None, help=field.description)
+            parser.add_argument(flag, dest=name, action="append", default=None, metavar=metavar,
+                                help=help_text + "; repeatable")
         else:
-            parser.add_argument(flag, dest=name, default=None, help=field.description)
+            # No argparse `choices`: the Settings validator rejects bad values with a message naming the setting.
+            parser.add_argument(flag, dest=name, default=None, metavar=metavar, help=help_text)
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
     """Build Settings from env vars, overridden by CLI flags; exit with a message naming the field."""
-    parser = argparse.ArgumentParser(prog="loraplex", description="LoRA adapter inference server")
+    parser = argparse.ArgumentParser(
+        prog="loraplex", description="LoRA adapter inference server. Every setting is a flag and an environment "
+        "variable LORAPLEX_<NAME>; a flag wins over the variable.",
+        epilog="Manage API keys with `loraplex keys --help`.",
+    )
     _add_flags(parser)
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}

@@ -6,7 +6,8 @@ thread. Adapter policy per mode:
 - unmerged: each request holds a GPU slot for its adapter version; one batch mixes adapters.
 - merged: one adapter version is merged into the base weights; only its requests run; when the
   batch drains, the swapper rebuilds the weights for the adapter at the head of the queue.
-- auto: at each drain point, merge if every waiting request uses one adapter, else unmerged.
+- auto: merge while every running and waiting request uses one adapter and the measured saving pays
+  for the swaps (server.engine.auto_mode); unmerge before the next step when other demand arrives.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import torch
 
 from server.config import LoraMode, Settings
+from server.engine.auto_mode import AutoModePolicy
 from server.engine.detokenizer import TokenDecoder, update_text
 from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingError
@@ -65,8 +67,10 @@ class LLMEngine:
         self.slot_table = SlotTable(settings.max_slots, self._load_slot)
         self._draining_key: tuple[str, int] | None = None  # adapter refused new work until its slot frees
         self.swapper = None if self.mode is LoraMode.UNMERGED else MergedSwapper(self.model)
+        self.auto_policy = AutoModePolicy()
         self.scheduler = Scheduler(self.kv_cache, settings.max_batch_size, settings.max_num_batched_tokens,
-                                   self._admit, self._release)
+                                   self._admit, self._release,
+                                   self._prefix_space if settings.enable_prefix_caching else None)
         self.runner = ModelRunner(self.model, self.kv_cache, settings.max_batch_size, self.max_model_len,
                                   use_lora=self.lora_slots is not None,
                                   use_cuda_graphs=settings.cuda_graphs)
@@ -123,6 +127,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns an output for every request that advanced or finished."""
         self._maybe_swap()
+        step_start = time.perf_counter()
         batch = self.scheduler.schedule()
         for request in batch.preempted:
             log.info("preempted %s (KV cache full); it will recompute", request.request_id)
@@ -144,6 +149,7 @@ class LLMEngine:
                 batch.prefill, logits = [], None
             for request, chunk in batch.prefill:
                 request.num_computed_tokens += chunk
+                self.scheduler.register_computed_blocks(request)
                 self.metrics.record_prefill(chunk)
                 if not request.is_prefilling:
                     to_sample.append(request)
@@ -159,6 +165,10 @@ class LLMEngine:
             token_ids, logprobs = self.sampler.sample(logits, to_sample)
             outputs += self._postprocess(to_sample, token_ids, logprobs)
         self._record_state(distinct)
+        if self.mode is LoraMode.AUTO and batch.decode and not batch.prefill:
+            uses_lora = any(r.slot >= 0 for r in batch.decode)
+            if self.merged_active or uses_lora:
+                self.auto_policy.record_step(self.merged_active, time.perf_counter() - step_start)
         return outputs
 
     def _record_state(self, batch_adapters: int | None = None) -> None:
@@ -216,6 +226,13 @@ class LLMEngine:
             self.slot_table.release(request.adapter_key)
             request.slot = -1
 
+    def _prefix_space(self, request: Request) -> bytes:
+        """Prefix-cache namespace: blocks are shared only within one adapter version and weight mode."""
+        from server.engine.prefix_cache import namespace
+
+        merged = self.merged_active and request.adapter_key == (self.swapper.current if self.swapper else None)
+        return namespace(request.adapter_key, merged)
+
     def _load_slot(self, slot: int, weights) -> None:
         start = time.perf_counter()
         self.lora_slots.load(slot, weights)
@@ -223,21 +240,53 @@ class LLMEngine:
         self.metrics.record_resident("gpu", self.slot_table.num_resident + 1)  # + the slot being filled
 
     def _maybe_swap(self) -> None:
-        """At a drain point (nothing running), pick the merged adapter or the unmerged mode."""
-        if self.swapper is None or self.scheduler.running or not self.scheduler.waiting:
+        """Merged mode: at a drain point, merge the adapter at the head of the queue. Auto: see _auto_switch."""
+        if self.swapper is None:
+            return
+        if self.mode is LoraMode.AUTO:
+            self._auto_switch()
+            return
+        if self.scheduler.running or not self.scheduler.waiting:
             return
         head = self.scheduler.waiting[0]
-        if self.mode is LoraMode.AUTO:
-            keys = {r.adapter_key for r in self.scheduler.waiting}
-            self.merged_active = len(keys) == 1 and head.adapter is not None
-            target = head if self.merged_active else None
-        else:
-            target = head
-        key = None if target is None else target.adapter_key
-        if key != self.swapper.current:
-            seconds = self.swapper.swap(key, None if target is None else target.adapter.weights)
-            self.metrics.record_swap("merged", seconds)
-            log.info("merged swap to %s in %.1f ms", key, seconds * 1e3)
+        self._swap_to(head.adapter_key, head.adapter.weights if head.adapter is not None else None)
+
+    def _auto_switch(self) -> None:
+        """Merge or unmerge between steps, without draining (server.engine.auto_mode)."""
+        demand = list(self.scheduler.running) + list(self.scheduler.waiting)
+        if not demand:
+            return
+        keys = {r.adapter_key for r in demand}
+        if self.merged_active:
+            if keys != {self.swapper.current}:  # another adapter or the base model is wanted: unmerge now
+                self._swap_to(None, None)
+                self.merged_active = False
+                for request in list(self.scheduler.running):
+                    slot = self.slot_table.acquire(request.adapter_key, request.adapter.weights)
+                    if slot is None:  # cannot happen with one adapter running; recompute rather than misapply
+                        self.scheduler.preempt(request)
+                    else:
+                        request.slot = slot
+            return
+        if len(keys) != 1 or demand[0].adapter is None:
+            return
+        remaining = max(r.params.max_tokens - len(r.output_token_ids) for r in demand)
+        if not self.auto_policy.should_merge(remaining):
+            return
+        for request in self.scheduler.running:  # their rows now read the merged weights, not a slot
+            if request.slot >= 0:
+                self.slot_table.release(request.adapter_key)
+                request.slot = -1
+        self._swap_to(demand[0].adapter_key, demand[0].adapter.weights)
+        self.merged_active = True
+
+    def _swap_to(self, key, weights) -> None:
+        if key == self.swapper.current:
+            return
+        seconds = self.swapper.swap(key, weights)
+        self.auto_policy.record_swap(seconds)
+        self.metrics.record_swap("merged", seconds)
+        log.info("merged swap to %s in %.1f ms", key, seconds * 1e3)
 
     # ---- outputs ----------------------------------------------------------------------------------
 
@@ -249,6 +298,7 @@ class LLMEngine:
             if logprobs is not None:
                 request.output_logprobs.append(logprobs[row])
             request.num_computed_tokens = request.num_tokens - 1
+            self.scheduler.register_computed_blocks(request)
             self.metrics.record_token(request, now)
             params = request.params
             if (token in params.stop_token_ids) or (not params.ignore_eos and token in self.eos_token_ids):

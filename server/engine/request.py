@@ -134,6 +134,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hash of each full block
+    hash_space: bytes = b""  # the namespace block_hashes were computed in
+    num_registered_blocks: int = 0  # leading blocks offered to the prefix cache
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     prefill_target: int = 0  # tokens to prefill before sampling (prompt, plus outputs after preemption)
     slot: int = -1  # GPU adapter slot while running (unmerged mode); -1 = base only

@@ -38,12 +38,16 @@ class Scheduler:
     """Waiting deque and running list; `admit_fn`/`release_fn` apply the adapter policy."""
 
     def __init__(self, kv_cache: KVCache, max_batch_size: int, max_num_batched_tokens: int,
-                 admit_fn: Callable[[Request], Admission], release_fn: Callable[[Request], None]):
+                 admit_fn: Callable[[Request], Admission], release_fn: Callable[[Request], None],
+                 prefix_space_fn: Callable[[Request], bytes] | None = None):
         self.kv_cache = kv_cache
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.admit_fn = admit_fn
         self.release_fn = release_fn
+        self.prefix_space_fn = prefix_space_fn  # None: no prefix caching
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -81,12 +85,47 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             request.prefill_target = request.num_tokens
             request.num_computed_tokens = 0
+            self._reuse_cached_prefix(request)
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             budget -= self._schedule_chunk(request, budget, batch)
         self.waiting.extendleft(reversed(skipped))
         return batch
+
+    def _reuse_cached_prefix(self, request: Request) -> None:
+        """Take the cached blocks of the longest matching prefix; at least the last token is computed."""
+        if self.prefix_space_fn is None:
+            return
+        size = self.kv_cache.block_size
+        hashes = self.block_hashes(request, (request.num_tokens - 1) // size)
+        blocks = self.kv_cache.match_prefix(hashes)
+        request.block_ids = blocks
+        request.num_registered_blocks = len(blocks)
+        request.num_computed_tokens = len(blocks) * size
+        self.prefix_queried_tokens += len(hashes) * size
+        self.prefix_hit_tokens += len(blocks) * size
+
+    def block_hashes(self, request: Request, num_full_blocks: int) -> list[bytes]:
+        from server.engine.prefix_cache import extend_block_hashes
+
+        space = self.prefix_space_fn(request)
+        if space != request.hash_space:
+            request.hash_space, request.block_hashes = space, []
+        return extend_block_hashes(request.block_hashes, request.all_token_ids, space, num_full_blocks,
+                                   self.kv_cache.block_size)[:num_full_blocks]
+
+    def register_computed_blocks(self, request: Request) -> None:
+        """Offer the request's newly completed blocks to the prefix cache."""
+        if self.prefix_space_fn is None or request.status is not RequestStatus.RUNNING:
+            return
+        full = min(request.num_computed_tokens // self.kv_cache.block_size, len(request.block_ids))
+        if full <= request.num_registered_blocks:
+            return
+        hashes = self.block_hashes(request, full)
+        for index in range(request.num_registered_blocks, full):
+            self.kv_cache.register(request.block_ids[index], hashes[index])
+        request.num_registered_blocks = full
 
     def _schedule_chunk(self, request: Request, budget: int, batch: ScheduledBatch) -> int:
         chunk = min(request.prefill_target - request.num_computed_tokens, budget)
@@ -148,3 +187,4 @@ class Scheduler:
         self.kv_cache.free(request.block_ids)
         request.block_ids = []
         request.num_computed_tokens = 0
+        request.num_registered_blocks = 0

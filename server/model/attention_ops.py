@@ -93,3 +93,71 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
 
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
     return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def prefill_attention_torch(q, k, v, k_cache, v_cache, prefill_seqs, fresh_groups, scale: float) -> torch.Tensor:
+    """Causal prefill attention, torch SDPA: one call per group of equal-length fresh prompts
+    (``fresh_groups``: [num_seqs, length] token rows), one per other sequence (a chunk after a cached
+    prefix reads the prefix from the cache). q [T, Hq, D], k/v [T, Hkv, D] of this step's tokens."""
+    from torch.nn import functional as F
+
+    out = torch.empty_like(q)
+    for rows in fresh_groups or ():
+        qs, ks, vs = (t[rows].transpose(1, 2) for t in (q, k, v))  # [num_seqs, heads, length, D]
+        attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        out[rows] = attended.transpose(1, 2)
+    for seq in _ungrouped(prefill_seqs, fresh_groups):
+        rows = slice(seq.q_start, seq.q_start + seq.q_len)
+        qs = q[rows].transpose(0, 1)  # [heads, q_len, D]
+        if seq.ctx_len == seq.q_len:  # no cached prefix: attend to this chunk, causally
+            ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+            mask, causal = None, True
+        else:  # chunked prefill: the prefix comes from the cache
+            ks, vs = _gather_context(k_cache, v_cache, seq.block_table, seq.ctx_len)
+            q_pos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len, device=q.device)
+            mask = torch.arange(seq.ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+            causal = False
+        out[rows] = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+        ).transpose(0, 1)
+    return out
+
+
+def prefill_attention(q, k, v, k_cache, v_cache, prefill_seqs, fresh_groups, scale: float) -> torch.Tensor:
+    """Prefill attention (semantics of prefill_attention_torch). On CUDA, groups of two or more fresh
+    prompts of equal length keep one SDPA call each (flash kernels); every other sequence, whatever its
+    length or cached prefix, goes to one Triton launch (server.model.triton_prefill_attention) instead
+    of a call each. The chunk's K/V must already be in the cache."""
+    kernel_shapes = q.shape[-1] in (64, 128) and k_cache.shape[1] in (16, 32)
+    if not (q.is_cuda and kernel_shapes and triton_available()):
+        return prefill_attention_torch(q, k, v, k_cache, v_cache, prefill_seqs, fresh_groups, scale)
+    from server.model.triton_prefill_attention import prefill_attention_triton
+
+    shared = [rows for rows in fresh_groups or () if rows.shape[0] > 1]  # shapes are host facts: no sync
+    fresh_counts: dict[int, int] = {}
+    for seq in prefill_seqs:
+        if seq.ctx_len == seq.q_len:
+            fresh_counts[seq.q_len] = fresh_counts.get(seq.q_len, 0) + 1
+    others = [s for s in prefill_seqs if s.ctx_len != s.q_len or fresh_counts[s.q_len] < 2 or not shared]
+    if not shared:
+        return prefill_attention_triton(q, k_cache, v_cache, others, scale)
+    out = prefill_attention_torch(q, k, v, k_cache, v_cache, [], shared, scale)
+    if others:
+        rest = prefill_attention_triton(q, k_cache, v_cache, others, scale)
+        for seq in others:
+            out[seq.q_start : seq.q_start + seq.q_len] = rest[seq.q_start : seq.q_start + seq.q_len]
+    return out
+
+
+def _ungrouped(prefill_seqs, fresh_groups):
+    """The sequences that no fresh group covers (fresh_groups covers every whole, uncached prompt)."""
+    return (s for s in prefill_seqs if fresh_groups is None or s.ctx_len != s.q_len)
+
+
+def _gather_context(k_cache, v_cache, block_table, ctx_len):
+    block_size = k_cache.shape[1]
+    index = (block_table[:, None] * block_size + torch.arange(block_size, device=block_table.device)).flatten()
+    index = index[:ctx_len]
+    ks = k_cache.view(-1, *k_cache.shape[2:])[index].transpose(0, 1)
+    vs = v_cache.view(-1, *v_cache.shape[2:])[index].transpose(0, 1)
+    return ks, vs

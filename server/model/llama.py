@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from server.model.attention_ops import paged_decode_attention, write_kv_cache
+from server.model import glue_ops
+from server.model.attention_ops import paged_decode_attention, prefill_attention
 from server.model.lora import LoraContext, LoraLinear
 from server.model.quant import make_linear
 
@@ -109,9 +110,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if x.dim() != 2:  # Qwen3's per-head q/k norms: [T, heads, D]
+            return glue_ops.rmsnorm_reference(x, self.weight, self.eps)
+        return glue_ops.rmsnorm(x, self.weight, self.eps)
+
+    def add_forward(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, norm(h + delta)): the residual add fused into this norm."""
+        return glue_ops.add_rmsnorm(h, delta, self.weight, self.eps)
 
 
 def rotary_tables(config: ModelConfig, max_positions: int, device: torch.device) -> torch.Tensor:
@@ -133,13 +138,6 @@ def rotary_tables(config: ModelConfig, max_positions: int, device: torch.device)
     return torch.stack([emb.cos() * scaling, emb.sin() * scaling], dim=1).to(device)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos/sin [T, 1, D]; rotate-half convention of transformers."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
 class Attention(nn.Module):
     """GQA attention over the paged cache, with fused qkv and optional Qwen3 q/k norms."""
 
@@ -158,9 +156,7 @@ class Attention(nn.Module):
         v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope[:, 0:1], rope[:, 1:2]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        write_kv_cache(k, v, k_cache, v_cache, ctx.slot_mapping)
+        q, k = glue_ops.rotary_write_kv(q, k, v, rope, k_cache, v_cache, ctx.slot_mapping)
         if ctx.is_prefill:
             out = self._prefill_attention(q, k, v, ctx, k_cache, v_cache)
         else:
@@ -168,37 +164,7 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(-1, q_size), ctx.lora)
 
     def _prefill_attention(self, q, k, v, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
-        out = torch.empty_like(q)
-        for rows in ctx.fresh_groups or ():  # [num_seqs, length]: one causal call for the group
-            qs, ks, vs = (t[rows].transpose(1, 2) for t in (q, k, v))  # [num_seqs, heads, length, D]
-            attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
-            out[rows] = attended.transpose(1, 2)
-        for seq in ctx.prefill_seqs:
-            if ctx.fresh_groups is not None and seq.ctx_len == seq.q_len:
-                continue  # done above
-            rows = slice(seq.q_start, seq.q_start + seq.q_len)
-            qs = q[rows].transpose(0, 1)  # [heads, q_len, D]
-            if seq.ctx_len == seq.q_len:  # no cached prefix: attend to this chunk, causally
-                ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
-                mask, causal = None, True
-            else:  # chunked prefill: the prefix comes from the cache
-                ks, vs = _gather_context(k_cache, v_cache, seq.block_table, seq.ctx_len)
-                q_pos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len, device=q.device)
-                mask = torch.arange(seq.ctx_len, device=q.device)[None, :] <= q_pos[:, None]
-                causal = False
-            out[rows] = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
-            ).transpose(0, 1)
-        return out
-
-
-def _gather_context(k_cache, v_cache, block_table, ctx_len):
-    block_size = k_cache.shape[1]
-    index = (block_table[:, None] * block_size + torch.arange(block_size, device=block_table.device)).flatten()
-    index = index[:ctx_len]
-    ks = k_cache.view(-1, *k_cache.shape[2:])[index].transpose(0, 1)
-    vs = v_cache.view(-1, *v_cache.shape[2:])[index].transpose(0, 1)
-    return ks, vs
+        return prefill_attention(q, k, v, k_cache, v_cache, ctx.prefill_seqs, ctx.fresh_groups, self.scale)
 
 
 class MLP(nn.Module):
@@ -209,8 +175,7 @@ class MLP(nn.Module):
         self.gate_up_proj, self.down_proj = gate_up, down
 
     def forward(self, x, lora: LoraContext | None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, lora)
+        return self.down_proj(glue_ops.silu_mul(self.gate_up_proj(x, lora)), lora)
 
 
 class DecoderLayer(nn.Module):
@@ -219,9 +184,13 @@ class DecoderLayer(nn.Module):
         self.self_attn, self.mlp = attn, mlp
         self.input_layernorm, self.post_attention_layernorm = input_norm, post_norm
 
-    def forward(self, h, rope, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, ctx, k_cache, v_cache)
-        return h + self.mlp(self.post_attention_layernorm(h), ctx.lora)
+    def forward(self, h, pending, rope, ctx: StepContext, k_cache, v_cache):
+        """h: the residual stream; pending: the previous layer's MLP output not yet added to it (None
+        before the first layer). Returns (h, this layer's MLP output): each residual add is fused into
+        the norm that follows it."""
+        h, x = (h, self.input_layernorm(h)) if pending is None else self.input_layernorm.add_forward(h, pending)
+        h, x = self.post_attention_layernorm.add_forward(h, self.self_attn(x, rope, ctx, k_cache, v_cache))
+        return h, self.mlp(x, ctx.lora)
 
 
 class CausalLM(nn.Module):
@@ -258,9 +227,10 @@ class CausalLM(nn.Module):
         """input_ids/positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
         h = F.embedding(input_ids, self.embed_tokens)
         rope = self.rope[positions]
+        pending = None
         for layer, (k_cache, v_cache) in zip(self.layers, self.kv_cache, strict=True):
-            h = layer(h, rope, ctx, k_cache, v_cache)
-        return self.norm(h)
+            h, pending = layer(h, pending, rope, ctx, k_cache, v_cache)
+        return self.norm(h) if pending is None else self.norm.add_forward(h, pending)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden] -> float32 logits [n, vocab]."""

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,15 @@ class LoadedModel:
     config: ModelConfig
     model_id: str
     hf_dir: Path
+
+
+@contextlib.contextmanager
+def load_phase(name: str, detail: str = "") -> Iterator[None]:
+    """Log the start and the duration of one loading phase, so a slow start-up is not taken for a hang."""
+    log.info("loading: %s%s ...", name, f" ({detail})" if detail else "")
+    start = time.perf_counter()
+    yield
+    log.info("loading: %s done in %.1f s", name, time.perf_counter() - start)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -149,7 +159,10 @@ def _read_safetensors(hf_dir: Path, device: torch.device) -> dict[str, torch.Ten
     for path in tqdm(files, desc="reading weights", disable=len(files) < 2):
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                tensors[name] = f.get_tensor(name)
+                tensor = f.get_tensor(name)
+                # On the CPU a tensor from safe_open keeps the whole file mapped (and counted in RSS) for as
+                # long as any one of them lives, e.g. the embedding; a copy lets the mapping go (-300 MB).
+                tensors[name] = tensor.clone() if device.type == "cpu" else tensor
     return tensors
 
 
@@ -161,9 +174,13 @@ def load_hf_dir(
 
     hf_config = AutoConfig.from_pretrained(hf_dir)
     config = ModelConfig.from_hf(hf_config)
-    weights = _read_safetensors(hf_dir, device)
-    model = CausalLM.from_weights(config, weights, dtype=dtype, device=device, quantize=quantize)
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    with load_phase("read", f"safetensors from {hf_dir} to {device}"):
+        weights = _read_safetensors(hf_dir, device)
+    build = "quantize" if quantize else "build"
+    with load_phase(build, f"{config.num_layers} layers, {'NF4' if quantize else str(dtype)} linears"):
+        model = CausalLM.from_weights(config, weights, dtype=dtype, device=device, quantize=quantize)
+    with load_phase("tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     return LoadedModel(model, tokenizer, config, model_id or hf_dir.name, hf_dir)
 
 
@@ -172,15 +189,20 @@ def load_model(
     served_model_name: str | None = None,
 ) -> LoadedModel:
     """Load `model` ('embedded', a .gguf file, or an HF dir) per the server settings."""
+    start = time.perf_counter()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if model == "embedded":
-        hf_dir, model_id = convert_gguf(embedded_gguf_path(), cache_dir), EMBEDDED_NAME
-    elif model.endswith(".gguf"):
-        hf_dir, model_id = convert_gguf(Path(model), cache_dir), Path(model).stem
+    if model == "embedded" or model.endswith(".gguf"):
+        gguf_path = embedded_gguf_path() if model == "embedded" else Path(model)
+        with load_phase("convert", f"{gguf_path.name} to safetensors under {cache_dir}; cached after the first run"):
+            hf_dir = convert_gguf(gguf_path, cache_dir)
+        model_id = EMBEDDED_NAME if model == "embedded" else gguf_path.stem
     else:
         hf_dir, model_id = Path(model), Path(model).name
-    return load_hf_dir(
+    loaded = load_hf_dir(
         hf_dir, device=dev, dtype=torch_dtype, quantize=quantization == "nf4",
         model_id=served_model_name or model_id,
     )
+    log.info("loading: model loaded in %.1f s; next: KV cache and engine start (\"engine ready\" when done)",
+             time.perf_counter() - start)
+    return loaded

@@ -1,6 +1,5 @@
 """Which kernel multiplies by an NF4 weight on CUDA, chosen by the rows (tokens) in the batch.
 
-- ``gemv``: one row, the Triton GEMV (server.model.triton_nf4_gemv);
 - ``fused``: few rows, the fused dequantize-in-registers Triton matmul (server.model.triton_nf4);
 - ``dequant``: prefill-sized batches, dequantize into one reused 16-bit scratch buffer and let cuBLAS
   multiply (server.model.triton_nf4_dequant); the buffer holds one layer, never the whole model;
@@ -13,7 +12,6 @@ The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESUL
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 
@@ -26,7 +24,7 @@ from server.model.nf4_layout import codes_as_words
 # the CUDA tensor-core kernel ("mma") takes 1-32 rows (gate_up: 47 µs at 1 row vs bnb 54, fused 105;
 # 78 µs at 32 rows vs fused 141-154, dequant 154); from 33 rows dequant + cuBLAS (at 64 rows it ties
 # mma on gate_up and wins on qkv/o). Without the CUDA extension (no nvcc, pre-Ampere, or
-# LORAPLEX_NF4_KERNEL=triton): bnb at 1-2 rows (0.92 / 1.41 of bf16; our Triton GEMV 1.41, fused 1.72),
+# LORAPLEX_NF4_KERNEL=triton): bnb at 1-2 rows (0.92 / 1.41 of bf16; fused 1.72),
 # fused Triton to 32 rows, dequant beyond. bnb's one-row GEMV is not exact to the fp32 semantics (max
 # error 4.9e-3 of the output's range against 3.3e-3 for ours).
 WITH_CUDA_KERNEL: tuple[tuple[int | None, str], ...] = ((32, "mma"), (None, "dequant"))
@@ -89,20 +87,10 @@ def nf4_linear_cuda(
     """y = x @ dequant(W)^T (+ bias), semantics of nf4_ops.nf4_matmul_reference, by the fastest kernel."""
     name = kernel or kernel_for_rows(x.shape[0])
     out_features, in_features = shape
-    if name == "gemv" and x.shape[0] == 1:
-        from server.model import triton_nf4_gemv
-        from server.model.triton_nf4 import device_num_sms
+    if name == "fused":
+        from server.model.triton_nf4 import nf4_matmul_triton
 
-        out = torch.empty(1, out_features, device=x.device, dtype=x.dtype)
-        return triton_nf4_gemv.nf4_gemv_triton(x.contiguous(), codes_as_words(codes), absmax_f, shape, code_table,
-                                               out, bias=bias, num_sms=device_num_sms(x.device.index or 0))
-    if name in ("fused", "gemv"):
-        from server.model.triton_nf4 import device_num_sms, nf4_matmul_triton, pick_config
-
-        config = pick_config(x.shape[0], out_features, in_features, device_num_sms(x.device.index or 0))
-        if x.shape[0] > 16:  # the word layout measured faster at 32 rows (2.11 vs 2.45), equal below
-            config = dataclasses.replace(config, layout="words")
-        return nf4_matmul_triton(x, codes, absmax_f, shape, code_table, bias=bias, config=config)
+        return nf4_matmul_triton(x, codes, absmax_f, shape, code_table, bias=bias)
     if name == "mma":
         from server.model import cuda_nf4
         from server.model.triton_nf4 import device_num_sms

@@ -5,18 +5,21 @@ Semantics: as ``nf4_ops.nf4_matmul_reference`` (each weight dequantized in fp32 
 x.dtype); only the float summation order differs.
 
 How: one program owns an output tile ``[BLOCK_N, BLOCK_T]`` (weights on the MMA M side, so decode's
-few tokens sit on the small N side) and a K range. Per 64-element quant block it loads the
-``[BLOCK_N, 32]`` packed bytes once (``evict_first``: streamed), looks the high (even k) and low
-(odd k) nibbles up in the 16-entry fp32 table with a ``tl.load`` gather (L1-resident; works in the
-interpreter and compiled), scales by the block's absmax in fp32, interleaves the two halves back
-into k order, rounds to x.dtype and ``tl.dot``s the ``[BLOCK_N, 64]`` tile against x's
-``[64, BLOCK_T]`` columns. Of the lookups compiled to sm_90 PTX (Triton 3.9, no GPU here), this
-gather took the fewest instructions: a ``tl.gather`` on a register table lowers to ~4 warp shuffles
-per element and a 15-select ``tl.where`` tree to ~2.8x the instructions. When there are too few
-output tiles to fill the GPU, the K range is split over SPLIT_K programs that write fp32 partials,
-summed (plus bias, cast) by a second small kernel. No host syncs or copies and no autotuning (the
-config is picked from the shapes on the host), so calls are CUDA-graph capturable once compiled:
-warm up before capturing.
+few tokens sit on the small N side) and a K range. Per 64-element quant block it loads the codes of
+its rows as 8 little-endian 32-bit words (``evict_first``: streamed); nibble j of a word is element
+``8 * word + j`` at shift ``4 * (j ^ 1)`` (bnb puts even k in the high nibble), so the nibbles expand
+straight into k order. Each is looked up in the 16-entry fp32 table with a ``tl.load`` gather
+(L1-resident), scaled by the block's absmax in fp32, rounded to x.dtype, and the ``[BLOCK_N, 64]``
+tile is ``tl.dot``-ed against x's ``[64, BLOCK_T]`` columns. When there are too few output tiles to
+fill the GPU, the K range is split over SPLIT_K programs that write fp32 partials, summed (plus bias,
+cast) by server.model.triton_split_k. No host syncs or copies and no autotuning (the config is picked
+from the shapes on the host), so calls are CUDA-graph capturable once compiled: warm up first.
+
+Since 2026-12-01 the dispatch (server.model.nf4_dispatch) uses this kernel only where the CUDA
+tensor-core kernel does not build; compiled for sm_90 it issues 10-14 instructions per weight (two
+64-bit address ops per gather, a register -> shared -> register layout change before each wgmma),
+which is why it runs at 1.7-2.1x the time of bf16 cuBLAS (bench/NOTES.md). The older byte-layout
+variant, which interleaved even and odd halves, measured the same or slower and was removed.
 
 Decode (T <= 64) is the target. Prefill-sized T runs the same kernel with larger T tiles and reads
 the codes once per T tile; it is correct but untuned, and a caller may prefer dequantize + cuBLAS.
@@ -33,7 +36,6 @@ import triton.language as tl
 
 from server.model.nf4_layout import (
     NF4_BLOCKSIZE,
-    codes_as_bytes,
     codes_as_words,
     validate_matmul_args,
     validate_nf4_layout,
@@ -52,9 +54,6 @@ class Nf4KernelConfig:
     k_groups: int  # 64-element quant blocks unrolled per loop step (more bytes in flight)
     split_k: int  # programs sharing one output tile's K range
     num_warps: int = 4
-    # "bytes": the original kernel (byte loads, even/odd halves interleaved back into k order);
-    # "words": 32-bit words of 8 nibbles expanded straight into k order (no interleave).
-    layout: str = "bytes"
     # Software pipelining (>= 2) turns the table gathers into 4-byte cp.async copies through shared
     # memory (~90-200 KB of it at these tiles, PTX for sm_90): 1 keeps them L1 loads.
     num_stages: int = 1
@@ -62,64 +61,12 @@ class Nf4KernelConfig:
 
 @triton.jit
 def _nf4_matmul_kernel(
-    x_ptr, codes_ptr, absmax_ptr, table_ptr, bias_ptr, out_ptr,
-    num_tokens, out_features, in_features,
-    stride_xt, stride_xk, stride_ot, stride_on,
-    HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, K_GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
-):  # fmt: skip
-    HALF: tl.constexpr = 32  # packed bytes (= even or odd elements) per 64-element quant block
-    pid_n = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
-    offs_j = tl.arange(0, HALF)  # [HALF]: packed bytes of one quant block
-    mask_n = offs_n < out_features
-    mask_t = offs_t < num_tokens
-    rows = offs_n.to(tl.int64)
-    num_k_blocks = in_features // 64
-    blocks_per_split = num_k_blocks // SPLIT_K
-    code_rows = codes_ptr + rows[:, None] * (in_features // 2) + offs_j[None, :]  # [BLOCK_N, HALF]
-    absmax_rows = absmax_ptr + rows * num_k_blocks  # [BLOCK_N]
-    offs_k = tl.arange(0, 64)  # [64]: one quant block of x columns
-    x_cols = x_ptr + offs_t[None, :].to(tl.int64) * stride_xt + offs_k[:, None] * stride_xk  # [64, BLOCK_T]
-    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    first_block = pid_k * blocks_per_split
-    for block0 in range(first_block, first_block + blocks_per_split, K_GROUPS):
-        for g in tl.static_range(K_GROUPS):
-            block = block0 + g
-            packed = tl.load(code_rows + block * HALF, mask=mask_n[:, None], other=0,
-                             eviction_policy="evict_first").to(tl.int32)  # [BLOCK_N, HALF]
-            scale = tl.load(absmax_rows + block, mask=mask_n, other=0.0)[:, None]  # [BLOCK_N, 1]
-            w_even = tl.load(table_ptr + (packed >> 4)) * scale  # high nibble: even k
-            w_odd = tl.load(table_ptr + (packed & 0xF)) * scale  # low nibble: odd k
-            w = tl.interleave(w_even, w_odd).to(x_ptr.dtype.element_ty)  # [BLOCK_N, 64] in k order
-            xt = tl.load(x_cols + (block * 64) * stride_xk, mask=mask_t[None, :], other=0.0)  # [64, BLOCK_T]
-            if UPCAST_DOT:  # the interpreter cannot tl.dot bf16: same rounded products, fp32 dot
-                w, xt = w.to(tl.float32), xt.to(tl.float32)
-            acc = tl.dot(w, xt, acc)
-    out_mask = mask_n[:, None] & mask_t[None, :]
-    out_offs = offs_t[None, :].to(tl.int64) * stride_ot + offs_n[:, None] * stride_on
-    if WRITE_PARTIAL:  # fp32 partials [SPLIT_K, T, out], contiguous
-        partial_ptr = out_ptr + pid_k.to(tl.int64) * num_tokens * out_features
-        tl.store(partial_ptr + out_offs, acc, mask=out_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _nf4_matmul_words_kernel(
     x_ptr, words_ptr, absmax_ptr, table_ptr, bias_ptr, out_ptr,
     num_tokens, out_features, in_features,
     stride_xt, stride_xk, stride_ot, stride_on,
     HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, K_GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
-    """As _nf4_matmul_kernel, but each quant block's codes are read as 8 words whose nibbles expand
-    straight into k order (nibble j of a word is element j at shift 4 * (j ^ 1)): no interleave."""
     WORDS: tl.constexpr = 8
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -238,13 +185,8 @@ def nf4_matmul_triton(
         triton.cdiv(num_tokens, config.block_t),
         config.split_k,
     )
-    kernel, packed = (
-        (_nf4_matmul_words_kernel, codes_as_words(codes))
-        if config.layout == "words"
-        else (_nf4_matmul_kernel, codes_as_bytes(codes))
-    )
-    kernel[grid](
-        x, packed, absmax_f, code_table, bias_arg, target,
+    _nf4_matmul_kernel[grid](
+        x, codes_as_words(codes), absmax_f, code_table, bias_arg, target,
         num_tokens, out_features, in_features,
         x.stride(0), x.stride(1), stride_ot, stride_on,
         HAS_BIAS=has_bias, WRITE_PARTIAL=is_split, UPCAST_DOT=not x.is_cuda,

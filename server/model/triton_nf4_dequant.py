@@ -2,7 +2,8 @@
 
 Semantics: ``out.view(out_features, in_features) == nf4_dequantize_reference(...).to(out.dtype)``
 exactly (fp32 ``code_table[nibble] * absmax_f[block]``, then one rounding). Reads the codes as 32-bit
-words of 8 nibbles (see triton_nf4_gemv for the nibble order). One pass: 0.5625 byte/param in, 2 out.
+words of 8 nibbles (nibble j of a little-endian word is element 8 * word + j, at shift
+4 * (j ^ 1)). One pass: 0.5625 byte/param in, 2 out.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def _rel_err(got, x, codes, absmax, shape, table, bias):
 
 
 @pytest.mark.parametrize("kernel, rows", [
-    ("gemv", 1), ("fused", 1), ("fused", 3), ("fused", 16), ("fused", 33), ("fused", 64),
+    ("fused", 1), ("fused", 3), ("fused", 16), ("fused", 33), ("fused", 64),
     ("dequant", 65), ("dequant", 300), (None, 1), (None, 7), (None, 128),
     ("mma", 1), ("mma", 2), ("mma", 9), ("mma", 16), ("mma", 31), ("mma", 64),
 ])  # fmt: skip

@@ -267,3 +267,14 @@ def test_drained_adapter_serves_again_when_the_waiting_request_is_aborted(tiny_l
         if late.is_finished:
             break
     assert late.is_finished and len(late.output_token_ids) == 3
+
+
+def test_cpu_kv_cache_default_is_capped_but_holds_one_sequence():
+    from server.engine.kv_cache import CPU_KV_CACHE_BYTES, choose_num_blocks
+
+    cpu = torch.device("cpu")
+    per_block = 1 << 20  # 1 MiB a block
+    assert choose_num_blocks(None, 0.9, per_block, cpu, 32, 8192) == CPU_KV_CACHE_BYTES // per_block
+    assert choose_num_blocks(None, 0.9, 64 << 20, cpu, 32, 8192) == 512  # one 8192-token sequence
+    assert choose_num_blocks(None, 0.9, 1024, cpu, 2, 64) == 8  # small batches are not inflated
+    assert choose_num_blocks(77, 0.9, per_block, cpu, 32, 8192) == 77

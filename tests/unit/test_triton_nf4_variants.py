@@ -1,4 +1,4 @@
-"""The NF4 GEMV, the word-layout fused kernel and the dequantize kernel against the torch reference,
+"""The fused NF4 kernel (word layout) and the dequantize kernel against the torch reference,
 under the Triton interpreter (opt-in: LORAPLEX_TRITON_INTERPRET=1, see tests/unit/triton_interp.py)."""
 
 from __future__ import annotations
@@ -29,20 +29,6 @@ def _assert_close(got, expected, dtype):
     torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("out_features, in_features, config", [
-    (64, 1024, None), (80, 512, (32, 2, 4, 4)), (96, 192, (64, 1, 1, 4)), (40, 256, (32, 4, 1, 4)),
-])  # fmt: skip
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gemv_matches_reference(out_features, in_features, config, dtype):
-    gemv = interpreted("server.model.triton_nf4_gemv")
-    codes, absmax, shape, table = _weight(out_features, in_features, seed=out_features)
-    x = _x(1, in_features, dtype)
-    bias = torch.randn(out_features).to(dtype)
-    out = torch.full((1, out_features), float("nan"), dtype=dtype)
-    gemv.nf4_gemv_triton(x, nf4_layout.codes_as_words(codes), absmax, shape, table, out, bias=bias, config=config)
-    _assert_close(out, nf4_ops.nf4_matmul_reference(x, codes, absmax, shape, table, bias=bias), dtype)
-
-
 @pytest.mark.parametrize("num_tokens, out_features, in_features, tiles", [
     (1, 64, 1024, (16, 32, 2, 4)), (5, 80, 256, (16, 32, 2, 2)), (17, 96, 192, (32, 32, 1, 1)),
 ])  # fmt: skip
@@ -50,7 +36,7 @@ def test_words_kernel_matches_reference(num_tokens, out_features, in_features, t
     triton_nf4 = interpreted("server.model.triton_nf4")
     codes, absmax, shape, table = _weight(out_features, in_features, seed=num_tokens)
     x = _x(num_tokens, in_features, torch.bfloat16)
-    config = triton_nf4.Nf4KernelConfig(*tiles, layout="words")
+    config = triton_nf4.Nf4KernelConfig(*tiles)
     got = triton_nf4.nf4_matmul_triton(x, codes, absmax, shape, table, config=config)
     _assert_close(got, nf4_ops.nf4_matmul_reference(x, codes, absmax, shape, table), torch.bfloat16)
 

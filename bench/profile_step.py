@@ -1,0 +1,109 @@
+"""Where the GPU time of one decode step goes: kernels of CUDA-graph replays grouped by kind.
+
+    python -m bench.profile_step [--model 1b] [--batch 32] [--mode merged] [--out bench/results]
+
+Builds the random-weight NF4 model (as `python -m bench`), runs a batch of greedy requests until every
+row decodes, then profiles 5 decode steps with torch.profiler (CUPTI reports the kernels a graph replay
+launches) and groups device time by kernel kind: NF4 matmul, 16-bit matmul (LM head), attention,
+LoRA, fused glue, other glue (every other small kernel: casts, copies, index ops), sampling. Writes
+``<date>-<device>-<model>-b<batch>-<mode>-profile.json`` with the per-kind totals per step, the top
+kernels, and ``ratios``: decode_step_ms_b<batch>_<model> (GPU time per step) and
+glue_fraction_b<batch>_<model> (non-matmul, non-attention share; issue 13 wants <= 0.10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from bench.results import write_named_result
+
+KINDS = (  # first match wins; lower-case substrings of kernel names
+    ("nf4_matmul", ("nf4_mma", "nf4_matmul", "nf4_gemv", "nf4_dequant", "kgemm_4bit", "dequantize")),
+    ("attention", ("_decode_kernel", "_merge_kernel", "_prefill_kernel", "flash", "attention")),
+    ("lora", ("lora", "sgmv", "bgmv", "shrink", "expand")),
+    ("fused_glue", ("_add_rmsnorm", "_silu_mul", "_rotary_write_kv")),
+    ("sampling", ("sort", "topk", "softmax", "argmax", "cumsum", "multinomial", "exponential")),
+    ("matmul_16bit", ("gemm", "gemv", "cutlass", "cublas", "sm90_xmma", "nvjet")),
+)
+
+
+def kind_of(kernel_name: str) -> str:
+    name = kernel_name.lower()
+    return next((kind for kind, needles in KINDS if any(n in name for n in needles)), "other_glue")
+
+
+def summarize(events: list[tuple[str, float]], steps: int) -> dict:
+    """(kernel name, device µs) events -> per-kind ms per step, glue fraction, top kernels."""
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for name, us in events:
+        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + us
+        by_name[name] = by_name.get(name, 0.0) + us
+    total = sum(by_kind.values())
+    glue = by_kind.get("fused_glue", 0.0) + by_kind.get("other_glue", 0.0)
+    return {
+        "ms_per_step": {k: v / steps / 1000 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "total_ms_per_step": total / steps / 1000,
+        "glue_fraction": glue / total if total else None,
+        "top_kernels_ms_per_step": {
+            n: v / steps / 1000 for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
+        },
+    }
+
+
+def main() -> None:
+    from bench.build import build_engine, kv_blocks_for, loaded_model, our_model, random_adapters, random_hf_model
+    from bench.ours import make_requests
+    from bench.shapes import SHAPES, llama_config
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="1b")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--mode", default="merged", choices=["merged", "unmerged", "mixed32"])
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    config = llama_config(args.model)
+    hf = random_hf_model(config, device, dtype)
+    ours = our_model(hf, device, dtype)
+    del hf
+    torch.cuda.empty_cache()
+    engine_mode = "merged" if args.mode == "merged" else "unmerged"
+    engine = build_engine(loaded_model(ours, config), engine_mode, device, kv_blocks_for(args.batch, 512))
+    refs = random_adapters(SHAPES[args.model], 32 if args.mode == "mixed32" else 1, device)
+    requests = make_requests(config.vocab_size, args.batch, 128, 64, refs)
+    for request in requests:
+        engine.add_request(request)
+    while any(r.is_prefilling for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(3):  # graphs captured, kernels compiled
+        engine.step()
+    torch.cuda.synchronize()
+    steps = 5
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    events = [(e.name, e.device_time) for e in prof.events()
+              if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")
+              and e.device_time > 0]
+    summary = summarize(events, steps)
+    tag = f"b{args.batch}_{args.model}"
+    result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0), "model": args.model,
+              "batch": args.batch, "mode": args.mode, "torch": torch.__version__,
+              "command": f"python -m bench.profile_step --model {args.model} --batch {args.batch} --mode {args.mode}",
+              **summary,
+              "ratios": {f"decode_step_ms_{tag}": summary["total_ms_per_step"],
+                         f"glue_fraction_{tag}": summary["glue_fraction"]}}
+    print(json.dumps({k: result[k] for k in ("ms_per_step", "total_ms_per_step", "glue_fraction")}, indent=1))
+    write_named_result(args.out, result, f"{args.model}-b{args.batch}-{args.mode}-profile")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The NF4-kernels part of bench/RESULTS.md: issue 14's ratios and the per-row-count table, from the
+newest ``*-kernels.json`` (``python -m bench.kernels``) and the newest 8B engine run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from bench.results import Ratio
+
+KERNEL_RATIOS = (
+    Ratio("nf4_over_bf16_m1", "8b", "NF4 linear / bf16 cuBLAS time, 1 row (geomean of the 4 layer shapes)", "<=", 0.45),
+    Ratio("nf4_over_bf16_m16", "8b", "same, 16 rows", "<=", 0.45),
+    Ratio("nf4_over_bf16_m32", "8b", "same, 32 rows", "<=", 0.50),
+    Ratio("nf4_over_bf16_m128", "8b", "same, 128 rows", "<=", 1.0),
+    Ratio("nf4_over_tinygemm_m1", "8b", "NF4 linear / PyTorch tinygemm int4 (g=64) time, 1 row", "<=", 1.0),
+)
+ENGINE_RATIOS = (  # read from the 8B engine run (python -m bench --model 8b)
+    Ratio("b1_tokens_per_s_8b", "8b", "8B batch-1 decode tokens/s (base_b1)", ">=", 300),
+    Ratio("swap_bit_exact", "8b", "merged swaps restore NF4 codes and absmax bit for bit", "==", True),
+    Ratio("swap_ms_8b", "8b", "merged swap, all-linear rank 16, median ms", "<=", 250),
+    Ratio("mixed32_over_merged_8b", "8b", "32 distinct adapters / one merged, tokens/s, batch 32", ">=", 0.80),
+)
+IMPLS = ("ours", "bnb", "tinygemm", "mma", "fused", "fused_bytes", "fused_words", "gemv", "dequant")
+
+
+def newest_kernels(results_dir: Path) -> tuple[str, dict] | None:
+    """(file name, data) of the newest kernels result that carries ratios."""
+    found = []
+    for path in results_dir.glob("*-kernels*.json"):
+        data = json.loads(path.read_text())
+        if data.get("ratios"):
+            found.append(((data.get("date", ""), path.stat().st_size > 0, path.name), path.name, data))
+    if not found:
+        return None
+    newest = max(found, key=lambda f: (f[0][0], f[1].endswith("-kernels.json"), f[1]))
+    return newest[1], newest[2]
+
+
+def _engine_values(runs: dict) -> tuple[str | None, dict]:
+    for name, data in runs.get("8b", []):
+        if "h200" in name or "h100" in name:
+            ours = data.get("ours") or {}
+            ratios = data.get("ratios") or {}
+            return name, {"b1_tokens_per_s_8b": (ours.get("base_b1") or {}).get("tokens_per_s"),
+                          **{k: ratios.get(k) for k in ("swap_bit_exact", "swap_ms_8b", "mixed32_over_merged_8b")}}
+    return None, {}
+
+
+def _row(ratio: Ratio, value, source: str | None) -> str:
+    from bench.report import fmt
+
+    met = ratio.is_met(value)
+    met_text = "—" if met is None else ("yes" if met else "**no**")
+    src = f"`results/{source}`" if source and value is not None else "—"
+    return f"| `{ratio.key}` | {ratio.description} | {ratio.target_text} | {fmt(value)} | {met_text} | {src} |"
+
+
+def kernel_section(results_dir: Path, runs: dict) -> list[str]:
+    newest = newest_kernels(results_dir)
+    lines = ["## NF4 kernels (issue 14)", ""]
+    if newest is None:
+        return lines + ["No `python -m bench.kernels` run committed yet.", ""]
+    name, data = newest
+    lines += [f"Newest kernel run: `results/{name}` ({data.get('device')}, {data.get('date')}, torch "
+              f"{data.get('torch')}, triton {data.get('triton', '?')}; `{data.get('command')}`). Times by CUDA-graph "
+              "replay over enough weight copies to defeat the L2 cache; `ours` is the dispatch loraplex runs.", "",
+              "| ratio | what | target | measured | met | source |", "|---|---|---|---|---|---|"]
+    lines += [_row(r, (data.get("ratios") or {}).get(r.key), name) for r in KERNEL_RATIOS]
+    engine_source, engine = _engine_values(runs)
+    lines += [_row(r, engine.get(r.key), engine_source) for r in ENGINE_RATIOS]
+    lines += ["", "Not yet measured: `prefill_unequal_over_equal_8b` (<= 1.1) and `prefill_tflops_8b` (>= 550).", ""]
+    for model in ("8b", "1b"):
+        layers = [r for r in data.get("layers", []) if r["model"] == model]
+        if not layers:
+            continue
+        present = [i for i in IMPLS if any(i in r["us"] for r in layers)]
+        lines += [f"Time over bf16 cuBLAS, geometric mean over the 4 layer shapes, {model} "
+                  "(lower is better; < 1 beats 16-bit weights):", "",
+                  "| rows | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
+        for rows in sorted({r["rows"] for r in layers}):
+            at = [r for r in layers if r["rows"] == rows]
+            cells = []
+            for impl in present:
+                vals = [r["us"][impl] / r["us"]["bf16"] for r in at if impl in r["us"]]
+                cells.append(f"{math.exp(sum(map(math.log, vals)) / len(vals)):.2f}" if len(vals) == len(at) else "—")
+            lines.append(f"| {rows} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines

@@ -1,0 +1,85 @@
+"""The engine alone, in this process, on the same model dir, adapters and batch as a server load:
+the reference `serve_over_engine_*` divides by. Run after the server has stopped (it frees the GPU).
+
+Like `python -m bench`, the engine gets a tokenizer that decodes nothing (no text is wanted), and
+tokens/s counts from adding the batch to its last token, prefill included, after a warm-up run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from bench.serve.adapters import AdapterFactory, AdapterSpec
+from bench.serve.load import Traffic
+from bench.serve.process import ServerConfig
+
+
+class EngineBench:
+    """One NF4 model loaded from the model dir, shared by the engines of each lora mode."""
+
+    def __init__(self, model_dir: Path, device: str):
+        import torch
+
+        from bench.build import NullTokenizer
+        from server.model.loader import LoadedModel, load_hf_dir, resolve_device, resolve_dtype
+
+        torch.set_grad_enabled(False)
+        self.device = resolve_device(device)
+        self.model_dir = model_dir
+        loaded = load_hf_dir(model_dir, device=self.device, dtype=resolve_dtype("auto", self.device), quantize=True)
+        self.loaded = LoadedModel(loaded.model, NullTokenizer(), loaded.config, loaded.model_id, loaded.hf_dir)
+        self.refs: dict[str, object] = {}
+
+    def adapter_refs(self, factory: AdapterFactory, specs: list[AdapterSpec], names: set[str], max_rank: int):
+        """AdapterRefs of the named adapters, parsed from the same bytes the server was given."""
+        from adapters_store import BaseModelSpec, parse_adapter
+        from server.engine.request import AdapterRef
+
+        spec = BaseModelSpec.from_hf_config(json.loads((self.model_dir / "config.json").read_text()))
+        for index, adapter in enumerate(specs):
+            if adapter.name in names and adapter.name not in self.refs:
+                config, weights = factory.files(adapter, index)
+                _, parsed = parse_adapter(config, weights, spec, max_rank)
+                self.refs[adapter.name] = AdapterRef(adapter.name, 1, parsed)
+        return self.refs
+
+    def measure(self, server: ServerConfig, traffic: Traffic, token_range: tuple[int, int]) -> dict:
+        """Tokens/s and decode step time of one batch of `traffic.concurrency` requests, adapters
+        chosen as the load chose them, in an engine built with the server phase's settings."""
+        from bench.build import kv_blocks_for, release_engine
+        from bench.ours import measure_generation
+        from server.config import LoraMode, Settings
+        from server.engine.engine import LLMEngine
+        from server.engine.request import Request, SamplingParams
+
+        batch = traffic.concurrency
+        settings = Settings(
+            model=str(self.model_dir), device=self.device.type, lora_mode=LoraMode(server.lora_mode),
+            max_slots=server.max_slots, max_rank=server.max_rank, max_batch_size=max(batch, server.max_batch_size),
+            max_model_len=server.max_model_len, max_num_batched_tokens=server.max_num_batched_tokens,
+            kv_cache_blocks=kv_blocks_for(batch, traffic.prompt_len + traffic.output_len),
+            cuda_graphs=self.device.type == "cuda",
+        )
+        engine = LLMEngine(self.loaded, settings)
+        names = traffic.choices(batch)
+        prompts = traffic.prompts(batch, token_range)
+
+        def make() -> list[Request]:
+            rng = random.Random(traffic.seed)
+            return [
+                Request(prompt_token_ids=list(prompt), adapter=self.refs.get(name) if name else None,
+                        params=SamplingParams(max_tokens=traffic.output_len, temperature=traffic.temperature,
+                                              top_p=traffic.top_p, ignore_eos=True,
+                                              seed=rng.randrange(1 << 31) if traffic.temperature > 0 else None))
+                for name, prompt in zip(names, prompts, strict=True)
+            ]
+
+        try:
+            result = measure_generation(engine, make, self.device)
+        finally:
+            release_engine(engine, self.device)
+        result["lora_mode"] = server.lora_mode
+        result["distinct_adapters"] = len(set(names))
+        return result

@@ -1,0 +1,297 @@
+"""Drive the server over HTTP: uploads, closed-loop streaming completions, and latency probes.
+
+A load keeps `concurrency` streams busy until `num_requests` have been sent (a closed loop, as
+vLLM's and SGLang's serving benchmarks do with a fixed concurrency). Each request sends its prompt
+as token ids (so its length is exact) with `ignore_eos`, so every request generates exactly
+`output_len` tokens; the usage chunk (`stream_options.include_usage`) gives the count the server
+reports, and the result says whether it matched.
+
+Timing: TTFT = request sent -> first chunk with a choice; ITL = gaps between successive chunks with
+a choice (one chunk per engine step; tokens per chunk is reported beside it); E2E = request sent ->
+`[DONE]`. Output tok/s = completion tokens of successful requests / wall time of the load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import resource
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import httpx
+
+BASE_MODEL = ""  # an empty adapter name means the base model
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What one load sends."""
+
+    adapters: tuple[str, ...]  # names to choose from; empty = the base model
+    distribution: str = "uniform"  # uniform | zipf | cycle (request i uses adapter i mod n)
+    zipf_s: float = 1.0
+    concurrency: int = 32
+    num_requests: int = 256
+    prompt_len: int = 128
+    output_len: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    max_seconds: float = 300.0  # stop sending new requests after this long
+    api_key: str | None = None  # Bearer key (a tenant of the auth file); None in open mode
+
+    def choices(self, count: int, seed: int | None = None) -> list[str]:
+        """The adapter of each of `count` requests (Zipf ranks follow the order of `adapters`)."""
+        if not self.adapters:
+            return [BASE_MODEL] * count
+        rng = random.Random(self.seed if seed is None else seed)
+        if self.distribution == "cycle":
+            return [self.adapters[i % len(self.adapters)] for i in range(count)]
+        if self.distribution == "uniform":
+            return [rng.choice(self.adapters) for _ in range(count)]
+        if self.distribution == "zipf":
+            weights = [1.0 / (rank + 1) ** self.zipf_s for rank in range(len(self.adapters))]
+            return rng.choices(self.adapters, weights=weights, k=count)
+        raise ValueError(f"unknown distribution {self.distribution!r}")
+
+    def prompt(self, index: int, token_range: tuple[int, int], seed: int | None = None) -> list[int]:
+        """The prompt of request `index`: `prompt_len` random ordinary token ids (made on demand, so a
+        background load of a million requests costs nothing up front)."""
+        rng = random.Random(((self.seed if seed is None else seed) + 1) * 1_000_003 + index)
+        low, high = token_range
+        return [rng.randrange(low, high) for _ in range(self.prompt_len)]
+
+    def prompts(self, count: int, token_range: tuple[int, int], seed: int | None = None) -> list[list[int]]:
+        return [self.prompt(index, token_range, seed) for index in range(count)]
+
+
+@dataclass
+class RequestResult:
+    """What the client saw of one request."""
+
+    adapter: str
+    status: int | str  # HTTP status, or an exception / "stream_error" name
+    sent: float  # perf_counter at send
+    first: float | None = None
+    done: float | None = None
+    chunk_times: list[float] | None = None
+    completion_tokens: int | None = None
+
+
+def event_loop_name() -> str:
+    """The event loop the client runs on: uvloop when installed, else asyncio."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def run_async(coro):
+    """Run `coro` on uvloop when it is installed (a lighter client under many streams), else asyncio."""
+    if event_loop_name() == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    return asyncio.run(coro)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in [0, 100]) of `values`; None when empty."""
+    if not values:
+        return None
+    data = sorted(values)
+    pos = (len(data) - 1) * q / 100.0
+    low = int(pos)
+    high = min(low + 1, len(data) - 1)
+    return data[low] + (data[high] - data[low]) * (pos - low)
+
+
+def _ms_stats(prefix: str, seconds: list[float]) -> dict:
+    ms = [s * 1e3 for s in seconds]
+    return {f"{prefix}_ms_p50": percentile(ms, 50), f"{prefix}_ms_p99": percentile(ms, 99),
+            f"{prefix}_ms_mean": sum(ms) / len(ms) if ms else None}
+
+
+def make_client(url: str, concurrency: int, api_key: str | None = None) -> httpx.AsyncClient:
+    """An async client with a connection per stream and a long read timeout."""
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.AsyncClient(base_url=url, limits=limits, headers=headers,
+                             timeout=httpx.Timeout(900.0, connect=30.0))
+
+
+async def stream_completion(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
+                            temperature: float, top_p: float, seed: int | None = None) -> RequestResult:
+    """One streaming /v1/completions request, timed chunk by chunk. Chunks are classified by cheap
+    substring tests; only the usage chunk and errors are parsed, so the client stays light."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+            "top_p": top_p, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if seed is not None:
+        body["seed"] = seed
+    result = RequestResult(adapter=model, status=0, sent=time.perf_counter(), chunk_times=[])
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            result.status = response.status_code
+            if response.status_code != 200:
+                await response.aread()
+                result.done = time.perf_counter()
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                now = time.perf_counter()
+                if line == "data: [DONE]":
+                    result.done = now
+                    break
+                if '"choices":[{' in line:
+                    result.chunk_times.append(now)
+                    if result.first is None:
+                        result.first = now
+                elif '"error"' in line:
+                    result.status = "stream_error"
+                if '"usage":{' in line:
+                    result.completion_tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    except httpx.HTTPError as err:
+        result.status = type(err).__name__
+    if result.done is None and result.status == 200:
+        result.status = "incomplete_stream"
+    return result
+
+
+async def run_load(url: str, traffic: Traffic, token_range: tuple[int, int], model_for_base: str,
+                   stop: asyncio.Event | None = None) -> dict:
+    """Closed-loop load; returns throughput, latency percentiles and errors by status. A set `stop`
+    ends it early (no new requests; those in flight finish)."""
+    adapters = traffic.choices(traffic.num_requests)
+    results: list[RequestResult] = []
+    next_index = 0
+    async with make_client(url, traffic.concurrency, traffic.api_key) as client:
+        start = time.perf_counter()
+        deadline = start + traffic.max_seconds
+        cpu_start = resource.getrusage(resource.RUSAGE_SELF)
+
+        async def worker(worker_index: int) -> None:
+            nonlocal next_index
+            while (next_index < traffic.num_requests and time.perf_counter() < deadline
+                   and not (stop is not None and stop.is_set())):
+                index = next_index
+                next_index += 1
+                seed = traffic.seed * 100_003 + index if traffic.temperature > 0 else None
+                results.append(await stream_completion(
+                    client, adapters[index] or model_for_base, traffic.prompt(index, token_range), traffic.output_len,
+                    traffic.temperature, traffic.top_p, seed))
+
+        await asyncio.gather(*(worker(i) for i in range(traffic.concurrency)))
+        wall = time.perf_counter() - start
+        cpu_end = resource.getrusage(resource.RUSAGE_SELF)
+    summary = summarize(results, wall, traffic)
+    summary["client_cpu_s"] = round(cpu_end.ru_utime + cpu_end.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime, 2)
+    summary["distinct_adapters"] = len({a for a in adapters[: len(results)]})
+    return summary
+
+
+async def run_with_background(url: str, foreground: Traffic, background: Traffic, token_range: tuple[int, int],
+                              model_for_base: str, head_start_s: float = 2.0) -> dict:
+    """`background` runs from `head_start_s` before `foreground` until it ends: the two-tenant run."""
+    stop = asyncio.Event()
+    behind = asyncio.ensure_future(run_load(url, background, token_range, model_for_base, stop))
+    await asyncio.sleep(head_start_s)
+    front = await run_load(url, foreground, token_range, model_for_base)
+    stop.set()
+    return {**front, "background": await behind}
+
+
+def summarize(results: list[RequestResult], wall: float, traffic: Traffic) -> dict:
+    """Throughput, latency percentiles and errors of one load's requests."""
+    ok = [r for r in results if r.status == 200]
+    tokens = sum(r.completion_tokens or 0 for r in ok)
+    chunks = sum(len(r.chunk_times or []) for r in ok)
+    itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
+    exact = sum(1 for r in ok if r.completion_tokens == traffic.output_len)
+    return {
+        "traffic": {k: v for k, v in traffic.__dict__.items() if k not in ("adapters", "api_key")} | {
+            "num_adapters": len(traffic.adapters)},
+        "requests_sent": len(results), "requests_ok": len(ok), "wall_s": wall,
+        "output_tokens": tokens, "tokens_per_s": tokens / wall if wall > 0 else None,
+        "requests_per_s": len(ok) / wall if wall > 0 else None,
+        "tokens_per_chunk": tokens / chunks if chunks else None,
+        "requests_with_exact_output_len": exact,
+        **_ms_stats("ttft", [r.first - r.sent for r in ok if r.first is not None]),
+        **_ms_stats("itl", itl),
+        **_ms_stats("e2e", [r.done - r.sent for r in ok if r.done is not None]),
+        "errors_by_status": dict(Counter(str(r.status) for r in results if r.status != 200)),
+    }
+
+
+async def upload(client: httpx.AsyncClient, name: str, config: bytes, weights: bytes) -> tuple[int, float, str]:
+    """PUT /v1/adapters/{name} (multipart); returns (status, seconds, body head)."""
+    files = {"adapter_config.json": ("adapter_config.json", config),
+             "adapter_model.safetensors": ("adapter_model.safetensors", weights)}
+    start = time.perf_counter()
+    response = await client.put(f"/v1/adapters/{name}", files=files)
+    return response.status_code, time.perf_counter() - start, response.text[:300]
+
+
+async def upload_all(url: str, files, api_key: str | None = None) -> dict:
+    """Upload every (spec, config, weights) of `files` one after another; timing and errors."""
+    seconds, errors, first_error, total = [], Counter(), {}, 0
+    async with make_client(url, 1, api_key) as client:
+        start = time.perf_counter()
+        for spec, config, weights in files:
+            status, took, text = await upload(client, spec.name, config, weights)
+            if status == 201:
+                seconds.append(took)
+                total += len(weights)
+            else:
+                errors[str(status)] += 1
+                first_error.setdefault(str(status), text)
+        wall = time.perf_counter() - start
+    return {"count": len(seconds), "bytes": total, "wall_s": wall, **_ms_stats("upload", seconds),
+            "errors_by_status": dict(errors), "first_error": first_error}
+
+
+async def upload_to_usable(url: str, files, token_range: tuple[int, int], prompt_len: int,
+                           api_key: str | None = None) -> dict:
+    """For each adapter: upload it, then send a request naming it; seconds from the upload's start to
+    that request's first token (and the upload alone)."""
+    usable, uploads, errors = [], [], Counter()
+    traffic = Traffic(adapters=(), prompt_len=prompt_len)
+    async with make_client(url, 1, api_key) as client:
+        for index, (spec, config, weights) in enumerate(files):
+            start = time.perf_counter()
+            status, took, _ = await upload(client, spec.name, config, weights)
+            if status != 201:
+                errors[f"upload_{status}"] += 1
+                continue
+            prompt = traffic.prompts(1, token_range, seed=10_000 + index)[0]
+            result = await stream_completion(client, spec.name, prompt, 4, 0.0, 1.0)
+            if result.status != 200 or result.first is None:
+                errors[f"request_{result.status}"] += 1
+                continue
+            uploads.append(took)
+            usable.append(result.first - start)
+    return {"count": len(usable), "adapter_bytes": [len(w) for _, _, w in files][:1],
+            **_ms_stats("upload", uploads), **_ms_stats("upload_to_first_token", usable),
+            "errors_by_status": dict(errors)}
+
+
+async def sequential_ttft(url: str, names: list[str], token_range: tuple[int, int], prompt_len: int,
+                          output_len: int = 4, api_key: str | None = None) -> dict:
+    """One request at a time, each naming the next adapter: TTFT of each (cold or warm, by setup)."""
+    traffic = Traffic(adapters=(), prompt_len=prompt_len)
+    ttfts, errors = [], Counter()
+    async with make_client(url, 1, api_key) as client:
+        for index, name in enumerate(names):
+            prompt = traffic.prompts(1, token_range, seed=20_000 + index)[0]
+            result = await stream_completion(client, name, prompt, output_len, 0.0, 1.0)
+            if result.status != 200 or result.first is None:
+                errors[str(result.status)] += 1
+                continue
+            ttfts.append(result.first - result.sent)
+    return {"count": len(ttfts), **_ms_stats("ttft", ttfts), "ttft_ms_all": [t * 1e3 for t in ttfts],
+            "errors_by_status": dict(errors)}

@@ -1,0 +1,58 @@
+"""When `--lora-mode auto` merges an adapter into the base, decided from measured costs, never by draining.
+
+Merged decode steps skip the LoRA ops (at 8B batch 32 on an H200: 11.9 ms against 13.8 ms for 32
+mixed adapters), but only requests of the merged adapter can run, and a swap stalls the whole batch
+(150-230 ms there). So auto merges only while every running and waiting request uses one adapter, and
+only when the time it expects to save before that demand ends pays for the swap in and the swap back:
+
+    gain_per_step * remaining_steps > swap_in + swap_out
+
+`gain_per_step` is the measured difference between unmerged-with-LoRA and merged decode steps (until a
+merged step has been measured, a prior fraction of the unmerged step), `remaining_steps` the most
+tokens any current request may still produce, and the swap time the measured one (zero before the
+first swap, so the first chance to merge is taken and measured). As soon as a request for another
+adapter or the base model arrives, auto unmerges before the next step: nothing waits for a drain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRIOR_LORA_FRACTION = 0.10  # LoRA share of an unmerged step before anything is measured
+EMA_WEIGHT = 0.2
+
+
+@dataclass
+class AutoModePolicy:
+    """Running estimates of step and swap costs, and the merge decision."""
+
+    unmerged_step_s: float | None = None  # decode steps with LoRA rows
+    merged_step_s: float | None = None
+    swap_s: float = 0.0  # one swap (in or out)
+
+    def record_step(self, merged: bool, seconds: float) -> None:
+        if merged:
+            self.merged_step_s = _ema(self.merged_step_s, seconds)
+        else:
+            self.unmerged_step_s = _ema(self.unmerged_step_s, seconds)
+
+    def record_swap(self, seconds: float) -> None:
+        self.swap_s = seconds if self.swap_s == 0.0 else _ema(self.swap_s, seconds)
+
+    @property
+    def gain_per_step_s(self) -> float:
+        if self.unmerged_step_s is None:
+            return 0.0
+        if self.merged_step_s is None:
+            return PRIOR_LORA_FRACTION * self.unmerged_step_s
+        return max(0.0, self.unmerged_step_s - self.merged_step_s)
+
+    def should_merge(self, remaining_steps: int) -> bool:
+        """Merge now, given that the current demand (one adapter) lasts about `remaining_steps` steps."""
+        if self.swap_s == 0.0:
+            return remaining_steps > 1  # never measured: merge once to learn the costs
+        return self.gain_per_step_s * remaining_steps > 2.0 * self.swap_s
+
+
+def _ema(previous: float | None, value: float) -> float:
+    return value if previous is None else (1.0 - EMA_WEIGHT) * previous + EMA_WEIGHT * value

@@ -1,0 +1,87 @@
+"""The non-matmul work of a decoder layer ("glue"): torch references and the fused-kernel dispatch.
+
+A decode step's GPU time was ~2 ms of small unfused kernels at 1B batch 32 (H200 profile, issue 13):
+norms in fp32 with casts, rotary, the activation, residual adds and the KV-cache write, each several
+launches. Each op here is one Triton kernel on CUDA (server.model.triton_glue) and this torch code
+elsewhere; both compute the same function, up to float rounding order.
+
+Semantics (x.dtype = model dtype; every "rounded" is a cast to it):
+    add_rmsnorm(h, delta, w):  h2 = rounded(h + delta)
+                               y  = rounded(w * rounded(h2.f32 * rsqrt(mean(h2.f32 ** 2) + eps)))
+                               -> (h2, y);   rmsnorm(x, w) is the same with no add.
+    silu_mul(gate_up [T, 2I]): gate, up = halves;  rounded(rounded(silu(gate.f32)) * up)
+    rotary_write_kv(q, k, v, rope, caches, slots): q, k [T, H, D] rotated in place,
+                               x <- rounded(x.f32 * cos + rotate_half(x).f32 * sin), rotate_half(x) = (-x2, x1);
+                               then k, v stored at cache slot slots[t] (block * block_size + offset), -1 = skip.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, N] -> rounded(weight * rounded(x.f32 * rsqrt(mean(x.f32^2) + eps)))."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] -> silu(gate) * up [T, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D]; cos/sin [T, 1, D]; rotate-half convention of transformers."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def _kernels(x: torch.Tensor):
+    """The Triton glue module when x is on CUDA and triton imports, else None."""
+    if not x.is_cuda:
+        return None
+    try:
+        from server.model import triton_glue
+    except ImportError:
+        return None
+    return triton_glue
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    kernels = _kernels(x)
+    if kernels is None:
+        return rmsnorm_reference(x, weight, eps)
+    return kernels.add_rmsnorm(x, None, weight, eps)[1]
+
+
+def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(h + delta, rmsnorm(h + delta)): the residual add fused into the next norm."""
+    kernels = _kernels(h)
+    if kernels is None:
+        h = h + delta
+        return h, rmsnorm_reference(h, weight, eps)
+    return kernels.add_rmsnorm(h, delta, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    kernels = _kernels(gate_up)
+    return silu_mul_reference(gate_up) if kernels is None else kernels.silu_mul(gate_up)
+
+
+def rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping):
+    """Rotate q and k ([T, H, D] views) and store k, v in the paged cache; returns the rotated (q, k)."""
+    kernels = _kernels(q)
+    if kernels is None:
+        from server.model.attention_ops import write_kv_cache
+
+        cos, sin = rope[:, 0:1], rope[:, 1:2]
+        q, k = apply_rotary_reference(q, cos, sin), apply_rotary_reference(k, cos, sin)
+        write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        return q, k
+    kernels.rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping)
+    return q, k

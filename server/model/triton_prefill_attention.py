@@ -1,0 +1,115 @@
+"""Variable-length prefill attention over the paged cache in one launch per layer (Triton).
+
+Semantics (as ``attention_ops.prefill_attention_torch``): sequence s has q_len[s] new query rows
+starting at row q_start[s] of q, and ctx_len[s] tokens in the cache once this chunk is written (its
+cached prefix, then the chunk itself: the caller writes the chunk's K/V before attending). Query row j
+of s sits at position p = ctx_len - q_len + j and attends, causally, to cache positions 0..p of its
+block table; query head h reads kv head h // group. Softmax in fp32, output in q.dtype.
+
+How: a flat list of (sequence, first query row) tiles of BLOCK_M rows, built on the host, is the grid's
+first axis and query heads its second, so prompts of any length mix in one launch (no padding to the
+longest). Each program streams key/value tiles of BLOCK_N positions through the block table with an
+online softmax, and stops at its last row's position: the causal work only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, tile_seq_ptr, tile_row_ptr, q_start_ptr, q_len_ptr, ctx_len_ptr,
+    qk_scale, group,
+    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_tables,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(tile_seq_ptr + tile)
+    first_row = tl.load(tile_row_ptr + tile)
+    q_start = tl.load(q_start_ptr + seq)
+    q_len = tl.load(q_len_ptr + seq)
+    ctx_len = tl.load(ctx_len_ptr + seq)
+    kv_head = head // group
+    rows = first_row + tl.arange(0, BLOCK_M)  # query rows within the chunk
+    row_mask = rows < q_len
+    q_pos = ctx_len - q_len + rows  # absolute positions
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q_start + rows.to(tl.int64))[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                mask=row_mask[:, None], other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max, log2 domain
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    num_keys = tl.minimum(ctx_len, ctx_len - q_len + first_row + BLOCK_M)  # up to the tile's last position
+    table = tables_ptr + seq.to(tl.int64) * stride_tables
+    for start in range(0, num_keys, BLOCK_N):
+        positions = start + tl.arange(0, BLOCK_N)
+        is_key = positions < num_keys
+        blocks = tl.load(table + positions // BLOCK_SIZE, mask=is_key, other=0).to(tl.int64)
+        offsets = positions % BLOCK_SIZE
+        k = tl.load(k_ptr + blocks[:, None] * stride_kb + offsets[:, None] * stride_kt + kv_head * stride_kh
+                    + dims[None, :], mask=is_key[:, None], other=0.0)
+        v = tl.load(v_ptr + blocks[:, None] * stride_vb + offsets[:, None] * stride_vt + kv_head * stride_vh
+                    + dims[None, :], mask=is_key[:, None], other=0.0)
+        if UPCAST_DOT:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        allowed = (positions[None, :] <= q_pos[:, None]) & is_key[None, :]
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past q_len see no key at all
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + (q_start + rows.to(tl.int64))[:, None] * stride_ot + head * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def prefill_attention_triton(
+    q: torch.Tensor,  # [T, Hq, D] (last dim contiguous)
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    seqs: list,  # PrefillSeq: q_start, q_len, ctx_len, block_table
+    scale: float,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Attention output [T, Hq, D] for every prefill row, one launch."""
+    out = torch.empty_like(q)
+    if not seqs:
+        return out
+    device = q.device
+    tile_seq, tile_row = [], []
+    for i, seq in enumerate(seqs):
+        for row in range(0, seq.q_len, block_m):
+            tile_seq.append(i)
+            tile_row.append(row)
+    max_blocks = max(s.block_table.numel() for s in seqs)
+    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32, device=device)
+    for i, seq in enumerate(seqs):
+        tables[i, : seq.block_table.numel()] = seq.block_table.to(device=device, dtype=torch.int32)
+    meta = torch.tensor([tile_seq, tile_row], dtype=torch.int32).to(device)
+    per_seq = torch.tensor([[s.q_start for s in seqs], [s.q_len for s in seqs], [s.ctx_len for s in seqs]],
+                           dtype=torch.int32).to(device)
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    _prefill_kernel[(len(tile_seq), num_q_heads)](
+        q, k_cache, v_cache, out, tables, meta[0], meta[1], per_seq[0], per_seq[1], per_seq[2],
+        scale * _LOG2E, num_q_heads // k_cache.shape[2],
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), tables.stride(0),
+        HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, UPCAST_DOT=not q.is_cuda,
+        num_warps=4 if head_dim <= 64 else 8, num_stages=2 if q.is_cuda else 1,
+    )  # fmt: skip
+    return out

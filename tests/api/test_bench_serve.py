@@ -1,0 +1,65 @@
+"""`python -m bench.serve` end to end on the tiny shape: real server subprocesses, HTTP uploads and
+streams, the engine alone, and the result JSON's fields. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.serve.__main__ import main
+
+SMALL = ["--model", "tiny", "--device", "cpu", "--requests", "6", "--concurrency", "3", "--prompt-len", "12",
+         "--output-len", "5"]
+LOAD_FIELDS = ("tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "e2e_ms_p50",
+               "e2e_ms_p99", "errors_by_status", "requests_ok", "output_tokens")
+
+
+def run_bench(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "results"
+    assert main([*SMALL, "--out", str(out), "--cache-dir", str(tmp_path.parent / "bench-serve-cache"), *args]) == 0
+    (path,) = out.glob("*.json")
+    data = json.loads(path.read_text())
+    assert data["errors"] == {}, data["errors"]
+    for key in ("date", "timestamp", "device", "command", "versions", "config", "build", "server", "engine"):
+        assert key in data, key
+    assert data["benchmark"] == "serve" and data["shape"] == "tiny" and "model" not in data  # not a bench.report run
+    return data
+
+
+def check_load(load: dict, num_requests: int, output_len: int) -> None:
+    for field in LOAD_FIELDS:
+        assert field in load, field
+    assert load["errors_by_status"] == {}
+    assert load["requests_ok"] == num_requests
+    assert load["requests_with_exact_output_len"] == num_requests  # ignore_eos makes lengths exact
+    assert load["output_tokens"] == num_requests * output_len
+
+
+def test_c32_preset_on_tiny(tmp_path):
+    data = run_bench(tmp_path, "--preset", "c32", "--num-adapters", "3")
+    server, engine = data["server"], data["engine"]
+    assert server["unmerged/upload"]["count"] == 3
+    for name in ("greedy", "sampled"):
+        check_load(server[f"unmerged/{name}"], 6, 5)
+        assert server[f"unmerged/{name}"]["distinct_adapters"] == 3
+        assert engine[f"unmerged/{name}"]["tokens_per_s"] > 0
+        assert engine[f"unmerged/{name}"]["decode_step_ms_median"] > 0
+    assert server["unmerged/sampled"]["traffic"]["temperature"] == 1.0
+    assert server["unmerged/upload_to_usable"]["count"] == 4
+    assert server["unmerged/upload_to_usable"]["upload_to_first_token_ms_p50"] > 0
+    assert server["unmerged/start"]["exit_code"] == 0  # drained and stopped cleanly
+    ratios = data["ratios"]
+    for key in ("serve_over_engine_tiny_c32", "itl_p50_over_step_tiny_c32", "sampled_over_greedy_tiny_c32"):
+        assert isinstance(ratios[key], float), key
+
+
+def test_cold_warm_preset_on_tiny(tmp_path):
+    data = run_bench(tmp_path, "--preset", "cold-warm", "--num-adapters", "2")
+    server = data["server"]
+    assert server["serve/upload_to_usable"]["count"] == 2
+    assert server["serve/cold_upload"]["count"] == 2
+    assert server["serve/restart"]["exit_code"] == 0
+    assert server["serve/cold"]["count"] == server["serve/warm"]["count"] == 2
+    assert server["serve/cold"]["errors_by_status"] == server["serve/warm"]["errors_by_status"] == {}
+    for key in ("cold_ttft_extra_ms_tiny_r16", "upload_to_usable_ms_tiny_r16"):
+        assert isinstance(data["ratios"][key], float), key

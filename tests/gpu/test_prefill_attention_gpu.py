@@ -1,0 +1,31 @@
+"""One-launch varlen prefill attention on CUDA against the per-sequence SDPA path (bf16)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from server.model.attention_ops import prefill_attention, prefill_attention_torch  # noqa: E402
+from tests.unit.test_prefill_attention import _case  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("lengths, prefixes, head_dim", [
+    ([300, 17, 2048, 5], [0, 0, 0, 0], 128), ([64, 64, 31], [0, 0, 500], 64), ([1000, 200], [48, 0], 128),
+])  # fmt: skip
+def test_dispatch_matches_sdpa(lengths, prefixes, head_dim):
+    q, k, v, k_cache, v_cache, seqs = _case(lengths, prefixes, num_q_heads=32, num_kv_heads=8, head_dim=head_dim)
+    q, k, v, k_cache, v_cache = (t.to("cuda", torch.bfloat16) for t in (q, k, v, k_cache, v_cache))
+    seqs = [type(s)(s.q_start, s.q_len, s.ctx_len, s.block_table.cuda()) for s in seqs]
+    by_len: dict[int, list[int]] = {}
+    for s in seqs:
+        if s.ctx_len == s.q_len:
+            by_len.setdefault(s.q_len, []).append(s.q_start)
+    groups = [(torch.tensor(st)[:, None] + torch.arange(n)[None, :]).cuda() for n, st in by_len.items()]
+    expected = prefill_attention_torch(q, k, v, k_cache, v_cache, seqs, groups, head_dim**-0.5)
+    got = prefill_attention(q, k, v, k_cache, v_cache, seqs, groups, head_dim**-0.5)
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)

@@ -1,0 +1,85 @@
+"""The pieces of bench.serve that need no server: tokenizer, adapters, traffic, ratios."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import torch
+
+from adapters_store import BaseModelSpec, parse_adapter
+from bench.serve.adapters import AdapterFactory, adapter_nbytes, adapter_specs
+from bench.serve.load import Traffic, percentile
+from bench.serve.modeldir import build_tokenizer
+from bench.serve.scenarios import derive_ratios
+from bench.shapes import llama_config, shape_facts
+
+
+def test_tokenizer_has_the_model_vocab_and_round_trips(tmp_path):
+    tokenizer = build_tokenizer("1b", tmp_path)
+    assert len(tokenizer) == 128256
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (128000, 128001)
+    text = "Hello world, naïve café 123!"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_adapters_are_valid_distinct_peft_files():
+    shape = shape_facts(llama_config("tiny"))
+    factory = AdapterFactory(shape, max_rank=32)
+    spec = BaseModelSpec.from_hf_config(llama_config("tiny"))
+    hashes = set()
+    for index, adapter in enumerate(adapter_specs(4, [8, 32])):
+        config, weights = factory.files(adapter, index)
+        parsed_config, parsed = parse_adapter(config, weights, spec, max_rank=32)
+        assert parsed.rank == adapter.rank and len(parsed_config["target_modules"]) == 7
+        a, b = parsed.tensors[0, "q_proj"]
+        assert bool(b.abs().sum() > 0) and bool(a.abs().sum() > 0)
+        assert len(weights) > adapter_nbytes(shape, adapter.rank, torch.bfloat16)
+        hashes.add(hash(weights))
+    assert len(hashes) == 4
+
+
+def test_traffic_distributions():
+    names = tuple(f"a{i}" for i in range(32))
+    assert Traffic(adapters=names, distribution="cycle").choices(64) == list(names) * 2
+    counts = Counter(Traffic(adapters=names, distribution="zipf").choices(4000))
+    assert counts["a0"] > 5 * counts["a31"]
+    assert Traffic(adapters=()).choices(2) == ["", ""]
+    prompts = Traffic(adapters=(), prompt_len=7).prompts(3, (3, 10))
+    assert all(len(p) == 7 and all(3 <= t < 10 for t in p) for p in prompts)
+
+
+def test_percentile_and_ratios():
+    assert percentile([], 50) is None
+    assert percentile([1.0, 2.0, 3.0], 50) == 2.0
+    data = {"server": {f"{m}/{t}": {"tokens_per_s": v} for m, v in (("unmerged", 100.0), ("merged", 80.0),
+                                                                   ("auto", 90.0))
+                       for t in ("zipf", "uniform", "single")}}
+    ratios = derive_ratios("lora-modes", "1b", data)
+    assert ratios["auto_over_best_zipf_1b"] == 0.9
+    assert json.dumps(derive_ratios("c32", "1b", {}))  # missing figures give nulls, not errors
+
+
+def test_fairness_keys_file_is_one_the_server_reads(tmp_path):
+    from bench.serve.phases import write_auth_file
+    from bench.serve.scenarios import tenant_key
+    from server.api.auth import KeyRing
+
+    ring = KeyRing.from_file(write_auth_file(tmp_path / "keys.toml", ("light", "heavy")))
+    assert ring.authenticate(tenant_key("heavy")).tenant == "heavy"
+    assert "admin" in ring.authenticate(tenant_key("light")).scopes
+
+
+def test_seed_store_writes_mixed_ranks_once(tmp_path):
+    from adapters_store import AdapterStore
+    from bench.serve.adapters import seed_store
+    from bench.serve.modeldir import build_model_dir
+
+    model_dir, _ = build_model_dir("tiny", tmp_path / "cache")
+    factory = AdapterFactory(shape_facts(llama_config("tiny")), max_rank=16)
+    specs = adapter_specs(6, [8, 16])
+    first = seed_store(model_dir, tmp_path / "store", factory, specs, 16, 1 << 30)
+    again = seed_store(model_dir, tmp_path / "store", factory, specs, 16, 1 << 30)
+    assert (first["written"], again["written"]) == (6, 0)
+    store = AdapterStore(tmp_path / "store", BaseModelSpec.from_hf_config(llama_config("tiny")), 16, 1 << 30)
+    assert sorted((r.name, r.rank, r.version) for r in store.list()) == sorted((s.name, s.rank, 1) for s in specs)

@@ -1,0 +1,51 @@
+"""CPU checks of the NF4 dispatch's choices (the kernels themselves are tested in tests/gpu)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from server.model import cuda_nf4, nf4_dispatch
+
+
+@pytest.mark.parametrize("rows, expected", [(1, "mma"), (32, "mma"), (33, "dequant"), (4096, "dequant")])
+def test_rows_pick_the_measured_kernel(rows, expected):
+    assert nf4_dispatch.kernel_for_rows(rows, nf4_dispatch.WITH_CUDA_KERNEL) == expected
+
+
+@pytest.mark.parametrize("rows, expected", [(1, "bnb"), (2, "bnb"), (3, "fused"), (32, "fused"), (64, "dequant")])
+def test_triton_only_table(rows, expected):
+    assert nf4_dispatch.kernel_for_rows(rows, nf4_dispatch.TRITON_ONLY) == expected
+
+
+@pytest.mark.parametrize("out_features, in_features", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
+                                                        (3072, 2048), (576, 576)])
+@pytest.mark.parametrize("rows, warps, resident", [(1, 2, 12), (16, 4, 4), (32, 4, 4), (64, 4, 2)])
+def test_split_k_fills_waves_within_bounds(out_features, in_features, rows, warps, resident):
+    split = cuda_nf4.pick_split_k(rows, out_features, in_features, 132, warps, resident)
+    num_blocks = in_features // 64
+    assert split == 1 or (split & (split - 1) == 0 and num_blocks // split >= 4)
+    assert 8 * split * rows * out_features <= max(8 * rows * out_features, out_features * in_features // 4 * 2)
+    ctas = math.ceil(math.ceil(out_features / 16) / warps) * split
+    waves = ctas / (resident * 132)
+    fill = waves / math.ceil(waves) if waves >= 1 else waves
+    if split > 1:  # a split is only taken when it fills its waves better than no split
+        ctas1 = math.ceil(math.ceil(out_features / 16) / warps)
+        waves1 = ctas1 / (resident * 132)
+        assert fill > (waves1 / math.ceil(waves1) if waves1 >= 1 else waves1)
+
+
+def test_kernel_section_reports_targets(tmp_path):
+    import json
+
+    from bench.report_kernels import kernel_section
+
+    layers = [{"model": "8b", "layer": name, "rows": rows, "us": {"bf16": 10.0, "ours": 5.0 * (1 + rows / 64)}}
+              for name in ("qkv", "o", "gate_up", "down") for rows in (1, 16)]
+    (tmp_path / "2026-12-01-gpu-kernels.json").write_text(json.dumps({
+        "date": "2026-12-01", "device": "GPU", "command": "python -m bench.kernels", "layers": layers,
+        "ratios": {"nf4_over_bf16_m1": 0.51, "nf4_over_bf16_m16": 0.62}}))
+    text = "\n".join(kernel_section(tmp_path, {}))
+    assert "| `nf4_over_bf16_m1` |" in text and "| 0.51 | **no** |" in text
+    assert "| 16 | 0.62 |" in text  # 5 * 1.25 / 10
