@@ -19,7 +19,8 @@ from tests.api.helpers import BASE_ID, REPO_ROOT, free_port, spawn_server, uploa
 PROMPT = "Hello world"
 NUM_TOKENS = 16  # greedy, ignore_eos: a fixed-length output that tells the adapters apart
 HANG_BOUND_S = 30.0  # every request of a scenario must answer (or fail) within this
-HEALTH_BOUND_S = 2.0  # the longest /health round trip tolerated during an attack (2 shared cores)
+HEALTH_BOUND_S = 5.0  # the longest /health round trip tolerated during an attack: a stall detector, since
+# CI shares 2 cores (load average 14 seen here); the figure itself goes into the run summary
 RSS_GROWTH_BOUND_MIB = 300  # RSS after a storm may exceed RSS before it by at most this much
 IDLE_BOUND_S = 10.0  # after a storm the engine must be empty (aborts reached it) within this
 

@@ -1,5 +1,7 @@
-"""Concurrent identical requests over adapters that keep being evicted (max_cpu_adapters=1), with
-disconnects: the scenario that killed the engine thread for good (issue 9, defect 1)."""
+"""Concurrent identical requests over adapters that keep being evicted (max_cpu_adapters=1, and two GPU
+slots for five models), with disconnects: the scenario that killed the engine thread for good (issue 9,
+defect 1). Also in merged mode, where every change of adapter is a swap of the base weights (a base
+request at the head of the queue used to fail the whole step there)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.chaos.harness import (
     HANG_BOUND_S,
@@ -22,8 +25,9 @@ NUM_ROUNDS = 3
 NUM_IDENTICAL = 10  # identical requests per adapter and round, fired together
 
 
-def test_identical_requests_over_evicted_adapters(chaos_server, tiny_adapters, tmp_path, record_figures):
-    server = chaos_server(tmp_path / "store", max_cpu_adapters=1)
+@pytest.mark.parametrize("lora_mode", ["unmerged", "merged"])
+def test_identical_requests_over_evicted_adapters(chaos_server, tiny_adapters, tmp_path, record_figures, lora_mode):
+    server = chaos_server(tmp_path / "store", max_cpu_adapters=1, max_slots=2, lora_mode=lora_mode)
     with server.client() as client:
         references = reference_outputs(client, tiny_adapters)
     expected = expected_outputs(references)
