@@ -2,7 +2,7 @@
 
     python -m tests.chaos.probe http://127.0.0.1:PORT 0.02
 
-prints `<monotonic time> <seconds> <status>` per probe, or `<monotonic time> error <reason>`, until
+prints `<start time> <seconds> <status>` per probe, or `<failure time> error <reason>` (time.monotonic), until
 SIGTERM. Standard library only, so it starts in a fraction of a second."""
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def main(url: str, interval_s: float) -> None:
             response.read()
             print(f"{started:.6f} {time.monotonic() - started:.6f} {response.status}", flush=True)
         except (OSError, http.client.HTTPException) as exc:
-            print(f"{started:.6f} error {type(exc).__name__}: {exc}".replace("\n", " "), flush=True)
+            failed = time.monotonic()  # a probe cut by a kill fails after the kill, though it started before
+            print(f"{failed:.6f} error {type(exc).__name__}: {exc}".replace("\n", " "), flush=True)
             connection.close()
             time.sleep(0.5)
             continue
