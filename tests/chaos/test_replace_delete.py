@@ -99,7 +99,8 @@ def test_replace_and_delete_under_load(chaos_server, tiny_adapters, tmp_path, re
                 if outcome == 404:
                     time.sleep(0.02)  # deleted for now: do not spin on quick 404s
 
-    upload(server.client(), "hot", tiny_adapters[sources[0]])  # op 0, so every request has a version to see
+    with server.client() as client:  # op 0, so every request has a version to see
+        upload(client, "hot", tiny_adapters[sources[0]])
     log.ops.append(("put", sources[0]))
     log.num_completed = 1
     rss_before = server.rss_mib()
