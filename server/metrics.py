@@ -1,13 +1,19 @@
 """Every Prometheus metric, defined once. Names follow vLLM so its dashboards and the Gateway API
-Inference Extension work unchanged; loraplex_* metrics are our own."""
+Inference Extension work unchanged; loraplex_* metrics are our own. Like vLLM, no family emits a
+`_created` series.
+
+vllm:prefix_cache_queries counts the prompt tokens looked up, vllm:prefix_cache_hits those whose KV
+blocks the automatic prefix cache supplied (server.engine.kv_cache).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
 BASE_LABEL, OTHER_LABEL = "base", "other"
 _SHARED_LABELS = frozenset((BASE_LABEL, OTHER_LABEL))
@@ -54,6 +60,91 @@ generation_tokens = Counter(
 request_success = Counter(
     "vllm:request_success", "Finished requests", ["model_name", "finished_reason"], registry=REGISTRY
 )
+
+# vLLM's request_latency_buckets, for the per-request phase times below.
+_REQUEST_PHASE_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                          120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+num_preemptions = Counter(
+    "vllm:num_preemptions", "Cumulative number of preemption from the engine.", ["model_name"], registry=REGISTRY
+)
+iteration_tokens = Histogram(
+    "vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", ["model_name"],
+    buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), registry=REGISTRY,
+)
+request_params_n = Histogram(
+    "vllm:request_params_n", "Histogram of the n request parameter.", ["model_name"],
+    buckets=(1, 2, 5, 10, 20), registry=REGISTRY,
+)
+request_inference_time_seconds = Histogram(
+    "vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.",
+    ["model_name"], buckets=_REQUEST_PHASE_BUCKETS, registry=REGISTRY,
+)
+request_prefill_time_seconds = Histogram(
+    "vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
+    ["model_name"], buckets=_REQUEST_PHASE_BUCKETS, registry=REGISTRY,
+)
+request_decode_time_seconds = Histogram(
+    "vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
+    ["model_name"], buckets=_REQUEST_PHASE_BUCKETS, registry=REGISTRY,
+)
+prefix_cache_queries = Counter(
+    "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", ["model_name"],
+    registry=REGISTRY,
+)
+prefix_cache_hits = Counter(
+    "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+    ["model_name"], registry=REGISTRY,
+)
+CACHE_CONFIG_LABELS = ("model_name", "block_size", "cache_dtype", "enable_prefix_caching", "gpu_memory_utilization",
+                       "num_gpu_blocks", "num_cpu_blocks", "swap_space")
+cache_config_info = Gauge(
+    "vllm:cache_config_info", "Information of the LLMEngine CacheConfig", list(CACHE_CONFIG_LABELS),
+    registry=REGISTRY,
+)
+
+
+def build_1_2_5_buckets(max_value: int) -> list[int]:
+    """vLLM's token-count buckets: 1, 2, 5, 10, 20, 50, ... up to max_value."""
+    buckets, exponent = [], 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > max_value:
+                return buckets
+            buckets.append(value)
+        exponent += 1
+
+
+class _LengthHistograms:
+    """vllm:request_prompt_tokens, request_generation_tokens and request_params_max_tokens: their
+    buckets (vLLM's 1-2-5 ladder up to max_model_len) are known only once an engine starts, so they are
+    (re)made then; `get()` returns the current three."""
+
+    NAMES = (("vllm:request_prompt_tokens", "Number of prefill tokens processed."),
+             ("vllm:request_generation_tokens", "Number of generation tokens processed."),
+             ("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter."))
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._families: tuple[Histogram, ...] = ()
+        self._max_model_len: int | None = None
+
+    def configure(self, max_model_len: int) -> None:
+        with self._lock:
+            if max_model_len == self._max_model_len:
+                return
+            for family in self._families:
+                REGISTRY.unregister(family)
+            buckets = build_1_2_5_buckets(max_model_len)
+            self._families = tuple(Histogram(name, doc, ["model_name"], buckets=buckets, registry=REGISTRY)
+                                   for name, doc in self.NAMES)
+            self._max_model_len = max_model_len
+
+    def get(self) -> tuple[Histogram, ...]:
+        return self._families
+
+
+length_histograms = _LengthHistograms()
 
 
 class AdapterLabelCounter(Counter):

@@ -1,5 +1,9 @@
 """Adapter management: upload (new version), list, inspect, delete; vLLM's load/unload aliases.
 
+The aliases answer as vLLM does: plain text `Success: LoRA adapter '<name>' added successfully.` (or
+`removed`) and 400 for an adapter that cannot be loaded (missing files, invalid config or weights);
+loading an existing name stores a new version, as an upload does.
+
 Uploads are multipart with parts `adapter_config.json` + `adapter_model.safetensors`, or one
 `archive` part (.tar.gz or .zip). The body is counted while it is read and refused with 413 as soon
 as it passes max_upload_bytes; nothing becomes visible until the store has validated and committed it.
@@ -12,11 +16,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters_store import (
     NAME_RE,
+    AdapterError,
     AdapterNotFoundError,
     AdapterStorageFullError,
     InvalidAdapterNameError,
@@ -201,19 +207,29 @@ def _allowed_path(state: ServerState, raw_path: str) -> Path:
     return path
 
 
-@router.post("/load_lora_adapter", response_model=AdapterOut,
+@router.post("/load_lora_adapter", response_class=PlainTextResponse,
              summary="vLLM alias: store an adapter from a server path")
-async def load_lora_adapter(body: LoadLoraRequest, state: StateDep, caller: AdminCaller) -> dict:
+async def load_lora_adapter(body: LoadLoraRequest, state: StateDep, caller: AdminCaller) -> PlainTextResponse:
     _writable(state, caller, body.lora_name, param="lora_name")
     path = _allowed_path(state, body.lora_path)
     try:
-        record = await asyncio.to_thread(state.store.put_dir, body.lora_name, path, caller.tenant)
+        await asyncio.to_thread(state.store.put_dir, body.lora_name, path, caller.tenant)
     except AdapterStorageFullError as exc:
         raise _storage_full(exc) from None
+    except AdapterError as exc:
+        if exc.status_code >= 500:
+            raise
+        raise APIError(400, f"Loading lora {body.lora_name} failed: {exc}", param="lora_path") from None
     await _after_change(state, body.lora_name)
-    return record.to_public()
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/unload_lora_adapter", summary="vLLM alias: delete an adapter")
-async def unload_lora_adapter(body: UnloadLoraRequest, state: StateDep, caller: AdminCaller) -> dict:
-    return await _delete(body.lora_name, state, caller)
+@router.post("/unload_lora_adapter", response_class=PlainTextResponse, summary="vLLM alias: delete an adapter")
+async def unload_lora_adapter(body: UnloadLoraRequest, state: StateDep, caller: AdminCaller) -> PlainTextResponse:
+    try:
+        await _delete(body.lora_name, state, caller)
+    except APIError as exc:
+        if exc.status_code != 404:
+            raise
+        raise APIError(404, f"The lora adapter '{body.lora_name}' cannot be found.", param="lora_name") from None
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -1,7 +1,9 @@
-"""TGI / LoRAX-style routes: POST /generate and POST /generate_stream.
+"""TGI / LoRAX-style routes: POST /generate, POST /generate_stream, and TGI's root route POST /
+(`stream` picks one; huggingface_hub's InferenceClient(base_url).text_generation posts there).
 
 Sampling follows TGI: greedy unless `do_sample` is true or temperature/top_p/top_k ask for
-sampling. `details` adds finish reason, token count, seed and per-token logprobs.
+sampling. `details` adds finish reason, token count, seed and per-token logprobs, and with
+`top_n_tokens` the likeliest alternatives of each token.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 
 from server.api.deps import GenerateCaller, StateDep
-from server.api.errors import ERROR_RESPONSES
+from server.api.errors import ERROR_RESPONSES, APIError
 from server.api.generation import Generation, SSEResponse, resolve_model, stream_events
 from server.api.prompts import reject_invalid_text
-from server.api.schemas import GenerateParameters, GenerateRequest
+from server.api.schemas import CompatGenerateRequest, GenerateParameters, GenerateRequest
 from server.api.state import ServerState
 from server.engine.request import FinishReason, RequestOutput, SamplingParams
 
@@ -31,9 +33,11 @@ def _sampling_params(p: GenerateParameters) -> SamplingParams:
         top_p=p.top_p or 1.0,
         top_k=p.top_k or 0,
         repetition_penalty=p.repetition_penalty or 1.0,
+        frequency_penalty=p.frequency_penalty or 0.0,
         seed=p.seed,
         stop=list(p.stop),
         logprobs=True,
+        top_logprobs=p.top_n_tokens or 0,
     )
 
 
@@ -44,17 +48,21 @@ async def _start(state: ServerState, caller, body: GenerateRequest) -> Generatio
     prompt_ids = await state.prompts.encode_text(body.inputs, "inputs")
     if params.truncate:
         prompt_ids = prompt_ids[-params.truncate:]
+    sampling = _sampling_params(params)
+    total, context = len(prompt_ids) + sampling.max_tokens, state.max_model_len
+    if len(prompt_ids) < context < total:  # a prompt too long alone: Generation says so
+        raise APIError(400, f"`inputs` tokens + `max_new_tokens` must be <= {context}. Given: {len(prompt_ids)} "
+                       f"`inputs` tokens and {sampling.max_tokens} `max_new_tokens`", param="max_new_tokens")
     request_id = f"gen-{uuid.uuid4().hex}"
-    return await Generation.start(state, caller, prompt_ids, _sampling_params(params), adapter, request_id,
-                                  "inputs")
+    return await Generation.start(state, caller, prompt_ids, sampling, adapter, request_id, "inputs")
 
 
 class _Tokens:
     """TGI token objects for each output (text on the last token of a multi-token output)."""
 
     def __init__(self, state: ServerState):
-        tokenizer = state.engine.tokenizer
-        self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self.tokenizer = state.engine.tokenizer
+        self.special_ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
         self.eos_ids = state.engine.engine.eos_token_ids
 
     def render(self, output: RequestOutput) -> list[dict]:
@@ -64,6 +72,11 @@ class _Tokens:
              "special": token in self.special_ids}
             for i, (token, logprob) in enumerate(zip(ids, logprobs, strict=False))
         ]
+
+    def render_top(self, output: RequestOutput) -> list[list[dict]]:
+        """top_n_tokens: for each new token, its alternatives, likeliest first."""
+        return [[{"id": t, "text": self.tokenizer.decode([t]), "logprob": v, "special": t in self.special_ids}
+                 for t, v in alternatives] for alternatives in output.new_top_logprobs or []]
 
     def finish_reason(self, output: RequestOutput) -> str:
         if output.finish_reason is FinishReason.LENGTH:
@@ -87,6 +100,8 @@ async def generate(body: GenerateRequest, state: StateDep, caller: GenerateCalle
             "prefill": [],
             "tokens": [t for o in outputs for t in tokens.render(o)],
         }
+        if body.parameters.top_n_tokens:
+            response["details"]["top_tokens"] = [t for o in outputs for t in tokens.render_top(o)]
     return response
 
 
@@ -95,12 +110,14 @@ async def generate_stream(body: GenerateRequest, state: StateDep, caller: Genera
     generation = await _start(state, caller, body)
     tokens = _Tokens(state)
     prefix = body.inputs if body.parameters.return_full_text else ""
+    with_top = bool(body.parameters.top_n_tokens)
 
     async def events() -> AsyncIterator[dict]:
         text, index = prefix, 0
         async for output in generation.outputs():
             text += output.new_text
             rendered = tokens.render(output)
+            tops = tokens.render_top(output) if with_top else []
             for position, token in enumerate(rendered):
                 index += 1
                 last = output.finished and position == len(rendered) - 1
@@ -108,8 +125,19 @@ async def generate_stream(body: GenerateRequest, state: StateDep, caller: Genera
                 if last and body.parameters.details:
                     details = {"finish_reason": tokens.finish_reason(output),
                                "generated_tokens": generation.completion_tokens, "seed": body.parameters.seed}
-                yield {"index": index, "token": token, "generated_text": text if last else None,
-                       "details": details}
+                event = {"index": index, "token": token, "generated_text": text if last else None,
+                         "details": details}
+                if with_top:
+                    event["top_tokens"] = tops[position] if position < len(tops) else []
+                yield event
 
     return SSEResponse(stream_events(generation, events(), done_marker=False),
                        headers={"X-Request-Id": generation.request.request_id})
+
+
+@router.post("/", summary="TGI's root route: /generate, or /generate_stream when stream is true")
+async def compat_generate(body: CompatGenerateRequest, state: StateDep, caller: GenerateCaller,
+                          http_request: Request):
+    if body.stream:
+        return await generate_stream(body, state, caller)
+    return [await generate(body, state, caller, http_request)]  # TGI answers a list of one

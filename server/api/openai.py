@@ -2,7 +2,9 @@
 
 Streaming responses are OpenAI chunks (`data: {...}`) ending with `data: [DONE]`; with
 `stream_options.include_usage` every chunk carries `"usage": null` and a last chunk with no choices
-carries the usage. Logprobs are those of the chosen tokens; `top_logprobs` lists only the chosen one.
+carries the usage; with `continuous_usage_stats` every chunk carries the usage so far instead.
+Logprobs are those of the model's raw distribution: the chosen token's, and with `logprobs=k`
+(completions) or `top_logprobs=k` (chat) the k likeliest tokens at each step.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from server.api.deps import Caller, GenerateCaller, StateDep
-from server.api.errors import ERROR_RESPONSES
+from server.api.errors import ERROR_RESPONSES, APIError
 from server.api.generation import Generation, SSEResponse, resolve_model, stream_events
 from server.api.prompts import reject_invalid_text
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -26,8 +28,8 @@ from server.engine.request import RequestOutput, SamplingParams
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 
 
-def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int,
-                     logprobs: bool) -> SamplingParams:
+def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: bool,
+                     top_logprobs: int) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -42,12 +44,21 @@ def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens
         stop=body.stop_list,
         stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens,
+        allowed_token_ids=None if body.allowed_token_ids is None else sorted(set(body.allowed_token_ids)),
         logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        cache_salt=body.cache_salt,
     )
 
 
-def _usage(generation: Generation) -> dict:
-    prompt, completion = generation.prompt_tokens, generation.completion_tokens
+def _check_request(body: CompletionRequest | ChatCompletionRequest) -> None:
+    """Cross-field rules of the OpenAI and vLLM servers (400 naming the field)."""
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options can only be set when stream is true", param="stream_options")
+
+
+def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -55,108 +66,174 @@ def _finish_reason(output: RequestOutput) -> str | None:
     return output.finish_reason.value if output.finished and output.finish_reason else None
 
 
-def _token_texts(tokenizer, token_ids: list[int]) -> list[str]:
-    return [tokenizer.decode([token]) for token in token_ids]
+class _TokenText:
+    """How logprob entries name tokens: their text, or 'token_id:<id>' (return_tokens_as_token_ids)."""
+
+    def __init__(self, tokenizer, as_ids: bool):
+        self.tokenizer, self.as_ids = tokenizer, as_ids
+
+    def __call__(self, token: int) -> str:
+        return f"token_id:{token}" if self.as_ids else self.tokenizer.decode([token])
+
+
+def _steps(outputs: list[RequestOutput]):
+    """(token id, logprob, alternatives) of every new token of `outputs`."""
+    for output in outputs:
+        tops = output.new_top_logprobs or [[] for _ in output.new_token_ids]
+        yield from zip(output.new_token_ids, output.new_logprobs or [], tops, strict=False)
 
 
 class _CompletionLogprobs:
-    """Accumulates the legacy completions `logprobs` object, chunk by chunk."""
+    """Accumulates the legacy completions `logprobs` object, chunk by chunk. Each `top_logprobs`
+    entry maps the k likeliest tokens (and the chosen one, as vLLM does) to their logprobs."""
 
-    def __init__(self, tokenizer, with_top: bool):
-        self.tokenizer, self.with_top, self.offset = tokenizer, with_top, 0
+    def __init__(self, name: _TokenText, offset: int = 0):
+        self.name, self.offset = name, offset
 
     def render(self, outputs: list[RequestOutput]) -> dict:
-        tokens, values, offsets = [], [], []
-        for output in outputs:
-            for text, value in zip(_token_texts(self.tokenizer, output.new_token_ids),
-                                   output.new_logprobs or [], strict=False):
-                tokens.append(text)
-                values.append(value)
-                offsets.append(self.offset)
-                self.offset += len(text)
-        top = [{t: v} for t, v in zip(tokens, values, strict=True)] if self.with_top else None
-        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": top, "text_offset": offsets}
+        tokens, values, offsets, tops = [], [], [], []
+        for token, value, alternatives in _steps(outputs):
+            text = self.name(token)
+            tokens.append(text)
+            values.append(value)
+            offsets.append(self.offset)
+            tops.append({**{self.name(t): v for t, v in alternatives}, text: value})
+            self.offset += len(text)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _chat_logprobs(tokenizer, outputs: list[RequestOutput], with_top: bool) -> dict:
-    content = []
-    for output in outputs:
-        for text, value in zip(_token_texts(tokenizer, output.new_token_ids), output.new_logprobs or [],
-                               strict=False):
-            entry = {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
-            entry["top_logprobs"] = [dict(entry)] if with_top else []
-            content.append(entry)
+def _chat_logprobs(name: _TokenText, outputs: list[RequestOutput]) -> dict:
+    def entry(token: int, value: float) -> dict:
+        text = name(token)
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    content = [{**entry(token, value), "top_logprobs": [entry(t, v) for t, v in alternatives]}
+               for token, value, alternatives in _steps(outputs)]
     return {"content": content, "refusal": None}
 
 
 async def _start(state: ServerState, caller, body, adapter, prompt_ids: list[int], max_tokens: int | None,
-                 logprobs: bool, request_id: str, prompt_field: str) -> Generation:
+                 max_tokens_field: str, logprobs: bool, top_logprobs: int, request_id: str,
+                 prompt_field: str) -> Generation:
+    context = state.max_model_len
     if max_tokens is None:
-        max_tokens = max(1, state.max_model_len - len(prompt_ids))
-    params = _sampling_params(body, max_tokens, logprobs)
+        max_tokens = max(1, context - len(prompt_ids))
+    elif len(prompt_ids) < context < len(prompt_ids) + max_tokens:  # a prompt too long alone: Generation says so
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                       f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the {prompt_field}, "
+                       f"{max_tokens} in the completion). Please reduce the length of the {prompt_field} or "
+                       f"{max_tokens_field}.", param=max_tokens_field)
+    params = _sampling_params(body, max_tokens, logprobs, top_logprobs)
     return await Generation.start(state, caller, prompt_ids, params, adapter, request_id, prompt_field)
+
+
+def _truncated(prompt_ids: list[int], body: CompletionRequest | ChatCompletionRequest) -> list[int]:
+    """The last truncate_prompt_tokens tokens of the prompt (vLLM truncates from the left)."""
+    return prompt_ids[-body.truncate_prompt_tokens:] if body.truncate_prompt_tokens else prompt_ids
+
+
+class _Usage:
+    """The `usage` fields of streamed chunks: none, null until the end, or the running count."""
+
+    def __init__(self, body: CompletionRequest | ChatCompletionRequest, generation: Generation):
+        self.body, self.generation = body, generation
+
+    def chunk(self, completion_tokens: int) -> dict:
+        if self.body.continuous_usage:
+            return {"usage": _usage(self.generation.prompt_tokens, completion_tokens)}
+        return {"usage": None} if self.body.include_usage else {}
+
+    def final(self) -> dict | None:
+        if not self.body.include_usage:
+            return None
+        return _usage(self.generation.prompt_tokens, self.generation.completion_tokens)
 
 
 @router.post("/completions", summary="Text completion (OpenAI)")
 async def create_completion(body: CompletionRequest, state: StateDep, caller: GenerateCaller,
                             http_request: Request):
     reject_invalid_text(body)
+    _check_request(body)
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs is not supported: it needs prompt logprobs", param="echo")
     tokenizer = state.engine.tokenizer
     adapter = await resolve_model(state, caller, body.model)
-    prompt_ids = await state.prompts.encode_completion_prompt(body.prompt)
+    prompt_ids = await state.prompts.encode_completion_prompt(body.prompt, body.add_special_tokens)
+    echo = ""
+    if body.echo:
+        text = body.prompt[0] if isinstance(body.prompt, list) and body.prompt else body.prompt
+        is_whole_text = isinstance(text, str) and len(_truncated(prompt_ids, body)) == len(prompt_ids)
+        echo = text if is_whole_text else tokenizer.decode(_truncated(prompt_ids, body))
+    prompt_ids = _truncated(prompt_ids, body)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    generation = await _start(state, caller, body, adapter, prompt_ids, body.max_tokens,
-                              body.logprobs is not None, request_id, "prompt")
-    created, logprobs = int(time.time()), _CompletionLogprobs(tokenizer, bool(body.logprobs))
+    top = body.logprobs or 0
+    generation = await _start(state, caller, body, adapter, prompt_ids, body.max_tokens, "max_tokens",
+                              body.logprobs is not None, top, request_id, "prompt")
+    names = _TokenText(tokenizer, body.return_tokens_as_token_ids)
+    created, logprobs = int(time.time()), _CompletionLogprobs(names, offset=len(echo))
     base = {"id": request_id, "object": "text_completion", "created": created, "model": body.model,
             "system_fingerprint": None}
     headers = {"X-Request-Id": request_id}
 
     async def chunks() -> AsyncIterator[dict]:
+        usage = _Usage(body, generation)
+        if echo:
+            choice = {"index": 0, "text": echo, "finish_reason": None, "logprobs": None}
+            yield {**base, "choices": [choice], **usage.chunk(0)}
         async for output in generation.outputs():
             choice = {"index": 0, "text": output.new_text, "finish_reason": _finish_reason(output),
                       "logprobs": logprobs.render([output]) if body.logprobs is not None else None}
-            yield {**base, "choices": [choice], **({"usage": None} if body.include_usage else {})}
-        if body.include_usage:
-            yield {**base, "choices": [], "usage": _usage(generation)}
+            yield {**base, "choices": [choice], **usage.chunk(output.completion_tokens)}
+        if (final := usage.final()) is not None:
+            yield {**base, "choices": [], "usage": final}
 
     if body.stream:
         return SSEResponse(stream_events(generation, chunks(), done_marker=True), headers=headers)
     outputs = await generation.collect(http_request)
-    choice = {"index": 0, "text": "".join(o.new_text for o in outputs),
+    choice = {"index": 0, "text": echo + "".join(o.new_text for o in outputs),
               "finish_reason": _finish_reason(outputs[-1]),
               "logprobs": logprobs.render(outputs) if body.logprobs is not None else None}
-    return JSONResponse({**base, "choices": [choice], "usage": _usage(generation)}, headers=headers)
+    usage = _usage(generation.prompt_tokens, generation.completion_tokens)
+    return JSONResponse({**base, "choices": [choice], "usage": usage}, headers=headers)
 
 
 @router.post("/chat/completions", summary="Chat completion (OpenAI)")
 async def create_chat_completion(body: ChatCompletionRequest, state: StateDep, caller: GenerateCaller,
                                  http_request: Request):
     reject_invalid_text(body)
+    _check_request(body)
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if body.continue_final_message and body.add_generation_prompt:
+        raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true "
+                       "(set add_generation_prompt: false)", param="continue_final_message")
     tokenizer = state.engine.tokenizer
     adapter = await resolve_model(state, caller, body.model)
-    prompt_ids = await state.prompts.encode_chat(body.messages, body.add_generation_prompt)
+    prompt_ids = _truncated(await state.prompts.encode_chat(
+        body.messages, body.add_generation_prompt, continue_final_message=body.continue_final_message,
+        add_special_tokens=body.add_special_tokens, template_kwargs=body.chat_template_kwargs), body)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     max_tokens = body.max_completion_tokens or body.max_tokens
-    generation = await _start(state, caller, body, adapter, prompt_ids, max_tokens, body.logprobs, request_id,
-                              "messages")
-    with_top = bool(body.top_logprobs)
+    max_tokens_field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    generation = await _start(state, caller, body, adapter, prompt_ids, max_tokens, max_tokens_field,
+                              body.logprobs, body.top_logprobs or 0, request_id, "messages")
+    names = _TokenText(tokenizer, body.return_tokens_as_token_ids)
     base = {"id": request_id, "created": int(time.time()), "model": body.model, "system_fingerprint": None}
     headers = {"X-Request-Id": request_id}
 
     async def chunks() -> AsyncIterator[dict]:
         base_chunk = {**base, "object": "chat.completion.chunk"}
-        usage = {"usage": None} if body.include_usage else {}
+        usage = _Usage(body, generation)
         first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None}
-        yield {**base_chunk, "choices": [first], **usage}
+        yield {**base_chunk, "choices": [first], **usage.chunk(0)}
         async for output in generation.outputs():
             choice = {"index": 0, "delta": {"content": output.new_text} if output.new_text else {},
-                      "logprobs": _chat_logprobs(tokenizer, [output], with_top) if body.logprobs else None,
+                      "logprobs": _chat_logprobs(names, [output]) if body.logprobs else None,
                       "finish_reason": _finish_reason(output)}
-            yield {**base_chunk, "choices": [choice], **usage}
-        if body.include_usage:
-            yield {**base_chunk, "choices": [], "usage": _usage(generation)}
+            yield {**base_chunk, "choices": [choice], **usage.chunk(output.completion_tokens)}
+        if (final := usage.final()) is not None:
+            yield {**base_chunk, "choices": [], "usage": final}
 
     if body.stream:
         return SSEResponse(stream_events(generation, chunks(), done_marker=True), headers=headers)
@@ -164,10 +241,11 @@ async def create_chat_completion(body: ChatCompletionRequest, state: StateDep, c
     choice = {
         "index": 0,
         "message": {"role": "assistant", "content": "".join(o.new_text for o in outputs)},
-        "logprobs": _chat_logprobs(tokenizer, outputs, with_top) if body.logprobs else None,
+        "logprobs": _chat_logprobs(names, outputs) if body.logprobs else None,
         "finish_reason": _finish_reason(outputs[-1]),
     }
-    payload = {**base, "object": "chat.completion", "choices": [choice], "usage": _usage(generation)}
+    payload = {**base, "object": "chat.completion", "choices": [choice],
+               "usage": _usage(generation.prompt_tokens, generation.completion_tokens)}
     return JSONResponse(payload, headers=headers)
 
 

@@ -61,6 +61,22 @@ def _message_text(index: int, message: ChatMessage) -> str:
     return "\n".join(texts)
 
 
+def _message_dict(index: int, message: ChatMessage) -> dict:
+    entry = {"role": message.role, "content": _message_text(index, message)}
+    for key in ("name", "tool_call_id"):
+        if getattr(message, key) is not None:
+            entry[key] = getattr(message, key)
+    return entry
+
+
+# apply_chat_template's own arguments: chat_template_kwargs may only add template variables.
+_TEMPLATE_CALL_ARGS = frozenset((
+    "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
+))
+
+
 class PromptEncoder:
     """Checks prompt lengths, then renders and tokenizes prompts on a bounded pool of worker threads."""
 
@@ -83,7 +99,7 @@ class PromptEncoder:
         self.check_length(len(text), field)
         return await self._run(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
-    async def encode_completion_prompt(self, prompt: str | list) -> list[int]:
+    async def encode_completion_prompt(self, prompt: str | list, add_special_tokens: bool = True) -> list[int]:
         """One completion prompt: a string, token ids, or a one-element list of either."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -93,21 +109,30 @@ class PromptEncoder:
         if not prompt:
             raise APIError(400, "prompt is empty", param="prompt")
         if isinstance(prompt, str):
-            return await self.encode_text(prompt, "prompt")
+            return await self.encode_text(prompt, "prompt", add_special_tokens)
         return list(prompt)
 
-    async def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-        """Render `messages` with the model's chat template and tokenize the result."""
+    async def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                          continue_final_message: bool = False, add_special_tokens: bool = False,
+                          template_kwargs: dict | None = None) -> list[int]:
+        """Render `messages` with the model's chat template and tokenize the result. Any role is passed
+        on: the template decides (its error is the 400). `template_kwargs` are extra template variables."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-        conversation = [{"role": m.role, "content": _message_text(i, m)} for i, m in enumerate(messages)]
+        conversation = [_message_dict(i, m) for i, m in enumerate(messages)]
         self.check_length(sum(len(m["content"]) for m in conversation), "messages")
+        template_kwargs = dict(template_kwargs or {})
+        for key in template_kwargs:
+            if key in _TEMPLATE_CALL_ARGS:
+                raise APIError(400, f"chat_template_kwargs may not set {key!r}, an argument of the template call",
+                               param=f"chat_template_kwargs.{key}")
         try:
             text = await self._run(self.tokenizer.apply_chat_template, conversation, tokenize=False,
-                                   add_generation_prompt=add_generation_prompt)
+                                   add_generation_prompt=add_generation_prompt,
+                                   continue_final_message=continue_final_message, **template_kwargs)
         except Exception as exc:  # jinja2 TemplateError and raise_exception() in templates
             raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
-        return await self._run(self.tokenizer.encode, text, add_special_tokens=False)
+        return await self._run(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
     async def _run(self, fn, *args, **kwargs):
         loop = asyncio.get_running_loop()

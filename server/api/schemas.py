@@ -1,7 +1,8 @@
 """Request and response bodies: OpenAI completions/chat, TGI generate, adapter management.
 
-Unknown fields are ignored (as vLLM does); known fields this server cannot honour are rejected with
-a 400 naming the field, never silently dropped.
+Unknown fields are ignored (as vLLM does). Every parameter of the OpenAI completions and chat APIs
+and of vLLM's extensions is a field here: honoured, or (a `_refused` field) accepted only at its
+neutral value and otherwise refused with a 400 naming it, never silently dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+from server.engine.request import MAX_TOP_LOGPROBS
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer, as vLLM and OpenAI
+TGI_SEED_MAX = 2**64 - 1  # TGI's seed is an unsigned 64-bit integer
+MAX_TOKEN_ID_LIST = 100_000
 
 
 def _unsupported(accept: Callable[[Any], bool], message: str) -> AfterValidator:
@@ -26,8 +31,22 @@ def _unsupported(accept: Callable[[Any], bool], message: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _is_neutral(value: Any, neutral: tuple) -> bool:
+    return any(value is n or (type(value) is type(n) and value == n) for n in neutral)
+
+
+def _refused(name: str, reason: str, *neutral: Any) -> Any:
+    """A known parameter this server does not honour: None or one of the `neutral` values (which ask
+    for nothing) is accepted; any other value is a 400 naming it."""
+    message = f"{name} is not supported: {reason}"
+    return Annotated[Any, _unsupported(lambda v: v is None or _is_neutral(v, neutral), message),
+                     Field(None, description=f"not supported ({reason}); only {neutral or 'null'} accepted")]
+
+
 _ONLY_BEST_OF_ONE = _unsupported(lambda v: v in (None, 1), "only best_of=1 is supported, got {value}")
 _NO_TOOLS = "tool calling is not supported"
+_NO_STRUCTURED = "structured output is not supported yet"
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_TOKEN_ID_LIST)]
 
 
 class _Body(BaseModel):
@@ -36,6 +55,11 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="usage (so far) in every chunk")
+
+
+class ResponseFormat(_Body):
+    type: str = "text"
 
 
 class _OpenAISampling(_Body):
@@ -47,20 +71,56 @@ class _OpenAISampling(_Body):
     n: Annotated[int, _unsupported(lambda v: v == 1, "only n=1 is supported, got {value}")] = Field(
         1, description="only 1 is supported")
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     stop: str | list[str] | None = Field(None, description="up to 16 stop strings")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         None, description="token id -> bias added to its logit")
-    user: str | None = Field(None, description="ignored")
+    user: str | None = Field(None, description="end-user id for abuse tracking; recorded nowhere, no effect")
+    service_tier: _refused("service_tier", "there is one tier", "auto", "default")
+    store: _refused("store", "this server stores no completions", False)
+    metadata: _refused("metadata", "this server stores no completions", {})
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1, description="0 or -1 = off")
     min_p: float | None = Field(None, ge=0, le=1, description="0 = off")
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
+    min_tokens: int = Field(0, ge=0, description="EOS and stop_token_ids are masked until this many tokens are out")
+    allowed_token_ids: _TokenIds | None = Field(None, description="only these token ids may be generated")
+    truncate_prompt_tokens: int | None = Field(None, ge=1, description="keep only the last N prompt tokens")
+    return_tokens_as_token_ids: bool = Field(False, description="logprob tokens as 'token_id:<id>'")
+    cache_salt: str | None = Field(None, min_length=1, max_length=256,
+                                   description="cached prompt blocks are shared only under the same salt")
+    best_of: Annotated[int | None, _ONLY_BEST_OF_ONE] = Field(None, description="only 1 is supported")
+    use_beam_search: _refused("use_beam_search", "no beam search", False)
+    length_penalty: _refused("length_penalty", "it applies to beam search only", 1, 1.0)
+    include_stop_str_in_output: _refused("include_stop_str_in_output", "stop strings are always cut", False)
+    skip_special_tokens: _refused("skip_special_tokens", "special tokens are always skipped", True)
+    spaces_between_special_tokens: _refused("spaces_between_special_tokens", "special tokens are skipped", True)
+    prompt_logprobs: _refused("prompt_logprobs", "no prompt logprobs yet")
+    bad_words: _refused("bad_words", "not implemented", [])
+    logits_processors: _refused("logits_processors", "no custom logits processors", [])
+    response_format: Annotated[
+        ResponseFormat | None,
+        _unsupported(lambda v: v is None or v.type == "text",
+                     "response_format type {value.type!r} is not supported; only 'text'"),
+    ] = Field(None, description="only type 'text' is supported")
+    guided_json: _refused("guided_json", _NO_STRUCTURED)
+    guided_regex: _refused("guided_regex", _NO_STRUCTURED)
+    guided_choice: _refused("guided_choice", _NO_STRUCTURED)
+    guided_grammar: _refused("guided_grammar", _NO_STRUCTURED)
+    guided_decoding_backend: _refused("guided_decoding_backend", _NO_STRUCTURED)
+    guided_whitespace_pattern: _refused("guided_whitespace_pattern", _NO_STRUCTURED)
+    structured_outputs: _refused("structured_outputs", _NO_STRUCTURED)
+    priority: _refused("priority", "requests are served first come, first served", 0)
+    request_id: _refused("request_id", "the server names requests (X-Request-Id)")
+    return_token_ids: _refused("return_token_ids", "not implemented", False)
+    kv_transfer_params: _refused("kv_transfer_params", "no disaggregated prefill")
+    vllm_xargs: _refused("vllm_xargs", "no custom extensions", {})
+    prompt_embeds: _refused("prompt_embeds", "prompts are text or token ids")
 
     @property
     def stop_list(self) -> list[str]:
@@ -72,6 +132,10 @@ class _OpenAISampling(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
+
 
 class CompletionRequest(_OpenAISampling):
     """POST /v1/completions."""
@@ -80,12 +144,12 @@ class CompletionRequest(_OpenAISampling):
         description="one prompt: a string or a list of token ids (a one-element list of either works)"
     )
     max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=5, description="log-probability of each chosen token")
-    echo: Annotated[bool, _unsupported(lambda v: not v, "echo=true is not supported")] = Field(
-        False, description="not supported")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description="logprob of each chosen token and of the N likeliest alternatives")
+    echo: bool = Field(False, description="prepend the prompt to the completion (not with logprobs)")
     suffix: Annotated[str | None, _unsupported(lambda v: not v, "suffix is not supported")] = Field(
         None, description="not supported")
-    best_of: Annotated[int | None, _ONLY_BEST_OF_ONE] = Field(None, description="only 1 is supported")
+    add_special_tokens: bool = Field(True, description="add the tokenizer's special tokens (BOS) to the prompt")
 
 
 class ContentPart(_Body):
@@ -94,13 +158,11 @@ class ContentPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: str = Field(min_length=1, max_length=64, description="any role the model's chat template accepts")
     content: str | list[ContentPart] | None = None
     name: str | None = None
-
-
-class ResponseFormat(_Body):
-    type: str = "text"
+    tool_call_id: str | None = None
+    tool_calls: Annotated[list[dict[str, Any]] | None, _unsupported(lambda v: not v, _NO_TOOLS)] = None
 
 
 class ChatCompletionRequest(_OpenAISampling):
@@ -110,18 +172,35 @@ class ChatCompletionRequest(_OpenAISampling):
     max_tokens: int | None = Field(None, ge=1, description="deprecated alias of max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="only the chosen token is returned")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="the N likeliest alternatives of each token (with logprobs)")
     tools: Annotated[list[dict[str, Any]] | None, _unsupported(lambda v: not v, _NO_TOOLS)] = Field(
         None, description="not supported")
     tool_choice: Annotated[
         str | dict[str, Any] | None, _unsupported(lambda v: v in (None, "none", "auto"), _NO_TOOLS)
-    ] = Field(None, description="only 'none' is supported")
-    response_format: Annotated[
-        ResponseFormat | None,
-        _unsupported(lambda v: v is None or v.type == "text",
-                     "response_format type {value.type!r} is not supported; only 'text'"),
-    ] = Field(None, description="only type 'text' is supported")
+    ] = Field(None, description="only 'none' (or 'auto' without tools) is supported")
+    functions: _refused("functions", _NO_TOOLS, [])
+    function_call: _refused("function_call", _NO_TOOLS, "none", "auto")
+    parallel_tool_calls: bool | None = Field(None, description="no effect: there are no tool calls")
     add_generation_prompt: bool = True
+    continue_final_message: bool = Field(False, description="continue the last (assistant) message")
+    add_special_tokens: bool = Field(False, description="add special tokens on top of the template's")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra variables for the template")
+    include_reasoning: bool = Field(True, description="no effect: no reasoning parser")
+    prompt_cache_key: str | None = Field(None, max_length=1024, description="a routing hint; no effect")
+    safety_identifier: str | None = Field(None, max_length=1024, description="like user: no effect")
+    modalities: Annotated[
+        list[str] | None, _unsupported(lambda v: v in (None, ["text"]), "modalities: only ['text'] is supported")
+    ] = None
+    audio: _refused("audio", "text only")
+    prediction: _refused("prediction", "no predicted outputs")
+    reasoning_effort: _refused("reasoning_effort", "not a reasoning model server")
+    verbosity: _refused("verbosity", "not implemented")
+    web_search_options: _refused("web_search_options", "no web search")
+    chat_template: _refused("chat_template", "the model's own template is used")
+    documents: _refused("documents", "not implemented", [])
+    mm_processor_kwargs: _refused("mm_processor_kwargs", "text only", {})
+    echo: _refused("echo", "chat echo is not supported", False)
 
 
 class GenerateParameters(_Body):
@@ -133,13 +212,21 @@ class GenerateParameters(_Body):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
     do_sample: bool = False
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    seed: int | None = Field(None, ge=0, le=TGI_SEED_MAX)
     stop: list[str] = Field(default_factory=list, max_length=16)
     details: bool = False
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     return_full_text: bool = False
     truncate: int | None = Field(None, ge=1, description="keep only the last N prompt tokens")
-    decoder_input_details: bool = Field(False, description="ignored")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    top_n_tokens: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="details: the N likeliest alternatives of each token")
+    decoder_input_details: Annotated[
+        bool, _unsupported(lambda v: not v, "decoder_input_details is not supported: no prompt logprobs yet")
+    ] = Field(False, description="not supported")
+    grammar: _refused("grammar", _NO_STRUCTURED)
+    adapter_source: _refused("adapter_source", "adapters come from this server's store", "hub", "local")
+    adapter_parameters: _refused("adapter_parameters", "no adapter merging per request")
     best_of: Annotated[int | None, _ONLY_BEST_OF_ONE] = Field(None, description="only 1 is supported")
     typical_p: Annotated[float | None, _unsupported(lambda v: v in (None, 1.0), "typical_p is not supported")] = Field(
         None, description="not supported")
@@ -152,6 +239,12 @@ class GenerateRequest(_Body):
 
     inputs: str = Field(min_length=1)
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+
+
+class CompatGenerateRequest(GenerateRequest):
+    """POST / (TGI's root route, used by huggingface_hub's InferenceClient.text_generation)."""
+
+    stream: bool = False
 
 
 class AdapterOut(BaseModel):

@@ -23,7 +23,7 @@ from server.engine.detokenizer import TokenDecoder, update_text
 from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingError
 from server.engine.runner import ModelRunner
-from server.engine.sampler import Sampler
+from server.engine.sampler import SampledTokens, Sampler
 from server.engine.scheduler import Admission, Scheduler
 from server.engine.slot_table import SlotTable
 from server.engine.stats import EngineMetrics
@@ -75,8 +75,12 @@ class LLMEngine:
                                   use_lora=self.lora_slots is not None,
                                   use_cuda_graphs=settings.cuda_graphs)
         self.metrics = EngineMetrics(self.model_name, settings.max_slots)
+        self.metrics.record_config(self.max_model_len, self.kv_cache.block_size, num_blocks,
+                                   str(self.model.dtype).removeprefix("torch."),
+                                   None if settings.kv_cache_blocks else settings.kv_cache_memory_fraction,
+                                   settings.enable_prefix_caching)
         self.eos_token_ids = _eos_ids(self.tokenizer, loaded.config.hf_config)
-        self.sampler = Sampler(self.model.config.vocab_size, self.model.device)
+        self.sampler = Sampler(self.model.config.vocab_size, self.model.device, self.eos_token_ids)
         self.token_decoder = TokenDecoder(self.tokenizer)
         self._by_id: dict[str, Request] = {}
         if self.model.device.type == "cuda" and settings.quantization == "nf4":
@@ -131,12 +135,13 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         for request in batch.preempted:
             log.info("preempted %s (KV cache full); it will recompute", request.request_id)
+        self.metrics.record_iteration(sum(n for _, n in batch.prefill) + len(batch.decode), len(batch.preempted))
         to_sample: list[Request] = []
         logits_parts: list[torch.Tensor] = []
         failed: list[RequestOutput] = []
         if batch.prefill:
             for request, _ in batch.prefill:
-                if request.num_computed_tokens == 0:
+                if request.num_computed_tokens == request.num_prefix_hit_tokens:  # its first chunk
                     self.metrics.record_scheduled(request)
             try:
                 logits = self.runner.prefill(batch.prefill)
@@ -162,8 +167,7 @@ class LLMEngine:
         outputs = failed
         if to_sample:
             logits = logits_parts[0] if len(logits_parts) == 1 else torch.cat(logits_parts)
-            token_ids, logprobs = self.sampler.sample(logits, to_sample)
-            outputs += self._postprocess(to_sample, token_ids, logprobs)
+            outputs += self._postprocess(to_sample, self.sampler.sample(logits, to_sample))
         self._record_state(distinct)
         if self.mode is LoraMode.AUTO and batch.decode and not batch.prefill:
             uses_lora = any(r.slot >= 0 for r in batch.decode)
@@ -231,7 +235,7 @@ class LLMEngine:
         from server.engine.prefix_cache import namespace
 
         merged = self.merged_active and request.adapter_key == (self.swapper.current if self.swapper else None)
-        return namespace(request.adapter_key, merged)
+        return namespace(request.adapter_key, merged, request.params.cache_salt)
 
     def _load_slot(self, slot: int, weights) -> None:
         start = time.perf_counter()
@@ -290,13 +294,15 @@ class LLMEngine:
 
     # ---- outputs ----------------------------------------------------------------------------------
 
-    def _postprocess(self, requests: list[Request], token_ids: list[int], logprobs) -> list[RequestOutput]:
+    def _postprocess(self, requests: list[Request], sampled: SampledTokens) -> list[RequestOutput]:
         outputs = []
         now = time.monotonic()
-        for row, (request, token) in enumerate(zip(requests, token_ids, strict=True)):
+        for row, (request, token) in enumerate(zip(requests, sampled.token_ids, strict=True)):
             request.output_token_ids.append(token)
-            if logprobs is not None:
-                request.output_logprobs.append(logprobs[row])
+            if sampled.logprobs is not None:
+                request.output_logprobs.append(sampled.logprobs[row])
+            if request.params.top_logprobs:
+                request.output_top_logprobs.append(sampled.top_logprobs[row])
             request.num_computed_tokens = request.num_tokens - 1
             self.scheduler.register_computed_blocks(request)
             self.metrics.record_token(request, now)
@@ -322,6 +328,7 @@ class LLMEngine:
             new_token_ids=request.output_token_ids[start:],
             new_text=new_text,
             new_logprobs=request.output_logprobs[start:] if request.params.logprobs else None,
+            new_top_logprobs=request.output_top_logprobs[start:] if request.params.top_logprobs else None,
             finished=finished,
             finish_reason=request.finish_reason if finished else None,
             prompt_tokens=len(request.prompt_token_ids),

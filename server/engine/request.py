@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _ids = itertools.count()
+MAX_TOP_LOGPROBS = 20  # vLLM's default max_logprobs
 
 
 class SamplingError(ValueError):
@@ -32,7 +33,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: bool = False
+    min_tokens: int = 0  # EOS (unless ignore_eos) and stop_token_ids are masked until this many are out
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled; None = all
+    logprobs: bool = False  # report the chosen tokens' logprobs
+    top_logprobs: int = 0  # also report this many most likely alternatives per token (needs logprobs)
+    cache_salt: str | None = None  # prefix-cache blocks are shared only under the same salt
 
     def validate(self) -> None:
         """Raise SamplingError naming the first bad field."""
@@ -58,12 +63,22 @@ class SamplingParams:
             raise SamplingError("logit_bias values must be in [-100, 100]")
         if len(self.stop) > 16 or any(not s for s in self.stop):
             raise SamplingError("stop must hold at most 16 non-empty strings")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise SamplingError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise SamplingError("allowed_token_ids must not be empty")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise SamplingError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise SamplingError("top_logprobs needs logprobs")
 
     def validate_token_ids(self, vocab_size: int) -> None:
         """Raise SamplingError if a token id named by the params is outside [0, vocab_size)."""
-        bad = [t for t in self.logit_bias if not 0 <= t < vocab_size]
-        if bad:
-            raise SamplingError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        for name, ids in (("logit_bias", self.logit_bias), ("allowed_token_ids", self.allowed_token_ids or ()),
+                          ("stop_token_ids", self.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise SamplingError(f"{name} token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
     @property
     def is_greedy(self) -> bool:
@@ -114,6 +129,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    new_top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: (id, logprob), best first
 
 
 @dataclass(eq=False)
@@ -131,12 +147,14 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hash of each full block
     hash_space: bytes = b""  # the namespace block_hashes were computed in
     num_registered_blocks: int = 0  # leading blocks offered to the prefix cache
+    num_prefix_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at admission
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     prefill_target: int = 0  # tokens to prefill before sampling (prompt, plus outputs after preemption)
     slot: int = -1  # GPU adapter slot while running (unmerged mode); -1 = base only

@@ -1,6 +1,8 @@
 """Pick the next token of every row on the device, all sampling parameters in one batched pass.
 
 Semantics, per row (`sample_row_reference` is this as plain code for one row):
+0. masks: with allowed_token_ids, every other token is dropped (-inf); while fewer than min_tokens
+   tokens are out, the EOS ids (unless ignore_eos) and stop_token_ids are dropped
 1. logits[t] += logit_bias[t]
 2. repetition penalty (CTRL, as transformers and vLLM) on the tokens seen in the prompt or output:
    a positive logit is divided by the penalty, a negative one multiplied by it
@@ -19,15 +21,18 @@ u is a counter-based hash of (request seed, output token index) with 23-bit reso
 the host in the pass that gathers the parameters, so a row's tokens do not depend on what else is in
 the batch, survive preemption, and need no per-row generator: the batch is a fixed handful of
 kernels. A request without a seed gets a random one at its first draw. Logprobs are those of the
-model's raw distribution (log-softmax before steps 1-8) at the chosen token, as vLLM reports by
-default; they are not those of the processed distribution that was sampled from. The only host
-sync is the final copy of the chosen tokens (and logprobs) to the host.
+model's raw distribution (log-softmax before steps 0-8) at the chosen token, as vLLM reports by
+default; they are not those of the processed distribution that was sampled from. A row asking for
+top_logprobs = k also gets the k most likely tokens of that raw distribution (one batched top-k over
+the largest k asked for). The only host sync is the final copy of the chosen tokens (with logprobs
+and alternatives) to the host.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -52,6 +57,22 @@ def draw_uniform(seed: int, step: int) -> float:
     """
     bits = _mix64((_mix64(seed & _MASK64) + (step + 1) * _GOLDEN64) & _MASK64)
     return ((bits >> 41) * 2 + 1) / 2**24
+
+
+class SampledTokens(NamedTuple):
+    """What one sampler pass returns for a batch (lists indexed by row)."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None  # chosen tokens' raw logprobs; None when no row asks
+    top_logprobs: list[list[tuple[int, float]]] | None  # per row its top_logprobs (id, logprob), best first
+
+
+def banned_token_ids(request: Request, eos_token_ids: Collection[int]) -> list[int]:
+    """Step 0's min_tokens mask: the tokens that may not be drawn yet (empty once min_tokens are out)."""
+    params = request.params
+    if len(request.output_token_ids) >= params.min_tokens:
+        return []
+    return sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids)))
 
 
 def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, in_prompt: torch.Tensor,
@@ -98,13 +119,20 @@ def draw_inverse_cdf(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tenso
 
 
 def sample_row_reference(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
-                         output_ids: Sequence[int], seed: int) -> int:
-    """Steps 1-9 for one row, logits [vocab] float32, as plain code: the oracle of the batched
+                         output_ids: Sequence[int], seed: int, eos_token_ids: Collection[int] = ()) -> int:
+    """Steps 0-9 for one row, logits [vocab] float32, as plain code: the oracle of the batched
     sampler (each float operation as the batched one does it, so the two agree bit for bit)."""
     def f32(value: float) -> torch.Tensor:
         return torch.tensor(value, dtype=torch.float32)
 
     logits = logits.clone()
+    if params.allowed_token_ids is not None:
+        is_allowed = torch.zeros(logits.shape[0], dtype=torch.bool)
+        is_allowed[list(params.allowed_token_ids)] = True
+        logits[~is_allowed] = float("-inf")
+    if len(output_ids) < params.min_tokens:
+        for token in set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids)):
+            logits[token] = float("-inf")
     for token, bias in params.logit_bias.items():
         logits[token] += f32(bias)
     counts: dict[int, int] = {}
@@ -186,20 +214,21 @@ class Sampler:
     """The batched sampler of one engine: per-row parameters gathered on the host in one pass,
     then a fixed handful of kernels for the whole batch."""
 
-    def __init__(self, vocab_size: int, device: torch.device):
+    def __init__(self, vocab_size: int, device: torch.device, eos_token_ids: Collection[int] = ()):
         self.device = torch.device(device)
         self.counts = TokenCounts(vocab_size, self.device)
+        self.eos_token_ids = frozenset(eos_token_ids)  # masked by min_tokens
         self._seeds = random.Random()  # seeds for requests that bring none (drawn once each)
 
     def release(self, request: Request) -> None:
         """The request left the running batch: free its token-count row (rebuilt if it returns)."""
         self.counts.release(request)
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[float] | None]:
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampledTokens:
         """logits [len(requests), vocab] float32 -> chosen token ids and (if any row asks) their
-        logprobs. `logits` is not modified."""
+        logprobs and top alternatives. `logits` is not modified."""
         device = logits.device
-        processed = logits
+        processed = self._apply_masks(logits, requests)
         bias = [(row, token, value) for row, r in enumerate(requests) for token, value in r.params.logit_bias.items()]
         if bias:
             rows, tokens, values = zip(*bias, strict=True)
@@ -221,10 +250,53 @@ class Sampler:
             index = _to_device([penalized, [requests[row].penalty_row for row in penalized]], torch.long, device)
             self.counts.add(index[1], chosen[index[0]])
         if not any(r.params.logprobs for r in requests):
-            return chosen.tolist(), None
-        logprobs = logits.gather(1, chosen[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-        host = torch.stack([chosen.double(), logprobs.double()]).tolist()  # one copy, one sync
-        return [int(t) for t in host[0]], host[1]
+            return SampledTokens(chosen.tolist(), None, None)
+        max_top = max(r.params.top_logprobs for r in requests)
+        if not max_top:
+            logprobs = logits.gather(1, chosen[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            host = torch.stack([chosen.double(), logprobs.double()]).tolist()  # one copy, one sync
+            return SampledTokens([int(t) for t in host[0]], host[1], None)
+        raw = logits.log_softmax(dim=-1)  # [B, vocab]
+        top_values, top_ids = raw.topk(min(max_top, raw.shape[-1]), dim=-1)  # [B, max_top], best first
+        columns = [chosen.double()[:, None], raw.gather(1, chosen[:, None]).double(), top_ids.double(),
+                   top_values.double()]
+        host = torch.cat(columns, dim=1).tolist()  # one copy, one sync; ids < 2**53 are exact
+        width = top_ids.shape[1]
+        top = []
+        for row, request in zip(host, requests, strict=True):
+            k = request.params.top_logprobs
+            top.append([(int(i), v) for i, v in zip(row[2:2 + k], row[2 + width:2 + width + k], strict=True)])
+        return SampledTokens([int(row[0]) for row in host], [row[1] for row in host], top)
+
+    def _apply_masks(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Step 0 for the rows that need it (allowed_token_ids, min_tokens); other rows untouched.
+
+        Each masked row gets a [vocab] bool of allowed tokens built from index lists in one pass, so
+        the cost is one scatter and one masked_fill for the batch, whatever the number of rows."""
+        allowed = [(row, r.params.allowed_token_ids) for row, r in enumerate(requests)
+                   if r.params.allowed_token_ids is not None]
+        banned = [(row, ids) for row, r in enumerate(requests) if (ids := banned_token_ids(r, self.eos_token_ids))]
+        if not allowed and not banned:
+            return logits
+        rows = sorted({row for row, _ in allowed} | {row for row, _ in banned})
+        position = {row: i for i, row in enumerate(rows)}
+        device = logits.device
+        is_allowed = torch.ones(len(rows), logits.shape[-1], dtype=torch.bool, device=device)  # [R, vocab]
+        if allowed:
+            index = _to_device([[position[row] for row, ids in allowed for _ in ids],
+                                [t for _, ids in allowed for t in ids]], torch.long, device)
+            only = torch.zeros_like(is_allowed)
+            only[index[0], index[1]] = True
+            restricted = {row for row, _ in allowed}
+            keep_all = _to_device([row not in restricted for row in rows], torch.bool, device)
+            is_allowed = only | keep_all[:, None]
+        if banned:
+            index = _to_device([[position[row] for row, ids in banned for _ in ids],
+                                [t for _, ids in banned for t in ids]], torch.long, device)
+            is_allowed[index[0], index[1]] = False
+        row_index = _to_device(rows, torch.long, device)
+        masked = logits[row_index].masked_fill(~is_allowed, float("-inf"))
+        return logits.index_copy(0, row_index, masked)
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request], penalized: list[int]) -> torch.Tensor:
         table_rows = [self.counts.row_of(requests[row]) for row in penalized]
@@ -269,9 +341,9 @@ class Sampler:
         return draw_inverse_cdf(filtered, params[4])
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[float] | None]:
+def sample(logits: torch.Tensor, requests: list[Request], eos_token_ids: Collection[int] = ()) -> SampledTokens:
     """One-off batched sampling (tests, tools): penalties count from the requests' tokens each call."""
-    sampler = Sampler(logits.shape[-1], logits.device)
+    sampler = Sampler(logits.shape[-1], logits.device, eos_token_ids)
     try:
         return sampler.sample(logits, requests)
     finally:

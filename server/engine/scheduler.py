@@ -102,7 +102,7 @@ class Scheduler:
         blocks = self.kv_cache.match_prefix(hashes)
         request.block_ids = blocks
         request.num_registered_blocks = len(blocks)
-        request.num_computed_tokens = len(blocks) * size
+        request.num_computed_tokens = request.num_prefix_hit_tokens = len(blocks) * size
         self.prefix_queried_tokens += len(hashes) * size
         self.prefix_hit_tokens += len(blocks) * size
 

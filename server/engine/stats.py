@@ -15,6 +15,34 @@ class EngineMetrics:
         self.model_name = model_name
         self.max_lora = str(max_lora)
         self._lora_labels: tuple[str, str] | None = None
+        for family in (metrics.num_preemptions, metrics.iteration_tokens, metrics.request_params_n,
+                       metrics.request_inference_time_seconds, metrics.request_prefill_time_seconds,
+                       metrics.request_decode_time_seconds, metrics.prefix_cache_queries, metrics.prefix_cache_hits):
+            family.labels(model_name)  # every series exists (at 0) from the start
+        # One lora_requests_info series per process: an engine built after another (a restart, tests) drops the
+        # old one's, which the gateway's endpoint picker would otherwise keep reading beside the live one.
+        metrics.lora_requests_info.clear()
+
+    def record_config(self, max_model_len: int, block_size: int, num_gpu_blocks: int, cache_dtype: str,
+                      memory_fraction: float | None, enable_prefix_caching: bool = False) -> None:
+        """vllm:cache_config_info, and the token-count histograms whose buckets follow max_model_len."""
+        metrics.length_histograms.configure(max_model_len)
+        for family in metrics.length_histograms.get():
+            family.labels(self.model_name)
+        metrics.cache_config_info.clear()
+        metrics.cache_config_info.labels(
+            model_name=self.model_name, block_size=str(block_size), cache_dtype=cache_dtype,
+            enable_prefix_caching=str(enable_prefix_caching),
+            gpu_memory_utilization=str(memory_fraction), num_gpu_blocks=str(num_gpu_blocks),
+            num_cpu_blocks="None", swap_space="0",
+        ).set(1)
+
+    def record_iteration(self, num_tokens: int, num_preempted: int) -> None:
+        """One engine step: tokens it ran (prefill chunks + decode rows) and requests it preempted."""
+        if num_tokens:
+            metrics.iteration_tokens.labels(self.model_name).observe(num_tokens)
+        if num_preempted:
+            metrics.num_preemptions.labels(self.model_name).inc(num_preempted)
 
     def record_step(self, running: list[Request], waiting: list[Request], kv_usage: float,
                     batch_adapters: int | None) -> None:
@@ -35,6 +63,9 @@ class EngineMetrics:
         metrics.request_queue_time_seconds.labels(self.model_name).observe(
             request.first_scheduled_time - request.arrival_time
         )
+        # As vLLM: every prompt token is a query; the hits are the tokens whose KV blocks were reused.
+        metrics.prefix_cache_queries.labels(self.model_name).inc(len(request.prompt_token_ids))
+        metrics.prefix_cache_hits.labels(self.model_name).inc(request.num_prefix_hit_tokens)
 
     def record_prefill(self, num_tokens: int) -> None:
         metrics.prompt_tokens.labels(self.model_name).inc(num_tokens)
@@ -57,6 +88,26 @@ class EngineMetrics:
         adapter = request.adapter.name if request.adapter else ""
         status = "error" if reason is FinishReason.ERROR else "abort" if reason is FinishReason.ABORT else "ok"
         metrics.adapter_requests.labels(m, adapter or "base", status).inc()
+        self._record_request_stats(request)
+
+    def _record_request_stats(self, request: Request) -> None:
+        """vLLM's per-request histograms, for a request that was scheduled (phases as vLLM splits them:
+        prefill = scheduled to first token, decode = first to last token, inference = both)."""
+        if request.first_scheduled_time is None:
+            return
+        m = self.model_name
+        families = metrics.length_histograms.get()
+        if families:
+            prompt_tokens, generation_tokens, max_tokens = families
+            prompt_tokens.labels(m).observe(len(request.prompt_token_ids))
+            generation_tokens.labels(m).observe(len(request.output_token_ids))
+            max_tokens.labels(m).observe(request.params.max_tokens)
+        metrics.request_params_n.labels(m).observe(1)
+        if request.first_token_time is None or request.last_token_time is None:
+            return
+        metrics.request_prefill_time_seconds.labels(m).observe(request.first_token_time - request.first_scheduled_time)
+        metrics.request_decode_time_seconds.labels(m).observe(request.last_token_time - request.first_token_time)
+        metrics.request_inference_time_seconds.labels(m).observe(request.last_token_time - request.first_scheduled_time)
 
     def record_swap(self, mode: str, seconds: float, tier: str = "gpu") -> None:
         metrics.adapter_swaps.labels(self.model_name, mode).inc()

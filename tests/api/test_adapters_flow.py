@@ -77,7 +77,8 @@ def test_vllm_load_and_unload_aliases(client, tiny_adapters):
     path = str(tiny_adapters["ko-r16"])
     loaded = client.post("/v1/load_lora_adapter", json={"lora_name": "vl", "lora_path": path})
     assert loaded.status_code == 200, loaded.text
-    assert loaded.json()["rank"] == 16
+    assert loaded.text == "Success: LoRA adapter 'vl' added successfully."  # vLLM's plain text
+    assert client.get("/v1/adapters/vl").json()["rank"] == 16
     assert greedy_text(client, "vl") != greedy_text(client, BASE_ID)
     escape = str(tiny_adapters["ko-r16"]) + "/../../../../etc"
     assert_error(client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": escape}),
@@ -86,7 +87,14 @@ def test_vllm_load_and_unload_aliases(client, tiny_adapters):
                  403, "allowed")
     assert_error(client.post("/v1/load_lora_adapter", json={"lora_name": "../x", "lora_path": path}),
                  400, "invalid adapter name")
-    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "vl"}).status_code == 200
+    broken = tiny_adapters["ko-r16"].parent / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "adapter_config.json").write_text("{not json")
+    for bad_path in (broken, broken / "missing"):  # invalid, then absent: vLLM answers 400 to both
+        assert_error(client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(bad_path)}),
+                     400, "Loading lora x failed")
+    unloaded = client.post("/v1/unload_lora_adapter", json={"lora_name": "vl"})
+    assert unloaded.status_code == 200 and unloaded.text == "Success: LoRA adapter 'vl' removed successfully."
     assert_error(client.post("/v1/unload_lora_adapter", json={"lora_name": "vl"}), 404, "vl")
 
 

@@ -177,7 +177,9 @@ def _wait_idle(state, timeout_s: float) -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir, tmp_path_factory):
-    with live_server(api_settings(tiny_llama_dir, tmp_path_factory.mktemp("store"))) as live:
+    # A context that holds the prompt plus 400 tokens: a longer max_tokens is refused up front.
+    settings = api_settings(tiny_llama_dir, tmp_path_factory.mktemp("store"), max_model_len=512)
+    with live_server(settings) as live:
         engine = live.state.engine.engine
         step = engine.step
 

@@ -174,3 +174,98 @@ def test_metrics_require_key_needs_some_key_to_check(tiny_llama_dir, tmp_path):
 
     with pytest.raises(ValidationError, match="metrics_require_key needs"):
         api_settings(tiny_llama_dir, tmp_path, metrics_require_key=True)
+
+
+# vLLM's families that dashboards and routers read, beyond DESIGN.md's: parser name -> (labels, buckets).
+# Buckets None: not a histogram; "1-2-5": vLLM's ladder 1, 2, 5, 10, ... up to max_model_len (256 here).
+_PHASE = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+          960.0, 1920.0, 7680.0)
+VLLM_FAMILIES = {
+    "vllm:num_preemptions": ({"model_name"}, None),
+    "vllm:iteration_tokens_total": ({"model_name"}, (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192,
+                                                     16384)),
+    "vllm:request_prompt_tokens": ({"model_name"}, "1-2-5"),
+    "vllm:request_generation_tokens": ({"model_name"}, "1-2-5"),
+    "vllm:request_params_n": ({"model_name"}, (1, 2, 5, 10, 20)),
+    "vllm:request_params_max_tokens": ({"model_name"}, "1-2-5"),
+    "vllm:request_inference_time_seconds": ({"model_name"}, _PHASE),
+    "vllm:request_prefill_time_seconds": ({"model_name"}, _PHASE),
+    "vllm:request_decode_time_seconds": ({"model_name"}, _PHASE),
+    "vllm:prefix_cache_queries": ({"model_name"}, None),
+    "vllm:prefix_cache_hits": ({"model_name"}, None),
+    "vllm:cache_config_info": ({"block_size", "cache_dtype", "enable_prefix_caching", "num_gpu_blocks"}, None),
+}
+
+
+def test_vllm_families_have_vllms_names_labels_and_buckets_and_no_created_series(server):
+    with server.client() as client:
+        text = client.get("/metrics").text
+        families = scrape(client)
+    assert "_created" not in text
+    for name, (labels, buckets) in VLLM_FAMILIES.items():
+        assert families.get(name), f"{name} missing from /metrics"
+        assert all(labels <= set(s.labels) for s in families[name]), name
+        if buckets is None:
+            continue
+        expected = (1, 2, 5, 10, 20, 50, 100, 200) if buckets == "1-2-5" else buckets
+        bounds = [s.labels["le"] for s in families[name] if s.name.endswith("_bucket")]
+        assert bounds == [*(str(float(b)) for b in expected), "+Inf"], (name, bounds)
+    info = families["vllm:cache_config_info"][0]
+    assert info.value == 1 and info.labels["enable_prefix_caching"] == "True"
+    assert "vllm:num_preemptions_total" in text and "vllm:prefix_cache_hits_total" in text
+
+
+def test_vllm_request_families_move(server):
+    body = {"model": BASE_ID, "prompt": "Hello world", "max_tokens": 5, "ignore_eos": True, "temperature": 0}
+    with server.client() as client:
+        before = scrape(client)
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200
+        prompt_tokens = response.json()["usage"]["prompt_tokens"]
+        after = scrape(client)
+
+    def delta(name, sample):
+        return value(after, name, sample) - value(before, name, sample)
+
+    for name in ("vllm:request_prompt_tokens", "vllm:request_generation_tokens", "vllm:request_params_n",
+                 "vllm:request_params_max_tokens", "vllm:request_inference_time_seconds",
+                 "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds"):
+        assert delta(name, f"{name}_count") == 1, name
+    assert delta("vllm:request_prompt_tokens", "vllm:request_prompt_tokens_sum") == prompt_tokens
+    assert delta("vllm:request_generation_tokens", "vllm:request_generation_tokens_sum") == 5
+    assert delta("vllm:request_params_max_tokens", "vllm:request_params_max_tokens_sum") == 5
+    assert delta("vllm:iteration_tokens_total", "vllm:iteration_tokens_total_sum") >= prompt_tokens + 4
+    assert delta("vllm:prefix_cache_queries", "vllm:prefix_cache_queries_total") == prompt_tokens
+
+
+def test_prefix_cache_queries_and_hits(server):
+    """The second identical long prompt reuses the first one's full KV blocks."""
+    body = {"model": BASE_ID, "prompt": "Hello world! " * 20, "max_tokens": 2, "temperature": 0}
+    hits = []
+    with server.client() as client:
+        for _ in range(2):
+            before = scrape(client)
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200
+            after = scrape(client)
+            hits.append(value(after, "vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total")
+                        - value(before, "vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total"))
+        prompt_tokens = response.json()["usage"]["prompt_tokens"]
+    assert prompt_tokens > 32
+    assert hits[0] in (0, hits[1])
+    assert hits[1] == (prompt_tokens - 1) // 16 * 16  # every full block but the one holding the last token
+
+
+def test_preemptions_are_counted(tiny_llama_dir):
+    from server import metrics
+    from server.engine.request import Request, SamplingParams
+    from tests.unit.engine_helpers import make_engine
+
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=10)  # cannot hold five ~47-token sequences at once
+    labels = {"model_name": engine.model_name}
+    before = metrics.REGISTRY.get_sample_value("vllm:num_preemptions_total", labels) or 0
+    for prompt in ([5, 17, 33, 100, 7] * 3, [44, 55, 66] * 5, [200, 201] * 8, [1, 2, 3] * 5, [9, 8] * 7):
+        engine.add_request(Request(prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)))
+    while engine.has_unfinished():
+        engine.step()
+    assert metrics.REGISTRY.get_sample_value("vllm:num_preemptions_total", labels) > before

@@ -117,7 +117,8 @@ def test_unknown_model_is_404_in_openai_shape(oai):
     ({"top_p": 0}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"presence_penalty": 2.5}, "presence_penalty"),
-    ({"extra_body": {"echo": True}}, "echo"),
+    ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
+    ({"seed": 2**63}, "seed"),
 ])
 def test_bad_parameters_are_400_naming_the_field(oai, kwargs, field):
     with pytest.raises(openai.BadRequestError) as info:

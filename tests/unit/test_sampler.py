@@ -19,6 +19,7 @@ from server.engine.sampler import (
 )
 
 VOCAB = 257
+EOS = (2, 250)
 
 
 def req(prompt=(1, 2, 3), **params) -> Request:
@@ -37,6 +38,10 @@ def random_params(rng: random.Random) -> SamplingParams:
         frequency_penalty=rng.choice([0.0, 0.0, 0.4, -0.3]),
         logit_bias=rng.choice([{}, {}, {5: 3.0, 9: -100.0}, {rng.randrange(VOCAB): 8.0}]),
         seed=rng.choice([None, rng.randrange(-(2**63), 2**64)]),
+        min_tokens=rng.choice([0, 0, 3, 8]),
+        stop_token_ids=rng.choice([[], [7, 11]]),
+        ignore_eos=rng.random() < 0.2,
+        allowed_token_ids=rng.choice([None, None, [2, 5, 7, 9, 100], rng.sample(range(VOCAB), 40)]),
         logprobs=rng.random() < 0.3,
     )
 
@@ -48,18 +53,18 @@ def random_requests(rng: random.Random, n: int) -> list[Request]:
 
 def reference_tokens(logits: torch.Tensor, requests: list[Request]) -> list[int]:
     return [sample_row_reference(logits[i], r.params, r.prompt_token_ids, r.output_token_ids,
-                                 r.sampling_seed if r.sampling_seed is not None else 0)
+                                 r.sampling_seed if r.sampling_seed is not None else 0, EOS)
             for i, r in enumerate(requests)]
 
 
 def test_batched_sampler_matches_the_per_row_reference_over_many_steps():
     rng = random.Random(0)
     requests = random_requests(rng, 40)  # past the initial 8 rows of the token-count table
-    sampler = Sampler(VOCAB, torch.device("cpu"))
+    sampler = Sampler(VOCAB, torch.device("cpu"), EOS)
     torch.manual_seed(0)
     for _ in range(12):
         logits = torch.randn(len(requests), VOCAB) * 4
-        tokens, _ = sampler.sample(logits, requests)
+        tokens, *_ = sampler.sample(logits, requests)
         assert tokens == reference_tokens(logits, requests)
         for request, token in zip(requests, tokens, strict=True):
             request.output_token_ids.append(token)
@@ -74,19 +79,19 @@ def test_a_row_gets_the_same_tokens_whatever_else_is_in_the_batch():
         for request in requests:
             request.sampling_seed = rng.randrange(2**64)  # fixed, as a seeded request's would be
         logits = torch.randn(len(requests), VOCAB) * 3
-        together, _ = sample(logits, requests)
-        alone = [sample(logits[i : i + 1], [r])[0][0] for i, r in enumerate(requests)]
+        together, *_ = sample(logits, requests, EOS)
+        alone = [sample(logits[i : i + 1], [r], EOS)[0][0] for i, r in enumerate(requests)]
         order = list(range(len(requests)))
         rng.shuffle(order)
-        shuffled, _ = sample(logits[order], [requests[i] for i in order])
+        shuffled, *_ = sample(logits[order], [requests[i] for i in order], EOS)
         assert together == alone
         assert shuffled == [together[i] for i in order]
 
 
 def test_seed_makes_sampling_reproducible_and_different_seeds_differ():
     logits = torch.randn(1, 50)
-    first, _ = sample(logits, [req(temperature=1.0, seed=7)])
-    again, _ = sample(torch.cat([torch.randn(1, 50), logits]), [req(temperature=1.0, seed=3),
+    first, *_ = sample(logits, [req(temperature=1.0, seed=7)])
+    again, *_ = sample(torch.cat([torch.randn(1, 50), logits]), [req(temperature=1.0, seed=3),
                                                                 req(temperature=1.0, seed=7)])
     assert first[0] == again[1]
     draws = {sample(logits, [req(temperature=5.0, seed=s)])[0][0] for s in range(40)}
@@ -95,13 +100,13 @@ def test_seed_makes_sampling_reproducible_and_different_seeds_differ():
 
 def test_unseeded_requests_draw_different_tokens():
     logits = torch.zeros(200, 50)
-    tokens, _ = sample(logits, [req(temperature=1.0) for _ in range(200)])
+    tokens, *_ = sample(logits, [req(temperature=1.0) for _ in range(200)])
     assert len(set(tokens)) > 30
 
 
 def test_greedy_rows_take_the_argmax_and_report_raw_logprobs():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
-    tokens, logprobs = sample(logits, [req(temperature=0, logprobs=True), req(temperature=0, logprobs=True)])
+    tokens, logprobs, _ = sample(logits, [req(temperature=0, logprobs=True), req(temperature=0, logprobs=True)])
     assert tokens == [1, 0]
     assert logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1)[1].item())
 
@@ -110,7 +115,7 @@ def test_greedy_and_sampled_rows_in_one_batch():
     torch.manual_seed(2)
     logits = torch.randn(16, VOCAB)
     requests = [req(temperature=0.0) if i % 2 else req(temperature=1.0, seed=i) for i in range(16)]
-    tokens, logprobs = sample(logits, requests)
+    tokens, logprobs, _ = sample(logits, requests)
     assert logprobs is None
     assert tokens[1::2] == logits[1::2].argmax(-1).tolist()
     assert tokens == reference_tokens(logits, requests)
@@ -119,18 +124,18 @@ def test_greedy_and_sampled_rows_in_one_batch():
 def test_top_k_one_is_greedy():
     torch.manual_seed(3)
     logits = torch.randn(8, VOCAB)
-    top1, _ = sample(logits, [req(temperature=1.5, top_k=1, seed=i) for i in range(8)])
+    top1, *_ = sample(logits, [req(temperature=1.5, top_k=1, seed=i) for i in range(8)])
     assert top1 == logits.argmax(-1).tolist()
 
 
 def test_sampling_only_draws_from_allowed_tokens():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]]).repeat(300, 1)
-    top_k, _ = sample(logits, [req(temperature=1.0, top_k=2, seed=i) for i in range(300)])
+    top_k, *_ = sample(logits, [req(temperature=1.0, top_k=2, seed=i) for i in range(300)])
     assert set(top_k) == {3, 4}
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(300, 1)
-    top_p, _ = sample(probs, [req(temperature=1.0, top_p=0.7, seed=i) for i in range(300)])
+    top_p, *_ = sample(probs, [req(temperature=1.0, top_p=0.7, seed=i) for i in range(300)])
     assert set(top_p) == {0, 1}  # 0.5 < 0.7, so the 0.3 token that crosses 0.7 is kept
-    min_p, _ = sample(probs, [req(temperature=1.0, min_p=0.2, seed=i) for i in range(300)])
+    min_p, *_ = sample(probs, [req(temperature=1.0, min_p=0.2, seed=i) for i in range(300)])
     assert set(min_p) == {0, 1, 2}  # 0.05 < 0.2 * 0.5
 
 
@@ -149,10 +154,10 @@ def test_filter_masks_per_row():
 def test_logit_bias_forces_and_bans_tokens():
     torch.manual_seed(4)
     logits = torch.randn(20, VOCAB)
-    forced, _ = sample(logits, [req(temperature=1.0, seed=i, logit_bias={17: 100.0}) for i in range(20)])
+    forced, *_ = sample(logits, [req(temperature=1.0, seed=i, logit_bias={17: 100.0}) for i in range(20)])
     assert forced == [17] * 20
     top = int(logits[0].argmax())
-    banned, _ = sample(logits[:1], [req(temperature=0.0, logit_bias={top: -100.0})])
+    banned, *_ = sample(logits[:1], [req(temperature=0.0, logit_bias={top: -100.0})])
     assert banned[0] != top
 
 
@@ -183,7 +188,7 @@ def test_draws_follow_the_tempered_distribution(temperature):
     logits = torch.tensor([0.45, 0.25, 0.15, 0.1, 0.05]).log()
     probs = (logits / temperature).softmax(-1).double()
     n = 4000
-    tokens, _ = sample(logits.repeat(n, 1), [req(temperature=temperature, seed=s) for s in range(n)])
+    tokens, *_ = sample(logits.repeat(n, 1), [req(temperature=temperature, seed=s) for s in range(n)])
     counts = torch.bincount(torch.tensor(tokens), minlength=5).double()
     sigma = (n * probs * (1 - probs)).sqrt()
     assert ((counts - n * probs).abs() < 4 * sigma).all(), counts.tolist()
@@ -219,6 +224,73 @@ def test_logit_bias_token_ids_are_checked_against_the_vocabulary():
 def test_logprob_of_a_drawn_token_is_its_raw_logprob():
     torch.manual_seed(5)
     logits = torch.randn(4, VOCAB)
-    tokens, logprobs = sample(logits, [req(temperature=0.8, top_k=10, seed=i, logprobs=True) for i in range(4)])
+    tokens, logprobs, _ = sample(logits, [req(temperature=0.8, top_k=10, seed=i, logprobs=True) for i in range(4)])
     expected = torch.log_softmax(logits, -1)[torch.arange(4), torch.tensor(tokens)]
     assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(logprobs, expected.tolist(), strict=True))
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached():
+    logits = torch.zeros(1, 10)
+    logits[0, 2] = 50.0  # EOS is by far the likeliest
+    logits[0, 3] = 40.0  # then a stop token id
+    sampler = Sampler(10, torch.device("cpu"), eos_token_ids=[2])
+    request = req(temperature=0.0, min_tokens=3, stop_token_ids=[3])
+    picks = []
+    for _ in range(4):
+        token = sampler.sample(logits, [request]).token_ids[0]
+        request.output_token_ids.append(token)
+        picks.append(token)
+    assert picks[:3] != [2, 2, 2] and 2 not in picks[:3] and 3 not in picks[:3]
+    assert picks[3] == 2  # the 4th token may end the request
+    ignoring = req(temperature=0.0, min_tokens=3, stop_token_ids=[3], ignore_eos=True)
+    assert sampler.sample(logits, [ignoring]).token_ids == [2]  # ignore_eos: EOS is not a stop token
+    drawn = sample(logits.repeat(50, 1), [req(temperature=1.0, seed=i, min_tokens=1) for i in range(50)], [2])
+    assert 2 not in drawn.token_ids
+
+
+def test_allowed_token_ids_restrict_greedy_and_sampled_rows_only():
+    torch.manual_seed(6)
+    logits = torch.randn(60, VOCAB) * 3
+    allowed = [4, 50, 51, 200]
+    requests = [req(temperature=0.0 if i % 3 == 0 else 1.2, seed=i, allowed_token_ids=allowed) if i % 2 else
+                req(temperature=0.0) for i in range(60)]
+    tokens = sample(logits, requests).token_ids
+    assert all(tokens[i] in allowed for i in range(1, 60, 2))
+    assert tokens[0::2] == logits[0::2].argmax(-1).tolist()
+    assert len(set(tokens[1::2])) > 1  # the sampled rows draw among the allowed tokens
+    bias_outside = req(temperature=0.0, allowed_token_ids=[9], logit_bias={10: 100.0})
+    assert sample(logits[:1], [bias_outside]).token_ids == [9]
+
+
+def test_top_logprobs_match_a_per_row_reference():
+    torch.manual_seed(7)
+    logits = torch.randn(9, VOCAB) * 2
+    ks = [0, 1, 5, 20, 0, 3, 20, 2, 7]
+    requests = [req(temperature=0.0 if i % 2 else 0.9, seed=i, logprobs=k > 0 or i == 4, top_logprobs=k)
+                for i, k in enumerate(ks)]
+    result = sample(logits, requests)
+    raw = torch.log_softmax(logits.double(), dim=-1)
+    for row, k in enumerate(ks):
+        values, ids = raw[row].topk(k)
+        assert [t for t, _ in result.top_logprobs[row]] == ids.tolist()
+        assert [v for _, v in result.top_logprobs[row]] == pytest.approx(values.tolist(), abs=1e-5)
+        assert result.logprobs[row] == pytest.approx(raw[row, result.token_ids[row]].item(), abs=1e-5)
+    alone = sample(logits[3:4], [requests[3]])
+    assert alone.top_logprobs == [result.top_logprobs[3]]
+    assert sample(logits[:1], [req(temperature=0.0)]).top_logprobs is None
+
+
+@pytest.mark.parametrize("params,field", [
+    (dict(min_tokens=-1), "min_tokens"), (dict(max_tokens=4, min_tokens=5), "min_tokens"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids"), (dict(top_logprobs=21, logprobs=True), "top_logprobs"),
+    (dict(top_logprobs=2), "top_logprobs"),
+])
+def test_bad_mask_and_logprob_params_name_the_field(params, field):
+    with pytest.raises(SamplingError, match=field):
+        SamplingParams(**params).validate()
+
+
+def test_mask_token_ids_are_checked_against_the_vocabulary():
+    for field in ("allowed_token_ids", "stop_token_ids"):
+        with pytest.raises(SamplingError, match=field):
+            SamplingParams(**{field: [1, 100]}).validate_token_ids(100)
