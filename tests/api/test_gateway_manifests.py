@@ -99,6 +99,22 @@ def test_epp_objects_match_the_kubernetes_schema():
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
+def test_http_route_matches_the_gateway_api_crd_schema():
+    """The route against Gateway API's HTTPRoute v1 schema (crds/, standard channel); its CEL rules are
+    not evaluated (the route uses none of the features they restrict: filters, redirects, rewrites)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    crd = yaml.safe_load((GATEWAY / "crds" / "gateway.networking.k8s.io_httproutes.yaml").read_text())
+    assert crd["spec"]["names"]["kind"] == "HTTPRoute"
+    (version,) = crd["spec"]["versions"]
+    validator = jsonschema.Draft7Validator(_closed(version["schema"]["openAPIV3Schema"]))
+    route = _gateway_objects()["HTTPRoute"]
+    assert list(validator.iter_errors(route)) == []
+    broken = copy.deepcopy(route)
+    broken["spec"]["rules"][0]["matches"][0]["path"]["type"] = "Prefix"  # not an enum value
+    broken["spec"]["rules"][0]["timeout"] = "300s"  # misspelt field
+    assert len(list(validator.iter_errors(broken))) >= 2
+
+
 def test_pool_selects_the_loraplex_pods_and_their_port():
     pool = _gateway_objects()["InferencePool"]["spec"]
     deployment = _objects(LORAPLEX)["Deployment"]["spec"]["template"]
