@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 CPU_SERVE_ARGS := --kv-cache-blocks 256 --max-slots 4 --max-rank 32
 SERVE_ARGS ?= $(shell $(BIN)/python -c 'import torch; print("" if torch.cuda.is_available() else "$(CPU_SERVE_ARGS)")' 2>/dev/null)
 
-.PHONY: serve demo test test-triton lint install clean bench
+.PHONY: serve demo test test-triton chaos lint install clean bench
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# The reliability suite alone (also part of `make test`); ends with a one-run summary of its figures.
+chaos: $(STAMP)
+	$(BIN)/python -m pytest tests/chaos -q $(PYTEST_ARGS)
 
 # The Triton kernels (LoRA, paged attention, NF4) under Triton's CPU interpreter: about 15 s on 2 cores.
 # triton is not a dependency on the CPU (about 1 GB installed), so this target installs it when missing.

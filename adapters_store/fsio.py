@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from pathlib import Path
 
 from .errors import AdapterNotFoundError, AdapterTooLargeError, AdapterValidationError
@@ -84,3 +85,42 @@ def read_adapter_dir(path: Path, max_bytes: int) -> tuple[bytes, bytes]:
     config_bytes = read_regular_file(path / CONFIG_FILE, max_bytes)
     weights_bytes = read_regular_file(path / WEIGHTS_FILE, max_bytes - len(config_bytes))
     return config_bytes, weights_bytes
+
+
+class StoreWriterLock:
+    """Serializes the writers of one store root across threads and processes: replicas sharing one
+    adapters_dir (Ray Serve, several pods on a ReadWriteMany volume) must not pick the same version
+    number or sweep each other's staging. A threading.Lock for this process's threads, then an
+    exclusive flock on <root>/.lock held for the critical section (the kernel drops it if the process
+    dies). flock is reliable on local disks and on NFSv4; on other network filesystems check that the
+    filesystem honours it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._threads = threading.Lock()
+        self._fd: int | None = None
+
+    def __enter__(self) -> StoreWriterLock:
+        import fcntl
+
+        self._threads.acquire()
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._threads.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+        finally:
+            self._fd = None
+            self._threads.release()

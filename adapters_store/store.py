@@ -13,8 +13,9 @@ Layout::
 A put writes and fsyncs the files in a staging dir, renames it to `v<N>`, then writes manifest.json
 (temp file + fsync + rename). A crash at any point leaves the previous versions untouched and at
 most an invisible version dir, which the next start removes. A put that fails because the disk is
-full raises AdapterStorageFullError (507) and leaves nothing behind. One process owns a root: writes
-are serialized by a threading.Lock, readers take no lock. Versions start at 1 and grow by one; with
+full raises AdapterStorageFullError (507) and leaves nothing behind. Writes (and the start-up sweep)
+are serialized by an exclusive flock on root/.lock, so several processes may share a root (replicas on
+one disk); readers take no lock. Versions start at 1 and grow by one; with
 `versions_kept=K` a put then moves every version older than the newest K into .trash and removes it
 (readers of a pruned version get AdapterNotFoundError and re-resolve). Versions never repeat for a
 name, even after a delete, so (name, version) always identifies the same bytes and is a safe cache
@@ -32,7 +33,6 @@ import os
 import re
 import secrets
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -47,6 +47,7 @@ from .errors import (
 from .fsio import (
     CONFIG_FILE,
     WEIGHTS_FILE,
+    StoreWriterLock,
     fsync_dir,
     is_disk_full,
     read_adapter_dir,
@@ -71,12 +72,13 @@ class AdapterStore:
         self.root = Path(root).resolve()
         self.spec, self.max_rank, self.max_bytes = spec, max_rank, max_bytes
         self.versions_kept = versions_kept
-        self._lock = threading.Lock()
         self._staging, self._trash = self.root / ".staging", self.root / ".trash"
         self._tombstones = self.root / ".versions"
         for path in (self.root, self._staging, self._trash, self._tombstones):
             path.mkdir(parents=True, exist_ok=True)
-        self._sweep()
+        self._lock = StoreWriterLock(self.root / ".lock")  # across processes sharing this root, too
+        with self._lock:
+            self._sweep()
 
     def put(self, name: str, config_bytes: bytes, safetensors_bytes: bytes,
             owner: str | None = None) -> AdapterRecord:

@@ -147,6 +147,9 @@ def release_engine(engine: LLMEngine, device: torch.device) -> None:
         linear.lora_b = None
     engine.lora_slots = None
     engine.runner.graphs = None
+    from server import metrics
+
+    metrics.remove_model_series(engine.model_name)
     free_memory(device)
 
 

@@ -182,6 +182,20 @@ class AdapterLabelCounter(Counter):
                 self.remove(*labelvalues)
 
 
+    def forget_model(self, model_name: str) -> None:
+        """Remove every series of one model, and the places under the cap they held."""
+        with self._names_lock:
+            gone = []
+            for adapter, series in list(self._series_by_adapter.items()):
+                gone += [s for s in series if s[0] == model_name]
+                series.difference_update(gone)
+                if not series:
+                    del self._series_by_adapter[adapter]
+        for labelvalues in gone:
+            with contextlib.suppress(KeyError):
+                self.remove(*labelvalues)
+
+
 adapter_requests = AdapterLabelCounter(
     "loraplex_adapter_requests", "Requests per adapter and outcome (adapters past the label cap: 'other')",
     ["model_name", "adapter", "status"], registry=REGISTRY,
@@ -220,3 +234,19 @@ tenant_queue_time_seconds = Histogram(
     "loraplex_tenant_queue_time_seconds", "Arrival to first scheduled, per tenant", ["model_name", "tenant"],
     buckets=_LATENCY_BUCKETS, registry=REGISTRY,
 )
+
+
+def remove_model_series(model_name: str) -> None:
+    """Drop every series labelled with `model_name` (an engine torn down in a process that lives on,
+    e.g. a benchmark's in-process engine, must not leave a second model beside the served one)."""
+    for collector in list(REGISTRY._collector_to_names):  # prometheus_client keeps no public list
+        if isinstance(collector, AdapterLabelCounter):
+            collector.forget_model(model_name)
+            continue
+        names = getattr(collector, "_labelnames", ())
+        if "model_name" not in names:
+            continue
+        index = names.index("model_name")
+        for values in list(getattr(collector, "_metrics", {})):
+            if values[index] == model_name:
+                collector.remove(*values)

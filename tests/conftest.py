@@ -21,13 +21,15 @@ CORPUS = [
 
 
 def pytest_collection_modifyitems(config, items):
-    """Auto-mark tests by folder (tests/gpu -> gpu, tests/e2e -> slow)."""
+    """Auto-mark tests by folder (tests/gpu -> gpu, tests/e2e -> slow, tests/chaos -> chaos)."""
     for item in items:
         path = str(item.fspath)
         if f"{os.sep}gpu{os.sep}" in path:
             item.add_marker(pytest.mark.gpu)
         if f"{os.sep}e2e{os.sep}" in path:
             item.add_marker(pytest.mark.slow)
+        if f"{os.sep}chaos{os.sep}" in path:
+            item.add_marker(pytest.mark.chaos)
 
 
 def build_tokenizer(target: Path):

@@ -25,10 +25,11 @@ class EngineBench:
         from bench.build import NullTokenizer
         from server.model.loader import LoadedModel, load_hf_dir, resolve_device, resolve_dtype
 
-        torch.set_grad_enabled(False)
         self.device = resolve_device(device)
         self.model_dir = model_dir
-        loaded = load_hf_dir(model_dir, device=self.device, dtype=resolve_dtype("auto", self.device), quantize=True)
+        with torch.no_grad():  # never torch.set_grad_enabled(False): it would leak into the caller's process
+            loaded = load_hf_dir(model_dir, device=self.device, dtype=resolve_dtype("auto", self.device),
+                                 quantize=True)
         self.loaded = LoadedModel(loaded.model, NullTokenizer(), loaded.config, loaded.model_id, loaded.hf_dir)
         self.refs: dict[str, object] = {}
 
@@ -48,6 +49,8 @@ class EngineBench:
     def measure(self, server: ServerConfig, traffic: Traffic, token_range: tuple[int, int]) -> dict:
         """Tokens/s and decode step time of one batch of `traffic.concurrency` requests, adapters
         chosen as the load chose them, in an engine built with the server phase's settings."""
+        import torch
+
         from bench.build import kv_blocks_for, release_engine
         from bench.ours import measure_generation
         from server.config import LoraMode, Settings
@@ -77,7 +80,8 @@ class EngineBench:
             ]
 
         try:
-            result = measure_generation(engine, make, self.device)
+            with torch.inference_mode():
+                result = measure_generation(engine, make, self.device)
         finally:
             release_engine(engine, self.device)
         result["lora_mode"] = server.lora_mode

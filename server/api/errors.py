@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters_store import AdapterError, AdapterNotFoundError
@@ -106,6 +107,9 @@ def to_api_error(exc: Exception) -> APIError:
         return APIError(503, f"server is busy: {exc}; retry later", headers=retry_after(RETRY_AFTER_BUSY_S))
     if isinstance(exc, EngineDeadError):
         return APIError(503, f"the engine is not running: {exc}", headers=retry_after(RETRY_AFTER_BUSY_S))
+    if isinstance(exc, ClientDisconnect):  # left while its body was arriving (an abandoned upload): not our fault
+        log.info("client closed the request before its body arrived")
+        return APIError(499, "client closed the request")
     log.error("unhandled error: %s", exc, exc_info=exc)
     return APIError(500, "internal server error")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import socket
 import subprocess
@@ -231,3 +232,23 @@ def failing_first_decode_engine_core(*args) -> None:
 
     ModelRunner.decode = failing_decode
     run_engine_core(*args)
+
+
+def closed_schema(schema: dict) -> dict:
+    """The schema with unknown fields rejected wherever it lists properties (kubectl's strict field validation);
+    an object without listed properties (metadata) or marked x-kubernetes-preserve-unknown-fields stays open."""
+    schema = copy.deepcopy(schema)
+
+    def close(node):
+        if isinstance(node, dict):
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for value in node.values():
+                close(value)
+        elif isinstance(node, list):
+            for value in node:
+                close(value)
+
+    close(schema)
+    return schema

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
 
 import pytest
 
@@ -139,3 +140,29 @@ def test_error_mid_stream_is_an_error_event_then_done(server, monkeypatch):
     finally:
         uvicorn_log.removeHandler(records)
     assert not [m for m in records.messages if "Exception in ASGI application" in m]
+
+
+def test_upload_abandoned_mid_body_is_no_server_error(server):
+    """A client that leaves while its upload's body is arriving is a 499 logged in one line, not an
+    'unhandled error' with a traceback (found by tests/chaos/test_disconnect_storm.py)."""
+    records = _Records()
+    errors_log = logging.getLogger("server.api.errors")
+    errors_log.addHandler(records)
+    level = errors_log.level
+    errors_log.setLevel(logging.INFO)
+    host, port = server.url.removeprefix("http://").split(":")
+    head = (b"PUT /v1/adapters/abandoned HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+            b"--b\r\nContent-Disposition: form-data; name=\"archive\"; filename=\"a.zip\"\r\n\r\n" + b"\0" * 1000)
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head)
+        with server.client() as client:
+            deadline = time.monotonic() + 5
+            while not records.messages and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert client.get("/v1/adapters/abandoned").status_code == 404
+    finally:
+        errors_log.removeHandler(records)
+        errors_log.setLevel(level)
+    assert records.messages == ["client closed the request before its body arrived"]

@@ -10,7 +10,7 @@ import re
 import pytest
 import yaml
 
-from tests.api.helpers import REPO_ROOT
+from tests.api.helpers import REPO_ROOT, closed_schema
 
 GATEWAY = REPO_ROOT / "deploy" / "k8s" / "gateway"
 CRD = GATEWAY / "crds" / "inference.networking.k8s.io_inferencepools.yaml"
@@ -27,33 +27,13 @@ def _gateway_objects() -> dict[str, dict]:
     return {**_objects(GATEWAY / "inferencepool.yaml"), **_objects(GATEWAY / "epp.yaml")}
 
 
-def _closed(schema: dict) -> dict:
-    """The schema with unknown fields rejected wherever it lists properties (kubectl's strict field validation);
-    an object without listed properties (metadata) or marked x-kubernetes-preserve-unknown-fields stays open."""
-    schema = copy.deepcopy(schema)
-
-    def close(node):
-        if isinstance(node, dict):
-            if ("properties" in node and "additionalProperties" not in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")):
-                node["additionalProperties"] = False
-            for value in node.values():
-                close(value)
-        elif isinstance(node, list):
-            for value in node:
-                close(value)
-
-    close(schema)
-    return schema
-
-
 def _pool_validator():
     jsonschema = pytest.importorskip("jsonschema")
     crd = yaml.safe_load(CRD.read_text())
     assert crd["spec"]["group"] == "inference.networking.k8s.io" and crd["spec"]["names"]["kind"] == "InferencePool"
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     assert version["served"] and version["storage"]
-    return jsonschema.Draft7Validator(_closed(version["schema"]["openAPIV3Schema"]))
+    return jsonschema.Draft7Validator(closed_schema(version["schema"]["openAPIV3Schema"]))
 
 
 def _cel_errors(pool: dict) -> list[str]:
@@ -97,6 +77,22 @@ def test_epp_objects_match_the_kubernetes_schema():
     assert {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service"} <= set(objects)
     for doc in objects.values():
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_http_route_matches_the_gateway_api_crd_schema():
+    """The route against Gateway API's HTTPRoute v1 schema (crds/, standard channel); its CEL rules are
+    not evaluated (the route uses none of the features they restrict: filters, redirects, rewrites)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    crd = yaml.safe_load((GATEWAY / "crds" / "gateway.networking.k8s.io_httproutes.yaml").read_text())
+    assert crd["spec"]["names"]["kind"] == "HTTPRoute"
+    (version,) = crd["spec"]["versions"]
+    validator = jsonschema.Draft7Validator(closed_schema(version["schema"]["openAPIV3Schema"]))
+    route = _gateway_objects()["HTTPRoute"]
+    assert list(validator.iter_errors(route)) == []
+    broken = copy.deepcopy(route)
+    broken["spec"]["rules"][0]["matches"][0]["path"]["type"] = "Prefix"  # not an enum value
+    broken["spec"]["rules"][0]["timeout"] = "300s"  # misspelt field
+    assert len(list(validator.iter_errors(broken))) >= 2
 
 
 def test_pool_selects_the_loraplex_pods_and_their_port():
