@@ -91,26 +91,26 @@ class StoreWriterLock:
     """Serializes the writers of one store root across threads and processes: replicas sharing one
     adapters_dir (Ray Serve, several pods on a ReadWriteMany volume) must not pick the same version
     number or sweep each other's staging. A threading.Lock for this process's threads, then an
-    exclusive flock on <root>/.lock held for the critical section (the kernel drops it if the process
-    dies). flock is reliable on local disks and on NFSv4; on other network filesystems check that the
-    filesystem honours it."""
+    exclusive flock on <root>/.lock for the critical section (the kernel drops it if the process dies).
+    The lock file is opened once, when the store is built, so taking the lock never needs disk space
+    (a delete must work on a full disk). flock is reliable on local disks and NFSv4; on other network
+    filesystems check that the filesystem honours it."""
 
     def __init__(self, path: Path):
+        import weakref
+
         self.path = path
         self._threads = threading.Lock()
-        self._fd: int | None = None
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        weakref.finalize(self, os.close, self._fd)
 
     def __enter__(self) -> StoreWriterLock:
         import fcntl
 
         self._threads.acquire()
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
             self._threads.release()
             raise
         return self
@@ -120,7 +120,5 @@ class StoreWriterLock:
 
         try:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
         finally:
-            self._fd = None
             self._threads.release()
