@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report_kernels import kernel_section
-from bench.results import RATIOS
+from bench.results import RATIOS, fmt
 
 BENCH_MODELS = ("1b", "8b")
 RAW_FIELDS = (
@@ -42,16 +42,6 @@ def load_runs(results_dir: Path) -> dict[str, list[tuple[str, dict]]]:
 def load_latest(results_dir: Path) -> dict[str, tuple[str, dict]]:
     """model -> (file name, data) of the newest result per benchmark model."""
     return {model: found[0] for model, found in load_runs(results_dir).items()}
-
-
-def fmt(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
-    return str(value)
 
 
 def ratio_table(runs: dict[str, list[tuple[str, dict]]]) -> list[str]:

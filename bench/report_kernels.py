@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from bench.results import Ratio
+from bench.results import Ratio, fmt
 
 KERNEL_RATIOS = (
     Ratio("nf4_over_bf16_m1", "8b", "NF4 linear / bf16 cuBLAS time, 1 row (geomean of the 4 layer shapes)", "<=", 0.45),
@@ -49,8 +49,6 @@ def _engine_values(runs: dict) -> tuple[str | None, dict]:
 
 
 def _row(ratio: Ratio, value, source: str | None) -> str:
-    from bench.report import fmt
-
     met = ratio.is_met(value)
     met_text = "—" if met is None else ("yes" if met else "**no**")
     src = f"`results/{source}`" if source and value is not None else "—"

@@ -59,6 +59,17 @@ RATIOS = (
 RATIO_KEYS = tuple(r.key for r in RATIOS)
 
 
+def fmt(value: Any) -> str:
+    """A figure as the reports print it: 3 significant digits, thousands separated, None as a dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
 def _get(data: dict, *path: str) -> Any:
     for key in path:
         if not isinstance(data, dict) or key not in data:

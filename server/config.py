@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server import settings_docs
+from server import settings_help
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loraplex"
 # Default max_prompt_chars per token of max_model_len: English averages about 4.5 characters per token
@@ -156,8 +156,8 @@ class Settings(BaseSettings):
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
-        flag, help_text = settings_docs.flag_name(name), settings_docs.help_text(name, field)
-        metavar = settings_docs.metavar(field)
+        flag, help_text = settings_help.flag_name(name), settings_help.help_text(name, field)
+        metavar = settings_help.metavar(field)
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif name == "allowed_adapter_dirs":

@@ -15,6 +15,15 @@ import torch
 
 log = logging.getLogger(__name__)
 
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+def bucket_for(batch_size: int, max_batch_size: int) -> int:
+    for bucket in DECODE_BUCKETS:
+        if bucket >= batch_size:
+            return min(bucket, max(max_batch_size, batch_size))
+    return batch_size
+
 
 class DecodeGraphs:
     """Captured decode steps keyed by (bucket, with_lora)."""
@@ -26,8 +35,6 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, bool], tuple[dict[str, torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
 
     def run(self, requests, with_lora: bool) -> torch.Tensor:
-        from server.engine.runner import bucket_for
-
         bucket = bucket_for(len(requests), self.max_batch_size)
         key = (bucket, with_lora)
         if key not in self._graphs:

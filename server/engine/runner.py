@@ -18,16 +18,6 @@ from server.model.lora_ops import decode_lora_meta, make_lora_meta
 
 log = logging.getLogger(__name__)
 
-DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-
-
-def bucket_for(batch_size: int, max_batch_size: int) -> int:
-    for bucket in DECODE_BUCKETS:
-        if bucket >= batch_size:
-            return min(bucket, max(max_batch_size, batch_size))
-    return batch_size
-
-
 class ModelRunner:
     """Owns the model's step inputs; `prefill` and `decode` return float32 logits."""
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from server.model.lora_ops import LoraBatchMeta, check_lora_shapes
+from server.model.lora_meta import LoraBatchMeta, check_lora_shapes
 
 MAX_SLICES = 4
 # Enough programs to keep every SM of an H100 (132 SMs) busy with a few resident programs each.
