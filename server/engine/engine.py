@@ -17,17 +17,16 @@ import time
 
 import torch
 
-from server.api.auth import tenant_policies
 from server.config import LoraMode, Settings
 from server.engine.auto_mode import AutoModePolicy
 from server.engine.detokenizer import TokenDecoder, update_text
-from server.engine.fairness import TenantCounters, TenantPolicy
 from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
 from server.engine.metric_sink import DeltaSink, PrometheusSink
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingError
 from server.engine.runner import ModelRunner
 from server.engine.sampler import SampledTokens, Sampler
 from server.engine.scheduler import Admission, Scheduler
+from server.engine.setup import adapter_device_nbytes, eos_ids, num_adapter_slots, tenant_counters
 from server.engine.slot_table import SLOT_LOADING, SlotTable
 from server.engine.stats import EngineMetrics
 from server.model.loader import LoadedModel
@@ -93,7 +92,7 @@ class LLMEngine:
                                    str(self.model.dtype).removeprefix("torch."),
                                    None if settings.kv_cache_blocks else settings.kv_cache_memory_fraction,
                                    settings.enable_prefix_caching)
-        self.eos_token_ids = _eos_ids(self.tokenizer, loaded.config.hf_config)
+        self.eos_token_ids = eos_ids(self.tokenizer, loaded.config.hf_config)
         self.sampler = Sampler(self.model.config.vocab_size, self.model.device, self.eos_token_ids)
         self.token_decoder = TokenDecoder(self.tokenizer)
         self._by_id: dict[str, Request] = {}
@@ -386,48 +385,7 @@ def run_step(engine: LLMEngine) -> list[RequestOutput]:
         return outputs
 
 
-MAX_ADAPTER_SLOTS = 256
-
-
-def num_adapter_slots(model, settings: Settings) -> int:
-    """GPU adapter slots: max_slots, or as many max_rank slots as adapter_gpu_memory_bytes holds."""
-    budget = settings.adapter_gpu_memory_bytes
-    if budget is None:
-        return settings.max_slots
-    per_slot = LoraSlots.slot_nbytes(model, settings.max_rank)
-    if budget < per_slot:
-        raise ValueError(f"adapter_gpu_memory_bytes ({budget}) holds no adapter slot: one slot of max_rank "
-                         f"{settings.max_rank} takes {per_slot} bytes; raise it or lower max_rank")
-    return min(MAX_ADAPTER_SLOTS, budget // per_slot)
-
-
-def adapter_device_nbytes(weights, dtype: torch.dtype) -> int:
-    """Bytes an adapter's A and B take on the device in the model's dtype (before slot padding)."""
-    element = torch.tensor([], dtype=dtype).element_size()
-    return sum((a.numel() + b.numel()) * element for a, b in weights.tensors.values())
-
-
-def tenant_counters(settings: Settings) -> TenantCounters:
-    """Fair-scheduling state: weights and default caps from Settings, per-tenant ones from the keys file."""
-    default = TenantPolicy(max_running_requests=settings.tenant_max_running_requests,
-                           max_queued_requests=settings.tenant_max_queued_requests)
-    return TenantCounters(settings.fair_prompt_token_weight, settings.fair_output_token_weight,
-                          tenant_policies(settings.auth_file, default), default,
-                          is_fair=settings.scheduling_policy == "fair")
-
-
 def empty_cuda_cache() -> None:
     """Return cached CUDA blocks after an out-of-memory error (no-op without CUDA)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _eos_ids(tokenizer, hf_config) -> set[int]:
-    ids = set()
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(value)
-    return ids
-
