@@ -14,7 +14,8 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
-from server.engine.engine import LLMEngine, run_step
+from server.engine.engine import LLMEngine
+from server.engine.guard import abort_or_fail, run_step
 from server.engine.request import FinishReason, Request, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -153,13 +154,7 @@ class AsyncEngine:
             _call_soon(loop, _set_result, added)
 
     def _abort(self, request_id: str) -> None:
-        try:
-            output = self.engine.abort(request_id)
-            outputs = [] if output is None else [output]
-        except Exception as err:  # the request still leaves the engine, as a failure
-            log.exception("abort of %s failed; failing it instead", request_id)
-            outputs = self.engine.fail_ids([request_id], f"{type(err).__name__} while aborting")
-        self._dispatch(outputs)
+        self._dispatch(abort_or_fail(self.engine, request_id))
 
     def _fail_open_streams(self, message: str) -> None:
         with self._lock:

@@ -23,7 +23,8 @@ import zmq
 
 from adapters_store import AdapterNotFoundError, AdapterStore, BaseModelSpec
 from server.config import Settings
-from server.engine.engine import LLMEngine, run_step
+from server.engine.engine import LLMEngine
+from server.engine.guard import abort_or_fail, run_step
 from server.engine.metric_sink import DeltaSink
 from server.engine.protocol import (
     AbortRequests,
@@ -149,12 +150,7 @@ class EngineCore:
         for request_id in message.request_ids:
             if self._pending.pop(request_id, None) is not None:
                 continue  # never reached the engine: nothing to free or count
-            try:
-                output = self.engine.abort(request_id, message.reason)
-                self._outputs += [] if output is None else [output]
-            except Exception as err:  # the request still leaves the engine, as a failure
-                log.exception("abort of %s failed; failing it instead", request_id)
-                self._outputs += self.engine.fail_ids([request_id], f"{type(err).__name__} while aborting")
+            self._outputs += abort_or_fail(self.engine, request_id, message.reason)
 
     @property
     def is_loading(self) -> bool:

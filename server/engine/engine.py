@@ -20,6 +20,7 @@ import torch
 from server.config import LoraMode, Settings
 from server.engine.auto_mode import AutoModePolicy
 from server.engine.detokenizer import TokenDecoder, update_text
+from server.engine.guard import empty_cuda_cache
 from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
 from server.engine.metric_sink import DeltaSink, PrometheusSink
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingError
@@ -372,20 +373,3 @@ class LLMEngine:
             completion_tokens=len(request.output_token_ids),
             error=error,
         )
-
-
-def run_step(engine: LLMEngine) -> list[RequestOutput]:
-    """One step; an exception inside it (e.g. CUDA OOM) fails that step's requests, not the server."""
-    try:
-        return engine.step()
-    except Exception as err:
-        log.exception("engine step failed")
-        outputs = engine.fail_all(f"{type(err).__name__} during generation")
-        empty_cuda_cache()
-        return outputs
-
-
-def empty_cuda_cache() -> None:
-    """Return cached CUDA blocks after an out-of-memory error (no-op without CUDA)."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
