@@ -1,4 +1,4 @@
-"""NF4 (bitsandbytes 4-bit NormalFloat) weight ops: pure-torch references and the fused-kernel dispatch.
+"""NF4 (bitsandbytes 4-bit NormalFloat) weight ops: pure-torch references and the one entry point, nf4_matmul.
 
 Layout of a weight quantized by ``bitsandbytes.functional.quantize_4bit(w, quant_type="nf4",
 blocksize=64)``, with ``w`` of shape ``[out_features, in_features]`` (found by experiment against
@@ -84,30 +84,22 @@ def nf4_matmul_reference(
     return y.to(x.dtype)
 
 
-def _triton_nf4_module():
-    """The Triton kernel module, or None where triton cannot be imported."""
-    try:
-        from server.model import triton_nf4
-    except ImportError:
-        return None
-    return triton_nf4
-
-
 def nf4_matmul(
-    x: torch.Tensor,  # [T, in] bf16 / fp16
+    x: torch.Tensor,  # [T, in] bf16 / fp16 (any dtype on the CPU)
     codes: torch.Tensor,  # [out * in / 2, 1] uint8
     absmax_f: torch.Tensor,  # [out * in / 64] float32
     shape,  # (out, in)
     code_table: torch.Tensor,  # [16] float32
     out: torch.Tensor | None = None,  # [T, out] x.dtype
     bias: torch.Tensor | None = None,  # [out]
+    quant_state=None,  # bnb QuantState, for the dispatch's bitsandbytes fallback
 ) -> torch.Tensor:
-    """y = x @ W^T: the fused Triton kernel on CUDA when triton imports, else the torch reference."""
+    """y = x @ W^T: on CUDA the kernel server.model.nf4_dispatch picks for T rows, else the reference."""
     validate_matmul_args(x, shape, bias)
-    kernels = _triton_nf4_module() if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else None
-    if kernels is not None:
-        return kernels.nf4_matmul_triton(x, codes, absmax_f, shape, code_table, out=out, bias=bias)
-    y = nf4_matmul_reference(x, codes, absmax_f, shape, code_table, bias=bias)
-    if out is None:
-        return y
-    return out.copy_(y)
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        from server.model.nf4_dispatch import nf4_linear_cuda
+
+        y = nf4_linear_cuda(x, codes, absmax_f, shape, code_table, bias, quant_state)
+    else:
+        y = nf4_matmul_reference(x, codes, absmax_f, shape, code_table, bias=bias)
+    return y if out is None else out.copy_(y)

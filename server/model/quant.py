@@ -71,10 +71,11 @@ class NF4Linear(nn.Module):
             if self._cpu_weight is None:
                 self._cpu_weight = self.dequantize().to(self.compute_dtype)
             return nn.functional.linear(x, self._cpu_weight, self.bias)
-        from server.model.nf4_dispatch import nf4_linear_cuda  # kernels by rows, measured crossovers
+        from server.model.nf4_ops import nf4_matmul  # kernels by rows, measured crossovers (nf4_dispatch)
 
         shape = (self.out_features, self.in_features)
-        return nf4_linear_cuda(x, self.codes, self.absmax_f, shape, self.quant_state.code, self.bias, self.quant_state)
+        return nf4_matmul(x, self.codes, self.absmax_f, shape, self.quant_state.code, bias=self.bias,
+                          quant_state=self.quant_state)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from bitsandbytes.functional import dequantize_4bit

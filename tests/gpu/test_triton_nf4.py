@@ -66,7 +66,7 @@ def _assert_close_bf16(got, expected, tolerance):
 def test_decode_matches_reference_and_bnb(weights, shape, num_tokens):
     codes, absmax, wshape, table, state = weights(*shape)
     x, bias = _inputs(num_tokens, *shape)
-    got = nf4_ops.nf4_matmul(x, codes, absmax, wshape, table, bias=bias)  # dispatches to Triton
+    got = nf4_ops.nf4_matmul(x, codes, absmax, wshape, table, bias=bias)  # the CUDA dispatch (nf4_dispatch)
     expected = nf4_ops.nf4_matmul_reference(x, codes, absmax, wshape, table, bias=bias)
     # Same bf16 weights, fp32 accumulate: only summation order and the final rounding differ.
     _assert_close_bf16(got, expected, tolerance=1e-2)
