@@ -252,3 +252,13 @@ def closed_schema(schema: dict) -> dict:
 
     close(schema)
     return schema
+
+
+def wait_idle(state, timeout_s: float = 5.0) -> None:
+    """Wait until the server's engine holds no request (after clients left or finished)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if state.engine.num_in_flight == 0 and not state.engine.engine.has_unfinished():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{state.engine.num_in_flight} requests still in flight after {timeout_s} s")

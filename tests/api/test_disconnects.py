@@ -27,7 +27,7 @@ from server.api.state import ServerState
 from server.config import Settings
 from server.engine.request import FinishReason, RequestOutput, SamplingParams
 from server.metrics import REGISTRY
-from tests.api.helpers import BASE_ID, api_settings, live_server
+from tests.api.helpers import BASE_ID, api_settings, live_server, wait_idle
 
 NUM_RACES = 200
 NUM_TOKENS = 5_000  # far more than a race lasts, so a request that was not aborted visibly runs on
@@ -166,15 +166,6 @@ def _aborted_count() -> float:
     return value or 0.0
 
 
-def _wait_idle(state, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if state.engine.num_in_flight == 0 and not state.engine.engine.has_unfinished():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{state.engine.num_in_flight} requests still in flight after the client left")
-
-
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir, tmp_path_factory):
     # A context that holds the prompt plus 400 tokens: a longer max_tokens is refused up front.
@@ -208,7 +199,7 @@ def test_disconnect_aborts_every_route(server, route, stream):
             else:
                 with pytest.raises(httpx.ReadTimeout):
                     client.post(path, json=body, timeout=httpx.Timeout(30, read=0.3))
-        _wait_idle(server.state, timeout_s=2.0)
+        wait_idle(server.state, timeout_s=2.0)
     assert _aborted_count() == aborted + NUM_ROUNDS
 
 
@@ -259,7 +250,7 @@ def test_disconnect_races_on_the_real_engine_always_abort(server, monkeypatch):
         return statuses
 
     statuses = asyncio.run(run_all())
-    _wait_idle(state, timeout_s=2.0)
+    wait_idle(state, timeout_s=2.0)
     ran_on = _finished_count("length") - completed
     assert ran_on == 0, f"{ran_on:.0f} of {NUM_RACES} abandoned requests ran to their end"
     assert _aborted_count() == aborted + NUM_RACES

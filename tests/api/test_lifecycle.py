@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from server.metrics import REGISTRY
-from tests.api.helpers import BASE_ID, api_settings, assert_error, live_server, wait_ready
+from tests.api.helpers import BASE_ID, api_settings, assert_error, live_server, wait_idle, wait_ready
 
 LONG = {"model": BASE_ID, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
 
@@ -33,15 +33,6 @@ def _aborted_count() -> float:
     return value or 0.0
 
 
-def _wait_idle(state, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if state.engine.num_in_flight == 0 and not state.engine.engine.has_unfinished():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{state.engine.num_in_flight} requests still in flight")
-
-
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir, tmp_path_factory):
     settings = api_settings(tiny_llama_dir, tmp_path_factory.mktemp("store"), max_queue_size=2,
@@ -59,7 +50,7 @@ def test_queue_full_is_503_with_retry_after(server):
             refused = client.post("/v1/completions", json={**LONG, "max_tokens": 2})
             assert_error(refused, 503, "busy")
             assert int(refused.headers["retry-after"]) >= 1
-        _wait_idle(server.state)  # closing both streams aborted them
+        wait_idle(server.state)  # closing both streams aborted them
         assert client.post("/v1/completions", json={**LONG, "max_tokens": 2}).status_code == 200
 
 
@@ -72,7 +63,7 @@ def test_request_timeout_is_504_and_aborts(server):
         with client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
             lines = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert json.loads(lines[-2][6:])["error"]["code"] == 504 and lines[-1] == "data: [DONE]"
-    _wait_idle(server.state)
+    wait_idle(server.state)
     assert _aborted_count() >= aborted + 2
 
 
@@ -82,10 +73,10 @@ def test_client_disconnect_aborts_generation(server, monkeypatch):
     with server.client() as client:
         with client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
             next(response.iter_lines())
-        _wait_idle(server.state, timeout_s=1.0)  # 200 slowed steps would take over 2 s
+        wait_idle(server.state, timeout_s=1.0)  # 200 slowed steps would take over 2 s
         with pytest.raises(httpx.ReadTimeout):
             client.post("/v1/completions", json=LONG, timeout=0.3)
-        _wait_idle(server.state, timeout_s=1.0)
+        wait_idle(server.state, timeout_s=1.0)
     assert _aborted_count() >= aborted + 2
 
 
