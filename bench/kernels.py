@@ -5,9 +5,10 @@
 For each layer shape of the model (fused qkv, o, fused gate_up, down) and each row count M it times,
 by CUDA-graph replay over enough weight copies to defeat the L2 cache, µs per call of:
 ``bf16`` (F.linear on a 16-bit weight), ``ours`` (the NF4 dispatch loraplex runs: server.model.
-nf4_dispatch), each of our kernels forced (``fused``, ``dequant``, ``mma`` variants with --sweep-mma),
-``bnb`` (bitsandbytes.matmul_4bit) and ``tinygemm`` (torch._weight_int4pack_mm, int4, group 64: a
-speed reference only, not NF4). Each of ours is also checked against the float64 reference.
+nf4_dispatch), each of our kernels forced (``fused``, ``dequant``, ``mma``, ``tile`` and, with
+--sweep-mma, the tile kernel's neighbours), ``bnb`` (bitsandbytes.matmul_4bit) and ``tinygemm``
+(torch._weight_int4pack_mm, int4, group 64: a speed reference only, not NF4). Each of ours is also
+checked against the float64 reference.
 Writes ``<out>/<date>-<device>-kernels.json`` with ``ratios`` (geometric means over the four layer
 shapes of the 8B model): nf4_over_bf16_m{1,16,32,128}, nf4_over_tinygemm_m1.
 """
@@ -74,6 +75,7 @@ class Layer:
     def __init__(self, in_features: int, out_features: int, copies: int, seed: int):
         import bitsandbytes.functional as bnbf
 
+        from server.model.nf4_layout import tile_pack
         from server.model.nf4_ops import nf4_absmax_float
 
         gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -82,7 +84,8 @@ class Layer:
         for _ in range(copies):
             w = (torch.randn(out_features, in_features, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
             codes, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-            self.nf4.append((codes, nf4_absmax_float(state).contiguous(), state))
+            absmax = nf4_absmax_float(state).contiguous()
+            self.nf4.append((codes, absmax, state, tile_pack(codes, absmax, self.shape)))
             self.bf16.append(w)
             self.int4.append(_tinygemm_pack(w))
         self.table = self.nf4[0][2].code
@@ -115,7 +118,8 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
     rows = x.shape[0]
     impls = {
         "bf16": [lambda w=w: torch.nn.functional.linear(x, w) for w in layer.bf16],
-        "ours": [lambda c=c: nf4_linear_cuda(x, c[0], c[1], layer.shape, layer.table, None, c[2]) for c in layer.nf4],
+        "ours": [lambda c=c: nf4_linear_cuda(x, c[0], c[1], layer.shape, layer.table, None, c[2], tiled=c[3])
+                 for c in layer.nf4],
         "bnb": [lambda c=c: bnb.matmul_4bit(x, c[0].t(), c[2]) for c in layer.nf4],
     }
     for name in ("dequant",):
@@ -127,14 +131,23 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
     if rows <= 64 and _mma_available():
         from server.model import cuda_nf4
 
-        variants = {}
-        if SWEEP_MMA:
-            split = cuda_nf4.pick_split_k(rows, *layer.shape, device_num_sms(0), warps=2 if rows <= 8 else 4)
-            variants.update({"mma_w2": {"warps": 2}, "mma_w4": {"warps": 4},
-                             "mma_s_half": {"split_k": max(1, split // 2)}, "mma_s_double": {"split_k": split * 2}})
-        for vname, kw in variants.items():
-            impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_mma(x, c[0], c[1], layer.shape, layer.table, **kw)
-                            for c in layer.nf4]
+        impls["mma"] = [lambda c=c: cuda_nf4.nf4_mma(x, c[0], c[1], layer.shape, layer.table,
+                                                     warps=2 if rows <= 8 else 4, num_sms=device_num_sms(0))
+                        for c in layer.nf4]
+        impls["tile"] = [lambda c=c: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
+                         for c in layer.nf4]
+        if SWEEP_MMA:  # the tile kernel's neighbours: warps, tiles a warp, split-K halved and doubled
+            warps, per_warp = cuda_nf4.tile_config(rows)
+            split = cuda_nf4.pick_split_k(rows, *layer.shape, device_num_sms(0), warps, rows_per_warp=per_warp)
+            variants = {"tile_s_half": {"split_k": max(1, split // 2)}, "tile_s_double": {"split_k": split * 2}}
+            if rows <= 8:
+                variants["tile_w4"] = {"warps": 4}
+            elif rows <= 32:
+                variants["tile_r1"] = {"rows_per_warp": 1}
+            for vname, kw in variants.items():
+                impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table,
+                                                                     num_sms=device_num_sms(0), **kw)
+                                for c in layer.nf4]
     if not isinstance(layer.int4[0], str):
         impls["tinygemm"] = [lambda p=p: torch._weight_int4pack_mm(x, p[0], p[2], p[1]) for p in layer.int4]
     return impls
@@ -144,7 +157,7 @@ def check_error(layer: Layer, x: torch.Tensor, fn) -> float:
     """max |y - ref| / max |ref| against the float64 reference on copy 0's weight."""
     from server.model.nf4_ops import nf4_dequantize_reference
 
-    codes, absmax, _ = layer.nf4[0]
+    codes, absmax = layer.nf4[0][:2]
     weight = nf4_dequantize_reference(codes, absmax, layer.shape, layer.table).to(x.dtype).double()
     ref = x.double() @ weight.t()
     got = fn().double()

@@ -58,7 +58,7 @@ def summarize(events: list[tuple[str, float]], steps: int) -> dict:
 def main() -> None:
     from bench.build import build_engine, kv_blocks_for, loaded_model, our_model, random_adapters, random_hf_model
     from bench.ours import make_requests
-    from bench.shapes import SHAPES, llama_config
+    from bench.shapes import llama_config, shape_facts
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="1b")
@@ -74,7 +74,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     engine_mode = "merged" if args.mode == "merged" else "unmerged"
     engine = build_engine(loaded_model(ours, config), engine_mode, device, kv_blocks_for(args.batch, 512))
-    refs = random_adapters(SHAPES[args.model], 32 if args.mode == "mixed32" else 1, device)
+    refs = random_adapters(shape_facts(config), 32 if args.mode == "mixed32" else 1, device)
     requests = make_requests(config.vocab_size, args.batch, 128, 64, refs)
     for request in requests:
         engine.add_request(request)

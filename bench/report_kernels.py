@@ -22,7 +22,7 @@ ENGINE_RATIOS = (  # read from the 8B engine run (python -m bench --model 8b)
     Ratio("swap_ms_8b", "8b", "merged swap, all-linear rank 16, median ms", "<=", 250),
     Ratio("mixed32_over_merged_8b", "8b", "32 distinct adapters / one merged, tokens/s, batch 32", ">=", 0.80),
 )
-IMPLS = ("ours", "bnb", "tinygemm", "mma", "fused", "fused_bytes", "fused_words", "gemv", "dequant")
+IMPLS = ("ours", "bnb", "tinygemm", "tile", "mma", "fused", "fused_bytes", "fused_words", "gemv", "dequant")
 
 
 def newest_kernels(results_dir: Path) -> tuple[str, dict] | None:

@@ -1,9 +1,10 @@
 """NF4 matmul on tensor cores for 1-64 rows, a CUDA extension compiled on first use (csrc/nf4_mma.cu).
 
 Semantics: as ``nf4_ops.nf4_matmul_reference`` (fp32 dequantize, one rounding to x.dtype, fp32
-accumulate). Reads bitsandbytes' codes as stored (no repacked copy, so merged swaps need nothing
-rebuilt). Needs nvcc and an sm_80+ GPU; ``is_available()`` says whether it built. The CPU never
-imports torch's extension builder.
+accumulate). Two kernels share one MMA mapping: ``nf4_mma`` reads bitsandbytes' codes as stored;
+``nf4_tile`` streams the forward-only tile layout (``nf4_layout.tile_pack``), which NF4Linear keeps
+beside the codes and rebuilds in place whenever they change. Needs nvcc and an sm_80+ GPU;
+``is_available()`` says whether it built. The CPU never imports torch's extension builder.
 """
 
 from __future__ import annotations
@@ -46,14 +47,21 @@ def is_available() -> bool:
     return True
 
 
+def _rows_bucket(num_rows: int) -> int:
+    return 8 if num_rows <= 8 else 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
+
+
 @functools.cache
-def blocks_per_sm(num_rows_bucket: int, warps: int) -> int:
-    """Resident blocks per SM of the kernel instance for this row bucket (8, 16, 32, 64) and warps."""
+def blocks_per_sm(num_rows_bucket: int, warps: int, rows_per_warp: int = 0) -> int:
+    """Resident blocks per SM of the kernel instance for this row bucket (8, 16, 32, 64) and warps;
+    rows_per_warp 0: nf4_mma, 1 or 2: nf4_tile with that many 16-row tiles a warp."""
+    if rows_per_warp:
+        return max(1, _extension().nf4_tile_blocks_per_sm(num_rows_bucket, warps, rows_per_warp))
     return max(1, _extension().nf4_mma_blocks_per_sm(num_rows_bucket, warps))
 
 
 def pick_split_k(num_rows: int, out_features: int, in_features: int, num_sms: int, warps: int = 4,
-                 resident_blocks: int | None = None) -> int:
+                 resident_blocks: int | None = None, rows_per_warp: int = 0) -> int:
     """The smallest split of K whose grid fills its last wave to >= 90% (ncu at 1 row, 8B gate_up: 1.36
     waves, "up to 50%" lost to the partial one), else the best-filling one; splits keep fp32 partials
     under 1/4 of the code bytes and at least 4 quant blocks each."""
@@ -61,13 +69,12 @@ def pick_split_k(num_rows: int, out_features: int, in_features: int, num_sms: in
     num_blocks = in_features // NF4_BLOCKSIZE
     cap = max(1, min(16, in_features // (32 * num_rows), num_blocks // 4))
     if resident_blocks is None:
-        resident_blocks = blocks_per_sm(8 if num_rows <= 8 else 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64,
-                                        warps)
+        resident_blocks = blocks_per_sm(_rows_bucket(num_rows), warps, rows_per_warp)
     slots = resident_blocks * num_sms  # blocks that run at once
     best, best_fill = 1, -1.0
     split_k = 1
     while split_k <= cap:
-        ctas = -(-row_tiles // warps) * split_k
+        ctas = -(-row_tiles // (warps * max(1, rows_per_warp))) * split_k
         waves = ctas / slots
         fill = waves / math.ceil(waves) if waves >= 1 else waves  # under one wave: idle SMs
         if fill >= 0.9:
@@ -96,4 +103,38 @@ def nf4_mma(
     if split_k is None:
         split_k = pick_split_k(x.shape[0], out_features, in_features, num_sms, warps)
     _extension().nf4_mma(x, codes_as_bytes(codes), absmax_f, code_table, bias, out, split_k, warps)
+    return out
+
+
+def tile_config(num_rows: int) -> tuple[int, int]:
+    """(warps a block, 16-row tiles a warp) of nf4_tile for this many rows: two warps and one tile up to 8
+    rows (as nf4_mma measured); above, four warps, and two tiles a warp so that each x fragment
+    loaded serves 32 weight rows."""
+    return (2, 1) if num_rows <= 8 else (4, 2) if num_rows <= 32 else (4, 1)
+
+
+def nf4_tile(
+    x: torch.Tensor,  # [T, in] bf16 / fp16, T <= 64
+    tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
+    shape,  # (out, in)
+    code_table: torch.Tensor,  # [16] float32
+    bias: torch.Tensor | None = None,  # [out]
+    split_k: int | None = None,
+    warps: int | None = None,
+    rows_per_warp: int | None = None,
+    num_sms: int = 132,
+) -> torch.Tensor:
+    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout."""
+    out_features, in_features = shape
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], out_features, device=x.device, dtype=x.dtype)
+    default_warps, default_rows = tile_config(x.shape[0])
+    warps, rows_per_warp = warps or default_warps, rows_per_warp or default_rows
+    if x.shape[0] > 8:
+        warps = 4  # the instances built (csrc/nf4_mma.cu, dispatch_tile)
+    if x.shape[0] <= 8 or x.shape[0] > 32:
+        rows_per_warp = 1
+    if split_k is None:
+        split_k = pick_split_k(x.shape[0], out_features, in_features, num_sms, warps, rows_per_warp=rows_per_warp)
+    _extension().nf4_tile(x, tiled[0], tiled[1], code_table, bias, out, split_k, warps, rows_per_warp)
     return out

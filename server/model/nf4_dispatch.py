@@ -3,7 +3,9 @@
 - ``fused``: few rows, the fused dequantize-in-registers Triton matmul (server.model.triton_nf4);
 - ``dequant``: prefill-sized batches, dequantize into one reused 16-bit scratch buffer and let cuBLAS
   multiply (server.model.triton_nf4_dequant); the buffer holds one layer, never the whole model;
-- ``mma``: 1-64 rows, the CUDA tensor-core kernel compiled at first use (server.model.cuda_nf4);
+- ``tile``: 1-64 rows, the CUDA tensor-core kernel compiled at first use (server.model.cuda_nf4) over
+  the layer's forward-only tile layout (nf4_layout.tile_pack; NF4Linear keeps it), ``mma`` when a
+  caller has no tile copy: the same kernel reading bitsandbytes' codes as stored;
 - ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
 
 The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESULTS.md);
@@ -27,7 +29,7 @@ from server.model.nf4_layout import codes_as_words
 # LORAPLEX_NF4_KERNEL=triton): bnb at 1-2 rows (0.92 / 1.41 of bf16; fused 1.72),
 # fused Triton to 32 rows, dequant beyond. bnb's one-row GEMV is not exact to the fp32 semantics (max
 # error 4.9e-3 of the output's range against 3.3e-3 for ours).
-WITH_CUDA_KERNEL: tuple[tuple[int | None, str], ...] = ((32, "mma"), (None, "dequant"))
+WITH_CUDA_KERNEL: tuple[tuple[int | None, str], ...] = ((32, "tile"), (None, "dequant"))
 TRITON_ONLY: tuple[tuple[int | None, str], ...] = ((2, "bnb"), (32, "fused"), (None, "dequant"))
 BNB_ONLY: tuple[tuple[int | None, str], ...] = ((None, "bnb"),)
 
@@ -83,9 +85,12 @@ def nf4_linear_cuda(
     bias: torch.Tensor | None,  # [out]
     quant_state=None,  # bnb QuantState, for the bnb fallback
     kernel: str | None = None,  # force one kernel (benchmarks, tests)
+    tiled: tuple[torch.Tensor, torch.Tensor] | None = None,  # nf4_layout.tile_pack of (codes, absmax_f)
 ) -> torch.Tensor:
     """y = x @ dequant(W)^T (+ bias), semantics of nf4_ops.nf4_matmul_reference, by the fastest kernel."""
     name = kernel or kernel_for_rows(x.shape[0])
+    if name == "tile" and tiled is None:
+        name = "mma"
     out_features, in_features = shape
     if name == "fused":
         from server.model.triton_nf4 import nf4_matmul_triton
@@ -98,6 +103,11 @@ def nf4_linear_cuda(
         # Two warps a block measured faster up to 8 rows (gate_up 47 vs 48.5 µs, down 25 vs 30), four above.
         return cuda_nf4.nf4_mma(x, codes, absmax_f, shape, code_table, bias, warps=2 if x.shape[0] <= 8 else 4,
                                 num_sms=device_num_sms(x.device.index or 0))
+    if name == "tile":
+        from server.model import cuda_nf4
+        from server.model.triton_nf4 import device_num_sms
+
+        return cuda_nf4.nf4_tile(x, tiled, shape, code_table, bias, num_sms=device_num_sms(x.device.index or 0))
     if name == "dequant":
         from server.model.triton_nf4_dequant import nf4_dequantize_triton
 

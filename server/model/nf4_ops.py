@@ -93,13 +93,14 @@ def nf4_matmul(
     out: torch.Tensor | None = None,  # [T, out] x.dtype
     bias: torch.Tensor | None = None,  # [out]
     quant_state=None,  # bnb QuantState, for the dispatch's bitsandbytes fallback
+    tiled: tuple[torch.Tensor, torch.Tensor] | None = None,  # nf4_layout.tile_pack of (codes, absmax_f)
 ) -> torch.Tensor:
     """y = x @ W^T: on CUDA the kernel server.model.nf4_dispatch picks for T rows, else the reference."""
     validate_matmul_args(x, shape, bias)
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         from server.model.nf4_dispatch import nf4_linear_cuda
 
-        y = nf4_linear_cuda(x, codes, absmax_f, shape, code_table, bias, quant_state)
+        y = nf4_linear_cuda(x, codes, absmax_f, shape, code_table, bias, quant_state, tiled=tiled)
     else:
         y = nf4_matmul_reference(x, codes, absmax_f, shape, code_table, bias=bias)
     return y if out is None else out.copy_(y)

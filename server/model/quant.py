@@ -57,6 +57,14 @@ class NF4Linear(nn.Module):
         # float32 per-64-block scales with double quant undone, for the fused Triton kernel; derived
         # from (absmax, absmax2, offset) and refreshed in place whenever those change.
         self.absmax_f = self._derive_absmax() if self.codes.is_cuda else None  # [out * in / 64]
+        # The CUDA tile kernel's forward-only copy of (codes, absmax_f) in MMA-lane order
+        # (nf4_layout.tile_pack), rebuilt in place with absmax_f: + 0.5625 byte/param on the GPU.
+        self.tiled = self._derive_tiled() if self.codes.is_cuda else None
+
+    def _derive_tiled(self, out=None):
+        from server.model.nf4_layout import tile_pack
+
+        return tile_pack(self.codes.data, self.absmax_f, (self.out_features, self.in_features), out=out)
 
     def _derive_absmax(self) -> torch.Tensor:
         from server.model.nf4_ops import nf4_absmax_float
@@ -75,7 +83,7 @@ class NF4Linear(nn.Module):
 
         shape = (self.out_features, self.in_features)
         return nf4_matmul(x, self.codes, self.absmax_f, shape, self.quant_state.code, bias=self.bias,
-                          quant_state=self.quant_state)
+                          quant_state=self.quant_state, tiled=self.tiled)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from bitsandbytes.functional import dequantize_4bit
@@ -98,6 +106,7 @@ class NF4Linear(nn.Module):
         self._cpu_weight = None
         if self.absmax_f is not None:
             self.absmax_f.copy_(self._derive_absmax())
+            self._derive_tiled(out=self.tiled)
 
     @property
     def nbytes(self) -> int:

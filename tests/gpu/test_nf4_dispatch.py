@@ -25,6 +25,12 @@ def _layer(in_features, out_features):
     return codes, nf4_ops.nf4_absmax_float(state).contiguous(), tuple(state.shape), state.code, state
 
 
+def _tiled(codes, absmax, shape):
+    from server.model.nf4_layout import tile_pack
+
+    return tile_pack(codes, absmax, shape)
+
+
 def _rel_err(got, x, codes, absmax, shape, table, bias):
     weight = nf4_ops.nf4_dequantize_reference(codes, absmax, shape, table).to(x.dtype).double()
     ref = x.double() @ weight.t() + bias.double()
@@ -35,6 +41,7 @@ def _rel_err(got, x, codes, absmax, shape, table, bias):
     ("fused", 1), ("fused", 3), ("fused", 16), ("fused", 33), ("fused", 64),
     ("dequant", 65), ("dequant", 300), (None, 1), (None, 7), (None, 128),
     ("mma", 1), ("mma", 2), ("mma", 9), ("mma", 16), ("mma", 31), ("mma", 64),
+    ("tile", 1), ("tile", 5), ("tile", 9), ("tile", 16), ("tile", 24), ("tile", 32), ("tile", 40), ("tile", 64),
 ])  # fmt: skip
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"in{s[0]}_out{s[1]}")
 def test_kernel_matches_float64_reference(kernel, rows, shape):
@@ -42,7 +49,8 @@ def test_kernel_matches_float64_reference(kernel, rows, shape):
     gen = torch.Generator(device="cuda").manual_seed(rows)
     x = torch.randn(rows, shape[0], device="cuda", generator=gen).to(torch.bfloat16)
     bias = torch.randn(shape[1], device="cuda", generator=gen).to(torch.bfloat16)
-    got = nf4_dispatch.nf4_linear_cuda(x, codes, absmax, wshape, table, bias, state, kernel=kernel)
+    got = nf4_dispatch.nf4_linear_cuda(x, codes, absmax, wshape, table, bias, state, kernel=kernel,
+                                       tiled=_tiled(codes, absmax, wshape))
     assert got.shape == (rows, shape[1]) and got.dtype == x.dtype
     # bf16 output rounding is 2^-9 relative; fp32 accumulation adds far less. bitsandbytes' one-row
     # GEMV (the dispatch's choice at 1-2 rows) rounds more: 5.4e-3 seen at in=192, out=320.
@@ -69,3 +77,18 @@ def test_mma_kernel_splits_and_warps(split_k, warps):
     bias = torch.randn(576, device="cuda").to(torch.float16)
     got = cuda_nf4.nf4_mma(x, codes, absmax, wshape, table, bias, split_k=split_k, warps=warps)
     assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
+
+
+@pytest.mark.parametrize("rows, split_k, warps, rows_per_warp", [(1, 1, 4, 1), (3, 3, 2, 1), (12, 8, 4, 1),
+                                                                (20, 2, 4, 2), (30, 5, 4, 1), (50, 4, 4, 1)])
+def test_tile_kernel_matches_mma_bit_for_bit(rows, split_k, warps, rows_per_warp):
+    """Same MMA mapping, same order of fp32 sums: the tile layout must not change a single bit."""
+    from server.model import cuda_nf4
+
+    codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: a partial last tile
+    x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(600, device="cuda").to(torch.bfloat16)
+    tiled = _tiled(codes, absmax, wshape)
+    got = cuda_nf4.nf4_tile(x, tiled, wshape, table, bias, split_k=split_k, warps=warps, rows_per_warp=rows_per_warp)
+    want = cuda_nf4.nf4_mma(x, codes, absmax, wshape, table, bias, split_k=split_k, warps=2 if rows <= 8 else 4)
+    assert torch.equal(got, want)

@@ -207,6 +207,160 @@ __global__ void __launch_bounds__(WARPS * 32, (MinBlocks<WARPS, NT>::value)) nf4
   }
 }
 
+// The same MMA mapping over the forward-only tile layout (server/model/nf4_layout.py, TiledNF4): for row tile r
+// (rows 16r .. 16r + 15, zero-padded) and quant block b, 512 code bytes in lane order (lane 4g + t: row 16r + g's
+// bytes [32b + 8t, +8), then row 16r + g + 8's) and 8 float2 scales (row g, row g + 8). A warp streams contiguous
+// memory: one 16-byte code load (4 L1 wavefronts a warp, against 16 for two 8-byte loads over 8 rows each) and one
+// 8-byte scale load (1 wavefront, against 16 for two scattered 4-byte loads) per block; with RT = 2 a warp owns two
+// tiles and the x fragments it loads serve both.
+template <int WARPS, int NT, int RT>
+struct TileMinBlocks {
+  static constexpr int value = (NT == 1 && RT == 1) ? 65536 / (64 * WARPS * 32) : 1;
+};
+
+__device__ __forceinline__ uint4 load_tile_codes(const uint4* p, bool ok) {
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  if (ok)
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float2 load_tile_scales(const float2* p, bool ok) {
+  return ok ? __ldg(p) : make_float2(0.f, 0.f);
+}
+
+template <typename T, int NT, int RT, int WARPS, int PREFETCH>
+__global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::value)) nf4_tile_kernel(
+    const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
+    const float* __restrict__ table, const T* __restrict__ bias, void* __restrict__ out,
+    int M, int N, int K, int blocks_per_split, int write_partial) {
+  __shared__ float lut_shared[16];
+  if (threadIdx.x < 16) lut_shared[threadIdx.x] = table[threadIdx.x];
+  __syncthreads();
+  const char* lut = reinterpret_cast<const char*>(lut_shared);
+
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int tile0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * RT;
+  const int row_tiles = (N + 15) / 16;
+  const int num_blocks = K / 64;
+  const int first = blockIdx.y * blocks_per_split;
+  const int last = min(first + blocks_per_split, num_blocks);
+
+  const uint4* codes_at[RT];
+  const float2* scales_at[RT];
+  bool tile_ok[RT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    const int tile = tile0 + r;
+    tile_ok[r] = tile < row_tiles;
+    codes_at[r] = tile_codes + static_cast<int64_t>(tile) * num_blocks * 32 + lane;  // 32 uint4 a block
+    scales_at[r] = tile_scales + static_cast<int64_t>(tile) * num_blocks * 8 + g;   // 8 float2 a block
+  }
+
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.f;
+
+  uint4 ring_codes[PREFETCH][RT];
+  float2 ring_scales[PREFETCH][RT];
+#pragma unroll
+  for (int i = 0; i < PREFETCH; ++i) {
+    const int blk = first + i;
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      const bool ok = blk < last && tile_ok[r];
+      ring_codes[i][r] = load_tile_codes(codes_at[r] + 32 * blk, ok);
+      ring_scales[i][r] = load_tile_scales(scales_at[r] + 8 * blk, ok);
+    }
+  }
+
+  for (int base = first; base < last; base += PREFETCH) {
+#pragma unroll
+    for (int i = 0; i < PREFETCH; ++i) {
+      const int blk = base + i;
+      if (blk >= last) break;  // warp-uniform
+      uint4 cur_codes[RT];
+      float2 cur_scales[RT];
+      const int ahead = blk + PREFETCH;
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        cur_codes[r] = ring_codes[i][r];
+        cur_scales[r] = ring_scales[i][r];
+        const bool ok = ahead < last && tile_ok[r];
+        ring_codes[i][r] = load_tile_codes(codes_at[r] + 32 * ahead, ok);
+        ring_scales[i][r] = load_tile_scales(scales_at[r] + 8 * ahead, ok);
+      }
+
+      uint32_t xb[NT][8];  // as nf4_mma_kernel: token nt * 8 + g, k = 64 * blk + 16t .. + 16
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int tok = nt * 8 + g;
+        if (tok < M) {
+          const uint4* px = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(tok) * K + 64 * blk + 16 * t);
+          const uint4 v0 = __ldg(px);
+          const uint4 v1 = __ldg(px + 1);
+          xb[nt][0] = v0.x; xb[nt][1] = v0.y; xb[nt][2] = v0.z; xb[nt][3] = v0.w;
+          xb[nt][4] = v1.x; xb[nt][5] = v1.y; xb[nt][6] = v1.z; xb[nt][7] = v1.w;
+        } else {
+#pragma unroll
+          for (int w = 0; w < 8; ++w) xb[nt][w] = 0u;
+        }
+      }
+
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const uint32_t w_lo = half ? cur_codes[r].y : cur_codes[r].x;  // row g
+          const uint32_t w_hi = half ? cur_codes[r].w : cur_codes[r].z;  // row g + 8
+          const uint32_t lo_even = (w_lo >> 2) & 0x3C3C3C3Cu, lo_odd = (w_lo << 2) & 0x3C3C3C3Cu;
+          const uint32_t hi_even = (w_hi >> 2) & 0x3C3C3C3Cu, hi_odd = (w_hi << 2) & 0x3C3C3C3Cu;
+#pragma unroll
+          for (int jj = 0; jj < 2; ++jj) {
+            const int j = 2 * half + jj;
+            const uint32_t a0 = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj, cur_scales[r].x);
+            const uint32_t a1 = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj, cur_scales[r].y);
+            const uint32_t a2 = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj + 1, cur_scales[r].x);
+            const uint32_t a3 = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj + 1, cur_scales[r].y);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+              Ops<T>::mma(acc[r][nt], a0, a1, a2, a3, xb[nt][2 * j], xb[nt][2 * j + 1]);
+          }
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    const int row_lo = (tile0 + r) * 16 + g;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = (i < 2) ? row_lo : row_lo + 8;
+        const int tok = nt * 8 + 2 * t + (i & 1);
+        if (row >= N || tok >= M) continue;
+        if (write_partial) {
+          float* partial = reinterpret_cast<float*>(out) + static_cast<int64_t>(blockIdx.y) * M * N;
+          partial[static_cast<int64_t>(tok) * N + row] = acc[r][nt][i];
+        } else {
+          float v = acc[r][nt][i];
+          if (bias != nullptr) v += Ops<T>::to_float(bias[row]);
+          reinterpret_cast<T*>(out)[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 __global__ void split_k_sum_kernel(const float* __restrict__ partial, const T* __restrict__ bias, T* __restrict__ out,
                                    int M, int N, int splits) {
@@ -224,10 +378,11 @@ __global__ void split_k_sum_kernel(const float* __restrict__ partial, const T* _
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-template <typename T, int NT>
-void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
-            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-            int64_t split_k, int64_t warps) {
+// Grid (row groups, splits) of a kernel whose warps each own `rows_per_warp` 16-row tiles; `body` launches it into
+// `target` (out, or fp32 partials [splits, M, N] summed afterwards when K is split).
+template <typename T, typename Body>
+void run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
+               Body body) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int num_blocks = K / 64;
   const int blocks_per_split = (num_blocks + split_k - 1) / split_k;
@@ -240,18 +395,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
     partial = torch::empty({splits, M, N}, x.options().dtype(torch::kFloat32));
     target = partial.data_ptr();
   }
-  constexpr int PREFETCH = 4;
-  const int row_tiles = (N + 15) / 16;
-#define LORAPLEX_LAUNCH(W)                                                                              \
-  nf4_mma_kernel<T, NT, W, PREFETCH><<<dim3((row_tiles + W - 1) / W, splits), W * 32, 0, stream>>>(      \
-      reinterpret_cast<const T*>(x.data_ptr()), codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(),    \
-      table.data_ptr<float>(), splits > 1 ? nullptr : bias_ptr, target, M, N, K, blocks_per_split, splits > 1)
-  if (warps == 2) {
-    LORAPLEX_LAUNCH(2);
-  } else {
-    LORAPLEX_LAUNCH(4);
-  }
-#undef LORAPLEX_LAUNCH
+  body(stream, target, splits > 1 ? nullptr : bias_ptr, splits, blocks_per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
     const int64_t total = static_cast<int64_t>(M) * N;
@@ -259,6 +403,105 @@ void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
         partial.data_ptr<float>(), bias_ptr, reinterpret_cast<T*>(out.data_ptr()), M, N, splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+template <typename T, int NT>
+void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
+            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+            int64_t split_k, int64_t warps) {
+  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  const int row_tiles = (N + 15) / 16;
+  run_split<T>(x, bias, out, split_k, [&](cudaStream_t stream, void* target, const T* bias_ptr, int splits,
+                                          int blocks_per_split) {
+#define LORAPLEX_LAUNCH(W)                                                                                 \
+  nf4_mma_kernel<T, NT, W, 4><<<dim3((row_tiles + W - 1) / W, splits), W * 32, 0, stream>>>(                \
+      reinterpret_cast<const T*>(x.data_ptr()), codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(),       \
+      table.data_ptr<float>(), bias_ptr, target, M, N, K, blocks_per_split, splits > 1)
+    if (warps == 2) {
+      LORAPLEX_LAUNCH(2);
+    } else {
+      LORAPLEX_LAUNCH(4);
+    }
+#undef LORAPLEX_LAUNCH
+  });
+}
+
+template <typename T, int NT, int RT, int W>
+void launch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                 const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                 int64_t split_k) {
+  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
+  run_split<T>(x, bias, out, split_k, [&](cudaStream_t stream, void* target, const T* bias_ptr, int splits,
+                                          int blocks_per_split) {
+    nf4_tile_kernel<T, NT, RT, W, 4><<<dim3((warps_needed + W - 1) / W, splits), W * 32, 0, stream>>>(
+        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, target, M, N, K,
+        blocks_per_split, splits > 1);
+  });
+}
+
+// The instances built (compile time is paid on the GPU host at first use): (token tiles, row tiles a warp, warps).
+// 1-8 rows: (1, 1, 2|4); 9-16: (2, 1|2, 4); 17-32: (4, 1|2, 4); 33-64: (8, 1, 4).
+template <typename T>
+void dispatch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                   const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                   int64_t split_k, int64_t warps, int64_t rows_per_warp) {
+  const int64_t M = x.size(0);
+  const bool two = rows_per_warp == 2;
+  if (M <= 8) {
+    if (warps == 2) launch_tile<T, 1, 1, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    else launch_tile<T, 1, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+  } else if (M <= 16) {
+    if (two) launch_tile<T, 2, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    else launch_tile<T, 2, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+  } else if (M <= 32) {
+    if (two) launch_tile<T, 4, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    else launch_tile<T, 4, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+  } else {
+    launch_tile<T, 8, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+  }
+}
+
+// out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout; M <= 64, K % 64 == 0.
+void nf4_tile(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
+              c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t warps,
+              int64_t rows_per_warp) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 64, "nf4_tile takes 1..64 rows, got ", x.size(0));
+  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type(), "out must be contiguous, x's dtype");
+  const int64_t tiles = (out.size(1) + 15) / 16, blocks = x.size(1) / 64;
+  TORCH_CHECK(tile_codes.scalar_type() == torch::kUInt8 && tile_codes.numel() == tiles * blocks * 512,
+              "tile_codes must be uint8 [tiles * blocks * 512]");
+  TORCH_CHECK(tile_scales.scalar_type() == torch::kFloat32 && tile_scales.numel() == tiles * blocks * 16,
+              "tile_scales must be float32 [tiles * blocks * 16]");
+  if (x.scalar_type() == torch::kBFloat16) {
+    dispatch_tile<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, warps, rows_per_warp);
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
+    dispatch_tile<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, warps, rows_per_warp);
+  }
+}
+
+// Resident blocks per SM of the tile kernel instance nf4_tile would launch (bf16 x).
+int64_t nf4_tile_blocks_per_sm(int64_t rows, int64_t warps, int64_t rows_per_warp) {
+  int blocks = 0;
+  const bool two = rows_per_warp == 2;
+  const int threads = static_cast<int>(rows <= 8 ? warps : 4) * 32;
+#define LORAPLEX_OCC_TILE(NT, RT, W) \
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, nf4_tile_kernel<__nv_bfloat16, NT, RT, W, 4>, threads, 0)
+  if (rows <= 8) {
+    if (warps == 2) LORAPLEX_OCC_TILE(1, 1, 2); else LORAPLEX_OCC_TILE(1, 1, 4);
+  } else if (rows <= 16) {
+    if (two) LORAPLEX_OCC_TILE(2, 2, 4); else LORAPLEX_OCC_TILE(2, 1, 4);
+  } else if (rows <= 32) {
+    if (two) LORAPLEX_OCC_TILE(4, 2, 4); else LORAPLEX_OCC_TILE(4, 1, 4);
+  } else {
+    LORAPLEX_OCC_TILE(8, 1, 4);
+  }
+#undef LORAPLEX_OCC_TILE
+  return blocks;
 }
 
 template <typename T>
@@ -306,4 +549,6 @@ int64_t nf4_mma_blocks_per_sm(int64_t rows, int64_t warps) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_mma", &nf4_mma, "NF4 x 16-bit matmul on tensor cores, M <= 64");
   m.def("nf4_mma_blocks_per_sm", &nf4_mma_blocks_per_sm, "resident blocks per SM of the kernel for (rows, warps)");
+  m.def("nf4_tile", &nf4_tile, "NF4 x 16-bit matmul on tensor cores from the tile layout, M <= 64");
+  m.def("nf4_tile_blocks_per_sm", &nf4_tile_blocks_per_sm, "resident blocks per SM of the tile kernel");
 }

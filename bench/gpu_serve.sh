@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One GPU-machine call for the serving issues: bench.serve presets, then prefill and step profiles.
+# Usage there: SERVE_RUNS="1b:c32 1b:lora-modes" bash bench/gpu_serve.sh  (carry .whl; see ../shared/gpu/wheels.sh)
+# Each step has its own timeout so one slow step cannot eat the others' time; JSON and one run.log go to
+# $OUT (at most 8 files come back).
+set -o pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=$PWD/.torch_ext
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader > "$OUT/smi.txt"
+for run in ${SERVE_RUNS:-1b:c32}; do
+  shape=${run%%:*} preset=${run#*:}
+  timeout "${SERVE_TIMEOUT:-240}" python3 -m bench.serve --model "$shape" --preset "$preset" --out "$OUT" \
+    --budget-s $(( ${SERVE_TIMEOUT:-240} - 20 )) ${SERVE_ARGS:-} 2>&1 | tail -40 >> "$OUT/run.log"
+done
+[ -n "${PREFILL_TIMEOUT:-}" ] && timeout "$PREFILL_TIMEOUT" python3 -m bench.prefill --out "$OUT" 2>&1 | tail -40 >> "$OUT/run.log"
+for shape in ${PROFILE_SHAPES:-}; do
+  timeout "${PROFILE_TIMEOUT:-90}" python3 -m bench.profile_step --model "$shape" --out "$OUT" 2>&1 | tail -40 >> "$OUT/run.log"
+done
+cat "$OUT/run.log"
