@@ -63,11 +63,12 @@ def blocks_per_sm(num_rows_bucket: int, warps: int, rows_per_warp: int = 0) -> i
 def pick_split_k(num_rows: int, out_features: int, in_features: int, num_sms: int, warps: int = 4,
                  resident_blocks: int | None = None, rows_per_warp: int = 0) -> int:
     """The smallest split of K whose grid fills its last wave to >= 90% (ncu at 1 row, 8B gate_up: 1.36
-    waves, "up to 50%" lost to the partial one), else the best-filling one; splits keep fp32 partials
-    under 1/4 of the code bytes and at least 4 quant blocks each."""
+    waves, "up to 50%" lost to the partial one), else the best-filling one; splits keep the fp32 partials
+    (written, then read back) under the code bytes and at least 4 quant blocks each. At 64 rows a cap of
+    1/4 of the code bytes allowed 2 splits and twice that measured faster on qkv, o and gate_up."""
     row_tiles = -(-out_features // 16)
     num_blocks = in_features // NF4_BLOCKSIZE
-    cap = max(1, min(16, in_features // (32 * num_rows), num_blocks // 4))
+    cap = max(1, min(16, in_features // (16 * num_rows), num_blocks // 4))
     if resident_blocks is None:
         resident_blocks = blocks_per_sm(_rows_bucket(num_rows), warps, rows_per_warp)
     slots = resident_blocks * num_sms  # blocks that run at once
@@ -107,10 +108,11 @@ def nf4_mma(
 
 
 def tile_config(num_rows: int) -> tuple[int, int]:
-    """(warps a block, 16-row tiles a warp) of nf4_tile for this many rows: two warps and one tile up to 8
-    rows (as nf4_mma measured); above, four warps, and two tiles a warp so that each x fragment
-    loaded serves 32 weight rows."""
-    return (2, 1) if num_rows <= 8 else (4, 2) if num_rows <= 32 else (4, 1)
+    """(warps a block, 16-row tiles a warp) of nf4_tile for this many rows: two warps up to 8 rows, four
+    above; one tile a warp. H200, 8B shapes (bench/results/2026-12-01-nvidia-h200-kernels-tile-sweep.json):
+    two tiles a warp (each x fragment serving 32 weight rows) needs 146-181 registers and lost at 16-32
+    rows (qkv at 32 rows: 23.0 µs against 19.8), so the instances with two stay only for the sweep."""
+    return (2, 1) if num_rows <= 8 else (4, 1)
 
 
 def nf4_tile(

@@ -22,14 +22,13 @@ import torch
 from server.model.nf4_layout import codes_as_words
 
 # (largest row count, kernel), scanned in order; None = any count. From the H200 runs of 2026-12-01
-# (bench/results/2026-12-01-nvidia-h200-kernels*.json; time over bf16 cuBLAS, 8B layer shapes):
-# the CUDA tensor-core kernel ("mma") takes 1-32 rows (gate_up: 47 µs at 1 row vs bnb 54, fused 105;
-# 78 µs at 32 rows vs fused 141-154, dequant 154); from 33 rows dequant + cuBLAS (at 64 rows it ties
-# mma on gate_up and wins on qkv/o). Without the CUDA extension (no nvcc, pre-Ampere, or
-# LORAPLEX_NF4_KERNEL=triton): bnb at 1-2 rows (0.92 / 1.41 of bf16; fused 1.72),
-# fused Triton to 32 rows, dequant beyond. bnb's one-row GEMV is not exact to the fp32 semantics (max
-# error 4.9e-3 of the output's range against 3.3e-3 for ours).
-WITH_CUDA_KERNEL: tuple[tuple[int | None, str], ...] = ((32, "tile"), (None, "dequant"))
+# (bench/results/2026-12-01-nvidia-h200-kernels*.json; 8B layer shapes, µs): the CUDA tile kernel takes
+# 1-64 rows (gate_up: 40 µs at 1 row vs 47 for the same kernel on bnb's layout ("mma"), bnb 53, bf16 61;
+# at 64 rows 125-134 vs dequant + cuBLAS 157, qkv 29 vs 34 with the wider split), dequant + cuBLAS beyond.
+# Without the CUDA extension (no nvcc, pre-Ampere, or LORAPLEX_NF4_KERNEL=triton): bnb at 1-2 rows
+# (0.92 / 1.41 of bf16; fused 1.72), fused Triton to 32 rows, dequant beyond. bnb's one-row GEMV is not
+# exact to the fp32 semantics (max error 4.9e-3 of the output's range against 3.3e-3 for ours).
+WITH_CUDA_KERNEL: tuple[tuple[int | None, str], ...] = ((64, "tile"), (None, "dequant"))
 TRITON_ONLY: tuple[tuple[int | None, str], ...] = ((2, "bnb"), (32, "fused"), (None, "dequant"))
 BNB_ONLY: tuple[tuple[int | None, str], ...] = ((None, "bnb"),)
 

@@ -82,23 +82,28 @@ def _rotary_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, rope_ptr, kc_ptr, vc_ptr, slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_rope,
     stride_cs, stride_ch,
-    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr, HALF: tl.constexpr,
 ):  # fmt: skip
+    """One program per (token, head): q heads first, then kv heads (rotate k, write k and v to the cache).
+    One head a program keeps the grid wide: a program per token looping over 40 heads left 100 of 132
+    SMs idle at batch 32 (0.24 ms a step on the 1B shape, H200)."""
     row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
     offs = tl.arange(0, HALF)
     rope = rope_ptr + row * stride_rope  # [2, D]: cos row, then sin row
     cos_lo, cos_hi = tl.load(rope + offs), tl.load(rope + HALF + offs)
     sin_lo, sin_hi = tl.load(rope + 2 * HALF + offs), tl.load(rope + 3 * HALF + offs)
-    for head in tl.static_range(NUM_Q_HEADS):
+    if head < NUM_Q_HEADS:
         _rotate(q_ptr, row, head, stride_qt, stride_qh, cos_lo, cos_hi, sin_lo, sin_hi, offs, HALF)
-    slot = tl.load(slot_ptr + row)
-    for head in tl.static_range(NUM_KV_HEADS):
-        k_lo, k_hi = _rotate(k_ptr, row, head, stride_kt, stride_kh, cos_lo, cos_hi, sin_lo, sin_hi, offs, HALF)
+    else:
+        kv_head = head - NUM_Q_HEADS
+        k_lo, k_hi = _rotate(k_ptr, row, kv_head, stride_kt, stride_kh, cos_lo, cos_hi, sin_lo, sin_hi, offs, HALF)
+        slot = tl.load(slot_ptr + row)
         if slot >= 0:
-            cache = slot * stride_cs + head * stride_ch
+            cache = slot * stride_cs + kv_head * stride_ch
             tl.store(kc_ptr + cache + offs, k_lo.to(kc_ptr.dtype.element_ty))
             tl.store(kc_ptr + cache + HALF + offs, k_hi.to(kc_ptr.dtype.element_ty))
-            v_base = v_ptr + row * stride_vt + head * stride_vh
+            v_base = v_ptr + row * stride_vt + kv_head * stride_vh
             tl.store(vc_ptr + cache + offs, tl.load(v_base + offs).to(vc_ptr.dtype.element_ty))
             tl.store(vc_ptr + cache + HALF + offs, tl.load(v_base + HALF + offs).to(vc_ptr.dtype.element_ty))
 
@@ -111,9 +116,9 @@ def rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping) -> None:
         return
     rope = rope.contiguous()
     flat_k, flat_v = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
-    _rotary_write_kv_kernel[(num_tokens,)](
+    _rotary_write_kv_kernel[(num_tokens, num_q_heads + k.shape[1])](
         q, k, v, rope, flat_k, flat_v, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), rope.stride(0),
         flat_k.stride(0), flat_k.stride(1),
-        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=k.shape[1], HALF=head_dim // 2, num_warps=4,
+        NUM_Q_HEADS=num_q_heads, HALF=head_dim // 2, num_warps=1,
     )  # fmt: skip

@@ -9,7 +9,7 @@ import pytest
 from server.model import cuda_nf4, nf4_dispatch
 
 
-@pytest.mark.parametrize("rows, expected", [(1, "tile"), (32, "tile"), (33, "dequant"), (4096, "dequant")])
+@pytest.mark.parametrize("rows, expected", [(1, "tile"), (64, "tile"), (65, "dequant"), (4096, "dequant")])
 def test_rows_pick_the_measured_kernel(rows, expected):
     assert nf4_dispatch.kernel_for_rows(rows, nf4_dispatch.WITH_CUDA_KERNEL) == expected
 
