@@ -104,6 +104,11 @@ class Settings(BaseSettings):
         False, description="run the engine core (scheduler, model, sampler) in its own process, talking to "
         "the HTTP process over ZeroMQ; off: the engine runs in a thread of the HTTP process"
     )
+    gil_switch_interval_ms: float | None = Field(
+        None, gt=0, description="sys.setswitchinterval of the server process in ms (unset: Python's 5 ms); "
+        "the HTTP loop, the engine thread and the tokenizer threads share one GIL, and a thread waiting for "
+        "it waits up to this long"
+    )
     scheduling_policy: Literal["fair", "fcfs"] = Field(
         "fair", description="fair: virtual token counters across tenants; fcfs: arrival order"
     )

@@ -64,6 +64,10 @@ class EngineBench:
             max_model_len=server.max_model_len, max_num_batched_tokens=server.max_num_batched_tokens,
             kv_cache_blocks=kv_blocks_for(batch, traffic.prompt_len + traffic.output_len),
             cuda_graphs=self.device.type == "cuda",
+            # The warm-up run sends the same prompts: with prefix caching the measured run would prefill
+            # from cached blocks (and compile that path then: a 580 ms first step seen on the H200),
+            # while the server's load sends fresh prompts.
+            enable_prefix_caching=False,
         )
         engine = LLMEngine(self.loaded, settings)
         names = traffic.choices(batch)

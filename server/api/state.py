@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import sys
 import time
 from collections.abc import Callable
 
@@ -76,6 +77,8 @@ class ServerState:
         With `engine_process`, only the tokenizer and config load here; the engine process loads the
         weights (given weights are then unused)."""
         settings = self.settings
+        if settings.gil_switch_interval_ms is not None:
+            sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
         if loaded is None and settings.engine_process:
             loaded = load_model_info(settings.model, cache_dir=settings.cache_dir,
                                      served_model_name=settings.served_model_name)

@@ -140,3 +140,16 @@ def test_failed_start_is_unhealthy(tiny_llama_dir, tmp_path):
             time.sleep(0.02)
         assert_error(client.get("/health"), 503, "weights are corrupt")
         assert_error(client.get("/ready"), 503, "failed to start")
+
+
+def test_gil_switch_interval_setting_applies_at_start(tiny_llama_dir, tmp_path):
+    import sys
+
+    before = sys.getswitchinterval()
+    settings = api_settings(tiny_llama_dir, tmp_path / "store", gil_switch_interval_ms=0.5)
+    try:
+        with live_server(settings) as live, live.client() as client:
+            assert sys.getswitchinterval() == pytest.approx(0.0005)
+            assert client.get("/ready").status_code == 200
+    finally:
+        sys.setswitchinterval(before)
