@@ -30,8 +30,10 @@ def test_copy_waits_for_queued_compute_and_reports_loading(tiny_llama_dir, tiny_
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     engine = gpu_engine(tiny_llama_dir, max_slots=2)
     assert engine.lora_slots.is_async
+    weights = _pinned(refs["attn-r4"]).weights  # pinned before the sleep is queued: pinning takes host time
+    torch.cuda.synchronize()
     torch.cuda._sleep(200_000_000)  # ~0.1 s of queued work on the compute stream
-    slot = engine.slot_table.acquire(("a", 1), _pinned(refs["attn-r4"]).weights)
+    slot = engine.slot_table.acquire(("a", 1), weights)
     assert slot == SLOT_LOADING  # ordered after the queued work, so not done yet
     torch.cuda.synchronize()
     assert engine.slot_table.acquire(("a", 1), refs["attn-r4"].weights) >= 0
