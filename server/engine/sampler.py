@@ -25,7 +25,7 @@ model's raw distribution (log-softmax before steps 0-8) at the chosen token, as 
 default; they are not those of the processed distribution that was sampled from. A row asking for
 top_logprobs = k also gets the k most likely tokens of that raw distribution (one batched top-k over
 the largest k asked for). The only host sync is the final copy of the chosen tokens (with logprobs
-and alternatives) to the host.
+and alternatives) to the host, and it waits without holding the GIL (`host_list`).
 """
 
 from __future__ import annotations
@@ -250,17 +250,17 @@ class Sampler:
             index = _to_device([penalized, [requests[row].penalty_row for row in penalized]], torch.long, device)
             self.counts.add(index[1], chosen[index[0]])
         if not any(r.params.logprobs for r in requests):
-            return SampledTokens(chosen.tolist(), None, None)
+            return SampledTokens(host_list(chosen), None, None)
         max_top = max(r.params.top_logprobs for r in requests)
         if not max_top:
             logprobs = logits.gather(1, chosen[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-            host = torch.stack([chosen.double(), logprobs.double()]).tolist()  # one copy, one sync
+            host = host_list(torch.stack([chosen.double(), logprobs.double()]))  # one copy, one sync
             return SampledTokens([int(t) for t in host[0]], host[1], None)
         raw = logits.log_softmax(dim=-1)  # [B, vocab]
         top_values, top_ids = raw.topk(min(max_top, raw.shape[-1]), dim=-1)  # [B, max_top], best first
         columns = [chosen.double()[:, None], raw.gather(1, chosen[:, None]).double(), top_ids.double(),
                    top_values.double()]
-        host = torch.cat(columns, dim=1).tolist()  # one copy, one sync; ids < 2**53 are exact
+        host = host_list(torch.cat(columns, dim=1))  # one copy, one sync; ids < 2**53 are exact
         width = top_ids.shape[1]
         top = []
         for row, request in zip(host, requests, strict=True):
@@ -349,6 +349,23 @@ def sample(logits: torch.Tensor, requests: list[Request], eos_token_ids: Collect
     finally:
         for request in requests:
             sampler.release(request)
+
+
+def host_list(tensor: torch.Tensor) -> list:
+    """`tensor.tolist()`, but on CUDA the wait for the GPU does not hold the GIL.
+
+    `Tensor.tolist()` on a CUDA tensor copies and synchronizes while holding the GIL, so with the engine in
+    a thread of the HTTP process, streaming stalls for the whole GPU time of each step. Here the copy goes
+    into pinned memory asynchronously and the wait is `Event.synchronize()`, which releases the GIL: the
+    HTTP loop runs while the GPU works."""
+    if tensor.device.type != "cuda":
+        return tensor.tolist()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    return host.tolist()
 
 
 def _to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
