@@ -15,7 +15,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeVar
 
 from fastapi import Request as HTTPRequest
 from starlette.responses import StreamingResponse
@@ -35,6 +36,7 @@ from server.engine.request import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _NAME = re.compile(NAME_RE)
 
 
@@ -116,24 +118,7 @@ class Generation:
 
     async def collect(self, http_request: HTTPRequest) -> list[RequestOutput]:
         """All outputs of a non-streaming request; gives up (and aborts) if the client disconnects."""
-        consume = asyncio.ensure_future(_gather(self.outputs()))
-        watch = asyncio.ensure_future(_wait_disconnect(http_request))
-        is_abandoned = False
-        try:
-            await asyncio.wait({consume, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-            if not consume.done():
-                is_abandoned = True
-                self.abort()  # decided here, whatever the consumer makes of its cancellation
-                consume.cancel()
-                await asyncio.wait({consume})
-            await self.aclose()
-        if is_abandoned:
-            if not consume.cancelled():
-                consume.exception()  # it ran on to the abort output; nobody is left to tell
-            raise APIError(499, "client closed the request")
-        return consume.result()
+        return await collect_until_disconnect(_gather(self.outputs()), http_request, self.abort, self.aclose)
 
     def abort(self) -> None:
         """Abort the request in the engine now unless it already finished (idempotent, never blocks)."""
@@ -168,6 +153,30 @@ class Generation:
             raise APIError(503, "the engine stopped before the request finished") from None
 
 
+async def collect_until_disconnect(consume_outputs: Awaitable[T], http_request: HTTPRequest,
+                                   abort: Callable[[], None], aclose: Callable[[], Awaitable[None]]) -> T:
+    """Await `consume_outputs` unless the client disconnects first: then `abort` (decided here, whatever
+    the consumer makes of its cancellation), cancel it and answer 499. Closes (`aclose`) either way."""
+    consume = asyncio.ensure_future(consume_outputs)
+    watch = asyncio.ensure_future(_wait_disconnect(http_request))
+    is_abandoned = False
+    try:
+        await asyncio.wait({consume, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not consume.done():
+            is_abandoned = True
+            abort()
+            consume.cancel()
+            await asyncio.wait({consume})
+        await aclose()
+    if is_abandoned:
+        if not consume.cancelled():
+            consume.exception()  # it ran on to the abort output; nobody is left to tell
+        raise APIError(499, "client closed the request")
+    return consume.result()
+
+
 async def _gather(outputs: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
     return [output async for output in outputs]
 
@@ -182,6 +191,10 @@ def sse_event(payload: dict | str) -> str:
         return f"data: {payload}\n\n"
     data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data}\n\n"
+
+
+class Closable(Protocol):
+    async def aclose(self) -> None: ...
 
 
 class SSEResponse(StreamingResponse):
@@ -200,7 +213,7 @@ class SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def stream_events(generation: Generation, events: AsyncIterator[dict],
+async def stream_events(generation: Generation | Closable, events: AsyncIterator[dict],
                         done_marker: bool) -> AsyncIterator[str]:
     """SSE lines for `events`; an error mid-stream becomes one error event (a 500 without details when it
     is not an APIError). Always closes the request."""

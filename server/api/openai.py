@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from server.api.choices import Choices, check_count
 from server.api.deps import Caller, GenerateCaller, StateDep
 from server.api.errors import ERROR_RESPONSES, APIError
 from server.api.generation import Generation, SSEResponse, resolve_model, stream_events
@@ -29,7 +30,7 @@ router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 
 
 def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: bool,
-                     top_logprobs: int) -> SamplingParams:
+                     top_logprobs: int, seed: int | None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -40,7 +41,7 @@ def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         logit_bias=dict(body.logit_bias or {}),
-        seed=body.seed,
+        seed=seed,
         stop=body.stop_list,
         stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=body.ignore_eos,
@@ -114,7 +115,7 @@ def _chat_logprobs(name: _TokenText, outputs: list[RequestOutput]) -> dict:
 
 async def _start(state: ServerState, caller, body, adapter, prompt_ids: list[int], max_tokens: int | None,
                  max_tokens_field: str, logprobs: bool, top_logprobs: int, request_id: str,
-                 prompt_field: str) -> Generation:
+                 prompt_field: str, seed: int | None) -> Generation:
     context = state.max_model_len
     if max_tokens is None:
         max_tokens = max(1, context - len(prompt_ids))
@@ -123,7 +124,7 @@ async def _start(state: ServerState, caller, body, adapter, prompt_ids: list[int
                        f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the {prompt_field}, "
                        f"{max_tokens} in the completion). Please reduce the length of the {prompt_field} or "
                        f"{max_tokens_field}.", param=max_tokens_field)
-    params = _sampling_params(body, max_tokens, logprobs, top_logprobs)
+    params = _sampling_params(body, max_tokens, logprobs, top_logprobs, seed)
     return await Generation.start(state, caller, prompt_ids, params, adapter, request_id, prompt_field)
 
 
@@ -133,20 +134,27 @@ def _truncated(prompt_ids: list[int], body: CompletionRequest | ChatCompletionRe
 
 
 class _Usage:
-    """The `usage` fields of streamed chunks: none, null until the end, or the running count."""
+    """The `usage` fields of streamed chunks: none, null until the end, or the running count (over every
+    choice of the request)."""
 
-    def __init__(self, body: CompletionRequest | ChatCompletionRequest, generation: Generation):
-        self.body, self.generation = body, generation
+    def __init__(self, body: CompletionRequest | ChatCompletionRequest, choices: Choices):
+        self.body, self.choices = body, choices
+        self._completion = [0] * len(choices.generations)
 
-    def chunk(self, completion_tokens: int) -> dict:
+    def chunk(self, choice: int, completion_tokens: int) -> dict:
+        self._completion[choice] = completion_tokens
         if self.body.continuous_usage:
-            return {"usage": _usage(self.generation.prompt_tokens, completion_tokens)}
+            return {"usage": _usage(self.choices.prompt_tokens, sum(self._completion))}
         return {"usage": None} if self.body.include_usage else {}
 
     def final(self) -> dict | None:
         if not self.body.include_usage:
             return None
-        return _usage(self.generation.prompt_tokens, self.generation.completion_tokens)
+        return _usage(self.choices.prompt_tokens, self.choices.completion_tokens)
+
+
+def _choice_request_id(request_id: str, choices: int, index: int) -> str:
+    return request_id if choices == 1 else f"{request_id}-{index}"
 
 
 @router.post("/completions", summary="Text completion (OpenAI)")
@@ -158,43 +166,55 @@ async def create_completion(body: CompletionRequest, state: StateDep, caller: Ge
         raise APIError(400, "echo with logprobs is not supported: it needs prompt logprobs", param="echo")
     tokenizer = state.engine.tokenizer
     adapter = await resolve_model(state, caller, body.model)
-    prompt_ids = await state.prompts.encode_completion_prompt(body.prompt, body.add_special_tokens)
-    echo = ""
+    texts = body.prompt if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], (str, list)) \
+        else [body.prompt]
+    check_count(len(texts), body.n)
+    encoded = await state.prompts.encode_completion_prompts(body.prompt, body.add_special_tokens)
+    prompts = [_truncated(ids, body) for ids in encoded]
+    echoes = [""] * len(prompts)
     if body.echo:
-        text = body.prompt[0] if isinstance(body.prompt, list) and body.prompt else body.prompt
-        is_whole_text = isinstance(text, str) and len(_truncated(prompt_ids, body)) == len(prompt_ids)
-        echo = text if is_whole_text else tokenizer.decode(_truncated(prompt_ids, body))
-    prompt_ids = _truncated(prompt_ids, body)
+        echoes = [text if isinstance(text, str) and len(ids) == len(full) else tokenizer.decode(ids)
+                  for text, ids, full in zip(texts, prompts, encoded, strict=True)]
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    top = body.logprobs or 0
-    generation = await _start(state, caller, body, adapter, prompt_ids, body.max_tokens, "max_tokens",
-                              body.logprobs is not None, top, request_id, "prompt")
+    total = len(prompts) * body.n
+
+    def start(index: int, seed: int | None) -> Awaitable[Generation]:
+        prompt = index // body.n
+        field = "prompt" if len(prompts) == 1 else f"prompt[{prompt}]"
+        return _start(state, caller, body, adapter, prompts[prompt], body.max_tokens, "max_tokens",
+                      body.logprobs is not None, body.logprobs or 0, _choice_request_id(request_id, total, index),
+                      field, seed)
+
+    choices = await Choices.start(len(prompts), body.n, body.seed, start)
     names = _TokenText(tokenizer, body.return_tokens_as_token_ids)
-    created, logprobs = int(time.time()), _CompletionLogprobs(names, offset=len(echo))
-    base = {"id": request_id, "object": "text_completion", "created": created, "model": body.model,
+    logprobs = [_CompletionLogprobs(names, offset=len(echoes[i // body.n])) for i in range(total)]
+    base = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": body.model,
             "system_fingerprint": None}
     headers = {"X-Request-Id": request_id}
 
+    def render(index: int, outputs: list[RequestOutput]) -> dict | None:
+        return logprobs[index].render(outputs) if body.logprobs is not None else None
+
     async def chunks() -> AsyncIterator[dict]:
-        usage = _Usage(body, generation)
-        if echo:
-            choice = {"index": 0, "text": echo, "finish_reason": None, "logprobs": None}
-            yield {**base, "choices": [choice], **usage.chunk(0)}
-        async for output in generation.outputs():
-            choice = {"index": 0, "text": output.new_text, "finish_reason": _finish_reason(output),
-                      "logprobs": logprobs.render([output]) if body.logprobs is not None else None}
-            yield {**base, "choices": [choice], **usage.chunk(output.completion_tokens)}
+        usage = _Usage(body, choices)
+        for index in range(total if body.echo else 0):
+            choice = {"index": index, "text": echoes[index // body.n], "finish_reason": None, "logprobs": None}
+            yield {**base, "choices": [choice], **usage.chunk(index, 0)}
+        async for index, output in choices.outputs():
+            choice = {"index": index, "text": output.new_text, "finish_reason": _finish_reason(output),
+                      "logprobs": render(index, [output])}
+            yield {**base, "choices": [choice], **usage.chunk(index, output.completion_tokens)}
         if (final := usage.final()) is not None:
             yield {**base, "choices": [], "usage": final}
 
     if body.stream:
-        return SSEResponse(stream_events(generation, chunks(), done_marker=True), headers=headers)
-    outputs = await generation.collect(http_request)
-    choice = {"index": 0, "text": echo + "".join(o.new_text for o in outputs),
-              "finish_reason": _finish_reason(outputs[-1]),
-              "logprobs": logprobs.render(outputs) if body.logprobs is not None else None}
-    usage = _usage(generation.prompt_tokens, generation.completion_tokens)
-    return JSONResponse({**base, "choices": [choice], "usage": usage}, headers=headers)
+        return SSEResponse(stream_events(choices, chunks(), done_marker=True), headers=headers)
+    per_choice = await choices.collect(http_request)
+    body_choices = [{"index": index, "text": echoes[index // body.n] + "".join(o.new_text for o in outputs),
+                     "finish_reason": _finish_reason(outputs[-1]), "logprobs": render(index, outputs)}
+                    for index, outputs in enumerate(per_choice)]
+    usage = _usage(choices.prompt_tokens, choices.completion_tokens)
+    return JSONResponse({**base, "choices": body_choices, "usage": usage}, headers=headers)
 
 
 @router.post("/chat/completions", summary="Chat completion (OpenAI)")
@@ -207,6 +227,7 @@ async def create_chat_completion(body: ChatCompletionRequest, state: StateDep, c
     if body.continue_final_message and body.add_generation_prompt:
         raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true "
                        "(set add_generation_prompt: false)", param="continue_final_message")
+    check_count(1, body.n)
     tokenizer = state.engine.tokenizer
     adapter = await resolve_model(state, caller, body.model)
     prompt_ids = _truncated(await state.prompts.encode_chat(
@@ -215,37 +236,42 @@ async def create_chat_completion(body: ChatCompletionRequest, state: StateDep, c
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     max_tokens = body.max_completion_tokens or body.max_tokens
     max_tokens_field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    generation = await _start(state, caller, body, adapter, prompt_ids, max_tokens, max_tokens_field,
-                              body.logprobs, body.top_logprobs or 0, request_id, "messages")
+
+    def start(index: int, seed: int | None) -> Awaitable[Generation]:
+        return _start(state, caller, body, adapter, prompt_ids, max_tokens, max_tokens_field, body.logprobs,
+                      body.top_logprobs or 0, _choice_request_id(request_id, body.n, index), "messages", seed)
+
+    choices = await Choices.start(1, body.n, body.seed, start)
     names = _TokenText(tokenizer, body.return_tokens_as_token_ids)
     base = {"id": request_id, "created": int(time.time()), "model": body.model, "system_fingerprint": None}
     headers = {"X-Request-Id": request_id}
 
     async def chunks() -> AsyncIterator[dict]:
         base_chunk = {**base, "object": "chat.completion.chunk"}
-        usage = _Usage(body, generation)
-        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                 "finish_reason": None}
-        yield {**base_chunk, "choices": [first], **usage.chunk(0)}
-        async for output in generation.outputs():
-            choice = {"index": 0, "delta": {"content": output.new_text} if output.new_text else {},
+        usage = _Usage(body, choices)
+        for index in range(body.n):
+            first = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}
+            yield {**base_chunk, "choices": [first], **usage.chunk(index, 0)}
+        async for index, output in choices.outputs():
+            choice = {"index": index, "delta": {"content": output.new_text} if output.new_text else {},
                       "logprobs": _chat_logprobs(names, [output]) if body.logprobs else None,
                       "finish_reason": _finish_reason(output)}
-            yield {**base_chunk, "choices": [choice], **usage.chunk(output.completion_tokens)}
+            yield {**base_chunk, "choices": [choice], **usage.chunk(index, output.completion_tokens)}
         if (final := usage.final()) is not None:
             yield {**base_chunk, "choices": [], "usage": final}
 
     if body.stream:
-        return SSEResponse(stream_events(generation, chunks(), done_marker=True), headers=headers)
-    outputs = await generation.collect(http_request)
-    choice = {
-        "index": 0,
+        return SSEResponse(stream_events(choices, chunks(), done_marker=True), headers=headers)
+    per_choice = await choices.collect(http_request)
+    body_choices = [{
+        "index": index,
         "message": {"role": "assistant", "content": "".join(o.new_text for o in outputs)},
         "logprobs": _chat_logprobs(names, outputs) if body.logprobs else None,
         "finish_reason": _finish_reason(outputs[-1]),
-    }
-    payload = {**base, "object": "chat.completion", "choices": [choice],
-               "usage": _usage(generation.prompt_tokens, generation.completion_tokens)}
+    } for index, outputs in enumerate(per_choice)]
+    payload = {**base, "object": "chat.completion", "choices": body_choices,
+               "usage": _usage(choices.prompt_tokens, choices.completion_tokens)}
     return JSONResponse(payload, headers=headers)
 
 

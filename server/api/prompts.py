@@ -99,18 +99,19 @@ class PromptEncoder:
         self.check_length(len(text), field)
         return await self._run(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
-    async def encode_completion_prompt(self, prompt: str | list, add_special_tokens: bool = True) -> list[int]:
-        """One completion prompt: a string, token ids, or a one-element list of either."""
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, f"only one prompt per request is supported, got {len(prompt)}",
-                               param="prompt")
-            prompt = prompt[0]
-        if not prompt:
-            raise APIError(400, "prompt is empty", param="prompt")
-        if isinstance(prompt, str):
-            return await self.encode_text(prompt, "prompt", add_special_tokens)
-        return list(prompt)
+    async def encode_completion_prompts(self, prompt: str | list, add_special_tokens: bool = True
+                                        ) -> list[list[int]]:
+        """The completion prompts of one request: a string, token ids, or a list of either."""
+        prompts = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+        self.check_length(sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
+        encoded = []
+        for index, one in enumerate(prompts):
+            field = "prompt" if len(prompts) == 1 else f"prompt[{index}]"
+            if not one:
+                raise APIError(400, f"{field} is empty", param="prompt")
+            encoded.append(await self.encode_text(one, field, add_special_tokens) if isinstance(one, str)
+                           else list(one))
+        return encoded
 
     async def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
                           continue_final_message: bool = False, add_special_tokens: bool = False,

@@ -68,8 +68,7 @@ class _OpenAISampling(_Body):
     model: str = Field(min_length=1, max_length=256, description="base model id or adapter name")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1")
     top_p: float | None = Field(None, gt=0, le=1)
-    n: Annotated[int, _unsupported(lambda v: v == 1, "only n=1 is supported, got {value}")] = Field(
-        1, description="only 1 is supported")
+    n: int = Field(1, ge=1, le=128, description="completions per prompt (their KV blocks of the prompt shared)")
     stream: bool = False
     stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     stop: str | list[str] | None = Field(None, description="up to 16 stop strings")
@@ -141,7 +140,7 @@ class CompletionRequest(_OpenAISampling):
     """POST /v1/completions."""
 
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
-        description="one prompt: a string or a list of token ids (a one-element list of either works)"
+        description="a prompt (text or token ids) or a list of prompts; choice i * n + j is sample j of prompt i"
     )
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,

@@ -59,7 +59,7 @@ KNOWN = {
 # "both": a field of the shared OpenAI base, refused on both endpoints.
 _TOOL = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
 REFUSED = [
-    ("both", "n", 2), ("both", "best_of", 2), ("both", "service_tier", "flex"), ("both", "store", True),
+    ("both", "best_of", 2), ("both", "service_tier", "flex"), ("both", "store", True),
     ("both", "metadata", {"k": "v"}), ("both", "use_beam_search", True), ("both", "length_penalty", 0.5),
     ("both", "include_stop_str_in_output", True), ("both", "skip_special_tokens", False),
     ("both", "spaces_between_special_tokens", False), ("both", "prompt_logprobs", 1),
@@ -273,6 +273,28 @@ def _penalties(api):
         penalized = api.token_ids(max_tokens=40, ignore_eos=True, **penalty)
         assert penalized != plain, penalty
         assert len(set(penalized)) > len(set(plain)), penalty
+
+
+@honoured("both", "n")
+def _n(api):
+    drawn = api.complete(n=3, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True)
+    texts = [c["text"] for c in drawn["choices"]]
+    assert [c["index"] for c in drawn["choices"]] == [0, 1, 2] and len(set(texts)) > 1
+    assert drawn["usage"]["completion_tokens"] == 24
+    assert drawn["usage"]["prompt_tokens"] == api.complete()["usage"]["prompt_tokens"]  # counted once
+    assert texts[0] == api.text(temperature=1.0, seed=5, max_tokens=8, ignore_eos=True)  # sample 0: the seed
+    again = api.complete(n=3, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True)
+    assert [c["text"] for c in again["choices"]] == texts
+    greedy = api.chat(n=2)["choices"]
+    assert [c["index"] for c in greedy] == [0, 1] and greedy[0]["message"] == greedy[1]["message"]
+    streamed: dict[int, str] = {}
+    for chunk in api.stream("/v1/completions", n=2, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True):
+        for choice in chunk["choices"]:
+            streamed[choice["index"]] = streamed.get(choice["index"], "") + choice["text"]
+    assert streamed == {0: texts[0], 1: texts[1]}
+    roles = [c["choices"][0]["index"] for c in api.stream("/v1/chat/completions", n=2)
+             if c["choices"] and c["choices"][0]["delta"].get("role")]
+    assert sorted(roles) == [0, 1]
 
 
 @honoured("both", "logit_bias")
@@ -497,6 +519,31 @@ def _cache_salt(api):
 @pytest.mark.parametrize("key", sorted(HONOURED), ids=lambda k: f"{k[0]}-{k[1]}")
 def test_honoured_parameters_have_their_effect(api, key):
     HONOURED[key](api)
+
+
+def test_several_prompts_and_n_share_the_prompt_blocks(api):
+    prompts = ["Hello world", "Good morning to you"]
+    both = api.complete(prompt=prompts, n=2)
+    assert [c["index"] for c in both["choices"]] == [0, 1, 2, 3]
+    singles = [api.complete(prompt=p) for p in prompts]
+    assert [c["text"] for c in both["choices"]] == [s["choices"][0]["text"] for s in singles for _ in range(2)]
+    assert both["usage"]["prompt_tokens"] == sum(s["usage"]["prompt_tokens"] for s in singles)
+    echoed = api.complete(prompt=prompts, echo=True, max_tokens=2)["choices"]
+    assert [c["text"][: len(p)] for c, p in zip(echoed, prompts, strict=True)] == prompts
+
+    def hits() -> float:
+        text = api.client.get("/metrics").text
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("vllm:prefix_cache_hits_total"))
+
+    long_prompt = " ".join(f"word{i}" for i in range(12)) + " (shared, n=4)"
+    before = hits()
+    api.complete(prompt=long_prompt, n=4, max_tokens=2)
+    prompt_tokens = len(api.tokenizer.encode(long_prompt))
+    # The three siblings start after the first one's prefill: each finds the prompt's full blocks cached.
+    assert hits() - before >= 3 * (prompt_tokens // 16) * 16 > 0
+    assert_error(api.client.post("/v1/completions", json={"model": BASE_ID, "prompt": ["a"] * 3, "n": 50}),
+                 400, "150 choices")
 
 
 def test_tgi_root_route_serves_huggingface_hub(server, api):
