@@ -15,7 +15,12 @@ Semantics, per row (`sample_row_reference` is this as plain code for one row):
 8. top_p: in order of probability after 5-7 (ties by token id), keep each token while the mass of
    the tokens before it is below top_p (the token that crosses top_p is kept)
 9. draw by inverse CDF in vocabulary order with one uniform u per row: the first token whose
-   cumulative probability reaches u * (total mass).
+   cumulative mass exceeds floor(u * total kept mass).
+
+Masses in steps 8-9 are integers: each probability (fp32 softmax after 5-7) floored to units of
+2**-40. Integer sums are exact in any order, so the batched pass finds the top-p cut without a sort
+(a two-pass radix select over the probabilities' float bits, `top_p_keep`) and agrees bit for bit
+with the reference, which sorts and walks. A token below 2**-40 has mass 0 and is never drawn.
 
 u is a counter-based hash of (request seed, output token index) with 23-bit resolution, computed on
 the host in the pass that gathers the parameters, so a row's tokens do not depend on what else is in
@@ -30,6 +35,7 @@ and alternatives) to the host, and it waits without holding the GIL (`host_list`
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Collection, Sequence
 from typing import NamedTuple
@@ -86,12 +92,10 @@ def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, in_prompt
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor | None = None,
-                  top_k: torch.Tensor | None = None, max_top_k: int = 0,
-                  top_p: torch.Tensor | None = None, top_p_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Steps 5-8 on logits [S, vocab] with temperature [S]. min_p [S] float (0 = off), top_k [S] int
-    (0 = off, at most `max_top_k`, a host int) and top_p [R] float are None when no row uses them;
-    top_p applies to rows top_p_rows [R] int64 (None: every row, R = S), so that only those rows pay
-    for the sort. Returns new logits, -inf where dropped."""
+                  top_k: torch.Tensor | None = None, max_top_k: int = 0) -> torch.Tensor:
+    """Steps 5-7 on logits [S, vocab] with temperature [S]. min_p [S] float (0 = off) and top_k [S] int
+    (0 = off, at most `max_top_k`, a host int) are None when no row uses them. Returns new logits, -inf
+    where dropped."""
     logits = logits / temperature[:, None]
     if min_p is not None:
         top = logits.max(dim=-1, keepdim=True).values
@@ -101,21 +105,72 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.
         kth = largest.gather(1, (top_k.clamp(min=1) - 1)[:, None])
         kth = kth.masked_fill((top_k <= 0)[:, None], float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        rows = logits if top_p_rows is None else logits[top_p_rows]
-        ordered, order = torch.sort(rows, dim=-1, descending=True, stable=True)  # stable: ties by token id
-        probs = ordered.softmax(dim=-1)
-        is_dropped = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
-        rows = rows.masked_fill(torch.zeros_like(is_dropped).scatter(1, order, is_dropped), float("-inf"))
-        logits = rows if top_p_rows is None else logits.index_copy(0, top_p_rows, rows)
     return logits
 
 
-def draw_inverse_cdf(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Step 9: logits [S, vocab] (-inf = dropped), uniform [S] in (0, 1) -> token ids [S] int64."""
-    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
-    target = uniform[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+MASS_BITS = 40  # steps 8-9 count probability in integer units of 2**-MASS_BITS
+_COUNT_SHIFT = 44  # histogram cells pack (count << 44) + mass: mass <= 2**41, count <= 2**17 per row
+_MASS_MASK = (1 << _COUNT_SHIFT) - 1
+
+
+def integer_masses(probs: torch.Tensor) -> torch.Tensor:
+    """floor(p * 2**40) as int64 (exact: float32 -> float64 scaling loses nothing)."""
+    return (probs.double() * 2.0**MASS_BITS).floor_().long()
+
+
+def top_p_threshold(top_p: torch.Tensor) -> torch.Tensor:
+    """The kept mass a row needs, in mass units: ceil(top_p * 2**40), top_p float32 [R]."""
+    return (top_p.double() * 2.0**MASS_BITS).ceil_().long()
+
+
+def _crossing(masses: torch.Tensor, base: torch.Tensor, need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Histogram masses [R, B] (bucket b: keys b); scanning buckets from the highest down with `base`
+    mass already above them, the first bucket at which the running mass reaches `need` [R], and the
+    mass strictly above that bucket. Rows that never reach it get bucket -1."""
+    num_buckets = masses.shape[1]
+    running = masses.flip(-1).cumsum(-1) + base[:, None]  # running[j]: mass of buckets >= B - 1 - j
+    j = torch.searchsorted(running, need[:, None]).squeeze(1)  # first j with running[j] >= need
+    above = torch.where(j > 0, running.gather(1, (j - 1).clamp(min=0)[:, None]).squeeze(1), base)
+    return num_buckets - 1 - j, above
+
+
+def top_p_keep(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Step 8 on probabilities [R, vocab] (float32, rows sum to ~1) with top_p [R]: the kept tokens as a
+    bool mask, without sorting. The cut value v is found by a radix select over the probabilities'
+    float bits (non-negative floats order as their bit patterns): a mass histogram over the top 16
+    bits locates v's bucket, a second over the low 15 bits inside that bucket gives v exactly. Kept:
+    every p > v, and of the ties p == v the lowest ids, as many as the mass still needed takes."""
+    num_rows = probs.shape[0]
+    masses = integer_masses(probs)
+    need = top_p_threshold(top_p)
+    bits = probs.view(torch.int32)
+    packed = masses + (1 << _COUNT_SHIFT)
+    high = (bits >> 15).long()  # [R, vocab] in [0, 2**16)
+    hist = torch.zeros(num_rows, 1 << 16, dtype=torch.long, device=probs.device).scatter_add_(1, high, packed)
+    zero = torch.zeros(num_rows, dtype=torch.long, device=probs.device)
+    bucket, above_bucket = _crossing(hist & _MASS_MASK, zero, need)
+    in_bucket = high == bucket[:, None]
+    low = (bits & 0x7FFF).long()
+    hist = torch.zeros(num_rows, 1 << 15, dtype=torch.long, device=probs.device).scatter_add_(
+        1, low, torch.where(in_bucket, packed, 0))
+    low_cut, above = _crossing(hist & _MASS_MASK, above_bucket, need)
+    low_cut = low_cut.clamp(min=0)
+    cell = hist.gather(1, low_cut[:, None]).squeeze(1)
+    count, tie_mass = cell >> _COUNT_SHIFT, cell & _MASS_MASK
+    unit = tie_mass // count.clamp(min=1)  # every tie has the same probability, so the same mass
+    ties = torch.where(unit > 0, (need - above + unit - 1) // unit.clamp(min=1), count)
+    cut = ((bucket.clamp(min=0) << 15) | low_cut).int().view(torch.float32)
+    is_tie = probs == cut[:, None]
+    keep = (probs > cut[:, None]) | (is_tie & (is_tie.cumsum(-1) <= ties[:, None]))
+    return keep | (bucket < 0)[:, None]  # a row whose whole mass stays under top_p keeps everything
+
+
+def draw_from_masses(masses: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Step 9: integer masses [S, vocab] (0 = dropped), uniform [S] in (0, 1) -> token ids [S] int64:
+    the first token whose cumulative mass exceeds floor(u * total)."""
+    cdf = masses.cumsum(dim=-1)
+    target = (uniform.double() * cdf[:, -1].double()).floor_().long()
+    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp_(max=masses.shape[-1] - 1)
 
 
 def sample_row_reference(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
@@ -150,13 +205,24 @@ def sample_row_reference(logits: torch.Tensor, params: SamplingParams, prompt_id
         logits[logits < logits.max() + f32(params.min_p).log()] = float("-inf")
     if 0 < params.top_k < logits.shape[0]:
         logits[logits < torch.topk(logits, params.top_k).values[-1]] = float("-inf")
+    masses = integer_masses(logits.softmax(-1)).tolist()
     if params.top_p < 1.0:
-        ordered, order = torch.sort(logits, descending=True, stable=True)
-        probs = ordered.softmax(-1)
-        logits[order[(probs.cumsum(-1) - probs) >= f32(params.top_p)]] = float("-inf")
-    cdf = logits.softmax(-1).cumsum(-1)
-    target = f32(draw_uniform(seed, len(output_ids))) * cdf[-1]
-    return min(int((cdf < target).sum()), logits.shape[0] - 1)
+        need = int(top_p_threshold(f32(params.top_p).reshape(1)))
+        probs = logits.softmax(-1).tolist()
+        kept, mass = [0] * len(masses), 0
+        for token in sorted(range(len(probs)), key=lambda t: (-probs[t], t)):
+            if mass >= need:
+                break
+            kept[token] = masses[token]
+            mass += masses[token]
+        masses = kept
+    target = math.floor(draw_uniform(seed, len(output_ids)) * sum(masses))
+    cumulative = 0
+    for token, mass in enumerate(masses):
+        cumulative += mass
+        if cumulative > target:
+            return token
+    return len(masses) - 1
 
 
 class TokenCounts:
@@ -336,9 +402,16 @@ class Sampler:
             logits, params[0],
             min_p=params[1] if any(r.params.min_p > 0 for r in requests) else None,
             top_k=params[3].long() if max_top_k > 0 else None, max_top_k=max_top_k,
-            top_p=top_p, top_p_rows=top_p_index,
         )
-        return draw_inverse_cdf(filtered, params[4])
+        probs = filtered.softmax(dim=-1)
+        masses = integer_masses(probs)
+        if top_p is not None:
+            if top_p_index is None:
+                masses = masses.masked_fill(~top_p_keep(probs, top_p), 0)
+            else:
+                kept = top_p_keep(probs[top_p_index], top_p)
+                masses = masses.index_copy(0, top_p_index, masses[top_p_index].masked_fill(~kept, 0))
+        return draw_from_masses(masses, params[4])
 
 
 def sample(logits: torch.Tensor, requests: list[Request], eos_token_ids: Collection[int] = ()) -> SampledTokens:

@@ -14,8 +14,11 @@ from server.engine.sampler import (
     apply_penalties,
     draw_uniform,
     filter_logits,
+    integer_masses,
     sample,
     sample_row_reference,
+    top_p_keep,
+    top_p_threshold,
 )
 
 VOCAB = 257
@@ -145,10 +148,40 @@ def test_filter_masks_per_row():
     kept = ~torch.isinf(filter_logits(logits, ones, top_k=torch.tensor([2, 0]), max_top_k=2))
     assert kept.tolist() == [[False, True, True, False], [True, True, True, True]]
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(2, 1)
-    kept = ~torch.isinf(filter_logits(probs, ones, min_p=torch.tensor([0.0, 0.5]), top_p=torch.tensor([0.7, 1.0])))
-    assert kept.tolist() == [[True, True, False, False], [True, True, False, False]]
-    kept = ~torch.isinf(filter_logits(probs, ones, top_p=torch.tensor([0.7]), top_p_rows=torch.tensor([1])))
+    kept = ~torch.isinf(filter_logits(probs, ones, min_p=torch.tensor([0.0, 0.5])))
     assert kept.tolist() == [[True, True, True, True], [True, True, False, False]]
+    kept = top_p_keep(probs.softmax(-1), torch.tensor([0.7, 0.85]))
+    assert kept.tolist() == [[True, True, False, False], [True, True, True, False]]
+
+
+def _walk_top_p(probs: torch.Tensor, top_p: float) -> list[bool]:
+    """Step 8 as the definition reads: sort (ties by id), keep while the mass before is under top_p."""
+    masses = integer_masses(probs).tolist()
+    need = int(top_p_threshold(torch.tensor([top_p])))
+    values = probs.tolist()
+    kept, mass = [False] * len(values), 0
+    for token in sorted(range(len(values)), key=lambda t: (-values[t], t)):
+        if mass >= need:
+            break
+        kept[token], mass = True, mass + masses[token]
+    return kept
+
+
+@pytest.mark.parametrize("vocab, spread, quantum", [(50, 4.0, 0.0), (3000, 0.3, 0.0), (3000, 3.0, 0.5),
+                                                    (20000, 1.0, 0.25), (7, 0.0, 0.0)])
+def test_top_p_radix_select_matches_the_sorted_walk(vocab, spread, quantum):
+    """Flat and peaked rows, and many exact ties (quantized logits), at top_p values that cut inside tie
+    groups: the sort-free mask equals the walk over the sorted probabilities."""
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, vocab, generator=gen) * spread
+    if quantum:
+        logits = (logits / quantum).round() * quantum
+    logits[5, vocab // 2:] = float("-inf")  # a row with dropped tokens (mass 0)
+    probs = logits.softmax(-1)
+    top_ps = [0.9, 0.5, 0.999, 0.1, 0.7, 0.95]
+    kept = top_p_keep(probs, torch.tensor(top_ps))
+    for row, top_p in enumerate(top_ps):
+        assert kept[row].tolist() == _walk_top_p(probs[row], top_p), (row, top_p)
 
 
 def test_logit_bias_forces_and_bans_tokens():

@@ -1,0 +1,25 @@
+"""The sort-free top-p and the integer-mass draw on CUDA give exactly the CPU's answer on the same
+probabilities (integer histograms and cumulative sums are exact in any order)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine.sampler import draw_from_masses, integer_masses, top_p_keep
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("spread", [0.3, 2.0, 8.0])
+def test_top_p_and_draw_on_cuda_equal_the_cpu(spread):
+    gen = torch.Generator().manual_seed(int(spread * 10))
+    probs = (torch.randn(32, 128256, generator=gen) * spread).softmax(-1)
+    top_p = torch.rand(32, generator=gen) * 0.98 + 0.01
+    uniform = torch.rand(32, generator=gen).clamp(1e-6, 1 - 1e-6)
+    keep = top_p_keep(probs, top_p)
+    assert torch.equal(top_p_keep(probs.cuda(), top_p.cuda()).cpu(), keep)
+    masses = integer_masses(probs).masked_fill(~keep, 0)
+    drawn = draw_from_masses(masses, uniform)
+    assert torch.equal(draw_from_masses(masses.cuda(), uniform.cuda()).cpu(), drawn)
+    assert keep.gather(1, drawn[:, None]).all()
