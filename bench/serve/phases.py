@@ -10,6 +10,7 @@ from typing import Any
 
 from bench.results import Recorder
 from bench.serve import load as http
+from bench.serve import scrape
 from bench.serve.adapters import AdapterFactory, AdapterSpec, adapter_specs
 from bench.serve.process import ServerConfig, ServerProcess
 from bench.serve.scenarios import Load, Phase, tenant_key
@@ -89,10 +90,14 @@ class PhaseRunner:
         base = config.served_model_name
         http.run_async(http.run_load(server.url, warmup, self.tokens, base))
         capped = replace(traffic, max_seconds=min(traffic.max_seconds, max(5.0, self.left_s() - self.reserve_s)))
+        before = scrape.snapshot(server.url)
         if load.background is None:
-            return http.run_async(http.run_load(server.url, capped, self.tokens, base))
-        background = replace(load.background, adapters=names, max_seconds=capped.max_seconds + 60)
-        return http.run_async(http.run_with_background(server.url, capped, background, self.tokens, base))
+            result = http.run_async(http.run_load(server.url, capped, self.tokens, base))
+        else:
+            background = replace(load.background, adapters=names, max_seconds=capped.max_seconds + 60)
+            result = http.run_async(http.run_with_background(server.url, capped, background, self.tokens, base))
+        result["server_metrics"] = scrape.deltas(before, scrape.snapshot(server.url))
+        return result
 
     def _prompt_len(self, phase: Phase) -> int:
         return phase.loads[0].traffic.prompt_len if phase.loads else 128

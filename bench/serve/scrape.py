@@ -1,0 +1,46 @@
+"""The server's own view of a load: deltas of its Prometheus histograms and counters across the load.
+
+Client-side TTFT includes HTTP, tokenization and queueing in the API process; the engine's
+`vllm:time_to_first_token_seconds` and `vllm:request_queue_time_seconds` start at the engine's arrival.
+Comparing them tells where time goes (and `iteration_tokens` how full the steps were)."""
+
+from __future__ import annotations
+
+import httpx
+
+MEANS = {  # result key -> histogram family whose mean over the load is reported
+    "ttft_ms_mean": "vllm:time_to_first_token_seconds",
+    "queue_ms_mean": "vllm:request_queue_time_seconds",
+    "prefill_ms_mean": "vllm:request_prefill_time_seconds",
+    "itl_ms_mean": "vllm:inter_token_latency_seconds",
+    "tokens_per_step_mean": "vllm:iteration_tokens_total",
+}
+COUNTERS = {"preemptions": "vllm:num_preemptions_total", "prefix_cache_hit_tokens": "vllm:prefix_cache_hits_total"}
+
+
+def snapshot(url: str) -> dict[str, float]:
+    """Every sample of /metrics summed over its labels: name -> value."""
+    values: dict[str, float] = {}
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        try:
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        except ValueError:
+            continue
+    return values
+
+
+def deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Means (ms, except tokens per step) and counter increases between two snapshots."""
+    result: dict[str, float | None] = {}
+    for key, family in MEANS.items():
+        count = after.get(f"{family}_count", 0.0) - before.get(f"{family}_count", 0.0)
+        total = after.get(f"{family}_sum", 0.0) - before.get(f"{family}_sum", 0.0)
+        scale = 1.0 if key.startswith("tokens") else 1000.0
+        result[key] = round(total / count * scale, 3) if count > 0 else None
+    for key, name in COUNTERS.items():
+        result[key] = after.get(name, 0.0) - before.get(name, 0.0)
+    return result
