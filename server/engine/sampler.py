@@ -134,15 +134,30 @@ def _crossing(masses: torch.Tensor, base: torch.Tensor, need: torch.Tensor) -> t
     return num_buckets - 1 - j, above
 
 
-def top_p_keep(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+RADIX_MIN_VOCAB = 16384  # below (and on the CPU) sorting is cheaper than two 64k-bucket histograms
+
+
+def top_p_keep(probs: torch.Tensor, top_p: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """Step 8 on probabilities [R, vocab] (float32, rows sum to ~1) with top_p [R]: the kept tokens as a
-    bool mask, without sorting. The cut value v is found by a radix select over the probabilities'
+    bool mask. `method` "radix" (the default for CUDA and large vocabularies) or "sort"; both exact,
+    so they agree bit for bit."""
+    if method == "auto":
+        method = "radix" if probs.is_cuda and probs.shape[-1] >= RADIX_MIN_VOCAB else "sort"
+    masses = integer_masses(probs)
+    need = top_p_threshold(top_p)
+    if method == "sort":
+        ordered = masses.gather(1, order := torch.sort(probs, dim=-1, descending=True, stable=True).indices)
+        kept = (ordered.cumsum(-1) - ordered) < need[:, None]  # mass before each token, ties by id
+        return torch.zeros_like(kept).scatter_(1, order, kept)
+    return _top_p_keep_radix(probs, masses, need)
+
+
+def _top_p_keep_radix(probs: torch.Tensor, masses: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """top_p_keep without sorting. The cut value v is found by a radix select over the probabilities'
     float bits (non-negative floats order as their bit patterns): a mass histogram over the top 16
     bits locates v's bucket, a second over the low 15 bits inside that bucket gives v exactly. Kept:
     every p > v, and of the ties p == v the lowest ids, as many as the mass still needed takes."""
     num_rows = probs.shape[0]
-    masses = integer_masses(probs)
-    need = top_p_threshold(top_p)
     bits = probs.view(torch.int32)
     packed = masses + (1 << _COUNT_SHIFT)
     high = (bits >> 15).long()  # [R, vocab] in [0, 2**16)

@@ -17,8 +17,9 @@ def test_top_p_and_draw_on_cuda_equal_the_cpu(spread):
     probs = (torch.randn(32, 128256, generator=gen) * spread).softmax(-1)
     top_p = torch.rand(32, generator=gen) * 0.98 + 0.01
     uniform = torch.rand(32, generator=gen).clamp(1e-6, 1 - 1e-6)
-    keep = top_p_keep(probs, top_p)
-    assert torch.equal(top_p_keep(probs.cuda(), top_p.cuda()).cpu(), keep)
+    keep = top_p_keep(probs, top_p, "sort")
+    assert torch.equal(top_p_keep(probs.cuda(), top_p.cuda(), "radix").cpu(), keep)
+    assert torch.equal(top_p_keep(probs.cuda(), top_p.cuda(), "sort").cpu(), keep)
     masses = integer_masses(probs).masked_fill(~keep, 0)
     drawn = draw_from_masses(masses, uniform)
     assert torch.equal(draw_from_masses(masses.cuda(), uniform.cuda()).cpu(), drawn)

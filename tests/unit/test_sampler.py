@@ -179,9 +179,11 @@ def test_top_p_radix_select_matches_the_sorted_walk(vocab, spread, quantum):
     logits[5, vocab // 2:] = float("-inf")  # a row with dropped tokens (mass 0)
     probs = logits.softmax(-1)
     top_ps = [0.9, 0.5, 0.999, 0.1, 0.7, 0.95]
-    kept = top_p_keep(probs, torch.tensor(top_ps))
+    kept = {method: top_p_keep(probs, torch.tensor(top_ps), method) for method in ("radix", "sort")}
     for row, top_p in enumerate(top_ps):
-        assert kept[row].tolist() == _walk_top_p(probs[row], top_p), (row, top_p)
+        walked = _walk_top_p(probs[row], top_p)
+        assert kept["radix"][row].tolist() == walked, (row, top_p)
+        assert kept["sort"][row].tolist() == walked, (row, top_p)
 
 
 def test_logit_bias_forces_and_bans_tokens():
