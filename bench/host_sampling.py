@@ -41,8 +41,10 @@ FULL = COMMON + [
 
 
 def old_module(rev: str, path: str) -> types.ModuleType:
-    """A module loaded from `path` as it was at git revision `rev`."""
-    source = subprocess.check_output(["git", "show", f"{rev}:{path}"], text=True)
+    """A module loaded from `path` as it was at git revision `rev` (or, when `rev` names a file, from that
+    file: the GPU machine's copy of the tree has no git history)."""
+    source = Path(rev).read_text() if Path(rev).is_file() else subprocess.check_output(
+        ["git", "show", f"{rev}:{path}"], text=True)
     module = types.ModuleType(f"old_{Path(path).stem}")
     exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
     return module
@@ -132,18 +134,21 @@ def time_detokenizer(rev: str, num_tokens: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old-rev", default="b806c6c", help="git revision of the old implementation")
+    parser.add_argument("--old-rev", default="b806c6c", help="git revision of the old implementation, or a file")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least noise)")
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="e.g. 128256 for the Llama 3 shapes")
+    parser.add_argument("--skip-detokenizer", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"sampler, {ROWS} x {VOCAB}:", time_sampler(args.old_rev, device, args.repeats, VOCAB))
+    print(f"sampler, {ROWS} x {args.vocab}:", time_sampler(args.old_rev, device, args.repeats, args.vocab))
     # With a tiny vocabulary the kernels cost next to nothing: what is left is the host's time per
     # step (Python and op dispatch), which is what a GPU step pays when the kernels are small.
     print(f"sampler, {ROWS} x 64 (host overhead):", time_sampler(args.old_rev, device, args.repeats, 64))
-    print("detokenizer:", time_detokenizer(args.old_rev, 2000))
+    if not args.skip_detokenizer:
+        print("detokenizer:", time_detokenizer(args.old_rev, 2000))
 
 
 if __name__ == "__main__":
