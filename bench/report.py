@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report_kernels import kernel_section
+from bench.report_serving import serving_section
 from bench.results import RATIOS, fmt
 
 BENCH_MODELS = ("1b", "8b")
@@ -138,6 +139,7 @@ def build_report(results_dir: Path) -> str:
               "decode step must read (NF4 linears at 0.52 byte/param, 16-bit LM head, KV cache at the "
               "measured mean context, adapter slots) / measured copy bandwidth.", ""]
     lines += kernel_section(results_dir, runs)
+    lines += serving_section(results_dir)
     notes = results_dir.parent / "NOTES.md"
     if notes.is_file():  # hand-written analysis that the generated tables cannot carry
         lines += [notes.read_text().rstrip(), ""]

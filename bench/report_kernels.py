@@ -22,6 +22,11 @@ ENGINE_RATIOS = (  # read from the 8B engine run (python -m bench --model 8b)
     Ratio("swap_ms_8b", "8b", "merged swap, all-linear rank 16, median ms", "<=", 250),
     Ratio("mixed32_over_merged_8b", "8b", "32 distinct adapters / one merged, tokens/s, batch 32", ">=", 0.80),
 )
+PREFILL_RATIOS = (  # read from the newest prefill run (python -m bench.prefill)
+    Ratio("prefill_unequal_over_equal_8b", "8b", "32 prompts of 256-3,840 tokens / all 2,048, same total, NF4 prefill",
+          "<=", 1.1),
+    Ratio("prefill_tflops_8b", "8b", "model TFLOP/s of NF4 prefill, 32 x 2,048 tokens", ">=", 550),
+)
 IMPLS = ("ours", "bnb", "tinygemm", "tile", "mma", "fused", "fused_bytes", "fused_words", "gemv", "dequant")
 
 
@@ -36,6 +41,13 @@ def newest_kernels(results_dir: Path) -> tuple[str, dict] | None:
         return None
     newest = max(found, key=lambda f: (f[0][0], f[1].endswith("-kernels.json"), f[1]))
     return newest[1], newest[2]
+
+
+def newest_with_ratios(results_dir: Path, pattern: str) -> tuple[str, dict] | None:
+    """(file name, data) of the newest file matching `pattern` that carries ratios (by date, then name)."""
+    found = [(json.loads(p.read_text()), p.name) for p in results_dir.glob(pattern)]
+    found = [(data.get("date", ""), name, data) for data, name in found if data.get("ratios")]
+    return (max(found)[1], max(found)[2]) if found else None
 
 
 def _engine_values(runs: dict) -> tuple[str | None, dict]:
@@ -68,7 +80,10 @@ def kernel_section(results_dir: Path, runs: dict) -> list[str]:
     lines += [_row(r, (data.get("ratios") or {}).get(r.key), name) for r in KERNEL_RATIOS]
     engine_source, engine = _engine_values(runs)
     lines += [_row(r, engine.get(r.key), engine_source) for r in ENGINE_RATIOS]
-    lines += ["", "Not yet measured: `prefill_unequal_over_equal_8b` (<= 1.1) and `prefill_tflops_8b` (>= 550).", ""]
+    prefill = newest_with_ratios(results_dir, "*-prefill.json")
+    prefill_name, prefill_data = prefill if prefill else (None, {})
+    lines += [_row(r, (prefill_data.get("ratios") or {}).get(r.key), prefill_name) for r in PREFILL_RATIOS]
+    lines.append("")
     for model in ("8b", "1b"):
         layers = [r for r in data.get("layers", []) if r["model"] == model]
         if not layers:

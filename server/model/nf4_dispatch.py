@@ -29,6 +29,12 @@ from server.model.nf4_layout import codes_as_words
 # (0.92 / 1.41 of bf16; fused 1.72), fused Triton to 32 rows, dequant beyond. bnb's one-row GEMV is not
 # exact to the fp32 semantics (max error 4.9e-3 of the output's range against 3.3e-3 for ours).
 WITH_CUDA_KERNEL: tuple[tuple[int | None, str], ...] = ((64, "tile"), (None, "dequant"))
+# At 33-64 rows the tile kernel wins on large weights only (8B gate_up 125 vs 155 µs, down 63 vs 84, qkv 28
+# vs 34) and loses on small ones (1B qkv 18.3 vs 10.9, 1B o 18.1 vs 9.4, 8B o 22.3 vs 21.9): too few row
+# tiles to fill the GPU with an 8-token-tile instance; at 16.8M weights they tie (1B down 22.4 vs 24.5).
+# Below this many weights, dequant + cuBLAS takes them.
+TILE_WIDE_MIN_WEIGHTS = 16_000_000
+TILE_NARROW_ROWS = 32
 TRITON_ONLY: tuple[tuple[int | None, str], ...] = ((2, "bnb"), (32, "fused"), (None, "dequant"))
 BNB_ONLY: tuple[tuple[int | None, str], ...] = ((None, "bnb"),)
 
@@ -54,8 +60,17 @@ def prepare() -> str:
 
 
 def kernel_for_rows(num_rows: int, table=None) -> str:
-    """The kernel name the dispatch uses for a batch of `num_rows` rows."""
+    """The kernel name the table gives a batch of `num_rows` rows."""
     return next(name for max_rows, name in table or kernel_table() if max_rows is None or num_rows <= max_rows)
+
+
+def kernel_for(num_rows: int, shape, table=None) -> str:
+    """The kernel the dispatch runs for `num_rows` rows of an (out, in) weight: the table's, except that
+    wide batches of small weights go to dequant + cuBLAS (TILE_WIDE_MIN_WEIGHTS)."""
+    name = kernel_for_rows(num_rows, table)
+    if name == "tile" and num_rows > TILE_NARROW_ROWS and shape[0] * shape[1] < TILE_WIDE_MIN_WEIGHTS:
+        return "dequant"
+    return name
 
 
 class DequantScratch:
@@ -87,10 +102,10 @@ def nf4_linear_cuda(
     tiled: tuple[torch.Tensor, torch.Tensor] | None = None,  # nf4_layout.tile_pack of (codes, absmax_f)
 ) -> torch.Tensor:
     """y = x @ dequant(W)^T (+ bias), semantics of nf4_ops.nf4_matmul_reference, by the fastest kernel."""
-    name = kernel or kernel_for_rows(x.shape[0])
+    out_features, in_features = shape
+    name = kernel or kernel_for(x.shape[0], shape)
     if name == "tile" and tiled is None:
         name = "mma"
-    out_features, in_features = shape
     if name == "fused":
         from server.model.triton_nf4 import nf4_matmul_triton
 

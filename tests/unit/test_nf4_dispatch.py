@@ -49,3 +49,13 @@ def test_kernel_section_reports_targets(tmp_path):
     text = "\n".join(kernel_section(tmp_path, {}))
     assert "| `nf4_over_bf16_m1` |" in text and "| 0.51 | **no** |" in text
     assert "| 16 | 0.62 |" in text  # 5 * 1.25 / 10
+
+
+
+@pytest.mark.parametrize("rows, shape, expected", [
+    (64, (2048, 2048), "dequant"), (64, (3072, 2048), "dequant"), (64, (6144, 4096), "tile"),
+    (64, (4096, 4096), "tile"), (32, (2048, 2048), "tile"), (1, (2048, 2048), "tile"), (65, (28672, 4096), "dequant"),
+])  # fmt: skip
+def test_wide_batches_of_small_weights_go_to_dequant(rows, shape, expected):
+    """33-64 rows: the tile kernel only for weights of 16M+ entries (the H200 crossover)."""
+    assert nf4_dispatch.kernel_for(rows, shape, nf4_dispatch.WITH_CUDA_KERNEL) == expected
