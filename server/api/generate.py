@@ -19,6 +19,7 @@ from server.api.generation import Generation, SSEResponse, resolve_model, stream
 from server.api.prompts import reject_invalid_text
 from server.api.schemas import CompatGenerateRequest, GenerateParameters, GenerateRequest
 from server.api.state import ServerState
+from server.api.structured import tgi_grammar
 from server.engine.request import FinishReason, RequestOutput, SamplingParams
 
 router = APIRouter(tags=["tgi"], responses=ERROR_RESPONSES)
@@ -38,6 +39,7 @@ def _sampling_params(p: GenerateParameters) -> SamplingParams:
         stop=list(p.stop),
         logprobs=True,
         top_logprobs=p.top_n_tokens or 0,
+        grammar=tgi_grammar(p),
     )
 
 

@@ -24,13 +24,15 @@ from server.api.generation import Generation, SSEResponse, resolve_model, stream
 from server.api.prompts import reject_invalid_text
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.api.state import ServerState
+from server.api.structured import openai_grammar
+from server.engine.grammar import Grammar
 from server.engine.request import RequestOutput, SamplingParams
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 
 
 def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: bool,
-                     top_logprobs: int, seed: int | None) -> SamplingParams:
+                     top_logprobs: int, seed: int | None, grammar: Grammar | None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -50,6 +52,7 @@ def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         cache_salt=body.cache_salt,
+        grammar=grammar,
     )
 
 
@@ -115,7 +118,7 @@ def _chat_logprobs(name: _TokenText, outputs: list[RequestOutput]) -> dict:
 
 async def _start(state: ServerState, caller, body, adapter, prompt_ids: list[int], max_tokens: int | None,
                  max_tokens_field: str, logprobs: bool, top_logprobs: int, request_id: str,
-                 prompt_field: str, seed: int | None) -> Generation:
+                 prompt_field: str, seed: int | None, grammar: Grammar | None) -> Generation:
     context = state.max_model_len
     if max_tokens is None:
         max_tokens = max(1, context - len(prompt_ids))
@@ -124,7 +127,7 @@ async def _start(state: ServerState, caller, body, adapter, prompt_ids: list[int
                        f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the {prompt_field}, "
                        f"{max_tokens} in the completion). Please reduce the length of the {prompt_field} or "
                        f"{max_tokens_field}.", param=max_tokens_field)
-    params = _sampling_params(body, max_tokens, logprobs, top_logprobs, seed)
+    params = _sampling_params(body, max_tokens, logprobs, top_logprobs, seed, grammar)
     return await Generation.start(state, caller, prompt_ids, params, adapter, request_id, prompt_field)
 
 
@@ -177,13 +180,14 @@ async def create_completion(body: CompletionRequest, state: StateDep, caller: Ge
                   for text, ids, full in zip(texts, prompts, encoded, strict=True)]
     request_id = f"cmpl-{uuid.uuid4().hex}"
     total = len(prompts) * body.n
+    grammar = openai_grammar(body)
 
     def start(index: int, seed: int | None) -> Awaitable[Generation]:
         prompt = index // body.n
         field = "prompt" if len(prompts) == 1 else f"prompt[{prompt}]"
         return _start(state, caller, body, adapter, prompts[prompt], body.max_tokens, "max_tokens",
                       body.logprobs is not None, body.logprobs or 0, _choice_request_id(request_id, total, index),
-                      field, seed)
+                      field, seed, grammar)
 
     choices = await Choices.start(len(prompts), body.n, body.seed, start)
     names = _TokenText(tokenizer, body.return_tokens_as_token_ids)
@@ -236,10 +240,12 @@ async def create_chat_completion(body: ChatCompletionRequest, state: StateDep, c
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     max_tokens = body.max_completion_tokens or body.max_tokens
     max_tokens_field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    grammar = openai_grammar(body)
 
     def start(index: int, seed: int | None) -> Awaitable[Generation]:
         return _start(state, caller, body, adapter, prompt_ids, max_tokens, max_tokens_field, body.logprobs,
-                      body.top_logprobs or 0, _choice_request_id(request_id, body.n, index), "messages", seed)
+                      body.top_logprobs or 0, _choice_request_id(request_id, body.n, index), "messages", seed,
+                      grammar)
 
     choices = await Choices.start(1, body.n, body.seed, start)
     names = _TokenText(tokenizer, body.return_tokens_as_token_ids)

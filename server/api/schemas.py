@@ -45,7 +45,6 @@ def _refused(name: str, reason: str, *neutral: Any) -> Any:
 
 _ONLY_BEST_OF_ONE = _unsupported(lambda v: v in (None, 1), "only best_of=1 is supported, got {value}")
 _NO_TOOLS = "tool calling is not supported"
-_NO_STRUCTURED = "structured output is not supported yet"
 _TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_TOKEN_ID_LIST)]
 
 
@@ -58,8 +57,28 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = Field(False, description="usage (so far) in every chunk")
 
 
+class JsonSchemaFormat(_Body):
+    name: str | None = Field(None, max_length=256)
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema", description="the JSON schema")
+    strict: bool | None = Field(None, description="no effect: the schema is always enforced")
+
+
 class ResponseFormat(_Body):
-    type: str = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1, max_length=1024)
+    grammar: str | None = Field(None, description="a Lark grammar (llguidance)")
+    json_object: bool | None = None
+    whitespace_pattern: _refused("structured_outputs.whitespace_pattern", "not supported")
+    structural_tag: _refused("structured_outputs.structural_tag", "not supported")
 
 
 class _OpenAISampling(_Body):
@@ -102,18 +121,17 @@ class _OpenAISampling(_Body):
     prompt_logprobs: _refused("prompt_logprobs", "no prompt logprobs yet")
     bad_words: _refused("bad_words", "not implemented", [])
     logits_processors: _refused("logits_processors", "no custom logits processors", [])
-    response_format: Annotated[
-        ResponseFormat | None,
-        _unsupported(lambda v: v is None or v.type == "text",
-                     "response_format type {value.type!r} is not supported; only 'text'"),
-    ] = Field(None, description="only type 'text' is supported")
-    guided_json: _refused("guided_json", _NO_STRUCTURED)
-    guided_regex: _refused("guided_regex", _NO_STRUCTURED)
-    guided_choice: _refused("guided_choice", _NO_STRUCTURED)
-    guided_grammar: _refused("guided_grammar", _NO_STRUCTURED)
-    guided_decoding_backend: _refused("guided_decoding_backend", _NO_STRUCTURED)
-    guided_whitespace_pattern: _refused("guided_whitespace_pattern", _NO_STRUCTURED)
-    structured_outputs: _refused("structured_outputs", _NO_STRUCTURED)
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
+    guided_json: dict[str, Any] | str | None = Field(None, description="a JSON schema the output follows")
+    guided_regex: str | None = Field(None, description="a regular expression the output matches")
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=1024, description="one of these")
+    guided_grammar: str | None = Field(None, description="a Lark grammar the output follows (llguidance)")
+    guided_decoding_backend: Annotated[
+        str | None, _unsupported(lambda v: v in (None, "auto", "guidance", "llguidance"),
+                                 "guided_decoding_backend {value!r} is not available; this server uses llguidance")
+    ] = Field(None, description="auto, guidance or llguidance (the only backend)")
+    guided_whitespace_pattern: _refused("guided_whitespace_pattern", "not supported")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's structured outputs")
     priority: _refused("priority", "requests are served first come, first served", 0)
     request_id: _refused("request_id", "the server names requests (X-Request-Id)")
     return_token_ids: _refused("return_token_ids", "not implemented", False)
@@ -202,6 +220,11 @@ class ChatCompletionRequest(_OpenAISampling):
     echo: _refused("echo", "chat echo is not supported", False)
 
 
+class TgiGrammar(_Body):
+    type: Literal["json", "regex", "json_object"]
+    value: dict[str, Any] | str | None = None
+
+
 class GenerateParameters(_Body):
     """TGI / LoRAX `parameters`."""
 
@@ -223,7 +246,7 @@ class GenerateParameters(_Body):
     decoder_input_details: Annotated[
         bool, _unsupported(lambda v: not v, "decoder_input_details is not supported: no prompt logprobs yet")
     ] = Field(False, description="not supported")
-    grammar: _refused("grammar", _NO_STRUCTURED)
+    grammar: TgiGrammar | None = Field(None, description="TGI: {type: json | regex, value}")
     adapter_source: _refused("adapter_source", "adapters come from this server's store", "hub", "local")
     adapter_parameters: _refused("adapter_parameters", "no adapter merging per request")
     best_of: Annotated[int | None, _ONLY_BEST_OF_ONE] = Field(None, description="only 1 is supported")

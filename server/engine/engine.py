@@ -20,6 +20,7 @@ import torch
 from server.config import LoraMode, Settings
 from server.engine.auto_mode import AutoModePolicy
 from server.engine.detokenizer import TokenDecoder, update_text
+from server.engine.grammar import GrammarBackend
 from server.engine.guard import empty_cuda_cache
 from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
 from server.engine.metric_sink import DeltaSink, PrometheusSink
@@ -94,7 +95,8 @@ class LLMEngine:
                                    None if settings.kv_cache_blocks else settings.kv_cache_memory_fraction,
                                    settings.enable_prefix_caching)
         self.eos_token_ids = eos_ids(self.tokenizer, loaded.config.hf_config)
-        self.sampler = Sampler(self.model.config.vocab_size, self.model.device, self.eos_token_ids)
+        self.sampler = Sampler(self.model.config.vocab_size, self.model.device, self.eos_token_ids,
+                               GrammarBackend(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids))
         self.token_decoder = TokenDecoder(self.tokenizer)
         self._by_id: dict[str, Request] = {}
         if self.model.device.type == "cuda" and settings.quantization == "nf4":
@@ -345,8 +347,12 @@ class LLMEngine:
             self.scheduler.register_computed_blocks(request)
             self.metrics.record_token(request, now)
             params = request.params
+            if request.grammar_matcher is not None:
+                request.grammar_matcher.consume_token(token)
             if (token in params.stop_token_ids) or (not params.ignore_eos and token in self.eos_token_ids):
                 request.finish_reason = FinishReason.STOP
+            elif request.grammar_matcher is not None and request.grammar_matcher.is_stopped():
+                request.finish_reason = FinishReason.STOP  # the grammar admits nothing longer
             elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
                 request.finish_reason = FinishReason.LENGTH
             new_text = update_text(request, self.token_decoder) if self.detokenize else ""

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.engine.grammar import Grammar, GrammarError
+
 _ids = itertools.count()
 MAX_TOP_LOGPROBS = 20  # vLLM's default max_logprobs
 
@@ -38,6 +40,7 @@ class SamplingParams:
     logprobs: bool = False  # report the chosen tokens' logprobs
     top_logprobs: int = 0  # also report this many most likely alternatives per token (needs logprobs)
     cache_salt: str | None = None  # prefix-cache blocks are shared only under the same salt
+    grammar: Grammar | None = None  # structured output: every sampled token must keep the grammar satisfiable
 
     def validate(self) -> None:
         """Raise SamplingError naming the first bad field."""
@@ -71,6 +74,11 @@ class SamplingParams:
             raise SamplingError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:
             raise SamplingError("top_logprobs needs logprobs")
+        if self.grammar is not None:
+            try:
+                self.grammar.validate()
+            except GrammarError as err:
+                raise SamplingError(f"the {self.grammar.kind} grammar does not compile: {err}") from None
 
     def validate_token_ids(self, vocab_size: int) -> None:
         """Raise SamplingError if a token id named by the params is outside [0, vocab_size)."""
@@ -165,6 +173,7 @@ class Request:
     detokenizer: Any = None  # server.engine.detokenizer.IncrementalDetokenizer, made at the first token
     sampling_seed: int | None = None  # params.seed, or a random seed drawn at the first sampled token
     penalty_row: int = -1  # the request's row of the sampler's token-count table; -1 = none
+    grammar_matcher: Any = None  # llguidance matcher of params.grammar, made at the first sampled token
     tenant: str = ""  # who sent it (the API key's tenant): fair scheduling and per-tenant caps
 
     @property

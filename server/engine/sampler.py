@@ -1,8 +1,9 @@
 """Pick the next token of every row on the device, all sampling parameters in one batched pass.
 
 Semantics, per row (`sample_row_reference` is this as plain code for one row):
-0. masks: with allowed_token_ids, every other token is dropped (-inf); while fewer than min_tokens
-   tokens are out, the EOS ids (unless ignore_eos) and stop_token_ids are dropped
+0. masks: with a grammar (structured output), the tokens its matcher forbids are dropped (-inf); with
+   allowed_token_ids, every other token is dropped; while fewer than min_tokens tokens are out, the
+   EOS ids (unless ignore_eos) and stop_token_ids are dropped
 1. logits[t] += logit_bias[t]
 2. repetition penalty (CTRL, as transformers and vLLM) on the tokens seen in the prompt or output:
    a positive logit is divided by the penalty, a negative one multiplied by it
@@ -42,7 +43,8 @@ from typing import NamedTuple
 
 import torch
 
-from server.engine.request import Request, SamplingParams
+from server.engine.grammar import GrammarBackend
+from server.engine.request import Request, SamplingError, SamplingParams
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
@@ -293,8 +295,10 @@ class Sampler:
     """The batched sampler of one engine: per-row parameters gathered on the host in one pass,
     then a fixed handful of kernels for the whole batch."""
 
-    def __init__(self, vocab_size: int, device: torch.device, eos_token_ids: Collection[int] = ()):
+    def __init__(self, vocab_size: int, device: torch.device, eos_token_ids: Collection[int] = (),
+                 grammars: GrammarBackend | None = None):
         self.device = torch.device(device)
+        self.grammars = grammars  # None: requests with a grammar are refused (no tokenizer to build matchers)
         self.counts = TokenCounts(vocab_size, self.device)
         self.eos_token_ids = frozenset(eos_token_ids)  # masked by min_tokens
         self._seeds = random.Random()  # seeds for requests that bring none (drawn once each)
@@ -307,7 +311,8 @@ class Sampler:
         """logits [len(requests), vocab] float32 -> chosen token ids and (if any row asks) their
         logprobs and top alternatives. `logits` is not modified."""
         device = logits.device
-        processed = self._apply_masks(logits, requests)
+        processed = self._apply_grammars(logits, requests)
+        processed = self._apply_masks(processed, requests)
         bias = [(row, token, value) for row, r in enumerate(requests) for token, value in r.params.logit_bias.items()]
         if bias:
             rows, tokens, values = zip(*bias, strict=True)
@@ -346,6 +351,26 @@ class Sampler:
             k = request.params.top_logprobs
             top.append([(int(i), v) for i, v in zip(row[2:2 + k], row[2 + width:2 + width + k], strict=True)])
         return SampledTokens([int(row[0]) for row in host], [row[1] for row in host], top)
+
+    def _apply_grammars(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Step 0's grammar masks: one host mask for the constrained rows, one copy, one masked_fill."""
+        rows = [row for row, r in enumerate(requests) if r.params.grammar is not None]
+        if not rows:
+            return logits
+        if self.grammars is None:
+            raise SamplingError("structured output needs the engine's grammar backend")
+        matchers = []
+        for row in rows:
+            request = requests[row]
+            if request.grammar_matcher is None:
+                request.grammar_matcher = self.grammars.matcher(request.params.grammar, request.output_token_ids)
+            matchers.append(request.grammar_matcher)
+        allowed = self.grammars.allowed_mask(matchers)
+        if logits.device.type == "cuda":
+            allowed = allowed.pin_memory()
+        allowed = allowed.to(logits.device, non_blocking=True)
+        index = _to_device(rows, torch.long, logits.device)
+        return logits.index_copy(0, index, logits[index].masked_fill(~allowed, float("-inf")))
 
     def _apply_masks(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """Step 0 for the rows that need it (allowed_token_ids, min_tokens); other rows untouched.

@@ -112,7 +112,7 @@ def test_unknown_model_is_404_in_openai_shape(oai):
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    ({"n": 2}, "n"),
+    ({"n": 200}, "n"),
     ({"temperature": -1}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"),
@@ -136,3 +136,24 @@ def test_chat_rejects_tools_and_image_parts(oai):
     with pytest.raises(openai.BadRequestError, match="image_url"):
         oai.chat.completions.create(model=BASE_ID, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+
+
+def test_n_and_structured_output_through_the_client(oai):
+    """n > 1 and the structured-output parameters, with the engine in a thread and in its own process
+    (the grammar travels to the engine process with the sampling parameters)."""
+    drawn = oai.completions.create(model="attn", prompt="Hello", max_tokens=6, temperature=1.0, seed=3, n=3)
+    assert [c.index for c in drawn.choices] == [0, 1, 2] and drawn.usage.completion_tokens == 18
+    chosen = oai.completions.create(model=BASE_ID, prompt="Answer:", max_tokens=10, temperature=1.0, seed=4,
+                                    extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert chosen.choices[0].text in ("red", "green", "blue") and chosen.choices[0].finish_reason == "stop"
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    chat = oai.chat.completions.create(
+        model="attn", messages=[{"role": "user", "content": "Reply in JSON"}], max_tokens=20, temperature=1.0,
+        seed=5, response_format={"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}})
+    import json
+
+    assert json.loads(chat.choices[0].message.content).keys() == {"ok"}
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.completions.create(model=BASE_ID, prompt="x", max_tokens=2, extra_body={"guided_regex": "(unclosed"})
+    assert "guided_regex" in str(info.value)

@@ -10,6 +10,7 @@ reason written down (`INFORMATIONAL`). A new field without a case fails `test_ev
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 import httpx
@@ -64,10 +65,11 @@ REFUSED = [
     ("both", "include_stop_str_in_output", True), ("both", "skip_special_tokens", False),
     ("both", "spaces_between_special_tokens", False), ("both", "prompt_logprobs", 1),
     ("both", "bad_words", ["x"]), ("both", "logits_processors", ["m.f"]),
-    ("both", "response_format", {"type": "json_object"}), ("both", "guided_json", {"type": "object"}),
-    ("both", "guided_regex", "a+"), ("both", "guided_choice", ["a", "b"]), ("both", "guided_grammar", "root ::= x"),
+    ("both", "response_format", {"type": "json_schema"}), ("both", "guided_json", "{not json"),
+    ("both", "guided_regex", "(a"), ("both", "guided_choice", []), ("both", "guided_grammar", "start: ("),
     ("both", "guided_decoding_backend", "xgrammar"), ("both", "guided_whitespace_pattern", " "),
-    ("both", "structured_outputs", {"json": {}}), ("both", "priority", 1), ("both", "request_id", "mine"),
+    ("both", "structured_outputs", {"regex": "a", "choice": ["b"]}), ("both", "priority", 1),
+    ("both", "request_id", "mine"),
     ("both", "return_token_ids", True), ("both", "kv_transfer_params", {"a": 1}), ("both", "vllm_xargs", {"a": 1}),
     ("both", "prompt_embeds", "AAAA"),
     ("completions", "suffix", "tail"),
@@ -76,7 +78,8 @@ REFUSED = [
     ("chat", "prediction", {"type": "content", "content": "x"}), ("chat", "reasoning_effort", "high"),
     ("chat", "verbosity", "low"), ("chat", "web_search_options", {}), ("chat", "chat_template", "{{ 1 }}"),
     ("chat", "documents", [{"text": "d"}]), ("chat", "mm_processor_kwargs", {"a": 1}), ("chat", "echo", True),
-    ("generate", "best_of", 2), ("generate", "decoder_input_details", True), ("generate", "grammar", {"type": "json"}),
+    ("generate", "best_of", 2), ("generate", "decoder_input_details", True),
+    ("generate", "grammar", {"type": "regex", "value": "(unclosed"}),
     ("generate", "typical_p", 0.5), ("generate", "watermark", True), ("generate", "adapter_source", "s3"),
     ("generate", "adapter_parameters", {"adapter_ids": ["a", "b"]}),
 ]
@@ -295,6 +298,41 @@ def _n(api):
     roles = [c["choices"][0]["index"] for c in api.stream("/v1/chat/completions", n=2)
              if c["choices"] and c["choices"][0]["delta"].get("role")]
     assert sorted(roles) == [0, 1]
+
+
+@honoured("both", "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+          "guided_decoding_backend", "structured_outputs")
+def _structured_output(api):
+    sampled = {"temperature": 1.0, "max_tokens": 40}
+    for seed in range(4):
+        text = api.text(guided_choice=["yes", "no"], seed=seed, **sampled)
+        assert text in ("yes", "no"), text
+        assert re.fullmatch(r"[0-9]{3}-[a-c]+", api.text(guided_regex=r"[0-9]{3}-[a-c]+", seed=seed, **sampled))
+        assert api.text(guided_grammar='start: "ab" | "cd" "!"', seed=seed, **sampled) in ("ab", "cd!")
+        assert api.text(structured_outputs={"choice": ["x", "y"]}, guided_decoding_backend="llguidance",
+                        seed=seed, **sampled) in ("x", "y")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 9,
+              "minimum": 0}}, "required": ["ok", "n"], "additionalProperties": False}
+    for body in ({"guided_json": schema}, {"response_format": {"type": "json_schema", "json_schema": {
+                 "name": "s", "schema": schema}}}, {"structured_outputs": {"json": schema}}):
+        choice = api.complete(seed=1, **sampled, **body)["choices"][0]
+        value = json.loads(choice["text"])
+        assert choice["finish_reason"] == "stop" and set(value) == {"ok", "n"} and isinstance(value["ok"], bool)
+    # Any object is allowed: a bias towards "}" lets the random model close it (without the grammar the
+    # bias alone would not make the text start with "{").
+    close = api.tokenizer.encode("}", add_special_tokens=False)[-1]
+    message = api.chat(response_format={"type": "json_object"}, seed=2, temperature=1.0, max_tokens=60,
+                       logit_bias={str(close): 8.0})
+    assert isinstance(json.loads(message["choices"][0]["message"]["content"]), dict)
+    both = api.client.post("/v1/completions", json={"model": BASE_ID, "prompt": "x", "guided_regex": "a",
+                                                    "guided_choice": ["b"]})
+    assert_error(both, 400, "only one structured output")
+
+
+@honoured("generate", "grammar")
+def _tgi_grammar(api):
+    text = api.generate(grammar={"type": "regex", "value": "[a-c]{4}"}, do_sample=True, seed=3)["generated_text"]
+    assert re.fullmatch("[a-c]{4}", text)
 
 
 @honoured("both", "logit_bias")
