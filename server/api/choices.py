@@ -64,7 +64,8 @@ class Choices:
         results = await asyncio.gather(*(start_prompt(p) for p in range(num_prompts)), return_exceptions=True)
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         if failure is not None:
-            await asyncio.gather(*(g.aclose() for g in started.values()), return_exceptions=True)
+            for generation in started.values():
+                await generation.aclose()
             raise failure
         return cls([started[i] for i in range(num_prompts * n)], n)
 
@@ -128,4 +129,8 @@ class Choices:
             generation.abort()
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(g.aclose() for g in self.generations))
+        """Close every generation in turn, inline: gathered as tasks, a cancellation of the closing
+        response (a client gone) cancelled them before they gave their rate-limiter places back."""
+        self.abort()
+        for generation in self.generations:
+            await generation.aclose()

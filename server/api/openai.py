@@ -25,6 +25,7 @@ from server.api.prompts import reject_invalid_text
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.api.state import ServerState
 from server.api.structured import openai_grammar
+from server.api.tools import check_tools, finish_reason, parse_tool_calls, tool_grammar, tools_offered
 from server.engine.grammar import Grammar
 from server.engine.request import RequestOutput, SamplingParams
 
@@ -232,15 +233,23 @@ async def create_chat_completion(body: ChatCompletionRequest, state: StateDep, c
         raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true "
                        "(set add_generation_prompt: false)", param="continue_final_message")
     check_count(1, body.n)
+    check_tools(body.tools, body.tool_choice)
+    tools = tools_offered(body.tools, body.tool_choice)
+    tool_choice = None if tools is None else (body.tool_choice or "auto")
     tokenizer = state.engine.tokenizer
     adapter = await resolve_model(state, caller, body.model)
     prompt_ids = _truncated(await state.prompts.encode_chat(
         body.messages, body.add_generation_prompt, continue_final_message=body.continue_final_message,
-        add_special_tokens=body.add_special_tokens, template_kwargs=body.chat_template_kwargs), body)
+        add_special_tokens=body.add_special_tokens, template_kwargs=body.chat_template_kwargs, tools=tools), body)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     max_tokens = body.max_completion_tokens or body.max_tokens
     max_tokens_field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     grammar = openai_grammar(body)
+    if tool_choice is not None and (forced := tool_grammar(tools, tool_choice, body.parallel_tool_calls)):
+        if grammar is not None:
+            raise APIError(400, "a structured output constraint cannot be combined with tool_choice "
+                           f"{tool_choice!r}", param="tool_choice")
+        grammar = forced
 
     def start(index: int, seed: int | None) -> Awaitable[Generation]:
         return _start(state, caller, body, adapter, prompt_ids, max_tokens, max_tokens_field, body.logprobs,
@@ -252,9 +261,37 @@ async def create_chat_completion(body: ChatCompletionRequest, state: StateDep, c
     base = {"id": request_id, "created": int(time.time()), "model": body.model, "system_fingerprint": None}
     headers = {"X-Request-Id": request_id}
 
+    def message(index: int, outputs: list[RequestOutput]) -> tuple[dict, str | None]:
+        """The assistant message of one choice and its finish reason (tool calls parsed out)."""
+        text = "".join(o.new_text for o in outputs)
+        reason = _finish_reason(outputs[-1])
+        if tool_choice is None:
+            return {"role": "assistant", "content": text}, reason
+        content, calls = parse_tool_calls(text, tool_choice)
+        if body.parallel_tool_calls is False:
+            calls = calls[:1]
+        entry = {"role": "assistant", "content": content}
+        if calls:
+            entry["tool_calls"] = calls
+        return entry, finish_reason(tool_choice, calls, reason)
+
     async def chunks() -> AsyncIterator[dict]:
         base_chunk = {**base, "object": "chat.completion.chunk"}
         usage = _Usage(body, choices)
+        if tool_choice is not None:  # whether the text is a call is known at the end: one chunk a choice
+            per_choice: list[list[RequestOutput]] = [[] for _ in range(body.n)]
+            async for index, output in choices.outputs():
+                per_choice[index].append(output)
+            for index, outputs in enumerate(per_choice):
+                entry, reason = message(index, outputs)
+                if "tool_calls" in entry:
+                    entry["tool_calls"] = [{"index": i, **call} for i, call in enumerate(entry["tool_calls"])]
+                choice = {"index": index, "delta": entry, "logprobs": _chat_logprobs(names, outputs)
+                          if body.logprobs else None, "finish_reason": reason}
+                yield {**base_chunk, "choices": [choice], **usage.chunk(index, outputs[-1].completion_tokens)}
+            if (final := usage.final()) is not None:
+                yield {**base_chunk, "choices": [], "usage": final}
+            return
         for index in range(body.n):
             first = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}
@@ -270,12 +307,11 @@ async def create_chat_completion(body: ChatCompletionRequest, state: StateDep, c
     if body.stream:
         return SSEResponse(stream_events(choices, chunks(), done_marker=True), headers=headers)
     per_choice = await choices.collect(http_request)
-    body_choices = [{
-        "index": index,
-        "message": {"role": "assistant", "content": "".join(o.new_text for o in outputs)},
-        "logprobs": _chat_logprobs(names, outputs) if body.logprobs else None,
-        "finish_reason": _finish_reason(outputs[-1]),
-    } for index, outputs in enumerate(per_choice)]
+    body_choices = []
+    for index, outputs in enumerate(per_choice):
+        entry, reason = message(index, outputs)
+        body_choices.append({"index": index, "message": entry, "finish_reason": reason,
+                             "logprobs": _chat_logprobs(names, outputs) if body.logprobs else None})
     payload = {**base, "object": "chat.completion", "choices": body_choices,
                "usage": _usage(choices.prompt_tokens, choices.completion_tokens)}
     return JSONResponse(payload, headers=headers)

@@ -11,7 +11,9 @@ that grows with the number of tokens: max_prompt_chars is what keeps it short fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -66,7 +68,19 @@ def _message_dict(index: int, message: ChatMessage) -> dict:
     for key in ("name", "tool_call_id"):
         if getattr(message, key) is not None:
             entry[key] = getattr(message, key)
+    if message.tool_calls:
+        entry["tool_calls"] = [_template_call(call) for call in message.tool_calls]
     return entry
+
+
+def _template_call(call: dict) -> dict:
+    """An earlier tool call as templates read it: OpenAI sends arguments as a JSON string, templates
+    (Llama 3, Qwen, Hermes) render them with `tojson`, so a parseable string becomes its object."""
+    function = dict(call.get("function") or {})
+    if isinstance(function.get("arguments"), str):
+        with contextlib.suppress(json.JSONDecodeError):
+            function["arguments"] = json.loads(function["arguments"])
+    return {**call, "function": function}
 
 
 # apply_chat_template's own arguments: chat_template_kwargs may only add template variables.
@@ -115,7 +129,7 @@ class PromptEncoder:
 
     async def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
                           continue_final_message: bool = False, add_special_tokens: bool = False,
-                          template_kwargs: dict | None = None) -> list[int]:
+                          template_kwargs: dict | None = None, tools: list[dict] | None = None) -> list[int]:
         """Render `messages` with the model's chat template and tokenize the result. Any role is passed
         on: the template decides (its error is the 400). `template_kwargs` are extra template variables."""
         if not getattr(self.tokenizer, "chat_template", None):
@@ -127,6 +141,8 @@ class PromptEncoder:
             if key in _TEMPLATE_CALL_ARGS:
                 raise APIError(400, f"chat_template_kwargs may not set {key!r}, an argument of the template call",
                                param=f"chat_template_kwargs.{key}")
+        if tools is not None:
+            template_kwargs["tools"] = tools
         try:
             text = await self._run(self.tokenizer.apply_chat_template, conversation, tokenize=False,
                                    add_generation_prompt=add_generation_prompt,

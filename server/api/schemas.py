@@ -179,7 +179,7 @@ class ChatMessage(_Body):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: Annotated[list[dict[str, Any]] | None, _unsupported(lambda v: not v, _NO_TOOLS)] = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="an assistant's earlier tool calls")
 
 
 class ChatCompletionRequest(_OpenAISampling):
@@ -191,14 +191,16 @@ class ChatCompletionRequest(_OpenAISampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                      description="the N likeliest alternatives of each token (with logprobs)")
-    tools: Annotated[list[dict[str, Any]] | None, _unsupported(lambda v: not v, _NO_TOOLS)] = Field(
-        None, description="not supported")
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128, description="functions the model may call")
     tool_choice: Annotated[
-        str | dict[str, Any] | None, _unsupported(lambda v: v in (None, "none", "auto"), _NO_TOOLS)
-    ] = Field(None, description="only 'none' (or 'auto' without tools) is supported")
+        str | dict[str, Any] | None,
+        _unsupported(lambda v: v in (None, "none", "auto", "required") or (
+            isinstance(v, dict) and v.get("type") == "function" and isinstance(v.get("function"), dict)),
+            "tool_choice must be none, auto, required or {{type: function, function: {{name}}}}, got {value!r}"),
+    ] = Field(None, description="none, auto (default with tools), required, or a named function")
     functions: _refused("functions", _NO_TOOLS, [])
     function_call: _refused("function_call", _NO_TOOLS, "none", "auto")
-    parallel_tool_calls: bool | None = Field(None, description="no effect: there are no tool calls")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one tool call")
     add_generation_prompt: bool = True
     continue_final_message: bool = Field(False, description="continue the last (assistant) message")
     add_special_tokens: bool = Field(False, description="add special tokens on top of the template's")

@@ -73,7 +73,7 @@ REFUSED = [
     ("both", "return_token_ids", True), ("both", "kv_transfer_params", {"a": 1}), ("both", "vllm_xargs", {"a": 1}),
     ("both", "prompt_embeds", "AAAA"),
     ("completions", "suffix", "tail"),
-    ("chat", "tools", _TOOL), ("chat", "tool_choice", "required"), ("chat", "functions", _TOOL),
+    ("chat", "tools", [{"type": "retrieval"}]), ("chat", "tool_choice", "sometimes"), ("chat", "functions", _TOOL),
     ("chat", "function_call", {"name": "f"}), ("chat", "audio", {"voice": "alloy"}), ("chat", "modalities", ["audio"]),
     ("chat", "prediction", {"type": "content", "content": "x"}), ("chat", "reasoning_effort", "high"),
     ("chat", "verbosity", "low"), ("chat", "web_search_options", {}), ("chat", "chat_template", "{{ 1 }}"),
@@ -86,12 +86,11 @@ REFUSED = [
 # Accepted with no effect, because the parameter's contract asks for none here.
 INFORMATIONAL = {
     ("both", "user"): "an end-user id for the provider's abuse monitoring; affects no output",
-    ("chat", "parallel_tool_calls"): "governs tool calls; tools are refused, so there are none",
     ("chat", "include_reasoning"): "governs a reasoning parser's output; there is none",
     ("chat", "prompt_cache_key"): "a cache-routing hint; affects no output",
     ("chat", "safety_identifier"): "like user: an id for abuse monitoring",
 }
-INFORMATIONAL_VALUES = {"user": "u-1", "parallel_tool_calls": False,
+INFORMATIONAL_VALUES = {"user": "u-1",
                         "include_reasoning": False, "prompt_cache_key": "k", "safety_identifier": "s"}
 
 HONOURED: dict[tuple[str, str], Callable] = {}
@@ -124,10 +123,13 @@ def test_every_parameter_is_covered(endpoint):
 # ---- a server whose tokenizer adds a BOS and whose chat template checks roles --------------------------
 
 TEMPLATE = (
+    "{% for t in tools or [] %}<tool>{{ t['function']['name'] }}</tool>{% endfor %}"
     "{% for m in messages %}"
-    "{% if m['role'] not in ['system', 'user', 'assistant', 'critic'] %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant', 'critic', 'tool'] %}"
     "{{ raise_exception('role ' + m['role'] + ' is not supported') }}{% endif %}"
-    "<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "<{{ m['role'] }}>{{ m['content'] }}"
+    "{{ ('<call>' + (m['tool_calls'][0]['function']['arguments'] | tojson) + '</call>') if m['tool_calls'] else '' }}\n"
+    "{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% if greeting is defined %}{{ greeting }}{% endif %}{% endif %}"
 )
 
@@ -470,10 +472,63 @@ def _chat_template_kwargs(api):
     assert_error(response, 400, "tokenize")
 
 
-@honoured("chat", "tool_choice", "modalities", "response_format")
+@honoured("chat", "modalities", "response_format")
 def _neutral_values(api):
     for neutral in ({"tool_choice": "none"}, {"modalities": ["text"]}, {"response_format": {"type": "text"}}):
         assert api.chat(**neutral)["choices"][0] == api.chat()["choices"][0], neutral
+
+
+_WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+    "additionalProperties": False}}}
+_TIME = {"type": "function", "function": {"name": "time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+@honoured("chat", "tools", "tool_choice", "parallel_tool_calls")
+def _tool_calling(api):
+    tools = [_WEATHER, _TIME]
+    offered = api.chat(tools=tools)["usage"]["prompt_tokens"]
+    assert offered > api.chat()["usage"]["prompt_tokens"]  # the template renders the tools
+    assert api.chat(tools=tools, tool_choice="none")["choices"][0] == api.chat()["choices"][0]
+    named = api.chat(tools=tools, tool_choice={"type": "function", "function": {"name": "weather"}},
+                     temperature=1.0, seed=1, max_tokens=30)["choices"][0]
+    (call,) = named["message"]["tool_calls"]
+    assert call["function"]["name"] == "weather" and call["id"].startswith("chatcmpl-tool-")
+    assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Rome")
+    assert named["finish_reason"] == "stop" and named["message"]["content"] is None
+    for parallel, seed in ((None, 2), (False, 3)):
+        required = api.chat(tools=tools, tool_choice="required", temperature=1.0, seed=seed, max_tokens=60,
+                            parallel_tool_calls=parallel)["choices"][0]
+        calls = required["message"]["tool_calls"]
+        assert required["finish_reason"] == "tool_calls" and calls and (parallel is None or len(calls) == 1)
+        assert all(c["function"]["name"] in ("weather", "time") for c in calls)
+    streamed = api.stream("/v1/chat/completions", tools=tools, tool_choice="required", temperature=1.0, seed=2,
+                          max_tokens=60)
+    (last,) = [c for c in streamed if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert last["choices"][0]["finish_reason"] == "tool_calls"
+    streamed_calls = last["choices"][0]["delta"]["tool_calls"]
+    assert streamed_calls and [c["index"] for c in streamed_calls] == list(range(len(streamed_calls)))
+    history = [{"role": "user", "content": "Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]
+    assert api.chat(messages=history, tools=tools)["usage"]["prompt_tokens"] > offered
+    assert_error(api.client.post("/v1/chat/completions", json={
+        "model": BASE_ID, "messages": [{"role": "user", "content": "x"}], "tools": tools,
+        "tool_choice": {"type": "function", "function": {"name": "nope"}}}), 400, "nope")
+
+
+def test_auto_tool_calls_are_parsed_from_the_text():
+    from server.api.tools import parse_tool_calls
+
+    hermes = 'Let me check.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    content, calls = parse_tool_calls(hermes, "auto")
+    assert content == "Let me check." and calls[0]["function"] == {"name": "weather", "arguments": '{"city": "Rome"}'}
+    content, calls = parse_tool_calls('{"name": "time", "parameters": {"zone": "UTC"}}', "auto")
+    assert content is None and calls[0]["function"]["name"] == "time"
+    assert parse_tool_calls("Just text {not json", "auto") == ("Just text {not json", [])
+    assert parse_tool_calls("<tool_call>{broken</tool_call>", "auto") == ("<tool_call>{broken</tool_call>", [])
 
 
 @honoured("both", "stream", "stream_options")
