@@ -33,7 +33,8 @@ router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 
 
 def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: bool,
-                     top_logprobs: int, seed: int | None, grammar: Grammar | None) -> SamplingParams:
+                     top_logprobs: int, seed: int | None, grammar: Grammar | None,
+                     prompt_logprobs: int | None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -54,6 +55,7 @@ def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens
         top_logprobs=top_logprobs,
         cache_salt=body.cache_salt,
         grammar=grammar,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -95,6 +97,22 @@ class _CompletionLogprobs:
     def __init__(self, name: _TokenText, offset: int = 0):
         self.name, self.offset = name, offset
 
+    def render_prompt(self, prompt_ids: list[int], entries: list) -> dict:
+        """The echoed prompt's part: its tokens, None for the first, then each one's logprob."""
+        tokens, values, offsets, tops = [], [], [], []
+        for token, entry in zip(prompt_ids, entries, strict=True):
+            text = self.name(token)
+            tokens.append(text)
+            offsets.append(self.offset)
+            self.offset += len(text)
+            if entry is None:
+                values.append(None)
+                tops.append(None)
+            else:
+                values.append(entry[0])
+                tops.append({**{self.name(t): v for t, v in entry[2]}, text: entry[0]})
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
     def render(self, outputs: list[RequestOutput]) -> dict:
         tokens, values, offsets, tops = [], [], [], []
         for token, value, alternatives in _steps(outputs):
@@ -105,6 +123,28 @@ class _CompletionLogprobs:
             tops.append({**{self.name(t): v for t, v in alternatives}, text: value})
             self.offset += len(text)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _merge_logprobs(first: dict, second: dict) -> dict:
+    return {key: first[key] + second[key] for key in first}
+
+
+def _vllm_prompt_logprobs(name: _TokenText, prompt_ids: list[int], entries: list | None) -> list | None:
+    """vLLM's prompt_logprobs: per prompt position None (the first) or {token id: {logprob, rank,
+    decoded_token}} for the prompt token and the k likeliest."""
+    if entries is None:
+        return None
+    rendered = []
+    for token, entry in zip(prompt_ids, entries, strict=True):
+        if entry is None:
+            rendered.append(None)
+            continue
+        value, rank, alternatives = entry
+        position = {str(t): {"logprob": v, "rank": r, "decoded_token": name(t)}
+                    for r, (t, v) in enumerate(alternatives, start=1)}
+        position[str(token)] = {"logprob": value, "rank": rank, "decoded_token": name(token)}
+        rendered.append(position)
+    return rendered
 
 
 def _chat_logprobs(name: _TokenText, outputs: list[RequestOutput]) -> dict:
@@ -119,7 +159,8 @@ def _chat_logprobs(name: _TokenText, outputs: list[RequestOutput]) -> dict:
 
 async def _start(state: ServerState, caller, body, adapter, prompt_ids: list[int], max_tokens: int | None,
                  max_tokens_field: str, logprobs: bool, top_logprobs: int, request_id: str,
-                 prompt_field: str, seed: int | None, grammar: Grammar | None) -> Generation:
+                 prompt_field: str, seed: int | None, grammar: Grammar | None,
+                 prompt_logprobs: int | None = None) -> Generation:
     context = state.max_model_len
     if max_tokens is None:
         max_tokens = max(1, context - len(prompt_ids))
@@ -128,7 +169,7 @@ async def _start(state: ServerState, caller, body, adapter, prompt_ids: list[int
                        f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the {prompt_field}, "
                        f"{max_tokens} in the completion). Please reduce the length of the {prompt_field} or "
                        f"{max_tokens_field}.", param=max_tokens_field)
-    params = _sampling_params(body, max_tokens, logprobs, top_logprobs, seed, grammar)
+    params = _sampling_params(body, max_tokens, logprobs, top_logprobs, seed, grammar, prompt_logprobs)
     return await Generation.start(state, caller, prompt_ids, params, adapter, request_id, prompt_field)
 
 
@@ -166,8 +207,6 @@ async def create_completion(body: CompletionRequest, state: StateDep, caller: Ge
                             http_request: Request):
     reject_invalid_text(body)
     _check_request(body)
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs is not supported: it needs prompt logprobs", param="echo")
     tokenizer = state.engine.tokenizer
     adapter = await resolve_model(state, caller, body.model)
     texts = body.prompt if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], (str, list)) \
@@ -182,23 +221,36 @@ async def create_completion(body: CompletionRequest, state: StateDep, caller: Ge
     request_id = f"cmpl-{uuid.uuid4().hex}"
     total = len(prompts) * body.n
     grammar = openai_grammar(body)
+    echo_logprobs = body.echo and body.logprobs is not None  # the prompt's logprobs lead the logprobs object
+    prompt_k = max(body.prompt_logprobs or 0, body.logprobs or 0) if echo_logprobs else body.prompt_logprobs
 
     def start(index: int, seed: int | None) -> Awaitable[Generation]:
         prompt = index // body.n
         field = "prompt" if len(prompts) == 1 else f"prompt[{prompt}]"
         return _start(state, caller, body, adapter, prompts[prompt], body.max_tokens, "max_tokens",
                       body.logprobs is not None, body.logprobs or 0, _choice_request_id(request_id, total, index),
-                      field, seed, grammar)
+                      field, seed, grammar, prompt_k)
 
     choices = await Choices.start(len(prompts), body.n, body.seed, start)
     names = _TokenText(tokenizer, body.return_tokens_as_token_ids)
-    logprobs = [_CompletionLogprobs(names, offset=len(echoes[i // body.n])) for i in range(total)]
+    logprobs = [_CompletionLogprobs(names, offset=0 if echo_logprobs else len(echoes[i // body.n]))
+                for i in range(total)]
     base = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": body.model,
             "system_fingerprint": None}
     headers = {"X-Request-Id": request_id}
 
     def render(index: int, outputs: list[RequestOutput]) -> dict | None:
-        return logprobs[index].render(outputs) if body.logprobs is not None else None
+        if body.logprobs is None:
+            return None
+        if echo_logprobs and outputs and outputs[0].prompt_logprobs is not None:  # a choice's first output
+            prompt = logprobs[index].render_prompt(prompts[index // body.n], outputs[0].prompt_logprobs)
+            return _merge_logprobs(prompt, logprobs[index].render(outputs))
+        return logprobs[index].render(outputs)
+
+    def prompt_logprobs_of(index: int, outputs: list[RequestOutput]) -> dict:
+        if body.prompt_logprobs is None or not outputs or outputs[0].prompt_logprobs is None:
+            return {}
+        return {"prompt_logprobs": _vllm_prompt_logprobs(names, prompts[index // body.n], outputs[0].prompt_logprobs)}
 
     async def chunks() -> AsyncIterator[dict]:
         usage = _Usage(body, choices)
@@ -207,7 +259,7 @@ async def create_completion(body: CompletionRequest, state: StateDep, caller: Ge
             yield {**base, "choices": [choice], **usage.chunk(index, 0)}
         async for index, output in choices.outputs():
             choice = {"index": index, "text": output.new_text, "finish_reason": _finish_reason(output),
-                      "logprobs": render(index, [output])}
+                      "logprobs": render(index, [output]), **prompt_logprobs_of(index, [output])}
             yield {**base, "choices": [choice], **usage.chunk(index, output.completion_tokens)}
         if (final := usage.final()) is not None:
             yield {**base, "choices": [], "usage": final}
@@ -216,7 +268,8 @@ async def create_completion(body: CompletionRequest, state: StateDep, caller: Ge
         return SSEResponse(stream_events(choices, chunks(), done_marker=True), headers=headers)
     per_choice = await choices.collect(http_request)
     body_choices = [{"index": index, "text": echoes[index // body.n] + "".join(o.new_text for o in outputs),
-                     "finish_reason": _finish_reason(outputs[-1]), "logprobs": render(index, outputs)}
+                     "finish_reason": _finish_reason(outputs[-1]), "logprobs": render(index, outputs),
+                     **prompt_logprobs_of(index, outputs)}
                     for index, outputs in enumerate(per_choice)]
     usage = _usage(choices.prompt_tokens, choices.completion_tokens)
     return JSONResponse({**base, "choices": body_choices, "usage": usage}, headers=headers)
@@ -254,7 +307,7 @@ async def create_chat_completion(body: ChatCompletionRequest, state: StateDep, c
     def start(index: int, seed: int | None) -> Awaitable[Generation]:
         return _start(state, caller, body, adapter, prompt_ids, max_tokens, max_tokens_field, body.logprobs,
                       body.top_logprobs or 0, _choice_request_id(request_id, body.n, index), "messages", seed,
-                      grammar)
+                      grammar, body.prompt_logprobs)
 
     choices = await Choices.start(1, body.n, body.seed, start)
     names = _TokenText(tokenizer, body.return_tokens_as_token_ids)
@@ -300,7 +353,10 @@ async def create_chat_completion(body: ChatCompletionRequest, state: StateDep, c
             choice = {"index": index, "delta": {"content": output.new_text} if output.new_text else {},
                       "logprobs": _chat_logprobs(names, [output]) if body.logprobs else None,
                       "finish_reason": _finish_reason(output)}
-            yield {**base_chunk, "choices": [choice], **usage.chunk(index, output.completion_tokens)}
+            extra = {}
+            if index == 0 and output.prompt_logprobs is not None and body.prompt_logprobs is not None:
+                extra = {"prompt_logprobs": _vllm_prompt_logprobs(names, prompt_ids, output.prompt_logprobs)}
+            yield {**base_chunk, "choices": [choice], **extra, **usage.chunk(index, output.completion_tokens)}
         if (final := usage.final()) is not None:
             yield {**base_chunk, "choices": [], "usage": final}
 
@@ -314,6 +370,8 @@ async def create_chat_completion(body: ChatCompletionRequest, state: StateDep, c
                              "logprobs": _chat_logprobs(names, outputs) if body.logprobs else None})
     payload = {**base, "object": "chat.completion", "choices": body_choices,
                "usage": _usage(choices.prompt_tokens, choices.completion_tokens)}
+    if body.prompt_logprobs is not None:
+        payload["prompt_logprobs"] = _vllm_prompt_logprobs(names, prompt_ids, per_choice[0][0].prompt_logprobs)
     return JSONResponse(payload, headers=headers)
 
 

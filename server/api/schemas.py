@@ -118,7 +118,8 @@ class _OpenAISampling(_Body):
     include_stop_str_in_output: _refused("include_stop_str_in_output", "stop strings are always cut", False)
     skip_special_tokens: _refused("skip_special_tokens", "special tokens are always skipped", True)
     spaces_between_special_tokens: _refused("spaces_between_special_tokens", "special tokens are skipped", True)
-    prompt_logprobs: _refused("prompt_logprobs", "no prompt logprobs yet")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                        description="each prompt token's logprob and the N likeliest alternatives")
     bad_words: _refused("bad_words", "not implemented", [])
     logits_processors: _refused("logits_processors", "no custom logits processors", [])
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
@@ -163,7 +164,7 @@ class CompletionRequest(_OpenAISampling):
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                  description="logprob of each chosen token and of the N likeliest alternatives")
-    echo: bool = Field(False, description="prepend the prompt to the completion (not with logprobs)")
+    echo: bool = Field(False, description="prepend the prompt to the completion (with logprobs: the prompt's too)")
     suffix: Annotated[str | None, _unsupported(lambda v: not v, "suffix is not supported")] = Field(
         None, description="not supported")
     add_special_tokens: bool = Field(True, description="add the tokenizer's special tokens (BOS) to the prompt")

@@ -285,7 +285,7 @@ class EngineProcessClient:
             output.request_id, output.new_token_ids, text, output.new_logprobs, finished=reason is not None,
             finish_reason=reason, prompt_tokens=output.prompt_tokens,
             completion_tokens=output.completion_tokens, error=output.error,
-            new_top_logprobs=output.new_top_logprobs,
+            new_top_logprobs=output.new_top_logprobs, prompt_logprobs=output.prompt_logprobs,
         ))
 
     def _put(self, request_id: str, item: RequestOutput | BaseException) -> None:

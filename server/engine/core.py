@@ -176,7 +176,7 @@ class EngineCore:
 def _token_output(output: RequestOutput) -> TokenOutput:
     return TokenOutput(output.request_id, output.new_token_ids, output.new_logprobs,
                        output.finish_reason if output.finished else None, output.prompt_tokens,
-                       output.completion_tokens, output.error, output.new_top_logprobs)
+                       output.completion_tokens, output.error, output.new_top_logprobs, output.prompt_logprobs)
 
 
 def serve(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket) -> None:

@@ -367,6 +367,7 @@ class LLMEngine:
     def _output(self, request: Request, new_text: str, finished: bool, error: str | None = None):
         start = request.num_emitted_tokens
         request.num_emitted_tokens = len(request.output_token_ids)
+        is_first = start == 0 and request.params.prompt_logprobs is not None
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=request.output_token_ids[start:],
@@ -378,4 +379,5 @@ class LLMEngine:
             prompt_tokens=len(request.prompt_token_ids),
             completion_tokens=len(request.output_token_ids),
             error=error,
+            prompt_logprobs=list(request.prompt_logprobs) if is_first else None,
         )

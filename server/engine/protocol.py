@@ -61,6 +61,7 @@ class TokenOutput(msgspec.Struct, array_like=True):
     completion_tokens: int
     error: str | None = None
     new_top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: (id, logprob), best first
+    prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]] | None] | None = None  # first output only
 
 
 class Rejected(msgspec.Struct, array_like=True):

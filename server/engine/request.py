@@ -41,6 +41,7 @@ class SamplingParams:
     top_logprobs: int = 0  # also report this many most likely alternatives per token (needs logprobs)
     cache_salt: str | None = None  # prefix-cache blocks are shared only under the same salt
     grammar: Grammar | None = None  # structured output: every sampled token must keep the grammar satisfiable
+    prompt_logprobs: int | None = None  # each prompt token's logprob (+ this many alternatives); None = off
 
     def validate(self) -> None:
         """Raise SamplingError naming the first bad field."""
@@ -74,6 +75,8 @@ class SamplingParams:
             raise SamplingError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:
             raise SamplingError("top_logprobs needs logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise SamplingError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}")
         if self.grammar is not None:
             try:
                 self.grammar.validate()
@@ -138,6 +141,9 @@ class RequestOutput:
     completion_tokens: int = 0
     error: str | None = None
     new_top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: (id, logprob), best first
+    # With params.prompt_logprobs, in the first output: per prompt position None (the first) or
+    # (logprob of that prompt token, its rank (1 = likeliest), alternatives (id, logprob), best first).
+    prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]] | None] | None = None
 
 
 @dataclass(eq=False)
@@ -174,6 +180,7 @@ class Request:
     sampling_seed: int | None = None  # params.seed, or a random seed drawn at the first sampled token
     penalty_row: int = -1  # the request's row of the sampler's token-count table; -1 = none
     grammar_matcher: Any = None  # llguidance matcher of params.grammar, made at the first sampled token
+    prompt_logprobs: list = field(default_factory=list)  # filled chunk by chunk during the first prefill
     tenant: str = ""  # who sent it (the API key's tenant): fair scheduling and per-tenant caps
 
     @property

@@ -18,6 +18,9 @@ from server.model.lora_ops import decode_lora_meta, make_lora_meta
 
 log = logging.getLogger(__name__)
 
+PROMPT_LOGPROB_ROWS = 256
+
+
 class ModelRunner:
     """Owns the model's step inputs; `prefill` and `decode` return float32 logits."""
 
@@ -67,9 +70,36 @@ class ModelRunner:
             torch.tensor(positions, dtype=torch.long, device=self.device),
             ctx,
         )
+        for (request, chunk), seq in zip(chunks, seqs, strict=True):
+            if request.params.prompt_logprobs is not None and not request.output_token_ids:
+                self._prompt_logprobs(request, hidden[seq.q_start : seq.q_start + chunk], seq.ctx_len - chunk)
         if not last_rows:
             return None
         return self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+
+    def _prompt_logprobs(self, request: Request, hidden: torch.Tensor, start: int) -> None:
+        """Append the logprobs of the prompt tokens this chunk predicts (positions start + 1 ...) to
+        request.prompt_logprobs, PROMPT_LOGPROB_ROWS rows of logits at a time (a 128k vocabulary makes
+        a whole chunk's float32 logits gigabytes)."""
+        from server.engine.sampler import host_list
+
+        prompt = request.prompt_token_ids
+        if start == 0:  # (again, after a preemption before the first token)
+            request.prompt_logprobs = [None]  # nothing predicts the first token
+        rows = min(hidden.shape[0], len(prompt) - 1 - start)
+        k = request.params.prompt_logprobs
+        for first in range(0, max(rows, 0), PROMPT_LOGPROB_ROWS):
+            last = min(rows, first + PROMPT_LOGPROB_ROWS)
+            logprobs = self.model.compute_logits(hidden[first:last]).float().log_softmax(dim=-1)
+            targets = torch.tensor(prompt[start + first + 1 : start + last + 1], device=logprobs.device)
+            chosen = logprobs.gather(1, targets[:, None])
+            rank = (logprobs > chosen).sum(dim=-1, keepdim=True) + 1
+            top_values, top_ids = logprobs.topk(k, dim=-1) if k else (chosen[:, :0], chosen[:, :0])
+            host = host_list(torch.cat([chosen.double(), rank.double(), top_ids.double(), top_values.double()], 1))
+            request.prompt_logprobs += [
+                (row[0], int(row[1]), [(int(t), v) for t, v in zip(row[2 : 2 + k], row[2 + k :], strict=True)])
+                for row in host
+            ]
 
     def _fresh_groups(self, seqs: list[PrefillSeq]) -> list[torch.Tensor]:
         """Token rows [num_seqs, length] of whole prompts (no cached prefix), grouped by length."""

@@ -108,8 +108,9 @@ class Scheduler:
         return batch
 
     def _reuse_cached_prefix(self, request: Request) -> None:
-        """Take the cached blocks of the longest matching prefix; at least the last token is computed."""
-        if self.prefix_space_fn is None:
+        """Take the cached blocks of the longest matching prefix; at least the last token is computed.
+        A request that wants prompt logprobs computes its whole prompt (cached blocks carry no logits)."""
+        if self.prefix_space_fn is None or request.params.prompt_logprobs is not None:
             return
         size = self.kv_cache.block_size
         hashes = self.block_hashes(request, (request.num_tokens - 1) // size)

@@ -157,3 +157,14 @@ def test_n_and_structured_output_through_the_client(oai):
     with pytest.raises(openai.BadRequestError) as info:
         oai.completions.create(model=BASE_ID, prompt="x", max_tokens=2, extra_body={"guided_regex": "(unclosed"})
     assert "guided_regex" in str(info.value)
+
+
+def test_prompt_logprobs_and_echo_logprobs_through_the_client(oai):
+    result = oai.completions.create(model="attn", prompt="Hello world", max_tokens=2, temperature=0,
+                                    extra_body={"prompt_logprobs": 1})
+    entries = result.choices[0].model_extra["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == result.usage.prompt_tokens
+    echoed = oai.completions.create(model="attn", prompt="Hello world", max_tokens=2, temperature=0, echo=True,
+                                    logprobs=0)
+    assert echoed.choices[0].text.startswith("Hello world")
+    assert len(echoed.choices[0].logprobs.tokens) == result.usage.prompt_tokens + 2

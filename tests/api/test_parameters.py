@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+import torch
 
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, GenerateParameters
 from tests.api.helpers import BASE_ID, api_settings, assert_error, live_server, upload
@@ -63,7 +64,7 @@ REFUSED = [
     ("both", "best_of", 2), ("both", "service_tier", "flex"), ("both", "store", True),
     ("both", "metadata", {"k": "v"}), ("both", "use_beam_search", True), ("both", "length_penalty", 0.5),
     ("both", "include_stop_str_in_output", True), ("both", "skip_special_tokens", False),
-    ("both", "spaces_between_special_tokens", False), ("both", "prompt_logprobs", 1),
+    ("both", "spaces_between_special_tokens", False), ("both", "prompt_logprobs", 50),
     ("both", "bad_words", ["x"]), ("both", "logits_processors", ["m.f"]),
     ("both", "response_format", {"type": "json_schema"}), ("both", "guided_json", "{not json"),
     ("both", "guided_regex", "(a"), ("both", "guided_choice", []), ("both", "guided_grammar", "start: ("),
@@ -419,8 +420,9 @@ def _echo(api):
     assert api.complete(prompt=ids, echo=True)["choices"][0]["text"].startswith("Hello world")
     chunks = api.stream("/v1/completions", echo=True)
     assert chunks[0]["choices"][0]["text"] == "Hello world"
-    assert_error(api.client.post("/v1/completions", json={"model": BASE_ID, "prompt": "x", "echo": True,
-                                                          "logprobs": 1}), 400, "echo", "prompt logprobs")
+    with_logprobs = api.complete(echo=True, logprobs=1, max_tokens=3)["choices"][0]["logprobs"]
+    offsets = with_logprobs["text_offset"]
+    assert offsets == sorted(offsets) and with_logprobs["token_logprobs"][0] is None  # prompt tokens first
 
 
 @honoured("both", "truncate_prompt_tokens")
@@ -517,6 +519,43 @@ def _tool_calling(api):
     assert_error(api.client.post("/v1/chat/completions", json={
         "model": BASE_ID, "messages": [{"role": "user", "content": "x"}], "tools": tools,
         "tool_choice": {"type": "function", "function": {"name": "nope"}}}), 400, "nope")
+
+
+@honoured("both", "prompt_logprobs")
+def _prompt_logprobs(api):
+    ids = api.tokenizer.encode("Hello world")
+    choice = api.complete(prompt=ids, prompt_logprobs=2, max_tokens=2)["choices"][0]
+    entries = choice["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == len(ids)
+    for token, entry in zip(ids[1:], entries[1:], strict=True):
+        own = entry[str(token)]
+        assert own["logprob"] <= 0 and own["rank"] >= 1 and own["decoded_token"] == api.tokenizer.decode([token])
+        ranked = sorted((e for key, e in entry.items() if key != str(token) or e["rank"] <= 2), key=lambda e: e["rank"])
+        assert [e["rank"] for e in ranked][:2] == [1, 2] and ranked[0]["logprob"] >= ranked[1]["logprob"]
+    echoed = api.complete(prompt=ids, echo=True, logprobs=1, max_tokens=3)["choices"][0]["logprobs"]
+    assert len(echoed["tokens"]) == len(ids) + 3 and echoed["token_logprobs"][0] is None
+    assert echoed["token_logprobs"][1:len(ids)] == pytest.approx(
+        [e[str(t)]["logprob"] for t, e in zip(ids[1:], entries[1:], strict=True)], abs=1e-5)
+    chat = api.chat(prompt_logprobs=0)
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and chat["prompt_logprobs"][0] is None
+
+
+def test_prompt_logprobs_match_transformers(api, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    ids = api.tokenizer.encode("The quick brown fox jumps")
+    entries = api.complete(prompt=ids, prompt_logprobs=3, max_tokens=1)["choices"][0]["prompt_logprobs"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype=torch.float32)
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    for position in range(1, len(ids)):
+        row = reference[position - 1]
+        own = entries[position][str(ids[position])]
+        assert own["logprob"] == pytest.approx(row[ids[position]].item(), abs=1e-4)
+        assert own["rank"] == int((row > row[ids[position]]).sum()) + 1
+        top = row.topk(3)
+        for _rank, (value, token) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True), 1):
+            assert entries[position][str(token)]["logprob"] == pytest.approx(value, abs=1e-4)
 
 
 def test_auto_tool_calls_are_parsed_from_the_text():
