@@ -25,6 +25,10 @@ async def health(state: StateDep) -> Response:
     if not state.is_alive:
         reason = state.failure_reason
         return error_response(APIError(503, f"unhealthy: {reason}"))
+    if state.phase is Phase.LOADING:  # which loading step, and how long the finished ones took
+        from server.model.loader import LOAD_PROGRESS
+
+        return JSONResponse({"status": state.phase.value, "loading": LOAD_PROGRESS.snapshot()})
     return JSONResponse({"status": state.phase.value})
 
 

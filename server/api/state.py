@@ -20,7 +20,7 @@ from server.engine.async_engine import AsyncEngine
 from server.engine.client import EngineProcessClient
 from server.engine.engine import LLMEngine
 from server.engine.request import FinishReason
-from server.model.loader import LoadedModel, load_model, load_model_info
+from server.model.loader import LOAD_PROGRESS, LoadedModel, load_model, load_model_info
 from server.registry import AdapterRegistry, pin_memory_available
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class ServerState:
         With `engine_process`, only the tokenizer and config load here; the engine process loads the
         weights (given weights are then unused)."""
         settings = self.settings
+        LOAD_PROGRESS.reset()
         if settings.gil_switch_interval_ms is not None:
             sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
         if loaded is None and settings.engine_process:

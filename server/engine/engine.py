@@ -31,7 +31,7 @@ from server.engine.scheduler import Admission, Scheduler
 from server.engine.setup import adapter_device_nbytes, eos_ids, num_adapter_slots, tenant_counters
 from server.engine.slot_table import SLOT_LOADING, SlotTable
 from server.engine.stats import EngineMetrics
-from server.model.loader import LoadedModel
+from server.model.loader import LoadedModel, load_phase
 from server.model.lora import LoraSlots
 from server.model.merge import MergedSwapper
 
@@ -63,8 +63,9 @@ class LLMEngine:
             settings.kv_cache_blocks, settings.kv_cache_memory_fraction, per_block, self.model.device,
             settings.max_batch_size, self.max_model_len,
         )
-        self.kv_cache = KVCache(cfg.num_layers, num_blocks, cfg.num_kv_heads, cfg.head_dim,
-                                self.model.dtype, self.model.device)
+        with load_phase("kv cache", f"{num_blocks} blocks, {num_blocks * per_block / 2**20:.0f} MiB"):
+            self.kv_cache = KVCache(cfg.num_layers, num_blocks, cfg.num_kv_heads, cfg.head_dim,
+                                    self.model.dtype, self.model.device)
         self.model.kv_cache = self.kv_cache.layer_caches()
         if self.kv_cache.num_usable_blocks * self.kv_cache.block_size < self.max_model_len:
             # One sequence must always fit, or preempting everything else could never make room.
@@ -103,7 +104,8 @@ class LLMEngine:
             from server.model import nf4_dispatch
 
             # Before any graph capture: building the CUDA NF4 kernel takes ~90 s on a fresh machine.
-            log.info("NF4 kernels by batch rows: %s", nf4_dispatch.prepare())
+            with load_phase("kernels", "the CUDA NF4 kernels, built once per machine"):
+                log.info("NF4 kernels by batch rows: %s", nf4_dispatch.prepare())
         log.info("engine ready: %d KV blocks (%.1f MiB), mode=%s, slots=%d",
                  num_blocks, num_blocks * per_block / 2**20, self.mode.value, self.num_slots)
 

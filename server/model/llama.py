@@ -8,12 +8,14 @@ LoRA adapters still target q, k, v, gate and up separately through output slices
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from server.model import glue_ops
 from server.model.attention_ops import paged_decode_attention, prefill_attention
@@ -257,7 +259,9 @@ class CausalLM(nn.Module):
 
         shapes = config.module_shapes()
         layers = []
-        for i in range(config.num_layers):
+        # A bar on a terminal (quantizing an 8B model takes a while); nothing in logs or pipes.
+        for i in tqdm(range(config.num_layers), desc="quantizing" if quantize else "building", unit="layer",
+                      disable=not sys.stderr.isatty()):
             p = f"model.layers.{i}"
             qn, kn = take_opt(f"{p}.self_attn.q_norm.weight"), take_opt(f"{p}.self_attn.k_norm.weight")
             attn = Attention(

@@ -49,13 +49,38 @@ class LoadedModel:
     hf_dir: Path
 
 
+class LoadProgress:
+    """Where start-up is: the phase running now and how long each finished one took (`/health` reports it)."""
+
+    def __init__(self):
+        self.current: str | None = None
+        self.started = 0.0
+        self.finished: dict[str, float] = {}
+
+    def reset(self) -> None:
+        self.current, self.finished = None, {}
+
+    def snapshot(self) -> dict:
+        now = {"phase": self.current, "phase_s": round(time.perf_counter() - self.started, 1)} if self.current else {}
+        return {**now, "done": {name: round(seconds, 1) for name, seconds in self.finished.items()}}
+
+
+LOAD_PROGRESS = LoadProgress()  # one process loads one model
+
+
 @contextlib.contextmanager
 def load_phase(name: str, detail: str = "") -> Iterator[None]:
     """Log the start and the duration of one loading phase, so a slow start-up is not taken for a hang."""
     log.info("loading: %s%s ...", name, f" ({detail})" if detail else "")
     start = time.perf_counter()
-    yield
-    log.info("loading: %s done in %.1f s", name, time.perf_counter() - start)
+    LOAD_PROGRESS.current, LOAD_PROGRESS.started = name, start
+    try:
+        yield
+    finally:
+        LOAD_PROGRESS.current = None
+    seconds = time.perf_counter() - start
+    LOAD_PROGRESS.finished[name] = LOAD_PROGRESS.finished.get(name, 0.0) + seconds
+    log.info("loading: %s done in %.1f s", name, seconds)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -111,14 +111,19 @@ def test_loading_phase_answers_probes(tiny_llama_dir, tmp_path):
         start = state.start
 
         def blocked_start(loaded=None):
-            release.wait(30)
+            from server.model.loader import load_phase
+
+            with load_phase("probe"):
+                release.wait(30)
             start(loaded)
 
         state.start = blocked_start
 
     settings = api_settings(tiny_llama_dir, tmp_path / "store")
     with live_server(settings, wait=False, before_start=hold_start) as live, live.client() as client:
-        assert client.get("/health").json() == {"status": "loading"}
+        health = client.get("/health").json()
+        assert health["status"] == "loading" and health["loading"]["phase"] == "probe", health
+        assert health["loading"]["phase_s"] >= 0
         assert_error(client.get("/ready"), 503, "loading")
         assert_error(client.get("/v1/models"), 503, "loading")
         release.set()
