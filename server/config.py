@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV blocks of prompt prefixes already computed (same adapter version)"
     )
+    prefix_cache_scope: Literal["tenant", "global"] = Field(
+        "tenant", description="tenant: cached prefixes are shared only within one API-key tenant (a shared "
+        "cache lets one tenant time another's prompts); global: across tenants, as vLLM"
+    )
     kv_cache_memory_fraction: float = Field(
         0.5, gt=0, le=0.95, description="share of free GPU memory for the KV cache when kv_cache_blocks is unset"
     )

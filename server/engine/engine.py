@@ -100,6 +100,7 @@ class LLMEngine:
                                GrammarBackend(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids))
         self.token_decoder = TokenDecoder(self.tokenizer)
         self._by_id: dict[str, Request] = {}
+        self.prefix_per_tenant = settings.prefix_cache_scope == "tenant"
         if self.model.device.type == "cuda" and settings.quantization == "nf4":
             from server.model import nf4_dispatch
 
@@ -257,7 +258,8 @@ class LLMEngine:
         from server.engine.prefix_cache import namespace
 
         merged = self.merged_active and request.adapter_key == (self.swapper.current if self.swapper else None)
-        return namespace(request.adapter_key, merged, request.params.cache_salt)
+        tenant = request.tenant if self.prefix_per_tenant else None
+        return namespace(request.adapter_key, merged, request.params.cache_salt, tenant)
 
     def _load_slot(self, slot: int, weights):
         self._slot_nbytes[slot] = 0

@@ -96,3 +96,18 @@ def test_blocks_are_never_shared_across_adapter_versions(tiny_llama_dir, tiny_ad
     assert got == _run(plain, [_greedy(prompt, 5, a) for a in order])
     assert got[0] != got[1]  # the versions really differ
     assert cached.scheduler.prefix_hit_tokens == 32  # only the second v1 request hit (v1's own blocks)
+
+
+def test_tenants_share_cached_prefixes_only_with_the_global_scope(tiny_llama_dir):
+    """Default scope "tenant": another tenant's identical prompt is computed again (no timing signal);
+    "global" (vLLM's behaviour) shares it; within one tenant it is shared either way."""
+    def hits(scope: str, tenants: tuple[str, str]) -> int:
+        engine = make_engine(tiny_llama_dir, kv_cache_blocks=64, prefix_cache_scope=scope)
+        first, second = _greedy(SYSTEM + [50], 2), _greedy(SYSTEM + [50], 2)
+        first.tenant, second.tenant = tenants
+        _run(engine, [first, second])
+        return second.num_prefix_hit_tokens
+
+    assert hits("tenant", ("a", "b")) == 0
+    assert hits("tenant", ("a", "a")) >= 32
+    assert hits("global", ("a", "b")) >= 32
