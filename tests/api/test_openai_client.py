@@ -127,12 +127,16 @@ def test_bad_parameters_are_400_naming_the_field(oai, kwargs, field):
     assert field in info.value.body["message"]
 
 
-def test_chat_rejects_tools_and_image_parts(oai):
-    with pytest.raises(openai.BadRequestError, match="tool"):
-        oai.chat.completions.create(
-            model=BASE_ID, messages=[{"role": "user", "content": "x"}],
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
-        )
+def test_chat_tool_call_and_refused_image_parts(oai):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"], "additionalProperties": False}}}
+    reply = oai.chat.completions.create(model=BASE_ID, messages=[{"role": "user", "content": "x"}], tools=[tool],
+                                        tool_choice={"type": "function", "function": {"name": "f"}}, max_tokens=20)
+    (call,) = reply.choices[0].message.tool_calls
+    assert call.function.name == "f" and call.function.arguments in ('{"x": 1}', '{"x": 2}', '{"x":1}', '{"x":2}')
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        oai.chat.completions.create(model=BASE_ID, messages=[{"role": "user", "content": "x"}], tools=[tool],
+                                    tool_choice={"type": "function", "function": {"name": "g"}})
     with pytest.raises(openai.BadRequestError, match="image_url"):
         oai.chat.completions.create(model=BASE_ID, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
