@@ -233,6 +233,6 @@ def test_sigterm_while_the_engine_process_loads_ends_both_processes(tiny_llama_d
 
 def _answers_loading(port: int) -> bool:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json() == {"status": "loading"}
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()["status"] == "loading"
     except httpx.HTTPError:
         return False

@@ -46,7 +46,7 @@ def test_sigterm_while_loading_exits_promptly(tmp_path):
         while True:
             assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
             try:
-                if httpx.get(f"{url}/health", timeout=1).json() == {"status": "loading"}:
+                if httpx.get(f"{url}/health", timeout=1).json()["status"] == "loading":
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
