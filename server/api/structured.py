@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from server.api.errors import APIError
-from server.api.schemas import GenerateParameters, StructuredOutputs, _OpenAISampling
+from server.api.schemas import GenerateParameters, _OpenAISampling
 from server.engine.grammar import Grammar, GrammarError
 
 
@@ -26,20 +26,16 @@ def _schema_text(schema: dict[str, Any] | str | bool, field: str) -> str:
     return json.dumps(schema)
 
 
-def _from_structured_outputs(so: StructuredOutputs) -> list[tuple[str, Grammar]]:
-    found = []
-    if so.json_ is not None:
-        schema = _schema_text(so.json_, "structured_outputs.json")
-        found.append(("structured_outputs.json", Grammar("json_schema", schema)))
-    if so.regex is not None:
-        found.append(("structured_outputs.regex", Grammar("regex", so.regex)))
-    if so.choice is not None:
-        found.append(("structured_outputs.choice", Grammar("choice", json.dumps(so.choice))))
-    if so.grammar is not None:
-        found.append(("structured_outputs.grammar", Grammar("lark", so.grammar)))
-    if so.json_object:
-        found.append(("structured_outputs.json_object", Grammar("json_object", "")))
-    return found
+def _vllm_spellings(prefix: str, json_spec, regex: str | None, choice: list[str] | None,
+                    lark: str | None) -> list[tuple[str, Grammar]]:
+    """vLLM's four constraints, named `<prefix>json`, `regex`, `choice` and `grammar`."""
+    candidates = (
+        ("json", json_spec, lambda field: Grammar("json_schema", _schema_text(json_spec, field))),
+        ("regex", regex, lambda field: Grammar("regex", regex)),
+        ("choice", choice, lambda field: Grammar("choice", json.dumps(choice))),
+        ("grammar", lark, lambda field: Grammar("lark", lark)),
+    )
+    return [(prefix + name, make(prefix + name)) for name, value, make in candidates if value is not None]
 
 
 def openai_grammar(body: _OpenAISampling) -> Grammar | None:
@@ -53,16 +49,11 @@ def openai_grammar(body: _OpenAISampling) -> Grammar | None:
             raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
         found.append(("response_format", Grammar("json_schema", _schema_text(fmt.json_schema.schema_,
                                                                               "response_format"))))
-    if body.guided_json is not None:
-        found.append(("guided_json", Grammar("json_schema", _schema_text(body.guided_json, "guided_json"))))
-    if body.guided_regex is not None:
-        found.append(("guided_regex", Grammar("regex", body.guided_regex)))
-    if body.guided_choice is not None:
-        found.append(("guided_choice", Grammar("choice", json.dumps(body.guided_choice))))
-    if body.guided_grammar is not None:
-        found.append(("guided_grammar", Grammar("lark", body.guided_grammar)))
-    if body.structured_outputs is not None:
-        found += _from_structured_outputs(body.structured_outputs)
+    found += _vllm_spellings("guided_", body.guided_json, body.guided_regex, body.guided_choice, body.guided_grammar)
+    if (so := body.structured_outputs) is not None:
+        found += _vllm_spellings("structured_outputs.", so.json_, so.regex, so.choice, so.grammar)
+        if so.json_object:
+            found.append(("structured_outputs.json_object", Grammar("json_object", "")))
     return _one(found)
 
 

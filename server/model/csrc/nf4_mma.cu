@@ -84,6 +84,51 @@ __device__ __forceinline__ uint32_t dequant_pair(const char* lut, uint32_t hi_of
   return Ops<T>::pack(even * scale, odd * scale);
 }
 
+// x for quant block `blk`: token (nt * 8 + g), k = 64 * blk + 16t .. + 16, as 8 words of 2 values (zeros past M).
+template <typename T, int NT>
+__device__ __forceinline__ void load_x_fragments(const T* __restrict__ x, int M, int K, int blk, int g, int t,
+                                                 uint32_t (&xb)[NT][8]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int tok = nt * 8 + g;
+    if (tok < M) {
+      const uint4* px = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(tok) * K + 64 * blk + 16 * t);
+      const uint4 v0 = __ldg(px);
+      const uint4 v1 = __ldg(px + 1);
+      xb[nt][0] = v0.x; xb[nt][1] = v0.y; xb[nt][2] = v0.z; xb[nt][3] = v0.w;
+      xb[nt][4] = v1.x; xb[nt][5] = v1.y; xb[nt][6] = v1.z; xb[nt][7] = v1.w;
+    } else {
+#pragma unroll
+      for (int w = 0; w < 8; ++w) xb[nt][w] = 0u;
+    }
+  }
+}
+
+// C fragment: acc[nt][0..1] = (row g, tokens nt*8 + 2t, +1), acc[nt][2..3] = (row g + 8, same tokens); into out
+// (+ bias, rounded to T) or, split over K, into this split's fp32 partials [split, M, N].
+template <typename T, int NT>
+__device__ __forceinline__ void store_c_fragments(const float (&acc)[NT][4], int row_lo, int t, int M, int N,
+                                                  const T* __restrict__ bias, void* __restrict__ out,
+                                                  int write_partial) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = (i < 2) ? row_lo : row_lo + 8;
+      const int tok = nt * 8 + 2 * t + (i & 1);
+      if (row >= N || tok >= M) continue;
+      if (write_partial) {
+        float* partial = reinterpret_cast<float*>(out) + static_cast<int64_t>(blockIdx.y) * M * N;
+        partial[static_cast<int64_t>(tok) * N + row] = acc[nt][i];
+      } else {
+        float v = acc[nt][i];
+        if (bias != nullptr) v += Ops<T>::to_float(bias[row]);
+        reinterpret_cast<T*>(out)[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
+      }
+    }
+  }
+}
+
 // Register cap: ncu (H200, 1 row) showed 92 registers limiting the SM to 20 warps (24% achieved occupancy)
 // with the L1 pipe, not DRAM, the busiest unit. The one-token-tile kernel is capped at 80 registers
 // (8 bytes spilled; at 64 it spilled 104 bytes into local memory, which goes through that same L1 pipe).
@@ -150,22 +195,8 @@ __global__ void __launch_bounds__(WARPS * 32, (MinBlocks<WARPS, NT>::value)) nf4
       ring[i].scale_lo = (ok && ok_lo) ? absmax_lo[ahead] : 0.f;
       ring[i].scale_hi = (ok && ok_hi) ? absmax_hi[ahead] : 0.f;
 
-      // x for this block: token (nt * 8 + g), k = 64 * blk + 16t .. + 16: 8 words of 2 values.
       uint32_t xb[NT][8];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int tok = nt * 8 + g;
-        if (tok < M) {
-          const uint4* px = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(tok) * K + 64 * blk + 16 * t);
-          const uint4 v0 = __ldg(px);
-          const uint4 v1 = __ldg(px + 1);
-          xb[nt][0] = v0.x; xb[nt][1] = v0.y; xb[nt][2] = v0.z; xb[nt][3] = v0.w;
-          xb[nt][4] = v1.x; xb[nt][5] = v1.y; xb[nt][6] = v1.z; xb[nt][7] = v1.w;
-        } else {
-#pragma unroll
-          for (int w = 0; w < 8; ++w) xb[nt][w] = 0u;
-        }
-      }
+      load_x_fragments<T, NT>(x, M, K, blk, g, t, xb);
 
 #pragma unroll
       for (int half = 0; half < 2; ++half) {  // code word `half` holds bytes 4 * half .. + 4: k-steps 2*half, +1
@@ -187,24 +218,7 @@ __global__ void __launch_bounds__(WARPS * 32, (MinBlocks<WARPS, NT>::value)) nf4
     }
   }
 
-  // C fragment: acc[nt][0..1] = (row g, tokens nt*8 + 2t, +1), acc[nt][2..3] = (row g + 8, same tokens).
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = (i < 2) ? row_lo : row_hi;
-      const int tok = nt * 8 + 2 * t + (i & 1);
-      if (row >= N || tok >= M) continue;
-      if (write_partial) {
-        float* partial = reinterpret_cast<float*>(out) + static_cast<int64_t>(blockIdx.y) * M * N;
-        partial[static_cast<int64_t>(tok) * N + row] = acc[nt][i];
-      } else {
-        float v = acc[nt][i];
-        if (bias != nullptr) v += Ops<T>::to_float(bias[row]);
-        reinterpret_cast<T*>(out)[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
-      }
-    }
-  }
+  store_c_fragments<T, NT>(acc, row_lo, t, M, N, bias, out, write_partial);
 }
 
 // The same MMA mapping over the forward-only tile layout (server/model/nf4_layout.py, TiledNF4): for row tile r
@@ -298,21 +312,8 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
         ring_scales[i][r] = load_tile_scales(scales_at[r] + 8 * ahead, ok);
       }
 
-      uint32_t xb[NT][8];  // as nf4_mma_kernel: token nt * 8 + g, k = 64 * blk + 16t .. + 16
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int tok = nt * 8 + g;
-        if (tok < M) {
-          const uint4* px = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(tok) * K + 64 * blk + 16 * t);
-          const uint4 v0 = __ldg(px);
-          const uint4 v1 = __ldg(px + 1);
-          xb[nt][0] = v0.x; xb[nt][1] = v0.y; xb[nt][2] = v0.z; xb[nt][3] = v0.w;
-          xb[nt][4] = v1.x; xb[nt][5] = v1.y; xb[nt][6] = v1.z; xb[nt][7] = v1.w;
-        } else {
-#pragma unroll
-          for (int w = 0; w < 8; ++w) xb[nt][w] = 0u;
-        }
-      }
+      uint32_t xb[NT][8];
+      load_x_fragments<T, NT>(x, M, K, blk, g, t, xb);
 
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
@@ -339,26 +340,7 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
   }
 
 #pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    const int row_lo = (tile0 + r) * 16 + g;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = (i < 2) ? row_lo : row_lo + 8;
-        const int tok = nt * 8 + 2 * t + (i & 1);
-        if (row >= N || tok >= M) continue;
-        if (write_partial) {
-          float* partial = reinterpret_cast<float*>(out) + static_cast<int64_t>(blockIdx.y) * M * N;
-          partial[static_cast<int64_t>(tok) * N + row] = acc[r][nt][i];
-        } else {
-          float v = acc[r][nt][i];
-          if (bias != nullptr) v += Ops<T>::to_float(bias[row]);
-          reinterpret_cast<T*>(out)[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
-        }
-      }
-    }
-  }
+  for (int r = 0; r < RT; ++r) store_c_fragments<T, NT>(acc[r], (tile0 + r) * 16 + g, t, M, N, bias, out, write_partial);
 }
 
 template <typename T>
