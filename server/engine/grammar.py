@@ -58,15 +58,23 @@ class Grammar:
         raise GrammarError(f"unknown grammar kind {self.kind!r}")
 
     def validate(self) -> None:
-        """Raise GrammarError with the compiler's message unless the grammar compiles."""
-        from llguidance import LLMatcher
-
-        try:
-            error = LLMatcher.validate_grammar(self.llguidance_grammar())
-        except (ValueError, TypeError, RuntimeError) as err:
-            raise GrammarError(str(err)) from None
+        """Raise GrammarError with the compiler's message unless the grammar compiles (remembered per
+        grammar: the API, then each of a request's n choices, ask again)."""
+        error = _compile_error(self)
         if error:
-            raise GrammarError(error.strip().splitlines()[0])
+            raise GrammarError(error)
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_error(grammar: Grammar) -> str:
+    """The first line of llguidance's error for `grammar`, or "" when it compiles."""
+    from llguidance import LLMatcher
+
+    try:
+        error = LLMatcher.validate_grammar(grammar.llguidance_grammar())
+    except (ValueError, TypeError, RuntimeError) as err:
+        return str(err) or type(err).__name__
+    return error.strip().splitlines()[0] if error else ""
 
 
 class GrammarBackend:
