@@ -176,7 +176,7 @@ def run(rec: ServeRecorder, args: argparse.Namespace, scenario: Scenario, device
             model_dir=model_dir, adapters_dir=adapters_dir, device=device, lora_mode=phase.lora_mode,
             quantization=args.quantization, max_slots=args.max_slots, max_rank=max_rank,
             max_batch_size=args.max_batch_size or max([64] + [t.concurrency for t in loads]),
-            max_model_len=max([256] + [t.prompt_len + t.output_len + 16 for t in loads]),
+            max_model_len=max([256, phase.prefix_len + 64] + [t.prompt_len + t.output_len + 16 for t in loads]),
             max_cpu_adapters=args.max_cpu_adapters, auth_file=auth_file, extra_args=args.server_arg)
         rec.data["config"]["phases"][phase.name] = config.as_dict()
         runner.run(phase, config, specs if index == 0 and not scenario.seed_store else [])

@@ -284,10 +284,16 @@ async def sequential_ttft(url: str, names: list[str], token_range: tuple[int, in
                           output_len: int = 4, api_key: str | None = None) -> dict:
     """One request at a time, each naming the next adapter: TTFT of each (cold or warm, by setup)."""
     traffic = Traffic(adapters=(), prompt_len=prompt_len)
+    prompts = [traffic.prompts(1, token_range, seed=20_000 + index)[0] for index in range(len(names))]
+    return await sequential_ttft_prompts(url, list(zip(names, prompts, strict=True)), output_len, api_key)
+
+
+async def sequential_ttft_prompts(url: str, requests: list[tuple[str, list[int]]], output_len: int = 4,
+                                  api_key: str | None = None) -> dict:
+    """One (model, prompt token ids) request at a time: the TTFT of each."""
     ttfts, errors = [], Counter()
     async with make_client(url, 1, api_key) as client:
-        for index, name in enumerate(names):
-            prompt = traffic.prompts(1, token_range, seed=20_000 + index)[0]
+        for name, prompt in requests:
             result = await stream_completion(client, name, prompt, output_len, 0.0, 1.0)
             if result.status != 200 or result.first is None:
                 errors[str(result.status)] += 1

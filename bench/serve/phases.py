@@ -12,8 +12,9 @@ from bench.results import Recorder
 from bench.serve import load as http
 from bench.serve import scrape
 from bench.serve.adapters import AdapterFactory, AdapterSpec, adapter_specs
+from bench.serve.load import Traffic
 from bench.serve.process import ServerConfig, ServerProcess
-from bench.serve.scenarios import Load, Phase, tenant_key
+from bench.serve.scenarios import PREFIX_SUFFIX_TOKENS, Load, Phase, tenant_key
 
 SERVER_START_TIMEOUT_S = 300.0
 PROBE_OFFSET, COLD_OFFSET = 100_000, 200_000  # factory indices of probe and cold adapters: distinct bytes
@@ -60,6 +61,8 @@ class PhaseRunner:
                                  lambda load=load: self._load(server, config, load), needs_s=self.reserve_s + 10)
             if phase.upload_probes:
                 self._upload_probes(server, phase)
+            if phase.prefix_len:
+                self._prefix_hit_and_miss(server, phase, config)
             if phase.cold_adapters:
                 server = self._cold_and_warm(server, phase, config)
         finally:
@@ -107,6 +110,28 @@ class PhaseRunner:
         files = [(spec, *self.factory.files(spec, PROBE_OFFSET + i)) for i, spec in enumerate(probes)]
         self.rec.measure("server", f"{phase.name}/upload_to_usable", lambda: http.run_async(
             http.upload_to_usable(server.url, files, self.tokens, self._prompt_len(phase), self.admin_key)))
+
+    def _prefix_hit_and_miss(self, server: ServerProcess, phase: Phase, config: ServerConfig) -> None:
+        """TTFT of prompts of phase.prefix_len + PREFIX_SUFFIX_TOKENS tokens, one at a time: each with a new
+        prefix (miss), then each with one shared prefix sent once before (hit: the prefix's full blocks
+        come from the cache; only the suffix is computed). Two short requests first take the first-request
+        costs."""
+        model = config.served_model_name
+        base = Traffic(adapters=(), prompt_len=phase.prefix_len + PREFIX_SUFFIX_TOKENS, seed=30_000)
+        suffix = Traffic(adapters=(), prompt_len=PREFIX_SUFFIX_TOKENS, seed=40_000)
+        shared = base.prompt(0, self.tokens)[: phase.prefix_len]
+        misses = [(model, base.prompt(1 + i, self.tokens)) for i in range(phase.prefix_probes)]
+        hits = [(model, shared + suffix.prompt(i, self.tokens)) for i in range(phase.prefix_probes)]
+        warm = [(model, suffix.prompt(1000 + i, self.tokens)) for i in range(2)]
+        warm.append((model, base.prompt(0, self.tokens)))  # caches the shared prefix
+        def probe(requests) -> dict:
+            before = scrape.snapshot(server.url)
+            result = http.run_async(http.sequential_ttft_prompts(server.url, requests, api_key=self.admin_key))
+            result["server_metrics"] = scrape.deltas(before, scrape.snapshot(server.url))
+            return result
+
+        for label, requests in (("prefix_warmup", warm), ("prefix_miss", misses), ("prefix_hit", hits)):
+            self.rec.measure("server", f"{phase.name}/{label}", lambda requests=requests: probe(requests))
 
     def _cold_and_warm(self, server: ServerProcess, phase: Phase, config: ServerConfig) -> ServerProcess | None:
         """Upload fresh adapters, restart the server so they are on disk only, send two base-model

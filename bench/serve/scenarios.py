@@ -33,6 +33,8 @@ class Phase:
     loads: list[Load] = field(default_factory=list)
     upload_probes: int = 0  # extra adapters uploaded one by one, each followed by a request naming it
     cold_adapters: int = 0  # extra adapters uploaded, then the server restarts: TTFT cold, then warm
+    prefix_len: int = 0  # > 0: TTFT of prompts of this many tokens whose prefix is cached (hit) or new (miss)
+    prefix_probes: int = 8  # requests of each kind
 
 
 @dataclass
@@ -67,7 +69,8 @@ class Knobs:
     top_p: float = 1.0
 
 
-PRESETS = ("c32", "lora-modes", "zipf1000", "cold-warm", "fairness", "custom")
+PRESETS = ("c32", "lora-modes", "zipf1000", "cold-warm", "fairness", "prefix", "custom")
+PREFIX_SUFFIX_TOKENS = 16  # what differs between the requests that share a cached prefix
 HEAVY_FACTOR = 10  # the heavy tenant keeps ten times the light tenant's streams busy
 
 
@@ -129,6 +132,10 @@ def build(preset: str, knobs: Knobs) -> Scenario:
             Load("light_with_heavy", light, n, background=heavy),
         ])
         return Scenario(preset, n, knobs.ranks or [16], [phase], tenants=("light", "heavy"))
+    if preset == "prefix":
+        phase = Phase("serve", knobs.lora_mode, [], prefix_len=knobs.prompt_len or 2048,
+                      prefix_probes=knobs.num_requests or 8)
+        return Scenario(preset, 0, knobs.ranks or [16], [phase])
     if preset == "custom":
         n = 0 if num is None else num
         traffic = _traffic(knobs, distribution=knobs.distribution, zipf_s=knobs.zipf_s,
@@ -194,6 +201,9 @@ def derive_ratios(preset: str, shape: str, data: dict) -> dict:
     if preset == "fairness":
         return {"fair_light_p99_ratio": _div(_get(server, "serve/light_with_heavy", "ttft_ms_p99"),
                                              _get(server, "serve/light_alone", "ttft_ms_p99"))}
+    if preset == "prefix":
+        return {f"prefix_hit_ttft_over_miss_{shape}": _div(_get(server, "serve/prefix_hit", "ttft_ms_p50"),
+                                                          _get(server, "serve/prefix_miss", "ttft_ms_p50"))}
     if preset == "custom":
         return {f"serve_over_engine_{shape}_custom": _div(_get(server, "serve/custom", tps),
                                                           _get(engine, "serve/custom", tps))}

@@ -63,3 +63,16 @@ def test_cold_warm_preset_on_tiny(tmp_path):
     assert server["serve/cold"]["errors_by_status"] == server["serve/warm"]["errors_by_status"] == {}
     for key in ("cold_ttft_extra_ms_tiny_r16", "upload_to_usable_ms_tiny_r16"):
         assert isinstance(data["ratios"][key], float), key
+
+
+def test_prefix_preset_on_tiny(tmp_path):
+    """Miss and hit probes complete; the hits' prefixes come from the cache (the server's own counter),
+    the misses' do not."""
+    data = run_bench(tmp_path, "--preset", "prefix", "--prompt-len", "96", "--requests", "3")
+    server = data["server"]
+    for label in ("prefix_warmup", "prefix_miss", "prefix_hit"):
+        assert server[f"serve/{label}"]["errors_by_status"] == {}, label
+    assert server["serve/prefix_miss"]["count"] == server["serve/prefix_hit"]["count"] == 3
+    assert server["serve/prefix_hit"]["server_metrics"]["prefix_cache_hit_tokens"] >= 3 * 96
+    assert server["serve/prefix_miss"]["server_metrics"]["prefix_cache_hit_tokens"] == 0
+    assert isinstance(data["ratios"]["prefix_hit_ttft_over_miss_tiny"], float)
