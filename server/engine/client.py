@@ -106,7 +106,15 @@ class EngineProcessClient:
         return len(self._streams)
 
     def is_alive(self) -> bool:
-        return self._process is not None and self._process.is_alive() and self.fatal_error is None
+        """False once the engine process is gone; a death noticed here is reported at once (probes and
+        new requests must not wait for the receiver's next poll to say why)."""
+        if self._process is None or self.fatal_error is not None:
+            return False
+        if not self._process.is_alive():
+            if not self._stopping.is_set():
+                self._die(f"the engine process exited with code {self._process.exitcode}")
+            return False
+        return True
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -302,11 +310,14 @@ class EngineProcessClient:
                 self.abort(request_id)
 
     def _die(self, message: str) -> None:
-        """The engine is gone: refuse new work and fail every open stream with EngineDeadError."""
-        self.fatal_error = message
-        log.error("engine process failed: %s; failing %d requests in flight", message, self.num_in_flight)
+        """The engine is gone: refuse new work and fail every open stream with EngineDeadError (once,
+        whichever thread notices first)."""
         with self._lock:
+            if self.fatal_error is not None:
+                return
+            self.fatal_error = message
             streams = list(self._streams)
+        log.error("engine process failed: %s; failing %d requests in flight", message, len(streams))
         for request_id in streams:
             self._put(request_id, EngineDeadError(f"{message}; the request was not completed"))
 
