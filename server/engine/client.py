@@ -269,16 +269,16 @@ class EngineProcessClient:
             return
         if message.metrics is not None:
             self._metrics.apply(message.metrics)  # before the outputs: a finished response sees its metrics
-        for rejected in message.rejected:
-            self._put(rejected.request_id, _refusal(rejected))
-        for output in message.outputs:
-            self._deliver(output)
+        items = [(rejected.request_id, _refusal(rejected)) for rejected in message.rejected]
+        items += [item for output in message.outputs if (item := self._deliver(output)) is not None]
+        self._put_many(items)
 
-    def _deliver(self, output: TokenOutput) -> None:
+    def _deliver(self, output: TokenOutput) -> tuple[str, RequestOutput] | None:
+        """Detokenize one output (finding stop strings); what its stream gets, or None if nobody waits."""
         with self._lock:
             stream = self._streams.get(output.request_id)
         if stream is None or stream.is_finished:
-            return
+            return None
         reason = output.finish_reason
         text = ""
         if reason not in (FinishReason.ABORT, FinishReason.ERROR):
@@ -289,25 +289,34 @@ class EngineProcessClient:
                     self.abort(output.request_id, FinishReason.STOP)
                 reason = FinishReason.STOP
         stream.is_finished = reason is not None
-        self._put(output.request_id, RequestOutput(
+        return output.request_id, RequestOutput(
             output.request_id, output.new_token_ids, text, output.new_logprobs, finished=reason is not None,
             finish_reason=reason, prompt_tokens=output.prompt_tokens,
             completion_tokens=output.completion_tokens, error=output.error,
             new_top_logprobs=output.new_top_logprobs, prompt_logprobs=output.prompt_logprobs,
-        ))
+        )
 
     def _put(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        self._put_many([(request_id, item)])
+
+    def _put_many(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand items to their streams with one call_soon_threadsafe per event loop (each call wakes the
+        loop through its self-pipe: one wake-up per message, not per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, object]]] = {}
         with self._lock:
-            stream = self._streams.get(request_id)
-        if stream is None:
-            return
-        try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-        except RuntimeError:  # the consumer's event loop is closed: nobody will read this stream
-            with self._lock:
-                self._streams.pop(request_id, None)
-            if not (isinstance(item, RequestOutput) and item.finished):
-                self.abort(request_id)
+            for request_id, item in items:
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((request_id, stream.queue, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, [(queue, item) for _, queue, item in batch])
+            except RuntimeError:  # the consumer's event loop is closed: nobody will read these streams
+                for request_id, _, item in batch:
+                    with self._lock:
+                        self._streams.pop(request_id, None)
+                    if not (isinstance(item, RequestOutput) and item.finished):
+                        self.abort(request_id)
 
     def _die(self, message: str) -> None:
         """The engine is gone: refuse new work and fail every open stream with EngineDeadError (once,
@@ -320,6 +329,11 @@ class EngineProcessClient:
         log.error("engine process failed: %s; failing %d requests in flight", message, len(streams))
         for request_id in streams:
             self._put(request_id, EngineDeadError(f"{message}; the request was not completed"))
+
+
+def _put_all(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 def _refusal(rejected: Rejected) -> Exception:
