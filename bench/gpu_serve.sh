@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU-machine call for the serving issues: bench.serve presets, then prefill and step profiles.
 # Usage there: SERVE_RUNS="1b:c32 1b:lora-modes" bash bench/gpu_serve.sh  (carry .whl; see ../shared/gpu/wheels.sh)
-# Each step has its own timeout so one slow step cannot eat the others' time; JSON and one run.log go to
-# $OUT (at most 8 files come back).
+# Each step has its own timeout so one slow step cannot eat the others' time; JSON, one run.log and
+# torch_ext.tgz go to $OUT (at most 8 files come back: keep to 5 result files a call). A c32 run needs
+# SERVE_TIMEOUT >= 240 (server start, upload, two loads, the engine alone); at 105 its loads were skipped.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -17,4 +18,6 @@ done
 for shape in ${PROFILE_SHAPES:-}; do
   timeout "${PROFILE_TIMEOUT:-90}" python3 -m bench.profile_step --model "$shape" --out "$OUT" 2>&1 | tail -40 >> "$OUT/run.log"
 done
+# The built CUDA NF4 extension (~90 s to build): unpack it into .torch_ext here and carry that next time.
+tar czf "$OUT/torch_ext.tgz" -C .torch_ext . 2>/dev/null || true
 cat "$OUT/run.log"
