@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.sampler import draw_from_masses, integer_masses, top_p_keep
+from server.engine.sampling_masses import draw_from_masses, integer_masses, top_p_keep
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -14,12 +14,10 @@ from server.engine.sampler import (
     apply_penalties,
     draw_uniform,
     filter_logits,
-    integer_masses,
     sample,
     sample_row_reference,
-    top_p_keep,
-    top_p_threshold,
 )
+from server.engine.sampling_masses import integer_masses, top_p_keep, top_p_threshold
 
 VOCAB = 257
 EOS = (2, 250)
