@@ -209,10 +209,9 @@ async def create_completion(body: CompletionRequest, state: StateDep, caller: Ge
     _check_request(body)
     tokenizer = state.engine.tokenizer
     adapter = await resolve_model(state, caller, body.model)
-    texts = body.prompt if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], (str, list)) \
-        else [body.prompt]
-    check_count(len(texts), body.n)
-    encoded = await state.prompts.encode_completion_prompts(body.prompt, body.add_special_tokens)
+    texts = body.prompt_list
+    check_count(len(texts), body.n)  # before tokenizing what would be refused
+    encoded = await state.prompts.encode_completion_prompts(texts, body.add_special_tokens)
     prompts = [_truncated(ids, body) for ids in encoded]
     echoes = [""] * len(prompts)
     if body.echo:
@@ -285,7 +284,6 @@ async def create_chat_completion(body: ChatCompletionRequest, state: StateDep, c
     if body.continue_final_message and body.add_generation_prompt:
         raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true "
                        "(set add_generation_prompt: false)", param="continue_final_message")
-    check_count(1, body.n)
     check_tools(body.tools, body.tool_choice)
     tools = tools_offered(body.tools, body.tool_choice)
     tool_choice = None if tools is None else (body.tool_choice or "auto")

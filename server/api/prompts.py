@@ -113,10 +113,9 @@ class PromptEncoder:
         self.check_length(len(text), field)
         return await self._run(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
-    async def encode_completion_prompts(self, prompt: str | list, add_special_tokens: bool = True
+    async def encode_completion_prompts(self, prompts: list[str | list[int]], add_special_tokens: bool = True
                                         ) -> list[list[int]]:
-        """The completion prompts of one request: a string, token ids, or a list of either."""
-        prompts = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+        """Token ids of each completion prompt (CompletionRequest.prompt_list): text is tokenized."""
         self.check_length(sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
         encoded = []
         for index, one in enumerate(prompts):

@@ -169,6 +169,12 @@ class CompletionRequest(_OpenAISampling):
         None, description="not supported")
     add_special_tokens: bool = Field(True, description="add the tokenizer's special tokens (BOS) to the prompt")
 
+    @property
+    def prompt_list(self) -> list[str | list[int]]:
+        """The request's prompts: one string or token-id list, or each of a list of them."""
+        prompt = self.prompt
+        return prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+
 
 class ContentPart(_Body):
     type: str

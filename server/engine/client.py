@@ -296,9 +296,6 @@ class EngineProcessClient:
             new_top_logprobs=output.new_top_logprobs, prompt_logprobs=output.prompt_logprobs,
         )
 
-    def _put(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        self._put_many([(request_id, item)])
-
     def _put_many(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
         """Hand items to their streams with one call_soon_threadsafe per event loop (each call wakes the
         loop through its self-pipe: one wake-up per message, not per request)."""
@@ -327,8 +324,8 @@ class EngineProcessClient:
             self.fatal_error = message
             streams = list(self._streams)
         log.error("engine process failed: %s; failing %d requests in flight", message, len(streams))
-        for request_id in streams:
-            self._put(request_id, EngineDeadError(f"{message}; the request was not completed"))
+        self._put_many([(request_id, EngineDeadError(f"{message}; the request was not completed"))
+                        for request_id in streams])
 
 
 def _put_all(items: list) -> None:
