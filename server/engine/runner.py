@@ -81,7 +81,7 @@ class ModelRunner:
         """Append the logprobs of the prompt tokens this chunk predicts (positions start + 1 ...) to
         request.prompt_logprobs, PROMPT_LOGPROB_ROWS rows of logits at a time (a 128k vocabulary makes
         a whole chunk's float32 logits gigabytes)."""
-        from server.engine.sampler import host_list
+        from server.engine.host_device import host_list
 
         prompt = request.prompt_token_ids
         if start == 0:  # (again, after a preemption before the first token)

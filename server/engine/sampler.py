@@ -44,8 +44,10 @@ from typing import NamedTuple
 import torch
 
 from server.engine.grammar import GrammarBackend
+from server.engine.host_device import host_list, to_device
 from server.engine.request import Request, SamplingError, SamplingParams
 from server.engine.sampling_masses import draw_from_masses, integer_masses, top_p_keep, top_p_threshold
+from server.engine.token_counts import TokenCounts
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
@@ -163,57 +165,6 @@ def sample_row_reference(logits: torch.Tensor, params: SamplingParams, prompt_id
     return len(masses) - 1
 
 
-class TokenCounts:
-    """Token counts of the running requests that use a penalty, on the device, one row each.
-
-    A row is filled once from the request's tokens when it first needs one, then each sampled token
-    is added in place (no per-step rebuild); released rows are reused. The table is allocated at the
-    first penalized request and doubles when full: 5 bytes x vocab per row (0.6 MiB for a 128k
-    vocabulary), at most one row per request running at once.
-    """
-
-    def __init__(self, vocab_size: int, device: torch.device):
-        self.vocab_size = vocab_size
-        self.device = device
-        self.output_counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)  # [rows, vocab]
-        self.in_prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)  # [rows, vocab]
-        self.free_rows: list[int] = []
-
-    def row_of(self, request: Request) -> int:
-        """The request's row, filled from its prompt and output on first use."""
-        if request.penalty_row < 0:
-            if not self.free_rows:
-                self._grow()
-            row = self.free_rows.pop()
-            outputs = _to_device(request.output_token_ids, torch.long, self.device)
-            prompt = _to_device(request.prompt_token_ids, torch.long, self.device)
-            # index_put rather than bincount, whose output size needs a host sync on CUDA.
-            self.output_counts[row] = 0
-            self.output_counts[row].index_put_((outputs,), torch.ones_like(outputs, dtype=torch.int32),
-                                               accumulate=True)
-            self.in_prompt[row] = False
-            self.in_prompt[row, prompt] = True
-            request.penalty_row = row
-        return request.penalty_row
-
-    def add(self, rows: torch.Tensor, token_ids: torch.Tensor) -> None:
-        """Count one more occurrence of token_ids[i] in row rows[i] (both [n] int64, on the device)."""
-        self.output_counts.index_put_((rows, token_ids), torch.ones_like(rows, dtype=torch.int32),
-                                      accumulate=True)
-
-    def release(self, request: Request) -> None:
-        if request.penalty_row >= 0:
-            self.free_rows.append(request.penalty_row)
-            request.penalty_row = -1
-
-    def _grow(self) -> None:
-        num_rows = self.output_counts.shape[0]
-        extra = max(8, num_rows)
-        self.output_counts = torch.cat([self.output_counts, self.output_counts.new_zeros(extra, self.vocab_size)])
-        self.in_prompt = torch.cat([self.in_prompt, self.in_prompt.new_zeros(extra, self.vocab_size)])
-        self.free_rows += range(num_rows + extra - 1, num_rows - 1, -1)
-
-
 class Sampler:
     """The batched sampler of one engine: per-row parameters gathered on the host in one pass,
     then a fixed handful of kernels for the whole batch."""
@@ -239,8 +190,8 @@ class Sampler:
         bias = [(row, token, value) for row, r in enumerate(requests) for token, value in r.params.logit_bias.items()]
         if bias:
             rows, tokens, values = zip(*bias, strict=True)
-            index = _to_device([rows, tokens], torch.long, device)
-            processed = processed.index_put((index[0], index[1]), _to_device(values, torch.float32, device),
+            index = to_device([rows, tokens], torch.long, device)
+            processed = processed.index_put((index[0], index[1]), to_device(values, torch.float32, device),
                                             accumulate=True)
         penalized = [row for row, r in enumerate(requests) if r.params.has_penalties]
         if penalized:
@@ -252,9 +203,9 @@ class Sampler:
             chosen = self._draw(processed, requests, sampled)
         else:  # greedy and sampled rows: the argmax of every row, then the draws written over it
             drawn = self._draw(processed, [requests[row] for row in sampled], sampled)
-            chosen = processed.argmax(dim=-1).index_copy(0, _to_device(sampled, torch.long, device), drawn)
+            chosen = processed.argmax(dim=-1).index_copy(0, to_device(sampled, torch.long, device), drawn)
         if penalized:
-            index = _to_device([penalized, [requests[row].penalty_row for row in penalized]], torch.long, device)
+            index = to_device([penalized, [requests[row].penalty_row for row in penalized]], torch.long, device)
             self.counts.add(index[1], chosen[index[0]])
         if not any(r.params.logprobs for r in requests):
             return SampledTokens(host_list(chosen), None, None)
@@ -292,7 +243,7 @@ class Sampler:
         if logits.device.type == "cuda":
             allowed = allowed.pin_memory()
         allowed = allowed.to(logits.device, non_blocking=True)
-        index = _to_device(rows, torch.long, logits.device)
+        index = to_device(rows, torch.long, logits.device)
         return logits.index_copy(0, index, logits[index].masked_fill(~allowed, float("-inf")))
 
     def _apply_masks(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -310,25 +261,25 @@ class Sampler:
         device = logits.device
         is_allowed = torch.ones(len(rows), logits.shape[-1], dtype=torch.bool, device=device)  # [R, vocab]
         if allowed:
-            index = _to_device([[position[row] for row, ids in allowed for _ in ids],
+            index = to_device([[position[row] for row, ids in allowed for _ in ids],
                                 [t for _, ids in allowed for t in ids]], torch.long, device)
             only = torch.zeros_like(is_allowed)
             only[index[0], index[1]] = True
             restricted = {row for row, _ in allowed}
-            keep_all = _to_device([row not in restricted for row in rows], torch.bool, device)
+            keep_all = to_device([row not in restricted for row in rows], torch.bool, device)
             is_allowed = only | keep_all[:, None]
         if banned:
-            index = _to_device([[position[row] for row, ids in banned for _ in ids],
+            index = to_device([[position[row] for row, ids in banned for _ in ids],
                                 [t for _, ids in banned for t in ids]], torch.long, device)
             is_allowed[index[0], index[1]] = False
-        row_index = _to_device(rows, torch.long, device)
+        row_index = to_device(rows, torch.long, device)
         masked = logits[row_index].masked_fill(~is_allowed, float("-inf"))
         return logits.index_copy(0, row_index, masked)
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request], penalized: list[int]) -> torch.Tensor:
         table_rows = [self.counts.row_of(requests[row]) for row in penalized]
-        index = _to_device([penalized, table_rows], torch.long, logits.device)
-        params = _to_device([[requests[row].params.repetition_penalty for row in penalized],
+        index = to_device([penalized, table_rows], torch.long, logits.device)
+        params = to_device([[requests[row].params.repetition_penalty for row in penalized],
                              [requests[row].params.presence_penalty for row in penalized],
                              [requests[row].params.frequency_penalty for row in penalized]],
                             torch.float32, logits.device)
@@ -345,19 +296,19 @@ class Sampler:
                 request.sampling_seed = self._seeds.getrandbits(64) if seed is None else seed
         top_k = [r.params.top_k if r.params.top_k < vocab else 0 for r in requests]
         # One float32 tensor carries every per-row value (top_k < 2**24 is exact in float32).
-        params = _to_device([[r.params.temperature for r in requests], [r.params.min_p for r in requests],
+        params = to_device([[r.params.temperature for r in requests], [r.params.min_p for r in requests],
                              [r.params.top_p for r in requests], top_k,
                              [draw_uniform(r.sampling_seed, len(r.output_token_ids)) for r in requests]],
                             torch.float32, logits.device)
         if len(rows) < logits.shape[0]:
-            logits = logits[_to_device(rows, torch.long, logits.device)]
+            logits = logits[to_device(rows, torch.long, logits.device)]
         max_top_k = max(top_k)
         top_p_rows = [i for i, r in enumerate(requests) if r.params.top_p < 1.0]
         top_p, top_p_index = None, None
         if len(top_p_rows) == len(requests):
             top_p = params[2]
         elif top_p_rows:
-            top_p_index = _to_device(top_p_rows, torch.long, logits.device)
+            top_p_index = to_device(top_p_rows, torch.long, logits.device)
             top_p = params[2][top_p_index]
         filtered = filter_logits(
             logits, params[0],
@@ -383,27 +334,3 @@ def sample(logits: torch.Tensor, requests: list[Request], eos_token_ids: Collect
     finally:
         for request in requests:
             sampler.release(request)
-
-
-def host_list(tensor: torch.Tensor) -> list:
-    """`tensor.tolist()`, but on CUDA the wait for the GPU does not hold the GIL.
-
-    `Tensor.tolist()` on a CUDA tensor copies and synchronizes while holding the GIL, so with the engine in
-    a thread of the HTTP process, streaming stalls for the whole GPU time of each step. Here the copy goes
-    into pinned memory asynchronously and the wait is `Event.synchronize()`, which releases the GIL: the
-    HTTP loop runs while the GPU works."""
-    if tensor.device.type != "cuda":
-        return tensor.tolist()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    done.synchronize()
-    return host.tolist()
-
-
-def _to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host list -> device tensor without a sync (pinned staging, asynchronous copy on CUDA)."""
-    if device.type == "cpu":
-        return torch.tensor(values, dtype=dtype)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
