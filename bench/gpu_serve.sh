@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call for the serving issues: bench.serve presets, then prefill and step profiles.
-# Usage there: SERVE_RUNS="1b:c32 1b:lora-modes" bash bench/gpu_serve.sh  (carry .whl; see ../shared/gpu/wheels.sh)
+# Usage there: SERVE_RUNS="1b:c32 1b:lora-modes:280" bash bench/gpu_serve.sh  (carry .whl; see ../shared/gpu/wheels.sh)
+# Each run is shape:preset[:timeout_s]; a run without its own timeout gets SERVE_TIMEOUT (240).
 # Each step has its own timeout so one slow step cannot eat the others' time; JSON, one run.log and
 # torch_ext.tgz go to $OUT (at most 8 files come back: keep to 5 result files a call). A c32 run needs
 # SERVE_TIMEOUT >= 240 (server start, upload, two loads, the engine alone); at 105 its loads were skipped.
@@ -10,9 +11,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=$PWD/.torch_ext
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader > "$OUT/smi.txt"
 for run in ${SERVE_RUNS:-1b:c32}; do
-  shape=${run%%:*} preset=${run#*:}
-  timeout "${SERVE_TIMEOUT:-240}" python3 -m bench.serve --model "$shape" --preset "$preset" --out "$OUT" \
-    --budget-s $(( ${SERVE_TIMEOUT:-240} - 20 )) ${SERVE_ARGS:-} 2>&1 | tail -40 >> "$OUT/run.log"
+  IFS=: read -r shape preset limit <<< "$run"
+  limit=${limit:-${SERVE_TIMEOUT:-240}}
+  timeout "$limit" python3 -m bench.serve --model "$shape" --preset "$preset" --out "$OUT" \
+    --budget-s $(( limit - 20 )) ${SERVE_ARGS:-} 2>&1 | tail -40 >> "$OUT/run.log"
 done
 [ -n "${PREFILL_TIMEOUT:-}" ] && timeout "$PREFILL_TIMEOUT" python3 -m bench.prefill --out "$OUT" 2>&1 | tail -40 >> "$OUT/run.log"
 for shape in ${PROFILE_SHAPES:-}; do

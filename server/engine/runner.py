@@ -12,6 +12,7 @@ import torch
 
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request
+from server.model.host_device import host_list, to_device
 from server.model.llama import CausalLM, PrefillSeq, StepContext
 from server.model.lora import LoraContext
 from server.model.lora_ops import decode_lora_meta, make_lora_meta
@@ -45,44 +46,44 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, chunks: list[tuple[Request, int]]) -> torch.Tensor | None:
-        """Run prefill chunks; logits [n, vocab] for the chunks that complete their prefill, in order."""
-        tokens, positions, slots, seqs, segments, last_rows = [], [], [], [], [], []
+        """Run prefill chunks; logits [n, vocab] for the chunks that complete their prefill, in order.
+        Every input goes to the device in asynchronous copies from pinned memory: no stream sync, so
+        the host queues the eager forward while the GPU still runs the step before."""
+        tokens, positions, slots, segments, last_rows, facts = [], [], [], [], [], []
         for request, chunk in chunks:
             start = request.num_computed_tokens
             q_start = len(tokens)
             tokens += request.all_token_ids[start : start + chunk]
             positions += range(start, start + chunk)
             slots += [self._slot_index(request, p) for p in range(start, start + chunk)]
-            table = torch.tensor(request.block_ids, dtype=torch.long, device=self.device)
-            seqs.append(PrefillSeq(q_start, chunk, start + chunk, table))
+            facts.append((q_start, chunk, start + chunk, request.block_ids))
             segments.append((q_start, chunk, request.slot))
             if start + chunk == request.prefill_target:
                 last_rows.append(len(tokens) - 1)
+        inputs = to_device([tokens, positions, slots], torch.long, self.device)
+        width = max(len(blocks) for *_, blocks in facts)
+        tables = to_device([blocks + [0] * (width - len(blocks)) for *_, blocks in facts], torch.long, self.device)
+        seqs = [PrefillSeq(q_start, n, ctx_len, tables[i, : len(blocks)], list(blocks))
+                for i, (q_start, n, ctx_len, blocks) in enumerate(facts)]
         ctx = StepContext(
             is_prefill=True,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            slot_mapping=inputs[2],
             prefill_seqs=seqs,
             fresh_groups=self._fresh_groups(seqs),
             lora=self._prefill_lora(segments),
         )
-        hidden = self.model(
-            torch.tensor(tokens, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
-            ctx,
-        )
+        hidden = self.model(inputs[0], inputs[1], ctx)
         for (request, chunk), seq in zip(chunks, seqs, strict=True):
             if request.params.prompt_logprobs is not None and not request.output_token_ids:
                 self._prompt_logprobs(request, hidden[seq.q_start : seq.q_start + chunk], seq.ctx_len - chunk)
         if not last_rows:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+        return self.model.compute_logits(hidden[to_device(last_rows, torch.long, self.device)])
 
     def _prompt_logprobs(self, request: Request, hidden: torch.Tensor, start: int) -> None:
         """Append the logprobs of the prompt tokens this chunk predicts (positions start + 1 ...) to
         request.prompt_logprobs, PROMPT_LOGPROB_ROWS rows of logits at a time (a 128k vocabulary makes
         a whole chunk's float32 logits gigabytes)."""
-        from server.engine.host_device import host_list
-
         prompt = request.prompt_token_ids
         if start == 0:  # (again, after a preemption before the first token)
             request.prompt_logprobs = [None]  # nothing predicts the first token
@@ -107,10 +108,8 @@ class ModelRunner:
         for seq in seqs:
             if seq.ctx_len == seq.q_len:
                 by_length.setdefault(seq.q_len, []).append(seq.q_start)
-        return [
-            (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).to(self.device)
-            for length, starts in by_length.items()
-        ]
+        return [to_device([list(range(start, start + length)) for start in starts], torch.long, self.device)
+                for length, starts in by_length.items()]
 
     def _prefill_lora(self, segments: list[tuple[int, int, int]]) -> LoraContext | None:
         if not self.use_lora or all(slot < 0 for _, _, slot in segments):

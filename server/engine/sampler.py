@@ -44,10 +44,10 @@ from typing import NamedTuple
 import torch
 
 from server.engine.grammar import GrammarBackend
-from server.engine.host_device import host_list, to_device
 from server.engine.request import Request, SamplingError, SamplingParams
 from server.engine.sampling_masses import draw_from_masses, integer_masses, top_p_keep, top_p_threshold
 from server.engine.token_counts import TokenCounts
+from server.model.host_device import host_list, to_device
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.host_device import to_device
 from server.engine.request import Request
+from server.model.host_device import to_device
 
 
 class TokenCounts:

@@ -86,6 +86,7 @@ class PrefillSeq:
     q_len: int  # tokens in this chunk
     ctx_len: int  # tokens in the cache after this chunk (prefix + chunk)
     block_table: torch.Tensor  # [num_blocks] int64 on device
+    block_ids: list[int] | None = None  # the same on the host, when the caller has it (saves a sync)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class StepContext:
     block_tables: torch.Tensor | None = None  # [batch, max_blocks] int32 (decode)
     context_lens: torch.Tensor | None = None  # [batch] int32 (decode), 0 = padding row
     lora: LoraContext | None = None
+    memo: dict = field(default_factory=dict)  # per-step values the layers share (attention metadata)
 
 
 class RMSNorm(nn.Module):
@@ -166,7 +168,8 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(-1, q_size), ctx.lora)
 
     def _prefill_attention(self, q, k, v, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
-        return prefill_attention(q, k, v, k_cache, v_cache, ctx.prefill_seqs, ctx.fresh_groups, self.scale)
+        return prefill_attention(q, k, v, k_cache, v_cache, ctx.prefill_seqs, ctx.fresh_groups, self.scale,
+                                 ctx.memo)
 
 
 class MLP(nn.Module):

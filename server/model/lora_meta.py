@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from server.model.host_device import to_device
+
 
 @dataclass
 class LoraBatchMeta:
@@ -25,7 +27,7 @@ class LoraBatchMeta:
 
 
 def make_lora_meta(seg_lens: list[int], seg_slots: list[int], device: torch.device | str) -> LoraBatchMeta:
-    """Build metadata from host lists (one host-to-device copy per tensor)."""
+    """Build metadata from host lists: one asynchronous host-to-device copy, no stream sync."""
     if len(seg_lens) != len(seg_slots):
         raise ValueError(f"{len(seg_lens)} segment lengths but {len(seg_slots)} segment slots")
     if any(n < 0 for n in seg_lens):
@@ -34,12 +36,10 @@ def make_lora_meta(seg_lens: list[int], seg_slots: list[int], device: torch.devi
     for n in seg_lens:
         starts.append(starts[-1] + n)
     token_slots = [s for n, s in zip(seg_lens, seg_slots, strict=True) for _ in range(n)]
-    return LoraBatchMeta(
-        seg_starts=torch.tensor(starts, dtype=torch.int32, device=device),
-        seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=device),
-        token_slots=torch.tensor(token_slots, dtype=torch.int32, device=device),
-        max_seg_len=max(seg_lens, default=0),
-    )
+    flat = to_device(starts + list(seg_slots) + token_slots, torch.int32, torch.device(device))
+    seg_starts, slots, tokens = flat.split([len(starts), len(seg_slots), len(token_slots)])
+    return LoraBatchMeta(seg_starts=seg_starts, seg_slots=slots, token_slots=tokens,
+                         max_seg_len=max(seg_lens, default=0))
 
 
 def decode_lora_meta(slots: torch.Tensor) -> LoraBatchMeta:

@@ -14,9 +14,13 @@ online softmax, and stops at its last row's position: the causal work only.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+
+from server.model.host_device import to_device
 
 _LOG2E = 1.4426950408889634
 
@@ -77,38 +81,66 @@ def _prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
-def prefill_attention_triton(
-    q: torch.Tensor,  # [T, Hq, D] (last dim contiguous)
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,
-    seqs: list,  # PrefillSeq: q_start, q_len, ctx_len, block_table
-    scale: float,
-    block_m: int = 64,
-    block_n: int = 64,
-) -> torch.Tensor:
-    """Attention output [T, Hq, D] for every prefill row, one launch."""
-    out = torch.empty_like(q)
-    if not seqs:
-        return out
-    device = q.device
+class LaunchMeta(NamedTuple):
+    """One launch's device metadata: the (sequence, first row) tiles and each sequence's facts."""
+
+    num_tiles: int
+    tile_seq: torch.Tensor
+    tile_row: torch.Tensor
+    q_start: torch.Tensor
+    q_len: torch.Tensor
+    ctx_len: torch.Tensor
+    tables: torch.Tensor  # [num_seqs, max_blocks] int32
+
+
+def launch_meta(seqs: list, block_m: int, device: torch.device) -> LaunchMeta:
+    """Built from host facts and copied to the device in one asynchronous copy: no stream sync, so the
+    host goes on queueing the layer's kernels while the GPU works (a sync per layer made an eager
+    prefill step cost host time plus device time)."""
     tile_seq, tile_row = [], []
     for i, seq in enumerate(seqs):
         for row in range(0, seq.q_len, block_m):
             tile_seq.append(i)
             tile_row.append(row)
-    max_blocks = max(s.block_table.numel() for s in seqs)
-    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32, device=device)
-    for i, seq in enumerate(seqs):
-        tables[i, : seq.block_table.numel()] = seq.block_table.to(device=device, dtype=torch.int32)
-    meta = torch.tensor([tile_seq, tile_row], dtype=torch.int32).to(device)
-    per_seq = torch.tensor([[s.q_start for s in seqs], [s.q_len for s in seqs], [s.ctx_len for s in seqs]],
-                           dtype=torch.int32).to(device)
+    blocks = [seq.block_ids if seq.block_ids is not None else seq.block_table.tolist() for seq in seqs]
+    max_blocks = max(len(b) for b in blocks)
+    flat = tile_seq + tile_row + [s.q_start for s in seqs] + [s.q_len for s in seqs] + [s.ctx_len for s in seqs]
+    for table in blocks:
+        flat += table + [0] * (max_blocks - len(table))
+    on_device = to_device(flat, torch.int32, device)
+    n, t = len(seqs), len(tile_seq)
+    parts = on_device.split([t, t, n, n, n, n * max_blocks])
+    return LaunchMeta(t, *parts[:5], parts[5].view(n, max_blocks))
+
+
+def prefill_attention_triton(
+    q: torch.Tensor,  # [T, Hq, D] (last dim contiguous)
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    seqs: list,  # PrefillSeq: q_start, q_len, ctx_len, block_table (block_ids when the host has them)
+    scale: float,
+    block_m: int = 64,
+    block_n: int = 64,
+    memo: dict | None = None,
+) -> torch.Tensor:
+    """Attention output [T, Hq, D] for every prefill row, one launch. `memo` (one dict per step, shared
+    by the layers) keeps the launch metadata, which is the same in every layer."""
+    out = torch.empty_like(q)
+    if not seqs:
+        return out
+    key = ("prefill_attention", block_m, tuple((s.q_start, s.q_len, s.ctx_len) for s in seqs))
+    meta = None if memo is None else memo.get(key)
+    if meta is None:
+        meta = launch_meta(seqs, block_m, q.device)
+        if memo is not None:
+            memo[key] = meta
     num_q_heads, head_dim = q.shape[1], q.shape[2]
-    _prefill_kernel[(len(tile_seq), num_q_heads)](
-        q, k_cache, v_cache, out, tables, meta[0], meta[1], per_seq[0], per_seq[1], per_seq[2],
+    _prefill_kernel[(meta.num_tiles, num_q_heads)](
+        q, k_cache, v_cache, out, meta.tables, meta.tile_seq, meta.tile_row, meta.q_start, meta.q_len, meta.ctx_len,
         scale * _LOG2E, num_q_heads // k_cache.shape[2],
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), tables.stride(0),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        meta.tables.stride(0),
         HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, UPCAST_DOT=not q.is_cuda,
         num_warps=4 if head_dim <= 64 else 8, num_stages=2 if q.is_cuda else 1,
     )  # fmt: skip

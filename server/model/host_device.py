@@ -24,6 +24,6 @@ def host_list(tensor: torch.Tensor) -> list:
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host list -> device tensor without a sync (pinned staging, asynchronous copy on CUDA)."""
-    if device.type == "cpu":
-        return torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

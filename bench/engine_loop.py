@@ -1,0 +1,291 @@
+"""The engine under the arrivals a server sees, without HTTP: where serving loses against lockstep.
+
+    python -m bench.engine_loop [--model 1b] [--mode unmerged] [--adapters 32] [--concurrency 32]
+        [--requests 256] [--prompt-len 128] [--output-len 64] [--temperature 0] [--prefix 0]
+        [--max-batched-tokens 4096] [--profile-steps 24] [--out bench/results]
+
+`bench.serve` divides the server's tokens/s by the engine's on one batch admitted at once (lockstep:
+one prefill step, then decode steps of the full batch). A server under `concurrency` streams sees a
+closed loop instead: every finished request is replaced by the next one, so prefills arrive a few at a
+time between decode steps. This runs both on the same engine and records every closed-loop step's wall
+time with its work (prefill tokens and sequences, decode rows), summarised by kind (decode-only,
+prefill-only, mixed), then profiles a window of closed-loop steps (host time by op, device time by
+kernel kind) to tell a host-bound step from a device-bound one.
+
+`--prefix N` adds the prefix-cache probe of issue 10 at the engine level: time to first token of a
+prompt of N + 16 tokens whose first N are cached (hit) against a fresh one (miss), and a profile of the
+hit's step.
+
+Writes ``<date>-<device>-<model>-<mode>-loop.json`` with ``ratios``: ``closed_over_lockstep_<model>_c<n>``
+and, with --prefix, ``engine_prefix_hit_over_miss_<model>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from collections import deque
+
+import torch
+
+from bench.profile_step import kind_of
+from bench.results import write_named_result
+
+
+def sync(device: torch.device | None) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
+class StepLog:
+    """Wraps the scheduler's schedule() to record each step's work next to its wall time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.steps: list[dict] = []
+        self._schedule = engine.scheduler.schedule
+        engine.scheduler.schedule = self._record
+
+    def _record(self):
+        batch = self._schedule()
+        self.current = {
+            "prefill_tokens": sum(n for _, n in batch.prefill),
+            "prefill_seqs": len(batch.prefill),
+            "decode_rows": len(batch.decode),
+        }
+        return batch
+
+    def step(self) -> list:
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        self.current["ms"] = (time.perf_counter() - start) * 1e3
+        self.steps.append(self.current)
+        return outputs
+
+
+def step_kind(step: dict) -> str:
+    if step["prefill_seqs"] and step["decode_rows"]:
+        return "mixed"
+    return "prefill_only" if step["prefill_seqs"] else "decode_only"
+
+
+def summarize_steps(steps: list[dict]) -> dict:
+    by_kind: dict[str, list[dict]] = {}
+    for step in steps:
+        by_kind.setdefault(step_kind(step), []).append(step)
+    return {
+        kind: {
+            "count": len(group),
+            "total_s": sum(s["ms"] for s in group) / 1e3,
+            "ms_median": statistics.median(s["ms"] for s in group),
+            "ms_p90": sorted(s["ms"] for s in group)[int(0.9 * (len(group) - 1))],
+            "prefill_tokens_mean": statistics.fmean(s["prefill_tokens"] for s in group),
+            "prefill_seqs_mean": statistics.fmean(s["prefill_seqs"] for s in group),
+            "decode_rows_mean": statistics.fmean(s["decode_rows"] for s in group),
+        }
+        for kind, group in sorted(by_kind.items())
+    }
+
+
+def closed_loop(engine, requests: list, concurrency: int, device: torch.device, log: StepLog | None = None) -> dict:
+    """Keep `concurrency` requests in flight until all `requests` finish; tokens/s and step summary."""
+    log = log or StepLog(engine)
+    first = len(log.steps)
+    pending = deque(requests)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(min(concurrency, len(pending))):
+        engine.add_request(pending.popleft())
+    while engine.has_unfinished():
+        for output in log.step():
+            if output.finished and pending:
+                engine.add_request(pending.popleft())
+    sync(device)
+    wall = time.perf_counter() - start
+    tokens = sum(len(r.output_token_ids) for r in requests)
+    steps = log.steps[first:]
+    return {
+        "requests": len(requests),
+        "concurrency": concurrency,
+        "wall_s": wall,
+        "output_tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "steps": len(steps),
+        "tokens_per_step": sum(s["prefill_tokens"] + s["decode_rows"] for s in steps) / len(steps),
+        "by_kind": summarize_steps(steps),
+    }
+
+
+def profile_window(step_fn, num_steps: int) -> dict:
+    """Host op time (self CPU) and device time by kernel kind over `num_steps` calls of step_fn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(None)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(num_steps):
+            step_fn()
+        sync(None)
+    wall_ms = (time.perf_counter() - start) * 1e3
+    device_by_kind: dict[str, float] = {}
+    for event in prof.events():
+        if str(getattr(event, "device_type", "")).endswith("CUDA") and event.device_time > 0:
+            kind = kind_of(event.name)
+            device_by_kind[kind] = device_by_kind.get(kind, 0.0) + event.device_time / 1e3
+    host = sorted(
+        ((e.key, e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()), key=lambda row: -row[1]
+    )[:30]
+    return {
+        "steps": num_steps,
+        "wall_ms_per_step": wall_ms / num_steps,
+        "device_ms_per_step": {k: v / num_steps for k, v in sorted(device_by_kind.items(), key=lambda kv: -kv[1])},
+        "device_total_ms_per_step": sum(device_by_kind.values()) / num_steps,
+        "host_self_ms_per_step_top": {name: [ms / num_steps, count / num_steps] for name, ms, count in host},
+    }
+
+
+def first_token_ms(engine, request) -> float:
+    """Wall time from add to the first sampled token of `request`, stepping the engine alone."""
+    sync(None)
+    start = time.perf_counter()
+    engine.add_request(request)
+    while not request.output_token_ids:
+        engine.step()
+    elapsed = (time.perf_counter() - start) * 1e3
+    while engine.has_unfinished():
+        engine.step()
+    return elapsed
+
+
+def prefix_probe(engine, vocab: int, prefix_len: int, probes: int) -> dict:
+    """Median time to first token, prefix cached (hit) and not (miss), and a profile of a hit's step."""
+    from server.engine.request import Request, SamplingParams
+
+    rng = random.Random(7)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(vocab) for _ in range(n)]
+
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    shared = tokens(prefix_len)
+    first_token_ms(engine, Request(prompt_token_ids=shared + tokens(16), params=params))  # warm both paths
+    first_token_ms(engine, Request(prompt_token_ids=shared + tokens(16), params=params))
+    miss = [
+        first_token_ms(engine, Request(prompt_token_ids=tokens(prefix_len + 16), params=params)) for _ in range(probes)
+    ]
+    hit = [first_token_ms(engine, Request(prompt_token_ids=shared + tokens(16), params=params)) for _ in range(probes)]
+
+    def one_hit() -> None:
+        engine.add_request(Request(prompt_token_ids=shared + tokens(16), params=params))
+        engine.step()  # the prefill step
+        while engine.has_unfinished():
+            engine.step()
+
+    return {
+        "prefix_len": prefix_len,
+        "miss_ms": miss,
+        "hit_ms": hit,
+        "miss_ms_median": statistics.median(miss),
+        "hit_ms_median": statistics.median(hit),
+        "hit_profile": profile_window(one_hit, 3),
+    }
+
+
+def main() -> None:
+    from bench.build import build_engine, kv_blocks_for, loaded_model, our_model, random_adapters, random_hf_model
+    from bench.ours import make_requests, measure_generation
+    from bench.shapes import llama_config, shape_facts
+    from server.engine.request import SamplingParams
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="1b")
+    parser.add_argument("--mode", default="unmerged", choices=["merged", "unmerged", "auto"])
+    parser.add_argument("--adapters", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--max-batched-tokens", type=int, default=4096)
+    parser.add_argument("--prefix", type=int, default=0, help="also probe a cached prefix of this many tokens")
+    parser.add_argument("--profile-steps", type=int, default=24)
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = llama_config(args.model)
+    hf = random_hf_model(config, device, dtype)
+    ours = our_model(hf, device, dtype)
+    del hf
+    torch.cuda.empty_cache()
+    seq_tokens = max(args.prompt_len + args.output_len, args.prefix + 32)
+    engine = build_engine(
+        loaded_model(ours, config), args.mode, device, kv_blocks_for(args.concurrency + 4, seq_tokens)
+    )
+    engine.scheduler.max_num_batched_tokens = args.max_batched_tokens
+    adapters = random_adapters(shape_facts(config), args.adapters, device) if args.adapters else [None]
+
+    def make(count: int, seed: int) -> list:
+        requests = make_requests(config.vocab_size, count, args.prompt_len, args.output_len, adapters, seed)
+        if args.temperature > 0:
+            for index, request in enumerate(requests):
+                request.params = SamplingParams(
+                    max_tokens=args.output_len, temperature=args.temperature, top_p=0.9, ignore_eos=True, seed=index
+                )
+        return requests
+
+    result: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "model": args.model,
+        "mode": args.mode,
+        "torch": torch.__version__,
+        "command": "python -m bench.engine_loop "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "args": vars(args),
+    }
+    with torch.inference_mode():
+        result["lockstep"] = measure_generation(engine, lambda: make(args.concurrency, 0), device)
+        log = StepLog(engine)
+        closed_loop(engine, make(args.concurrency * 2, 1), args.concurrency, device, log)  # warm-up
+        result["closed_loop"] = closed_loop(engine, make(args.requests, 2), args.concurrency, device, log)
+        window = deque(make(args.requests, 3))
+        for _ in range(args.concurrency):
+            engine.add_request(window.popleft())
+        for _ in range(3 * args.output_len // 2):  # into the steady state: arrivals spread over steps
+            for output in log.step():
+                if output.finished and window:
+                    engine.add_request(window.popleft())
+        kinds_before = len(log.steps)
+
+        def loop_step() -> None:
+            for output in log.step():
+                if output.finished and window:
+                    engine.add_request(window.popleft())
+
+        result["closed_loop_profile"] = profile_window(loop_step, args.profile_steps)
+        result["closed_loop_profile"]["kinds"] = summarize_steps(log.steps[kinds_before:])
+        while engine.has_unfinished():
+            engine.step()
+        if args.prefix:
+            result["prefix"] = prefix_probe(engine, config.vocab_size, args.prefix, 5)
+    tag = f"{args.model}_c{args.concurrency}"
+    result["ratios"] = {
+        f"closed_over_lockstep_{tag}": result["closed_loop"]["tokens_per_s"] / result["lockstep"]["tokens_per_s"]
+    }
+    if args.prefix:
+        result["ratios"][f"engine_prefix_hit_over_miss_{args.model}"] = (
+            result["prefix"]["hit_ms_median"] / result["prefix"]["miss_ms_median"]
+        )
+    print(json.dumps({k: result[k] for k in ("lockstep", "closed_loop", "closed_loop_profile")}, indent=1)[:6000])
+    if args.prefix:
+        print(json.dumps(result["prefix"], indent=1)[:4000])
+    write_named_result(args.out, result, f"{args.model}-{args.mode}-loop")
+
+
+if __name__ == "__main__":
+    main()
