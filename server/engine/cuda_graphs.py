@@ -28,23 +28,25 @@ def bucket_for(batch_size: int, max_batch_size: int) -> int:
 class DecodeGraphs:
     """Captured decode steps keyed by (bucket, with_lora)."""
 
-    def __init__(self, runner, max_batch_size: int):
+    def __init__(self, runner, max_rows: int):
         self.runner = runner
-        self.max_batch_size = max_batch_size
+        self.max_rows = max_rows  # decode rows plus prefill-chunk tokens of one replay
         self.pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple[int, bool], tuple[dict[str, torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
 
-    def run(self, requests, with_lora: bool) -> torch.Tensor:
-        bucket = bucket_for(len(requests), self.max_batch_size)
+    def run(self, requests, with_lora: bool, chunks=()) -> torch.Tensor:
+        """Replay for `requests` (one decode row each) after `chunks` (one row per prefill token);
+        returns the bucket's logits [bucket, vocab], rows in that order, then padding."""
+        bucket = bucket_for(len(requests) + sum(n for _, n in chunks), self.max_rows)
         key = (bucket, with_lora)
         if key not in self._graphs:
             self._graphs[key] = self._capture(bucket, with_lora)
         inputs, logits, graph = self._graphs[key]
-        host = self.runner.decode_inputs(requests, bucket)
+        host = self.runner.decode_inputs(requests, bucket, chunks)
         for name, tensor in host.items():
             inputs[name].copy_(tensor, non_blocking=True)
         graph.replay()
-        return logits[: len(requests)]
+        return logits
 
     def _capture(self, bucket: int, with_lora: bool):
         inputs = {k: v.to(self.runner.device) for k, v in self.runner.decode_inputs([], bucket).items()}

@@ -89,7 +89,8 @@ class LLMEngine:
                                    tenants=tenant_counters(settings))
         self.runner = ModelRunner(self.model, self.kv_cache, settings.max_batch_size, self.max_model_len,
                                   use_lora=self.lora_slots is not None,
-                                  use_cuda_graphs=settings.cuda_graphs)
+                                  use_cuda_graphs=settings.cuda_graphs,
+                                  max_graph_rows=settings.cuda_graph_max_rows)
         self.metrics = EngineMetrics(self.model_name, self.num_slots, metrics_sink)
         self.metrics.record_config(self.max_model_len, self.kv_cache.block_size, num_blocks,
                                    str(self.model.dtype).removeprefix("torch."),
@@ -160,19 +161,25 @@ class LLMEngine:
         to_sample: list[Request] = []
         logits_parts: list[torch.Tensor] = []
         failed: list[RequestOutput] = []
+        fused = False  # the prefill chunks ran in the decode graph's replay
         if batch.prefill:
             for request, _ in batch.prefill:
                 if request.num_computed_tokens == request.num_prefix_hit_tokens:  # its first chunk
                     self.metrics.record_scheduled(request)
+            # Short chunks ride the decode graph with the decode rows: one replay for the whole step.
+            fused = self.runner.graph_fits(batch.prefill, batch.decode)
             try:
-                logits = self.runner.prefill(batch.prefill)
+                if fused:
+                    logits = self.runner.decode(batch.decode, batch.prefill)
+                else:
+                    logits = self.runner.prefill(batch.prefill)
             except torch.cuda.OutOfMemoryError:
                 # A long prompt ran out of memory: fail the requests of this prefill only; the decode
                 # batch (its memory already in the KV cache and captured graphs) carries on.
                 log.warning("out of memory in a prefill of %d tokens", sum(n for _, n in batch.prefill))
                 failed = self.fail([r for r, _ in batch.prefill], "out of memory while processing the prompt")
                 empty_cuda_cache()
-                batch.prefill, logits = [], None
+                batch.prefill, logits, fused = [], None, False
             for request, chunk in batch.prefill:
                 request.num_computed_tokens += chunk
                 self.scheduler.register_computed_blocks(request)
@@ -181,9 +188,9 @@ class LLMEngine:
                     to_sample.append(request)
             if logits is not None:
                 logits_parts.append(logits)
-        if batch.decode:
+        if batch.decode and not fused:
             logits_parts.append(self.runner.decode(batch.decode))
-            to_sample += batch.decode
+        to_sample += batch.decode
         distinct = len({r.adapter_key for r in self.scheduler.running}) if self.scheduler.running else None
         outputs = failed
         if to_sample:

@@ -1,7 +1,12 @@
 """Turn a scheduled batch into model inputs, run the forward, and return logits to sample from.
 
-Prefill runs eagerly (variable shapes). Decode has static shapes per batch-size bucket with all
-metadata in device tensors, so on CUDA each bucket is captured once as a CUDA graph and replayed.
+Decode has static shapes per batch-size bucket with all metadata in device tensors, so on CUDA each
+bucket is captured once as a CUDA graph and replayed. Prefill runs eagerly (variable shapes), except
+that a step whose prefill chunks are short rides the decode graph: a chunk of n tokens is n decode
+rows of one sequence, row j at position start + j attending to positions 0..start + j, which is causal
+prefill attention exactly (each layer writes every row's K/V before any row attends). An eager step of
+an 8B model costs ~10 ms of host time for 32 layers of launches; a replay costs none, so a cached-prefix
+hit or a new prompt arriving beside a decode batch no longer pays it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ class ModelRunner:
     """Owns the model's step inputs; `prefill` and `decode` return float32 logits."""
 
     def __init__(self, model: CausalLM, kv_cache: KVCache, max_batch_size: int, max_model_len: int,
-                 use_lora: bool, use_cuda_graphs: bool):
+                 use_lora: bool, use_cuda_graphs: bool, max_graph_rows: int = 0):
         self.model = model
         self.kv_cache = kv_cache
         self.device = model.device
@@ -38,7 +43,7 @@ class ModelRunner:
         if use_cuda_graphs and self.device.type == "cuda":
             from server.engine.cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self, max_batch_size)
+            self.graphs = DecodeGraphs(self, max(max_batch_size, max_graph_rows))
 
     def _slot_index(self, request: Request, position: int) -> int:
         block = request.block_ids[position // self.block_size]
@@ -117,24 +122,44 @@ class ModelRunner:
         meta = make_lora_meta([n for _, n, _ in segments], [s for _, _, s in segments], self.device)
         return LoraContext(meta=meta, host_segments=segments)
 
-    def decode_inputs(self, requests: list[Request], padded: int) -> dict[str, torch.Tensor]:
-        """Host-built decode metadata for `padded` rows (rows past len(requests) are padding)."""
-        pad = padded - len(requests)
-        positions = [r.num_tokens - 1 for r in requests]
-        tables = [r.block_ids + [0] * (self.max_blocks - len(r.block_ids)) for r in requests]
-        input_ids = torch.tensor([r.output_token_ids[-1] if r.output_token_ids else r.prompt_token_ids[-1]
-                                  for r in requests] + [0] * pad, dtype=torch.long)
-        slot_mapping = torch.tensor(
-            [self._slot_index(r, p) for r, p in zip(requests, positions, strict=True)] + [-1] * pad,
-            dtype=torch.long,
-        )
-        context_lens = torch.tensor([r.num_tokens for r in requests] + [0] * pad, dtype=torch.int32)
-        block_tables = torch.tensor(tables + [[0] * self.max_blocks] * pad, dtype=torch.int32)
-        lora_slots = torch.tensor([r.slot for r in requests] + [-1] * pad, dtype=torch.int32)
-        positions = torch.tensor(positions + [0] * pad, dtype=torch.long)
+    def graph_fits(self, chunks: list[tuple[Request, int]], requests: list[Request]) -> bool:
+        """Whether this step's prefill chunks and decode rows run as one graph replay (one row a token)."""
+        if self.graphs is None or any(r.params.prompt_logprobs is not None for r, _ in chunks):
+            return False
+        return len(requests) + sum(n for _, n in chunks) <= self.graphs.max_rows
+
+    def decode_inputs(self, requests: list[Request], padded: int,
+                      chunks: list[tuple[Request, int]] = ()) -> dict[str, torch.Tensor]:
+        """Host-built metadata for `padded` rows: one row per token of each prefill chunk, then one per
+        decode request; rows past those are padding."""
+        owners: list[int] = []  # row -> index of its sequence in `sequences`
+        positions: list[int] = []
+        input_ids: list[int] = []
+        sequences: list[Request] = []
+        for request, chunk in chunks:
+            start = request.num_computed_tokens
+            owners += [len(sequences)] * chunk
+            positions += range(start, start + chunk)
+            input_ids += request.all_token_ids[start : start + chunk]
+            sequences.append(request)
+        for request in requests:
+            owners.append(len(sequences))
+            positions.append(request.num_tokens - 1)
+            input_ids.append(request.output_token_ids[-1] if request.output_token_ids else request.prompt_token_ids[-1])
+            sequences.append(request)
+        pad = padded - len(owners)
+        slots = [self._slot_index(sequences[o], p) for o, p in zip(owners, positions, strict=True)]
+        tables = torch.tensor([r.block_ids + [0] * (self.max_blocks - len(r.block_ids)) for r in sequences]
+                              + [[0] * self.max_blocks], dtype=torch.int32)
+        lora_slots = [sequences[o].slot for o in owners] + [-1] * pad
+        owners += [len(sequences)] * pad  # padding rows read the all-zero table
         return {
-            "input_ids": input_ids, "positions": positions, "slot_mapping": slot_mapping,
-            "context_lens": context_lens, "block_tables": block_tables, "lora_slots": lora_slots,
+            "input_ids": torch.tensor(input_ids + [0] * pad, dtype=torch.long),
+            "positions": torch.tensor(positions + [0] * pad, dtype=torch.long),
+            "slot_mapping": torch.tensor(slots + [-1] * pad, dtype=torch.long),
+            "context_lens": torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.int32),
+            "block_tables": tables[torch.tensor(owners)],
+            "lora_slots": torch.tensor(lora_slots, dtype=torch.int32),
         }
 
     def forward_decode(self, inputs: dict[str, torch.Tensor], with_lora: bool) -> torch.Tensor:
@@ -151,11 +176,22 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def decode(self, requests: list[Request]) -> torch.Tensor:
-        """One token for each request; logits [len(requests), vocab]."""
-        with_lora = self.use_lora and any(r.slot >= 0 for r in requests)
-        if self.graphs is not None and len(requests) <= self.max_batch_size:
-            return self.graphs.run(requests, with_lora)
+    def decode(self, requests: list[Request], chunks: list[tuple[Request, int]] = ()) -> torch.Tensor:
+        """One token for each request; logits [len(requests), vocab]. With `chunks` (only when
+        graph_fits), their tokens run in the same replay and the logits of the chunks that complete
+        their prefill come first, in order."""
+        with_lora = self.use_lora and any(r.slot >= 0 for r in [*requests, *(r for r, _ in chunks)])
+        if chunks:
+            logits = self.graphs.run(requests, with_lora, chunks)
+            rows, last = [], 0
+            for request, chunk in chunks:
+                last += chunk
+                if request.num_computed_tokens + chunk == request.prefill_target:
+                    rows.append(last - 1)
+            rows += range(last, last + len(requests))
+            return logits.index_select(0, to_device(rows, torch.long, self.device))
+        if self.graphs is not None and len(requests) <= self.graphs.max_rows:
+            return self.graphs.run(requests, with_lora)[: len(requests)]
         inputs = self.decode_inputs(requests, len(requests))
         # Eager steps need no static shape: trim the block tables to the longest sequence so that the
         # torch attention path (CPU) reads what the batch holds, not max_model_len.

@@ -1,0 +1,110 @@
+"""Short prefill chunks ride the decode graph, one row per token (server.engine.runner). On the CPU an
+eager stand-in replays exactly what the graph would (the padded bucket inputs through forward_decode),
+and the logits of every sampled token are checked against PEFT on the same weights: fresh prompts and
+decode rows in one replay, adapters mixed, a chunked prompt, and a cached-prefix hit."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.cuda_graphs import bucket_for
+from server.engine.request import Request, SamplingParams
+from tests.unit.engine_helpers import make_engine
+from tests.unit.test_mixed_batch_oracle import adapter_refs, peft_logits
+
+
+class EagerReplay:
+    """DecodeGraphs' contract without capture: the same padded rows, run eagerly; counts what ran."""
+
+    def __init__(self, runner, max_rows: int):
+        self.runner, self.max_rows = runner, max_rows
+        self.chunk_rows = 0
+
+    def run(self, requests, with_lora, chunks=()):
+        self.chunk_rows += sum(n for _, n in chunks)
+        bucket = bucket_for(len(requests) + sum(n for _, n in chunks), self.max_rows)
+        inputs = self.runner.decode_inputs(requests, bucket, chunks)
+        return self.runner.forward_decode(inputs, with_lora)
+
+
+def replaying(engine, max_rows: int = 64) -> EagerReplay:
+    engine.runner.graphs = EagerReplay(engine.runner, max_rows)
+    return engine.runner.graphs
+
+
+def sampled_logits(engine) -> dict[str, list[torch.Tensor]]:
+    """request_id -> the logits row each of its tokens was sampled from."""
+    rows: dict[str, list[torch.Tensor]] = {}
+    sample = engine.sampler.sample
+
+    def capturing(logits, requests):
+        for row, request in enumerate(requests):
+            rows.setdefault(request.request_id, []).append(logits[row].clone())
+        return sample(logits, requests)
+
+    engine.sampler.sample = capturing
+    return rows
+
+
+def greedy(prompt, n, adapter=None) -> Request:
+    return Request(list(prompt), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), adapter=adapter)
+
+
+def assert_matches_peft(model_dir, adapter_dirs, requests, names, rows):
+    for request, name in zip(requests, names, strict=True):
+        full = request.prompt_token_ids + request.output_token_ids
+        reference = peft_logits(model_dir, None if name is None else adapter_dirs[name], full)
+        start = len(request.prompt_token_ids) - 1
+        got = rows[request.request_id]
+        assert len(got) == len(request.output_token_ids)
+        for step, row in enumerate(got):
+            torch.testing.assert_close(row, reference[start + step], atol=2e-4, rtol=2e-4, msg=f"{name} step {step}")
+
+
+def test_prompts_joining_a_decode_batch_run_in_its_replay_and_match_peft(tiny_llama_dir, tiny_adapters):
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    names = [None, "attn-r4", "all-r8", "ko-r16"]
+    prompts = [[5, 17, 33, 100, 7], list(range(40, 61)), [200, 201], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 10, 20, 30]]
+    engine = make_engine(tiny_llama_dir, max_slots=4, max_rank=16, kv_cache_blocks=128)
+    replay = replaying(engine)
+    rows = sampled_logits(engine)
+    requests = [greedy(p, 6, None if n is None else refs[n]) for p, n in zip(prompts, names, strict=True)]
+    arrivals = {0: [0], 2: [1, 2], 4: [3]}  # later prompts join while earlier ones decode
+    step = 0
+    while step <= max(arrivals) or engine.has_unfinished():
+        for i in arrivals.get(step, []):
+            engine.add_request(requests[i])
+        engine.step()
+        step += 1
+    assert replay.chunk_rows == sum(len(p) for p in prompts)  # every prompt token went through the replay
+    assert_matches_peft(tiny_llama_dir, tiny_adapters, requests, names, rows)
+
+
+def test_chunked_prompt_and_cached_prefix_hit_in_the_replay_match_peft(tiny_llama_dir, tiny_adapters):
+    system = list(range(100, 134))  # 34 tokens: two full blocks and a bit
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=64, max_num_batched_tokens=16)
+    replay = replaying(engine)
+    rows = sampled_logits(engine)
+    first, second = greedy(system + [50, 51], 4), greedy(system + [60, 61, 62], 4)
+    for request in (first, second):
+        engine.add_request(request)
+        while engine.has_unfinished():
+            engine.step()
+    assert second.num_prefix_hit_tokens == 32  # the hit: only its last 5 tokens were computed
+    assert replay.chunk_rows == len(first.prompt_token_ids) + 5
+    assert_matches_peft(tiny_llama_dir, tiny_adapters, [first, second], [None, None], rows)
+
+
+def test_steps_too_big_for_a_replay_and_prompt_logprobs_run_eagerly(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=64)
+    replay = replaying(engine, max_rows=8)
+    big, scored = greedy(list(range(10, 30)), 3), greedy([5, 6, 7], 3)
+    scored.params.prompt_logprobs = 1
+    small = greedy([1, 2, 3], 3)
+    for request in (big, scored, small):
+        engine.add_request(request)
+        while engine.has_unfinished():
+            engine.step()
+    assert replay.chunk_rows == 3  # only the small prompt's chunk
+    assert all(len(r.output_token_ids) == 3 for r in (big, scored, small))
+    assert len(scored.prompt_logprobs) == 3
