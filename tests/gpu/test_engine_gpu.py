@@ -69,3 +69,30 @@ def test_gpu_merged_swap_restores_nf4_bit_exact(tiny_llama_dir, tiny_adapters):
     assert not engine.swapper.is_pristine()
     engine.swapper.swap(None)
     assert engine.swapper.is_pristine()
+
+
+def test_eager_prefill_queues_without_a_stream_sync(tiny_llama_dir, tiny_adapters):
+    """An eager prefill step (a cached prefix, then a chunk with an adapter) sends its inputs without
+    syncing the stream: a sync lets the GPU run dry while the host queues the next kernels."""
+    import warnings
+
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    engine = gpu_engine(tiny_llama_dir, dtype="bfloat16", quantize=True, graphs=False, max_slots=4, max_rank=16)
+    prompt = list(range(3, 40))
+    for tail in ([50], [51]):  # the second finds the first's blocks cached; both compile what they need
+        run_capturing(engine, [Request(prompt + tail, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                                       adapter=refs["all-r8"])])
+    engine.add_request(Request(prompt + [52, 53], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                               adapter=refs["all-r8"]))
+    batch = engine.scheduler.schedule()
+    assert batch.prefill and batch.prefill[0][0].num_prefix_hit_tokens == 32
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.runner.prefill(batch.prefill)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert not syncs, f"{len(syncs)} syncs, at {syncs}"

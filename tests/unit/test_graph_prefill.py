@@ -10,7 +10,7 @@ import torch
 from server.engine.cuda_graphs import bucket_for
 from server.engine.request import Request, SamplingParams
 from tests.unit.engine_helpers import make_engine
-from tests.unit.test_mixed_batch_oracle import adapter_refs, peft_logits
+from tests.unit.test_mixed_batch_oracle import adapter_refs, capture_sampled, peft_logits
 
 
 class EagerReplay:
@@ -35,14 +35,7 @@ def replaying(engine, max_rows: int = 64) -> EagerReplay:
 def sampled_logits(engine) -> dict[str, list[torch.Tensor]]:
     """request_id -> the logits row each of its tokens was sampled from."""
     rows: dict[str, list[torch.Tensor]] = {}
-    sample = engine.sampler.sample
-
-    def capturing(logits, requests):
-        for row, request in enumerate(requests):
-            rows.setdefault(request.request_id, []).append(logits[row].clone())
-        return sample(logits, requests)
-
-    engine.sampler.sample = capturing
+    capture_sampled(engine, rows)
     return rows
 
 

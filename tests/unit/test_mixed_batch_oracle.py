@@ -32,27 +32,25 @@ def adapter_refs(model_dir, adapter_dirs, max_rank=16):
     }
 
 
+def capture_sampled(engine, captured: dict[str, list[torch.Tensor]]) -> None:
+    """From now on, append to captured[request_id] the logits row each of its tokens is sampled from
+    (whichever forward produced it: eager prefill, decode, or a graph replay of both)."""
+    if not hasattr(engine, "_unwrapped_sample"):
+        engine._unwrapped_sample = engine.sampler.sample
+    sample = engine._unwrapped_sample
+
+    def capturing(logits, requests):
+        for row, request in enumerate(requests):
+            captured.setdefault(request.request_id, []).append(logits[row].clone())  # graph buffers are reused
+        return sample(logits, requests)
+
+    engine.sampler.sample = capturing
+
+
 def run_capturing(engine, requests):
     """Run requests to completion; return request_id -> list of logits rows (one per sampled token)."""
     captured: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in requests}
-    if not hasattr(engine, "_unwrapped"):
-        engine._unwrapped = (engine.runner.prefill, engine.runner.decode)
-    prefill, decode = engine._unwrapped
-
-    def on_prefill(chunks):
-        logits = prefill(chunks)
-        done = [r for r, n in chunks if r.num_computed_tokens + n == r.prefill_target]
-        for row, r in enumerate(done):
-            captured[r.request_id].append(logits[row].clone())  # graph outputs are reused buffers
-        return logits
-
-    def on_decode(reqs):
-        logits = decode(reqs)
-        for row, r in enumerate(reqs):
-            captured[r.request_id].append(logits[row].clone())  # graph outputs are reused buffers
-        return logits
-
-    engine.runner.prefill, engine.runner.decode = on_prefill, on_decode
+    capture_sampled(engine, captured)
     for r in requests:
         engine.add_request(r)
     distinct_per_step = []
