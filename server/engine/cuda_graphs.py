@@ -42,11 +42,27 @@ class DecodeGraphs:
         if key not in self._graphs:
             self._graphs[key] = self._capture(bucket, with_lora)
         inputs, logits, graph = self._graphs[key]
-        host = self.runner.decode_inputs(requests, bucket, chunks)
-        for name, tensor in host.items():
-            inputs[name].copy_(tensor, non_blocking=True)
+        self._fill(inputs, *self.runner.decode_rows(requests, bucket, chunks))
         graph.replay()
         return logits
+
+    def _fill(self, inputs: dict[str, torch.Tensor], rows: list[list[int]], tables: list[list[int]]) -> None:
+        """Write a step's rows into the static inputs: one pinned, asynchronous copy of every value (no
+        stream sync: the host may run ahead of the GPU), then device-side copies. Block tables go as
+        one row per sequence, only as wide as the longest, and are gathered per row on the device: the
+        columns past that width keep stale entries, which no row's context length reaches."""
+        from server.engine.runner import DECODE_ROW_FIELDS
+        from server.model.host_device import to_device
+
+        width = max(1, max(len(t) for t in tables))
+        flat = sum(rows, []) + [block for t in tables for block in t + [0] * (width - len(t))]
+        values = to_device(flat, torch.long, self.runner.device)
+        bucket = len(rows[0])
+        per_row = values[: len(rows) * bucket].view(len(rows), bucket)
+        for index, name in enumerate(DECODE_ROW_FIELDS):
+            inputs[name].copy_(per_row[index])
+        table = values[len(rows) * bucket :].view(len(tables), width)
+        inputs["block_tables"][:, :width].copy_(table.index_select(0, per_row[-1]))
 
     def _capture(self, bucket: int, with_lora: bool):
         inputs = {k: v.to(self.runner.device) for k, v in self.runner.decode_inputs([], bucket).items()}

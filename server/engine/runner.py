@@ -25,6 +25,9 @@ from server.model.lora_ops import decode_lora_meta, make_lora_meta
 log = logging.getLogger(__name__)
 
 PROMPT_LOGPROB_ROWS = 256
+# The per-row inputs of a decode step (and of prefill chunks riding it), in decode_rows' order.
+DECODE_ROW_FIELDS = {"input_ids": torch.long, "positions": torch.long, "slot_mapping": torch.long,
+                     "context_lens": torch.int32, "lora_slots": torch.int32}
 
 
 class ModelRunner:
@@ -128,11 +131,12 @@ class ModelRunner:
             return False
         return len(requests) + sum(n for _, n in chunks) <= self.graphs.max_rows
 
-    def decode_inputs(self, requests: list[Request], padded: int,
-                      chunks: list[tuple[Request, int]] = ()) -> dict[str, torch.Tensor]:
-        """Host-built metadata for `padded` rows: one row per token of each prefill chunk, then one per
-        decode request; rows past those are padding."""
-        owners: list[int] = []  # row -> index of its sequence in `sequences`
+    def decode_rows(self, requests: list[Request], padded: int,
+                    chunks: list[tuple[Request, int]] = ()) -> tuple[list[list[int]], list[list[int]]]:
+        """Host facts of `padded` rows: one row per token of each prefill chunk, then one per decode
+        request, then padding. Returns (six lists of `padded` ints: DECODE_ROW_FIELDS, then the index of
+        each row's sequence in the tables), (one block list per sequence, then [] for padding rows)."""
+        owners: list[int] = []
         positions: list[int] = []
         input_ids: list[int] = []
         sequences: list[Request] = []
@@ -147,20 +151,22 @@ class ModelRunner:
             positions.append(request.num_tokens - 1)
             input_ids.append(request.output_token_ids[-1] if request.output_token_ids else request.prompt_token_ids[-1])
             sequences.append(request)
-        pad = padded - len(owners)
+        pad = [0] * (padded - len(owners))
         slots = [self._slot_index(sequences[o], p) for o, p in zip(owners, positions, strict=True)]
-        tables = torch.tensor([r.block_ids + [0] * (self.max_blocks - len(r.block_ids)) for r in sequences]
-                              + [[0] * self.max_blocks], dtype=torch.int32)
-        lora_slots = [sequences[o].slot for o in owners] + [-1] * pad
-        owners += [len(sequences)] * pad  # padding rows read the all-zero table
-        return {
-            "input_ids": torch.tensor(input_ids + [0] * pad, dtype=torch.long),
-            "positions": torch.tensor(positions + [0] * pad, dtype=torch.long),
-            "slot_mapping": torch.tensor(slots + [-1] * pad, dtype=torch.long),
-            "context_lens": torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.int32),
-            "block_tables": tables[torch.tensor(owners)],
-            "lora_slots": torch.tensor(lora_slots, dtype=torch.int32),
-        }
+        lora_slots = [sequences[o].slot for o in owners]
+        rows = [input_ids + pad, positions + pad, slots + [-1] * len(pad), [p + 1 for p in positions] + pad,
+                lora_slots + [-1] * len(pad), owners + [len(sequences)] * len(pad)]
+        return rows, [r.block_ids for r in sequences] + [[]]
+
+    def decode_inputs(self, requests: list[Request], padded: int,
+                      chunks: list[tuple[Request, int]] = ()) -> dict[str, torch.Tensor]:
+        """decode_rows as host tensors (the eager path and graph capture)."""
+        rows, tables = self.decode_rows(requests, padded, chunks)
+        table = torch.tensor([t + [0] * (self.max_blocks - len(t)) for t in tables], dtype=torch.int32)
+        inputs = {name: torch.tensor(values, dtype=DECODE_ROW_FIELDS[name])
+                  for name, values in zip(DECODE_ROW_FIELDS, rows, strict=False)}
+        inputs["block_tables"] = table[torch.tensor(rows[-1])]
+        return inputs
 
     def forward_decode(self, inputs: dict[str, torch.Tensor], with_lora: bool) -> torch.Tensor:
         """The capturable decode step: device tensors in, logits [rows, vocab] out."""

@@ -1,5 +1,6 @@
 """Short prefill chunks ride the decode graph, one row per token (server.engine.runner). On the CPU an
-eager stand-in replays exactly what the graph would (the padded bucket inputs through forward_decode),
+eager stand-in replays what the graph would (static bucket inputs filled by DecodeGraphs._fill, stale
+values included, through forward_decode),
 and the logits of every sampled token are checked against PEFT on the same weights: fresh prompts and
 decode rows in one replay, adapters mixed, a chunked prompt, and a cached-prefix hit."""
 
@@ -7,23 +8,28 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.cuda_graphs import bucket_for
+from server.engine.cuda_graphs import DecodeGraphs, bucket_for
 from server.engine.request import Request, SamplingParams
 from tests.unit.engine_helpers import make_engine
 from tests.unit.test_mixed_batch_oracle import adapter_refs, capture_sampled, peft_logits
 
 
-class EagerReplay:
-    """DecodeGraphs' contract without capture: the same padded rows, run eagerly; counts what ran."""
+class EagerReplay(DecodeGraphs):
+    """DecodeGraphs without capture: the same static inputs (stale values left in them on purpose),
+    filled the same way, run eagerly; counts the chunk rows that ran."""
 
     def __init__(self, runner, max_rows: int):
         self.runner, self.max_rows = runner, max_rows
         self.chunk_rows = 0
+        self.static = {}
 
     def run(self, requests, with_lora, chunks=()):
         self.chunk_rows += sum(n for _, n in chunks)
         bucket = bucket_for(len(requests) + sum(n for _, n in chunks), self.max_rows)
-        inputs = self.runner.decode_inputs(requests, bucket, chunks)
+        if bucket not in self.static:
+            self.static[bucket] = {k: torch.full_like(v, 3) for k, v in self.runner.decode_inputs([], bucket).items()}
+        inputs = self.static[bucket]
+        self._fill(inputs, *self.runner.decode_rows(requests, bucket, chunks))
         return self.runner.forward_decode(inputs, with_lora)
 
 
