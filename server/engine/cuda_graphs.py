@@ -3,8 +3,9 @@
 A decode step of a small model is mostly kernel-launch and Python overhead (HF: 27 ms for a 1B
 model whose weights take 0.4 ms to read). Capturing the whole forward once per bucket and replaying
 it removes that. Inputs live in static device buffers; each step copies the host-built metadata in
-(one small copy per tensor), replays, and reads the logits rows it needs. Buckets are captured
-lazily on first use and share one memory pool.
+(one asynchronous copy), replays, and reads the logits rows it needs. Every bucket is captured
+at start-up (the engine's "cuda graphs" loading phase; a capture in the middle of serving stalls every
+running stream) and all share one memory pool.
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ class DecodeGraphs:
         table = values[len(rows) * bucket :].view(len(tables), width)
         inputs["block_tables"][:, :width].copy_(table.index_select(0, per_row[-1]))
 
+    def capture_all(self, lora_variants: tuple[bool, ...]) -> int:
+        """Capture every bucket up to max_rows now (at start-up), so no serving step pays a capture."""
+        buckets = sorted({bucket_for(rows, self.max_rows) for rows in range(1, self.max_rows + 1)})
+        for bucket in buckets:
+            for with_lora in lora_variants:
+                if (bucket, with_lora) not in self._graphs:
+                    self._graphs[(bucket, with_lora)] = self._capture(bucket, with_lora)
+        return len(self._graphs)
+
     def _capture(self, bucket: int, with_lora: bool):
         inputs = {k: v.to(self.runner.device) for k, v in self.runner.decode_inputs([], bucket).items()}
         stream = torch.cuda.Stream()
@@ -76,7 +86,7 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self.runner.forward_decode(inputs, with_lora)
         torch.cuda.synchronize()
-        log.info("captured decode graph: batch bucket %d, lora=%s", bucket, with_lora)
+        log.debug("captured decode graph: batch bucket %d, lora=%s", bucket, with_lora)
         return inputs, logits, graph
 
     @property

@@ -108,6 +108,10 @@ class LLMEngine:
             # Before any graph capture: building the CUDA NF4 kernel takes ~90 s on a fresh machine.
             with load_phase("kernels", "the CUDA NF4 kernels, built once per machine"):
                 log.info("NF4 kernels by batch rows: %s", nf4_dispatch.prepare())
+        if self.runner.graphs is not None:
+            graphs = self.runner.graphs
+            with load_phase("cuda graphs", f"decode steps of up to {graphs.max_rows} rows"):
+                graphs.capture_all((False, True) if self.runner.use_lora else (False,))
         log.info("engine ready: %d KV blocks (%.1f MiB), mode=%s, slots=%d",
                  num_blocks, num_blocks * per_block / 2**20, self.mode.value, self.num_slots)
 
