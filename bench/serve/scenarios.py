@@ -97,6 +97,8 @@ def build(preset: str, knobs: Knobs) -> Scenario:
         greedy = _traffic(knobs, distribution="cycle")
         n = num or 32
         phase = Phase("unmerged", "unmerged", [
+            # One pass over every adapter first: the engine reference warms up too (its slots loaded).
+            Load("warmup", replace(greedy, num_requests=2 * n, output_len=16), n),
             Load("greedy", greedy, n, engine=True),
             Load("sampled", replace(greedy, temperature=1.0, top_p=0.9), n, engine=True),
         ], upload_probes=4)
