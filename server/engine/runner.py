@@ -25,6 +25,11 @@ from server.model.lora_ops import decode_lora_meta, make_lora_meta
 log = logging.getLogger(__name__)
 
 PROMPT_LOGPROB_ROWS = 256
+# Prefill chunks ride a decode-graph replay only while their rows' contexts sum to at most this many
+# tokens: each row reads its context alone, so this bounds the replay's extra attention reads (8B:
+# 64k token-rows x 128 KiB of K/V per token = 8.6 GB, ~2 ms; a 16-token cached-prefix hit after 2,048
+# tokens is 33k).
+GRAPH_CONTEXT_ROWS = 1 << 16
 # The per-row inputs of a decode step (and of prefill chunks riding it), in decode_rows' order.
 DECODE_ROW_FIELDS = {"input_ids": torch.long, "positions": torch.long, "slot_mapping": torch.long,
                      "context_lens": torch.int32, "lora_slots": torch.int32}
@@ -129,7 +134,10 @@ class ModelRunner:
         """Whether this step's prefill chunks and decode rows run as one graph replay (one row a token)."""
         if self.graphs is None or any(r.params.prompt_logprobs is not None for r, _ in chunks):
             return False
-        return len(requests) + sum(n for _, n in chunks) <= self.graphs.max_rows
+        # Row j of a chunk reads its whole context on its own (the decode kernel shares no key tile
+        # between rows, as prefill attention does): bound the rows' total context.
+        context = sum(n * r.num_computed_tokens + n * (n + 1) // 2 for r, n in chunks)
+        return len(requests) + sum(n for _, n in chunks) <= self.graphs.max_rows and context <= GRAPH_CONTEXT_ROWS
 
     def decode_rows(self, requests: list[Request], padded: int,
                     chunks: list[tuple[Request, int]] = ()) -> tuple[list[list[int]], list[list[int]]]:

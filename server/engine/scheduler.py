@@ -54,6 +54,7 @@ class Scheduler:
         self.tenants = tenants or TenantCounters()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.graph_rows = 0  # rows of the largest decode-graph replay (set by the engine; 0 = none)
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -69,7 +70,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
+        budget = self._prefill_budget()
         for request in [r for r in self.running if r.is_prefilling]:
             budget -= self._schedule_chunk(request, budget, batch)
         for request in [r for r in self.running if not r.is_prefilling]:
@@ -106,6 +107,23 @@ class Scheduler:
         self.tenants.charge_output(batch.decode)
         self.tenants.charge_output(r for r, n in batch.prefill if r.num_computed_tokens + n >= r.prefill_target)
         return batch
+
+    def _prefill_budget(self) -> int:
+        """Prefill tokens for this step. Beside running decode rows, prefill work that fits next to them
+        in one decode-graph replay is held to that room (graph_rows rows in all), so a short prompt
+        arriving mid-batch costs no eager step (~10 ms of host time on an 8B model); when the next
+        prefill does not fit whole, the step gets the full budget and runs eagerly."""
+        num_decode = sum(1 for r in self.running if not r.is_prefilling)
+        if not self.graph_rows or not num_decode:
+            return self.max_num_batched_tokens
+        room = self.graph_rows - num_decode
+        prefilling = next((r for r in self.running if r.is_prefilling), None)
+        if prefilling is not None:
+            remaining = prefilling.prefill_target - prefilling.num_computed_tokens
+        else:
+            waiting = self.tenants.pick(self.waiting, set())
+            remaining = 0 if waiting is None else waiting.num_tokens
+        return min(self.max_num_batched_tokens, room) if 0 < remaining <= room else self.max_num_batched_tokens
 
     def _reuse_cached_prefix(self, request: Request) -> None:
         """Take the cached blocks of the longest matching prefix; at least the last token is computed.

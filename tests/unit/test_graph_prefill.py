@@ -107,3 +107,47 @@ def test_steps_too_big_for_a_replay_and_prompt_logprobs_run_eagerly(tiny_llama_d
     assert replay.chunk_rows == 3  # only the small prompt's chunk
     assert all(len(r.output_token_ids) == 3 for r in (big, scored, small))
     assert len(scored.prompt_logprobs) == 3
+
+
+def test_short_prompts_beside_decode_rows_are_held_to_one_replay_and_long_ones_get_an_eager_step(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=64)
+    replay = replaying(engine, max_rows=8)
+    engine.scheduler.graph_rows = 8
+    steps = []
+    schedule = engine.scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        steps.append(([n for _, n in batch.prefill], len(batch.decode)))
+        return batch
+
+    engine.scheduler.schedule = recording
+    prompts = [[3, 4, 5], [4, 4, 5], [5, 4, 5], [40, 41, 42, 43], [50, 51, 52, 53], list(range(60, 80))]
+    lengths = [12, 12, 12, 3, 3, 3]
+    alone = make_engine(tiny_llama_dir, kv_cache_blocks=64)
+    expected = [_run_alone(alone, greedy(p, n)) for p, n in zip(prompts, lengths, strict=True)]
+    requests = [greedy(p, n) for p, n in zip(prompts, lengths, strict=True)]
+    running, short, long = requests[:3], requests[3:5], requests[5]
+    for request in running:
+        engine.add_request(request)
+    engine.step()  # their prefill: no decode rows yet, the full budget
+    for request in short:
+        engine.add_request(request)
+    engine.step()
+    engine.step()
+    engine.add_request(long)
+    while engine.has_unfinished():
+        engine.step()
+    beside_decode = [(chunks, rows) for chunks, rows in steps if chunks and rows]
+    assert beside_decode[0] == ([4, 1], 3)  # the second prompt is held to the room left: 1 token
+    assert beside_decode[1] == ([3], 4)  # its rest rides the next replay
+    assert ([20], 5) in beside_decode  # the long prompt does not fit 8 rows: one eager step, whole
+    assert replay.chunk_rows == 8
+    assert [r.output_token_ids for r in requests] == expected
+
+
+def _run_alone(engine, request) -> list[int]:
+    engine.add_request(request)
+    while engine.has_unfinished():
+        engine.step()
+    return request.output_token_ids
