@@ -239,6 +239,7 @@ def main() -> None:
         return requests
 
     result: dict = {
+        "benchmark": "engine_loop",
         "date": time.strftime("%Y-%m-%d"),
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "model": args.model,

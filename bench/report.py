@@ -32,7 +32,7 @@ def load_runs(results_dir: Path) -> dict[str, list[tuple[str, dict]]]:
         except (OSError, json.JSONDecodeError):
             continue
         model = data.get("model")
-        if model not in BENCH_MODELS:
+        if model not in BENCH_MODELS or data.get("benchmark"):  # another benchmark's file (serve, engine_loop)
             continue
         order = (not data.get("quick"), str(data.get("timestamp") or data.get("date") or ""), path.name)
         runs.setdefault(model, []).append((order, path.name, data))

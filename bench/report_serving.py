@@ -1,5 +1,6 @@
 """The serving part of bench/RESULTS.md (issue 13): every `python -m bench.serve` run and step profile
-committed under bench/results, one row each, newest first."""
+committed under bench/results (c32, prefix, lora-modes) and every `python -m bench.engine_loop` run, one
+row each, newest first."""
 
 from __future__ import annotations
 
@@ -24,8 +25,64 @@ def _serve_row(name: str, data: dict) -> str:
     return f"| `{name}` | " + " | ".join(cells) + f" | {fmt(step)} | {fmt(serve_ratio)} | {fmt(itl_ratio)} |"
 
 
+def _newest_first(paths) -> list[tuple[str, dict]]:
+    """(file name, data) by the run's own timestamp, newest first (file names do not sort by time)."""
+    runs = [(p.name, json.loads(p.read_text())) for p in paths]
+    return sorted(runs, key=lambda run: (str(run[1].get("timestamp") or run[1].get("date") or ""), run[0]),
+                  reverse=True)
+
+
+def _prefix_and_modes(results_dir: Path) -> list[str]:
+    """Issue 10's cached-prefix TTFT ratio and issue 13's auto-mode ratios, one row per run."""
+    lines = []
+    prefix = _newest_first(results_dir.glob("*-serve-prefix-*.json"))
+    if prefix:
+        lines += ["Cached-prefix time to first token (`python -m bench.serve --model 8b --preset prefix`: prompts of "
+                  "2,048 + 16 tokens sent one at a time, the prefix new (miss) or cached (hit); target hit / miss "
+                  "<= 0.2):", "", "| run | miss TTFT p50 ms | hit TTFT p50 ms | server hit TTFT ms | hit / miss |",
+                  "|---|---|---|---|---|"]
+        for name, data in prefix:
+            server = data.get("server", {})
+            miss, hit = server.get("serve/prefix_miss", {}), server.get("serve/prefix_hit", {})
+            ratio = next(iter((data.get("ratios") or {}).values()), None)
+            lines.append(f"| `{name}` | {fmt(miss.get('ttft_ms_p50'))} | {fmt(hit.get('ttft_ms_p50'))} | "
+                         f"{fmt((hit.get('server_metrics') or {}).get('ttft_ms_mean'))} | {fmt(ratio)} |")
+        lines.append("")
+    modes = _newest_first(results_dir.glob("*-serve-lora-modes-*.json"))
+    if modes:
+        lines += ["LoRA modes (`python -m bench.serve --model 1b --preset lora-modes`, output tok/s; targets "
+                  "auto / best >= 1.0 Zipf, >= 0.97 uniform and single):", "",
+                  "| run | traffic | unmerged | merged | auto | auto / best |", "|---|---|---|---|---|---|"]
+        for name, data in modes:
+            server, ratios = data.get("server", {}), data.get("ratios") or {}
+            for traffic in ("zipf", "uniform", "single"):
+                cells = [fmt(server.get(f"{mode}/{traffic}", {}).get("tokens_per_s"))
+                         for mode in ("unmerged", "merged", "auto")]
+                ratio = next((v for k, v in ratios.items() if k.startswith(f"auto_over_best_{traffic}")), None)
+                lines.append(f"| `{name}` | {traffic} | " + " | ".join(cells) + f" | {fmt(ratio)} |")
+        lines.append("")
+    loops = _newest_first(results_dir.glob("*-loop*.json"))
+    if loops:
+        lines += ["The engine alone under the arrivals of 32 streams (`python -m bench.engine_loop --model 1b --prefix "
+                  "2048`; closed loop: each finished request replaced at once) against the same batch in lockstep, "
+                  "and the engine-level cached-prefix TTFT. The lockstep figure of these runs includes a first "
+                  "step that compiled kernels (1-1.8 s): the fair engine reference is bench.serve's.", "",
+                  "| run | lockstep tok/s | closed loop tok/s | decode-only step ms | prefill steps | "
+                  "prefix miss ms | prefix hit ms |", "|---|---|---|---|---|---|---|"]
+        for name, data in loops:
+            kinds = data.get("closed_loop", {}).get("by_kind", {})
+            prefill = sum(kind.get("count", 0) for key, kind in kinds.items() if key != "decode_only")
+            prefix = data.get("prefix", {})
+            lines.append(f"| `{name}` | {fmt(data.get('lockstep', {}).get('tokens_per_s'))} | "
+                         f"{fmt(data.get('closed_loop', {}).get('tokens_per_s'))} | "
+                         f"{fmt(kinds.get('decode_only', {}).get('ms_median'))} | {prefill} | "
+                         f"{fmt(prefix.get('miss_ms_median'))} | {fmt(prefix.get('hit_ms_median'))} |")
+        lines.append("")
+    return lines
+
+
 def serving_section(results_dir: Path) -> list[str]:
-    serves = sorted(results_dir.glob("*-serve-c32-*.json"), key=lambda p: p.name, reverse=True)
+    serves = [p for p in results_dir.glob("*-serve-c32-*.json")]
     profiles = sorted(results_dir.glob("*-profile.json"), key=lambda p: p.name, reverse=True)
     lines = ["## Serving (issue 13)", ""]
     if not serves and not profiles:
@@ -36,8 +93,9 @@ def serving_section(results_dir: Path) -> list[str]:
               "sampled / greedy >= 0.95. A dash: the load was skipped for time.", "",
               "| run | greedy tok/s | TTFT p50 ms | ITL p50 ms | sampled tok/s | TTFT p50 ms | ITL p50 ms | "
               "engine step ms | serve / engine | ITL / step |", "|---|" + "---|" * 9]
-    lines += [_serve_row(p.name, json.loads(p.read_text())) for p in serves]
+    lines += [_serve_row(name, data) for name, data in _newest_first(serves)]
     lines.append("")
+    lines += _prefix_and_modes(results_dir)
     if profiles:
         lines += ["GPU time of one decode step by kernel kind (`python -m bench.profile_step`; target "
                   "`decode_step_ms_b32_1b` <= 1.5 and glue <= 0.10 of the step):", "",
