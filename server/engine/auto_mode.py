@@ -5,12 +5,17 @@ mixed adapters), but only requests of the merged adapter can run, and a swap sta
 (150-230 ms there). So auto merges only while every running and waiting request uses one adapter, and
 only when the time it expects to save before that demand ends pays for the swap in and the swap back:
 
-    gain_per_step * remaining_steps > swap_in + swap_out
+    gain_per_step * max(remaining_steps, lasted_steps) > swap_in + swap_out
 
 `gain_per_step` is the measured difference between unmerged-with-LoRA and merged decode steps (until a
 merged step has been measured, a prior fraction of the unmerged step), `remaining_steps` the most
 tokens any current request may still produce, and the swap time the measured one (zero before the
-first swap, so the first chance to merge is taken and measured). As soon as a request for another
+first swap, so the first chance to merge is taken and measured). `lasted_steps` is how long the demand
+has been this one adapter already: traffic that keeps coming (new requests replacing finished ones) is
+seen by the current requests' remaining tokens alone as always about to end, so it would never merge.
+Counting the steps already spent is the ski-rental rule: by the time the merge pays off, the steps
+lost unmerged equal the swap cost, so auto is never worse than about twice the best choice in hindsight,
+and on lasting single-adapter traffic it runs merged nearly all the time. As soon as a request for another
 adapter or the base model arrives, auto unmerges before the next step: nothing waits for a drain.
 """
 
@@ -47,11 +52,12 @@ class AutoModePolicy:
             return PRIOR_LORA_FRACTION * self.unmerged_step_s
         return max(0.0, self.unmerged_step_s - self.merged_step_s)
 
-    def should_merge(self, remaining_steps: int) -> bool:
-        """Merge now, given that the current demand (one adapter) lasts about `remaining_steps` steps."""
+    def should_merge(self, remaining_steps: int, lasted_steps: int = 0) -> bool:
+        """Merge now, given that the current demand (one adapter) lasts at least `remaining_steps` more
+        steps and has lasted `lasted_steps` steps so far."""
         if self.swap_s == 0.0:
             return remaining_steps > 1  # never measured: merge once to learn the costs
-        return self.gain_per_step_s * remaining_steps > 2.0 * self.swap_s
+        return self.gain_per_step_s * max(remaining_steps, lasted_steps) > 2.0 * self.swap_s
 
 
 def _ema(previous: float | None, value: float) -> float:

@@ -83,6 +83,7 @@ class LLMEngine:
         self._draining_key: tuple[str, int] | None = None  # adapter refused new work until its slot frees
         self.swapper = None if self.mode is LoraMode.UNMERGED else MergedSwapper(self.model)
         self.auto_policy = AutoModePolicy()
+        self._single_demand: tuple[tuple[str, int] | None, int] = (None, 0)  # (adapter key, steps it was all)
         self.scheduler = Scheduler(self.kv_cache, settings.max_batch_size, settings.max_num_batched_tokens,
                                    self._admit, self._release,
                                    self._prefix_space if settings.enable_prefix_caching else None,
@@ -330,9 +331,13 @@ class LLMEngine:
                         request.slot = slot
             return
         if len(keys) != 1 or demand[0].adapter is None:
+            self._single_demand = (None, 0)
             return
+        key = demand[0].adapter_key
+        lasted = self._single_demand[1] + 1 if self._single_demand[0] == key else 0
+        self._single_demand = (key, lasted)
         remaining = max(r.params.max_tokens - len(r.output_token_ids) for r in demand)
-        if not self.auto_policy.should_merge(remaining):
+        if not self.auto_policy.should_merge(remaining, lasted):
             return
         for request in self.scheduler.running:  # their rows now read the merged weights, not a slot
             if request.slot >= 0:

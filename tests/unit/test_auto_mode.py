@@ -21,6 +21,12 @@ def test_policy_merges_once_to_learn_then_only_when_it_pays():
     assert policy.gain_per_step_s < 0.0019
 
 
+def test_lasting_demand_merges_once_the_steps_spent_unmerged_pay_for_the_swaps():
+    policy = AutoModePolicy(unmerged_step_s=0.0060, merged_step_s=0.0041, swap_s=0.2)
+    assert not policy.should_merge(remaining_steps=64, lasted_steps=100)  # 190 ms lost so far < 400 ms
+    assert policy.should_merge(remaining_steps=64, lasted_steps=250)  # steady traffic: 475 ms > 400 ms
+
+
 def test_prior_gain_before_a_merged_step_is_measured():
     policy = AutoModePolicy(swap_s=0.01)
     policy.record_step(merged=False, seconds=0.010)
@@ -66,3 +72,23 @@ def test_mixed_demand_never_merges(tiny_llama_dir, tiny_adapters):
         engine.step()
         assert not engine.merged_active
     assert engine.swapper.current is None and engine.swapper.is_pristine()
+
+
+def test_steady_single_adapter_traffic_merges_once_its_steps_pay_for_the_swaps(tiny_llama_dir, tiny_adapters):
+    """Short requests that keep coming for one adapter: each has only a few tokens left, so only the
+    steps the demand has already lasted can justify the swaps (2 ms saved a step against 2 x 50 ms)."""
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    engine = make_engine(tiny_llama_dir, lora_mode="auto", max_slots=4, max_rank=16, kv_cache_blocks=128)
+    engine.auto_policy = AutoModePolicy(unmerged_step_s=0.006, merged_step_s=0.004, swap_s=0.05)
+    engine.auto_policy.record_step = lambda merged, seconds: None  # fixed costs: a deterministic decision
+    engine.auto_policy.record_swap = lambda seconds: None
+    for i in range(2):
+        engine.add_request(_greedy([5 + i, 17, 33], 4, refs["all-r8"]))
+    merged_at = None
+    for step in range(80):
+        for output in engine.step():
+            if output.finished:
+                engine.add_request(_greedy([7, 17, 33 + step], 4, refs["all-r8"]))
+        if engine.merged_active and merged_at is None:
+            merged_at = step
+    assert merged_at is not None and 45 <= merged_at <= 55, merged_at
