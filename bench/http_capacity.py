@@ -1,0 +1,146 @@
+"""How fast the server streams when the model costs a fixed time a step and nothing else (CPU only).
+
+    python -m bench.http_capacity [--step-ms 3] [--concurrency 32] [--requests 256] [--output-len 64]
+        [--prompt-len 128] [--prefill-us-per-token 6] [--server-arg=--engine-process] [--out DIR]
+
+`serve_over_engine_1b_c32` (issue 13) needs a GPU to measure, and the session's GPU time is short. This
+runs the real server (HTTP, auth, scheduler, sampler, detokenizer, streaming; the engine in a thread or,
+with --server-arg=--engine-process, in its own process) on the tiny random model, with the model's
+forward replaced by a sleep: `step-ms` for a decode step (the H200's 1B batch-32 step is ~3 ms) plus
+`prefill-us-per-token` per prompt token, with the CUDA engine's step shapes (short prefills ride the
+decode step, as in its graph replay; longer ones take an eager step of their own). A sleep releases the
+GIL as the real step's wait on its CUDA event does. The client runs in this process, the server in
+its own, as in bench.serve.
+
+Reports output tok/s, TTFT and ITL, and `itl_p50_over_step` and `serve_over_ideal`: tok/s over
+concurrency / step (every stream getting a token every step; prefill steps make the ideal a little
+lower). What separates them from 1.0 is the host side of serving, measurable here without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FAKE_GRAPH_ROWS = 256  # the default cuda_graph_max_rows
+FAKE_TOKEN = 300  # an ordinary merged token of the tiny byte-level BPE vocabulary
+ENV_STEP_MS = "LORAPLEX_BENCH_FAKE_STEP_MS"
+ENV_PREFILL_US = "LORAPLEX_BENCH_FAKE_PREFILL_US"
+SITECUSTOMIZE = f"""import os
+if os.environ.get({ENV_STEP_MS!r}):
+    from bench.http_capacity import install_fake_model
+    install_fake_model(float(os.environ[{ENV_STEP_MS!r}]), float(os.environ.get({ENV_PREFILL_US!r}, "0")))
+"""
+
+
+def install_fake_model(step_ms: float, prefill_us_per_token: float) -> None:
+    """Replace ModelRunner's forwards (in this process) by sleeps that return logits favouring FAKE_TOKEN."""
+    import torch
+
+    from server.engine.runner import ModelRunner
+
+    def logits(runner: ModelRunner, rows: int) -> torch.Tensor:
+        out = torch.zeros(rows, runner.model.config.vocab_size, device=runner.device)
+        out[:, FAKE_TOKEN] = 1.0
+        return out
+
+    def finishing(chunks) -> int:
+        return sum(1 for request, n in chunks if request.num_computed_tokens + n == request.prefill_target)
+
+    def prefill(self, chunks):
+        time.sleep(step_ms / 1e3 + prefill_us_per_token * sum(n for _, n in chunks) / 1e6)
+        rows = finishing(chunks)
+        return logits(self, rows) if rows else None
+
+    def decode(self, requests, chunks=()):  # chunks: short prefills riding the "graph" replay, as on CUDA
+        time.sleep(step_ms / 1e3 + prefill_us_per_token * sum(n for _, n in chunks) / 1e6)
+        return logits(self, len(requests) + finishing(chunks))
+
+    init = ModelRunner.__init__
+
+    def init_with_graphs(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.graphs = _FakeGraphs(max(self.max_batch_size, FAKE_GRAPH_ROWS))  # the CUDA engine's step shapes
+
+    ModelRunner.__init__, ModelRunner.prefill, ModelRunner.decode = init_with_graphs, prefill, decode
+
+
+class _FakeGraphs:
+    """What the engine and the scheduler read of DecodeGraphs: the rows one replay takes."""
+
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+
+    def capture_all(self, lora_variants) -> int:
+        return 0
+
+
+@dataclass
+class _Config:
+    model_dir: Path
+    extra_args: list[str] = field(default_factory=list)
+
+    def args(self) -> list[str]:
+        return ["--model", str(self.model_dir), "--served-model-name", "bench-base", "--device", "cpu",
+                "--quantization", "none", "--max-batch-size", "64", "--max-model-len", "1024",
+                "--max-num-batched-tokens", "4096", "--max-queue-size", "4096", "--log-level", "warning",
+                *self.extra_args]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.serve.__main__ import token_range
+    from bench.serve.load import Traffic, run_async, run_load
+    from bench.serve.modeldir import build_model_dir
+    from bench.serve.process import ServerProcess
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--step-ms", type=float, default=3.0)
+    parser.add_argument("--prefill-us-per-token", type=float, default=6.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--server-arg", action="append", default=[], help="extra `python -m server` flag")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/bench-serve"))
+    parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
+    args = parser.parse_args(argv)
+    model_dir, _ = build_model_dir("tiny", args.cache_dir, "cpu")
+    work = Path(tempfile.mkdtemp(prefix="http-capacity-"))
+    (work / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    repo = Path(__file__).resolve().parent.parent
+    os.environ.update({ENV_STEP_MS: str(args.step_ms), ENV_PREFILL_US: str(args.prefill_us_per_token),
+                       "PYTHONPATH": os.pathsep.join([str(work), str(repo), os.environ.get("PYTHONPATH", "")])})
+    traffic = Traffic(adapters=(), concurrency=args.concurrency, num_requests=args.requests,
+                      prompt_len=args.prompt_len, output_len=args.output_len)
+    with ServerProcess(_Config(model_dir, args.server_arg), work / "server.log") as server:
+        server.start(timeout_s=120)
+        warm = Traffic(adapters=(), concurrency=args.concurrency, num_requests=args.concurrency, prompt_len=16,
+                       output_len=8)
+        run_async(run_load(server.url, warm, token_range("tiny"), "bench-base"))
+        load = run_async(run_load(server.url, traffic, token_range("tiny"), "bench-base"))
+    ideal = args.concurrency * 1e3 / args.step_ms
+    result = {
+        "benchmark": "http_capacity", "date": time.strftime("%Y-%m-%d"), "device": "cpu",
+        "command": "python -m bench.http_capacity " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "load": {k: v for k, v in load.items() if k != "traffic"},
+        "ratios": {"serve_over_ideal": load["tokens_per_s"] / ideal,
+                   "itl_p50_over_step": (load["itl_ms_p50"] or 0) / args.step_ms},
+    }
+    print(json.dumps({k: load[k] for k in ("tokens_per_s", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p99",
+                                           "errors_by_status", "client_cpu_s")}), json.dumps(result["ratios"]))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        tag = "proc" if "--engine-process" in args.server_arg else "thread"
+        (args.out / f"{result['date']}-cpu-http-capacity-c{args.concurrency}-{tag}.json").write_text(
+            json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
