@@ -22,10 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 FAKE_GRAPH_ROWS = 256  # the default cuda_graph_max_rows
 FAKE_TOKEN = 300  # an ordinary merged token of the tiny byte-level BPE vocabulary
@@ -113,16 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="http-capacity-"))
     (work / "sitecustomize.py").write_text(SITECUSTOMIZE)
     repo = Path(__file__).resolve().parent.parent
-    os.environ.update({ENV_STEP_MS: str(args.step_ms), ENV_PREFILL_US: str(args.prefill_us_per_token),
-                       "PYTHONPATH": os.pathsep.join([str(work), str(repo), os.environ.get("PYTHONPATH", "")])})
+    server_env = {ENV_STEP_MS: str(args.step_ms), ENV_PREFILL_US: str(args.prefill_us_per_token),
+                  "PYTHONPATH": os.pathsep.join([str(work), str(repo), os.environ.get("PYTHONPATH", "")])}
     traffic = Traffic(adapters=(), concurrency=args.concurrency, num_requests=args.requests,
                       prompt_len=args.prompt_len, output_len=args.output_len)
-    with ServerProcess(_Config(model_dir, args.server_arg), work / "server.log") as server:
-        server.start(timeout_s=120)
-        warm = Traffic(adapters=(), concurrency=args.concurrency, num_requests=args.concurrency, prompt_len=16,
-                       output_len=8)
-        run_async(run_load(server.url, warm, token_range("tiny"), "bench-base"))
-        load = run_async(run_load(server.url, traffic, token_range("tiny"), "bench-base"))
+    try:
+        with ServerProcess(_Config(model_dir, args.server_arg), work / "server.log") as server:
+            with mock.patch.dict(os.environ, server_env):  # the server's environment only, not this process's
+                server.start(timeout_s=120)
+            warm = Traffic(adapters=(), concurrency=args.concurrency, num_requests=args.concurrency,
+                           prompt_len=16, output_len=8)
+            run_async(run_load(server.url, warm, token_range("tiny"), "bench-base"))
+            load = run_async(run_load(server.url, traffic, token_range("tiny"), "bench-base"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     # The fake model's own time for this load: every stream a token a step, plus each prompt's tokens.
     waves = -(-args.requests // args.concurrency)
     model_s = (waves * args.output_len * args.step_ms / 1e3

@@ -1,0 +1,34 @@
+"""bench.engine_loop on the tiny shape (CPU): the closed loop runs every request, steps are told apart
+by kind, and the prefix probe's hits really come from the cache."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from bench import engine_loop
+
+
+def test_engine_loop_on_tiny(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [
+        "engine_loop", "--model", "tiny", "--device", "cpu", "--adapters", "4", "--concurrency", "8",
+        "--requests", "24", "--prompt-len", "32", "--output-len", "16", "--prefix", "64", "--profile-steps", "4",
+        "--out", str(tmp_path)])
+    engine_loop.main()
+    (path,) = tmp_path.glob("*-tiny-unmerged-loop.json")
+    data = json.loads(path.read_text())
+    loop = data["closed_loop"]
+    assert data["benchmark"] == "engine_loop"
+    assert loop["output_tokens"] == 24 * 16 and loop["requests"] == 24
+    kinds = loop["by_kind"]
+    assert kinds["decode_only"]["count"] > 0 and kinds["decode_only"]["decode_rows_mean"] <= 8
+    assert sum(kind["count"] for kind in kinds.values()) == loop["steps"]
+    prefix = data["prefix"]
+    assert len(prefix["hit_ms"]) == len(prefix["miss_ms"]) == 5
+    assert set(data["ratios"]) == {"closed_over_lockstep_tiny_c8", "engine_prefix_hit_over_miss_tiny"}
+
+
+def test_step_kinds():
+    assert engine_loop.step_kind({"prefill_seqs": 2, "decode_rows": 5}) == "mixed"
+    assert engine_loop.step_kind({"prefill_seqs": 1, "decode_rows": 0}) == "prefill_only"
+    assert engine_loop.step_kind({"prefill_seqs": 0, "decode_rows": 5}) == "decode_only"
