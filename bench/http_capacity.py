@@ -6,10 +6,11 @@
 `serve_over_engine_1b_c32` (issue 13) needs a GPU to measure, and the session's GPU time is short. This
 runs the real server (HTTP, auth, scheduler, sampler, detokenizer, streaming; the engine in a thread or,
 with --server-arg=--engine-process, in its own process) on the tiny random model, with the model's
-forward replaced by a sleep: `step-ms` for a decode step (the H200's 1B batch-32 step is ~3 ms) plus
+forward replaced by a fake device: `step-ms` for a decode step (the H200's 1B batch-32 step is ~3 ms) plus
 `prefill-us-per-token` per prompt token, with the CUDA engine's step shapes (short prefills ride the
-decode step, as in its graph replay; longer ones take an eager step of their own). A sleep releases the
-GIL as the real step's wait on its CUDA event does. The client runs in this process, the server in
+decode step, as in its graph replay; longer ones take an eager step of their own). A forward returns
+at once and the step's one host sync sleeps until the fake device is done, releasing the GIL as the
+real wait on a CUDA event does. The client runs in this process, the server in
 its own, as in bench.serve.
 
 Reports output tok/s, TTFT and ITL, `serve_over_ideal` (tok/s over what the fake model's own time
@@ -44,6 +45,7 @@ def install_fake_model(step_ms: float, prefill_us_per_token: float) -> None:
     """Replace ModelRunner's forwards (in this process) by sleeps that return logits favouring FAKE_TOKEN."""
     import torch
 
+    from server.engine import sampler as sampler_module
     from server.engine.runner import ModelRunner
 
     def logits(runner: ModelRunner, rows: int) -> torch.Tensor:
@@ -54,14 +56,29 @@ def install_fake_model(step_ms: float, prefill_us_per_token: float) -> None:
     def finishing(chunks) -> int:
         return sum(1 for request, n in chunks if request.num_computed_tokens + n == request.prefill_target)
 
+    # Like a GPU, the fake runs beside the host: a forward returns at once and the step's one host
+    # sync (the sampler's host_list) waits until the "device" is done, so host work done between
+    # launch and sync overlaps device time, as it does on CUDA.
+    device_free_at = 0.0
+
+    def launch(seconds: float) -> None:
+        nonlocal device_free_at
+        device_free_at = max(device_free_at, time.perf_counter()) + seconds
+
+    def host_list(tensor):
+        time.sleep(max(0.0, device_free_at - time.perf_counter()))
+        return tensor.tolist()
+
     def prefill(self, chunks):
-        time.sleep(step_ms / 1e3 + prefill_us_per_token * sum(n for _, n in chunks) / 1e6)
+        launch(step_ms / 1e3 + prefill_us_per_token * sum(n for _, n in chunks) / 1e6)
         rows = finishing(chunks)
         return logits(self, rows) if rows else None
 
     def decode(self, requests, chunks=()):  # chunks: short prefills riding the "graph" replay, as on CUDA
-        time.sleep(step_ms / 1e3 + prefill_us_per_token * sum(n for _, n in chunks) / 1e6)
+        launch(step_ms / 1e3 + prefill_us_per_token * sum(n for _, n in chunks) / 1e6)
         return logits(self, len(requests) + finishing(chunks))
+
+    sampler_module.host_list = host_list
 
     init = ModelRunner.__init__
 
