@@ -76,3 +76,25 @@ def test_prefix_preset_on_tiny(tmp_path):
     assert server["serve/prefix_hit"]["server_metrics"]["prefix_cache_hit_tokens"] >= 3 * 96
     assert server["serve/prefix_miss"]["server_metrics"]["prefix_cache_hit_tokens"] == 0
     assert isinstance(data["ratios"]["prefix_hit_ttft_over_miss_tiny"], float)
+
+
+def test_zipf1000_preset_on_tiny(tmp_path):
+    """The many-adapters run: a store seeded with mixed ranks, uniform traffic over the first 32 (here
+    fewer) and Zipf traffic over all of them."""
+    data = run_bench(tmp_path, "--preset", "zipf1000", "--num-adapters", "12")
+    assert data["config"]["num_adapters"] == 12 and data["config"]["ranks"] == [8, 16, 32, 64]
+    server = data["server"]
+    for name in ("uniform32", "zipf1000"):
+        check_load(server[f"serve/{name}"], 6, 5)
+        assert server[f"serve/{name}"]["distinct_adapters"] > 1, name
+    assert isinstance(data["ratios"]["zipf1000_over_uniform32"], float)
+
+
+def test_fairness_preset_on_tiny(tmp_path):
+    """Two tenants: the light one alone, then beside a heavy one that keeps sending all along."""
+    data = run_bench(tmp_path, "--preset", "fairness")
+    server = data["server"]
+    check_load(server["serve/light_alone"], 6, 5)
+    check_load(server["serve/light_with_heavy"], 6, 5)
+    assert server["serve/light_with_heavy"]["background"]["requests_ok"] > 0  # the heavy tenant really ran
+    assert isinstance(data["ratios"]["fair_light_p99_ratio"], float)
