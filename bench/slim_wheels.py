@@ -5,7 +5,7 @@
 `../shared/gpu/wheels.sh` downloads bitsandbytes whole: 42 MB, almost all of it native libraries for
 CUDA 11.8-12.8, ROCm and XPU. The GPU machine runs CUDA 13, so this rewrites the wheel in place with
 only the libraries whose names carry a kept tag (`libbitsandbytes_cpu.so`, `..._cuda130.so`,
-`..._cuda132.so`), and drops the others from its RECORD too (pip installs what RECORD lists). 42 MB -> 4 MB.
+`..._cuda132.so`), and drops the others from its RECORD too (pip installs what RECORD lists). 42 MB -> 7 MB.
 """
 
 from __future__ import annotations
