@@ -92,7 +92,7 @@ class LLMEngine:
                                   use_lora=self.lora_slots is not None,
                                   use_cuda_graphs=settings.cuda_graphs,
                                   max_graph_rows=settings.cuda_graph_max_rows)
-        if self.runner.graphs is not None:
+        if self.runner.graphs is not None and self.runner.prefill_in_graphs:
             self.scheduler.graph_rows = self.runner.graphs.max_rows
         self.metrics = EngineMetrics(self.model_name, self.num_slots, metrics_sink)
         self.metrics.record_config(self.max_model_len, self.kv_cache.block_size, num_blocks,

@@ -48,6 +48,7 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         self.use_lora = use_lora
         self.graphs = None
+        self.prefill_in_graphs = max_graph_rows > 0  # short prefill chunks may ride a decode replay
         if use_cuda_graphs and self.device.type == "cuda":
             from server.engine.cuda_graphs import DecodeGraphs
 
@@ -132,7 +133,8 @@ class ModelRunner:
 
     def graph_fits(self, chunks: list[tuple[Request, int]], requests: list[Request]) -> bool:
         """Whether this step's prefill chunks and decode rows run as one graph replay (one row a token)."""
-        if self.graphs is None or any(r.params.prompt_logprobs is not None for r, _ in chunks):
+        if (self.graphs is None or not self.prefill_in_graphs
+                or any(r.params.prompt_logprobs is not None for r, _ in chunks)):
             return False
         # Row j of a chunk reads its whole context on its own (the decode kernel shares no key tile
         # between rows, as prefill attention does): bound the rows' total context.

@@ -94,6 +94,16 @@ def test_chunked_prompt_and_cached_prefix_hit_in_the_replay_match_peft(tiny_llam
     assert_matches_peft(tiny_llama_dir, tiny_adapters, [first, second], [None, None], rows)
 
 
+def test_no_prefill_rides_a_replay_when_the_setting_is_zero(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=64, cuda_graph_max_rows=0)
+    replay = replaying(engine)
+    request = greedy([1, 2, 3], 4)
+    engine.add_request(request)
+    while engine.has_unfinished():
+        engine.step()
+    assert replay.chunk_rows == 0 and len(request.output_token_ids) == 4
+
+
 def test_steps_too_big_for_a_replay_and_prompt_logprobs_run_eagerly(tiny_llama_dir):
     engine = make_engine(tiny_llama_dir, kv_cache_blocks=64)
     replay = replaying(engine, max_rows=8)
