@@ -98,9 +98,11 @@ def build(preset: str, knobs: Knobs) -> Scenario:
         n = num or 32
         phase = Phase("unmerged", "unmerged", [
             # One pass over every adapter first: the engine reference warms up too (its slots loaded).
-            Load("warmup", replace(greedy, num_requests=2 * n, output_len=16), n),
+            # Each load has prompts of its own (seed): a prompt sent before would prefill from the prefix
+            # cache, which the engine reference runs without.
+            Load("warmup", replace(greedy, num_requests=2 * n, output_len=16, seed=greedy.seed + 1), n),
             Load("greedy", greedy, n, engine=True),
-            Load("sampled", replace(greedy, temperature=1.0, top_p=0.9), n, engine=True),
+            Load("sampled", replace(greedy, temperature=1.0, top_p=0.9, seed=greedy.seed + 2), n, engine=True),
         ], upload_probes=4)
         return Scenario(preset, n, knobs.ranks or [16], [phase])
     if preset == "lora-modes":

@@ -45,6 +45,9 @@ def test_c32_preset_on_tiny(tmp_path):
         assert engine[f"unmerged/{name}"]["tokens_per_s"] > 0
         assert engine[f"unmerged/{name}"]["decode_step_ms_median"] > 0
     assert server["unmerged/sampled"]["traffic"]["temperature"] == 1.0
+    # Fresh prompts per load: none may prefill from blocks an earlier load cached.
+    seeds = [server[f"unmerged/{name}"]["traffic"]["seed"] for name in ("warmup", "greedy", "sampled")]
+    assert len(set(seeds)) == 3
     assert server["unmerged/upload_to_usable"]["count"] == 4
     assert server["unmerged/upload_to_usable"]["upload_to_first_token_ms_p50"] > 0
     assert server["unmerged/start"]["exit_code"] == 0  # drained and stopped cleanly
