@@ -21,6 +21,7 @@ adapter or the base model arrives, auto unmerges before the next step: nothing w
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 PRIOR_LORA_FRACTION = 0.10  # LoRA share of an unmerged step before anything is measured
@@ -34,6 +35,7 @@ class AutoModePolicy:
     unmerged_step_s: float | None = None  # decode steps with LoRA rows
     merged_step_s: float | None = None
     swap_s: float = 0.0  # one swap (in or out)
+    single_demand: tuple[Hashable, int] = (None, 0)  # (the one adapter all demand is for, steps so far)
 
     def record_step(self, merged: bool, seconds: float) -> None:
         if merged:
@@ -51,6 +53,13 @@ class AutoModePolicy:
         if self.merged_step_s is None:
             return PRIOR_LORA_FRACTION * self.unmerged_step_s
         return max(0.0, self.unmerged_step_s - self.merged_step_s)
+
+    def demand_lasted(self, key: Hashable) -> int:
+        """Steps before this one that all demand was already for adapter `key` (None: mixed demand, or
+        the base model; the count starts over)."""
+        lasted = self.single_demand[1] + 1 if key is not None and self.single_demand[0] == key else 0
+        self.single_demand = (key, lasted)
+        return lasted
 
     def should_merge(self, remaining_steps: int, lasted_steps: int = 0) -> bool:
         """Merge now, given that the current demand (one adapter) lasts at least `remaining_steps` more

@@ -14,8 +14,13 @@ import logging
 
 import torch
 
+from server.model.host_device import to_device
+
 log = logging.getLogger(__name__)
 
+# The per-row inputs of a decode step (and of prefill chunks riding it), in decode_rows' order.
+DECODE_ROW_FIELDS = {"input_ids": torch.long, "positions": torch.long, "slot_mapping": torch.long,
+                     "context_lens": torch.int32, "lora_slots": torch.int32}
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
@@ -52,9 +57,6 @@ class DecodeGraphs:
         stream sync: the host may run ahead of the GPU), then device-side copies. Block tables go as
         one row per sequence, only as wide as the longest, and are gathered per row on the device: the
         columns past that width keep stale entries, which no row's context length reaches."""
-        from server.engine.runner import DECODE_ROW_FIELDS
-        from server.model.host_device import to_device
-
         width = max(1, max(len(t) for t in tables))
         flat = sum(rows, []) + [block for t in tables for block in t + [0] * (width - len(t))]
         values = to_device(flat, torch.long, self.runner.device)

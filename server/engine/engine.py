@@ -83,7 +83,6 @@ class LLMEngine:
         self._draining_key: tuple[str, int] | None = None  # adapter refused new work until its slot frees
         self.swapper = None if self.mode is LoraMode.UNMERGED else MergedSwapper(self.model)
         self.auto_policy = AutoModePolicy()
-        self._single_demand: tuple[tuple[str, int] | None, int] = (None, 0)  # (adapter key, steps it was all)
         self.scheduler = Scheduler(self.kv_cache, settings.max_batch_size, settings.max_num_batched_tokens,
                                    self._admit, self._release,
                                    self._prefix_space if settings.enable_prefix_caching else None,
@@ -92,8 +91,7 @@ class LLMEngine:
                                   use_lora=self.lora_slots is not None,
                                   use_cuda_graphs=settings.cuda_graphs,
                                   max_graph_rows=settings.cuda_graph_max_rows)
-        if self.runner.graphs is not None and self.runner.prefill_in_graphs:
-            self.scheduler.graph_rows = self.runner.graphs.max_rows
+        self.scheduler.graph_rows = self.runner.graph_prefill_rows
         self.metrics = EngineMetrics(self.model_name, self.num_slots, metrics_sink)
         self.metrics.record_config(self.max_model_len, self.kv_cache.block_size, num_blocks,
                                    str(self.model.dtype).removeprefix("torch."),
@@ -173,13 +171,8 @@ class LLMEngine:
             for request, _ in batch.prefill:
                 if request.num_computed_tokens == request.num_prefix_hit_tokens:  # its first chunk
                     self.metrics.record_scheduled(request)
-            # Short chunks ride the decode graph with the decode rows: one replay for the whole step.
-            fused = self.runner.graph_fits(batch.prefill, batch.decode)
-            try:
-                if fused:
-                    logits = self.runner.decode(batch.decode, batch.prefill)
-                else:
-                    logits = self.runner.prefill(batch.prefill)
+            try:  # fused: short chunks rode the decode graph's replay with the decode rows
+                logits, fused = self.runner.prefill_step(batch.prefill, batch.decode)
             except torch.cuda.OutOfMemoryError:
                 # A long prompt ran out of memory: fail the requests of this prefill only; the decode
                 # batch (its memory already in the KV cache and captured graphs) carries on.
@@ -330,12 +323,10 @@ class LLMEngine:
                     else:
                         request.slot = slot
             return
-        if len(keys) != 1 or demand[0].adapter is None:
-            self._single_demand = (None, 0)
+        single = demand[0].adapter_key if len(keys) == 1 and demand[0].adapter is not None else None
+        lasted = self.auto_policy.demand_lasted(single)
+        if single is None:
             return
-        key = demand[0].adapter_key
-        lasted = self._single_demand[1] + 1 if self._single_demand[0] == key else 0
-        self._single_demand = (key, lasted)
         remaining = max(r.params.max_tokens - len(r.output_token_ids) for r in demand)
         if not self.auto_policy.should_merge(remaining, lasted):
             return

@@ -15,6 +15,7 @@ import logging
 
 import torch
 
+from server.engine.cuda_graphs import DECODE_ROW_FIELDS, DecodeGraphs
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request
 from server.model.host_device import host_list, to_device
@@ -30,9 +31,6 @@ PROMPT_LOGPROB_ROWS = 256
 # 64k token-rows x 128 KiB of K/V per token = 8.6 GB, ~2 ms; a 16-token cached-prefix hit after 2,048
 # tokens is 33k).
 GRAPH_CONTEXT_ROWS = 1 << 16
-# The per-row inputs of a decode step (and of prefill chunks riding it), in decode_rows' order.
-DECODE_ROW_FIELDS = {"input_ids": torch.long, "positions": torch.long, "slot_mapping": torch.long,
-                     "context_lens": torch.int32, "lora_slots": torch.int32}
 
 
 class ModelRunner:
@@ -50,13 +48,19 @@ class ModelRunner:
         self.graphs = None
         self.prefill_in_graphs = max_graph_rows > 0  # short prefill chunks may ride a decode replay
         if use_cuda_graphs and self.device.type == "cuda":
-            from server.engine.cuda_graphs import DecodeGraphs
-
             self.graphs = DecodeGraphs(self, max(max_batch_size, max_graph_rows))
 
     def _slot_index(self, request: Request, position: int) -> int:
         block = request.block_ids[position // self.block_size]
         return block * self.block_size + position % self.block_size
+
+    def prefill_step(self, chunks: list[tuple[Request, int]],
+                     requests: list[Request]) -> tuple[torch.Tensor | None, bool]:
+        """Run `chunks`: in one decode-graph replay with `requests` when they fit (True: the logits are
+        the finishing chunks' rows, then one per request, whose decode is then done), else eagerly."""
+        if self.graph_fits(chunks, requests):
+            return self.decode(requests, chunks), True
+        return self.prefill(chunks), False
 
     @torch.inference_mode()
     def prefill(self, chunks: list[tuple[Request, int]]) -> torch.Tensor | None:
@@ -131,15 +135,20 @@ class ModelRunner:
         meta = make_lora_meta([n for _, n, _ in segments], [s for _, _, s in segments], self.device)
         return LoraContext(meta=meta, host_segments=segments)
 
+    @property
+    def graph_prefill_rows(self) -> int:
+        """Rows of the largest replay that prefill chunks may ride (0: they never do); the scheduler sizes
+        its prefill budget beside decode rows by it."""
+        return self.graphs.max_rows if self.graphs is not None and self.prefill_in_graphs else 0
+
     def graph_fits(self, chunks: list[tuple[Request, int]], requests: list[Request]) -> bool:
         """Whether this step's prefill chunks and decode rows run as one graph replay (one row a token)."""
-        if (self.graphs is None or not self.prefill_in_graphs
-                or any(r.params.prompt_logprobs is not None for r, _ in chunks)):
+        if any(r.params.prompt_logprobs is not None for r, _ in chunks):
             return False
         # Row j of a chunk reads its whole context on its own (the decode kernel shares no key tile
         # between rows, as prefill attention does): bound the rows' total context.
         context = sum(n * r.num_computed_tokens + n * (n + 1) // 2 for r, n in chunks)
-        return len(requests) + sum(n for _, n in chunks) <= self.graphs.max_rows and context <= GRAPH_CONTEXT_ROWS
+        return len(requests) + sum(n for _, n in chunks) <= self.graph_prefill_rows and context <= GRAPH_CONTEXT_ROWS
 
     def decode_rows(self, requests: list[Request], padded: int,
                     chunks: list[tuple[Request, int]] = ()) -> tuple[list[list[int]], list[list[int]]]:
