@@ -48,10 +48,17 @@ class Settings(BaseSettings):
     auth_file: Path | None = Field(
         None, description="TOML or YAML keys file (`loraplex keys add`); unset = open mode, loopback only"
     )
-    max_slots: int = Field(8, ge=1, le=256, description="distinct adapters in one batch (GPU slots)")
+    max_slots: int = Field(
+        8, ge=1, le=4096, description="GPU adapter memory when adapter_gpu_memory_bytes is unset: room for this many "
+        "adapters of max_rank (smaller ranks fit more: the pool is sized in rank units)"
+    )
     adapter_gpu_memory_bytes: int | None = Field(
-        None, ge=1, description="GPU memory for adapter slots: as many max_rank slots as fit (at most 256) "
-        "instead of max_slots; unset = max_slots"
+        None, ge=1, description="GPU memory for the adapter rank pool; unset = the larger of max_slots x max_rank and "
+        "adapter_gpu_memory_fraction of free GPU memory"
+    )
+    adapter_gpu_memory_fraction: float = Field(
+        0.05, ge=0.0, le=0.5, description="unset adapter_gpu_memory_bytes on CUDA: this share of the free GPU memory "
+        "at start-up, taken before the KV cache"
     )
     max_cpu_adapters: int | None = Field(
         None, ge=1, description="optional count cap on the CPU adapter tier, besides cpu_adapter_cache_bytes"
@@ -59,7 +66,9 @@ class Settings(BaseSettings):
     cpu_adapter_cache_bytes: int = Field(
         4 * 1024**3, ge=0, description="bytes of adapter weights kept in CPU memory (pinned on CUDA; LRU; 4 GiB)"
     )
-    max_rank: int = Field(64, ge=1, le=512, description="largest accepted LoRA rank (sizes the GPU slots)")
+    max_rank: int = Field(
+        64, ge=1, le=512, description="largest accepted LoRA rank (sizes the kernels' tiles and scratch)"
+    )
     lora_mode: LoraMode = Field(
         LoraMode.UNMERGED, description="unmerged: mixed batches; merged: one adapter merged and hot-swapped; auto"
     )
@@ -108,9 +117,10 @@ class Settings(BaseSettings):
         None, ge=1, description=f"prompt characters, checked before tokenizing; default "
         f"{PROMPT_CHARS_PER_TOKEN} x max_model_len"
     )
-    engine_process: bool = Field(
-        False, description="run the engine core (scheduler, model, sampler) in its own process, talking to "
-        "the HTTP process over ZeroMQ; off: the engine runs in a thread of the HTTP process"
+    engine_process: bool | None = Field(
+        None, description="run the engine core (scheduler, model, sampler) in its own process, talking to "
+        "the HTTP process over ZeroMQ; off: the engine runs in a thread of the HTTP process; unset: on with "
+        "CUDA (H200, 1B, 32 streams: 0.69 of the engine's tok/s against 0.45 in a thread), off on the CPU"
     )
     gil_switch_interval_ms: float | None = Field(
         None, gt=0, description="sys.setswitchinterval of the server process in ms (unset: Python's 5 ms); "
@@ -171,7 +181,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         flag, help_text = settings_help.flag_name(name), settings_help.help_text(name, field)
         metavar = settings_help.metavar(field)
-        if field.annotation is bool:
+        if field.annotation in (bool, bool | None):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif name == "allowed_adapter_dirs":
             parser.add_argument(flag, dest=name, action="append", default=None, metavar=metavar,

@@ -20,7 +20,7 @@ from server.engine.async_engine import AsyncEngine
 from server.engine.client import EngineProcessClient
 from server.engine.engine import LLMEngine
 from server.engine.request import FinishReason
-from server.model.loader import LOAD_PROGRESS, LoadedModel, load_model, load_model_info
+from server.model.loader import LOAD_PROGRESS, LoadedModel, load_model, load_model_info, resolve_device
 from server.registry import AdapterRegistry, pin_memory_available
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,11 @@ class ServerState:
         LOAD_PROGRESS.reset()
         if settings.gil_switch_interval_ms is not None:
             sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-        if loaded is None and settings.engine_process:
+        # Unset engine_process: its own process on CUDA, where the HTTP loop's work would otherwise stall the
+        # GPU's feeding (bench/NOTES.md); a thread on the CPU, and whenever the caller hands in a loaded model.
+        use_process = settings.engine_process if settings.engine_process is not None else (
+            loaded is None and resolve_device(settings.device).type == "cuda")
+        if loaded is None and use_process:
             loaded = load_model_info(settings.model, cache_dir=settings.cache_dir,
                                      served_model_name=settings.served_model_name)
         elif loaded is None:
@@ -95,8 +99,8 @@ class ServerState:
         metrics.adapter_requests.max_adapters = settings.metrics_max_adapters
         self.registry = AdapterRegistry(self.store, settings.max_cpu_adapters, pin_memory_available(),
                                         on_load=self._on_adapter_load, max_bytes=settings.cpu_adapter_cache_bytes,
-                                        on_evict=self._on_adapter_evict, load_weights=not settings.engine_process)
-        if settings.engine_process:
+                                        on_evict=self._on_adapter_evict, load_weights=not use_process)
+        if use_process:
             engine = EngineProcessClient(settings, loaded.tokenizer, self.model_id, loaded.hf_dir,
                                          self.engine_core_target)
         else:

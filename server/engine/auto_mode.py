@@ -15,17 +15,23 @@ has been this one adapter already: traffic that keeps coming (new requests repla
 seen by the current requests' remaining tokens alone as always about to end, so it would never merge.
 Counting the steps already spent is the ski-rental rule: by the time the merge pays off, the steps
 lost unmerged equal the swap cost, so auto is never worse than about twice the best choice in hindsight,
-and on lasting single-adapter traffic it runs merged nearly all the time. As soon as a request for another
+and on lasting single-adapter traffic it runs merged nearly all the time. The arrivals say sooner that
+traffic is steady: when the last ARRIVAL_WINDOW requests all named the adapter all demand is for, auto
+merges at once (with Zipf(1.0) over 32 adapters, 16 arrivals in a row for the most popular one happen
+with odds of about 1 in 10^10; a wrong guess costs two swaps). As soon as a request for another
 adapter or the base model arrives, auto unmerges before the next step: nothing waits for a drain.
+The swap cost is known before traffic: the engine times a warm-up swap at start-up (MergedSwapper.warm_up).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PRIOR_LORA_FRACTION = 0.10  # LoRA share of an unmerged step before anything is measured
 EMA_WEIGHT = 0.2
+ARRIVAL_WINDOW = 16  # arrivals in a row for one adapter that make its traffic steady
 
 
 @dataclass
@@ -36,6 +42,14 @@ class AutoModePolicy:
     merged_step_s: float | None = None
     swap_s: float = 0.0  # one swap (in or out)
     single_demand: tuple[Hashable, int] = (None, 0)  # (the one adapter all demand is for, steps so far)
+    arrivals: deque = field(default_factory=lambda: deque(maxlen=ARRIVAL_WINDOW))  # adapter keys, newest last
+
+    def record_arrival(self, key: Hashable) -> None:
+        self.arrivals.append(key)
+
+    def is_steady(self, key: Hashable) -> bool:
+        """Whether the last ARRIVAL_WINDOW arrivals all named adapter `key`."""
+        return len(self.arrivals) == ARRIVAL_WINDOW and all(k == key for k in self.arrivals)
 
     def record_step(self, merged: bool, seconds: float) -> None:
         if merged:
@@ -61,9 +75,11 @@ class AutoModePolicy:
         self.single_demand = (key, lasted)
         return lasted
 
-    def should_merge(self, remaining_steps: int, lasted_steps: int = 0) -> bool:
+    def should_merge(self, remaining_steps: int, lasted_steps: int = 0, steady: bool = False) -> bool:
         """Merge now, given that the current demand (one adapter) lasts at least `remaining_steps` more
-        steps and has lasted `lasted_steps` steps so far."""
+        steps and has lasted `lasted_steps` steps so far; `steady`: its arrivals say it goes on."""
+        if steady and self.gain_per_step_s > 0.0:
+            return remaining_steps > 1
         if self.swap_s == 0.0:
             return remaining_steps > 1  # never measured: merge once to learn the costs
         return self.gain_per_step_s * max(remaining_steps, lasted_steps) > 2.0 * self.swap_s

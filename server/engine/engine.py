@@ -24,15 +24,16 @@ from server.engine.grammar import GrammarBackend
 from server.engine.guard import empty_cuda_cache
 from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
 from server.engine.metric_sink import DeltaSink, PrometheusSink
+from server.engine.rank_pool import block_size
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingError
 from server.engine.runner import ModelRunner
 from server.engine.sampler import SampledTokens, Sampler
 from server.engine.scheduler import Admission, Scheduler
-from server.engine.setup import adapter_device_nbytes, eos_ids, num_adapter_slots, tenant_counters
+from server.engine.setup import adapter_pool_units, eos_ids, tenant_counters
 from server.engine.slot_table import SLOT_LOADING, SlotTable
 from server.engine.stats import EngineMetrics
 from server.model.loader import LoadedModel, load_phase
-from server.model.lora import LoraSlots
+from server.model.lora import LoraSlots, max_adapter_rank
 from server.model.merge import MergedSwapper
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,22 @@ class LLMEngine:
         self.model_name = loaded.model_id
         cfg = loaded.config
         self.max_model_len = min(settings.max_model_len, cfg.max_position_embeddings)
+        self.mode = settings.lora_mode
+        self.merged_active = self.mode is LoraMode.MERGED
+        pool_units = adapter_pool_units(self.model, settings)
+        self._unit_nbytes = LoraSlots.rank_nbytes(self.model)
+        self.slot_table = SlotTable(pool_units, self._load_slot, self._slot_loaded,
+                                    on_evicted=self._slot_evicted, rank_of=max_adapter_rank)
+        # Adapters of max_rank the pool holds: at least this many distinct adapters fit (vLLM's max_loras,
+        # reported as max_lora); smaller ranks fit more.
+        self.num_slots = pool_units // block_size(settings.max_rank)
+        if self.mode is LoraMode.MERGED:
+            self.lora_slots = None
+        else:  # before the KV cache, which takes a share of what is left
+            with load_phase("adapter pool", f"{pool_units} rank units, "
+                            f"{pool_units * self._unit_nbytes / 2**20:.0f} MiB"):
+                self.lora_slots = LoraSlots(self.model, pool_units, settings.max_rank,
+                                            self.slot_table.num_slots)
         per_block = bytes_per_block(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.model.dtype)
         num_blocks = choose_num_blocks(
             settings.kv_cache_blocks, settings.kv_cache_memory_fraction, per_block, self.model.device,
@@ -71,18 +88,12 @@ class LLMEngine:
             # One sequence must always fit, or preempting everything else could never make room.
             self.max_model_len = self.kv_cache.num_usable_blocks * self.kv_cache.block_size
             log.warning("KV cache holds %d tokens: max_model_len lowered to that", self.max_model_len)
-        self.mode = settings.lora_mode
-        self.merged_active = self.mode is LoraMode.MERGED
-        self.num_slots = num_adapter_slots(self.model, settings)
-        self.lora_slots = None if self.mode is LoraMode.MERGED else LoraSlots(
-            self.model, self.num_slots, settings.max_rank
-        )
-        self.slot_table = SlotTable(self.num_slots, self._load_slot, self._slot_loaded,
-                                    on_evicted=self._slot_evicted)
-        self._slot_nbytes = [0] * self.num_slots  # device bytes of the adapter in (or loading into) each slot
         self._draining_key: tuple[str, int] | None = None  # adapter refused new work until its slot frees
         self.swapper = None if self.mode is LoraMode.UNMERGED else MergedSwapper(self.model)
         self.auto_policy = AutoModePolicy()
+        if self.swapper is not None:
+            with load_phase("merge warm-up", "a zero adapter swapped in and out: kernels built, a swap timed"):
+                self.auto_policy.record_swap(self.swapper.warm_up())
         self.scheduler = Scheduler(self.kv_cache, settings.max_batch_size, settings.max_num_batched_tokens,
                                    self._admit, self._release,
                                    self._prefix_space if settings.enable_prefix_caching else None,
@@ -113,8 +124,8 @@ class LLMEngine:
             graphs = self.runner.graphs
             with load_phase("cuda graphs", f"decode steps of up to {graphs.max_rows} rows"):
                 graphs.capture_all((False, True) if self.runner.use_lora else (False,))
-        log.info("engine ready: %d KV blocks (%.1f MiB), mode=%s, slots=%d",
-                 num_blocks, num_blocks * per_block / 2**20, self.mode.value, self.num_slots)
+        log.info("engine ready: %d KV blocks (%.1f MiB), mode=%s, adapter pool=%d rank units",
+                 num_blocks, num_blocks * per_block / 2**20, self.mode.value, self.slot_table.pool.capacity)
 
     # ---- public surface -------------------------------------------------------------------------
 
@@ -130,6 +141,7 @@ class LLMEngine:
         if any(t < 0 or t >= self.model.config.vocab_size for t in request.prompt_token_ids):
             raise SamplingError("prompt token id out of vocabulary range")
         request.params.validate_token_ids(self.model.config.vocab_size)
+        self.auto_policy.record_arrival(request.adapter_key)
         self._by_id[request.request_id] = request
         self.scheduler.add(request)
 
@@ -268,19 +280,15 @@ class LLMEngine:
         tenant = request.tenant if self.prefix_per_tenant else None
         return namespace(request.adapter_key, merged, request.params.cache_salt, tenant)
 
-    def _load_slot(self, slot: int, weights):
-        self._slot_nbytes[slot] = 0
-        done = self.lora_slots.load(slot, weights)
-        self._slot_nbytes[slot] = adapter_device_nbytes(weights, self.model.dtype)
-        return done
+    def _load_slot(self, slot: int, offset: int, weights):
+        return self.lora_slots.load(slot, offset, weights)
 
     def _slot_loaded(self, seconds: float) -> None:
         self.metrics.record_swap("unmerged", seconds)
         self.metrics.record_tier_load("gpu")
         table = self.slot_table
-        self.metrics.record_resident("gpu", table.num_resident, sum(
-            n for n, key in zip(self._slot_nbytes, table.slot_to_key, strict=True) if key is not None
-        ))
+        self.metrics.record_resident("gpu", table.num_resident,
+                                     table.pool.used * self._unit_nbytes)
 
     def _slot_evicted(self, key) -> None:
         self.metrics.record_evictions("gpu")
@@ -328,7 +336,7 @@ class LLMEngine:
         if single is None:
             return
         remaining = max(r.params.max_tokens - len(r.output_token_ids) for r in demand)
-        if not self.auto_policy.should_merge(remaining, lasted):
+        if not self.auto_policy.should_merge(remaining, lasted, self.auto_policy.is_steady(single)):
             return
         for request in self.scheduler.running:  # their rows now read the merged weights, not a slot
             if request.slot >= 0:

@@ -1,5 +1,5 @@
-"""What the engine derives from its Settings and model when it is built: adapter slot count, adapter
-bytes on the device, fair-scheduling state, end-of-sequence ids."""
+"""What the engine derives from its Settings and model when it is built: the adapter pool's size
+(in rank units), fair-scheduling state, end-of-sequence ids."""
 
 from __future__ import annotations
 
@@ -8,27 +8,26 @@ import torch
 from server.api.auth import tenant_policies
 from server.config import Settings
 from server.engine.fairness import TenantCounters, TenantPolicy
+from server.engine.rank_pool import block_size
 from server.model.lora import LoraSlots
 
-MAX_ADAPTER_SLOTS = 256
 
-
-def num_adapter_slots(model, settings: Settings) -> int:
-    """GPU adapter slots: max_slots, or as many max_rank slots as adapter_gpu_memory_bytes holds."""
+def adapter_pool_units(model, settings: Settings) -> int:
+    """Rank units of the GPU adapter pool (`rank_pool`): adapter_gpu_memory_bytes over the bytes of one
+    unit, or, unset, room for max_slots adapters of max_rank, or (CUDA) adapter_gpu_memory_fraction of
+    the free device memory if that is more. Raises if it cannot hold one adapter of max_rank."""
+    per_unit = LoraSlots.rank_nbytes(model)
     budget = settings.adapter_gpu_memory_bytes
     if budget is None:
-        return settings.max_slots
-    per_slot = LoraSlots.slot_nbytes(model, settings.max_rank)
-    if budget < per_slot:
-        raise ValueError(f"adapter_gpu_memory_bytes ({budget}) holds no adapter slot: one slot of max_rank "
-                         f"{settings.max_rank} takes {per_slot} bytes; raise it or lower max_rank")
-    return min(MAX_ADAPTER_SLOTS, budget // per_slot)
-
-
-def adapter_device_nbytes(weights, dtype: torch.dtype) -> int:
-    """Bytes an adapter's A and B take on the device in the model's dtype (before slot padding)."""
-    element = torch.tensor([], dtype=dtype).element_size()
-    return sum((a.numel() + b.numel()) * element for a, b in weights.tensors.values())
+        budget = settings.max_slots * settings.max_rank * per_unit
+        if model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(model.device)
+            budget = max(budget, int(free * settings.adapter_gpu_memory_fraction))
+    units = budget // per_unit
+    if units < block_size(settings.max_rank):
+        raise ValueError(f"adapter_gpu_memory_bytes ({budget}) holds no adapter of max_rank {settings.max_rank}: "
+                         f"that takes {block_size(settings.max_rank) * per_unit} bytes; raise it or lower max_rank")
+    return units
 
 
 def tenant_counters(settings: Settings) -> TenantCounters:

@@ -1,4 +1,4 @@
-"""Which adapter version sits in which GPU slot, who uses it, and which slot to evict next."""
+"""Which adapter version sits in which GPU slot and where in the rank pool, who uses it, what to evict."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from server.engine.rank_pool import MIN_BLOCK, RankPool, block_size
+
 AdapterKey = tuple[str, int]  # (name, version)
 SLOT_LOADING = -2  # acquire(): the adapter's copy into its slot is still in flight; ask again next step
+MAX_SLOT_IDS = 4096  # adapters resident at once, whatever their ranks (the kernels' slot tables hold this many)
 
 
 class CopyDone(Protocol):
@@ -29,32 +32,42 @@ class _Load:
 
 
 class SlotTable:
-    """Maps adapter versions to `max_slots` preallocated slots with reference counts and LRU eviction.
+    """Maps adapter versions to slots, and slots to blocks of a `capacity`-unit rank pool, with reference
+    counts and least-recently-used eviction (`rank_pool.RankPool` places the blocks).
 
-    A slot is reused only when no running request holds it, so a request always finishes on the
-    weights it was admitted with, even if its adapter was replaced or deleted meanwhile.
+    An adapter of rank r takes `block_size(r)` units (`rank_of(weights)` gives r). A slot's block is
+    reused only when no running request holds the slot, so a request always finishes on the weights it
+    was admitted with, even if its adapter was replaced or deleted meanwhile. A slot id is only a handle:
+    there are enough of them for a pool full of the smallest blocks, up to MAX_SLOT_IDS; past that, a
+    load first evicts the least recently used idle adapter to free an id.
 
-    `load_fn(slot, weights)` copies an adapter into a slot. It may return a `CopyDone` (CUDA: the copy
-    runs on a side stream); the slot then counts as loading, never as a victim, and `acquire` answers
-    SLOT_LOADING until the copy is done, so the request waits while the running batch carries on.
-    `load_fn` returning None means the copy is complete (CPU): acquire then behaves synchronously.
-    `on_loaded(seconds)` is called when a load completes, with the time from issue to observed completion;
-    `on_evicted(key)` when a slot's adapter is replaced.
+    `load_fn(slot, offset, weights)` copies an adapter into the pool at `offset` and points `slot` there.
+    It may return a `CopyDone` (CUDA: the copy runs on a side stream); the slot then counts as loading,
+    never as a victim, and `acquire` answers SLOT_LOADING until the copy is done, so the request waits
+    while the running batch carries on. `load_fn` returning None means the copy is complete (CPU):
+    acquire then behaves synchronously. `on_loaded(seconds)` is called when a load completes, with the
+    time from issue to observed completion; `on_evicted(key)` when an adapter leaves the pool.
     """
 
-    def __init__(self, max_slots: int, load_fn: Callable[[int, object], CopyDone | None],
+    def __init__(self, capacity: int, load_fn: Callable[[int, int, object], CopyDone | None],
                  on_loaded: Callable[[float], None] | None = None, clock: Callable[[], float] = time.perf_counter,
-                 on_evicted: Callable[[AdapterKey], None] | None = None):
-        self.max_slots = max_slots
+                 on_evicted: Callable[[AdapterKey], None] | None = None,
+                 rank_of: Callable[[object], int] = lambda weights: MIN_BLOCK):
+        self.pool = RankPool(capacity)
+        self.num_slots = min(MAX_SLOT_IDS, capacity // MIN_BLOCK)
         self._load_fn = load_fn
         self._on_loaded = on_loaded
         self._on_evicted = on_evicted
+        self._rank_of = rank_of
         self._clock = clock
-        self.slot_to_key: list[AdapterKey | None] = [None] * max_slots
-        self._refcount = [0] * max_slots
-        self._last_used = [0.0] * max_slots
+        self.slot_to_key: list[AdapterKey | None] = [None] * self.num_slots
+        self.slot_offset: list[int | None] = [None] * self.num_slots  # None: the slot id is free
+        self._slot_at: dict[int, int] = {}  # block offset -> slot
+        self._refcount = [0] * self.num_slots
+        self._last_used = [0.0] * self.num_slots
         self._loading: dict[int, _Load] = {}  # slot -> copy in flight
         self._pinned: set[AdapterKey] = set()
+        self._uses = 0  # logical clock of acquires, releases and loads: LRU order without timer ties
         self.num_loads = 0
         self.last_load_seconds = 0.0
 
@@ -63,9 +76,6 @@ class SlotTable:
             return self.slot_to_key.index(key)
         except ValueError:
             return None
-
-    def can_acquire(self, key: AdapterKey) -> bool:
-        return self.slot_of(key) is not None or self._victim() is not None
 
     def acquire(self, key: AdapterKey, weights, wait: bool = False) -> int | None:
         """Slot holding `key` with one more user, loading it if needed; SLOT_LOADING while its copy is in
@@ -81,7 +91,7 @@ class SlotTable:
         if not self._is_ready(slot):
             return SLOT_LOADING
         self._refcount[slot] += 1
-        self._last_used[slot] = time.monotonic()
+        self._last_used[slot] = self._tick()
         return slot
 
     def prefetch(self, key: AdapterKey, weights) -> bool:
@@ -94,24 +104,53 @@ class SlotTable:
         return slot is not None and slot in self._loading and not self._is_ready(slot)
 
     def _start_load(self, key: AdapterKey, weights) -> int | None:
-        slot = self._victim()
-        if slot is None:
+        size = block_size(self._rank_of(weights))
+        if None not in self.slot_offset:  # every id taken (a huge pool of small adapters): free the oldest
+            idle = [s for s in range(self.num_slots) if self._is_evictable(s)]
+            if not idle:
+                return None
+            self._evict(min(idle, key=lambda s: self._last_used[s]))
+        placement = self.pool.place(size, lambda o: self._is_evictable(self._slot_at[o]),
+                                    lambda o: self._last_used[self._slot_at[o]])
+        if placement is None:
             return None
+        offset, victims = placement
+        for victim in victims:
+            self._evict(self._slot_at[victim])
+        slot = self.slot_offset.index(None)
         start = self._clock()
-        evicted = self.slot_to_key[slot]
-        if evicted is not None and self._on_evicted is not None:
-            self._on_evicted(evicted)
-        self.slot_to_key[slot] = None  # not valid while the copy runs (or if it fails)
-        done = self._load_fn(slot, weights)
+        self.pool.allocate(offset, size)
+        self._slot_at[offset] = slot
+        self.slot_offset[slot] = offset
+        try:
+            done = self._load_fn(slot, offset, weights)
+        except BaseException:
+            self._evict(slot, notify=False)  # nothing valid was loaded: the block is free again
+            raise
         self.slot_to_key[slot] = key
         self._refcount[slot] = 0
-        self._last_used[slot] = time.monotonic()
+        self._last_used[slot] = self._tick()
         self.num_loads += 1
         if done is None:
             self._finish_load(self._clock() - start)
         else:
             self._loading[slot] = _Load(done, weights, start)
         return slot
+
+    def _evict(self, slot: int, notify: bool = True) -> None:
+        key = self.slot_to_key[slot]
+        if notify and key is not None and self._on_evicted is not None:
+            self._on_evicted(key)
+        offset = self.slot_offset[slot]
+        self.pool.free(offset)
+        del self._slot_at[offset]
+        self.slot_to_key[slot] = None
+        self.slot_offset[slot] = None
+        self._refcount[slot] = 0
+
+    def _tick(self) -> float:
+        self._uses += 1
+        return float(self._uses)
 
     def _is_ready(self, slot: int) -> bool:
         load = self._loading.get(slot)
@@ -132,7 +171,7 @@ class SlotTable:
         slot = self.slot_of(key)
         if slot is not None and self._refcount[slot] > 0:
             self._refcount[slot] -= 1
-            self._last_used[slot] = time.monotonic()
+            self._last_used[slot] = self._tick()
 
     def pin(self, key: AdapterKey) -> None:
         """Never evict `key` once loaded (for latency-critical adapters)."""
@@ -141,21 +180,19 @@ class SlotTable:
     def unpin(self, key: AdapterKey) -> None:
         self._pinned.discard(key)
 
-    def _victim(self) -> int | None:
-        """An empty slot, else the least recently used unreferenced, unpinned, not loading one."""
-        if None in self.slot_to_key:
-            return self.slot_to_key.index(None)
-        idle = [s for s in range(self.max_slots) if self._is_evictable(s)]
-        return min(idle, key=lambda s: self._last_used[s]) if idle else None
-
     def _is_evictable(self, slot: int) -> bool:
         return (self._refcount[slot] == 0 and self.slot_to_key[slot] not in self._pinned
                 and slot not in self._loading)
 
+    def block_units(self, slot: int) -> int:
+        """Rank units of the pool the slot's block takes (0 for a free slot id)."""
+        offset = self.slot_offset[slot]
+        return 0 if offset is None else self.pool.size_at(offset)
+
     def least_used_key(self) -> AdapterKey | None:
         """The resident, unpinned adapter with the fewest running users (the cheapest to drain)."""
         candidates = [
-            s for s in range(self.max_slots)
+            s for s in range(self.num_slots)
             if self.slot_to_key[s] is not None and self.slot_to_key[s] not in self._pinned
             and s not in self._loading
         ]

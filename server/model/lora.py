@@ -1,10 +1,11 @@
-"""Adapters in fixed slots per targeted layer, applied per row of a mixed batch.
+"""Adapters in a rank pool per targeted layer, applied per row of a mixed batch.
 
-Every LoRA-capable (possibly fused) linear owns preallocated slot tensors:
-`lora_a [max_slots, num_slices * max_rank, in]` and `lora_b [max_slots, out, max_rank]`, with the
-adapter's scaling folded into B at load. Loading an adapter into a slot is a `copy_` (no allocation,
-so captured CUDA graphs stay valid); smaller ranks are zero-padded, which contributes nothing.
-Slot -1 means "base model only". The batched op itself lives in `lora_ops`.
+Every LoRA-capable (possibly fused) linear owns two preallocated pools of `capacity` rank units,
+`lora_a [num_slices * capacity, in]` and `lora_b [capacity, out]` (B transposed, the adapter's scaling
+folded in at load); `lora_meta.SlotLayout`, shared by all linears, says where each slot's adapter
+starts and what rank it has. An adapter of rank r takes r units, not max_rank: where adapters go in the
+pool is `server.engine.rank_pool`'s business. Loading an adapter is a `copy_` (no allocation, so
+captured CUDA graphs stay valid). Slot -1 means "base model only". The batched op lives in `lora_ops`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from server.model.lora_ops import LoraBatchMeta, lora_apply
+from server.model.lora_ops import LoraBatchMeta, SlotLayout, lora_apply
 
 
 @dataclass
@@ -36,8 +37,9 @@ class LoraLinear(nn.Module):
         for width in slice_widths:
             offsets.append(offsets[-1] + width)
         self.slice_offsets = tuple(offsets)
-        self.lora_a: torch.Tensor | None = None  # [max_slots, num_slices * max_rank, in]
-        self.lora_b: torch.Tensor | None = None  # [max_slots, out, max_rank]
+        self.lora_a: torch.Tensor | None = None  # [num_slices * capacity, in]
+        self.lora_b: torch.Tensor | None = None  # [capacity, out]
+        self.layout: SlotLayout | None = None  # shared by every linear of the model
 
     @property
     def in_features(self) -> int:
@@ -47,10 +49,11 @@ class LoraLinear(nn.Module):
     def out_features(self) -> int:
         return self.slice_offsets[-1]
 
-    def allocate_slots(self, max_slots: int, max_rank: int, dtype: torch.dtype, device) -> None:
+    def allocate_pool(self, capacity: int, layout: SlotLayout, dtype: torch.dtype, device) -> None:
         n = len(self.slice_names)
-        self.lora_a = torch.zeros(max_slots, n * max_rank, self.in_features, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(max_slots, self.out_features, max_rank, dtype=dtype, device=device)
+        self.lora_a = torch.zeros(n * capacity, self.in_features, dtype=dtype, device=device)
+        self.lora_b = torch.zeros(capacity, self.out_features, dtype=dtype, device=device)
+        self.layout = layout
 
     def forward(self, x: torch.Tensor, lora: LoraContext | None = None) -> torch.Tensor:
         y = self.base(x)
@@ -59,25 +62,27 @@ class LoraLinear(nn.Module):
         if lora.host_segments is not None and x.device.type == "cpu":
             self._apply_segments(y, x, lora.host_segments)
         else:
-            lora_apply(y, x, self.lora_a, self.lora_b, lora.meta, self.slice_offsets)
+            lora_apply(y, x, self.lora_a, self.lora_b, self.layout, lora.meta, self.slice_offsets)
         return y
 
     def _apply_segments(self, y, x, segments) -> None:
         """Eager prefill path: one pair of matmuls per (sequence, slice)."""
-        rank = self.lora_b.shape[-1]
+        n = len(self.slice_names)
         for start, length, slot in segments:
             if slot < 0:
                 continue
+            o, r = self.layout.host_offsets[slot], self.layout.host_ranks[slot]
             rows = slice(start, start + length)
-            h = x[rows] @ self.lora_a[slot].t()  # [len, num_slices * rank]
-            for i in range(len(self.slice_names)):
+            h = x[rows] @ self.lora_a[n * o : n * (o + r)].t()  # [len, num_slices * r]
+            for i in range(n):
                 lo, hi = self.slice_offsets[i], self.slice_offsets[i + 1]
-                y[rows, lo:hi] += h[:, i * rank : (i + 1) * rank] @ self.lora_b[slot, lo:hi].t()
+                y[rows, lo:hi] += h[:, i * r : (i + 1) * r] @ self.lora_b[o : o + r, lo:hi]
 
-    def load_slot(self, slot: int, layer: int, adapter) -> None:
-        """Copy one adapter's A/B for this layer into `slot` (zeros where it does not target)."""
-        rank = self.lora_b.shape[-1]
-        a_slot, b_slot = self.lora_a[slot], self.lora_b[slot]
+    def load_slot(self, offset: int, rank: int, layer: int, adapter) -> None:
+        """Copy one adapter's A/B for this layer into the pool at `offset` as rank `rank` (zeros where it
+        does not target or where a slice's own rank is smaller)."""
+        n = len(self.slice_names)
+        a_slot, b_slot = self.lora_a[n * offset : n * (offset + rank)], self.lora_b[offset : offset + rank]
         a_slot.zero_()
         b_slot.zero_()
         for i, name in enumerate(self.slice_names):
@@ -91,7 +96,7 @@ class LoraLinear(nn.Module):
             r = a.shape[0]
             lo, hi = self.slice_offsets[i], self.slice_offsets[i + 1]
             a_slot[i * rank : i * rank + r].copy_(a)
-            b_slot[lo:hi, :r].copy_(b * adapter.scaling)
+            b_slot[:r, lo:hi].copy_((b * adapter.scaling).t())
 
     def targets(self, layer: int, adapter) -> bool:
         """True if the adapter changes any slice of this layer's weight."""
@@ -121,14 +126,15 @@ def max_adapter_rank(adapter) -> int:
 
 
 class LoraSlots:
-    """The model's slot tensors as one unit: allocate once, load adapters into slots by index."""
+    """The model's rank pools as one unit: allocate once, load adapters at an offset, by slot."""
 
-    def __init__(self, model, max_slots: int, max_rank: int):
+    def __init__(self, model, capacity: int, max_rank: int, num_slots: int):
         self.model = model
-        self.max_slots = max_slots
+        self.capacity = capacity
         self.max_rank = max_rank
+        self.layout = SlotLayout.empty(num_slots, max_rank, model.device)
         for _, linear in model.lora_linears():
-            linear.allocate_slots(max_slots, max_rank, model.dtype, model.device)
+            linear.allocate_pool(capacity, self.layout, model.dtype, model.device)
         self._copy_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
 
     @property
@@ -136,35 +142,38 @@ class LoraSlots:
         """Whether `load` returns before the copy is done (CUDA: a side stream), leaving an event to poll."""
         return self._copy_stream is not None
 
-    def load(self, slot: int, adapter) -> torch.cuda.Event | None:
-        """Copy one adapter into `slot`. On CUDA the copies run on a side stream, ordered after the work
-        already queued on the compute stream (which may still read the slot's previous adapter), and the
-        returned event marks their end: the slot must not be read before `event.query()` is True. The
-        running batch keeps decoding meanwhile. On the CPU the copy is done on return (None)."""
-        if max_adapter_rank(adapter) > self.max_rank:
-            raise ValueError(f"adapter rank {max_adapter_rank(adapter)} exceeds max_rank {self.max_rank}")
+    def load(self, slot: int, offset: int, adapter) -> torch.cuda.Event | None:
+        """Copy one adapter into the pools at `offset` and point `slot` there. On CUDA the copies run on a
+        side stream, ordered after the work already queued on the compute stream (which may still read
+        what was there before), and the returned event marks their end: the slot must not be read before
+        `event.query()` is True. The running batch keeps decoding meanwhile. On the CPU the copy is done
+        on return (None)."""
+        rank = max_adapter_rank(adapter)
+        if rank > self.max_rank:
+            raise ValueError(f"adapter rank {rank} exceeds max_rank {self.max_rank}")
+        if not 0 <= offset <= self.capacity - rank:
+            raise ValueError(f"rank {rank} at offset {offset} does not fit a pool of {self.capacity}")
         if self._copy_stream is None:
-            self._copy_into(slot, adapter)
+            self._copy_into(slot, offset, rank, adapter)
             return None
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.model.device))
         with torch.cuda.stream(self._copy_stream):
-            self._copy_into(slot, adapter)
+            self._copy_into(slot, offset, rank, adapter)
             done = torch.cuda.Event()
             done.record(self._copy_stream)
         return done
 
-    def _copy_into(self, slot: int, adapter) -> None:
+    def _copy_into(self, slot: int, offset: int, rank: int, adapter) -> None:
         for layer, linear in self.model.lora_linears():
-            linear.load_slot(slot, layer, adapter)
+            linear.load_slot(offset, rank, layer, adapter)
+        self.layout.set(slot, offset, rank)
 
     @staticmethod
-    def slot_nbytes(model, max_rank: int) -> int:
-        """Device bytes of one slot across every LoRA linear of `model` (A and B padded to max_rank)."""
+    def rank_nbytes(model) -> int:
+        """Device bytes of one rank unit across every LoRA linear of `model` (a row of A per slice, one of B)."""
         element = torch.tensor([], dtype=model.dtype).element_size()
-        return sum(
-            (len(lin.slice_names) * max_rank * lin.in_features + lin.out_features * max_rank) * element
-            for _, lin in model.lora_linears()
-        )
+        return sum((len(lin.slice_names) * lin.in_features + lin.out_features) * element
+                   for _, lin in model.lora_linears())
 
     @property
     def nbytes(self) -> int:

@@ -49,18 +49,69 @@ def decode_lora_meta(slots: torch.Tensor) -> LoraBatchMeta:
     return LoraBatchMeta(seg_starts=starts, seg_slots=slots, token_slots=slots, max_seg_len=1)
 
 
-def check_lora_shapes(y, x, lora_a, lora_b, meta: LoraBatchMeta, slice_offsets: tuple[int, ...]) -> int:
-    """Validate shapes; return the rank R."""
+@dataclass
+class SlotLayout:
+    """Where each slot's adapter sits in the rank pools of every LoRA linear (one layout per model).
+
+    A linear's pools hold `capacity` rank units (the same count for every linear):
+      lora_a [num_slices * capacity, in]: slot s, at `offset` with rank r, owns rows
+             [num_slices * offset, num_slices * (offset + r)); slice i's A is the r rows from
+             num_slices * offset + i * r.
+      lora_b [capacity, out]: B transposed, scaling folded in; slot s owns rows [offset, offset + r),
+             output columns slice_offsets[i]:[i+1] belong to slice i.
+    So an adapter of rank 8 takes an eighth of the bytes of one of rank 64: no padding to max_rank.
+    `offsets`/`ranks` are read on the device by the kernels (static addresses, so captured CUDA graphs
+    stay valid when a slot is reloaded); the host lists mirror them for the eager CPU path.
+    """
+
+    offsets: torch.Tensor  # [num_slots] int32
+    ranks: torch.Tensor  # [num_slots] int32, 0 = empty
+    max_rank: int  # the largest rank a slot may have (sizes the kernels' tiles and scratch)
+    host_offsets: list[int]
+    host_ranks: list[int]
+
+    @classmethod
+    def empty(cls, num_slots: int, max_rank: int, device: torch.device | str) -> SlotLayout:
+        zeros = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        return cls(zeros, zeros.clone(), max_rank, [0] * num_slots, [0] * num_slots)
+
+    @classmethod
+    def from_lists(cls, offsets: list[int], ranks: list[int], max_rank: int,
+                   device: torch.device | str) -> SlotLayout:
+        layout = cls.empty(len(offsets), max_rank, device)
+        for slot, (offset, rank) in enumerate(zip(offsets, ranks, strict=True)):
+            layout.set(slot, offset, rank)
+        return layout
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.host_ranks)
+
+    def set(self, slot: int, offset: int, rank: int) -> None:
+        """Point `slot` at `offset` with `rank` (on CUDA: two fill kernels on the current stream)."""
+        if not 0 <= rank <= self.max_rank:
+            raise ValueError(f"rank {rank} is outside 0..{self.max_rank}")
+        self.host_offsets[slot], self.host_ranks[slot] = offset, rank
+        self.offsets[slot].fill_(offset)
+        self.ranks[slot].fill_(rank)
+
+
+def check_lora_shapes(y, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
+                      slice_offsets: tuple[int, ...]) -> int:
+    """Validate shapes; return the number of slices."""
     num_slices = len(slice_offsets) - 1
     if num_slices < 1 or slice_offsets[0] != 0 or slice_offsets[-1] != y.shape[1]:
         raise ValueError(f"slice_offsets {slice_offsets} must run from 0 to out={y.shape[1]}")
     if any(lo > hi for lo, hi in itertools.pairwise(slice_offsets)):
         raise ValueError(f"slice_offsets {slice_offsets} must be non-decreasing")
-    rank = lora_b.shape[2]
-    if lora_a.shape[1:] != (num_slices * rank, x.shape[1]):
-        raise ValueError(f"lora_a {tuple(lora_a.shape)} does not match {num_slices} slices of rank {rank}")
-    if lora_b.shape[:2] != (lora_a.shape[0], y.shape[1]):
-        raise ValueError(f"lora_b {tuple(lora_b.shape)} does not match lora_a and y")
+    capacity = lora_b.shape[0]
+    if lora_a.shape != (num_slices * capacity, x.shape[1]):
+        raise ValueError(f"lora_a {tuple(lora_a.shape)} does not match {num_slices} slices of a "
+                         f"{capacity}-rank pool over in={x.shape[1]}")
+    if lora_b.shape[1] != y.shape[1]:
+        raise ValueError(f"lora_b {tuple(lora_b.shape)} does not match y's {y.shape[1]} columns")
     if x.shape[0] != y.shape[0] or meta.token_slots.shape[0] != x.shape[0]:
         raise ValueError("x, y and meta.token_slots must have the same number of tokens")
-    return rank
+    if layout.offsets.shape != layout.ranks.shape:
+        raise ValueError("layout offsets and ranks differ in length")
+    return num_slices

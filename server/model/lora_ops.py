@@ -15,6 +15,7 @@ import torch
 
 from server.model.lora_meta import (  # noqa: F401  (re-exported: the ops' public surface)
     LoraBatchMeta,
+    SlotLayout,
     check_lora_shapes,
     decode_lora_meta,
     make_lora_meta,
@@ -27,55 +28,68 @@ USE_TRITON_LORA = os.environ.get("LORAPLEX_LORA_KERNEL", "triton") == "triton"
 _GATHER_BUDGET = 1 << 24
 
 
-def lora_apply_reference(y, x, lora_a, lora_b, meta: LoraBatchMeta, slice_offsets: tuple[int, ...]) -> None:
+def lora_apply_reference(y, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
+                         slice_offsets: tuple[int, ...]) -> None:
     """Add each token's LoRA delta into y, one token at a time (the oracle for the fast paths).
 
-    Shapes:
+    Shapes (the pool layout is `SlotLayout`'s):
       y: [T, out] updated in place; x: [T, in]
-      lora_a: [S, num_slices * R, in]  (stacked A of each output slice; scaling NOT here)
-      lora_b: [S, out, R]               (scaling folded in; rows of slice i are slice_offsets[i]:[i+1])
+      lora_a: [num_slices * capacity, in]   (scaling NOT here)
+      lora_b: [capacity, out]               (B transposed, scaling folded in)
       slice_offsets: python ints, len num_slices + 1, [0, ..., out]
 
-    Semantics:
+    Semantics, with n = num_slices and (o, r) = the token's slot offset and rank read from the device:
       for t in range(T):
           s = token_slots[t]
           if s < 0: continue
-          h = lora_a[s] @ x[t]                          # [num_slices * R], fp32 accumulate
-          for i in range(num_slices):
+          h = lora_a[n*o : n*(o+r)] @ x[t]              # [n * r], fp32 accumulate
+          for i in range(n):
               lo, hi = slice_offsets[i], slice_offsets[i+1]
-              y[t, lo:hi] += lora_b[s, lo:hi, :] @ h[i*R:(i+1)*R]
+              y[t, lo:hi] += lora_b[o:o+r, lo:hi].T @ h[i*r:(i+1)*r]
     """
-    rank = check_lora_shapes(y, x, lora_a, lora_b, meta, slice_offsets)
+    n = check_lora_shapes(y, x, lora_a, lora_b, layout, meta, slice_offsets)
+    offsets, ranks = layout.offsets.tolist(), layout.ranks.tolist()
     for t, s in enumerate(meta.token_slots.tolist()):
         if s < 0:
             continue
-        h = lora_a[s].float() @ x[t].float()
+        o, r = offsets[s], ranks[s]
+        h = lora_a[n * o : n * (o + r)].float() @ x[t].float()
         for i, (lo, hi) in enumerate(itertools.pairwise(slice_offsets)):
-            y[t, lo:hi] += lora_b[s, lo:hi, :].float() @ h[i * rank : (i + 1) * rank]
+            y[t, lo:hi] += lora_b[o : o + r, lo:hi].float().t() @ h[i * r : (i + 1) * r]
 
 
-def lora_apply_torch(y, x, lora_a, lora_b, meta: LoraBatchMeta, slice_offsets: tuple[int, ...]) -> None:
+def lora_apply_torch(y, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
+                     slice_offsets: tuple[int, ...]) -> None:
     """Same semantics as `lora_apply_reference`, vectorised per token; graph-capturable (no host syncs,
-    static shapes). Gathers each token's A and B, in chunks of tokens to bound the temporary memory."""
-    rank = check_lora_shapes(y, x, lora_a, lora_b, meta, slice_offsets)
+    static shapes). Gathers each token's A and B rows padded to max_rank (masked), in chunks of tokens
+    to bound the temporary memory."""
+    n = check_lora_shapes(y, x, lora_a, lora_b, layout, meta, slice_offsets)
     num_tokens = x.shape[0]
-    if num_tokens == 0 or lora_a.shape[0] == 0:
+    if num_tokens == 0 or lora_b.shape[0] == 0 or layout.num_slots == 0:
         return
-    per_token = lora_a.shape[1] * lora_a.shape[2] + lora_b.shape[1] * lora_b.shape[2]
+    max_rank = layout.max_rank
+    per_token = max_rank * (n * lora_a.shape[1] + lora_b.shape[1])
     chunk = max(1, _GATHER_BUDGET // per_token)
+    k = torch.arange(max_rank, device=x.device)
     for t0 in range(0, num_tokens, chunk):
         t1 = min(t0 + chunk, num_tokens)
         slots = meta.token_slots[t0:t1]
         idx = slots.clamp(min=0).long()
-        h = torch.bmm(lora_a[idx].float(), x[t0:t1].float().unsqueeze(-1))  # [t, num_slices * R, 1]
+        offsets, ranks = layout.offsets[idx].long(), layout.ranks[idx].long()  # [t]
         is_active = (slots >= 0).unsqueeze(-1)  # [t, 1]
+        valid = (k < ranks.unsqueeze(-1)) & is_active  # [t, R]
+        a_rows = (n * offsets)[:, None, None] + torch.arange(n, device=x.device)[None, :, None] \
+            * ranks[:, None, None] + k  # [t, n, R]
+        a_rows = torch.where(valid.unsqueeze(1), a_rows, 0).flatten(1)
+        h = torch.bmm(lora_a[a_rows].float(), x[t0:t1].float().unsqueeze(-1)).view(-1, n, max_rank)
+        # where, not a multiply: rows gathered for padding may belong to another slot or hold garbage.
+        h = torch.where(valid.unsqueeze(1), h, 0.0)
+        b = torch.where(valid.unsqueeze(-1), lora_b[torch.where(valid, offsets[:, None] + k, 0)].float(), 0.0)
         for i, (lo, hi) in enumerate(itertools.pairwise(slice_offsets)):
             if lo == hi:
                 continue
-            b = lora_b[idx, lo:hi, :].float()  # [t, hi - lo, R]
-            delta = torch.bmm(b, h[:, i * rank : (i + 1) * rank]).squeeze(-1)  # [t, hi - lo]
-            # where, not a multiply: a slot-0 stand-in for -1 tokens may hold non-finite garbage.
-            y[t0:t1, lo:hi] += torch.where(is_active, delta, 0.0)
+            delta = torch.bmm(h[:, i].unsqueeze(1), b[:, :, lo:hi]).squeeze(1)  # [t, hi - lo]
+            y[t0:t1, lo:hi] += delta
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,12 +102,13 @@ def triton_available() -> bool:
     return True
 
 
-def lora_apply(y, x, lora_a, lora_b, meta: LoraBatchMeta, slice_offsets: tuple[int, ...]) -> None:
+def lora_apply(y, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
+               slice_offsets: tuple[int, ...]) -> None:
     """Add the per-token LoRA delta into y (semantics of `lora_apply_reference`): Triton on CUDA,
     torch elsewhere."""
     if y.is_cuda and USE_TRITON_LORA and triton_available():
         from server.model.triton_lora import lora_apply_triton
 
-        lora_apply_triton(y, x, lora_a, lora_b, meta, slice_offsets)
+        lora_apply_triton(y, x, lora_a, lora_b, layout, meta, slice_offsets)
     else:
-        lora_apply_torch(y, x, lora_a, lora_b, meta, slice_offsets)
+        lora_apply_torch(y, x, lora_a, lora_b, layout, meta, slice_offsets)

@@ -55,6 +55,23 @@ class MergedSwapper:
         self.last_swap_seconds = time.perf_counter() - start
         return self.last_swap_seconds
 
+    def warm_up(self) -> float:
+        """Swap a zero rank-1 adapter on every linear in and back out, twice: the first round builds the
+        kernels (seconds on a fresh GPU, which would otherwise stall the first real swap and skew auto
+        mode's cost estimate), the second is timed. Returns its mean swap time; the weights end pristine."""
+        from adapters_store import AdapterWeights
+
+        tensors = {}
+        for layer, linear in self._linears:
+            for i, name in enumerate(linear.slice_names):
+                width = linear.slice_offsets[i + 1] - linear.slice_offsets[i]
+                tensors[(layer, name)] = (torch.zeros(1, linear.in_features), torch.zeros(width, 1))
+        zero = AdapterWeights(rank=1, alpha=1.0, use_rslora=False, scaling=1.0, tensors=tensors)
+        times = []
+        for _ in range(2):
+            times = [self.swap(("warm-up", 0), zero), self.swap(None)]
+        return sum(times) / len(times)
+
     def is_pristine(self) -> bool:
         """True when every live base tensor equals its pristine copy bit for bit."""
         for (_, linear), saved in zip(self._linears, self._pristine, strict=True):

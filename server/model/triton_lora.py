@@ -1,12 +1,13 @@
 """Triton kernels for batched multi-adapter LoRA (SGMV style), semantics of `lora_ops.lora_apply_reference`.
 
-Two launches per call:
-  shrink: h[t, :] = lora_a[s] @ x[t]        into an fp32 buffer [T, num_slices * R]
-  expand: y[t, lo:hi] += lora_b[s, lo:hi] @ h[t, slice]   with slice routing per output column
+Two launches per call (pool layout: `lora_meta.SlotLayout`; slot s at offset o with rank r):
+  shrink: h[t, :n*r] = lora_a[n*o : n*(o+r)] @ x[t]       into an fp32 buffer [T, n * max_rank]
+  expand: y[t, lo:hi] += lora_b[o:o+r, lo:hi].T @ h[t, i*r:(i+1)*r]   with slice routing per column
 Both grids are (num_segments, cdiv(max_seg_len, BLOCK_M), ...): a program takes BLOCK_M tokens of one
 segment, so a prefill segment reuses each A/B tile across its tokens through tl.dot, and a decode step
 (segments of one token) still reads each adapter's A and B once per row. Tiles past a segment's end and
-segments with slot -1 exit at once. The shrink splits `in` across programs (atomic adds into a zeroed
+segments with slot -1 exit at once, and so do shrink programs past their slot's rank (a rank-8 adapter
+reads an eighth of what a rank-64 one does). The shrink splits `in` across programs (atomic adds into a zeroed
 buffer) when there are too few segments to fill the GPU. Grids depend only on static shapes and all
 metadata is read on device, so both launches can be captured in a CUDA graph.
 """
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from server.model.lora_meta import LoraBatchMeta, check_lora_shapes
+from server.model.lora_meta import LoraBatchMeta, SlotLayout, check_lora_shapes
 
 MAX_SLICES = 4
 # Enough programs to keep every SM of an H100 (132 SMs) busy with a few resident programs each.
@@ -26,9 +27,9 @@ _TARGET_PROGRAMS = 4 * 132
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, a_ptr, h_ptr, seg_starts_ptr, seg_slots_ptr,
-    in_features, num_cols, k_per_split,
-    stride_xm, stride_xk, stride_as, stride_an, stride_ak, stride_hm,
+    x_ptr, a_ptr, h_ptr, seg_starts_ptr, seg_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
+    in_features, num_slices, k_per_split,
+    stride_xm, stride_xk, stride_an, stride_ak, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -41,6 +42,10 @@ def _shrink_kernel(
     row_end = tl.load(seg_starts_ptr + seg + 1)
     if (slot < 0) | (row_start >= row_end):
         return
+    num_cols = num_slices * tl.load(slot_ranks_ptr + slot)
+    if pid_n * BLOCK_N >= num_cols:
+        return
+    first_row = num_slices * tl.load(slot_offsets_ptr + slot).to(tl.int64)
     rows = row_start + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < row_end
@@ -48,7 +53,7 @@ def _shrink_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, in_features)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-    a_cols = a_ptr + slot * stride_as + cols[:, None] * stride_an
+    a_cols = a_ptr + (first_row + cols)[:, None] * stride_an
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -66,9 +71,9 @@ def _shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    h_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr,
-    out_features, rank, bound1, bound2, bound3,
-    stride_hm, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
+    h_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
+    out_features, bound1, bound2, bound3,
+    stride_hm, stride_br, stride_bn, stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -80,13 +85,15 @@ def _expand_kernel(
     row_end = tl.load(seg_starts_ptr + seg + 1)
     if (slot < 0) | (row_start >= row_end):
         return
+    rank = tl.load(slot_ranks_ptr + slot)
+    first_row = tl.load(slot_offsets_ptr + slot).to(tl.int64)
     rows = row_start + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rs = tl.arange(0, BLOCK_R)
     row_mask = rows < row_end
     col_mask = cols < out_features
     r_mask = rs < rank
-    b_ptrs = b_ptr + slot * stride_bs + cols[:, None] * stride_bn + rs[None, :] * stride_br
+    b_ptrs = b_ptr + (first_row + rs)[None, :] * stride_br + cols[:, None] * stride_bn
     b = tl.load(b_ptrs, mask=col_mask[:, None] & r_mask[None, :], other=0.0)
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hm
     h_mask = row_mask[:, None] & r_mask[None, :]
@@ -121,10 +128,12 @@ def _block_m(max_seg_len: int) -> int:
     return 16 if max_seg_len <= 16 else 32 if max_seg_len <= 64 else 64
 
 
-def lora_shrink(x, lora_a, meta: LoraBatchMeta, split_k: int | None = None) -> torch.Tensor:
-    """h[t] = lora_a[token_slots[t]] @ x[t] in fp32, [T, num_slices * R]; rows of slot -1 are unspecified."""
+def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: int,
+                split_k: int | None = None) -> torch.Tensor:
+    """h[t, :n*r] = the token's slot's A @ x[t] in fp32, [T, n * max_rank]; columns past a token's
+    n*r, and rows of slot -1, are unspecified."""
     num_tokens, in_features = x.shape
-    num_cols = lora_a.shape[1]
+    num_cols = num_slices * layout.max_rank
     block_m = _block_m(meta.max_seg_len)
     block_n = min(64, _pow2_at_least_16(num_cols))
     block_k = 64 if block_m >= 64 else 128
@@ -142,9 +151,9 @@ def lora_shrink(x, lora_a, meta: LoraBatchMeta, split_k: int | None = None) -> t
         return h
     grid = (meta.num_segments, num_m, num_n * split_k)
     _shrink_kernel[grid](
-        x, lora_a, h, meta.seg_starts, meta.seg_slots,
-        in_features, num_cols, k_per_split,
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), h.stride(0),
+        x, lora_a, h, meta.seg_starts, meta.seg_slots, layout.offsets, layout.ranks,
+        in_features, num_slices, k_per_split,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), h.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=4,
@@ -152,36 +161,36 @@ def lora_shrink(x, lora_a, meta: LoraBatchMeta, split_k: int | None = None) -> t
     return h
 
 
-def lora_expand(y, h, lora_b, meta: LoraBatchMeta, slice_offsets: tuple[int, ...]) -> None:
-    """y[t, lo:hi] += lora_b[s, lo:hi] @ h[t, i*R:(i+1)*R] for each slice i, in place."""
+def lora_expand(y, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_offsets: tuple[int, ...]) -> None:
+    """y[t, lo:hi] += lora_b[o:o+r, lo:hi].T @ h[t, i*r:(i+1)*r] for each slice i, in place."""
     num_slices = len(slice_offsets) - 1
     if num_slices > MAX_SLICES:
         raise ValueError(f"at most {MAX_SLICES} slices are supported, got {num_slices}")
     num_tokens, out_features = y.shape
-    rank = lora_b.shape[2]
     if num_tokens == 0 or out_features == 0 or meta.num_segments == 0:
         return
     bounds = list(slice_offsets[1:-1]) + [out_features] * (MAX_SLICES - num_slices)
     block_m = _block_m(meta.max_seg_len)
-    block_r = _pow2_at_least_16(rank)
+    block_r = _pow2_at_least_16(layout.max_rank)
     # Wide tiles for decode, where B is the only real traffic; capped so a B tile stays <= 16 KB.
     block_n = min(256, 4096 // block_m, 16384 // lora_b.element_size() // block_r)
     num_m = triton.cdiv(max(meta.max_seg_len, 1), block_m)
     grid = (meta.num_segments, num_m, triton.cdiv(out_features, block_n))
     _expand_kernel[grid](
-        h, lora_b, y, meta.seg_starts, meta.seg_slots,
-        out_features, rank, bounds[0], bounds[1], bounds[2],
-        h.stride(0), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), y.stride(0), y.stride(1),
+        h, lora_b, y, meta.seg_starts, meta.seg_slots, layout.offsets, layout.ranks,
+        out_features, bounds[0], bounds[1], bounds[2],
+        h.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=num_slices,
         DOT_PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
         num_warps=8 if block_m >= 32 else 4,
     )  # fmt: skip
 
 
-def lora_apply_triton(y, x, lora_a, lora_b, meta: LoraBatchMeta, slice_offsets: tuple[int, ...]) -> None:
+def lora_apply_triton(y, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
+                      slice_offsets: tuple[int, ...]) -> None:
     """Triton path of `lora_ops.lora_apply`: shrink into an fp32 buffer, then expand into y."""
-    check_lora_shapes(y, x, lora_a, lora_b, meta, slice_offsets)
-    if lora_a.shape[0] == 0:
+    num_slices = check_lora_shapes(y, x, lora_a, lora_b, layout, meta, slice_offsets)
+    if lora_b.shape[0] == 0 or layout.num_slots == 0:
         return
-    h = lora_shrink(x, lora_a, meta)
-    lora_expand(y, h, lora_b, meta, slice_offsets)
+    h = lora_shrink(x, lora_a, layout, meta, num_slices)
+    lora_expand(y, h, lora_b, layout, meta, slice_offsets)

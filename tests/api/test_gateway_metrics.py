@@ -29,7 +29,7 @@ CLASSIC_SAMPLE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{| )")
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 LORA_LABELS = {"model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"}
 QUEUE_GAUGES = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc")
-MAX_SLOTS = 1  # one adapter runs at a time: the others wait for its slot
+MAX_SLOTS = 1  # with max_rank 8, the pool holds one rank-4 adapter: the others wait for its room
 SECONDS_PER_STEP = 0.04
 ADMIN_KEY, ACME_KEY, BETA_KEY = "key-gw-admin", "key-gw-acme", "key-gw-beta"
 RUNNING, WAITING = "acme-run", ("beta-wait", "acme-wait")
@@ -50,7 +50,8 @@ def server(tiny_llama_dir, tiny_adapters, tmp_path_factory):
                                           (ACME_KEY, "acme", '["generate"]', "acme-*"),
                                           (BETA_KEY, "beta", '["generate"]', "beta-*"))
     ))
-    settings = api_settings(tiny_llama_dir, root / "store", auth_file=keys, max_slots=MAX_SLOTS)
+    settings = api_settings(tiny_llama_dir, root / "store", auth_file=keys, max_slots=MAX_SLOTS,
+                            max_rank=8)
     with live_server(settings) as live:
         with live.client(ADMIN_KEY) as admin:
             for name in (RUNNING, *WAITING):

@@ -27,7 +27,8 @@ NUM_IDENTICAL = 10  # identical requests per adapter and round, fired together
 
 @pytest.mark.parametrize("lora_mode", ["unmerged", "merged"])
 def test_identical_requests_over_evicted_adapters(chaos_server, tiny_adapters, tmp_path, record_figures, lora_mode):
-    server = chaos_server(tmp_path / "store", max_cpu_adapters=1, max_slots=2, lora_mode=lora_mode)
+    server = chaos_server(tmp_path / "store", max_cpu_adapters=1, max_slots=2, max_rank=16,
+                          lora_mode=lora_mode)  # a 32-unit pool: the four adapters take 40
     with server.client() as client:
         references = reference_outputs(client, tiny_adapters)
     expected = expected_outputs(references)

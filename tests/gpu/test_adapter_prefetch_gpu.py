@@ -93,11 +93,11 @@ def test_slot_load_latency_and_decode_step_during_a_large_load():
                            torch.randn(shapes[name][1], rank).pin_memory()) for i in range(layers) for name in shapes}
     adapter = AdapterWeights(rank=rank, alpha=16.0, use_rslora=False, scaling=1.0, tensors=tensors)
     nbytes = sum(a.numel() * 4 + b.numel() * 4 for a, b in tensors.values())
-    slots = LoraSlots(Model(), 2, rank)
+    slots = LoraSlots(Model(), 2 * rank, rank, num_slots=2)
     for _ in range(3):  # warm up
-        slots.load(0, adapter).synchronize()
+        slots.load(0, 0, adapter).synchronize()
     start = time.perf_counter()
-    done = slots.load(1, adapter)
+    done = slots.load(1, rank, adapter)
     issued = time.perf_counter() - start
     done.synchronize()
     total = time.perf_counter() - start

@@ -8,6 +8,7 @@ import torch
 
 from server.model.attention_ops import paged_decode_attention_reference, write_kv_cache
 from server.model.lora_ops import decode_lora_meta, lora_apply_reference, make_lora_meta
+from tests.lora_pools import mixed_ranks, random_pool
 
 pytestmark = [
     pytest.mark.gpu,
@@ -59,18 +60,15 @@ def capture(fn) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def lora_inputs(num_tokens, num_slots, rank, slice_offsets, in_features, dtype, seed=0):
+def lora_inputs(num_tokens, num_slots, rank, slice_offsets, in_features, dtype, seed=0, ranks=None):
+    """y, x and a rank pool (`tests.lora_pools`): mixed ranks up to `rank` unless `ranks` is given."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     num_slices, out_features = len(slice_offsets) - 1, slice_offsets[-1]
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, device=DEVICE) * scale).to(dtype)
-
-    y = randn(num_tokens, out_features)
-    x = randn(num_tokens, in_features)
-    lora_a = randn(num_slots, num_slices * rank, in_features, scale=in_features**-0.5)
-    lora_b = randn(num_slots, out_features, rank, scale=rank**-0.5)
-    return y, x, lora_a, lora_b
+    y = torch.randn(num_tokens, out_features, generator=gen, device=DEVICE).to(dtype)
+    x = torch.randn(num_tokens, in_features, generator=gen, device=DEVICE).to(dtype)
+    pool = random_pool(ranks or mixed_ranks(rank, num_slots), rank, num_slices, in_features, out_features, dtype,
+                       gen, DEVICE)
+    return y, x, *pool
 
 
 def random_segments(num_tokens: int, max_seg: int, num_slots: int, rng: random.Random):
@@ -104,55 +102,59 @@ def test_lora_matches_reference(triton_lora, mode, shape, rank, dtype):
     else:
         meta = make_lora_meta(*random_segments(300, 130, num_slots, rng), DEVICE)
     num_tokens = meta.token_slots.shape[0]
-    y, x, lora_a, lora_b = lora_inputs(num_tokens, num_slots, rank, slice_offsets, in_features, dtype)
+    y, x, lora_a, lora_b, pool = lora_inputs(num_tokens, num_slots, rank, slice_offsets, in_features, dtype)
     expected, actual = y.clone(), y.clone()
-    lora_apply_reference(expected, x, lora_a, lora_b, meta, slice_offsets)
-    triton_lora.lora_apply_triton(actual, x, lora_a, lora_b, meta, slice_offsets)
+    lora_apply_reference(expected, x, lora_a, lora_b, pool, meta, slice_offsets)
+    triton_lora.lora_apply_triton(actual, x, lora_a, lora_b, pool, meta, slice_offsets)
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("split_k", [1, 4, 16])
 def test_lora_shrink_split_k(triton_lora, split_k):
-    _, x, lora_a, _ = lora_inputs(5, 3, 16, (0, 64, 96, 128), 4096, torch.bfloat16)
+    _, x, lora_a, _, pool = lora_inputs(5, 3, 16, (0, 64, 96, 128), 4096, torch.bfloat16)
     meta = make_lora_meta([2, 3], [2, 0], DEVICE)
-    h = triton_lora.lora_shrink(x, lora_a, meta, split_k=split_k)
-    expected = torch.einsum("tri,ti->tr", lora_a[meta.token_slots.long()].float(), x.float())
-    torch.testing.assert_close(h, expected, atol=1e-2, rtol=1e-2)
+    h = triton_lora.lora_shrink(x, lora_a, pool, meta, 3, split_k=split_k)
+    for t, slot in enumerate(meta.token_slots.tolist()):
+        o, r = pool.host_offsets[slot], pool.host_ranks[slot]
+        expected = lora_a[3 * o : 3 * (o + r)].float() @ x[t].float()
+        torch.testing.assert_close(h[t, : 3 * r], expected, atol=1e-2, rtol=1e-2)
 
 
 def test_lora_decode_graph_replay(triton_lora):
     """A captured decode step replays correctly after slots and inputs change in place."""
     slice_offsets, num_slots = (0, 512, 640, 768), 4
-    y0, x, lora_a, lora_b = lora_inputs(16, num_slots, 16, slice_offsets, 512, torch.bfloat16)
+    y0, x, lora_a, lora_b, pool = lora_inputs(16, num_slots, 16, slice_offsets, 512, torch.bfloat16)
     slots = torch.zeros(16, dtype=torch.int32, device=DEVICE)
     y = y0.clone()
     meta = decode_lora_meta(slots)
 
     def step():
         y.copy_(y0)
-        triton_lora.lora_apply_triton(y, x, lora_a, lora_b, meta, slice_offsets)
+        triton_lora.lora_apply_triton(y, x, lora_a, lora_b, pool, meta, slice_offsets)
 
     graph = capture(step)
     for seed in range(3):
         slots.copy_(torch.randint(-1, num_slots, (16,), generator=torch.Generator().manual_seed(seed)))
         x.normal_()
+        if seed == 2:  # a slot reloaded in place with another rank (the pool's gap units are NaN: use 1 of 16)
+            pool.set(0, pool.host_offsets[0], 1)
         graph.replay()
         expected = y0.clone()
-        lora_apply_reference(expected, x, lora_a, lora_b, meta, slice_offsets)
+        lora_apply_reference(expected, x, lora_a, lora_b, pool, meta, slice_offsets)
         torch.testing.assert_close(y, expected, atol=6e-2, rtol=3e-2)
 
 
 def test_lora_prefill_graph_replay(triton_lora):
     """A captured prefill step replays a new segment layout with the same count and max length."""
     slice_offsets = (0, 384)
-    y0, x, lora_a, lora_b = lora_inputs(96, 3, 8, slice_offsets, 256, torch.float16)
+    y0, x, lora_a, lora_b, pool = lora_inputs(96, 3, 8, slice_offsets, 256, torch.float16)
     meta = make_lora_meta([40, 16, 40], [0, 1, 2], DEVICE)
     y = y0.clone()
 
     def step():
         y.copy_(y0)
-        triton_lora.lora_apply_triton(y, x, lora_a, lora_b, meta, slice_offsets)
+        triton_lora.lora_apply_triton(y, x, lora_a, lora_b, pool, meta, slice_offsets)
 
     graph = capture(step)
     fresh = make_lora_meta([30, 40, 26], [2, -1, 1], DEVICE)
@@ -160,7 +162,7 @@ def test_lora_prefill_graph_replay(triton_lora):
     meta.seg_slots.copy_(fresh.seg_slots)
     graph.replay()
     expected = y0.clone()
-    lora_apply_reference(expected, x, lora_a, lora_b, fresh, slice_offsets)
+    lora_apply_reference(expected, x, lora_a, lora_b, pool, fresh, slice_offsets)
     torch.testing.assert_close(y, expected, atol=1e-2, rtol=1e-2)
 
 
@@ -235,9 +237,10 @@ def test_write_kv_cache_graph_replay():
 def test_timing_printout(triton_lora, triton_attention):
     """Decode-shaped timings and effective bandwidth; read with -s. No assertions on speed."""
     for out_features in (4096, 14336):
-        y, x, lora_a, lora_b = lora_inputs(32, 32, 16, (0, out_features), 4096, torch.bfloat16)
+        y, x, lora_a, lora_b, pool = lora_inputs(32, 32, 16, (0, out_features), 4096, torch.bfloat16,
+                                                 ranks=[16] * 32)
         meta = decode_lora_meta(torch.arange(32, dtype=torch.int32, device=DEVICE))
-        us = time_us(lambda: triton_lora.lora_apply_triton(y, x, lora_a, lora_b, meta, (0, out_features)))  # noqa: B023
+        us = time_us(lambda: triton_lora.lora_apply_triton(y, x, lora_a, lora_b, pool, meta, (0, out_features)))  # noqa: B023
         moved = lora_a.numel() * 2 + lora_b.numel() * 2 + y.numel() * 4 + x.numel() * 2
         label = f"lora decode T=32 slots=32 in=4096 out={out_features} R=16"
         print(f"\n{label}: {us:.1f} us, {moved / us / 1e3:.0f} GB/s")

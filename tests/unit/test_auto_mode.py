@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.engine.auto_mode import AutoModePolicy
+from server.engine.auto_mode import ARRIVAL_WINDOW, AutoModePolicy
 from server.engine.request import Request, SamplingParams
 from tests.unit.engine_helpers import make_engine
 from tests.unit.test_mixed_batch_oracle import adapter_refs
@@ -25,6 +25,27 @@ def test_lasting_demand_merges_once_the_steps_spent_unmerged_pay_for_the_swaps()
     policy = AutoModePolicy(unmerged_step_s=0.0060, merged_step_s=0.0041, swap_s=0.2)
     assert not policy.should_merge(remaining_steps=64, lasted_steps=100)  # 190 ms lost so far < 400 ms
     assert policy.should_merge(remaining_steps=64, lasted_steps=250)  # steady traffic: 475 ms > 400 ms
+
+
+def test_steady_arrivals_merge_at_once_and_mixed_ones_never_do():
+    policy = AutoModePolicy(unmerged_step_s=0.0060, merged_step_s=0.0041, swap_s=0.2)
+    for _ in range(ARRIVAL_WINDOW - 1):
+        policy.record_arrival(("a", 1))
+    assert not policy.is_steady(("a", 1))  # one arrival short
+    policy.record_arrival(("a", 1))
+    assert policy.is_steady(("a", 1)) and not policy.is_steady(("b", 1))
+    assert policy.should_merge(remaining_steps=8, steady=True)  # the ski-rental rule alone would wait
+    assert not policy.should_merge(remaining_steps=8)
+    policy.record_arrival(("b", 1))
+    assert not policy.is_steady(("a", 1)) and not policy.is_steady(("b", 1))
+    no_gain = AutoModePolicy(unmerged_step_s=0.004, merged_step_s=0.0041, swap_s=0.2)
+    assert not no_gain.should_merge(remaining_steps=8, steady=True)  # merged steps are no faster
+
+
+def test_engine_times_a_warm_up_swap_at_start_and_leaves_the_weights_pristine(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, lora_mode="auto", max_slots=4, max_rank=16, kv_cache_blocks=128)
+    assert engine.auto_policy.swap_s > 0.0
+    assert engine.swapper.current is None and engine.swapper.is_pristine()
 
 
 def test_prior_gain_before_a_merged_step_is_measured():
@@ -82,6 +103,7 @@ def test_steady_single_adapter_traffic_merges_once_its_steps_pay_for_the_swaps(t
     engine.auto_policy = AutoModePolicy(unmerged_step_s=0.006, merged_step_s=0.004, swap_s=0.05)
     engine.auto_policy.record_step = lambda merged, seconds: None  # fixed costs: a deterministic decision
     engine.auto_policy.record_swap = lambda seconds: None
+    engine.auto_policy.record_arrival = lambda key: None  # the ski-rental rule alone, not the arrivals
     for i in range(2):
         engine.add_request(_greedy([5 + i, 17, 33], 4, refs["all-r8"]))
     merged_at = None
@@ -92,3 +114,25 @@ def test_steady_single_adapter_traffic_merges_once_its_steps_pay_for_the_swaps(t
         if engine.merged_active and merged_at is None:
             merged_at = step
     assert merged_at is not None and 45 <= merged_at <= 55, merged_at
+
+
+def test_sixteen_arrivals_for_one_adapter_merge_at_the_next_step(tiny_llama_dir, tiny_adapters):
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    engine = make_engine(tiny_llama_dir, lora_mode="auto", max_slots=4, max_rank=16, kv_cache_blocks=128)
+    engine.auto_policy = AutoModePolicy(unmerged_step_s=0.006, merged_step_s=0.004, swap_s=0.05)
+    requests = [_greedy([5 + i, 17, 33], 4, refs["all-r8"]) for i in range(ARRIVAL_WINDOW)]
+    for r in requests[:-1]:
+        engine.add_request(r)
+    engine.step()
+    assert not engine.merged_active  # 15 arrivals, 4 tokens left each: 8 ms saved < 100 ms of swaps
+    engine.add_request(requests[-1])
+    engine.step()
+    assert engine.merged_active
+    while engine.has_unfinished():
+        engine.step()
+    alone = make_engine(tiny_llama_dir, lora_mode="unmerged", max_slots=4, max_rank=16, kv_cache_blocks=128)
+    reference = _greedy([5, 17, 33], 4, refs["all-r8"])
+    alone.add_request(reference)
+    while alone.has_unfinished():
+        alone.step()
+    assert requests[0].output_token_ids == reference.output_token_ids

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from server.engine.rank_pool import block_size
 from server.engine.request import AdapterRef, FinishReason, Request, SamplingParams
+from server.model.lora import max_adapter_rank
 from tests.unit.engine_helpers import make_engine
 from tests.unit.test_mixed_batch_oracle import adapter_refs
 
@@ -91,7 +93,7 @@ def test_replaced_adapter_version_keeps_running_on_its_own_weights(tiny_llama_di
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     v1 = AdapterRef("task", 1, refs["attn-r4"].weights)
     v2 = AdapterRef("task", 2, refs["ko-r16"].weights)
-    engine = make_engine(tiny_llama_dir, kv_cache_blocks=64, max_slots=1)
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=64, max_slots=1, max_rank=16)  # room for one of them
     old = greedy(PROMPTS[3], 12, v1)
     engine.add_request(old)
     for _ in range(3):
@@ -109,16 +111,21 @@ def test_replaced_adapter_version_keeps_running_on_its_own_weights(tiny_llama_di
     assert old.output_token_ids != new.output_token_ids
 
 
-def test_slot_limit_caps_distinct_adapters_per_step(tiny_llama_dir, tiny_adapters):
+def test_pool_size_caps_distinct_adapters_per_step(tiny_llama_dir, tiny_adapters):
+    """A 16-unit pool: ranks 4, 8 and 2 take 8-unit blocks (two fit at once), rank 16 takes all of it."""
     refs = list(adapter_refs(tiny_llama_dir, tiny_adapters).values())
-    engine = make_engine(tiny_llama_dir, kv_cache_blocks=128, max_slots=2)
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=128, max_slots=1, max_rank=16)
     requests = [greedy(PROMPTS[i % 5], 6, refs[i % 4]) for i in range(8)]
     for r in requests:
         engine.add_request(r)
     most = 0
     while engine.has_unfinished():
         engine.step()
-        most = max(most, len({r.adapter_key for r in engine.scheduler.running}))
+        keys = {r.adapter_key for r in engine.scheduler.running}
+        units = sum(block_size(max_adapter_rank(r.adapter.weights))
+                    for r in {r.adapter_key: r for r in engine.scheduler.running}.values())
+        assert units <= 16, f"{keys} take {units} units of a 16-unit pool"
+        most = max(most, len(keys))
     assert most == 2
     assert all(len(r.output_token_ids) == 6 for r in requests)
 
@@ -234,7 +241,7 @@ def test_equal_length_prompts_prefilled_together_match_running_alone(tiny_llama_
 
 def test_waiting_adapter_is_not_starved_by_steady_traffic_to_a_resident_one(tiny_llama_dir, tiny_adapters):
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
-    engine = make_engine(tiny_llama_dir, kv_cache_blocks=128, max_slots=1)
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=128, max_slots=1, max_rank=16)  # room for one of them
     busy = [greedy(PROMPTS[0], 6, refs["attn-r4"]) for _ in range(2)]
     for r in busy:
         engine.add_request(r)
@@ -253,7 +260,7 @@ def test_waiting_adapter_is_not_starved_by_steady_traffic_to_a_resident_one(tiny
 
 def test_drained_adapter_serves_again_when_the_waiting_request_is_aborted(tiny_llama_dir, tiny_adapters):
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
-    engine = make_engine(tiny_llama_dir, kv_cache_blocks=128, max_slots=1)
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=128, max_slots=1, max_rank=16)  # room for one of them
     engine.add_request(greedy(PROMPTS[0], 3, refs["attn-r4"]))
     engine.step()
     blocked = greedy(PROMPTS[1], 4, refs["ko-r16"])

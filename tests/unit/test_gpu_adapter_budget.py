@@ -1,30 +1,56 @@
-"""GPU adapter memory from a byte budget: as many max_rank slots as fit, never more bytes than the budget."""
+"""GPU adapter memory from a byte budget: a pool of rank units that never takes more bytes than the budget,
+where mixed ranks do not each pay for max_rank."""
 
 from __future__ import annotations
 
 import pytest
 
-from server.model.lora import LoraSlots
+from server.engine.rank_pool import block_size
+from server.model.lora import LoraSlots, max_adapter_rank
 from tests.unit.engine_helpers import load_tiny, make_engine
+from tests.unit.test_continuous_batching import PROMPTS, greedy, run_alone
+from tests.unit.test_mixed_batch_oracle import adapter_refs
 
 
-def _per_slot(model_dir, max_rank=16) -> int:
-    return LoraSlots.slot_nbytes(load_tiny(model_dir).model, max_rank)
+def _per_unit(model_dir) -> int:
+    return LoraSlots.rank_nbytes(load_tiny(model_dir).model)
 
 
-def test_budget_sizes_the_slots_and_is_never_exceeded(tiny_llama_dir):
-    per_slot = _per_slot(tiny_llama_dir)
-    budget = int(3.5 * per_slot)
+def test_budget_sizes_the_pool_and_is_never_exceeded(tiny_llama_dir):
+    per_unit = _per_unit(tiny_llama_dir)
+    budget = 50 * per_unit + per_unit // 2
     engine = make_engine(tiny_llama_dir, kv_cache_blocks=64, max_rank=16, adapter_gpu_memory_bytes=budget)
-    assert engine.num_slots == 3 and engine.slot_table.max_slots == 3
-    assert engine.lora_slots.nbytes == 3 * per_slot <= budget
+    assert engine.slot_table.pool.capacity == 50
+    assert engine.lora_slots.nbytes == 50 * per_unit <= budget
+    assert engine.num_slots == 3  # adapters of max_rank 16 that fit: reported as max_lora
 
 
-def test_without_a_budget_max_slots_decides(tiny_llama_dir):
+def test_without_a_budget_max_slots_of_max_rank_decide(tiny_llama_dir):
     engine = make_engine(tiny_llama_dir, kv_cache_blocks=64, max_rank=16, max_slots=5)
-    assert engine.num_slots == 5 and engine.lora_slots.nbytes == 5 * _per_slot(tiny_llama_dir)
+    assert engine.slot_table.pool.capacity == 80
+    assert engine.lora_slots.nbytes == 80 * _per_unit(tiny_llama_dir)
 
 
-def test_budget_below_one_slot_is_refused_with_the_numbers(tiny_llama_dir):
-    with pytest.raises(ValueError, match="holds no adapter slot"):
+def test_budget_below_one_adapter_of_max_rank_is_refused_with_the_numbers(tiny_llama_dir):
+    with pytest.raises(ValueError, match="holds no adapter of max_rank 16"):
         make_engine(tiny_llama_dir, kv_cache_blocks=64, max_rank=16, adapter_gpu_memory_bytes=1000)
+
+
+def test_mixed_ranks_share_the_pool_unpadded_and_stay_exact(tiny_llama_dir, tiny_adapters):
+    """A 32-unit pool with max_rank 16 would hold two padded slots; it holds all four adapters (ranks 4, 8, 2,
+    16: blocks of 8, 8, 8 and 16) at once, and each request's tokens equal its adapter run alone."""
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    per_unit = _per_unit(tiny_llama_dir)
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=128, max_rank=16, adapter_gpu_memory_bytes=40 * per_unit)
+    assert engine.slot_table.pool.capacity == 40
+    requests = [greedy(PROMPTS[i], 6, ref) for i, ref in enumerate(refs.values())]
+    for r in requests:
+        engine.add_request(r)
+    engine.step()
+    assert len({r.adapter_key for r in engine.scheduler.running}) == 4  # all four in one batch
+    assert sum(block_size(max_adapter_rank(r.adapter.weights)) for r in requests) == 40
+    assert engine.slot_table.pool.used == 40 and engine.lora_slots.nbytes == 40 * per_unit
+    while engine.has_unfinished():
+        engine.step()
+    for i, (r, ref) in enumerate(zip(requests, refs.values(), strict=True)):
+        assert r.output_token_ids == run_alone(tiny_llama_dir, greedy(PROMPTS[i], 6, ref)), ref.name

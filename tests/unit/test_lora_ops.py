@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from server.model.lora_ops import (
+    SlotLayout,
     decode_lora_meta,
     lora_apply,
     lora_apply_reference,
     lora_apply_torch,
     make_lora_meta,
 )
+from tests.lora_pools import mixed_ranks, random_pool
 from tests.unit.triton_interp import interpreted
 
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 3e-2)}
@@ -27,19 +29,15 @@ LAYOUTS = [
 SLICES = [(0, 24), (0, 16, 20, 37)]  # one slice; three of unequal widths
 
 
-def make_inputs(seg_lens, seg_slots, rank, slice_offsets, dtype, num_slots=3, in_features=40, seed=0):
-    """Random y, x, lora_a, lora_b, meta for one batch layout."""
+def make_inputs(seg_lens, seg_slots, max_rank, slice_offsets, dtype, num_slots=3, in_features=40, seed=0):
+    """Random y, x, pools (`tests.lora_pools`: mixed ranks, NaN outside every slot), layout and meta."""
     gen = torch.Generator().manual_seed(seed)
     num_tokens, num_slices, out_features = sum(seg_lens), len(slice_offsets) - 1, slice_offsets[-1]
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
-
-    y = randn(num_tokens, out_features)
-    x = randn(num_tokens, in_features)
-    lora_a = randn(num_slots, num_slices * rank, in_features, scale=in_features**-0.5)
-    lora_b = randn(num_slots, out_features, rank, scale=rank**-0.5)
-    return y, x, lora_a, lora_b, make_lora_meta(seg_lens, seg_slots, "cpu")
+    y = torch.randn(num_tokens, out_features, generator=gen).to(dtype)
+    x = torch.randn(num_tokens, in_features, generator=gen).to(dtype)
+    lora_a, lora_b, layout = random_pool(mixed_ranks(max_rank, num_slots), max_rank, num_slices, in_features,
+                                         out_features, dtype, gen)
+    return y, x, lora_a, lora_b, layout, make_lora_meta(seg_lens, seg_slots, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -47,10 +45,11 @@ def make_inputs(seg_lens, seg_slots, rank, slice_offsets, dtype, num_slots=3, in
 @pytest.mark.parametrize("rank", [1, 8, 16])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_torch_matches_reference(layout, rank, slice_offsets, dtype):
-    y, x, lora_a, lora_b, meta = make_inputs(*layout, rank, slice_offsets, dtype)
+    y, x, lora_a, lora_b, pool, meta = make_inputs(*layout, rank, slice_offsets, dtype)
     expected, actual = y.clone(), y.clone()
-    lora_apply_reference(expected, x, lora_a, lora_b, meta, slice_offsets)
-    lora_apply_torch(actual, x, lora_a, lora_b, meta, slice_offsets)
+    lora_apply_reference(expected, x, lora_a, lora_b, pool, meta, slice_offsets)
+    lora_apply_torch(actual, x, lora_a, lora_b, pool, meta, slice_offsets)
+    assert expected.isfinite().all(), "the reference read a unit no slot owns"
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
     for t, slot in enumerate(meta.token_slots.tolist()):
@@ -59,24 +58,26 @@ def test_torch_matches_reference(layout, rank, slice_offsets, dtype):
 
 
 def test_torch_chunks_tokens_like_one_pass(monkeypatch):
-    y, x, lora_a, lora_b, meta = make_inputs([10, 1, 22], [0, -1, 2], 8, SLICES[1], torch.float32)
+    y, x, lora_a, lora_b, pool, meta = make_inputs([10, 1, 22], [0, -1, 2], 8, SLICES[1], torch.float32)
     whole, chunked = y.clone(), y.clone()
-    lora_apply_torch(whole, x, lora_a, lora_b, meta, SLICES[1])
-    monkeypatch.setattr("server.model.lora_ops._GATHER_BUDGET", 7 * lora_a[0].numel())
-    lora_apply_torch(chunked, x, lora_a, lora_b, meta, SLICES[1])
+    lora_apply_torch(whole, x, lora_a, lora_b, pool, meta, SLICES[1])
+    per_token = 8 * (3 * lora_a.shape[1] + lora_b.shape[1])
+    monkeypatch.setattr("server.model.lora_ops._GATHER_BUDGET", 7 * per_token)
+    lora_apply_torch(chunked, x, lora_a, lora_b, pool, meta, SLICES[1])
     torch.testing.assert_close(chunked, whole)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixed_batch_equals_each_slot_alone(dtype):
     seg_lens, seg_slots = [3, 1, 4, 2, 1], [2, -1, 0, 2, 1]
-    y, x, lora_a, lora_b, meta = make_inputs(seg_lens, seg_slots, 8, SLICES[1], dtype)
+    y, x, lora_a, lora_b, pool, meta = make_inputs(seg_lens, seg_slots, 8, SLICES[1], dtype)
     mixed = y.clone()
-    lora_apply(mixed, x, lora_a, lora_b, meta, SLICES[1])
+    lora_apply(mixed, x, lora_a, lora_b, pool, meta, SLICES[1])
     start = 0
     for n, slot in zip(seg_lens, seg_slots, strict=True):
         alone = y[start : start + n].clone()
-        lora_apply(alone, x[start : start + n], lora_a, lora_b, make_lora_meta([n], [slot], "cpu"), SLICES[1])
+        lora_apply(alone, x[start : start + n], lora_a, lora_b, pool, make_lora_meta([n], [slot], "cpu"),
+                   SLICES[1])
         atol, rtol = TOLERANCE[dtype]
         torch.testing.assert_close(mixed[start : start + n], alone, atol=atol, rtol=rtol)
         start += n
@@ -97,9 +98,17 @@ def test_make_meta_rejects_mismatched_lists():
 
 
 def test_rejects_offsets_not_covering_out():
-    y, x, lora_a, lora_b, meta = make_inputs([2], [0], 4, (0, 24), torch.float32)
+    y, x, lora_a, lora_b, pool, meta = make_inputs([2], [0], 4, (0, 24), torch.float32)
     with pytest.raises(ValueError):
-        lora_apply_torch(y, x, lora_a, lora_b, meta, (0, 20))
+        lora_apply_torch(y, x, lora_a, lora_b, pool, meta, (0, 20))
+
+
+def test_layout_refuses_a_rank_above_max_rank():
+    pool = SlotLayout.empty(2, 16, "cpu")
+    with pytest.raises(ValueError, match="outside 0..16"):
+        pool.set(1, 0, 32)
+    pool.set(1, 40, 16)
+    assert pool.offsets.tolist() == [0, 40] and pool.ranks.tolist() == [0, 16]
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +124,18 @@ def triton_lora():
     [(([1, 1, 1, 1], [2, -1, 0, 2]), 8), (([3, 0, 20, 1], [1, 0, 2, -1]), 16), (([18], [1]), 1)],
 )
 def test_triton_interpreted_matches_reference(triton_lora, layout, rank, slice_offsets, dtype):
-    y, x, lora_a, lora_b, meta = make_inputs(*layout, rank, slice_offsets, dtype, in_features=300)
+    y, x, lora_a, lora_b, pool, meta = make_inputs(*layout, rank, slice_offsets, dtype, in_features=300)
     expected, actual = y.clone(), y.clone()
-    lora_apply_reference(expected, x, lora_a, lora_b, meta, slice_offsets)
-    triton_lora.lora_apply_triton(actual, x, lora_a, lora_b, meta, slice_offsets)
+    lora_apply_reference(expected, x, lora_a, lora_b, pool, meta, slice_offsets)
+    triton_lora.lora_apply_triton(actual, x, lora_a, lora_b, pool, meta, slice_offsets)
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("split_k", [1, 2, 3])
 def test_triton_interpreted_shrink_split_k(triton_lora, split_k):
-    _, x, lora_a, _, meta = make_inputs([3, 4], [1, 0], 8, SLICES[1], torch.float32, in_features=300)
-    h = triton_lora.lora_shrink(x, lora_a, meta, split_k=split_k)
-    slots = meta.token_slots.long()
-    expected = torch.einsum("tri,ti->tr", lora_a[slots], x)
-    torch.testing.assert_close(h, expected, atol=1e-4, rtol=1e-4)
+    _, x, lora_a, _, pool, meta = make_inputs([3, 4], [1, 0], 8, SLICES[1], torch.float32, in_features=300)
+    h = triton_lora.lora_shrink(x, lora_a, pool, meta, 3, split_k=split_k)
+    for t, slot in enumerate(meta.token_slots.tolist()):
+        o, r = pool.host_offsets[slot], pool.host_ranks[slot]
+        torch.testing.assert_close(h[t, : 3 * r], lora_a[3 * o : 3 * (o + r)] @ x[t], atol=1e-4, rtol=1e-4)
