@@ -20,8 +20,9 @@ Semantics, per row (`sample_row_reference` is this as plain code for one row):
 
 Masses in steps 8-9 are integers: each probability (fp32 softmax after 5-7) floored to units of
 2**-40. Integer sums are exact in any order, so the batched pass finds the top-p cut without a sort
-(a two-pass radix select over the probabilities' float bits, `top_p_keep`) and agrees bit for bit
-with the reference, which sorts and walks. A token below 2**-40 has mass 0 and is never drawn.
+and agrees bit for bit with the reference, which sorts and walks: on CUDA one Triton kernel does
+steps 8-9 (`triton_top_p`: a bit-by-bit search of the cut, no sort), elsewhere torch ops do
+(`sampling_masses.top_p_keep`, which sorts). A token below 2**-40 has mass 0 and is never drawn.
 
 u is a counter-based hash of (request seed, output token index) with 23-bit resolution, computed on
 the host in the pass that gathers the parameters, so a row's tokens do not depend on what else is in
@@ -45,7 +46,13 @@ import torch
 
 from server.engine.grammar import GrammarBackend
 from server.engine.request import Request, SamplingError, SamplingParams
-from server.engine.sampling_masses import draw_from_masses, integer_masses, top_p_keep, top_p_threshold
+from server.engine.sampling_masses import (
+    draw_from_masses,
+    fused_top_p_available,
+    integer_masses,
+    top_p_keep,
+    top_p_threshold,
+)
 from server.engine.token_counts import TokenCounts
 from server.model.host_device import host_list, to_device
 
@@ -316,6 +323,11 @@ class Sampler:
             top_k=params[3].long() if max_top_k > 0 else None, max_top_k=max_top_k,
         )
         probs = filtered.softmax(dim=-1)
+        if top_p is not None and probs.is_cuda and fused_top_p_available():
+            from server.engine.triton_top_p import top_p_draw
+
+            # Rows without top-p get 1.0: their draws are unchanged (tests/unit/test_sampler.py).
+            return top_p_draw(probs, params[2], params[4])
         masses = integer_masses(probs)
         if top_p is not None:
             if top_p_index is None:

@@ -3,11 +3,27 @@ summation order, so the batched pass needs no sort for top-p and CUDA agrees wit
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 MASS_BITS = 40  # steps 8-9 count probability in integer units of 2**-MASS_BITS
 _COUNT_SHIFT = 44  # histogram cells pack (count << 44) + mass: mass <= 2**41, count <= 2**17 per row
 _MASS_MASK = (1 << _COUNT_SHIFT) - 1
+
+
+@functools.lru_cache(maxsize=1)
+def fused_top_p_available() -> bool:
+    """Whether CUDA top-p draws use the fused kernel (`triton_top_p`); LORAPLEX_TOP_P_KERNEL=torch turns it
+    off (debugging, A/B timing)."""
+    if os.environ.get("LORAPLEX_TOP_P_KERNEL", "triton") != "triton":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def integer_masses(probs: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""The sort-free top-p and the integer-mass draw on CUDA give exactly the CPU's answer on the same
-probabilities (integer histograms and cumulative sums are exact in any order)."""
+"""The sort-free top-p, the integer-mass draw and the fused Triton top-p draw on CUDA give exactly the
+CPU's answer on the same probabilities (integer histograms and cumulative sums are exact in any order)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,29 @@ def test_top_p_and_draw_on_cuda_equal_the_cpu(spread):
     drawn = draw_from_masses(masses, uniform)
     assert torch.equal(draw_from_masses(masses.cuda(), uniform.cuda()).cpu(), drawn)
     assert keep.gather(1, drawn[:, None]).all()
+    from server.engine.triton_top_p import top_p_draw
+
+    assert torch.equal(top_p_draw(probs.cuda(), top_p.cuda(), uniform.cuda()).cpu(), drawn)
+
+
+def test_fused_top_p_timing_printout():
+    """Read with -s: the fused kernel against the torch steps it replaces, 32 x 128256. No assertion on speed."""
+    from server.engine.triton_top_p import top_p_draw
+
+    probs = (torch.randn(32, 128256, device="cuda") * 2.0).softmax(-1)
+    top_p, uniform = torch.full((32,), 0.9, device="cuda"), torch.rand(32, device="cuda")
+
+    def torch_steps():
+        return draw_from_masses(integer_masses(probs).masked_fill(~top_p_keep(probs, top_p), 0), uniform)
+
+    for name, fn in (("torch sort + draw", torch_steps), ("fused kernel", lambda: top_p_draw(probs, top_p, uniform))):
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        print(f"\ntop-p draw 32 x 128256, {name}: {start.elapsed_time(end) / 20 * 1e3:.0f} us")
+    assert torch.equal(torch_steps(), top_p_draw(probs, top_p, uniform))

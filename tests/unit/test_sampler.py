@@ -17,7 +17,8 @@ from server.engine.sampler import (
     sample,
     sample_row_reference,
 )
-from server.engine.sampling_masses import integer_masses, top_p_keep, top_p_threshold
+from server.engine.sampling_masses import draw_from_masses, integer_masses, top_p_keep, top_p_threshold
+from tests.unit.triton_interp import interpreted
 
 VOCAB = 257
 EOS = (2, 250)
@@ -327,3 +328,22 @@ def test_mask_token_ids_are_checked_against_the_vocabulary():
     for field in ("allowed_token_ids", "stop_token_ids"):
         with pytest.raises(SamplingError, match=field):
             SamplingParams(**{field: [1, 100]}).validate_token_ids(100)
+
+
+@pytest.mark.parametrize("vocab, spread, quantum", [(50, 4.0, 0.0), (3000, 0.3, 0.0), (3000, 3.0, 0.5),
+                                                    (4500, 1.0, 0.25), (7, 0.0, 0.0)])
+def test_fused_top_p_draw_equals_the_torch_steps_bit_for_bit(vocab, spread, quantum):
+    """The Triton kernel (interpreted) against top_p_keep + draw_from_masses: flat, peaked and tied rows, a
+    row with dropped tokens, top_p 1.0 (no cut), and uniforms at both ends and at a tie group."""
+    triton_top_p = interpreted("server.engine.triton_top_p")
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(8, vocab, generator=gen) * spread
+    if quantum:
+        logits = (logits / quantum).round() * quantum
+    logits[5, vocab // 2:] = float("-inf")
+    probs = logits.softmax(-1)
+    top_p = torch.tensor([0.9, 0.5, 0.999, 0.1, 0.7, 0.95, 1.0, 0.3])
+    for uniform in (torch.rand(8, generator=gen), torch.tensor([0.0] * 4 + [1.0 - 2**-23] * 4)):
+        masses = integer_masses(probs).masked_fill(~top_p_keep(probs, top_p), 0)
+        expected = draw_from_masses(masses, uniform)
+        assert torch.equal(triton_top_p.top_p_draw(probs, top_p, uniform), expected)
