@@ -9,7 +9,9 @@ tests/gpu/test_sampler_gpu.py on CUDA). One program per row:
      a row whose whole mass stays under need keeps everything;
   3. the draw: the first kept token whose running mass exceeds floor(u * kept mass).
 Each pass reads the row's probabilities once (512 KB at 128k tokens, from L2 after the first): 34
-passes against a full sort of the row in the torch path (which took ~1 ms a step at 32 x 128k, H200).
+passes against a full sort of the row in the torch path. Measured on the H200 at 32 x 128256: 1,381 us
+against 1,226 us for the torch steps (one SM per row does all 34 passes), so it is opt-in
+(`sampling_masses.fused_top_p_available`); the next step is splitting each row across programs.
 """
 
 from __future__ import annotations
