@@ -117,10 +117,11 @@ class Settings(BaseSettings):
         None, ge=1, description=f"prompt characters, checked before tokenizing; default "
         f"{PROMPT_CHARS_PER_TOKEN} x max_model_len"
     )
-    engine_process: bool | None = Field(
-        None, description="run the engine core (scheduler, model, sampler) in its own process, talking to "
-        "the HTTP process over ZeroMQ; off: the engine runs in a thread of the HTTP process; unset: on with "
-        "CUDA (H200, 1B, 32 streams: 0.69 of the engine's tok/s against 0.45 in a thread), off on the CPU"
+    engine_process: bool = Field(
+        False, description="run the engine core (scheduler, model, sampler) in its own process, talking to "
+        "the HTTP process over ZeroMQ; off: the engine runs in a thread of the HTTP process (H200, 1B, 32 "
+        "streams: 0.69-0.78 of the engine's tok/s in its own process against 0.45 in a thread, but see "
+        "bench/NOTES.md: two GPU runs in this mode ended in a device-side assert)"
     )
     gil_switch_interval_ms: float | None = Field(
         None, gt=0, description="sys.setswitchinterval of the server process in ms (unset: Python's 5 ms); "

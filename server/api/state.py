@@ -20,7 +20,7 @@ from server.engine.async_engine import AsyncEngine
 from server.engine.client import EngineProcessClient
 from server.engine.engine import LLMEngine
 from server.engine.request import FinishReason
-from server.model.loader import LOAD_PROGRESS, LoadedModel, load_model, load_model_info, resolve_device
+from server.model.loader import LOAD_PROGRESS, LoadedModel, load_model, load_model_info
 from server.registry import AdapterRegistry, pin_memory_available
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,7 @@ class ServerState:
         LOAD_PROGRESS.reset()
         if settings.gil_switch_interval_ms is not None:
             sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-        # Unset engine_process: its own process on CUDA, where the HTTP loop's work would otherwise stall the
-        # GPU's feeding (bench/NOTES.md); a thread on the CPU, and whenever the caller hands in a loaded model.
-        use_process = settings.engine_process if settings.engine_process is not None else (
-            loaded is None and resolve_device(settings.device).type == "cuda")
+        use_process = settings.engine_process
         if loaded is None and use_process:
             loaded = load_model_info(settings.model, cache_dir=settings.cache_dir,
                                      served_model_name=settings.served_model_name)
