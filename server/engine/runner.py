@@ -12,6 +12,7 @@ hit or a new prompt arriving beside a decode batch no longer pays it.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -31,6 +32,9 @@ PROMPT_LOGPROB_ROWS = 256
 # 64k token-rows x 128 KiB of K/V per token = 8.6 GB, ~2 ms; a 16-token cached-prefix hit after 2,048
 # tokens is 33k).
 GRAPH_CONTEXT_ROWS = 1 << 16
+# LORAPLEX_CHECK_STEP_INPUTS=1: check every index a step sends to the device on the host first, and name
+# the one out of range (a device-side assert names nothing). For debugging: it costs host time per step.
+CHECK_STEP_INPUTS = os.environ.get("LORAPLEX_CHECK_STEP_INPUTS") == "1"
 
 
 class ModelRunner:
@@ -78,6 +82,9 @@ class ModelRunner:
             segments.append((q_start, chunk, request.slot))
             if start + chunk == request.prefill_target:
                 last_rows.append(len(tokens) - 1)
+        if CHECK_STEP_INPUTS:
+            self._check_inputs("prefill", tokens, positions, slots, [blocks for *_, blocks in facts],
+                               [slot for *_, slot in segments])
         inputs = to_device([tokens, positions, slots], torch.long, self.device)
         width = max(len(blocks) for *_, blocks in facts)
         tables = to_device([blocks + [0] * (width - len(blocks)) for *_, blocks in facts], torch.long, self.device)
@@ -97,6 +104,22 @@ class ModelRunner:
         if not last_rows:
             return None
         return self.model.compute_logits(hidden[to_device(last_rows, torch.long, self.device)])
+
+    def _check_inputs(self, kind: str, tokens: list[int], positions: list[int], slots: list[int],
+                      tables: list[list[int]], lora_slots: list[int]) -> None:
+        """Raise naming the first index of a step that is out of range (LORAPLEX_CHECK_STEP_INPUTS=1)."""
+        limits = {"token id": (tokens, 0, self.model.config.vocab_size),
+                  "position": (positions, 0, self.model.rope.shape[0]),
+                  "KV slot": (slots, 0, self.kv_cache.num_blocks * self.block_size),
+                  "block id": ([b for t in tables for b in t], 0, self.kv_cache.num_blocks),
+                  "block table width": ([len(t) for t in tables], 0, self.max_blocks + 1)}
+        if self.use_lora:
+            limits["LoRA slot"] = (lora_slots, -1, self.model.lora_linears()[0][1].layout.num_slots)  # -1: none
+        for name, (values, low, high) in limits.items():
+            bad = [v for v in values if not low <= v < high]
+            if bad:
+                raise RuntimeError(f"{kind} step: {name} {bad[0]} outside [{low}, {high}) "
+                                   f"({len(bad)} of {len(values)})")
 
     def _prompt_logprobs(self, request: Request, hidden: torch.Tensor, start: int) -> None:
         """Append the logprobs of the prompt tokens this chunk predicts (positions start + 1 ...) to
@@ -173,6 +196,8 @@ class ModelRunner:
         pad = [0] * (padded - len(owners))
         slots = [self._slot_index(sequences[o], p) for o, p in zip(owners, positions, strict=True)]
         lora_slots = [sequences[o].slot for o in owners]
+        if CHECK_STEP_INPUTS:
+            self._check_inputs("decode", input_ids, positions, slots, [r.block_ids for r in sequences], lora_slots)
         rows = [input_ids + pad, positions + pad, slots + [-1] * len(pad), [p + 1 for p in positions] + pad,
                 lora_slots + [-1] * len(pad), owners + [len(sequences)] * len(pad)]
         return rows, [r.block_ids for r in sequences] + [[]]
