@@ -9,6 +9,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from adapters_store import BaseModelSpec, load_adapter_dir
+from server.engine.auto_mode import AutoModePolicy
 from server.engine.request import AdapterRef, Request, SamplingParams
 from tests.unit.engine_helpers import make_engine
 
@@ -133,6 +134,10 @@ def test_nf4_mixed_batch_matches_each_adapter_alone(tiny_llama_dir, tiny_adapter
 def test_auto_mode_merges_when_one_adapter_dominates(tiny_llama_dir, tiny_adapters):
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     engine = make_engine(tiny_llama_dir, lora_mode="auto", max_slots=4, max_rank=16, kv_cache_blocks=128)
+    # Fixed costs (2 ms saved a step, 1 ms a swap): the decision does not depend on this machine's timings.
+    engine.auto_policy = AutoModePolicy(unmerged_step_s=0.006, merged_step_s=0.004, swap_s=0.001)
+    engine.auto_policy.record_step = lambda merged, seconds: None
+    engine.auto_policy.record_swap = lambda seconds: None
     requests = [
         Request(list(p), SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True),
                 adapter=refs["all-r8"])
