@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from server.model.lora import max_adapter_rank
 from tests.unit.engine_helpers import make_engine
 from tests.unit.test_adapter_prefetch import SlowCopy
 from tests.unit.test_continuous_batching import PROMPTS, greedy, run_alone
+from tests.unit.test_graph_prefill import replaying
 from tests.unit.test_mixed_batch_oracle import adapter_refs
 
 
+@pytest.mark.parametrize("replay", [False, True], ids=["eager", "graph-replay"])
 def test_random_traffic_over_a_small_pool_with_async_loads_matches_running_alone(
-        tiny_llama_dir, tiny_adapters, monkeypatch):
+        tiny_llama_dir, tiny_adapters, monkeypatch, replay):
+    """`graph-replay`: decode steps, and prefill chunks short enough to ride them, go through the decode
+    graph's static inputs (tests.unit.test_graph_prefill.EagerReplay), as on CUDA."""
     monkeypatch.setattr("server.engine.runner.CHECK_STEP_INPUTS", True)
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     choices = [None, *refs.values()]
@@ -23,6 +29,9 @@ def test_random_traffic_over_a_small_pool_with_async_loads_matches_running_alone
     engine = make_engine(tiny_llama_dir, kv_cache_blocks=96, max_slots=1, max_rank=16, max_batch_size=6,
                          enable_prefix_caching=True)
     engine.lora_slots._copy_stream = object()  # asynchronous copies: prefetch on, loading slots wait
+    if replay:
+        replaying(engine, max_rows=16)
+        engine.scheduler.graph_rows = engine.runner.graph_prefill_rows
     rng = random.Random(5)
 
     def slow_load(slot, offset, weights):
@@ -46,6 +55,7 @@ def test_random_traffic_over_a_small_pool_with_async_loads_matches_running_alone
         engine.step()
     assert engine.slot_table.num_loads > len(refs)  # adapters were evicted and loaded again
     assert engine.scheduler.prefix_hit_tokens > 0  # some prompts came back to the same adapter
+    assert not replay or engine.runner.graphs.chunk_rows > 0  # prefill chunks rode the replay
     finished = [r for r in submitted if r.request_id not in aborted]
     assert len(finished) > 30
     for request in finished:
