@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="custom preset")
     p.add_argument("--quantization", default="nf4", choices=("nf4", "none"))
     p.add_argument("--max-slots", type=int, default=32)
-    p.add_argument("--max-cpu-adapters", type=int, default=64)
+    p.add_argument("--max-cpu-adapters", type=int, default=None,
+                   help="count cap on the server's CPU adapter tier (default: none, its byte budget decides)")
     p.add_argument("--max-batch-size", type=int, default=None, help="default: max(64, concurrency)")
     p.add_argument("--server-arg", action="append", default=[], help="extra `python -m server` flag, e.g. "
                    "--server-arg=--kv-cache-memory-fraction=0.3 (repeatable)")

@@ -32,7 +32,7 @@ class ServerConfig:
     max_model_len: int = 2048
     max_num_batched_tokens: int = 4096
     max_queue_size: int = 4096
-    max_cpu_adapters: int = 64
+    max_cpu_adapters: int | None = None  # None: the server's byte budget (cpu_adapter_cache_bytes) alone
     served_model_name: str = "bench-base"
     auth_file: Path | None = None  # None = open mode
     extra_args: list[str] = field(default_factory=list)
@@ -49,7 +49,7 @@ class ServerConfig:
         }
         if self.auth_file is not None:
             flags["auth-file"] = self.auth_file
-        args = [item for name, value in flags.items() for item in (f"--{name}", str(value))]
+        args = [item for name, value in flags.items() if value is not None for item in (f"--{name}", str(value))]
         return args + list(self.extra_args)
 
     def as_dict(self) -> dict:
