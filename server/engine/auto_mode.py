@@ -47,6 +47,10 @@ class AutoModePolicy:
     def record_arrival(self, key: Hashable) -> None:
         self.arrivals.append(key)
 
+    def on_idle(self) -> None:
+        """No demand at all: arrivals before the pause say nothing about the traffic after it."""
+        self.arrivals.clear()
+
     def is_steady(self, key: Hashable) -> bool:
         """Whether the last ARRIVAL_WINDOW arrivals all named adapter `key`."""
         return len(self.arrivals) == ARRIVAL_WINDOW and all(k == key for k in self.arrivals)

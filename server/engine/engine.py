@@ -88,7 +88,7 @@ class LLMEngine:
             # One sequence must always fit, or preempting everything else could never make room.
             self.max_model_len = self.kv_cache.num_usable_blocks * self.kv_cache.block_size
             log.warning("KV cache holds %d tokens: max_model_len lowered to that", self.max_model_len)
-        self._draining_key: tuple[str, int] | None = None  # adapter refused new work until its slot frees
+        self._draining: set[tuple[str, int]] = set()  # adapters refused new work until their block frees
         self.swapper = None if self.mode is LoraMode.UNMERGED else MergedSwapper(self.model)
         self.auto_policy = AutoModePolicy()
         if self.swapper is not None:
@@ -213,6 +213,8 @@ class LLMEngine:
             uses_lora = any(r.slot >= 0 for r in batch.decode)
             if self.merged_active or uses_lora:
                 self.auto_policy.record_step(self.merged_active, time.perf_counter() - step_start)
+        if not self.scheduler.running and not self.scheduler.waiting:
+            self.auto_policy.on_idle()  # the engine goes idle: the next traffic starts a new arrival window
         return outputs
 
     def _record_state(self, batch_adapters: int | None = None) -> None:
@@ -249,20 +251,21 @@ class LLMEngine:
             request.slot = -1
             return Admission.ADMIT
         key = request.adapter_key
-        if key == self._draining_key:
-            if self.slot_table.users(key) > 0:
+        if self._draining:
+            if all(self.slot_table.users(k) == 0 for k in self._draining):
+                self._draining = set()  # drained: the block goes to whoever is first in line
+            elif key in self._draining:
                 return Admission.SKIP
-            self._draining_key = None  # drained: the slot goes to whoever is first in line
         slot = self.slot_table.acquire(key, request.adapter.weights)
         if slot == SLOT_LOADING:
             return Admission.SKIP  # its copy runs beside the batch (CUDA); admitted once it is done
         if slot is None:
-            # Every slot is busy. Stop admitting new work for the least-used resident adapter so its
-            # slot empties: without this, steady traffic to resident adapters starves this one.
-            self._draining_key = self.slot_table.least_used_key()
+            # No room: every block that could hold it has work running. Stop admitting new work for the
+            # adapters of the block cheapest to empty (all of them: a large adapter needs every small one
+            # in its aligned block gone at once); without this, steady traffic to them starves this one.
+            if not self._draining:
+                self._draining = set(self.slot_table.blocking_keys(request.adapter.weights))
             return Admission.SKIP
-        if self.slot_table.slot_of(self._draining_key) is None:
-            self._draining_key = None  # its slot was handed over
         request.slot = slot
         return Admission.ADMIT
 
@@ -299,7 +302,7 @@ class LLMEngine:
         if self.lora_slots is None or not self.lora_slots.is_async or self.merged_active:
             return
         for request in list(self.scheduler.waiting)[:PREFETCH_LOOKAHEAD]:
-            if request.adapter is not None and request.adapter_key != self._draining_key:
+            if request.adapter is not None and request.adapter_key not in self._draining:
                 self.slot_table.prefetch(request.adapter_key, request.adapter.weights)
 
     def _maybe_swap(self) -> None:

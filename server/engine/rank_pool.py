@@ -100,6 +100,10 @@ class RankPool:
                     found.append(last)
         return found
 
+    def occupied_candidates(self, size: int) -> list[list[int]]:
+        """The occupants (block offsets) of each aligned block of `size` that holds something."""
+        return [self._occupants(start, size) for start in sorted(self._evict_candidates(size))]
+
     def _evict_candidates(self, size: int) -> set[int]:
         """Aligned blocks of `size` that hold something, one per distinct set of occupants: each allocated
         block's own offset if it is at least `size`, else the aligned `size` block around it."""

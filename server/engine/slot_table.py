@@ -11,7 +11,7 @@ from server.engine.rank_pool import MIN_BLOCK, RankPool, block_size
 
 AdapterKey = tuple[str, int]  # (name, version)
 SLOT_LOADING = -2  # acquire(): the adapter's copy into its slot is still in flight; ask again next step
-MAX_SLOT_IDS = 4096  # adapters resident at once, whatever their ranks (the kernels' slot tables hold this many)
+MAX_SLOT_IDS = 4096  # adapters resident at once, whatever their ranks (sizes the device SlotLayout tables)
 
 
 class CopyDone(Protocol):
@@ -54,7 +54,7 @@ class SlotTable:
                  on_evicted: Callable[[AdapterKey], None] | None = None,
                  rank_of: Callable[[object], int] = lambda weights: MIN_BLOCK):
         self.pool = RankPool(capacity)
-        self.num_slots = min(MAX_SLOT_IDS, capacity // MIN_BLOCK)
+        self.num_slots = min(MAX_SLOT_IDS, capacity // MIN_BLOCK)  # slot ids (handles), not a limit on ranks
         self._load_fn = load_fn
         self._on_loaded = on_loaded
         self._on_evicted = on_evicted
@@ -62,7 +62,9 @@ class SlotTable:
         self._clock = clock
         self.slot_to_key: list[AdapterKey | None] = [None] * self.num_slots
         self.slot_offset: list[int | None] = [None] * self.num_slots  # None: the slot id is free
+        self._slot_of: dict[AdapterKey, int] = {}  # resident (or loading) adapters
         self._slot_at: dict[int, int] = {}  # block offset -> slot
+        self._free_ids = list(reversed(range(self.num_slots)))  # slot ids without a block; lowest last
         self._refcount = [0] * self.num_slots
         self._last_used = [0.0] * self.num_slots
         self._loading: dict[int, _Load] = {}  # slot -> copy in flight
@@ -72,15 +74,12 @@ class SlotTable:
         self.last_load_seconds = 0.0
 
     def slot_of(self, key: AdapterKey) -> int | None:
-        try:
-            return self.slot_to_key.index(key)
-        except ValueError:
-            return None
+        return self._slot_of.get(key)
 
     def acquire(self, key: AdapterKey, weights, wait: bool = False) -> int | None:
         """Slot holding `key` with one more user, loading it if needed; SLOT_LOADING while its copy is in
-        flight (no user taken); None if every slot is busy. `wait`: block until the copy is done instead
-        (for rows already running that must read the slot at the next step)."""
+        flight (no user taken); None if no block can be had now. `wait`: block until the copy is done
+        instead (for rows already running that must read the slot at the next step)."""
         slot = self.slot_of(key)
         if slot is None:
             slot = self._start_load(key, weights)
@@ -95,18 +94,33 @@ class SlotTable:
         return slot
 
     def prefetch(self, key: AdapterKey, weights) -> bool:
-        """Start loading `key` into a free or idle slot ahead of its request's admission (no user taken);
-        False if it is already resident or loading, or no slot is free."""
+        """Start loading `key` into free or idle room ahead of its request's admission (no user taken);
+        False if it is already resident or loading, or there is no room."""
         return self.slot_of(key) is None and self._start_load(key, weights) is not None
 
     def is_loading(self, key: AdapterKey) -> bool:
         slot = self.slot_of(key)
-        return slot is not None and slot in self._loading and not self._is_ready(slot)
+        return slot is not None and not self._is_ready(slot)
+
+    def blocking_keys(self, weights) -> list[AdapterKey]:
+        """When `acquire` found no room for `weights`: the adapters of the block that is cheapest to empty
+        (fewest running users, then least recently used; none pinned or loading). Refusing them new
+        work until they have no users frees a block for it. Empty if no block can ever be freed."""
+        size = block_size(self._rank_of(weights))
+        best, best_score = [], None
+        for occupants in self.pool.occupied_candidates(size):
+            slots = [self._slot_at[o] for o in occupants]
+            if any(self.slot_to_key[s] in self._pinned or not self._is_ready(s) for s in slots):
+                continue
+            score = (sum(self._refcount[s] for s in slots), max(self._last_used[s] for s in slots))
+            if best_score is None or score < best_score:
+                best, best_score = [self.slot_to_key[s] for s in slots], score
+        return best
 
     def _start_load(self, key: AdapterKey, weights) -> int | None:
         size = block_size(self._rank_of(weights))
-        if None not in self.slot_offset:  # every id taken (a huge pool of small adapters): free the oldest
-            idle = [s for s in range(self.num_slots) if self._is_evictable(s)]
+        if not self._free_ids:  # every id taken (a huge pool of small adapters): free the oldest
+            idle = [s for s in self._slot_at.values() if self._is_evictable(s)]
             if not idle:
                 return None
             self._evict(min(idle, key=lambda s: self._last_used[s]))
@@ -117,7 +131,7 @@ class SlotTable:
         offset, victims = placement
         for victim in victims:
             self._evict(self._slot_at[victim])
-        slot = self.slot_offset.index(None)
+        slot = self._free_ids.pop()
         start = self._clock()
         self.pool.allocate(offset, size)
         self._slot_at[offset] = slot
@@ -128,6 +142,7 @@ class SlotTable:
             self._evict(slot, notify=False)  # nothing valid was loaded: the block is free again
             raise
         self.slot_to_key[slot] = key
+        self._slot_of[key] = slot
         self._refcount[slot] = 0
         self._last_used[slot] = self._tick()
         self.num_loads += 1
@@ -139,20 +154,24 @@ class SlotTable:
 
     def _evict(self, slot: int, notify: bool = True) -> None:
         key = self.slot_to_key[slot]
-        if notify and key is not None and self._on_evicted is not None:
-            self._on_evicted(key)
+        if key is not None:
+            del self._slot_of[key]
+            if notify and self._on_evicted is not None:
+                self._on_evicted(key)
         offset = self.slot_offset[slot]
         self.pool.free(offset)
         del self._slot_at[offset]
         self.slot_to_key[slot] = None
         self.slot_offset[slot] = None
         self._refcount[slot] = 0
+        self._free_ids.append(slot)
 
     def _tick(self) -> float:
         self._uses += 1
         return float(self._uses)
 
     def _is_ready(self, slot: int) -> bool:
+        """Whether the slot's copy is done (polls it: a finished copy leaves the loading set here)."""
         load = self._loading.get(slot)
         if load is None:
             return True
@@ -181,24 +200,14 @@ class SlotTable:
         self._pinned.discard(key)
 
     def _is_evictable(self, slot: int) -> bool:
-        return (self._refcount[slot] == 0 and self.slot_to_key[slot] not in self._pinned
-                and slot not in self._loading)
+        """Unused, unpinned and not loading. Polls a copy in flight: one whose request went away (an abort
+        after a prefetch) is never asked for again, and must not hold its block for good."""
+        return self._refcount[slot] == 0 and self.slot_to_key[slot] not in self._pinned and self._is_ready(slot)
 
     def block_units(self, slot: int) -> int:
         """Rank units of the pool the slot's block takes (0 for a free slot id)."""
         offset = self.slot_offset[slot]
         return 0 if offset is None else self.pool.size_at(offset)
-
-    def least_used_key(self) -> AdapterKey | None:
-        """The resident, unpinned adapter with the fewest running users (the cheapest to drain)."""
-        candidates = [
-            s for s in range(self.num_slots)
-            if self.slot_to_key[s] is not None and self.slot_to_key[s] not in self._pinned
-            and s not in self._loading
-        ]
-        if not candidates:
-            return None
-        return self.slot_to_key[min(candidates, key=lambda s: (self._refcount[s], self._last_used[s]))]
 
     def users(self, key: AdapterKey) -> int:
         slot = self.slot_of(key)
@@ -206,7 +215,7 @@ class SlotTable:
 
     @property
     def num_resident(self) -> int:
-        return sum(k is not None for k in self.slot_to_key)
+        return len(self._slot_of)
 
     @property
     def num_loading(self) -> int:

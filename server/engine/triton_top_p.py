@@ -47,7 +47,11 @@ def _top_p_draw_kernel(probs_ptr, top_p_ptr, uniform_ptr, out_ptr, vocab, stride
                        BLOCK: tl.constexpr, TOP_BIT: tl.constexpr):
     row = tl.program_id(0)
     row_ptr = probs_ptr + row.to(tl.int64) * stride
-    need = tl.ceil(tl.load(top_p_ptr + row).to(tl.float64) * 1099511627776.0).to(tl.int64)
+    top_p = tl.load(top_p_ptr + row)
+    need = tl.ceil(top_p.to(tl.float64) * 1099511627776.0).to(tl.int64)
+    # top_p >= 1 keeps every token, as the torch path does for rows without top-p (the floored masses of a
+    # float32 softmax can sum past 2**40, so asking for that much mass would still cut the tail)
+    need = tl.where(top_p >= 1.0, 1 << 62, need)
     # 1. the cut, bit by bit; -1 when even the whole row stays under need (keep everything)
     cut = tl.zeros((), dtype=tl.int32)
     for i in range(TOP_BIT + 1):
@@ -93,7 +97,8 @@ def _top_p_draw_kernel(probs_ptr, top_p_ptr, uniform_ptr, out_ptr, vocab, stride
 
 def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Token ids [R] int64 from probabilities [R, vocab] float32 (contiguous rows), top_p [R] and
-    uniform [R] float32: `draw_from_masses(integer_masses(probs) masked by top_p_keep, uniform)`."""
+    uniform [R] float32: `draw_from_masses(integer_masses(probs) masked by top_p_keep, uniform)`, and
+    for rows with top_p >= 1 no mask at all."""
     assert MASS_BITS == 40, "the kernel's mass scale is 2**40"
     num_rows, vocab = probs.shape
     out = torch.empty(num_rows, dtype=torch.int64, device=probs.device)

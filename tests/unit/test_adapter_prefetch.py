@@ -62,7 +62,7 @@ def test_loading_slot_is_never_a_victim():
     table = SlotTable(1 * MIN_BLOCK, lambda slot, offset, w: SlowCopy(5))
     assert table.acquire(("a", 1), "wa") == SLOT_LOADING
     assert table.acquire(("b", 1), "wb") is None  # the only slot is loading for a: not evictable
-    assert table.least_used_key() is None
+    assert table.blocking_keys("wb") == []  # nothing to drain: the only block is loading
     assert not table.prefetch(("b", 1), "wb")
 
 
@@ -174,3 +174,13 @@ def test_gpu_tier_loads_and_evictions_are_counted(tiny_llama_dir, tiny_adapters)
     # attn-r4 (rank 4) takes one 8-unit block: a row of A per output slice and one of B in every LoRA linear
     assert sample("loraplex_adapter_bytes_resident") == 8 * LoraSlots.rank_nbytes(engine.model)
 
+
+
+def test_a_prefetched_adapter_nobody_asks_for_becomes_evictable_once_its_copy_is_done():
+    """A prefetch whose request was aborted is never acquired: its finished copy must not hold the block."""
+    table = SlotTable(2 * MIN_BLOCK, lambda slot, offset, w: SlowCopy(2), rank_of=lambda w: 2 * MIN_BLOCK)
+    assert table.prefetch(("a", 1), "wa")
+    assert table.acquire(("b", 1), "wb") is None  # a's copy is still in flight: not a victim
+    assert table.acquire(("b", 1), "wb") is None
+    assert table.acquire(("b", 1), "wb") == SLOT_LOADING  # a's copy is done: a was evicted for b
+    assert table.slot_of(("a", 1)) is None

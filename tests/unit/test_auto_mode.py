@@ -38,6 +38,10 @@ def test_steady_arrivals_merge_at_once_and_mixed_ones_never_do():
     assert not policy.should_merge(remaining_steps=8)
     policy.record_arrival(("b", 1))
     assert not policy.is_steady(("a", 1)) and not policy.is_steady(("b", 1))
+    for _ in range(ARRIVAL_WINDOW):
+        policy.record_arrival(("b", 1))
+    policy.on_idle()  # a pause: the arrivals before it say nothing about what comes next
+    assert not policy.is_steady(("b", 1))
     no_gain = AutoModePolicy(unmerged_step_s=0.004, merged_step_s=0.0041, swap_s=0.2)
     assert not no_gain.should_merge(remaining_steps=8, steady=True)  # merged steps are no faster
 
@@ -139,3 +143,17 @@ def test_sixteen_arrivals_for_one_adapter_merge_at_the_next_step(tiny_llama_dir,
     while alone.has_unfinished():
         alone.step()
     assert requests[0].output_token_ids == reference.output_token_ids
+
+
+def test_arrivals_before_the_engine_went_idle_do_not_count_as_steady(tiny_llama_dir, tiny_adapters):
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    engine = make_engine(tiny_llama_dir, lora_mode="auto", max_slots=4, max_rank=16, kv_cache_blocks=128)
+    engine.auto_policy = AutoModePolicy(unmerged_step_s=0.006, merged_step_s=0.004, swap_s=0.05)
+    for i in range(ARRIVAL_WINDOW):
+        engine.add_request(_greedy([5 + i, 17, 33], 1, refs["all-r8"]))
+    while engine.has_unfinished():
+        engine.step()
+    assert not engine.auto_policy.arrivals  # idle: the window starts over
+    engine.add_request(_greedy([5, 17, 33], 4, refs["all-r8"]))
+    engine.step()
+    assert not engine.merged_active  # one request after a pause is not steady traffic (4 x 2 ms < 2 x 50 ms)

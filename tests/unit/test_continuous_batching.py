@@ -258,6 +258,27 @@ def test_waiting_adapter_is_not_starved_by_steady_traffic_to_a_resident_one(tiny
         engine.step()
 
 
+def test_a_large_adapter_is_not_starved_by_steady_traffic_to_two_small_ones(tiny_llama_dir, tiny_adapters):
+    """A 16-unit pool: rank-4 and rank-8 adapters take an 8-unit block each and fill it; the rank-16 one
+    needs both gone at once, so draining only one of them would starve it."""
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=128, max_slots=1, max_rank=16)
+    for name in ("attn-r4", "all-r8"):
+        engine.add_request(greedy(PROMPTS[0], 6, refs[name]))
+    engine.step()
+    large = greedy(PROMPTS[1], 4, refs["ko-r16"])
+    engine.add_request(large)
+    for step in range(80):  # new requests for both small adapters arrive at every step
+        for name in ("attn-r4", "all-r8"):
+            engine.add_request(greedy(PROMPTS[step % 5], 6, refs[name]))
+        engine.step()
+        if large.is_finished:
+            break
+    assert large.is_finished and len(large.output_token_ids) == 4
+    while engine.has_unfinished():
+        engine.step()
+
+
 def test_drained_adapter_serves_again_when_the_waiting_request_is_aborted(tiny_llama_dir, tiny_adapters):
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     engine = make_engine(tiny_llama_dir, kv_cache_blocks=128, max_slots=1, max_rank=16)  # room for one of them

@@ -344,6 +344,17 @@ def test_fused_top_p_draw_equals_the_torch_steps_bit_for_bit(vocab, spread, quan
     probs = logits.softmax(-1)
     top_p = torch.tensor([0.9, 0.5, 0.999, 0.1, 0.7, 0.95, 1.0, 0.3])
     for uniform in (torch.rand(8, generator=gen), torch.tensor([0.0] * 4 + [1.0 - 2**-23] * 4)):
-        masses = integer_masses(probs).masked_fill(~top_p_keep(probs, top_p), 0)
-        expected = draw_from_masses(masses, uniform)
+        keep = top_p_keep(probs, top_p) | (top_p >= 1.0)[:, None]  # a row without top-p keeps everything
+        expected = draw_from_masses(integer_masses(probs).masked_fill(~keep, 0), uniform)
         assert torch.equal(triton_top_p.top_p_draw(probs, top_p, uniform), expected)
+
+
+def test_fused_top_p_draw_keeps_every_token_of_a_row_without_top_p():
+    """Floored masses can sum past 2**40 (here the first two alone do): a row with top_p 1.0 must still keep
+    the tail, as the torch path does for rows without top-p. u near 1 lands on the last token."""
+    triton_top_p = interpreted("server.engine.triton_top_p")
+    probs = torch.tensor([[0.50000006, 0.50000006, 1e-6]])
+    uniform = torch.tensor([1.0 - 2**-23])
+    expected = draw_from_masses(integer_masses(probs), uniform)
+    assert expected.tolist() == [2]
+    assert triton_top_p.top_p_draw(probs, torch.tensor([1.0]), uniform).tolist() == [2]
