@@ -119,15 +119,23 @@ class SlotTable:
 
     def _start_load(self, key: AdapterKey, weights) -> int | None:
         size = block_size(self._rank_of(weights))
+        freed_for_id = None  # (key, offset, size, last use) of an adapter evicted only for its slot id
         if not self._free_ids:  # every id taken (a huge pool of small adapters): free the oldest
             idle = [s for s in self._slot_at.values() if self._is_evictable(s)]
             if not idle:
                 return None
-            self._evict(min(idle, key=lambda s: self._last_used[s]))
+            oldest = min(idle, key=lambda s: self._last_used[s])
+            freed_for_id = (self.slot_to_key[oldest], self.slot_offset[oldest], self.block_units(oldest),
+                            self._last_used[oldest])
+            self._evict(oldest, notify=False)
         placement = self.pool.place(size, lambda o: self._is_evictable(self._slot_at[o]),
                                     lambda o: self._last_used[self._slot_at[o]])
         if placement is None:
+            if freed_for_id is not None:  # no room anyway: put it back (its weights were not touched)
+                self._restore(*freed_for_id)
             return None
+        if freed_for_id is not None and self._on_evicted is not None:
+            self._on_evicted(freed_for_id[0])
         offset, victims = placement
         for victim in victims:
             self._evict(self._slot_at[victim])
@@ -165,6 +173,15 @@ class SlotTable:
         self.slot_offset[slot] = None
         self._refcount[slot] = 0
         self._free_ids.append(slot)
+
+    def _restore(self, key: AdapterKey, offset: int, size: int, last_used: float) -> None:
+        """Undo `_evict(notify=False)` of an idle, loaded adapter whose block nothing has overwritten: it
+        gets its id back (the last one freed) and the device layout still points there."""
+        slot = self._free_ids.pop()
+        self.pool.allocate(offset, size)
+        self._slot_at[offset], self.slot_offset[slot] = slot, offset
+        self.slot_to_key[slot], self._slot_of[key] = key, slot
+        self._last_used[slot] = last_used
 
     def _tick(self) -> float:
         self._uses += 1

@@ -108,3 +108,16 @@ def test_when_every_slot_id_is_taken_the_oldest_idle_adapter_gives_its_id_up(mon
     assert [table.slot_of((n, 1)) is None for n in "abcd"] == [False, True, False, False]
     assert table.acquire(("e", 1), "w") is not None and table.slot_of(("a", 1)) is None
     assert table.acquire(("f", 1), "w") is None  # c, d, e are in use
+
+
+def test_an_adapter_evicted_for_its_slot_id_comes_back_when_there_is_no_room_anyway(monkeypatch):
+    monkeypatch.setattr("server.engine.slot_table.MAX_SLOT_IDS", 2)
+    evicted = []
+    table = SlotTable(64, lambda slot, offset, w: None, rank_of=lambda w: w, on_evicted=evicted.append)
+    assert table.acquire(("small", 1), 8) is not None
+    assert table.acquire(("big", 1), 32) is not None  # both ids taken; big stays in use
+    table.release(("small", 1))
+    before = table.slot_of(("small", 1))
+    assert table.acquire(("huge", 1), 64) is None  # needs the whole pool: big is in use
+    assert table.slot_of(("small", 1)) == before and evicted == []  # small kept its id and block
+    assert table.acquire(("other", 1), 8) is not None and evicted == [("small", 1)]
