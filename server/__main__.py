@@ -23,6 +23,7 @@ from server.api.auth import KeyFileError
 from server.api.state import Phase, ServerState
 from server.app import create_app
 from server.config import Settings, parse_settings
+from server.profiling import profiled
 
 log = logging.getLogger("loraplex")
 SHUTDOWN_GRACE_S = 5.0
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return keys_cli.main(argv[1:])
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
-    return serve(settings)
+    with profiled("api"):
+        return serve(settings)
 
 
 if __name__ == "__main__":

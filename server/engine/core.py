@@ -41,6 +41,7 @@ from server.engine.protocol import (
 )
 from server.engine.request import AdapterRef, Request, RequestOutput, SamplingError
 from server.model.loader import load_hf_dir, resolve_device, resolve_dtype
+from server.profiling import profiled
 from server.registry import AdapterRegistry, pin_memory_available
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,8 @@ def run_engine_core(settings: Settings, hf_dir: str, model_id: str, input_addres
             outputs.send(encoder.encode(Failed(f"{type(exc).__name__}: {exc}")))
             return
         outputs.send(encoder.encode(core.ready_message()))
-        serve(core, inputs, outputs)
+        with profiled("engine"):
+            serve(core, inputs, outputs)
     except BaseException as exc:
         log.exception("engine loop died")
         outputs.send(encoder.encode(Failed(f"the engine stopped: {type(exc).__name__}")))
