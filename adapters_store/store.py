@@ -221,7 +221,7 @@ class AdapterStore:
         runs on a second thread (hashlib releases the GIL) while the tensors decode, and the NaN/Inf scan
         of the upload is not repeated, since matching bytes are the bytes that passed it. Nothing is
         returned before the hash matches. On the 2-core dev machine an 84 MB bf16 load (8B shape, rank 16)
-        went from 140-183 ms to 84-88 ms (`/tmp`-free script in bench/NOTES.md), and the engine now pins
+        went from 140-183 ms to 84-88 ms (`python -m bench.cold_load`), and the engine now pins
         and copies 84 MB instead of its 168 MB float32 copy."""
         config_bytes = read_regular_file(record.path / CONFIG_FILE, self.max_bytes)
         safetensors_bytes = read_regular_file(record.path / WEIGHTS_FILE, self.max_bytes)

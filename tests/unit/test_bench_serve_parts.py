@@ -83,3 +83,11 @@ def test_seed_store_writes_mixed_ranks_once(tmp_path):
     assert (first["written"], again["written"]) == (6, 0)
     store = AdapterStore(tmp_path / "store", BaseModelSpec.from_hf_config(llama_config("tiny")), 16, 1 << 30)
     assert sorted((r.name, r.rank, r.version) for r in store.list()) == sorted((s.name, s.rank, 1) for s in specs)
+
+
+def test_cold_load_bench_runs_on_the_tiny_shape(capsys):
+    from bench.cold_load import main
+
+    assert main(["--model", "tiny", "--rank", "4", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tiny rank 4:") and "torch.bfloat16" in out and out.count(",") >= 1
