@@ -92,12 +92,12 @@ class LoraLinear(nn.Module):
             # From pinned CPU memory these are asynchronous copies queued before the next forward on
             # the same stream: the engine thread does not wait for them. The cast and the scaling
             # happen on the device.
-            # In the slot's dtype before the scaling: a bf16 file on a float32 model scales in float32.
-            a, b = (t.to(a_slot.device, a_slot.dtype, non_blocking=True) for t in pair)  # [r, in], [out_i, r]
+            # The file's dtype (bf16/fp16/fp32) travels; B is scaled in float32 and rounded once, into the slot.
+            a, b = (t.to(a_slot.device, non_blocking=True) for t in pair)  # [r, in], [out_i, r]
             r = a.shape[0]
             lo, hi = self.slice_offsets[i], self.slice_offsets[i + 1]
             a_slot[i * rank : i * rank + r].copy_(a)
-            b_slot[:r, lo:hi].copy_((b * adapter.scaling).t())
+            b_slot[:r, lo:hi].copy_((b.float() * adapter.scaling).t())
 
     def targets(self, layer: int, adapter) -> bool:
         """True if the adapter changes any slice of this layer's weight."""

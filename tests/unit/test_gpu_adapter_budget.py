@@ -4,6 +4,7 @@ where mixed ranks do not each pay for max_rank."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from server.engine.rank_pool import block_size
 from server.model.lora import LoraSlots, max_adapter_rank
@@ -54,3 +55,27 @@ def test_mixed_ranks_share_the_pool_unpadded_and_stay_exact(tiny_llama_dir, tiny
         engine.step()
     for i, (r, ref) in enumerate(zip(requests, refs.values(), strict=True)):
         assert r.output_token_ids == run_alone(tiny_llama_dir, greedy(PROMPTS[i], 6, ref)), ref.name
+
+
+def test_a_half_precision_adapter_fills_the_pool_exactly_as_its_float32_values_do(tiny_llama_dir, tiny_adapters):
+    """Adapters keep the file's dtype until the device: an fp16 file and the same values in float32 give the
+    same bf16 pool contents (B is scaled in float32 either way and rounded once into the slot; casting the
+    fp16 values to bf16 before scaling would round twice)."""
+    from dataclasses import replace
+
+    weights = adapter_refs(tiny_llama_dir, tiny_adapters)["all-r8"].weights
+    weights = replace(weights, scaling=0.3)  # a scale that does not keep bf16 values exact
+    as_f16 = replace(weights, tensors={k: (a.half(), b.half()) for k, (a, b) in weights.tensors.items()})
+    as_f32 = replace(weights, tensors={k: (a.float(), b.float()) for k, (a, b) in as_f16.tensors.items()})
+    pools = []
+    for w in (as_f16, as_f32):
+        model = load_tiny(tiny_llama_dir, dtype=torch.bfloat16).model
+        LoraSlots(model, 16, 16, num_slots=2).load(1, 8, w)
+        pools.append([(lin.lora_a.clone(), lin.lora_b.clone()) for _, lin in model.lora_linears()])
+    for (a1, b1), (a2, b2) in zip(*pools, strict=True):
+        assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    layer, linear = load_tiny(tiny_llama_dir, dtype=torch.bfloat16).model.lora_linears()[0]
+    _, b = as_f16.tensors[layer, linear.slice_names[0]]  # [out_0, 8]
+    width = linear.slice_offsets[1]
+    expected = (b.float() * 0.3).t().to(torch.bfloat16)  # one rounding, from float32
+    assert torch.equal(pools[0][0][1][8:16, :width], expected)
