@@ -25,25 +25,21 @@ from server.engine.guard import empty_cuda_cache
 from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
 from server.engine.metric_sink import DeltaSink, PrometheusSink
 from server.engine.rank_pool import block_size
-from server.engine.request import FinishReason, Request, RequestOutput, SamplingError
+from server.engine.request import FinishReason, Request, RequestOutput, check_prompt
 from server.engine.runner import ModelRunner
 from server.engine.sampler import SampledTokens, Sampler
 from server.engine.scheduler import Admission, Scheduler
-from server.engine.setup import adapter_pool_units, eos_ids, tenant_counters
+from server.engine.setup import adapter_pool_units, allocate_adapter_pool, eos_ids, tenant_counters
 from server.engine.slot_table import SLOT_LOADING, SlotTable
 from server.engine.stats import EngineMetrics
 from server.model.loader import LoadedModel, load_phase
-from server.model.lora import LoraSlots, max_adapter_rank
+from server.model.lora import max_adapter_rank
 from server.model.merge import MergedSwapper
 
 log = logging.getLogger(__name__)
 # Waiting requests at the queue's head whose adapters are copied into idle slots ahead of admission: a
 # few, so that a long queue of cold adapters cannot evict every idle resident adapter each step.
 PREFETCH_LOOKAHEAD = 4
-
-
-class PromptTooLongError(SamplingError):
-    """The prompt leaves no room for generation within max_model_len."""
 
 
 class LLMEngine:
@@ -62,19 +58,14 @@ class LLMEngine:
         self.mode = settings.lora_mode
         self.merged_active = self.mode is LoraMode.MERGED
         pool_units = adapter_pool_units(self.model, settings)
-        self._unit_nbytes = LoraSlots.rank_nbytes(self.model)
         self.slot_table = SlotTable(pool_units, self._load_slot, self._slot_loaded,
                                     on_evicted=self._slot_evicted, rank_of=max_adapter_rank)
         # Adapters of max_rank the pool holds: at least this many distinct adapters fit (vLLM's max_loras,
         # reported as max_lora); smaller ranks fit more.
         self.num_slots = pool_units // block_size(settings.max_rank)
-        if self.mode is LoraMode.MERGED:
-            self.lora_slots = None
-        else:  # before the KV cache, which takes a share of what is left
-            with load_phase("adapter pool", f"{pool_units} rank units, "
-                            f"{pool_units * self._unit_nbytes / 2**20:.0f} MiB"):
-                self.lora_slots = LoraSlots(self.model, pool_units, settings.max_rank,
-                                            self.slot_table.num_slots)
+        # Before the KV cache, which takes a share of what is left; none in merged mode.
+        self.lora_slots = None if self.mode is LoraMode.MERGED else allocate_adapter_pool(
+            self.model, pool_units, settings.max_rank, self.slot_table.num_slots)
         per_block = bytes_per_block(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.model.dtype)
         num_blocks = choose_num_blocks(
             settings.kv_cache_blocks, settings.kv_cache_memory_fraction, per_block, self.model.device,
@@ -132,14 +123,7 @@ class LLMEngine:
     def add_request(self, request: Request) -> None:
         """Validate and queue a request; raises SamplingError (a 4xx) on bad input."""
         request.params.validate()
-        if not request.prompt_token_ids:
-            raise SamplingError("prompt is empty")
-        if len(request.prompt_token_ids) >= self.max_model_len:
-            raise PromptTooLongError(
-                f"prompt has {len(request.prompt_token_ids)} tokens; max_model_len is {self.max_model_len}"
-            )
-        if any(t < 0 or t >= self.model.config.vocab_size for t in request.prompt_token_ids):
-            raise SamplingError("prompt token id out of vocabulary range")
+        check_prompt(request.prompt_token_ids, self.max_model_len, self.model.config.vocab_size)
         request.params.validate_token_ids(self.model.config.vocab_size)
         self.auto_policy.record_arrival(request.adapter_key)
         self._by_id[request.request_id] = request
@@ -291,7 +275,7 @@ class LLMEngine:
         self.metrics.record_tier_load("gpu")
         table = self.slot_table
         self.metrics.record_resident("gpu", table.num_resident,
-                                     table.pool.used * self._unit_nbytes)
+                                     table.pool.used * self.lora_slots.unit_nbytes)
 
     def _slot_evicted(self, key) -> None:
         self.metrics.record_evictions("gpu")

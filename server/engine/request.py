@@ -18,6 +18,21 @@ class SamplingError(ValueError):
     """A sampling parameter is out of range; the message names the field."""
 
 
+class PromptTooLongError(SamplingError):
+    """The prompt leaves no room for generation within max_model_len."""
+
+
+def check_prompt(token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
+    """Raise SamplingError (a 4xx) for an empty prompt, one too long to generate anything, or an id
+    outside the vocabulary."""
+    if not token_ids:
+        raise SamplingError("prompt is empty")
+    if len(token_ids) >= max_model_len:
+        raise PromptTooLongError(f"prompt has {len(token_ids)} tokens; max_model_len is {max_model_len}")
+    if any(t < 0 or t >= vocab_size for t in token_ids):
+        raise SamplingError("prompt token id out of vocabulary range")
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding controls (OpenAI / TGI semantics)."""

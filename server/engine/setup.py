@@ -9,6 +9,7 @@ from server.api.auth import tenant_policies
 from server.config import Settings
 from server.engine.fairness import TenantCounters, TenantPolicy
 from server.engine.rank_pool import block_size
+from server.model.loader import load_phase
 from server.model.lora import LoraSlots
 
 
@@ -28,6 +29,12 @@ def adapter_pool_units(model, settings: Settings) -> int:
         raise ValueError(f"adapter_gpu_memory_bytes ({budget}) holds no adapter of max_rank {settings.max_rank}: "
                          f"that takes {block_size(settings.max_rank) * per_unit} bytes; raise it or lower max_rank")
     return units
+
+
+def allocate_adapter_pool(model, units: int, max_rank: int, num_slot_ids: int) -> LoraSlots:
+    """The rank pools of every LoRA linear, allocated once (a load phase: it can take seconds on a GPU)."""
+    with load_phase("adapter pool", f"{units} rank units, {units * LoraSlots.rank_nbytes(model) / 2**20:.0f} MiB"):
+        return LoraSlots(model, units, max_rank, num_slot_ids)
 
 
 def tenant_counters(settings: Settings) -> TenantCounters:

@@ -134,6 +134,7 @@ class LoraSlots:
         self.capacity = capacity
         self.max_rank = max_rank
         self.layout = SlotLayout.empty(num_slots, max_rank, model.device)
+        self.unit_nbytes = self.rank_nbytes(model)  # device bytes of one rank unit across every linear
         for _, linear in model.lora_linears():
             linear.allocate_pool(capacity, self.layout, model.dtype, model.device)
         self._copy_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
