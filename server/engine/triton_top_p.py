@@ -43,6 +43,19 @@ def _mass_at_or_above(row_ptr, vocab, cut, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _kept_masses(row_ptr, start, vocab, cut, ties, seen_ties, BLOCK: tl.constexpr):
+    """Masses of one block with dropped tokens at 0 (kept: p above the cut, and the first `ties` of the
+    ties at the cut in id order, `seen_ties` of them in earlier blocks); and the ties in this block."""
+    offs = start + tl.arange(0, BLOCK)
+    p = tl.load(row_ptr + offs, mask=offs < vocab, other=0.0)
+    bits = p.to(tl.int32, bitcast=True)
+    is_tie = (bits == cut) & (offs < vocab)
+    rank = seen_ties + tl.cumsum(is_tie.to(tl.int64), 0)  # 1-based among ties
+    keep = ((bits > cut) | (is_tie & (rank <= ties))) & (offs < vocab)
+    return tl.where(keep, _masses(p), 0), tl.sum(is_tie.to(tl.int64))
+
+
+@triton.jit
 def _top_p_draw_kernel(probs_ptr, top_p_ptr, uniform_ptr, out_ptr, vocab, stride,
                        BLOCK: tl.constexpr, TOP_BIT: tl.constexpr):
     row = tl.program_id(0)
@@ -68,30 +81,20 @@ def _top_p_draw_kernel(probs_ptr, top_p_ptr, uniform_ptr, out_ptr, vocab, stride
     kept_total = tl.zeros((), dtype=tl.int64)
     seen_ties = tl.zeros((), dtype=tl.int64)
     for start in range(0, vocab, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        p = tl.load(row_ptr + offs, mask=offs < vocab, other=0.0)
-        bits = p.to(tl.int32, bitcast=True)
-        is_tie = (bits == cut) & (offs < vocab)
-        rank = seen_ties + tl.cumsum(is_tie.to(tl.int64), 0)  # 1-based among ties
-        keep = ((bits > cut) | (is_tie & (rank <= ties))) & (offs < vocab)
-        kept_total += tl.sum(tl.where(keep, _masses(p), 0))
-        seen_ties += tl.sum(is_tie.to(tl.int64))
+        kept, num_ties = _kept_masses(row_ptr, start, vocab, cut, ties, seen_ties, BLOCK)
+        kept_total += tl.sum(kept)
+        seen_ties += num_ties
     target = tl.floor(tl.load(uniform_ptr + row).to(tl.float64) * kept_total.to(tl.float64)).to(tl.int64)
     running = tl.zeros((), dtype=tl.int64)
     seen_ties = tl.zeros((), dtype=tl.int64)
     chosen = tl.zeros((), dtype=tl.int64) + vocab - 1
     for start in range(0, vocab, BLOCK):
+        kept, num_ties = _kept_masses(row_ptr, start, vocab, cut, ties, seen_ties, BLOCK)
+        cdf = running + tl.cumsum(kept, 0)
         offs = start + tl.arange(0, BLOCK)
-        p = tl.load(row_ptr + offs, mask=offs < vocab, other=0.0)
-        bits = p.to(tl.int32, bitcast=True)
-        is_tie = (bits == cut) & (offs < vocab)
-        rank = seen_ties + tl.cumsum(is_tie.to(tl.int64), 0)
-        keep = ((bits > cut) | (is_tie & (rank <= ties))) & (offs < vocab)
-        cdf = running + tl.cumsum(tl.where(keep, _masses(p), 0), 0)
-        first = tl.min(tl.where(cdf > target, offs, vocab))
-        chosen = tl.minimum(chosen, first.to(tl.int64))
+        chosen = tl.minimum(chosen, tl.min(tl.where(cdf > target, offs, vocab)).to(tl.int64))
         running = tl.max(cdf)
-        seen_ties += tl.sum(is_tie.to(tl.int64))
+        seen_ties += num_ties
     tl.store(out_ptr + row, chosen)
 
 
