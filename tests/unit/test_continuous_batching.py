@@ -239,6 +239,22 @@ def test_equal_length_prompts_prefilled_together_match_running_alone(tiny_llama_
     assert (4, 7) in groups_seen  # the four 7-token prompts went through one batched call
 
 
+def _step_beside_steady_traffic(engine, waiting, steady_adapters, max_steps: int) -> bool:
+    """Step with a new request for each of `steady_adapters` arriving at every step, until `waiting`
+    finishes or max_steps pass; then run what is left to the end. Returns whether `waiting` finished
+    while the steady traffic still came."""
+    for step in range(max_steps):
+        for adapter in steady_adapters:
+            engine.add_request(greedy(PROMPTS[step % 5], 6, adapter))
+        engine.step()
+        if waiting.is_finished:
+            break
+    finished_under_traffic = waiting.is_finished
+    while engine.has_unfinished():
+        engine.step()
+    return finished_under_traffic
+
+
 def test_waiting_adapter_is_not_starved_by_steady_traffic_to_a_resident_one(tiny_llama_dir, tiny_adapters):
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     engine = make_engine(tiny_llama_dir, kv_cache_blocks=128, max_slots=1, max_rank=16)  # room for one of them
@@ -248,14 +264,8 @@ def test_waiting_adapter_is_not_starved_by_steady_traffic_to_a_resident_one(tiny
     engine.step()
     starved = greedy(PROMPTS[1], 4, refs["ko-r16"])
     engine.add_request(starved)
-    for step in range(60):  # a new request for the resident adapter arrives at every step
-        engine.add_request(greedy(PROMPTS[step % 5], 6, refs["attn-r4"]))
-        engine.step()
-        if starved.is_finished:
-            break
-    assert starved.is_finished and len(starved.output_token_ids) == 4
-    while engine.has_unfinished():
-        engine.step()
+    assert _step_beside_steady_traffic(engine, starved, [refs["attn-r4"]], max_steps=60)
+    assert len(starved.output_token_ids) == 4
 
 
 def test_a_large_adapter_is_not_starved_by_steady_traffic_to_two_small_ones(tiny_llama_dir, tiny_adapters):
@@ -268,15 +278,8 @@ def test_a_large_adapter_is_not_starved_by_steady_traffic_to_two_small_ones(tiny
     engine.step()
     large = greedy(PROMPTS[1], 4, refs["ko-r16"])
     engine.add_request(large)
-    for step in range(80):  # new requests for both small adapters arrive at every step
-        for name in ("attn-r4", "all-r8"):
-            engine.add_request(greedy(PROMPTS[step % 5], 6, refs[name]))
-        engine.step()
-        if large.is_finished:
-            break
-    assert large.is_finished and len(large.output_token_ids) == 4
-    while engine.has_unfinished():
-        engine.step()
+    assert _step_beside_steady_traffic(engine, large, [refs["attn-r4"], refs["all-r8"]], max_steps=80)
+    assert len(large.output_token_ids) == 4
 
 
 def test_drained_adapter_serves_again_when_the_waiting_request_is_aborted(tiny_llama_dir, tiny_adapters):
