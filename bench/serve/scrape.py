@@ -15,21 +15,40 @@ MEANS = {  # result key -> histogram family whose mean over the load is reported
     "itl_ms_mean": "vllm:inter_token_latency_seconds",
     "tokens_per_step_mean": "vllm:iteration_tokens_total",
 }
-COUNTERS = {"preemptions": "vllm:num_preemptions_total", "prefix_cache_hit_tokens": "vllm:prefix_cache_hits_total"}
+COUNTERS = {"preemptions": "vllm:num_preemptions_total", "prefix_cache_hit_tokens": "vllm:prefix_cache_hits_total",
+            "merged_swaps": 'loraplex_adapter_swaps_total{mode="merged"}',
+            "slot_loads": 'loraplex_adapter_loads_total{tier="gpu"}',
+            "cpu_loads": 'loraplex_adapter_loads_total{tier="cpu"}',
+            "gpu_evictions": 'loraplex_adapter_evictions_total{tier="gpu"}',
+            "cpu_evictions": 'loraplex_adapter_evictions_total{tier="cpu"}'}
 
 
 def snapshot(url: str) -> dict[str, float]:
-    """Every sample of /metrics summed over its labels: name -> value."""
+    """/metrics as sums: name -> the sum over its labels, and name{label="value"} -> the sum over the
+    samples with that one label value (for the labels in LABELS)."""
+    return parse_samples(httpx.get(f"{url}/metrics", timeout=10).text)
+
+
+LABELS = ("mode", "tier")  # labels whose values split a counter in COUNTERS
+
+
+def parse_samples(text: str) -> dict[str, float]:
     values: dict[str, float] = {}
-    text = httpx.get(f"{url}/metrics", timeout=10).text
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
         try:
-            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            value = float(line.rsplit(" ", 1)[1])
         except ValueError:
             continue
+        values[name] = values.get(name, 0.0) + value
+        for label in LABELS:
+            marker = f'{label}="'
+            if marker in line:
+                label_value = line.split(marker, 1)[1].split('"', 1)[0]
+                key = f'{name}{{{label}="{label_value}"}}'
+                values[key] = values.get(key, 0.0) + value
     return values
 
 

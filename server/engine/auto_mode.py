@@ -21,12 +21,20 @@ merges at once (with Zipf(1.0) over 32 adapters, 16 arrivals in a row for the mo
 with odds of about 1 in 10^10; a wrong guess costs two swaps). As soon as a request for another
 adapter or the base model arrives, auto unmerges before the next step: nothing waits for a drain.
 The swap cost is known before traffic: the engine times a warm-up swap at start-up (MergedSwapper.warm_up).
+
+The arrivals also say when single demand will end: if the window holds arrivals for other adapters,
+the next one is expected after `span / others` seconds (span: from the oldest arrival of the window to
+now, so the estimate grows by itself when arrivals stop), and the demand is not trusted to last longer
+than that. This keeps auto unmerged when all demand is one adapter's only between requests for others
+(a long request among short ones, or requests reaching the engine one by one as their weights load from
+disk), where the request's own remaining tokens made it merge, and the next arrival unmerge.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 PRIOR_LORA_FRACTION = 0.10  # LoRA share of an unmerged step before anything is measured
@@ -42,10 +50,12 @@ class AutoModePolicy:
     merged_step_s: float | None = None
     swap_s: float = 0.0  # one swap (in or out)
     single_demand: tuple[Hashable, int] = (None, 0)  # (the one adapter all demand is for, steps so far)
-    arrivals: deque = field(default_factory=lambda: deque(maxlen=ARRIVAL_WINDOW))  # adapter keys, newest last
+    # (adapter key, arrival time), newest last
+    arrivals: deque = field(default_factory=lambda: deque(maxlen=ARRIVAL_WINDOW))
+    clock: Callable[[], float] = time.perf_counter
 
     def record_arrival(self, key: Hashable) -> None:
-        self.arrivals.append(key)
+        self.arrivals.append((key, self.clock()))
 
     def on_idle(self) -> None:
         """No demand at all: arrivals before the pause say nothing about the traffic after it."""
@@ -53,7 +63,15 @@ class AutoModePolicy:
 
     def is_steady(self, key: Hashable) -> bool:
         """Whether the last ARRIVAL_WINDOW arrivals all named adapter `key`."""
-        return len(self.arrivals) == ARRIVAL_WINDOW and all(k == key for k in self.arrivals)
+        return len(self.arrivals) == ARRIVAL_WINDOW and all(k == key for k, _ in self.arrivals)
+
+    def other_arrival_in_s(self, key: Hashable) -> float | None:
+        """Seconds until a request for another adapter is expected (the window's rate of them), or None
+        when the window holds none."""
+        others = sum(k != key for k, _ in self.arrivals)
+        if not others:
+            return None
+        return (self.clock() - self.arrivals[0][1]) / others
 
     def record_step(self, merged: bool, seconds: float) -> None:
         if merged:
@@ -79,14 +97,18 @@ class AutoModePolicy:
         self.single_demand = (key, lasted)
         return lasted
 
-    def should_merge(self, remaining_steps: int, lasted_steps: int = 0, steady: bool = False) -> bool:
-        """Merge now, given that the current demand (one adapter) lasts at least `remaining_steps` more
-        steps and has lasted `lasted_steps` steps so far; `steady`: its arrivals say it goes on."""
-        if steady and self.gain_per_step_s > 0.0:
+    def should_merge(self, key: Hashable, remaining_steps: int, lasted_steps: int = 0) -> bool:
+        """Merge adapter `key` now, all demand being for it: its requests may produce `remaining_steps`
+        more tokens, and the demand has lasted `lasted_steps` steps so far."""
+        if self.is_steady(key) and self.gain_per_step_s > 0.0:
             return remaining_steps > 1
         if self.swap_s == 0.0:
             return remaining_steps > 1  # never measured: merge once to learn the costs
-        return self.gain_per_step_s * max(remaining_steps, lasted_steps) > 2.0 * self.swap_s
+        horizon = remaining_steps
+        other_in_s = self.other_arrival_in_s(key)
+        if other_in_s is not None and self.unmerged_step_s:
+            horizon = min(horizon, other_in_s / self.unmerged_step_s)
+        return self.gain_per_step_s * max(horizon, lasted_steps) > 2.0 * self.swap_s
 
 
 def _ema(previous: float | None, value: float) -> float:

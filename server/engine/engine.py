@@ -323,7 +323,7 @@ class LLMEngine:
         if single is None:
             return
         remaining = max(r.params.max_tokens - len(r.output_token_ids) for r in demand)
-        if not self.auto_policy.should_merge(remaining, lasted, self.auto_policy.is_steady(single)):
+        if not self.auto_policy.should_merge(single, remaining, lasted):
             return
         for request in self.scheduler.running:  # their rows now read the merged weights, not a slot
             if request.slot >= 0:

@@ -10,21 +10,21 @@ from tests.unit.test_mixed_batch_oracle import adapter_refs
 
 def test_policy_merges_once_to_learn_then_only_when_it_pays():
     policy = AutoModePolicy()
-    assert policy.should_merge(remaining_steps=8)  # nothing measured: take the chance, measure it
-    assert not policy.should_merge(remaining_steps=1)
+    assert policy.should_merge("a", remaining_steps=8)  # nothing measured: take the chance, measure it
+    assert not policy.should_merge("a", remaining_steps=1)
     policy.record_swap(0.200)  # 200 ms a swap
     policy.record_step(merged=False, seconds=0.0138)
     policy.record_step(merged=True, seconds=0.0119)  # saves 1.9 ms a step
-    assert not policy.should_merge(remaining_steps=100)  # 190 ms saved < 400 ms of swaps
-    assert policy.should_merge(remaining_steps=500)  # 950 ms saved > 400 ms
+    assert not policy.should_merge("a", remaining_steps=100)  # 190 ms saved < 400 ms of swaps
+    assert policy.should_merge("a", remaining_steps=500)  # 950 ms saved > 400 ms
     policy.record_step(merged=True, seconds=0.0140)  # merged got no cheaper: the gain shrinks toward 0
     assert policy.gain_per_step_s < 0.0019
 
 
 def test_lasting_demand_merges_once_the_steps_spent_unmerged_pay_for_the_swaps():
     policy = AutoModePolicy(unmerged_step_s=0.0060, merged_step_s=0.0041, swap_s=0.2)
-    assert not policy.should_merge(remaining_steps=64, lasted_steps=100)  # 190 ms lost so far < 400 ms
-    assert policy.should_merge(remaining_steps=64, lasted_steps=250)  # steady traffic: 475 ms > 400 ms
+    assert not policy.should_merge("a", remaining_steps=64, lasted_steps=100)  # 190 ms lost so far < 400 ms
+    assert policy.should_merge("a", remaining_steps=64, lasted_steps=250)  # steady traffic: 475 ms > 400 ms
 
 
 def test_steady_arrivals_merge_at_once_and_mixed_ones_never_do():
@@ -34,8 +34,9 @@ def test_steady_arrivals_merge_at_once_and_mixed_ones_never_do():
     assert not policy.is_steady(("a", 1))  # one arrival short
     policy.record_arrival(("a", 1))
     assert policy.is_steady(("a", 1)) and not policy.is_steady(("b", 1))
-    assert policy.should_merge(remaining_steps=8, steady=True)  # the ski-rental rule alone would wait
-    assert not policy.should_merge(remaining_steps=8)
+    assert policy.should_merge(("a", 1), remaining_steps=8)  # the ski-rental rule alone would wait
+    policy.arrivals.popleft()
+    assert not policy.should_merge(("a", 1), remaining_steps=8)  # 15 arrivals: not steady yet
     policy.record_arrival(("b", 1))
     assert not policy.is_steady(("a", 1)) and not policy.is_steady(("b", 1))
     for _ in range(ARRIVAL_WINDOW):
@@ -43,7 +44,64 @@ def test_steady_arrivals_merge_at_once_and_mixed_ones_never_do():
     policy.on_idle()  # a pause: the arrivals before it say nothing about what comes next
     assert not policy.is_steady(("b", 1))
     no_gain = AutoModePolicy(unmerged_step_s=0.004, merged_step_s=0.0041, swap_s=0.2)
-    assert not no_gain.should_merge(remaining_steps=8, steady=True)  # merged steps are no faster
+    for _ in range(ARRIVAL_WINDOW):
+        no_gain.record_arrival("a")
+    assert not no_gain.should_merge("a", remaining_steps=8)  # steady, but merged steps are no faster
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_recent_arrivals_for_other_adapters_cap_how_long_single_demand_is_trusted_to_last():
+    """Single demand amid mixed arrivals (requests reaching the engine one by one, e.g. as their weights
+    load from disk) ends at the next arrival for another adapter, not when its own tokens run out."""
+    clock = FakeClock()
+    policy = AutoModePolicy(unmerged_step_s=0.006, merged_step_s=0.004, swap_s=0.02, clock=clock)
+    assert policy.other_arrival_in_s("a") is None
+    assert policy.should_merge("a", remaining_steps=30)  # nothing says it ends: 30 x 2 ms > 2 x 20 ms
+    for key in ("a", "b", "c", "a"):
+        policy.record_arrival(key)
+        clock.now += 0.010
+    # 2 arrivals for others in 40 ms: the next expected in 20 ms, about 3 steps: 6 ms saved < 40 ms
+    assert abs(policy.other_arrival_in_s("a") - 0.020) < 1e-12
+    assert not policy.should_merge("a", remaining_steps=30)
+    assert policy.should_merge("a", remaining_steps=30, lasted_steps=25)  # it has lasted: 50 ms > 40 ms
+    clock.now += 0.5  # no arrival for half a second: the estimate grows by itself (270 ms, capped at 30 steps)
+    assert policy.should_merge("a", remaining_steps=30)
+    policy.on_idle()
+    assert policy.other_arrival_in_s("a") is None
+
+
+def test_a_long_request_between_short_ones_for_other_adapters_stays_unmerged(tiny_llama_dir, tiny_adapters):
+    """One long request, and every fourth step a short one for another adapter that finishes two steps
+    later: half the time all demand is the long one's adapter, with 40+ tokens left. Its tokens alone
+    (40 x 2 ms > 2 x 20 ms) made auto merge then, and the next short request unmerge: two swaps for
+    each. The arrivals say another adapter comes every 24 ms (4 steps: 8 ms saved), so it stays unmerged."""
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    clock = FakeClock()
+    engine = make_engine(tiny_llama_dir, lora_mode="auto", max_slots=4, max_rank=16, kv_cache_blocks=128)
+    engine.auto_policy = AutoModePolicy(unmerged_step_s=0.006, merged_step_s=0.004, swap_s=0.02, clock=clock)
+    engine.auto_policy.record_step = lambda merged, seconds: None  # fixed costs: a deterministic decision
+    engine.auto_policy.record_swap = lambda seconds: None
+    long_one = _greedy([3, 9, 27], 60, refs["all-r8"])
+    engine.add_request(long_one)
+    single_steps = 0
+    for step in range(40):
+        if step % 4 == 0:
+            engine.add_request(_greedy([5 + step, 9, 27], 2, refs[("attn-r4", "ko-r16")[step // 4 % 2]]))
+        engine.step()
+        clock.now += 0.006
+        assert not engine.merged_active, step
+        single_steps += len({r.adapter_key for r in engine.scheduler.running}) == 1
+    assert single_steps >= 15  # the case this is about did occur
+    while engine.has_unfinished():
+        engine.step()
+    assert len(long_one.output_token_ids) == 60
 
 
 def test_engine_times_a_warm_up_swap_at_start_and_leaves_the_weights_pristine(tiny_llama_dir):
@@ -56,7 +114,7 @@ def test_prior_gain_before_a_merged_step_is_measured():
     policy = AutoModePolicy(swap_s=0.01)
     policy.record_step(merged=False, seconds=0.010)
     assert abs(policy.gain_per_step_s - 0.001) < 1e-12  # 10% of the unmerged step
-    assert policy.should_merge(remaining_steps=21) and not policy.should_merge(remaining_steps=19)
+    assert policy.should_merge("a", remaining_steps=21) and not policy.should_merge("a", remaining_steps=19)
 
 
 def _greedy(prompt, n, adapter):

@@ -91,3 +91,18 @@ def test_cold_load_bench_runs_on_the_tiny_shape(capsys):
     assert main(["--model", "tiny", "--rank", "4", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("tiny rank 4:") and "torch.bfloat16" in out and out.count(",") >= 1
+
+
+def test_scrape_splits_the_swap_and_load_counters_by_mode_and_tier():
+    from bench.serve.scrape import deltas, parse_samples
+
+    before = parse_samples('loraplex_adapter_swaps_total{model_name="m",mode="merged"} 2.0\n'
+                           'loraplex_adapter_swaps_total{model_name="m",mode="unmerged"} 5.0\n')
+    after = parse_samples('# HELP x\n'
+                          'loraplex_adapter_swaps_total{model_name="m",mode="merged"} 3.0\n'
+                          'loraplex_adapter_swaps_total{model_name="m",mode="unmerged"} 9.0\n'
+                          'loraplex_adapter_loads_total{model_name="m",tier="cpu"} 4.0\n'
+                          'loraplex_adapter_loads_total{model_name="m",tier="gpu"} 7.0\n')
+    assert after["loraplex_adapter_swaps_total"] == 12.0
+    result = deltas(before, after)
+    assert (result["merged_swaps"], result["cpu_loads"], result["slot_loads"]) == (1.0, 4.0, 7.0)
