@@ -8,6 +8,8 @@ import stat
 import threading
 from pathlib import Path
 
+import numpy
+
 from .errors import AdapterNotFoundError, AdapterTooLargeError, AdapterValidationError
 
 CONFIG_FILE = "adapter_config.json"
@@ -46,8 +48,8 @@ def write_file_durable(path: Path, data: bytes) -> None:
     os.close(fd)
 
 
-def read_regular_file(path: Path, max_bytes: int) -> bytes:
-    """Read a regular file without following a symlink at its last component; bounded by max_bytes."""
+def _open_regular(path: Path, max_bytes: int):
+    """Open a regular file without following a symlink at its last component; (file object, its size)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -56,16 +58,44 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes:
         if exc.errno == errno.ELOOP:
             raise AdapterValidationError(f"{path.name} is a symlink; copy the real file instead") from None
         raise AdapterValidationError(f"{path.name} cannot be read: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise AdapterValidationError(f"{path.name} is not a regular file")
-        if info.st_size > max_bytes:
-            raise AdapterTooLargeError(f"{path.name} is {info.st_size} bytes, more than the {max_bytes}-byte limit")
+    handle = os.fdopen(fd, "rb")
+    info = os.fstat(handle.fileno())
+    if not stat.S_ISREG(info.st_mode):
+        handle.close()
+        raise AdapterValidationError(f"{path.name} is not a regular file")
+    if info.st_size > max_bytes:
+        handle.close()
+        raise AdapterTooLargeError(f"{path.name} is {info.st_size} bytes, more than the {max_bytes}-byte limit")
+    return handle, info.st_size
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """Read a regular file without following a symlink at its last component; bounded by max_bytes."""
+    handle, _ = _open_regular(path, max_bytes)
+    with handle:
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise AdapterTooLargeError(f"{path.name} is more than the {max_bytes}-byte limit")
     return data
+
+
+def read_regular_file_writable(path: Path, max_bytes: int) -> memoryview:
+    """`read_regular_file` into a writable buffer that nothing zeroes first (tensors can be views of it).
+
+    For adapter weights read back while the engine decodes: `bytes` would have to be copied before
+    tensors could map them, and a zeroed `bytearray` costs a memset of the whole file under the GIL
+    (9 ms for 45 MB on the dev CPU); here the GIL is released for the whole read."""
+    handle, size = _open_regular(path, max_bytes)
+    with handle:
+        buffer = memoryview(numpy.empty(size + 1, dtype=numpy.uint8))  # + 1: a file that grew is seen
+        filled = 0
+        while filled < len(buffer) and (count := handle.readinto(buffer[filled:])):
+            filled += count
+        if filled > size and handle.read(max_bytes + 1 - size):
+            raise AdapterTooLargeError(f"{path.name} is more than the {max_bytes}-byte limit")
+    if filled > max_bytes:
+        raise AdapterTooLargeError(f"{path.name} is more than the {max_bytes}-byte limit")
+    return buffer[:filled]
 
 
 def read_adapter_dir(path: Path, max_bytes: int) -> tuple[bytes, bytes]:

@@ -11,8 +11,6 @@ import math
 import struct
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
 
 from .errors import AdapterValidationError
 
@@ -40,20 +38,31 @@ def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
-def read_header(data: bytes) -> dict[str, dict]:
+def read_header(data: bytes | memoryview) -> dict[str, dict]:
     """Validate the header of a safetensors blob and return {tensor name: {dtype, shape, data_offsets}}."""
-    if len(data) < 8:
+    if isinstance(data, memoryview):  # only the header is turned into bytes
+        (size,) = struct.unpack("<Q", data[:8]) if len(data) >= 8 else (0,)
+        data_len = len(data)
+        head = bytes(data[: 8 + min(size, MAX_HEADER_BYTES, max(0, data_len - 8))])
+        return _read_header(head, data_len)
+    return _read_header(data, len(data))
+
+
+def _read_header(data: bytes, total: int) -> dict[str, dict]:
+    """read_header on the file's first bytes (at least the 8-byte length and the header, if it fits) of a
+    blob of `total` bytes."""
+    if total < 8:
         raise _not_safetensors(f"only {len(data)} bytes")
     if data.startswith(_ZIP_PREFIX):
         raise _not_safetensors("it is a zip archive, e.g. a torch.save checkpoint; .bin/.pt are not accepted")
     (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > MAX_HEADER_BYTES or header_len > len(data) - 8 or data[8:9] != b"{":
+    if header_len > MAX_HEADER_BYTES or header_len > total - 8 or data[8:9] != b"{":
         if _looks_like_pickle_or_zip(data):
             raise _not_safetensors("it looks like a pickle; .bin/.pt checkpoints are not accepted")
         if header_len > MAX_HEADER_BYTES:
             raise _not_safetensors(f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
-        if header_len > len(data) - 8:
-            raise _not_safetensors(f"header length {header_len} exceeds the file size {len(data)}")
+        if header_len > total - 8:
+            raise _not_safetensors(f"header length {header_len} exceeds the file size {total}")
         raise _not_safetensors("header does not start with '{'")
     try:
         header = json.loads(data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
@@ -66,7 +75,7 @@ def read_header(data: bytes) -> dict[str, dict]:
         raise AdapterValidationError(f"{FILE_NAME} __metadata__ must map strings to strings")
     if len(header) > MAX_TENSORS:
         raise AdapterValidationError(f"{FILE_NAME} has {len(header)} tensors, more than {MAX_TENSORS}")
-    _check_entries(header, len(data) - 8 - header_len)
+    _check_entries(header, total - 8 - header_len)
     return header
 
 
@@ -104,10 +113,31 @@ def _check_entries(header: dict, data_len: int) -> None:
             raise AdapterValidationError(f"{FILE_NAME} tensors {prev_name!r} and {name!r} overlap")
 
 
-def load_tensors(data: bytes) -> dict[str, torch.Tensor]:
-    """Check the header by hand, then decode with safetensors (never pickle)."""
-    read_header(data)
-    try:
-        return safetensors_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise AdapterValidationError(f"{FILE_NAME} could not be decoded: {exc}") from None
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def load_tensors(data: bytes | memoryview) -> dict[str, torch.Tensor]:
+    """Check the header by hand, then map each tensor onto the bytes, never through pickle.
+
+    The tensors are views of one writable buffer (a writable memoryview, e.g. from
+    `read_regular_file_writable`, is used as is; anything else is copied once), not copies: the
+    safetensors library's decoder copied every tensor while holding the GIL, 13 ms for a 45 MB adapter on
+    the dev CPU, time an adapter read back beside a decoding engine took from its steps. A tensor whose
+    offset is not a multiple of its element size is copied, aligned."""
+    header = read_header(data)
+    buffer = data if isinstance(data, memoryview) and not data.readonly else memoryview(bytearray(data))
+    (header_len,) = struct.unpack("<Q", buffer[:8])
+    start = 8 + header_len
+    tensors = {}
+    for name, entry in header.items():
+        dtype, size = _TORCH_DTYPES[entry["dtype"]], DTYPE_SIZES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        if begin == end:
+            tensors[name] = torch.empty(entry["shape"], dtype=dtype)
+        elif (start + begin) % size:
+            raw = torch.frombuffer(buffer, dtype=torch.uint8, count=end - begin, offset=start + begin).clone()
+            tensors[name] = raw.view(dtype).view(entry["shape"])
+        else:
+            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=(end - begin) // size,
+                                             offset=start + begin).view(entry["shape"])
+    return tensors

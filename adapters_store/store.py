@@ -53,6 +53,7 @@ from .fsio import (
     is_disk_full,
     read_adapter_dir,
     read_regular_file,
+    read_regular_file_writable,
     write_file_durable,
 )
 from .peft_format import parse_adapter
@@ -224,7 +225,7 @@ class AdapterStore:
         went from 140-183 ms to 84-88 ms (`python -m bench.cold_load`), and the engine now pins
         and copies 84 MB instead of its 168 MB float32 copy."""
         config_bytes = read_regular_file(record.path / CONFIG_FILE, self.max_bytes)
-        safetensors_bytes = read_regular_file(record.path / WEIGHTS_FILE, self.max_bytes)
+        safetensors_bytes = read_regular_file_writable(record.path / WEIGHTS_FILE, self.max_bytes)
         with ThreadPoolExecutor(1, thread_name_prefix="loraplex-sha256") as pool:
             digest = pool.submit(lambda: hashlib.sha256(safetensors_bytes).hexdigest())
             try:
