@@ -70,8 +70,6 @@ class AdapterWeights:
     scaling: float  # alpha / rank, or alpha / sqrt(rank) with rsLoRA
     # (layer_index, module short name) -> (A [rank, in], B [out, rank])
     tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    # What the engine made of them ahead of a device load (server.model.slot_image.SlotImage); opaque here.
-    slot_image: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def target_modules(self) -> list[str]:
@@ -80,7 +78,5 @@ class AdapterWeights:
 
 
 def weights_nbytes(weights: AdapterWeights) -> int:
-    """Bytes held by all A and B tensors, and by the engine's slot image if it made one (what a CPU cache
-    must budget for)."""
-    image = getattr(weights.slot_image, "nbytes", 0)
-    return image + sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in weights.tensors.values())
+    """Bytes held by all A and B tensors (what a CPU cache or GPU slot must budget for)."""
+    return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in weights.tensors.values())

@@ -53,7 +53,6 @@ class AdapterRegistry:
         self._evicted_nbytes: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, int], _PendingLoad] = {}  # loads in flight, one per version
-        self.prepare: Callable[[AdapterWeights], None] | None = None  # the engine's, see _load
 
     def resolve(self, name: str) -> AdapterRef:
         """Latest version of `name` with its weights in memory (None unless `load_weights`); raises
@@ -159,13 +158,8 @@ class AdapterRegistry:
         return sum(self._nbytes.values()) + sum(self._evicted_nbytes.values())
 
     def _load(self, record: AdapterRecord) -> AdapterWeights:
-        """Read one version (on the calling thread, never the engine's): with `prepare` (the engine's), it
-        also makes what a slot load copies, pinned; the parsed tensors then stay pageable, being only read
-        by merged swaps, which wait for their copies anyway."""
         weights = self.store.load_weights(record)
-        if self.prepare is not None:
-            self.prepare(weights)
-        elif self.pin_memory:
+        if self.pin_memory:
             weights.tensors = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.tensors.items()}
         return weights
 

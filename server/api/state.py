@@ -102,7 +102,6 @@ class ServerState:
                                          self.engine_core_target)
         else:
             core = LLMEngine(loaded, settings)
-            self.registry.prepare = core.prepare_adapter  # on the threads that resolve names, not the engine's
             core.metrics.record_step([], [], 0.0, None)
             engine = AsyncEngine(core, settings.max_queue_size)
         engine.start()  # the engine process loads the model here

@@ -88,7 +88,6 @@ class EngineCore:
         registry = AdapterRegistry(store, settings.max_cpu_adapters, pin_memory_available(), on_load=on_load,
                                    max_bytes=settings.cpu_adapter_cache_bytes, on_evict=on_evict)
         engine = LLMEngine(loaded, settings, detokenize=False, metrics_sink=sink)
-        registry.prepare = engine.prepare_adapter  # on the loader threads, not the engine loop
         engine.metrics.record_step([], [], 0.0, None)
         return cls(engine, store, registry, sink)
 

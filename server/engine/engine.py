@@ -33,8 +33,8 @@ from server.engine.setup import adapter_pool_units, allocate_adapter_pool, eos_i
 from server.engine.slot_table import SLOT_LOADING, SlotTable
 from server.engine.stats import EngineMetrics
 from server.model.loader import LoadedModel, load_phase
+from server.model.lora import max_adapter_rank
 from server.model.merge import MergedSwapper
-from server.model.slot_image import adapter_rank
 
 log = logging.getLogger(__name__)
 # Waiting requests at the queue's head whose adapters are copied into idle slots ahead of admission: a
@@ -59,7 +59,7 @@ class LLMEngine:
         self.merged_active = self.mode is LoraMode.MERGED
         pool_units = adapter_pool_units(self.model, settings)
         self.slot_table = SlotTable(pool_units, self._load_slot, self._slot_loaded,
-                                    on_evicted=self._slot_evicted, rank_of=adapter_rank)
+                                    on_evicted=self._slot_evicted, rank_of=max_adapter_rank)
         # Adapters of max_rank the pool holds: at least this many distinct adapters fit (vLLM's max_loras,
         # reported as max_lora); smaller ranks fit more.
         self.num_slots = pool_units // block_size(settings.max_rank)
@@ -266,13 +266,6 @@ class LLMEngine:
         merged = self.merged_active and request.adapter_key == (self.swapper.current if self.swapper else None)
         tenant = request.tenant if self.prefix_per_tenant else None
         return namespace(request.adapter_key, merged, request.params.cache_salt, tenant)
-
-    def prepare_adapter(self, weights) -> None:
-        """Called by the adapter tier on the thread that read `weights` from disk: make their slot image
-        there (server.model.slot_image), so that a slot load on this thread is only copies. Merged-only
-        engines have no slots."""
-        if self.lora_slots is not None:
-            self.lora_slots.prepare(weights)
 
     def _load_slot(self, slot: int, offset: int, weights):
         return self.lora_slots.load(slot, offset, weights)

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from server.model.lora_ops import LoraBatchMeta, SlotLayout, lora_apply
-from server.model.slot_image import SlotImage, adapter_rank, build_slot_image, linear_specs
 
 
 @dataclass
@@ -79,6 +78,27 @@ class LoraLinear(nn.Module):
                 lo, hi = self.slice_offsets[i], self.slice_offsets[i + 1]
                 y[rows, lo:hi] += h[:, i * r : (i + 1) * r] @ self.lora_b[o : o + r, lo:hi]
 
+    def load_slot(self, offset: int, rank: int, layer: int, adapter) -> None:
+        """Copy one adapter's A/B for this layer into the pool at `offset` as rank `rank` (zeros where it
+        does not target or where a slice's own rank is smaller)."""
+        n = len(self.slice_names)
+        a_slot, b_slot = self.lora_a[n * offset : n * (offset + rank)], self.lora_b[offset : offset + rank]
+        a_slot.zero_()
+        b_slot.zero_()
+        for i, name in enumerate(self.slice_names):
+            pair = adapter.tensors.get((layer, name))
+            if pair is None:
+                continue
+            # From pinned CPU memory these are asynchronous copies queued before the next forward on
+            # the same stream: the engine thread does not wait for them. The cast and the scaling
+            # happen on the device.
+            # The file's dtype (bf16/fp16/fp32) travels; B is scaled in float32 and rounded once, into the slot.
+            a, b = (t.to(a_slot.device, non_blocking=True) for t in pair)  # [r, in], [out_i, r]
+            r = a.shape[0]
+            lo, hi = self.slice_offsets[i], self.slice_offsets[i + 1]
+            a_slot[i * rank : i * rank + r].copy_(a)
+            b_slot[:r, lo:hi].copy_((b.float() * adapter.scaling).t())
+
     def targets(self, layer: int, adapter) -> bool:
         """True if the adapter changes any slice of this layer's weight."""
         return any((layer, name) in adapter.tensors for name in self.slice_names)
@@ -102,6 +122,8 @@ class LoraLinear(nn.Module):
         return next(self.base.parameters()).device
 
 
+def max_adapter_rank(adapter) -> int:
+    return max((a.shape[0] for a, _ in adapter.tensors.values()), default=0)
 
 
 class LoraSlots:
@@ -113,7 +135,6 @@ class LoraSlots:
         self.max_rank = max_rank
         self.layout = SlotLayout.empty(num_slots, max_rank, model.device)
         self.unit_nbytes = self.rank_nbytes(model)  # device bytes of one rank unit across every linear
-        self.specs = linear_specs(model)
         for _, linear in model.lora_linears():
             linear.allocate_pool(capacity, self.layout, model.dtype, model.device)
         self._copy_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
@@ -129,7 +150,7 @@ class LoraSlots:
         what was there before), and the returned event marks their end: the slot must not be read before
         `event.query()` is True. The running batch keeps decoding meanwhile. On the CPU the copy is done
         on return (None)."""
-        rank = adapter_rank(adapter)
+        rank = max_adapter_rank(adapter)
         if rank > self.max_rank:
             raise ValueError(f"adapter rank {rank} exceeds max_rank {self.max_rank}")
         if not 0 <= offset <= self.capacity - rank:
@@ -144,26 +165,9 @@ class LoraSlots:
             done.record(self._copy_stream)
         return done
 
-    def prepare(self, adapter) -> None:
-        """Make the adapter's slot image now (pinned on CUDA): on the thread that read it from disk, so
-        that its slot load is only copies (server.model.slot_image)."""
-        adapter.slot_image = build_slot_image(self.specs, adapter, self.model.dtype,
-                                              pin=self.model.device.type == "cuda")
-
-    def _image(self, adapter) -> SlotImage:
-        image = adapter.slot_image
-        if not isinstance(image, SlotImage) or image.dtype != self.model.dtype or image.specs != self.specs:
-            image = build_slot_image(self.specs, adapter, self.model.dtype, pin=self.model.device.type == "cuda")
-        return image
-
     def _copy_into(self, slot: int, offset: int, rank: int, adapter) -> None:
-        image = self._image(adapter)
-        if image.rank != rank:
-            raise ValueError(f"slot image of rank {image.rank} for a slot of rank {rank}")
-        for (_, linear), (a, b) in zip(self.model.lora_linears(), image.blocks, strict=True):
-            n = len(linear.slice_names)
-            linear.lora_a[n * offset : n * (offset + rank)].copy_(a, non_blocking=True)
-            linear.lora_b[offset : offset + rank].copy_(b, non_blocking=True)
+        for layer, linear in self.model.lora_linears():
+            linear.load_slot(offset, rank, layer, adapter)
         self.layout.set(slot, offset, rank)
 
     @staticmethod

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from server.engine.rank_pool import MIN_BLOCK
 from server.engine.slot_table import SLOT_LOADING, SlotTable
-from server.model.lora import LoraSlots
-from server.model.slot_image import adapter_rank
+from server.model.lora import LoraSlots, max_adapter_rank
 from tests.unit.engine_helpers import make_engine
 from tests.unit.test_continuous_batching import PROMPTS, greedy, run_alone
 from tests.unit.test_mixed_batch_oracle import adapter_refs
@@ -91,7 +90,7 @@ def _slow_engine(model_dir, polls: int, **kw):
     issued = []
 
     def slow_load(slot, offset, weights):
-        engine.lora_slots._copy_into(slot, offset, adapter_rank(weights), weights)  # the real copy (CPU) ...
+        engine.lora_slots._copy_into(slot, offset, max_adapter_rank(weights), weights)  # the real copy (CPU) ...
         issued.append(slot)
         return SlowCopy(polls)  # ... reported done only later
 

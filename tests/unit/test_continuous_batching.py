@@ -7,7 +7,7 @@ import torch
 
 from server.engine.rank_pool import block_size
 from server.engine.request import AdapterRef, FinishReason, Request, SamplingParams
-from server.model.slot_image import adapter_rank
+from server.model.lora import max_adapter_rank
 from tests.unit.engine_helpers import make_engine
 from tests.unit.test_mixed_batch_oracle import adapter_refs
 
@@ -122,7 +122,7 @@ def test_pool_size_caps_distinct_adapters_per_step(tiny_llama_dir, tiny_adapters
     while engine.has_unfinished():
         engine.step()
         keys = {r.adapter_key for r in engine.scheduler.running}
-        units = sum(block_size(adapter_rank(r.adapter.weights))
+        units = sum(block_size(max_adapter_rank(r.adapter.weights))
                     for r in {r.adapter_key: r for r in engine.scheduler.running}.values())
         assert units <= 16, f"{keys} take {units} units of a 16-unit pool"
         most = max(most, len(keys))

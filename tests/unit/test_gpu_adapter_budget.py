@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from server.engine.rank_pool import block_size
-from server.model.lora import LoraSlots
-from server.model.slot_image import adapter_rank
+from server.model.lora import LoraSlots, max_adapter_rank
 from tests.unit.engine_helpers import load_tiny, make_engine
 from tests.unit.test_continuous_batching import PROMPTS, greedy, run_alone
 from tests.unit.test_mixed_batch_oracle import adapter_refs
@@ -50,7 +49,7 @@ def test_mixed_ranks_share_the_pool_unpadded_and_stay_exact(tiny_llama_dir, tiny
         engine.add_request(r)
     engine.step()
     assert len({r.adapter_key for r in engine.scheduler.running}) == 4  # all four in one batch
-    assert sum(block_size(adapter_rank(r.adapter.weights)) for r in requests) == 40
+    assert sum(block_size(max_adapter_rank(r.adapter.weights)) for r in requests) == 40
     assert engine.slot_table.pool.used == 40 and engine.lora_slots.nbytes == 40 * per_unit
     while engine.has_unfinished():
         engine.step()

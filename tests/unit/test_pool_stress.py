@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from server.model.slot_image import adapter_rank
+from server.model.lora import max_adapter_rank
 from tests.unit.engine_helpers import make_engine
 from tests.unit.test_adapter_prefetch import SlowCopy
 from tests.unit.test_continuous_batching import PROMPTS, greedy, run_alone
@@ -35,7 +35,7 @@ def test_random_traffic_over_a_small_pool_with_async_loads_matches_running_alone
     rng = random.Random(5)
 
     def slow_load(slot, offset, weights):
-        engine.lora_slots._copy_into(slot, offset, adapter_rank(weights), weights)
+        engine.lora_slots._copy_into(slot, offset, max_adapter_rank(weights), weights)
         return SlowCopy(rng.randint(0, 3))
 
     engine.slot_table._load_fn = slow_load
