@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.report_adapters import adapters_section
 from bench.report_kernels import kernel_section
 from bench.report_serving import serving_section
 from bench.results import RATIOS, fmt
@@ -140,6 +141,7 @@ def build_report(results_dir: Path) -> str:
               "measured mean context, adapter slots) / measured copy bandwidth.", ""]
     lines += kernel_section(results_dir, runs)
     lines += serving_section(results_dir)
+    lines += adapters_section(results_dir)
     notes = results_dir.parent / "NOTES.md"
     if notes.is_file():  # hand-written analysis that the generated tables cannot carry
         lines += [notes.read_text().rstrip(), ""]

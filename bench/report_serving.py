@@ -25,7 +25,7 @@ def _serve_row(name: str, data: dict) -> str:
     return f"| `{name}` | " + " | ".join(cells) + f" | {fmt(step)} | {fmt(serve_ratio)} | {fmt(itl_ratio)} |"
 
 
-def _newest_first(paths) -> list[tuple[str, dict]]:
+def newest_first(paths) -> list[tuple[str, dict]]:
     """(file name, data) by the run's own timestamp, newest first (file names do not sort by time)."""
     runs = [(p.name, json.loads(p.read_text())) for p in paths]
     return sorted(runs, key=lambda run: (str(run[1].get("timestamp") or run[1].get("date") or ""), run[0]),
@@ -35,7 +35,7 @@ def _newest_first(paths) -> list[tuple[str, dict]]:
 def _prefix_and_modes(results_dir: Path) -> list[str]:
     """Issue 10's cached-prefix TTFT ratio and issue 13's auto-mode ratios, one row per run."""
     lines = []
-    prefix = _newest_first(results_dir.glob("*-serve-prefix-*.json"))
+    prefix = newest_first(results_dir.glob("*-serve-prefix-*.json"))
     if prefix:
         lines += ["Cached-prefix time to first token (`python -m bench.serve --model 8b --preset prefix`: prompts of "
                   "2,048 + 16 tokens sent one at a time, the prefix new (miss) or cached (hit); target hit / miss "
@@ -48,7 +48,7 @@ def _prefix_and_modes(results_dir: Path) -> list[str]:
             lines.append(f"| `{name}` | {fmt(miss.get('ttft_ms_p50'))} | {fmt(hit.get('ttft_ms_p50'))} | "
                          f"{fmt((hit.get('server_metrics') or {}).get('ttft_ms_mean'))} | {fmt(ratio)} |")
         lines.append("")
-    modes = _newest_first(results_dir.glob("*-serve-lora-modes-*.json"))
+    modes = newest_first(results_dir.glob("*-serve-lora-modes-*.json"))
     if modes:
         lines += ["LoRA modes (`python -m bench.serve --model 1b --preset lora-modes`, output tok/s; targets "
                   "auto / best >= 1.0 Zipf, >= 0.97 uniform and single):", "",
@@ -61,7 +61,7 @@ def _prefix_and_modes(results_dir: Path) -> list[str]:
                 ratio = next((v for k, v in ratios.items() if k.startswith(f"auto_over_best_{traffic}")), None)
                 lines.append(f"| `{name}` | {traffic} | " + " | ".join(cells) + f" | {fmt(ratio)} |")
         lines.append("")
-    loops = _newest_first(results_dir.glob("*-loop*.json"))
+    loops = newest_first(results_dir.glob("*-loop*.json"))
     if loops:
         lines += ["The engine alone under the arrivals of 32 streams (`python -m bench.engine_loop --model 1b --prefix "
                   "2048`; closed loop: each finished request replaced at once) against the same batch in lockstep, "
@@ -93,7 +93,7 @@ def serving_section(results_dir: Path) -> list[str]:
               "sampled / greedy >= 0.95. A dash: the load was skipped for time.", "",
               "| run | greedy tok/s | TTFT p50 ms | ITL p50 ms | sampled tok/s | TTFT p50 ms | ITL p50 ms | "
               "engine step ms | serve / engine | ITL / step |", "|---|" + "---|" * 9]
-    lines += [_serve_row(name, data) for name, data in _newest_first(serves)]
+    lines += [_serve_row(name, data) for name, data in newest_first(serves)]
     lines.append("")
     lines += _prefix_and_modes(results_dir)
     if profiles:
