@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .errors import AdapterValidationError
 from .fsio import read_adapter_dir
 from .safetensors_check import FILE_NAME as WEIGHTS_FILE
@@ -181,6 +183,16 @@ def _check_tensor_shapes(header: dict[str, dict], config: dict[str, Any], spec: 
     return slots
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in `tensor`: its min and max are finite (NaN propagates through both). One
+    reduction: `isfinite().all()` took 196 ms over an 8B rank-16 adapter (42M bf16 values) on the dev CPU,
+    this 4.5 ms."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
 def parse_adapter(
     config_bytes: bytes, safetensors_bytes: bytes, spec: BaseModelSpec, max_rank: int, check_finite: bool = True
 ) -> tuple[dict[str, Any], AdapterWeights]:
@@ -197,7 +209,7 @@ def parse_adapter(
         a = raw[key].contiguous()  # [rank, in]
         b = raw[slots[layer, module, "B"]].contiguous()  # [out, rank]
         for name, tensor in (("lora_A", a), ("lora_B", b)):
-            if check_finite and not bool(tensor.isfinite().all()):
+            if check_finite and not _all_finite(tensor):
                 raise _fail(f"layer {layer} {module} {name} contains NaN or Inf")
         tensors[layer, module] = (a, b)
     rank, alpha, use_rslora = config["r"], config["lora_alpha"], config["use_rslora"]

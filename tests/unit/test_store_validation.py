@@ -47,6 +47,13 @@ def with_tensors(**changes):
     return good().config_bytes, save_tensors(tensors)
 
 
+def one_value(tensor, value):
+    """`tensor` with one element, away from the ends, set to `value`."""
+    changed = tensor.clone()
+    changed.view(-1)[changed.numel() // 2 + 1] = value
+    return changed
+
+
 def with_extra(key, value):
     tensors = good().tensors()
     tensors[key] = value
@@ -148,6 +155,18 @@ BAD_INPUTS = {
     ),
     "NaN weights": (
         lambda: with_tensors(q_a=torch.full((4, 64), float("nan"))),
+        "layer 0 q_proj lora_A contains NaN or Inf",
+    ),
+    "one +Inf weight": (
+        lambda: with_tensors(q_b=one_value(good().tensors()[Q_B], float("inf"))),
+        "layer 0 q_proj lora_B contains NaN or Inf",
+    ),
+    "one -Inf weight": (
+        lambda: with_tensors(q_a=one_value(good().tensors()[Q_A], float("-inf"))),
+        "layer 0 q_proj lora_A contains NaN or Inf",
+    ),
+    "one NaN weight": (
+        lambda: with_tensors(q_a=one_value(good().tensors()[Q_A], float("nan"))),
         "layer 0 q_proj lora_A contains NaN or Inf",
     ),
     "duplicate via adapter name": (
