@@ -53,6 +53,17 @@ request_queue_time_seconds = Histogram(
     "vllm:request_queue_time_seconds", "Arrival to first scheduled", ["model_name"],
     buckets=_LATENCY_BUCKETS, registry=REGISTRY,
 )
+# The API process's share of a request's time to first token, around the engine's own (arrival to first
+# token): what a client sees beyond the two is HTTP parsing before the app, the send and its own reading.
+http_admission_seconds = Histogram(
+    "loraplex_http_admission_seconds", "HTTP request received by the app to its arrival at the engine "
+    "(auth, limits, body, adapter resolution)", ["model_name"], buckets=_TOKEN_LATENCY_BUCKETS, registry=REGISTRY,
+)
+http_first_output_seconds = Histogram(
+    "loraplex_http_first_output_seconds", "Arrival at the engine to the first output in the API's hands "
+    "(the engine's time to first token plus the way back)", ["model_name"], buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 prompt_tokens = Counter("vllm:prompt_tokens", "Prefilled prompt tokens", ["model_name"], registry=REGISTRY)
 generation_tokens = Counter(
     "vllm:generation_tokens", "Generated tokens", ["model_name"], registry=REGISTRY

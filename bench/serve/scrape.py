@@ -14,6 +14,8 @@ MEANS = {  # result key -> histogram family whose mean over the load is reported
     "prefill_ms_mean": "vllm:request_prefill_time_seconds",
     "itl_ms_mean": "vllm:inter_token_latency_seconds",
     "tokens_per_step_mean": "vllm:iteration_tokens_total",
+    "http_admission_ms_mean": "loraplex_http_admission_seconds",
+    "http_first_output_ms_mean": "loraplex_http_first_output_seconds",
 }
 COUNTERS = {"preemptions": "vllm:num_preemptions_total", "prefix_cache_hit_tokens": "vllm:prefix_cache_hits_total",
             "merged_swaps": 'loraplex_adapter_swaps_total{mode="merged"}',

@@ -25,6 +25,7 @@ from adapters_store import NAME_RE, AdapterNotFoundError
 from server import metrics
 from server.api.auth import Principal
 from server.api.errors import APIError, model_not_found, to_api_error
+from server.api.middleware import RECEIVED_AT
 from server.api.state import ServerState
 from server.engine.request import (
     AdapterRef,
@@ -84,6 +85,8 @@ class Generation:
                                f"(max_model_len) is {state.max_model_len} tokens", param=prompt_field)
             state.limiter.check_tokens(principal)
             request = Request(prompt_ids, params, adapter, request_id=request_id, tenant=principal.tenant)
+            if (received := RECEIVED_AT.get()) is not None:
+                metrics.http_admission_seconds.labels(state.model_id).observe(request.arrival_time - received)
             state.limiter.enter(principal, state.settings.tenant_max_queued_requests)  # left in aclose
             generation = cls(state, principal, request)
         except (SamplingError, APIError) as exc:
@@ -91,6 +94,7 @@ class Generation:
             raise to_api_error(exc) from None
         try:
             generation._first = await generation._next()
+            metrics.http_first_output_seconds.labels(state.model_id).observe(time.monotonic() - request.arrival_time)
         except BaseException as exc:
             await generation.aclose()
             if not isinstance(exc, Exception):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from contextvars import ContextVar
+
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import APIError, error_response, retry_after
@@ -9,6 +12,8 @@ from server.api.state import Phase, ServerState
 
 # Probes and docs answer in every phase and do not hold up a drain.
 ALWAYS_OPEN = frozenset({"/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json"})
+# time.monotonic() when the app received the current HTTP request (for loraplex_http_admission_seconds)
+RECEIVED_AT: ContextVar[float | None] = ContextVar("loraplex_received_at", default=None)
 
 
 class LifecycleMiddleware:
@@ -19,6 +24,7 @@ class LifecycleMiddleware:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        RECEIVED_AT.set(time.monotonic())  # this request's task and what it awaits see it
         if scope["type"] != "http" or scope["path"] in ALWAYS_OPEN:
             await self.app(scope, receive, send)
             return
