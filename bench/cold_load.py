@@ -1,22 +1,85 @@
-"""Time the CPU side of a cold adapter: the store reading one version back from disk (sha256 check,
-decode), as the adapter tier does before a GPU copy. Runs anywhere; no GPU needed.
+"""Time the stages of a cold adapter, one by one: the upload's store write, the store reading one version
+back (sha256 check, decode), pinning it, and its host-to-device copies. Runs anywhere; the pinning and
+copy stages need a CUDA GPU.
 
-    python -m bench.cold_load [--model 8b] [--rank 16] [--repeats 6]
+    python -m bench.cold_load [--model 8b] [--rank 16] [--repeats 6] [--out DIR]
 
-Prints the size and each load's milliseconds (the file stays in the page cache after the first, as for
-an adapter uploaded earlier in the server's life).
+`cold_ttft_extra_ms_8b_r16` (issue 15: disk to first token within 60 ms more than a warm adapter, 84 MB)
+and `upload_to_usable_ms_8b_r16` (300 ms) are the sum of these stages and a prefill; on the H200 they
+measured 318 and 983 ms (bench/NOTES.md) without saying which stage costs what. This says it. Each stage
+is timed `--repeats` times; the first figure of a pinning stage is a cold process's (the pinned allocator
+empty: what the first request for an adapter meets after a restart).
+
+Stages:
+- `put`: `AdapterStore.put` of the files an upload sends (validation, hash, durable write);
+- `load_weights`: the read-back (the file stays in the page cache after the first, as for an adapter
+  uploaded earlier in the server's life);
+- `pin_per_tensor`: `pin_memory()` of every tensor, as the CPU tier does (CUDA);
+- `pin_one_buffer`: one pinned buffer for all of them and one copy into it (CUDA);
+- `h2d_pinned` / `h2d_pageable`: every tensor copied to the device, asynchronously, then one sync (CUDA).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from adapters_store import AdapterStore, BaseModelSpec
 from bench.serve.adapters import AdapterFactory, AdapterSpec
 from bench.shapes import SHAPES, llama_config, shape_facts
+
+
+def _timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(round((time.perf_counter() - start) * 1e3, 2))
+    return times
+
+
+def _pin_one_buffer(tensors: list[torch.Tensor]) -> None:
+    buffer = torch.empty(sum(t.numel() * t.element_size() for t in tensors), dtype=torch.uint8, pin_memory=True)
+    offset = 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        buffer[offset : offset + n].copy_(t.reshape(-1).view(torch.uint8))
+        offset += n
+
+
+def _h2d(tensors: list[torch.Tensor]) -> None:
+    for t in tensors:
+        t.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+
+
+def stages(model: str, rank: int, repeats: int) -> dict:
+    config, weights = AdapterFactory(shape_facts(llama_config(model)), rank).files(AdapterSpec("cold", rank), 0)
+    spec = BaseModelSpec.from_hf_config(dict(SHAPES[model], model_type="llama"))
+    result = {"model": model, "rank": rank, "mb": round(len(weights) / 1e6, 1), "ms": {}}
+    with tempfile.TemporaryDirectory() as root:
+        store = AdapterStore(Path(root), spec, max_rank=max(64, rank), max_bytes=1 << 32)
+        names = iter(range(repeats))
+        result["ms"]["put"] = _timed(lambda: store.put(f"cold{next(names)}", config, weights), repeats)
+        record = store.get("cold0")
+        result["ms"]["load_weights"] = _timed(lambda: store.load_weights(record), repeats)
+        loaded = store.load_weights(record)
+    tensors = [t for pair in loaded.tensors.values() for t in pair]
+    result["tensors"] = len(tensors)
+    result["dtype"] = str(tensors[0].dtype).removeprefix("torch.")
+    if torch.cuda.is_available():
+        kept = []  # held, so that each repeat allocates anew, as a CPU tier filling up does
+        result["ms"]["pin_per_tensor"] = _timed(lambda: kept.append([t.pin_memory() for t in tensors]), repeats)
+        result["ms"]["pin_one_buffer"] = _timed(lambda: _pin_one_buffer(tensors), repeats)
+        pinned = kept[0]
+        result["ms"]["h2d_pinned"] = _timed(lambda: _h2d(pinned), repeats)
+        result["ms"]["h2d_pageable"] = _timed(lambda: _h2d(tensors), repeats)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,21 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="8b", choices=sorted(SHAPES))
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--out", type=Path, default=None, help="also write <out>/<date>-cold-load-<model>.json")
     args = p.parse_args(argv)
-    config, weights = AdapterFactory(shape_facts(llama_config(args.model)), args.rank).files(
-        AdapterSpec("cold", args.rank), 0)
-    spec = BaseModelSpec.from_hf_config(dict(SHAPES[args.model], model_type="llama"))
-    with tempfile.TemporaryDirectory() as root:
-        store = AdapterStore(Path(root), spec, max_rank=max(64, args.rank), max_bytes=1 << 32)
-        record = store.put("cold", config, weights)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            loaded = store.load_weights(record)
-            times.append((time.perf_counter() - start) * 1e3)
-    dtype = next(iter(loaded.tensors.values()))[0].dtype
-    print(f"{args.model} rank {args.rank}: {len(weights) / 1e6:.1f} MB, tensors {dtype}; load_weights ms: "
-          + ", ".join(f"{t:.0f}" for t in times))
+    result = stages(args.model, args.rank, args.repeats)
+    print(f"{args.model} rank {args.rank}: {result['mb']} MB in {result['tensors']} tensors of {result['dtype']}")
+    for stage, times in result["ms"].items():
+        print(f"  {stage} ms: " + ", ".join(f"{t:.1f}" for t in times))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        result.update(date=time.strftime("%Y-%m-%d"), device=device)
+        (args.out / f"{result['date']}-cold-load-{args.model}.json").write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -90,7 +90,8 @@ def test_cold_load_bench_runs_on_the_tiny_shape(capsys):
 
     assert main(["--model", "tiny", "--rank", "4", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("tiny rank 4:") and "torch.bfloat16" in out and out.count(",") >= 1
+    assert out.startswith("tiny rank 4:") and "of bfloat16" in out
+    assert "put ms: " in out and "load_weights ms: " in out and out.count(",") >= 2
 
 
 def test_scrape_splits_the_swap_and_load_counters_by_mode_and_tier():
