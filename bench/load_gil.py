@@ -1,20 +1,27 @@
-"""How much a cold adapter read slows a busy Python thread beside it (the engine's, in the server).
+"""How cold adapter reads and a busy Python thread beside them slow each other (the engine's, in the server).
 
     python -m bench.load_gil [--model 1b] [--rank 32] [--seconds 2]
 
-A thread reads stored adapters back (`AdapterStore.load_weights`) in a loop while the main thread spins;
-prints the main thread's rate beside the loads as a share of its rate alone, and the mean load time there.
-Every call that releases and retakes the GIL hands it between the two threads, so this is what a loader
-thread in the engine's process costs the engine. Runs anywhere; no GPU needed.
+Two probes, each against the same thread alone:
+- spin: the main thread spins in pure Python while a thread reads stored adapters back
+  (`AdapterStore.load_weights`) in a loop: the spinner's rate, and each load's time there;
+- engine: the main thread runs engine-like steps (300 small torch calls, then 3 ms without the GIL, as a
+  step waiting for its GPU work) while the loader reads one adapter every ~20 ms plus its own time, in
+  three ways: the read alone, plus a copy of every tensor (as pinning does), plus the ~1,400 small ops of
+  laying the adapter out as its pool block. Median and mean step time.
+Every call that releases and retakes the GIL may hand it between the threads. Runs anywhere; no GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+import torch
 
 from adapters_store import AdapterStore, BaseModelSpec
 from bench.serve.adapters import AdapterFactory, AdapterSpec
@@ -26,6 +33,49 @@ def _spin(seconds: float) -> float:
     while time.perf_counter() < end:
         count += 1
     return count / seconds
+
+
+def _engine_steps(seconds: float, probe: torch.Tensor) -> list[float]:
+    steps, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        for _ in range(300):
+            probe.add_(1.0)
+        time.sleep(0.003)
+        steps.append(time.perf_counter() - start)
+    return steps
+
+
+def _copied(weights) -> None:
+    weights.tensors = {k: (a.clone(), b.clone()) for k, (a, b) in weights.tensors.items()}
+
+
+def _laid_out(weights) -> None:
+    for a, b in weights.tensors.values():
+        block = torch.zeros(3 * a.shape[0], a.shape[1], dtype=a.dtype)
+        block[: a.shape[0]].copy_(a)
+        torch.zeros(b.shape[1], b.shape[0], dtype=b.dtype).copy_((b.float() * 0.5).t())
+
+
+def _beside_engine(store, records, seconds: float, then) -> tuple[list[float], list[float]]:
+    stop, loads = threading.Event(), []
+
+    def loader():
+        while not stop.is_set():
+            for record in records:
+                start = time.perf_counter()
+                weights = store.load_weights(record)
+                if then is not None:
+                    then(weights)
+                loads.append(time.perf_counter() - start)
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    steps = _engine_steps(seconds, torch.zeros(64))
+    stop.set()
+    thread.join()
+    return steps, loads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,8 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         beside = _spin(args.seconds)
         stop.set()
         thread.join()
-    print(f"{args.model} rank {args.rank}: a spinning thread keeps {beside / alone:.2f} of its rate beside the loads; "
-          f"{len(times)} loads, mean {1e3 * sum(times) / len(times):.0f} ms each there")
+        print(f"{args.model} rank {args.rank}: a spinning thread keeps {beside / alone:.2f} of its rate beside the "
+              f"loads; {len(times)} loads, mean {1e3 * statistics.mean(times):.0f} ms each there")
+        steps = _engine_steps(args.seconds, torch.zeros(64))
+        print(f"  engine-like steps alone: median {1e3 * statistics.median(steps):.2f} ms, "
+              f"mean {1e3 * statistics.mean(steps):.2f} ms")
+        for label, then in (("reads", None), ("reads + a copy of every tensor", _copied),
+                            ("reads + pool layout ops", _laid_out)):
+            steps, loads = _beside_engine(store, records, args.seconds, then)
+            print(f"  beside {label}: median {1e3 * statistics.median(steps):.2f} ms, mean "
+                  f"{1e3 * statistics.mean(steps):.2f} ms; {len(loads)} loads of {1e3 * statistics.mean(loads):.0f} ms")
     return 0
 
 
