@@ -117,7 +117,12 @@ def build(preset: str, knobs: Knobs) -> Scenario:
                  Load("uniform", replace(base, distribution="uniform", seed=base.seed + 1), n),
                  Load("single", replace(base, distribution="cycle", seed=base.seed + 2,
                                         num_requests=knobs.num_requests or 4 * base.num_requests), 1)]
-        phases = [Phase(mode, mode, [replace(load) for load in loads]) for mode in ("unmerged", "merged", "auto")]
+        # Every phase starts with each adapter once (short outputs, prompts of its own): the first phase's
+        # server read the adapters into memory as they were uploaded, the later ones start from disk.
+        warmup = Load("warmup", replace(base, distribution="cycle", num_requests=n, output_len=16,
+                                        seed=base.seed + 3), n)
+        phases = [Phase(mode, mode, [replace(warmup)] + [replace(load) for load in loads])
+                  for mode in ("unmerged", "merged", "auto")]
         return Scenario(preset, n, knobs.ranks or [16], phases)
     if preset == "zipf1000":
         n = num or 1000
