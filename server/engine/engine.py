@@ -196,7 +196,8 @@ class LLMEngine:
         if self.mode is LoraMode.AUTO and batch.decode and not batch.prefill:
             uses_lora = any(r.slot >= 0 for r in batch.decode)
             if self.merged_active or uses_lora:
-                self.auto_policy.record_step(self.merged_active, time.perf_counter() - step_start)
+                self.auto_policy.record_step(self.merged_active, time.perf_counter() - step_start,
+                                             len(batch.decode))
         if not self.scheduler.running and not self.scheduler.waiting:
             self.auto_policy.on_idle()  # the engine goes idle: the next traffic starts a new arrival window
         return outputs
@@ -323,7 +324,7 @@ class LLMEngine:
         if single is None:
             return
         remaining = max(r.params.max_tokens - len(r.output_token_ids) for r in demand)
-        if not self.auto_policy.should_merge(single, remaining, lasted):
+        if not self.auto_policy.should_merge(single, remaining, lasted, len(self.scheduler.running)):
             return
         for request in self.scheduler.running:  # their rows now read the merged weights, not a slot
             if request.slot >= 0:

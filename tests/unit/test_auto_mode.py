@@ -18,7 +18,7 @@ def test_policy_merges_once_to_learn_then_only_when_it_pays():
     assert not policy.should_merge("a", remaining_steps=100)  # 190 ms saved < 400 ms of swaps
     assert policy.should_merge("a", remaining_steps=500)  # 950 ms saved > 400 ms
     policy.record_step(merged=True, seconds=0.0140)  # merged got no cheaper: the gain shrinks toward 0
-    assert policy.gain_per_step_s < 0.0019
+    assert policy.gain_per_step_s() < 0.0019
 
 
 def test_lasting_demand_merges_once_the_steps_spent_unmerged_pay_for_the_swaps():
@@ -44,9 +44,12 @@ def test_steady_arrivals_merge_at_once_and_mixed_ones_never_do():
     policy.on_idle()  # a pause: the arrivals before it say nothing about what comes next
     assert not policy.is_steady(("b", 1))
     no_gain = AutoModePolicy(unmerged_step_s=0.004, merged_step_s=0.0041, swap_s=0.2)
+    assert not no_gain.should_merge("a", remaining_steps=64, lasted_steps=500)  # the cost rule sees no gain
     for _ in range(ARRIVAL_WINDOW):
         no_gain.record_arrival("a")
-    assert not no_gain.should_merge("a", remaining_steps=8)  # steady, but merged steps are no faster
+    # Steady: merged anyway. A merged step is the unmerged one less its LoRA ops, so "no faster" is noise,
+    # and believing it would keep auto unmerged for good: merged steps are the only way to measure again.
+    assert no_gain.should_merge("a", remaining_steps=8)
 
 
 class FakeClock:
@@ -86,7 +89,7 @@ def test_a_long_request_between_short_ones_for_other_adapters_stays_unmerged(tin
     clock = FakeClock()
     engine = make_engine(tiny_llama_dir, lora_mode="auto", max_slots=4, max_rank=16, kv_cache_blocks=128)
     engine.auto_policy = AutoModePolicy(unmerged_step_s=0.006, merged_step_s=0.004, swap_s=0.02, clock=clock)
-    engine.auto_policy.record_step = lambda merged, seconds: None  # fixed costs: a deterministic decision
+    engine.auto_policy.record_step = lambda merged, seconds, rows=0: None  # fixed costs: a deterministic decision
     engine.auto_policy.record_swap = lambda seconds: None
     long_one = _greedy([3, 9, 27], 60, refs["all-r8"])
     engine.add_request(long_one)
@@ -110,10 +113,24 @@ def test_engine_times_a_warm_up_swap_at_start_and_leaves_the_weights_pristine(ti
     assert engine.swapper.current is None and engine.swapper.is_pristine()
 
 
+def test_the_gain_compares_steps_of_the_same_batch_size():
+    """Merged steps measured at a load's tail (2 rows) against unmerged ones at full batch (32 rows) would
+    credit merging with the batch's size; per size, the gain is what the LoRA ops cost."""
+    policy = AutoModePolicy()
+    for _ in range(20):
+        policy.record_step(merged=False, seconds=0.0060, rows=32)
+        policy.record_step(merged=True, seconds=0.0020, rows=2)
+    assert abs(policy.gain_per_step_s(32) - 0.0040) < 1e-9  # only the two sizes' global figures compare
+    for _ in range(20):
+        policy.record_step(merged=True, seconds=0.0055, rows=30)
+    assert abs(policy.gain_per_step_s(32) - 0.0005) < 1e-9  # 32 rows unmerged against 30 merged: one bucket
+    assert policy.gain_per_step_s(2) > 0.0  # no unmerged step of 2 rows: the global figures
+
+
 def test_prior_gain_before_a_merged_step_is_measured():
     policy = AutoModePolicy(swap_s=0.01)
     policy.record_step(merged=False, seconds=0.010)
-    assert abs(policy.gain_per_step_s - 0.001) < 1e-12  # 10% of the unmerged step
+    assert abs(policy.gain_per_step_s() - 0.001) < 1e-12  # 10% of the unmerged step
     assert policy.should_merge("a", remaining_steps=21) and not policy.should_merge("a", remaining_steps=19)
 
 
@@ -125,7 +142,7 @@ def test_other_demand_unmerges_at_the_next_step_without_a_drain(tiny_llama_dir, 
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     engine = make_engine(tiny_llama_dir, lora_mode="auto", max_slots=4, max_rank=16, kv_cache_blocks=128)
     engine.auto_policy = AutoModePolicy(unmerged_step_s=0.006, merged_step_s=0.004, swap_s=0.001)
-    engine.auto_policy.record_step = lambda merged, seconds: None  # fixed costs: 30 steps x 2 ms pay 2 x 1 ms
+    engine.auto_policy.record_step = lambda merged, seconds, rows=0: None  # fixed costs: 30 steps x 2 ms pay 2 x 1 ms
     engine.auto_policy.record_swap = lambda seconds: None
     long_one = _greedy([5, 17, 33, 100, 7], 30, refs["all-r8"])
     engine.add_request(long_one)
@@ -166,7 +183,7 @@ def test_steady_single_adapter_traffic_merges_once_its_steps_pay_for_the_swaps(t
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     engine = make_engine(tiny_llama_dir, lora_mode="auto", max_slots=4, max_rank=16, kv_cache_blocks=128)
     engine.auto_policy = AutoModePolicy(unmerged_step_s=0.006, merged_step_s=0.004, swap_s=0.05)
-    engine.auto_policy.record_step = lambda merged, seconds: None  # fixed costs: a deterministic decision
+    engine.auto_policy.record_step = lambda merged, seconds, rows=0: None  # fixed costs: a deterministic decision
     engine.auto_policy.record_swap = lambda seconds: None
     engine.auto_policy.record_arrival = lambda key: None  # the ski-rental rule alone, not the arrivals
     for i in range(2):

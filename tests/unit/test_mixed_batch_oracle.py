@@ -136,7 +136,7 @@ def test_auto_mode_merges_when_one_adapter_dominates(tiny_llama_dir, tiny_adapte
     engine = make_engine(tiny_llama_dir, lora_mode="auto", max_slots=4, max_rank=16, kv_cache_blocks=128)
     # Fixed costs (2 ms saved a step, 1 ms a swap): the decision does not depend on this machine's timings.
     engine.auto_policy = AutoModePolicy(unmerged_step_s=0.006, merged_step_s=0.004, swap_s=0.001)
-    engine.auto_policy.record_step = lambda merged, seconds: None
+    engine.auto_policy.record_step = lambda merged, seconds, rows=0: None
     engine.auto_policy.record_swap = lambda seconds: None
     requests = [
         Request(list(p), SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True),
