@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine call for the serving issues: bench.serve presets, then prefill and step profiles.
-# Usage there: SERVE_RUNS="1b:c32 1b:lora-modes:280" bash bench/gpu_serve.sh  (carry .whl; see ../shared/gpu/wheels.sh)
+# Usage there: SERVE_RUNS="1b:c32 1b:lora-modes:280" [COLD_LOAD=8b] bash bench/gpu_serve.sh  (carry .whl; see ../shared/gpu/wheels.sh)
 # Each run is shape:preset[:timeout_s]; a run without its own timeout gets SERVE_TIMEOUT (240).
 # Each step has its own timeout so one slow step cannot eat the others' time; JSON, one run.log and
 # torch_ext.tgz go to $OUT (at most 8 files come back: keep to 5 result files a call). A c32 run needs
@@ -10,6 +10,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=$PWD/.torch_ext
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader > "$OUT/smi.txt"
+# COLD_LOAD=8b (a shape): the stages of a cold adapter first (python -m bench.cold_load), about 20 s.
+[ -n "${COLD_LOAD:-}" ] && timeout 120 python3 -m bench.cold_load --model "$COLD_LOAD" --out "$OUT" 2>&1 | tail -12 >> "$OUT/run.log"
 for run in ${SERVE_RUNS:-1b:c32}; do
   IFS=: read -r shape preset limit <<< "$run"
   limit=${limit:-${SERVE_TIMEOUT:-240}}
