@@ -158,7 +158,6 @@ async def put_adapter(name: str, request: Request, state: StateDep, caller: Admi
     except AdapterStorageFullError as exc:
         raise _storage_full(exc) from None
     await _after_change(state, name)
-    state.warm_adapter(record.name, record.version)
     return record.to_public()
 
 
@@ -214,7 +213,7 @@ async def load_lora_adapter(body: LoadLoraRequest, state: StateDep, caller: Admi
     _writable(state, caller, body.lora_name, param="lora_name")
     path = _allowed_path(state, body.lora_path)
     try:
-        record = await asyncio.to_thread(state.store.put_dir, body.lora_name, path, caller.tenant)
+        await asyncio.to_thread(state.store.put_dir, body.lora_name, path, caller.tenant)
     except AdapterStorageFullError as exc:
         raise _storage_full(exc) from None
     except AdapterError as exc:
@@ -222,7 +221,6 @@ async def load_lora_adapter(body: LoadLoraRequest, state: StateDep, caller: Admi
             raise
         raise APIError(400, f"Loading lora {body.lora_name} failed: {exc}", param="lora_path") from None
     await _after_change(state, body.lora_name)
-    state.warm_adapter(record.name, record.version)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 

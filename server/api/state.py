@@ -7,7 +7,6 @@ import asyncio
 import enum
 import logging
 import sys
-import threading
 import time
 from collections.abc import Callable
 
@@ -147,24 +146,6 @@ class ServerState:
         if self.registry.load_weights:  # else the engine process reports its own CPU tier
             metrics.adapters_resident.labels(self.model_id, "cpu").set(self.registry.num_cached)
             metrics.adapter_bytes_resident.labels(self.model_id, "cpu").set(self.registry.nbytes)
-
-    def warm_adapter(self, name: str, version: int) -> None:
-        """Start reading a just-stored version into the CPU tier (in the engine process, if it has its own),
-        as vLLM's load_lora_adapter makes an adapter resident: its first request then finds it in memory,
-        or joins the read in flight. Never blocks or raises; a failed read is left to that request."""
-        if self.engine is None or self.registry is None:
-            return
-        if not self.registry.load_weights:
-            self.engine.warm_adapter(name, version)
-            return
-
-        def read() -> None:
-            try:
-                self.registry.weights(self.store.get(name, version))
-            except Exception as exc:  # deleted meanwhile, or unreadable: the first request reports it
-                log.warning("reading adapter %r v%d ahead of use failed: %s", name, version, exc)
-
-        threading.Thread(target=read, name="loraplex-adapter-warm", daemon=True).start()
 
     def _on_adapter_load(self, seconds: float, num_cached: int) -> None:
         metrics.adapter_load_seconds.labels(self.model_id, "cpu").observe(seconds)

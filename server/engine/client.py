@@ -40,7 +40,6 @@ from server.engine.protocol import (
     Rejected,
     Shutdown,
     TokenOutput,
-    WarmAdapter,
     input_codec,
     output_codec,
 )
@@ -233,11 +232,6 @@ class EngineProcessClient:
         """Stop a request in the engine (never blocks; a no-op once the engine is gone)."""
         with contextlib.suppress(EngineDeadError):
             self._send(AbortRequests([request_id], reason))
-
-    def warm_adapter(self, name: str, version: int) -> None:
-        """Have the engine process read a just-uploaded version into its CPU tier now (never blocks)."""
-        with contextlib.suppress(EngineDeadError):
-            self._send(WarmAdapter(name, version))
 
     def _send(self, message) -> None:
         frame = self._input_encoder.encode(message)

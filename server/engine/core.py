@@ -36,7 +36,6 @@ from server.engine.protocol import (
     Rejected,
     Shutdown,
     TokenOutput,
-    WarmAdapter,
     input_codec,
     output_codec,
 )
@@ -98,11 +97,9 @@ class EngineCore:
 
     # ---- inputs -------------------------------------------------------------------------------------
 
-    def handle(self, message: AddRequest | AbortRequests | WarmAdapter) -> None:
+    def handle(self, message: AddRequest | AbortRequests) -> None:
         if isinstance(message, AddRequest):
             self._add(message)
-        elif isinstance(message, WarmAdapter):
-            self._loader.submit(self._load_weights, message.name, message.version).add_done_callback(_log_failed_warm)
         else:
             self._abort(message)
 
@@ -175,13 +172,6 @@ class EngineCore:
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
-
-
-def _log_failed_warm(future: Future) -> None:
-    """A warm-up read that failed (the version was deleted meanwhile, or is corrupt) is left to the first
-    request that names it, which reports the error."""
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("reading a just-uploaded adapter ahead of use failed: %s", future.exception())
 
 
 def _token_output(output: RequestOutput) -> TokenOutput:

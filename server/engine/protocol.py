@@ -1,6 +1,6 @@
 """Messages between the API process and the engine process, encoded with msgspec (MessagePack).
 
-API -> engine (one PUSH/PULL socket): `AddRequest`, `AbortRequests`, `WarmAdapter`, `Shutdown`.
+API -> engine (one PUSH/PULL socket): `AddRequest`, `AbortRequests`, `Shutdown`.
 Engine -> API (another): `Ready` once the model is loaded, `Outputs` after each step that produced
 something (new token ids, finishes, refusals, and the metric updates recorded since the last message),
 and `Failed` if startup or the engine loop fails for good. Token ids travel, never text: the API process
@@ -36,14 +36,7 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     """Finish the loop and exit the engine process."""
 
 
-class WarmAdapter(msgspec.Struct, tag="warm", array_like=True):
-    """Read one adapter version into the engine's CPU tier now (it was just uploaded), not at its first use."""
-
-    name: str
-    version: int
-
-
-EngineInput = AddRequest | AbortRequests | Shutdown | WarmAdapter
+EngineInput = AddRequest | AbortRequests | Shutdown
 
 
 class MetricsDelta(msgspec.Struct, array_like=True):
