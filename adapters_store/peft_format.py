@@ -200,8 +200,9 @@ def parse_adapter(
     dtype: F32, F16 or BF16; the engine casts on the device). `check_finite` False skips the NaN/Inf scan:
     only for bytes already validated, e.g. a stored version whose sha256 matches its manifest."""
     config = parse_config(config_bytes, spec, max_rank)
-    slots = _check_tensor_shapes(read_header(safetensors_bytes), config, spec)
-    raw = load_tensors(safetensors_bytes)
+    header = read_header(safetensors_bytes)
+    slots = _check_tensor_shapes(header, config, spec)
+    raw = load_tensors(safetensors_bytes, header)
     tensors = {}
     for (layer, module, ab), key in sorted(slots.items()):
         if ab == "B":

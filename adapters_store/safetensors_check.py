@@ -116,15 +116,17 @@ def _check_entries(header: dict, data_len: int) -> None:
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def load_tensors(data: bytes | memoryview) -> dict[str, torch.Tensor]:
+def load_tensors(data: bytes | memoryview, header: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
     """Check the header by hand, then map each tensor onto the bytes, never through pickle.
 
     The tensors are views of one writable buffer (a writable memoryview, e.g. from
     `read_regular_file_writable`, is used as is; anything else is copied once), not copies: the
     safetensors library's decoder copied every tensor while holding the GIL, 13 ms for a 45 MB adapter on
     the dev CPU, time an adapter read back beside a decoding engine took from its steps. A tensor whose
-    offset is not a multiple of its element size is copied, aligned."""
-    header = read_header(data)
+    offset is not a multiple of its element size is copied, aligned. `header`: what `read_header(data)`
+    returned, when the caller has it already (it is not parsed and checked a second time)."""
+    if header is None:
+        header = read_header(data)
     buffer = data if isinstance(data, memoryview) and not data.readonly else memoryview(bytearray(data))
     (header_len,) = struct.unpack("<Q", buffer[:8])
     start = 8 + header_len
