@@ -57,7 +57,9 @@ def _laid_out(weights) -> None:
         torch.zeros(b.shape[1], b.shape[0], dtype=b.dtype).copy_((b.float() * 0.5).t())
 
 
-def _beside_engine(store, records, seconds: float, then) -> tuple[list[float], list[float]]:
+def _beside_loads(store, records, busy, then=None, pause_s: float = 0.0):
+    """Run `busy()` on this thread while another reads `records` back in a loop (each read followed by
+    `then(weights)` and a `pause_s` sleep); returns (what `busy` returned, each read's seconds)."""
     stop, loads = threading.Event(), []
 
     def loader():
@@ -68,14 +70,16 @@ def _beside_engine(store, records, seconds: float, then) -> tuple[list[float], l
                 if then is not None:
                     then(weights)
                 loads.append(time.perf_counter() - start)
-                time.sleep(0.02)
+                if pause_s:
+                    time.sleep(pause_s)
 
     thread = threading.Thread(target=loader)
     thread.start()
-    steps = _engine_steps(seconds, torch.zeros(64))
-    stop.set()
-    thread.join()
-    return steps, loads
+    try:
+        return busy(), loads
+    finally:
+        stop.set()
+        thread.join()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,20 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         for record in records:  # page cache and allocator warm
             store.load_weights(record)
         alone = _spin(args.seconds / 2)
-        stop, times = threading.Event(), []
-
-        def loader():
-            while not stop.is_set():
-                for record in records:
-                    start = time.perf_counter()
-                    store.load_weights(record)
-                    times.append(time.perf_counter() - start)
-
-        thread = threading.Thread(target=loader)
-        thread.start()
-        beside = _spin(args.seconds)
-        stop.set()
-        thread.join()
+        beside, times = _beside_loads(store, records, lambda: _spin(args.seconds))
         print(f"{args.model} rank {args.rank}: a spinning thread keeps {beside / alone:.2f} of its rate beside the "
               f"loads; {len(times)} loads, mean {1e3 * statistics.mean(times):.0f} ms each there")
         steps = _engine_steps(args.seconds, torch.zeros(64))
@@ -113,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
               f"mean {1e3 * statistics.mean(steps):.2f} ms")
         for label, then in (("reads", None), ("reads + a copy of every tensor", _copied),
                             ("reads + pool layout ops", _laid_out)):
-            steps, loads = _beside_engine(store, records, args.seconds, then)
+            steps, loads = _beside_loads(store, records, lambda: _engine_steps(args.seconds, torch.zeros(64)), then,
+                                         pause_s=0.02)
             print(f"  beside {label}: median {1e3 * statistics.median(steps):.2f} ms, mean "
                   f"{1e3 * statistics.mean(steps):.2f} ms; {len(loads)} loads of {1e3 * statistics.mean(loads):.0f} ms")
     return 0
