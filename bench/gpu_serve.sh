@@ -5,6 +5,8 @@
 # Each step has its own timeout so one slow step cannot eat the others' time; JSON, one run.log and
 # torch_ext.tgz go to $OUT (at most 8 files come back: keep to 5 result files a call). A c32 run needs
 # SERVE_TIMEOUT >= 240 (server start, upload, two loads, the engine alone); at 105 its loads were skipped.
+# LOGS=1: each run keeps its work dir under /tmp/work, and the server logs go to $OUT/logs.tgz with the step
+# traces of LORAPLEX_STEP_TRACE (server/engine/step_trace.py) when that is set.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -15,9 +17,15 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader > "$OUT/s
 for run in ${SERVE_RUNS:-1b:c32}; do
   IFS=: read -r shape preset limit <<< "$run"
   limit=${limit:-${SERVE_TIMEOUT:-240}}
+  work=()
+  [ -n "${LOGS:-}" ] && work=(--work-dir "/tmp/work/$shape-$preset")
   timeout "$limit" python3 -m bench.serve --model "$shape" --preset "$preset" --out "$OUT" \
-    --budget-s $(( limit - 20 )) ${SERVE_ARGS:-} 2>&1 | tail -40 >> "$OUT/run.log"
+    --budget-s $(( limit - 20 )) "${work[@]}" ${SERVE_ARGS:-} 2>&1 | tail -40 >> "$OUT/run.log"
 done
+if [ -n "${LOGS:-}" ]; then
+  (cd /tmp/work && find . -name '*.log'; [ -n "${LORAPLEX_STEP_TRACE:-}" ] && find "$LORAPLEX_STEP_TRACE" -name '*.jsonl') \
+    | tar czf "$OUT/logs.tgz" -C /tmp/work -T - 2>/dev/null || true
+fi
 [ -n "${PREFILL_TIMEOUT:-}" ] && timeout "$PREFILL_TIMEOUT" python3 -m bench.prefill --out "$OUT" 2>&1 | tail -40 >> "$OUT/run.log"
 for shape in ${PROFILE_SHAPES:-}; do
   timeout "${PROFILE_TIMEOUT:-90}" python3 -m bench.profile_step --model "$shape" --out "$OUT" 2>&1 | tail -40 >> "$OUT/run.log"

@@ -32,6 +32,7 @@ from server.engine.scheduler import Admission, Scheduler
 from server.engine.setup import adapter_pool_units, allocate_adapter_pool, eos_ids, tenant_counters
 from server.engine.slot_table import SLOT_LOADING, SlotTable
 from server.engine.stats import EngineMetrics
+from server.engine.step_trace import StepTrace
 from server.model.loader import LoadedModel, load_phase
 from server.model.lora import max_adapter_rank
 from server.model.merge import MergedSwapper
@@ -104,6 +105,7 @@ class LLMEngine:
                                GrammarBackend(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids))
         self.token_decoder = TokenDecoder(self.tokenizer)
         self._by_id: dict[str, Request] = {}
+        self.trace = StepTrace()  # LORAPLEX_STEP_TRACE=DIR: one JSON line per step (diagnosis only)
         self.prefix_per_tenant = settings.prefix_cache_scope == "tenant"
         if self.model.device.type == "cuda" and settings.quantization == "nf4":
             from server.model import nf4_dispatch
@@ -152,6 +154,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns an output for every request that advanced or finished."""
+        swap_start = time.perf_counter()
+        merged_before, loads_before = self.merged_active, self.slot_table.num_loads
         self._maybe_swap()
         step_start = time.perf_counter()
         batch = self.scheduler.schedule()
@@ -200,6 +204,13 @@ class LLMEngine:
                                              len(batch.decode))
         if not self.scheduler.running and not self.scheduler.waiting:
             self.auto_policy.on_idle()  # the engine goes idle: the next traffic starts a new arrival window
+        if self.trace.enabled:
+            end = time.perf_counter()
+            self.trace.record(ms=round((end - swap_start) * 1e3, 3), swap_ms=round((step_start - swap_start) * 1e3, 3),
+                              prefill=len(batch.prefill), prefill_tokens=sum(n for _, n in batch.prefill),
+                              decode=len(batch.decode), fused=fused, waiting=len(self.scheduler.waiting),
+                              running=len(self.scheduler.running), merged=self.merged_active,
+                              merged_before=merged_before, slot_loads=self.slot_table.num_loads - loads_before)
         return outputs
 
     def _record_state(self, batch_adapters: int | None = None) -> None:

@@ -1,0 +1,44 @@
+"""Opt-in per-step trace for diagnosing serving runs on a GPU host (no debugger, no ptrace there):
+LORAPLEX_STEP_TRACE=DIR makes each engine write DIR/steps-<pid>.jsonl, one JSON object per step: seconds
+since the engine started (`t`), the step's wall time with any swap before it (`ms`), the swap alone
+(`swap_ms`), prefill requests and tokens, decode rows, waiting and running requests after scheduling,
+whether merged weights served the step, and the slot loads the step started. A few hundred lines a
+second, buffered; off by default."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+ENV_DIR = "LORAPLEX_STEP_TRACE"
+_FLUSH_EVERY = 200  # lines
+
+
+class StepTrace:
+    """Appends one line per step to DIR/steps-<pid>.jsonl; `enabled` False (no env var): does nothing."""
+
+    def __init__(self, directory: str | None = None):
+        directory = directory if directory is not None else os.environ.get(ENV_DIR)
+        self.enabled = bool(directory)
+        self._file = None
+        self._pending = 0
+        self._start = time.perf_counter()
+        if self.enabled:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self._file = open(Path(directory) / f"steps-{os.getpid()}.jsonl", "a")  # noqa: SIM115 (kept open)
+
+    def record(self, **fields) -> None:
+        if self._file is None:
+            return
+        line = {"t": round(time.perf_counter() - self._start, 4), **fields}
+        self._file.write(json.dumps(line) + "\n")
+        self._pending += 1
+        if self._pending >= _FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            self._pending = 0

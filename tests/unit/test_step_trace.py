@@ -1,0 +1,38 @@
+"""LORAPLEX_STEP_TRACE: one JSON line per engine step, saying what the step ran; unset, nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from server.engine.request import Request, SamplingParams
+from server.engine.step_trace import ENV_DIR
+from tests.unit.engine_helpers import make_engine
+
+
+def _run(engine, prompts, n):
+    for prompt in prompts:
+        engine.add_request(Request(list(prompt), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))
+    while engine.has_unfinished():
+        engine.step()
+    engine.trace.flush()
+
+
+def test_each_step_writes_a_line_with_what_it_ran(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "trace"))
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=64)
+    _run(engine, [[5, 6, 7, 8], [9, 10]], n=3)
+    lines = [json.loads(x) for x in (tmp_path / "trace" / f"steps-{os.getpid()}.jsonl").read_text().splitlines()]
+    # Step 1 prefills both prompts (6 tokens) and samples their first tokens; two decode steps follow.
+    assert [(s["prefill"], s["prefill_tokens"], s["decode"]) for s in lines] == [(2, 6, 0), (0, 0, 2), (0, 0, 2)]
+    assert [s["running"] for s in lines] == [2, 2, 0]
+    assert all(s["ms"] >= s["swap_ms"] >= 0 and not s["merged"] for s in lines)
+    assert [s["t"] for s in lines] == sorted(s["t"] for s in lines)
+
+
+def test_without_the_variable_nothing_is_written(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_DIR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=64)
+    _run(engine, [[5, 6, 7]], n=2)
+    assert not engine.trace.enabled and list(tmp_path.iterdir()) == []
