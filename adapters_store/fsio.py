@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy
@@ -32,20 +33,26 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def write_file_durable(path: Path, data: bytes) -> None:
-    """Create `path` (must not exist), write `data` in chunks and fsync it; on failure remove it."""
+def write_file_durable(path: Path, data: bytes | memoryview, stop: Callable[[], bool] | None = None) -> bool:
+    """Create `path` (must not exist), write `data` in chunks and fsync it; on failure remove it.
+    `stop()` is asked between chunks: once it says True the file is removed and False returned."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    stopped = False
     try:
-        view = memoryview(data)
-        while view:
+        view = memoryview(data).cast("B")
+        while view and not (stopped := stop is not None and stop()):
             written = os.write(fd, view[:_CHUNK])
             view = view[written:]
-        os.fsync(fd)
+        if not stopped:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         path.unlink(missing_ok=True)
         raise
     os.close(fd)
+    if stopped:
+        path.unlink(missing_ok=True)
+    return not stopped
 
 
 def _open_regular(path: Path, max_bytes: int):

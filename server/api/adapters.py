@@ -17,8 +17,6 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters_store import (
     NAME_RE,
@@ -28,11 +26,11 @@ from adapters_store import (
     InvalidAdapterNameError,
     validate_name,
 )
-from adapters_store.fsio import is_disk_full
 from server import metrics
 from server.api.auth import Principal
 from server.api.deps import AdminCaller, Caller, StateDep
 from server.api.errors import ERROR_RESPONSES, APIError, adapter_not_found
+from server.api.multipart import MalformedMultipartError, boundary_of, split_parts
 from server.api.schemas import AdapterList, AdapterOut, LoadLoraRequest, UnloadLoraRequest
 from server.api.state import ServerState
 
@@ -82,10 +80,8 @@ def _writable(state: ServerState, caller: Principal, name: str, param: str = "na
     return name
 
 
-def _storage_full(exc: AdapterStorageFullError | OSError) -> APIError:
-    if isinstance(exc, AdapterStorageFullError):
-        return APIError(507, str(exc))
-    return APIError(507, "no space left on the server's disk for the upload's temporary files; nothing was stored")
+def _storage_full(exc: AdapterStorageFullError) -> APIError:
+    return APIError(507, str(exc))
 
 
 async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
@@ -97,48 +93,51 @@ async def _bounded(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
         yield chunk
 
 
-async def _read_parts(request: Request, limit: int) -> dict[str, bytes]:
-    """The multipart parts of an upload, read with the size bound enforced as bytes arrive."""
+async def _read_parts(request: Request, limit: int) -> dict[str, bytes | memoryview]:
+    """The multipart parts of an upload, read with the size bound enforced as bytes arrive, then split
+    in one pass on a worker thread (server.api.multipart: the weights part is a view of the body)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"upload is {declared} bytes, more than max_upload_bytes ({limit} bytes)")
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
         raise APIError(415, f"send multipart/form-data with parts {CONFIG_PART!r} and {WEIGHTS_PART!r}, "
                        f"or one {ARCHIVE_PART!r} part")
-    parser = MultiPartParser(request.headers, _bounded(request.stream(), limit), max_files=3, max_fields=3,
-                             max_part_size=limit)
+    body = bytearray(int(declared) if declared and declared.isdigit() else 0)
+    filled = 0
+    async for chunk in _bounded(request.stream(), limit):
+        if filled + len(chunk) <= len(body):
+            body[filled:filled + len(chunk)] = chunk
+        else:  # no Content-Length, or a body longer than it said (still bounded by the limit)
+            del body[filled:]
+            body += chunk
+        filled += len(chunk)
+    del body[filled:]
     try:
-        form = await parser.parse()
-    except MultiPartException as exc:
-        raise APIError(400, f"malformed multipart body: {exc.message}") from None
-    except OSError as exc:  # the parts spill to temporary files past 1 MB; the parser closes them
-        if is_disk_full(exc):
-            raise _storage_full(exc) from None
-        raise
-    parts: dict[str, bytes] = {}
-    try:
-        for key, value in form.multi_items():
-            if key not in (CONFIG_PART, WEIGHTS_PART, ARCHIVE_PART):
-                raise APIError(400, f"unexpected part {key!r}; expected {CONFIG_PART!r} and "
-                               f"{WEIGHTS_PART!r}, or {ARCHIVE_PART!r}", param=key)
-            if key in parts:
-                raise APIError(400, f"part {key!r} appears twice", param=key)
-            parts[key] = await value.read() if isinstance(value, UploadFile) else value.encode("utf-8")
-    finally:
-        await form.close()
+        split = await asyncio.to_thread(split_parts, body, boundary_of(content_type))
+    except MalformedMultipartError as exc:
+        raise APIError(400, f"malformed multipart body: {exc}") from None
+    parts: dict[str, bytes | memoryview] = {}
+    for key, value in split:
+        if key not in (CONFIG_PART, WEIGHTS_PART, ARCHIVE_PART):
+            raise APIError(400, f"unexpected part {key!r}; expected {CONFIG_PART!r} and "
+                           f"{WEIGHTS_PART!r}, or {ARCHIVE_PART!r}", param=key)
+        if key in parts:
+            raise APIError(400, f"part {key!r} appears twice", param=key)
+        parts[key] = value
     return parts
 
 
-def _store_upload(state: ServerState, name: str, parts: dict[str, bytes], owner: str):
+def _store_upload(state: ServerState, name: str, parts: dict[str, bytes | memoryview], owner: str):
     if ARCHIVE_PART in parts:
         if len(parts) > 1:
             raise APIError(400, f"send either {ARCHIVE_PART!r} alone or the two adapter files",
                            param=ARCHIVE_PART)
-        return state.store.put_archive(name, parts[ARCHIVE_PART], owner)
+        return state.store.put_archive(name, bytes(parts[ARCHIVE_PART]), owner)
     missing = [part for part in (CONFIG_PART, WEIGHTS_PART) if part not in parts]
     if missing:
         raise APIError(400, f"missing part {missing[0]!r}", param=missing[0])
-    return state.store.put(name, parts[CONFIG_PART], parts[WEIGHTS_PART], owner)
+    return state.store.put(name, bytes(parts[CONFIG_PART]), parts[WEIGHTS_PART], owner)
 
 
 async def _after_change(state: ServerState, name: str, deleted: bool = False) -> None:

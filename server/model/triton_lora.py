@@ -28,15 +28,15 @@ _TARGET_PROGRAMS = 4 * 132
 @triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, h_ptr, seg_starts_ptr, seg_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
-    in_features, num_slices, k_per_split,
+    in_features, num_slices, k_per_split, split_k,
     stride_xm, stride_xk, stride_an, stride_ak, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_n = tl.program_id(2) // SPLIT_K
-    pid_k = tl.program_id(2) % SPLIT_K
+    pid_n = tl.program_id(2) // split_k
+    pid_k = tl.program_id(2) % split_k
     slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
     row_start = tl.load(seg_starts_ptr + seg) + pid_m * BLOCK_M
     row_end = tl.load(seg_starts_ptr + seg + 1)
@@ -63,10 +63,10 @@ def _shrink_kernel(
         acc += tl.dot(x, tl.trans(a), input_precision=DOT_PRECISION)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(h_ptrs, acc, mask=mask)
-    else:
+    if ATOMIC:
         tl.atomic_add(h_ptrs, acc, mask=mask)
+    else:
+        tl.store(h_ptrs, acc, mask=mask)
 
 
 @triton.jit
@@ -152,9 +152,9 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
     grid = (meta.num_segments, num_m, num_n * split_k)
     _shrink_kernel[grid](
         x, lora_a, h, meta.seg_starts, meta.seg_slots, layout.offsets, layout.ranks,
-        in_features, num_slices, k_per_split,
+        in_features, num_slices, k_per_split, split_k,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), h.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=split_k > 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=4,
     )  # fmt: skip

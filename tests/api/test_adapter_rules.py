@@ -108,20 +108,6 @@ def test_upload_on_a_full_disk_is_507_and_delete_still_works(server, tiny_adapte
         assert (root / ".versions" / "alice-full").read_text() == "1"
 
 
-def test_no_space_for_the_uploads_temporary_files_is_507(server, tiny_adapters, monkeypatch):
-    import starlette.formparsers
-
-    class FullSpool(starlette.formparsers.SpooledTemporaryFile):
-        def write(self, data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", FullSpool)
-    with server.client(KEYS["alice"]) as client:
-        assert_error(upload_files(client, "alice-spool", tiny_adapters["attn-r4"]), 507, "temporary files")
-        monkeypatch.undo()
-        assert_error(client.get("/v1/adapters/alice-spool"), 404)
-
-
 def test_the_server_keeps_adapter_versions_kept_versions(server, tiny_adapters):
     kept = server.state.settings.adapter_versions_kept
     with server.client(KEYS["alice"]) as client:

@@ -139,3 +139,35 @@ def test_triton_interpreted_shrink_split_k(triton_lora, split_k):
     for t, slot in enumerate(meta.token_slots.tolist()):
         o, r = pool.host_offsets[slot], pool.host_ranks[slot]
         torch.testing.assert_close(h[t, : 3 * r], lora_a[3 * o : 3 * (o + r)] @ x[t], atol=1e-4, rtol=1e-4)
+
+
+class _LaunchRecorder:
+    """Stands in for a @triton.jit kernel: records the compile-time (upper-case) arguments of each launch."""
+
+    def __init__(self):
+        self.variants: set[tuple] = set()
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.variants.add(tuple(sorted((k, v) for k, v in kwargs.items() if k.isupper())))
+        return launch
+
+
+def test_triton_lora_compiles_few_variants_whatever_the_batch(triton_lora, monkeypatch):
+    """Each distinct set of tl.constexpr values is a compile (1-2 s on the GPU host, in the step that meets
+    it). The shrink's split-k count was one, and it follows the number of prompts in a prefill: the H200
+    fairness run met prefill steps of 0.1-2.7 s as new prompt counts arrived. Now the constexprs depend
+    only on the segment-length class and on whether the shrink splits, for any number of prompts."""
+    shrink, expand = _LaunchRecorder(), _LaunchRecorder()
+    monkeypatch.setattr(triton_lora, "_shrink_kernel", shrink)
+    monkeypatch.setattr(triton_lora, "_expand_kernel", expand)
+    _, x, lora_a, lora_b, pool, _ = make_inputs([4], [0], 16, SLICES[1], torch.float32, in_features=4096)
+    for num_prompts in range(1, 65):
+        for seg_len in (1, 20, 128, 200):
+            meta = make_lora_meta([seg_len] * num_prompts, [p % 3 for p in range(num_prompts)], "cpu")
+            xs = x[:1].expand(seg_len * num_prompts, -1)
+            h = triton_lora.lora_shrink(xs, lora_a, pool, meta, 3)
+            y = torch.zeros(seg_len * num_prompts, SLICES[1][-1])
+            triton_lora.lora_expand(y, h, lora_b, pool, meta, SLICES[1])
+    assert len(shrink.variants) <= 6, sorted(shrink.variants)  # 3 segment-length classes x split or not
+    assert len(expand.variants) <= 3, sorted(expand.variants)

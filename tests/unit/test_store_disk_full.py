@@ -152,3 +152,24 @@ def test_crash_between_trash_rename_and_tombstone_is_finished_at_start(tmp_path,
     assert os.listdir(tmp_path / ".trash") == []
     adapter = peft_adapter(seed=0)
     assert reopened.put("a", adapter.config_bytes, adapter.safetensors_bytes).version == 2
+
+
+def test_an_invalid_adapter_on_a_full_disk_is_its_validation_error_not_507(tmp_path, monkeypatch):
+    """The write runs beside the validation: whichever fails first, a bad upload is the client's 422."""
+    import torch
+    from safetensors.torch import load as load_safetensors
+    from safetensors.torch import save as save_safetensors
+
+    from adapters_store.errors import AdapterValidationError
+
+    store, _ = seeded(tmp_path)
+    adapter = peft_adapter(seed=1)
+    tensors = load_safetensors(adapter.safetensors_bytes)
+    first = sorted(tensors)[0]
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    before = snapshot(tmp_path)
+    FullDisk(monkeypatch)
+    with pytest.raises(AdapterValidationError, match="NaN or Inf"):
+        store.put("a", adapter.config_bytes, save_safetensors(tensors))
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before
