@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import InvalidAdapterNameError
@@ -32,11 +32,13 @@ class AdapterRecord:
     created: int  # unix seconds
     path: Path  # the version dir
     owner: str | None = None  # tenant that uploaded this version (None: stored before owners were kept)
+    # sha256 of each digests.CHUNK_BYTES chunk of the weights, for a parallel re-check ([]: stored before)
+    chunk_sha256: list[str] = field(default_factory=list)
 
     def to_public(self) -> dict:
         """The fields the HTTP API returns."""
         fields = asdict(self)
-        del fields["path"], fields["use_rslora"], fields["owner"]
+        del fields["path"], fields["use_rslora"], fields["owner"], fields["chunk_sha256"]
         return fields
 
 

@@ -27,7 +27,6 @@ empty dir; until the tombstone exists, the trash entry itself remembers the vers
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import secrets
@@ -36,8 +35,10 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from . import digests
 from .archive import extract_adapter_files
 from .errors import (
+    AdapterError,
     AdapterIntegrityError,
     AdapterNotFoundError,
     AdapterStorageFullError,
@@ -94,13 +95,13 @@ class AdapterStore:
         size_bytes = len(config_bytes) + len(safetensors_bytes)
         if size_bytes > self.max_bytes:
             raise AdapterTooLargeError(f"adapter is {size_bytes} bytes, more than the {self.max_bytes}-byte limit")
-        with ThreadPoolExecutor(2, thread_name_prefix="loraplex-put") as pool:
-            digest = pool.submit(_sha256_hex, safetensors_bytes)
+        digest, chunk_digests = digests.submit_whole(safetensors_bytes), digests.submit_chunks(safetensors_bytes)
+        with ThreadPoolExecutor(1, thread_name_prefix="loraplex-put") as pool:
             parsed = pool.submit(parse_adapter, config_bytes, safetensors_bytes, self.spec, self.max_rank)
             with self._lock:
                 try:
                     record = self._commit(name, adapter_dir, owner, size_bytes, config_bytes, safetensors_bytes,
-                                          parsed, digest)
+                                          parsed, digest, chunk_digests)
                 except (OSError, _Abandoned) as exc:
                     parsed.result()  # an invalid adapter: its validation error, whatever the write met
                     if isinstance(exc, OSError) and is_disk_full(exc):
@@ -113,7 +114,8 @@ class AdapterStore:
         return record
 
     def _commit(self, name: str, adapter_dir: Path, owner: str | None, size_bytes: int, config_bytes: bytes,
-                safetensors_bytes: bytes | memoryview, parsed: Future, digest: Future) -> AdapterRecord:
+                safetensors_bytes: bytes | memoryview, parsed: Future, digest: Future,
+                chunk_digests: list[Future]) -> AdapterRecord:
         """Write one version durably once `parsed` (the validation) succeeds (caller holds the lock); on
         any failure remove what it wrote."""
         staging = self._staging / secrets.token_hex(8)
@@ -139,6 +141,7 @@ class AdapterStore:
                 name=name, version=version, sha256=digest.result(), rank=weights.rank, alpha=weights.alpha,
                 use_rslora=weights.use_rslora, target_modules=config["target_modules"], size_bytes=size_bytes,
                 created=int(time.time()), path=version_dir, owner=owner,
+                chunk_sha256=digests.results(chunk_digests),
             )
             write_manifest(record)
         except BaseException:
@@ -225,21 +228,27 @@ class AdapterStore:
     def load_weights(self, record: AdapterRecord) -> AdapterWeights:
         """Read a stored version back (tensors in the file's dtype), after re-checking its sha256 and config.
 
-        The cold-adapter path (issue 15: disk to first token within 60 ms at 8B rank 16, 84 MB): the sha256
-        runs on a second thread (hashlib releases the GIL) while the tensors decode, and the NaN/Inf scan
-        of the upload is not repeated, since matching bytes are the bytes that passed it. Nothing is
-        returned before the hash matches. On the 2-core dev machine an 84 MB bf16 load (8B shape, rank 16)
-        went from 140-183 ms to 84-88 ms (`python -m bench.cold_load`), and the engine now pins
-        and copies 84 MB instead of its 168 MB float32 copy."""
+        The cold-adapter path (issue 15: disk to first token within 60 ms at 8B rank 16, 84 MB): the
+        sha256 of each chunk (`digests`) is checked on worker threads while the tensors are mapped, and
+        the NaN/Inf scan of the upload is not repeated, since matching bytes are the bytes that passed
+        it. Nothing is returned before every digest matches."""
         config_bytes = read_regular_file(record.path / CONFIG_FILE, self.max_bytes)
         safetensors_bytes = read_regular_file_writable(record.path / WEIGHTS_FILE, self.max_bytes)
-        _, weights, actual = _parse_and_hash(
-            lambda: parse_adapter(config_bytes, safetensors_bytes, self.spec, self.max_rank, check_finite=False),
-            safetensors_bytes)
-        if actual != record.sha256:
+        if record.chunk_sha256:
+            checks = digests.submit_chunks(safetensors_bytes)
+            expected = record.chunk_sha256
+        else:  # stored before chunk digests were kept
+            checks, expected = [digests.submit_whole(safetensors_bytes)], [record.sha256]
+        try:
+            _, weights = parse_adapter(config_bytes, safetensors_bytes, self.spec, self.max_rank, check_finite=False)
+        except AdapterError:
+            weights = None  # bytes that changed on disk say so first, below
+            if digests.results(checks) == list(expected):
+                raise
+        if digests.results(checks) != list(expected):
             raise AdapterIntegrityError(
-                f"adapter {record.name!r} v{record.version}: {WEIGHTS_FILE} sha256 is {actual}, "
-                f"manifest says {record.sha256}"
+                f"adapter {record.name!r} v{record.version}: {WEIGHTS_FILE} changed on disk (its sha256 no "
+                f"longer matches the manifest's, which says {record.sha256})"
             )
         stored = (record.rank, record.alpha, record.use_rslora)
         if (weights.rank, weights.alpha, weights.use_rslora) != stored:
@@ -321,18 +330,3 @@ class _Abandoned(Exception):
     """A staged write stopped because the adapter failed validation meanwhile."""
 
 
-def _sha256_hex(data) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _parse_and_hash(parse, data) -> tuple:
-    """`parse()`'s (config, weights) and the sha256 of `data`, the hash on a second thread meanwhile
-    (hashlib releases the GIL): 35-48 ms of an 84 MB adapter off the critical path. The hash is awaited
-    even when the parse raises."""
-    with ThreadPoolExecutor(1, thread_name_prefix="loraplex-sha256") as pool:
-        digest = pool.submit(_sha256_hex, data)
-        try:
-            config, weights = parse()
-        finally:
-            sha256 = digest.result()
-    return config, weights, sha256

@@ -1,7 +1,8 @@
 """Adapter registry: disk (adapters_store) -> CPU LRU -> the AdapterRef a request is admitted with.
 
 GPU slots are the engine's business (server.engine.slot_table); this tier keeps parsed weights in
-CPU memory (pinned when a GPU is present) so a slot load is a host-to-device copy, not a disk read.
+CPU memory (pinned when a GPU is present, packed in pages: server.pinned_pages) so a slot load is a
+host-to-device copy, not a disk read.
 With the engine in its own process, the API process's registry only resolves names to versions
 (`load_weights=False`) and the engine process keeps the weights, loading a version by (name, version).
 
@@ -25,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from adapters_store import AdapterNotFoundError, AdapterRecord, AdapterStore, AdapterWeights, weights_nbytes
+from server import pinned_pages
 from server.engine.request import AdapterRef
 
 _RESOLVE_ATTEMPTS = 3  # a pruned version (store versions_kept) makes resolve look again
@@ -53,6 +55,8 @@ class AdapterRegistry:
         self._evicted_nbytes: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, int], _PendingLoad] = {}  # loads in flight, one per version
+        if pin_memory and load_weights and max_bytes:
+            pinned_pages.warm_up(max_bytes)  # pages pinned ahead, off every request's path
 
     def resolve(self, name: str) -> AdapterRef:
         """Latest version of `name` with its weights in memory (None unless `load_weights`); raises
@@ -92,7 +96,7 @@ class AdapterRegistry:
             return pending.wait()
         start = time.perf_counter()
         try:
-            weights = self._load(record)
+            weights, nbytes = self._load(record)
         except BaseException as err:
             with self._lock:
                 del self._loading[key]
@@ -100,7 +104,7 @@ class AdapterRegistry:
             raise
         with self._lock:
             del self._loading[key]
-            num_evicted = self._insert(key, weights, weights_nbytes(weights))
+            num_evicted = self._insert(key, weights, nbytes)
             resident = len(self._cache)
         pending.done(weights)
         if self._on_load is not None:
@@ -157,11 +161,13 @@ class AdapterRegistry:
         self._evicted_nbytes = {k: n for k, n in self._evicted_nbytes.items() if k in self._evicted_in_use}
         return sum(self._nbytes.values()) + sum(self._evicted_nbytes.values())
 
-    def _load(self, record: AdapterRecord) -> AdapterWeights:
+    def _load(self, record: AdapterRecord) -> tuple[AdapterWeights, int]:
+        """The weights of one version and the bytes they take in this tier (pinned: whole pages)."""
         weights = self.store.load_weights(record)
-        if self.pin_memory:
-            weights.tensors = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.tensors.items()}
-        return weights
+        if not self.pin_memory:
+            return weights, weights_nbytes(weights)
+        weights.tensors, nbytes = pinned_pages.pin_packed(weights.tensors)
+        return weights, nbytes
 
     def forget(self, name: str) -> None:
         """Drop every cached version of `name` (after delete); running requests keep theirs."""

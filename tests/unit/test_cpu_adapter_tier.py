@@ -126,3 +126,23 @@ def test_settings_size_the_tier_in_bytes_and_keep_the_count_cap_optional():
     assert Settings(device="cpu", max_cpu_adapters=8).max_cpu_adapters == 8
     with pytest.raises(ValueError):
         Settings(device="cpu", cpu_adapter_cache_bytes=-1)
+
+
+def test_pinned_tier_counts_whole_pages_and_holds_packed_copies(monkeypatch):
+    """With pinning (CUDA) the tier keeps each adapter packed in pinned pages (server.pinned_pages) and
+    counts the pages it took, not the tensors' bytes: the budget bounds the pinned memory itself."""
+    from server import pinned_pages
+
+    monkeypatch.setattr(pinned_pages, "_pinned", lambda n: torch.empty(n, dtype=torch.uint8))  # no GPU here
+    monkeypatch.setattr(pinned_pages, "warm_up", lambda num_bytes: None)
+    page = pinned_pages.PAGE_BYTES
+    registry, _ = _registry({"a": page // 2, "b": page // 2, "c": page // 2}, max_bytes=2 * page, pin_memory=True)
+    a = registry.resolve("a").weights
+    assert registry.nbytes == page  # half a page of tensors takes a whole page
+    (copy, _), = a.tensors.values()
+    assert copy.untyped_storage().nbytes() == page and torch.equal(copy, torch.zeros(page // 2 // (4 * 64), 64))
+    registry.resolve("b")
+    registry.resolve("c")  # three pages over a two-page budget: b goes (a is in use here)
+    del a, copy
+    gc.collect()
+    assert registry.num_cached == 2 and registry.nbytes == 2 * page

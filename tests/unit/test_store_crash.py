@@ -119,7 +119,7 @@ def test_load_weights_detects_tampering(tmp_path):
     tensors = peft_adapter(seed=0).tensors()
     tensors[next(iter(tensors))] = tensors[next(iter(tensors))] + 1
     (record.path / "adapter_model.safetensors").write_bytes(save_tensors(tensors))
-    with pytest.raises(AdapterIntegrityError, match="sha256 is") as caught:
+    with pytest.raises(AdapterIntegrityError, match="changed on disk") as caught:
         store.load_weights(record)
     assert caught.value.status_code == 500
     store2, record2 = seeded(tmp_path / "other")
@@ -299,3 +299,31 @@ def test_sigkill_mid_put_leaves_old_or_new_version(tmp_path):
             assert weights.rank == 64
             assert len(weights.tensors) == 28
             assert latest.size_bytes == len(big[0]) + len(big[1])
+
+
+@pytest.mark.parametrize("manifest_has_chunks", [True, False])
+def test_one_flipped_byte_in_any_chunk_is_caught(tmp_path, monkeypatch, manifest_has_chunks):
+    """The read-back checks the weights chunk by chunk (adapters_store.digests) when the manifest lists
+    the chunks' sha256, and the whole file's when it predates them: a byte flipped anywhere fails both."""
+    import adapters_store.digests as digests
+
+    monkeypatch.setattr(digests, "CHUNK_BYTES", 4096)  # several chunks even for a small test adapter
+    store, record = seeded(tmp_path)
+    assert len(record.chunk_sha256) > 3 and store.get("a") == record
+    if not manifest_has_chunks:
+        manifest = json.loads((record.path / "manifest.json").read_text())
+        manifest["chunk_sha256"] = []
+        (record.path / "manifest.json").write_text(json.dumps(manifest))
+        record = store.get("a")
+        assert record.chunk_sha256 == []
+    weights = record.path / "adapter_model.safetensors"
+    pristine = weights.read_bytes()
+    store.load_weights(record)  # intact: loads
+    for offset in (len(pristine) - 1, len(pristine) // 2, 4096 * 2 + 7, 20):  # 20: in the JSON header
+        flipped = bytearray(pristine)
+        flipped[offset] ^= 0x01
+        weights.write_bytes(bytes(flipped))
+        with pytest.raises(AdapterIntegrityError, match="changed on disk"):
+            store.load_weights(record)
+    weights.write_bytes(pristine)
+    store.load_weights(record)
