@@ -56,7 +56,7 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, int], _PendingLoad] = {}  # loads in flight, one per version
         if pin_memory and load_weights and max_bytes:
-            pinned_pages.warm_up(max_bytes)  # pages pinned ahead, off every request's path
+            pinned_pages.warm_up(max_bytes)  # the tier's pages pinned at start-up, off every request's path
 
     def resolve(self, name: str) -> AdapterRef:
         """Latest version of `name` with its weights in memory (None unless `load_weights`); raises
