@@ -10,6 +10,7 @@ captured CUDA graphs stay valid). Slot -1 means "base model only". The batched o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,35 @@ class LoraLinear(nn.Module):
         return next(self.base.parameters()).device
 
 
+def _to_device(tensors: dict, device: torch.device) -> dict:
+    """The {key: (A, B)} tensors on `device`: each host buffer they are views of copied once (from pinned
+    memory: asynchronously, on the current stream), the tensors re-made as views of its copy."""
+    if device.type == "cpu":
+        return tensors
+    return _rebased(tensors, lambda host: host.to(device, non_blocking=True))
+
+
+def _rebased(tensors: dict, copy: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """`tensors` as views of `copy(buffer)`, for each distinct host buffer (storage) once; a tensor that
+    is not a contiguous view is copied on its own."""
+    buffers: dict[int, torch.Tensor] = {}
+    out = {}
+    for key, pair in tensors.items():
+        views = []
+        for t in pair:
+            if not t.is_contiguous():
+                views.append(copy(t))
+                continue
+            storage = t.untyped_storage()
+            base = buffers.get(storage.data_ptr())
+            if base is None:
+                base = buffers[storage.data_ptr()] = copy(torch.empty(0, dtype=torch.uint8).set_(storage))
+            start = t.storage_offset() * t.element_size()
+            views.append(base[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape))
+        out[key] = tuple(views)
+    return out
+
+
 def max_adapter_rank(adapter) -> int:
     return max((a.shape[0] for a, _ in adapter.tensors.values()), default=0)
 
@@ -166,8 +196,37 @@ class LoraSlots:
         return done
 
     def _copy_into(self, slot: int, offset: int, rank: int, adapter) -> None:
+        """The slot load, batched: what `LoraLinear.load_slot` does linear by linear (the reference), in a
+        handful of calls for the whole adapter. The per-linear loop issued about 57 tensor ops per layer
+        (zeroing, a host copy of each tensor, cast, scaling, transposition), 35-45 ms of the engine thread
+        for an 8B rank-16 adapter on the H200, during which no step ran. Here each host buffer the
+        tensors live in (the CPU tier's pinned pages: server.pinned_pages) crosses to the device once,
+        and the zeroing, the A copies, B's scaling and the B copies are one foreach call each. The values
+        are the reference's bit for bit: B is scaled in float32 (or in its own dtype when that is the
+        slot's: the same float32 product, rounded once) and rounded once into the slot."""
+        device, dtype = self.model.device, self.model.dtype
+        on_device = _to_device(adapter.tensors, device)
+        zeros, a_dst, a_src, b_dst, b_src = [], [], [], [], []
         for layer, linear in self.model.lora_linears():
-            linear.load_slot(offset, rank, layer, adapter)
+            n = len(linear.slice_names)
+            a_slot, b_slot = linear.lora_a[n * offset : n * (offset + rank)], linear.lora_b[offset : offset + rank]
+            zeros += [a_slot, b_slot]
+            for i, name in enumerate(linear.slice_names):
+                pair = on_device.get((layer, name))
+                if pair is None:
+                    continue
+                a, b = pair
+                r = a.shape[0]
+                lo, hi = linear.slice_offsets[i], linear.slice_offsets[i + 1]
+                a_dst.append(a_slot[i * rank : i * rank + r])
+                a_src.append(a)
+                b_dst.append(b_slot[:r, lo:hi])
+                b_src.append(b if b.dtype in (torch.float32, dtype) else b.float())
+        torch._foreach_zero_(zeros)
+        if a_dst:
+            torch._foreach_copy_(a_dst, a_src)
+            scaled = torch._foreach_mul(b_src, adapter.scaling)
+            torch._foreach_copy_(b_dst, [b.t() for b in scaled])
         self.layout.set(slot, offset, rank)
 
     @staticmethod

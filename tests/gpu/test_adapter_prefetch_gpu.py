@@ -104,3 +104,61 @@ def test_slot_load_latency_and_decode_step_during_a_large_load():
     print(f"\nslot load of {nbytes / 1e6:.0f} MB fp32: issue {issued * 1e3:.2f} ms (engine thread), "
           f"complete {total * 1e3:.2f} ms (side stream)")
     assert issued < total
+
+
+def test_batched_slot_load_from_pinned_pages_equals_the_per_linear_reference():
+    """On CUDA the slot load moves each pinned page of the CPU tier once and fills the pools with foreach
+    calls (`LoraSlots._copy_into`); the pools equal `LoraLinear.load_slot`'s, linear by linear, bit for bit
+    (bf16 and fp16 files, B scaled by a scale that bf16 cannot hold exactly). Prints both issue times."""
+    from adapters_store import AdapterWeights
+    from server.model.lora import LoraLinear, LoraSlots
+    from server.pinned_pages import pin_packed
+
+    hidden, inter, layers, rank = 2048, 8192, 4, 16
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, 512), "v_proj": (hidden, 512),
+              "o_proj": (hidden, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+              "down_proj": (inter, hidden)}
+    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+             "o_proj": ("o_proj",), "down_proj": ("down_proj",)}
+
+    def model():
+        linears = []
+        for i in range(layers):
+            for parts in fused.values():
+                base = torch.nn.Linear(shapes[parts[0]][0], sum(shapes[p][1] for p in parts), bias=False,
+                                       device="cuda", dtype=torch.bfloat16)
+                linears.append((i, LoraLinear(base, parts, [shapes[p][1] for p in parts])))
+
+        class Model:
+            dtype, device = torch.bfloat16, torch.device("cuda")
+
+            def lora_linears(self):
+                return linears
+
+        return Model()
+
+    gen = torch.Generator().manual_seed(0)
+    for file_dtype in (torch.bfloat16, torch.float16):
+        tensors = {(i, name): (torch.randn(rank, shapes[name][0], generator=gen).to(file_dtype),
+                               torch.randn(shapes[name][1], rank, generator=gen).to(file_dtype))
+                   for i in range(layers) for name in shapes if name != "k_proj"}  # k_proj: not targeted
+        adapter = AdapterWeights(rank=rank, alpha=5.0, use_rslora=False, scaling=0.3, tensors=tensors)
+        paged = AdapterWeights(rank=rank, alpha=5.0, use_rslora=False, scaling=0.3, tensors=pin_packed(tensors)[0])
+        batched, reference = model(), model()
+        slots = LoraSlots(batched, 3 * rank, rank, num_slots=2)
+        LoraSlots(reference, 3 * rank, rank, num_slots=2)  # allocates the reference's pools
+        slots.load(0, rank, paged).synchronize()  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        done = slots.load(1, rank, paged)
+        issued = time.perf_counter() - start
+        done.synchronize()
+        start = time.perf_counter()
+        for layer, linear in reference.lora_linears():
+            linear.load_slot(rank, rank, layer, adapter)
+        torch.cuda.synchronize()
+        per_linear = time.perf_counter() - start
+        print(f"\n{file_dtype}: batched slot load issued in {issued * 1e3:.2f} ms; "
+              f"per linear {per_linear * 1e3:.2f} ms")
+        for (_, mine), (_, ref) in zip(batched.lora_linears(), reference.lora_linears(), strict=True):
+            assert torch.equal(mine.lora_a, ref.lora_a) and torch.equal(mine.lora_b, ref.lora_b)

@@ -79,3 +79,67 @@ def test_a_half_precision_adapter_fills_the_pool_exactly_as_its_float32_values_d
     width = linear.slice_offsets[1]
     expected = (b.float() * 0.3).t().to(torch.bfloat16)  # one rounding, from float32
     assert torch.equal(pools[0][0][1][8:16, :width], expected)
+
+
+@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("in_pages", [False, True])
+def test_batched_slot_load_fills_the_pool_as_the_per_linear_reference_does(tiny_llama_dir, tiny_adapters,
+                                                                          model_dtype, file_dtype, in_pages):
+    """`LoraSlots.load` (a handful of foreach calls for the whole adapter, its tensors possibly packed in
+    the CPU tier's pages) leaves every pool exactly as `LoraLinear.load_slot`, linear by linear, does:
+    zeros around the adapter, A copied, B scaled in float32 and rounded once, over a slot that held
+    another adapter before."""
+    from dataclasses import replace
+
+    from server.pinned_pages import pin_packed
+
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    pools = []
+    for batched in (True, False):
+        model = load_tiny(tiny_llama_dir, dtype=model_dtype).model
+        slots = LoraSlots(model, 32, 16, num_slots=3)
+        for name, offset in (("all-r8", 8), ("mlp-r2-rs", 8), ("ko-r16", 16)):  # mlp-r2-rs overwrites all-r8
+            weights = refs[name].weights
+            cast = {k: (a.to(file_dtype), b.to(file_dtype)) for k, (a, b) in weights.tensors.items()}
+            weights = replace(weights, scaling=0.3 + offset / 100, tensors=cast)
+            if in_pages:
+                weights = replace(weights, tensors=pin_packed(weights.tensors,
+                                                              lambda n: torch.empty(n, dtype=torch.uint8))[0])
+            rank = max_adapter_rank(weights)
+            if batched:
+                slots.load(1, offset, weights)
+            else:
+                for layer, linear in model.lora_linears():
+                    linear.load_slot(offset, rank, layer, weights)
+        pools.append([(lin.lora_a.clone(), lin.lora_b.clone()) for _, lin in model.lora_linears()])
+    for (a1, b1), (a2, b2) in zip(*pools, strict=True):
+        assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    assert any(b.abs().sum() > 0 for _, b in pools[0])
+
+
+def test_adapter_tensors_cross_to_the_device_one_buffer_at_a_time():
+    """`lora._rebased` (what `_to_device` does on CUDA) copies each host buffer the tensors are views of
+    once, pages included, and gives back equal tensors; a non-contiguous one is copied alone."""
+    from server.model.lora import _rebased
+    from server.pinned_pages import PAGE_BYTES, pin_packed
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {(i, "q_proj"): (torch.randn(8, 300, generator=gen).to(torch.bfloat16),
+                               torch.randn(500, 8, generator=gen)) for i in range(40)}
+    packed, pinned = pin_packed(tensors, lambda n: torch.empty(n, dtype=torch.uint8))
+    packed[(99, "o_proj")] = (torch.randn(300, 8, generator=gen).t(), torch.randn(4, 4, generator=gen))
+    copies = []
+
+    def copy(host):
+        copies.append(host.numel() * host.element_size())
+        return host.clone()
+
+    moved = _rebased(packed, copy)
+    for key, pair in packed.items():
+        for original, new in zip(pair, moved[key], strict=True):
+            assert new.dtype == original.dtype and torch.equal(new, original)
+            assert new.data_ptr() != original.data_ptr()
+    # The pages, once each; then the transposed tensor alone and the small one's own buffer.
+    assert copies[: pinned // PAGE_BYTES] == [PAGE_BYTES] * (pinned // PAGE_BYTES)
+    assert sorted(copies[pinned // PAGE_BYTES :]) == [16 * 4, 300 * 8 * 4]
