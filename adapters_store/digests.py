@@ -34,5 +34,33 @@ def submit_chunks(data) -> list[Future]:
     return [_POOL.submit(_sha256_hex, view[i : i + CHUNK_BYTES]) for i in range(0, len(view), CHUNK_BYTES)]
 
 
+def _sha256_of_pieces(pieces: list[memoryview]) -> str:
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+def submit_whole_of(segments: list[memoryview]) -> Future:
+    """`submit_whole` of the bytes that `segments` hold one after the other."""
+    return _POOL.submit(_sha256_of_pieces, segments)
+
+
+def submit_chunks_of(segments: list[memoryview]) -> list[Future]:
+    """`submit_chunks` of the bytes that `segments` hold one after the other (a file read in pieces)."""
+    chunks: list[list[memoryview]] = [[]]
+    room = CHUNK_BYTES
+    for segment in segments:
+        view = memoryview(segment).cast("B")
+        while len(view):
+            if room == 0:
+                chunks.append([])
+                room = CHUNK_BYTES
+            piece, view = view[:room], view[room:]
+            chunks[-1].append(piece)
+            room -= len(piece)
+    return [_POOL.submit(_sha256_of_pieces, pieces) for pieces in chunks if pieces]
+
+
 def results(futures: list[Future]) -> list[str]:
     return [f.result() for f in futures]

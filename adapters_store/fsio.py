@@ -55,7 +55,7 @@ def write_file_durable(path: Path, data: bytes | memoryview, stop: Callable[[], 
     return not stopped
 
 
-def _open_regular(path: Path, max_bytes: int):
+def open_regular(path: Path, max_bytes: int):
     """Open a regular file without following a symlink at its last component; (file object, its size)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -78,7 +78,7 @@ def _open_regular(path: Path, max_bytes: int):
 
 def read_regular_file(path: Path, max_bytes: int) -> bytes:
     """Read a regular file without following a symlink at its last component; bounded by max_bytes."""
-    handle, _ = _open_regular(path, max_bytes)
+    handle, _ = open_regular(path, max_bytes)
     with handle:
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
@@ -92,7 +92,7 @@ def read_regular_file_writable(path: Path, max_bytes: int) -> memoryview:
     For adapter weights read back while the engine decodes: `bytes` would have to be copied before
     tensors could map them, and a zeroed `bytearray` costs a memset of the whole file under the GIL
     (9 ms for 45 MB on the dev CPU); here the GIL is released for the whole read."""
-    handle, size = _open_regular(path, max_bytes)
+    handle, size = open_regular(path, max_bytes)
     with handle:
         buffer = memoryview(numpy.empty(size + 1, dtype=numpy.uint8))  # + 1: a file that grew is seen
         filled = 0

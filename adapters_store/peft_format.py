@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,8 +202,15 @@ def parse_adapter(
     only for bytes already validated, e.g. a stored version whose sha256 matches its manifest."""
     config = parse_config(config_bytes, spec, max_rank)
     header = read_header(safetensors_bytes)
+    return adapter_from_header(config, header, lambda: load_tensors(safetensors_bytes, header), spec, check_finite)
+
+
+def adapter_from_header(config: dict[str, Any], header: dict[str, dict], raw_tensors: Callable[[], dict],
+                        spec: BaseModelSpec, check_finite: bool = True) -> tuple[dict[str, Any], AdapterWeights]:
+    """The rest of `parse_adapter` once the config is parsed and the header read: check the tensor names
+    and shapes, then take the tensors `raw_tensors()` maps ({header key: tensor}) as A/B pairs."""
     slots = _check_tensor_shapes(header, config, spec)
-    raw = load_tensors(safetensors_bytes, header)
+    raw = raw_tensors()
     tensors = {}
     for (layer, module, ab), key in sorted(slots.items()):
         if ab == "B":

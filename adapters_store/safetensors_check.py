@@ -44,11 +44,11 @@ def read_header(data: bytes | memoryview) -> dict[str, dict]:
         (size,) = struct.unpack("<Q", data[:8]) if len(data) >= 8 else (0,)
         data_len = len(data)
         head = bytes(data[: 8 + min(size, MAX_HEADER_BYTES, max(0, data_len - 8))])
-        return _read_header(head, data_len)
-    return _read_header(data, len(data))
+        return read_header_of(head, data_len)
+    return read_header_of(data, len(data))
 
 
-def _read_header(data: bytes, total: int) -> dict[str, dict]:
+def read_header_of(data: bytes, total: int) -> dict[str, dict]:
     """read_header on the file's first bytes (at least the 8-byte length and the header, if it fits) of a
     blob of `total` bytes."""
     if total < 8:
@@ -113,7 +113,7 @@ def _check_entries(header: dict, data_len: int) -> None:
             raise AdapterValidationError(f"{FILE_NAME} tensors {prev_name!r} and {name!r} overlap")
 
 
-_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def load_tensors(data: bytes | memoryview, header: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
@@ -132,7 +132,7 @@ def load_tensors(data: bytes | memoryview, header: dict[str, dict] | None = None
     start = 8 + header_len
     tensors = {}
     for name, entry in header.items():
-        dtype, size = _TORCH_DTYPES[entry["dtype"]], DTYPE_SIZES[entry["dtype"]]
+        dtype, size = TORCH_DTYPES[entry["dtype"]], DTYPE_SIZES[entry["dtype"]]
         begin, end = entry["data_offsets"]
         if begin == end:
             tensors[name] = torch.empty(entry["shape"], dtype=dtype)

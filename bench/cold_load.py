@@ -12,8 +12,10 @@ empty: what the first request for an adapter meets after a restart).
 
 Stages:
 - `put`: `AdapterStore.put` of the files an upload sends (validation, hash, durable write);
-- `load_weights`: the read-back (the file stays in the page cache after the first, as for an adapter
-  uploaded earlier in the server's life);
+- `load_pages`: the read-back as the CPU tier does it on CUDA, straight into pinned 4 MiB pages (the
+  first figure is a fresh process's);
+- `load_weights`: the read-back into a buffer of its own (the file stays in the page cache after the
+  first, as for an adapter uploaded earlier in the server's life);
 - `pin_pages`: every tensor copied into pinned 4 MiB pages, as the CPU tier does now (CUDA; the first
   figure is a fresh process's);
 - `pin_per_tensor`: `pin_memory()` of every tensor, as the CPU tier did before (CUDA);
@@ -35,7 +37,7 @@ import torch
 from adapters_store import AdapterStore, BaseModelSpec
 from bench.serve.adapters import AdapterFactory, AdapterSpec
 from bench.shapes import SHAPES, llama_config, shape_facts
-from server.pinned_pages import pin_packed
+from server.pinned_pages import PAGE_BYTES, PageAllocator, pin_packed
 
 
 def _timed(fn, repeats: int) -> list[float]:
@@ -72,6 +74,9 @@ def stages(model: str, rank: int, repeats: int) -> dict:
         body = memoryview(bytearray(weights))  # as an upload hands it over: a view of the request body
         result["ms"]["put"] = _timed(lambda: store.put(f"cold{next(names)}", config, body), repeats)
         record = store.get("cold0")
+        if torch.cuda.is_available():  # the tier's way: the file read straight into pinned pages
+            result["ms"]["load_pages"] = _timed(
+                lambda: store.load_weights(record, PageAllocator(), PAGE_BYTES), repeats)
         result["ms"]["load_weights"] = _timed(lambda: store.load_weights(record), repeats)
         loaded = store.load_weights(record)
     tensors = [t for pair in loaded.tensors.values() for t in pair]

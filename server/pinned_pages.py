@@ -33,17 +33,33 @@ def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
-def _pinned(num_bytes: int) -> torch.Tensor:
+def pinned(num_bytes: int) -> torch.Tensor:
     return torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+
+
+class PageAllocator:
+    """`allocate(n)` for `AdapterStore.load_weights`: a page when n fits one, else a block of n bytes,
+    pinned; `nbytes` counts what was taken (a large block as the allocator's power of two)."""
+
+    def __init__(self, allocate: Callable[[int], torch.Tensor] | None = None):
+        self._allocate = allocate or pinned
+        self.nbytes = 0
+
+    def __call__(self, num_bytes: int) -> torch.Tensor:
+        if num_bytes <= PAGE_BYTES:
+            self.nbytes += PAGE_BYTES
+            return self._allocate(PAGE_BYTES)
+        self.nbytes += 1 << (num_bytes - 1).bit_length()
+        return self._allocate(num_bytes)
 
 
 def pin_packed(tensors: dict, allocate: Callable[[int], torch.Tensor] | None = None) -> tuple[dict, int]:
     """Copies of `tensors` ({key: (A, B)}) in pinned pages; returns (the copies, pinned bytes taken).
     Each copy is a view of its page, which stays allocated as long as any view of it lives.
     `allocate(n)`: n bytes of uint8 (default: pinned; tests pass plain memory)."""
-    allocate = allocate or _pinned
+    allocate = allocate or pinned
     packed: dict = {}
-    page, used, pinned = None, PAGE_BYTES, 0
+    page, used, taken = None, PAGE_BYTES, 0
     for key, pair in tensors.items():
         copies = []
         for tensor in pair:
@@ -51,18 +67,18 @@ def pin_packed(tensors: dict, allocate: Callable[[int], torch.Tensor] | None = N
             size = tensor.numel() * tensor.element_size()
             if size > PAGE_BYTES:
                 block = allocate(size)
-                pinned += 1 << (size - 1).bit_length()  # the allocator's power-of-two block
+                taken += 1 << (size - 1).bit_length()  # the allocator's power-of-two block
             else:
                 if used + size > PAGE_BYTES:
                     page, used = allocate(PAGE_BYTES), 0
-                    pinned += PAGE_BYTES
+                    taken += PAGE_BYTES
                 block = page[used : used + size]
                 used = _round_up(used + size, _ALIGN)
             copy = block.view(tensor.dtype).view(tensor.shape)
             copy.copy_(tensor)
             copies.append(copy)
         packed[key] = tuple(copies)
-    return packed, pinned
+    return packed, taken
 
 
 def warm_up(num_bytes: int) -> int:
@@ -75,7 +91,7 @@ def warm_up(num_bytes: int) -> int:
     with load_phase("pinned adapter pages", f"{num_bytes >> 20} MiB for the CPU adapter tier"):
         try:
             for _ in range(num_bytes // PAGE_BYTES):
-                pages.append(_pinned(PAGE_BYTES))
+                pages.append(pinned(PAGE_BYTES))
         except RuntimeError as exc:  # the host cannot lock that much: the loads will allocate as they go
             log.warning("pinned adapter pages: warmed %d of %d MiB (%s)", len(pages) * PAGE_BYTES >> 20,
                         num_bytes >> 20, exc)

@@ -163,11 +163,11 @@ class AdapterRegistry:
 
     def _load(self, record: AdapterRecord) -> tuple[AdapterWeights, int]:
         """The weights of one version and the bytes they take in this tier (pinned: whole pages)."""
-        weights = self.store.load_weights(record)
         if not self.pin_memory:
+            weights = self.store.load_weights(record)
             return weights, weights_nbytes(weights)
-        weights.tensors, nbytes = pinned_pages.pin_packed(weights.tensors)
-        return weights, nbytes
+        pages = pinned_pages.PageAllocator(pinned_pages.pinned)  # the file is read straight into pinned pages
+        return self.store.load_weights(record, pages, pinned_pages.PAGE_BYTES), pages.nbytes
 
     def forget(self, name: str) -> None:
         """Drop every cached version of `name` (after delete); running requests keep theirs."""

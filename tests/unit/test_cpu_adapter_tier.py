@@ -35,12 +35,16 @@ class FakeStore:
             raise AdapterNotFoundError(name)
         return FakeRecord(name, version or self.versions[name])
 
-    def load_weights(self, record: FakeRecord) -> AdapterWeights:
+    def load_weights(self, record: FakeRecord, allocate=None, page_bytes: int = 0) -> AdapterWeights:
+        """`allocate`: the tensors are views of what it hands out (as `AdapterStore.load_weights` reads)."""
         key = (record.name, record.version)
         self.num_reads[key] = self.num_reads.get(key, 0) + 1
         rows = self.sizes[record.name] // (4 * 64)
+        a = torch.zeros(rows, 64)
+        if allocate is not None:
+            a = allocate(a.numel() * 4)[: a.numel() * 4].view(torch.float32).view(rows, 64).zero_()
         return AdapterWeights(rank=rows, alpha=1.0, use_rslora=False, scaling=1.0,
-                              tensors={(0, "q_proj"): (torch.zeros(rows, 64), torch.zeros(0, rows))})
+                              tensors={(0, "q_proj"): (a, torch.zeros(0, rows))})
 
 
 def _registry(sizes: dict[str, int], max_bytes: int, **kwargs) -> tuple[AdapterRegistry, FakeStore]:
@@ -128,12 +132,12 @@ def test_settings_size_the_tier_in_bytes_and_keep_the_count_cap_optional():
         Settings(device="cpu", cpu_adapter_cache_bytes=-1)
 
 
-def test_pinned_tier_counts_whole_pages_and_holds_packed_copies(monkeypatch):
-    """With pinning (CUDA) the tier keeps each adapter packed in pinned pages (server.pinned_pages) and
+def test_pinned_tier_counts_whole_pages_and_reads_into_them(monkeypatch):
+    """With pinning (CUDA) the tier has each adapter read into pinned pages (server.pinned_pages) and
     counts the pages it took, not the tensors' bytes: the budget bounds the pinned memory itself."""
     from server import pinned_pages
 
-    monkeypatch.setattr(pinned_pages, "_pinned", lambda n: torch.empty(n, dtype=torch.uint8))  # no GPU here
+    monkeypatch.setattr(pinned_pages, "pinned", lambda n: torch.empty(n, dtype=torch.uint8))  # no GPU here
     monkeypatch.setattr(pinned_pages, "warm_up", lambda num_bytes: None)
     page = pinned_pages.PAGE_BYTES
     registry, _ = _registry({"a": page // 2, "b": page // 2, "c": page // 2}, max_bytes=2 * page, pin_memory=True)

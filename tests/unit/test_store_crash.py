@@ -327,3 +327,43 @@ def test_one_flipped_byte_in_any_chunk_is_caught(tmp_path, monkeypatch, manifest
             store.load_weights(record)
     weights.write_bytes(pristine)
     store.load_weights(record)
+
+
+@pytest.mark.parametrize("page_bytes", [4096, 64 << 10, 8 << 20])
+@pytest.mark.parametrize("manifest_has_chunks", [True, False])
+def test_read_into_pages_gives_the_same_tensors_and_catches_a_flipped_byte(tmp_path, monkeypatch, page_bytes,
+                                                                           manifest_has_chunks):
+    """`load_weights` with an allocator (the CPU tier's pinned pages) reads the file straight into pages of
+    `page_bytes`, a tensor larger than a page into a block of its own; the tensors equal the plain read's,
+    every tensor is a view of an allocated block, and the digests still catch any changed byte."""
+    import adapters_store.digests as digests
+
+    monkeypatch.setattr(digests, "CHUNK_BYTES", 4096)
+    store, record = seeded(tmp_path)
+    if not manifest_has_chunks:
+        manifest = json.loads((record.path / "manifest.json").read_text())
+        manifest["chunk_sha256"] = []
+        (record.path / "manifest.json").write_text(json.dumps(manifest))
+        record = store.get("a")
+    blocks = []
+
+    def allocate(n):
+        blocks.append(torch.zeros(n, dtype=torch.uint8))
+        return blocks[-1]
+
+    plain = store.load_weights(record)
+    paged = store.load_weights(record, allocate, page_bytes)
+    storages = {b.untyped_storage().data_ptr() for b in blocks}
+    assert all(n == page_bytes or n > page_bytes for n in (b.numel() for b in blocks))
+    for key, (a, b) in plain.tensors.items():
+        for mine, theirs in zip(paged.tensors[key], (a, b), strict=True):
+            assert torch.equal(mine, theirs) and mine.untyped_storage().data_ptr() in storages
+    weights = record.path / "adapter_model.safetensors"
+    pristine = weights.read_bytes()
+    for offset in (len(pristine) - 1, len(pristine) // 3, 20):
+        flipped = bytearray(pristine)
+        flipped[offset] ^= 0x01
+        weights.write_bytes(bytes(flipped))
+        with pytest.raises(AdapterIntegrityError, match="changed|adapter_model"):
+            store.load_weights(record, allocate, page_bytes)
+    weights.write_bytes(pristine)
