@@ -3,7 +3,9 @@ LORAPLEX_STEP_TRACE=DIR makes each engine write DIR/steps-<pid>.jsonl, one JSON 
 since the engine started (`t`), the step's wall time with any swap before it (`ms`), the swap alone
 (`swap_ms`), prefill requests and tokens, decode rows, waiting and running requests after scheduling,
 whether merged weights served the step, and the slot loads the step started. A few hundred lines a
-second, buffered; off by default."""
+second, buffered; off by default. Each Triton kernel variant the process meets for the first time (a
+compile, or a load from Triton's disk cache: 0.1-2.7 s inside a step on the H200) adds a line
+{"t", "compile": kernel and argument specialization}, so a slow step names its cause."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class StepTrace:
         if self.enabled:
             Path(directory).mkdir(parents=True, exist_ok=True)
             self._file = open(Path(directory) / f"steps-{os.getpid()}.jsonl", "a")  # noqa: SIM115 (kept open)
+            _on_triton_compile(lambda description: self.record(compile=description))
 
     def record(self, **fields) -> None:
         if self._file is None:
@@ -42,3 +45,22 @@ class StepTrace:
         if self._file is not None:
             self._file.flush()
             self._pending = 0
+
+
+def _on_triton_compile(callback) -> None:
+    """Call `callback(kernel description)` before Triton builds (or loads from disk) a kernel variant the
+    process has not run yet; nothing when Triton is absent."""
+    try:
+        import triton
+    except ImportError:
+        return
+
+    def hook(*args, **kwargs) -> bool:
+        callback(str(kwargs.get("repr", args[0] if args else "?"))[:400])
+        return False  # not handled: compile as usual
+
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs.runtime, "jit_cache_hook"):
+        knobs.runtime.jit_cache_hook = hook
+    else:  # Triton before knobs
+        triton.runtime.jit.JITFunction.cache_hook = hook

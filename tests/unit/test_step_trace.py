@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from server.engine.request import Request, SamplingParams
 from server.engine.step_trace import ENV_DIR
 from tests.unit.engine_helpers import make_engine
@@ -36,3 +38,21 @@ def test_without_the_variable_nothing_is_written(tiny_llama_dir, tmp_path, monke
     engine = make_engine(tiny_llama_dir, kv_cache_blocks=64)
     _run(engine, [[5, 6, 7]], n=2)
     assert not engine.trace.enabled and list(tmp_path.iterdir()) == []
+
+
+def test_a_triton_kernel_met_for_the_first_time_is_named_in_the_trace(tmp_path):
+    """The trace installs Triton's cache-miss hook (called before a kernel variant is built or loaded)."""
+    triton = pytest.importorskip("triton")
+    from server.engine.step_trace import StepTrace
+
+    trace = StepTrace(str(tmp_path))
+    knobs = getattr(triton, "knobs", None)
+    hook = knobs.runtime.jit_cache_hook if knobs is not None else triton.runtime.jit.JITFunction.cache_hook
+    try:
+        assert hook(key="k", repr="_shrink_kernel[num_warps=4](x_ptr: *fp32, split_k: i32)") is False
+    finally:
+        if hasattr(triton, "knobs"):
+            triton.knobs.runtime.jit_cache_hook = None
+    trace.flush()
+    (line,) = [json.loads(x) for x in (tmp_path / f"steps-{os.getpid()}.jsonl").read_text().splitlines()]
+    assert line["compile"].startswith("_shrink_kernel[") and "split_k: i32" in line["compile"]
