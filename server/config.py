@@ -64,7 +64,9 @@ class Settings(BaseSettings):
         None, ge=1, description="optional count cap on the CPU adapter tier, besides cpu_adapter_cache_bytes"
     )
     cpu_adapter_cache_bytes: int = Field(
-        4 * 1024**3, ge=0, description="bytes of adapter weights kept in CPU memory (pinned on CUDA; LRU; 4 GiB)"
+        4 * 1024**3, ge=0,
+        description="bytes of adapter weights kept in CPU memory (LRU; 4 GiB); on CUDA pinned 4 MiB pages, "
+                    "reserved at start-up (about 1 s per GiB)",
     )
     max_rank: int = Field(
         64, ge=1, le=512, description="largest accepted LoRA rank (sizes the kernels' tiles and scratch)"
