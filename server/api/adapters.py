@@ -12,6 +12,7 @@ as it passes max_upload_bytes; nothing becomes visible until the store has valid
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from server.api.multipart import MalformedMultipartError, boundary_of, split_par
 from server.api.schemas import AdapterList, AdapterOut, LoadLoraRequest, UnloadLoraRequest
 from server.api.state import ServerState
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["adapters"], responses=ERROR_RESPONSES)
 CONFIG_PART, WEIGHTS_PART, ARCHIVE_PART = "adapter_config.json", "adapter_model.safetensors", "archive"
 _UPLOAD_SCHEMA = {
@@ -147,6 +149,31 @@ async def _after_change(state: ServerState, name: str, deleted: bool = False) ->
     await asyncio.to_thread(state.refresh_adapter_gauges)
 
 
+_WARMING: set[asyncio.Task] = set()  # loads started by uploads (a reference each, until done)
+
+
+def _warm(state: ServerState, record) -> None:
+    """Read a version just stored into the CPU tier in the background, as vLLM's load_lora_adapter loads
+    an adapter before it answers: the first request for it then skips the disk read (upload to usable:
+    issue 15). The same read-back, keyed by (name, version), as a request's; the response does not wait
+    for it. The engine process keeps its own tier and loads at first use."""
+    if state.registry is None or not state.registry.load_weights:
+        return
+
+    async def load() -> None:
+        try:
+            await asyncio.to_thread(state.registry.weights, record)
+        except AdapterNotFoundError:
+            pass  # replaced and pruned, or deleted, meanwhile: nothing to warm
+        except Exception:
+            log.exception("reading adapter %s v%d into the CPU tier after its upload failed",
+                          record.name, record.version)
+
+    task = asyncio.get_running_loop().create_task(load())
+    _WARMING.add(task)
+    task.add_done_callback(_WARMING.discard)
+
+
 @router.put("/adapters/{name:path}", status_code=201, response_model=AdapterOut, openapi_extra=_UPLOAD_SCHEMA,
             summary="Upload an adapter (a new version if the name exists)")
 async def put_adapter(name: str, request: Request, state: StateDep, caller: AdminCaller) -> dict:
@@ -156,6 +183,7 @@ async def put_adapter(name: str, request: Request, state: StateDep, caller: Admi
         record = await asyncio.to_thread(_store_upload, state, name, parts, caller.tenant)
     except AdapterStorageFullError as exc:
         raise _storage_full(exc) from None
+    _warm(state, record)
     await _after_change(state, name)
     return record.to_public()
 
@@ -212,13 +240,14 @@ async def load_lora_adapter(body: LoadLoraRequest, state: StateDep, caller: Admi
     _writable(state, caller, body.lora_name, param="lora_name")
     path = _allowed_path(state, body.lora_path)
     try:
-        await asyncio.to_thread(state.store.put_dir, body.lora_name, path, caller.tenant)
+        record = await asyncio.to_thread(state.store.put_dir, body.lora_name, path, caller.tenant)
     except AdapterStorageFullError as exc:
         raise _storage_full(exc) from None
     except AdapterError as exc:
         if exc.status_code >= 500:
             raise
         raise APIError(400, f"Loading lora {body.lora_name} failed: {exc}", param="lora_path") from None
+    _warm(state, record)
     await _after_change(state, body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 

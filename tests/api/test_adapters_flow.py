@@ -178,3 +178,29 @@ def test_replacement_during_50_concurrent_streams(server, client, tiny_adapters)
     assert len(texts_v1) == len(texts_v2) == 25
     assert all(text == reference["v1"] for text in texts_v1)
     assert all(text == reference["v2"] for text in texts_v2)
+
+
+def test_an_upload_is_in_the_cpu_tier_before_its_first_request(server, client, tiny_adapters):
+    """With the engine in a thread, an upload reads the new version into the CPU tier in the background
+    (as vLLM's load_lora_adapter does): the first request for it reads nothing from disk. The engine
+    process keeps its own tier and reads at first use."""
+    import time
+
+    from server import metrics
+
+    if server.state.settings.engine_process:
+        pytest.skip("the engine process loads at first use")
+    registry = server.state.registry
+    version = upload(client, "warm-up", tiny_adapters["mlp-r2-rs"])["version"]
+    deadline = time.monotonic() + 10
+    while registry.cached("warm-up", version) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert registry.cached("warm-up", version) is not None
+
+    def loads() -> float:
+        return metrics.REGISTRY.get_sample_value("loraplex_adapter_loads_total",
+                                                 {"model_name": BASE_ID, "tier": "cpu"}) or 0.0
+
+    before = loads()
+    assert greedy_text(client, "warm-up")
+    assert loads() == before
