@@ -16,6 +16,10 @@ MEANS = {  # result key -> histogram family whose mean over the load is reported
     "tokens_per_step_mean": "vllm:iteration_tokens_total",
     "http_admission_ms_mean": "loraplex_http_admission_seconds",
     "http_first_output_ms_mean": "loraplex_http_first_output_seconds",
+    # Adapter loads inside the server: disk -> CPU tier (read, check, pinned pages), CPU -> a GPU slot
+    # (from the issue of the copy to its observed completion; in merged mode, the swaps).
+    "cpu_load_ms_mean": 'loraplex_adapter_load_seconds{tier="cpu"}',
+    "gpu_load_ms_mean": 'loraplex_adapter_load_seconds{tier="gpu"}',
 }
 COUNTERS = {"preemptions": "vllm:num_preemptions_total", "prefix_cache_hit_tokens": "vllm:prefix_cache_hits_total",
             "merged_swaps": 'loraplex_adapter_swaps_total{mode="merged"}',
@@ -58,8 +62,10 @@ def deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float
     """Means (ms, except tokens per step) and counter increases between two snapshots."""
     result: dict[str, float | None] = {}
     for key, family in MEANS.items():
-        count = after.get(f"{family}_count", 0.0) - before.get(f"{family}_count", 0.0)
-        total = after.get(f"{family}_sum", 0.0) - before.get(f"{family}_sum", 0.0)
+        base, brace, label = family.partition("{")  # a label selects one series: name_count{label="v"}
+        count_key, sum_key = f"{base}_count{brace}{label}", f"{base}_sum{brace}{label}"
+        count = after.get(count_key, 0.0) - before.get(count_key, 0.0)
+        total = after.get(sum_key, 0.0) - before.get(sum_key, 0.0)
         scale = 1.0 if key.startswith("tokens") else 1000.0
         result[key] = round(total / count * scale, 3) if count > 0 else None
     for key, name in COUNTERS.items():

@@ -107,3 +107,18 @@ def test_scrape_splits_the_swap_and_load_counters_by_mode_and_tier():
     assert after["loraplex_adapter_swaps_total"] == 12.0
     result = deltas(before, after)
     assert (result["merged_swaps"], result["cpu_loads"], result["slot_loads"]) == (1.0, 4.0, 7.0)
+
+
+def test_scrape_means_of_one_tier_of_the_load_time_histogram():
+    from bench.serve.scrape import deltas, parse_samples
+
+    def metrics(cpu_sum, cpu_count, gpu_sum, gpu_count):
+        return parse_samples(
+            f'loraplex_adapter_load_seconds_sum{{model_name="m",tier="cpu"}} {cpu_sum}\n'
+            f'loraplex_adapter_load_seconds_count{{model_name="m",tier="cpu"}} {cpu_count}\n'
+            f'loraplex_adapter_load_seconds_sum{{model_name="m",tier="gpu"}} {gpu_sum}\n'
+            f'loraplex_adapter_load_seconds_count{{model_name="m",tier="gpu"}} {gpu_count}\n')
+
+    result = deltas(metrics(1.0, 10, 0.5, 5), metrics(1.3, 13, 0.52, 9))
+    assert result["cpu_load_ms_mean"] == 100.0 and result["gpu_load_ms_mean"] == 5.0
+    assert deltas(metrics(1.0, 10, 0.5, 5), metrics(1.0, 10, 0.5, 5))["cpu_load_ms_mean"] is None
