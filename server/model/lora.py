@@ -10,12 +10,14 @@ captured CUDA graphs stay valid). Slot -1 means "base model only". The batched o
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from server.model.host_device import to_device
 from server.model.lora_ops import LoraBatchMeta, SlotLayout, lora_apply
 
 
@@ -50,11 +52,17 @@ class LoraLinear(nn.Module):
     def out_features(self) -> int:
         return self.slice_offsets[-1]
 
-    def allocate_pool(self, capacity: int, layout: SlotLayout, dtype: torch.dtype, device) -> None:
-        n = len(self.slice_names)
-        self.lora_a = torch.zeros(n * capacity, self.in_features, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(capacity, self.out_features, dtype=dtype, device=device)
+    def pool_numels(self, capacity: int) -> tuple[int, int]:
+        """Elements of lora_a and lora_b for a pool of `capacity` rank units."""
+        return len(self.slice_names) * capacity * self.in_features, capacity * self.out_features
+
+    def attach_pool(self, flat: torch.Tensor, start: int, capacity: int, layout: SlotLayout) -> int:
+        """Make lora_a and lora_b views of `flat` from element `start`; returns the element after them."""
+        num_a, num_b = self.pool_numels(capacity)
+        self.lora_a = flat[start : start + num_a].view(len(self.slice_names) * capacity, self.in_features)
+        self.lora_b = flat[start + num_a : start + num_a + num_b].view(capacity, self.out_features)
         self.layout = layout
+        return start + num_a + num_b
 
     def forward(self, x: torch.Tensor, lora: LoraContext | None = None) -> torch.Tensor:
         y = self.base(x)
@@ -123,6 +131,40 @@ class LoraLinear(nn.Module):
         return next(self.base.parameters()).device
 
 
+_POOL_ALIGN = 64  # elements: each linear's pools start 128-byte aligned in the flat buffer (bf16)
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _staged(tensors: dict, device: torch.device) -> tuple[torch.Tensor, dict[int, int]]:
+    """One device buffer (uint8) holding every host buffer the tensors are views of, each from a 256-byte
+    boundary (from pinned memory: asynchronous copies on the current stream); and where each begins, by
+    the host buffer's address."""
+    storages: dict[int, torch.UntypedStorage] = {}
+    for pair in tensors.values():
+        for t in pair:
+            storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
+    bases, end = {}, 0
+    for ptr, storage in storages.items():
+        bases[ptr] = end
+        end = _round_up(end + storage.nbytes(), 256)
+    staging = torch.empty(end, dtype=torch.uint8, device=device)
+    for ptr, storage in storages.items():
+        host = torch.empty(0, dtype=torch.uint8).set_(storage)
+        staging[bases[ptr] : bases[ptr] + storage.nbytes()].copy_(host, non_blocking=True)
+    return staging, bases
+
+
+def _element_offset(t: torch.Tensor, bases: dict[int, int]) -> int:
+    """Where the contiguous tensor `t` starts in the staging buffer, in elements of its dtype."""
+    start = bases[t.untyped_storage().data_ptr()] + t.storage_offset() * t.element_size()
+    if start % t.element_size():
+        raise ValueError("a tensor misaligned for its dtype in its host buffer")
+    return start // t.element_size()
+
+
 def _to_device(tensors: dict, device: torch.device) -> dict:
     """The {key: (A, B)} tensors on `device`: each host buffer they are views of copied once (from pinned
     memory: asynchronously, on the current stream), the tensors re-made as views of its copy."""
@@ -165,9 +207,19 @@ class LoraSlots:
         self.max_rank = max_rank
         self.layout = SlotLayout.empty(num_slots, max_rank, model.device)
         self.unit_nbytes = self.rank_nbytes(model)  # device bytes of one rank unit across every linear
+        # Every linear's pools are views of one flat buffer, each starting on a 64-element boundary, so
+        # that one kernel can fill a slot in all of them (`triton_slot_load`).
+        starts, end = [], 0
         for _, linear in model.lora_linears():
-            linear.allocate_pool(capacity, self.layout, model.dtype, model.device)
+            starts.append(end)
+            end = _round_up(end + sum(linear.pool_numels(capacity)), _POOL_ALIGN)
+        self.flat = torch.zeros(end, dtype=model.dtype, device=model.device)
+        for (_, linear), start in zip(model.lora_linears(), starts, strict=True):
+            linear.attach_pool(self.flat, start, capacity, self.layout)
         self._copy_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+        # The scatter kernel fills a slot in a handful of launches; opt-in until a GPU run has checked it
+        # against the foreach path (tests/gpu/test_adapter_prefetch_gpu.py).
+        self.use_scatter = os.environ.get("LORAPLEX_SLOT_SCATTER") == "1"
 
     @property
     def is_async(self) -> bool:
@@ -196,6 +248,46 @@ class LoraSlots:
         return done
 
     def _copy_into(self, slot: int, offset: int, rank: int, adapter) -> None:
+        if self.use_scatter and all(t.is_contiguous() for pair in adapter.tensors.values() for t in pair):
+            self._scatter_into(offset, rank, adapter)
+            self.layout.set(slot, offset, rank)
+            return
+        self._foreach_into(offset, rank, adapter)
+        self.layout.set(slot, offset, rank)
+
+    def _scatter_into(self, offset: int, rank: int, adapter) -> None:
+        """The slot load as one descriptor per tensor and one `triton_slot_load.scatter` per source dtype,
+        after one foreach zeroing of the slot's rows."""
+        from server.model import triton_slot_load
+
+        device = self.model.device
+        staging, bases = _staged(adapter.tensors, device)
+        zeros, descriptors, largest = [], {}, {}
+        for layer, linear in self.model.lora_linears():
+            n, in_features, out_features = len(linear.slice_names), linear.in_features, linear.out_features
+            a_start = linear.lora_a.storage_offset() + n * offset * in_features
+            b_start = linear.lora_b.storage_offset() + offset * out_features
+            zeros += [self.flat[a_start : a_start + n * rank * in_features],
+                      self.flat[b_start : b_start + rank * out_features]]
+            for i, name in enumerate(linear.slice_names):
+                pair = adapter.tensors.get((layer, name))
+                if pair is None:
+                    continue
+                a, b = pair
+                r = a.shape[0]
+                lo, hi = linear.slice_offsets[i], linear.slice_offsets[i + 1]
+                # A [r, in] -> rows i*rank.. of the slot's A; B [out_i, r] -> the slot's B rows, transposed.
+                for t, row in ((a, (a_start + i * rank * in_features, r, in_features, in_features, in_features,
+                                    1, 0)),
+                               (b, (b_start + lo, r, hi - lo, out_features, 1, r, 1))):
+                    descriptors.setdefault(t.dtype, []).append((_element_offset(t, bases),) + row)
+                    largest[t.dtype] = max(largest.get(t.dtype, 0), t.numel())
+        torch._foreach_zero_(zeros)
+        for dtype, rows in descriptors.items():
+            table = to_device([v for row in rows for v in row], torch.int64, device).view(len(rows), -1)
+            triton_slot_load.scatter(staging.view(dtype), self.flat, table, largest[dtype], adapter.scaling)
+
+    def _foreach_into(self, offset: int, rank: int, adapter) -> None:
         """The slot load, batched: what `LoraLinear.load_slot` does linear by linear (the reference), in a
         handful of calls for the whole adapter. The per-linear loop issued about 57 tensor ops per layer
         (zeroing, a host copy of each tensor, cast, scaling, transposition), 35-45 ms of the engine thread
@@ -227,7 +319,6 @@ class LoraSlots:
             torch._foreach_copy_(a_dst, a_src)
             scaled = torch._foreach_mul(b_src, adapter.scaling)
             torch._foreach_copy_(b_dst, [b.t() for b in scaled])
-        self.layout.set(slot, offset, rank)
 
     @staticmethod
     def rank_nbytes(model) -> int:

@@ -144,21 +144,24 @@ def test_batched_slot_load_from_pinned_pages_equals_the_per_linear_reference():
                    for i in range(layers) for name in shapes if name != "k_proj"}  # k_proj: not targeted
         adapter = AdapterWeights(rank=rank, alpha=5.0, use_rslora=False, scaling=0.3, tensors=tensors)
         paged = AdapterWeights(rank=rank, alpha=5.0, use_rslora=False, scaling=0.3, tensors=pin_packed(tensors)[0])
-        batched, reference = model(), model()
-        slots = LoraSlots(batched, 3 * rank, rank, num_slots=2)
+        reference = model()
         LoraSlots(reference, 3 * rank, rank, num_slots=2)  # allocates the reference's pools
-        slots.load(0, rank, paged).synchronize()  # warm-up
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        done = slots.load(1, rank, paged)
-        issued = time.perf_counter() - start
-        done.synchronize()
         start = time.perf_counter()
         for layer, linear in reference.lora_linears():
             linear.load_slot(rank, rank, layer, adapter)
         torch.cuda.synchronize()
         per_linear = time.perf_counter() - start
-        print(f"\n{file_dtype}: batched slot load issued in {issued * 1e3:.2f} ms; "
-              f"per linear {per_linear * 1e3:.2f} ms")
-        for (_, mine), (_, ref) in zip(batched.lora_linears(), reference.lora_linears(), strict=True):
-            assert torch.equal(mine.lora_a, ref.lora_a) and torch.equal(mine.lora_b, ref.lora_b)
+        for use_scatter in (False, True):  # foreach calls; the scatter kernel (triton_slot_load)
+            batched = model()
+            slots = LoraSlots(batched, 3 * rank, rank, num_slots=2)
+            slots.use_scatter = use_scatter
+            slots.load(0, rank, paged).synchronize()  # warm-up (and a kernel build)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            done = slots.load(1, rank, paged)
+            issued = time.perf_counter() - start
+            done.synchronize()
+            print(f"\n{file_dtype}: {'scatter' if use_scatter else 'foreach'} slot load issued in "
+                  f"{issued * 1e3:.2f} ms; per linear {per_linear * 1e3:.2f} ms")
+            for (_, mine), (_, ref) in zip(batched.lora_linears(), reference.lora_linears(), strict=True):
+                assert torch.equal(mine.lora_a, ref.lora_a) and torch.equal(mine.lora_b, ref.lora_b)

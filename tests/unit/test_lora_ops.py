@@ -171,3 +171,58 @@ def test_triton_lora_compiles_few_variants_whatever_the_batch(triton_lora, monke
             triton_lora.lora_expand(y, h, lora_b, pool, meta, SLICES[1])
     assert len(shrink.variants) <= 6, sorted(shrink.variants)  # 3 segment-length classes x split or not
     assert len(expand.variants) <= 3, sorted(expand.variants)
+
+
+# bf16 slots are GPU-only here: the interpreter rounds float32 -> bf16 toward zero (Triton 3.9), the GPU to
+# nearest even, as torch does (tests/gpu/test_adapter_prefetch_gpu.py checks bf16 there).
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scatter_slot_load_fills_the_pools_as_the_per_linear_reference(model_dtype, file_dtype):
+    """`triton_slot_load` (one descriptor per tensor, one launch per source dtype, into the flat pool)
+    leaves every pool as `LoraLinear.load_slot` does, bit for bit, over a slot that held another adapter
+    of a higher rank; the tensors are read from pages as the CPU tier holds them. Fused linears (q|k|v,
+    gate|up) with untargeted slices, odd widths."""
+    interpreted("server.model.triton_slot_load")  # first: Triton must be imported for the interpreter
+    from adapters_store import AdapterWeights
+    from server.model.lora import LoraLinear, LoraSlots, max_adapter_rank
+    from server.pinned_pages import pin_packed
+
+    hidden, inter, kv = 40, 72, 24
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    fused = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
+
+    class Model:
+        dtype, device = model_dtype, torch.device("cpu")
+
+        def __init__(self):
+            self.linears = [(layer, LoraLinear(torch.nn.Linear(shapes[p[0]][0], 1), p, [shapes[x][1] for x in p]))
+                            for layer in range(2) for p in fused]
+
+        def lora_linears(self):
+            return self.linears
+
+    gen = torch.Generator().manual_seed(1)
+
+    def adapter(rank, skip, scaling):
+        tensors = {(layer, name): (torch.randn(rank, shapes[name][0], generator=gen).to(file_dtype),
+                                   torch.randn(shapes[name][1], rank, generator=gen).to(file_dtype))
+                   for layer in range(2) for name in shapes if name not in skip}
+        paged = pin_packed(tensors, lambda n: torch.empty(n, dtype=torch.uint8))[0]
+        return AdapterWeights(rank=rank, alpha=1.0, use_rslora=False, scaling=scaling, tensors=paged)
+
+    adapters = [(adapter(16, (), 0.37), 16), (adapter(8, ("k_proj", "up_proj"), 0.3), 16), (adapter(4, (), 1.7), 8)]
+    pools = []
+    for scatter in (True, False):
+        model = Model()
+        slots = LoraSlots(model, 32, 16, num_slots=3)
+        slots.use_scatter = scatter
+        for weights, offset in adapters:
+            if scatter:
+                slots.load(1, offset, weights)
+            else:
+                for layer, linear in model.lora_linears():
+                    linear.load_slot(offset, max_adapter_rank(weights), layer, weights)
+        pools.append(slots.flat.clone())
+    assert pools[0].abs().sum() > 0
+    assert torch.equal(pools[0], pools[1]), int((pools[0] != pools[1]).sum())
