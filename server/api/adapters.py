@@ -105,16 +105,9 @@ async def _read_parts(request: Request, limit: int) -> dict[str, bytes | memoryv
     if not content_type.startswith("multipart/form-data"):
         raise APIError(415, f"send multipart/form-data with parts {CONFIG_PART!r} and {WEIGHTS_PART!r}, "
                        f"or one {ARCHIVE_PART!r} part")
-    body = bytearray(int(declared) if declared and declared.isdigit() else 0)
-    filled = 0
+    body = bytearray()  # grows with what arrives: a declared length alone reserves no memory
     async for chunk in _bounded(request.stream(), limit):
-        if filled + len(chunk) <= len(body):
-            body[filled:filled + len(chunk)] = chunk
-        else:  # no Content-Length, or a body longer than it said (still bounded by the limit)
-            del body[filled:]
-            body += chunk
-        filled += len(chunk)
-    del body[filled:]
+        body += chunk
     try:
         split = await asyncio.to_thread(split_parts, body, boundary_of(content_type))
     except MalformedMultipartError as exc:
