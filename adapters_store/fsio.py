@@ -33,9 +33,10 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def write_file_durable(path: Path, data: bytes | memoryview, stop: Callable[[], bool] | None = None) -> bool:
-    """Create `path` (must not exist), write `data` in chunks and fsync it; on failure remove it.
-    `stop()` is asked between chunks: once it says True the file is removed and False returned."""
+def write_file_durable(path: Path, data: bytes | memoryview, stop: Callable[[], bool] | None = None,
+                       sync: bool = True) -> bool:
+    """Create `path` (must not exist), write `data` in chunks and fsync it (unless not `sync`); on failure
+    remove it. `stop()` is asked between chunks: once it says True the file is removed and False returned."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     stopped = False
     try:
@@ -43,7 +44,7 @@ def write_file_durable(path: Path, data: bytes | memoryview, stop: Callable[[], 
         while view and not (stopped := stop is not None and stop()):
             written = os.write(fd, view[:_CHUNK])
             view = view[written:]
-        if not stopped:
+        if not stopped and sync:
             os.fsync(fd)
     except BaseException:
         os.close(fd)

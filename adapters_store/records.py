@@ -49,15 +49,17 @@ def validate_name(name: str) -> str:
     return name
 
 
-def write_manifest(record: AdapterRecord) -> None:
-    """Write manifest.json last and atomically (temp file, fsync, rename, fsync dir)."""
+def write_manifest(record: AdapterRecord, sync: bool = True) -> None:
+    """Write manifest.json last and atomically (temp file, fsync, rename, fsync dir; no fsync when not
+    `sync`: still atomic, not durable)."""
     fields = asdict(record)
     fields.update(format=MANIFEST_FORMAT, path=None)
     data = json.dumps(fields, indent=2, sort_keys=True).encode()
     temp = record.path / (MANIFEST_FILE + ".tmp")
-    write_file_durable(temp, data)
+    write_file_durable(temp, data, sync=sync)
     os.rename(temp, record.path / MANIFEST_FILE)
-    fsync_dir(record.path)
+    if sync:
+        fsync_dir(record.path)
 
 
 def read_manifest(name: str, version: int, version_dir: Path) -> AdapterRecord | None:

@@ -59,10 +59,10 @@ def test_manifest_write_failure_removes_the_version_dir(tmp_path, monkeypatch):
     new = peft_adapter(seed=1)
     real_write = records_module.write_file_durable
 
-    def failing_manifest_write(path, data):
+    def failing_manifest_write(path, data, **kwargs):
         if path.name.startswith("manifest"):
             raise OSError("no space left")
-        real_write(path, data)
+        real_write(path, data, **kwargs)
 
     monkeypatch.setattr(records_module, "write_file_durable", failing_manifest_write)
     with pytest.raises(OSError, match="no space left"):
