@@ -25,6 +25,8 @@ def adapter_pool_units(model, settings: Settings) -> int:
             free, _ = torch.cuda.mem_get_info(model.device)
             budget = max(budget, int(free * settings.adapter_gpu_memory_fraction))
     units = budget // per_unit
+    while units > 0 and LoraSlots.pool_nbytes(model, units) > budget:  # alignment padding (odd shapes only)
+        units -= 1
     if units < block_size(settings.max_rank):
         raise ValueError(f"adapter_gpu_memory_bytes ({budget}) holds no adapter of max_rank {settings.max_rank}: "
                          f"that takes {block_size(settings.max_rank) * per_unit} bytes; raise it or lower max_rank")

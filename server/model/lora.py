@@ -138,6 +138,14 @@ def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
+def _pool_starts(model, capacity: int) -> list[int]:
+    """Where each LoRA linear's pools start in the flat buffer (64-element aligned), then its end."""
+    starts = [0]
+    for _, linear in model.lora_linears():
+        starts.append(_round_up(starts[-1] + sum(linear.pool_numels(capacity)), _POOL_ALIGN))
+    return starts
+
+
 def _staged(tensors: dict, device: torch.device) -> tuple[torch.Tensor, dict[int, int]]:
     """One device buffer (uint8) holding every host buffer the tensors are views of, each from a 256-byte
     boundary (from pinned memory: asynchronous copies on the current stream); and where each begins, by
@@ -209,12 +217,9 @@ class LoraSlots:
         self.unit_nbytes = self.rank_nbytes(model)  # device bytes of one rank unit across every linear
         # Every linear's pools are views of one flat buffer, each starting on a 64-element boundary, so
         # that one kernel can fill a slot in all of them (`triton_slot_load`).
-        starts, end = [], 0
-        for _, linear in model.lora_linears():
-            starts.append(end)
-            end = _round_up(end + sum(linear.pool_numels(capacity)), _POOL_ALIGN)
-        self.flat = torch.zeros(end, dtype=model.dtype, device=model.device)
-        for (_, linear), start in zip(model.lora_linears(), starts, strict=True):
+        starts = _pool_starts(model, capacity)
+        self.flat = torch.zeros(starts[-1], dtype=model.dtype, device=model.device)
+        for (_, linear), start in zip(model.lora_linears(), starts[:-1], strict=True):
             linear.attach_pool(self.flat, start, capacity, self.layout)
         self._copy_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
         # The scatter kernel fills a slot in a handful of launches; opt-in until a GPU run has checked it
@@ -329,7 +334,11 @@ class LoraSlots:
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            lin.lora_a.numel() * lin.lora_a.element_size() + lin.lora_b.numel() * lin.lora_b.element_size()
-            for _, lin in self.model.lora_linears()
-        )
+        """Device bytes the pools take: the flat buffer, alignment padding included."""
+        return self.flat.numel() * self.flat.element_size()
+
+    @staticmethod
+    def pool_nbytes(model, capacity: int) -> int:
+        """Device bytes of the pools of `capacity` rank units: the flat buffer, alignment padding included
+        (none when every pool's size is a multiple of 64 elements, as in real model shapes)."""
+        return _pool_starts(model, capacity)[-1] * torch.tensor([], dtype=model.dtype).element_size()

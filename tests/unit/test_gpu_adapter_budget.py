@@ -143,3 +143,32 @@ def test_adapter_tensors_cross_to_the_device_one_buffer_at_a_time():
     # The pages, once each; then the transposed tensor alone and the small one's own buffer.
     assert copies[: pinned // PAGE_BYTES] == [PAGE_BYTES] * (pinned // PAGE_BYTES)
     assert sorted(copies[pinned // PAGE_BYTES :]) == [16 * 4, 300 * 8 * 4]
+
+
+def test_a_budget_holds_the_flat_pool_with_its_alignment_padding_on_odd_shapes():
+    """The pools are views of one flat buffer, each starting 64-element aligned: with widths that are not
+    multiples of 64 that adds padding, and the unit count leaves room for it within the budget."""
+    from types import SimpleNamespace
+
+    from server.engine.setup import adapter_pool_units
+    from server.model.lora import LoraLinear
+
+    class Model:
+        dtype, device = torch.float32, torch.device("cpu")
+
+        def __init__(self):
+            self.linears = [(layer, LoraLinear(torch.nn.Linear(40, 1), ("q_proj", "v_proj"), [40, 24]))
+                            for layer in range(3)]
+
+        def lora_linears(self):
+            return self.linears
+
+    model = Model()
+    per_unit = LoraSlots.rank_nbytes(model)
+    padded = []
+    for budget in (20 * per_unit, 20 * per_unit + 100, 37 * per_unit, 37 * per_unit + per_unit // 2):
+        settings = SimpleNamespace(adapter_gpu_memory_bytes=budget, max_rank=8, max_slots=1)
+        units = adapter_pool_units(model, settings)
+        assert LoraSlots(model, units, 8, num_slots=2).nbytes <= budget < LoraSlots.pool_nbytes(model, units + 1)
+        padded.append(LoraSlots.pool_nbytes(model, units) > units * per_unit)
+    assert any(padded) and not all(padded)  # some capacities pad on these widths, some do not
