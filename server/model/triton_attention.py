@@ -18,7 +18,7 @@ _LOG2E = 1.4426950408889634
 _NUM_SMS = 132  # H100; only steers the split heuristic
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width follows the contexts
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, acc_ptr, stats_ptr,
     qk_scale, group,

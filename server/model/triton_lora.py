@@ -25,7 +25,13 @@ MAX_SLICES = 4
 _TARGET_PROGRAMS = 4 * 132
 
 
-@triton.jit
+# Integer arguments that follow the batch (the prompts of a prefill): Triton would build a variant for each
+# of their value classes (== 1, divisible by 16, other), inside the step that first meets it: 1-2 s on the
+# H200 (a split-k of exactly 16 stalled a 1,000-adapter load for 2.2 s).
+SHRINK_RUNTIME_INTS = ("k_per_split", "split_k")
+
+
+@triton.jit(do_not_specialize=SHRINK_RUNTIME_INTS)
 def _shrink_kernel(
     x_ptr, a_ptr, h_ptr, seg_starts_ptr, seg_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
     in_features, num_slices, k_per_split, split_k,
