@@ -149,8 +149,10 @@ def test_short_prompts_beside_decode_rows_are_held_to_one_replay_and_long_ones_g
     while engine.has_unfinished():
         engine.step()
     beside_decode = [(chunks, rows) for chunks, rows in steps if chunks and rows]
-    assert beside_decode[0] == ([4, 1], 3)  # the second prompt is held to the room left: 1 token
-    assert beside_decode[1] == ([3], 4)  # its rest rides the next replay
+    # The second prompt does not fit whole in the room left (1 row): it waits for the next replay rather
+    # than being split into 1 + 3 tokens over two steps.
+    assert beside_decode[0] == ([4], 3)
+    assert beside_decode[1] == ([4], 4)
     assert ([20], 5) in beside_decode  # the long prompt does not fit 8 rows: one eager step, whole
     assert replay.chunk_rows == 8
     assert [r.output_token_ids for r in requests] == expected
