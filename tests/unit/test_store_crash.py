@@ -367,3 +367,30 @@ def test_read_into_pages_gives_the_same_tensors_and_catches_a_flipped_byte(tmp_p
         with pytest.raises(AdapterIntegrityError, match="changed|adapter_model"):
             store.load_weights(record, allocate, page_bytes)
     weights.write_bytes(pristine)
+
+
+def test_read_into_pages_handles_gaps_misaligned_tensors_and_tensors_larger_than_a_page(tmp_path):
+    """A file laid out unusually but validly (bytes no tensor claims between tensors, a gap that leaves
+    bf16 tensors at odd offsets, a tensor larger than a page, the header's own padding) reads back into
+    pages with the same tensors as the plain read and passes its digests: the gaps are hashed too."""
+    from tests.unit.store_helpers import raw_safetensors
+
+    adapter = peft_adapter(seed=3)
+    tensors = {k: v.to(torch.bfloat16) for k, v in adapter.tensors().items()}
+    entries, data = {}, bytearray()
+    for i, (name, tensor) in enumerate(sorted(tensors.items())):
+        data += b"\x07" * (3 if i % 2 else 0)  # a 3-byte gap before every other tensor: odd offsets
+        raw = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+        offsets = [len(data), len(data) + len(raw)]
+        entries[name] = {"dtype": "BF16", "shape": list(tensor.shape), "data_offsets": offsets}
+        data += raw
+    data += b"\x01" * 5  # trailing bytes after the last tensor
+    store = make_store(tmp_path)
+    record = store.put("odd", adapter.config_bytes, raw_safetensors(entries, bytes(data)))
+    plain = store.load_weights(record)
+    largest = max(t.numel() * 2 for t in tensors.values())
+    for page_bytes in (largest // 2, 4096, 1 << 20):  # the largest tensor spans two pages' worth: own block
+        paged = store.load_weights(record, lambda n: torch.zeros(n, dtype=torch.uint8), page_bytes)
+        for key, pair in plain.tensors.items():
+            for mine, theirs in zip(paged.tensors[key], pair, strict=True):
+                assert torch.equal(mine, theirs)
