@@ -371,7 +371,7 @@ def test_read_into_pages_gives_the_same_tensors_and_catches_a_flipped_byte(tmp_p
 
 def test_read_into_pages_handles_gaps_misaligned_tensors_and_tensors_larger_than_a_page(tmp_path):
     """A file laid out unusually but validly (bytes no tensor claims between tensors, a gap that leaves
-    bf16 tensors at odd offsets, a tensor larger than a page, the header's own padding) reads back into
+    bf16 tensors at odd offsets, bytes after the last tensor, a tensor larger than a page) reads back into
     pages with the same tensors as the plain read and passes its digests: the gaps are hashed too."""
     from tests.unit.store_helpers import raw_safetensors
 
