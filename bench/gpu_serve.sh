@@ -6,12 +6,18 @@
 # torch_ext.tgz go to $OUT (at most 8 files come back: keep to 5 result files a call). A c32 run needs
 # SERVE_TIMEOUT >= 240 (server start, upload, two loads, the engine alone); at 105 its loads were skipped.
 # LOGS=1: each run keeps its work dir under /tmp/work, and the server logs go to $OUT/logs.tgz with the step
-# traces of LORAPLEX_STEP_TRACE (server/engine/step_trace.py) when that is set.
+# traces of LORAPLEX_STEP_TRACE (server/engine/step_trace.py) when that is set; each trace's summary
+# (python -m bench.trace_summary) goes to run.log.
+# GPU_TESTS="-k expr": first, the GPU tests that match (pytest -m gpu), their tail to $OUT/gpu_tests.txt.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=$PWD/.torch_ext
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader > "$OUT/smi.txt"
+if [ -n "${GPU_TESTS:-}" ]; then
+  # shellcheck disable=SC2086  # GPU_TESTS is pytest arguments
+  timeout "${GPU_TESTS_TIMEOUT:-150}" python3 -m pytest -q -s tests/gpu -m gpu $GPU_TESTS 2>&1 | tail -30 > "$OUT/gpu_tests.txt"
+fi
 # COLD_LOAD=8b (a shape): the stages of a cold adapter first (python -m bench.cold_load), about 20 s.
 [ -n "${COLD_LOAD:-}" ] && timeout 120 python3 -m bench.cold_load --model "$COLD_LOAD" --out "$OUT" 2>&1 | tail -12 >> "$OUT/run.log"
 for run in ${SERVE_RUNS:-1b:c32}; do
@@ -25,6 +31,13 @@ done
 if [ -n "${LOGS:-}" ]; then
   (cd /tmp/work && find . -name '*.log'; [ -n "${LORAPLEX_STEP_TRACE:-}" ] && find "$LORAPLEX_STEP_TRACE" -name '*.jsonl') \
     | tar czf "$OUT/logs.tgz" -C /tmp/work -T - 2>/dev/null || true
+fi
+if [ -n "${LORAPLEX_STEP_TRACE:-}" ]; then
+  for trace in "$LORAPLEX_STEP_TRACE"/steps-*.jsonl; do
+    [ -s "$trace" ] || continue
+    echo "== $trace" >> "$OUT/run.log"
+    python3 -m bench.trace_summary "$trace" --slow-ms 50 2>&1 | head -60 >> "$OUT/run.log"
+  done
 fi
 [ -n "${PREFILL_TIMEOUT:-}" ] && timeout "$PREFILL_TIMEOUT" python3 -m bench.prefill --out "$OUT" 2>&1 | tail -40 >> "$OUT/run.log"
 for shape in ${PROFILE_SHAPES:-}; do
