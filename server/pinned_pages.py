@@ -2,16 +2,17 @@
 
 An adapter read back from disk must sit in pinned (page-locked) memory before its copy into a GPU slot
 can run beside the decoding batch. Pinning each tensor on its own (`Tensor.pin_memory()`) made one
-pinned allocation per tensor: 448 for an 8B rank-16 adapter, 67-86 ms on the H200 host when the
+pinned allocation per tensor: 448 for an 8B rank-16 adapter, 56-86 ms on the H200 host when the
 allocator had blocks cached and 200 ms in a fresh process (`python -m bench.cold_load`), most of the
-60 ms that issue 15 allows a cold adapter. Here every tensor is copied into PAGE_BYTES pages, packed:
-21 allocations for that adapter, all of one size. PyTorch's pinned allocator keeps freed blocks for
-reuse by size (rounded up to a power of two), so with one size every page an evicted adapter frees is
-reused by the next load, and the tier's pinned memory stays at what it holds, never a mix of size
-classes that each keep their own high-water mark. `warm_up` allocates the tier's pages at start-up, off
-the request path, so that a fresh process does not pay the driver's page locking on its first cold
-adapters.
-A tensor larger than a page (ranks of several hundred) gets a pinned block of its own.
+60 ms that issue 15 allows a cold adapter. Here the tier's memory is PAGE_BYTES pages: the store reads a
+stored file straight into them (`adapters_store.paged_read`, with a `PageAllocator`), 21 pages for that
+adapter, all of one size. PyTorch's pinned allocator keeps freed blocks for reuse by size (rounded up
+to a power of two), so with one size every page an evicted adapter frees is reused by the next load,
+and the tier's pinned memory stays at what it holds, never a mix of size classes that each keep their
+own high-water mark. `warm_up` allocates the tier's pages at start-up, off the request path, so that a
+fresh process does not pay the driver's page locking on its first cold adapters. A tensor larger than
+a page (ranks of several hundred) gets a pinned block of its own. `pin_packed` copies tensors already
+in memory into pages the same way (`bench.cold_load` compares it with the per-tensor pinning).
 """
 
 from __future__ import annotations

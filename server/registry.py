@@ -1,8 +1,8 @@
 """Adapter registry: disk (adapters_store) -> CPU LRU -> the AdapterRef a request is admitted with.
 
 GPU slots are the engine's business (server.engine.slot_table); this tier keeps parsed weights in
-CPU memory (pinned when a GPU is present, packed in pages: server.pinned_pages) so a slot load is a
-host-to-device copy, not a disk read.
+CPU memory (pinned when a GPU is present: files read straight into the pages of server.pinned_pages) so
+a slot load is a host-to-device copy, not a disk read.
 With the engine in its own process, the API process's registry only resolves names to versions
 (`load_weights=False`) and the engine process keeps the weights, loading a version by (name, version).
 
