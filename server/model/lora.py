@@ -11,7 +11,6 @@ captured CUDA graphs stay valid). Slot -1 means "base model only". The batched o
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -178,26 +177,20 @@ def _to_device(tensors: dict, device: torch.device) -> dict:
     memory: asynchronously, on the current stream), the tensors re-made as views of its copy."""
     if device.type == "cpu":
         return tensors
-    return _rebased(tensors, lambda host: host.to(device, non_blocking=True))
+    return _on_staging(tensors, device)
 
 
-def _rebased(tensors: dict, copy: Callable[[torch.Tensor], torch.Tensor]) -> dict:
-    """`tensors` as views of `copy(buffer)`, for each distinct host buffer (storage) once; a tensor that
-    is not a contiguous view is copied on its own."""
-    buffers: dict[int, torch.Tensor] = {}
+def _on_staging(tensors: dict, device: torch.device) -> dict:
+    """`tensors` as views of their `_staged` copy on `device`, with their shapes, strides and dtypes."""
+    staging, bases = _staged(tensors, device)
+    typed: dict[torch.dtype, torch.Tensor] = {}
     out = {}
     for key, pair in tensors.items():
         views = []
         for t in pair:
-            if not t.is_contiguous():
-                views.append(copy(t))
-                continue
-            storage = t.untyped_storage()
-            base = buffers.get(storage.data_ptr())
-            if base is None:
-                base = buffers[storage.data_ptr()] = copy(torch.empty(0, dtype=torch.uint8).set_(storage))
-            start = t.storage_offset() * t.element_size()
-            views.append(base[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape))
+            base = typed.setdefault(t.dtype, staging.view(t.dtype))
+            start = bases[t.untyped_storage().data_ptr()] // t.element_size() + t.storage_offset()
+            views.append(torch.as_strided(base, t.shape, t.stride(), start))
         out[key] = tuple(views)
     return out
 
