@@ -19,19 +19,14 @@ CHUNK_BYTES = 8 << 20
 _POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="loraplex-sha256")
 
 
-def _sha256_hex(data) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def submit_whole(data) -> Future:
     """The sha256 hex digest of `data`, on a worker thread."""
-    return _POOL.submit(_sha256_hex, data)
+    return submit_whole_of([data])
 
 
 def submit_chunks(data) -> list[Future]:
     """The sha256 hex digest of every CHUNK_BYTES chunk of `data`, in order, on worker threads."""
-    view = memoryview(data).cast("B")
-    return [_POOL.submit(_sha256_hex, view[i : i + CHUNK_BYTES]) for i in range(0, len(view), CHUNK_BYTES)]
+    return submit_chunks_of([data])
 
 
 def _sha256_of_pieces(pieces: list[memoryview]) -> str:
