@@ -205,12 +205,8 @@ class LLMEngine:
         if not self.scheduler.running and not self.scheduler.waiting:
             self.auto_policy.on_idle()  # the engine goes idle: the next traffic starts a new arrival window
         if self.trace.enabled:
-            end = time.perf_counter()
-            self.trace.record(ms=round((end - swap_start) * 1e3, 3), swap_ms=round((step_start - swap_start) * 1e3, 3),
-                              prefill=len(batch.prefill), prefill_tokens=sum(n for _, n in batch.prefill),
-                              decode=len(batch.decode), fused=fused, waiting=len(self.scheduler.waiting),
-                              running=len(self.scheduler.running), merged=self.merged_active,
-                              merged_before=merged_before, slot_loads=self.slot_table.num_loads - loads_before)
+            self.trace.record_step(swap_start, step_start, batch, fused, self.scheduler, self.merged_active,
+                                   merged_before, self.slot_table.num_loads - loads_before)
         return outputs
 
     def _record_state(self, batch_adapters: int | None = None) -> None:

@@ -41,6 +41,16 @@ class StepTrace:
         if self._pending >= _FLUSH_EVERY:
             self.flush()
 
+    def record_step(self, start: float, scheduled: float, batch, fused: bool, scheduler, merged: bool,
+                    merged_before: bool, slot_loads: int) -> None:
+        """The line of one engine step: `start` before its swap (if any), `scheduled` after it (perf_counter
+        seconds), `batch` what it ran, `scheduler` the queues after it."""
+        self.record(ms=round((time.perf_counter() - start) * 1e3, 3), swap_ms=round((scheduled - start) * 1e3, 3),
+                    prefill=len(batch.prefill), prefill_tokens=sum(n for _, n in batch.prefill),
+                    decode=len(batch.decode), fused=fused, waiting=len(scheduler.waiting),
+                    running=len(scheduler.running), merged=merged, merged_before=merged_before,
+                    slot_loads=slot_loads)
+
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
