@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 CHUNK_BYTES = 8 << 20
-# Shared by every put and read-back of the process: threads are started once, not per load.
-_POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="loraplex-sha256")
+T = TypeVar("T")
+# Shared by every put and read-back of the process: threads are started once, not per load. Up to 16:
+# an 84 MB adapter is 11 chunks, read and hashed in one round on the GPU host's 16 cores.
+_POOL = ThreadPoolExecutor(max_workers=max(2, min(16, os.cpu_count() or 2)), thread_name_prefix="loraplex-sha256")
 
 
 def submit_whole(data) -> Future:
@@ -43,18 +47,35 @@ def submit_whole_of(segments: list[memoryview]) -> Future:
 
 def submit_chunks_of(segments: list[memoryview]) -> list[Future]:
     """`submit_chunks` of the bytes that `segments` hold one after the other (a file read in pieces)."""
-    chunks: list[list[memoryview]] = [[]]
-    room = CHUNK_BYTES
-    for segment in segments:
+    return [_POOL.submit(_sha256_of_pieces, [view for _, _, view in pieces]) for pieces in chunks_of(segments)]
+
+
+def chunks_of(segments: list[memoryview]) -> list[list[tuple[int, int, memoryview]]]:
+    """The CHUNK_BYTES chunks of the bytes `segments` hold one after the other, each as its pieces:
+    (index of the segment the piece is part of, offset of the piece in the whole, view of the piece)."""
+    chunks: list[list[tuple[int, int, memoryview]]] = [[]]
+    room, offset = CHUNK_BYTES, 0
+    for index, segment in enumerate(segments):
         view = memoryview(segment).cast("B")
         while len(view):
             if room == 0:
                 chunks.append([])
                 room = CHUNK_BYTES
             piece, view = view[:room], view[room:]
-            chunks[-1].append(piece)
+            chunks[-1].append((index, offset, piece))
             room -= len(piece)
-    return [_POOL.submit(_sha256_of_pieces, pieces) for pieces in chunks if pieces]
+            offset += len(piece)
+    return [pieces for pieces in chunks if pieces]
+
+
+def submit(fn: Callable[..., T], *args) -> Future[T]:
+    """Run `fn(*args)` on the hashing threads (a task that reads the bytes it then hashes)."""
+    return _POOL.submit(fn, *args)
+
+
+def sha256_of(pieces: list[memoryview]) -> str:
+    """The sha256 hex digest of the bytes `pieces` hold one after the other."""
+    return _sha256_of_pieces(pieces)
 
 
 def results(futures: list[Future]) -> list[str]:

@@ -27,6 +27,7 @@ empty dir; until the tombstone exists, the trash entry itself remembers the vers
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import secrets
@@ -34,6 +35,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 
 import torch
@@ -250,20 +252,30 @@ class AdapterStore:
         config_bytes = read_regular_file(record.path / CONFIG_FILE, self.max_bytes)
         if allocate is not None:
             try:
-                paged = read_paged(record.path / WEIGHTS_FILE, self.max_bytes, page_bytes, allocate)
+                paged = read_paged(record.path / WEIGHTS_FILE, self.max_bytes, page_bytes, allocate,
+                                   hash_chunks=bool(record.chunk_sha256))
             except AdapterValidationError as exc:  # it passed at upload: the file changed since
                 raise AdapterIntegrityError(f"adapter {record.name!r} v{record.version}: {exc}") from None
-            segments = paged.segments
-            checks = (digests.submit_chunks_of(segments) if record.chunk_sha256
-                      else [digests.submit_whole_of(segments)])
+
+            @functools.cache
+            def checks() -> list[str]:
+                chunks = [read.result() for read in paged.reads]  # a short read raises here
+                return chunks if record.chunk_sha256 else [digests.sha256_of(paged.segments)]
 
             def parse():
-                return adapter_from_header(parse_config(config_bytes, self.spec, self.max_rank), paged.header,
-                                           lambda: paged.tensors, self.spec, check_finite=False)[1]
+                try:
+                    return adapter_from_header(parse_config(config_bytes, self.spec, self.max_rank),
+                                               paged.header, paged.tensors, self.spec, check_finite=False)[1]
+                except BaseException:
+                    futures_wait(paged.reads)  # no read may still write into pages the caller frees
+                    raise
         else:
             safetensors_bytes = read_regular_file_writable(record.path / WEIGHTS_FILE, self.max_bytes)
-            checks = (digests.submit_chunks(safetensors_bytes) if record.chunk_sha256
-                      else [digests.submit_whole(safetensors_bytes)])
+            futures = (digests.submit_chunks(safetensors_bytes) if record.chunk_sha256
+                       else [digests.submit_whole(safetensors_bytes)])
+
+            def checks() -> list[str]:
+                return digests.results(futures)
 
             def parse():
                 return parse_adapter(config_bytes, safetensors_bytes, self.spec, self.max_rank,
@@ -272,9 +284,9 @@ class AdapterStore:
         try:
             weights = parse()
         except AdapterError:
-            if digests.results(checks) == expected:
+            if _digests(checks, record) == expected:
                 raise
-        if digests.results(checks) != expected:  # bytes that changed on disk say so first
+        if _digests(checks, record) != expected:  # bytes that changed on disk say so first
             raise AdapterIntegrityError(
                 f"adapter {record.name!r} v{record.version}: {WEIGHTS_FILE} changed on disk (its sha256 no "
                 f"longer matches the manifest's, which says {record.sha256})"
@@ -347,6 +359,14 @@ class AdapterStore:
                     shutil.rmtree(version_dir, ignore_errors=True)
             _remove_if_empty(adapter_dir)
             self._prune(adapter_dir)
+
+
+def _digests(checks: Callable[[], list[str]], record: AdapterRecord) -> list[str]:
+    """The digests a read-back computed; a file that ended early (it changed since) is an integrity error."""
+    try:
+        return checks()
+    except AdapterValidationError as exc:
+        raise AdapterIntegrityError(f"adapter {record.name!r} v{record.version}: {exc}") from None
 
 
 def _remove_if_empty(path: Path) -> None:

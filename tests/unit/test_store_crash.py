@@ -394,3 +394,60 @@ def test_read_into_pages_handles_gaps_misaligned_tensors_and_tensors_larger_than
         for key, pair in plain.tensors.items():
             for mine, theirs in zip(paged.tensors[key], pair, strict=True):
                 assert torch.equal(mine, theirs)
+
+
+def test_read_into_pages_reads_and_hashes_by_chunk_on_worker_threads_and_catches_a_short_read(tmp_path,
+                                                                                            monkeypatch):
+    """The paged read-back runs one task per digest chunk on the hashing threads: each reads its chunk's
+    bytes into the pages and hashes them, and the digests equal those of the whole file hashed at once.
+    A file that ends early while it is read (it shrank after the header was read) is an integrity error,
+    and no read is left running into the pages when load_weights raises."""
+    import adapters_store.digests as digests
+    import adapters_store.paged_read as paged_read
+
+    monkeypatch.setattr(digests, "CHUNK_BYTES", 4096)
+    store, record = seeded(tmp_path)
+    path = record.path / "adapter_model.safetensors"
+    pristine = path.read_bytes()
+    reading_threads = set()
+    real_preadv = os.preadv
+
+    def recording_preadv(fd, buffers, offset):
+        reading_threads.add(threading.current_thread().name)
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(paged_read.os, "preadv", recording_preadv)
+    blocks = []
+
+    def allocate(n):
+        blocks.append(torch.zeros(n, dtype=torch.uint8))
+        return blocks[-1]
+
+    paged = paged_read.read_paged(path, 1 << 30, 4096, allocate)
+    chunk_digests = [read.result() for read in paged.reads]
+    assert len(chunk_digests) == -(-len(pristine) // 4096) > 2
+    assert chunk_digests == digests.results(digests.submit_chunks(pristine)) == list(record.chunk_sha256)
+    assert b"".join(bytes(segment) for segment in paged.segments) == pristine
+    assert any(name.startswith("loraplex-sha256") for name in reading_threads)
+
+    in_flight = []
+
+    def short_preadv(fd, buffers, offset):
+        if offset + len(buffers[0]) > len(pristine) // 2:
+            return 0  # the file ended here
+        return real_preadv(fd, buffers, offset)
+
+    real_read_chunk = paged_read._read_chunk
+
+    def tracked_read_chunk(*args):
+        in_flight.append(1)
+        try:
+            return real_read_chunk(*args)
+        finally:
+            in_flight.pop()
+
+    monkeypatch.setattr(paged_read.os, "preadv", short_preadv)
+    monkeypatch.setattr(paged_read, "_read_chunk", tracked_read_chunk)
+    with pytest.raises(AdapterIntegrityError, match="early"):
+        store.load_weights(record, allocate, 4096)
+    assert in_flight == []
