@@ -9,6 +9,7 @@ from server.api.auth import tenant_policies
 from server.config import Settings
 from server.engine.fairness import TenantCounters, TenantPolicy
 from server.engine.rank_pool import block_size
+from server.model import lora_ops
 from server.model.loader import load_phase
 from server.model.lora import LoraSlots
 
@@ -36,7 +37,17 @@ def adapter_pool_units(model, settings: Settings) -> int:
 def allocate_adapter_pool(model, units: int, max_rank: int, num_slot_ids: int) -> LoraSlots:
     """The rank pools of every LoRA linear, allocated once (a load phase: it can take seconds on a GPU)."""
     with load_phase("adapter pool", f"{units} rank units, {units * LoraSlots.rank_nbytes(model) / 2**20:.0f} MiB"):
-        return LoraSlots(model, units, max_rank, num_slot_ids)
+        slots = LoraSlots(model, units, max_rank, num_slot_ids)
+    if model.device.type == "cuda" and lora_ops.USE_TRITON_LORA and lora_ops.triton_available():
+        from server.model import triton_lora
+
+        with load_phase("lora kernels", "every Triton LoRA variant a prefill can meet, built before serving"):
+            triton_lora.warm_up([linear for _, linear in model.lora_linears()], slots.layout, model.device)
+            if slots.use_scatter:
+                from server.model import triton_slot_load
+
+                triton_slot_load.warm_up(slots.flat)
+    return slots
 
 
 def tenant_counters(settings: Settings) -> TenantCounters:

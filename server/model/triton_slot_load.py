@@ -54,3 +54,13 @@ def scatter(src: torch.Tensor, dst: torch.Tensor, descriptors: torch.Tensor, max
         return
     grid = (descriptors.shape[0], triton.cdiv(max(max_elements, 1), BLOCK))
     _scatter_kernel[grid](src, dst, descriptors, float(scale), BLOCK=BLOCK, num_warps=4)
+
+
+def warm_up(dst: torch.Tensor) -> None:
+    """Build the kernel for every source dtype a stored adapter can have (one no-op descriptor each), at
+    start-up: on the H200 the first cold adapter's load otherwise built it inside its step."""
+    descriptor = torch.zeros(1, FIELDS, dtype=torch.int64, device=dst.device)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        src = torch.zeros(64, dtype=dtype, device=dst.device)
+        grid = (1, 1)
+        _scatter_kernel[grid](src, dst, descriptor, 1.0, BLOCK=BLOCK, num_warps=4)

@@ -153,9 +153,11 @@ class _LaunchRecorder:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             named = zip(self.param_names, args, strict=False)  # no names: no integer arguments counted
+            named = list(named)
             ints = tuple((name, value == 1, value % 16 == 0) for name, value in named
                          if isinstance(value, int) and name not in self.runtime_ints)
-            self.variants.add(tuple(sorted((k, v) for k, v in kwargs.items() if k.isupper())) + ints)
+            dtypes = tuple((name, str(value.dtype)) for name, value in named if isinstance(value, torch.Tensor))
+            self.variants.add(tuple(sorted((k, v) for k, v in kwargs.items() if k.isupper())) + ints + dtypes)
         return launch
 
 
@@ -185,6 +187,46 @@ def test_triton_lora_compiles_few_variants_whatever_the_batch(triton_lora, monke
     # With split-k specialized by value class it was 6 here, with it a constexpr 22.
     assert len(shrink.variants) <= 3, sorted(shrink.variants)
     assert len(expand.variants) <= 3, sorted(expand.variants)
+
+
+def test_triton_lora_warm_up_builds_every_variant_a_prefill_meets(triton_lora, monkeypatch):
+    """The engine's start-up warm-up (`triton_lora.warm_up`) launches every shrink and expand variant that
+    any later batch of prompts can meet on the same linears, so that no serving step builds one (0.3-0.5 s
+    each on the H200: the fairness run's first prefill of 14 prompts took 3.3 s building six)."""
+    import inspect
+    from types import SimpleNamespace
+
+    shrink_params = list(inspect.signature(triton_lora._shrink_kernel.fn).parameters)
+    expand_params = list(inspect.signature(triton_lora._expand_kernel.fn).parameters)
+
+    def recorders():
+        shrink = _LaunchRecorder(shrink_params, triton_lora.SHRINK_RUNTIME_INTS)
+        expand = _LaunchRecorder(expand_params)
+        monkeypatch.setattr(triton_lora, "_shrink_kernel", shrink)
+        monkeypatch.setattr(triton_lora, "_expand_kernel", expand)
+        return shrink, expand
+
+    linears, layout = [], None
+    for slice_offsets, in_features in ((SLICES[1], 2048), (SLICES[0], 2048), (SLICES[0], 8192)):
+        _, _, lora_a, lora_b, layout, _ = make_inputs([4], [0], 16, slice_offsets, torch.float32,
+                                                      in_features=in_features)
+        linears.append(SimpleNamespace(in_features=in_features, slice_offsets=slice_offsets,
+                                       lora_a=lora_a, lora_b=lora_b))
+    warm_shrink, warm_expand = recorders()
+    assert triton_lora.warm_up(linears, layout, torch.device("cpu")) == 3
+    served_shrink, served_expand = recorders()
+    for linear in linears:
+        num_slices = len(linear.slice_offsets) - 1
+        for num_prompts in (1, 2, 7, 15, 33, 64, 200):
+            for seg_len in (1, 3, 16, 17, 20, 64, 65, 128, 512):
+                meta = make_lora_meta([seg_len] * num_prompts, [p % 3 for p in range(num_prompts)], "cpu")
+                x = torch.zeros(seg_len * num_prompts, linear.in_features)
+                h = triton_lora.lora_shrink(x, linear.lora_a, layout, meta, num_slices)
+                y = torch.zeros(seg_len * num_prompts, linear.slice_offsets[-1])
+                triton_lora.lora_expand(y, h, linear.lora_b, layout, meta, linear.slice_offsets)
+    assert served_shrink.variants <= warm_shrink.variants, served_shrink.variants - warm_shrink.variants
+    assert served_expand.variants <= warm_expand.variants, served_expand.variants - warm_expand.variants
+    assert {("ATOMIC", True) in v for v in served_shrink.variants} == {True, False}  # both sides of the split
 
 
 # bf16 slots are GPU-only here: the interpreter rounds float32 -> bf16 toward zero (Triton 3.9), the GPU to
