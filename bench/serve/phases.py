@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,9 @@ class PhaseRunner:
     def _upload_probes(self, server: ServerProcess, phase: Phase) -> None:
         probes = adapter_specs(phase.upload_probes, self.ranks[:1], "probe")
         files = [(spec, *self.factory.files(spec, PROBE_OFFSET + i)) for i, spec in enumerate(probes)]
-        self.rec.measure("server", f"{phase.name}/upload_to_usable", lambda: http.run_async(
-            http.upload_to_usable(server.url, files, self.tokens, self._prompt_len(phase), self.admin_key)))
+        self.rec.measure("server", f"{phase.name}/upload_to_usable", lambda: _with_server_metrics(
+            server.url, lambda: http.run_async(http.upload_to_usable(
+                server.url, files, self.tokens, self._prompt_len(phase), self.admin_key))))
 
     def _prefix_hit_and_miss(self, server: ServerProcess, phase: Phase, config: ServerConfig) -> None:
         """TTFT of prompts of phase.prefix_len + PREFIX_SUFFIX_TOKENS tokens, one at a time: each with a new
@@ -124,14 +126,10 @@ class PhaseRunner:
         hits = [(model, shared + suffix.prompt(i, self.tokens)) for i in range(phase.prefix_probes)]
         warm = [(model, suffix.prompt(1000 + i, self.tokens)) for i in range(2)]
         warm.append((model, base.prompt(0, self.tokens)))  # caches the shared prefix
-        def probe(requests) -> dict:
-            before = scrape.snapshot(server.url)
-            result = http.run_async(http.sequential_ttft_prompts(server.url, requests, api_key=self.admin_key))
-            result["server_metrics"] = scrape.deltas(before, scrape.snapshot(server.url))
-            return result
-
         for label, requests in (("prefix_warmup", warm), ("prefix_miss", misses), ("prefix_hit", hits)):
-            self.rec.measure("server", f"{phase.name}/{label}", lambda requests=requests: probe(requests))
+            self.rec.measure("server", f"{phase.name}/{label}", lambda requests=requests: _with_server_metrics(
+                server.url, lambda: http.run_async(
+                    http.sequential_ttft_prompts(server.url, requests, api_key=self.admin_key))))
 
     def _cold_and_warm(self, server: ServerProcess, phase: Phase, config: ServerConfig) -> ServerProcess | None:
         """Upload fresh adapters, restart the server so they are on disk only, send two base-model
@@ -147,9 +145,19 @@ class PhaseRunner:
             return None
         names, prompt_len = [spec.name for spec in cold], self._prompt_len(phase)
         for label, models in (("base", [config.served_model_name] * 2), ("cold", names), ("warm", names)):
-            self.rec.measure("server", f"{phase.name}/{label}", lambda models=models: http.run_async(
-                http.sequential_ttft(server.url, models, self.tokens, prompt_len, api_key=self.admin_key)))
+            self.rec.measure("server", f"{phase.name}/{label}", lambda models=models: _with_server_metrics(
+                server.url, lambda: http.run_async(
+                    http.sequential_ttft(server.url, models, self.tokens, prompt_len, api_key=self.admin_key))))
         return server
+
+
+def _with_server_metrics(url: str, measure: Callable[[], dict]) -> dict:
+    """`measure()`'s result with the server's own figures over it (`server_metrics`: the load latency by
+    tier, queue and prefill times), which split a cold request's time between its parts."""
+    before = scrape.snapshot(url)
+    result = measure()
+    result["server_metrics"] = scrape.deltas(before, scrape.snapshot(url))
+    return result
 
 
 def run_engine(rec: Recorder, engine_loads: list[tuple[Phase, Load]], configs: dict[str, ServerConfig],
