@@ -64,7 +64,7 @@ from .fsio import (
 )
 from .paged_read import read_paged
 from .peft_format import adapter_from_header, parse_adapter, parse_config
-from .records import NAME_PATTERN, AdapterRecord, read_manifest, validate_name, write_manifest
+from .records import MANIFEST_FILE, NAME_PATTERN, AdapterRecord, read_manifest, validate_name, write_manifest
 from .spec import AdapterWeights, BaseModelSpec
 
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]{0,8})$")
@@ -195,23 +195,34 @@ class AdapterStore:
 
     def get(self, name: str, version: int | None = None) -> AdapterRecord:
         """The latest (or the given) complete version of `name`."""
-        records = self._records(self._adapter_dir(name))
-        if not records:
-            raise AdapterNotFoundError(f"adapter {name!r} not found")
-        if version is None:
-            return records[-1]
-        for record in records:
-            if record.version == version:
-                return record
-        raise AdapterNotFoundError(f"adapter {name!r} has no version {version}")
+        adapter_dir = self._adapter_dir(name)
+        if version is None:  # on every request's path: one manifest read, not one per version kept
+            record = self._latest(adapter_dir)
+            if record is None:
+                raise AdapterNotFoundError(f"adapter {name!r} not found")
+            return record
+        record = read_manifest(adapter_dir.name, version, adapter_dir / f"v{version}") if version > 0 else None
+        if record is None:
+            if self._latest(adapter_dir) is None:
+                raise AdapterNotFoundError(f"adapter {name!r} not found")
+            raise AdapterNotFoundError(f"adapter {name!r} has no version {version}")
+        return record
 
     def list(self) -> list[AdapterRecord]:
         """The latest version of every adapter, sorted by name."""
         latest = []
         for entry in sorted(os.listdir(self.root)):
-            if NAME_PATTERN.fullmatch(entry) and (records := self._records(self.root / entry)):
-                latest.append(records[-1])
+            if NAME_PATTERN.fullmatch(entry) and (record := self._latest(self.root / entry)) is not None:
+                latest.append(record)
         return latest
+
+    def count(self) -> int:
+        """How many adapters have a version with a manifest, by `stat` alone (the disk tier's gauge,
+        refreshed after every upload: `list` reads a manifest per adapter, 1,000 of them in a large
+        store)."""
+        return sum(1 for entry in os.listdir(self.root) if NAME_PATTERN.fullmatch(entry) and any(
+            (self.root / entry / f"v{version}" / MANIFEST_FILE).is_file()
+            for version in self._version_numbers(self.root / entry)))
 
     def delete(self, name: str) -> None:
         """Remove every version of `name`: one atomic rename into .trash, then removal. Writes nothing
@@ -309,6 +320,14 @@ class AdapterStore:
         except (FileNotFoundError, NotADirectoryError):
             return []
         return [int(m[1]) for entry in entries if (m := _VERSION_DIR.fullmatch(entry))]
+
+    def _latest(self, adapter_dir: Path) -> AdapterRecord | None:
+        """The newest complete version of one adapter, reading manifests newest first."""
+        for version in sorted(self._version_numbers(adapter_dir), reverse=True):
+            record = read_manifest(adapter_dir.name, version, adapter_dir / f"v{version}")
+            if record is not None:
+                return record
+        return None
 
     def _records(self, adapter_dir: Path) -> list[AdapterRecord]:
         """Complete versions of one adapter, oldest first."""

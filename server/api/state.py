@@ -142,7 +142,7 @@ class ServerState:
         process reports its own CPU tier."""
         if self.store is None or self.registry is None:
             return
-        metrics.adapters_resident.labels(self.model_id, "disk").set(len(self.store.list()))
+        metrics.adapters_resident.labels(self.model_id, "disk").set(self.store.count())
         if self.registry.load_weights:  # else the engine process reports its own CPU tier
             metrics.adapters_resident.labels(self.model_id, "cpu").set(self.registry.num_cached)
             metrics.adapter_bytes_resident.labels(self.model_id, "cpu").set(self.registry.nbytes)

@@ -80,3 +80,27 @@ def test_resolve_retries_when_its_version_is_pruned_before_the_load(tmp_path, mo
     ref = registry.resolve("a")
     assert ref.version == 2
     assert torch.equal(ref.weights.tensors[0, "q_proj"][0], newer.lora_pair(0, "q_proj")[0])
+
+
+def test_get_list_and_count_see_the_newest_complete_version_whatever_is_half_written(tmp_path):
+    """`get` (on every request's path) and `list` read the newest manifest first and stop there; `count`
+    (the disk tier's gauge, refreshed after every upload) only stats. A newer version dir without its
+    manifest (a write in progress or interrupted) is not a version; an adapter with no complete version
+    is not counted, and a deleted one is gone from all three."""
+    store = kept_store(tmp_path, 3)
+    records = put_versions(store, 2)
+    put_versions(store, 1, name="b")
+    (tmp_path / "a" / "v7").mkdir()  # newer than any, no manifest
+    (tmp_path / "c" / "v1").mkdir(parents=True)  # an adapter dir with nothing complete in it
+    assert store.get("a") == records[-1]
+    assert store.get("a", 1) == records[0]
+    with pytest.raises(AdapterNotFoundError, match="no version 7"):
+        store.get("a", 7)
+    with pytest.raises(AdapterNotFoundError, match="not found"):
+        store.get("c")
+    assert [(r.name, r.version) for r in store.list()] == [("a", 2), ("b", 1)]
+    assert store.count() == len(store.list()) == 2
+    store.delete("b")
+    assert store.count() == len(store.list()) == 1
+    with pytest.raises(AdapterNotFoundError, match="not found"):
+        store.get("b", 1)
