@@ -38,6 +38,9 @@ if [ -n "${LORAPLEX_STEP_TRACE:-}" ]; then
     echo "== $trace" >> "$OUT/run.log"
     python3 -m bench.trace_summary "$trace" --slow-ms 50 2>&1 | head -60 >> "$OUT/run.log"
   done
+  for loads in "$LORAPLEX_STEP_TRACE"/loads-*.jsonl; do  # the CPU tier's reads, with their stages
+    [ -s "$loads" ] && { echo "== $loads"; head -24 "$loads"; } >> "$OUT/run.log"
+  done
 fi
 [ -n "${PREFILL_TIMEOUT:-}" ] && timeout "$PREFILL_TIMEOUT" python3 -m bench.prefill --out "$OUT" 2>&1 | tail -40 >> "$OUT/run.log"
 for shape in ${PROFILE_SHAPES:-}; do

@@ -28,6 +28,7 @@ import torch
 from adapters_store import AdapterNotFoundError, AdapterRecord, AdapterStore, AdapterWeights, weights_nbytes
 from server import pinned_pages
 from server.engine.request import AdapterRef
+from server.engine.step_trace import StepTrace
 
 _RESOLVE_ATTEMPTS = 3  # a pruned version (store versions_kept) makes resolve look again
 
@@ -55,6 +56,7 @@ class AdapterRegistry:
         self._evicted_nbytes: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, int], _PendingLoad] = {}  # loads in flight, one per version
+        self._trace = StepTrace(kind="loads")
         if pin_memory and load_weights and max_bytes:
             pinned_pages.warm_up(max_bytes)  # the tier's pages pinned at start-up, off every request's path
 
@@ -167,7 +169,15 @@ class AdapterRegistry:
             weights = self.store.load_weights(record)
             return weights, weights_nbytes(weights)
         pages = pinned_pages.PageAllocator(pinned_pages.pinned)  # the file is read straight into pinned pages
-        return self.store.load_weights(record, pages, pinned_pages.PAGE_BYTES), pages.nbytes
+        marks: dict[str, float] = {}
+        start = time.perf_counter()
+        weights = self.store.load_weights(record, pages, pinned_pages.PAGE_BYTES, marks)
+        if self._trace.enabled:  # LORAPLEX_STEP_TRACE: the stages of each read (diagnosis only)
+            self._trace.record(adapter=record.name, version=record.version, mb=round(pages.nbytes / 2**20, 1),
+                               ms=round((time.perf_counter() - start) * 1e3, 2),
+                               **{stage: round(s * 1e3, 2) for stage, s in marks.items()})
+            self._trace.flush()
+        return weights, pages.nbytes
 
     def forget(self, name: str) -> None:
         """Drop every cached version of `name` (after delete); running requests keep theirs."""

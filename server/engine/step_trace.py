@@ -21,7 +21,9 @@ _FLUSH_EVERY = 200  # lines
 class StepTrace:
     """Appends one line per step to DIR/steps-<pid>.jsonl; `enabled` False (no env var): does nothing."""
 
-    def __init__(self, directory: str | None = None):
+    def __init__(self, directory: str | None = None, kind: str = "steps"):
+        """`kind` names the file (DIR/<kind>-<pid>.jsonl): "steps" for the engine, "loads" for the CPU
+        tier's reads (server.registry: one line per adapter read from disk, with its stages)."""
         directory = directory if directory is not None else os.environ.get(ENV_DIR)
         self.enabled = bool(directory)
         self._file = None
@@ -29,8 +31,9 @@ class StepTrace:
         self._start = time.perf_counter()
         if self.enabled:
             Path(directory).mkdir(parents=True, exist_ok=True)
-            self._file = open(Path(directory) / f"steps-{os.getpid()}.jsonl", "a")  # noqa: SIM115 (kept open)
-            _on_triton_compile(lambda description: self.record(compile=description))
+            self._file = open(Path(directory) / f"{kind}-{os.getpid()}.jsonl", "a")  # noqa: SIM115 (kept open)
+            if kind == "steps":
+                _on_triton_compile(lambda description: self.record(compile=description))
 
     def record(self, **fields) -> None:
         if self._file is None:

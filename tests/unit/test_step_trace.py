@@ -56,3 +56,25 @@ def test_a_triton_kernel_met_for_the_first_time_is_named_in_the_trace(tmp_path):
     trace.flush()
     (line,) = [json.loads(x) for x in (tmp_path / f"steps-{os.getpid()}.jsonl").read_text().splitlines()]
     assert line["compile"].startswith("_shrink_kernel[") and "split_k: i32" in line["compile"]
+
+
+def test_each_read_into_the_cpu_tier_writes_a_line_with_its_stages(tmp_path, monkeypatch):
+    """The CPU tier's reads from disk (server.registry) go to DIR/loads-<pid>.jsonl with the time each
+    stage ended: the header read (the rest submitted), the tensors parsed, the digests checked."""
+    import torch
+
+    import server.pinned_pages as pinned_pages
+    from server.registry import AdapterRegistry
+    from tests.unit.store_helpers import make_store, peft_adapter
+
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "trace"))
+    monkeypatch.setattr(pinned_pages, "pinned", lambda n: torch.zeros(n, dtype=torch.uint8))
+    store = make_store(tmp_path / "store")
+    adapter = peft_adapter(seed=0)
+    record = store.put("a", adapter.config_bytes, adapter.safetensors_bytes)
+    registry = AdapterRegistry(store, pin_memory=True, max_bytes=64 << 20)
+    registry.weights(record)
+    registry.weights(record)  # cached: no read, no line
+    (line,) = [json.loads(x) for x in (tmp_path / "trace" / f"loads-{os.getpid()}.jsonl").read_text().splitlines()]
+    assert (line["adapter"], line["version"]) == ("a", 1)
+    assert 0 < line["header"] <= line["parsed"] <= line["checked"] <= line["ms"]
