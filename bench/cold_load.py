@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from adapters_store import AdapterStore, BaseModelSpec
+from adapters_store import AdapterStore, BaseModelSpec, digests
 from bench.serve.adapters import AdapterFactory, AdapterSpec
 from bench.shapes import SHAPES, llama_config, shape_facts
 from server.pinned_pages import PAGE_BYTES, PageAllocator, pin_packed
@@ -79,6 +79,13 @@ def stages(model: str, rank: int, repeats: int) -> dict:
                 lambda: store.load_weights(record, PageAllocator(), PAGE_BYTES), repeats)
         result["ms"]["load_weights"] = _timed(lambda: store.load_weights(record), repeats)
         loaded = store.load_weights(record)
+        marks: dict[str, float] = {}  # where a paged read's time goes: its stages' end times
+        store.load_weights(record, PageAllocator(lambda n: torch.empty(n, dtype=torch.uint8)), PAGE_BYTES, marks)
+        result["load_pages_stages_ms"] = {stage: round(s * 1e3, 2) for stage, s in marks.items()}
+    # The digests alone: one 8 MiB chunk on one thread, and the whole file's chunks on the pool.
+    chunk = body[: digests.CHUNK_BYTES]
+    result["ms"]["sha256_one_chunk"] = _timed(lambda: digests.sha256_of([chunk]), repeats)
+    result["ms"]["sha256_chunks_parallel"] = _timed(lambda: digests.results(digests.submit_chunks(body)), repeats)
     tensors = [t for pair in loaded.tensors.values() for t in pair]
     result["tensors"] = len(tensors)
     result["dtype"] = str(tensors[0].dtype).removeprefix("torch.")
@@ -107,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model} rank {args.rank}: {result['mb']} MB in {result['tensors']} tensors of {result['dtype']}")
     for stage, times in result["ms"].items():
         print(f"  {stage} ms: " + ", ".join(f"{t:.1f}" for t in times))
+    print("  paged read, stage ends (ms): " + ", ".join(f"{k} {v}" for k, v in result["load_pages_stages_ms"].items()))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
