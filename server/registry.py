@@ -171,7 +171,7 @@ class AdapterRegistry:
         pages = pinned_pages.PageAllocator(pinned_pages.pinned)  # the file is read straight into pinned pages
         marks: dict[str, float] = {}
         start = time.perf_counter()
-        weights = self.store.load_weights(record, pages, pinned_pages.PAGE_BYTES, marks)
+        weights = self.store.load_weights(record, pages, pinned_pages.PAGE_BYTES, timings=marks)
         if self._trace.enabled:  # LORAPLEX_STEP_TRACE: the stages of each read (diagnosis only)
             self._trace.record(adapter=record.name, version=record.version, mb=round(pages.nbytes / 2**20, 1),
                                ms=round((time.perf_counter() - start) * 1e3, 2),

@@ -113,10 +113,7 @@ class LLMEngine:
             # Before any graph capture: building the CUDA NF4 kernel takes ~90 s on a fresh machine.
             with load_phase("kernels", "the CUDA NF4 kernels, built once per machine"):
                 log.info("NF4 kernels by batch rows: %s", nf4_dispatch.prepare())
-        if self.runner.graphs is not None:
-            graphs = self.runner.graphs
-            with load_phase("cuda graphs", f"decode steps of up to {graphs.max_rows} rows"):
-                graphs.capture_all((False, True) if self.runner.use_lora else (False,))
+        self.runner.prepare(settings.max_num_batched_tokens, (False, True) if self.runner.use_lora else (False,))
         log.info("engine ready: %d KV blocks (%.1f MiB), mode=%s, adapter pool=%d rank units",
                  num_blocks, num_blocks * per_block / 2**20, self.mode.value, self.slot_table.pool.capacity)
 

@@ -35,7 +35,7 @@ class FakeStore:
             raise AdapterNotFoundError(name)
         return FakeRecord(name, version or self.versions[name])
 
-    def load_weights(self, record: FakeRecord, allocate=None, page_bytes: int = 0) -> AdapterWeights:
+    def load_weights(self, record: FakeRecord, allocate=None, page_bytes: int = 0, timings=None) -> AdapterWeights:
         """`allocate`: the tensors are views of what it hands out (as `AdapterStore.load_weights` reads)."""
         key = (record.name, record.version)
         self.num_reads[key] = self.num_reads.get(key, 0) + 1
