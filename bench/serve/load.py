@@ -281,10 +281,11 @@ async def upload_to_usable(url: str, files, token_range: tuple[int, int], prompt
 
 
 async def sequential_ttft(url: str, names: list[str], token_range: tuple[int, int], prompt_len: int,
-                          output_len: int = 4, api_key: str | None = None) -> dict:
-    """One request at a time, each naming the next adapter: TTFT of each (cold or warm, by setup)."""
+                          output_len: int = 4, api_key: str | None = None, seed: int = 20_000) -> dict:
+    """One request at a time, each naming the next adapter: TTFT of each (cold or warm, by setup). The
+    prompts follow `seed`: a probe that must not hit the prefix cache of an earlier one takes its own."""
     traffic = Traffic(adapters=(), prompt_len=prompt_len)
-    prompts = [traffic.prompts(1, token_range, seed=20_000 + index)[0] for index in range(len(names))]
+    prompts = [traffic.prompts(1, token_range, seed=seed + index)[0] for index in range(len(names))]
     return await sequential_ttft_prompts(url, list(zip(names, prompts, strict=True)), output_len, api_key)
 
 
