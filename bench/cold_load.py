@@ -27,8 +27,10 @@ Stages:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,7 +39,7 @@ import torch
 from adapters_store import AdapterStore, BaseModelSpec, digests
 from bench.serve.adapters import AdapterFactory, AdapterSpec
 from bench.shapes import SHAPES, llama_config, shape_facts
-from server.pinned_pages import PAGE_BYTES, PageAllocator, pin_packed
+from server.pinned_pages import PAGE_BYTES, PageAllocator, pin_packed, warm_up
 
 
 def _timed(fn, repeats: int) -> list[float]:
@@ -47,6 +49,25 @@ def _timed(fn, repeats: int) -> list[float]:
         fn()
         times.append(round((time.perf_counter() - start) * 1e3, 2))
     return times
+
+
+@contextlib.contextmanager
+def _busy_gil():
+    """A thread running pure Python meanwhile (it takes the GIL whenever it can)."""
+    stop = threading.Event()
+
+    def spin():
+        n = 0
+        while not stop.is_set():
+            n += 1
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _pin_one_buffer(tensors: list[torch.Tensor]) -> None:
@@ -77,6 +98,18 @@ def stages(model: str, rank: int, repeats: int) -> dict:
         if torch.cuda.is_available():  # the tier's way: the file read straight into pinned pages
             result["ms"]["load_pages"] = _timed(
                 lambda: store.load_weights(record, PageAllocator(), PAGE_BYTES), repeats)
+            # The server's conditions: pages taken from PyTorch's pinned cache after the tier's warm-up,
+            # and the read beside a thread that holds the GIL (an engine thread busy stepping).
+            warm_up(len(weights) * 4)
+            num_pages = -(-len(weights) // PAGE_BYTES)
+            result["ms"]["alloc_pages_after_warm_up"] = _timed(
+                lambda: [PageAllocator()(PAGE_BYTES) for _ in range(num_pages)], repeats)
+            with _busy_gil():
+                result["ms"]["load_pages_gil_busy"] = _timed(
+                    lambda: store.load_weights(record, PageAllocator(), PAGE_BYTES), repeats)
+                marks = {}
+                store.load_weights(record, PageAllocator(), PAGE_BYTES, marks)
+                result["load_pages_gil_busy_stages_ms"] = {stage: round(s * 1e3, 2) for stage, s in marks.items()}
         result["ms"]["load_weights"] = _timed(lambda: store.load_weights(record), repeats)
         loaded = store.load_weights(record)
         marks: dict[str, float] = {}  # where a paged read's time goes: its stages' end times
@@ -114,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model} rank {args.rank}: {result['mb']} MB in {result['tensors']} tensors of {result['dtype']}")
     for stage, times in result["ms"].items():
         print(f"  {stage} ms: " + ", ".join(f"{t:.1f}" for t in times))
-    print("  paged read, stage ends (ms): " + ", ".join(f"{k} {v}" for k, v in result["load_pages_stages_ms"].items()))
+    for key in ("load_pages_stages_ms", "load_pages_gil_busy_stages_ms"):
+        if key in result:
+            print(f"  {key}: " + ", ".join(f"{k} {v}" for k, v in result[key].items()))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -451,3 +451,25 @@ def test_read_into_pages_reads_and_hashes_by_chunk_on_worker_threads_and_catches
     with pytest.raises(AdapterIntegrityError, match="early"):
         store.load_weights(record, allocate, 4096)
     assert in_flight == []
+
+
+def test_read_into_pages_completes_reads_that_return_short(tmp_path, monkeypatch):
+    """`preadv` may fill less than asked (a signal, a network filesystem): the chunk's scattering read goes
+    on from where it stopped, across the page boundaries, and the tensors and digests come out whole."""
+    import adapters_store.digests as digests
+    import adapters_store.paged_read as paged_read
+
+    monkeypatch.setattr(digests, "CHUNK_BYTES", 64 << 10)
+    store, record = seeded(tmp_path)
+    plain = store.load_weights(record)
+    real_preadv = os.preadv
+
+    def stingy_preadv(fd, buffers, offset):  # 1,000 bytes a call at most
+        first = memoryview(buffers[0])
+        return real_preadv(fd, [first[: min(len(first), 1000)]], offset)
+
+    monkeypatch.setattr(paged_read.os, "preadv", stingy_preadv)
+    paged = store.load_weights(record, lambda n: torch.zeros(n, dtype=torch.uint8), 4096)
+    for key, pair in plain.tensors.items():
+        for mine, theirs in zip(paged.tensors[key], pair, strict=True):
+            assert torch.equal(mine, theirs)
