@@ -156,7 +156,9 @@ class _LaunchRecorder:
             named = list(named)
             ints = tuple((name, value == 1, value % 16 == 0) for name, value in named
                          if isinstance(value, int) and name not in self.runtime_ints)
-            dtypes = tuple((name, str(value.dtype)) for name, value in named if isinstance(value, torch.Tensor))
+            # a tensor's dtype, and whether its address is 16-byte aligned (Triton specializes pointers on it)
+            dtypes = tuple((name, str(value.dtype), value.data_ptr() % 16 == 0) for name, value in named
+                           if isinstance(value, torch.Tensor))
             self.variants.add(tuple(sorted((k, v) for k, v in kwargs.items() if k.isupper())) + ints + dtypes)
         return launch
 
