@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class PagedFile:
     # One per digests.CHUNK_BYTES chunk of the file, done once the chunk is read: its sha256 hex digest
     # (None when the reader did not ask for digests); a short read raises AdapterValidationError there.
     reads: list[Future]
+    alloc_seconds: float = 0.0  # spent in `allocate` (pinned pages: PyTorch's cache, or the driver when it misses)
     _layout: list[tuple[str, torch.Tensor, int]] = field(default_factory=list)  # (tensor, its block, run begin)
     _tensors: dict[str, torch.Tensor] | None = None
 
@@ -72,12 +74,14 @@ def read_paged(path: Path, max_bytes: int, page_bytes: int, allocate: Callable[[
         handle.close()
         raise
     data_start = 8 + header_len
-    segments, cursor, layout = [memoryview(head)], len(head), []
+    segments, cursor, layout, alloc_seconds = [memoryview(head)], len(head), [], 0.0
     for run in _runs(header, page_bytes):
         begin, end = header[run[0]]["data_offsets"][0], header[run[-1]]["data_offsets"][1]
         if data_start + begin > cursor:  # bytes no tensor claims: read for the digests only
             segments.append(memoryview(bytearray(data_start + begin - cursor)))
+        started = time.perf_counter()
         block = allocate(max(page_bytes, end - begin))
+        alloc_seconds += time.perf_counter() - started
         segments.append(memoryview(block.numpy())[: end - begin])
         cursor = data_start + end
         layout += [(name, block, begin) for name in run]
@@ -85,7 +89,7 @@ def read_paged(path: Path, max_bytes: int, page_bytes: int, allocate: Callable[[
         segments.append(memoryview(bytearray(size - cursor)))
     reads = [digests.submit(_read_chunk, fd, pieces, hash_chunks) for pieces in digests.chunks_of(segments)]
     _close_when_done(handle, reads)
-    return PagedFile(header, segments, size, reads, layout)
+    return PagedFile(header, segments, size, reads, alloc_seconds, layout)
 
 
 def _read_chunk(fd: int, pieces: list[tuple[int, int, memoryview]], hash_it: bool) -> str | None:

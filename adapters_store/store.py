@@ -260,7 +260,8 @@ class AdapterStore:
         it. Nothing is returned before every digest matches. With `allocate` (blocks of uint8 of at least
         `page_bytes`: the CPU tier's pinned pages), the file is read straight into such blocks and the
         tensors are views of them (`paged_read`); else into one buffer of its own. `timings`, when given,
-        receives the seconds from the start at which each stage ended (header, parsed, checked)."""
+        receives the seconds from the start at which each stage ended (header, parsed, checked) and, paged,
+        the seconds the page allocations took (alloc_total, part of the header stage)."""
         start = time.perf_counter()
         config_bytes = read_regular_file(record.path / CONFIG_FILE, self.max_bytes)
         if allocate is not None:
@@ -296,6 +297,8 @@ class AdapterStore:
         expected = list(record.chunk_sha256) if record.chunk_sha256 else [record.sha256]
         marks = timings if timings is not None else {}
         marks["header"] = time.perf_counter() - start
+        if allocate is not None:
+            marks["alloc_total"] = paged.alloc_seconds  # a duration (inside "header"), not an end
         try:
             weights = parse()
         except AdapterError:
