@@ -138,9 +138,10 @@ def seed_store(model_dir: Path, adapters_dir: Path, factory: AdapterFactory, spe
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         total = sum(pool.map(put, missing))
-    # The kernel writes the dirty pages back later: at the H200 host's ~350 MB/s that overlapped the
-    # server's start and first loads (the seventh session's uniform load ran 45% slower than the sixth's
-    # with the same code paths; not proven to be this). Written back here, before the server starts.
+    # Without fsync the kernel writes the dirty pages back later, at the H200 host's ~350 MB/s: during the
+    # server's start and loads. The seventh session's zipf1000 run, the first seeded this way, ran its
+    # uniform load 45% slower than the sixth's (seeded with fsync); likely this, not proven. Written back
+    # here, before the server starts, and timed apart.
     written = time.perf_counter()
     os.sync()
     return {"count": len(specs), "written": len(missing), "bytes_written": total,
