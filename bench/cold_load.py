@@ -12,8 +12,14 @@ empty: what the first request for an adapter meets after a restart).
 
 Stages:
 - `put`: `AdapterStore.put` of the files an upload sends (validation, hash, durable write);
-- `load_pages`: the read-back as the CPU tier does it on CUDA, straight into pinned 4 MiB pages (the
-  first figure is a fresh process's);
+- `load_pages`: the read-back straight into pinned 4 MiB pages from PyTorch's pinned cache, as the CPU
+  tier did until the seventh session (the first figure is a fresh process's);
+- `alloc_pages_after_warm_up`: an adapter's worth of such pages after the cache was warmed as the tier
+  warmed it (does the cache hand back its blocks, or does the driver lock fresh pages?);
+- `alloc_pages_pool` / `load_pages_pool`: the same from the tier's own reserved pages (`PagePool`), as the
+  server does now;
+- `load_pages_gil_busy`: `load_pages` beside a thread running Python, at the server's switch interval;
+- `sha256_one_chunk` / `sha256_chunks_parallel`: the digests alone;
 - `load_weights`: the read-back into a buffer of its own (the file stays in the page cache after the
   first, as for an adapter uploaded earlier in the server's life);
 - `pin_pages`: every tensor copied into pinned 4 MiB pages, as the CPU tier does now (CUDA; the first
@@ -41,7 +47,7 @@ from adapters_store import AdapterStore, BaseModelSpec, digests
 from bench.serve.adapters import AdapterFactory, AdapterSpec
 from bench.shapes import SHAPES, llama_config, shape_facts
 from server.config import Settings
-from server.pinned_pages import PAGE_BYTES, PageAllocator, pin_packed, warm_up
+from server.pinned_pages import PAGE_BYTES, PageAllocator, PagePool, pin_packed, warm_up
 
 
 def _timed(fn, repeats: int) -> list[float]:
@@ -118,6 +124,22 @@ def stages(model: str, rank: int, repeats: int) -> dict:
             num_pages = -(-len(weights) // PAGE_BYTES)
             result["ms"]["alloc_pages_after_warm_up"] = _timed(
                 lambda: [PageAllocator()(PAGE_BYTES) for _ in range(num_pages)], repeats)
+            pool = PagePool()  # the tier's own pages (what the server does now)
+            pool.reserve(len(weights) * 2)
+
+            def pool_alloc():
+                pages = PageAllocator(pool=pool)
+                for _ in range(num_pages):
+                    pages(PAGE_BYTES)
+                pages.release()
+
+            def pool_load():
+                pages = PageAllocator(pool=pool)
+                store.load_weights(record, pages, PAGE_BYTES)  # the weights are dropped at once
+                pages.release()
+
+            result["ms"]["alloc_pages_pool"] = _timed(pool_alloc, repeats)
+            result["ms"]["load_pages_pool"] = _timed(pool_load, repeats)
             with _busy_gil(), _switch_interval(Settings.model_fields["gil_switch_interval_ms"].default / 1e3):
                 result["ms"]["load_pages_gil_busy"] = _timed(
                     lambda: store.load_weights(record, PageAllocator(), PAGE_BYTES), repeats)

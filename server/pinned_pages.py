@@ -6,11 +6,10 @@ pinned allocation per tensor: 448 for an 8B rank-16 adapter, 56-86 ms on the H20
 allocator had blocks cached and 200 ms in a fresh process (`python -m bench.cold_load`), most of the
 60 ms that issue 15 allows a cold adapter. Here the tier's memory is PAGE_BYTES pages: the store reads a
 stored file straight into them (`adapters_store.paged_read`, with a `PageAllocator`), 21 pages for that
-adapter, all of one size. PyTorch's pinned allocator keeps freed blocks for reuse by size (rounded up
-to a power of two), so with one size every page an evicted adapter frees is reused by the next load,
-and the tier's pinned memory stays at what it holds, never a mix of size classes that each keep their
-own high-water mark. `warm_up` allocates the tier's pages at start-up, off the request path, so that a
-fresh process does not pay the driver's page locking on its first cold adapters. A tensor larger than
+adapter, all of one size. The tier keeps its pages itself (`PagePool`): pinned at start-up in large
+slabs, off the request path, handed out by page and given back when the weights read into them are
+gone, so the tier's pinned memory is what it reserved and a load never waits for the driver to lock
+pages (the H200 server's reads did, relying on PyTorch's pinned cache: see `PagePool`). A tensor larger than
 a page (ranks of several hundred) gets a pinned block of its own. `pin_packed` copies tensors already
 in memory into pages the same way (`bench.cold_load` compares it with the per-tensor pinning).
 """
@@ -18,6 +17,7 @@ in memory into pages the same way (`bench.cold_load` compares it with the per-te
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 import torch
@@ -27,6 +27,7 @@ from server.model.loader import load_phase
 log = logging.getLogger(__name__)
 
 PAGE_BYTES = 4 << 20
+SLAB_BYTES = 1 << 30  # the pool pins its pages in slabs of this size at most
 _ALIGN = 256  # byte alignment of each tensor in a page (any element size divides it)
 
 
@@ -38,20 +39,84 @@ def pinned(num_bytes: int) -> torch.Tensor:
     return torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
 
 
-class PageAllocator:
-    """`allocate(n)` for `AdapterStore.load_weights`: a page when n fits one, else a block of n bytes,
-    pinned; `nbytes` counts what was taken (a large block as the allocator's power of two)."""
+class PagePool:
+    """The CPU tier's pages, kept by the tier itself: reserved at start-up in slabs of up to SLAB_BYTES
+    (one page-locking call each), handed out one page at a time, given back when the weights read into
+    them are gone. On the H200 the server's reads spent about 0.65 ms per MB allocating pages, the rate of
+    fresh page locking (1.2-1.5 GB/s), although PyTorch's pinned cache had been warmed with as many pages
+    at start-up; a read in `bench.cold_load`, which reuses the cache's blocks, took half the time in all.
+    With its own pages the tier does not depend on what that cache keeps. When every page is out (evicted
+    weights still in use by requests), `take` falls back to a fresh pinned page, which is not kept."""
 
     def __init__(self, allocate: Callable[[int], torch.Tensor] | None = None):
         self._allocate = allocate or pinned
+        self._free: list[torch.Tensor] = []
+        self._slabs: set[int] = set()  # storage addresses of the reserved slabs: their pages come back here
+        self._lock = threading.Lock()
+        self.num_pages = 0  # pages reserved
+
+    def reserve(self, num_bytes: int) -> int:
+        """Pin `num_bytes` of pages (whole pages) now; returns the bytes reserved (less if the host cannot
+        lock that much: the rest of the loads then pin fresh pages as they go)."""
+        wanted = num_bytes // PAGE_BYTES
+        with load_phase("pinned adapter pages", f"{wanted * PAGE_BYTES >> 20} MiB for the CPU adapter tier"):
+            while self.num_pages < wanted:
+                count = min(SLAB_BYTES // PAGE_BYTES, wanted - self.num_pages)
+                try:
+                    slab = self._allocate(count * PAGE_BYTES)
+                except RuntimeError as exc:
+                    log.warning("pinned adapter pages: reserved %d of %d MiB (%s)", self.num_pages * PAGE_BYTES >> 20,
+                                wanted * PAGE_BYTES >> 20, exc)
+                    break
+                with self._lock:
+                    self._slabs.add(slab.untyped_storage().data_ptr())
+                    self._free.extend(slab.view(count, PAGE_BYTES).unbind(0))
+                    self.num_pages += count
+        return self.num_pages * PAGE_BYTES
+
+    def take(self) -> torch.Tensor:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return self._allocate(PAGE_BYTES)
+
+    def give_back(self, pages: list[torch.Tensor]) -> None:
+        """Pages whose weights are gone: the reserved ones are handed out again, fresh ones dropped."""
+        with self._lock:
+            self._free.extend(p for p in pages if p.untyped_storage().data_ptr() in self._slabs)
+
+    @property
+    def num_free(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+
+class PageAllocator:
+    """`allocate(n)` for `AdapterStore.load_weights`: a page when n fits one (from `pool` when given), else
+    a block of n bytes, pinned; `nbytes` counts what was taken (a large block as the allocator's power of
+    two). `release()` gives the pool's pages back: call it once no tensor read into them is in use."""
+
+    def __init__(self, allocate: Callable[[int], torch.Tensor] | None = None, pool: PagePool | None = None):
+        self._allocate = allocate or pinned
+        self._pool = pool
+        self._taken: list[torch.Tensor] = []
         self.nbytes = 0
 
     def __call__(self, num_bytes: int) -> torch.Tensor:
         if num_bytes <= PAGE_BYTES:
             self.nbytes += PAGE_BYTES
-            return self._allocate(PAGE_BYTES)
+            if self._pool is None:
+                return self._allocate(PAGE_BYTES)
+            page = self._pool.take()
+            self._taken.append(page)
+            return page
         self.nbytes += 1 << (num_bytes - 1).bit_length()
         return self._allocate(num_bytes)
+
+    def release(self) -> None:
+        if self._pool is not None:
+            self._pool.give_back(self._taken)
+        self._taken = []
 
 
 def pin_packed(tensors: dict, allocate: Callable[[int], torch.Tensor] | None = None) -> tuple[dict, int]:
@@ -83,8 +148,9 @@ def pin_packed(tensors: dict, allocate: Callable[[int], torch.Tensor] | None = N
 
 
 def warm_up(num_bytes: int) -> int:
-    """Allocate and free `num_bytes` of pages at start-up, so that PyTorch's pinned allocator holds them
-    for the loads to come (its cache keeps freed blocks); returns the bytes warmed. Synchronous, and
+    """Allocate and free `num_bytes` of pages, so that PyTorch's pinned allocator holds them for the
+    allocations to come (its cache keeps freed blocks); returns the bytes warmed. The tier did this before
+    it kept its own pages (`PagePool`); `bench.cold_load` still does, to measure what that cache gives. Synchronous, and
     before the engine captures its CUDA graphs: a page-locking call from another thread during a
     capture would break it. About 1.2 GB/s on the H200 host (`bench.cold_load`: 106 ms for a first
     128 MiB block), so the default 4 GiB tier adds about 3 s to start-up."""

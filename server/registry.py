@@ -57,8 +57,9 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, int], _PendingLoad] = {}  # loads in flight, one per version
         self._trace = StepTrace(kind="loads")
+        self._pages = pinned_pages.PagePool()
         if pin_memory and load_weights and max_bytes:
-            pinned_pages.warm_up(max_bytes)  # the tier's pages pinned at start-up, off every request's path
+            self._pages.reserve(max_bytes)  # the tier's pages pinned at start-up, off every request's path
 
     def resolve(self, name: str) -> AdapterRef:
         """Latest version of `name` with its weights in memory (None unless `load_weights`); raises
@@ -168,10 +169,17 @@ class AdapterRegistry:
         if not self.pin_memory:
             weights = self.store.load_weights(record)
             return weights, weights_nbytes(weights)
-        pages = pinned_pages.PageAllocator(pinned_pages.pinned)  # the file is read straight into pinned pages
+        pages = pinned_pages.PageAllocator(pool=self._pages)  # the file is read straight into the tier's pages
         marks: dict[str, float] = {}
         start = time.perf_counter()
-        weights = self.store.load_weights(record, pages, pinned_pages.PAGE_BYTES, timings=marks)
+        try:
+            weights = self.store.load_weights(record, pages, pinned_pages.PAGE_BYTES, timings=marks)
+        except BaseException:
+            pages.release()  # load_weights returns or raises only once no read writes into the pages
+            raise
+        # The pages go back to the pool when the weights are gone: evicted from the tier and released by
+        # every request and slot copy that used them (a slot copy holds its weights until it is done).
+        weakref.finalize(weights, pages.release)
         if self._trace.enabled:  # LORAPLEX_STEP_TRACE: the stages of each read (diagnosis only)
             self._trace.record(adapter=record.name, version=record.version, mb=round(pages.nbytes / 2**20, 1),
                                ms=round((time.perf_counter() - start) * 1e3, 2),

@@ -10,7 +10,9 @@ captured CUDA graphs stay valid). Slot -1 means "base model only". The batched o
 
 from __future__ import annotations
 
+import bisect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -146,28 +148,60 @@ def _pool_starts(model, capacity: int) -> list[int]:
     return starts
 
 
-def _staged(tensors: dict, device: torch.device) -> tuple[torch.Tensor, dict[int, int]]:
-    """One device buffer (uint8) holding every host buffer the tensors are views of, each from a 256-byte
-    boundary (from pinned memory: asynchronous copies on the current stream); and where each begins, by
-    the host buffer's address."""
+def _staged(tensors: dict, device: torch.device) -> tuple[torch.Tensor, Callable[[torch.Tensor], int]]:
+    """One device buffer (uint8) holding the host memory the tensors occupy, and a function giving the
+    byte where a tensor begins in it. The tensors of one host buffer are copied as spans (tensors that
+    touch or overlap merged), not as the whole buffer: the CPU tier's pages are views of slabs of up to
+    1 GiB (server.pinned_pages.PagePool). Each span keeps its host address's alignment modulo 256, so a
+    tensor aligned for its dtype in host memory is aligned on the device. From pinned memory the copies
+    are asynchronous, on the current stream."""
     storages: dict[int, torch.UntypedStorage] = {}
+    ranges: dict[int, list[tuple[int, int]]] = {}
     for pair in tensors.values():
         for t in pair:
-            storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
-    bases, end = {}, 0
-    for ptr, storage in storages.items():
-        bases[ptr] = end
-        end = _round_up(end + storage.nbytes(), 256)
-    staging = torch.empty(end, dtype=torch.uint8, device=device)
-    for ptr, storage in storages.items():
-        host = torch.empty(0, dtype=torch.uint8).set_(storage)
-        staging[bases[ptr] : bases[ptr] + storage.nbytes()].copy_(host, non_blocking=True)
-    return staging, bases
+            storage = t.untyped_storage()
+            storages.setdefault(storage.data_ptr(), storage)
+            begin = t.storage_offset() * t.element_size()
+            ranges.setdefault(storage.data_ptr(), []).append((begin, begin + _extent_bytes(t)))
+    spans: dict[int, list[tuple[int, int, int]]] = {}  # host buffer -> (begin, end, where it is staged)
+    end = 0
+    for ptr, extents in ranges.items():
+        merged: list[list[int]] = []
+        for begin, stop in sorted(extents):
+            if merged and begin <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], stop)
+            else:
+                merged.append([begin, stop])
+        spans[ptr] = []
+        for begin, stop in merged:
+            at = _round_up(end, 256) + begin % 256
+            spans[ptr].append((begin, stop, at))
+            end = at + stop - begin
+    staging = torch.empty(_round_up(end, 256), dtype=torch.uint8, device=device)  # views of any dtype fit
+    for ptr, placed in spans.items():
+        host = torch.empty(0, dtype=torch.uint8).set_(storages[ptr])
+        for begin, stop, at in placed:
+            staging[at : at + stop - begin].copy_(host[begin:stop], non_blocking=True)
+
+    def locate(t: torch.Tensor) -> int:
+        placed = spans[t.untyped_storage().data_ptr()]
+        begin = t.storage_offset() * t.element_size()
+        span_begin, _, at = placed[bisect.bisect_right(placed, (begin, float("inf"), 0)) - 1]
+        return at + begin - span_begin
+
+    return staging, locate
 
 
-def _element_offset(t: torch.Tensor, bases: dict[int, int]) -> int:
-    """Where the contiguous tensor `t` starts in the staging buffer, in elements of its dtype."""
-    start = bases[t.untyped_storage().data_ptr()] + t.storage_offset() * t.element_size()
+def _extent_bytes(t: torch.Tensor) -> int:
+    """Bytes from a tensor's first element to the end of its last (its strides included)."""
+    if t.numel() == 0:
+        return 0
+    return (sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) + 1) * t.element_size()
+
+
+def _element_offset(t: torch.Tensor, locate: Callable[[torch.Tensor], int]) -> int:
+    """Where the tensor `t` starts in the staging buffer, in elements of its dtype."""
+    start = locate(t)
     if start % t.element_size():
         raise ValueError("a tensor misaligned for its dtype in its host buffer")
     return start // t.element_size()
@@ -183,15 +217,14 @@ def _to_device(tensors: dict, device: torch.device) -> dict:
 
 def _on_staging(tensors: dict, device: torch.device) -> dict:
     """`tensors` as views of their `_staged` copy on `device`, with their shapes, strides and dtypes."""
-    staging, bases = _staged(tensors, device)
+    staging, locate = _staged(tensors, device)
     typed: dict[torch.dtype, torch.Tensor] = {}
     out = {}
     for key, pair in tensors.items():
         views = []
         for t in pair:
             base = typed.setdefault(t.dtype, staging.view(t.dtype))
-            start = bases[t.untyped_storage().data_ptr()] // t.element_size() + t.storage_offset()
-            views.append(torch.as_strided(base, t.shape, t.stride(), start))
+            views.append(torch.as_strided(base, t.shape, t.stride(), _element_offset(t, locate)))
         out[key] = tuple(views)
     return out
 
@@ -263,7 +296,7 @@ class LoraSlots:
         from server.model import triton_slot_load
 
         device = self.model.device
-        staging, bases = _staged(adapter.tensors, device)
+        staging, locate = _staged(adapter.tensors, device)
         zeros, descriptors, largest = [], {}, {}
         for layer, linear in self.model.lora_linears():
             n, in_features, out_features = len(linear.slice_names), linear.in_features, linear.out_features
@@ -282,7 +315,7 @@ class LoraSlots:
                 for t, row in ((a, (a_start + i * rank * in_features, r, in_features, in_features, in_features,
                                     1, 0)),
                                (b, (b_start + lo, r, hi - lo, out_features, 1, r, 1))):
-                    descriptors.setdefault(t.dtype, []).append((_element_offset(t, bases),) + row)
+                    descriptors.setdefault(t.dtype, []).append((_element_offset(t, locate),) + row)
                     largest[t.dtype] = max(largest.get(t.dtype, 0), t.numel())
         torch._foreach_zero_(zeros)
         for dtype, rows in descriptors.items():

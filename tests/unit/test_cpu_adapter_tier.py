@@ -133,20 +133,61 @@ def test_settings_size_the_tier_in_bytes_and_keep_the_count_cap_optional():
 
 
 def test_pinned_tier_counts_whole_pages_and_reads_into_them(monkeypatch):
-    """With pinning (CUDA) the tier has each adapter read into pinned pages (server.pinned_pages) and
-    counts the pages it took, not the tensors' bytes: the budget bounds the pinned memory itself."""
+    """With pinning (CUDA) the tier reserves its pages at start-up (server.pinned_pages.PagePool), has each
+    adapter read into them and counts the pages it took, not the tensors' bytes: the budget bounds the
+    pinned memory itself. A page goes back to the pool once the weights read into it are gone: evicted
+    and no longer used by any request; the next read takes it again, and nothing is pinned afresh."""
     from server import pinned_pages
 
-    monkeypatch.setattr(pinned_pages, "pinned", lambda n: torch.empty(n, dtype=torch.uint8))  # no GPU here
-    monkeypatch.setattr(pinned_pages, "warm_up", lambda num_bytes: None)
+    fresh = []
+
+    def plain(n):  # no GPU here: plain memory stands for pinned memory
+        fresh.append(n)
+        return torch.empty(n, dtype=torch.uint8)
+
+    monkeypatch.setattr(pinned_pages, "pinned", plain)
     page = pinned_pages.PAGE_BYTES
     registry, _ = _registry({"a": page // 2, "b": page // 2, "c": page // 2}, max_bytes=2 * page, pin_memory=True)
+    assert fresh == [2 * page] and registry._pages.num_free == 2  # one slab of two pages at start-up
     a = registry.resolve("a").weights
     assert registry.nbytes == page  # half a page of tensors takes a whole page
     (copy, _), = a.tensors.values()
-    assert copy.untyped_storage().nbytes() == page and torch.equal(copy, torch.zeros(page // 2 // (4 * 64), 64))
+    assert torch.equal(copy, torch.zeros(page // 2 // (4 * 64), 64)) and registry._pages.num_free == 1
     registry.resolve("b")
-    registry.resolve("c")  # three pages over a two-page budget: b goes (a is in use here)
+    assert registry._pages.num_free == 0
+    registry.resolve("c")  # three pages over a two-page budget: b goes (a is in use here); c's page is fresh
+    assert fresh == [2 * page, page]
     del a, copy
     gc.collect()
     assert registry.num_cached == 2 and registry.nbytes == 2 * page
+    assert registry._pages.num_free == 1  # b's page came back; c's fresh page is not kept
+    registry.forget("a")
+    gc.collect()
+    assert registry._pages.num_free == 2  # a's too, once nothing uses it
+    registry.resolve("b")
+    assert fresh == [2 * page, page] and registry._pages.num_free == 1  # read into a reserved page again
+
+
+def test_page_pool_hands_out_distinct_pages_and_takes_back_only_its_own():
+    """Pages are disjoint views of the reserved slabs; a page given back is handed out again; a fresh page
+    (the pool was dry) is not kept; a failed read gives its pages back at once."""
+    from server.pinned_pages import PAGE_BYTES, PageAllocator, PagePool
+
+    def plain(n):
+        return torch.zeros(n, dtype=torch.uint8)
+
+    pool = PagePool(plain)
+    assert pool.reserve(3 * PAGE_BYTES + 5) == 3 * PAGE_BYTES and pool.num_free == 3
+    pages = [pool.take() for _ in range(4)]  # the fourth is fresh
+    starts = sorted(p.data_ptr() for p in pages[:3])
+    assert all(b - a >= PAGE_BYTES for a, b in zip(starts, starts[1:], strict=False))
+    assert all(p.numel() == PAGE_BYTES for p in pages)
+    pool.give_back(pages)
+    assert pool.num_free == 3
+    allocator = PageAllocator(plain, pool=pool)
+    taken = [allocator(100), allocator(PAGE_BYTES), allocator(PAGE_BYTES + 1)]  # the last: a block of its own
+    assert pool.num_free == 1 and allocator.nbytes == 2 * PAGE_BYTES + 2 * PAGE_BYTES
+    assert taken[2].numel() == PAGE_BYTES + 1
+    allocator.release()
+    allocator.release()  # once only
+    assert pool.num_free == 3

@@ -118,10 +118,12 @@ def test_batched_slot_load_fills_the_pool_as_the_per_linear_reference_does(tiny_
     assert any(b.abs().sum() > 0 for _, b in pools[0])
 
 
-def test_adapter_tensors_cross_to_the_device_one_buffer_at_a_time():
-    """`lora._on_staging` (what `_to_device` does on CUDA) copies each host buffer the tensors are views of
-    once, pages included, into one staging buffer, and gives back equal tensors as views of it, a
-    transposed (non-contiguous) one included."""
+def test_adapter_tensors_cross_to_the_device_as_the_spans_they_occupy():
+    """`lora._on_staging` (what `_to_device` does on CUDA) copies the host memory the tensors occupy into
+    one staging buffer, the tensors of a buffer merged into spans where they touch (pages packed by
+    `pin_packed`; views scattered through one large slab, as the CPU tier's pages are: not the whole
+    slab), and gives back equal tensors as views of it, a transposed (non-contiguous) one included, each
+    at its host address's alignment modulo 256."""
     from server.model.lora import _on_staging
     from server.pinned_pages import PAGE_BYTES, pin_packed
 
@@ -130,15 +132,24 @@ def test_adapter_tensors_cross_to_the_device_one_buffer_at_a_time():
                                torch.randn(500, 8, generator=gen)) for i in range(40)}
     packed, pinned = pin_packed(tensors, lambda n: torch.empty(n, dtype=torch.uint8))
     packed[(99, "o_proj")] = (torch.randn(300, 8, generator=gen).t(), torch.randn(4, 4, generator=gen))
+    slab = torch.zeros(64 * PAGE_BYTES, dtype=torch.uint8)  # two tensors far apart in one large buffer
+    for name, page, tensor in (("k_proj", 3, torch.randn(16, 64, generator=gen)),
+                               ("v_proj", 60, torch.randn(64, 16, generator=gen))):
+        view = slab[page * PAGE_BYTES + 512 : page * PAGE_BYTES + 512 + tensor.numel() * 4].view(torch.float32)
+        view.copy_(tensor.reshape(-1))
+        packed[(7, name)] = (view.view(tensor.shape), tensor.clone())
     moved = _on_staging(packed, torch.device("cpu"))
+    (staging,) = {t.untyped_storage().data_ptr(): t.untyped_storage() for p in moved.values() for t in p}.values()
     for key, pair in packed.items():
         for original, new in zip(pair, moved[key], strict=True):
             assert (new.dtype, new.shape, new.stride()) == (original.dtype, original.shape, original.stride())
             assert torch.equal(new, original) and new.data_ptr() != original.data_ptr()
-    (staging,) = {t.untyped_storage().data_ptr(): t.untyped_storage() for p in moved.values() for t in p}.values()
-    # The pages, once each; then the transposed tensor's own buffer and the small one's (256-byte aligned).
-    assert staging.nbytes() == pinned + 9728 + 256  # 9,600 bytes and 64 bytes, each rounded up to 256
-    assert pinned == (pinned // PAGE_BYTES) * PAGE_BYTES
+            host_at = original.data_ptr() - original.untyped_storage().data_ptr()
+            assert (new.data_ptr() - staging.data_ptr()) % 256 == host_at % 256
+    occupied = sum(t.numel() * t.element_size() for pair in packed.values() for t in pair)
+    num_spans = len(packed) * 2  # at most one span a tensor, each placed on its own 256-byte line at most
+    assert occupied <= staging.nbytes() <= occupied + 256 * (num_spans + 1)
+    assert staging.nbytes() < slab.numel() // 16 and pinned % PAGE_BYTES == 0
 
 
 def test_a_budget_holds_the_flat_pool_with_its_alignment_padding_on_odd_shapes():
