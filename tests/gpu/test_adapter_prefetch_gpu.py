@@ -4,6 +4,7 @@ equal those of a synchronous load."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -107,12 +108,17 @@ def test_slot_load_latency_and_decode_step_during_a_large_load():
 
 
 def test_batched_slot_load_from_pinned_pages_equals_the_per_linear_reference():
-    """On CUDA the slot load moves each pinned page of the CPU tier once and fills the pools with foreach
-    calls (`LoraSlots._copy_into`); the pools equal `LoraLinear.load_slot`'s, linear by linear, bit for bit
-    (bf16 and fp16 files, B scaled by a scale that bf16 cannot hold exactly). Prints both issue times."""
+    """On CUDA the slot load moves the pinned memory the adapter occupies once and fills the pools with
+    foreach calls or the scatter kernel (`LoraSlots._copy_into`); the pools equal `LoraLinear.load_slot`'s,
+    linear by linear, bit for bit (bf16 and fp16 files, B scaled by a scale that bf16 cannot hold exactly),
+    from pages of their own (`pin_packed`) and from the CPU tier's pool (pages that are views of one slab,
+    copied as the spans the tensors occupy). Prints the issue times."""
     from adapters_store import AdapterWeights
     from server.model.lora import LoraLinear, LoraSlots
-    from server.pinned_pages import pin_packed
+    from server.pinned_pages import PAGE_BYTES, PagePool, pin_packed
+
+    pool = PagePool()
+    pool.reserve(64 * PAGE_BYTES)
 
     hidden, inter, layers, rank = 2048, 8192, 4, 16
     shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, 512), "v_proj": (hidden, 512),
@@ -143,7 +149,7 @@ def test_batched_slot_load_from_pinned_pages_equals_the_per_linear_reference():
                                torch.randn(shapes[name][1], rank, generator=gen).to(file_dtype))
                    for i in range(layers) for name in shapes if name != "k_proj"}  # k_proj: not targeted
         adapter = AdapterWeights(rank=rank, alpha=5.0, use_rslora=False, scaling=0.3, tensors=tensors)
-        paged = AdapterWeights(rank=rank, alpha=5.0, use_rslora=False, scaling=0.3, tensors=pin_packed(tensors)[0])
+        sources = {"pages": pin_packed(tensors)[0], "pool": pin_packed(tensors, lambda n: pool.take())[0]}
         reference = model()
         LoraSlots(reference, 3 * rank, rank, num_slots=2)  # allocates the reference's pools
         start = time.perf_counter()
@@ -151,7 +157,8 @@ def test_batched_slot_load_from_pinned_pages_equals_the_per_linear_reference():
             linear.load_slot(rank, rank, layer, adapter)
         torch.cuda.synchronize()
         per_linear = time.perf_counter() - start
-        for use_scatter in (False, True):  # foreach calls; the scatter kernel (triton_slot_load)
+        for (source, packed), use_scatter in itertools.product(sources.items(), (False, True)):
+            paged = AdapterWeights(rank=rank, alpha=5.0, use_rslora=False, scaling=0.3, tensors=packed)
             batched = model()
             slots = LoraSlots(batched, 3 * rank, rank, num_slots=2)
             slots.use_scatter = use_scatter
@@ -161,7 +168,7 @@ def test_batched_slot_load_from_pinned_pages_equals_the_per_linear_reference():
             done = slots.load(1, rank, paged)
             issued = time.perf_counter() - start
             done.synchronize()
-            print(f"\n{file_dtype}: {'scatter' if use_scatter else 'foreach'} slot load issued in "
+            print(f"\n{file_dtype} from {source}: {'scatter' if use_scatter else 'foreach'} slot load issued in "
                   f"{issued * 1e3:.2f} ms; per linear {per_linear * 1e3:.2f} ms")
             for (_, mine), (_, ref) in zip(batched.lora_linears(), reference.lora_linears(), strict=True):
                 assert torch.equal(mine.lora_a, ref.lora_a) and torch.equal(mine.lora_b, ref.lora_b)
