@@ -117,7 +117,12 @@ class ModelRunner:
                 self.graphs.capture_all(lora_variants)
         if self.device.type == "cuda":
             with load_phase("prefill warm-up", f"eager prefills of up to {max_num_batched_tokens} tokens"):
-                self.warm_up_prefill(max_num_batched_tokens)
+                try:
+                    self.warm_up_prefill(max_num_batched_tokens)
+                except torch.cuda.OutOfMemoryError:  # serving fails such a prefill alone; start anyway
+                    log.warning("prefill warm-up: out of memory at %d tokens; the largest prefills may fail",
+                                max_num_batched_tokens)
+                    torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def warm_up_prefill(self, max_tokens: int) -> int:
