@@ -38,7 +38,7 @@ if [ -n "${LORAPLEX_STEP_TRACE:-}" ]; then
     echo "== $trace" >> "$OUT/run.log"
     python3 -m bench.trace_summary "$trace" --slow-ms 50 2>&1 | head -60 >> "$OUT/run.log"
   done
-  for loads in "$LORAPLEX_STEP_TRACE"/loads-*.jsonl; do  # the CPU tier's reads, with their stages
+  for loads in "$LORAPLEX_STEP_TRACE"/loads-*.jsonl "$LORAPLEX_STEP_TRACE"/uploads-*.jsonl; do  # reads, uploads
     [ -s "$loads" ] && { echo "== $loads"; head -24 "$loads"; } >> "$OUT/run.log"
   done
 fi

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from server.api.errors import ERROR_RESPONSES, APIError, adapter_not_found
 from server.api.multipart import MalformedMultipartError, boundary_of, split_parts
 from server.api.schemas import AdapterList, AdapterOut, LoadLoraRequest, UnloadLoraRequest
 from server.api.state import ServerState
+from server.engine.step_trace import StepTrace
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["adapters"], responses=ERROR_RESPONSES)
@@ -142,6 +144,18 @@ async def _after_change(state: ServerState, name: str, deleted: bool = False) ->
     await asyncio.to_thread(state.refresh_adapter_gauges)
 
 
+# LORAPLEX_STEP_TRACE=DIR: DIR/uploads-<pid>.jsonl, one line per upload: the body received and split
+# (receive_ms), validated, hashed and written (store_ms), and in all (ms).
+_UPLOAD_TRACE: StepTrace | None = None
+
+
+def _upload_trace() -> StepTrace:
+    global _UPLOAD_TRACE
+    if _UPLOAD_TRACE is None:
+        _UPLOAD_TRACE = StepTrace(kind="uploads")
+    return _UPLOAD_TRACE
+
+
 _WARMING: set[asyncio.Task] = set()  # loads started by uploads (a reference each, until done)
 
 
@@ -171,13 +185,23 @@ def _warm(state: ServerState, record) -> None:
             summary="Upload an adapter (a new version if the name exists)")
 async def put_adapter(name: str, request: Request, state: StateDep, caller: AdminCaller) -> dict:
     _writable(state, caller, _path_name(request, name))
+    start = time.perf_counter()
     parts = await _read_parts(request, state.settings.max_upload_bytes)
+    received = time.perf_counter()
     try:
         record = await asyncio.to_thread(_store_upload, state, name, parts, caller.tenant)
     except AdapterStorageFullError as exc:
         raise _storage_full(exc) from None
+    stored = time.perf_counter()
     _warm(state, record)
     await _after_change(state, name)
+    trace = _upload_trace()
+    if trace.enabled:  # LORAPLEX_STEP_TRACE: where an upload's time goes (diagnosis only)
+        trace.record(adapter=record.name, version=record.version,
+                     mb=round(sum(len(p) for p in parts.values()) / 2**20, 1),
+                     receive_ms=round((received - start) * 1e3, 2), store_ms=round((stored - received) * 1e3, 2),
+                     ms=round((time.perf_counter() - start) * 1e3, 2))
+        trace.flush()
     return record.to_public()
 
 

@@ -54,6 +54,21 @@ def test_upload_generate_replace_delete(client, tiny_adapters):
     assert_error(client.delete("/v1/adapters/flow"), 404, "flow")
 
 
+def test_an_upload_writes_its_stages_to_the_trace(client, tiny_adapters, tmp_path, monkeypatch):
+    """LORAPLEX_STEP_TRACE: each upload adds a line to uploads-<pid>.jsonl with the time the body took to
+    arrive and split, the store's validation, hash and write, and the whole."""
+    import os
+
+    from server.api import adapters as adapters_api
+    from server.engine.step_trace import StepTrace
+
+    monkeypatch.setattr(adapters_api, "_UPLOAD_TRACE", StepTrace(str(tmp_path), kind="uploads"))
+    record = upload(client, "traced", tiny_adapters["attn-r4"])
+    (line,) = [json.loads(x) for x in (tmp_path / f"uploads-{os.getpid()}.jsonl").read_text().splitlines()]
+    assert (line["adapter"], line["version"]) == ("traced", record["version"])
+    assert line["receive_ms"] > 0 and line["store_ms"] > 0 and line["receive_ms"] + line["store_ms"] <= line["ms"]
+
+
 def test_archive_upload(client, tiny_adapters):
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
