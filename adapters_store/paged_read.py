@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,7 +75,29 @@ def read_paged(path: Path, max_bytes: int, page_bytes: int, allocate: Callable[[
         handle.close()
         raise
     data_start = 8 + header_len
-    segments, cursor, layout, alloc_seconds = [memoryview(head)], len(head), [], 0.0
+    segments, layout = [memoryview(head)], []
+    try:
+        alloc_seconds = _plan(header, data_start, size, page_bytes, allocate, segments, layout)
+    except BaseException:  # an allocation failed: nothing is being read yet
+        handle.close()
+        raise
+    reads: list[Future] = []
+    try:
+        for pieces in digests.chunks_of(segments):
+            reads.append(digests.submit(_read_chunk, fd, pieces, hash_chunks))
+    except BaseException:  # the pool refused (shutting down): no read may outlive this call
+        futures_wait(reads)
+        handle.close()
+        raise
+    _close_when_done(handle, reads)
+    return PagedFile(header, segments, size, reads, alloc_seconds, layout)
+
+
+def _plan(header: dict[str, dict], data_start: int, size: int, page_bytes: int,
+          allocate: Callable[[int], torch.Tensor], segments: list[memoryview], layout: list) -> float:
+    """Allocate the blocks the tensors go to and lay the file out as `segments` (after the header's);
+    fills `layout` with (tensor, block, run begin); returns the seconds spent allocating."""
+    cursor, alloc_seconds = len(segments[0]), 0.0
     for run in _runs(header, page_bytes):
         begin, end = header[run[0]]["data_offsets"][0], header[run[-1]]["data_offsets"][1]
         if data_start + begin > cursor:  # bytes no tensor claims: read for the digests only
@@ -87,9 +110,7 @@ def read_paged(path: Path, max_bytes: int, page_bytes: int, allocate: Callable[[
         layout += [(name, block, begin) for name in run]
     if cursor < size:
         segments.append(memoryview(bytearray(size - cursor)))
-    reads = [digests.submit(_read_chunk, fd, pieces, hash_chunks) for pieces in digests.chunks_of(segments)]
-    _close_when_done(handle, reads)
-    return PagedFile(header, segments, size, reads, alloc_seconds, layout)
+    return alloc_seconds
 
 
 def _read_chunk(fd: int, pieces: list[tuple[int, int, memoryview]], hash_it: bool) -> str | None:

@@ -52,7 +52,7 @@ class PagePool:
         self._allocate = allocate or pinned
         self._free: list[torch.Tensor] = []
         self._slabs: set[int] = set()  # storage addresses of the reserved slabs: their pages come back here
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.num_pages = 0  # pages reserved
 
     def reserve(self, num_bytes: int) -> int:
@@ -60,11 +60,15 @@ class PagePool:
         lock that much: the rest of the loads then pin fresh pages as they go)."""
         wanted = num_bytes // PAGE_BYTES
         with load_phase("pinned adapter pages", f"{wanted * PAGE_BYTES >> 20} MiB for the CPU adapter tier"):
+            slab_pages = SLAB_BYTES // PAGE_BYTES
             while self.num_pages < wanted:
-                count = min(SLAB_BYTES // PAGE_BYTES, wanted - self.num_pages)
+                count = min(slab_pages, wanted - self.num_pages)
                 try:
                     slab = self._allocate(count * PAGE_BYTES)
                 except RuntimeError as exc:
+                    if count > 1:  # smaller slabs, down to one page, before giving up
+                        slab_pages = count // 2
+                        continue
                     log.warning("pinned adapter pages: reserved %d of %d MiB (%s)", self.num_pages * PAGE_BYTES >> 20,
                                 wanted * PAGE_BYTES >> 20, exc)
                     break
@@ -81,9 +85,13 @@ class PagePool:
         return self._allocate(PAGE_BYTES)
 
     def give_back(self, pages: list[torch.Tensor]) -> None:
-        """Pages whose weights are gone: the reserved ones are handed out again, fresh ones dropped."""
+        """Pages whose weights are gone: the reserved ones are handed out again, fresh ones dropped. Called
+        from a weakref finalizer, which the garbage collector may run at any allocation, on any thread,
+        even inside this pool's own methods: the pages are sorted before the lock is taken, and the lock
+        is reentrant."""
+        ours = [p for p in pages if p.untyped_storage().data_ptr() in self._slabs]
         with self._lock:
-            self._free.extend(p for p in pages if p.untyped_storage().data_ptr() in self._slabs)
+            self._free.extend(ours)
 
     @property
     def num_free(self) -> int:

@@ -4,6 +4,7 @@ counted as free, re-adoption of evicted-but-in-use weights without a disk read."
 from __future__ import annotations
 
 import gc
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -191,3 +192,34 @@ def test_page_pool_hands_out_distinct_pages_and_takes_back_only_its_own():
     allocator.release()
     allocator.release()  # once only
     assert pool.num_free == 3
+
+
+def test_page_pool_takes_pages_back_from_a_finalizer_run_inside_its_own_lock():
+    """The weights' finalizer gives pages back; the garbage collector may run it on a thread that is
+    inside the pool already (an allocation under its lock). The lock is reentrant: no deadlock."""
+    from server.pinned_pages import PAGE_BYTES, PagePool
+
+    pool = PagePool(lambda n: torch.zeros(n, dtype=torch.uint8))
+    pool.reserve(2 * PAGE_BYTES)
+    page = pool.take()
+
+    def inside():
+        with pool._lock:  # as if the collector ran the finalizer here
+            pool.give_back([page])
+
+    thread = threading.Thread(target=inside, daemon=True)  # a deadlock fails the test instead of hanging it
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and pool.num_free == 2
+
+
+def test_page_pool_reserves_in_smaller_slabs_when_a_large_one_cannot_be_pinned():
+    from server.pinned_pages import PAGE_BYTES, PagePool
+
+    def limited(n):  # a host that cannot lock more than 2 pages at once
+        if n > 2 * PAGE_BYTES:
+            raise RuntimeError("cannot pin that much at once")
+        return torch.zeros(n, dtype=torch.uint8)
+
+    pool = PagePool(limited)
+    assert pool.reserve(5 * PAGE_BYTES) == 5 * PAGE_BYTES and pool.num_free == 5
