@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
 
 CHUNK_BYTES = 8 << 20
-T = TypeVar("T")
-# Shared by every put and read-back of the process: threads are started once, not per load. Up to 16:
-# an 84 MB adapter is 11 chunks, read and hashed in one round on the GPU host's 16 cores.
+# Shared by every put of the process (a paged read-back has its own pool: paged_read): threads are
+# started once, not per upload. Up to 16: an 84 MB adapter is 11 chunks, one round on the GPU host.
 _POOL = ThreadPoolExecutor(max_workers=max(2, min(16, os.cpu_count() or 2)), thread_name_prefix="loraplex-sha256")
 
 
@@ -66,11 +63,6 @@ def chunks_of(segments: list[memoryview]) -> list[list[tuple[int, int, memoryvie
             room -= len(piece)
             offset += len(piece)
     return [pieces for pieces in chunks if pieces]
-
-
-def submit(fn: Callable[..., T], *args) -> Future[T]:
-    """Run `fn(*args)` on the hashing threads (a task that reads the bytes it then hashes)."""
-    return _POOL.submit(fn, *args)
 
 
 def sha256_of(pieces: list[memoryview]) -> str:

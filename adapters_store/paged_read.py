@@ -7,7 +7,7 @@ order into runs of at most one page (a tensor larger than a page gets a block of
 go with `preadv` into their pages, which are already faulted in and locked: the tensors are views of the
 pages, nothing is copied twice. `segments` covers the whole file in order, for the digests.
 
-The reads run on the hashing threads, one task per `digests.CHUNK_BYTES` chunk of the file, and each task
+The reads run on worker threads of their own, one task per `digests.CHUNK_BYTES` chunk of the file, and each task
 hashes its chunk as soon as it has read it, while the bytes are still in the core's cache: on the H200
 host one thread read 84 MB into pages in ~17 ms and then the chunk hashes took ~20 ms more
 (`bench.cold_load`, stage `load_pages` 35-40 ms); eleven chunks read and hashed at once take about
@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,10 @@ from . import digests
 from .errors import AdapterValidationError
 from .fsio import open_regular
 from .safetensors_check import DTYPE_SIZES, MAX_HEADER_BYTES, TORCH_DTYPES, read_header_of
+
+# The read-back's own threads (not the uploads' hashing pool, digests._POOL): a cold adapter's reads do
+# not queue behind the chunk hashes of an upload in progress (128 tasks for 1 GB).
+_READS = ThreadPoolExecutor(max_workers=max(2, min(16, os.cpu_count() or 2)), thread_name_prefix="loraplex-read")
 
 
 @dataclass
@@ -84,7 +88,7 @@ def read_paged(path: Path, max_bytes: int, page_bytes: int, allocate: Callable[[
     reads: list[Future] = []
     try:
         for pieces in digests.chunks_of(segments):
-            reads.append(digests.submit(_read_chunk, fd, pieces, hash_chunks))
+            reads.append(_READS.submit(_read_chunk, fd, pieces, hash_chunks))
     except BaseException:  # the pool refused (shutting down): no read may outlive this call
         futures_wait(reads)
         handle.close()

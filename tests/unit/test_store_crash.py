@@ -398,7 +398,7 @@ def test_read_into_pages_handles_gaps_misaligned_tensors_and_tensors_larger_than
 
 def test_read_into_pages_reads_and_hashes_by_chunk_on_worker_threads_and_catches_a_short_read(tmp_path,
                                                                                             monkeypatch):
-    """The paged read-back runs one task per digest chunk on the hashing threads: each reads its chunk's
+    """The paged read-back runs one task per digest chunk on worker threads of its own: each reads its chunk's
     bytes into the pages and hashes them, and the digests equal those of the whole file hashed at once.
     A file that ends early while it is read (it shrank after the header was read) is an integrity error,
     and no read is left running into the pages when load_weights raises."""
@@ -428,7 +428,7 @@ def test_read_into_pages_reads_and_hashes_by_chunk_on_worker_threads_and_catches
     assert len(chunk_digests) == -(-len(pristine) // 4096) > 2
     assert chunk_digests == digests.results(digests.submit_chunks(pristine)) == list(record.chunk_sha256)
     assert b"".join(bytes(segment) for segment in paged.segments) == pristine
-    assert any(name.startswith("loraplex-sha256") for name in reading_threads)
+    assert any(name.startswith("loraplex-read") for name in reading_threads)
 
     in_flight = []
 
