@@ -94,7 +94,15 @@ class AdapterStore:
 
     def put(self, name: str, config_bytes: bytes, safetensors_bytes: bytes | memoryview,
             owner: str | None = None) -> AdapterRecord:
-        """Validate an adapter and store it as the next version of `name`, uploaded by tenant `owner`.
+        """Validate an adapter and store it as the next version of `name`, uploaded by tenant `owner`
+        (`put_with_weights` without the weights)."""
+        return self.put_with_weights(name, config_bytes, safetensors_bytes, owner)[0]
+
+    def put_with_weights(self, name: str, config_bytes: bytes, safetensors_bytes: bytes | memoryview,
+                         owner: str | None = None) -> tuple[AdapterRecord, AdapterWeights]:
+        """Validate an adapter and store it as the next version of `name`, uploaded by tenant `owner`;
+        returns its record and the weights the validation parsed (views of `safetensors_bytes`: the bytes
+        hashed and written), which a CPU tier can take without reading the file back.
 
         The validation and the sha256 run on two threads while this one writes the staged files (under
         the store lock, as before): for an 84 MB adapter the NaN scan and the hash no longer wait for a
@@ -112,6 +120,7 @@ class AdapterStore:
                 try:
                     record = self._commit(name, adapter_dir, owner, size_bytes, config_bytes, safetensors_bytes,
                                           parsed, digest, chunk_digests)
+                    weights = parsed.result()[1]
                 except (OSError, _Abandoned) as exc:
                     parsed.result()  # an invalid adapter: its validation error, whatever the write met
                     if isinstance(exc, OSError) and is_disk_full(exc):
@@ -121,7 +130,7 @@ class AdapterStore:
                         ) from None
                     raise
                 self._prune(adapter_dir)
-        return record
+        return record, weights
 
     def _commit(self, name: str, adapter_dir: Path, owner: str | None, size_bytes: int, config_bytes: bytes,
                 safetensors_bytes: bytes | memoryview, parsed: Future, digest: Future,

@@ -16,6 +16,7 @@ when the unused ones do not make room.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import time
@@ -114,6 +115,50 @@ class AdapterRegistry:
             self._on_load(time.perf_counter() - start, resident)
         self._report_evictions(num_evicted)
         return weights
+
+    def adopt(self, record: AdapterRecord, weights: AdapterWeights) -> bool:
+        """Put a version just stored in this tier from the weights its upload's validation parsed (the
+        very bytes that were hashed and written), copied into the tier's pages: its first request then
+        finds it in memory, with no read-back from disk. Concurrent first uses wait for the copy as for
+        a load. False when the version is already here or loading (nothing done)."""
+        key = (record.name, record.version)
+        with self._lock:
+            if key in self._cache or key in self._loading:
+                return False
+            pending = self._loading[key] = _PendingLoad()
+        start = time.perf_counter()
+        try:
+            copied, nbytes = self._copy_in(weights)
+        except BaseException as err:
+            with self._lock:
+                del self._loading[key]
+            pending.fail(err)
+            raise
+        with self._lock:
+            del self._loading[key]
+            num_evicted = self._insert(key, copied, nbytes)
+            resident = len(self._cache)
+        pending.done(copied)
+        if self._on_load is not None:
+            self._on_load(time.perf_counter() - start, resident)
+        self._report_evictions(num_evicted)
+        return True
+
+    def _copy_in(self, weights: AdapterWeights) -> tuple[AdapterWeights, int]:
+        """`weights` copied into memory of this tier's own (pinned: its pages), and the bytes taken."""
+        if not self.pin_memory:
+            copied = {key: tuple(t.clone() for t in pair) for key, pair in weights.tensors.items()}
+            copy = dataclasses.replace(weights, tensors=copied)
+            return copy, weights_nbytes(copy)
+        pages = pinned_pages.PageAllocator(pool=self._pages)
+        try:
+            copied, _ = pinned_pages.pin_packed(weights.tensors, pages)
+        except BaseException:
+            pages.release()
+            raise
+        copy = dataclasses.replace(weights, tensors=copied)
+        weakref.finalize(copy, pages.release)  # the pages go back once the copy is gone (see _load)
+        return copy, pages.nbytes
 
     def cached(self, name: str, version: int) -> AdapterWeights | None:
         """The weights of one version if they are in memory (never reads the disk)."""

@@ -126,15 +126,16 @@ async def _read_parts(request: Request, limit: int) -> dict[str, bytes | memoryv
 
 
 def _store_upload(state: ServerState, name: str, parts: dict[str, bytes | memoryview], owner: str):
+    """(record, the validated weights when the two files were sent, else None)."""
     if ARCHIVE_PART in parts:
         if len(parts) > 1:
             raise APIError(400, f"send either {ARCHIVE_PART!r} alone or the two adapter files",
                            param=ARCHIVE_PART)
-        return state.store.put_archive(name, bytes(parts[ARCHIVE_PART]), owner)
+        return state.store.put_archive(name, bytes(parts[ARCHIVE_PART]), owner), None
     missing = [part for part in (CONFIG_PART, WEIGHTS_PART) if part not in parts]
     if missing:
         raise APIError(400, f"missing part {missing[0]!r}", param=missing[0])
-    return state.store.put(name, bytes(parts[CONFIG_PART]), parts[WEIGHTS_PART], owner)
+    return state.store.put_with_weights(name, bytes(parts[CONFIG_PART]), parts[WEIGHTS_PART], owner)
 
 
 async def _after_change(state: ServerState, name: str, deleted: bool = False) -> None:
@@ -159,17 +160,22 @@ def _upload_trace() -> StepTrace:
 _WARMING: set[asyncio.Task] = set()  # loads started by uploads (a reference each, until done)
 
 
-def _warm(state: ServerState, record) -> None:
-    """Read a version just stored into the CPU tier in the background, as vLLM's load_lora_adapter loads
-    an adapter before it answers: the first request for it then skips the disk read (upload to usable:
-    issue 15). The same read-back, keyed by (name, version), as a request's; the response does not wait
-    for it. The engine process keeps its own tier and loads at first use."""
+def _warm(state: ServerState, record, weights=None) -> None:
+    """Put a version just stored in the CPU tier in the background, as vLLM's load_lora_adapter loads an
+    adapter before it answers: the first request for it then skips the disk read (upload to usable:
+    issue 15). With `weights` (what the upload's validation parsed: the bytes just hashed and written)
+    they are copied into the tier's pages; else the version is read back as a request's would be. Keyed
+    by (name, version); the response does not wait for it. The engine process keeps its own tier and
+    loads at first use."""
     if state.registry is None or not state.registry.load_weights:
         return
 
     async def load() -> None:
         try:
-            await asyncio.to_thread(state.registry.weights, record)
+            if weights is not None:
+                await asyncio.to_thread(state.registry.adopt, record, weights)
+            else:
+                await asyncio.to_thread(state.registry.weights, record)
         except AdapterNotFoundError:
             pass  # replaced and pruned, or deleted, meanwhile: nothing to warm
         except Exception:
@@ -189,11 +195,11 @@ async def put_adapter(name: str, request: Request, state: StateDep, caller: Admi
     parts = await _read_parts(request, state.settings.max_upload_bytes)
     received = time.perf_counter()
     try:
-        record = await asyncio.to_thread(_store_upload, state, name, parts, caller.tenant)
+        record, weights = await asyncio.to_thread(_store_upload, state, name, parts, caller.tenant)
     except AdapterStorageFullError as exc:
         raise _storage_full(exc) from None
     stored = time.perf_counter()
-    _warm(state, record)
+    _warm(state, record, weights)
     await _after_change(state, name)
     trace = _upload_trace()
     if trace.enabled:  # LORAPLEX_STEP_TRACE: where an upload's time goes (diagnosis only)

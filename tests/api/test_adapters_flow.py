@@ -10,6 +10,7 @@ import tarfile
 
 import httpx
 import pytest
+import torch
 
 from tests.api.helpers import BASE_ID, ENGINE_MODES, api_settings, assert_error, greedy_text, live_server, upload
 
@@ -195,10 +196,11 @@ def test_replacement_during_50_concurrent_streams(server, client, tiny_adapters)
     assert all(text == reference["v2"] for text in texts_v2)
 
 
-def test_an_upload_is_in_the_cpu_tier_before_its_first_request(server, client, tiny_adapters):
-    """With the engine in a thread, an upload reads the new version into the CPU tier in the background
-    (as vLLM's load_lora_adapter does): the first request for it reads nothing from disk. The engine
-    process keeps its own tier and reads at first use."""
+def test_an_upload_is_in_the_cpu_tier_before_its_first_request(server, client, tiny_adapters, monkeypatch):
+    """With the engine in a thread, an upload puts the new version in the CPU tier in the background (as
+    vLLM's load_lora_adapter does), from the weights its validation parsed: nothing is read back from
+    disk, not by the upload and not by the first request for it, and the first request's text is the
+    adapter's. The engine process keeps its own tier and reads at first use."""
     import time
 
     from server import metrics
@@ -206,6 +208,11 @@ def test_an_upload_is_in_the_cpu_tier_before_its_first_request(server, client, t
     if server.state.settings.engine_process:
         pytest.skip("the engine process loads at first use")
     registry = server.state.registry
+
+    def no_read_back(*args, **kwargs):
+        raise AssertionError("the upload's weights should have been adopted, not read back")
+
+    monkeypatch.setattr(server.state.store, "load_weights", no_read_back)
     version = upload(client, "warm-up", tiny_adapters["mlp-r2-rs"])["version"]
     deadline = time.monotonic() + 10
     while registry.cached("warm-up", version) is None and time.monotonic() < deadline:
@@ -219,3 +226,9 @@ def test_an_upload_is_in_the_cpu_tier_before_its_first_request(server, client, t
     before = loads()
     assert greedy_text(client, "warm-up")
     assert loads() == before
+    monkeypatch.undo()
+    adopted = registry.cached("warm-up", version)
+    from_disk = server.state.store.load_weights(server.state.store.get("warm-up", version))
+    assert adopted.tensors.keys() == from_disk.tensors.keys()
+    for key, pair in from_disk.tensors.items():
+        assert all(torch.equal(a, b) for a, b in zip(adopted.tensors[key], pair, strict=True))

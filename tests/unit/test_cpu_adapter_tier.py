@@ -223,3 +223,27 @@ def test_page_pool_reserves_in_smaller_slabs_when_a_large_one_cannot_be_pinned()
 
     pool = PagePool(limited)
     assert pool.reserve(5 * PAGE_BYTES) == 5 * PAGE_BYTES and pool.num_free == 5
+
+
+@pytest.mark.parametrize("pin", [False, True])
+def test_adopt_puts_an_uploads_own_weights_in_the_tier_as_a_copy(monkeypatch, pin):
+    """`adopt` (an upload's validated weights, not read back from disk) keeps a copy of its own (pinned:
+    in the tier's pages), counted in the budget like a load; a later resolve reads nothing; a second
+    adopt of the same version does nothing; the source can change afterwards without effect."""
+    from server import pinned_pages
+
+    monkeypatch.setattr(pinned_pages, "pinned", lambda n: torch.zeros(n, dtype=torch.uint8))
+    page = pinned_pages.PAGE_BYTES
+    registry, store = _registry({"a": page // 2}, max_bytes=4 * page, pin_memory=pin)
+    source = torch.randn(page // 2 // (4 * 64), 64)
+    weights = AdapterWeights(rank=source.shape[0], alpha=1.0, use_rslora=False, scaling=1.0,
+                             tensors={(0, "q_proj"): (source, torch.zeros(0, source.shape[0]))})
+    assert registry.adopt(FakeRecord("a", 1), weights)
+    assert not registry.adopt(FakeRecord("a", 1), weights)
+    expected = source.clone()
+    source.add_(1.0)  # the upload's buffer is gone or reused: the tier's copy is its own
+    (kept, _), = registry.resolve("a").weights.tensors.values()
+    assert torch.equal(kept, expected) and store.num_reads == {}
+    assert registry.nbytes == (page if pin else page // 2)
+    if pin:
+        assert registry._pages.num_free == 3  # one of the four reserved pages holds the copy
