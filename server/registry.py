@@ -98,9 +98,29 @@ class AdapterRegistry:
             return cached
         if not is_loader:
             return pending.wait()
+        return self._fill(key, pending, lambda: self._load(record))
+
+    def adopt(self, record: AdapterRecord, weights: AdapterWeights) -> bool:
+        """Put a version just stored in this tier from the weights its upload's validation parsed (the
+        very bytes that were hashed and written), copied into the tier's pages: its first request then
+        finds it in memory, with no read-back from disk. Concurrent first uses wait for the copy as for
+        a load. False when the version is already here or loading (nothing done)."""
+        key = (record.name, record.version)
+        with self._lock:
+            if key in self._cache or key in self._loading:
+                return False
+            pending = self._loading[key] = _PendingLoad()
+        self._fill(key, pending, lambda: self._copy_in(weights))
+        return True
+
+    def _fill(self, key: tuple[str, int], pending: _PendingLoad,
+              produce: Callable[[], tuple[AdapterWeights, int]]) -> AdapterWeights:
+        """Bring in the version `key` whose load this thread owns (`pending`, registered in _loading):
+        `produce()` gives its weights and their bytes in this tier; they are cached, the waiters woken
+        and the load reported. On failure the waiters get the error."""
         start = time.perf_counter()
         try:
-            weights, nbytes = self._load(record)
+            weights, nbytes = produce()
         except BaseException as err:
             with self._lock:
                 del self._loading[key]
@@ -115,34 +135,6 @@ class AdapterRegistry:
             self._on_load(time.perf_counter() - start, resident)
         self._report_evictions(num_evicted)
         return weights
-
-    def adopt(self, record: AdapterRecord, weights: AdapterWeights) -> bool:
-        """Put a version just stored in this tier from the weights its upload's validation parsed (the
-        very bytes that were hashed and written), copied into the tier's pages: its first request then
-        finds it in memory, with no read-back from disk. Concurrent first uses wait for the copy as for
-        a load. False when the version is already here or loading (nothing done)."""
-        key = (record.name, record.version)
-        with self._lock:
-            if key in self._cache or key in self._loading:
-                return False
-            pending = self._loading[key] = _PendingLoad()
-        start = time.perf_counter()
-        try:
-            copied, nbytes = self._copy_in(weights)
-        except BaseException as err:
-            with self._lock:
-                del self._loading[key]
-            pending.fail(err)
-            raise
-        with self._lock:
-            del self._loading[key]
-            num_evicted = self._insert(key, copied, nbytes)
-            resident = len(self._cache)
-        pending.done(copied)
-        if self._on_load is not None:
-            self._on_load(time.perf_counter() - start, resident)
-        self._report_evictions(num_evicted)
-        return True
 
     def _copy_in(self, weights: AdapterWeights) -> tuple[AdapterWeights, int]:
         """`weights` copied into memory of this tier's own (pinned: its pages), and the bytes taken."""
