@@ -30,7 +30,8 @@ def submit_chunks(data) -> list[Future]:
     return submit_chunks_of([data])
 
 
-def _sha256_of_pieces(pieces: list[memoryview]) -> str:
+def sha256_of(pieces: list[memoryview]) -> str:
+    """The sha256 hex digest of the bytes `pieces` hold one after the other."""
     digest = hashlib.sha256()
     for piece in pieces:
         digest.update(piece)
@@ -39,12 +40,12 @@ def _sha256_of_pieces(pieces: list[memoryview]) -> str:
 
 def submit_whole_of(segments: list[memoryview]) -> Future:
     """`submit_whole` of the bytes that `segments` hold one after the other."""
-    return _POOL.submit(_sha256_of_pieces, segments)
+    return _POOL.submit(sha256_of, segments)
 
 
 def submit_chunks_of(segments: list[memoryview]) -> list[Future]:
     """`submit_chunks` of the bytes that `segments` hold one after the other (a file read in pieces)."""
-    return [_POOL.submit(_sha256_of_pieces, [view for _, _, view in pieces]) for pieces in chunks_of(segments)]
+    return [_POOL.submit(sha256_of, [view for _, _, view in pieces]) for pieces in chunks_of(segments)]
 
 
 def chunks_of(segments: list[memoryview]) -> list[list[tuple[int, int, memoryview]]]:
@@ -63,11 +64,6 @@ def chunks_of(segments: list[memoryview]) -> list[list[tuple[int, int, memoryvie
             room -= len(piece)
             offset += len(piece)
     return [pieces for pieces in chunks if pieces]
-
-
-def sha256_of(pieces: list[memoryview]) -> str:
-    """The sha256 hex digest of the bytes `pieces` hold one after the other."""
-    return _sha256_of_pieces(pieces)
 
 
 def results(futures: list[Future]) -> list[str]:

@@ -42,7 +42,6 @@ _READS = ThreadPoolExecutor(max_workers=max(2, min(16, os.cpu_count() or 2)), th
 class PagedFile:
     header: dict[str, dict]
     segments: list[memoryview]  # the file's bytes, in order, without gaps (filled once `reads` are done)
-    size: int
     # One per digests.CHUNK_BYTES chunk of the file, done once the chunk is read: its sha256 hex digest
     # (None when the reader did not ask for digests); a short read raises AdapterValidationError there.
     reads: list[Future]
@@ -94,7 +93,7 @@ def read_paged(path: Path, max_bytes: int, page_bytes: int, allocate: Callable[[
         handle.close()
         raise
     _close_when_done(handle, reads)
-    return PagedFile(header, segments, size, reads, alloc_seconds, layout)
+    return PagedFile(header, segments, reads, alloc_seconds, layout)
 
 
 def _plan(header: dict[str, dict], data_start: int, size: int, page_bytes: int,

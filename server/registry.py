@@ -142,15 +142,23 @@ class AdapterRegistry:
             copied = {key: tuple(t.clone() for t in pair) for key, pair in weights.tensors.items()}
             copy = dataclasses.replace(weights, tensors=copied)
             return copy, weights_nbytes(copy)
+        return self._in_pages(lambda pages: dataclasses.replace(
+            weights, tensors=pinned_pages.pin_packed(weights.tensors, pages)[0]))
+
+    def _in_pages(self, fill: Callable[[pinned_pages.PageAllocator], AdapterWeights]) -> tuple[AdapterWeights, int]:
+        """`fill(pages)`: weights whose tensors are views of the pool pages it takes from `pages`; returns
+        them and the bytes taken. The pages go back to the pool when the weights are gone: evicted from
+        the tier and released by every request and slot copy that used them (a slot copy holds its
+        weights until it is done); at once if `fill` raises (it must return or raise only once nothing
+        writes into them)."""
         pages = pinned_pages.PageAllocator(pool=self._pages)
         try:
-            copied, _ = pinned_pages.pin_packed(weights.tensors, pages)
+            weights = fill(pages)
         except BaseException:
             pages.release()
             raise
-        copy = dataclasses.replace(weights, tensors=copied)
-        weakref.finalize(copy, pages.release)  # the pages go back once the copy is gone (see _load)
-        return copy, pages.nbytes
+        weakref.finalize(weights, pages.release)
+        return weights, pages.nbytes
 
     def cached(self, name: str, version: int) -> AdapterWeights | None:
         """The weights of one version if they are in memory (never reads the disk)."""
@@ -206,23 +214,18 @@ class AdapterRegistry:
         if not self.pin_memory:
             weights = self.store.load_weights(record)
             return weights, weights_nbytes(weights)
-        pages = pinned_pages.PageAllocator(pool=self._pages)  # the file is read straight into the tier's pages
         marks: dict[str, float] = {}
         start = time.perf_counter()
-        try:
-            weights = self.store.load_weights(record, pages, pinned_pages.PAGE_BYTES, timings=marks)
-        except BaseException:
-            pages.release()  # load_weights returns or raises only once no read writes into the pages
-            raise
-        # The pages go back to the pool when the weights are gone: evicted from the tier and released by
-        # every request and slot copy that used them (a slot copy holds its weights until it is done).
-        weakref.finalize(weights, pages.release)
+        # The file is read straight into the tier's pages (load_weights returns or raises only once no
+        # read writes into them).
+        weights, nbytes = self._in_pages(
+            lambda pages: self.store.load_weights(record, pages, pinned_pages.PAGE_BYTES, timings=marks))
         if self._trace.enabled:  # LORAPLEX_STEP_TRACE: the stages of each read (diagnosis only)
-            self._trace.record(adapter=record.name, version=record.version, mb=round(pages.nbytes / 2**20, 1),
+            self._trace.record(adapter=record.name, version=record.version, mb=round(nbytes / 2**20, 1),
                                ms=round((time.perf_counter() - start) * 1e3, 2),
                                **{stage: round(s * 1e3, 2) for stage, s in marks.items()})
             self._trace.flush()
-        return weights, pages.nbytes
+        return weights, nbytes
 
     def forget(self, name: str) -> None:
         """Drop every cached version of `name` (after delete); running requests keep theirs."""
