@@ -27,7 +27,6 @@ empty dir; until the tombstone exists, the trash entry itself remembers the vers
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import secrets
@@ -35,20 +34,16 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from pathlib import Path
 
 import torch
 
-from . import digests
+from . import digests, read_back
 from .archive import extract_adapter_files
 from .errors import (
-    AdapterError,
-    AdapterIntegrityError,
     AdapterNotFoundError,
     AdapterStorageFullError,
     AdapterTooLargeError,
-    AdapterValidationError,
     InvalidAdapterNameError,
 )
 from .fsio import (
@@ -58,12 +53,9 @@ from .fsio import (
     fsync_dir,
     is_disk_full,
     read_adapter_dir,
-    read_regular_file,
-    read_regular_file_writable,
     write_file_durable,
 )
-from .paged_read import read_paged
-from .peft_format import adapter_from_header, parse_adapter, parse_config
+from .peft_format import parse_adapter
 from .records import MANIFEST_FILE, NAME_PATTERN, AdapterRecord, read_manifest, validate_name, write_manifest
 from .spec import AdapterWeights, BaseModelSpec
 
@@ -261,70 +253,10 @@ class AdapterStore:
 
     def load_weights(self, record: AdapterRecord, allocate: Callable[[int], torch.Tensor] | None = None,
                      page_bytes: int = 0, timings: dict[str, float] | None = None) -> AdapterWeights:
-        """Read a stored version back (tensors in the file's dtype), after re-checking its sha256 and config.
-
-        The cold-adapter path (issue 15: disk to first token within 60 ms at 8B rank 16, 84 MB): the
-        sha256 of each chunk (`digests`) is checked on worker threads while the tensors are mapped, and
-        the NaN/Inf scan of the upload is not repeated, since matching bytes are the bytes that passed
-        it. Nothing is returned before every digest matches. With `allocate` (blocks of uint8 of at least
-        `page_bytes`: the CPU tier's pinned pages), the file is read straight into such blocks and the
-        tensors are views of them (`paged_read`); else into one buffer of its own. `timings`, when given,
-        receives the seconds from the start at which each stage ended (header, parsed, checked) and, paged,
-        the seconds the page allocations took (alloc_total, part of the header stage)."""
-        start = time.perf_counter()
-        config_bytes = read_regular_file(record.path / CONFIG_FILE, self.max_bytes)
-        if allocate is not None:
-            try:
-                paged = read_paged(record.path / WEIGHTS_FILE, self.max_bytes, page_bytes, allocate,
-                                   hash_chunks=bool(record.chunk_sha256))
-            except AdapterValidationError as exc:  # it passed at upload: the file changed since
-                raise AdapterIntegrityError(f"adapter {record.name!r} v{record.version}: {exc}") from None
-
-            @functools.cache
-            def checks() -> list[str]:
-                chunks = [read.result() for read in paged.reads]  # a short read raises here
-                return chunks if record.chunk_sha256 else [digests.sha256_of(paged.segments)]
-
-            def parse():
-                try:
-                    return adapter_from_header(parse_config(config_bytes, self.spec, self.max_rank),
-                                               paged.header, paged.tensors, self.spec, check_finite=False)[1]
-                except BaseException:
-                    futures_wait(paged.reads)  # no read may still write into pages the caller frees
-                    raise
-        else:
-            safetensors_bytes = read_regular_file_writable(record.path / WEIGHTS_FILE, self.max_bytes)
-            futures = (digests.submit_chunks(safetensors_bytes) if record.chunk_sha256
-                       else [digests.submit_whole(safetensors_bytes)])
-
-            def checks() -> list[str]:
-                return digests.results(futures)
-
-            def parse():
-                return parse_adapter(config_bytes, safetensors_bytes, self.spec, self.max_rank,
-                                     check_finite=False)[1]
-        expected = list(record.chunk_sha256) if record.chunk_sha256 else [record.sha256]
-        marks = timings if timings is not None else {}
-        marks["header"] = time.perf_counter() - start
-        if allocate is not None:
-            marks["alloc_total"] = paged.alloc_seconds  # a duration (inside "header"), not an end
-        try:
-            weights = parse()
-        except AdapterError:
-            if _digests(checks, record) == expected:
-                raise
-        marks["parsed"] = time.perf_counter() - start
-        digests_found = _digests(checks, record)
-        marks["checked"] = time.perf_counter() - start
-        if digests_found != expected:  # bytes that changed on disk say so first
-            raise AdapterIntegrityError(
-                f"adapter {record.name!r} v{record.version}: {WEIGHTS_FILE} changed on disk (its sha256 no "
-                f"longer matches the manifest's, which says {record.sha256})"
-            )
-        stored = (record.rank, record.alpha, record.use_rslora)
-        if (weights.rank, weights.alpha, weights.use_rslora) != stored:
-            raise AdapterIntegrityError(f"adapter {record.name!r} v{record.version}: {CONFIG_FILE} changed on disk")
-        return weights
+        """Read a stored version back, after re-checking its sha256 and config (`read_back.load_weights`:
+        into `allocate`'s blocks of `page_bytes` when given, the CPU tier's pages)."""
+        return read_back.load_weights(record, self.spec, self.max_rank, self.max_bytes, allocate, page_bytes,
+                                      timings)
 
     def _adapter_dir(self, name: str) -> Path:
         path = (self.root / validate_name(name)).resolve()
@@ -397,14 +329,6 @@ class AdapterStore:
                     shutil.rmtree(version_dir, ignore_errors=True)
             _remove_if_empty(adapter_dir)
             self._prune(adapter_dir)
-
-
-def _digests(checks: Callable[[], list[str]], record: AdapterRecord) -> list[str]:
-    """The digests a read-back computed; a file that ended early (it changed since) is an integrity error."""
-    try:
-        return checks()
-    except AdapterValidationError as exc:
-        raise AdapterIntegrityError(f"adapter {record.name!r} v{record.version}: {exc}") from None
 
 
 def _remove_if_empty(path: Path) -> None:
