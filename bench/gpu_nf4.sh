@@ -1,18 +1,33 @@
 #!/usr/bin/env bash
-# One GPU-machine call for the NF4 kernels issue: kernel table, then the GPU suite (logs under $OUT).
-# Usage there: bash bench/gpu_nf4.sh   (carry .whl; see ../shared/gpu/wheels.sh)
+# One GPU-machine call for the NF4 kernels issue: GPU tests, Nsight Compute, kernel table, prefill, step profile.
+# Usage there: bash bench/gpu_nf4.sh   (carry .whl and .torch_ext; see ../shared/gpu/wheels.sh)
+# Each step has its own timeout; a timeout of 0 skips the step. TESTS_ARGS: pytest arguments for tests/gpu
+# (quoted as on a command line); NCU_ROWS=1,32: ncu sections of the tile and lut kernels (bench.nf4_ncu).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1
 # The CUDA NF4 extension takes ~90 s to build on a fresh machine: build it into .torch_ext, send it back
 # as $OUT/torch_ext.tgz, and next time unpack that into .torch_ext here and name it in `carry`
-# (torch reuses a build whose sources and flags are unchanged).
+# (the build is named by a digest of server/model/csrc, so a changed source or header rebuilds).
 export TORCH_EXTENSIONS_DIR=$PWD/.torch_ext
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/smi.txt"
-timeout "${KERNELS_TIMEOUT:-330}" python3 -m bench.kernels --out "$OUT" ${KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.log"
-timeout "${PREFILL_TIMEOUT:-150}" python3 -m bench.prefill --out "$OUT" 2>&1 | tee "$OUT/prefill.log"
-timeout "${PROFILE_TIMEOUT:-120}" python3 -m bench.profile_step --model 1b --out "$OUT" 2>&1 | tee "$OUT/profile.log"
-timeout "${TESTS_TIMEOUT:-220}" python3 -m pytest tests/gpu -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} 2>&1 \
-  | tee "$OUT/gpu_tests.log" | tail -40
+step() {  # step TIMEOUT LOG COMMAND...: run unless TIMEOUT is 0
+  local limit=$1 log=$2; shift 2
+  [ "$limit" = 0 ] && return 0
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$log" | tail -40
+}
+python3 -c "from server.model import cuda_nf4; print('cuda_nf4 available:', cuda_nf4.is_available())" 2>&1 | tail -5
+eval "test_args=(${TESTS_ARGS:-})"
+step "${TESTS_TIMEOUT:-220}" gpu_tests.log python3 -m pytest tests/gpu -q -m gpu -p no:cacheprovider "${test_args[@]}"
+if [ -n "${NCU_ROWS:-}" ]; then
+  step "${NCU_TIMEOUT:-120}" ncu.txt ncu --clock-control none --kernel-name regex:"nf4_(tile|lut)_kernel" \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    python3 -m bench.nf4_ncu --rows "$NCU_ROWS"
+fi
+eval "kernel_args=(${KERNELS_ARGS:-})"
+step "${KERNELS_TIMEOUT:-330}" kernels.log python3 -m bench.kernels --out "$OUT" "${kernel_args[@]}"
+step "${PREFILL_TIMEOUT:-150}" prefill.log python3 -m bench.prefill --out "$OUT"
+step "${PROFILE_TIMEOUT:-120}" profile.log python3 -m bench.profile_step --model 1b --out "$OUT"
 tar czf "$OUT/torch_ext.tgz" -C .torch_ext . 2>/dev/null || true

@@ -15,8 +15,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=$PWD/.torch_ext
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader > "$OUT/smi.txt"
 if [ -n "${GPU_TESTS:-}" ]; then
-  # shellcheck disable=SC2086  # GPU_TESTS is pytest arguments
-  timeout "${GPU_TESTS_TIMEOUT:-150}" python3 -m pytest -q -s tests/gpu -m gpu $GPU_TESTS 2>&1 | tail -30 > "$OUT/gpu_tests.txt"
+  eval "gpu_test_args=($GPU_TESTS)"  # GPU_TESTS is pytest arguments, quoted as on a command line
+  timeout "${GPU_TESTS_TIMEOUT:-150}" python3 -m pytest -q -s tests/gpu -m gpu "${gpu_test_args[@]}" 2>&1 | tail -30 > "$OUT/gpu_tests.txt"
 fi
 # COLD_LOAD=8b (a shape): the stages of a cold adapter first (python -m bench.cold_load), about 20 s.
 [ -n "${COLD_LOAD:-}" ] && timeout 120 python3 -m bench.cold_load --model "$COLD_LOAD" --out "$OUT" 2>&1 | tail -12 >> "$OUT/run.log"

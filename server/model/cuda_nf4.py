@@ -10,6 +10,7 @@ beside the codes and rebuilds in place whenever they change. Needs nvcc and an s
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -30,9 +31,12 @@ def _extension():
 
     major, minor = torch.cuda.get_device_capability()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
-    source = Path(__file__).parent / "csrc" / "nf4_mma.cu"
-    return load(name="loraplex_nf4_mma", sources=[str(source)], extra_cuda_cflags=["-O3", "--use_fast_math"],
-                verbose=False)
+    csrc = Path(__file__).parent / "csrc"
+    # torch's build cache hashes the listed sources only, not the headers they include: name the build
+    # by a digest of every file in csrc so that a changed header rebuilds.
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(csrc.iterdir()) if p.is_file())).hexdigest()
+    return load(name=f"loraplex_nf4_mma_{digest[:10]}", sources=[str(csrc / "nf4_mma.cu")],
+                extra_cuda_cflags=["-O3", "--use_fast_math"], verbose=False)
 
 
 def is_available() -> bool:
@@ -47,6 +51,19 @@ def is_available() -> bool:
     return True
 
 
+def host_code_table(code_table: torch.Tensor) -> list[float]:
+    """The 16 code values as host floats for the lut kernel's parameters; read from the device once per
+    table (a graph capture must not meet the first read: the warm-up before capture makes it)."""
+    key = (code_table.data_ptr(), code_table._version)
+    values = _HOST_TABLES.get(key)
+    if values is None:
+        values = _HOST_TABLES[key] = [float(v) for v in code_table.float().cpu()]
+    return values
+
+
+_HOST_TABLES: dict[tuple[int, int], list[float]] = {}
+
+
 def _rows_bucket(num_rows: int) -> int:
     return 8 if num_rows <= 8 else 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
 
@@ -54,7 +71,9 @@ def _rows_bucket(num_rows: int) -> int:
 @functools.cache
 def blocks_per_sm(num_rows_bucket: int, warps: int, rows_per_warp: int = 0) -> int:
     """Resident blocks per SM of the kernel instance for this row bucket (8, 16, 32, 64) and warps;
-    rows_per_warp 0: nf4_mma, 1 or 2: nf4_tile with that many 16-row tiles a warp."""
+    rows_per_warp 0: nf4_mma, 1 or 2: nf4_tile with that many 16-row tiles a warp, -1: nf4_lut."""
+    if rows_per_warp < 0:  # the lut kernel
+        return max(1, _extension().nf4_lut_blocks_per_sm(num_rows_bucket, warps))
     if rows_per_warp:
         return max(1, _extension().nf4_tile_blocks_per_sm(num_rows_bucket, warps, rows_per_warp))
     return max(1, _extension().nf4_mma_blocks_per_sm(num_rows_bucket, warps))
@@ -139,4 +158,24 @@ def nf4_tile(
     if split_k is None:
         split_k = pick_split_k(x.shape[0], out_features, in_features, num_sms, warps, rows_per_warp=rows_per_warp)
     _extension().nf4_tile(x, tiled[0], tiled[1], code_table, bias, out, split_k, warps, rows_per_warp)
+    return out
+
+
+def nf4_lut(
+    x: torch.Tensor,  # [T, in] bf16 / fp16, T <= 64
+    packed: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.lut_pack(codes, absmax_f, shape)
+    shape,  # (out, in)
+    code_table: torch.Tensor,  # [16] float32
+    bias: torch.Tensor | None = None,  # [out]
+    split_k: int | None = None,
+    warps: int = 4,
+    num_sms: int = 132,
+) -> torch.Tensor:
+    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the lut layout, tables in registers."""
+    out_features, in_features = shape
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], out_features, device=x.device, dtype=x.dtype)
+    if split_k is None:
+        split_k = pick_split_k(x.shape[0], out_features, in_features, num_sms, warps, rows_per_warp=-1)
+    _extension().nf4_lut(x, packed[0], packed[1], host_code_table(code_table), bias, out, split_k, warps)
     return out

@@ -77,3 +77,44 @@ def tile_pack(codes: torch.Tensor, absmax_f: torch.Tensor, shape,
     out[0].view(tiles, blocks, 8, 4, 2, 8).copy_(packed_codes)
     out[1].view(tiles, blocks, 8, 2).copy_(packed_scales)
     return out
+
+
+LUT_BLOCKS = 4  # quant blocks a macro step of the lut kernel spans (server/model/csrc/nf4_lut.cuh)
+
+
+def lut_layout_sizes(shape) -> tuple[int, int]:
+    """(code bytes, fp32 scales) of the lut layout of an (out, in) weight: rows padded to TILE_ROWS,
+    quant blocks to a multiple of LUT_BLOCKS."""
+    out_features, in_features = shape
+    tiles = -(-out_features // TILE_ROWS)
+    macros = -(-(in_features // NF4_BLOCKSIZE) // LUT_BLOCKS)
+    return tiles * macros * 2048, tiles * macros * 64
+
+
+def lut_pack(codes: torch.Tensor, absmax_f: torch.Tensor, shape,
+             out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward-only copy the CUDA lut kernel streams, derived from bnb's codes (which stay the truth).
+
+    For row tile r (rows 16r .. 16r + 15) and macro step q (quant blocks 4q .. 4q + 3), both padded with
+    zero codes and zero scales: 2048 code bytes as 4 chunks x 32 lanes x 16 bytes, lane 4g + t holding in
+    chunks 0-1 row 16r + g's 32 bytes of block 4q + t and in chunks 2-3 row 16r + g + 8's; then 64 scales
+    as 32 lanes x (row g, row g + 8) of block 4q + t. Returns (codes uint8 [tiles * macros * 2048],
+    scales float32 [tiles * macros * 64]); with `out` the result is written into those tensors in place."""
+    out_features, in_features = shape
+    tiles, blocks = -(-out_features // TILE_ROWS), in_features // NF4_BLOCKSIZE
+    macros = -(-blocks // LUT_BLOCKS)
+    rows = codes_as_bytes(codes).view(out_features, blocks, 32)
+    scales = absmax_f.view(out_features, blocks)
+    row_pad, block_pad = tiles * TILE_ROWS - out_features, macros * LUT_BLOCKS - blocks
+    if row_pad or block_pad:
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, block_pad, 0, row_pad))
+        scales = torch.nn.functional.pad(scales, (0, block_pad, 0, row_pad))
+    # rows: [tile, h, g, macro, t, half, 16 bytes] -> [tile, macro, h, half, g, t, 16 bytes]
+    packed_codes = rows.reshape(tiles, 2, 8, macros, 4, 2, 16).permute(0, 3, 1, 5, 2, 4, 6)
+    # scales: [tile, h, g, macro, t] -> [tile, macro, g, t, h]
+    packed_scales = scales.reshape(tiles, 2, 8, macros, 4).permute(0, 3, 2, 4, 1)
+    if out is None:
+        return packed_codes.reshape(-1), packed_scales.reshape(-1)
+    out[0].view(tiles, macros, 2, 2, 8, 4, 16).copy_(packed_codes)
+    out[1].view(tiles, macros, 8, 4, 2).copy_(packed_scales)
+    return out

@@ -359,16 +359,16 @@ __global__ void split_k_sum_kernel(const float* __restrict__ partial, const T* _
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <pybind11/stl.h>
 
-// Grid (row groups, splits) of a kernel whose warps each own `rows_per_warp` 16-row tiles; `body` launches it into
-// `target` (out, or fp32 partials [splits, M, N] summed afterwards when K is split).
+// Grid (row groups, splits) of a kernel whose warps each own `rows_per_warp` 16-row tiles, K split in `units`;
+// `body` launches it into `target` (out, or fp32 partials [splits, M, N] summed afterwards when K is split).
 template <typename T, typename Body>
 void run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
-               Body body) {
-  const int M = x.size(0), K = x.size(1), N = out.size(1);
-  const int num_blocks = K / 64;
-  const int blocks_per_split = (num_blocks + split_k - 1) / split_k;
-  const int splits = (num_blocks + blocks_per_split - 1) / blocks_per_split;
+               int units, Body body) {
+  const int M = x.size(0), N = out.size(1);
+  const int blocks_per_split = (units + split_k - 1) / split_k;  // units of K: quant blocks, or macro steps
+  const int splits = (units + blocks_per_split - 1) / blocks_per_split;
   auto stream = at::cuda::getCurrentCUDAStream();
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
   torch::Tensor partial;
@@ -387,13 +387,15 @@ void run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
   }
 }
 
+#include "nf4_lut.cuh"
+
 template <typename T, int NT>
 void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
             const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
             int64_t split_k, int64_t warps) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int row_tiles = (N + 15) / 16;
-  run_split<T>(x, bias, out, split_k, [&](cudaStream_t stream, void* target, const T* bias_ptr, int splits,
+  run_split<T>(x, bias, out, split_k, K / 64, [&](cudaStream_t stream, void* target, const T* bias_ptr, int splits,
                                           int blocks_per_split) {
 #define LORAPLEX_LAUNCH(W)                                                                                 \
   nf4_mma_kernel<T, NT, W, 4><<<dim3((row_tiles + W - 1) / W, splits), W * 32, 0, stream>>>(                \
@@ -414,7 +416,7 @@ void launch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const 
                  int64_t split_k) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
-  run_split<T>(x, bias, out, split_k, [&](cudaStream_t stream, void* target, const T* bias_ptr, int splits,
+  run_split<T>(x, bias, out, split_k, K / 64, [&](cudaStream_t stream, void* target, const T* bias_ptr, int splits,
                                           int blocks_per_split) {
     nf4_tile_kernel<T, NT, RT, W, 4><<<dim3((warps_needed + W - 1) / W, splits), W * 32, 0, stream>>>(
         reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
@@ -533,4 +535,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_mma_blocks_per_sm", &nf4_mma_blocks_per_sm, "resident blocks per SM of the kernel for (rows, warps)");
   m.def("nf4_tile", &nf4_tile, "NF4 x 16-bit matmul on tensor cores from the tile layout, M <= 64");
   m.def("nf4_tile_blocks_per_sm", &nf4_tile_blocks_per_sm, "resident blocks per SM of the tile kernel");
+  m.def("nf4_lut", &nf4_lut, "NF4 x 16-bit matmul on tensor cores, register-table dequantization, M <= 64");
+  m.def("nf4_lut_blocks_per_sm", &nf4_lut_blocks_per_sm, "resident blocks per SM of the lut kernel");
 }
