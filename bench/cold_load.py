@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        result.update(date=time.strftime("%Y-%m-%d"), device=device)
+        result.update(benchmark="cold_load", date=time.strftime("%Y-%m-%d"), device=device)
         (args.out / f"{result['date']}-cold-load-{args.model}.json").write_text(json.dumps(result, indent=2))
     return 0
 
