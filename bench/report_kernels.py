@@ -27,20 +27,24 @@ PREFILL_RATIOS = (  # read from the newest prefill run (python -m bench.prefill)
           "<=", 1.1),
     Ratio("prefill_tflops_8b", "8b", "model TFLOP/s of NF4 prefill, 32 x 2,048 tokens", ">=", 550),
 )
-IMPLS = ("ours", "bnb", "tinygemm", "tile", "mma", "fused", "fused_bytes", "fused_words", "gemv", "dequant")
+IMPLS = ("ours", "bnb", "tinygemm", "tile", "lut", "mma", "fused", "fused_bytes", "fused_words", "gemv", "dequant")
 
 
-def newest_kernels(results_dir: Path) -> tuple[str, dict] | None:
-    """(file name, data) of the newest kernels result that carries ratios."""
+def kernel_runs(results_dir: Path) -> list[tuple[str, dict]]:
+    """(file name, data) of every kernels result that carries ratios, newest first (by date, then the plain
+    ``-kernels.json`` of a date before its tagged sweeps, then name)."""
     found = []
     for path in results_dir.glob("*-kernels*.json"):
         data = json.loads(path.read_text())
         if data.get("ratios"):
-            found.append(((data.get("date", ""), path.stat().st_size > 0, path.name), path.name, data))
-    if not found:
-        return None
-    newest = max(found, key=lambda f: (f[0][0], f[1].endswith("-kernels.json"), f[1]))
-    return newest[1], newest[2]
+            found.append(((data.get("date", ""), path.name.endswith("-kernels.json"), path.name), path.name, data))
+    return [(name, data) for _, name, data in sorted(found, key=lambda f: f[0], reverse=True)]
+
+
+def newest_kernels(results_dir: Path) -> tuple[str, dict] | None:
+    """(file name, data) of the newest kernels result that carries ratios."""
+    runs = kernel_runs(results_dir)
+    return runs[0] if runs else None
 
 
 def newest_with_ratios(results_dir: Path, pattern: str) -> tuple[str, dict] | None:
@@ -77,7 +81,10 @@ def kernel_section(results_dir: Path, runs: dict) -> list[str]:
               f"{data.get('torch')}, triton {data.get('triton', '?')}; `{data.get('command')}`). Times by CUDA-graph "
               "replay over enough weight copies to defeat the L2 cache; `ours` is the dispatch loraplex runs.", "",
               "| ratio | what | target | measured | met | source |", "|---|---|---|---|---|---|"]
-    lines += [_row(r, (data.get("ratios") or {}).get(r.key), name) for r in KERNEL_RATIOS]
+    for ratio in KERNEL_RATIOS:  # each from the newest run that measured it (a run may skip some row counts)
+        source = next(((n, d) for n, d in kernel_runs(results_dir) if (d.get("ratios") or {}).get(ratio.key)
+                       is not None), (None, {}))
+        lines.append(_row(ratio, (source[1].get("ratios") or {}).get(ratio.key), source[0]))
     engine_source, engine = _engine_values(runs)
     lines += [_row(r, engine.get(r.key), engine_source) for r in ENGINE_RATIOS]
     prefill = newest_with_ratios(results_dir, "*-prefill.json")
