@@ -2,7 +2,7 @@
 # One GPU-machine call for the NF4 kernels issue: GPU tests, Nsight Compute, kernel table, prefill, step profile.
 # Usage there: bash bench/gpu_nf4.sh   (carry .whl and .torch_ext; see ../shared/gpu/wheels.sh)
 # Each step has its own timeout; a timeout of 0 skips the step. TESTS_ARGS: pytest arguments for tests/gpu
-# (quoted as on a command line); NCU_ROWS=1,32: ncu sections of the tile and lut kernels (bench.nf4_ncu).
+# (quoted as on a command line); NCU_ROWS=1,32: ncu sections of the tile and pair kernels (bench.nf4_ncu).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -21,7 +21,7 @@ python3 -c "from server.model import cuda_nf4; print('cuda_nf4 available:', cuda
 eval "test_args=(${TESTS_ARGS:-})"
 step "${TESTS_TIMEOUT:-220}" gpu_tests.log python3 -m pytest tests/gpu -q -m gpu -p no:cacheprovider "${test_args[@]}"
 if [ -n "${NCU_ROWS:-}" ]; then
-  step "${NCU_TIMEOUT:-120}" ncu.txt ncu --clock-control none --kernel-name regex:"nf4_(tile|lut)_kernel" \
+  step "${NCU_TIMEOUT:-120}" ncu.txt ncu --clock-control none --kernel-name regex:"nf4_(tile|pair)_kernel" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     python3 -m bench.nf4_ncu --rows "$NCU_ROWS"

@@ -5,8 +5,8 @@
 For each layer shape of the model (fused qkv, o, fused gate_up, down) and each row count M it times,
 by CUDA-graph replay over enough weight copies to defeat the L2 cache, µs per call of:
 ``bf16`` (F.linear on a 16-bit weight), ``ours`` (the NF4 dispatch loraplex runs: server.model.
-nf4_dispatch), each of our kernels forced (``fused``, ``dequant``, ``mma``, ``tile``, ``lut`` and, with
---sweep-mma, the tile and lut kernels' neighbours), ``bnb`` (bitsandbytes.matmul_4bit) and ``tinygemm``
+nf4_dispatch), each of our kernels forced (``fused``, ``dequant``, ``mma``, ``tile``, ``pair`` and, with
+--sweep-mma, the tile and pair kernels' neighbours), ``bnb`` (bitsandbytes.matmul_4bit) and ``tinygemm``
 (torch._weight_int4pack_mm, int4, group 64: a speed reference only, not NF4). Each of ours is also
 checked against the float64 reference.
 Writes ``<out>/<date>-<device>-kernels.json`` with ``ratios`` (geometric means over the four layer
@@ -75,7 +75,7 @@ class Layer:
     def __init__(self, in_features: int, out_features: int, copies: int, seed: int):
         import bitsandbytes.functional as bnbf
 
-        from server.model.nf4_layout import lut_pack, tile_pack
+        from server.model.nf4_layout import tile_pack
         from server.model.nf4_ops import nf4_absmax_float
 
         gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -85,8 +85,7 @@ class Layer:
             w = (torch.randn(out_features, in_features, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
             codes, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
             absmax = nf4_absmax_float(state).contiguous()
-            self.nf4.append((codes, absmax, state, tile_pack(codes, absmax, self.shape),
-                             lut_pack(codes, absmax, self.shape)))
+            self.nf4.append((codes, absmax, state, tile_pack(codes, absmax, self.shape)))
             self.bf16.append(w)
             self.int4.append(_tinygemm_pack(w))
         self.table = self.nf4[0][2].code
@@ -137,15 +136,15 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                         for c in layer.nf4]
         impls["tile"] = [lambda c=c: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                          for c in layer.nf4]
-        impls["lut"] = [lambda c=c: cuda_nf4.nf4_lut(x, c[4], layer.shape, layer.table, num_sms=device_num_sms(0))
-                        for c in layer.nf4]
-        if SWEEP_MMA:  # the lut kernel's warps and split-K neighbours
-            split = cuda_nf4.pick_split_k(rows, *layer.shape, device_num_sms(0), 4, rows_per_warp=-1)
-            lut_variants = {"lut_w2": {"warps": 2}, "lut_w8": {"warps": 8},
-                            "lut_s_half": {"split_k": max(1, split // 2)}, "lut_s_double": {"split_k": split * 2}}
-            for vname, kw in lut_variants.items():
-                impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_lut(x, c[4], layer.shape, layer.table,
-                                                                    num_sms=device_num_sms(0), **kw)
+        impls["pair"] = [lambda c=c: cuda_nf4.nf4_pair(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
+                         for c in layer.nf4]
+        if SWEEP_MMA:  # the pair kernel's warps and split-K neighbours
+            split = cuda_nf4.pick_split_k(rows, *layer.shape, device_num_sms(0), 8, rows_per_warp=-1)
+            pair_variants = {"pair_w4": {"warps": 4}, "pair_s_half": {"split_k": max(1, split // 2)},
+                             "pair_s_double": {"split_k": split * 2}}
+            for vname, kw in pair_variants.items():
+                impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_pair(x, c[3], layer.shape, layer.table,
+                                                                     num_sms=device_num_sms(0), **kw)
                                 for c in layer.nf4]
         if SWEEP_MMA:  # the tile kernel's neighbours: warps, tiles a warp, split-K halved and doubled
             warps, per_warp = cuda_nf4.tile_config(rows)

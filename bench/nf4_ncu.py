@@ -1,6 +1,6 @@
 """Launch the CUDA NF4 kernels on one 8B layer for Nsight Compute (run under ``ncu``; times nothing itself).
 
-    ncu --clock-control none --kernel-name regex:"nf4_(tile|lut)_kernel" python -m bench.nf4_ncu --rows 1,32
+    ncu --clock-control none --kernel-name regex:"nf4_(tile|pair)_kernel" python -m bench.nf4_ncu --rows 1,32
 
 Each kernel runs twice per row count (a warm-up launch, then the profiled one: pass --launch-skip to ncu
 or read the second of each pair)."""
@@ -25,15 +25,15 @@ def main() -> None:
 
     in_features, out_features = layer_shapes(args.model)[args.layer]
     layer = Layer(in_features, out_features, copies=1, seed=1)
-    codes, absmax, _, tiled, lut = layer.nf4[0]
+    tiled = layer.nf4[0][3]
     for rows in (int(r) for r in args.rows.split(",")):
         x = torch.randn(rows, in_features, device="cuda").to(torch.bfloat16)
         for _ in range(2):
             cuda_nf4.nf4_tile(x, tiled, layer.shape, layer.table, num_sms=device_num_sms(0))
         for _ in range(2):
-            cuda_nf4.nf4_lut(x, lut, layer.shape, layer.table, num_sms=device_num_sms(0))
+            cuda_nf4.nf4_pair(x, tiled, layer.shape, layer.table, num_sms=device_num_sms(0))
         torch.cuda.synchronize()
-        print(f"rows {rows}: launched tile and lut twice each", flush=True)
+        print(f"rows {rows}: launched tile and pair twice each", flush=True)
 
 
 if __name__ == "__main__":

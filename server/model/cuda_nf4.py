@@ -51,19 +51,6 @@ def is_available() -> bool:
     return True
 
 
-def host_code_table(code_table: torch.Tensor) -> list[float]:
-    """The 16 code values as host floats for the lut kernel's parameters; read from the device once per
-    table (a graph capture must not meet the first read: the warm-up before capture makes it)."""
-    key = (code_table.data_ptr(), code_table._version)
-    values = _HOST_TABLES.get(key)
-    if values is None:
-        values = _HOST_TABLES[key] = [float(v) for v in code_table.float().cpu()]
-    return values
-
-
-_HOST_TABLES: dict[tuple[int, int], list[float]] = {}
-
-
 def _rows_bucket(num_rows: int) -> int:
     return 8 if num_rows <= 8 else 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
 
@@ -71,9 +58,9 @@ def _rows_bucket(num_rows: int) -> int:
 @functools.cache
 def blocks_per_sm(num_rows_bucket: int, warps: int, rows_per_warp: int = 0) -> int:
     """Resident blocks per SM of the kernel instance for this row bucket (8, 16, 32, 64) and warps;
-    rows_per_warp 0: nf4_mma, 1 or 2: nf4_tile with that many 16-row tiles a warp, -1: nf4_lut."""
-    if rows_per_warp < 0:  # the lut kernel
-        return max(1, _extension().nf4_lut_blocks_per_sm(num_rows_bucket, warps))
+    rows_per_warp 0: nf4_mma, 1 or 2: nf4_tile with that many 16-row tiles a warp, -1: nf4_pair."""
+    if rows_per_warp < 0:  # the pair kernel
+        return max(1, _extension().nf4_pair_blocks_per_sm(num_rows_bucket, warps))
     if rows_per_warp:
         return max(1, _extension().nf4_tile_blocks_per_sm(num_rows_bucket, warps, rows_per_warp))
     return max(1, _extension().nf4_mma_blocks_per_sm(num_rows_bucket, warps))
@@ -161,21 +148,23 @@ def nf4_tile(
     return out
 
 
-def nf4_lut(
+
+def nf4_pair(
     x: torch.Tensor,  # [T, in] bf16 / fp16, T <= 64
-    packed: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.lut_pack(codes, absmax_f, shape)
+    tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
     shape,  # (out, in)
     code_table: torch.Tensor,  # [16] float32
     bias: torch.Tensor | None = None,  # [out]
     split_k: int | None = None,
-    warps: int = 4,
+    warps: int = 8,
     num_sms: int = 132,
 ) -> torch.Tensor:
-    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the lut layout, tables in registers."""
+    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout through the byte-pair table
+    (csrc/nf4_pair.cuh): bit for bit the tile kernel's result."""
     out_features, in_features = shape
     x = x.contiguous()
     out = torch.empty(x.shape[0], out_features, device=x.device, dtype=x.dtype)
     if split_k is None:
         split_k = pick_split_k(x.shape[0], out_features, in_features, num_sms, warps, rows_per_warp=-1)
-    _extension().nf4_lut(x, packed[0], packed[1], host_code_table(code_table), bias, out, split_k, warps)
+    _extension().nf4_pair(x, tiled[0], tiled[1], code_table, bias, out, split_k, warps)
     return out

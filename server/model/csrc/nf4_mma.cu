@@ -263,16 +263,23 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
   const int first = blockIdx.y * blocks_per_split;
   const int last = min(first + blocks_per_split, num_blocks);
 
+  // Every load in the loop reads valid memory, so none is predicated and nothing is zeroed: a warp past the last
+  // row tile leaves, a second tile past it re-reads the first (its rows are never stored), blocks past the split
+  // are clamped to its last one (refills that are never used), and tokens past M re-read token M - 1 (their
+  // columns are never stored). Offsets are 32-bit from per-lane bases computed once.
+  if (tile0 >= row_tiles) return;  // after the only __syncthreads
   const uint4* codes_at[RT];
   const float2* scales_at[RT];
-  bool tile_ok[RT];
 #pragma unroll
   for (int r = 0; r < RT; ++r) {
-    const int tile = tile0 + r;
-    tile_ok[r] = tile < row_tiles;
+    const int tile = tile0 + r < row_tiles ? tile0 + r : tile0;
     codes_at[r] = tile_codes + static_cast<int64_t>(tile) * num_blocks * 32 + lane;  // 32 uint4 a block
     scales_at[r] = tile_scales + static_cast<int64_t>(tile) * num_blocks * 8 + g;   // 8 float2 a block
   }
+  const uint4* x_at[NT];  // token nt * 8 + g (clamped), its 16 k of block 0 for quad lane t: 2 uint4 a block
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+    x_at[nt] = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(nt * 8 + g, M - 1)) * K) + 2 * t;
 
   float acc[RT][NT][4];
 #pragma unroll
@@ -286,12 +293,11 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
   float2 ring_scales[PREFETCH][RT];
 #pragma unroll
   for (int i = 0; i < PREFETCH; ++i) {
-    const int blk = first + i;
+    const int blk = min(first + i, last - 1);
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
-      const bool ok = blk < last && tile_ok[r];
-      ring_codes[i][r] = load_tile_codes(codes_at[r] + 32 * blk, ok);
-      ring_scales[i][r] = load_tile_scales(scales_at[r] + 8 * blk, ok);
+      ring_codes[i][r] = load_tile_codes(codes_at[r] + 32 * blk, true);
+      ring_scales[i][r] = __ldg(scales_at[r] + 8 * blk);
     }
   }
 
@@ -302,18 +308,23 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
       if (blk >= last) break;  // warp-uniform
       uint4 cur_codes[RT];
       float2 cur_scales[RT];
-      const int ahead = blk + PREFETCH;
+      const int ahead = min(blk + PREFETCH, last - 1);
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
         cur_codes[r] = ring_codes[i][r];
         cur_scales[r] = ring_scales[i][r];
-        const bool ok = ahead < last && tile_ok[r];
-        ring_codes[i][r] = load_tile_codes(codes_at[r] + 32 * ahead, ok);
-        ring_scales[i][r] = load_tile_scales(scales_at[r] + 8 * ahead, ok);
+        ring_codes[i][r] = load_tile_codes(codes_at[r] + 32 * ahead, true);
+        ring_scales[i][r] = __ldg(scales_at[r] + 8 * ahead);
       }
 
       uint32_t xb[NT][8];
-      load_x_fragments<T, NT>(x, M, K, blk, g, t, xb);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint4 v0 = __ldg(x_at[nt] + 8 * blk);
+        const uint4 v1 = __ldg(x_at[nt] + 8 * blk + 1);
+        xb[nt][0] = v0.x; xb[nt][1] = v0.y; xb[nt][2] = v0.z; xb[nt][3] = v0.w;
+        xb[nt][4] = v1.x; xb[nt][5] = v1.y; xb[nt][6] = v1.z; xb[nt][7] = v1.w;
+      }
 
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
@@ -359,7 +370,6 @@ __global__ void split_k_sum_kernel(const float* __restrict__ partial, const T* _
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <pybind11/stl.h>
 
 // Grid (row groups, splits) of a kernel whose warps each own `rows_per_warp` 16-row tiles, K split in `units`;
 // `body` launches it into `target` (out, or fp32 partials [splits, M, N] summed afterwards when K is split).
@@ -386,8 +396,6 @@ void run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
-
-#include "nf4_lut.cuh"
 
 template <typename T, int NT>
 void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
@@ -446,6 +454,8 @@ void dispatch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, cons
     launch_tile<T, 8, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
   }
 }
+
+#include "nf4_pair.cuh"
 
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout; M <= 64, K % 64 == 0.
 void nf4_tile(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
@@ -535,6 +545,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_mma_blocks_per_sm", &nf4_mma_blocks_per_sm, "resident blocks per SM of the kernel for (rows, warps)");
   m.def("nf4_tile", &nf4_tile, "NF4 x 16-bit matmul on tensor cores from the tile layout, M <= 64");
   m.def("nf4_tile_blocks_per_sm", &nf4_tile_blocks_per_sm, "resident blocks per SM of the tile kernel");
-  m.def("nf4_lut", &nf4_lut, "NF4 x 16-bit matmul on tensor cores, register-table dequantization, M <= 64");
-  m.def("nf4_lut_blocks_per_sm", &nf4_lut_blocks_per_sm, "resident blocks per SM of the lut kernel");
+  m.def("nf4_pair", &nf4_pair, "NF4 x 16-bit matmul on tensor cores from the tile layout, byte-pair table, M <= 64");
+  m.def("nf4_pair_blocks_per_sm", &nf4_pair_blocks_per_sm, "resident blocks per SM of the pair kernel");
 }
