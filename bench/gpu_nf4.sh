@@ -2,7 +2,8 @@
 # One GPU-machine call for the NF4 kernels issue: GPU tests, Nsight Compute, kernel table, prefill, step profile.
 # Usage there: bash bench/gpu_nf4.sh   (carry .whl and .torch_ext; see ../shared/gpu/wheels.sh)
 # Each step has its own timeout; a timeout of 0 skips the step. TESTS_ARGS: pytest arguments for tests/gpu
-# (quoted as on a command line); NCU_ROWS=1,32: ncu sections of the tile and pair kernels (bench.nf4_ncu).
+# (quoted as on a command line); NCU_ROWS=1,32: ncu sections of the tile kernel (bench.nf4_ncu); PROFILE_ARGS:
+# bench.profile_step's (default --model 1b).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -21,7 +22,7 @@ python3 -c "from server.model import cuda_nf4; print('cuda_nf4 available:', cuda
 eval "test_args=(${TESTS_ARGS:-})"
 step "${TESTS_TIMEOUT:-220}" gpu_tests.log python3 -m pytest tests/gpu -q -m gpu -p no:cacheprovider "${test_args[@]}"
 if [ -n "${NCU_ROWS:-}" ]; then
-  step "${NCU_TIMEOUT:-120}" ncu.txt ncu --clock-control none --kernel-name regex:"nf4_(tile|pair)_kernel" \
+  step "${NCU_TIMEOUT:-120}" ncu.txt ncu --clock-control none --kernel-name regex:"nf4_tile_kernel" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     python3 -m bench.nf4_ncu --rows "$NCU_ROWS"
@@ -29,5 +30,9 @@ fi
 eval "kernel_args=(${KERNELS_ARGS:-})"
 step "${KERNELS_TIMEOUT:-330}" kernels.log python3 -m bench.kernels --out "$OUT" "${kernel_args[@]}"
 step "${PREFILL_TIMEOUT:-150}" prefill.log python3 -m bench.prefill --out "$OUT"
-step "${PROFILE_TIMEOUT:-120}" profile.log python3 -m bench.profile_step --model 1b --out "$OUT"
+eval "profile_args=(${PROFILE_ARGS:---model 1b})"
+step "${PROFILE_TIMEOUT:-120}" profile.log python3 -m bench.profile_step --out "$OUT" "${profile_args[@]}"
+# ENGINE_TIMEOUT (default 0: skipped): python -m bench --model 8b --skip-baseline (b1 tokens/s, swap, mixed/merged)
+step "${ENGINE_TIMEOUT:-0}" engine.log python3 -m bench --model 8b --skip-baseline --budget-s $(( ${ENGINE_TIMEOUT:-0} - 30 )) \
+  --out "$OUT"
 tar czf "$OUT/torch_ext.tgz" -C .torch_ext . 2>/dev/null || true

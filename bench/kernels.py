@@ -5,8 +5,8 @@
 For each layer shape of the model (fused qkv, o, fused gate_up, down) and each row count M it times,
 by CUDA-graph replay over enough weight copies to defeat the L2 cache, µs per call of:
 ``bf16`` (F.linear on a 16-bit weight), ``ours`` (the NF4 dispatch loraplex runs: server.model.
-nf4_dispatch), each of our kernels forced (``fused``, ``dequant``, ``mma``, ``tile``, ``pair`` and, with
---sweep-mma, the tile and pair kernels' neighbours), ``bnb`` (bitsandbytes.matmul_4bit) and ``tinygemm``
+nf4_dispatch), each of our kernels forced (``fused``, ``dequant``, ``mma``, ``tile`` and, with
+--sweep-mma, the tile kernel's neighbours), ``bnb`` (bitsandbytes.matmul_4bit) and ``tinygemm``
 (torch._weight_int4pack_mm, int4, group 64: a speed reference only, not NF4). Each of ours is also
 checked against the float64 reference.
 Writes ``<out>/<date>-<device>-kernels.json`` with ``ratios`` (geometric means over the four layer
@@ -136,16 +136,6 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                         for c in layer.nf4]
         impls["tile"] = [lambda c=c: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                          for c in layer.nf4]
-        impls["pair"] = [lambda c=c: cuda_nf4.nf4_pair(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
-                         for c in layer.nf4]
-        if SWEEP_MMA:  # the pair kernel's warps and split-K neighbours
-            split = cuda_nf4.pick_split_k(rows, *layer.shape, device_num_sms(0), 8, rows_per_warp=-1)
-            pair_variants = {"pair_w4": {"warps": 4}, "pair_s_half": {"split_k": max(1, split // 2)},
-                             "pair_s_double": {"split_k": split * 2}}
-            for vname, kw in pair_variants.items():
-                impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_pair(x, c[3], layer.shape, layer.table,
-                                                                     num_sms=device_num_sms(0), **kw)
-                                for c in layer.nf4]
         if SWEEP_MMA:  # the tile kernel's neighbours: warps, tiles a warp, split-K halved and doubled
             warps, per_warp = cuda_nf4.tile_config(rows)
             split = cuda_nf4.pick_split_k(rows, *layer.shape, device_num_sms(0), warps, rows_per_warp=per_warp)

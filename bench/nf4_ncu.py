@@ -1,8 +1,8 @@
-"""Launch the CUDA NF4 kernels on one 8B layer for Nsight Compute (run under ``ncu``; times nothing itself).
+"""Launch the CUDA NF4 tile kernel on one 8B layer for Nsight Compute (run under ``ncu``; times nothing itself).
 
-    ncu --clock-control none --kernel-name regex:"nf4_(tile|pair)_kernel" python -m bench.nf4_ncu --rows 1,32
+    ncu --clock-control none --kernel-name regex:"nf4_tile_kernel" python -m bench.nf4_ncu --rows 1,32
 
-Each kernel runs twice per row count (a warm-up launch, then the profiled one: pass --launch-skip to ncu
+It runs twice per row count (a warm-up launch, then the profiled one: pass --launch-skip to ncu
 or read the second of each pair)."""
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ def main() -> None:
         x = torch.randn(rows, in_features, device="cuda").to(torch.bfloat16)
         for _ in range(2):
             cuda_nf4.nf4_tile(x, tiled, layer.shape, layer.table, num_sms=device_num_sms(0))
-        for _ in range(2):
-            cuda_nf4.nf4_pair(x, tiled, layer.shape, layer.table, num_sms=device_num_sms(0))
         torch.cuda.synchronize()
-        print(f"rows {rows}: launched tile and pair twice each", flush=True)
+        print(f"rows {rows}: launched the tile kernel twice", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def allocate_adapter_pool(model, units: int, max_rank: int, num_slot_ids: int) -
     """The rank pools of every LoRA linear, allocated once (a load phase: it can take seconds on a GPU)."""
     with load_phase("adapter pool", f"{units} rank units, {units * LoraSlots.rank_nbytes(model) / 2**20:.0f} MiB"):
         slots = LoraSlots(model, units, max_rank, num_slot_ids)
+        slots.warm_up_copies()
     if model.device.type == "cuda" and lora_ops.USE_TRITON_LORA and lora_ops.triton_available():
         from server.model import triton_lora
 

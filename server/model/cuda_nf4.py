@@ -58,9 +58,7 @@ def _rows_bucket(num_rows: int) -> int:
 @functools.cache
 def blocks_per_sm(num_rows_bucket: int, warps: int, rows_per_warp: int = 0) -> int:
     """Resident blocks per SM of the kernel instance for this row bucket (8, 16, 32, 64) and warps;
-    rows_per_warp 0: nf4_mma, 1 or 2: nf4_tile with that many 16-row tiles a warp, -1: nf4_pair."""
-    if rows_per_warp < 0:  # the pair kernel
-        return max(1, _extension().nf4_pair_blocks_per_sm(num_rows_bucket, warps))
+    rows_per_warp 0: nf4_mma, 1 or 2: nf4_tile with that many 16-row tiles a warp."""
     if rows_per_warp:
         return max(1, _extension().nf4_tile_blocks_per_sm(num_rows_bucket, warps, rows_per_warp))
     return max(1, _extension().nf4_mma_blocks_per_sm(num_rows_bucket, warps))
@@ -148,23 +146,3 @@ def nf4_tile(
     return out
 
 
-
-def nf4_pair(
-    x: torch.Tensor,  # [T, in] bf16 / fp16, T <= 64
-    tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
-    shape,  # (out, in)
-    code_table: torch.Tensor,  # [16] float32
-    bias: torch.Tensor | None = None,  # [out]
-    split_k: int | None = None,
-    warps: int = 8,
-    num_sms: int = 132,
-) -> torch.Tensor:
-    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout through the byte-pair table
-    (csrc/nf4_pair.cuh): bit for bit the tile kernel's result."""
-    out_features, in_features = shape
-    x = x.contiguous()
-    out = torch.empty(x.shape[0], out_features, device=x.device, dtype=x.dtype)
-    if split_k is None:
-        split_k = pick_split_k(x.shape[0], out_features, in_features, num_sms, warps, rows_per_warp=-1)
-    _extension().nf4_pair(x, tiled[0], tiled[1], code_table, bias, out, split_k, warps)
-    return out

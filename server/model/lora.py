@@ -256,6 +256,28 @@ class LoraSlots:
         default = "1" if model.device.type == "cuda" and lora_ops.triton_available() else "0"
         self.use_scatter = os.environ.get("LORAPLEX_SLOT_SCATTER", default) == "1"
 
+    def warm_up_copies(self) -> None:
+        """Allocate once what a slot load allocates, so that no load allocates: the copy stream's staging block
+        for the largest adapter (float32 sources, every linear at max_rank; the caching allocator keeps it
+        for that stream and splits it for smaller loads) and pinned descriptor tables of every power-of-two
+        size up to the largest. cudaMalloc and cudaHostAlloc synchronize the device: a first load that
+        allocated waited for the queued compute work (tests/gpu/test_adapter_prefetch_gpu.py saw it done on
+        return). CUDA only; the engine sizes the KV cache after this, with the block counted."""
+        if self._copy_stream is None:
+            return
+        from server.model.triton_slot_load import FIELDS
+
+        element = torch.tensor([], dtype=self.model.dtype).element_size()
+        tensors = sum(2 * len(linear.slice_names) for _, linear in self.model.lora_linears())
+        largest = self.max_rank * self.unit_nbytes // element * 4 + 512 * (tensors + 1)
+        with torch.cuda.stream(self._copy_stream):
+            torch.empty(largest, dtype=torch.uint8, device=self.model.device)
+            size = 1
+            while size < 2 * tensors * FIELDS:
+                to_device([0] * size, torch.int64, self.model.device)
+                size *= 2
+        self._copy_stream.synchronize()
+
     @property
     def is_async(self) -> bool:
         """Whether `load` returns before the copy is done (CUDA: a side stream), leaving an event to poll."""

@@ -94,32 +94,3 @@ def test_tile_kernel_matches_mma_bit_for_bit(rows, split_k, warps, rows_per_warp
     assert torch.equal(got, want)
 
 
-
-@pytest.mark.parametrize("rows, split_k, warps, dtype", [(1, 1, 8, torch.bfloat16), (3, 3, 4, torch.float16),
-                                                         (12, 8, 8, torch.bfloat16), (20, 2, 8, torch.float16),
-                                                         (30, 5, 4, torch.bfloat16), (50, 4, 8, torch.bfloat16),
-                                                         (64, 1, 8, torch.float16)])
-def test_pair_kernel_matches_tile_bit_for_bit(rows, split_k, warps, dtype):
-    """Same MMA mapping, same fp32 products and sums as the tile kernel: the byte-pair table changes no bit."""
-    from server.model import cuda_nf4
-
-    codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: a partial last tile
-    x = torch.randn(rows, 1536, device="cuda").to(dtype)
-    bias = torch.randn(600, device="cuda").to(dtype)
-    tiled = _tiled(codes, absmax, wshape)
-    got = cuda_nf4.nf4_pair(x, tiled, wshape, table, bias, split_k=split_k, warps=warps)
-    want = cuda_nf4.nf4_tile(x, tiled, wshape, table, bias, split_k=split_k)
-    assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("rows", [1, 7, 16, 33, 64])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"in{s[0]}_out{s[1]}")
-def test_pair_kernel_matches_float64_reference(rows, shape):
-    from server.model import cuda_nf4
-
-    codes, absmax, wshape, table, _ = _layer(*shape)
-    gen = torch.Generator(device="cuda").manual_seed(rows)
-    x = torch.randn(rows, shape[0], device="cuda", generator=gen).to(torch.bfloat16)
-    bias = torch.randn(shape[1], device="cuda", generator=gen).to(torch.bfloat16)
-    got = cuda_nf4.nf4_pair(x, _tiled(codes, absmax, wshape), wshape, table, bias)
-    assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3

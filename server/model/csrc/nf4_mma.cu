@@ -455,8 +455,6 @@ void dispatch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, cons
   }
 }
 
-#include "nf4_pair.cuh"
-
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout; M <= 64, K % 64 == 0.
 void nf4_tile(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
               c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t warps,
@@ -545,6 +543,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_mma_blocks_per_sm", &nf4_mma_blocks_per_sm, "resident blocks per SM of the kernel for (rows, warps)");
   m.def("nf4_tile", &nf4_tile, "NF4 x 16-bit matmul on tensor cores from the tile layout, M <= 64");
   m.def("nf4_tile_blocks_per_sm", &nf4_tile_blocks_per_sm, "resident blocks per SM of the tile kernel");
-  m.def("nf4_pair", &nf4_pair, "NF4 x 16-bit matmul on tensor cores from the tile layout, byte-pair table, M <= 64");
-  m.def("nf4_pair_blocks_per_sm", &nf4_pair_blocks_per_sm, "resident blocks per SM of the pair kernel");
 }
