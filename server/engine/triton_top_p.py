@@ -1,17 +1,20 @@
-"""Steps 8-9 of the sampler fused into one Triton kernel: top-p cut and inverse-CDF draw, no sort.
+"""Steps 8-9 of the sampler in Triton, every row spread over many programs: top-p cut and inverse-CDF draw,
+no sort.
 
-Semantics are `sampling_masses`' exactly (integer masses floor(p * 2**40), ties by token id), so the
-tokens equal the torch path's bit for bit (tests/unit/test_sampler.py under the interpreter,
-tests/gpu/test_sampler_gpu.py on CUDA). One program per row:
-  1. the cut: the largest float bit pattern b with mass(p >= b) >= need, found bit by bit from the top
-     (non-negative float32 values order as their bit patterns; p <= 1 leaves bit 30 clear);
-  2. kept: every p > b, and of the ties p == b the lowest ids, as many as the mass still needed takes;
-     a row whose whole mass stays under need keeps everything;
-  3. the draw: the first kept token whose running mass exceeds floor(u * kept mass).
-Each pass reads the row's probabilities once (512 KB at 128k tokens, from L2 after the first): 34
-passes against a full sort of the row in the torch path. Measured on the H200 at 32 x 128256: 1,381 us
-against 1,226 us for the torch steps (one SM per row does all 34 passes), so it is opt-in
-(`sampling_masses.fused_top_p_available`); the next step is splitting each row across programs.
+Semantics are `sampling_masses`' exactly (integer masses floor(p * 2**40), ties by token id), so the tokens
+equal the torch path's bit for bit (tests/unit/test_sampler.py under the interpreter, tests/gpu/test_sampler_gpu.py
+on CUDA). The cut is the largest float bit pattern b with mass(p >= b) >= need (non-negative float32 values
+order as their bit patterns; p <= 1 leaves bits 30 and 31 clear), found as a radix select: PASSES passes of
+DIGIT_BITS bits each, from bit 29 down. Each pass is one launch over a grid of (row, chunk of CHUNK tokens):
+a program first settles the previous pass's digit from every chunk's histogram of that pass (each program of
+a row does the same small sum, so no launch of its own is needed), then writes its chunk's mass histogram over
+the next digit, plus the mass of tokens already above the prefix. Two more launches follow: each chunk's mass
+above the cut and its ties at the cut; then the draw, done by the one program whose chunk holds the target.
+Every pass reads the probabilities once (16 MB at 32 x 128k, from L2 after the first).
+
+The first version (one program per row, a bit at a time: 34 passes on one SM per row) took 1,381 us at
+32 x 128256 on the H200 against 1,226 us for the sorting torch steps; this one spreads each row over 32
+programs and takes 5 bits a pass.
 """
 
 from __future__ import annotations
@@ -22,8 +25,13 @@ import triton.language as tl
 
 from server.engine.sampling_masses import MASS_BITS
 
-BLOCK = 2048
-TOP_BIT = 29  # probabilities <= 1.0 have float bit patterns below 2**30 (1.0 is 0x3F800000)
+CHUNK = 4096  # tokens a program reads (128256 tokens: 32 chunks a row)
+SUB = 256  # tokens a program handles at once (a [SUB, DIGITS] one-hot at a time)
+DIGIT_BITS = 5
+DIGITS = 1 << DIGIT_BITS
+PASSES = 6  # 6 x 5 bits: bits 29..0
+TOP_SHIFT = DIGIT_BITS * (PASSES - 1)  # the first digit is bits 25..29
+STAT = DIGITS + 1  # a chunk's histogram: DIGITS masses, then the mass above the prefix
 
 
 @triton.jit
@@ -32,80 +40,167 @@ def _masses(p):
 
 
 @triton.jit
-def _mass_at_or_above(row_ptr, vocab, cut, BLOCK: tl.constexpr):
-    total = tl.zeros((), dtype=tl.int64)
-    for start in range(0, vocab, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        p = tl.load(row_ptr + offs, mask=offs < vocab, other=0.0)
-        bits = p.to(tl.int32, bitcast=True)
-        total += tl.sum(tl.where((bits >= cut) & (offs < vocab), _masses(p), 0))
-    return total
-
-
-@triton.jit
-def _kept_masses(row_ptr, start, vocab, cut, ties, seen_ties, BLOCK: tl.constexpr):
-    """Masses of one block with dropped tokens at 0 (kept: p above the cut, and the first `ties` of the
-    ties at the cut in id order, `seen_ties` of them in earlier blocks); and the ties in this block."""
-    offs = start + tl.arange(0, BLOCK)
-    p = tl.load(row_ptr + offs, mask=offs < vocab, other=0.0)
-    bits = p.to(tl.int32, bitcast=True)
-    is_tie = (bits == cut) & (offs < vocab)
-    rank = seen_ties + tl.cumsum(is_tie.to(tl.int64), 0)  # 1-based among ties
-    keep = ((bits > cut) | (is_tie & (rank <= ties))) & (offs < vocab)
-    return tl.where(keep, _masses(p), 0), tl.sum(is_tie.to(tl.int64))
-
-
-@triton.jit
-def _top_p_draw_kernel(probs_ptr, top_p_ptr, uniform_ptr, out_ptr, vocab, stride,
-                       BLOCK: tl.constexpr, TOP_BIT: tl.constexpr):
-    row = tl.program_id(0)
-    row_ptr = probs_ptr + row.to(tl.int64) * stride
+def _need(top_p_ptr, row):
     top_p = tl.load(top_p_ptr + row)
     need = tl.ceil(top_p.to(tl.float64) * 1099511627776.0).to(tl.int64)
     # top_p >= 1 keeps every token, as the torch path does for rows without top-p (the floored masses of a
     # float32 softmax can sum past 2**40, so asking for that much mass would still cut the tail)
-    need = tl.where(top_p >= 1.0, 1 << 62, need)
-    # 1. the cut, bit by bit; -1 when even the whole row stays under need (keep everything)
-    cut = tl.zeros((), dtype=tl.int32)
-    for i in range(TOP_BIT + 1):
-        candidate = cut | (1 << (TOP_BIT - i))
-        if _mass_at_or_above(row_ptr, vocab, candidate, BLOCK) >= need:
-            cut = candidate
-    if _mass_at_or_above(row_ptr, vocab, cut, BLOCK) < need:
-        cut = -1
-    # 2. the ties at the cut: how many of them (lowest ids first) the mass still needed takes
-    above = _mass_at_or_above(row_ptr, vocab, cut + 1, BLOCK)
+    return tl.where(top_p >= 1.0, 1 << 62, need)
+
+
+@triton.jit
+def _settle(stats_ptr, prefix_ptr, row, num_chunks, need, shift,
+            CHUNKS: tl.constexpr, DIGITS: tl.constexpr, STAT: tl.constexpr):
+    """The prefix after the pass at `shift`: its prefix (prefix_ptr) with the largest digit whose running mass
+    from the top reaches `need`; -1 (keep everything) when none does (the whole row is under need)."""
+    prefix = tl.load(prefix_ptr + row)
+    chunks = tl.arange(0, CHUNKS)
+    rev = tl.arange(0, DIGITS)  # rev j: digit DIGITS - 1 - j
+    base = stats_ptr + (row * num_chunks + chunks) * STAT
+    ok = chunks < num_chunks
+    hist = tl.load(base[:, None] + (DIGITS - 1 - rev)[None, :], mask=ok[:, None], other=0)
+    above = tl.sum(tl.load(base + DIGITS, mask=ok, other=0), axis=0)
+    running = above + tl.cumsum(tl.sum(hist, axis=0), 0)  # mass of digits >= DIGITS - 1 - j, plus above
+    first = tl.min(tl.where(running >= need, rev, DIGITS), axis=0)
+    digit = DIGITS - 1 - first
+    return tl.where((prefix < 0) | (first == DIGITS), -1, prefix | (digit << shift))
+
+
+@triton.jit
+def _histogram_kernel(probs_ptr, top_p_ptr, stats_in_ptr, prefix_in_ptr, stats_ptr, prefix_ptr, vocab, stride,
+                      num_chunks, shift, FIRST: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+                      CHUNKS: tl.constexpr, DIGITS: tl.constexpr, DIGIT_BITS: tl.constexpr, STAT: tl.constexpr):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    if FIRST:
+        prefix = tl.zeros((), dtype=tl.int32)
+    else:
+        prefix = _settle(stats_in_ptr, prefix_in_ptr, row, num_chunks, _need(top_p_ptr, row), shift + DIGIT_BITS,
+                         CHUNKS, DIGITS, STAT).to(tl.int32)
+    if chunk == 0:
+        tl.store(prefix_ptr + row, prefix)
+    high = prefix >> (shift + DIGIT_BITS)  # -1 stays -1: nothing is "in", everything is above
+    digits = tl.arange(0, DIGITS)
+    hist = tl.zeros((DIGITS,), dtype=tl.int64)
+    above = tl.zeros((), dtype=tl.int64)
+    row_ptr = probs_ptr + row.to(tl.int64) * stride
+    for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, SUB):
+        offs = start + tl.arange(0, SUB)
+        valid = offs < vocab
+        p = tl.load(row_ptr + offs, mask=valid, other=0.0)
+        bits = p.to(tl.int32, bitcast=True)
+        mass = tl.where(valid, _masses(p), 0)
+        top = bits >> (shift + DIGIT_BITS)
+        above += tl.sum(tl.where(top > high, mass, 0), axis=0)
+        digit = (bits >> shift) & (DIGITS - 1)
+        hit = (top == high)[:, None] & (digit[:, None] == digits[None, :])
+        hist += tl.sum(tl.where(hit, mass[:, None], 0), axis=0)
+    out = stats_ptr + (row * num_chunks + chunk) * STAT
+    tl.store(out + digits, hist)
+    tl.store(out + DIGITS, above)
+
+
+@triton.jit
+def _cut_stats_kernel(probs_ptr, top_p_ptr, stats_in_ptr, prefix_in_ptr, cut_ptr, chunk_ptr, vocab, stride,
+                      num_chunks, CHUNK: tl.constexpr, SUB: tl.constexpr, CHUNKS: tl.constexpr,
+                      DIGITS: tl.constexpr, STAT: tl.constexpr):
+    """The cut (settled from the last pass), then per chunk: the mass above it and the ties at it."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cut = _settle(stats_in_ptr, prefix_in_ptr, row, num_chunks, _need(top_p_ptr, row), 0,
+                  CHUNKS, DIGITS, STAT).to(tl.int32)
+    if chunk == 0:
+        tl.store(cut_ptr + row, cut)
+    above = tl.zeros((), dtype=tl.int64)
+    ties = tl.zeros((), dtype=tl.int64)
+    row_ptr = probs_ptr + row.to(tl.int64) * stride
+    for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, SUB):
+        offs = start + tl.arange(0, SUB)
+        valid = offs < vocab
+        p = tl.load(row_ptr + offs, mask=valid, other=0.0)
+        bits = p.to(tl.int32, bitcast=True)
+        above += tl.sum(tl.where(valid & (bits > cut), _masses(p), 0), axis=0)
+        ties += tl.sum((valid & (bits == cut)).to(tl.int64), axis=0)
+    out = chunk_ptr + (row * num_chunks + chunk) * 2
+    tl.store(out, above)
+    tl.store(out + 1, ties)
+
+
+@triton.jit
+def _draw_kernel(probs_ptr, top_p_ptr, uniform_ptr, cut_ptr, chunk_ptr, out_ptr, vocab, stride, num_chunks,
+                 CHUNK: tl.constexpr, SUB: tl.constexpr, CHUNKS: tl.constexpr):
+    """Kept: every p above the cut and, of the ties at it, the lowest ids, as many as the mass still needed
+    takes. The draw: the first kept token whose running mass exceeds floor(u * kept mass), found by the
+    program whose chunk holds that mass."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cut = tl.load(cut_ptr + row)
+    chunks = tl.arange(0, CHUNKS)
+    ok = chunks < num_chunks
+    base = chunk_ptr + (row * num_chunks + chunks) * 2
+    above_c = tl.load(base, mask=ok, other=0)
+    ties_c = tl.load(base + 1, mask=ok, other=0)
+    above = tl.sum(above_c, axis=0)
     unit = _masses(tl.maximum(cut, 0).to(tl.float32, bitcast=True))  # every tie has this mass
-    ties = tl.where(unit > 0, (need - above + unit - 1) // tl.maximum(unit, 1), 1 << 40)
-    # 3. kept mass, then the draw: the first kept token whose running mass exceeds the target
-    kept_total = tl.zeros((), dtype=tl.int64)
-    seen_ties = tl.zeros((), dtype=tl.int64)
-    for start in range(0, vocab, BLOCK):
-        kept, num_ties = _kept_masses(row_ptr, start, vocab, cut, ties, seen_ties, BLOCK)
-        kept_total += tl.sum(kept)
-        seen_ties += num_ties
-    target = tl.floor(tl.load(uniform_ptr + row).to(tl.float64) * kept_total.to(tl.float64)).to(tl.int64)
-    running = tl.zeros((), dtype=tl.int64)
-    seen_ties = tl.zeros((), dtype=tl.int64)
-    chosen = tl.zeros((), dtype=tl.int64) + vocab - 1
-    for start in range(0, vocab, BLOCK):
-        kept, num_ties = _kept_masses(row_ptr, start, vocab, cut, ties, seen_ties, BLOCK)
-        cdf = running + tl.cumsum(kept, 0)
-        offs = start + tl.arange(0, BLOCK)
-        chosen = tl.minimum(chosen, tl.min(tl.where(cdf > target, offs, vocab)).to(tl.int64))
-        running = tl.max(cdf)
-        seen_ties += num_ties
-    tl.store(out_ptr + row, chosen)
+    need = _need(top_p_ptr, row)
+    allowed = tl.where(unit > 0, (need - above + unit - 1) // tl.maximum(unit, 1), 1 << 40)
+    ties_before_c = tl.cumsum(ties_c, 0) - ties_c
+    kept_ties_c = tl.minimum(tl.maximum(allowed - ties_before_c, 0), ties_c)
+    kept_c = above_c + unit * kept_ties_c
+    start_c = tl.cumsum(kept_c, 0) - kept_c
+    total = tl.sum(kept_c, axis=0)
+    target = tl.floor(tl.load(uniform_ptr + row).to(tl.float64) * total.to(tl.float64)).to(tl.int64)
+    mine = chunks == chunk
+    my_start = tl.sum(tl.where(mine, start_c, 0), axis=0)
+    my_kept = tl.sum(tl.where(mine, kept_c, 0), axis=0)
+    if (my_start <= target) & (target < my_start + my_kept):
+        seen_ties = tl.sum(tl.where(mine, ties_before_c, 0), axis=0)
+        running = my_start
+        chosen = tl.zeros((), dtype=tl.int64) + vocab - 1
+        row_ptr = probs_ptr + row.to(tl.int64) * stride
+        for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, SUB):
+            offs = start + tl.arange(0, SUB)
+            valid = offs < vocab
+            p = tl.load(row_ptr + offs, mask=valid, other=0.0)
+            bits = p.to(tl.int32, bitcast=True)
+            is_tie = valid & (bits == cut)
+            rank = seen_ties + tl.cumsum(is_tie.to(tl.int64), 0)  # 1-based among the row's ties
+            keep = valid & ((bits > cut) | (is_tie & (rank <= allowed)))
+            cdf = running + tl.cumsum(tl.where(keep, _masses(p), 0), 0)
+            chosen = tl.minimum(chosen, tl.min(tl.where(cdf > target, offs, vocab), axis=0).to(tl.int64))
+            running = tl.max(cdf, axis=0)
+            seen_ties += tl.sum(is_tie.to(tl.int64), axis=0)
+        tl.store(out_ptr + row, chosen)
 
 
-def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     """Token ids [R] int64 from probabilities [R, vocab] float32 (contiguous rows), top_p [R] and
     uniform [R] float32: `draw_from_masses(integer_masses(probs) masked by top_p_keep, uniform)`, and
-    for rows with top_p >= 1 no mask at all."""
-    assert MASS_BITS == 40, "the kernel's mass scale is 2**40"
+    for rows with top_p >= 1 no mask at all. `chunk`: tokens a program reads (a multiple of SUB)."""
+    assert MASS_BITS == 40, "the kernels' mass scale is 2**40"
+    assert chunk % SUB == 0
     num_rows, vocab = probs.shape
-    out = torch.empty(num_rows, dtype=torch.int64, device=probs.device)
-    if num_rows:
-        _top_p_draw_kernel[(num_rows,)](probs, top_p.float().contiguous(), uniform.float().contiguous(), out,
-                                        vocab, probs.stride(0), BLOCK=BLOCK, TOP_BIT=TOP_BIT, num_warps=8)
+    out = torch.full((num_rows,), vocab - 1, dtype=torch.int64, device=probs.device)  # a row of zero mass
+    if not num_rows:
+        return out
+    top_p = top_p.float().contiguous()
+    uniform = uniform.float().contiguous()
+    num_chunks = triton.cdiv(vocab, chunk)
+    chunks_p2 = triton.next_power_of_2(num_chunks)
+    stats = torch.empty(2, num_rows * num_chunks * STAT, dtype=torch.int64, device=probs.device)
+    prefix = torch.empty(2, num_rows, dtype=torch.int32, device=probs.device)
+    grid = (num_rows, num_chunks)
+    for k in range(PASSES):  # pass k writes stats[k % 2] and prefix[k % 2] and reads the other pair
+        shift = TOP_SHIFT - DIGIT_BITS * k
+        _histogram_kernel[grid](probs, top_p, stats[(k + 1) % 2], prefix[(k + 1) % 2], stats[k % 2], prefix[k % 2],
+                                vocab, probs.stride(0), num_chunks, shift, FIRST=k == 0, CHUNK=chunk, SUB=SUB,
+                                CHUNKS=chunks_p2, DIGITS=DIGITS, DIGIT_BITS=DIGIT_BITS, STAT=STAT, num_warps=4)
+    last = (PASSES - 1) % 2
+    cut = torch.empty(num_rows, dtype=torch.int32, device=probs.device)
+    per_chunk = torch.empty(num_rows * num_chunks * 2, dtype=torch.int64, device=probs.device)
+    _cut_stats_kernel[grid](probs, top_p, stats[last], prefix[last], cut, per_chunk, vocab, probs.stride(0),
+                            num_chunks, CHUNK=chunk, SUB=SUB, CHUNKS=chunks_p2, DIGITS=DIGITS, STAT=STAT,
+                            num_warps=4)
+    _draw_kernel[grid](probs, top_p, uniform, cut, per_chunk, out, vocab, probs.stride(0), num_chunks,
+                       CHUNK=chunk, SUB=SUB, CHUNKS=chunks_p2, num_warps=4)
     return out
