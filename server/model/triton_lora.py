@@ -27,14 +27,17 @@ _TARGET_PROGRAMS = 4 * 132
 
 # Integer arguments that follow the batch (the prompts of a prefill): Triton would build a variant for each
 # of their value classes (== 1, divisible by 16, other), inside the step that first meets it: 1-2 s on the
-# H200 (a split-k of exactly 16 stalled a 1,000-adapter load for 2.2 s).
-SHRINK_RUNTIME_INTS = ("k_per_split", "split_k")
+# H200 (a split-k of exactly 16 stalled a 1,000-adapter load for 2.2 s). A split's length is passed in
+# BLOCK_K tiles, so that its start stays a known multiple of BLOCK_K: passed in elements and unspecialized,
+# Triton could no longer prove the x and A loads aligned, and the LoRA cost of an 8B batch-32 decode step
+# went from 1.4 to 3.3 ms (bench/results/2026-12-02-nvidia-h200-8b.json against 2026-12-01's).
+SHRINK_RUNTIME_INTS = ("k_tiles_per_split", "split_k")
 
 
 @triton.jit(do_not_specialize=SHRINK_RUNTIME_INTS)
 def _shrink_kernel(
     x_ptr, a_ptr, h_ptr, seg_starts_ptr, seg_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
-    in_features, num_slices, k_per_split, split_k,
+    in_features, num_slices, k_tiles_per_split, split_k,
     stride_xm, stride_xk, stride_an, stride_ak, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -56,8 +59,8 @@ def _shrink_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < row_end
     col_mask = cols < num_cols
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, in_features)
+    k_start = pid_k * k_tiles_per_split * BLOCK_K
+    k_end = tl.minimum(k_start + k_tiles_per_split * BLOCK_K, in_features)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     a_cols = a_ptr + (first_row + cols)[:, None] * stride_an
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -149,8 +152,8 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
     if split_k is None:
         base_programs = max(1, meta.num_segments * num_m * num_n)
         split_k = max(1, min(num_k_blocks, _TARGET_PROGRAMS // base_programs))
-    k_per_split = triton.cdiv(num_k_blocks, split_k) * block_k
-    split_k = triton.cdiv(in_features, k_per_split)
+    k_tiles_per_split = triton.cdiv(num_k_blocks, split_k)
+    split_k = triton.cdiv(num_k_blocks, k_tiles_per_split)
     alloc = torch.empty if split_k == 1 else torch.zeros
     h = alloc((num_tokens, num_cols), dtype=torch.float32, device=x.device)
     if num_tokens == 0 or meta.num_segments == 0:
@@ -158,7 +161,7 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
     grid = (meta.num_segments, num_m, num_n * split_k)
     _shrink_kernel[grid](
         x, lora_a, h, meta.seg_starts, meta.seg_slots, layout.offsets, layout.ranks,
-        in_features, num_slices, k_per_split, split_k,
+        in_features, num_slices, k_tiles_per_split, split_k,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), h.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=split_k > 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

@@ -33,9 +33,13 @@ def test_copy_waits_for_queued_compute_and_reports_loading(tiny_llama_dir, tiny_
     assert engine.lora_slots.is_async
     weights = _pinned(refs["attn-r4"]).weights  # pinned before the sleep is queued: pinning takes host time
     torch.cuda.synchronize()
+    queued = time.perf_counter()
     torch.cuda._sleep(200_000_000)  # ~0.1 s of queued work on the compute stream
     slot = engine.slot_table.acquire(("a", 1), weights)
-    assert slot == SLOT_LOADING  # ordered after the queued work, so not done yet
+    took = time.perf_counter() - queued
+    pending = not torch.cuda.current_stream().query()
+    # ordered after the queued work, so not done yet (the message says whether acquire itself waited)
+    assert slot == SLOT_LOADING, f"acquire took {took * 1e3:.1f} ms; compute still queued after it: {pending}"
     torch.cuda.synchronize()
     assert engine.slot_table.acquire(("a", 1), refs["attn-r4"].weights) >= 0
 
