@@ -40,6 +40,15 @@ def _masses(p):
 
 
 @triton.jit
+def _block(row_ptr, start, vocab, SUB: tl.constexpr):
+    """SUB tokens of a row from `start`: their ids, whether each is in the vocabulary, p (0 past it), p's bits."""
+    offs = start + tl.arange(0, SUB)
+    valid = offs < vocab
+    p = tl.load(row_ptr + offs, mask=valid, other=0.0)
+    return offs, valid, p, p.to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def _need(top_p_ptr, row):
     top_p = tl.load(top_p_ptr + row)
     need = tl.ceil(top_p.to(tl.float64) * 1099511627776.0).to(tl.int64)
@@ -85,10 +94,7 @@ def _histogram_kernel(probs_ptr, top_p_ptr, stats_in_ptr, prefix_in_ptr, stats_p
     above = tl.zeros((), dtype=tl.int64)
     row_ptr = probs_ptr + row.to(tl.int64) * stride
     for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, SUB):
-        offs = start + tl.arange(0, SUB)
-        valid = offs < vocab
-        p = tl.load(row_ptr + offs, mask=valid, other=0.0)
-        bits = p.to(tl.int32, bitcast=True)
+        offs, valid, p, bits = _block(row_ptr, start, vocab, SUB)
         mass = tl.where(valid, _masses(p), 0)
         top = bits >> (shift + DIGIT_BITS)
         above += tl.sum(tl.where(top > high, mass, 0), axis=0)
@@ -115,10 +121,7 @@ def _cut_stats_kernel(probs_ptr, top_p_ptr, stats_in_ptr, prefix_in_ptr, cut_ptr
     ties = tl.zeros((), dtype=tl.int64)
     row_ptr = probs_ptr + row.to(tl.int64) * stride
     for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, SUB):
-        offs = start + tl.arange(0, SUB)
-        valid = offs < vocab
-        p = tl.load(row_ptr + offs, mask=valid, other=0.0)
-        bits = p.to(tl.int32, bitcast=True)
+        offs, valid, p, bits = _block(row_ptr, start, vocab, SUB)
         above += tl.sum(tl.where(valid & (bits > cut), _masses(p), 0), axis=0)
         ties += tl.sum((valid & (bits == cut)).to(tl.int64), axis=0)
     out = chunk_ptr + (row * num_chunks + chunk) * 2
@@ -159,10 +162,7 @@ def _draw_kernel(probs_ptr, top_p_ptr, uniform_ptr, cut_ptr, chunk_ptr, out_ptr,
         chosen = tl.zeros((), dtype=tl.int64) + vocab - 1
         row_ptr = probs_ptr + row.to(tl.int64) * stride
         for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, SUB):
-            offs = start + tl.arange(0, SUB)
-            valid = offs < vocab
-            p = tl.load(row_ptr + offs, mask=valid, other=0.0)
-            bits = p.to(tl.int32, bitcast=True)
+            offs, valid, p, bits = _block(row_ptr, start, vocab, SUB)
             is_tie = valid & (bits == cut)
             rank = seen_ties + tl.cumsum(is_tie.to(tl.int64), 0)  # 1-based among the row's ties
             keep = valid & ((bits > cut) | (is_tie & (rank <= allowed)))
