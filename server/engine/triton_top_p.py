@@ -4,7 +4,7 @@ no sort.
 Semantics are `sampling_masses`' exactly (integer masses floor(p * 2**40), ties by token id), so the tokens
 equal the torch path's bit for bit (tests/unit/test_sampler.py under the interpreter, tests/gpu/test_sampler_gpu.py
 on CUDA). The cut is the largest float bit pattern b with mass(p >= b) >= need (non-negative float32 values
-order as their bit patterns; p <= 1 leaves bits 30 and 31 clear), found as a radix select: PASSES passes of
+order as their bit patterns; p <= 1 leaves bits 30 and 31 clear), found as a radix select: passes of
 DIGIT_BITS bits each, from bit 29 down. Each pass is one launch over a grid of (row, chunk of CHUNK tokens):
 a program first settles the previous pass's digit from every chunk's histogram of that pass (each program of
 a row does the same small sum, so no launch of its own is needed), then writes its chunk's mass histogram over
@@ -26,12 +26,14 @@ import triton.language as tl
 from server.engine.sampling_masses import MASS_BITS
 
 CHUNK = 4096  # tokens a program reads (128256 tokens: 32 chunks a row)
-SUB = 256  # tokens a program handles at once (a [SUB, DIGITS] one-hot at a time)
-DIGIT_BITS = 5
-DIGITS = 1 << DIGIT_BITS
-PASSES = 6  # 6 x 5 bits: bits 29..0
-TOP_SHIFT = DIGIT_BITS * (PASSES - 1)  # the first digit is bits 25..29
-STAT = DIGITS + 1  # a chunk's histogram: DIGITS masses, then the mass above the prefix
+SUB = 128  # tokens a program handles at once: a [SUB, 2**digit_bits] one-hot accumulated across the chunk
+DIGIT_BITS = 5  # bits a pass settles: 6 passes for bits 29..0
+
+
+def passes(digit_bits: int) -> int:
+    """Radix passes for the 30 low bits of a probability's pattern (bits 30 and 31 are clear for p <= 1;
+    a first digit that reaches past bit 29 just sees them as 0)."""
+    return -(-30 // digit_bits)
 
 
 @triton.jit
@@ -78,43 +80,46 @@ def _settle(stats_ptr, prefix_ptr, row, num_chunks, need, shift,
 @triton.jit
 def _histogram_kernel(probs_ptr, top_p_ptr, stats_in_ptr, prefix_in_ptr, stats_ptr, prefix_ptr, vocab, stride,
                       num_chunks, shift, FIRST: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-                      CHUNKS: tl.constexpr, DIGITS: tl.constexpr, DIGIT_BITS: tl.constexpr, STAT: tl.constexpr):
+                      CHUNKS: tl.constexpr, DIGITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     if FIRST:
         prefix = tl.zeros((), dtype=tl.int32)
     else:
         prefix = _settle(stats_in_ptr, prefix_in_ptr, row, num_chunks, _need(top_p_ptr, row), shift + DIGIT_BITS,
-                         CHUNKS, DIGITS, STAT).to(tl.int32)
+                         CHUNKS, DIGITS, DIGITS + 1).to(tl.int32)
     if chunk == 0:
         tl.store(prefix_ptr + row, prefix)
-    high = prefix >> (shift + DIGIT_BITS)  # -1 stays -1: nothing is "in", everything is above
     digits = tl.arange(0, DIGITS)
-    hist = tl.zeros((DIGITS,), dtype=tl.int64)
-    above = tl.zeros((), dtype=tl.int64)
+    hist = tl.zeros((SUB, DIGITS), dtype=tl.int64)  # reduced once, after the loop
+    above = tl.zeros((SUB,), dtype=tl.int64)
     row_ptr = probs_ptr + row.to(tl.int64) * stride
     for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, SUB):
         offs, valid, p, bits = _block(row_ptr, start, vocab, SUB)
         mass = tl.where(valid, _masses(p), 0)
-        top = bits >> (shift + DIGIT_BITS)
-        above += tl.sum(tl.where(top > high, mass, 0), axis=0)
+        if FIRST:  # the prefix is empty: every token is in (no shift by 32 for a digit that reaches bit 31)
+            is_in = valid
+        else:
+            top = bits >> (shift + DIGIT_BITS)
+            high = prefix >> (shift + DIGIT_BITS)  # -1 stays -1: nothing is "in", everything is above
+            is_in = top == high
+            above += tl.where(top > high, mass, 0)
         digit = (bits >> shift) & (DIGITS - 1)
-        hit = (top == high)[:, None] & (digit[:, None] == digits[None, :])
-        hist += tl.sum(tl.where(hit, mass[:, None], 0), axis=0)
-    out = stats_ptr + (row * num_chunks + chunk) * STAT
-    tl.store(out + digits, hist)
-    tl.store(out + DIGITS, above)
+        hist += tl.where(is_in[:, None] & (digit[:, None] == digits[None, :]), mass[:, None], 0)
+    out = stats_ptr + (row * num_chunks + chunk) * (DIGITS + 1)
+    tl.store(out + digits, tl.sum(hist, axis=0))
+    tl.store(out + DIGITS, tl.sum(above, axis=0))
 
 
 @triton.jit
 def _cut_stats_kernel(probs_ptr, top_p_ptr, stats_in_ptr, prefix_in_ptr, cut_ptr, chunk_ptr, vocab, stride,
                       num_chunks, CHUNK: tl.constexpr, SUB: tl.constexpr, CHUNKS: tl.constexpr,
-                      DIGITS: tl.constexpr, STAT: tl.constexpr):
+                      DIGITS: tl.constexpr):
     """The cut (settled from the last pass), then per chunk: the mass above it and the ties at it."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     cut = _settle(stats_in_ptr, prefix_in_ptr, row, num_chunks, _need(top_p_ptr, row), 0,
-                  CHUNKS, DIGITS, STAT).to(tl.int32)
+                  CHUNKS, DIGITS, DIGITS + 1).to(tl.int32)
     if chunk == 0:
         tl.store(cut_ptr + row, cut)
     above = tl.zeros((), dtype=tl.int64)
@@ -173,12 +178,14 @@ def _draw_kernel(probs_ptr, top_p_ptr, uniform_ptr, cut_ptr, chunk_ptr, out_ptr,
         tl.store(out_ptr + row, chosen)
 
 
-def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, chunk: int = CHUNK,
+               digit_bits: int = DIGIT_BITS, sub: int = SUB) -> torch.Tensor:
     """Token ids [R] int64 from probabilities [R, vocab] float32 (contiguous rows), top_p [R] and
     uniform [R] float32: `draw_from_masses(integer_masses(probs) masked by top_p_keep, uniform)`, and
-    for rows with top_p >= 1 no mask at all. `chunk`: tokens a program reads (a multiple of SUB)."""
+    for rows with top_p >= 1 no mask at all. `chunk`: tokens a program reads (a multiple of `sub`);
+    `digit_bits`: bits a radix pass settles."""
     assert MASS_BITS == 40, "the kernels' mass scale is 2**40"
-    assert chunk % SUB == 0
+    assert chunk % sub == 0
     num_rows, vocab = probs.shape
     out = torch.full((num_rows,), vocab - 1, dtype=torch.int64, device=probs.device)  # a row of zero mass
     if not num_rows:
@@ -187,20 +194,21 @@ def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, 
     uniform = uniform.float().contiguous()
     num_chunks = triton.cdiv(vocab, chunk)
     chunks_p2 = triton.next_power_of_2(num_chunks)
-    stats = torch.empty(2, num_rows * num_chunks * STAT, dtype=torch.int64, device=probs.device)
+    digits = 1 << digit_bits
+    stats = torch.empty(2, num_rows * num_chunks * (digits + 1), dtype=torch.int64, device=probs.device)
     prefix = torch.empty(2, num_rows, dtype=torch.int32, device=probs.device)
     grid = (num_rows, num_chunks)
-    for k in range(PASSES):  # pass k writes stats[k % 2] and prefix[k % 2] and reads the other pair
-        shift = TOP_SHIFT - DIGIT_BITS * k
+    num_passes = passes(digit_bits)
+    for k in range(num_passes):  # pass k writes stats[k % 2] and prefix[k % 2] and reads the other pair
+        shift = digit_bits * (num_passes - 1 - k)
         _histogram_kernel[grid](probs, top_p, stats[(k + 1) % 2], prefix[(k + 1) % 2], stats[k % 2], prefix[k % 2],
-                                vocab, probs.stride(0), num_chunks, shift, FIRST=k == 0, CHUNK=chunk, SUB=SUB,
-                                CHUNKS=chunks_p2, DIGITS=DIGITS, DIGIT_BITS=DIGIT_BITS, STAT=STAT, num_warps=4)
-    last = (PASSES - 1) % 2
+                                vocab, probs.stride(0), num_chunks, shift, FIRST=k == 0, CHUNK=chunk, SUB=sub,
+                                CHUNKS=chunks_p2, DIGITS=digits, DIGIT_BITS=digit_bits, num_warps=4)
+    last = (num_passes - 1) % 2
     cut = torch.empty(num_rows, dtype=torch.int32, device=probs.device)
     per_chunk = torch.empty(num_rows * num_chunks * 2, dtype=torch.int64, device=probs.device)
     _cut_stats_kernel[grid](probs, top_p, stats[last], prefix[last], cut, per_chunk, vocab, probs.stride(0),
-                            num_chunks, CHUNK=chunk, SUB=SUB, CHUNKS=chunks_p2, DIGITS=DIGITS, STAT=STAT,
-                            num_warps=4)
+                            num_chunks, CHUNK=chunk, SUB=sub, CHUNKS=chunks_p2, DIGITS=digits, num_warps=4)
     _draw_kernel[grid](probs, top_p, uniform, cut, per_chunk, out, vocab, probs.stride(0), num_chunks,
-                       CHUNK=chunk, SUB=SUB, CHUNKS=chunks_p2, num_warps=4)
+                       CHUNK=chunk, SUB=sub, CHUNKS=chunks_p2, num_warps=4)
     return out

@@ -27,19 +27,41 @@ def _greedy(prompt, n, adapter=None):
     return Request(list(prompt), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), adapter=adapter)
 
 
-def test_copy_waits_for_queued_compute_and_reports_loading(tiny_llama_dir, tiny_adapters):
+def _timed_calls(monkeypatch, targets) -> dict:
+    """Wrap each (module, name) in `targets` to add its host time (ms) to the returned dict."""
+    spent: dict[str, float] = {}
+    for module, name in targets:
+        original = getattr(module, name)
+
+        def timed(*args, _original=original, _name=name, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                spent[_name] = spent.get(_name, 0.0) + (time.perf_counter() - start) * 1e3
+
+        monkeypatch.setattr(module, name, timed)
+    return spent
+
+
+def test_copy_waits_for_queued_compute_and_reports_loading(tiny_llama_dir, tiny_adapters, monkeypatch):
+    from server.model import lora, triton_slot_load
+
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     engine = gpu_engine(tiny_llama_dir, max_slots=2)
     assert engine.lora_slots.is_async
     weights = _pinned(refs["attn-r4"]).weights  # pinned before the sleep is queued: pinning takes host time
+    spent = _timed_calls(monkeypatch, [(lora, "_staged"), (lora, "to_device"), (triton_slot_load, "scatter"),
+                                       (torch, "_foreach_zero_"), (lora.LoraSlots, "_copy_into")])
     torch.cuda.synchronize()
     queued = time.perf_counter()
     torch.cuda._sleep(200_000_000)  # ~0.1 s of queued work on the compute stream
     slot = engine.slot_table.acquire(("a", 1), weights)
     took = time.perf_counter() - queued
     pending = not torch.cuda.current_stream().query()
-    # ordered after the queued work, so not done yet (the message says whether acquire itself waited)
-    assert slot == SLOT_LOADING, f"acquire took {took * 1e3:.1f} ms; compute still queued after it: {pending}"
+    # ordered after the queued work, so not done yet (the message says where acquire itself waited)
+    assert slot == SLOT_LOADING, (f"acquire took {took * 1e3:.1f} ms (host ms by call: {spent}); compute still "
+                                  f"queued after it: {pending}")
     torch.cuda.synchronize()
     assert engine.slot_table.acquire(("a", 1), refs["attn-r4"].weights) >= 0
 

@@ -30,7 +30,8 @@ def test_top_p_and_draw_on_cuda_equal_the_cpu(spread):
 
 
 def test_fused_top_p_timing_printout():
-    """Read with -s: the fused kernel against the torch steps it replaces, 32 x 128256. No assertion on speed."""
+    """Read with -s: the fused kernels (chunk, digit and block sizes) against the torch steps they replace,
+    32 x 128256; each must give the torch steps' tokens. No assertion on speed."""
     from server.engine.triton_top_p import top_p_draw
 
     probs = (torch.randn(32, 128256, device="cuda") * 2.0).softmax(-1)
@@ -39,7 +40,12 @@ def test_fused_top_p_timing_printout():
     def torch_steps():
         return draw_from_masses(integer_masses(probs).masked_fill(~top_p_keep(probs, top_p), 0), uniform)
 
-    for name, fn in (("torch sort + draw", torch_steps), ("fused kernel", lambda: top_p_draw(probs, top_p, uniform))):
+    configs = {"fused kernel (default)": {}}
+    configs.update({f"fused kernel chunk {c} digit bits {d} sub {s}": dict(chunk=c, digit_bits=d, sub=s)
+                    for c in (4096, 8192) for d in (3, 4, 5) for s in (64, 128)})
+    runs = [("torch sort + draw", torch_steps)]
+    runs += [(name, lambda kw=kw: top_p_draw(probs, top_p, uniform, **kw)) for name, kw in configs.items()]
+    for name, fn in runs:
         fn()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -49,4 +55,6 @@ def test_fused_top_p_timing_printout():
         end.record()
         torch.cuda.synchronize()
         print(f"\ntop-p draw 32 x 128256, {name}: {start.elapsed_time(end) / 20 * 1e3:.0f} us")
-    assert torch.equal(torch_steps(), top_p_draw(probs, top_p, uniform))
+    expected = torch_steps()
+    for kw in configs.values():
+        assert torch.equal(top_p_draw(probs, top_p, uniform, **kw), expected)

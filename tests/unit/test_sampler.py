@@ -330,13 +330,14 @@ def test_mask_token_ids_are_checked_against_the_vocabulary():
             SamplingParams(**{field: [1, 100]}).validate_token_ids(100)
 
 
-@pytest.mark.parametrize("vocab, spread, quantum, chunk", [(50, 4.0, 0.0, 256), (3000, 0.3, 0.0, 512),
-                                                           (3000, 3.0, 0.5, 512), (4500, 1.0, 0.25, 1024),
-                                                           (7, 0.0, 0.0, 256)])
-def test_fused_top_p_draw_equals_the_torch_steps_bit_for_bit(vocab, spread, quantum, chunk):
+@pytest.mark.parametrize("vocab, spread, quantum, chunk, digit_bits", [
+    (50, 4.0, 0.0, 256, 5), (3000, 0.3, 0.0, 512, 4), (3000, 3.0, 0.5, 512, 3), (4500, 1.0, 0.25, 1024, 5),
+    (7, 0.0, 0.0, 256, 6),
+])  # fmt: skip
+def test_fused_top_p_draw_equals_the_torch_steps_bit_for_bit(vocab, spread, quantum, chunk, digit_bits):
     """The Triton kernels (interpreted) against top_p_keep + draw_from_masses: flat, peaked and tied rows, a
     row with dropped tokens, top_p 1.0 (no cut), and uniforms at both ends and at a tie group; rows of one
-    chunk and of up to 6 (ties and the drawn token then fall in any chunk)."""
+    chunk and of up to 6 (ties and the drawn token then fall in any chunk); radix digits of 3-6 bits."""
     triton_top_p = interpreted("server.engine.triton_top_p")
     gen = torch.Generator().manual_seed(vocab)
     logits = torch.randn(8, vocab, generator=gen) * spread
@@ -348,7 +349,8 @@ def test_fused_top_p_draw_equals_the_torch_steps_bit_for_bit(vocab, spread, quan
     for uniform in (torch.rand(8, generator=gen), torch.tensor([0.0] * 4 + [1.0 - 2**-23] * 4)):
         keep = top_p_keep(probs, top_p) | (top_p >= 1.0)[:, None]  # a row without top-p keeps everything
         expected = draw_from_masses(integer_masses(probs).masked_fill(~keep, 0), uniform)
-        assert torch.equal(triton_top_p.top_p_draw(probs, top_p, uniform, chunk=chunk), expected)
+        got = triton_top_p.top_p_draw(probs, top_p, uniform, chunk=chunk, digit_bits=digit_bits, sub=128)
+        assert torch.equal(got, expected)
 
 
 def test_fused_top_p_draw_keeps_every_token_of_a_row_without_top_p():
