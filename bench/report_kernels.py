@@ -55,14 +55,20 @@ def newest_with_ratios(results_dir: Path, pattern: str) -> tuple[str, dict] | No
     return (max(found)[1], max(found)[2]) if found else None
 
 
-def _engine_values(runs: dict) -> tuple[str | None, dict]:
+def _engine_values(runs: dict) -> dict[str, tuple[str | None, object]]:
+    """ratio key -> (file, value) from the newest GPU 8B run that measured it (a run short of time skips some)."""
+    found: dict[str, tuple[str | None, object]] = {}
     for name, data in runs.get("8b", []):
-        if "h200" in name or "h100" in name:
-            ours = data.get("ours") or {}
-            ratios = data.get("ratios") or {}
-            return name, {"b1_tokens_per_s_8b": (ours.get("base_b1") or {}).get("tokens_per_s"),
-                          **{k: ratios.get(k) for k in ("swap_bit_exact", "swap_ms_8b", "mixed32_over_merged_8b")}}
-    return None, {}
+        if "h200" not in name and "h100" not in name:
+            continue
+        ours = data.get("ours") or {}
+        ratios = data.get("ratios") or {}
+        values = {"b1_tokens_per_s_8b": (ours.get("base_b1") or {}).get("tokens_per_s"),
+                  **{k: ratios.get(k) for k in ("swap_bit_exact", "swap_ms_8b", "mixed32_over_merged_8b")}}
+        for key, value in values.items():
+            if value is not None and key not in found:
+                found[key] = (name, value)
+    return found
 
 
 def _row(ratio: Ratio, value, source: str | None) -> str:
@@ -86,8 +92,8 @@ def kernel_section(results_dir: Path, runs: dict) -> list[str]:
         source = next(((n, d) for n, d in kernel_runs(results_dir) if (d.get("ratios") or {}).get(ratio.key)
                        is not None), (None, {}))
         lines.append(_row(ratio, (source[1].get("ratios") or {}).get(ratio.key), source[0]))
-    engine_source, engine = _engine_values(runs)
-    lines += [_row(r, engine.get(r.key), engine_source) for r in ENGINE_RATIOS]
+    engine = _engine_values(runs)
+    lines += [_row(r, engine.get(r.key, (None, None))[1], engine.get(r.key, (None, None))[0]) for r in ENGINE_RATIOS]
     prefill = newest_with_ratios(results_dir, "*-prefill.json")
     prefill_name, prefill_data = prefill if prefill else (None, {})
     lines += [_row(r, (prefill_data.get("ratios") or {}).get(r.key), prefill_name) for r in PREFILL_RATIOS]

@@ -15,11 +15,10 @@ _MASS_MASK = (1 << _COUNT_SHIFT) - 1
 
 @functools.lru_cache(maxsize=1)
 def fused_top_p_available() -> bool:
-    """Whether CUDA top-p draws use the fused kernel (`triton_top_p`): only with LORAPLEX_TOP_P_KERNEL=triton.
-    Off by default because it measured slower: 1,381 us against 1,226 us for the sorting torch steps at
-    32 x 128256 on the H200 (tests/gpu/test_sampler_gpu.py, 2026-12-01): one program per row makes 34
-    passes over its row on one SM. Splitting each row across SMs is what it needs to win."""
-    if os.environ.get("LORAPLEX_TOP_P_KERNEL", "torch") != "triton":
+    """Whether CUDA top-p draws use the fused kernels (`triton_top_p`, each row over 32 programs): the default
+    where Triton imports (620 us against 1,228 us for the sorting torch steps at 32 x 128256 on the H200,
+    tests/gpu/test_sampler_gpu.py, 2026-12-02); LORAPLEX_TOP_P_KERNEL=torch keeps the torch steps."""
+    if os.environ.get("LORAPLEX_TOP_P_KERNEL", "triton") != "triton":
         return False
     try:
         import triton  # noqa: F401

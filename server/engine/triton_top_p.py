@@ -12,9 +12,9 @@ the next digit, plus the mass of tokens already above the prefix. Two more launc
 above the cut and its ties at the cut; then the draw, done by the one program whose chunk holds the target.
 Every pass reads the probabilities once (16 MB at 32 x 128k, from L2 after the first).
 
-The first version (one program per row, a bit at a time: 34 passes on one SM per row) took 1,381 us at
-32 x 128256 on the H200 against 1,226 us for the sorting torch steps; this one spreads each row over 32
-programs and takes 5 bits a pass.
+On the H200 at 32 x 128256: 620 us against 1,228 for the sorting torch steps (tests/gpu/test_sampler_gpu.py,
+2026-12-02), so it is the CUDA default. The first version (one program per row, a bit at a time: 34 passes on
+one SM per row) took 1,381 us.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import triton.language as tl
 from server.engine.sampling_masses import MASS_BITS
 
 CHUNK = 4096  # tokens a program reads (128256 tokens: 32 chunks a row)
+# H200, 32 x 128256 (tests/gpu/test_sampler_gpu.py, 2026-12-02): 4 bits and 128 tokens 620 us; 4 and 64: 784;
+# 5 and 128: 834; 5 and 64: 941; the sorting torch steps: 1,228.
 SUB = 128  # tokens a program handles at once: a [SUB, 2**digit_bits] one-hot accumulated across the chunk
-DIGIT_BITS = 5  # bits a pass settles: 6 passes for bits 29..0
+DIGIT_BITS = 4  # bits a pass settles: 8 passes for bits 29..0
 
 
 def passes(digit_bits: int) -> int:

@@ -249,6 +249,7 @@ class LoraSlots:
         for (_, linear), start in zip(model.lora_linears(), starts[:-1], strict=True):
             linear.attach_pool(self.flat, start, capacity, self.layout)
         self._copy_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+        self._zero = torch.zeros(1, dtype=model.dtype, device=model.device)  # what the scatter zeroing reads
         # The scatter kernel fills a slot in a handful of launches (CUDA with Triton; LORAPLEX_SLOT_SCATTER=0
         # keeps the foreach path). On the H200 (tests/gpu/test_adapter_prefetch_gpu.py, 1B rank 16) it was
         # bit-equal to the per-linear reference in bf16 and fp16 and issued a load in 1.3-1.6 ms against
@@ -324,8 +325,7 @@ class LoraSlots:
             n, in_features, out_features = len(linear.slice_names), linear.in_features, linear.out_features
             a_start = linear.lora_a.storage_offset() + n * offset * in_features
             b_start = linear.lora_b.storage_offset() + offset * out_features
-            zeros += [self.flat[a_start : a_start + n * rank * in_features],
-                      self.flat[b_start : b_start + rank * out_features]]
+            zeros += [(a_start, n * rank * in_features), (b_start, rank * out_features)]
             for i, name in enumerate(linear.slice_names):
                 pair = adapter.tensors.get((layer, name))
                 if pair is None:
@@ -339,7 +339,13 @@ class LoraSlots:
                                (b, (b_start + lo, r, hi - lo, out_features, 1, r, 1))):
                     descriptors.setdefault(t.dtype, []).append((_element_offset(t, locate),) + row)
                     largest[t.dtype] = max(largest.get(t.dtype, 0), t.numel())
-        torch._foreach_zero_(zeros)
+        # The slot's rows are zeroed by the same kernel reading one zero (strides 0), not by _foreach_zero_: a
+        # foreach op's tensor-list metadata crossed to the device in a way that waited for the stream, and the copy
+        # stream waits for the compute stream, so the engine thread blocked for the queued step (the H200 test
+        # saw 100 ms of host time in it behind 0.1 s of queued work). One launch for the zeros, then the copies.
+        table = to_device([v for start, length in zeros for v in (0, start, 1, length, length, 0, 0, 0)], torch.int64,
+                          device).view(len(zeros), -1)
+        triton_slot_load.scatter(self._zero, self.flat, table, max(length for _, length in zeros), 1.0)
         for dtype, rows in descriptors.items():
             table = to_device([v for row in rows for v in row], torch.int64, device).view(len(rows), -1)
             triton_slot_load.scatter(staging.view(dtype), self.flat, table, largest[dtype], adapter.scaling)
