@@ -144,5 +144,3 @@ def nf4_tile(
         split_k = pick_split_k(x.shape[0], out_features, in_features, num_sms, warps, rows_per_warp=rows_per_warp)
     _extension().nf4_tile(x, tiled[0], tiled[1], code_table, bias, out, split_k, warps, rows_per_warp)
     return out
-
-

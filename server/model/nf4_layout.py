@@ -77,4 +77,3 @@ def tile_pack(codes: torch.Tensor, absmax_f: torch.Tensor, shape,
     out[0].view(tiles, blocks, 8, 4, 2, 8).copy_(packed_codes)
     out[1].view(tiles, blocks, 8, 2).copy_(packed_scales)
     return out
-

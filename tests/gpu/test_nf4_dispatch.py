@@ -92,5 +92,3 @@ def test_tile_kernel_matches_mma_bit_for_bit(rows, split_k, warps, rows_per_warp
     got = cuda_nf4.nf4_tile(x, tiled, wshape, table, bias, split_k=split_k, warps=warps, rows_per_warp=rows_per_warp)
     want = cuda_nf4.nf4_mma(x, codes, absmax, wshape, table, bias, split_k=split_k, warps=2 if rows <= 8 else 4)
     assert torch.equal(got, want)
-
-

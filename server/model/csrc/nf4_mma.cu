@@ -232,16 +232,11 @@ struct TileMinBlocks {
   static constexpr int value = (NT == 1 && RT == 1) ? 65536 / (64 * WARPS * 32) : 1;
 };
 
-__device__ __forceinline__ uint4 load_tile_codes(const uint4* p, bool ok) {
-  uint4 v = make_uint4(0u, 0u, 0u, 0u);
-  if (ok)
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+__device__ __forceinline__ uint4 load_tile_codes(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
-}
-
-__device__ __forceinline__ float2 load_tile_scales(const float2* p, bool ok) {
-  return ok ? __ldg(p) : make_float2(0.f, 0.f);
 }
 
 template <typename T, int NT, int RT, int WARPS, int PREFETCH>
@@ -296,7 +291,7 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
     const int blk = min(first + i, last - 1);
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
-      ring_codes[i][r] = load_tile_codes(codes_at[r] + 32 * blk, true);
+      ring_codes[i][r] = load_tile_codes(codes_at[r] + 32 * blk);
       ring_scales[i][r] = __ldg(scales_at[r] + 8 * blk);
     }
   }
@@ -313,7 +308,7 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
       for (int r = 0; r < RT; ++r) {
         cur_codes[r] = ring_codes[i][r];
         cur_scales[r] = ring_scales[i][r];
-        ring_codes[i][r] = load_tile_codes(codes_at[r] + 32 * ahead, true);
+        ring_codes[i][r] = load_tile_codes(codes_at[r] + 32 * ahead);
         ring_scales[i][r] = __ldg(scales_at[r] + 8 * ahead);
       }
 
@@ -371,14 +366,15 @@ __global__ void split_k_sum_kernel(const float* __restrict__ partial, const T* _
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-// Grid (row groups, splits) of a kernel whose warps each own `rows_per_warp` 16-row tiles, K split in `units`;
-// `body` launches it into `target` (out, or fp32 partials [splits, M, N] summed afterwards when K is split).
+// Grid (row groups, splits) of a kernel whose warps each own `rows_per_warp` 16-row tiles; `body` launches it into
+// `target` (out, or fp32 partials [splits, M, N] summed afterwards when K is split).
 template <typename T, typename Body>
 void run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
-               int units, Body body) {
-  const int M = x.size(0), N = out.size(1);
-  const int blocks_per_split = (units + split_k - 1) / split_k;  // units of K: quant blocks, or macro steps
-  const int splits = (units + blocks_per_split - 1) / blocks_per_split;
+               Body body) {
+  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  const int num_blocks = K / 64;
+  const int blocks_per_split = (num_blocks + split_k - 1) / split_k;
+  const int splits = (num_blocks + blocks_per_split - 1) / blocks_per_split;
   auto stream = at::cuda::getCurrentCUDAStream();
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
   torch::Tensor partial;
@@ -403,7 +399,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
             int64_t split_k, int64_t warps) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int row_tiles = (N + 15) / 16;
-  run_split<T>(x, bias, out, split_k, K / 64, [&](cudaStream_t stream, void* target, const T* bias_ptr, int splits,
+  run_split<T>(x, bias, out, split_k, [&](cudaStream_t stream, void* target, const T* bias_ptr, int splits,
                                           int blocks_per_split) {
 #define LORAPLEX_LAUNCH(W)                                                                                 \
   nf4_mma_kernel<T, NT, W, 4><<<dim3((row_tiles + W - 1) / W, splits), W * 32, 0, stream>>>(                \
@@ -424,7 +420,7 @@ void launch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const 
                  int64_t split_k) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
-  run_split<T>(x, bias, out, split_k, K / 64, [&](cudaStream_t stream, void* target, const T* bias_ptr, int splits,
+  run_split<T>(x, bias, out, split_k, [&](cudaStream_t stream, void* target, const T* bias_ptr, int splits,
                                           int blocks_per_split) {
     nf4_tile_kernel<T, NT, RT, W, 4><<<dim3((warps_needed + W - 1) / W, splits), W * 32, 0, stream>>>(
         reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
