@@ -114,6 +114,8 @@ class LLMEngine:
             with load_phase("kernels", "the CUDA NF4 kernels, built once per machine"):
                 log.info("NF4 kernels by batch rows: %s", nf4_dispatch.prepare())
         self.runner.prepare(settings.max_num_batched_tokens, (False, True) if self.runner.use_lora else (False,))
+        with load_phase("top-p kernels", "the sampler's top-p draw (CUDA), built before serving"):
+            self.sampler.warm_up()
         log.info("engine ready: %d KV blocks (%.1f MiB), mode=%s, adapter pool=%d rank units",
                  num_blocks, num_blocks * per_block / 2**20, self.mode.value, self.slot_table.pool.capacity)
 

@@ -185,6 +185,17 @@ class Sampler:
         self.eos_token_ids = frozenset(eos_token_ids)  # masked by min_tokens
         self._seeds = random.Random()  # seeds for requests that bring none (drawn once each)
 
+    def warm_up(self) -> None:
+        """Build the top-p kernels at start-up (CUDA with Triton): otherwise the first request with top-p
+        builds them inside its step, a second or more."""
+        if self.device.type != "cuda" or not fused_top_p_available():
+            return
+        from server.engine.triton_top_p import top_p_draw
+
+        vocab = self.counts.vocab_size
+        probs = torch.full((1, vocab), 1.0 / vocab, device=self.device)
+        top_p_draw(probs, torch.full((1,), 0.9, device=self.device), torch.full((1,), 0.5, device=self.device))
+
     def release(self, request: Request) -> None:
         """The request left the running batch: free its token-count row (rebuilt if it returns)."""
         self.counts.release(request)
@@ -325,10 +336,12 @@ class Sampler:
         )
         probs = filtered.softmax(dim=-1)
         if top_p is not None and probs.is_cuda and fused_top_p_available():
-            from server.engine.triton_top_p import top_p_draw
+            from server.engine.triton_top_p import NO_TOP_P, top_p_draw
 
-            # Rows without top-p get 1.0: their draws are unchanged (tests/unit/test_sampler.py).
-            return top_p_draw(probs, params[2], params[4])
+            # Rows without top-p (1.0) pass NO_TOP_P and keep every token; a top_p below 1.0 that float32
+            # rounds to 1.0 still cuts (tests/unit/test_sampler.py).
+            without = to_device([r.params.top_p >= 1.0 for r in requests], torch.bool, logits.device)
+            return top_p_draw(probs, params[2].masked_fill(without, NO_TOP_P), params[4])
         masses = integer_masses(probs)
         if top_p is not None:
             if top_p_index is None:

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from server.engine.sampling_masses import MASS_BITS
 
+NO_TOP_P = 2.0  # the top_p a row without top-p passes: it keeps every token
 CHUNK = 4096  # tokens a program reads (128256 tokens: 32 chunks a row)
 # H200, 32 x 128256 (tests/gpu/test_sampler_gpu.py, 2026-12-02): 4 bits and 128 tokens 620 us; 4 and 64: 784;
 # 5 and 128: 834; 5 and 64: 941; the sorting torch steps: 1,228.
@@ -56,9 +57,10 @@ def _block(row_ptr, start, vocab, SUB: tl.constexpr):
 def _need(top_p_ptr, row):
     top_p = tl.load(top_p_ptr + row)
     need = tl.ceil(top_p.to(tl.float64) * 1099511627776.0).to(tl.int64)
-    # top_p >= 1 keeps every token, as the torch path does for rows without top-p (the floored masses of a
-    # float32 softmax can sum past 2**40, so asking for that much mass would still cut the tail)
-    return tl.where(top_p >= 1.0, 1 << 62, need)
+    # top_p > 1 (NO_TOP_P) keeps every token, as the torch path does for rows without top-p (the floored masses
+    # of a float32 softmax can sum past 2**40, so asking for that much mass would still cut the tail); a top_p
+    # that is 1.0 only in float32 (0.99999999) cuts with need 2**40, as the torch path does
+    return tl.where(top_p > 1.0, 1 << 62, need)
 
 
 @triton.jit
@@ -79,7 +81,7 @@ def _settle(stats_ptr, prefix_ptr, row, num_chunks, need, shift,
     return tl.where((prefix < 0) | (first == DIGITS), -1, prefix | (digit << shift))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["shift"])  # one variant for every pass but the first
 def _histogram_kernel(probs_ptr, top_p_ptr, stats_in_ptr, prefix_in_ptr, stats_ptr, prefix_ptr, vocab, stride,
                       num_chunks, shift, FIRST: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
                       CHUNKS: tl.constexpr, DIGITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
@@ -184,7 +186,8 @@ def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, 
                digit_bits: int = DIGIT_BITS, sub: int = SUB) -> torch.Tensor:
     """Token ids [R] int64 from probabilities [R, vocab] float32 (contiguous rows), top_p [R] and
     uniform [R] float32: `draw_from_masses(integer_masses(probs) masked by top_p_keep, uniform)`, and
-    for rows with top_p >= 1 no mask at all. `chunk`: tokens a program reads (a multiple of `sub`);
+    for rows with top_p NO_TOP_P (any value above 1) no mask at all. `chunk`: tokens a program reads (a multiple
+    of `sub`);
     `digit_bits`: bits a radix pass settles."""
     assert MASS_BITS == 40, "the kernels' mass scale is 2**40"
     assert chunk % sub == 0

@@ -349,16 +349,22 @@ def test_fused_top_p_draw_equals_the_torch_steps_bit_for_bit(vocab, spread, quan
     for uniform in (torch.rand(8, generator=gen), torch.tensor([0.0] * 4 + [1.0 - 2**-23] * 4)):
         keep = top_p_keep(probs, top_p) | (top_p >= 1.0)[:, None]  # a row without top-p keeps everything
         expected = draw_from_masses(integer_masses(probs).masked_fill(~keep, 0), uniform)
-        got = triton_top_p.top_p_draw(probs, top_p, uniform, chunk=chunk, digit_bits=digit_bits, sub=128)
+        marked = top_p.masked_fill(top_p >= 1.0, triton_top_p.NO_TOP_P)  # as the sampler passes them
+        got = triton_top_p.top_p_draw(probs, marked, uniform, chunk=chunk, digit_bits=digit_bits, sub=128)
         assert torch.equal(got, expected)
 
 
 def test_fused_top_p_draw_keeps_every_token_of_a_row_without_top_p():
-    """Floored masses can sum past 2**40 (here the first two alone do): a row with top_p 1.0 must still keep
-    the tail, as the torch path does for rows without top-p. u near 1 lands on the last token."""
+    """Floored masses can sum past 2**40 (here the first two alone do): a row without top-p (NO_TOP_P) must
+    still keep the tail, as the torch path does. u near 1 lands on the last token. A top_p under 1.0 that is
+    1.0 in float32 (0.99999999) is a top-p row: it cuts the tail with need 2**40, as the torch steps do."""
     triton_top_p = interpreted("server.engine.triton_top_p")
     probs = torch.tensor([[0.50000006, 0.50000006, 1e-6]])
     uniform = torch.tensor([1.0 - 2**-23])
     expected = draw_from_masses(integer_masses(probs), uniform)
     assert expected.tolist() == [2]
-    assert triton_top_p.top_p_draw(probs, torch.tensor([1.0]), uniform).tolist() == [2]
+    assert triton_top_p.top_p_draw(probs, torch.tensor([triton_top_p.NO_TOP_P]), uniform).tolist() == [2]
+    almost_one = torch.tensor([0.99999999])
+    cut = draw_from_masses(integer_masses(probs).masked_fill(~top_p_keep(probs, almost_one), 0), uniform)
+    assert cut.tolist() == [1]
+    assert triton_top_p.top_p_draw(probs, almost_one, uniform).tolist() == [1]
