@@ -48,6 +48,7 @@ import torch
 from server.engine.grammar import GrammarBackend
 from server.engine.request import Request, SamplingError, SamplingParams
 from server.engine.sampling_masses import (
+    NO_TOP_P,
     draw_from_masses,
     fused_top_p_available,
     integer_masses,
@@ -315,8 +316,10 @@ class Sampler:
                 request.sampling_seed = self._seeds.getrandbits(64) if seed is None else seed
         top_k = [r.params.top_k if r.params.top_k < vocab else 0 for r in requests]
         # One float32 tensor carries every per-row value (top_k < 2**24 is exact in float32).
+        # A row without top-p carries NO_TOP_P (2.0): the fused draw keeps its every token, and the torch steps
+        # read top_p only for the rows under 1.0. A top_p under 1.0 that float32 rounds to 1.0 still cuts.
         params = to_device([[r.params.temperature for r in requests], [r.params.min_p for r in requests],
-                             [r.params.top_p for r in requests], top_k,
+                             [r.params.top_p if r.params.top_p < 1.0 else NO_TOP_P for r in requests], top_k,
                              [draw_uniform(r.sampling_seed, len(r.output_token_ids)) for r in requests]],
                             torch.float32, logits.device)
         if len(rows) < logits.shape[0]:
@@ -336,12 +339,9 @@ class Sampler:
         )
         probs = filtered.softmax(dim=-1)
         if top_p is not None and probs.is_cuda and fused_top_p_available():
-            from server.engine.triton_top_p import NO_TOP_P, top_p_draw
+            from server.engine.triton_top_p import top_p_draw
 
-            # Rows without top-p (1.0) pass NO_TOP_P and keep every token; a top_p below 1.0 that float32
-            # rounds to 1.0 still cuts (tests/unit/test_sampler.py).
-            without = to_device([r.params.top_p >= 1.0 for r in requests], torch.bool, logits.device)
-            return top_p_draw(probs, params[2].masked_fill(without, NO_TOP_P), params[4])
+            return top_p_draw(probs, params[2], params[4])
         masses = integer_masses(probs)
         if top_p is not None:
             if top_p_index is None:

@@ -9,6 +9,7 @@ import os
 import torch
 
 MASS_BITS = 40  # steps 8-9 count probability in integer units of 2**-MASS_BITS
+NO_TOP_P = 2.0  # the top_p a row without top-p carries to the fused draw (triton_top_p): it keeps every token
 _COUNT_SHIFT = 44  # histogram cells pack (count << 44) + mass: mass <= 2**41, count <= 2**17 per row
 _MASS_MASK = (1 << _COUNT_SHIFT) - 1
 

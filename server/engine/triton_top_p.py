@@ -23,9 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from server.engine.sampling_masses import MASS_BITS
+from server.engine.sampling_masses import MASS_BITS, NO_TOP_P  # noqa: F401  (NO_TOP_P: part of the interface)
 
-NO_TOP_P = 2.0  # the top_p a row without top-p passes: it keeps every token
 CHUNK = 4096  # tokens a program reads (128256 tokens: 32 chunks a row)
 # H200, 32 x 128256 (tests/gpu/test_sampler_gpu.py, 2026-12-02): 4 bits and 128 tokens 620 us; 4 and 64: 784;
 # 5 and 128: 834; 5 and 64: 941; the sorting torch steps: 1,228.
