@@ -315,7 +315,7 @@ class LoraSlots:
 
     def _scatter_into(self, offset: int, rank: int, adapter) -> None:
         """The slot load as one descriptor per tensor and one `triton_slot_load.scatter` per source dtype,
-        after one foreach zeroing of the slot's rows."""
+        after one scatter launch that zeroes the slot's rows."""
         from server.model import triton_slot_load
 
         device = self.model.device
@@ -343,11 +343,13 @@ class LoraSlots:
         # foreach op's tensor-list metadata crossed to the device in a way that waited for the stream, and the copy
         # stream waits for the compute stream, so the engine thread blocked for the queued step (the H200 test
         # saw 100 ms of host time in it behind 0.1 s of queued work). One launch for the zeros, then the copies.
-        table = to_device([v for start, length in zeros for v in (0, start, 1, length, length, 0, 0, 0)], torch.int64,
-                          device).view(len(zeros), -1)
-        triton_slot_load.scatter(self._zero, self.flat, table, max(length for _, length in zeros), 1.0)
-        for dtype, rows in descriptors.items():
-            table = to_device([v for row in rows for v in row], torch.int64, device).view(len(rows), -1)
+        # Every descriptor table crosses in one pinned copy: one pinned block a load, so a load never waits for
+        # another block of its own size class to come back from the copy stream.
+        groups = [[(0, start, 1, length, length, 0, 0, 0) for start, length in zeros]] + list(descriptors.values())
+        tables = to_device([v for rows in groups for row in rows for v in row], torch.int64, device)
+        tables = tables.view(-1, triton_slot_load.FIELDS).split([len(rows) for rows in groups])
+        triton_slot_load.scatter(self._zero, self.flat, tables[0], max(length for _, length in zeros), 1.0)
+        for table, dtype in zip(tables[1:], descriptors, strict=True):
             triton_slot_load.scatter(staging.view(dtype), self.flat, table, largest[dtype], adapter.scaling)
 
     def _foreach_into(self, offset: int, rank: int, adapter) -> None:
