@@ -10,9 +10,7 @@ captured CUDA graphs stay valid). Slot -1 means "base model only". The batched o
 
 from __future__ import annotations
 
-import bisect
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +19,7 @@ from torch import nn
 from server.model import lora_ops
 from server.model.host_device import to_device
 from server.model.lora_ops import LoraBatchMeta, SlotLayout, lora_apply
+from server.model.lora_staging import element_offset, round_up, stage, tensors_to_device
 
 
 @dataclass
@@ -136,97 +135,12 @@ class LoraLinear(nn.Module):
 _POOL_ALIGN = 64  # elements: each linear's pools start 128-byte aligned in the flat buffer (bf16)
 
 
-def _round_up(n: int, to: int) -> int:
-    return -(-n // to) * to
-
-
 def _pool_starts(model, capacity: int) -> list[int]:
     """Where each LoRA linear's pools start in the flat buffer (64-element aligned), then its end."""
     starts = [0]
     for _, linear in model.lora_linears():
-        starts.append(_round_up(starts[-1] + sum(linear.pool_numels(capacity)), _POOL_ALIGN))
+        starts.append(round_up(starts[-1] + sum(linear.pool_numels(capacity)), _POOL_ALIGN))
     return starts
-
-
-def _staged(tensors: dict, device: torch.device) -> tuple[torch.Tensor, Callable[[torch.Tensor], int]]:
-    """One device buffer (uint8) holding the host memory the tensors occupy, and a function giving the
-    byte where a tensor begins in it. The tensors of one host buffer are copied as spans (tensors that
-    touch or overlap merged), not as the whole buffer: the CPU tier's pages are views of slabs of up to
-    1 GiB (server.pinned_pages.PagePool). Each span keeps its host address's alignment modulo 256, so a
-    tensor aligned for its dtype in host memory is aligned on the device. From pinned memory the copies
-    are asynchronous, on the current stream."""
-    storages: dict[int, torch.UntypedStorage] = {}
-    ranges: dict[int, list[tuple[int, int]]] = {}
-    for pair in tensors.values():
-        for t in pair:
-            storage = t.untyped_storage()
-            storages.setdefault(storage.data_ptr(), storage)
-            begin = t.storage_offset() * t.element_size()
-            ranges.setdefault(storage.data_ptr(), []).append((begin, begin + _extent_bytes(t)))
-    spans: dict[int, list[tuple[int, int, int]]] = {}  # host buffer -> (begin, end, where it is staged)
-    end = 0
-    for ptr, extents in ranges.items():
-        merged: list[list[int]] = []
-        for begin, stop in sorted(extents):
-            if merged and begin <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], stop)
-            else:
-                merged.append([begin, stop])
-        spans[ptr] = []
-        for begin, stop in merged:
-            at = _round_up(end, 256) + begin % 256
-            spans[ptr].append((begin, stop, at))
-            end = at + stop - begin
-    staging = torch.empty(_round_up(end, 256), dtype=torch.uint8, device=device)  # views of any dtype fit
-    for ptr, placed in spans.items():
-        host = torch.empty(0, dtype=torch.uint8).set_(storages[ptr])
-        for begin, stop, at in placed:
-            staging[at : at + stop - begin].copy_(host[begin:stop], non_blocking=True)
-
-    def locate(t: torch.Tensor) -> int:
-        placed = spans[t.untyped_storage().data_ptr()]
-        begin = t.storage_offset() * t.element_size()
-        span_begin, _, at = placed[bisect.bisect_right(placed, (begin, float("inf"), 0)) - 1]
-        return at + begin - span_begin
-
-    return staging, locate
-
-
-def _extent_bytes(t: torch.Tensor) -> int:
-    """Bytes from a tensor's first element to the end of its last (its strides included)."""
-    if t.numel() == 0:
-        return 0
-    return (sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) + 1) * t.element_size()
-
-
-def _element_offset(t: torch.Tensor, locate: Callable[[torch.Tensor], int]) -> int:
-    """Where the tensor `t` starts in the staging buffer, in elements of its dtype."""
-    start = locate(t)
-    if start % t.element_size():
-        raise ValueError("a tensor misaligned for its dtype in its host buffer")
-    return start // t.element_size()
-
-
-def _to_device(tensors: dict, device: torch.device) -> dict:
-    """The {key: (A, B)} tensors on `device`: each host buffer they are views of copied once (from pinned
-    memory: asynchronously, on the current stream), the tensors re-made as views of its copy."""
-    if device.type == "cpu":
-        return tensors
-    return _on_staging(tensors, device)
-
-
-def _on_staging(tensors: dict, device: torch.device) -> dict:
-    """`tensors` as views of their `_staged` copy on `device`, with their shapes, strides and dtypes."""
-    staging, locate = _staged(tensors, device)
-    typed: dict[torch.dtype, torch.Tensor] = {}
-    out = {}
-    for key, pair in tensors.items():
-        views = []
-        for t in pair:
-            base = typed.setdefault(t.dtype, staging.view(t.dtype))
-            views.append(torch.as_strided(base, t.shape, t.stride(), _element_offset(t, locate)))
-        out[key] = tuple(views)
-    return out
 
 
 def max_adapter_rank(adapter) -> int:
@@ -319,7 +233,7 @@ class LoraSlots:
         from server.model import triton_slot_load
 
         device = self.model.device
-        staging, locate = _staged(adapter.tensors, device)
+        staging, locate = stage(adapter.tensors, device)
         zeros, descriptors, largest = [], {}, {}
         for layer, linear in self.model.lora_linears():
             n, in_features, out_features = len(linear.slice_names), linear.in_features, linear.out_features
@@ -337,7 +251,7 @@ class LoraSlots:
                 for t, row in ((a, (a_start + i * rank * in_features, r, in_features, in_features, in_features,
                                     1, 0)),
                                (b, (b_start + lo, r, hi - lo, out_features, 1, r, 1))):
-                    descriptors.setdefault(t.dtype, []).append((_element_offset(t, locate),) + row)
+                    descriptors.setdefault(t.dtype, []).append((element_offset(t, locate),) + row)
                     largest[t.dtype] = max(largest.get(t.dtype, 0), t.numel())
         # The slot's rows are zeroed by the same kernel reading one zero (strides 0), not by _foreach_zero_: a
         # foreach op's tensor-list metadata crossed to the device in a way that waited for the stream, and the copy
@@ -362,7 +276,7 @@ class LoraSlots:
         are the reference's bit for bit: B is scaled in float32 (or in its own dtype when that is the
         slot's: the same float32 product, rounded once) and rounded once into the slot."""
         device, dtype = self.model.device, self.model.dtype
-        on_device = _to_device(adapter.tensors, device)
+        on_device = tensors_to_device(adapter.tensors, device)
         zeros, a_dst, a_src, b_dst, b_src = [], [], [], [], []
         for layer, linear in self.model.lora_linears():
             n = len(linear.slice_names)

@@ -51,7 +51,7 @@ def test_copy_waits_for_queued_compute_and_reports_loading(tiny_llama_dir, tiny_
     engine = gpu_engine(tiny_llama_dir, max_slots=2)
     assert engine.lora_slots.is_async
     weights = _pinned(refs["attn-r4"]).weights  # pinned before the sleep is queued: pinning takes host time
-    spent = _timed_calls(monkeypatch, [(lora, "_staged"), (lora, "to_device"), (triton_slot_load, "scatter"),
+    spent = _timed_calls(monkeypatch, [(lora, "stage"), (lora, "to_device"), (triton_slot_load, "scatter"),
                                        (torch, "_foreach_zero_"), (lora.LoraSlots, "_copy_into")])
     torch.cuda.synchronize()
     queued = time.perf_counter()

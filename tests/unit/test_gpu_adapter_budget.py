@@ -119,12 +119,12 @@ def test_batched_slot_load_fills_the_pool_as_the_per_linear_reference_does(tiny_
 
 
 def test_adapter_tensors_cross_to_the_device_as_the_spans_they_occupy():
-    """`lora._on_staging` (what `_to_device` does on CUDA) copies the host memory the tensors occupy into
-    one staging buffer, the tensors of a buffer merged into spans where they touch (pages packed by
+    """`lora_staging.on_staging` (what `tensors_to_device` does on CUDA) copies the host memory the tensors
+    occupy into one staging buffer, the tensors of a buffer merged into spans where they touch (pages packed by
     `pin_packed`; views scattered through one large slab, as the CPU tier's pages are: not the whole
     slab), and gives back equal tensors as views of it, a transposed (non-contiguous) one included, each
     at its host address's alignment modulo 256."""
-    from server.model.lora import _on_staging
+    from server.model.lora_staging import on_staging
     from server.pinned_pages import PAGE_BYTES, pin_packed
 
     gen = torch.Generator().manual_seed(0)
@@ -138,7 +138,7 @@ def test_adapter_tensors_cross_to_the_device_as_the_spans_they_occupy():
         view = slab[page * PAGE_BYTES + 512 : page * PAGE_BYTES + 512 + tensor.numel() * 4].view(torch.float32)
         view.copy_(tensor.reshape(-1))
         packed[(7, name)] = (view.view(tensor.shape), tensor.clone())
-    moved = _on_staging(packed, torch.device("cpu"))
+    moved = on_staging(packed, torch.device("cpu"))
     (staging,) = {t.untyped_storage().data_ptr(): t.untyped_storage() for p in moved.values() for t in p}.values()
     for key, pair in packed.items():
         for original, new in zip(pair, moved[key], strict=True):
