@@ -45,9 +45,8 @@ def allocate_adapter_pool(model, units: int, max_rank: int, num_slot_ids: int) -
         with load_phase("lora kernels", "every Triton LoRA variant a prefill can meet, built before serving"):
             triton_lora.warm_up([linear for _, linear in model.lora_linears()], slots.layout, model.device)
     if slots.use_scatter:
-        # Whatever the LoRA kernels: a float32 engine loads slots with the scatter kernel too, and building
-        # it at the first load (about a second) made that load look synchronous (the GPU test that queues
-        # 0.1 s of work before a load saw it done on return).
+        # Whatever the LoRA kernels: a float32 engine loads slots with the scatter kernel too, and would
+        # otherwise build it (about a second) inside its first load.
         from server.model import triton_slot_load
 
         with load_phase("slot load kernel", "the scatter kernel for every source dtype"):

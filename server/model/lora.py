@@ -175,9 +175,10 @@ class LoraSlots:
         """Allocate once what a slot load allocates, so that no load allocates: the copy stream's staging block
         for the largest adapter (float32 sources, every linear at max_rank; the caching allocator keeps it
         for that stream and splits it for smaller loads) and pinned descriptor tables of every power-of-two
-        size up to the largest. cudaMalloc and cudaHostAlloc synchronize the device: a first load that
-        allocated waited for the queued compute work (tests/gpu/test_adapter_prefetch_gpu.py saw it done on
-        return). CUDA only; the engine sizes the KV cache after this, with the block counted."""
+        size up to the largest. A precaution, not a measured fix: device and pinned allocations may wait
+        for queued work, but the load that waited for the queued step on the H200 waited in
+        `_foreach_zero_` (now gone), with these already warmed. It holds the block for good (about 0.7 GB
+        at 8B, max_rank 64); the engine sizes the KV cache after this, with the block counted. CUDA only."""
         if self._copy_stream is None:
             return
         from server.model.triton_slot_load import FIELDS
