@@ -1,5 +1,6 @@
-"""The NF4-kernels part of bench/RESULTS.md: issue 14's ratios and the per-row-count table, from the
-newest ``*-kernels.json`` (``python -m bench.kernels``) and the newest 8B engine run."""
+"""The NF4-kernels part of bench/RESULTS.md: issue 14's ratios, each from the newest ``*-kernels.json``
+(``python -m bench.kernels``) or 8B engine run that measured it, and the per-row-count table of the newest
+kernels run."""
 
 from __future__ import annotations
 
@@ -42,12 +43,6 @@ def kernel_runs(results_dir: Path) -> list[tuple[str, dict]]:
     return [(name, data) for _, name, data in sorted(found, key=lambda f: f[0], reverse=True)]
 
 
-def newest_kernels(results_dir: Path) -> tuple[str, dict] | None:
-    """(file name, data) of the newest kernels result that carries ratios."""
-    runs = kernel_runs(results_dir)
-    return runs[0] if runs else None
-
-
 def newest_with_ratios(results_dir: Path, pattern: str) -> tuple[str, dict] | None:
     """(file name, data) of the newest file matching `pattern` that carries ratios (by date, then name)."""
     found = [(json.loads(p.read_text()), p.name) for p in results_dir.glob(pattern)]
@@ -79,21 +74,23 @@ def _row(ratio: Ratio, value, source: str | None) -> str:
 
 
 def kernel_section(results_dir: Path, runs: dict) -> list[str]:
-    newest = newest_kernels(results_dir)
+    kernels = kernel_runs(results_dir)
     lines = ["## NF4 kernels (issue 14)", ""]
-    if newest is None:
+    if not kernels:
         return lines + ["No `python -m bench.kernels` run committed yet.", ""]
-    name, data = newest
+    name, data = kernels[0]
     lines += [f"Newest kernel run: `results/{name}` ({data.get('device')}, {data.get('date')}, torch "
               f"{data.get('torch')}, triton {data.get('triton', '?')}; `{data.get('command')}`). Times by CUDA-graph "
               "replay over enough weight copies to defeat the L2 cache; `ours` is the dispatch loraplex runs.", "",
               "| ratio | what | target | measured | met | source |", "|---|---|---|---|---|---|"]
     for ratio in KERNEL_RATIOS:  # each from the newest run that measured it (a run may skip some row counts)
-        source = next(((n, d) for n, d in kernel_runs(results_dir) if (d.get("ratios") or {}).get(ratio.key)
-                       is not None), (None, {}))
-        lines.append(_row(ratio, (source[1].get("ratios") or {}).get(ratio.key), source[0]))
+        source, value = next(((n, d["ratios"][ratio.key]) for n, d in kernels
+                              if d["ratios"].get(ratio.key) is not None), (None, None))
+        lines.append(_row(ratio, value, source))
     engine = _engine_values(runs)
-    lines += [_row(r, engine.get(r.key, (None, None))[1], engine.get(r.key, (None, None))[0]) for r in ENGINE_RATIOS]
+    for ratio in ENGINE_RATIOS:
+        source, value = engine.get(ratio.key, (None, None))
+        lines.append(_row(ratio, value, source))
     prefill = newest_with_ratios(results_dir, "*-prefill.json")
     prefill_name, prefill_data = prefill if prefill else (None, {})
     lines += [_row(r, (prefill_data.get("ratios") or {}).get(r.key), prefill_name) for r in PREFILL_RATIOS]
