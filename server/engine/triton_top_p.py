@@ -185,9 +185,8 @@ def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, 
                digit_bits: int = DIGIT_BITS, sub: int = SUB) -> torch.Tensor:
     """Token ids [R] int64 from probabilities [R, vocab] float32 (contiguous rows), top_p [R] and
     uniform [R] float32: `draw_from_masses(integer_masses(probs) masked by top_p_keep, uniform)`, and
-    for rows with top_p NO_TOP_P (any value above 1) no mask at all. `chunk`: tokens a program reads (a multiple
-    of `sub`);
-    `digit_bits`: bits a radix pass settles."""
+    for rows with top_p NO_TOP_P (any value above 1) no mask at all. `chunk`: tokens a program reads (a
+    multiple of `sub`); `digit_bits`: bits a radix pass settles."""
     assert MASS_BITS == 40, "the kernels' mass scale is 2**40"
     assert chunk % sub == 0
     num_rows, vocab = probs.shape
