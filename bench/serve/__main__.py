@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--key-line", action="append", default=[], help="fairness preset: a TOML line added to "
                    "each tenant's key in the auth file, e.g. --key-line='max_concurrent_requests = 16' (repeatable)")
     p.add_argument("--skip-engine", action="store_true", help="no engine-only reference")
+    p.add_argument("--client-procs", type=int, default=None, help="client processes a load's streams are split "
+                   "over (default: one per 8 streams, at most a quarter of the cores; a two-tenant load uses one)")
     return p.parse_args(argv)
 
 
@@ -169,7 +171,8 @@ def run(rec: ServeRecorder, args: argparse.Namespace, scenario: Scenario, device
                     if load.engine and not args.skip_engine]
     runner = PhaseRunner(rec, factory, specs, scenario.ranks, token_range(args.model), work,
                          admin_key=tenant_key(scenario.tenants[0]) if scenario.tenants else None,
-                         reserve_s=ENGINE_RESERVE_S[args.model] if engine_loads else 0.0)
+                         reserve_s=ENGINE_RESERVE_S[args.model] if engine_loads else 0.0,
+                         client_procs=args.client_procs)
     configs = {}
     for index, phase in enumerate(scenario.phases):
         loads = [load.traffic for load in phase.loads] + [load.background for load in phase.loads if load.background]

@@ -163,36 +163,41 @@ async def stream_completion(client: httpx.AsyncClient, model: str, prompt: list[
     return result
 
 
-async def run_load(url: str, traffic: Traffic, token_range: tuple[int, int], model_for_base: str,
-                   stop: asyncio.Event | None = None) -> dict:
-    """Closed-loop load; returns throughput, latency percentiles and errors by status. A set `stop`
-    ends it early (no new requests; those in flight finish)."""
+async def drive(url: str, traffic: Traffic, indices: list[int], token_range: tuple[int, int], model_for_base: str,
+                stop: asyncio.Event | None = None) -> tuple[list[RequestResult], float]:
+    """Send the requests `indices` of `traffic` over `traffic.concurrency` streams (a closed loop); returns
+    their results and the CPU seconds this process spent. A set `stop` ends it early (no new requests;
+    those in flight finish)."""
     adapters = traffic.choices(traffic.num_requests)
     results: list[RequestResult] = []
-    next_index = 0
+    pending = iter(indices)
     async with make_client(url, traffic.concurrency, traffic.api_key) as client:
-        start = time.perf_counter()
-        deadline = start + traffic.max_seconds
+        deadline = time.perf_counter() + traffic.max_seconds
         cpu_start = resource.getrusage(resource.RUSAGE_SELF)
 
-        async def worker(worker_index: int) -> None:
-            nonlocal next_index
-            while (next_index < traffic.num_requests and time.perf_counter() < deadline
-                   and not (stop is not None and stop.is_set())):
-                index = next_index
-                next_index += 1
+        async def worker() -> None:
+            while time.perf_counter() < deadline and not (stop is not None and stop.is_set()):
+                index = next(pending, None)
+                if index is None:
+                    return
                 seed = traffic.seed * 100_003 + index if traffic.temperature > 0 else None
                 results.append(await stream_completion(
                     client, adapters[index] or model_for_base, traffic.prompt(index, token_range), traffic.output_len,
                     traffic.temperature, traffic.top_p, seed))
 
-        await asyncio.gather(*(worker(i) for i in range(traffic.concurrency)))
-        wall = time.perf_counter() - start
+        await asyncio.gather(*(worker() for _ in range(traffic.concurrency)))
         cpu_end = resource.getrusage(resource.RUSAGE_SELF)
-    summary = summarize(results, wall, traffic)
-    summary["client_cpu_s"] = round(cpu_end.ru_utime + cpu_end.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime, 2)
-    summary["distinct_adapters"] = len({a for a in adapters[: len(results)]})
-    return summary
+    cpu_s = cpu_end.ru_utime + cpu_end.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime
+    return results, cpu_s
+
+
+async def run_load(url: str, traffic: Traffic, token_range: tuple[int, int], model_for_base: str,
+                   stop: asyncio.Event | None = None) -> dict:
+    """Closed-loop load from this process; returns throughput, latency percentiles and errors by status.
+    A set `stop` ends it early. bench.serve.client_procs splits a load over processes."""
+    start = time.perf_counter()
+    results, cpu_s = await drive(url, traffic, list(range(traffic.num_requests)), token_range, model_for_base, stop)
+    return summarize(results, time.perf_counter() - start, traffic, cpu_s)
 
 
 async def run_with_background(url: str, foreground: Traffic, background: Traffic, token_range: tuple[int, int],
@@ -206,8 +211,9 @@ async def run_with_background(url: str, foreground: Traffic, background: Traffic
     return {**front, "background": await behind}
 
 
-def summarize(results: list[RequestResult], wall: float, traffic: Traffic) -> dict:
-    """Throughput, latency percentiles and errors of one load's requests."""
+def summarize(results: list[RequestResult], wall: float, traffic: Traffic, client_cpu_s: float,
+              client_procs: int = 1) -> dict:
+    """Throughput, latency percentiles and errors of one load's requests, and what the client spent."""
     ok = [r for r in results if r.status == 200]
     tokens = sum(r.completion_tokens or 0 for r in ok)
     chunks = sum(len(r.chunk_times or []) for r in ok)
@@ -225,6 +231,8 @@ def summarize(results: list[RequestResult], wall: float, traffic: Traffic) -> di
         **_ms_stats("itl", itl),
         **_ms_stats("e2e", [r.done - r.sent for r in ok if r.done is not None]),
         "errors_by_status": dict(Counter(str(r.status) for r in results if r.status != 200)),
+        "client_cpu_s": round(client_cpu_s, 2), "client_procs": client_procs,
+        "distinct_adapters": len({r.adapter for r in results}),
     }
 
 

@@ -13,6 +13,7 @@ from bench.results import Recorder
 from bench.serve import load as http
 from bench.serve import scrape
 from bench.serve.adapters import AdapterFactory, AdapterSpec, adapter_specs
+from bench.serve.client_procs import default_procs, run_split
 from bench.serve.load import Traffic
 from bench.serve.process import ServerConfig, ServerProcess
 from bench.serve.scenarios import PREFIX_SUFFIX_TOKENS, Load, Phase, tenant_key
@@ -44,6 +45,7 @@ class PhaseRunner:
     work: Path
     admin_key: str | None = None
     reserve_s: float = 0.0  # budget kept for what follows the server phases
+    client_procs: int | None = None  # processes a load's streams are split over (None: client_procs.default_procs)
 
     def left_s(self) -> float:
         return self.rec.budget_s - self.rec.elapsed
@@ -92,11 +94,12 @@ class PhaseRunner:
         warmup = replace(traffic, num_requests=traffic.concurrency, output_len=min(16, traffic.output_len),
                          seed=traffic.seed + 999)
         base = config.served_model_name
-        http.run_async(http.run_load(server.url, warmup, self.tokens, base))
+        procs = self.client_procs or default_procs(traffic.concurrency)
+        run_split(server.url, warmup, self.tokens, base, procs)
         capped = replace(traffic, max_seconds=min(traffic.max_seconds, max(5.0, self.left_s() - self.reserve_s)))
         before = scrape.snapshot(server.url)
         if load.background is None:
-            result = http.run_async(http.run_load(server.url, capped, self.tokens, base))
+            result = run_split(server.url, capped, self.tokens, base, procs)
         else:
             background = replace(load.background, adapters=names, max_seconds=capped.max_seconds + 60)
             result = http.run_async(http.run_with_background(server.url, capped, background, self.tokens, base))

@@ -36,12 +36,14 @@ def check_load(load: dict, num_requests: int, output_len: int) -> None:
 
 
 def test_c32_preset_on_tiny(tmp_path):
-    data = run_bench(tmp_path, "--preset", "c32", "--num-adapters", "3")
+    """Its loads are sent from two client processes: their requests merge into one summary."""
+    data = run_bench(tmp_path, "--preset", "c32", "--num-adapters", "3", "--client-procs", "2")
     server, engine = data["server"], data["engine"]
     assert server["unmerged/upload"]["count"] == 3
     for name in ("greedy", "sampled"):
         check_load(server[f"unmerged/{name}"], 6, 5)
         assert server[f"unmerged/{name}"]["distinct_adapters"] == 3
+        assert server[f"unmerged/{name}"]["client_procs"] == 2
         assert engine[f"unmerged/{name}"]["tokens_per_s"] > 0
         assert engine[f"unmerged/{name}"]["decode_step_ms_median"] > 0
     assert server["unmerged/sampled"]["traffic"]["temperature"] == 1.0

@@ -122,3 +122,14 @@ def test_scrape_means_of_one_tier_of_the_load_time_histogram():
     result = deltas(metrics(1.0, 10, 0.5, 5), metrics(1.3, 13, 0.52, 9))
     assert result["cpu_load_ms_mean"] == 100.0 and result["gpu_load_ms_mean"] == 5.0
     assert deltas(metrics(1.0, 10, 0.5, 5), metrics(1.0, 10, 0.5, 5))["cpu_load_ms_mean"] is None
+
+
+def test_client_process_shares_cover_every_request_once():
+    from bench.serve.client_procs import shares
+
+    traffic = Traffic(adapters=("a",), concurrency=7, num_requests=20)
+    parts = shares(traffic, 3)
+    assert [streams for streams, _ in parts] == [3, 2, 2]
+    assert sorted(i for _, indices in parts for i in indices) == list(range(20))
+    assert len(shares(traffic, 50)) == 7  # never more processes than streams
+    assert shares(traffic, 1) == [(7, list(range(20)))]
