@@ -41,28 +41,31 @@ def sync(device: torch.device | None) -> None:
 
 
 class StepLog:
-    """Wraps the scheduler's schedule() to record each step's work next to its wall time."""
+    """Wraps the scheduler's schedule() and extend_decode() (a step launched ahead, server.engine.overlap)
+    to record each step's work next to its wall time: a step() call reads the oldest launched step."""
 
     def __init__(self, engine):
         self.engine = engine
         self.steps: list[dict] = []
-        self._schedule = engine.scheduler.schedule
-        engine.scheduler.schedule = self._record
+        self.launched: deque[dict] = deque()
+        self._schedule, self._extend = engine.scheduler.schedule, engine.scheduler.extend_decode
+        engine.scheduler.schedule = lambda: self._record(self._schedule())
+        engine.scheduler.extend_decode = lambda requests: self._record(self._extend(requests))
 
-    def _record(self):
-        batch = self._schedule()
-        self.current = {
+    def _record(self, batch):
+        self.launched.append({
             "prefill_tokens": sum(n for _, n in batch.prefill),
             "prefill_seqs": len(batch.prefill),
             "decode_rows": len(batch.decode),
-        }
+        })
         return batch
 
     def step(self) -> list:
         start = time.perf_counter()
         outputs = self.engine.step()
-        self.current["ms"] = (time.perf_counter() - start) * 1e3
-        self.steps.append(self.current)
+        current = self.launched.popleft()
+        current["ms"] = (time.perf_counter() - start) * 1e3
+        self.steps.append(current)
         return outputs
 
 

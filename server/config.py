@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(256, ge=1, description="requests in flight before new ones get 503")
     request_timeout_s: float = Field(600.0, gt=0, description="per-request limit (504 after it); also the drain limit")
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs on CUDA")
+    async_scheduling: bool = Field(
+        True, description="launch the next decode step before reading this one's tokens, so that the host's "
+        "work of a step runs beside the GPU's (server.engine.overlap); off: every step waits for the last"
+    )
     cuda_graph_max_rows: int = Field(
         256, ge=0, le=4096, description="largest step (decode rows plus the tokens of short prefill chunks) "
         "replayed as a CUDA graph; steps with more prefill tokens run eagerly (0: decode rows only)"

@@ -18,14 +18,16 @@ import time
 import torch
 
 from server.config import LoraMode, Settings
+from server.engine import merge_switch, overlap
 from server.engine.auto_mode import AutoModePolicy
 from server.engine.detokenizer import TokenDecoder, update_text
 from server.engine.grammar import GrammarBackend
 from server.engine.guard import empty_cuda_cache
 from server.engine.kv_cache import KVCache, bytes_per_block, choose_num_blocks
 from server.engine.metric_sink import DeltaSink, PrometheusSink
+from server.engine.overlap import LaunchedStep
 from server.engine.rank_pool import block_size
-from server.engine.request import FinishReason, Request, RequestOutput, check_prompt
+from server.engine.request import FinishReason, Request, RequestOutput, RequestStatus, check_prompt
 from server.engine.runner import ModelRunner
 from server.engine.sampler import SampledTokens, Sampler
 from server.engine.scheduler import Admission, Scheduler
@@ -106,6 +108,9 @@ class LLMEngine:
         self.token_decoder = TokenDecoder(self.tokenizer)
         self._by_id: dict[str, Request] = {}
         self.trace = StepTrace()  # LORAPLEX_STEP_TRACE=DIR: one JSON line per step (diagnosis only)
+        self.async_scheduling = settings.async_scheduling
+        self._ahead: LaunchedStep | None = None  # a step launched before the last one's tokens were read
+        self._last_step_end = 0.0
         self.prefix_per_tenant = settings.prefix_cache_scope == "tenant"
         if self.model.device.type == "cuda" and settings.quantization == "nf4":
             from server.model import nf4_dispatch
@@ -138,10 +143,10 @@ class LLMEngine:
         request.finish_reason = reason
         self.metrics.record_finished(request)
         self._record_state()
-        return self._output(request, "", finished=True)
+        return request.output("", finished=True)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self._ahead is not None or self.scheduler.has_unfinished()
 
     @property
     def num_running(self) -> int:
@@ -152,10 +157,27 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     def step(self) -> list[RequestOutput]:
-        """One engine iteration; returns an output for every request that advanced or finished."""
+        """One engine iteration; returns an output for every request that advanced or finished. With async
+        scheduling the next decode step is launched before this one's tokens are read (server.engine.overlap)."""
+        launched, self._ahead = self._ahead, None
+        if launched is None:
+            launched = self._launch()
+        if self.async_scheduling:
+            requests, chosen = overlap.still_running(launched)
+            if overlap.can_run_ahead(self.scheduler, requests, self.max_model_len,
+                             mixed_only=self.mode is LoraMode.AUTO and not self.merged_active):
+                self._ahead = overlap.launch_ahead(self, requests, chosen)
+        outputs = launched.failed
+        if launched.pending is not None:
+            outputs += self._postprocess(launched.to_sample, launched.pending.resolve())
+        self._after_step(launched)
+        return outputs
+
+    def _launch(self) -> LaunchedStep:
+        """Schedule a step (merged swaps, admissions, prefill chunks, the decode batch) and queue its work."""
         swap_start = time.perf_counter()
         merged_before, loads_before = self.merged_active, self.slot_table.num_loads
-        self._maybe_swap()
+        merge_switch.maybe_swap(self)
         step_start = time.perf_counter()
         batch = self.scheduler.schedule()
         self._prefetch_adapters()
@@ -191,22 +213,30 @@ class LLMEngine:
             logits_parts.append(self.runner.decode(batch.decode))
         to_sample += batch.decode
         distinct = len({r.adapter_key for r in self.scheduler.running}) if self.scheduler.running else None
-        outputs = failed
+        pending = None
         if to_sample:
             logits = logits_parts[0] if len(logits_parts) == 1 else torch.cat(logits_parts)
-            outputs += self._postprocess(to_sample, self.sampler.sample(logits, to_sample))
-        self._record_state(distinct)
-        if self.mode is LoraMode.AUTO and batch.decode and not batch.prefill:
-            uses_lora = any(r.slot >= 0 for r in batch.decode)
-            if self.merged_active or uses_lora:
-                self.auto_policy.record_step(self.merged_active, time.perf_counter() - step_start,
-                                             len(batch.decode))
+            pending = self.sampler.sample_async(logits, to_sample)
+        return LaunchedStep(batch, to_sample, pending, failed, fused, swap_start, step_start, merged_before,
+                            loads_before, distinct)
+
+    def _after_step(self, launched: LaunchedStep) -> None:
+        """Gauges, auto mode's step timing, the idle signal and the trace line of a step just read."""
+        now = time.perf_counter()
+        self._record_state(launched.distinct_adapters)
+        batch = launched.batch
+        if (self.mode is LoraMode.AUTO and batch.decode and not batch.prefill
+                and (self.merged_active or any(r.slot >= 0 for r in batch.decode))):
+            # A step launched ahead ran on the GPU from the previous step's end (or its own launch) to now.
+            seconds = now - max(launched.step_start, self._last_step_end)
+            self.auto_policy.record_step(self.merged_active, seconds, len(batch.decode))
         if not self.scheduler.running and not self.scheduler.waiting:
             self.auto_policy.on_idle()  # the engine goes idle: the next traffic starts a new arrival window
         if self.trace.enabled:
-            self.trace.record_step(swap_start, step_start, batch, fused, self.scheduler, self.merged_active,
-                                   merged_before, self.slot_table.num_loads - loads_before)
-        return outputs
+            self.trace.record_step(launched.swap_start, launched.step_start, batch, launched.fused, self.scheduler,
+                                   self.merged_active, launched.merged_before,
+                                   self.slot_table.num_loads - launched.slot_loads_before)
+        self._last_step_end = now
 
     def _record_state(self, batch_adapters: int | None = None) -> None:
         """Gauges after the step: finished requests have left the batch, so idle reads as zero."""
@@ -215,6 +245,7 @@ class LLMEngine:
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Finish every request with an error (after an unexpected exception inside a step)."""
+        self._ahead = None
         return self.fail(list(self.scheduler.running) + list(self.scheduler.waiting), message)
 
     def fail_ids(self, request_ids: list[str], message: str) -> list[RequestOutput]:
@@ -227,9 +258,12 @@ class LLMEngine:
         for request in requests:
             self.scheduler.remove(request.request_id)
             self._by_id.pop(request.request_id, None)
+            if request.token_pending:  # a step launched ahead failed before its tokens were read
+                request.output_token_ids.pop()
+                request.token_pending = False
             request.finish_reason = FinishReason.ERROR
             self.metrics.record_finished(request)
-            outputs.append(self._output(request, "", finished=True, error=message))
+            outputs.append(request.output("", finished=True, error=message))
         self._record_state()
         return outputs
 
@@ -296,64 +330,19 @@ class LLMEngine:
             if request.adapter is not None and request.adapter_key not in self._draining:
                 self.slot_table.prefetch(request.adapter_key, request.adapter.weights)
 
-    def _maybe_swap(self) -> None:
-        """Merged mode: at a drain point, merge the adapter at the head of the queue. Auto: see _auto_switch."""
-        if self.swapper is None:
-            return
-        if self.mode is LoraMode.AUTO:
-            self._auto_switch()
-            return
-        if self.scheduler.running or not self.scheduler.waiting:
-            return
-        head = self.scheduler.peek() or self.scheduler.waiting[0]  # the request admitted next
-        self._swap_to(head.adapter_key, head.adapter.weights if head.adapter is not None else None)
-
-    def _auto_switch(self) -> None:
-        """Merge or unmerge between steps, without draining (server.engine.auto_mode)."""
-        demand = list(self.scheduler.running) + list(self.scheduler.waiting)
-        if not demand:
-            return
-        keys = {r.adapter_key for r in demand}
-        if self.merged_active:
-            if keys != {self.swapper.current}:  # another adapter or the base model is wanted: unmerge now
-                self._swap_to(None, None)
-                self.merged_active = False
-                for request in list(self.scheduler.running):
-                    slot = self.slot_table.acquire(request.adapter_key, request.adapter.weights, wait=True)
-                    if slot is None:  # cannot happen with one adapter running; recompute rather than misapply
-                        self.scheduler.preempt(request)
-                    else:
-                        request.slot = slot
-            return
-        single = demand[0].adapter_key if len(keys) == 1 and demand[0].adapter is not None else None
-        lasted = self.auto_policy.demand_lasted(single)
-        if single is None:
-            return
-        remaining = max(r.params.max_tokens - len(r.output_token_ids) for r in demand)
-        if not self.auto_policy.should_merge(single, remaining, lasted, len(self.scheduler.running)):
-            return
-        for request in self.scheduler.running:  # their rows now read the merged weights, not a slot
-            if request.slot >= 0:
-                self.slot_table.release(request.adapter_key)
-                request.slot = -1
-        self._swap_to(demand[0].adapter_key, demand[0].adapter.weights)
-        self.merged_active = True
-
-    def _swap_to(self, key, weights) -> None:
-        if key == self.swapper.current:
-            return
-        seconds = self.swapper.swap(key, weights)
-        self.auto_policy.record_swap(seconds)
-        self.metrics.record_swap("merged", seconds)
-        log.info("merged swap to %s in %.1f ms", key, seconds * 1e3)
-
     # ---- outputs ----------------------------------------------------------------------------------
 
     def _postprocess(self, requests: list[Request], sampled: SampledTokens) -> list[RequestOutput]:
         outputs = []
         now = time.monotonic()
         for row, (request, token) in enumerate(zip(requests, sampled.token_ids, strict=True)):
-            request.output_token_ids.append(token)
+            if request.status is RequestStatus.FINISHED:
+                continue  # ended (its token of the step before, an abort) while this step ran ahead: dropped
+            if request.token_pending:
+                request.output_token_ids[-1] = token
+                request.token_pending = False
+            else:
+                request.output_token_ids.append(token)
             if sampled.logprobs is not None:
                 request.output_logprobs.append(sampled.logprobs[row])
             if request.params.top_logprobs:
@@ -361,38 +350,14 @@ class LLMEngine:
             request.num_computed_tokens = request.num_tokens - 1
             self.scheduler.register_computed_blocks(request)
             self.metrics.record_token(request, now)
-            params = request.params
             if request.grammar_matcher is not None:
                 request.grammar_matcher.consume_token(token)
-            if (token in params.stop_token_ids) or (not params.ignore_eos and token in self.eos_token_ids):
-                request.finish_reason = FinishReason.STOP
-            elif request.grammar_matcher is not None and request.grammar_matcher.is_stopped():
-                request.finish_reason = FinishReason.STOP  # the grammar admits nothing longer
-            elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
-                request.finish_reason = FinishReason.LENGTH
+            request.finish_reason = request.finish_reason_after(token, self.eos_token_ids, self.max_model_len)
             new_text = update_text(request, self.token_decoder) if self.detokenize else ""
             finished = request.finish_reason is not None
             if finished:
                 self.scheduler.finish(request)
                 self._by_id.pop(request.request_id, None)
                 self.metrics.record_finished(request)
-            outputs.append(self._output(request, new_text, finished))
+            outputs.append(request.output(new_text, finished))
         return outputs
-
-    def _output(self, request: Request, new_text: str, finished: bool, error: str | None = None):
-        start = request.num_emitted_tokens
-        request.num_emitted_tokens = len(request.output_token_ids)
-        is_first = start == 0 and request.params.prompt_logprobs is not None
-        return RequestOutput(
-            request_id=request.request_id,
-            new_token_ids=request.output_token_ids[start:],
-            new_text=new_text,
-            new_logprobs=request.output_logprobs[start:] if request.params.logprobs else None,
-            new_top_logprobs=request.output_top_logprobs[start:] if request.params.top_logprobs else None,
-            finished=finished,
-            finish_reason=request.finish_reason if finished else None,
-            prompt_tokens=len(request.prompt_token_ids),
-            completion_tokens=len(request.output_token_ids),
-            error=error,
-            prompt_logprobs=list(request.prompt_logprobs) if is_first else None,
-        )

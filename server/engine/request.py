@@ -175,6 +175,9 @@ class Request:
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
+    # The last output token is a placeholder (-1): sampled on the device by a step whose tokens the host
+    # has not read yet, while the next step runs ahead on it (server.engine.overlap).
+    token_pending: bool = False
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
@@ -222,3 +225,34 @@ class Request:
     @property
     def adapter_key(self) -> tuple[str, int] | None:
         return None if self.adapter is None else (self.adapter.name, self.adapter.version)
+
+    def finish_reason_after(self, token: int, eos_token_ids: frozenset[int] | set[int], max_model_len: int):
+        """Why the request ends with `token` (just appended), or None: a stop or EOS token, a grammar that
+        admits nothing longer, max_tokens or the model's length."""
+        params = self.params
+        if (token in params.stop_token_ids) or (not params.ignore_eos and token in eos_token_ids):
+            return FinishReason.STOP
+        if self.grammar_matcher is not None and self.grammar_matcher.is_stopped():
+            return FinishReason.STOP
+        if len(self.output_token_ids) >= params.max_tokens or self.num_tokens >= max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def output(self, new_text: str, finished: bool, error: str | None = None) -> RequestOutput:
+        """What the caller has not seen yet: tokens (and logprobs) since the last output, `new_text`."""
+        start = self.num_emitted_tokens
+        self.num_emitted_tokens = len(self.output_token_ids)
+        is_first = start == 0 and self.params.prompt_logprobs is not None
+        return RequestOutput(
+            request_id=self.request_id,
+            new_token_ids=self.output_token_ids[start:],
+            new_text=new_text,
+            new_logprobs=self.output_logprobs[start:] if self.params.logprobs else None,
+            new_top_logprobs=self.output_top_logprobs[start:] if self.params.top_logprobs else None,
+            finished=finished,
+            finish_reason=self.finish_reason if finished else None,
+            prompt_tokens=len(self.prompt_token_ids),
+            completion_tokens=len(self.output_token_ids),
+            error=error,
+            prompt_logprobs=list(self.prompt_logprobs) if is_first else None,
+        )

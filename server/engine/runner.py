@@ -247,7 +247,8 @@ class ModelRunner:
         for request in requests:
             owners.append(len(sequences))
             positions.append(request.num_tokens - 1)
-            input_ids.append(request.output_token_ids[-1] if request.output_token_ids else request.prompt_token_ids[-1])
+            last = request.output_token_ids[-1] if request.output_token_ids else request.prompt_token_ids[-1]
+            input_ids.append(max(last, 0))  # a placeholder (-1) is replaced on the device
             sequences.append(request)
         pad = [0] * (padded - len(owners))
         slots = [self._slot_index(sequences[o], p) for o, p in zip(owners, positions, strict=True)]
@@ -282,10 +283,13 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def decode(self, requests: list[Request], chunks: list[tuple[Request, int]] = ()) -> torch.Tensor:
+    def decode(self, requests: list[Request], chunks: list[tuple[Request, int]] = (),
+               input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One token for each request; logits [len(requests), vocab]. With `chunks` (only when
         graph_fits), their tokens run in the same replay and the logits of the chunks that complete
-        their prefill come first, in order."""
+        their prefill come first, in order. `input_ids` [len(requests)] on the device (no chunks): the
+        requests' last tokens, still unknown to the host (a step launched ahead, engine.overlap); their
+        host lists end in a placeholder."""
         with_lora = self.use_lora and any(r.slot >= 0 for r in [*requests, *(r for r, _ in chunks)])
         if chunks:
             logits = self.graphs.run(requests, with_lora, chunks)
@@ -297,11 +301,13 @@ class ModelRunner:
             rows += range(last, last + len(requests))
             return logits.index_select(0, to_device(rows, torch.long, self.device))
         if self.graphs is not None and len(requests) <= self.graphs.max_rows:
-            return self.graphs.run(requests, with_lora)[: len(requests)]
+            return self.graphs.run(requests, with_lora, input_ids=input_ids)[: len(requests)]
         inputs = self.decode_inputs(requests, len(requests))
         # Eager steps need no static shape: trim the block tables to the longest sequence so that the
         # torch attention path (CPU) reads what the batch holds, not max_model_len.
         used_blocks = max(len(r.block_ids) for r in requests)
         inputs["block_tables"] = inputs["block_tables"][:, :used_blocks].contiguous()
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        if input_ids is not None:
+            inputs["input_ids"] = input_ids
         return self.forward_decode(inputs, with_lora)

@@ -33,7 +33,7 @@ model's raw distribution (log-softmax before steps 0-8) at the chosen token, as 
 default; they are not those of the processed distribution that was sampled from. A row asking for
 top_logprobs = k also gets the k most likely tokens of that raw distribution (one batched top-k over
 the largest k asked for). The only host sync is the final copy of the chosen tokens (with logprobs
-and alternatives) to the host, and it waits without holding the GIL (`host_list`).
+and alternatives) to the host, and it waits without holding the GIL (`HostCopy`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from server.engine.sampling_masses import (
     top_p_threshold,
 )
 from server.engine.token_counts import TokenCounts
-from server.model.host_device import host_list, to_device
+from server.model.host_device import HostCopy, to_device
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
@@ -85,6 +85,26 @@ class SampledTokens(NamedTuple):
     token_ids: list[int]
     logprobs: list[float] | None  # chosen tokens' raw logprobs; None when no row asks
     top_logprobs: list[list[tuple[int, float]]] | None  # per row its top_logprobs (id, logprob), best first
+
+
+class PendingTokens(NamedTuple):
+    """A batch's chosen tokens on the device, with their copy to the host already queued."""
+
+    chosen: torch.Tensor  # [B] int64 on the device
+    copy: HostCopy  # chosen; or (chosen, logprob) rows; or per row chosen, logprob, top ids, top logprobs
+    top_logprobs: Sequence[int] | None = None  # None: no logprobs; (): logprobs only; else k per row
+
+    def resolve(self) -> SampledTokens:
+        """Wait for the copy (the one host sync of a step) and unpack it."""
+        host = self.copy.wait()
+        if self.top_logprobs is None:
+            return SampledTokens(host, None, None)
+        if not self.top_logprobs:
+            return SampledTokens([int(t) for t in host[0]], host[1], None)
+        width = (len(host[0]) - 2) // 2
+        top = [[(int(i), v) for i, v in zip(row[2:2 + k], row[2 + width:2 + width + k], strict=True)]
+               for row, k in zip(host, self.top_logprobs, strict=True)]
+        return SampledTokens([int(row[0]) for row in host], [row[1] for row in host], top)
 
 
 def banned_token_ids(request: Request, eos_token_ids: Collection[int]) -> list[int]:
@@ -204,6 +224,11 @@ class Sampler:
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampledTokens:
         """logits [len(requests), vocab] float32 -> chosen token ids and (if any row asks) their
         logprobs and top alternatives. `logits` is not modified."""
+        return self.sample_async(logits, requests).resolve()
+
+    def sample_async(self, logits: torch.Tensor, requests: list[Request]) -> PendingTokens:
+        """`sample`, with the host copy queued but not waited for: the tokens stay usable on the device
+        (the next step's input ids) while the host goes on; `resolve()` waits."""
         device = logits.device
         processed = self._apply_grammars(logits, requests)
         processed = self._apply_masks(processed, requests)
@@ -228,23 +253,17 @@ class Sampler:
             index = to_device([penalized, [requests[row].penalty_row for row in penalized]], torch.long, device)
             self.counts.add(index[1], chosen[index[0]])
         if not any(r.params.logprobs for r in requests):
-            return SampledTokens(host_list(chosen), None, None)
+            return PendingTokens(chosen, HostCopy(chosen))
         max_top = max(r.params.top_logprobs for r in requests)
         if not max_top:
             logprobs = logits.gather(1, chosen[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-            host = host_list(torch.stack([chosen.double(), logprobs.double()]))  # one copy, one sync
-            return SampledTokens([int(t) for t in host[0]], host[1], None)
+            return PendingTokens(chosen, HostCopy(torch.stack([chosen.double(), logprobs.double()])), ())
         raw = logits.log_softmax(dim=-1)  # [B, vocab]
         top_values, top_ids = raw.topk(min(max_top, raw.shape[-1]), dim=-1)  # [B, max_top], best first
         columns = [chosen.double()[:, None], raw.gather(1, chosen[:, None]).double(), top_ids.double(),
                    top_values.double()]
-        host = host_list(torch.cat(columns, dim=1))  # one copy, one sync; ids < 2**53 are exact
-        width = top_ids.shape[1]
-        top = []
-        for row, request in zip(host, requests, strict=True):
-            k = request.params.top_logprobs
-            top.append([(int(i), v) for i, v in zip(row[2:2 + k], row[2 + width:2 + width + k], strict=True)])
-        return SampledTokens([int(row[0]) for row in host], [row[1] for row in host], top)
+        # One copy; ids < 2**53 are exact in float64.
+        return PendingTokens(chosen, HostCopy(torch.cat(columns, dim=1)), [r.params.top_logprobs for r in requests])
 
     def _apply_grammars(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """Step 0's grammar masks: one host mask for the constrained rows, one copy, one masked_fill."""

@@ -188,6 +188,20 @@ class Scheduler:
             batch.prefill[:] = [(r, n) for r, n in batch.prefill if r is not victim]
         return True
 
+    def can_extend(self, requests: list[Request]) -> bool:
+        """Whether every one of the running `requests` can take one more token without a preemption."""
+        missing = sum(max(0, self.kv_cache.blocks_needed(r.num_tokens + 1) - len(r.block_ids)) for r in requests)
+        return self.kv_cache.can_allocate(missing)
+
+    def extend_decode(self, requests: list[Request]) -> ScheduledBatch:
+        """A step launched ahead (server.engine.overlap): one decode row for each of `requests`, whose
+        placeholder tokens are already appended; can_extend said the blocks are there."""
+        for request in requests:
+            if not self._ensure_blocks(request, request.num_tokens):
+                raise RuntimeError(f"no KV block for {request.request_id}'s next token (can_extend said yes)")
+        self.tenants.charge_output(requests)
+        return ScheduledBatch(decode=list(requests))
+
     def _ensure_blocks(self, request: Request, num_tokens: int) -> bool:
         missing = self.kv_cache.blocks_needed(num_tokens) - len(request.block_ids)
         if missing <= 0:

@@ -96,3 +96,46 @@ def test_eager_prefill_queues_without_a_stream_sync(tiny_llama_dir, tiny_adapter
         torch.cuda.set_sync_debug_mode(0)
     syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
     assert not syncs, f"{len(syncs)} syncs, at {syncs}"
+
+
+def test_steps_launched_ahead_on_cuda_graphs_match_the_serial_engine_and_do_not_wait(tiny_llama_dir, tiny_adapters):
+    """Async scheduling on CUDA (graph replays, device input ids, NF4): the serial engine's tokens, and each
+    step ahead is launched while its predecessor still runs (a 20 ms GPU sleep in every decode step)."""
+    from server.engine import overlap
+    from tests.unit.test_async_scheduling import requests, run, same
+
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    adapters = [None, refs["attn-r4"], refs["all-r8"], refs["ko-r16"]]
+    summaries = []
+    for async_scheduling in (False, True):
+        engine = gpu_engine(tiny_llama_dir, dtype="bfloat16", quantize=True, max_slots=4, max_rank=16,
+                            async_scheduling=async_scheduling)
+        batch = requests(adapters)
+        summary, ahead = run(engine, batch)
+        summaries.append([summary[r.request_id] for r in batch])
+        assert (ahead > 0) == async_scheduling
+    same(summaries[1], summaries[0])
+
+    engine = gpu_engine(tiny_llama_dir, dtype="bfloat16", quantize=True, max_slots=4, max_rank=16)
+    decode, still_running, launch_ahead = engine.runner.decode, overlap.still_running, overlap.launch_ahead
+    previous, busy = [], []
+
+    def slow_decode(*args, **kwargs):
+        torch.cuda._sleep(40_000_000)  # ~20 ms of GPU time before the step's own work
+        return decode(*args, **kwargs)
+
+    def remember(launched):
+        previous.append(launched)
+        return still_running(launched)
+
+    def check(*args):
+        busy.append(not previous[-1].pending.copy.done.query())  # the step before has not finished
+        return launch_ahead(*args)
+
+    engine.runner.decode = slow_decode
+    overlap.still_running, overlap.launch_ahead = remember, check
+    try:
+        run(engine, requests(adapters))
+    finally:
+        overlap.still_running, overlap.launch_ahead = still_running, launch_ahead
+    assert len(busy) >= 8 and all(busy)

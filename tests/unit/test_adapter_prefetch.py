@@ -100,7 +100,8 @@ def _slow_engine(model_dir, polls: int, **kw):
 
 def test_request_waiting_for_its_copy_does_not_stall_the_batch_or_the_queue(tiny_llama_dir, tiny_adapters):
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
-    engine, _ = _slow_engine(tiny_llama_dir, polls=3, max_slots=2)
+    # Step-exact (each step() one scheduled step): no step runs ahead of its tokens.
+    engine, _ = _slow_engine(tiny_llama_dir, polls=3, max_slots=2, async_scheduling=False)
     running = greedy(PROMPTS[0], 10)  # base model: needs no slot
     engine.add_request(running)
     engine.step()
@@ -125,7 +126,7 @@ def test_request_waiting_for_its_copy_does_not_stall_the_batch_or_the_queue(tiny
 
 def test_prefetch_starts_copies_for_waiting_requests_while_the_batch_is_full(tiny_llama_dir, tiny_adapters):
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
-    engine, issued = _slow_engine(tiny_llama_dir, polls=1, max_slots=2, max_batch_size=1)
+    engine, issued = _slow_engine(tiny_llama_dir, polls=1, max_slots=2, max_batch_size=1, async_scheduling=False)
     engine.lora_slots._copy_stream = object()  # pretend the copies are asynchronous (CUDA) to turn prefetch on
     first = greedy(PROMPTS[0], 8)
     engine.add_request(first)

@@ -140,7 +140,9 @@ def _greedy(prompt, n, adapter):
 
 def test_other_demand_unmerges_at_the_next_step_without_a_drain(tiny_llama_dir, tiny_adapters):
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
-    engine = make_engine(tiny_llama_dir, lora_mode="auto", max_slots=4, max_rank=16, kv_cache_blocks=128)
+    # Step-exact (each step() one scheduled step): no step runs ahead of its tokens.
+    engine = make_engine(tiny_llama_dir, lora_mode="auto", max_slots=4, max_rank=16, kv_cache_blocks=128,
+                         async_scheduling=False)
     engine.auto_policy = AutoModePolicy(unmerged_step_s=0.006, merged_step_s=0.004, swap_s=0.001)
     engine.auto_policy.record_step = lambda merged, seconds, rows=0: None  # fixed costs: 30 steps x 2 ms pay 2 x 1 ms
     engine.auto_policy.record_swap = lambda seconds: None

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from adapters_store import BaseModelSpec, load_adapter_dir
+from server.engine import merge_switch, overlap
 from server.engine.async_engine import AsyncEngine
 from server.engine.request import AdapterRef, FinishReason, Request, SamplingParams
 from tests.unit.engine_helpers import make_engine
@@ -90,9 +91,10 @@ STAGES = {
     "decode": lambda e: (e.runner, "decode"),
     "postprocess": lambda e: (e, "_postprocess"),
     "record_state": lambda e: (e, "_record_state"),
-    "swap": lambda e: (e, "_maybe_swap"),
+    "swap": lambda e: (merge_switch, "maybe_swap"),
     "abort": lambda e: (e, "abort"),
-    "sample": lambda e: (e.sampler, "sample"),
+    "sample": lambda e: (e.sampler, "sample_async"),
+    "launch_ahead": lambda e: (overlap, "launch_ahead"),
 }
 
 

@@ -35,7 +35,7 @@ def test_decode_logits_match_transformers_step_by_step(model_dir):
     captured = []
     prefill, decode = engine.runner.prefill, engine.runner.decode
     engine.runner.prefill = lambda chunks: captured.append(prefill(chunks)) or captured[-1]
-    engine.runner.decode = lambda reqs: captured.append(decode(reqs)) or captured[-1]
+    engine.runner.decode = lambda reqs, **kw: captured.append(decode(reqs, **kw)) or captured[-1]
     request = Request(list(PROMPT), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     engine.add_request(request)
     while engine.has_unfinished():

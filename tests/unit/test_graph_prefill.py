@@ -23,13 +23,15 @@ class EagerReplay(DecodeGraphs):
         self.chunk_rows = 0
         self.static = {}
 
-    def run(self, requests, with_lora, chunks=()):
+    def run(self, requests, with_lora, chunks=(), input_ids=None):
         self.chunk_rows += sum(n for _, n in chunks)
         bucket = bucket_for(len(requests) + sum(n for _, n in chunks), self.max_rows)
         if bucket not in self.static:
             self.static[bucket] = {k: torch.full_like(v, 3) for k, v in self.runner.decode_inputs([], bucket).items()}
         inputs = self.static[bucket]
         self._fill(inputs, *self.runner.decode_rows(requests, bucket, chunks))
+        if input_ids is not None:
+            inputs["input_ids"][: len(requests)].copy_(input_ids)
         return self.runner.forward_decode(inputs, with_lora)
 
 

@@ -37,7 +37,7 @@ def capture_sampled(engine, captured: dict[str, list[torch.Tensor]]) -> None:
     """From now on, append to captured[request_id] the logits row each of its tokens is sampled from
     (whichever forward produced it: eager prefill, decode, or a graph replay of both)."""
     if not hasattr(engine, "_unwrapped_sample"):
-        engine._unwrapped_sample = engine.sampler.sample
+        engine._unwrapped_sample = engine.sampler.sample_async
     sample = engine._unwrapped_sample
 
     def capturing(logits, requests):
@@ -45,7 +45,7 @@ def capture_sampled(engine, captured: dict[str, list[torch.Tensor]]) -> None:
             captured.setdefault(request.request_id, []).append(logits[row].clone())  # graph buffers are reused
         return sample(logits, requests)
 
-    engine.sampler.sample = capturing
+    engine.sampler.sample_async = capturing
 
 
 def run_capturing(engine, requests):

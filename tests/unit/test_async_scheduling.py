@@ -1,0 +1,162 @@
+"""Async scheduling (server.engine.overlap): steps launched before the host has read their predecessor's
+tokens give what the serial engine gives (tokens, logprobs, text, finish reasons) for every sampling
+parameter, mixed adapters, stop tokens and strings, aborts and arrivals mid-run; no placeholder reaches an
+output; every KV block, adapter slot and penalty row comes back."""
+
+from __future__ import annotations
+
+from server.engine import overlap
+from server.engine.request import FinishReason, Request, SamplingParams
+from tests.unit.engine_helpers import make_engine
+from tests.unit.test_mixed_batch_oracle import adapter_refs
+
+PROMPTS = [[5, 17, 33, 100, 7], [44, 55, 66, 77, 88, 99], [200, 201], [1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 9, 9],
+           [120, 121, 122, 123]]
+PARAMS = [
+    dict(temperature=0.0, max_tokens=14, ignore_eos=True),
+    dict(temperature=0.9, top_p=0.9, seed=11, frequency_penalty=0.5, logprobs=True, top_logprobs=3,
+         max_tokens=12, ignore_eos=True),
+    dict(temperature=0.0, repetition_penalty=1.3, max_tokens=10),  # EOS may end it early
+    dict(temperature=1.2, top_k=20, min_p=0.05, seed=12, presence_penalty=-0.5, logit_bias={7: 2.0},
+         min_tokens=3, max_tokens=9),
+    dict(temperature=0.7, seed=13, max_tokens=1, ignore_eos=True),  # ends at its first token
+    dict(temperature=0.0, max_tokens=11, ignore_eos=True, logprobs=True),
+]
+
+
+def requests(adapters=(), overrides: dict[int, dict] | None = None) -> list[Request]:
+    made = []
+    for index, (prompt, params) in enumerate(zip(PROMPTS, PARAMS, strict=True)):
+        adapter = adapters[index % len(adapters)] if adapters else None
+        params = {**params, **(overrides or {}).get(index, {})}
+        made.append(Request(list(prompt), SamplingParams(**params), adapter=adapter))
+    return made
+
+
+def run(engine, batch: list[Request], arrivals: dict[int, list[Request]] = (), aborts: dict[int, str] = ()):
+    """Step to the end; `arrivals` / `aborts`: requests added / ids aborted before step call i. Returns what
+    each request's outputs carried, and the number of steps launched ahead."""
+    ahead = 0
+    real = overlap.launch_ahead
+
+    def counting(*args):
+        nonlocal ahead
+        ahead += 1
+        return real(*args)
+
+    overlap.launch_ahead = counting
+    streamed: dict[str, list] = {r.request_id: [] for r in batch}
+    try:
+        for request in batch:
+            engine.add_request(request)
+        call = 0
+        while engine.has_unfinished() or call in dict(arrivals):
+            for request in dict(arrivals).get(call, []):
+                streamed[request.request_id] = []
+                engine.add_request(request)
+            if call in dict(aborts):
+                output = engine.abort(dict(aborts)[call])
+                if output is not None:
+                    streamed[output.request_id].append(output)
+            for output in engine.step():
+                streamed[output.request_id].append(output)
+            call += 1
+    finally:
+        overlap.launch_ahead = real
+    summary = {}
+    for request_id, outputs in streamed.items():
+        tokens = [t for o in outputs for t in o.new_token_ids]
+        assert overlap.PLACEHOLDER not in tokens
+        assert [o.finished for o in outputs].count(True) == 1, request_id  # exactly one final output
+        logprobs = [p for o in outputs if o.new_logprobs for p in o.new_logprobs]
+        summary[request_id] = (tokens, "".join(o.new_text for o in outputs), outputs[-1].finish_reason, logprobs)
+    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_usable_blocks  # every block came back
+    table = engine.sampler.counts
+    assert len(table.free_rows) == table.output_counts.shape[0]  # every penalty row came back
+    return summary, ahead
+
+
+def both(model_dir, make, kv_cache_blocks=128, **engine_kw):
+    """The summaries of one workload on a serial and an overlapping engine (`make(engine)` builds it)."""
+    results = []
+    for async_scheduling in (False, True):
+        engine = make_engine(model_dir, kv_cache_blocks=kv_cache_blocks, async_scheduling=async_scheduling,
+                             **engine_kw)
+        batch, arrivals, aborts = make(engine)
+        summary, ahead = run(engine, batch, arrivals, aborts)
+        ids = [r.request_id for r in batch] + [r.request_id for rs in dict(arrivals).values() for r in rs]
+        results.append(([summary[i] for i in ids], ahead))
+    (serial, serial_ahead), (overlapped, overlapped_ahead) = results
+    assert serial_ahead == 0
+    return serial, overlapped, overlapped_ahead
+
+
+def same(overlapped: list, serial: list) -> None:
+    """Tokens, text and finish reasons equal; logprobs equal up to float rounding (a request that arrives
+    mid-run may join a batch of another size, and a matmul's rounding depends on its rows)."""
+    assert [s[:3] for s in overlapped] == [s[:3] for s in serial]
+    for (*_, got), (*_, want) in zip(overlapped, serial, strict=True):
+        assert len(got) == len(want) and all(abs(a - b) < 1e-4 for a, b in zip(got, want, strict=True))
+
+
+def test_every_sampling_parameter_gives_the_serial_tokens_logprobs_and_finishes(tiny_llama_dir):
+    serial, overlapped, ahead = both(tiny_llama_dir, lambda engine: (requests(), {}, {}))
+    same(overlapped, serial)
+    assert ahead >= 8  # the steady decode steps really ran ahead
+    assert serial[4][2] is FinishReason.LENGTH and len(serial[4][0]) == 1
+    assert len(serial[1][3]) == 12  # logprobs came through for every token
+
+
+def test_mixed_adapters_stop_strings_aborts_and_arrivals_match_the_serial_engine(tiny_llama_dir, tiny_adapters):
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    adapters = [None, refs["attn-r4"], refs["all-r8"], refs["ko-r16"]]
+    # A stop string from the middle of what request 0 writes alone, so that it ends early in both runs.
+    probe = make_engine(tiny_llama_dir, kv_cache_blocks=128, max_slots=4, max_rank=16)
+    (text,) = [t for _, t, _, _ in run(probe, requests(adapters)[:1])[0].values()]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip() and len(text) > 4
+
+    def make(engine):
+        batch = requests(adapters, {0: dict(stop=[stop])})
+        late = requests(adapters[1:])[:3]  # arrive while the first batch decodes
+        return batch, {3: late[:2], 7: late[2:]}, {5: batch[1].request_id}
+
+    serial, overlapped, ahead = both(tiny_llama_dir, make, max_slots=4, max_rank=16, lora_mode="unmerged")
+    same(overlapped, serial)
+    assert ahead >= 4
+    assert serial[0][2] is FinishReason.STOP and stop not in serial[0][1]
+    assert serial[1][2] is FinishReason.ABORT
+
+
+def test_merged_mode_and_auto_mode_match_the_serial_engine(tiny_llama_dir, tiny_adapters):
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    for mode, adapters in (("merged", [refs["all-r8"]]), ("auto", [refs["attn-r4"], refs["ko-r16"]])):
+        serial, overlapped, ahead = both(tiny_llama_dir, lambda engine, a=adapters: (requests(a), {}, {}),
+                                         max_slots=4, max_rank=16, lora_mode=mode)
+        same(overlapped, serial)
+        assert ahead >= 4, mode
+
+
+def test_a_step_ahead_never_outruns_the_kv_cache(tiny_llama_dir):
+    """With too few blocks for everyone's next token, the engine preempts in a serial step (a step launched
+    ahead never preempts) and still gives the tokens of a roomy cache."""
+    preempted = []
+
+    def make(engine):
+        schedule = engine.scheduler.schedule
+
+        def counting():
+            batch = schedule()
+            preempted.extend(batch.preempted)
+            return batch
+
+        engine.scheduler.schedule = counting
+        params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+        return [Request(list(p), params) for p in PROMPTS], {}, {}
+
+    roomy, _, _ = both(tiny_llama_dir, make)
+    assert not preempted
+    serial, overlapped, ahead = both(tiny_llama_dir, make, kv_cache_blocks=10)
+    assert preempted and ahead > 0  # the cache really ran out, and steps still ran ahead in between
+    same(overlapped, serial)
+    assert [s[0] for s in serial] == [s[0] for s in roomy]
