@@ -57,7 +57,7 @@ def install_fake_model(step_ms: float, prefill_us_per_token: float) -> None:
         return sum(1 for request, n in chunks if request.num_computed_tokens + n == request.prefill_target)
 
     # Like a GPU, the fake runs beside the host: a forward returns at once and the step's one host
-    # sync (the sampler's host_list) waits until the "device" is done, so host work done between
+    # sync (the sampler's HostCopy.wait) waits until the "device" is done, so host work done between
     # launch and sync overlaps device time, as it does on CUDA.
     device_free_at = 0.0
 
@@ -65,20 +65,24 @@ def install_fake_model(step_ms: float, prefill_us_per_token: float) -> None:
         nonlocal device_free_at
         device_free_at = max(device_free_at, time.perf_counter()) + seconds
 
-    def host_list(tensor):
-        time.sleep(max(0.0, device_free_at - time.perf_counter()))
-        return tensor.tolist()
+    class HostCopy:  # the device finishes the work queued before the copy (the step that sampled it)
+        def __init__(self, tensor):
+            self.tensor, self.due = tensor, device_free_at
+
+        def wait(self):
+            time.sleep(max(0.0, self.due - time.perf_counter()))
+            return self.tensor.tolist()
 
     def prefill(self, chunks):
         launch(step_ms / 1e3 + prefill_us_per_token * sum(n for _, n in chunks) / 1e6)
         rows = finishing(chunks)
         return logits(self, rows) if rows else None
 
-    def decode(self, requests, chunks=()):  # chunks: short prefills riding the "graph" replay, as on CUDA
+    def decode(self, requests, chunks=(), input_ids=None):  # chunks: short prefills riding the "graph" replay
         launch(step_ms / 1e3 + prefill_us_per_token * sum(n for _, n in chunks) / 1e6)
         return logits(self, len(requests) + finishing(chunks))
 
-    sampler_module.host_list = host_list
+    sampler_module.HostCopy = HostCopy
 
     init = ModelRunner.__init__
 
