@@ -41,16 +41,15 @@ def sync(device: torch.device | None) -> None:
 
 
 class StepLog:
-    """Wraps the scheduler's schedule() and extend_decode() (a step launched ahead, server.engine.overlap)
-    to record each step's work next to its wall time: a step() call reads the oldest launched step."""
+    """Wraps the scheduler's schedule() to record each step's work next to its wall time: a step() call
+    reads the oldest step launched (with async scheduling, the next one is launched before it is read)."""
 
     def __init__(self, engine):
         self.engine = engine
         self.steps: list[dict] = []
         self.launched: deque[dict] = deque()
-        self._schedule, self._extend = engine.scheduler.schedule, engine.scheduler.extend_decode
+        self._schedule = engine.scheduler.schedule
         engine.scheduler.schedule = lambda: self._record(self._schedule())
-        engine.scheduler.extend_decode = lambda requests: self._record(self._extend(requests))
 
     def _record(self, batch):
         self.launched.append({

@@ -42,8 +42,8 @@ class DecodeGraphs:
 
     def run(self, requests, with_lora: bool, chunks=(), input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replay for `requests` (one decode row each) after `chunks` (one row per prefill token);
-        returns the bucket's logits [bucket, vocab], rows in that order, then padding. `input_ids` (no
-        chunks): the decode rows' input ids, on the device."""
+        returns the bucket's logits [bucket, vocab], rows in that order, then padding. `input_ids`: the
+        decode rows' input ids, on the device."""
         bucket = bucket_for(len(requests) + sum(n for _, n in chunks), self.max_rows)
         key = (bucket, with_lora)
         if key not in self._graphs:
@@ -51,7 +51,8 @@ class DecodeGraphs:
         inputs, logits, graph = self._graphs[key]
         self._fill(inputs, *self.runner.decode_rows(requests, bucket, chunks))
         if input_ids is not None:
-            inputs["input_ids"][: len(requests)].copy_(input_ids)
+            first = sum(n for _, n in chunks)
+            inputs["input_ids"][first : first + len(requests)].copy_(input_ids)
         graph.replay()
         return logits
 

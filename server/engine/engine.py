@@ -164,8 +164,8 @@ class LLMEngine:
             launched = self._launch()
         if self.async_scheduling:
             requests, chosen = overlap.still_running(launched)
-            if overlap.can_run_ahead(self.scheduler, requests, self.max_model_len,
-                             mixed_only=self.mode is LoraMode.AUTO and not self.merged_active):
+            if overlap.can_run_ahead(self.scheduler, requests, self.max_model_len, self.mode is LoraMode.AUTO,
+                                     self.merged_active):
                 self._ahead = overlap.launch_ahead(self, requests, chosen)
         outputs = launched.failed
         if launched.pending is not None:
@@ -173,13 +173,19 @@ class LLMEngine:
         self._after_step(launched)
         return outputs
 
-    def _launch(self) -> LaunchedStep:
-        """Schedule a step (merged swaps, admissions, prefill chunks, the decode batch) and queue its work."""
+    def _launch(self, ahead: tuple[list[Request], torch.Tensor] | None = None) -> LaunchedStep:
+        """Schedule a step (merged swaps, admissions, prefill chunks, the decode batch) and queue its work.
+        `ahead`: launched before the last step's tokens were read (overlap.launch_ahead): no swap, and the
+        decode rows' input ids are those requests' device tokens."""
         swap_start = time.perf_counter()
         merged_before, loads_before = self.merged_active, self.slot_table.num_loads
-        merge_switch.maybe_swap(self)
+        if ahead is None:
+            merge_switch.maybe_swap(self)
         step_start = time.perf_counter()
         batch = self.scheduler.schedule()
+        if ahead is not None and batch.preempted:  # can_run_ahead reserved the blocks: never happens
+            raise RuntimeError("a step launched ahead preempted a request")
+        input_ids = None if ahead is None else overlap.decode_input_ids(batch.decode, *ahead)
         self._prefetch_adapters()
         for request in batch.preempted:
             log.info("preempted %s (KV cache full); it will recompute", request.request_id)
@@ -193,7 +199,7 @@ class LLMEngine:
                 if request.num_computed_tokens == request.num_prefix_hit_tokens:  # its first chunk
                     self.metrics.record_scheduled(request)
             try:  # fused: short chunks rode the decode graph's replay with the decode rows
-                logits, fused = self.runner.prefill_step(batch.prefill, batch.decode)
+                logits, fused = self.runner.prefill_step(batch.prefill, batch.decode, input_ids)
             except torch.cuda.OutOfMemoryError:
                 # A long prompt ran out of memory: fail the requests of this prefill only; the decode
                 # batch (its memory already in the KV cache and captured graphs) carries on.
@@ -210,7 +216,7 @@ class LLMEngine:
             if logits is not None:
                 logits_parts.append(logits)
         if batch.decode and not fused:
-            logits_parts.append(self.runner.decode(batch.decode))
+            logits_parts.append(self.runner.decode(batch.decode, input_ids=input_ids))
         to_sample += batch.decode
         distinct = len({r.adapter_key for r in self.scheduler.running}) if self.scheduler.running else None
         pending = None

@@ -8,10 +8,10 @@ behind the GPU; this is the same idea for the steady decode batch:
 
 1. step N is launched as usual; its sampled tokens stay on the device (`Sampler.sample_async`), their copy
    to the host queued right behind the sampler (so the read below waits for N only, not for N + 1);
-2. if nothing but N's requests wants the GPU next, each of them gets a placeholder token (-1) on the host,
-   the scheduler gives each one more KV slot, and step N + 1 is launched with N's device tokens as its
-   input ids (`ModelRunner.decode(input_ids=...)`): positions, KV slots, context lengths, adapter slots,
-   seeds (a hash of the output index) and min_tokens masks depend only on how many tokens there are;
+2. each of N's requests gets a placeholder token (-1) on the host, step N + 1 is scheduled (one more KV
+   slot each, admissions) and launched with N's device tokens as its decode rows' input ids
+   (`ModelRunner.decode(input_ids=...)`): positions, KV slots, context lengths, adapter slots, seeds (a
+   hash of the output index) and min_tokens masks depend only on how many tokens there are;
 3. then N's tokens are read (the step's one host sync) and processed while N + 1 runs on the GPU; each
    placeholder becomes its token. The next engine step starts from N + 1, already launched.
 
@@ -21,16 +21,17 @@ KV blocks and adapter slot before N + 1 has run is safe: every later use of them
 N + 1 (the adapter copy stream waits for the compute stream), and the one KV slot N + 1 writes lies in a block
 not yet full, so never in the prefix cache.
 
-Step N + 1 runs ahead only when it is exactly N's decode rows again: no request waiting (admissions, swaps
-and adapter loads happen in serial steps), no chunked prefill left, no grammar (its mask needs N's token on
-the host), no request at its last token (max_tokens or max_model_len: N ends it whatever the token), KV blocks
-for every next token without a preemption, and in auto mode, not while one adapter's unmerged traffic may be
-merged next step. Otherwise the step runs serially as before. `async_scheduling = false` turns it off.
+Step N + 1 is scheduled as any step (waiting requests are admitted and prefilled beside the decode rows), and
+runs ahead only when every running request was sampled in N (no chunked prefill continues), none has a
+grammar (its mask needs N's token on the host), none is at its last token (max_tokens or max_model_len: N ends
+it whatever the token), and the KV cache holds every next token without a preemption. Merged swaps happen in
+serial steps only: in auto mode a step runs ahead only while nothing waits and, unmerged, while the batch
+mixes adapters (auto could merge a single adapter's traffic next step). Otherwise the step runs serially as
+before. `async_scheduling = false` turns it off.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -59,13 +60,14 @@ class LaunchedStep:
     distinct_adapters: int | None  # adapters of the running batch when launched (a gauge)
 
 
-def can_run_ahead(scheduler: Scheduler, requests: list[Request], max_model_len: int, mixed_only: bool) -> bool:
-    """Whether the step after the one that samples `requests` is exactly their decode rows again (see the
-    module docstring); `mixed_only`: only when they use two adapters or more (auto mode, unmerged)."""
-    if scheduler.waiting or not requests or len(requests) != len(scheduler.running):
-        return False
-    if mixed_only and len({r.adapter_key for r in requests}) < 2:
-        return False
+def can_run_ahead(scheduler: Scheduler, requests: list[Request], max_model_len: int, auto: bool,
+                  merged: bool) -> bool:
+    """Whether the step after the one that samples `requests` may be launched before their tokens are read
+    (see the module docstring). `auto`, `merged`: auto mode, and whether an adapter is merged now."""
+    if not requests or len(requests) != len(scheduler.running):
+        return False  # a chunked prefill continues (or nothing runs)
+    if auto and (scheduler.waiting or (not merged and len({r.adapter_key for r in requests}) < 2)):
+        return False  # auto mode decides merges between serial steps
     for request in requests:
         params = request.params
         if (request.status is not RequestStatus.RUNNING or request.token_pending or request.is_prefilling
@@ -87,16 +89,22 @@ def still_running(launched: LaunchedStep) -> tuple[list[Request], torch.Tensor |
     return [launched.to_sample[row] for row in rows], chosen
 
 
-def launch_ahead(engine, requests: list[Request], input_ids: torch.Tensor) -> LaunchedStep:
-    """Launch the decode step of `requests`, whose last tokens are `input_ids` on the device, before the host
-    knows them (can_run_ahead said yes)."""
-    start = time.perf_counter()
+def launch_ahead(engine, requests: list[Request], chosen: torch.Tensor) -> LaunchedStep:
+    """Launch the next step of `requests`, whose last tokens are `chosen` on the device, before the host
+    knows them (can_run_ahead said yes): placeholders on the host, then a step scheduled as any other
+    (waiting requests may be admitted beside the decode rows)."""
     for request in requests:
         request.output_token_ids.append(PLACEHOLDER)
         request.token_pending = True
-    batch = engine.scheduler.extend_decode(requests)
-    engine.metrics.record_iteration(len(requests), 0)
-    logits = engine.runner.decode(requests, input_ids=input_ids)
-    pending = engine.sampler.sample_async(logits, requests)
-    return LaunchedStep(batch, requests, pending, [], False, start, start, engine.merged_active,
-                        engine.slot_table.num_loads, len({r.adapter_key for r in requests}))
+    return engine._launch(ahead=(requests, chosen))
+
+
+def decode_input_ids(decode: list[Request], requests: list[Request], chosen: torch.Tensor) -> torch.Tensor | None:
+    """The device input ids of a step launched ahead, in the order of its decode rows (`decode`, every one
+    of them among `requests`, whose tokens `chosen` holds)."""
+    if not decode:
+        return None
+    if len(decode) == len(requests) and all(a is b for a, b in zip(decode, requests, strict=True)):
+        return chosen
+    row_of = {id(r): row for row, r in enumerate(requests)}
+    return chosen.index_select(0, to_device([row_of[id(r)] for r in decode], torch.long, chosen.device))

@@ -59,12 +59,13 @@ class ModelRunner:
         block = request.block_ids[position // self.block_size]
         return block * self.block_size + position % self.block_size
 
-    def prefill_step(self, chunks: list[tuple[Request, int]],
-                     requests: list[Request]) -> tuple[torch.Tensor | None, bool]:
+    def prefill_step(self, chunks: list[tuple[Request, int]], requests: list[Request],
+                     input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
         """Run `chunks`: in one decode-graph replay with `requests` when they fit (True: the logits are
-        the finishing chunks' rows, then one per request, whose decode is then done), else eagerly."""
+        the finishing chunks' rows, then one per request, whose decode is then done), else eagerly.
+        `input_ids`: the requests' last tokens on the device (see decode)."""
         if self.graph_fits(chunks, requests):
-            return self.decode(requests, chunks), True
+            return self.decode(requests, chunks, input_ids), True
         return self.prefill(chunks), False
 
     @torch.inference_mode()
@@ -287,12 +288,12 @@ class ModelRunner:
                input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One token for each request; logits [len(requests), vocab]. With `chunks` (only when
         graph_fits), their tokens run in the same replay and the logits of the chunks that complete
-        their prefill come first, in order. `input_ids` [len(requests)] on the device (no chunks): the
-        requests' last tokens, still unknown to the host (a step launched ahead, engine.overlap); their
-        host lists end in a placeholder."""
+        their prefill come first, in order. `input_ids` [len(requests)] on the device: the requests' last
+        tokens, still unknown to the host (a step launched ahead, engine.overlap); their host lists end in
+        a placeholder."""
         with_lora = self.use_lora and any(r.slot >= 0 for r in [*requests, *(r for r, _ in chunks)])
         if chunks:
-            logits = self.graphs.run(requests, with_lora, chunks)
+            logits = self.graphs.run(requests, with_lora, chunks, input_ids)
             rows, last = [], 0
             for request, chunk in chunks:
                 last += chunk

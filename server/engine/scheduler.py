@@ -193,15 +193,6 @@ class Scheduler:
         missing = sum(max(0, self.kv_cache.blocks_needed(r.num_tokens + 1) - len(r.block_ids)) for r in requests)
         return self.kv_cache.can_allocate(missing)
 
-    def extend_decode(self, requests: list[Request]) -> ScheduledBatch:
-        """A step launched ahead (server.engine.overlap): one decode row for each of `requests`, whose
-        placeholder tokens are already appended; can_extend said the blocks are there."""
-        for request in requests:
-            if not self._ensure_blocks(request, request.num_tokens):
-                raise RuntimeError(f"no KV block for {request.request_id}'s next token (can_extend said yes)")
-        self.tenants.charge_output(requests)
-        return ScheduledBatch(decode=list(requests))
-
     def _ensure_blocks(self, request: Request, num_tokens: int) -> bool:
         missing = self.kv_cache.blocks_needed(num_tokens) - len(request.block_ids)
         if missing <= 0:

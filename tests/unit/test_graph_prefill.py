@@ -31,7 +31,8 @@ class EagerReplay(DecodeGraphs):
         inputs = self.static[bucket]
         self._fill(inputs, *self.runner.decode_rows(requests, bucket, chunks))
         if input_ids is not None:
-            inputs["input_ids"][: len(requests)].copy_(input_ids)
+            first = sum(n for _, n in chunks)
+            inputs["input_ids"][first : first + len(requests)].copy_(input_ids)
         return self.runner.forward_decode(inputs, with_lora)
 
 
