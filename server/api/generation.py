@@ -11,13 +11,13 @@ arrives at the same moment, and would then run the request to its end.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
+import msgspec
 from fastapi import Request as HTTPRequest
 from starlette.responses import StreamingResponse
 
@@ -150,7 +150,9 @@ class Generation:
         try:
             if remaining <= 0:
                 raise asyncio.TimeoutError
-            return await asyncio.wait_for(self._stream.__anext__(), remaining)
+            # asyncio.timeout, not wait_for: no task per output (wait_for made one on Python 3.11)
+            async with asyncio.timeout(remaining):
+                return await self._stream.__anext__()
         except asyncio.TimeoutError:
             raise APIError(504, f"request timed out after {timeout:g} s (request_timeout_s)") from None
         except StopAsyncIteration:
@@ -190,11 +192,16 @@ async def _wait_disconnect(http_request: HTTPRequest) -> None:
         pass
 
 
-def sse_event(payload: dict | str) -> str:
+_encode_json = msgspec.json.Encoder().encode
+
+
+def sse_event(payload: dict | str) -> bytes:
+    """One server-sent event. msgspec writes the JSON (UTF-8, compact, keys in order) in about a fifth of
+    json.dumps' time: at 32 streams the API process formats ~14k chunks a second. Non-finite floats become
+    null (json.dumps would write NaN, which is not JSON)."""
     if isinstance(payload, str):
-        return f"data: {payload}\n\n"
-    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n"
+        return b"data: " + payload.encode() + b"\n\n"
+    return b"data: " + _encode_json(payload) + b"\n\n"
 
 
 class Closable(Protocol):
