@@ -49,7 +49,7 @@ class StepLog:
         self.steps: list[dict] = []
         self.launched: deque[dict] = deque()
         self._schedule = engine.scheduler.schedule
-        engine.scheduler.schedule = lambda: self._record(self._schedule())
+        engine.scheduler.schedule = lambda *args: self._record(self._schedule(*args))
 
     def _record(self, batch):
         self.launched.append({

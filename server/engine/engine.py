@@ -164,26 +164,29 @@ class LLMEngine:
             launched = self._launch()
         if self.async_scheduling:
             requests, chosen = overlap.still_running(launched)
-            if overlap.can_run_ahead(self.scheduler, requests, self.max_model_len, self.mode is LoraMode.AUTO,
-                                     self.merged_active):
-                self._ahead = overlap.launch_ahead(self, requests, chosen)
+            continuing = overlap.plan_ahead(self.scheduler, requests, self.max_model_len, self.mode is LoraMode.AUTO,
+                                            self.merged_active)
+            if continuing is not None:
+                self._ahead = overlap.launch_ahead(self, continuing, requests, chosen)
         outputs = launched.failed
         if launched.pending is not None:
             outputs += self._postprocess(launched.to_sample, launched.pending.resolve())
         self._after_step(launched)
         return outputs
 
-    def _launch(self, ahead: tuple[list[Request], torch.Tensor] | None = None) -> LaunchedStep:
+    def _launch(self, ahead: tuple[list[Request], torch.Tensor] | None = None,
+                ending: set[int] = frozenset()) -> LaunchedStep:
         """Schedule a step (merged swaps, admissions, prefill chunks, the decode batch) and queue its work.
         `ahead`: launched before the last step's tokens were read (overlap.launch_ahead): no swap, and the
-        decode rows' input ids are those requests' device tokens."""
+        decode rows' input ids are those requests' device tokens; `ending` (ids): requests of it that end
+        with that token, which get no row."""
         swap_start = time.perf_counter()
         merged_before, loads_before = self.merged_active, self.slot_table.num_loads
         if ahead is None:
             merge_switch.maybe_swap(self)
         step_start = time.perf_counter()
-        batch = self.scheduler.schedule()
-        if ahead is not None and batch.preempted:  # can_run_ahead reserved the blocks: never happens
+        batch = self.scheduler.schedule(ending)
+        if ahead is not None and batch.preempted:  # plan_ahead checked the blocks: never happens
             raise RuntimeError("a step launched ahead preempted a request")
         input_ids = None if ahead is None else overlap.decode_input_ids(batch.decode, *ahead)
         self._prefetch_adapters()

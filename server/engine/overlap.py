@@ -23,11 +23,12 @@ not yet full, so never in the prefix cache.
 
 Step N + 1 is scheduled as any step (waiting requests are admitted and prefilled beside the decode rows), and
 runs ahead only when every running request was sampled in N (no chunked prefill continues), none has a
-grammar (its mask needs N's token on the host), none is at its last token (max_tokens or max_model_len: N ends
-it whatever the token), and the KV cache holds every next token without a preemption. Merged swaps happen in
-serial steps only: in auto mode a step runs ahead only while nothing waits and, unmerged, while the batch
-mixes adapters (auto could merge a single adapter's traffic next step). Otherwise the step runs serially as
-before. `async_scheduling = false` turns it off.
+grammar (its mask needs N's token on the host), and the KV cache holds every next token without a
+preemption. A request at its last token (max_tokens or max_model_len) ends with N's token whatever it is: it
+gets no row in N + 1 (in a closed loop of staggered requests one ends at nearly every step). Merged swaps
+happen in serial steps only: in auto mode a step runs ahead only while nothing waits and, unmerged, while the
+batch mixes adapters (auto could merge a single adapter's traffic next step). Otherwise the step runs
+serially as before. `async_scheduling = false` turns it off.
 """
 
 from __future__ import annotations
@@ -60,21 +61,29 @@ class LaunchedStep:
     distinct_adapters: int | None  # adapters of the running batch when launched (a gauge)
 
 
-def can_run_ahead(scheduler: Scheduler, requests: list[Request], max_model_len: int, auto: bool,
-                  merged: bool) -> bool:
-    """Whether the step after the one that samples `requests` may be launched before their tokens are read
-    (see the module docstring). `auto`, `merged`: auto mode, and whether an adapter is merged now."""
+def plan_ahead(scheduler: Scheduler, requests: list[Request], max_model_len: int, auto: bool,
+               merged: bool) -> list[Request] | None:
+    """The requests that continue into a step launched before the tokens of `requests` are read, or None
+    when that step must wait (see the module docstring). A request at its last token (max_tokens or
+    max_model_len) ends whatever its token is: it gets no row. `auto`, `merged`: auto mode, and whether an
+    adapter is merged now."""
     if not requests or len(requests) != len(scheduler.running):
-        return False  # a chunked prefill continues (or nothing runs)
+        return None  # a chunked prefill continues (or nothing runs)
     if auto and (scheduler.waiting or (not merged and len({r.adapter_key for r in requests}) < 2)):
-        return False  # auto mode decides merges between serial steps
+        return None  # auto mode decides merges between serial steps
     for request in requests:
-        params = request.params
         if (request.status is not RequestStatus.RUNNING or request.token_pending or request.is_prefilling
-                or params.grammar is not None or len(request.output_token_ids) + 1 >= params.max_tokens
-                or request.num_tokens + 1 >= max_model_len):
-            return False
-    return scheduler.can_extend(requests)
+                or request.params.grammar is not None):
+            return None
+    continuing = [r for r in requests if not ends_with_next_token(r, max_model_len)]
+    if not continuing and not scheduler.waiting:
+        return None
+    return continuing if scheduler.can_extend(continuing) else None
+
+
+def ends_with_next_token(request: Request, max_model_len: int) -> bool:
+    """Whatever the token being sampled is, the request ends with it (finish_reason LENGTH)."""
+    return len(request.output_token_ids) + 1 >= request.params.max_tokens or request.num_tokens + 1 >= max_model_len
 
 
 def still_running(launched: LaunchedStep) -> tuple[list[Request], torch.Tensor | None]:
@@ -89,14 +98,15 @@ def still_running(launched: LaunchedStep) -> tuple[list[Request], torch.Tensor |
     return [launched.to_sample[row] for row in rows], chosen
 
 
-def launch_ahead(engine, requests: list[Request], chosen: torch.Tensor) -> LaunchedStep:
-    """Launch the next step of `requests`, whose last tokens are `chosen` on the device, before the host
-    knows them (can_run_ahead said yes): placeholders on the host, then a step scheduled as any other
-    (waiting requests may be admitted beside the decode rows)."""
-    for request in requests:
+def launch_ahead(engine, continuing: list[Request], requests: list[Request], chosen: torch.Tensor) -> LaunchedStep:
+    """Launch the next step of `continuing` (plan_ahead's) before the host knows the tokens `chosen` (on the
+    device) of `requests`: placeholders on the host, then a step scheduled as any other (waiting requests
+    may be admitted beside the decode rows); the requests that end with `chosen` get no row."""
+    for request in continuing:
         request.output_token_ids.append(PLACEHOLDER)
         request.token_pending = True
-    return engine._launch(ahead=(requests, chosen))
+    ending = {id(r) for r in requests} - {id(r) for r in continuing}
+    return engine._launch(ahead=(requests, chosen), ending=ending)
 
 
 def decode_input_ids(decode: list[Request], requests: list[Request], chosen: torch.Tensor) -> torch.Tensor | None:

@@ -68,9 +68,11 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, ending: set[int] = frozenset()) -> ScheduledBatch:
+        """`ending`: ids of running requests that end with the token a step still running samples (a step
+        launched ahead, server.engine.overlap): they get no decode row."""
         batch = ScheduledBatch()
-        budget = self._prefill_budget()
+        budget = self._prefill_budget(len(ending))
         # Held to a graph replay's room: a prompt that does not fit in what is left waits for the next step
         # instead of being split, which would cost it a second step for its remainder (a 128-token prompt
         # became 108 + 20 rows; the H200 fairness run's 20-row remainder steps took 22-25 ms).
@@ -78,8 +80,8 @@ class Scheduler:
         for request in [r for r in self.running if r.is_prefilling]:
             budget -= self._schedule_chunk(request, budget, batch)
         for request in [r for r in self.running if not r.is_prefilling]:
-            if request.status is not RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if request.status is not RequestStatus.RUNNING or id(request) in ending:
+                continue  # preempted earlier in this loop, or ending
             if self._reserve_decode(request, batch):
                 batch.decode.append(request)
         skipped: set[int] = set()  # ids of requests the adapter policy said SKIP to in this step
@@ -115,12 +117,14 @@ class Scheduler:
         self.tenants.charge_output(r for r, n in batch.prefill if r.num_computed_tokens + n >= r.prefill_target)
         return batch
 
-    def _prefill_budget(self) -> int:
+    def _prefill_budget(self, num_ending: int = 0) -> int:
         """Prefill tokens for this step. Beside running decode rows, prefill work that fits next to them
         in one decode-graph replay is held to that room (graph_rows rows in all), so a short prompt
-        arriving mid-batch costs no eager step (~10 ms of host time on an 8B model); when the next
-        prefill does not fit whole, the step gets the full budget and runs eagerly."""
-        num_decode = sum(1 for r in self.running if not r.is_prefilling)
+        arriving mid-batch costs no eager step (~10 ms of host time on an 8B model). When the next
+        prefill does not fit whole, or the waiting prompts together do not (so that the room would admit
+        one at a time while more arrive: the H200 c32 run of 2026-12-02 held 20 streams running and 10
+        waiting, one 128-token prompt admitted a step), the step gets the full budget and runs eagerly."""
+        num_decode = sum(1 for r in self.running if not r.is_prefilling) - num_ending
         if not self.graph_rows or not num_decode:
             return self.max_num_batched_tokens
         room = self.graph_rows - num_decode
@@ -128,8 +132,11 @@ class Scheduler:
         if prefilling is not None:
             remaining = prefilling.prefill_target - prefilling.num_computed_tokens
         else:
-            waiting = self.tenants.pick(self.waiting, set())
-            remaining = 0 if waiting is None else waiting.num_tokens
+            remaining = 0
+            for request in self.waiting:
+                remaining += request.num_tokens
+                if remaining > room:
+                    break
         return min(self.max_num_batched_tokens, room) if 0 < remaining <= room else self.max_num_batched_tokens
 
     def _reuse_cached_prefix(self, request: Request) -> None:

@@ -193,8 +193,11 @@ def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, 
     out = torch.full((num_rows,), vocab - 1, dtype=torch.int64, device=probs.device)  # a row of zero mass
     if not num_rows:
         return out
-    top_p = top_p.float().contiguous()
-    uniform = uniform.float().contiguous()
+    # Fresh copies: the sampler passes rows of one [5, R] parameter tensor, whose 16-byte alignment (which
+    # Triton specializes pointers on) changes with R; an even batch then built new kernel variants in the
+    # middle of serving (H200 c32 run of 2026-12-02: steps of 0.67 and 1.46 s).
+    top_p = top_p.to(torch.float32, copy=True)
+    uniform = uniform.to(torch.float32, copy=True)
     num_chunks = triton.cdiv(vocab, chunk)
     chunks_p2 = triton.next_power_of_2(num_chunks)
     digits = 1 << digit_bits

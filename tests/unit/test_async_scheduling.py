@@ -39,8 +39,9 @@ def run(engine, batch: list[Request], arrivals: dict[int, list[Request]] = (), a
     ahead = []
     real = overlap.launch_ahead
 
-    def counting(*args):
-        ahead.append(real(*args))
+    def counting(engine, continuing, requests, chosen):
+        ahead.append(real(engine, continuing, requests, chosen))
+        ahead[-1].ended = len(requests) - len(continuing)  # requests at their last token: no row
         return ahead[-1]
 
     overlap.launch_ahead = counting
@@ -102,6 +103,7 @@ def test_every_sampling_parameter_gives_the_serial_tokens_logprobs_and_finishes(
     serial, overlapped, ahead = both(tiny_llama_dir, lambda engine: (requests(), {}, {}))
     same(overlapped, serial)
     assert len(ahead) >= 8  # the steady decode steps really ran ahead
+    assert any(launched.ended for launched in ahead)  # also beside a request's last token
     assert serial[4][2] is FinishReason.LENGTH and len(serial[4][0]) == 1
     assert len(serial[1][3]) == 12  # logprobs came through for every token
 
@@ -145,8 +147,8 @@ def test_a_step_ahead_never_outruns_the_kv_cache(tiny_llama_dir):
     def make(engine):
         schedule = engine.scheduler.schedule
 
-        def counting():
-            batch = schedule()
+        def counting(*args):
+            batch = schedule(*args)
             preempted.extend(batch.preempted)
             return batch
 

@@ -55,9 +55,9 @@ def test_preemption_under_kv_pressure_loses_nothing(tiny_llama_dir):
     preemptions = 0
     schedule = engine.scheduler.schedule
 
-    def counting_schedule():
+    def counting_schedule(*args):
         nonlocal preemptions
-        batch = schedule()
+        batch = schedule(*args)
         preemptions += len(batch.preempted)
         return batch
 

@@ -72,8 +72,8 @@ def test_identical_outputs_under_preemption(tiny_llama_dir):
     preempted = []
     schedule = cached.scheduler.schedule
 
-    def counting():
-        batch = schedule()
+    def counting(*args):
+        batch = schedule(*args)
         preempted.extend(batch.preempted)
         return batch
 
