@@ -26,8 +26,8 @@ runs ahead only when every running request was sampled in N (no chunked prefill 
 grammar (its mask needs N's token on the host), and the KV cache holds every next token without a
 preemption. A request at its last token (max_tokens or max_model_len) ends with N's token whatever it is: it
 gets no row in N + 1 (in a closed loop of staggered requests one ends at nearly every step). Merged swaps
-happen in serial steps only: in auto mode a step runs ahead only while nothing waits and, unmerged, while the
-batch mixes adapters (auto could merge a single adapter's traffic next step). Otherwise the step runs
+happen in serial steps only: in auto mode a step runs ahead, merged, while nothing waits and, unmerged, while
+the batch mixes adapters (auto could merge a single adapter's traffic next step). Otherwise the step runs
 serially as before. `async_scheduling = false` turns it off.
 """
 
@@ -69,8 +69,10 @@ def plan_ahead(scheduler: Scheduler, requests: list[Request], max_model_len: int
     adapter is merged now."""
     if not requests or len(requests) != len(scheduler.running):
         return None  # a chunked prefill continues (or nothing runs)
-    if auto and (scheduler.waiting or (not merged and len({r.adapter_key for r in requests}) < 2)):
-        return None  # auto mode decides merges between serial steps
+    if auto and (scheduler.waiting if merged else len({r.adapter_key for r in requests}) < 2):
+        # Auto mode swaps between serial steps: merged, any arrival may unmerge; unmerged, it merges only
+        # when all demand (running included) is one adapter, which a batch of two or more cannot become.
+        return None
     for request in requests:
         if (request.status is not RequestStatus.RUNNING or request.token_pending or request.is_prefilling
                 or request.params.grammar is not None):

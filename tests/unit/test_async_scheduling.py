@@ -133,10 +133,15 @@ def test_mixed_adapters_stop_strings_aborts_and_arrivals_match_the_serial_engine
 def test_merged_mode_and_auto_mode_match_the_serial_engine(tiny_llama_dir, tiny_adapters):
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     for mode, adapters in (("merged", [refs["all-r8"]]), ("auto", [refs["attn-r4"], refs["ko-r16"]])):
-        serial, overlapped, ahead = both(tiny_llama_dir, lambda engine, a=adapters: (requests(a), {}, {}),
-                                         max_slots=4, max_rank=16, lora_mode=mode)
+        # Arrivals mid-run: merged mode holds other adapters until its batch drains; auto mode, unmerged
+        # over two adapters, admits them in steps run ahead (it cannot merge a mixed batch).
+        serial, overlapped, ahead = both(
+            tiny_llama_dir, lambda engine, a=adapters: (requests(a), {3: requests(a)[:2]}, {}),
+            max_slots=4, max_rank=16, lora_mode=mode)
         same(overlapped, serial)
         assert len(ahead) >= 4, mode
+        if mode == "auto":
+            assert any(launched.batch.prefill for launched in ahead)
 
 
 def test_a_step_ahead_never_outruns_the_kv_cache(tiny_llama_dir):
