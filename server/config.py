@@ -94,9 +94,12 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(256, ge=1, description="requests in flight before new ones get 503")
     request_timeout_s: float = Field(600.0, gt=0, description="per-request limit (504 after it); also the drain limit")
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs on CUDA")
-    async_scheduling: bool = Field(
-        True, description="launch the next decode step before reading this one's tokens, so that the host's "
-        "work of a step runs beside the GPU's (server.engine.overlap); off: every step waits for the last"
+    async_scheduling: bool | None = Field(
+        None, description="launch the next decode step before reading this one's tokens, so that the host's "
+        "work of a step runs beside the GPU's (server.engine.overlap; H200 8B batch 1: 3.96 -> 3.40 ms a token). "
+        "Unset: on when the engine runs in its own process (engine_process), off when it runs in a thread of "
+        "the HTTP process, whose GIL a faster step loop starves (H200 fairness run: HTTP admission 24 ms "
+        "against 3, see bench/NOTES.md)"
     )
     cuda_graph_max_rows: int = Field(
         256, ge=0, le=4096, description="largest step (decode rows plus the tokens of short prefill chunks) "

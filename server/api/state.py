@@ -101,6 +101,8 @@ class ServerState:
             engine = EngineProcessClient(settings, loaded.tokenizer, self.model_id, loaded.hf_dir,
                                          self.engine_core_target)
         else:
+            if settings.async_scheduling is None:  # a thread of this process: the HTTP loop needs the GIL
+                settings = settings.model_copy(update={"async_scheduling": False})
             core = LLMEngine(loaded, settings)
             core.metrics.record_step([], [], 0.0, None)
             engine = AsyncEngine(core, settings.max_queue_size)

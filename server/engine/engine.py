@@ -108,7 +108,7 @@ class LLMEngine:
         self.token_decoder = TokenDecoder(self.tokenizer)
         self._by_id: dict[str, Request] = {}
         self.trace = StepTrace()  # LORAPLEX_STEP_TRACE=DIR: one JSON line per step (diagnosis only)
-        self.async_scheduling = settings.async_scheduling
+        self.async_scheduling = settings.async_scheduling is not False  # unset: on (the HTTP server decides)
         self._ahead: LaunchedStep | None = None  # a step launched before the last one's tokens were read
         self._last_step_end = 0.0
         self.prefix_per_tenant = settings.prefix_cache_scope == "tenant"

@@ -167,3 +167,17 @@ def test_a_step_ahead_never_outruns_the_kv_cache(tiny_llama_dir):
     assert preempted and ahead  # the cache really ran out, and steps still ran ahead in between
     same(overlapped, serial)
     assert [s[0] for s in serial] == [s[0] for s in roomy]
+
+
+def test_unset_setting_is_on_for_the_engine_and_off_in_a_thread_of_the_http_process(tiny_llama_dir, tmp_path):
+    from server.api.state import ServerState
+    from tests.api.helpers import api_settings
+
+    assert make_engine(tiny_llama_dir, kv_cache_blocks=16).async_scheduling  # the engine process, benchmarks
+    for setting, expected in ((None, False), (True, True)):
+        state = ServerState(api_settings(tiny_llama_dir, tmp_path / "store", async_scheduling=setting))
+        state.start()
+        try:
+            assert state.engine.engine.async_scheduling is expected
+        finally:
+            state.stop()

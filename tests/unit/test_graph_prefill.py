@@ -122,7 +122,7 @@ def test_steps_too_big_for_a_replay_and_prompt_logprobs_run_eagerly(tiny_llama_d
     assert len(scored.prompt_logprobs) == 3
 
 
-def test_a_short_prompt_rides_the_replay_and_prompts_that_overflow_its_room_get_one_eager_step(tiny_llama_dir):
+def test_short_prompts_beside_decode_rows_are_held_to_one_replay_and_long_ones_get_an_eager_step(tiny_llama_dir):
     engine = make_engine(tiny_llama_dir, kv_cache_blocks=64)
     replay = replaying(engine, max_rows=8)
     engine.scheduler.graph_rows = 8
@@ -144,19 +144,20 @@ def test_a_short_prompt_rides_the_replay_and_prompts_that_overflow_its_room_get_
     for request in running:
         engine.add_request(request)
     engine.step()  # their prefill: no decode rows yet, the full budget
-    engine.add_request(short[0])
-    engine.step()
-    engine.step()
-    for request in (short[1], long):
+    for request in short:
         engine.add_request(request)
+    engine.step()
+    engine.step()
+    engine.add_request(long)
     while engine.has_unfinished():
         engine.step()
     beside_decode = [(chunks, rows) for chunks, rows in steps if chunks and rows]
-    assert beside_decode[0] == ([4], 3)  # alone, it fits the room left (5 rows): it rides the replay
-    # Together the next two do not fit the room (4 rows): rather than one a step, one eager step takes
-    # both whole (the long one would not fit 8 rows anyway).
-    assert beside_decode[1] == ([4, 20], 4)
-    assert replay.chunk_rows == 4
+    # The second prompt does not fit whole in the room left (1 row): it waits for the next replay rather
+    # than being split into 1 + 3 tokens over two steps.
+    assert beside_decode[0] == ([4], 3)
+    assert beside_decode[1] == ([4], 4)
+    assert ([20], 5) in beside_decode  # the long prompt does not fit 8 rows: one eager step, whole
+    assert replay.chunk_rows == 8
     assert [r.output_token_ids for r in requests] == expected
 
 
