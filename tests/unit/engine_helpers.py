@@ -46,3 +46,17 @@ def make_engine(model_dir: Path, **overrides) -> LLMEngine:
     loaded = load_hf_dir(model_dir, device=torch.device("cpu"), dtype=torch.float32,
                          quantize=settings.quantization == "nf4")
     return LLMEngine(loaded, settings)
+
+
+def record_preemptions(engine: LLMEngine) -> list:
+    """From now on, collect every request the engine's scheduler preempts (the list fills as it runs)."""
+    preempted = []
+    schedule = engine.scheduler.schedule
+
+    def recording(*args):
+        batch = schedule(*args)
+        preempted.extend(batch.preempted)
+        return batch
+
+    engine.scheduler.schedule = recording
+    return preempted

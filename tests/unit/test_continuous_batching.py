@@ -8,7 +8,7 @@ import torch
 from server.engine.rank_pool import block_size
 from server.engine.request import AdapterRef, FinishReason, Request, SamplingParams
 from server.model.lora import max_adapter_rank
-from tests.unit.engine_helpers import make_engine
+from tests.unit.engine_helpers import make_engine, record_preemptions
 from tests.unit.test_mixed_batch_oracle import adapter_refs
 
 PROMPTS = [[5, 17, 33, 100, 7], [44, 55, 66, 77, 88, 99, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21],
@@ -52,19 +52,10 @@ def test_preemption_under_kv_pressure_loses_nothing(tiny_llama_dir):
     requests = [greedy(p, 30) for p in PROMPTS]
     for r in requests:
         engine.add_request(r)
-    preemptions = 0
-    schedule = engine.scheduler.schedule
-
-    def counting_schedule(*args):
-        nonlocal preemptions
-        batch = schedule(*args)
-        preemptions += len(batch.preempted)
-        return batch
-
-    engine.scheduler.schedule = counting_schedule
+    preempted = record_preemptions(engine)
     while engine.has_unfinished():
         engine.step()
-    assert preemptions > 0
+    assert preempted
     assert [r.output_token_ids for r in requests] == alone
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_usable_blocks  # every block came back
 

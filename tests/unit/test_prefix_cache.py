@@ -9,7 +9,7 @@ import torch
 
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request, SamplingParams
-from tests.unit.engine_helpers import make_engine
+from tests.unit.engine_helpers import make_engine, record_preemptions
 from tests.unit.test_mixed_batch_oracle import adapter_refs
 
 SYSTEM = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30,
@@ -69,15 +69,7 @@ def test_identical_outputs_under_preemption(tiny_llama_dir):
     prompts = [SYSTEM + [i, i + 1] for i in range(100, 105)]
     cached = make_engine(tiny_llama_dir, kv_cache_blocks=12)
     plain = make_engine(tiny_llama_dir, kv_cache_blocks=12, enable_prefix_caching=False)
-    preempted = []
-    schedule = cached.scheduler.schedule
-
-    def counting(*args):
-        batch = schedule(*args)
-        preempted.extend(batch.preempted)
-        return batch
-
-    cached.scheduler.schedule = counting
+    preempted = record_preemptions(cached)
     got = _run(cached, [_greedy(p, 25) for p in prompts], one_by_one=False)
     assert preempted  # the cache really ran out
     assert got == _run(plain, [_greedy(p, 25) for p in prompts], one_by_one=False)
