@@ -150,8 +150,10 @@ class Generation:
         try:
             if remaining <= 0:
                 raise asyncio.TimeoutError
+            if _timeout is None:  # Python 3.10
+                return await asyncio.wait_for(self._stream.__anext__(), remaining)
             # asyncio.timeout, not wait_for: no task per output (wait_for made one on Python 3.11)
-            async with asyncio.timeout(remaining):
+            async with _timeout(remaining):
                 return await self._stream.__anext__()
         except asyncio.TimeoutError:
             raise APIError(504, f"request timed out after {timeout:g} s (request_timeout_s)") from None
@@ -193,6 +195,7 @@ async def _wait_disconnect(http_request: HTTPRequest) -> None:
 
 
 _encode_json = msgspec.json.Encoder().encode
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 
 
 def sse_event(payload: dict | str) -> bytes:

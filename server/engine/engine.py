@@ -110,6 +110,7 @@ class LLMEngine:
         self.trace = StepTrace()  # LORAPLEX_STEP_TRACE=DIR: one JSON line per step (diagnosis only)
         self.async_scheduling = settings.async_scheduling is not False  # unset: on (the HTTP server decides)
         self._ahead: LaunchedStep | None = None  # a step launched before the last one's tokens were read
+        self._undelivered: list[RequestOutput] = []  # requests a launch failed, not yet returned by step()
         self._last_step_end = 0.0
         self.prefix_per_tenant = settings.prefix_cache_scope == "tenant"
         if self.model.device.type == "cuda" and settings.quantization == "nf4":
@@ -168,9 +169,11 @@ class LLMEngine:
                                             self.merged_active)
             if continuing is not None:
                 self._ahead = overlap.launch_ahead(self, continuing, requests, chosen)
-        outputs = launched.failed
+        outputs = []
         if launched.pending is not None:
-            outputs += self._postprocess(launched.to_sample, launched.pending.resolve())
+            outputs = self._postprocess(launched.to_sample, launched.pending.resolve())
+        outputs = self._undelivered + outputs  # requests a launch failed; fail_all returns them if this raised
+        self._undelivered = []
         self._after_step(launched)
         return outputs
 
@@ -195,7 +198,6 @@ class LLMEngine:
         self.metrics.record_iteration(sum(n for _, n in batch.prefill) + len(batch.decode), len(batch.preempted))
         to_sample: list[Request] = []
         logits_parts: list[torch.Tensor] = []
-        failed: list[RequestOutput] = []
         fused = False  # the prefill chunks ran in the decode graph's replay
         if batch.prefill:
             for request, _ in batch.prefill:
@@ -207,7 +209,8 @@ class LLMEngine:
                 # A long prompt ran out of memory: fail the requests of this prefill only; the decode
                 # batch (its memory already in the KV cache and captured graphs) carries on.
                 log.warning("out of memory in a prefill of %d tokens", sum(n for _, n in batch.prefill))
-                failed = self.fail([r for r, _ in batch.prefill], "out of memory while processing the prompt")
+                self._undelivered += self.fail([r for r, _ in batch.prefill],
+                                               "out of memory while processing the prompt")
                 empty_cuda_cache()
                 batch.prefill, logits, fused = [], None, False
             for request, chunk in batch.prefill:
@@ -226,8 +229,8 @@ class LLMEngine:
         if to_sample:
             logits = logits_parts[0] if len(logits_parts) == 1 else torch.cat(logits_parts)
             pending = self.sampler.sample_async(logits, to_sample)
-        return LaunchedStep(batch, to_sample, pending, failed, fused, swap_start, step_start, merged_before,
-                            loads_before, distinct)
+        return LaunchedStep(batch, to_sample, pending, fused, swap_start, step_start, merged_before, loads_before,
+                            distinct)
 
     def _after_step(self, launched: LaunchedStep) -> None:
         """Gauges, auto mode's step timing, the idle signal and the trace line of a step just read."""
@@ -255,7 +258,8 @@ class LLMEngine:
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Finish every request with an error (after an unexpected exception inside a step)."""
         self._ahead = None
-        return self.fail(list(self.scheduler.running) + list(self.scheduler.waiting), message)
+        undelivered, self._undelivered = self._undelivered, []
+        return undelivered + self.fail(list(self.scheduler.running) + list(self.scheduler.waiting), message)
 
     def fail_ids(self, request_ids: list[str], message: str) -> list[RequestOutput]:
         """Finish the known requests among `request_ids` with an error."""
@@ -346,7 +350,10 @@ class LLMEngine:
         now = time.monotonic()
         for row, (request, token) in enumerate(zip(requests, sampled.token_ids, strict=True)):
             if request.status is RequestStatus.FINISHED:
-                continue  # ended (its token of the step before, an abort) while this step ran ahead: dropped
+                # Ended (its token of the step before, an abort) while this step ran ahead: the token is
+                # dropped, and so is the fairness charge its row took when scheduled.
+                self.scheduler.tenants.refund_output(request)
+                continue
             if request.token_pending:
                 request.output_token_ids[-1] = token
                 request.token_pending = False

@@ -88,6 +88,11 @@ class TenantCounters:
         for request in requests:
             self.charge(request.tenant, self.output_token_weight)
 
+    def refund_output(self, request: Request) -> None:
+        """Take back charge_output's token for a decode row whose token was dropped (a step run ahead of its
+        request's end, server.engine.overlap)."""
+        self.charge(request.tenant, -self.output_token_weight)
+
     def charge(self, tenant: str, amount: float) -> None:
         self.counters[tenant] = self.counters.get(tenant, 0.0) + amount / self.policy(tenant).weight
 

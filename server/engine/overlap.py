@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.request import Request, RequestOutput, RequestStatus
+from server.engine.request import Request, RequestStatus
 from server.engine.sampler import PendingTokens
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.model.host_device import to_device
@@ -52,7 +52,6 @@ class LaunchedStep:
     batch: ScheduledBatch
     to_sample: list[Request]  # the rows of `pending`, in order
     pending: PendingTokens | None  # None: nothing to sample (prefill chunks only)
-    failed: list[RequestOutput]  # requests the launch already failed (a prefill out of memory)
     fused: bool  # the prefill chunks rode the decode graph's replay
     swap_start: float  # perf_counter before the merged swap (if any)
     step_start: float  # perf_counter after it
@@ -69,9 +68,11 @@ def plan_ahead(scheduler: Scheduler, requests: list[Request], max_model_len: int
     adapter is merged now."""
     if not requests or len(requests) != len(scheduler.running):
         return None  # a chunked prefill continues (or nothing runs)
-    if auto and (scheduler.waiting if merged else len({r.adapter_key for r in requests}) < 2):
+    keys = {r.adapter_key for r in requests}
+    if auto and (scheduler.waiting if merged else len(keys) == 1 and None not in keys):
         # Auto mode swaps between serial steps: merged, any arrival may unmerge; unmerged, it merges only
-        # when all demand (running included) is one adapter, which a batch of two or more cannot become.
+        # when all demand (running included) is one adapter, which a batch of two keys or more, or of the
+        # base model alone, cannot become.
         return None
     for request in requests:
         if (request.status is not RequestStatus.RUNNING or request.token_pending or request.is_prefilling

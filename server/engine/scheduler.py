@@ -85,7 +85,7 @@ class Scheduler:
             if self._reserve_decode(request, batch):
                 batch.decode.append(request)
         skipped: set[int] = set()  # ids of requests the adapter policy said SKIP to in this step
-        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
+        while self.waiting and len(self.running) - len(ending) < self.max_batch_size and budget > 0:
             request = self.tenants.pick(self.waiting, skipped)
             if request is None:
                 break

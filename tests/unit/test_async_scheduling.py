@@ -174,3 +174,63 @@ def test_unset_setting_is_on_for_the_engine_and_off_in_a_thread_of_the_http_proc
             assert state.engine.engine.async_scheduling is expected
         finally:
             state.stop()
+
+
+def test_a_prompt_failed_in_a_step_run_ahead_gets_its_error_even_if_the_next_step_fails(tiny_llama_dir):
+    """A prefill out of memory in a step launched ahead fails its request at once; its error output must
+    reach the caller even when the rest of that call raises (the guard then fails everything else)."""
+    import torch
+
+    from server.engine import guard
+
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=64, async_scheduling=True)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    running, late = Request([5, 6, 7], params), Request([9, 9, 9, 9], params)
+    finals: dict[str, list] = {}
+
+    def collect(outputs) -> None:
+        for output in outputs:
+            finals.setdefault(output.request_id, []).append(output)
+
+    engine.add_request(running)
+    collect(guard.run_step(engine))
+    collect(guard.run_step(engine))
+    assert engine._ahead is not None
+    engine.add_request(late)
+    prefill_step = engine.runner.prefill_step
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("injected")
+
+    def fault(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    # The late prompt is admitted in the step launched ahead and runs out of memory; then reading the step
+    # before it raises in the same call, so the guard fails everything else.
+    postprocess = engine._postprocess
+    engine.runner.prefill_step, engine._postprocess = out_of_memory, fault
+    collect(guard.run_step(engine))
+    engine.runner.prefill_step, engine._postprocess = prefill_step, postprocess
+    while engine.has_unfinished():
+        collect(guard.run_step(engine))
+    for request in (running, late):
+        outputs = finals[request.request_id]
+        assert [o.finished for o in outputs].count(True) == 1 and outputs[-1].finished, request.request_id
+        assert outputs[-1].error
+    assert "out of memory" in finals[late.request_id][-1].error
+
+
+def test_fairness_charges_no_token_for_a_dropped_row(tiny_llama_dir):
+    """Requests that end on a stop token have a row in the step run ahead of their end; its token is dropped,
+    and so is its charge: the tenants' counters equal the serial engine's."""
+    counters = []
+    for async_scheduling in (False, True):
+        engine = make_engine(tiny_llama_dir, kv_cache_blocks=128, async_scheduling=async_scheduling)
+        probe = run(engine, [Request(list(PROMPTS[0]), SamplingParams(max_tokens=12, temperature=0,
+                                                                       ignore_eos=True))])[0]
+        stop_at = next(iter(probe.values()))[0][5]  # the sixth token ends a greedy run of this prompt
+        batch = [Request(list(p), SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_at]),
+                         tenant=f"t{i % 2}") for i, p in enumerate(PROMPTS)]
+        run(engine, batch)
+        counters.append(dict(engine.scheduler.tenants.counters))
+    assert counters[1] == counters[0]
