@@ -12,7 +12,7 @@ batch; the rest wait.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from server.engine.request import Request
@@ -101,13 +101,17 @@ class TenantCounters:
     def num_running(self, tenant: str) -> int:
         return self._num_running.get(tenant, 0)
 
-    def is_capped(self, tenant: str) -> bool:
+    def is_capped(self, tenant: str, leaving: int = 0) -> bool:
+        """Whether the tenant is at its cap of running requests, `leaving` of them ending with the step in
+        flight (server.engine.overlap)."""
         cap = self.policy(tenant).max_running_requests
-        return cap is not None and self.num_running(tenant) >= cap
+        return cap is not None and self.num_running(tenant) - leaving >= cap
 
-    def pick(self, waiting: Iterable[Request], excluded: set[int]) -> Request | None:
+    def pick(self, waiting: Iterable[Request], excluded: set[int],
+             leaving: Mapping[str, int] | None = None) -> Request | None:
         """The waiting request to try next: FCFS within a tenant, smallest counter across tenants (ties:
-        the earlier queue position), skipping tenants at their cap and requests in `excluded` (ids)."""
+        the earlier queue position), skipping tenants at their cap and requests in `excluded` (ids).
+        `leaving`: per tenant, running requests that end with the step in flight (not counted at the cap)."""
         best: Request | None = None
         seen: set[str] = set()
         num_tenants = len(self._num_active)  # every waiting request's tenant is active
@@ -118,7 +122,7 @@ class TenantCounters:
             if tenant in seen or id(request) in excluded:
                 continue
             seen.add(tenant)  # only the first eligible request of a tenant competes
-            if self.is_capped(tenant):
+            if self.is_capped(tenant, leaving.get(tenant, 0) if leaving else 0):
                 continue
             if not self.is_fair:
                 return request

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -85,8 +85,9 @@ class Scheduler:
             if self._reserve_decode(request, batch):
                 batch.decode.append(request)
         skipped: set[int] = set()  # ids of requests the adapter policy said SKIP to in this step
+        leaving = Counter(r.tenant for r in self.running if id(r) in ending)
         while self.waiting and len(self.running) - len(ending) < self.max_batch_size and budget > 0:
-            request = self.tenants.pick(self.waiting, skipped)
+            request = self.tenants.pick(self.waiting, skipped, leaving)
             if request is None:
                 break
             decision = self.admit_fn(request)

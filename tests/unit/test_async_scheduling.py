@@ -234,3 +234,25 @@ def test_fairness_charges_no_token_for_a_dropped_row(tiny_llama_dir):
         run(engine, batch)
         counters.append(dict(engine.scheduler.tenants.counters))
     assert counters[1] == counters[0]
+
+
+def test_a_tenant_at_its_cap_is_replaced_in_the_step_that_runs_ahead_of_its_request_s_end(tiny_llama_dir):
+    """A request at its last token gets no row in the step launched ahead, and no place at its tenant's cap:
+    the tenant's next request is admitted in that step, so its first token comes one call after the end."""
+    from server.engine.fairness import TenantCounters, TenantPolicy
+
+    engine = make_engine(tiny_llama_dir, kv_cache_blocks=64, async_scheduling=True)
+    engine.scheduler.tenants = TenantCounters(policies={"t": TenantPolicy(max_running_requests=1)})
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    first, second = Request([5, 6, 7], params, tenant="t"), Request([8, 9, 10], params, tenant="t")
+    engine.add_request(first)
+    engine.add_request(second)
+    seen: dict[str, list[int]] = {first.request_id: [], second.request_id: []}
+    call = 0
+    while engine.has_unfinished():
+        for output in engine.step():
+            if output.finished or output.new_token_ids:
+                seen[output.request_id].append(call)
+        call += 1
+    assert seen[second.request_id][0] == seen[first.request_id][-1] + 1
+    assert len(second.output_token_ids) == 6
