@@ -164,11 +164,11 @@ class LLMEngine:
         if launched is None:
             launched = self._launch()
         if self.async_scheduling:
-            requests, chosen = overlap.still_running(launched)
+            requests = overlap.still_running(launched)
             continuing = overlap.plan_ahead(self.scheduler, requests, self.max_model_len, self.mode is LoraMode.AUTO,
                                             self.merged_active)
             if continuing is not None:
-                self._ahead = overlap.launch_ahead(self, continuing, requests, chosen)
+                self._ahead = overlap.launch_ahead(self, continuing, requests, launched)
         outputs = []
         if launched.pending is not None:
             outputs = self._postprocess(launched.to_sample, launched.pending.resolve())
@@ -180,9 +180,9 @@ class LLMEngine:
     def _launch(self, ahead: tuple[list[Request], torch.Tensor] | None = None,
                 ending: set[int] = frozenset()) -> LaunchedStep:
         """Schedule a step (merged swaps, admissions, prefill chunks, the decode batch) and queue its work.
-        `ahead`: launched before the last step's tokens were read (overlap.launch_ahead): no swap, and the
-        decode rows' input ids are those requests' device tokens; `ending` (ids): requests of it that end
-        with that token, which get no row."""
+        `ahead`: launched before the last step's tokens were read (overlap.launch_ahead): that step's sampled
+        requests and their device tokens, the decode rows' input ids; no swap. `ending` (ids): requests that
+        end with those tokens, which get no row."""
         swap_start = time.perf_counter()
         merged_before, loads_before = self.merged_active, self.slot_table.num_loads
         if ahead is None:

@@ -86,38 +86,32 @@ def plan_ahead(scheduler: Scheduler, requests: list[Request], max_model_len: int
 
 def ends_with_next_token(request: Request, max_model_len: int) -> bool:
     """Whatever the token being sampled is, the request ends with it (finish_reason LENGTH)."""
-    return len(request.output_token_ids) + 1 >= request.params.max_tokens or request.num_tokens + 1 >= max_model_len
+    return request.reaches_length(max_model_len, extra_tokens=1)
 
 
-def still_running(launched: LaunchedStep) -> tuple[list[Request], torch.Tensor | None]:
-    """The launched step's requests that no abort or finish has ended, and their device tokens (None: the
-    step sampled nothing)."""
-    if launched.pending is None:
-        return [], None
-    rows = [row for row, r in enumerate(launched.to_sample) if r.status is RequestStatus.RUNNING]
-    chosen = launched.pending.chosen
-    if len(rows) < len(launched.to_sample):
-        chosen = chosen.index_select(0, to_device(rows, torch.long, chosen.device))
-    return [launched.to_sample[row] for row in rows], chosen
+def still_running(launched: LaunchedStep) -> list[Request]:
+    """The launched step's sampled requests that no abort or finish has ended."""
+    return [r for r in launched.to_sample if r.status is RequestStatus.RUNNING]
 
 
-def launch_ahead(engine, continuing: list[Request], requests: list[Request], chosen: torch.Tensor) -> LaunchedStep:
-    """Launch the next step of `continuing` (plan_ahead's) before the host knows the tokens `chosen` (on the
-    device) of `requests`: placeholders on the host, then a step scheduled as any other (waiting requests
-    may be admitted beside the decode rows); the requests that end with `chosen` get no row."""
+def launch_ahead(engine, continuing: list[Request], requests: list[Request], launched: LaunchedStep) -> LaunchedStep:
+    """Launch the next step of `continuing` (plan_ahead's, among the still running `requests` of `launched`)
+    before the host knows `launched`'s tokens: placeholders on the host, then a step scheduled as any other
+    (waiting requests may be admitted beside the decode rows); the requests that end with those tokens get
+    no row."""
     for request in continuing:
         request.output_token_ids.append(PLACEHOLDER)
         request.token_pending = True
     ending = {id(r) for r in requests} - {id(r) for r in continuing}
-    return engine._launch(ahead=(requests, chosen), ending=ending)
+    return engine._launch(ahead=(launched.to_sample, launched.pending.chosen), ending=ending)
 
 
-def decode_input_ids(decode: list[Request], requests: list[Request], chosen: torch.Tensor) -> torch.Tensor | None:
+def decode_input_ids(decode: list[Request], sampled: list[Request], chosen: torch.Tensor) -> torch.Tensor | None:
     """The device input ids of a step launched ahead, in the order of its decode rows (`decode`, every one
-    of them among `requests`, whose tokens `chosen` holds)."""
+    of them among the rows `sampled` of the step before, whose tokens `chosen` holds)."""
     if not decode:
         return None
-    if len(decode) == len(requests) and all(a is b for a, b in zip(decode, requests, strict=True)):
+    if len(decode) == len(sampled) and all(a is b for a, b in zip(decode, sampled, strict=True)):
         return chosen
-    row_of = {id(r): row for row, r in enumerate(requests)}
+    row_of = {id(r): row for row, r in enumerate(sampled)}
     return chosen.index_select(0, to_device([row_of[id(r)] for r in decode], torch.long, chosen.device))

@@ -234,9 +234,14 @@ class Request:
             return FinishReason.STOP
         if self.grammar_matcher is not None and self.grammar_matcher.is_stopped():
             return FinishReason.STOP
-        if len(self.output_token_ids) >= params.max_tokens or self.num_tokens >= max_model_len:
+        if self.reaches_length(max_model_len):
             return FinishReason.LENGTH
         return None
+
+    def reaches_length(self, max_model_len: int, extra_tokens: int = 0) -> bool:
+        """Whether `extra_tokens` more output tokens bring it to max_tokens or to the model's length."""
+        return (len(self.output_token_ids) + extra_tokens >= self.params.max_tokens
+                or self.num_tokens + extra_tokens >= max_model_len)
 
     def output(self, new_text: str, finished: bool, error: str | None = None) -> RequestOutput:
         """What the caller has not seen yet: tokens (and logprobs) since the last output, `new_text`."""

@@ -39,8 +39,8 @@ def run(engine, batch: list[Request], arrivals: dict[int, list[Request]] = (), a
     ahead = []
     real = overlap.launch_ahead
 
-    def counting(engine, continuing, requests, chosen):
-        ahead.append(real(engine, continuing, requests, chosen))
+    def counting(engine, continuing, requests, launched):
+        ahead.append(real(engine, continuing, requests, launched))
         ahead[-1].ended = len(requests) - len(continuing)  # requests at their last token: no row
         return ahead[-1]
 
