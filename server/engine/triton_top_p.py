@@ -181,6 +181,11 @@ def _draw_kernel(probs_ptr, top_p_ptr, uniform_ptr, cut_ptr, chunk_ptr, out_ptr,
         tl.store(out_ptr + row, chosen)
 
 
+def _aligned(n: int, per_16_bytes: int) -> int:
+    """n rounded up to whole 16-byte units of `per_16_bytes` elements."""
+    return -(-n // per_16_bytes) * per_16_bytes
+
+
 def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, chunk: int = CHUNK,
                digit_bits: int = DIGIT_BITS, sub: int = SUB) -> torch.Tensor:
     """Token ids [R] int64 from probabilities [R, vocab] float32 (contiguous rows), top_p [R] and
@@ -201,8 +206,11 @@ def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, 
     num_chunks = triton.cdiv(vocab, chunk)
     chunks_p2 = triton.next_power_of_2(num_chunks)
     digits = 1 << digit_bits
-    stats = torch.empty(2, num_rows * num_chunks * (digits + 1), dtype=torch.int64, device=probs.device)
-    prefix = torch.empty(2, num_rows, dtype=torch.int32, device=probs.device)
+    # Each pass reads one half of these pairs and writes the other: both halves start 16-byte aligned whatever
+    # the batch, or the second half's alignment (prefix: num_rows int32s in) made Triton build new variants of
+    # the histogram and cut kernels mid-serving (H200 c32 run of the tenth session: one 1.05 s step).
+    stats = torch.empty(2, _aligned(num_rows * num_chunks * (digits + 1), 2), dtype=torch.int64, device=probs.device)
+    prefix = torch.empty(2, _aligned(num_rows, 4), dtype=torch.int32, device=probs.device)
     grid = (num_rows, num_chunks)
     num_passes = passes(digit_bits)
     for k in range(num_passes):  # pass k writes stats[k % 2] and prefix[k % 2] and reads the other pair

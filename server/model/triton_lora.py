@@ -69,7 +69,10 @@ def _shrink_kernel(
         k_mask = ks < k_end
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         a = tl.load(a_cols + ks[None, :] * stride_ak, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(a), input_precision=DOT_PRECISION)
+        if BLOCK_M == 1:  # one token a program: products summed in registers, no tensor-core tile to stage
+            acc += tl.sum(a.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+        else:
+            acc += tl.dot(x, tl.trans(a), input_precision=DOT_PRECISION)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     if ATOMIC:
@@ -106,7 +109,17 @@ def _expand_kernel(
     b = tl.load(b_ptrs, mask=col_mask[:, None] & r_mask[None, :], other=0.0)
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hm
     h_mask = row_mask[:, None] & r_mask[None, :]
-    if NUM_SLICES == 1:
+    if BLOCK_M == 1:  # one token a program: each column takes its slice's h, products summed in registers
+        h = tl.load(h_rows + rs[None, :], mask=h_mask, other=0.0)
+        if NUM_SLICES > 1:
+            col_slice = (cols >= bound1).to(tl.int32) + (cols >= bound2).to(tl.int32)
+            col_slice += (cols >= bound3).to(tl.int32)
+            for i in tl.static_range(1, NUM_SLICES):
+                h_i = tl.load(h_rows + i * rank + rs[None, :], mask=h_mask, other=0.0)
+                h = tl.where((col_slice == i)[:, None], h_i, h)
+        h = h.to(b.dtype).to(tl.float32)  # rounded as the tensor-core path rounds it
+        acc = tl.sum(b.to(tl.float32) * h, axis=1)[None, :]
+    elif NUM_SLICES == 1:
         h = tl.load(h_rows + rs[None, :], mask=h_mask, other=0.0).to(b.dtype)
         acc = tl.dot(h, tl.trans(b), input_precision=DOT_PRECISION)
     else:
@@ -128,6 +141,11 @@ def _expand_kernel(
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=y_mask)
 
 
+def _stages(tuning: dict) -> dict:
+    """Triton's num_stages launch option when a sweep sets it (else Triton's default)."""
+    return {"num_stages": tuning["num_stages"]} if "num_stages" in tuning else {}
+
+
 def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -138,20 +156,23 @@ def _block_m(max_seg_len: int) -> int:
 
 
 def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: int,
-                split_k: int | None = None) -> torch.Tensor:
+                split_k: int | None = None, tuning: dict | None = None) -> torch.Tensor:
     """h[t, :n*r] = the token's slot's A @ x[t] in fp32, [T, n * max_rank]; columns past a token's
-    n*r, and rows of slot -1, are unspecified."""
+    n*r, and rows of slot -1, are unspecified. `tuning` overrides the launch choices (bench.lora_kernels'
+    sweep): block_k, num_warps, num_stages, target_programs."""
+    tuning = tuning or {}
     num_tokens, in_features = x.shape
     num_cols = num_slices * layout.max_rank
-    block_m = _block_m(meta.max_seg_len)
+    block_m = tuning.get("block_m", _block_m(meta.max_seg_len))
     block_n = min(64, _pow2_at_least_16(num_cols))
-    block_k = 64 if block_m >= 64 else 128
+    block_k = tuning.get("block_k", 64 if block_m >= 64 else 128)
     num_m = triton.cdiv(max(meta.max_seg_len, 1), block_m)
     num_n = triton.cdiv(num_cols, block_n)
     num_k_blocks = triton.cdiv(in_features, block_k)
     if split_k is None:
         base_programs = max(1, meta.num_segments * num_m * num_n)
-        split_k = max(1, min(num_k_blocks, _TARGET_PROGRAMS // base_programs))
+        target = tuning.get("target_programs", _TARGET_PROGRAMS)
+        split_k = max(1, min(num_k_blocks, target // base_programs))
     k_tiles_per_split = triton.cdiv(num_k_blocks, split_k)
     split_k = triton.cdiv(num_k_blocks, k_tiles_per_split)
     alloc = torch.empty if split_k == 1 else torch.zeros
@@ -165,13 +186,16 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), h.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=split_k > 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        num_warps=tuning.get("num_warps", 4), **_stages(tuning),
     )  # fmt: skip
     return h
 
 
-def lora_expand(y, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_offsets: tuple[int, ...]) -> None:
-    """y[t, lo:hi] += lora_b[o:o+r, lo:hi].T @ h[t, i*r:(i+1)*r] for each slice i, in place."""
+def lora_expand(y, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_offsets: tuple[int, ...],
+                tuning: dict | None = None) -> None:
+    """y[t, lo:hi] += lora_b[o:o+r, lo:hi].T @ h[t, i*r:(i+1)*r] for each slice i, in place. `tuning`
+    overrides the launch choices (bench.lora_kernels' sweep): block_n, num_warps, num_stages."""
+    tuning = tuning or {}
     num_slices = len(slice_offsets) - 1
     if num_slices > MAX_SLICES:
         raise ValueError(f"at most {MAX_SLICES} slices are supported, got {num_slices}")
@@ -179,10 +203,10 @@ def lora_expand(y, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_off
     if num_tokens == 0 or out_features == 0 or meta.num_segments == 0:
         return
     bounds = list(slice_offsets[1:-1]) + [out_features] * (MAX_SLICES - num_slices)
-    block_m = _block_m(meta.max_seg_len)
+    block_m = tuning.get("block_m", _block_m(meta.max_seg_len))
     block_r = _pow2_at_least_16(layout.max_rank)
     # Wide tiles for decode, where B is the only real traffic; capped so a B tile stays <= 16 KB.
-    block_n = min(256, 4096 // block_m, 16384 // lora_b.element_size() // block_r)
+    block_n = tuning.get("block_n", min(256, 4096 // block_m, 16384 // lora_b.element_size() // block_r))
     num_m = triton.cdiv(max(meta.max_seg_len, 1), block_m)
     grid = (meta.num_segments, num_m, triton.cdiv(out_features, block_n))
     _expand_kernel[grid](
@@ -191,7 +215,7 @@ def lora_expand(y, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_off
         h.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=num_slices,
         DOT_PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
-        num_warps=8 if block_m >= 32 else 4,
+        num_warps=tuning.get("num_warps", 8 if block_m >= 32 else 4), **_stages(tuning),
     )  # fmt: skip
 
 

@@ -110,6 +110,34 @@ def test_lora_matches_reference(triton_lora, mode, shape, rank, dtype):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rank", [16, 64])
+@pytest.mark.parametrize("shape", LORA_SHAPES)
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_lora_one_token_programs_match_reference(triton_lora, mode, shape, rank, dtype):
+    """block_m=1 (a program per token, products summed in registers): the decode variant bench.lora_kernels
+    sweeps, on every launch override it tries that changes the kernels' code."""
+    slice_offsets, in_features = shape
+    rng = random.Random(rank + 1)
+    num_slots = 6
+    if mode == "decode":
+        slots = [rng.choice([-1, *range(num_slots)]) for _ in range(33)]
+        meta = decode_lora_meta(torch.tensor(slots, dtype=torch.int32, device=DEVICE))
+    else:
+        meta = make_lora_meta(*random_segments(90, 40, num_slots, rng), DEVICE)
+    num_tokens = meta.token_slots.shape[0]
+    y, x, lora_a, lora_b, pool = lora_inputs(num_tokens, num_slots, rank, slice_offsets, in_features, dtype)
+    expected = y.clone()
+    lora_apply_reference(expected, x, lora_a, lora_b, pool, meta, slice_offsets)
+    atol, rtol = TOLERANCE[dtype]
+    for shrink, expand in (({"block_m": 1}, {"block_m": 1}), ({"block_m": 1, "block_k": 512, "num_warps": 2},
+                                                             {"block_m": 1, "block_n": 512, "num_warps": 8})):
+        actual = y.clone()
+        h = triton_lora.lora_shrink(x, lora_a, pool, meta, len(slice_offsets) - 1, tuning=shrink)
+        triton_lora.lora_expand(actual, h, lora_b, pool, meta, slice_offsets, tuning=expand)
+        torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("split_k", [1, 4, 16])
 def test_lora_shrink_split_k(triton_lora, split_k):
     _, x, lora_a, _, pool = lora_inputs(5, 3, 16, (0, 64, 96, 128), 4096, torch.bfloat16)

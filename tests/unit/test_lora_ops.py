@@ -14,6 +14,7 @@ from server.model.lora_ops import (
 )
 from tests.lora_pools import mixed_ranks, random_pool
 from tests.unit.triton_interp import interpreted
+from tests.unit.triton_variants import LaunchRecorder
 
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 3e-2)}
 
@@ -132,6 +133,26 @@ def test_triton_interpreted_matches_reference(triton_lora, layout, rank, slice_o
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("slice_offsets", SLICES)
+@pytest.mark.parametrize("layout", [([1, 1, 1, 1], [2, -1, 0, 2]), ([3, 0, 5, 1], [1, 0, 2, -1])])
+def test_triton_interpreted_one_token_programs_match_reference(triton_lora, layout, slice_offsets, dtype):
+    """block_m=1 (a program per token, products summed in registers instead of a tensor-core tile): the
+    variant bench.lora_kernels measures for decode steps; same results as the reference, segments of any
+    length, slices that straddle the expand's column tiles, split or whole K."""
+    y, x, lora_a, lora_b, pool, meta = make_inputs(*layout, 8, slice_offsets, dtype, in_features=300)
+    expected = y.clone()
+    lora_apply_reference(expected, x, lora_a, lora_b, pool, meta, slice_offsets)
+    num_slices = len(slice_offsets) - 1
+    for split_k in (1, 3):
+        actual = y.clone()
+        h = triton_lora.lora_shrink(x, lora_a, pool, meta, num_slices, split_k=split_k,
+                                    tuning={"block_m": 1, "block_k": 64})
+        triton_lora.lora_expand(actual, h, lora_b, pool, meta, slice_offsets, tuning={"block_m": 1, "block_n": 16})
+        atol, rtol = TOLERANCE[dtype]
+        torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("split_k", [1, 2, 3])
 def test_triton_interpreted_shrink_split_k(triton_lora, split_k):
     _, x, lora_a, _, pool, meta = make_inputs([3, 4], [1, 0], 8, SLICES[1], torch.float32, in_features=300)
@@ -139,28 +160,6 @@ def test_triton_interpreted_shrink_split_k(triton_lora, split_k):
     for t, slot in enumerate(meta.token_slots.tolist()):
         o, r = pool.host_offsets[slot], pool.host_ranks[slot]
         torch.testing.assert_close(h[t, : 3 * r], lora_a[3 * o : 3 * (o + r)] @ x[t], atol=1e-4, rtol=1e-4)
-
-
-class _LaunchRecorder:
-    """Stands in for a @triton.jit kernel: the variants Triton would build for its launches, by its rule: the
-    compile-time (upper-case) arguments, and for each integer argument not in `runtime_ints` whether it is
-    1 and whether it is divisible by 16."""
-
-    def __init__(self, param_names: list[str] = (), runtime_ints: tuple[str, ...] = ()):
-        self.variants: set[tuple] = set()
-        self.param_names, self.runtime_ints = list(param_names), set(runtime_ints)
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            named = zip(self.param_names, args, strict=False)  # no names: no integer arguments counted
-            named = list(named)
-            ints = tuple((name, value == 1, value % 16 == 0) for name, value in named
-                         if isinstance(value, int) and name not in self.runtime_ints)
-            # a tensor's dtype, and whether its address is 16-byte aligned (Triton specializes pointers on it)
-            dtypes = tuple((name, str(value.dtype), value.data_ptr() % 16 == 0) for name, value in named
-                           if isinstance(value, torch.Tensor))
-            self.variants.add(tuple(sorted((k, v) for k, v in kwargs.items() if k.isupper())) + ints + dtypes)
-        return launch
 
 
 def test_triton_lora_compiles_few_variants_whatever_the_batch(triton_lora, monkeypatch):
@@ -173,7 +172,7 @@ def test_triton_lora_compiles_few_variants_whatever_the_batch(triton_lora, monke
     import inspect
 
     shrink_params = list(inspect.signature(triton_lora._shrink_kernel.fn).parameters)
-    shrink, expand = _LaunchRecorder(shrink_params, triton_lora.SHRINK_RUNTIME_INTS), _LaunchRecorder()
+    shrink, expand = LaunchRecorder(shrink_params, triton_lora.SHRINK_RUNTIME_INTS), LaunchRecorder()
     monkeypatch.setattr(triton_lora, "_shrink_kernel", shrink)
     monkeypatch.setattr(triton_lora, "_expand_kernel", expand)
     for in_features in (2048, 4096, 8192):  # 8192 with 15 prompts of 128 tokens: a split of exactly 16
@@ -202,8 +201,8 @@ def test_triton_lora_warm_up_builds_every_variant_a_prefill_meets(triton_lora, m
     expand_params = list(inspect.signature(triton_lora._expand_kernel.fn).parameters)
 
     def recorders():
-        shrink = _LaunchRecorder(shrink_params, triton_lora.SHRINK_RUNTIME_INTS)
-        expand = _LaunchRecorder(expand_params)
+        shrink = LaunchRecorder(shrink_params, triton_lora.SHRINK_RUNTIME_INTS)
+        expand = LaunchRecorder(expand_params)
         monkeypatch.setattr(triton_lora, "_shrink_kernel", shrink)
         monkeypatch.setattr(triton_lora, "_expand_kernel", expand)
         return shrink, expand

@@ -19,6 +19,7 @@ from server.engine.sampler import (
 )
 from server.engine.sampling_masses import draw_from_masses, integer_masses, top_p_keep, top_p_threshold
 from tests.unit.triton_interp import interpreted
+from tests.unit.triton_variants import LaunchRecorder
 
 VOCAB = 257
 EOS = (2, 250)
@@ -368,3 +369,24 @@ def test_fused_top_p_draw_keeps_every_token_of_a_row_without_top_p():
     cut = draw_from_masses(integer_masses(probs).masked_fill(~top_p_keep(probs, almost_one), 0), uniform)
     assert cut.tolist() == [1]
     assert triton_top_p.top_p_draw(probs, almost_one, uniform).tolist() == [1]
+
+
+def test_fused_top_p_draw_builds_the_same_variants_for_every_batch_size(monkeypatch):
+    """Triton builds a kernel variant per pointer alignment: the pass buffers' second halves started 16-byte
+    aligned only for some batch sizes, and the H200 c32 run of the tenth session built histogram and cut
+    variants mid-serving (a 1.05 s step) that start-up, at another batch size, had not."""
+    import inspect
+
+    triton_top_p = interpreted("server.engine.triton_top_p")
+    recorders = {}
+    for name, runtime in (("_histogram_kernel", ("shift",)), ("_cut_stats_kernel", ()), ("_draw_kernel", ())):
+        params = list(inspect.signature(getattr(triton_top_p, name).fn).parameters)
+        recorders[name] = LaunchRecorder(params, runtime)
+        monkeypatch.setattr(triton_top_p, name, recorders[name])
+    params = torch.arange(10, dtype=torch.float32).repeat(5, 1)  # rows of one tensor, as the sampler holds them
+    for num_rows in range(1, 41):
+        probs = torch.full((num_rows, 3000), 1 / 3000)
+        triton_top_p.top_p_draw(probs, params[1, :num_rows], params[3, :num_rows], chunk=512)
+    assert len(recorders["_histogram_kernel"].variants) == 2  # the first pass and the rest
+    assert len(recorders["_cut_stats_kernel"].variants) == 1
+    assert len(recorders["_draw_kernel"].variants) == 1
