@@ -5,8 +5,8 @@
 For each layer shape of the model (fused qkv, o, fused gate_up, down) and each row count M it times,
 by CUDA-graph replay over enough weight copies to defeat the L2 cache, µs per call of:
 ``bf16`` (F.linear on a 16-bit weight), ``ours`` (the NF4 dispatch loraplex runs: server.model.
-nf4_dispatch), each of our kernels forced (``fused``, ``dequant``, ``mma``, ``tile`` and, with
---sweep-mma, the tile kernel's neighbours), ``bnb`` (bitsandbytes.matmul_4bit) and ``tinygemm``
+nf4_dispatch), each of our kernels forced (``fused``, ``dequant``, ``mma``, ``tile``, ``wide`` and, with
+--sweep-mma, the tile and wide kernels' neighbours), ``bnb`` (bitsandbytes.matmul_4bit) and ``tinygemm``
 (torch._weight_int4pack_mm, int4, group 64: a speed reference only, not NF4). Each of ours is also
 checked against the float64 reference.
 Writes ``<out>/<date>-<device>-kernels.json`` with ``ratios`` (geometric means over the four layer
@@ -146,6 +146,18 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                 variants["tile_r1"] = {"rows_per_warp": 1}
             for vname, kw in variants.items():
                 impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table,
+                                                                     num_sms=device_num_sms(0), **kw)
+                                for c in layer.nf4]
+    if rows <= 256 and _mma_available():
+        from server.model import cuda_nf4
+
+        impls["wide"] = [lambda c=c: cuda_nf4.nf4_wide(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
+                         for c in layer.nf4]
+        if SWEEP_MMA:  # its neighbours: two row tiles a warp, the other pass width, split-K halved and doubled
+            tiles, per_warp = cuda_nf4.wide_config(rows)
+            variants = {"wide_r2": {"rows_per_warp": 2}, "wide_t" + str(24 - tiles): {"token_tiles": 24 - tiles}}
+            for vname, kw in variants.items():
+                impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_wide(x, c[3], layer.shape, layer.table,
                                                                      num_sms=device_num_sms(0), **kw)
                                 for c in layer.nf4]
     if not isinstance(layer.int4[0], str):

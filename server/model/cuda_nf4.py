@@ -1,9 +1,10 @@
-"""NF4 matmul on tensor cores for 1-64 rows, a CUDA extension compiled on first use (csrc/nf4_mma.cu).
+"""NF4 matmul on tensor cores, a CUDA extension compiled on first use (csrc/nf4_mma.cu).
 
 Semantics: as ``nf4_ops.nf4_matmul_reference`` (fp32 dequantize, one rounding to x.dtype, fp32
 accumulate). Two kernels share one MMA mapping: ``nf4_mma`` reads bitsandbytes' codes as stored;
 ``nf4_tile`` streams the forward-only tile layout (``nf4_layout.tile_pack``), which NF4Linear keeps
-beside the codes and rebuilds in place whenever they change. Needs nvcc and an sm_80+ GPU;
+beside the codes and rebuilds in place whenever they change (1-64 rows); ``nf4_wide`` reads the same layout
+with x staged once a block in shared memory (any number of rows). Needs nvcc and an sm_80+ GPU;
 ``is_available()`` says whether it built. The CPU never imports torch's extension builder.
 """
 
@@ -143,4 +144,46 @@ def nf4_tile(
     if split_k is None:
         split_k = pick_split_k(x.shape[0], out_features, in_features, num_sms, warps, rows_per_warp=rows_per_warp)
     _extension().nf4_tile(x, tiled[0], tiled[1], code_table, bias, out, split_k, warps, rows_per_warp)
+    return out
+
+
+@functools.cache
+def wide_blocks_per_sm(token_tiles: int, rows_per_warp: int) -> int:
+    """Resident blocks per SM of the wide kernel instance (token tiles 8 or 16, rows_per_warp 1 or 2)."""
+    return max(1, _extension().nf4_wide_blocks_per_sm(token_tiles, rows_per_warp))
+
+
+WIDE_WARPS = 4  # csrc/nf4_mma.cu, WIDE_WARPS
+
+
+def wide_config(num_rows: int) -> tuple[int, int]:
+    """(token tiles of 8 a pass, 16-row tiles a warp) of nf4_wide for this many rows: one pass of up to 64 rows,
+    else passes of 128; one tile a warp (two double the registers: 181 at 8 token tiles, 255 at 16)."""
+    return (8, 1) if num_rows <= 64 else (16, 1)
+
+
+def nf4_wide(
+    x: torch.Tensor,  # [T, in] bf16 / fp16, any T
+    tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
+    shape,  # (out, in)
+    code_table: torch.Tensor,  # [16] float32
+    bias: torch.Tensor | None = None,  # [out]
+    split_k: int | None = None,
+    token_tiles: int | None = None,
+    rows_per_warp: int | None = None,
+    num_sms: int = 132,
+) -> torch.Tensor:
+    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, x staged in shared memory once a
+    block for all its warps (csrc/nf4_mma.cu, nf4_wide_kernel); same MMA mapping and order of sums as nf4_tile."""
+    out_features, in_features = shape
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], out_features, device=x.device, dtype=x.dtype)
+    default_tiles, default_rows = wide_config(x.shape[0])
+    token_tiles, rows_per_warp = token_tiles or default_tiles, rows_per_warp or default_rows
+    if split_k is None:
+        groups = -(-x.shape[0] // (8 * token_tiles))  # grid z: each group is a full grid of row tiles
+        resident = max(1, wide_blocks_per_sm(token_tiles, rows_per_warp) // groups)
+        split_k = pick_split_k(min(x.shape[0], 8 * token_tiles), out_features, in_features, num_sms, WIDE_WARPS,
+                               resident_blocks=resident, rows_per_warp=rows_per_warp)
+    _extension().nf4_wide(x, tiled[0], tiled[1], code_table, bias, out, split_k, token_tiles, rows_per_warp)
     return out

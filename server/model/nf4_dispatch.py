@@ -5,7 +5,8 @@
   multiply (server.model.triton_nf4_dequant); the buffer holds one layer, never the whole model;
 - ``tile``: 1-64 rows, the CUDA tensor-core kernel compiled at first use (server.model.cuda_nf4) over
   the layer's forward-only tile layout (nf4_layout.tile_pack; NF4Linear keeps it), ``mma`` when a
-  caller has no tile copy: the same kernel reading bitsandbytes' codes as stored;
+  caller has no tile copy: the same kernel reading bitsandbytes' codes as stored; ``wide``: the same
+  mapping with x staged in shared memory once a block, any number of rows;
 - ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
 
 The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESULTS.md);
@@ -104,8 +105,8 @@ def nf4_linear_cuda(
     """y = x @ dequant(W)^T (+ bias), semantics of nf4_ops.nf4_matmul_reference, by the fastest kernel."""
     out_features, in_features = shape
     name = kernel or kernel_for(x.shape[0], shape)
-    if name == "tile" and tiled is None:
-        name = "mma"
+    if name in ("tile", "wide") and tiled is None:
+        name = "mma" if x.shape[0] <= 64 else "dequant"
     if name == "fused":
         from server.model.triton_nf4 import nf4_matmul_triton
 
@@ -122,6 +123,11 @@ def nf4_linear_cuda(
         from server.model.triton_nf4 import device_num_sms
 
         return cuda_nf4.nf4_tile(x, tiled, shape, code_table, bias, num_sms=device_num_sms(x.device.index or 0))
+    if name == "wide":
+        from server.model import cuda_nf4
+        from server.model.triton_nf4 import device_num_sms
+
+        return cuda_nf4.nf4_wide(x, tiled, shape, code_table, bias, num_sms=device_num_sms(x.device.index or 0))
     if name == "dequant":
         from server.model.triton_nf4_dequant import nf4_dequantize_triton
 

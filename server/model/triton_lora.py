@@ -155,6 +155,17 @@ def _block_m(max_seg_len: int) -> int:
     return 16 if max_seg_len <= 16 else 32 if max_seg_len <= 64 else 64
 
 
+# Segments up to this many tokens get one shrink program per token (sums in registers, no tensor-core tile to
+# stage). H200, rank 16, 4 LoRA linears of a layer (bench/results/2026-12-02-nvidia-h200-lora-kernels.json):
+# 8B decode of 32 adapters 36.0 -> 30.3 us of shrink per layer, one adapter's 32 tokens 36.6 -> 21.6; 1B alike.
+# The expand's one-token programs did not win (within 3% either way), so it keeps its tiles.
+SHRINK_ONE_TOKEN_MAX_SEG = 32
+
+
+def _shrink_block_m(max_seg_len: int) -> int:
+    return 1 if max_seg_len <= SHRINK_ONE_TOKEN_MAX_SEG else _block_m(max_seg_len)
+
+
 def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: int,
                 split_k: int | None = None, tuning: dict | None = None) -> torch.Tensor:
     """h[t, :n*r] = the token's slot's A @ x[t] in fp32, [T, n * max_rank]; columns past a token's
@@ -163,7 +174,7 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
     tuning = tuning or {}
     num_tokens, in_features = x.shape
     num_cols = num_slices * layout.max_rank
-    block_m = tuning.get("block_m", _block_m(meta.max_seg_len))
+    block_m = tuning.get("block_m", _shrink_block_m(meta.max_seg_len))
     block_n = min(64, _pow2_at_least_16(num_cols))
     block_k = tuning.get("block_k", 64 if block_m >= 64 else 128)
     num_m = triton.cdiv(max(meta.max_seg_len, 1), block_m)
@@ -229,10 +240,10 @@ def lora_apply_triton(y, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchM
     lora_expand(y, h, lora_b, layout, meta, slice_offsets)
 
 
-# One segment length per BLOCK_M class of `_block_m` (16, 32, 64 tokens a program), and both sides of the
-# shrink's split (the ATOMIC constexpr): with the shapes of each linear, these are every variant a prefill
-# can meet.
-WARM_UP_SEG_LENS = (1, 17, 65)
+# One segment length per BLOCK_M class of `_block_m` and `_shrink_block_m` (expand 16, 32, 64 tokens a program;
+# shrink 1, 32, 64), and both sides of the shrink's split (the ATOMIC constexpr): with the shapes of each linear,
+# these are every variant a prefill can meet.
+WARM_UP_SEG_LENS = (1, 17, 33, 65)
 WARM_UP_SPLITS = (1, 2)
 
 

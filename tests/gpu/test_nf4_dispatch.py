@@ -42,6 +42,7 @@ def _rel_err(got, x, codes, absmax, shape, table, bias):
     ("dequant", 65), ("dequant", 300), (None, 1), (None, 7), (None, 128),
     ("mma", 1), ("mma", 2), ("mma", 9), ("mma", 16), ("mma", 31), ("mma", 64),
     ("tile", 1), ("tile", 5), ("tile", 9), ("tile", 16), ("tile", 24), ("tile", 32), ("tile", 40), ("tile", 64),
+    ("wide", 1), ("wide", 13), ("wide", 64), ("wide", 65), ("wide", 128), ("wide", 129), ("wide", 300),
 ])  # fmt: skip
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"in{s[0]}_out{s[1]}")
 def test_kernel_matches_float64_reference(kernel, rows, shape):
@@ -92,3 +93,33 @@ def test_tile_kernel_matches_mma_bit_for_bit(rows, split_k, warps, rows_per_warp
     got = cuda_nf4.nf4_tile(x, tiled, wshape, table, bias, split_k=split_k, warps=warps, rows_per_warp=rows_per_warp)
     want = cuda_nf4.nf4_mma(x, codes, absmax, wshape, table, bias, split_k=split_k, warps=2 if rows <= 8 else 4)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("rows, split_k, token_tiles, rows_per_warp", [
+    (1, 1, 8, 1), (7, 3, 8, 2), (33, 2, 8, 1), (64, 8, 16, 2), (50, 4, 16, 1),
+])  # fmt: skip
+def test_wide_kernel_matches_tile_bit_for_bit(rows, split_k, token_tiles, rows_per_warp):
+    """x through shared memory, same MMA mapping and order of fp32 sums as the tile kernel: not a bit may differ."""
+    from server.model import cuda_nf4
+
+    codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: a partial last tile
+    x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(600, device="cuda").to(torch.bfloat16)
+    tiled = _tiled(codes, absmax, wshape)
+    got = cuda_nf4.nf4_wide(x, tiled, wshape, table, bias, split_k=split_k, token_tiles=token_tiles,
+                            rows_per_warp=rows_per_warp)
+    want = cuda_nf4.nf4_tile(x, tiled, wshape, table, bias, split_k=split_k)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("rows, token_tiles, rows_per_warp", [(130, 8, 1), (257, 16, 2), (200, 16, 1)])
+def test_wide_kernel_token_groups_match_reference(rows, token_tiles, rows_per_warp):
+    """More rows than one pass holds: grid z walks the token groups; fp16 too."""
+    from server.model import cuda_nf4
+
+    codes, absmax, wshape, table, _ = _layer(576, 1536)
+    x = torch.randn(rows, 576, device="cuda").to(torch.float16)
+    bias = torch.randn(1536, device="cuda").to(torch.float16)
+    got = cuda_nf4.nf4_wide(x, _tiled(codes, absmax, wshape), wshape, table, bias, token_tiles=token_tiles,
+                            rows_per_warp=rows_per_warp)
+    assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3

@@ -349,6 +349,172 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
   for (int r = 0; r < RT; ++r) store_c_fragments<T, NT>(acc[r], (tile0 + r) * 16 + g, t, M, N, bias, out, write_partial);
 }
 
+// Wide batches (16-256 rows): the tile layout's MMA mapping with x staged once a block in shared memory, where the
+// register kernel above has every warp load its own x fragments from L1 (8 cache lines an instruction; the L1 pipe,
+// not DRAM, bounded it at 32 rows). The block's warps (one or two 16-row tiles each) share one copy of x per quant
+// block: TOKENS rows of 64 values (128 bytes), brought in by cp.async STAGES - 1 blocks ahead. 16-byte chunk c of
+// row r sits at chunk c ^ (r & 7), so a quarter warp's LDS.128 (rows g and g + 1, chunks 2t and 2t + 1) and the
+// 8 threads of a staging wavefront (one row's 8 chunks) each touch 32 distinct banks. A warp dequantizes its
+// 16 x 64 weights of a block once into 16 A fragments (per row tile) and runs them against every token tile, so
+// the dequantization cost is shared by TOKENS tokens. More tokens than TOKENS: grid z walks token groups.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+template <int NT, int STAGES>
+struct WideSmem {
+  static constexpr int stage_bytes = NT * 8 * 128;
+  static constexpr int bytes = STAGES * stage_bytes;
+};
+
+template <typename T, int NT, int RT, int WARPS, int STAGES>
+__global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
+    const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
+    const float* __restrict__ table, const T* __restrict__ bias, void* __restrict__ out,
+    int M, int N, int K, int blocks_per_split, int write_partial) {
+  constexpr int TOKENS = NT * 8;
+  constexpr int THREADS = WARPS * 32;
+  constexpr int STAGE_BYTES = WideSmem<NT, STAGES>::stage_bytes;
+  extern __shared__ __align__(128) uint8_t x_stages[];
+  __shared__ float lut_shared[16];
+  if (threadIdx.x < 16) lut_shared[threadIdx.x] = table[threadIdx.x];
+  __syncthreads();
+  const char* lut = reinterpret_cast<const char*>(lut_shared);
+
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int row_tiles = (N + 15) / 16;
+  const int tile0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * RT;
+  const int num_blocks = K / 64;
+  const int first = blockIdx.y * blocks_per_split;
+  const int last = min(first + blocks_per_split, num_blocks);
+  const int tok0 = blockIdx.z * TOKENS;
+
+  // Every warp stays to the end (the block's barriers): a tile past the last re-reads the last tile and is never
+  // stored; token rows past M re-read row M - 1 and are never stored.
+  const uint4* codes_at[RT];
+  const float2* scales_at[RT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    const int tile = min(tile0 + r, row_tiles - 1);
+    codes_at[r] = tile_codes + static_cast<int64_t>(tile) * num_blocks * 32 + lane;
+    scales_at[r] = tile_scales + static_cast<int64_t>(tile) * num_blocks * 8 + g;
+  }
+  const uint32_t smem = static_cast<uint32_t>(__cvta_generic_to_shared(x_stages));
+
+  // Stage x of quant block `blk` into buffer `stage`: TOKENS rows of 8 chunks, one 16-byte cp.async each.
+  auto stage_x = [&](int blk, int stage) {
+    static_assert(TOKENS * 8 % THREADS == 0, "whole staging rounds");
+#pragma unroll
+    for (int k = 0; k < TOKENS * 8 / THREADS; ++k) {
+      const int c = threadIdx.x + k * THREADS;
+      const int row = c >> 3, chunk = c & 7;
+      const T* src = x + static_cast<int64_t>(min(tok0 + row, M - 1)) * K + 64 * blk + 8 * chunk;
+      cp_async16(smem + stage * STAGE_BYTES + row * 128 + ((chunk ^ (row & 7)) << 4), src);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (first + s < last) stage_x(first + s, s);
+    cp_async_commit();  // one group per block, empty or not, so that wait_group counts blocks
+  }
+
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.f;
+
+  uint4 next_codes[RT];
+  float2 next_scales[RT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    next_codes[r] = load_tile_codes(codes_at[r] + 32 * first);
+    next_scales[r] = __ldg(scales_at[r] + 8 * first);
+  }
+
+  for (int blk = first; blk < last; ++blk) {
+    const int i = blk - first;
+    uint4 cur_codes[RT];
+    float2 cur_scales[RT];
+    const int ahead = min(blk + 1, last - 1);
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      cur_codes[r] = next_codes[r];
+      cur_scales[r] = next_scales[r];
+      next_codes[r] = load_tile_codes(codes_at[r] + 32 * ahead);
+      next_scales[r] = __ldg(scales_at[r] + 8 * ahead);
+    }
+    // A fragments of this block: [tile][k-step][4 registers].
+    uint32_t af[RT][4][4];
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t w_lo = half ? cur_codes[r].y : cur_codes[r].x;
+        const uint32_t w_hi = half ? cur_codes[r].w : cur_codes[r].z;
+        const uint32_t lo_even = (w_lo >> 2) & 0x3C3C3C3Cu, lo_odd = (w_lo << 2) & 0x3C3C3C3Cu;
+        const uint32_t hi_even = (w_hi >> 2) & 0x3C3C3C3Cu, hi_odd = (w_hi << 2) & 0x3C3C3C3Cu;
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          const int j = 2 * half + jj;
+          af[r][j][0] = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj, cur_scales[r].x);
+          af[r][j][1] = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj, cur_scales[r].y);
+          af[r][j][2] = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj + 1, cur_scales[r].x);
+          af[r][j][3] = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj + 1, cur_scales[r].y);
+        }
+      }
+    }
+    cp_async_wait<STAGES - 2>();  // this block's x has landed (for this thread's copies) ...
+    __syncthreads();              // ... and everyone's; the buffer refilled below was last read a block ago
+    if (blk + STAGES - 1 < last) stage_x(blk + STAGES - 1, (i + STAGES - 1) % STAGES);
+    cp_async_commit();
+    const uint8_t* stage = x_stages + (i % STAGES) * STAGE_BYTES;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint8_t* row = stage + (nt * 8 + g) * 128;  // (nt * 8 + g) & 7 == g
+      const uint4 v0 = *reinterpret_cast<const uint4*>(row + (((2 * t) ^ g) << 4));
+      const uint4 v1 = *reinterpret_cast<const uint4*>(row + (((2 * t + 1) ^ g) << 4));
+      const uint32_t xb[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+          Ops<T>::mma(acc[r][nt], af[r][j][0], af[r][j][1], af[r][j][2], af[r][j][3], xb[2 * j], xb[2 * j + 1]);
+    }
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    if (tile0 + r >= row_tiles) continue;
+    const int row_lo = (tile0 + r) * 16 + g;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = (e < 2) ? row_lo : row_lo + 8;
+        const int tok = tok0 + nt * 8 + 2 * t + (e & 1);
+        if (row >= N || tok >= M) continue;
+        if (write_partial) {
+          float* partial = reinterpret_cast<float*>(out) + static_cast<int64_t>(blockIdx.y) * M * N;
+          partial[static_cast<int64_t>(tok) * N + row] = acc[r][nt][e];
+        } else {
+          float v = acc[r][nt][e];
+          if (bias != nullptr) v += Ops<T>::to_float(bias[row]);
+          reinterpret_cast<T*>(out)[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 __global__ void split_k_sum_kernel(const float* __restrict__ partial, const T* __restrict__ bias, T* __restrict__ out,
                                    int M, int N, int splits) {
@@ -492,6 +658,88 @@ int64_t nf4_tile_blocks_per_sm(int64_t rows, int64_t warps, int64_t rows_per_war
   return blocks;
 }
 
+// Wide instances (token tiles of 8, row tiles a warp): NT 8 (<= 64 rows a pass) or 16 (<= 128), RT 1 or 2; four
+// warps a block, three x buffers. More rows than a pass holds: grid z takes the token groups.
+constexpr int WIDE_WARPS = 4;
+constexpr int WIDE_STAGES = 3;
+
+template <typename T, int NT, int RT>
+void launch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                 const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                 int64_t split_k) {
+  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
+  const int groups = (M + NT * 8 - 1) / (NT * 8);
+  constexpr int smem = WideSmem<NT, WIDE_STAGES>::bytes;
+  auto kernel = nf4_wide_kernel<T, NT, RT, WIDE_WARPS, WIDE_STAGES>;
+  static bool attribute_set = false;  // per instance; above 48 KB needs the opt-in
+  if (!attribute_set) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    attribute_set = true;
+  }
+  run_split<T>(x, bias, out, split_k, [&](cudaStream_t stream, void* target, const T* bias_ptr, int splits,
+                                          int blocks_per_split) {
+    kernel<<<dim3((warps_needed + WIDE_WARPS - 1) / WIDE_WARPS, splits, groups), WIDE_WARPS * 32, smem, stream>>>(
+        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, target, M, N, K,
+        blocks_per_split, splits > 1);
+  });
+}
+
+template <typename T>
+void dispatch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                   const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                   int64_t split_k, int64_t token_tiles, int64_t rows_per_warp) {
+  const bool two = rows_per_warp == 2;
+  if (token_tiles == 8) {
+    if (two) launch_wide<T, 8, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    else launch_wide<T, 8, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
+  } else {
+    if (two) launch_wide<T, 16, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    else launch_wide<T, 16, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
+  }
+}
+
+// out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout, x staged in shared memory; any M, K % 64 == 0.
+void nf4_wide(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
+              c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t token_tiles,
+              int64_t rows_per_warp) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
+  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
+  TORCH_CHECK(token_tiles == 8 || token_tiles == 16, "token_tiles must be 8 or 16");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type(), "out must be contiguous, x's dtype");
+  const int64_t tiles = (out.size(1) + 15) / 16, blocks = x.size(1) / 64;
+  TORCH_CHECK(tile_codes.scalar_type() == torch::kUInt8 && tile_codes.numel() == tiles * blocks * 512,
+              "tile_codes must be uint8 [tiles * blocks * 512]");
+  TORCH_CHECK(tile_scales.scalar_type() == torch::kFloat32 && tile_scales.numel() == tiles * blocks * 16,
+              "tile_scales must be float32 [tiles * blocks * 16]");
+  if (x.scalar_type() == torch::kBFloat16) {
+    dispatch_wide<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, token_tiles, rows_per_warp);
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
+    dispatch_wide<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, token_tiles, rows_per_warp);
+  }
+}
+
+// Resident blocks per SM of a wide instance (bf16 x).
+int64_t nf4_wide_blocks_per_sm(int64_t token_tiles, int64_t rows_per_warp) {
+  int blocks = 0;
+#define LORAPLEX_OCC_WIDE(NT, RT)                                                                          \
+  {                                                                                                        \
+    auto kernel = nf4_wide_kernel<__nv_bfloat16, NT, RT, WIDE_WARPS, WIDE_STAGES>;                         \
+    constexpr int smem = WideSmem<NT, WIDE_STAGES>::bytes;                                                 \
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));       \
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, WIDE_WARPS * 32, smem);                 \
+  }
+  if (token_tiles == 8) {
+    if (rows_per_warp == 2) LORAPLEX_OCC_WIDE(8, 2) else LORAPLEX_OCC_WIDE(8, 1)
+  } else {
+    if (rows_per_warp == 2) LORAPLEX_OCC_WIDE(16, 2) else LORAPLEX_OCC_WIDE(16, 1)
+  }
+#undef LORAPLEX_OCC_WIDE
+  return blocks;
+}
+
 template <typename T>
 void dispatch_tiles(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
                     const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
@@ -539,4 +787,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_mma_blocks_per_sm", &nf4_mma_blocks_per_sm, "resident blocks per SM of the kernel for (rows, warps)");
   m.def("nf4_tile", &nf4_tile, "NF4 x 16-bit matmul on tensor cores from the tile layout, M <= 64");
   m.def("nf4_tile_blocks_per_sm", &nf4_tile_blocks_per_sm, "resident blocks per SM of the tile kernel");
+  m.def("nf4_wide", &nf4_wide, "NF4 x 16-bit matmul on tensor cores from the tile layout, x through shared memory");
+  m.def("nf4_wide_blocks_per_sm", &nf4_wide_blocks_per_sm, "resident blocks per SM of a wide instance");
 }
