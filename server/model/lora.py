@@ -18,7 +18,7 @@ from torch import nn
 
 from server.model import lora_ops
 from server.model.host_device import to_device
-from server.model.lora_ops import LoraBatchMeta, SlotLayout, lora_apply
+from server.model.lora_ops import LoraBatchMeta, SlotLayout, linear_with_lora
 from server.model.lora_staging import element_offset, round_up, stage, tensors_to_device
 
 
@@ -66,14 +66,13 @@ class LoraLinear(nn.Module):
         return start + num_a + num_b
 
     def forward(self, x: torch.Tensor, lora: LoraContext | None = None) -> torch.Tensor:
-        y = self.base(x)
         if lora is None or self.lora_a is None:
-            return y
+            return self.base(x)
         if lora.host_segments is not None and x.device.type == "cpu":
+            y = self.base(x)
             self._apply_segments(y, x, lora.host_segments)
-        else:
-            lora_apply(y, x, self.lora_a, self.lora_b, self.layout, lora.meta, self.slice_offsets)
-        return y
+            return y
+        return linear_with_lora(self.base, x, self.lora_a, self.lora_b, self.layout, lora.meta, self.slice_offsets)
 
     def _apply_segments(self, y, x, segments) -> None:
         """Eager prefill path: one pair of matmuls per (sequence, slice)."""

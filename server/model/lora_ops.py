@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -23,6 +24,8 @@ from server.model.lora_meta import (  # noqa: F401  (re-exported: the ops' publi
 
 # LORAPLEX_LORA_KERNEL=torch forces the pure-torch path on CUDA too (debugging, A/B timing).
 USE_TRITON_LORA = os.environ.get("LORAPLEX_LORA_KERNEL", "triton") == "triton"
+# LORAPLEX_LORA_SIDE_STREAM=0 runs the shrink after the base matmul on one stream (A/B timing).
+SIDE_STREAM = os.environ.get("LORAPLEX_LORA_SIDE_STREAM", "1") == "1"
 
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
 _GATHER_BUDGET = 1 << 24
@@ -112,3 +115,35 @@ def lora_apply(y, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
         lora_apply_triton(y, x, lora_a, lora_b, layout, meta, slice_offsets)
     else:
         lora_apply_torch(y, x, lora_a, lora_b, layout, meta, slice_offsets)
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device)
+
+
+def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
+                     slice_offsets: tuple[int, ...]) -> torch.Tensor:
+    """base(x) plus the per-token LoRA delta. On CUDA with the Triton kernels the shrink (which reads only x)
+    runs on a side stream beside the base matmul, and the expand adds into base(x) once both are done: the
+    shrink's short, DRAM-bound launches fill SMs that the L1-bound NF4 kernel leaves idle at its waves' tails.
+    Captured in a CUDA graph as a fork and a join. The side stream waits for the current one before each
+    shrink, so everything it uses (x, and blocks the allocator hands it) is ordered after earlier work."""
+    if not (x.is_cuda and USE_TRITON_LORA and SIDE_STREAM and triton_available()):
+        y = base(x)
+        lora_apply(y, x, lora_a, lora_b, layout, meta, slice_offsets)
+        return y
+    from server.model.triton_lora import lora_expand, lora_shrink
+
+    y_like = SimpleNamespace(shape=(x.shape[0], slice_offsets[-1]))  # base(x)'s shape, checked before it runs
+    num_slices = check_lora_shapes(y_like, x, lora_a, lora_b, layout, meta, slice_offsets)
+    if lora_b.shape[0] == 0 or layout.num_slots == 0:
+        return base(x)
+    current, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        h = lora_shrink(x, lora_a, layout, meta, num_slices)
+    y = base(x)
+    current.wait_stream(side)
+    lora_expand(y, h, lora_b, layout, meta, slice_offsets)
+    return y

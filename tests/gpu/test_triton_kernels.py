@@ -194,6 +194,35 @@ def test_lora_prefill_graph_replay(triton_lora):
     torch.testing.assert_close(y, expected, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_lora_side_stream_equals_one_stream(triton_lora, graph):
+    """linear_with_lora forks the shrink onto a side stream beside the base matmul and joins before the expand:
+    the same results as base then lora_apply on one stream, eager and replayed from a CUDA graph after x and the
+    slots change in place."""
+    from server.model.lora_ops import linear_with_lora
+
+    slice_offsets, num_slots = (0, 2048, 2560, 3072), 6
+    _, x, lora_a, lora_b, pool = lora_inputs(33, num_slots, 16, slice_offsets, 2048, torch.bfloat16)
+    base = torch.nn.Linear(2048, 3072, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    slots = torch.randint(-1, num_slots, (33,), device=DEVICE, dtype=torch.int32)
+    meta = decode_lora_meta(slots)
+    out = torch.empty(33, 3072, device=DEVICE, dtype=torch.bfloat16)
+
+    def step():
+        out.copy_(linear_with_lora(base, x, lora_a, lora_b, pool, meta, slice_offsets))
+
+    replay = capture(step).replay if graph else step
+    for seed in range(3):
+        slots.copy_(torch.randint(-1, num_slots, (33,), generator=torch.Generator().manual_seed(seed)))
+        x.normal_()
+        replay()
+        expected = base(x)
+        triton_lora.lora_apply_triton(expected, x, lora_a, lora_b, pool, meta, slice_offsets)
+        torch.cuda.synchronize()
+        # the same kernels on the same inputs: a shrink not waited for would show as garbage, not as rounding
+        torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
+
+
 def paged_inputs(context_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     max_blocks = max(1, max(-(-n // block_size) for n in context_lens))
