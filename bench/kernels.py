@@ -155,7 +155,8 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                          for c in layer.nf4]
         if SWEEP_MMA:  # its neighbours: two row tiles a warp, the other pass width, split-K halved and doubled
             tiles, per_warp = cuda_nf4.wide_config(rows)
-            variants = {"wide_r2": {"rows_per_warp": 2}, "wide_t" + str(24 - tiles): {"token_tiles": 24 - tiles}}
+            other = 2 * tiles if tiles < 16 else 8  # the next wider pass, or at 16 token tiles passes of 64 rows
+            variants = {"wide_r2": {"rows_per_warp": 2}, f"wide_t{other}": {"token_tiles": other}}
             for vname, kw in variants.items():
                 impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_wide(x, c[3], layer.shape, layer.table,
                                                                      num_sms=device_num_sms(0), **kw)

@@ -157,9 +157,11 @@ WIDE_WARPS = 4  # csrc/nf4_mma.cu, WIDE_WARPS
 
 
 def wide_config(num_rows: int) -> tuple[int, int]:
-    """(token tiles of 8 a pass, 16-row tiles a warp) of nf4_wide for this many rows: one pass of up to 64 rows,
-    else passes of 128; one tile a warp (two double the registers: 181 at 8 token tiles, 255 at 16)."""
-    return (8, 1) if num_rows <= 64 else (16, 1)
+    """(token tiles of 8 a pass, 16-row tiles a warp) of nf4_wide for this many rows: the narrowest pass of 16, 32,
+    64 or 128 rows that holds them (passes of 128 beyond); one tile a warp (two took 181 registers at 8 token
+    tiles and 255, spilling, at 16, and lost at 128 rows on all but gate_up)."""
+    tiles = 2 if num_rows <= 16 else 4 if num_rows <= 32 else 8 if num_rows <= 64 else 16
+    return tiles, 1
 
 
 def nf4_wide(

@@ -3,10 +3,10 @@
 - ``fused``: few rows, the fused dequantize-in-registers Triton matmul (server.model.triton_nf4);
 - ``dequant``: prefill-sized batches, dequantize into one reused 16-bit scratch buffer and let cuBLAS
   multiply (server.model.triton_nf4_dequant); the buffer holds one layer, never the whole model;
-- ``tile``: 1-64 rows, the CUDA tensor-core kernel compiled at first use (server.model.cuda_nf4) over
+- ``tile``: 1-32 rows, the CUDA tensor-core kernel compiled at first use (server.model.cuda_nf4) over
   the layer's forward-only tile layout (nf4_layout.tile_pack; NF4Linear keeps it), ``mma`` when a
-  caller has no tile copy: the same kernel reading bitsandbytes' codes as stored; ``wide``: the same
-  mapping with x staged in shared memory once a block, any number of rows;
+  caller has no tile copy: the same kernel reading bitsandbytes' codes as stored; ``wide``: 33-128 rows
+  on large weights, the same mapping with x staged in shared memory once a block;
 - ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
 
 The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESULTS.md);
@@ -29,13 +29,13 @@ from server.model.nf4_layout import codes_as_words
 # Without the CUDA extension (no nvcc, pre-Ampere, or LORAPLEX_NF4_KERNEL=triton): bnb at 1-2 rows
 # (0.92 / 1.41 of bf16; fused 1.72), fused Triton to 32 rows, dequant beyond. bnb's one-row GEMV is not
 # exact to the fp32 semantics (max error 4.9e-3 of the output's range against 3.3e-3 for ours).
-WITH_CUDA_KERNEL: tuple[tuple[int | None, str], ...] = ((64, "tile"), (None, "dequant"))
-# At 33-64 rows the tile kernel wins on large weights only (8B gate_up 125 vs 155 µs, down 63 vs 84, qkv 28
-# vs 34) and loses on small ones (1B qkv 18.3 vs 10.9, 1B o 18.1 vs 9.4, 8B o 22.3 vs 21.9): too few row
-# tiles to fill the GPU with an 8-token-tile instance; at 16.8M weights they tie (1B down 22.4 vs 24.5).
-# Below this many weights, dequant + cuBLAS takes them.
-TILE_WIDE_MIN_WEIGHTS = 16_000_000
-TILE_NARROW_ROWS = 32
+WITH_CUDA_KERNEL: tuple[tuple[int | None, str], ...] = ((32, "tile"), (128, "wide"), (None, "dequant"))
+# 33-128 rows: the wide kernel (x staged in shared memory once a block) on large weights, dequant + cuBLAS on the
+# rest. H200 (bench/results/2026-12-02-nvidia-h200-kernels-wide.json, µs): at 64 rows 8B gate_up 86 against 125
+# for the tile kernel and 154 for dequant, down 44 vs 57 / 84, qkv 24 vs 35 / 34, o 22 vs 20 / 22; 1B qkv and o
+# lose to dequant (20 vs 11 and 9), as the tile kernel did (too few row tiles to fill the GPU). At 128 rows
+# gate_up 146 vs dequant 158, down 69 vs 85, 8B qkv 43 vs 35 (dequant). Weights below the bound go to dequant.
+WIDE_MIN_WEIGHTS = ((64, 16_000_000), (128, 50_000_000))  # (up to this many rows, least out x in)
 TRITON_ONLY: tuple[tuple[int | None, str], ...] = ((2, "bnb"), (32, "fused"), (None, "dequant"))
 BNB_ONLY: tuple[tuple[int | None, str], ...] = ((None, "bnb"),)
 
@@ -67,10 +67,12 @@ def kernel_for_rows(num_rows: int, table=None) -> str:
 
 def kernel_for(num_rows: int, shape, table=None) -> str:
     """The kernel the dispatch runs for `num_rows` rows of an (out, in) weight: the table's, except that
-    wide batches of small weights go to dequant + cuBLAS (TILE_WIDE_MIN_WEIGHTS)."""
+    the wide kernel leaves weights below WIDE_MIN_WEIGHTS to dequant + cuBLAS."""
     name = kernel_for_rows(num_rows, table)
-    if name == "tile" and num_rows > TILE_NARROW_ROWS and shape[0] * shape[1] < TILE_WIDE_MIN_WEIGHTS:
-        return "dequant"
+    if name == "wide":
+        least = next(weights for rows, weights in WIDE_MIN_WEIGHTS if num_rows <= rows)
+        if shape[0] * shape[1] < least:
+            return "dequant"
     return name
 
 

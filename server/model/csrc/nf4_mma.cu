@@ -370,7 +370,7 @@ struct WideSmem {
   static constexpr int bytes = STAGES * stage_bytes;
 };
 
-template <typename T, int NT, int RT, int WARPS, int STAGES>
+template <typename T, int NT, int RT, int WARPS, int STAGES, int PREFETCH>
 __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, void* __restrict__ out,
@@ -431,62 +431,72 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.f;
 
-  uint4 next_codes[RT];
-  float2 next_scales[RT];
+  // Codes and scales run PREFETCH blocks ahead in a register ring (one block ahead left DRAM idle at 16-32 rows).
+  uint4 ring_codes[PREFETCH][RT];
+  float2 ring_scales[PREFETCH][RT];
 #pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    next_codes[r] = load_tile_codes(codes_at[r] + 32 * first);
-    next_scales[r] = __ldg(scales_at[r] + 8 * first);
+  for (int p = 0; p < PREFETCH; ++p) {
+    const int blk = min(first + p, last - 1);
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      ring_codes[p][r] = load_tile_codes(codes_at[r] + 32 * blk);
+      ring_scales[p][r] = __ldg(scales_at[r] + 8 * blk);
+    }
   }
 
-  for (int blk = first; blk < last; ++blk) {
-    const int i = blk - first;
-    uint4 cur_codes[RT];
-    float2 cur_scales[RT];
-    const int ahead = min(blk + 1, last - 1);
+  for (int base = first; base < last; base += PREFETCH) {
 #pragma unroll
-    for (int r = 0; r < RT; ++r) {
-      cur_codes[r] = next_codes[r];
-      cur_scales[r] = next_scales[r];
-      next_codes[r] = load_tile_codes(codes_at[r] + 32 * ahead);
-      next_scales[r] = __ldg(scales_at[r] + 8 * ahead);
-    }
-    // A fragments of this block: [tile][k-step][4 registers].
-    uint32_t af[RT][4][4];
+    for (int p = 0; p < PREFETCH; ++p) {
+      const int blk = base + p;
+      if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
+      const int i = blk - first;
+      uint4 cur_codes[RT];
+      float2 cur_scales[RT];
+      const int ahead = min(blk + PREFETCH, last - 1);
 #pragma unroll
-    for (int r = 0; r < RT; ++r) {
+      for (int r = 0; r < RT; ++r) {
+        cur_codes[r] = ring_codes[p][r];
+        cur_scales[r] = ring_scales[p][r];
+        ring_codes[p][r] = load_tile_codes(codes_at[r] + 32 * ahead);
+        ring_scales[p][r] = __ldg(scales_at[r] + 8 * ahead);
+      }
+      // A fragments of this block: [tile][k-step][4 registers].
+      uint32_t af[RT][4][4];
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const uint32_t w_lo = half ? cur_codes[r].y : cur_codes[r].x;
-        const uint32_t w_hi = half ? cur_codes[r].w : cur_codes[r].z;
-        const uint32_t lo_even = (w_lo >> 2) & 0x3C3C3C3Cu, lo_odd = (w_lo << 2) & 0x3C3C3C3Cu;
-        const uint32_t hi_even = (w_hi >> 2) & 0x3C3C3C3Cu, hi_odd = (w_hi << 2) & 0x3C3C3C3Cu;
+      for (int r = 0; r < RT; ++r) {
 #pragma unroll
-        for (int jj = 0; jj < 2; ++jj) {
-          const int j = 2 * half + jj;
-          af[r][j][0] = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj, cur_scales[r].x);
-          af[r][j][1] = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj, cur_scales[r].y);
-          af[r][j][2] = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj + 1, cur_scales[r].x);
-          af[r][j][3] = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj + 1, cur_scales[r].y);
+        for (int half = 0; half < 2; ++half) {
+          const uint32_t w_lo = half ? cur_codes[r].y : cur_codes[r].x;
+          const uint32_t w_hi = half ? cur_codes[r].w : cur_codes[r].z;
+          const uint32_t lo_even = (w_lo >> 2) & 0x3C3C3C3Cu, lo_odd = (w_lo << 2) & 0x3C3C3C3Cu;
+          const uint32_t hi_even = (w_hi >> 2) & 0x3C3C3C3Cu, hi_odd = (w_hi << 2) & 0x3C3C3C3Cu;
+#pragma unroll
+          for (int jj = 0; jj < 2; ++jj) {
+            const int j = 2 * half + jj;
+            af[r][j][0] = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj, cur_scales[r].x);
+            af[r][j][1] = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj, cur_scales[r].y);
+            af[r][j][2] = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj + 1, cur_scales[r].x);
+            af[r][j][3] = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj + 1, cur_scales[r].y);
+          }
         }
       }
-    }
-    cp_async_wait<STAGES - 2>();  // this block's x has landed (for this thread's copies) ...
-    __syncthreads();              // ... and everyone's; the buffer refilled below was last read a block ago
-    if (blk + STAGES - 1 < last) stage_x(blk + STAGES - 1, (i + STAGES - 1) % STAGES);
-    cp_async_commit();
-    const uint8_t* stage = x_stages + (i % STAGES) * STAGE_BYTES;
+      cp_async_wait<STAGES - 2>();  // this block's x has landed (for this thread's copies) ...
+      __syncthreads();              // ... and everyone's; the buffer refilled below was last read a block ago
+      if (blk + STAGES - 1 < last) stage_x(blk + STAGES - 1, (i + STAGES - 1) % STAGES);
+      cp_async_commit();
+      const uint8_t* stage = x_stages + (i % STAGES) * STAGE_BYTES;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const uint8_t* row = stage + (nt * 8 + g) * 128;  // (nt * 8 + g) & 7 == g
-      const uint4 v0 = *reinterpret_cast<const uint4*>(row + (((2 * t) ^ g) << 4));
-      const uint4 v1 = *reinterpret_cast<const uint4*>(row + (((2 * t + 1) ^ g) << 4));
-      const uint32_t xb[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint8_t* row = stage + (nt * 8 + g) * 128;  // (nt * 8 + g) & 7 == g
+        const uint4 v0 = *reinterpret_cast<const uint4*>(row + (((2 * t) ^ g) << 4));
+        const uint4 v1 = *reinterpret_cast<const uint4*>(row + (((2 * t + 1) ^ g) << 4));
+        const uint32_t xb[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < 4; ++j)
 #pragma unroll
-        for (int r = 0; r < RT; ++r)
-          Ops<T>::mma(acc[r][nt], af[r][j][0], af[r][j][1], af[r][j][2], af[r][j][3], xb[2 * j], xb[2 * j + 1]);
+          for (int r = 0; r < RT; ++r)
+            Ops<T>::mma(acc[r][nt], af[r][j][0], af[r][j][1], af[r][j][2], af[r][j][3], xb[2 * j], xb[2 * j + 1]);
+      }
     }
   }
   cp_async_wait<0>();
@@ -658,10 +668,14 @@ int64_t nf4_tile_blocks_per_sm(int64_t rows, int64_t warps, int64_t rows_per_war
   return blocks;
 }
 
-// Wide instances (token tiles of 8, row tiles a warp): NT 8 (<= 64 rows a pass) or 16 (<= 128), RT 1 or 2; four
+// Wide instances (token tiles of 8, row tiles a warp): NT 2, 4, 8 or 16 (16 to 128 rows a pass), RT 1 or 2; four
 // warps a block, three x buffers. More rows than a pass holds: grid z takes the token groups.
 constexpr int WIDE_WARPS = 4;
 constexpr int WIDE_STAGES = 3;
+template <int NT, int RT>
+struct WidePrefetch {  // code blocks in flight: 4, or 2 where the accumulators already take most registers
+  static constexpr int value = NT * RT >= 16 ? 2 : 4;
+};
 
 template <typename T, int NT, int RT>
 void launch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
@@ -671,7 +685,7 @@ void launch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const 
   const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
   const int groups = (M + NT * 8 - 1) / (NT * 8);
   constexpr int smem = WideSmem<NT, WIDE_STAGES>::bytes;
-  auto kernel = nf4_wide_kernel<T, NT, RT, WIDE_WARPS, WIDE_STAGES>;
+  auto kernel = nf4_wide_kernel<T, NT, RT, WIDE_WARPS, WIDE_STAGES, WidePrefetch<NT, RT>::value>;
   static bool attribute_set = false;  // per instance; above 48 KB needs the opt-in
   if (!attribute_set) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -691,7 +705,13 @@ void dispatch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, cons
                    const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                    int64_t split_k, int64_t token_tiles, int64_t rows_per_warp) {
   const bool two = rows_per_warp == 2;
-  if (token_tiles == 8) {
+  if (token_tiles == 2) {
+    if (two) launch_wide<T, 2, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    else launch_wide<T, 2, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
+  } else if (token_tiles == 4) {
+    if (two) launch_wide<T, 4, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    else launch_wide<T, 4, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
+  } else if (token_tiles == 8) {
     if (two) launch_wide<T, 8, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
     else launch_wide<T, 8, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
   } else {
@@ -706,7 +726,8 @@ void nf4_wide(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scal
               int64_t rows_per_warp) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
-  TORCH_CHECK(token_tiles == 8 || token_tiles == 16, "token_tiles must be 8 or 16");
+  TORCH_CHECK(token_tiles == 2 || token_tiles == 4 || token_tiles == 8 || token_tiles == 16,
+              "token_tiles must be 2, 4, 8 or 16");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type(), "out must be contiguous, x's dtype");
   const int64_t tiles = (out.size(1) + 15) / 16, blocks = x.size(1) / 64;
   TORCH_CHECK(tile_codes.scalar_type() == torch::kUInt8 && tile_codes.numel() == tiles * blocks * 512,
@@ -726,12 +747,16 @@ int64_t nf4_wide_blocks_per_sm(int64_t token_tiles, int64_t rows_per_warp) {
   int blocks = 0;
 #define LORAPLEX_OCC_WIDE(NT, RT)                                                                          \
   {                                                                                                        \
-    auto kernel = nf4_wide_kernel<__nv_bfloat16, NT, RT, WIDE_WARPS, WIDE_STAGES>;                         \
+    auto kernel = nf4_wide_kernel<__nv_bfloat16, NT, RT, WIDE_WARPS, WIDE_STAGES, WidePrefetch<NT, RT>::value>; \
     constexpr int smem = WideSmem<NT, WIDE_STAGES>::bytes;                                                 \
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));       \
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, WIDE_WARPS * 32, smem);                 \
   }
-  if (token_tiles == 8) {
+  if (token_tiles == 2) {
+    if (rows_per_warp == 2) LORAPLEX_OCC_WIDE(2, 2) else LORAPLEX_OCC_WIDE(2, 1)
+  } else if (token_tiles == 4) {
+    if (rows_per_warp == 2) LORAPLEX_OCC_WIDE(4, 2) else LORAPLEX_OCC_WIDE(4, 1)
+  } else if (token_tiles == 8) {
     if (rows_per_warp == 2) LORAPLEX_OCC_WIDE(8, 2) else LORAPLEX_OCC_WIDE(8, 1)
   } else {
     if (rows_per_warp == 2) LORAPLEX_OCC_WIDE(16, 2) else LORAPLEX_OCC_WIDE(16, 1)
