@@ -28,7 +28,7 @@ PREFILL_RATIOS = (  # read from the newest prefill run (python -m bench.prefill)
           "<=", 1.1),
     Ratio("prefill_tflops_8b", "8b", "model TFLOP/s of NF4 prefill, 32 x 2,048 tokens", ">=", 550),
 )
-IMPLS = ("ours", "bnb", "tinygemm", "tile", "pair", "lut", "mma", "fused", "fused_bytes", "fused_words", "gemv",
+IMPLS = ("ours", "bnb", "tinygemm", "tile", "wide", "pair", "lut", "mma", "fused", "fused_bytes", "fused_words", "gemv",
          "dequant")
 
 
