@@ -79,6 +79,14 @@ def random_segments(num_tokens: int, max_seg: int, num_slots: int, rng: random.R
     return seg_lens, seg_slots
 
 
+def random_meta(mode: str, rng: random.Random, num_slots: int, prefill_tokens: int, max_seg: int):
+    """Decode: 33 one-token segments of random slots (-1 included); prefill: random segments."""
+    if mode == "decode":
+        slots = [rng.choice([-1, *range(num_slots)]) for _ in range(33)]
+        return decode_lora_meta(torch.tensor(slots, dtype=torch.int32, device=DEVICE))
+    return make_lora_meta(*random_segments(prefill_tokens, max_seg, num_slots, rng), DEVICE)
+
+
 LORA_SHAPES = [
     # (slice_offsets, in_features)
     ((0, 1024), 1024),
@@ -94,13 +102,8 @@ LORA_SHAPES = [
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
 def test_lora_matches_reference(triton_lora, mode, shape, rank, dtype):
     slice_offsets, in_features = shape
-    rng = random.Random(rank)
     num_slots = 6
-    if mode == "decode":
-        slots = [rng.choice([-1, *range(num_slots)]) for _ in range(33)]
-        meta = decode_lora_meta(torch.tensor(slots, dtype=torch.int32, device=DEVICE))
-    else:
-        meta = make_lora_meta(*random_segments(300, 130, num_slots, rng), DEVICE)
+    meta = random_meta(mode, random.Random(rank), num_slots, 300, 130)
     num_tokens = meta.token_slots.shape[0]
     y, x, lora_a, lora_b, pool = lora_inputs(num_tokens, num_slots, rank, slice_offsets, in_features, dtype)
     expected, actual = y.clone(), y.clone()
@@ -118,13 +121,8 @@ def test_lora_one_token_programs_match_reference(triton_lora, mode, shape, rank,
     """block_m=1 (a program per token, products summed in registers): the decode variant bench.lora_kernels
     sweeps, on every launch override it tries that changes the kernels' code."""
     slice_offsets, in_features = shape
-    rng = random.Random(rank + 1)
     num_slots = 6
-    if mode == "decode":
-        slots = [rng.choice([-1, *range(num_slots)]) for _ in range(33)]
-        meta = decode_lora_meta(torch.tensor(slots, dtype=torch.int32, device=DEVICE))
-    else:
-        meta = make_lora_meta(*random_segments(90, 40, num_slots, rng), DEVICE)
+    meta = random_meta(mode, random.Random(rank + 1), num_slots, 90, 40)
     num_tokens = meta.token_slots.shape[0]
     y, x, lora_a, lora_b, pool = lora_inputs(num_tokens, num_slots, rank, slice_offsets, in_features, dtype)
     expected = y.clone()

@@ -239,6 +239,67 @@ __device__ __forceinline__ uint4 load_tile_codes(const uint4* p) {
   return v;
 }
 
+// The codes and scales of a warp's RT row tiles in the tile layout, PREFETCH quant blocks ahead in a register
+// ring. A tile past the last re-reads the last one (its rows are never stored); blocks past the split are clamped
+// to its last one (refills that are never used): every load reads valid memory, so none is predicated.
+template <int RT, int PREFETCH>
+struct TileRing {
+  const uint4* codes_at[RT];
+  const float2* scales_at[RT];
+  uint4 codes[PREFETCH][RT];
+  float2 scales[PREFETCH][RT];
+
+  __device__ __forceinline__ TileRing(const uint4* tile_codes, const float2* tile_scales, int tile0, int row_tiles,
+                                      int num_blocks, int lane, int first, int last) {
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      const int tile = tile0 + r < row_tiles ? tile0 + r : min(tile0, row_tiles - 1);
+      codes_at[r] = tile_codes + static_cast<int64_t>(tile) * num_blocks * 32 + lane;  // 32 uint4 a block
+      scales_at[r] = tile_scales + static_cast<int64_t>(tile) * num_blocks * 8 + (lane >> 2);  // 8 float2
+    }
+#pragma unroll
+    for (int p = 0; p < PREFETCH; ++p) {
+      const int blk = min(first + p, last - 1);
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        codes[p][r] = load_tile_codes(codes_at[r] + 32 * blk);
+        scales[p][r] = __ldg(scales_at[r] + 8 * blk);
+      }
+    }
+  }
+
+  // Block `blk`, held in slot p, into cur; slot p refilled with block blk + PREFETCH (clamped).
+  __device__ __forceinline__ void take(int p, int blk, int last, uint4 (&cur_codes)[RT], float2 (&cur_scales)[RT]) {
+    const int ahead = min(blk + PREFETCH, last - 1);
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      cur_codes[r] = codes[p][r];
+      cur_scales[r] = scales[p][r];
+      codes[p][r] = load_tile_codes(codes_at[r] + 32 * ahead);
+      scales[p][r] = __ldg(scales_at[r] + 8 * ahead);
+    }
+  }
+};
+
+// The A fragments of k-steps 2 * half and 2 * half + 1 of one row tile's quant block: lane (g, t) holds rows g and
+// g + 8, and in k-step j code bytes 2j (columns 2t, 2t + 1) and 2j + 1 (columns 2t + 8, 2t + 9) of its 8 (tile
+// layout: words x, y of row g; z, w of row g + 8).
+template <typename T>
+__device__ __forceinline__ void a_fragments(const char* lut, uint4 codes, float2 scales, int half,
+                                            uint32_t (&a)[2][4]) {
+  const uint32_t w_lo = half ? codes.y : codes.x;  // row g
+  const uint32_t w_hi = half ? codes.w : codes.z;  // row g + 8
+  const uint32_t lo_even = (w_lo >> 2) & 0x3C3C3C3Cu, lo_odd = (w_lo << 2) & 0x3C3C3C3Cu;
+  const uint32_t hi_even = (w_hi >> 2) & 0x3C3C3C3Cu, hi_odd = (w_hi << 2) & 0x3C3C3C3Cu;
+#pragma unroll
+  for (int jj = 0; jj < 2; ++jj) {
+    a[jj][0] = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj, scales.x);
+    a[jj][1] = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj, scales.y);
+    a[jj][2] = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj + 1, scales.x);
+    a[jj][3] = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj + 1, scales.y);
+  }
+}
+
 template <typename T, int NT, int RT, int WARPS, int PREFETCH>
 __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::value)) nf4_tile_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
@@ -263,14 +324,6 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
   // are clamped to its last one (refills that are never used), and tokens past M re-read token M - 1 (their
   // columns are never stored). Offsets are 32-bit from per-lane bases computed once.
   if (tile0 >= row_tiles) return;  // after the only __syncthreads
-  const uint4* codes_at[RT];
-  const float2* scales_at[RT];
-#pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    const int tile = tile0 + r < row_tiles ? tile0 + r : tile0;
-    codes_at[r] = tile_codes + static_cast<int64_t>(tile) * num_blocks * 32 + lane;  // 32 uint4 a block
-    scales_at[r] = tile_scales + static_cast<int64_t>(tile) * num_blocks * 8 + g;   // 8 float2 a block
-  }
   const uint4* x_at[NT];  // token nt * 8 + g (clamped), its 16 k of block 0 for quad lane t: 2 uint4 a block
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
@@ -284,18 +337,7 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.f;
 
-  uint4 ring_codes[PREFETCH][RT];
-  float2 ring_scales[PREFETCH][RT];
-#pragma unroll
-  for (int i = 0; i < PREFETCH; ++i) {
-    const int blk = min(first + i, last - 1);
-#pragma unroll
-    for (int r = 0; r < RT; ++r) {
-      ring_codes[i][r] = load_tile_codes(codes_at[r] + 32 * blk);
-      ring_scales[i][r] = __ldg(scales_at[r] + 8 * blk);
-    }
-  }
-
+  TileRing<RT, PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
   for (int base = first; base < last; base += PREFETCH) {
 #pragma unroll
     for (int i = 0; i < PREFETCH; ++i) {
@@ -303,14 +345,7 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
       if (blk >= last) break;  // warp-uniform
       uint4 cur_codes[RT];
       float2 cur_scales[RT];
-      const int ahead = min(blk + PREFETCH, last - 1);
-#pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        cur_codes[r] = ring_codes[i][r];
-        cur_scales[r] = ring_scales[i][r];
-        ring_codes[i][r] = load_tile_codes(codes_at[r] + 32 * ahead);
-        ring_scales[i][r] = __ldg(scales_at[r] + 8 * ahead);
-      }
+      ring.take(i, blk, last, cur_codes, cur_scales);
 
       uint32_t xb[NT][8];
 #pragma unroll
@@ -325,20 +360,14 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
       for (int r = 0; r < RT; ++r) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const uint32_t w_lo = half ? cur_codes[r].y : cur_codes[r].x;  // row g
-          const uint32_t w_hi = half ? cur_codes[r].w : cur_codes[r].z;  // row g + 8
-          const uint32_t lo_even = (w_lo >> 2) & 0x3C3C3C3Cu, lo_odd = (w_lo << 2) & 0x3C3C3C3Cu;
-          const uint32_t hi_even = (w_hi >> 2) & 0x3C3C3C3Cu, hi_odd = (w_hi << 2) & 0x3C3C3C3Cu;
+          uint32_t a[2][4];
+          a_fragments<T>(lut, cur_codes[r], cur_scales[r], half, a);
 #pragma unroll
           for (int jj = 0; jj < 2; ++jj) {
             const int j = 2 * half + jj;
-            const uint32_t a0 = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj, cur_scales[r].x);
-            const uint32_t a1 = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj, cur_scales[r].y);
-            const uint32_t a2 = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj + 1, cur_scales[r].x);
-            const uint32_t a3 = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj + 1, cur_scales[r].y);
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
-              Ops<T>::mma(acc[r][nt], a0, a1, a2, a3, xb[nt][2 * j], xb[nt][2 * j + 1]);
+              Ops<T>::mma(acc[r][nt], a[jj][0], a[jj][1], a[jj][2], a[jj][3], xb[nt][2 * j], xb[nt][2 * j + 1]);
           }
         }
       }
@@ -394,16 +423,7 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
   const int last = min(first + blocks_per_split, num_blocks);
   const int tok0 = blockIdx.z * TOKENS;
 
-  // Every warp stays to the end (the block's barriers): a tile past the last re-reads the last tile and is never
-  // stored; token rows past M re-read row M - 1 and are never stored.
-  const uint4* codes_at[RT];
-  const float2* scales_at[RT];
-#pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    const int tile = min(tile0 + r, row_tiles - 1);
-    codes_at[r] = tile_codes + static_cast<int64_t>(tile) * num_blocks * 32 + lane;
-    scales_at[r] = tile_scales + static_cast<int64_t>(tile) * num_blocks * 8 + g;
-  }
+  // Every warp stays to the end (the block's barriers): token rows past M re-read row M - 1 and are never stored.
   const uint32_t smem = static_cast<uint32_t>(__cvta_generic_to_shared(x_stages));
 
   // Stage x of quant block `blk` into buffer `stage`: TOKENS rows of 8 chunks, one 16-byte cp.async each.
@@ -431,19 +451,8 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.f;
 
-  // Codes and scales run PREFETCH blocks ahead in a register ring (one block ahead left DRAM idle at 16-32 rows).
-  uint4 ring_codes[PREFETCH][RT];
-  float2 ring_scales[PREFETCH][RT];
-#pragma unroll
-  for (int p = 0; p < PREFETCH; ++p) {
-    const int blk = min(first + p, last - 1);
-#pragma unroll
-    for (int r = 0; r < RT; ++r) {
-      ring_codes[p][r] = load_tile_codes(codes_at[r] + 32 * blk);
-      ring_scales[p][r] = __ldg(scales_at[r] + 8 * blk);
-    }
-  }
-
+  // Codes and scales run PREFETCH blocks ahead (one block ahead left DRAM idle at 16-32 rows).
+  TileRing<RT, PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
   for (int base = first; base < last; base += PREFETCH) {
 #pragma unroll
     for (int p = 0; p < PREFETCH; ++p) {
@@ -452,34 +461,12 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
       const int i = blk - first;
       uint4 cur_codes[RT];
       float2 cur_scales[RT];
-      const int ahead = min(blk + PREFETCH, last - 1);
+      ring.take(p, blk, last, cur_codes, cur_scales);
+      uint32_t af[RT][2][2][4];  // A fragments of this block: [tile][half][k-step of the half][4 registers]
 #pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        cur_codes[r] = ring_codes[p][r];
-        cur_scales[r] = ring_scales[p][r];
-        ring_codes[p][r] = load_tile_codes(codes_at[r] + 32 * ahead);
-        ring_scales[p][r] = __ldg(scales_at[r] + 8 * ahead);
-      }
-      // A fragments of this block: [tile][k-step][4 registers].
-      uint32_t af[RT][4][4];
+      for (int r = 0; r < RT; ++r)
 #pragma unroll
-      for (int r = 0; r < RT; ++r) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const uint32_t w_lo = half ? cur_codes[r].y : cur_codes[r].x;
-          const uint32_t w_hi = half ? cur_codes[r].w : cur_codes[r].z;
-          const uint32_t lo_even = (w_lo >> 2) & 0x3C3C3C3Cu, lo_odd = (w_lo << 2) & 0x3C3C3C3Cu;
-          const uint32_t hi_even = (w_hi >> 2) & 0x3C3C3C3Cu, hi_odd = (w_hi << 2) & 0x3C3C3C3Cu;
-#pragma unroll
-          for (int jj = 0; jj < 2; ++jj) {
-            const int j = 2 * half + jj;
-            af[r][j][0] = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj, cur_scales[r].x);
-            af[r][j][1] = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj, cur_scales[r].y);
-            af[r][j][2] = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj + 1, cur_scales[r].x);
-            af[r][j][3] = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj + 1, cur_scales[r].y);
-          }
-        }
-      }
+        for (int half = 0; half < 2; ++half) a_fragments<T>(lut, cur_codes[r], cur_scales[r], half, af[r][half]);
       cp_async_wait<STAGES - 2>();  // this block's x has landed (for this thread's copies) ...
       __syncthreads();              // ... and everyone's; the buffer refilled below was last read a block ago
       if (blk + STAGES - 1 < last) stage_x(blk + STAGES - 1, (i + STAGES - 1) % STAGES);
@@ -495,7 +482,8 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
         for (int j = 0; j < 4; ++j)
 #pragma unroll
           for (int r = 0; r < RT; ++r)
-            Ops<T>::mma(acc[r][nt], af[r][j][0], af[r][j][1], af[r][j][2], af[r][j][3], xb[2 * j], xb[2 * j + 1]);
+            Ops<T>::mma(acc[r][nt], af[r][j / 2][j % 2][0], af[r][j / 2][j % 2][1], af[r][j / 2][j % 2][2],
+                        af[r][j / 2][j % 2][3], xb[2 * j], xb[2 * j + 1]);
       }
     }
   }
