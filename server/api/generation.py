@@ -62,6 +62,7 @@ class Generation:
         self.principal = principal
         self.request = request
         self.deadline = time.monotonic() + state.settings.request_timeout_s
+        self._deadline = _Deadline(self.deadline)
         self.prompt_tokens = len(request.prompt_token_ids)
         self.completion_tokens = 0
         self._stream = state.engine.generate(request)
@@ -136,6 +137,7 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        self._deadline.cancel()
         self.abort()
         try:
             await self._stream.aclose()
@@ -145,18 +147,17 @@ class Generation:
         self.state.limiter.leave(self.principal)
 
     async def _next(self) -> RequestOutput:
-        timeout = self.state.settings.request_timeout_s
-        remaining = self.deadline - time.monotonic()
+        timed_out = APIError(504, f"request timed out after {self.state.settings.request_timeout_s:g} s "
+                                  "(request_timeout_s)")
         try:
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            if _timeout is None:  # Python 3.10
+            if not _HAS_UNCANCEL:  # Python 3.10: a timeout per output
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise timed_out
                 return await asyncio.wait_for(self._stream.__anext__(), remaining)
-            # asyncio.timeout, not wait_for: no task per output (wait_for made one on Python 3.11)
-            async with _timeout(remaining):
-                return await self._stream.__anext__()
+            return await self._deadline.wait(self._stream.__anext__)
         except asyncio.TimeoutError:
-            raise APIError(504, f"request timed out after {timeout:g} s (request_timeout_s)") from None
+            raise timed_out from None
         except StopAsyncIteration:
             raise APIError(503, "the engine stopped before the request finished") from None
 
@@ -195,7 +196,46 @@ async def _wait_disconnect(http_request: HTTPRequest) -> None:
 
 
 _encode_json = msgspec.json.Encoder().encode
-_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
+_HAS_UNCANCEL = hasattr(asyncio.Task, "uncancel")  # Python 3.11+
+
+
+class _Deadline:
+    """A request's deadline as one timer for all its outputs. asyncio.timeout around each output cost 7 us an
+    output against 0.6 for the wait itself (Python 3.11): at 32 streams the API process waits for ~8,000 outputs
+    a second. When the deadline passes, the task waiting in `wait` (if one is) is cancelled, and `wait` turns
+    that cancellation, and only that one, into asyncio.TimeoutError; past the deadline `wait` raises at once."""
+
+    def __init__(self, deadline: float):  # time.monotonic(), the event loop's clock
+        self._handle = asyncio.get_running_loop().call_at(deadline, self._expire)
+        self._waiter: asyncio.Task | None = None
+        self._cancelled_waiter = False
+        self.expired = False
+
+    def _expire(self) -> None:
+        self.expired = True
+        if self._waiter is not None:
+            self._cancelled_waiter = True
+            self._waiter.cancel()
+
+    async def wait(self, start: Callable[[], Awaitable[T]]) -> T:
+        """`await start()`, or asyncio.TimeoutError once the deadline has passed."""
+        if self.expired:
+            raise asyncio.TimeoutError
+        task = asyncio.current_task()
+        self._waiter = task
+        try:
+            return await start()
+        except asyncio.CancelledError:
+            if self._cancelled_waiter:  # ours: undo our cancel request; one from elsewhere still stands
+                self._cancelled_waiter = False
+                if task.uncancel() == 0:
+                    raise asyncio.TimeoutError from None
+            raise
+        finally:
+            self._waiter = None
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def sse_event(payload: dict | str) -> bytes:
