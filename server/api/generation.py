@@ -147,17 +147,16 @@ class Generation:
         self.state.limiter.leave(self.principal)
 
     async def _next(self) -> RequestOutput:
-        timed_out = APIError(504, f"request timed out after {self.state.settings.request_timeout_s:g} s "
-                                  "(request_timeout_s)")
         try:
             if not _HAS_UNCANCEL:  # Python 3.10: a timeout per output
                 remaining = self.deadline - time.monotonic()
                 if remaining <= 0:
-                    raise timed_out
+                    raise asyncio.TimeoutError
                 return await asyncio.wait_for(self._stream.__anext__(), remaining)
             return await self._deadline.wait(self._stream.__anext__)
         except asyncio.TimeoutError:
-            raise timed_out from None
+            timeout = self.state.settings.request_timeout_s
+            raise APIError(504, f"request timed out after {timeout:g} s (request_timeout_s)") from None
         except StopAsyncIteration:
             raise APIError(503, "the engine stopped before the request finished") from None
 
