@@ -156,7 +156,11 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         if SWEEP_MMA:  # its neighbours: two row tiles a warp, the other pass width, split-K halved and doubled
             tiles, per_warp = cuda_nf4.wide_config(rows)
             other = 2 * tiles if tiles < 16 else 8  # the next wider pass, or at 16 token tiles passes of 64 rows
-            variants = {"wide_r2": {"rows_per_warp": 2}, f"wide_t{other}": {"token_tiles": other}}
+            split = cuda_nf4.wide_split_k(rows, layer.shape, device_num_sms(0), tiles, per_warp)
+            # split-K halved and doubled: at 32 rows on gate_up the default 8 splits write and read back 29 MB
+            # of fp32 partials, half the code bytes
+            variants = {"wide_r2": {"rows_per_warp": 2}, f"wide_t{other}": {"token_tiles": other},
+                        "wide_s_half": {"split_k": max(1, split // 2)}, "wide_s_double": {"split_k": split * 2}}
             for vname, kw in variants.items():
                 impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_wide(x, c[3], layer.shape, layer.table,
                                                                      num_sms=device_num_sms(0), **kw)

@@ -164,6 +164,14 @@ def wide_config(num_rows: int) -> tuple[int, int]:
     return tiles, 1
 
 
+def wide_split_k(num_rows: int, shape, num_sms: int, token_tiles: int, rows_per_warp: int) -> int:
+    """pick_split_k for the wide kernel: one pass of 8 * token_tiles rows, each group of grid z a full grid."""
+    groups = -(-num_rows // (8 * token_tiles))
+    resident = max(1, wide_blocks_per_sm(token_tiles, rows_per_warp) // groups)
+    return pick_split_k(min(num_rows, 8 * token_tiles), shape[0], shape[1], num_sms, WIDE_WARPS,
+                        resident_blocks=resident, rows_per_warp=rows_per_warp)
+
+
 def nf4_wide(
     x: torch.Tensor,  # [T, in] bf16 / fp16, any T
     tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
@@ -177,15 +185,12 @@ def nf4_wide(
 ) -> torch.Tensor:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, x staged in shared memory once a
     block for all its warps (csrc/nf4_mma.cu, nf4_wide_kernel); same MMA mapping and order of sums as nf4_tile."""
-    out_features, in_features = shape
+    out_features = shape[0]
     x = x.contiguous()
     out = torch.empty(x.shape[0], out_features, device=x.device, dtype=x.dtype)
     default_tiles, default_rows = wide_config(x.shape[0])
     token_tiles, rows_per_warp = token_tiles or default_tiles, rows_per_warp or default_rows
     if split_k is None:
-        groups = -(-x.shape[0] // (8 * token_tiles))  # grid z: each group is a full grid of row tiles
-        resident = max(1, wide_blocks_per_sm(token_tiles, rows_per_warp) // groups)
-        split_k = pick_split_k(min(x.shape[0], 8 * token_tiles), out_features, in_features, num_sms, WIDE_WARPS,
-                               resident_blocks=resident, rows_per_warp=rows_per_warp)
+        split_k = wide_split_k(x.shape[0], shape, num_sms, token_tiles, rows_per_warp)
     _extension().nf4_wide(x, tiled[0], tiled[1], code_table, bias, out, split_k, token_tiles, rows_per_warp)
     return out

@@ -62,3 +62,12 @@ def test_wide_batches_of_small_weights_go_to_dequant(rows, shape, expected):
     """17-32 rows: the wide kernel; 33-64 rows for weights of 16M+ entries, 65-128 rows for 50M+ (the H200
     crossovers)."""
     assert nf4_dispatch.kernel_for(rows, shape, nf4_dispatch.WITH_CUDA_KERNEL) == expected
+
+
+def test_wide_split_counts_each_token_group_as_a_full_grid(monkeypatch):
+    """Passes beyond the first (grid z) take resident places too: their split is chosen as if each SM held
+    1/groups of the blocks."""
+    monkeypatch.setattr(cuda_nf4, "wide_blocks_per_sm", lambda tiles, per_warp: 4)
+    shape = (28672, 4096)
+    assert cuda_nf4.wide_split_k(32, shape, 132, 4, 1) == cuda_nf4.pick_split_k(32, *shape, 132, 4, 4)
+    assert cuda_nf4.wide_split_k(200, shape, 132, 16, 1) == cuda_nf4.pick_split_k(128, *shape, 132, 4, 2)
