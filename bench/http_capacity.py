@@ -13,7 +13,8 @@ at once and the step's one host sync sleeps until the fake device is done, relea
 real wait on a CUDA event does. The client runs in this process, the server in
 its own, as in bench.serve.
 
-Reports output tok/s, TTFT and ITL, `serve_over_ideal` (tok/s over what the fake model's own time
+Reports output tok/s, TTFT and ITL, the server's own view (HTTP admission, engine queue and TTFT means from
+its /metrics), `serve_over_ideal` (tok/s over what the fake model's own time
 allows: every stream a token a step, plus each prompt's prefill time) and `itl_p50_over_step`. What
 separates the first from 1.0 is the host side of serving, measurable here without a GPU.
 """
@@ -116,6 +117,7 @@ class _Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.serve import scrape
     from bench.serve.__main__ import token_range
     from bench.serve.load import Traffic, run_async, run_load
     from bench.serve.modeldir import build_model_dir
@@ -147,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             warm = Traffic(adapters=(), concurrency=args.concurrency, num_requests=args.concurrency,
                            prompt_len=16, output_len=8)
             run_async(run_load(server.url, warm, token_range("tiny"), "bench-base"))
+            before = scrape.snapshot(server.url)
             load = run_async(run_load(server.url, traffic, token_range("tiny"), "bench-base"))
+            load["server_metrics"] = scrape.deltas(before, scrape.snapshot(server.url))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     # The fake model's own time for this load: every stream a token a step, plus each prompt's tokens.
@@ -163,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": {"serve_over_ideal": load["tokens_per_s"] / ideal,
                    "itl_p50_over_step": (load["itl_ms_p50"] or 0) / args.step_ms},
     }
+    server_view = {k: load["server_metrics"].get(k) for k in ("http_admission_ms_mean", "queue_ms_mean",
+                                                              "ttft_ms_mean", "http_first_output_ms_mean")}
     print(json.dumps({k: load[k] for k in ("tokens_per_s", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p99",
-                                           "errors_by_status", "client_cpu_s")}), json.dumps(result["ratios"]))
+                                           "errors_by_status", "client_cpu_s")}), json.dumps(result["ratios"]),
+          json.dumps(server_view))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         tag = "proc" if "--engine-process" in args.server_arg else "thread"
