@@ -39,6 +39,7 @@ SHRINK_SWEEP = {
     "m1": {"block_m": 1}, "m1_k256": {"block_m": 1, "block_k": 256}, "m1_k512_w2": {"block_m": 1, "block_k": 512,
                                                                                "num_warps": 2},
     "m1_p1056": {"block_m": 1, "target_programs": 1056}, "m1_s1": {"block_m": 1, "num_stages": 1},
+    "m16": {"block_m": 16},  # the tensor-core tile, the default before one program per token (up to 32 tokens)
 }
 EXPAND_SWEEP = {
     "n64": {"block_n": 64}, "n128": {"block_n": 128}, "n512": {"block_n": 512}, "w2": {"num_warps": 2},

@@ -59,12 +59,15 @@ class Choices:
 
         async def start_prompt(prompt: int) -> None:
             await start_one(prompt * n)
-            await asyncio.gather(*(start_one(prompt * n + j) for j in range(1, n)))
+            # every sibling settles before a failure is raised: one still starting after the close below
+            # would never be closed (its rate-limiter place and its engine request kept)
+            _raise_first(await asyncio.gather(*(start_one(prompt * n + j) for j in range(1, n)),
+                                              return_exceptions=True))
 
         results = await asyncio.gather(*(start_prompt(p) for p in range(num_prompts)), return_exceptions=True)
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         if failure is not None:
-            for generation in started.values():
+            for generation in list(started.values()):
                 await generation.aclose()
             raise failure
         return cls([started[i] for i in range(num_prompts * n)], n)
@@ -134,3 +137,10 @@ class Choices:
         self.abort()
         for generation in self.generations:
             await generation.aclose()
+
+
+def _raise_first(results: list) -> None:
+    """Raise the first exception among gather(..., return_exceptions=True)'s results, if any."""
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is not None:
+        raise failure

@@ -205,7 +205,9 @@ class _Deadline:
     that cancellation, and only that one, into asyncio.TimeoutError; past the deadline `wait` raises at once."""
 
     def __init__(self, deadline: float):  # time.monotonic(), the event loop's clock
-        self._handle = asyncio.get_running_loop().call_at(deadline, self._expire)
+        self._loop = asyncio.get_running_loop()
+        self._deadline = deadline
+        self._handle = self._loop.call_at(deadline, self._expire)
         self._waiter: asyncio.Task | None = None
         self._cancelled_waiter = False
         self.expired = False
@@ -218,20 +220,23 @@ class _Deadline:
 
     async def wait(self, start: Callable[[], Awaitable[T]]) -> T:
         """`await start()`, or asyncio.TimeoutError once the deadline has passed."""
-        if self.expired:
+        if self.expired or self._loop.time() >= self._deadline:  # by the clock, even before the timer has run
             raise asyncio.TimeoutError
         task = asyncio.current_task()
-        self._waiter = task
+        self._waiter, cancelling = task, task.cancelling()  # a count left from before is not ours to judge
         try:
             return await start()
         except asyncio.CancelledError:
             if self._cancelled_waiter:  # ours: undo our cancel request; one from elsewhere still stands
                 self._cancelled_waiter = False
-                if task.uncancel() == 0:
+                if task.uncancel() <= cancelling:
                     raise asyncio.TimeoutError from None
             raise
         finally:
             self._waiter = None
+            if self._cancelled_waiter:  # our cancel never arrived as a CancelledError (swallowed, replaced)
+                self._cancelled_waiter = False
+                task.uncancel()
 
     def cancel(self) -> None:
         self._handle.cancel()
@@ -255,7 +260,7 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], **kwargs):
+    def __init__(self, content: EventStream, **kwargs):
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **kwargs.pop("headers", {})}
         super().__init__(content, headers=headers, **kwargs)
 
@@ -266,10 +271,33 @@ class SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def stream_events(generation: Generation | Closable, events: AsyncIterator[dict],
-                        done_marker: bool) -> AsyncIterator[str]:
+def stream_events(generation: Generation | Closable, events: AsyncIterator[dict], done_marker: bool) -> EventStream:
     """SSE lines for `events`; an error mid-stream becomes one error event (a 500 without details when it
-    is not an APIError). Always closes the request."""
+    is not an APIError). Always closes the request (see EventStream)."""
+    return EventStream(generation, _event_lines(generation, events, done_marker))
+
+
+class EventStream:
+    """An SSE body: its lines, and an `aclose` that closes the request even when the lines were never iterated.
+    A client gone before the response started (its start message failed to send) left the generator unstarted,
+    so its own `finally` never ran: the request kept its rate-limiter place and ran on in the engine."""
+
+    def __init__(self, closable: Closable, lines: AsyncIterator[bytes]):
+        self._closable = closable
+        self._lines = lines
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._lines
+
+    async def aclose(self) -> None:
+        try:
+            await self._lines.aclose()
+        finally:
+            await self._closable.aclose()
+
+
+async def _event_lines(generation: Generation | Closable, events: AsyncIterator[dict],
+                       done_marker: bool) -> AsyncIterator[bytes]:
     try:
         async for event in events:
             yield sse_event(event)

@@ -149,7 +149,7 @@ def nf4_tile(
 
 @functools.cache
 def wide_blocks_per_sm(token_tiles: int, rows_per_warp: int) -> int:
-    """Resident blocks per SM of the wide kernel instance (token tiles 8 or 16, rows_per_warp 1 or 2)."""
+    """Resident blocks per SM of the wide kernel instance (token tiles 2, 4, 8 or 16; rows_per_warp 1 or 2)."""
     return max(1, _extension().nf4_wide_blocks_per_sm(token_tiles, rows_per_warp))
 
 

@@ -145,5 +145,7 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
         h = lora_shrink(x, lora_a, layout, meta, num_slices)
     y = base(x)
     current.wait_stream(side)
+    if tuple(y.shape) != y_like.shape:
+        raise ValueError(f"the base layer gave {tuple(y.shape)}, the adapters' slices need {y_like.shape}")
     lora_expand(y, h, lora_b, layout, meta, slice_offsets)
     return y

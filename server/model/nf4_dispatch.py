@@ -72,8 +72,8 @@ def kernel_for(num_rows: int, shape, table=None) -> str:
     the wide kernel leaves weights below WIDE_MIN_WEIGHTS to dequant + cuBLAS."""
     name = kernel_for_rows(num_rows, table)
     if name == "wide":
-        least = next(weights for rows, weights in WIDE_MIN_WEIGHTS if num_rows <= rows)
-        if shape[0] * shape[1] < least:
+        least = next((weights for rows, weights in WIDE_MIN_WEIGHTS if num_rows <= rows), None)
+        if least is None or shape[0] * shape[1] < least:  # a table that sends more rows to wide: unmeasured
             return "dequant"
     return name
 

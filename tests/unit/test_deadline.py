@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -86,5 +87,22 @@ def test_a_cancellation_from_elsewhere_is_not_taken_for_the_deadline():
         asyncio.get_running_loop().call_soon(cancel_with_the_deadline)
         with pytest.raises(asyncio.CancelledError):
             await task
+
+    run(main())
+
+
+def test_a_cancel_count_left_from_before_still_gives_the_timeout():
+    """A task may carry a cancellation it swallowed earlier (cancelling() > 0): the deadline's own cancel is
+    still told apart from it, as asyncio.timeout does."""
+    async def main():
+        task = asyncio.current_task()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed: the count stays at 1
+            await asyncio.sleep(0)
+        assert task.cancelling() == 1
+        deadline = _Deadline(time.monotonic() + 0.02)
+        with pytest.raises(asyncio.TimeoutError):
+            await deadline.wait(asyncio.Queue().get)
+        assert task.cancelling() == 1
 
     run(main())

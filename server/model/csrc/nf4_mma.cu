@@ -674,10 +674,12 @@ void launch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const 
   const int groups = (M + NT * 8 - 1) / (NT * 8);
   constexpr int smem = WideSmem<NT, WIDE_STAGES>::bytes;
   auto kernel = nf4_wide_kernel<T, NT, RT, WIDE_WARPS, WIDE_STAGES, WidePrefetch<NT, RT>::value>;
-  static bool attribute_set = false;  // per instance; above 48 KB needs the opt-in
-  if (!attribute_set) {
+  static bool attribute_set[64] = {};  // per instance and device (the attribute is the current device's);
+  int device = 0;                       // above 48 KB needs the opt-in
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= 64 || !attribute_set[device]) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    attribute_set = true;
+    if (device < 64) attribute_set[device] = true;
   }
   run_split<T>(x, bias, out, split_k, [&](cudaStream_t stream, void* target, const T* bias_ptr, int splits,
                                           int blocks_per_split) {
