@@ -61,12 +61,13 @@ class Choices:
             await start_one(prompt * n)
             # every sibling settles before a failure is raised: one still starting after the close below
             # would never be closed (its rate-limiter place and its engine request kept)
-            _raise_first(await asyncio.gather(*(start_one(prompt * n + j) for j in range(1, n)),
-                                              return_exceptions=True))
+            siblings = await asyncio.gather(*(start_one(prompt * n + j) for j in range(1, n)),
+                                            return_exceptions=True)
+            if (failure := _first_failure(siblings)) is not None:
+                raise failure
 
         results = await asyncio.gather(*(start_prompt(p) for p in range(num_prompts)), return_exceptions=True)
-        failure = next((r for r in results if isinstance(r, BaseException)), None)
-        if failure is not None:
+        if (failure := _first_failure(results)) is not None:
             for generation in list(started.values()):
                 await generation.aclose()
             raise failure
@@ -139,8 +140,6 @@ class Choices:
             await generation.aclose()
 
 
-def _raise_first(results: list) -> None:
-    """Raise the first exception among gather(..., return_exceptions=True)'s results, if any."""
-    failure = next((r for r in results if isinstance(r, BaseException)), None)
-    if failure is not None:
-        raise failure
+def _first_failure(results: list) -> BaseException | None:
+    """The first exception among gather(..., return_exceptions=True)'s results, if any."""
+    return next((r for r in results if isinstance(r, BaseException)), None)
