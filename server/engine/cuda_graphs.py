@@ -10,6 +10,8 @@ running stream) and all share one memory pool.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 
 import torch
@@ -74,6 +76,7 @@ class DecodeGraphs:
     def capture_all(self, lora_variants: tuple[bool, ...]) -> int:
         """Capture every bucket up to max_rows now (at start-up), so no serving step pays a capture."""
         buckets = sorted({bucket_for(rows, self.max_rows) for rows in range(1, self.max_rows + 1)})
+        gc.collect()  # dead graphs go now, not in the middle of a capture (_no_garbage_collection)
         for bucket in buckets:
             for with_lora in lora_variants:
                 if (bucket, with_lora) not in self._graphs:
@@ -89,7 +92,7 @@ class DecodeGraphs:
                 self.runner.forward_decode(inputs, with_lora)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with _no_garbage_collection(), torch.cuda.graph(graph, pool=self.pool):
             logits = self.runner.forward_decode(inputs, with_lora)
         torch.cuda.synchronize()
         log.debug("captured decode graph: batch bucket %d, lora=%s", bucket, with_lora)
@@ -98,3 +101,18 @@ class DecodeGraphs:
     @property
     def num_captured(self) -> int:
         return len(self._graphs)
+
+
+@contextlib.contextmanager
+def _no_garbage_collection():
+    """No garbage collection until the capture ends. A CUDAGraph that the collector frees mid-capture (an earlier
+    engine's, kept alive by a reference cycle) resets itself with a call not permitted while a stream captures,
+    which invalidates the capture (the H200 GPU suite, a test building three engines). torch.cuda.graph no longer
+    collects on entry unless torch.compiler.config.force_cudagraph_gc is set; capture_all collects once."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -123,3 +123,39 @@ def test_wide_kernel_token_groups_match_reference(rows, token_tiles, rows_per_wa
     got = cuda_nf4.nf4_wide(x, _tiled(codes, absmax, wshape), wshape, table, bias, token_tiles=token_tiles,
                             rows_per_warp=rows_per_warp)
     assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
+
+
+@pytest.mark.parametrize("kernel", ["mma", "tile", "wide"])
+def test_split_k_finished_in_the_kernel_repeats_bit_for_bit_eager_and_replayed(kernel):
+    """Split K: the last split of a row group to arrive sums every split's partials (finish_splits in csrc). Its arrival
+    counts must be back at zero after each launch, eager or replayed from a CUDA graph, or a later launch would finish
+    too early (a partial sum) or never; 37 rows in wide passes of 16 also give it three token groups."""
+    from server.model import cuda_nf4
+
+    codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: the tile kernel's last block has idle warps
+    x = torch.randn(37, 1536, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(600, device="cuda").to(torch.bfloat16)
+    tiled = _tiled(codes, absmax, wshape)
+    run = {
+        "mma": lambda: cuda_nf4.nf4_mma(x, codes, absmax, wshape, table, bias, split_k=3),
+        "tile": lambda: cuda_nf4.nf4_tile(x, tiled, wshape, table, bias, split_k=3),
+        "wide": lambda: cuda_nf4.nf4_wide(x, tiled, wshape, table, bias, split_k=3, token_tiles=2),
+    }[kernel]
+    first = run()
+    assert _rel_err(first, x, codes, absmax, wshape, table, bias) < 4e-3
+    for _ in range(4):
+        assert torch.equal(run(), first)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # allocations before capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
+    assert torch.equal(run(), first)
