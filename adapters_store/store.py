@@ -63,6 +63,18 @@ _VERSION_DIR = re.compile(r"^v([1-9][0-9]{0,8})$")
 _TRASHED_ADAPTER = re.compile(r"^[0-9a-f]{16}@([1-9][0-9]{0,8})@(.+)$")
 
 
+
+_SETTLED_NS = 2_000_000_000  # directory timestamps older than this are trusted to change on the next change
+
+
+def _dir_state(path: Path) -> tuple[int, int, int] | None:
+    """(device, inode, mtime in ns) of a directory, None when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
 class AdapterStore:
     """Versioned adapter directories under one root, written atomically."""
 
@@ -81,6 +93,7 @@ class AdapterStore:
         for path in (self.root, self._staging, self._trash, self._tombstones):
             path.mkdir(parents=True, exist_ok=True)
         self._lock = StoreWriterLock(self.root / ".lock")  # across processes sharing this root, too
+        self._latest_seen: dict[str, tuple[tuple[int, int, int], AdapterRecord]] = {}  # latest_if_unchanged
         with self._lock:
             self._sweep()
 
@@ -198,9 +211,14 @@ class AdapterStore:
         """The latest (or the given) complete version of `name`."""
         adapter_dir = self._adapter_dir(name)
         if version is None:  # on every request's path: one manifest read, not one per version kept
-            record = self._latest(adapter_dir)
+            state = _dir_state(adapter_dir)  # before the read: a change during it leaves a different state
+            versions = self._version_numbers(adapter_dir)
+            record = self._latest(adapter_dir, versions)
             if record is None:
                 raise AdapterNotFoundError(f"adapter {name!r} not found")
+            settled = state is not None and time.time_ns() - state[2] > _SETTLED_NS
+            if settled and record.version == max(versions):
+                self._latest_seen[name] = (state, record)
             return record
         record = read_manifest(adapter_dir.name, version, adapter_dir / f"v{version}") if version > 0 else None
         if record is None:
@@ -208,6 +226,17 @@ class AdapterStore:
                 raise AdapterNotFoundError(f"adapter {name!r} not found")
             raise AdapterNotFoundError(f"adapter {name!r} has no version {version}")
         return record
+
+    def latest_if_unchanged(self, name: str) -> AdapterRecord | None:
+        """What `get(name)` last found, when one stat of the adapter's directory shows that no version has been
+        added, pruned or deleted since (a new version is renamed in, so the directory changes); None when only
+        reading it can tell. Cheap enough for an event loop, where `get` is not. `get` remembers only what it
+        read from a directory unchanged for _SETTLED_NS (older than the file system's timestamp granularity) whose
+        newest version was complete, so a version renamed in before its manifest is written is never missed."""
+        seen = self._latest_seen.get(name)  # names get() validated
+        if seen is None or _dir_state(self.root / name) != seen[0]:
+            return None
+        return seen[1]
 
     def list(self) -> list[AdapterRecord]:
         """The latest version of every adapter, sorted by name."""
@@ -272,9 +301,11 @@ class AdapterStore:
             return []
         return [int(m[1]) for entry in entries if (m := _VERSION_DIR.fullmatch(entry))]
 
-    def _latest(self, adapter_dir: Path) -> AdapterRecord | None:
+    def _latest(self, adapter_dir: Path, versions: list[int] | None = None) -> AdapterRecord | None:
         """The newest complete version of one adapter, reading manifests newest first."""
-        for version in sorted(self._version_numbers(adapter_dir), reverse=True):
+        if versions is None:
+            versions = self._version_numbers(adapter_dir)
+        for version in sorted(versions, reverse=True):
             record = read_manifest(adapter_dir.name, version, adapter_dir / f"v{version}")
             if record is not None:
                 return record

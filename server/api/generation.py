@@ -48,6 +48,8 @@ async def resolve_model(state: ServerState, principal: Principal, model: str | N
         return None
     if not _NAME.fullmatch(model) or not principal.may_use(model):
         raise model_not_found(model)
+    if (ref := state.registry.resolve_nowait(model)) is not None:
+        return ref
     try:
         return await asyncio.to_thread(state.registry.resolve, model)
     except AdapterNotFoundError:

@@ -55,6 +55,25 @@ def test_upload_generate_replace_delete(client, tiny_adapters):
     assert_error(client.delete("/v1/adapters/flow"), 404, "flow")
 
 
+def test_the_event_loops_answer_for_a_settled_adapter_follows_each_new_version(server, client, tiny_adapters):
+    """Once an adapter's directory has not changed for a while, requests find it without a worker thread
+    (registry.resolve_nowait); a new version changes the directory and is used by the very next request."""
+    import os
+    import time
+
+    upload(client, "settled", tiny_adapters["attn-r4"])
+    adapter_dir = server.state.store.root / "settled"
+    past = time.time() - 60
+    os.utime(adapter_dir, (past, past))
+    text_v1 = greedy_text(client, "settled")  # read from disk, remembered
+    registry = server.state.registry
+    assert registry.resolve_nowait("settled").version == 1
+    assert greedy_text(client, "settled") == text_v1
+    assert upload(client, "settled", tiny_adapters["all-r8"])["version"] == 2
+    assert registry.resolve_nowait("settled") is None
+    assert greedy_text(client, "settled") not in (text_v1, greedy_text(client, BASE_ID))
+
+
 def test_an_upload_writes_its_stages_to_the_trace(client, tiny_adapters, tmp_path, monkeypatch):
     """LORAPLEX_STEP_TRACE: each upload adds a line to uploads-<pid>.jsonl with the time the body took to
     arrive and split, the store's validation, hash and write, and the whole."""
