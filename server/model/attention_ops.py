@@ -126,13 +126,15 @@ def prefill_attention_torch(q, k, v, k_cache, v_cache, prefill_seqs, fresh_group
 def prefill_attention(q, k, v, k_cache, v_cache, prefill_seqs, fresh_groups, scale: float,
                       memo: dict | None = None) -> torch.Tensor:
     """Prefill attention (semantics of prefill_attention_torch). On CUDA, groups of two or more fresh
-    prompts of equal length keep one SDPA call each (flash kernels); every other sequence, whatever its
-    length or cached prefix, goes to one Triton launch (server.model.triton_prefill_attention) instead
-    of a call each. The chunk's K/V must already be in the cache. `memo`: the step's dict shared by its
-layers (the Triton launch metadata is built once per step)."""
+    prompts of equal length keep one SDPA call each (flash kernels); the other fresh prompts (no cached
+    prefix) go to one flash-attention varlen call (server.model.flash_varlen) where it runs (16-bit), and
+    every sequence left, whatever its length or cached prefix, to one Triton launch
+    (server.model.triton_prefill_attention) instead of a call each. The chunk's K/V must already be in the
+    cache. `memo`: the step's dict shared by its layers (launch metadata is built once per step)."""
     kernel_shapes = q.shape[-1] in (64, 128) and k_cache.shape[1] in (16, 32)
     if not (q.is_cuda and kernel_shapes and triton_available()):
         return prefill_attention_torch(q, k, v, k_cache, v_cache, prefill_seqs, fresh_groups, scale)
+    from server.model import flash_varlen
     from server.model.triton_prefill_attention import prefill_attention_triton
 
     shared = [rows for rows in fresh_groups or () if rows.shape[0] > 1]  # shapes are host facts: no sync
@@ -141,12 +143,16 @@ layers (the Triton launch metadata is built once per step)."""
         if seq.ctx_len == seq.q_len:
             fresh_counts[seq.q_len] = fresh_counts.get(seq.q_len, 0) + 1
     others = [s for s in prefill_seqs if s.ctx_len != s.q_len or fresh_counts[s.q_len] < 2 or not shared]
-    if not shared:
-        return prefill_attention_triton(q, k_cache, v_cache, others, scale, memo=memo)
-    out = prefill_attention_torch(q, k, v, k_cache, v_cache, [], shared, scale)
-    if others:
-        rest = prefill_attention_triton(q, k_cache, v_cache, others, scale, memo=memo)
-        for seq in others:
+    fresh = [s for s in others if s.ctx_len == s.q_len] if flash_varlen.available(q) else []
+    cached = [s for s in others if s.ctx_len != s.q_len] if fresh else others
+    if not shared and not fresh:
+        return prefill_attention_triton(q, k_cache, v_cache, cached, scale, memo=memo)
+    out = prefill_attention_torch(q, k, v, k_cache, v_cache, [], shared, scale) if shared else torch.empty_like(q)
+    if fresh:
+        flash_varlen.fresh_attention(q, k, v, fresh, scale, out, memo)
+    if cached:
+        rest = prefill_attention_triton(q, k_cache, v_cache, cached, scale, memo=memo)
+        for seq in cached:
             out[seq.q_start : seq.q_start + seq.q_len] = rest[seq.q_start : seq.q_start + seq.q_len]
     return out
 

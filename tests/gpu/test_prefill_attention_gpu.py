@@ -16,6 +16,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("lengths, prefixes, head_dim", [
     ([300, 17, 2048, 5], [0, 0, 0, 0], 128), ([64, 64, 31], [0, 0, 500], 64), ([1000, 200], [48, 0], 128),
+    ([100, 50, 70, 70, 3], [0, 30, 0, 0, 0], 128),  # fresh prompts on both sides of a cached one, an equal pair
 ])  # fmt: skip
 def test_dispatch_matches_sdpa(lengths, prefixes, head_dim):
     q, k, v, k_cache, v_cache, seqs = _case(lengths, prefixes, num_q_heads=32, num_kv_heads=8, head_dim=head_dim)
@@ -28,4 +29,20 @@ def test_dispatch_matches_sdpa(lengths, prefixes, head_dim):
     groups = [(torch.tensor(st)[:, None] + torch.arange(n)[None, :]).cuda() for n, st in by_len.items()]
     expected = prefill_attention_torch(q, k, v, k_cache, v_cache, seqs, groups, head_dim**-0.5)
     got = prefill_attention(q, k, v, k_cache, v_cache, seqs, groups, head_dim**-0.5)
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_varlen_matches_the_reference_for_fresh_prompts(dtype):
+    """32 fresh prompts of 256-3,840 tokens' shape, scaled down: one varlen call against SDPA one prompt at a time."""
+    from server.model import flash_varlen
+
+    lengths = [1 + (i * 97) % 400 for i in range(12)]
+    q, k, v, k_cache, v_cache, seqs = _case(lengths, [0] * len(lengths), num_q_heads=32, num_kv_heads=8, head_dim=128)
+    q, k, v, k_cache, v_cache = (t.to("cuda", dtype) for t in (q, k, v, k_cache, v_cache))
+    seqs = [type(s)(s.q_start, s.q_len, s.ctx_len, s.block_table.cuda()) for s in seqs]
+    assert flash_varlen.available(q)
+    expected = prefill_attention_torch(q, k, v, k_cache, v_cache, seqs, None, 128**-0.5)
+    got = torch.full_like(q, float("nan"))
+    flash_varlen.fresh_attention(q, k, v, seqs, 128**-0.5, got, memo={})
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
