@@ -125,15 +125,17 @@ def test_wide_kernel_token_groups_match_reference(rows, token_tiles, rows_per_wa
     assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
 
 
+@pytest.mark.parametrize("rows", [5, 37])
 @pytest.mark.parametrize("kernel", ["mma", "tile", "wide"])
-def test_split_k_finished_in_the_kernel_repeats_bit_for_bit_eager_and_replayed(kernel):
-    """Split K: the last split of a row group to arrive sums every split's partials (finish_splits in csrc). Its arrival
-    counts must be back at zero after each launch, eager or replayed from a CUDA graph, or a later launch would finish
-    too early (a partial sum) or never; 37 rows in wide passes of 16 also give it three token groups."""
+def test_split_k_sums_repeat_bit_for_bit_eager_and_replayed(kernel, rows):
+    """Split K: at 1-8 rows the last split of a row group to arrive sums every split's partials (finish_splits in
+    csrc), and its arrival counts must be back at zero after each launch, eager or replayed from a CUDA graph, or a
+    later launch would finish too early (a partial sum) or never; 37 rows go to the sum kernel, in wide passes of 16
+    over three token groups."""
     from server.model import cuda_nf4
 
     codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: the tile kernel's last block has idle warps
-    x = torch.randn(37, 1536, device="cuda").to(torch.bfloat16)
+    x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
     bias = torch.randn(600, device="cuda").to(torch.bfloat16)
     tiled = _tiled(codes, absmax, wshape)
     run = {

@@ -128,14 +128,33 @@ __device__ __forceinline__ void store_c_fragments(const float (&acc)[NT][4], int
   }
 }
 
-// Split K without a second kernel. Each split's block stores its fp32 partials; the last of a (row group, token
-// group)'s splits to arrive sums them all, in split order, adds the bias and stores out. The arrival counts live in
-// the module (zero at load) and the last block resets its count, so a launch leaves them as it found them, in a
-// CUDA graph too. A sum kernel launched after the matmul cost ~1.4 us of GPU time a linear plus the gap between
-// two kernels (0.17 ms of a 3.3 ms 8B batch-1 step, 128 launches). NF4 launches that split K must not overlap on
-// one device: the engine runs every NF4 linear on its compute stream.
+// Split K. Each split's block stores its fp32 partials [split, M, N]; they are summed in split order, the bias
+// added and out stored either by a second kernel (split_k_sum_kernel) or, for few rows (finish_here), by the last
+// of a (row group, token group)'s splits to arrive. The arrival counts live in the module (zero at load) and the
+// last block resets its count, so a launch leaves them as it found them, in a CUDA graph too. NF4 launches that
+// finish here must not overlap on one device: the engine runs every NF4 linear on its compute stream.
+// H200 (8B shapes, bench.kernels): a sum kernel cost ~1.4 us of GPU time a linear plus the gap between two kernels
+// (0.17 ms of a 3.3 ms batch-1 step); finishing in the last block with a dependent load a split lost at every row
+// count (o at 1 row 9.45 -> 10.0 us; qkv at 16 rows 15.8 -> 20.3, where that block sums 16 x 64 x 16 values
+// alone), so loads are now issued together and only one-token-tile launches (1-8 rows) finish here.
 constexpr int kMaxSplitGroups = 1 << 16;
+constexpr int kFinishHereRows = 8;
+constexpr int kUnrolledSplits = 16;  // pick_split_k's largest split
 __device__ unsigned split_arrivals[kMaxSplitGroups];
+
+// Sum of the `splits` partials at p, p + plane, ... in split order (loads issued together, then added).
+__device__ __forceinline__ float sum_splits(const float* p, int64_t plane, int splits) {
+  float part[kUnrolledSplits];
+#pragma unroll
+  for (int s = 0; s < kUnrolledSplits; ++s) part[s] = s < splits ? __ldcg(p + s * plane) : 0.f;
+  float v = 0.f;
+#pragma unroll
+  for (int s = 0; s < kUnrolledSplits; ++s) {
+    if (s < splits) v += part[s];
+  }
+  for (int s = kUnrolledSplits; s < splits; ++s) v += __ldcg(p + s * plane);
+  return v;
+}
 
 // Called by the block's `threads` (those still running, a multiple of 32, thread 0 among them) after their stores;
 // its rows [row0, row0 + rows) and tokens [tok0, tok0 + toks) of out.
@@ -154,13 +173,21 @@ __device__ __forceinline__ void finish_splits(const float* __restrict__ partial,
   const int64_t plane = static_cast<int64_t>(M) * N;
   for (int i = threadIdx.x; i < rows * toks; i += threads) {
     const int row = row0 + i % rows, tok = tok0 + i / rows;
-    const float* p = partial + static_cast<int64_t>(tok) * N + row;
-    float v = 0.f;
-    for (int s = 0; s < static_cast<int>(gridDim.y); ++s) v += __ldcg(p + s * plane);
+    float v = sum_splits(partial + static_cast<int64_t>(tok) * N + row, plane, gridDim.y);
     if (bias != nullptr) v += Ops<T>::to_float(bias[row]);
     out[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
   }
   if (threadIdx.x == 0) *arrivals = 0u;
+}
+
+template <typename T>
+__global__ void split_k_sum_kernel(const float* __restrict__ partial, const T* __restrict__ bias, T* __restrict__ out,
+                                   int M, int N, int splits) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<int64_t>(M) * N) return;
+  float v = sum_splits(partial + i, static_cast<int64_t>(M) * N, splits);
+  if (bias != nullptr) v += Ops<T>::to_float(bias[i % N]);
+  out[i] = Ops<T>::from_float(v);
 }
 
 // Register cap: ncu (H200, 1 row) showed 92 registers limiting the SM to 20 warps (24% achieved occupancy)
@@ -175,7 +202,7 @@ template <typename T, int NT, int WARPS, int PREFETCH>
 __global__ void __launch_bounds__(WARPS * 32, (MinBlocks<WARPS, NT>::value)) nf4_mma_kernel(
     const T* __restrict__ x, const uint8_t* __restrict__ codes, const float* __restrict__ absmax,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out,
-    float* __restrict__ partial, int M, int N, int K, int blocks_per_split) {
+    float* __restrict__ partial, int finish_here, int M, int N, int K, int blocks_per_split) {
   __shared__ float lut_shared[16];
   if (threadIdx.x < 16) lut_shared[threadIdx.x] = table[threadIdx.x];
   __syncthreads();
@@ -253,7 +280,7 @@ __global__ void __launch_bounds__(WARPS * 32, (MinBlocks<WARPS, NT>::value)) nf4
   }
 
   store_c_fragments<T, NT>(acc, row_lo, t, 0, M, N, bias, out, partial);
-  if (partial != nullptr) {
+  if (finish_here) {
     const int row0 = blockIdx.x * WARPS * 16;
     finish_splits<T>(partial, out, bias, M, N, row0, min(WARPS * 16, N - row0), 0, M, WARPS * 32);
   }
@@ -342,7 +369,7 @@ template <typename T, int NT, int RT, int WARPS, int PREFETCH>
 __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::value)) nf4_tile_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out,
-    float* __restrict__ partial, int M, int N, int K, int blocks_per_split) {
+    float* __restrict__ partial, int finish_here, int M, int N, int K, int blocks_per_split) {
   __shared__ float lut_shared[16];
   if (threadIdx.x < 16) lut_shared[threadIdx.x] = table[threadIdx.x];
   __syncthreads();
@@ -414,7 +441,7 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
 
 #pragma unroll
   for (int r = 0; r < RT; ++r) store_c_fragments<T, NT>(acc[r], (tile0 + r) * 16 + g, t, 0, M, N, bias, out, partial);
-  if (partial != nullptr) {  // the block's warps that did not leave above: its first ones
+  if (finish_here) {  // the block's warps that did not leave above: its first ones
     const int block_tile0 = blockIdx.x * WARPS * RT, row0 = block_tile0 * 16;
     const int warps = min(WARPS, (row_tiles - block_tile0 + RT - 1) / RT);
     finish_splits<T>(partial, out, bias, M, N, row0, min(WARPS * RT * 16, N - row0), 0, M, warps * 32);
@@ -446,7 +473,7 @@ template <typename T, int NT, int RT, int WARPS, int STAGES, int PREFETCH>
 __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out,
-    float* __restrict__ partial, int M, int N, int K, int blocks_per_split) {
+    float* __restrict__ partial, int finish_here, int M, int N, int K, int blocks_per_split) {
   constexpr int TOKENS = NT * 8;
   constexpr int THREADS = WARPS * 32;
   constexpr int STAGE_BYTES = WideSmem<NT, STAGES>::stage_bytes;
@@ -537,7 +564,7 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
     if (tile0 + r < row_tiles)
       store_c_fragments<T, NT>(acc[r], (tile0 + r) * 16 + g, t, tok0, M, N, bias, out, partial);
   }
-  if (partial != nullptr) {
+  if (finish_here) {
     const int row0 = blockIdx.x * WARPS * RT * 16;
     finish_splits<T>(partial, out, bias, M, N, row0, min(WARPS * RT * 16, N - row0), tok0, min(TOKENS, M - tok0),
                      THREADS);
@@ -551,7 +578,8 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
 #include <c10/cuda/CUDAException.h>
 
 // Grid (row groups, splits, token groups) of a kernel whose warps each own `rows_per_warp` 16-row tiles; `body`
-// launches it with `partial` null, or fp32 partials [splits, M, N] when K is split (finish_splits sums them).
+// launches it with `partial` null, or fp32 partials [splits, M, N] when K is split, summed by the kernel's last
+// blocks (finish_here, 1-8 rows) or by split_k_sum_kernel after it.
 template <typename T, typename Body>
 void run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
                int64_t groups, Body body) {
@@ -560,14 +588,23 @@ void run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
   const int blocks_per_split = (num_blocks + split_k - 1) / split_k;
   const int splits = (num_blocks + blocks_per_split - 1) / blocks_per_split;
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
+  const bool finish_here = splits > 1 && M <= kFinishHereRows;
   torch::Tensor partials;
   if (splits > 1) {
-    TORCH_CHECK(groups <= kMaxSplitGroups, "split K over ", groups, " row and token groups: at most ", kMaxSplitGroups);
+    TORCH_CHECK(!finish_here || groups <= kMaxSplitGroups, "split K over ", groups, " row and token groups");
     partials = torch::empty({splits, M, N}, x.options().dtype(torch::kFloat32));
   }
-  body(at::cuda::getCurrentCUDAStream(), reinterpret_cast<T*>(out.data_ptr()),
-       splits > 1 ? partials.data_ptr<float>() : nullptr, bias_ptr, splits, blocks_per_split);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  T* out_ptr = reinterpret_cast<T*>(out.data_ptr());
+  body(stream, out_ptr, splits > 1 ? partials.data_ptr<float>() : nullptr, finish_here ? 1 : 0, bias_ptr, splits,
+       blocks_per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1 && !finish_here) {
+    const int64_t total = static_cast<int64_t>(M) * N;
+    split_k_sum_kernel<T><<<(total + 255) / 256, 256, 0, stream>>>(partials.data_ptr<float>(), bias_ptr, out_ptr, M,
+                                                                   N, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 template <typename T, int NT>
@@ -577,12 +614,12 @@ void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int row_tiles = (N + 15) / 16;
   run_split<T>(x, bias, out, split_k, (row_tiles + warps - 1) / warps,
-               [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
+               [&](cudaStream_t stream, T* out_ptr, float* partial, int finish_here, const T* bias_ptr, int splits,
                    int blocks_per_split) {
 #define LORAPLEX_LAUNCH(W)                                                                                 \
   nf4_mma_kernel<T, NT, W, 4><<<dim3((row_tiles + W - 1) / W, splits), W * 32, 0, stream>>>(                \
       reinterpret_cast<const T*>(x.data_ptr()), codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(),       \
-      table.data_ptr<float>(), bias_ptr, out_ptr, partial, M, N, K, blocks_per_split)
+      table.data_ptr<float>(), bias_ptr, out_ptr, partial, finish_here, M, N, K, blocks_per_split)
     if (warps == 2) {
       LORAPLEX_LAUNCH(2);
     } else {
@@ -599,12 +636,12 @@ void launch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const 
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
   const int groups = (warps_needed + W - 1) / W;
-  run_split<T>(x, bias, out, split_k, groups, [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr,
-                                                  int splits, int blocks_per_split) {
+  run_split<T>(x, bias, out, split_k, groups, [&](cudaStream_t stream, T* out_ptr, float* partial, int finish_here,
+                                                  const T* bias_ptr, int splits, int blocks_per_split) {
     nf4_tile_kernel<T, NT, RT, W, 4><<<dim3(groups, splits), W * 32, 0, stream>>>(
         reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
         reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        M, N, K, blocks_per_split);
+        finish_here, M, N, K, blocks_per_split);
   });
 }
 
@@ -697,12 +734,12 @@ void launch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const 
     if (device < 64) attribute_set[device] = true;
   }
   run_split<T>(x, bias, out, split_k, static_cast<int64_t>(row_groups) * token_groups,
-               [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
+               [&](cudaStream_t stream, T* out_ptr, float* partial, int finish_here, const T* bias_ptr, int splits,
                    int blocks_per_split) {
     kernel<<<dim3(row_groups, splits, token_groups), WIDE_WARPS * 32, smem, stream>>>(
         reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
         reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        M, N, K, blocks_per_split);
+        finish_here, M, N, K, blocks_per_split);
   });
 }
 
