@@ -138,7 +138,6 @@ __device__ __forceinline__ void store_c_fragments(const float (&acc)[NT][4], int
 // count (o at 1 row 9.45 -> 10.0 us; qkv at 16 rows 15.8 -> 20.3, where that block sums 16 x 64 x 16 values
 // alone), so loads are now issued together and only one-token-tile launches (1-8 rows) finish here.
 constexpr int kMaxSplitGroups = 1 << 16;
-constexpr int kFinishHereRows = 8;
 constexpr int kUnrolledSplits = 16;  // pick_split_k's largest split
 __device__ unsigned split_arrivals[kMaxSplitGroups];
 
@@ -164,12 +163,14 @@ __device__ __forceinline__ void finish_splits(const float* __restrict__ partial,
                                               int toks, int threads) {
   __shared__ bool last_split;
   unsigned* arrivals = split_arrivals + blockIdx.z * gridDim.x + blockIdx.x;
-  __threadfence();  // this thread's partials are visible to every block before the count says so
-  asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
-  if (threadIdx.x == 0) last_split = atomicAdd(arrivals, 1u) == gridDim.y - 1;
+  asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");  // every partial of the block stored ...
+  if (threadIdx.x == 0) {  // ... and, through one cumulative fence after the barrier (as CUTLASS's semaphore
+    __threadfence();       // releases), visible to every block before the count says so
+    last_split = atomicAdd(arrivals, 1u) == gridDim.y - 1;
+    __threadfence();
+  }
   asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
   if (!last_split) return;
-  __threadfence();
   const int64_t plane = static_cast<int64_t>(M) * N;
   for (int i = threadIdx.x; i < rows * toks; i += threads) {
     const int row = row0 + i % rows, tok = tok0 + i / rows;
@@ -582,13 +583,13 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
 // blocks (finish_here, 1-8 rows) or by split_k_sum_kernel after it.
 template <typename T, typename Body>
 void run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
-               int64_t groups, Body body) {
+               int64_t finish_rows, int64_t groups, Body body) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int num_blocks = K / 64;
   const int blocks_per_split = (num_blocks + split_k - 1) / split_k;
   const int splits = (num_blocks + blocks_per_split - 1) / blocks_per_split;
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
-  const bool finish_here = splits > 1 && M <= kFinishHereRows;
+  const bool finish_here = splits > 1 && M <= finish_rows;
   torch::Tensor partials;
   if (splits > 1) {
     TORCH_CHECK(!finish_here || groups <= kMaxSplitGroups, "split K over ", groups, " row and token groups");
@@ -610,10 +611,10 @@ void run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
 template <typename T, int NT>
 void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
             const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-            int64_t split_k, int64_t warps) {
+            int64_t split_k, int64_t finish_rows, int64_t warps) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int row_tiles = (N + 15) / 16;
-  run_split<T>(x, bias, out, split_k, (row_tiles + warps - 1) / warps,
+  run_split<T>(x, bias, out, split_k, finish_rows, (row_tiles + warps - 1) / warps,
                [&](cudaStream_t stream, T* out_ptr, float* partial, int finish_here, const T* bias_ptr, int splits,
                    int blocks_per_split) {
 #define LORAPLEX_LAUNCH(W)                                                                                 \
@@ -632,12 +633,13 @@ void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
 template <typename T, int NT, int RT, int W>
 void launch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                  const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                 int64_t split_k) {
+                 int64_t split_k, int64_t finish_rows) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
   const int groups = (warps_needed + W - 1) / W;
-  run_split<T>(x, bias, out, split_k, groups, [&](cudaStream_t stream, T* out_ptr, float* partial, int finish_here,
-                                                  const T* bias_ptr, int splits, int blocks_per_split) {
+  run_split<T>(x, bias, out, split_k, finish_rows, groups,
+               [&](cudaStream_t stream, T* out_ptr, float* partial, int finish_here, const T* bias_ptr, int splits,
+                   int blocks_per_split) {
     nf4_tile_kernel<T, NT, RT, W, 4><<<dim3(groups, splits), W * 32, 0, stream>>>(
         reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
         reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
@@ -650,27 +652,27 @@ void launch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const 
 template <typename T>
 void dispatch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                    const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                   int64_t split_k, int64_t warps, int64_t rows_per_warp) {
+                   int64_t split_k, int64_t finish_rows, int64_t warps, int64_t rows_per_warp) {
   const int64_t M = x.size(0);
   const bool two = rows_per_warp == 2;
   if (M <= 8) {
-    if (warps == 2) launch_tile<T, 1, 1, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
-    else launch_tile<T, 1, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    if (warps == 2) launch_tile<T, 1, 1, 2>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
+    else launch_tile<T, 1, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
   } else if (M <= 16) {
-    if (two) launch_tile<T, 2, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
-    else launch_tile<T, 2, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    if (two) launch_tile<T, 2, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
+    else launch_tile<T, 2, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
   } else if (M <= 32) {
-    if (two) launch_tile<T, 4, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
-    else launch_tile<T, 4, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    if (two) launch_tile<T, 4, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
+    else launch_tile<T, 4, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
   } else {
-    launch_tile<T, 8, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    launch_tile<T, 8, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
   }
 }
 
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout; M <= 64, K % 64 == 0.
 void nf4_tile(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
-              c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t warps,
-              int64_t rows_per_warp) {
+              c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t finish_rows,
+              int64_t warps, int64_t rows_per_warp) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 64, "nf4_tile takes 1..64 rows, got ", x.size(0));
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
@@ -681,10 +683,11 @@ void nf4_tile(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scal
   TORCH_CHECK(tile_scales.scalar_type() == torch::kFloat32 && tile_scales.numel() == tiles * blocks * 16,
               "tile_scales must be float32 [tiles * blocks * 16]");
   if (x.scalar_type() == torch::kBFloat16) {
-    dispatch_tile<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, warps, rows_per_warp);
+    dispatch_tile<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows, warps,
+                                 rows_per_warp);
   } else {
     TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-    dispatch_tile<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, warps, rows_per_warp);
+    dispatch_tile<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows, warps, rows_per_warp);
   }
 }
 
@@ -720,7 +723,7 @@ struct WidePrefetch {  // code blocks in flight: 4, or 2 where the accumulators 
 template <typename T, int NT, int RT>
 void launch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                  const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                 int64_t split_k) {
+                 int64_t split_k, int64_t finish_rows) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
   const int row_groups = (warps_needed + WIDE_WARPS - 1) / WIDE_WARPS, token_groups = (M + NT * 8 - 1) / (NT * 8);
@@ -733,7 +736,7 @@ void launch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const 
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     if (device < 64) attribute_set[device] = true;
   }
-  run_split<T>(x, bias, out, split_k, static_cast<int64_t>(row_groups) * token_groups,
+  run_split<T>(x, bias, out, split_k, finish_rows, static_cast<int64_t>(row_groups) * token_groups,
                [&](cudaStream_t stream, T* out_ptr, float* partial, int finish_here, const T* bias_ptr, int splits,
                    int blocks_per_split) {
     kernel<<<dim3(row_groups, splits, token_groups), WIDE_WARPS * 32, smem, stream>>>(
@@ -746,27 +749,27 @@ void launch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const 
 template <typename T>
 void dispatch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                    const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                   int64_t split_k, int64_t token_tiles, int64_t rows_per_warp) {
+                   int64_t split_k, int64_t finish_rows, int64_t token_tiles, int64_t rows_per_warp) {
   const bool two = rows_per_warp == 2;
   if (token_tiles == 2) {
-    if (two) launch_wide<T, 2, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
-    else launch_wide<T, 2, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    if (two) launch_wide<T, 2, 2>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
+    else launch_wide<T, 2, 1>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
   } else if (token_tiles == 4) {
-    if (two) launch_wide<T, 4, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
-    else launch_wide<T, 4, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    if (two) launch_wide<T, 4, 2>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
+    else launch_wide<T, 4, 1>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
   } else if (token_tiles == 8) {
-    if (two) launch_wide<T, 8, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
-    else launch_wide<T, 8, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    if (two) launch_wide<T, 8, 2>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
+    else launch_wide<T, 8, 1>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
   } else {
-    if (two) launch_wide<T, 16, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
-    else launch_wide<T, 16, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    if (two) launch_wide<T, 16, 2>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
+    else launch_wide<T, 16, 1>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
   }
 }
 
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout, x staged in shared memory; any M, K % 64 == 0.
 void nf4_wide(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
-              c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t token_tiles,
-              int64_t rows_per_warp) {
+              c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t finish_rows,
+              int64_t token_tiles, int64_t rows_per_warp) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(token_tiles == 2 || token_tiles == 4 || token_tiles == 8 || token_tiles == 16,
@@ -778,10 +781,12 @@ void nf4_wide(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scal
   TORCH_CHECK(tile_scales.scalar_type() == torch::kFloat32 && tile_scales.numel() == tiles * blocks * 16,
               "tile_scales must be float32 [tiles * blocks * 16]");
   if (x.scalar_type() == torch::kBFloat16) {
-    dispatch_wide<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, token_tiles, rows_per_warp);
+    dispatch_wide<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows, token_tiles,
+                                 rows_per_warp);
   } else {
     TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-    dispatch_wide<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, token_tiles, rows_per_warp);
+    dispatch_wide<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows, token_tiles,
+                          rows_per_warp);
   }
 }
 
@@ -811,27 +816,28 @@ int64_t nf4_wide_blocks_per_sm(int64_t token_tiles, int64_t rows_per_warp) {
 template <typename T>
 void dispatch_tiles(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
                     const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                    int64_t split_k, int64_t warps) {
+                    int64_t split_k, int64_t finish_rows, int64_t warps) {
   const int64_t M = x.size(0);
-  if (M <= 8) launch<T, 1>(x, codes, absmax, table, bias, out, split_k, warps);
-  else if (M <= 16) launch<T, 2>(x, codes, absmax, table, bias, out, split_k, warps);
-  else if (M <= 32) launch<T, 4>(x, codes, absmax, table, bias, out, split_k, warps);
-  else launch<T, 8>(x, codes, absmax, table, bias, out, split_k, warps);
+  if (M <= 8) launch<T, 1>(x, codes, absmax, table, bias, out, split_k, finish_rows, warps);
+  else if (M <= 16) launch<T, 2>(x, codes, absmax, table, bias, out, split_k, finish_rows, warps);
+  else if (M <= 32) launch<T, 4>(x, codes, absmax, table, bias, out, split_k, finish_rows, warps);
+  else launch<T, 8>(x, codes, absmax, table, bias, out, split_k, finish_rows, warps);
 }
 
 // out[M, N] = x[M, K] @ dequant(codes, absmax)^T (+ bias); M <= 64, K % 64 == 0, all contiguous on one GPU.
 void nf4_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax, torch::Tensor table,
-             c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t warps) {
+             c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t finish_rows,
+             int64_t warps) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 64, "nf4_mma takes 1..64 rows, got ", x.size(0));
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type(), "out must be contiguous, x's dtype");
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && absmax.scalar_type() == torch::kFloat32, "codes u8, absmax f32");
   if (x.scalar_type() == torch::kBFloat16) {
-    dispatch_tiles<__nv_bfloat16>(x, codes, absmax, table, bias, out, split_k, warps);
+    dispatch_tiles<__nv_bfloat16>(x, codes, absmax, table, bias, out, split_k, finish_rows, warps);
   } else {
     TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-    dispatch_tiles<__half>(x, codes, absmax, table, bias, out, split_k, warps);
+    dispatch_tiles<__half>(x, codes, absmax, table, bias, out, split_k, finish_rows, warps);
   }
 }
 
