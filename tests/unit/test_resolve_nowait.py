@@ -24,6 +24,14 @@ def _put(store, name: str, seed: int = 0):
     return store.put(name, adapter.config_bytes, adapter.safetensors_bytes)
 
 
+def _settled_store(tmp_path):
+    """A store holding adapter "a" (version 1), its directory settled; and that version's record."""
+    store = make_store(tmp_path)
+    record = _put(store, "a")
+    _settle(store, "a")
+    return store, record
+
+
 def test_nothing_remembered_before_a_read_or_from_a_directory_just_changed(tmp_path):
     store = make_store(tmp_path)
     _put(store, "a")
@@ -38,9 +46,7 @@ def test_nothing_remembered_before_a_read_or_from_a_directory_just_changed(tmp_p
 
 
 def test_a_new_version_or_a_delete_ends_the_remembered_answer(tmp_path):
-    store = make_store(tmp_path)
-    _put(store, "a")
-    _settle(store, "a")
+    store, _ = _settled_store(tmp_path)
     first = store.get("a")
     assert store.latest_if_unchanged("a") == first
     second = _put(store, "a", seed=1)
@@ -65,9 +71,7 @@ def test_a_newest_version_without_its_manifest_is_not_remembered_past(tmp_path):
 
 
 def test_registry_answers_without_the_disk_only_for_weights_in_memory(tmp_path):
-    store = make_store(tmp_path)
-    _put(store, "a")
-    _settle(store, "a")
+    store, _ = _settled_store(tmp_path)
     registry = AdapterRegistry(store, max_cpu_adapters=4)
     assert registry.resolve_nowait("a") is None  # store never read
     store.get("a")
@@ -80,9 +84,7 @@ def test_registry_answers_without_the_disk_only_for_weights_in_memory(tmp_path):
 
 
 def test_registry_without_weights_answers_from_the_store_alone(tmp_path):
-    store = make_store(tmp_path)
-    record = _put(store, "a")
-    _settle(store, "a")
+    store, record = _settled_store(tmp_path)
     registry = AdapterRegistry(store, load_weights=False)
     store.get("a")
     ref = registry.resolve_nowait("a")
