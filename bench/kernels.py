@@ -136,10 +136,6 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                         for c in layer.nf4]
         impls["tile"] = [lambda c=c: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                          for c in layer.nf4]
-        if rows <= cuda_nf4.FINISH_ROWS:  # split K summed by a second kernel instead of the last split's block
-            impls["tile_sumk"] = [lambda c=c: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table,
-                                                                num_sms=device_num_sms(0), finish_rows=0)
-                                  for c in layer.nf4]
         if SWEEP_MMA:  # the tile kernel's neighbours: warps, tiles a warp, split-K halved and doubled
             warps, per_warp = cuda_nf4.tile_config(rows)
             split = cuda_nf4.pick_split_k(rows, *layer.shape, device_num_sms(0), warps, rows_per_warp=per_warp)

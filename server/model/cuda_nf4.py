@@ -23,10 +23,6 @@ from server.model.nf4_layout import NF4_BLOCKSIZE, codes_as_bytes
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 64
-# Split K: up to this many rows the kernel's last block of each row group sums the splits' partials; above it a
-# second kernel does (csrc/nf4_mma.cu, finish_splits and split_k_sum_kernel). LORAPLEX_NF4_FINISH_ROWS=0: always
-# the second kernel (what bench.kernels' "tile_sumk" times beside the default).
-FINISH_ROWS = int(os.environ.get("LORAPLEX_NF4_FINISH_ROWS", "8"))
 
 
 @functools.cache
@@ -105,7 +101,6 @@ def nf4_mma(
     split_k: int | None = None,
     warps: int = 4,
     num_sms: int = 132,
-    finish_rows: int | None = None,  # FINISH_ROWS
 ) -> torch.Tensor:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype."""
     out_features, in_features = shape
@@ -113,8 +108,7 @@ def nf4_mma(
     out = torch.empty(x.shape[0], out_features, device=x.device, dtype=x.dtype)
     if split_k is None:
         split_k = pick_split_k(x.shape[0], out_features, in_features, num_sms, warps)
-    finish = FINISH_ROWS if finish_rows is None else finish_rows
-    _extension().nf4_mma(x, codes_as_bytes(codes), absmax_f, code_table, bias, out, split_k, finish, warps)
+    _extension().nf4_mma(x, codes_as_bytes(codes), absmax_f, code_table, bias, out, split_k, warps)
     return out
 
 
@@ -136,7 +130,6 @@ def nf4_tile(
     warps: int | None = None,
     rows_per_warp: int | None = None,
     num_sms: int = 132,
-    finish_rows: int | None = None,  # FINISH_ROWS
 ) -> torch.Tensor:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout."""
     out_features, in_features = shape
@@ -150,8 +143,7 @@ def nf4_tile(
         rows_per_warp = 1
     if split_k is None:
         split_k = pick_split_k(x.shape[0], out_features, in_features, num_sms, warps, rows_per_warp=rows_per_warp)
-    finish = FINISH_ROWS if finish_rows is None else finish_rows
-    _extension().nf4_tile(x, tiled[0], tiled[1], code_table, bias, out, split_k, finish, warps, rows_per_warp)
+    _extension().nf4_tile(x, tiled[0], tiled[1], code_table, bias, out, split_k, warps, rows_per_warp)
     return out
 
 
@@ -190,7 +182,6 @@ def nf4_wide(
     token_tiles: int | None = None,
     rows_per_warp: int | None = None,
     num_sms: int = 132,
-    finish_rows: int | None = None,  # FINISH_ROWS
 ) -> torch.Tensor:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, x staged in shared memory once a
     block for all its warps (csrc/nf4_mma.cu, nf4_wide_kernel); same MMA mapping and order of sums as nf4_tile."""
@@ -201,6 +192,5 @@ def nf4_wide(
     token_tiles, rows_per_warp = token_tiles or default_tiles, rows_per_warp or default_rows
     if split_k is None:
         split_k = wide_split_k(x.shape[0], shape, num_sms, token_tiles, rows_per_warp)
-    finish = FINISH_ROWS if finish_rows is None else finish_rows
-    _extension().nf4_wide(x, tiled[0], tiled[1], code_table, bias, out, split_k, finish, token_tiles, rows_per_warp)
+    _extension().nf4_wide(x, tiled[0], tiled[1], code_table, bias, out, split_k, token_tiles, rows_per_warp)
     return out

@@ -16,7 +16,7 @@
 // Dequantization: the 16-entry fp32 table sits in shared memory (lanes reading one entry broadcast, lanes
 // reading different entries hit different banks: one wavefront), scaled in fp32, rounded in pairs.
 // Code loads run PREFETCH blocks ahead in registers. Grid: (row tiles / WARPS, split_k); with split_k > 1
-// each split writes fp32 partials [split_k, M, N], which the last split of a row group to finish sums.
+// each split writes fp32 partials [split_k, M, N] that a second kernel sums.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -128,18 +128,14 @@ __device__ __forceinline__ void store_c_fragments(const float (&acc)[NT][4], int
   }
 }
 
-// Split K. Each split's block stores its fp32 partials [split, M, N]; they are summed in split order, the bias
-// added and out stored either by a second kernel (split_k_sum_kernel) or, for few rows (finish_here), by the last
-// of a (row group, token group)'s splits to arrive. The arrival counts live in the module (zero at load) and the
-// last block resets its count, so a launch leaves them as it found them, in a CUDA graph too. NF4 launches that
-// finish here must not overlap on one device: the engine runs every NF4 linear on its compute stream.
-// H200 (8B shapes, bench.kernels): a sum kernel cost ~1.4 us of GPU time a linear plus the gap between two kernels
-// (0.17 ms of a 3.3 ms batch-1 step); finishing in the last block with a dependent load a split lost at every row
-// count (o at 1 row 9.45 -> 10.0 us; qkv at 16 rows 15.8 -> 20.3, where that block sums 16 x 64 x 16 values
-// alone), so loads are now issued together and only one-token-tile launches (1-8 rows) finish here.
-constexpr int kMaxSplitGroups = 1 << 16;
+// Split K: each split's block stores its fp32 partials [split, M, N]; a second kernel (split_k_sum_kernel) sums
+// them in split order, adds the bias and stores out. Measured against (H200, 8B shapes, bench.kernels, two calls of
+// the eleventh session): the last block of each row group to arrive summing them itself (an atomic arrival count a
+// group, reset by that block) lost at every row count. With a fence a thread and one load after another: o at one
+// row 9.45 -> 10.0 us, qkv at 16 rows 15.8 -> 20.3 (that block summed 16 splits of 64 x 16 values alone); with one
+// fence a block, loads issued together and 1-8 rows only, still gate_up at one row 41.1 against 38.1 for the sum
+// kernel, and 8B batch-1 decode 278 against 286 tokens/s: the fence and the count lengthen every block's exit.
 constexpr int kUnrolledSplits = 16;  // pick_split_k's largest split
-__device__ unsigned split_arrivals[kMaxSplitGroups];
 
 // Sum of the `splits` partials at p, p + plane, ... in split order (loads issued together, then added).
 __device__ __forceinline__ float sum_splits(const float* p, int64_t plane, int splits) {
@@ -153,32 +149,6 @@ __device__ __forceinline__ float sum_splits(const float* p, int64_t plane, int s
   }
   for (int s = kUnrolledSplits; s < splits; ++s) v += __ldcg(p + s * plane);
   return v;
-}
-
-// Called by the block's `threads` (those still running, a multiple of 32, thread 0 among them) after their stores;
-// its rows [row0, row0 + rows) and tokens [tok0, tok0 + toks) of out.
-template <typename T>
-__device__ __forceinline__ void finish_splits(const float* __restrict__ partial, T* __restrict__ out,
-                                              const T* __restrict__ bias, int M, int N, int row0, int rows, int tok0,
-                                              int toks, int threads) {
-  __shared__ bool last_split;
-  unsigned* arrivals = split_arrivals + blockIdx.z * gridDim.x + blockIdx.x;
-  asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");  // every partial of the block stored ...
-  if (threadIdx.x == 0) {  // ... and, through one cumulative fence after the barrier (as CUTLASS's semaphore
-    __threadfence();       // releases), visible to every block before the count says so
-    last_split = atomicAdd(arrivals, 1u) == gridDim.y - 1;
-    __threadfence();
-  }
-  asm volatile("bar.sync 1, %0;" ::"r"(threads) : "memory");
-  if (!last_split) return;
-  const int64_t plane = static_cast<int64_t>(M) * N;
-  for (int i = threadIdx.x; i < rows * toks; i += threads) {
-    const int row = row0 + i % rows, tok = tok0 + i / rows;
-    float v = sum_splits(partial + static_cast<int64_t>(tok) * N + row, plane, gridDim.y);
-    if (bias != nullptr) v += Ops<T>::to_float(bias[row]);
-    out[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
-  }
-  if (threadIdx.x == 0) *arrivals = 0u;
 }
 
 template <typename T>
@@ -203,7 +173,7 @@ template <typename T, int NT, int WARPS, int PREFETCH>
 __global__ void __launch_bounds__(WARPS * 32, (MinBlocks<WARPS, NT>::value)) nf4_mma_kernel(
     const T* __restrict__ x, const uint8_t* __restrict__ codes, const float* __restrict__ absmax,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out,
-    float* __restrict__ partial, int finish_here, int M, int N, int K, int blocks_per_split) {
+    float* __restrict__ partial, int M, int N, int K, int blocks_per_split) {
   __shared__ float lut_shared[16];
   if (threadIdx.x < 16) lut_shared[threadIdx.x] = table[threadIdx.x];
   __syncthreads();
@@ -281,10 +251,6 @@ __global__ void __launch_bounds__(WARPS * 32, (MinBlocks<WARPS, NT>::value)) nf4
   }
 
   store_c_fragments<T, NT>(acc, row_lo, t, 0, M, N, bias, out, partial);
-  if (finish_here) {
-    const int row0 = blockIdx.x * WARPS * 16;
-    finish_splits<T>(partial, out, bias, M, N, row0, min(WARPS * 16, N - row0), 0, M, WARPS * 32);
-  }
 }
 
 // The same MMA mapping over the forward-only tile layout (server/model/nf4_layout.py, TiledNF4): for row tile r
@@ -370,7 +336,7 @@ template <typename T, int NT, int RT, int WARPS, int PREFETCH>
 __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::value)) nf4_tile_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out,
-    float* __restrict__ partial, int finish_here, int M, int N, int K, int blocks_per_split) {
+    float* __restrict__ partial, int M, int N, int K, int blocks_per_split) {
   __shared__ float lut_shared[16];
   if (threadIdx.x < 16) lut_shared[threadIdx.x] = table[threadIdx.x];
   __syncthreads();
@@ -442,11 +408,6 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
 
 #pragma unroll
   for (int r = 0; r < RT; ++r) store_c_fragments<T, NT>(acc[r], (tile0 + r) * 16 + g, t, 0, M, N, bias, out, partial);
-  if (finish_here) {  // the block's warps that did not leave above: its first ones
-    const int block_tile0 = blockIdx.x * WARPS * RT, row0 = block_tile0 * 16;
-    const int warps = min(WARPS, (row_tiles - block_tile0 + RT - 1) / RT);
-    finish_splits<T>(partial, out, bias, M, N, row0, min(WARPS * RT * 16, N - row0), 0, M, warps * 32);
-  }
 }
 
 // Wide batches (16-256 rows): the tile layout's MMA mapping with x staged once a block in shared memory, where the
@@ -474,7 +435,7 @@ template <typename T, int NT, int RT, int WARPS, int STAGES, int PREFETCH>
 __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out,
-    float* __restrict__ partial, int finish_here, int M, int N, int K, int blocks_per_split) {
+    float* __restrict__ partial, int M, int N, int K, int blocks_per_split) {
   constexpr int TOKENS = NT * 8;
   constexpr int THREADS = WARPS * 32;
   constexpr int STAGE_BYTES = WideSmem<NT, STAGES>::stage_bytes;
@@ -565,11 +526,6 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
     if (tile0 + r < row_tiles)
       store_c_fragments<T, NT>(acc[r], (tile0 + r) * 16 + g, t, tok0, M, N, bias, out, partial);
   }
-  if (finish_here) {
-    const int row0 = blockIdx.x * WARPS * RT * 16;
-    finish_splits<T>(partial, out, bias, M, N, row0, min(WARPS * RT * 16, N - row0), tok0, min(TOKENS, M - tok0),
-                     THREADS);
-  }
 }
 
 }  // namespace
@@ -578,29 +534,23 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-// Grid (row groups, splits, token groups) of a kernel whose warps each own `rows_per_warp` 16-row tiles; `body`
-// launches it with `partial` null, or fp32 partials [splits, M, N] when K is split, summed by the kernel's last
-// blocks (finish_here, 1-8 rows) or by split_k_sum_kernel after it.
+// Grid (row groups, splits[, token groups]) of a kernel whose warps each own `rows_per_warp` 16-row tiles; `body`
+// launches it with `partial` null, or fp32 partials [splits, M, N] when K is split, which split_k_sum_kernel sums.
 template <typename T, typename Body>
 void run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
-               int64_t finish_rows, int64_t groups, Body body) {
+               Body body) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int num_blocks = K / 64;
   const int blocks_per_split = (num_blocks + split_k - 1) / split_k;
   const int splits = (num_blocks + blocks_per_split - 1) / blocks_per_split;
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
-  const bool finish_here = splits > 1 && M <= finish_rows;
   torch::Tensor partials;
-  if (splits > 1) {
-    TORCH_CHECK(!finish_here || groups <= kMaxSplitGroups, "split K over ", groups, " row and token groups");
-    partials = torch::empty({splits, M, N}, x.options().dtype(torch::kFloat32));
-  }
+  if (splits > 1) partials = torch::empty({splits, M, N}, x.options().dtype(torch::kFloat32));
   auto stream = at::cuda::getCurrentCUDAStream();
   T* out_ptr = reinterpret_cast<T*>(out.data_ptr());
-  body(stream, out_ptr, splits > 1 ? partials.data_ptr<float>() : nullptr, finish_here ? 1 : 0, bias_ptr, splits,
-       blocks_per_split);
+  body(stream, out_ptr, splits > 1 ? partials.data_ptr<float>() : nullptr, bias_ptr, splits, blocks_per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1 && !finish_here) {
+  if (splits > 1) {
     const int64_t total = static_cast<int64_t>(M) * N;
     split_k_sum_kernel<T><<<(total + 255) / 256, 256, 0, stream>>>(partials.data_ptr<float>(), bias_ptr, out_ptr, M,
                                                                    N, splits);
@@ -611,16 +561,16 @@ void run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
 template <typename T, int NT>
 void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
             const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-            int64_t split_k, int64_t finish_rows, int64_t warps) {
+            int64_t split_k, int64_t warps) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int row_tiles = (N + 15) / 16;
-  run_split<T>(x, bias, out, split_k, finish_rows, (row_tiles + warps - 1) / warps,
-               [&](cudaStream_t stream, T* out_ptr, float* partial, int finish_here, const T* bias_ptr, int splits,
+  run_split<T>(x, bias, out, split_k,
+               [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                    int blocks_per_split) {
 #define LORAPLEX_LAUNCH(W)                                                                                 \
   nf4_mma_kernel<T, NT, W, 4><<<dim3((row_tiles + W - 1) / W, splits), W * 32, 0, stream>>>(                \
       reinterpret_cast<const T*>(x.data_ptr()), codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(),       \
-      table.data_ptr<float>(), bias_ptr, out_ptr, partial, finish_here, M, N, K, blocks_per_split)
+      table.data_ptr<float>(), bias_ptr, out_ptr, partial, M, N, K, blocks_per_split)
     if (warps == 2) {
       LORAPLEX_LAUNCH(2);
     } else {
@@ -633,17 +583,17 @@ void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
 template <typename T, int NT, int RT, int W>
 void launch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                  const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                 int64_t split_k, int64_t finish_rows) {
+                 int64_t split_k) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
   const int groups = (warps_needed + W - 1) / W;
-  run_split<T>(x, bias, out, split_k, finish_rows, groups,
-               [&](cudaStream_t stream, T* out_ptr, float* partial, int finish_here, const T* bias_ptr, int splits,
+  run_split<T>(x, bias, out, split_k,
+               [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                    int blocks_per_split) {
     nf4_tile_kernel<T, NT, RT, W, 4><<<dim3(groups, splits), W * 32, 0, stream>>>(
         reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
         reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        finish_here, M, N, K, blocks_per_split);
+        M, N, K, blocks_per_split);
   });
 }
 
@@ -652,27 +602,27 @@ void launch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const 
 template <typename T>
 void dispatch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                    const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                   int64_t split_k, int64_t finish_rows, int64_t warps, int64_t rows_per_warp) {
+                   int64_t split_k, int64_t warps, int64_t rows_per_warp) {
   const int64_t M = x.size(0);
   const bool two = rows_per_warp == 2;
   if (M <= 8) {
-    if (warps == 2) launch_tile<T, 1, 1, 2>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
-    else launch_tile<T, 1, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
+    if (warps == 2) launch_tile<T, 1, 1, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    else launch_tile<T, 1, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
   } else if (M <= 16) {
-    if (two) launch_tile<T, 2, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
-    else launch_tile<T, 2, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
+    if (two) launch_tile<T, 2, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    else launch_tile<T, 2, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
   } else if (M <= 32) {
-    if (two) launch_tile<T, 4, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
-    else launch_tile<T, 4, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
+    if (two) launch_tile<T, 4, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    else launch_tile<T, 4, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
   } else {
-    launch_tile<T, 8, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
+    launch_tile<T, 8, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
   }
 }
 
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout; M <= 64, K % 64 == 0.
 void nf4_tile(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
-              c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t finish_rows,
-              int64_t warps, int64_t rows_per_warp) {
+              c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t warps,
+              int64_t rows_per_warp) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 64, "nf4_tile takes 1..64 rows, got ", x.size(0));
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
@@ -683,11 +633,11 @@ void nf4_tile(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scal
   TORCH_CHECK(tile_scales.scalar_type() == torch::kFloat32 && tile_scales.numel() == tiles * blocks * 16,
               "tile_scales must be float32 [tiles * blocks * 16]");
   if (x.scalar_type() == torch::kBFloat16) {
-    dispatch_tile<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows, warps,
+    dispatch_tile<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, warps,
                                  rows_per_warp);
   } else {
     TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-    dispatch_tile<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows, warps, rows_per_warp);
+    dispatch_tile<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, warps, rows_per_warp);
   }
 }
 
@@ -723,7 +673,7 @@ struct WidePrefetch {  // code blocks in flight: 4, or 2 where the accumulators 
 template <typename T, int NT, int RT>
 void launch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                  const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                 int64_t split_k, int64_t finish_rows) {
+                 int64_t split_k) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
   const int row_groups = (warps_needed + WIDE_WARPS - 1) / WIDE_WARPS, token_groups = (M + NT * 8 - 1) / (NT * 8);
@@ -736,40 +686,40 @@ void launch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const 
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     if (device < 64) attribute_set[device] = true;
   }
-  run_split<T>(x, bias, out, split_k, finish_rows, static_cast<int64_t>(row_groups) * token_groups,
-               [&](cudaStream_t stream, T* out_ptr, float* partial, int finish_here, const T* bias_ptr, int splits,
+  run_split<T>(x, bias, out, split_k,
+               [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                    int blocks_per_split) {
     kernel<<<dim3(row_groups, splits, token_groups), WIDE_WARPS * 32, smem, stream>>>(
         reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
         reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        finish_here, M, N, K, blocks_per_split);
+        M, N, K, blocks_per_split);
   });
 }
 
 template <typename T>
 void dispatch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                    const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                   int64_t split_k, int64_t finish_rows, int64_t token_tiles, int64_t rows_per_warp) {
+                   int64_t split_k, int64_t token_tiles, int64_t rows_per_warp) {
   const bool two = rows_per_warp == 2;
   if (token_tiles == 2) {
-    if (two) launch_wide<T, 2, 2>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
-    else launch_wide<T, 2, 1>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
+    if (two) launch_wide<T, 2, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    else launch_wide<T, 2, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
   } else if (token_tiles == 4) {
-    if (two) launch_wide<T, 4, 2>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
-    else launch_wide<T, 4, 1>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
+    if (two) launch_wide<T, 4, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    else launch_wide<T, 4, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
   } else if (token_tiles == 8) {
-    if (two) launch_wide<T, 8, 2>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
-    else launch_wide<T, 8, 1>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
+    if (two) launch_wide<T, 8, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    else launch_wide<T, 8, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
   } else {
-    if (two) launch_wide<T, 16, 2>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
-    else launch_wide<T, 16, 1>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows);
+    if (two) launch_wide<T, 16, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    else launch_wide<T, 16, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
   }
 }
 
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout, x staged in shared memory; any M, K % 64 == 0.
 void nf4_wide(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
-              c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t finish_rows,
-              int64_t token_tiles, int64_t rows_per_warp) {
+              c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t token_tiles,
+              int64_t rows_per_warp) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(token_tiles == 2 || token_tiles == 4 || token_tiles == 8 || token_tiles == 16,
@@ -781,11 +731,11 @@ void nf4_wide(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scal
   TORCH_CHECK(tile_scales.scalar_type() == torch::kFloat32 && tile_scales.numel() == tiles * blocks * 16,
               "tile_scales must be float32 [tiles * blocks * 16]");
   if (x.scalar_type() == torch::kBFloat16) {
-    dispatch_wide<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows, token_tiles,
+    dispatch_wide<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, token_tiles,
                                  rows_per_warp);
   } else {
     TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-    dispatch_wide<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, finish_rows, token_tiles,
+    dispatch_wide<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, token_tiles,
                           rows_per_warp);
   }
 }
@@ -816,28 +766,27 @@ int64_t nf4_wide_blocks_per_sm(int64_t token_tiles, int64_t rows_per_warp) {
 template <typename T>
 void dispatch_tiles(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
                     const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                    int64_t split_k, int64_t finish_rows, int64_t warps) {
+                    int64_t split_k, int64_t warps) {
   const int64_t M = x.size(0);
-  if (M <= 8) launch<T, 1>(x, codes, absmax, table, bias, out, split_k, finish_rows, warps);
-  else if (M <= 16) launch<T, 2>(x, codes, absmax, table, bias, out, split_k, finish_rows, warps);
-  else if (M <= 32) launch<T, 4>(x, codes, absmax, table, bias, out, split_k, finish_rows, warps);
-  else launch<T, 8>(x, codes, absmax, table, bias, out, split_k, finish_rows, warps);
+  if (M <= 8) launch<T, 1>(x, codes, absmax, table, bias, out, split_k, warps);
+  else if (M <= 16) launch<T, 2>(x, codes, absmax, table, bias, out, split_k, warps);
+  else if (M <= 32) launch<T, 4>(x, codes, absmax, table, bias, out, split_k, warps);
+  else launch<T, 8>(x, codes, absmax, table, bias, out, split_k, warps);
 }
 
 // out[M, N] = x[M, K] @ dequant(codes, absmax)^T (+ bias); M <= 64, K % 64 == 0, all contiguous on one GPU.
 void nf4_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax, torch::Tensor table,
-             c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t finish_rows,
-             int64_t warps) {
+             c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t warps) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 64, "nf4_mma takes 1..64 rows, got ", x.size(0));
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type(), "out must be contiguous, x's dtype");
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && absmax.scalar_type() == torch::kFloat32, "codes u8, absmax f32");
   if (x.scalar_type() == torch::kBFloat16) {
-    dispatch_tiles<__nv_bfloat16>(x, codes, absmax, table, bias, out, split_k, finish_rows, warps);
+    dispatch_tiles<__nv_bfloat16>(x, codes, absmax, table, bias, out, split_k, warps);
   } else {
     TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-    dispatch_tiles<__half>(x, codes, absmax, table, bias, out, split_k, finish_rows, warps);
+    dispatch_tiles<__half>(x, codes, absmax, table, bias, out, split_k, warps);
   }
 }
 
