@@ -33,21 +33,26 @@ IMPLS = ("ours", "bnb", "tinygemm", "tile", "wide", "pair", "lut", "mma", "fused
 
 
 def kernel_runs(results_dir: Path) -> list[tuple[str, dict]]:
-    """(file name, data) of every kernels result that carries ratios, newest first (by date, then the plain
-    ``-kernels.json`` of a date before its tagged sweeps, then name)."""
+    """(file name, data) of every kernels result that carries ratios, newest first: by date, then by the time the
+    run wrote (files from before runs recorded it have none and count as older), then the plain ``-kernels.json``
+    of a date before its tagged sweeps, then name."""
     found = []
     for path in results_dir.glob("*-kernels*.json"):
         data = json.loads(path.read_text())
         if data.get("ratios"):
-            found.append(((data.get("date", ""), path.name.endswith("-kernels.json"), path.name), path.name, data))
+            order = (data.get("date", ""), data.get("timestamp", ""), path.name.endswith("-kernels.json"), path.name)
+            found.append((order, path.name, data))
     return [(name, data) for _, name, data in sorted(found, key=lambda f: f[0], reverse=True)]
 
 
 def newest_with_ratios(results_dir: Path, pattern: str) -> tuple[str, dict] | None:
-    """(file name, data) of the newest file matching `pattern` that carries ratios (by date, then name)."""
+    """(file name, data) of the newest file matching `pattern` that carries ratios (by date, then the time it was
+    written where it says, then name)."""
     found = [(json.loads(p.read_text()), p.name) for p in results_dir.glob(pattern)]
-    found = [(data.get("date", ""), name, data) for data, name in found if data.get("ratios")]
-    return (max(found)[1], max(found)[2]) if found else None
+    found = [((data.get("date", ""), data.get("timestamp", ""), name), name, data) for data, name in found
+             if data.get("ratios")]
+    newest = max(found, key=lambda f: f[0]) if found else None
+    return (newest[1], newest[2]) if newest else None
 
 
 def _engine_values(runs: dict) -> dict[str, tuple[str | None, object]]:

@@ -192,6 +192,7 @@ def summary(value: Any) -> str:
 def write_named_result(out_dir: str | Path, result: dict, suffix: str) -> Path:
     """Write `result` (with "date" and "device") to <out_dir>/<date>-<device slug>-<suffix>.json and print
     its ratios; for the one-shot GPU scripts (bench.kernels, bench.prefill, bench.profile_step)."""
+    result.setdefault("timestamp", time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()))  # orders same-date runs
     slug = str(result["device"]).lower().replace(" ", "-")
     path = Path(out_dir) / f"{result['date']}-{slug}-{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

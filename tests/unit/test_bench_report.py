@@ -102,3 +102,30 @@ def test_a_ratio_missing_from_the_newest_run_comes_from_the_newest_run_that_has_
             if line.startswith("| `")}
     assert "new-8b.json" in rows["mixed32_over_merged_8b"] and "0.8 " in rows["mixed32_over_merged_8b"]
     assert "old-8b.json" in rows["swap_speedup_vs_peft_8b"] and "| 30 |" in rows["swap_speedup_vs_peft_8b"]
+
+
+def test_a_kernel_run_that_records_its_time_outranks_an_older_plain_one_of_the_same_date(tmp_path):
+    """Kernel files of one date: the plain -kernels.json used to rank first whatever ran later; a run that writes
+    its timestamp (bench.results.write_named_result) now ranks by it, and files without one count as older."""
+    from bench.report_kernels import kernel_runs, newest_with_ratios
+
+    def kernels(m1: float, timestamp: str | None) -> dict:
+        data = {"date": "2026-12-02", "device": "NVIDIA H200", "layers": [], "ratios": {"nf4_over_bf16_m1": m1}}
+        if timestamp:
+            data["timestamp"] = timestamp
+        return data
+
+    _write(tmp_path, "2026-12-02-nvidia-h200-kernels.json", kernels(0.7, None))
+    _write(tmp_path, "2026-12-02-nvidia-h200-kernels-a.json", kernels(0.6, "2026-12-02T10:00:00+00:00"))
+    _write(tmp_path, "2026-12-02-nvidia-h200-kernels-b.json", kernels(0.5, "2026-12-02T09:00:00+00:00"))
+    order = [name for name, _ in kernel_runs(tmp_path)]
+    assert order == ["2026-12-02-nvidia-h200-kernels-a.json", "2026-12-02-nvidia-h200-kernels-b.json",
+                     "2026-12-02-nvidia-h200-kernels.json"]
+    assert newest_with_ratios(tmp_path, "*-kernels*.json")[0] == "2026-12-02-nvidia-h200-kernels-a.json"
+
+
+def test_named_results_record_when_they_were_written(tmp_path):
+    from bench.results import write_named_result
+
+    path = write_named_result(tmp_path, {"date": "2026-12-02", "device": "NVIDIA H200", "ratios": {}}, "kernels")
+    assert json.loads(path.read_text())["timestamp"].startswith("20")
