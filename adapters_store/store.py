@@ -67,13 +67,14 @@ _TRASHED_ADAPTER = re.compile(r"^[0-9a-f]{16}@([1-9][0-9]{0,8})@(.+)$")
 _SETTLED_NS = 2_000_000_000  # directory timestamps older than this are trusted to change on the next change
 
 
-def _dir_state(path: Path) -> tuple[int, int, int] | None:
-    """(device, inode, mtime in ns) of a directory, None when it is gone."""
+def _dir_state(path: Path) -> tuple[int, int, int, int] | None:
+    """(device, inode, mtime, ctime in ns) of a directory, None when it is gone. The ctime catches an mtime set back
+    by hand (touch -d, rsync -t): setting it changes the ctime."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns
 
 class AdapterStore:
     """Versioned adapter directories under one root, written atomically."""
@@ -93,7 +94,7 @@ class AdapterStore:
         for path in (self.root, self._staging, self._trash, self._tombstones):
             path.mkdir(parents=True, exist_ok=True)
         self._lock = StoreWriterLock(self.root / ".lock")  # across processes sharing this root, too
-        self._latest_seen: dict[str, tuple[tuple[int, int, int], AdapterRecord]] = {}  # latest_if_unchanged
+        self._latest_seen: dict[str, tuple[tuple[int, int, int, int], AdapterRecord]] = {}  # latest_if_unchanged
         with self._lock:
             self._sweep()
 
@@ -211,12 +212,14 @@ class AdapterStore:
         """The latest (or the given) complete version of `name`."""
         adapter_dir = self._adapter_dir(name)
         if version is None:  # on every request's path: one manifest read, not one per version kept
+            now = time.time_ns()
             state = _dir_state(adapter_dir)  # before the read: a change during it leaves a different state
             versions = self._version_numbers(adapter_dir)
             record = self._latest(adapter_dir, versions)
             if record is None:
+                self._latest_seen.pop(name, None)
                 raise AdapterNotFoundError(f"adapter {name!r} not found")
-            settled = state is not None and time.time_ns() - state[2] > _SETTLED_NS
+            settled = state is not None and now - state[2] > _SETTLED_NS  # unchanged for a while when stat ran
             if settled and record.version == max(versions):
                 self._latest_seen[name] = (state, record)
             return record
@@ -231,8 +234,9 @@ class AdapterStore:
         """What `get(name)` last found, when one stat of the adapter's directory shows that no version has been
         added, pruned or deleted since (a new version is renamed in, so the directory changes); None when only
         reading it can tell. Cheap enough for an event loop, where `get` is not. `get` remembers only what it
-        read from a directory unchanged for _SETTLED_NS (older than the file system's timestamp granularity) whose
-        newest version was complete, so a version renamed in before its manifest is written is never missed."""
+        read from a directory unchanged for _SETTLED_NS when it looked (older than the file system's timestamp
+        granularity) whose newest version was complete, so a version renamed in before its manifest is written is
+        never missed. One entry per adapter name found; a name found missing loses its entry."""
         seen = self._latest_seen.get(name)  # names get() validated
         if seen is None or _dir_state(self.root / name) != seen[0]:
             return None

@@ -129,9 +129,10 @@ class ModelRunner:
     def warm_up_prefill(self, max_tokens: int) -> int:
         """Eager prefills of batches of 512 tokens up to `max_tokens` (doubling): each once as fresh
         prompts of one length (one attention call per length) and once as chunks after a cached prefix
-        (the variable-length attention path), through the adapter kernels when the model has them
-        (slot 0, still empty: rank 0). Nothing is written to the KV cache (slot -1) or sampled. Returns
-        the number of forwards run."""
+        (the Triton attention over the paged cache), then once two fresh prompts of different lengths (the
+        FlashAttention varlen call, whose module loads at first use), through the adapter kernels when the
+        model has them (slot 0, still empty: rank 0). Nothing is written to the KV cache (slot -1) or
+        sampled. Returns the number of forwards run."""
         length = max(1, min(128, self.max_blocks * self.block_size - self.block_size))
         runs, total = 0, min(512, max_tokens)
         while True:
@@ -141,6 +142,8 @@ class ModelRunner:
             if total >= max_tokens:
                 break
             total = min(2 * total, max_tokens)
+        self._dummy_prefill([length, max(1, length // 2)], 0)
+        runs += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return runs

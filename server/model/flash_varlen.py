@@ -23,9 +23,11 @@ from server.model.host_device import to_device
 
 
 def available(q: torch.Tensor) -> bool:
-    """FlashAttention-2 runs 16-bit inputs on sm80+ GPUs, head dims up to 256."""
+    """FlashAttention-2 runs 16-bit inputs on sm80+ NVIDIA GPUs, head dims up to 256, in torch builds that have it."""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
-            and q.shape[-1] % 8 == 0 and torch.cuda.get_device_capability(q.device) >= (8, 0))
+            and q.shape[-1] % 8 == 0 and torch.version.hip is None
+            and torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 class Packing(NamedTuple):

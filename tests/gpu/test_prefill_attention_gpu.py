@@ -32,17 +32,24 @@ def test_dispatch_matches_sdpa(lengths, prefixes, head_dim):
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_flash_varlen_matches_the_reference_for_fresh_prompts(dtype):
-    """32 fresh prompts of 256-3,840 tokens' shape, scaled down: one varlen call against SDPA one prompt at a time."""
+@pytest.mark.parametrize("dtype, head_dim, lengths", [
+    (torch.bfloat16, 128, [1 + (i * 97) % 400 for i in range(12)]), (torch.float16, 64, [1 + (i * 97) % 400 for i in
+    range(12)]), (torch.bfloat16, 128, [1]),  # a lone one-token prompt
+])  # fmt: skip
+def test_flash_varlen_matches_the_reference_for_fresh_prompts(dtype, head_dim, lengths):
+    """Fresh prompts of unequal lengths (bench.prefill's shape, scaled down): one varlen call against SDPA one prompt at
+    a time; k and v are column slices of one qkv projection, as the model makes them (rows strided)."""
     from server.model import flash_varlen
 
-    lengths = [1 + (i * 97) % 400 for i in range(12)]
-    q, k, v, k_cache, v_cache, seqs = _case(lengths, [0] * len(lengths), num_q_heads=32, num_kv_heads=8, head_dim=128)
+    q, k, v, k_cache, v_cache, seqs = _case(lengths, [0] * len(lengths), num_q_heads=32, num_kv_heads=8,
+                                            head_dim=head_dim)
     q, k, v, k_cache, v_cache = (t.to("cuda", dtype) for t in (q, k, v, k_cache, v_cache))
+    qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+    q, k, v = (part.unflatten(1, (-1, head_dim)) for part in qkv.split([32 * head_dim, 8 * head_dim, 8 * head_dim], 1))
+    assert not k.is_contiguous()
     seqs = [type(s)(s.q_start, s.q_len, s.ctx_len, s.block_table.cuda()) for s in seqs]
     assert flash_varlen.available(q)
-    expected = prefill_attention_torch(q, k, v, k_cache, v_cache, seqs, None, 128**-0.5)
+    expected = prefill_attention_torch(q, k, v, k_cache, v_cache, seqs, None, head_dim**-0.5)
     got = torch.full_like(q, float("nan"))
-    flash_varlen.fresh_attention(q, k, v, seqs, 128**-0.5, got, memo={})
+    flash_varlen.fresh_attention(q, k, v, seqs, head_dim**-0.5, got, memo={})
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)

@@ -4,7 +4,7 @@ cumulative lengths and the rows the call reads and writes. The call itself runs 
 
 from __future__ import annotations
 
-from server.model.flash_varlen import Packing, available, packing
+from server.model.flash_varlen import Packing, packing
 from server.model.llama import PrefillSeq
 
 
@@ -23,8 +23,3 @@ def test_prompts_with_rows_between_them_list_their_rows():
     assert pack.rows == [0, 1, 2, 6, 7]
     assert (pack.cu_lens, pack.max_len) == ([0, 3, 5], 3)
 
-
-def test_not_available_off_the_gpu():
-    import torch
-
-    assert not available(torch.zeros(4, 2, 64, dtype=torch.bfloat16))

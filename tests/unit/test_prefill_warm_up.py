@@ -36,11 +36,12 @@ def test_warm_up_prefill_runs_every_size_and_leaves_the_cache_and_outputs_unchan
     real_lora = runner._prefill_lora
     monkeypatch.setattr(runner, "_prefill_lora", lambda segments: lora_calls.append(segments) or real_lora(segments))
     before = [t.clone() for t in engine.kv_cache.layer_caches()[0]]
-    assert runner.warm_up_prefill(1500) == 6
-    # 512, 1,024 and 1,500 tokens (as many whole prompts as fit), each fresh and after a cached prefix.
+    assert runner.warm_up_prefill(1500) == 7
+    # 512, 1,024 and 1,500 tokens (as many whole prompts as fit), each fresh and after a cached prefix; then two
+    # fresh prompts of different lengths.
     length = min(128, runner.max_blocks * runner.block_size - runner.block_size)
     assert lengths_seen == [(length * (total // length), prefix) for total in (512, 1024, 1500)
-                            for prefix in (0, runner.block_size)]
+                            for prefix in (0, runner.block_size)] + [(length + length // 2, 0)]
     assert all(segments and all(slot == 0 for _, _, slot in segments) for segments in lora_calls)
     assert all(torch.equal(a, b) for a, b in zip(before, engine.kv_cache.layer_caches()[0], strict=True))
     assert _generate(engine, prompts) == expected

@@ -59,6 +59,18 @@ def test_a_new_version_or_a_delete_ends_the_remembered_answer(tmp_path):
     assert store.latest_if_unchanged("a") is None
 
 
+def test_a_timestamp_set_back_by_hand_still_ends_the_remembered_answer(tmp_path):
+    """touch -d or rsync -t can give the directory its old mtime again; its ctime still changes."""
+    store, _ = _settled_store(tmp_path)
+    store.get("a")
+    assert store.latest_if_unchanged("a") is not None
+    st = os.stat(store.root / "a")
+    time.sleep(0.05)  # past the file system's ctime granularity
+    os.utime(store.root / "a", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(store.root / "a").st_mtime_ns == st.st_mtime_ns
+    assert store.latest_if_unchanged("a") is None
+
+
 def test_a_newest_version_without_its_manifest_is_not_remembered_past(tmp_path):
     """A put renames the version in, then writes its manifest inside it (the adapter's directory does not change
     then): what get reads in between must not be remembered, or the new version would never be seen."""
