@@ -136,6 +136,10 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                         for c in layer.nf4]
         impls["tile"] = [lambda c=c: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                          for c in layer.nf4]
+        if rows <= 16:  # programmatic dependent launch: the next copy's launch and code loads overlap this tail
+            impls["tile_pdl"] = [lambda c=c: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table,
+                                                               num_sms=device_num_sms(0), pdl=True)
+                                 for c in layer.nf4]
         if SWEEP_MMA:  # the tile kernel's neighbours: warps, tiles a warp, split-K halved and doubled
             warps, per_warp = cuda_nf4.tile_config(rows)
             split = cuda_nf4.pick_split_k(rows, *layer.shape, device_num_sms(0), warps, rows_per_warp=per_warp)

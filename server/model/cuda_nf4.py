@@ -23,6 +23,15 @@ from server.model.nf4_layout import NF4_BLOCKSIZE, codes_as_bytes
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 64
+# Programmatic dependent launch of the tile kernel and its split-K sum (csrc/nf4_mma.cu, wait_for_prior_grid):
+# each may start while the kernel ahead finishes, its weight loads overlapping that tail. Off until measured
+# (bench.kernels times "tile_pdl" beside "tile"; LORAPLEX_NF4_PDL=1 for the whole engine); sm_90+ only.
+PDL = os.environ.get("LORAPLEX_NF4_PDL", "0") == "1"
+
+
+@functools.cache
+def _pdl_supported(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 @functools.cache
@@ -130,6 +139,7 @@ def nf4_tile(
     warps: int | None = None,
     rows_per_warp: int | None = None,
     num_sms: int = 132,
+    pdl: bool | None = None,  # PDL
 ) -> torch.Tensor:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout."""
     out_features, in_features = shape
@@ -143,7 +153,8 @@ def nf4_tile(
         rows_per_warp = 1
     if split_k is None:
         split_k = pick_split_k(x.shape[0], out_features, in_features, num_sms, warps, rows_per_warp=rows_per_warp)
-    _extension().nf4_tile(x, tiled[0], tiled[1], code_table, bias, out, split_k, warps, rows_per_warp)
+    pdl = (PDL if pdl is None else pdl) and _pdl_supported(x.device.index or 0)
+    _extension().nf4_tile(x, tiled[0], tiled[1], code_table, bias, out, split_k, warps, rows_per_warp, pdl)
     return out
 
 

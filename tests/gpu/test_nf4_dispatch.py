@@ -159,3 +159,40 @@ def test_split_k_sums_repeat_bit_for_bit_eager_and_replayed(kernel, rows):
         torch.cuda.synchronize()
         assert torch.equal(out, first)
     assert torch.equal(run(), first)
+
+
+@pytest.mark.parametrize("rows, split_k", [(1, 1), (1, 6), (5, 3), (12, 4)])
+def test_tile_kernel_launched_programmatically_dependent_reads_the_kernel_ahead(rows, split_k):
+    """pdl=True (csrc wait_for_prior_grid): a chain of three launches, each reading the one before's output, gives
+    the same bits as plain launches, eager and replayed from a CUDA graph. A read of x before the wait would see
+    the buffer before the kernel ahead wrote it."""
+    from server.model import cuda_nf4
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    codes, absmax, wshape, table, _ = _layer(1536, 1536)
+    tiled = _tiled(codes, absmax, wshape)
+    bias = torch.randn(1536, device="cuda").to(torch.bfloat16)
+    x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
+
+    def chain(pdl):
+        y = x
+        for _ in range(3):
+            y = cuda_nf4.nf4_tile(y, tiled, wshape, table, bias, split_k=split_k, pdl=pdl)  # grows ~40x a layer
+        return y
+
+    want = chain(False)
+    assert torch.equal(chain(True), want)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(True)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)

@@ -128,6 +128,17 @@ __device__ __forceinline__ void store_c_fragments(const float (&acc)[NT][4], int
   }
 }
 
+// Programmatic dependent launch (sm_90+; LORAPLEX_NF4_PDL, off by default, not yet measured): a kernel launched
+// with the attribute may start while the kernel ahead of it in the stream finishes, so its launch and its first
+// loads of weights (which no kernel writes) overlap that tail; this waits until the earlier kernel's memory is
+// visible, and must come before the kernel's first read of an activation and its first store. A no-op for a kernel
+// launched without the attribute and before sm_90.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // Split K: each split's block stores its fp32 partials [split, M, N]; a second kernel (split_k_sum_kernel) sums
 // them in split order, adds the bias and stores out. Measured against (H200, 8B shapes, bench.kernels, two calls of
 // the eleventh session): the last block of each row group to arrive summing them itself (an atomic arrival count a
@@ -154,6 +165,7 @@ __device__ __forceinline__ float sum_splits(const float* p, int64_t plane, int s
 template <typename T>
 __global__ void split_k_sum_kernel(const float* __restrict__ partial, const T* __restrict__ bias, T* __restrict__ out,
                                    int M, int N, int splits) {
+  wait_for_prior_grid();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= static_cast<int64_t>(M) * N) return;
   float v = sum_splits(partial + i, static_cast<int64_t>(M) * N, splits);
@@ -370,6 +382,7 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
       for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.f;
 
   TileRing<RT, PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
+  wait_for_prior_grid();  // codes in flight; x is the kernel ahead's output
   for (int base = first; base < last; base += PREFETCH) {
 #pragma unroll
     for (int i = 0; i < PREFETCH; ++i) {
@@ -534,11 +547,27 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+// Launch `kernel` on `stream`, with programmatic dependent launch when `pdl` (see wait_for_prior_grid).
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Args... args) {
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+}
+
 // Grid (row groups, splits[, token groups]) of a kernel whose warps each own `rows_per_warp` 16-row tiles; `body`
-// launches it with `partial` null, or fp32 partials [splits, M, N] when K is split, which split_k_sum_kernel sums.
+// launches it with `partial` null, or fp32 partials [splits, M, N] when K is split, which split_k_sum_kernel sums
+// (launched programmatically dependent when `pdl`).
 template <typename T, typename Body>
 void run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
-               Body body) {
+               Body body, bool pdl = false) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int num_blocks = K / 64;
   const int blocks_per_split = (num_blocks + split_k - 1) / split_k;
@@ -552,9 +581,8 @@ void run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
     const int64_t total = static_cast<int64_t>(M) * N;
-    split_k_sum_kernel<T><<<(total + 255) / 256, 256, 0, stream>>>(partials.data_ptr<float>(), bias_ptr, out_ptr, M,
-                                                                   N, splits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(split_k_sum_kernel<T>, dim3((total + 255) / 256), dim3(256), stream, pdl,
+                  static_cast<const float*>(partials.data_ptr<float>()), bias_ptr, out_ptr, M, N, splits);
   }
 }
 
@@ -583,18 +611,19 @@ void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
 template <typename T, int NT, int RT, int W>
 void launch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                  const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                 int64_t split_k) {
+                 int64_t split_k, bool pdl) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
   const int groups = (warps_needed + W - 1) / W;
   run_split<T>(x, bias, out, split_k,
                [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                    int blocks_per_split) {
-    nf4_tile_kernel<T, NT, RT, W, 4><<<dim3(groups, splits), W * 32, 0, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        M, N, K, blocks_per_split);
-  });
+    launch_kernel(nf4_tile_kernel<T, NT, RT, W, 4>, dim3(groups, splits), dim3(W * 32), stream, pdl,
+                  reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+                  reinterpret_cast<const float2*>(tile_scales.data_ptr()),
+                  static_cast<const float*>(table.data_ptr<float>()), bias_ptr, out_ptr, partial, M, N, K,
+                  blocks_per_split);
+  }, pdl);
 }
 
 // The instances built (compile time is paid on the GPU host at first use): (token tiles, row tiles a warp, warps).
@@ -602,27 +631,27 @@ void launch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const 
 template <typename T>
 void dispatch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                    const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                   int64_t split_k, int64_t warps, int64_t rows_per_warp) {
+                   int64_t split_k, int64_t warps, int64_t rows_per_warp, bool pdl) {
   const int64_t M = x.size(0);
   const bool two = rows_per_warp == 2;
   if (M <= 8) {
-    if (warps == 2) launch_tile<T, 1, 1, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
-    else launch_tile<T, 1, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    if (warps == 2) launch_tile<T, 1, 1, 2>(x, tile_codes, tile_scales, table, bias, out, split_k, pdl);
+    else launch_tile<T, 1, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, pdl);
   } else if (M <= 16) {
-    if (two) launch_tile<T, 2, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
-    else launch_tile<T, 2, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    if (two) launch_tile<T, 2, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, pdl);
+    else launch_tile<T, 2, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, pdl);
   } else if (M <= 32) {
-    if (two) launch_tile<T, 4, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
-    else launch_tile<T, 4, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    if (two) launch_tile<T, 4, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, pdl);
+    else launch_tile<T, 4, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, pdl);
   } else {
-    launch_tile<T, 8, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k);
+    launch_tile<T, 8, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, pdl);
   }
 }
 
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout; M <= 64, K % 64 == 0.
 void nf4_tile(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
               c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t warps,
-              int64_t rows_per_warp) {
+              int64_t rows_per_warp, bool pdl) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 64, "nf4_tile takes 1..64 rows, got ", x.size(0));
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
@@ -634,10 +663,10 @@ void nf4_tile(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scal
               "tile_scales must be float32 [tiles * blocks * 16]");
   if (x.scalar_type() == torch::kBFloat16) {
     dispatch_tile<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, warps,
-                                 rows_per_warp);
+                                 rows_per_warp, pdl);
   } else {
     TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-    dispatch_tile<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, warps, rows_per_warp);
+    dispatch_tile<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, warps, rows_per_warp, pdl);
   }
 }
 
