@@ -1,6 +1,6 @@
 """The LoRA shrink and expand kernels of one decode step, against their bandwidth floor, with a launch sweep.
 
-    python -m bench.lora_kernels [--models 8b,1b] [--scenarios decode32,single32,decode1] [--out bench/results]
+    python -m bench.lora_kernels [--models 8b,1b] [--scenarios decode32,single32,decode1,prefill32] [--out DIR]
 
 For each LoRA linear of a transformer layer (qkv, o, gate_up, down; rank-16 adapters, pool sized for 32 of
 them as `python -m bench` builds it) and each batch scenario it times, by CUDA-graph replay over enough pool
@@ -9,10 +9,14 @@ copies to defeat the L2 cache (a real step reads 32 layers' pools, never cached)
 choices, then each launch override of SHRINK_SWEEP / EXPAND_SWEEP one at a time, and ``apply`` again with the
 best of each. Every configuration is checked against `lora_apply_reference` first.
 Scenarios: ``decode32`` 32 tokens of 32 distinct adapters (the mixed-32 step), ``single32`` 32 tokens of one
-adapter, ``decode1`` one token. Floor = bytes of the adapters the batch uses (A and B) / the copy bandwidth
-measured in the same run. Writes ``<out>/<date>-<device>-lora-kernels.json``; its ``ratios`` hold, for the 8B
-decode32 step summed over the four linears, ``lora_floor_fraction_decode32_8b`` (floor / default apply time)
-and ``lora_best_floor_fraction_decode32_8b`` (floor / the best overrides' apply time).
+adapter, ``decode1`` one token; ``prefill32`` 32 prompts of 128 tokens, one adapter each (the first step of
+`python -m bench`'s mixed-32 run, which cost 48-95 ms against 21-35 merged on the 8B shape), ``prefill1`` 4,096
+tokens of one adapter. Floor = bytes of the adapters the batch uses (A and B) / the copy bandwidth measured in
+the same run; prefill scenarios add the activations (x read, y read and written), and time the default launch
+only (no sweep: the reference check of each variant is a Python loop over 4,096 tokens).
+Writes ``<out>/<date>-<device>-lora-kernels.json``; its ``ratios`` hold, for the 8B decode32 step summed over
+the four linears, ``lora_floor_fraction_decode32_8b`` (floor / default apply time) and
+``lora_best_floor_fraction_decode32_8b`` (floor / the best overrides' apply time).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ RANK = 16
 NUM_ADAPTERS = 32
 L2_DEFEAT_BYTES = 256 << 20
 DEVICE = "cuda"  # a CPU smoke test (tests/unit) runs it on "cpu" under the Triton interpreter
-SCENARIOS = {"decode32": ([1] * 32, list(range(32))), "single32": ([32], [0]), "decode1": ([1], [0])}
+SCENARIOS = {"decode32": ([1] * 32, list(range(32))), "single32": ([32], [0]), "decode1": ([1], [0]),
+             "prefill32": ([128] * 32, list(range(32))), "prefill1": ([4096], [0])}
 # One override at a time, from the default launch (see server.model.triton_lora).
 SHRINK_SWEEP = {
     "w2": {"num_warps": 2}, "w8": {"num_warps": 8}, "k64": {"block_k": 64}, "k256": {"block_k": 256},
@@ -142,13 +147,19 @@ def run_linear(model: str, name: str, in_features: int, slice_offsets, scenarios
     for scenario in scenarios:
         seg_lens, seg_slots = SCENARIOS[scenario]
         meta = make_lora_meta(seg_lens, seg_slots, DEVICE)
-        x = torch.randn(sum(seg_lens), in_features, device=DEVICE).to(torch.bfloat16)
-        floor_us = pools.bytes_used(len(set(seg_slots))) / bandwidth * 1e6
+        tokens = sum(seg_lens)
+        x = torch.randn(tokens, in_features, device=DEVICE).to(torch.bfloat16)
+        floor_bytes = pools.bytes_used(len(set(seg_slots)))
+        is_prefill = scenario.startswith("prefill")
+        if is_prefill:
+            floor_bytes += tokens * (in_features + 2 * slice_offsets[-1]) * 2
+        floor_us = floor_bytes / bandwidth * 1e6
         entry = {"model": model, "linear": name, "scenario": scenario, "floor_us": round(floor_us, 2),
                  "shrink": {}, "expand": {}, "apply": {}, "rel_err": {}, "errors": {}}
         variants = {"default": ({}, {})}
-        variants |= {f"shrink_{k}": (v, {}) for k, v in SHRINK_SWEEP.items()}
-        variants |= {f"expand_{k}": ({}, v) for k, v in EXPAND_SWEEP.items()}
+        if not is_prefill:
+            variants |= {f"shrink_{k}": (v, {}) for k, v in SHRINK_SWEEP.items()}
+            variants |= {f"expand_{k}": ({}, v) for k, v in EXPAND_SWEEP.items()}
         for vname, (st, et) in variants.items():
             try:
                 entry["rel_err"][vname] = round(check(pools, x, meta, st, et), 5)
