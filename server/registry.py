@@ -78,8 +78,8 @@ class AdapterRegistry:
     def resolve_nowait(self, name: str) -> AdapterRef | None:
         """`resolve` without blocking when the answer is in memory: the store's latest version unchanged since it
         was last read (one stat) and its weights in this tier. None otherwise: then call `resolve` on a worker
-        thread. Under load the worker's round trip cost a request ~10 ms of waiting for the event loop and the
-        GIL (bench.serve c32, HTTP admission 11.9 ms mean)."""
+        thread. Under load the worker's round trip waits for the busy event loop and the GIL (bench.serve c32 in
+        the tenth session: HTTP admission 11.9 ms mean, before this path existed; not yet measured with it)."""
         record = self.store.latest_if_unchanged(name)
         if record is None:
             return None
