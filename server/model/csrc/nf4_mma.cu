@@ -208,11 +208,7 @@ __global__ void __launch_bounds__(WARPS * 32, (MinBlocks<WARPS, NT>::value)) nf4
   const float* absmax_lo = absmax + static_cast<int64_t>(row_lo) * num_blocks;
   const float* absmax_hi = absmax + static_cast<int64_t>(row_hi) * num_blocks;
 
-  float acc[NT][4];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+  float acc[NT][4] = {};
 
   BlockCodes ring[PREFETCH];
 #pragma unroll
@@ -373,13 +369,7 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
   for (int nt = 0; nt < NT; ++nt)
     x_at[nt] = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(nt * 8 + g, M - 1)) * K) + 2 * t;
 
-  float acc[RT][NT][4];
-#pragma unroll
-  for (int r = 0; r < RT; ++r)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.f;
+  float acc[RT][NT][4] = {};
 
   TileRing<RT, PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
   wait_for_prior_grid();  // codes in flight; x is the kernel ahead's output
@@ -488,13 +478,7 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
     cp_async_commit();  // one group per block, empty or not, so that wait_group counts blocks
   }
 
-  float acc[RT][NT][4];
-#pragma unroll
-  for (int r = 0; r < RT; ++r)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.f;
+  float acc[RT][NT][4] = {};
 
   // Codes and scales run PREFETCH blocks ahead (one block ahead left DRAM idle at 16-32 rows).
   TileRing<RT, PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
