@@ -61,9 +61,6 @@ from .spec import AdapterWeights, BaseModelSpec
 
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]{0,8})$")
 _TRASHED_ADAPTER = re.compile(r"^[0-9a-f]{16}@([1-9][0-9]{0,8})@(.+)$")
-
-
-
 _SETTLED_NS = 2_000_000_000  # directory timestamps older than this are trusted to change on the next change
 
 
@@ -75,6 +72,7 @@ def _dir_state(path: Path) -> tuple[int, int, int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns
+
 
 class AdapterStore:
     """Versioned adapter directories under one root, written atomically."""

@@ -145,15 +145,13 @@ def prefill_attention(q, k, v, k_cache, v_cache, prefill_seqs, fresh_groups, sca
     others = [s for s in prefill_seqs if s.ctx_len != s.q_len or fresh_counts[s.q_len] < 2 or not shared]
     fresh = [s for s in others if s.ctx_len == s.q_len] if flash_varlen.available(q) else []
     cached = [s for s in others if s.ctx_len != s.q_len] if fresh else others
-    if not shared:  # the Triton launch's output (every row allocated) takes the fresh prompts' rows too
+    if shared:
+        out = prefill_attention_torch(q, k, v, k_cache, v_cache, [], shared, scale)
+    else:  # the Triton launch's output (every row allocated) takes the other rows too
         out = prefill_attention_triton(q, k_cache, v_cache, cached, scale, memo=memo)
-        if fresh:
-            flash_varlen.fresh_attention(q, k, v, fresh, scale, out, memo)
-        return out
-    out = prefill_attention_torch(q, k, v, k_cache, v_cache, [], shared, scale)
     if fresh:
         flash_varlen.fresh_attention(q, k, v, fresh, scale, out, memo)
-    if cached:
+    if shared and cached:
         rest = prefill_attention_triton(q, k_cache, v_cache, cached, scale, memo=memo)
         for seq in cached:
             out[seq.q_start : seq.q_start + seq.q_len] = rest[seq.q_start : seq.q_start + seq.q_len]
