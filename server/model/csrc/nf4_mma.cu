@@ -84,6 +84,15 @@ __device__ __forceinline__ uint32_t dequant_pair(const char* lut, uint32_t hi_of
   return Ops<T>::pack(even * scale, odd * scale);
 }
 
+// The 16-entry fp32 code table in shared memory, as the byte address dequant_pair indexes; a block barrier (every
+// thread of the block must call it).
+__device__ __forceinline__ const char* stage_code_table(const float* __restrict__ table) {
+  __shared__ float lut_shared[16];
+  if (threadIdx.x < 16) lut_shared[threadIdx.x] = table[threadIdx.x];
+  __syncthreads();
+  return reinterpret_cast<const char*>(lut_shared);
+}
+
 // x for quant block `blk`: token (nt * 8 + g), k = 64 * blk + 16t .. + 16, as 8 words of 2 values (zeros past M).
 template <typename T, int NT>
 __device__ __forceinline__ void load_x_fragments(const T* __restrict__ x, int M, int K, int blk, int g, int t,
@@ -186,10 +195,7 @@ __global__ void __launch_bounds__(WARPS * 32, (MinBlocks<WARPS, NT>::value)) nf4
     const T* __restrict__ x, const uint8_t* __restrict__ codes, const float* __restrict__ absmax,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out,
     float* __restrict__ partial, int M, int N, int K, int blocks_per_split) {
-  __shared__ float lut_shared[16];
-  if (threadIdx.x < 16) lut_shared[threadIdx.x] = table[threadIdx.x];
-  __syncthreads();
-  const char* lut = reinterpret_cast<const char*>(lut_shared);
+  const char* lut = stage_code_table(table);
 
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2;
@@ -345,10 +351,7 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out,
     float* __restrict__ partial, int M, int N, int K, int blocks_per_split) {
-  __shared__ float lut_shared[16];
-  if (threadIdx.x < 16) lut_shared[threadIdx.x] = table[threadIdx.x];
-  __syncthreads();
-  const char* lut = reinterpret_cast<const char*>(lut_shared);
+  const char* lut = stage_code_table(table);
 
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2;
@@ -443,10 +446,7 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
   constexpr int THREADS = WARPS * 32;
   constexpr int STAGE_BYTES = WideSmem<NT, STAGES>::stage_bytes;
   extern __shared__ __align__(128) uint8_t x_stages[];
-  __shared__ float lut_shared[16];
-  if (threadIdx.x < 16) lut_shared[threadIdx.x] = table[threadIdx.x];
-  __syncthreads();
-  const char* lut = reinterpret_cast<const char*>(lut_shared);
+  const char* lut = stage_code_table(table);
 
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2;
