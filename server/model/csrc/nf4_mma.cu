@@ -637,6 +637,17 @@ void dispatch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, cons
   }
 }
 
+// out and the tile layout (nf4_layout.tile_pack) of an [N, K] weight, against x [M, K].
+static void check_tile_layout(const torch::Tensor& x, const torch::Tensor& tile_codes,
+                              const torch::Tensor& tile_scales, const torch::Tensor& out) {
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type(), "out must be contiguous, x's dtype");
+  const int64_t tiles = (out.size(1) + 15) / 16, blocks = x.size(1) / 64;
+  TORCH_CHECK(tile_codes.scalar_type() == torch::kUInt8 && tile_codes.numel() == tiles * blocks * 512,
+              "tile_codes must be uint8 [tiles * blocks * 512]");
+  TORCH_CHECK(tile_scales.scalar_type() == torch::kFloat32 && tile_scales.numel() == tiles * blocks * 16,
+              "tile_scales must be float32 [tiles * blocks * 16]");
+}
+
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout; M <= 64, K % 64 == 0.
 void nf4_tile(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
               c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t warps,
@@ -644,12 +655,7 @@ void nf4_tile(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scal
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 64, "nf4_tile takes 1..64 rows, got ", x.size(0));
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type(), "out must be contiguous, x's dtype");
-  const int64_t tiles = (out.size(1) + 15) / 16, blocks = x.size(1) / 64;
-  TORCH_CHECK(tile_codes.scalar_type() == torch::kUInt8 && tile_codes.numel() == tiles * blocks * 512,
-              "tile_codes must be uint8 [tiles * blocks * 512]");
-  TORCH_CHECK(tile_scales.scalar_type() == torch::kFloat32 && tile_scales.numel() == tiles * blocks * 16,
-              "tile_scales must be float32 [tiles * blocks * 16]");
+  check_tile_layout(x, tile_codes, tile_scales, out);
   if (x.scalar_type() == torch::kBFloat16) {
     dispatch_tile<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, warps,
                                  rows_per_warp, pdl);
@@ -742,12 +748,7 @@ void nf4_wide(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scal
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(token_tiles == 2 || token_tiles == 4 || token_tiles == 8 || token_tiles == 16,
               "token_tiles must be 2, 4, 8 or 16");
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type(), "out must be contiguous, x's dtype");
-  const int64_t tiles = (out.size(1) + 15) / 16, blocks = x.size(1) / 64;
-  TORCH_CHECK(tile_codes.scalar_type() == torch::kUInt8 && tile_codes.numel() == tiles * blocks * 512,
-              "tile_codes must be uint8 [tiles * blocks * 512]");
-  TORCH_CHECK(tile_scales.scalar_type() == torch::kFloat32 && tile_scales.numel() == tiles * blocks * 16,
-              "tile_scales must be float32 [tiles * blocks * 16]");
+  check_tile_layout(x, tile_codes, tile_scales, out);
   if (x.scalar_type() == torch::kBFloat16) {
     dispatch_wide<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, token_tiles,
                                  rows_per_warp);
