@@ -1,6 +1,6 @@
 """Where the GPU time of one decode step goes: kernels of CUDA-graph replays grouped by kind.
 
-    python -m bench.profile_step [--model 1b] [--batch 32] [--mode merged] [--out bench/results]
+    python -m bench.profile_step [--model 1b] [--batch 32] [--mode merged] [--prefill] [--out bench/results]
 
 Builds the random-weight NF4 model (as `python -m bench`), runs a batch of greedy requests until every
 row decodes, then profiles 5 decode steps with torch.profiler (CUPTI reports the kernels a graph replay
@@ -9,6 +9,12 @@ LoRA, fused glue, other glue (every other small kernel: casts, copies, index ops
 ``<date>-<device>-<model>-b<batch>-<mode>-profile.json`` with the per-kind totals per step, the top
 kernels, and ``ratios``: decode_step_ms_b<batch>_<model> (GPU time per step) and
 glue_fraction_b<batch>_<model> (non-matmul, non-attention share; issue 13 wants <= 0.10).
+
+With --prefill it profiles instead the step that prefills the whole batch (128-token prompts): after one
+round run to completion (kernels compiled, adapter slots loaded), the next round's first step is timed on
+the host, and the round after that's first step is profiled. Writes ``...-prefill-profile.json`` (no
+ratios): per-kind GPU ms of that step beside its host wall time, which tells a step bound by its launches
+from one bound by its kernels.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import time
 
 import torch
 
+from bench.build import sync
 from bench.results import write_named_result
 
 KINDS = (  # first match wins; lower-case substrings of kernel names
@@ -56,6 +63,53 @@ def summarize(events: list[tuple[str, float]], steps: int) -> dict:
     }
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def device_events(run, device: torch.device) -> list[tuple[str, float]]:
+    """(kernel name, device µs) of every CUDA kernel that `run()` launches, synchronized at the end."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        run()
+        sync(device)
+    return [(e.name, e.device_time) for e in prof.events()
+            if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")
+            and e.device_time > 0]
+
+
+def first_step(engine, requests, run_step, device: torch.device) -> float:
+    """Add `requests`, run the first step through `run_step` (host wall ms, synchronized), then run them to
+    completion."""
+    for request in requests:
+        engine.add_request(request)
+    sync(device)
+    start = time.perf_counter()
+    run_step()
+    sync(device)
+    wall_ms = (time.perf_counter() - start) * 1e3
+    while engine.has_unfinished():
+        engine.step()
+    return wall_ms
+
+
+def profile_prefill(engine, make, args, device: torch.device) -> None:
+    """GPU time by kind of the step that prefills a whole batch, beside that step's host wall time."""
+    warm_ms = first_step(engine, make(), engine.step, device)  # compiles, loads adapter slots
+    wall_ms = [first_step(engine, make(), engine.step, device) for _ in range(3)]
+    events: list[tuple[str, float]] = []
+    first_step(engine, make(), lambda: events.extend(device_events(engine.step, device)), device)
+    summary = summarize(events, 1)
+    result = {"date": time.strftime("%Y-%m-%d"), "device": device_name(device), "model": args.model,
+              "batch": args.batch, "mode": args.mode, "torch": torch.__version__, "step": "prefill",
+              "command": f"python -m bench.profile_step --model {args.model} --batch {args.batch} "
+                         f"--mode {args.mode} --prefill",
+              "first_round_step_ms": warm_ms, "prefill_step_wall_ms": wall_ms, **summary}
+    print(json.dumps({k: result[k] for k in ("prefill_step_wall_ms", "total_ms_per_step", "ms_per_step")}, indent=1))
+    write_named_result(args.out, result, f"{args.model}-b{args.batch}-{args.mode}-prefill-profile")
+
+
 def main() -> None:
     from bench.build import build_engine, kv_blocks_for, loaded_model, our_model, random_adapters, random_hf_model
     from bench.ours import make_requests
@@ -65,9 +119,11 @@ def main() -> None:
     parser.add_argument("--model", default="1b")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--mode", default="merged", choices=["merged", "unmerged", "mixed32"])
+    parser.add_argument("--prefill", action="store_true", help="profile the batch's prefill step instead")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of the script, no kernel times")
     args = parser.parse_args()
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    device, dtype = torch.device(args.device), torch.bfloat16
     config = llama_config(args.model)
     hf = random_hf_model(config, device, dtype)
     ours = our_model(hf, device, dtype)
@@ -76,6 +132,9 @@ def main() -> None:
     engine_mode = "merged" if args.mode == "merged" else "unmerged"
     engine = build_engine(loaded_model(ours, config), engine_mode, device, kv_blocks_for(args.batch, 512))
     refs = random_adapters(shape_facts(config), 32 if args.mode == "mixed32" else 1, device)
+    if args.prefill:
+        profile_prefill(engine, lambda: make_requests(config.vocab_size, args.batch, 128, 8, refs), args, device)
+        return
     requests = make_requests(config.vocab_size, args.batch, 128, 64, refs)
     for request in requests:
         engine.add_request(request)
@@ -83,20 +142,12 @@ def main() -> None:
         engine.step()
     for _ in range(3):  # graphs captured, kernels compiled
         engine.step()
-    torch.cuda.synchronize()
+    sync(device)
     steps = 5
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            engine.step()
-        torch.cuda.synchronize()
-    events = [(e.name, e.device_time) for e in prof.events()
-              if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")
-              and e.device_time > 0]
+    events = device_events(lambda: [engine.step() for _ in range(steps)], device)
     summary = summarize(events, steps)
     tag = f"b{args.batch}_{args.model}"
-    result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0), "model": args.model,
+    result = {"date": time.strftime("%Y-%m-%d"), "device": device_name(device), "model": args.model,
               "batch": args.batch, "mode": args.mode, "torch": torch.__version__,
               "command": f"python -m bench.profile_step --model {args.model} --batch {args.batch} --mode {args.mode}",
               **summary,
