@@ -79,6 +79,25 @@ def device_events(run, device: torch.device) -> list[tuple[str, float]]:
             and e.device_time > 0]
 
 
+def host_profile(run, device: torch.device, lines: int = 45) -> dict[str, list[str]]:
+    """cProfile of `run()` (synchronized at the end): the top functions by own time and by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    sync(device)
+    profiler.disable()
+    found = {}
+    for order in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(lines)
+        found[order] = [line for line in text.getvalue().splitlines() if line.strip()]
+    return found
+
+
 def first_step(engine, requests, run_step, device: torch.device) -> float:
     """Add `requests`, run the first step through `run_step` (host wall ms, synchronized), then run them to
     completion."""
@@ -101,11 +120,13 @@ def profile_prefill(engine, make, args, device: torch.device) -> None:
     events: list[tuple[str, float]] = []
     first_step(engine, make(), lambda: events.extend(device_events(engine.step, device)), device)
     summary = summarize(events, 1)
+    host: dict[str, list[str]] = {}
+    first_step(engine, make(), lambda: host.update(host_profile(engine.step, device)), device)
     result = {"date": time.strftime("%Y-%m-%d"), "device": device_name(device), "model": args.model,
               "batch": args.batch, "mode": args.mode, "torch": torch.__version__, "step": "prefill",
               "command": f"python -m bench.profile_step --model {args.model} --batch {args.batch} "
                          f"--mode {args.mode} --prefill",
-              "first_round_step_ms": warm_ms, "prefill_step_wall_ms": wall_ms, **summary}
+              "first_round_step_ms": warm_ms, "prefill_step_wall_ms": wall_ms, **summary, "host_profile": host}
     print(json.dumps({k: result[k] for k in ("prefill_step_wall_ms", "total_ms_per_step", "ms_per_step")}, indent=1))
     write_named_result(args.out, result, f"{args.model}-b{args.batch}-{args.mode}-prefill-profile")
 
