@@ -124,12 +124,19 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
                      slice_offsets: tuple[int, ...]) -> torch.Tensor:
-    """base(x) plus the per-token LoRA delta. On CUDA with the Triton kernels the shrink (which reads only x)
-    runs on a side stream beside the base matmul, and the expand adds into base(x) once both are done: the
-    shrink's short, DRAM-bound launches fill SMs that the L1-bound NF4 kernel leaves idle at its waves' tails.
-    Captured in a CUDA graph as a fork and a join. The side stream waits for the current one before each
-    shrink, so everything it uses (x, and blocks the allocator hands it) is ordered after earlier work."""
-    if not (x.is_cuda and USE_TRITON_LORA and SIDE_STREAM and triton_available()):
+    """base(x) plus the per-token LoRA delta. While a CUDA graph is captured (the decode steps), with the Triton
+    kernels, the shrink (which reads only x) runs on a side stream beside the base matmul, and the expand adds
+    into base(x) once both are done: the shrink's short, DRAM-bound launches fill SMs that the L1-bound NF4
+    kernel leaves idle at its waves' tails. The graph holds it as a fork and a join. The side stream waits for
+    the current one before each shrink, so everything it uses (x, and blocks the allocator hands it) is ordered
+    after earlier work.
+
+    Eager steps (prefills) run on one stream: there the host is the bound, not the GPU. The H200 8B prefill of
+    32 x 128 tokens through 32 adapters took 57-98 ms of host time against 33.5 ms of kernels (merged: 26 ms
+    against 22.8), and of the 67 ms that cProfile charged the LoRA linears over the merged step, 18 or more
+    went to the fork and join's stream switches and events (bench/NOTES.md, twelfth session)."""
+    side_stream = SIDE_STREAM and x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not (side_stream and USE_TRITON_LORA and triton_available()):
         y = base(x)
         lora_apply(y, x, lora_a, lora_b, layout, meta, slice_offsets)
         return y
