@@ -83,7 +83,9 @@ def _prefix_and_modes(results_dir: Path) -> list[str]:
 
 def serving_section(results_dir: Path) -> list[str]:
     serves = [p for p in results_dir.glob("*-serve-c32-*.json")]
-    profiles = sorted(results_dir.glob("*-profile.json"), key=lambda p: p.name, reverse=True)
+    profiles = sorted(results_dir.glob("*-profile*.json"), key=lambda p: p.name, reverse=True)
+    prefills = [p for p in profiles if json.loads(p.read_text()).get("step") == "prefill"]
+    profiles = [p for p in profiles if p not in prefills]
     lines = ["## Serving (issue 13)", ""]
     if not serves and not profiles:
         return lines + ["No `python -m bench.serve` run committed yet.", ""]
@@ -109,4 +111,21 @@ def serving_section(results_dir: Path) -> list[str]:
                          f"| {fmt(kinds.get('nf4_matmul'))} | {fmt(kinds.get('attention'))} | "
                          f"{fmt(kinds.get('matmul_16bit'))} | {fmt(glue)} |")
         lines.append("")
+    if prefills:
+        lines += _prefill_profiles(prefills)
     return lines
+
+
+def _prefill_profiles(paths: list[Path]) -> list[str]:
+    """The step that prefills a whole batch (`bench.profile_step --prefill`): its host wall time against the GPU
+    time of its kernels; a wall far above the kernels means the host's launches are the bound."""
+    lines = ["The step that prefills a whole batch (`python -m bench.profile_step --model 8b --mode M --prefill`: "
+             "32 prompts of 128 tokens; wall = host time of the step, synchronized, three rounds):", "",
+             "| run | mode | wall ms | GPU ms | LoRA ms | NF4 ms | 16-bit matmul ms |", "|---|---|---|---|---|---|---|"]
+    for path in paths:
+        data = json.loads(path.read_text())
+        kinds = data.get("ms_per_step", {})
+        walls = " / ".join(fmt(w) for w in data.get("prefill_step_wall_ms", []))
+        lines.append(f"| `{path.name}` | {data.get('mode')} | {walls} | {fmt(data.get('total_ms_per_step'))} | "
+                     f"{fmt(kinds.get('lora'))} | {fmt(kinds.get('nf4_matmul'))} | {fmt(kinds.get('matmul_16bit'))} |")
+    return lines + [""]
