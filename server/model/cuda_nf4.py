@@ -24,8 +24,10 @@ from server.model.nf4_layout import NF4_BLOCKSIZE, codes_as_bytes
 log = logging.getLogger(__name__)
 MAX_ROWS = 64
 # Programmatic dependent launch of the tile kernel and its split-K sum (csrc/nf4_mma.cu, wait_for_prior_grid):
-# each may start while the kernel ahead finishes, its weight loads overlapping that tail. Off until measured
-# (bench.kernels times "tile_pdl" beside "tile"; LORAPLEX_NF4_PDL=1 for the whole engine); sm_90+ only.
+# each may start while the kernel ahead finishes, its weight loads overlapping that tail; sm_90+ only. Measured and
+# left off (H200, twelfth session, bench/NOTES.md): "tile_pdl" within 0.25 us of "tile" on every 8B shape at 1 and
+# 16 rows (bench.kernels), and the 8B engine with LORAPLEX_NF4_PDL=1 decoded batch 1 at 287.2 / 284.2 tokens/s
+# (unmerged / merged engine) against 287.2 / 287.2 without it, in one run. Why it gains nothing was not looked into.
 PDL = os.environ.get("LORAPLEX_NF4_PDL", "0") == "1"
 
 
