@@ -101,6 +101,9 @@ class Settings(BaseSettings):
         "the HTTP process, whose GIL a faster step loop starves (H200 fairness run: HTTP admission 24 ms "
         "against 3, see bench/NOTES.md)"
     )
+    # 256 measured against 512 and 1024 (H200, 1B c32 with --engine-process, twelfth session): bigger replays took
+    # more prompts a step and emptied the queue sooner (18 -> 7-8 ms mean), but cost as much as they saved (greedy
+    # 8,232 and 8,163 tokens/s against 8,276-8,943 at 256).
     cuda_graph_max_rows: int = Field(
         256, ge=0, le=4096, description="largest step (decode rows plus the tokens of short prefill chunks) "
         "replayed as a CUDA graph; steps with more prefill tokens run eagerly (0: decode rows only)"
