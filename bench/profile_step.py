@@ -11,10 +11,10 @@ kernels, and ``ratios``: decode_step_ms_b<batch>_<model> (GPU time per step) and
 glue_fraction_b<batch>_<model> (non-matmul, non-attention share; issue 13 wants <= 0.10).
 
 With --prefill it profiles instead the step that prefills the whole batch (128-token prompts): after one
-round run to completion (kernels compiled, adapter slots loaded), the next round's first step is timed on
-the host, and the round after that's first step is profiled. Writes ``...-prefill-profile.json`` (no
-ratios): per-kind GPU ms of that step beside its host wall time, which tells a step bound by its launches
-from one bound by its kernels.
+round run to completion (kernels compiled, adapter slots loaded), the first steps of three more rounds are
+timed on the host, a fifth round's first step is profiled on the device and a sixth's under cProfile. Writes
+``...-prefill-profile.json`` (no ratios): per-kind GPU ms of that step beside its host wall time, which tells
+a step bound by its launches from one bound by its kernels, and the host's top functions.
 """
 
 from __future__ import annotations
