@@ -3,9 +3,9 @@
 - ``fused``: few rows, the fused dequantize-in-registers Triton matmul (server.model.triton_nf4);
 - ``dequant``: prefill-sized batches, dequantize into one reused 16-bit scratch buffer and let cuBLAS
   multiply (server.model.triton_nf4_dequant); the buffer holds one layer, never the whole model;
-- ``tile``: 1-16 rows, the CUDA tensor-core kernel compiled at first use (server.model.cuda_nf4) over
+- ``tile``: 1-11 rows, the CUDA tensor-core kernel compiled at first use (server.model.cuda_nf4) over
   the layer's forward-only tile layout (nf4_layout.tile_pack; NF4Linear keeps it), ``mma`` when a
-  caller has no tile copy: the same kernel reading bitsandbytes' codes as stored; ``wide``: 17-128 rows
+  caller has no tile copy: the same kernel reading bitsandbytes' codes as stored; ``wide``: 12-128 rows
   (large weights only past 32), the same mapping with x staged in shared memory once a block;
 - ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
 
@@ -29,11 +29,14 @@ from server.model.nf4_layout import codes_as_words
 # Without the CUDA extension (no nvcc, pre-Ampere, or LORAPLEX_NF4_KERNEL=triton): bnb at 1-2 rows
 # (0.92 / 1.41 of bf16; fused 1.72), fused Triton to 32 rows, dequant beyond. bnb's one-row GEMV is not
 # exact to the fp32 semantics (max error 4.9e-3 of the output's range against 3.3e-3 for ours).
-WITH_CUDA_KERNEL: tuple[tuple[int | None, str], ...] = ((16, "tile"), (128, "wide"), (None, "dequant"))
-# 17-128 rows: the wide kernel (x staged in shared memory once a block), except on small weights past 32 rows.
+WITH_CUDA_KERNEL: tuple[tuple[int | None, str], ...] = ((11, "tile"), (128, "wide"), (None, "dequant"))
+# 12-128 rows: the wide kernel (x staged in shared memory once a block), except on small weights past 32 rows.
 # H200 (bench/results/2026-12-02-nvidia-h200-kernels-wide2.json, µs, wide against the register tile kernel): at
 # 32 rows 8B qkv 16.0 vs 18.4, o 12.0 vs 14.1, gate_up 65.6 vs 71.8, down 29.2 vs 35.8, and every 1B layer too;
-# at 16 rows within 4% either way and at 1 row the tile kernel wins (gate_up 36.8 vs 66.3), so it keeps 1-16.
+# at 16 rows within 4% either way and at 1 row the tile kernel wins (gate_up 36.8 vs 66.3). Twelfth session (8B,
+# -kernels-s12-pdl.json and -kernels-s12-rows8-12.json, µs, wide against tile): at 16 rows qkv 13.1 vs 16.0, o 10.4
+# vs 10.5, gate_up 46.6 vs 47.7, down 25.0 vs 25.5; at 12 rows 12.8 vs 15.5, 10.1 vs 10.4, 45.4 vs 45.4, 24.2 vs
+# 24.7; at 8 rows tile wins gate_up 42.3 vs 50.0 and down 22.4 vs 24.3: the tile kernel keeps 1-11 rows.
 # At 64 rows 8B gate_up 91.5 vs 124.7 and dequant + cuBLAS 153.3, but 1B qkv and o lose to dequant (14.3 vs
 # 11.0, 14.1 vs 9.4: too few row tiles to fill the GPU); at 128 rows gate_up 142.6 vs dequant 157.8, down 67.1
 # vs 85.3, 8B qkv 42.1 vs 35.6 (dequant). Weights below the bound for the row count go to dequant + cuBLAS.

@@ -9,8 +9,8 @@ import pytest
 from server.model import cuda_nf4, nf4_dispatch
 
 
-@pytest.mark.parametrize("rows, expected", [(1, "tile"), (16, "tile"), (17, "wide"), (128, "wide"), (129, "dequant"),
-                                             (4096, "dequant")])
+@pytest.mark.parametrize("rows, expected", [(1, "tile"), (8, "tile"), (11, "tile"), (12, "wide"), (16, "wide"),
+                                             (17, "wide"), (128, "wide"), (129, "dequant"), (4096, "dequant")])
 def test_rows_pick_the_measured_kernel(rows, expected):
     assert nf4_dispatch.kernel_for_rows(rows, nf4_dispatch.WITH_CUDA_KERNEL) == expected
 
@@ -59,7 +59,7 @@ def test_kernel_section_reports_targets(tmp_path):
     (128, (4096, 14336), "wide"), (128, (6144, 4096), "dequant"), (129, (28672, 4096), "dequant"),
 ])  # fmt: skip
 def test_wide_batches_of_small_weights_go_to_dequant(rows, shape, expected):
-    """17-32 rows: the wide kernel; 33-64 rows for weights of 16M+ entries, 65-128 rows for 50M+ (the H200
+    """12-32 rows: the wide kernel; 33-64 rows for weights of 16M+ entries, 65-128 rows for 50M+ (the H200
     crossovers)."""
     assert nf4_dispatch.kernel_for(rows, shape, nf4_dispatch.WITH_CUDA_KERNEL) == expected
 
