@@ -32,7 +32,8 @@ step "${KERNELS_TIMEOUT:-330}" kernels.log python3 -m bench.kernels --out "$OUT"
 step "${PREFILL_TIMEOUT:-150}" prefill.log python3 -m bench.prefill --out "$OUT"
 eval "profile_args=(${PROFILE_ARGS:---model 1b})"
 step "${PROFILE_TIMEOUT:-120}" profile.log python3 -m bench.profile_step --out "$OUT" "${profile_args[@]}"
-# ENGINE_TIMEOUT (default 0: skipped): python -m bench --model 8b --skip-baseline (b1 tokens/s, swap, mixed/merged)
+# ENGINE_TIMEOUT (default 0: skipped): python -m bench --model 8b --skip-baseline (b1 tokens/s, swap, mixed/merged);
+# 150 fits every row on a fresh machine (at 100-110 the bench's own budget skipped the merged rows twice)
 step "${ENGINE_TIMEOUT:-0}" engine.log python3 -m bench --model 8b --skip-baseline --budget-s $(( ${ENGINE_TIMEOUT:-0} - 30 )) \
   --out "$OUT"
 tar czf "$OUT/torch_ext.tgz" -C .torch_ext . 2>/dev/null || true
