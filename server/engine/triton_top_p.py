@@ -8,13 +8,18 @@ order as their bit patterns; p <= 1 leaves bits 30 and 31 clear), found as a rad
 DIGIT_BITS bits each, from bit 29 down. Each pass is one launch over a grid of (row, chunk of CHUNK tokens):
 a program first settles the previous pass's digit from every chunk's histogram of that pass (each program of
 a row does the same small sum, so no launch of its own is needed), then writes its chunk's mass histogram over
-the next digit, plus the mass of tokens already above the prefix. Two more launches follow: each chunk's mass
-above the cut and its ties at the cut; then the draw, done by the one program whose chunk holds the target.
-Every pass reads the probabilities once (16 MB at 32 x 128k, from L2 after the first).
+the next digit of the tokens that share the prefix. The mass of the tokens above the prefix is carried from
+pass to pass (the old one plus the settled pass's digits over the chosen one, in a per-row buffer), so a pass
+computes masses only in blocks that hold a token of the prefix; a block without one costs a load and a compare.
+Two more launches follow: each chunk's mass above the cut and its ties at the cut; then the draw, done by the one
+program whose chunk holds the target. Every pass reads the probabilities once (16 MB at 32 x 128k, from L2 after
+the first).
 
 On the H200 at 32 x 128256: 620 us against 1,228 for the sorting torch steps (tests/gpu/test_sampler_gpu.py,
-2026-12-02), so it is the CUDA default. The first version (one program per row, a bit at a time: 34 passes on
-one SM per row) took 1,381 us.
+2026-12-02), so it is the CUDA default; that was before the carried mass above (twelfth session, timed by the
+same test's printout on the next GPU run: every pass used to compute the mass of every token, for its bucket or
+for the sum above it). The first version (one program per row, a bit at a time: 34 passes on one SM per row)
+took 1,381 us.
 """
 
 from __future__ import annotations
@@ -63,66 +68,69 @@ def _need(top_p_ptr, row):
 
 
 @triton.jit
-def _settle(stats_ptr, prefix_ptr, row, num_chunks, need, shift,
-            CHUNKS: tl.constexpr, DIGITS: tl.constexpr, STAT: tl.constexpr):
-    """The prefix after the pass at `shift`: its prefix (prefix_ptr) with the largest digit whose running mass
-    from the top reaches `need`; -1 (keep everything) when none does (the whole row is under need)."""
+def _settle(stats_ptr, prefix_ptr, above_ptr, row, num_chunks, need, shift,
+            CHUNKS: tl.constexpr, DIGITS: tl.constexpr):
+    """The prefix after the pass at `shift` and the mass of the tokens above it: the pass's prefix (prefix_ptr)
+    with the largest digit whose running mass from the top, plus the mass above that prefix (above_ptr), reaches
+    `need`; -1 (keep everything) when none does (the whole row is under need). The new mass above is the old one
+    plus the pass's digits over the chosen one, so no pass rereads the tokens above its prefix."""
     prefix = tl.load(prefix_ptr + row)
+    above = tl.load(above_ptr + row)
     chunks = tl.arange(0, CHUNKS)
     rev = tl.arange(0, DIGITS)  # rev j: digit DIGITS - 1 - j
-    base = stats_ptr + (row * num_chunks + chunks) * STAT
+    base = stats_ptr + (row * num_chunks + chunks) * DIGITS
     ok = chunks < num_chunks
-    hist = tl.load(base[:, None] + (DIGITS - 1 - rev)[None, :], mask=ok[:, None], other=0)
-    above = tl.sum(tl.load(base + DIGITS, mask=ok, other=0), axis=0)
-    running = above + tl.cumsum(tl.sum(hist, axis=0), 0)  # mass of digits >= DIGITS - 1 - j, plus above
+    hist = tl.sum(tl.load(base[:, None] + (DIGITS - 1 - rev)[None, :], mask=ok[:, None], other=0), axis=0)
+    running = above + tl.cumsum(hist, 0)  # mass of digits >= DIGITS - 1 - j, plus above
     first = tl.min(tl.where(running >= need, rev, DIGITS), axis=0)
     digit = DIGITS - 1 - first
-    return tl.where((prefix < 0) | (first == DIGITS), -1, prefix | (digit << shift))
+    new_above = above + tl.sum(tl.where(rev < first, hist, 0), axis=0)
+    return tl.where((prefix < 0) | (first == DIGITS), -1, prefix | (digit << shift)), new_above
 
 
 @triton.jit(do_not_specialize=["shift"])  # one variant for every pass but the first
-def _histogram_kernel(probs_ptr, top_p_ptr, stats_in_ptr, prefix_in_ptr, stats_ptr, prefix_ptr, vocab, stride,
-                      num_chunks, shift, FIRST: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-                      CHUNKS: tl.constexpr, DIGITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+def _histogram_kernel(probs_ptr, top_p_ptr, stats_in_ptr, prefix_in_ptr, above_in_ptr, stats_ptr, prefix_ptr,
+                      above_ptr, vocab, stride, num_chunks, shift, FIRST: tl.constexpr, CHUNK: tl.constexpr,
+                      SUB: tl.constexpr, CHUNKS: tl.constexpr, DIGITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     if FIRST:
         prefix = tl.zeros((), dtype=tl.int32)
+        above = tl.zeros((), dtype=tl.int64)
     else:
-        prefix = _settle(stats_in_ptr, prefix_in_ptr, row, num_chunks, _need(top_p_ptr, row), shift + DIGIT_BITS,
-                         CHUNKS, DIGITS, DIGITS + 1).to(tl.int32)
+        prefix, above = _settle(stats_in_ptr, prefix_in_ptr, above_in_ptr, row, num_chunks, _need(top_p_ptr, row),
+                                shift + DIGIT_BITS, CHUNKS, DIGITS)
+        prefix = prefix.to(tl.int32)
     if chunk == 0:
         tl.store(prefix_ptr + row, prefix)
+        tl.store(above_ptr + row, above)
     digits = tl.arange(0, DIGITS)
     hist = tl.zeros((SUB, DIGITS), dtype=tl.int64)  # reduced once, after the loop
-    above = tl.zeros((SUB,), dtype=tl.int64)
     row_ptr = probs_ptr + row.to(tl.int64) * stride
     for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, SUB):
         offs, valid, p, bits = _block(row_ptr, start, vocab, SUB)
-        mass = tl.where(valid, _masses(p), 0)
-        if FIRST:  # the prefix is empty: every token is in (no shift by 32 for a digit that reaches bit 31)
+        if FIRST:  # noqa: SIM108  (the prefix is empty: every token is in; no shift by 32 for a digit at bit 31)
             is_in = valid
-        else:
-            top = bits >> (shift + DIGIT_BITS)
-            high = prefix >> (shift + DIGIT_BITS)  # -1 stays -1: nothing is "in", everything is above
-            is_in = top == high
-            above += tl.where(top > high, mass, 0)
-        digit = (bits >> shift) & (DIGITS - 1)
-        hist += tl.where(is_in[:, None] & (digit[:, None] == digits[None, :]), mass[:, None], 0)
-    out = stats_ptr + (row * num_chunks + chunk) * (DIGITS + 1)
-    tl.store(out + digits, tl.sum(hist, axis=0))
-    tl.store(out + DIGITS, tl.sum(above, axis=0))
+        else:  # a prefix of -1 matches no token
+            is_in = valid & ((bits >> (shift + DIGIT_BITS)) == (prefix >> (shift + DIGIT_BITS)))
+        # Past the first passes few tokens share the prefix: a block without one costs a load and a compare.
+        if tl.max(is_in.to(tl.int32), axis=0) > 0:
+            digit = (bits >> shift) & (DIGITS - 1)
+            mass = tl.where(is_in, _masses(p), 0)
+            hist += tl.where(digit[:, None] == digits[None, :], mass[:, None], 0)
+    tl.store(stats_ptr + (row * num_chunks + chunk) * DIGITS + digits, tl.sum(hist, axis=0))
 
 
 @triton.jit
-def _cut_stats_kernel(probs_ptr, top_p_ptr, stats_in_ptr, prefix_in_ptr, cut_ptr, chunk_ptr, vocab, stride,
-                      num_chunks, CHUNK: tl.constexpr, SUB: tl.constexpr, CHUNKS: tl.constexpr,
+def _cut_stats_kernel(probs_ptr, top_p_ptr, stats_in_ptr, prefix_in_ptr, above_in_ptr, cut_ptr, chunk_ptr, vocab,
+                      stride, num_chunks, CHUNK: tl.constexpr, SUB: tl.constexpr, CHUNKS: tl.constexpr,
                       DIGITS: tl.constexpr):
     """The cut (settled from the last pass), then per chunk: the mass above it and the ties at it."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    cut = _settle(stats_in_ptr, prefix_in_ptr, row, num_chunks, _need(top_p_ptr, row), 0,
-                  CHUNKS, DIGITS, DIGITS + 1).to(tl.int32)
+    cut, _ = _settle(stats_in_ptr, prefix_in_ptr, above_in_ptr, row, num_chunks, _need(top_p_ptr, row), 0,
+                     CHUNKS, DIGITS)
+    cut = cut.to(tl.int32)
     if chunk == 0:
         tl.store(cut_ptr + row, cut)
     above = tl.zeros((), dtype=tl.int64)
@@ -209,20 +217,23 @@ def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, 
     # Each pass reads one half of these pairs and writes the other: both halves start 16-byte aligned whatever
     # the batch, or the second half's alignment (prefix: num_rows int32s in) made Triton build new variants of
     # the histogram and cut kernels mid-serving (H200 c32 run of the tenth session: one 1.05 s step).
-    stats = torch.empty(2, _aligned(num_rows * num_chunks * (digits + 1), 2), dtype=torch.int64, device=probs.device)
+    stats = torch.empty(2, _aligned(num_rows * num_chunks * digits, 2), dtype=torch.int64, device=probs.device)
     prefix = torch.empty(2, _aligned(num_rows, 4), dtype=torch.int32, device=probs.device)
+    above = torch.empty(2, _aligned(num_rows, 2), dtype=torch.int64, device=probs.device)
     grid = (num_rows, num_chunks)
     num_passes = passes(digit_bits)
-    for k in range(num_passes):  # pass k writes stats[k % 2] and prefix[k % 2] and reads the other pair
+    for k in range(num_passes):  # pass k writes stats, prefix and above [k % 2] and reads the other half of each
         shift = digit_bits * (num_passes - 1 - k)
-        _histogram_kernel[grid](probs, top_p, stats[(k + 1) % 2], prefix[(k + 1) % 2], stats[k % 2], prefix[k % 2],
+        i, o = (k + 1) % 2, k % 2
+        _histogram_kernel[grid](probs, top_p, stats[i], prefix[i], above[i], stats[o], prefix[o], above[o],
                                 vocab, probs.stride(0), num_chunks, shift, FIRST=k == 0, CHUNK=chunk, SUB=sub,
                                 CHUNKS=chunks_p2, DIGITS=digits, DIGIT_BITS=digit_bits, num_warps=4)
     last = (num_passes - 1) % 2
     cut = torch.empty(num_rows, dtype=torch.int32, device=probs.device)
     per_chunk = torch.empty(num_rows * num_chunks * 2, dtype=torch.int64, device=probs.device)
-    _cut_stats_kernel[grid](probs, top_p, stats[last], prefix[last], cut, per_chunk, vocab, probs.stride(0),
-                            num_chunks, CHUNK=chunk, SUB=sub, CHUNKS=chunks_p2, DIGITS=digits, num_warps=4)
+    _cut_stats_kernel[grid](probs, top_p, stats[last], prefix[last], above[last], cut, per_chunk, vocab,
+                            probs.stride(0), num_chunks, CHUNK=chunk, SUB=sub, CHUNKS=chunks_p2, DIGITS=digits,
+                            num_warps=4)
     _draw_kernel[grid](probs, top_p, uniform, cut, per_chunk, out, vocab, probs.stride(0), num_chunks,
                        CHUNK=chunk, SUB=sub, CHUNKS=chunks_p2, num_warps=4)
     return out

@@ -333,12 +333,14 @@ def test_mask_token_ids_are_checked_against_the_vocabulary():
 
 @pytest.mark.parametrize("vocab, spread, quantum, chunk, digit_bits", [
     (50, 4.0, 0.0, 256, 5), (3000, 0.3, 0.0, 512, 4), (3000, 3.0, 0.5, 512, 3), (4500, 1.0, 0.25, 1024, 5),
-    (7, 0.0, 0.0, 256, 6),
+    (7, 0.0, 0.0, 256, 6), (1500, 0.05, 0.01, 256, 2),
 ])  # fmt: skip
 def test_fused_top_p_draw_equals_the_torch_steps_bit_for_bit(vocab, spread, quantum, chunk, digit_bits):
     """The Triton kernels (interpreted) against top_p_keep + draw_from_masses: flat, peaked and tied rows, a
     row with dropped tokens, top_p 1.0 (no cut), and uniforms at both ends and at a tie group; rows of one
-    chunk and of up to 6 (ties and the drawn token then fall in any chunk); radix digits of 3-6 bits."""
+    chunk and of up to 6 (ties and the drawn token then fall in any chunk); radix digits of 2-6 bits (2 bits:
+    15 passes, each carrying the mass above its prefix from the one before, over nearly flat rows whose tokens
+    share the high bits for many passes)."""
     triton_top_p = interpreted("server.engine.triton_top_p")
     gen = torch.Generator().manual_seed(vocab)
     logits = torch.randn(8, vocab, generator=gen) * spread
