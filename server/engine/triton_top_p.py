@@ -8,18 +8,18 @@ order as their bit patterns; p <= 1 leaves bits 30 and 31 clear), found as a rad
 DIGIT_BITS bits each, from bit 29 down. Each pass is one launch over a grid of (row, chunk of CHUNK tokens):
 a program first settles the previous pass's digit from every chunk's histogram of that pass (each program of
 a row does the same small sum, so no launch of its own is needed), then writes its chunk's mass histogram over
-the next digit of the tokens that share the prefix. The mass of the tokens above the prefix is carried from
-pass to pass (the old one plus the settled pass's digits over the chosen one, in a per-row buffer), so a pass
-computes masses only in blocks that hold a token of the prefix; a block without one costs a load and a compare.
-Two more launches follow: each chunk's mass above the cut and its ties at the cut; then the draw, done by the one
-program whose chunk holds the target. Every pass reads the probabilities once (16 MB at 32 x 128k, from L2 after
-the first).
+the next digit of the tokens that share the prefix. Each chunk's mass of tokens above the prefix is carried from
+pass to pass (the old one plus the chunk's digits over the chosen one, in a per-chunk buffer), so a pass computes
+masses only in blocks that hold a token of the prefix; a block without one costs a load and a compare. Two more
+launches follow: each chunk's mass above the cut and its ties at the cut, from the carried masses and the last
+histograms alone; then the draw, done by the one program whose chunk holds the target. Every pass reads the
+probabilities once (16 MB at 32 x 128k, from L2 after the first).
 
 On the H200 at 32 x 128256: 620 us against 1,228 for the sorting torch steps (tests/gpu/test_sampler_gpu.py,
-2026-12-02), so it is the CUDA default; that was before the carried mass above (twelfth session, timed by the
-same test's printout on the next GPU run: every pass used to compute the mass of every token, for its bucket or
-for the sum above it). The first version (one program per row, a bit at a time: 34 passes on one SM per row)
-took 1,381 us.
+2026-12-02), so it is the CUDA default; that was before the carried masses (twelfth session, to be timed by the
+same test's printout on the next GPU run: every pass, and the cut's statistics, used to compute the mass of every
+token, for its bucket or for the sum above it). The first version (one program per row, a bit at a time: 34
+passes on one SM per row) took 1,381 us.
 """
 
 from __future__ import annotations
@@ -68,24 +68,30 @@ def _need(top_p_ptr, row):
 
 
 @triton.jit
-def _settle(stats_ptr, prefix_ptr, above_ptr, row, num_chunks, need, shift,
+def _settle(stats_ptr, prefix_ptr, above_ptr, row, chunk, num_chunks, need, shift,
             CHUNKS: tl.constexpr, DIGITS: tl.constexpr):
-    """The prefix after the pass at `shift` and the mass of the tokens above it: the pass's prefix (prefix_ptr)
-    with the largest digit whose running mass from the top, plus the mass above that prefix (above_ptr), reaches
-    `need`; -1 (keep everything) when none does (the whole row is under need). The new mass above is the old one
-    plus the pass's digits over the chosen one, so no pass rereads the tokens above its prefix."""
+    """After the pass at `shift`: the new prefix, and for chunk `chunk` the mass of its tokens above that prefix
+    and the mass of its tokens at the chosen digit. The new prefix is the pass's prefix (prefix_ptr) with the
+    largest digit whose running mass from the top, plus the mass above the pass's prefix (the sum of every
+    chunk's, above_ptr), reaches `need`; -1 (keep everything) when none does (the whole row is under need: then
+    every token counts as above). A chunk's new mass above is its old one plus its digits over the chosen one, so
+    no pass rereads the tokens above its prefix."""
     prefix = tl.load(prefix_ptr + row)
-    above = tl.load(above_ptr + row)
     chunks = tl.arange(0, CHUNKS)
     rev = tl.arange(0, DIGITS)  # rev j: digit DIGITS - 1 - j
-    base = stats_ptr + (row * num_chunks + chunks) * DIGITS
     ok = chunks < num_chunks
-    hist = tl.sum(tl.load(base[:, None] + (DIGITS - 1 - rev)[None, :], mask=ok[:, None], other=0), axis=0)
-    running = above + tl.cumsum(hist, 0)  # mass of digits >= DIGITS - 1 - j, plus above
+    base = stats_ptr + (row * num_chunks + chunks) * DIGITS
+    hist = tl.load(base[:, None] + (DIGITS - 1 - rev)[None, :], mask=ok[:, None], other=0)  # [CHUNKS, DIGITS]
+    above_c = tl.load(above_ptr + row * num_chunks + chunks, mask=ok, other=0)
+    running = tl.sum(above_c, axis=0) + tl.cumsum(tl.sum(hist, axis=0), 0)  # mass of digits >= DIGITS-1-j, + above
     first = tl.min(tl.where(running >= need, rev, DIGITS), axis=0)
     digit = DIGITS - 1 - first
-    new_above = above + tl.sum(tl.where(rev < first, hist, 0), axis=0)
-    return tl.where((prefix < 0) | (first == DIGITS), -1, prefix | (digit << shift)), new_above
+    mine = chunks == chunk
+    my_hist = tl.sum(tl.where(mine[:, None], hist, 0), axis=0)
+    my_above = tl.sum(tl.where(mine, above_c, 0), axis=0) + tl.sum(tl.where(rev < first, my_hist, 0), axis=0)
+    my_at_digit = tl.sum(tl.where(rev == first, my_hist, 0), axis=0)
+    new_prefix = tl.where((prefix < 0) | (first == DIGITS), -1, prefix | (digit << shift))
+    return new_prefix, my_above, my_at_digit
 
 
 @triton.jit(do_not_specialize=["shift"])  # one variant for every pass but the first
@@ -98,12 +104,12 @@ def _histogram_kernel(probs_ptr, top_p_ptr, stats_in_ptr, prefix_in_ptr, above_i
         prefix = tl.zeros((), dtype=tl.int32)
         above = tl.zeros((), dtype=tl.int64)
     else:
-        prefix, above = _settle(stats_in_ptr, prefix_in_ptr, above_in_ptr, row, num_chunks, _need(top_p_ptr, row),
-                                shift + DIGIT_BITS, CHUNKS, DIGITS)
+        prefix, above, _ = _settle(stats_in_ptr, prefix_in_ptr, above_in_ptr, row, chunk, num_chunks,
+                                   _need(top_p_ptr, row), shift + DIGIT_BITS, CHUNKS, DIGITS)
         prefix = prefix.to(tl.int32)
     if chunk == 0:
         tl.store(prefix_ptr + row, prefix)
-        tl.store(above_ptr + row, above)
+    tl.store(above_ptr + row * num_chunks + chunk, above)
     digits = tl.arange(0, DIGITS)
     hist = tl.zeros((SUB, DIGITS), dtype=tl.int64)  # reduced once, after the loop
     row_ptr = probs_ptr + row.to(tl.int64) * stride
@@ -122,24 +128,20 @@ def _histogram_kernel(probs_ptr, top_p_ptr, stats_in_ptr, prefix_in_ptr, above_i
 
 
 @triton.jit
-def _cut_stats_kernel(probs_ptr, top_p_ptr, stats_in_ptr, prefix_in_ptr, above_in_ptr, cut_ptr, chunk_ptr, vocab,
-                      stride, num_chunks, CHUNK: tl.constexpr, SUB: tl.constexpr, CHUNKS: tl.constexpr,
-                      DIGITS: tl.constexpr):
-    """The cut (settled from the last pass), then per chunk: the mass above it and the ties at it."""
+def _cut_stats_kernel(top_p_ptr, stats_in_ptr, prefix_in_ptr, above_in_ptr, cut_ptr, chunk_ptr, num_chunks,
+                      CHUNKS: tl.constexpr, DIGITS: tl.constexpr):
+    """The cut (settled from the last pass), then per chunk, from the carried masses and without reading the
+    probabilities: the mass above the cut, and the ties at it (tokens whose pattern is the cut: all of one mass,
+    so their count is the chunk's mass at the last digit over that one mass; a zero mass never needs a count)."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    cut, _ = _settle(stats_in_ptr, prefix_in_ptr, above_in_ptr, row, num_chunks, _need(top_p_ptr, row), 0,
-                     CHUNKS, DIGITS)
+    cut, above, at_cut = _settle(stats_in_ptr, prefix_in_ptr, above_in_ptr, row, chunk, num_chunks,
+                                 _need(top_p_ptr, row), 0, CHUNKS, DIGITS)
     cut = cut.to(tl.int32)
     if chunk == 0:
         tl.store(cut_ptr + row, cut)
-    above = tl.zeros((), dtype=tl.int64)
-    ties = tl.zeros((), dtype=tl.int64)
-    row_ptr = probs_ptr + row.to(tl.int64) * stride
-    for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, SUB):
-        offs, valid, p, bits = _block(row_ptr, start, vocab, SUB)
-        above += tl.sum(tl.where(valid & (bits > cut), _masses(p), 0), axis=0)
-        ties += tl.sum((valid & (bits == cut)).to(tl.int64), axis=0)
+    unit = _masses(tl.maximum(cut, 0).to(tl.float32, bitcast=True))  # every tie has this mass
+    ties = tl.where((cut >= 0) & (unit > 0), at_cut // tl.maximum(unit, 1), 0)
     out = chunk_ptr + (row * num_chunks + chunk) * 2
     tl.store(out, above)
     tl.store(out + 1, ties)
@@ -219,7 +221,7 @@ def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, 
     # the histogram and cut kernels mid-serving (H200 c32 run of the tenth session: one 1.05 s step).
     stats = torch.empty(2, _aligned(num_rows * num_chunks * digits, 2), dtype=torch.int64, device=probs.device)
     prefix = torch.empty(2, _aligned(num_rows, 4), dtype=torch.int32, device=probs.device)
-    above = torch.empty(2, _aligned(num_rows, 2), dtype=torch.int64, device=probs.device)
+    above = torch.empty(2, _aligned(num_rows * num_chunks, 2), dtype=torch.int64, device=probs.device)  # per chunk
     grid = (num_rows, num_chunks)
     num_passes = passes(digit_bits)
     for k in range(num_passes):  # pass k writes stats, prefix and above [k % 2] and reads the other half of each
@@ -231,9 +233,8 @@ def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, 
     last = (num_passes - 1) % 2
     cut = torch.empty(num_rows, dtype=torch.int32, device=probs.device)
     per_chunk = torch.empty(num_rows * num_chunks * 2, dtype=torch.int64, device=probs.device)
-    _cut_stats_kernel[grid](probs, top_p, stats[last], prefix[last], above[last], cut, per_chunk, vocab,
-                            probs.stride(0), num_chunks, CHUNK=chunk, SUB=sub, CHUNKS=chunks_p2, DIGITS=digits,
-                            num_warps=4)
+    _cut_stats_kernel[grid](top_p, stats[last], prefix[last], above[last], cut, per_chunk, num_chunks,
+                            CHUNKS=chunks_p2, DIGITS=digits, num_warps=4)
     _draw_kernel[grid](probs, top_p, uniform, cut, per_chunk, out, vocab, probs.stride(0), num_chunks,
                        CHUNK=chunk, SUB=sub, CHUNKS=chunks_p2, num_warps=4)
     return out
