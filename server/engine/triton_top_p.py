@@ -115,12 +115,14 @@ def _histogram_kernel(probs_ptr, top_p_ptr, stats_in_ptr, prefix_in_ptr, above_i
     row_ptr = probs_ptr + row.to(tl.int64) * stride
     for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, SUB):
         offs, valid, p, bits = _block(row_ptr, start, vocab, SUB)
-        if FIRST:  # noqa: SIM108  (the prefix is empty: every token is in; no shift by 32 for a digit at bit 31)
+        if FIRST:  # the prefix is empty: every token is in (no shift by 32 for a digit at bit 31)
             is_in = valid
+            any_in = True
         else:  # a prefix of -1 matches no token
             is_in = valid & ((bits >> (shift + DIGIT_BITS)) == (prefix >> (shift + DIGIT_BITS)))
-        # Past the first passes few tokens share the prefix: a block without one costs a load and a compare.
-        if tl.max(is_in.to(tl.int32), axis=0) > 0:
+            # Past the first passes few tokens share the prefix: a block without one costs a load and a compare.
+            any_in = tl.max(is_in.to(tl.int32), axis=0) > 0
+        if any_in:
             digit = (bits >> shift) & (DIGITS - 1)
             mass = tl.where(is_in, _masses(p), 0)
             hist += tl.where(digit[:, None] == digits[None, :], mass[:, None], 0)

@@ -357,6 +357,21 @@ def test_fused_top_p_draw_equals_the_torch_steps_bit_for_bit(vocab, spread, quan
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("digit_bits", [2, 4, 5])
+def test_fused_top_p_draw_settles_the_last_digits_in_every_chunk(digit_bits):
+    """Every probability within 64 float32 steps of one value (built from bit patterns; rows of 6 chunks, sums
+    about 0.73): the cut falls among the last digits, where each chunk's mass above the cut takes the last pass's
+    digits over the chosen one (softmax rows rarely put tokens that close above the cut)."""
+    triton_top_p = interpreted("server.engine.triton_top_p")
+    gen = torch.Generator().manual_seed(digit_bits)
+    probs = (0x3A000000 + torch.randint(0, 64, (6, 1500), generator=gen, dtype=torch.int32)).view(torch.float32)
+    top_p = torch.tensor([0.3, 0.5, 0.55, 0.7, 0.9, 0.05]) * probs.sum(-1).double().float()
+    for uniform in (torch.rand(6, generator=gen), torch.tensor([0.0, 1 - 2**-23] * 3)):
+        expected = draw_from_masses(integer_masses(probs).masked_fill(~top_p_keep(probs, top_p), 0), uniform)
+        got = triton_top_p.top_p_draw(probs, top_p, uniform, chunk=256, digit_bits=digit_bits, sub=128)
+        assert torch.equal(got, expected)
+
+
 def test_fused_top_p_draw_keeps_every_token_of_a_row_without_top_p():
     """Floored masses can sum past 2**40 (here the first two alone do): a row without top-p (NO_TOP_P) must
     still keep the tail, as the torch path does. u near 1 lands on the last token. A top_p under 1.0 that is
