@@ -42,7 +42,7 @@ def test_fused_top_p_timing_printout():
 
     configs = {"fused kernel (default)": {}}
     configs.update({f"fused kernel chunk {c} digit bits {d} sub {s}": dict(chunk=c, digit_bits=d, sub=s)
-                    for c in (4096,) for d in (4, 5) for s in (64, 128)})
+                    for c in (4096,) for d in (3, 4, 5, 6) for s in (64, 128)})
     runs = [("torch sort + draw", torch_steps)]
     runs += [(name, lambda kw=kw: top_p_draw(probs, top_p, uniform, **kw)) for name, kw in configs.items()]
     for name, fn in runs:
