@@ -41,18 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
+    from bench.build import device_name
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.model != "tiny" and device.type != "cuda":
         print(f"--model {args.model} needs a CUDA GPU (use --model tiny to self-test on a CPU)", file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu_name = device_name(device)
     plan = Plan.make(args.model, args.quick, args.budget_s)
     config = llama_config(args.model)
     now = dt.datetime.now(dt.timezone.utc)
     data: dict[str, Any] = {
         "date": now.date().isoformat(), "timestamp": now.isoformat(timespec="seconds"), "model": args.model,
-        "device": device_name, "quick": args.quick, "command": "python -m bench " + " ".join(argv or sys.argv[1:]),
+        "device": gpu_name, "quick": args.quick, "command": "python -m bench " + " ".join(argv or sys.argv[1:]),
         "versions": versions(),
         "config": {"shape": shape_facts(config), "dtype": str(dtype), "plan": plan.as_dict(),
                    "engine": {"max_slots": 32, "max_rank": 16, "max_batch_size": 64, "max_model_len": 4096,
@@ -60,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                    "adapters": {"rank": 16, "alpha": 32, "modules": "q,k,v,o,gate,up,down", "count": 32}},
     }
     suffix = "-quick" if args.quick else ""
-    path = args.out / f"{data['date']}-{slug(device_name)}-{args.model}{suffix}.json"
+    path = args.out / f"{data['date']}-{slug(gpu_name)}-{args.model}{suffix}.json"
     rec = Recorder(path, data, plan.budget_s)
-    rec.log(f"{args.model} on {device_name}; writing {path}; budget {plan.budget_s:.0f} s")
+    rec.log(f"{args.model} on {gpu_name}; writing {path}; budget {plan.budget_s:.0f} s")
     torch.set_grad_enabled(False)
 
     from bench.roofline import measure_bandwidth

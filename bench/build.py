@@ -25,6 +25,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name for result files, or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def gpu_mem_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from bench.build import sync
+from bench.build import device_name, sync
 from bench.results import write_named_result
 
 KINDS = (  # first match wins; lower-case substrings of kernel names
@@ -61,10 +61,6 @@ def summarize(events: list[tuple[str, float]], steps: int) -> dict:
             n: v / steps / 1000 for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
         },
     }
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def device_events(run, device: torch.device) -> list[tuple[str, float]]:
