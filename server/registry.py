@@ -78,19 +78,18 @@ class AdapterRegistry:
     def resolve_nowait(self, name: str) -> AdapterRef | None:
         """`resolve` without blocking when the answer is in memory: the store's latest version unchanged since it
         was last read (one stat) and its weights in this tier. None otherwise: then call `resolve` on a worker
-        thread. Under load the worker's round trip waits for the busy event loop and the GIL (bench.serve c32 in
-        the tenth session: HTTP admission 11.9 ms mean, before this path existed; not yet measured with it)."""
+        thread. Under load the worker's round trip waits for the busy event loop and the GIL (bench.serve c32 with
+        --engine-process, H200: HTTP admission 11.9 ms mean in the tenth session, before this path existed; 1.1 and
+        2.2 ms in two runs of the twelfth, with it)."""
         record = self.store.latest_if_unchanged(name)
         if record is None:
             return None
         if not self.load_weights:
             return AdapterRef(name=record.name, version=record.version, weights=None)
-        key = (record.name, record.version)
         with self._lock:
-            weights = self._cache.get(key)
-            if weights is None:
-                return None
-            self._cache.move_to_end(key)
+            weights = self._cached((record.name, record.version))
+        if weights is None:
+            return None
         return AdapterRef(name=record.name, version=record.version, weights=weights)
 
     def weights(self, record: AdapterRecord) -> AdapterWeights:
@@ -99,9 +98,8 @@ class AdapterRegistry:
         key = (record.name, record.version)
         num_evicted = 0
         with self._lock:
-            cached = self._cache.get(key)
+            cached = self._cached(key)
             if cached is not None:
-                self._cache.move_to_end(key)
                 return cached
             cached = self._evicted_in_use.pop(key, None)
             if cached is not None:  # still in memory for a running request: adopt it again
@@ -117,6 +115,14 @@ class AdapterRegistry:
         if not is_loader:
             return pending.wait()
         return self._fill(key, pending, lambda: self._load(record))
+
+    def _cached(self, key: tuple[str, int]) -> AdapterWeights | None:
+        """The tier's weights of version `key`, marked most recently used; None when not in the tier. Hold
+        self._lock."""
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+        return cached
 
     def adopt(self, record: AdapterRecord, weights: AdapterWeights) -> bool:
         """Put a version just stored in this tier from the weights its upload's validation parsed (the
