@@ -15,11 +15,10 @@ launches follow: each chunk's mass above the cut and its ties at the cut, from t
 histograms alone; then the draw, done by the one program whose chunk holds the target. Every pass reads the
 probabilities once (16 MB at 32 x 128k, from L2 after the first).
 
-On the H200 at 32 x 128256: 620 us against 1,228 for the sorting torch steps (tests/gpu/test_sampler_gpu.py,
-2026-12-02), so it is the CUDA default; that was before the carried masses (twelfth session, to be timed by the
-same test's printout on the next GPU run: every pass, and the cut's statistics, used to compute the mass of every
-token, for its bucket or for the sum above it). The first version (one program per row, a bit at a time: 34
-passes on one SM per row) took 1,381 us.
+On the H200 at 32 x 128256 (tests/gpu/test_sampler_gpu.py's printout, 2026-12-02): 399 us against 1,241 for the
+sorting torch steps, so it is the CUDA default. Before the carried masses (twelfth session) every pass, and the cut's
+statistics, computed the mass of every token, and the best configuration took 620 us. The first version (one program
+per row, a bit at a time: 34 passes on one SM per row) took 1,381 us.
 """
 
 from __future__ import annotations
@@ -31,10 +30,12 @@ import triton.language as tl
 from server.engine.sampling_masses import MASS_BITS, NO_TOP_P  # noqa: F401  (NO_TOP_P: part of the interface)
 
 CHUNK = 4096  # tokens a program reads (128256 tokens: 32 chunks a row)
-# H200, 32 x 128256 (tests/gpu/test_sampler_gpu.py, 2026-12-02): 4 bits and 128 tokens 620 us; 4 and 64: 784;
-# 5 and 128: 834; 5 and 64: 941; the sorting torch steps: 1,228.
+# H200, 32 x 128256 (tests/gpu/test_sampler_gpu.py, thirteenth session, with the carried masses), bits a pass and
+# tokens at once: 5 and 128: 399 us; 4 and 128: 544; 4 and 64: 590; 5 and 64: 671; 3 and 128: 702; 6 and 128: 732;
+# 6 and 64: 869. Before the carry, 4 and 128 was best (620) and 5 and 128 took 834: with it, the later passes skip
+# most blocks, so fewer, wider passes pay.
 SUB = 128  # tokens a program handles at once: a [SUB, 2**digit_bits] one-hot accumulated across the chunk
-DIGIT_BITS = 4  # bits a pass settles: 8 passes for bits 29..0
+DIGIT_BITS = 5  # bits a pass settles: 6 passes for bits 29..0
 
 
 def passes(digit_bits: int) -> int:

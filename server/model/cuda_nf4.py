@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from server.model.nf4_layout import NF4_BLOCKSIZE, codes_as_bytes
+from server.model.split_sums import SplitSums
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 64
@@ -142,8 +143,10 @@ def nf4_tile(
     rows_per_warp: int | None = None,
     num_sms: int = 132,
     pdl: bool | None = None,  # PDL
-) -> torch.Tensor:
-    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout."""
+    defer_sum: bool = False,
+) -> torch.Tensor | SplitSums:
+    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout; with `defer_sum`, when K is split,
+    the unsummed partials (split_sums.SplitSums) instead."""
     out_features, in_features = shape
     x = x.contiguous()
     out = torch.empty(x.shape[0], out_features, device=x.device, dtype=x.dtype)
@@ -156,8 +159,9 @@ def nf4_tile(
     if split_k is None:
         split_k = pick_split_k(x.shape[0], out_features, in_features, num_sms, warps, rows_per_warp=rows_per_warp)
     pdl = (PDL if pdl is None else pdl) and _pdl_supported(x.device.index or 0)
-    _extension().nf4_tile(x, tiled[0], tiled[1], code_table, bias, out, split_k, warps, rows_per_warp, pdl)
-    return out
+    partials = _extension().nf4_tile(x, tiled[0], tiled[1], code_table, bias, out, split_k, warps, rows_per_warp, pdl,
+                                     defer_sum)
+    return out if partials is None else SplitSums(partials, bias, x.dtype)
 
 
 @functools.cache
@@ -195,9 +199,11 @@ def nf4_wide(
     token_tiles: int | None = None,
     rows_per_warp: int | None = None,
     num_sms: int = 132,
-) -> torch.Tensor:
+    defer_sum: bool = False,
+) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, x staged in shared memory once a
-    block for all its warps (csrc/nf4_mma.cu, nf4_wide_kernel); same MMA mapping and order of sums as nf4_tile."""
+    block for all its warps (csrc/nf4_mma.cu, nf4_wide_kernel); same MMA mapping and order of sums as nf4_tile.
+    With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead."""
     out_features = shape[0]
     x = x.contiguous()
     out = torch.empty(x.shape[0], out_features, device=x.device, dtype=x.dtype)
@@ -205,5 +211,6 @@ def nf4_wide(
     token_tiles, rows_per_warp = token_tiles or default_tiles, rows_per_warp or default_rows
     if split_k is None:
         split_k = wide_split_k(x.shape[0], shape, num_sms, token_tiles, rows_per_warp)
-    _extension().nf4_wide(x, tiled[0], tiled[1], code_table, bias, out, split_k, token_tiles, rows_per_warp)
-    return out
+    partials = _extension().nf4_wide(x, tiled[0], tiled[1], code_table, bias, out, split_k, token_tiles,
+                                     rows_per_warp, defer_sum)
+    return out if partials is None else SplitSums(partials, bias, x.dtype)

@@ -13,12 +13,16 @@ Semantics (x.dtype = model dtype; every "rounded" is a cast to it):
     rotary_write_kv(q, k, v, rope, caches, slots): q, k [T, H, D] rotated in place,
                                x <- rounded(x.f32 * cos + rotate_half(x).f32 * sin), rotate_half(x) = (-x2, x1);
                                then k, v stored at cache slot slots[t] (block * block_size + offset), -1 = skip.
+silu_mul and qkv_rotary_write_kv also take the projection's output as unsummed split-K partials
+(server.model.split_sums.SplitSums): the same function of the summed output.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
+
+from server.model.split_sums import SplitSums, materialized
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,9 +45,9 @@ def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def _kernels(x: torch.Tensor):
+def _kernels(x: torch.Tensor | SplitSums):
     """The Triton glue module when x is on CUDA and triton imports, else None."""
-    if not x.is_cuda:
+    if x.device.type != "cuda":
         return None
     try:
         from server.model import triton_glue
@@ -68,9 +72,9 @@ def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps:
     return kernels.add_rmsnorm(h, delta, weight, eps)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor | SplitSums) -> torch.Tensor:
     kernels = _kernels(gate_up)
-    return silu_mul_reference(gate_up) if kernels is None else kernels.silu_mul(gate_up)
+    return silu_mul_reference(materialized(gate_up)) if kernels is None else kernels.silu_mul(gate_up)
 
 
 def rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping):
@@ -85,3 +89,22 @@ def rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping):
         return q, k
     kernels.rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping)
     return q, k
+
+
+def qkv_rotary_write_kv(qkv: torch.Tensor | SplitSums, num_heads: int, num_kv_heads: int, head_dim: int, rope,
+                        k_cache, v_cache, slot_mapping):
+    """Split the qkv projection's output [T, (Hq + 2 Hkv) D] (or its split-K partials) into q, k, v [T, H, D],
+    rotate q and k and store k, v in the paged cache; returns (q, k, v). Partials are summed by the rotary kernel as
+    it reads them, into a fresh output."""
+    kernels = _kernels(qkv)
+    sums = qkv if isinstance(qkv, SplitSums) and kernels is not None else None
+    out = materialized(qkv) if sums is None else torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q = out[:, :q_size].view(-1, num_heads, head_dim)
+    k = out[:, q_size : q_size + kv_size].view(-1, num_kv_heads, head_dim)
+    v = out[:, q_size + kv_size :].view(-1, num_kv_heads, head_dim)
+    if sums is None:
+        q, k = rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping)
+    else:
+        kernels.rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping, sums=sums)
+    return q, k, v

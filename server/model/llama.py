@@ -153,14 +153,18 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
 
     def forward(self, x, rope, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
-        qkv = self.qkv_proj(x, ctx.lora)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
-        k = qkv[:, q_size : q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
-        v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = glue_ops.rotary_write_kv(q, k, v, rope, k_cache, v_cache, ctx.slot_mapping)
+        if self.q_norm is None:  # the rotary kernel sums the projection's split-K partials (split_sums)
+            q, k, v = glue_ops.qkv_rotary_write_kv(self.qkv_proj(x, ctx.lora, defer_sum=True), self.num_heads,
+                                                   self.num_kv_heads, self.head_dim, rope, k_cache, v_cache,
+                                                   ctx.slot_mapping)
+        else:
+            qkv = self.qkv_proj(x, ctx.lora)
+            q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
+            k = qkv[:, q_size : q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
+            v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)
+            q, k = glue_ops.rotary_write_kv(self.q_norm(q), self.k_norm(k), v, rope, k_cache, v_cache,
+                                            ctx.slot_mapping)
         if ctx.is_prefill:
             out = self._prefill_attention(q, k, v, ctx, k_cache, v_cache)
         else:
@@ -180,7 +184,8 @@ class MLP(nn.Module):
         self.gate_up_proj, self.down_proj = gate_up, down
 
     def forward(self, x, lora: LoraContext | None) -> torch.Tensor:
-        return self.down_proj(glue_ops.silu_mul(self.gate_up_proj(x, lora)), lora)
+        # silu_mul sums gate_up's split-K partials as it reads them (split_sums)
+        return self.down_proj(glue_ops.silu_mul(self.gate_up_proj(x, lora, defer_sum=True)), lora)
 
 
 class DecoderLayer(nn.Module):

@@ -65,9 +65,11 @@ class LoraLinear(nn.Module):
         self.layout = layout
         return start + num_a + num_b
 
-    def forward(self, x: torch.Tensor, lora: LoraContext | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraContext | None = None, defer_sum: bool = False):
+        """base(x) plus the adapters' deltas. `defer_sum`: the base may return unsummed split-K partials
+        (split_sums.SplitSums) when no adapter applies; the LoRA expand adds into a summed output."""
         if lora is None or self.lora_a is None:
-            return self.base(x)
+            return self.base(x, defer_sum=True) if defer_sum else self.base(x)
         if lora.host_segments is not None and x.device.type == "cpu":
             y = self.base(x)
             self._apply_segments(y, x, lora.host_segments)

@@ -21,6 +21,7 @@ import os
 import torch
 
 from server.model.nf4_layout import codes_as_words
+from server.model.split_sums import SplitSums
 
 # (largest row count, kernel), scanned in order; None = any count. From the H200 runs of 2026-12-01
 # (bench/results/2026-12-01-nvidia-h200-kernels*.json; 8B layer shapes, µs): the CUDA tile kernel takes
@@ -108,7 +109,8 @@ def nf4_linear_cuda(
     quant_state=None,  # bnb QuantState, for the bnb fallback
     kernel: str | None = None,  # force one kernel (benchmarks, tests)
     tiled: tuple[torch.Tensor, torch.Tensor] | None = None,  # nf4_layout.tile_pack of (codes, absmax_f)
-) -> torch.Tensor:
+    defer_sum: bool = False,  # the tile and wide kernels may return split_sums.SplitSums
+) -> torch.Tensor | SplitSums:
     """y = x @ dequant(W)^T (+ bias), semantics of nf4_ops.nf4_matmul_reference, by the fastest kernel."""
     out_features, in_features = shape
     name = kernel or kernel_for(x.shape[0], shape)
@@ -129,12 +131,14 @@ def nf4_linear_cuda(
         from server.model import cuda_nf4
         from server.model.triton_nf4 import device_num_sms
 
-        return cuda_nf4.nf4_tile(x, tiled, shape, code_table, bias, num_sms=device_num_sms(x.device.index or 0))
+        return cuda_nf4.nf4_tile(x, tiled, shape, code_table, bias, num_sms=device_num_sms(x.device.index or 0),
+                                 defer_sum=defer_sum)
     if name == "wide":
         from server.model import cuda_nf4
         from server.model.triton_nf4 import device_num_sms
 
-        return cuda_nf4.nf4_wide(x, tiled, shape, code_table, bias, num_sms=device_num_sms(x.device.index or 0))
+        return cuda_nf4.nf4_wide(x, tiled, shape, code_table, bias, num_sms=device_num_sms(x.device.index or 0),
+                                 defer_sum=defer_sum)
     if name == "dequant":
         from server.model.triton_nf4_dequant import nf4_dequantize_triton
 

@@ -38,6 +38,7 @@ from server.model.nf4_layout import (  # noqa: F401  (re-exported: the ops' publ
     validate_matmul_args,
     validate_nf4_layout,
 )
+from server.model.split_sums import SplitSums
 
 
 def nf4_absmax_float(quant_state) -> torch.Tensor:
@@ -94,13 +95,15 @@ def nf4_matmul(
     bias: torch.Tensor | None = None,  # [out]
     quant_state=None,  # bnb QuantState, for the dispatch's bitsandbytes fallback
     tiled: tuple[torch.Tensor, torch.Tensor] | None = None,  # nf4_layout.tile_pack of (codes, absmax_f)
-) -> torch.Tensor:
+    defer_sum: bool = False,  # without `out`: the CUDA kernels may return split_sums.SplitSums
+) -> torch.Tensor | SplitSums:
     """y = x @ W^T: on CUDA the kernel server.model.nf4_dispatch picks for T rows, else the reference."""
     validate_matmul_args(x, shape, bias)
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         from server.model.nf4_dispatch import nf4_linear_cuda
 
-        y = nf4_linear_cuda(x, codes, absmax_f, shape, code_table, bias, quant_state, tiled=tiled)
+        y = nf4_linear_cuda(x, codes, absmax_f, shape, code_table, bias, quant_state, tiled=tiled,
+                            defer_sum=defer_sum and out is None)
     else:
         y = nf4_matmul_reference(x, codes, absmax_f, shape, code_table, bias=bias)
     return y if out is None else out.copy_(y)

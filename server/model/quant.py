@@ -24,7 +24,7 @@ class DenseLinear(nn.Module):
         self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)  # [out, in]
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, defer_sum: bool = False) -> torch.Tensor:
         return nn.functional.linear(x, self.weight, self.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -71,7 +71,8 @@ class NF4Linear(nn.Module):
 
         return nf4_absmax_float(self.quant_state).float().contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, defer_sum: bool = False):
+        """The output [T, out]; with `defer_sum`, on CUDA, maybe its unsummed split-K partials (split_sums)."""
         if self.codes.device.type == "cpu":
             # bitsandbytes' CPU path dequantizes on every call (~10 ms for a 1.7M-parameter matrix on
             # 2 cores, 8x a dense matmul). On the CPU we dequantize once per weight change instead;
@@ -83,7 +84,7 @@ class NF4Linear(nn.Module):
 
         shape = (self.out_features, self.in_features)
         return nf4_matmul(x, self.codes, self.absmax_f, shape, self.quant_state.code, bias=self.bias,
-                          quant_state=self.quant_state, tiled=self.tiled)
+                          quant_state=self.quant_state, tiled=self.tiled, defer_sum=defer_sum)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from bitsandbytes.functional import dequantize_4bit

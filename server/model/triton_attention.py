@@ -25,7 +25,7 @@ def _decode_kernel(
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, V_FIRST: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -53,14 +53,17 @@ def _decode_kernel(
         offsets = positions % BLOCK_SIZE
         k_ptrs = k_ptr + block_ids[:, None] * stride_kb + offsets[:, None] * stride_kt + kv_head * stride_kh
         k = tl.load(k_ptrs + dims[None, :], mask=is_valid[:, None], other=0.0)
+        v_ptrs = v_ptr + block_ids[:, None] * stride_vb + offsets[:, None] * stride_vt + kv_head * stride_vh
+        if V_FIRST:  # V's load issued beside K's, before the dot that waits for K
+            v = tl.load(v_ptrs + dims[None, :], mask=is_valid[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, TILE_N]
         scores = tl.where(is_valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_ptrs = v_ptr + block_ids[:, None] * stride_vb + offsets[:, None] * stride_vt + kv_head * stride_vh
-        v = tl.load(v_ptrs + dims[None, :], mask=is_valid[:, None], other=0.0)
+        if not V_FIRST:
+            v = tl.load(v_ptrs + dims[None, :], mask=is_valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -106,10 +109,19 @@ def choose_num_splits(num_rows: int, num_kv_heads: int, max_blocks: int, block_s
     return max(1, min(16, max_by_length, (2 * _NUM_SMS) // max(programs, 1)))
 
 
+# Launch choices of the decode kernel; tests/gpu/test_prefill_attention_gpu.py's printout times the others.
+# v_first: V's load issued beside K's (before the QK dot) instead of after the softmax; tile_n: cache positions
+# a loop iteration takes; num_stages: Triton's software pipelining depth of that loop (None: Triton's default).
+DECODE_TUNING = {"v_first": True, "tile_n": 64, "num_stages": None, "num_warps": 4}
+
+
 def paged_decode_attention_triton(
-    q, k_cache, v_cache, block_tables, context_lens, scale: float, num_splits: int | None = None
+    q, k_cache, v_cache, block_tables, context_lens, scale: float, num_splits: int | None = None,
+    tuning: dict | None = None,
 ):
-    """Triton decode attention; q [B, Hq, D], caches [num_blocks, block_size, Hkv, D] -> [B, Hq, D]."""
+    """Triton decode attention; q [B, Hq, D], caches [num_blocks, block_size, Hkv, D] -> [B, Hq, D].
+    `tuning` overrides DECODE_TUNING's entries."""
+    tuning = {**DECODE_TUNING, **(tuning or {})}
     num_rows, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if num_q_heads % num_kv_heads:
@@ -136,8 +148,9 @@ def paged_decode_attention_triton(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        TILE_N=64, NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        TILE_N=tuning["tile_n"], NUM_SPLITS=num_splits, V_FIRST=tuning["v_first"],
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=tuning["num_warps"],
+        **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(num_rows, num_q_heads)](

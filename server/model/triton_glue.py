@@ -1,11 +1,42 @@
 """Fused decoder-layer glue in Triton; semantics in server.model.glue_ops (one kernel per op, no host
-syncs, static shapes: graph-capturable once compiled)."""
+syncs, static shapes: graph-capturable once compiled). silu_mul and qkv_rotary_write_kv also take their input as
+unsummed split-K partials (server.model.split_sums) and sum them as they load it."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from server.model.split_sums import SplitSums
+
+# The most split-K partials a kernel here sums: cuda_nf4.pick_split_k's largest split (csrc's kUnrolledSplits).
+MAX_SPLITS = 16
+
+
+@triton.jit
+def _summed(src_ptr, offs, mask, plane, splits, bias_ptr, bias_offs, dtype: tl.constexpr, HAS_BIAS: tl.constexpr,
+            SIZE: tl.constexpr):
+    """A linear's output at `offs` ([SIZE] offsets into one [M, N] plane) from its split-K partials: summed from 0 in
+    split order, plus the bias, rounded once to `dtype`, as csrc/nf4_mma.cu's split_k_sum_kernel does. The loads of
+    every split are issued together (unused ones masked)."""
+    total = tl.zeros([SIZE], dtype=tl.float32)
+    for s in tl.static_range(MAX_SPLITS):  # the split's test as a vector: the interpreter rejects a scalar's
+        used = mask & (tl.full([SIZE], s, tl.int32) < splits)
+        total += tl.load(src_ptr + s * plane + offs, mask=used, other=0.0)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
+    return total.to(dtype)
+
+
+def _source(y: torch.Tensor | SplitSums):
+    """(tensor to read, plane, splits, bias) for a kernel's SUMS path; a plain tensor gives (y, 0, 0, y)."""
+    if isinstance(y, SplitSums):
+        if y.partials.shape[0] > MAX_SPLITS:
+            raise ValueError(f"at most {MAX_SPLITS} split-K partials are summed here, got {y.partials.shape[0]}")
+        bias = y.bias if y.bias is not None else y.partials
+        return y.partials, y.partials[0].numel(), y.partials.shape[0], bias
+    return y, 0, 0, y
 
 
 @triton.jit
@@ -41,35 +72,65 @@ def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
     return h_out, y
 
 
-@triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["plane", "splits"])
+def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, splits, bias_ptr, BLOCK: tl.constexpr,
+                     SUMS: tl.constexpr, HAS_BIAS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
-    gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    if SUMS:  # gu_ptr: split-K partials [splits, rows, 2 * inter]
+        at = row * stride_gu + cols
+        gate = _summed(gu_ptr, at, mask, plane, splits, bias_ptr, cols, out_ptr.dtype.element_ty, HAS_BIAS, BLOCK)
+        up = _summed(gu_ptr, at + inter, mask, plane, splits, bias_ptr, inter + cols, out_ptr.dtype.element_ty,
+                     HAS_BIAS, BLOCK)
+        gate, up = gate.to(tl.float32), up.to(tl.float32)
+    else:
+        gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=mask, other=0.0).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor | SplitSums) -> torch.Tensor:
+    """gate_up [T, 2I] (or its split-K partials) -> silu(gate) * up [T, I]."""
     num_rows, two_inter = gate_up.shape
     inter = two_inter // 2
-    out = torch.empty(num_rows, inter, dtype=gate_up.dtype, device=gate_up.device)
+    sums = isinstance(gate_up, SplitSums)
+    dtype = gate_up.dtype
+    out = torch.empty(num_rows, inter, dtype=dtype, device=gate_up.device)
     if num_rows == 0:
         return out
-    block = 1024
-    _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0), out.stride(0),
-                                                            BLOCK=block, num_warps=4)
+    src, plane, splits, bias = _source(gate_up)
+    block = 256 if sums else 1024  # partials: up to 16 loads an element, spread over more programs
+    _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
+        src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias,
+        BLOCK=block, SUMS=sums, HAS_BIAS=sums and gate_up.bias is not None, num_warps=4,
+    )
     return out
 
 
 @triton.jit
-def _rotate(x_ptr, row, head, stride_t, stride_h, cos_lo, cos_hi, sin_lo, sin_hi, offs, HALF: tl.constexpr):
-    """Rotate one head in place; returns the rotated halves (rounded to the tensor's dtype)."""
+def _head_halves(x_ptr, row, head, stride_t, stride_h, src_ptr, src_col, plane, splits, stride_src, bias_ptr, offs,
+                 HALF: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One head's two halves in the tensor's dtype: from x (a view of the qkv output) or, with SUMS, summed from the
+    qkv projection's split-K partials at column src_col."""
+    if SUMS:
+        at = row * stride_src + src_col + offs
+        whole = offs < HALF
+        dtype = x_ptr.dtype.element_ty
+        lo = _summed(src_ptr, at, whole, plane, splits, bias_ptr, src_col + offs, dtype, HAS_BIAS, HALF)
+        hi = _summed(src_ptr, at + HALF, whole, plane, splits, bias_ptr, src_col + HALF + offs, dtype, HAS_BIAS, HALF)
+    else:
+        base = x_ptr + row * stride_t + head * stride_h
+        lo, hi = tl.load(base + offs), tl.load(base + HALF + offs)
+    return lo, hi
+
+
+@triton.jit
+def _rotate(x_ptr, row, head, stride_t, stride_h, lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, offs, HALF: tl.constexpr):
+    """Rotate one head's halves and store them at x[row, head]; returns the rotated halves (rounded to x's dtype)."""
     base = x_ptr + row * stride_t + head * stride_h
-    lo = tl.load(base + offs).to(tl.float32)
-    hi = tl.load(base + HALF + offs).to(tl.float32)
+    lo, hi = lo.to(tl.float32), hi.to(tl.float32)
     new_lo = (lo * cos_lo + (-hi) * sin_lo).to(x_ptr.dtype.element_ty)
     new_hi = (hi * cos_hi + lo * sin_hi).to(x_ptr.dtype.element_ty)
     tl.store(base + offs, new_lo)
@@ -77,16 +138,18 @@ def _rotate(x_ptr, row, head, stride_t, stride_h, cos_lo, cos_hi, sin_lo, sin_hi
     return new_lo, new_hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["plane", "splits"])
 def _rotary_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, rope_ptr, kc_ptr, vc_ptr, slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_rope,
-    stride_cs, stride_ch,
-    NUM_Q_HEADS: tl.constexpr, HALF: tl.constexpr,
+    stride_cs, stride_ch, src_ptr, bias_ptr, plane, splits, stride_src,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, SUMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     """One program per (token, head): q heads first, then kv heads (rotate k, write k and v to the cache).
     One head a program keeps the grid wide: a program per token looping over 40 heads left 100 of 132
-    SMs idle at batch 32 (0.24 ms a step on the 1B shape, H200)."""
+    SMs idle at batch 32 (0.24 ms a step on the 1B shape, H200). With SUMS, q, k and v are read summed from
+    the partials at src_ptr (columns q | k | v, heads of 2 * HALF) and written to q_ptr, k_ptr and v_ptr."""
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs = tl.arange(0, HALF)
@@ -94,31 +157,45 @@ def _rotary_write_kv_kernel(
     cos_lo, cos_hi = tl.load(rope + offs), tl.load(rope + HALF + offs)
     sin_lo, sin_hi = tl.load(rope + 2 * HALF + offs), tl.load(rope + 3 * HALF + offs)
     if head < NUM_Q_HEADS:
-        _rotate(q_ptr, row, head, stride_qt, stride_qh, cos_lo, cos_hi, sin_lo, sin_hi, offs, HALF)
+        lo, hi = _head_halves(q_ptr, row, head, stride_qt, stride_qh, src_ptr, head * 2 * HALF, plane, splits,
+                              stride_src, bias_ptr, offs, HALF, SUMS, HAS_BIAS)
+        _rotate(q_ptr, row, head, stride_qt, stride_qh, lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, offs, HALF)
     else:
         kv_head = head - NUM_Q_HEADS
-        k_lo, k_hi = _rotate(k_ptr, row, kv_head, stride_kt, stride_kh, cos_lo, cos_hi, sin_lo, sin_hi, offs, HALF)
+        lo, hi = _head_halves(k_ptr, row, kv_head, stride_kt, stride_kh, src_ptr, head * 2 * HALF, plane, splits,
+                              stride_src, bias_ptr, offs, HALF, SUMS, HAS_BIAS)
+        k_lo, k_hi = _rotate(k_ptr, row, kv_head, stride_kt, stride_kh, lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, offs,
+                             HALF)
+        v_lo, v_hi = _head_halves(v_ptr, row, kv_head, stride_vt, stride_vh, src_ptr,
+                                  (NUM_Q_HEADS + NUM_KV_HEADS + kv_head) * 2 * HALF, plane, splits, stride_src,
+                                  bias_ptr, offs, HALF, SUMS, HAS_BIAS)
+        if SUMS:  # the projection's v, kept beside q and k for prefill attention
+            v_base = v_ptr + row * stride_vt + kv_head * stride_vh
+            tl.store(v_base + offs, v_lo)
+            tl.store(v_base + HALF + offs, v_hi)
         slot = tl.load(slot_ptr + row)
         if slot >= 0:
             cache = slot * stride_cs + kv_head * stride_ch
             tl.store(kc_ptr + cache + offs, k_lo.to(kc_ptr.dtype.element_ty))
             tl.store(kc_ptr + cache + HALF + offs, k_hi.to(kc_ptr.dtype.element_ty))
-            v_base = v_ptr + row * stride_vt + kv_head * stride_vh
-            tl.store(vc_ptr + cache + offs, tl.load(v_base + offs).to(vc_ptr.dtype.element_ty))
-            tl.store(vc_ptr + cache + HALF + offs, tl.load(v_base + HALF + offs).to(vc_ptr.dtype.element_ty))
+            tl.store(vc_ptr + cache + offs, v_lo.to(vc_ptr.dtype.element_ty))
+            tl.store(vc_ptr + cache + HALF + offs, v_hi.to(vc_ptr.dtype.element_ty))
 
 
-def rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping) -> None:
+def rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping, sums: SplitSums | None = None) -> None:
     """q [T, Hq, D], k/v [T, Hkv, D] (last dim contiguous), rope [T, 2, D] float32, caches
-    [num_blocks, block_size, Hkv, D] (contiguous), slot_mapping [T] int64."""
+    [num_blocks, block_size, Hkv, D] (contiguous), slot_mapping [T] int64. With `sums` (the qkv projection's
+    split-K partials, columns q | k | v), q, k and v are written from them instead of rotated in place."""
     num_tokens, num_q_heads, head_dim = q.shape
     if num_tokens == 0:
         return
     rope = rope.contiguous()
     flat_k, flat_v = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+    src, plane, splits, bias = _source(q if sums is None else sums)
     _rotary_write_kv_kernel[(num_tokens, num_q_heads + k.shape[1])](
         q, k, v, rope, flat_k, flat_v, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), rope.stride(0),
-        flat_k.stride(0), flat_k.stride(1),
-        NUM_Q_HEADS=num_q_heads, HALF=head_dim // 2, num_warps=1,
+        flat_k.stride(0), flat_k.stride(1), src, bias, plane, splits, src.stride(-2),
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=k.shape[1], HALF=head_dim // 2, SUMS=sums is not None,
+        HAS_BIAS=sums is not None and sums.bias is not None, num_warps=1,
     )  # fmt: skip

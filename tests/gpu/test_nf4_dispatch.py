@@ -196,3 +196,33 @@ def test_tile_kernel_launched_programmatically_dependent_reads_the_kernel_ahead(
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("kernel, rows, split_k", [("tile", 1, 16), ("tile", 7, 3), ("wide", 13, 5), ("wide", 32, 2),
+                                                   ("wide", 130, 4), ("tile", 3, 1)])
+def test_deferred_split_sums_equal_the_sum_kernel_bit_for_bit(kernel, rows, split_k):
+    """defer_sum hands back the partials the sum kernel would have read; summed by SplitSums.materialize and by the
+    glue kernels that take them (silu_mul and the rotary write, bf16), not a bit may differ from the summed output."""
+    from server.model import cuda_nf4, glue_ops, triton_glue
+    from server.model.split_sums import SplitSums
+
+    codes, absmax, wshape, table, _ = _layer(1536, 1024)  # out 1024 = gate|up of 512, or q|k|v heads of 64
+    x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(1024, device="cuda").to(torch.bfloat16)
+    tiled = _tiled(codes, absmax, wshape)
+    run = cuda_nf4.nf4_tile if kernel == "tile" else cuda_nf4.nf4_wide
+    want = run(x, tiled, wshape, table, bias, split_k=split_k)
+    got = run(x, tiled, wshape, table, bias, split_k=split_k, defer_sum=True)
+    if split_k == 1:
+        assert torch.equal(got, want)
+        return
+    assert isinstance(got, SplitSums) and got.partials.shape[0] == split_k
+    assert torch.equal(got.materialize(), want)
+    assert torch.equal(triton_glue.silu_mul(got), triton_glue.silu_mul(want))
+    rope = torch.randn(rows, 2, 64, device="cuda")
+    caches = [torch.zeros(rows, 1, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    slots = torch.arange(rows, device="cuda")
+    q1, k1, v1 = glue_ops.qkv_rotary_write_kv(got, 8, 4, 64, rope, caches[0], caches[1], slots)
+    q2, k2, v2 = glue_ops.qkv_rotary_write_kv(want.clone(), 8, 4, 64, rope, caches[2], caches[3], slots)
+    assert torch.equal(q1, q2) and torch.equal(k1, k2) and torch.equal(v1, v2)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])

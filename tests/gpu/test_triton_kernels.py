@@ -259,6 +259,51 @@ def test_paged_attention_matches_reference(triton_attention, case, num_splits, d
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
+DECODE_TUNINGS = [{"v_first": False}, {"v_first": True}, {"num_stages": 1}, {"num_stages": 2}, {"num_stages": 3},
+                  {"tile_n": 32}, {"tile_n": 32, "num_stages": 3}, {"num_warps": 8}]
+
+
+@pytest.mark.parametrize("tuning", DECODE_TUNINGS, ids=str)
+@pytest.mark.parametrize("case", [ATTENTION_CASES[1], ATTENTION_CASES[3], ATTENTION_CASES[5]])
+def test_paged_attention_tunings_match_reference(triton_attention, case, tuning):
+    """Every launch choice the timing printout compares computes the same attention."""
+    lens, num_q_heads, num_kv_heads, head_dim, block_size = case
+    inputs = paged_inputs(lens, num_q_heads, num_kv_heads, head_dim, block_size, torch.bfloat16)
+    expected = paged_decode_attention_reference(*inputs, head_dim**-0.5)
+    for num_splits in (1, 3):
+        actual = triton_attention.paged_decode_attention_triton(*inputs, head_dim**-0.5, num_splits=num_splits,
+                                                                tuning=tuning)
+        torch.testing.assert_close(actual, expected, atol=6e-2, rtol=3e-2)
+
+
+def graph_time_us(fn, calls: int = 20, replays: int = 20) -> float:
+    """GPU time of one fn() from CUDA-graph replays of `calls` calls in a row (no launch overhead)."""
+    graph = capture(lambda: [fn() for _ in range(calls)])
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * calls)
+
+
+def test_decode_attention_tuning_printout(triton_attention):
+    """Read with -s: decode attention's launch choices at the 8B engine bench's shapes (Hq 32, Hkv 8, D 128, blocks
+    of 16; contexts of 192 as at batch 1, and batch 32), by graph replay. No assertion on speed."""
+    for lens, max_blocks in (([192], 16), ([192], 256), ([192] * 32, 16), ([1024] * 32, 64), ([4096] * 2, 256)):
+        inputs = list(paged_inputs(lens, 32, 8, 128, 16, torch.bfloat16))
+        table = inputs[3]
+        inputs[3] = torch.cat([table, table[:, :1].expand(-1, max(0, max_blocks - table.shape[1]))], 1)
+        splits = triton_attention.choose_num_splits(len(lens), 8, inputs[3].shape[1], 16)
+        attend = triton_attention.paged_decode_attention_triton
+        for tuning in DECODE_TUNINGS:
+            us = graph_time_us(lambda: attend(*inputs, 128**-0.5, tuning=tuning))  # noqa: B023
+            label = f"paged decode B={len(lens)} ctx={lens[0]} table={max_blocks} splits={splits} {tuning}"
+            print(f"\n{label}: {us:.2f} us")
+
+
 def test_paged_attention_graph_replay(triton_attention):
     q, k_cache, v_cache, block_tables, context_lens = paged_inputs([64] * 4, 16, 4, 128, 16, torch.bfloat16)
     out = torch.empty_like(q)

@@ -112,3 +112,12 @@ def test_triton_interpreted_matches_reference(triton_attention, case, num_splits
     actual = triton_attention.paged_decode_attention_triton(*inputs, scale, num_splits=num_splits)
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("tuning", [{"v_first": False}, {"tile_n": 32}], ids=str)
+def test_triton_interpreted_launch_choices_match_reference(triton_attention, tuning):
+    lens, num_q_heads, num_kv_heads, head_dim, block_size = CASES[1]
+    inputs = make_paged(lens, num_q_heads, num_kv_heads, head_dim, block_size, torch.float32)
+    expected = paged_decode_attention_reference(*inputs, head_dim**-0.5)
+    actual = triton_attention.paged_decode_attention_triton(*inputs, head_dim**-0.5, num_splits=3, tuning=tuning)
+    torch.testing.assert_close(actual, expected, **dict(zip(("atol", "rtol"), TOLERANCE[torch.float32], strict=True)))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from server.model import glue_ops
+from server.model.split_sums import SplitSums, materialized
 from tests.unit.triton_interp import interpreted
 
 
@@ -83,3 +84,68 @@ def test_rotary_write_kv_kernel(num_q_heads, num_kv_heads, head_dim):
     assert torch.equal(v, v_ref)
     _close(caches[2], caches[0], torch.bfloat16)
     assert torch.equal(caches[3], caches[1])  # untouched slots keep their 9.0, the -1 row wrote nothing
+
+
+def _split_sums(rows: int, cols: int, splits: int, dtype, with_bias: bool, seed: int) -> SplitSums:
+    gen = torch.Generator().manual_seed(seed)
+    partials = torch.randn(splits, rows, cols, generator=gen) * 2
+    bias = torch.randn(cols, generator=gen).to(dtype) if with_bias else None
+    return SplitSums(partials, bias, dtype)
+
+
+def test_split_sums_materialize_in_split_order_then_the_bias():
+    # fp32: (0 + 1e8) + 1 rounds back to 1e8, so in split order the sum is 0; any other order gives 1.
+    partials = torch.tensor([1e8, 1.0, -1e8]).view(3, 1, 1)
+    assert SplitSums(partials, None, torch.float32).materialize().item() == 0.0
+    bias = torch.tensor([0.75], dtype=torch.bfloat16)
+    assert SplitSums(partials, bias, torch.bfloat16).materialize().item() == 0.75
+    assert materialized(torch.ones(2)) is not None and SplitSums(partials, None, torch.float16).shape == (1, 1)
+
+
+# fp16: the interpreter truncates fp32 -> bf16 where compiled Triton and torch round to nearest, so the bit-for-bit
+# comparisons run in fp16 here and in bf16 on the GPU (tests/gpu/test_glue_gpu.py).
+@pytest.mark.parametrize("splits, with_bias", [(2, False), (5, True), (16, False)])
+def test_silu_mul_kernel_sums_split_partials_bit_for_bit(splits, with_bias):
+    glue = interpreted("server.model.triton_glue")
+    sums = _split_sums(3, 2 * 600, splits, torch.float16, with_bias, splits)
+    assert torch.equal(glue.silu_mul(sums), glue.silu_mul(sums.materialize()))
+
+
+@pytest.mark.parametrize("splits, with_bias", [(3, True), (16, False)])
+def test_rotary_write_kv_kernel_sums_split_partials_bit_for_bit(splits, with_bias):
+    glue = interpreted("server.model.triton_glue")
+    num_q_heads, num_kv_heads, head_dim, tokens = 4, 2, 32, 5
+    sums = _split_sums(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, splits, torch.float16, with_bias, 7)
+    gen = torch.Generator().manual_seed(splits)
+    angles = torch.rand(tokens, 1, head_dim // 2, generator=gen) * 6
+    emb = torch.cat([angles, angles], dim=-1)
+    rope = torch.cat([emb.cos(), emb.sin()], dim=1)
+    slots = torch.tensor([3, -1, 7, 8, 0])
+    caches = [torch.full((3, 4, num_kv_heads, head_dim), 9.0, dtype=torch.float16) for _ in range(4)]
+    qs, ks = num_q_heads * head_dim, num_kv_heads * head_dim
+
+    def views(t):
+        return (t[:, :qs].view(tokens, num_q_heads, head_dim), t[:, qs:qs + ks].view(tokens, num_kv_heads, head_dim),
+                t[:, qs + ks:].view(tokens, num_kv_heads, head_dim))
+
+    expected = sums.materialize()
+    glue.rotary_write_kv(*views(expected), rope, caches[0], caches[1], slots)
+    got = torch.full(sums.shape, 5.0, dtype=torch.float16)
+    glue.rotary_write_kv(*views(got), rope, caches[2], caches[3], slots, sums=sums)
+    assert torch.equal(got, expected)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+
+
+def test_qkv_rotary_write_kv_on_the_cpu_materializes_partials():
+    from server.model.attention_ops import write_kv_cache
+
+    sums = _split_sums(3, 4 * 16, 4, torch.float32, True, 1)
+    rope = torch.stack([torch.ones(3, 16), torch.zeros(3, 16)], dim=1)  # angle 0: the rotation is the identity
+    caches = [torch.zeros(2, 4, 1, 16) for _ in range(4)]
+    slots = torch.tensor([0, 5, -1])
+    q, k, v = glue_ops.qkv_rotary_write_kv(sums, 2, 1, 16, rope, caches[0], caches[1], slots)
+    whole = sums.materialize()
+    assert torch.equal(q.reshape(3, -1), whole[:, :32]) and torch.equal(k.reshape(3, -1), whole[:, 32:48])
+    assert torch.equal(v.reshape(3, -1), whole[:, 48:])
+    write_kv_cache(whole[:, 32:48].view(3, 1, 16), whole[:, 48:].view(3, 1, 16), caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])

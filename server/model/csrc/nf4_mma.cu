@@ -137,11 +137,11 @@ __device__ __forceinline__ void store_c_fragments(const float (&acc)[NT][4], int
   }
 }
 
-// Programmatic dependent launch (sm_90+; LORAPLEX_NF4_PDL, off by default, not yet measured): a kernel launched
-// with the attribute may start while the kernel ahead of it in the stream finishes, so its launch and its first
-// loads of weights (which no kernel writes) overlap that tail; this waits until the earlier kernel's memory is
-// visible, and must come before the kernel's first read of an activation and its first store. A no-op for a kernel
-// launched without the attribute and before sm_90.
+// Programmatic dependent launch (sm_90+; LORAPLEX_NF4_PDL, off by default: measured without gain, see cuda_nf4.PDL):
+// a kernel launched with the attribute may start while the kernel ahead of it in the stream finishes, so its launch
+// and its first loads of weights (which no kernel writes) overlap that tail; this waits until the earlier kernel's
+// memory is visible, and must come before the kernel's first read of an activation and its first store. A no-op for
+// a kernel launched without the attribute and before sm_90.
 __device__ __forceinline__ void wait_for_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -553,10 +553,12 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 
 // Grid (row groups, splits[, token groups]) of a kernel whose warps each own `rows_per_warp` 16-row tiles; `body`
 // launches it with `partial` null, or fp32 partials [splits, M, N] when K is split, which split_k_sum_kernel sums
-// (launched programmatically dependent when `pdl`).
+// (launched programmatically dependent when `pdl`). With `defer_sum` the partials are returned unsummed (bias not
+// added, out not written) for the kernel that reads the output to sum (server/model/split_sums.py); else, and when K
+// is not split, an undefined tensor (None in Python).
 template <typename T, typename Body>
-void run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
-               Body body, bool pdl = false) {
+torch::Tensor run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                        int64_t split_k, Body body, bool pdl = false, bool defer_sum = false) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int num_blocks = K / 64;
   const int blocks_per_split = (num_blocks + split_k - 1) / split_k;
@@ -568,11 +570,13 @@ void run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
   T* out_ptr = reinterpret_cast<T*>(out.data_ptr());
   body(stream, out_ptr, splits > 1 ? partials.data_ptr<float>() : nullptr, bias_ptr, splits, blocks_per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1 && defer_sum) return partials;
   if (splits > 1) {
     const int64_t total = static_cast<int64_t>(M) * N;
     launch_kernel(split_k_sum_kernel<T>, dim3((total + 255) / 256), dim3(256), stream, pdl,
                   static_cast<const float*>(partials.data_ptr<float>()), bias_ptr, out_ptr, M, N, splits);
   }
+  return torch::Tensor();
 }
 
 template <typename T, int NT>
@@ -598,43 +602,38 @@ void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
 }
 
 template <typename T, int NT, int RT, int W>
-void launch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
-                 const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                 int64_t split_k, bool pdl) {
+torch::Tensor launch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                          const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                          int64_t split_k, bool pdl, bool defer_sum) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
   const int groups = (warps_needed + W - 1) / W;
-  run_split<T>(x, bias, out, split_k,
-               [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
-                   int blocks_per_split) {
+  return run_split<T>(x, bias, out, split_k,
+                      [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
+                          int blocks_per_split) {
     launch_kernel(nf4_tile_kernel<T, NT, RT, W, 4>, dim3(groups, splits), dim3(W * 32), stream, pdl,
                   reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
                   reinterpret_cast<const float2*>(tile_scales.data_ptr()),
                   static_cast<const float*>(table.data_ptr<float>()), bias_ptr, out_ptr, partial, M, N, K,
                   blocks_per_split);
-  }, pdl);
+  }, pdl, defer_sum);
 }
 
 // The instances built (compile time is paid on the GPU host at first use): (token tiles, row tiles a warp, warps).
 // 1-8 rows: (1, 1, 2|4); 9-16: (2, 1|2, 4); 17-32: (4, 1|2, 4); 33-64: (8, 1, 4).
 template <typename T>
-void dispatch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
-                   const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                   int64_t split_k, int64_t warps, int64_t rows_per_warp, bool pdl) {
+torch::Tensor dispatch_tile(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                            int64_t split_k, int64_t warps, int64_t rows_per_warp, bool pdl, bool defer_sum) {
   const int64_t M = x.size(0);
   const bool two = rows_per_warp == 2;
-  if (M <= 8) {
-    if (warps == 2) launch_tile<T, 1, 1, 2>(x, tile_codes, tile_scales, table, bias, out, split_k, pdl);
-    else launch_tile<T, 1, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, pdl);
-  } else if (M <= 16) {
-    if (two) launch_tile<T, 2, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, pdl);
-    else launch_tile<T, 2, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, pdl);
-  } else if (M <= 32) {
-    if (two) launch_tile<T, 4, 2, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, pdl);
-    else launch_tile<T, 4, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, pdl);
-  } else {
-    launch_tile<T, 8, 1, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, pdl);
-  }
+#define LORAPLEX_TILE(NT, RT, W) \
+  launch_tile<T, NT, RT, W>(x, tile_codes, tile_scales, table, bias, out, split_k, pdl, defer_sum)
+  if (M <= 8) return warps == 2 ? LORAPLEX_TILE(1, 1, 2) : LORAPLEX_TILE(1, 1, 4);
+  if (M <= 16) return two ? LORAPLEX_TILE(2, 2, 4) : LORAPLEX_TILE(2, 1, 4);
+  if (M <= 32) return two ? LORAPLEX_TILE(4, 2, 4) : LORAPLEX_TILE(4, 1, 4);
+  return LORAPLEX_TILE(8, 1, 4);
+#undef LORAPLEX_TILE
 }
 
 // out and the tile layout (nf4_layout.tile_pack) of an [N, K] weight, against x [M, K].
@@ -648,21 +647,22 @@ static void check_tile_layout(const torch::Tensor& x, const torch::Tensor& tile_
               "tile_scales must be float32 [tiles * blocks * 16]");
 }
 
-// out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout; M <= 64, K % 64 == 0.
-void nf4_tile(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
-              c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t warps,
-              int64_t rows_per_warp, bool pdl) {
+// out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout; M <= 64, K % 64 == 0. With defer_sum and K split, returns
+// the unsummed fp32 partials [splits, M, N] instead (run_split); else None.
+torch::Tensor nf4_tile(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
+                       c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t warps,
+                       int64_t rows_per_warp, bool pdl, bool defer_sum) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 64, "nf4_tile takes 1..64 rows, got ", x.size(0));
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   check_tile_layout(x, tile_codes, tile_scales, out);
   if (x.scalar_type() == torch::kBFloat16) {
-    dispatch_tile<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, warps,
-                                 rows_per_warp, pdl);
-  } else {
-    TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-    dispatch_tile<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, warps, rows_per_warp, pdl);
+    return dispatch_tile<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, warps,
+                                        rows_per_warp, pdl, defer_sum);
   }
+  TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
+  return dispatch_tile<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, warps, rows_per_warp, pdl,
+                               defer_sum);
 }
 
 // Resident blocks per SM of the tile kernel instance nf4_tile would launch (bf16 x).
@@ -695,9 +695,9 @@ struct WidePrefetch {  // code blocks in flight: 4, or 2 where the accumulators 
 };
 
 template <typename T, int NT, int RT>
-void launch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
-                 const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                 int64_t split_k) {
+torch::Tensor launch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                          const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                          int64_t split_k, bool defer_sum) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
   const int row_groups = (warps_needed + WIDE_WARPS - 1) / WIDE_WARPS, token_groups = (M + NT * 8 - 1) / (NT * 8);
@@ -710,53 +710,46 @@ void launch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const 
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     if (device < 64) attribute_set[device] = true;
   }
-  run_split<T>(x, bias, out, split_k,
-               [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
-                   int blocks_per_split) {
+  return run_split<T>(x, bias, out, split_k,
+                      [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
+                          int blocks_per_split) {
     kernel<<<dim3(row_groups, splits, token_groups), WIDE_WARPS * 32, smem, stream>>>(
         reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
         reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
         M, N, K, blocks_per_split);
-  });
+  }, false, defer_sum);
 }
 
 template <typename T>
-void dispatch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
-                   const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                   int64_t split_k, int64_t token_tiles, int64_t rows_per_warp) {
+torch::Tensor dispatch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                            int64_t split_k, int64_t token_tiles, int64_t rows_per_warp, bool defer_sum) {
   const bool two = rows_per_warp == 2;
-  if (token_tiles == 2) {
-    if (two) launch_wide<T, 2, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
-    else launch_wide<T, 2, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
-  } else if (token_tiles == 4) {
-    if (two) launch_wide<T, 4, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
-    else launch_wide<T, 4, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
-  } else if (token_tiles == 8) {
-    if (two) launch_wide<T, 8, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
-    else launch_wide<T, 8, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
-  } else {
-    if (two) launch_wide<T, 16, 2>(x, tile_codes, tile_scales, table, bias, out, split_k);
-    else launch_wide<T, 16, 1>(x, tile_codes, tile_scales, table, bias, out, split_k);
-  }
+#define LORAPLEX_WIDE(NT, RT) launch_wide<T, NT, RT>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
+  if (token_tiles == 2) return two ? LORAPLEX_WIDE(2, 2) : LORAPLEX_WIDE(2, 1);
+  if (token_tiles == 4) return two ? LORAPLEX_WIDE(4, 2) : LORAPLEX_WIDE(4, 1);
+  if (token_tiles == 8) return two ? LORAPLEX_WIDE(8, 2) : LORAPLEX_WIDE(8, 1);
+  return two ? LORAPLEX_WIDE(16, 2) : LORAPLEX_WIDE(16, 1);
+#undef LORAPLEX_WIDE
 }
 
-// out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout, x staged in shared memory; any M, K % 64 == 0.
-void nf4_wide(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
-              c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t token_tiles,
-              int64_t rows_per_warp) {
+// out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout, x staged in shared memory; any M, K % 64 == 0. With
+// defer_sum and K split, returns the unsummed fp32 partials [splits, M, N] instead (run_split); else None.
+torch::Tensor nf4_wide(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
+                       c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t token_tiles,
+                       int64_t rows_per_warp, bool defer_sum) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(token_tiles == 2 || token_tiles == 4 || token_tiles == 8 || token_tiles == 16,
               "token_tiles must be 2, 4, 8 or 16");
   check_tile_layout(x, tile_codes, tile_scales, out);
   if (x.scalar_type() == torch::kBFloat16) {
-    dispatch_wide<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, token_tiles,
-                                 rows_per_warp);
-  } else {
-    TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-    dispatch_wide<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, token_tiles,
-                          rows_per_warp);
+    return dispatch_wide<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, token_tiles,
+                                        rows_per_warp, defer_sum);
   }
+  TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
+  return dispatch_wide<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, token_tiles, rows_per_warp,
+                               defer_sum);
 }
 
 // Resident blocks per SM of a wide instance (bf16 x).
