@@ -8,6 +8,7 @@ LoRA adapters still target q, k, v, gate and up separately through output slices
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,9 @@ from server.model.lora import LoraContext, LoraLinear
 from server.model.quant import make_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# qkv_proj and gate_up_proj hand their split-K partials to the glue kernel that reads them (server.model.split_sums);
+# LORAPLEX_DEFER_SPLIT_SUMS=0 runs csrc's sum kernel instead (A/B timing).
+DEFER_SPLIT_SUMS = os.environ.get("LORAPLEX_DEFER_SPLIT_SUMS", "1") == "1"
 
 
 class UnsupportedModelError(ValueError):
@@ -155,9 +159,9 @@ class Attention(nn.Module):
     def forward(self, x, rope, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.q_norm is None:  # the rotary kernel sums the projection's split-K partials (split_sums)
-            q, k, v = glue_ops.qkv_rotary_write_kv(self.qkv_proj(x, ctx.lora, defer_sum=True), self.num_heads,
-                                                   self.num_kv_heads, self.head_dim, rope, k_cache, v_cache,
-                                                   ctx.slot_mapping)
+            qkv = self.qkv_proj(x, ctx.lora, defer_sum=DEFER_SPLIT_SUMS)
+            q, k, v = glue_ops.qkv_rotary_write_kv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope,
+                                                   k_cache, v_cache, ctx.slot_mapping)
         else:
             qkv = self.qkv_proj(x, ctx.lora)
             q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
@@ -185,7 +189,7 @@ class MLP(nn.Module):
 
     def forward(self, x, lora: LoraContext | None) -> torch.Tensor:
         # silu_mul sums gate_up's split-K partials as it reads them (split_sums)
-        return self.down_proj(glue_ops.silu_mul(self.gate_up_proj(x, lora, defer_sum=True)), lora)
+        return self.down_proj(glue_ops.silu_mul(self.gate_up_proj(x, lora, defer_sum=DEFER_SPLIT_SUMS)), lora)
 
 
 class DecoderLayer(nn.Module):
