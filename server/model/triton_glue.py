@@ -12,6 +12,7 @@ from server.model.split_sums import SplitSums
 
 # The most split-K partials a kernel here sums: cuda_nf4.pick_split_k's largest split (csrc's kUnrolledSplits).
 MAX_SPLITS = 16
+_MAX_SPLITS = tl.constexpr(MAX_SPLITS)  # compiled kernels read only constexpr globals
 
 
 @triton.jit
@@ -21,7 +22,7 @@ def _summed(src_ptr, offs, mask, plane, splits, bias_ptr, bias_offs, dtype: tl.c
     split order, plus the bias, rounded once to `dtype`, as csrc/nf4_mma.cu's split_k_sum_kernel does. The loads of
     every split are issued together (unused ones masked)."""
     total = tl.zeros([SIZE], dtype=tl.float32)
-    for s in tl.static_range(MAX_SPLITS):  # the split's test as a vector: the interpreter rejects a scalar's
+    for s in tl.static_range(_MAX_SPLITS):  # the split's test as a vector: the interpreter rejects a scalar's
         used = mask & (tl.full([SIZE], s, tl.int32) < splits)
         total += tl.load(src_ptr + s * plane + offs, mask=used, other=0.0)
     if HAS_BIAS:

@@ -216,7 +216,7 @@ def test_deferred_split_sums_equal_the_sum_kernel_bit_for_bit(kernel, rows, spli
     if split_k == 1:
         assert torch.equal(got, want)
         return
-    assert isinstance(got, SplitSums) and got.partials.shape[0] == split_k
+    assert isinstance(got, SplitSums) and 1 < got.partials.shape[0] <= split_k  # splits of whole block runs
     assert torch.equal(got.materialize(), want)
     assert torch.equal(triton_glue.silu_mul(got), triton_glue.silu_mul(want))
     rope = torch.randn(rows, 2, 64, device="cuda")
