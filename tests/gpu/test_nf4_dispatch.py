@@ -226,3 +226,33 @@ def test_deferred_split_sums_equal_the_sum_kernel_bit_for_bit(kernel, rows, spli
     q2, k2, v2 = glue_ops.qkv_rotary_write_kv(want.clone(), 8, 4, 64, rope, caches[2], caches[3], slots)
     assert torch.equal(q1, q2) and torch.equal(k1, k2) and torch.equal(v1, v2)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+@pytest.mark.parametrize("batch", [1, 13])
+def test_deferred_split_sums_leave_the_engine_logits_bit_for_bit(monkeypatch, batch):
+    """A model wide enough for the NF4 kernels to split K (the tiny test models never do), decoded greedily with the
+    deferred sums and with csrc's sum kernel: every logit equal, CUDA graphs and eager prefill alike."""
+    from transformers import LlamaConfig
+
+    from bench.build import build_engine, kv_blocks_for, loaded_model, our_model, random_hf_model
+    from server.engine.request import Request, SamplingParams
+    from server.model import llama
+    from tests.unit.test_mixed_batch_oracle import run_capturing
+
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
+                         num_key_value_heads=4, vocab_size=512, max_position_embeddings=512)
+    hf = random_hf_model(config, torch.device("cuda"), torch.bfloat16)
+    model = our_model(hf, torch.device("cuda"), torch.bfloat16)
+    del hf
+    prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(5 + 3 * i)] for i in range(batch)]
+    results = []
+    for defer in (True, False):
+        monkeypatch.setattr(llama, "DEFER_SPLIT_SUMS", defer)
+        engine = build_engine(loaded_model(model, config), "merged", torch.device("cuda"), kv_blocks_for(batch, 64))
+        requests = [Request(list(p), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)) for p in prompts]
+        captured, _ = run_capturing(engine, requests)
+        results.append([(r.output_token_ids, captured[r.request_id]) for r in requests])
+        engine.runner.graphs = None
+    for (tokens_a, logits_a), (tokens_b, logits_b) in zip(*results, strict=True):
+        assert tokens_a == tokens_b
+        assert all(torch.equal(a, b) for a, b in zip(logits_a, logits_b, strict=True))
