@@ -18,6 +18,7 @@ from torch import nn
 
 from server.model import lora_ops
 from server.model.host_device import to_device
+from server.model.lora_ops import DEFER_SPLIT_SUMS as LORA_DEFER_SPLIT_SUMS
 from server.model.lora_ops import LoraBatchMeta, SlotLayout, linear_with_lora
 from server.model.lora_staging import element_offset, round_up, stage, tensors_to_device
 
@@ -67,14 +68,16 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraContext | None = None, defer_sum: bool = False):
         """base(x) plus the adapters' deltas. `defer_sum`: the base may return unsummed split-K partials
-        (split_sums.SplitSums) when no adapter applies; the LoRA expand adds into a summed output."""
+        (split_sums.SplitSums) when no adapter applies, and with adapters too under LORAPLEX_LORA_DEFER_SPLIT_SUMS=1
+        (lora_ops.linear_with_lora)."""
         if lora is None or self.lora_a is None:
             return self.base(x, defer_sum=True) if defer_sum else self.base(x)
         if lora.host_segments is not None and x.device.type == "cpu":
             y = self.base(x)
             self._apply_segments(y, x, lora.host_segments)
             return y
-        return linear_with_lora(self.base, x, self.lora_a, self.lora_b, self.layout, lora.meta, self.slice_offsets)
+        return linear_with_lora(self.base, x, self.lora_a, self.lora_b, self.layout, lora.meta, self.slice_offsets,
+                                defer_sum=defer_sum and LORA_DEFER_SPLIT_SUMS)
 
     def _apply_segments(self, y, x, segments) -> None:
         """Eager prefill path: one pair of matmuls per (sequence, slice)."""

@@ -21,11 +21,18 @@ from server.model.lora_meta import (  # noqa: F401  (re-exported: the ops' publi
     decode_lora_meta,
     make_lora_meta,
 )
+from server.model.split_sums import SplitSums
 
 # LORAPLEX_LORA_KERNEL=torch forces the pure-torch path on CUDA too (debugging, A/B timing).
 USE_TRITON_LORA = os.environ.get("LORAPLEX_LORA_KERNEL", "triton") == "triton"
 # LORAPLEX_LORA_SIDE_STREAM=0 runs the shrink after the base matmul on one stream (A/B timing).
 SIDE_STREAM = os.environ.get("LORAPLEX_LORA_SIDE_STREAM", "1") == "1"
+# LORAPLEX_LORA_DEFER_SPLIT_SUMS=1: a LoRA linear whose caller takes split-K partials (split_sums) gets them from the
+# base too, the expand adding its delta in fp32 into the first split's partials (one rounding of the output instead
+# of two). Off until measured on a GPU: written after the thirteenth session's last GPU call, where the deferred sums
+# made the merged 8B batch-32 step 3% faster (5.29 -> 5.13 ms of kernels) and not the mixed one, whose LoRA linears
+# kept csrc's sum kernel, so mixed32_over_merged_8b fell to 0.77-0.795.
+DEFER_SPLIT_SUMS = os.environ.get("LORAPLEX_LORA_DEFER_SPLIT_SUMS", "0") == "1"
 
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
 _GATHER_BUDGET = 1 << 24
@@ -122,8 +129,13 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device)
 
 
+def _delta_target(y: torch.Tensor | SplitSums) -> torch.Tensor:
+    """Where the LoRA delta is added: the output, or the first split's fp32 partials of an unsummed one."""
+    return y.partials[0] if isinstance(y, SplitSums) else y
+
+
 def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
-                     slice_offsets: tuple[int, ...]) -> torch.Tensor:
+                     slice_offsets: tuple[int, ...], defer_sum: bool = False) -> torch.Tensor | SplitSums:
     """base(x) plus the per-token LoRA delta. While a CUDA graph is captured (the decode steps), with the Triton
     kernels, the shrink (which reads only x) runs on a side stream beside the base matmul, and the expand adds
     into base(x) once both are done: the shrink's short, DRAM-bound launches fill SMs that the L1-bound NF4
@@ -134,25 +146,28 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     Eager steps (prefills) run on one stream: there the host is the bound, not the GPU. The H200 8B prefill of
     32 x 128 tokens through 32 adapters took 57-98 ms of host time against 33.5 ms of kernels (merged: 26 ms
     against 22.8), and of the 67 ms that cProfile charged the LoRA linears over the merged step, 18 or more
-    went to the fork and join's stream switches and events (bench/NOTES.md, twelfth session)."""
+    went to the fork and join's stream switches and events (bench/NOTES.md, twelfth session).
+
+    `defer_sum`: base(x) may come back as unsummed split-K partials (split_sums.SplitSums), returned so; the delta
+    goes into the first split's partials."""
     side_stream = SIDE_STREAM and x.is_cuda and torch.cuda.is_current_stream_capturing()
     if not (side_stream and USE_TRITON_LORA and triton_available()):
-        y = base(x)
-        lora_apply(y, x, lora_a, lora_b, layout, meta, slice_offsets)
+        y = base(x, defer_sum=True) if defer_sum else base(x)
+        lora_apply(_delta_target(y), x, lora_a, lora_b, layout, meta, slice_offsets)
         return y
     from server.model.triton_lora import lora_expand, lora_shrink
 
     y_like = SimpleNamespace(shape=(x.shape[0], slice_offsets[-1]))  # base(x)'s shape, checked before it runs
     num_slices = check_lora_shapes(y_like, x, lora_a, lora_b, layout, meta, slice_offsets)
     if lora_b.shape[0] == 0 or layout.num_slots == 0:
-        return base(x)
+        return base(x, defer_sum=True) if defer_sum else base(x)
     current, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
         h = lora_shrink(x, lora_a, layout, meta, num_slices)
-    y = base(x)
+    y = base(x, defer_sum=True) if defer_sum else base(x)
     current.wait_stream(side)
     if tuple(y.shape) != y_like.shape:
         raise ValueError(f"the base layer gave {tuple(y.shape)}, the adapters' slices need {y_like.shape}")
-    lora_expand(y, h, lora_b, layout, meta, slice_offsets)
+    lora_expand(_delta_target(y), h, lora_b, layout, meta, slice_offsets)
     return y

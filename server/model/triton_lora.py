@@ -225,7 +225,8 @@ def lora_expand(y, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_off
         out_features, bounds[0], bounds[1], bounds[2],
         h.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=num_slices,
-        DOT_PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
+        # from B's dtype: y may be fp32 split-K partials of a 16-bit model (lora_ops.linear_with_lora, defer_sum)
+        DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32",
         num_warps=tuning.get("num_warps", 8 if block_m >= 32 else 4), **_stages(tuning),
     )  # fmt: skip
 

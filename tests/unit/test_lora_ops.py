@@ -283,3 +283,29 @@ def test_scatter_slot_load_fills_the_pools_as_the_per_linear_reference(model_dty
         pools.append(slots.flat.clone())
     assert pools[0].abs().sum() > 0
     assert torch.equal(pools[0], pools[1]), int((pools[0] != pools[1]).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_with_lora_adds_the_delta_into_deferred_split_partials(dtype):
+    """A base that hands back split-K partials (split_sums.SplitSums) gets the delta in its first split, in fp32:
+    summed, the output is the base's plus the delta, rounded once instead of twice."""
+    from server.model.lora_ops import linear_with_lora
+    from server.model.split_sums import SplitSums
+
+    slice_offsets = SLICES[1]
+    _, x, lora_a, lora_b, pool, meta = make_inputs([2, 0, 3], [1, 0, -1], 16, slice_offsets, dtype)
+    gen = torch.Generator().manual_seed(3)
+    partials = torch.randn(3, x.shape[0], slice_offsets[-1], generator=gen)
+    bias = torch.randn(slice_offsets[-1], generator=gen).to(dtype)
+
+    def base(inputs, defer_sum=False):
+        assert defer_sum and inputs is x
+        return SplitSums(partials.clone(), bias, dtype)
+
+    got = linear_with_lora(base, x, lora_a, lora_b, pool, meta, slice_offsets, defer_sum=True)
+    assert isinstance(got, SplitSums)
+    exact = SplitSums(partials, bias, torch.float32).materialize()
+    lora_apply_reference(exact, x, lora_a, lora_b, pool, meta, slice_offsets)  # fp32 all the way
+    ulp = 2**-23 if dtype == torch.float32 else 2**-7  # the fp32 sums' order may move one rounding by an ulp
+    torch.testing.assert_close(got.materialize().float(), exact.to(dtype).float(), atol=1e-5, rtol=2 * ulp)
+    assert not torch.equal(got.partials[0], partials[0]) and torch.equal(got.partials[1:], partials[1:])
