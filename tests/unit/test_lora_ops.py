@@ -309,3 +309,15 @@ def test_linear_with_lora_adds_the_delta_into_deferred_split_partials(dtype):
     ulp = 2**-23 if dtype == torch.float32 else 2**-7  # the fp32 sums' order may move one rounding by an ulp
     torch.testing.assert_close(got.materialize().float(), exact.to(dtype).float(), atol=1e-5, rtol=2 * ulp)
     assert not torch.equal(got.partials[0], partials[0]) and torch.equal(got.partials[1:], partials[1:])
+
+
+@pytest.mark.parametrize("layout", [([1, 1, 1, 1], [2, -1, 0, 2]), ([3, 0, 20, 1], [1, 0, 2, -1])])
+def test_triton_interpreted_expand_adds_into_fp32_partials(triton_lora, layout):
+    """The expand into fp32 split-K partials of a 16-bit model (linear_with_lora with defer_sum): fp16 A, B and x."""
+    y, x, lora_a, lora_b, pool, meta = make_inputs(*layout, 16, SLICES[1], torch.float16, in_features=300)
+    target = y.float()
+    expected = target.clone()
+    lora_apply_reference(expected, x, lora_a, lora_b, pool, meta, SLICES[1])
+    triton_lora.lora_apply_triton(target, x, lora_a, lora_b, pool, meta, SLICES[1])
+    assert target.dtype == torch.float32
+    torch.testing.assert_close(target, expected, atol=2e-2, rtol=2e-2)
