@@ -46,7 +46,9 @@ def test_flash_varlen_matches_the_reference_for_fresh_prompts(dtype, head_dim, l
     q, k, v, k_cache, v_cache = (t.to("cuda", dtype) for t in (q, k, v, k_cache, v_cache))
     qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
     q, k, v = (part.unflatten(1, (-1, head_dim)) for part in qkv.split([32 * head_dim, 8 * head_dim, 8 * head_dim], 1))
-    assert k.stride(0) == qkv.stride(0)  # rows strided as the model passes them (one row is contiguous anyway)
+    # rows strided as the model passes them; a dimension of size one may carry any stride (torch normalizes it
+    # in views: 1,024 for one row on the H200), so only several rows can show it
+    assert k.stride(0) == qkv.stride(0) or k.shape[0] == 1
     seqs = [type(s)(s.q_start, s.q_len, s.ctx_len, s.block_table.cuda()) for s in seqs]
     assert flash_varlen.available(q)
     expected = prefill_attention_torch(q, k, v, k_cache, v_cache, seqs, None, head_dim**-0.5)
