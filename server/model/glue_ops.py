@@ -91,6 +91,14 @@ def rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping):
     return q, k
 
 
+def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
+    """Views q [T, Hq, D], k and v [T, Hkv, D] of the qkv projection's output [T, (Hq + 2 Hkv) D]."""
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :q_size].view(-1, num_heads, head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(-1, num_kv_heads, head_dim)
+    return q, k, qkv[:, q_size + kv_size :].view(-1, num_kv_heads, head_dim)
+
+
 def qkv_rotary_write_kv(qkv: torch.Tensor | SplitSums, num_heads: int, num_kv_heads: int, head_dim: int, rope,
                         k_cache, v_cache, slot_mapping):
     """Split the qkv projection's output [T, (Hq + 2 Hkv) D] (or its split-K partials) into q, k, v [T, H, D],
@@ -99,10 +107,7 @@ def qkv_rotary_write_kv(qkv: torch.Tensor | SplitSums, num_heads: int, num_kv_he
     kernels = _kernels(qkv)
     sums = qkv if isinstance(qkv, SplitSums) and kernels is not None else None
     out = materialized(qkv) if sums is None else torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    q = out[:, :q_size].view(-1, num_heads, head_dim)
-    k = out[:, q_size : q_size + kv_size].view(-1, num_kv_heads, head_dim)
-    v = out[:, q_size + kv_size :].view(-1, num_kv_heads, head_dim)
+    q, k, v = split_qkv(out, num_heads, num_kv_heads, head_dim)
     if sums is None:
         q, k = rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping)
     else:

@@ -157,23 +157,19 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
 
     def forward(self, x, rope, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.q_norm is None:  # the rotary kernel sums the projection's split-K partials (split_sums)
             qkv = self.qkv_proj(x, ctx.lora, defer_sum=DEFER_SPLIT_SUMS)
             q, k, v = glue_ops.qkv_rotary_write_kv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope,
                                                    k_cache, v_cache, ctx.slot_mapping)
         else:
-            qkv = self.qkv_proj(x, ctx.lora)
-            q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
-            k = qkv[:, q_size : q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
-            v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)
+            q, k, v = glue_ops.split_qkv(self.qkv_proj(x, ctx.lora), self.num_heads, self.num_kv_heads, self.head_dim)
             q, k = glue_ops.rotary_write_kv(self.q_norm(q), self.k_norm(k), v, rope, k_cache, v_cache,
                                             ctx.slot_mapping)
         if ctx.is_prefill:
             out = self._prefill_attention(q, k, v, ctx, k_cache, v_cache)
         else:
             out = paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale)
-        return self.o_proj(out.reshape(-1, q_size), ctx.lora)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim), ctx.lora)
 
     def _prefill_attention(self, q, k, v, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
         return prefill_attention(q, k, v, k_cache, v_cache, ctx.prefill_seqs, ctx.fresh_groups, self.scale,

@@ -19,7 +19,7 @@ from torch import nn
 from server.model import lora_ops
 from server.model.host_device import to_device
 from server.model.lora_ops import DEFER_SPLIT_SUMS as LORA_DEFER_SPLIT_SUMS
-from server.model.lora_ops import LoraBatchMeta, SlotLayout, linear_with_lora
+from server.model.lora_ops import LoraBatchMeta, SlotLayout, base_output, linear_with_lora
 from server.model.lora_staging import element_offset, round_up, stage, tensors_to_device
 
 
@@ -71,7 +71,7 @@ class LoraLinear(nn.Module):
         (split_sums.SplitSums) when no adapter applies, and with adapters too under LORAPLEX_LORA_DEFER_SPLIT_SUMS=1
         (lora_ops.linear_with_lora)."""
         if lora is None or self.lora_a is None:
-            return self.base(x, defer_sum=True) if defer_sum else self.base(x)
+            return base_output(self.base, x, defer_sum)
         if lora.host_segments is not None and x.device.type == "cpu":
             y = self.base(x)
             self._apply_segments(y, x, lora.host_segments)

@@ -129,6 +129,12 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device)
 
 
+def base_output(base, x: torch.Tensor, defer_sum: bool) -> torch.Tensor | SplitSums:
+    """base(x); with `defer_sum`, maybe its unsummed split-K partials (a base that takes the flag is only asked
+    when it is set: tests pass plain torch.nn.Linear bases)."""
+    return base(x, defer_sum=True) if defer_sum else base(x)
+
+
 def _delta_target(y: torch.Tensor | SplitSums) -> torch.Tensor:
     """Where the LoRA delta is added: the output, or the first split's fp32 partials of an unsummed one."""
     return y.partials[0] if isinstance(y, SplitSums) else y
@@ -152,7 +158,7 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     goes into the first split's partials."""
     side_stream = SIDE_STREAM and x.is_cuda and torch.cuda.is_current_stream_capturing()
     if not (side_stream and USE_TRITON_LORA and triton_available()):
-        y = base(x, defer_sum=True) if defer_sum else base(x)
+        y = base_output(base, x, defer_sum)
         lora_apply(_delta_target(y), x, lora_a, lora_b, layout, meta, slice_offsets)
         return y
     from server.model.triton_lora import lora_expand, lora_shrink
@@ -160,12 +166,12 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     y_like = SimpleNamespace(shape=(x.shape[0], slice_offsets[-1]))  # base(x)'s shape, checked before it runs
     num_slices = check_lora_shapes(y_like, x, lora_a, lora_b, layout, meta, slice_offsets)
     if lora_b.shape[0] == 0 or layout.num_slots == 0:
-        return base(x, defer_sum=True) if defer_sum else base(x)
+        return base_output(base, x, defer_sum)
     current, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
         h = lora_shrink(x, lora_a, layout, meta, num_slices)
-    y = base(x, defer_sum=True) if defer_sum else base(x)
+    y = base_output(base, x, defer_sum)
     current.wait_stream(side)
     if tuple(y.shape) != y_like.shape:
         raise ValueError(f"the base layer gave {tuple(y.shape)}, the adapters' slices need {y_like.shape}")
