@@ -256,3 +256,36 @@ def test_deferred_split_sums_leave_the_engine_logits_bit_for_bit(monkeypatch, ba
     for (tokens_a, logits_a), (tokens_b, logits_b) in zip(*results, strict=True):
         assert tokens_a == tokens_b
         assert all(torch.equal(a, b) for a, b in zip(logits_a, logits_b, strict=True))
+
+
+def test_deferred_split_sums_under_lora_match_the_summed_path(monkeypatch):
+    """LORAPLEX_LORA_DEFER_SPLIT_SUMS=1: with four adapters in one batch the expand adds its delta in fp32 into the
+    first split's partials, so the output is rounded once instead of twice. The prefill (dequant + cuBLAS, no split)
+    is the same; the first decode step's logits within bf16 rounding of the summed path's."""
+    from transformers import LlamaConfig
+
+    from bench.build import build_engine, kv_blocks_for, loaded_model, our_model, random_adapters, random_hf_model
+    from server.engine.request import Request, SamplingParams
+    from server.model import lora
+    from tests.unit.test_mixed_batch_oracle import run_capturing
+
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
+                         num_key_value_heads=4, vocab_size=512, max_position_embeddings=512)
+    shape = {"hidden_size": 1024, "intermediate_size": 2816, "num_heads": 16, "num_kv_heads": 4, "head_dim": 64,
+             "num_layers": 2}
+    model = our_model(random_hf_model(config, torch.device("cuda"), torch.bfloat16), torch.device("cuda"),
+                      torch.bfloat16)
+    refs = random_adapters(shape, 4, torch.device("cuda"))
+    prompts = [[(11 * i + 5 * j) % 500 + 1 for j in range(40 + 9 * i)] for i in range(8)]
+    results = []
+    for defer in (False, True):
+        monkeypatch.setattr(lora, "LORA_DEFER_SPLIT_SUMS", defer)
+        engine = build_engine(loaded_model(model, config), "unmerged", torch.device("cuda"), kv_blocks_for(8, 64))
+        requests = [Request(list(p), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), adapter=refs[i % 4])
+                    for i, p in enumerate(prompts)]
+        captured, _ = run_capturing(engine, requests)
+        results.append([captured[r.request_id] for r in requests])
+        engine.runner.graphs = None
+    for summed, deferred in zip(*results, strict=True):
+        assert torch.equal(summed[0], deferred[0])
+        torch.testing.assert_close(deferred[1], summed[1], atol=3e-2, rtol=2e-2)
