@@ -36,4 +36,11 @@ step "${PROFILE_TIMEOUT:-120}" profile.log python3 -m bench.profile_step --out "
 # 150 fits every row on a fresh machine (at 100-110 the bench's own budget skipped the merged rows twice)
 step "${ENGINE_TIMEOUT:-0}" engine.log python3 -m bench --model 8b --skip-baseline --budget-s $(( ${ENGINE_TIMEOUT:-0} - 30 )) \
   --out "$OUT"
+# ENGINE_AB="NAME=value ...": the engine bench once more with those variables set, into $OUT/ab (an A/B in one call)
+if [ -n "${ENGINE_AB:-}" ] && [ "${ENGINE_TIMEOUT:-0}" != 0 ]; then
+  mkdir -p "$OUT/ab"
+  eval "ab_env=(${ENGINE_AB})"
+  step "$ENGINE_TIMEOUT" engine_ab.log env "${ab_env[@]}" python3 -m bench --model 8b --skip-baseline \
+    --budget-s $(( ENGINE_TIMEOUT - 30 )) --out "$OUT/ab"
+fi
 tar czf "$OUT/torch_ext.tgz" -C .torch_ext . 2>/dev/null || true
