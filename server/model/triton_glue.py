@@ -31,13 +31,14 @@ def _summed(src_ptr, offs, mask, plane, splits, bias_ptr, bias_offs, dtype: tl.c
 
 
 def _source(y: torch.Tensor | SplitSums):
-    """(tensor to read, plane, splits, bias) for a kernel's SUMS path; a plain tensor gives (y, 0, 0, y)."""
+    """(tensor to read, plane, splits, bias, has_bias) for a kernel's SUMS path; a plain tensor gives
+    (y, 0, 0, y, False)."""
     if isinstance(y, SplitSums):
         if y.partials.shape[0] > MAX_SPLITS:
             raise ValueError(f"at most {MAX_SPLITS} split-K partials are summed here, got {y.partials.shape[0]}")
-        bias = y.bias if y.bias is not None else y.partials
-        return y.partials, y.partials[0].numel(), y.partials.shape[0], bias
-    return y, 0, 0, y
+        has_bias = y.bias is not None
+        return y.partials, y.partials[0].numel(), y.partials.shape[0], y.bias if has_bias else y.partials, has_bias
+    return y, 0, 0, y, False
 
 
 @triton.jit
@@ -97,15 +98,14 @@ def silu_mul(gate_up: torch.Tensor | SplitSums) -> torch.Tensor:
     num_rows, two_inter = gate_up.shape
     inter = two_inter // 2
     sums = isinstance(gate_up, SplitSums)
-    dtype = gate_up.dtype
-    out = torch.empty(num_rows, inter, dtype=dtype, device=gate_up.device)
+    out = torch.empty(num_rows, inter, dtype=gate_up.dtype, device=gate_up.device)
     if num_rows == 0:
         return out
-    src, plane, splits, bias = _source(gate_up)
+    src, plane, splits, bias, has_bias = _source(gate_up)
     block = 256 if sums else 1024  # partials: up to 16 loads an element, spread over more programs
     _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
         src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias,
-        BLOCK=block, SUMS=sums, HAS_BIAS=sums and gate_up.bias is not None, num_warps=4,
+        BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, num_warps=4,
     )
     return out
 
@@ -192,11 +192,11 @@ def rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping, sums: SplitSu
         return
     rope = rope.contiguous()
     flat_k, flat_v = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
-    src, plane, splits, bias = _source(q if sums is None else sums)
+    src, plane, splits, bias, has_bias = _source(q if sums is None else sums)
     _rotary_write_kv_kernel[(num_tokens, num_q_heads + k.shape[1])](
         q, k, v, rope, flat_k, flat_v, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), rope.stride(0),
         flat_k.stride(0), flat_k.stride(1), src, bias, plane, splits, src.stride(-2),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=k.shape[1], HALF=head_dim // 2, SUMS=sums is not None,
-        HAS_BIAS=sums is not None and sums.bias is not None, num_warps=1,
+        HAS_BIAS=has_bias, num_warps=1,
     )  # fmt: skip

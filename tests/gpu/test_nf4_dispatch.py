@@ -228,22 +228,29 @@ def test_deferred_split_sums_equal_the_sum_kernel_bit_for_bit(kernel, rows, spli
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
 
 
-@pytest.mark.parametrize("batch", [1, 13])
-def test_deferred_split_sums_leave_the_engine_logits_bit_for_bit(monkeypatch, batch):
-    """A model wide enough for the NF4 kernels to split K (the tiny test models never do), decoded greedily with the
-    deferred sums and with csrc's sum kernel: every logit equal, CUDA graphs and eager prefill alike."""
+def _k_splitting_model():
+    """(HF config, our bf16 NF4 CausalLM) of random weights, wide enough for the NF4 kernels to split K (the tiny
+    test models never do): hidden 1,024, intermediate 2,816, two layers."""
     from transformers import LlamaConfig
 
-    from bench.build import build_engine, kv_blocks_for, loaded_model, our_model, random_hf_model
-    from server.engine.request import Request, SamplingParams
-    from server.model import llama
-    from tests.unit.test_mixed_batch_oracle import run_capturing
+    from bench.build import our_model, random_hf_model
 
     config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
                          num_key_value_heads=4, vocab_size=512, max_position_embeddings=512)
     hf = random_hf_model(config, torch.device("cuda"), torch.bfloat16)
-    model = our_model(hf, torch.device("cuda"), torch.bfloat16)
-    del hf
+    return config, our_model(hf, torch.device("cuda"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("batch", [1, 13])
+def test_deferred_split_sums_leave_the_engine_logits_bit_for_bit(monkeypatch, batch):
+    """A model wide enough for the NF4 kernels to split K (the tiny test models never do), decoded greedily with the
+    deferred sums and with csrc's sum kernel: every logit equal, CUDA graphs and eager prefill alike."""
+    from bench.build import build_engine, kv_blocks_for, loaded_model
+    from server.engine.request import Request, SamplingParams
+    from server.model import llama
+    from tests.unit.test_mixed_batch_oracle import run_capturing
+
+    config, model = _k_splitting_model()
     prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(5 + 3 * i)] for i in range(batch)]
     results = []
     for defer in (True, False):
@@ -262,19 +269,15 @@ def test_deferred_split_sums_under_lora_match_the_summed_path(monkeypatch):
     """LORAPLEX_LORA_DEFER_SPLIT_SUMS=1: with four adapters in one batch the expand adds its delta in fp32 into the
     first split's partials, so the output is rounded once instead of twice. The prefill (dequant + cuBLAS, no split)
     is the same; the first decode step's logits within bf16 rounding of the summed path's."""
-    from transformers import LlamaConfig
-
-    from bench.build import build_engine, kv_blocks_for, loaded_model, our_model, random_adapters, random_hf_model
+    from bench.build import build_engine, kv_blocks_for, loaded_model, random_adapters
     from server.engine.request import Request, SamplingParams
     from server.model import lora
     from tests.unit.test_mixed_batch_oracle import run_capturing
 
-    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
-                         num_key_value_heads=4, vocab_size=512, max_position_embeddings=512)
-    shape = {"hidden_size": 1024, "intermediate_size": 2816, "num_heads": 16, "num_kv_heads": 4, "head_dim": 64,
-             "num_layers": 2}
-    model = our_model(random_hf_model(config, torch.device("cuda"), torch.bfloat16), torch.device("cuda"),
-                      torch.bfloat16)
+    config, model = _k_splitting_model()
+    shape = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+             "num_heads": config.num_attention_heads, "num_kv_heads": config.num_key_value_heads,
+             "head_dim": config.hidden_size // config.num_attention_heads, "num_layers": config.num_hidden_layers}
     refs = random_adapters(shape, 4, torch.device("cuda"))
     prompts = [[(11 * i + 5 * j) % 500 + 1 for j in range(40 + 9 * i)] for i in range(8)]
     results = []
