@@ -7,6 +7,10 @@
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
+# The engine imports these; the GPU machine has none of them: `bash ../shared/gpu/wheels.sh pyzmq msgspec llguidance
+# httptools uvloop` then `python -m bench.slim_wheels` here (the first call of the fourteenth session lost its run to that)
+python3 -c "import msgspec, zmq, llguidance, fastapi, bitsandbytes" \
+  || { echo "missing wheels in .whl: see the comment above this check in $0"; exit 1; }
 export PYTHONUNBUFFERED=1
 # The CUDA NF4 extension takes ~90 s to build on a fresh machine: build it into .torch_ext, send it back
 # as $OUT/torch_ext.tgz, and next time unpack that into .torch_ext here and name it in `carry`
