@@ -25,8 +25,16 @@ from server.model.quant import make_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # qkv_proj and gate_up_proj hand their split-K partials to the glue kernel that reads them (server.model.split_sums);
-# LORAPLEX_DEFER_SPLIT_SUMS=0 runs csrc's sum kernel instead (A/B timing).
+# LORAPLEX_DEFER_SPLIT_SUMS=0 runs csrc's sum kernel instead (A/B timing). Only from DEFER_MIN_ROWS rows: at one row
+# the glue kernels' few programs pay more for 16 planes than the sum kernel does (H200, 8B batch-1 step, fourteenth
+# session: 3.317 ms of kernels deferred against 3.292 with the sum kernel; batch 32: 5.13 against 5.29).
 DEFER_SPLIT_SUMS = os.environ.get("LORAPLEX_DEFER_SPLIT_SUMS", "1") == "1"
+DEFER_MIN_ROWS = 2
+
+
+def defer_sums(x: torch.Tensor) -> bool:
+    """Whether a projection of x [T, in] hands its split-K partials to the glue kernel that reads its output."""
+    return DEFER_SPLIT_SUMS and x.shape[0] >= DEFER_MIN_ROWS
 
 
 class UnsupportedModelError(ValueError):
@@ -158,7 +166,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
         if self.q_norm is None:  # the rotary kernel sums the projection's split-K partials (split_sums)
-            qkv = self.qkv_proj(x, ctx.lora, defer_sum=DEFER_SPLIT_SUMS)
+            qkv = self.qkv_proj(x, ctx.lora, defer_sum=defer_sums(x))
             q, k, v = glue_ops.qkv_rotary_write_kv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope,
                                                    k_cache, v_cache, ctx.slot_mapping)
         else:
@@ -185,7 +193,7 @@ class MLP(nn.Module):
 
     def forward(self, x, lora: LoraContext | None) -> torch.Tensor:
         # silu_mul sums gate_up's split-K partials as it reads them (split_sums)
-        return self.down_proj(glue_ops.silu_mul(self.gate_up_proj(x, lora, defer_sum=DEFER_SPLIT_SUMS)), lora)
+        return self.down_proj(glue_ops.silu_mul(self.gate_up_proj(x, lora, defer_sum=defer_sums(x))), lora)
 
 
 class DecoderLayer(nn.Module):

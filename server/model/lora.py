@@ -18,7 +18,6 @@ from torch import nn
 
 from server.model import lora_ops
 from server.model.host_device import to_device
-from server.model.lora_ops import DEFER_SPLIT_SUMS as LORA_DEFER_SPLIT_SUMS
 from server.model.lora_ops import LoraBatchMeta, SlotLayout, base_output, linear_with_lora
 from server.model.lora_staging import element_offset, round_up, stage, tensors_to_device
 
@@ -68,16 +67,14 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraContext | None = None, defer_sum: bool = False):
         """base(x) plus the adapters' deltas. `defer_sum`: the base may return unsummed split-K partials
-        (split_sums.SplitSums) when no adapter applies, and with adapters too under LORAPLEX_LORA_DEFER_SPLIT_SUMS=1
-        (lora_ops.linear_with_lora)."""
+        (split_sums.SplitSums) when no adapter applies; with adapters the output is summed."""
         if lora is None or self.lora_a is None:
             return base_output(self.base, x, defer_sum)
         if lora.host_segments is not None and x.device.type == "cpu":
             y = self.base(x)
             self._apply_segments(y, x, lora.host_segments)
             return y
-        return linear_with_lora(self.base, x, self.lora_a, self.lora_b, self.layout, lora.meta, self.slice_offsets,
-                                defer_sum=defer_sum and LORA_DEFER_SPLIT_SUMS)
+        return linear_with_lora(self.base, x, self.lora_a, self.lora_b, self.layout, lora.meta, self.slice_offsets)
 
     def _apply_segments(self, y, x, segments) -> None:
         """Eager prefill path: one pair of matmuls per (sequence, slice)."""

@@ -27,12 +27,9 @@ from server.model.split_sums import SplitSums
 USE_TRITON_LORA = os.environ.get("LORAPLEX_LORA_KERNEL", "triton") == "triton"
 # LORAPLEX_LORA_SIDE_STREAM=0 runs the shrink after the base matmul on one stream (A/B timing).
 SIDE_STREAM = os.environ.get("LORAPLEX_LORA_SIDE_STREAM", "1") == "1"
-# LORAPLEX_LORA_DEFER_SPLIT_SUMS=1: a LoRA linear whose caller takes split-K partials (split_sums) gets them from the
-# base too, the expand adding its delta in fp32 into the first split's partials (one rounding of the output instead
-# of two). Off until measured on a GPU: written after the thirteenth session's last GPU call, where the deferred sums
-# made the merged 8B batch-32 step 3% faster (5.29 -> 5.13 ms of kernels) and not the mixed one, whose LoRA linears
-# kept csrc's sum kernel, so mixed32_over_merged_8b fell to 0.77-0.795.
-DEFER_SPLIT_SUMS = os.environ.get("LORAPLEX_LORA_DEFER_SPLIT_SUMS", "0") == "1"
+# LORAPLEX_LORA_FUSED_SUMS=0: in the decode graphs, a LoRA linear's split-K sums run in csrc's sum kernel and the
+# expand adds into its output (two launches), instead of the expand summing the base's partials itself (A/B timing).
+FUSED_SUMS = os.environ.get("LORAPLEX_LORA_FUSED_SUMS", "1") == "1"
 
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
 _GATHER_BUDGET = 1 << 24
@@ -135,45 +132,48 @@ def base_output(base, x: torch.Tensor, defer_sum: bool) -> torch.Tensor | SplitS
     return base(x, defer_sum=True) if defer_sum else base(x)
 
 
-def _delta_target(y: torch.Tensor | SplitSums) -> torch.Tensor:
-    """Where the LoRA delta is added: the output, or the first split's fp32 partials of an unsummed one."""
-    return y.partials[0] if isinstance(y, SplitSums) else y
-
-
 def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
-                     slice_offsets: tuple[int, ...], defer_sum: bool = False) -> torch.Tensor | SplitSums:
+                     slice_offsets: tuple[int, ...]) -> torch.Tensor:
     """base(x) plus the per-token LoRA delta. While a CUDA graph is captured (the decode steps), with the Triton
     kernels, the shrink (which reads only x) runs on a side stream beside the base matmul, and the expand adds
     into base(x) once both are done: the shrink's short, DRAM-bound launches fill SMs that the L1-bound NF4
     kernel leaves idle at its waves' tails. The graph holds it as a fork and a join. The side stream waits for
     the current one before each shrink, so everything it uses (x, and blocks the allocator hands it) is ordered
-    after earlier work.
+    after earlier work. There, with one token a segment (every decode graph), the base may also hand back its
+    split-K partials unsummed (split_sums.SplitSums): the expand then sums them, rounds the base's output and adds
+    the delta in one launch (`triton_lora.lora_expand_sums`), where csrc's sum kernel and the expand took two.
 
     Eager steps (prefills) run on one stream: there the host is the bound, not the GPU. The H200 8B prefill of
     32 x 128 tokens through 32 adapters took 57-98 ms of host time against 33.5 ms of kernels (merged: 26 ms
     against 22.8), and of the 67 ms that cProfile charged the LoRA linears over the merged step, 18 or more
     went to the fork and join's stream switches and events (bench/NOTES.md, twelfth session).
 
-    `defer_sum`: base(x) may come back as unsummed split-K partials (split_sums.SplitSums), returned so; the delta
-    goes into the first split's partials."""
+    Deferring the sums of a LoRA linear to the glue kernel that reads its output (the expand adding its delta in
+    fp32 into the first split's partials) was measured and dropped (H200, 8B, fourteenth session): mixed32 step
+    6.61 -> 6.91 ms; the expand into fp32 and the glue kernels' 16-plane reads at 32 rows cost more than the sum
+    kernel they saved."""
     side_stream = SIDE_STREAM and x.is_cuda and torch.cuda.is_current_stream_capturing()
     if not (side_stream and USE_TRITON_LORA and triton_available()):
-        y = base_output(base, x, defer_sum)
-        lora_apply(_delta_target(y), x, lora_a, lora_b, layout, meta, slice_offsets)
+        y = base(x)
+        lora_apply(y, x, lora_a, lora_b, layout, meta, slice_offsets)
         return y
-    from server.model.triton_lora import lora_expand, lora_shrink
+    from server.model.triton_lora import lora_expand, lora_expand_sums, lora_shrink
 
     y_like = SimpleNamespace(shape=(x.shape[0], slice_offsets[-1]))  # base(x)'s shape, checked before it runs
     num_slices = check_lora_shapes(y_like, x, lora_a, lora_b, layout, meta, slice_offsets)
     if lora_b.shape[0] == 0 or layout.num_slots == 0:
-        return base_output(base, x, defer_sum)
+        return base(x)
     current, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
         h = lora_shrink(x, lora_a, layout, meta, num_slices)
-    y = base_output(base, x, defer_sum)
+    one_token_segments = meta.max_seg_len == 1 and meta.num_segments == x.shape[0]
+    fused = FUSED_SUMS and one_token_segments and getattr(base, "may_defer_sum", False)
+    y = base(x, defer_sum=True) if fused else base(x)
     current.wait_stream(side)
     if tuple(y.shape) != y_like.shape:
         raise ValueError(f"the base layer gave {tuple(y.shape)}, the adapters' slices need {y_like.shape}")
-    lora_expand(_delta_target(y), h, lora_b, layout, meta, slice_offsets)
+    if isinstance(y, SplitSums):
+        return lora_expand_sums(y, h, lora_b, layout, meta, slice_offsets)
+    lora_expand(y, h, lora_b, layout, meta, slice_offsets)
     return y

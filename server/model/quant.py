@@ -44,6 +44,7 @@ class NF4Linear(nn.Module):
     """y = x @ dequant(W)^T (+ b) with W stored as bitsandbytes NF4 codes, double-quantized absmax."""
 
     is_quantized = True
+    may_defer_sum = True  # forward(x, defer_sum=True) may return split_sums.SplitSums (lora_ops.linear_with_lora)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()

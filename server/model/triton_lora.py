@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 
 from server.model.lora_meta import LoraBatchMeta, SlotLayout, check_lora_shapes, make_lora_meta
+from server.model.split_sums import SplitSums
+from server.model.triton_glue import MAX_SPLITS, _summed
 
 MAX_SLICES = 4
 # Enough programs to keep every SM of an H100 (132 SMs) busy with a few resident programs each.
@@ -141,6 +143,42 @@ def _expand_kernel(
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=y_mask)
 
 
+@triton.jit(do_not_specialize=["plane", "splits"])
+def _expand_sums_kernel(
+    src_ptr, bias_ptr, plane, splits, h_ptr, b_ptr, y_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
+    out_features, bound1, bound2, bound3, stride_hm, stride_br, stride_bn,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SLICES: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """One token a program: the base's output at these columns summed from its split-K partials and rounded (as
+    csrc's sum kernel does), then, for a token with an adapter, plus its delta and rounded again (as the one-token
+    expand adds into a summed output), stored into y [T, out] (contiguous)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < out_features
+    out = _summed(src_ptr, row * out_features + cols, col_mask, plane, splits, bias_ptr, cols,
+                  y_ptr.dtype.element_ty, HAS_BIAS, BLOCK_N)
+    slot = tl.load(token_slots_ptr + row).to(tl.int64)
+    if slot >= 0:
+        rank = tl.load(slot_ranks_ptr + slot)
+        first_row = tl.load(slot_offsets_ptr + slot).to(tl.int64)
+        rs = tl.arange(0, BLOCK_R)
+        r_mask = rs < rank
+        b = tl.load(b_ptr + (first_row + rs)[None, :] * stride_br + cols[:, None] * stride_bn,
+                    mask=col_mask[:, None] & r_mask[None, :], other=0.0)
+        h_row = h_ptr + row * stride_hm
+        h = tl.load(h_row + rs[None, :], mask=r_mask[None, :], other=0.0)
+        if NUM_SLICES > 1:
+            col_slice = (cols >= bound1).to(tl.int32) + (cols >= bound2).to(tl.int32)
+            col_slice += (cols >= bound3).to(tl.int32)
+            for i in tl.static_range(1, NUM_SLICES):
+                h_i = tl.load(h_row + i * rank + rs[None, :], mask=r_mask[None, :], other=0.0)
+                h = tl.where((col_slice == i)[:, None], h_i, h)
+        h = h.to(b.dtype).to(tl.float32)  # rounded as the expand rounds it
+        acc = tl.sum(b.to(tl.float32) * h, axis=1)
+        out = (out.to(tl.float32) + acc).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * out_features + cols, out, mask=col_mask)
+
+
 def _stages(tuning: dict) -> dict:
     """Triton's num_stages launch option when a sweep sets it (else Triton's default)."""
     return {"num_stages": tuning["num_stages"]} if "num_stages" in tuning else {}
@@ -225,10 +263,37 @@ def lora_expand(y, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_off
         out_features, bounds[0], bounds[1], bounds[2],
         h.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=num_slices,
-        # from B's dtype: y may be fp32 split-K partials of a 16-bit model (lora_ops.linear_with_lora, defer_sum)
         DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32",
         num_warps=tuning.get("num_warps", 8 if block_m >= 32 else 4), **_stages(tuning),
     )  # fmt: skip
+
+
+def lora_expand_sums(sums: SplitSums, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
+                     slice_offsets: tuple[int, ...], block_n: int = 256) -> torch.Tensor:
+    """A new y [T, out]: the base's output summed from its split-K partials `sums`, plus each token's delta
+    (`lora_expand` with one token a program, into `sums.materialize()`), in one launch. The segments must be one
+    token each, in token order (a decode step's `decode_lora_meta`)."""
+    num_slices = len(slice_offsets) - 1
+    if num_slices > MAX_SLICES:
+        raise ValueError(f"at most {MAX_SLICES} slices are supported, got {num_slices}")
+    num_tokens, out_features = sums.shape
+    if meta.num_segments != num_tokens or meta.max_seg_len != 1:
+        raise ValueError("lora_expand_sums takes one-token segments (a decode step's metadata)")
+    if sums.partials.shape[0] > MAX_SPLITS:
+        raise ValueError(f"at most {MAX_SPLITS} split-K partials are summed here, got {sums.partials.shape[0]}")
+    y = torch.empty(num_tokens, out_features, dtype=sums.dtype, device=sums.device)
+    if num_tokens == 0 or out_features == 0:
+        return y
+    bounds = list(slice_offsets[1:-1]) + [out_features] * (MAX_SLICES - num_slices)
+    partials = sums.partials
+    _expand_sums_kernel[(num_tokens, triton.cdiv(out_features, block_n))](
+        partials, sums.bias if sums.bias is not None else partials, partials[0].numel(), partials.shape[0],
+        h, lora_b, y, meta.token_slots, layout.offsets, layout.ranks,
+        out_features, bounds[0], bounds[1], bounds[2], h.stride(0), lora_b.stride(0), lora_b.stride(1),
+        BLOCK_N=block_n, BLOCK_R=_pow2_at_least_16(layout.max_rank), NUM_SLICES=num_slices,
+        HAS_BIAS=sums.bias is not None, num_warps=4,
+    )  # fmt: skip
+    return y
 
 
 def lora_apply_triton(y, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,

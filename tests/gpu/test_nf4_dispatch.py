@@ -241,7 +241,7 @@ def _k_splitting_model():
     return config, our_model(hf, torch.device("cuda"), torch.bfloat16)
 
 
-@pytest.mark.parametrize("batch", [1, 13])
+@pytest.mark.parametrize("batch", [2, 13])  # one row never defers (llama.DEFER_MIN_ROWS)
 def test_deferred_split_sums_leave_the_engine_logits_bit_for_bit(monkeypatch, batch):
     """A model wide enough for the NF4 kernels to split K (the tiny test models never do), decoded greedily with the
     deferred sums and with csrc's sum kernel: every logit equal, CUDA graphs and eager prefill alike."""
@@ -265,13 +265,41 @@ def test_deferred_split_sums_leave_the_engine_logits_bit_for_bit(monkeypatch, ba
         assert all(torch.equal(a, b) for a, b in zip(logits_a, logits_b, strict=True))
 
 
-def test_deferred_split_sums_under_lora_match_the_summed_path(monkeypatch):
-    """LORAPLEX_LORA_DEFER_SPLIT_SUMS=1: with four adapters in one batch the expand adds its delta in fp32 into the
-    first split's partials, so the output is rounded once instead of twice. The prefill (dequant + cuBLAS, no split)
-    is the same; the first decode step's logits within bf16 rounding of the summed path's."""
+def test_lora_expand_sums_equals_the_sum_kernel_then_the_one_token_expand():
+    """The fused sum + expand of the decode graphs' LoRA linears, on an 8B gate_up's split-K partials of 32 rows with
+    32 adapters and a row without one: bit for bit csrc's sum kernel's output with the one-token expand added."""
+    from server.model import cuda_nf4, triton_lora
+    from server.model.lora_meta import decode_lora_meta
+    from tests.lora_pools import mixed_ranks, random_pool
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    in_features, out_features, rows, slots = 4096, 28672, 32, 33
+    slice_offsets = (0, out_features // 2, out_features)
+    lora_a, lora_b, layout = random_pool(mixed_ranks(16, slots), 16, 2, in_features, out_features, torch.bfloat16,
+                                         gen, device="cuda")
+    token_slots = torch.arange(rows, dtype=torch.int32, device="cuda")
+    token_slots[5] = -1
+    meta = decode_lora_meta(token_slots)
+    x = torch.randn(rows, in_features, device="cuda", generator=gen).to(torch.bfloat16)
+    bias = torch.randn(out_features, device="cuda", generator=gen).to(torch.bfloat16)
+    codes, absmax, wshape, table, _ = _layer(in_features, out_features)
+    tiled = _tiled(codes, absmax, wshape)
+    sums = cuda_nf4.nf4_wide(x, tiled, wshape, table, bias, split_k=4, defer_sum=True)
+    assert sums.partials.shape[0] == 4
+    h = triton_lora.lora_shrink(x, lora_a, layout, meta, 2)
+    got = triton_lora.lora_expand_sums(sums, h, lora_b, layout, meta, slice_offsets)
+    expected = cuda_nf4.nf4_wide(x, tiled, wshape, table, bias, split_k=4)
+    triton_lora.lora_expand(expected, h, lora_b, layout, meta, slice_offsets, tuning={"block_m": 1})
+    assert torch.equal(got, expected)
+
+
+def test_fused_lora_sums_keep_the_engine_logits_close(monkeypatch):
+    """LORAPLEX_LORA_FUSED_SUMS (on by default) against csrc's sum kernel and the tiled expand, four adapters in one
+    batch on a model that splits K: the eager prefill is the same path (equal logits); the decode graphs' deltas are
+    summed in another order (one-token programs against a tensor-core tile), so within bf16 rounding."""
     from bench.build import build_engine, kv_blocks_for, loaded_model, random_adapters
     from server.engine.request import Request, SamplingParams
-    from server.model import lora
+    from server.model import lora_ops
     from tests.unit.test_mixed_batch_oracle import run_capturing
 
     config, model = _k_splitting_model()
@@ -281,14 +309,14 @@ def test_deferred_split_sums_under_lora_match_the_summed_path(monkeypatch):
     refs = random_adapters(shape, 4, torch.device("cuda"))
     prompts = [[(11 * i + 5 * j) % 500 + 1 for j in range(40 + 9 * i)] for i in range(8)]
     results = []
-    for defer in (False, True):
-        monkeypatch.setattr(lora, "LORA_DEFER_SPLIT_SUMS", defer)
+    for fused in (False, True):
+        monkeypatch.setattr(lora_ops, "FUSED_SUMS", fused)
         engine = build_engine(loaded_model(model, config), "unmerged", torch.device("cuda"), kv_blocks_for(8, 64))
-        requests = [Request(list(p), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), adapter=refs[i % 4])
+        requests = [Request(list(p), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), adapter=refs[i % 4])
                     for i, p in enumerate(prompts)]
         captured, _ = run_capturing(engine, requests)
         results.append([captured[r.request_id] for r in requests])
         engine.runner.graphs = None
-    for summed, deferred in zip(*results, strict=True):
-        assert torch.equal(summed[0], deferred[0])
-        torch.testing.assert_close(deferred[1], summed[1], atol=3e-2, rtol=2e-2)
+    for unfused, fused in zip(*results, strict=True):
+        assert torch.equal(unfused[0], fused[0])
+        torch.testing.assert_close(fused[1], unfused[1], atol=3e-2, rtol=2e-2)

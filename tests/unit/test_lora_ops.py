@@ -285,39 +285,41 @@ def test_scatter_slot_load_fills_the_pools_as_the_per_linear_reference(model_dty
     assert torch.equal(pools[0], pools[1]), int((pools[0] != pools[1]).sum())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_with_lora_adds_the_delta_into_deferred_split_partials(dtype):
-    """A base that hands back split-K partials (split_sums.SplitSums) gets the delta in its first split, in fp32:
-    summed, the output is the base's plus the delta, rounded once instead of twice."""
-    from server.model.lora_ops import linear_with_lora
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("slice_offsets", SLICES)
+@pytest.mark.parametrize("splits, with_bias", [(1, False), (3, True), (16, True)])
+def test_triton_interpreted_expand_sums_equals_sum_then_one_token_expand(triton_lora, slice_offsets, dtype, splits,
+                                                                         with_bias):
+    """lora_expand_sums (the decode graphs' LoRA linears whose base split K): bit for bit the base's partials
+    summed (SplitSums.materialize, csrc's order) and then the one-token expand added into that output, for tokens
+    with and without an adapter; and within the reference's tolerance."""
     from server.model.split_sums import SplitSums
 
-    slice_offsets = SLICES[1]
-    _, x, lora_a, lora_b, pool, meta = make_inputs([2, 0, 3], [1, 0, -1], 16, slice_offsets, dtype)
-    gen = torch.Generator().manual_seed(3)
-    partials = torch.randn(3, x.shape[0], slice_offsets[-1], generator=gen)
-    bias = torch.randn(slice_offsets[-1], generator=gen).to(dtype)
+    gen = torch.Generator().manual_seed(splits)
+    slots = [2, -1, 0, 2, 1]
+    _, x, lora_a, lora_b, pool, _ = make_inputs([1] * len(slots), slots, 8, slice_offsets, dtype, in_features=300)
+    meta = decode_lora_meta(torch.tensor(slots, dtype=torch.int32))
+    out_features = slice_offsets[-1]
+    partials = torch.randn(splits, len(slots), out_features, generator=gen)
+    bias = torch.randn(out_features, generator=gen).to(dtype) if with_bias else None
+    sums = SplitSums(partials, bias, dtype)
+    num_slices = len(slice_offsets) - 1
+    h = triton_lora.lora_shrink(x, lora_a, pool, meta, num_slices)
+    got = triton_lora.lora_expand_sums(sums, h, lora_b, pool, meta, slice_offsets, block_n=16)
+    expected = sums.materialize()
+    triton_lora.lora_expand(expected, h, lora_b, pool, meta, slice_offsets, tuning={"block_m": 1, "block_n": 16})
+    assert got.dtype == dtype and torch.equal(got, expected)
+    reference = sums.materialize()
+    lora_apply_reference(reference, x, lora_a, lora_b, pool, meta, slice_offsets)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, reference, atol=atol, rtol=rtol)
 
-    def base(inputs, defer_sum=False):
-        assert defer_sum and inputs is x
-        return SplitSums(partials.clone(), bias, dtype)
 
-    got = linear_with_lora(base, x, lora_a, lora_b, pool, meta, slice_offsets, defer_sum=True)
-    assert isinstance(got, SplitSums)
-    exact = SplitSums(partials, bias, torch.float32).materialize()
-    lora_apply_reference(exact, x, lora_a, lora_b, pool, meta, slice_offsets)  # fp32 all the way
-    ulp = 2**-23 if dtype == torch.float32 else 2**-7  # the fp32 sums' order may move one rounding by an ulp
-    torch.testing.assert_close(got.materialize().float(), exact.to(dtype).float(), atol=1e-5, rtol=2 * ulp)
-    assert not torch.equal(got.partials[0], partials[0]) and torch.equal(got.partials[1:], partials[1:])
+def test_expand_sums_refuses_segments_of_several_tokens(triton_lora):
+    from server.model.split_sums import SplitSums
 
-
-@pytest.mark.parametrize("layout", [([1, 1, 1, 1], [2, -1, 0, 2]), ([3, 0, 20, 1], [1, 0, 2, -1])])
-def test_triton_interpreted_expand_adds_into_fp32_partials(triton_lora, layout):
-    """The expand into fp32 split-K partials of a 16-bit model (linear_with_lora with defer_sum): fp16 A, B and x."""
-    y, x, lora_a, lora_b, pool, meta = make_inputs(*layout, 16, SLICES[1], torch.float16, in_features=300)
-    target = y.float()
-    expected = target.clone()
-    lora_apply_reference(expected, x, lora_a, lora_b, pool, meta, SLICES[1])
-    triton_lora.lora_apply_triton(target, x, lora_a, lora_b, pool, meta, SLICES[1])
-    assert target.dtype == torch.float32
-    torch.testing.assert_close(target, expected, atol=2e-2, rtol=2e-2)
+    _, x, lora_a, lora_b, pool, meta = make_inputs([2, 1], [0, 1], 8, SLICES[0], torch.float32)
+    sums = SplitSums(torch.zeros(2, 3, SLICES[0][-1]), None, torch.float32)
+    h = triton_lora.lora_shrink(x, lora_a, pool, meta, 1)
+    with pytest.raises(ValueError, match="one-token segments"):
+        triton_lora.lora_expand_sums(sums, h, lora_b, pool, meta, SLICES[0])
