@@ -357,10 +357,10 @@ class Sampler:
             top_k=params[3].long() if max_top_k > 0 else None, max_top_k=max_top_k,
         )
         probs = filtered.softmax(dim=-1)
-        if top_p is not None and probs.is_cuda and fused_top_p_available():
-            from server.engine.triton_top_p import top_p_draw
+        if probs.is_cuda and fused_top_p_available():
+            from server.engine.triton_top_p import full_draw, top_p_draw
 
-            return top_p_draw(probs, params[2], params[4])
+            return top_p_draw(probs, params[2], params[4]) if top_p is not None else full_draw(probs, params[4])
         masses = integer_masses(probs)
         if top_p is not None:
             if top_p_index is None:

@@ -16,9 +16,10 @@ _MASS_MASK = (1 << _COUNT_SHIFT) - 1
 
 @functools.lru_cache(maxsize=1)
 def fused_top_p_available() -> bool:
-    """Whether CUDA top-p draws use the fused kernels (`triton_top_p`, each row over 32 programs): the default
-    where Triton imports (620 us against 1,228 us for the sorting torch steps at 32 x 128256 on the H200,
-    tests/gpu/test_sampler_gpu.py, 2026-12-02); LORAPLEX_TOP_P_KERNEL=torch keeps the torch steps."""
+    """Whether CUDA draws (steps 8-9, with or without top-p) use the fused kernels (`triton_top_p`, each row over
+    32 programs): the default where Triton imports (top-p: 399 us against 1,241 us for the sorting torch steps at
+    32 x 128256 on the H200, tests/gpu/test_sampler_gpu.py, 2026-12-02); LORAPLEX_TOP_P_KERNEL=torch keeps the
+    torch steps."""
     if os.environ.get("LORAPLEX_TOP_P_KERNEL", "triton") != "triton":
         return False
     try:

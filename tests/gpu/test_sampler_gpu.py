@@ -58,3 +58,16 @@ def test_fused_top_p_timing_printout():
     expected = torch_steps()
     for kw in configs.values():
         assert torch.equal(top_p_draw(probs, top_p, uniform, **kw), expected)
+
+
+@pytest.mark.parametrize("spread", [0.05, 4.0])
+def test_full_draw_on_cuda_equals_the_cpu(spread):
+    """Rows without top-p at 32 x 128256 (the sampler's temperature-only draws): the fused chunk masses and draw
+    against draw_from_masses over every token on the CPU."""
+    from server.engine.triton_top_p import full_draw
+
+    gen = torch.Generator().manual_seed(7)
+    probs = (torch.randn(32, 128256, generator=gen) * spread).softmax(-1)
+    uniform = torch.rand(32, generator=gen)
+    expected = draw_from_masses(integer_masses(probs), uniform)
+    assert torch.equal(full_draw(probs.cuda(), uniform.cuda()).cpu(), expected)

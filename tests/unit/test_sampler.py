@@ -388,6 +388,23 @@ def test_fused_top_p_draw_keeps_every_token_of_a_row_without_top_p():
     assert triton_top_p.top_p_draw(probs, almost_one, uniform).tolist() == [1]
 
 
+@pytest.mark.parametrize("vocab, spread, chunk", [(50, 4.0, 256), (3000, 0.3, 512), (4500, 1.0, 1024), (7, 0.0, 256)])
+def test_full_draw_equals_the_torch_draw_bit_for_bit(vocab, spread, chunk):
+    """Rows without top-p (the sampler's temperature-only draws on CUDA): the chunk masses and the draw kernel
+    (interpreted) against draw_from_masses over every token, with a row of dropped tokens, a row of one chunk and
+    of up to 9, uniforms at both ends; and floored masses summing past 2**40 keep their tail."""
+    triton_top_p = interpreted("server.engine.triton_top_p")
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, vocab, generator=gen) * spread
+    logits[2, vocab // 3:] = float("-inf")
+    probs = logits.softmax(-1)
+    for uniform in (torch.rand(6, generator=gen), torch.tensor([0.0] * 3 + [1.0 - 2**-23] * 3)):
+        expected = draw_from_masses(integer_masses(probs), uniform)
+        assert torch.equal(triton_top_p.full_draw(probs, uniform, chunk=chunk, sub=128), expected)
+    tail = torch.tensor([[0.50000006, 0.50000006, 1e-6]])
+    assert triton_top_p.full_draw(tail, torch.tensor([1.0 - 2**-23])).tolist() == [2]
+
+
 def test_fused_top_p_draw_builds_the_same_variants_for_every_batch_size(monkeypatch):
     """Triton builds a kernel variant per pointer alignment: the pass buffers' second halves started 16-byte
     aligned only for some batch sizes, and the H200 c32 run of the tenth session built histogram and cut
