@@ -84,6 +84,22 @@ def _shrink_kernel(
 
 
 @triton.jit
+def _one_token_delta(h_row, b, rs, h_mask, rank, cols, bound1, bound2, bound3, NUM_SLICES: tl.constexpr):
+    """One token's delta [BLOCK_N] at `cols` from its slot's B tile b [BLOCK_N, BLOCK_R]: each column takes its
+    slice's h (h_row: the token's row of h; h_mask [1, BLOCK_R]: the slot's rank), rounded as the tensor-core path
+    rounds it, products summed in registers in fp32."""
+    h = tl.load(h_row + rs[None, :], mask=h_mask, other=0.0)
+    if NUM_SLICES > 1:  # slice index of each column; unused bounds equal out_features
+        col_slice = (cols >= bound1).to(tl.int32) + (cols >= bound2).to(tl.int32)
+        col_slice += (cols >= bound3).to(tl.int32)
+        for i in tl.static_range(1, NUM_SLICES):
+            h_i = tl.load(h_row + i * rank + rs[None, :], mask=h_mask, other=0.0)
+            h = tl.where((col_slice == i)[:, None], h_i, h)
+    h = h.to(b.dtype).to(tl.float32)
+    return tl.sum(b.to(tl.float32) * h, axis=1)
+
+
+@triton.jit
 def _expand_kernel(
     h_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
     out_features, bound1, bound2, bound3,
@@ -112,15 +128,7 @@ def _expand_kernel(
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hm
     h_mask = row_mask[:, None] & r_mask[None, :]
     if BLOCK_M == 1:  # one token a program: each column takes its slice's h, products summed in registers
-        h = tl.load(h_rows + rs[None, :], mask=h_mask, other=0.0)
-        if NUM_SLICES > 1:
-            col_slice = (cols >= bound1).to(tl.int32) + (cols >= bound2).to(tl.int32)
-            col_slice += (cols >= bound3).to(tl.int32)
-            for i in tl.static_range(1, NUM_SLICES):
-                h_i = tl.load(h_rows + i * rank + rs[None, :], mask=h_mask, other=0.0)
-                h = tl.where((col_slice == i)[:, None], h_i, h)
-        h = h.to(b.dtype).to(tl.float32)  # rounded as the tensor-core path rounds it
-        acc = tl.sum(b.to(tl.float32) * h, axis=1)[None, :]
+        acc = _one_token_delta(h_rows, b, rs, h_mask, rank, cols, bound1, bound2, bound3, NUM_SLICES)[None, :]
     elif NUM_SLICES == 1:
         h = tl.load(h_rows + rs[None, :], mask=h_mask, other=0.0).to(b.dtype)
         acc = tl.dot(h, tl.trans(b), input_precision=DOT_PRECISION)
@@ -165,16 +173,8 @@ def _expand_sums_kernel(
         r_mask = rs < rank
         b = tl.load(b_ptr + (first_row + rs)[None, :] * stride_br + cols[:, None] * stride_bn,
                     mask=col_mask[:, None] & r_mask[None, :], other=0.0)
-        h_row = h_ptr + row * stride_hm
-        h = tl.load(h_row + rs[None, :], mask=r_mask[None, :], other=0.0)
-        if NUM_SLICES > 1:
-            col_slice = (cols >= bound1).to(tl.int32) + (cols >= bound2).to(tl.int32)
-            col_slice += (cols >= bound3).to(tl.int32)
-            for i in tl.static_range(1, NUM_SLICES):
-                h_i = tl.load(h_row + i * rank + rs[None, :], mask=r_mask[None, :], other=0.0)
-                h = tl.where((col_slice == i)[:, None], h_i, h)
-        h = h.to(b.dtype).to(tl.float32)  # rounded as the expand rounds it
-        acc = tl.sum(b.to(tl.float32) * h, axis=1)
+        acc = _one_token_delta(h_ptr + row * stride_hm, b, rs, r_mask[None, :], rank, cols, bound1, bound2, bound3,
+                               NUM_SLICES)
         out = (out.to(tl.float32) + acc).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + row * out_features + cols, out, mask=col_mask)
 
