@@ -27,9 +27,11 @@ from server.model.split_sums import SplitSums
 USE_TRITON_LORA = os.environ.get("LORAPLEX_LORA_KERNEL", "triton") == "triton"
 # LORAPLEX_LORA_SIDE_STREAM=0 runs the shrink after the base matmul on one stream (A/B timing).
 SIDE_STREAM = os.environ.get("LORAPLEX_LORA_SIDE_STREAM", "1") == "1"
-# LORAPLEX_LORA_FUSED_SUMS=0: in the decode graphs, a LoRA linear's split-K sums run in csrc's sum kernel and the
-# expand adds into its output (two launches), instead of the expand summing the base's partials itself (A/B timing).
-FUSED_SUMS = os.environ.get("LORAPLEX_LORA_FUSED_SUMS", "1") == "1"
+# LORAPLEX_LORA_FUSED_SUMS=1: in the decode graphs, a LoRA linear whose base splits K has the expand sum the base's
+# partials itself (triton_lora.lora_expand_sums: one launch, bit for bit the same), instead of csrc's sum kernel then
+# the expand. Off until an A/B on a GPU says otherwise: its first form (one-token programs, fourteenth session) made
+# the 8B mixed32 step 6.61 -> 7.53 ms; this one runs the expand's own tensor-core tile.
+FUSED_SUMS = os.environ.get("LORAPLEX_LORA_FUSED_SUMS", "0") == "1"
 
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
 _GATHER_BUDGET = 1 << 24

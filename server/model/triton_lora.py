@@ -100,6 +100,28 @@ def _one_token_delta(h_row, b, rs, h_mask, rank, cols, bound1, bound2, bound3, N
 
 
 @triton.jit
+def _tile_delta(h_rows, h_mask, b, rs, rank, cols, col_mask, bound1, bound2, bound3, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The deltas [BLOCK_M, BLOCK_N] of a tile of tokens (h_rows [BLOCK_M, 1]: their rows of h; h_mask [BLOCK_M,
+    BLOCK_R]: rows in the segment, the slot's rank) at `cols`, from the slot's B tile b [BLOCK_N, BLOCK_R], on
+    tensor cores. A tile that straddles a slice boundary takes one masked dot per slice it touches."""
+    if NUM_SLICES == 1:
+        h = tl.load(h_rows + rs[None, :], mask=h_mask, other=0.0).to(b.dtype)
+        return tl.dot(h, tl.trans(b), input_precision=DOT_PRECISION)
+    col_slice = (cols >= bound1).to(tl.int32) + (cols >= bound2).to(tl.int32)  # unused bounds equal out_features
+    col_slice += (cols >= bound3).to(tl.int32)
+    first = tl.min(col_slice, axis=0)
+    last = tl.max(tl.where(col_mask, col_slice, 0), axis=0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in tl.static_range(NUM_SLICES):
+        if (first <= i) & (i <= last):
+            h = tl.load(h_rows + i * rank + rs[None, :], mask=h_mask, other=0.0).to(b.dtype)
+            b_i = tl.where((col_slice == i)[:, None], b, 0.0).to(b.dtype)
+            acc += tl.dot(h, tl.trans(b_i), input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _expand_kernel(
     h_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
     out_features, bound1, bound2, bound3,
@@ -129,22 +151,9 @@ def _expand_kernel(
     h_mask = row_mask[:, None] & r_mask[None, :]
     if BLOCK_M == 1:  # one token a program: each column takes its slice's h, products summed in registers
         acc = _one_token_delta(h_rows, b, rs, h_mask, rank, cols, bound1, bound2, bound3, NUM_SLICES)[None, :]
-    elif NUM_SLICES == 1:
-        h = tl.load(h_rows + rs[None, :], mask=h_mask, other=0.0).to(b.dtype)
-        acc = tl.dot(h, tl.trans(b), input_precision=DOT_PRECISION)
     else:
-        # Slice index of each output column; unused bounds equal out_features. A tile that straddles
-        # a slice boundary takes one masked dot per slice it touches.
-        col_slice = (cols >= bound1).to(tl.int32) + (cols >= bound2).to(tl.int32)
-        col_slice += (cols >= bound3).to(tl.int32)
-        first = tl.min(col_slice, axis=0)
-        last = tl.max(tl.where(col_mask, col_slice, 0), axis=0)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for i in tl.static_range(NUM_SLICES):
-            if (first <= i) & (i <= last):
-                h = tl.load(h_rows + i * rank + rs[None, :], mask=h_mask, other=0.0).to(b.dtype)
-                b_i = tl.where((col_slice == i)[:, None], b, 0.0).to(b.dtype)
-                acc += tl.dot(h, tl.trans(b_i), input_precision=DOT_PRECISION)
+        acc = _tile_delta(h_rows, h_mask, b, rs, rank, cols, col_mask, bound1, bound2, bound3, BLOCK_M, BLOCK_N,
+                          NUM_SLICES, DOT_PRECISION)
     y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
     y_mask = row_mask[:, None] & col_mask[None, :]
     y = tl.load(y_ptrs, mask=y_mask, other=0.0)
@@ -156,10 +165,12 @@ def _expand_sums_kernel(
     src_ptr, bias_ptr, plane, splits, h_ptr, b_ptr, y_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
     out_features, bound1, bound2, bound3, stride_hm, stride_br, stride_bn,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SLICES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One token a program: the base's output at these columns summed from its split-K partials and rounded (as
-    csrc's sum kernel does), then, for a token with an adapter, plus its delta and rounded again (as the one-token
-    expand adds into a summed output), stored into y [T, out] (contiguous)."""
+    csrc's sum kernel does), then, for a token with an adapter, plus its delta from the expand's tensor-core tile
+    (the token alone in its 16 rows, as the expand runs a decode step's one-token segments) and rounded again,
+    stored into y [T, out] (contiguous): bit for bit the sum kernel, then `_expand_kernel`."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < out_features
@@ -173,10 +184,17 @@ def _expand_sums_kernel(
         r_mask = rs < rank
         b = tl.load(b_ptr + (first_row + rs)[None, :] * stride_br + cols[:, None] * stride_bn,
                     mask=col_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = _one_token_delta(h_ptr + row * stride_hm, b, rs, r_mask[None, :], rank, cols, bound1, bound2, bound3,
-                               NUM_SLICES)
-        out = (out.to(tl.float32) + acc).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + row * out_features + cols, out, mask=col_mask)
+        tile_rows = tl.arange(0, 16)  # the tl.dot minimum; row 0 is the token, the rest masked off
+        h_rows = h_ptr + row * stride_hm + 0 * tile_rows[:, None]
+        h_mask = (tile_rows == 0)[:, None] & r_mask[None, :]
+        acc = _tile_delta(h_rows, h_mask, b, rs, rank, cols, col_mask, bound1, bound2, bound3, 16, BLOCK_N,
+                          NUM_SLICES, DOT_PRECISION)
+        # added and stored as the [16, BLOCK_N] tile the expand stores (row 0 only): no reduction to pick the row out
+        tile = (out.to(tl.float32)[None, :] + acc).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * out_features + cols[None, :] + 0 * tile_rows[:, None], tile,
+                 mask=(tile_rows == 0)[:, None] & col_mask[None, :])
+    else:
+        tl.store(y_ptr + row * out_features + cols, out, mask=col_mask)
 
 
 def _stages(tuning: dict) -> dict:
@@ -269,10 +287,10 @@ def lora_expand(y, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_off
 
 
 def lora_expand_sums(sums: SplitSums, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
-                     slice_offsets: tuple[int, ...], block_n: int = 256) -> torch.Tensor:
-    """A new y [T, out]: the base's output summed from its split-K partials `sums`, plus each token's delta
-    (`lora_expand` with one token a program, into `sums.materialize()`), in one launch. The segments must be one
-    token each, in token order (a decode step's `decode_lora_meta`)."""
+                     slice_offsets: tuple[int, ...]) -> torch.Tensor:
+    """A new y [T, out]: the base's output summed from its split-K partials `sums`, plus each token's delta, in one
+    launch: bit for bit `lora_expand` into `sums.materialize()`. The segments must be one token each, in token order
+    (a decode step's `decode_lora_meta`)."""
     num_slices = len(slice_offsets) - 1
     if num_slices > MAX_SLICES:
         raise ValueError(f"at most {MAX_SLICES} slices are supported, got {num_slices}")
@@ -286,12 +304,14 @@ def lora_expand_sums(sums: SplitSums, h, lora_b, layout: SlotLayout, meta: LoraB
         return y
     bounds = list(slice_offsets[1:-1]) + [out_features] * (MAX_SLICES - num_slices)
     partials = sums.partials
+    block_r = _pow2_at_least_16(layout.max_rank)
+    block_n = min(256, 4096 // 16, 16384 // lora_b.element_size() // block_r)  # lora_expand's at 16 rows a tile
     _expand_sums_kernel[(num_tokens, triton.cdiv(out_features, block_n))](
         partials, sums.bias if sums.bias is not None else partials, partials[0].numel(), partials.shape[0],
         h, lora_b, y, meta.token_slots, layout.offsets, layout.ranks,
         out_features, bounds[0], bounds[1], bounds[2], h.stride(0), lora_b.stride(0), lora_b.stride(1),
-        BLOCK_N=block_n, BLOCK_R=_pow2_at_least_16(layout.max_rank), NUM_SLICES=num_slices,
-        HAS_BIAS=sums.bias is not None, num_warps=4,
+        BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=num_slices, HAS_BIAS=sums.bias is not None,
+        DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32", num_warps=4,
     )  # fmt: skip
     return y
 

@@ -265,9 +265,9 @@ def test_deferred_split_sums_leave_the_engine_logits_bit_for_bit(monkeypatch, ba
         assert all(torch.equal(a, b) for a, b in zip(logits_a, logits_b, strict=True))
 
 
-def test_lora_expand_sums_equals_the_sum_kernel_then_the_one_token_expand():
+def test_lora_expand_sums_equals_the_sum_kernel_then_the_expand():
     """The fused sum + expand of the decode graphs' LoRA linears, on an 8B gate_up's split-K partials of 32 rows with
-    32 adapters and a row without one: bit for bit csrc's sum kernel's output with the one-token expand added."""
+    32 adapters and a row without one: bit for bit csrc's sum kernel's output with the expand added."""
     from server.model import cuda_nf4, triton_lora
     from server.model.lora_meta import decode_lora_meta
     from tests.lora_pools import mixed_ranks, random_pool
@@ -289,14 +289,13 @@ def test_lora_expand_sums_equals_the_sum_kernel_then_the_one_token_expand():
     h = triton_lora.lora_shrink(x, lora_a, layout, meta, 2)
     got = triton_lora.lora_expand_sums(sums, h, lora_b, layout, meta, slice_offsets)
     expected = cuda_nf4.nf4_wide(x, tiled, wshape, table, bias, split_k=4)
-    triton_lora.lora_expand(expected, h, lora_b, layout, meta, slice_offsets, tuning={"block_m": 1})
+    triton_lora.lora_expand(expected, h, lora_b, layout, meta, slice_offsets)
     assert torch.equal(got, expected)
 
 
-def test_fused_lora_sums_keep_the_engine_logits_close(monkeypatch):
-    """LORAPLEX_LORA_FUSED_SUMS (on by default) against csrc's sum kernel and the tiled expand, four adapters in one
-    batch on a model that splits K: the eager prefill is the same path (equal logits); the decode graphs' deltas are
-    summed in another order (one-token programs against a tensor-core tile), so within bf16 rounding."""
+def test_fused_lora_sums_leave_the_engine_logits_bit_for_bit(monkeypatch):
+    """LORAPLEX_LORA_FUSED_SUMS=1 against csrc's sum kernel then the expand, four adapters in one batch on a model
+    that splits K, prefills riding the decode graphs and eager alike: every logit equal."""
     from bench.build import build_engine, kv_blocks_for, loaded_model, random_adapters
     from server.engine.request import Request, SamplingParams
     from server.model import lora_ops
@@ -318,5 +317,4 @@ def test_fused_lora_sums_keep_the_engine_logits_close(monkeypatch):
         results.append([captured[r.request_id] for r in requests])
         engine.runner.graphs = None
     for unfused, fused in zip(*results, strict=True):
-        assert torch.equal(unfused[0], fused[0])
-        torch.testing.assert_close(fused[1], unfused[1], atol=3e-2, rtol=2e-2)
+        assert all(torch.equal(a, b) for a, b in zip(unfused, fused, strict=True))

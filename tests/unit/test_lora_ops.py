@@ -288,11 +288,11 @@ def test_scatter_slot_load_fills_the_pools_as_the_per_linear_reference(model_dty
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("slice_offsets", SLICES)
 @pytest.mark.parametrize("splits, with_bias", [(1, False), (3, True), (16, True)])
-def test_triton_interpreted_expand_sums_equals_sum_then_one_token_expand(triton_lora, slice_offsets, dtype, splits,
+def test_triton_interpreted_expand_sums_equals_sum_then_expand(triton_lora, slice_offsets, dtype, splits,
                                                                          with_bias):
     """lora_expand_sums (the decode graphs' LoRA linears whose base split K): bit for bit the base's partials
-    summed (SplitSums.materialize, csrc's order) and then the one-token expand added into that output, for tokens
-    with and without an adapter; and within the reference's tolerance."""
+    summed (SplitSums.materialize, csrc's order) and then the expand added into that output, for tokens with and
+    without an adapter; and within the reference's tolerance."""
     from server.model.split_sums import SplitSums
 
     gen = torch.Generator().manual_seed(splits)
@@ -305,9 +305,9 @@ def test_triton_interpreted_expand_sums_equals_sum_then_one_token_expand(triton_
     sums = SplitSums(partials, bias, dtype)
     num_slices = len(slice_offsets) - 1
     h = triton_lora.lora_shrink(x, lora_a, pool, meta, num_slices)
-    got = triton_lora.lora_expand_sums(sums, h, lora_b, pool, meta, slice_offsets, block_n=16)
+    got = triton_lora.lora_expand_sums(sums, h, lora_b, pool, meta, slice_offsets)
     expected = sums.materialize()
-    triton_lora.lora_expand(expected, h, lora_b, pool, meta, slice_offsets, tuning={"block_m": 1, "block_n": 16})
+    triton_lora.lora_expand(expected, h, lora_b, pool, meta, slice_offsets)
     assert got.dtype == dtype and torch.equal(got, expected)
     reference = sums.materialize()
     lora_apply_reference(reference, x, lora_a, lora_b, pool, meta, slice_offsets)
