@@ -27,11 +27,12 @@ from server.model.split_sums import SplitSums
 USE_TRITON_LORA = os.environ.get("LORAPLEX_LORA_KERNEL", "triton") == "triton"
 # LORAPLEX_LORA_SIDE_STREAM=0 runs the shrink after the base matmul on one stream (A/B timing).
 SIDE_STREAM = os.environ.get("LORAPLEX_LORA_SIDE_STREAM", "1") == "1"
-# LORAPLEX_LORA_FUSED_SUMS=1: in the decode graphs, a LoRA linear whose base splits K has the expand sum the base's
-# partials itself (triton_lora.lora_expand_sums: one launch, bit for bit the same), instead of csrc's sum kernel then
-# the expand. Off until an A/B on a GPU says otherwise: its first form (one-token programs, fourteenth session) made
-# the 8B mixed32 step 6.61 -> 7.53 ms; this one runs the expand's own tensor-core tile.
-FUSED_SUMS = os.environ.get("LORAPLEX_LORA_FUSED_SUMS", "0") == "1"
+# In the decode graphs, a LoRA linear whose base splits K has the expand sum the base's partials itself
+# (triton_lora.lora_expand_sums: one launch instead of csrc's sum kernel then the expand, bit for bit the same).
+# H200, fourteenth session, one machine each: the 1B c32 engine's decode step (32 adapters) 1.849 -> 1.785 ms; 8B
+# batch 32 unmerged one adapter 6.43 -> 6.36, mixed8 6.46 -> 6.41, mixed32 6.60 -> 6.70 (within the runs' spread). Its
+# first form, one-token programs, made the 8B mixed32 step 7.53 ms. LORAPLEX_LORA_FUSED_SUMS=0: the two launches.
+FUSED_SUMS = os.environ.get("LORAPLEX_LORA_FUSED_SUMS", "1") == "1"
 
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
 _GATHER_BUDGET = 1 << 24

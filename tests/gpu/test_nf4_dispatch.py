@@ -293,9 +293,13 @@ def test_lora_expand_sums_equals_the_sum_kernel_then_the_expand():
     assert torch.equal(got, expected)
 
 
-def test_fused_lora_sums_leave_the_engine_logits_bit_for_bit(monkeypatch):
-    """LORAPLEX_LORA_FUSED_SUMS=1 against csrc's sum kernel then the expand, four adapters in one batch on a model
-    that splits K, prefills riding the decode graphs and eager alike: every logit equal."""
+def test_fused_lora_sums_keep_the_engine_logits(monkeypatch):
+    """LORAPLEX_LORA_FUSED_SUMS against csrc's sum kernel then the expand, four adapters in one batch on a model that
+    splits K, prefills riding the decode graphs and eager alike. Within bf16 rounding, not bit for bit: two engines
+    under LoRA did not agree bit for bit on the H200 (fourteenth session: the first step's logits differed in the
+    same last bf16 digits in two calls that changed different things, so likely the shrink's split K, which adds
+    its partial sums atomically, in any order). test_lora_expand_sums_equals_the_sum_kernel_then_the_expand is the
+    bit-for-bit check, on one shrink's output."""
     from bench.build import build_engine, kv_blocks_for, loaded_model, random_adapters
     from server.engine.request import Request, SamplingParams
     from server.model import lora_ops
@@ -317,4 +321,5 @@ def test_fused_lora_sums_leave_the_engine_logits_bit_for_bit(monkeypatch):
         results.append([captured[r.request_id] for r in requests])
         engine.runner.graphs = None
     for unfused, fused in zip(*results, strict=True):
-        assert all(torch.equal(a, b) for a, b in zip(unfused, fused, strict=True))
+        for a, b in zip(unfused, fused, strict=True):
+            torch.testing.assert_close(b, a, atol=3e-2, rtol=2e-2)
