@@ -84,10 +84,12 @@ def _prefix_and_modes(results_dir: Path) -> list[str]:
 def serving_section(results_dir: Path) -> list[str]:
     serves = [p for p in results_dir.glob("*-serve-c32-*.json")]
     profiles = sorted(results_dir.glob("*-profile*.json"), key=lambda p: p.name, reverse=True)
+    samplers = [p for p in profiles if "-sampler-profile" in p.name]
+    profiles = [p for p in profiles if p not in samplers]
     prefills = [p for p in profiles if json.loads(p.read_text()).get("step") == "prefill"]
     profiles = [p for p in profiles if p not in prefills]
     lines = ["## Serving (issue 13)", ""]
-    if not serves and not profiles:
+    if not serves and not profiles and not samplers:
         return lines + ["No `python -m bench.serve` run committed yet.", ""]
     lines += ["`python -m bench.serve --model 1b --preset c32` (32 rank-16 adapters over HTTP, 32 streams, prompt "
               "128, output 64; the file name's tag says the server flags: `proc` = `--engine-process`, `gil` = "
@@ -113,7 +115,25 @@ def serving_section(results_dir: Path) -> list[str]:
         lines.append("")
     if prefills:
         lines += _prefill_profiles(prefills)
+    if samplers:
+        lines += _sampler_profiles(samplers)
     return lines
+
+
+def _sampler_profiles(paths: list[Path]) -> list[str]:
+    """`bench.sampler_profile`: the device time of one sampler call by kind of draw, and the host time of its launches
+    (flat rows: a random-weight model's logits; peaked: randn x 4)."""
+    configs = [(shape, kind) for shape in ("flat", "peaked") for kind in ("greedy", "temperature", "top_p")]
+    lines = ["The sampler alone on logits [32, 128256] (`python -m bench.sampler_profile`; device us / host launch us "
+             "of one call):", "",
+             "| run | " + " | ".join(f"{shape} {kind}" for shape, kind in configs) + " |",
+             "|---|" + "---|" * len(configs)]
+    for path in paths:
+        results = json.loads(path.read_text()).get("results", {})
+        cells = [f"{fmt(results[f'{shape}/{kind}']['device_us'])} / {fmt(results[f'{shape}/{kind}']['host_launch_us'])}"
+                 if f"{shape}/{kind}" in results else "—" for shape, kind in configs]
+        lines.append(f"| `{path.name}` | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _prefill_profiles(paths: list[Path]) -> list[str]:

@@ -17,3 +17,19 @@ def test_prefill_profiles_get_their_own_table(tmp_path):
     assert len(decode_rows) == 1 and "| 1.3 |" in decode_rows[0]
     assert prefill_rows == ["| `2026-12-02-x-8b-b32-mixed32-prefill-profile.json` | mixed32 | 61.7 / 58.2 | 33.5 | "
                             "10.4 | 5.9 | — |"]
+
+
+def test_sampler_profiles_get_their_own_table(tmp_path):
+    """A bench.sampler_profile run (the newest ones written by `python -m bench.sampler_profile` on the CPU here) is
+    no decode-step profile: it has its own table of device / host microseconds by kind of draw."""
+    from bench.sampler_profile import main
+
+    assert main(["--device", "cpu", "--vocab", "512", "--rows", "4", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    (written,) = tmp_path.glob("*-sampler-profile.json")
+    results = json.loads(written.read_text())["results"]
+    assert set(results) == {f"{s}/{k}" for s in ("flat", "peaked") for k in ("greedy", "temperature", "top_p")}
+    assert all(row["synced_us"] >= row["host_launch_us"] > 0 for row in results.values())
+    lines = serving_section(tmp_path)
+    rows = [line for line in lines if line.startswith(f"| `{written.name}`")]
+    assert len(rows) == 1 and rows[0].count("/") == 6  # six cells of device / host
+    assert not any("step ms (GPU)" in line for line in lines)  # no decode-step table for it
