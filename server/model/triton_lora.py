@@ -258,18 +258,23 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
     return h
 
 
+def _slice_bounds(slice_offsets: tuple[int, ...]) -> list[int]:
+    """The expand kernels' bound1..bound3: the slices' inner boundaries, unused ones at out_features."""
+    num_slices = len(slice_offsets) - 1
+    if num_slices > MAX_SLICES:
+        raise ValueError(f"at most {MAX_SLICES} slices are supported, got {num_slices}")
+    return list(slice_offsets[1:-1]) + [slice_offsets[-1]] * (MAX_SLICES - num_slices)
+
+
 def lora_expand(y, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_offsets: tuple[int, ...],
                 tuning: dict | None = None) -> None:
     """y[t, lo:hi] += lora_b[o:o+r, lo:hi].T @ h[t, i*r:(i+1)*r] for each slice i, in place. `tuning`
     overrides the launch choices (bench.lora_kernels' sweep): block_n, num_warps, num_stages."""
     tuning = tuning or {}
-    num_slices = len(slice_offsets) - 1
-    if num_slices > MAX_SLICES:
-        raise ValueError(f"at most {MAX_SLICES} slices are supported, got {num_slices}")
+    num_slices, bounds = len(slice_offsets) - 1, _slice_bounds(slice_offsets)
     num_tokens, out_features = y.shape
     if num_tokens == 0 or out_features == 0 or meta.num_segments == 0:
         return
-    bounds = list(slice_offsets[1:-1]) + [out_features] * (MAX_SLICES - num_slices)
     block_m = tuning.get("block_m", _block_m(meta.max_seg_len))
     block_r = _pow2_at_least_16(layout.max_rank)
     # Wide tiles for decode, where B is the only real traffic; capped so a B tile stays <= 16 KB.
@@ -291,9 +296,7 @@ def lora_expand_sums(sums: SplitSums, h, lora_b, layout: SlotLayout, meta: LoraB
     """A new y [T, out]: the base's output summed from its split-K partials `sums`, plus each token's delta, in one
     launch: bit for bit `lora_expand` into `sums.materialize()`. The segments must be one token each, in token order
     (a decode step's `decode_lora_meta`)."""
-    num_slices = len(slice_offsets) - 1
-    if num_slices > MAX_SLICES:
-        raise ValueError(f"at most {MAX_SLICES} slices are supported, got {num_slices}")
+    num_slices, bounds = len(slice_offsets) - 1, _slice_bounds(slice_offsets)
     num_tokens, out_features = sums.shape
     if meta.num_segments != num_tokens or meta.max_seg_len != 1:
         raise ValueError("lora_expand_sums takes one-token segments (a decode step's metadata)")
@@ -302,7 +305,6 @@ def lora_expand_sums(sums: SplitSums, h, lora_b, layout: SlotLayout, meta: LoraB
     y = torch.empty(num_tokens, out_features, dtype=sums.dtype, device=sums.device)
     if num_tokens == 0 or out_features == 0:
         return y
-    bounds = list(slice_offsets[1:-1]) + [out_features] * (MAX_SLICES - num_slices)
     partials = sums.partials
     block_r = _pow2_at_least_16(layout.max_rank)
     block_n = min(256, 4096 // 16, 16384 // lora_b.element_size() // block_r)  # lora_expand's at 16 rows a tile
