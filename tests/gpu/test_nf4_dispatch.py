@@ -295,11 +295,12 @@ def test_lora_expand_sums_equals_the_sum_kernel_then_the_expand():
 
 def test_fused_lora_sums_keep_the_engine_logits(monkeypatch):
     """LORAPLEX_LORA_FUSED_SUMS against csrc's sum kernel then the expand, four adapters in one batch on a model that
-    splits K, prefills riding the decode graphs and eager alike. Within bf16 rounding, not bit for bit: two engines
-    under LoRA did not agree bit for bit on the H200 (fourteenth session: the first step's logits differed in the
-    same last bf16 digits in two calls that changed different things, so likely the shrink's split K, which adds
-    its partial sums atomically, in any order). test_lora_expand_sums_equals_the_sum_kernel_then_the_expand is the
-    bit-for-bit check, on one shrink's output."""
+    splits K, prefills riding the decode graphs and eager alike. Within bf16 rounding, not bit for bit: the second
+    of two LoRA engines built here did not match the first bit for bit on the H200 (fourteenth session: the first
+    step's logits differed in the same last bf16 digits in two calls that changed different things, so not the
+    change under test; the cause is not established: the shrink's split K adds its partials with atomics, and the
+    second engine's pools and buffers sit elsewhere). test_lora_expand_sums_equals_the_sum_kernel_then_the_expand is
+    the bit-for-bit check, on one shrink's output."""
     from bench.build import build_engine, kv_blocks_for, loaded_model, random_adapters
     from server.engine.request import Request, SamplingParams
     from server.model import lora_ops
