@@ -15,6 +15,11 @@ launches follow: each chunk's mass above the cut and its ties at the cut, from t
 histograms alone; then the draw, done by the one program whose chunk holds the target. Every pass reads the
 probabilities once (16 MB at 32 x 128k, from L2 after the first).
 
+Where nvcc builds them, the radix passes and the draw run as CUDA kernels instead (server.engine.cuda_top_p,
+csrc/top_p.cu: the same buffers and integers; these Triton kernels stay their reference in the GPU tests and the
+fallback): Triton has no scatter-add into shared memory, so `_histogram_kernel` accumulates a [SUB, 32] int64
+one-hot per block, ~60 us a full pass at 32 x 128256 on the H200.
+
 On the H200 at 32 x 128256 (tests/gpu/test_sampler_gpu.py's printout, 2026-12-02): 399 us against 1,241 for the
 sorting torch steps, so it is the CUDA default. Before the carried masses (twelfth session) every pass, and the cut's
 statistics, computed the mass of every token, and the best configuration took 620 us. The first version (one program
@@ -27,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from server.engine import cuda_top_p
 from server.engine.sampling_masses import MASS_BITS, NO_TOP_P
 
 CHUNK = 4096  # tokens a program reads (128256 tokens: 32 chunks a row)
@@ -218,24 +224,25 @@ def _aligned(n: int, per_16_bytes: int) -> int:
     return -(-n // per_16_bytes) * per_16_bytes
 
 
-def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, chunk: int = CHUNK,
-               digit_bits: int = DIGIT_BITS, sub: int = SUB) -> torch.Tensor:
-    """Token ids [R] int64 from probabilities [R, vocab] float32 (contiguous rows), top_p [R] and
-    uniform [R] float32: `draw_from_masses(integer_masses(probs) masked by top_p_keep, uniform)`, and
-    for rows with top_p NO_TOP_P (any value above 1) no mask at all. `chunk`: tokens a program reads (a
-    multiple of `sub`); `digit_bits`: bits a radix pass settles."""
-    assert MASS_BITS == 40, "the kernels' mass scale is 2**40"
-    assert chunk % sub == 0
+def _use_cuda(probs: torch.Tensor, digit_bits: int, num_chunks: int, cuda: bool | None) -> bool:
+    """The CUDA kernels (server.engine.cuda_top_p) where they serve this call: `cuda` None picks them when they
+    build; True insists (a test comparing the two)."""
+    fits = digit_bits == cuda_top_p.DIGIT_BITS and num_chunks <= cuda_top_p.MAX_CHUNKS and probs.stride(1) == 1
+    if cuda is None:
+        return fits and cuda_top_p.available(probs.device)
+    if cuda and not fits:
+        raise ValueError("the CUDA top-p kernels take 5-bit digits, <= 256 chunks a row and contiguous rows")
+    return cuda
+
+
+def top_p_cut(probs: torch.Tensor, top_p: torch.Tensor, chunk: int = CHUNK, digit_bits: int = DIGIT_BITS,
+              sub: int = SUB, cuda: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The radix passes and the cut's statistics: (cut [R] int32: the float pattern of the cut, -1 to keep every
+    token; per_chunk [R * chunks * 2] int64: each chunk's mass above the cut and its ties at it). `cuda`: the
+    histogram passes in CUDA (None: where they build and digit_bits is 5)."""
     num_rows, vocab = probs.shape
-    out = torch.full((num_rows,), vocab - 1, dtype=torch.int64, device=probs.device)  # a row of zero mass
-    if not num_rows:
-        return out
-    # Fresh copies: the sampler passes rows of one [5, R] parameter tensor, whose 16-byte alignment (which
-    # Triton specializes pointers on) changes with R; an even batch then built new kernel variants in the
-    # middle of serving (H200 c32 run of 2026-12-02: steps of 0.67 and 1.46 s).
-    top_p = top_p.to(torch.float32, copy=True)
-    uniform = uniform.to(torch.float32, copy=True)
     num_chunks = triton.cdiv(vocab, chunk)
+    cuda = _use_cuda(probs, digit_bits, num_chunks, cuda)
     chunks_p2 = triton.next_power_of_2(num_chunks)
     digits = 1 << digit_bits
     # Each pass reads one half of these pairs and writes the other: both halves start 16-byte aligned whatever
@@ -249,20 +256,61 @@ def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, 
     for k in range(num_passes):  # pass k writes stats, prefix and above [k % 2] and reads the other half of each
         shift = digit_bits * (num_passes - 1 - k)
         i, o = (k + 1) % 2, k % 2
+        if cuda:
+            cuda_top_p.histogram_pass(probs, top_p, stats[i], prefix[i], above[i], stats[o], prefix[o], above[o],
+                                      num_chunks, chunk, shift, first=k == 0)
+            continue
         _histogram_kernel[grid](probs, top_p, stats[i], prefix[i], above[i], stats[o], prefix[o], above[o],
                                 vocab, probs.stride(0), num_chunks, shift, FIRST=k == 0, CHUNK=chunk, SUB=sub,
                                 CHUNKS=chunks_p2, DIGITS=digits, DIGIT_BITS=digit_bits, num_warps=4)
     last = (num_passes - 1) % 2
     cut = torch.empty(num_rows, dtype=torch.int32, device=probs.device)
     per_chunk = torch.empty(num_rows * num_chunks * 2, dtype=torch.int64, device=probs.device)
-    _cut_stats_kernel[grid](top_p, stats[last], prefix[last], above[last], cut, per_chunk, num_chunks,
-                            CHUNKS=chunks_p2, DIGITS=digits, num_warps=4)
-    _draw_kernel[grid](probs, top_p, uniform, cut, per_chunk, out, vocab, probs.stride(0), num_chunks,
-                       CHUNK=chunk, SUB=sub, CHUNKS=chunks_p2, num_warps=4)
+    if cuda:
+        cuda_top_p.cut_stats(top_p, stats[last], prefix[last], above[last], cut, per_chunk, num_chunks)
+    else:
+        _cut_stats_kernel[grid](top_p, stats[last], prefix[last], above[last], cut, per_chunk, num_chunks,
+                                CHUNKS=chunks_p2, DIGITS=digits, num_warps=4)
+    return cut, per_chunk
+
+
+def _draw(probs, top_p, uniform, cut, per_chunk, out, chunk: int, sub: int, cuda: bool) -> torch.Tensor:
+    num_rows, vocab = probs.shape
+    num_chunks = triton.cdiv(vocab, chunk)
+    if cuda:
+        cuda_top_p.draw(probs, top_p, uniform, cut, per_chunk, out, num_chunks, chunk)
+        return out
+    _draw_kernel[(num_rows, num_chunks)](probs, top_p, uniform, cut, per_chunk, out, vocab, probs.stride(0),
+                                         num_chunks, CHUNK=chunk, SUB=sub, CHUNKS=triton.next_power_of_2(num_chunks),
+                                         num_warps=4)
     return out
 
 
-def full_draw(probs: torch.Tensor, uniform: torch.Tensor, chunk: int = CHUNK, sub: int = SUB) -> torch.Tensor:
+def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, chunk: int = CHUNK,
+               digit_bits: int = DIGIT_BITS, sub: int = SUB, cuda: bool | None = None) -> torch.Tensor:
+    """Token ids [R] int64 from probabilities [R, vocab] float32 (contiguous rows), top_p [R] and
+    uniform [R] float32: `draw_from_masses(integer_masses(probs) masked by top_p_keep, uniform)`, and
+    for rows with top_p NO_TOP_P (any value above 1) no mask at all. `chunk`: tokens a program reads (a
+    multiple of `sub`); `digit_bits`: bits a radix pass settles; `cuda`: the passes and the draw in CUDA
+    (server.engine.cuda_top_p; None: where they build and digit_bits is 5)."""
+    assert MASS_BITS == 40, "the kernels' mass scale is 2**40"
+    assert chunk % sub == 0
+    num_rows, vocab = probs.shape
+    out = torch.full((num_rows,), vocab - 1, dtype=torch.int64, device=probs.device)  # a row of zero mass
+    if not num_rows:
+        return out
+    # Fresh copies: the sampler passes rows of one [5, R] parameter tensor, whose 16-byte alignment (which
+    # Triton specializes pointers on) changes with R; an even batch then built new kernel variants in the
+    # middle of serving (H200 c32 run of 2026-12-02: steps of 0.67 and 1.46 s).
+    top_p = top_p.to(torch.float32, copy=True)
+    uniform = uniform.to(torch.float32, copy=True)
+    cuda = _use_cuda(probs, digit_bits, triton.cdiv(vocab, chunk), cuda)
+    cut, per_chunk = top_p_cut(probs, top_p, chunk, digit_bits, sub, cuda)
+    return _draw(probs, top_p, uniform, cut, per_chunk, out, chunk, sub, cuda)
+
+
+def full_draw(probs: torch.Tensor, uniform: torch.Tensor, chunk: int = CHUNK, sub: int = SUB,
+              cuda: bool | None = None) -> torch.Tensor:
     """`draw_from_masses(integer_masses(probs), uniform)` for rows without top-p: `top_p_draw` with every token
     kept, one pass for the chunks' masses instead of the radix passes. The torch steps' cumulative sum of int64
     masses took 242 of a temperature-only draw's 368 us at 32 x 128256 (H200, bench.sampler_profile)."""
@@ -279,6 +327,5 @@ def full_draw(probs: torch.Tensor, uniform: torch.Tensor, chunk: int = CHUNK, su
     grid = (num_rows, num_chunks)
     _chunk_mass_kernel[grid](probs, cut, per_chunk, vocab, probs.stride(0), num_chunks, CHUNK=chunk, SUB=sub,
                              num_warps=4)
-    _draw_kernel[grid](probs, keep_all, uniform, cut, per_chunk, out, vocab, probs.stride(0), num_chunks,
-                       CHUNK=chunk, SUB=sub, CHUNKS=triton.next_power_of_2(num_chunks), num_warps=4)
-    return out
+    return _draw(probs, keep_all, uniform, cut, per_chunk, out, chunk, sub,
+                 _use_cuda(probs, DIGIT_BITS, num_chunks, cuda))

@@ -40,7 +40,8 @@ def test_fused_top_p_timing_printout():
     def torch_steps():
         return draw_from_masses(integer_masses(probs).masked_fill(~top_p_keep(probs, top_p), 0), uniform)
 
-    configs = {"fused kernel (default)": {}}
+    configs = {"fused kernel (default: CUDA passes and draw where they build)": {},
+               "fused kernel, Triton passes and draw": {"cuda": False}}
     configs.update({f"fused kernel chunk {c} digit bits {d} sub {s}": dict(chunk=c, digit_bits=d, sub=s)
                     for c in (4096,) for d in (3, 4, 5, 6) for s in (64, 128)})
     runs = [("torch sort + draw", torch_steps)]
@@ -71,3 +72,76 @@ def test_full_draw_on_cuda_equals_the_cpu(spread):
     uniform = torch.rand(32, generator=gen)
     expected = draw_from_masses(integer_masses(probs), uniform)
     assert torch.equal(full_draw(probs.cuda(), uniform.cuda()).cpu(), expected)
+
+
+def _rows_a_cut_meets(vocab: int, seed: int) -> torch.Tensor:
+    """[32, vocab] probability rows: nearly flat (a random-weight model's), spread, peaked, and quantized ones in
+    which most tokens tie with others (exact equal probabilities)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [(torch.randn(8, vocab, generator=gen) * spread).softmax(-1) for spread in (0.05, 2.0, 8.0)]
+    quantized = torch.randint(1, 48, (8, vocab), generator=gen).float()
+    rows.append(quantized / quantized.sum(-1, keepdim=True))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("vocab,chunk", [(128256, 4096), (5003, 1024), (5003, 4096)])
+def test_cuda_top_p_cut_equals_the_triton_kernels(vocab, chunk):
+    """The CUDA radix passes (server/engine/csrc/top_p.cu) leave the cut and every chunk's mass above it and
+    ties at it bit for bit as the Triton passes do, on every kind of row and top_p (none, 1.0 in float32 only,
+    small, large); a vocabulary that ends inside a chunk, and chunks of one and many per row."""
+    from server.engine import cuda_top_p
+    from server.engine.sampling_masses import NO_TOP_P
+    from server.engine.triton_top_p import top_p_cut
+
+    probs = _rows_a_cut_meets(vocab, seed=vocab + chunk).cuda()
+    gen = torch.Generator().manual_seed(3)
+    top_p = torch.rand(32, generator=gen) * 0.98 + 0.01
+    top_p[::7] = NO_TOP_P
+    top_p[3::9] = 0.99999999  # 1.0 in float32: still cuts at 2**40
+    top_p[5::11] = 1e-4
+    top_p = top_p.cuda()
+    assert cuda_top_p.available(probs.device)
+    cut, per_chunk = top_p_cut(probs, top_p, chunk=chunk, cuda=True)
+    expected_cut, expected_per_chunk = top_p_cut(probs, top_p, chunk=chunk, cuda=False)
+    assert torch.equal(cut, expected_cut)
+    assert torch.equal(per_chunk, expected_per_chunk)
+    assert (cut >= 0).any() and (cut < 0).any()  # rows that cut and rows that keep everything
+
+
+@pytest.mark.parametrize("vocab,chunk", [(128256, 4096), (5003, 1024)])
+def test_cuda_top_p_draw_equals_the_triton_kernels_and_the_cpu(vocab, chunk):
+    """Each row drawn at 16 uniforms across [0, 1) (so a wrong kept set or a wrong scan shows): the CUDA draw
+    gives the Triton draw's tokens and the CPU's (sorting top_p_keep, draw_from_masses), with and without
+    top-p."""
+    from server.engine.triton_top_p import full_draw, top_p_draw
+
+    base = _rows_a_cut_meets(vocab, seed=vocab)
+    probs = base.repeat_interleave(16, dim=0)  # [512, vocab]
+    gen = torch.Generator().manual_seed(5)
+    top_p = (torch.rand(32, generator=gen) * 0.98 + 0.01).repeat_interleave(16)
+    uniform = ((torch.arange(16) + torch.rand(16, generator=gen)) / 16).repeat(32).clamp(max=1 - 2**-23)
+    keep = top_p_keep(probs, top_p, "sort")
+    expected = draw_from_masses(integer_masses(probs).masked_fill(~keep, 0), uniform)
+    probs, top_p, uniform = probs.cuda(), top_p.cuda(), uniform.cuda()
+    assert torch.equal(top_p_draw(probs, top_p, uniform, chunk=chunk, cuda=True).cpu(), expected)
+    assert torch.equal(top_p_draw(probs, top_p, uniform, chunk=chunk, cuda=False).cpu(), expected)
+    expected_full = draw_from_masses(integer_masses(probs.cpu()), uniform.cpu())
+    assert torch.equal(full_draw(probs, uniform, chunk=chunk, cuda=True).cpu(), expected_full)
+    assert torch.equal(full_draw(probs, uniform, chunk=chunk, cuda=False).cpu(), expected_full)
+
+
+def test_cuda_top_p_is_captured_by_a_cuda_graph():
+    """The ctypes launches go to the current stream, so a graph captures them: a replay on new probabilities
+    draws what an eager call draws."""
+    from server.engine.triton_top_p import top_p_draw
+
+    probs = _rows_a_cut_meets(128256, seed=1).cuda()
+    top_p, uniform = torch.full((32,), 0.9, device="cuda"), torch.rand(32, device="cuda")
+    top_p_draw(probs, top_p, uniform, cuda=True)  # built and loaded outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        drawn = top_p_draw(probs, top_p, uniform, cuda=True)
+    probs.copy_(_rows_a_cut_meets(128256, seed=2).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(drawn, top_p_draw(probs, top_p, uniform, cuda=False))
