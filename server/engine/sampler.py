@@ -38,6 +38,7 @@ and alternatives) to the host, and it waits without holding the GIL (`HostCopy`)
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Collection, Sequence
@@ -69,13 +70,20 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+@functools.lru_cache(maxsize=4096)
+def _seed_key(seed: int) -> int:
+    """A request's mixed seed, once per request rather than once per token: draw_uniform took ~2 us a row on the
+    host (64 us a step for 32 sampled rows, cProfile on 2 cores), half of it mixing the seed."""
+    return _mix64(seed & _MASK64)
+
+
 def draw_uniform(seed: int, step: int) -> float:
     """The uniform in (0, 1) for output token `step` of a request seeded with `seed`.
 
     A pure function of both (splitmix64 over the counter) and exactly representable in float32
     ((2k + 1) / 2**24), so the device uses the value the host computed.
     """
-    bits = _mix64((_mix64(seed & _MASK64) + (step + 1) * _GOLDEN64) & _MASK64)
+    bits = _mix64((_seed_key(seed) + (step + 1) * _GOLDEN64) & _MASK64)
     return ((bits >> 41) * 2 + 1) / 2**24
 
 
