@@ -87,8 +87,8 @@ def _library(device_index: int) -> ctypes.PyDLL:
 def _available(device_index: int) -> bool:
     try:
         _library(device_index)
-    except Exception:  # no nvcc, or a failed build: the Triton kernels serve instead
-        log.exception("the CUDA top-p kernels did not build; the Triton ones serve instead")
+    except Exception as exc:  # no nvcc, or a failed build: the Triton kernels serve instead
+        log.warning("the CUDA top-p kernels did not build (%s); the Triton ones serve instead", exc)
         return False
     return True
 
