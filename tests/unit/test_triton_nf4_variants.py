@@ -50,4 +50,3 @@ def test_dequantize_kernel_is_exact(dtype):
     expected = nf4_ops.nf4_dequantize_reference(codes, absmax, shape, table).to(dtype)
     assert torch.equal(got.view(shape), expected)
     assert scratch[-7:].isnan().all()
-
