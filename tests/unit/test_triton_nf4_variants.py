@@ -3,12 +3,19 @@ under the Triton interpreter (opt-in: LORAPLEX_TRITON_INTERPRET=1, see tests/uni
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
 from server.model import nf4_layout, nf4_ops
 from tests.unit.triton_interp import interpreted
 
+# bitsandbytes imports triton, which picks interpreter mode at its first import: set it first (as test_nf4_ops
+# does), or interpreted() below skips every test here for triton "imported for a GPU".
+if os.environ.get("LORAPLEX_TRITON_INTERPRET") == "1" and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 
