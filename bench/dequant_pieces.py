@@ -14,18 +14,16 @@ the whole one's. Writes ``<date>-<device>-dequant-pieces.json``; its ``ratios`` 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
 import torch
 
 from bench.build import device_name
-from bench.kernels import layer_shapes, time_calls
+from bench.kernels import L2_DEFEAT_BYTES, geomean, layer_shapes, time_calls
 from bench.results import write_named_result
 from server.model.nf4_dispatch import dequant_linear
 
-L2_DEFEAT_BYTES = 400 << 20
 DEVICE = "cuda"  # a CPU smoke test (tests/unit) runs it on "cpu" under the Triton interpreter
 
 
@@ -72,18 +70,14 @@ def _time_rows(x, codes, scales, weights, shape, table, piece_mbs: list[float]) 
     return {"us": times, "max_abs_diff": diffs}
 
 
-def _geomean(values: list[float]) -> float | None:
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
-
-
 def ratios(layers: list[dict], piece_mbs: list[float]) -> dict:
     """8B, 128 rows: geometric means over the linears of whole / bf16 and each piece size / bf16 (a linear whose
     weight fits one piece counts at its whole time)."""
     at_128 = [e for e in layers if e["model"] == "8b" and e["rows"] == 128]
-    result = {"dequant_over_bf16_m128": _geomean([e["us"]["whole"] / e["us"]["bf16"] for e in at_128])}
+    result = {"dequant_over_bf16_m128": geomean([e["us"]["whole"] / e["us"]["bf16"] for e in at_128])}
     for mb in piece_mbs:
         name = f"{mb:g}mb"
-        result[f"pieces_{name}_over_bf16_m128"] = _geomean(
+        result[f"pieces_{name}_over_bf16_m128"] = geomean(
             [e["us"].get(name, e["us"]["whole"]) / e["us"]["bf16"] for e in at_128])
     return result
 
