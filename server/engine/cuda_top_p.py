@@ -24,6 +24,7 @@ import torch
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "top_p.cu"
 DIGIT_BITS = 5  # the digit the CUDA histogram pass settles (kDigitBits in csrc/top_p.cu)
+DIGITS = 1 << DIGIT_BITS
 MAX_CHUNKS = 256  # chunks a row the kernels take (kMaxChunks)
 
 
@@ -66,13 +67,14 @@ _POINTER, _INT, _LONG = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
 
 
 def _load(path: Path) -> ctypes.PyDLL:
-    # PyDLL: the calls keep the GIL. A launch takes microseconds; with ctypes.CDLL each call let go of the GIL and
+    # PyDLL: the calls keep the GIL. A call only launches kernels; with ctypes.CDLL each call let go of the GIL and
     # waited to take it back from the engine's other threads: a temperature-only draw's host time went 360 -> 703
     # us with one such call (H200, bench.sampler_profile, fifteenth session).
     lib = ctypes.PyDLL(str(path))
-    lib.loraplex_top_p_histogram_pass.argtypes = [_INT, _POINTER] + [_POINTER] * 8 + [_INT, _INT, _LONG] + [_INT] * 4
-    lib.loraplex_top_p_cut_stats.argtypes = [_INT, _POINTER] + [_POINTER] * 6 + [_INT, _INT]
-    lib.loraplex_top_p_draw.argtypes = [_INT, _POINTER] + [_POINTER] * 6 + [_INT, _INT, _LONG, _INT, _INT]
+    lib.loraplex_top_p_workspace_size.argtypes = [_INT, _INT]
+    lib.loraplex_top_p_workspace_size.restype = _LONG
+    lib.loraplex_top_p_cut.argtypes = [_INT, _POINTER] + [_POINTER] * 3 + [_INT, _INT, _LONG, _INT, _INT]
+    lib.loraplex_top_p_draw.argtypes = [_INT, _POINTER] + [_POINTER] * 5 + [_INT, _INT, _LONG, _INT, _INT]
     return lib
 
 
@@ -85,8 +87,8 @@ def _library(device_index: int) -> ctypes.PyDLL:
 def _available(device_index: int) -> bool:
     try:
         _library(device_index)
-    except Exception as exc:  # no nvcc, or a failed build: the Triton kernels serve instead
-        log.warning("the CUDA top-p kernels did not build (%s); the Triton ones serve instead", exc)
+    except Exception:  # no nvcc, or a failed build: the Triton kernels serve instead
+        log.exception("the CUDA top-p kernels did not build; the Triton ones serve instead")
         return False
     return True
 
@@ -96,40 +98,50 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" and enabled() and _available(device.index or 0)
 
 
-def _launch_args(tensor: torch.Tensor) -> tuple[ctypes.PyDLL, int, int]:
-    index = tensor.device.index or 0
-    return _library(index), index, torch.cuda.current_stream(tensor.device).cuda_stream
+def workspace_size(num_rows: int, num_chunks: int) -> int:
+    """int64 elements of a draw's workspace (csrc/top_p.cu, struct Workspace): two halves of per-chunk digit
+    histograms, masses above the prefix and prefixes for the radix passes, then the cut and per-chunk statistics."""
+    return num_rows * (2 * num_chunks * DIGITS + 4 * num_chunks + 3)
 
 
-def _check(err: int, what: str) -> None:
+def _views(work: torch.Tensor, num_rows: int, num_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cut [R] int32, per_chunk [R * chunks * 2] int64) inside a workspace, where the kernels leave them."""
+    cells = num_rows * num_chunks
+    start = 2 * (cells * DIGITS + cells + num_rows)
+    cut = work[start:start + num_rows].view(torch.int32)[:num_rows]
+    return cut, work[start + num_rows:start + num_rows + 2 * cells]
+
+
+def _call(function, probs: torch.Tensor, *pointers, num_chunks: int, chunk: int) -> None:
+    index = probs.device.index or 0
+    num_rows, vocab = probs.shape
+    err = function(index, torch.cuda.current_stream(probs.device).cuda_stream, probs.data_ptr(), *pointers,
+                   num_rows, vocab, probs.stride(0), num_chunks, chunk)
     if err:
-        raise RuntimeError(f"CUDA top-p {what} launch failed: cudaError {err}")
+        raise RuntimeError(f"CUDA top-p launch failed: cudaError {err}")
 
 
-def histogram_pass(probs, top_p, stats_in, prefix_in, above_in, stats, prefix, above,
-                   num_chunks: int, chunk: int, shift: int, first: bool) -> None:
-    """One radix pass over probs [R, vocab] (rows contiguous): triton_top_p._histogram_kernel's contract."""
-    lib, index, stream = _launch_args(probs)
+def cut(probs: torch.Tensor, top_p: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The radix passes and the cut's statistics over probs [R, vocab] (rows contiguous): (cut, per_chunk) as
+    triton_top_p.top_p_cut returns them."""
     num_rows, vocab = probs.shape
-    _check(lib.loraplex_top_p_histogram_pass(
-        index, stream, probs.data_ptr(), top_p.data_ptr(), stats_in.data_ptr(), prefix_in.data_ptr(),
-        above_in.data_ptr(), stats.data_ptr(), prefix.data_ptr(), above.data_ptr(), num_rows, vocab,
-        probs.stride(0), num_chunks, chunk, shift, int(first)), "histogram pass")  # fmt: skip
+    num_chunks = -(-vocab // chunk)
+    work = torch.empty(workspace_size(num_rows, num_chunks), dtype=torch.int64, device=probs.device)
+    top_p = top_p.to(torch.float32).contiguous()
+    _call(_library(probs.device.index or 0).loraplex_top_p_cut, probs, top_p.data_ptr(), work.data_ptr(),
+          num_chunks=num_chunks, chunk=chunk)
+    return _views(work, num_rows, num_chunks)
 
 
-def cut_stats(top_p, stats_in, prefix_in, above_in, cut, per_chunk, num_chunks: int) -> None:
-    """The cut and each chunk's mass above it and ties at it, from the last pass: triton_top_p._cut_stats_kernel's
-    contract."""
-    lib, index, stream = _launch_args(top_p)
-    _check(lib.loraplex_top_p_cut_stats(
-        index, stream, top_p.data_ptr(), stats_in.data_ptr(), prefix_in.data_ptr(), above_in.data_ptr(),
-        cut.data_ptr(), per_chunk.data_ptr(), top_p.shape[0], num_chunks), "cut statistics")
-
-
-def draw(probs, top_p, uniform, cut, per_chunk, out, num_chunks: int, chunk: int) -> None:
-    """The draw over probs [R, vocab] from the cut and each chunk's statistics: triton_top_p._draw_kernel's."""
-    lib, index, stream = _launch_args(probs)
+def draw(probs: torch.Tensor, top_p: torch.Tensor | None, uniform: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Token ids [R] int64, as triton_top_p.top_p_draw (top_p given) or full_draw (None) draw them: every launch of
+    the draw in one call (one workspace, no per-kernel host work)."""
     num_rows, vocab = probs.shape
-    _check(lib.loraplex_top_p_draw(
-        index, stream, probs.data_ptr(), top_p.data_ptr(), uniform.data_ptr(), cut.data_ptr(),
-        per_chunk.data_ptr(), out.data_ptr(), num_rows, vocab, probs.stride(0), num_chunks, chunk), "draw")
+    num_chunks = -(-vocab // chunk)
+    work = torch.empty(workspace_size(num_rows, num_chunks), dtype=torch.int64, device=probs.device)
+    out = torch.empty(num_rows, dtype=torch.int64, device=probs.device)
+    top_p_ptr = None if top_p is None else (top_p := top_p.to(torch.float32).contiguous()).data_ptr()
+    uniform = uniform.to(torch.float32).contiguous()
+    _call(_library(probs.device.index or 0).loraplex_top_p_draw, probs, top_p_ptr, uniform.data_ptr(),
+          work.data_ptr(), out.data_ptr(), num_chunks=num_chunks, chunk=chunk)
+    return out

@@ -238,11 +238,12 @@ def _use_cuda(probs: torch.Tensor, digit_bits: int, num_chunks: int, cuda: bool 
 def top_p_cut(probs: torch.Tensor, top_p: torch.Tensor, chunk: int = CHUNK, digit_bits: int = DIGIT_BITS,
               sub: int = SUB, cuda: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The radix passes and the cut's statistics: (cut [R] int32: the float pattern of the cut, -1 to keep every
-    token; per_chunk [R * chunks * 2] int64: each chunk's mass above the cut and its ties at it). `cuda`: the
-    histogram passes in CUDA (None: where they build and digit_bits is 5)."""
+    token; per_chunk [R * chunks * 2] int64: each chunk's mass above the cut and its ties at it). `cuda`: in CUDA
+    (server.engine.cuda_top_p; None: where it builds and digit_bits is 5)."""
     num_rows, vocab = probs.shape
     num_chunks = triton.cdiv(vocab, chunk)
-    cuda = _use_cuda(probs, digit_bits, num_chunks, cuda)
+    if _use_cuda(probs, digit_bits, num_chunks, cuda):
+        return cuda_top_p.cut(probs, top_p, chunk)
     chunks_p2 = triton.next_power_of_2(num_chunks)
     digits = 1 << digit_bits
     # Each pass reads one half of these pairs and writes the other: both halves start 16-byte aligned whatever
@@ -256,30 +257,20 @@ def top_p_cut(probs: torch.Tensor, top_p: torch.Tensor, chunk: int = CHUNK, digi
     for k in range(num_passes):  # pass k writes stats, prefix and above [k % 2] and reads the other half of each
         shift = digit_bits * (num_passes - 1 - k)
         i, o = (k + 1) % 2, k % 2
-        if cuda:
-            cuda_top_p.histogram_pass(probs, top_p, stats[i], prefix[i], above[i], stats[o], prefix[o], above[o],
-                                      num_chunks, chunk, shift, first=k == 0)
-            continue
         _histogram_kernel[grid](probs, top_p, stats[i], prefix[i], above[i], stats[o], prefix[o], above[o],
                                 vocab, probs.stride(0), num_chunks, shift, FIRST=k == 0, CHUNK=chunk, SUB=sub,
                                 CHUNKS=chunks_p2, DIGITS=digits, DIGIT_BITS=digit_bits, num_warps=4)
     last = (num_passes - 1) % 2
     cut = torch.empty(num_rows, dtype=torch.int32, device=probs.device)
     per_chunk = torch.empty(num_rows * num_chunks * 2, dtype=torch.int64, device=probs.device)
-    if cuda:
-        cuda_top_p.cut_stats(top_p, stats[last], prefix[last], above[last], cut, per_chunk, num_chunks)
-    else:
-        _cut_stats_kernel[grid](top_p, stats[last], prefix[last], above[last], cut, per_chunk, num_chunks,
-                                CHUNKS=chunks_p2, DIGITS=digits, num_warps=4)
+    _cut_stats_kernel[grid](top_p, stats[last], prefix[last], above[last], cut, per_chunk, num_chunks,
+                            CHUNKS=chunks_p2, DIGITS=digits, num_warps=4)
     return cut, per_chunk
 
 
-def _draw(probs, top_p, uniform, cut, per_chunk, out, chunk: int, sub: int, cuda: bool) -> torch.Tensor:
+def _draw(probs, top_p, uniform, cut, per_chunk, out, chunk: int, sub: int) -> torch.Tensor:
     num_rows, vocab = probs.shape
     num_chunks = triton.cdiv(vocab, chunk)
-    if cuda:
-        cuda_top_p.draw(probs, top_p, uniform, cut, per_chunk, out, num_chunks, chunk)
-        return out
     _draw_kernel[(num_rows, num_chunks)](probs, top_p, uniform, cut, per_chunk, out, vocab, probs.stride(0),
                                          num_chunks, CHUNK=chunk, SUB=sub, CHUNKS=triton.next_power_of_2(num_chunks),
                                          num_warps=4)
@@ -296,6 +287,8 @@ def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, 
     assert MASS_BITS == 40, "the kernels' mass scale is 2**40"
     assert chunk % sub == 0
     num_rows, vocab = probs.shape
+    if num_rows and _use_cuda(probs, digit_bits, triton.cdiv(vocab, chunk), cuda):
+        return cuda_top_p.draw(probs, top_p, uniform, chunk)
     out = torch.full((num_rows,), vocab - 1, dtype=torch.int64, device=probs.device)  # a row of zero mass
     if not num_rows:
         return out
@@ -304,9 +297,8 @@ def top_p_draw(probs: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, 
     # middle of serving (H200 c32 run of 2026-12-02: steps of 0.67 and 1.46 s).
     top_p = top_p.to(torch.float32, copy=True)
     uniform = uniform.to(torch.float32, copy=True)
-    cuda = _use_cuda(probs, digit_bits, triton.cdiv(vocab, chunk), cuda)
-    cut, per_chunk = top_p_cut(probs, top_p, chunk, digit_bits, sub, cuda)
-    return _draw(probs, top_p, uniform, cut, per_chunk, out, chunk, sub, cuda)
+    cut, per_chunk = top_p_cut(probs, top_p, chunk, digit_bits, sub, cuda=False)
+    return _draw(probs, top_p, uniform, cut, per_chunk, out, chunk, sub)
 
 
 def full_draw(probs: torch.Tensor, uniform: torch.Tensor, chunk: int = CHUNK, sub: int = SUB,
@@ -316,6 +308,8 @@ def full_draw(probs: torch.Tensor, uniform: torch.Tensor, chunk: int = CHUNK, su
     masses took 242 of a temperature-only draw's 368 us at 32 x 128256 (H200, bench.sampler_profile)."""
     assert chunk % sub == 0
     num_rows, vocab = probs.shape
+    if num_rows and _use_cuda(probs, DIGIT_BITS, triton.cdiv(vocab, chunk), cuda):
+        return cuda_top_p.draw(probs, None, uniform, chunk)
     out = torch.full((num_rows,), vocab - 1, dtype=torch.int64, device=probs.device)  # a row of zero mass
     if not num_rows:
         return out
@@ -327,5 +321,4 @@ def full_draw(probs: torch.Tensor, uniform: torch.Tensor, chunk: int = CHUNK, su
     grid = (num_rows, num_chunks)
     _chunk_mass_kernel[grid](probs, cut, per_chunk, vocab, probs.stride(0), num_chunks, CHUNK=chunk, SUB=sub,
                              num_warps=4)
-    return _draw(probs, keep_all, uniform, cut, per_chunk, out, chunk, sub,
-                 _use_cuda(probs, DIGIT_BITS, num_chunks, cuda))
+    return _draw(probs, keep_all, uniform, cut, per_chunk, out, chunk, sub)

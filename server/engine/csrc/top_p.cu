@@ -28,13 +28,14 @@ __device__ __forceinline__ long long mass_of(float p) {
   return static_cast<long long>(floor(static_cast<double>(p) * kMassScale));
 }
 
-__device__ __forceinline__ long long need_of(float top_p) {
-  // a row without top-p (NO_TOP_P, any value above 1) keeps every token (triton_top_p._need)
-  return top_p > 1.0f ? (1LL << 62) : static_cast<long long>(ceil(static_cast<double>(top_p) * kMassScale));
+__device__ __forceinline__ long long need_of(const float* top_p, int row) {
+  // a row without top-p (NO_TOP_P, any value above 1, or no top_p at all) keeps every token (triton_top_p._need)
+  if (top_p == nullptr || top_p[row] > 1.0f) return 1LL << 62;
+  return static_cast<long long>(ceil(static_cast<double>(top_p[row]) * kMassScale));
 }
 
-// Exclusive prefix sum over the block's threads (every thread must call it); `total` gets the block's sum.
-__device__ long long block_exclusive_scan(long long value, long long* warp_sums, long long* total) {
+// Exclusive prefix sum over the block's threads (every thread must call it).
+__device__ long long block_exclusive_scan(long long value, long long* warp_sums) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   long long inclusive = value;
   for (int offset = 1; offset < 32; offset <<= 1) {
@@ -43,13 +44,9 @@ __device__ long long block_exclusive_scan(long long value, long long* warp_sums,
   }
   if (lane == 31) warp_sums[warp] = inclusive;
   __syncthreads();
-  long long before = 0, sum = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    if (w < warp) before += warp_sums[w];
-    sum += warp_sums[w];
-  }
+  long long before = 0;
+  for (int w = 0; w < warp; ++w) before += warp_sums[w];
   __syncthreads();  // warp_sums may be reused by the caller's next scan
-  *total = sum;
   return before + inclusive - value;
 }
 
@@ -90,7 +87,7 @@ __device__ Settled settle(const float* __restrict__ top_p, const long long* __re
       const long long below = __shfl_down_sync(0xffffffffu, from_top, offset);
       if (lane + offset < 32) from_top += below;
     }
-    const long long need = need_of(top_p[row]);
+    const long long need = need_of(top_p, row);
     const unsigned reaches = __ballot_sync(0xffffffffu, warp_sum(above_part) + from_top >= need);
     const int digit = reaches ? 31 - __clz(reaches) : -1;
     const long long mine = row_stats[static_cast<long long>(chunk) * kDigits + lane];
@@ -201,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(
     long long above = 0;
     for (int c = 0; c < num_chunks; ++c) above += chunk_stats[(row_chunk0 + c) * 2];
     const long long unit = mass_of(__int_as_float(max(cut, 0)));  // every tie has this mass
-    const long long need = need_of(top_p[row]);
+    const long long need = need_of(top_p, row);
     const long long allowed = unit > 0 ? (need - above + unit - 1) / unit : (1LL << 40);
     long long ties_before = 0, start = 0, mine_start = 0, mine_kept = 0, mine_ties_before = 0;
     for (int c = 0; c < num_chunks; ++c) {
@@ -224,6 +221,7 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(
     allowed_ties = allowed;
     target = draw;
     is_target = mine_start <= draw && draw < mine_start + mine_kept;
+    if (chunk == 0 && start == 0) out[row] = vocab - 1;  // a row of zero kept mass: no program holds the target
   }
   __syncthreads();
   if (!is_target) return;
@@ -237,26 +235,24 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(
   const int hi = min(lo + per, last_token);
   long long ties = 0;
   for (int t = lo; t < hi; ++t) ties += __float_as_int(row_probs[t]) == cut;
-  long long unused;
-  long long rank = my_ties_before + block_exclusive_scan(ties, warp_sums, &unused);
-  long long kept_mass = 0;
-  for (int t = lo; t < hi; ++t) {
-    const float p = row_probs[t];
+  const long long ties_before = my_ties_before + block_exclusive_scan(ties, warp_sums);
+  const long long allowed = allowed_ties;
+  // Whether token t is kept; `rank` counts the ties seen so far (1-based among the row's ties).
+  auto kept = [cut, allowed](float p, long long& rank) {
     const int bits = __float_as_int(p);
-    const bool is_tie = bits == cut;
-    rank += is_tie;  // 1-based among the row's ties
-    if (bits > cut || (is_tie && rank <= allowed_ties)) kept_mass += mass_of(p);
+    rank += bits == cut;
+    return bits > cut || (bits == cut && rank <= allowed);
+  };
+  long long rank = ties_before, kept_mass = 0;
+  for (int t = lo; t < hi; ++t) {
+    if (kept(row_probs[t], rank)) kept_mass += mass_of(row_probs[t]);
   }
-  long long running = my_start + block_exclusive_scan(kept_mass, warp_sums, &unused);
+  long long running = my_start + block_exclusive_scan(kept_mass, warp_sums);
   if (!(running <= target && target < running + kept_mass)) return;
-  rank -= ties;  // back to the ties before this thread's tokens
+  rank = ties_before;
   for (int t = lo; t < hi; ++t) {
-    const float p = row_probs[t];
-    const int bits = __float_as_int(p);
-    const bool is_tie = bits == cut;
-    rank += is_tie;
-    if (bits > cut || (is_tie && rank <= allowed_ties)) {
-      running += mass_of(p);
+    if (kept(row_probs[t], rank)) {
+      running += mass_of(row_probs[t]);
       if (running > target) {
         out[row] = t;
         return;
@@ -265,50 +261,116 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(
   }
 }
 
-bool fits(int num_chunks, int chunk_size) {
-  return num_chunks > 0 && num_chunks <= kMaxChunks && chunk_size > 0;
+// No cut (no row has top-p): the cut -1 (every token kept) and each chunk's whole mass, no ties, as
+// cut_stats_kernel would leave them, in one pass instead of the radix passes (triton_top_p._chunk_mass_kernel).
+__global__ void __launch_bounds__(kThreads) chunk_mass_kernel(
+    const float* __restrict__ probs, int* __restrict__ cut_out, long long* __restrict__ chunk_stats, int vocab,
+    long long stride, int num_chunks, int chunk_size) {
+  __shared__ long long warp_sums[kWarps];
+  const int row = blockIdx.x, chunk = blockIdx.y, tid = threadIdx.x;
+  const float* row_probs = probs + static_cast<long long>(row) * stride;
+  const int end = min((chunk + 1) * chunk_size, vocab);
+  long long mass = 0;
+  for (int t = chunk * chunk_size + tid; t < end; t += kThreads) mass += mass_of(row_probs[t]);
+  mass = warp_sum(mass);
+  if ((tid & 31) == 0) warp_sums[tid >> 5] = mass;
+  __syncthreads();
+  if (tid != 0) return;
+  long long total = 0;
+  for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
+  if (chunk == 0) cut_out[row] = -1;
+  const long long out = (static_cast<long long>(row) * num_chunks + chunk) * 2;
+  chunk_stats[out] = total;
+  chunk_stats[out + 1] = 0;
+}
+
+// The buffers of one draw, carved from one int64 workspace of workspace_size(rows, chunks) elements. The radix
+// passes ping-pong between two halves of stats, above and prefix: pass k writes half k % 2 and reads the other.
+struct Workspace {
+  long long* stats[2];  // [rows * chunks * kDigits]: each chunk's mass by digit
+  long long* above[2];  // [rows * chunks]: each chunk's mass above the prefix
+  int* prefix[2];       // [rows]
+  int* cut;             // [rows]: the float pattern of the cut, -1 to keep every token
+  long long* per_chunk; // [rows * chunks * 2]: each chunk's mass above the cut and its ties at it
+
+  Workspace(long long* base, int rows, int chunks) {
+    const long long cells = static_cast<long long>(rows) * chunks;
+    for (int h = 0; h < 2; ++h) {
+      stats[h] = base;
+      base += cells * kDigits;
+      above[h] = base;
+      base += cells;
+      prefix[h] = reinterpret_cast<int*>(base);
+      base += rows;  // rows int32s in rows int64s
+    }
+    cut = reinterpret_cast<int*>(base);
+    base += rows;
+    per_chunk = base;
+  }
+};
+
+constexpr int kPasses = (30 + kDigitBits - 1) / kDigitBits;  // triton_top_p.passes: bits 29..0
+
+cudaError_t launch_cut(cudaStream_t stream, const float* probs, const float* top_p, const Workspace& w, int rows,
+                       int vocab, long long stride, int chunks, int chunk_size) {
+  const dim3 grid(rows, chunks);
+  for (int k = 0; k < kPasses; ++k) {
+    const int in = (k + 1) % 2, out = k % 2;
+    histogram_pass_kernel<<<grid, kThreads, 0, stream>>>(
+        probs, top_p, w.stats[in], w.prefix[in], w.above[in], w.stats[out], w.prefix[out], w.above[out], vocab,
+        stride, chunks, chunk_size, kDigitBits * (kPasses - 1 - k), k == 0);
+  }
+  const int last = (kPasses - 1) % 2;
+  cut_stats_kernel<<<grid, kThreads, 0, stream>>>(top_p, w.stats[last], w.prefix[last], w.above[last], w.cut,
+                                                   w.per_chunk, chunks);
+  return cudaGetLastError();
+}
+
+bool fits(int rows, int chunks, int chunk_size) {
+  return rows > 0 && rows < 65536 && chunks > 0 && chunks <= kMaxChunks && chunk_size > 0;
 }
 
 }  // namespace
 
 extern "C" {
 
-// Each returns a cudaError_t (0: launched). `device`: the CUDA device of the tensors; `stream`: a cudaStream_t.
-int loraplex_top_p_histogram_pass(int device, void* stream, const float* probs, const float* top_p,
-                                  const long long* stats_in, const int* prefix_in, const long long* above_in,
-                                  long long* stats, int* prefix_out, long long* above_out, int num_rows,
-                                  int vocab, long long stride, int num_chunks, int chunk_size, int shift,
-                                  int first) {
-  if (!fits(num_chunks, chunk_size) || shift < 0 || shift > 31 - kDigitBits) {
-    return cudaErrorInvalidValue;
-  }
-  cudaError_t err = cudaSetDevice(device);
-  if (err != cudaSuccess) return err;
-  histogram_pass_kernel<<<dim3(num_rows, num_chunks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      probs, top_p, stats_in, prefix_in, above_in, stats, prefix_out, above_out, vocab, stride, num_chunks,
-      chunk_size, shift, first);
-  return cudaGetLastError();
+// int64 elements of the workspace of a draw over `rows` rows of `chunks` chunks.
+long long loraplex_top_p_workspace_size(int rows, int chunks) {
+  return static_cast<long long>(rows) * (2LL * chunks * kDigits + 4LL * chunks + 3);
 }
 
-int loraplex_top_p_cut_stats(int device, void* stream, const float* top_p, const long long* stats_in,
-                             const int* prefix_in, const long long* above_in, int* cut, long long* chunk_stats,
-                             int num_rows, int num_chunks) {
-  if (!fits(num_chunks, 1)) return cudaErrorInvalidValue;
+// Each launcher returns a cudaError_t (0: launched). `device`: the CUDA device of the tensors; `stream`: a
+// cudaStream_t; probs [rows, vocab] float32 with rows `stride` apart; workspace as loraplex_top_p_workspace_size.
+
+// The radix passes and the cut's statistics (Workspace::cut and ::per_chunk).
+int loraplex_top_p_cut(int device, void* stream, const float* probs, const float* top_p, long long* workspace,
+                       int rows, int vocab, long long stride, int chunks, int chunk_size) {
+  if (!fits(rows, chunks, chunk_size)) return cudaErrorInvalidValue;
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return err;
-  cut_stats_kernel<<<dim3(num_rows, num_chunks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      top_p, stats_in, prefix_in, above_in, cut, chunk_stats, num_chunks);
-  return cudaGetLastError();
+  return launch_cut(static_cast<cudaStream_t>(stream), probs, top_p, Workspace(workspace, rows, chunks), rows,
+                    vocab, stride, chunks, chunk_size);
 }
 
+// Token ids out [rows] int64: with top_p, the cut then the draw; with top_p null, every token kept (one pass of
+// chunk masses, then the draw).
 int loraplex_top_p_draw(int device, void* stream, const float* probs, const float* top_p, const float* uniform,
-                        const int* cut, const long long* chunk_stats, long long* out, int num_rows, int vocab,
-                        long long stride, int num_chunks, int chunk_size) {
-  if (!fits(num_chunks, chunk_size)) return cudaErrorInvalidValue;
+                        long long* workspace, long long* out, int rows, int vocab, long long stride, int chunks,
+                        int chunk_size) {
+  if (!fits(rows, chunks, chunk_size)) return cudaErrorInvalidValue;
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return err;
-  draw_kernel<<<dim3(num_rows, num_chunks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      probs, top_p, uniform, cut, chunk_stats, out, vocab, stride, num_chunks, chunk_size);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const Workspace w(workspace, rows, chunks);
+  const dim3 grid(rows, chunks);
+  if (top_p != nullptr) {
+    err = launch_cut(s, probs, top_p, w, rows, vocab, stride, chunks, chunk_size);
+    if (err != cudaSuccess) return err;
+  } else {
+    chunk_mass_kernel<<<grid, kThreads, 0, s>>>(probs, w.cut, w.per_chunk, vocab, stride, chunks, chunk_size);
+  }
+  draw_kernel<<<grid, kThreads, 0, s>>>(probs, top_p, uniform, w.cut, w.per_chunk, out, vocab, stride, chunks,
+                                        chunk_size);
   return cudaGetLastError();
 }
 
