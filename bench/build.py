@@ -128,11 +128,14 @@ def kv_blocks_for(num_seqs: int, max_tokens_per_seq: int, block_size: int = 16) 
     return num_seqs * (-(-max_tokens_per_seq // block_size) + 1) + 16
 
 
-def build_engine(loaded: LoadedModel, mode: str, device: torch.device, kv_blocks: int) -> LLMEngine:
+def build_engine(loaded: LoadedModel, mode: str, device: torch.device, kv_blocks: int,
+                 graph_rows: int | None = None) -> LLMEngine:
+    """`graph_rows`: Settings.cuda_graph_max_rows (None: its default)."""
     settings = Settings(
         model="embedded", device=device.type, lora_mode=LoraMode(mode), max_slots=32, max_rank=ADAPTER_RANK,
         max_batch_size=64, max_model_len=4096, max_num_batched_tokens=8192, kv_cache_memory_fraction=0.3,
         kv_cache_blocks=kv_blocks, cuda_graphs=device.type == "cuda",
+        **({} if graph_rows is None else {"cuda_graph_max_rows": graph_rows}),
     )
     return LLMEngine(loaded, settings)
 

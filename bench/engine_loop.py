@@ -12,6 +12,12 @@ time with its work (prefill tokens and sequences, decode rows), summarised by ki
 prefill-only, mixed), then profiles a window of closed-loop steps (host time by op, device time by
 kernel kind) to tell a host-bound step from a device-bound one.
 
+`--carry K` measures what prompts cost when they arrive beside a decode batch (the server's case): with
+`--concurrency` requests decoding, k one-token prompts (k = 0..K) are added and the engine stepped a fixed
+number of times; each k's median wall time over that window, less k = 0's, is what carrying k prompts cost,
+and the step log says over how many steps the scheduler spread them. `--graph-rows` sets
+cuda_graph_max_rows (how many prompt tokens a decode replay may carry).
+
 `--prefix N` adds the prefix-cache probe of issue 10 at the engine level: time to first token of a
 prompt of N + 16 tokens whose first N are cached (hit) against a fresh one (miss), and a profile of the
 hit's step.
@@ -196,6 +202,37 @@ def prefix_probe(engine, vocab: int, prefix_len: int, probes: int) -> dict:
     }
 
 
+def carry_costs(engine, make, max_prompts: int, repeats: int, log: StepLog, device: torch.device) -> dict:
+    """Per k = 0..max_prompts: the median wall ms of `max_prompts + 3` step calls after adding k prompts of
+    one output token beside the running decode batch, that less k = 0's, and the steps that carried them.
+    The decode batch must be running (every request past its prefill) and last through the probe."""
+    calls = max_prompts + 3  # enough for one prompt a step, and the step that reads the last one
+    result = {}
+    for k in range(max_prompts + 1):
+        times, carriers = [], []
+        for rep in range(repeats + 1):  # the first is a warm-up (its graph bucket, its prefill shapes)
+            prompts = make(k, 1000 + 31 * k + rep)
+            for prompt in prompts:
+                prompt.params.max_tokens = 1
+            sync(device)
+            start = time.perf_counter()
+            first = len(log.steps)
+            for prompt in prompts:
+                engine.add_request(prompt)
+            for _ in range(calls):
+                log.step()
+            sync(device)
+            if rep:
+                times.append((time.perf_counter() - start) * 1e3)
+                carriers.append(sum(1 for s in log.steps[first:] if s["prefill_seqs"]))
+            assert all(p.is_finished for p in prompts), "a probe prompt did not finish in the window"
+        result[k] = {"ms": statistics.median(times), "carrying_steps": statistics.median(carriers)}
+    for k in result:
+        result[k]["extra_ms"] = result[k]["ms"] - result[0]["ms"]
+        result[k]["extra_ms_per_prompt"] = result[k]["extra_ms"] / k if k else 0.0
+    return {"calls": calls, "by_prompts": result}
+
+
 def main() -> None:
     from bench.build import build_engine, kv_blocks_for, loaded_model, our_model, random_adapters, random_hf_model
     from bench.ours import make_requests, measure_generation
@@ -214,6 +251,8 @@ def main() -> None:
     parser.add_argument("--max-batched-tokens", type=int, default=4096)
     parser.add_argument("--prefix", type=int, default=0, help="also probe a cached prefix of this many tokens")
     parser.add_argument("--profile-steps", type=int, default=24)
+    parser.add_argument("--carry", type=int, default=0, help="also probe the cost of 0..N prompts beside decode")
+    parser.add_argument("--graph-rows", type=int, default=None, help="cuda_graph_max_rows (default: Settings')")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
@@ -224,10 +263,9 @@ def main() -> None:
     ours = our_model(hf, device, dtype)
     del hf
     torch.cuda.empty_cache()
-    seq_tokens = max(args.prompt_len + args.output_len, args.prefix + 32)
-    engine = build_engine(
-        loaded_model(ours, config), args.mode, device, kv_blocks_for(args.concurrency + 4, seq_tokens)
-    )
+    seq_tokens = max(args.prompt_len + args.output_len, args.prefix + 32, args.prompt_len + 64 * (args.carry + 3))
+    engine = build_engine(loaded_model(ours, config), args.mode, device,
+                          kv_blocks_for(args.concurrency + args.carry + 4, seq_tokens), args.graph_rows)
     engine.scheduler.max_num_batched_tokens = args.max_batched_tokens
     adapters = random_adapters(shape_facts(config), args.adapters, device) if args.adapters else [None]
 
@@ -279,6 +317,18 @@ def main() -> None:
             engine.step()
         if args.prefix:
             result["prefix"] = prefix_probe(engine, config.vocab_size, args.prefix, 5)
+        if args.carry:
+            background = make(args.concurrency, 4)
+            for request in background:
+                request.params.max_tokens = seq_tokens - args.prompt_len
+                engine.add_request(request)
+            while any(r.is_prefilling or not r.output_token_ids for r in background):
+                log.step()
+            result["carry"] = carry_costs(engine, make, args.carry, 5, log, device)
+            for request in background:
+                engine.abort(request.request_id)
+            while engine.has_unfinished():
+                engine.step()
     tag = f"{args.model}_c{args.concurrency}"
     result["ratios"] = {
         f"closed_over_lockstep_{tag}": result["closed_loop"]["tokens_per_s"] / result["lockstep"]["tokens_per_s"]
@@ -290,6 +340,8 @@ def main() -> None:
     print(json.dumps({k: result[k] for k in ("lockstep", "closed_loop", "closed_loop_profile")}, indent=1)[:6000])
     if args.prefix:
         print(json.dumps(result["prefix"], indent=1)[:4000])
+    if args.carry:
+        print(json.dumps(result["carry"], indent=1))
     write_named_result(args.out, result, f"{args.model}-{args.mode}-loop")
 
 

@@ -32,3 +32,18 @@ def test_step_kinds():
     assert engine_loop.step_kind({"prefill_seqs": 2, "decode_rows": 5}) == "mixed"
     assert engine_loop.step_kind({"prefill_seqs": 1, "decode_rows": 0}) == "prefill_only"
     assert engine_loop.step_kind({"prefill_seqs": 0, "decode_rows": 5}) == "decode_only"
+
+
+def test_carry_probe_on_tiny(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [
+        "engine_loop", "--model", "tiny", "--device", "cpu", "--adapters", "2", "--concurrency", "4",
+        "--requests", "8", "--prompt-len", "16", "--output-len", "4", "--profile-steps", "2", "--carry", "3",
+        "--max-batched-tokens", "32", "--out", str(tmp_path)])
+    engine_loop.main()
+    (path,) = tmp_path.glob("*-tiny-unmerged-loop.json")
+    carry = json.loads(path.read_text())["carry"]
+    by_prompts = carry["by_prompts"]
+    assert carry["calls"] == 6 and sorted(by_prompts, key=int) == ["0", "1", "2", "3"]
+    assert by_prompts["0"]["carrying_steps"] == 0 and by_prompts["0"]["extra_ms"] == 0
+    # a 32-token budget takes two 16-token prompts a step: three prompts need two steps
+    assert by_prompts["1"]["carrying_steps"] == 1 and by_prompts["3"]["carrying_steps"] == 2
