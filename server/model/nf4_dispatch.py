@@ -97,45 +97,20 @@ class DequantScratch:
 
 
 SCRATCH = DequantScratch()  # process-wide: layers run one at a time, so one buffer serves them all
-# Dequantize + cuBLAS a piece of output rows at a time, each piece's 16-bit copy at most this many bytes, so that
-# the scratch stays in L2 between the dequantization that writes it and the matmul that reads it (0: one piece).
-DEQUANT_CHUNK_BYTES = int(float(os.environ.get("LORAPLEX_DEQUANT_CHUNK_MB", "0")) * (1 << 20))
-CHUNK_ROWS_MULTIPLE = 128  # pieces in whole matmul tiles of output rows
 
 
-def dequant_rows_per_chunk(shape, element_size: int = 2, chunk_bytes: int | None = None) -> int:
-    """Output rows a piece of the chunked dequant + matmul takes (all of them when the weight fits)."""
-    out_features, in_features = shape
-    limit = DEQUANT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    if not limit or out_features * in_features * element_size <= limit:
-        return out_features
-    rows = limit // (in_features * element_size) // CHUNK_ROWS_MULTIPLE * CHUNK_ROWS_MULTIPLE
-    return max(CHUNK_ROWS_MULTIPLE, rows)
+def dequant_linear(x, codes, absmax_f, shape, code_table, bias) -> torch.Tensor:
+    """y = x @ dequant(W)^T (+ bias) through the 16-bit scratch and cuBLAS.
 
-
-def dequant_linear(x, codes, absmax_f, shape, code_table, bias, chunk_bytes: int | None = None) -> torch.Tensor:
-    """y = x @ dequant(W)^T (+ bias) through the 16-bit scratch and cuBLAS, in pieces of output rows
-    (dequant_rows_per_chunk): each piece's codes and scales are whole rows, contiguous in bnb's layout."""
+    Measured against pieces of output rows small enough (4-32 MB) for each piece's 16-bit copy to stay in L2
+    between the dequantization and the matmul (H200, 2026-12-03-nvidia-h200-dequant-pieces-s16.json): every
+    piece size was slower (8B at 128 rows: 2.40-7.46x bf16 against 2.13x whole), so the whole weight it is."""
     from server.model.triton_nf4_dequant import nf4_dequantize_triton
 
     out_features, in_features = shape
-    words = codes_as_words(codes)
-    step = dequant_rows_per_chunk(shape, x.element_size(), chunk_bytes)
-    scratch = SCRATCH.get(step * in_features, x.device, x.dtype)
-    if step >= out_features:
-        weight = nf4_dequantize_triton(words, absmax_f, code_table, scratch)
-        return torch.nn.functional.linear(x, weight.view(out_features, in_features), bias)
-    out = torch.empty(x.shape[0], out_features, device=x.device, dtype=x.dtype)
-    word_rows, scale_rows = words.view(out_features, -1), absmax_f.view(out_features, -1)
-    for lo in range(0, out_features, step):
-        hi = min(lo + step, out_features)
-        piece = nf4_dequantize_triton(word_rows[lo:hi].reshape(-1), scale_rows[lo:hi].reshape(-1), code_table, scratch)
-        piece = piece.view(hi - lo, in_features).t()
-        if bias is None:
-            torch.mm(x, piece, out=out[:, lo:hi])
-        else:
-            torch.addmm(bias[lo:hi], x, piece, out=out[:, lo:hi])
-    return out
+    scratch = SCRATCH.get(out_features * in_features, x.device, x.dtype)
+    weight = nf4_dequantize_triton(codes_as_words(codes), absmax_f, code_table, scratch)
+    return torch.nn.functional.linear(x, weight.view(out_features, in_features), bias)
 
 
 def nf4_linear_cuda(
