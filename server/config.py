@@ -108,6 +108,14 @@ class Settings(BaseSettings):
         256, ge=0, le=4096, description="largest step (decode rows plus the tokens of short prefill chunks) "
         "replayed as a CUDA graph; steps with more prefill tokens run eagerly (0: decode rows only)"
     )
+    # TGI's max_waiting_tokens in spirit: a prompt that arrives beside a running decode batch costs that batch a
+    # step that reads every weight at prefill size (dequant + cuBLAS on an NF4 base), whatever the prompt's length;
+    # held a few steps, several prompts share that step.
+    prefill_hold_steps: int = Field(
+        0, ge=0, le=64, description="while a decode batch runs, waiting prompts are held back up to this many "
+        "steps so that several share one prefill step, unless they already fill the step's prefill room or the "
+        "batch's free rows (0: admitted at the first step)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug also logs each request")
     adapter_versions_kept: int = Field(
         3, ge=1, description="versions kept on disk per adapter; older ones are pruned after an upload"

@@ -91,7 +91,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_cache, settings.max_batch_size, settings.max_num_batched_tokens,
                                    self._admit, self._release,
                                    self._prefix_space if settings.enable_prefix_caching else None,
-                                   tenants=tenant_counters(settings))
+                                   tenants=tenant_counters(settings), hold_steps=settings.prefill_hold_steps)
         self.runner = ModelRunner(self.model, self.kv_cache, settings.max_batch_size, self.max_model_len,
                                   use_lora=self.lora_slots is not None,
                                   use_cuda_graphs=settings.cuda_graphs,

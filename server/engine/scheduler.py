@@ -42,7 +42,7 @@ class Scheduler:
     def __init__(self, kv_cache: KVCache, max_batch_size: int, max_num_batched_tokens: int,
                  admit_fn: Callable[[Request], Admission], release_fn: Callable[[Request], None],
                  prefix_space_fn: Callable[[Request], bytes] | None = None,
-                 tenants: TenantCounters | None = None):
+                 tenants: TenantCounters | None = None, hold_steps: int = 0):
         self.kv_cache = kv_cache
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -55,6 +55,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.graph_rows = 0  # rows of the largest decode-graph replay (set by the engine; 0 = none)
+        self.hold_steps = hold_steps  # Settings.prefill_hold_steps
+        self.held_steps = 0  # steps the waiting prompts have been held so far (see _hold)
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -86,7 +88,8 @@ class Scheduler:
                 batch.decode.append(request)
         skipped: set[int] = set()  # ids of requests the adapter policy said SKIP to in this step
         leaving = Counter(r.tenant for r in self.running if id(r) in ending)
-        while self.waiting and len(self.running) - len(ending) < self.max_batch_size and budget > 0:
+        admitting = not self._hold(batch, budget, len(ending))
+        while admitting and self.waiting and len(self.running) - len(ending) < self.max_batch_size and budget > 0:
             request = self.tenants.pick(self.waiting, skipped, leaving)
             if request is None:
                 break
@@ -117,6 +120,17 @@ class Scheduler:
         self.tenants.charge_output(batch.decode)
         self.tenants.charge_output(r for r, n in batch.prefill if r.num_computed_tokens + n >= r.prefill_target)
         return batch
+
+    def _hold(self, batch: ScheduledBatch, budget: int, num_ending: int) -> bool:
+        """Whether this step leaves the waiting prompts waiting (Settings.prefill_hold_steps): only beside a
+        decode batch and no other prefill work, while the prompts neither fill the step's prefill budget nor
+        the batch's free rows, for at most hold_steps steps in a row."""
+        free_rows = self.max_batch_size - len(self.running) + num_ending
+        hold = (self.hold_steps > 0 and bool(self.waiting) and bool(batch.decode) and not batch.prefill
+                and self.held_steps < self.hold_steps and len(self.waiting) < free_rows
+                and sum(r.num_tokens for r in self.waiting) < budget)
+        self.held_steps = self.held_steps + 1 if hold else 0
+        return hold
 
     def _prefill_budget(self, num_ending: int = 0) -> int:
         """Prefill tokens for this step. Beside running decode rows, prefill work that fits next to them
