@@ -40,8 +40,9 @@ WITH_CUDA_KERNEL: tuple[tuple[int | None, str], ...] = ((11, "tile"), (128, "wid
 # 24.7; at 8 rows tile wins gate_up 42.3 vs 50.0 and down 22.4 vs 24.3: the tile kernel keeps 1-11 rows.
 # At 64 rows 8B gate_up 91.5 vs 124.7 and dequant + cuBLAS 153.3, but 1B qkv and o lose to dequant (14.3 vs
 # 11.0, 14.1 vs 9.4: too few row tiles to fill the GPU); at 128 rows gate_up 142.6 vs dequant 157.8, down 67.1
-# vs 85.3, 8B qkv 42.1 vs 35.6 (dequant). Weights below the bound for the row count go to dequant + cuBLAS.
-WIDE_MIN_WEIGHTS = ((32, 0), (64, 16_000_000), (128, 50_000_000))  # (up to this many rows, least out x in)
+# vs 85.3, 8B qkv 42.1 vs 35.6 (dequant); 1B gate_up (33.5M weights) 37.9 vs 46.6 (-kernels-s16-m64-256.json),
+# 1B down (16.8M) 32.5 vs 28.9. Weights below the bound for the row count go to dequant + cuBLAS.
+WIDE_MIN_WEIGHTS = ((32, 0), (64, 16_000_000), (128, 30_000_000))  # (up to this many rows, least out x in)
 TRITON_ONLY: tuple[tuple[int | None, str], ...] = ((2, "bnb"), (32, "fused"), (None, "dequant"))
 BNB_ONLY: tuple[tuple[int | None, str], ...] = ((None, "bnb"),)
 

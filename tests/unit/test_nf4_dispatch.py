@@ -57,9 +57,10 @@ def test_kernel_section_reports_targets(tmp_path):
     (64, (2048, 2048), "dequant"), (64, (3072, 2048), "dequant"), (64, (6144, 4096), "wide"),
     (64, (4096, 4096), "wide"), (32, (2048, 2048), "wide"), (1, (2048, 2048), "tile"), (65, (28672, 4096), "wide"),
     (128, (4096, 14336), "wide"), (128, (6144, 4096), "dequant"), (129, (28672, 4096), "dequant"),
+    (128, (16384, 2048), "wide"), (128, (2048, 8192), "dequant"),
 ])  # fmt: skip
 def test_wide_batches_of_small_weights_go_to_dequant(rows, shape, expected):
-    """12-32 rows: the wide kernel; 33-64 rows for weights of 16M+ entries, 65-128 rows for 50M+ (the H200
+    """12-32 rows: the wide kernel; 33-64 rows for weights of 16M+ entries, 65-128 rows for 30M+ (the H200
     crossovers)."""
     assert nf4_dispatch.kernel_for(rows, shape, nf4_dispatch.WITH_CUDA_KERNEL) == expected
 
