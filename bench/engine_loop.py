@@ -230,7 +230,22 @@ def carry_costs(engine, make, max_prompts: int, repeats: int, log: StepLog, devi
     for k in result:
         result[k]["extra_ms"] = result[k]["ms"] - result[0]["ms"]
         result[k]["extra_ms_per_prompt"] = result[k]["extra_ms"] / k if k else 0.0
-    return {"calls": calls, "by_prompts": result}
+    profiles = {}
+    for k in (0, max_prompts):  # device time by kernel kind of the same window, without and with the prompts
+        prompts = make(k, 5000 + k)
+        for prompt in prompts:
+            prompt.params.max_tokens = 1
+
+        def window(prompts=prompts) -> None:
+            for prompt in prompts:
+                engine.add_request(prompt)
+            for _ in range(calls):
+                log.step()
+
+        profiles[k] = profile_window(window, 1)["device_ms_per_step"]
+    extra = {kind: ms - profiles[0].get(kind, 0.0) for kind, ms in profiles[max_prompts].items()}
+    return {"calls": calls, "by_prompts": result, "device_ms_by_kind": {str(k): v for k, v in profiles.items()},
+            "extra_device_ms_by_kind": extra}
 
 
 def main() -> None:

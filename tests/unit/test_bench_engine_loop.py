@@ -47,3 +47,5 @@ def test_carry_probe_on_tiny(tmp_path, monkeypatch):
     assert by_prompts["0"]["carrying_steps"] == 0 and by_prompts["0"]["extra_ms"] == 0
     # a 32-token budget takes two 16-token prompts a step: three prompts need two steps
     assert by_prompts["1"]["carrying_steps"] == 1 and by_prompts["3"]["carrying_steps"] == 2
+    assert set(carry["device_ms_by_kind"]) == {"0", "3"}  # on the CPU no kernel times: empty kinds
+    assert carry["extra_device_ms_by_kind"].keys() == carry["device_ms_by_kind"]["3"].keys()
