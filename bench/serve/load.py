@@ -79,6 +79,7 @@ class RequestResult:
     done: float | None = None
     chunk_times: list[float] | None = None
     completion_tokens: int | None = None
+    error: str | None = None  # the head of an error body or event: what a failed load says why
 
 
 def event_loop_name() -> str:
@@ -138,7 +139,7 @@ async def stream_completion(client: httpx.AsyncClient, model: str, prompt: list[
         async with client.stream("POST", "/v1/completions", json=body) as response:
             result.status = response.status_code
             if response.status_code != 200:
-                await response.aread()
+                result.error = (await response.aread())[:300].decode(errors="replace")
                 result.done = time.perf_counter()
                 return result
             async for line in response.aiter_lines():
@@ -154,10 +155,12 @@ async def stream_completion(client: httpx.AsyncClient, model: str, prompt: list[
                         result.first = now
                 elif '"error"' in line:
                     result.status = "stream_error"
+                    result.error = line[6:306]
                 if '"usage":{' in line:
                     result.completion_tokens = json.loads(line[6:])["usage"]["completion_tokens"]
     except httpx.HTTPError as err:
         result.status = type(err).__name__
+        result.error = str(err)[:300]
     if result.done is None and result.status == 200:
         result.status = "incomplete_stream"
     return result
@@ -231,6 +234,7 @@ def summarize(results: list[RequestResult], wall: float, traffic: Traffic, clien
         **_ms_stats("itl", itl),
         **_ms_stats("e2e", [r.done - r.sent for r in ok if r.done is not None]),
         "errors_by_status": dict(Counter(str(r.status) for r in results if r.status != 200)),
+        "first_error": {str(r.status): r.error for r in reversed(results) if r.status != 200},
         "client_cpu_s": round(client_cpu_s, 2), "client_procs": client_procs,
         "distinct_adapters": len({r.adapter for r in results}),
     }

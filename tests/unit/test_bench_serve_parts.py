@@ -133,3 +133,14 @@ def test_client_process_shares_cover_every_request_once():
     assert sorted(i for _, indices in parts for i in indices) == list(range(20))
     assert len(shares(traffic, 50)) == 7  # never more processes than streams
     assert shares(traffic, 1) == [(7, list(range(20)))]
+
+
+def test_a_failed_load_says_why_once_per_status():
+    from bench.serve.load import RequestResult, summarize
+
+    results = [RequestResult("a", 503, 0.0, error="the engine is not running: boom"),
+               RequestResult("a", 503, 0.0, error="later"), RequestResult("b", "ReadTimeout", 0.0, error="timed out"),
+               RequestResult("c", 200, 0.0, first=0.1, done=0.2, chunk_times=[0.1], completion_tokens=1)]
+    summary = summarize(results, 1.0, Traffic(adapters=("a", "b", "c"), prompt_len=4), 0.0)
+    assert summary["errors_by_status"] == {"503": 2, "ReadTimeout": 1}
+    assert summary["first_error"] == {"503": "the engine is not running: boom", "ReadTimeout": "timed out"}
