@@ -119,6 +119,7 @@ class LLMEngine:
             # Before any graph capture: building the CUDA NF4 kernel takes ~90 s on a fresh machine.
             with load_phase("kernels", "the CUDA NF4 kernels, built once per machine"):
                 log.info("NF4 kernels by batch rows: %s", nf4_dispatch.prepare())
+            nf4_dispatch.reserve_scratch(self.model)  # one dequant buffer for every graph captured below
         self.runner.prepare(settings.max_num_batched_tokens, (False, True) if self.runner.use_lora else (False,))
         with load_phase("top-p kernels", "the sampler's top-p draw (CUDA), built before serving"):
             self.sampler.warm_up()

@@ -84,17 +84,40 @@ def kernel_for(num_rows: int, shape, table=None) -> str:
 
 
 class DequantScratch:
-    """One 16-bit buffer per (device, dtype), grown to the largest layer it has held; never shrunk."""
+    """One 16-bit buffer per (device, dtype), grown to the largest layer it has held; never shrunk.
+
+    A CUDA graph captures the buffer's address, so a buffer that is outgrown is kept, not freed: freed, its memory
+    went back to the caching allocator, whose next owner (an eager prefill's activations, or the driver after
+    `empty_cache`) the older graphs' replays then wrote over. On the H200 that was an illegal memory access at the
+    first 128-row replay of a fresh 1B server (the 96-128 row graphs dequantized `down` into the buffer that
+    `gate_up` at 160 rows had outgrown). The engine reserves the largest layer before capturing
+    (`reserve_scratch`), so in serving nothing is outgrown at all."""
 
     def __init__(self):
         self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._outgrown: list[torch.Tensor] = []  # alive for the graphs that captured them
 
     def get(self, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (device, dtype)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
+            if buffer is not None:
+                self._outgrown.append(buffer)
             buffer = self._buffers[key] = torch.empty(numel, device=device, dtype=dtype)
         return buffer
+
+
+def reserve_scratch(model: torch.nn.Module) -> int:
+    """Size the scratch for the model's largest NF4 weight now (before any CUDA graph is captured), so that every
+    captured dequantization shares one buffer; returns its elements (0: no NF4 layer)."""
+    largest: dict[tuple[torch.device, torch.dtype], int] = {}
+    for module in model.modules():
+        if getattr(module, "is_quantized", False):
+            key = (module.codes.device, module.compute_dtype)
+            largest[key] = max(largest.get(key, 0), module.out_features * module.in_features)
+    for (device, dtype), numel in largest.items():
+        SCRATCH.get(numel, device, dtype)
+    return max(largest.values(), default=0)
 
 
 SCRATCH = DequantScratch()  # process-wide: layers run one at a time, so one buffer serves them all

@@ -324,3 +324,62 @@ def test_fused_lora_sums_keep_the_engine_logits(monkeypatch):
     for unfused, fused in zip(*results, strict=True):
         for a, b in zip(unfused, fused, strict=True):
             torch.testing.assert_close(b, a, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("rows", [65, 100, 128])
+def test_lora_expand_sums_at_wide_rows_on_the_1b_gate_up(rows):
+    """65-128 rows of the 1B gate_up (in 2,048, out 16,384) go to the wide kernel, whose split-K partials the fused
+    LoRA expand sums: bit for bit the summed output with the expand added, 32 adapters and a row without one."""
+    from server.model import cuda_nf4, triton_lora
+    from server.model.lora_meta import decode_lora_meta
+    from tests.lora_pools import mixed_ranks, random_pool
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    in_features, out_features, slots = 2048, 16384, 33
+    slice_offsets = (0, out_features // 2, out_features)
+    lora_a, lora_b, layout = random_pool(mixed_ranks(16, slots), 16, 2, in_features, out_features, torch.bfloat16,
+                                         gen, device="cuda")
+    token_slots = (torch.arange(rows, dtype=torch.int32, device="cuda") % 32).to(torch.int32)
+    token_slots[rows // 2] = -1
+    meta = decode_lora_meta(token_slots)
+    x = torch.randn(rows, in_features, device="cuda", generator=gen).to(torch.bfloat16)
+    codes, absmax, wshape, table, _ = _layer(in_features, out_features)
+    tiled = _tiled(codes, absmax, wshape)
+    assert nf4_dispatch.kernel_for(rows, wshape) == "wide"
+    sums = cuda_nf4.nf4_wide(x, tiled, wshape, table, None, defer_sum=True)
+    h = triton_lora.lora_shrink(x, lora_a, layout, meta, 2)
+    got = triton_lora.lora_expand_sums(sums, h, lora_b, layout, meta, slice_offsets) if hasattr(sums, "partials") \
+        else None
+    expected = cuda_nf4.nf4_wide(x, tiled, wshape, table, None)
+    assert _rel_err(expected, x, codes, absmax, wshape, table, torch.zeros(out_features, device="cuda")) < 1e-2
+    triton_lora.lora_expand(expected, h, lora_b, layout, meta, slice_offsets)
+    torch.cuda.synchronize()
+    if got is not None:
+        assert torch.equal(got, expected)
+
+
+def test_a_captured_dequant_keeps_its_scratch_when_a_larger_layer_outgrows_it(monkeypatch):
+    """A graph captures the dequant scratch's address; a larger layer's eager call then outgrows the buffer and the
+    allocator's cache is emptied. The replay must still compute the small layer (it wrote into freed memory before:
+    an illegal memory access at a fresh 1B server's first 128-row replay)."""
+    monkeypatch.setattr(nf4_dispatch, "SCRATCH", nf4_dispatch.DequantScratch())
+    small, large = _layer(1024, 512), _layer(2048, 4096)
+    x = torch.randn(96, 1024, device="cuda").to(torch.bfloat16)
+    codes, absmax, wshape, table, _ = small
+    want = nf4_dispatch.dequant_linear(x, codes, absmax, wshape, table, None)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        nf4_dispatch.dequant_linear(x, codes, absmax, wshape, table, None)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = nf4_dispatch.dequant_linear(x, codes, absmax, wshape, table, None)
+    big_x = torch.randn(8, 2048, device="cuda").to(torch.bfloat16)
+    nf4_dispatch.dequant_linear(big_x, large[0], large[1], large[2], large[3], None)  # outgrows the scratch
+    torch.cuda.empty_cache()
+    filler = torch.full((64 << 20,), 7, device="cuda", dtype=torch.uint8)  # takes freed memory if any
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+    del filler
