@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
-FAKE_GRAPH_ROWS = 256  # the default cuda_graph_max_rows
+FAKE_GRAPH_ROWS = 1024  # the default cuda_graph_max_rows
 FAKE_TOKEN = 300  # an ordinary merged token of the tiny byte-level BPE vocabulary
 ENV_STEP_MS = "LORAPLEX_BENCH_FAKE_STEP_MS"
 ENV_PREFILL_US = "LORAPLEX_BENCH_FAKE_PREFILL_US"

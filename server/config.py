@@ -101,11 +101,12 @@ class Settings(BaseSettings):
         "the HTTP process, whose GIL a faster step loop starves (H200 fairness run: HTTP admission 24 ms "
         "against 3, see bench/NOTES.md)"
     )
-    # 256 measured against 512 and 1024 (H200, 1B c32 with --engine-process, twelfth session): bigger replays took
-    # more prompts a step and emptied the queue sooner (18 -> 7-8 ms mean), but cost as much as they saved (greedy
-    # 8,232 and 8,163 tokens/s against 8,276-8,943 at 256).
+    # 1024 (H200, 1B c32 --engine-process, 1,024-request loads, A/B in one call of the seventeenth session): greedy
+    # 10,150 tokens/s against 9,441 at 256, ITL p50 1.82 against 2.04 ms, queue mean 5 against 16 ms
+    # (2026-12-03-nvidia-h200-serve-c32-1b-s17-r1024*.json; the sixteenth session's 1,024 run: 10,087). The twelfth
+    # session had found 512 and 1,024 no better than 256 on 256-request loads, before the fused glue and sampler.
     cuda_graph_max_rows: int = Field(
-        256, ge=0, le=4096, description="largest step (decode rows plus the tokens of short prefill chunks) "
+        1024, ge=0, le=4096, description="largest step (decode rows plus the tokens of short prefill chunks) "
         "replayed as a CUDA graph; steps with more prefill tokens run eagerly (0: decode rows only)"
     )
     # TGI's max_waiting_tokens in spirit: a prompt that arrives beside a running decode batch costs that batch a
