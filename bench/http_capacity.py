@@ -89,7 +89,8 @@ def install_fake_model(step_ms: float, prefill_us_per_token: float) -> None:
 
     def init_with_graphs(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        self.graphs = _FakeGraphs(max(self.max_batch_size, FAKE_GRAPH_ROWS))  # the CUDA engine's step shapes
+        # the CUDA engine's step shapes
+        self.graphs = _FakeGraphs(max(self.max_batch_size, FAKE_GRAPH_ROWS), self.max_batch_size)
 
     ModelRunner.__init__, ModelRunner.prefill, ModelRunner.decode = init_with_graphs, prefill, decode
 
@@ -97,8 +98,12 @@ def install_fake_model(step_ms: float, prefill_us_per_token: float) -> None:
 class _FakeGraphs:
     """What the engine and the scheduler read of DecodeGraphs: the rows one replay takes."""
 
-    def __init__(self, max_rows: int):
+    def __init__(self, max_rows: int, max_sequences: int):
         self.max_rows = max_rows
+        self.max_sequences = max_sequences
+
+    def fits(self, num_sequences: int) -> bool:
+        return num_sequences <= self.max_sequences
 
     def capture_all(self, lora_variants) -> int:
         return 0

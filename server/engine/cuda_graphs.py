@@ -3,7 +3,7 @@
 A decode step of a small model is mostly kernel-launch and Python overhead (HF: 27 ms for a 1B
 model whose weights take 0.4 ms to read). Capturing the whole forward once per bucket and replaying
 it removes that. Inputs live in static device buffers; each step copies the host-built metadata in
-(one asynchronous copy), replays, and reads the logits rows it needs. Every bucket is captured
+(one asynchronous copy) and replays; the LM head runs only on the rows that sample. Every bucket is captured
 at start-up (the engine's "cuda graphs" loading phase; a capture in the middle of serving stalls every
 running stream) and all share one memory pool.
 """
@@ -33,45 +33,81 @@ def bucket_for(batch_size: int, max_batch_size: int) -> int:
     return batch_size
 
 
+def logit_rows(requests, chunks=()) -> list[int]:
+    """The rows of a replay whose logits are sampled: the last row of each chunk that completes its prefill, in
+    order, then one per decode request (rows as decode_rows lays them out: chunk tokens first)."""
+    rows, last = [], 0
+    for request, chunk in chunks:
+        last += chunk
+        if request.num_computed_tokens + chunk == request.prefill_target:
+            rows.append(last - 1)
+    return rows + list(range(last, last + len(requests)))
+
+
 class DecodeGraphs:
     """Captured decode steps keyed by (bucket, with_lora)."""
 
-    def __init__(self, runner, max_rows: int):
+    def __init__(self, runner, max_rows: int, max_sequences: int):
         self.runner = runner
         self.max_rows = max_rows  # decode rows plus prefill-chunk tokens of one replay
+        # Sequences of one step (the scheduler's max_batch_size): a replay computes logits for at most this many
+        # rows, not for the whole bucket. A 1,024-row bucket's LM head over every row was 1,024 x 128,256 fp32
+        # logits (525 MB) and, on the 1B shape, ~0.5 TFLOP a replay for the 33 rows that sample.
+        self.max_sequences = max_sequences
         self.pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple[int, bool], tuple[dict[str, torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
 
+    def fits(self, num_sequences: int) -> bool:
+        """Whether a replay can return the logits of this many sequences (else the step runs eagerly)."""
+        return num_sequences <= self.max_sequences
+
     def run(self, requests, with_lora: bool, chunks=(), input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Replay for `requests` (one decode row each) after `chunks` (one row per prefill token);
-        returns the bucket's logits [bucket, vocab], rows in that order, then padding. `input_ids`: the
-        decode rows' input ids, on the device."""
-        bucket = bucket_for(len(requests) + sum(n for _, n in chunks), self.max_rows)
-        key = (bucket, with_lora)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(bucket, with_lora)
-        inputs, logits, graph = self._graphs[key]
-        self._fill(inputs, *self.runner.decode_rows(requests, bucket, chunks))
+        """Replay for `requests` (one decode row each) after `chunks` (one row per prefill token); returns the
+        logits of `logit_rows`: one row per chunk that completes its prefill, in order, then one per request.
+        `input_ids`: the decode rows' input ids, on the device."""
+        key = (bucket_for(len(requests) + sum(n for _, n in chunks), self.max_rows), with_lora)
+        inputs = self._static_inputs(key)
+        wanted = logit_rows(requests, chunks)
+        self._fill(inputs, *self.runner.decode_rows(requests, key[0], chunks), wanted)
         if input_ids is not None:
             first = sum(n for _, n in chunks)
             inputs["input_ids"][first : first + len(requests)].copy_(input_ids)
+        return self._replay(key)[: len(wanted)]
+
+    def step_inputs(self, bucket: int) -> dict[str, torch.Tensor]:
+        """Host tensors of an empty step of `bucket` rows (the shapes a graph captures)."""
+        inputs = self.runner.decode_inputs([], bucket)
+        inputs["logit_rows"] = torch.zeros(min(bucket, self.max_sequences), dtype=torch.long)
+        return inputs
+
+    def _static_inputs(self, key: tuple[int, bool]) -> dict[str, torch.Tensor]:
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(*key)
+        return self._graphs[key][0]
+
+    def _replay(self, key: tuple[int, bool]) -> torch.Tensor:
+        _, logits, graph = self._graphs[key]
         graph.replay()
         return logits
 
-    def _fill(self, inputs: dict[str, torch.Tensor], rows: list[list[int]], tables: list[list[int]]) -> None:
+    def _fill(self, inputs: dict[str, torch.Tensor], rows: list[list[int]], tables: list[list[int]],
+              wanted: list[int]) -> None:
         """Write a step's rows into the static inputs: one pinned, asynchronous copy of every value (no
         stream sync: the host may run ahead of the GPU), then device-side copies. Block tables go as
         one row per sequence, only as wide as the longest, and are gathered per row on the device: the
-        columns past that width keep stale entries, which no row's context length reaches."""
+        columns past that width keep stale entries, which no row's context length reaches. `wanted`: the
+        rows whose logits the step needs, padded with row 0 to the graph's logit rows."""
         width = max(1, max(len(t) for t in tables))
-        flat = sum(rows, []) + [block for t in tables for block in t + [0] * (width - len(t))]
+        padded = wanted + [0] * (inputs["logit_rows"].numel() - len(wanted))
+        flat = sum(rows, []) + [block for t in tables for block in t + [0] * (width - len(t))] + padded
         values = to_device(flat, torch.long, self.runner.device)
         bucket = len(rows[0])
         per_row = values[: len(rows) * bucket].view(len(rows), bucket)
         for index, name in enumerate(DECODE_ROW_FIELDS):
             inputs[name].copy_(per_row[index])
-        table = values[len(rows) * bucket :].view(len(tables), width)
+        table = values[len(rows) * bucket : len(rows) * bucket + len(tables) * width].view(len(tables), width)
         inputs["block_tables"][:, :width].copy_(table.index_select(0, per_row[-1]))
+        inputs["logit_rows"].copy_(values[len(values) - len(padded) :])
 
     def capture_all(self, lora_variants: tuple[bool, ...]) -> int:
         """Capture every bucket up to max_rows now (at start-up), so no serving step pays a capture."""
@@ -84,7 +120,7 @@ class DecodeGraphs:
         return len(self._graphs)
 
     def _capture(self, bucket: int, with_lora: bool):
-        inputs = {k: v.to(self.runner.device) for k, v in self.runner.decode_inputs([], bucket).items()}
+        inputs = {k: v.to(self.runner.device) for k, v in self.step_inputs(bucket).items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

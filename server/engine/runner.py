@@ -53,7 +53,7 @@ class ModelRunner:
         self.graphs = None
         self.prefill_in_graphs = max_graph_rows > 0  # short prefill chunks may ride a decode replay
         if use_cuda_graphs and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(self, max(max_batch_size, max_graph_rows))
+            self.graphs = DecodeGraphs(self, max(max_batch_size, max_graph_rows), max_batch_size)
 
     def _slot_index(self, request: Request, position: int) -> int:
         block = request.block_ids[position // self.block_size]
@@ -226,7 +226,9 @@ class ModelRunner:
 
     def graph_fits(self, chunks: list[tuple[Request, int]], requests: list[Request]) -> bool:
         """Whether this step's prefill chunks and decode rows run as one graph replay (one row a token)."""
-        if any(r.params.prompt_logprobs is not None for r, _ in chunks):
+        if not self.graph_prefill_rows or any(r.params.prompt_logprobs is not None for r, _ in chunks):
+            return False
+        if not self.graphs.fits(len(requests) + len(chunks)):
             return False
         # Row j of a chunk reads its whole context on its own (the decode kernel shares no key tile
         # between rows, as prefill attention does): bound the rows' total context.
@@ -284,6 +286,8 @@ class ModelRunner:
             lora=lora,
         )
         hidden = self.model(inputs["input_ids"], inputs["positions"], ctx)
+        if "logit_rows" in inputs:  # a graph's step: only the rows that sample (DecodeGraphs.step_inputs)
+            hidden = hidden.index_select(0, inputs["logit_rows"])
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -296,16 +300,9 @@ class ModelRunner:
         a placeholder."""
         with_lora = self.use_lora and any(r.slot >= 0 for r in [*requests, *(r for r, _ in chunks)])
         if chunks:
-            logits = self.graphs.run(requests, with_lora, chunks, input_ids)
-            rows, last = [], 0
-            for request, chunk in chunks:
-                last += chunk
-                if request.num_computed_tokens + chunk == request.prefill_target:
-                    rows.append(last - 1)
-            rows += range(last, last + len(requests))
-            return logits.index_select(0, to_device(rows, torch.long, self.device))
-        if self.graphs is not None and len(requests) <= self.graphs.max_rows:
-            return self.graphs.run(requests, with_lora, input_ids=input_ids)[: len(requests)]
+            return self.graphs.run(requests, with_lora, chunks, input_ids)
+        if self.graphs is not None and len(requests) <= self.graphs.max_rows and self.graphs.fits(len(requests)):
+            return self.graphs.run(requests, with_lora, input_ids=input_ids)
         inputs = self.decode_inputs(requests, len(requests))
         # Eager steps need no static shape: trim the block tables to the longest sequence so that the
         # torch attention path (CPU) reads what the batch holds, not max_model_len.

@@ -78,7 +78,7 @@ def test_each_decode_graph_capture_runs_with_the_collector_off(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph", graph)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(cuda_graphs.gc, "collect", lambda *a: collected.append(True) or 0)
-    graphs = cuda_graphs.DecodeGraphs(Runner(), max_rows=2)
+    graphs = cuda_graphs.DecodeGraphs(Runner(), max_rows=2, max_sequences=2)
     assert graphs.capture_all((False,)) == 2  # buckets 1 and 2
     assert collected == [True]
     assert seen == [("warm-up", True), ("warm-up", True), ("capture", False)] * 2

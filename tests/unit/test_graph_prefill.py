@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.cuda_graphs import DecodeGraphs, bucket_for
+from server.engine.cuda_graphs import DecodeGraphs, logit_rows
 from server.engine.request import Request, SamplingParams
 from tests.unit.engine_helpers import make_engine
 from tests.unit.test_mixed_batch_oracle import adapter_refs, capture_sampled, peft_logits
@@ -16,24 +16,24 @@ from tests.unit.test_mixed_batch_oracle import adapter_refs, capture_sampled, pe
 
 class EagerReplay(DecodeGraphs):
     """DecodeGraphs without capture: the same static inputs (stale values left in them on purpose),
-    filled the same way, run eagerly; counts the chunk rows that ran."""
+    filled by the same `run`, replayed eagerly through forward_decode; counts the chunk rows that ran."""
 
     def __init__(self, runner, max_rows: int):
-        self.runner, self.max_rows = runner, max_rows
+        self.runner, self.max_rows, self.max_sequences = runner, max_rows, runner.max_batch_size
         self.chunk_rows = 0
         self.static = {}
 
     def run(self, requests, with_lora, chunks=(), input_ids=None):
         self.chunk_rows += sum(n for _, n in chunks)
-        bucket = bucket_for(len(requests) + sum(n for _, n in chunks), self.max_rows)
-        if bucket not in self.static:
-            self.static[bucket] = {k: torch.full_like(v, 3) for k, v in self.runner.decode_inputs([], bucket).items()}
-        inputs = self.static[bucket]
-        self._fill(inputs, *self.runner.decode_rows(requests, bucket, chunks))
-        if input_ids is not None:
-            first = sum(n for _, n in chunks)
-            inputs["input_ids"][first : first + len(requests)].copy_(input_ids)
-        return self.runner.forward_decode(inputs, with_lora)
+        return super().run(requests, with_lora, chunks, input_ids)
+
+    def _static_inputs(self, key):
+        if key not in self.static:
+            self.static[key] = {k: torch.full_like(v, 3) for k, v in self.step_inputs(key[0]).items()}
+        return self.static[key]
+
+    def _replay(self, key):
+        return self.runner.forward_decode(self.static[key], key[1])
 
 
 def replaying(engine, max_rows: int = 64) -> EagerReplay:
@@ -166,3 +166,45 @@ def _run_alone(engine, request) -> list[int]:
     while engine.has_unfinished():
         engine.step()
     return request.output_token_ids
+
+
+def test_logit_rows_are_the_finishing_chunks_last_rows_then_the_decode_rows():
+    finishing = Request(list(range(10)), SamplingParams(max_tokens=2))
+    partial = Request(list(range(30)), SamplingParams(max_tokens=2))
+    finishing.prefill_target, partial.prefill_target = 10, 30  # as the scheduler sets them
+    decoding = [greedy([1, 2], 2), greedy([3], 2)]
+    assert logit_rows(decoding, [(finishing, 10), (partial, 8)]) == [9, 18, 19]
+    assert logit_rows(decoding) == [0, 1]
+    assert logit_rows([], [(partial, 8)]) == []
+
+
+def test_a_replay_runs_the_lm_head_on_the_sampled_rows_only_and_steps_past_them_run_eagerly(tiny_llama_dir):
+    """A 20-token prompt beside two decode rows rides a 32-row replay: the LM head sees the graph's
+    min(bucket, max_batch_size) = 4 rows (not 32), and the tokens equal an engine without replays. With room
+    for fewer sequences than a step has, that step runs eagerly."""
+    prompts = [[5, 17, 33], [40, 41], list(range(60, 80))]
+    results = []
+    for mode in ("replay", "eager", "too-few-rows"):
+        engine = make_engine(tiny_llama_dir, kv_cache_blocks=64, max_batch_size=4)
+        if mode != "eager":
+            replay = replaying(engine)
+            if mode == "too-few-rows":
+                replay.max_sequences = 2
+        heads = []
+        compute = engine.model.compute_logits
+        engine.model.compute_logits = lambda hidden, heads=heads, compute=compute: (
+            heads.append(hidden.shape[0]) or compute(hidden))
+        requests = [greedy(p, 5) for p in prompts]
+        engine.add_request(requests[0])
+        engine.add_request(requests[1])
+        engine.step()
+        engine.add_request(requests[2])
+        while engine.has_unfinished():
+            engine.step()
+        results.append([r.output_token_ids for r in requests])
+        if mode == "replay":
+            assert replay.chunk_rows == 3 + 2 + 20  # two prompts in one replay, then 20 tokens beside 2 decode rows
+            assert max(heads) == 4
+        if mode == "too-few-rows":
+            assert replay.chunk_rows == 3 + 2  # two sequences fit; the third prompt's step runs eagerly
+    assert results[0] == results[1] == results[2]
