@@ -13,10 +13,11 @@ prefill-only, mixed), then profiles a window of closed-loop steps (host time by 
 kernel kind) to tell a host-bound step from a device-bound one.
 
 `--carry K` measures what prompts cost when they arrive beside a decode batch (the server's case): with
-`--concurrency` requests decoding, k one-token prompts (k = 0..K) are added and the engine stepped a fixed
-number of times; each k's median wall time over that window, less k = 0's, is what carrying k prompts cost,
-and the step log says over how many steps the scheduler spread them. `--graph-rows` sets
-cuda_graph_max_rows (how many prompt tokens a decode replay may carry).
+`--concurrency` requests decoding, k prompts of `--prompt-len` tokens that want one output token
+(k = 0..K) are added and the engine stepped a fixed number of times; each k's median wall time over that
+window, less k = 0's, is what carrying k prompts cost, and the step log says over how many steps the
+scheduler spread them. `--graph-rows` sets cuda_graph_max_rows (how many prompt tokens a decode replay
+may carry).
 
 `--prefix N` adds the prefix-cache probe of issue 10 at the engine level: time to first token of a
 prompt of N + 16 tokens whose first N are cached (hit) against a fresh one (miss), and a profile of the
@@ -127,6 +128,10 @@ def closed_loop(engine, requests: list, concurrency: int, device: torch.device, 
     }
 
 
+KERNEL_NAME_CHARS = 120  # kernel names (templated ones run to kilobytes) are cut to this many characters
+TOP_KERNELS = 40  # kernels of a profile kept by name, the longest first
+
+
 def profile_window(step_fn, num_steps: int) -> dict:
     """Host op time (self CPU) and device time by kernel kind over `num_steps` calls of step_fn."""
     from torch.profiler import ProfilerActivity, profile
@@ -139,10 +144,14 @@ def profile_window(step_fn, num_steps: int) -> dict:
         sync(None)
     wall_ms = (time.perf_counter() - start) * 1e3
     device_by_kind: dict[str, float] = {}
+    device_by_kernel: dict[str, float] = {}
     for event in prof.events():
         if str(getattr(event, "device_type", "")).endswith("CUDA") and event.device_time > 0:
             kind = kind_of(event.name)
             device_by_kind[kind] = device_by_kind.get(kind, 0.0) + event.device_time / 1e3
+            name = event.name[:KERNEL_NAME_CHARS]
+            device_by_kernel[name] = device_by_kernel.get(name, 0.0) + event.device_time / 1e3
+    top_kernels = sorted(device_by_kernel.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
     host = sorted(
         ((e.key, e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()), key=lambda row: -row[1]
     )[:30]
@@ -151,6 +160,7 @@ def profile_window(step_fn, num_steps: int) -> dict:
         "wall_ms_per_step": wall_ms / num_steps,
         "device_ms_per_step": {k: v / num_steps for k, v in sorted(device_by_kind.items(), key=lambda kv: -kv[1])},
         "device_total_ms_per_step": sum(device_by_kind.values()) / num_steps,
+        "device_ms_per_step_by_kernel": {name: ms / num_steps for name, ms in top_kernels},
         "host_self_ms_per_step_top": {name: [ms / num_steps, count / num_steps] for name, ms, count in host},
     }
 
@@ -242,10 +252,14 @@ def carry_costs(engine, make, max_prompts: int, repeats: int, log: StepLog, devi
             for _ in range(calls):
                 log.step()
 
-        profiles[k] = profile_window(window, 1)["device_ms_per_step"]
-    extra = {kind: ms - profiles[0].get(kind, 0.0) for kind, ms in profiles[max_prompts].items()}
-    return {"calls": calls, "by_prompts": result, "device_ms_by_kind": {str(k): v for k, v in profiles.items()},
-            "extra_device_ms_by_kind": extra}
+        profiles[k] = profile_window(window, 1)
+    by_kind = {k: p["device_ms_per_step"] for k, p in profiles.items()}
+    by_kernel = {k: p["device_ms_per_step_by_kernel"] for k, p in profiles.items()}
+    extra = {kind: ms - by_kind[0].get(kind, 0.0) for kind, ms in by_kind[max_prompts].items()}
+    extra_by_kernel = sorted(((name, ms - by_kernel[0].get(name, 0.0)) for name, ms in by_kernel[max_prompts].items()),
+                             key=lambda kv: -kv[1])
+    return {"calls": calls, "by_prompts": result, "device_ms_by_kind": {str(k): v for k, v in by_kind.items()},
+            "extra_device_ms_by_kind": extra, "extra_device_ms_by_kernel": dict(extra_by_kernel)}
 
 
 def main() -> None:

@@ -49,3 +49,4 @@ def test_carry_probe_on_tiny(tmp_path, monkeypatch):
     assert by_prompts["1"]["carrying_steps"] == 1 and by_prompts["3"]["carrying_steps"] == 2
     assert set(carry["device_ms_by_kind"]) == {"0", "3"}  # on the CPU no kernel times: empty kinds
     assert carry["extra_device_ms_by_kind"].keys() == carry["device_ms_by_kind"]["3"].keys()
+    assert carry["extra_device_ms_by_kernel"] == {}  # the same: no kernels on the CPU
