@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 
 import torch
 
@@ -24,6 +25,14 @@ log = logging.getLogger(__name__)
 DECODE_ROW_FIELDS = {"input_ids": torch.long, "positions": torch.long, "slot_mapping": torch.long,
                      "context_lens": torch.int32, "lora_slots": torch.int32}
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+# A replay that carries prompt chunks gives the LoRA kernels each chunk's rows in segments of up to LORA_TILE rows
+# (one segment per decode row, as before), through graphs captured for it ("tiled"; buckets from
+# TILED_MIN_BUCKET). With one segment a row, a chunk's every token read its adapter's whole B (rank x out) and A
+# on its own: on the H200 four 128-token prompts beside 32 decode rows (1B, 32 adapters) added 3.3 ms of expand
+# and 1.4 ms of shrink to the step, more than the base layers they passed through (engine_loop --carry,
+# eighteenth session). LORAPLEX_LORA_TILE=0 turns the tiled graphs off (A/B timing).
+LORA_TILE = int(os.environ.get("LORAPLEX_LORA_TILE", "16"))
+TILED_MIN_BUCKET = 64
 
 
 def bucket_for(batch_size: int, max_batch_size: int) -> int:
@@ -44,8 +53,30 @@ def logit_rows(requests, chunks=()) -> list[int]:
     return rows + list(range(last, last + len(requests)))
 
 
+def lora_tiles(requests, chunks=(), tile: int = LORA_TILE) -> tuple[list[int], list[int]]:
+    """The LoRA segments of a replay's rows (laid out as decode_rows lays them): each chunk's rows in pieces of at
+    most `tile`, then one per decode request. Returns (starts [n + 1], adapter slots [n])."""
+    starts, slots = [0], []
+    for request, chunk in chunks:
+        for first in range(0, chunk, tile):
+            starts.append(starts[-1] + min(tile, chunk - first))
+            slots.append(request.slot)
+    for request in requests:
+        starts.append(starts[-1] + 1)
+        slots.append(request.slot)
+    return starts, slots
+
+
+def max_lora_tiles(bucket: int, max_sequences: int, tile: int = LORA_TILE) -> int:
+    """A bound on lora_tiles' segments for a replay of `bucket` rows and at most `max_sequences` sequences: each
+    sequence's rows take at most (rows + tile - 1) // tile of them, so all take at most bucket // tile + sequences,
+    and never more than one a row."""
+    return min(bucket, max_sequences + bucket // tile)
+
+
 class DecodeGraphs:
-    """Captured decode steps keyed by (bucket, with_lora)."""
+    """Captured decode steps keyed by (bucket, with_lora, tiled): tiled graphs (LoRA only) run steps that carry
+    prompt chunks, with their LoRA segments in tiles (LORA_TILE)."""
 
     def __init__(self, runner, max_rows: int, max_sequences: int):
         self.runner = runner
@@ -54,8 +85,10 @@ class DecodeGraphs:
         # rows, not for the whole bucket. A 1,024-row bucket's LM head over every row was 1,024 x 128,256 fp32
         # logits (525 MB) and, on the 1B shape, ~0.5 TFLOP a replay for the 33 rows that sample.
         self.max_sequences = max_sequences
+        self.tiled = LORA_TILE > 0 and runner.prefill_in_graphs
         self.pool = torch.cuda.graph_pool_handle()
-        self._graphs: dict[tuple[int, bool], tuple[dict[str, torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
+        self._graphs: dict[tuple[int, bool, bool], tuple[dict[str, torch.Tensor], torch.Tensor,
+                                                         torch.cuda.CUDAGraph]] = {}
 
     def fits(self, num_sequences: int) -> bool:
         """Whether a replay can return the logits of this many sequences (else the step runs eagerly)."""
@@ -65,41 +98,55 @@ class DecodeGraphs:
         """Replay for `requests` (one decode row each) after `chunks` (one row per prefill token); returns the
         logits of `logit_rows`: one row per chunk that completes its prefill, in order, then one per request.
         `input_ids`: the decode rows' input ids, on the device."""
-        key = (bucket_for(len(requests) + sum(n for _, n in chunks), self.max_rows), with_lora)
+        bucket = bucket_for(len(requests) + sum(n for _, n in chunks), self.max_rows)
+        key = (bucket, with_lora, with_lora and bool(chunks) and self._has_tiled(bucket))
         inputs = self._static_inputs(key)
         wanted = logit_rows(requests, chunks)
-        self._fill(inputs, *self.runner.decode_rows(requests, key[0], chunks), wanted)
+        tiles = lora_tiles(requests, chunks) if key[2] else None
+        self._fill(inputs, *self.runner.decode_rows(requests, bucket, chunks), wanted, tiles)
         if input_ids is not None:
             first = sum(n for _, n in chunks)
             inputs["input_ids"][first : first + len(requests)].copy_(input_ids)
         return self._replay(key)[: len(wanted)]
 
-    def step_inputs(self, bucket: int) -> dict[str, torch.Tensor]:
+    def _has_tiled(self, bucket: int) -> bool:
+        return self.tiled and bucket >= TILED_MIN_BUCKET
+
+    def step_inputs(self, bucket: int, tiled: bool = False) -> dict[str, torch.Tensor]:
         """Host tensors of an empty step of `bucket` rows (the shapes a graph captures)."""
         inputs = self.runner.decode_inputs([], bucket)
         inputs["logit_rows"] = torch.zeros(min(bucket, self.max_sequences), dtype=torch.long)
+        if tiled:  # empty segments (start = end) of no adapter, as padding stays
+            tiles = max_lora_tiles(bucket, self.max_sequences)
+            inputs["lora_tile_starts"] = torch.zeros(tiles + 1, dtype=torch.int32)
+            inputs["lora_tile_slots"] = torch.full((tiles,), -1, dtype=torch.int32)
         return inputs
 
-    def _static_inputs(self, key: tuple[int, bool]) -> dict[str, torch.Tensor]:
+    def _static_inputs(self, key: tuple[int, bool, bool]) -> dict[str, torch.Tensor]:
         if key not in self._graphs:
             self._graphs[key] = self._capture(*key)
         return self._graphs[key][0]
 
-    def _replay(self, key: tuple[int, bool]) -> torch.Tensor:
+    def _replay(self, key: tuple[int, bool, bool]) -> torch.Tensor:
         _, logits, graph = self._graphs[key]
         graph.replay()
         return logits
 
     def _fill(self, inputs: dict[str, torch.Tensor], rows: list[list[int]], tables: list[list[int]],
-              wanted: list[int]) -> None:
+              wanted: list[int], tiles: tuple[list[int], list[int]] | None = None) -> None:
         """Write a step's rows into the static inputs: one pinned, asynchronous copy of every value (no
         stream sync: the host may run ahead of the GPU), then device-side copies. Block tables go as
         one row per sequence, only as wide as the longest, and are gathered per row on the device: the
         columns past that width keep stale entries, which no row's context length reaches. `wanted`: the
-        rows whose logits the step needs, padded with row 0 to the graph's logit rows."""
+        rows whose logits the step needs, padded with row 0 to the graph's logit rows. `tiles`: lora_tiles' segments
+        (a tiled graph), padded with empty segments of slot -1."""
         width = max(1, max(len(t) for t in tables))
         padded = wanted + [0] * (inputs["logit_rows"].numel() - len(wanted))
         flat = sum(rows, []) + [block for t in tables for block in t + [0] * (width - len(t))] + padded
+        if tiles is not None:
+            starts, slots = tiles
+            pad = inputs["lora_tile_slots"].numel() - len(slots)
+            flat += starts + [starts[-1]] * pad + slots + [-1] * pad
         values = to_device(flat, torch.long, self.runner.device)
         bucket = len(rows[0])
         per_row = values[: len(rows) * bucket].view(len(rows), bucket)
@@ -107,20 +154,26 @@ class DecodeGraphs:
             inputs[name].copy_(per_row[index])
         table = values[len(rows) * bucket : len(rows) * bucket + len(tables) * width].view(len(tables), width)
         inputs["block_tables"][:, :width].copy_(table.index_select(0, per_row[-1]))
-        inputs["logit_rows"].copy_(values[len(values) - len(padded) :])
+        end = len(rows) * bucket + len(tables) * width + len(padded)
+        inputs["logit_rows"].copy_(values[end - len(padded) : end])
+        if tiles is not None:
+            num_starts = inputs["lora_tile_starts"].numel()
+            inputs["lora_tile_starts"].copy_(values[end : end + num_starts])
+            inputs["lora_tile_slots"].copy_(values[end + num_starts :])
 
     def capture_all(self, lora_variants: tuple[bool, ...]) -> int:
         """Capture every bucket up to max_rows now (at start-up), so no serving step pays a capture."""
         buckets = sorted({bucket_for(rows, self.max_rows) for rows in range(1, self.max_rows + 1)})
         gc.collect()  # dead graphs go now, not in the middle of a capture (_no_garbage_collection)
-        for bucket in buckets:
-            for with_lora in lora_variants:
-                if (bucket, with_lora) not in self._graphs:
-                    self._graphs[(bucket, with_lora)] = self._capture(bucket, with_lora)
+        keys = [(bucket, with_lora, False) for bucket in buckets for with_lora in lora_variants]
+        keys += [(bucket, True, True) for bucket in buckets if True in lora_variants and self._has_tiled(bucket)]
+        for key in keys:
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(*key)
         return len(self._graphs)
 
-    def _capture(self, bucket: int, with_lora: bool):
-        inputs = {k: v.to(self.runner.device) for k, v in self.step_inputs(bucket).items()}
+    def _capture(self, bucket: int, with_lora: bool, tiled: bool):
+        inputs = {k: v.to(self.runner.device) for k, v in self.step_inputs(bucket, tiled).items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -131,7 +184,7 @@ class DecodeGraphs:
         with _no_garbage_collection(), torch.cuda.graph(graph, pool=self.pool):
             logits = self.runner.forward_decode(inputs, with_lora)
         torch.cuda.synchronize()
-        log.debug("captured decode graph: batch bucket %d, lora=%s", bucket, with_lora)
+        log.debug("captured decode graph: batch bucket %d, lora=%s, tiled=%s", bucket, with_lora, tiled)
         return inputs, logits, graph
 
     @property

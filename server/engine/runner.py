@@ -16,14 +16,14 @@ import os
 
 import torch
 
-from server.engine.cuda_graphs import DECODE_ROW_FIELDS, DecodeGraphs
+from server.engine.cuda_graphs import DECODE_ROW_FIELDS, LORA_TILE, DecodeGraphs
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request
 from server.model.host_device import host_list, to_device
 from server.model.llama import CausalLM, PrefillSeq, StepContext
 from server.model.loader import load_phase
 from server.model.lora import LoraContext
-from server.model.lora_ops import decode_lora_meta, make_lora_meta
+from server.model.lora_ops import LoraBatchMeta, decode_lora_meta, make_lora_meta
 
 log = logging.getLogger(__name__)
 
@@ -275,9 +275,17 @@ class ModelRunner:
         inputs["block_tables"] = table[torch.tensor(rows[-1])]
         return inputs
 
+    @staticmethod
+    def _decode_lora_meta(inputs: dict[str, torch.Tensor]) -> LoraBatchMeta:
+        """One LoRA segment a row, or, in a tiled graph's step (cuda_graphs.lora_tiles), the static segments."""
+        if "lora_tile_starts" not in inputs:
+            return decode_lora_meta(inputs["lora_slots"])
+        return LoraBatchMeta(seg_starts=inputs["lora_tile_starts"], seg_slots=inputs["lora_tile_slots"],
+                             token_slots=inputs["lora_slots"], max_seg_len=LORA_TILE)
+
     def forward_decode(self, inputs: dict[str, torch.Tensor], with_lora: bool) -> torch.Tensor:
         """The capturable decode step: device tensors in, logits [rows, vocab] out."""
-        lora = LoraContext(meta=decode_lora_meta(inputs["lora_slots"])) if with_lora else None
+        lora = LoraContext(meta=self._decode_lora_meta(inputs)) if with_lora else None
         ctx = StepContext(
             is_prefill=False,
             slot_mapping=inputs["slot_mapping"],

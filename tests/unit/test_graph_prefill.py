@@ -6,9 +6,11 @@ decode rows in one replay, adapters mixed, a chunked prompt, and a cached-prefix
 
 from __future__ import annotations
 
+import random
+
 import torch
 
-from server.engine.cuda_graphs import DecodeGraphs, logit_rows
+from server.engine.cuda_graphs import DecodeGraphs, logit_rows, lora_tiles, max_lora_tiles
 from server.engine.request import Request, SamplingParams
 from tests.unit.engine_helpers import make_engine
 from tests.unit.test_mixed_batch_oracle import adapter_refs, capture_sampled, peft_logits
@@ -20,16 +22,19 @@ class EagerReplay(DecodeGraphs):
 
     def __init__(self, runner, max_rows: int):
         self.runner, self.max_rows, self.max_sequences = runner, max_rows, runner.max_batch_size
+        self.tiled = runner.prefill_in_graphs
         self.chunk_rows = 0
         self.static = {}
+        self.keys = []
 
     def run(self, requests, with_lora, chunks=(), input_ids=None):
         self.chunk_rows += sum(n for _, n in chunks)
         return super().run(requests, with_lora, chunks, input_ids)
 
     def _static_inputs(self, key):
+        self.keys.append(key)
         if key not in self.static:
-            self.static[key] = {k: torch.full_like(v, 3) for k, v in self.step_inputs(key[0]).items()}
+            self.static[key] = {k: torch.full_like(v, 3) for k, v in self.step_inputs(key[0], key[2]).items()}
         return self.static[key]
 
     def _replay(self, key):
@@ -52,7 +57,7 @@ def greedy(prompt, n, adapter=None) -> Request:
     return Request(list(prompt), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), adapter=adapter)
 
 
-def assert_matches_peft(model_dir, adapter_dirs, requests, names, rows):
+def assert_matches_peft(model_dir, adapter_dirs, requests, names, rows, atol=2e-4):
     for request, name in zip(requests, names, strict=True):
         full = request.prompt_token_ids + request.output_token_ids
         reference = peft_logits(model_dir, None if name is None else adapter_dirs[name], full)
@@ -60,7 +65,8 @@ def assert_matches_peft(model_dir, adapter_dirs, requests, names, rows):
         got = rows[request.request_id]
         assert len(got) == len(request.output_token_ids)
         for step, row in enumerate(got):
-            torch.testing.assert_close(row, reference[start + step], atol=2e-4, rtol=2e-4, msg=f"{name} step {step}")
+            torch.testing.assert_close(row.cpu(), reference[start + step], atol=atol, rtol=atol,
+                                       msg=f"{name} step {step}")
 
 
 def test_prompts_joining_a_decode_batch_run_in_its_replay_and_match_peft(tiny_llama_dir, tiny_adapters):
@@ -208,3 +214,55 @@ def test_a_replay_runs_the_lm_head_on_the_sampled_rows_only_and_steps_past_them_
         if mode == "too-few-rows":
             assert replay.chunk_rows == 3 + 2  # two sequences fit; the third prompt's step runs eagerly
     assert results[0] == results[1] == results[2]
+
+
+def test_lora_tiles_cut_each_chunk_into_tiles_then_one_per_decode_row_within_the_bound():
+    first, second = greedy(list(range(40)), 2), greedy(list(range(5)), 2)
+    first.slot, second.slot = 3, -1
+    decoding = [greedy([1, 2], 2), greedy([3], 2)]
+    decoding[0].slot, decoding[1].slot = 0, 2
+    tiles = lora_tiles(decoding, [(first, 40), (second, 5)], tile=16)
+    assert tiles == ([0, 16, 32, 40, 45, 46, 47], [3, 3, 3, -1, 0, 2])
+    assert lora_tiles(decoding) == ([0, 1, 2], [0, 2])
+    gen = random.Random(0)
+    for _ in range(500):  # any split of a bucket's rows over at most max_sequences sequences fits the bound
+        bucket, sequences, tile = gen.choice([64, 96, 128, 768]), gen.randint(1, 40), gen.choice([8, 16, 64])
+        rows = gen.randint(1, bucket)
+        num_chunks = gen.randint(0, min(sequences, rows))
+        num_decode = gen.randint(0, min(sequences - num_chunks, rows - num_chunks))
+        cuts = sorted(gen.sample(range(1, rows - num_decode), num_chunks - 1)) if num_chunks else []
+        lengths = [b - a for a, b in zip([0, *cuts], [*cuts, rows - num_decode], strict=True)] if num_chunks else []
+        chunks = [(greedy([1], 1), n) for n in lengths]
+        starts, slots = lora_tiles([greedy([1], 1)] * num_decode, chunks, tile)
+        assert starts[-1] == sum(lengths) + num_decode and all(b > a for a, b in zip(starts, starts[1:], strict=False))
+        assert len(slots) <= max_lora_tiles(bucket, sequences, tile)
+
+
+def test_a_prompt_in_a_lora_replay_of_64_rows_or_more_takes_the_tiled_graph_and_matches_peft(tiny_llama_dir,
+                                                                                            tiny_adapters):
+    """A 50-token prompt with an adapter beside two decode rows rides a 64-row replay through the tiled graph: its
+    LoRA segments are 16 + 16 + 16 + 2 rows, then one per decode row, padded with empty ones; the tokens match PEFT.
+    Decode-only steps keep the graphs of one segment a row."""
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    names = ["attn-r4", None, "all-r8"]
+    prompts = [[5, 17, 33], [40, 41], list(range(60, 110))]
+    engine = make_engine(tiny_llama_dir, max_slots=4, max_rank=16, kv_cache_blocks=64)
+    replay = replaying(engine, max_rows=128)
+    rows = sampled_logits(engine)
+    requests = [greedy(p, 5, None if n is None else refs[n]) for p, n in zip(prompts, names, strict=True)]
+    for request in requests[:2]:
+        engine.add_request(request)
+    engine.step()
+    engine.step()
+    engine.add_request(requests[2])
+    engine.step()
+    assert replay.keys[-1] == (64, True, True)
+    static = replay.static[(64, True, True)]
+    slots = [requests[2].slot] * 4 + [requests[0].slot, requests[1].slot]
+    assert static["lora_tile_starts"][:8].tolist() == [0, 16, 32, 48, 50, 51, 52, 52]
+    assert static["lora_tile_slots"][:7].tolist() == [*slots, -1]
+    assert static["lora_tile_starts"].numel() == max_lora_tiles(64, engine.runner.max_batch_size) + 1
+    while engine.has_unfinished():
+        engine.step()
+    assert {key[2] for key in replay.keys if key[0] < 64} == {False}
+    assert_matches_peft(tiny_llama_dir, tiny_adapters, requests, names, rows)
