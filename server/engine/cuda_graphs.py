@@ -32,6 +32,9 @@ DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 
 # and 1.4 ms of shrink to the step, more than the base layers they passed through (engine_loop --carry,
 # eighteenth session). LORAPLEX_LORA_TILE=0 turns the tiled graphs off (A/B timing).
 LORA_TILE = int(os.environ.get("LORAPLEX_LORA_TILE", "16"))
+# The shrink takes a tile a program on tensor cores (A read once a tile), where a step of one-row segments takes a
+# program a token (SHRINK_ONE_TOKEN_MAX_SEG). LORAPLEX_LORA_TILE_SHRINK=token: a program a token in tiles too (A/B).
+TILE_SHRINK_BLOCK_M = 0 if os.environ.get("LORAPLEX_LORA_TILE_SHRINK", "tile") == "token" else LORA_TILE
 TILED_MIN_BUCKET = 64
 
 

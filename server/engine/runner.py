@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from server.engine.cuda_graphs import DECODE_ROW_FIELDS, LORA_TILE, DecodeGraphs
+from server.engine.cuda_graphs import DECODE_ROW_FIELDS, LORA_TILE, TILE_SHRINK_BLOCK_M, DecodeGraphs
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request
 from server.model.host_device import host_list, to_device
@@ -281,7 +281,8 @@ class ModelRunner:
         if "lora_tile_starts" not in inputs:
             return decode_lora_meta(inputs["lora_slots"])
         return LoraBatchMeta(seg_starts=inputs["lora_tile_starts"], seg_slots=inputs["lora_tile_slots"],
-                             token_slots=inputs["lora_slots"], max_seg_len=LORA_TILE)
+                             token_slots=inputs["lora_slots"], max_seg_len=LORA_TILE,
+                             shrink_block_m=TILE_SHRINK_BLOCK_M)
 
     def forward_decode(self, inputs: dict[str, torch.Tensor], with_lora: bool) -> torch.Tensor:
         """The capturable decode step: device tensors in, logits [rows, vocab] out."""
