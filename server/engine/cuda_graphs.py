@@ -28,9 +28,10 @@ DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 
 # A replay that carries prompt chunks gives the LoRA kernels each chunk's rows in segments of up to LORA_TILE rows
 # (one segment per decode row, as before), through graphs captured for it ("tiled"; buckets from
 # TILED_MIN_BUCKET). With one segment a row, a chunk's every token read its adapter's whole B (rank x out) and A
-# on its own: on the H200 four 128-token prompts beside 32 decode rows (1B, 32 adapters) added 3.3 ms of expand
-# and 1.4 ms of shrink to the step, more than the base layers they passed through (engine_loop --carry,
-# eighteenth session). LORAPLEX_LORA_TILE=0 turns the tiled graphs off (A/B timing).
+# on its own: on the H200 four 128-token prompts beside 32 decode rows (1B, 32 adapters) cost 3.3 ms of expand
+# and 1.4 ms of shrink on the GPU, more than the base layers they passed through; in tiles 0.6 and 0.6, and each
+# prompt's wall time beside the decode batch 2.28 -> 1.42 ms (engine_loop --carry 4, eighteenth session).
+# LORAPLEX_LORA_TILE=0 turns the tiled graphs off (A/B timing).
 LORA_TILE = int(os.environ.get("LORAPLEX_LORA_TILE", "16"))
 # The shrink takes a tile a program on tensor cores (A read once a tile), where a step of one-row segments takes a
 # program a token (SHRINK_ONE_TOKEN_MAX_SEG). LORAPLEX_LORA_TILE_SHRINK=token: a program a token in tiles too (A/B).
