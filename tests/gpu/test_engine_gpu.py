@@ -148,7 +148,7 @@ def test_prompts_in_tiled_lora_replays_match_peft_alone(tiny_llama_dir, tiny_ada
     """Prompts of 50-70 tokens with adapters join running decode rows: they ride replays of 64 rows and more through
     the tiled graphs (LoRA segments of LORA_TILE rows, cuda_graphs.lora_tiles), and every sampled row matches PEFT
     with each adapter alone."""
-    from tests.unit.test_graph_prefill import assert_matches_peft, greedy, sampled_logits
+    from tests.unit.test_graph_prefill import assert_matches_peft, greedy, run_arrivals, sampled_logits
 
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     names = ["attn-r4", None, "all-r8", "mlp-r2-rs", "ko-r16"]
@@ -159,12 +159,6 @@ def test_prompts_in_tiled_lora_replays_match_peft_alone(tiny_llama_dir, tiny_ada
     graphs._replay = lambda key: keys.append(key) or replay(key)
     rows = sampled_logits(engine)
     requests = [greedy(p, 6, None if n is None else refs[n]) for p, n in zip(prompts, names, strict=True)]
-    arrivals = {0: [0, 1], 2: [2], 3: [3, 4]}
-    step = 0
-    while step <= max(arrivals) or engine.has_unfinished():
-        for i in arrivals.get(step, []):
-            engine.add_request(requests[i])
-        engine.step()
-        step += 1
+    run_arrivals(engine, requests, {0: [0, 1], 2: [2], 3: [3, 4]})
     assert sum(1 for key in keys if key[2]) >= 2, keys
     assert_matches_peft(tiny_llama_dir, tiny_adapters, requests, names, rows, atol=1e-3)

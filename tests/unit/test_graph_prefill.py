@@ -69,6 +69,16 @@ def assert_matches_peft(model_dir, adapter_dirs, requests, names, rows, atol=2e-
                                        msg=f"{name} step {step}")
 
 
+def run_arrivals(engine, requests, arrivals: dict[int, list[int]]) -> None:
+    """Step the engine to the end, adding requests[i] for i in arrivals[step] before each step."""
+    step = 0
+    while step <= max(arrivals) or engine.has_unfinished():
+        for i in arrivals.get(step, []):
+            engine.add_request(requests[i])
+        engine.step()
+        step += 1
+
+
 def test_prompts_joining_a_decode_batch_run_in_its_replay_and_match_peft(tiny_llama_dir, tiny_adapters):
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     names = [None, "attn-r4", "all-r8", "ko-r16"]
@@ -77,13 +87,7 @@ def test_prompts_joining_a_decode_batch_run_in_its_replay_and_match_peft(tiny_ll
     replay = replaying(engine)
     rows = sampled_logits(engine)
     requests = [greedy(p, 6, None if n is None else refs[n]) for p, n in zip(prompts, names, strict=True)]
-    arrivals = {0: [0], 2: [1, 2], 4: [3]}  # later prompts join while earlier ones decode
-    step = 0
-    while step <= max(arrivals) or engine.has_unfinished():
-        for i in arrivals.get(step, []):
-            engine.add_request(requests[i])
-        engine.step()
-        step += 1
+    run_arrivals(engine, requests, {0: [0], 2: [1, 2], 4: [3]})  # later prompts join while earlier ones decode
     assert replay.chunk_rows == sum(len(p) for p in prompts)  # every prompt token went through the replay
     assert_matches_peft(tiny_llama_dir, tiny_adapters, requests, names, rows)
 
