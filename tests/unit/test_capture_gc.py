@@ -46,6 +46,7 @@ def test_each_decode_graph_capture_runs_with_the_collector_off(monkeypatch):
 
     class Runner:
         device = torch.device("cpu")
+        prefill_in_graphs = False  # no tiled graphs
 
         def decode_inputs(self, requests, bucket):
             return {"input_ids": torch.zeros(bucket, dtype=torch.long)}
