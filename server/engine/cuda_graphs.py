@@ -35,7 +35,9 @@ DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 
 LORA_TILE = int(os.environ.get("LORAPLEX_LORA_TILE", "16"))
 # The shrink takes a tile a program on tensor cores (A read once a tile), where a step of one-row segments takes a
 # program a token (SHRINK_ONE_TOKEN_MAX_SEG). LORAPLEX_LORA_TILE_SHRINK=token: a program a token in tiles too (A/B).
-TILE_SHRINK_BLOCK_M = 0 if os.environ.get("LORAPLEX_LORA_TILE_SHRINK", "tile") == "token" else LORA_TILE
+# (A program's rows: a power of two of at least 16, the tensor-core minimum, whatever LORA_TILE is set to.)
+TILE_SHRINK_BLOCK_M = (0 if os.environ.get("LORAPLEX_LORA_TILE_SHRINK", "tile") == "token"
+                       else max(16, 1 << max(LORA_TILE - 1, 0).bit_length()))
 TILED_MIN_BUCKET = 64
 
 
