@@ -18,6 +18,7 @@ import os
 import torch
 
 from server.model.host_device import to_device
+from server.model.lora_meta import LoraBatchMeta
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,9 @@ DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 
 # prompt's wall time beside the decode batch 2.28 -> 1.42 ms (engine_loop --carry 4, eighteenth session).
 # LORAPLEX_LORA_TILE=0 turns the tiled graphs off (A/B timing).
 LORA_TILE = int(os.environ.get("LORAPLEX_LORA_TILE", "16"))
-# The shrink takes a tile a program on tensor cores (A read once a tile), where a step of one-row segments takes a
-# program a token (SHRINK_ONE_TOKEN_MAX_SEG). LORAPLEX_LORA_TILE_SHRINK=token: a program a token in tiles too (A/B).
-# (A program's rows: a power of two of at least 16, the tensor-core minimum, whatever LORA_TILE is set to.)
-TILE_SHRINK_BLOCK_M = (0 if os.environ.get("LORAPLEX_LORA_TILE_SHRINK", "tile") == "token"
-                       else max(16, 1 << max(LORA_TILE - 1, 0).bit_length()))
+# There the shrink takes a tile a program (LoraBatchMeta.shrink_tiles); LORAPLEX_LORA_TILE_SHRINK=token: a program a
+# token, as in decode steps (A/B).
+SHRINK_TILES = os.environ.get("LORAPLEX_LORA_TILE_SHRINK", "tile") != "token"
 TILED_MIN_BUCKET = 64
 
 
@@ -78,6 +77,12 @@ def max_lora_tiles(bucket: int, max_sequences: int, tile: int = LORA_TILE) -> in
     sequence's rows take at most (rows + tile - 1) // tile of them, so all take at most bucket // tile + sequences,
     and never more than one a row."""
     return min(bucket, max_sequences + bucket // tile)
+
+
+def tiled_lora_meta(inputs: dict[str, torch.Tensor]) -> LoraBatchMeta:
+    """The LoRA metadata of a tiled graph's step: its static segments (lora_tiles, padded), one slot a row."""
+    return LoraBatchMeta(seg_starts=inputs["lora_tile_starts"], seg_slots=inputs["lora_tile_slots"],
+                         token_slots=inputs["lora_slots"], max_seg_len=LORA_TILE, shrink_tiles=SHRINK_TILES)
 
 
 class DecodeGraphs:

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from server.engine.cuda_graphs import DECODE_ROW_FIELDS, LORA_TILE, TILE_SHRINK_BLOCK_M, DecodeGraphs
+from server.engine.cuda_graphs import DECODE_ROW_FIELDS, DecodeGraphs, tiled_lora_meta
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request
 from server.model.host_device import host_list, to_device
@@ -278,11 +278,7 @@ class ModelRunner:
     @staticmethod
     def _decode_lora_meta(inputs: dict[str, torch.Tensor]) -> LoraBatchMeta:
         """One LoRA segment a row, or, in a tiled graph's step (cuda_graphs.lora_tiles), the static segments."""
-        if "lora_tile_starts" not in inputs:
-            return decode_lora_meta(inputs["lora_slots"])
-        return LoraBatchMeta(seg_starts=inputs["lora_tile_starts"], seg_slots=inputs["lora_tile_slots"],
-                             token_slots=inputs["lora_slots"], max_seg_len=LORA_TILE,
-                             shrink_block_m=TILE_SHRINK_BLOCK_M)
+        return tiled_lora_meta(inputs) if "lora_tile_starts" in inputs else decode_lora_meta(inputs["lora_slots"])
 
     def forward_decode(self, inputs: dict[str, torch.Tensor], with_lora: bool) -> torch.Tensor:
         """The capturable decode step: device tensors in, logits [rows, vocab] out."""

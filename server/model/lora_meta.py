@@ -20,7 +20,9 @@ class LoraBatchMeta:
     seg_slots: torch.Tensor  # [num_segments] int32, -1 = base only (no adapter)
     token_slots: torch.Tensor  # [num_tokens] int32, same info per token (derived once per step)
     max_seg_len: int  # static upper bound on a segment's length (1 for decode)
-    shrink_block_m: int = 0  # tokens a shrink program takes (0: triton_lora's choice by max_seg_len)
+    # The shrink takes a segment's tile a program on tensor cores (A read once a tile), not a program a token as
+    # triton_lora chooses for short segments: a tiled replay's prompt chunks (cuda_graphs.lora_tiles).
+    shrink_tiles: bool = False
 
     @property
     def num_segments(self) -> int:

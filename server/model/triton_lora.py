@@ -230,7 +230,8 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
     tuning = tuning or {}
     num_tokens, in_features = x.shape
     num_cols = num_slices * layout.max_rank
-    block_m = tuning.get("block_m", meta.shrink_block_m or _shrink_block_m(meta.max_seg_len))
+    default_m = _pow2_at_least_16(meta.max_seg_len) if meta.shrink_tiles else _shrink_block_m(meta.max_seg_len)
+    block_m = tuning.get("block_m", default_m)
     block_n = min(64, _pow2_at_least_16(num_cols))
     block_k = tuning.get("block_k", 64 if block_m >= 64 else 128)
     num_m = triton.cdiv(max(meta.max_seg_len, 1), block_m)

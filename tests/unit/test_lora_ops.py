@@ -153,18 +153,18 @@ def test_triton_interpreted_one_token_programs_match_reference(triton_lora, layo
         torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("shrink_block_m", [0, 16])
+@pytest.mark.parametrize("shrink_tiles", [False, True])
 @pytest.mark.parametrize("slice_offsets", SLICES)
-def test_triton_interpreted_replay_tiles_match_reference(triton_lora, slice_offsets, shrink_block_m):
+def test_triton_interpreted_replay_tiles_match_reference(triton_lora, slice_offsets, shrink_tiles):
     """A tiled replay's segments (cuda_graphs.lora_tiles: chunks of 37 and 5 rows in tiles of 16, then one-row decode
     segments, padded with empty segments of slot -1 to the graph's count) give the reference's result, with the
-    shrink a program a token (0) or a tile a program (16)."""
+    shrink a program a token or a tile a program (shrink_tiles)."""
     seg_lens = [16, 16, 5, 5, 1, 1, 1] + [0] * 6
     seg_slots = [2, 2, 2, -1, 0, 2, 1] + [-1] * 6
     y, x, lora_a, lora_b, pool, meta = make_inputs(seg_lens, seg_slots, 8, slice_offsets, torch.float32,
                                                    in_features=300)
     assert meta.max_seg_len == 16
-    meta.shrink_block_m = shrink_block_m
+    meta.shrink_tiles = shrink_tiles
     expected, actual = y.clone(), y.clone()
     lora_apply_reference(expected, x, lora_a, lora_b, pool, meta, slice_offsets)
     triton_lora.lora_apply_triton(actual, x, lora_a, lora_b, pool, meta, slice_offsets)
