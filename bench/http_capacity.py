@@ -121,8 +121,16 @@ class _Config:
                 *self.extra_args]
 
 
+def _api_cpu_us_per_token(load: dict) -> float | None:
+    api = load.get("server_cpu", {}).get("api")
+    tokens = load.get("output_tokens")
+    if not api or not tokens:
+        return None
+    return (api["main_cpu_s"] + api["other_cpu_s"]) / tokens * 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
-    from bench.serve import scrape
+    from bench.serve import proc_cpu, scrape
     from bench.serve.__main__ import token_range
     from bench.serve.load import Traffic, run_async, run_load
     from bench.serve.modeldir import build_model_dir
@@ -154,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             warm = Traffic(adapters=(), concurrency=args.concurrency, num_requests=args.concurrency,
                            prompt_len=16, output_len=8)
             run_async(run_load(server.url, warm, token_range("tiny"), "bench-base"))
-            before = scrape.snapshot(server.url)
+            before, cpu_before = scrape.snapshot(server.url), proc_cpu.snapshot(server.process.pid)
             load = run_async(run_load(server.url, traffic, token_range("tiny"), "bench-base"))
+            load["server_cpu"] = proc_cpu.deltas(cpu_before, proc_cpu.snapshot(server.process.pid), load["wall_s"])
             load["server_metrics"] = scrape.deltas(before, scrape.snapshot(server.url))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -169,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench.http_capacity " + " ".join(argv if argv is not None else os.sys.argv[1:]),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "load": {k: v for k, v in load.items() if k != "traffic"},
+        # the API process's CPU (all its threads) per streamed token: what caps a one-process API server
+        "api_cpu_us_per_token": _api_cpu_us_per_token(load),
         "ratios": {"serve_over_ideal": load["tokens_per_s"] / ideal,
                    "itl_p50_over_step": (load["itl_ms_p50"] or 0) / args.step_ms},
     }
@@ -176,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                                                               "ttft_ms_mean", "http_first_output_ms_mean")}
     print(json.dumps({k: load[k] for k in ("tokens_per_s", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p99",
                                            "errors_by_status", "client_cpu_s")}), json.dumps(result["ratios"]),
-          json.dumps(server_view))
+          json.dumps(server_view), json.dumps(load["server_cpu"]),
+          f"api_cpu_us_per_token={result['api_cpu_us_per_token']:.1f}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         tag = "proc" if "--engine-process" in args.server_arg else "thread"

@@ -93,11 +93,16 @@ def decode_summary(steps: list[tuple[float, int, float]], full_batch: int, skip:
     }
 
 
-def measure_generation(engine: LLMEngine, make: Callable[[], list[Request]], device: torch.device) -> dict:
-    """One warm-up run of the same shape (captures CUDA graphs, loads adapter slots), then the timed run."""
+def measure_generation(engine: LLMEngine, make: Callable[[], list[Request]], device: torch.device,
+                       repeats: int = 1) -> dict:
+    """One warm-up run of the same shape (captures CUDA graphs, loads adapter slots), then `repeats` timed
+    runs: the result is the run of median tokens/s, with every run's tokens/s beside it."""
     warmup = run_to_completion(engine, make(), device)
-    result = run_to_completion(engine, make(), device)
+    runs = [run_to_completion(engine, make(), device) for _ in range(repeats)]
+    result = sorted(runs, key=lambda run: run["tokens_per_s"])[len(runs) // 2]
     result["warmup_wall_s"] = warmup["wall_s"]
+    if repeats > 1:
+        result["tokens_per_s_runs"] = [run["tokens_per_s"] for run in runs]
     return result
 
 

@@ -147,8 +147,10 @@ async def stream_completion(client: httpx.AsyncClient, model: str, prompt: list[
                     continue
                 now = time.perf_counter()
                 if line == "data: [DONE]":
+                    # read on to the body's end, as openai-python does: left unread, the chunked body's
+                    # terminator makes httpx close the connection, and every request paid a new one
                     result.done = now
-                    break
+                    continue
                 if '"choices":[{' in line:
                     result.chunk_times.append(now)
                     if result.first is None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from bench.results import Recorder
 from bench.serve import load as http
-from bench.serve import scrape
+from bench.serve import proc_cpu, scrape
 from bench.serve.adapters import AdapterFactory, AdapterSpec, adapter_specs
 from bench.serve.client_procs import default_procs, run_split
 from bench.serve.load import Traffic
@@ -97,12 +97,13 @@ class PhaseRunner:
         procs = self.client_procs or default_procs(traffic.concurrency)
         run_split(server.url, warmup, self.tokens, base, procs)
         capped = replace(traffic, max_seconds=min(traffic.max_seconds, max(5.0, self.left_s() - self.reserve_s)))
-        before = scrape.snapshot(server.url)
+        before, cpu_before = scrape.snapshot(server.url), proc_cpu.snapshot(server.process.pid)
         if load.background is None:
             result = run_split(server.url, capped, self.tokens, base, procs)
         else:
             background = replace(load.background, adapters=names, max_seconds=capped.max_seconds + 60)
             result = http.run_async(http.run_with_background(server.url, capped, background, self.tokens, base))
+        result["server_cpu"] = proc_cpu.deltas(cpu_before, proc_cpu.snapshot(server.process.pid), result["wall_s"])
         result["server_metrics"] = scrape.deltas(before, scrape.snapshot(server.url))
         return result
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 from server.engine.engine import LLMEngine
 from server.engine.guard import abort_or_fail, run_step
+from server.engine.output_stream import OutputStream
 from server.engine.request import FinishReason, Request, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class AsyncEngine:
         self.engine = engine
         self.max_queue_size = max_queue_size
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
@@ -81,17 +82,17 @@ class AsyncEngine:
         if self.num_in_flight >= self.max_queue_size:
             raise QueueFullError(f"{self.num_in_flight} requests in flight; the queue holds {self.max_queue_size}")
         loop = asyncio.get_running_loop()
-        stream: asyncio.Queue = asyncio.Queue()
+        stream = OutputStream(loop)
         added: asyncio.Future = loop.create_future()
         with self._lock:
-            self._streams[request.request_id] = (loop, stream)
+            self._streams[request.request_id] = stream
         self._inbox.put(("add", request, (loop, added)))
         self._wakeup.set()
         finished = False
         try:
             await added  # raises the engine's validation error, if any
             while True:
-                output: RequestOutput = await stream.get()
+                output = await stream.get()
                 finished = output.finished
                 yield output
                 if finished:
@@ -160,21 +161,21 @@ class AsyncEngine:
         with self._lock:
             streams = list(self._streams.items())
             self._streams.clear()
-        for request_id, (loop, stream) in streams:
+        for request_id, stream in streams:
             output = RequestOutput(request_id, [], "", None, finished=True, finish_reason=FinishReason.ERROR,
                                    error=message)
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stream.put_nowait, output)
+                stream.loop.call_soon_threadsafe(stream.put, output)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their streams: one call_soon_threadsafe per event loop, not per output
         (each call wakes the loop through its self-pipe: 32 wake-ups a step at batch 32)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[OutputStream, RequestOutput]]] = {}
         with self._lock:
             for output in outputs:
-                target = self._streams.get(output.request_id)
-                if target is not None:
-                    by_loop.setdefault(target[0], []).append((target[1], output))
+                stream = self._streams.get(output.request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream, output))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
@@ -186,9 +187,9 @@ class AsyncEngine:
                         self._inbox.put(("abort", output.request_id, None))
 
 
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+def _put_all(items: list[tuple[OutputStream, RequestOutput]]) -> None:
     for stream, output in items:
-        stream.put_nowait(output)
+        stream.put(output)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:

@@ -31,6 +31,7 @@ from server.engine.async_engine import EngineDeadError, QueueFullError
 from server.engine.core import run_engine_core
 from server.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
 from server.engine.metric_sink import PrometheusSink
+from server.engine.output_stream import OutputStream
 from server.engine.protocol import (
     AbortRequests,
     AddRequest,
@@ -60,8 +61,7 @@ class EngineStartError(RuntimeError):
 class _Stream:
     """One request in flight: where its outputs go and the detokenizer state of its output."""
 
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    outputs: OutputStream
     detokenizer: IncrementalDetokenizer
     token_ids: list[int] = field(default_factory=list)
     is_finished: bool = False
@@ -202,7 +202,7 @@ class EngineProcessClient:
         if self.num_in_flight >= self.max_queue_size:
             raise QueueFullError(f"{self.num_in_flight} requests in flight; the queue holds {self.max_queue_size}")
         request_id = request.request_id
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(),
+        stream = _Stream(OutputStream(asyncio.get_running_loop()),
                          IncrementalDetokenizer(self._decoder, request.params.stop))
         with self._lock:
             self._streams[request_id] = stream
@@ -214,7 +214,7 @@ class EngineProcessClient:
             self._send(AddRequest(request_id, request.prompt_token_ids, request.params, adapter,
                                   request.arrival_time, request.tenant))
             while True:
-                item = await stream.queue.get()
+                item = await stream.outputs.get()
                 if isinstance(item, BaseException):
                     finished = True  # refused or failed: the engine holds nothing for it
                     raise item
@@ -299,15 +299,15 @@ class EngineProcessClient:
     def _put_many(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
         """Hand items to their streams with one call_soon_threadsafe per event loop (each call wakes the
         loop through its self-pipe: one wake-up per message, not per request)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, object]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, OutputStream, object]]] = {}
         with self._lock:
             for request_id, item in items:
                 stream = self._streams.get(request_id)
                 if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((request_id, stream.queue, item))
+                    by_loop.setdefault(stream.outputs.loop, []).append((request_id, stream.outputs, item))
         for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, [(queue, item) for _, queue, item in batch])
+                loop.call_soon_threadsafe(_put_all, [(outputs, item) for _, outputs, item in batch])
             except RuntimeError:  # the consumer's event loop is closed: nobody will read these streams
                 for request_id, _, item in batch:
                     with self._lock:
@@ -328,9 +328,9 @@ class EngineProcessClient:
                         for request_id in streams])
 
 
-def _put_all(items: list) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+def _put_all(items: list[tuple[OutputStream, object]]) -> None:
+    for outputs, item in items:
+        outputs.put(item)
 
 
 def _refusal(rejected: Rejected) -> Exception:

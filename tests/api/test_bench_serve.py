@@ -46,6 +46,10 @@ def test_c32_preset_on_tiny(tmp_path):
         assert server[f"unmerged/{name}"]["client_procs"] == 2
         assert engine[f"unmerged/{name}"]["tokens_per_s"] > 0
         assert engine[f"unmerged/{name}"]["decode_step_ms_median"] > 0
+        runs = engine[f"unmerged/{name}"]["tokens_per_s_runs"]  # the median of the timed runs is reported
+        assert len(runs) == 5 and sorted(runs)[2] == engine[f"unmerged/{name}"]["tokens_per_s"]
+        api = server[f"unmerged/{name}"]["server_cpu"]["api"]  # the server process's CPU over the load
+        assert api["main_cpu_s"] > 0 and 0 < api["main_busy"] <= 1.5
     assert server["unmerged/sampled"]["traffic"]["temperature"] == 1.0
     # Fresh prompts per load: none may prefill from blocks an earlier load cached.
     seeds = [server[f"unmerged/{name}"]["traffic"]["seed"] for name in ("warmup", "greedy", "sampled")]
