@@ -8,6 +8,7 @@
 # LOGS=1: each run keeps its work dir under /tmp/work, and the server logs go to $OUT/logs.tgz with the step
 # traces of LORAPLEX_STEP_TRACE (server/engine/step_trace.py) when that is set; each trace's summary
 # (python -m bench.trace_summary) goes to run.log.
+# HOP_TRACE=1: each run's requests timed hop by hop (server/hop_trace.py); the table of each run goes to run.log.
 # GPU_TESTS="-k expr": first, the GPU tests that match (pytest -m gpu), their tail to $OUT/gpu_tests.txt.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -29,8 +30,12 @@ for run in ${SERVE_RUNS:-1b:c32}; do
   limit=${limit:-${SERVE_TIMEOUT:-240}}
   work=()
   [ -n "${LOGS:-}" ] && work=(--work-dir "/tmp/work/$shape-$preset")
+  [ -n "${HOP_TRACE:-}" ] && export LORAPLEX_HOP_TRACE="/tmp/hops/$shape-$preset"
   timeout "$limit" python3 -m bench.serve --model "$shape" --preset "$preset" --out "$OUT" \
     --budget-s $(( limit - 20 )) "${work[@]}" ${SERVE_ARGS:-} 2>&1 | tail -40 >> "$OUT/run.log"
+  if [ -n "${HOP_TRACE:-}" ]; then  # every load of the run, warm-ups included (the first 100 requests left out)
+    { echo "== hops of $shape:$preset"; python3 -m bench.hop_trace "$LORAPLEX_HOP_TRACE" --skip 100; } >> "$OUT/run.log" 2>&1
+  fi
 done
 if [ -n "${LOGS:-}" ]; then
   (cd /tmp/work && find . -name '*.log'; [ -n "${LORAPLEX_STEP_TRACE:-}" ] && find "$LORAPLEX_STEP_TRACE" -name '*.jsonl') \

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from server import hop_trace
+
 BASE_MODEL = ""  # an empty adapter name means the base model
 
 
@@ -138,6 +140,7 @@ async def stream_completion(client: httpx.AsyncClient, model: str, prompt: list[
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             result.status = response.status_code
+            headers_at = time.perf_counter()
             if response.status_code != 200:
                 result.error = (await response.aread())[:300].decode(errors="replace")
                 result.done = time.perf_counter()
@@ -155,6 +158,8 @@ async def stream_completion(client: httpx.AsyncClient, model: str, prompt: list[
                     result.chunk_times.append(now)
                     if result.first is None:
                         result.first = now
+                        if hop_trace.TRACE.enabled:  # perf_counter and monotonic read one clock on Linux
+                            _mark_client_hops(response.headers.get("x-request-id", ""), result.sent, headers_at, now)
                 elif '"error"' in line:
                     result.status = "stream_error"
                     result.error = line[6:306]
@@ -166,6 +171,11 @@ async def stream_completion(client: httpx.AsyncClient, model: str, prompt: list[
     if result.done is None and result.status == 200:
         result.status = "incomplete_stream"
     return result
+
+
+def _mark_client_hops(request_id: str, sent: float, headers_at: float, first: float) -> None:
+    for hop, at in (("client_sent", sent), ("client_headers", headers_at), ("client_first", first)):
+        hop_trace.TRACE.mark(request_id, hop, at)
 
 
 async def drive(url: str, traffic: Traffic, indices: list[int], token_range: tuple[int, int], model_for_base: str,

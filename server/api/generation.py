@@ -22,7 +22,7 @@ from fastapi import Request as HTTPRequest
 from starlette.responses import StreamingResponse
 
 from adapters_store import NAME_RE, AdapterNotFoundError
-from server import metrics
+from server import hop_trace, metrics
 from server.api.auth import Principal
 from server.api.errors import APIError, model_not_found, to_api_error
 from server.api.middleware import RECEIVED_AT
@@ -90,6 +90,10 @@ class Generation:
             request = Request(prompt_ids, params, adapter, request_id=request_id, tenant=principal.tenant)
             if (received := RECEIVED_AT.get()) is not None:
                 metrics.http_admission_seconds.labels(state.model_id).observe(request.arrival_time - received)
+            if hop_trace.TRACE.enabled:
+                if received is not None:
+                    hop_trace.TRACE.mark(request_id, "api_received", received)
+                hop_trace.TRACE.mark(request_id, "api_admitted", request.arrival_time)
             state.limiter.enter(principal, state.settings.tenant_max_queued_requests)  # left in aclose
             generation = cls(state, principal, request)
         except (SamplingError, APIError) as exc:
@@ -97,6 +101,7 @@ class Generation:
             raise to_api_error(exc) from None
         try:
             generation._first = await generation._next()
+            hop_trace.TRACE.mark(request_id, "api_first_output")
             metrics.http_first_output_seconds.labels(state.model_id).observe(time.monotonic() - request.arrival_time)
         except BaseException as exc:
             await generation.aclose()

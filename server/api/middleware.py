@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from contextvars import ContextVar
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server import hop_trace
 from server.api.errors import APIError, error_response, retry_after
 from server.api.state import Phase, ServerState
 
@@ -38,7 +39,29 @@ class LifecycleMiddleware:
             )
             return
         self.state.num_active_requests += 1
+        if hop_trace.TRACE.enabled:
+            send = _traced_send(send)
         try:
             await self.app(scope, receive, send)
         finally:
             self.state.num_active_requests -= 1
+
+
+def _traced_send(send: Send) -> Send:
+    """`send`, marking the response's start and its first body chunk (server.hop_trace; tracing only)."""
+    request_id: str | None = None
+    body_seen = False
+
+    async def traced(message: Message) -> None:
+        nonlocal request_id, body_seen
+        if message["type"] == "http.response.start":
+            request_id = next((v.decode() for k, v in message.get("headers", []) if k.lower() == b"x-request-id"),
+                              None)
+            if request_id is not None:
+                hop_trace.TRACE.mark(request_id, "api_response_start")
+        await send(message)
+        if message["type"] == "http.response.body" and request_id is not None and not body_seen:
+            body_seen = True
+            hop_trace.TRACE.mark(request_id, "api_first_body_sent")
+
+    return traced

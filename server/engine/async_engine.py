@@ -14,6 +14,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
+from server import hop_trace
 from server.engine.engine import LLMEngine
 from server.engine.guard import abort_or_fail, run_step
 from server.engine.output_stream import OutputStream
@@ -145,6 +146,7 @@ class AsyncEngine:
                 self._abort(item)
 
     def _add(self, request: Request, loop: asyncio.AbstractEventLoop, added: asyncio.Future) -> None:
+        hop_trace.TRACE.mark(request.request_id, "engine_received")
         try:
             self.engine.add_request(request)
         except Exception as err:

@@ -26,6 +26,7 @@ from pathlib import Path
 import zmq
 
 from adapters_store import AdapterNotFoundError
+from server import hop_trace
 from server.config import Settings
 from server.engine.async_engine import EngineDeadError, QueueFullError
 from server.engine.core import run_engine_core
@@ -252,7 +253,12 @@ class EngineProcessClient:
                             frame = self._output.recv(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._handle(self._output_decoder.decode(frame))
+                        message = self._output_decoder.decode(frame)
+                        if hop_trace.TRACE.enabled and isinstance(message, Outputs):
+                            for output in message.outputs:
+                                if output.completion_tokens == 1:
+                                    hop_trace.TRACE.mark(output.request_id, "api_output_in")
+                        self._handle(message)
                 if self.fatal_error is None and not self._process.is_alive() and not self._stopping.is_set():
                     self._die(f"the engine process exited with code {self._process.exitcode}")
                 if self.fatal_error is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import zmq
 
 from adapters_store import AdapterNotFoundError, AdapterStore, BaseModelSpec
+from server import hop_trace
 from server.config import Settings
 from server.engine.engine import LLMEngine
 from server.engine.guard import abort_or_fail, run_step
@@ -197,10 +198,16 @@ def serve(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket) -> None:
                 if isinstance(message, Shutdown):
                     return
                 core.handle(message)
+                if hop_trace.TRACE.enabled and isinstance(message, AddRequest):
+                    hop_trace.TRACE.mark(message.request_id, "engine_received")
         core.take_loaded()
         message = core.step()
         if message is not None:
             outputs.send(encoder.encode(message))
+            if hop_trace.TRACE.enabled:
+                for output in message.outputs:
+                    if output.completion_tokens == 1:
+                        hop_trace.TRACE.mark(output.request_id, "engine_sent")
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from server import metrics
+from server import hop_trace, metrics
 from server.engine.metric_sink import LENGTH_FAMILY, DeltaSink, PrometheusSink
 from server.engine.request import FinishReason, Request
 
@@ -87,6 +87,7 @@ class EngineMetrics:
         sink.inc("generation_tokens", m)
         if request.first_token_time is None:
             request.first_token_time = now
+            hop_trace.TRACE.mark(request.request_id, "engine_first_token", now)
             sink.observe("time_to_first_token_seconds", m, now - request.arrival_time)
         elif request.last_token_time is not None:
             sink.observe("inter_token_latency_seconds", m, now - request.last_token_time)
