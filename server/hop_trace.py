@@ -28,7 +28,7 @@ HOPS = (
     "api_admitted",  # validated and handed to the engine client (Request.arrival_time)
     "engine_received",  # the engine took the request off its inbox (between steps)
     "engine_first_token",  # the first token read on the host (engine metrics' time to first token)
-    "engine_sent",  # the engine process sent the Outputs message with it
+    "engine_sent",  # the engine process is sending the Outputs message with it
     "api_output_in",  # the engine client's receiver thread decoded that message
     "api_first_output",  # Generation.start has the first output (the handler goes on)
     "api_response_start",  # http.response.start passed to the server

@@ -52,6 +52,8 @@ class Choices:
         """Start every choice (first sample of each prompt, then its siblings); on any failure close
         those already started and raise that failure."""
         check_count(num_prompts, n)
+        if num_prompts == 1 and n == 1:  # in this task: a task of its own started a turn of the event loop later
+            return cls([await starter(0, sample_seed(seed, 0))], 1)
         started: dict[int, Generation] = {}
 
         async def start_one(index: int) -> None:

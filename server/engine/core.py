@@ -203,11 +203,11 @@ def serve(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket) -> None:
         core.take_loaded()
         message = core.step()
         if message is not None:
-            outputs.send(encoder.encode(message))
-            if hop_trace.TRACE.enabled:
+            if hop_trace.TRACE.enabled:  # before the send: the receiver may have it before send returns
                 for output in message.outputs:
                     if output.completion_tokens == 1:
                         hop_trace.TRACE.mark(output.request_id, "engine_sent")
+            outputs.send(encoder.encode(message))
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -13,8 +13,8 @@ in front of it (client TTFT 25 ms at p50 for an engine TTFT of 7). Two things he
   socket write) is paid once per wake-up rather than once per token, and a busy API process catches
   up instead of building a queue. A consumer that keeps up still gets one output a token.
 
-Items are `RequestOutput`s or exceptions (a refusal, the engine gone); an exception is returned alone,
-after the outputs queued before it.
+Items are `RequestOutput`s or exceptions (a refusal, the engine gone); an exception, an aborted or a failed
+output is returned alone, after the outputs queued before it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from server.engine.request import RequestOutput
+from server.engine.request import FinishReason, RequestOutput
 
 
 class OutputStream:
@@ -51,14 +51,20 @@ class OutputStream:
                 self._waiter = None
         items = self._items
         first = items.popleft()
-        if isinstance(first, BaseException) or first.finished or not items or isinstance(items[0], BaseException):
+        if not _mergeable(first) or first.finished or not items or not _mergeable(items[0]):
             return first
         merged = [first]
-        while items and not isinstance(items[0], BaseException):
+        while items and _mergeable(items[0]):
             merged.append(output := items.popleft())
             if output.finished:
                 break
         return merge_outputs(merged)
+
+
+def _mergeable(item: RequestOutput | BaseException) -> bool:
+    """An output that may join its neighbours: not an exception, nor an abort or an error (those end the
+    stream with a status of their own, after every token before them)."""
+    return isinstance(item, RequestOutput) and item.finish_reason not in (FinishReason.ABORT, FinishReason.ERROR)
 
 
 def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:

@@ -76,6 +76,22 @@ def test_waiting_outputs_merge_up_to_a_finished_one_and_an_exception_comes_after
     assert fourth.new_token_ids == [5]
 
 
+def test_an_aborted_or_failed_output_comes_alone_after_the_tokens_before_it():
+    async def main():
+        stream = OutputStream(asyncio.get_running_loop())
+        got = []
+        for reason in (FinishReason.ABORT, FinishReason.ERROR):
+            stream.put(_output(1))
+            stream.put(_output(2))
+            stream.put(RequestOutput("r", [], "", None, finished=True, finish_reason=reason, error="x"))
+            got.append((await stream.get(), await stream.get()))
+        return got
+
+    for tokens, end in asyncio.run(main()):
+        assert tokens.new_token_ids == [1, 2] and not tokens.finished
+        assert end.finished and end.new_token_ids == []
+
+
 def test_a_cancelled_get_leaves_no_waiter_and_loses_nothing():
     async def main():
         stream = OutputStream(asyncio.get_running_loop())
