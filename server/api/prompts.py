@@ -36,6 +36,8 @@ def _first_invalid_text(value: object) -> list[str] | None:
     elif isinstance(value, dict):
         items = [*((key, key) for key in value), *value.items()]
     elif isinstance(value, (list, tuple)):
+        if all(type(item) is int for item in value):  # token ids: half the loop below's time (65 us at 2,000)
+            return None
         items = enumerate(value)
     else:
         return None
