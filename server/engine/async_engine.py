@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from server import hop_trace
 from server.engine.engine import LLMEngine
 from server.engine.guard import abort_or_fail, run_step
-from server.engine.output_stream import OutputStream
+from server.engine.output_stream import OutputStream, put_all
 from server.engine.request import FinishReason, Request, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -180,18 +180,13 @@ class AsyncEngine:
                     by_loop.setdefault(stream.loop, []).append((stream, output))
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(put_all, items)
             except RuntimeError:  # the consumer's event loop is closed: nobody will read these streams
                 for _, output in items:
                     with self._lock:
                         self._streams.pop(output.request_id, None)
                     if not output.finished:
                         self._inbox.put(("abort", output.request_id, None))
-
-
-def _put_all(items: list[tuple[OutputStream, RequestOutput]]) -> None:
-    for stream, output in items:
-        stream.put(output)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:

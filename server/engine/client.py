@@ -32,7 +32,7 @@ from server.engine.async_engine import EngineDeadError, QueueFullError
 from server.engine.core import run_engine_core
 from server.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
 from server.engine.metric_sink import PrometheusSink
-from server.engine.output_stream import OutputStream
+from server.engine.output_stream import OutputStream, put_all
 from server.engine.protocol import (
     AbortRequests,
     AddRequest,
@@ -313,7 +313,7 @@ class EngineProcessClient:
                     by_loop.setdefault(stream.outputs.loop, []).append((request_id, stream.outputs, item))
         for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, [(outputs, item) for _, outputs, item in batch])
+                loop.call_soon_threadsafe(put_all, [(outputs, item) for _, outputs, item in batch])
             except RuntimeError:  # the consumer's event loop is closed: nobody will read these streams
                 for request_id, _, item in batch:
                     with self._lock:
@@ -332,11 +332,6 @@ class EngineProcessClient:
         log.error("engine process failed: %s; failing %d requests in flight", message, len(streams))
         self._put_many([(request_id, EngineDeadError(f"{message}; the request was not completed"))
                         for request_id in streams])
-
-
-def _put_all(items: list[tuple[OutputStream, object]]) -> None:
-    for outputs, item in items:
-        outputs.put(item)
 
 
 def _refusal(rejected: Rejected) -> Exception:

@@ -50,15 +50,19 @@ class OutputStream:
             finally:
                 self._waiter = None
         items = self._items
-        first = items.popleft()
-        if not _mergeable(first) or first.finished or not items or not _mergeable(items[0]):
-            return first
-        merged = [first]
-        while items and _mergeable(items[0]):
-            merged.append(output := items.popleft())
-            if output.finished:
-                break
-        return merge_outputs(merged)
+        merged = [items.popleft()]
+        if _mergeable(merged[0]) and not merged[0].finished:
+            while items and _mergeable(items[0]):
+                merged.append(output := items.popleft())
+                if output.finished:
+                    break
+        return merged[0] if len(merged) == 1 else merge_outputs(merged)
+
+
+def put_all(items: list[tuple[OutputStream, RequestOutput | BaseException]]) -> None:
+    """Hand each item to its stream (the engines' one call_soon_threadsafe per step and event loop)."""
+    for stream, item in items:
+        stream.put(item)
 
 
 def _mergeable(item: RequestOutput | BaseException) -> bool:
