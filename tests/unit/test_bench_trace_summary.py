@@ -4,6 +4,7 @@ and the Triton variants met, over a window."""
 from __future__ import annotations
 
 import json
+import time
 
 from bench.trace_summary import load, main, summarize
 from server.engine.step_trace import StepTrace
@@ -21,6 +22,7 @@ def test_a_trace_is_summarised_by_kind_with_slot_loads_slow_steps_and_compiles(t
     _step(trace, 18.0, prefill=1, tokens=128, decode=30, fused=True, loads=1)
     _step(trace, 8.0, prefill=1, tokens=128, decode=30, fused=True)
     trace.record(compile="_shrink_kernel[num_warps=4](split_k: i32)")
+    time.sleep(0.002)  # the last step's timestamp after the others' (they are kept to 0.1 ms): the window below
     _step(trace, 2200.0, prefill=4, tokens=512)
     trace.flush()
     (path,) = tmp_path.glob("steps-*.jsonl")
