@@ -23,6 +23,8 @@ step() {  # step TIMEOUT LOG COMMAND...: run unless TIMEOUT is 0
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$log" | tail -40
 }
 python3 -c "from server.model import cuda_nf4; print('cuda_nf4 available:', cuda_nf4.is_available())" 2>&1 | tail -5
+# SOL_TIMEOUT (default 0: skipped): the one-row kernel's speed-of-light probes (bench.nf4_sol), first
+step "${SOL_TIMEOUT:-0}" nf4_sol.log python3 -m bench.nf4_sol --out "$OUT"
 eval "test_args=(${TESTS_ARGS:-})"
 step "${TESTS_TIMEOUT:-220}" gpu_tests.log python3 -m pytest tests/gpu -q -m gpu -p no:cacheprovider "${test_args[@]}"
 if [ -n "${NCU_ROWS:-}" ]; then

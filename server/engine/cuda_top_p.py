@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,35 +28,11 @@ def enabled() -> bool:
     return os.environ.get("LORAPLEX_TOP_P_CUDA", "1") != "0"
 
 
-def _nvcc() -> str:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
-        return str(Path(CUDA_HOME) / "bin" / "nvcc")
-    raise RuntimeError("nvcc not found (PATH, CUDA_HOME)")
-
-
 def _build(major: int, minor: int) -> Path:
-    """The shared library for sm_{major}{minor}, compiled once into the extension cache (atomic rename, so that
-    processes building at once each find a whole file)."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    target = root / f"loraplex_top_p_{digest}_sm{major}{minor}" / "libloraplex_top_p.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        arch = f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
-        command = [_nvcc(), "-O3", "-shared", "-Xcompiler", "-fPIC", arch, "-o", str(built), str(SOURCE)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"nvcc failed ({' '.join(command)}):\n{result.stderr[-4000:]}")
-        os.replace(built, target)
-    return target
+    """The shared library for sm_{major}{minor}, compiled once into the extension cache."""
+    from server import nvcc_library
+
+    return nvcc_library.build(SOURCE, "loraplex_top_p", major, minor)
 
 
 _POINTER, _INT, _LONG = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong

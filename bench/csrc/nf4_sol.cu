@@ -1,0 +1,122 @@
+// Speed-of-light probes of the NF4 one-row kernel (bench/nf4_sol.py): how fast the work nf4_tile_kernel does at one
+// row could go, step by step, over the same tile layout and with the same device helpers (server/model/csrc/
+// nf4_device.cuh). Each warp walks one 16-row tile over its split of K, as the tile kernel does, and folds what it
+// computed into one word a lane (a sink the compiler cannot drop); nothing is summed or stored otherwise.
+//   mode 0: the code and scale loads alone (the bandwidth floor of the NF4 bytes);
+//   mode 1: + the exact dequantization of every weight into A fragments (table lookup, fp32 scale, rounding);
+//   mode 2: + the MMAs, against one constant x fragment;
+//   mode 3: + x's fragments loaded from global memory a block at a time (the tile kernel less its split-K sum).
+// Built by nvcc alone (no torch headers), called through ctypes. Not part of the server.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "nf4_device.cuh"
+
+namespace {
+
+constexpr int kPrefetch = 4;  // as the tile kernel's instances
+
+template <int MODE, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32) nf4_sol_kernel(const uint4* __restrict__ tile_codes,
+                                                             const float2* __restrict__ tile_scales,
+                                                             const float* __restrict__ table,
+                                                             const __nv_bfloat16* __restrict__ x, uint32_t x_word,
+                                                             uint32_t* __restrict__ sink, int N, int K,
+                                                             int blocks_per_split) {
+  using T = __nv_bfloat16;
+  const char* lut = stage_code_table(table);
+  const int lane = threadIdx.x & 31;
+  const int t = lane & 3;
+  const int tile0 = blockIdx.x * WARPS + (threadIdx.x >> 5);
+  const int row_tiles = (N + 15) / 16;
+  const int num_blocks = K / 64;
+  const int first = blockIdx.y * blocks_per_split;
+  const int last = min(first + blocks_per_split, num_blocks);
+  if (tile0 >= row_tiles) return;
+  const uint4* x_at = reinterpret_cast<const uint4*>(x) + 2 * t;
+
+  uint32_t folded = 0u;
+  float acc[4] = {};
+  TileRing<1, kPrefetch> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
+  for (int base = first; base < last; base += kPrefetch) {
+#pragma unroll
+    for (int i = 0; i < kPrefetch; ++i) {
+      const int blk = base + i;
+      if (blk >= last) break;
+      uint4 codes[1];
+      float2 scales[1];
+      ring.take(i, blk, last, codes, scales);
+      if constexpr (MODE == 0) {
+        folded ^= codes[0].x ^ codes[0].y ^ codes[0].z ^ codes[0].w ^ __float_as_uint(scales[0].x) ^
+                  __float_as_uint(scales[0].y);
+      } else {
+        uint32_t xb[8];
+#pragma unroll
+        for (int w = 0; w < 8; ++w) xb[w] = x_word;
+        if (MODE == 3) {
+          const uint4 v0 = __ldg(x_at + 8 * blk);
+          const uint4 v1 = __ldg(x_at + 8 * blk + 1);
+          xb[0] = v0.x; xb[1] = v0.y; xb[2] = v0.z; xb[3] = v0.w;
+          xb[4] = v1.x; xb[5] = v1.y; xb[6] = v1.z; xb[7] = v1.w;
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          uint32_t a[2][4];
+          a_fragments<T>(lut, codes[0], scales[0], half, a);
+#pragma unroll
+          for (int jj = 0; jj < 2; ++jj) {
+            if (MODE == 1) {
+              folded ^= a[jj][0] ^ a[jj][1] ^ a[jj][2] ^ a[jj][3];
+            } else {
+              const int j = 2 * half + jj;
+              Ops<T>::mma(acc, a[jj][0], a[jj][1], a[jj][2], a[jj][3], xb[2 * j], xb[2 * j + 1]);
+            }
+          }
+        }
+      }
+    }
+  }
+  folded ^= __float_as_uint(acc[0] + acc[1] + acc[2] + acc[3]);
+  sink[static_cast<int64_t>(blockIdx.y) * gridDim.x * blockDim.x + blockIdx.x * blockDim.x + threadIdx.x] = folded;
+}
+
+template <int MODE, int WARPS>
+cudaError_t launch(cudaStream_t stream, const void* codes, const void* scales, const float* table, const void* x,
+                   uint32_t x_word, uint32_t* sink, int N, int K, int splits) {
+  const int row_tiles = (N + 15) / 16, num_blocks = K / 64;
+  const int blocks_per_split = (num_blocks + splits - 1) / splits;
+  const int used_splits = (num_blocks + blocks_per_split - 1) / blocks_per_split;
+  nf4_sol_kernel<MODE, WARPS><<<dim3((row_tiles + WARPS - 1) / WARPS, used_splits), WARPS * 32, 0, stream>>>(
+      static_cast<const uint4*>(codes), static_cast<const float2*>(scales), table,
+      static_cast<const __nv_bfloat16*>(x), x_word, sink, N, K, blocks_per_split);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+// Threads of the grid a probe launches (the sink's length in words).
+extern "C" long long loraplex_nf4_sol_sink_words(int warps, int N, int K, int splits) {
+  const int row_tiles = (N + 15) / 16, num_blocks = K / 64;
+  const int blocks_per_split = (num_blocks + splits - 1) / splits;
+  const long long used_splits = (num_blocks + blocks_per_split - 1) / blocks_per_split;
+  return used_splits * ((row_tiles + warps - 1) / warps) * warps * 32;
+}
+
+// One probe of `mode` (0-3, above) with `warps` (2 or 4) warps a block over the tile layout of an [N, K] weight;
+// x: K bf16 values (mode 3). Returns the launch's cudaError_t.
+extern "C" int loraplex_nf4_sol(int mode, int warps, void* stream, const void* codes, const void* scales,
+                                const float* table, const void* x, unsigned x_word, uint32_t* sink, int N, int K,
+                                int splits) {
+  auto s = static_cast<cudaStream_t>(stream);
+#define LORAPLEX_SOL(MODE)                                                                               \
+  if (mode == MODE)                                                                                      \
+    return warps == 2 ? launch<MODE, 2>(s, codes, scales, table, x, x_word, sink, N, K, splits)         \
+                      : launch<MODE, 4>(s, codes, scales, table, x, x_word, sink, N, K, splits);
+  LORAPLEX_SOL(0)
+  LORAPLEX_SOL(1)
+  LORAPLEX_SOL(2)
+  LORAPLEX_SOL(3)
+#undef LORAPLEX_SOL
+  return static_cast<int>(cudaErrorInvalidValue);
+}

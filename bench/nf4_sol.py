@@ -1,0 +1,122 @@
+"""Speed of light of the NF4 one-row kernel, step by step, against bf16 cuBLAS and the tile kernel, in one run.
+
+    python -m bench.nf4_sol [--models 8b] [--out bench/results]
+
+Times by CUDA-graph replay over weight copies (bench.kernels.time_calls), per 8B layer shape at one row, the probes
+of bench/csrc/nf4_sol.cu over the tile layout, each at its best split of K (1-16) and block of 2 or 4 warps:
+``stream`` (code and scale loads alone), ``dequant`` (+ the exact dequantization of every weight), ``mma`` (+ the
+MMAs against a constant x), ``x`` (+ x loaded from global memory: the tile kernel less its split-K sum); then
+``tile`` (the kernel the dispatch runs at one row) and ``bf16``. Writes ``<out>/<date>-<device>-nf4-sol.json``
+with ``ratios``: each probe's geometric mean over the four shapes over bf16's (``sol_<probe>_over_bf16_m1``).
+If ``dequant`` alone is above 0.45 of bf16, the exact semantics' dequantization (fp32 code x fp32 scale, one
+rounding) cannot meet ``nf4_over_bf16_m1`` <= 0.45 with this instruction sequence, whatever the rest of the kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from bench.kernels import L2_DEFEAT_BYTES, Layer, geomean, layer_shapes, time_calls
+from bench.results import write_named_result
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "bench" / "csrc" / "nf4_sol.cu"
+PROBES = {"stream": 0, "dequant": 1, "mma": 2, "x": 3}
+SPLITS = (1, 2, 4, 8, 16)
+
+
+@functools.cache
+def _library() -> ctypes.PyDLL:
+    from server import nvcc_library
+
+    path = nvcc_library.build(SOURCE, "loraplex_nf4_sol", *torch.cuda.get_device_capability(),
+                              include_dirs=(ROOT / "server" / "model" / "csrc",))
+    lib = ctypes.PyDLL(str(path))
+    lib.loraplex_nf4_sol_sink_words.argtypes = [ctypes.c_int] * 4
+    lib.loraplex_nf4_sol_sink_words.restype = ctypes.c_longlong
+    lib.loraplex_nf4_sol.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [
+        ctypes.c_uint, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+def probe_calls(layer: Layer, x: torch.Tensor, mode: int, warps: int, splits: int) -> list:
+    """One launch a weight copy of probe `mode`."""
+    lib = _library()
+    out_features, in_features = layer.shape
+    sink = torch.empty(lib.loraplex_nf4_sol_sink_words(warps, out_features, in_features, splits),
+                       dtype=torch.int32, device="cuda")
+    x_word = 0x3F803F80  # two bf16 ones
+
+    def call(tiled):
+        err = lib.loraplex_nf4_sol(mode, warps, torch.cuda.current_stream().cuda_stream, tiled[0].data_ptr(),
+                                   tiled[1].data_ptr(), layer.table.data_ptr(), x.data_ptr(), x_word,
+                                   sink.data_ptr(), out_features, in_features, splits)
+        if err:
+            raise RuntimeError(f"nf4_sol launch failed: cudaError {err}")
+
+    return [lambda c=c: call(c[3]) for c in layer.nf4]
+
+
+def run_shape(model: str, name: str, in_features: int, out_features: int) -> dict:
+    from server.model import cuda_nf4
+    from server.model.triton_nf4 import device_num_sms
+
+    copies = max(1, min(8, math.ceil(L2_DEFEAT_BYTES / (in_features * out_features * 2))))
+    layer = Layer(in_features, out_features, copies=copies, seed=in_features + out_features)
+    x = torch.randn(1, in_features, device="cuda").to(torch.bfloat16)
+    entry = {"model": model, "layer": name, "in": in_features, "out": out_features, "rows": 1, "us": {},
+             "config": {}, "sweep": {}}
+    entry["us"]["bf16"] = round(time_calls([lambda w=w: torch.nn.functional.linear(x, w) for w in layer.bf16]), 2)
+    shape, table, num_sms = layer.shape, layer.table, device_num_sms(0)
+    entry["us"]["tile"] = round(time_calls([lambda c=c: cuda_nf4.nf4_tile(x, c[3], shape, table, num_sms=num_sms)
+                                            for c in layer.nf4]), 2)
+    for probe, mode in PROBES.items():
+        for warps in (2, 4):
+            for splits in SPLITS:
+                if splits > 1 and in_features // 64 // splits < 4:
+                    continue
+                us = round(time_calls(probe_calls(layer, x, mode, warps, splits)), 2)
+                entry["sweep"][f"{probe}_w{warps}_s{splits}"] = us
+                if us < entry["us"].get(probe, math.inf):
+                    entry["us"][probe], entry["config"][probe] = us, {"warps": warps, "splits": splits}
+    floor_us = out_features * in_features * 0.5625 / 4.2e6  # µs at 4.2 TB/s, codes + fp32 scales
+    entry["floor_us_4_2tbs"] = round(floor_us, 2)
+    del layer
+    torch.cuda.empty_cache()
+    print(model, name, entry["us"], entry["config"], flush=True)
+    return entry
+
+
+def ratios(layers: list[dict]) -> dict[str, float | None]:
+    rows8b = [entry for entry in layers if entry["model"] == "8b"]
+    out = {}
+    for probe in (*PROBES, "tile"):
+        vals = [entry["us"][probe] / entry["us"]["bf16"] for entry in rows8b if probe in entry["us"]]
+        out[f"sol_{probe}_over_bf16_m1"] = round(geomean(vals), 3) if len(vals) == 4 else None
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="8b")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+               "command": f"python -m bench.nf4_sol --models {args.models}", "layers": []}
+    for model in args.models.split(","):
+        for name, (in_features, out_features) in layer_shapes(model).items():
+            results["layers"].append(run_shape(model, name, in_features, out_features))
+    results["ratios"] = ratios(results["layers"])
+    print(results["ratios"], flush=True)
+    write_named_result(args.out, results, "nf4-sol")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+// Device helpers of the NF4 tensor-core kernels (nf4_mma.cu), shared with the speed-of-light probes of
+// bench/csrc/nf4_sol.cu: the MMA and rounding per dtype, the code table in shared memory, the dequantization of
+// one lane's A fragments, the tile layout's register ring. No torch headers (the probes build with nvcc alone).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+template <typename T> struct Ops;
+
+template <> struct Ops<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <> struct Ops<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+};
+
+// One quant block's inputs for one lane: its 8 code bytes of rows g and g + 8, their two scales.
+struct BlockCodes {
+  uint2 row_lo;  // row g
+  uint2 row_hi;  // row g + 8
+  float scale_lo;
+  float scale_hi;
+};
+
+__device__ __forceinline__ uint2 load_codes(const uint8_t* p, bool ok) {
+  uint2 v = make_uint2(0u, 0u);
+  if (ok) asm volatile("ld.global.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+// Two dequantized, rounded values (element 2i: high nibble, element 2i + 1: low nibble) of byte `b` of
+// `hi_offs` / `lo_offs` (byte offsets into the fp32 table, precomputed for the 4 bytes of a word).
+template <typename T>
+__device__ __forceinline__ uint32_t dequant_pair(const char* lut, uint32_t hi_offs, uint32_t lo_offs, int b,
+                                                 float scale) {
+  const uint32_t sel = 0x4440u | static_cast<uint32_t>(b);
+  const float even = *reinterpret_cast<const float*>(lut + __byte_perm(hi_offs, 0u, sel));
+  const float odd = *reinterpret_cast<const float*>(lut + __byte_perm(lo_offs, 0u, sel));
+  return Ops<T>::pack(even * scale, odd * scale);
+}
+
+// The 16-entry fp32 code table in shared memory, as the byte address dequant_pair indexes; a block barrier (every
+// thread of the block must call it).
+__device__ __forceinline__ const char* stage_code_table(const float* __restrict__ table) {
+  __shared__ float lut_shared[16];
+  if (threadIdx.x < 16) lut_shared[threadIdx.x] = table[threadIdx.x];
+  __syncthreads();
+  return reinterpret_cast<const char*>(lut_shared);
+}
+
+
+__device__ __forceinline__ uint4 load_tile_codes(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// The codes and scales of a warp's RT row tiles in the tile layout, PREFETCH quant blocks ahead in a register
+// ring. A tile past the last re-reads the last one (its rows are never stored); blocks past the split are clamped
+// to its last one (refills that are never used): every load reads valid memory, so none is predicated.
+template <int RT, int PREFETCH>
+struct TileRing {
+  const uint4* codes_at[RT];
+  const float2* scales_at[RT];
+  uint4 codes[PREFETCH][RT];
+  float2 scales[PREFETCH][RT];
+
+  __device__ __forceinline__ TileRing(const uint4* tile_codes, const float2* tile_scales, int tile0, int row_tiles,
+                                      int num_blocks, int lane, int first, int last) {
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      const int tile = tile0 + r < row_tiles ? tile0 + r : min(tile0, row_tiles - 1);
+      codes_at[r] = tile_codes + static_cast<int64_t>(tile) * num_blocks * 32 + lane;  // 32 uint4 a block
+      scales_at[r] = tile_scales + static_cast<int64_t>(tile) * num_blocks * 8 + (lane >> 2);  // 8 float2
+    }
+#pragma unroll
+    for (int p = 0; p < PREFETCH; ++p) {
+      const int blk = min(first + p, last - 1);
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        codes[p][r] = load_tile_codes(codes_at[r] + 32 * blk);
+        scales[p][r] = __ldg(scales_at[r] + 8 * blk);
+      }
+    }
+  }
+
+  // Block `blk`, held in slot p, into cur; slot p refilled with block blk + PREFETCH (clamped).
+  __device__ __forceinline__ void take(int p, int blk, int last, uint4 (&cur_codes)[RT], float2 (&cur_scales)[RT]) {
+    const int ahead = min(blk + PREFETCH, last - 1);
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      cur_codes[r] = codes[p][r];
+      cur_scales[r] = scales[p][r];
+      codes[p][r] = load_tile_codes(codes_at[r] + 32 * ahead);
+      scales[p][r] = __ldg(scales_at[r] + 8 * ahead);
+    }
+  }
+};
+
+// The A fragments of k-steps 2 * half and 2 * half + 1 of one row tile's quant block: lane (g, t) holds rows g and
+// g + 8, and in k-step j code bytes 2j (columns 2t, 2t + 1) and 2j + 1 (columns 2t + 8, 2t + 9) of its 8 (tile
+// layout: words x, y of row g; z, w of row g + 8).
+template <typename T>
+__device__ __forceinline__ void a_fragments(const char* lut, uint4 codes, float2 scales, int half,
+                                            uint32_t (&a)[2][4]) {
+  const uint32_t w_lo = half ? codes.y : codes.x;  // row g
+  const uint32_t w_hi = half ? codes.w : codes.z;  // row g + 8
+  const uint32_t lo_even = (w_lo >> 2) & 0x3C3C3C3Cu, lo_odd = (w_lo << 2) & 0x3C3C3C3Cu;
+  const uint32_t hi_even = (w_hi >> 2) & 0x3C3C3C3Cu, hi_odd = (w_hi << 2) & 0x3C3C3C3Cu;
+#pragma unroll
+  for (int jj = 0; jj < 2; ++jj) {
+    a[jj][0] = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj, scales.x);
+    a[jj][1] = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj, scales.y);
+    a[jj][2] = dequant_pair<T>(lut, lo_even, lo_odd, 2 * jj + 1, scales.x);
+    a[jj][3] = dequant_pair<T>(lut, hi_even, hi_odd, 2 * jj + 1, scales.y);
+  }
+}
+
+}  // namespace

@@ -1,0 +1,44 @@
+"""nvcc_library off the GPU: the speed-of-light probes (bench/csrc/nf4_sol.cu) build against the NF4 kernels' shared
+device header, so a compile error in either shows here rather than on the GPU machine; the build is cached by a
+digest that covers the include directory, and the probes' sink is sized as bench.nf4_sol assumes."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+
+import pytest
+
+from server import nvcc_library
+
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+
+
+def test_the_probes_build_against_the_kernel_header_and_size_their_sink(tmp_path, monkeypatch):
+    from bench import nf4_sol
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    include = (nf4_sol.ROOT / "server" / "model" / "csrc",)
+    path = nvcc_library.build(nf4_sol.SOURCE, "loraplex_nf4_sol", 9, 0, include_dirs=include)
+    assert path.is_relative_to(tmp_path) and path.stat().st_size > 0
+    assert nvcc_library.build(nf4_sol.SOURCE, "loraplex_nf4_sol", 9, 0, include_dirs=include) == path
+    lib = ctypes.CDLL(str(path))
+    lib.loraplex_nf4_sol_sink_words.restype = ctypes.c_longlong
+    # 8B gate_up (28,672 x 4,096): 1,792 row tiles, 64 quant blocks; 2 warps a block, 4 splits of 16 blocks
+    assert lib.loraplex_nf4_sol_sink_words(2, 28672, 4096, 4) == 4 * 896 * 64
+    # 3 splits of 64 blocks take 22 each: still 3; 5 row tiles of 4 warps: 2 blocks
+    assert lib.loraplex_nf4_sol_sink_words(4, 80, 4096, 3) == 3 * 2 * 128
+
+
+def test_a_changed_header_builds_anew(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    include = tmp_path / "include"
+    include.mkdir()
+    (include / "k.cuh").write_text("constexpr int kValue = 1;\n")
+    source = tmp_path / "k.cu"
+    source.write_text('#include "k.cuh"\nextern "C" int value() { return kValue; }\n')
+    first = nvcc_library.build(source, "k", 9, 0, include_dirs=(include,))
+    (include / "k.cuh").write_text("constexpr int kValue = 2;\n")
+    second = nvcc_library.build(source, "k", 9, 0, include_dirs=(include,))
+    assert first != second
+    assert ctypes.CDLL(str(first)).value() == 1 and ctypes.CDLL(str(second)).value() == 2
