@@ -136,6 +136,13 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                         for c in layer.nf4]
         impls["tile"] = [lambda c=c: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                          for c in layer.nf4]
+        if rows <= 8:  # K split among a block's warps, summed in shared memory: no second kernel
+            impls["gemv"] = [lambda c=c: cuda_nf4.nf4_gemv(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
+                             for c in layer.nf4]
+            for warps in cuda_nf4.GEMV_WARPS:  # the warps a block, each forced
+                impls[f"gemv_w{warps}"] = [lambda c=c, w=warps: cuda_nf4.nf4_gemv(x, c[3], layer.shape, layer.table,
+                                                                                  warps=w)
+                                           for c in layer.nf4]
         if rows <= 16:  # programmatic dependent launch: the next copy's launch and code loads overlap this tail
             impls["tile_pdl"] = [lambda c=c: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table,
                                                                num_sms=device_num_sms(0), pdl=True)

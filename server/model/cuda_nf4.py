@@ -164,6 +164,39 @@ def nf4_tile(
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 
 
+GEMV_WARPS = (16, 8, 4, 2)  # the instances built (csrc/nf4_mma.cu, nf4_gemv)
+GEMV_RESIDENT_WARPS = 32  # a block's launch bounds cap the kernel at 64 registers: 32 warps an SM
+
+
+def gemv_warps(shape, num_sms: int) -> int:
+    """Warps a block of nf4_gemv (each a slice of K): the most whose blocks (one a row tile) run in one wave, with
+    at least two quant blocks a warp; two on weights too tall for one wave."""
+    out_features, in_features = shape
+    row_tiles, num_blocks = -(-out_features // 16), in_features // NF4_BLOCKSIZE
+    for warps in GEMV_WARPS:
+        if row_tiles * warps <= GEMV_RESIDENT_WARPS * num_sms and num_blocks >= 2 * warps:
+            return warps
+    return GEMV_WARPS[-1]
+
+
+def nf4_gemv(
+    x: torch.Tensor,  # [T, in] bf16 / fp16, T <= 8
+    tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
+    shape,  # (out, in)
+    code_table: torch.Tensor,  # [16] float32
+    bias: torch.Tensor | None = None,  # [out]
+    warps: int | None = None,
+    num_sms: int = 132,
+) -> torch.Tensor:
+    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout: a block a row tile, K split among its
+    warps and summed in shared memory (csrc/nf4_mma.cu, nf4_gemv_kernel): one kernel, no fp32 partials. The same
+    sums in the same order as nf4_tile with split_k = warps."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
+    _extension().nf4_gemv(x, tiled[0], tiled[1], code_table, bias, out, warps or gemv_warps(shape, num_sms))
+    return out
+
+
 @functools.cache
 def wide_blocks_per_sm(token_tiles: int, rows_per_warp: int) -> int:
     """Resident blocks per SM of the wide kernel instance (token tiles 2, 4, 8 or 16; rows_per_warp 1 or 2)."""

@@ -6,7 +6,9 @@
 - ``tile``: 1-11 rows, the CUDA tensor-core kernel compiled at first use (server.model.cuda_nf4) over
   the layer's forward-only tile layout (nf4_layout.tile_pack; NF4Linear keeps it), ``mma`` when a
   caller has no tile copy: the same kernel reading bitsandbytes' codes as stored; ``wide``: 12-128 rows
-  (large weights only past 32), the same mapping with x staged in shared memory once a block;
+  (large weights only past 32), the same mapping with x staged in shared memory once a block; ``gemv``: up to
+  ``GEMV_ROWS`` rows (LORAPLEX_NF4_GEMV_ROWS) in place of ``tile``, the same loop with K split among a block's
+  warps and summed in shared memory instead of by a second kernel;
 - ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
 
 The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESULTS.md);
@@ -45,6 +47,9 @@ WITH_CUDA_KERNEL: tuple[tuple[int | None, str], ...] = ((11, "tile"), (128, "wid
 WIDE_MIN_WEIGHTS = ((32, 0), (64, 16_000_000), (128, 30_000_000))  # (up to this many rows, least out x in)
 TRITON_ONLY: tuple[tuple[int | None, str], ...] = ((2, "bnb"), (32, "fused"), (None, "dequant"))
 BNB_ONLY: tuple[tuple[int | None, str], ...] = ((None, "bnb"),)
+# Rows up to which `gemv` replaces `tile` (0: never). Off until the H200 measures it (bench.kernels' gemv column,
+# the 8B batch-1 engine with and without).
+GEMV_ROWS = int(os.environ.get("LORAPLEX_NF4_GEMV_ROWS", "0"))
 
 
 @functools.cache
@@ -76,6 +81,8 @@ def kernel_for(num_rows: int, shape, table=None) -> str:
     """The kernel the dispatch runs for `num_rows` rows of an (out, in) weight: the table's, except that
     the wide kernel leaves weights below WIDE_MIN_WEIGHTS to dequant + cuBLAS."""
     name = kernel_for_rows(num_rows, table)
+    if name == "tile" and num_rows <= min(GEMV_ROWS, 8):
+        return "gemv"
     if name == "wide":
         least = next((weights for rows, weights in WIDE_MIN_WEIGHTS if num_rows <= rows), None)
         if least is None or shape[0] * shape[1] < least:  # a table that sends more rows to wide: unmeasured
@@ -152,7 +159,7 @@ def nf4_linear_cuda(
     """y = x @ dequant(W)^T (+ bias), semantics of nf4_ops.nf4_matmul_reference, by the fastest kernel."""
     out_features, in_features = shape
     name = kernel or kernel_for(x.shape[0], shape)
-    if name in ("tile", "wide") and tiled is None:
+    if name in ("gemv", "tile", "wide") and tiled is None:
         name = "mma" if x.shape[0] <= 64 else "dequant"
     if name == "fused":
         from server.model.triton_nf4 import nf4_matmul_triton
@@ -165,6 +172,11 @@ def nf4_linear_cuda(
         # Two warps a block measured faster up to 8 rows (gate_up 47 vs 48.5 µs, down 25 vs 30), four above.
         return cuda_nf4.nf4_mma(x, codes, absmax_f, shape, code_table, bias, warps=2 if x.shape[0] <= 8 else 4,
                                 num_sms=device_num_sms(x.device.index or 0))
+    if name == "gemv":
+        from server.model import cuda_nf4
+        from server.model.triton_nf4 import device_num_sms
+
+        return cuda_nf4.nf4_gemv(x, tiled, shape, code_table, bias, num_sms=device_num_sms(x.device.index or 0))
     if name == "tile":
         from server.model import cuda_nf4
         from server.model.triton_nf4 import device_num_sms

@@ -41,6 +41,7 @@ def _rel_err(got, x, codes, absmax, shape, table, bias):
     ("fused", 1), ("fused", 3), ("fused", 16), ("fused", 33), ("fused", 64),
     ("dequant", 65), ("dequant", 300), (None, 1), (None, 7), (None, 128),
     ("mma", 1), ("mma", 2), ("mma", 9), ("mma", 16), ("mma", 31), ("mma", 64),
+    ("gemv", 1), ("gemv", 5), ("gemv", 8),
     ("tile", 1), ("tile", 5), ("tile", 9), ("tile", 16), ("tile", 24), ("tile", 32), ("tile", 40), ("tile", 64),
     ("wide", 1), ("wide", 13), ("wide", 64), ("wide", 65), ("wide", 128), ("wide", 129), ("wide", 300),
 ])  # fmt: skip
@@ -93,6 +94,28 @@ def test_tile_kernel_matches_mma_bit_for_bit(rows, split_k, warps, rows_per_warp
     got = cuda_nf4.nf4_tile(x, tiled, wshape, table, bias, split_k=split_k, warps=warps, rows_per_warp=rows_per_warp)
     want = cuda_nf4.nf4_mma(x, codes, absmax, wshape, table, bias, split_k=split_k, warps=2 if rows <= 8 else 4)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, warps", [(1, 2), (1, 4), (3, 8), (8, 16), (1, 16)])
+def test_gemv_kernel_matches_the_tile_kernel_split_as_its_warps_bit_for_bit(rows, warps, dtype):
+    """A block's warps take the blocks split w of nf4_tile(split_k = warps) takes and sum in split order: the same
+    bits (24 quant blocks: 16 warps leave four empty)."""
+    from server.model import cuda_nf4
+
+    codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: a partial last tile
+    x = torch.randn(rows, 1536, device="cuda").to(dtype)
+    bias = torch.randn(600, device="cuda").to(dtype)
+    tiled = _tiled(codes, absmax, wshape)
+    got = cuda_nf4.nf4_gemv(x, tiled, wshape, table, bias, warps=warps)
+    want = cuda_nf4.nf4_tile(x, tiled, wshape, table, bias, split_k=warps)
+    assert got.shape == (rows, 600) and torch.equal(got, want)
+    graph, static_x = torch.cuda.CUDAGraph(), x.clone()
+    with torch.cuda.graph(graph):
+        replayed = cuda_nf4.nf4_gemv(static_x, tiled, wshape, table, bias, warps=warps)
+    static_x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(replayed, cuda_nf4.nf4_tile(static_x, tiled, wshape, table, bias, split_k=warps))
 
 
 @pytest.mark.parametrize("rows, split_k, token_tiles, rows_per_warp", [

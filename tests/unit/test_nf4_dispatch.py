@@ -72,3 +72,20 @@ def test_wide_split_counts_each_token_group_as_a_full_grid(monkeypatch):
     shape = (28672, 4096)
     assert cuda_nf4.wide_split_k(32, shape, 132, 4, 1) == cuda_nf4.pick_split_k(32, *shape, 132, 4, 4)
     assert cuda_nf4.wide_split_k(200, shape, 132, 16, 1) == cuda_nf4.pick_split_k(128, *shape, 132, 4, 2)
+
+
+@pytest.mark.parametrize("shape, warps", [
+    ((28672, 4096), 2),  # 8B gate_up: 1,792 row tiles, two warps each fill one wave of 32 warps x 132 SMs
+    ((6144, 4096), 8), ((4096, 4096), 16), ((4096, 14336), 16),  # 8B qkv, o, down
+    ((320, 192), 2),  # three quant blocks: too few for more warps than two
+    ((80000, 4096), 2),  # taller than a wave at two warps: still two
+])  # fmt: skip
+def test_gemv_warps_fill_one_wave_with_two_quant_blocks_a_warp(shape, warps):
+    assert cuda_nf4.gemv_warps(shape, 132) == warps
+
+
+@pytest.mark.parametrize("gemv_rows, rows, expected", [(0, 1, "tile"), (1, 1, "gemv"), (1, 2, "tile"),
+                                                       (8, 8, "gemv"), (16, 9, "tile"), (16, 12, "wide")])
+def test_gemv_takes_the_tile_kernels_rows_up_to_its_bound(monkeypatch, gemv_rows, rows, expected):
+    monkeypatch.setattr(nf4_dispatch, "GEMV_ROWS", gemv_rows)
+    assert nf4_dispatch.kernel_for(rows, (6144, 4096), nf4_dispatch.WITH_CUDA_KERNEL) == expected

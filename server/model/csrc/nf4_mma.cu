@@ -280,6 +280,77 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
   for (int r = 0; r < RT; ++r) store_c_fragments<T, NT>(acc[r], (tile0 + r) * 16 + g, t, 0, M, N, bias, out, partial);
 }
 
+// One to eight rows (batch-1 decode): a block of WARPS warps owns one 16-row tile and splits its K among its warps
+// (warp w takes blocks [w * per_warp, (w + 1) * per_warp), as split w of nf4_tile with split_k = WARPS would); their
+// fp32 sums meet in shared memory and are added in warp order, so the block that computed a row stores it: no fp32
+// partials and no second kernel. At one row the tile kernel's split-K sum kernel and its partials cost 1.1-3.9 us a
+// call on the 8B shapes (H200: nf4_tile against bench.nf4_sol's probe of the same loop without them, -nf4-sol-s20).
+template <typename T, int WARPS, int PREFETCH>
+__global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_kernel(
+    const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
+    const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K) {
+  __shared__ float sums[WARPS][16][8];  // [warp][row of the tile][token]
+  const char* lut = stage_code_table(table);
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int tile = blockIdx.x;
+  const int row_tiles = (N + 15) / 16;
+  const int num_blocks = K / 64;
+  const int per_warp = (num_blocks + WARPS - 1) / WARPS;
+  const int first = min(warp * per_warp, num_blocks);
+  const int last = min(first + per_warp, num_blocks);
+  // token g (tokens past M re-read token M - 1: their columns are never stored), its 16 k of block 0 for lane t
+  const uint4* x_at = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(g, M - 1)) * K) + 2 * t;
+
+  float acc[4] = {};
+  wait_for_prior_grid();
+  if (first < last) {  // warp-uniform: a warp past the last block (WARPS > blocks) adds zeros
+    TileRing<1, PREFETCH> ring(tile_codes, tile_scales, tile, row_tiles, num_blocks, lane, first, last);
+    for (int base = first; base < last; base += PREFETCH) {
+#pragma unroll
+      for (int i = 0; i < PREFETCH; ++i) {
+        const int blk = base + i;
+        if (blk >= last) break;  // warp-uniform
+        uint4 cur_codes[1];
+        float2 cur_scales[1];
+        ring.take(i, blk, last, cur_codes, cur_scales);
+        const uint4 v0 = __ldg(x_at + 8 * blk);
+        const uint4 v1 = __ldg(x_at + 8 * blk + 1);
+        const uint32_t xb[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          uint32_t a[2][4];
+          a_fragments<T>(lut, cur_codes[0], cur_scales[0], half, a);
+#pragma unroll
+          for (int jj = 0; jj < 2; ++jj) {
+            const int j = 2 * half + jj;
+            Ops<T>::mma(acc, a[jj][0], a[jj][1], a[jj][2], a[jj][3], xb[2 * j], xb[2 * j + 1]);
+          }
+        }
+      }
+    }
+  }
+  // C fragment: acc[0..1] = (row g, tokens 2t, 2t + 1), acc[2..3] = (row g + 8, same tokens)
+  sums[warp][g][2 * t] = acc[0];
+  sums[warp][g][2 * t + 1] = acc[1];
+  sums[warp][g + 8][2 * t] = acc[2];
+  sums[warp][g + 8][2 * t + 1] = acc[3];
+  __syncthreads();
+  for (int i = threadIdx.x; i < 16 * 8; i += WARPS * 32) {
+    const int r = i >> 3, tok = i & 7;
+    const int row = tile * 16 + r;
+    if (tok >= M || row >= N) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) v += sums[w][r][tok];
+    if (bias != nullptr) v += Ops<T>::to_float(bias[row]);
+    out[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
+  }
+}
+
 // Wide batches (16-256 rows): the tile layout's MMA mapping with x staged once a block in shared memory, where the
 // register kernel above has every warp load its own x fragments from L1 (8 cache lines an instruction; the L1 pipe,
 // not DRAM, bounded it at 32 rows). The block's warps (one or two 16-row tiles each) share one copy of x per quant
@@ -549,6 +620,45 @@ int64_t nf4_tile_blocks_per_sm(int64_t rows, int64_t warps, int64_t rows_per_war
   return blocks;
 }
 
+// out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout by nf4_gemv_kernel; 1 <= M <= 8, warps 2, 4, 8 or 16.
+torch::Tensor nf4_gemv(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
+                       c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t warps) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "nf4_gemv takes 1..8 rows, got ", x.size(0));
+  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
+  check_tile_layout(x, tile_codes, tile_scales, out);
+  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  const dim3 grid((N + 15) / 16);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const auto* codes = reinterpret_cast<const uint4*>(tile_codes.data_ptr());
+  const auto* scales = reinterpret_cast<const float2*>(tile_scales.data_ptr());
+  const float* table_ptr = table.data_ptr<float>();
+  auto run = [&](auto dtype_tag) {
+    using T = decltype(dtype_tag);
+    const T* x_ptr = reinterpret_cast<const T*>(x.data_ptr());
+    const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
+    T* out_ptr = reinterpret_cast<T*>(out.data_ptr());
+#define LORAPLEX_GEMV(W) \
+  nf4_gemv_kernel<T, W, 4><<<grid, W * 32, 0, stream>>>(x_ptr, codes, scales, table_ptr, bias_ptr, out_ptr, M, N, K)
+    switch (warps) {
+      case 2: LORAPLEX_GEMV(2); break;
+      case 4: LORAPLEX_GEMV(4); break;
+      case 8: LORAPLEX_GEMV(8); break;
+      case 16: LORAPLEX_GEMV(16); break;
+      default: TORCH_CHECK(false, "nf4_gemv takes 2, 4, 8 or 16 warps, got ", warps);
+    }
+#undef LORAPLEX_GEMV
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (x.scalar_type() == torch::kBFloat16) {
+    run(__nv_bfloat16());
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
+    run(__half());
+  }
+  return out;
+}
+
 // Wide instances (token tiles of 8, row tiles a warp): NT 2, 4, 8 or 16 (16 to 128 rows a pass), RT 1 or 2; four
 // warps a block, three x buffers. More rows than a pass holds: grid z takes the token groups.
 constexpr int WIDE_WARPS = 4;
@@ -686,6 +796,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_mma_blocks_per_sm", &nf4_mma_blocks_per_sm, "resident blocks per SM of the kernel for (rows, warps)");
   m.def("nf4_tile", &nf4_tile, "NF4 x 16-bit matmul on tensor cores from the tile layout, M <= 64");
   m.def("nf4_tile_blocks_per_sm", &nf4_tile_blocks_per_sm, "resident blocks per SM of the tile kernel");
+  m.def("nf4_gemv", &nf4_gemv, "NF4 x 16-bit matmul from the tile layout, 1-8 rows, K split among a block's warps");
   m.def("nf4_wide", &nf4_wide, "NF4 x 16-bit matmul on tensor cores from the tile layout, x through shared memory");
   m.def("nf4_wide_blocks_per_sm", &nf4_wide_blocks_per_sm, "resident blocks per SM of a wide instance");
 }
