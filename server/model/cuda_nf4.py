@@ -168,15 +168,19 @@ GEMV_WARPS = (16, 8, 4, 2)  # the instances built (csrc/nf4_mma.cu, nf4_gemv)
 GEMV_RESIDENT_WARPS = 32  # a block's launch bounds cap the kernel at 64 registers: 32 warps an SM
 
 
-def gemv_warps(shape, num_sms: int) -> int:
-    """Warps a block of nf4_gemv (each a slice of K): the most whose blocks (one a row tile) run in one wave, with
-    at least two quant blocks a warp; two on weights too tall for one wave."""
+def gemv_warps(shape, num_sms: int) -> int | None:
+    """Warps a block of nf4_gemv (each a slice of K) for an (out, in) weight: 16 or 8, the most whose blocks (one a
+    row tile) run in one wave with at least two quant blocks a warp; None where not even 8 do, and the tile kernel
+    serves. H200, 8B shapes at one row (µs, bench/results/2026-12-04-nvidia-h200-kernels-s20-gemv.json): qkv (384
+    row tiles) 8 warps 10.8, 16 11.8, tile 12.0; o and down (256) 16 warps 8.7 and 20.4 against tile 9.9 and 21.9;
+    gate_up (1,792 row tiles: 2 warps fill one wave) 2 warps 41.0, 4 38.9, 8 39.1 against the tile kernel's 16
+    splits 37.8: a weight that tall needs more waves than one block a tile gives."""
     out_features, in_features = shape
     row_tiles, num_blocks = -(-out_features // 16), in_features // NF4_BLOCKSIZE
-    for warps in GEMV_WARPS:
+    for warps in GEMV_WARPS[:2]:
         if row_tiles * warps <= GEMV_RESIDENT_WARPS * num_sms and num_blocks >= 2 * warps:
             return warps
-    return GEMV_WARPS[-1]
+    return None
 
 
 def nf4_gemv(
@@ -193,7 +197,7 @@ def nf4_gemv(
     sums in the same order as nf4_tile with split_k = warps."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
-    _extension().nf4_gemv(x, tiled[0], tiled[1], code_table, bias, out, warps or gemv_warps(shape, num_sms))
+    _extension().nf4_gemv(x, tiled[0], tiled[1], code_table, bias, out, warps or gemv_warps(shape, num_sms) or 8)
     return out
 
 

@@ -47,9 +47,11 @@ WITH_CUDA_KERNEL: tuple[tuple[int | None, str], ...] = ((11, "tile"), (128, "wid
 WIDE_MIN_WEIGHTS = ((32, 0), (64, 16_000_000), (128, 30_000_000))  # (up to this many rows, least out x in)
 TRITON_ONLY: tuple[tuple[int | None, str], ...] = ((2, "bnb"), (32, "fused"), (None, "dequant"))
 BNB_ONLY: tuple[tuple[int | None, str], ...] = ((None, "bnb"),)
-# Rows up to which `gemv` replaces `tile` (0: never). Off until the H200 measures it (bench.kernels' gemv column,
-# the 8B batch-1 engine with and without).
-GEMV_ROWS = int(os.environ.get("LORAPLEX_NF4_GEMV_ROWS", "0"))
+# Rows up to which `gemv` replaces `tile` on weights whose row tiles take 8+ warps each in one wave
+# (cuda_nf4.gemv_warps; 0: never). H200, 8B, 1-8 rows (bench/results/2026-12-04-nvidia-h200-kernels-s20-gemv.json):
+# qkv 10.8-11.2 µs against tile 12.0-12.6, o 8.7-8.9 against 9.9-10.6, down 20.4-20.8 against 21.9-22.4; gate_up
+# stays on tile.
+GEMV_ROWS = int(os.environ.get("LORAPLEX_NF4_GEMV_ROWS", "8"))
 
 
 @functools.cache
@@ -77,12 +79,16 @@ def kernel_for_rows(num_rows: int, table=None) -> str:
     return next(name for max_rows, name in table or kernel_table() if max_rows is None or num_rows <= max_rows)
 
 
-def kernel_for(num_rows: int, shape, table=None) -> str:
+def kernel_for(num_rows: int, shape, table=None, num_sms: int = 132) -> str:
     """The kernel the dispatch runs for `num_rows` rows of an (out, in) weight: the table's, except that
-    the wide kernel leaves weights below WIDE_MIN_WEIGHTS to dequant + cuBLAS."""
+    the gemv kernel takes the tile kernel's rows up to GEMV_ROWS where it fills a wave, and the wide kernel leaves
+    weights below WIDE_MIN_WEIGHTS to dequant + cuBLAS."""
     name = kernel_for_rows(num_rows, table)
     if name == "tile" and num_rows <= min(GEMV_ROWS, 8):
-        return "gemv"
+        from server.model.cuda_nf4 import gemv_warps
+
+        if gemv_warps(shape, num_sms) is not None:
+            return "gemv"
     if name == "wide":
         least = next((weights for rows, weights in WIDE_MIN_WEIGHTS if num_rows <= rows), None)
         if least is None or shape[0] * shape[1] < least:  # a table that sends more rows to wide: unmeasured
@@ -157,38 +163,28 @@ def nf4_linear_cuda(
     defer_sum: bool = False,  # the tile and wide kernels may return split_sums.SplitSums
 ) -> torch.Tensor | SplitSums:
     """y = x @ dequant(W)^T (+ bias), semantics of nf4_ops.nf4_matmul_reference, by the fastest kernel."""
-    out_features, in_features = shape
-    name = kernel or kernel_for(x.shape[0], shape)
+    from server.model.triton_nf4 import device_num_sms
+
+    num_sms = device_num_sms(x.device.index or 0)
+    name = kernel or kernel_for(x.shape[0], shape, num_sms=num_sms)
     if name in ("gemv", "tile", "wide") and tiled is None:
         name = "mma" if x.shape[0] <= 64 else "dequant"
     if name == "fused":
         from server.model.triton_nf4 import nf4_matmul_triton
 
         return nf4_matmul_triton(x, codes, absmax_f, shape, code_table, bias=bias)
-    if name == "mma":
+    if name in ("mma", "gemv", "tile", "wide"):
         from server.model import cuda_nf4
-        from server.model.triton_nf4 import device_num_sms
-
+    if name == "mma":
         # Two warps a block measured faster up to 8 rows (gate_up 47 vs 48.5 µs, down 25 vs 30), four above.
         return cuda_nf4.nf4_mma(x, codes, absmax_f, shape, code_table, bias, warps=2 if x.shape[0] <= 8 else 4,
-                                num_sms=device_num_sms(x.device.index or 0))
+                                num_sms=num_sms)
     if name == "gemv":
-        from server.model import cuda_nf4
-        from server.model.triton_nf4 import device_num_sms
-
-        return cuda_nf4.nf4_gemv(x, tiled, shape, code_table, bias, num_sms=device_num_sms(x.device.index or 0))
+        return cuda_nf4.nf4_gemv(x, tiled, shape, code_table, bias, num_sms=num_sms)
     if name == "tile":
-        from server.model import cuda_nf4
-        from server.model.triton_nf4 import device_num_sms
-
-        return cuda_nf4.nf4_tile(x, tiled, shape, code_table, bias, num_sms=device_num_sms(x.device.index or 0),
-                                 defer_sum=defer_sum)
+        return cuda_nf4.nf4_tile(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "wide":
-        from server.model import cuda_nf4
-        from server.model.triton_nf4 import device_num_sms
-
-        return cuda_nf4.nf4_wide(x, tiled, shape, code_table, bias, num_sms=device_num_sms(x.device.index or 0),
-                                 defer_sum=defer_sum)
+        return cuda_nf4.nf4_wide(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "dequant":
         return dequant_linear(x, codes, absmax_f, shape, code_table, bias)
     if name == "bnb":

@@ -55,7 +55,7 @@ def test_kernel_section_reports_targets(tmp_path):
 
 @pytest.mark.parametrize("rows, shape, expected", [
     (64, (2048, 2048), "dequant"), (64, (3072, 2048), "dequant"), (64, (6144, 4096), "wide"),
-    (64, (4096, 4096), "wide"), (32, (2048, 2048), "wide"), (1, (2048, 2048), "tile"), (65, (28672, 4096), "wide"),
+    (64, (4096, 4096), "wide"), (32, (2048, 2048), "wide"), (1, (2048, 2048), "gemv"), (65, (28672, 4096), "wide"),
     (128, (4096, 14336), "wide"), (128, (6144, 4096), "dequant"), (129, (28672, 4096), "dequant"),
     (128, (16384, 2048), "wide"), (128, (2048, 8192), "dequant"),
 ])  # fmt: skip
@@ -75,17 +75,21 @@ def test_wide_split_counts_each_token_group_as_a_full_grid(monkeypatch):
 
 
 @pytest.mark.parametrize("shape, warps", [
-    ((28672, 4096), 2),  # 8B gate_up: 1,792 row tiles, two warps each fill one wave of 32 warps x 132 SMs
     ((6144, 4096), 8), ((4096, 4096), 16), ((4096, 14336), 16),  # 8B qkv, o, down
-    ((320, 192), 2),  # three quant blocks: too few for more warps than two
-    ((80000, 4096), 2),  # taller than a wave at two warps: still two
+    ((3072, 2048), 16), ((2048, 8192), 16),  # 1B qkv, down
+    ((28672, 4096), None), ((16384, 2048), None),  # gate_up (8B, 1B): too tall for 8 warps a tile in one wave
+    ((320, 512), None),  # eight quant blocks: too few for 8 warps of two
 ])  # fmt: skip
 def test_gemv_warps_fill_one_wave_with_two_quant_blocks_a_warp(shape, warps):
     assert cuda_nf4.gemv_warps(shape, 132) == warps
 
 
-@pytest.mark.parametrize("gemv_rows, rows, expected", [(0, 1, "tile"), (1, 1, "gemv"), (1, 2, "tile"),
-                                                       (8, 8, "gemv"), (16, 9, "tile"), (16, 12, "wide")])
-def test_gemv_takes_the_tile_kernels_rows_up_to_its_bound(monkeypatch, gemv_rows, rows, expected):
+@pytest.mark.parametrize("gemv_rows, rows, shape, expected", [
+    (0, 1, (6144, 4096), "tile"), (1, 1, (6144, 4096), "gemv"), (1, 2, (6144, 4096), "tile"),
+    (8, 8, (6144, 4096), "gemv"), (8, 1, (28672, 4096), "tile"), (16, 9, (6144, 4096), "tile"),
+    (16, 12, (6144, 4096), "wide"),
+])  # fmt: skip
+def test_gemv_takes_the_tile_kernels_rows_up_to_its_bound_where_it_fills_a_wave(monkeypatch, gemv_rows, rows, shape,
+                                                                                 expected):
     monkeypatch.setattr(nf4_dispatch, "GEMV_ROWS", gemv_rows)
-    assert nf4_dispatch.kernel_for(rows, (6144, 4096), nf4_dispatch.WITH_CUDA_KERNEL) == expected
+    assert nf4_dispatch.kernel_for(rows, shape, nf4_dispatch.WITH_CUDA_KERNEL) == expected
