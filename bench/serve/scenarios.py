@@ -122,8 +122,18 @@ def build(preset: str, knobs: Knobs) -> Scenario:
         # touches about 20 of the 32.
         warmup = Load("warmup", replace(base, distribution="cycle", num_requests=n, output_len=16,
                                         seed=base.seed + 3), n)
-        phases = [Phase(mode, mode, [replace(warmup)] + [replace(load) for load in loads])
-                  for mode in ("unmerged", "merged", "auto")]
+        # With the engine in its own process a 128-request Zipf or uniform load lasted 0.7-0.8 s (H200, 11k tok/s),
+        # and one 250 ms stall of auto's first requests weighed a quarter of it (-serve-lora-modes-1b-s20-proc):
+        # unmerged and auto run them four times longer too; merged mode keeps 128 (one swap a batch: ~18 s).
+        longer = 4 * base.num_requests
+
+        def phase_loads(mode: str) -> list[Load]:
+            if mode == "merged":
+                return [replace(load) for load in loads]
+            return [replace(load, traffic=replace(load.traffic, num_requests=max(load.traffic.num_requests, longer)))
+                    for load in loads]
+
+        phases = [Phase(mode, mode, [replace(warmup)] + phase_loads(mode)) for mode in ("unmerged", "merged", "auto")]
         return Scenario(preset, n, knobs.ranks or [16], phases)
     if preset == "zipf1000":
         n = num or 1000

@@ -144,3 +144,16 @@ def test_a_failed_load_says_why_once_per_status():
     summary = summarize(results, 1.0, Traffic(adapters=("a", "b", "c"), prompt_len=4), 0.0)
     assert summary["errors_by_status"] == {"503": 2, "ReadTimeout": 1}
     assert summary["first_error"] == {"503": "the engine is not running: boom", "ReadTimeout": "timed out"}
+
+
+def test_lora_modes_runs_zipf_and_uniform_longer_except_in_merged_mode():
+    """Merged mode swaps at every batch of Zipf or uniform traffic (~18 s for 128 requests on the H200); the other
+    modes finish 128 in under a second with the engine in its own process, too short to weigh one stall."""
+    from bench.serve.scenarios import Knobs, build
+
+    scenario = build("lora-modes", Knobs())
+    requests = {(phase.name, load.name): load.traffic.num_requests for phase in scenario.phases for load in phase.loads}
+    assert requests[("merged", "zipf")] == requests[("merged", "uniform")] == 128
+    for mode in ("unmerged", "auto"):
+        assert requests[(mode, "zipf")] == requests[(mode, "uniform")] == requests[(mode, "single")] == 512
+    assert requests[("merged", "single")] == 512 and requests[("auto", "warmup")] == 32
