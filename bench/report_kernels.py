@@ -71,7 +71,8 @@ def _engine_values(runs: dict) -> dict[str, tuple[str | None, object]]:
     return found
 
 
-def _row(ratio: Ratio, value, source: str | None) -> str:
+def target_row(ratio: Ratio, value, source: str | None) -> str:
+    """One row of a targets table: the ratio, its value and whether it meets the target, the file it came from."""
     met = ratio.is_met(value)
     met_text = "—" if met is None else ("yes" if met else "**no**")
     src = f"`results/{source}`" if source and value is not None else "—"
@@ -91,14 +92,14 @@ def kernel_section(results_dir: Path, runs: dict) -> list[str]:
     for ratio in KERNEL_RATIOS:  # each from the newest run that measured it (a run may skip some row counts)
         source, value = next(((n, d["ratios"][ratio.key]) for n, d in kernels
                               if d["ratios"].get(ratio.key) is not None), (None, None))
-        lines.append(_row(ratio, value, source))
+        lines.append(target_row(ratio, value, source))
     engine = _engine_values(runs)
     for ratio in ENGINE_RATIOS:
         source, value = engine.get(ratio.key, (None, None))
-        lines.append(_row(ratio, value, source))
+        lines.append(target_row(ratio, value, source))
     prefill = newest_with_ratios(results_dir, "*-prefill.json")
     prefill_name, prefill_data = prefill if prefill else (None, {})
-    lines += [_row(r, (prefill_data.get("ratios") or {}).get(r.key), prefill_name) for r in PREFILL_RATIOS]
+    lines += [target_row(r, (prefill_data.get("ratios") or {}).get(r.key), prefill_name) for r in PREFILL_RATIOS]
     lines.append("")
     for model in ("8b", "1b"):
         layers = [r for r in data.get("layers", []) if r["model"] == model]

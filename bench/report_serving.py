@@ -7,9 +7,54 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.results import fmt
+from bench.report_kernels import target_row
+from bench.results import Ratio, fmt
 
 SERVE_FIELDS = ("tokens_per_s", "ttft_ms_p50", "itl_ms_p50")
+
+
+# Issue 13's targets, each with the results files that measure it.
+SERVING_TARGETS = (
+    (Ratio("serve_over_engine_1b_c32", "1b", "server tok/s / engine tok/s, 32 adapters, 32 streams", ">=", 0.90),
+     "*-serve-c32-*.json"),
+    (Ratio("sampled_over_greedy_1b_c32", "1b", "server tok/s, temperature 1.0 top-p 0.9 / greedy", ">=", 0.95),
+     "*-serve-c32-*.json"),
+    (Ratio("itl_p50_over_step_1b_c32", "1b", "server ITL p50 / engine decode step", "<=", 1.1), "*-serve-c32-*.json"),
+    (Ratio("auto_over_best_zipf_1b", "1b", "auto / the better of merged and unmerged, Zipf(1.0) over 32", ">=", 1.0),
+     "*-serve-lora-modes-*.json"),
+    (Ratio("auto_over_best_uniform_1b", "1b", "same, uniform over 32 adapters", ">=", 0.97),
+     "*-serve-lora-modes-*.json"),
+    (Ratio("auto_over_best_single_1b", "1b", "same, one adapter", ">=", 0.97), "*-serve-lora-modes-*.json"),
+    (Ratio("decode_step_ms_b32_1b", "1b", "merged batch-32 decode step, GPU ms", "<=", 1.5), "*-1b-b32-*profile*.json"),
+    (Ratio("glue_fraction_b32_1b", "1b", "non-matmul kernels / the step's GPU time, same step", "<=", 0.10),
+     "*-1b-b32-*profile*.json"),
+    (Ratio("roofline_fraction_merged_b32_8b", "8b", "merged batch-32 decode step: roofline time / measured time",
+           ">=", 0.40), "*-8b*.json"),
+)
+
+
+def _newest_value(results_dir: Path, pattern: str, key: str) -> tuple[str | None, object]:
+    """(file, value) of the newest GPU run matching `pattern` whose ratios carry `key` (by date, the time it was
+    written where it says, then name)."""
+    found = []
+    for path in results_dir.glob(pattern):
+        data = json.loads(path.read_text())
+        value = (data.get("ratios") or {}).get(key)
+        if value is not None and ("h200" in path.name or "h100" in path.name):
+            found.append(((str(data.get("date", "")), str(data.get("timestamp", "")), path.name), path.name, value))
+    if not found:
+        return None, None
+    _, name, value = max(found, key=lambda f: f[0])
+    return name, value
+
+
+def serving_targets(results_dir: Path) -> list[str]:
+    """Issue 13's targets, each from the newest committed run that measured it."""
+    lines = ["| ratio | what | target | measured | met | source |", "|---|---|---|---|---|---|"]
+    for ratio, pattern in SERVING_TARGETS:
+        source, value = _newest_value(results_dir, pattern, ratio.key)
+        lines.append(target_row(ratio, value, source))
+    return lines + [""]
 
 
 def _serve_row(name: str, data: dict) -> str:
@@ -91,6 +136,7 @@ def serving_section(results_dir: Path) -> list[str]:
     lines = ["## Serving (issue 13)", ""]
     if not serves and not profiles and not samplers:
         return lines + ["No `python -m bench.serve` run committed yet.", ""]
+    lines += serving_targets(results_dir)
     lines += ["`python -m bench.serve --model 1b --preset c32` (32 rank-16 adapters over HTTP, 32 streams, prompt "
               "128, output 64; the file name's tag says the server flags: `proc` = `--engine-process`, `gil` = "
               "`--gil-switch-interval-ms 0.5`). Targets: serve/engine >= 0.90, ITL p50 / engine step <= 1.1, "

@@ -1,4 +1,5 @@
-"""bench/RESULTS.md keeps prefill-step profiles out of the decode-step table and in their own."""
+"""bench/RESULTS.md's serving part: prefill-step profiles apart from the decode-step table, sampler profiles in their own,
+issue 13's targets each from the newest GPU run that measured it."""
 
 import json
 
@@ -33,3 +34,20 @@ def test_sampler_profiles_get_their_own_table(tmp_path):
     rows = [line for line in lines if line.startswith(f"| `{written.name}`")]
     assert len(rows) == 1 and rows[0].count("/") == 6  # six cells of device / host
     assert not any("step ms (GPU)" in line for line in lines)  # no decode-step table for it
+
+
+def test_serving_targets_take_each_ratio_from_the_newest_gpu_run_that_measured_it(tmp_path):
+    from bench.report_serving import serving_targets
+
+    def write(name, date, ratios):
+        (tmp_path / name).write_text(json.dumps({"date": date, "timestamp": f"{date}T00:00:00", "ratios": ratios}))
+
+    write("2026-12-01-nvidia-h200-serve-c32-1b-old.json", "2026-12-01", {"serve_over_engine_1b_c32": 0.5})
+    write("2026-12-02-nvidia-h200-serve-c32-1b-new.json", "2026-12-02", {"serve_over_engine_1b_c32": 0.93,
+                                                                          "sampled_over_greedy_1b_c32": None})
+    write("2026-12-03-cpu-serve-c32-1b-smoke.json", "2026-12-03", {"serve_over_engine_1b_c32": 0.1})  # not a GPU
+    write("2026-12-01-nvidia-h200-serve-lora-modes-1b.json", "2026-12-01", {"auto_over_best_zipf_1b": 0.99})
+    rows = {line.split(" | ")[0].strip("| `"): line for line in serving_targets(tmp_path) if line.startswith("| `")}
+    assert "| 0.93 | yes | `results/2026-12-02-nvidia-h200-serve-c32-1b-new.json` |" in rows["serve_over_engine_1b_c32"]
+    assert "| 0.99 | **no** |" in rows["auto_over_best_zipf_1b"]
+    assert rows["sampled_over_greedy_1b_c32"].endswith("| — | — | — |")  # measured by no run
