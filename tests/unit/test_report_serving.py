@@ -1,5 +1,5 @@
-"""bench/RESULTS.md's serving part: prefill-step profiles apart from the decode-step table, sampler profiles in their own,
-issue 13's targets each from the newest GPU run that measured it."""
+"""bench/RESULTS.md's serving part: prefill-step profiles apart from the decode-step table, sampler profiles in their
+own, issue 13's targets each from the newest GPU run that measured it."""
 
 import json
 
