@@ -141,8 +141,9 @@ class Settings(BaseSettings):
     engine_process: bool = Field(
         False, description="run the engine core (scheduler, model, sampler) in its own process, talking to "
         "the HTTP process over ZeroMQ; off: the engine runs in a thread of the HTTP process (H200, 1B, 32 "
-        "streams: 0.69-0.78 of the engine's tok/s in its own process against 0.45 in a thread, but see "
-        "bench/NOTES.md: two GPU runs in this mode ended in a device-side assert)"
+        "streams: 0.87-0.96 of the engine's tok/s in its own process, 2026-12-04, against 0.45 in a thread; "
+        "off by default because a light tenant's p99 TTFT beside a heavy one was 3.45x alone in this mode "
+        "against 1.24-1.96x in a thread, bench/NOTES.md)"
     )
     gil_switch_interval_ms: float | None = Field(
         0.5, gt=0, description="sys.setswitchinterval of the server process in ms (5 is Python's own default); "
