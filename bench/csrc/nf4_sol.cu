@@ -50,30 +50,20 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_sol_kernel(const uint4* __rest
       if constexpr (MODE == 0) {
         folded ^= codes[0].x ^ codes[0].y ^ codes[0].z ^ codes[0].w ^ __float_as_uint(scales[0].x) ^
                   __float_as_uint(scales[0].y);
-      } else {
-        uint32_t xb[8];
-#pragma unroll
-        for (int w = 0; w < 8; ++w) xb[w] = x_word;
-        if (MODE == 3) {
-          const uint4 v0 = __ldg(x_at + 8 * blk);
-          const uint4 v1 = __ldg(x_at + 8 * blk + 1);
-          xb[0] = v0.x; xb[1] = v0.y; xb[2] = v0.z; xb[3] = v0.w;
-          xb[4] = v1.x; xb[5] = v1.y; xb[6] = v1.z; xb[7] = v1.w;
-        }
+      } else if constexpr (MODE == 1) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           uint32_t a[2][4];
           a_fragments<T>(lut, codes[0], scales[0], half, a);
 #pragma unroll
-          for (int jj = 0; jj < 2; ++jj) {
-            if (MODE == 1) {
-              folded ^= a[jj][0] ^ a[jj][1] ^ a[jj][2] ^ a[jj][3];
-            } else {
-              const int j = 2 * half + jj;
-              Ops<T>::mma(acc, a[jj][0], a[jj][1], a[jj][2], a[jj][3], xb[2 * j], xb[2 * j + 1]);
-            }
-          }
+          for (int jj = 0; jj < 2; ++jj) folded ^= a[jj][0] ^ a[jj][1] ^ a[jj][2] ^ a[jj][3];
         }
+      } else {
+        uint32_t xb[8];
+#pragma unroll
+        for (int w = 0; w < 8; ++w) xb[w] = x_word;
+        if (MODE == 3) load_x_block(x_at + 8 * blk, xb);
+        mma_block<T>(lut, codes[0], scales[0], xb, acc);
       }
     }
   }

@@ -148,4 +148,29 @@ __device__ __forceinline__ void a_fragments(const char* lut, uint4 codes, float2
   }
 }
 
+// x's 16 values of one quant block for quad lane t, from p (the lane's base + 8 uint4 a block), as the B fragments of
+// the block's 4 k-steps: words 2j and 2j + 1 for k-step j.
+__device__ __forceinline__ void load_x_block(const uint4* p, uint32_t (&xb)[8]) {
+  const uint4 v0 = __ldg(p);
+  const uint4 v1 = __ldg(p + 1);
+  xb[0] = v0.x; xb[1] = v0.y; xb[2] = v0.z; xb[3] = v0.w;
+  xb[4] = v1.x; xb[5] = v1.y; xb[6] = v1.z; xb[7] = v1.w;
+}
+
+// One quant block of one 16-row tile against one token tile: acc += the block's A fragments x xb, k-step by k-step.
+template <typename T>
+__device__ __forceinline__ void mma_block(const char* lut, uint4 codes, float2 scales, const uint32_t (&xb)[8],
+                                          float (&acc)[4]) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    uint32_t a[2][4];
+    a_fragments<T>(lut, codes, scales, half, a);
+#pragma unroll
+    for (int jj = 0; jj < 2; ++jj) {
+      const int j = 2 * half + jj;
+      Ops<T>::mma(acc, a[jj][0], a[jj][1], a[jj][2], a[jj][3], xb[2 * j], xb[2 * j + 1]);
+    }
+  }
+}
+
 }  // namespace

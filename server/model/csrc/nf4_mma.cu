@@ -33,11 +33,7 @@ __device__ __forceinline__ void load_x_fragments(const T* __restrict__ x, int M,
   for (int nt = 0; nt < NT; ++nt) {
     const int tok = nt * 8 + g;
     if (tok < M) {
-      const uint4* px = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(tok) * K + 64 * blk + 16 * t);
-      const uint4 v0 = __ldg(px);
-      const uint4 v1 = __ldg(px + 1);
-      xb[nt][0] = v0.x; xb[nt][1] = v0.y; xb[nt][2] = v0.z; xb[nt][3] = v0.w;
-      xb[nt][4] = v1.x; xb[nt][5] = v1.y; xb[nt][6] = v1.z; xb[nt][7] = v1.w;
+      load_x_block(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(tok) * K + 64 * blk + 16 * t), xb[nt]);
     } else {
 #pragma unroll
       for (int w = 0; w < 8; ++w) xb[nt][w] = 0u;
@@ -252,10 +248,7 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
       uint32_t xb[NT][8];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const uint4 v0 = __ldg(x_at[nt] + 8 * blk);
-        const uint4 v1 = __ldg(x_at[nt] + 8 * blk + 1);
-        xb[nt][0] = v0.x; xb[nt][1] = v0.y; xb[nt][2] = v0.z; xb[nt][3] = v0.w;
-        xb[nt][4] = v1.x; xb[nt][5] = v1.y; xb[nt][6] = v1.z; xb[nt][7] = v1.w;
+        load_x_block(x_at[nt] + 8 * blk, xb[nt]);
       }
 
 #pragma unroll
@@ -317,19 +310,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_kern
         uint4 cur_codes[1];
         float2 cur_scales[1];
         ring.take(i, blk, last, cur_codes, cur_scales);
-        const uint4 v0 = __ldg(x_at + 8 * blk);
-        const uint4 v1 = __ldg(x_at + 8 * blk + 1);
-        const uint32_t xb[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          uint32_t a[2][4];
-          a_fragments<T>(lut, cur_codes[0], cur_scales[0], half, a);
-#pragma unroll
-          for (int jj = 0; jj < 2; ++jj) {
-            const int j = 2 * half + jj;
-            Ops<T>::mma(acc, a[jj][0], a[jj][1], a[jj][2], a[jj][3], xb[2 * j], xb[2 * j + 1]);
-          }
-        }
+        uint32_t xb[8];
+        load_x_block(x_at + 8 * blk, xb);
+        mma_block<T>(lut, cur_codes[0], cur_scales[0], xb, acc);
       }
     }
   }
