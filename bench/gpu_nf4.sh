@@ -2,7 +2,7 @@
 # One GPU-machine call for the NF4 kernels issue: GPU tests, Nsight Compute, kernel table, prefill, step profile.
 # Usage there: bash bench/gpu_nf4.sh   (carry .whl and .torch_ext; see ../shared/gpu/wheels.sh)
 # Each step has its own timeout; a timeout of 0 skips the step. TESTS_ARGS: pytest arguments for tests/gpu
-# (quoted as on a command line); NCU_ROWS=1,32: ncu sections of the tile kernel (bench.nf4_ncu); PROFILE_ARGS:
+# (quoted as on a command line); NCU_ROWS=1,32: ncu sections of the NF4 kernels (bench.nf4_ncu); PROFILE_ARGS:
 # bench.profile_step's (default --model 1b).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -27,11 +27,14 @@ python3 -c "from server.model import cuda_nf4; print('cuda_nf4 available:', cuda
 step "${SOL_TIMEOUT:-0}" nf4_sol.log python3 -m bench.nf4_sol --out "$OUT"
 eval "test_args=(${TESTS_ARGS:-})"
 step "${TESTS_TIMEOUT:-220}" gpu_tests.log python3 -m pytest tests/gpu -q -m gpu -p no:cacheprovider "${test_args[@]}"
+# NCU_ROWS=1,32: Nsight Compute sections of the kernels the dispatch runs at those rows (8B gate_up; NCU_LAYER for
+# another); NCU_PROBES=stream,dequant,x: also bench.nf4_sol's probes at one row (NCU_PROBE_CONFIG warps,splits)
 if [ -n "${NCU_ROWS:-}" ]; then
-  step "${NCU_TIMEOUT:-120}" ncu.txt ncu --clock-control none --kernel-name regex:"nf4_tile_kernel" \
+  step "${NCU_TIMEOUT:-120}" ncu.txt ncu --clock-control none --kernel-name regex:"nf4_(tile|gemv|sol)_kernel" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-    python3 -m bench.nf4_ncu --rows "$NCU_ROWS"
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats \
+    python3 -m bench.nf4_ncu --rows "$NCU_ROWS" --layer "${NCU_LAYER:-gate_up}" --probes "${NCU_PROBES:-}" \
+    --probe-config "${NCU_PROBE_CONFIG:-2,8}"
 fi
 eval "kernel_args=(${KERNELS_ARGS:-})"
 step "${KERNELS_TIMEOUT:-330}" kernels.log python3 -m bench.kernels --out "$OUT" "${kernel_args[@]}"

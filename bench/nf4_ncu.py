@@ -1,9 +1,11 @@
-"""Launch the CUDA NF4 tile kernel on one 8B layer for Nsight Compute (run under ``ncu``; times nothing itself).
+"""Launch the CUDA NF4 kernels on one 8B layer for Nsight Compute (run under ``ncu``; times nothing itself).
 
-    ncu --clock-control none --kernel-name regex:"nf4_tile_kernel" python -m bench.nf4_ncu --rows 1,32
+    ncu --clock-control none --kernel-name regex:"nf4_(tile|gemv|sol)_kernel" python -m bench.nf4_ncu --rows 1,32 \
+        --probes stream,dequant,x
 
-It runs twice per row count (a warm-up launch, then the profiled one: pass --launch-skip to ncu
-or read the second of each pair)."""
+Per row count it launches the kernel the dispatch runs at that count (`tile` or `gemv`); with --probes, once per
+layer the speed-of-light probes of bench.nf4_sol (one row, --probe-config warps,splits). Each launch runs twice (a
+warm-up, then the profiled one: pass --launch-skip to ncu or read the second of each pair)."""
 
 from __future__ import annotations
 
@@ -19,19 +21,31 @@ def main() -> None:
     parser.add_argument("--model", default="8b")
     parser.add_argument("--layer", default="gate_up")
     parser.add_argument("--rows", default="1,32")
+    parser.add_argument("--probes", default="", help="bench.nf4_sol probes: stream,dequant,mma,x")
+    parser.add_argument("--probe-config", default="2,8", help="warps a block, splits of K")
     args = parser.parse_args()
-    from server.model import cuda_nf4
+    from bench.nf4_sol import PROBES, probe_calls
+    from server.model import nf4_dispatch
     from server.model.triton_nf4 import device_num_sms
 
     in_features, out_features = layer_shapes(args.model)[args.layer]
     layer = Layer(in_features, out_features, copies=1, seed=1)
-    tiled = layer.nf4[0][3]
+    codes, absmax, state, tiled = layer.nf4[0]
     for rows in (int(r) for r in args.rows.split(",")):
         x = torch.randn(rows, in_features, device="cuda").to(torch.bfloat16)
+        kernel = nf4_dispatch.kernel_for(rows, layer.shape, num_sms=device_num_sms(0))
         for _ in range(2):
-            cuda_nf4.nf4_tile(x, tiled, layer.shape, layer.table, num_sms=device_num_sms(0))
+            nf4_dispatch.nf4_linear_cuda(x, codes, absmax, layer.shape, layer.table, None, state, tiled=tiled)
         torch.cuda.synchronize()
-        print(f"rows {rows}: launched the tile kernel twice", flush=True)
+        print(f"rows {rows}: launched {kernel} twice", flush=True)
+    warps, splits = (int(v) for v in args.probe_config.split(","))
+    x = torch.randn(1, in_features, device="cuda").to(torch.bfloat16)
+    for probe in filter(None, args.probes.split(",")):
+        call = probe_calls(layer, x, PROBES[probe], warps, splits)[0]
+        for _ in range(2):
+            call()
+        torch.cuda.synchronize()
+        print(f"probe {probe} ({warps} warps, {splits} splits): launched twice", flush=True)
 
 
 if __name__ == "__main__":
