@@ -4,12 +4,14 @@
 
 Times by CUDA-graph replay over weight copies (bench.kernels.time_calls), per 8B layer shape at one row, the probes
 of bench/csrc/nf4_sol.cu over the tile layout, each at its best split of K (1-16) and block of 2 or 4 warps:
-``stream`` (code and scale loads alone), ``dequant`` (+ the exact dequantization of every weight), ``mma`` (+ the
-MMAs against a constant x), ``x`` (+ x loaded from global memory: the tile kernel less its split-K sum); then
+``stream`` (code and scale loads alone), ``dequant_regs`` (the exact dequantization of every weight with no loads
+in its loop: its own rate), ``dequant`` (loads + the dequantization), ``mma`` (+ the MMAs against a constant x),
+``x`` (+ x loaded from global memory: the tile kernel less its split-K sum); then
 ``tile`` (the kernel the dispatch runs at one row) and ``bf16``. Writes ``<out>/<date>-<device>-nf4-sol.json``
 with ``ratios``: each probe's geometric mean over the four shapes over bf16's (``sol_<probe>_over_bf16_m1``).
-If ``dequant`` alone is above 0.45 of bf16, the exact semantics' dequantization (fp32 code x fp32 scale, one
-rounding) cannot meet ``nf4_over_bf16_m1`` <= 0.45 with this instruction sequence, whatever the rest of the kernel.
+If ``dequant`` is above 0.45 of bf16, the exact semantics' dequantization (fp32 code x fp32 scale, one rounding)
+cannot meet ``nf4_over_bf16_m1`` <= 0.45 with this instruction sequence, whatever the rest of the kernel; if
+``dequant_regs`` is too, no better overlap of that sequence with the loads can either.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from bench.results import write_named_result
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "bench" / "csrc" / "nf4_sol.cu"
-PROBES = {"stream": 0, "dequant": 1, "mma": 2, "x": 3}
+PROBES = {"stream": 0, "dequant_regs": 4, "dequant": 1, "mma": 2, "x": 3}
 SPLITS = (1, 2, 4, 8, 16)
 
 

@@ -5,7 +5,9 @@
 //   mode 0: the code and scale loads alone (the bandwidth floor of the NF4 bytes);
 //   mode 1: + the exact dequantization of every weight into A fragments (table lookup, fp32 scale, rounding);
 //   mode 2: + the MMAs, against one constant x fragment;
-//   mode 3: + x's fragments loaded from global memory a block at a time (the tile kernel less its split-K sum).
+//   mode 3: + x's fragments loaded from global memory a block at a time (the tile kernel less its split-K sum);
+//   mode 4: mode 1's dequantization with no loads in the loop (the first block's codes, their nibbles varied block
+//           by block): the dequantization's own rate, which no overlap with the loads can beat.
 // Built by nvcc alone (no torch headers), called through ctypes. Not part of the server.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -46,11 +48,18 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_sol_kernel(const uint4* __rest
       if (blk >= last) break;
       uint4 codes[1];
       float2 scales[1];
-      ring.take(i, blk, last, codes, scales);
+      if constexpr (MODE == 4) {
+        const uint32_t salt = static_cast<uint32_t>(blk) * 0x01010101u;  // other nibbles, other table entries
+        const uint4 held = ring.codes[0][0];
+        codes[0] = make_uint4(held.x ^ salt, held.y ^ salt, held.z ^ salt, held.w ^ salt);
+        scales[0] = ring.scales[0][0];
+      } else {
+        ring.take(i, blk, last, codes, scales);
+      }
       if constexpr (MODE == 0) {
         folded ^= codes[0].x ^ codes[0].y ^ codes[0].z ^ codes[0].w ^ __float_as_uint(scales[0].x) ^
                   __float_as_uint(scales[0].y);
-      } else if constexpr (MODE == 1) {
+      } else if constexpr (MODE == 1 || MODE == 4) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           uint32_t a[2][4];
@@ -93,7 +102,7 @@ extern "C" long long loraplex_nf4_sol_sink_words(int warps, int N, int K, int sp
   return used_splits * ((row_tiles + warps - 1) / warps) * warps * 32;
 }
 
-// One probe of `mode` (0-3, above) with `warps` (2 or 4) warps a block over the tile layout of an [N, K] weight;
+// One probe of `mode` (0-4, above) with `warps` (2 or 4) warps a block over the tile layout of an [N, K] weight;
 // x: K bf16 values (mode 3). Returns the launch's cudaError_t.
 extern "C" int loraplex_nf4_sol(int mode, int warps, void* stream, const void* codes, const void* scales,
                                 const float* table, const void* x, unsigned x_word, uint32_t* sink, int N, int K,
@@ -107,6 +116,7 @@ extern "C" int loraplex_nf4_sol(int mode, int warps, void* stream, const void* c
   LORAPLEX_SOL(1)
   LORAPLEX_SOL(2)
   LORAPLEX_SOL(3)
+  LORAPLEX_SOL(4)
 #undef LORAPLEX_SOL
   return static_cast<int>(cudaErrorInvalidValue);
 }
