@@ -168,7 +168,8 @@ GEMV_WARPS = (16, 8, 4, 2)  # the instances built (csrc/nf4_mma.cu, nf4_gemv)
 GEMV_RESIDENT_WARPS = 32  # a block's launch bounds cap the kernel at 64 registers: 32 warps an SM
 
 
-def gemv_warps(shape, num_sms: int) -> int | None:
+@functools.cache
+def gemv_warps(shape: tuple[int, int], num_sms: int) -> int | None:
     """Warps a block of nf4_gemv (each a slice of K) for an (out, in) weight: 16 or 8, the most whose blocks (one a
     row tile) run in one wave with at least two quant blocks a warp; None where not even 8 do, and the tile kernel
     serves. H200, 8B shapes at one row (µs, bench/results/2026-12-04-nvidia-h200-kernels-s20-gemv.json): qkv (384
@@ -197,7 +198,7 @@ def nf4_gemv(
     sums in the same order as nf4_tile with split_k = warps."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
-    _extension().nf4_gemv(x, tiled[0], tiled[1], code_table, bias, out, warps or gemv_warps(shape, num_sms) or 8)
+    _extension().nf4_gemv(x, tiled[0], tiled[1], code_table, bias, out, warps or gemv_warps(tuple(shape), num_sms) or 8)
     return out
 
 

@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from server.model import cuda_nf4
 from server.model.nf4_layout import codes_as_words
 from server.model.split_sums import SplitSums
 
@@ -60,11 +61,8 @@ def kernel_table() -> tuple[tuple[int | None, str], ...]:
     choice = os.environ.get("LORAPLEX_NF4_KERNEL", "auto")
     if choice == "bnb":
         return BNB_ONLY
-    if choice == "auto":
-        from server.model import cuda_nf4
-
-        if cuda_nf4.is_available():
-            return WITH_CUDA_KERNEL
+    if choice == "auto" and cuda_nf4.is_available():
+        return WITH_CUDA_KERNEL
     return TRITON_ONLY
 
 
@@ -84,11 +82,8 @@ def kernel_for(num_rows: int, shape, table=None, num_sms: int = 132) -> str:
     the gemv kernel takes the tile kernel's rows up to GEMV_ROWS where it fills a wave, and the wide kernel leaves
     weights below WIDE_MIN_WEIGHTS to dequant + cuBLAS."""
     name = kernel_for_rows(num_rows, table)
-    if name == "tile" and num_rows <= min(GEMV_ROWS, 8):
-        from server.model.cuda_nf4 import gemv_warps
-
-        if gemv_warps(shape, num_sms) is not None:
-            return "gemv"
+    if name == "tile" and num_rows <= min(GEMV_ROWS, 8) and cuda_nf4.gemv_warps(tuple(shape), num_sms) is not None:
+        return "gemv"
     if name == "wide":
         least = next((weights for rows, weights in WIDE_MIN_WEIGHTS if num_rows <= rows), None)
         if least is None or shape[0] * shape[1] < least:  # a table that sends more rows to wide: unmeasured
@@ -173,8 +168,6 @@ def nf4_linear_cuda(
         from server.model.triton_nf4 import nf4_matmul_triton
 
         return nf4_matmul_triton(x, codes, absmax_f, shape, code_table, bias=bias)
-    if name in ("mma", "gemv", "tile", "wide"):
-        from server.model import cuda_nf4
     if name == "mma":
         # Two warps a block measured faster up to 8 rows (gate_up 47 vs 48.5 µs, down 25 vs 30), four above.
         return cuda_nf4.nf4_mma(x, codes, absmax_f, shape, code_table, bias, warps=2 if x.shape[0] <= 8 else 4,
