@@ -159,6 +159,11 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                 impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table,
                                                                      num_sms=device_num_sms(0), **kw)
                                 for c in layer.nf4]
+    if rows >= 16 and _mma_available():  # x as the MMA's A operand (not in the dispatch until measured)
+        from server.model import cuda_nf4
+
+        impls["gemm"] = [lambda c=c: cuda_nf4.nf4_gemm(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
+                         for c in layer.nf4]
     if rows <= 256 and _mma_available():
         from server.model import cuda_nf4
 

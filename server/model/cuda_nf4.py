@@ -252,3 +252,38 @@ def nf4_wide(
     partials = _extension().nf4_wide(x, tiled[0], tiled[1], code_table, bias, out, split_k, token_tiles,
                                      rows_per_warp, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
+
+GEMM_TOKENS, GEMM_ROWS = 128, 64  # a block's tile of nf4_gemm (csrc/nf4_mma.cu: 2 x 2 warps of 64 tokens x 32 rows)
+GEMM_RESIDENT_BLOCKS = 2  # ptxas (sm_90, CUDA 13): 215 registers a thread, no spills; 128 threads a block
+
+
+def gemm_split_k(num_rows: int, shape, num_sms: int) -> int:
+    """Splits of K for nf4_gemm: doubled while the grid is under about one wave of resident blocks, each split keeping
+    at least 4 quant blocks."""
+    out_features, in_features = shape
+    blocks = -(-out_features // GEMM_ROWS) * -(-num_rows // GEMM_TOKENS)
+    split_k, cap = 1, max(1, in_features // NF4_BLOCKSIZE // 4)
+    while blocks * split_k * 2 <= GEMM_RESIDENT_BLOCKS * num_sms and split_k * 2 <= cap:
+        split_k *= 2
+    return split_k
+
+
+def nf4_gemm(
+    x: torch.Tensor,  # [T, in] bf16 / fp16, any T
+    tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
+    shape,  # (out, in)
+    code_table: torch.Tensor,  # [16] float32
+    bias: torch.Tensor | None = None,  # [out]
+    split_k: int | None = None,
+    num_sms: int = 132,
+    defer_sum: bool = False,
+) -> torch.Tensor | SplitSums:
+    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, x as the MMA's A operand
+    (csrc/nf4_mma.cu, nf4_gemm_kernel); with `defer_sum`, when K is split, the unsummed partials
+    (split_sums.SplitSums) instead."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
+    if split_k is None:
+        split_k = gemm_split_k(x.shape[0], shape, num_sms)
+    partials = _extension().nf4_gemm(x, tiled[0], tiled[1], code_table, bias, out, split_k, defer_sum)
+    return out if partials is None else SplitSums(partials, bias, x.dtype)

@@ -162,7 +162,7 @@ def nf4_linear_cuda(
 
     num_sms = device_num_sms(x.device.index or 0)
     name = kernel or kernel_for(x.shape[0], shape, num_sms=num_sms)
-    if name in ("gemv", "tile", "wide") and tiled is None:
+    if name in ("gemv", "tile", "wide", "gemm") and tiled is None:
         name = "mma" if x.shape[0] <= 64 else "dequant"
     if name == "fused":
         from server.model.triton_nf4 import nf4_matmul_triton
@@ -178,6 +178,8 @@ def nf4_linear_cuda(
         return cuda_nf4.nf4_tile(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "wide":
         return cuda_nf4.nf4_wide(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
+    if name == "gemm":  # forced only (benchmarks, tests): no table sends rows here yet
+        return cuda_nf4.nf4_gemm(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "dequant":
         return dequant_linear(x, codes, absmax_f, shape, code_table, bias)
     if name == "bnb":

@@ -44,6 +44,7 @@ def _rel_err(got, x, codes, absmax, shape, table, bias):
     ("gemv", 1), ("gemv", 5), ("gemv", 8),
     ("tile", 1), ("tile", 5), ("tile", 9), ("tile", 16), ("tile", 24), ("tile", 32), ("tile", 40), ("tile", 64),
     ("wide", 1), ("wide", 13), ("wide", 64), ("wide", 65), ("wide", 128), ("wide", 129), ("wide", 300),
+    ("gemm", 1), ("gemm", 17), ("gemm", 64), ("gemm", 128), ("gemm", 130), ("gemm", 300),
 ])  # fmt: skip
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"in{s[0]}_out{s[1]}")
 def test_kernel_matches_float64_reference(kernel, rows, shape):
@@ -116,6 +117,30 @@ def test_gemv_kernel_matches_the_tile_kernel_split_as_its_warps_bit_for_bit(rows
     static_x.copy_(torch.randn_like(x))
     graph.replay()
     assert torch.equal(replayed, cuda_nf4.nf4_tile(static_x, tiled, wshape, table, bias, split_k=warps))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, split_k", [(5, 1), (128, 1), (129, 3), (300, 4)])
+def test_gemm_kernel_splits_deferred_sums_and_replays(rows, split_k, dtype):
+    """x as the MMA's A operand: against the float64 reference at every split; the deferred partials sum to the same
+    bits as the sum kernel; a captured launch replays on new rows."""
+    from server.model import cuda_nf4
+
+    codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: a partial last group of 64
+    x = torch.randn(rows, 1536, device="cuda").to(dtype)
+    bias = torch.randn(600, device="cuda").to(dtype)
+    tiled = _tiled(codes, absmax, wshape)
+    got = cuda_nf4.nf4_gemm(x, tiled, wshape, table, bias, split_k=split_k)
+    assert got.shape == (rows, 600) and _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
+    deferred = cuda_nf4.nf4_gemm(x, tiled, wshape, table, bias, split_k=split_k, defer_sum=True)
+    if split_k > 1:
+        assert torch.equal(deferred.materialize(), got)
+    graph, static_x = torch.cuda.CUDAGraph(), x.clone()
+    with torch.cuda.graph(graph):
+        replayed = cuda_nf4.nf4_gemm(static_x, tiled, wshape, table, bias, split_k=split_k)
+    static_x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(replayed, cuda_nf4.nf4_gemm(static_x, tiled, wshape, table, bias, split_k=split_k))
 
 
 @pytest.mark.parametrize("rows, split_k, token_tiles, rows_per_warp", [

@@ -93,3 +93,12 @@ def test_gemv_takes_the_tile_kernels_rows_up_to_its_bound_where_it_fills_a_wave(
                                                                                  expected):
     monkeypatch.setattr(nf4_dispatch, "GEMV_ROWS", gemv_rows)
     assert nf4_dispatch.kernel_for(rows, shape, nf4_dispatch.WITH_CUDA_KERNEL) == expected
+
+
+@pytest.mark.parametrize("rows, shape, splits", [
+    (128, (28672, 4096), 1),  # 448 blocks: past one wave of 2 x 132 already
+    (128, (6144, 4096), 2), (128, (4096, 14336), 4), (1024, (4096, 4096), 1),
+    (128, (320, 256), 1),  # four quant blocks: no split keeps 4 of them
+])  # fmt: skip
+def test_gemm_splits_k_until_about_one_wave_of_blocks(rows, shape, splits):
+    assert cuda_nf4.gemm_split_k(rows, shape, 132) == splits

@@ -334,6 +334,113 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_kern
   }
 }
 
+// Prefill-sized batches, a GEMM with the roles of the kernels above swapped: x is the MMA's A operand (16 tokens a
+// tile, read from global memory through L1 with the same k permutation as the weights) and the weights its B
+// operand: a 16-row weight tile's A fragments (a_fragments) are two n8 B fragments, rows 0-7 (a0, a2) and rows 8-15
+// (a1, a3). A warp owns GEMM_MT token tiles x GEMM_NT weight tiles (64 tokens x 32 weight rows) and dequantizes each
+// weight of its tiles once a quant block; a block's four warps are 2 (tokens) x 2 (weight rows), 128 x 64. Where the
+// wide kernel re-reads all of x from shared memory for every 16 weight rows (16 bytes a weight at 128 rows), a warp
+// here reads 4 bytes of x a weight, for twice the dequantization. Grid: (weight-row groups of 64, splits of K, token
+// groups of 128); split K as run_split does. Not in the dispatch until the H200 measures it (bench.kernels' gemm).
+constexpr int GEMM_MT = 4;
+constexpr int GEMM_NT = 2;
+constexpr int GEMM_WARPS = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(GEMM_WARPS * 32) nf4_gemm_kernel(
+    const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
+    const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
+    int M, int N, int K, int blocks_per_split) {
+  const char* lut = stage_code_table(table);
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int tok0 = (blockIdx.z * 2 + (warp & 1)) * GEMM_MT * 16;
+  const int tile0 = (blockIdx.x * 2 + (warp >> 1)) * GEMM_NT;
+  const int row_tiles = (N + 15) / 16;
+  const int num_blocks = K / 64;
+  const int first = blockIdx.y * blocks_per_split;
+  const int last = min(first + blocks_per_split, num_blocks);
+  if (tile0 >= row_tiles || tok0 >= M) return;  // after the only __syncthreads
+
+  // Token rows tok0 + 16 mt + g (A rows g) and + 8 (A rows g + 8), clamped to M - 1 (never stored), lane t's 32 bytes
+  // of each quant block: uint4 `half` of them holds k-steps 2 half and 2 half + 1.
+  const uint4* x_at[GEMM_MT][2];
+#pragma unroll
+  for (int mt = 0; mt < GEMM_MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int tok = min(tok0 + 16 * mt + 8 * h + g, M - 1);
+      x_at[mt][h] = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(tok) * K) + 2 * t;
+    }
+  }
+
+  float acc[GEMM_MT][GEMM_NT][2][4] = {};  // [token tile][weight tile][its rows 0-7 / 8-15][C fragment]
+  TileRing<GEMM_NT, 2> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
+  wait_for_prior_grid();
+  for (int base = first; base < last; base += 2) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int blk = base + i;
+      if (blk >= last) break;  // warp-uniform
+      uint4 cur_codes[GEMM_NT];
+      float2 cur_scales[GEMM_NT];
+      ring.take(i, blk, last, cur_codes, cur_scales);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        uint4 xr[GEMM_MT][2];
+#pragma unroll
+        for (int mt = 0; mt < GEMM_MT; ++mt) {
+          xr[mt][0] = __ldg(x_at[mt][0] + 8 * blk + half);
+          xr[mt][1] = __ldg(x_at[mt][1] + 8 * blk + half);
+        }
+        uint32_t w[GEMM_NT][2][4];
+#pragma unroll
+        for (int r = 0; r < GEMM_NT; ++r) a_fragments<T>(lut, cur_codes[r], cur_scales[r], half, w[r]);
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {  // k-step 2 half + jj: words 2 jj and 2 jj + 1 of this half's uint4
+#pragma unroll
+          for (int mt = 0; mt < GEMM_MT; ++mt) {
+            const uint32_t a0 = jj ? xr[mt][0].z : xr[mt][0].x, a2 = jj ? xr[mt][0].w : xr[mt][0].y;
+            const uint32_t a1 = jj ? xr[mt][1].z : xr[mt][1].x, a3 = jj ? xr[mt][1].w : xr[mt][1].y;
+#pragma unroll
+            for (int r = 0; r < GEMM_NT; ++r) {
+              Ops<T>::mma(acc[mt][r][0], a0, a1, a2, a3, w[r][jj][0], w[r][jj][2]);
+              Ops<T>::mma(acc[mt][r][1], a0, a1, a2, a3, w[r][jj][1], w[r][jj][3]);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // C fragment: acc[..][0..1] = (token g, weight rows 2t, 2t + 1 of the n8 tile), acc[..][2..3] = (token g + 8, same)
+#pragma unroll
+  for (int mt = 0; mt < GEMM_MT; ++mt) {
+#pragma unroll
+    for (int r = 0; r < GEMM_NT; ++r) {
+#pragma unroll
+      for (int h8 = 0; h8 < 2; ++h8) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int tok = tok0 + 16 * mt + g + (i >= 2 ? 8 : 0);
+          const int row = (tile0 + r) * 16 + 8 * h8 + 2 * t + (i & 1);
+          if (tok >= M || row >= N) continue;
+          if (partial != nullptr) {
+            partial[static_cast<int64_t>(blockIdx.y) * M * N + static_cast<int64_t>(tok) * N + row] = acc[mt][r][h8][i];
+          } else {
+            float v = acc[mt][r][h8][i];
+            if (bias != nullptr) v += Ops<T>::to_float(bias[row]);
+            out[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
+          }
+        }
+      }
+    }
+  }
+}
+
 // Wide batches (16-256 rows): the tile layout's MMA mapping with x staged once a block in shared memory, where the
 // register kernel above has every warp load its own x fragments from L1 (8 cache lines an instruction; the L1 pipe,
 // not DRAM, bounded it at 32 rows). The block's warps (one or two 16-row tiles each) share one copy of x per quant
@@ -642,6 +749,32 @@ torch::Tensor nf4_gemv(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   return out;
 }
 
+// out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout by nf4_gemm_kernel; any M, K % 64 == 0. With defer_sum
+// and K split, returns the unsummed fp32 partials [splits, M, N] instead (run_split); else None.
+torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
+                       c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, bool defer_sum) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
+  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
+  check_tile_layout(x, tile_codes, tile_scales, out);
+  const int M = x.size(0), N = out.size(1);
+  const int row_groups = ((N + 15) / 16 + 2 * GEMM_NT - 1) / (2 * GEMM_NT);
+  const int token_groups = (M + 2 * GEMM_MT * 16 - 1) / (2 * GEMM_MT * 16);
+  auto run = [&](auto dtype_tag) {
+    using T = decltype(dtype_tag);
+    return run_split<T>(x, bias, out, split_k,
+                        [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
+                            int blocks_per_split) {
+      nf4_gemm_kernel<T><<<dim3(row_groups, splits, token_groups), GEMM_WARPS * 32, 0, stream>>>(
+          reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+          reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr,
+          partial, M, N, static_cast<int>(x.size(1)), blocks_per_split);
+    }, false, defer_sum);
+  };
+  if (x.scalar_type() == torch::kBFloat16) return run(__nv_bfloat16());
+  TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
+  return run(__half());
+}
+
 // Wide instances (token tiles of 8, row tiles a warp): NT 2, 4, 8 or 16 (16 to 128 rows a pass), RT 1 or 2; four
 // warps a block, three x buffers. More rows than a pass holds: grid z takes the token groups.
 constexpr int WIDE_WARPS = 4;
@@ -780,6 +913,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_tile", &nf4_tile, "NF4 x 16-bit matmul on tensor cores from the tile layout, M <= 64");
   m.def("nf4_tile_blocks_per_sm", &nf4_tile_blocks_per_sm, "resident blocks per SM of the tile kernel");
   m.def("nf4_gemv", &nf4_gemv, "NF4 x 16-bit matmul from the tile layout, 1-8 rows, K split among a block's warps");
+  m.def("nf4_gemm", &nf4_gemm, "NF4 x 16-bit GEMM from the tile layout, x as the MMA's A operand, any M");
   m.def("nf4_wide", &nf4_wide, "NF4 x 16-bit matmul on tensor cores from the tile layout, x through shared memory");
   m.def("nf4_wide_blocks_per_sm", &nf4_wide_blocks_per_sm, "resident blocks per SM of a wide instance");
 }
