@@ -53,6 +53,10 @@ BNB_ONLY: tuple[tuple[int | None, str], ...] = ((None, "bnb"),)
 # qkv 10.8-11.2 µs against tile 12.0-12.6, o 8.7-8.9 against 9.9-10.6, down 20.4-20.8 against 21.9-22.4; gate_up
 # stays on tile.
 GEMV_ROWS = int(os.environ.get("LORAPLEX_NF4_GEMV_ROWS", "8"))
+# The rows (lo-hi) whose `wide` or `dequant` calls `gemm` (x as the MMA's A operand) takes instead; unset: none, the
+# default until the H200 measures it (LORAPLEX_NF4_GEMM_ROWS=65-512 for an engine A/B). It dequantizes each weight
+# twice a 128 tokens, so at prefill sizes of thousands of rows dequant + cuBLAS must keep them.
+GEMM_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_GEMM_ROWS", "0-0").split("-"))
 
 
 @functools.cache
@@ -79,9 +83,13 @@ def kernel_for_rows(num_rows: int, table=None) -> str:
 
 def kernel_for(num_rows: int, shape, table=None, num_sms: int = 132) -> str:
     """The kernel the dispatch runs for `num_rows` rows of an (out, in) weight: the table's, except that
-    the gemv kernel takes the tile kernel's rows up to GEMV_ROWS where it fills a wave, and the wide kernel leaves
-    weights below WIDE_MIN_WEIGHTS to dequant + cuBLAS."""
+    the gemv kernel takes the tile kernel's rows up to GEMV_ROWS where it fills a wave, the gemm kernel the wide and
+    dequant rows in GEMM_ROWS (when set), and the wide kernel leaves weights below WIDE_MIN_WEIGHTS to dequant
+    + cuBLAS."""
     name = kernel_for_rows(num_rows, table)
+    in_gemm_rows = 0 < GEMM_ROWS[0] <= num_rows <= GEMM_ROWS[1]
+    if name in ("wide", "dequant") and in_gemm_rows and (table or kernel_table()) == WITH_CUDA_KERNEL:
+        return "gemm"
     if name == "tile" and num_rows <= min(GEMV_ROWS, 8) and cuda_nf4.gemv_warps(tuple(shape), num_sms) is not None:
         return "gemv"
     if name == "wide":

@@ -102,3 +102,14 @@ def test_gemv_takes_the_tile_kernels_rows_up_to_its_bound_where_it_fills_a_wave(
 ])  # fmt: skip
 def test_gemm_splits_k_until_about_one_wave_of_blocks(rows, shape, splits):
     assert cuda_nf4.gemm_split_k(rows, shape, 132) == splits
+
+
+@pytest.mark.parametrize("gemm_rows, rows, table, expected", [
+    ((0, 0), 300, "cuda", "dequant"), ((65, 512), 300, "cuda", "gemm"), ((65, 512), 64, "cuda", "wide"),
+    ((65, 512), 128, "cuda", "gemm"), ((65, 512), 513, "cuda", "dequant"), ((16, 64), 16, "cuda", "gemm"),
+    ((16, 64), 8, "cuda", "gemv"), ((65, 512), 300, "triton", "dequant"),
+])  # fmt: skip
+def test_gemm_takes_wide_and_dequant_rows_only_when_asked(monkeypatch, gemm_rows, rows, table, expected):
+    monkeypatch.setattr(nf4_dispatch, "GEMM_ROWS", gemm_rows)
+    tables = {"cuda": nf4_dispatch.WITH_CUDA_KERNEL, "triton": nf4_dispatch.TRITON_ONLY}
+    assert nf4_dispatch.kernel_for(rows, (6144, 4096), tables[table]) == expected
