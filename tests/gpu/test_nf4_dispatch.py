@@ -111,12 +111,18 @@ def test_gemv_kernel_matches_the_tile_kernel_split_as_its_warps_bit_for_bit(rows
     got = cuda_nf4.nf4_gemv(x, tiled, wshape, table, bias, warps=warps)
     want = cuda_nf4.nf4_tile(x, tiled, wshape, table, bias, split_k=warps)
     assert got.shape == (rows, 600) and torch.equal(got, want)
+    _assert_replays(lambda xs: cuda_nf4.nf4_gemv(xs, tiled, wshape, table, bias, warps=warps), x,
+                    lambda xs: cuda_nf4.nf4_tile(xs, tiled, wshape, table, bias, split_k=warps))
+
+
+def _assert_replays(run, x, eager=None):
+    """`run` captured in a CUDA graph on a copy of x, replayed on new rows, equals `eager` (default: run) on them."""
     graph, static_x = torch.cuda.CUDAGraph(), x.clone()
     with torch.cuda.graph(graph):
-        replayed = cuda_nf4.nf4_gemv(static_x, tiled, wshape, table, bias, warps=warps)
+        replayed = run(static_x)
     static_x.copy_(torch.randn_like(x))
     graph.replay()
-    assert torch.equal(replayed, cuda_nf4.nf4_tile(static_x, tiled, wshape, table, bias, split_k=warps))
+    assert torch.equal(replayed, (eager or run)(static_x))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -135,12 +141,7 @@ def test_gemm_kernel_splits_deferred_sums_and_replays(rows, split_k, dtype):
     deferred = cuda_nf4.nf4_gemm(x, tiled, wshape, table, bias, split_k=split_k, defer_sum=True)
     if split_k > 1:
         assert torch.equal(deferred.materialize(), got)
-    graph, static_x = torch.cuda.CUDAGraph(), x.clone()
-    with torch.cuda.graph(graph):
-        replayed = cuda_nf4.nf4_gemm(static_x, tiled, wshape, table, bias, split_k=split_k)
-    static_x.copy_(torch.randn_like(x))
-    graph.replay()
-    assert torch.equal(replayed, cuda_nf4.nf4_gemm(static_x, tiled, wshape, table, bias, split_k=split_k))
+    _assert_replays(lambda xs: cuda_nf4.nf4_gemm(xs, tiled, wshape, table, bias, split_k=split_k), x)
 
 
 @pytest.mark.parametrize("rows, split_k, token_tiles, rows_per_warp", [
