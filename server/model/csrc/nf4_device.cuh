@@ -45,20 +45,6 @@ template <> struct Ops<__half> {
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 };
 
-// One quant block's inputs for one lane: its 8 code bytes of rows g and g + 8, their two scales.
-struct BlockCodes {
-  uint2 row_lo;  // row g
-  uint2 row_hi;  // row g + 8
-  float scale_lo;
-  float scale_hi;
-};
-
-__device__ __forceinline__ uint2 load_codes(const uint8_t* p, bool ok) {
-  uint2 v = make_uint2(0u, 0u);
-  if (ok) asm volatile("ld.global.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
-  return v;
-}
-
 // Two dequantized, rounded values (element 2i: high nibble, element 2i + 1: low nibble) of byte `b` of
 // `hi_offs` / `lo_offs` (byte offsets into the fp32 table, precomputed for the 4 bytes of a word).
 template <typename T>
@@ -78,7 +64,6 @@ __device__ __forceinline__ const char* stage_code_table(const float* __restrict_
   __syncthreads();
   return reinterpret_cast<const char*>(lut_shared);
 }
-
 
 __device__ __forceinline__ uint4 load_tile_codes(const uint4* p) {
   uint4 v;
@@ -171,6 +156,19 @@ __device__ __forceinline__ void mma_block(const char* lut, uint4 codes, float2 s
       Ops<T>::mma(acc, a[jj][0], a[jj][1], a[jj][2], a[jj][3], xb[2 * j], xb[2 * j + 1]);
     }
   }
+}
+
+// One output y[tok, row] of an fp32 sum: with `partial` (K split) this split's fp32 partial [split, M, N], else + bias,
+// rounded to T, into out [M, N].
+template <typename T>
+__device__ __forceinline__ void store_output(float v, int tok, int row, int M, int N, const T* __restrict__ bias,
+                                             T* __restrict__ out, float* __restrict__ partial) {
+  if (partial != nullptr) {
+    partial[static_cast<int64_t>(blockIdx.y) * M * N + static_cast<int64_t>(tok) * N + row] = v;
+    return;
+  }
+  if (bias != nullptr) v += Ops<T>::to_float(bias[row]);
+  out[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
 }
 
 }  // namespace

@@ -25,6 +25,20 @@
 
 namespace {
 
+// One quant block's inputs for one lane: its 8 code bytes of rows g and g + 8, their two scales.
+struct BlockCodes {
+  uint2 row_lo;  // row g
+  uint2 row_hi;  // row g + 8
+  float scale_lo;
+  float scale_hi;
+};
+
+__device__ __forceinline__ uint2 load_codes(const uint8_t* p, bool ok) {
+  uint2 v = make_uint2(0u, 0u);
+  if (ok) asm volatile("ld.global.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
 // x for quant block `blk`: token (nt * 8 + g), k = 64 * blk + 16t .. + 16, as 8 words of 2 values (zeros past M).
 template <typename T, int NT>
 __device__ __forceinline__ void load_x_fragments(const T* __restrict__ x, int M, int K, int blk, int g, int t,
@@ -53,14 +67,7 @@ __device__ __forceinline__ void store_c_fragments(const float (&acc)[NT][4], int
     for (int i = 0; i < 4; ++i) {
       const int row = (i < 2) ? row_lo : row_lo + 8;
       const int tok = tok0 + nt * 8 + 2 * t + (i & 1);
-      if (row >= N || tok >= M) continue;
-      if (partial != nullptr) {
-        partial[static_cast<int64_t>(blockIdx.y) * M * N + static_cast<int64_t>(tok) * N + row] = acc[nt][i];
-      } else {
-        float v = acc[nt][i];
-        if (bias != nullptr) v += Ops<T>::to_float(bias[row]);
-        out[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
-      }
+      if (row < N && tok < M) store_output<T>(acc[nt][i], tok, row, M, N, bias, out, partial);
     }
   }
 }
@@ -329,8 +336,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_kern
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) v += sums[w][r][tok];
-    if (bias != nullptr) v += Ops<T>::to_float(bias[row]);
-    out[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
+    store_output<T>(v, tok, row, M, N, bias, out, nullptr);
   }
 }
 
@@ -427,14 +433,7 @@ __global__ void __launch_bounds__(GEMM_WARPS * 32) nf4_gemm_kernel(
         for (int i = 0; i < 4; ++i) {
           const int tok = tok0 + 16 * mt + g + (i >= 2 ? 8 : 0);
           const int row = (tile0 + r) * 16 + 8 * h8 + 2 * t + (i & 1);
-          if (tok >= M || row >= N) continue;
-          if (partial != nullptr) {
-            partial[static_cast<int64_t>(blockIdx.y) * M * N + static_cast<int64_t>(tok) * N + row] = acc[mt][r][h8][i];
-          } else {
-            float v = acc[mt][r][h8][i];
-            if (bias != nullptr) v += Ops<T>::to_float(bias[row]);
-            out[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
-          }
+          if (tok < M && row < N) store_output<T>(acc[mt][r][h8][i], tok, row, M, N, bias, out, partial);
         }
       }
     }
