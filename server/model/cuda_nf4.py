@@ -253,7 +253,9 @@ def nf4_wide(
                                      rows_per_warp, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 
-GEMM_TOKENS, GEMM_ROWS = 128, 64  # a block's tile of nf4_gemm (csrc/nf4_mma.cu: 2 x 2 warps of 64 tokens x 32 rows)
+
+# A block's tile of nf4_gemm (csrc/nf4_mma.cu: 2 x 2 warps of 64 tokens x 32 weight rows)
+GEMM_BLOCK_TOKENS, GEMM_BLOCK_WEIGHT_ROWS = 128, 64
 GEMM_RESIDENT_BLOCKS = 2  # ptxas (sm_90, CUDA 13): 215 registers a thread, no spills; 128 threads a block
 
 
@@ -261,7 +263,7 @@ def gemm_split_k(num_rows: int, shape, num_sms: int) -> int:
     """Splits of K for nf4_gemm: doubled while the grid is under about one wave of resident blocks, each split keeping
     at least 4 quant blocks."""
     out_features, in_features = shape
-    blocks = -(-out_features // GEMM_ROWS) * -(-num_rows // GEMM_TOKENS)
+    blocks = -(-out_features // GEMM_BLOCK_WEIGHT_ROWS) * -(-num_rows // GEMM_BLOCK_TOKENS)
     split_k, cap = 1, max(1, in_features // NF4_BLOCKSIZE // 4)
     while blocks * split_k * 2 <= GEMM_RESIDENT_BLOCKS * num_sms and split_k * 2 <= cap:
         split_k *= 2

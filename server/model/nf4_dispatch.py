@@ -8,7 +8,8 @@
   caller has no tile copy: the same kernel reading bitsandbytes' codes as stored; ``wide``: 12-128 rows
   (large weights only past 32), the same mapping with x staged in shared memory once a block; ``gemv``: up to
   ``GEMV_ROWS`` rows (LORAPLEX_NF4_GEMV_ROWS) in place of ``tile``, the same loop with K split among a block's
-  warps and summed in shared memory instead of by a second kernel;
+  warps and summed in shared memory instead of by a second kernel; ``gemm``: the rows of ``GEMM_ROWS``
+  (LORAPLEX_NF4_GEMM_ROWS, none by default) that the table gives ``wide`` or ``dequant``, x as the MMA's A operand;
 - ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
 
 The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESULTS.md);
@@ -186,7 +187,7 @@ def nf4_linear_cuda(
         return cuda_nf4.nf4_tile(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "wide":
         return cuda_nf4.nf4_wide(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
-    if name == "gemm":  # forced only (benchmarks, tests): no table sends rows here yet
+    if name == "gemm":
         return cuda_nf4.nf4_gemm(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "dequant":
         return dequant_linear(x, codes, absmax_f, shape, code_table, bias)
