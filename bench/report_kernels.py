@@ -45,12 +45,15 @@ def kernel_runs(results_dir: Path) -> list[tuple[str, dict]]:
     return [(name, data) for _, name, data in sorted(found, key=lambda f: f[0], reverse=True)]
 
 
-def newest_with_ratios(results_dir: Path, pattern: str) -> tuple[str, dict] | None:
-    """(file name, data) of the newest file matching `pattern` that carries ratios (by date, then the time it was
-    written where it says, then name)."""
-    found = [(json.loads(p.read_text()), p.name) for p in results_dir.glob(pattern)]
-    found = [((data.get("date", ""), data.get("timestamp", ""), name), name, data) for data, name in found
-             if data.get("ratios")]
+def newest_with_ratios(results_dir: Path, pattern: str, key: str | None = None,
+                       gpu_only: bool = False) -> tuple[str, dict] | None:
+    """(file name, data) of the newest file matching `pattern` that carries ratios, with `key` among them not null
+    when given, from an H100/H200 run when `gpu_only` (by date, then the time it was written where it says, then
+    name)."""
+    found = [(json.loads(p.read_text()), p.name) for p in results_dir.glob(pattern)
+             if not gpu_only or "h200" in p.name or "h100" in p.name]
+    found = [((str(data.get("date", "")), str(data.get("timestamp", "")), name), name, data) for data, name in found
+             if data.get("ratios") and (key is None or data["ratios"].get(key) is not None)]
     newest = max(found, key=lambda f: f[0]) if found else None
     return (newest[1], newest[2]) if newest else None
 

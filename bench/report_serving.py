@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.report_kernels import target_row
+from bench.report_kernels import newest_with_ratios, target_row
 from bench.results import Ratio, fmt
 
 SERVE_FIELDS = ("tokens_per_s", "ttft_ms_p50", "itl_ms_p50")
@@ -33,26 +33,12 @@ SERVING_TARGETS = (
 )
 
 
-def _newest_value(results_dir: Path, pattern: str, key: str) -> tuple[str | None, object]:
-    """(file, value) of the newest GPU run matching `pattern` whose ratios carry `key` (by date, the time it was
-    written where it says, then name)."""
-    found = []
-    for path in results_dir.glob(pattern):
-        data = json.loads(path.read_text())
-        value = (data.get("ratios") or {}).get(key)
-        if value is not None and ("h200" in path.name or "h100" in path.name):
-            found.append(((str(data.get("date", "")), str(data.get("timestamp", "")), path.name), path.name, value))
-    if not found:
-        return None, None
-    _, name, value = max(found, key=lambda f: f[0])
-    return name, value
-
-
 def serving_targets(results_dir: Path) -> list[str]:
     """Issue 13's targets, each from the newest committed run that measured it."""
     lines = ["| ratio | what | target | measured | met | source |", "|---|---|---|---|---|---|"]
     for ratio, pattern in SERVING_TARGETS:
-        source, value = _newest_value(results_dir, pattern, ratio.key)
+        newest = newest_with_ratios(results_dir, pattern, ratio.key, gpu_only=True)
+        source, value = (newest[0], newest[1]["ratios"][ratio.key]) if newest else (None, None)
         lines.append(target_row(ratio, value, source))
     return lines + [""]
 
