@@ -91,6 +91,12 @@ class Layer:
         self.table = self.nf4[0][2].code
 
 
+def timing_layer(in_features: int, out_features: int) -> Layer:
+    """The weight of one layer shape in enough copies (at most 8) that a timed pass cycles L2_DEFEAT_BYTES."""
+    copies = max(1, min(8, math.ceil(L2_DEFEAT_BYTES / (in_features * out_features * 2))))
+    return Layer(in_features, out_features, copies=copies, seed=in_features + out_features)
+
+
 def _tinygemm_pack(w: torch.Tensor, group: int = 64):
     """torch's int4 tinygemm layout of `w` (asymmetric, per-group scale and zero); None if unsupported."""
     try:
@@ -199,9 +205,7 @@ def check_error(layer: Layer, x: torch.Tensor, fn) -> float:
 
 def run_model(model: str, rows_list: list[int], results: dict) -> None:
     for layer_name, (in_features, out_features) in layer_shapes(model).items():
-        bytes_bf16 = in_features * out_features * 2
-        layer = Layer(in_features, out_features, copies=max(1, min(8, math.ceil(L2_DEFEAT_BYTES / bytes_bf16))),
-                      seed=in_features + out_features)
+        layer = timing_layer(in_features, out_features)
         for rows in rows_list:
             x = torch.randn(rows, in_features, device="cuda").to(torch.bfloat16)
             entry = {"in": in_features, "out": out_features, "rows": rows, "us": {}, "rel_err": {}, "errors": {}}

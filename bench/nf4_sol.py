@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.kernels import L2_DEFEAT_BYTES, Layer, geomean, layer_shapes, time_calls
+from bench.kernels import Layer, geomean, layer_shapes, time_calls, timing_layer
 from bench.results import write_named_result
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +70,7 @@ def run_shape(model: str, name: str, in_features: int, out_features: int) -> dic
     from server.model import cuda_nf4
     from server.model.triton_nf4 import device_num_sms
 
-    copies = max(1, min(8, math.ceil(L2_DEFEAT_BYTES / (in_features * out_features * 2))))
-    layer = Layer(in_features, out_features, copies=copies, seed=in_features + out_features)
+    layer = timing_layer(in_features, out_features)
     x = torch.randn(1, in_features, device="cuda").to(torch.bfloat16)
     entry = {"model": model, "layer": name, "in": in_features, "out": out_features, "rows": 1, "us": {},
              "config": {}, "sweep": {}}
