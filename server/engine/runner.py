@@ -293,7 +293,7 @@ class ModelRunner:
         hidden = self.model(inputs["input_ids"], inputs["positions"], ctx)
         if "logit_rows" in inputs:  # a graph's step: only the rows that sample (DecodeGraphs.step_inputs)
             hidden = hidden.index_select(0, inputs["logit_rows"])
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, float32=False)  # Sampler.sample_async casts when a row needs it
 
     @torch.inference_mode()
     def decode(self, requests: list[Request], chunks: list[tuple[Request, int]] = (),

@@ -252,10 +252,12 @@ class CausalLM(nn.Module):
             h, pending = layer(h, pending, rope, ctx, k_cache, v_cache)
         return self.norm(h) if pending is None else self.norm.add_forward(h, pending)[1]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [n, hidden] -> float32 logits [n, vocab]."""
+    def compute_logits(self, hidden: torch.Tensor, *, float32: bool = True) -> torch.Tensor:
+        """hidden [n, hidden] -> logits [n, vocab]: float32, or with float32=False the model's dtype (the sampler
+        casts them only for rows that need more than an argmax)."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head).float()
+        logits = F.linear(hidden, head)
+        return logits.float() if float32 else logits
 
     @classmethod
     def from_weights(cls, config: ModelConfig, w: dict[str, torch.Tensor], *, dtype: torch.dtype,

@@ -145,3 +145,21 @@ def test_cuda_top_p_is_captured_by_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(drawn, top_p_draw(probs, top_p, uniform, cuda=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 32])
+def test_row_argmax_on_cuda_equals_argmax_with_ties_and_nan(dtype, rows):
+    """The two-pass argmax of the greedy rows (row_argmax) against torch's own on the GPU: bf16 rows of few
+    distinct values (ties at the max in many chunks), a masked row, NaN."""
+    from server.engine.row_argmax import row_argmax
+
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randint(-6, 7, (rows, 128256), generator=gen).to(dtype).cuda()
+    y = torch.randn(rows, 128256, generator=gen).to(dtype).cuda()
+    if rows > 1:
+        x[1] = float("-inf")
+        y[1, 100_000] = y[1, 120_000] = float("nan")
+    for logits in (x, y):
+        assert torch.equal(row_argmax(logits), logits.argmax(dim=-1))
+        assert torch.equal(row_argmax(logits), logits.cpu().argmax(dim=-1).cuda())

@@ -202,8 +202,8 @@ def test_a_replay_runs_the_lm_head_on_the_sampled_rows_only_and_steps_past_them_
                 replay.max_sequences = 2
         heads = []
         compute = engine.model.compute_logits
-        engine.model.compute_logits = lambda hidden, heads=heads, compute=compute: (
-            heads.append(hidden.shape[0]) or compute(hidden))
+        engine.model.compute_logits = lambda hidden, heads=heads, compute=compute, **kw: (
+            heads.append(hidden.shape[0]) or compute(hidden, **kw))
         requests = [greedy(p, 5) for p in prompts]
         engine.add_request(requests[0])
         engine.add_request(requests[1])

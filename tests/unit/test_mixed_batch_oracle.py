@@ -42,7 +42,8 @@ def capture_sampled(engine, captured: dict[str, list[torch.Tensor]]) -> None:
 
     def capturing(logits, requests):
         for row, request in enumerate(requests):
-            captured.setdefault(request.request_id, []).append(logits[row].clone())  # graph buffers are reused
+            # a copy (graph buffers are reused), in float32 like the references (decode hands over bf16 on a GPU)
+            captured.setdefault(request.request_id, []).append(logits[row].to(torch.float32, copy=True))
         return sample(logits, requests)
 
     engine.sampler.sample_async = capturing

@@ -124,6 +124,24 @@ def test_greedy_and_sampled_rows_in_one_batch():
     assert tokens == reference_tokens(logits, requests)
 
 
+def test_model_dtype_logits_give_the_float32_answer_for_every_kind_of_row():
+    """The decode step hands over bf16 logits on a GPU: plain greedy rows take their argmax as they are, and any
+    batch with a row that needs arithmetic (a draw, bias, penalties, logprobs) is cast once first, so every batch
+    samples the same tokens (and logprobs) as from the float32 copy of its logits."""
+    rng = random.Random(5)
+    torch.manual_seed(5)
+    vocab = 1024  # chunked by row_argmax
+    for _ in range(6):
+        requests = random_requests(rng, 10) + [req(temperature=0.0), req(top_k=1, allowed_token_ids=[3, 9])]
+        for request in requests:
+            request.sampling_seed = rng.randrange(2**64)
+        logits = (torch.randn(len(requests), vocab) * 4).to(torch.bfloat16)
+        logits[:, 5] = logits.max()  # ties at the top
+        for batch in (requests, requests[-2:], requests[:3] + requests[-2:]):
+            rows = [requests.index(r) for r in batch]
+            assert sample(logits[rows], batch, EOS) == sample(logits[rows].float(), batch, EOS)
+
+
 def test_top_k_one_is_greedy():
     torch.manual_seed(3)
     logits = torch.randn(8, VOCAB)
