@@ -102,10 +102,13 @@ def silu_mul(gate_up: torch.Tensor | SplitSums) -> torch.Tensor:
     if num_rows == 0:
         return out
     src, plane, splits, bias, has_bias = _source(gate_up)
-    block = 256 if sums else 1024  # partials: up to 16 loads an element, spread over more programs
+    # Partials: up to 16 loads an element, spread over more programs; under 8 rows one element a thread (blocks of
+    # 256 left 56 programs for the 8B shape's one row, which lost to csrc's sum kernel + this kernel; 16 planes a
+    # thread is what that sum kernel does)
+    block, warps = (1024, 4) if not sums else (256, 4) if num_rows >= 8 else (64, 2)
     _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
         src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias,
-        BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, num_warps=4,
+        BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, num_warps=warps,
     )
     return out
 

@@ -290,10 +290,11 @@ def _k_splitting_model():
     return config, our_model(hf, torch.device("cuda"), torch.bfloat16)
 
 
-@pytest.mark.parametrize("batch", [2, 13])  # one row never defers (llama.DEFER_MIN_ROWS)
+@pytest.mark.parametrize("batch", [1, 2, 13])
 def test_deferred_split_sums_leave_the_engine_logits_bit_for_bit(monkeypatch, batch):
     """A model wide enough for the NF4 kernels to split K (the tiny test models never do), decoded greedily with the
-    deferred sums and with csrc's sum kernel: every logit equal, CUDA graphs and eager prefill alike."""
+    deferred sums and with csrc's sum kernel: every logit equal, CUDA graphs and eager prefill alike. One-row steps
+    defer too here (llama.DEFER_MIN_ROWS 1), whatever the default."""
     from bench.build import build_engine, kv_blocks_for, loaded_model
     from server.engine.request import Request, SamplingParams
     from server.model import llama
@@ -304,6 +305,7 @@ def test_deferred_split_sums_leave_the_engine_logits_bit_for_bit(monkeypatch, ba
     results = []
     for defer in (True, False):
         monkeypatch.setattr(llama, "DEFER_SPLIT_SUMS", defer)
+        monkeypatch.setattr(llama, "DEFER_MIN_ROWS", 1)
         engine = build_engine(loaded_model(model, config), "merged", torch.device("cuda"), kv_blocks_for(batch, 64))
         requests = [Request(list(p), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)) for p in prompts]
         captured, _ = run_capturing(engine, requests)
