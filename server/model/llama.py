@@ -25,14 +25,13 @@ from server.model.quant import make_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # qkv_proj and gate_up_proj hand their split-K partials to the glue kernel that reads them (server.model.split_sums);
-# LORAPLEX_DEFER_SPLIT_SUMS=0 runs csrc's sum kernel instead (A/B timing). Only from DEFER_MIN_ROWS rows: at one row
-# the glue kernels' few programs pay more for 16 planes than the sum kernel does (H200, 8B batch-1 step, fourteenth
-# session: 3.317 ms of kernels deferred against 3.292 with the sum kernel; batch 32: 5.13 against 5.29).
+# LORAPLEX_DEFER_SPLIT_SUMS=0 runs csrc's sum kernel instead (A/B timing). From DEFER_MIN_ROWS rows (H200, 8B engine
+# bench, one run each): one row was left to the sum kernel in the fourteenth session (3.317 ms of kernels deferred
+# against 3.292, when qkv's 16 planes went to the rotary kernel too); with qkv on nf4_gemv (no partials) and
+# silu_mul one element a thread under 8 rows, deferring at one row too gave batch 1 298.6 against 295.2 tokens/s
+# (twenty-first session). LORAPLEX_DEFER_MIN_ROWS=2 keeps one-row steps on the sum kernel.
 DEFER_SPLIT_SUMS = os.environ.get("LORAPLEX_DEFER_SPLIT_SUMS", "1") == "1"
-# LORAPLEX_DEFER_MIN_ROWS=1 for an A/B at one row now that qkv runs nf4_gemv there (no partials): only gate_up's go to
-# the activation kernel. Measured even (8B batch 1: 293.4 against 294.1 tokens/s, twenty-first session) while silu_mul
-# ran 56 programs at one row; it now runs one element a thread under 8 rows, as the sum kernel does.
-DEFER_MIN_ROWS = int(os.environ.get("LORAPLEX_DEFER_MIN_ROWS", "2"))
+DEFER_MIN_ROWS = int(os.environ.get("LORAPLEX_DEFER_MIN_ROWS", "1"))
 
 
 def defer_sums(x: torch.Tensor) -> bool:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from server.engine.row_argmax import num_chunks, row_argmax
+from tests.unit.triton_interp import interpreted
 
 
 def rows_with_ties(rows: int, vocab: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -42,3 +43,17 @@ def test_chunking():
     assert num_chunks(257) == 1  # a prime: plain argmax
     assert num_chunks(100) == 1  # under one chunk's worth
     assert torch.equal(row_argmax(torch.empty(0, 32_000)), torch.empty(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("vocab", [128_256, 5_000, 257, 4_096])
+def test_triton_kernel_equals_argmax_with_ties_masks_and_nan(vocab):
+    argmax = interpreted("server.engine.triton_argmax")
+    x = rows_with_ties(5, vocab, torch.float32, seed=vocab + 1)
+    x[2, vocab // 3] = float("nan")
+    x[2, vocab - 1] = float("nan")
+    x[3, vocab - 1] = float("inf")
+    x[4] = float("-inf")
+    x[4, vocab - 1] = -1.0
+    assert torch.equal(argmax.row_argmax_triton(x), x.argmax(dim=-1))
+    y = torch.randn(2, vocab).to(torch.bfloat16)
+    assert torch.equal(argmax.row_argmax_triton(y), y.argmax(dim=-1))
