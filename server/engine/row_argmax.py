@@ -4,7 +4,7 @@
 one row and 27 us for 32 rows on the H200 (profiles of the 8B batch-1 and 1B batch-32 decode steps, twenty-
 first session). Viewing each row as C chunks of V / C tokens, one max over the chunks (B x C blocks) and one
 argmax over the C chunk maxima cut the 1B batch-32 step's argmax to ~22 us in four kernels (the max 11.8); on
-CUDA one Triton kernel (`triton_argmax`) does it now, and the torch passes remain for other devices.
+CUDA two Triton kernels (`triton_argmax`) do it now, and the torch passes remain for other devices.
 
 Same result as `argmax`, ties and NaN included: torch's max and argmax both return the first index of the
 largest value (NaN counting as the largest), and the first chunk that holds the row's largest value holds its
@@ -30,7 +30,7 @@ def num_chunks(vocab: int) -> int:
 
 
 def row_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] -> [B] int64, equal to logits.argmax(dim=-1): on CUDA one Triton kernel (triton_argmax),
+    """logits [B, V] -> [B] int64, equal to logits.argmax(dim=-1): on CUDA triton_argmax's two kernels,
     elsewhere (or without Triton) the two torch passes over chunks."""
     if logits.is_cuda and _triton_available():
         from server.engine.triton_argmax import row_argmax_triton
