@@ -17,6 +17,8 @@ import functools
 
 import torch
 
+from server.model.lora_ops import triton_available
+
 # Chunks of at least MIN_CHUNK tokens (one block's reduction is worth launching) and at most MAX_CHUNKS of them
 # (the second pass is one block a row). 128,256 = 256 x 501; 32,000 = 250 x 128; 151,936 = 128 x 1,187.
 MIN_CHUNK = 128
@@ -32,20 +34,11 @@ def num_chunks(vocab: int) -> int:
 def row_argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, V] -> [B] int64, equal to logits.argmax(dim=-1): on CUDA triton_argmax's two kernels,
     elsewhere (or without Triton) the two torch passes over chunks."""
-    if logits.is_cuda and _triton_available():
+    if logits.is_cuda and triton_available():
         from server.engine.triton_argmax import row_argmax_triton
 
         return row_argmax_triton(logits)
     return chunked_row_argmax(logits)
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def chunked_row_argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from server.model.lora_ops import triton_available
+
 MASS_BITS = 40  # steps 8-9 count probability in integer units of 2**-MASS_BITS
 NO_TOP_P = 2.0  # the top_p a row without top-p carries to the fused draw (triton_top_p): it keeps every token
 _COUNT_SHIFT = 44  # histogram cells pack (count << 44) + mass: mass <= 2**41, count <= 2**17 per row
@@ -20,13 +22,7 @@ def fused_top_p_available() -> bool:
     32 programs): the default where Triton imports (top-p: 399 us against 1,241 us for the sorting torch steps at
     32 x 128256 on the H200, tests/gpu/test_sampler_gpu.py, 2026-12-02); LORAPLEX_TOP_P_KERNEL=torch keeps the
     torch steps."""
-    if os.environ.get("LORAPLEX_TOP_P_KERNEL", "triton") != "triton":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return os.environ.get("LORAPLEX_TOP_P_KERNEL", "triton") == "triton" and triton_available()
 
 
 def integer_masses(probs: torch.Tensor) -> torch.Tensor:
