@@ -1,6 +1,6 @@
 """Pick the next token of every row on the device, all sampling parameters in one batched pass.
 
-Semantics, per row (`sample_row_reference` is this as plain code for one row):
+Semantics, per row (`sampler_reference.sample_row_reference` is this as plain code for one row):
 0. masks: with a grammar (structured output), the tokens its matcher forbids are dropped (-inf); with
    allowed_token_ids, every other token is dropped; while fewer than min_tokens tokens are out, the
    EOS ids (unless ignore_eos) and stop_token_ids are dropped
@@ -39,7 +39,6 @@ and alternatives) to the host, and it waits without holding the GIL (`HostCopy`)
 from __future__ import annotations
 
 import functools
-import math
 import random
 from collections.abc import Collection, Sequence
 from typing import NamedTuple
@@ -55,7 +54,6 @@ from server.engine.sampling_masses import (
     fused_top_p_available,
     integer_masses,
     top_p_keep,
-    top_p_threshold,
 )
 from server.engine.token_counts import TokenCounts
 from server.model.host_device import HostCopy, to_device
@@ -149,58 +147,6 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.
         kth = kth.masked_fill((top_k <= 0)[:, None], float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return logits
-
-
-def sample_row_reference(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
-                         output_ids: Sequence[int], seed: int, eos_token_ids: Collection[int] = ()) -> int:
-    """Steps 0-9 for one row, logits [vocab] float32, as plain code: the oracle of the batched
-    sampler (each float operation as the batched one does it, so the two agree bit for bit)."""
-    def f32(value: float) -> torch.Tensor:
-        return torch.tensor(value, dtype=torch.float32)
-
-    logits = logits.clone()
-    if params.allowed_token_ids is not None:
-        is_allowed = torch.zeros(logits.shape[0], dtype=torch.bool)
-        is_allowed[list(params.allowed_token_ids)] = True
-        logits[~is_allowed] = float("-inf")
-    if len(output_ids) < params.min_tokens:
-        for token in set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids)):
-            logits[token] = float("-inf")
-    for token, bias in params.logit_bias.items():
-        logits[token] += f32(bias)
-    counts: dict[int, int] = {}
-    for token in output_ids:
-        counts[token] = counts.get(token, 0) + 1
-    for token in set(prompt_ids) | set(counts):
-        value, penalty = logits[token], f32(params.repetition_penalty)
-        logits[token] = value / penalty if value > 0 else value * penalty
-    for token, count in counts.items():
-        logits[token] = logits[token] - f32(params.frequency_penalty) * count - f32(params.presence_penalty)
-    if params.is_greedy:
-        return int(logits.argmax())
-    logits = logits / f32(params.temperature)
-    if params.min_p > 0:
-        logits[logits < logits.max() + f32(params.min_p).log()] = float("-inf")
-    if 0 < params.top_k < logits.shape[0]:
-        logits[logits < torch.topk(logits, params.top_k).values[-1]] = float("-inf")
-    masses = integer_masses(logits.softmax(-1)).tolist()
-    if params.top_p < 1.0:
-        need = int(top_p_threshold(f32(params.top_p).reshape(1)))
-        probs = logits.softmax(-1).tolist()
-        kept, mass = [0] * len(masses), 0
-        for token in sorted(range(len(probs)), key=lambda t: (-probs[t], t)):
-            if mass >= need:
-                break
-            kept[token] = masses[token]
-            mass += masses[token]
-        masses = kept
-    target = math.floor(draw_uniform(seed, len(output_ids)) * sum(masses))
-    cumulative = 0
-    for token, mass in enumerate(masses):
-        cumulative += mass
-        if cumulative > target:
-            return token
-    return len(masses) - 1
 
 
 def _argmax_only(params: SamplingParams) -> bool:

@@ -15,8 +15,8 @@ from server.engine.sampler import (
     draw_uniform,
     filter_logits,
     sample,
-    sample_row_reference,
 )
+from server.engine.sampler_reference import sample_row_reference
 from server.engine.sampling_masses import draw_from_masses, integer_masses, top_p_keep, top_p_threshold
 from tests.unit.triton_interp import interpreted
 from tests.unit.triton_variants import LaunchRecorder
