@@ -26,18 +26,23 @@ log = logging.getLogger(__name__)
 DECODE_ROW_FIELDS = {"input_ids": torch.long, "positions": torch.long, "slot_mapping": torch.long,
                      "context_lens": torch.int32, "lora_slots": torch.int32}
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-# A replay that carries prompt chunks gives the LoRA kernels each chunk's rows in segments of up to LORA_TILE rows
-# (one segment per decode row, as before), through graphs captured for it ("tiled"; buckets from
-# TILED_MIN_BUCKET). With one segment a row, a chunk's every token read its adapter's whole B (rank x out) and A
-# on its own: on the H200 four 128-token prompts beside 32 decode rows (1B, 32 adapters) cost 3.3 ms of expand
-# and 1.4 ms of shrink on the GPU, more than the base layers they passed through; in tiles 0.6 and 0.6, and each
-# prompt's wall time beside the decode batch 2.28 -> 1.42 ms (engine_loop --carry 4, eighteenth session).
-# LORAPLEX_LORA_TILE=0 turns the tiled graphs off (A/B timing).
+# A replay that carries prompt chunks runs a graph of its own ("chunk graphs", buckets from CHUNK_MIN_BUCKET):
+# - its rows read k/v that other rows of the step write (a chunk's token p reads tokens p-1, p-2, ... of its chunk),
+#   so k/v go to the cache in a kernel of their own before attention; graphs of decode rows alone let the attention
+#   kernel write each row's k/v itself (StepContext.rows_read_own_kv: one launch fewer a layer);
+# - with LoRA, it gives the LoRA kernels each chunk's rows in segments of up to LORA_TILE rows (one segment per
+#   decode row, as before). With one segment a row, a chunk's every token read its adapter's whole B (rank x out)
+#   and A on its own: on the H200 four 128-token prompts beside 32 decode rows (1B, 32 adapters) cost 3.3 ms of
+#   expand and 1.4 ms of shrink on the GPU, more than the base layers they passed through; in tiles 0.6 and 0.6, and
+#   each prompt's wall time beside the decode batch 2.28 -> 1.42 ms (engine_loop --carry 4, eighteenth session).
+#   LORAPLEX_LORA_TILE=0 turns the tiles off (A/B timing).
+# A chunk step of fewer rows than CHUNK_MIN_BUCKET replays the CHUNK_MIN_BUCKET graph: 9 chunk buckets (64-1,024)
+# a LoRA variant instead of 16, for the rare step of a few decode rows and a short chunk.
 LORA_TILE = int(os.environ.get("LORAPLEX_LORA_TILE", "16"))
 # There the shrink takes a tile a program (LoraBatchMeta.shrink_tiles); LORAPLEX_LORA_TILE_SHRINK=token: a program a
 # token, as in decode steps (A/B).
 SHRINK_TILES = os.environ.get("LORAPLEX_LORA_TILE_SHRINK", "tile") != "token"
-TILED_MIN_BUCKET = 64
+CHUNK_MIN_BUCKET = 64
 
 
 def bucket_for(batch_size: int, max_batch_size: int) -> int:
@@ -86,8 +91,8 @@ def tiled_lora_meta(inputs: dict[str, torch.Tensor]) -> LoraBatchMeta:
 
 
 class DecodeGraphs:
-    """Captured decode steps keyed by (bucket, with_lora, tiled): tiled graphs (LoRA only) run steps that carry
-    prompt chunks, with their LoRA segments in tiles (LORA_TILE)."""
+    """Captured decode steps keyed by (bucket, with_lora, chunks): chunk graphs run the steps that carry prompt
+    chunks (their k/v written before attention; with LoRA, their segments in tiles of LORA_TILE rows)."""
 
     def __init__(self, runner, max_rows: int, max_sequences: int):
         self.runner = runner
@@ -96,7 +101,6 @@ class DecodeGraphs:
         # rows, not for the whole bucket. A 1,024-row bucket's LM head over every row was 1,024 x 128,256 fp32
         # logits (525 MB) and, on the 1B shape, ~0.5 TFLOP a replay for the 33 rows that sample.
         self.max_sequences = max_sequences
-        self.tiled = LORA_TILE > 0 and runner.prefill_in_graphs
         self.pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple[int, bool, bool], tuple[dict[str, torch.Tensor], torch.Tensor,
                                                          torch.cuda.CUDAGraph]] = {}
@@ -109,19 +113,24 @@ class DecodeGraphs:
         """Replay for `requests` (one decode row each) after `chunks` (one row per prefill token); returns the
         logits of `logit_rows`: one row per chunk that completes its prefill, in order, then one per request.
         `input_ids`: the decode rows' input ids, on the device."""
-        bucket = bucket_for(len(requests) + sum(n for _, n in chunks), self.max_rows)
-        key = (bucket, with_lora, with_lora and bool(chunks) and self._has_tiled(bucket))
+        key = (self._bucket(len(requests) + sum(n for _, n in chunks), bool(chunks)), with_lora, bool(chunks))
         inputs = self._static_inputs(key)
         wanted = logit_rows(requests, chunks)
-        tiles = lora_tiles(requests, chunks) if key[2] else None
-        self._fill(inputs, *self.runner.decode_rows(requests, bucket, chunks), wanted, tiles)
+        tiles = lora_tiles(requests, chunks) if self._tiled(*key[1:]) else None
+        self._fill(inputs, *self.runner.decode_rows(requests, key[0], chunks), wanted, tiles)
         if input_ids is not None:
             first = sum(n for _, n in chunks)
             inputs["input_ids"][first : first + len(requests)].copy_(input_ids)
         return self._replay(key)[: len(wanted)]
 
-    def _has_tiled(self, bucket: int) -> bool:
-        return self.tiled and bucket >= TILED_MIN_BUCKET
+    def _bucket(self, rows: int, chunks: bool) -> int:
+        """The graph bucket of a replay of `rows` rows: chunk graphs start at CHUNK_MIN_BUCKET rows."""
+        return bucket_for(max(rows, min(CHUNK_MIN_BUCKET, self.max_rows)) if chunks else rows, self.max_rows)
+
+    @staticmethod
+    def _tiled(with_lora: bool, chunks: bool) -> bool:
+        """Whether a graph's LoRA segments are tiles (lora_tiles) rather than one a row."""
+        return with_lora and chunks and LORA_TILE > 0
 
     def step_inputs(self, bucket: int, tiled: bool = False) -> dict[str, torch.Tensor]:
         """Host tensors of an empty step of `bucket` rows (the shapes a graph captures)."""
@@ -177,25 +186,28 @@ class DecodeGraphs:
         buckets = sorted({bucket_for(rows, self.max_rows) for rows in range(1, self.max_rows + 1)})
         gc.collect()  # dead graphs go now, not in the middle of a capture (_no_garbage_collection)
         keys = [(bucket, with_lora, False) for bucket in buckets for with_lora in lora_variants]
-        keys += [(bucket, True, True) for bucket in buckets if True in lora_variants and self._has_tiled(bucket)]
+        if self.runner.prefill_in_graphs:
+            chunk_buckets = sorted({self._bucket(rows, chunks=True) for rows in buckets})
+            keys += [(bucket, with_lora, True) for bucket in chunk_buckets for with_lora in lora_variants]
         for key in keys:
             if key not in self._graphs:
                 self._graphs[key] = self._capture(*key)
         return len(self._graphs)
 
-    def _capture(self, bucket: int, with_lora: bool, tiled: bool):
+    def _capture(self, bucket: int, with_lora: bool, chunks: bool):
+        tiled = self._tiled(with_lora, chunks)
         inputs = {k: v.to(self.runner.device) for k, v in self.step_inputs(bucket, tiled).items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up: autotuning, lazy inits and allocations happen outside capture
-                self.runner.forward_decode(inputs, with_lora)
+                self.runner.forward_decode(inputs, with_lora, chunks)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with _no_garbage_collection(), torch.cuda.graph(graph, pool=self.pool):
-            logits = self.runner.forward_decode(inputs, with_lora)
+            logits = self.runner.forward_decode(inputs, with_lora, chunks)
         torch.cuda.synchronize()
-        log.debug("captured decode graph: batch bucket %d, lora=%s, tiled=%s", bucket, with_lora, tiled)
+        log.debug("captured decode graph: batch bucket %d, lora=%s, chunks=%s", bucket, with_lora, chunks)
         return inputs, logits, graph
 
     @property

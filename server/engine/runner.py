@@ -280,8 +280,9 @@ class ModelRunner:
         """One LoRA segment a row, or, in a tiled graph's step (cuda_graphs.lora_tiles), the static segments."""
         return tiled_lora_meta(inputs) if "lora_tile_starts" in inputs else decode_lora_meta(inputs["lora_slots"])
 
-    def forward_decode(self, inputs: dict[str, torch.Tensor], with_lora: bool) -> torch.Tensor:
-        """The capturable decode step: device tensors in, logits [rows, vocab] out."""
+    def forward_decode(self, inputs: dict[str, torch.Tensor], with_lora: bool, chunks: bool = False) -> torch.Tensor:
+        """The capturable decode step: device tensors in, logits [rows, vocab] out. `chunks`: rows may be prompt
+        chunks' tokens, which read k/v that other rows of the step write."""
         lora = LoraContext(meta=self._decode_lora_meta(inputs)) if with_lora else None
         ctx = StepContext(
             is_prefill=False,
@@ -289,6 +290,7 @@ class ModelRunner:
             block_tables=inputs["block_tables"],
             context_lens=inputs["context_lens"],
             lora=lora,
+            rows_read_own_kv=not chunks,
         )
         hidden = self.model(inputs["input_ids"], inputs["positions"], ctx)
         if "logit_rows" in inputs:  # a graph's step: only the rows that sample (DecodeGraphs.step_inputs)

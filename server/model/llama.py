@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from server.model import glue_ops
-from server.model.attention_ops import paged_decode_attention, prefill_attention
+from server.model.attention_ops import paged_decode_attention, prefill_attention, rotary_decode_attention
 from server.model.lora import LoraContext, LoraLinear
 from server.model.quant import make_linear
 
@@ -115,6 +115,9 @@ class StepContext:
     fresh_groups: list[torch.Tensor] | None = None
     block_tables: torch.Tensor | None = None  # [batch, max_blocks] int32 (decode)
     context_lens: torch.Tensor | None = None  # [batch] int32 (decode), 0 = padding row
+    # Decode rows that each read only their own new k/v (one token a row, no prompt chunk riding the step): the
+    # attention kernel may rotate and write them itself (attention_ops.rotary_decode_attention)
+    rows_read_own_kv: bool = False
     lora: LoraContext | None = None
     memo: dict = field(default_factory=dict)  # per-step values the layers share (attention metadata)
 
@@ -169,6 +172,11 @@ class Attention(nn.Module):
     def forward(self, x, rope, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
         if self.q_norm is None:  # the rotary kernel sums the projection's split-K partials (split_sums)
             qkv = self.qkv_proj(x, ctx.lora, defer_sum=defer_sums(x))
+            if ctx.rows_read_own_kv:
+                out = rotary_decode_attention(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope, k_cache,
+                                              v_cache, ctx.slot_mapping, ctx.block_tables, ctx.context_lens,
+                                              self.scale)
+                return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim), ctx.lora)
             q, k, v = glue_ops.qkv_rotary_write_kv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope,
                                                    k_cache, v_cache, ctx.slot_mapping)
         else:

@@ -10,23 +10,34 @@ static shapes only (max_blocks, not the real lengths), so both kernels can be ca
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+from server.model.split_sums import SplitSums
+from server.model.triton_glue import _rotated, _source, _summed
 
 _LOG2E = 1.4426950408889634
 _NUM_SMS = 132  # H100; only steers the split heuristic
 
 
-@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width follows the contexts
+@triton.jit(do_not_specialize=["stride_bt", "plane", "splits"])  # the block-table width follows the contexts
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, acc_ptr, stats_ptr,
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, acc_ptr, stats_ptr, tickets_ptr,
+    src_ptr, bias_ptr, rope_ptr, slot_ptr, plane, splits,
     qk_scale, group,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_bt, stride_ob, stride_oh,
+    stride_bt, stride_ob, stride_oh, stride_src, stride_rope,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, V_FIRST: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, V_FIRST: tl.constexpr, ROTARY: tl.constexpr,
+    SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, MERGE_HERE: tl.constexpr,
 ):  # fmt: skip
+    """With ROTARY, q and the row's new k and v come from the qkv projection's output row at src_ptr (or, with SUMS,
+    from its split-K partials): q is rotated here, and the program whose split holds the row's last position rotates
+    k and stores k and v in the cache before it reads its tiles. With MERGE_HERE (NUM_SPLITS > 1), the last program
+    of a (row, kv head) to finish merges every split's partials (a ticket counter, reset by that program)."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -39,8 +50,15 @@ def _decode_kernel(
     heads = kv_head * group + tl.arange(0, BLOCK_H)
     head_mask = tl.arange(0, BLOCK_H) < group
     dims = tl.arange(0, HEAD_DIM)
-    q_ptrs = q_ptr + row.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :]
-    q = tl.load(q_ptrs, mask=head_mask[:, None], other=0.0)
+    if ROTARY:
+        q = _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, k_ptr, v_ptr, row, kv_head, heads, head_mask, plane,
+                       splits, stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                       stride_vh, tl.num_programs(1) * group, tl.num_programs(1),
+                       split == (tl.maximum(num_tiles, 1) - 1) // tl.maximum(tiles_per_split, 1),
+                       out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, BLOCK_H, SUMS, HAS_BIAS)
+    else:
+        q_ptrs = q_ptr + row.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :]
+        q = tl.load(q_ptrs, mask=head_mask[:, None], other=0.0)
 
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)  # running max, log2 domain
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -77,6 +95,93 @@ def _decode_kernel(
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_mask[:, None])
         tl.store(stats_ptr + part * 2, m_i, mask=head_mask)
         tl.store(stats_ptr + part * 2 + 1, l_i, mask=head_mask)
+        if MERGE_HERE:
+            tl.debug_barrier()  # every thread's partials stored before the ticket (released at GPU scope) is taken
+            ticket = tl.atomic_add(tickets_ptr + row * tl.num_programs(1) + kv_head, 1, sem="acq_rel", scope="gpu")
+            if ticket == NUM_SPLITS - 1:
+                _merge_group(acc_ptr, stats_ptr, out_ptr, row, heads, head_mask, tl.num_programs(1) * group,
+                             stride_ob, stride_oh, HEAD_DIM, BLOCK_H, NUM_SPLITS)
+                tl.store(tickets_ptr + row * tl.num_programs(1) + kv_head, 0)  # ready for the next launch
+
+
+@triton.jit
+def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_head, heads, head_mask, plane, splits,
+               stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+               num_q_heads, num_kv_heads, writes_kv, dtype: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The group's rotated q heads [BLOCK_H, HEAD_DIM] from the qkv row (columns q | k | v, heads of HEAD_DIM);
+    with `writes_kv`, also the row's new k (rotated) and v stored at its cache slot (none when the slot is -1),
+    followed by a barrier, so that this program's tiles read them back."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    half = tl.arange(0, HALF)
+    rope = rope_ptr + row.to(tl.int64) * stride_rope  # [2, D]: cos row, then sin row
+    cos_lo, cos_hi = tl.load(rope + half), tl.load(rope + HALF + half)
+    sin_lo, sin_hi = tl.load(rope + 2 * HALF + half), tl.load(rope + 3 * HALF + half)
+    src_row = row.to(tl.int64) * stride_src
+    q_cols = heads[:, None] * HEAD_DIM + half[None, :]
+    lo, hi = _qkv_halves(src_ptr, bias_ptr, src_row, q_cols, head_mask[:, None], plane, splits, dtype, HALF, SUMS,
+                         HAS_BIAS)
+    q_lo, q_hi = _rotated(lo, hi, cos_lo[None, :], cos_hi[None, :], sin_lo[None, :], sin_hi[None, :], dtype)
+    if writes_kv:
+        slot = tl.load(slot_ptr + row)
+        if slot >= 0:
+            whole = half < HALF
+            k_cols = (num_q_heads + kv_head) * HEAD_DIM + half
+            lo, hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols, whole, plane, splits, dtype, HALF, SUMS,
+                                 HAS_BIAS)
+            k_lo, k_hi = _rotated(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
+            v_lo, v_hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols + num_kv_heads * HEAD_DIM, whole, plane,
+                                     splits, dtype, HALF, SUMS, HAS_BIAS)
+            block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+            k_at = kc_ptr + block * stride_kb + offset * stride_kt + kv_head * stride_kh + half
+            v_at = vc_ptr + block * stride_vb + offset * stride_vt + kv_head * stride_vh + half
+            tl.store(k_at, k_lo.to(kc_ptr.dtype.element_ty))
+            tl.store(k_at + HALF, k_hi.to(kc_ptr.dtype.element_ty))
+            tl.store(v_at, v_lo.to(vc_ptr.dtype.element_ty))
+            tl.store(v_at + HALF, v_hi.to(vc_ptr.dtype.element_ty))
+        tl.debug_barrier()  # the stores above are seen by every thread of this program's tile loads
+    # q's halves side by side again: [BLOCK_H, HALF, 2] -> [BLOCK_H, 2, HALF] -> [BLOCK_H, HEAD_DIM]
+    return tl.permute(tl.join(q_lo, q_hi), (0, 2, 1)).reshape(BLOCK_H, HEAD_DIM)
+
+
+@triton.jit
+def _qkv_halves(src_ptr, bias_ptr, src_row, cols, mask, plane, splits, dtype: tl.constexpr, HALF: tl.constexpr,
+                SUMS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The qkv output's values at `cols` and `cols + HALF` of one row (src_row: the row's offset), in `dtype`:
+    loaded, or summed from the split-K partials."""
+    if SUMS:
+        lo = _summed(src_ptr, src_row + cols, mask, plane, splits, bias_ptr, cols, dtype, HAS_BIAS)
+        hi = _summed(src_ptr, src_row + cols + HALF, mask, plane, splits, bias_ptr, cols + HALF, dtype, HAS_BIAS)
+    else:
+        lo = tl.load(src_ptr + src_row + cols, mask=mask, other=0.0)
+        hi = tl.load(src_ptr + src_row + cols + HALF, mask=mask, other=0.0)
+    return lo, hi
+
+
+@triton.jit
+def _merge_group(acc_ptr, stats_ptr, out_ptr, row, heads, head_mask, num_q_heads, stride_ob, stride_oh,
+                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """_merge_splits_kernel's sum for one kv head's group of q heads, in the decode kernel (MERGE_HERE). The
+    partials are read through L2 (.cg): other programs wrote them."""
+    dims = tl.arange(0, HEAD_DIM)
+    first = (row.to(tl.int64) * num_q_heads + heads) * NUM_SPLITS
+    m_max = tl.full((BLOCK_H,), -1e30, tl.float32)  # finite even when every split is empty
+    for s in tl.static_range(NUM_SPLITS):
+        m_s = tl.load(stats_ptr + (first + s) * 2, mask=head_mask, other=float("-inf"), cache_modifier=".cg")
+        m_max = tl.maximum(m_max, m_s)
+    total = tl.zeros((BLOCK_H,), tl.float32)
+    out = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        m_s = tl.load(stats_ptr + (first + s) * 2, mask=head_mask, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(stats_ptr + (first + s) * 2 + 1, mask=head_mask, other=0.0, cache_modifier=".cg")
+        weight = tl.exp2(m_s - m_max)  # empty splits (m = -inf) weigh 0
+        total += weight * l_s
+        acc_s = tl.load(acc_ptr + (first + s)[:, None] * HEAD_DIM + dims[None, :], mask=head_mask[:, None],
+                        other=0.0, cache_modifier=".cg")
+        out += acc_s * weight[:, None]
+    out = tl.where(total[:, None] > 0, out / tl.maximum(total, 1e-30)[:, None], 0.0)
+    out_ptrs = out_ptr + row.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
 
 
 @triton.jit
@@ -122,7 +227,37 @@ def choose_num_splits(num_rows: int, num_kv_heads: int, max_blocks: int, block_s
 # 192 8.60 / 9.10, at 1,024 42.95 / 47.93, batch 2 at 4,096 15.55 / 15.70; v_first changed nothing (Triton's
 # pipeliner already issues both loads early: one stage 7.47 / 9.77 / 55.37 / 19.78); tiles of 32 lost everywhere
 # without splits.
-DECODE_TUNING = {"v_first": True, "tile_n": 64, "num_stages": None, "num_warps": 8}
+# merge_here: the splits' merge done by the decode kernel's last program of each (row, kv head) instead of
+# _merge_splits_kernel (one launch fewer a layer wherever splits are used); LORAPLEX_DECODE_MERGE_HERE=0 for A/B.
+DECODE_TUNING = {"v_first": True, "tile_n": 64, "num_stages": None, "num_warps": 8,
+                 "merge_here": os.environ.get("LORAPLEX_DECODE_MERGE_HERE", "1") == "1"}
+
+# MERGE_HERE's tickets: one int32 counter a (row, kv head), zero between launches (the merging program resets
+# its own). choose_num_splits splits only when rows x kv heads <= 2 x SMs, far below _MAX_TICKETS; an explicit
+# num_splits for more rows uses the merge kernel. Kernels on one device run one after another (one engine stream),
+# so one set of counters a device serves every layer.
+_MAX_TICKETS = 4096
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device, needed: int) -> torch.Tensor | None:
+    """The device's ticket counters, or None (merge kernel instead): too few, or first needed mid-capture."""
+    tickets = _TICKETS.get(device)
+    if tickets is None:
+        if needed > _MAX_TICKETS or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return None
+        tickets = _TICKETS[device] = torch.zeros(_MAX_TICKETS, dtype=torch.int32, device=device)
+    return tickets if needed <= tickets.numel() else None
+
+
+def _check_shapes(num_q_heads: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads")
+    if head_dim not in (64, 128) or block_size not in (16, 32):
+        raise ValueError(f"head_dim {head_dim} / block_size {block_size} not supported (64|128, 16|32)")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("the caches must be contiguous along head_dim")
 
 
 def paged_decode_attention_triton(
@@ -131,40 +266,75 @@ def paged_decode_attention_triton(
 ):
     """Triton decode attention; q [B, Hq, D], caches [num_blocks, block_size, Hkv, D] -> [B, Hq, D].
     `tuning` overrides DECODE_TUNING's entries."""
+    _check_shapes(q.shape[1], q.shape[2], k_cache, v_cache)
+    if q.stride(2) != 1:
+        raise ValueError("q must be contiguous along head_dim")
+    out = torch.empty_like(q)
+    _launch(out, q, None, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tuning)
+    return out
+
+
+def rotary_decode_attention_triton(
+    qkv: torch.Tensor | SplitSums, num_q_heads: int, rope, k_cache, v_cache, slot_mapping, block_tables,
+    context_lens, scale: float, num_splits: int | None = None, tuning: dict | None = None,
+):
+    """glue_ops.qkv_rotary_write_kv, then paged_decode_attention_triton, in one kernel: qkv [B, (Hq + 2 Hkv) D]
+    (rows contiguous) or its split-K partials, rope [B, 2, D] float32, slot_mapping [B] int64 (-1: no write);
+    returns the attention [B, Hq, D]. Only for steps whose rows read no other row's new k and v (one decode token
+    a row): a program stores its row's k and v and reads them back, with no order against other rows' programs."""
+    head_dim, num_kv_heads = k_cache.shape[3], k_cache.shape[2]
+    _check_shapes(num_q_heads, head_dim, k_cache, v_cache)
+    num_rows, width = qkv.shape
+    if width != (num_q_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(f"qkv width {width} is not ({num_q_heads} + 2 x {num_kv_heads}) x {head_dim}")
+    if isinstance(qkv, torch.Tensor) and qkv.stride(1) != 1:
+        raise ValueError("qkv's rows must be contiguous")
+    out = torch.empty((num_rows, num_q_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    rotary = (*_source(qkv), rope.contiguous(), slot_mapping)
+    _launch(out, None, rotary, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tuning)
+    return out
+
+
+def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tuning) -> None:
+    """The decode kernel (and, unless it merges its own splits, the merge kernel) into out [B, Hq, D]: q read from
+    `q`, or, with `rotary` = (source, plane, splits, bias, has_bias, rope, slot_mapping), from the qkv output."""
     tuning = {**DECODE_TUNING, **(tuning or {})}
-    num_rows, num_q_heads, head_dim = q.shape
+    num_rows, num_q_heads, head_dim = out.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads")
-    if head_dim not in (64, 128) or block_size not in (16, 32):
-        raise ValueError(f"head_dim {head_dim} / block_size {block_size} not supported (64|128, 16|32)")
-    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
-        raise ValueError("q and the caches must be contiguous along head_dim")
     group = num_q_heads // num_kv_heads
     if num_splits is None:
         num_splits = choose_num_splits(num_rows, num_kv_heads, block_tables.shape[1], block_size)
-    out = torch.empty_like(q)
     if num_rows == 0:
-        return out
+        return
+    tickets = None
     if num_splits > 1:
-        acc = torch.empty((num_rows, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-        stats = torch.empty((num_rows, num_q_heads, num_splits, 2), dtype=torch.float32, device=q.device)
+        acc = torch.empty((num_rows, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=out.device)
+        stats = torch.empty((num_rows, num_q_heads, num_splits, 2), dtype=torch.float32, device=out.device)
+        if tuning["merge_here"]:
+            tickets = _tickets(out.device, num_rows * num_kv_heads)
     else:
         acc = stats = out  # unused
+    if rotary is None:
+        src, plane, splits, bias, has_bias, rope, slots = q, 0, 0, q, False, q, context_lens
+        stride_q = (q.stride(0), q.stride(1))
+    else:
+        src, plane, splits, bias, has_bias, rope, slots = rotary
+        q, stride_q = out, (0, 0)  # unused
     _decode_kernel[(num_rows, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, acc, stats,
+        q, k_cache, v_cache, block_tables, context_lens, out, acc, stats, out if tickets is None else tickets,
+        src, bias, rope, slots, plane, splits,
         scale * _LOG2E, group,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        *stride_q, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1), src.stride(-2), rope.stride(0),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group)),
         TILE_N=tuning["tile_n"], NUM_SPLITS=num_splits, V_FIRST=tuning["v_first"],
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=tuning["num_warps"],
+        DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROTARY=rotary is not None,
+        SUMS=plane > 0, HAS_BIAS=has_bias, MERGE_HERE=tickets is not None, num_warps=tuning["num_warps"],
         **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
     )  # fmt: skip
-    if num_splits > 1:
+    if num_splits > 1 and tickets is None:
         _merge_splits_kernel[(num_rows, num_q_heads)](
             acc, stats, out, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
         )  # fmt: skip
-    return out

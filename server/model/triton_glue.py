@@ -16,18 +16,24 @@ _MAX_SPLITS = tl.constexpr(MAX_SPLITS)  # compiled kernels read only constexpr g
 
 
 @triton.jit
-def _summed(src_ptr, offs, mask, plane, splits, bias_ptr, bias_offs, dtype: tl.constexpr, HAS_BIAS: tl.constexpr,
-            SIZE: tl.constexpr):
-    """A linear's output at `offs` ([SIZE] offsets into one [M, N] plane) from its split-K partials: summed from 0 in
-    split order, plus the bias, rounded once to `dtype`, as csrc/nf4_mma.cu's split_k_sum_kernel does. The loads of
-    every split are issued together (unused ones masked)."""
-    total = tl.zeros([SIZE], dtype=tl.float32)
-    for s in tl.static_range(_MAX_SPLITS):  # the split's test as a vector: the interpreter rejects a scalar's
-        used = mask & (tl.full([SIZE], s, tl.int32) < splits)
+def _summed(src_ptr, offs, mask, plane, splits, bias_ptr, bias_offs, dtype: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A linear's output at `offs` (offsets of any shape into one [M, N] plane) from its split-K partials: summed
+    from 0 in split order, plus the bias, rounded once to `dtype`, as csrc/nf4_mma.cu's split_k_sum_kernel does. The
+    loads of every split are issued together (unused ones masked)."""
+    total = tl.zeros(offs.shape, dtype=tl.float32)
+    for s in tl.static_range(_MAX_SPLITS):  # the split's test as a tensor: the interpreter rejects a scalar's
+        used = mask & (tl.full(offs.shape, s, tl.int32) < splits)
         total += tl.load(src_ptr + s * plane + offs, mask=used, other=0.0)
     if HAS_BIAS:
         total += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
     return total.to(dtype)
+
+
+@triton.jit
+def _rotated(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype: tl.constexpr):
+    """A head's rotated halves (rotate-half convention), computed in float32 and rounded once to `dtype`."""
+    lo, hi = lo.to(tl.float32), hi.to(tl.float32)
+    return (lo * cos_lo + (-hi) * sin_lo).to(dtype), (hi * cos_hi + lo * sin_hi).to(dtype)
 
 
 def _source(y: torch.Tensor | SplitSums):
@@ -82,9 +88,9 @@ def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, split
     mask = cols < inter
     if SUMS:  # gu_ptr: split-K partials [splits, rows, 2 * inter]
         at = row * stride_gu + cols
-        gate = _summed(gu_ptr, at, mask, plane, splits, bias_ptr, cols, out_ptr.dtype.element_ty, HAS_BIAS, BLOCK)
+        gate = _summed(gu_ptr, at, mask, plane, splits, bias_ptr, cols, out_ptr.dtype.element_ty, HAS_BIAS)
         up = _summed(gu_ptr, at + inter, mask, plane, splits, bias_ptr, inter + cols, out_ptr.dtype.element_ty,
-                     HAS_BIAS, BLOCK)
+                     HAS_BIAS)
         gate, up = gate.to(tl.float32), up.to(tl.float32)
     else:
         gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
@@ -122,8 +128,8 @@ def _head_halves(x_ptr, row, head, stride_t, stride_h, src_ptr, src_col, plane, 
         at = row * stride_src + src_col + offs
         whole = offs < HALF
         dtype = x_ptr.dtype.element_ty
-        lo = _summed(src_ptr, at, whole, plane, splits, bias_ptr, src_col + offs, dtype, HAS_BIAS, HALF)
-        hi = _summed(src_ptr, at + HALF, whole, plane, splits, bias_ptr, src_col + HALF + offs, dtype, HAS_BIAS, HALF)
+        lo = _summed(src_ptr, at, whole, plane, splits, bias_ptr, src_col + offs, dtype, HAS_BIAS)
+        hi = _summed(src_ptr, at + HALF, whole, plane, splits, bias_ptr, src_col + HALF + offs, dtype, HAS_BIAS)
     else:
         base = x_ptr + row * stride_t + head * stride_h
         lo, hi = tl.load(base + offs), tl.load(base + HALF + offs)
@@ -134,9 +140,7 @@ def _head_halves(x_ptr, row, head, stride_t, stride_h, src_ptr, src_col, plane, 
 def _rotate(x_ptr, row, head, stride_t, stride_h, lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, offs, HALF: tl.constexpr):
     """Rotate one head's halves and store them at x[row, head]; returns the rotated halves (rounded to x's dtype)."""
     base = x_ptr + row * stride_t + head * stride_h
-    lo, hi = lo.to(tl.float32), hi.to(tl.float32)
-    new_lo = (lo * cos_lo + (-hi) * sin_lo).to(x_ptr.dtype.element_ty)
-    new_hi = (hi * cos_hi + lo * sin_hi).to(x_ptr.dtype.element_ty)
+    new_lo, new_hi = _rotated(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, x_ptr.dtype.element_ty)
     tl.store(base + offs, new_lo)
     tl.store(base + HALF + offs, new_hi)
     return new_lo, new_hi

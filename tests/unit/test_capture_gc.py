@@ -46,12 +46,12 @@ def test_each_decode_graph_capture_runs_with_the_collector_off(monkeypatch):
 
     class Runner:
         device = torch.device("cpu")
-        prefill_in_graphs = False  # no tiled graphs
+        prefill_in_graphs = False  # no chunk graphs
 
         def decode_inputs(self, requests, bucket):
             return {"input_ids": torch.zeros(bucket, dtype=torch.long)}
 
-        def forward_decode(self, inputs, with_lora):
+        def forward_decode(self, inputs, with_lora, chunks=False):
             seen.append(("capture" if capturing else "warm-up", gc.isenabled()))
             return torch.zeros(1)
 

@@ -22,7 +22,6 @@ class EagerReplay(DecodeGraphs):
 
     def __init__(self, runner, max_rows: int):
         self.runner, self.max_rows, self.max_sequences = runner, max_rows, runner.max_batch_size
-        self.tiled = runner.prefill_in_graphs
         self.chunk_rows = 0
         self.static = {}
         self.keys = []
@@ -34,11 +33,12 @@ class EagerReplay(DecodeGraphs):
     def _static_inputs(self, key):
         self.keys.append(key)
         if key not in self.static:
-            self.static[key] = {k: torch.full_like(v, 3) for k, v in self.step_inputs(key[0], key[2]).items()}
+            inputs = self.step_inputs(key[0], self._tiled(*key[1:]))
+            self.static[key] = {k: torch.full_like(v, 3) for k, v in inputs.items()}
         return self.static[key]
 
     def _replay(self, key):
-        return self.runner.forward_decode(self.static[key], key[1])
+        return self.runner.forward_decode(self.static[key], key[1], key[2])
 
 
 def replaying(engine, max_rows: int = 64) -> EagerReplay:
@@ -89,6 +89,8 @@ def test_prompts_joining_a_decode_batch_run_in_its_replay_and_match_peft(tiny_ll
     requests = [greedy(p, 6, None if n is None else refs[n]) for p, n in zip(prompts, names, strict=True)]
     run_arrivals(engine, requests, {0: [0], 2: [1, 2], 4: [3]})  # later prompts join while earlier ones decode
     assert replay.chunk_rows == sum(len(p) for p in prompts)  # every prompt token went through the replay
+    # steps with prompt tokens replay chunk graphs (64 rows here: the smallest), the others decode graphs
+    assert {key[0] for key in replay.keys if key[2]} == {64} and any(not key[2] for key in replay.keys)
     assert_matches_peft(tiny_llama_dir, tiny_adapters, requests, names, rows)
 
 
@@ -242,11 +244,11 @@ def test_lora_tiles_cut_each_chunk_into_tiles_then_one_per_decode_row_within_the
         assert len(slots) <= max_lora_tiles(bucket, sequences, tile)
 
 
-def test_a_prompt_in_a_lora_replay_of_64_rows_or_more_takes_the_tiled_graph_and_matches_peft(tiny_llama_dir,
+def test_a_prompt_in_a_lora_replay_takes_the_tiled_chunk_graph_and_matches_peft(tiny_llama_dir,
                                                                                             tiny_adapters):
-    """A 50-token prompt with an adapter beside two decode rows rides a 64-row replay through the tiled graph: its
-    LoRA segments are 16 + 16 + 16 + 2 rows, then one per decode row, padded with empty ones; the tokens match PEFT.
-    Decode-only steps keep the graphs of one segment a row."""
+    """A 50-token prompt with an adapter beside two decode rows rides a 64-row replay through the tiled chunk graph:
+    its LoRA segments are 16 + 16 + 16 + 2 rows, then one per decode row, padded with empty ones; the tokens match
+    PEFT. Decode-only steps keep the graphs of one segment a row."""
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     names = ["attn-r4", None, "all-r8"]
     prompts = [[5, 17, 33], [40, 41], list(range(60, 110))]
@@ -270,3 +272,34 @@ def test_a_prompt_in_a_lora_replay_of_64_rows_or_more_takes_the_tiled_graph_and_
         engine.step()
     assert {key[2] for key in replay.keys if key[0] < 64} == {False}
     assert_matches_peft(tiny_llama_dir, tiny_adapters, requests, names, rows)
+
+
+def test_chunk_graphs_start_at_64_rows_and_capture_all_takes_both_kinds(monkeypatch):
+    """Steps with prompt tokens replay chunk graphs of CHUNK_MIN_BUCKET rows or more (capped by max_rows); decode
+    steps the smallest bucket that fits. capture_all captures both kinds for every LoRA variant."""
+    from server.engine import cuda_graphs
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+
+    class Runner:
+        device = torch.device("cpu")
+        prefill_in_graphs = True
+
+    class Recording(DecodeGraphs):
+        def _capture(self, bucket, with_lora, chunks):
+            return None
+
+    graphs = Recording(Runner(), max_rows=256, max_sequences=32)
+    assert graphs._bucket(5, chunks=True) == 64 and graphs._bucket(5, chunks=False) == 8
+    assert graphs._bucket(65, chunks=True) == graphs._bucket(65, chunks=False) == 96
+    assert Recording(Runner(), max_rows=16, max_sequences=16)._bucket(3, chunks=True) == 16
+    graphs.capture_all((False, True))
+    chunk_buckets = (64, 96, 128, 192, 256)
+    decode_buckets = [b for b in cuda_graphs.DECODE_BUCKETS if b <= 256]
+    assert set(graphs._graphs) == ({(b, lora, True) for b in chunk_buckets for lora in (False, True)}
+                                   | {(b, lora, False) for b in decode_buckets for lora in (False, True)})
+    assert graphs._tiled(True, True) and not graphs._tiled(True, False) and not graphs._tiled(False, True)
+    Runner.prefill_in_graphs = False
+    plain = Recording(Runner(), max_rows=256, max_sequences=32)
+    plain.capture_all((True,))
+    assert not any(chunks for _, _, chunks in plain._graphs)

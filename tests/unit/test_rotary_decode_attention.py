@@ -1,0 +1,105 @@
+"""rotary_decode_attention: the qkv output's rotary, the new k/v's cache write and decode attention in one Triton
+kernel (server.model.triton_attention, under the interpreter), against the two ops it replaces (glue_ops'
+qkv_rotary_write_kv, then the attention reference); the CPU dispatch is those two ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.model import glue_ops
+from server.model.attention_ops import paged_decode_attention_reference, rotary_decode_attention
+from server.model.split_sums import SplitSums
+from tests.unit.test_attention_ops import TOLERANCE, make_paged
+from tests.unit.triton_interp import interpreted
+
+CASES = [
+    # (context_lens incl. the new token; 0 = a padding row, slot -1), Hq, Hkv, D, block_size
+    ([5, 0, 17, 1], 4, 2, 64, 16),
+    ([33, 16, 70], 8, 2, 128, 32),
+]
+
+
+def decode_step(case, dtype, splits: int = 0, bias: bool = False, seed: int = 0):
+    """(qkv as a tensor or split-K partials, rope [B, 2, D], slot_mapping, caches, block_tables, context_lens)."""
+    lens, num_q_heads, num_kv_heads, head_dim, block_size = case
+    _, k_cache, v_cache, block_tables, context_lens = make_paged(lens, num_q_heads, num_kv_heads, head_dim,
+                                                                 block_size, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    width = (num_q_heads + 2 * num_kv_heads) * head_dim
+    slots = [int(block_tables[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size if n else -1
+             for b, n in enumerate(lens)]
+    angles = torch.rand(len(lens), head_dim // 2, generator=gen) * 6.28
+    angles = torch.cat([angles, angles], dim=-1)
+    rope = torch.stack([angles.cos(), angles.sin()], dim=1)  # [B, 2, D]
+    if splits:
+        partials = torch.randn(splits, len(lens), width, generator=gen) / splits
+        qkv = SplitSums(partials, torch.randn(width, generator=gen).to(dtype) if bias else None, dtype)
+    else:
+        qkv = torch.randn(len(lens), width, generator=gen).to(dtype)
+    return qkv, rope, torch.tensor(slots), k_cache, v_cache, block_tables, context_lens
+
+
+def two_ops(qkv, num_q_heads, rope, slots, k_cache, v_cache, block_tables, context_lens, scale):
+    """The oracle: the rotary + cache-write op, then the attention reference (on copies of the caches)."""
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    q, _, _ = glue_ops.qkv_rotary_write_kv(qkv, num_q_heads, num_kv_heads, head_dim, rope, k_cache, v_cache, slots)
+    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale), k_cache, v_cache
+
+
+def test_cpu_dispatch_is_the_two_ops():
+    case = CASES[0]
+    qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(case, torch.float32)
+    expected, expected_k, expected_v = two_ops(qkv, case[1], rope, slots, k_cache, v_cache, tables, lens, 0.125)
+    out = rotary_decode_attention(qkv, case[1], case[2], case[3], rope, k_cache, v_cache, slots, tables, lens, 0.125)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+@pytest.fixture(scope="module")
+def triton_attention():
+    return interpreted("server.model.triton_attention")
+
+
+# The interpreter multiplies bf16 operands of tl.dot as raw uint16 (Triton 3.9), so bf16 is GPU-only.
+@pytest.mark.parametrize("num_splits,merge_here", [(1, False), (3, False), (8, True)])
+@pytest.mark.parametrize("dtype,source", [(torch.float32, "tensor"), (torch.float32, "partials"),
+                                          (torch.float16, "tensor"), (torch.float16, "partials+bias")])
+@pytest.mark.parametrize("case", CASES, ids=["gqa2-d64", "gqa4-d128"])
+def test_interpreted_kernel_matches_the_two_ops(triton_attention, case, source, num_splits, merge_here, dtype):
+    """Same attention, and the caches hold the same rotated k and v at the new slots (padding rows write none)."""
+    splits = {"tensor": 0, "partials": 4, "partials+bias": 16}[source]
+    qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(case, dtype, splits, bias=source.endswith("bias"))
+    scale = case[3] ** -0.5
+    expected, expected_k, expected_v = two_ops(qkv, case[1], rope, slots, k_cache, v_cache, tables, lens, scale)
+    before_k = k_cache.clone()
+    out = triton_attention.rotary_decode_attention_triton(qkv, case[1], rope, k_cache, v_cache, slots, tables, lens,
+                                                          scale, num_splits=num_splits,
+                                                          tuning={"merge_here": merge_here})
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+    torch.testing.assert_close(k_cache, expected_k, atol=atol, rtol=rtol)
+    torch.testing.assert_close(v_cache, expected_v, atol=0, rtol=0)
+    assert not torch.equal(k_cache, before_k)  # the new tokens' keys were written
+    if merge_here:
+        assert int(triton_attention._TICKETS[k_cache.device].count_nonzero()) == 0  # every counter back at zero
+
+
+def test_interpreted_merge_here_matches_the_merge_kernel(triton_attention):
+    """The in-kernel merge of the splits (ticket counters) gives the merge kernel's answer, launch after launch."""
+    q, k_cache, v_cache, tables, lens = make_paged([70, 0, 33, 5], 8, 2, 64, 16, torch.float32)
+    attend = triton_attention.paged_decode_attention_triton
+    for _ in range(2):
+        separate = attend(q, k_cache, v_cache, tables, lens, 0.125, num_splits=5, tuning={"merge_here": False})
+        here = attend(q, k_cache, v_cache, tables, lens, 0.125, num_splits=5, tuning={"merge_here": True})
+        torch.testing.assert_close(here, separate, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(here, paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, 0.125),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_rejects_a_qkv_width_that_does_not_match_the_heads(triton_attention):
+    qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(CASES[0], torch.float32)
+    with pytest.raises(ValueError, match="qkv width"):
+        triton_attention.rotary_decode_attention_triton(qkv[:, :-64], 4, rope, k_cache, v_cache, slots, tables, lens,
+                                                        0.125)
