@@ -53,8 +53,9 @@ def build_tokenizer(target: Path):
     return fast
 
 
-def build_tiny_model(target: Path, kind: str = "llama", seed: int = 0) -> Path:
-    """Save a random tiny Llama or Qwen2 (float32 safetensors + tokenizer) to `target`."""
+def build_tiny_model(target: Path, kind: str = "llama", seed: int = 0, **config) -> Path:
+    """Save a random tiny Llama or Qwen2 (float32 safetensors + tokenizer) to `target`; `config` overrides the
+    tiny shape (hidden 64, 4 heads of 16, 2 kv heads, 2 layers)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_tokenizer(target)
@@ -62,7 +63,7 @@ def build_tiny_model(target: Path, kind: str = "llama", seed: int = 0) -> Path:
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
-    )
+    ) | config
     torch.manual_seed(seed)
     if kind == "llama":
         config = LlamaConfig(**common, tie_word_embeddings=False, rms_norm_eps=1e-5)

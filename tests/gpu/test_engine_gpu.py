@@ -162,3 +162,27 @@ def test_prompts_in_tiled_lora_replays_match_peft_alone(tiny_llama_dir, tiny_ada
     run_arrivals(engine, requests, {0: [0, 1], 2: [2], 3: [3, 4]})
     assert sum(1 for key in keys if key[2]) >= 2, keys
     assert_matches_peft(tiny_llama_dir, tiny_adapters, requests, names, rows, atol=1e-3)
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_decode_attention_of_64_wide_heads_matches_peft(tmp_path, graphs):
+    """A Llama of 64-wide heads, which the fused decode kernel serves (attention_ops.rotary_decode_attention: rotary,
+    cache write, attention and the splits' merge in one kernel; the tiny model's 16-wide heads take the unfused
+    path): prompts join running decode rows, so replays of decode rows alone and chunk graphs alternate, and every
+    sampled row matches transformers on the same weights. Eager steps (graphs off) take the fused kernel too."""
+    from tests.conftest import build_tiny_model
+    from tests.unit.test_graph_prefill import assert_matches_peft, greedy, run_arrivals, sampled_logits
+
+    model_dir = build_tiny_model(tmp_path / "d64", hidden_size=256, intermediate_size=256, seed=7)
+    prompts = [[5, 17, 33], list(range(40, 100)), [200, 201], list(range(100, 190)), [7] * 20]
+    engine = gpu_engine(model_dir, graphs=graphs, cuda_graph_max_rows=128 if graphs else 0)
+    keys = []
+    if graphs:
+        replay = engine.runner.graphs._replay
+        engine.runner.graphs._replay = lambda key: keys.append(key) or replay(key)
+    rows = sampled_logits(engine)
+    requests = [greedy(p, 12) for p in prompts]
+    run_arrivals(engine, requests, {0: [0, 1], 3: [2], 5: [3, 4]})
+    if graphs:
+        assert any(key[2] for key in keys) and any(not key[2] for key in keys), keys
+    assert_matches_peft(model_dir, {}, requests, [None] * len(prompts), rows, atol=1e-3)
