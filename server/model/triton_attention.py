@@ -119,17 +119,17 @@ def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_he
     sin_lo, sin_hi = tl.load(rope + 2 * HALF + half), tl.load(rope + 3 * HALF + half)
     src_row = row.to(tl.int64) * stride_src
     q_cols = heads[:, None] * HEAD_DIM + half[None, :]
-    lo, hi = _qkv_halves(src_ptr, bias_ptr, src_row, q_cols, head_mask[:, None], plane, splits, dtype, HALF, SUMS,
-                         HAS_BIAS)
-    q_lo, q_hi = _rotated(lo, hi, cos_lo[None, :], cos_hi[None, :], sin_lo[None, :], sin_hi[None, :], dtype)
-    if writes_kv:
+    q_lo, q_hi = _qkv_halves(src_ptr, bias_ptr, src_row, q_cols, head_mask[:, None], plane, splits, dtype, HALF,
+                             SUMS, HAS_BIAS)
+    q_lo, q_hi = _rotated(q_lo, q_hi, cos_lo[None, :], cos_hi[None, :], sin_lo[None, :], sin_hi[None, :], dtype)
+    if writes_kv:  # (names of their own: Triton keeps a variable's shape across a branch)
         slot = tl.load(slot_ptr + row)
         if slot >= 0:
             whole = half < HALF
             k_cols = (num_q_heads + kv_head) * HEAD_DIM + half
-            lo, hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols, whole, plane, splits, dtype, HALF, SUMS,
-                                 HAS_BIAS)
-            k_lo, k_hi = _rotated(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
+            k_lo, k_hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols, whole, plane, splits, dtype, HALF, SUMS,
+                                     HAS_BIAS)
+            k_lo, k_hi = _rotated(k_lo, k_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
             v_lo, v_hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols + num_kv_heads * HEAD_DIM, whole, plane,
                                      splits, dtype, HALF, SUMS, HAS_BIAS)
             block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE

@@ -175,7 +175,7 @@ def _expand_sums_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < out_features
     out = _summed(src_ptr, row * out_features + cols, col_mask, plane, splits, bias_ptr, cols,
-                  y_ptr.dtype.element_ty, HAS_BIAS, BLOCK_N)
+                  y_ptr.dtype.element_ty, HAS_BIAS)
     slot = tl.load(token_slots_ptr + row).to(tl.int64)
     if slot >= 0:
         rank = tl.load(slot_ranks_ptr + slot)
