@@ -6,11 +6,13 @@ softmax over that row's real blocks only, so cost follows each row's context len
 (flash-decoding) a row's blocks are cut into NUM_SPLITS contiguous ranges whose partial results a second
 kernel merges; this fills the GPU when batch * kv heads is small and contexts are long. Grids depend on
 static shapes only (max_blocks, not the real lengths), so both kernels can be captured in a CUDA graph.
+
+rotary_decode_attention_triton runs the same kernel on the qkv projection's output row instead of q: each program
+rotates its q heads, and the one that holds the row's last position rotates the new k and stores k and v in the
+cache before it reads them back, which takes the rotary kernel's launch off every layer of a decode step.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -25,19 +27,18 @@ _NUM_SMS = 132  # H100; only steers the split heuristic
 
 @triton.jit(do_not_specialize=["stride_bt", "plane", "splits"])  # the block-table width follows the contexts
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, acc_ptr, stats_ptr, tickets_ptr,
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, acc_ptr, stats_ptr,
     src_ptr, bias_ptr, rope_ptr, slot_ptr, plane, splits,
     qk_scale, group,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_ob, stride_oh, stride_src, stride_rope,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, V_FIRST: tl.constexpr, ROTARY: tl.constexpr,
-    SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, MERGE_HERE: tl.constexpr,
+    SUMS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     """With ROTARY, q and the row's new k and v come from the qkv projection's output row at src_ptr (or, with SUMS,
     from its split-K partials): q is rotated here, and the program whose split holds the row's last position rotates
-    k and stores k and v in the cache before it reads its tiles. With MERGE_HERE (NUM_SPLITS > 1), the last program
-    of a (row, kv head) to finish merges every split's partials (a ticket counter, reset by that program)."""
+    k and stores k and v in the cache before it reads its tiles."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -95,13 +96,6 @@ def _decode_kernel(
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_mask[:, None])
         tl.store(stats_ptr + part * 2, m_i, mask=head_mask)
         tl.store(stats_ptr + part * 2 + 1, l_i, mask=head_mask)
-        if MERGE_HERE:
-            tl.debug_barrier()  # every thread's partials stored before the ticket (released at GPU scope) is taken
-            ticket = tl.atomic_add(tickets_ptr + row * tl.num_programs(1) + kv_head, 1, sem="acq_rel", scope="gpu")
-            if ticket == NUM_SPLITS - 1:
-                _merge_group(acc_ptr, stats_ptr, out_ptr, row, heads, head_mask, tl.num_programs(1) * group,
-                             stride_ob, stride_oh, HEAD_DIM, BLOCK_H, NUM_SPLITS)
-                tl.store(tickets_ptr + row * tl.num_programs(1) + kv_head, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -159,32 +153,6 @@ def _qkv_halves(src_ptr, bias_ptr, src_row, cols, mask, plane, splits, dtype: tl
 
 
 @triton.jit
-def _merge_group(acc_ptr, stats_ptr, out_ptr, row, heads, head_mask, num_q_heads, stride_ob, stride_oh,
-                 HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """_merge_splits_kernel's sum for one kv head's group of q heads, in the decode kernel (MERGE_HERE). The
-    partials are read through L2 (.cg): other programs wrote them."""
-    dims = tl.arange(0, HEAD_DIM)
-    first = (row.to(tl.int64) * num_q_heads + heads) * NUM_SPLITS
-    m_max = tl.full((BLOCK_H,), -1e30, tl.float32)  # finite even when every split is empty
-    for s in tl.static_range(NUM_SPLITS):
-        m_s = tl.load(stats_ptr + (first + s) * 2, mask=head_mask, other=float("-inf"), cache_modifier=".cg")
-        m_max = tl.maximum(m_max, m_s)
-    total = tl.zeros((BLOCK_H,), tl.float32)
-    out = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        m_s = tl.load(stats_ptr + (first + s) * 2, mask=head_mask, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(stats_ptr + (first + s) * 2 + 1, mask=head_mask, other=0.0, cache_modifier=".cg")
-        weight = tl.exp2(m_s - m_max)  # empty splits (m = -inf) weigh 0
-        total += weight * l_s
-        acc_s = tl.load(acc_ptr + (first + s)[:, None] * HEAD_DIM + dims[None, :], mask=head_mask[:, None],
-                        other=0.0, cache_modifier=".cg")
-        out += acc_s * weight[:, None]
-    out = tl.where(total[:, None] > 0, out / tl.maximum(total, 1e-30)[:, None], 0.0)
-    out_ptrs = out_ptr + row.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
-
-
-@triton.jit
 def _merge_splits_kernel(
     acc_ptr, stats_ptr, out_ptr, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -227,27 +195,10 @@ def choose_num_splits(num_rows: int, num_kv_heads: int, max_blocks: int, block_s
 # 192 8.60 / 9.10, at 1,024 42.95 / 47.93, batch 2 at 4,096 15.55 / 15.70; v_first changed nothing (Triton's
 # pipeliner already issues both loads early: one stage 7.47 / 9.77 / 55.37 / 19.78); tiles of 32 lost everywhere
 # without splits.
-# merge_here: the splits' merge done by the decode kernel's last program of each (row, kv head) instead of
-# _merge_splits_kernel (one launch fewer a layer wherever splits are used); LORAPLEX_DECODE_MERGE_HERE=0 for A/B.
-DECODE_TUNING = {"v_first": True, "tile_n": 64, "num_stages": None, "num_warps": 8,
-                 "merge_here": os.environ.get("LORAPLEX_DECODE_MERGE_HERE", "1") == "1"}
-
-# MERGE_HERE's tickets: one int32 counter a (row, kv head), zero between launches (the merging program resets
-# its own). choose_num_splits splits only when rows x kv heads <= 2 x SMs, far below _MAX_TICKETS; an explicit
-# num_splits for more rows uses the merge kernel. Kernels on one device run one after another (one engine stream),
-# so one set of counters a device serves every layer.
-_MAX_TICKETS = 4096
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tickets(device: torch.device, needed: int) -> torch.Tensor | None:
-    """The device's ticket counters, or None (merge kernel instead): too few, or first needed mid-capture."""
-    tickets = _TICKETS.get(device)
-    if tickets is None:
-        if needed > _MAX_TICKETS or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            return None
-        tickets = _TICKETS[device] = torch.zeros(_MAX_TICKETS, dtype=torch.int32, device=device)
-    return tickets if needed <= tickets.numel() else None
+# Measured and dropped (twenty-second session, H200, 8B batch 1, context 192, graph replay): the splits merged by
+# the decode kernel's last program of each (row, kv head) (a ticket counter a pair) instead of the merge kernel:
+# 6.48 against 6.30 us with the rotary fused in, 8.31 against 7.15 without.
+DECODE_TUNING = {"v_first": True, "tile_n": 64, "num_stages": None, "num_warps": 8}
 
 
 def _check_shapes(num_q_heads: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -296,7 +247,7 @@ def rotary_decode_attention_triton(
 
 
 def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tuning) -> None:
-    """The decode kernel (and, unless it merges its own splits, the merge kernel) into out [B, Hq, D]: q read from
+    """The decode kernel (and, with splits, the merge kernel) into out [B, Hq, D]: q read from
     `q`, or, with `rotary` = (source, plane, splits, bias, has_bias, rope, slot_mapping), from the qkv output."""
     tuning = {**DECODE_TUNING, **(tuning or {})}
     num_rows, num_q_heads, head_dim = out.shape
@@ -306,12 +257,9 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         num_splits = choose_num_splits(num_rows, num_kv_heads, block_tables.shape[1], block_size)
     if num_rows == 0:
         return
-    tickets = None
     if num_splits > 1:
         acc = torch.empty((num_rows, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=out.device)
         stats = torch.empty((num_rows, num_q_heads, num_splits, 2), dtype=torch.float32, device=out.device)
-        if tuning["merge_here"]:
-            tickets = _tickets(out.device, num_rows * num_kv_heads)
     else:
         acc = stats = out  # unused
     if rotary is None:
@@ -321,7 +269,7 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         src, plane, splits, bias, has_bias, rope, slots = rotary
         q, stride_q = out, (0, 0)  # unused
     _decode_kernel[(num_rows, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, acc, stats, out if tickets is None else tickets,
+        q, k_cache, v_cache, block_tables, context_lens, out, acc, stats,
         src, bias, rope, slots, plane, splits,
         scale * _LOG2E, group,
         *stride_q, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -330,10 +278,10 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group)),
         TILE_N=tuning["tile_n"], NUM_SPLITS=num_splits, V_FIRST=tuning["v_first"],
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROTARY=rotary is not None,
-        SUMS=plane > 0, HAS_BIAS=has_bias, MERGE_HERE=tickets is not None, num_warps=tuning["num_warps"],
+        SUMS=plane > 0, HAS_BIAS=has_bias, num_warps=tuning["num_warps"],
         **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
     )  # fmt: skip
-    if num_splits > 1 and tickets is None:
+    if num_splits > 1:
         _merge_splits_kernel[(num_rows, num_q_heads)](
             acc, stats, out, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),

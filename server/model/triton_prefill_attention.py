@@ -32,7 +32,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_tables,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -66,7 +66,7 @@ def _prefill_kernel(
                     + dims[None, :], mask=is_key[:, None], other=0.0)
         if UPCAST_DOT:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         allowed = (positions[None, :] <= q_pos[:, None]) & is_key[None, :]
         scores = tl.where(allowed, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -74,7 +74,7 @@ def _prefill_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(scores - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + (q_start + rows.to(tl.int64))[:, None] * stride_ot + head * stride_oh + dims[None, :],
@@ -142,6 +142,9 @@ def prefill_attention_triton(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         meta.tables.stride(0),
         HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, UPCAST_DOT=not q.is_cuda,
+        # float32 models get float32 products, as in decode (Triton's default for float32 on tensor cores is tf32:
+        # a 64-wide-head fp32 Llama's eager prefill was ~1e-3 off transformers, twenty-second session)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4 if head_dim <= 64 else 8, num_stages=2 if q.is_cuda else 1,
     )  # fmt: skip
     return out

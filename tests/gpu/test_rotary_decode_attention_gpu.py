@@ -1,7 +1,7 @@
 """rotary_decode_attention's one Triton kernel on a CUDA GPU against the two Triton kernels it replaces (the rotary
 and cache-write glue kernel, then decode attention) and the attention reference: bf16, the 1B and 8B engine shapes,
-qkv as a tensor or as split-K partials, splits merged by the merge kernel or in the decode kernel, eager and
-replayed from a CUDA graph. Timings print with `pytest -s -k printout`; nothing asserts on them."""
+qkv as a tensor or as split-K partials, eager and replayed from a CUDA graph. Timings print with
+`pytest -s -k printout`; nothing asserts on them."""
 
 from __future__ import annotations
 
@@ -47,26 +47,26 @@ def cuda_step(case, splits: int = 0, bias: bool = False, seed: int = 0):
 
 
 def two_kernels(triton_attention, qkv, num_q_heads, rope, slots, k_cache, v_cache, tables, lens, scale, **kw):
-    """The unfused path on copies of the caches: the rotary glue kernel, then the decode attention kernel(s)."""
+    """The unfused path on copies of the caches (and of qkv, which the rotary glue kernel rotates in place): the
+    rotary glue kernel, then the decode attention kernel(s)."""
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    qkv = qkv.clone() if isinstance(qkv, torch.Tensor) else qkv
     q, _, _ = glue_ops.qkv_rotary_write_kv(qkv, num_q_heads, k_cache.shape[2], k_cache.shape[3], rope, k_cache,
                                            v_cache, slots)
     out = triton_attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale, **kw)
     return out, q, k_cache, v_cache
 
 
-@pytest.mark.parametrize("merge_here", [False, True])
 @pytest.mark.parametrize("source", ["tensor", "partials", "partials+bias"])
 @pytest.mark.parametrize("case", CASES, ids=["8b-b1", "1b-b32", "mixed", "gqa7", "d64-bs32"])
-def test_one_kernel_matches_the_two_kernels_and_the_reference(triton_attention, case, source, merge_here):
+def test_one_kernel_matches_the_two_kernels_and_the_reference(triton_attention, case, source):
     splits = {"tensor": 0, "partials": 16, "partials+bias": 5}[source]
     qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits, bias=source.endswith("bias"))
     scale = case[3] ** -0.5
-    tuning = {"merge_here": merge_here}
     expected, q, expected_k, expected_v = two_kernels(triton_attention, qkv, case[1], rope, slots, k_cache, v_cache,
-                                                      tables, lens, scale, tuning=tuning)
+                                                      tables, lens, scale)
     out = triton_attention.rotary_decode_attention_triton(qkv, case[1], rope, k_cache, v_cache, slots, tables, lens,
-                                                          scale, tuning=tuning)
+                                                          scale)
     assert torch.equal(v_cache, expected_v)
     torch.testing.assert_close(k_cache, expected_k, atol=2e-2, rtol=1e-2)  # rotated in another kernel: <= 1 ulp
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
@@ -74,17 +74,16 @@ def test_one_kernel_matches_the_two_kernels_and_the_reference(triton_attention, 
     torch.testing.assert_close(out, reference, atol=6e-2, rtol=3e-2)
 
 
-def test_graph_replays_merge_their_splits_every_time(triton_attention):
-    """Captured once, replayed with other contexts, tokens and caches: each replay's answer is the reference's,
-    so the ticket counters are back at zero after every launch."""
+def test_graph_replays_follow_their_inputs(triton_attention):
+    """Captured once (split 4 ways), replayed with other contexts, tokens, tables and slots: each replay gives the
+    two kernels' answer."""
     case = ([700] * 4, 32, 8, 128, 16)  # every row's table whole: rolled, each row still reads real blocks
     qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case)
     out = torch.empty(len(case[0]), 32, 128, device="cuda", dtype=torch.bfloat16)
 
     def step():
         out.copy_(triton_attention.rotary_decode_attention_triton(qkv, 32, rope, k_cache, v_cache, slots, tables,
-                                                                   lens, 128**-0.5, num_splits=4,
-                                                                   tuning={"merge_here": True}))
+                                                                   lens, 128**-0.5, num_splits=4))
 
     graph = capture(step)
     for seed, new_lens in enumerate(([1, 64, 0, 30], [64, 17, 16, 2], [700, 192, 1, 64]), start=1):
@@ -98,9 +97,8 @@ def test_graph_replays_merge_their_splits_every_time(triton_attention):
         before_k, before_v = k_cache.clone(), v_cache.clone()
         graph.replay()
         expected, _, _, _ = two_kernels(triton_attention, qkv, 32, rope, slots, before_k, before_v, tables, lens,
-                                        128**-0.5, num_splits=4, tuning={"merge_here": False})
+                                        128**-0.5, num_splits=4)
         torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
-    assert int(triton_attention._TICKETS[k_cache.device].count_nonzero()) == 0
 
 
 def test_rotary_decode_attention_printout(triton_attention):
@@ -109,13 +107,12 @@ def test_rotary_decode_attention_printout(triton_attention):
     shapes = [("8b b1", ([192], 32, 8, 128, 16), 0, 256), ("8b b32", ([192] * 32, 32, 8, 128, 16), 0, 16),
               ("1b b32 partials", ([192] * 32, 32, 8, 64, 16), 4, 16)]
     for label, case, splits, max_blocks in shapes:
-        for merge_here in (False, True):
-            unfused, fused = _timed_pair(triton_attention, case, splits, max_blocks, {"merge_here": merge_here})
-            print(f"\nrotary decode attention {label} merge_here={merge_here}: two kernels "
-                  f"{graph_time_us(unfused):.2f} us, one {graph_time_us(fused):.2f} us")
+        unfused, fused = _timed_pair(triton_attention, case, splits, max_blocks)
+        print(f"\nrotary decode attention {label}: two kernels {graph_time_us(unfused):.2f} us, "
+              f"one {graph_time_us(fused):.2f} us")
 
 
-def _timed_pair(triton_attention, case, splits, max_blocks, tuning):
+def _timed_pair(triton_attention, case, splits, max_blocks):
     """(the two kernels, the one kernel) as calls on one step's inputs, its block tables max_blocks wide."""
     qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits)
     tables = torch.cat([tables, tables[:, :1].expand(-1, max(0, max_blocks - tables.shape[1]))], 1).contiguous()
@@ -124,10 +121,10 @@ def _timed_pair(triton_attention, case, splits, max_blocks, tuning):
 
     def unfused():
         q, _, _ = glue_ops.qkv_rotary_write_kv(qkv, num_q_heads, num_kv_heads, head_dim, rope, k_cache, v_cache, slots)
-        triton_attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale, tuning=tuning)
+        triton_attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale)
 
     def fused():
         triton_attention.rotary_decode_attention_triton(qkv, num_q_heads, rope, k_cache, v_cache, slots, tables, lens,
-                                                        scale, tuning=tuning)
+                                                        scale)
 
     return unfused, fused

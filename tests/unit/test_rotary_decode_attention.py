@@ -63,11 +63,11 @@ def triton_attention():
 
 
 # The interpreter multiplies bf16 operands of tl.dot as raw uint16 (Triton 3.9), so bf16 is GPU-only.
-@pytest.mark.parametrize("num_splits,merge_here", [(1, False), (3, False), (8, True)])
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
 @pytest.mark.parametrize("dtype,source", [(torch.float32, "tensor"), (torch.float32, "partials"),
                                           (torch.float16, "tensor"), (torch.float16, "partials+bias")])
 @pytest.mark.parametrize("case", CASES, ids=["gqa2-d64", "gqa4-d128"])
-def test_interpreted_kernel_matches_the_two_ops(triton_attention, case, source, num_splits, merge_here, dtype):
+def test_interpreted_kernel_matches_the_two_ops(triton_attention, case, source, num_splits, dtype):
     """Same attention, and the caches hold the same rotated k and v at the new slots (padding rows write none)."""
     splits = {"tensor": 0, "partials": 4, "partials+bias": 16}[source]
     qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(case, dtype, splits, bias=source.endswith("bias"))
@@ -75,27 +75,12 @@ def test_interpreted_kernel_matches_the_two_ops(triton_attention, case, source, 
     expected, expected_k, expected_v = two_ops(qkv, case[1], rope, slots, k_cache, v_cache, tables, lens, scale)
     before_k = k_cache.clone()
     out = triton_attention.rotary_decode_attention_triton(qkv, case[1], rope, k_cache, v_cache, slots, tables, lens,
-                                                          scale, num_splits=num_splits,
-                                                          tuning={"merge_here": merge_here})
+                                                          scale, num_splits=num_splits)
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
     torch.testing.assert_close(k_cache, expected_k, atol=atol, rtol=rtol)
     torch.testing.assert_close(v_cache, expected_v, atol=0, rtol=0)
     assert not torch.equal(k_cache, before_k)  # the new tokens' keys were written
-    if merge_here:
-        assert int(triton_attention._TICKETS[k_cache.device].count_nonzero()) == 0  # every counter back at zero
-
-
-def test_interpreted_merge_here_matches_the_merge_kernel(triton_attention):
-    """The in-kernel merge of the splits (ticket counters) gives the merge kernel's answer, launch after launch."""
-    q, k_cache, v_cache, tables, lens = make_paged([70, 0, 33, 5], 8, 2, 64, 16, torch.float32)
-    attend = triton_attention.paged_decode_attention_triton
-    for _ in range(2):
-        separate = attend(q, k_cache, v_cache, tables, lens, 0.125, num_splits=5, tuning={"merge_here": False})
-        here = attend(q, k_cache, v_cache, tables, lens, 0.125, num_splits=5, tuning={"merge_here": True})
-        torch.testing.assert_close(here, separate, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(here, paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, 0.125),
-                                   atol=1e-5, rtol=1e-5)
 
 
 def test_rejects_a_qkv_width_that_does_not_match_the_heads(triton_attention):
