@@ -57,6 +57,8 @@ RATIOS = (
     Ratio("ctx128_over_ctx2048_8b", "8b", "decode step time at context 128 / at 2048, batch 32", "<=", 0.6),
 )
 RATIO_KEYS = tuple(r.key for r in RATIOS)
+# Also in an 8B file's ratios: issue 14's batch-1 figure (its target row is in bench.report_kernels' table)
+ENGINE_KEYS = ("b1_tokens_per_s_8b",)
 
 
 def fmt(value: Any) -> str:
@@ -103,6 +105,7 @@ def derive(data: dict) -> None:
         swap_ms = _get(ours, "swap", "swap_ms_median")
         peft_s = _get(base, "peft_merged_b32", "merge_unmerge_s")
         ratios.update({
+            "b1_tokens_per_s_8b": _get(ours, "base_b1", "tokens_per_s"),
             "mixed32_over_merged_8b": _div(_get(ours, "mixed32_b32", "tokens_per_s"),
                                            _get(ours, "merged1_b32", "tokens_per_s")),
             "roofline_fraction_merged_b32_8b": _get(data, "roofline", "merged1_b32", "fraction"),

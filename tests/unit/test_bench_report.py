@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from bench.report import build_report, load_latest
-from bench.results import RATIO_KEYS, derive
+from bench.results import ENGINE_KEYS, RATIO_KEYS, derive
 
 SHAPE_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_layers": 32, "num_heads": 32,
             "num_kv_heads": 8, "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": False}
@@ -49,7 +49,8 @@ def _write(directory: Path, name: str, data: dict) -> None:
 
 def test_derive_computes_the_eight_ratios():
     ratios = fake_8b("2026-11-24T10:00:00+00:00", 3600.0)["ratios"]
-    assert set(ratios) == set(RATIO_KEYS)
+    assert set(ratios) == set(RATIO_KEYS) | set(ENGINE_KEYS)
+    assert ratios["b1_tokens_per_s_8b"] == 200.0
     assert ratios["mixed32_over_merged_8b"] == 0.9
     assert ratios["vs_hf_b1_8b"] == 10.0
     assert ratios["swap_ms_8b"] == 100.0
