@@ -43,11 +43,12 @@ chaos: $(STAMP)
 	$(BIN)/python -m pytest tests/chaos -q $(PYTEST_ARGS)
 
 # The Triton kernels (LoRA, paged and prefill attention, NF4, fused glue) under Triton's CPU interpreter:
-# about 10 s on 2 cores. triton is not a dependency on the CPU (about 1 GB installed), so this target
+# about 2 minutes on 2 cores. triton is not a dependency on the CPU (about 1 GB installed), so this target
 # installs it when missing. CI runs it after `make test` (.ci/run).
 TRITON_TESTS = tests/unit/test_lora_ops.py tests/unit/test_attention_ops.py tests/unit/test_prefill_attention.py \
 	tests/unit/test_nf4_ops.py tests/unit/test_glue_ops.py tests/unit/test_sampler.py \
-	tests/unit/test_triton_nf4_variants.py tests/unit/test_row_argmax.py tests/unit/test_rotary_decode_attention.py
+	tests/unit/test_triton_nf4_variants.py tests/unit/test_row_argmax.py tests/unit/test_rotary_decode_attention.py \
+	tests/unit/test_step_inputs_fill.py
 test-triton: $(STAMP)
 	$(BIN)/python -c 'import triton' 2>/dev/null || $(BIN)/python -m pip install -q "triton==3.9.0"
 	LORAPLEX_TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(TRITON_TESTS) $(PYTEST_ARGS)

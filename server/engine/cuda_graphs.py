@@ -19,6 +19,7 @@ import torch
 
 from server.model.host_device import to_device
 from server.model.lora_meta import LoraBatchMeta
+from server.model.lora_ops import triton_available
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,36 @@ def tiled_lora_meta(inputs: dict[str, torch.Tensor]) -> LoraBatchMeta:
                          token_slots=inputs["lora_slots"], max_seg_len=LORA_TILE, shrink_tiles=SHRINK_TILES)
 
 
+def scatter_torch(inputs: dict[str, torch.Tensor], values: torch.Tensor, bucket: int, width: int,
+                  num_tables: int) -> None:
+    """Spread a step's values (DecodeGraphs._fill's layout: the fields [6, bucket] in DECODE_ROW_FIELDS' order then
+    the owners, the tables [num_tables, width], the logit rows, the tiles' starts and slots) into the static inputs
+    with torch ops: triton_step_inputs' semantics."""
+    fields = len(DECODE_ROW_FIELDS) + 1
+    per_row = values[: fields * bucket].view(fields, bucket)
+    for index, name in enumerate(DECODE_ROW_FIELDS):
+        inputs[name].copy_(per_row[index])
+    table = values[fields * bucket : fields * bucket + num_tables * width].view(num_tables, width)
+    inputs["block_tables"][:, :width].copy_(table.index_select(0, per_row[-1]))
+    start = fields * bucket + num_tables * width
+    for name in ("logit_rows", "lora_tile_starts", "lora_tile_slots"):
+        if name in inputs:
+            count = inputs[name].numel()
+            inputs[name].copy_(values[start : start + count])
+            start += count
+
+
 class DecodeGraphs:
     """Captured decode steps keyed by (bucket, with_lora, chunks): chunk graphs run the steps that carry prompt
     chunks (their k/v written before attention; with LoRA, their segments in tiles of LORA_TILE rows)."""
 
+    # Static inputs written by one kernel (triton_step_inputs) rather than ~9 torch ops; LORAPLEX_FILL_KERNEL=0: torch
+    fill_kernel = False
+
     def __init__(self, runner, max_rows: int, max_sequences: int):
         self.runner = runner
+        self.fill_kernel = (runner.device.type == "cuda" and os.environ.get("LORAPLEX_FILL_KERNEL", "1") == "1"
+                            and triton_available())
         self.max_rows = max_rows  # decode rows plus prefill-chunk tokens of one replay
         # Sequences of one step (the scheduler's max_batch_size): a replay computes logits for at most this many
         # rows, not for the whole bucket. A 1,024-row bucket's LM head over every row was 1,024 x 128,256 fp32
@@ -159,7 +184,8 @@ class DecodeGraphs:
         one row per sequence, only as wide as the longest, and are gathered per row on the device: the
         columns past that width keep stale entries, which no row's context length reaches. `wanted`: the
         rows whose logits the step needs, padded with row 0 to the graph's logit rows. `tiles`: lora_tiles' segments
-        (a tiled graph), padded with empty segments of slot -1."""
+        (a tiled graph), padded with empty segments of slot -1. On CUDA one kernel spreads the values
+        (triton_step_inputs), elsewhere scatter_torch."""
         width = max(1, max(len(t) for t in tables))
         padded = wanted + [0] * (inputs["logit_rows"].numel() - len(wanted))
         flat = sum(rows, []) + [block for t in tables for block in t + [0] * (width - len(t))] + padded
@@ -168,18 +194,12 @@ class DecodeGraphs:
             pad = inputs["lora_tile_slots"].numel() - len(slots)
             flat += starts + [starts[-1]] * pad + slots + [-1] * pad
         values = to_device(flat, torch.long, self.runner.device)
-        bucket = len(rows[0])
-        per_row = values[: len(rows) * bucket].view(len(rows), bucket)
-        for index, name in enumerate(DECODE_ROW_FIELDS):
-            inputs[name].copy_(per_row[index])
-        table = values[len(rows) * bucket : len(rows) * bucket + len(tables) * width].view(len(tables), width)
-        inputs["block_tables"][:, :width].copy_(table.index_select(0, per_row[-1]))
-        end = len(rows) * bucket + len(tables) * width + len(padded)
-        inputs["logit_rows"].copy_(values[end - len(padded) : end])
-        if tiles is not None:
-            num_starts = inputs["lora_tile_starts"].numel()
-            inputs["lora_tile_starts"].copy_(values[end : end + num_starts])
-            inputs["lora_tile_slots"].copy_(values[end + num_starts :])
+        if self.fill_kernel:
+            from server.engine.triton_step_inputs import scatter_step_inputs
+
+            scatter_step_inputs(inputs, values, tuple(DECODE_ROW_FIELDS), len(rows[0]), width, len(tables))
+        else:
+            scatter_torch(inputs, values, len(rows[0]), width, len(tables))
 
     def capture_all(self, lora_variants: tuple[bool, ...]) -> int:
         """Capture every bucket up to max_rows now (at start-up), so no serving step pays a capture."""
@@ -192,6 +212,11 @@ class DecodeGraphs:
         for key in keys:
             if key not in self._graphs:
                 self._graphs[key] = self._capture(*key)
+        for tiled in (False, True) if self.fill_kernel else ():  # its two variants compiled now, not mid-serving
+            key = next((key for key in keys if self._tiled(*key[1:]) == tiled), None)
+            if key is not None:
+                self._fill(self._graphs[key][0], *self.runner.decode_rows([], key[0]), [],
+                           lora_tiles([]) if tiled else None)
         return len(self._graphs)
 
     def _capture(self, bucket: int, with_lora: bool, chunks: bool):
