@@ -56,7 +56,7 @@ def _part_argmax_kernel(x_ptr, part_value_ptr, part_at_ptr, vocab, stride_row, p
 
 
 @triton.jit
-def _merge_parts_kernel(part_value_ptr, part_at_ptr, out_ptr, PARTS: tl.constexpr):
+def _merge_argmax_parts_kernel(part_value_ptr, part_at_ptr, out_ptr, PARTS: tl.constexpr):
     """The parts in index order: the first part with a NaN, else the first part holding the largest value."""
     row = tl.program_id(0).to(tl.int64)
     parts = tl.arange(0, PARTS)
@@ -82,5 +82,5 @@ def row_argmax_triton(logits: torch.Tensor) -> torch.Tensor:
         part_at = torch.empty(rows, PARTS, dtype=torch.int32, device=logits.device)
         _part_argmax_kernel[(rows, PARTS)](logits, part_value, part_at, vocab, logits.stride(0), part_len,
                                            BLOCK=BLOCK, num_warps=16)
-        _merge_parts_kernel[(rows,)](part_value, part_at, out, PARTS=PARTS, num_warps=1)
+        _merge_argmax_parts_kernel[(rows,)](part_value, part_at, out, PARTS=PARTS, num_warps=1)
     return out

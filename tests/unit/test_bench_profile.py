@@ -9,6 +9,8 @@ def test_kernel_kinds():
     assert kind_of("void (anonymous namespace)::nf4_wide_kernel<__nv_bfloat16, 4, 1, 4, 3, 4>") == "nf4_matmul"
     assert kind_of("_merge_splits_kernel") == "attention"
     assert kind_of("_add_rmsnorm_kernel") == "fused_glue"
+    assert kind_of("_part_argmax_kernel") == kind_of("_merge_argmax_parts_kernel") == "sampling"  # greedy rows
+    assert kind_of("_fill_kernel") == "other_glue"  # a replay's static inputs (triton_step_inputs)
     assert kind_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul_16bit"
     assert kind_of("void at::native::vectorized_elementwise_kernel<4, CopyFunctor>") == "other_glue"
 
