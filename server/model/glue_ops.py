@@ -72,6 +72,15 @@ def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps:
     return kernels.add_rmsnorm(h, delta, weight, eps)
 
 
+def embed_rmsnorm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(table[ids], rmsnorm(table[ids])): the embedding lookup fused into the first layer's input norm."""
+    kernels = _kernels(table)
+    if kernels is None:
+        h = torch.nn.functional.embedding(ids, table)
+        return h, rmsnorm_reference(h, weight, eps)
+    return kernels.embed_rmsnorm(ids, table, weight, eps)
+
+
 def silu_mul(gate_up: torch.Tensor | SplitSums) -> torch.Tensor:
     kernels = _kernels(gate_up)
     return silu_mul_reference(materialized(gate_up)) if kernels is None else kernels.silu_mul(gate_up)

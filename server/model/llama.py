@@ -139,6 +139,10 @@ class RMSNorm(nn.Module):
         """(h + delta, norm(h + delta)): the residual add fused into this norm."""
         return glue_ops.add_rmsnorm(h, delta, self.weight, self.eps)
 
+    def embed_forward(self, ids: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table[ids], norm(table[ids])): the embedding lookup fused into this norm."""
+        return glue_ops.embed_rmsnorm(ids, table, self.weight, self.eps)
+
 
 def rotary_tables(config: ModelConfig, max_positions: int, device: torch.device) -> torch.Tensor:
     """cos/sin for every position, honouring the config's rope scaling: [max_positions, 2, head_dim]."""
@@ -212,11 +216,13 @@ class DecoderLayer(nn.Module):
         self.self_attn, self.mlp = attn, mlp
         self.input_layernorm, self.post_attention_layernorm = input_norm, post_norm
 
-    def forward(self, h, pending, rope, ctx: StepContext, k_cache, v_cache):
+    def forward(self, h, pending, rope, ctx: StepContext, k_cache, v_cache, x=None):
         """h: the residual stream; pending: the previous layer's MLP output not yet added to it (None
         before the first layer). Returns (h, this layer's MLP output): each residual add is fused into
-        the norm that follows it."""
-        h, x = (h, self.input_layernorm(h)) if pending is None else self.input_layernorm.add_forward(h, pending)
+        the norm that follows it. x: this layer's normed input when the caller has it (the first layer's, from
+        the norm that gathered the embeddings)."""
+        if x is None:
+            h, x = (h, self.input_layernorm(h)) if pending is None else self.input_layernorm.add_forward(h, pending)
         h, x = self.post_attention_layernorm.add_forward(h, self.self_attn(x, rope, ctx, k_cache, v_cache))
         return h, self.mlp(x, ctx.lora)
 
@@ -253,11 +259,13 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids/positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
-        h = F.embedding(input_ids, self.embed_tokens)
+        if not self.layers:
+            return self.norm(F.embedding(input_ids, self.embed_tokens))
+        h, x = self.layers[0].input_layernorm.embed_forward(input_ids, self.embed_tokens)  # one launch on CUDA
         rope = self.rope[positions]
         pending = None
-        for layer, (k_cache, v_cache) in zip(self.layers, self.kv_cache, strict=True):
-            h, pending = layer(h, pending, rope, ctx, k_cache, v_cache)
+        for index, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, self.kv_cache, strict=True)):
+            h, pending = layer(h, pending, rope, ctx, k_cache, v_cache, x if index == 0 else None)
         return self.norm(h) if pending is None else self.norm.add_forward(h, pending)[1]
 
     def compute_logits(self, hidden: torch.Tensor, *, float32: bool = True) -> torch.Tensor:

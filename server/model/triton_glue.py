@@ -48,21 +48,30 @@ def _source(y: torch.Tensor | SplitSums):
 
 
 @triton.jit
-def _add_rmsnorm_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, y_ptr, n_cols, stride_h, stride_d, stride_ho,
-                        stride_y, eps, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rmsnorm_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, y_ptr, ids_ptr, n_cols, stride_h, stride_d, stride_ho,
+                        stride_y, eps, HAS_ADD: tl.constexpr, GATHER: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: y = rmsnorm(x) with x = h[row] (+ delta[row], stored rounded as h_out[row]), or with GATHER
+    x = h[ids[row]] (an embedding table's row, stored as h_out[row])."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0)
+    src = tl.load(ids_ptr + row).to(tl.int64) if GATHER else row
+    x = tl.load(h_ptr + src * stride_h + cols, mask=mask, other=0.0)
     if HAS_ADD:
         x = (x.to(tl.float32) + tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32))
         x = x.to(h_out_ptr.dtype.element_ty)  # the residual stream is stored rounded
+        tl.store(h_out_ptr + row * stride_ho + cols, x, mask=mask)
+    if GATHER:
         tl.store(h_out_ptr + row * stride_ho + cols, x, mask=mask)
     xf = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
     normed = (xf * inv).to(y_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _norm_warps(n_cols: int) -> int:
+    return 4 if n_cols <= 4096 else 8
 
 
 def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -74,10 +83,25 @@ def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
         return h_out, y
     d = delta if delta is not None else h
     _add_rmsnorm_kernel[(num_rows,)](
-        h, d, weight, h_out, y, n_cols, h.stride(0), d.stride(0), h_out.stride(0), y.stride(0), eps,
-        HAS_ADD=delta is not None, BLOCK=triton.next_power_of_2(n_cols), num_warps=4 if n_cols <= 4096 else 8,
+        h, d, weight, h_out, y, h, n_cols, h.stride(0), d.stride(0), h_out.stride(0), y.stride(0), eps,
+        HAS_ADD=delta is not None, GATHER=False, BLOCK=triton.next_power_of_2(n_cols), num_warps=_norm_warps(n_cols),
     )
     return h_out, y
+
+
+def embed_rmsnorm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(table[ids], rmsnorm(table[ids])) for ids [T] and an embedding table [vocab, N] (rows contiguous): the
+    embedding lookup in the first norm's launch."""
+    n_cols = table.shape[1]
+    h = torch.empty((ids.shape[0], n_cols), dtype=table.dtype, device=table.device)
+    y = torch.empty_like(h)
+    if ids.shape[0] == 0:
+        return h, y
+    _add_rmsnorm_kernel[(ids.shape[0],)](
+        table, table, weight, h, y, ids, n_cols, table.stride(0), 0, h.stride(0), y.stride(0), eps,
+        HAS_ADD=False, GATHER=True, BLOCK=triton.next_power_of_2(n_cols), num_warps=_norm_warps(n_cols),
+    )
+    return h, y
 
 
 @triton.jit(do_not_specialize=["plane", "splits"])

@@ -29,6 +29,17 @@ def test_add_rmsnorm(rows, cols):
     _within_ulps(got_y, glue_ops.rmsnorm_reference(h + d, w, 1e-5))
 
 
+@pytest.mark.parametrize("rows, cols", [(1, 4096), (32, 2048), (300, 576)])
+def test_embed_rmsnorm_equals_the_lookup_then_the_norm_kernel(rows, cols):
+    """The first layer's norm gathering the embedding rows: bit for bit F.embedding, then the plain norm kernel."""
+    table = torch.randn(1000, cols, device="cuda").to(torch.bfloat16)
+    ids = torch.randint(0, 1000, (rows,), device="cuda")
+    w = torch.rand(cols, device="cuda").to(torch.bfloat16)
+    got_h, got_y = triton_glue.embed_rmsnorm(ids, table, w, 1e-5)
+    h = torch.nn.functional.embedding(ids, table)
+    assert torch.equal(got_h, h) and torch.equal(got_y, triton_glue.add_rmsnorm(h, None, w, 1e-5)[1])
+
+
 @pytest.mark.parametrize("rows, inter", [(1, 8192), (32, 14336), (7, 1536)])
 def test_silu_mul(rows, inter):
     gu = (torch.randn(rows, 2 * inter, device="cuda") * 3).to(torch.bfloat16)

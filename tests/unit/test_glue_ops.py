@@ -46,6 +46,29 @@ def test_add_rmsnorm_kernel(dtype, n_cols, with_add):
     _close(got_y, glue_ops.rmsnorm_reference(ref_h, w, 1e-6), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_cols", [64, 576, 100])
+def test_embed_rmsnorm_kernel_gathers_rows_then_normalizes(dtype, n_cols):
+    """The first norm's launch gathers the embedding rows itself: h is the table's rows exactly, y their norm."""
+    glue = interpreted("server.model.triton_glue")
+    gen = torch.Generator().manual_seed(n_cols)
+    table = (torch.randn(50, n_cols, generator=gen) * 3).to(dtype)
+    ids = torch.tensor([3, 49, 0, 3, 17])
+    w = torch.rand(n_cols, generator=gen).to(dtype)
+    got_h, got_y = glue.embed_rmsnorm(ids, table, w, 1e-6)
+    assert torch.equal(got_h, table[ids])
+    _close(got_y, glue_ops.rmsnorm_reference(table[ids], w, 1e-6), dtype)
+    empty_h, empty_y = glue.embed_rmsnorm(ids[:0], table, w, 1e-6)
+    assert empty_h.shape == empty_y.shape == (0, n_cols)
+
+
+def test_embed_rmsnorm_on_the_cpu_is_the_lookup_then_the_norm():
+    table, w = torch.randn(20, 32), torch.rand(32)
+    ids = torch.tensor([4, 4, 19])
+    h, y = glue_ops.embed_rmsnorm(ids, table, w, 1e-5)
+    assert torch.equal(h, table[ids]) and torch.equal(y, glue_ops.rmsnorm_reference(table[ids], w, 1e-5))
+
+
 @pytest.mark.parametrize("inter", [128, 1536, 3000])
 def test_silu_mul_kernel(inter):
     glue = interpreted("server.model.triton_glue")
