@@ -42,7 +42,8 @@ test: $(STAMP)
 chaos: $(STAMP)
 	$(BIN)/python -m pytest tests/chaos -q $(PYTEST_ARGS)
 
-# The Triton kernels (LoRA, paged and prefill attention, NF4, fused glue) under Triton's CPU interpreter:
+# The Triton kernels (LoRA, paged and prefill attention, NF4, fused glue) under Triton's CPU interpreter, then
+# compiled for sm_90 (no GPU needed: the compiler rejects what the interpreter runs):
 # about 2 minutes on 2 cores. triton is not a dependency on the CPU (about 1 GB installed), so this target
 # installs it when missing. CI runs it after `make test` (.ci/run).
 TRITON_TESTS = tests/unit/test_lora_ops.py tests/unit/test_attention_ops.py tests/unit/test_prefill_attention.py \
@@ -52,6 +53,7 @@ TRITON_TESTS = tests/unit/test_lora_ops.py tests/unit/test_attention_ops.py test
 test-triton: $(STAMP)
 	$(BIN)/python -c 'import triton' 2>/dev/null || $(BIN)/python -m pip install -q "triton==3.9.0"
 	LORAPLEX_TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(TRITON_TESTS) $(PYTEST_ARGS)
+	LORAPLEX_TRITON_COMPILE=1 $(BIN)/python -m pytest -q tests/unit/test_triton_compile.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

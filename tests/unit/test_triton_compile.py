@@ -1,0 +1,140 @@
+"""The engine's Triton kernels compiled for the H100/H200 (sm_90) on the CPU, no GPU needed: Triton's front end,
+its GPU passes and ptxas reject what the interpreter runs happily (a variable whose shape changes across a branch,
+a helper called with one argument too many: a GPU call of the twenty-second session was lost to each). Opt-in with
+LORAPLEX_TRITON_COMPILE=1 (`make test-triton` sets it; it needs triton installed and must run without
+TRITON_INTERPRET, which turns @triton.jit functions into interpreted ones). Variants are the ones the engine
+launches: each constexpr branch that it takes at least once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.environ.get("LORAPLEX_TRITON_COMPILE") != "1",
+                                reason="set LORAPLEX_TRITON_COMPILE=1 to compile the Triton kernels for sm_90")
+
+FLOATS = {"eps", "qk_scale"}
+
+
+def compile_sm90(fn, constexprs: dict, types: dict | None = None, num_warps: int = 4):
+    """Compile a @triton.jit kernel for sm_90: pointers default to bf16 (`types` names the others), `*_ptr`-less
+    arguments to i32 (fp32 for FLOATS)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton runs interpreted in this process")
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = types or {}
+    names = fn.arg_names
+    unknown = set(constexprs) - set(names) | set(types) - set(names)
+    assert not unknown, f"not parameters of {fn.__name__}: {unknown}"
+    signature = {
+        name: "constexpr" if name in constexprs else types.get(
+            name, "*bf16" if name.endswith("_ptr") else "fp32" if name in FLOATS else "i32")
+        for name in names
+    }
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert kernel.asm["cubin"]  # ptxas took the PTX
+    return kernel
+
+
+@pytest.fixture(scope="module")
+def modules():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton runs interpreted in this process")
+    pytest.importorskip("triton")
+    from server.engine import triton_argmax, triton_step_inputs
+    from server.model import triton_attention, triton_glue, triton_lora, triton_nf4, triton_prefill_attention
+
+    return {"attention": triton_attention, "glue": triton_glue, "lora": triton_lora, "nf4": triton_nf4,
+            "prefill": triton_prefill_attention, "argmax": triton_argmax, "fill": triton_step_inputs}
+
+
+DECODE_TYPES = {"block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "acc_ptr": "*fp32", "stats_ptr": "*fp32",
+                "rope_ptr": "*fp32", "slot_ptr": "*i64"}
+
+
+@pytest.mark.parametrize("head_dim,splits,rotary,sums", [(128, 1, False, False), (128, 8, True, False),
+                                                         (64, 1, True, True), (128, 4, False, False)])
+def test_decode_attention(modules, head_dim, splits, rotary, sums):
+    types = DECODE_TYPES | ({"src_ptr": "*fp32"} if sums else {})
+    compile_sm90(modules["attention"]._decode_kernel, {
+        "HEAD_DIM": head_dim, "BLOCK_SIZE": 16, "BLOCK_H": 16, "TILE_N": 64, "NUM_SPLITS": splits,
+        "DOT_PRECISION": "tf32", "V_FIRST": True, "ROTARY": rotary, "SUMS": sums, "HAS_BIAS": sums}, types, 8)
+    if splits > 1:
+        compile_sm90(modules["attention"]._merge_splits_kernel,
+                     {"HEAD_DIM": head_dim, "NUM_SPLITS": splits, "BLOCK_S": splits},
+                     {"acc_ptr": "*fp32", "stats_ptr": "*fp32"})
+
+
+def test_prefill_attention(modules):
+    ints = {name: "*i32" for name in ("tables_ptr", "tile_seq_ptr", "tile_row_ptr", "q_start_ptr", "q_len_ptr",
+                                      "ctx_len_ptr")}
+    compile_sm90(modules["prefill"]._prefill_kernel, {"HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_M": 64,
+                                                      "BLOCK_N": 64, "UPCAST_DOT": False, "DOT_PRECISION": "tf32"},
+                 ints, 8)
+
+
+@pytest.mark.parametrize("has_add,gather", [(True, False), (False, False), (False, True)])
+def test_norms(modules, has_add, gather):
+    compile_sm90(modules["glue"]._add_rmsnorm_kernel, {"HAS_ADD": has_add, "GATHER": gather, "BLOCK": 4096},
+                 {"ids_ptr": "*i64"})
+
+
+@pytest.mark.parametrize("sums", [False, True])
+def test_activation_and_rotary(modules, sums):
+    partials = {"gu_ptr": "*fp32"} if sums else {}
+    compile_sm90(modules["glue"]._silu_mul_kernel, {"BLOCK": 256, "SUMS": sums, "HAS_BIAS": sums}, partials)
+    compile_sm90(modules["glue"]._rotary_write_kv_kernel,
+                 {"NUM_Q_HEADS": 32, "NUM_KV_HEADS": 8, "HALF": 64, "SUMS": sums, "HAS_BIAS": sums},
+                 {"rope_ptr": "*fp32", "slot_ptr": "*i64"} | ({"src_ptr": "*fp32"} if sums else {}), 1)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_step_inputs_fill(modules, tiled):
+    tile_type = "*i32" if tiled else "*i64"
+    compile_sm90(modules["fill"]._fill_kernel, {"BLOCK": 128}, {
+        "values_ptr": "*i64", "ids_ptr": "*i64", "positions_ptr": "*i64", "slots_ptr": "*i64",
+        "context_ptr": "*i32", "lora_ptr": "*i32", "tables_ptr": "*i32", "logit_ptr": "*i64",
+        "starts_ptr": tile_type, "tile_slots_ptr": tile_type}, 1)
+
+
+def test_greedy_argmax(modules):
+    compile_sm90(modules["argmax"]._part_argmax_kernel, {"BLOCK": modules["argmax"].BLOCK},
+                 {"part_value_ptr": "*fp32", "part_at_ptr": "*i32"}, 16)
+    compile_sm90(modules["argmax"]._merge_argmax_parts_kernel, {"PARTS": modules["argmax"].PARTS},
+                 {"part_value_ptr": "*fp32", "part_at_ptr": "*i32", "out_ptr": "*i64"}, 1)
+
+
+LORA_META = {"seg_starts_ptr": "*i32", "seg_slots_ptr": "*i32", "slot_offsets_ptr": "*i32",
+             "slot_ranks_ptr": "*i32", "h_ptr": "*fp32"}
+
+
+@pytest.mark.parametrize("block_m,atomic", [(1, False), (16, True)])
+def test_lora_shrink(modules, block_m, atomic):
+    compile_sm90(modules["lora"]._shrink_kernel, {"BLOCK_M": block_m, "BLOCK_N": 16, "BLOCK_K": 128,
+                                                  "ATOMIC": atomic, "DOT_PRECISION": "tf32"}, LORA_META)
+
+
+@pytest.mark.parametrize("block_m,slices", [(1, 3), (16, 1), (16, 2)])
+def test_lora_expand(modules, block_m, slices):
+    compile_sm90(modules["lora"]._expand_kernel, {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_R": 16,
+                                                  "NUM_SLICES": slices, "DOT_PRECISION": "tf32"}, LORA_META)
+
+
+def test_lora_expand_with_split_sums(modules):
+    compile_sm90(modules["lora"]._expand_sums_kernel, {"BLOCK_N": 64, "BLOCK_R": 16, "NUM_SLICES": 3,
+                                                       "HAS_BIAS": True, "DOT_PRECISION": "tf32"},
+                 {"src_ptr": "*fp32", "token_slots_ptr": "*i32", "slot_offsets_ptr": "*i32",
+                  "slot_ranks_ptr": "*i32", "h_ptr": "*fp32"})
+
+
+@pytest.mark.parametrize("split", [1, 4])
+def test_nf4_matmul(modules, split):
+    compile_sm90(modules["nf4"]._nf4_matmul_kernel, {
+        "HAS_BIAS": True, "WRITE_PARTIAL": split > 1, "UPCAST_DOT": False, "BLOCK_T": 16, "BLOCK_N": 64,
+        "K_GROUPS": 2, "SPLIT_K": split}, {"words_ptr": "*i32", "absmax_ptr": "*fp32", "table_ptr": "*fp32"}
+        | ({"out_ptr": "*fp32"} if split > 1 else {}))
