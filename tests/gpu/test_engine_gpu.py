@@ -186,3 +186,26 @@ def test_decode_attention_of_64_wide_heads_matches_peft(tmp_path, graphs):
     if graphs:
         assert any(key[2] for key in keys) and any(not key[2] for key in keys), keys
     assert_matches_peft(model_dir, {}, requests, [None] * len(prompts), rows, atol=1e-3)
+
+
+def test_replays_filled_by_the_kernel_equal_the_torch_fill(tiny_llama_dir, tiny_adapters):
+    """The same requests (prompts joining running rows: decode and chunk graphs, LoRA tiles) through graphs whose
+    static inputs the fill kernel writes (triton_step_inputs, LORAPLEX_FILL_KERNEL=1) and through the torch fill:
+    the same tokens and logits."""
+    from tests.unit.test_graph_prefill import greedy, run_arrivals, sampled_logits
+
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    names = ["attn-r4", None, "all-r8", "mlp-r2-rs", "ko-r16"]
+    prompts = [[5, 17, 33], [40, 41], list(range(60, 110)), list(range(200, 270)), [9] * 7]
+    results = []
+    for fill_kernel in (False, True):
+        engine = gpu_engine(tiny_llama_dir, max_slots=4, max_rank=16, cuda_graph_max_rows=128)
+        engine.runner.graphs.fill_kernel = fill_kernel
+        rows = sampled_logits(engine)
+        requests = [greedy(p, 6, None if n is None else refs[n]) for p, n in zip(prompts, names, strict=True)]
+        run_arrivals(engine, requests, {0: [0, 1], 2: [2], 3: [3, 4]})
+        results.append(([r.output_token_ids for r in requests], [rows[r.request_id] for r in requests]))
+    assert results[0][0] == results[1][0]
+    for torch_rows, kernel_rows in zip(results[0][1], results[1][1], strict=True):
+        for a, b in zip(torch_rows, kernel_rows, strict=True):
+            assert torch.equal(a, b)
