@@ -191,7 +191,7 @@ def test_decode_attention_of_64_wide_heads_matches_peft(tmp_path, graphs):
 def test_replays_filled_by_the_kernel_equal_the_torch_fill(tiny_llama_dir, tiny_adapters):
     """The same requests (prompts joining running rows: decode and chunk graphs, LoRA tiles) through graphs whose
     static inputs the fill kernel writes (triton_step_inputs, LORAPLEX_FILL_KERNEL=1) and through the torch fill:
-    the same tokens and logits."""
+    the same tokens, and logits equal but for the order of the LoRA shrink's atomic adds."""
     from tests.unit.test_graph_prefill import greedy, run_arrivals, sampled_logits
 
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
@@ -208,4 +208,4 @@ def test_replays_filled_by_the_kernel_equal_the_torch_fill(tiny_llama_dir, tiny_
     assert results[0][0] == results[1][0]
     for torch_rows, kernel_rows in zip(results[0][1], results[1][1], strict=True):
         for a, b in zip(torch_rows, kernel_rows, strict=True):
-            assert torch.equal(a, b)
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
