@@ -45,21 +45,28 @@ def kind_of(kernel_name: str) -> str:
 
 
 def summarize(events: list[tuple[str, float]], steps: int) -> dict:
-    """(kernel name, device µs) events -> per-kind ms per step, glue fraction, top kernels."""
+    """(kernel name, device µs) events -> per-kind ms per step, glue fraction, top kernels, and launches per step
+    (by kind and for the top kernels: at a few us a kernel, their count is the glue's lever)."""
     by_kind: dict[str, float] = {}
     by_name: dict[str, float] = {}
+    count_kind: dict[str, int] = {}
+    count_name: dict[str, int] = {}
     for name, us in events:
-        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + us
+        kind = kind_of(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + us
         by_name[name] = by_name.get(name, 0.0) + us
+        count_kind[kind] = count_kind.get(kind, 0) + 1
+        count_name[name] = count_name.get(name, 0) + 1
     total = sum(by_kind.values())
     glue = by_kind.get("fused_glue", 0.0) + by_kind.get("other_glue", 0.0)
+    top = [n for n, _ in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]]
     return {
         "ms_per_step": {k: v / steps / 1000 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         "total_ms_per_step": total / steps / 1000,
         "glue_fraction": glue / total if total else None,
-        "top_kernels_ms_per_step": {
-            n: v / steps / 1000 for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
-        },
+        "top_kernels_ms_per_step": {n: by_name[n] / steps / 1000 for n in top},
+        "launches_per_step": {k: count_kind[k] / steps for k in sorted(count_kind, key=lambda k: -count_kind[k])},
+        "top_kernels_launches_per_step": {n: count_name[n] / steps for n in top},
     }
 
 
@@ -170,7 +177,8 @@ def main() -> None:
               **summary,
               "ratios": {f"decode_step_ms_{tag}": summary["total_ms_per_step"],
                          f"glue_fraction_{tag}": summary["glue_fraction"]}}
-    print(json.dumps({k: result[k] for k in ("ms_per_step", "total_ms_per_step", "glue_fraction")}, indent=1))
+    shown = ("ms_per_step", "total_ms_per_step", "glue_fraction", "launches_per_step")
+    print(json.dumps({k: result[k] for k in shown}, indent=1))
     write_named_result(args.out, result, f"{args.model}-b{args.batch}-{args.mode}-profile")
 
 

@@ -22,3 +22,6 @@ def test_summary_per_step_and_glue_fraction():
     assert summary["total_ms_per_step"] == 0.5
     assert summary["glue_fraction"] == 0.2
     assert summary["ms_per_step"]["nf4_matmul"] == 0.3
+    assert summary["launches_per_step"] == {"nf4_matmul": 0.5, "fused_glue": 0.5, "other_glue": 0.5,
+                                            "attention": 0.5}
+    assert summary["top_kernels_launches_per_step"]["_decode_kernel"] == 0.5
