@@ -63,11 +63,12 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return kernels.add_rmsnorm(x, None, weight, eps)[1]
 
 
-def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(h + delta, rmsnorm(h + delta)): the residual add fused into the next norm."""
+def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | SplitSums, weight: torch.Tensor, eps: float):
+    """(h + delta, rmsnorm(h + delta)): the residual add fused into the next norm; delta may be a linear's split-K
+    partials (summed as the norm kernel reads them)."""
     kernels = _kernels(h)
     if kernels is None:
-        h = h + delta
+        h = h + materialized(delta)
         return h, rmsnorm_reference(h, weight, eps)
     return kernels.add_rmsnorm(h, delta, weight, eps)
 
@@ -76,7 +77,7 @@ def embed_rmsnorm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, 
     """(table[ids], rmsnorm(table[ids])): the embedding lookup fused into the first layer's input norm."""
     kernels = _kernels(table)
     if kernels is None:
-        h = torch.nn.functional.embedding(ids, table)
+        h = F.embedding(ids, table)
         return h, rmsnorm_reference(h, weight, eps)
     return kernels.embed_rmsnorm(ids, table, weight, eps)
 

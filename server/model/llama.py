@@ -22,6 +22,7 @@ from server.model import glue_ops
 from server.model.attention_ops import paged_decode_attention, prefill_attention, rotary_decode_attention
 from server.model.lora import LoraContext, LoraLinear
 from server.model.quant import make_linear
+from server.model.split_sums import SplitSums
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # qkv_proj and gate_up_proj hand their split-K partials to the glue kernel that reads them (server.model.split_sums);
@@ -34,9 +35,23 @@ DEFER_SPLIT_SUMS = os.environ.get("LORAPLEX_DEFER_SPLIT_SUMS", "1") == "1"
 DEFER_MIN_ROWS = int(os.environ.get("LORAPLEX_DEFER_MIN_ROWS", "1"))
 
 
+# o_proj and down_proj hand theirs to the residual add + norm that reads their output (one program a row sums
+# every plane of its row: 16 planes of the 8B shape's 4,096-wide row are 256 KB for one SM, why these two were left
+# to the sum kernel in the fourteenth session), with LORAPLEX_NORM_SPLIT_SUMS=1 from NORM_SUMS_MIN_ROWS rows: at the
+# 1B shape's 32 rows the sum kernel takes 32 launches a step (52 us of its 1.16 ms, twenty-second session's
+# profile). Off until an A/B on the GPU says otherwise.
+NORM_SPLIT_SUMS = os.environ.get("LORAPLEX_NORM_SPLIT_SUMS", "0") == "1"
+NORM_SUMS_MIN_ROWS = int(os.environ.get("LORAPLEX_NORM_SUMS_MIN_ROWS", "8"))
+
+
 def defer_sums(x: torch.Tensor) -> bool:
     """Whether a projection of x [T, in] hands its split-K partials to the glue kernel that reads its output."""
     return DEFER_SPLIT_SUMS and x.shape[0] >= DEFER_MIN_ROWS
+
+
+def defer_norm_sums(x: torch.Tensor) -> bool:
+    """Whether o_proj or down_proj of x [T, in] hands its split-K partials to the residual add + norm after it."""
+    return NORM_SPLIT_SUMS and x.shape[0] >= NORM_SUMS_MIN_ROWS
 
 
 class UnsupportedModelError(ValueError):
@@ -180,7 +195,7 @@ class Attention(nn.Module):
                 out = rotary_decode_attention(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope, k_cache,
                                               v_cache, ctx.slot_mapping, ctx.block_tables, ctx.context_lens,
                                               self.scale)
-                return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim), ctx.lora)
+                return self._output(out, ctx)
             q, k, v = glue_ops.qkv_rotary_write_kv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope,
                                                    k_cache, v_cache, ctx.slot_mapping)
         else:
@@ -191,7 +206,12 @@ class Attention(nn.Module):
             out = self._prefill_attention(q, k, v, ctx, k_cache, v_cache)
         else:
             out = paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim), ctx.lora)
+        return self._output(out, ctx)
+
+    def _output(self, out: torch.Tensor, ctx: StepContext) -> torch.Tensor | SplitSums:
+        """o_proj of the attention [T, Hq, D]: maybe its split-K partials, which the next residual add sums."""
+        out = out.reshape(-1, self.num_heads * self.head_dim)
+        return self.o_proj(out, ctx.lora, defer_sum=defer_norm_sums(out))
 
     def _prefill_attention(self, q, k, v, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
         return prefill_attention(q, k, v, k_cache, v_cache, ctx.prefill_seqs, ctx.fresh_groups, self.scale,
@@ -207,7 +227,8 @@ class MLP(nn.Module):
 
     def forward(self, x, lora: LoraContext | None) -> torch.Tensor:
         # silu_mul sums gate_up's split-K partials as it reads them (split_sums)
-        return self.down_proj(glue_ops.silu_mul(self.gate_up_proj(x, lora, defer_sum=defer_sums(x))), lora)
+        act = glue_ops.silu_mul(self.gate_up_proj(x, lora, defer_sum=defer_sums(x)))
+        return self.down_proj(act, lora, defer_sum=defer_norm_sums(act))  # the next residual add sums partials
 
 
 class DecoderLayer(nn.Module):

@@ -47,19 +47,25 @@ def _source(y: torch.Tensor | SplitSums):
     return y, 0, 0, y, False
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["plane", "splits"])
 def _add_rmsnorm_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, y_ptr, ids_ptr, n_cols, stride_h, stride_d, stride_ho,
-                        stride_y, eps, HAS_ADD: tl.constexpr, GATHER: tl.constexpr, BLOCK: tl.constexpr):
+                        stride_y, eps, plane, splits, bias_ptr, HAS_ADD: tl.constexpr, GATHER: tl.constexpr,
+                        SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """One row: y = rmsnorm(x) with x = h[row] (+ delta[row], stored rounded as h_out[row]), or with GATHER
-    x = h[ids[row]] (an embedding table's row, stored as h_out[row])."""
+    x = h[ids[row]] (an embedding table's row, stored as h_out[row]). With SUMS, delta is summed from a linear's
+    split-K partials at delta_ptr (rounded once, as the sum kernel rounds it) as it is read."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     src = tl.load(ids_ptr + row).to(tl.int64) if GATHER else row
     x = tl.load(h_ptr + src * stride_h + cols, mask=mask, other=0.0)
     if HAS_ADD:
-        x = (x.to(tl.float32) + tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32))
-        x = x.to(h_out_ptr.dtype.element_ty)  # the residual stream is stored rounded
+        if SUMS:
+            delta = _summed(delta_ptr, row * stride_d + cols, mask, plane, splits, bias_ptr, cols,
+                            h_out_ptr.dtype.element_ty, HAS_BIAS)
+        else:
+            delta = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + delta.to(tl.float32)).to(h_out_ptr.dtype.element_ty)  # stored rounded
         tl.store(h_out_ptr + row * stride_ho + cols, x, mask=mask)
     if GATHER:
         tl.store(h_out_ptr + row * stride_ho + cols, x, mask=mask)
@@ -74,18 +80,20 @@ def _norm_warps(n_cols: int) -> int:
     return 4 if n_cols <= 4096 else 8
 
 
-def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """(h + delta, rmsnorm(h + delta)) for h, delta [T, N] (rows contiguous); delta None = plain norm."""
+def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | SplitSums | None, weight: torch.Tensor, eps: float):
+    """(h + delta, rmsnorm(h + delta)) for h, delta [T, N] (rows contiguous; delta may be a linear's split-K
+    partials, summed here); delta None = plain norm."""
     num_rows, n_cols = h.shape
     y = torch.empty_like(h)
     h_out = torch.empty_like(h) if delta is not None else h
     if num_rows == 0:
         return h_out, y
-    d = delta if delta is not None else h
+    d, plane, splits, bias, has_bias = _source(delta if delta is not None else h)
     _add_rmsnorm_kernel[(num_rows,)](
-        h, d, weight, h_out, y, h, n_cols, h.stride(0), d.stride(0), h_out.stride(0), y.stride(0), eps,
-        HAS_ADD=delta is not None, GATHER=False, BLOCK=triton.next_power_of_2(n_cols), num_warps=_norm_warps(n_cols),
-    )
+        h, d, weight, h_out, y, h, n_cols, h.stride(0), d.stride(-2), h_out.stride(0), y.stride(0), eps,
+        plane, splits, bias, HAS_ADD=delta is not None, GATHER=False, SUMS=isinstance(delta, SplitSums),
+        HAS_BIAS=has_bias, BLOCK=triton.next_power_of_2(n_cols), num_warps=_norm_warps(n_cols),
+    )  # fmt: skip
     return h_out, y
 
 
@@ -98,8 +106,9 @@ def embed_rmsnorm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, 
     if ids.shape[0] == 0:
         return h, y
     _add_rmsnorm_kernel[(ids.shape[0],)](
-        table, table, weight, h, y, ids, n_cols, table.stride(0), 0, h.stride(0), y.stride(0), eps,
-        HAS_ADD=False, GATHER=True, BLOCK=triton.next_power_of_2(n_cols), num_warps=_norm_warps(n_cols),
+        table, table, weight, h, y, ids, n_cols, table.stride(0), 0, h.stride(0), y.stride(0), eps, 0, 0, table,
+        HAS_ADD=False, GATHER=True, SUMS=False, HAS_BIAS=False, BLOCK=triton.next_power_of_2(n_cols),
+        num_warps=_norm_warps(n_cols),
     )
     return h, y
 

@@ -29,6 +29,20 @@ def test_add_rmsnorm(rows, cols):
     _within_ulps(got_y, glue_ops.rmsnorm_reference(h + d, w, 1e-5))
 
 
+@pytest.mark.parametrize("rows, cols, splits", [(1, 4096, 16), (32, 2048, 4), (32, 4096, 8)])
+def test_add_rmsnorm_sums_split_partials_bit_for_bit(rows, cols, splits):
+    """o_proj's / down_proj's split-K partials summed by the residual add + norm (LORAPLEX_NORM_SPLIT_SUMS): bit for
+    bit the summed output handed to it."""
+    from server.model.split_sums import SplitSums
+
+    h = torch.randn(rows, cols, device="cuda").to(torch.bfloat16)
+    sums = SplitSums(torch.randn(splits, rows, cols, device="cuda"), torch.randn(cols, device="cuda").bfloat16(),
+                     torch.bfloat16)
+    w = torch.rand(cols, device="cuda").to(torch.bfloat16)
+    got, want = triton_glue.add_rmsnorm(h, sums, w, 1e-5), triton_glue.add_rmsnorm(h, sums.materialize(), w, 1e-5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("rows, cols", [(1, 4096), (32, 2048), (300, 576)])
 def test_embed_rmsnorm_equals_the_lookup_then_the_norm_kernel(rows, cols):
     """The first layer's norm gathering the embedding rows: bit for bit F.embedding, then the plain norm kernel."""

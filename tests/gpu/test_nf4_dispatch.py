@@ -293,8 +293,9 @@ def _k_splitting_model():
 @pytest.mark.parametrize("batch", [1, 2, 13])
 def test_deferred_split_sums_leave_the_engine_logits_bit_for_bit(monkeypatch, batch):
     """A model wide enough for the NF4 kernels to split K (the tiny test models never do), decoded greedily with the
-    deferred sums and with csrc's sum kernel: every logit equal, CUDA graphs and eager prefill alike. One-row steps
-    defer too here (llama.DEFER_MIN_ROWS 1), whatever the default."""
+    deferred sums (qkv's and gate_up's into rotary and the activation, o_proj's and down_proj's into the residual
+    add + norm) and with csrc's sum kernel: every logit equal, CUDA graphs and eager prefill alike. Every row count
+    defers here (llama.DEFER_MIN_ROWS and NORM_SUMS_MIN_ROWS 1), whatever the defaults."""
     from bench.build import build_engine, kv_blocks_for, loaded_model
     from server.engine.request import Request, SamplingParams
     from server.model import llama
@@ -306,6 +307,8 @@ def test_deferred_split_sums_leave_the_engine_logits_bit_for_bit(monkeypatch, ba
     for defer in (True, False):
         monkeypatch.setattr(llama, "DEFER_SPLIT_SUMS", defer)
         monkeypatch.setattr(llama, "DEFER_MIN_ROWS", 1)
+        monkeypatch.setattr(llama, "NORM_SPLIT_SUMS", defer)
+        monkeypatch.setattr(llama, "NORM_SUMS_MIN_ROWS", 1)
         engine = build_engine(loaded_model(model, config), "merged", torch.device("cuda"), kv_blocks_for(batch, 64))
         requests = [Request(list(p), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)) for p in prompts]
         captured, _ = run_capturing(engine, requests)

@@ -46,6 +46,30 @@ def test_add_rmsnorm_kernel(dtype, n_cols, with_add):
     _close(got_y, glue_ops.rmsnorm_reference(ref_h, w, 1e-6), dtype)
 
 
+@pytest.mark.parametrize("splits, with_bias", [(1, False), (4, True), (16, False)])
+def test_add_rmsnorm_kernel_sums_split_partials_bit_for_bit(splits, with_bias):
+    """o_proj's / down_proj's split-K partials summed by the residual add + norm as it reads them: the same h and y
+    as the summed output handed to it (float16: the interpreter rounds it as torch does)."""
+    glue = interpreted("server.model.triton_glue")
+    gen = torch.Generator().manual_seed(splits)
+    h = torch.randn(5, 96, generator=gen).to(torch.float16)
+    sums = SplitSums(torch.randn(splits, 5, 96, generator=gen), torch.randn(96, generator=gen).to(torch.float16)
+                     if with_bias else None, torch.float16)
+    w = torch.rand(96, generator=gen).to(torch.float16)
+    got_h, got_y = glue.add_rmsnorm(h, sums, w, 1e-6)
+    want_h, want_y = glue.add_rmsnorm(h, sums.materialize(), w, 1e-6)
+    assert torch.equal(got_h, want_h) and torch.equal(got_y, want_y)
+
+
+def test_add_rmsnorm_on_the_cpu_materializes_partials():
+    gen = torch.Generator().manual_seed(0)
+    h, w = torch.randn(3, 32, generator=gen), torch.rand(32, generator=gen)
+    sums = SplitSums(torch.randn(4, 3, 32, generator=gen), None, torch.float32)
+    got = glue_ops.add_rmsnorm(h, sums, w, 1e-5)
+    want = glue_ops.add_rmsnorm(h, sums.materialize(), w, 1e-5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n_cols", [64, 576, 100])
 def test_embed_rmsnorm_kernel_gathers_rows_then_normalizes(dtype, n_cols):

@@ -78,10 +78,12 @@ def test_prefill_attention(modules):
                  ints, 8)
 
 
-@pytest.mark.parametrize("has_add,gather", [(True, False), (False, False), (False, True)])
-def test_norms(modules, has_add, gather):
-    compile_sm90(modules["glue"]._add_rmsnorm_kernel, {"HAS_ADD": has_add, "GATHER": gather, "BLOCK": 4096},
-                 {"ids_ptr": "*i64"})
+@pytest.mark.parametrize("has_add,gather,sums", [(True, False, False), (False, False, False), (False, True, False),
+                                                (True, False, True)])
+def test_norms(modules, has_add, gather, sums):
+    compile_sm90(modules["glue"]._add_rmsnorm_kernel,
+                 {"HAS_ADD": has_add, "GATHER": gather, "SUMS": sums, "HAS_BIAS": sums, "BLOCK": 4096},
+                 {"ids_ptr": "*i64"} | ({"delta_ptr": "*fp32"} if sums else {}))
 
 
 @pytest.mark.parametrize("sums", [False, True])
