@@ -7,17 +7,9 @@ h // (Hq // Hkv) (grouped-query attention).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from server.model import glue_ops
 from server.model.lora_ops import triton_available
-from server.model.split_sums import SplitSums
-
-# rotary_decode_attention in one Triton kernel on CUDA (LORAPLEX_FUSED_DECODE_ROTARY=0: the rotary kernel, then
-# attention, for A/B timing)
-FUSED_DECODE_ROTARY = os.environ.get("LORAPLEX_FUSED_DECODE_ROTARY", "1") == "1"
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -101,22 +93,6 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
 
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
     return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
-
-
-def rotary_decode_attention(qkv: torch.Tensor | SplitSums, num_q_heads: int, num_kv_heads: int, head_dim: int, rope,
-                            k_cache, v_cache, slot_mapping, block_tables, context_lens, scale: float):
-    """glue_ops.qkv_rotary_write_kv, then paged_decode_attention ([B, Hq, D]), for a decode step whose rows each
-    read only their own new k and v (one token a row, no prompt chunk beside them): one Triton kernel on CUDA,
-    which writes a row's k and v and reads them back without waiting for the other rows' programs."""
-    fused = FUSED_DECODE_ROTARY and qkv.device.type == "cuda" and triton_available()
-    if fused and head_dim in (64, 128) and k_cache.shape[1] in (16, 32):
-        from server.model.triton_attention import rotary_decode_attention_triton
-
-        return rotary_decode_attention_triton(qkv, num_q_heads, rope, k_cache, v_cache, slot_mapping, block_tables,
-                                              context_lens, scale)
-    q, _, _ = glue_ops.qkv_rotary_write_kv(qkv, num_q_heads, num_kv_heads, head_dim, rope, k_cache, v_cache,
-                                           slot_mapping)
-    return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def prefill_attention_torch(q, k, v, k_cache, v_cache, prefill_seqs, fresh_groups, scale: float) -> torch.Tensor:

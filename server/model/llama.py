@@ -19,9 +19,10 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from server.model import glue_ops
-from server.model.attention_ops import paged_decode_attention, prefill_attention, rotary_decode_attention
+from server.model.attention_ops import paged_decode_attention, prefill_attention
 from server.model.lora import LoraContext, LoraLinear
 from server.model.quant import make_linear
+from server.model.rotary_attention import rotary_decode_attention
 from server.model.split_sums import SplitSums
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -131,7 +132,7 @@ class StepContext:
     block_tables: torch.Tensor | None = None  # [batch, max_blocks] int32 (decode)
     context_lens: torch.Tensor | None = None  # [batch] int32 (decode), 0 = padding row
     # Decode rows that each read only their own new k/v (one token a row, no prompt chunk riding the step): the
-    # attention kernel may rotate and write them itself (attention_ops.rotary_decode_attention)
+    # attention kernel may rotate and write them itself (rotary_attention.rotary_decode_attention)
     rows_read_own_kv: bool = False
     lora: LoraContext | None = None
     memo: dict = field(default_factory=dict)  # per-step values the layers share (attention metadata)

@@ -166,7 +166,7 @@ def test_prompts_in_tiled_lora_replays_match_peft_alone(tiny_llama_dir, tiny_ada
 
 @pytest.mark.parametrize("graphs", [True, False])
 def test_decode_attention_of_64_wide_heads_matches_peft(tmp_path, graphs):
-    """A Llama of 64-wide heads, which the fused decode kernel serves (attention_ops.rotary_decode_attention: rotary,
+    """A Llama of 64-wide heads, which the fused decode kernel serves (rotary_attention.rotary_decode_attention: rotary,
     cache write, attention and the splits' merge in one kernel; the tiny model's 16-wide heads take the unfused
     path): prompts join running decode rows, so replays of decode rows alone and chunk graphs alternate, and every
     sampled row matches transformers on the same weights. Eager steps (graphs off) take the fused kernel too."""

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from server.model import glue_ops
-from server.model.attention_ops import paged_decode_attention_reference, rotary_decode_attention
+from server.model.attention_ops import paged_decode_attention_reference
+from server.model.rotary_attention import rotary_decode_attention
 from server.model.split_sums import SplitSums
 from tests.unit.test_attention_ops import TOLERANCE, make_paged
 from tests.unit.triton_interp import interpreted
