@@ -85,10 +85,14 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens
     return out.reshape(num_rows, num_q_heads, head_dim).to(q.dtype)
 
 
+def kernel_shapes(head_dim: int, k_cache: torch.Tensor) -> bool:
+    """Whether the Triton attention kernels take this head width and cache block size (64 | 128, 16 | 32)."""
+    return head_dim in (64, 128) and k_cache.shape[1] in (16, 32)
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float):
     """Decode attention over a paged cache (semantics of the reference): Triton on CUDA, torch elsewhere."""
-    triton_shapes = q.shape[-1] in (64, 128) and k_cache.shape[1] in (16, 32)  # what the kernel supports
-    if q.is_cuda and triton_shapes and triton_available():
+    if q.is_cuda and kernel_shapes(q.shape[-1], k_cache) and triton_available():
         from server.model.triton_attention import paged_decode_attention_triton
 
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
@@ -131,8 +135,7 @@ def prefill_attention(q, k, v, k_cache, v_cache, prefill_seqs, fresh_groups, sca
     every sequence left, whatever its length or cached prefix, to one Triton launch
     (server.model.triton_prefill_attention) instead of a call each. The chunk's K/V must already be in the
     cache. `memo`: the step's dict shared by its layers (launch metadata is built once per step)."""
-    kernel_shapes = q.shape[-1] in (64, 128) and k_cache.shape[1] in (16, 32)
-    if not (q.is_cuda and kernel_shapes and triton_available()):
+    if not (q.is_cuda and kernel_shapes(q.shape[-1], k_cache) and triton_available()):
         return prefill_attention_torch(q, k, v, k_cache, v_cache, prefill_seqs, fresh_groups, scale)
     from server.model import flash_varlen
     from server.model.triton_prefill_attention import prefill_attention_triton

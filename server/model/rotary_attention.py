@@ -10,7 +10,7 @@ import os
 import torch
 
 from server.model import glue_ops
-from server.model.attention_ops import paged_decode_attention
+from server.model.attention_ops import kernel_shapes, paged_decode_attention
 from server.model.lora_ops import triton_available
 from server.model.split_sums import SplitSums
 
@@ -23,8 +23,7 @@ def rotary_decode_attention(qkv: torch.Tensor | SplitSums, num_q_heads: int, num
     """glue_ops.qkv_rotary_write_kv, then paged_decode_attention ([B, Hq, D]), for a decode step whose rows each
     read only their own new k and v (one token a row, no prompt chunk beside them): one Triton kernel on CUDA,
     which writes a row's k and v and reads them back without waiting for the other rows' programs."""
-    fused = FUSED_DECODE_ROTARY and qkv.device.type == "cuda" and triton_available()
-    if fused and head_dim in (64, 128) and k_cache.shape[1] in (16, 32):
+    if FUSED_DECODE_ROTARY and qkv.device.type == "cuda" and kernel_shapes(head_dim, k_cache) and triton_available():
         from server.model.triton_attention import rotary_decode_attention_triton
 
         return rotary_decode_attention_triton(qkv, num_q_heads, rope, k_cache, v_cache, slot_mapping, block_tables,
