@@ -5,7 +5,7 @@ to the device in one int64 array, then spread them into the graph's static tenso
 three casting copies, a gather of the block tables and its cast, about nine launches a step (~10 us of the 1B
 batch-32 step's 1.16 ms of GPU time on the H200, and their host launch time). Here one launch does all of it:
 program r < bucket writes row r's fields and block-table row, the last program the logit rows and LoRA tiles.
-Semantics: DecodeGraphs._scatter_torch.
+Semantics: cuda_graphs.scatter_torch.
 """
 
 from __future__ import annotations
