@@ -281,8 +281,6 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids/positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
-        if not self.layers:
-            return self.norm(F.embedding(input_ids, self.embed_tokens))
         h, x = self.layers[0].input_layernorm.embed_forward(input_ids, self.embed_tokens)  # one launch on CUDA
         rope = self.rope[positions]
         pending = None
