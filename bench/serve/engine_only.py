@@ -1,9 +1,19 @@
 """The engine alone, in this process, on the same model dir, adapters and batch as a server load:
 the reference `serve_over_engine_*` divides by. Run after the server has stopped (it frees the GPU).
 
-Like `python -m bench`, the engine gets a tokenizer that decodes nothing (no text is wanted), and
-tokens/s counts from adding the batch to its last token, prefill included, after a warm-up run (the
-median of TIMED_RUNS timed runs).
+Like `python -m bench`, the engine gets a tokenizer that decodes nothing (no text is wanted). Two
+references, each after a warm-up run, the median of timed runs:
+
+- one batch (`tokens_per_s`): the load's `concurrency` requests added at once, from adding them to the
+  last token, prefill included: one prefill step of every prompt, then decode steps of the whole batch;
+- the closed loop (`closed_loop`): the load itself, `num_requests` requests with `concurrency` in
+  flight, the next added as soon as a step finishes one (the server's clients, with no network and no
+  client time). Its steps are the server's: decode rows with a new prompt's chunks riding along.
+
+`serve_over_engine_*` divides by the closed loop (since 2026-12-04's twenty-third session): it is the
+same work as the server's load, so the ratio is what the HTTP path and the process boundary cost. The
+one batch differs in kind (one 4,096-token prefill step whose time swung between 24 and 46 ms from
+process to process on the H200, then pure decode steps) and stays in the JSON beside it.
 """
 
 from __future__ import annotations
@@ -11,14 +21,20 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.serve.adapters import AdapterFactory, AdapterSpec
 from bench.serve.load import Traffic
 from bench.serve.process import ServerConfig
 
+if TYPE_CHECKING:
+    from server.engine.request import Request
+
 # One timed batch lasts ~150 ms on the H200 (1B, 32 x 64 tokens), and one such run measured 12,400 and
 # 14,600 tok/s on two calls of the same session: the median of five is the reference.
 TIMED_RUNS = 5
+# A closed loop of 1,024 requests lasts ~5 s on the H200 (1B, 32 streams): three timed runs.
+CLOSED_LOOP_RUNS = 3
 
 
 class EngineBench:
@@ -57,6 +73,7 @@ class EngineBench:
         import torch
 
         from bench.build import kv_blocks_for, release_engine
+        from bench.engine_loop import closed_loop
         from bench.ours import measure_generation
         from server.config import LoraMode, Settings
         from server.engine.engine import LLMEngine
@@ -78,21 +95,35 @@ class EngineBench:
         names = traffic.choices(batch)
         prompts = traffic.prompts(batch, token_range)
 
+        def request(name: str, prompt: list[int], rng: random.Random) -> Request:
+            return Request(prompt_token_ids=list(prompt), adapter=self.refs.get(name) if name else None,
+                           params=SamplingParams(max_tokens=traffic.output_len, temperature=traffic.temperature,
+                                                 top_p=traffic.top_p, ignore_eos=True,
+                                                 seed=rng.randrange(1 << 31) if traffic.temperature > 0 else None))
+
         def make() -> list[Request]:
             rng = random.Random(traffic.seed)
-            return [
-                Request(prompt_token_ids=list(prompt), adapter=self.refs.get(name) if name else None,
-                        params=SamplingParams(max_tokens=traffic.output_len, temperature=traffic.temperature,
-                                              top_p=traffic.top_p, ignore_eos=True,
-                                              seed=rng.randrange(1 << 31) if traffic.temperature > 0 else None))
-                for name, prompt in zip(names, prompts, strict=True)
-            ]
+            return [request(name, prompt, rng) for name, prompt in zip(names, prompts, strict=True)]
+
+        loop_names = traffic.choices(traffic.num_requests)
+
+        def make_loop(count: int) -> list[Request]:
+            rng = random.Random(traffic.seed)
+            return [request(loop_names[i % len(loop_names)], traffic.prompt(i, token_range), rng)
+                    for i in range(count)]
 
         try:
             with torch.inference_mode():
                 result = measure_generation(engine, make, self.device, repeats=TIMED_RUNS)
+                closed_loop_cold = closed_loop(engine, make_loop(2 * batch), batch, self.device)
+                loops = [closed_loop(engine, make_loop(traffic.num_requests), batch, self.device)
+                         for _ in range(CLOSED_LOOP_RUNS)]
         finally:
             release_engine(engine, self.device)
+        result["closed_loop"] = sorted(loops, key=lambda run: run["tokens_per_s"])[len(loops) // 2]
+        result["closed_loop"]["tokens_per_s_runs"] = [run["tokens_per_s"] for run in loops]
+        result["closed_loop"]["warmup_wall_s"] = closed_loop_cold["wall_s"]
         result["lora_mode"] = server.lora_mode
         result["distinct_adapters"] = len(set(names))
         return result
+

@@ -216,13 +216,15 @@ def derive_ratios(preset: str, shape: str, data: dict) -> dict:
     if preset == "c32":
         return {
             f"serve_over_engine_{shape}_c32": _div(_get(server, "unmerged/greedy", tps),
-                                                   _get(engine, "unmerged/greedy", tps)),
+                                                   _get(engine, "unmerged/greedy", "closed_loop", tps)),
+            f"serve_over_engine_batch_{shape}_c32": _div(_get(server, "unmerged/greedy", tps),
+                                                         _get(engine, "unmerged/greedy", tps)),
             f"itl_p50_over_step_{shape}_c32": _div(_get(server, "unmerged/greedy", "itl_ms_p50"),
                                                    _get(engine, "unmerged/greedy", "decode_step_ms_median")),
             f"sampled_over_greedy_{shape}_c32": _div(_get(server, "unmerged/sampled", tps),
                                                      _get(server, "unmerged/greedy", tps)),
             f"sampled_serve_over_engine_{shape}_c32": _div(_get(server, "unmerged/sampled", tps),
-                                                           _get(engine, "unmerged/sampled", tps)),
+                                                           _get(engine, "unmerged/sampled", "closed_loop", tps)),
         }
     if preset == "lora-modes":
         ratios = {}
@@ -250,5 +252,5 @@ def derive_ratios(preset: str, shape: str, data: dict) -> dict:
                                                           _get(server, "serve/prefix_miss", "ttft_ms_p50"))}
     if preset == "custom":
         return {f"serve_over_engine_{shape}_custom": _div(_get(server, "serve/custom", tps),
-                                                          _get(engine, "serve/custom", tps))}
+                                                          _get(engine, "serve/custom", "closed_loop", tps))}
     return {}
