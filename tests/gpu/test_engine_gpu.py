@@ -190,7 +190,7 @@ def test_decode_attention_of_64_wide_heads_matches_peft(tmp_path, graphs):
 
 def test_replays_filled_by_the_kernel_equal_the_torch_fill(tiny_llama_dir, tiny_adapters):
     """The same requests (prompts joining running rows: decode and chunk graphs, LoRA tiles) through graphs whose
-    static inputs the fill kernel writes (triton_step_inputs, LORAPLEX_FILL_KERNEL=1) and through the torch fill:
+    static inputs the fill kernel writes (triton_step_inputs, the default) and through the torch fill:
     the same tokens, and logits equal but for the order of the LoRA shrink's atomic adds."""
     from tests.unit.test_graph_prefill import greedy, run_arrivals, sampled_logits
 
