@@ -2,12 +2,13 @@
 
     python -m bench.engine_loop [--model 1b] [--mode unmerged] [--adapters 32] [--concurrency 32]
         [--requests 256] [--prompt-len 128] [--output-len 64] [--temperature 0] [--prefix 0]
-        [--max-batched-tokens 4096] [--profile-steps 24] [--out bench/results]
+        [--max-batched-tokens 4096] [--profile-steps 24] [--arrival-delay-ms LO-HI] [--out bench/results]
 
-`bench.serve` divides the server's tokens/s by the engine's on one batch admitted at once (lockstep:
-one prefill step, then decode steps of the full batch). A server under `concurrency` streams sees a
-closed loop instead: every finished request is replaced by the next one, so prefills arrive a few at a
-time between decode steps. This runs both on the same engine and records every closed-loop step's wall
+Lockstep is one batch admitted at once: one prefill step, then decode steps of the full batch. A server
+under `concurrency` streams sees a closed loop instead: every finished request is replaced by the next
+one. Replaced at once, equal-length requests stay in lockstep; with `--arrival-delay-ms` each replacement
+arrives a uniform draw of LO-HI ms later (a client's answer and the hops to the engine), so the streams
+drift apart and prefills arrive a few at a time between decode steps, as in a server. This runs both on the same engine and records every closed-loop step's wall
 time with its work (prefill tokens and sequences, decode rows), summarised by kind (decode-only,
 prefill-only, mixed), then profiles a window of closed-loop steps (host time by op, device time by
 kernel kind) to tell a host-bound step from a device-bound one.
@@ -30,11 +31,13 @@ and, with --prefix, ``engine_prefix_hit_over_miss_<model>``.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import random
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -99,19 +102,35 @@ def summarize_steps(steps: list[dict]) -> dict:
     }
 
 
-def closed_loop(engine, requests: list, concurrency: int, device: torch.device, log: StepLog | None = None) -> dict:
-    """Keep `concurrency` requests in flight until all `requests` finish; tokens/s and step summary."""
+def closed_loop(engine, requests: list, concurrency: int, device: torch.device, log: StepLog | None = None,
+                arrival_delay: Callable[[], float] | None = None) -> dict:
+    """Keep `concurrency` requests in flight until all `requests` finish; tokens/s and step summary.
+    `arrival_delay` (seconds, drawn per request): a finished request's replacement reaches the engine that long
+    after the step that finished it, as a client's answer and its hops to the engine would; None: at once (with
+    equal lengths the loop then stays in lockstep: every request ends in the same step)."""
     log = log or StepLog(engine)
     first = len(log.steps)
     pending = deque(requests)
+    due: list[float] = []  # a heap of the arrival times of replacements not yet added
     sync(device)
     start = time.perf_counter()
     for _ in range(min(concurrency, len(pending))):
         engine.add_request(pending.popleft())
-    while engine.has_unfinished():
+    while engine.has_unfinished() or due:
+        now = time.perf_counter()
+        while due and due[0] <= now:
+            heapq.heappop(due)
+            engine.add_request(pending.popleft())
+        if not engine.has_unfinished():  # idle until the next arrival
+            time.sleep(max(0.0, due[0] - now))
+            continue
         for output in log.step():
-            if output.finished and pending:
+            if not output.finished or len(due) >= len(pending):
+                continue
+            if arrival_delay is None:
                 engine.add_request(pending.popleft())
+            else:
+                heapq.heappush(due, time.perf_counter() + arrival_delay())
     sync(device)
     wall = time.perf_counter() - start
     tokens = sum(len(r.output_token_ids) for r in requests)
@@ -282,6 +301,8 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=24)
     parser.add_argument("--carry", type=int, default=0, help="also probe the cost of 0..N prompts beside decode")
     parser.add_argument("--graph-rows", type=int, default=None, help="cuda_graph_max_rows (default: Settings')")
+    parser.add_argument("--arrival-delay-ms", default=None, help="LO-HI: the closed loop's replacements arrive a "
+                        "uniform draw of that many ms after the step that finished the request (default: at once)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
@@ -325,7 +346,12 @@ def main() -> None:
         result["lockstep"] = measure_generation(engine, lambda: make(args.concurrency, next(seeds)), device)
         log = StepLog(engine)
         closed_loop(engine, make(args.concurrency * 2, 1), args.concurrency, device, log)  # warm-up
-        result["closed_loop"] = closed_loop(engine, make(args.requests, 2), args.concurrency, device, log)
+        delay = None
+        if args.arrival_delay_ms:
+            low, high = (float(v) for v in args.arrival_delay_ms.split("-"))
+            draws = random.Random(0)
+            delay = lambda: draws.uniform(low, high) / 1e3  # noqa: E731
+        result["closed_loop"] = closed_loop(engine, make(args.requests, 2), args.concurrency, device, log, delay)
         window = deque(make(args.requests, 3))
         for _ in range(args.concurrency):
             engine.add_request(window.popleft())

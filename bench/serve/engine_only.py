@@ -10,10 +10,18 @@ references, each after a warm-up run, the median of timed runs:
   flight, the next added as soon as a step finishes one (the server's clients, with no network and no
   client time). Its steps are the server's: decode rows with a new prompt's chunks riding along.
 
+- the closed loop with arrivals (`closed_loop_arrivals`, one run): the same, but each replacement reaches
+  the engine ARRIVAL_DELAY_MS after the step that finished the request it replaces (drawn per request,
+  seeded), as a client's answer and its hops to the engine would.
+
 `serve_over_engine_*` divides by the closed loop (since 2026-12-04's twenty-third session): it is the
-same work as the server's load, so the ratio is what the HTTP path and the process boundary cost. The
-one batch differs in kind (one 4,096-token prefill step whose time swung between 24 and 46 ms from
-process to process on the H200, then pure decode steps) and stays in the JSON beside it.
+same work as the server's load. The one batch differs in kind (one 4,096-token prefill step whose time
+swung between 24 and 46 ms from process to process on the H200, then pure decode steps) and stays in the
+JSON beside it. With no client time, equal-length requests all end in the same step, so the closed loop
+stays in lockstep (H200: 15,034 tok/s against the one batch's 15,075); the server's streams drift apart
+and carry new prompts in about every second step, which costs the engine more (issue 14's 128-256-row
+matmuls). `serve_over_engine_arrivals_*` (server over the closed loop with arrivals) says how much of
+the gap that drift alone explains: what is left is the HTTP path's own cost.
 """
 
 from __future__ import annotations
@@ -35,6 +43,10 @@ if TYPE_CHECKING:
 TIMED_RUNS = 5
 # A closed loop of 1,024 requests lasts ~5 s on the H200 (1B, 32 streams): three timed runs.
 CLOSED_LOOP_RUNS = 3
+# Client answer + hops to the engine process, per request: the nineteenth session's hop trace (H200, c32) put a
+# request's path from the client's send to the engine at ~8 ms p50 (4.4 to the app, 1.9 through it, 1.7 to the
+# engine's poll), and the finish's own way back under 1 ms; drawn uniformly around that.
+ARRIVAL_DELAY_MS = (4.0, 14.0)
 
 
 class EngineBench:
@@ -118,11 +130,15 @@ class EngineBench:
                 closed_loop_cold = closed_loop(engine, make_loop(2 * batch), batch, self.device)
                 loops = [closed_loop(engine, make_loop(traffic.num_requests), batch, self.device)
                          for _ in range(CLOSED_LOOP_RUNS)]
+                delays = random.Random(traffic.seed)
+                arrivals = closed_loop(engine, make_loop(traffic.num_requests), batch, self.device,
+                                       arrival_delay=lambda: delays.uniform(*ARRIVAL_DELAY_MS) / 1e3)
         finally:
             release_engine(engine, self.device)
         result["closed_loop"] = sorted(loops, key=lambda run: run["tokens_per_s"])[len(loops) // 2]
         result["closed_loop"]["tokens_per_s_runs"] = [run["tokens_per_s"] for run in loops]
         result["closed_loop"]["warmup_wall_s"] = closed_loop_cold["wall_s"]
+        result["closed_loop_arrivals"] = {**arrivals, "arrival_delay_ms": list(ARRIVAL_DELAY_MS)}
         result["lora_mode"] = server.lora_mode
         result["distinct_adapters"] = len(set(names))
         return result

@@ -219,6 +219,8 @@ def derive_ratios(preset: str, shape: str, data: dict) -> dict:
                                                    _get(engine, "unmerged/greedy", "closed_loop", tps)),
             f"serve_over_engine_batch_{shape}_c32": _div(_get(server, "unmerged/greedy", tps),
                                                          _get(engine, "unmerged/greedy", tps)),
+            f"serve_over_engine_arrivals_{shape}_c32": _div(
+                _get(server, "unmerged/greedy", tps), _get(engine, "unmerged/greedy", "closed_loop_arrivals", tps)),
             f"itl_p50_over_step_{shape}_c32": _div(_get(server, "unmerged/greedy", "itl_ms_p50"),
                                                    _get(engine, "unmerged/greedy", "decode_step_ms_median")),
             f"sampled_over_greedy_{shape}_c32": _div(_get(server, "unmerged/sampled", tps),

@@ -54,6 +54,8 @@ def test_c32_preset_on_tiny(tmp_path):
         assert loop["output_tokens"] == 6 * 20 and loop["requests"] == 6 and len(loop["tokens_per_s_runs"]) == 3
         assert sorted(loop["tokens_per_s_runs"])[1] == loop["tokens_per_s"]
         assert loop["steps"] >= 2 * 20  # 3 in flight: two rounds of 20 tokens at least
+        arrivals = engine[f"unmerged/{name}"]["closed_loop_arrivals"]  # replacements arrive 4-14 ms late
+        assert arrivals["output_tokens"] == 6 * 20 and arrivals["requests"] == 6
         api = server[f"unmerged/{name}"]["server_cpu"]["api"]  # the server process's CPU over the load
         assert api["main_cpu_s"] > 0 and 0 < api["main_busy"] <= 1.5
     assert server["unmerged/sampled"]["traffic"]["temperature"] == 1.0
@@ -64,8 +66,8 @@ def test_c32_preset_on_tiny(tmp_path):
     assert server["unmerged/upload_to_usable"]["upload_to_first_token_ms_p50"] > 0
     assert server["unmerged/start"]["exit_code"] == 0  # drained and stopped cleanly
     ratios = data["ratios"]
-    for key in ("serve_over_engine_tiny_c32", "serve_over_engine_batch_tiny_c32", "itl_p50_over_step_tiny_c32",
-                "sampled_over_greedy_tiny_c32"):
+    for key in ("serve_over_engine_tiny_c32", "serve_over_engine_batch_tiny_c32", "serve_over_engine_arrivals_tiny_c32",
+                "itl_p50_over_step_tiny_c32", "sampled_over_greedy_tiny_c32"):
         assert isinstance(ratios[key], float), key
     greedy = server["unmerged/greedy"]["tokens_per_s"]  # the serve ratio divides by the closed loop
     assert ratios["serve_over_engine_tiny_c32"] == greedy / engine["unmerged/greedy"]["closed_loop"]["tokens_per_s"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from bench import engine_loop
 
@@ -50,3 +51,54 @@ def test_carry_probe_on_tiny(tmp_path, monkeypatch):
     assert set(carry["device_ms_by_kind"]) == {"0", "3"}  # on the CPU no kernel times: empty kinds
     assert carry["extra_device_ms_by_kind"].keys() == carry["device_ms_by_kind"]["3"].keys()
     assert carry["extra_device_ms_by_kernel"] == {}  # the same: no kernels on the CPU
+
+
+class _Scheduler:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def schedule(self):
+        return type("Batch", (), {"prefill": [], "decode": list(self.engine.running)})()
+
+
+class _CountingEngine:
+    """Each request runs `steps` steps; records when each was added and when each step ended."""
+
+    def __init__(self, steps: int):
+        self.steps, self.running, self.added, self.step_ends = steps, {}, [], []
+        self.scheduler = _Scheduler(self)
+
+    def add_request(self, request):
+        self.running[request] = 0
+        self.added.append((request, time.perf_counter(), len(self.step_ends)))
+
+    def has_unfinished(self):
+        return bool(self.running)
+
+    def step(self):
+        self.scheduler.schedule()
+        outputs = []
+        for request in list(self.running):
+            self.running[request] += 1
+            request.output_token_ids.append(0)
+            if self.running[request] == self.steps:
+                del self.running[request]
+                outputs.append(type("Output", (), {"finished": True})())
+        self.step_ends.append(time.perf_counter())
+        return outputs
+
+
+def _requests(count: int) -> list:
+    return [type("Request", (), {"output_token_ids": []})() for _ in range(count)]
+
+
+def test_closed_loop_replaces_at_once_or_after_the_arrival_delay():
+    engine = _CountingEngine(steps=3)
+    loop = engine_loop.closed_loop(engine, _requests(6), 2, None)
+    assert loop["steps"] == 9 and [step for _, _, step in engine.added] == [0, 0, 3, 3, 6, 6]  # lockstep
+    engine = _CountingEngine(steps=3)
+    loop = engine_loop.closed_loop(engine, _requests(6), 2, None, arrival_delay=lambda: 0.02)
+    assert len(engine.added) == 6
+    for _, added_at, steps_before in engine.added[2:]:  # each replacement 20 ms after the step that freed its row
+        assert added_at - engine.step_ends[steps_before - 1] >= 0.02
+    assert loop["steps"] == 9 and loop["output_tokens"] == 18  # idle (asleep) while nothing runs, no empty steps
