@@ -8,10 +8,11 @@ Lockstep is one batch admitted at once: one prefill step, then decode steps of t
 under `concurrency` streams sees a closed loop instead: every finished request is replaced by the next
 one. Replaced at once, equal-length requests stay in lockstep; with `--arrival-delay-ms` each replacement
 arrives a uniform draw of LO-HI ms later (a client's answer and the hops to the engine), so the streams
-drift apart and prefills arrive a few at a time between decode steps, as in a server. This runs both on the same engine and records every closed-loop step's wall
-time with its work (prefill tokens and sequences, decode rows), summarised by kind (decode-only,
-prefill-only, mixed), then profiles a window of closed-loop steps (host time by op, device time by
-kernel kind) to tell a host-bound step from a device-bound one.
+drift apart and prefills arrive a few at a time between decode steps, as in a server. This runs both
+on the same engine and records every closed-loop step's wall time with its work (prefill tokens and
+sequences, decode rows), summarised by kind (decode-only, prefill-only, mixed), then profiles a window
+of closed-loop steps (host time by op, device time by kernel kind) to tell a host-bound step from a
+device-bound one.
 
 `--carry K` measures what prompts cost when they arrive beside a decode batch (the server's case): with
 `--concurrency` requests decoding, k prompts of `--prompt-len` tokens that want one output token

@@ -35,6 +35,12 @@ def _mma_available() -> bool:
     return cuda_nf4.is_available()
 
 
+def _wgmma_available() -> bool:
+    from server.model import cuda_nf4
+
+    return cuda_nf4.wgmma_supported()
+
+
 def layer_shapes(model: str) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each fused linear of one transformer layer."""
     cfg = SHAPES[model]
@@ -180,6 +186,16 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
             if tokens != cuda_nf4.smem_block_tokens(rows) and tokens // 2 < rows:
                 impls[f"smem_b{tokens}"] = [lambda c=c, b=tokens: cuda_nf4.nf4_smem_gemm(
                     x, c[0], c[1], layer.shape, layer.table, block_tokens=b, num_sms=device_num_sms(0))
+                    for c in layer.nf4]
+    if rows >= 16 and _mma_available() and _wgmma_available():  # warpgroup MMA (sm_90a; not yet in the dispatch)
+        from server.model import cuda_nf4
+
+        impls["wgmma"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
+                          for c in layer.nf4]
+        for tokens in cuda_nf4.WGMMA_BLOCK_TOKENS:  # each block size forced (default: the smallest that holds M)
+            if tokens != cuda_nf4.wgmma_block_tokens(rows) and tokens // 2 < rows:
+                impls[f"wgmma_b{tokens}"] = [lambda c=c, b=tokens: cuda_nf4.nf4_wgmma(
+                    x, c[3], layer.shape, layer.table, block_tokens=b, num_sms=device_num_sms(0))
                     for c in layer.nf4]
     if rows <= 256 and _mma_available():
         from server.model import cuda_nf4

@@ -43,7 +43,8 @@ def _extension():
     from torch.utils.cpp_extension import load
 
     major, minor = torch.cuda.get_device_capability()
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+    # Hopper builds for sm_90a, whose warpgroup MMA (wgmma) the nf4_wgmma kernels need; the rest run the same there.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else ""))
     csrc = Path(__file__).parent / "csrc"
     # torch's build cache hashes the listed sources only, not the headers they include: name the build
     # by a digest of every file in csrc so that a changed header rebuilds.
@@ -346,5 +347,55 @@ def nf4_smem_gemm(
         split_k = smem_split_k(x.shape[0], shape, num_sms, block_tokens)
     partials = _extension().nf4_smem_gemm(x, codes_as_bytes(codes), absmax_f, code_table, bias, out, split_k,
                                           block_tokens, defer_sum)
+    return out if partials is None else SplitSums(partials, bias, x.dtype)
+
+
+@functools.cache
+def wgmma_supported() -> bool:
+    """The extension's code for this GPU has the warpgroup-MMA kernels (an sm_90a build: H100, H200)."""
+    return is_available() and bool(_extension().nf4_wgmma_built())
+
+
+WGMMA_BLOCK_TOKENS = (64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_mma.cu, dispatch_wgmma)
+WGMMA_BLOCK_WEIGHT_ROWS = 128  # csrc/nf4_wgmma.cuh: two warpgroups of 64 rows
+
+
+def wgmma_block_tokens(num_rows: int) -> int:
+    """Tokens a block of nf4_wgmma: the smallest instance that holds every row (each weight dequantized once), 256
+    beyond (blocks along grid z)."""
+    return next((b for b in WGMMA_BLOCK_TOKENS if num_rows <= b), WGMMA_BLOCK_TOKENS[-1])
+
+
+def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int) -> int:
+    """Splits of K for nf4_wgmma: doubled while the grid stays within about one wave of two blocks an SM, each split
+    keeping at least 4 quant blocks."""
+    out_features, in_features = shape
+    blocks = -(-out_features // WGMMA_BLOCK_WEIGHT_ROWS) * -(-num_rows // block_tokens)
+    split_k, cap = 1, max(1, in_features // NF4_BLOCKSIZE // 4)
+    while blocks * split_k * 2 <= 2 * num_sms and split_k * 2 <= cap:
+        split_k *= 2
+    return split_k
+
+
+def nf4_wgmma(
+    x: torch.Tensor,  # [T, in] bf16 / fp16, any T
+    tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
+    shape,  # (out, in)
+    code_table: torch.Tensor,  # [16] float32
+    bias: torch.Tensor | None = None,  # [out]
+    split_k: int | None = None,
+    block_tokens: int | None = None,
+    num_sms: int = 132,
+    defer_sum: bool = False,
+) -> torch.Tensor | SplitSums:
+    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
+    16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
+    wgmma_supported(). With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
+    block_tokens = block_tokens or wgmma_block_tokens(x.shape[0])
+    if split_k is None:
+        split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens)
+    partials = _extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 

@@ -11,7 +11,8 @@
   warps and summed in shared memory instead of by a second kernel; ``gemm``: the rows of ``GEMM_ROWS``
   (LORAPLEX_NF4_GEMM_ROWS, none by default) that the table gives ``wide`` or ``dequant``, x as the MMA's A operand;
   ``smem``: likewise the rows of ``SMEM_ROWS`` (LORAPLEX_NF4_SMEM_ROWS), a block's weights dequantized once into
-  shared memory and multiplied from there (bitsandbytes' codes as stored, no tile copy needed);
+  shared memory and multiplied from there (bitsandbytes' codes as stored, no tile copy needed); ``wgmma``: the rows
+  of ``WGMMA_ROWS`` (LORAPLEX_NF4_WGMMA_ROWS) on Hopper's warpgroup MMA, the tile layout's fragments as its A;
 - ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
 
 The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESULTS.md);
@@ -64,6 +65,9 @@ GEMM_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_GEMM_ROWS", "0-0"
 # memory, then ldmatrix + MMA; csrc/nf4_smem_gemm.cuh); unset: none, until the H200 measures it
 # (LORAPLEX_NF4_SMEM_ROWS=65-512 for an A/B).
 SMEM_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_SMEM_ROWS", "0-0").split("-"))
+# Likewise for `wgmma` (the tile layout's A fragments on Hopper's warpgroup MMA, csrc/nf4_wgmma.cuh; sm_90a only):
+# LORAPLEX_NF4_WGMMA_ROWS=65-512, none until the H200 measures it.
+WGMMA_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_WGMMA_ROWS", "0-0").split("-"))
 
 
 @functools.cache
@@ -96,6 +100,9 @@ def kernel_for(num_rows: int, shape, table=None, num_sms: int = 132) -> str:
     name = kernel_for_rows(num_rows, table)
     in_gemm_rows = 0 < GEMM_ROWS[0] <= num_rows <= GEMM_ROWS[1]
     with_cuda = (table or kernel_table()) == WITH_CUDA_KERNEL
+    if (name in ("wide", "dequant") and 0 < WGMMA_ROWS[0] <= num_rows <= WGMMA_ROWS[1] and with_cuda
+            and cuda_nf4.wgmma_supported()):
+        return "wgmma"
     if name in ("wide", "dequant") and 0 < SMEM_ROWS[0] <= num_rows <= SMEM_ROWS[1] and with_cuda:
         return "smem"
     if name in ("wide", "dequant") and in_gemm_rows and with_cuda:
@@ -180,7 +187,7 @@ def nf4_linear_cuda(
 
     num_sms = device_num_sms(x.device.index or 0)
     name = kernel or kernel_for(x.shape[0], shape, num_sms=num_sms)
-    if name in ("gemv", "tile", "wide", "gemm") and tiled is None:
+    if name in ("gemv", "tile", "wide", "gemm", "wgmma") and tiled is None:
         name = "mma" if x.shape[0] <= 64 else "dequant"
     if name == "fused":
         from server.model.triton_nf4 import nf4_matmul_triton
@@ -198,6 +205,8 @@ def nf4_linear_cuda(
         return cuda_nf4.nf4_wide(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "gemm":
         return cuda_nf4.nf4_gemm(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
+    if name == "wgmma":
+        return cuda_nf4.nf4_wgmma(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "smem":
         return cuda_nf4.nf4_smem_gemm(x, codes, absmax_f, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "dequant":

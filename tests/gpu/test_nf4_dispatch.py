@@ -46,9 +46,16 @@ def _rel_err(got, x, codes, absmax, shape, table, bias):
     ("wide", 1), ("wide", 13), ("wide", 64), ("wide", 65), ("wide", 128), ("wide", 129), ("wide", 300),
     ("gemm", 1), ("gemm", 17), ("gemm", 64), ("gemm", 128), ("gemm", 130), ("gemm", 300),
     ("smem", 1), ("smem", 17), ("smem", 64), ("smem", 65), ("smem", 128), ("smem", 130), ("smem", 300), ("smem", 513),
+    ("wgmma", 1), ("wgmma", 17), ("wgmma", 64), ("wgmma", 65), ("wgmma", 128), ("wgmma", 130), ("wgmma", 300),
+    ("wgmma", 513),
 ])  # fmt: skip
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"in{s[0]}_out{s[1]}")
 def test_kernel_matches_float64_reference(kernel, rows, shape):
+    if kernel == "wgmma":
+        from server.model import cuda_nf4
+
+        if not cuda_nf4.wgmma_supported():
+            pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
     codes, absmax, wshape, table, state = _layer(*shape)
     gen = torch.Generator(device="cuda").manual_seed(rows)
     x = torch.randn(rows, shape[0], device="cuda", generator=gen).to(torch.bfloat16)
@@ -162,6 +169,33 @@ def test_smem_gemm_splits_blocks_deferred_sums_and_replays(rows, split_k, block_
     got = run(x)
     assert got.shape == (rows, 600) and _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
     # Only the order of fp32 sums differs from x @ W^T in fp32 over the same rounded weights.
+    weight = nf4_ops.nf4_dequantize_reference(codes, absmax, wshape, table).to(dtype).float()
+    want = (x.float() @ weight.t() + bias.float()).to(dtype)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=2e-2)
+    if split_k > 1:
+        assert torch.equal(run(x, defer_sum=True).materialize(), got)
+    _assert_replays(run, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, split_k, block_tokens", [(5, 1, 64), (100, 1, 128), (129, 3, 128), (200, 4, 256),
+                                                        (300, 2, 64), (513, 1, 256)])
+def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_tokens, dtype):
+    """Warpgroup MMA over the tile layout's fragments, every block size: the same products as the tile kernel in
+    another order of fp32 sums (against the float64 reference and x @ W^T in fp32); the deferred partials sum to the
+    sum kernel's bits; a captured launch replays on new rows."""
+    from server.model import cuda_nf4
+
+    if not cuda_nf4.wgmma_supported():
+        pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
+    codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: a partial last block of 128 and tile of 16
+    x = torch.randn(rows, 1536, device="cuda").to(dtype)
+    bias = torch.randn(600, device="cuda").to(dtype)
+    tiled = _tiled(codes, absmax, wshape)
+    run = lambda xs, **kw: cuda_nf4.nf4_wgmma(xs, tiled, wshape, table, bias, split_k=split_k,  # noqa: E731
+                                              block_tokens=block_tokens, **kw)
+    got = run(x)
+    assert got.shape == (rows, 600) and _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
     weight = nf4_ops.nf4_dequantize_reference(codes, absmax, wshape, table).to(dtype).float()
     want = (x.float() @ weight.t() + bias.float()).to(dtype)
     torch.testing.assert_close(got, want, rtol=1e-2, atol=2e-2)

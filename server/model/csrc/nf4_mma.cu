@@ -552,6 +552,17 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
 }  // namespace
 
 #include "nf4_smem_gemm.cuh"
+#include "nf4_wgmma.cuh"
+
+namespace {
+__global__ void wgmma_built_kernel(int* flag) {
+#ifdef LORAPLEX_WGMMA
+  *flag = 1;
+#else
+  *flag = 0;
+#endif
+}
+}  // namespace
 
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -833,6 +844,70 @@ torch::Tensor nf4_smem_gemm(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   return dispatch_smem_gemm<__half>(x, codes, absmax, table, bias, out, split_k, block_tokens, defer_sum);
 }
 
+template <typename T, int BM, int MIN_BLOCKS>
+torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                           const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                           int64_t split_k, bool defer_sum) {
+  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  constexpr int smem = WgmmaSmem<BM>::bytes;
+  auto kernel = nf4_wgmma_kernel<T, BM, MIN_BLOCKS>;
+  static bool attribute_set[64] = {};  // per instance and device; above 48 KB of shared memory needs the opt-in
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= 64 || !attribute_set[device]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    if (device < 64) attribute_set[device] = true;
+  }
+  const int row_groups = ((N + 15) / 16 + WG_WARPS - 1) / WG_WARPS;
+  return run_split<T>(x, bias, out, split_k,
+                      [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
+                          int blocks_per_split) {
+    kernel<<<dim3(row_groups, splits, (M + BM - 1) / BM), WG_WARPS * 32, smem, stream>>>(
+        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
+        M, N, K, blocks_per_split);
+  }, false, defer_sum);
+}
+
+template <typename T>
+torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                             const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                             int64_t split_k, int64_t block_tokens, bool defer_sum) {
+#define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS) \
+  launch_wgmma<T, BM, MIN_BLOCKS>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
+  if (block_tokens == 64) return LORAPLEX_WGMMA_LAUNCH(64, 2);
+  if (block_tokens == 128) return LORAPLEX_WGMMA_LAUNCH(128, 1);  // at two blocks an SM (128 registers) it spilled
+  TORCH_CHECK(block_tokens == 256, "block_tokens must be 64, 128 or 256, got ", block_tokens);
+  return LORAPLEX_WGMMA_LAUNCH(256, 1);
+#undef LORAPLEX_WGMMA_LAUNCH
+}
+
+// out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
+// weight rows x block_tokens (64, 128 or 256) tokens; any M, K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a
+// build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N] instead (run_split); else None.
+torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
+                        c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
+                        bool defer_sum) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
+  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
+  check_tile_layout(x, tile_codes, tile_scales, out);
+  if (x.scalar_type() == torch::kBFloat16) {
+    return dispatch_wgmma<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
+                                         defer_sum);
+  }
+  TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
+  return dispatch_wgmma<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens, defer_sum);
+}
+
+// Whether this build's code for the current GPU has the wgmma kernels (sm_90a), by running a one-thread probe.
+bool nf4_wgmma_built() {
+  auto flag = torch::zeros({1}, torch::dtype(torch::kInt32).device(torch::kCUDA));
+  wgmma_built_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(flag.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return flag.item<int>() == 1;
+}
+
 // Wide instances (token tiles of 8, row tiles a warp): NT 2, 4, 8 or 16 (16 to 128 rows a pass), RT 1 or 2; four
 // warps a block, three x buffers. More rows than a pass holds: grid z takes the token groups.
 constexpr int WIDE_WARPS = 4;
@@ -973,6 +1048,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_gemv", &nf4_gemv, "NF4 x 16-bit matmul from the tile layout, 1-8 rows, K split among a block's warps");
   m.def("nf4_gemm", &nf4_gemm, "NF4 x 16-bit GEMM from the tile layout, x as the MMA's A operand, any M");
   m.def("nf4_smem_gemm", &nf4_smem_gemm, "NF4 x 16-bit GEMM, weights dequantized once a block into shared memory");
+  m.def("nf4_wgmma", &nf4_wgmma, "NF4 x 16-bit GEMM from the tile layout on warpgroup MMA (sm_90a)");
+  m.def("nf4_wgmma_built", &nf4_wgmma_built, "whether this build has the wgmma kernels (sm_90a)");
   m.def("nf4_wide", &nf4_wide, "NF4 x 16-bit matmul on tensor cores from the tile layout, x through shared memory");
   m.def("nf4_wide_blocks_per_sm", &nf4_wide_blocks_per_sm, "resident blocks per SM of a wide instance");
 }

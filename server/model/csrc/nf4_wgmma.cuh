@@ -1,0 +1,131 @@
+// NF4 x 16-bit GEMM for prefill-sized batches on Hopper's warpgroup MMA (sm_90a). Included by nf4_mma.cu after its
+// cp.async helpers, from the same tile layout and the same A fragments as the tile and wide kernels.
+//
+// The wide kernel's mapping with mma.sync swapped for wgmma: a warp still owns one 16-row tile of the weights and
+// dequantizes its quant block into the MMA's A fragments in registers (a_fragments: bit for bit the same weights);
+// the 4 warps of a warpgroup hold the 64 rows of one m64nBMk16 wgmma, whose B (BM tokens x 16 of K) the tensor cores
+// read from shared memory by descriptor. A block is two warpgroups (128 weight rows) over one x tile of BM tokens, so
+// x is read from shared memory once a warpgroup and k-step instead of once a warp and 8-token tile (the wide kernel's
+// ~16 bytes of shared-memory reads a weight at 128 rows), and the mma.sync issue rate (~240 TFLOP/s measured for
+// nf4_smem_gemm) no longer bounds it.
+//
+// x's k order. The tile layout gives lane t of a quad k in [16t, 16t + 16) of a quant block: in k-step j its columns
+// 2t, 2t + 1 are k = 16t + 4j + {0, 1} and its columns 2t + 8, 2t + 9 are k = 16t + 4j + 2 + {0, 1}. The tensor cores
+// read B's k-step j as the 16 values at bytes 32j-32j+31 of a token's 128-byte row, so x is stored permuted to match:
+// x's 32-bit word w = 8t + 2j + h (k = 2w, 2w + 1) goes to word 8j + 4h + t of the row. A thread stages 16-byte chunks
+// of x (words 4c-4c+3: t = c / 2, j = 2 (c % 2) + i / 2, h = i % 2 for word i), i.e. word i of chunk c goes to chunk
+// 4 (c % 2) + i, word c / 2 of the row. Chunks sit at chunk ^ (row & 7) in the row (the 128-byte swizzle the
+// descriptor names, the tile 1,024-byte aligned); the 8 threads of a row write 8 distinct banks per store.
+//
+// Pipeline: a block's x comes by 16-byte loads into registers one quant block ahead and is stored permuted into the
+// other of two shared-memory buffers after this block's wgmmas have completed; one barrier a block. Codes come
+// PREFETCH blocks ahead in the tile layout's register ring. Tokens past M re-read row M - 1 and weight tiles past N
+// the last tile; neither is stored. Split K as the other kernels: grid y, fp32 partials summed by split_k_sum_kernel.
+#pragma once
+
+#include "nf4_wgmma_ops.cuh"
+
+namespace {
+
+constexpr int WG_WARPS = 8;  // two warpgroups: 128 weight rows a block
+constexpr int WG_PREFETCH = 2;
+
+template <int BM>
+struct WgmmaSmem {
+  static constexpr int x_bytes = BM * 128;
+  static constexpr int bytes = 2 * x_bytes + 1024;  // two x buffers, and room to align them to 1,024 bytes
+};
+
+template <typename T, int BM, int MIN_BLOCKS>
+__global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
+    const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
+    const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
+    int M, int N, int K, int blocks_per_split) {
+#ifdef LORAPLEX_WGMMA
+  constexpr int THREADS = WG_WARPS * 32;
+  constexpr int CHUNKS = BM * 8 / THREADS;  // x's 16-byte chunks a thread stages a block
+  constexpr int X_BYTES = WgmmaSmem<BM>::x_bytes;
+  extern __shared__ __align__(1024) uint8_t wg_smem[];
+  const char* lut = stage_code_table(table);
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
+  const uint32_t tiles = (raw + 1023) & ~1023u;
+  uint8_t* tiles_ptr = wg_smem + (tiles - raw);
+
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int row_tiles = (N + 15) / 16;
+  const int tile0 = blockIdx.x * WG_WARPS + (threadIdx.x >> 5);
+  const int num_blocks = K / 64;
+  const int first = blockIdx.y * blocks_per_split;
+  const int last = min(first + blocks_per_split, num_blocks);
+  const int m0 = blockIdx.z * BM;
+
+  uint4 xr[CHUNKS];
+  auto load_x = [&](int blk) {
+#pragma unroll
+    for (int i = 0; i < CHUNKS; ++i) {
+      const int q = threadIdx.x + i * THREADS, row = q >> 3, c = q & 7;
+      xr[i] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(m0 + row, M - 1)) * K + 64 * blk +
+                                                   8 * c));
+    }
+  };
+  auto store_x = [&](int buffer) {
+    uint8_t* tile = tiles_ptr + buffer * X_BYTES;
+#pragma unroll
+    for (int i = 0; i < CHUNKS; ++i) {
+      const int q = threadIdx.x + i * THREADS, row = q >> 3, c = q & 7;
+      const uint32_t words[4] = {xr[i].x, xr[i].y, xr[i].z, xr[i].w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const int chunk = 4 * (c & 1) + w;
+        *reinterpret_cast<uint32_t*>(tile + row * 128 + ((chunk ^ (row & 7)) << 4) + 4 * (c >> 1)) = words[w];
+      }
+    }
+    fence_proxy_async_smem();
+  };
+
+  float acc[BM / 2] = {};
+  TileRing<1, WG_PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
+  load_x(first);
+  store_x(0);
+  for (int base = first; base < last; base += WG_PREFETCH) {
+#pragma unroll
+    for (int p = 0; p < WG_PREFETCH; ++p) {
+      const int blk = base + p;
+      if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
+      const int i = blk - first;
+      if (blk + 1 < last) load_x(blk + 1);
+      uint4 codes[1];
+      float2 scales[1];
+      ring.take(p, blk, last, codes, scales);
+      uint32_t a[2][2][4];  // [half][k-step of the half][4 registers]
+      a_fragments<T>(lut, codes[0], scales[0], 0, a[0]);
+      a_fragments<T>(lut, codes[0], scales[0], 1, a[1]);
+      __syncthreads();  // x of this block is stored and fenced by all; the other buffer's wgmmas are done
+      const uint32_t x_tile = tiles + (i & 1) * X_BYTES;
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) Wgmma<T, BM>::mma(acc, a[j / 2][j % 2], smem_desc_sw128(x_tile + 32 * j));
+      wgmma_commit();
+      wgmma_wait_all();
+      if (blk + 1 < last) store_x((i + 1) & 1);
+    }
+  }
+
+  // Accumulator of n8 block b: registers 4b, 4b + 1 weight row g, tokens 8b + 2t, + 1; 4b + 2, 4b + 3 row g + 8.
+  if (tile0 < row_tiles) {
+#pragma unroll
+    for (int b = 0; b < BM / 8; ++b) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = tile0 * 16 + g + 8 * (e >> 1);
+        const int tok = m0 + 8 * b + 2 * t + (e & 1);
+        if (row < N && tok < M) store_output<T>(acc[4 * b + e], tok, row, M, N, bias, out, partial);
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace
