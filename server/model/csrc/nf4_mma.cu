@@ -835,7 +835,8 @@ torch::Tensor nf4_smem_gemm(torch::Tensor x, torch::Tensor codes, torch::Tensor 
               "codes must be contiguous uint8 [N * K / 2]");
   TORCH_CHECK(absmax.is_contiguous() && absmax.scalar_type() == torch::kFloat32 && absmax.numel() == N * K / 64,
               "absmax must be contiguous float32 [N * K / 64]");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(codes.data_ptr()) % 16 == 0,
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(codes.data_ptr()) % 16 == 0,
               "x and codes must be 16-byte aligned (cp.async)");
   if (x.scalar_type() == torch::kBFloat16) {
     return dispatch_smem_gemm<__nv_bfloat16>(x, codes, absmax, table, bias, out, split_k, block_tokens, defer_sum);
