@@ -176,17 +176,6 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
 
         impls["gemm"] = [lambda c=c: cuda_nf4.nf4_gemm(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                          for c in layer.nf4]
-    if rows >= 16 and _mma_available():  # weights dequantized once a block into shared memory (not yet in the dispatch)
-        from server.model import cuda_nf4
-
-        impls["smem"] = [lambda c=c: cuda_nf4.nf4_smem_gemm(x, c[0], c[1], layer.shape, layer.table,
-                                                            num_sms=device_num_sms(0))
-                         for c in layer.nf4]
-        for tokens in cuda_nf4.SMEM_BLOCK_TOKENS:  # each block size forced (default: the smallest that holds M)
-            if tokens != cuda_nf4.smem_block_tokens(rows) and tokens // 2 < rows:
-                impls[f"smem_b{tokens}"] = [lambda c=c, b=tokens: cuda_nf4.nf4_smem_gemm(
-                    x, c[0], c[1], layer.shape, layer.table, block_tokens=b, num_sms=device_num_sms(0))
-                    for c in layer.nf4]
     if rows >= 16 and _mma_available() and _wgmma_available():  # warpgroup MMA (sm_90a; not yet in the dispatch)
         from server.model import cuda_nf4
 

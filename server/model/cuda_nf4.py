@@ -292,64 +292,6 @@ def nf4_gemm(
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 
 
-SMEM_BLOCK_WEIGHT_ROWS = 128  # csrc/nf4_smem_gemm.cuh, SG_BN
-SMEM_BLOCK_TOKENS = (64, 128, 256)  # its instances (MT 2, 4, 8)
-
-
-# Shared memory a block of each instance takes (SmemGemmLayout::bytes: 4 stages of x, codes and scales, two
-# dequantized tiles) plus the code table: 256 tokens need 178 KB, more than an A100 gives a block (163 KB).
-SMEM_BLOCK_BYTES = {64: 83_968 + 128, 128: 116_736 + 128, 256: 182_272 + 128}
-
-
-@functools.cache
-def _smem_per_block(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
-
-
-def smem_block_tokens(num_rows: int, device_index: int | None = None) -> int:
-    """Tokens a block of nf4_smem_gemm: the smallest instance that holds every row (each weight dequantized once),
-    the largest that fits the device's shared memory beyond."""
-    limit = _smem_per_block(device_index) if device_index is not None else max(SMEM_BLOCK_BYTES.values())
-    fitting = [b for b in SMEM_BLOCK_TOKENS if SMEM_BLOCK_BYTES[b] <= limit]
-    return next((b for b in fitting if num_rows <= b), fitting[-1])
-
-
-def smem_split_k(num_rows: int, shape, num_sms: int, block_tokens: int) -> int:
-    """Splits of K for nf4_smem_gemm (one block an SM: 117-182 KB of shared memory): doubled while the grid stays
-    within one wave, each split keeping at least 4 quant blocks."""
-    out_features, in_features = shape
-    blocks = -(-out_features // SMEM_BLOCK_WEIGHT_ROWS) * -(-num_rows // block_tokens)
-    split_k, cap = 1, max(1, in_features // NF4_BLOCKSIZE // 4)
-    while blocks * split_k * 2 <= num_sms and split_k * 2 <= cap:
-        split_k *= 2
-    return split_k
-
-
-def nf4_smem_gemm(
-    x: torch.Tensor,  # [T, in] bf16 / fp16, any T
-    codes: torch.Tensor,  # [out * in / 2, 1] uint8, bitsandbytes' layout as stored
-    absmax_f: torch.Tensor,  # [out * in / 64] float32
-    shape,  # (out, in)
-    code_table: torch.Tensor,  # [16] float32
-    bias: torch.Tensor | None = None,  # [out]
-    split_k: int | None = None,
-    block_tokens: int | None = None,
-    num_sms: int = 132,
-    defer_sum: bool = False,
-) -> torch.Tensor | SplitSums:
-    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype: a block's 128 x 64 weights of a quant block dequantized
-    once into shared memory, then ldmatrix + MMA over both tiles (csrc/nf4_smem_gemm.cuh). With `defer_sum`, when K
-    is split, the unsummed partials (split_sums.SplitSums) instead."""
-    x = x.contiguous()
-    out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
-    block_tokens = block_tokens or smem_block_tokens(x.shape[0], x.device.index or 0)
-    if split_k is None:
-        split_k = smem_split_k(x.shape[0], shape, num_sms, block_tokens)
-    partials = _extension().nf4_smem_gemm(x, codes_as_bytes(codes), absmax_f, code_table, bias, out, split_k,
-                                          block_tokens, defer_sum)
-    return out if partials is None else SplitSums(partials, bias, x.dtype)
-
-
 @functools.cache
 def wgmma_supported() -> bool:
     """The extension's code for this GPU has the warpgroup-MMA kernels (an sm_90a build: H100, H200)."""

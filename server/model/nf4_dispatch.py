@@ -10,9 +10,8 @@
   ``GEMV_ROWS`` rows (LORAPLEX_NF4_GEMV_ROWS) in place of ``tile``, the same loop with K split among a block's
   warps and summed in shared memory instead of by a second kernel; ``gemm``: the rows of ``GEMM_ROWS``
   (LORAPLEX_NF4_GEMM_ROWS, none by default) that the table gives ``wide`` or ``dequant``, x as the MMA's A operand;
-  ``smem``: likewise the rows of ``SMEM_ROWS`` (LORAPLEX_NF4_SMEM_ROWS), a block's weights dequantized once into
-  shared memory and multiplied from there (bitsandbytes' codes as stored, no tile copy needed); ``wgmma``: the rows
-  of ``WGMMA_ROWS`` (LORAPLEX_NF4_WGMMA_ROWS) on Hopper's warpgroup MMA, the tile layout's fragments as its A;
+  ``wgmma``: likewise the rows of ``WGMMA_ROWS`` (LORAPLEX_NF4_WGMMA_ROWS) on Hopper's warpgroup MMA, the tile
+  layout's fragments as its A;
 - ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
 
 The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESULTS.md);
@@ -61,12 +60,9 @@ GEMV_ROWS = int(os.environ.get("LORAPLEX_NF4_GEMV_ROWS", "8"))
 # default until the H200 measures it (LORAPLEX_NF4_GEMM_ROWS=65-512 for an engine A/B). It dequantizes each weight
 # twice a 128 tokens, so at prefill sizes of thousands of rows dequant + cuBLAS must keep them.
 GEMM_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_GEMM_ROWS", "0-0").split("-"))
-# The rows (lo-hi) whose `wide` or `dequant` calls `smem` takes instead (a block's weights dequantized once into shared
-# memory, then ldmatrix + MMA; csrc/nf4_smem_gemm.cuh); unset: none, until the H200 measures it
-# (LORAPLEX_NF4_SMEM_ROWS=65-512 for an A/B).
-SMEM_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_SMEM_ROWS", "0-0").split("-"))
-# Likewise for `wgmma` (the tile layout's A fragments on Hopper's warpgroup MMA, csrc/nf4_wgmma.cuh; sm_90a only):
-# LORAPLEX_NF4_WGMMA_ROWS=65-512, none until the H200 measures it.
+# The rows (lo-hi) whose `wide` or `dequant` calls `wgmma` takes instead (the tile layout's A fragments on Hopper's
+# warpgroup MMA, csrc/nf4_wgmma.cuh; sm_90a builds only): none until the H200 measures it
+# (LORAPLEX_NF4_WGMMA_ROWS=65-512 for an A/B).
 WGMMA_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_WGMMA_ROWS", "0-0").split("-"))
 
 
@@ -103,8 +99,6 @@ def kernel_for(num_rows: int, shape, table=None, num_sms: int = 132) -> str:
     if (name in ("wide", "dequant") and 0 < WGMMA_ROWS[0] <= num_rows <= WGMMA_ROWS[1] and with_cuda
             and cuda_nf4.wgmma_supported()):
         return "wgmma"
-    if name in ("wide", "dequant") and 0 < SMEM_ROWS[0] <= num_rows <= SMEM_ROWS[1] and with_cuda:
-        return "smem"
     if name in ("wide", "dequant") and in_gemm_rows and with_cuda:
         return "gemm"
     if name == "tile" and num_rows <= min(GEMV_ROWS, 8) and cuda_nf4.gemv_warps(tuple(shape), num_sms) is not None:
@@ -207,8 +201,6 @@ def nf4_linear_cuda(
         return cuda_nf4.nf4_gemm(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "wgmma":
         return cuda_nf4.nf4_wgmma(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
-    if name == "smem":
-        return cuda_nf4.nf4_smem_gemm(x, codes, absmax_f, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "dequant":
         return dequant_linear(x, codes, absmax_f, shape, code_table, bias)
     if name == "bnb":

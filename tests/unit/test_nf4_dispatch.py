@@ -115,17 +115,14 @@ def test_gemm_takes_wide_and_dequant_rows_only_when_asked(monkeypatch, gemm_rows
     assert nf4_dispatch.kernel_for(rows, (6144, 4096), tables[table]) == expected
 
 
-@pytest.mark.parametrize("wgmma_rows, smem_rows, supported, rows, table, expected", [
-    ((0, 0), (0, 0), True, 300, "cuda", "dequant"), ((65, 512), (0, 0), True, 300, "cuda", "wgmma"),
-    ((65, 512), (0, 0), False, 300, "cuda", "dequant"),  # no sm_90a build: the table's kernel
-    ((65, 512), (0, 0), True, 64, "cuda", "wide"), ((65, 512), (0, 0), True, 513, "cuda", "dequant"),
-    ((65, 512), (65, 512), True, 200, "cuda", "wgmma"), ((0, 0), (65, 512), True, 200, "cuda", "smem"),
-    ((65, 512), (0, 0), True, 300, "triton", "dequant"),
+@pytest.mark.parametrize("wgmma_rows, supported, rows, table, expected", [
+    ((0, 0), True, 300, "cuda", "dequant"), ((65, 512), True, 300, "cuda", "wgmma"),
+    ((65, 512), False, 300, "cuda", "dequant"),  # no sm_90a build: the table's kernel
+    ((65, 512), True, 64, "cuda", "wide"), ((65, 512), True, 513, "cuda", "dequant"),
+    ((65, 512), True, 300, "triton", "dequant"),
 ])  # fmt: skip
-def test_wgmma_and_smem_take_wide_and_dequant_rows_only_when_asked(monkeypatch, wgmma_rows, smem_rows, supported,
-                                                                   rows, table, expected):
+def test_wgmma_takes_wide_and_dequant_rows_only_when_asked(monkeypatch, wgmma_rows, supported, rows, table, expected):
     monkeypatch.setattr(nf4_dispatch, "WGMMA_ROWS", wgmma_rows)
-    monkeypatch.setattr(nf4_dispatch, "SMEM_ROWS", smem_rows)
     monkeypatch.setattr(cuda_nf4, "wgmma_supported", lambda: supported)
     tables = {"cuda": nf4_dispatch.WITH_CUDA_KERNEL, "triton": nf4_dispatch.TRITON_ONLY}
     assert nf4_dispatch.kernel_for(rows, (6144, 4096), tables[table]) == expected

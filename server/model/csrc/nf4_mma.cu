@@ -551,7 +551,6 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
 
 }  // namespace
 
-#include "nf4_smem_gemm.cuh"
 #include "nf4_wgmma.cuh"
 
 namespace {
@@ -787,64 +786,6 @@ torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   return run(__half());
 }
 
-template <typename T, int MT>
-torch::Tensor launch_smem_gemm(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
-                               const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                               int64_t split_k, bool defer_sum) {
-  using L = SmemGemmLayout<MT>;
-  const int M = x.size(0), K = x.size(1), N = out.size(1);
-  auto kernel = nf4_smem_gemm_kernel<T, MT>;
-  static bool attribute_set[64] = {};  // per instance and device; above 48 KB of shared memory needs the opt-in
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device >= 64 || !attribute_set[device]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::bytes));
-    if (device < 64) attribute_set[device] = true;
-  }
-  return run_split<T>(x, bias, out, split_k,
-                      [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
-                          int blocks_per_split) {
-    kernel<<<dim3((N + SG_BN - 1) / SG_BN, splits, (M + L::BM - 1) / L::BM), SG_THREADS, L::bytes, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
-        table.data_ptr<float>(), bias_ptr, out_ptr, partial, M, N, K, blocks_per_split);
-  }, false, defer_sum);
-}
-
-template <typename T>
-torch::Tensor dispatch_smem_gemm(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
-                                 const torch::Tensor& table, const c10::optional<torch::Tensor>& bias,
-                                 torch::Tensor& out, int64_t split_k, int64_t block_tokens, bool defer_sum) {
-  if (block_tokens == 64) return launch_smem_gemm<T, 2>(x, codes, absmax, table, bias, out, split_k, defer_sum);
-  if (block_tokens == 128) return launch_smem_gemm<T, 4>(x, codes, absmax, table, bias, out, split_k, defer_sum);
-  TORCH_CHECK(block_tokens == 256, "block_tokens must be 64, 128 or 256, got ", block_tokens);
-  return launch_smem_gemm<T, 8>(x, codes, absmax, table, bias, out, split_k, defer_sum);
-}
-
-// out[M, N] = x[M, K] @ W^T (+ bias) from bitsandbytes' codes as stored ([N * K / 2] bytes, absmax [N * K / 64]), the
-// weights dequantized once a block into shared memory (nf4_smem_gemm.cuh); any M, K % 64 == 0, blocks of
-// block_tokens (64, 128 or 256) tokens x 128 weight rows. With defer_sum and K split, returns the unsummed fp32
-// partials [splits, M, N] instead (run_split); else None.
-torch::Tensor nf4_smem_gemm(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax, torch::Tensor table,
-                            c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k,
-                            int64_t block_tokens, bool defer_sum) {
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
-  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type(), "out must be contiguous, x's dtype");
-  const int64_t N = out.size(1), K = x.size(1);
-  TORCH_CHECK(codes.is_contiguous() && codes.scalar_type() == torch::kUInt8 && codes.numel() == N * K / 2,
-              "codes must be contiguous uint8 [N * K / 2]");
-  TORCH_CHECK(absmax.is_contiguous() && absmax.scalar_type() == torch::kFloat32 && absmax.numel() == N * K / 64,
-              "absmax must be contiguous float32 [N * K / 64]");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(codes.data_ptr()) % 16 == 0,
-              "x and codes must be 16-byte aligned (cp.async)");
-  if (x.scalar_type() == torch::kBFloat16) {
-    return dispatch_smem_gemm<__nv_bfloat16>(x, codes, absmax, table, bias, out, split_k, block_tokens, defer_sum);
-  }
-  TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-  return dispatch_smem_gemm<__half>(x, codes, absmax, table, bias, out, split_k, block_tokens, defer_sum);
-}
-
 template <typename T, int BM, int MIN_BLOCKS>
 torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
@@ -1048,7 +989,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_tile_blocks_per_sm", &nf4_tile_blocks_per_sm, "resident blocks per SM of the tile kernel");
   m.def("nf4_gemv", &nf4_gemv, "NF4 x 16-bit matmul from the tile layout, 1-8 rows, K split among a block's warps");
   m.def("nf4_gemm", &nf4_gemm, "NF4 x 16-bit GEMM from the tile layout, x as the MMA's A operand, any M");
-  m.def("nf4_smem_gemm", &nf4_smem_gemm, "NF4 x 16-bit GEMM, weights dequantized once a block into shared memory");
   m.def("nf4_wgmma", &nf4_wgmma, "NF4 x 16-bit GEMM from the tile layout on warpgroup MMA (sm_90a)");
   m.def("nf4_wgmma_built", &nf4_wgmma_built, "whether this build has the wgmma kernels (sm_90a)");
   m.def("nf4_wide", &nf4_wide, "NF4 x 16-bit matmul on tensor cores from the tile layout, x through shared memory");

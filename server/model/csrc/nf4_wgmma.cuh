@@ -6,8 +6,10 @@
 // the 4 warps of a warpgroup hold the 64 rows of one m64nBMk16 wgmma, whose B (BM tokens x 16 of K) the tensor cores
 // read from shared memory by descriptor. A block is two warpgroups (128 weight rows) over one x tile of BM tokens, so
 // x is read from shared memory once a warpgroup and k-step instead of once a warp and 8-token tile (the wide kernel's
-// ~16 bytes of shared-memory reads a weight at 128 rows), and the mma.sync issue rate (~240 TFLOP/s measured for
-// nf4_smem_gemm) no longer bounds it.
+// ~16 bytes of shared-memory reads a weight at 128 rows), and mma.sync no longer bounds it: a block of the same
+// shape that dequantized its weights into shared memory and ran ldmatrix + mma.sync over both tiles (twenty-third
+// session, removed) ran at ~237 TFLOP/s whatever the rows, slower than dequant + cuBLAS from 128 rows
+// (bench/results/2026-12-04-nvidia-h200-kernels-s23-smem.json).
 //
 // x's k order. The tile layout gives lane t of a quad k in [16t, 16t + 16) of a quant block: in k-step j its columns
 // 2t, 2t + 1 are k = 16t + 4j + {0, 1} and its columns 2t + 8, 2t + 9 are k = 16t + 4j + 2 + {0, 1}. The tensor cores
