@@ -40,7 +40,8 @@ DEFER_MIN_ROWS = int(os.environ.get("LORAPLEX_DEFER_MIN_ROWS", "1"))
 # every plane of its row: 16 planes of the 8B shape's 4,096-wide row are 256 KB for one SM, why these two were left
 # to the sum kernel in the fourteenth session), with LORAPLEX_NORM_SPLIT_SUMS=1 from NORM_SUMS_MIN_ROWS rows: at the
 # 1B shape's 32 rows the sum kernel takes 32 launches a step (52 us of its 1.16 ms, twenty-second session's
-# profile). Off until an A/B on the GPU says otherwise.
+# profile). Off: the twenty-third session's A/B (1B batch-32 profile, H200) put the step at 1.168 ms against 1.145
+# with the sum kernel (each norm program summing 4-16 planes of its row serially costs more than the launches saved).
 NORM_SPLIT_SUMS = os.environ.get("LORAPLEX_NORM_SPLIT_SUMS", "0") == "1"
 NORM_SUMS_MIN_ROWS = int(os.environ.get("LORAPLEX_NORM_SUMS_MIN_ROWS", "8"))
 
