@@ -49,9 +49,11 @@ def newest_with_ratios(results_dir: Path, pattern: str, key: str | None = None,
                        gpu_only: bool = False) -> tuple[str, dict] | None:
     """(file name, data) of the newest file matching `pattern` that carries ratios, with `key` among them not null
     when given, from an H100/H200 run when `gpu_only` (by date, then the time it was written where it says, then
-    name)."""
+    name). Runs marked `"ab"` (an A/B of a setting other than the default, e.g. a prefill hold) never stand for a
+    target."""
     found = [(json.loads(p.read_text()), p.name) for p in results_dir.glob(pattern)
              if not gpu_only or "h200" in p.name or "h100" in p.name]
+    found = [(data, name) for data, name in found if not data.get("ab")]
     found = [((str(data.get("date", "")), str(data.get("timestamp", "")), name), name, data) for data, name in found
              if data.get("ratios") and (key is None or data["ratios"].get(key) is not None)]
     newest = max(found, key=lambda f: f[0]) if found else None

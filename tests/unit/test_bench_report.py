@@ -130,3 +130,19 @@ def test_named_results_record_when_they_were_written(tmp_path):
 
     path = write_named_result(tmp_path, {"date": "2026-12-02", "device": "NVIDIA H200", "ratios": {}}, "kernels")
     assert json.loads(path.read_text())["timestamp"].startswith("20")
+
+
+def test_an_ab_run_of_another_setting_never_stands_for_a_target(tmp_path):
+    """A newer run marked "ab" (e.g. --prefill-hold-steps=16, whose slow greedy load flattered sampled / greedy) is
+    passed over for the newest run of the default settings."""
+    from bench.report_kernels import newest_with_ratios
+
+    def serve(ratio: float, timestamp: str, ab: str | None = None) -> dict:
+        data = {"date": "2026-12-04", "timestamp": timestamp, "ratios": {"sampled_over_greedy_1b_c32": ratio}}
+        return {**data, "ab": ab} if ab else data
+
+    _write(tmp_path, "2026-12-04-nvidia-h200-serve-c32-1b-a.json", serve(0.93, "2026-12-04T10:00:00+00:00"))
+    _write(tmp_path, "2026-12-04-nvidia-h200-serve-c32-1b-b.json",
+           serve(0.96, "2026-12-04T11:00:00+00:00", ab="--prefill-hold-steps=16"))
+    name, data = newest_with_ratios(tmp_path, "*-serve-c32-*.json", "sampled_over_greedy_1b_c32", gpu_only=True)
+    assert name.endswith("-a.json") and data["ratios"]["sampled_over_greedy_1b_c32"] == 0.93
