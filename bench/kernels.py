@@ -186,10 +186,6 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                 impls[f"wgmma_b{tokens}"] = [lambda c=c, b=tokens: cuda_nf4.nf4_wgmma(
                     x, c[3], layer.shape, layer.table, block_tokens=b, num_sms=device_num_sms(0))
                     for c in layer.nf4]
-        if rows > 64:  # the next block's dequantization beside the running wgmmas
-            impls["wgmma_overlap"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, overlap=True,
-                                                                     num_sms=device_num_sms(0))
-                                      for c in layer.nf4]
     if rows <= 256 and _mma_available():
         from server.model import cuda_nf4
 

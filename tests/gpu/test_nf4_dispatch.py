@@ -152,11 +152,9 @@ def test_gemm_kernel_splits_deferred_sums_and_replays(rows, split_k, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows, split_k, block_tokens, overlap", [
-    (5, 1, 64, False), (100, 1, 128, False), (129, 3, 128, False), (200, 4, 256, False), (300, 2, 64, False),
-    (513, 1, 256, False), (100, 1, 128, True), (129, 3, 128, True), (200, 4, 256, True), (513, 1, 256, True),
-])  # fmt: skip
-def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_tokens, overlap, dtype):
+@pytest.mark.parametrize("rows, split_k, block_tokens", [(5, 1, 64), (100, 1, 128), (129, 3, 128), (200, 4, 256),
+                                                        (300, 2, 64), (513, 1, 256)])
+def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_tokens, dtype):
     """Warpgroup MMA over the tile layout's fragments, every block size: the same products as the tile kernel in
     another order of fp32 sums (against the float64 reference and x @ W^T in fp32); the deferred partials sum to the
     sum kernel's bits; a captured launch replays on new rows."""
@@ -169,7 +167,7 @@ def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_toke
     bias = torch.randn(600, device="cuda").to(dtype)
     tiled = _tiled(codes, absmax, wshape)
     run = lambda xs, **kw: cuda_nf4.nf4_wgmma(xs, tiled, wshape, table, bias, split_k=split_k,  # noqa: E731
-                                              block_tokens=block_tokens, overlap=overlap, **kw)
+                                              block_tokens=block_tokens, **kw)
     got = run(x)
     assert got.shape == (rows, 600) and _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
     weight = nf4_ops.nf4_dequantize_reference(codes, absmax, wshape, table).to(dtype).float()

@@ -32,19 +32,13 @@ namespace {
 constexpr int WG_WARPS = 8;  // two warpgroups: 128 weight rows a block
 constexpr int WG_PREFETCH = 2;
 
-template <int BM, bool OVERLAP>
+template <int BM>
 struct WgmmaSmem {
   static constexpr int x_bytes = BM * 128;
-  static constexpr int buffers = OVERLAP ? 3 : 2;
-  static constexpr int bytes = buffers * x_bytes + 1024;  // the x buffers, and room to align them to 1,024 bytes
+  static constexpr int bytes = 2 * x_bytes + 1024;  // two x buffers, and room to align them to 1,024 bytes
 };
 
-// OVERLAP: a warpgroup leaves block i's wgmmas running while it dequantizes block i + 1 (waiting only for block
-// i - 1's before it stores x again), so that its own dequantization, not only the other warpgroup's, runs beside
-// the tensor cores. x then needs three buffers: the one stored in block i was read by block i - 2's wgmmas, which
-// every warpgroup has waited for before the barrier of block i. (ptxas keeps the A registers of a running wgmma
-// from being overwritten: where it cannot prove that, it waits, which costs speed, not correctness.)
-template <typename T, int BM, int MIN_BLOCKS, bool OVERLAP>
+template <typename T, int BM, int MIN_BLOCKS>
 __global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
@@ -52,8 +46,7 @@ __global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
 #ifdef LORAPLEX_WGMMA
   constexpr int THREADS = WG_WARPS * 32;
   constexpr int CHUNKS = BM * 8 / THREADS;  // x's 16-byte chunks a thread stages a block
-  constexpr int X_BYTES = WgmmaSmem<BM, OVERLAP>::x_bytes;
-  constexpr int BUFFERS = WgmmaSmem<BM, OVERLAP>::buffers;
+  constexpr int X_BYTES = WgmmaSmem<BM>::x_bytes;
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   const char* lut = stage_code_table(table);
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
@@ -111,21 +104,16 @@ __global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
       uint32_t a[2][2][4];  // [half][k-step of the half][4 registers]
       a_fragments<T>(lut, codes[0], scales[0], 0, a[0]);
       a_fragments<T>(lut, codes[0], scales[0], 1, a[1]);
-      __syncthreads();  // x of this block is stored and fenced by all; the buffer stored below is no longer read
-      const uint32_t x_tile = tiles + (i % BUFFERS) * X_BYTES;
+      __syncthreads();  // x of this block is stored and fenced by all; the other buffer's wgmmas are done
+      const uint32_t x_tile = tiles + (i & 1) * X_BYTES;
       wgmma_fence();
 #pragma unroll
       for (int j = 0; j < 4; ++j) Wgmma<T, BM>::mma(acc, a[j / 2][j % 2], smem_desc_sw128(x_tile + 32 * j));
       wgmma_commit();
-      if (OVERLAP) {
-        wgmma_wait_one();  // the block before this one is done; this one may run on
-      } else {
-        wgmma_wait_all();
-      }
-      if (blk + 1 < last) store_x((i + 1) % BUFFERS);
+      wgmma_wait_all();
+      if (blk + 1 < last) store_x((i + 1) & 1);
     }
   }
-  wgmma_wait_all();
 
   // Accumulator of n8 block b: registers 4b, 4b + 1 weight row g, tokens 8b + 2t, + 1; 4b + 2, 4b + 3 row g + 8.
   if (tile0 < row_tiles) {

@@ -211,11 +211,6 @@ __device__ __forceinline__ void wgmma_wait_all() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void wgmma_wait_one() {
-#ifdef LORAPLEX_WGMMA
-  asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-#endif
-}
 // Generic-proxy stores to shared memory made visible to the async proxy (the wgmma's operand reads).
 __device__ __forceinline__ void fence_proxy_async_smem() {
 #ifdef LORAPLEX_WGMMA
