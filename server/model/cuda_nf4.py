@@ -260,15 +260,21 @@ GEMM_BLOCK_TOKENS, GEMM_BLOCK_WEIGHT_ROWS = 128, 64
 GEMM_RESIDENT_BLOCKS = 2  # ptxas (sm_90, CUDA 13): 215 registers a thread, no spills; 128 threads a block
 
 
+def _split_to_one_wave(blocks: int, resident_blocks: int, in_features: int) -> int:
+    """Splits of K for a grid of `blocks` blocks: doubled while the grid stays within one wave of `resident_blocks`,
+    each split keeping at least 4 quant blocks."""
+    split_k, cap = 1, max(1, in_features // NF4_BLOCKSIZE // 4)
+    while blocks * split_k * 2 <= resident_blocks and split_k * 2 <= cap:
+        split_k *= 2
+    return split_k
+
+
 def gemm_split_k(num_rows: int, shape, num_sms: int) -> int:
     """Splits of K for nf4_gemm: doubled while the grid is under about one wave of resident blocks, each split keeping
     at least 4 quant blocks."""
     out_features, in_features = shape
     blocks = -(-out_features // GEMM_BLOCK_WEIGHT_ROWS) * -(-num_rows // GEMM_BLOCK_TOKENS)
-    split_k, cap = 1, max(1, in_features // NF4_BLOCKSIZE // 4)
-    while blocks * split_k * 2 <= GEMM_RESIDENT_BLOCKS * num_sms and split_k * 2 <= cap:
-        split_k *= 2
-    return split_k
+    return _split_to_one_wave(blocks, GEMM_RESIDENT_BLOCKS * num_sms, in_features)
 
 
 def nf4_gemm(
@@ -313,10 +319,7 @@ def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int) -> int:
     keeping at least 4 quant blocks."""
     out_features, in_features = shape
     blocks = -(-out_features // WGMMA_BLOCK_WEIGHT_ROWS) * -(-num_rows // block_tokens)
-    split_k, cap = 1, max(1, in_features // NF4_BLOCKSIZE // 4)
-    while blocks * split_k * 2 <= 2 * num_sms and split_k * 2 <= cap:
-        split_k *= 2
-    return split_k
+    return _split_to_one_wave(blocks, 2 * num_sms, in_features)
 
 
 def nf4_wgmma(

@@ -39,17 +39,24 @@ def _x_regs(x, tok, blk, t, half):
     return [(x[tok, k0 + 2 * w], x[tok, k0 + 2 * w + 1]) for w in range(4)]
 
 
+def place_a(a: torch.Tensor, row0: int, lane: int, regs) -> None:
+    """One lane's A registers (a0-a3, pairs of values) into rows row0-row0 + 15 of A as PTX defines m16n8k16's A (and
+    each warp's 16 rows of a wgmma's register A)."""
+    g, t = lane // 4, lane % 4
+    a0, a1, a2, a3 = regs
+    a[row0 + g, 2 * t:2 * t + 2] = torch.stack(a0)
+    a[row0 + g + 8, 2 * t:2 * t + 2] = torch.stack(a1)
+    a[row0 + g, 2 * t + 8:2 * t + 10] = torch.stack(a2)
+    a[row0 + g + 8, 2 * t + 8:2 * t + 10] = torch.stack(a3)
+
+
 def _mma(d, a_regs, b_regs):
     """d [16, 8] += A @ B, A and B assembled from every lane's registers as PTX defines m16n8k16 (row.col)."""
     a, b = torch.zeros(16, 16), torch.zeros(16, 8)
     for lane in range(32):
         g, t = lane // 4, lane % 4
-        a0, a1, a2, a3 = a_regs[lane]
+        place_a(a, 0, lane, a_regs[lane])
         b0, b1 = b_regs[lane]
-        a[g, 2 * t:2 * t + 2] = torch.stack(a0)
-        a[g + 8, 2 * t:2 * t + 2] = torch.stack(a1)
-        a[g, 2 * t + 8:2 * t + 10] = torch.stack(a2)
-        a[g + 8, 2 * t + 8:2 * t + 10] = torch.stack(a3)
         b[2 * t:2 * t + 2, g] = torch.stack(b0)
         b[2 * t + 8:2 * t + 10, g] = torch.stack(b1)
     d += a.double().matmul(b.double()).float()

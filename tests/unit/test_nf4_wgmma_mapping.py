@@ -11,7 +11,7 @@ import torch
 
 from server.model.nf4_layout import tile_pack
 from server.model.nf4_ops import nf4_dequantize_reference
-from tests.unit.test_nf4_gemm_mapping import _bf16, _weight_regs
+from tests.unit.test_nf4_gemm_mapping import _bf16, _weight_regs, place_a
 
 THREADS = 256  # WG_WARPS * 32
 
@@ -47,12 +47,8 @@ def _a_operand(tile_codes, tile_scales, table, tiles, blk, num_blocks, j) -> tor
     a = torch.zeros(64, 16)
     for w, tile in enumerate(tiles):
         for lane in range(32):
-            g, t = lane // 4, lane % 4
             regs = _weight_regs(tile_codes, tile_scales, table, tile, blk, num_blocks, lane, j // 2)[j % 2]
-            a[16 * w + g, 2 * t:2 * t + 2] = torch.stack(regs[0])
-            a[16 * w + g + 8, 2 * t:2 * t + 2] = torch.stack(regs[1])
-            a[16 * w + g, 2 * t + 8:2 * t + 10] = torch.stack(regs[2])
-            a[16 * w + g + 8, 2 * t + 8:2 * t + 10] = torch.stack(regs[3])
+            place_a(a, 16 * w, lane, regs)
     return a
 
 
