@@ -62,15 +62,21 @@ def _mma(d, a_regs, b_regs):
     d += a.double().matmul(b.double()).float()
 
 
-def test_one_warps_gemm_tile_is_x_times_the_dequantized_weight():
+def random_layer(out_features: int, in_features: int, tokens: int):
+    """Random NF4 codes and scales of an [out, in] weight in the tile layout, a table of values bf16 cannot hold (the
+    rounding after the scale shows), and bf16 x: (codes, absmax, table, x, tile_codes, tile_scales)."""
     torch.manual_seed(0)
-    out_features, in_features, tokens = 16 * NT, 128, 16 * MT
-    shape = (out_features, in_features)
     codes = torch.randint(0, 256, (out_features * in_features // 2, 1), dtype=torch.uint8)
     absmax = torch.rand(out_features * in_features // 64) + 0.5
-    table = torch.linspace(-1.0, 1.0, 16) * 1.37  # values bf16 cannot hold: the rounding after the scale shows
+    table = torch.linspace(-1.0, 1.0, 16) * 1.37
     x = _bf16(torch.randn(tokens, in_features))
-    tile_codes, tile_scales = tile_pack(codes, absmax, shape)
+    return (codes, absmax, table, x, *tile_pack(codes, absmax, (out_features, in_features)))
+
+
+def test_one_warps_gemm_tile_is_x_times_the_dequantized_weight():
+    out_features, in_features, tokens = 16 * NT, 128, 16 * MT
+    shape = (out_features, in_features)
+    codes, absmax, table, x, tile_codes, tile_scales = random_layer(out_features, in_features, tokens)
     num_blocks = in_features // 64
 
     acc = torch.zeros(MT, NT, 2, 16, 8)  # [token tile][weight tile][rows 0-7 / 8-15][C as a 16 x 8 matrix]

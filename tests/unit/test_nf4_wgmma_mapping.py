@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from server.model.nf4_layout import tile_pack
 from server.model.nf4_ops import nf4_dequantize_reference
-from tests.unit.test_nf4_gemm_mapping import _bf16, _weight_regs, place_a
+from tests.unit.test_nf4_gemm_mapping import _bf16, _weight_regs, place_a, random_layer
 
 THREADS = 256  # WG_WARPS * 32
 
@@ -53,14 +52,9 @@ def _a_operand(tile_codes, tile_scales, table, tiles, blk, num_blocks, j) -> tor
 
 
 def test_one_warpgroups_tile_is_x_times_the_dequantized_weight():
-    torch.manual_seed(0)
     out_features, in_features, tokens = 64, 128, 32  # one warpgroup (4 row tiles), two quant blocks, BM = 32
     shape = (out_features, in_features)
-    codes = torch.randint(0, 256, (out_features * in_features // 2, 1), dtype=torch.uint8)
-    absmax = torch.rand(out_features * in_features // 64) + 0.5
-    table = torch.linspace(-1.0, 1.0, 16) * 1.37  # values bf16 cannot hold: the rounding after the scale shows
-    x = _bf16(torch.randn(tokens, in_features))
-    tile_codes, tile_scales = tile_pack(codes, absmax, shape)
+    codes, absmax, table, x, tile_codes, tile_scales = random_layer(out_features, in_features, tokens)
     num_blocks = in_features // 64
 
     d = torch.zeros(64, tokens, dtype=torch.float64)  # the warpgroup's accumulator as a 64 x BM matrix
