@@ -78,9 +78,14 @@ def kernel_table() -> tuple[tuple[int | None, str], ...]:
 
 
 def prepare() -> str:
-    """Settle the kernel table (building the CUDA extension once, ~90 s on a fresh machine) before any
-    CUDA graph is captured; returns a one-line description for the log."""
-    return " ".join(f"<={rows}:{name}" if rows else f"rest:{name}" for rows, name in kernel_table())
+    """Settle the kernel table (building the CUDA extension once, ~90 s on a fresh machine) and, when WGMMA_ROWS asks
+    for it, whether the build has the wgmma kernels (a probe launch and a host sync, which a graph capture must not
+    meet) before any CUDA graph is captured; returns a one-line description for the log."""
+    table = kernel_table()
+    wgmma = ""
+    if WGMMA_ROWS[0] > 0 and table == WITH_CUDA_KERNEL:
+        wgmma = f" {WGMMA_ROWS[0]}-{WGMMA_ROWS[1]}:wgmma" if cuda_nf4.wgmma_supported() else " (no wgmma build)"
+    return " ".join(f"<={rows}:{name}" if rows else f"rest:{name}" for rows, name in table) + wgmma
 
 
 def kernel_for_rows(num_rows: int, table=None) -> str:

@@ -136,3 +136,14 @@ def test_wgmma_takes_wide_and_dequant_rows_only_when_asked(monkeypatch, wgmma_ro
 def test_wgmma_blocks_and_splits(rows, shape, block_tokens, splits):
     assert cuda_nf4.wgmma_block_tokens(rows) == block_tokens
     assert cuda_nf4.wgmma_split_k(rows, shape, 132, block_tokens) == splits
+
+
+def test_prepare_settles_the_wgmma_probe_before_any_capture(monkeypatch):
+    """The probe (a launch and a host sync) runs in prepare() when WGMMA_ROWS asks for wgmma, never inside a step."""
+    calls = []
+    monkeypatch.setattr(nf4_dispatch, "kernel_table", lambda: nf4_dispatch.WITH_CUDA_KERNEL)
+    monkeypatch.setattr(cuda_nf4, "wgmma_supported", lambda: calls.append(1) or True)
+    monkeypatch.setattr(nf4_dispatch, "WGMMA_ROWS", (0, 0))
+    assert "wgmma" not in nf4_dispatch.prepare() and calls == []
+    monkeypatch.setattr(nf4_dispatch, "WGMMA_ROWS", (65, 512))
+    assert nf4_dispatch.prepare().endswith("65-512:wgmma") and calls == [1]
