@@ -43,14 +43,20 @@ def _extension():
     from torch.utils.cpp_extension import load
 
     major, minor = torch.cuda.get_device_capability()
-    # Hopper builds for sm_90a, whose warpgroup MMA (wgmma) the nf4_wgmma kernels need; the rest run the same there.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else ""))
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
     csrc = Path(__file__).parent / "csrc"
     # torch's build cache hashes the listed sources only, not the headers they include: name the build
     # by a digest of every file in csrc so that a changed header rebuilds.
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(csrc.iterdir()) if p.is_file())).hexdigest()
-    return load(name=f"loraplex_nf4_mma_{digest[:10]}", sources=[str(csrc / "nf4_mma.cu")],
-                extra_cuda_cflags=["-O3", "--use_fast_math"], verbose=False)
+    # Hopper builds this extension for sm_90a, whose warpgroup MMA the nf4_wgmma kernels need (the rest run the same
+    # there), whatever the environment's arch list says for other builds.
+    arch = "9.0a" if (major, minor) == (9, 0) else os.environ["TORCH_CUDA_ARCH_LIST"]
+    saved, os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["TORCH_CUDA_ARCH_LIST"], arch
+    try:
+        return load(name=f"loraplex_nf4_mma_{digest[:10]}", sources=[str(csrc / "nf4_mma.cu")],
+                    extra_cuda_cflags=["-O3", "--use_fast_math"], verbose=False)
+    finally:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = saved
 
 
 def is_available() -> bool:
