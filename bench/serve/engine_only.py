@@ -1,15 +1,15 @@
 """The engine alone, in this process, on the same model dir, adapters and batch as a server load:
 the reference `serve_over_engine_*` divides by. Run after the server has stopped (it frees the GPU).
 
-Like `python -m bench`, the engine gets a tokenizer that decodes nothing (no text is wanted). Two
-references, each after a warm-up run, the median of timed runs:
+Like `python -m bench`, the engine gets a tokenizer that decodes nothing (no text is wanted). Three
+references, after warm-up runs:
 
-- one batch (`tokens_per_s`): the load's `concurrency` requests added at once, from adding them to the
-  last token, prefill included: one prefill step of every prompt, then decode steps of the whole batch;
-- the closed loop (`closed_loop`): the load itself, `num_requests` requests with `concurrency` in
-  flight, the next added as soon as a step finishes one (the server's clients, with no network and no
-  client time). Its steps are the server's: decode rows with a new prompt's chunks riding along.
-
+- one batch (`tokens_per_s`, the median of TIMED_RUNS): the load's `concurrency` requests added at once,
+  from adding them to the last token, prefill included: one prefill step of every prompt, then decode
+  steps of the whole batch;
+- the closed loop (`closed_loop`, the median of CLOSED_LOOP_RUNS): the load itself, `num_requests`
+  requests with `concurrency` in flight, the next added as soon as a step finishes one (the server's
+  clients, with no network and no client time);
 - the closed loop with arrivals (`closed_loop_arrivals`, one run): the same, but each replacement reaches
   the engine ARRIVAL_DELAY_MS after the step that finished the request it replaces (drawn per request,
   seeded), as a client's answer and its hops to the engine would.
