@@ -310,7 +310,7 @@ def wgmma_supported() -> bool:
     return is_available() and bool(_extension().nf4_wgmma_built())
 
 
-WGMMA_BLOCK_TOKENS = (64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_mma.cu, dispatch_wgmma)
+WGMMA_BLOCK_TOKENS = (32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_mma.cu, dispatch_wgmma)
 WGMMA_BLOCK_WEIGHT_ROWS = 128  # csrc/nf4_wgmma.cuh: two warpgroups of 64 rows
 
 

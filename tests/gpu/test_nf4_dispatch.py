@@ -153,7 +153,7 @@ def test_gemm_kernel_splits_deferred_sums_and_replays(rows, split_k, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows, split_k, block_tokens", [(5, 1, 64), (100, 1, 128), (129, 3, 128), (200, 4, 256),
-                                                        (300, 2, 64), (513, 1, 256)])
+                                                        (300, 2, 64), (513, 1, 256), (20, 1, 32), (33, 3, 32)])
 def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_tokens, dtype):
     """Warpgroup MMA over the tile layout's fragments, every block size: the same products as the tile kernel in
     another order of fp32 sums (against the float64 reference and x @ W^T in fp32); the deferred partials sum to the

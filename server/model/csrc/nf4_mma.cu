@@ -817,15 +817,16 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
                              int64_t split_k, int64_t block_tokens, bool defer_sum) {
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS) \
   launch_wgmma<T, BM, MIN_BLOCKS>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
+  if (block_tokens == 32) return LORAPLEX_WGMMA_LAUNCH(32, 2);
   if (block_tokens == 64) return LORAPLEX_WGMMA_LAUNCH(64, 2);
   if (block_tokens == 128) return LORAPLEX_WGMMA_LAUNCH(128, 1);  // at two blocks an SM (128 registers) it spilled
-  TORCH_CHECK(block_tokens == 256, "block_tokens must be 64, 128 or 256, got ", block_tokens);
+  TORCH_CHECK(block_tokens == 256, "block_tokens must be 32, 64, 128 or 256, got ", block_tokens);
   return LORAPLEX_WGMMA_LAUNCH(256, 1);
 #undef LORAPLEX_WGMMA_LAUNCH
 }
 
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
-// weight rows x block_tokens (64, 128 or 256) tokens; any M, K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a
+// weight rows x block_tokens (32, 64, 128 or 256) tokens; any M, K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a
 // build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N] instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,

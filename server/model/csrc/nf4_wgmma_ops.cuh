@@ -19,6 +19,27 @@ template <typename T, int N>
 struct Wgmma;
 
 #ifdef LORAPLEX_WGMMA
+#define LORAPLEX_WGMMA_N32(CTYPE, PTX_TYPE)                                                               \
+  template <> struct Wgmma<CTYPE, 32> {                                                                   \
+    static __device__ __forceinline__ void mma(float (&d)[16], const uint32_t (&a)[4], uint64_t desc_b) { \
+      asm volatile(                                                                                       \
+          "{\n.reg .pred p;\n"                                                                            \
+          "setp.ne.b32 p, %21, 0;\n"                                                                      \
+          "wgmma.mma_async.sync.aligned.m64n32k16.f32." PTX_TYPE "." PTX_TYPE " {"                        \
+          "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"                          \
+          "}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n"                                                   \
+          "}\n"                                                                                           \
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),           \
+            "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),       \
+            "+f"(d[14]), "+f"(d[15])                                                                      \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));                             \
+    }                                                                                                     \
+  };
+
+LORAPLEX_WGMMA_N32(__nv_bfloat16, "bf16")
+LORAPLEX_WGMMA_N32(__half, "f16")
+#undef LORAPLEX_WGMMA_N32
+
 #define LORAPLEX_WGMMA_N64(CTYPE, PTX_TYPE)                                                               \
   template <> struct Wgmma<CTYPE, 64> {                                                                   \
     static __device__ __forceinline__ void mma(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) { \
