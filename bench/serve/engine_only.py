@@ -85,7 +85,7 @@ class EngineBench:
         import torch
 
         from bench.build import kv_blocks_for, release_engine
-        from bench.engine_loop import closed_loop
+        from bench.closed_loop import closed_loop
         from bench.ours import measure_generation
         from server.config import LoraMode, Settings
         from server.engine.engine import LLMEngine

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from bench import engine_loop
+from bench import closed_loop, engine_loop
 
 
 def test_engine_loop_on_tiny(tmp_path, monkeypatch):
@@ -30,9 +30,9 @@ def test_engine_loop_on_tiny(tmp_path, monkeypatch):
 
 
 def test_step_kinds():
-    assert engine_loop.step_kind({"prefill_seqs": 2, "decode_rows": 5}) == "mixed"
-    assert engine_loop.step_kind({"prefill_seqs": 1, "decode_rows": 0}) == "prefill_only"
-    assert engine_loop.step_kind({"prefill_seqs": 0, "decode_rows": 5}) == "decode_only"
+    assert closed_loop.step_kind({"prefill_seqs": 2, "decode_rows": 5}) == "mixed"
+    assert closed_loop.step_kind({"prefill_seqs": 1, "decode_rows": 0}) == "prefill_only"
+    assert closed_loop.step_kind({"prefill_seqs": 0, "decode_rows": 5}) == "decode_only"
 
 
 def test_carry_probe_on_tiny(tmp_path, monkeypatch):
@@ -94,10 +94,10 @@ def _requests(count: int) -> list:
 
 def test_closed_loop_replaces_at_once_or_after_the_arrival_delay():
     engine = _CountingEngine(steps=3)
-    loop = engine_loop.closed_loop(engine, _requests(6), 2, None)
+    loop = closed_loop.closed_loop(engine, _requests(6), 2, None)
     assert loop["steps"] == 9 and [step for _, _, step in engine.added] == [0, 0, 3, 3, 6, 6]  # lockstep
     engine = _CountingEngine(steps=3)
-    loop = engine_loop.closed_loop(engine, _requests(6), 2, None, arrival_delay=lambda: 0.02)
+    loop = closed_loop.closed_loop(engine, _requests(6), 2, None, arrival_delay=lambda: 0.02)
     assert len(engine.added) == 6
     for _, added_at, steps_before in engine.added[2:]:  # each replacement 20 ms after the step that freed its row
         assert added_at - engine.step_ends[steps_before - 1] >= 0.02
