@@ -182,7 +182,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         impls["wgmma"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                           for c in layer.nf4]
         for tokens in cuda_nf4.WGMMA_BLOCK_TOKENS:  # each block size forced (default: the smallest that holds M)
-            if tokens != cuda_nf4.wgmma_block_tokens(rows) and tokens // 2 < rows:
+            if tokens != cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0)) and tokens // 2 < rows:
                 impls[f"wgmma_b{tokens}"] = [lambda c=c, b=tokens: cuda_nf4.nf4_wgmma(
                     x, c[3], layer.shape, layer.table, block_tokens=b, num_sms=device_num_sms(0))
                     for c in layer.nf4]

@@ -314,18 +314,26 @@ WGMMA_BLOCK_TOKENS = (32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_mma.c
 WGMMA_BLOCK_WEIGHT_ROWS = 128  # csrc/nf4_wgmma.cuh: two warpgroups of 64 rows
 
 
-def wgmma_block_tokens(num_rows: int) -> int:
+def wgmma_block_tokens(num_rows: int, shape=None, num_sms: int = 132) -> int:
     """Tokens a block of nf4_wgmma: the smallest instance that holds every row (each weight dequantized once), 256
-    beyond (blocks along grid z)."""
-    return next((b for b in WGMMA_BLOCK_TOKENS if num_rows <= b), WGMMA_BLOCK_TOKENS[-1])
+    beyond (blocks along grid z); but at 65-128 rows the 64-token instance (two blocks an SM, each weight
+    dequantized twice) where the weight's 128-row groups are fewer than the SMs: the 128-token instance (167
+    registers) runs one block an SM, too few warps to hide its loads. H200 at 128 rows
+    (bench/results/2026-12-04-nvidia-h200-kernels-s24-wgmma.json, us, 64 against 128 tokens): 1B gate_up 32.1 vs
+    47.1, 1B down 20.6 vs 22.4, 8B o 22.3 vs 23.8, 8B down 58.2 vs 57.4; 8B gate_up (224 groups) 122.6 vs 108.4."""
+    tokens = next((b for b in WGMMA_BLOCK_TOKENS if num_rows <= b), WGMMA_BLOCK_TOKENS[-1])
+    if tokens == 128 and shape is not None and -(-shape[0] // WGMMA_BLOCK_WEIGHT_ROWS) < num_sms:
+        return 64
+    return tokens
 
 
 def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int) -> int:
-    """Splits of K for nf4_wgmma: doubled while the grid stays within about one wave of two blocks an SM, each split
-    keeping at least 4 quant blocks."""
+    """Splits of K for nf4_wgmma: as many as keep the grid within one wave of two blocks an SM (not only powers of
+    two: 8B qkv's 48 row groups at 32 rows take 5 splits, 240 blocks, where doubling stopped at 4, 192 of 264), each
+    split keeping at least 4 quant blocks."""
     out_features, in_features = shape
     blocks = -(-out_features // WGMMA_BLOCK_WEIGHT_ROWS) * -(-num_rows // block_tokens)
-    return _split_to_one_wave(blocks, 2 * num_sms, in_features)
+    return max(1, min(in_features // NF4_BLOCKSIZE // 4, 2 * num_sms // blocks))
 
 
 def nf4_wgmma(
@@ -344,7 +352,7 @@ def nf4_wgmma(
     wgmma_supported(). With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
-    block_tokens = block_tokens or wgmma_block_tokens(x.shape[0])
+    block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
     if split_k is None:
         split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens)
     partials = _extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, defer_sum)

@@ -10,8 +10,8 @@
   ``GEMV_ROWS`` rows (LORAPLEX_NF4_GEMV_ROWS) in place of ``tile``, the same loop with K split among a block's
   warps and summed in shared memory instead of by a second kernel; ``gemm``: the rows of ``GEMM_ROWS``
   (LORAPLEX_NF4_GEMM_ROWS, none by default) that the table gives ``wide`` or ``dequant``, x as the MMA's A operand;
-  ``wgmma``: likewise the rows of ``WGMMA_ROWS`` (LORAPLEX_NF4_WGMMA_ROWS) on Hopper's warpgroup MMA, the tile
-  layout's fragments as its A;
+  ``wgmma``: on Hopper (sm_90a builds), the wide and dequant rows up to 256 where it measured faster
+  (``WGMMA_ROWS``, ``WGMMA_MIN_WEIGHTS``), the tile layout's fragments as a warpgroup MMA's A;
 - ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
 
 The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESULTS.md);
@@ -60,10 +60,20 @@ GEMV_ROWS = int(os.environ.get("LORAPLEX_NF4_GEMV_ROWS", "8"))
 # default until the H200 measures it (LORAPLEX_NF4_GEMM_ROWS=65-512 for an engine A/B). It dequantizes each weight
 # twice a 128 tokens, so at prefill sizes of thousands of rows dequant + cuBLAS must keep them.
 GEMM_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_GEMM_ROWS", "0-0").split("-"))
-# The rows (lo-hi) whose `wide` or `dequant` calls `wgmma` takes instead (the tile layout's A fragments on Hopper's
-# warpgroup MMA, csrc/nf4_wgmma.cuh; sm_90a builds only): none until the H200 measures it
-# (LORAPLEX_NF4_WGMMA_ROWS=65-512 for an A/B).
-WGMMA_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_WGMMA_ROWS", "0-0").split("-"))
+# Hopper's warpgroup MMA (`wgmma`, the tile layout's A fragments in registers, x from shared memory; sm_90a builds only)
+# takes the wide and dequant rows within WGMMA_ROWS (LORAPLEX_NF4_WGMMA_ROWS=lo-hi; 0-0 turns it off) on weights of at
+# least WGMMA_MIN_WEIGHTS (out x in) for the row count. H200, 2026-12-04
+# (bench/results/2026-12-04-nvidia-h200-kernels-s24-wgmma.json, µs, wgmma against the dispatch before it): at 32 rows 8B
+# o 11.1 vs 12.1, gate_up 51.5 vs 67.7, down 26.5 vs 28.8, 1B qkv 7.7 vs 8.8, o 6.2 vs 7.7, gate_up 20.3 vs 21.2, down
+# 10.9 vs 11.7 (8B qkv 17.7 vs 16.2 before its splits filled the wave: cuda_nf4.wgmma_split_k); at 64 rows every layer
+# (8B gate_up 62.8 vs 95.8, down 32.6 vs 49.2, qkv 22.2 vs 23.4, 1B qkv 9.7 vs 10.8); at 128 rows weights from 16M (8B
+# gate_up 108 vs 157, down 57 vs 68, o 22.3 vs 26.1, 1B gate_up 32.1 vs 38.3, 1B down 20.6 vs 29.2; 8B qkv 38.7 vs 35.0
+# loses, 1B qkv 14.4 vs 11.3 and o 10.1 vs 10.0 stay on dequant); at 192-256 rows only the largest (8B gate_up 159-162
+# vs 171-194, down 80-84 vs 93-97; 8B o 34-38 vs 27-31 and 1B gate_up 53-58 vs 50-52 lose: too few row groups to fill
+# the GPU at one wgmma block an SM); from 512 rows dequant + cuBLAS wins everywhere (8B gate_up 323 vs 264). Rows past
+# the table's last entry (a range asked for past 256) take every weight.
+WGMMA_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_WGMMA_ROWS", "12-256").split("-"))
+WGMMA_MIN_WEIGHTS = ((64, 0), (128, 16_000_000), (256, 50_000_000))  # (up to this many rows, least out x in)
 
 
 @functools.cache
@@ -78,14 +88,23 @@ def kernel_table() -> tuple[tuple[int | None, str], ...]:
 
 
 def prepare() -> str:
-    """Settle the kernel table (building the CUDA extension once, ~90 s on a fresh machine) and, when WGMMA_ROWS asks
-    for it, whether the build has the wgmma kernels (a probe launch and a host sync, which a graph capture must not
-    meet) before any CUDA graph is captured; returns a one-line description for the log."""
+    """Settle the kernel table (building the CUDA extension once, ~90 s on a fresh machine) and whether the build has
+    the wgmma kernels (a probe launch and a host sync, which a graph capture must not meet) before any CUDA graph is
+    captured; returns a one-line description for the log."""
     table = kernel_table()
     wgmma = ""
     if WGMMA_ROWS[0] > 0 and table == WITH_CUDA_KERNEL:
         wgmma = f" {WGMMA_ROWS[0]}-{WGMMA_ROWS[1]}:wgmma" if cuda_nf4.wgmma_supported() else " (no wgmma build)"
     return " ".join(f"<={rows}:{name}" if rows else f"rest:{name}" for rows, name in table) + wgmma
+
+
+def wgmma_takes(num_rows: int, shape) -> bool:
+    """Whether wgmma runs a wide or dequant call of `num_rows` rows on an (out, in) weight (WGMMA_ROWS,
+    WGMMA_MIN_WEIGHTS, an sm_90a build)."""
+    if not 0 < WGMMA_ROWS[0] <= num_rows <= WGMMA_ROWS[1]:
+        return False
+    least = next((weights for rows, weights in WGMMA_MIN_WEIGHTS if num_rows <= rows), 0)
+    return shape[0] * shape[1] >= least and cuda_nf4.wgmma_supported()
 
 
 def kernel_for_rows(num_rows: int, table=None) -> str:
@@ -95,14 +114,13 @@ def kernel_for_rows(num_rows: int, table=None) -> str:
 
 def kernel_for(num_rows: int, shape, table=None, num_sms: int = 132) -> str:
     """The kernel the dispatch runs for `num_rows` rows of an (out, in) weight: the table's, except that
-    the gemv kernel takes the tile kernel's rows up to GEMV_ROWS where it fills a wave, the gemm kernel the wide and
-    dequant rows in GEMM_ROWS (when set), and the wide kernel leaves weights below WIDE_MIN_WEIGHTS to dequant
-    + cuBLAS."""
+    the gemv kernel takes the tile kernel's rows up to GEMV_ROWS where it fills a wave, wgmma the wide and dequant
+    rows where wgmma_takes, the gemm kernel those in GEMM_ROWS (when set), and the wide kernel leaves weights below
+    WIDE_MIN_WEIGHTS to dequant + cuBLAS."""
     name = kernel_for_rows(num_rows, table)
     in_gemm_rows = 0 < GEMM_ROWS[0] <= num_rows <= GEMM_ROWS[1]
     with_cuda = (table or kernel_table()) == WITH_CUDA_KERNEL
-    if (name in ("wide", "dequant") and 0 < WGMMA_ROWS[0] <= num_rows <= WGMMA_ROWS[1] and with_cuda
-            and cuda_nf4.wgmma_supported()):
+    if name in ("wide", "dequant") and with_cuda and wgmma_takes(num_rows, shape):
         return "wgmma"
     if name in ("wide", "dequant") and in_gemm_rows and with_cuda:
         return "gemm"

@@ -115,35 +115,45 @@ def test_gemm_takes_wide_and_dequant_rows_only_when_asked(monkeypatch, gemm_rows
     assert nf4_dispatch.kernel_for(rows, (6144, 4096), tables[table]) == expected
 
 
-@pytest.mark.parametrize("wgmma_rows, supported, rows, table, expected", [
-    ((0, 0), True, 300, "cuda", "dequant"), ((65, 512), True, 300, "cuda", "wgmma"),
-    ((65, 512), False, 300, "cuda", "dequant"),  # no sm_90a build: the table's kernel
-    ((65, 512), True, 64, "cuda", "wide"), ((65, 512), True, 513, "cuda", "dequant"),
-    ((65, 512), True, 300, "triton", "dequant"),
+@pytest.mark.parametrize("wgmma_rows, supported, rows, shape, table, expected", [
+    ((12, 256), True, 32, (6144, 4096), "cuda", "wgmma"), ((12, 256), True, 12, (2048, 2048), "cuda", "wgmma"),
+    ((12, 256), True, 11, (28672, 4096), "cuda", "tile"),  # the tile kernel's rows stay its own
+    ((12, 256), True, 128, (4096, 4096), "cuda", "wgmma"),  # 16.8M weights from 65 rows
+    ((12, 256), True, 128, (3072, 2048), "cuda", "dequant"),  # 6.3M: dequant + cuBLAS
+    ((12, 256), True, 200, (28672, 4096), "cuda", "wgmma"), ((12, 256), True, 200, (4096, 14336), "cuda", "wgmma"),
+    ((12, 256), True, 200, (4096, 4096), "cuda", "dequant"),  # under 50M weights past 128 rows
+    ((12, 256), True, 300, (28672, 4096), "cuda", "dequant"),  # past the rows asked for
+    ((12, 512), True, 300, (2048, 2048), "cuda", "wgmma"),  # asked past the table: every weight
+    ((0, 0), True, 32, (28672, 4096), "cuda", "wide"), ((12, 256), False, 32, (28672, 4096), "cuda", "wide"),
+    ((12, 256), False, 200, (28672, 4096), "cuda", "dequant"),  # no sm_90a build: the table's kernel
+    ((12, 256), True, 200, (28672, 4096), "triton", "dequant"),
 ])  # fmt: skip
-def test_wgmma_takes_wide_and_dequant_rows_only_when_asked(monkeypatch, wgmma_rows, supported, rows, table, expected):
+def test_wgmma_takes_wide_and_dequant_rows_where_measured_faster(monkeypatch, wgmma_rows, supported, rows, shape,
+                                                                  table, expected):
     monkeypatch.setattr(nf4_dispatch, "WGMMA_ROWS", wgmma_rows)
     monkeypatch.setattr(cuda_nf4, "wgmma_supported", lambda: supported)
     tables = {"cuda": nf4_dispatch.WITH_CUDA_KERNEL, "triton": nf4_dispatch.TRITON_ONLY}
-    assert nf4_dispatch.kernel_for(rows, (6144, 4096), tables[table]) == expected
+    assert nf4_dispatch.kernel_for(rows, shape, tables[table]) == expected
 
 
 @pytest.mark.parametrize("rows, shape, block_tokens, splits", [
-    (128, (28672, 4096), 128, 1),  # 224 blocks: past a wave of 2 x 132
-    (128, (3072, 2048), 128, 8), (200, (4096, 14336), 256, 8), (1024, (4096, 4096), 256, 2),
-    (128, (320, 256), 128, 1),  # four quant blocks: no split keeps 4 of them
+    (128, (28672, 4096), 128, 1),  # 224 row groups: past a wave of 2 x 132, and past the SMs at 128 tokens
+    (128, (3072, 2048), 64, 5),  # 24 row groups: two 64-token blocks (two an SM) rather than one of 128
+    (32, (6144, 4096), 32, 5),  # 48 row groups: 5 splits fill 240 of 264, where doubling stopped at 4
+    (200, (4096, 14336), 256, 8), (1024, (4096, 4096), 256, 2),
+    (128, (320, 256), 64, 1),  # four quant blocks: no split keeps 4 of them
 ])  # fmt: skip
 def test_wgmma_blocks_and_splits(rows, shape, block_tokens, splits):
-    assert cuda_nf4.wgmma_block_tokens(rows) == block_tokens
+    assert cuda_nf4.wgmma_block_tokens(rows, shape, 132) == block_tokens
     assert cuda_nf4.wgmma_split_k(rows, shape, 132, block_tokens) == splits
 
 
 def test_prepare_settles_the_wgmma_probe_before_any_capture(monkeypatch):
-    """The probe (a launch and a host sync) runs in prepare() when WGMMA_ROWS asks for wgmma, never inside a step."""
+    """The probe (a launch and a host sync) runs in prepare() unless WGMMA_ROWS is off, never inside a step."""
     calls = []
     monkeypatch.setattr(nf4_dispatch, "kernel_table", lambda: nf4_dispatch.WITH_CUDA_KERNEL)
     monkeypatch.setattr(cuda_nf4, "wgmma_supported", lambda: calls.append(1) or True)
     monkeypatch.setattr(nf4_dispatch, "WGMMA_ROWS", (0, 0))
     assert "wgmma" not in nf4_dispatch.prepare() and calls == []
-    monkeypatch.setattr(nf4_dispatch, "WGMMA_ROWS", (65, 512))
-    assert nf4_dispatch.prepare().endswith("65-512:wgmma") and calls == [1]
+    monkeypatch.setattr(nf4_dispatch, "WGMMA_ROWS", (12, 256))
+    assert nf4_dispatch.prepare().endswith("12-256:wgmma") and calls == [1]
