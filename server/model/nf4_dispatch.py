@@ -10,7 +10,7 @@
   ``GEMV_ROWS`` rows (LORAPLEX_NF4_GEMV_ROWS) in place of ``tile``, the same loop with K split among a block's
   warps and summed in shared memory instead of by a second kernel; ``gemm``: the rows of ``GEMM_ROWS``
   (LORAPLEX_NF4_GEMM_ROWS, none by default) that the table gives ``wide`` or ``dequant``, x as the MMA's A operand;
-  ``wgmma``: on Hopper (sm_90a builds), the wide and dequant rows up to 256 where it measured faster
+  ``wgmma``: on Hopper (sm_90a builds), the wide and dequant rows from 17 to 256 where it measured faster
   (``WGMMA_ROWS``, ``WGMMA_MIN_WEIGHTS``), the tile layout's fragments as a warpgroup MMA's A;
 - ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
 
@@ -65,14 +65,15 @@ GEMM_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_GEMM_ROWS", "0-0"
 # least WGMMA_MIN_WEIGHTS (out x in) for the row count. H200, 2026-12-04
 # (bench/results/2026-12-04-nvidia-h200-kernels-s24-wgmma.json, µs, wgmma against the dispatch before it): at 32 rows 8B
 # o 11.1 vs 12.1, gate_up 51.5 vs 67.7, down 26.5 vs 28.8, 1B qkv 7.7 vs 8.8, o 6.2 vs 7.7, gate_up 20.3 vs 21.2, down
-# 10.9 vs 11.7 (8B qkv 17.7 vs 16.2 before its splits filled the wave: cuda_nf4.wgmma_split_k); at 64 rows every layer
-# (8B gate_up 62.8 vs 95.8, down 32.6 vs 49.2, qkv 22.2 vs 23.4, 1B qkv 9.7 vs 10.8); at 128 rows weights from 16M (8B
-# gate_up 108 vs 157, down 57 vs 68, o 22.3 vs 26.1, 1B gate_up 32.1 vs 38.3, 1B down 20.6 vs 29.2; 8B qkv 38.7 vs 35.0
-# loses, 1B qkv 14.4 vs 11.3 and o 10.1 vs 10.0 stay on dequant); at 192-256 rows only the largest (8B gate_up 159-162
-# vs 171-194, down 80-84 vs 93-97; 8B o 34-38 vs 27-31 and 1B gate_up 53-58 vs 50-52 lose: too few row groups to fill
-# the GPU at one wgmma block an SM); from 512 rows dequant + cuBLAS wins everywhere (8B gate_up 323 vs 264). Rows past
-# the table's last entry (a range asked for past 256) take every weight.
-WGMMA_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_WGMMA_ROWS", "12-256").split("-"))
+# 10.9 vs 11.7 (8B qkv 17.7 vs 16.2 before its splits filled the wave, cuda_nf4.wgmma_split_k, 15.5 vs 16.4 after; at 16
+# rows the wide kernel still wins: 8B gate_up 47.5 vs 51.8, qkv 13.0 vs 14.5, -kernels-s24-dispatch.json); at 64 rows
+# every layer (8B gate_up 62.8 vs 95.8, down 32.6 vs 49.2, qkv 22.2 vs 23.4, 1B qkv 9.7 vs 10.8); at 128 rows weights
+# from 16M (8B gate_up 108 vs 157, down 57 vs 68, o 22.3 vs 26.1, 1B gate_up 32.1 vs 38.3, 1B down 20.6 vs 29.2; 8B qkv
+# 38.7 vs 35.0 loses, 1B qkv 14.4 vs 11.3 and o 10.1 vs 10.0 stay on dequant); at 192-256 rows only the largest (8B
+# gate_up 159-162 vs 171-194, down 80-84 vs 93-97; 8B o 34-38 vs 27-31 and 1B gate_up 53-58 vs 50-52 lose: too few row
+# groups to fill the GPU at one wgmma block an SM); from 512 rows dequant + cuBLAS wins everywhere (8B gate_up 323 vs
+# 264). Rows past the table's last entry (a range asked for past 256) take every weight.
+WGMMA_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_WGMMA_ROWS", "17-256").split("-"))
 WGMMA_MIN_WEIGHTS = ((64, 0), (128, 16_000_000), (256, 50_000_000))  # (up to this many rows, least out x in)
 
 

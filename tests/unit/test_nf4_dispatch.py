@@ -116,7 +116,8 @@ def test_gemm_takes_wide_and_dequant_rows_only_when_asked(monkeypatch, gemm_rows
 
 
 @pytest.mark.parametrize("wgmma_rows, supported, rows, shape, table, expected", [
-    ((12, 256), True, 32, (6144, 4096), "cuda", "wgmma"), ((12, 256), True, 12, (2048, 2048), "cuda", "wgmma"),
+    ((17, 256), True, 32, (6144, 4096), "cuda", "wgmma"), ((17, 256), True, 17, (2048, 2048), "cuda", "wgmma"),
+    ((17, 256), True, 16, (28672, 4096), "cuda", "wide"), ((12, 256), True, 12, (2048, 2048), "cuda", "wgmma"),
     ((12, 256), True, 11, (28672, 4096), "cuda", "tile"),  # the tile kernel's rows stay its own
     ((12, 256), True, 128, (4096, 4096), "cuda", "wgmma"),  # 16.8M weights from 65 rows
     ((12, 256), True, 128, (3072, 2048), "cuda", "dequant"),  # 6.3M: dequant + cuBLAS
@@ -155,5 +156,5 @@ def test_prepare_settles_the_wgmma_probe_before_any_capture(monkeypatch):
     monkeypatch.setattr(cuda_nf4, "wgmma_supported", lambda: calls.append(1) or True)
     monkeypatch.setattr(nf4_dispatch, "WGMMA_ROWS", (0, 0))
     assert "wgmma" not in nf4_dispatch.prepare() and calls == []
-    monkeypatch.setattr(nf4_dispatch, "WGMMA_ROWS", (12, 256))
-    assert nf4_dispatch.prepare().endswith("12-256:wgmma") and calls == [1]
+    monkeypatch.setattr(nf4_dispatch, "WGMMA_ROWS", (17, 256))
+    assert nf4_dispatch.prepare().endswith("17-256:wgmma") and calls == [1]
