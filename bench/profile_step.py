@@ -29,8 +29,8 @@ from bench.build import device_name, sync
 from bench.results import write_named_result
 
 KINDS = (  # first match wins; lower-case substrings of kernel names
-    ("nf4_matmul", ("nf4_mma", "nf4_tile", "nf4_wide", "split_k_sum", "nf4_matmul", "nf4_gemv", "nf4_dequant",
-                    "kgemm_4bit", "dequantize")),
+    ("nf4_matmul", ("nf4_mma", "nf4_tile", "nf4_wide", "nf4_wgmma", "nf4_gemm", "split_k_sum", "nf4_matmul",
+                    "nf4_gemv", "nf4_dequant", "kgemm_4bit", "dequantize")),
     ("attention", ("_decode_kernel", "_merge_kernel", "_merge_splits", "_prefill_kernel", "flash", "attention")),
     ("lora", ("lora", "sgmv", "bgmv", "shrink", "expand")),
     ("fused_glue", ("_add_rmsnorm", "_silu_mul", "_rotary_write_kv")),

@@ -8,6 +8,8 @@ def test_kernel_kinds():
     assert kind_of("_decode_kernel") == "attention"
     assert kind_of("void (anonymous namespace)::nf4_wide_kernel<__nv_bfloat16, 4, 1, 4, 3, 4>") == "nf4_matmul"
     assert kind_of("_merge_splits_kernel") == "attention"
+    assert kind_of("void (anonymous namespace)::nf4_wgmma_kernel<__nv_bfloat16, 32, 2>") == "nf4_matmul"
+    assert kind_of("void (anonymous namespace)::nf4_gemm_kernel<__nv_bfloat16>") == "nf4_matmul"
     assert kind_of("_add_rmsnorm_kernel") == "fused_glue"
     assert kind_of("_part_argmax_kernel") == kind_of("_merge_argmax_parts_kernel") == "sampling"  # greedy rows
     assert kind_of("_fill_kernel") == "other_glue"  # a replay's static inputs (triton_step_inputs)
