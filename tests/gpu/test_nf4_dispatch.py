@@ -416,8 +416,8 @@ def test_fused_lora_sums_keep_the_engine_logits(monkeypatch):
 
 @pytest.mark.parametrize("rows", [65, 100, 128])
 def test_lora_expand_sums_at_wide_rows_on_the_1b_gate_up(rows):
-    """65-128 rows of the 1B gate_up (in 2,048, out 16,384) go to the wide kernel, whose split-K partials the fused
-    LoRA expand sums: bit for bit the summed output with the expand added, 32 adapters and a row without one."""
+    """65-128 rows of the 1B gate_up (in 2,048, out 16,384) go to wgmma (Hopper) or wide, whose split-K partials the
+    fused LoRA expand sums: bit for bit the summed output with the expand added, 32 adapters and a row without one."""
     from server.model import cuda_nf4, triton_lora
     from server.model.lora_meta import decode_lora_meta
     from tests.lora_pools import mixed_ranks, random_pool
