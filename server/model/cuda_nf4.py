@@ -346,15 +346,19 @@ def nf4_wgmma(
     block_tokens: int | None = None,
     num_sms: int = 132,
     defer_sum: bool = False,
+    stage_blocks: int = 1,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
-    wgmma_supported(). With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead."""
+    wgmma_supported(). With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead.
+    `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait (not yet measured; the
+    dispatch runs 1)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
     if split_k is None:
         split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens)
-    partials = _extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, defer_sum)
+    partials = _extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
+                                      defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 

@@ -178,6 +178,26 @@ def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_toke
     _assert_replays(run, x)
 
 
+@pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 5), (100, 5), (7, 7)])
+def test_wgmma_two_blocks_a_stage_matches_one_bit_for_bit(rows, split_k):
+    """stage_blocks=2 (two quant blocks a barrier and wgmma wait) issues the same wgmmas in the same order into the same
+    accumulators: not a bit may differ from one block a stage, with an odd count of blocks in a split (24 quant blocks
+    in 5 splits: 5, 5, 5, 5, 4) and on replay."""
+    from server.model import cuda_nf4
+
+    if not cuda_nf4.wgmma_supported():
+        pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
+    codes, absmax, wshape, table, _ = _layer(1536, 600)
+    x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
+    tiled = _tiled(codes, absmax, wshape)
+    run = lambda xs, stages=2, **kw: cuda_nf4.nf4_wgmma(xs, tiled, wshape, table, None, split_k=split_k,  # noqa: E731
+                                                        block_tokens=32, stage_blocks=stages, **kw)
+    got = run(x)
+    assert torch.equal(got, run(x, stages=1))
+    assert _rel_err(got, x, codes, absmax, wshape, table, torch.zeros(600, device="cuda")) < 4e-3
+    _assert_replays(run, x)
+
+
 @pytest.mark.parametrize("rows, split_k, token_tiles, rows_per_warp", [
     (1, 1, 2, 1), (13, 3, 2, 2), (30, 2, 4, 1), (7, 3, 8, 2), (33, 2, 8, 1), (64, 8, 16, 2), (50, 4, 16, 1),
 ])  # fmt: skip

@@ -78,3 +78,41 @@ def test_one_warpgroups_tile_is_x_times_the_dequantized_weight():
     want = x.double() @ weight.double().t()
     assert not out.isnan().any()
     torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
+
+
+def _store_stage(x: torch.Tensor, blk: int, last: int, tokens: int, stage_blocks: int) -> dict[int, torch.Tensor]:
+    """load_x + store_x of a stage (nf4_wgmma_kernel with KB = stage_blocks): chunk q of the stage is token row
+    (q >> 3) % BM, chunk q & 7 of quant block min(blk + q / (BM * 8), last - 1), stored into the stage's tile
+    q / (BM * 8) (BM * 128 bytes each), as {physical 32-bit word of the buffer: its two values}."""
+    words = {}
+    for thread in range(THREADS):
+        for i in range(stage_blocks * tokens * 8 // THREADS):  # CHUNKS
+            q = thread + i * THREADS
+            row, c = (q >> 3) % tokens, q & 7
+            block = blk if stage_blocks == 1 else min(blk + q // (tokens * 8), last - 1)
+            chunk_values = x[row, 64 * block + 8 * c:64 * block + 8 * c + 8]
+            tile = 0 if stage_blocks == 1 else q // (tokens * 8) * tokens * 128
+            for w in range(4):
+                chunk = 4 * (c & 1) + w
+                address = tile + row * 128 + ((chunk ^ (row & 7)) << 4) + 4 * (c >> 1)
+                assert address // 4 not in words  # no word written twice
+                words[address // 4] = chunk_values[2 * w:2 * w + 2]
+    return words
+
+
+def test_a_two_block_stage_stages_each_block_as_its_own_tile():
+    """Two quant blocks a stage: the stage's buffer holds block blk's tile and then block blk + 1's, each exactly as a
+    one-block stage stores it (so the same descriptors, offset by a tile, read the same B); a split's odd last block
+    re-reads itself into the second tile (whose wgmmas the kernel skips)."""
+    tokens, in_features = 32, 64 * 5
+    x = torch.randn(tokens, in_features).to(torch.bfloat16)
+    tile_words = tokens * 32
+    for blk, last in ((0, 5), (2, 5), (4, 5)):
+        stage = _store_stage(x, blk, last, tokens, 2)
+        assert len(stage) == 2 * tile_words
+        for kb in range(2):
+            one = _store_stage(x, min(blk + kb, last - 1), last, tokens, 1)
+            single = _store_x(x, min(blk + kb, last - 1), tokens)  # the one-block staging the first test checks
+            assert one.keys() == single.keys() and all(torch.equal(one[w], single[w]) for w in one)
+            for word, values in one.items():
+                assert torch.equal(stage[kb * tile_words + word], values)

@@ -19,8 +19,9 @@
 // 4 (c % 2) + i, word c / 2 of the row. Chunks sit at chunk ^ (row & 7) in the row (the 128-byte swizzle the
 // descriptor names, the tile 1,024-byte aligned); the 8 threads of a row write 8 distinct banks per store.
 //
-// Pipeline: a block's x comes by 16-byte loads into registers one quant block ahead and is stored permuted into the
-// other of two shared-memory buffers after this block's wgmmas have completed; one barrier a block. Codes come
+// Pipeline: a stage's x (KB quant blocks: 1, or 2 to halve the barriers and waits) comes by 16-byte loads into
+// registers one stage ahead and is stored permuted into the other of two shared-memory buffers after this stage's
+// wgmmas have completed; one barrier a stage. Codes come
 // PREFETCH blocks ahead in the tile layout's register ring. Tokens past M re-read row M - 1 and weight tiles past N
 // the last tile; neither is stored. Split K as the other kernels: grid y, fp32 partials summed by split_k_sum_kernel.
 #pragma once
@@ -32,21 +33,24 @@ namespace {
 constexpr int WG_WARPS = 8;  // two warpgroups: 128 weight rows a block
 constexpr int WG_PREFETCH = 2;
 
-template <int BM>
+// A stage is KB quant blocks: x's KB tiles of BM tokens x 64 k (each BM x 128 bytes, 1,024-byte aligned) in one
+// buffer, the KB blocks' A fragments in registers, one barrier and one wgmma wait for all of them.
+template <int BM, int KB>
 struct WgmmaSmem {
-  static constexpr int x_bytes = BM * 128;
+  static constexpr int x_bytes = KB * BM * 128;
   static constexpr int bytes = 2 * x_bytes + 1024;  // two x buffers, and room to align them to 1,024 bytes
 };
 
-template <typename T, int BM, int MIN_BLOCKS>
+template <typename T, int BM, int MIN_BLOCKS, int KB>
 __global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
     int M, int N, int K, int blocks_per_split) {
 #ifdef LORAPLEX_WGMMA
   constexpr int THREADS = WG_WARPS * 32;
-  constexpr int CHUNKS = BM * 8 / THREADS;  // x's 16-byte chunks a thread stages a block
-  constexpr int X_BYTES = WgmmaSmem<BM>::x_bytes;
+  constexpr int CHUNKS = KB * BM * 8 / THREADS;  // x's 16-byte chunks a thread stages a stage
+  constexpr int X_BYTES = WgmmaSmem<BM, KB>::x_bytes;
+  static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   const char* lut = stage_code_table(table);
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
@@ -63,20 +67,22 @@ __global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   const int last = min(first + blocks_per_split, num_blocks);
   const int m0 = blockIdx.z * BM;
 
+  // Chunk q of a stage: quant block q / (BM * 8) of the stage, token row (q / 8) % BM, 16-byte chunk q % 8.
   uint4 xr[CHUNKS];
-  auto load_x = [&](int blk) {
+  auto load_x = [&](int blk) {  // the stage from quant block blk (blocks past the split re-read its last)
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
-      const int q = threadIdx.x + i * THREADS, row = q >> 3, c = q & 7;
-      xr[i] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(m0 + row, M - 1)) * K + 64 * blk +
+      const int q = threadIdx.x + i * THREADS, row = KB == 1 ? q >> 3 : (q >> 3) % BM, c = q & 7;
+      const int b = KB == 1 ? blk : min(blk + q / (BM * 8), last - 1);  // one block a stage: always within the split
+      xr[i] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(m0 + row, M - 1)) * K + 64 * b +
                                                    8 * c));
     }
   };
   auto store_x = [&](int buffer) {
-    uint8_t* tile = tiles_ptr + buffer * X_BYTES;
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
-      const int q = threadIdx.x + i * THREADS, row = q >> 3, c = q & 7;
+      const int q = threadIdx.x + i * THREADS, row = KB == 1 ? q >> 3 : (q >> 3) % BM, c = q & 7;
+      uint8_t* tile = tiles_ptr + buffer * X_BYTES + (KB == 1 ? 0 : q / (BM * 8) * BM * 128);
       const uint32_t words[4] = {xr[i].x, xr[i].y, xr[i].z, xr[i].w};
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
@@ -93,25 +99,34 @@ __global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   store_x(0);
   for (int base = first; base < last; base += WG_PREFETCH) {
 #pragma unroll
-    for (int p = 0; p < WG_PREFETCH; ++p) {
+    for (int p = 0; p < WG_PREFETCH; p += KB) {
       const int blk = base + p;
       if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
-      const int i = blk - first;
-      if (blk + 1 < last) load_x(blk + 1);
-      uint4 codes[1];
-      float2 scales[1];
-      ring.take(p, blk, last, codes, scales);
-      uint32_t a[2][2][4];  // [half][k-step of the half][4 registers]
-      a_fragments<T>(lut, codes[0], scales[0], 0, a[0]);
-      a_fragments<T>(lut, codes[0], scales[0], 1, a[1]);
-      __syncthreads();  // x of this block is stored and fenced by all; the other buffer's wgmmas are done
+      const int i = (blk - first) / KB;
+      if (blk + KB < last) load_x(blk + KB);
+      uint32_t a[KB][2][2][4];  // [block of the stage][half][k-step of the half][4 registers]
+#pragma unroll
+      for (int kb = 0; kb < KB; ++kb) {  // a block past the split takes valid clamped codes; its wgmmas are skipped
+        uint4 codes[1];
+        float2 scales[1];
+        ring.take(p + kb, blk + kb, last, codes, scales);
+        a_fragments<T>(lut, codes[0], scales[0], 0, a[kb][0]);
+        a_fragments<T>(lut, codes[0], scales[0], 1, a[kb][1]);
+      }
+      __syncthreads();  // x of this stage is stored and fenced by all; the other buffer's wgmmas are done
       const uint32_t x_tile = tiles + (i & 1) * X_BYTES;
       wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < 4; ++j) Wgmma<T, BM>::mma(acc, a[j / 2][j % 2], smem_desc_sw128(x_tile + 32 * j));
+      for (int kb = 0; kb < KB; ++kb) {
+        if (kb > 0 && blk + kb >= last) break;  // uniform across the block
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          Wgmma<T, BM>::mma(acc, a[kb][j / 2][j % 2], smem_desc_sw128(x_tile + kb * BM * 128 + 32 * j));
+        }
+      }
       wgmma_commit();
       wgmma_wait_all();
-      if (blk + 1 < last) store_x((i + 1) & 1);
+      if (blk + KB < last) store_x((i + 1) & 1);
     }
   }
 
