@@ -6,7 +6,8 @@
 - ``tile``: 1-11 rows, the CUDA tensor-core kernel compiled at first use (server.model.cuda_nf4) over
   the layer's forward-only tile layout (nf4_layout.tile_pack; NF4Linear keeps it), ``mma`` when a
   caller has no tile copy: the same kernel reading bitsandbytes' codes as stored; ``wide``: 12-128 rows
-  (large weights only past 32), the same mapping with x staged in shared memory once a block; ``gemv``: up to
+  (large weights only past 32; on Hopper wgmma takes most of them from 17), the same mapping with x staged in
+  shared memory once a block; ``gemv``: up to
   ``GEMV_ROWS`` rows (LORAPLEX_NF4_GEMV_ROWS) in place of ``tile``, the same loop with K split among a block's
   warps and summed in shared memory instead of by a second kernel; ``gemm``: the rows of ``GEMM_ROWS``
   (LORAPLEX_NF4_GEMM_ROWS, none by default) that the table gives ``wide`` or ``dequant``, x as the MMA's A operand;
