@@ -14,7 +14,8 @@ With --prefill it profiles instead the step that prefills the whole batch (128-t
 round run to completion (kernels compiled, adapter slots loaded), the first steps of three more rounds are
 timed on the host, a fifth round's first step is profiled on the device and a sixth's under cProfile. Writes
 ``...-prefill-profile.json`` (no ratios): per-kind GPU ms of that step beside its host wall time, which tells
-a step bound by its launches from one bound by its kernels, and the host's top functions.
+a step bound by its launches from one bound by its kernels, and the host's top functions. Both modes add
+``timeline`` (bench.timeline): the profiled span's idle time between kernels across streams and its longest gaps.
 """
 
 from __future__ import annotations
@@ -70,13 +71,18 @@ def summarize(events: list[tuple[str, float]], steps: int) -> dict:
     }
 
 
-def device_events(run, device: torch.device) -> list[tuple[str, float]]:
-    """(kernel name, device µs) of every CUDA kernel that `run()` launches, synchronized at the end."""
+def device_events(run, device: torch.device, timeline: dict | None = None) -> list[tuple[str, float]]:
+    """(kernel name, device µs) of every CUDA kernel that `run()` launches, synchronized at the end; with `timeline`,
+    that dict gets bench.timeline's idle summary of the same run (span, busy, overlapped and idle ms, longest gaps)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from bench.timeline import idle_summary, kernel_intervals
 
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         run()
         sync(device)
+    if timeline is not None:
+        timeline.update(idle_summary(kernel_intervals(prof)))
     return [(e.name, e.device_time) for e in prof.events()
             if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")
             and e.device_time > 0]
@@ -121,7 +127,8 @@ def profile_prefill(engine, make, args, device: torch.device) -> None:
     warm_ms = first_step(engine, make(), engine.step, device)  # compiles, loads adapter slots
     wall_ms = [first_step(engine, make(), engine.step, device) for _ in range(3)]
     events: list[tuple[str, float]] = []
-    first_step(engine, make(), lambda: events.extend(device_events(engine.step, device)), device)
+    timeline: dict = {}
+    first_step(engine, make(), lambda: events.extend(device_events(engine.step, device, timeline)), device)
     summary = summarize(events, 1)
     host: dict[str, list[str]] = {}
     first_step(engine, make(), lambda: host.update(host_profile(engine.step, device)), device)
@@ -129,8 +136,10 @@ def profile_prefill(engine, make, args, device: torch.device) -> None:
               "batch": args.batch, "mode": args.mode, "torch": torch.__version__, "step": "prefill",
               "command": f"python -m bench.profile_step --model {args.model} --batch {args.batch} "
                          f"--mode {args.mode} --prefill",
-              "first_round_step_ms": warm_ms, "prefill_step_wall_ms": wall_ms, **summary, "host_profile": host}
-    print(json.dumps({k: result[k] for k in ("prefill_step_wall_ms", "total_ms_per_step", "ms_per_step")}, indent=1))
+              "first_round_step_ms": warm_ms, "prefill_step_wall_ms": wall_ms, **summary, "timeline": timeline,
+              "host_profile": host}
+    print(json.dumps({k: result[k] for k in ("prefill_step_wall_ms", "total_ms_per_step", "ms_per_step", "timeline")},
+                     indent=1))
     write_named_result(args.out, result, f"{args.model}-b{args.batch}-{args.mode}-prefill-profile")
 
 
@@ -168,13 +177,14 @@ def main() -> None:
         engine.step()
     sync(device)
     steps = 5
-    events = device_events(lambda: [engine.step() for _ in range(steps)], device)
+    timeline: dict = {}
+    events = device_events(lambda: [engine.step() for _ in range(steps)], device, timeline)
     summary = summarize(events, steps)
     tag = f"b{args.batch}_{args.model}"
     result = {"date": time.strftime("%Y-%m-%d"), "device": device_name(device), "model": args.model,
               "batch": args.batch, "mode": args.mode, "torch": torch.__version__,
               "command": f"python -m bench.profile_step --model {args.model} --batch {args.batch} --mode {args.mode}",
-              **summary,
+              **summary, "timeline": timeline,
               "ratios": {f"decode_step_ms_{tag}": summary["total_ms_per_step"],
                          f"glue_fraction_{tag}": summary["glue_fraction"]}}
     shown = ("ms_per_step", "total_ms_per_step", "glue_fraction", "launches_per_step")
