@@ -10,6 +10,7 @@
 # (python -m bench.trace_summary) goes to run.log.
 # HOP_TRACE=1: each run's requests timed hop by hop (server/hop_trace.py); the table of each run goes to run.log.
 # GPU_TESTS="-k expr": first, the GPU tests that match (pytest -m gpu), their tail to $OUT/gpu_tests.txt.
+# ENGINE_THREAD=1: the runs keep the engine in a thread of the HTTP process (default: --engine-process).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -25,6 +26,11 @@ if [ -n "${GPU_TESTS:-}" ]; then
 fi
 # COLD_LOAD=8b (a shape): the stages of a cold adapter first (python -m bench.cold_load), about 20 s.
 [ -n "${COLD_LOAD:-}" ] && timeout 120 python3 -m bench.cold_load --model "$COLD_LOAD" --out "$OUT" 2>&1 | tail -12 >> "$OUT/run.log"
+# The serving targets are measured with the engine in its own process: unless SERVE_ARGS names --engine-process
+# itself or ENGINE_THREAD=1 asks for the thread mode, every run gets it (the twenty-fourth session's lora-modes run
+# went out without it and measured the thread mode by mistake).
+engine_args=()
+case " ${SERVE_ARGS:-} " in *engine-process*) ;; *) [ -z "${ENGINE_THREAD:-}" ] && engine_args=(--server-arg=--engine-process);; esac
 for run in ${SERVE_RUNS:-1b:c32}; do
   IFS=: read -r shape preset limit <<< "$run"
   limit=${limit:-${SERVE_TIMEOUT:-240}}
@@ -32,7 +38,7 @@ for run in ${SERVE_RUNS:-1b:c32}; do
   [ -n "${LOGS:-}" ] && work=(--work-dir "/tmp/work/$shape-$preset")
   [ -n "${HOP_TRACE:-}" ] && export LORAPLEX_HOP_TRACE="/tmp/hops/$shape-$preset"
   timeout "$limit" python3 -m bench.serve --model "$shape" --preset "$preset" --out "$OUT" \
-    --budget-s $(( limit - 20 )) "${work[@]}" ${SERVE_ARGS:-} 2>&1 | tail -40 >> "$OUT/run.log"
+    --budget-s $(( limit - 20 )) "${work[@]}" "${engine_args[@]}" ${SERVE_ARGS:-} 2>&1 | tail -40 >> "$OUT/run.log"
   if [ -n "${HOP_TRACE:-}" ]; then  # every load of the run, warm-ups included (the first 100 requests left out)
     { echo "== hops of $shape:$preset"; python3 -m bench.hop_trace "$LORAPLEX_HOP_TRACE" --skip 100; } >> "$OUT/run.log" 2>&1
   fi
