@@ -186,10 +186,13 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                 impls[f"wgmma_b{tokens}"] = [lambda c=c, b=tokens: cuda_nf4.nf4_wgmma(
                     x, c[3], layer.shape, layer.table, block_tokens=b, num_sms=device_num_sms(0))
                     for c in layer.nf4]
-        if cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0)) == 32:  # two quant blocks a stage
+        if cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0)) == 32:  # the 32-token variants
             impls["wgmma_s2"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, stage_blocks=2,
                                                                 num_sms=device_num_sms(0))
-                                 for c in layer.nf4]
+                                 for c in layer.nf4]  # two quant blocks a stage
+            impls["wgmma_o3"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, occupancy=3,
+                                                                num_sms=device_num_sms(0))
+                                 for c in layer.nf4]  # three blocks an SM
     if rows <= 256 and _mma_available():
         from server.model import cuda_nf4
 

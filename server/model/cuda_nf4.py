@@ -327,13 +327,13 @@ def wgmma_block_tokens(num_rows: int, shape=None, num_sms: int = 132) -> int:
     return tokens
 
 
-def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int) -> int:
-    """Splits of K for nf4_wgmma: as many as keep the grid within one wave of two blocks an SM (not only powers of
-    two: 8B qkv's 48 row groups at 32 rows take 5 splits, 240 blocks, where doubling stopped at 4, 192 of 264), each
-    split keeping at least 4 quant blocks."""
+def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupancy: int = 2) -> int:
+    """Splits of K for nf4_wgmma: as many as keep the grid within one wave of `occupancy` blocks an SM (not only
+    powers of two: 8B qkv's 48 row groups at 32 rows take 5 splits, 240 blocks, where doubling stopped at 4, 192 of
+    264), each split keeping at least 4 quant blocks."""
     out_features, in_features = shape
     blocks = -(-out_features // WGMMA_BLOCK_WEIGHT_ROWS) * -(-num_rows // block_tokens)
-    return max(1, min(in_features // NF4_BLOCKSIZE // 4, 2 * num_sms // blocks))
+    return max(1, min(in_features // NF4_BLOCKSIZE // 4, occupancy * num_sms // blocks))
 
 
 def nf4_wgmma(
@@ -347,18 +347,20 @@ def nf4_wgmma(
     num_sms: int = 132,
     defer_sum: bool = False,
     stage_blocks: int = 1,
+    occupancy: int | None = None,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
     wgmma_supported(). With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead.
-    `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait (not yet measured; the
-    dispatch runs 1)."""
+    `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait; `occupancy` 3 (32 block
+    tokens, one block a stage): the instance built for three blocks an SM, its splits filling that wave. Neither is
+    measured yet; the dispatch runs the defaults."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
     if split_k is None:
-        split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens)
+        split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy or 2)
     partials = _extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      defer_sum)
+                                      occupancy or 0, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 

@@ -178,11 +178,13 @@ def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_toke
     _assert_replays(run, x)
 
 
+@pytest.mark.parametrize("variant", [{"stage_blocks": 2}, {"occupancy": 3}])
 @pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 5), (100, 5), (7, 7)])
-def test_wgmma_two_blocks_a_stage_matches_one_bit_for_bit(rows, split_k):
-    """stage_blocks=2 (two quant blocks a barrier and wgmma wait) issues the same wgmmas in the same order into the same
-    accumulators: not a bit may differ from one block a stage, with an odd count of blocks in a split (24 quant blocks
-    in 5 splits: 5, 5, 5, 5, 4) and on replay."""
+def test_wgmma_32_token_variants_match_the_default_bit_for_bit(rows, split_k, variant):
+    """The 32-token instance's variants issue the same wgmmas in the same order into the same accumulators: two quant
+    blocks a stage (one barrier and wgmma wait for both) and the instance built for three blocks an SM. Not a bit may
+    differ from the default, with an odd count of blocks in a split (24 quant blocks in 5 splits: 5, 5, 5, 5, 4) and
+    on replay."""
     from server.model import cuda_nf4
 
     if not cuda_nf4.wgmma_supported():
@@ -190,12 +192,12 @@ def test_wgmma_two_blocks_a_stage_matches_one_bit_for_bit(rows, split_k):
     codes, absmax, wshape, table, _ = _layer(1536, 600)
     x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
     tiled = _tiled(codes, absmax, wshape)
-    run = lambda xs, stages=2, **kw: cuda_nf4.nf4_wgmma(xs, tiled, wshape, table, None, split_k=split_k,  # noqa: E731
-                                                        block_tokens=32, stage_blocks=stages, **kw)
-    got = run(x)
-    assert torch.equal(got, run(x, stages=1))
+    run = lambda xs, **kw: cuda_nf4.nf4_wgmma(xs, tiled, wshape, table, None, split_k=split_k,  # noqa: E731
+                                              block_tokens=32, **kw)
+    got = run(x, **variant)
+    assert torch.equal(got, run(x))
     assert _rel_err(got, x, codes, absmax, wshape, table, torch.zeros(600, device="cuda")) < 4e-3
-    _assert_replays(run, x)
+    _assert_replays(lambda xs: run(xs, **variant), x)
 
 
 @pytest.mark.parametrize("rows, split_k, token_tiles, rows_per_warp", [
