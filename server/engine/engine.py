@@ -121,7 +121,7 @@ class LLMEngine:
                 log.info("NF4 kernels by batch rows: %s", nf4_dispatch.prepare())
             nf4_dispatch.reserve_scratch(self.model)  # one dequant buffer for every graph captured below
         self.runner.prepare(settings.max_num_batched_tokens, (False, True) if self.runner.use_lora else (False,))
-        with load_phase("top-p kernels", "the sampler's top-p draw (CUDA), built before serving"):
+        with load_phase("sampler kernels", "the sampler's draw paths (CUDA), built and loaded before serving"):
             self.sampler.warm_up()
         log.info("engine ready: %d KV blocks (%.1f MiB), mode=%s, adapter pool=%d rank units",
                  num_blocks, num_blocks * per_block / 2**20, self.mode.value, self.slot_table.pool.capacity)

@@ -167,15 +167,34 @@ class Sampler:
         self._seeds = random.Random()  # seeds for requests that bring none (drawn once each)
 
     def warm_up(self) -> None:
-        """Build the top-p kernels at start-up (CUDA with Triton): otherwise the first request with top-p
-        builds them inside its step, a second or more."""
-        if self.device.type != "cuda" or not fused_top_p_available():
-            return
-        from server.engine.triton_top_p import top_p_draw
+        """Run every draw path once on a dummy batch at start-up (on CUDA): otherwise the first sampled request pays in
+        its step for what is built or loaded at a kernel's first use: the top-p kernels (a second or more with
+        Triton), and the modules of the cast, temperature, min-p, top-k, softmax and log-softmax kernels, which CUDA
+        loads at their first launch. On the H200 (c32, twenty-fourth session) the sampled load,
+        the server's first, had a client TTFT p99 of 436 ms against the greedy load's 50, while the engine alone,
+        warmed by its own loads, showed no such stall (bench/NOTES.md)."""
+        if self.device.type == "cuda":
+            self.warm_draws()
 
-        vocab = self.counts.vocab_size
-        probs = torch.full((1, vocab), 1.0 / vocab, device=self.device)
-        top_p_draw(probs, torch.full((1,), 0.9, device=self.device), torch.full((1,), 0.5, device=self.device))
+    def warm_draws(self) -> list[int]:
+        """Two dummy steps through `sample`: a draw with top-p, top-k, min-p and top logprobs beside a greedy row;
+        then a draw that keeps every token (the draw without top-p has its own kernels). Returns the chosen tokens;
+        leaves no state behind (no penalties: their table is allocated at the first request that asks)."""
+        batches = [
+            [Request([0], SamplingParams(max_tokens=1, temperature=0.8, top_p=0.9, top_k=50, min_p=0.01, seed=0,
+                                         logprobs=True, top_logprobs=2)),
+             Request([0], SamplingParams(max_tokens=1, temperature=0.0))],
+            [Request([0], SamplingParams(max_tokens=1, temperature=0.7, seed=1))],
+        ]
+        chosen = []
+        for requests in batches:
+            logits = torch.randn(len(requests), self.counts.vocab_size, device=self.device).to(torch.bfloat16)
+            try:
+                chosen += self.sample(logits, requests).token_ids
+            finally:
+                for request in requests:
+                    self.release(request)
+        return chosen
 
     def release(self, request: Request) -> None:
         """The request left the running batch: free its token-count row (rebuilt if it returns)."""

@@ -442,3 +442,23 @@ def test_fused_top_p_draw_builds_the_same_variants_for_every_batch_size(monkeypa
     assert len(recorders["_histogram_kernel"].variants) == 2  # the first pass and the rest
     assert len(recorders["_cut_stats_kernel"].variants) == 1
     assert len(recorders["_draw_kernel"].variants) == 1
+
+
+def test_warm_draws_run_both_draws_and_a_greedy_row_and_leave_no_state(monkeypatch):
+    """The start-up warm-up (run on CUDA only) takes the draw with top-p (and top-k, min-p, top logprobs) beside a
+    greedy row, then the draw that keeps every token, and leaves no request state in the sampler."""
+    sampler = Sampler(VOCAB, torch.device("cpu"), EOS)
+    draws = []
+    real_draw = Sampler._draw
+
+    def spy(self, logits, requests, rows):
+        draws.append([(r.params.top_p, r.params.top_k) for r in requests])
+        return real_draw(self, logits, requests, rows)
+
+    monkeypatch.setattr(Sampler, "_draw", spy)
+    sampler.warm_up()  # on the CPU: nothing
+    assert draws == []
+    chosen = sampler.warm_draws()
+    assert draws == [[(0.9, 50)], [(1.0, 0)]]  # the greedy row of the first step takes the argmax, not a draw
+    assert len(chosen) == 3 and all(0 <= t < VOCAB for t in chosen)
+    assert sampler.counts.output_counts.shape[0] == 0  # no penalty table allocated
