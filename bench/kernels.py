@@ -176,17 +176,18 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
 
         impls["gemm"] = [lambda c=c: cuda_nf4.nf4_gemm(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                          for c in layer.nf4]
-    if rows >= 16 and _mma_available() and _wgmma_available():  # warpgroup MMA (sm_90a; not yet in the dispatch)
+    if rows >= 16 and _mma_available() and _wgmma_available():  # warpgroup MMA (sm_90a; the dispatch's at 17-256)
         from server.model import cuda_nf4
 
+        default_tokens = cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
         impls["wgmma"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                           for c in layer.nf4]
         for tokens in cuda_nf4.WGMMA_BLOCK_TOKENS:  # each block size forced (default: the smallest that holds M)
-            if tokens != cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0)) and tokens // 2 < rows:
+            if tokens != default_tokens and tokens // 2 < rows:
                 impls[f"wgmma_b{tokens}"] = [lambda c=c, b=tokens: cuda_nf4.nf4_wgmma(
                     x, c[3], layer.shape, layer.table, block_tokens=b, num_sms=device_num_sms(0))
                     for c in layer.nf4]
-        if cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0)) == 32:  # the 32-token variants
+        if default_tokens == 32:  # the 32-token variants
             impls["wgmma_s2"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, stage_blocks=2,
                                                                 num_sms=device_num_sms(0))
                                  for c in layer.nf4]  # two quant blocks a stage

@@ -266,21 +266,15 @@ GEMM_BLOCK_TOKENS, GEMM_BLOCK_WEIGHT_ROWS = 128, 64
 GEMM_RESIDENT_BLOCKS = 2  # ptxas (sm_90, CUDA 13): 215 registers a thread, no spills; 128 threads a block
 
 
-def _split_to_one_wave(blocks: int, resident_blocks: int, in_features: int) -> int:
-    """Splits of K for a grid of `blocks` blocks: doubled while the grid stays within one wave of `resident_blocks`,
-    each split keeping at least 4 quant blocks."""
-    split_k, cap = 1, max(1, in_features // NF4_BLOCKSIZE // 4)
-    while blocks * split_k * 2 <= resident_blocks and split_k * 2 <= cap:
-        split_k *= 2
-    return split_k
-
-
 def gemm_split_k(num_rows: int, shape, num_sms: int) -> int:
     """Splits of K for nf4_gemm: doubled while the grid is under about one wave of resident blocks, each split keeping
     at least 4 quant blocks."""
     out_features, in_features = shape
     blocks = -(-out_features // GEMM_BLOCK_WEIGHT_ROWS) * -(-num_rows // GEMM_BLOCK_TOKENS)
-    return _split_to_one_wave(blocks, GEMM_RESIDENT_BLOCKS * num_sms, in_features)
+    split_k, cap = 1, max(1, in_features // NF4_BLOCKSIZE // 4)
+    while blocks * split_k * 2 <= GEMM_RESIDENT_BLOCKS * num_sms and split_k * 2 <= cap:
+        split_k *= 2
+    return split_k
 
 
 def nf4_gemm(
@@ -314,7 +308,7 @@ WGMMA_BLOCK_TOKENS = (32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_mma.c
 WGMMA_BLOCK_WEIGHT_ROWS = 128  # csrc/nf4_wgmma.cuh: two warpgroups of 64 rows
 
 
-def wgmma_block_tokens(num_rows: int, shape=None, num_sms: int = 132) -> int:
+def wgmma_block_tokens(num_rows: int, shape, num_sms: int) -> int:
     """Tokens a block of nf4_wgmma: the smallest instance that holds every row (each weight dequantized once), 256
     beyond (blocks along grid z); but at 65-128 rows the 64-token instance (two blocks an SM, each weight
     dequantized twice) where the weight's 128-row groups are fewer than the SMs: the 128-token instance (167
@@ -322,7 +316,7 @@ def wgmma_block_tokens(num_rows: int, shape=None, num_sms: int = 132) -> int:
     (bench/results/2026-12-04-nvidia-h200-kernels-s24-wgmma.json, us, 64 against 128 tokens): 1B gate_up 32.1 vs
     47.1, 1B down 20.6 vs 22.4, 8B o 22.3 vs 23.8, 8B down 58.2 vs 57.4; 8B gate_up (224 groups) 122.6 vs 108.4."""
     tokens = next((b for b in WGMMA_BLOCK_TOKENS if num_rows <= b), WGMMA_BLOCK_TOKENS[-1])
-    if tokens == 128 and shape is not None and -(-shape[0] // WGMMA_BLOCK_WEIGHT_ROWS) < num_sms:
+    if tokens == 128 and -(-shape[0] // WGMMA_BLOCK_WEIGHT_ROWS) < num_sms:
         return 64
     return tokens
 
