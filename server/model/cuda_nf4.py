@@ -305,6 +305,7 @@ def wgmma_supported() -> bool:
 
 
 WGMMA_BLOCK_TOKENS = (32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_mma.cu, dispatch_wgmma)
+WGMMA_MAX_SPLIT_K = 16  # the Triton consumers of deferred partials sum at most 16 (triton_glue.MAX_SPLITS)
 WGMMA_BLOCK_WEIGHT_ROWS = 128  # csrc/nf4_wgmma.cuh: two warpgroups of 64 rows
 
 
@@ -324,10 +325,24 @@ def wgmma_block_tokens(num_rows: int, shape, num_sms: int) -> int:
 def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupancy: int = 2) -> int:
     """Splits of K for nf4_wgmma: as many as keep the grid within one wave of `occupancy` blocks an SM (not only
     powers of two: 8B qkv's 48 row groups at 32 rows take 5 splits, 240 blocks, where doubling stopped at 4, 192 of
-    264), each split keeping at least 4 quant blocks."""
+    264), each split keeping at least 4 quant blocks, at most 16 splits (the Triton consumers of deferred partials
+    sum 16). The three-an-SM instance keeps 8 quant blocks a split, or the two-an-SM split count: with ~5 a split it
+    lost (H200, 32 rows, bench/results/2026-12-04-nvidia-h200-kernels-s25-variants.json, us, against two an SM: 8B o
+    11.7 vs 11.1 at 12 splits, 1B down 12.3 vs 10.9 at 24), with 8+ it won (8B qkv 14.3 vs 15.4 at 8, down 25.5 vs
+    26.4 at 12, gate_up 50.0 vs 52.3 and 1B gate_up 18.9 vs 19.9 at 1 and 3; 1B qkv 7.6 vs 7.8 at the same 8)."""
     out_features, in_features = shape
+    in_blocks = in_features // NF4_BLOCKSIZE
     blocks = -(-out_features // WGMMA_BLOCK_WEIGHT_ROWS) * -(-num_rows // block_tokens)
-    return max(1, min(in_features // NF4_BLOCKSIZE // 4, occupancy * num_sms // blocks))
+    splits = max(1, min(WGMMA_MAX_SPLIT_K, in_blocks // 4, occupancy * num_sms // blocks))
+    if occupancy == 3:
+        splits = max(min(splits, in_blocks // 8), wgmma_split_k(num_rows, shape, num_sms, block_tokens))
+    return splits
+
+
+def wgmma_occupancy(block_tokens: int, overlap: bool = False) -> int:
+    """Blocks an SM nf4_wgmma's instance is built for: 3 for 32 tokens (80 registers: 24 warps an SM to hide the
+    loads and the waits; the measurements at wgmma_split_k), else 2 (the 128- and 256-token instances run one)."""
+    return 3 if block_tokens == 32 and not overlap else 2
 
 
 def nf4_wgmma(
@@ -342,19 +357,24 @@ def nf4_wgmma(
     defer_sum: bool = False,
     stage_blocks: int = 1,
     occupancy: int | None = None,
+    overlap: bool = False,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
     wgmma_supported(). With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead.
     `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait; `occupancy` 3 (32 block
-    tokens, one block a stage): the instance built for three blocks an SM, its splits filling that wave. Neither is
-    measured yet; the dispatch runs the defaults."""
+    tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
+    splits filling that wave (2: the instance built for two). `overlap`
+    (any block tokens, one block a stage): the next quant block dequantized while this one's wgmmas run, not after
+    them. All issue the same wgmmas in the same order: the same bits."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
+    if occupancy is None:
+        occupancy = wgmma_occupancy(block_tokens, overlap) if stage_blocks == 1 else 2
     if split_k is None:
-        split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy or 2)
+        split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy)
     partials = _extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      occupancy or 0, defer_sum)
+                                      3 if occupancy == 3 else 0, overlap, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 
