@@ -30,7 +30,7 @@ step "${TESTS_TIMEOUT:-220}" gpu_tests.log python3 -m pytest tests/gpu -q -m gpu
 # NCU_ROWS=1,32: Nsight Compute sections of the kernels the dispatch runs at those rows (8B gate_up; NCU_LAYER for
 # another); NCU_PROBES=stream,dequant,x: also bench.nf4_sol's probes at one row (NCU_PROBE_CONFIG warps,splits)
 if [ -n "${NCU_ROWS:-}" ]; then
-  step "${NCU_TIMEOUT:-120}" ncu.txt ncu --clock-control none --kernel-name regex:"nf4_(tile|gemv|sol)_kernel" \
+  step "${NCU_TIMEOUT:-120}" ncu.txt ncu --clock-control none --kernel-name regex:"nf4_(tile|gemv|sol|wide|wgmma)_kernel" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats \
     python3 -m bench.nf4_ncu --rows "$NCU_ROWS" --layer "${NCU_LAYER:-gate_up}" --probes "${NCU_PROBES:-}" \

@@ -182,16 +182,15 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         default_tokens = cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
         impls["wgmma"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                           for c in layer.nf4]
-        impls["wgmma_ov"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, overlap=True,
-                                                            num_sms=device_num_sms(0))
-                             for c in layer.nf4]  # the next block dequantized while this one's wgmmas run
         for tokens in cuda_nf4.WGMMA_BLOCK_TOKENS:  # each block size forced (default: the smallest that holds M)
-            for overlap in (False, True):
-                if tokens != default_tokens and tokens // 2 < rows:
-                    impls[f"wgmma{'_ov' if overlap else ''}_b{tokens}"] = [
-                        lambda c=c, b=tokens, o=overlap: cuda_nf4.nf4_wgmma(
-                            x, c[3], layer.shape, layer.table, block_tokens=b, overlap=o, num_sms=device_num_sms(0))
-                        for c in layer.nf4]
+            if tokens != default_tokens and tokens // 2 < rows:
+                impls[f"wgmma_b{tokens}"] = [lambda c=c, b=tokens: cuda_nf4.nf4_wgmma(
+                    x, c[3], layer.shape, layer.table, block_tokens=b, num_sms=device_num_sms(0))
+                    for c in layer.nf4]
+        if default_tokens <= 128:  # the code ring four quant blocks deep
+            impls["wgmma_p4"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, prefetch=4,
+                                                                num_sms=device_num_sms(0))
+                                 for c in layer.nf4]
         if default_tokens == 32:  # the 32-token variants
             impls["wgmma_s2"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, stage_blocks=2,
                                                                 num_sms=device_num_sms(0))
@@ -199,6 +198,9 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
             impls["wgmma_o2"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, occupancy=2,
                                                                 num_sms=device_num_sms(0))
                                  for c in layer.nf4]  # the instance for two blocks an SM (the default: three)
+            impls["wgmma_o2_p4"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, occupancy=2,
+                                                                   prefetch=4, num_sms=device_num_sms(0))
+                                    for c in layer.nf4]
     if rows <= 256 and _mma_available():
         from server.model import cuda_nf4
 

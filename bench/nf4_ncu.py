@@ -1,11 +1,11 @@
 """Launch the CUDA NF4 kernels on one 8B layer for Nsight Compute (run under ``ncu``; times nothing itself).
 
-    ncu --clock-control none --kernel-name regex:"nf4_(tile|gemv|sol)_kernel" python -m bench.nf4_ncu --rows 1,32 \
-        --probes stream,dequant,x
+    ncu --clock-control none --kernel-name regex:"nf4_(tile|gemv|sol|wide|wgmma)_kernel" \
+        python -m bench.nf4_ncu --rows 1,32 --probes stream,dequant,x
 
-Per row count it launches the kernel the dispatch runs at that count (`tile` or `gemv`); with --probes, once per
-layer the speed-of-light probes of bench.nf4_sol (one row, --probe-config warps,splits). Each launch runs twice (a
-warm-up, then the profiled one: pass --launch-skip to ncu or read the second of each pair)."""
+Per row count it launches the kernel the dispatch runs at that count (`tile`, `gemv`, `wide`, `wgmma`); with
+--probes, once per layer the speed-of-light probes of bench.nf4_sol (one row, --probe-config warps,splits). Each
+launch runs twice (a warm-up, then the profiled one: pass --launch-skip to ncu or read the second of each pair)."""
 
 from __future__ import annotations
 

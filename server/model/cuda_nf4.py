@@ -339,10 +339,10 @@ def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupan
     return splits
 
 
-def wgmma_occupancy(block_tokens: int, overlap: bool = False) -> int:
+def wgmma_occupancy(block_tokens: int) -> int:
     """Blocks an SM nf4_wgmma's instance is built for: 3 for 32 tokens (80 registers: 24 warps an SM to hide the
     loads and the waits; the measurements at wgmma_split_k), else 2 (the 128- and 256-token instances run one)."""
-    return 3 if block_tokens == 32 and not overlap else 2
+    return 3 if block_tokens == 32 else 2
 
 
 def nf4_wgmma(
@@ -357,24 +357,24 @@ def nf4_wgmma(
     defer_sum: bool = False,
     stage_blocks: int = 1,
     occupancy: int | None = None,
-    overlap: bool = False,
+    prefetch: int = 2,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
     wgmma_supported(). With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead.
     `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait; `occupancy` 3 (32 block
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
-    splits filling that wave (2: the instance built for two). `overlap`
-    (any block tokens, one block a stage): the next quant block dequantized while this one's wgmmas run, not after
-    them. All issue the same wgmmas in the same order: the same bits."""
+    splits filling that wave (2: the instance built for two). `prefetch` 4 (one block a stage, up to 128 block
+    tokens): the code ring four quant blocks deep instead of two. All issue the same wgmmas in the same order: the
+    same bits."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
     if occupancy is None:
-        occupancy = wgmma_occupancy(block_tokens, overlap) if stage_blocks == 1 else 2
+        occupancy = wgmma_occupancy(block_tokens) if stage_blocks == 1 else 2
     if split_k is None:
         split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy)
     partials = _extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      3 if occupancy == 3 else 0, overlap, defer_sum)
+                                      3 if occupancy == 3 else 0, prefetch, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 

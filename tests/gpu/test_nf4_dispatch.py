@@ -179,15 +179,15 @@ def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_toke
 
 
 @pytest.mark.parametrize("block_tokens, variant", [(32, {"stage_blocks": 2}), (32, {"occupancy": 2}),
-                                                   (32, {"overlap": True}), (64, {"overlap": True}),
-                                                   (128, {"overlap": True}), (256, {"overlap": True})])
+                                                   (32, {"prefetch": 4}), (32, {"prefetch": 4, "occupancy": 2}),
+                                                   (64, {"prefetch": 4}), (128, {"prefetch": 4})])
 @pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 5), (100, 5), (7, 7), (300, 2)])
 def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_tokens, variant):
     """The wgmma variants issue the same wgmmas in the same order into the same accumulators: two quant blocks a stage
     (one barrier and wgmma wait for both), the 32-token instance built for two blocks an SM (the default: three), and
-    the overlapped pipeline (the next block dequantized while this one's wgmmas run). Not a bit may differ from the
-    default, with an odd count of blocks in a split (24 quant blocks in 5 splits: 5, 5, 5, 5, 4), tokens over several
-    blocks of the grid (300 rows) and on replay."""
+    the code ring four quant blocks deep. Not a bit may differ from the default, with an odd count of blocks in a
+    split (24 quant blocks in 5 splits: 5, 5, 5, 5, 4), tokens over several blocks of the grid (300 rows) and on
+    replay."""
     from server.model import cuda_nf4
 
     if not cuda_nf4.wgmma_supported():

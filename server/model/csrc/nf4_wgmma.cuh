@@ -31,7 +31,6 @@
 namespace {
 
 constexpr int WG_WARPS = 8;  // two warpgroups: 128 weight rows a block
-constexpr int WG_PREFETCH = 2;
 
 // A stage is KB quant blocks: x's KB tiles of BM tokens x 64 k (each BM x 128 bytes, 1,024-byte aligned) in one
 // buffer, the KB blocks' A fragments in registers, one barrier and one wgmma wait for all of them.
@@ -41,7 +40,7 @@ struct WgmmaSmem {
   static constexpr int bytes = 2 * x_bytes + 1024;  // two x buffers, and room to align them to 1,024 bytes
 };
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, bool OVERLAP>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int PREFETCH>
 __global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
@@ -50,7 +49,7 @@ __global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   constexpr int THREADS = WG_WARPS * 32;
   constexpr int CHUNKS = KB * BM * 8 / THREADS;  // x's 16-byte chunks a thread stages a stage
   constexpr int X_BYTES = WgmmaSmem<BM, KB>::x_bytes;
-  static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
+  static_assert(PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   const char* lut = stage_code_table(table);
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
@@ -94,75 +93,39 @@ __global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   };
 
   float acc[BM / 2] = {};
-  TileRing<1, WG_PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
+  TileRing<1, PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
   load_x(first);
   store_x(0);
-  if constexpr (OVERLAP) {
-    static_assert(KB == 1, "the overlapped pipeline stages one quant block");
-    // Block blk + 1 is dequantized (into the other A registers) and its x stored while block blk's wgmmas run; the
-    // wait comes after that, so the tensor cores and the dequantization overlap instead of taking turns.
-    uint32_t a[2][2][2][4];  // [parity of the block][half][k-step of the half][4 registers]
-    auto dequantize = [&](int slot, int blk, uint32_t (&frag)[2][2][4]) {
-      uint4 codes[1];
-      float2 scales[1];
-      ring.take(slot, blk, last, codes, scales);
-      a_fragments<T>(lut, codes[0], scales[0], 0, frag[0]);
-      a_fragments<T>(lut, codes[0], scales[0], 1, frag[1]);
-    };
-    if (first + 1 < last) load_x(first + 1);
-    dequantize(0, first, a[0]);
-    for (int base = first; base < last; base += WG_PREFETCH) {
+  for (int base = first; base < last; base += PREFETCH) {
 #pragma unroll
-      for (int p = 0; p < WG_PREFETCH; ++p) {  // block base + p: A registers, x buffer and ring slot p
-        const int blk = base + p;
-        if (blk >= last) break;  // uniform across the block
-        __syncthreads();  // buffer p stored and fenced by all; every wgmma of the block before has completed
-        wgmma_fence();
+    for (int p = 0; p < PREFETCH; p += KB) {
+      const int blk = base + p;
+      if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
+      const int i = (blk - first) / KB;
+      if (blk + KB < last) load_x(blk + KB);
+      uint32_t a[KB][2][2][4];  // [block of the stage][half][k-step of the half][4 registers]
+#pragma unroll
+      for (int kb = 0; kb < KB; ++kb) {  // a block past the split takes valid clamped codes; its wgmmas are skipped
+        uint4 codes[1];
+        float2 scales[1];
+        ring.take(p + kb, blk + kb, last, codes, scales);
+        a_fragments<T>(lut, codes[0], scales[0], 0, a[kb][0]);
+        a_fragments<T>(lut, codes[0], scales[0], 1, a[kb][1]);
+      }
+      __syncthreads();  // x of this stage is stored and fenced by all; the other buffer's wgmmas are done
+      const uint32_t x_tile = tiles + (i & 1) * X_BYTES;
+      wgmma_fence();
+#pragma unroll
+      for (int kb = 0; kb < KB; ++kb) {
+        if (kb > 0 && blk + kb >= last) break;  // uniform across the block
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          Wgmma<T, BM>::mma(acc, a[p][j / 2][j % 2], smem_desc_sw128(tiles + p * X_BYTES + 32 * j));
+          Wgmma<T, BM>::mma(acc, a[kb][j / 2][j % 2], smem_desc_sw128(x_tile + kb * BM * 128 + 32 * j));
         }
-        wgmma_commit();
-        if (blk + 1 < last) {
-          dequantize(p ^ 1, blk + 1, a[p ^ 1]);
-          store_x(p ^ 1);  // read last by block blk - 1's wgmmas, complete before the barrier above
-          if (blk + 2 < last) load_x(blk + 2);
-        }
-        wgmma_wait_all();
       }
-    }
-  } else {
-    for (int base = first; base < last; base += WG_PREFETCH) {
-#pragma unroll
-      for (int p = 0; p < WG_PREFETCH; p += KB) {
-        const int blk = base + p;
-        if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
-        const int i = (blk - first) / KB;
-        if (blk + KB < last) load_x(blk + KB);
-        uint32_t a[KB][2][2][4];  // [block of the stage][half][k-step of the half][4 registers]
-#pragma unroll
-        for (int kb = 0; kb < KB; ++kb) {  // a block past the split takes valid clamped codes; its wgmmas are skipped
-          uint4 codes[1];
-          float2 scales[1];
-          ring.take(p + kb, blk + kb, last, codes, scales);
-          a_fragments<T>(lut, codes[0], scales[0], 0, a[kb][0]);
-          a_fragments<T>(lut, codes[0], scales[0], 1, a[kb][1]);
-        }
-        __syncthreads();  // x of this stage is stored and fenced by all; the other buffer's wgmmas are done
-        const uint32_t x_tile = tiles + (i & 1) * X_BYTES;
-        wgmma_fence();
-#pragma unroll
-        for (int kb = 0; kb < KB; ++kb) {
-          if (kb > 0 && blk + kb >= last) break;  // uniform across the block
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            Wgmma<T, BM>::mma(acc, a[kb][j / 2][j % 2], smem_desc_sw128(x_tile + kb * BM * 128 + 32 * j));
-          }
-        }
-        wgmma_commit();
-        wgmma_wait_all();
-        if (blk + KB < last) store_x((i + 1) & 1);
-      }
+      wgmma_commit();
+      wgmma_wait_all();
+      if (blk + KB < last) store_x((i + 1) & 1);
     }
   }
 
