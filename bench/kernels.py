@@ -187,10 +187,6 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                 impls[f"wgmma_b{tokens}"] = [lambda c=c, b=tokens: cuda_nf4.nf4_wgmma(
                     x, c[3], layer.shape, layer.table, block_tokens=b, num_sms=device_num_sms(0))
                     for c in layer.nf4]
-        if default_tokens <= 128:  # the code ring four quant blocks deep
-            impls["wgmma_p4"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, prefetch=4,
-                                                                num_sms=device_num_sms(0))
-                                 for c in layer.nf4]
         if default_tokens == 32:  # the 32-token variants
             impls["wgmma_s2"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, stage_blocks=2,
                                                                 num_sms=device_num_sms(0))
@@ -198,9 +194,6 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
             impls["wgmma_o2"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, occupancy=2,
                                                                 num_sms=device_num_sms(0))
                                  for c in layer.nf4]  # the instance for two blocks an SM (the default: three)
-            impls["wgmma_o2_p4"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, occupancy=2,
-                                                                   prefetch=4, num_sms=device_num_sms(0))
-                                    for c in layer.nf4]
     if rows <= 256 and _mma_available():
         from server.model import cuda_nf4
 

@@ -357,16 +357,17 @@ def nf4_wgmma(
     defer_sum: bool = False,
     stage_blocks: int = 1,
     occupancy: int | None = None,
-    prefetch: int = 2,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
     wgmma_supported(). With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead.
     `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait; `occupancy` 3 (32 block
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
-    splits filling that wave (2: the instance built for two). `prefetch` 4 (one block a stage, up to 128 block
-    tokens): the code ring four quant blocks deep instead of two. All issue the same wgmmas in the same order: the
-    same bits."""
+    splits filling that wave (2: the instance built for two). All issue the same wgmmas in the same order: the same
+    bits. Measured slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas
+    run (3-15%, bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep
+    instead of two (3-20%, -kernels-s25-p4.json, wgmma_p4): at 32 rows the kernel issues on 51% of cycles (ncu, 8B
+    gate_up), about half of it the dequantization's table loads, multiplies and packs."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
@@ -375,6 +376,6 @@ def nf4_wgmma(
     if split_k is None:
         split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy)
     partials = _extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      3 if occupancy == 3 else 0, prefetch, defer_sum)
+                                      3 if occupancy == 3 else 0, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 

@@ -786,13 +786,13 @@ torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   return run(__half());
 }
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int PREFETCH = 2>
+template <typename T, int BM, int MIN_BLOCKS, int KB>
 torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                            int64_t split_k, bool defer_sum) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   constexpr int smem = WgmmaSmem<BM, KB>::bytes;
-  auto kernel = nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, PREFETCH>;
+  auto kernel = nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB>;
   static bool attribute_set[64] = {};  // per instance and device; above 48 KB of shared memory needs the opt-in
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -815,9 +815,9 @@ template <typename T>
 torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
-                             int64_t prefetch, bool defer_sum) {
-#define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
-  launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
+                             bool defer_sum) {
+#define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB) \
+  launch_wgmma<T, BM, MIN_BLOCKS, KB>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
   // The variants, at 32 tokens only: two blocks a stage (125 registers; at 64 tokens it spilled 24 bytes), or three
   // blocks an SM (80 registers, no spills: 24 warps an SM instead of 16 to hide the loads and the waits).
   TORCH_CHECK(stage_blocks == 1 || (stage_blocks == 2 && block_tokens == 32),
@@ -825,15 +825,6 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
   TORCH_CHECK(blocks_per_sm == 0 || (blocks_per_sm == 3 && block_tokens == 32 && stage_blocks == 1),
               "blocks_per_sm must be 0 (the instance's own), or 3 with 32 block tokens and one block a stage, got ",
               blocks_per_sm);
-  // prefetch 4: the code ring four quant blocks deep instead of two (one block a stage; not at 256 tokens)
-  TORCH_CHECK(prefetch == 2 || (prefetch == 4 && stage_blocks == 1 && block_tokens <= 128),
-              "prefetch must be 2, or 4 with one block a stage and at most 128 block tokens, got ", prefetch);
-  if (prefetch == 4) {
-    if (block_tokens == 32) return blocks_per_sm == 3 ? LORAPLEX_WGMMA_LAUNCH(32, 3, 1, 4)
-                                                      : LORAPLEX_WGMMA_LAUNCH(32, 2, 1, 4);
-    if (block_tokens == 64) return LORAPLEX_WGMMA_LAUNCH(64, 2, 1, 4);
-    return LORAPLEX_WGMMA_LAUNCH(128, 1, 1, 4);
-  }
   if (block_tokens == 32 && blocks_per_sm == 3) return LORAPLEX_WGMMA_LAUNCH(32, 3, 1);
   if (block_tokens == 32) return stage_blocks == 2 ? LORAPLEX_WGMMA_LAUNCH(32, 2, 2) : LORAPLEX_WGMMA_LAUNCH(32, 2, 1);
   if (block_tokens == 64) return LORAPLEX_WGMMA_LAUNCH(64, 2, 1);
@@ -850,18 +841,18 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 // instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
-                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t prefetch, bool defer_sum) {
+                        int64_t stage_blocks, int64_t blocks_per_sm, bool defer_sum) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   check_tile_layout(x, tile_codes, tile_scales, out);
   if (x.scalar_type() == torch::kBFloat16) {
     return dispatch_wgmma<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
-                                         stage_blocks, blocks_per_sm, prefetch, defer_sum);
+                                         stage_blocks, blocks_per_sm, defer_sum);
   }
   TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
   return dispatch_wgmma<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens, stage_blocks,
-                                blocks_per_sm, prefetch, defer_sum);
+                                blocks_per_sm, defer_sum);
 }
 
 // Whether this build's code for the current GPU has the wgmma kernels (sm_90a), by running a one-thread probe.

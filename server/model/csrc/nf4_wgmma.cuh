@@ -31,6 +31,7 @@
 namespace {
 
 constexpr int WG_WARPS = 8;  // two warpgroups: 128 weight rows a block
+constexpr int WG_PREFETCH = 2;
 
 // A stage is KB quant blocks: x's KB tiles of BM tokens x 64 k (each BM x 128 bytes, 1,024-byte aligned) in one
 // buffer, the KB blocks' A fragments in registers, one barrier and one wgmma wait for all of them.
@@ -40,7 +41,7 @@ struct WgmmaSmem {
   static constexpr int bytes = 2 * x_bytes + 1024;  // two x buffers, and room to align them to 1,024 bytes
 };
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int PREFETCH>
+template <typename T, int BM, int MIN_BLOCKS, int KB>
 __global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
@@ -49,7 +50,7 @@ __global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   constexpr int THREADS = WG_WARPS * 32;
   constexpr int CHUNKS = KB * BM * 8 / THREADS;  // x's 16-byte chunks a thread stages a stage
   constexpr int X_BYTES = WgmmaSmem<BM, KB>::x_bytes;
-  static_assert(PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
+  static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   const char* lut = stage_code_table(table);
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
@@ -93,12 +94,12 @@ __global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   };
 
   float acc[BM / 2] = {};
-  TileRing<1, PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
+  TileRing<1, WG_PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
   load_x(first);
   store_x(0);
-  for (int base = first; base < last; base += PREFETCH) {
+  for (int base = first; base < last; base += WG_PREFETCH) {
 #pragma unroll
-    for (int p = 0; p < PREFETCH; p += KB) {
+    for (int p = 0; p < WG_PREFETCH; p += KB) {
       const int blk = base + p;
       if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
       const int i = (blk - first) / KB;
