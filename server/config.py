@@ -138,6 +138,12 @@ class Settings(BaseSettings):
         None, ge=1, description=f"prompt characters, checked before tokenizing; default "
         f"{PROMPT_CHARS_PER_TOKEN} x max_model_len"
     )
+    freeze_heap: bool = Field(
+        True, description="once started, move every object alive out of Python's cyclic garbage collector "
+        "(gc.freeze, in the HTTP process and the engine process): a full collection of the start-up heap "
+        "(~450,000 objects) stopped the process for 216-255 ms on the dev CPU, every stream with it "
+        "(server/heap.py)"
+    )
     engine_process: bool = Field(
         False, description="run the engine core (scheduler, model, sampler) in its own process, talking to "
         "the HTTP process over ZeroMQ; off: the engine runs in a thread of the HTTP process (H200, 1B, 32 "

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Servers started by tests keep their heap collectable (Settings.freeze_heap): a frozen pytest process could never
+# collect the cycles of the many engines its tests build and drop. tests/unit/test_heap.py turns it on.
+os.environ.setdefault("LORAPLEX_FREEZE_HEAP", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 CORPUS = [

@@ -20,6 +20,7 @@ from server.engine.async_engine import AsyncEngine
 from server.engine.client import EngineProcessClient
 from server.engine.engine import LLMEngine
 from server.engine.request import FinishReason
+from server.heap import freeze_startup_heap
 from server.model.loader import LOAD_PROGRESS, LoadedModel, load_model, load_model_info
 from server.registry import AdapterRegistry, pin_memory_available
 
@@ -112,6 +113,8 @@ class ServerState:
         self.prompts = PromptEncoder(loaded.tokenizer, settings.max_prompt_chars, settings.tokenizer_threads)
         _prime_metrics(self.model_id, self.engine.num_slots)
         self.refresh_adapter_gauges()
+        if settings.freeze_heap:
+            freeze_startup_heap("http process" if use_process else "http process and engine thread")
         if self.phase is Phase.LOADING:  # not if a drain began while loading
             self.phase = Phase.READY
         log.info("ready: model %r, %d adapters on disk, max_model_len %d",

@@ -41,6 +41,7 @@ from server.engine.protocol import (
     output_codec,
 )
 from server.engine.request import AdapterRef, Request, RequestOutput, SamplingError
+from server.heap import freeze_startup_heap
 from server.model.loader import load_hf_dir, resolve_device, resolve_dtype
 from server.profiling import profiled
 from server.registry import AdapterRegistry, pin_memory_available
@@ -244,6 +245,8 @@ def run_engine_core(settings: Settings, hf_dir: str, model_id: str, input_addres
             log.exception("engine startup failed")
             outputs.send(encoder.encode(Failed(f"{type(exc).__name__}: {exc}")))
             return
+        if settings.freeze_heap:
+            freeze_startup_heap("engine process")
         outputs.send(encoder.encode(core.ready_message()))
         with profiled("engine"):
             serve(core, inputs, outputs)
