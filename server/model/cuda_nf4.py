@@ -306,7 +306,8 @@ def wgmma_supported() -> bool:
 
 WGMMA_BLOCK_TOKENS = (32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_mma.cu, dispatch_wgmma)
 WGMMA_MAX_SPLIT_K = 16  # the Triton consumers of deferred partials sum at most 16 (triton_glue.MAX_SPLITS)
-WGMMA_BLOCK_WEIGHT_ROWS = 128  # csrc/nf4_wgmma.cuh: two warpgroups of 64 rows
+WGMMA_BLOCK_WARPS = 8  # csrc/nf4_wgmma.cuh's default block: two warpgroups of 64 weight rows each
+WGMMA_BLOCK_WEIGHT_ROWS = 16 * WGMMA_BLOCK_WARPS
 
 
 def wgmma_block_tokens(num_rows: int, shape, num_sms: int) -> int:
@@ -322,27 +323,31 @@ def wgmma_block_tokens(num_rows: int, shape, num_sms: int) -> int:
     return tokens
 
 
-def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupancy: int = 2) -> int:
+def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupancy: int = 2,
+                  block_warps: int = WGMMA_BLOCK_WARPS) -> int:
     """Splits of K for nf4_wgmma: as many as keep the grid within one wave of `occupancy` blocks an SM (not only
     powers of two: 8B qkv's 48 row groups at 32 rows take 5 splits, 240 blocks, where doubling stopped at 4, 192 of
     264), each split keeping at least 4 quant blocks, at most 16 splits (the Triton consumers of deferred partials
-    sum 16). The three-an-SM instance keeps 8 quant blocks a split, or the two-an-SM split count: with ~5 a split it
-    lost (H200, 32 rows, bench/results/2026-12-04-nvidia-h200-kernels-s25-variants.json, us, against two an SM: 8B o
-    11.7 vs 11.1 at 12 splits, 1B down 12.3 vs 10.9 at 24), with 8+ it won (8B qkv 14.3 vs 15.4 at 8, down 25.5 vs
-    26.4 at 12, gate_up 50.0 vs 52.3 and 1B gate_up 18.9 vs 19.9 at 1 and 3; 1B qkv 7.6 vs 7.8 at the same 8)."""
+    sum 16). The instances built for 24 warps an SM (three blocks of two warpgroups, or six of one) keep 8 quant
+    blocks a split, or the default instance's split count: with ~5 a split the three-block one lost (H200, 32 rows,
+    bench/results/2026-12-04-nvidia-h200-kernels-s25-variants.json, us, against two an SM: 8B o 11.7 vs 11.1 at 12
+    splits, 1B down 12.3 vs 10.9 at 24), with 8+ it won (8B qkv 14.3 vs 15.4 at 8, down 25.5 vs 26.4 at 12, gate_up
+    50.0 vs 52.3 and 1B gate_up 18.9 vs 19.9 at 1 and 3; 1B qkv 7.6 vs 7.8 at the same 8)."""
     out_features, in_features = shape
     in_blocks = in_features // NF4_BLOCKSIZE
-    blocks = -(-out_features // WGMMA_BLOCK_WEIGHT_ROWS) * -(-num_rows // block_tokens)
+    blocks = -(-out_features // (16 * block_warps)) * -(-num_rows // block_tokens)
     splits = max(1, min(WGMMA_MAX_SPLIT_K, in_blocks // 4, occupancy * num_sms // blocks))
-    if occupancy == 3:
+    if occupancy * block_warps == 24:
         splits = max(min(splits, in_blocks // 8), wgmma_split_k(num_rows, shape, num_sms, block_tokens))
     return splits
 
 
-def wgmma_occupancy(block_tokens: int) -> int:
+def wgmma_occupancy(block_tokens: int, block_warps: int = WGMMA_BLOCK_WARPS) -> int:
     """Blocks an SM nf4_wgmma's instance is built for: 3 for 32 tokens (80 registers: 24 warps an SM to hide the
-    loads and the waits; the measurements at wgmma_split_k), else 2 (the 128- and 256-token instances run one)."""
-    return 3 if block_tokens == 32 else 2
+    loads and the waits; the measurements at wgmma_split_k), else 2 (the 128- and 256-token instances run one);
+    with one warpgroup a block (block_warps 4), twice those: 6 at 32 tokens, 4 at 64."""
+    blocks = 3 if block_tokens == 32 else 2
+    return blocks * WGMMA_BLOCK_WARPS // block_warps
 
 
 def nf4_wgmma(
@@ -357,25 +362,30 @@ def nf4_wgmma(
     defer_sum: bool = False,
     stage_blocks: int = 1,
     occupancy: int | None = None,
+    block_warps: int = WGMMA_BLOCK_WARPS,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
     wgmma_supported(). With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead.
     `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait; `occupancy` 3 (32 block
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
-    splits filling that wave (2: the instance built for two). All issue the same wgmmas in the same order: the same
-    bits. Measured slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas
-    run (3-15%, bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep
-    instead of two (3-20%, -kernels-s25-p4.json, wgmma_p4): at 32 rows the kernel issues on 51% of cycles (ncu, 8B
-    gate_up), about half of it the dequantization's table loads, multiplies and packs."""
+    splits filling that wave (2: the instance built for two). `block_warps` 4 (32 or 64 block tokens, one block a
+    stage): one warpgroup (64 weight rows) a block, built for as many warps an SM, so twice the blocks. Each
+    warpgroup issues the same wgmmas in the same order whatever the variant: the same bits for the same splits.
+    Measured slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas run
+    (3-15%, bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep
+    instead of two (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel issues on 51% of cycles (ncu, 8B
+    gate_up: 13.5 warps an SM); about two thirds of a quant-block step's ~255 instructions (PTX) are the exact
+    dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32 multiplies, 1 pack)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
     if occupancy is None:
-        occupancy = wgmma_occupancy(block_tokens) if stage_blocks == 1 else 2
+        occupancy = wgmma_occupancy(block_tokens, block_warps) if stage_blocks == 1 else 2
     if split_k is None:
-        split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy)
+        split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
+    three_an_sm = occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS
     partials = _extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      3 if occupancy == 3 else 0, defer_sum)
+                                      3 if three_an_sm else 0, block_warps, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 

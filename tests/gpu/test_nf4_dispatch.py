@@ -178,13 +178,15 @@ def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_toke
     _assert_replays(run, x)
 
 
-@pytest.mark.parametrize("variant", [{"stage_blocks": 2}, {"occupancy": 2}])
+@pytest.mark.parametrize("block_tokens, variant", [(32, {"stage_blocks": 2}), (32, {"occupancy": 2}),
+                                                   (32, {"block_warps": 4}), (64, {"block_warps": 4})])
 @pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 5), (100, 5), (7, 7), (300, 2)])
-def test_wgmma_32_token_variants_match_the_default_bit_for_bit(rows, split_k, variant):
-    """The 32-token instance's variants issue the same wgmmas in the same order into the same accumulators: two quant
-    blocks a stage (one barrier and wgmma wait for both) and the instance built for two blocks an SM (the default:
-    three). Not a bit may differ from the default, with an odd count of blocks in a split (24 quant blocks in 5
-    splits: 5, 5, 5, 5, 4), tokens over several blocks of the grid (300 rows) and on replay."""
+def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_tokens, variant):
+    """The wgmma variants issue the same wgmmas in the same order into the same accumulators of each warpgroup: two
+    quant blocks a stage (one barrier and wgmma wait for both), the 32-token instance built for two blocks an SM (the
+    default: three), and one warpgroup a block (600 weight rows: a last block of 24 rows). Not a bit may differ from
+    the default, with an odd count of blocks in a split (24 quant blocks in 5 splits: 5, 5, 5, 5, 4), tokens over
+    several blocks of the grid (300 rows) and on replay."""
     from server.model import cuda_nf4
 
     if not cuda_nf4.wgmma_supported():
@@ -193,7 +195,7 @@ def test_wgmma_32_token_variants_match_the_default_bit_for_bit(rows, split_k, va
     x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
     tiled = _tiled(codes, absmax, wshape)
     run = lambda xs, **kw: cuda_nf4.nf4_wgmma(xs, tiled, wshape, table, None, split_k=split_k,  # noqa: E731
-                                              block_tokens=32, **kw)
+                                              block_tokens=block_tokens, **kw)
     got = run(x, **variant)
     assert torch.equal(got, run(x))
     assert _rel_err(got, x, codes, absmax, wshape, table, torch.zeros(600, device="cuda")) < 4e-3

@@ -149,19 +149,20 @@ def test_wgmma_blocks_and_splits(rows, shape, block_tokens, splits):
     assert cuda_nf4.wgmma_split_k(rows, shape, 132, block_tokens) == splits
 
 
-@pytest.mark.parametrize("shape, two, three", [
-    ((6144, 4096), 5, 8),  # 8B qkv: 8 splits of 8 quant blocks fill 384 of 396
-    ((4096, 4096), 8, 8),  # 8B o: 12 would leave ~5 blocks a split; it keeps two-an-SM's 8
-    ((4096, 14336), 8, 12), ((28672, 4096), 1, 1), ((16384, 2048), 2, 3),
-    ((3072, 2048), 8, 8),  # 1B qkv: 4 a split from 8 splits on, but no fewer splits than two an SM takes
-    ((2048, 8192), 16, 16),  # 1B down: 24 would fill the wave; 16 at most (the Triton sums' limit)
-    ((512, 8192), 16, 16),  # 4 row groups: 66 would fill the wave, 32 keep 4 blocks each; 16 at most
+@pytest.mark.parametrize("shape, two, three, one_warpgroup", [
+    ((6144, 4096), 5, 8, 8),  # 8B qkv: 8 splits of 8 quant blocks fill 384 of 396 (768 of 792 one-warpgroup blocks)
+    ((4096, 4096), 8, 8, 8),  # 8B o: 12 would leave ~5 blocks a split; it keeps two-an-SM's 8
+    ((4096, 14336), 8, 12, 12), ((28672, 4096), 1, 1, 1), ((16384, 2048), 2, 3, 3),
+    ((3072, 2048), 8, 8, 8),  # 1B qkv: 4 a split from 8 splits on, but no fewer splits than two an SM takes
+    ((2048, 8192), 16, 16, 16),  # 1B down: 24 would fill the wave; 16 at most (the Triton sums' limit)
+    ((512, 8192), 16, 16, 16),  # 4 row groups: 66 would fill the wave, 32 keep 4 blocks each; 16 at most
 ])  # fmt: skip
-def test_wgmma_splits_at_two_and_three_blocks_an_sm(shape, two, three):
-    assert cuda_nf4.wgmma_occupancy(32) == 3
-    assert cuda_nf4.wgmma_occupancy(64) == 2
+def test_wgmma_splits_at_two_and_three_blocks_an_sm(shape, two, three, one_warpgroup):
+    assert cuda_nf4.wgmma_occupancy(32) == 3 and cuda_nf4.wgmma_occupancy(64) == 2
+    assert cuda_nf4.wgmma_occupancy(32, block_warps=4) == 6 and cuda_nf4.wgmma_occupancy(64, block_warps=4) == 4
     assert cuda_nf4.wgmma_split_k(32, shape, 132, 32) == two
     assert cuda_nf4.wgmma_split_k(32, shape, 132, 32, occupancy=3) == three
+    assert cuda_nf4.wgmma_split_k(32, shape, 132, 32, occupancy=6, block_warps=4) == one_warpgroup
 
 
 def test_prepare_settles_the_wgmma_probe_before_any_capture(monkeypatch):

@@ -786,13 +786,13 @@ torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   return run(__half());
 }
 
-template <typename T, int BM, int MIN_BLOCKS, int KB>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS>
 torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                            int64_t split_k, bool defer_sum) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   constexpr int smem = WgmmaSmem<BM, KB>::bytes;
-  auto kernel = nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB>;
+  auto kernel = nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS>;
   static bool attribute_set[64] = {};  // per instance and device; above 48 KB of shared memory needs the opt-in
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -800,11 +800,11 @@ torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_cod
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     if (device < 64) attribute_set[device] = true;
   }
-  const int row_groups = ((N + 15) / 16 + WG_WARPS - 1) / WG_WARPS;
+  const int row_groups = ((N + 15) / 16 + WARPS - 1) / WARPS;
   return run_split<T>(x, bias, out, split_k,
                       [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                           int blocks_per_split) {
-    kernel<<<dim3(row_groups, splits, (M + BM - 1) / BM), WG_WARPS * 32, smem, stream>>>(
+    kernel<<<dim3(row_groups, splits, (M + BM - 1) / BM), WARPS * 32, smem, stream>>>(
         reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
         reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
         M, N, K, blocks_per_split);
@@ -815,9 +815,9 @@ template <typename T>
 torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
-                             bool defer_sum) {
-#define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB) \
-  launch_wgmma<T, BM, MIN_BLOCKS, KB>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
+                             int64_t block_warps, bool defer_sum) {
+#define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
+  launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
   // The variants, at 32 tokens only: two blocks a stage (125 registers; at 64 tokens it spilled 24 bytes), or three
   // blocks an SM (80 registers, no spills: 24 warps an SM instead of 16 to hide the loads and the waits).
   TORCH_CHECK(stage_blocks == 1 || (stage_blocks == 2 && block_tokens == 32),
@@ -825,6 +825,14 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
   TORCH_CHECK(blocks_per_sm == 0 || (blocks_per_sm == 3 && block_tokens == 32 && stage_blocks == 1),
               "blocks_per_sm must be 0 (the instance's own), or 3 with 32 block tokens and one block a stage, got ",
               blocks_per_sm);
+  // One warpgroup a block (64 weight rows), as many warps an SM as the two-warpgroup instance: twice the blocks, so
+  // a grid of 224 row groups (8B gate_up) spreads over 132 SMs as 448 instead of 1.7 blocks an SM at most 2.
+  TORCH_CHECK(block_warps == 8 || (block_warps == 4 && stage_blocks == 1 && blocks_per_sm == 0 &&
+                                   (block_tokens == 32 || block_tokens == 64)),
+              "block_warps must be 8, or 4 with one block a stage and 32 or 64 block tokens, got ", block_warps);
+  if (block_warps == 4) {
+    return block_tokens == 32 ? LORAPLEX_WGMMA_LAUNCH(32, 6, 1, 4) : LORAPLEX_WGMMA_LAUNCH(64, 4, 1, 4);
+  }
   if (block_tokens == 32 && blocks_per_sm == 3) return LORAPLEX_WGMMA_LAUNCH(32, 3, 1);
   if (block_tokens == 32) return stage_blocks == 2 ? LORAPLEX_WGMMA_LAUNCH(32, 2, 2) : LORAPLEX_WGMMA_LAUNCH(32, 2, 1);
   if (block_tokens == 64) return LORAPLEX_WGMMA_LAUNCH(64, 2, 1);
@@ -836,23 +844,24 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
-// tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens); any M, K % 64 == 0. Only where
+// tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
+// or 4 (one: 64 weight rows a block, at 32 or 64 block tokens); any M, K % 64 == 0. Only where
 // nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N]
 // instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
-                        int64_t stage_blocks, int64_t blocks_per_sm, bool defer_sum) {
+                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool defer_sum) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   check_tile_layout(x, tile_codes, tile_scales, out);
   if (x.scalar_type() == torch::kBFloat16) {
     return dispatch_wgmma<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
-                                         stage_blocks, blocks_per_sm, defer_sum);
+                                         stage_blocks, blocks_per_sm, block_warps, defer_sum);
   }
   TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
   return dispatch_wgmma<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens, stage_blocks,
-                                blocks_per_sm, defer_sum);
+                                blocks_per_sm, block_warps, defer_sum);
 }
 
 // Whether this build's code for the current GPU has the wgmma kernels (sm_90a), by running a one-thread probe.

@@ -30,7 +30,7 @@
 
 namespace {
 
-constexpr int WG_WARPS = 8;  // two warpgroups: 128 weight rows a block
+constexpr int WG_WARPS = 8;  // two warpgroups: 128 weight rows a block (WARPS 4: one, 64 rows)
 constexpr int WG_PREFETCH = 2;
 
 // A stage is KB quant blocks: x's KB tiles of BM tokens x 64 k (each BM x 128 bytes, 1,024-byte aligned) in one
@@ -41,13 +41,14 @@ struct WgmmaSmem {
   static constexpr int bytes = 2 * x_bytes + 1024;  // two x buffers, and room to align them to 1,024 bytes
 };
 
-template <typename T, int BM, int MIN_BLOCKS, int KB>
-__global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS>
+__global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
     int M, int N, int K, int blocks_per_split) {
 #ifdef LORAPLEX_WGMMA
-  constexpr int THREADS = WG_WARPS * 32;
+  constexpr int THREADS = WARPS * 32;
+  static_assert(WARPS % 4 == 0 && KB * BM * 8 % THREADS == 0, "whole warpgroups; x's chunks spread evenly");
   constexpr int CHUNKS = KB * BM * 8 / THREADS;  // x's 16-byte chunks a thread stages a stage
   constexpr int X_BYTES = WgmmaSmem<BM, KB>::x_bytes;
   static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
@@ -61,7 +62,7 @@ __global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   const int g = lane >> 2;
   const int t = lane & 3;
   const int row_tiles = (N + 15) / 16;
-  const int tile0 = blockIdx.x * WG_WARPS + (threadIdx.x >> 5);
+  const int tile0 = blockIdx.x * WARPS + (threadIdx.x >> 5);
   const int num_blocks = K / 64;
   const int first = blockIdx.y * blocks_per_split;
   const int last = min(first + blocks_per_split, num_blocks);
