@@ -41,10 +41,14 @@ class MergedSwapper:
         if adapter is not None:
             adapter = _on_device(adapter, self.model.device)
         for i, (layer, linear) in enumerate(self._linears):
+            targeted = adapter is not None and linear.targets(layer, adapter)
             if self._dirty[i]:
-                linear.base.load_state_tensors(self._pristine[i])
-                self._dirty[i] = False
-            if adapter is not None and linear.targets(layer, adapter):
+                # A layer requantized next skips rebuilding its forward copies (NF4: absmax_f and the tile
+                # layout), which load_weight rebuilds; it stays dirty until then, so a swap that fails between
+                # the two leaves it to the next swap's full restore.
+                linear.base.load_state_tensors(self._pristine[i], derive=not targeted)
+                self._dirty[i] = targeted
+            if targeted:
                 weight = linear.base.dequantize(self.merge_dtype)
                 linear.add_delta_(weight, layer, adapter)
                 linear.base.load_weight(weight)

@@ -36,8 +36,8 @@ class DenseLinear(nn.Module):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight.data}
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.weight.data.copy_(tensors["weight"])
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], derive: bool = True) -> None:
+        self.weight.data.copy_(tensors["weight"])  # no forward copies to derive
 
 
 class NF4Linear(nn.Module):
@@ -95,18 +95,19 @@ class NF4Linear(nn.Module):
     def load_weight(self, weight: torch.Tensor) -> None:
         """Requantize `weight` into the existing buffers (same storage, same QuantState object)."""
         codes, state = _quantize(weight, self.compute_dtype)
-        self.codes.data.copy_(codes)
-        self.load_state_tensors(_state_tensors(codes, state))
+        self.load_state_tensors(_state_tensors(codes, state))  # the codes among them
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return _state_tensors(self.codes.data, self.quant_state)
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy a saved exact representation back in place."""
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], derive: bool = True) -> None:
+        """Copy a saved exact representation back in place. `derive` False leaves the forward's copies (absmax_f,
+        tiled) stale, for a caller that requantizes next (load_weight rebuilds them): the layer must not run until
+        then."""
         for name, live in self.state_tensors().items():
             live.copy_(tensors[name])
         self._cpu_weight = None
-        if self.absmax_f is not None:
+        if derive and self.absmax_f is not None:
             self.absmax_f.copy_(self._derive_absmax())
             self._derive_tiled(out=self.tiled)
 

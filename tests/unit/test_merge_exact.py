@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 
+import pytest
 import torch
 
 from server.model.merge import MergedSwapper
@@ -67,3 +68,55 @@ def test_dense_base_swap_is_exact_too(tiny_llama_dir, tiny_adapters):
         swapper.swap((refs[i % len(refs)].name, i), refs[i % len(refs)].weights)
     swapper.swap(None)
     assert all(torch.equal(lin.base.weight, b) for (_, lin), b in zip(model.lora_linears(), before, strict=True))
+
+
+def _record_loads(monkeypatch) -> list[tuple[int, bool]]:
+    """From now on, (id of the NF4Linear, derive) of every load_state_tensors call, in order."""
+    calls: list[tuple[int, bool]] = []
+    original = NF4Linear.load_state_tensors
+
+    def recording(self, tensors, derive=True):
+        calls.append((id(self), derive))
+        return original(self, tensors, derive=derive)
+
+    monkeypatch.setattr(NF4Linear, "load_state_tensors", recording)
+    return calls
+
+
+def test_a_swap_leaves_every_layer_with_fresh_forward_copies(tiny_llama_dir, tiny_adapters, monkeypatch):
+    """A layer restored and then requantized in the same swap skips the restore's rebuild of its forward copies
+    (NF4 absmax_f and tile layout, on CUDA); the last load of every layer a swap touches must still rebuild them."""
+    loaded = load_tiny(tiny_llama_dir, quantize=True)
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    swapper = MergedSwapper(loaded.model)
+    calls = _record_loads(monkeypatch)
+    skipped = 0
+    for key in ("all-r8", "attn-r4", "ko-r16", None, "mlp-r2-rs", None):
+        calls.clear()
+        swapper.swap(None if key is None else (key, 1), None if key is None else refs[key].weights)
+        last = {}
+        for layer, derive in calls:
+            last[layer] = derive
+        skipped += sum(not derive for _, derive in calls)
+        assert all(last.values()), key  # no layer ends a swap with stale forward copies
+    assert skipped > 0  # the restores of requantized layers really skipped the rebuild
+    assert swapper.is_pristine()
+
+
+def test_a_swap_that_fails_midway_leaves_the_next_swap_a_full_restore(tiny_llama_dir, tiny_adapters, monkeypatch):
+    """A layer restored without its forward copies stays dirty until requantized: if the swap fails in between,
+    the next swap restores it whole."""
+    loaded = load_tiny(tiny_llama_dir, quantize=True)
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    swapper = MergedSwapper(loaded.model)
+    swapper.swap(("all-r8", 1), refs["all-r8"].weights)
+    ko = refs["ko-r16"].weights
+    failing = next(linear for layer, linear in swapper._linears if linear.targets(layer, ko))
+    monkeypatch.setattr(failing, "add_delta_", lambda *args: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        swapper.swap(("ko-r16", 1), ko)
+    monkeypatch.undo()
+    calls = _record_loads(monkeypatch)
+    swapper.swap(None)
+    assert (id(failing.base), True) in calls  # restored whole, forward copies rebuilt
+    assert swapper.is_pristine()
