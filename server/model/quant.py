@@ -94,8 +94,7 @@ class NF4Linear(nn.Module):
 
     def load_weight(self, weight: torch.Tensor) -> None:
         """Requantize `weight` into the existing buffers (same storage, same QuantState object)."""
-        codes, state = _quantize(weight, self.compute_dtype)
-        self.load_state_tensors(_state_tensors(codes, state))  # the codes among them
+        self.load_state_tensors(_quantized_state_tensors(weight, self.compute_dtype))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return _state_tensors(self.codes.data, self.quant_state)
@@ -122,6 +121,22 @@ def _quantize(weight: torch.Tensor, dtype: torch.dtype):
     return quantize_4bit(
         weight.to(dtype).contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4"
     )
+
+
+def _quantized_state_tensors(weight: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What _quantize gives, as the tensors _state_tensors names, without one host sync: bitsandbytes'
+    quantize_4bit builds its 16-value code table with `torch.tensor(..., device=...)` on every call, a copy from
+    pageable host memory that waits for the stream, so each requantized layer of a merged swap stopped the host
+    until the GPU had caught up, and the next layer's launches could not run ahead. The same operations in the same
+    order as quantize_4bit (NF4, blocks of 64, absmax double-quantized in blocks of 256 after subtracting its mean):
+    the same bits (tests/unit/test_merge_exact.py compares them)."""
+    from bitsandbytes.functional import quantize_blockwise
+
+    codes, absmax = torch.ops.bitsandbytes.quantize_4bit.default(weight.to(dtype).contiguous(), NF4_BLOCKSIZE, "nf4",
+                                                                  torch.uint8)
+    offset = absmax.mean()
+    absmax_q, state2 = quantize_blockwise(absmax - offset, blocksize=256)
+    return {"codes": codes, "absmax": absmax_q, "offset": offset, "absmax2": state2.absmax}
 
 
 def _state_tensors(codes: torch.Tensor, state) -> dict[str, torch.Tensor]:

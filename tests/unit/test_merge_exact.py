@@ -120,3 +120,22 @@ def test_a_swap_that_fails_midway_leaves_the_next_swap_a_full_restore(tiny_llama
     swapper.swap(None)
     assert (id(failing.base), True) in calls  # restored whole, forward copies rebuilt
     assert swapper.is_pristine()
+
+
+def test_requantizing_without_bitsandbytes_table_build_gives_its_bits(monkeypatch):
+    """load_weight's quantization (no per-call code table, so no host sync on CUDA) equals quantize_4bit's."""
+    import bitsandbytes.functional as bnb_functional
+
+    from server.model import quant
+
+    torch.manual_seed(0)
+    for shape, dtype in (((96, 128), torch.float32), ((64, 320), torch.bfloat16)):
+        weight = torch.randn(shape) * torch.rand(shape[0], 1) * 3
+        codes, state = quant._quantize(weight, dtype)
+        want = quant._state_tensors(codes, state)
+        monkeypatch.setattr(bnb_functional, "get_4bit_type", lambda *a, **k: pytest.fail("the table was built"))
+        got = quant._quantized_state_tensors(weight, dtype)
+        monkeypatch.undo()
+        assert set(got) == set(want)
+        for name, tensor in want.items():
+            assert torch.equal(got[name], tensor), name
