@@ -187,7 +187,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                 impls[f"wgmma_b{tokens}"] = [lambda c=c, b=tokens: cuda_nf4.nf4_wgmma(
                     x, c[3], layer.shape, layer.table, block_tokens=b, num_sms=device_num_sms(0))
                     for c in layer.nf4]
-        if default_tokens <= 64:  # one warpgroup a block: twice the blocks, as many warps an SM
+        if default_tokens <= 128:  # one warpgroup a block: twice the blocks
             impls["wgmma_w4"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, block_warps=4,
                                                                 num_sms=device_num_sms(0))
                                  for c in layer.nf4]

@@ -345,7 +345,9 @@ def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupan
 def wgmma_occupancy(block_tokens: int, block_warps: int = WGMMA_BLOCK_WARPS) -> int:
     """Blocks an SM nf4_wgmma's instance is built for: 3 for 32 tokens (80 registers: 24 warps an SM to hide the
     loads and the waits; the measurements at wgmma_split_k), else 2 (the 128- and 256-token instances run one);
-    with one warpgroup a block (block_warps 4), twice those: 6 at 32 tokens, 4 at 64."""
+    with one warpgroup a block (block_warps 4): 6 at 32 tokens, 4 at 64, 3 at 128."""
+    if block_warps != WGMMA_BLOCK_WARPS and block_tokens == 128:
+        return 3  # 167 registers: three one-warpgroup blocks fit where one of two warpgroups does
     blocks = 3 if block_tokens == 32 else 2
     return blocks * WGMMA_BLOCK_WARPS // block_warps
 
@@ -369,8 +371,8 @@ def nf4_wgmma(
     wgmma_supported(). With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead.
     `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait; `occupancy` 3 (32 block
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
-    splits filling that wave (2: the instance built for two). `block_warps` 4 (32 or 64 block tokens, one block a
-    stage): one warpgroup (64 weight rows) a block, built for as many warps an SM, so twice the blocks. Each
+    splits filling that wave (2: the instance built for two). `block_warps` 4 (up to 128 block tokens, one block a
+    stage): one warpgroup (64 weight rows) a block, so twice the blocks (wgmma_occupancy). Each
     warpgroup issues the same wgmmas in the same order whatever the variant: the same bits for the same splits.
     Measured slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas run
     (3-15%, bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep

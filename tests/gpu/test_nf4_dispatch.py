@@ -179,7 +179,8 @@ def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_toke
 
 
 @pytest.mark.parametrize("block_tokens, variant", [(32, {"stage_blocks": 2}), (32, {"occupancy": 2}),
-                                                   (32, {"block_warps": 4}), (64, {"block_warps": 4})])
+                                                   (32, {"block_warps": 4}), (64, {"block_warps": 4}),
+                                                   (128, {"block_warps": 4})])
 @pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 5), (100, 5), (7, 7), (300, 2)])
 def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_tokens, variant):
     """The wgmma variants issue the same wgmmas in the same order into the same accumulators of each warpgroup: two

@@ -159,7 +159,7 @@ def test_wgmma_blocks_and_splits(rows, shape, block_tokens, splits):
 ])  # fmt: skip
 def test_wgmma_splits_at_two_and_three_blocks_an_sm(shape, two, three, one_warpgroup):
     assert cuda_nf4.wgmma_occupancy(32) == 3 and cuda_nf4.wgmma_occupancy(64) == 2
-    assert cuda_nf4.wgmma_occupancy(32, block_warps=4) == 6 and cuda_nf4.wgmma_occupancy(64, block_warps=4) == 4
+    assert [cuda_nf4.wgmma_occupancy(tokens, block_warps=4) for tokens in (32, 64, 128)] == [6, 4, 3]
     assert cuda_nf4.wgmma_split_k(32, shape, 132, 32) == two
     assert cuda_nf4.wgmma_split_k(32, shape, 132, 32, occupancy=3) == three
     assert cuda_nf4.wgmma_split_k(32, shape, 132, 32, occupancy=6, block_warps=4) == one_warpgroup

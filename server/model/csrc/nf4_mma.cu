@@ -825,13 +825,16 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
   TORCH_CHECK(blocks_per_sm == 0 || (blocks_per_sm == 3 && block_tokens == 32 && stage_blocks == 1),
               "blocks_per_sm must be 0 (the instance's own), or 3 with 32 block tokens and one block a stage, got ",
               blocks_per_sm);
-  // One warpgroup a block (64 weight rows), as many warps an SM as the two-warpgroup instance: twice the blocks, so
-  // a grid of 224 row groups (8B gate_up) spreads over 132 SMs as 448 instead of 1.7 blocks an SM at most 2.
-  TORCH_CHECK(block_warps == 8 || (block_warps == 4 && stage_blocks == 1 && blocks_per_sm == 0 &&
-                                   (block_tokens == 32 || block_tokens == 64)),
-              "block_warps must be 8, or 4 with one block a stage and 32 or 64 block tokens, got ", block_warps);
+  // One warpgroup a block (64 weight rows): twice the blocks, so a grid of 224 row groups (8B gate_up) spreads over
+  // 132 SMs as 448 instead of 1.7 blocks an SM at most 2. At 32 and 64 tokens as many warps an SM as the
+  // two-warpgroup instance; at 128 three blocks (12 warps) where the two-warpgroup one fits one (8 warps), at 168
+  // registers with 36 bytes spilled (ptxas, sm_90a).
+  TORCH_CHECK(block_warps == 8 ||
+                  (block_warps == 4 && stage_blocks == 1 && blocks_per_sm == 0 && block_tokens <= 128),
+              "block_warps must be 8, or 4 with one block a stage and at most 128 block tokens, got ", block_warps);
   if (block_warps == 4) {
-    return block_tokens == 32 ? LORAPLEX_WGMMA_LAUNCH(32, 6, 1, 4) : LORAPLEX_WGMMA_LAUNCH(64, 4, 1, 4);
+    if (block_tokens == 32) return LORAPLEX_WGMMA_LAUNCH(32, 6, 1, 4);
+    return block_tokens == 64 ? LORAPLEX_WGMMA_LAUNCH(64, 4, 1, 4) : LORAPLEX_WGMMA_LAUNCH(128, 3, 1, 4);
   }
   if (block_tokens == 32 && blocks_per_sm == 3) return LORAPLEX_WGMMA_LAUNCH(32, 3, 1);
   if (block_tokens == 32) return stage_blocks == 2 ? LORAPLEX_WGMMA_LAUNCH(32, 2, 2) : LORAPLEX_WGMMA_LAUNCH(32, 2, 1);
@@ -845,7 +848,7 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
-// or 4 (one: 64 weight rows a block, at 32 or 64 block tokens); any M, K % 64 == 0. Only where
+// or 4 (one: 64 weight rows a block, up to 128 block tokens); any M, K % 64 == 0. Only where
 // nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N]
 // instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
