@@ -114,12 +114,15 @@ class LLMEngine:
         self._last_step_end = 0.0
         self.prefix_per_tenant = settings.prefix_cache_scope == "tenant"
         if self.model.device.type == "cuda" and settings.quantization == "nf4":
-            from server.model import nf4_dispatch
+            from server.model import nf4_autotune, nf4_dispatch
 
             # Before any graph capture: building the CUDA NF4 kernel takes ~90 s on a fresh machine.
             with load_phase("kernels", "the CUDA NF4 kernels, built once per machine"):
                 log.info("NF4 kernels by batch rows: %s", nf4_dispatch.prepare())
             nf4_dispatch.reserve_scratch(self.model)  # one dequant buffer for every graph captured below
+            if nf4_autotune.AUTOTUNE:  # opt-in: each shape's kernel at each mid-sized bucket, before capture
+                with load_phase("kernel tuning", "the NF4 kernel for each weight shape and batch size, timed"):
+                    log.info("NF4 kernels tuned: %s", nf4_autotune.tune_model(self.model))
         self.runner.prepare(settings.max_num_batched_tokens, (False, True) if self.runner.use_lora else (False,))
         with load_phase("sampler kernels", "the sampler's draw paths (CUDA), built and loaded before serving"):
             self.sampler.warm_up()

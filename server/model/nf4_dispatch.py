@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from server.model import cuda_nf4
+from server.model import cuda_nf4, nf4_autotune
 from server.model.nf4_layout import codes_as_words
 from server.model.split_sums import SplitSums
 
@@ -200,11 +200,15 @@ def nf4_linear_cuda(
     kernel: str | None = None,  # force one kernel (benchmarks, tests)
     tiled: tuple[torch.Tensor, torch.Tensor] | None = None,  # nf4_layout.tile_pack of (codes, absmax_f)
     defer_sum: bool = False,  # the tile and wide kernels may return split_sums.SplitSums
+    options: dict | None = None,  # with kernel="wgmma": cuda_nf4.nf4_wgmma's keyword arguments (nf4_autotune)
 ) -> torch.Tensor | SplitSums:
-    """y = x @ dequant(W)^T (+ bias), semantics of nf4_ops.nf4_matmul_reference, by the fastest kernel."""
+    """y = x @ dequant(W)^T (+ bias), semantics of nf4_ops.nf4_matmul_reference, by the fastest kernel: the one
+    start-up tuning chose for this shape and row count (nf4_autotune, opt-in), else the rules (kernel_for)."""
     from server.model.triton_nf4 import device_num_sms
 
     num_sms = device_num_sms(x.device.index or 0)
+    if kernel is None and (choice := nf4_autotune.CHOICES.get((tuple(shape), x.shape[0]))) is not None:
+        kernel, options = choice.kernel, dict(choice.options)
     name = kernel or kernel_for(x.shape[0], shape, num_sms=num_sms)
     if name in ("gemv", "tile", "wide", "gemm", "wgmma") and tiled is None:
         name = "mma" if x.shape[0] <= 64 else "dequant"
@@ -225,7 +229,8 @@ def nf4_linear_cuda(
     if name == "gemm":
         return cuda_nf4.nf4_gemm(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "wgmma":
-        return cuda_nf4.nf4_wgmma(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
+        return cuda_nf4.nf4_wgmma(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum,
+                                  **(options or {}))
     if name == "dequant":
         return dequant_linear(x, codes, absmax_f, shape, code_table, bias)
     if name == "bnb":

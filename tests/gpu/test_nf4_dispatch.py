@@ -498,3 +498,29 @@ def test_a_captured_dequant_keeps_its_scratch_when_a_larger_layer_outgrows_it(mo
     torch.cuda.synchronize()
     assert torch.equal(out, want)
     del filler
+
+
+def test_autotune_chooses_a_kernel_the_dispatch_then_runs_for_those_rows():
+    """Start-up tuning (nf4_autotune, opt-in) times the candidates on a real NF4 layer; the dispatch then runs the
+    chosen one for the tuned row counts, with the reference's results."""
+    from server.model import nf4_autotune
+    from server.model.quant import make_linear
+    from server.model.triton_nf4 import device_num_sms
+
+    layer = make_linear(torch.randn(600, 1536, device="cuda"), None, torch.bfloat16, quantize=True)
+    shape = (600, 1536)
+    try:
+        chosen = nf4_autotune.tune({shape: layer}, device_num_sms(0), rows_list=(16, 32, 128))
+        assert set(chosen) == {(shape, rows) for rows in (16, 32, 128)}
+        for rows in (16, 32, 128):
+            x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
+            got = layer(x)
+            choice = chosen[(shape, rows)]
+            forced = nf4_dispatch.nf4_linear_cuda(x, layer.codes, layer.absmax_f, shape, layer.quant_state.code,
+                                                  None, layer.quant_state, kernel=choice.kernel, tiled=layer.tiled,
+                                                  options=dict(choice.options))
+            assert torch.equal(got, forced), choice  # the layer's forward ran the tuned choice
+            want = x.float() @ layer.dequantize(torch.float32).t()
+            torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=5e-2)
+    finally:
+        nf4_autotune.CHOICES.clear()

@@ -1,0 +1,121 @@
+"""The NF4 kernel for each weight shape and mid-sized row count, timed once at start-up (opt-in).
+
+The dispatch's rules (server.model.nf4_dispatch) come from kernel tables of two model shapes, and some shapes lose
+under them: on the H200, 8B qkv at 65-128 rows ran wgmma at 38.7 us against dequant + cuBLAS's 35.0, and 1B down at
+192 rows dequant + cuBLAS at 35.9 against wgmma's 64-token instance at 31.0
+(bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json). With LORAPLEX_NF4_AUTOTUNE=1 the engine times every
+candidate for each distinct NF4 weight shape of the model at each decode-graph row count in ROWS, before any graph
+is captured (the replays then run the chosen kernel), and `nf4_dispatch.nf4_linear_cuda` runs the winner for exactly
+those row counts; other counts keep the rules. Every candidate computes the same semantics; they differ only in the
+order of fp32 sums, as the rule-chosen kernels at different row counts already do. Off by default until an H200
+run shows it helps (`bench.kernels` and `python -m bench --model 8b` with and without it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from server.model import cuda_nf4
+
+log = logging.getLogger(__name__)
+
+AUTOTUNE = os.environ.get("LORAPLEX_NF4_AUTOTUNE", "0") == "1"
+# The decode-graph buckets (server.engine.cuda_graphs.DECODE_BUCKETS) between the one-row kernels and prefill sizes.
+ROWS = (16, 32, 48, 64, 96, 128, 192, 256)
+
+
+@dataclass(frozen=True)
+class Choice:
+    kernel: str  # a name nf4_dispatch.nf4_linear_cuda runs
+    options: tuple[tuple[str, int], ...] = ()  # keyword arguments of cuda_nf4.nf4_wgmma
+
+    def __str__(self) -> str:
+        return self.kernel + "".join(f" {name}={value}" for name, value in self.options)
+
+
+# (weight shape (out, in), rows) -> the kernel timed fastest; filled by `tune`, read by nf4_dispatch.
+CHOICES: dict[tuple[tuple[int, int], int], Choice] = {}
+
+
+def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
+    """What can run `rows` rows of an (out, in) weight: dequant + cuBLAS, the wide kernel, and on sm_90a builds
+    wgmma with its default block, each other block size that holds the rows in at most two blocks, and one
+    warpgroup a block."""
+    choices = [Choice("dequant"), Choice("wide")]
+    if cuda_nf4.wgmma_supported():
+        default = cuda_nf4.wgmma_block_tokens(rows, shape, num_sms)
+        choices.append(Choice("wgmma"))
+        choices += [Choice("wgmma", (("block_tokens", tokens),)) for tokens in cuda_nf4.WGMMA_BLOCK_TOKENS
+                    if tokens != default and tokens // 2 < rows]
+        if default <= 128:
+            choices.append(Choice("wgmma", (("block_warps", 4),)))
+    return choices
+
+
+def time_call(run: Callable[[], object], repeats: int = 20) -> float:
+    """Median device time of `run()` in ms (CUDA events; three runs first, to build and warm it)."""
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def tune(layers: dict[tuple[int, int], object], num_sms: int,
+         timer: Callable[[Callable[[], object]], float] = time_call,
+         rows_list: tuple[int, ...] = ROWS) -> dict[tuple[tuple[int, int], int], Choice]:
+    """Time the candidates for each (shape: an NF4Linear of that shape) at each row count; record the fastest in
+    CHOICES and return what was recorded. A candidate that raises is skipped (logged)."""
+    chosen = {}
+    for shape, layer in layers.items():
+        for rows in rows_list:
+            x = torch.randn(rows, shape[1], device=layer.codes.device).to(layer.compute_dtype)
+            best, best_ms = None, float("inf")
+            for choice in candidates(rows, shape, num_sms):
+                try:
+                    ms = timer(_runner(layer, shape, x, choice))
+                except Exception as exc:  # a variant this build or shape lacks: the others still compete
+                    log.warning("NF4 autotune: %s at %d rows of %s failed: %s", choice, rows, shape, exc)
+                    continue
+                if ms < best_ms:
+                    best, best_ms = choice, ms
+            if best is not None:
+                chosen[(shape, rows)] = best
+    CHOICES.update(chosen)
+    return chosen
+
+
+def _runner(layer, shape: tuple[int, int], x: torch.Tensor, choice: Choice) -> Callable[[], object]:
+    """One call of `choice` on the layer's weights (the dispatch's own entry point, the kernel forced)."""
+    from server.model.nf4_dispatch import nf4_linear_cuda
+
+    state = layer.quant_state
+    return lambda: nf4_linear_cuda(x, layer.codes, layer.absmax_f, shape, state.code, None, state,
+                                   kernel=choice.kernel, tiled=layer.tiled, options=dict(choice.options))
+
+
+def tune_model(model: torch.nn.Module) -> str:
+    """Tune every distinct NF4 weight shape of `model` (CUDA, with the tile layout); a one-line summary."""
+    from server.model.triton_nf4 import device_num_sms
+
+    layers = {}
+    for module in model.modules():
+        if getattr(module, "is_quantized", False) and getattr(module, "tiled", None) is not None:
+            layers.setdefault((module.out_features, module.in_features), module)
+    if not layers:
+        return "no NF4 layer on CUDA"
+    device = next(iter(layers.values())).codes.device
+    chosen = tune(layers, device_num_sms(device.index or 0))
+    return "; ".join(f"{out}x{inp}@{rows}: {choice}" for ((out, inp), rows), choice in sorted(chosen.items()))

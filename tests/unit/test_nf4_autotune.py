@@ -1,0 +1,87 @@
+"""Start-up kernel tuning for NF4 weights (server/model/nf4_autotune.py): the candidates, the choice, and the
+dispatch running the choice for exactly the tuned shape and row count (CPU: the kernels replaced by recorders)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from server.model import cuda_nf4, nf4_autotune, nf4_dispatch
+from server.model.nf4_autotune import Choice
+
+
+@pytest.fixture(autouse=True)
+def clean_choices():
+    nf4_autotune.CHOICES.clear()
+    yield
+    nf4_autotune.CHOICES.clear()
+
+
+def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
+    monkeypatch.setattr(cuda_nf4, "wgmma_supported", lambda: False)
+    assert nf4_autotune.candidates(32, (28672, 4096), 132) == [Choice("dequant"), Choice("wide")]
+    monkeypatch.setattr(cuda_nf4, "wgmma_supported", lambda: True)
+    assert nf4_autotune.candidates(32, (28672, 4096), 132) == [
+        Choice("dequant"), Choice("wide"), Choice("wgmma"), Choice("wgmma", (("block_warps", 4),))]
+    at_128 = nf4_autotune.candidates(128, (28672, 4096), 132)  # default 128 tokens: 32 and 64 forced, not 256
+    assert Choice("wgmma", (("block_tokens", 32),)) in at_128 and Choice("wgmma", (("block_tokens", 64),)) in at_128
+    assert Choice("wgmma", (("block_tokens", 256),)) not in at_128
+    assert Choice("wgmma", (("block_warps", 4),)) in at_128
+    assert Choice("wgmma", (("block_warps", 4),)) not in nf4_autotune.candidates(200, (28672, 4096), 132)
+
+
+def _fake_layer(shape):
+    return SimpleNamespace(codes=torch.zeros(shape[0] * shape[1] // 2, 1, dtype=torch.uint8),
+                           absmax_f=torch.ones(shape[0] * shape[1] // 64), tiled=(torch.zeros(1), torch.zeros(1)),
+                           quant_state=SimpleNamespace(code=torch.zeros(16)), compute_dtype=torch.bfloat16)
+
+
+def test_tune_records_the_fastest_candidate_and_skips_one_that_fails(monkeypatch):
+    monkeypatch.setattr(cuda_nf4, "wgmma_supported", lambda: True)
+    cost = {("dequant", ()): 3.0, ("wide", ()): 2.0, ("wgmma", ()): 1.5, ("wgmma", (("block_warps", 4),)): 1.0}
+    seen = []
+
+    def fake_linear(x, codes, absmax_f, shape, table, bias, state, kernel, tiled, options):
+        seen.append((shape, x.shape, kernel, options))
+        if kernel == "wgmma" and options:
+            raise RuntimeError("no such instance in this build")  # the fastest on paper fails: skipped
+        return cost[(kernel, tuple(options.items()))]
+
+    monkeypatch.setattr(nf4_dispatch, "nf4_linear_cuda", fake_linear)
+    shapes = {(256, 128): _fake_layer((256, 128)), (64, 256): _fake_layer((64, 256))}
+    chosen = nf4_autotune.tune(shapes, 132, timer=lambda run: run(), rows_list=(16, 32))
+    assert chosen == {(shape, rows): Choice("wgmma") for shape in shapes for rows in (16, 32)}
+    assert chosen == nf4_autotune.CHOICES
+    assert {(shape, x_shape[0]) for shape, x_shape, _, _ in seen} == {(s, r) for s in shapes for r in (16, 32)}
+    assert all(x_shape[1] == shape[1] for shape, x_shape, _, _ in seen)  # x has the weight's in_features
+
+
+def test_the_dispatch_runs_the_tuned_choice_for_that_shape_and_row_count_only(monkeypatch):
+    from server.model import triton_nf4
+
+    calls = []
+    monkeypatch.setattr(triton_nf4, "device_num_sms", lambda index: 132)
+    monkeypatch.setattr(cuda_nf4, "nf4_wgmma", lambda *a, **kw: calls.append(("wgmma", kw)) or "wgmma")
+    monkeypatch.setattr(cuda_nf4, "nf4_wide", lambda *a, **kw: calls.append(("wide", kw)) or "wide")
+    monkeypatch.setattr(nf4_dispatch, "kernel_for", lambda rows, shape, table=None, num_sms=132: "wide")
+    nf4_autotune.CHOICES[((256, 128), 32)] = Choice("wgmma", (("block_tokens", 64), ("block_warps", 4)))
+    layer = _fake_layer((256, 128))
+
+    def run(rows, shape=(256, 128)):
+        return nf4_dispatch.nf4_linear_cuda(torch.zeros(rows, shape[1]), layer.codes, layer.absmax_f, shape,
+                                            layer.quant_state.code, None, tiled=layer.tiled)
+
+    assert run(32) == "wgmma" and calls[-1][1]["block_tokens"] == 64 and calls[-1][1]["block_warps"] == 4
+    assert run(16) == "wide"  # a row count not tuned: the rules
+    assert run(32, shape=(64, 128)) == "wide"  # another shape: the rules
+    forced = nf4_dispatch.nf4_linear_cuda(torch.zeros(32, 128), layer.codes, layer.absmax_f, (256, 128),
+                                          layer.quant_state.code, None, kernel="wide", tiled=layer.tiled)
+    assert forced == "wide"  # a forced kernel (benchmarks, tests) wins over the tuning
+
+
+def test_off_by_default():
+    import os
+
+    assert os.environ.get("LORAPLEX_NF4_AUTOTUNE") is None and nf4_autotune.AUTOTUNE is False
