@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine call for the NF4 kernels issue: GPU tests, Nsight Compute, kernel table, prefill, step profile.
-# Usage there: bash bench/gpu_nf4.sh   (carry .whl and .torch_ext; see ../shared/gpu/wheels.sh)
+# Usage there: bash bench/gpu_nf4.sh   (carry .whl, .torch_ext and .triton_cache; see ../shared/gpu/wheels.sh)
 # Each step has its own timeout; a timeout of 0 skips the step. TESTS_ARGS: pytest arguments for tests/gpu
 # (quoted as on a command line); NCU_ROWS=1,32: ncu sections of the NF4 kernels (bench.nf4_ncu); PROFILE_ARGS:
 # bench.profile_step's (default --model 1b).
@@ -13,9 +13,13 @@ python3 -c "import msgspec, zmq, llguidance, fastapi, bitsandbytes" \
   || { echo "missing wheels in .whl: see the comment above this check in $0"; exit 1; }
 export PYTHONUNBUFFERED=1
 # The CUDA NF4 extension takes ~90 s to build on a fresh machine: build it into .torch_ext, send it back
-# as $OUT/torch_ext.tgz, and next time unpack that into .torch_ext here and name it in `carry`
+# in $OUT/build_cache.tgz, and next time unpack that here (`tar xzf build_cache.tgz` in the checkout) and name
+# .torch_ext in `carry`
 # (the build is named by a digest of server/model/csrc, so a changed source or header rebuilds).
 export TORCH_EXTENSIONS_DIR=$PWD/.torch_ext
+# Triton's compiled kernels likewise (a fresh machine compiles every kernel and variant again at first launch):
+# .triton_cache, in the same archive, carried next time too (mind carry's 64 MiB in all)
+export TRITON_CACHE_DIR=$PWD/.triton_cache && mkdir -p "$TRITON_CACHE_DIR"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/smi.txt"
 step() {  # step TIMEOUT LOG COMMAND...: run unless TIMEOUT is 0
   local limit=$1 log=$2; shift 2
@@ -52,4 +56,5 @@ if [ -n "${ENGINE_AB:-}" ] && [ "${ENGINE_TIMEOUT:-0}" != 0 ]; then
   step "$ENGINE_TIMEOUT" engine_ab.log env "${ab_env[@]}" python3 -m bench --model 8b --skip-baseline \
     --budget-s $(( ENGINE_TIMEOUT - 30 )) --out "$OUT/ab"
 fi
-tar czf "$OUT/torch_ext.tgz" -C .torch_ext . 2>/dev/null || true
+# One archive for both build caches (at most 8 files come back from a call)
+tar czf "$OUT/build_cache.tgz" .torch_ext .triton_cache 2>/dev/null && du -h "$OUT/build_cache.tgz" || true

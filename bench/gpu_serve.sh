@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU-machine call for the serving issues: bench.serve presets, then prefill and step profiles.
-# Usage there: SERVE_RUNS="1b:c32 1b:lora-modes:280" [COLD_LOAD=8b] bash bench/gpu_serve.sh  (carry .whl; see ../shared/gpu/wheels.sh)
+# Usage there: SERVE_RUNS="1b:c32 1b:lora-modes:280" [COLD_LOAD=8b] bash bench/gpu_serve.sh  (carry .whl, .torch_ext and .triton_cache; see ../shared/gpu/wheels.sh)
 # Each run is shape:preset[:timeout_s]; a run without its own timeout gets SERVE_TIMEOUT (240).
 # Each step has its own timeout so one slow step cannot eat the others' time; JSON, one run.log and
-# torch_ext.tgz go to $OUT (at most 8 files come back: keep to 5 result files a call). A c32 run needs
+# build_cache.tgz go to $OUT (at most 8 files come back: keep to 5 result files a call). A c32 run needs
 # SERVE_TIMEOUT >= 240 (server start, upload, two loads, the engine alone); at 105 its loads were skipped.
 # LOGS=1: each run keeps its work dir under /tmp/work, and the server logs go to $OUT/logs.tgz with the step
 # traces of LORAPLEX_STEP_TRACE (server/engine/step_trace.py) when that is set; each trace's summary
@@ -19,6 +19,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 python3 -c "import msgspec, zmq, llguidance, fastapi, bitsandbytes" \
   || { echo "missing wheels in .whl: see the comment above this check in $0"; exit 1; }
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=$PWD/.torch_ext
+# Triton's compiled kernels: the server's start compiles every kernel and variant on a fresh machine; they come back
+# with the CUDA extension in $OUT/build_cache.tgz (below), to unpack here and carry next time (mind carry's 64 MiB)
+export TRITON_CACHE_DIR=$PWD/.triton_cache && mkdir -p "$TRITON_CACHE_DIR"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader > "$OUT/smi.txt"
 if [ -n "${GPU_TESTS:-}" ]; then
   eval "gpu_test_args=($GPU_TESTS)"  # GPU_TESTS is pytest arguments, quoted as on a command line
@@ -61,6 +64,7 @@ fi
 for shape in ${PROFILE_SHAPES:-}; do
   timeout "${PROFILE_TIMEOUT:-90}" python3 -m bench.profile_step --model "$shape" --out "$OUT" 2>&1 | tail -40 >> "$OUT/run.log"
 done
-# The built CUDA NF4 extension (~90 s to build): unpack it into .torch_ext here and carry that next time.
-tar czf "$OUT/torch_ext.tgz" -C .torch_ext . 2>/dev/null || true
+# The built CUDA NF4 extension (~90 s to build) and Triton's kernels: `tar xzf build_cache.tgz` in the checkout here
+# and carry .torch_ext and .triton_cache next time.
+tar czf "$OUT/build_cache.tgz" .torch_ext .triton_cache 2>/dev/null && du -h "$OUT/build_cache.tgz" >> "$OUT/run.log" || true
 cat "$OUT/run.log"
