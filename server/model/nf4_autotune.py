@@ -17,30 +17,17 @@ import logging
 import os
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from server.model import cuda_nf4
+from server.model import cuda_nf4, nf4_dispatch
+from server.model.nf4_dispatch import Choice
 
 log = logging.getLogger(__name__)
 
 AUTOTUNE = os.environ.get("LORAPLEX_NF4_AUTOTUNE", "0") == "1"
 # The decode-graph buckets (server.engine.cuda_graphs.DECODE_BUCKETS) between the one-row kernels and prefill sizes.
 ROWS = (16, 32, 48, 64, 96, 128, 192, 256)
-
-
-@dataclass(frozen=True)
-class Choice:
-    kernel: str  # a name nf4_dispatch.nf4_linear_cuda runs
-    options: tuple[tuple[str, int], ...] = ()  # keyword arguments of cuda_nf4.nf4_wgmma
-
-    def __str__(self) -> str:
-        return self.kernel + "".join(f" {name}={value}" for name, value in self.options)
-
-
-# (weight shape (out, in), rows) -> the kernel timed fastest; filled by `tune`, read by nf4_dispatch.
-CHOICES: dict[tuple[tuple[int, int], int], Choice] = {}
 
 
 def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
@@ -77,7 +64,7 @@ def tune(layers: dict[tuple[int, int], object], num_sms: int,
          timer: Callable[[Callable[[], object]], float] = time_call,
          rows_list: tuple[int, ...] = ROWS) -> dict[tuple[tuple[int, int], int], Choice]:
     """Time the candidates for each (shape: an NF4Linear of that shape) at each row count; record the fastest in
-    CHOICES and return what was recorded. A candidate that raises is skipped (logged)."""
+    nf4_dispatch.TUNED and return what was recorded. A candidate that raises is skipped (logged)."""
     chosen = {}
     for shape, layer in layers.items():
         for rows in rows_list:
@@ -93,17 +80,15 @@ def tune(layers: dict[tuple[int, int], object], num_sms: int,
                     best, best_ms = choice, ms
             if best is not None:
                 chosen[(shape, rows)] = best
-    CHOICES.update(chosen)
+    nf4_dispatch.TUNED.update(chosen)
     return chosen
 
 
 def _runner(layer, shape: tuple[int, int], x: torch.Tensor, choice: Choice) -> Callable[[], object]:
     """One call of `choice` on the layer's weights (the dispatch's own entry point, the kernel forced)."""
-    from server.model.nf4_dispatch import nf4_linear_cuda
-
     state = layer.quant_state
-    return lambda: nf4_linear_cuda(x, layer.codes, layer.absmax_f, shape, state.code, None, state,
-                                   kernel=choice.kernel, tiled=layer.tiled, options=dict(choice.options))
+    return lambda: nf4_dispatch.nf4_linear_cuda(x, layer.codes, layer.absmax_f, shape, state.code, None, state,
+                                                kernel=choice.kernel, tiled=layer.tiled, options=dict(choice.options))
 
 
 def tune_model(model: torch.nn.Module) -> str:

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
-from server.model import cuda_nf4, nf4_autotune
+from server.model import cuda_nf4
 from server.model.nf4_layout import codes_as_words
 from server.model.split_sums import SplitSums
 
@@ -76,6 +77,22 @@ GEMM_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_GEMM_ROWS", "0-0"
 # 264). Rows past the table's last entry (a range asked for past 256) take every weight.
 WGMMA_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_WGMMA_ROWS", "17-256").split("-"))
 WGMMA_MIN_WEIGHTS = ((64, 0), (128, 16_000_000), (256, 50_000_000))  # (up to this many rows, least out x in)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A kernel start-up tuning chose (server.model.nf4_autotune)."""
+
+    kernel: str  # a name nf4_linear_cuda runs
+    options: tuple[tuple[str, int], ...] = ()  # keyword arguments of cuda_nf4.nf4_wgmma
+
+    def __str__(self) -> str:
+        return self.kernel + "".join(f" {name}={value}" for name, value in self.options)
+
+
+# (weight shape (out, in), rows) -> the kernel timed fastest at start-up (nf4_autotune.tune, opt-in); run instead of
+# the rules for exactly those shapes and row counts. Empty: the rules alone.
+TUNED: dict[tuple[tuple[int, int], int], Choice] = {}
 
 
 @functools.cache
@@ -203,11 +220,11 @@ def nf4_linear_cuda(
     options: dict | None = None,  # with kernel="wgmma": cuda_nf4.nf4_wgmma's keyword arguments (nf4_autotune)
 ) -> torch.Tensor | SplitSums:
     """y = x @ dequant(W)^T (+ bias), semantics of nf4_ops.nf4_matmul_reference, by the fastest kernel: the one
-    start-up tuning chose for this shape and row count (nf4_autotune, opt-in), else the rules (kernel_for)."""
+    start-up tuning chose for this shape and row count (TUNED, opt-in), else the rules (kernel_for)."""
     from server.model.triton_nf4 import device_num_sms
 
     num_sms = device_num_sms(x.device.index or 0)
-    if kernel is None and (choice := nf4_autotune.CHOICES.get((tuple(shape), x.shape[0]))) is not None:
+    if kernel is None and TUNED and (choice := TUNED.get((tuple(shape), x.shape[0]))) is not None:
         kernel, options = choice.kernel, dict(choice.options)
     name = kernel or kernel_for(x.shape[0], shape, num_sms=num_sms)
     if name in ("gemv", "tile", "wide", "gemm", "wgmma") and tiled is None:

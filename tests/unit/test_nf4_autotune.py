@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from server.model import cuda_nf4, nf4_autotune, nf4_dispatch
-from server.model.nf4_autotune import Choice
+from server.model.nf4_dispatch import Choice
 
 
 @pytest.fixture(autouse=True)
 def clean_choices():
-    nf4_autotune.CHOICES.clear()
+    nf4_dispatch.TUNED.clear()
     yield
-    nf4_autotune.CHOICES.clear()
+    nf4_dispatch.TUNED.clear()
 
 
 def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
@@ -53,7 +53,7 @@ def test_tune_records_the_fastest_candidate_and_skips_one_that_fails(monkeypatch
     shapes = {(256, 128): _fake_layer((256, 128)), (64, 256): _fake_layer((64, 256))}
     chosen = nf4_autotune.tune(shapes, 132, timer=lambda run: run(), rows_list=(16, 32))
     assert chosen == {(shape, rows): Choice("wgmma") for shape in shapes for rows in (16, 32)}
-    assert chosen == nf4_autotune.CHOICES
+    assert chosen == nf4_dispatch.TUNED
     assert {(shape, x_shape[0]) for shape, x_shape, _, _ in seen} == {(s, r) for s in shapes for r in (16, 32)}
     assert all(x_shape[1] == shape[1] for shape, x_shape, _, _ in seen)  # x has the weight's in_features
 
@@ -66,7 +66,7 @@ def test_the_dispatch_runs_the_tuned_choice_for_that_shape_and_row_count_only(mo
     monkeypatch.setattr(cuda_nf4, "nf4_wgmma", lambda *a, **kw: calls.append(("wgmma", kw)) or "wgmma")
     monkeypatch.setattr(cuda_nf4, "nf4_wide", lambda *a, **kw: calls.append(("wide", kw)) or "wide")
     monkeypatch.setattr(nf4_dispatch, "kernel_for", lambda rows, shape, table=None, num_sms=132: "wide")
-    nf4_autotune.CHOICES[((256, 128), 32)] = Choice("wgmma", (("block_tokens", 64), ("block_warps", 4)))
+    nf4_dispatch.TUNED[((256, 128), 32)] = Choice("wgmma", (("block_tokens", 64), ("block_warps", 4)))
     layer = _fake_layer((256, 128))
 
     def run(rows, shape=(256, 128)):
