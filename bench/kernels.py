@@ -187,17 +187,16 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                 impls[f"wgmma_b{tokens}"] = [lambda c=c, b=tokens: cuda_nf4.nf4_wgmma(
                     x, c[3], layer.shape, layer.table, block_tokens=b, num_sms=device_num_sms(0))
                     for c in layer.nf4]
-        if default_tokens <= 128:  # one warpgroup a block: twice the blocks
-            impls["wgmma_w4"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, block_warps=4,
-                                                                num_sms=device_num_sms(0))
-                                 for c in layer.nf4]
-        if default_tokens == 32:  # the 32-token variants
-            impls["wgmma_s2"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, stage_blocks=2,
-                                                                num_sms=device_num_sms(0))
-                                 for c in layer.nf4]  # two quant blocks a stage
-            impls["wgmma_o2"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, occupancy=2,
-                                                                num_sms=device_num_sms(0))
-                                 for c in layer.nf4]  # the instance for two blocks an SM (the default: three)
+        variants = {}
+        if default_tokens <= 128:
+            variants["wgmma_w4"] = {"block_warps": 4}  # one warpgroup a block: twice the blocks
+        if default_tokens == 32:
+            variants["wgmma_s2"] = {"stage_blocks": 2}  # two quant blocks a stage
+            variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
+        for vname, kw in variants.items():
+            impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table,
+                                                                  num_sms=device_num_sms(0), **kw)
+                            for c in layer.nf4]
     if rows <= 256 and _mma_available():
         from server.model import cuda_nf4
 
