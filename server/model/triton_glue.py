@@ -4,6 +4,8 @@ unsummed split-K partials (server.model.split_sums) and sum them as they load it
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -13,6 +15,11 @@ from server.model.split_sums import SplitSums
 # The most split-K partials a kernel here sums: cuda_nf4.pick_split_k's largest split (csrc's kUnrolledSplits).
 MAX_SPLITS = 16
 _MAX_SPLITS = tl.constexpr(MAX_SPLITS)  # compiled kernels read only constexpr globals
+# silu_mul's split count compiled in (one build a count; the default) or read at run time, 16 masked loads an element
+# (LORAPLEX_GLUE_COMPILED_SPLITS=0). H200 (bench/results/2026-12-04-nvidia-h200-glue-kernels-s26.json, us, gate_up's
+# partials, run time against compiled in): 1B 16 rows 2.61 vs 2.20 (8 splits), 32 rows 2.86 vs 2.00 (3), 64 rows
+# 4.33 vs 2.28 (2); 8B 16 rows 3.36 vs 2.97 (8). No other launch shape beat 256 elements and 4 warps a program.
+COMPILED_SPLITS = os.environ.get("LORAPLEX_GLUE_COMPILED_SPLITS", "1") == "1"
 
 
 @triton.jit
@@ -24,6 +31,18 @@ def _summed(src_ptr, offs, mask, plane, splits, bias_ptr, bias_offs, dtype: tl.c
     for s in tl.static_range(_MAX_SPLITS):  # the split's test as a tensor: the interpreter rejects a scalar's
         used = mask & (tl.full(offs.shape, s, tl.int32) < splits)
         total += tl.load(src_ptr + s * plane + offs, mask=used, other=0.0)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
+    return total.to(dtype)
+
+
+@triton.jit
+def _summed_n(src_ptr, offs, mask, plane, SPLITS: tl.constexpr, bias_ptr, bias_offs, dtype: tl.constexpr,
+              HAS_BIAS: tl.constexpr):
+    """_summed for a split count known when compiling: SPLITS loads an element, none masked off."""
+    total = tl.zeros(offs.shape, dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        total += tl.load(src_ptr + s * plane + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         total += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
     return total.to(dtype)
@@ -57,6 +76,8 @@ def _add_rmsnorm_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, y_ptr, ids_ptr,
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    # the weight first: loaded after the row's sum (as written before) it was a second memory round trip a row
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     src = tl.load(ids_ptr + row).to(tl.int64) if GATHER else row
     x = tl.load(h_ptr + src * stride_h + cols, mask=mask, other=0.0)
     if HAS_ADD:
@@ -72,7 +93,6 @@ def _add_rmsnorm_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, y_ptr, ids_ptr,
     xf = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
     normed = (xf * inv).to(y_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -80,9 +100,11 @@ def _norm_warps(n_cols: int) -> int:
     return 4 if n_cols <= 4096 else 8
 
 
-def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | SplitSums | None, weight: torch.Tensor, eps: float):
+def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | SplitSums | None, weight: torch.Tensor, eps: float,
+                num_warps: int | None = None):
     """(h + delta, rmsnorm(h + delta)) for h, delta [T, N] (rows contiguous; delta may be a linear's split-K
-    partials, summed here); delta None = plain norm."""
+    partials, summed here); delta None = plain norm. `num_warps`: a row's warps (bench.glue_kernels' sweep;
+    default _norm_warps)."""
     num_rows, n_cols = h.shape
     y = torch.empty_like(h)
     h_out = torch.empty_like(h) if delta is not None else h
@@ -92,7 +114,7 @@ def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | SplitSums | None, weight:
     _add_rmsnorm_kernel[(num_rows,)](
         h, d, weight, h_out, y, h, n_cols, h.stride(0), d.stride(-2), h_out.stride(0), y.stride(0), eps,
         plane, splits, bias, HAS_ADD=delta is not None, GATHER=False, SUMS=isinstance(delta, SplitSums),
-        HAS_BIAS=has_bias, BLOCK=triton.next_power_of_2(n_cols), num_warps=_norm_warps(n_cols),
+        HAS_BIAS=has_bias, BLOCK=triton.next_power_of_2(n_cols), num_warps=num_warps or _norm_warps(n_cols),
     )  # fmt: skip
     return h_out, y
 
@@ -115,15 +137,19 @@ def embed_rmsnorm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, 
 
 @triton.jit(do_not_specialize=["plane", "splits"])
 def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, splits, bias_ptr, BLOCK: tl.constexpr,
-                     SUMS: tl.constexpr, HAS_BIAS: tl.constexpr):
+                     SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
-    if SUMS:  # gu_ptr: split-K partials [splits, rows, 2 * inter]
+    if SUMS:  # gu_ptr: split-K partials [splits, rows, 2 * inter]; SPLITS > 0: their count, compiled in
         at = row * stride_gu + cols
-        gate = _summed(gu_ptr, at, mask, plane, splits, bias_ptr, cols, out_ptr.dtype.element_ty, HAS_BIAS)
-        up = _summed(gu_ptr, at + inter, mask, plane, splits, bias_ptr, inter + cols, out_ptr.dtype.element_ty,
-                     HAS_BIAS)
+        dtype = out_ptr.dtype.element_ty
+        if SPLITS > 0:
+            gate = _summed_n(gu_ptr, at, mask, plane, SPLITS, bias_ptr, cols, dtype, HAS_BIAS)
+            up = _summed_n(gu_ptr, at + inter, mask, plane, SPLITS, bias_ptr, inter + cols, dtype, HAS_BIAS)
+        else:
+            gate = _summed(gu_ptr, at, mask, plane, splits, bias_ptr, cols, dtype, HAS_BIAS)
+            up = _summed(gu_ptr, at + inter, mask, plane, splits, bias_ptr, inter + cols, dtype, HAS_BIAS)
         gate, up = gate.to(tl.float32), up.to(tl.float32)
     else:
         gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
@@ -132,8 +158,18 @@ def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, split
     tl.store(out_ptr + row * stride_out + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor | SplitSums) -> torch.Tensor:
-    """gate_up [T, 2I] (or its split-K partials) -> silu(gate) * up [T, I]."""
+def silu_launch(num_rows: int, sums: bool) -> tuple[int, int]:
+    """(elements a program, warps) of silu_mul. Partials: up to 16 loads an element, spread over more programs;
+    under 8 rows one element a thread (blocks of 256 left 56 programs for the 8B shape's one row, which lost to
+    csrc's sum kernel + this kernel; 16 planes a thread is what that sum kernel does)."""
+    return (1024, 4) if not sums else (256, 4) if num_rows >= 8 else (64, 2)
+
+
+def silu_mul(gate_up: torch.Tensor | SplitSums, launch: tuple[int, int] | None = None,
+             compiled_splits: bool = COMPILED_SPLITS) -> torch.Tensor:
+    """gate_up [T, 2I] (or its split-K partials) -> silu(gate) * up [T, I]. `launch`: (elements a program, warps)
+    in place of silu_launch's; `compiled_splits`: the partials' count compiled into the kernel (one build a count)
+    instead of read at run time (16 masked loads an element); both for bench.glue_kernels' sweep."""
     num_rows, two_inter = gate_up.shape
     inter = two_inter // 2
     sums = isinstance(gate_up, SplitSums)
@@ -141,13 +177,10 @@ def silu_mul(gate_up: torch.Tensor | SplitSums) -> torch.Tensor:
     if num_rows == 0:
         return out
     src, plane, splits, bias, has_bias = _source(gate_up)
-    # Partials: up to 16 loads an element, spread over more programs; under 8 rows one element a thread (blocks of
-    # 256 left 56 programs for the 8B shape's one row, which lost to csrc's sum kernel + this kernel; 16 planes a
-    # thread is what that sum kernel does)
-    block, warps = (1024, 4) if not sums else (256, 4) if num_rows >= 8 else (64, 2)
+    block, warps = launch or silu_launch(num_rows, sums)
     _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
         src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias,
-        BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, num_warps=warps,
+        BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, SPLITS=splits if sums and compiled_splits else 0, num_warps=warps,
     )
     return out
 

@@ -159,6 +159,16 @@ def test_silu_mul_kernel_sums_split_partials_bit_for_bit(splits, with_bias, rows
     assert torch.equal(glue.silu_mul(sums), glue.silu_mul(sums.materialize()))
 
 
+@pytest.mark.parametrize("splits, with_bias, launch", [(3, True, (1024, 4)), (16, False, (512, 8)), (1, False, None)])
+def test_silu_mul_with_the_split_count_compiled_in_gives_the_same_bits(splits, with_bias, launch):
+    """bench.glue_kernels' variants: the split count as a compile-time constant, other launch shapes."""
+    glue = interpreted("server.model.triton_glue")
+    sums = _split_sums(9, 2 * 700, splits, torch.float16, with_bias, splits)
+    expected = glue.silu_mul(sums.materialize())
+    assert torch.equal(glue.silu_mul(sums, launch=launch, compiled_splits=True), expected)
+    assert torch.equal(glue.silu_mul(sums, launch=launch, compiled_splits=False), expected)
+
+
 @pytest.mark.parametrize("splits, with_bias", [(3, True), (16, False)])
 def test_rotary_write_kv_kernel_sums_split_partials_bit_for_bit(splits, with_bias):
     glue = interpreted("server.model.triton_glue")
