@@ -23,26 +23,16 @@ COMPILED_SPLITS = os.environ.get("LORAPLEX_GLUE_COMPILED_SPLITS", "1") == "1"
 
 
 @triton.jit
-def _summed(src_ptr, offs, mask, plane, splits, bias_ptr, bias_offs, dtype: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _summed(src_ptr, offs, mask, plane, splits, bias_ptr, bias_offs, dtype: tl.constexpr, HAS_BIAS: tl.constexpr,
+            MOST_SPLITS: tl.constexpr = _MAX_SPLITS):
     """A linear's output at `offs` (offsets of any shape into one [M, N] plane) from its split-K partials: summed
     from 0 in split order, plus the bias, rounded once to `dtype`, as csrc/nf4_mma.cu's split_k_sum_kernel does. The
-    loads of every split are issued together (unused ones masked)."""
+    loads of every split up to MOST_SPLITS are issued together (unused ones masked): the most any consumer sums, or
+    a caller's split count compiled in (silu_mul), one load a split."""
     total = tl.zeros(offs.shape, dtype=tl.float32)
-    for s in tl.static_range(_MAX_SPLITS):  # the split's test as a tensor: the interpreter rejects a scalar's
+    for s in tl.static_range(MOST_SPLITS):  # the split's test as a tensor: the interpreter rejects a scalar's
         used = mask & (tl.full(offs.shape, s, tl.int32) < splits)
         total += tl.load(src_ptr + s * plane + offs, mask=used, other=0.0)
-    if HAS_BIAS:
-        total += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
-    return total.to(dtype)
-
-
-@triton.jit
-def _summed_n(src_ptr, offs, mask, plane, SPLITS: tl.constexpr, bias_ptr, bias_offs, dtype: tl.constexpr,
-              HAS_BIAS: tl.constexpr):
-    """_summed for a split count known when compiling: SPLITS loads an element, none masked off."""
-    total = tl.zeros(offs.shape, dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        total += tl.load(src_ptr + s * plane + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         total += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
     return total.to(dtype)
@@ -137,19 +127,15 @@ def embed_rmsnorm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, 
 
 @triton.jit(do_not_specialize=["plane", "splits"])
 def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, splits, bias_ptr, BLOCK: tl.constexpr,
-                     SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLITS: tl.constexpr):
+                     SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, MOST_SPLITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
-    if SUMS:  # gu_ptr: split-K partials [splits, rows, 2 * inter]; SPLITS > 0: their count, compiled in
+    if SUMS:  # gu_ptr: split-K partials [splits, rows, 2 * inter], at most MOST_SPLITS of them
         at = row * stride_gu + cols
         dtype = out_ptr.dtype.element_ty
-        if SPLITS > 0:
-            gate = _summed_n(gu_ptr, at, mask, plane, SPLITS, bias_ptr, cols, dtype, HAS_BIAS)
-            up = _summed_n(gu_ptr, at + inter, mask, plane, SPLITS, bias_ptr, inter + cols, dtype, HAS_BIAS)
-        else:
-            gate = _summed(gu_ptr, at, mask, plane, splits, bias_ptr, cols, dtype, HAS_BIAS)
-            up = _summed(gu_ptr, at + inter, mask, plane, splits, bias_ptr, inter + cols, dtype, HAS_BIAS)
+        gate = _summed(gu_ptr, at, mask, plane, splits, bias_ptr, cols, dtype, HAS_BIAS, MOST_SPLITS)
+        up = _summed(gu_ptr, at + inter, mask, plane, splits, bias_ptr, inter + cols, dtype, HAS_BIAS, MOST_SPLITS)
         gate, up = gate.to(tl.float32), up.to(tl.float32)
     else:
         gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
@@ -180,7 +166,8 @@ def silu_mul(gate_up: torch.Tensor | SplitSums, launch: tuple[int, int] | None =
     block, warps = launch or silu_launch(num_rows, sums)
     _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
         src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias,
-        BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, SPLITS=splits if sums and compiled_splits else 0, num_warps=warps,
+        BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, MOST_SPLITS=splits if sums and compiled_splits else MAX_SPLITS,
+        num_warps=warps,
     )
     return out
 

@@ -89,9 +89,9 @@ def test_norms(modules, has_add, gather, sums):
 @pytest.mark.parametrize("sums", [False, True])
 def test_activation_and_rotary(modules, sums):
     partials = {"gu_ptr": "*fp32"} if sums else {}
-    for splits in (0, 3) if sums else (0,):  # read at run time, or compiled in
-        compile_sm90(modules["glue"]._silu_mul_kernel, {"BLOCK": 256, "SUMS": sums, "HAS_BIAS": sums, "SPLITS": splits},
-                     partials)
+    for most in (16, 3) if sums else (16,):  # the count read at run time, or compiled in
+        compile_sm90(modules["glue"]._silu_mul_kernel,
+                     {"BLOCK": 256, "SUMS": sums, "HAS_BIAS": sums, "MOST_SPLITS": most}, partials)
     compile_sm90(modules["glue"]._rotary_write_kv_kernel,
                  {"NUM_Q_HEADS": 32, "NUM_KV_HEADS": 8, "HALF": 64, "SUMS": sums, "HAS_BIAS": sums},
                  {"rope_ptr": "*fp32", "slot_ptr": "*i64"} | ({"src_ptr": "*fp32"} if sums else {}), 1)
