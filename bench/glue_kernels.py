@@ -32,17 +32,10 @@ NORM_WARPS = (4, 8, 16)
 
 def kernel_us(fn, name: str) -> float:
     """Mean device us of the kernels named `name` that CALLS launches of `fn` run, replayed as one CUDA graph."""
+    from bench.kernels import capture_calls
     from bench.profile_step import device_events
 
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        for _ in range(CALLS):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
+    graph = capture_calls([fn], [fn] * CALLS)
     graph.replay()  # warm
     times = [us for kernel, us in device_events(lambda: [graph.replay() for _ in range(4)], torch.device("cuda"))
              if name in kernel]

@@ -50,11 +50,10 @@ def layer_shapes(model: str) -> dict[str, tuple[int, int]]:
             "gate_up": (hidden, 2 * inter), "down": (inter, hidden)}
 
 
-def time_calls(fns: list, reps: int = 10) -> float:
-    """Median µs per call of `fns` (cycled CALLS_PER_GRAPH times) replayed as one CUDA graph."""
-    calls = [fns[i % len(fns)] for i in range(max(CALLS_PER_GRAPH, len(fns)))]
-    for fn in calls[: len(fns)]:
-        fn()  # compile / warm up outside the capture
+def capture_calls(fns: list, calls: list) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `calls` in order, after one eager call of each of `fns` (compiled and warmed outside it)."""
+    for fn in fns:
+        fn()
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -63,6 +62,13 @@ def time_calls(fns: list, reps: int = 10) -> float:
         for fn in calls:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
+    return graph
+
+
+def time_calls(fns: list, reps: int = 10) -> float:
+    """Median µs per call of `fns` (cycled CALLS_PER_GRAPH times) replayed as one CUDA graph."""
+    calls = [fns[i % len(fns)] for i in range(max(CALLS_PER_GRAPH, len(fns)))]
+    graph = capture_calls(fns, calls)
     times = []
     for i in range(reps + 3):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
