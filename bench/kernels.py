@@ -184,19 +184,14 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                          for c in layer.nf4]
     if rows >= 16 and _mma_available() and _wgmma_available():  # warpgroup MMA (sm_90a; the dispatch's at 17-256)
         from server.model import cuda_nf4
+        from server.model.nf4_autotune import candidates
 
-        default_tokens = cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
-        impls["wgmma"] = [lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
-                          for c in layer.nf4]
-        for tokens in cuda_nf4.WGMMA_BLOCK_TOKENS:  # each block size forced (default: the smallest that holds M)
-            if tokens != default_tokens and tokens // 2 < rows:
-                impls[f"wgmma_b{tokens}"] = [lambda c=c, b=tokens: cuda_nf4.nf4_wgmma(
-                    x, c[3], layer.shape, layer.table, block_tokens=b, num_sms=device_num_sms(0))
-                    for c in layer.nf4]
-        variants = {}
-        if default_tokens <= 128:
-            variants["wgmma_w4"] = {"block_warps": 4}  # one warpgroup a block: twice the blocks
-        if default_tokens == 32:
+        # the default and the variants start-up tuning would time (each other block size that holds M, one
+        # warpgroup a block), then the 32-token instance's own variants
+        short = {"block_tokens": "b", "block_warps": "w"}
+        variants = {"wgmma" + "".join(f"_{short[k]}{v}" for k, v in choice.options): dict(choice.options)
+                    for choice in candidates(rows, layer.shape, device_num_sms(0)) if choice.kernel == "wgmma"}
+        if cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0)) == 32:
             variants["wgmma_s2"] = {"stage_blocks": 2}  # two quant blocks a stage
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
         for vname, kw in variants.items():
