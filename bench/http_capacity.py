@@ -122,11 +122,12 @@ class _Config:
 
 
 def _api_cpu_us_per_token(load: dict) -> float | None:
-    api = load.get("server_cpu", {}).get("api")
+    """CPU a streamed token of the API process, or of all of them (`--api-server-count`; the launcher too)."""
+    apis = [entry for role, entry in load.get("server_cpu", {}).items() if role == "api" or role.startswith("api ")]
     tokens = load.get("output_tokens")
-    if not api or not tokens:
+    if not apis or not tokens:
         return None
-    return (api["main_cpu_s"] + api["other_cpu_s"]) / tokens * 1e6
+    return sum(api["main_cpu_s"] + api["other_cpu_s"] for api in apis) / tokens * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:

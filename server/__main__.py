@@ -1,6 +1,8 @@
 """`python -m server` (or `loraplex`): parse settings, log, serve with uvicorn; SIGTERM drains before exiting 0.
 
 `loraplex keys ...` (or `python -m server keys ...`) manages the API keys file instead: server/keys_cli.py.
+With `--api-server-count N` (N > 1), this process starts the engine process and N API processes that each
+run `serve` (server/launcher.py).
 
 A signal while the model is still loading ends the process at once (nothing is in flight yet).
 Otherwise a first SIGTERM or SIGINT starts a drain: /ready turns 503, new requests get 503, requests in
@@ -23,6 +25,7 @@ from server.api.auth import KeyFileError
 from server.api.state import Phase, ServerState
 from server.app import create_app
 from server.config import Settings, parse_settings
+from server.engine.client import EngineAttachment
 from server.profiling import profiled
 
 log = logging.getLogger("loraplex")
@@ -86,13 +89,14 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def serve(settings: Settings) -> int:
-    """Run the server until a signal; returns the process exit status."""
+def serve(settings: Settings, sockets: list | None = None, attachment: EngineAttachment | None = None) -> int:
+    """Run the server until a signal; returns the process exit status. `sockets`: listen on these instead of
+    binding host:port; `attachment`: one of several API processes (server.launcher)."""
     if settings.auth_file is None:
         log.warning("OPEN MODE: no auth file (LORAPLEX_AUTH_FILE), so every caller may generate and manage "
                     "adapters; listening on %s only. Set an auth file to serve other hosts.", settings.host)
     try:
-        app = create_app(settings)
+        app = create_app(settings, attachment=attachment)
         if settings.auth_file is not None:
             num_keys, num_tenants = keys_cli.summarize(settings.auth_file)
             log.info("auth: %d keys for %d tenants loaded from %s", num_keys, num_tenants, settings.auth_file)
@@ -108,7 +112,7 @@ def serve(settings: Settings) -> int:
     server = DrainingServer(config, state, drain_timeout_s=settings.request_timeout_s)
     # The signal handler runs on the event loop's thread; the engine thread never touches these.
     app.state.on_startup_failure = server.request_exit
-    server.run()
+    server.run(sockets=sockets)
     return 1 if state.phase is Phase.FAILED else 0
 
 
@@ -118,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         return keys_cli.main(argv[1:])
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
+    if settings.api_server_count > 1:
+        from server.launcher import serve_many  # imports this module's serve in each API process
+
+        return serve_many(settings)
     with profiled("api"):
         return serve(settings)
 

@@ -15,14 +15,17 @@ from server.api.errors import CatchAllMiddleware, install_error_handlers
 from server.api.middleware import LifecycleMiddleware
 from server.api.state import Phase, ServerState
 from server.config import Settings
+from server.engine.client import EngineAttachment
 from server.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, loaded: LoadedModel | None = None) -> FastAPI:
-    """Build the app for `settings`; `loaded` skips loading the model (tests, embedding)."""
-    state = ServerState(settings)
+def create_app(settings: Settings, loaded: LoadedModel | None = None,
+               attachment: EngineAttachment | None = None) -> FastAPI:
+    """Build the app for `settings`; `loaded` skips loading the model (tests, embedding); `attachment`: one of
+    several API processes, reaching the engine process server.launcher started."""
+    state = ServerState(settings, attachment)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

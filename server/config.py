@@ -151,6 +151,13 @@ class Settings(BaseSettings):
         "off by default because a light tenant's p99 TTFT beside a heavy one was 3.45x alone in this mode "
         "against 1.24-1.96x in a thread, bench/NOTES.md)"
     )
+    api_server_count: int = Field(
+        1, ge=1, le=64, description="HTTP processes sharing the listening socket and one engine process (vLLM's "
+        "--api-server-count; implies engine_process): each tokenizes, detokenizes and streams its share of the "
+        "connections. One process's event loop and GIL streamed ~12,000 tokens a second at 0.8-1.0 of a core "
+        "on the H200 host (1B, 32 streams), the serving ceiling there (bench/NOTES.md). Each process enforces "
+        "1/N of every tenant's rate limits and every /metrics shows the whole server"
+    )
     gil_switch_interval_ms: float | None = Field(
         0.5, gt=0, description="sys.setswitchinterval of the server process in ms (5 is Python's own default); "
         "the HTTP loop, the engine thread, the adapter reads and the tokenizer threads share one GIL, and a "
@@ -191,6 +198,8 @@ class Settings(BaseSettings):
     def _cross_checks(self) -> Settings:
         if self.max_num_batched_tokens < 16:
             raise ValueError("max_num_batched_tokens must be at least 16")
+        if self.api_server_count > 1:
+            self.engine_process = True
         if self.max_prompt_chars is None:
             self.max_prompt_chars = PROMPT_CHARS_PER_TOKEN * self.max_model_len
         if self.auth_file is None and self.host not in ("127.0.0.1", "localhost", "::1"):

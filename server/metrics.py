@@ -182,15 +182,27 @@ class AdapterLabelCounter(Counter):
             self._series_by_adapter.setdefault(adapter, set()).add((model_name, adapter, *rest))
         return super().labels(model_name, adapter, *rest)
 
-    def forget(self, adapter: str) -> None:
-        """Remove every series of a deleted adapter (no-op for one that never had any)."""
+    def forget(self, adapter: str) -> list[tuple[str, ...]]:
+        """Remove every series of a deleted adapter (no-op for one that never had any); returns them."""
         if adapter in _SHARED_LABELS:
-            return
+            return []
         with self._names_lock:
             series = self._series_by_adapter.pop(adapter, set())
         for labelvalues in series:
             with contextlib.suppress(KeyError):
-                self.remove(*labelvalues)
+                super().remove(*labelvalues)
+        return sorted(series)
+
+    def remove(self, *labelvalues) -> None:
+        """Counter.remove, freeing the adapter's place under the cap with its last series."""
+        super().remove(*labelvalues)
+        if len(labelvalues) > 1:
+            with self._names_lock:
+                series = self._series_by_adapter.get(str(labelvalues[1]))
+                if series is not None:
+                    series.discard(tuple(str(value) for value in labelvalues))
+                    if not series:
+                        del self._series_by_adapter[str(labelvalues[1])]
 
 
     def forget_model(self, model_name: str) -> None:

@@ -41,9 +41,17 @@ def _cmdline(pid: int, limit: int = 60) -> str:
         return "?"
 
 
+def _leads_its_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except OSError:
+        return False
+
+
 def snapshot(pid: int) -> dict[str, dict]:
     """{"<pid>/<tid>": {"process": role, "comm": name, "cpu_s": seconds}} for `pid` (role "api") and its
-    descendants (role "child <pid>: <its command line's start>"); empty where /proc is missing."""
+    descendants (role "api <pid>" for the API processes of `--api-server-count N`, which lead process groups
+    of their own, else "child <pid>: <its command line's start>"); empty where /proc is missing."""
     threads: dict[str, dict] = {}
     todo = [(pid, "api")]
     while todo:
@@ -58,7 +66,8 @@ def snapshot(pid: int) -> dict[str, dict]:
                 comm = "?"
             threads[f"{proc}/{task.name}"] = {"process": role, "main": task.name == str(proc), "comm": comm,
                                               "cpu_s": seconds}
-        todo += [(child, f"child {child}: {_cmdline(child)}") for child in _children(proc)]
+        todo += [(child, f"api {child}" if _leads_its_group(child) else f"child {child}: {_cmdline(child)}")
+                 for child in _children(proc)]
     return threads
 
 

@@ -28,7 +28,6 @@ from adapters_store import (
     InvalidAdapterNameError,
     validate_name,
 )
-from server import metrics
 from server.api.auth import Principal
 from server.api.deps import AdminCaller, Caller, StateDep
 from server.api.errors import ERROR_RESPONSES, APIError, adapter_not_found
@@ -141,7 +140,7 @@ def _store_upload(state: ServerState, name: str, parts: dict[str, bytes | memory
 async def _after_change(state: ServerState, name: str, deleted: bool = False) -> None:
     if deleted:
         state.registry.forget(name)
-        metrics.adapter_requests.forget(name)
+        state.metrics.forget_adapter(name)
     await asyncio.to_thread(state.refresh_adapter_gauges)
 
 

@@ -23,7 +23,7 @@ from starlette._utils import create_collapsing_task_group  # Starlette's own, fo
 from starlette.responses import StreamingResponse
 
 from adapters_store import NAME_RE, AdapterNotFoundError
-from server import hop_trace, metrics
+from server import hop_trace
 from server.api.auth import Principal
 from server.api.errors import APIError, model_not_found, to_api_error
 from server.api.middleware import RECEIVED_AT
@@ -90,7 +90,7 @@ class Generation:
             state.limiter.check_tokens(principal)
             request = Request(prompt_ids, params, adapter, request_id=request_id, tenant=principal.tenant)
             if (received := RECEIVED_AT.get()) is not None:
-                metrics.http_admission_seconds.labels(state.model_id).observe(request.arrival_time - received)
+                state.metrics.observe("http_admission_seconds", (state.model_id,), request.arrival_time - received)
             if hop_trace.TRACE.enabled:
                 if received is not None:
                     hop_trace.TRACE.mark(request_id, "api_received", received)
@@ -98,18 +98,19 @@ class Generation:
             state.limiter.enter(principal, state.settings.tenant_max_queued_requests)  # left in aclose
             generation = cls(state, principal, request)
         except (SamplingError, APIError) as exc:
-            metrics.adapter_requests.labels(state.model_id, adapter_label, "rejected").inc()
+            state.metrics.inc("adapter_requests", (state.model_id, adapter_label, "rejected"))
             raise to_api_error(exc) from None
         try:
             generation._first = await generation._next()
             hop_trace.TRACE.mark(request_id, "api_first_output")
-            metrics.http_first_output_seconds.labels(state.model_id).observe(time.monotonic() - request.arrival_time)
+            state.metrics.observe("http_first_output_seconds", (state.model_id,),
+                                  time.monotonic() - request.arrival_time)
         except BaseException as exc:
             await generation.aclose()
             if not isinstance(exc, Exception):
                 raise
             if not isinstance(exc, APIError):  # refused at admission; the engine never counted it
-                metrics.adapter_requests.labels(state.model_id, adapter_label, "rejected").inc()
+                state.metrics.inc("adapter_requests", (state.model_id, adapter_label, "rejected"))
             raise to_api_error(exc) from None
         return generation
 

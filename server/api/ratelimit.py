@@ -2,10 +2,17 @@
 
 Tokens are charged after a request finishes (its size is unknown before), so a tenant may overdraw
 its token bucket once; it is then refused until the bucket refills above zero.
+
+With several API processes (`api_server_count` N), each holds its own buckets and enforces `share` = 1/N
+of every limit (in-flight caps rounded up): the listening socket spreads connections over the processes,
+so a tenant's whole traffic meets the configured limits approximately, never more than N times over
+(a tenant whose connections all land on one process is held to 1/N). Exact global limits would need a
+round trip to one owner of the buckets on every request; they were not worth it (bench/NOTES.md).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,8 +45,9 @@ class TokenBucket:
 class RateLimiter:
     """Buckets keyed by tenant; raises APIError(429) with Retry-After when a limit is hit."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock=time.monotonic, share: float = 1.0):
         self._clock = clock
+        self._share = share
         self._requests: dict[str, TokenBucket] = {}
         self._tokens: dict[str, TokenBucket] = {}
         self._in_flight: dict[str, int] = {}  # tenant -> requests accepted and not yet closed
@@ -52,7 +60,7 @@ class RateLimiter:
             return
         rps = limit.requests_per_second
         with self._lock:
-            bucket = self._bucket(self._requests, principal.tenant, max(1.0, rps), rps)
+            bucket = self._bucket(self._requests, principal.tenant, max(1.0, rps * self._share), rps * self._share)
             wait = bucket.seconds_until(1.0)
             if wait > 0:
                 raise _limited(principal, f"{rps:g} requests per second", wait)
@@ -82,6 +90,8 @@ class RateLimiter:
         `max_queued_requests` (the key's scheduling, else `default_limit`). Pair with `leave`."""
         scheduling = principal.scheduling
         limit = scheduling.max_queued_requests if scheduling and scheduling.max_queued_requests else default_limit
+        if limit is not None:
+            limit = math.ceil(limit * self._share)
         with self._lock:
             num = self._in_flight.get(principal.tenant, 0)
             if limit is not None and num >= limit:
@@ -97,7 +107,7 @@ class RateLimiter:
                 self._in_flight.pop(principal.tenant, None)
 
     def _token_bucket(self, principal: Principal) -> TokenBucket:
-        tpm = principal.rate_limit.tokens_per_minute
+        tpm = principal.rate_limit.tokens_per_minute * self._share
         return self._bucket(self._tokens, principal.tenant, float(tpm), tpm / 60.0)
 
     def _bucket(self, buckets: dict[str, TokenBucket], tenant: str, capacity: float, rate: float):

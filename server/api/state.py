@@ -17,8 +17,9 @@ from server.api.prompts import PromptEncoder
 from server.api.ratelimit import RateLimiter
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
-from server.engine.client import EngineProcessClient
+from server.engine.client import EngineAttachment, EngineProcessClient
 from server.engine.engine import LLMEngine
+from server.engine.metric_sink import PrometheusSink, RelayingSink
 from server.engine.request import FinishReason
 from server.heap import freeze_startup_heap
 from server.model.loader import LOAD_PROGRESS, LoadedModel, load_model, load_model_info
@@ -40,10 +41,18 @@ class Phase(str, enum.Enum):
 class ServerState:
     """Shared runtime objects; `start` builds them (blocking), `drain` and `stop` wind them down."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, attachment: EngineAttachment | None = None):
+        """`attachment`: this is one of several API processes (server.launcher) sharing the engine process
+        the launcher started; each enforces its share (1/N) of every tenant's rate limits and relays its
+        metric updates to the others."""
         self.settings = settings
+        self.attachment = attachment
+        num_api = 1 if attachment is None else attachment.num_clients
         self.keyring = KeyRing.from_file(settings.auth_file) if settings.auth_file else None
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(share=1 / num_api)
+        # This process's own metric updates (HTTP admission, refusals, the disk tier): through a sink, so that
+        # with several API processes each one's /metrics also counts the others'.
+        self.metrics: PrometheusSink = RelayingSink() if num_api > 1 else PrometheusSink()
         self.phase = Phase.LOADING
         self.load_error: str | None = None
         self.engine: AsyncEngine | EngineProcessClient | None = None
@@ -81,7 +90,7 @@ class ServerState:
         LOAD_PROGRESS.reset()
         if settings.gil_switch_interval_ms is not None:
             sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-        use_process = settings.engine_process
+        use_process = settings.engine_process or self.attachment is not None
         if loaded is None and use_process:
             loaded = load_model_info(settings.model, cache_dir=settings.cache_dir,
                                      served_model_name=settings.served_model_name)
@@ -99,8 +108,9 @@ class ServerState:
                                         on_load=self._on_adapter_load, max_bytes=settings.cpu_adapter_cache_bytes,
                                         on_evict=self._on_adapter_evict, load_weights=not use_process)
         if use_process:
+            relay = self.metrics.pending if isinstance(self.metrics, RelayingSink) else None
             engine = EngineProcessClient(settings, loaded.tokenizer, self.model_id, loaded.hf_dir,
-                                         self.engine_core_target)
+                                         self.engine_core_target, self.attachment, relay)
         else:
             if settings.async_scheduling is None:  # a thread of this process: the HTTP loop needs the GIL
                 settings = settings.model_copy(update={"async_scheduling": False})
@@ -147,19 +157,20 @@ class ServerState:
         process reports its own CPU tier."""
         if self.store is None or self.registry is None:
             return
-        metrics.adapters_resident.labels(self.model_id, "disk").set(self.store.count())
+        self.metrics.set("adapters_resident", (self.model_id, "disk"), self.store.count())
         if self.registry.load_weights:  # else the engine process reports its own CPU tier
-            metrics.adapters_resident.labels(self.model_id, "cpu").set(self.registry.num_cached)
-            metrics.adapter_bytes_resident.labels(self.model_id, "cpu").set(self.registry.nbytes)
+            self.metrics.set("adapters_resident", (self.model_id, "cpu"), self.registry.num_cached)
+            self.metrics.set("adapter_bytes_resident", (self.model_id, "cpu"), self.registry.nbytes)
 
     def _on_adapter_load(self, seconds: float, num_cached: int) -> None:
-        metrics.adapter_load_seconds.labels(self.model_id, "cpu").observe(seconds)
-        metrics.adapters_resident.labels(self.model_id, "cpu").set(num_cached)
-        metrics.adapter_loads.labels(self.model_id, "cpu").inc()
-        metrics.adapter_bytes_resident.labels(self.model_id, "cpu").set(self.registry.nbytes)
+        cpu = (self.model_id, "cpu")
+        self.metrics.observe("adapter_load_seconds", cpu, seconds)
+        self.metrics.set("adapters_resident", cpu, num_cached)
+        self.metrics.inc("adapter_loads", cpu)
+        self.metrics.set("adapter_bytes_resident", cpu, self.registry.nbytes)
 
     def _on_adapter_evict(self, num_evicted: int) -> None:
-        metrics.adapter_evictions.labels(self.model_id, "cpu").inc(num_evicted)
+        self.metrics.inc("adapter_evictions", (self.model_id, "cpu"), num_evicted)
 
 
 def _prime_metrics(model_id: str, max_slots: int) -> None:

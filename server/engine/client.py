@@ -6,6 +6,11 @@ yields `RequestOutput`s; a receiver thread reads `Outputs`, applies their metric
 process's registry, detokenizes each request's new tokens (stop strings are found here: the request is
 then stopped in the engine) and hands the outputs to each request's event loop. If the engine process
 dies, `is_alive` is false at once and every open stream raises EngineDeadError within IDLE_POLL_S.
+
+With several API processes (server.launcher), the launcher starts the engine process and each API process's
+client attaches to it (`EngineAttachment`): it binds its own pair of sockets, tags its requests with its
+index, watches the engine process through a pidfd, and relays this process's own metric updates through
+the engine to the other API processes (`relay`).
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import select
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +38,7 @@ from server.config import Settings
 from server.engine.async_engine import EngineDeadError, QueueFullError
 from server.engine.core import run_engine_core
 from server.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
-from server.engine.metric_sink import PrometheusSink
+from server.engine.metric_sink import DeltaSink, PrometheusSink
 from server.engine.output_stream import OutputStream, put_all
 from server.engine.protocol import (
     AbortRequests,
@@ -40,6 +47,7 @@ from server.engine.protocol import (
     Outputs,
     Ready,
     Rejected,
+    RelayMetrics,
     Shutdown,
     TokenOutput,
     input_codec,
@@ -52,10 +60,73 @@ log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.1  # the receiver checks the engine process at least this often
 STARTUP_POLL_S = 0.1
 KILL_GRACE_S = 5.0
+RELAY_INTERVAL_S = 0.05  # how often this process's own metric updates go to the other API processes
 
 
 class EngineStartError(RuntimeError):
     """The engine process failed to load or exited before it was ready."""
+
+
+@dataclass(frozen=True)
+class EngineAttachment:
+    """How an API process started by server.launcher reaches the engine process the launcher started."""
+
+    index: int  # this client's number among the engine's clients
+    input_address: str  # bound by this client
+    output_address: str
+    engine_pid: int
+    num_clients: int
+
+
+class _SpawnedEngine:
+    """An engine process this client started (and stops)."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess):
+        self.process = process
+        self.pid = process.pid
+
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
+
+    def exit_message(self) -> str:
+        return f"the engine process exited with code {self.process.exitcode}"
+
+    def stop(self, timeout: float) -> None:
+        self.process.join(timeout)
+        self.kill()
+
+    def kill(self) -> None:
+        process = self.process
+        if not process.is_alive():
+            return
+        process.terminate()
+        process.join(KILL_GRACE_S)
+        if process.is_alive():
+            process.kill()
+            process.join(KILL_GRACE_S)
+
+
+class _AttachedEngine:
+    """An engine process another process started: alive until its pidfd turns readable (it exited, even
+    while its parent has not reaped it yet). Its parent stops it."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._pidfd: int | None = os.pidfd_open(pid)
+
+    def is_alive(self) -> bool:
+        return self._pidfd is not None and not select.select([self._pidfd], [], [], 0)[0]
+
+    def exit_message(self) -> str:
+        return f"the engine process (pid {self.pid}) exited"
+
+    def stop(self, timeout: float) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def kill(self) -> None:
+        pass
 
 
 @dataclass
@@ -72,7 +143,10 @@ class EngineProcessClient:
     """Drives an engine process: `start`, `generate`, `abort`, `shutdown`, `is_alive` (as AsyncEngine)."""
 
     def __init__(self, settings: Settings, tokenizer, model_name: str, hf_dir: Path,
-                 target: Callable[..., None] | None = None):
+                 target: Callable[..., None] | None = None, attachment: EngineAttachment | None = None,
+                 relay: DeltaSink | None = None):
+        """`attachment`: reach an engine process started elsewhere instead of spawning one; `relay`: this
+        process's metric updates to pass on to the other API processes (with an attachment)."""
         self.settings = settings
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -89,7 +163,10 @@ class EngineProcessClient:
         self._lock = threading.Lock()  # guards _streams
         self._send_lock = threading.Lock()  # zmq sockets are not thread-safe
         self._stopping = threading.Event()
-        self._process: multiprocessing.process.BaseProcess | None = None
+        self._attachment = attachment
+        self._index = 0 if attachment is None else attachment.index
+        self._relay = relay
+        self._engine: _SpawnedEngine | _AttachedEngine | None = None
         self._receiver: threading.Thread | None = None
         self._ipc_dir: str | None = None
         self._context = zmq.Context()
@@ -100,7 +177,7 @@ class EngineProcessClient:
 
     @property
     def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
+        return None if self._engine is None else self._engine.pid
 
     @property
     def num_in_flight(self) -> int:
@@ -109,31 +186,41 @@ class EngineProcessClient:
     def is_alive(self) -> bool:
         """False once the engine process is gone; a death noticed here is reported at once (probes and
         new requests must not wait for the receiver's next poll to say why)."""
-        if self._process is None or self.fatal_error is not None:
+        if self._engine is None or self.fatal_error is not None:
             return False
-        if not self._process.is_alive():
+        if not self._engine.is_alive():
             if not self._stopping.is_set():
-                self._die(f"the engine process exited with code {self._process.exitcode}")
+                self._die(self._engine.exit_message())
             return False
         return True
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Spawn the engine process and block until it is ready; raises EngineStartError."""
-        self._ipc_dir = tempfile.mkdtemp(prefix="loraplex-ipc-")
-        input_address, output_address = (f"ipc://{self._ipc_dir}/{name}" for name in ("input", "output"))
+        """Spawn the engine process (or attach to it) and block until it is ready; raises EngineStartError."""
+        if self._attachment is None:
+            self._ipc_dir = tempfile.mkdtemp(prefix="loraplex-ipc-")
+            input_address, output_address = (f"ipc://{self._ipc_dir}/{name}" for name in ("input", "output"))
+        else:
+            input_address, output_address = self._attachment.input_address, self._attachment.output_address
         self._input.setsockopt(zmq.LINGER, 0)
         self._output.setsockopt(zmq.LINGER, 0)
         self._input.bind(input_address)
         self._output.bind(output_address)
-        self._process = multiprocessing.get_context("spawn").Process(
-            target=self._target, name="loraplex-engine",
-            args=(self.settings, str(self.hf_dir), self.model_name, input_address, output_address, os.getpid()),
-        )
-        self._process.start()
-        atexit.register(self._kill)
-        log.info("engine process %d started; waiting for it to load the model", self._process.pid)
+        if self._attachment is None:
+            process = multiprocessing.get_context("spawn").Process(
+                target=self._target, name="loraplex-engine",
+                args=(self.settings, str(self.hf_dir), self.model_name, [(input_address, output_address)],
+                      os.getpid()),
+            )
+            process.start()
+            self._engine = _SpawnedEngine(process)
+            atexit.register(self._kill)
+            log.info("engine process %d started; waiting for it to load the model", process.pid)
+        else:
+            self._engine = _AttachedEngine(self._attachment.engine_pid)
+            log.info("API process %d of %d: waiting for engine process %d", self._index + 1,
+                     self._attachment.num_clients, self._engine.pid)
         try:
             ready = self._wait_ready()
         except BaseException:
@@ -151,38 +238,37 @@ class EngineProcessClient:
         self._receiver.start()
 
     def _wait_ready(self) -> Ready:
+        """Wait for Ready, then until the engine's end of our input socket is connected (POLLOUT: a PUSH can
+        send): an attached engine connected before we bound, and ZeroMQ retries such a connect every
+        100 ms, so Ready can arrive first and a request sent then would find no reader."""
+        ready = None
         while True:
-            if self._output.poll(STARTUP_POLL_S * 1000):
+            if ready is None and self._output.poll(STARTUP_POLL_S * 1000):
                 message = self._output_decoder.decode(self._output.recv())
                 if isinstance(message, Ready):
-                    return message
-                if isinstance(message, Failed):
+                    ready = message
+                elif isinstance(message, Failed):
                     raise EngineStartError(message.error)
-            if not self._process.is_alive():
-                raise EngineStartError(f"the engine process exited with code {self._process.exitcode} "
-                                       "while loading")
+            if ready is not None and self._input.poll(STARTUP_POLL_S * 1000, zmq.POLLOUT):
+                return ready
+            if not self._engine.is_alive():
+                raise EngineStartError(f"{self._engine.exit_message()} while loading")
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the engine process (Shutdown, then terminate, then kill) and the receiver thread."""
         self._stopping.set()
-        if self._process is not None and self._process.is_alive():
+        if self._engine is not None and self._engine.is_alive():
             with contextlib.suppress(zmq.ZMQError), self._send_lock:
-                self._input.send(self._input_encoder.encode(Shutdown()), zmq.NOBLOCK)
-            self._process.join(timeout)
-        self._kill()
+                self._input.send(self._input_encoder.encode(Shutdown(self._index)), zmq.NOBLOCK)
+        if self._engine is not None:
+            self._engine.stop(timeout)
         if self._receiver is not None:
             self._receiver.join(timeout)
         self._close_sockets()
 
     def _kill(self) -> None:
-        process = self._process
-        if process is None or not process.is_alive():
-            return
-        process.terminate()
-        process.join(KILL_GRACE_S)
-        if process.is_alive():
-            process.kill()
-            process.join(KILL_GRACE_S)
+        if self._engine is not None:
+            self._engine.kill()
 
     def _close_sockets(self) -> None:
         with self._send_lock:
@@ -213,7 +299,7 @@ class EngineProcessClient:
                 raise EngineDeadError(self.fatal_error)
             adapter = None if request.adapter is None else (request.adapter.name, request.adapter.version)
             self._send(AddRequest(request_id, request.prompt_token_ids, request.params, adapter,
-                                  request.arrival_time, request.tenant))
+                                  request.arrival_time, request.tenant, self._index))
             while True:
                 item = await stream.outputs.get()
                 if isinstance(item, BaseException):
@@ -245,6 +331,7 @@ class EngineProcessClient:
     # ---- receiver thread ----------------------------------------------------------------------------
 
     def _receive_loop(self) -> None:
+        next_relay = time.monotonic() + RELAY_INTERVAL_S
         try:
             while not self._stopping.is_set():
                 if self._output.poll(IDLE_POLL_S * 1000):
@@ -259,13 +346,22 @@ class EngineProcessClient:
                                 if output.completion_tokens == 1:
                                     hop_trace.TRACE.mark(output.request_id, "api_output_in")
                         self._handle(message)
-                if self.fatal_error is None and not self._process.is_alive() and not self._stopping.is_set():
-                    self._die(f"the engine process exited with code {self._process.exitcode}")
+                if self._relay is not None and time.monotonic() >= next_relay:
+                    next_relay = time.monotonic() + RELAY_INTERVAL_S
+                    self._relay_metrics()
+                if self.fatal_error is None and not self._engine.is_alive() and not self._stopping.is_set():
+                    self._die(self._engine.exit_message())
                 if self.fatal_error is not None:
                     return
         except Exception as err:
             log.exception("engine client receiver failed")
             self._die(f"the engine client failed: {type(err).__name__}")
+
+    def _relay_metrics(self) -> None:
+        delta = self._relay.drain()
+        if delta is not None:
+            with contextlib.suppress(EngineDeadError):
+                self._send(RelayMetrics(self._index, delta))
 
     def _handle(self, message) -> None:
         if isinstance(message, Failed):

@@ -4,8 +4,12 @@
 then serves `AddRequest` / `AbortRequests` from the API process and sends one `Outputs` message per step
 (token ids, finishes, and the step's metric updates). Adapter weights are read here from the shared
 adapter store by the (name, version) the API process resolved, on a loader thread, so a cold adapter
-never stalls the running batch. The process ends on `Shutdown`, when its parent process is gone, or
-(after sending `Failed`) when the loop itself fails.
+never stalls the running batch. The process ends on `Shutdown` (from every client), when its parent
+process is gone, or (after sending `Failed`) when the loop itself fails.
+
+It serves one client (the API process that spawned it) or several (`api_server_count`, started by
+server.launcher): one input socket read for all, one output socket each; a step's outputs are split by
+the client each request came from (`EngineCore.route`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from server.engine.protocol import (
     Outputs,
     Ready,
     Rejected,
+    RelayMetrics,
     Shutdown,
     TokenOutput,
     input_codec,
@@ -67,6 +72,7 @@ class EngineCore:
         self._loader = ThreadPoolExecutor(ADAPTER_LOAD_THREADS, thread_name_prefix="loraplex-adapter-load")
         self._rejected: list[Rejected] = []
         self._outputs: list[RequestOutput] = []  # produced outside a step (aborts)
+        self._clients: dict[str, int] = {}  # request id -> the client it came from, until it finishes
 
     @classmethod
     def build(cls, settings: Settings, hf_dir: Path, model_id: str) -> EngineCore:
@@ -106,6 +112,8 @@ class EngineCore:
             self._abort(message)
 
     def _add(self, message: AddRequest) -> None:
+        if message.client:
+            self._clients[message.request_id] = message.client
         if message.adapter is None:
             self._admit(message, None)
             return
@@ -152,6 +160,7 @@ class EngineCore:
     def _abort(self, message: AbortRequests) -> None:
         for request_id in message.request_ids:
             if self._pending.pop(request_id, None) is not None:
+                self._clients.pop(request_id, None)
                 continue  # never reached the engine: nothing to free or count
             self._outputs += abort_or_fail(self.engine, request_id, message.reason)
 
@@ -172,8 +181,34 @@ class EngineCore:
             return None
         return Outputs([_token_output(o) for o in outputs], rejected, delta)
 
+    def route(self, message: Outputs, num_clients: int) -> list[tuple[int, Outputs]]:
+        """Split a step's message by the client each request came from (`route_outputs`)."""
+        return route_outputs(message, self._clients, num_clients)
+
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+def route_outputs(message: Outputs, clients: dict[str, int], num_clients: int) -> list[tuple[int, Outputs]]:
+    """(client, message) pairs: each client gets its requests' outputs and refusals and the whole metric delta
+    (every API process keeps the engine's series); a client with none of either gets nothing. `clients`
+    maps the requests of clients other than 0 to theirs; a request's entry goes with its last output."""
+    if not clients:  # only client 0 has requests in flight
+        parts = [(0, message)]
+        if message.metrics is not None:
+            parts += [(client, Outputs([], [], message.metrics)) for client in range(1, num_clients)]
+        return parts
+    outputs: dict[int, list[TokenOutput]] = {}
+    rejected: dict[int, list[Rejected]] = {}
+    for output in message.outputs:
+        client = (clients.pop(output.request_id, 0) if output.finish_reason is not None
+                  else clients.get(output.request_id, 0))
+        outputs.setdefault(client, []).append(output)
+    for refusal in message.rejected:
+        rejected.setdefault(clients.pop(refusal.request_id, 0), []).append(refusal)
+    return [(client, Outputs(outputs.get(client, []), rejected.get(client, []), message.metrics))
+            for client in range(num_clients)
+            if client in outputs or client in rejected or message.metrics is not None]
 
 
 def _token_output(output: RequestOutput) -> TokenOutput:
@@ -182,12 +217,14 @@ def _token_output(output: RequestOutput) -> TokenOutput:
                        output.completion_tokens, output.error, output.new_top_logprobs, output.prompt_logprobs)
 
 
-def serve(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket) -> None:
-    """Read inputs, step, send outputs, until Shutdown."""
+def serve(core: EngineCore, inputs: zmq.Socket, outputs: list[zmq.Socket]) -> None:
+    """Read inputs, step, send each client its outputs, until every client has sent Shutdown."""
     _, decoder = input_codec()
     encoder, _ = output_codec()
     poller = zmq.Poller()
     poller.register(inputs, zmq.POLLIN)
+    num_clients = len(outputs)
+    open_clients = set(range(num_clients))
     while True:
         timeout = 0 if core.engine.has_unfinished() else LOADING_POLL_MS if core.is_loading else IDLE_POLL_MS
         if poller.poll(timeout):
@@ -197,10 +234,18 @@ def serve(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket) -> None:
                 except zmq.Again:
                     break
                 if isinstance(message, Shutdown):
-                    return
-                core.handle(message)
-                if hop_trace.TRACE.enabled and isinstance(message, AddRequest):
-                    hop_trace.TRACE.mark(message.request_id, "engine_received")
+                    open_clients.discard(message.client)
+                    if not open_clients:
+                        return
+                elif isinstance(message, RelayMetrics):
+                    frame = encoder.encode(Outputs([], [], message.delta))
+                    for client, socket in enumerate(outputs):
+                        if client != message.client:
+                            socket.send(frame)
+                else:
+                    core.handle(message)
+                    if hop_trace.TRACE.enabled and isinstance(message, AddRequest):
+                        hop_trace.TRACE.mark(message.request_id, "engine_received")
         core.take_loaded()
         message = core.step()
         if message is not None:
@@ -208,55 +253,68 @@ def serve(core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket) -> None:
                 for output in message.outputs:
                     if output.completion_tokens == 1:
                         hop_trace.TRACE.mark(output.request_id, "engine_sent")
-            outputs.send(encoder.encode(message))
+            for client, part in core.route(message, num_clients):
+                outputs[client].send(encoder.encode(part))
 
 
 def _exit_with_parent(parent_pid: int) -> None:
-    """End this process soon after the API process is gone, even mid-load or mid-step (it may have been
-    killed, or have exited without a shutdown): nobody is left to read the outputs."""
+    """End this process soon after the process that started it (the API process, or server.launcher's) is
+    gone, even mid-load or mid-step (it may have been killed, or have exited without a shutdown): nobody
+    is left to read the outputs."""
     while os.getppid() == parent_pid:
         time.sleep(PARENT_CHECK_S)
     log.warning("the API process is gone: the engine process exits")
     os._exit(0)
 
 
-def run_engine_core(settings: Settings, hf_dir: str, model_id: str, input_address: str, output_address: str,
+def run_engine_core(settings: Settings, hf_dir: str, model_id: str, endpoints: list[tuple[str, str]],
                     parent_pid: int) -> None:
-    """Entry point of the engine process: load, send Ready (or Failed), serve until told to stop."""
+    """Entry point of the engine process: load, send Ready (or Failed) to every client, serve until told to
+    stop. `endpoints`: each client's (input, output) addresses, bound by the client; its index is its number."""
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     # Ctrl-C reaches the whole process group: the API process decides when the engine stops (after a drain).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="loraplex-parent-watch", daemon=True).start()
     context = zmq.Context()
-    inputs = context.socket(zmq.PULL)
-    outputs = context.socket(zmq.PUSH)
-    outputs.setsockopt(zmq.SNDHWM, 0)  # never block a step on a slow reader; the API process drains it
-    outputs.setsockopt(zmq.LINGER, SEND_LINGER_MS)
+    inputs = context.socket(zmq.PULL)  # fair-queued over every client's input socket
     inputs.setsockopt(zmq.LINGER, 0)
-    inputs.connect(input_address)
-    outputs.connect(output_address)
+    outputs = []
+    for input_address, output_address in endpoints:
+        inputs.connect(input_address)
+        output = context.socket(zmq.PUSH)
+        output.setsockopt(zmq.SNDHWM, 0)  # never block a step on a slow reader; the API process drains it
+        output.setsockopt(zmq.LINGER, SEND_LINGER_MS)
+        output.connect(output_address)
+        outputs.append(output)
     encoder, _ = output_codec()
+
+    def send_all(message) -> None:
+        frame = encoder.encode(message)
+        for output in outputs:
+            output.send(frame)
+
     core = None
     try:
         try:
             core = EngineCore.build(settings, Path(hf_dir), model_id)
         except Exception as exc:
             log.exception("engine startup failed")
-            outputs.send(encoder.encode(Failed(f"{type(exc).__name__}: {exc}")))
+            send_all(Failed(f"{type(exc).__name__}: {exc}"))
             return
         if settings.freeze_heap:
             freeze_startup_heap("engine process")
-        outputs.send(encoder.encode(core.ready_message()))
+        send_all(core.ready_message())
         with profiled("engine"):
             serve(core, inputs, outputs)
     except BaseException as exc:
         log.exception("engine loop died")
-        outputs.send(encoder.encode(Failed(f"the engine stopped: {type(exc).__name__}")))
+        send_all(Failed(f"the engine stopped: {type(exc).__name__}"))
         raise
     finally:
         if core is not None:
             core.close()
         inputs.close()
-        outputs.close()
+        for output in outputs:
+            output.close()
         context.term()

@@ -42,6 +42,10 @@ class PrometheusSink:
         with contextlib.suppress(KeyError):
             _family(family).remove(*labels)
 
+    def forget_adapter(self, name: str) -> list[Labels]:
+        """Remove a deleted adapter's request series (`metrics.adapter_requests.forget`); returns them."""
+        return metrics.adapter_requests.forget(name)
+
     def apply(self, delta: MetricsDelta) -> None:
         """Replay a batch recorded by a DeltaSink: removals first, then gauges, counters, histograms."""
         for family, labels in delta.removals:
@@ -54,6 +58,37 @@ class PrometheusSink:
             child = _family(family).labels(*labels)
             for value in values:
                 child.observe(value)
+
+
+class RelayingSink(PrometheusSink):
+    """Applies updates to this process's registry and keeps them in `pending` for the other API processes
+    (several API processes, server.launcher: the engine passes them on, so every /metrics shows the whole
+    server)."""
+
+    def __init__(self):
+        self.pending = DeltaSink()
+
+    def inc(self, family: str, labels: Labels, amount: float = 1.0) -> None:
+        super().inc(family, labels, amount)
+        self.pending.inc(family, labels, amount)
+
+    def set(self, family: str, labels: Labels, value: float) -> None:
+        super().set(family, labels, value)
+        self.pending.set(family, labels, value)
+
+    def observe(self, family: str, labels: Labels, value: float) -> None:
+        super().observe(family, labels, value)
+        self.pending.observe(family, labels, value)
+
+    def remove(self, family: str, labels: Labels) -> None:
+        super().remove(family, labels)
+        self.pending.remove(family, labels)
+
+    def forget_adapter(self, name: str) -> list[Labels]:
+        series = super().forget_adapter(name)
+        for labels in series:
+            self.pending.remove("adapter_requests", labels)
+        return series
 
 
 class DeltaSink:

@@ -1,10 +1,15 @@
 """Messages between the API process and the engine process, encoded with msgspec (MessagePack).
 
-API -> engine (one PUSH/PULL socket): `AddRequest`, `AbortRequests`, `Shutdown`.
-Engine -> API (another): `Ready` once the model is loaded, `Outputs` after each step that produced
+API -> engine (one PUSH/PULL socket a client): `AddRequest`, `AbortRequests`, `RelayMetrics`, `Shutdown`.
+Engine -> API (another a client): `Ready` once the model is loaded, `Outputs` after each step that produced
 something (new token ids, finishes, refusals, and the metric updates recorded since the last message),
 and `Failed` if startup or the engine loop fails for good. Token ids travel, never text: the API process
 detokenizes.
+
+With several API processes (`api_server_count`), each is a client with an index: its requests' outputs go
+to its own output socket only; the engine's metric updates, `Ready` and `Failed` go to every client, and
+one client's own metric updates (`RelayMetrics`) are passed on to the others, so each API process's
+/metrics shows the whole server.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     adapter: tuple[str, int] | None
     arrival_time: float  # time.monotonic() in the API process (one clock for every process of the host)
     tenant: str = ""  # the API key's tenant: fair scheduling
+    client: int = 0  # the API process it came from: where its outputs go
 
 
 class AbortRequests(msgspec.Struct, tag="abort", array_like=True):
@@ -33,10 +39,9 @@ class AbortRequests(msgspec.Struct, tag="abort", array_like=True):
 
 
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
-    """Finish the loop and exit the engine process."""
+    """This client is done; the engine process exits once every client has said so."""
 
-
-EngineInput = AddRequest | AbortRequests | Shutdown
+    client: int = 0
 
 
 class MetricsDelta(msgspec.Struct, array_like=True):
@@ -48,6 +53,16 @@ class MetricsDelta(msgspec.Struct, array_like=True):
     gauges: list[tuple[str, list[str], float]] = []
     observations: list[tuple[str, list[str], list[float]]] = []
     removals: list[tuple[str, list[str]]] = []
+
+
+class RelayMetrics(msgspec.Struct, tag="metrics", array_like=True):
+    """One API process's own metric updates, for the engine to pass on to the other API processes."""
+
+    client: int
+    delta: MetricsDelta
+
+
+EngineInput = AddRequest | AbortRequests | Shutdown | RelayMetrics
 
 
 class TokenOutput(msgspec.Struct, array_like=True):

@@ -63,13 +63,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(url: str, timeout_s: float = START_TIMEOUT_S, process: subprocess.Popen | None = None) -> None:
+def wait_ready(url: str, timeout_s: float = START_TIMEOUT_S, process: subprocess.Popen | None = None,
+               answers: int = 1) -> None:
+    """Until `answers` /ready calls in a row, each on a new connection, say 200 (several API processes share
+    the port: one may be ready before another)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode} before it was ready")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+            if all(httpx.get(f"{url}/ready", timeout=2).status_code == 200 for _ in range(answers)):
                 return
         time.sleep(0.05)
     raise TimeoutError(f"{url} not ready after {timeout_s} s")

@@ -169,3 +169,26 @@ def test_rate_limiter_refills_over_time():
     assert info.value.status_code == 429 and info.value.headers["Retry-After"] == "1"
     now[0] += 0.5
     limiter.check_request(caller)
+
+
+def test_each_of_n_api_processes_enforces_its_share_of_the_limits():
+    from server.api.auth import Principal, RateLimit, Scheduling
+    from server.api.errors import APIError
+
+    now = [0.0]
+    limiter = RateLimiter(clock=lambda: now[0], share=0.5)  # one of two API processes
+    caller = Principal("t", frozenset({"generate"}), ("*",), RateLimit(requests_per_second=4, tokens_per_minute=600),
+                       Scheduling(max_queued_requests=3))
+    limiter.check_request(caller)
+    limiter.check_request(caller)
+    with pytest.raises(APIError, match="4 requests per second"):
+        limiter.check_request(caller)  # 2 a second here, 2 in the other process
+    now[0] += 0.5  # refills at 2 a second
+    limiter.check_request(caller)
+    limiter.charge_tokens(caller, 300)  # the bucket holds 300 of the 600 a minute here
+    with pytest.raises(APIError, match="600 tokens per minute"):
+        limiter.check_tokens(caller)
+    limiter.enter(caller)
+    limiter.enter(caller)  # 3 in flight: ceil(1.5) = 2 here
+    with pytest.raises(APIError, match="2 requests in flight"):
+        limiter.enter(caller)

@@ -32,7 +32,7 @@ def process_server(tiny_llama_dir, tmp_path):
                                log_path=tmp_path / f"server-{len(started)}.log")
         started.append(process)
         url = f"http://127.0.0.1:{port}"
-        wait_ready(url, process=process)
+        wait_ready(url, process=process, answers=8 if "--api-server-count" in extra_args else 1)
         return process, url
 
     yield start
@@ -42,7 +42,8 @@ def process_server(tiny_llama_dir, tmp_path):
             process.wait(10)
 
 
-@pytest.mark.parametrize("engine_args", [(), ("--engine-process",)], ids=list(ENGINE_MODES))
+@pytest.mark.parametrize("engine_args", [(), ("--engine-process",), ("--api-server-count", "2")],
+                         ids=[*ENGINE_MODES, "api2"])
 def test_sigterm_drains_in_flight_streams_then_exits_0(process_server, tmp_path, engine_args):
     process, url = process_server(tmp_path / "store", engine_args)
     body = {"model": BASE_ID, "prompt": "Hello", "max_tokens": 480, "ignore_eos": True, "temperature": 0,

@@ -4,6 +4,9 @@ a fake engine process (tests/unit/fake_engine_core.py)."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,9 @@ from transformers import AutoTokenizer
 from server import metrics
 from server.config import Settings
 from server.engine.async_engine import EngineDeadError
-from server.engine.client import EngineProcessClient, EngineStartError
-from server.engine.metric_sink import DeltaSink, PrometheusSink
+from server.engine.client import EngineAttachment, EngineProcessClient, EngineStartError
+from server.engine.core import route_outputs
+from server.engine.metric_sink import DeltaSink, PrometheusSink, RelayingSink
 from server.engine.protocol import (
     AbortRequests,
     AddRequest,
@@ -170,7 +174,7 @@ def test_engine_death_fails_open_streams_and_new_requests(client):
 
 
 def test_shutdown_ends_the_engine_process(client):
-    process = client._process
+    process = client._engine.process
     client.shutdown(timeout=10)
     assert process.exitcode == 0 and not client.is_alive()
 
@@ -183,3 +187,103 @@ def test_a_process_that_exits_while_loading_fails_start(tokenizer):
     engine = EngineProcessClient(Settings(), tokenizer, MODEL, Path("."), target=_exit_at_once)
     with pytest.raises(EngineStartError, match="exited with code 4 while loading"):
         engine.start()
+
+
+def test_route_outputs_sends_each_client_its_requests_and_everyone_the_metrics():
+    delta = MetricsDelta(increments=[("request_success", [MODEL, "length"], 1.0)])
+    step = Outputs([TokenOutput("a", [1], None, None, 3, 1), TokenOutput("b", [2], None, FinishReason.LENGTH, 3, 1),
+                    TokenOutput("c", [3], None, None, 3, 1)], [Rejected("d", "sampling", "bad")], delta)
+    clients = {"b": 1, "c": 2, "d": 2}
+    parts = dict(route_outputs(step, clients, 4))
+    assert [o.request_id for o in parts[0].outputs] == ["a"]
+    assert [o.request_id for o in parts[1].outputs] == ["b"]
+    assert [o.request_id for o in parts[2].outputs] == ["c"] and [r.request_id for r in parts[2].rejected] == ["d"]
+    assert parts[3].outputs == [] and all(part.metrics is delta for part in parts.values())
+    assert clients == {"c": 2}  # b finished and d was refused: their routes are gone
+    quiet = route_outputs(Outputs([TokenOutput("c", [4], None, None, 3, 2)]), clients, 4)
+    assert [(client, [o.request_id for o in part.outputs]) for client, part in quiet] == [(2, ["c"])]
+    alone = Outputs([TokenOutput("e", [5], None, None, 3, 1)])
+    assert route_outputs(alone, {}, 1) == [(0, alone)]
+
+
+def test_relaying_sink_applies_here_and_keeps_the_update_for_the_others():
+    sink = RelayingSink()
+    labels = (SINK_TEST_MODEL, "base", "rejected")
+    before = REGISTRY.get_sample_value("loraplex_adapter_requests_total", dict(zip(
+        ("model_name", "adapter", "status"), labels, strict=True))) or 0
+    sink.inc("adapter_requests", labels)
+    sink.observe("http_admission_seconds", (SINK_TEST_MODEL,), 0.002)
+    assert REGISTRY.get_sample_value("loraplex_adapter_requests_total", dict(zip(
+        ("model_name", "adapter", "status"), labels, strict=True))) == before + 1
+    delta = sink.pending.drain()
+    assert delta.increments == [("adapter_requests", list(labels), 1.0)]
+    assert delta.observations == [("http_admission_seconds", [SINK_TEST_MODEL], [0.002])]
+    sink.inc("adapter_requests", (SINK_TEST_MODEL, "gone-adapter", "ok"))
+    sink.pending.drain()
+    assert sink.forget_adapter("gone-adapter") == [(SINK_TEST_MODEL, "gone-adapter", "ok")]
+    assert sink.pending.drain().removals == [("adapter_requests", [SINK_TEST_MODEL, "gone-adapter", "ok"])]
+
+
+def test_a_relayed_removal_frees_the_adapters_place_under_the_label_cap():
+    counter = metrics.adapter_requests
+    saved = counter.max_adapters
+    try:
+        counter.max_adapters = len(counter._series_by_adapter.keys() - {"base", "other"}) + 1
+        counter.labels(SINK_TEST_MODEL, "first", "ok").inc()
+        counter.labels(SINK_TEST_MODEL, "second", "ok").inc()  # over the cap: counted as "other"
+        assert REGISTRY.get_sample_value("loraplex_adapter_requests_total",
+                                         {"model_name": SINK_TEST_MODEL, "adapter": "other", "status": "ok"}) == 1
+        PrometheusSink().remove("adapter_requests", (SINK_TEST_MODEL, "first", "ok"))  # as another process's delete
+        counter.labels(SINK_TEST_MODEL, "second", "ok").inc()
+        assert REGISTRY.get_sample_value("loraplex_adapter_requests_total",
+                                         {"model_name": SINK_TEST_MODEL, "adapter": "second", "status": "ok"}) == 1
+    finally:
+        counter.max_adapters = saved
+        counter.forget("second")
+        counter.forget("other")
+
+
+def test_two_attached_clients_share_one_engine_process(tokenizer):
+    """Two API processes' clients (here in one process) on one engine process: each gets only its own
+    requests' outputs, one's metric updates reach the other through the engine, and the engine exits
+    after both have shut down."""
+    ipc_dir = tempfile.mkdtemp(prefix="loraplex-test-ipc-")
+    endpoints = [(f"ipc://{ipc_dir}/input-{i}", f"ipc://{ipc_dir}/output-{i}") for i in range(2)]
+    engine = multiprocessing.get_context("spawn").Process(
+        target=fake_engine_core, args=(Settings(), ".", MODEL, endpoints, os.getpid()))
+    engine.start()
+    relay = RelayingSink()
+    clients = [EngineProcessClient(Settings(), tokenizer, MODEL, Path("."), attachment=EngineAttachment(
+        i, *endpoints[i], engine.pid, 2), relay=relay.pending if i == 1 else None) for i in range(2)]
+    try:
+        for client in clients:
+            client.start()
+        first, second = tokenizer.encode("one two three"), tokenizer.encode("four five six seven")
+
+        async def both():
+            return await asyncio.gather(_collect(clients[0], first, max_tokens=12),
+                                        _collect(clients[1], second, max_tokens=12),
+                                        _collect(clients[0], second, max_tokens=5))
+
+        outputs = asyncio.run(both())
+        for prompt, got, length in zip((first, second, second), outputs, (12, 12, 5), strict=True):
+            assert [t for o in got for t in o.new_token_ids] == [prompt[i % len(prompt)] for i in range(length)]
+        labels = {"model_name": MODEL, "adapter": "base", "status": "rejected"}
+        before = REGISTRY.get_sample_value("loraplex_adapter_requests_total", labels) or 0
+        relay.inc("adapter_requests", (MODEL, "base", "rejected"))  # client 1's process records one
+        for _ in range(200):  # and client 0's applies it again when the engine passes it on (one registry here)
+            if REGISTRY.get_sample_value("loraplex_adapter_requests_total", labels) == before + 2:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert REGISTRY.get_sample_value("loraplex_adapter_requests_total", labels) == before + 2
+        clients[0].shutdown(timeout=10)
+        engine.join(0.5)
+        assert engine.is_alive() and clients[1].is_alive()  # still serving the other client
+        clients[1].shutdown(timeout=10)
+        engine.join(10)
+        assert engine.exitcode == 0
+    finally:
+        for client in clients:
+            client.shutdown(timeout=1)
+        if engine.is_alive():
+            engine.kill()
