@@ -2,7 +2,7 @@
 
 It used to stop reading at `data: [DONE]`: the chunked body's terminator was still unread, so httpx closed
 the connection and every request of a closed-loop load paid a new one (432 TIME-WAIT sockets after a
-416-request load). A small ASGI app streams like the server and records each request's client port."""
+416-request load). The client is aiohttp now; the same holds. A small ASGI app streams like the server and records each request's client port."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 
 import uvicorn
 
-from bench.serve.load import make_client, stream_completion
+from bench.serve.load import make_session, stream_completion
 
 
 def _event(payload: dict) -> bytes:
@@ -55,8 +55,8 @@ def test_consecutive_streams_share_one_connection():
             time.sleep(0.01)
 
         async def two_requests():
-            async with make_client(f"http://127.0.0.1:{sock.getsockname()[1]}", 1) as client:
-                return [await stream_completion(client, "m", [1, 2, 3], 3, 0.0, 1.0) for _ in range(2)]
+            async with make_session(f"http://127.0.0.1:{sock.getsockname()[1]}", 1) as session:
+                return [await stream_completion(session, "m", [1, 2, 3], 3, 0.0, 1.0) for _ in range(2)]
 
         results = asyncio.run(two_requests())
     finally:
