@@ -2,7 +2,8 @@
 
 It used to stop reading at `data: [DONE]`: the chunked body's terminator was still unread, so httpx closed
 the connection and every request of a closed-loop load paid a new one (432 TIME-WAIT sockets after a
-416-request load). The client is aiohttp now; the same holds. A small ASGI app streams like the server and records each request's client port."""
+416-request load). The client is aiohttp now; the same holds. A small ASGI app streams like the server and
+records each request's client port."""
 
 from __future__ import annotations
 
