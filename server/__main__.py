@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import uvicorn
 
@@ -30,15 +31,22 @@ from server.profiling import profiled
 
 log = logging.getLogger("loraplex")
 SHUTDOWN_GRACE_S = 5.0
+DUPLICATE_SIGNAL_S = 1.0  # server.launcher's API processes: a repeat this soon is the same signal
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first exit signal drains the app before the usual shutdown."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout_s: float):
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout_s: float,
+                 repeat_within_s: float = 0.0):
+        """`repeat_within_s`: a signal that soon after the one that started the drain is the same signal sent
+        twice (server.launcher's API processes: once by the launcher, once by a group-wide kill), not a
+        request to skip the wait."""
         super().__init__(config)
         self.state = state
         self.drain_timeout_s = drain_timeout_s
+        self.repeat_within_s = repeat_within_s
+        self._drain_signalled_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Future | None = None
         self._is_draining = False
@@ -64,12 +72,15 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame) -> None:
         # Not calling super(): it would re-raise the signal after shutdown and end with a non-zero status.
+        if self._is_draining and time.monotonic() - self._drain_signalled_at < self.repeat_within_s:
+            return
         if self._loop is None or self._is_draining or self.state.phase is not Phase.READY:
             if self.should_exit:
                 self.force_exit = True
             self.should_exit = True
             return
         self._is_draining = True
+        self._drain_signalled_at = time.monotonic()
         log.info("received %s: draining (%d requests in flight)", signal.Signals(sig).name,
                  self.state.num_active_requests)
         self._loop.call_soon_threadsafe(self._start_drain)
@@ -109,7 +120,8 @@ def serve(settings: Settings, sockets: list | None = None, attachment: EngineAtt
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S, access_log=settings.log_level == "debug",
         log_config=None,  # keep configure_logging's format for uvicorn's loggers too
     )
-    server = DrainingServer(config, state, drain_timeout_s=settings.request_timeout_s)
+    server = DrainingServer(config, state, drain_timeout_s=settings.request_timeout_s,
+                            repeat_within_s=0.0 if attachment is None else DUPLICATE_SIGNAL_S)
     # The signal handler runs on the event loop's thread; the engine thread never touches these.
     app.state.on_startup_failure = server.request_exit
     server.run(sockets=sockets)

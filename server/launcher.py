@@ -21,7 +21,13 @@ the launcher (this process) splits the HTTP side over N processes:
   lone API process does; the launcher keeps them up (their /health fails, so a liveness probe restarts it).
 
 API processes run in a process group of their own, so that a terminal's Ctrl-C reaches them once, through
-the launcher, and each exits soon after the launcher if the launcher is killed.
+the launcher, and each exits soon after the launcher if the launcher is killed. A SIGTERM to every process
+at once (systemd's KillMode=control-group) still drains: an API process takes a second signal within
+DUPLICATE_SIGNAL_S of the first as the same one, and the engine process ignores SIGTERM.
+
+Readiness is each API process's own: they get the engine's Ready together, but one may answer /ready a
+few hundred milliseconds before another (tokenizer load, heap freeze), so a probe's 200 right at start-up
+does not promise that every connection is served yet.
 """
 
 from __future__ import annotations
@@ -55,19 +61,19 @@ def serve_many(settings: Settings) -> int:
     count = settings.api_server_count
     hf_dir, model_id = resolve_model_dir(settings.model, settings.cache_dir)  # a hub id: downloaded once, here
     model_id = settings.served_model_name or model_id
-    listeners = [_bind(settings.host, settings.port)]
-    listeners += [_bind(settings.host, listeners[0].getsockname()[1]) for _ in range(count - 1)]  # port 0: one port
+    port = _free_port(settings.host, settings.port)
+    listeners = [_bind(settings.host, port) for _ in range(count)]
     ipc_dir = tempfile.mkdtemp(prefix="loraplex-ipc-")
     endpoints = [(f"ipc://{ipc_dir}/input-{i}", f"ipc://{ipc_dir}/output-{i}") for i in range(count)]
     spawn = multiprocessing.get_context("spawn")
     engine = spawn.Process(target=run_engine_core, name="loraplex-engine",
-                           args=(settings, str(hf_dir), model_id, endpoints, os.getpid()))
+                           args=(settings, str(hf_dir), model_id, endpoints, os.getpid(), True))
     engine.start()
     log.info("engine process %d started; starting %d API processes on %s:%d", engine.pid, count,
              settings.host, settings.port)
     workers = [
         spawn.Process(target=_run_api_process, name=f"loraplex-api-{i}",
-                      args=(settings, listeners[i], EngineAttachment(i, *endpoints[i], engine.pid, count)))
+                      args=(settings, listeners[i], EngineAttachment(i, *endpoints[i], engine.pid, count), os.getpid()))
         for i in range(count)
     ]
     for worker in workers:
@@ -81,7 +87,7 @@ def serve_many(settings: Settings) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        _stop_engine(engine)
+        _stop_engine(engine, ENGINE_EXIT_S if supervisor.status == 0 else KILL_GRACE_S)  # no Shutdown from the failed
         shutil.rmtree(ipc_dir, ignore_errors=True)
     return status
 
@@ -131,13 +137,23 @@ class _Supervisor:
         return self.status
 
 
-def _stop_engine(engine: multiprocessing.process.BaseProcess) -> None:
-    engine.join(ENGINE_EXIT_S)
-    for stop in (engine.terminate, engine.kill):
+def _stop_engine(engine: multiprocessing.process.BaseProcess, wait_s: float) -> None:
+    engine.join(wait_s)
+    for stop in (engine.terminate, engine.kill):  # it ignores SIGTERM (a group-wide one must not end it early)
         if engine.exitcode is not None:
             return
         stop()
         engine.join(KILL_GRACE_S)
+
+
+def _free_port(host: str, port: int) -> int:
+    """`port` (or a free one for 0) after checking that nobody listens on it: SO_REUSEPORT would otherwise
+    let the API processes share it silently with another server (a second launcher, an orphan)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))  # EADDRINUSE if anything, reuse-port sockets included, holds it
+        return probe.getsockname()[1]
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -154,14 +170,14 @@ def _bind(host: str, port: int) -> socket.socket:
     return listener
 
 
-def _run_api_process(settings: Settings, listener: socket.socket, attachment: EngineAttachment) -> None:
+def _run_api_process(settings: Settings, listener: socket.socket, attachment: EngineAttachment,
+                     launcher_pid: int) -> None:
     """Entry point of one API process (a spawn target)."""
     from server.__main__ import configure_logging, serve  # here: server.__main__ imports this module
     from server.profiling import profiled
 
     os.setpgrp()
     configure_logging(settings.log_level)
-    launcher_pid = os.getppid()
     threading.Thread(target=_exit_with_launcher, args=(launcher_pid,), name="loraplex-launcher-watch",
                      daemon=True).start()
     with profiled(f"api{attachment.index}"):
@@ -170,7 +186,8 @@ def _run_api_process(settings: Settings, listener: socket.socket, attachment: En
 
 
 def _exit_with_launcher(launcher_pid: int) -> None:
-    """Drain and exit soon after the launcher is gone (killed): nobody would stop this process otherwise."""
+    """Drain and exit soon after the launcher is gone (killed; even before this process started): nobody
+    would stop this process otherwise, and it would keep its share of the port."""
     while os.getppid() == launcher_pid:
         time.sleep(PARENT_CHECK_S)
     log.warning("the launcher is gone: this API process drains and exits")

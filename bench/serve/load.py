@@ -134,7 +134,8 @@ def make_session(url: str, concurrency: int, api_key: str | None = None) -> aioh
     stream. httpx (pure-Python h11 underneath) spent ~140 us of CPU a streamed token in the H200 runs'
     four client processes, more than the server's API processes, and its latency was the turnaround's."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    connector = aiohttp.TCPConnector(limit=concurrency + 8, force_close=False)
+    # idle connections closed before uvicorn's 5 s keep-alive ends them: a POST on one it just closed would fail
+    connector = aiohttp.TCPConnector(limit=concurrency + 8, keepalive_timeout=4.0)
     return aiohttp.ClientSession(base_url=url, headers=headers, connector=connector,
                                  timeout=aiohttp.ClientTimeout(total=None, sock_connect=30.0, sock_read=900.0))
 
@@ -176,7 +177,7 @@ async def stream_completion(session: aiohttp.ClientSession, model: str, prompt: 
                     result.error = raw[6:306].decode(errors="replace")
                 if b'"usage":{' in raw:
                     result.completion_tokens = json.loads(raw[6:])["usage"]["completion_tokens"]
-    except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as err:  # ValueError: a bad line or usage JSON
         result.status = type(err).__name__
         result.error = str(err)[:300]
     if result.done is None and result.status == 200:

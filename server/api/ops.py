@@ -3,6 +3,8 @@ metrics_key_sha256 protects /metrics; keep them on the pod network)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -42,5 +44,6 @@ async def ready(state: StateDep) -> Response:
 
 
 @router.get("/metrics", summary="Prometheus metrics (vLLM names plus loraplex_*; a key when metrics_require_key)")
-async def prometheus_metrics(_: MetricsReader) -> Response:
+async def prometheus_metrics(_: MetricsReader, state: StateDep) -> Response:
+    await asyncio.to_thread(state.refresh_adapter_gauges)  # the store may have changed through another process
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -95,7 +95,8 @@ class RateLimiter:
         with self._lock:
             num = self._in_flight.get(principal.tenant, 0)
             if limit is not None and num >= limit:
-                raise _limited(principal, f"{limit} requests in flight", 1.0)
+                where = "" if self._share == 1.0 else " on this API process"
+                raise _limited(principal, f"{limit} requests in flight{where}", 1.0)
             self._in_flight[principal.tenant] = num + 1
 
     def leave(self, principal: Principal) -> None:

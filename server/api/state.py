@@ -154,13 +154,15 @@ class ServerState:
 
     def refresh_adapter_gauges(self) -> None:
         """Set loraplex_adapters_resident for the disk and CPU tiers (blocking: lists the store). The engine
-        process reports its own CPU tier."""
+        process reports its own CPU tier. Read here, not relayed to the other API processes (two relayed
+        counts could arrive out of order): each reads the store itself, after its own changes and before
+        each /metrics scrape."""
         if self.store is None or self.registry is None:
             return
-        self.metrics.set("adapters_resident", (self.model_id, "disk"), self.store.count())
+        metrics.adapters_resident.labels(self.model_id, "disk").set(self.store.count())
         if self.registry.load_weights:  # else the engine process reports its own CPU tier
-            self.metrics.set("adapters_resident", (self.model_id, "cpu"), self.registry.num_cached)
-            self.metrics.set("adapter_bytes_resident", (self.model_id, "cpu"), self.registry.nbytes)
+            metrics.adapters_resident.labels(self.model_id, "cpu").set(self.registry.num_cached)
+            metrics.adapter_bytes_resident.labels(self.model_id, "cpu").set(self.registry.nbytes)
 
     def _on_adapter_load(self, seconds: float, num_cached: int) -> None:
         cpu = (self.model_id, "cpu")

@@ -95,6 +95,9 @@ class _SpawnedEngine:
         self.process.join(timeout)
         self.kill()
 
+    def close(self) -> None:
+        pass
+
     def kill(self) -> None:
         process = self.process
         if not process.is_alive():
@@ -107,26 +110,47 @@ class _SpawnedEngine:
 
 
 class _AttachedEngine:
-    """An engine process another process started: alive until its pidfd turns readable (it exited, even
-    while its parent has not reaped it yet). Its parent stops it."""
+    """An engine process our parent (server.launcher) started, or this process (tests): alive until its pidfd
+    turns readable (it exited, even while not reaped yet). Whoever started it stops it."""
 
     def __init__(self, pid: int):
         self.pid = pid
-        self._pidfd: int | None = os.pidfd_open(pid)
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._pidfd = None
+            return
+        if _parent_pid(pid) not in (os.getppid(), os.getpid()):  # reaped, its pid reused: not our engine
+            self.close()
 
     def is_alive(self) -> bool:
-        return self._pidfd is not None and not select.select([self._pidfd], [], [], 0)[0]
+        if self._pidfd is None:
+            return False
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return not poller.poll(0)
 
     def exit_message(self) -> str:
         return f"the engine process (pid {self.pid}) exited"
 
     def stop(self, timeout: float) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+    def close(self) -> None:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
 
-    def kill(self) -> None:
-        pass
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])
 
 
 @dataclass
@@ -151,7 +175,9 @@ class EngineProcessClient:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.hf_dir = hf_dir
-        self.max_queue_size = settings.max_queue_size
+        # several API processes: each admits its share of the queue (the engine's queue is the sum)
+        num_clients = 1 if attachment is None else attachment.num_clients
+        self.max_queue_size = -(-settings.max_queue_size // num_clients)
         self.max_model_len = settings.max_model_len
         self.eos_token_ids: set[int] = set()
         self.num_slots = settings.max_slots
@@ -258,12 +284,16 @@ class EngineProcessClient:
         """Stop the engine process (Shutdown, then terminate, then kill) and the receiver thread."""
         self._stopping.set()
         if self._engine is not None and self._engine.is_alive():
+            if self._relay is not None:
+                self._relay_metrics()  # the last updates, before this client leaves
             with contextlib.suppress(zmq.ZMQError), self._send_lock:
                 self._input.send(self._input_encoder.encode(Shutdown(self._index)), zmq.NOBLOCK)
         if self._engine is not None:
             self._engine.stop(timeout)
         if self._receiver is not None:
             self._receiver.join(timeout)
+        if self._engine is not None:
+            self._engine.close()  # after the receiver, which polls it
         self._close_sockets()
 
     def _kill(self) -> None:

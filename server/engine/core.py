@@ -162,7 +162,10 @@ class EngineCore:
             if self._pending.pop(request_id, None) is not None:
                 self._clients.pop(request_id, None)
                 continue  # never reached the engine: nothing to free or count
-            self._outputs += abort_or_fail(self.engine, request_id, message.reason)
+            outputs = abort_or_fail(self.engine, request_id, message.reason)
+            if not any(o.request_id == request_id and o.finished for o in outputs):
+                self._clients.pop(request_id, None)  # no last output will carry its route away
+            self._outputs += outputs
 
     @property
     def is_loading(self) -> bool:
@@ -268,13 +271,17 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def run_engine_core(settings: Settings, hf_dir: str, model_id: str, endpoints: list[tuple[str, str]],
-                    parent_pid: int) -> None:
+                    parent_pid: int, ignore_sigterm: bool = False) -> None:
     """Entry point of the engine process: load, send Ready (or Failed) to every client, serve until told to
-    stop. `endpoints`: each client's (input, output) addresses, bound by the client; its index is its number."""
+    stop. `endpoints`: each client's (input, output) addresses, bound by the client; its index is its number.
+    `ignore_sigterm`: server.launcher's engine, which a SIGTERM to the whole group (systemd's default) must not
+    end before the API processes have drained; it ends after their Shutdowns, or is killed."""
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     # Ctrl-C reaches the whole process group: the API process decides when the engine stops (after a drain).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="loraplex-parent-watch", daemon=True).start()
     context = zmq.Context()
     inputs = context.socket(zmq.PULL)  # fair-queued over every client's input socket

@@ -118,10 +118,13 @@ class DeltaSink:
             self._observations.setdefault((family, labels), []).append(value)
 
     def remove(self, family: str, labels: Labels) -> None:
-        """Removals apply before the batch's gauge values, so a later `set` of the same series wins."""
+        """Removals apply before the batch's values, so the series' updates recorded before the removal are
+        dropped with it (applied after, they would bring it back); a later `set` of the same series wins."""
         key = (family, labels)
         with self._lock:
             self._gauges.pop(key, None)
+            self._increments.pop(key, None)
+            self._observations.pop(key, None)
             self._removals.add(key)
 
     def drain(self) -> MetricsDelta | None:

@@ -63,16 +63,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(url: str, timeout_s: float = START_TIMEOUT_S, process: subprocess.Popen | None = None,
-               answers: int = 1) -> None:
-    """Until `answers` /ready calls in a row, each on a new connection, say 200 (several API processes share
-    the port: one may be ready before another)."""
+def wait_all_ready(url: str, log_path: Path, count: int, process: subprocess.Popen | None = None,
+                   timeout_s: float = START_TIMEOUT_S) -> None:
+    """Until `count` API processes of one server (`--api-server-count`) have each logged that they are
+    ready: /ready answers for whichever process takes the connection."""
+    wait_ready(url, timeout_s, process)
+    deadline = time.monotonic() + timeout_s
+    while log_path.read_text(errors="replace").count("INFO server.api.state: ready: model") < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} API processes not ready after {timeout_s} s")
+        time.sleep(0.05)
+
+
+def wait_ready(url: str, timeout_s: float = START_TIMEOUT_S, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode} before it was ready")
         with contextlib.suppress(httpx.HTTPError):
-            if all(httpx.get(f"{url}/ready", timeout=2).status_code == 200 for _ in range(answers)):
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"{url} not ready after {timeout_s} s")

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.helpers import BASE_ID, child_pids, free_port, spawn_server, upload_files, wait_ready
+from tests.api.helpers import BASE_ID, child_pids, free_port, spawn_server, upload_files, wait_all_ready
 
 ARGS = ["--served-model-name", BASE_ID, "--device", "cpu", "--quantization", "none", "--dtype", "float32",
         "--no-cuda-graphs", "--max-model-len", "512", "--kv-cache-blocks", "512", "--log-level", "info",
@@ -25,17 +25,19 @@ ARGS = ["--served-model-name", BASE_ID, "--device", "cpu", "--quantization", "no
 def servers(tiny_llama_dir, tmp_path):
     """The launcher process, its URL, its engine process and its two API processes."""
     port = free_port()
+    roles: dict[str, list[int]] = {"api": [], "engine": []}
     process = spawn_server(["--model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path / "store"), *ARGS], port,
                            log_path=tmp_path / "server.log")
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_ready(url, process=process, answers=8)
-        yield process, url, _roles(process.pid)["api"]
+        wait_all_ready(url, tmp_path / "server.log", 2, process)
+        roles = _roles(process.pid)
+        yield process, url, roles["api"]
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(10)
-        for pid in _roles(process.pid)["engine"] + _roles(process.pid)["api"]:
+        for pid in roles["engine"] + roles["api"]:  # the launcher's children, looked up while it lived
             _kill(pid)
 
 
@@ -50,6 +52,13 @@ def _roles(launcher_pid: int) -> dict[str, list[int]]:
         except (OSError, ProcessLookupError):
             continue
     return roles
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _kill(pid: int) -> None:
@@ -120,8 +129,8 @@ def test_engine_death_makes_both_api_processes_not_ready(servers):
         refused = httpx.post(f"{url}/v1/completions", json={"model": BASE_ID, "prompt": "hi", "max_tokens": 2},
                              timeout=5)
         assert refused.status_code == 503
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(30) is not None and process.poll() is not None
+    process.send_signal(signal.SIGTERM)  # the API processes drain (nothing is in flight) and exit
+    assert process.wait(30) == 0
 
 
 def test_an_api_process_that_dies_stops_the_whole_server(servers):
@@ -129,7 +138,37 @@ def test_an_api_process_that_dies_stops_the_whole_server(servers):
     os.kill(api_pids[0], signal.SIGKILL)
     assert process.wait(30) == 1
     time.sleep(0.5)
-    assert not any(Path(f"/proc/{pid}").exists() and b"Z" not in Path(f"/proc/{pid}/stat").read_bytes().split()[2:3]
-                   for pid in api_pids[1:])
+    assert not any(_is_running(pid) for pid in api_pids[1:])
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+def test_a_sigterm_to_every_process_at_once_still_drains(servers):
+    """systemd's default stop signals every process of the unit: each API process gets SIGTERM twice (from
+    systemd and from the launcher) and the engine once; the streams in flight still finish."""
+    process, url, api_pids = servers
+    (engine_pid,) = _roles(process.pid)["engine"]
+    body = {"model": BASE_ID, "prompt": "Hello", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+    started = threading.Barrier(5)
+    texts: list[str] = []
+
+    def stream():
+        with httpx.Client(base_url=url, timeout=60) as client, \
+                client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+            lines = (line[6:] for line in response.iter_lines() if line.startswith("data: "))
+            received = [next(lines)]
+            started.wait(30)
+            texts.append("".join([*received, *lines]))
+
+    threads = [threading.Thread(target=stream) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    started.wait(30)
+    for pid in (process.pid, *api_pids, engine_pid):
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.3)
+    assert _is_running(engine_pid)  # the engine ignored it: it ends after the API processes' Shutdowns
+    for thread in threads:
+        thread.join(60)
+    assert len(texts) == 4 and all(text.endswith("[DONE]") for text in texts)
+    assert process.wait(30) == 0

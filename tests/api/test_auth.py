@@ -190,5 +190,5 @@ def test_each_of_n_api_processes_enforces_its_share_of_the_limits():
         limiter.check_tokens(caller)
     limiter.enter(caller)
     limiter.enter(caller)  # 3 in flight: ceil(1.5) = 2 here
-    with pytest.raises(APIError, match="2 requests in flight"):
+    with pytest.raises(APIError, match="2 requests in flight on this API process"):
         limiter.enter(caller)

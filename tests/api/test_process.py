@@ -12,7 +12,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.helpers import BASE_ID, ENGINE_MODES, free_port, spawn_server, upload, upload_files, wait_ready
+from tests.api.helpers import (
+    BASE_ID,
+    ENGINE_MODES,
+    free_port,
+    spawn_server,
+    upload,
+    upload_files,
+    wait_all_ready,
+    wait_ready,
+)
 
 
 def _server_args(model_dir: Path, adapters_dir: Path) -> list[str]:
@@ -28,11 +37,14 @@ def process_server(tiny_llama_dir, tmp_path):
 
     def start(adapters_dir: Path, extra_args: tuple[str, ...] = ()):
         port = free_port()
-        process = spawn_server([*_server_args(tiny_llama_dir, adapters_dir), *extra_args], port,
-                               log_path=tmp_path / f"server-{len(started)}.log")
+        log_path = tmp_path / f"server-{len(started)}.log"
+        process = spawn_server([*_server_args(tiny_llama_dir, adapters_dir), *extra_args], port, log_path=log_path)
         started.append(process)
         url = f"http://127.0.0.1:{port}"
-        wait_ready(url, process=process, answers=8 if "--api-server-count" in extra_args else 1)
+        if "--api-server-count" in extra_args:
+            wait_all_ready(url, log_path, int(extra_args[extra_args.index("--api-server-count") + 1]), process)
+        else:
+            wait_ready(url, process=process)
         return process, url
 
     yield start

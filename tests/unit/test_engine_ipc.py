@@ -88,6 +88,16 @@ def test_delta_sink_coalesces_and_orders_removals_before_gauges():
     assert delta.gauges == [("lora_requests_info", ["m", "8", "a", ""], 3.0)]
     assert delta.removals == [("lora_requests_info", ["m", "8", "b", ""])]
     assert sink.drain() is None
+    # a series' updates before its removal go with it (applied after the removal they would bring it back)
+    sink.inc("adapter_requests", ("m", "gone", "rejected"))
+    sink.observe("adapter_load_seconds", ("m", "gone"), 0.5)
+    sink.remove("adapter_requests", ("m", "gone", "rejected"))
+    sink.remove("adapter_load_seconds", ("m", "gone"))
+    sink.inc("adapter_requests", ("m", "kept", "ok"))
+    delta = sink.drain()
+    assert delta.increments == [("adapter_requests", ["m", "kept", "ok"], 1.0)] and delta.observations == []
+    assert sorted(delta.removals) == [("adapter_load_seconds", ["m", "gone"]),
+                                      ("adapter_requests", ["m", "gone", "rejected"])]
 
 
 def test_prometheus_sink_applies_a_delta_to_the_registry():
@@ -239,8 +249,7 @@ def test_a_relayed_removal_frees_the_adapters_place_under_the_label_cap():
                                          {"model_name": SINK_TEST_MODEL, "adapter": "second", "status": "ok"}) == 1
     finally:
         counter.max_adapters = saved
-        counter.forget("second")
-        counter.forget("other")
+        counter.forget("second")  # the "other" series goes with the module's autouse fixture
 
 
 def test_two_attached_clients_share_one_engine_process(tokenizer):
