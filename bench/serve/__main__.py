@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                         args.adapter_modules)
                                              for r in scenario.ranks},
                    "adapter_modules": list(args.adapter_modules), "seed_store": scenario.seed_store,
-                   "client_event_loop": http.event_loop_name(), "phases": {}},
+                   "client_event_loop": http.event_loop_name(), "client_library": http.CLIENT_LIBRARY,
+                   "phases": {}},
     }
     name = f"{data['date']}-{slug(device_name)}-serve-{args.preset}-{args.model}{'-' + args.tag if args.tag else ''}"
     rec = ServeRecorder(args.out / f"{name}.json", data, args.budget_s, args.preset, args.model)

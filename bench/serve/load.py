@@ -129,6 +129,9 @@ def make_client(url: str, concurrency: int, api_key: str | None = None) -> httpx
                              timeout=httpx.Timeout(900.0, connect=30.0))
 
 
+CLIENT_LIBRARY = f"aiohttp {aiohttp.__version__}"  # the streams' client, in each result's config
+
+
 def make_session(url: str, concurrency: int, api_key: str | None = None) -> aiohttp.ClientSession:
     """The streams' client: aiohttp (its HTTP parser and line reader are C), a keep-alive connection per
     stream. httpx (pure-Python h11 underneath) spent ~140 us of CPU a streamed token in the H200 runs'

@@ -63,3 +63,31 @@ def test_busy_thread_and_child_process_are_seen_apart():
     children = [role for role in result if role.startswith(f"child {child.pid}:")]
     assert children, result.keys()
     assert result[children[0]]["main_cpu_s"] < 0.2  # the child only waited
+
+
+def _group_leader(stop) -> None:
+    import os
+
+    os.setpgrp()  # as server.launcher's API processes do
+    stop.wait(30)
+
+
+def test_a_child_leading_its_own_process_group_is_an_api_process():
+    import os
+
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    children = [context.Process(target=target, args=(stop,), daemon=True) for target in (_group_leader, _child)]
+    for child in children:
+        child.start()
+    try:
+        deadline = time.monotonic() + 10
+        while os.getpgid(children[0].pid) != children[0].pid and time.monotonic() < deadline:
+            time.sleep(0.01)
+        roles = {thread["process"] for thread in proc_cpu.snapshot(os.getpid()).values()}
+    finally:
+        stop.set()
+        for child in children:
+            child.join(10)
+    assert f"api {children[0].pid}" in roles
+    assert any(role.startswith(f"child {children[1].pid}:") for role in roles)
