@@ -6,11 +6,20 @@ serving every family from one registry under the same names. (prometheus_client'
 the alternative; it was not chosen because it cannot remove a series, which the per-adapter label cap
 and `vllm:lora_requests_info` rely on, and it changes how gauges aggregate and how /metrics collects.)
 Families are named by their attribute in server.metrics.
+
+Histogram observations travel counted into their family's buckets (`bucket_counts`) and are added to the
+receiving registry's buckets and sum directly (`add_bucket_counts`, through prometheus_client's Histogram
+fields `_upper_bounds`, `_buckets` and `_sum`; tests/unit/test_engine_ipc.py checks the exposition against
+plain `observe` calls): a batch-32 step's 34 observations cost every API process 46 us a step on the dev CPU
+one `observe` at a time, each API process applies every step's delta, and the receiver applies it before it
+hands the step's outputs on.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import math
 import threading
 
 from server import metrics
@@ -54,10 +63,26 @@ class PrometheusSink:
             self.set(family, tuple(labels), value)
         for family, labels, amount in delta.increments:
             self.inc(family, tuple(labels), amount)
-        for family, labels, values in delta.observations:
-            child = _family(family).labels(*labels)
-            for value in values:
-                child.observe(value)
+        for family, labels, counts, total in delta.histograms:
+            add_bucket_counts(_family(family).labels(*labels), counts, total)
+
+
+def bucket_counts(family, values: list[float]) -> tuple[list[tuple[int, int]], float]:
+    """`values` counted into `family`'s buckets as Histogram.observe would count them (the first bound at or
+    above each; a NaN only into the sum): (bucket index, count) pairs in index order, and the sum."""
+    bounds = family._upper_bounds
+    counts = [0] * len(bounds)
+    for value in values:
+        if value == value:  # not NaN
+            counts[bisect.bisect_left(bounds, value)] += 1
+    return [(index, count) for index, count in enumerate(counts) if count], math.fsum(values)
+
+
+def add_bucket_counts(child, counts: list[tuple[int, int]], total: float) -> None:
+    """Add counted observations to one labelled Histogram child: what one `observe` a value would add."""
+    child._sum.inc(total)
+    for index, count in counts:
+        child._buckets[index].inc(count)
 
 
 class RelayingSink(PrometheusSink):
@@ -138,6 +163,6 @@ class DeltaSink:
         return MetricsDelta(
             increments=[(f, list(labels), v) for (f, labels), v in increments.items()],
             gauges=[(f, list(labels), v) for (f, labels), v in gauges.items()],
-            observations=[(f, list(labels), v) for (f, labels), v in observations.items()],
+            histograms=[(f, list(labels), *bucket_counts(_family(f), v)) for (f, labels), v in observations.items()],
             removals=[(f, list(labels)) for f, labels in removals],
         )

@@ -46,12 +46,13 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
 
 class MetricsDelta(msgspec.Struct, array_like=True):
     """Prometheus updates recorded in the engine process since the last message, by family attribute name
-    in server.metrics and label values: counter increments, gauge values, histogram observations, series
-    removals (applied first)."""
+    in server.metrics and label values: counter increments, gauge values, histogram observations already
+    counted into the family's buckets ((bucket index, count) pairs, non-cumulative, and the values' sum),
+    series removals (applied first)."""
 
     increments: list[tuple[str, list[str], float]] = []
     gauges: list[tuple[str, list[str], float]] = []
-    observations: list[tuple[str, list[str], list[float]]] = []
+    histograms: list[tuple[str, list[str], list[tuple[int, int]], float]] = []
     removals: list[tuple[str, list[str]]] = []
 
 

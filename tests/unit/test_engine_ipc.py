@@ -59,7 +59,7 @@ def test_every_message_round_trips():
     encoder, decoder = input_codec()
     assert [decoder.decode(encoder.encode(m)) for m in inputs] == inputs
     delta = MetricsDelta(increments=[("generation_tokens", ["m"], 3.0)], gauges=[("kv_cache_usage_perc", ["m"], 0.5)],
-                         observations=[("inter_token_latency_seconds", ["m"], [0.01, 0.02])],
+                         histograms=[("inter_token_latency_seconds", ["m"], [(3, 1), (4, 1)], 0.03)],
                          removals=[("lora_requests_info", ["m", "8", "a", ""])])
     outputs = [Ready(256, [0, 2], 8, (256, 16, 1024, "float32", None, True), delta), Failed("OSError: gone"),
                Outputs([TokenOutput("a", [5, 6], [-0.1, -0.2], None, 3, 2, None, [[(5, -0.1), (9, -2.5)], [(6, -0.2)]]),
@@ -84,7 +84,9 @@ def test_delta_sink_coalesces_and_orders_removals_before_gauges():
     sink.set("lora_requests_info", (*info, "a", ""), 3.0)  # back to the first labels within one batch
     delta = sink.drain()
     assert delta.increments == [("generation_tokens", ["m"], 3.0)]
-    assert delta.observations == [("inter_token_latency_seconds", ["m"], [0.1, 0.2])]
+    bounds = list(metrics.inter_token_latency_seconds._upper_bounds)  # 0.1 in (0.08, 0.15], 0.2 in (0.15, 0.3]
+    counted = [(bounds.index(0.15), 1), (bounds.index(0.3), 1)]
+    assert delta.histograms == [("inter_token_latency_seconds", ["m"], counted, pytest.approx(0.3))]
     assert delta.gauges == [("lora_requests_info", ["m", "8", "a", ""], 3.0)]
     assert delta.removals == [("lora_requests_info", ["m", "8", "b", ""])]
     assert sink.drain() is None
@@ -95,9 +97,44 @@ def test_delta_sink_coalesces_and_orders_removals_before_gauges():
     sink.remove("adapter_load_seconds", ("m", "gone"))
     sink.inc("adapter_requests", ("m", "kept", "ok"))
     delta = sink.drain()
-    assert delta.increments == [("adapter_requests", ["m", "kept", "ok"], 1.0)] and delta.observations == []
+    assert delta.increments == [("adapter_requests", ["m", "kept", "ok"], 1.0)] and delta.histograms == []
     assert sorted(delta.removals) == [("adapter_load_seconds", ["m", "gone"]),
                                       ("adapter_requests", ["m", "gone", "rejected"])]
+
+
+def test_counted_observations_expose_as_observe_calls_do():
+    """Histograms cross the process boundary counted into buckets; applied, they read as the same values
+    observed one by one (bucket counts exactly, the sum to rounding), edge values and +Inf included."""
+    direct, counted = "direct-histogram-model", SINK_TEST_MODEL
+    values = [0.0, 0.001, 0.0010001, 0.0025, 0.02, 0.3, 2.5, 2.5000001, 1e9, float("inf"), 0.004] * 3
+    family = metrics.inter_token_latency_seconds
+    for value in values:
+        family.labels(direct).observe(value)
+    sink = DeltaSink()
+    for value in values[:20]:
+        sink.observe("inter_token_latency_seconds", (counted,), value)
+    PrometheusSink().apply(sink.drain())
+    for value in values[20:]:  # a second batch onto the same series
+        sink.observe("inter_token_latency_seconds", (counted,), value)
+    PrometheusSink().apply(sink.drain())
+    try:
+        by_model: dict[str, dict[str, float]] = {direct: {}, counted: {}}
+        for metric in REGISTRY.collect():
+            if metric.name != "vllm:inter_token_latency_seconds":
+                continue
+            for sample in metric.samples:
+                if sample.labels.get("model_name") in by_model:
+                    key = sample.name + ":" + sample.labels.get("le", "")
+                    by_model[sample.labels["model_name"]][key] = sample.value
+        assert by_model[direct] and by_model[direct].keys() == by_model[counted].keys()
+        for key, value in by_model[direct].items():
+            if key.endswith("_sum:"):
+                assert by_model[counted][key] == pytest.approx(value, rel=1e-12)
+            else:
+                assert by_model[counted][key] == value, key
+        assert by_model[counted]["vllm:inter_token_latency_seconds_count:"] == len(values)
+    finally:
+        family.remove(direct)
 
 
 def test_prometheus_sink_applies_a_delta_to_the_registry():
@@ -227,7 +264,7 @@ def test_relaying_sink_applies_here_and_keeps_the_update_for_the_others():
         ("model_name", "adapter", "status"), labels, strict=True))) == before + 1
     delta = sink.pending.drain()
     assert delta.increments == [("adapter_requests", list(labels), 1.0)]
-    assert delta.observations == [("http_admission_seconds", [SINK_TEST_MODEL], [0.002])]
+    assert delta.histograms == [("http_admission_seconds", [SINK_TEST_MODEL], [(1, 1)], 0.002)]  # in (0.001, 0.0025]
     sink.inc("adapter_requests", (SINK_TEST_MODEL, "gone-adapter", "ok"))
     sink.pending.drain()
     assert sink.forget_adapter("gone-adapter") == [(SINK_TEST_MODEL, "gone-adapter", "ok")]
