@@ -87,6 +87,19 @@ def wait_ready(url: str, timeout_s: float = START_TIMEOUT_S, process: subprocess
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
 
 
+def drop_other_model_series(keep: str) -> None:
+    """Remove every metric series of a model other than `keep` from the in-process registry: earlier tests
+    of this pytest process served other model names into it, and a real server has one model."""
+    from server import metrics
+
+    names = {values[collector._labelnames.index("model_name")]
+             for collector in list(metrics.REGISTRY._collector_to_names)
+             if "model_name" in getattr(collector, "_labelnames", ())
+             for values in list(getattr(collector, "_metrics", {}))}
+    for name in names - {keep}:
+        metrics.remove_model_series(name)
+
+
 @contextlib.contextmanager
 def live_server(settings: Settings, wait: bool = True, before_start=None) -> Iterator[LiveServer]:
     """Serve create_app(settings) with a freshly loaded tiny model on 127.0.0.1 in a thread."""

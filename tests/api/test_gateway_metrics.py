@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.helpers import BASE_ID, api_settings, live_server, upload
+from tests.api.helpers import BASE_ID, api_settings, drop_other_model_series, live_server, upload
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")  # the picker parses with legacy name validation
@@ -52,6 +52,7 @@ def server(tiny_llama_dir, tiny_adapters, tmp_path_factory):
     ))
     settings = api_settings(tiny_llama_dir, root / "store", auth_file=keys, max_slots=MAX_SLOTS,
                             max_rank=8)
+    drop_other_model_series(BASE_ID)  # a real server has one model; the protocol checks count series
     with live_server(settings) as live:
         with live.client(ADMIN_KEY) as admin:
             for name in (RUNNING, *WAITING):

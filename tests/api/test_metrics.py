@@ -8,7 +8,16 @@ import hashlib
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.helpers import BASE_ID, DESIGN_FAMILIES, ENGINE_MODES, api_settings, assert_error, live_server, upload
+from tests.api.helpers import (
+    BASE_ID,
+    DESIGN_FAMILIES,
+    ENGINE_MODES,
+    api_settings,
+    assert_error,
+    drop_other_model_series,
+    live_server,
+    upload,
+)
 
 
 def scrape(client) -> dict[str, list]:
@@ -30,6 +39,7 @@ def value(families, name: str, sample_name: str | None = None, **labels) -> floa
 def server(request, tiny_llama_dir, tmp_path_factory):
     settings = api_settings(tiny_llama_dir, tmp_path_factory.mktemp("store"),
                             engine_process=ENGINE_MODES[request.param])
+    drop_other_model_series(BASE_ID)  # every vllm: series below must be this server's model
     with live_server(settings) as live:
         yield live
 
