@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from tokenizers import decoders
+
 from server.engine.request import FinishReason, Request
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for the bytes of a character not complete yet
@@ -23,9 +25,15 @@ class TokenDecoder:
 
     def __init__(self, tokenizer):
         backend = getattr(tokenizer, "backend_tokenizer", None)
+        # Whether a window's text is the text of its first part followed by that of its second, wherever
+        # the first part's bytes end on a whole character: true of a byte-level decoder alone (its tokens'
+        # bytes concatenated, then decoded as UTF-8), not of SentencePiece's (it strips the window's first
+        # space) nor of a wrapper's clean-up.
+        self.is_additive = False
         if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
             # The Rust decoder directly: what tokenizer.decode calls, minus the wrapper's overhead.
             self.decode: Callable[[list[int]], str] = lambda ids: backend.decode(ids, skip_special_tokens=True)
+            self.is_additive = isinstance(backend.decoder, decoders.ByteLevel)
         else:
             self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         # A ByteFallback decoder (SentencePiece-style <0xNN> tokens) turns a run of byte tokens into
@@ -42,6 +50,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, decoder: TokenDecoder, stop: Sequence[str] = ()):
         self._decode = decoder.decode
+        self._is_additive = decoder.is_additive
         self._byte_token_ids = decoder.byte_token_ids
         self._stop = [s for s in stop if s]
         self._prefix_offset = 0  # first token of the decode window
@@ -84,7 +93,10 @@ class IncrementalDetokenizer:
             return ""  # nothing visible yet, or a character whose bytes are still arriving
         new_text = text[len(self._prefix_text):]
         self._prefix_offset, self._read_offset = self._read_offset, len(token_ids)
-        self._prefix_text = self._decode(token_ids[self._prefix_offset:self._read_offset])
+        # The next window's first part alone. Additive decoders: it is `new_text`, because the tokens before
+        # it ended on a whole character (the text did not end in U+FFFD): one decode a step instead of two.
+        self._prefix_text = (new_text if self._is_additive
+                             else self._decode(token_ids[self._prefix_offset:self._read_offset]))
         return new_text
 
     def _find_stop(self, text: str) -> int:

@@ -103,6 +103,26 @@ def test_released_text_equals_full_decoding_at_every_step(tokenizer):
             assert final.startswith(released)  # never a piece that a later token rewrites
 
 
+def test_byte_level_decoders_decode_once_a_step(tokenizer):
+    """A byte-level decoder's window text is its parts' texts joined, so the detokenizer reuses the released
+    text as the next window's prefix instead of decoding it again (SentencePiece's strip forbids it)."""
+    decoder = TokenDecoder(tokenizer)
+    assert decoder.is_additive == (type(tokenizer.backend_tokenizer.decoder).__name__ == "ByteLevel")
+    ids = tokenizer.encode(" ".join(TEXTS), add_special_tokens=False)
+    detok = IncrementalDetokenizer(decoder)
+    calls = []
+    decode = detok._decode
+    detok._decode = lambda window: calls.append(len(window)) or decode(window)
+    released = []
+    for i in range(len(ids)):
+        before = len(calls)
+        piece = detok.step(ids[: i + 1])
+        released.append(piece)
+        if piece:
+            assert len(calls) - before == (1 if decoder.is_additive else 2)
+    assert "".join(released) + detok.step(ids, is_last=True) == full_decode(tokenizer, ids)
+
+
 def test_multibyte_characters_come_out_whole(tokenizer):
     for text in TEXTS[1:3]:
         ids = tokenizer.encode(text, add_special_tokens=False)
