@@ -59,9 +59,13 @@ PARENT_CHECK_S = 0.5
 def serve_many(settings: Settings) -> int:
     """Run the engine process and `settings.api_server_count` API processes until a signal; the exit status."""
     count = settings.api_server_count
+    try:
+        port = _free_port(settings.host, settings.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
+        return 1
     hf_dir, model_id = resolve_model_dir(settings.model, settings.cache_dir)  # a hub id: downloaded once, here
     model_id = settings.served_model_name or model_id
-    port = _free_port(settings.host, settings.port)
     listeners = [_bind(settings.host, port) for _ in range(count)]
     ipc_dir = tempfile.mkdtemp(prefix="loraplex-ipc-")
     endpoints = [(f"ipc://{ipc_dir}/input-{i}", f"ipc://{ipc_dir}/output-{i}") for i in range(count)]

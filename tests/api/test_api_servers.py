@@ -172,3 +172,18 @@ def test_a_sigterm_to_every_process_at_once_still_drains(servers):
         thread.join(60)
     assert len(texts) == 4 and all(text.endswith("[DONE]") for text in texts)
     assert process.wait(30) == 0
+
+
+def test_a_port_in_use_is_refused_not_shared(tiny_llama_dir, tmp_path):
+    """SO_REUSEPORT would let the API processes join another server's port; the launcher checks first."""
+    import socket
+
+    with socket.socket() as taken:  # as another launcher's API process holds it
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = spawn_server(["--model", str(tiny_llama_dir), "--adapters-dir", str(tmp_path / "store"), *ARGS],
+                               port, log_path=tmp_path / "server.log")
+        assert process.wait(60) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in (tmp_path / "server.log").read_text()
