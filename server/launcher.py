@@ -74,7 +74,7 @@ def serve_many(settings: Settings) -> int:
                            args=(settings, str(hf_dir), model_id, endpoints, os.getpid(), True))
     engine.start()
     log.info("engine process %d started; starting %d API processes on %s:%d", engine.pid, count,
-             settings.host, settings.port)
+             settings.host, port)
     workers = [
         spawn.Process(target=_run_api_process, name=f"loraplex-api-{i}",
                       args=(settings, listeners[i], EngineAttachment(i, *endpoints[i], engine.pid, count), os.getpid()))
