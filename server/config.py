@@ -156,7 +156,7 @@ class Settings(BaseSettings):
         "--api-server-count; implies engine_process): each tokenizes, detokenizes and streams its share of the "
         "connections. One process's event loop and GIL streamed ~12,000 tokens a second at 0.8-1.0 of a core "
         "on the H200 host (1B, 32 streams), the serving ceiling there (bench/NOTES.md). Each process enforces "
-        "1/N of every tenant's rate limits and every /metrics shows the whole server"
+        "1/N of every tenant's rate limits and of max_queue_size, and every /metrics shows the whole server"
     )
     gil_switch_interval_ms: float | None = Field(
         0.5, gt=0, description="sys.setswitchinterval of the server process in ms (5 is Python's own default); "
