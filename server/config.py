@@ -154,9 +154,10 @@ class Settings(BaseSettings):
     api_server_count: int = Field(
         1, ge=1, le=64, description="HTTP processes sharing the listening socket and one engine process (vLLM's "
         "--api-server-count; implies engine_process): each tokenizes, detokenizes and streams its share of the "
-        "connections. One process's event loop and GIL streamed ~12,000 tokens a second at 0.8-1.0 of a core "
-        "on the H200 host (1B, 32 streams), the serving ceiling there (bench/NOTES.md). Each process enforces "
-        "1/N of every tenant's rate limits and of max_queue_size, and every /metrics shows the whole server"
+        "connections. One process's event loop and GIL streamed ~12,000 tokens a second at 0.78-0.96 of a core "
+        "on H200 hosts (1B, 32 streams), near its ceiling on the slower ones; on a faster one two processes "
+        "served the same tok/s as one (bench/NOTES.md). Each process enforces 1/N of every tenant's rate limits "
+        "and of max_queue_size, and every /metrics shows the whole server"
     )
     gil_switch_interval_ms: float | None = Field(
         0.5, gt=0, description="sys.setswitchinterval of the server process in ms (5 is Python's own default); "

@@ -1,9 +1,10 @@
 """`python -m server --api-server-count N` (N > 1): one engine process, N API processes, one listening socket.
 
-One API process streams ~12,000 tokens a second at 0.8-1.0 of a core on the H200 host (1B, 32 streams): its
-event loop wakes a task per stream per step, and uvicorn writes a chunk per token, all under one GIL. That
-was the serving ceiling (bench/NOTES.md, twenty-sixth session), so, as vLLM's `--api-server-count` does,
-the launcher (this process) splits the HTTP side over N processes:
+One API process streams ~12,000 tokens a second at 0.78-0.96 of a core on H200 hosts (1B, 32 streams): its
+event loop wakes a task per stream per step, and uvicorn writes a chunk per token, all under one GIL, near
+its ceiling on the slower hosts (bench/NOTES.md, twenty-sixth session; on a faster one, in the twenty-seventh,
+two processes served the same tok/s as one). As vLLM's `--api-server-count` does, the launcher (this process)
+splits the HTTP side over N processes:
 
 - it binds one listening socket per API process, all on the same port with SO_REUSEPORT, starts the engine
   process (server.engine.core, one pair of ZeroMQ sockets per API process), then N API processes
