@@ -15,7 +15,7 @@ from server.api.errors import CatchAllMiddleware, install_error_handlers
 from server.api.middleware import LifecycleMiddleware
 from server.api.state import Phase, ServerState
 from server.config import Settings
-from server.engine.client import EngineAttachment
+from server.engine.engine_handle import EngineAttachment
 from server.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ splits the HTTP side over N processes:
 
 - it binds one listening socket per API process, all on the same port with SO_REUSEPORT, starts the engine
   process (server.engine.core, one pair of ZeroMQ sockets per API process), then N API processes
-  (server.__main__.serve with an EngineAttachment), each accepting connections on its own socket. The
+  (server.serving.serve with an EngineAttachment), each accepting connections on its own socket. The
   kernel spreads new connections over the sockets by a hash of their addresses. One socket shared by all
   (uvicorn's multi-worker scheme) was tried first: uvloop accepts every pending connection at each wake-up,
   so one process took most of a burst of new connections (32 streams on the dev CPU: 2.05 against 0.29
@@ -44,16 +44,16 @@ import socket
 import sys
 import tempfile
 import threading
-import time
 
 from server.config import Settings
-from server.engine.client import EngineAttachment
 from server.engine.core import run_engine_core
+from server.engine.engine_handle import KILL_GRACE_S, EngineAttachment, SpawnedEngine, wait_while_parent
 from server.model.loader import resolve_model_dir
+from server.profiling import profiled
+from server.serving import configure_logging, serve
 
 log = logging.getLogger("loraplex.launcher")
 ENGINE_EXIT_S = 10.0  # after the last API process: how long the engine has to exit on its own
-KILL_GRACE_S = 5.0
 PARENT_CHECK_S = 0.5
 
 
@@ -92,7 +92,8 @@ def serve_many(settings: Settings) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        _stop_engine(engine, ENGINE_EXIT_S if supervisor.status == 0 else KILL_GRACE_S)  # no Shutdown from the failed
+        # after an API process failed, no Shutdown comes from it; SIGTERM it ignores, so it ends killed then
+        SpawnedEngine(engine).stop(ENGINE_EXIT_S if supervisor.status == 0 else KILL_GRACE_S)
         shutil.rmtree(ipc_dir, ignore_errors=True)
     return status
 
@@ -142,15 +143,6 @@ class _Supervisor:
         return self.status
 
 
-def _stop_engine(engine: multiprocessing.process.BaseProcess, wait_s: float) -> None:
-    engine.join(wait_s)
-    for stop in (engine.terminate, engine.kill):  # it ignores SIGTERM (a group-wide one must not end it early)
-        if engine.exitcode is not None:
-            return
-        stop()
-        engine.join(KILL_GRACE_S)
-
-
 def _free_port(host: str, port: int) -> int:
     """`port` (or a free one for 0) after checking that nobody listens on it: SO_REUSEPORT would otherwise
     let the API processes share it silently with another server (a second launcher, an orphan)."""
@@ -178,9 +170,6 @@ def _bind(host: str, port: int) -> socket.socket:
 def _run_api_process(settings: Settings, listener: socket.socket, attachment: EngineAttachment,
                      launcher_pid: int) -> None:
     """Entry point of one API process (a spawn target)."""
-    from server.__main__ import configure_logging, serve  # here: server.__main__ imports this module
-    from server.profiling import profiled
-
     os.setpgrp()
     configure_logging(settings.log_level)
     threading.Thread(target=_exit_with_launcher, args=(launcher_pid,), name="loraplex-launcher-watch",
@@ -193,7 +182,6 @@ def _run_api_process(settings: Settings, listener: socket.socket, attachment: En
 def _exit_with_launcher(launcher_pid: int) -> None:
     """Drain and exit soon after the launcher is gone (killed; even before this process started): nobody
     would stop this process otherwise, and it would keep its share of the port."""
-    while os.getppid() == launcher_pid:
-        time.sleep(PARENT_CHECK_S)
+    wait_while_parent(launcher_pid, PARENT_CHECK_S)
     log.warning("the launcher is gone: this API process drains and exits")
     os.kill(os.getpid(), signal.SIGTERM)

@@ -17,8 +17,9 @@ from server.api.prompts import PromptEncoder
 from server.api.ratelimit import RateLimiter
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
-from server.engine.client import EngineAttachment, EngineProcessClient
+from server.engine.client import EngineProcessClient
 from server.engine.engine import LLMEngine
+from server.engine.engine_handle import EngineAttachment
 from server.engine.metric_sink import PrometheusSink, RelayingSink
 from server.engine.request import FinishReason
 from server.heap import freeze_startup_heap
@@ -50,7 +51,7 @@ class ServerState:
         num_api = 1 if attachment is None else attachment.num_clients
         self.keyring = KeyRing.from_file(settings.auth_file) if settings.auth_file else None
         self.limiter = RateLimiter(share=1 / num_api)
-        # This process's own metric updates (HTTP admission, refusals, the disk tier): through a sink, so that
+        # This process's own metric updates (HTTP admission, refusals): through a sink, so that
         # with several API processes each one's /metrics also counts the others'.
         self.metrics: PrometheusSink = RelayingSink() if num_api > 1 else PrometheusSink()
         self.phase = Phase.LOADING
@@ -118,7 +119,7 @@ class ServerState:
             core.metrics.record_step([], [], 0.0, None)
             engine = AsyncEngine(core, settings.max_queue_size)
         engine.start()  # the engine process loads the model here
-        self.engine = engine  # only once started: None still means "loading" (server.__main__)
+        self.engine = engine  # only once started: None still means "loading" (server.serving)
         self.max_model_len = self.engine.max_model_len
         self.prompts = PromptEncoder(loaded.tokenizer, settings.max_prompt_chars, settings.tokenizer_threads)
         _prime_metrics(self.model_id, self.engine.num_slots)

@@ -21,7 +21,6 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import select
 import shutil
 import tempfile
 import threading
@@ -38,6 +37,7 @@ from server.config import Settings
 from server.engine.async_engine import EngineDeadError, QueueFullError
 from server.engine.core import run_engine_core
 from server.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
+from server.engine.engine_handle import AttachedEngine, EngineAttachment, SpawnedEngine
 from server.engine.metric_sink import DeltaSink, PrometheusSink
 from server.engine.output_stream import OutputStream, put_all
 from server.engine.protocol import (
@@ -59,98 +59,11 @@ from server.engine.stats import EngineMetrics
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.1  # the receiver checks the engine process at least this often
 STARTUP_POLL_S = 0.1
-KILL_GRACE_S = 5.0
 RELAY_INTERVAL_S = 0.05  # how often this process's own metric updates go to the other API processes
 
 
 class EngineStartError(RuntimeError):
     """The engine process failed to load or exited before it was ready."""
-
-
-@dataclass(frozen=True)
-class EngineAttachment:
-    """How an API process started by server.launcher reaches the engine process the launcher started."""
-
-    index: int  # this client's number among the engine's clients
-    input_address: str  # bound by this client
-    output_address: str
-    engine_pid: int
-    num_clients: int
-
-
-class _SpawnedEngine:
-    """An engine process this client started (and stops)."""
-
-    def __init__(self, process: multiprocessing.process.BaseProcess):
-        self.process = process
-        self.pid = process.pid
-
-    def is_alive(self) -> bool:
-        return self.process.is_alive()
-
-    def exit_message(self) -> str:
-        return f"the engine process exited with code {self.process.exitcode}"
-
-    def stop(self, timeout: float) -> None:
-        self.process.join(timeout)
-        self.kill()
-
-    def close(self) -> None:
-        pass
-
-    def kill(self) -> None:
-        process = self.process
-        if not process.is_alive():
-            return
-        process.terminate()
-        process.join(KILL_GRACE_S)
-        if process.is_alive():
-            process.kill()
-            process.join(KILL_GRACE_S)
-
-
-class _AttachedEngine:
-    """An engine process our parent (server.launcher) started, or this process (tests): alive until its pidfd
-    turns readable (it exited, even while not reaped yet). Whoever started it stops it."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        try:
-            self._pidfd: int | None = os.pidfd_open(pid)
-        except ProcessLookupError:
-            self._pidfd = None
-            return
-        if _parent_pid(pid) not in (os.getppid(), os.getpid()):  # reaped, its pid reused: not our engine
-            self.close()
-
-    def is_alive(self) -> bool:
-        if self._pidfd is None:
-            return False
-        poller = select.poll()
-        poller.register(self._pidfd, select.POLLIN)
-        return not poller.poll(0)
-
-    def exit_message(self) -> str:
-        return f"the engine process (pid {self.pid}) exited"
-
-    def stop(self, timeout: float) -> None:
-        pass
-
-    def kill(self) -> None:
-        pass
-
-    def close(self) -> None:
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
-
-
-def _parent_pid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2:].split()[1])
 
 
 @dataclass
@@ -192,7 +105,7 @@ class EngineProcessClient:
         self._attachment = attachment
         self._index = 0 if attachment is None else attachment.index
         self._relay = relay
-        self._engine: _SpawnedEngine | _AttachedEngine | None = None
+        self._engine: SpawnedEngine | AttachedEngine | None = None
         self._receiver: threading.Thread | None = None
         self._ipc_dir: str | None = None
         self._context = zmq.Context()
@@ -240,11 +153,11 @@ class EngineProcessClient:
                       os.getpid()),
             )
             process.start()
-            self._engine = _SpawnedEngine(process)
+            self._engine = SpawnedEngine(process)
             atexit.register(self._kill)
             log.info("engine process %d started; waiting for it to load the model", process.pid)
         else:
-            self._engine = _AttachedEngine(self._attachment.engine_pid)
+            self._engine = AttachedEngine(self._attachment.engine_pid)
             log.info("API process %d of %d: waiting for engine process %d", self._index + 1,
                      self._attachment.num_clients, self._engine.pid)
         try:

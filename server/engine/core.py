@@ -19,7 +19,6 @@ import os
 import queue
 import signal
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from adapters_store import AdapterNotFoundError, AdapterStore, BaseModelSpec
 from server import hop_trace
 from server.config import Settings
 from server.engine.engine import LLMEngine
+from server.engine.engine_handle import wait_while_parent
 from server.engine.guard import abort_or_fail, run_step
 from server.engine.metric_sink import DeltaSink
 from server.engine.protocol import (
@@ -264,8 +264,7 @@ def _exit_with_parent(parent_pid: int) -> None:
     """End this process soon after the process that started it (the API process, or server.launcher's) is
     gone, even mid-load or mid-step (it may have been killed, or have exited without a shutdown): nobody
     is left to read the outputs."""
-    while os.getppid() == parent_pid:
-        time.sleep(PARENT_CHECK_S)
+    wait_while_parent(parent_pid, PARENT_CHECK_S)
     log.warning("the API process is gone: the engine process exits")
     os._exit(0)
 

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from server.__main__ import SHUTDOWN_GRACE_S
+from server.serving import SHUTDOWN_GRACE_S
 from tests.chaos.harness import (
     HANG_BOUND_S,
     HealthProbe,

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import uvicorn
 
-from server.__main__ import DUPLICATE_SIGNAL_S, DrainingServer
 from server.api.state import Phase
+from server.serving import DUPLICATE_SIGNAL_S, DrainingServer
 
 
 def _server(repeat_within_s: float) -> tuple[DrainingServer, asyncio.AbstractEventLoop]:

@@ -16,8 +16,9 @@ from transformers import AutoTokenizer
 from server import metrics
 from server.config import Settings
 from server.engine.async_engine import EngineDeadError
-from server.engine.client import EngineAttachment, EngineProcessClient, EngineStartError
+from server.engine.client import EngineProcessClient, EngineStartError
 from server.engine.core import route_outputs
+from server.engine.engine_handle import EngineAttachment
 from server.engine.metric_sink import DeltaSink, PrometheusSink, RelayingSink
 from server.engine.protocol import (
     AbortRequests,

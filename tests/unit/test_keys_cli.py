@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from server import __main__ as server_main
-from server import keys_cli
+from server import keys_cli, serving
 from server.api.auth import KeyRing, hash_key
 from server.config import Settings
 
@@ -119,7 +119,7 @@ def test_startup_logs_number_of_keys_and_tenants(tmp_path, capsys, caplog, monke
     path = tmp_path / "keys.toml"
     for tenant in ("acme", "acme", "bob"):
         _add(path, "--tenant", tenant, capsys=capsys)
-    monkeypatch.setattr(server_main.DrainingServer, "run", lambda self, sockets=None: None)  # no model load
+    monkeypatch.setattr(serving.DrainingServer, "run", lambda self, sockets=None: None)  # no model load
     with caplog.at_level(logging.INFO, logger="loraplex"):
-        assert server_main.serve(Settings(auth_file=path, adapters_dir=tmp_path / "adapters")) == 0
+        assert serving.serve(Settings(auth_file=path, adapters_dir=tmp_path / "adapters")) == 0
     assert f"auth: 3 keys for 2 tenants loaded from {path}" in caplog.text
