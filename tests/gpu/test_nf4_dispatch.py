@@ -404,16 +404,19 @@ def test_lora_expand_sums_equals_the_sum_kernel_then_the_expand():
     expected = cuda_nf4.nf4_wide(x, tiled, wshape, table, bias, split_k=4)
     triton_lora.lora_expand(expected, h, lora_b, layout, meta, slice_offsets)
     assert torch.equal(got, expected)
+    # LORAPLEX_LORA_SIDE_EXPAND's split: the delta on its own (the side stream), then added to the summed partials
+    delta = triton_lora.lora_delta(h, lora_b, layout, meta, slice_offsets)
+    assert torch.equal(triton_lora.lora_add_delta(sums, delta, meta), expected)
 
 
 def test_fused_lora_sums_keep_the_engine_logits(monkeypatch):
-    """LORAPLEX_LORA_FUSED_SUMS against csrc's sum kernel then the expand, four adapters in one batch on a model that
-    splits K, prefills riding the decode graphs and eager alike. Within bf16 rounding, not bit for bit: the second
-    of two LoRA engines built here did not match the first bit for bit on the H200 (fourteenth session: the first
-    step's logits differed in the same last bf16 digits in two calls that changed different things, so not the
-    change under test; the cause is not established: the shrink's split K adds its partials with atomics, and the
-    second engine's pools and buffers sit elsewhere). test_lora_expand_sums_equals_the_sum_kernel_then_the_expand is
-    the bit-for-bit check, on one shrink's output."""
+    """LORAPLEX_LORA_FUSED_SUMS (and with it LORAPLEX_LORA_SIDE_EXPAND) against csrc's sum kernel then the expand, four
+    adapters in one batch on a model that splits K, prefills riding the decode graphs and eager alike. Within bf16
+    rounding, not bit for bit: the second of two LoRA engines built here did not match the first bit for bit on the
+    H200 (fourteenth session: the first step's logits differed in the same last bf16 digits in two calls that
+    changed different things, so not the change under test; the cause is not established: the shrink's split K adds
+    its partials with atomics, and the second engine's pools and buffers sit elsewhere).
+    test_lora_expand_sums_equals_the_sum_kernel_then_the_expand is the bit-for-bit check, on one shrink's output."""
     from bench.build import build_engine, kv_blocks_for, loaded_model, random_adapters
     from server.engine.request import Request, SamplingParams
     from server.model import lora_ops
@@ -426,17 +429,19 @@ def test_fused_lora_sums_keep_the_engine_logits(monkeypatch):
     refs = random_adapters(shape, 4, torch.device("cuda"))
     prompts = [[(11 * i + 5 * j) % 500 + 1 for j in range(40 + 9 * i)] for i in range(8)]
     results = []
-    for fused in (False, True):
+    for fused, side_expand in ((False, False), (True, False), (True, True)):  # and LORAPLEX_LORA_SIDE_EXPAND
         monkeypatch.setattr(lora_ops, "FUSED_SUMS", fused)
+        monkeypatch.setattr(lora_ops, "SIDE_EXPAND", side_expand)
         engine = build_engine(loaded_model(model, config), "unmerged", torch.device("cuda"), kv_blocks_for(8, 64))
         requests = [Request(list(p), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), adapter=refs[i % 4])
                     for i, p in enumerate(prompts)]
         captured, _ = run_capturing(engine, requests)
         results.append([captured[r.request_id] for r in requests])
         engine.runner.graphs = None
-    for unfused, fused in zip(*results, strict=True):
-        for a, b in zip(unfused, fused, strict=True):
-            torch.testing.assert_close(b, a, atol=3e-2, rtol=2e-2)
+    for unfused, *others in zip(*results, strict=True):
+        for other in others:
+            for a, b in zip(unfused, other, strict=True):
+                torch.testing.assert_close(b, a, atol=3e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("rows", [65, 100, 128])

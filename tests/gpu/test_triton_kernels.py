@@ -192,12 +192,16 @@ def test_lora_prefill_graph_replay(triton_lora):
     torch.testing.assert_close(y, expected, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("side_expand", [False, True])
 @pytest.mark.parametrize("graph", [False, True])
-def test_lora_side_stream_equals_one_stream(triton_lora, graph):
-    """linear_with_lora forks the shrink onto a side stream beside the base matmul and joins before the expand:
-    the same results as base then lora_apply on one stream, eager and replayed from a CUDA graph after x and the
-    slots change in place."""
+def test_lora_side_stream_equals_one_stream(triton_lora, graph, side_expand, monkeypatch):
+    """linear_with_lora forks the shrink (and, with LORAPLEX_LORA_SIDE_EXPAND, the expand into an fp32 delta) onto a
+    side stream beside the base matmul and joins before the expand (the delta's add): the same results as base then
+    lora_apply on one stream, eager and replayed from a CUDA graph after x and the slots change in place."""
+    from server.model import lora_ops
     from server.model.lora_ops import linear_with_lora
+
+    monkeypatch.setattr(lora_ops, "SIDE_EXPAND", side_expand)
 
     slice_offsets, num_slots = (0, 2048, 2560, 3072), 6
     _, x, lora_a, lora_b, pool = lora_inputs(33, num_slots, 16, slice_offsets, 2048, torch.bfloat16)

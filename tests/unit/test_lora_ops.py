@@ -341,3 +341,54 @@ def test_expand_sums_refuses_segments_of_several_tokens(triton_lora):
     h = triton_lora.lora_shrink(x, lora_a, pool, meta, 1)
     with pytest.raises(ValueError, match="one-token segments"):
         triton_lora.lora_expand_sums(sums, h, lora_b, pool, meta, SLICES[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("slice_offsets", SLICES)
+@pytest.mark.parametrize("splits, with_bias", [(0, False), (1, False), (3, True), (16, True)])
+def test_triton_interpreted_side_delta_equals_the_expand(triton_lora, slice_offsets, dtype, splits, with_bias):
+    """lora_delta then lora_add_delta (LORAPLEX_LORA_SIDE_EXPAND: the delta computed on the side stream, added after
+    the base matmul): bit for bit lora_expand into a plain output (splits 0) and lora_expand_sums over split-K
+    partials, for tokens with and without an adapter; a token without one keeps its base output even where the delta
+    buffer holds NaN."""
+    from server.model.split_sums import SplitSums
+
+    gen = torch.Generator().manual_seed(splits + 7)
+    slots = [2, -1, 0, 2, 1]
+    _, x, lora_a, lora_b, pool, _ = make_inputs([1] * len(slots), slots, 8, slice_offsets, dtype, in_features=300)
+    meta = decode_lora_meta(torch.tensor(slots, dtype=torch.int32))
+    out_features = slice_offsets[-1]
+    h = triton_lora.lora_shrink(x, lora_a, pool, meta, len(slice_offsets) - 1)
+    delta = triton_lora.lora_delta(h, lora_b, pool, meta, slice_offsets)
+    delta[1] = float("nan")  # the row of the token without an adapter: never read
+    if splits == 0:
+        base = torch.randn(len(slots), out_features, generator=gen).to(dtype)
+        base[1, 0] = -0.0  # a sign an added +0.0 would flip
+        before = base.clone()
+        expected = base.clone()
+        triton_lora.lora_expand(expected, h, lora_b, pool, meta, slice_offsets)
+        got = triton_lora.lora_add_delta(base, delta, meta)
+        assert got.data_ptr() == base.data_ptr()
+    else:
+        partials = torch.randn(splits, len(slots), out_features, generator=gen)
+        bias = torch.randn(out_features, generator=gen).to(dtype) if with_bias else None
+        sums = SplitSums(partials, bias, dtype)
+        before = sums.materialize()
+        expected = triton_lora.lora_expand_sums(sums, h, lora_b, pool, meta, slice_offsets)
+        got = triton_lora.lora_add_delta(sums, delta, meta)
+    assert got.dtype == dtype and torch.equal(got, expected)
+    assert torch.equal(got[1], before[1]) and not torch.equal(got[0], before[0])
+    assert torch.signbit(got[1, 0]) == torch.signbit(before[1, 0])
+
+
+def test_side_delta_refuses_bad_inputs(triton_lora):
+    _, x, lora_a, lora_b, pool, meta = make_inputs([2, 1], [0, 1], 8, SLICES[0], torch.float32)
+    h = triton_lora.lora_shrink(x, lora_a, pool, meta, 1)
+    with pytest.raises(ValueError, match="one-token segments"):
+        triton_lora.lora_delta(h, lora_b, pool, meta, SLICES[0])
+    one_token = decode_lora_meta(torch.tensor([0, 1, -1], dtype=torch.int32))
+    y = torch.zeros(3, SLICES[0][-1])
+    with pytest.raises(ValueError, match="delta must be float32"):
+        triton_lora.lora_add_delta(y, torch.zeros(3, SLICES[0][-1], dtype=torch.float16), one_token)
+    with pytest.raises(ValueError, match="delta must be float32"):
+        triton_lora.lora_add_delta(y, torch.zeros(2, SLICES[0][-1]), one_token)
