@@ -210,7 +210,7 @@ def _expand_sums_kernel(
 
 
 @triton.jit
-def _delta_kernel(
+def _lora_delta_kernel(
     h_ptr, b_ptr, delta_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
     out_features, bound1, bound2, bound3, stride_hm, stride_br, stride_bn,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -231,7 +231,7 @@ def _delta_kernel(
 
 
 @triton.jit(do_not_specialize=["plane", "splits"])
-def _add_delta_kernel(
+def _lora_add_delta_kernel(
     src_ptr, bias_ptr, plane, splits, delta_ptr, y_ptr, token_slots_ptr, out_features,
     BLOCK_N: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
@@ -398,7 +398,7 @@ def lora_delta(h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_offsets
     if num_tokens == 0 or out_features == 0:
         return delta
     block_r, block_n = _one_token_block_n(lora_b, layout)
-    _delta_kernel[(num_tokens, triton.cdiv(out_features, block_n))](
+    _lora_delta_kernel[(num_tokens, triton.cdiv(out_features, block_n))](
         h, lora_b, delta, meta.token_slots, layout.offsets, layout.ranks,
         out_features, bounds[0], bounds[1], bounds[2], h.stride(0), lora_b.stride(0), lora_b.stride(1),
         BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=num_slices,
@@ -428,7 +428,7 @@ def lora_add_delta(y: torch.Tensor | SplitSums, delta: torch.Tensor, meta: LoraB
         src, plane, splits, bias, has_bias, out = y, 0, 0, y, False, y
     if num_tokens == 0 or out_features == 0:
         return out
-    _add_delta_kernel[(num_tokens, triton.cdiv(out_features, ADD_DELTA_BLOCK_N))](
+    _lora_add_delta_kernel[(num_tokens, triton.cdiv(out_features, ADD_DELTA_BLOCK_N))](
         src, bias, plane, splits, delta, out, meta.token_slots, out_features,
         BLOCK_N=ADD_DELTA_BLOCK_N, SUMS=sums, HAS_BIAS=has_bias, num_warps=4,
     )  # fmt: skip

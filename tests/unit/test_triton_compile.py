@@ -138,7 +138,7 @@ def test_lora_expand_with_split_sums(modules):
 
 @pytest.mark.parametrize("slices", [1, 3])
 def test_lora_side_delta(modules, slices):
-    compile_sm90(modules["lora"]._delta_kernel, {"BLOCK_N": 256, "BLOCK_R": 16, "NUM_SLICES": slices,
+    compile_sm90(modules["lora"]._lora_delta_kernel, {"BLOCK_N": 256, "BLOCK_R": 16, "NUM_SLICES": slices,
                                                  "DOT_PRECISION": "tf32"},
                  {"delta_ptr": "*fp32", "token_slots_ptr": "*i32", "slot_offsets_ptr": "*i32",
                   "slot_ranks_ptr": "*i32", "h_ptr": "*fp32"})
@@ -146,7 +146,7 @@ def test_lora_side_delta(modules, slices):
 
 @pytest.mark.parametrize("sums,bias", [(False, False), (True, False), (True, True)])
 def test_lora_add_delta(modules, sums, bias):
-    compile_sm90(modules["lora"]._add_delta_kernel, {"BLOCK_N": 256, "SUMS": sums, "HAS_BIAS": bias},
+    compile_sm90(modules["lora"]._lora_add_delta_kernel, {"BLOCK_N": 256, "SUMS": sums, "HAS_BIAS": bias},
                  {"src_ptr": "*fp32" if sums else "*bf16", "delta_ptr": "*fp32", "token_slots_ptr": "*i32"})
 
 
