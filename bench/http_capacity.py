@@ -57,6 +57,11 @@ def install_fake_model(step_ms: float, prefill_us_per_token: float) -> None:
     def finishing(chunks) -> int:
         return sum(1 for request, n in chunks if request.num_computed_tokens + n == request.prefill_target)
 
+    # The fake's logits and the sampler run on CPU tensors here, where a GPU would run them: one intra-op thread,
+    # or torch's OpenMP workers spin after each [rows, vocab] op and take a core of the host (on 2 cores, 4.5 CPU s
+    # of a 16 s run in the engine process: serve_over_ideal 0.85 against 0.95 with one thread; the GPU engine's
+    # process shows no such thread, bench/results/*-serve-c32-1b-s27-api1.json's server_cpu).
+    torch.set_num_threads(1)
     # Like a GPU, the fake runs beside the host: a forward returns at once and the step's one host
     # sync (the sampler's HostCopy.wait) waits until the "device" is done, so host work done between
     # launch and sync overlaps device time, as it does on CUDA.
