@@ -2,6 +2,7 @@
 
     python -m bench.http_capacity [--step-ms 3] [--concurrency 32] [--requests 256] [--output-len 64]
         [--prompt-len 128] [--prefill-us-per-token 6] [--server-arg=--engine-process] [--out DIR]
+        [--heavy-concurrency 20]
 
 `serve_over_engine_1b_c32` (issue 13) needs a GPU to measure, and the session's GPU time is short. This
 runs the real server (HTTP, auth, scheduler, sampler, detokenizer, streaming; the engine in a thread or,
@@ -17,6 +18,11 @@ Reports output tok/s, TTFT and ITL, the server's own view (HTTP admission, engin
 its /metrics), `serve_over_ideal` (tok/s over what the fake model's own time
 allows: every stream a token a step, plus each prompt's prefill time) and `itl_p50_over_step`. What
 separates the first from 1.0 is the host side of serving, measurable here without a GPU.
+
+`--heavy-concurrency H`: the fairness preset's two tenants instead (bench.serve --preset fairness): the load above is
+a light tenant's, run alone and then beside a heavy tenant that keeps H streams busy all along, each with its own key;
+reports `fair_light_p99_ratio` (light TTFT p99 beside the heavy tenant over alone), the host side of fairness (the
+API's event loop, the engine's admission), with every step costing the same whatever its rows.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from unittest import mock
 
@@ -138,9 +144,11 @@ def _api_cpu_us_per_token(load: dict) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     from bench.serve import proc_cpu, scrape
     from bench.serve.__main__ import token_range
-    from bench.serve.load import Traffic, run_async, run_load
+    from bench.serve.load import Traffic, run_async, run_load, run_with_background
     from bench.serve.modeldir import build_model_dir
+    from bench.serve.phases import write_auth_file
     from bench.serve.process import ServerProcess
+    from bench.serve.scenarios import tenant_key
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--step-ms", type=float, default=3.0)
@@ -152,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-arg", action="append", default=[], help="extra `python -m server` flag")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/bench-serve"))
     parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
+    parser.add_argument("--heavy-concurrency", type=int, default=0,
+                        help="two tenants: the load is a light tenant's, alone then beside a heavy one of this many "
+                             "streams (0: one tenant)")
     args = parser.parse_args(argv)
     model_dir, _ = build_model_dir("tiny", args.cache_dir, "cpu")
     work = Path(tempfile.mkdtemp(prefix="http-capacity-"))
@@ -159,21 +170,33 @@ def main(argv: list[str] | None = None) -> int:
     repo = Path(__file__).resolve().parent.parent
     server_env = {ENV_STEP_MS: str(args.step_ms), ENV_PREFILL_US: str(args.prefill_us_per_token),
                   "PYTHONPATH": os.pathsep.join([str(work), str(repo), os.environ.get("PYTHONPATH", "")])}
+    tenants = args.heavy_concurrency > 0
+    server_args = list(args.server_arg)
+    if tenants:
+        server_args += ["--auth-file", str(write_auth_file(work / "keys.toml", ("light", "heavy")))]
     traffic = Traffic(adapters=(), concurrency=args.concurrency, num_requests=args.requests,
-                      prompt_len=args.prompt_len, output_len=args.output_len)
+                      prompt_len=args.prompt_len, output_len=args.output_len,
+                      api_key=tenant_key("light") if tenants else None)
     try:
-        with ServerProcess(_Config(model_dir, args.server_arg), work / "server.log") as server:
+        with ServerProcess(_Config(model_dir, server_args), work / "server.log") as server:
             with mock.patch.dict(os.environ, server_env):  # the server's environment only, not this process's
                 server.start(timeout_s=120)
-            warm = Traffic(adapters=(), concurrency=args.concurrency, num_requests=args.concurrency,
-                           prompt_len=16, output_len=8)
+            warm = replace(traffic, concurrency=max(args.concurrency, args.heavy_concurrency),
+                           num_requests=max(args.concurrency, args.heavy_concurrency), prompt_len=16, output_len=8)
             run_async(run_load(server.url, warm, token_range("tiny"), "bench-base"))
             before, cpu_before = scrape.snapshot(server.url), proc_cpu.snapshot(server.process.pid)
             load = run_async(run_load(server.url, traffic, token_range("tiny"), "bench-base"))
             load["server_cpu"] = proc_cpu.deltas(cpu_before, proc_cpu.snapshot(server.process.pid), load["wall_s"])
             load["server_metrics"] = scrape.deltas(before, scrape.snapshot(server.url))
+            if tenants:
+                heavy = replace(traffic, concurrency=args.heavy_concurrency, num_requests=100_000,
+                                api_key=tenant_key("heavy"), seed=traffic.seed + 1)
+                beside = run_async(run_with_background(server.url, replace(traffic, seed=traffic.seed + 2), heavy,
+                                                       token_range("tiny"), "bench-base"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if tenants:
+        return _report_fairness(args, argv, load, beside)
     # The fake model's own time for this load: every stream a token a step, plus each prompt's tokens.
     waves = -(-args.requests // args.concurrency)
     model_s = (waves * args.output_len * args.step_ms / 1e3
@@ -199,6 +222,32 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         tag = "proc" if "--engine-process" in args.server_arg else "thread"
         (args.out / f"{result['date']}-cpu-http-capacity-c{args.concurrency}-{tag}.json").write_text(
+            json.dumps(result, indent=1))
+    return 0
+
+
+def _report_fairness(args, argv, alone: dict, beside: dict) -> int:
+    """The two-tenant run's figures: the light tenant's TTFT alone and beside the heavy one, and their p99 ratio."""
+    def light(load: dict) -> dict:
+        keys = ("requests_ok", "tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "errors_by_status")
+        server = load.get("server_metrics")  # scraped around the light tenant's run alone only
+        return {k: load.get(k) for k in keys} | ({"server": {k: server.get(k) for k in (
+            "http_admission_ms_mean", "queue_ms_mean")}} if server else {})
+
+    ratio = beside["ttft_ms_p99"] / alone["ttft_ms_p99"] if alone.get("ttft_ms_p99") else None
+    result = {
+        "benchmark": "http_capacity_fairness", "date": time.strftime("%Y-%m-%d"), "device": "cpu",
+        "command": "python -m bench.http_capacity " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "light_alone": light(alone), "light_with_heavy": light(beside),
+        "heavy": {k: beside["background"].get(k) for k in ("tokens_per_s", "ttft_ms_p50", "ttft_ms_p99")},
+        "ratios": {"fair_light_p99_ratio": ratio},
+    }
+    print(json.dumps({k: result[k] for k in ("light_alone", "light_with_heavy", "heavy", "ratios")}))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        tag = "proc" if "--engine-process" in args.server_arg else "thread"
+        (args.out / f"{result['date']}-cpu-http-fairness-h{args.heavy_concurrency}-{tag}.json").write_text(
             json.dumps(result, indent=1))
     return 0
 
