@@ -202,10 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     model_s = (waves * args.output_len * args.step_ms / 1e3
                + args.requests * args.prompt_len * args.prefill_us_per_token / 1e6)
     ideal = args.requests * args.output_len / model_s
-    result = {
-        "benchmark": "http_capacity", "date": time.strftime("%Y-%m-%d"), "device": "cpu",
-        "command": "python -m bench.http_capacity " + " ".join(argv if argv is not None else os.sys.argv[1:]),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    result = _header(args, argv, "http_capacity") | {
         "load": {k: v for k, v in load.items() if k != "traffic"},
         # the API process's CPU (all its threads) per streamed token: what caps a one-process API server
         "api_cpu_us_per_token": _api_cpu_us_per_token(load),
@@ -218,11 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                                            "errors_by_status", "client_cpu_s")}), json.dumps(result["ratios"]),
           json.dumps(server_view), json.dumps(load["server_cpu"]),
           f"api_cpu_us_per_token={result['api_cpu_us_per_token']:.1f}")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        tag = "proc" if "--engine-process" in args.server_arg else "thread"
-        (args.out / f"{result['date']}-cpu-http-capacity-c{args.concurrency}-{tag}.json").write_text(
-            json.dumps(result, indent=1))
+    _write(args, result, f"http-capacity-c{args.concurrency}")
     return 0
 
 
@@ -235,21 +228,30 @@ def _report_fairness(args, argv, alone: dict, beside: dict) -> int:
             "http_admission_ms_mean", "queue_ms_mean")}} if server else {})
 
     ratio = beside["ttft_ms_p99"] / alone["ttft_ms_p99"] if alone.get("ttft_ms_p99") else None
-    result = {
-        "benchmark": "http_capacity_fairness", "date": time.strftime("%Y-%m-%d"), "device": "cpu",
-        "command": "python -m bench.http_capacity " + " ".join(argv if argv is not None else os.sys.argv[1:]),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    result = _header(args, argv, "http_capacity_fairness") | {
         "light_alone": light(alone), "light_with_heavy": light(beside),
         "heavy": {k: beside["background"].get(k) for k in ("tokens_per_s", "ttft_ms_p50", "ttft_ms_p99")},
         "ratios": {"fair_light_p99_ratio": ratio},
     }
     print(json.dumps({k: result[k] for k in ("light_alone", "light_with_heavy", "heavy", "ratios")}))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        tag = "proc" if "--engine-process" in args.server_arg else "thread"
-        (args.out / f"{result['date']}-cpu-http-fairness-h{args.heavy_concurrency}-{tag}.json").write_text(
-            json.dumps(result, indent=1))
+    _write(args, result, f"http-fairness-h{args.heavy_concurrency}")
     return 0
+
+
+def _header(args, argv, benchmark: str) -> dict:
+    return {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d"), "device": "cpu",
+            "command": "python -m bench.http_capacity " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+
+
+def _write(args, result: dict, name: str) -> None:
+    """result as <date>-cpu-<name>-<mode>.json under --out (if given); mode: thread, proc or apiN."""
+    if args.out is None:
+        return
+    apis = [a.split("=", 1)[1] for a in args.server_arg if a.startswith("--api-server-count=")]
+    tag = f"api{apis[-1]}" if apis else "proc" if "--engine-process" in args.server_arg else "thread"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{result['date']}-cpu-{name}-{tag}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
