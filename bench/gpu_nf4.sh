@@ -45,6 +45,14 @@ step "${KERNELS_TIMEOUT:-330}" kernels.log python3 -m bench.kernels --out "$OUT"
 step "${PREFILL_TIMEOUT:-150}" prefill.log python3 -m bench.prefill --out "$OUT"
 eval "profile_args=(${PROFILE_ARGS:---model 1b})"
 step "${PROFILE_TIMEOUT:-120}" profile.log python3 -m bench.profile_step --out "$OUT" "${profile_args[@]}"
+# PROFILE_AB="NAME=value ...": the step profile once more with those variables set, into $OUT/ab (its wall_ms_per_step
+# against the first's: an A/B of a launch change in ~70 s, where the 8B engine bench takes 150)
+if [ -n "${PROFILE_AB:-}" ] && [ "${PROFILE_TIMEOUT:-120}" != 0 ]; then
+  mkdir -p "$OUT/ab"
+  eval "profile_ab_env=(${PROFILE_AB})"
+  step "${PROFILE_TIMEOUT:-120}" profile_ab.log env "${profile_ab_env[@]}" python3 -m bench.profile_step --out "$OUT/ab" \
+    "${profile_args[@]}"
+fi
 # ENGINE_TIMEOUT (default 0: skipped): python -m bench --model 8b --skip-baseline (b1 tokens/s, swap, mixed/merged);
 # 150 fits every row on a fresh machine (at 100-110 the bench's own budget skipped the merged rows twice)
 step "${ENGINE_TIMEOUT:-0}" engine.log python3 -m bench --model 8b --skip-baseline --budget-s $(( ${ENGINE_TIMEOUT:-0} - 30 )) \
