@@ -33,12 +33,14 @@ SIDE_STREAM = os.environ.get("LORAPLEX_LORA_SIDE_STREAM", "1") == "1"
 # batch 32 unmerged one adapter 6.43 -> 6.36, mixed8 6.46 -> 6.41, mixed32 6.60 -> 6.70 (within the runs' spread). Its
 # first form, one-token programs, made the 8B mixed32 step 7.53 ms. LORAPLEX_LORA_FUSED_SUMS=0: the two launches.
 FUSED_SUMS = os.environ.get("LORAPLEX_LORA_FUSED_SUMS", "1") == "1"
-# LORAPLEX_LORA_SIDE_EXPAND=1: in the decode graphs the expand runs on the side stream too, after the shrink, into an
-# fp32 delta [T, out] (triton_lora.lora_delta), and the join after the base matmul only adds it (lora_add_delta,
-# summing the base's partials as lora_expand_sums does): bit for bit the same output. The expand then no longer
-# follows the base matmul on the step's critical path; it reads B (the adapters' bulk: 29 MB of 8B gate_up's for 32
-# adapters) beside it, and the join reads 4 bytes a token and column. Not yet measured on a GPU: off by default
-# until an A/B of the 8B mixed32 step (ENGINE_AB in bench/gpu_nf4.sh) shows which is faster.
+# LORAPLEX_LORA_SIDE_EXPAND=1: in the decode graphs the expand of a linear of several slices (qkv, gate_up) runs on
+# the side stream too, after the shrink, into an fp32 delta [T, out] (triton_lora.lora_delta), and the join after the
+# base matmul only adds it (lora_add_delta, summing the base's partials as lora_expand_sums does): bit for bit the
+# same output. The expand then no longer follows the base matmul on the step's critical path; it reads B (the
+# adapters' bulk: 29 MB of 8B gate_up's for 32 adapters, 6 MB of qkv's) beside it, and the join reads 4 bytes a
+# token and column. One-slice linears (o, down: 4 MB of B each) keep lora_expand_sums, whose dot starts from the base
+# output (lora_delta's docstring says why that rounds differently). Not yet measured on a GPU: off by default until
+# an A/B of the mixed-adapter step (PROFILE_AB / ENGINE_AB in bench/gpu_nf4.sh) shows which is faster.
 SIDE_EXPAND = os.environ.get("LORAPLEX_LORA_SIDE_EXPAND", "0") == "1"
 
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
@@ -152,7 +154,8 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     after earlier work. There, with one token a segment (every decode graph), the base may also hand back its
     split-K partials unsummed (split_sums.SplitSums): the expand then sums them, rounds the base's output and adds
     the delta in one launch (`triton_lora.lora_expand_sums`), where csrc's sum kernel and the expand took two. With
-    SIDE_EXPAND the expand follows the shrink on the side stream, into an fp32 delta, and the join only adds it.
+    SIDE_EXPAND the expand of qkv and gate_up follows the shrink on the side stream, into an fp32 delta, and the join
+    only adds it.
 
     Eager steps (prefills) run on one stream: there the host is the bound, not the GPU. The H200 8B prefill of
     32 x 128 tokens through 32 adapters took 57-98 ms of host time against 33.5 ms of kernels (merged: 26 ms
@@ -179,7 +182,8 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     side.wait_stream(current)
     with torch.cuda.stream(side):
         h = lora_shrink(x, lora_a, layout, meta, num_slices)
-        delta = lora_delta(h, lora_b, layout, meta, slice_offsets) if SIDE_EXPAND and one_token_segments else None
+        side_expand = SIDE_EXPAND and one_token_segments and num_slices > 1
+        delta = lora_delta(h, lora_b, layout, meta, slice_offsets) if side_expand else None
     fused = FUSED_SUMS and one_token_segments and getattr(base, "may_defer_sum", False)
     y = base(x, defer_sum=True) if fused else base(x)
     current.wait_stream(side)

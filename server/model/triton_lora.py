@@ -390,9 +390,18 @@ def lora_expand_sums(sums: SplitSums, h, lora_b, layout: SlotLayout, meta: LoraB
 def lora_delta(h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_offsets: tuple[int, ...]) -> torch.Tensor:
     """Each token's delta [T, out] in fp32, computed as `lora_expand` computes it for one-token segments (the
     decode graphs' side stream runs this beside the base matmul; `lora_add_delta` adds it). Rows of tokens without
-    an adapter are unspecified."""
+    an adapter are unspecified.
+
+    Linears of several slices only (qkv, gate_up). With one slice, Triton folds the add of the base output into
+    the expand's tensor-core dot (its accumulator starts from y: `add(dot(h, b, 0), y)` becomes `dot(h, b, y)`, seen
+    in the sm_90 TTIR of `_expand_kernel` and `_expand_sums_kernel`), which rounds differently from a dot then an
+    add; with several slices the dot's value leaves a branch and the add stays an add, in the expand as here."""
     num_slices, bounds = len(slice_offsets) - 1, _slice_bounds(slice_offsets)
     num_tokens, out_features = h.shape[0], slice_offsets[-1]
+    if num_slices < 2:
+        raise ValueError("lora_delta takes linears of several slices (one slice: lora_expand / lora_expand_sums)")
+    if h.dtype != torch.float32 or h.stride(1) != 1:
+        raise ValueError(f"h must be the shrink's float32 rows, got {h.dtype} with strides {h.stride()}")
     _check_one_token_segments(meta, num_tokens, "lora_delta")
     delta = torch.empty(num_tokens, out_features, dtype=torch.float32, device=h.device)
     if num_tokens == 0 or out_features == 0:
@@ -413,11 +422,13 @@ ADD_DELTA_BLOCK_N = 256  # elements a program of the join (the glue kernels' bes
 def lora_add_delta(y: torch.Tensor | SplitSums, delta: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
     """y plus `lora_delta`'s output for the tokens with an adapter: a plain y [T, out] (contiguous) in place, or a
     new one summed from split-K partials. Bit for bit `lora_expand` (or `lora_expand_sums`) on the h the delta came
-    from."""
+    from (lora_delta's linears of several slices; the GPU test checks it on the sm_90 build)."""
     num_tokens, out_features = y.shape
     _check_one_token_segments(meta, num_tokens, "lora_add_delta")
-    if tuple(delta.shape) != (num_tokens, out_features) or delta.dtype != torch.float32:
-        raise ValueError(f"delta must be float32 {(num_tokens, out_features)}, got {delta.dtype} {tuple(delta.shape)}")
+    if (tuple(delta.shape) != (num_tokens, out_features) or delta.dtype != torch.float32
+            or not delta.is_contiguous() or delta.device != y.device):
+        raise ValueError(f"delta must be contiguous float32 {(num_tokens, out_features)} on {y.device}, got "
+                         f"{delta.dtype} {tuple(delta.shape)} on {delta.device}")
     sums = isinstance(y, SplitSums)
     if sums:
         src, plane, splits, bias, has_bias = _source(y)

@@ -344,13 +344,14 @@ def test_expand_sums_refuses_segments_of_several_tokens(triton_lora):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("slice_offsets", SLICES)
+@pytest.mark.parametrize("slice_offsets", [SLICES[1], (0, 32, 48)])
 @pytest.mark.parametrize("splits, with_bias", [(0, False), (1, False), (3, True), (16, True)])
 def test_triton_interpreted_side_delta_equals_the_expand(triton_lora, slice_offsets, dtype, splits, with_bias):
     """lora_delta then lora_add_delta (LORAPLEX_LORA_SIDE_EXPAND: the delta computed on the side stream, added after
     the base matmul): bit for bit lora_expand into a plain output (splits 0) and lora_expand_sums over split-K
     partials, for tokens with and without an adapter; a token without one keeps its base output even where the delta
-    buffer holds NaN."""
+    buffer holds NaN. Linears of several slices (lora_delta refuses one: the compiled expand folds the base output
+    into its dot, which the interpreter does not show; the GPU test compares the compiled kernels)."""
     from server.model.split_sums import SplitSums
 
     gen = torch.Generator().manual_seed(splits + 7)
@@ -382,13 +383,27 @@ def test_triton_interpreted_side_delta_equals_the_expand(triton_lora, slice_offs
 
 
 def test_side_delta_refuses_bad_inputs(triton_lora):
-    _, x, lora_a, lora_b, pool, meta = make_inputs([2, 1], [0, 1], 8, SLICES[0], torch.float32)
-    h = triton_lora.lora_shrink(x, lora_a, pool, meta, 1)
+    from server.model.split_sums import SplitSums
+
+    slices = SLICES[1]
+    _, x, lora_a, lora_b, pool, meta = make_inputs([2, 1], [0, 1], 8, slices, torch.float32)
+    h = triton_lora.lora_shrink(x, lora_a, pool, meta, 3)
     with pytest.raises(ValueError, match="one-token segments"):
-        triton_lora.lora_delta(h, lora_b, pool, meta, SLICES[0])
+        triton_lora.lora_delta(h, lora_b, pool, meta, slices)
     one_token = decode_lora_meta(torch.tensor([0, 1, -1], dtype=torch.int32))
-    y = torch.zeros(3, SLICES[0][-1])
-    with pytest.raises(ValueError, match="delta must be float32"):
-        triton_lora.lora_add_delta(y, torch.zeros(3, SLICES[0][-1], dtype=torch.float16), one_token)
-    with pytest.raises(ValueError, match="delta must be float32"):
-        triton_lora.lora_add_delta(y, torch.zeros(2, SLICES[0][-1]), one_token)
+    _, x1, lora_a1, lora_b1, pool1, _ = make_inputs([1, 1, 1], [0, 1, -1], 8, SLICES[0], torch.float32)
+    with pytest.raises(ValueError, match="several slices"):
+        triton_lora.lora_delta(triton_lora.lora_shrink(x1, lora_a1, pool1, one_token, 1), lora_b1, pool1, one_token,
+                               SLICES[0])
+    with pytest.raises(ValueError, match="float32 rows"):
+        triton_lora.lora_delta(torch.zeros(3, 24, dtype=torch.float16), lora_b, pool, one_token, slices)
+    width = slices[-1]
+    y = torch.zeros(3, width)
+    for delta in (torch.zeros(3, width, dtype=torch.float16), torch.zeros(2, width), torch.zeros(width, 3).t()):
+        with pytest.raises(ValueError, match="delta must be contiguous float32"):
+            triton_lora.lora_add_delta(y, delta, one_token)
+    with pytest.raises(ValueError, match="contiguous y"):
+        triton_lora.lora_add_delta(torch.zeros(width, 3).t(), torch.zeros(3, width), one_token)
+    with pytest.raises(ValueError, match="at most 16 split-K partials"):
+        triton_lora.lora_add_delta(SplitSums(torch.zeros(17, 3, width), None, torch.float32), torch.zeros(3, width),
+                                   one_token)
