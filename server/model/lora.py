@@ -67,14 +67,16 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraContext | None = None, defer_sum: bool = False):
         """base(x) plus the adapters' deltas. `defer_sum`: the base may return unsummed split-K partials
-        (split_sums.SplitSums) when no adapter applies; with adapters the output is summed."""
+        (split_sums.SplitSums) when no adapter applies; with adapters the output is summed, except in the decode
+        graphs with LORAPLEX_LORA_SIDE_EXPAND=2 (the partials then carry the adapters' delta)."""
         if lora is None or self.lora_a is None:
             return base_output(self.base, x, defer_sum)
         if lora.host_segments is not None and x.device.type == "cpu":
             y = self.base(x)
             self._apply_segments(y, x, lora.host_segments)
             return y
-        return linear_with_lora(self.base, x, self.lora_a, self.lora_b, self.layout, lora.meta, self.slice_offsets)
+        return linear_with_lora(self.base, x, self.lora_a, self.lora_b, self.layout, lora.meta, self.slice_offsets,
+                                defer_sum=defer_sum)
 
     def _apply_segments(self, y, x, segments) -> None:
         """Eager prefill path: one pair of matmuls per (sequence, slice)."""

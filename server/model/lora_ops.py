@@ -39,9 +39,12 @@ FUSED_SUMS = os.environ.get("LORAPLEX_LORA_FUSED_SUMS", "1") == "1"
 # same output. The expand then no longer follows the base matmul on the step's critical path; it reads B (the
 # adapters' bulk: 29 MB of 8B gate_up's for 32 adapters, 6 MB of qkv's) beside it, and the join reads 4 bytes a
 # token and column. One-slice linears (o, down: 4 MB of B each) keep lora_expand_sums, whose dot starts from the base
-# output (lora_delta's docstring says why that rounds differently). Not yet measured on a GPU: off by default until
-# an A/B of the mixed-adapter step (PROFILE_AB / ENGINE_AB in bench/gpu_nf4.sh) shows which is faster.
-SIDE_EXPAND = os.environ.get("LORAPLEX_LORA_SIDE_EXPAND", "0") == "1"
+# output (lora_delta's docstring says why that rounds differently). =2: and where the caller takes split-K partials
+# (qkv_proj and gate_up_proj, from llama.DEFER_MIN_ROWS rows), the delta rides with them (SplitSums.delta) to the
+# rotary or activation kernel that sums them, which adds it (no join launch: the step's launches on the critical path
+# are then those of the merged step). Not yet measured on a GPU: off by default until an A/B of the mixed-adapter
+# step (PROFILE_AB / ENGINE_AB in bench/gpu_nf4.sh) shows which is faster.
+SIDE_EXPAND = int(os.environ.get("LORAPLEX_LORA_SIDE_EXPAND", "0"))
 
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
 _GATHER_BUDGET = 1 << 24
@@ -145,7 +148,7 @@ def base_output(base, x: torch.Tensor, defer_sum: bool) -> torch.Tensor | SplitS
 
 
 def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
-                     slice_offsets: tuple[int, ...]) -> torch.Tensor:
+                     slice_offsets: tuple[int, ...], defer_sum: bool = False) -> torch.Tensor | SplitSums:
     """base(x) plus the per-token LoRA delta. While a CUDA graph is captured (the decode steps), with the Triton
     kernels, the shrink (which reads only x) runs on a side stream beside the base matmul, and the expand adds
     into base(x) once both are done: the shrink's short, DRAM-bound launches fill SMs that the L1-bound NF4
@@ -155,7 +158,8 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     split-K partials unsummed (split_sums.SplitSums): the expand then sums them, rounds the base's output and adds
     the delta in one launch (`triton_lora.lora_expand_sums`), where csrc's sum kernel and the expand took two. With
     SIDE_EXPAND the expand of qkv and gate_up follows the shrink on the side stream, into an fp32 delta, and the join
-    only adds it.
+    only adds it; with SIDE_EXPAND 2 and `defer_sum` (the caller's kernel sums partials), there is no join: the
+    partials come back with the delta (SplitSums.delta) for that kernel to add.
 
     Eager steps (prefills) run on one stream: there the host is the bound, not the GPU. The H200 8B prefill of
     32 x 128 tokens through 32 adapters took 57-98 ms of host time against 33.5 ms of kernels (merged: 26 ms
@@ -190,6 +194,8 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     if tuple(y.shape) != y_like.shape:
         raise ValueError(f"the base layer gave {tuple(y.shape)}, the adapters' slices need {y_like.shape}")
     if delta is not None:
+        if SIDE_EXPAND >= 2 and defer_sum and isinstance(y, SplitSums):
+            return SplitSums(y.partials, y.bias, y.dtype, delta)
         return lora_add_delta(y if isinstance(y, SplitSums) else y.contiguous(), delta, meta)
     if isinstance(y, SplitSums):
         return lora_expand_sums(y, h, lora_b, layout, meta, slice_offsets)

@@ -20,11 +20,15 @@ import torch
 
 @dataclass(frozen=True)
 class SplitSums:
-    """out[m, n] = rounded(sum over s in order of partials[s, m, n], plus bias[n]), not yet computed."""
+    """out[m, n] = rounded(sum over s in order of partials[s, m, n], plus bias[n]), not yet computed; with `delta`,
+    then rounded(out[m, n] + delta[m, n]) in fp32: a LoRA linear's per-token delta computed beside the base matmul
+    (lora_ops.SIDE_EXPAND; rows of tokens without an adapter hold -0.0, which adds nothing to any value, signed zeros
+    included). Only the kernels that say so add a delta (triton_glue._source)."""
 
     partials: torch.Tensor  # [splits, M, N] float32, contiguous
     bias: torch.Tensor | None  # [N] in dtype
     dtype: torch.dtype  # the output's
+    delta: torch.Tensor | None = None  # [M, N] float32, contiguous
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -41,7 +45,8 @@ class SplitSums:
             total += part
         if self.bias is not None:
             total += self.bias.float()
-        return total.to(self.dtype)
+        out = total.to(self.dtype)
+        return out if self.delta is None else (out.float() + self.delta).to(self.dtype)
 
 
 def materialized(y: torch.Tensor | SplitSums) -> torch.Tensor:

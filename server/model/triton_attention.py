@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from server.model.split_sums import SplitSums
-from server.model.triton_glue import _rotated, _source, _summed
+from server.model.triton_glue import _MAX_SPLITS, _delta, _rotated, _source, _summed
 
 _LOG2E = 1.4426950408889634
 _NUM_SMS = 132  # H100; only steers the split heuristic
@@ -28,17 +28,17 @@ _NUM_SMS = 132  # H100; only steers the split heuristic
 @triton.jit(do_not_specialize=["stride_bt", "plane", "splits"])  # the block-table width follows the contexts
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, acc_ptr, stats_ptr,
-    src_ptr, bias_ptr, rope_ptr, slot_ptr, plane, splits,
+    src_ptr, bias_ptr, rope_ptr, slot_ptr, plane, splits, delta_ptr,
     qk_scale, group,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_ob, stride_oh, stride_src, stride_rope,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, V_FIRST: tl.constexpr, ROTARY: tl.constexpr,
-    SUMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr,
 ):  # fmt: skip
     """With ROTARY, q and the row's new k and v come from the qkv projection's output row at src_ptr (or, with SUMS,
-    from its split-K partials): q is rotated here, and the program whose split holds the row's last position rotates
-    k and stores k and v in the cache before it reads its tiles."""
+    from its split-K partials, plus its LoRA delta with HAS_DELTA): q is rotated here, and the program whose split
+    holds the row's last position rotates k and stores k and v in the cache before it reads its tiles."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -55,8 +55,8 @@ def _decode_kernel(
         q = _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, k_ptr, v_ptr, row, kv_head, heads, head_mask, plane,
                        splits, stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                        stride_vh, tl.num_programs(1) * group, tl.num_programs(1),
-                       split == (tl.maximum(num_tiles, 1) - 1) // tl.maximum(tiles_per_split, 1),
-                       out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, BLOCK_H, SUMS, HAS_BIAS)
+                       split == (tl.maximum(num_tiles, 1) - 1) // tl.maximum(tiles_per_split, 1), delta_ptr,
+                       out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, BLOCK_H, SUMS, HAS_BIAS, HAS_DELTA)
     else:
         q_ptrs = q_ptr + row.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :]
         q = tl.load(q_ptrs, mask=head_mask[:, None], other=0.0)
@@ -101,8 +101,9 @@ def _decode_kernel(
 @triton.jit
 def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_head, heads, head_mask, plane, splits,
                stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-               num_q_heads, num_kv_heads, writes_kv, dtype: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr):
+               num_q_heads, num_kv_heads, writes_kv, delta_ptr, dtype: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+               HAS_DELTA: tl.constexpr):
     """The group's rotated q heads [BLOCK_H, HEAD_DIM] from the qkv row (columns q | k | v, heads of HEAD_DIM);
     with `writes_kv`, also the row's new k (rotated) and v stored at its cache slot (none when the slot is -1),
     followed by a barrier, so that this program's tiles read them back."""
@@ -113,19 +114,19 @@ def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_he
     sin_lo, sin_hi = tl.load(rope + 2 * HALF + half), tl.load(rope + 3 * HALF + half)
     src_row = row.to(tl.int64) * stride_src
     q_cols = heads[:, None] * HEAD_DIM + half[None, :]
-    q_lo, q_hi = _qkv_halves(src_ptr, bias_ptr, src_row, q_cols, head_mask[:, None], plane, splits, dtype, HALF,
-                             SUMS, HAS_BIAS)
+    q_lo, q_hi = _qkv_halves(src_ptr, bias_ptr, src_row, q_cols, head_mask[:, None], plane, splits, delta_ptr, dtype,
+                             HALF, SUMS, HAS_BIAS, HAS_DELTA)
     q_lo, q_hi = _rotated(q_lo, q_hi, cos_lo[None, :], cos_hi[None, :], sin_lo[None, :], sin_hi[None, :], dtype)
     if writes_kv:  # (names of their own: Triton keeps a variable's shape across a branch)
         slot = tl.load(slot_ptr + row)
         if slot >= 0:
             whole = half < HALF
             k_cols = (num_q_heads + kv_head) * HEAD_DIM + half
-            k_lo, k_hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols, whole, plane, splits, dtype, HALF, SUMS,
-                                     HAS_BIAS)
+            k_lo, k_hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols, whole, plane, splits, delta_ptr, dtype,
+                                     HALF, SUMS, HAS_BIAS, HAS_DELTA)
             k_lo, k_hi = _rotated(k_lo, k_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
             v_lo, v_hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols + num_kv_heads * HEAD_DIM, whole, plane,
-                                     splits, dtype, HALF, SUMS, HAS_BIAS)
+                                     splits, delta_ptr, dtype, HALF, SUMS, HAS_BIAS, HAS_DELTA)
             block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
             k_at = kc_ptr + block * stride_kb + offset * stride_kt + kv_head * stride_kh + half
             v_at = vc_ptr + block * stride_vb + offset * stride_vt + kv_head * stride_vh + half
@@ -139,13 +140,15 @@ def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_he
 
 
 @triton.jit
-def _qkv_halves(src_ptr, bias_ptr, src_row, cols, mask, plane, splits, dtype: tl.constexpr, HALF: tl.constexpr,
-                SUMS: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _qkv_halves(src_ptr, bias_ptr, src_row, cols, mask, plane, splits, delta_ptr, dtype: tl.constexpr,
+                HALF: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr):
     """The qkv output's values at `cols` and `cols + HALF` of one row (src_row: the row's offset), in `dtype`:
-    loaded, or summed from the split-K partials."""
+    loaded, or summed from the split-K partials (plus the LoRA delta, with HAS_DELTA)."""
     if SUMS:
-        lo = _summed(src_ptr, src_row + cols, mask, plane, splits, bias_ptr, cols, dtype, HAS_BIAS)
-        hi = _summed(src_ptr, src_row + cols + HALF, mask, plane, splits, bias_ptr, cols + HALF, dtype, HAS_BIAS)
+        lo = _summed(src_ptr, src_row + cols, mask, plane, splits, bias_ptr, cols, dtype, HAS_BIAS, _MAX_SPLITS,
+                     delta_ptr, HAS_DELTA)
+        hi = _summed(src_ptr, src_row + cols + HALF, mask, plane, splits, bias_ptr, cols + HALF, dtype, HAS_BIAS,
+                     _MAX_SPLITS, delta_ptr, HAS_DELTA)
     else:
         lo = tl.load(src_ptr + src_row + cols, mask=mask, other=0.0)
         hi = tl.load(src_ptr + src_row + cols + HALF, mask=mask, other=0.0)
@@ -241,14 +244,15 @@ def rotary_decode_attention_triton(
     if isinstance(qkv, torch.Tensor) and qkv.stride(1) != 1:
         raise ValueError("qkv's rows must be contiguous")
     out = torch.empty((num_rows, num_q_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
-    rotary = (*_source(qkv), rope.contiguous(), slot_mapping)
+    rotary = (*_source(qkv, takes_delta=True), rope.contiguous(), slot_mapping, *_delta(qkv))
     _launch(out, None, rotary, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tuning)
     return out
 
 
 def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tuning) -> None:
     """The decode kernel (and, with splits, the merge kernel) into out [B, Hq, D]: q read from
-    `q`, or, with `rotary` = (source, plane, splits, bias, has_bias, rope, slot_mapping), from the qkv output."""
+    `q`, or, with `rotary` = (source, plane, splits, bias, has_bias, rope, slot_mapping, delta, has_delta), from the
+    qkv output."""
     tuning = {**DECODE_TUNING, **(tuning or {})}
     num_rows, num_q_heads, head_dim = out.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -263,14 +267,14 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
     else:
         acc = stats = out  # unused
     if rotary is None:
-        src, plane, splits, bias, has_bias, rope, slots = q, 0, 0, q, False, q, context_lens
+        src, plane, splits, bias, has_bias, rope, slots, delta, has_delta = q, 0, 0, q, False, q, context_lens, q, False
         stride_q = (q.stride(0), q.stride(1))
     else:
-        src, plane, splits, bias, has_bias, rope, slots = rotary
+        src, plane, splits, bias, has_bias, rope, slots, delta, has_delta = rotary
         q, stride_q = out, (0, 0)  # unused
     _decode_kernel[(num_rows, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, acc, stats,
-        src, bias, rope, slots, plane, splits,
+        src, bias, rope, slots, plane, splits, delta,
         scale * _LOG2E, group,
         *stride_q, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -278,7 +282,7 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group)),
         TILE_N=tuning["tile_n"], NUM_SPLITS=num_splits, V_FIRST=tuning["v_first"],
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROTARY=rotary is not None,
-        SUMS=plane > 0, HAS_BIAS=has_bias, num_warps=tuning["num_warps"],
+        SUMS=plane > 0, HAS_BIAS=has_bias, HAS_DELTA=has_delta, num_warps=tuning["num_warps"],
         **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
     )  # fmt: skip
     if num_splits > 1:

@@ -24,18 +24,22 @@ COMPILED_SPLITS = os.environ.get("LORAPLEX_GLUE_COMPILED_SPLITS", "1") == "1"
 
 @triton.jit
 def _summed(src_ptr, offs, mask, plane, splits, bias_ptr, bias_offs, dtype: tl.constexpr, HAS_BIAS: tl.constexpr,
-            MOST_SPLITS: tl.constexpr = _MAX_SPLITS):
+            MOST_SPLITS: tl.constexpr = _MAX_SPLITS, delta_ptr=None, HAS_DELTA: tl.constexpr = False):
     """A linear's output at `offs` (offsets of any shape into one [M, N] plane) from its split-K partials: summed
     from 0 in split order, plus the bias, rounded once to `dtype`, as csrc/nf4_mma.cu's split_k_sum_kernel does. The
     loads of every split up to MOST_SPLITS are issued together (unused ones masked): the most any consumer sums, or
-    a caller's split count compiled in (silu_mul), one load a split."""
+    a caller's split count compiled in (silu_mul), one load a split. With HAS_DELTA, plus the fp32 delta at the same
+    offsets (a contiguous [M, N]) and rounded again, as the LoRA expand adds its delta (SplitSums.delta)."""
     total = tl.zeros(offs.shape, dtype=tl.float32)
     for s in tl.static_range(MOST_SPLITS):  # the split's test as a tensor: the interpreter rejects a scalar's
         used = mask & (tl.full(offs.shape, s, tl.int32) < splits)
         total += tl.load(src_ptr + s * plane + offs, mask=used, other=0.0)
     if HAS_BIAS:
         total += tl.load(bias_ptr + bias_offs, mask=mask, other=0.0).to(tl.float32)
-    return total.to(dtype)
+    out = total.to(dtype)
+    if HAS_DELTA:
+        out = (out.to(tl.float32) + tl.load(delta_ptr + offs, mask=mask, other=0.0)).to(dtype)
+    return out
 
 
 @triton.jit
@@ -45,15 +49,28 @@ def _rotated(lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype: tl.constexpr):
     return (lo * cos_lo + (-hi) * sin_lo).to(dtype), (hi * cos_hi + lo * sin_hi).to(dtype)
 
 
-def _source(y: torch.Tensor | SplitSums):
+def _source(y: torch.Tensor | SplitSums, takes_delta: bool = False):
     """(tensor to read, plane, splits, bias, has_bias) for a kernel's SUMS path; a plain tensor gives
-    (y, 0, 0, y, False)."""
+    (y, 0, 0, y, False). A kernel that adds SplitSums.delta says so (`takes_delta`; `_delta` gives its arguments);
+    the others refuse one."""
     if isinstance(y, SplitSums):
+        if y.delta is not None and not takes_delta:
+            raise ValueError("this kernel does not add a LoRA delta to the partials it sums")
         if y.partials.shape[0] > MAX_SPLITS:
             raise ValueError(f"at most {MAX_SPLITS} split-K partials are summed here, got {y.partials.shape[0]}")
         has_bias = y.bias is not None
         return y.partials, y.partials[0].numel(), y.partials.shape[0], y.bias if has_bias else y.partials, has_bias
     return y, 0, 0, y, False
+
+
+def _delta(y: torch.Tensor | SplitSums) -> tuple[torch.Tensor, bool]:
+    """(delta tensor or a stand-in, HAS_DELTA) of a kernel that adds SplitSums.delta."""
+    delta = y.delta if isinstance(y, SplitSums) else None
+    if delta is None:
+        return (y.partials if isinstance(y, SplitSums) else y), False
+    if delta.dtype != torch.float32 or not delta.is_contiguous() or tuple(delta.shape) != tuple(y.shape):
+        raise ValueError(f"a delta must be contiguous float32 {tuple(y.shape)}, got {delta.dtype} {tuple(delta.shape)}")
+    return delta, True
 
 
 @triton.jit(do_not_specialize=["plane", "splits"])
@@ -126,16 +143,19 @@ def embed_rmsnorm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, 
 
 
 @triton.jit(do_not_specialize=["plane", "splits"])
-def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, splits, bias_ptr, BLOCK: tl.constexpr,
-                     SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, MOST_SPLITS: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, splits, bias_ptr, delta_ptr,
+                     BLOCK: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, MOST_SPLITS: tl.constexpr,
+                     HAS_DELTA: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     if SUMS:  # gu_ptr: split-K partials [splits, rows, 2 * inter], at most MOST_SPLITS of them
         at = row * stride_gu + cols
         dtype = out_ptr.dtype.element_ty
-        gate = _summed(gu_ptr, at, mask, plane, splits, bias_ptr, cols, dtype, HAS_BIAS, MOST_SPLITS)
-        up = _summed(gu_ptr, at + inter, mask, plane, splits, bias_ptr, inter + cols, dtype, HAS_BIAS, MOST_SPLITS)
+        gate = _summed(gu_ptr, at, mask, plane, splits, bias_ptr, cols, dtype, HAS_BIAS, MOST_SPLITS, delta_ptr,
+                       HAS_DELTA)
+        up = _summed(gu_ptr, at + inter, mask, plane, splits, bias_ptr, inter + cols, dtype, HAS_BIAS, MOST_SPLITS,
+                     delta_ptr, HAS_DELTA)
         gate, up = gate.to(tl.float32), up.to(tl.float32)
     else:
         gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
@@ -162,27 +182,30 @@ def silu_mul(gate_up: torch.Tensor | SplitSums, launch: tuple[int, int] | None =
     out = torch.empty(num_rows, inter, dtype=gate_up.dtype, device=gate_up.device)
     if num_rows == 0:
         return out
-    src, plane, splits, bias, has_bias = _source(gate_up)
+    src, plane, splits, bias, has_bias = _source(gate_up, takes_delta=True)
+    delta, has_delta = _delta(gate_up)
     block, warps = launch or silu_launch(num_rows, sums)
     _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
-        src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias,
+        src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias, delta,
         BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, MOST_SPLITS=splits if sums and compiled_splits else MAX_SPLITS,
-        num_warps=warps,
+        HAS_DELTA=has_delta, num_warps=warps,
     )
     return out
 
 
 @triton.jit
 def _head_halves(x_ptr, row, head, stride_t, stride_h, src_ptr, src_col, plane, splits, stride_src, bias_ptr, offs,
-                 HALF: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 delta_ptr, HALF: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr):
     """One head's two halves in the tensor's dtype: from x (a view of the qkv output) or, with SUMS, summed from the
-    qkv projection's split-K partials at column src_col."""
+    qkv projection's split-K partials at column src_col (and its LoRA delta added, with HAS_DELTA)."""
     if SUMS:
         at = row * stride_src + src_col + offs
         whole = offs < HALF
         dtype = x_ptr.dtype.element_ty
-        lo = _summed(src_ptr, at, whole, plane, splits, bias_ptr, src_col + offs, dtype, HAS_BIAS)
-        hi = _summed(src_ptr, at + HALF, whole, plane, splits, bias_ptr, src_col + HALF + offs, dtype, HAS_BIAS)
+        lo = _summed(src_ptr, at, whole, plane, splits, bias_ptr, src_col + offs, dtype, HAS_BIAS, _MAX_SPLITS,
+                     delta_ptr, HAS_DELTA)
+        hi = _summed(src_ptr, at + HALF, whole, plane, splits, bias_ptr, src_col + HALF + offs, dtype, HAS_BIAS,
+                     _MAX_SPLITS, delta_ptr, HAS_DELTA)
     else:
         base = x_ptr + row * stride_t + head * stride_h
         lo, hi = tl.load(base + offs), tl.load(base + HALF + offs)
@@ -203,9 +226,9 @@ def _rotate(x_ptr, row, head, stride_t, stride_h, lo, hi, cos_lo, cos_hi, sin_lo
 def _rotary_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, rope_ptr, kc_ptr, vc_ptr, slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_rope,
-    stride_cs, stride_ch, src_ptr, bias_ptr, plane, splits, stride_src,
+    stride_cs, stride_ch, src_ptr, bias_ptr, plane, splits, stride_src, delta_ptr,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, SUMS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr,
 ):  # fmt: skip
     """One program per (token, head): q heads first, then kv heads (rotate k, write k and v to the cache).
     One head a program keeps the grid wide: a program per token looping over 40 heads left 100 of 132
@@ -219,17 +242,17 @@ def _rotary_write_kv_kernel(
     sin_lo, sin_hi = tl.load(rope + 2 * HALF + offs), tl.load(rope + 3 * HALF + offs)
     if head < NUM_Q_HEADS:
         lo, hi = _head_halves(q_ptr, row, head, stride_qt, stride_qh, src_ptr, head * 2 * HALF, plane, splits,
-                              stride_src, bias_ptr, offs, HALF, SUMS, HAS_BIAS)
+                              stride_src, bias_ptr, offs, delta_ptr, HALF, SUMS, HAS_BIAS, HAS_DELTA)
         _rotate(q_ptr, row, head, stride_qt, stride_qh, lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, offs, HALF)
     else:
         kv_head = head - NUM_Q_HEADS
         lo, hi = _head_halves(k_ptr, row, kv_head, stride_kt, stride_kh, src_ptr, head * 2 * HALF, plane, splits,
-                              stride_src, bias_ptr, offs, HALF, SUMS, HAS_BIAS)
+                              stride_src, bias_ptr, offs, delta_ptr, HALF, SUMS, HAS_BIAS, HAS_DELTA)
         k_lo, k_hi = _rotate(k_ptr, row, kv_head, stride_kt, stride_kh, lo, hi, cos_lo, cos_hi, sin_lo, sin_hi, offs,
                              HALF)
         v_lo, v_hi = _head_halves(v_ptr, row, kv_head, stride_vt, stride_vh, src_ptr,
                                   (NUM_Q_HEADS + NUM_KV_HEADS + kv_head) * 2 * HALF, plane, splits, stride_src,
-                                  bias_ptr, offs, HALF, SUMS, HAS_BIAS)
+                                  bias_ptr, offs, delta_ptr, HALF, SUMS, HAS_BIAS, HAS_DELTA)
         if SUMS:  # the projection's v, kept beside q and k for prefill attention
             v_base = v_ptr + row * stride_vt + kv_head * stride_vh
             tl.store(v_base + offs, v_lo)
@@ -252,11 +275,12 @@ def rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping, sums: SplitSu
         return
     rope = rope.contiguous()
     flat_k, flat_v = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
-    src, plane, splits, bias, has_bias = _source(q if sums is None else sums)
+    src, plane, splits, bias, has_bias = _source(q if sums is None else sums, takes_delta=True)
+    delta, has_delta = _delta(q if sums is None else sums)
     _rotary_write_kv_kernel[(num_tokens, num_q_heads + k.shape[1])](
         q, k, v, rope, flat_k, flat_v, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), rope.stride(0),
-        flat_k.stride(0), flat_k.stride(1), src, bias, plane, splits, src.stride(-2),
+        flat_k.stride(0), flat_k.stride(1), src, bias, plane, splits, src.stride(-2), delta,
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=k.shape[1], HALF=head_dim // 2, SUMS=sums is not None,
-        HAS_BIAS=has_bias, num_warps=1,
+        HAS_BIAS=has_bias, HAS_DELTA=has_delta, num_warps=1,
     )  # fmt: skip

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from server.model.lora_meta import LoraBatchMeta, SlotLayout, check_lora_shapes, make_lora_meta
 from server.model.split_sums import SplitSums
-from server.model.triton_glue import MAX_SPLITS, _source, _summed
+from server.model.triton_glue import _MAX_SPLITS, MAX_SPLITS, _source, _summed
 
 MAX_SLICES = 4
 # Enough programs to keep every SM of an H100 (132 SMs) busy with a few resident programs each.
@@ -216,13 +216,14 @@ def _lora_delta_kernel(
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One token a program: its delta at these columns (`_token_delta_tile`), in fp32 into delta [T, out]
-    (contiguous); tokens without an adapter store nothing."""
+    (contiguous); a token without an adapter stores -0.0, which adds nothing to any value (signed zeros included)."""
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(token_slots_ptr + row).to(tl.int64)
-    if slot < 0:
-        return
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < out_features
+    if slot < 0:
+        tl.store(delta_ptr + row * out_features + cols, tl.full((BLOCK_N,), -0.0, tl.float32), mask=col_mask)
+        return
     acc = _token_delta_tile(h_ptr, row, stride_hm, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, cols, col_mask,
                             bound1, bound2, bound3, stride_br, stride_bn, BLOCK_N, BLOCK_R, NUM_SLICES, DOT_PRECISION)
     tile_rows = tl.arange(0, 16)
@@ -232,27 +233,25 @@ def _lora_delta_kernel(
 
 @triton.jit(do_not_specialize=["plane", "splits"])
 def _lora_add_delta_kernel(
-    src_ptr, bias_ptr, plane, splits, delta_ptr, y_ptr, token_slots_ptr, out_features,
+    src_ptr, bias_ptr, plane, splits, delta_ptr, y_ptr, out_features,
     BLOCK_N: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     """One token a program: the base's output at these columns (SUMS: summed from its split-K partials and rounded,
-    as `_summed`; else read from y), plus the token's fp32 delta for a token with an adapter, rounded, stored into y
-    [T, out] (contiguous; in place without SUMS): the same additions and roundings as `_expand_sums_kernel` and
-    `_expand_kernel` on the same delta."""
+    as `_summed`; else read from y), plus the token's fp32 delta, rounded, stored into y [T, out] (contiguous; in
+    place without SUMS): the same additions and roundings as `_expand_sums_kernel` and `_expand_kernel` on the same
+    delta (tokens without an adapter add -0.0: their output's bits stay)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < out_features
     offs = row * out_features + cols
-    slot = tl.load(token_slots_ptr + row)
     if SUMS:
-        out = _summed(src_ptr, offs, col_mask, plane, splits, bias_ptr, cols, y_ptr.dtype.element_ty, HAS_BIAS)
-        if slot >= 0:
-            out = (out.to(tl.float32) + tl.load(delta_ptr + offs, mask=col_mask, other=0.0)).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + offs, out, mask=col_mask)
-    elif slot >= 0:
+        out = _summed(src_ptr, offs, col_mask, plane, splits, bias_ptr, cols, y_ptr.dtype.element_ty, HAS_BIAS,
+                      _MAX_SPLITS, delta_ptr, True)
+    else:
         y = tl.load(y_ptr + offs, mask=col_mask, other=0.0)
         delta = tl.load(delta_ptr + offs, mask=col_mask, other=0.0)
-        tl.store(y_ptr + offs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=col_mask)
+        out = (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs, out, mask=col_mask)
 
 
 def _stages(tuning: dict) -> dict:
@@ -389,8 +388,8 @@ def lora_expand_sums(sums: SplitSums, h, lora_b, layout: SlotLayout, meta: LoraB
 
 def lora_delta(h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_offsets: tuple[int, ...]) -> torch.Tensor:
     """Each token's delta [T, out] in fp32, computed as `lora_expand` computes it for one-token segments (the
-    decode graphs' side stream runs this beside the base matmul; `lora_add_delta` adds it). Rows of tokens without
-    an adapter are unspecified.
+    decode graphs' side stream runs this beside the base matmul; `lora_add_delta`, or the glue kernel that sums the
+    base's partials, adds it). Rows of tokens without an adapter hold -0.0.
 
     Linears of several slices only (qkv, gate_up). With one slice, Triton folds the add of the base output into
     the expand's tensor-core dot (its accumulator starts from y: `add(dot(h, b, 0), y)` becomes `dot(h, b, y)`, seen
@@ -420,8 +419,8 @@ ADD_DELTA_BLOCK_N = 256  # elements a program of the join (the glue kernels' bes
 
 
 def lora_add_delta(y: torch.Tensor | SplitSums, delta: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
-    """y plus `lora_delta`'s output for the tokens with an adapter: a plain y [T, out] (contiguous) in place, or a
-    new one summed from split-K partials. Bit for bit `lora_expand` (or `lora_expand_sums`) on the h the delta came
+    """y plus `lora_delta`'s output: a plain y [T, out] (contiguous) in place, or a new one summed from split-K
+    partials. Bit for bit `lora_expand` (or `lora_expand_sums`) on the h the delta came
     from (lora_delta's linears of several slices; the GPU test checks it on the sm_90 build)."""
     num_tokens, out_features = y.shape
     _check_one_token_segments(meta, num_tokens, "lora_add_delta")
@@ -440,7 +439,7 @@ def lora_add_delta(y: torch.Tensor | SplitSums, delta: torch.Tensor, meta: LoraB
     if num_tokens == 0 or out_features == 0:
         return out
     _lora_add_delta_kernel[(num_tokens, triton.cdiv(out_features, ADD_DELTA_BLOCK_N))](
-        src, bias, plane, splits, delta, out, meta.token_slots, out_features,
+        src, bias, plane, splits, delta, out, out_features,
         BLOCK_N=ADD_DELTA_BLOCK_N, SUMS=sums, HAS_BIAS=has_bias, num_warps=4,
     )  # fmt: skip
     return out

@@ -407,6 +407,12 @@ def test_lora_expand_sums_equals_the_sum_kernel_then_the_expand():
     # LORAPLEX_LORA_SIDE_EXPAND's split: the delta on its own (the side stream), then added to the summed partials
     delta = triton_lora.lora_delta(h, lora_b, layout, meta, slice_offsets)
     assert torch.equal(triton_lora.lora_add_delta(sums, delta, meta), expected)
+    # =2: the delta rides the partials to the activation kernel, which adds it after the sum's rounding
+    from dataclasses import replace
+
+    from server.model import triton_glue
+
+    assert torch.equal(triton_glue.silu_mul(replace(sums, delta=delta)), triton_glue.silu_mul(expected))
 
 
 def test_fused_lora_sums_keep_the_engine_logits(monkeypatch):
@@ -429,7 +435,7 @@ def test_fused_lora_sums_keep_the_engine_logits(monkeypatch):
     refs = random_adapters(shape, 4, torch.device("cuda"))
     prompts = [[(11 * i + 5 * j) % 500 + 1 for j in range(40 + 9 * i)] for i in range(8)]
     results = []
-    for fused, side_expand in ((False, False), (True, False), (True, True)):  # and LORAPLEX_LORA_SIDE_EXPAND
+    for fused, side_expand in ((False, 0), (True, 0), (True, 1), (True, 2)):  # and LORAPLEX_LORA_SIDE_EXPAND
         monkeypatch.setattr(lora_ops, "FUSED_SUMS", fused)
         monkeypatch.setattr(lora_ops, "SIDE_EXPAND", side_expand)
         engine = build_engine(loaded_model(model, config), "unmerged", torch.device("cuda"), kv_blocks_for(8, 64))

@@ -192,7 +192,7 @@ def test_lora_prefill_graph_replay(triton_lora):
     torch.testing.assert_close(y, expected, atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("side_expand", [False, True])
+@pytest.mark.parametrize("side_expand", [0, 1])
 @pytest.mark.parametrize("graph", [False, True])
 def test_lora_side_stream_equals_one_stream(triton_lora, graph, side_expand, monkeypatch):
     """linear_with_lora forks the shrink (and, with LORAPLEX_LORA_SIDE_EXPAND, the expand into an fp32 delta) onto a

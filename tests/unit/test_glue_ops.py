@@ -3,6 +3,8 @@ opt-in with LORAPLEX_TRITON_INTERPRET=1), and the fused residual bookkeeping aga
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -133,11 +135,30 @@ def test_rotary_write_kv_kernel(num_q_heads, num_kv_heads, head_dim):
     assert torch.equal(caches[3], caches[1])  # untouched slots keep their 9.0, the -1 row wrote nothing
 
 
-def _split_sums(rows: int, cols: int, splits: int, dtype, with_bias: bool, seed: int) -> SplitSums:
+def _split_sums(rows: int, cols: int, splits: int, dtype, with_bias: bool, seed: int,
+                with_delta: bool = False) -> SplitSums:
+    """Random partials (and bias); `with_delta`: a LoRA delta as lora_delta leaves it, row 1 (if any) a token without
+    an adapter (-0.0)."""
     gen = torch.Generator().manual_seed(seed)
     partials = torch.randn(splits, rows, cols, generator=gen) * 2
     bias = torch.randn(cols, generator=gen).to(dtype) if with_bias else None
-    return SplitSums(partials, bias, dtype)
+    delta = None
+    if with_delta:
+        delta = torch.randn(rows, cols, generator=gen) / 8
+        delta[1:2] = -0.0
+    return SplitSums(partials, bias, dtype, delta)
+
+
+def test_split_sums_materialize_adds_the_delta_after_rounding():
+    """SplitSums.delta (LORAPLEX_LORA_SIDE_EXPAND=2): the LoRA delta is added to the rounded sum and rounded again, as
+    the expand adds it to the base output; a row of -0.0 (a token without an adapter) leaves the row's bits."""
+    ulp = 2.0 ** -7  # bf16's spacing at 1.0
+    partials = torch.tensor([1 + 0.4 * ulp, 0.0, 3.5, 1.25]).view(1, 2, 2)
+    delta = torch.tensor([[0.3 * ulp, 0.0], [-0.0, -0.0]])
+    out = SplitSums(partials, None, torch.bfloat16, delta).materialize()
+    # rounded first: 1 + 0.4 ulp -> 1, then + 0.3 ulp -> 1 (added before rounding, 1 + 0.7 ulp would give 1 + ulp)
+    assert out[0, 0].item() == 1.0
+    assert torch.equal(out[1], SplitSums(partials, None, torch.bfloat16).materialize()[1])
 
 
 def test_split_sums_materialize_in_split_order_then_the_bias():
@@ -151,12 +172,23 @@ def test_split_sums_materialize_in_split_order_then_the_bias():
 
 # fp16: the interpreter truncates fp32 -> bf16 where compiled Triton and torch round to nearest, so the bit-for-bit
 # comparisons run in fp16 here and in bf16 on the GPU (tests/gpu/test_glue_gpu.py).
+@pytest.mark.parametrize("with_delta", [False, True])
 @pytest.mark.parametrize("splits, with_bias, rows", [(2, False, 3), (5, True, 1), (16, False, 3), (3, False, 9)])
-def test_silu_mul_kernel_sums_split_partials_bit_for_bit(splits, with_bias, rows):
-    """Under 8 rows and from 8 (silu_mul's two launch shapes for partials)."""
+def test_silu_mul_kernel_sums_split_partials_bit_for_bit(splits, with_bias, rows, with_delta):
+    """Under 8 rows and from 8 (silu_mul's two launch shapes for partials); with a LoRA delta riding the partials
+    (LORAPLEX_LORA_SIDE_EXPAND=2), added after the sum's rounding."""
     glue = interpreted("server.model.triton_glue")
-    sums = _split_sums(rows, 2 * 600, splits, torch.float16, with_bias, splits)
+    sums = _split_sums(rows, 2 * 600, splits, torch.float16, with_bias, splits, with_delta)
     assert torch.equal(glue.silu_mul(sums), glue.silu_mul(sums.materialize()))
+    if with_delta:
+        assert not torch.equal(sums.materialize(), replace(sums, delta=None).materialize())
+
+
+def test_a_kernel_that_adds_no_delta_refuses_partials_that_carry_one():
+    glue = interpreted("server.model.triton_glue")
+    sums = _split_sums(3, 64, 2, torch.float16, False, 0, with_delta=True)
+    with pytest.raises(ValueError, match="does not add a LoRA delta"):
+        glue.add_rmsnorm(torch.zeros(3, 64, dtype=torch.float16), sums, torch.ones(64, dtype=torch.float16), 1e-5)
 
 
 @pytest.mark.parametrize("splits, with_bias, launch", [(3, True, (1024, 4)), (16, False, (512, 8)), (1, False, None)])
@@ -169,11 +201,12 @@ def test_silu_mul_with_the_split_count_compiled_in_gives_the_same_bits(splits, w
     assert torch.equal(glue.silu_mul(sums, launch=launch, compiled_splits=False), expected)
 
 
-@pytest.mark.parametrize("splits, with_bias", [(3, True), (16, False)])
-def test_rotary_write_kv_kernel_sums_split_partials_bit_for_bit(splits, with_bias):
+@pytest.mark.parametrize("splits, with_bias, with_delta", [(3, True, False), (16, False, False), (4, True, True)])
+def test_rotary_write_kv_kernel_sums_split_partials_bit_for_bit(splits, with_bias, with_delta):
     glue = interpreted("server.model.triton_glue")
     num_q_heads, num_kv_heads, head_dim, tokens = 4, 2, 32, 5
-    sums = _split_sums(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, splits, torch.float16, with_bias, 7)
+    sums = _split_sums(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, splits, torch.float16, with_bias, 7,
+                       with_delta)
     gen = torch.Generator().manual_seed(splits)
     angles = torch.rand(tokens, 1, head_dim // 2, generator=gen) * 6
     emb = torch.cat([angles, angles], dim=-1)

@@ -349,8 +349,8 @@ def test_expand_sums_refuses_segments_of_several_tokens(triton_lora):
 def test_triton_interpreted_side_delta_equals_the_expand(triton_lora, slice_offsets, dtype, splits, with_bias):
     """lora_delta then lora_add_delta (LORAPLEX_LORA_SIDE_EXPAND: the delta computed on the side stream, added after
     the base matmul): bit for bit lora_expand into a plain output (splits 0) and lora_expand_sums over split-K
-    partials, for tokens with and without an adapter; a token without one keeps its base output even where the delta
-    buffer holds NaN. Linears of several slices (lora_delta refuses one: the compiled expand folds the base output
+    partials, for tokens with and without an adapter (its delta row -0.0 keeps the base output's bits, a signed zero
+    included). Linears of several slices (lora_delta refuses one: the compiled expand folds the base output
     into its dot, which the interpreter does not show; the GPU test compares the compiled kernels)."""
     from server.model.split_sums import SplitSums
 
@@ -361,7 +361,8 @@ def test_triton_interpreted_side_delta_equals_the_expand(triton_lora, slice_offs
     out_features = slice_offsets[-1]
     h = triton_lora.lora_shrink(x, lora_a, pool, meta, len(slice_offsets) - 1)
     delta = triton_lora.lora_delta(h, lora_b, pool, meta, slice_offsets)
-    delta[1] = float("nan")  # the row of the token without an adapter: never read
+    # the row of the token without an adapter: -0.0, which adds nothing to any value, -0.0 included
+    assert torch.all(delta[1] == 0) and torch.all(torch.signbit(delta[1]))
     if splits == 0:
         base = torch.randn(len(slots), out_features, generator=gen).to(dtype)
         base[1, 0] = -0.0  # a sign an added +0.0 would flip

@@ -21,8 +21,9 @@ CASES = [
 ]
 
 
-def decode_step(case, dtype, splits: int = 0, bias: bool = False, seed: int = 0):
-    """(qkv as a tensor or split-K partials, rope [B, 2, D], slot_mapping, caches, block_tables, context_lens)."""
+def decode_step(case, dtype, splits: int = 0, bias: bool = False, seed: int = 0, delta: bool = False):
+    """(qkv as a tensor or split-K partials (`delta`: with a LoRA delta riding them, its first row a token without an
+    adapter), rope [B, 2, D], slot_mapping, caches, block_tables, context_lens)."""
     lens, num_q_heads, num_kv_heads, head_dim, block_size = case
     _, k_cache, v_cache, block_tables, context_lens = make_paged(lens, num_q_heads, num_kv_heads, head_dim,
                                                                  block_size, dtype, seed)
@@ -35,7 +36,11 @@ def decode_step(case, dtype, splits: int = 0, bias: bool = False, seed: int = 0)
     rope = torch.stack([angles.cos(), angles.sin()], dim=1)  # [B, 2, D]
     if splits:
         partials = torch.randn(splits, len(lens), width, generator=gen) / splits
-        qkv = SplitSums(partials, torch.randn(width, generator=gen).to(dtype) if bias else None, dtype)
+        lora = None
+        if delta:
+            lora = torch.randn(len(lens), width, generator=gen) / 8
+            lora[0] = -0.0
+        qkv = SplitSums(partials, torch.randn(width, generator=gen).to(dtype) if bias else None, dtype, lora)
     else:
         qkv = torch.randn(len(lens), width, generator=gen).to(dtype)
     return qkv, rope, torch.tensor(slots), k_cache, v_cache, block_tables, context_lens
@@ -66,12 +71,14 @@ def triton_attention():
 # The interpreter multiplies bf16 operands of tl.dot as raw uint16 (Triton 3.9), so bf16 is GPU-only.
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 @pytest.mark.parametrize("dtype,source", [(torch.float32, "tensor"), (torch.float32, "partials"),
-                                          (torch.float16, "tensor"), (torch.float16, "partials+bias")])
+                                          (torch.float16, "tensor"), (torch.float16, "partials+bias"),
+                                          (torch.float16, "partials+delta")])
 @pytest.mark.parametrize("case", CASES, ids=["gqa2-d64", "gqa4-d128"])
 def test_interpreted_kernel_matches_the_two_ops(triton_attention, case, source, num_splits, dtype):
     """Same attention, and the caches hold the same rotated k and v at the new slots (padding rows write none)."""
-    splits = {"tensor": 0, "partials": 4, "partials+bias": 16}[source]
-    qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(case, dtype, splits, bias=source.endswith("bias"))
+    splits = {"tensor": 0, "partials": 4, "partials+bias": 16, "partials+delta": 3}[source]
+    qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(case, dtype, splits, bias=source.endswith("bias"),
+                                                                   delta=source.endswith("delta"))
     scale = case[3] ** -0.5
     expected, expected_k, expected_v = two_ops(qkv, case[1], rope, slots, k_cache, v_cache, tables, lens, scale)
     before_k = k_cache.clone()

@@ -57,13 +57,15 @@ DECODE_TYPES = {"block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "acc_ptr
                 "rope_ptr": "*fp32", "slot_ptr": "*i64"}
 
 
-@pytest.mark.parametrize("head_dim,splits,rotary,sums", [(128, 1, False, False), (128, 8, True, False),
-                                                         (64, 1, True, True), (128, 4, False, False)])
-def test_decode_attention(modules, head_dim, splits, rotary, sums):
-    types = DECODE_TYPES | ({"src_ptr": "*fp32"} if sums else {})
+@pytest.mark.parametrize("head_dim,splits,rotary,sums,delta", [
+    (128, 1, False, False, False), (128, 8, True, False, False), (64, 1, True, True, False),
+    (128, 4, False, False, False), (128, 2, True, True, True)])
+def test_decode_attention(modules, head_dim, splits, rotary, sums, delta):
+    types = DECODE_TYPES | ({"src_ptr": "*fp32"} if sums else {}) | ({"delta_ptr": "*fp32"} if delta else {})
     compile_sm90(modules["attention"]._decode_kernel, {
         "HEAD_DIM": head_dim, "BLOCK_SIZE": 16, "BLOCK_H": 16, "TILE_N": 64, "NUM_SPLITS": splits,
-        "DOT_PRECISION": "tf32", "V_FIRST": True, "ROTARY": rotary, "SUMS": sums, "HAS_BIAS": sums}, types, 8)
+        "DOT_PRECISION": "tf32", "V_FIRST": True, "ROTARY": rotary, "SUMS": sums, "HAS_BIAS": sums,
+        "HAS_DELTA": delta}, types, 8)
     if splits > 1:
         compile_sm90(modules["attention"]._merge_splits_kernel,
                      {"HEAD_DIM": head_dim, "NUM_SPLITS": splits, "BLOCK_S": splits},
@@ -86,15 +88,18 @@ def test_norms(modules, has_add, gather, sums):
                  {"ids_ptr": "*i64"} | ({"delta_ptr": "*fp32"} if sums else {}))
 
 
-@pytest.mark.parametrize("sums", [False, True])
-def test_activation_and_rotary(modules, sums):
-    partials = {"gu_ptr": "*fp32"} if sums else {}
+@pytest.mark.parametrize("sums,delta", [(False, False), (True, False), (True, True)])
+def test_activation_and_rotary(modules, sums, delta):
+    deltas = {"delta_ptr": "*fp32"} if delta else {}
+    partials = ({"gu_ptr": "*fp32"} if sums else {}) | deltas
     for most in (16, 3) if sums else (16,):  # the count read at run time, or compiled in
         compile_sm90(modules["glue"]._silu_mul_kernel,
-                     {"BLOCK": 256, "SUMS": sums, "HAS_BIAS": sums, "MOST_SPLITS": most}, partials)
+                     {"BLOCK": 256, "SUMS": sums, "HAS_BIAS": sums, "MOST_SPLITS": most, "HAS_DELTA": delta},
+                     partials)
     compile_sm90(modules["glue"]._rotary_write_kv_kernel,
-                 {"NUM_Q_HEADS": 32, "NUM_KV_HEADS": 8, "HALF": 64, "SUMS": sums, "HAS_BIAS": sums},
-                 {"rope_ptr": "*fp32", "slot_ptr": "*i64"} | ({"src_ptr": "*fp32"} if sums else {}), 1)
+                 {"NUM_Q_HEADS": 32, "NUM_KV_HEADS": 8, "HALF": 64, "SUMS": sums, "HAS_BIAS": sums,
+                  "HAS_DELTA": delta},
+                 {"rope_ptr": "*fp32", "slot_ptr": "*i64"} | ({"src_ptr": "*fp32"} if sums else {}) | deltas, 1)
 
 
 @pytest.mark.parametrize("tiled", [False, True])
@@ -147,7 +152,7 @@ def test_lora_side_delta(modules, slices):
 @pytest.mark.parametrize("sums,bias", [(False, False), (True, False), (True, True)])
 def test_lora_add_delta(modules, sums, bias):
     compile_sm90(modules["lora"]._lora_add_delta_kernel, {"BLOCK_N": 256, "SUMS": sums, "HAS_BIAS": bias},
-                 {"src_ptr": "*fp32" if sums else "*bf16", "delta_ptr": "*fp32", "token_slots_ptr": "*i32"})
+                 {"src_ptr": "*fp32" if sums else "*bf16", "delta_ptr": "*fp32"})
 
 
 @pytest.mark.parametrize("split", [1, 4])
