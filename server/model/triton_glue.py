@@ -68,8 +68,12 @@ def _delta(y: torch.Tensor | SplitSums) -> tuple[torch.Tensor, bool]:
     delta = y.delta if isinstance(y, SplitSums) else None
     if delta is None:
         return (y.partials if isinstance(y, SplitSums) else y), False
-    if delta.dtype != torch.float32 or not delta.is_contiguous() or tuple(delta.shape) != tuple(y.shape):
-        raise ValueError(f"a delta must be contiguous float32 {tuple(y.shape)}, got {delta.dtype} {tuple(delta.shape)}")
+    if (delta.dtype != torch.float32 or not delta.is_contiguous() or tuple(delta.shape) != tuple(y.shape)
+            or delta.device != y.device):
+        raise ValueError(f"a delta must be contiguous float32 {tuple(y.shape)} on {y.device}, got {delta.dtype} "
+                         f"{tuple(delta.shape)} on {delta.device}")
+    if not y.partials.is_contiguous():  # the kernels index the delta with the partials' offsets
+        raise ValueError("partials that carry a delta must be contiguous")
     return delta, True
 
 

@@ -369,6 +369,8 @@ def lora_expand_sums(sums: SplitSums, h, lora_b, layout: SlotLayout, meta: LoraB
     num_slices, bounds = len(slice_offsets) - 1, _slice_bounds(slice_offsets)
     num_tokens, out_features = sums.shape
     _check_one_token_segments(meta, num_tokens, "lora_expand_sums")
+    if sums.delta is not None:
+        raise ValueError("lora_expand_sums adds its own delta: the partials carry one already")
     if sums.partials.shape[0] > MAX_SPLITS:
         raise ValueError(f"at most {MAX_SPLITS} split-K partials are summed here, got {sums.partials.shape[0]}")
     y = torch.empty(num_tokens, out_features, dtype=sums.dtype, device=sums.device)

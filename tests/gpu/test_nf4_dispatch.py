@@ -415,6 +415,58 @@ def test_lora_expand_sums_equals_the_sum_kernel_then_the_expand():
     assert torch.equal(triton_glue.silu_mul(replace(sums, delta=delta)), triton_glue.silu_mul(expected))
 
 
+def test_side_expand_hands_the_delta_to_the_activation(monkeypatch):
+    """LORAPLEX_LORA_SIDE_EXPAND=2 in a captured graph: linear_with_lora on a base that splits K returns its partials
+    with the delta computed on the side stream (no join), and silu_mul over them matches silu_mul over the default
+    path's summed output (within rounding: the shrink's split K adds with atomics), replayed after x changes."""
+    from server.model import glue_ops, lora_ops
+    from server.model.lora_meta import decode_lora_meta
+    from server.model.split_sums import SplitSums
+    from tests.lora_pools import mixed_ranks, random_pool
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    in_features, out_features, rows, slots = 2048, 2 * 4096, 32, 9
+    slice_offsets = (0, out_features // 2, out_features)
+    lora_a, lora_b, layout = random_pool(mixed_ranks(16, slots), 16, 2, in_features, out_features, torch.bfloat16,
+                                         gen, device="cuda")
+    meta = decode_lora_meta((torch.arange(rows, dtype=torch.int32, device="cuda") % (slots + 1)) - 1)
+    codes, absmax, wshape, table, _ = _layer(in_features, out_features)
+    tiled = _tiled(codes, absmax, wshape)
+
+    class Base(torch.nn.Module):
+        may_defer_sum = True
+
+        def forward(self, x, defer_sum=False):
+            from server.model import cuda_nf4
+
+            return cuda_nf4.nf4_wide(x, tiled, wshape, table, None, split_k=4, defer_sum=defer_sum)
+
+    x = torch.randn(rows, in_features, device="cuda", generator=gen).to(torch.bfloat16)
+    x_replay = torch.randn(rows, in_features, device="cuda", generator=gen).to(torch.bfloat16)
+    outs = {}
+    for mode in (0, 2):
+        monkeypatch.setattr(lora_ops, "SIDE_EXPAND", mode)
+        seen = {}
+
+        def step(mode=mode, seen=seen):
+            y = lora_ops.linear_with_lora(Base(), x, lora_a, lora_b, layout, meta, slice_offsets, defer_sum=True)
+            seen["deferred"] = isinstance(y, SplitSums) and y.delta is not None
+            return glue_ops.silu_mul(y)
+
+        step()  # compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        assert seen["deferred"] == (mode == 2)
+        before = x.clone()
+        x.copy_(x_replay)
+        graph.replay()
+        torch.cuda.synchronize()
+        outs[mode] = out.clone()
+        x.copy_(before)
+    torch.testing.assert_close(outs[2], outs[0], atol=2e-2, rtol=2e-2)
+
+
 def test_fused_lora_sums_keep_the_engine_logits(monkeypatch):
     """LORAPLEX_LORA_FUSED_SUMS (and with it LORAPLEX_LORA_SIDE_EXPAND) against csrc's sum kernel then the expand, four
     adapters in one batch on a model that splits K, prefills riding the decode graphs and eager alike. Within bf16

@@ -408,3 +408,31 @@ def test_side_delta_refuses_bad_inputs(triton_lora):
     with pytest.raises(ValueError, match="at most 16 split-K partials"):
         triton_lora.lora_add_delta(SplitSums(torch.zeros(17, 3, width), None, torch.float32), torch.zeros(3, width),
                                    one_token)
+
+
+def test_expand_sums_refuses_partials_that_carry_a_delta(triton_lora):
+    """A SplitSums whose delta was computed beside the base (LORAPLEX_LORA_SIDE_EXPAND=2) goes to the kernels that add
+    it; the fused sum-expand would drop it."""
+    from server.model.split_sums import SplitSums
+
+    _, x, lora_a, lora_b, pool, _ = make_inputs([1, 1], [0, 1], 8, SLICES[1], torch.float32)
+    meta = decode_lora_meta(torch.tensor([0, 1], dtype=torch.int32))
+    width = SLICES[1][-1]
+    sums = SplitSums(torch.zeros(2, 2, width), None, torch.float32, torch.zeros(2, width))
+    h = triton_lora.lora_shrink(x, lora_a, pool, meta, 3)
+    with pytest.raises(ValueError, match="carry one already"):
+        triton_lora.lora_expand_sums(sums, h, lora_b, pool, meta, SLICES[1])
+
+
+@pytest.mark.parametrize("value, ok", [("0", True), ("2", True), ("", True), ("yes", False), ("-1", False)])
+def test_side_expand_setting_takes_0_1_or_2(value, ok):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LORAPLEX_LORA_SIDE_EXPAND": value}
+    done = subprocess.run([sys.executable, "-c", "import server.model.lora_ops"], env=env, capture_output=True,
+                          text=True)
+    assert (done.returncode == 0) == ok, done.stderr
+    if not ok:
+        assert "LORAPLEX_LORA_SIDE_EXPAND must be 0, 1 or 2" in done.stderr
