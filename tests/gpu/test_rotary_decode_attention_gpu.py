@@ -37,10 +37,11 @@ def triton_attention():
     return triton_attention
 
 
-def cuda_step(case, splits: int = 0, bias: bool = False, seed: int = 0):
-    qkv, *rest = decode_step(case, torch.bfloat16, splits, bias, seed)
+def cuda_step(case, splits: int = 0, bias: bool = False, seed: int = 0, delta: bool = False):
+    qkv, *rest = decode_step(case, torch.bfloat16, splits, bias, seed, delta)
     if isinstance(qkv, SplitSums):
-        qkv = SplitSums(qkv.partials.cuda(), None if qkv.bias is None else qkv.bias.cuda(), qkv.dtype)
+        qkv = SplitSums(qkv.partials.cuda(), None if qkv.bias is None else qkv.bias.cuda(), qkv.dtype,
+                        None if qkv.delta is None else qkv.delta.cuda())
     else:
         qkv = qkv.cuda()
     return qkv, *(t.cuda() for t in rest)
@@ -57,14 +58,21 @@ def two_kernels(triton_attention, qkv, num_q_heads, rope, slots, k_cache, v_cach
     return out, q, k_cache, v_cache
 
 
-@pytest.mark.parametrize("source", ["tensor", "partials", "partials+bias"])
+@pytest.mark.parametrize("source", ["tensor", "partials", "partials+bias", "partials+delta"])
 @pytest.mark.parametrize("case", CASES, ids=["8b-b1", "1b-b32", "mixed", "gqa7", "d64-bs32"])
 def test_one_kernel_matches_the_two_kernels_and_the_reference(triton_attention, case, source):
-    splits = {"tensor": 0, "partials": 16, "partials+bias": 5}[source]
-    qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits, bias=source.endswith("bias"))
+    """partials+delta: a LoRA delta riding the partials (LORAPLEX_LORA_SIDE_EXPAND=2); the rotary glue kernel then
+    writes the same v, bit for bit, as from the materialized output."""
+    splits = {"tensor": 0, "partials": 16, "partials+bias": 5, "partials+delta": 3}[source]
+    qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits, bias=source.endswith("bias"),
+                                                                 delta=source.endswith("delta"))
     scale = case[3] ** -0.5
     expected, q, expected_k, expected_v = two_kernels(triton_attention, qkv, case[1], rope, slots, k_cache, v_cache,
                                                       tables, lens, scale)
+    if source.endswith("delta"):
+        *_, plain_v = two_kernels(triton_attention, qkv.materialize(), case[1], rope, slots, k_cache, v_cache, tables,
+                                  lens, scale)
+        assert torch.equal(plain_v, expected_v)
     out = triton_attention.rotary_decode_attention_triton(qkv, case[1], rope, k_cache, v_cache, slots, tables, lens,
                                                           scale)
     assert torch.equal(v_cache, expected_v)
