@@ -53,6 +53,8 @@ def ratio_table(runs: dict[str, list[tuple[str, dict]]]) -> list[str]:
     for ratio in RATIOS:
         source, value = "—", None
         for name, data in runs.get(ratio.model, []):
+            if data.get("ab"):  # an A/B of a non-default setting never stands for a target
+                continue
             value = (data.get("ratios") or {}).get(ratio.key)
             if value is not None:
                 source = name

@@ -64,7 +64,7 @@ def _engine_values(runs: dict) -> dict[str, tuple[str | None, object]]:
     """ratio key -> (file, value) from the newest GPU 8B run that measured it (a run short of time skips some)."""
     found: dict[str, tuple[str | None, object]] = {}
     for name, data in runs.get("8b", []):
-        if "h200" not in name and "h100" not in name:
+        if ("h200" not in name and "h100" not in name) or data.get("ab"):
             continue
         ours = data.get("ours") or {}
         ratios = data.get("ratios") or {}

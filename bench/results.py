@@ -123,13 +123,32 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
+# LORAPLEX_ variables that change nothing a benchmark measures: the CPU test harness's and auth's. Every other one
+# (a kernel or launch switch, a server setting, a trace) makes the run an A/B.
+NEUTRAL_SETTINGS = frozenset({"LORAPLEX_TRITON_INTERPRET", "LORAPLEX_TRITON_COMPILE", "LORAPLEX_IMAGE_TEST",
+                              "LORAPLEX_CHAOS_SUMMARY", "LORAPLEX_CACHE_DIR", "LORAPLEX_AUTH_FILE",
+                              "LORAPLEX_METRICS_REQUIRE_KEY", "LORAPLEX_METRICS_KEY_SHA256"})
+
+
+def ab_settings(environ=os.environ) -> str | None:
+    """'NAME=value ...' of the LORAPLEX_ variables set for this run that are not NEUTRAL_SETTINGS (the server a
+    benchmark starts inherits them), or None. A result carrying them as `"ab"` never stands for a target in
+    bench.report; the GPU scripts' ENGINE_AB / PROFILE_AB runs used to be marked by hand."""
+    found = sorted(f"{name}={value}" for name, value in environ.items()
+                   if name.startswith("LORAPLEX_") and name not in NEUTRAL_SETTINGS)
+    return " ".join(found) or None
+
+
 class Recorder:
     """Holds the result dict and rewrites the JSON file after every measurement (atomic replace),
-    so a run cut short still leaves every figure it got."""
+    so a run cut short still leaves every figure it got. A run with non-neutral LORAPLEX_ variables is marked
+    `"ab"` (ab_settings)."""
 
     def __init__(self, path: Path, data: dict, budget_s: float):
         self.path = path
         self.data = data
+        if ab_settings():
+            data.setdefault("ab", ab_settings())
         self.start = time.perf_counter()
         self.budget_s = budget_s
         for section in ("ours", "baseline", "build"):
@@ -196,6 +215,8 @@ def write_named_result(out_dir: str | Path, result: dict, suffix: str) -> Path:
     """Write `result` (with "date" and "device") to <out_dir>/<date>-<device slug>-<suffix>.json and print
     its ratios; for the one-shot GPU scripts (bench.kernels, bench.prefill, bench.profile_step)."""
     result.setdefault("timestamp", time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()))  # orders same-date runs
+    if ab_settings():
+        result.setdefault("ab", ab_settings())
     slug = str(result["device"]).lower().replace(" ", "-")
     path = Path(out_dir) / f"{result['date']}-{slug}-{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from bench.report import build_report, load_latest
@@ -146,3 +147,31 @@ def test_an_ab_run_of_another_setting_never_stands_for_a_target(tmp_path):
            serve(0.96, "2026-12-04T11:00:00+00:00", ab="--prefill-hold-steps=16"))
     name, data = newest_with_ratios(tmp_path, "*-serve-c32-*.json", "sampled_over_greedy_1b_c32", gpu_only=True)
     assert name.endswith("-a.json") and data["ratios"]["sampled_over_greedy_1b_c32"] == 0.93
+
+
+def test_an_ab_run_never_stands_for_a_target(tmp_path):
+    """A newer run of a non-default setting ("ab", which bench.results.Recorder writes for LORAPLEX_ variables)
+    leaves each ratio to the newest default run (the issue-6 table; the kernels issue's engine rows skip it alike)."""
+    older = fake_8b("2026-11-24T09:00:00+00:00", 3600.0)
+    newer = fake_8b("2026-11-24T10:00:00+00:00", 3200.0)
+    newer["ab"] = "LORAPLEX_LORA_SIDE_EXPAND=2"
+    older_name, newer_name = "2026-11-24-nvidia-h200-8b-old.json", "2026-11-24-nvidia-h200-8b-ab.json"
+    _write(tmp_path, older_name, older)
+    _write(tmp_path, newer_name, newer)
+    rows = [line for line in build_report(tmp_path).splitlines() if line.startswith("| `mixed32_over_merged_8b`")]
+    assert rows and all(older_name in row and newer_name not in row for row in rows)
+
+
+def test_recorder_marks_a_run_with_loraplex_variables_as_ab(tmp_path, monkeypatch):
+    from bench.results import Recorder, ab_settings
+
+    assert ab_settings({"LORAPLEX_TRITON_INTERPRET": "1", "PATH": "/bin"}) is None
+    assert ab_settings({"LORAPLEX_NF4_AUTOTUNE": "1", "LORAPLEX_STEP_TRACE": "/t"}) == (
+        "LORAPLEX_NF4_AUTOTUNE=1 LORAPLEX_STEP_TRACE=/t")
+    for name in [n for n in os.environ if n.startswith("LORAPLEX_")]:
+        monkeypatch.delenv(name)
+    assert "ab" not in Recorder(tmp_path / "plain.json", {}, 10.0).data
+    monkeypatch.setenv("LORAPLEX_LORA_SIDE_EXPAND", "1")
+    rec = Recorder(tmp_path / "ab.json", {}, 10.0)
+    assert rec.data["ab"] == "LORAPLEX_LORA_SIDE_EXPAND=1"
+    assert json.loads((tmp_path / "ab.json").read_text())["ab"] == "LORAPLEX_LORA_SIDE_EXPAND=1"
