@@ -14,6 +14,9 @@ adapter, ``decode1`` one token; ``prefill32`` 32 prompts of 128 tokens, one adap
 tokens of one adapter. Floor = bytes of the adapters the batch uses (A and B) / the copy bandwidth measured in
 the same run; prefill scenarios add the activations (x read, y read and written), and time the default launch
 only (no sweep: the reference check of each variant is a Python loop over 4,096 tokens).
+For one-token scenarios of linears of several slices (qkv, gate_up in decode32 and decode1) it also times the
+side-stream split of LORAPLEX_LORA_SIDE_EXPAND (``side``): ``delta`` (`lora_delta`, beside the base matmul) and
+``join`` (`lora_add_delta` into a plain output, after it), checked bit for bit against the expand.
 Writes ``<out>/<date>-<device>-lora-kernels.json``; its ``ratios`` hold, for the 8B decode32 step summed over
 the four linears, ``lora_floor_fraction_decode32_8b`` (floor / default apply time) and
 ``lora_best_floor_fraction_decode32_8b`` (floor / the best overrides' apply time).
@@ -137,6 +140,23 @@ def time_variant(pools: Pools, x, meta, shrink_tuning: dict, expand_tuning: dict
     return {"shrink": time_calls(shrink), "expand": time_calls(expand), "apply": time_calls(apply)}
 
 
+def time_side(pools: Pools, x, meta) -> dict[str, float | bool]:
+    """µs per call of lora_delta and of lora_add_delta (a plain output), and whether the two give the expand's bits."""
+    from server.model import triton_lora
+
+    y = torch.randn(x.shape[0], pools.slice_offsets[-1], device=DEVICE).to(torch.bfloat16)
+    hs = [triton_lora.lora_shrink(x, a, pools.layout, meta, pools.num_slices) for a in pools.a]
+    deltas = [triton_lora.lora_delta(h, b, pools.layout, meta, pools.slice_offsets) for h, b in zip(hs, pools.b,
+                                                                                                    strict=True)]
+    expected = y.clone()
+    triton_lora.lora_expand(expected, hs[0], pools.b[0], pools.layout, meta, pools.slice_offsets)
+    exact = torch.equal(triton_lora.lora_add_delta(y.clone(), deltas[0], meta), expected)
+    delta = [lambda h=h, b=b: triton_lora.lora_delta(h, b, pools.layout, meta, pools.slice_offsets)
+             for h, b in zip(hs, pools.b, strict=True)]
+    join = [lambda d=d: triton_lora.lora_add_delta(y, d, meta) for d in deltas]
+    return {"delta": round(time_calls(delta), 2), "join": round(time_calls(join), 2), "bit_exact": exact}
+
+
 def run_linear(model: str, name: str, in_features: int, slice_offsets, scenarios: list[str], bandwidth: float,
                results: dict) -> None:
     from server.model.lora_meta import make_lora_meta
@@ -182,6 +202,11 @@ def run_linear(model: str, name: str, in_features: int, slice_offsets, scenarios
         except Exception as err:
             entry["errors"]["best"] = f"{type(err).__name__}: {err}"[:300]
         entry["best"] = {"shrink": best_s, "expand": best_e}
+        if len(slice_offsets) > 2 and max(seg_lens) == 1:
+            try:
+                entry["side"] = time_side(pools, x, meta)
+            except Exception as err:
+                entry["errors"]["side"] = f"{type(err).__name__}: {err}"[:300]
         results["linears"].append(entry)
         print(model, name, scenario, "floor", entry["floor_us"], "default", entry["apply"].get("default"),
               "best", entry["apply"].get("best"), entry["best"], entry["errors"] or "", flush=True)
