@@ -42,3 +42,34 @@ def test_a_changed_header_builds_anew(tmp_path, monkeypatch):
     second = nvcc_library.build(source, "k", 9, 0, include_dirs=(include,))
     assert first != second
     assert ctypes.CDLL(str(first)).value() == 1 and ctypes.CDLL(str(second)).value() == 2
+
+
+def test_an_advanced_wgmma_descriptor_is_the_descriptor_of_the_advanced_address(tmp_path, monkeypatch):
+    """nf4_wgmma builds one shared-memory descriptor before its loop and advances it by each buffer's and k-step's
+    byte offset (smem_desc_advance) instead of building each anew: the same 64 bits for every 16-byte-aligned address
+    of an SM's 228 KB and every offset the kernel adds (two x buffers of up to 2 x 256 x 128 bytes, 4 k-steps)."""
+    from pathlib import Path
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    csrc = Path(__file__).resolve().parents[2] / "server" / "model" / "csrc"
+    source = tmp_path / "desc.cu"
+    source.write_text('#include "nf4_wgmma_ops.cuh"\n'
+                      'extern "C" long long desc_mismatches() {\n'
+                      '  long long bad = 0, checked = 0;\n'
+                      '  const unsigned bms[] = {32, 64, 128, 256};\n'
+                      '  for (unsigned addr = 0; addr < 228u * 1024u; addr += 16)\n'
+                      '    for (unsigned bm : bms)\n'
+                      '      for (unsigned kb = 0; kb < 2; ++kb)\n'
+                      '        for (unsigned buffer = 0; buffer < 2; ++buffer)\n'
+                      '          for (unsigned j = 0; j < 4; ++j) {\n'
+                      '            const unsigned bytes = buffer * 2 * bm * 128 + kb * bm * 128 + 32 * j;\n'
+                      '            if (addr + bytes >= 228u * 1024u) continue;\n'
+                      '            ++checked;\n'
+                      '            const unsigned long long a = smem_desc_advance(smem_desc_sw128(addr), bytes);\n'
+                      '            if (a != smem_desc_sw128(addr + bytes)) ++bad;\n'
+                      '          }\n'
+                      '  return checked > 0 ? bad : -1;\n'
+                      '}\n')
+    lib = ctypes.CDLL(str(nvcc_library.build(source, "desc", 9, 0, include_dirs=(csrc,))))
+    lib.desc_mismatches.restype = ctypes.c_longlong
+    assert lib.desc_mismatches() == 0

@@ -95,6 +95,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   };
 
   float acc[BM / 2] = {};
+  const uint64_t x_desc0 = smem_desc_sw128(tiles);  // buffer 0's; the others by smem_desc_advance
   TileRing<1, WG_PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
   load_x(first);
   store_x(0);
@@ -115,14 +116,14 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
         a_fragments<T>(lut, codes[0], scales[0], 1, a[kb][1]);
       }
       __syncthreads();  // x of this stage is stored and fenced by all; the other buffer's wgmmas are done
-      const uint32_t x_tile = tiles + (i & 1) * X_BYTES;
+      const uint64_t x_desc = smem_desc_advance(x_desc0, (i & 1) * X_BYTES);
       wgmma_fence();
 #pragma unroll
       for (int kb = 0; kb < KB; ++kb) {
         if (kb > 0 && blk + kb >= last) break;  // uniform across the block
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          Wgmma<T, BM>::mma(acc, a[kb][j / 2][j % 2], smem_desc_sw128(x_tile + kb * BM * 128 + 32 * j));
+          Wgmma<T, BM>::mma(acc, a[kb][j / 2][j % 2], smem_desc_advance(x_desc, kb * BM * 128 + 32 * j));
         }
       }
       wgmma_commit();

@@ -143,11 +143,19 @@ LORAPLEX_WGMMA_N256(__half, "f16")
 // Shared-memory matrix descriptor of a K-major tile with the 128-byte swizzle: rows of 64 16-bit values (128 bytes),
 // 8-row groups 1,024 bytes apart (the tile 1,024-byte aligned); `addr` is the shared-memory byte address of the
 // k-step's first 16-byte chunk in row 0 (the tile's base + 32 bytes a k-step).
-__device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr) {
+__host__ __device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr) {
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4)  // start address, bits 0-13
          | (static_cast<uint64_t>(1) << 16)            // leading byte offset (unused with this swizzle), bits 16-29
          | (static_cast<uint64_t>(1024 >> 4) << 32)    // stride byte offset: 8 rows of 128 bytes, bits 32-45
          | (static_cast<uint64_t>(1) << 62);           // layout: 128-byte swizzle, bits 62-63
+}
+
+// smem_desc_sw128(addr + bytes) from smem_desc_sw128(addr): one 64-bit add of bytes / 16 into the start address
+// field, where building a descriptor anew took six instructions (ptxas, sm_90a: add, mask, shift, or, two moves) a
+// wgmma. Exact while addr and addr + bytes are multiples of 16 below 2^18 (the field then cannot carry into bit 14;
+// an SM's shared memory is 228 KB): test_nvcc_library checks it over the whole window.
+__host__ __device__ __forceinline__ uint64_t smem_desc_advance(uint64_t desc, uint32_t bytes) {
+  return desc + (bytes >> 4);
 }
 
 __device__ __forceinline__ void wgmma_fence() {
