@@ -45,13 +45,20 @@ step "${KERNELS_TIMEOUT:-330}" kernels.log python3 -m bench.kernels --out "$OUT"
 step "${PREFILL_TIMEOUT:-150}" prefill.log python3 -m bench.prefill --out "$OUT"
 eval "profile_args=(${PROFILE_ARGS:---model 1b})"
 step "${PROFILE_TIMEOUT:-120}" profile.log python3 -m bench.profile_step --out "$OUT" "${profile_args[@]}"
-# PROFILE_AB="NAME=value ...": the step profile once more with those variables set, into $OUT/ab (its wall_ms_per_step
-# against the first's: an A/B of a launch change in ~70 s, where the 8B engine bench takes 150)
+# PROFILE_AB="NAME=value ...[; NAME=value ...]": the step profile once more for each ';'-separated set of variables,
+# into $OUT/ab1, $OUT/ab2, ... (JSON) and one profile_ab.log (its wall_ms_per_step against the first's: an A/B of a
+# launch change in ~70 s a set, where the 8B engine bench takes 150; mind the 8 files a call brings back)
 if [ -n "${PROFILE_AB:-}" ] && [ "${PROFILE_TIMEOUT:-120}" != 0 ]; then
-  mkdir -p "$OUT/ab"
-  eval "profile_ab_env=(${PROFILE_AB})"
-  step "${PROFILE_TIMEOUT:-120}" profile_ab.log env "${profile_ab_env[@]}" python3 -m bench.profile_step --out "$OUT/ab" \
-    "${profile_args[@]}"
+  IFS=';' read -ra profile_ab_sets <<< "$PROFILE_AB"
+  index=0
+  for set in "${profile_ab_sets[@]}"; do
+    index=$(( index + 1 ))
+    mkdir -p "$OUT/ab$index"
+    eval "profile_ab_env=(${set})"
+    echo "== PROFILE_AB $index: ${set}" | tee -a "$OUT/profile_ab.log"
+    timeout "${PROFILE_TIMEOUT:-120}" env "${profile_ab_env[@]}" python3 -m bench.profile_step --out "$OUT/ab$index" \
+      "${profile_args[@]}" 2>&1 | tee -a "$OUT/profile_ab.log" | tail -20
+  done
 fi
 # ENGINE_TIMEOUT (default 0: skipped): python -m bench --model 8b --skip-baseline (b1 tokens/s, swap, mixed/merged);
 # 150 fits every row on a fresh machine (at 100-110 the bench's own budget skipped the merged rows twice)
