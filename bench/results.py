@@ -147,8 +147,8 @@ class Recorder:
     def __init__(self, path: Path, data: dict, budget_s: float):
         self.path = path
         self.data = data
-        if ab_settings():
-            data.setdefault("ab", ab_settings())
+        if ab := ab_settings():
+            data.setdefault("ab", ab)
         self.start = time.perf_counter()
         self.budget_s = budget_s
         for section in ("ours", "baseline", "build"):
@@ -215,8 +215,8 @@ def write_named_result(out_dir: str | Path, result: dict, suffix: str) -> Path:
     """Write `result` (with "date" and "device") to <out_dir>/<date>-<device slug>-<suffix>.json and print
     its ratios; for the one-shot GPU scripts (bench.kernels, bench.prefill, bench.profile_step)."""
     result.setdefault("timestamp", time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()))  # orders same-date runs
-    if ab_settings():
-        result.setdefault("ab", ab_settings())
+    if ab := ab_settings():
+        result.setdefault("ab", ab)
     slug = str(result["device"]).lower().replace(" ", "-")
     path = Path(out_dir) / f"{result['date']}-{slug}-{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,10 +44,10 @@ FUSED_SUMS = os.environ.get("LORAPLEX_LORA_FUSED_SUMS", "1") == "1"
 # rotary or activation kernel that sums them, which adds it (no join launch: the step's launches on the critical path
 # are then those of the merged step). Not yet measured on a GPU: off by default until an A/B of the mixed-adapter
 # step (PROFILE_AB / ENGINE_AB in bench/gpu_nf4.sh) shows which is faster.
-_SIDE_EXPAND_MODES = {"": 0, "0": 0, "1": 1, "2": 2}
-if os.environ.get("LORAPLEX_LORA_SIDE_EXPAND", "0") not in _SIDE_EXPAND_MODES:
-    raise ValueError(f"LORAPLEX_LORA_SIDE_EXPAND must be 0, 1 or 2, got {os.environ['LORAPLEX_LORA_SIDE_EXPAND']!r}")
-SIDE_EXPAND = _SIDE_EXPAND_MODES[os.environ.get("LORAPLEX_LORA_SIDE_EXPAND", "0")]
+_SIDE_EXPAND_SETTING = os.environ.get("LORAPLEX_LORA_SIDE_EXPAND", "0")
+if _SIDE_EXPAND_SETTING not in ("", "0", "1", "2"):
+    raise ValueError(f"LORAPLEX_LORA_SIDE_EXPAND must be 0, 1 or 2, got {_SIDE_EXPAND_SETTING!r}")
+SIDE_EXPAND = int(_SIDE_EXPAND_SETTING or 0)
 
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
 _GATHER_BUDGET = 1 << 24

@@ -63,15 +63,20 @@ def _source(y: torch.Tensor | SplitSums, takes_delta: bool = False):
     return y, 0, 0, y, False
 
 
+def check_delta(delta: torch.Tensor, y: torch.Tensor | SplitSums) -> None:
+    """A LoRA delta that kernels add at the offsets of y's [M, N]: contiguous float32 of y's shape, on its device."""
+    if (delta.dtype != torch.float32 or not delta.is_contiguous() or tuple(delta.shape) != tuple(y.shape)
+            or delta.device != y.device):
+        raise ValueError(f"delta must be contiguous float32 {tuple(y.shape)} on {y.device}, got {delta.dtype} "
+                         f"{tuple(delta.shape)} on {delta.device}")
+
+
 def _delta(y: torch.Tensor | SplitSums) -> tuple[torch.Tensor, bool]:
     """(delta tensor or a stand-in, HAS_DELTA) of a kernel that adds SplitSums.delta."""
     delta = y.delta if isinstance(y, SplitSums) else None
     if delta is None:
         return (y.partials if isinstance(y, SplitSums) else y), False
-    if (delta.dtype != torch.float32 or not delta.is_contiguous() or tuple(delta.shape) != tuple(y.shape)
-            or delta.device != y.device):
-        raise ValueError(f"a delta must be contiguous float32 {tuple(y.shape)} on {y.device}, got {delta.dtype} "
-                         f"{tuple(delta.shape)} on {delta.device}")
+    check_delta(delta, y)
     if not y.partials.is_contiguous():  # the kernels index the delta with the partials' offsets
         raise ValueError("partials that carry a delta must be contiguous")
     return delta, True

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from server.model.lora_meta import LoraBatchMeta, SlotLayout, check_lora_shapes, make_lora_meta
 from server.model.split_sums import SplitSums
-from server.model.triton_glue import _MAX_SPLITS, MAX_SPLITS, _source, _summed
+from server.model.triton_glue import _MAX_SPLITS, MAX_SPLITS, _source, _summed, check_delta
 
 MAX_SLICES = 4
 # Enough programs to keep every SM of an H100 (132 SMs) busy with a few resident programs each.
@@ -426,10 +426,7 @@ def lora_add_delta(y: torch.Tensor | SplitSums, delta: torch.Tensor, meta: LoraB
     from (lora_delta's linears of several slices; the GPU test checks it on the sm_90 build)."""
     num_tokens, out_features = y.shape
     _check_one_token_segments(meta, num_tokens, "lora_add_delta")
-    if (tuple(delta.shape) != (num_tokens, out_features) or delta.dtype != torch.float32
-            or not delta.is_contiguous() or delta.device != y.device):
-        raise ValueError(f"delta must be contiguous float32 {(num_tokens, out_features)} on {y.device}, got "
-                         f"{delta.dtype} {tuple(delta.shape)} on {delta.device}")
+    check_delta(delta, y)
     sums = isinstance(y, SplitSums)
     if sums:
         src, plane, splits, bias, has_bias = _source(y)
