@@ -142,18 +142,18 @@ def time_variant(pools: Pools, x, meta, shrink_tuning: dict, expand_tuning: dict
 
 def time_side(pools: Pools, x, meta) -> dict[str, float | bool]:
     """µs per call of lora_delta and of lora_add_delta (a plain output), and whether the two give the expand's bits."""
-    from server.model import triton_lora
+    from server.model import triton_lora, triton_lora_decode
 
     y = torch.randn(x.shape[0], pools.slice_offsets[-1], device=DEVICE).to(torch.bfloat16)
     hs = [triton_lora.lora_shrink(x, a, pools.layout, meta, pools.num_slices) for a in pools.a]
-    deltas = [triton_lora.lora_delta(h, b, pools.layout, meta, pools.slice_offsets) for h, b in zip(hs, pools.b,
+    deltas = [triton_lora_decode.lora_delta(h, b, pools.layout, meta, pools.slice_offsets) for h, b in zip(hs, pools.b,
                                                                                                     strict=True)]
     expected = y.clone()
     triton_lora.lora_expand(expected, hs[0], pools.b[0], pools.layout, meta, pools.slice_offsets)
-    exact = torch.equal(triton_lora.lora_add_delta(y.clone(), deltas[0], meta), expected)
-    delta = [lambda h=h, b=b: triton_lora.lora_delta(h, b, pools.layout, meta, pools.slice_offsets)
+    exact = torch.equal(triton_lora_decode.lora_add_delta(y.clone(), deltas[0], meta), expected)
+    delta = [lambda h=h, b=b: triton_lora_decode.lora_delta(h, b, pools.layout, meta, pools.slice_offsets)
              for h, b in zip(hs, pools.b, strict=True)]
-    join = [lambda d=d: triton_lora.lora_add_delta(y, d, meta) for d in deltas]
+    join = [lambda d=d: triton_lora_decode.lora_add_delta(y, d, meta) for d in deltas]
     return {"delta": round(time_calls(delta), 2), "join": round(time_calls(join), 2), "bit_exact": exact}
 
 

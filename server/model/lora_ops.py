@@ -28,15 +28,15 @@ USE_TRITON_LORA = os.environ.get("LORAPLEX_LORA_KERNEL", "triton") == "triton"
 # LORAPLEX_LORA_SIDE_STREAM=0 runs the shrink after the base matmul on one stream (A/B timing).
 SIDE_STREAM = os.environ.get("LORAPLEX_LORA_SIDE_STREAM", "1") == "1"
 # In the decode graphs, a LoRA linear whose base splits K has the expand sum the base's partials itself
-# (triton_lora.lora_expand_sums: one launch instead of csrc's sum kernel then the expand, bit for bit the same).
+# (triton_lora_decode.lora_expand_sums: one launch instead of csrc's sum kernel then the expand, bit for bit the same).
 # H200, fourteenth session, one machine each: the 1B c32 engine's decode step (32 adapters) 1.849 -> 1.785 ms; 8B
 # batch 32 unmerged one adapter 6.43 -> 6.36, mixed8 6.46 -> 6.41, mixed32 6.60 -> 6.70 (within the runs' spread). Its
 # first form, one-token programs, made the 8B mixed32 step 7.53 ms. LORAPLEX_LORA_FUSED_SUMS=0: the two launches.
 FUSED_SUMS = os.environ.get("LORAPLEX_LORA_FUSED_SUMS", "1") == "1"
 # LORAPLEX_LORA_SIDE_EXPAND=1: in the decode graphs the expand of a linear of several slices (qkv, gate_up) runs on
-# the side stream too, after the shrink, into an fp32 delta [T, out] (triton_lora.lora_delta), and the join after the
-# base matmul only adds it (lora_add_delta, summing the base's partials as lora_expand_sums does): bit for bit the
-# same output. The expand then no longer follows the base matmul on the step's critical path; it reads B (the
+# the side stream too, after the shrink, into an fp32 delta [T, out] (triton_lora_decode.lora_delta), and the join
+# after the base matmul only adds it (lora_add_delta, summing the base's partials as lora_expand_sums does): bit for
+# bit the same output. The expand then no longer follows the base matmul on the step's critical path; it reads B (the
 # adapters' bulk: 29 MB of 8B gate_up's for 32 adapters, 6 MB of qkv's) beside it, and the join reads 4 bytes a
 # token and column. One-slice linears (o, down: 4 MB of B each) keep lora_expand_sums, whose dot starts from the base
 # output (lora_delta's docstring says why that rounds differently). =2: and where the caller takes split-K partials
@@ -159,10 +159,10 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     the current one before each shrink, so everything it uses (x, and blocks the allocator hands it) is ordered
     after earlier work. There, with one token a segment (every decode graph), the base may also hand back its
     split-K partials unsummed (split_sums.SplitSums): the expand then sums them, rounds the base's output and adds
-    the delta in one launch (`triton_lora.lora_expand_sums`), where csrc's sum kernel and the expand took two. With
-    SIDE_EXPAND the expand of qkv and gate_up follows the shrink on the side stream, into an fp32 delta, and the join
-    only adds it; with SIDE_EXPAND 2 and `defer_sum` (the caller's kernel sums partials), there is no join: the
-    partials come back with the delta (SplitSums.delta) for that kernel to add.
+    the delta in one launch (`triton_lora_decode.lora_expand_sums`), where csrc's sum kernel and the expand took
+    two. With SIDE_EXPAND the expand of qkv and gate_up follows the shrink on the side stream, into an fp32 delta,
+    and the join only adds it; with SIDE_EXPAND 2 and `defer_sum` (the caller's kernel sums partials), there is no
+    join: the partials come back with the delta (SplitSums.delta) for that kernel to add.
 
     Eager steps (prefills) run on one stream: there the host is the bound, not the GPU. The H200 8B prefill of
     32 x 128 tokens through 32 adapters took 57-98 ms of host time against 33.5 ms of kernels (merged: 26 ms
@@ -178,7 +178,8 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
         y = base(x)
         lora_apply(y, x, lora_a, lora_b, layout, meta, slice_offsets)
         return y
-    from server.model.triton_lora import lora_add_delta, lora_delta, lora_expand, lora_expand_sums, lora_shrink
+    from server.model.triton_lora import lora_expand, lora_shrink
+    from server.model.triton_lora_decode import lora_add_delta, lora_delta, lora_expand_sums
 
     y_like = SimpleNamespace(shape=(x.shape[0], slice_offsets[-1]))  # base(x)'s shape, checked before it runs
     num_slices = check_lora_shapes(y_like, x, lora_a, lora_b, layout, meta, slice_offsets)

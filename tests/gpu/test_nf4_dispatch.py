@@ -381,7 +381,7 @@ def test_deferred_split_sums_leave_the_engine_logits_bit_for_bit(monkeypatch, ba
 def test_lora_expand_sums_equals_the_sum_kernel_then_the_expand():
     """The fused sum + expand of the decode graphs' LoRA linears, on an 8B gate_up's split-K partials of 32 rows with
     32 adapters and a row without one: bit for bit csrc's sum kernel's output with the expand added."""
-    from server.model import cuda_nf4, triton_lora
+    from server.model import cuda_nf4, triton_lora, triton_lora_decode
     from server.model.lora_meta import decode_lora_meta
     from tests.lora_pools import mixed_ranks, random_pool
 
@@ -400,13 +400,13 @@ def test_lora_expand_sums_equals_the_sum_kernel_then_the_expand():
     sums = cuda_nf4.nf4_wide(x, tiled, wshape, table, bias, split_k=4, defer_sum=True)
     assert sums.partials.shape[0] == 4
     h = triton_lora.lora_shrink(x, lora_a, layout, meta, 2)
-    got = triton_lora.lora_expand_sums(sums, h, lora_b, layout, meta, slice_offsets)
+    got = triton_lora_decode.lora_expand_sums(sums, h, lora_b, layout, meta, slice_offsets)
     expected = cuda_nf4.nf4_wide(x, tiled, wshape, table, bias, split_k=4)
     triton_lora.lora_expand(expected, h, lora_b, layout, meta, slice_offsets)
     assert torch.equal(got, expected)
     # LORAPLEX_LORA_SIDE_EXPAND's split: the delta on its own (the side stream), then added to the summed partials
-    delta = triton_lora.lora_delta(h, lora_b, layout, meta, slice_offsets)
-    assert torch.equal(triton_lora.lora_add_delta(sums, delta, meta), expected)
+    delta = triton_lora_decode.lora_delta(h, lora_b, layout, meta, slice_offsets)
+    assert torch.equal(triton_lora_decode.lora_add_delta(sums, delta, meta), expected)
     # =2: the delta rides the partials to the activation kernel, which adds it after the sum's rounding
     from dataclasses import replace
 
@@ -506,7 +506,7 @@ def test_fused_lora_sums_keep_the_engine_logits(monkeypatch):
 def test_lora_expand_sums_at_wide_rows_on_the_1b_gate_up(rows):
     """65-128 rows of the 1B gate_up (in 2,048, out 16,384) go to wgmma (Hopper) or wide, whose split-K partials the
     fused LoRA expand sums: bit for bit the summed output with the expand added, 32 adapters and a row without one."""
-    from server.model import cuda_nf4, triton_lora
+    from server.model import cuda_nf4, triton_lora, triton_lora_decode
     from server.model.lora_meta import decode_lora_meta
     from tests.lora_pools import mixed_ranks, random_pool
 
@@ -526,8 +526,8 @@ def test_lora_expand_sums_at_wide_rows_on_the_1b_gate_up(rows):
     run = cuda_nf4.nf4_wgmma if name == "wgmma" else cuda_nf4.nf4_wide
     sums = run(x, tiled, wshape, table, None, defer_sum=True)
     h = triton_lora.lora_shrink(x, lora_a, layout, meta, 2)
-    got = triton_lora.lora_expand_sums(sums, h, lora_b, layout, meta, slice_offsets) if hasattr(sums, "partials") \
-        else None
+    got = (triton_lora_decode.lora_expand_sums(sums, h, lora_b, layout, meta, slice_offsets)
+           if hasattr(sums, "partials") else None)
     expected = run(x, tiled, wshape, table, None)
     assert _rel_err(expected, x, codes, absmax, wshape, table, torch.zeros(out_features, device="cuda")) < 1e-2
     triton_lora.lora_expand(expected, h, lora_b, layout, meta, slice_offsets)

@@ -117,6 +117,11 @@ def triton_lora():
     return interpreted("server.model.triton_lora")
 
 
+@pytest.fixture(scope="module")
+def lora_decode():
+    return interpreted("server.model.triton_lora_decode")
+
+
 # The interpreter multiplies bf16 operands of tl.dot as raw uint16 (Triton 3.9), so bf16 is GPU-only.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("slice_offsets", SLICES)
@@ -306,7 +311,7 @@ def test_scatter_slot_load_fills_the_pools_as_the_per_linear_reference(model_dty
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("slice_offsets", SLICES)
 @pytest.mark.parametrize("splits, with_bias", [(1, False), (3, True), (16, True)])
-def test_triton_interpreted_expand_sums_equals_sum_then_expand(triton_lora, slice_offsets, dtype, splits,
+def test_triton_interpreted_expand_sums_equals_sum_then_expand(triton_lora, lora_decode, slice_offsets, dtype, splits,
                                                                          with_bias):
     """lora_expand_sums (the decode graphs' LoRA linears whose base split K): bit for bit the base's partials
     summed (SplitSums.materialize, csrc's order) and then the expand added into that output, for tokens with and
@@ -323,7 +328,7 @@ def test_triton_interpreted_expand_sums_equals_sum_then_expand(triton_lora, slic
     sums = SplitSums(partials, bias, dtype)
     num_slices = len(slice_offsets) - 1
     h = triton_lora.lora_shrink(x, lora_a, pool, meta, num_slices)
-    got = triton_lora.lora_expand_sums(sums, h, lora_b, pool, meta, slice_offsets)
+    got = lora_decode.lora_expand_sums(sums, h, lora_b, pool, meta, slice_offsets)
     expected = sums.materialize()
     triton_lora.lora_expand(expected, h, lora_b, pool, meta, slice_offsets)
     assert got.dtype == dtype and torch.equal(got, expected)
@@ -333,20 +338,21 @@ def test_triton_interpreted_expand_sums_equals_sum_then_expand(triton_lora, slic
     torch.testing.assert_close(got, reference, atol=atol, rtol=rtol)
 
 
-def test_expand_sums_refuses_segments_of_several_tokens(triton_lora):
+def test_expand_sums_refuses_segments_of_several_tokens(triton_lora, lora_decode):
     from server.model.split_sums import SplitSums
 
     _, x, lora_a, lora_b, pool, meta = make_inputs([2, 1], [0, 1], 8, SLICES[0], torch.float32)
     sums = SplitSums(torch.zeros(2, 3, SLICES[0][-1]), None, torch.float32)
     h = triton_lora.lora_shrink(x, lora_a, pool, meta, 1)
     with pytest.raises(ValueError, match="one-token segments"):
-        triton_lora.lora_expand_sums(sums, h, lora_b, pool, meta, SLICES[0])
+        lora_decode.lora_expand_sums(sums, h, lora_b, pool, meta, SLICES[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("slice_offsets", [SLICES[1], (0, 32, 48)])
 @pytest.mark.parametrize("splits, with_bias", [(0, False), (1, False), (3, True), (16, True)])
-def test_triton_interpreted_side_delta_equals_the_expand(triton_lora, slice_offsets, dtype, splits, with_bias):
+def test_triton_interpreted_side_delta_equals_the_expand(triton_lora, lora_decode, slice_offsets, dtype, splits,
+                                                         with_bias):
     """lora_delta then lora_add_delta (LORAPLEX_LORA_SIDE_EXPAND: the delta computed on the side stream, added after
     the base matmul): bit for bit lora_expand into a plain output (splits 0) and lora_expand_sums over split-K
     partials, for tokens with and without an adapter (its delta row -0.0 keeps the base output's bits, a signed zero
@@ -360,7 +366,7 @@ def test_triton_interpreted_side_delta_equals_the_expand(triton_lora, slice_offs
     meta = decode_lora_meta(torch.tensor(slots, dtype=torch.int32))
     out_features = slice_offsets[-1]
     h = triton_lora.lora_shrink(x, lora_a, pool, meta, len(slice_offsets) - 1)
-    delta = triton_lora.lora_delta(h, lora_b, pool, meta, slice_offsets)
+    delta = lora_decode.lora_delta(h, lora_b, pool, meta, slice_offsets)
     # the row of the token without an adapter: -0.0, which adds nothing to any value, -0.0 included
     assert torch.all(delta[1] == 0) and torch.all(torch.signbit(delta[1]))
     if splits == 0:
@@ -369,48 +375,48 @@ def test_triton_interpreted_side_delta_equals_the_expand(triton_lora, slice_offs
         before = base.clone()
         expected = base.clone()
         triton_lora.lora_expand(expected, h, lora_b, pool, meta, slice_offsets)
-        got = triton_lora.lora_add_delta(base, delta, meta)
+        got = lora_decode.lora_add_delta(base, delta, meta)
         assert got.data_ptr() == base.data_ptr()
     else:
         partials = torch.randn(splits, len(slots), out_features, generator=gen)
         bias = torch.randn(out_features, generator=gen).to(dtype) if with_bias else None
         sums = SplitSums(partials, bias, dtype)
         before = sums.materialize()
-        expected = triton_lora.lora_expand_sums(sums, h, lora_b, pool, meta, slice_offsets)
-        got = triton_lora.lora_add_delta(sums, delta, meta)
+        expected = lora_decode.lora_expand_sums(sums, h, lora_b, pool, meta, slice_offsets)
+        got = lora_decode.lora_add_delta(sums, delta, meta)
     assert got.dtype == dtype and torch.equal(got, expected)
     assert torch.equal(got[1], before[1]) and not torch.equal(got[0], before[0])
     assert torch.signbit(got[1, 0]) == torch.signbit(before[1, 0])
 
 
-def test_side_delta_refuses_bad_inputs(triton_lora):
+def test_side_delta_refuses_bad_inputs(triton_lora, lora_decode):
     from server.model.split_sums import SplitSums
 
     slices = SLICES[1]
     _, x, lora_a, lora_b, pool, meta = make_inputs([2, 1], [0, 1], 8, slices, torch.float32)
     h = triton_lora.lora_shrink(x, lora_a, pool, meta, 3)
     with pytest.raises(ValueError, match="one-token segments"):
-        triton_lora.lora_delta(h, lora_b, pool, meta, slices)
+        lora_decode.lora_delta(h, lora_b, pool, meta, slices)
     one_token = decode_lora_meta(torch.tensor([0, 1, -1], dtype=torch.int32))
     _, x1, lora_a1, lora_b1, pool1, _ = make_inputs([1, 1, 1], [0, 1, -1], 8, SLICES[0], torch.float32)
     with pytest.raises(ValueError, match="several slices"):
-        triton_lora.lora_delta(triton_lora.lora_shrink(x1, lora_a1, pool1, one_token, 1), lora_b1, pool1, one_token,
+        lora_decode.lora_delta(triton_lora.lora_shrink(x1, lora_a1, pool1, one_token, 1), lora_b1, pool1, one_token,
                                SLICES[0])
     with pytest.raises(ValueError, match="float32 rows"):
-        triton_lora.lora_delta(torch.zeros(3, 24, dtype=torch.float16), lora_b, pool, one_token, slices)
+        lora_decode.lora_delta(torch.zeros(3, 24, dtype=torch.float16), lora_b, pool, one_token, slices)
     width = slices[-1]
     y = torch.zeros(3, width)
     for delta in (torch.zeros(3, width, dtype=torch.float16), torch.zeros(2, width), torch.zeros(width, 3).t()):
         with pytest.raises(ValueError, match="delta must be contiguous float32"):
-            triton_lora.lora_add_delta(y, delta, one_token)
+            lora_decode.lora_add_delta(y, delta, one_token)
     with pytest.raises(ValueError, match="contiguous y"):
-        triton_lora.lora_add_delta(torch.zeros(width, 3).t(), torch.zeros(3, width), one_token)
+        lora_decode.lora_add_delta(torch.zeros(width, 3).t(), torch.zeros(3, width), one_token)
     with pytest.raises(ValueError, match="at most 16 split-K partials"):
-        triton_lora.lora_add_delta(SplitSums(torch.zeros(17, 3, width), None, torch.float32), torch.zeros(3, width),
+        lora_decode.lora_add_delta(SplitSums(torch.zeros(17, 3, width), None, torch.float32), torch.zeros(3, width),
                                    one_token)
 
 
-def test_expand_sums_refuses_partials_that_carry_a_delta(triton_lora):
+def test_expand_sums_refuses_partials_that_carry_a_delta(triton_lora, lora_decode):
     """A SplitSums whose delta was computed beside the base (LORAPLEX_LORA_SIDE_EXPAND=2) goes to the kernels that add
     it; the fused sum-expand would drop it."""
     from server.model.split_sums import SplitSums
@@ -421,7 +427,7 @@ def test_expand_sums_refuses_partials_that_carry_a_delta(triton_lora):
     sums = SplitSums(torch.zeros(2, 2, width), None, torch.float32, torch.zeros(2, width))
     h = triton_lora.lora_shrink(x, lora_a, pool, meta, 3)
     with pytest.raises(ValueError, match="carry one already"):
-        triton_lora.lora_expand_sums(sums, h, lora_b, pool, meta, SLICES[1])
+        lora_decode.lora_expand_sums(sums, h, lora_b, pool, meta, SLICES[1])
 
 
 @pytest.mark.parametrize("value, ok", [("0", True), ("2", True), ("", True), ("yes", False), ("-1", False)])

@@ -47,9 +47,17 @@ def modules():
         pytest.skip("Triton runs interpreted in this process")
     pytest.importorskip("triton")
     from server.engine import triton_argmax, triton_step_inputs
-    from server.model import triton_attention, triton_glue, triton_lora, triton_nf4, triton_prefill_attention
+    from server.model import (
+        triton_attention,
+        triton_glue,
+        triton_lora,
+        triton_lora_decode,
+        triton_nf4,
+        triton_prefill_attention,
+    )
 
-    return {"attention": triton_attention, "glue": triton_glue, "lora": triton_lora, "nf4": triton_nf4,
+    return {"attention": triton_attention, "glue": triton_glue, "lora": triton_lora, "lora_decode": triton_lora_decode,
+            "nf4": triton_nf4,
             "prefill": triton_prefill_attention, "argmax": triton_argmax, "fill": triton_step_inputs}
 
 
@@ -135,7 +143,7 @@ def test_lora_expand(modules, block_m, slices):
 
 
 def test_lora_expand_with_split_sums(modules):
-    compile_sm90(modules["lora"]._expand_sums_kernel, {"BLOCK_N": 64, "BLOCK_R": 16, "NUM_SLICES": 3,
+    compile_sm90(modules["lora_decode"]._expand_sums_kernel, {"BLOCK_N": 64, "BLOCK_R": 16, "NUM_SLICES": 3,
                                                        "HAS_BIAS": True, "DOT_PRECISION": "tf32"},
                  {"src_ptr": "*fp32", "token_slots_ptr": "*i32", "slot_offsets_ptr": "*i32",
                   "slot_ranks_ptr": "*i32", "h_ptr": "*fp32"})
@@ -143,7 +151,7 @@ def test_lora_expand_with_split_sums(modules):
 
 @pytest.mark.parametrize("slices", [2, 3])
 def test_lora_side_delta(modules, slices):
-    compile_sm90(modules["lora"]._lora_delta_kernel, {"BLOCK_N": 256, "BLOCK_R": 16, "NUM_SLICES": slices,
+    compile_sm90(modules["lora_decode"]._lora_delta_kernel, {"BLOCK_N": 256, "BLOCK_R": 16, "NUM_SLICES": slices,
                                                  "DOT_PRECISION": "tf32"},
                  {"delta_ptr": "*fp32", "token_slots_ptr": "*i32", "slot_offsets_ptr": "*i32",
                   "slot_ranks_ptr": "*i32", "h_ptr": "*fp32"})
@@ -151,7 +159,7 @@ def test_lora_side_delta(modules, slices):
 
 @pytest.mark.parametrize("sums,bias", [(False, False), (True, False), (True, True)])
 def test_lora_add_delta(modules, sums, bias):
-    compile_sm90(modules["lora"]._lora_add_delta_kernel, {"BLOCK_N": 256, "SUMS": sums, "HAS_BIAS": bias},
+    compile_sm90(modules["lora_decode"]._lora_add_delta_kernel, {"BLOCK_N": 256, "SUMS": sums, "HAS_BIAS": bias},
                  {"src_ptr": "*fp32" if sums else "*bf16", "delta_ptr": "*fp32"})
 
 
