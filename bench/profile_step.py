@@ -15,7 +15,8 @@ round run to completion (kernels compiled, adapter slots loaded), the first step
 timed on the host, a fifth round's first step is profiled on the device and a sixth's under cProfile. Writes
 ``...-prefill-profile.json`` (no ratios): per-kind GPU ms of that step beside its host wall time, which tells
 a step bound by its launches from one bound by its kernels, and the host's top functions. Both modes add
-``timeline`` (bench.timeline): the profiled span's idle time between kernels across streams and its longest gaps.
+``timeline`` (bench.timeline): the profiled span's idle time between kernels across streams, its longest gaps, and a
+``window`` of 60 kernels from a mid-step layer on (start, duration, stream: what each waits on).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ KINDS = (  # first match wins; lower-case substrings of kernel names
     ("sampling", ("sort", "topk", "softmax", "argmax", "cumsum", "multinomial", "exponential")),
     ("matmul_16bit", ("gemm", "gemv", "cutlass", "cublas", "sm90_xmma", "nvjet")),
 )
+
+
+LAYER_ANCHOR = "_add_rmsnorm"  # the first kernel of each layer's block (bench.timeline.window)
 
 
 def kind_of(kernel_name: str) -> str:
@@ -76,13 +80,15 @@ def device_events(run, device: torch.device, timeline: dict | None = None) -> li
     that dict gets bench.timeline's idle summary of the same run (span, busy, overlapped and idle ms, longest gaps)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.timeline import idle_summary, kernel_intervals
+    from bench.timeline import idle_summary, kernel_intervals, window
 
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         run()
         sync(device)
     if timeline is not None:
-        timeline.update(idle_summary(kernel_intervals(prof)))
+        intervals = kernel_intervals(prof)
+        timeline.update(idle_summary(intervals))
+        timeline["window"] = window(intervals, LAYER_ANCHOR)
     return [(e.name, e.device_time) for e in prof.events()
             if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")
             and e.device_time > 0]

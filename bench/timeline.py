@@ -45,3 +45,17 @@ def idle_summary(intervals: list[tuple[int, int, str, int]], top: int = 10) -> d
     return {"span_ms": span / 1e6, "busy_ms": busy / 1e6, "overlap_ms": overlap / 1e6, "idle_ms": (span - busy) / 1e6,
             "streams": len({stream for _, _, _, stream in intervals}),
             "gaps_top": [list(gap) for gap in sorted(gaps, key=lambda g: -g[0])[:top]]}
+
+
+def window(intervals: list[tuple[int, int, str, int]], anchor: str, skip: int = 8, count: int = 60) -> list[list]:
+    """`count` device events from the `skip`-th one whose name contains `anchor` (a kernel that starts a layer, so
+    the window shows whole layers mid-step), each as [start µs from the window's first, duration µs, stream, name
+    cut to 40 characters]: read in start order, it shows which stream each step of a layer waits on (the summed
+    times cannot tell a kernel beside the main stream from one on its critical path). Empty without `anchor`."""
+    starts = [i for i, (_, _, name, _) in enumerate(intervals) if anchor in name]
+    if not starts:
+        return []
+    first = starts[min(skip, len(starts) - 1)]
+    origin = intervals[first][0]
+    return [[round((start - origin) / 1e3, 2), round((end - start) / 1e3, 2), stream, name[:40]]
+            for start, end, name, stream in intervals[first:first + count]]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bench.timeline import idle_summary, kernel_intervals
+from bench.timeline import idle_summary, kernel_intervals, window
 
 
 def test_idle_time_overlap_and_gaps_across_streams():
@@ -34,3 +34,12 @@ def test_no_device_events_on_the_cpu():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         torch.ones(8).sum()
     assert kernel_intervals(prof) == [] and idle_summary([])["span_ms"] == 0.0
+
+
+def test_window_starts_at_the_anchor_occurrence_asked_for():
+    us = 1000
+    intervals = [(i * 10 * us, i * 10 * us + 4 * us, "norm" if i % 3 == 0 else f"k{i}", 7 + i % 2) for i in range(12)]
+    got = window(intervals, "norm", skip=2, count=3)  # norms at 0, 3, 6, 9: the third is event 6
+    assert got == [[0.0, 4.0, 7, "norm"], [10.0, 4.0, 8, "k7"], [20.0, 4.0, 7, "k8"]]
+    assert window(intervals, "norm", skip=10, count=1) == [[0.0, 4.0, 8, "norm"]]  # past the last: the last one
+    assert window(intervals, "absent") == []
