@@ -20,6 +20,7 @@ import torch
 from server.model.host_device import to_device
 from server.model.lora_meta import LoraBatchMeta
 from server.model.lora_ops import triton_available
+from server.model.shrink_workspace import ShrinkWorkspace
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ LORA_TILE = int(os.environ.get("LORAPLEX_LORA_TILE", "16"))
 # There the shrink takes a tile a program (LoraBatchMeta.shrink_tiles); LORAPLEX_LORA_TILE_SHRINK=token: a program a
 # token, as in decode steps (A/B).
 SHRINK_TILES = os.environ.get("LORAPLEX_LORA_TILE_SHRINK", "tile") != "token"
+# The split-K LoRA shrinks of a captured step take their zeroed h from one buffer zeroed once at the step's start
+# (server/model/shrink_workspace.py): one fill kernel a step where each shrink had its own (128 in an 8B step).
+# LORAPLEX_LORA_ONE_FILL=0: a fill per shrink (A/B timing).
+ONE_FILL = os.environ.get("LORAPLEX_LORA_ONE_FILL", "1") == "1"
 CHUNK_MIN_BUCKET = 64
 
 
@@ -226,12 +231,15 @@ class DecodeGraphs:
         inputs = {k: v.to(self.runner.device) for k, v in self.step_inputs(bucket, tiled).items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        workspace = ShrinkWorkspace()
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up: autotuning, lazy inits and allocations happen outside capture
-                self.runner.forward_decode(inputs, with_lora, chunks)
+                with workspace.sizing():
+                    self.runner.forward_decode(inputs, with_lora, chunks)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with _no_garbage_collection(), torch.cuda.graph(graph, pool=self.pool):
+        one_fill = workspace.serving(self.runner.device) if ONE_FILL and workspace.needed else contextlib.nullcontext()
+        with _no_garbage_collection(), torch.cuda.graph(graph, pool=self.pool), one_fill:
             logits = self.runner.forward_decode(inputs, with_lora, chunks)
         torch.cuda.synchronize()
         log.debug("captured decode graph: batch bucket %d, lora=%s, chunks=%s", bucket, with_lora, chunks)

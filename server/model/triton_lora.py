@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from server.model.lora_meta import LoraBatchMeta, SlotLayout, check_lora_shapes, make_lora_meta
+from server.model.shrink_workspace import take_zeroed
 
 MAX_SLICES = 4
 # Enough programs to keep every SM of an H100 (132 SMs) busy with a few resident programs each.
@@ -205,8 +206,10 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
         split_k = max(1, min(num_k_blocks, target // base_programs))
     k_tiles_per_split = triton.cdiv(num_k_blocks, split_k)
     split_k = triton.cdiv(num_k_blocks, k_tiles_per_split)
-    alloc = torch.empty if split_k == 1 else torch.zeros
-    h = alloc((num_tokens, num_cols), dtype=torch.float32, device=x.device)
+    h = take_zeroed((num_tokens, num_cols), x.device) if split_k > 1 else None  # a captured step's one fill
+    if h is None:
+        alloc = torch.empty if split_k == 1 else torch.zeros
+        h = alloc((num_tokens, num_cols), dtype=torch.float32, device=x.device)
     if num_tokens == 0 or meta.num_segments == 0:
         return h
     grid = (meta.num_segments, num_m, num_n * split_k)
