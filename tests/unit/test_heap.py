@@ -28,7 +28,8 @@ def test_freeze_collects_startup_garbage_then_freezes_what_lives(unfrozen):
     before = gc.get_freeze_count()
     frozen = freeze_startup_heap("test")
     assert dead() is None  # start-up's own cycles were collected, not frozen
-    assert frozen == gc.get_freeze_count() > before
+    # frozen objects that die later leave the permanent generation (another thread's, the log call's): <=, not ==
+    assert before < frozen and gc.get_freeze_count() <= frozen
     assert not any(obj is alive for obj in gc.get_objects())  # frozen: out of every generation a collection walks
     young = _Node()
     assert any(obj is young for obj in gc.get_objects())  # objects made later are tracked as before
