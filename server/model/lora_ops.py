@@ -42,8 +42,10 @@ FUSED_SUMS = os.environ.get("LORAPLEX_LORA_FUSED_SUMS", "1") == "1"
 # output (lora_delta's docstring says why that rounds differently). =2: and where the caller takes split-K partials
 # (qkv_proj and gate_up_proj, from llama.DEFER_MIN_ROWS rows), the delta rides with them (SplitSums.delta) to the
 # rotary or activation kernel that sums them, which adds it (no join launch: the step's launches on the critical path
-# are then those of the merged step). Not yet measured on a GPU: off by default until an A/B of the mixed-adapter
-# step (PROFILE_AB / ENGINE_AB in bench/gpu_nf4.sh) shows which is faster.
+# are then those of the merged step). Measured (H200, 8B mixed32 decode step, bench.profile_step's unprofiled wall,
+# one machine, twenty-ninth session): 5.900 ms off, 5.871 at =1, 5.850 at =2 (within a run's spread): the side
+# stream's delta kernel took 1.75 ms a step beside the NF4 kernels where the expand took ~0.8 on the main stream, so
+# the work moved beside the base instead of leaving the step. Off by default: the bits are the same either way.
 _SIDE_EXPAND_SETTING = os.environ.get("LORAPLEX_LORA_SIDE_EXPAND", "0")
 if _SIDE_EXPAND_SETTING not in ("", "0", "1", "2"):
     raise ValueError(f"LORAPLEX_LORA_SIDE_EXPAND must be 0, 1 or 2, got {_SIDE_EXPAND_SETTING!r}")
