@@ -44,10 +44,12 @@ LORA_TILE = int(os.environ.get("LORAPLEX_LORA_TILE", "16"))
 # There the shrink takes a tile a program (LoraBatchMeta.shrink_tiles); LORAPLEX_LORA_TILE_SHRINK=token: a program a
 # token, as in decode steps (A/B).
 SHRINK_TILES = os.environ.get("LORAPLEX_LORA_TILE_SHRINK", "tile") != "token"
-# The split-K LoRA shrinks of a captured step take their zeroed h from one buffer zeroed once at the step's start
-# (server/model/shrink_workspace.py): one fill kernel a step where each shrink had its own (128 in an 8B step).
-# LORAPLEX_LORA_ONE_FILL=0: a fill per shrink (A/B timing).
-ONE_FILL = os.environ.get("LORAPLEX_LORA_ONE_FILL", "1") == "1"
+# LORAPLEX_LORA_ONE_FILL=1: the split-K LoRA shrinks of a captured step take their zeroed h from one buffer zeroed
+# once at the step's start (server/model/shrink_workspace.py), where each shrink has its own fill kernel (128 in an
+# 8B step). Off: slower on the H200 (twenty-ninth session, 8B mixed32 decode step, unprofiled wall 5.93 -> 7.00 ms,
+# while the LoRA kernels' summed time fell 3.36 -> 2.32 ms): without the fill ahead of it, each shrink reaches the
+# SMs as early as the base NF4 kernel beside it and takes blocks from the step's critical path.
+ONE_FILL = os.environ.get("LORAPLEX_LORA_ONE_FILL", "0") == "1"
 CHUNK_MIN_BUCKET = 64
 
 
