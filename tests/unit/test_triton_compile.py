@@ -11,33 +11,21 @@ import os
 
 import pytest
 
+from bench.triton_sm90 import LORA_META
+
 pytestmark = pytest.mark.skipif(os.environ.get("LORAPLEX_TRITON_COMPILE") != "1",
                                 reason="set LORAPLEX_TRITON_COMPILE=1 to compile the Triton kernels for sm_90")
 
-FLOATS = {"eps", "qk_scale"}
-
-
 def compile_sm90(fn, constexprs: dict, types: dict | None = None, num_warps: int = 4):
-    """Compile a @triton.jit kernel for sm_90: pointers default to bf16 (`types` names the others), `*_ptr`-less
-    arguments to i32 (fp32 for FLOATS)."""
+    """bench.triton_sm90.compile_sm90, skipped where Triton runs interpreted or is absent, and checked to reach a
+    cubin (ptxas took the PTX)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("Triton runs interpreted in this process")
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    pytest.importorskip("triton")
+    from bench.triton_sm90 import compile_sm90 as compile_for_sm90
 
-    types = types or {}
-    names = fn.arg_names
-    unknown = set(constexprs) - set(names) | set(types) - set(names)
-    assert not unknown, f"not parameters of {fn.__name__}: {unknown}"
-    signature = {
-        name: "constexpr" if name in constexprs else types.get(
-            name, "*bf16" if name.endswith("_ptr") else "fp32" if name in FLOATS else "i32")
-        for name in names
-    }
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    assert kernel.asm["cubin"]  # ptxas took the PTX
+    kernel = compile_for_sm90(fn, constexprs, types, num_warps)
+    assert kernel.asm["cubin"]
     return kernel
 
 
@@ -126,8 +114,6 @@ def test_greedy_argmax(modules):
                  {"part_value_ptr": "*fp32", "part_at_ptr": "*i32", "out_ptr": "*i64"}, 1)
 
 
-LORA_META = {"seg_starts_ptr": "*i32", "seg_slots_ptr": "*i32", "slot_offsets_ptr": "*i32",
-             "slot_ranks_ptr": "*i32", "h_ptr": "*fp32"}
 
 
 @pytest.mark.parametrize("block_m,atomic", [(1, False), (16, True)])
@@ -169,3 +155,18 @@ def test_nf4_matmul(modules, split):
         "HAS_BIAS": True, "WRITE_PARTIAL": split > 1, "UPCAST_DOT": False, "BLOCK_T": 16, "BLOCK_N": 64,
         "K_GROUPS": 2, "SPLIT_K": split}, {"words_ptr": "*i32", "absmax_ptr": "*fp32", "table_ptr": "*fp32"}
         | ({"out_ptr": "*fp32"} if split > 1 else {}))
+
+
+def test_decode_lora_variants_report_their_registers():
+    """bench.triton_sm90's report: every decode LoRA launch compiles, and its cubin gives a register count that
+    bounds the programs an SM holds (a cubin format without EIATTR_REGCOUNT would read None and fail here)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton runs interpreted in this process")
+    pytest.importorskip("triton")
+    from bench.triton_sm90 import compile_sm90 as compile_for_sm90
+    from bench.triton_sm90 import lora_decode_variants, resources
+
+    for label, fn, constexprs, types, num_warps in lora_decode_variants():
+        found = resources(compile_for_sm90(fn, constexprs, types, num_warps), num_warps)
+        assert 16 <= found["registers"] <= 255, label
+        assert 1 <= found["programs_per_sm"] <= 64 // num_warps, label

@@ -1,0 +1,116 @@
+"""Triton kernels compiled for the H100/H200 (sm_90) on a machine without a GPU, and what each costs an SM.
+
+    python -m bench.triton_sm90    (needs triton; run it without TRITON_INTERPRET)
+
+Prints the registers a thread and the shared memory a program of the decode step's LoRA kernels take at their
+launch configurations (the ones `triton_lora` and `triton_lora_decode` choose for a batch-32 step of rank-16
+adapters), and how many programs that lets an SM hold: for these DRAM-bound kernels, with a few KB of loads each,
+the bytes in flight an SM are what bounds their bandwidth. The register count comes from the cubin that Triton's
+ptxas built (EIATTR_REGCOUNT of its .nv.info section), so no driver is needed. `compile_sm90` is also the compile
+tests' helper (tests/unit/test_triton_compile.py).
+"""
+
+from __future__ import annotations
+
+import struct
+
+FLOATS = {"eps", "qk_scale"}
+SM90_REGISTERS = 65536  # a Hopper SM's register file, 32-bit registers
+SM90_MAX_WARPS = 64
+_EIATTR_REGCOUNT = 0x2F
+_EIFMT_SVAL = 0x04
+
+
+def compile_sm90(fn, constexprs: dict, types: dict | None = None, num_warps: int = 4):
+    """Compile a @triton.jit kernel for sm_90: pointers default to bf16 (`types` names the others), `*_ptr`-less
+    arguments to i32 (fp32 for FLOATS)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = types or {}
+    names = fn.arg_names
+    unknown = set(constexprs) - set(names) | set(types) - set(names)
+    if unknown:
+        raise ValueError(f"not parameters of {fn.__name__}: {unknown}")
+    signature = {
+        name: "constexpr" if name in constexprs else types.get(
+            name, "*bf16" if name.endswith("_ptr") else "fp32" if name in FLOATS else "i32")
+        for name in names
+    }
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def cubin_registers(cubin: bytes) -> int | None:
+    """A one-kernel cubin's registers a thread (EIATTR_REGCOUNT in its ELF .nv.info sections), None if absent."""
+    section_offset, = struct.unpack_from("<Q", cubin, 0x28)
+    entry_size, count, names_index = struct.unpack_from("<HHH", cubin, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", cubin, section_offset + i * entry_size) for i in range(count)]
+    names_at = sections[names_index][4]
+    for name_at, _, _, _, offset, size, *_ in sections:
+        name = cubin[names_at + name_at:cubin.index(b"\0", names_at + name_at)]
+        if not name.startswith(b".nv.info"):
+            continue
+        data, at = cubin[offset:offset + size], 0
+        while at + 4 <= size:
+            form, attribute = data[at], data[at + 1]
+            length = struct.unpack_from("<H", data, at + 2)[0] if form == _EIFMT_SVAL else 0
+            if form == _EIFMT_SVAL and attribute == _EIATTR_REGCOUNT:
+                return struct.unpack_from("<II", data, at + 4)[1]
+            at += 4 + length
+    return None
+
+
+def resources(kernel, num_warps: int) -> dict:
+    """Registers a thread, shared bytes a program, and the programs an SM holds by each (the smaller binds)."""
+    registers = cubin_registers(kernel.asm["cubin"])
+    shared = kernel.metadata.shared
+    by_registers = SM90_REGISTERS // (registers * 32 * num_warps) if registers else None
+    by_warps = SM90_MAX_WARPS // num_warps
+    by_shared = (228 * 1024) // shared if shared else by_warps
+    return {"registers": registers, "shared_bytes": shared,
+            "programs_per_sm": min(v for v in (by_registers, by_warps, by_shared) if v is not None)}
+
+
+LORA_META = {"seg_starts_ptr": "*i32", "seg_slots_ptr": "*i32", "slot_offsets_ptr": "*i32",
+             "slot_ranks_ptr": "*i32", "h_ptr": "*fp32"}
+DECODE_META = {"src_ptr": "*fp32", "token_slots_ptr": "*i32", "slot_offsets_ptr": "*i32",
+               "slot_ranks_ptr": "*i32", "h_ptr": "*fp32"}
+
+
+def lora_decode_variants():
+    """(label, kernel function, constexprs, types, num_warps) of a batch-32 decode step's LoRA launches (rank 16)."""
+    from server.model import triton_lora, triton_lora_decode
+
+    shrink = triton_lora._shrink_kernel
+    expand = triton_lora._expand_kernel
+    sums = triton_lora_decode._expand_sums_kernel
+    delta = triton_lora_decode._lora_delta_kernel
+    found = []
+    for cols, linear in ((64, "qkv"), (32, "gate_up"), (16, "o, down")):
+        found.append((f"shrink {linear} (BLOCK_N {cols}, BLOCK_K 128, a program a token)", shrink,
+                      {"BLOCK_M": 1, "BLOCK_N": cols, "BLOCK_K": 128, "ATOMIC": True, "DOT_PRECISION": "tf32"},
+                      LORA_META, 4))
+    found.append(("expand gate_up (16-row tile, BLOCK_N 256)", expand,
+                  {"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_R": 16, "NUM_SLICES": 2, "DOT_PRECISION": "tf32"},
+                  LORA_META, 4))
+    for slices, linear in ((3, "qkv"), (1, "o, down")):
+        found.append((f"expand_sums {linear} (BLOCK_N 256)", sums,
+                      {"BLOCK_N": 256, "BLOCK_R": 16, "NUM_SLICES": slices, "HAS_BIAS": False,
+                       "DOT_PRECISION": "tf32"}, DECODE_META, 4))
+    found.append(("side delta gate_up (BLOCK_N 256)", delta,
+                  {"BLOCK_N": 256, "BLOCK_R": 16, "NUM_SLICES": 2, "DOT_PRECISION": "tf32"},
+                  {name: kind for name, kind in DECODE_META.items() if name != "src_ptr"} | {"delta_ptr": "*fp32"}, 4))
+    return found
+
+
+def main() -> None:
+    for label, fn, constexprs, types, num_warps in lora_decode_variants():
+        found = resources(compile_sm90(fn, constexprs, types, num_warps), num_warps)
+        print(f"{label:58s} {num_warps} warps: {found['registers']} registers, {found['shared_bytes']} B shared, "
+              f"{found['programs_per_sm']} programs an SM")
+
+
+if __name__ == "__main__":
+    main()
