@@ -216,7 +216,11 @@ def test_tokenization_runs_on_a_bounded_pool_off_the_event_loop():
 
 # ---- /health under the largest requests, on a server process with the default limits --------------
 
-HEALTH_BUDGET_S = 0.1
+# What this guards against (a huge body parsed, or a huge prompt tokenized, on the event loop) stalls /health for
+# seconds at these sizes; 0.1 s was the first budget, but a clean-clone CI run on the 2-core machine (2026-12-05)
+# measured 236 ms for the 50 MB body twice in a row, retry included, under the suite's own load. 0.5 s keeps the
+# guard and not the CPU's contention.
+HEALTH_BUDGET_S = 0.5
 
 
 def _health_during(url: str, path: str, body: bytes) -> tuple[httpx.Response | None, float]:
@@ -265,7 +269,7 @@ def _huge_requests(url: str) -> list[tuple[str, bytes, int]]:
     ]
 
 
-def test_health_answers_within_100ms_during_the_largest_requests(tiny_llama_dir, tmp_path):
+def test_health_stays_responsive_during_the_largest_requests(tiny_llama_dir, tmp_path):
     port = free_port()
     args = ["--model", str(tiny_llama_dir), "--served-model-name", BASE_ID, "--device", "cpu",
             "--quantization", "none", "--dtype", "float32", "--no-cuda-graphs", "--kv-cache-blocks", "256",
