@@ -146,8 +146,8 @@ def time_side(pools: Pools, x, meta) -> dict[str, float | bool]:
 
     y = torch.randn(x.shape[0], pools.slice_offsets[-1], device=DEVICE).to(torch.bfloat16)
     hs = [triton_lora.lora_shrink(x, a, pools.layout, meta, pools.num_slices) for a in pools.a]
-    deltas = [triton_lora_decode.lora_delta(h, b, pools.layout, meta, pools.slice_offsets) for h, b in zip(hs, pools.b,
-                                                                                                    strict=True)]
+    deltas = [triton_lora_decode.lora_delta(h, b, pools.layout, meta, pools.slice_offsets)
+              for h, b in zip(hs, pools.b, strict=True)]
     expected = y.clone()
     triton_lora.lora_expand(expected, hs[0], pools.b[0], pools.layout, meta, pools.slice_offsets)
     exact = torch.equal(triton_lora_decode.lora_add_delta(y.clone(), deltas[0], meta), expected)

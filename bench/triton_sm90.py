@@ -17,6 +17,7 @@ import struct
 FLOATS = {"eps", "qk_scale"}
 SM90_REGISTERS = 65536  # a Hopper SM's register file, 32-bit registers
 SM90_MAX_WARPS = 64
+SM90_SHARED_BYTES = 228 * 1024  # shared memory an SM
 _EIATTR_REGCOUNT = 0x2F
 _EIFMT_SVAL = 0x04
 
@@ -68,7 +69,7 @@ def resources(kernel, num_warps: int) -> dict:
     shared = kernel.metadata.shared
     by_registers = SM90_REGISTERS // (registers * 32 * num_warps) if registers else None
     by_warps = SM90_MAX_WARPS // num_warps
-    by_shared = (228 * 1024) // shared if shared else by_warps
+    by_shared = SM90_SHARED_BYTES // shared if shared else by_warps
     return {"registers": registers, "shared_bytes": shared,
             "programs_per_sm": min(v for v in (by_registers, by_warps, by_shared) if v is not None)}
 
@@ -77,6 +78,7 @@ LORA_META = {"seg_starts_ptr": "*i32", "seg_slots_ptr": "*i32", "slot_offsets_pt
              "slot_ranks_ptr": "*i32", "h_ptr": "*fp32"}
 DECODE_META = {"src_ptr": "*fp32", "token_slots_ptr": "*i32", "slot_offsets_ptr": "*i32",
                "slot_ranks_ptr": "*i32", "h_ptr": "*fp32"}
+DELTA_META = {name: kind for name, kind in DECODE_META.items() if name != "src_ptr"} | {"delta_ptr": "*fp32"}
 
 
 def lora_decode_variants():
@@ -101,7 +103,7 @@ def lora_decode_variants():
                        "DOT_PRECISION": "tf32"}, DECODE_META, 4))
     found.append(("side delta gate_up (BLOCK_N 256)", delta,
                   {"BLOCK_N": 256, "BLOCK_R": 16, "NUM_SLICES": 2, "DOT_PRECISION": "tf32"},
-                  {name: kind for name, kind in DECODE_META.items() if name != "src_ptr"} | {"delta_ptr": "*fp32"}, 4))
+                  DELTA_META, 4))
     return found
 
 

@@ -236,11 +236,11 @@ class DecodeGraphs:
         workspace = ShrinkWorkspace()
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up: autotuning, lazy inits and allocations happen outside capture
-                with workspace.sizing():
+                with workspace.sizing() if ONE_FILL else contextlib.nullcontext():
                     self.runner.forward_decode(inputs, with_lora, chunks)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        one_fill = workspace.serving(self.runner.device) if ONE_FILL and workspace.needed else contextlib.nullcontext()
+        one_fill = workspace.serving(self.runner.device) if workspace.needed else contextlib.nullcontext()
         with _no_garbage_collection(), torch.cuda.graph(graph, pool=self.pool), one_fill:
             logits = self.runner.forward_decode(inputs, with_lora, chunks)
         torch.cuda.synchronize()

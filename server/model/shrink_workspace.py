@@ -67,7 +67,9 @@ class ShrinkWorkspace:
         if self.buffer is None:
             self.needed += numel
             return None
-        if self._cursor + numel > self.needed or self.buffer.device != torch.device(device):
+        if self.buffer.device != torch.device(device):
+            raise RuntimeError(f"a shrink on {device} asked the workspace on {self.buffer.device}")
+        if self._cursor + numel > self.needed:
             raise RuntimeError(f"a shrink asked for {numel} elements past the workspace's {self.needed}: the "
                                "captured forward differs from the sized one")
         taken = self.buffer[self._cursor:self._cursor + math.prod(shape)].view(shape)

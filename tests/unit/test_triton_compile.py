@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from bench.triton_sm90 import LORA_META
+from bench.triton_sm90 import DECODE_META, DELTA_META, LORA_META
 
 pytestmark = pytest.mark.skipif(os.environ.get("LORAPLEX_TRITON_COMPILE") != "1",
                                 reason="set LORAPLEX_TRITON_COMPILE=1 to compile the Triton kernels for sm_90")
@@ -131,16 +131,14 @@ def test_lora_expand(modules, block_m, slices):
 def test_lora_expand_with_split_sums(modules):
     compile_sm90(modules["lora_decode"]._expand_sums_kernel, {"BLOCK_N": 64, "BLOCK_R": 16, "NUM_SLICES": 3,
                                                        "HAS_BIAS": True, "DOT_PRECISION": "tf32"},
-                 {"src_ptr": "*fp32", "token_slots_ptr": "*i32", "slot_offsets_ptr": "*i32",
-                  "slot_ranks_ptr": "*i32", "h_ptr": "*fp32"})
+                 DECODE_META)
 
 
 @pytest.mark.parametrize("slices", [2, 3])
 def test_lora_side_delta(modules, slices):
     compile_sm90(modules["lora_decode"]._lora_delta_kernel, {"BLOCK_N": 256, "BLOCK_R": 16, "NUM_SLICES": slices,
                                                  "DOT_PRECISION": "tf32"},
-                 {"delta_ptr": "*fp32", "token_slots_ptr": "*i32", "slot_offsets_ptr": "*i32",
-                  "slot_ranks_ptr": "*i32", "h_ptr": "*fp32"})
+                 DELTA_META)
 
 
 @pytest.mark.parametrize("sums,bias", [(False, False), (True, False), (True, True)])
