@@ -54,6 +54,11 @@ EXPAND_SWEEP = {
     "w8": {"num_warps": 8}, "s1": {"num_stages": 1},
     "m1": {"block_m": 1}, "m1_n64": {"block_m": 1, "block_n": 64}, "m1_n128": {"block_m": 1, "block_n": 128},
     "m1_n512_w8": {"block_m": 1, "block_n": 512, "num_warps": 8},
+    # LORAPLEX_LORA_ONE_ROW's launches: 16 bytes of columns a thread, so the rank sum stays within it
+    "m1_n256_w1": {"block_m": 1, "block_n": 256, "num_warps": 1}, "m1_n512_w2": {"block_m": 1, "block_n": 512,
+                                                                                "num_warps": 2},
+    "m1_n1024_w4": {"block_m": 1, "block_n": 1024, "num_warps": 4},
+    "m1_n2048_w8": {"block_m": 1, "block_n": 2048, "num_warps": 8},
 }
 
 

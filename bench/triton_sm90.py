@@ -22,16 +22,21 @@ _EIATTR_REGCOUNT = 0x2F
 _EIFMT_SVAL = 0x04
 
 
-def compile_sm90(fn, constexprs: dict, types: dict | None = None, num_warps: int = 4):
+def compile_sm90(fn, constexprs: dict, types: dict | None = None, num_warps: int = 4, ones: tuple = (),
+                 aligned: tuple = ()):
     """Compile a @triton.jit kernel for sm_90: pointers default to bf16 (`types` names the others), `*_ptr`-less
-    arguments to i32 (fp32 for FLOATS)."""
+    arguments to i32 (fp32 for FLOATS). As a launch does, pointers are taken 16-byte aligned, arguments named in
+    `ones` are specialized to the constant 1 (a unit stride), and those in `aligned` taken as multiples of 16: the
+    layouts, vector widths and so the registers Triton picks depend on both (the decode expand at BLOCK_N 256 took
+    164 registers compiled without them, 85 with)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     types = types or {}
     names = fn.arg_names
-    unknown = set(constexprs) - set(names) | set(types) - set(names)
+    constexprs = constexprs | {name: 1 for name in ones}
+    unknown = set(constexprs) - set(names) | set(types) - set(names) | set(aligned) - set(names)
     if unknown:
         raise ValueError(f"not parameters of {fn.__name__}: {unknown}")
     signature = {
@@ -39,7 +44,10 @@ def compile_sm90(fn, constexprs: dict, types: dict | None = None, num_warps: int
             name, "*bf16" if name.endswith("_ptr") else "fp32" if name in FLOATS else "i32")
         for name in names
     }
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in names
+             if name not in constexprs and (name.endswith("_ptr") or name in aligned)}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                       attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
@@ -81,8 +89,18 @@ DECODE_META = {"src_ptr": "*fp32", "token_slots_ptr": "*i32", "slot_offsets_ptr"
 DELTA_META = {name: kind for name, kind in DECODE_META.items() if name != "src_ptr"} | {"delta_ptr": "*fp32"}
 
 
+# How a decode step's launches specialize the LoRA kernels' integer arguments (compile_sm90's ones / aligned): x, A,
+# B and y are contiguous; rows of 16-multiple widths (8B and 1B shapes, rank-16 pools).
+_SHRINK_SPEC = {"ones": ("stride_xk", "stride_ak"), "aligned": ("in_features", "stride_xm", "stride_an", "stride_hm")}
+_BOUNDS = ("bound1", "bound2", "bound3")
+_EXPAND_SPEC = {"ones": ("stride_bn", "stride_yn"),
+                "aligned": ("out_features", "stride_hm", "stride_br", "stride_ym", *_BOUNDS)}
+_DECODE_SPEC = {"ones": ("stride_bn",), "aligned": ("out_features", "stride_hm", "stride_br", *_BOUNDS)}
+
+
 def lora_decode_variants():
-    """(label, kernel function, constexprs, types, num_warps) of a batch-32 decode step's LoRA launches (rank 16)."""
+    """(label, kernel function, constexprs, types, num_warps, compile_sm90's ones and aligned) of a batch-32 decode
+    step's LoRA launches (rank 16): the tile forms and the one-row forms of LORAPLEX_LORA_ONE_ROW=1024."""
     from server.model import triton_lora, triton_lora_decode
 
     shrink = triton_lora._shrink_kernel
@@ -93,24 +111,28 @@ def lora_decode_variants():
     for cols, linear in ((64, "qkv"), (32, "gate_up"), (16, "o, down")):
         found.append((f"shrink {linear} (BLOCK_N {cols}, BLOCK_K 128, a program a token)", shrink,
                       {"BLOCK_M": 1, "BLOCK_N": cols, "BLOCK_K": 128, "ATOMIC": True, "DOT_PRECISION": "tf32"},
-                      LORA_META, 4))
-    found.append(("expand gate_up (16-row tile, BLOCK_N 256)", expand,
-                  {"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_R": 16, "NUM_SLICES": 2, "DOT_PRECISION": "tf32"},
-                  LORA_META, 4))
-    for slices, linear in ((3, "qkv"), (1, "o, down")):
-        found.append((f"expand_sums {linear} (BLOCK_N 256)", sums,
-                      {"BLOCK_N": 256, "BLOCK_R": 16, "NUM_SLICES": slices, "HAS_BIAS": False,
-                       "DOT_PRECISION": "tf32"}, DECODE_META, 4))
-    found.append(("side delta gate_up (BLOCK_N 256)", delta,
-                  {"BLOCK_N": 256, "BLOCK_R": 16, "NUM_SLICES": 2, "DOT_PRECISION": "tf32"},
-                  DELTA_META, 4))
+                      LORA_META, 4, _SHRINK_SPEC))
+    for rows, cols, warps in ((16, 256, 4), (1, 1024, 4)):
+        form = "one row" if rows == 1 else "16-row tile"
+        found.append((f"expand gate_up ({form}, BLOCK_N {cols})", expand,
+                      {"BLOCK_M": rows, "BLOCK_N": cols, "BLOCK_R": 16, "NUM_SLICES": 2, "DOT_PRECISION": "tf32"},
+                      LORA_META, warps, _EXPAND_SPEC))
+    for one_row, cols in ((False, 256), (True, 1024)):
+        form = "one row" if one_row else "tile"
+        for slices, linear in ((3, "qkv"), (1, "o, down")):
+            found.append((f"expand_sums {linear} ({form}, BLOCK_N {cols})", sums,
+                          {"BLOCK_N": cols, "BLOCK_R": 16, "NUM_SLICES": slices, "HAS_BIAS": False,
+                           "DOT_PRECISION": "tf32", "ONE_ROW": one_row}, DECODE_META, 4, _DECODE_SPEC))
+        found.append((f"side delta gate_up ({form}, BLOCK_N {cols})", delta,
+                      {"BLOCK_N": cols, "BLOCK_R": 16, "NUM_SLICES": 2, "DOT_PRECISION": "tf32", "ONE_ROW": one_row},
+                      DELTA_META, 4, _DECODE_SPEC))
     return found
 
 
 def main() -> None:
-    for label, fn, constexprs, types, num_warps in lora_decode_variants():
-        found = resources(compile_sm90(fn, constexprs, types, num_warps), num_warps)
-        print(f"{label:58s} {num_warps} warps: {found['registers']} registers, {found['shared_bytes']} B shared, "
+    for label, fn, constexprs, types, num_warps, spec in lora_decode_variants():
+        found = resources(compile_sm90(fn, constexprs, types, num_warps, **spec), num_warps)
+        print(f"{label:50s} {num_warps} warps: {found['registers']} registers, {found['shared_bytes']} B shared, "
               f"{found['programs_per_sm']} programs an SM")
 
 

@@ -15,6 +15,8 @@ metadata is read on device, so both launches can be captured in a CUDA graph. Th
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -84,19 +86,28 @@ def _shrink_kernel(
 
 
 @triton.jit
-def _one_token_delta(h_row, b, rs, h_mask, rank, cols, bound1, bound2, bound3, NUM_SLICES: tl.constexpr):
-    """One token's delta [BLOCK_N] at `cols` from its slot's B tile b [BLOCK_N, BLOCK_R]: each column takes its
-    slice's h (h_row: the token's row of h; h_mask [1, BLOCK_R]: the slot's rank), rounded as the tensor-core path
-    rounds it, products summed in registers in fp32."""
-    h = tl.load(h_row + rs[None, :], mask=h_mask, other=0.0)
+def _row_delta(h_row, b_ptr, first_row, rank, cols, col_mask, bound1, bound2, bound3, stride_br, stride_bn,
+               BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SLICES: tl.constexpr):
+    """One token's delta [BLOCK_N] at `cols` (h_row: the token's row of h; its slot's B rows from first_row, rank
+    `rank`), summed in registers in fp32, 16 ranks at a time: each column takes its slice's h, rounded to B's dtype
+    as the tensor-core tile rounds it. A thread holds whole columns when the launch gives it 16 bytes of columns
+    (`one_row_launch`), so the rank sum never leaves it."""
     if NUM_SLICES > 1:  # slice index of each column; unused bounds equal out_features
         col_slice = (cols >= bound1).to(tl.int32) + (cols >= bound2).to(tl.int32)
         col_slice += (cols >= bound3).to(tl.int32)
-        for i in tl.static_range(1, NUM_SLICES):
-            h_i = tl.load(h_row + i * rank + rs[None, :], mask=h_mask, other=0.0)
-            h = tl.where((col_slice == i)[:, None], h_i, h)
-    h = h.to(b.dtype).to(tl.float32)
-    return tl.sum(b.to(tl.float32) * h, axis=1)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in tl.static_range(0, BLOCK_R, 16):
+        rs = r0 + tl.arange(0, 16)
+        r_mask = rs < rank
+        b = tl.load(b_ptr + (first_row + rs)[None, :] * stride_br + cols[:, None] * stride_bn,
+                    mask=col_mask[:, None] & r_mask[None, :], other=0.0)
+        h = tl.load(h_row + rs[None, :], mask=r_mask[None, :], other=0.0)
+        if NUM_SLICES > 1:
+            for i in tl.static_range(1, NUM_SLICES):
+                h_i = tl.load(h_row + i * rank + rs[None, :], mask=r_mask[None, :], other=0.0)
+                h = tl.where((col_slice == i)[:, None], h_i, h)
+        acc += tl.sum(b.to(tl.float32) * h.to(b.dtype).to(tl.float32), axis=1)
+    return acc
 
 
 @triton.jit
@@ -141,23 +152,49 @@ def _expand_kernel(
     first_row = tl.load(slot_offsets_ptr + slot).to(tl.int64)
     rows = row_start + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rs = tl.arange(0, BLOCK_R)
     row_mask = rows < row_end
     col_mask = cols < out_features
-    r_mask = rs < rank
-    b_ptrs = b_ptr + (first_row + rs)[None, :] * stride_br + cols[:, None] * stride_bn
-    b = tl.load(b_ptrs, mask=col_mask[:, None] & r_mask[None, :], other=0.0)
-    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hm
-    h_mask = row_mask[:, None] & r_mask[None, :]
-    if BLOCK_M == 1:  # one token a program: each column takes its slice's h, products summed in registers
-        acc = _one_token_delta(h_rows, b, rs, h_mask, rank, cols, bound1, bound2, bound3, NUM_SLICES)[None, :]
+    if BLOCK_M == 1:  # one token a program: products summed in registers (`_row_delta`)
+        acc = _row_delta(h_ptr + row_start.to(tl.int64) * stride_hm, b_ptr, first_row, rank, cols, col_mask, bound1,
+                         bound2, bound3, stride_br, stride_bn, BLOCK_N, BLOCK_R, NUM_SLICES)[None, :]
     else:
+        rs = tl.arange(0, BLOCK_R)
+        r_mask = rs < rank
+        b_ptrs = b_ptr + (first_row + rs)[None, :] * stride_br + cols[:, None] * stride_bn
+        b = tl.load(b_ptrs, mask=col_mask[:, None] & r_mask[None, :], other=0.0)
+        h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hm
+        h_mask = row_mask[:, None] & r_mask[None, :]
         acc = _tile_delta(h_rows, h_mask, b, rs, rank, cols, col_mask, bound1, bound2, bound3, BLOCK_M, BLOCK_N,
                           NUM_SLICES, DOT_PRECISION)
     y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
     y_mask = row_mask[:, None] & col_mask[None, :]
     y = tl.load(y_ptrs, mask=y_mask, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=y_mask)
+
+
+def _one_row_setting() -> int:
+    value = os.environ.get("LORAPLEX_LORA_ONE_ROW", "0") or "0"
+    if not value.isdigit() or (int(value) and (int(value) & (int(value) - 1) or not 256 <= int(value) <= 2048)):
+        raise ValueError(f"LORAPLEX_LORA_ONE_ROW must be 0 or a power of two from 256 to 2048, got {value!r}")
+    return int(value)
+
+
+# LORAPLEX_LORA_ONE_ROW=N (a power of two, 256-2048; 0: off): the expands of one-token segments (every decode step:
+# `lora_expand`, and `triton_lora_decode`'s fused forms) take one token a program over N columns, products summed
+# in registers (`_row_delta`), instead of the token alone in row 0 of a 16-row tensor-core tile. The launch gives
+# each thread 16 bytes of columns and all their ranks (N / 256 warps for bf16 B), so a program keeps N x 32 bytes
+# of B in flight and the rank sum stays within a thread; the tile holds a [16, 256] fp32 accumulator for one live
+# row. The two round differently (a thread's fp32 sum against the tensor core's), so every one-token path switches
+# together and compares bit for bit among itself.
+ONE_ROW_BLOCK_N = _one_row_setting()
+
+
+def one_row_launch(lora_b: torch.Tensor, layout: SlotLayout) -> tuple[int, int, int] | None:
+    """(block_r, block_n, num_warps) of one-token expand programs under LORAPLEX_LORA_ONE_ROW, None when it is off."""
+    if not ONE_ROW_BLOCK_N:
+        return None
+    columns_a_thread = 16 // lora_b.element_size()
+    return _pow2_at_least_16(layout.max_rank), ONE_ROW_BLOCK_N, max(1, ONE_ROW_BLOCK_N // (32 * columns_a_thread))
 
 
 def _stages(tuning: dict) -> dict:
@@ -241,10 +278,15 @@ def lora_expand(y, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_off
     num_tokens, out_features = y.shape
     if num_tokens == 0 or out_features == 0 or meta.num_segments == 0:
         return
-    block_m = tuning.get("block_m", _block_m(meta.max_seg_len))
+    one_row = one_row_launch(lora_b, layout) if meta.max_seg_len == 1 and not tuning else None
     block_r = _pow2_at_least_16(layout.max_rank)
-    # Wide tiles for decode, where B is the only real traffic; capped so a B tile stays <= 16 KB.
-    block_n = tuning.get("block_n", min(256, 4096 // block_m, 16384 // lora_b.element_size() // block_r))
+    if one_row:
+        block_m, (block_r, block_n, num_warps) = 1, one_row
+    else:
+        block_m = tuning.get("block_m", _block_m(meta.max_seg_len))
+        # Wide tiles for decode, where B is the only real traffic; capped so a B tile stays <= 16 KB.
+        block_n = tuning.get("block_n", min(256, 4096 // block_m, 16384 // lora_b.element_size() // block_r))
+        num_warps = tuning.get("num_warps", 8 if block_m >= 32 else 4)
     num_m = triton.cdiv(max(meta.max_seg_len, 1), block_m)
     grid = (meta.num_segments, num_m, triton.cdiv(out_features, block_n))
     _expand_kernel[grid](
@@ -253,7 +295,7 @@ def lora_expand(y, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_off
         h.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=num_slices,
         DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32",
-        num_warps=tuning.get("num_warps", 8 if block_m >= 32 else 4), **_stages(tuning),
+        num_warps=num_warps, **_stages(tuning),
     )  # fmt: skip
 
 

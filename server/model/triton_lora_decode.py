@@ -18,7 +18,7 @@ import triton.language as tl
 from server.model.lora_meta import LoraBatchMeta, SlotLayout
 from server.model.split_sums import SplitSums
 from server.model.triton_glue import _MAX_SPLITS, MAX_SPLITS, _source, _summed, check_delta
-from server.model.triton_lora import _pow2_at_least_16, _slice_bounds, _tile_delta
+from server.model.triton_lora import _pow2_at_least_16, _row_delta, _slice_bounds, _tile_delta, one_row_launch
 
 
 @triton.jit
@@ -43,6 +43,18 @@ def _token_delta_tile(h_ptr, row, stride_hm, b_ptr, slot, slot_offsets_ptr, slot
 
 
 @triton.jit
+def _token_delta_row(h_ptr, row, stride_hm, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, cols, col_mask, bound1,
+                     bound2, bound3, stride_br, stride_bn, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                     NUM_SLICES: tl.constexpr):
+    """One token's delta [BLOCK_N] at `cols` from its slot's (>= 0) B, as the expand's one-token programs compute it
+    (`triton_lora._row_delta`, LORAPLEX_LORA_ONE_ROW)."""
+    rank = tl.load(slot_ranks_ptr + slot)
+    first_row = tl.load(slot_offsets_ptr + slot).to(tl.int64)
+    return _row_delta(h_ptr + row * stride_hm, b_ptr, first_row, rank, cols, col_mask, bound1, bound2, bound3,
+                      stride_br, stride_bn, BLOCK_N, BLOCK_R, NUM_SLICES)
+
+
+@triton.jit
 def _store_token_row(row_ptr, tile, cols, col_mask):
     """Row 0 of a [16, BLOCK_N] tile (`_token_delta_tile`'s shape) at `cols` of the row at row_ptr: stored as the
     expand stores a one-token segment's tile, with no reduction to pick the row out."""
@@ -55,18 +67,25 @@ def _expand_sums_kernel(
     src_ptr, bias_ptr, plane, splits, h_ptr, b_ptr, y_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
     out_features, bound1, bound2, bound3, stride_hm, stride_br, stride_bn,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SLICES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ONE_ROW: tl.constexpr,
 ):  # fmt: skip
     """One token a program: the base's output at these columns summed from its split-K partials and rounded (as
-    csrc's sum kernel does), then, for a token with an adapter, plus its delta (`_token_delta_tile`) and rounded
-    again, stored into y [T, out] (contiguous): bit for bit the sum kernel, then `_expand_kernel`."""
+    csrc's sum kernel does), then, for a token with an adapter, plus its delta (`_token_delta_tile`, or with
+    ONE_ROW `_token_delta_row`) and rounded again, stored into y [T, out] (contiguous): bit for bit the sum kernel,
+    then `_expand_kernel`."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < out_features
     out = _summed(src_ptr, row * out_features + cols, col_mask, plane, splits, bias_ptr, cols,
                   y_ptr.dtype.element_ty, HAS_BIAS)
     slot = tl.load(token_slots_ptr + row).to(tl.int64)
-    if slot >= 0:
+    if ONE_ROW:
+        if slot >= 0:
+            acc = _token_delta_row(h_ptr, row, stride_hm, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, cols,
+                                   col_mask, bound1, bound2, bound3, stride_br, stride_bn, BLOCK_N, BLOCK_R, NUM_SLICES)
+            out = (out.to(tl.float32) + acc).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * out_features + cols, out, mask=col_mask)
+    elif slot >= 0:
         acc = _token_delta_tile(h_ptr, row, stride_hm, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, cols, col_mask,
                                 bound1, bound2, bound3, stride_br, stride_bn, BLOCK_N, BLOCK_R, NUM_SLICES,
                                 DOT_PRECISION)
@@ -81,9 +100,11 @@ def _lora_delta_kernel(
     h_ptr, b_ptr, delta_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
     out_features, bound1, bound2, bound3, stride_hm, stride_br, stride_bn,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ONE_ROW: tl.constexpr,
 ):  # fmt: skip
-    """One token a program: its delta at these columns (`_token_delta_tile`), in fp32 into delta [T, out]
-    (contiguous); a token without an adapter stores -0.0, which adds nothing to any value (signed zeros included)."""
+    """One token a program: its delta at these columns (`_token_delta_tile`, or with ONE_ROW `_token_delta_row`), in
+    fp32 into delta [T, out] (contiguous); a token without an adapter stores -0.0, which adds nothing to any value
+    (signed zeros included)."""
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(token_slots_ptr + row).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -91,9 +112,15 @@ def _lora_delta_kernel(
     if slot < 0:
         tl.store(delta_ptr + row * out_features + cols, tl.full((BLOCK_N,), -0.0, tl.float32), mask=col_mask)
         return
-    acc = _token_delta_tile(h_ptr, row, stride_hm, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, cols, col_mask,
-                            bound1, bound2, bound3, stride_br, stride_bn, BLOCK_N, BLOCK_R, NUM_SLICES, DOT_PRECISION)
-    _store_token_row(delta_ptr + row * out_features, acc, cols, col_mask)
+    if ONE_ROW:
+        acc = _token_delta_row(h_ptr, row, stride_hm, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, cols, col_mask,
+                               bound1, bound2, bound3, stride_br, stride_bn, BLOCK_N, BLOCK_R, NUM_SLICES)
+        tl.store(delta_ptr + row * out_features + cols, acc, mask=col_mask)
+    else:
+        acc = _token_delta_tile(h_ptr, row, stride_hm, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, cols, col_mask,
+                                bound1, bound2, bound3, stride_br, stride_bn, BLOCK_N, BLOCK_R, NUM_SLICES,
+                                DOT_PRECISION)
+        _store_token_row(delta_ptr + row * out_features, acc, cols, col_mask)
 
 
 @triton.jit(do_not_specialize=["plane", "splits"])
@@ -124,11 +151,14 @@ def _check_one_token_segments(meta: LoraBatchMeta, num_tokens: int, what: str) -
         raise ValueError(f"{what} takes one-token segments (a decode step's metadata)")
 
 
-def _one_token_block_n(lora_b, layout: SlotLayout) -> tuple[int, int]:
-    """(block_r, block_n) of the one-token delta programs: lora_expand's at 16 rows a tile (the same tiles, the same
-    bits)."""
+def _one_token_launch(lora_b, layout: SlotLayout) -> tuple[int, int, int, bool]:
+    """(block_r, block_n, num_warps, one_row) of the one-token delta programs: lora_expand's for one-token segments
+    (its one-row programs under LORAPLEX_LORA_ONE_ROW, else its tiles of 16 rows: the same tiles, the same bits)."""
+    one_row = one_row_launch(lora_b, layout)
+    if one_row:
+        return (*one_row, True)
     block_r = _pow2_at_least_16(layout.max_rank)
-    return block_r, min(256, 4096 // 16, 16384 // lora_b.element_size() // block_r)
+    return block_r, min(256, 4096 // 16, 16384 // lora_b.element_size() // block_r), 4, False
 
 
 def lora_expand_sums(sums: SplitSums, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
@@ -147,13 +177,13 @@ def lora_expand_sums(sums: SplitSums, h, lora_b, layout: SlotLayout, meta: LoraB
     if num_tokens == 0 or out_features == 0:
         return y
     partials = sums.partials
-    block_r, block_n = _one_token_block_n(lora_b, layout)
+    block_r, block_n, num_warps, one_row = _one_token_launch(lora_b, layout)
     _expand_sums_kernel[(num_tokens, triton.cdiv(out_features, block_n))](
         partials, sums.bias if sums.bias is not None else partials, partials[0].numel(), partials.shape[0],
         h, lora_b, y, meta.token_slots, layout.offsets, layout.ranks,
         out_features, bounds[0], bounds[1], bounds[2], h.stride(0), lora_b.stride(0), lora_b.stride(1),
         BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=num_slices, HAS_BIAS=sums.bias is not None,
-        DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32", num_warps=4,
+        DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32", ONE_ROW=one_row, num_warps=num_warps,
     )  # fmt: skip
     return y
 
@@ -177,12 +207,12 @@ def lora_delta(h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_offsets
     delta = torch.empty(num_tokens, out_features, dtype=torch.float32, device=h.device)
     if num_tokens == 0 or out_features == 0:
         return delta
-    block_r, block_n = _one_token_block_n(lora_b, layout)
+    block_r, block_n, num_warps, one_row = _one_token_launch(lora_b, layout)
     _lora_delta_kernel[(num_tokens, triton.cdiv(out_features, block_n))](
         h, lora_b, delta, meta.token_slots, layout.offsets, layout.ranks,
         out_features, bounds[0], bounds[1], bounds[2], h.stride(0), lora_b.stride(0), lora_b.stride(1),
         BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=num_slices,
-        DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32", num_warps=4,
+        DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32", ONE_ROW=one_row, num_warps=num_warps,
     )  # fmt: skip
     return delta
 

@@ -158,6 +158,67 @@ def test_triton_interpreted_one_token_programs_match_reference(triton_lora, layo
         torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("slice_offsets", [*SLICES, (0, 300, 600)])
+@pytest.mark.parametrize("max_rank", [8, 40])
+def test_triton_interpreted_one_row_expand_matches_reference(triton_lora, monkeypatch, slice_offsets, max_rank,
+                                                             dtype):
+    """LORAPLEX_LORA_ONE_ROW: a decode step's expand takes a program a token over 256 columns, 16 ranks at a time (a
+    rank-40 pool: three blocks, the last one masked; the pools hold NaN past each slot's rank), with slices that
+    straddle a column block (300 in 0-600); the reference's result within its tolerance."""
+    monkeypatch.setattr(triton_lora, "ONE_ROW_BLOCK_N", 256)
+    slots = [2, -1, 0, 2, 1]
+    y, x, lora_a, lora_b, pool, _ = make_inputs([1] * len(slots), slots, max_rank, slice_offsets, dtype,
+                                                in_features=300)
+    meta = decode_lora_meta(torch.tensor(slots, dtype=torch.int32))
+    expected, actual = y.clone(), y.clone()
+    lora_apply_reference(expected, x, lora_a, lora_b, pool, meta, slice_offsets)
+    triton_lora.lora_apply_triton(actual, x, lora_a, lora_b, pool, meta, slice_offsets)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+    assert torch.equal(actual[1], y[1])  # the token without an adapter
+
+
+def test_one_row_launch_gives_each_thread_16_bytes_of_columns(triton_lora, monkeypatch):
+    """LORAPLEX_LORA_ONE_ROW's launch: N / 256 warps for 2-byte B (N / 128 for fp32), so each thread holds 16 bytes of
+    columns with all their ranks; one-token segments take it, longer ones and explicit overrides keep the tile."""
+    import inspect
+
+    _, _, _, lora_b, pool, _ = make_inputs([1], [0], 40, SLICES[0], torch.float32)
+    monkeypatch.setattr(triton_lora, "ONE_ROW_BLOCK_N", 0)
+    assert triton_lora.one_row_launch(lora_b, pool) is None
+    monkeypatch.setattr(triton_lora, "ONE_ROW_BLOCK_N", 1024)
+    assert triton_lora.one_row_launch(lora_b, pool) == (64, 1024, 8)
+    assert triton_lora.one_row_launch(lora_b.to(torch.bfloat16), pool) == (64, 1024, 4)
+    expand = LaunchRecorder(list(inspect.signature(triton_lora._expand_kernel.fn).parameters))
+    monkeypatch.setattr(triton_lora, "_expand_kernel", expand)
+    for seg_lens, tuning in (([1, 1], None), ([3], None), ([1, 1], {"block_n": 64})):
+        meta = make_lora_meta(seg_lens, [0] * len(seg_lens), "cpu")
+        h = torch.zeros(sum(seg_lens), 64)
+        triton_lora.lora_expand(torch.zeros(sum(seg_lens), 24), h, lora_b, pool, meta, SLICES[0], tuning=tuning)
+    block_m = sorted({dict(v[:5])["BLOCK_M"] for v in expand.variants})
+    assert block_m == [1, 16], expand.variants
+
+
+@pytest.mark.parametrize("value, ok", [("0", True), ("", True), ("1024", True), ("256", True), ("300", False),
+                                       ("4096", False), ("128", False), ("on", False)])
+def test_one_row_setting_takes_a_power_of_two_from_256_to_2048(value, ok):
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:  # not imported here: the interpreter tests need it unimported
+        pytest.skip("triton is not installed")
+
+    env = {**os.environ, "LORAPLEX_LORA_ONE_ROW": value}
+    done = subprocess.run([sys.executable, "-c", "import server.model.triton_lora"], env=env, capture_output=True,
+                          text=True)
+    assert (done.returncode == 0) == ok, done.stderr
+    if not ok:
+        assert "LORAPLEX_LORA_ONE_ROW must be 0 or a power of two" in done.stderr
+
+
 @pytest.mark.parametrize("shrink_tiles", [False, True])
 @pytest.mark.parametrize("slice_offsets", SLICES)
 def test_triton_interpreted_replay_tiles_match_reference(triton_lora, slice_offsets, shrink_tiles):
@@ -308,15 +369,19 @@ def test_scatter_slot_load_fills_the_pools_as_the_per_linear_reference(model_dty
     assert torch.equal(pools[0], pools[1]), int((pools[0] != pools[1]).sum())
 
 
+@pytest.mark.parametrize("one_row", [0, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("slice_offsets", SLICES)
 @pytest.mark.parametrize("splits, with_bias", [(1, False), (3, True), (16, True)])
-def test_triton_interpreted_expand_sums_equals_sum_then_expand(triton_lora, lora_decode, slice_offsets, dtype, splits,
-                                                                         with_bias):
+def test_triton_interpreted_expand_sums_equals_sum_then_expand(triton_lora, lora_decode, monkeypatch, slice_offsets,
+                                                               dtype, splits, with_bias, one_row):
     """lora_expand_sums (the decode graphs' LoRA linears whose base split K): bit for bit the base's partials
     summed (SplitSums.materialize, csrc's order) and then the expand added into that output, for tokens with and
-    without an adapter; and within the reference's tolerance."""
+    without an adapter, in the tile form and the one-row form (LORAPLEX_LORA_ONE_ROW); and within the reference's
+    tolerance."""
     from server.model.split_sums import SplitSums
+
+    monkeypatch.setattr(triton_lora, "ONE_ROW_BLOCK_N", one_row)
 
     gen = torch.Generator().manual_seed(splits)
     slots = [2, -1, 0, 2, 1]
@@ -348,17 +413,21 @@ def test_expand_sums_refuses_segments_of_several_tokens(triton_lora, lora_decode
         lora_decode.lora_expand_sums(sums, h, lora_b, pool, meta, SLICES[0])
 
 
+@pytest.mark.parametrize("one_row", [0, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("slice_offsets", [SLICES[1], (0, 32, 48)])
 @pytest.mark.parametrize("splits, with_bias", [(0, False), (1, False), (3, True), (16, True)])
-def test_triton_interpreted_side_delta_equals_the_expand(triton_lora, lora_decode, slice_offsets, dtype, splits,
-                                                         with_bias):
+def test_triton_interpreted_side_delta_equals_the_expand(triton_lora, lora_decode, monkeypatch, slice_offsets, dtype,
+                                                         splits, with_bias, one_row):
     """lora_delta then lora_add_delta (LORAPLEX_LORA_SIDE_EXPAND: the delta computed on the side stream, added after
     the base matmul): bit for bit lora_expand into a plain output (splits 0) and lora_expand_sums over split-K
     partials, for tokens with and without an adapter (its delta row -0.0 keeps the base output's bits, a signed zero
     included). Linears of several slices (lora_delta refuses one: the compiled expand folds the base output
-    into its dot, which the interpreter does not show; the GPU test compares the compiled kernels)."""
+    into its dot, which the interpreter does not show; the GPU test compares the compiled kernels). Tile and one-row
+    forms (LORAPLEX_LORA_ONE_ROW) alike."""
     from server.model.split_sums import SplitSums
+
+    monkeypatch.setattr(triton_lora, "ONE_ROW_BLOCK_N", one_row)
 
     gen = torch.Generator().manual_seed(splits + 7)
     slots = [2, -1, 0, 2, 1]

@@ -128,16 +128,18 @@ def test_lora_expand(modules, block_m, slices):
                                                   "NUM_SLICES": slices, "DOT_PRECISION": "tf32"}, LORA_META)
 
 
-def test_lora_expand_with_split_sums(modules):
+@pytest.mark.parametrize("one_row", [False, True])
+def test_lora_expand_with_split_sums(modules, one_row):
     compile_sm90(modules["lora_decode"]._expand_sums_kernel, {"BLOCK_N": 64, "BLOCK_R": 16, "NUM_SLICES": 3,
-                                                       "HAS_BIAS": True, "DOT_PRECISION": "tf32"},
+                                                       "HAS_BIAS": True, "DOT_PRECISION": "tf32",
+                                                       "ONE_ROW": one_row},
                  DECODE_META)
 
 
-@pytest.mark.parametrize("slices", [2, 3])
-def test_lora_side_delta(modules, slices):
+@pytest.mark.parametrize("slices,one_row", [(2, False), (3, False), (2, True)])
+def test_lora_side_delta(modules, slices, one_row):
     compile_sm90(modules["lora_decode"]._lora_delta_kernel, {"BLOCK_N": 256, "BLOCK_R": 16, "NUM_SLICES": slices,
-                                                 "DOT_PRECISION": "tf32"},
+                                                 "DOT_PRECISION": "tf32", "ONE_ROW": one_row},
                  DELTA_META)
 
 
@@ -164,7 +166,9 @@ def test_decode_lora_variants_report_their_registers():
     from bench.triton_sm90 import compile_sm90 as compile_for_sm90
     from bench.triton_sm90 import lora_decode_variants, resources
 
-    for label, fn, constexprs, types, num_warps in lora_decode_variants():
-        found = resources(compile_for_sm90(fn, constexprs, types, num_warps), num_warps)
+    for label, fn, constexprs, types, num_warps, spec in lora_decode_variants():
+        found = resources(compile_for_sm90(fn, constexprs, types, num_warps, **spec), num_warps)
         assert 16 <= found["registers"] <= 255, label
         assert 1 <= found["programs_per_sm"] <= 64 // num_warps, label
+        if label.startswith("expand") and "one row" in label:  # LORAPLEX_LORA_ONE_ROW: the rank sum within a thread
+            assert found["shared_bytes"] == 0 and found["registers"] <= 128, (label, found)
