@@ -87,6 +87,8 @@ LORA_META = {"seg_starts_ptr": "*i32", "seg_slots_ptr": "*i32", "slot_offsets_pt
 DECODE_META = {"src_ptr": "*fp32", "token_slots_ptr": "*i32", "slot_offsets_ptr": "*i32",
                "slot_ranks_ptr": "*i32", "h_ptr": "*fp32"}
 DELTA_META = {name: kind for name, kind in DECODE_META.items() if name != "src_ptr"} | {"delta_ptr": "*fp32"}
+# triton_glue._silu_mul_kernel with a pending LoRA delta (pending_lora.PendingLora)
+FUSED_ACT_META = {name: kind for name, kind in DECODE_META.items() if name != "src_ptr"}
 
 
 # How a decode step's launches specialize the LoRA kernels' integer arguments (compile_sm90's ones / aligned): x, A,
@@ -96,12 +98,13 @@ _BOUNDS = ("bound1", "bound2", "bound3")
 _EXPAND_SPEC = {"ones": ("stride_bn", "stride_yn"),
                 "aligned": ("out_features", "stride_hm", "stride_br", "stride_ym", *_BOUNDS)}
 _DECODE_SPEC = {"ones": ("stride_bn",), "aligned": ("out_features", "stride_hm", "stride_br", *_BOUNDS)}
+_FUSED_ACT_SPEC = {"ones": ("stride_bn",), "aligned": ("inter", "stride_gu", "stride_out", "stride_hm", "stride_br")}
 
 
 def lora_decode_variants():
     """(label, kernel function, constexprs, types, num_warps, compile_sm90's ones and aligned) of a batch-32 decode
     step's LoRA launches (rank 16): the tile forms and the one-row forms of LORAPLEX_LORA_ONE_ROW=1024."""
-    from server.model import triton_lora, triton_lora_decode
+    from server.model import triton_glue, triton_lora, triton_lora_decode
 
     shrink = triton_lora._shrink_kernel
     expand = triton_lora._expand_kernel
@@ -126,6 +129,9 @@ def lora_decode_variants():
         found.append((f"side delta gate_up ({form}, BLOCK_N {cols})", delta,
                       {"BLOCK_N": cols, "BLOCK_R": 16, "NUM_SLICES": 2, "DOT_PRECISION": "tf32", "ONE_ROW": one_row},
                       DELTA_META, 4, _DECODE_SPEC))
+    found.append(("activation with gate_up's pending delta (one row, BLOCK 1024)", triton_glue._silu_mul_kernel,
+                  {"BLOCK": 1024, "SUMS": False, "HAS_BIAS": False, "MOST_SPLITS": 16, "HAS_DELTA": False,
+                   "HAS_LORA": True, "BLOCK_R": 16}, FUSED_ACT_META, 4, _FUSED_ACT_SPEC))
     return found
 
 

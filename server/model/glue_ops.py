@@ -82,7 +82,8 @@ def embed_rmsnorm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, 
     return kernels.embed_rmsnorm(ids, table, weight, eps)
 
 
-def silu_mul(gate_up: torch.Tensor | SplitSums) -> torch.Tensor:
+def silu_mul(gate_up) -> torch.Tensor:
+    """silu(gate) * up of gate_up [T, 2I], or of the output a SplitSums or PendingLora stands for."""
     kernels = _kernels(gate_up)
     return silu_mul_reference(materialized(gate_up)) if kernels is None else kernels.silu_mul(gate_up)
 

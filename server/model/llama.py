@@ -228,8 +228,9 @@ class MLP(nn.Module):
         self.gate_up_proj, self.down_proj = gate_up, down
 
     def forward(self, x, lora: LoraContext | None) -> torch.Tensor:
-        # silu_mul sums gate_up's split-K partials as it reads them (split_sums)
-        act = glue_ops.silu_mul(self.gate_up_proj(x, lora, defer_sum=defer_sums(x)))
+        # silu_mul sums gate_up's split-K partials as it reads them (split_sums), and adds a pending LoRA delta
+        # (pending_lora)
+        act = glue_ops.silu_mul(self.gate_up_proj(x, lora, defer_sum=defer_sums(x), defer_delta=True))
         return self.down_proj(act, lora, defer_sum=defer_norm_sums(act))  # the next residual add sums partials
 
 

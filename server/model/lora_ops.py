@@ -21,6 +21,7 @@ from server.model.lora_meta import (  # noqa: F401  (re-exported: the ops' publi
     decode_lora_meta,
     make_lora_meta,
 )
+from server.model.pending_lora import PendingLora
 from server.model.split_sums import SplitSums
 
 # LORAPLEX_LORA_KERNEL=torch forces the pure-torch path on CUDA too (debugging, A/B timing).
@@ -50,6 +51,12 @@ _SIDE_EXPAND_SETTING = os.environ.get("LORAPLEX_LORA_SIDE_EXPAND", "0")
 if _SIDE_EXPAND_SETTING not in ("", "0", "1", "2"):
     raise ValueError(f"LORAPLEX_LORA_SIDE_EXPAND must be 0, 1 or 2, got {_SIDE_EXPAND_SETTING!r}")
 SIDE_EXPAND = int(_SIDE_EXPAND_SETTING or 0)
+
+# LORAPLEX_LORA_FUSED_ACT=1 (with LORAPLEX_LORA_ONE_ROW): in the decode graphs gate_up's expand is left to the
+# activation kernel that reads gate_up's output (pending_lora.PendingLora; triton_glue.silu_mul adds the delta as the
+# one-row expand computes it, bit for bit): one launch and one write and read of [T, 2I] fewer a layer. Off by
+# default until measured.
+FUSED_ACT = os.environ.get("LORAPLEX_LORA_FUSED_ACT", "0") == "1"
 
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
 _GATHER_BUDGET = 1 << 24
@@ -153,7 +160,8 @@ def base_output(base, x: torch.Tensor, defer_sum: bool) -> torch.Tensor | SplitS
 
 
 def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
-                     slice_offsets: tuple[int, ...], defer_sum: bool = False) -> torch.Tensor | SplitSums:
+                     slice_offsets: tuple[int, ...], defer_sum: bool = False,
+                     defer_delta: bool = False) -> torch.Tensor | SplitSums | PendingLora:
     """base(x) plus the per-token LoRA delta. While a CUDA graph is captured (the decode steps), with the Triton
     kernels, the shrink (which reads only x) runs on a side stream beside the base matmul, and the expand adds
     into base(x) once both are done: the shrink's short, DRAM-bound launches fill SMs that the L1-bound NF4
@@ -164,7 +172,9 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     the delta in one launch (`triton_lora_decode.lora_expand_sums`), where csrc's sum kernel and the expand took
     two. With SIDE_EXPAND the expand of qkv and gate_up follows the shrink on the side stream, into an fp32 delta,
     and the join only adds it; with SIDE_EXPAND 2 and `defer_sum` (the caller's kernel sums partials), there is no
-    join: the partials come back with the delta (SplitSums.delta) for that kernel to add.
+    join: the partials come back with the delta (SplitSums.delta) for that kernel to add. With FUSED_ACT and
+    `defer_delta` (the caller's kernel adds a pending delta: the activation after gate_up), the expand is not run
+    here: the base output (or its partials) comes back with what the expand reads (PendingLora).
 
     Eager steps (prefills) run on one stream: there the host is the bound, not the GPU. The H200 8B prefill of
     32 x 128 tokens through 32 adapters took 57-98 ms of host time against 33.5 ms of kernels (merged: 26 ms
@@ -180,7 +190,7 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
         y = base(x)
         lora_apply(y, x, lora_a, lora_b, layout, meta, slice_offsets)
         return y
-    from server.model.triton_lora import lora_expand, lora_shrink
+    from server.model.triton_lora import lora_expand, lora_shrink, one_row_launch
     from server.model.triton_lora_decode import lora_add_delta, lora_delta, lora_expand_sums
 
     y_like = SimpleNamespace(shape=(x.shape[0], slice_offsets[-1]))  # base(x)'s shape, checked before it runs
@@ -194,11 +204,15 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
         h = lora_shrink(x, lora_a, layout, meta, num_slices)
         side_expand = SIDE_EXPAND and one_token_segments and num_slices > 1
         delta = lora_delta(h, lora_b, layout, meta, slice_offsets) if side_expand else None
+    pending = (FUSED_ACT and defer_delta and delta is None and one_token_segments
+               and one_row_launch(lora_b, layout) is not None)
     fused = FUSED_SUMS and one_token_segments and getattr(base, "may_defer_sum", False)
     y = base(x, defer_sum=True) if fused else base(x)
     current.wait_stream(side)
     if tuple(y.shape) != y_like.shape:
         raise ValueError(f"the base layer gave {tuple(y.shape)}, the adapters' slices need {y_like.shape}")
+    if pending:
+        return PendingLora(y, h, lora_b, layout, meta, slice_offsets)
     if delta is not None:
         if SIDE_EXPAND >= 2 and defer_sum and isinstance(y, SplitSums):
             return SplitSums(y.partials, y.bias, y.dtype, delta)

@@ -49,5 +49,6 @@ class SplitSums:
         return out if self.delta is None else (out.float() + self.delta).to(self.dtype)
 
 
-def materialized(y: torch.Tensor | SplitSums) -> torch.Tensor:
-    return y.materialize() if isinstance(y, SplitSums) else y
+def materialized(y) -> torch.Tensor:
+    """y itself if a tensor, else the output it stands for (SplitSums, pending_lora.PendingLora)."""
+    return y if isinstance(y, torch.Tensor) else y.materialize()

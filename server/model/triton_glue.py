@@ -10,7 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from server.model.pending_lora import PendingLora
 from server.model.split_sums import SplitSums
+from server.model.triton_lora import _row_delta, one_row_launch
 
 # The most split-K partials a kernel here sums: cuda_nf4.pick_split_k's largest split (csrc's kUnrolledSplits).
 MAX_SPLITS = 16
@@ -151,26 +153,50 @@ def embed_rmsnorm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, 
     return h, y
 
 
+@triton.jit
+def _lora_added(v, row, cols, mask, h_ptr, slice_index, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, stride_hm,
+                stride_br, stride_bn, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+    """v (a linear's output at `cols` of `row`, rounded) plus the token's LoRA delta from slice `slice_index` of its
+    row of h, rounded: as the one-row expand adds it (`_row_delta` with the slice's h, the same products in the same
+    order); a token without an adapter (slot < 0) keeps v's bits."""
+    if slot >= 0:
+        rank = tl.load(slot_ranks_ptr + slot)
+        first_row = tl.load(slot_offsets_ptr + slot).to(tl.int64)
+        delta = _row_delta(h_ptr + row * stride_hm + slice_index * rank, b_ptr, first_row, rank, cols, mask, 0, 0, 0,
+                           stride_br, stride_bn, BLOCK, BLOCK_R, 1)
+        v = (v.to(tl.float32) + delta).to(v.dtype)
+    return v
+
+
 @triton.jit(do_not_specialize=["plane", "splits"])
 def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, splits, bias_ptr, delta_ptr,
+                     h_ptr, b_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr, stride_hm, stride_br, stride_bn,
                      BLOCK: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, MOST_SPLITS: tl.constexpr,
-                     HAS_DELTA: tl.constexpr):
+                     HAS_DELTA: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One row's activation at BLOCK columns of the gate (and the same of up). With HAS_LORA, gate and up first take
+    the token's pending LoRA delta (`_lora_added`; pending_lora.PendingLora), slice 0 and slice 1 of its h."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
+    dtype = out_ptr.dtype.element_ty
     if SUMS:  # gu_ptr: split-K partials [splits, rows, 2 * inter], at most MOST_SPLITS of them
         at = row * stride_gu + cols
-        dtype = out_ptr.dtype.element_ty
         gate = _summed(gu_ptr, at, mask, plane, splits, bias_ptr, cols, dtype, HAS_BIAS, MOST_SPLITS, delta_ptr,
                        HAS_DELTA)
         up = _summed(gu_ptr, at + inter, mask, plane, splits, bias_ptr, inter + cols, dtype, HAS_BIAS, MOST_SPLITS,
                      delta_ptr, HAS_DELTA)
-        gate, up = gate.to(tl.float32), up.to(tl.float32)
     else:
-        gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+        gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0)
+        up = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=mask, other=0.0)
+    if HAS_LORA:
+        slot = tl.load(token_slots_ptr + row).to(tl.int64)
+        gate = _lora_added(gate, row, cols, mask, h_ptr, 0, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, stride_hm,
+                           stride_br, stride_bn, BLOCK, BLOCK_R)
+        up = _lora_added(up, row, inter + cols, mask, h_ptr, 1, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr,
+                         stride_hm, stride_br, stride_bn, BLOCK, BLOCK_R)
+    gate, up = gate.to(tl.float32), up.to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=mask)
 
 
 def silu_launch(num_rows: int, sums: bool) -> tuple[int, int]:
@@ -180,11 +206,20 @@ def silu_launch(num_rows: int, sums: bool) -> tuple[int, int]:
     return (1024, 4) if not sums else (256, 4) if num_rows >= 8 else (64, 2)
 
 
-def silu_mul(gate_up: torch.Tensor | SplitSums, launch: tuple[int, int] | None = None,
+def silu_mul(gate_up: torch.Tensor | SplitSums | PendingLora, launch: tuple[int, int] | None = None,
              compiled_splits: bool = COMPILED_SPLITS) -> torch.Tensor:
-    """gate_up [T, 2I] (or its split-K partials) -> silu(gate) * up [T, I]. `launch`: (elements a program, warps)
-    in place of silu_launch's; `compiled_splits`: the partials' count compiled into the kernel (one build a count)
-    instead of read at run time (16 masked loads an element); both for bench.glue_kernels' sweep."""
+    """gate_up [T, 2I] (or its split-K partials, or either with a pending LoRA delta) -> silu(gate) * up [T, I].
+    `launch`: (elements a program, warps) in place of silu_launch's; `compiled_splits`: the partials' count compiled
+    into the kernel (one build a count) instead of read at run time (16 masked loads an element); both for
+    bench.glue_kernels' sweep. A pending delta is added here with the one-row expand's launch (its programs' columns
+    and warps); without LORAPLEX_LORA_ONE_ROW the expand runs first (its tiles round otherwise)."""
+    lora = one_row = None
+    if isinstance(gate_up, PendingLora):
+        one_row = one_row_launch(gate_up.lora_b, gate_up.layout)
+        if one_row is None or len(gate_up.slice_offsets) != 3 or gate_up.slice_offsets[1] * 2 != gate_up.shape[1]:
+            gate_up = gate_up.materialize()
+        else:
+            lora, gate_up = gate_up, gate_up.base
     num_rows, two_inter = gate_up.shape
     inter = two_inter // 2
     sums = isinstance(gate_up, SplitSums)
@@ -193,12 +228,21 @@ def silu_mul(gate_up: torch.Tensor | SplitSums, launch: tuple[int, int] | None =
         return out
     src, plane, splits, bias, has_bias = _source(gate_up, takes_delta=True)
     delta, has_delta = _delta(gate_up)
-    block, warps = launch or silu_launch(num_rows, sums)
+    if lora is not None:
+        if has_delta:
+            raise ValueError("a pending LoRA delta and partials that carry one")
+        block_r, block, warps = one_row
+        h, lora_b = lora.h, lora.lora_b
+        lora_args = (h, lora_b, lora.meta.token_slots, lora.layout.offsets, lora.layout.ranks, h.stride(0),
+                     lora_b.stride(0), lora_b.stride(1))
+    else:
+        block, warps = launch or silu_launch(num_rows, sums)
+        block_r, lora_args = 16, (src,) * 5 + (0, 0, 0)  # stand-ins, never read
     _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
-        src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias, delta,
+        src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias, delta, *lora_args,
         BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, MOST_SPLITS=splits if sums and compiled_splits else MAX_SPLITS,
-        HAS_DELTA=has_delta, num_warps=warps,
-    )
+        HAS_DELTA=has_delta, HAS_LORA=lora is not None, BLOCK_R=block_r, num_warps=warps,
+    )  # fmt: skip
     return out
 
 

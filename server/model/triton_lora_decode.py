@@ -6,7 +6,8 @@
   lora_add_delta:   that delta added after the base matmul (summing its partials first, if any)
 
 A token's delta is computed as `triton_lora._expand_kernel` computes it for a one-token segment (the token alone in
-row 0 of a 16-row tensor-core tile), so each path gives the expand's bits.
+row 0 of a 16-row tensor-core tile, or under LORAPLEX_LORA_ONE_ROW one row summed in a thread's registers), so each
+path gives the expand's bits.
 """
 
 from __future__ import annotations

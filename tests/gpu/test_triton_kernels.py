@@ -227,6 +227,44 @@ def test_lora_side_stream_equals_one_stream(triton_lora, graph, side_expand, mon
         torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
 
 
+def test_lora_fused_activation_equals_expand_then_activation(triton_lora, monkeypatch):
+    """LORAPLEX_LORA_FUSED_ACT with LORAPLEX_LORA_ONE_ROW: in a captured decode step gate_up's delta is left pending
+    (pending_lora.PendingLora) and the activation kernel adds it, bit for bit the one-row expand then silu_mul,
+    replayed after x and the slots change in place (tokens without an adapter included)."""
+    from server.model import glue_ops, lora_ops
+    from server.model.lora_ops import linear_with_lora
+    from server.model.pending_lora import PendingLora
+
+    monkeypatch.setattr(triton_lora, "ONE_ROW_BLOCK_N", 1024)
+    inter, num_slots, num_tokens = 2816, 6, 32
+    slice_offsets = (0, inter, 2 * inter)
+    _, x, lora_a, lora_b, pool = lora_inputs(num_tokens, num_slots, 16, slice_offsets, 2048, torch.bfloat16)
+    base = torch.nn.Linear(2048, 2 * inter, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    slots = torch.zeros(num_tokens, device=DEVICE, dtype=torch.int32)
+    meta = decode_lora_meta(slots)
+    outs = {fused: torch.empty(num_tokens, inter, device=DEVICE, dtype=torch.bfloat16) for fused in (False, True)}
+    kinds = {}
+
+    def step(fused):
+        monkeypatch.setattr(lora_ops, "FUSED_ACT", fused)
+        gate_up = linear_with_lora(base, x, lora_a, lora_b, pool, meta, slice_offsets, defer_delta=True)
+        kinds[fused] = type(gate_up)
+        outs[fused].copy_(glue_ops.silu_mul(gate_up))
+
+    graphs = {fused: capture(lambda fused=fused: step(fused)) for fused in (False, True)}
+    assert kinds == {False: torch.Tensor, True: PendingLora}
+    for seed in range(3):
+        slots.copy_(torch.randint(-1, num_slots, (num_tokens,), generator=torch.Generator().manual_seed(seed)))
+        x.normal_()
+        for graph in graphs.values():
+            graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(outs[True], outs[False])
+        expected = base(x)
+        lora_apply_reference(expected, x, lora_a, lora_b, pool, meta, slice_offsets)
+        torch.testing.assert_close(outs[True], glue_ops.silu_mul_reference(expected), atol=6e-2, rtol=3e-2)
+
+
 def paged_inputs(context_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     max_blocks = max(1, max(-(-n // block_size) for n in context_lens))

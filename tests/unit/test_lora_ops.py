@@ -403,6 +403,56 @@ def test_triton_interpreted_expand_sums_equals_sum_then_expand(triton_lora, lora
     torch.testing.assert_close(got, reference, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("one_row", [0, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("max_rank", [8, 40])
+@pytest.mark.parametrize("splits, with_bias", [(0, False), (3, True)])
+def test_triton_interpreted_activation_adds_a_pending_delta_as_the_expand(triton_lora, lora_decode, monkeypatch,
+                                                                          dtype, max_rank, splits, with_bias,
+                                                                          one_row):
+    """LORAPLEX_LORA_FUSED_ACT: silu_mul given gate_up's output with its LoRA delta pending (pending_lora) gives bit
+    for bit the expand (or expand_sums, from split-K partials) then silu_mul, for tokens with and without an
+    adapter, ranks up to 40 (three 16-rank blocks) and an intermediate width that is no multiple of the program's
+    columns; without LORAPLEX_LORA_ONE_ROW it runs that expand first."""
+    from server.model.pending_lora import PendingLora
+    from server.model.split_sums import SplitSums
+
+    glue = interpreted("server.model.triton_glue")
+    monkeypatch.setattr(triton_lora, "ONE_ROW_BLOCK_N", one_row)
+    gen = torch.Generator().manual_seed(max_rank + splits)
+    slots, inter = [2, -1, 0, 2, 1], 300
+    slice_offsets = (0, inter, 2 * inter)
+    _, x, lora_a, lora_b, pool, _ = make_inputs([1] * len(slots), slots, max_rank, slice_offsets, dtype,
+                                                in_features=64, seed=max_rank)
+    meta = decode_lora_meta(torch.tensor(slots, dtype=torch.int32))
+    if splits:
+        bias = torch.randn(2 * inter, generator=gen).to(dtype) if with_bias else None
+        base = SplitSums(torch.randn(splits, len(slots), 2 * inter, generator=gen), bias, dtype)
+    else:
+        base = torch.randn(len(slots), 2 * inter, generator=gen).to(dtype)
+    h = triton_lora.lora_shrink(x, lora_a, pool, meta, 2)
+    pending = PendingLora(base, h, lora_b, pool, meta, slice_offsets)
+    got = glue.silu_mul(pending)
+    expanded = pending.materialize()
+    assert torch.equal(got, glue.silu_mul(expanded))
+    unchanged = base.materialize() if splits else base
+    no_adapter = slots.index(-1)
+    assert torch.equal(expanded[no_adapter], unchanged[no_adapter])
+    assert not torch.equal(expanded[0], unchanged[0]), "the adapter's delta was added"
+    reference = unchanged.clone()
+    lora_apply_reference(reference, x, lora_a, lora_b, pool, meta, slice_offsets)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(expanded, reference, atol=atol, rtol=rtol)
+
+
+def test_a_pending_delta_takes_one_token_segments():
+    from server.model.pending_lora import PendingLora
+
+    _, _, _, lora_b, pool, meta = make_inputs([2, 1], [0, 1], 8, (0, 8, 16), torch.float32)
+    with pytest.raises(ValueError, match="one-token segments"):
+        PendingLora(torch.zeros(3, 16), torch.zeros(3, 16), lora_b, pool, meta, (0, 8, 16))
+
+
 def test_expand_sums_refuses_segments_of_several_tokens(triton_lora, lora_decode):
     from server.model.split_sums import SplitSums
 

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from bench.triton_sm90 import DECODE_META, DELTA_META, LORA_META
+from bench.triton_sm90 import DECODE_META, DELTA_META, FUSED_ACT_META, LORA_META
 
 pytestmark = pytest.mark.skipif(os.environ.get("LORAPLEX_TRITON_COMPILE") != "1",
                                 reason="set LORAPLEX_TRITON_COMPILE=1 to compile the Triton kernels for sm_90")
@@ -90,8 +90,14 @@ def test_activation_and_rotary(modules, sums, delta):
     partials = ({"gu_ptr": "*fp32"} if sums else {}) | deltas
     for most in (16, 3) if sums else (16,):  # the count read at run time, or compiled in
         compile_sm90(modules["glue"]._silu_mul_kernel,
-                     {"BLOCK": 256, "SUMS": sums, "HAS_BIAS": sums, "MOST_SPLITS": most, "HAS_DELTA": delta},
+                     {"BLOCK": 256, "SUMS": sums, "HAS_BIAS": sums, "MOST_SPLITS": most, "HAS_DELTA": delta,
+                      "HAS_LORA": False, "BLOCK_R": 16},
                      partials)
+    if not delta:  # gate_up's pending LoRA delta (LORAPLEX_LORA_FUSED_ACT), on the base output or its partials
+        compile_sm90(modules["glue"]._silu_mul_kernel,
+                     {"BLOCK": 1024, "SUMS": sums, "HAS_BIAS": False, "MOST_SPLITS": 16 if sums else 1,
+                      "HAS_DELTA": False, "HAS_LORA": True, "BLOCK_R": 32},
+                     partials | FUSED_ACT_META)
     compile_sm90(modules["glue"]._rotary_write_kv_kernel,
                  {"NUM_Q_HEADS": 32, "NUM_KV_HEADS": 8, "HALF": 64, "SUMS": sums, "HAS_BIAS": sums,
                   "HAS_DELTA": delta},
@@ -172,3 +178,5 @@ def test_decode_lora_variants_report_their_registers():
         assert 1 <= found["programs_per_sm"] <= 64 // num_warps, label
         if label.startswith("expand") and "one row" in label:  # LORAPLEX_LORA_ONE_ROW: the rank sum within a thread
             assert found["shared_bytes"] == 0 and found["registers"] <= 128, (label, found)
+        if label.startswith("activation"):  # gate's and up's B in flight together: 153 registers, within a thread
+            assert found["shared_bytes"] == 0, (label, found)
