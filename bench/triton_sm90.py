@@ -103,35 +103,37 @@ _FUSED_ACT_SPEC = {"ones": ("stride_bn",), "aligned": ("inter", "stride_gu", "st
 
 def lora_decode_variants():
     """(label, kernel function, constexprs, types, num_warps, compile_sm90's ones and aligned) of a batch-32 decode
-    step's LoRA launches (rank 16): the tile forms and the one-row forms of LORAPLEX_LORA_ONE_ROW=1024."""
+    step's LoRA launches (rank 16): the tile forms, and the one-row forms at LORAPLEX_LORA_ONE_ROW's width (256 when
+    it is off), N / 256 warps for bf16 B as one_row_launch gives."""
     from server.model import triton_glue, triton_lora, triton_lora_decode
 
     shrink = triton_lora._shrink_kernel
     expand = triton_lora._expand_kernel
     sums = triton_lora_decode._expand_sums_kernel
     delta = triton_lora_decode._lora_delta_kernel
+    width = triton_lora.ONE_ROW_BLOCK_N or 256
     found = []
     for cols, linear in ((64, "qkv"), (32, "gate_up"), (16, "o, down")):
         found.append((f"shrink {linear} (BLOCK_N {cols}, BLOCK_K 128, a program a token)", shrink,
                       {"BLOCK_M": 1, "BLOCK_N": cols, "BLOCK_K": 128, "ATOMIC": True, "DOT_PRECISION": "tf32"},
                       LORA_META, 4, _SHRINK_SPEC))
-    for rows, cols, warps in ((16, 256, 4), (1, 1024, 4)):
+    for rows, cols, warps in ((16, 256, 4), (1, width, width // 256)):
         form = "one row" if rows == 1 else "16-row tile"
         found.append((f"expand gate_up ({form}, BLOCK_N {cols})", expand,
                       {"BLOCK_M": rows, "BLOCK_N": cols, "BLOCK_R": 16, "NUM_SLICES": 2, "DOT_PRECISION": "tf32"},
                       LORA_META, warps, _EXPAND_SPEC))
-    for one_row, cols in ((False, 256), (True, 1024)):
+    for one_row, cols, warps in ((False, 256, 4), (True, width, width // 256)):
         form = "one row" if one_row else "tile"
         for slices, linear in ((3, "qkv"), (1, "o, down")):
             found.append((f"expand_sums {linear} ({form}, BLOCK_N {cols})", sums,
                           {"BLOCK_N": cols, "BLOCK_R": 16, "NUM_SLICES": slices, "HAS_BIAS": False,
-                           "DOT_PRECISION": "tf32", "ONE_ROW": one_row}, DECODE_META, 4, _DECODE_SPEC))
+                           "DOT_PRECISION": "tf32", "ONE_ROW": one_row}, DECODE_META, warps, _DECODE_SPEC))
         found.append((f"side delta gate_up ({form}, BLOCK_N {cols})", delta,
                       {"BLOCK_N": cols, "BLOCK_R": 16, "NUM_SLICES": 2, "DOT_PRECISION": "tf32", "ONE_ROW": one_row},
-                      DELTA_META, 4, _DECODE_SPEC))
-    found.append(("activation with gate_up's pending delta (one row, BLOCK 1024)", triton_glue._silu_mul_kernel,
-                  {"BLOCK": 1024, "SUMS": False, "HAS_BIAS": False, "MOST_SPLITS": 16, "HAS_DELTA": False,
-                   "HAS_LORA": True, "BLOCK_R": 16}, FUSED_ACT_META, 4, _FUSED_ACT_SPEC))
+                      DELTA_META, warps, _DECODE_SPEC))
+    found.append((f"activation with gate_up's pending delta (one row, BLOCK {width})", triton_glue._silu_mul_kernel,
+                  {"BLOCK": width, "SUMS": False, "HAS_BIAS": False, "MOST_SPLITS": 16, "HAS_DELTA": False,
+                   "HAS_LORA": True, "BLOCK_R": 16}, FUSED_ACT_META, width // 256, _FUSED_ACT_SPEC))
     return found
 
 

@@ -173,19 +173,22 @@ def _expand_kernel(
 
 
 def _one_row_setting() -> int:
-    value = os.environ.get("LORAPLEX_LORA_ONE_ROW", "0") or "0"
+    value = os.environ.get("LORAPLEX_LORA_ONE_ROW", "256") or "0"
     if not value.isdigit() or (int(value) and (int(value) & (int(value) - 1) or not 256 <= int(value) <= 2048)):
         raise ValueError(f"LORAPLEX_LORA_ONE_ROW must be 0 or a power of two from 256 to 2048, got {value!r}")
     return int(value)
 
 
-# LORAPLEX_LORA_ONE_ROW=N (a power of two, 256-2048; 0: off): the expands of one-token segments (every decode step:
-# `lora_expand`, and `triton_lora_decode`'s fused forms) take one token a program over N columns, products summed
-# in registers (`_row_delta`), instead of the token alone in row 0 of a 16-row tensor-core tile. The launch gives
-# each thread 16 bytes of columns and all their ranks (N / 256 warps for bf16 B), so a program keeps N x 32 bytes
-# of B in flight and the rank sum stays within a thread; the tile holds a [16, 256] fp32 accumulator for one live
-# row. The two round differently (a thread's fp32 sum against the tensor core's), so every one-token path switches
-# together and compares bit for bit among itself.
+# LORAPLEX_LORA_ONE_ROW=N (a power of two, 256-2048, default 256; 0: off): the expands of one-token segments (every
+# decode step: `lora_expand`, and `triton_lora_decode`'s fused forms) take one token a program over N columns,
+# products summed in registers (`_row_delta`), instead of the token alone in row 0 of a 16-row tensor-core tile. The
+# launch gives each thread 16 bytes of columns and all their ranks (N / 256 warps for bf16 B), so the rank sum stays
+# within a thread; the tile holds a [16, 256] fp32 accumulator for one live row. The two round differently (a
+# thread's fp32 sum against the tensor core's), so every one-token path switches together and compares bit for bit
+# among itself. Measured (H100, thirty-first session, bench/results/2026-12-05-nvidia-h100-80gb-hbm3-lora-kernels-
+# s31.json, 8B decode of 32 adapters, us, tile / N 256 / 512 / 1024 / 2048): qkv 6.91 / 5.01 / 4.94 / 4.95 / 5.04,
+# o 4.62 / 3.75 / 4.02 / 3.98 / 4.24, gate_up 18.67 / 12.78 / 12.90 / 13.06 / 13.42, down 4.62 / 3.88 / 4.02 / 4.04
+# / 4.47; the 8B mixed32 decode step (bench.profile_step, wall) 6.36 -> 5.71 ms at N 1024.
 ONE_ROW_BLOCK_N = _one_row_setting()
 
 
