@@ -229,8 +229,10 @@ def test_lora_side_stream_equals_one_stream(triton_lora, graph, side_expand, mon
 
 def test_lora_fused_activation_equals_expand_then_activation(triton_lora, monkeypatch):
     """LORAPLEX_LORA_FUSED_ACT with LORAPLEX_LORA_ONE_ROW: in a captured decode step gate_up's delta is left pending
-    (pending_lora.PendingLora) and the activation kernel adds it, bit for bit the one-row expand then silu_mul,
-    replayed after x and the slots change in place (tokens without an adapter included)."""
+    (pending_lora.PendingLora) and the activation kernel adds it, bit for bit the one-row expand then silu_mul on the
+    same base output and h (the shrink's split-K atomics make h's last bits differ from run to run, so the unfused
+    graph is compared within tolerance), replayed after x and the slots change in place (tokens without an adapter
+    included)."""
     from server.model import glue_ops, lora_ops
     from server.model.lora_ops import linear_with_lora
     from server.model.pending_lora import PendingLora
@@ -243,23 +245,24 @@ def test_lora_fused_activation_equals_expand_then_activation(triton_lora, monkey
     slots = torch.zeros(num_tokens, device=DEVICE, dtype=torch.int32)
     meta = decode_lora_meta(slots)
     outs = {fused: torch.empty(num_tokens, inter, device=DEVICE, dtype=torch.bfloat16) for fused in (False, True)}
-    kinds = {}
+    gate_ups = {}
 
     def step(fused):
         monkeypatch.setattr(lora_ops, "FUSED_ACT", fused)
-        gate_up = linear_with_lora(base, x, lora_a, lora_b, pool, meta, slice_offsets, defer_delta=True)
-        kinds[fused] = type(gate_up)
-        outs[fused].copy_(glue_ops.silu_mul(gate_up))
+        gate_ups[fused] = linear_with_lora(base, x, lora_a, lora_b, pool, meta, slice_offsets, defer_delta=True)
+        outs[fused].copy_(glue_ops.silu_mul(gate_ups[fused]))
 
     graphs = {fused: capture(lambda fused=fused: step(fused)) for fused in (False, True)}
-    assert kinds == {False: torch.Tensor, True: PendingLora}
+    pending = gate_ups[True]  # the captured step's tensors, which each replay refills
+    assert isinstance(pending, PendingLora) and isinstance(gate_ups[False], torch.Tensor)
     for seed in range(3):
         slots.copy_(torch.randint(-1, num_slots, (num_tokens,), generator=torch.Generator().manual_seed(seed)))
         x.normal_()
         for graph in graphs.values():
             graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(outs[True], outs[False])
+        assert torch.equal(outs[True], glue_ops.silu_mul(pending.materialize()))
+        torch.testing.assert_close(outs[True], outs[False], atol=2e-2, rtol=2e-2)
         expected = base(x)
         lora_apply_reference(expected, x, lora_a, lora_b, pool, meta, slice_offsets)
         torch.testing.assert_close(outs[True], glue_ops.silu_mul_reference(expected), atol=6e-2, rtol=3e-2)
