@@ -323,8 +323,9 @@ def lora_apply_triton(y, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchM
 
 # One segment length per BLOCK_M class of `_block_m` and `_shrink_block_m` (expand 16, 32, 64 tokens a program;
 # shrink 1, 32, 64), and both sides of the shrink's split (the ATOMIC constexpr): with the shapes of each linear,
-# these are every variant a prefill can meet.
-WARM_UP_SEG_LENS = (1, 17, 33, 65)
+# these are every variant a prefill can meet. Length 1 is the one-token expand (LORAPLEX_LORA_ONE_ROW's form when it
+# is on), 2 the 16-token tile of short segments.
+WARM_UP_SEG_LENS = (1, 2, 17, 33, 65)
 WARM_UP_SPLITS = (1, 2)
 
 
