@@ -209,6 +209,21 @@ def one_row_launch(lora_b: torch.Tensor, layout: SlotLayout) -> tuple[int, int, 
     return _pow2_at_least_16(layout.max_rank), ONE_ROW_BLOCK_N, max(1, ONE_ROW_BLOCK_N // (32 * columns_a_thread))
 
 
+def one_token_launch(lora_b: torch.Tensor, layout: SlotLayout) -> tuple[int, int, int, int]:
+    """(block_m, block_r, block_n, num_warps) of the expand's one-token segments (every decode step): the one-row
+    programs under LORAPLEX_LORA_ONE_ROW (block_m 1), else the token alone in a 16-row tile. The decode kernels of
+    `triton_lora_decode` launch the same, so that each gives the expand's bits."""
+    one_row = one_row_launch(lora_b, layout)
+    if one_row:
+        return (1, *one_row)
+    return 16, _pow2_at_least_16(layout.max_rank), _tile_block_n(16, lora_b, layout), 4
+
+
+def _tile_block_n(block_m: int, lora_b: torch.Tensor, layout: SlotLayout) -> int:
+    """Wide tiles for decode, where B is the only real traffic; capped so a B tile stays <= 16 KB."""
+    return min(256, 4096 // block_m, 16384 // lora_b.element_size() // _pow2_at_least_16(layout.max_rank))
+
+
 def _stages(tuning: dict) -> dict:
     """Triton's num_stages launch option when a sweep sets it (else Triton's default)."""
     return {"num_stages": tuning["num_stages"]} if "num_stages" in tuning else {}
@@ -290,14 +305,12 @@ def lora_expand(y, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_off
     num_tokens, out_features = y.shape
     if num_tokens == 0 or out_features == 0 or meta.num_segments == 0:
         return
-    one_row = one_row_launch(lora_b, layout) if meta.max_seg_len == 1 and not tuning else None
-    block_r = _pow2_at_least_16(layout.max_rank)
-    if one_row:
-        block_m, (block_r, block_n, num_warps) = 1, one_row
+    if meta.max_seg_len == 1 and not tuning:
+        block_m, block_r, block_n, num_warps = one_token_launch(lora_b, layout)
     else:
+        block_r = _pow2_at_least_16(layout.max_rank)
         block_m = tuning.get("block_m", _block_m(meta.max_seg_len))
-        # Wide tiles for decode, where B is the only real traffic; capped so a B tile stays <= 16 KB.
-        block_n = tuning.get("block_n", min(256, 4096 // block_m, 16384 // lora_b.element_size() // block_r))
+        block_n = tuning.get("block_n", _tile_block_n(block_m, lora_b, layout))
         num_warps = tuning.get("num_warps", 8 if block_m >= 32 else 4)
     num_m = triton.cdiv(max(meta.max_seg_len, 1), block_m)
     grid = (meta.num_segments, num_m, triton.cdiv(out_features, block_n))

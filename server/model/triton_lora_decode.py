@@ -19,7 +19,7 @@ import triton.language as tl
 from server.model.lora_meta import LoraBatchMeta, SlotLayout
 from server.model.split_sums import SplitSums
 from server.model.triton_glue import _MAX_SPLITS, MAX_SPLITS, _source, _summed, check_delta
-from server.model.triton_lora import _pow2_at_least_16, _row_delta, _slice_bounds, _tile_delta, one_row_launch
+from server.model.triton_lora import _row_delta, _slice_bounds, _tile_delta, one_token_launch
 
 
 @triton.jit
@@ -154,12 +154,9 @@ def _check_one_token_segments(meta: LoraBatchMeta, num_tokens: int, what: str) -
 
 def _one_token_launch(lora_b, layout: SlotLayout) -> tuple[int, int, int, bool]:
     """(block_r, block_n, num_warps, one_row) of the one-token delta programs: lora_expand's for one-token segments
-    (its one-row programs under LORAPLEX_LORA_ONE_ROW, else its tiles of 16 rows: the same tiles, the same bits)."""
-    one_row = one_row_launch(lora_b, layout)
-    if one_row:
-        return (*one_row, True)
-    block_r = _pow2_at_least_16(layout.max_rank)
-    return block_r, min(256, 4096 // 16, 16384 // lora_b.element_size() // block_r), 4, False
+    (`triton_lora.one_token_launch`: the same programs, the same bits)."""
+    block_m, block_r, block_n, num_warps = one_token_launch(lora_b, layout)
+    return block_r, block_n, num_warps, block_m == 1
 
 
 def lora_expand_sums(sums: SplitSums, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
