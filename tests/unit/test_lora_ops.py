@@ -1,5 +1,8 @@
 """Batched multi-adapter LoRA: the torch path (and, opt-in, the Triton kernels) against the plain loop."""
 
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -202,20 +205,22 @@ def test_one_row_launch_gives_each_thread_16_bytes_of_columns(triton_lora, monke
     assert block_m == [1, 16], expand.variants
 
 
+def _import_with(module: str, name: str, value: str) -> subprocess.CompletedProcess:
+    """`import module` in a fresh interpreter with the environment variable `name` set to `value` (settings are
+    read at import)."""
+    return subprocess.run([sys.executable, "-c", f"import {module}"], env={**os.environ, name: value},
+                          capture_output=True, text=True)
+
+
 @pytest.mark.parametrize("value, ok", [("0", True), ("", True), ("1024", True), ("256", True), ("300", False),
                                        ("4096", False), ("128", False), ("on", False)])
 def test_one_row_setting_takes_a_power_of_two_from_256_to_2048(value, ok):
     import importlib.util
-    import os
-    import subprocess
-    import sys
 
     if importlib.util.find_spec("triton") is None:  # not imported here: the interpreter tests need it unimported
         pytest.skip("triton is not installed")
 
-    env = {**os.environ, "LORAPLEX_LORA_ONE_ROW": value}
-    done = subprocess.run([sys.executable, "-c", "import server.model.triton_lora"], env=env, capture_output=True,
-                          text=True)
+    done = _import_with("server.model.triton_lora", "LORAPLEX_LORA_ONE_ROW", value)
     assert (done.returncode == 0) == ok, done.stderr
     if not ok:
         assert "LORAPLEX_LORA_ONE_ROW must be 0 or a power of two" in done.stderr
@@ -553,13 +558,7 @@ def test_expand_sums_refuses_partials_that_carry_a_delta(triton_lora, lora_decod
 
 @pytest.mark.parametrize("value, ok", [("0", True), ("2", True), ("", True), ("yes", False), ("-1", False)])
 def test_side_expand_setting_takes_0_1_or_2(value, ok):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "LORAPLEX_LORA_SIDE_EXPAND": value}
-    done = subprocess.run([sys.executable, "-c", "import server.model.lora_ops"], env=env, capture_output=True,
-                          text=True)
+    done = _import_with("server.model.lora_ops", "LORAPLEX_LORA_SIDE_EXPAND", value)
     assert (done.returncode == 0) == ok, done.stderr
     if not ok:
         assert "LORAPLEX_LORA_SIDE_EXPAND must be 0, 1 or 2" in done.stderr
