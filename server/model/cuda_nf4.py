@@ -308,12 +308,6 @@ WGMMA_BLOCK_TOKENS = (32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_mma.c
 WGMMA_MAX_SPLIT_K = 16  # the Triton consumers of deferred partials sum at most 16 (triton_glue.MAX_SPLITS)
 WGMMA_BLOCK_WARPS = 8  # csrc/nf4_wgmma.cuh's default block: two warpgroups of 64 weight rows each
 WGMMA_BLOCK_WEIGHT_ROWS = 16 * WGMMA_BLOCK_WARPS
-WGMMA_WS_WARPS = 12  # csrc/nf4_wgmma_ws.cuh: two consumer warpgroups (128 weight rows) and a producer warpgroup
-
-
-def wgmma_block_rows(block_warps: int) -> int:
-    """Weight rows a block of nf4_wgmma: 16 a warp, but the warp-specialized block's producer warpgroup holds none."""
-    return 16 * (WGMMA_BLOCK_WARPS if block_warps == WGMMA_WS_WARPS else block_warps)
 
 
 def wgmma_block_tokens(num_rows: int, shape, num_sms: int) -> int:
@@ -341,9 +335,9 @@ def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupan
     50.0 vs 52.3 and 1B gate_up 18.9 vs 19.9 at 1 and 3; 1B qkv 7.6 vs 7.8 at the same 8)."""
     out_features, in_features = shape
     in_blocks = in_features // NF4_BLOCKSIZE
-    blocks = -(-out_features // wgmma_block_rows(block_warps)) * -(-num_rows // block_tokens)
+    blocks = -(-out_features // (16 * block_warps)) * -(-num_rows // block_tokens)
     splits = max(1, min(WGMMA_MAX_SPLIT_K, in_blocks // 4, occupancy * num_sms // blocks))
-    if occupancy * block_warps == 24 and block_warps != WGMMA_WS_WARPS:
+    if occupancy * block_warps == 24:
         splits = max(min(splits, in_blocks // 8), wgmma_split_k(num_rows, shape, num_sms, block_tokens))
     return splits
 
@@ -351,10 +345,7 @@ def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupan
 def wgmma_occupancy(block_tokens: int, block_warps: int = WGMMA_BLOCK_WARPS) -> int:
     """Blocks an SM nf4_wgmma's instance is built for: 3 for 32 tokens (80 registers: 24 warps an SM to hide the
     loads and the waits; the measurements at wgmma_split_k), else 2 (the 128- and 256-token instances run one);
-    with one warpgroup a block (block_warps 4): 6 at 32 tokens, 4 at 64, 3 at 128; warp-specialized (block_warps
-    12, 384 threads: 162 registers at 128 tokens, 128 at 64, ptxas sm_90a): 1."""
-    if block_warps == WGMMA_WS_WARPS:
-        return 1
+    with one warpgroup a block (block_warps 4): 6 at 32 tokens, 4 at 64, 3 at 128."""
     if block_warps != WGMMA_BLOCK_WARPS and block_tokens == 128:
         return 3  # 167 registers: three one-warpgroup blocks fit where one of two warpgroups does
     blocks = 3 if block_tokens == 32 else 2
@@ -381,9 +372,7 @@ def nf4_wgmma(
     `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait; `occupancy` 3 (32 block
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
     splits filling that wave (2: the instance built for two). `block_warps` 4 (up to 128 block tokens, one block a
-    stage): one warpgroup (64 weight rows) a block, so twice the blocks (wgmma_occupancy); 12 (64 or 128 block
-    tokens): the warp-specialized block (csrc/nf4_wgmma_ws.cuh), a producer warpgroup staging x four quant blocks
-    ahead and two consumer warpgroups that meet it at mbarriers instead of a block barrier. Each
+    stage): one warpgroup (64 weight rows) a block, so twice the blocks (wgmma_occupancy). Each
     warpgroup issues the same wgmmas in the same order whatever the variant: the same bits for the same splits.
     Measured slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas run
     (3-15%, bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep

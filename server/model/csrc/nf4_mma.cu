@@ -552,7 +552,6 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
 }  // namespace
 
 #include "nf4_wgmma.cuh"
-#include "nf4_wgmma_ws.cuh"
 
 namespace {
 __global__ void wgmma_built_kernel(int* flag) {
@@ -812,32 +811,6 @@ torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_cod
   }, false, defer_sum);
 }
 
-// The warp-specialized block (nf4_wgmma_ws.cuh): 128 weight rows, a producer warpgroup, WS_STAGES x buffers.
-template <typename T, int BM, int MIN_BLOCKS>
-torch::Tensor launch_wgmma_ws(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
-                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                              int64_t split_k, bool defer_sum) {
-  const int M = x.size(0), K = x.size(1), N = out.size(1);
-  constexpr int smem = WgmmaWsSmem<BM>::bytes;
-  auto kernel = nf4_wgmma_ws_kernel<T, BM, MIN_BLOCKS>;
-  static bool attribute_set[64] = {};  // per instance and device; above 48 KB of shared memory needs the opt-in
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device >= 64 || !attribute_set[device]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    if (device < 64) attribute_set[device] = true;
-  }
-  const int row_groups = ((N + 15) / 16 + WS_CONSUMER_WARPS - 1) / WS_CONSUMER_WARPS;
-  return run_split<T>(x, bias, out, split_k,
-                      [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
-                          int blocks_per_split) {
-    kernel<<<dim3(row_groups, splits, (M + BM - 1) / BM), WS_THREADS, smem, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        M, N, K, blocks_per_split);
-  }, false, defer_sum);
-}
-
 template <typename T>
 torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
@@ -856,14 +829,6 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
   // 132 SMs as 448 instead of 1.7 blocks an SM at most 2. At 32 and 64 tokens as many warps an SM as the
   // two-warpgroup instance; at 128 three blocks (12 warps) where the two-warpgroup one fits one (8 warps), at 168
   // registers with 36 bytes spilled (ptxas, sm_90a).
-  // Warp-specialized (block_warps 12: two consumer warpgroups and a producer one), at 64 or 128 block tokens.
-  if (block_warps == 12) {
-    TORCH_CHECK(stage_blocks == 1 && blocks_per_sm == 0 && (block_tokens == 64 || block_tokens == 128),
-                "block_warps 12 takes one block a stage and 64 or 128 block tokens, got ", block_tokens);
-    if (block_tokens == 64) return launch_wgmma_ws<T, 64, 1>(x, tile_codes, tile_scales, table, bias, out, split_k,
-                                                             defer_sum);
-    return launch_wgmma_ws<T, 128, 1>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
-  }
   TORCH_CHECK(block_warps == 8 ||
                   (block_warps == 4 && stage_blocks == 1 && blocks_per_sm == 0 && block_tokens <= 128),
               "block_warps must be 8, or 4 with one block a stage and at most 128 block tokens, got ", block_warps);
@@ -883,8 +848,7 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
-// or 4 (one: 64 weight rows a block, up to 128 block tokens) or 12 (warp-specialized, nf4_wgmma_ws.cuh: 64 or 128
-// block tokens); any M, K % 64 == 0. Only where
+// or 4 (one: 64 weight rows a block, up to 128 block tokens); any M, K % 64 == 0. Only where
 // nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N]
 // instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
