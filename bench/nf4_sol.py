@@ -6,12 +6,18 @@ Times by CUDA-graph replay over weight copies (bench.kernels.time_calls), per 8B
 of bench/csrc/nf4_sol.cu over the tile layout, each at its best split of K (1-16) and block of 2 or 4 warps:
 ``stream`` (code and scale loads alone), ``dequant_regs`` (the exact dequantization of every weight with no loads
 in its loop: its own rate), ``dequant`` (loads + the dequantization), ``mma`` (+ the MMAs against a constant x),
-``x`` (+ x loaded from global memory: the tile kernel less its split-K sum); then
+``x`` (+ x loaded from global memory: the tile kernel less its split-K sum); ``pair`` and ``pair_regs`` (``dequant``
+and ``dequant_regs`` with another exact sequence: a byte's two fp32 code values by one 8-byte load from a table of
+all 256 byte values, 16 copies so no load meets a bank conflict: 6 instructions a weight pair against 8, half the
+loads); ``bf16_floor`` (NOT the semantics: a byte's two codes as bf16, times the scale in one bf16x2 multiply, each
+weight rounded twice: a floor for any table dequantization with the loads); then
 ``tile`` (the kernel the dispatch runs at one row) and ``bf16``. Writes ``<out>/<date>-<device>-nf4-sol.json``
 with ``ratios``: each probe's geometric mean over the four shapes over bf16's (``sol_<probe>_over_bf16_m1``).
 If ``dequant`` is above 0.45 of bf16, the exact semantics' dequantization (fp32 code x fp32 scale, one rounding)
 cannot meet ``nf4_over_bf16_m1`` <= 0.45 with this instruction sequence, whatever the rest of the kernel; if
-``dequant_regs`` is too, no better overlap of that sequence with the loads can either.
+``dequant_regs`` is too, no better overlap of that sequence with the loads can either; ``pair`` tells whether a
+shorter exact sequence moves that line, and if ``bf16_floor`` is above 0.45 too, no table dequantization over this
+layout meets it, exact or not.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from bench.results import write_named_result
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "bench" / "csrc" / "nf4_sol.cu"
-PROBES = {"stream": 0, "dequant_regs": 4, "dequant": 1, "mma": 2, "x": 3}
+PROBES = {"stream": 0, "dequant_regs": 4, "dequant": 1, "mma": 2, "x": 3, "pair_regs": 6, "pair": 5, "bf16_floor": 7}
 SPLITS = (1, 2, 4, 8, 16)
 
 

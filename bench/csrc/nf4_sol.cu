@@ -8,6 +8,13 @@
 //   mode 3: + x's fragments loaded from global memory a block at a time (the tile kernel less its split-K sum);
 //   mode 4: mode 1's dequantization with no loads in the loop (the first block's codes, their nibbles varied block
 //           by block): the dequantization's own rate, which no overlap with the loads can beat.
+//   mode 5: mode 1 with another exact sequence: a byte's two fp32 code values from one 8-byte load of a table of
+//           all 256 byte values (16 copies, one a lane of a half-warp: no bank conflicts; 32 KB a block), then the
+//           same two multiplies and pack: 6 instructions a weight pair where mode 1 takes 8, half the loads;
+//   mode 6: mode 5 with no loads in the loop (as mode 4);
+//   mode 7: NOT the semantics, a floor for any table dequantization: a byte's two codes as bf16 from a 4-byte table
+//           (32 copies, one a lane), times the scale as bf16 in one bf16x2 multiply (each weight rounded twice), 4
+//           instructions a pair. If mode 7 with the loads is above 0.45 of bf16, no table sequence meets m1 <= 0.45.
 // Built by nvcc alone (no torch headers), called through ctypes. Not part of the server.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -19,6 +26,50 @@ namespace {
 
 constexpr int kPrefetch = 4;  // as the tile kernel's instances
 
+// Mode 5/6's table: float2 (code[byte >> 4], code[byte & 15]) of byte value v, copy c at float2 16 v + c, so copy c
+// sits in banks 2c and 2c + 1 whatever v is; lane l reads copy l & 15 (an 8-byte load is served a half-warp at a time).
+constexpr int kPairCopies = 16;
+// Mode 7's: bf16x2 (code[byte >> 4], code[byte & 15]) of byte value v, copy c at word 32 v + c (bank c); lane l, copy l.
+constexpr int kHalfCopies = 32;
+
+// The 4 A-fragment registers of half `half` of a quant block (as a_fragments) from mode 5's table: byte b's offset is
+// its value x 128 (16 float2 a value) | the lane's copy x 8.
+__device__ __forceinline__ void a_fragments_pair(const char* pairs, uint32_t copy_off, uint4 codes, float2 scales,
+                                                 int half, uint32_t (&a)[2][4]) {
+  const uint32_t w_lo = half ? codes.y : codes.x, w_hi = half ? codes.w : codes.z;
+  auto pair = [&](uint32_t word, int b, float scale) {
+    const uint32_t off = ((b == 0 ? word << 7 : word >> (8 * b - 7)) & 0x7F80u) | copy_off;
+    const float2 v = *reinterpret_cast<const float2*>(pairs + off);
+    return Ops<__nv_bfloat16>::pack(v.x * scale, v.y * scale);
+  };
+#pragma unroll
+  for (int jj = 0; jj < 2; ++jj) {
+    a[jj][0] = pair(w_lo, 2 * jj, scales.x);
+    a[jj][1] = pair(w_hi, 2 * jj, scales.y);
+    a[jj][2] = pair(w_lo, 2 * jj + 1, scales.x);
+    a[jj][3] = pair(w_hi, 2 * jj + 1, scales.y);
+  }
+}
+
+// Mode 7's registers: byte b's offset is its value x 128 (32 words a value) | the lane's copy x 4.
+__device__ __forceinline__ void a_fragments_bf16(const char* halves, uint32_t copy_off, uint4 codes, float2 scales,
+                                                 int half, uint32_t (&a)[2][4]) {
+  const uint32_t w_lo = half ? codes.y : codes.x, w_hi = half ? codes.w : codes.z;
+  const __nv_bfloat162 s_lo = __float2bfloat162_rn(scales.x), s_hi = __float2bfloat162_rn(scales.y);
+  auto pair = [&](uint32_t word, int b, __nv_bfloat162 scale) {
+    const uint32_t off = ((b == 0 ? word << 7 : word >> (8 * b - 7)) & 0x7F80u) | copy_off;
+    const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(halves + off), scale);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  };
+#pragma unroll
+  for (int jj = 0; jj < 2; ++jj) {
+    a[jj][0] = pair(w_lo, 2 * jj, s_lo);
+    a[jj][1] = pair(w_hi, 2 * jj, s_hi);
+    a[jj][2] = pair(w_lo, 2 * jj + 1, s_lo);
+    a[jj][3] = pair(w_hi, 2 * jj + 1, s_hi);
+  }
+}
+
 template <int MODE, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) nf4_sol_kernel(const uint4* __restrict__ tile_codes,
                                                              const float2* __restrict__ tile_scales,
@@ -28,6 +79,24 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_sol_kernel(const uint4* __rest
                                                              int blocks_per_split) {
   using T = __nv_bfloat16;
   const char* lut = stage_code_table(table);
+  // Modes 5-7's byte tables (32 KB; the other modes leave it unused and it is not allocated: the array is only
+  // referenced under their `if constexpr`)
+  __shared__ __align__(16) uint8_t byte_tables[MODE >= 5 ? 256 * kPairCopies * 8 : 16];
+  uint32_t copy_off = 0;
+  if constexpr (MODE == 5 || MODE == 6) {
+    float2* pairs = reinterpret_cast<float2*>(byte_tables);
+    for (int i = threadIdx.x; i < 256 * kPairCopies; i += blockDim.x)
+      pairs[i] = make_float2(table[(i / kPairCopies) >> 4], table[(i / kPairCopies) & 15]);
+    copy_off = 8u * (threadIdx.x & (kPairCopies - 1));
+    __syncthreads();
+  } else if constexpr (MODE == 7) {
+    __nv_bfloat162* halves = reinterpret_cast<__nv_bfloat162*>(byte_tables);
+    for (int i = threadIdx.x; i < 256 * kHalfCopies; i += blockDim.x)
+      halves[i] = __floats2bfloat162_rn(table[(i / kHalfCopies) >> 4], table[(i / kHalfCopies) & 15]);
+    copy_off = 4u * (threadIdx.x & (kHalfCopies - 1));
+    __syncthreads();
+  }
+  const char* bytes = reinterpret_cast<const char*>(byte_tables);
   const int lane = threadIdx.x & 31;
   const int t = lane & 3;
   const int tile0 = blockIdx.x * WARPS + (threadIdx.x >> 5);
@@ -48,7 +117,7 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_sol_kernel(const uint4* __rest
       if (blk >= last) break;
       uint4 codes[1];
       float2 scales[1];
-      if constexpr (MODE == 4) {
+      if constexpr (MODE == 4 || MODE == 6) {
         const uint32_t salt = static_cast<uint32_t>(blk) * 0x01010101u;  // other nibbles, other table entries
         const uint4 held = ring.codes[0][0];
         codes[0] = make_uint4(held.x ^ salt, held.y ^ salt, held.z ^ salt, held.w ^ salt);
@@ -59,11 +128,17 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_sol_kernel(const uint4* __rest
       if constexpr (MODE == 0) {
         folded ^= codes[0].x ^ codes[0].y ^ codes[0].z ^ codes[0].w ^ __float_as_uint(scales[0].x) ^
                   __float_as_uint(scales[0].y);
-      } else if constexpr (MODE == 1 || MODE == 4) {
+      } else if constexpr (MODE == 1 || MODE >= 4) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           uint32_t a[2][4];
-          a_fragments<T>(lut, codes[0], scales[0], half, a);
+          if constexpr (MODE == 5 || MODE == 6) {
+            a_fragments_pair(bytes, copy_off, codes[0], scales[0], half, a);
+          } else if constexpr (MODE == 7) {
+            a_fragments_bf16(bytes, copy_off, codes[0], scales[0], half, a);
+          } else {
+            a_fragments<T>(lut, codes[0], scales[0], half, a);
+          }
 #pragma unroll
           for (int jj = 0; jj < 2; ++jj) folded ^= a[jj][0] ^ a[jj][1] ^ a[jj][2] ^ a[jj][3];
         }
@@ -102,7 +177,7 @@ extern "C" long long loraplex_nf4_sol_sink_words(int warps, int N, int K, int sp
   return used_splits * ((row_tiles + warps - 1) / warps) * warps * 32;
 }
 
-// One probe of `mode` (0-4, above) with `warps` (2 or 4) warps a block over the tile layout of an [N, K] weight;
+// One probe of `mode` (0-7, above) with `warps` (2 or 4) warps a block over the tile layout of an [N, K] weight;
 // x: K bf16 values (mode 3). Returns the launch's cudaError_t.
 extern "C" int loraplex_nf4_sol(int mode, int warps, void* stream, const void* codes, const void* scales,
                                 const float* table, const void* x, unsigned x_word, uint32_t* sink, int N, int K,
@@ -117,6 +192,9 @@ extern "C" int loraplex_nf4_sol(int mode, int warps, void* stream, const void* c
   LORAPLEX_SOL(2)
   LORAPLEX_SOL(3)
   LORAPLEX_SOL(4)
+  LORAPLEX_SOL(5)
+  LORAPLEX_SOL(6)
+  LORAPLEX_SOL(7)
 #undef LORAPLEX_SOL
   return static_cast<int>(cudaErrorInvalidValue);
 }
