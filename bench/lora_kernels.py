@@ -48,8 +48,6 @@ SHRINK_SWEEP = {
                                                                                "num_warps": 2},
     "m1_p1056": {"block_m": 1, "target_programs": 1056}, "m1_s1": {"block_m": 1, "num_stages": 1},
     "m16": {"block_m": 16},  # the tensor-core tile, the default before one program per token (up to 32 tokens)
-    # a token's products kept per lane and reduced once after the k loop (no lane shuffles in it)
-    "m1_late": {"block_m": 1, "reduce_late": True}, "m1_late_k64": {"block_m": 1, "reduce_late": True, "block_k": 64},
 }
 EXPAND_SWEEP = {
     "n64": {"block_n": 64}, "n128": {"block_n": 128}, "n512": {"block_n": 512}, "w2": {"num_warps": 2},

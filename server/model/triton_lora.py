@@ -44,12 +44,11 @@ def _shrink_kernel(
     in_features, num_slices, k_tiles_per_split, split_k,
     stride_xm, stride_xk, stride_an, stride_ak, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, REDUCE_LATE: tl.constexpr = False,
+    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """A program: BLOCK_M tokens of one segment, BLOCK_N columns of h, one split of `in`. One token a program
-    (BLOCK_M 1) sums its products in registers: each k-tile reduced across the lanes that hold it, or with
-    REDUCE_LATE kept per lane in a [BLOCK_N, BLOCK_K] fp32 sum and reduced once after the loop (bench.lora_kernels'
-    `m1_late`: no shuffles in the loop, for BLOCK_K more registers a column)."""
+    (BLOCK_M 1) sums its products in registers, each k-tile reduced across the lanes that hold it (reducing once
+    after the loop instead was measured no faster: bench/NOTES.md, thirty-second session)."""
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2) // split_k
@@ -72,20 +71,15 @@ def _shrink_kernel(
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     a_cols = a_ptr + (first_row + cols)[:, None] * stride_an
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    lanes = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < k_end
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         a = tl.load(a_cols + ks[None, :] * stride_ak, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        if BLOCK_M == 1 and REDUCE_LATE:
-            lanes += a.to(tl.float32) * x.to(tl.float32)
-        elif BLOCK_M == 1:  # one token a program: products summed in registers, no tensor-core tile to stage
+        if BLOCK_M == 1:  # one token a program: products summed in registers, no tensor-core tile to stage
             acc += tl.sum(a.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
         else:
             acc += tl.dot(x, tl.trans(a), input_precision=DOT_PRECISION)
-    if BLOCK_M == 1 and REDUCE_LATE:
-        acc += tl.sum(lanes, axis=1)[None, :]
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     if ATOMIC:
@@ -253,7 +247,7 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
                 split_k: int | None = None, tuning: dict | None = None) -> torch.Tensor:
     """h[t, :n*r] = the token's slot's A @ x[t] in fp32, [T, n * max_rank]; columns past a token's
     n*r, and rows of slot -1, are unspecified. `tuning` overrides the launch choices (bench.lora_kernels'
-    sweep): block_m, block_k, num_warps, num_stages, target_programs, reduce_late."""
+    sweep): block_m, block_k, num_warps, num_stages, target_programs."""
     tuning = tuning or {}
     num_tokens, in_features = x.shape
     num_cols = num_slices * layout.max_rank
@@ -282,7 +276,7 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
         in_features, num_slices, k_tiles_per_split, split_k,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), h.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=split_k > 1,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", REDUCE_LATE=tuning.get("reduce_late", False),
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=tuning.get("num_warps", 4), **_stages(tuning),
     )  # fmt: skip
     return h

@@ -144,12 +144,10 @@ def test_triton_interpreted_matches_reference(triton_lora, layout, rank, slice_o
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("slice_offsets", SLICES)
 @pytest.mark.parametrize("layout", [([1, 1, 1, 1], [2, -1, 0, 2]), ([3, 0, 5, 1], [1, 0, 2, -1])])
-@pytest.mark.parametrize("reduce_late", [False, True])
-def test_triton_interpreted_one_token_programs_match_reference(triton_lora, layout, slice_offsets, dtype, reduce_late):
+def test_triton_interpreted_one_token_programs_match_reference(triton_lora, layout, slice_offsets, dtype):
     """block_m=1 (a program per token, products summed in registers instead of a tensor-core tile): the
     variant bench.lora_kernels measures for decode steps; same results as the reference, segments of any
-    length, slices that straddle the expand's column tiles, split or whole K, the shrink's k-tiles reduced one by
-    one or once after the loop (`reduce_late`)."""
+    length, slices that straddle the expand's column tiles, split or whole K."""
     y, x, lora_a, lora_b, pool, meta = make_inputs(*layout, 8, slice_offsets, dtype, in_features=300)
     expected = y.clone()
     lora_apply_reference(expected, x, lora_a, lora_b, pool, meta, slice_offsets)
@@ -157,7 +155,7 @@ def test_triton_interpreted_one_token_programs_match_reference(triton_lora, layo
     for split_k in (1, 3):
         actual = y.clone()
         h = triton_lora.lora_shrink(x, lora_a, pool, meta, num_slices, split_k=split_k,
-                                    tuning={"block_m": 1, "block_k": 64, "reduce_late": reduce_late})
+                                    tuning={"block_m": 1, "block_k": 64})
         triton_lora.lora_expand(actual, h, lora_b, pool, meta, slice_offsets, tuning={"block_m": 1, "block_n": 16})
         atol, rtol = TOLERANCE[dtype]
         torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
