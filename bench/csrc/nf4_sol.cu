@@ -32,42 +32,44 @@ constexpr int kPairCopies = 16;
 // Mode 7's: bf16x2 (code[byte >> 4], code[byte & 15]) of byte value v, copy c at word 32 v + c (bank c); lane l, copy l.
 constexpr int kHalfCopies = 32;
 
-// The 4 A-fragment registers of half `half` of a quant block (as a_fragments) from mode 5's table: byte b's offset is
-// its value x 128 (16 float2 a value) | the lane's copy x 8.
-__device__ __forceinline__ void a_fragments_pair(const char* pairs, uint32_t copy_off, uint4 codes, float2 scales,
-                                                 int half, uint32_t (&a)[2][4]) {
+// Byte b of `word`'s offset in modes 5-7's tables: its value x 128 (a value's copies) | the lane's copy's offset.
+__device__ __forceinline__ uint32_t byte_offset(uint32_t word, int b, uint32_t copy_off) {
+  return ((b == 0 ? word << 7 : word >> (8 * b - 7)) & 0x7F80u) | copy_off;
+}
+
+// The 4 A-fragment registers of half `half` of a quant block, in a_fragments' order, from a byte table: `pair(word,
+// b, row)` gives byte b's two weights packed (row 0: the lane's row g, scale x; 1: row g + 8, scale y).
+template <typename Pair>
+__device__ __forceinline__ void byte_table_fragments(uint4 codes, int half, Pair pair, uint32_t (&a)[2][4]) {
   const uint32_t w_lo = half ? codes.y : codes.x, w_hi = half ? codes.w : codes.z;
-  auto pair = [&](uint32_t word, int b, float scale) {
-    const uint32_t off = ((b == 0 ? word << 7 : word >> (8 * b - 7)) & 0x7F80u) | copy_off;
-    const float2 v = *reinterpret_cast<const float2*>(pairs + off);
-    return Ops<__nv_bfloat16>::pack(v.x * scale, v.y * scale);
-  };
 #pragma unroll
   for (int jj = 0; jj < 2; ++jj) {
-    a[jj][0] = pair(w_lo, 2 * jj, scales.x);
-    a[jj][1] = pair(w_hi, 2 * jj, scales.y);
-    a[jj][2] = pair(w_lo, 2 * jj + 1, scales.x);
-    a[jj][3] = pair(w_hi, 2 * jj + 1, scales.y);
+    a[jj][0] = pair(w_lo, 2 * jj, 0);
+    a[jj][1] = pair(w_hi, 2 * jj, 1);
+    a[jj][2] = pair(w_lo, 2 * jj + 1, 0);
+    a[jj][3] = pair(w_hi, 2 * jj + 1, 1);
   }
 }
 
-// Mode 7's registers: byte b's offset is its value x 128 (32 words a value) | the lane's copy x 4.
+// Mode 5/6: the byte's two fp32 codes by one 8-byte load, each times its row's scale, rounded once as a_fragments.
+__device__ __forceinline__ void a_fragments_pair(const char* pairs, uint32_t copy_off, uint4 codes, float2 scales,
+                                                 int half, uint32_t (&a)[2][4]) {
+  byte_table_fragments(codes, half, [&](uint32_t word, int b, int row) {
+    const float2 v = *reinterpret_cast<const float2*>(pairs + byte_offset(word, b, copy_off));
+    const float scale = row ? scales.y : scales.x;
+    return Ops<__nv_bfloat16>::pack(v.x * scale, v.y * scale);
+  }, a);
+}
+
+// Mode 7: the byte's two bf16 codes by one 4-byte load, times the row's scale as bf16 in one bf16x2 multiply.
 __device__ __forceinline__ void a_fragments_bf16(const char* halves, uint32_t copy_off, uint4 codes, float2 scales,
                                                  int half, uint32_t (&a)[2][4]) {
-  const uint32_t w_lo = half ? codes.y : codes.x, w_hi = half ? codes.w : codes.z;
   const __nv_bfloat162 s_lo = __float2bfloat162_rn(scales.x), s_hi = __float2bfloat162_rn(scales.y);
-  auto pair = [&](uint32_t word, int b, __nv_bfloat162 scale) {
-    const uint32_t off = ((b == 0 ? word << 7 : word >> (8 * b - 7)) & 0x7F80u) | copy_off;
-    const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(halves + off), scale);
+  byte_table_fragments(codes, half, [&](uint32_t word, int b, int row) {
+    const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(halves + byte_offset(word, b, copy_off)),
+                                     row ? s_hi : s_lo);
     return *reinterpret_cast<const uint32_t*>(&v);
-  };
-#pragma unroll
-  for (int jj = 0; jj < 2; ++jj) {
-    a[jj][0] = pair(w_lo, 2 * jj, s_lo);
-    a[jj][1] = pair(w_hi, 2 * jj, s_hi);
-    a[jj][2] = pair(w_lo, 2 * jj + 1, s_lo);
-    a[jj][3] = pair(w_hi, 2 * jj + 1, s_hi);
-  }
+  }, a);
 }
 
 template <int MODE, int WARPS>
@@ -81,6 +83,7 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_sol_kernel(const uint4* __rest
   const char* lut = stage_code_table(table);
   // Modes 5-7's byte tables (32 KB; the other modes leave it unused and it is not allocated: the array is only
   // referenced under their `if constexpr`)
+  static_assert(256 * kPairCopies * 8 == 256 * kHalfCopies * 4, "modes 5-7's tables share one array");
   __shared__ __align__(16) uint8_t byte_tables[MODE >= 5 ? 256 * kPairCopies * 8 : 16];
   uint32_t copy_off = 0;
   if constexpr (MODE == 5 || MODE == 6) {
