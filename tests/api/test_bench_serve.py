@@ -36,9 +36,10 @@ def check_load(load: dict, num_requests: int, output_len: int) -> None:
 
 
 def test_c32_preset_on_tiny(tmp_path):
-    """Its loads are sent from two client processes: their requests merge into one summary. Outputs of 20 tokens
-    (not SMALL's 5): the API process's main thread must spend a few of /proc's 10 ms clock ticks over a load for its
-    CPU time to read above 0; with 5 tokens a 2-core CI run once read 0.0 (twenty-second session)."""
+    """Its loads are sent from two client processes: their requests merge into one summary. The API process's CPU
+    time is read from /proc in 10 ms clock ticks, so over a one-second load on a busy 2-core runner it can read 0.0
+    (it did with 5-token and, once, with 20-token outputs): this test checks only that it is reported and in range;
+    tests/unit/test_proc_cpu.py checks the accounting itself on a thread that is surely busy."""
     data = run_bench(tmp_path, "--preset", "c32", "--num-adapters", "3", "--client-procs", "2", "--output-len", "20")
     server, engine = data["server"], data["engine"]
     assert server["unmerged/upload"]["count"] == 3
@@ -57,7 +58,7 @@ def test_c32_preset_on_tiny(tmp_path):
         arrivals = engine[f"unmerged/{name}"]["closed_loop_arrivals"]  # replacements arrive 4-14 ms late
         assert arrivals["output_tokens"] == 6 * 20 and arrivals["requests"] == 6
         api = server[f"unmerged/{name}"]["server_cpu"]["api"]  # the server process's CPU over the load
-        assert api["main_cpu_s"] > 0 and 0 < api["main_busy"] <= 1.5
+        assert api["main_cpu_s"] >= 0 and 0 <= api["main_busy"] <= 1.5
     assert server["unmerged/sampled"]["traffic"]["temperature"] == 1.0
     # Fresh prompts per load: none may prefill from blocks an earlier load cached.
     seeds = [server[f"unmerged/{name}"]["traffic"]["seed"] for name in ("warmup", "greedy", "sampled")]
