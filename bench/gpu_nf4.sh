@@ -32,17 +32,19 @@ step "${SOL_TIMEOUT:-0}" nf4_sol.log python3 -m bench.nf4_sol --out "$OUT"
 eval "test_args=(${TESTS_ARGS:-})"
 step "${TESTS_TIMEOUT:-220}" gpu_tests.log python3 -m pytest tests/gpu -q -m gpu -p no:cacheprovider "${test_args[@]}"
 # NCU_ROWS=1,32: Nsight Compute sections of the kernels the dispatch runs at those rows (8B gate_up; NCU_LAYER for
-# another); NCU_PROBES=stream,dequant,x: also bench.nf4_sol's probes at one row (NCU_PROBE_CONFIG warps,splits)
+# another); NCU_PROBES=stream,dequant,x: also bench.nf4_sol's probes at one row (NCU_PROBE_CONFIG warps,splits);
+# NCU_PAIRS=1: also the byte-pair table's kernels at those rows
 # The stall reasons a warp's cycles between issues split into (the sections print only their sum and the largest)
 NCU_STALLS="long_scoreboard short_scoreboard mio_throttle lg_throttle barrier wait math_pipe_throttle not_selected \
 selected dispatch_stall no_instruction branch_resolving membar sleeping"
 if [ -n "${NCU_ROWS:-}" ]; then
-  step "${NCU_TIMEOUT:-120}" ncu.txt ncu --clock-control none --kernel-name regex:"nf4_(tile|gemv|sol|wide|wgmma)_kernel" \
+  step "${NCU_TIMEOUT:-120}" ncu.txt ncu --clock-control none \
+    --kernel-name regex:"nf4_(tile|gemv|gemv_pairs|sol|wide|wgmma)_kernel" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats \
     --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' $NCU_STALLS | sed 's/,$//')" \
     python3 -m bench.nf4_ncu --rows "$NCU_ROWS" --layer "${NCU_LAYER:-gate_up}" --probes "${NCU_PROBES:-}" \
-    --probe-config "${NCU_PROBE_CONFIG:-2,8}"
+    --probe-config "${NCU_PROBE_CONFIG:-2,8}" ${NCU_PAIRS:+--pairs}
 fi
 eval "kernel_args=(${KERNELS_ARGS:-})"
 step "${KERNELS_TIMEOUT:-330}" kernels.log python3 -m bench.kernels --out "$OUT" "${kernel_args[@]}"

@@ -161,6 +161,14 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                 impls[f"gemv_w{warps}"] = [lambda c=c, w=warps: cuda_nf4.nf4_gemv(x, c[3], layer.shape, layer.table,
                                                                                   warps=w)
                                            for c in layer.nf4]
+            # the byte-pair table on a persistent grid: its default group size, then each forced
+            impls["gemv_pairs"] = [lambda c=c: cuda_nf4.nf4_gemv_pairs(x, c[3], layer.shape, layer.table,
+                                                                       num_sms=device_num_sms(0))
+                                   for c in layer.nf4]
+            for group in cuda_nf4.GEMV_PAIRS_GROUPS:
+                impls[f"gemv_pairs_g{group}"] = [
+                    lambda c=c, g=group: cuda_nf4.nf4_gemv_pairs(x, c[3], layer.shape, layer.table, group_warps=g)
+                    for c in layer.nf4]
         if rows <= 16:  # programmatic dependent launch: the next copy's launch and code loads overlap this tail
             impls["tile_pdl"] = [lambda c=c: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table,
                                                                num_sms=device_num_sms(0), pdl=True)
@@ -194,6 +202,8 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         if cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0)) == 32:
             variants["wgmma_s2"] = {"stage_blocks": 2}  # two quant blocks a stage
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
+        if cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0)) <= 128:
+            variants["wgmma_pairs"] = {"pairs": True}  # the byte-pair table's A fragments
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table,
                                                                   num_sms=device_num_sms(0), **kw)

@@ -1,9 +1,10 @@
 """Launch the CUDA NF4 kernels on one 8B layer for Nsight Compute (run under ``ncu``; times nothing itself).
 
-    ncu --clock-control none --kernel-name regex:"nf4_(tile|gemv|sol|wide|wgmma)_kernel" \
+    ncu --clock-control none --kernel-name regex:"nf4_(tile|gemv|gemv_pairs|sol|wide|wgmma)_kernel" \
         python -m bench.nf4_ncu --rows 1,32 --probes stream,dequant,x
 
-Per row count it launches the kernel the dispatch runs at that count (`tile`, `gemv`, `wide`, `wgmma`); with
+Per row count it launches the kernel the dispatch runs at that count (`tile`, `gemv`, `wide`, `wgmma`), and with
+--pairs the byte-pair table's kernel too (`gemv_pairs` at 1-8 rows, wgmma's `pairs` variant at 16-128); with
 --probes, once per layer the speed-of-light probes of bench.nf4_sol (one row, --probe-config warps,splits). Each
 launch runs twice (a warm-up, then the profiled one: pass --launch-skip to ncu or read the second of each pair)."""
 
@@ -23,9 +24,10 @@ def main() -> None:
     parser.add_argument("--rows", default="1,32")
     parser.add_argument("--probes", default="", help="bench.nf4_sol probes: stream,dequant,mma,x")
     parser.add_argument("--probe-config", default="2,8", help="warps a block, splits of K")
+    parser.add_argument("--pairs", action="store_true", help="also the byte-pair table's kernel at each row count")
     args = parser.parse_args()
     from bench.nf4_sol import PROBES, probe_calls
-    from server.model import nf4_dispatch
+    from server.model import cuda_nf4, nf4_dispatch
     from server.model.triton_nf4 import device_num_sms
 
     in_features, out_features = layer_shapes(args.model)[args.layer]
@@ -38,6 +40,14 @@ def main() -> None:
             nf4_dispatch.nf4_linear_cuda(x, codes, absmax, layer.shape, layer.table, None, state, tiled=tiled)
         torch.cuda.synchronize()
         print(f"rows {rows}: launched {kernel} twice", flush=True)
+        if args.pairs and (rows <= 8 or 16 <= rows <= 128):
+            for _ in range(2):
+                if rows <= 8:
+                    cuda_nf4.nf4_gemv_pairs(x, tiled, layer.shape, layer.table, num_sms=device_num_sms(0))
+                else:
+                    cuda_nf4.nf4_wgmma(x, tiled, layer.shape, layer.table, num_sms=device_num_sms(0), pairs=True)
+            torch.cuda.synchronize()
+            print(f"rows {rows}: launched the pairs kernel twice", flush=True)
     warps, splits = (int(v) for v in args.probe_config.split(","))
     x = torch.randn(1, in_features, device="cuda").to(torch.bfloat16)
     for probe in filter(None, args.probes.split(",")):

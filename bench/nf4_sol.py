@@ -7,10 +7,11 @@ of bench/csrc/nf4_sol.cu over the tile layout, each at its best split of K (1-16
 ``stream`` (code and scale loads alone), ``dequant_regs`` (the exact dequantization of every weight with no loads
 in its loop: its own rate), ``dequant`` (loads + the dequantization), ``mma`` (+ the MMAs against a constant x),
 ``x`` (+ x loaded from global memory: the tile kernel less its split-K sum); ``pair`` and ``pair_regs`` (``dequant``
-and ``dequant_regs`` with another exact sequence: a byte's two fp32 code values by one 8-byte load from a table of
-all 256 byte values, 16 copies so no load meets a bank conflict: 6 instructions a weight pair against 8, half the
-loads); ``bf16_floor`` (NOT the semantics: a byte's two codes as bf16, times the scale in one bf16x2 multiply, each
-weight rounded twice: a floor for any table dequantization with the loads); then
+and ``dequant_regs`` with the byte-pair table that nf4_gemv_pairs reads: a byte's two fp32 code values by one 8-byte
+load from a table of all 256 byte values, 16 copies so no load meets a bank conflict, its address one byte permute: 5
+instructions a weight pair against 8, half the loads); ``bf16_floor`` (NOT the semantics: a byte's two codes as
+bf16, times the scale in one bf16x2 multiply, each weight rounded twice: a floor for any table dequantization with
+the loads); then
 ``tile`` (the kernel the dispatch runs at one row) and ``bf16``. Writes ``<out>/<date>-<device>-nf4-sol.json``
 with ``ratios``: each probe's geometric mean over the four shapes over bf16's (``sol_<probe>_over_bf16_m1``).
 If ``dequant`` is above 0.45 of bf16, the exact semantics' dequantization (fp32 code x fp32 scale, one rounding)

@@ -29,7 +29,7 @@ PREFILL_RATIOS = (  # read from the newest prefill run (python -m bench.prefill)
     Ratio("prefill_tflops_8b", "8b", "model TFLOP/s of NF4 prefill, 32 x 2,048 tokens", ">=", 550),
 )
 IMPLS = ("ours", "bnb", "tinygemm", "tile", "wide", "pair", "lut", "mma", "fused", "fused_bytes", "fused_words", "gemv",
-         "gemm", "wgmma", "dequant")
+         "gemv_pairs", "gemm", "wgmma", "dequant")
 
 
 def kernel_runs(results_dir: Path) -> list[tuple[str, dict]]:

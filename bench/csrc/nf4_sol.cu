@@ -8,12 +8,13 @@
 //   mode 3: + x's fragments loaded from global memory a block at a time (the tile kernel less its split-K sum);
 //   mode 4: mode 1's dequantization with no loads in the loop (the first block's codes, their nibbles varied block
 //           by block): the dequantization's own rate, which no overlap with the loads can beat.
-//   mode 5: mode 1 with another exact sequence: a byte's two fp32 code values from one 8-byte load of a table of
-//           all 256 byte values (16 copies, one a lane of a half-warp: no bank conflicts; 32 KB a block), then the
-//           same two multiplies and pack: 6 instructions a weight pair where mode 1 takes 8, half the loads;
+//   mode 5: mode 1 with the byte-pair table (nf4_device.cuh, a_fragments_pairs): a byte's two fp32 code values by
+//           one 8-byte load from a table of all 256 byte values (16 copies, one a lane of a half-warp: no bank
+//           conflicts; 64 KB a block), its address one byte permute, then the same two multiplies and pack: 5
+//           instructions a weight pair where mode 1 takes 8, half the loads (the kernel nf4_gemv_pairs runs);
 //   mode 6: mode 5 with no loads in the loop (as mode 4);
 //   mode 7: NOT the semantics, a floor for any table dequantization: a byte's two codes as bf16 from a 4-byte table
-//           (32 copies, one a lane), times the scale as bf16 in one bf16x2 multiply (each weight rounded twice), 4
+//           (32 copies, one a lane), times the scale as bf16 in one bf16x2 multiply (each weight rounded twice), 3
 //           instructions a pair. If mode 7 with the loads is above 0.45 of bf16, no table sequence meets m1 <= 0.45.
 // Built by nvcc alone (no torch headers), called through ctypes. Not part of the server.
 #include <cuda_bf16.h>
@@ -26,47 +27,16 @@ namespace {
 
 constexpr int kPrefetch = 4;  // as the tile kernel's instances
 
-// Mode 5/6's table: float2 (code[byte >> 4], code[byte & 15]) of byte value v, copy c at float2 16 v + c, so copy c
-// sits in banks 2c and 2c + 1 whatever v is; lane l reads copy l & 15 (an 8-byte load is served a half-warp at a time).
-constexpr int kPairCopies = 16;
-// Mode 7's: bf16x2 (code[byte >> 4], code[byte & 15]) of byte value v, copy c at word 32 v + c (bank c); lane l, copy l.
+// Mode 7's table: bf16x2 (code[byte >> 4], code[byte & 15]) of byte value v, copy c at byte 256 v + 4 c (the pair
+// table's rows, nf4_device.cuh: pair_offset addresses both); lane l reads copy l, bank l.
 constexpr int kHalfCopies = 32;
-
-// Byte b of `word`'s offset in modes 5-7's tables: its value x 128 (a value's copies) | the lane's copy's offset.
-__device__ __forceinline__ uint32_t byte_offset(uint32_t word, int b, uint32_t copy_off) {
-  return ((b == 0 ? word << 7 : word >> (8 * b - 7)) & 0x7F80u) | copy_off;
-}
-
-// The 4 A-fragment registers of half `half` of a quant block, in a_fragments' order, from a byte table: `pair(word,
-// b, row)` gives byte b's two weights packed (row 0: the lane's row g, scale x; 1: row g + 8, scale y).
-template <typename Pair>
-__device__ __forceinline__ void byte_table_fragments(uint4 codes, int half, Pair pair, uint32_t (&a)[2][4]) {
-  const uint32_t w_lo = half ? codes.y : codes.x, w_hi = half ? codes.w : codes.z;
-#pragma unroll
-  for (int jj = 0; jj < 2; ++jj) {
-    a[jj][0] = pair(w_lo, 2 * jj, 0);
-    a[jj][1] = pair(w_hi, 2 * jj, 1);
-    a[jj][2] = pair(w_lo, 2 * jj + 1, 0);
-    a[jj][3] = pair(w_hi, 2 * jj + 1, 1);
-  }
-}
-
-// Mode 5/6: the byte's two fp32 codes by one 8-byte load, each times its row's scale, rounded once as a_fragments.
-__device__ __forceinline__ void a_fragments_pair(const char* pairs, uint32_t copy_off, uint4 codes, float2 scales,
-                                                 int half, uint32_t (&a)[2][4]) {
-  byte_table_fragments(codes, half, [&](uint32_t word, int b, int row) {
-    const float2 v = *reinterpret_cast<const float2*>(pairs + byte_offset(word, b, copy_off));
-    const float scale = row ? scales.y : scales.x;
-    return Ops<__nv_bfloat16>::pack(v.x * scale, v.y * scale);
-  }, a);
-}
 
 // Mode 7: the byte's two bf16 codes by one 4-byte load, times the row's scale as bf16 in one bf16x2 multiply.
 __device__ __forceinline__ void a_fragments_bf16(const char* halves, uint32_t copy_off, uint4 codes, float2 scales,
                                                  int half, uint32_t (&a)[2][4]) {
   const __nv_bfloat162 s_lo = __float2bfloat162_rn(scales.x), s_hi = __float2bfloat162_rn(scales.y);
   byte_table_fragments(codes, half, [&](uint32_t word, int b, int row) {
-    const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(halves + byte_offset(word, b, copy_off)),
+    const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(halves + pair_offset(word, b, copy_off)),
                                      row ? s_hi : s_lo);
     return *reinterpret_cast<const uint32_t*>(&v);
   }, a);
@@ -81,25 +51,22 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_sol_kernel(const uint4* __rest
                                                              int blocks_per_split) {
   using T = __nv_bfloat16;
   const char* lut = stage_code_table(table);
-  // Modes 5-7's byte tables (32 KB; the other modes leave it unused and it is not allocated: the array is only
-  // referenced under their `if constexpr`)
-  static_assert(256 * kPairCopies * 8 == 256 * kHalfCopies * 4, "modes 5-7's tables share one array");
-  __shared__ __align__(16) uint8_t byte_tables[MODE >= 5 ? 256 * kPairCopies * 8 : 16];
+  // Modes 5-7's byte tables: dynamic shared memory, kPairTableBytes (launch); none for the other modes.
+  extern __shared__ __align__(16) char bytes[];
   uint32_t copy_off = 0;
   if constexpr (MODE == 5 || MODE == 6) {
-    float2* pairs = reinterpret_cast<float2*>(byte_tables);
-    for (int i = threadIdx.x; i < 256 * kPairCopies; i += blockDim.x)
-      pairs[i] = make_float2(table[(i / kPairCopies) >> 4], table[(i / kPairCopies) & 15]);
-    copy_off = 8u * (threadIdx.x & (kPairCopies - 1));
+    stage_pair_table(table, bytes);
+    copy_off = pair_copy_offset();
     __syncthreads();
   } else if constexpr (MODE == 7) {
-    __nv_bfloat162* halves = reinterpret_cast<__nv_bfloat162*>(byte_tables);
-    for (int i = threadIdx.x; i < 256 * kHalfCopies; i += blockDim.x)
-      halves[i] = __floats2bfloat162_rn(table[(i / kHalfCopies) >> 4], table[(i / kHalfCopies) & 15]);
+    for (int i = threadIdx.x; i < 256 * kHalfCopies; i += blockDim.x) {
+      const int v = i / kHalfCopies;
+      *reinterpret_cast<__nv_bfloat162*>(bytes + 256 * v + 4 * (i % kHalfCopies)) =
+          __floats2bfloat162_rn(table[v >> 4], table[v & 15]);
+    }
     copy_off = 4u * (threadIdx.x & (kHalfCopies - 1));
     __syncthreads();
   }
-  const char* bytes = reinterpret_cast<const char*>(byte_tables);
   const int lane = threadIdx.x & 31;
   const int t = lane & 3;
   const int tile0 = blockIdx.x * WARPS + (threadIdx.x >> 5);
@@ -136,7 +103,7 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_sol_kernel(const uint4* __rest
         for (int half = 0; half < 2; ++half) {
           uint32_t a[2][4];
           if constexpr (MODE == 5 || MODE == 6) {
-            a_fragments_pair(bytes, copy_off, codes[0], scales[0], half, a);
+            a_fragments_pairs<T>(bytes, copy_off, codes[0], scales[0], half, a);
           } else if constexpr (MODE == 7) {
             a_fragments_bf16(bytes, copy_off, codes[0], scales[0], half, a);
           } else {
@@ -164,7 +131,13 @@ cudaError_t launch(cudaStream_t stream, const void* codes, const void* scales, c
   const int row_tiles = (N + 15) / 16, num_blocks = K / 64;
   const int blocks_per_split = (num_blocks + splits - 1) / splits;
   const int used_splits = (num_blocks + blocks_per_split - 1) / blocks_per_split;
-  nf4_sol_kernel<MODE, WARPS><<<dim3((row_tiles + WARPS - 1) / WARPS, used_splits), WARPS * 32, 0, stream>>>(
+  const int smem = MODE >= 5 ? kPairTableBytes : 0;
+  if (smem > 0) {
+    const cudaError_t err = cudaFuncSetAttribute(nf4_sol_kernel<MODE, WARPS>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  nf4_sol_kernel<MODE, WARPS><<<dim3((row_tiles + WARPS - 1) / WARPS, used_splits), WARPS * 32, smem, stream>>>(
       static_cast<const uint4*>(codes), static_cast<const float2*>(scales), table,
       static_cast<const __nv_bfloat16*>(x), x_word, sink, N, K, blocks_per_split);
   return cudaGetLastError();

@@ -209,6 +209,47 @@ def nf4_gemv(
     return out
 
 
+GEMV_PAIRS_GROUPS = (4, 8, 16, 32)  # warps a row tile of nf4_gemv_pairs (csrc/nf4_pairs.cuh: blocks of 32 warps)
+
+
+@functools.cache
+def gemv_pairs_group_warps(shape: tuple[int, int], num_sms: int) -> int:
+    """Warps a row tile of nf4_gemv_pairs for an (out, in) weight, by a model not yet checked on a GPU: a step is a
+    quant block a warp, and a group of g warps takes ceil(blocks / g) steps a tile (at least the ring's 4: fewer
+    leave loads of the next tile, not of this one, in flight), + 1 for its sum; a round is one tile for each of the
+    32 / g groups an SM holds (one block of 32 warps an SM). The fewest steps over all rounds wins, ties to the more
+    warps a tile. On 132 SMs, 8B: qkv 8 (one round of 8 steps), o and down 16, gate_up 4 (two rounds of 16)."""
+    out_features, in_features = shape
+    row_tiles, num_blocks = -(-out_features // 16), in_features // NF4_BLOCKSIZE
+    best = None
+    for group in reversed(GEMV_PAIRS_GROUPS):
+        rounds = -(-row_tiles // (num_sms * (GEMV_RESIDENT_WARPS // group)))
+        cost = rounds * (max(-(-num_blocks // group), 4) + 1)
+        if best is None or cost < best[0]:
+            best = (cost, group)
+    return best[1]
+
+
+def nf4_gemv_pairs(
+    x: torch.Tensor,  # [T, in] bf16 / fp16, T <= 8
+    tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
+    shape,  # (out, in)
+    code_table: torch.Tensor,  # [16] float32
+    bias: torch.Tensor | None = None,  # [out]
+    group_warps: int | None = None,
+    num_sms: int = 132,
+) -> torch.Tensor:
+    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, the weights dequantized from a table of
+    all 256 byte values (csrc/nf4_device.cuh, a_fragments_pairs: 5 instructions a weight pair against 8) that a
+    persistent grid fills once a block (csrc/nf4_pairs.cuh). The same bits as nf4_gemv(warps=group_warps). Not in the
+    dispatch until the GPU measures it (bench.kernels' gemv_pairs)."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
+    group_warps = group_warps or gemv_pairs_group_warps(tuple(shape), num_sms)
+    _extension().nf4_gemv_pairs(x, tiled[0], tiled[1], code_table, bias, out, group_warps)
+    return out
+
+
 @functools.cache
 def wide_blocks_per_sm(token_tiles: int, rows_per_warp: int) -> int:
     """Resident blocks per SM of the wide kernel instance (token tiles 2, 4, 8 or 16; rows_per_warp 1 or 2)."""
@@ -365,6 +406,7 @@ def nf4_wgmma(
     stage_blocks: int = 1,
     occupancy: int | None = None,
     block_warps: int = WGMMA_BLOCK_WARPS,
+    pairs: bool = False,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -378,16 +420,21 @@ def nf4_wgmma(
     (3-15%, bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep
     instead of two (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel issues on 51% of cycles (ncu, 8B
     gate_up: 13.5 warps an SM); about two thirds of a quant-block step's ~255 instructions (PTX) are the exact
-    dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32 multiplies, 1 pack)."""
+    dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32 multiplies, 1 pack). `pairs` (the
+    default block at 32-128 block tokens; not in the dispatch until measured): that dequantization from the byte-pair
+    table instead (one byte permute, one 8-byte table load, 2 multiplies, 1 pack; the same bits), 64 KB more shared
+    memory a block, so the instances are built for two blocks an SM (one at 128 tokens)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
+    if pairs:
+        occupancy = 2
     if occupancy is None:
         occupancy = wgmma_occupancy(block_tokens, block_warps) if stage_blocks == 1 else 2
     if split_k is None:
         split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
     three_an_sm = occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS
     partials = _extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      3 if three_an_sm else 0, block_warps, defer_sum)
+                                      3 if three_an_sm else 0, block_warps, defer_sum, pairs)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 

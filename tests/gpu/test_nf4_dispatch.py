@@ -122,6 +122,45 @@ def test_gemv_kernel_matches_the_tile_kernel_split_as_its_warps_bit_for_bit(rows
                     lambda xs: cuda_nf4.nf4_tile(xs, tiled, wshape, table, bias, split_k=warps))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, in_features, out_features, group_warps", [
+    (1, 1536, 600, 4),  # 38 row tiles, a partial last: one tile a group at most
+    (3, 1536, 600, 16),
+    (8, 1536, 600, 32),  # 24 quant blocks over 32 warps: eight add nothing
+    (1, 1536, 48000, 8),  # 3,000 tiles: ~6 a group; 3 blocks a warp in 4 ring steps a tile
+    (5, 256, 40000, 4),  # 2,500 tiles over 8 groups of 4 warps a block, 1 block a warp (3 empty ring steps)
+    (2, 4096, 6000, 32),  # 375 tiles: ~3 a group of 32 warps, 2 blocks a warp
+])  # fmt: skip
+def test_gemv_pairs_matches_the_tile_kernel_split_as_its_group_bit_for_bit(rows, in_features, out_features,
+                                                                           group_warps, dtype):
+    """The byte-pair table's fragments are a_fragments' bit for bit, and a group of warps splits and sums a tile's K as
+    nf4_gemv's block (and nf4_tile with split_k = group_warps) does: the same bits, also where a group walks several
+    tiles (its ring running across them, its sums in two buffers) and where a warp's blocks leave ring steps empty."""
+    from server.model import cuda_nf4
+
+    codes, absmax, wshape, table, _ = _layer(in_features, out_features)
+    x = torch.randn(rows, in_features, device="cuda").to(dtype)
+    bias = torch.randn(out_features, device="cuda").to(dtype)
+    tiled = _tiled(codes, absmax, wshape)
+    got = cuda_nf4.nf4_gemv_pairs(x, tiled, wshape, table, bias, group_warps=group_warps)
+    want = cuda_nf4.nf4_tile(x, tiled, wshape, table, bias, split_k=group_warps)
+    assert got.shape == (rows, out_features) and torch.equal(got, want)
+    _assert_replays(lambda xs: cuda_nf4.nf4_gemv_pairs(xs, tiled, wshape, table, bias, group_warps=group_warps), x,
+                    lambda xs: cuda_nf4.nf4_tile(xs, tiled, wshape, table, bias, split_k=group_warps))
+
+
+def test_gemv_pairs_default_groups_match_the_float64_reference():
+    """The default group size for each 8B shape (gemv_pairs_group_warps), against the float64 reference."""
+    from server.model import cuda_nf4
+
+    for in_features, out_features in ((4096, 6144), (4096, 4096), (14336, 4096), (4096, 28672)):
+        codes, absmax, wshape, table, _ = _layer(in_features, out_features)
+        x = torch.randn(1, in_features, device="cuda").to(torch.bfloat16)
+        bias = torch.randn(out_features, device="cuda").to(torch.bfloat16)
+        got = cuda_nf4.nf4_gemv_pairs(x, _tiled(codes, absmax, wshape), wshape, table, bias)
+        assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3, wshape
+
+
 def _assert_replays(run, x, eager=None):
     """`run` captured in a CUDA graph on a copy of x, replayed on new rows, equals `eager` (default: run) on them."""
     graph, static_x = torch.cuda.CUDAGraph(), x.clone()
@@ -180,12 +219,14 @@ def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_toke
 
 @pytest.mark.parametrize("block_tokens, variant", [(32, {"stage_blocks": 2}), (32, {"occupancy": 2}),
                                                    (32, {"block_warps": 4}), (64, {"block_warps": 4}),
-                                                   (128, {"block_warps": 4})])
+                                                   (128, {"block_warps": 4}), (32, {"pairs": True}),
+                                                   (64, {"pairs": True}), (128, {"pairs": True})])
 @pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 5), (100, 5), (7, 7), (300, 2)])
 def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_tokens, variant):
     """The wgmma variants issue the same wgmmas in the same order into the same accumulators of each warpgroup: two
     quant blocks a stage (one barrier and wgmma wait for both), the 32-token instance built for two blocks an SM (the
-    default: three), and one warpgroup a block (600 weight rows: a last block of 24 rows). Not a bit may differ from
+    default: three), one warpgroup a block (600 weight rows: a last block of 24 rows), and the A fragments from the
+    byte-pair table (a_fragments_pairs, bit for bit a_fragments' values). Not a bit may differ from
     the default, with an odd count of blocks in a split (24 quant blocks in 5 splits: 5, 5, 5, 5, 4), tokens over
     several blocks of the grid (300 rows) and on replay."""
     from server.model import cuda_nf4

@@ -88,6 +88,16 @@ def test_gemv_warps_fill_one_wave_with_two_quant_blocks_a_warp(shape, warps):
     assert cuda_nf4.gemv_warps(shape, 132) == warps
 
 
+@pytest.mark.parametrize("shape, group", [
+    ((6144, 4096), 8),  # 384 tiles: one round of 528 groups of 8 (8 steps) beats 2 rounds of 4 steps at 16
+    ((4096, 4096), 16), ((4096, 14336), 16),  # 256 tiles: one round of 264 groups of 16
+    ((28672, 4096), 4),  # 1,792 tiles: two rounds of 1,056 groups of 4, 16 steps each, against 4 rounds of 8 at 8
+    ((2048, 2048), 32),  # 128 tiles: one round of 132 groups of 32 (a block a warp; ties to the most warps)
+])  # fmt: skip
+def test_gemv_pairs_groups_take_the_fewest_steps(shape, group):
+    assert cuda_nf4.gemv_pairs_group_warps(shape, 132) == group
+
+
 @pytest.mark.parametrize("gemv_rows, rows, shape, expected", [
     (0, 1, (6144, 4096), "tile"), (1, 1, (6144, 4096), "gemv"), (1, 2, (6144, 4096), "tile"),
     (8, 8, (6144, 4096), "gemv"), (8, 1, (28672, 4096), "tile"), (16, 9, (6144, 4096), "tile"),

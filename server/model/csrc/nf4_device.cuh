@@ -65,6 +65,59 @@ __device__ __forceinline__ const char* stage_code_table(const float* __restrict_
   return reinterpret_cast<const char*>(lut_shared);
 }
 
+// The byte-pair table (nf4_gemv_pairs_kernel; bench/csrc/nf4_sol.cu's byte-table probes): for each byte value v, its
+// two weights' fp32 codes, float2 (code[v >> 4], code[v & 15]) (high nibble first, as dequant_pair), in kPairCopies
+// copies, copy c at byte 256 v + 8 c. Lane l reads copy l & 15: the 16 lanes of a half-warp (one wavefront of 8-byte
+// loads) touch 32 distinct banks whatever values they read, so a warp's 32 pairs (64 weights) take 2 wavefronts, as
+// the 16-entry table's 2 loads of 32 weights do, but in one instruction. Rows of 256 bytes (the upper 128 unused)
+// make the address one byte permute: the byte's value into byte 1, the lane's copy offset into byte 0 (pair_offset).
+// A weight pair is then 5 instructions (permute, load, two fp32 multiplies, the pack) where dequant_pair's take 8.
+constexpr int kPairCopies = 16;
+constexpr int kPairTableBytes = 255 * 256 + kPairCopies * 8;  // the span from value 0's row to value 255's last copy
+
+// Fill `pairs` (kPairTableBytes of shared memory, 16-byte aligned) from the 16-entry fp32 code table, with every
+// thread of the block; the caller's barrier makes it visible.
+__device__ __forceinline__ void stage_pair_table(const float* __restrict__ table, char* pairs) {
+  for (int i = threadIdx.x; i < 256 * kPairCopies / 2; i += blockDim.x) {  // two copies a 16-byte store
+    const int v = i / (kPairCopies / 2);
+    const float hi = __ldg(table + (v >> 4)), lo = __ldg(table + (v & 15));
+    *reinterpret_cast<float4*>(pairs + 256 * v + 16 * (i % (kPairCopies / 2))) = make_float4(hi, lo, hi, lo);
+  }
+}
+
+// The lane's copy offset in the pair table (byte 0 of pair_offset's result).
+__device__ __forceinline__ uint32_t pair_copy_offset() { return 8u * (threadIdx.x & (kPairCopies - 1)); }
+
+// Byte b of `word`'s row in a table of 256-byte rows, + copy_off (< 256): (value << 8) | copy_off, one PRMT.
+__device__ __forceinline__ uint32_t pair_offset(uint32_t word, int b, uint32_t copy_off) {
+  return __byte_perm(word, copy_off, 0x5504u | (static_cast<uint32_t>(b) << 4));
+}
+
+// The 4 A-fragment registers of half `half` of a quant block, in a_fragments' order, from a byte table: `pair(word,
+// b, row)` gives byte b's two weights packed (row 0: the lane's row g, scale x; 1: row g + 8, scale y).
+template <typename Pair>
+__device__ __forceinline__ void byte_table_fragments(uint4 codes, int half, Pair pair, uint32_t (&a)[2][4]) {
+  const uint32_t w_lo = half ? codes.y : codes.x, w_hi = half ? codes.w : codes.z;
+#pragma unroll
+  for (int jj = 0; jj < 2; ++jj) {
+    a[jj][0] = pair(w_lo, 2 * jj, 0);
+    a[jj][1] = pair(w_hi, 2 * jj, 1);
+    a[jj][2] = pair(w_lo, 2 * jj + 1, 0);
+    a[jj][3] = pair(w_hi, 2 * jj + 1, 1);
+  }
+}
+
+// a_fragments from the pair table: the same values bit for bit (one fp32 multiply a weight, one rounding).
+template <typename T>
+__device__ __forceinline__ void a_fragments_pairs(const char* pairs, uint32_t copy_off, uint4 codes, float2 scales,
+                                                  int half, uint32_t (&a)[2][4]) {
+  byte_table_fragments(codes, half, [&](uint32_t word, int b, int row) {
+    const float2 v = *reinterpret_cast<const float2*>(pairs + pair_offset(word, b, copy_off));
+    const float scale = row ? scales.y : scales.x;
+    return Ops<T>::pack(v.x * scale, v.y * scale);
+  }, a);
+}
+
 __device__ __forceinline__ uint4 load_tile_codes(const uint4* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -142,14 +195,42 @@ __device__ __forceinline__ void load_x_block(const uint4* p, uint32_t (&xb)[8]) 
   xb[4] = v1.x; xb[5] = v1.y; xb[6] = v1.z; xb[7] = v1.w;
 }
 
-// One quant block of one 16-row tile against one token tile: acc += the block's A fragments x xb, k-step by k-step.
+// The pair table at a 64 KB-aligned offset of the block's shared-memory window (nf4_gemv_pairs_kernel): `pair_reg`
+// holds that offset in its upper half and the lane's copy offset in its low byte, so one byte permute (the byte's
+// value into byte 1, the rest from pair_reg) gives the load's whole address. Through a generic pointer the compiler
+// added the window's base to every address (nvcc 13, sm_90a: an IADD a pair, 6 instructions where the probes' 5).
+__device__ __forceinline__ float2 load_pair_at(uint32_t word, int b, uint32_t pair_reg) {
+  const uint32_t addr = __byte_perm(word, pair_reg, 0x7604u | (static_cast<uint32_t>(b) << 4));
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr));
+  return v;
+}
+
+// a_fragments_pairs from the 64 KB-aligned table (load_pair_at).
 template <typename T>
+__device__ __forceinline__ void a_fragments_pairs_at(uint32_t pair_reg, uint4 codes, float2 scales, int half,
+                                                     uint32_t (&a)[2][4]) {
+  byte_table_fragments(codes, half, [&](uint32_t word, int b, int row) {
+    const float2 v = load_pair_at(word, b, pair_reg);
+    const float scale = row ? scales.y : scales.x;
+    return Ops<T>::pack(v.x * scale, v.y * scale);
+  }, a);
+}
+
+// One quant block of one 16-row tile against one token tile: acc += the block's A fragments x xb, k-step by k-step;
+// with PAIRS the fragments come from the 64 KB-aligned pair table (a_fragments_pairs_at, pair_reg), else from the
+// 16-entry table at `lut`.
+template <typename T, bool PAIRS = false>
 __device__ __forceinline__ void mma_block(const char* lut, uint4 codes, float2 scales, const uint32_t (&xb)[8],
-                                          float (&acc)[4]) {
+                                          float (&acc)[4], uint32_t pair_reg = 0) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     uint32_t a[2][4];
-    a_fragments<T>(lut, codes, scales, half, a);
+    if constexpr (PAIRS) {
+      a_fragments_pairs_at<T>(pair_reg, codes, scales, half, a);
+    } else {
+      a_fragments<T>(lut, codes, scales, half, a);
+    }
 #pragma unroll
     for (int jj = 0; jj < 2; ++jj) {
       const int j = 2 * half + jj;

@@ -551,6 +551,7 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
 
 }  // namespace
 
+#include "nf4_pairs.cuh"
 #include "nf4_wgmma.cuh"
 
 namespace {
@@ -760,6 +761,61 @@ torch::Tensor nf4_gemv(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   return out;
 }
 
+// nf4_gemv_pairs_kernel<__nv_bfloat16 | __half, kPairsWarps, kPairsPrefetch> with its dynamic shared memory allowed
+// (once an instance; the device must allow a block 128 KB: sm_80, sm_90, not sm_86/89) and the blocks of it an SM
+// holds.
+template <typename T>
+int pairs_blocks_per_sm() {
+  static const int blocks = [] {
+    auto* kernel = nf4_gemv_pairs_kernel<T, kPairsWarps, kPairsPrefetch>;
+    int device = 0, most = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    TORCH_CHECK(most >= pairs_smem_bytes(), "nf4_gemv_pairs needs ", pairs_smem_bytes(),
+                " bytes of shared memory a block; this GPU allows ", most);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pairs_smem_bytes()));
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kPairsWarps * 32, pairs_smem_bytes()));
+    return n;
+  }();
+  return blocks;
+}
+
+// out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout by nf4_gemv_pairs_kernel: 1 <= M <= 8, blocks of 32 warps
+// in groups of `group_warps` (4, 8, 16 or 32) warps a row tile, as many blocks as the SMs hold at once or as the row
+// tiles need, whichever is fewer. The same bits as nf4_gemv(..., warps = group_warps).
+torch::Tensor nf4_gemv_pairs(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales,
+                             torch::Tensor table, c10::optional<torch::Tensor> bias, torch::Tensor out,
+                             int64_t group_warps) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "nf4_gemv_pairs takes 1..8 rows, got ", x.size(0));
+  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
+  TORCH_CHECK(group_warps == 4 || group_warps == 8 || group_warps == 16 || group_warps == 32,
+              "group_warps must be 4, 8, 16 or 32, got ", group_warps);
+  check_tile_layout(x, tile_codes, tile_scales, out);
+  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  const int row_tiles = (N + 15) / 16, groups = kPairsWarps / static_cast<int>(group_warps);
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto run = [&](auto dtype_tag) {
+    using T = decltype(dtype_tag);
+    const int blocks = std::max(1, std::min(num_sms * pairs_blocks_per_sm<T>(), (row_tiles + groups - 1) / groups));
+    nf4_gemv_pairs_kernel<T, kPairsWarps, kPairsPrefetch><<<blocks, kPairsWarps * 32, pairs_smem_bytes(), stream>>>(
+        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(),
+        bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
+        reinterpret_cast<T*>(out.data_ptr()), M, N, K, static_cast<int>(group_warps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (x.scalar_type() == torch::kBFloat16) {
+    run(__nv_bfloat16());
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
+    run(__half());
+  }
+  return out;
+}
+
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout by nf4_gemm_kernel; any M, K % 64 == 0. With defer_sum
 // and K split, returns the unsummed fp32 partials [splits, M, N] instead (run_split); else None.
 torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
@@ -786,13 +842,13 @@ torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   return run(__half());
 }
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool PAIRS = false>
 torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                            int64_t split_k, bool defer_sum) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
-  constexpr int smem = WgmmaSmem<BM, KB>::bytes;
-  auto kernel = nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS>;
+  constexpr int smem = WgmmaSmem<BM, KB, PAIRS>::bytes;
+  auto kernel = nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, PAIRS>;
   static bool attribute_set[64] = {};  // per instance and device; above 48 KB of shared memory needs the opt-in
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -815,9 +871,18 @@ template <typename T>
 torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
-                             int64_t block_warps, bool defer_sum) {
+                             int64_t block_warps, bool defer_sum, bool pairs) {
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
+  // The byte-pair table's instances: the default block (two warpgroups, one quant block a stage) at 32-128 tokens,
+  // two blocks an SM (at 32 tokens three no longer fit beside the table's 64 KB).
+  if (pairs) {
+    TORCH_CHECK(block_warps == 8 && stage_blocks == 1 && blocks_per_sm == 0 && block_tokens <= 128,
+                "pairs takes the default block (8 warps, one quant block a stage) at 32-128 block tokens");
+    if (block_tokens == 32) return LORAPLEX_WGMMA_LAUNCH(32, 2, 1, WG_WARPS, true);
+    return block_tokens == 64 ? LORAPLEX_WGMMA_LAUNCH(64, 2, 1, WG_WARPS, true)
+                              : LORAPLEX_WGMMA_LAUNCH(128, 1, 1, WG_WARPS, true);
+  }
   // The variants, at 32 tokens only: two blocks a stage (125 registers; at 64 tokens it spilled 24 bytes), or three
   // blocks an SM (80 registers, no spills: 24 warps an SM instead of 16 to hide the loads and the waits).
   TORCH_CHECK(stage_blocks == 1 || (stage_blocks == 2 && block_tokens == 32),
@@ -848,23 +913,25 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
-// or 4 (one: 64 weight rows a block, up to 128 block tokens); any M, K % 64 == 0. Only where
+// or 4 (one: 64 weight rows a block, up to 128 block tokens), pairs the byte-pair table's A fragments (the default
+// block at 32-128 block tokens, two blocks an SM); any M, K % 64 == 0. Only where
 // nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N]
 // instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
-                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool defer_sum) {
+                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool defer_sum,
+                        bool pairs) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   check_tile_layout(x, tile_codes, tile_scales, out);
   if (x.scalar_type() == torch::kBFloat16) {
     return dispatch_wgmma<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
-                                         stage_blocks, blocks_per_sm, block_warps, defer_sum);
+                                         stage_blocks, blocks_per_sm, block_warps, defer_sum, pairs);
   }
   TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
   return dispatch_wgmma<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens, stage_blocks,
-                                blocks_per_sm, block_warps, defer_sum);
+                                blocks_per_sm, block_warps, defer_sum, pairs);
 }
 
 // Whether this build's code for the current GPU has the wgmma kernels (sm_90a), by running a one-thread probe.
@@ -1013,6 +1080,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_tile", &nf4_tile, "NF4 x 16-bit matmul on tensor cores from the tile layout, M <= 64");
   m.def("nf4_tile_blocks_per_sm", &nf4_tile_blocks_per_sm, "resident blocks per SM of the tile kernel");
   m.def("nf4_gemv", &nf4_gemv, "NF4 x 16-bit matmul from the tile layout, 1-8 rows, K split among a block's warps");
+  m.def("nf4_gemv_pairs", &nf4_gemv_pairs, "NF4 x 16-bit matmul from the tile layout, 1-8 rows, byte-pair table");
   m.def("nf4_gemm", &nf4_gemm, "NF4 x 16-bit GEMM from the tile layout, x as the MMA's A operand, any M");
   m.def("nf4_wgmma", &nf4_wgmma, "NF4 x 16-bit GEMM from the tile layout on warpgroup MMA (sm_90a)");
   m.def("nf4_wgmma_built", &nf4_wgmma_built, "whether this build has the wgmma kernels (sm_90a)");

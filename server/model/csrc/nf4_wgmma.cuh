@@ -34,14 +34,21 @@ constexpr int WG_WARPS = 8;  // two warpgroups: 128 weight rows a block (WARPS 4
 constexpr int WG_PREFETCH = 2;
 
 // A stage is KB quant blocks: x's KB tiles of BM tokens x 64 k (each BM x 128 bytes, 1,024-byte aligned) in one
-// buffer, the KB blocks' A fragments in registers, one barrier and one wgmma wait for all of them.
-template <int BM, int KB>
+// buffer, the KB blocks' A fragments in registers, one barrier and one wgmma wait for all of them. With PAIRS the
+// byte-pair table (nf4_device.cuh, kPairTableBytes) comes first, at the start of the dynamic shared memory: its base
+// is then the kernel's shared symbol itself, which the compiler folds into each table load as a uniform register
+// ([R + UR], nvcc 13). After the two x buffers, whose runtime alignment it added to each address (an IADD a pair:
+// 484 instructions a two-block step at 128 tokens, where the 16-entry table's took 479).
+template <int BM, int KB, bool PAIRS = false>
 struct WgmmaSmem {
   static constexpr int x_bytes = KB * BM * 128;
-  static constexpr int bytes = 2 * x_bytes + 1024;  // two x buffers, and room to align them to 1,024 bytes
+  static constexpr int pair_bytes = PAIRS ? (kPairTableBytes + 15) / 16 * 16 : 0;
+  static constexpr int bytes = pair_bytes + 2 * x_bytes + 1024;  // two x buffers, and room to align them to 1,024
 };
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS>
+// PAIRS: the A fragments from the byte-pair table (a_fragments_pairs: 5 instructions a weight pair against
+// a_fragments' 8, the same bits), 64 KB more shared memory a block.
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool PAIRS = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
@@ -52,11 +59,15 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   constexpr int CHUNKS = KB * BM * 8 / THREADS;  // x's 16-byte chunks a thread stages a stage
   constexpr int X_BYTES = WgmmaSmem<BM, KB>::x_bytes;
   static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
+  constexpr int PAIR_BYTES = WgmmaSmem<BM, KB, PAIRS>::pair_bytes;
   extern __shared__ __align__(1024) uint8_t wg_smem[];
-  const char* lut = stage_code_table(table);
-  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
+  char* pairs = reinterpret_cast<char*>(wg_smem);
+  if constexpr (PAIRS) stage_pair_table(table, pairs);  // stage_code_table's barrier covers it
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem + PAIR_BYTES));
   const uint32_t tiles = (raw + 1023) & ~1023u;
-  uint8_t* tiles_ptr = wg_smem + (tiles - raw);
+  uint8_t* tiles_ptr = wg_smem + PAIR_BYTES + (tiles - raw);
+  const char* lut = stage_code_table(table);
+  const uint32_t copy_off = pair_copy_offset();
 
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2;
@@ -112,8 +123,13 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
         uint4 codes[1];
         float2 scales[1];
         ring.take(p + kb, blk + kb, last, codes, scales);
-        a_fragments<T>(lut, codes[0], scales[0], 0, a[kb][0]);
-        a_fragments<T>(lut, codes[0], scales[0], 1, a[kb][1]);
+        if constexpr (PAIRS) {
+          a_fragments_pairs<T>(pairs, copy_off, codes[0], scales[0], 0, a[kb][0]);
+          a_fragments_pairs<T>(pairs, copy_off, codes[0], scales[0], 1, a[kb][1]);
+        } else {
+          a_fragments<T>(lut, codes[0], scales[0], 0, a[kb][0]);
+          a_fragments<T>(lut, codes[0], scales[0], 1, a[kb][1]);
+        }
       }
       __syncthreads();  // x of this stage is stored and fenced by all; the other buffer's wgmmas are done
       const uint64_t x_desc = smem_desc_advance(x_desc0, (i & 1) * X_BYTES);

@@ -1,0 +1,151 @@
+// One to eight rows (batch-1 decode) over the byte-pair table (nf4_device.cuh, a_fragments_pairs_at): 5 instructions
+// a weight pair where the 16-entry table's dequant_pair takes 8. Included by nf4_mma.cu after its helpers
+// (wait_for_prior_grid, store_output).
+//
+// The table is 64 KB of shared memory to fill, too much to fill once a row tile as nf4_gemv_kernel's blocks (one a
+// tile) would, so the grid is persistent: one block of WARPS (32) warps an SM, filling the table once. It sits at
+// offset 64 KB of the block's shared-memory window (the block asks for 128 KB; the warps' sums sit below it), so a
+// byte permute alone gives a pair's address (load_pair_at). The block's warps form at most 8 groups (named barriers
+// 1-8) of `group_warps`; group i of block b is worker b * groups + i, and walks row tiles worker, worker + workers,
+// ... Each tile's K is split among the group's warps as nf4_gemv_kernel with warps = group_warps splits it (warp w:
+// quant blocks [w * per_warp, (w + 1) * per_warp)), and their fp32 sums meet in shared memory and are added in warp
+// order: the same sums in the same order, so the same bits as nf4_gemv at group_warps warps.
+//
+// A warp's code and scale loads run PREFETCH quant blocks ahead in registers along its whole walk, across tiles (the
+// next tile's first blocks load while it finishes the current one), so a tile's end costs a group barrier and the
+// sum, not a refill of the ring. The walk takes `steps` steps a tile, its share of K rounded up to a multiple of
+// PREFETCH, so that step s of every tile sits in ring slot s % PREFETCH (slots are registers: indices must be
+// constants); a step past the warp's last block computes nothing.
+#pragma once
+
+namespace {
+
+constexpr int kPairsPrefetch = 4;
+constexpr int kPairsWarps = 32;
+constexpr uint32_t kPairsTableWindow = 0x10000;  // the table's offset in the block's shared-memory window
+
+// Dynamic shared memory of nf4_gemv_pairs_kernel: from wherever it starts (the window's first 1 KB is reserved on
+// sm_90) to the table's end. The warps' fp32 sums, two buffers (tile parity: a tile's sums are written while the tile
+// before's may still be read), sit at its start, below the table.
+__host__ __device__ constexpr int pairs_sums_bytes(int warps) { return 2 * warps * 16 * 8 * 4; }
+__host__ __device__ constexpr int pairs_smem_bytes() { return static_cast<int>(kPairsTableWindow) + kPairTableBytes; }
+
+// The codes and scales of a warp's walk, PREFETCH steps ahead: tiles tile0, + stride, ..., each `steps` steps, step
+// s bringing quant block first + s where s < count (the warp's blocks). The next load is tracked as one index, tile *
+// num_blocks + first + s, and its step s: few registers under the kernel's cap of 64. Every load reads valid memory,
+// so none is predicated (a predicated refill made the compiler copy each slot before it, ~10 moves a step): a step
+// past the warp's blocks re-reads the tile's block before the warp's next (the tile's last where the warp has none),
+// a step past the last tile re-reads the last tile's last block; what such a load brings is never used.
+template <int PREFETCH>
+struct WalkRing {
+  const uint4* codes_at;  // the lane's code word of tile 0, block 0 (32 uint4 a block)
+  const float2* scales_at;  // the lane's scale pair of tile 0, block 0 (8 float2 a block)
+  int at, step;  // the next load's index and step
+  int count, steps, jump, end;  // jump: from a tile's step `steps` to the next tile's step 0; end: past the last tile
+  uint4 codes[PREFETCH];
+  float2 scales[PREFETCH];
+
+  __device__ __forceinline__ WalkRing(const uint4* tile_codes, const float2* tile_scales, int lane, int tile0,
+                                      int stride, int steps_, int first, int last, int row_tiles, int num_blocks)
+      : codes_at(tile_codes + lane), scales_at(tile_scales + (lane >> 2)), at(tile0 * num_blocks + first), step(0),
+        count(last - first), steps(steps_), jump(stride * num_blocks - steps_), end(row_tiles * num_blocks) {
+#pragma unroll
+    for (int p = 0; p < PREFETCH; ++p) load(p);
+  }
+
+  __device__ __forceinline__ void load(int p) {
+    const int i = min(step < count ? at : at - (step - count) - 1, end - 1);
+    codes[p] = load_tile_codes(codes_at + 32 * i);
+    scales[p] = __ldg(scales_at + 8 * i);
+    ++at;
+    if (++step == steps) {
+      step = 0;
+      at += jump;
+    }
+  }
+
+  // The step held in slot p into cur; slot p refilled with the step PREFETCH ahead.
+  __device__ __forceinline__ void take(int p, uint4& cur_codes, float2& cur_scales) {
+    cur_codes = codes[p];
+    cur_scales = scales[p];
+    load(p);
+  }
+};
+
+// A barrier of the `warps` warps of group `group` (named barrier 1 + group; 0 is __syncthreads').
+__device__ __forceinline__ void group_barrier(int group, int warps) {
+  asm volatile("bar.sync %0, %1;" ::"r"(1 + group), "r"(warps * 32) : "memory");
+}
+
+template <typename T, int WARPS, int PREFETCH>
+__global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pairs_kernel(
+    const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
+    const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
+    int group_warps) {
+  extern __shared__ __align__(16) char smem[];
+  const uint32_t window = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  if (window + pairs_sums_bytes(WARPS) > kPairsTableWindow) __trap();  // more static shared memory than planned
+  char* pairs = smem + (kPairsTableWindow - window);
+  float(*sums)[WARPS][16][8] = reinterpret_cast<float(*)[WARPS][16][8]>(smem);
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int groups = WARPS / group_warps;
+  const int group = warp / group_warps;
+  const int member = warp % group_warps;
+  const int row_tiles = (N + 15) / 16;
+  const int num_blocks = K / 64;
+  const int per_warp = (num_blocks + group_warps - 1) / group_warps;
+  const int first = min(member * per_warp, num_blocks);
+  const int last = min(first + per_warp, num_blocks);
+  const int steps = (per_warp + PREFETCH - 1) / PREFETCH * PREFETCH;
+  const int workers = gridDim.x * groups;
+  const int worker = blockIdx.x * groups + group;
+
+  // Codes in flight while the table fills.
+  WalkRing<PREFETCH> ring(tile_codes, tile_scales, lane, worker, workers, steps, first, last, row_tiles, num_blocks);
+  stage_pair_table(table, pairs);
+  __syncthreads();
+  wait_for_prior_grid();  // x is the kernel ahead's output
+  const uint32_t pair_reg = kPairsTableWindow | pair_copy_offset();
+  // token g (tokens past M re-read token M - 1: their columns are never stored), its 16 k of block 0 for lane t
+  const uint4* x_at = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(g, M - 1)) * K) + 2 * t;
+
+  int parity = 0;
+  for (int tile = worker; tile < row_tiles; tile += workers, parity ^= 1) {  // group-uniform
+    float acc[4] = {};
+    for (int base = 0; base < steps; base += PREFETCH) {
+#pragma unroll
+      for (int i = 0; i < PREFETCH; ++i) {
+        uint4 codes;
+        float2 scales;
+        ring.take(i, codes, scales);
+        const int blk = first + base + i;
+        if (blk < last) {  // warp-uniform
+          uint32_t xb[8];
+          load_x_block(x_at + 8 * blk, xb);
+          mma_block<T, true>(nullptr, codes, scales, xb, acc, pair_reg);
+        }
+      }
+    }
+    // C fragment: acc[0..1] = (row g, tokens 2t, 2t + 1), acc[2..3] = (row g + 8, same tokens)
+    float(*mine)[8] = sums[parity][warp];
+    mine[g][2 * t] = acc[0];
+    mine[g][2 * t + 1] = acc[1];
+    mine[g + 8][2 * t] = acc[2];
+    mine[g + 8][2 * t + 1] = acc[3];
+    group_barrier(group, group_warps);  // the other buffer's readers (the tile before) are past it too
+    for (int i = member * 32 + lane; i < 16 * 8; i += group_warps * 32) {
+      const int r = i >> 3, tok = i & 7;
+      const int row = tile * 16 + r;
+      if (tok >= M || row >= N) continue;
+      float v = 0.f;
+      for (int w = 0; w < group_warps; ++w) v += sums[parity][group * group_warps + w][r][tok];
+      store_output<T>(v, tok, row, M, N, bias, out, nullptr);
+    }
+  }
+}
+
+}  // namespace
