@@ -12,7 +12,9 @@
   warps and summed in shared memory instead of by a second kernel; ``gemm``: the rows of ``GEMM_ROWS``
   (LORAPLEX_NF4_GEMM_ROWS, none by default) that the table gives ``wide`` or ``dequant``, x as the MMA's A operand;
   ``wgmma``: on Hopper (sm_90a builds), the wide and dequant rows from 17 to 256 where it measured faster
-  (``WGMMA_ROWS``, ``WGMMA_MIN_WEIGHTS``), the tile layout's fragments as a warpgroup MMA's A;
+  (``WGMMA_ROWS``, ``WGMMA_MIN_WEIGHTS``), the tile layout's fragments as a warpgroup MMA's A; with ``PAIRS``
+  (LORAPLEX_NF4_PAIRS=1, off until a GPU measures it) ``gemv_pairs`` takes the ``gemv`` and ``tile`` calls of 1-8
+  rows and ``wgmma`` dequantizes from the byte-pair table where its instances exist (32-128 block tokens);
 - ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
 
 The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESULTS.md);
@@ -62,6 +64,11 @@ GEMV_ROWS = int(os.environ.get("LORAPLEX_NF4_GEMV_ROWS", "8"))
 # default until the H200 measures it (LORAPLEX_NF4_GEMM_ROWS=65-512 for an engine A/B). It dequantizes each weight
 # twice a 128 tokens, so at prefill sizes of thousands of rows dequant + cuBLAS must keep them.
 GEMM_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_GEMM_ROWS", "0-0").split("-"))
+# The byte-pair table's kernels (csrc/nf4_pairs.cuh, nf4_wgmma's `pairs`): 5 instructions a weight pair where the
+# 16-entry table takes 8 (SASS, sm_90a), the same bits. Off until the H200 measures them (bench.kernels' gemv_pairs
+# and wgmma_pairs; an engine A/B: ENGINE_AB="LORAPLEX_NF4_PAIRS=1" in bench/gpu_nf4.sh). gemv_pairs asks for 128 KB
+# of shared memory a block: sm_80 and sm_90 give it, sm_86 and sm_89 do not (its launch says so).
+PAIRS = os.environ.get("LORAPLEX_NF4_PAIRS", "0") == "1"
 # Hopper's warpgroup MMA (`wgmma`, the tile layout's A fragments in registers, x from shared memory; sm_90a builds only)
 # takes the wide and dequant rows within WGMMA_ROWS (LORAPLEX_NF4_WGMMA_ROWS=lo-hi; 0-0 turns it off) on weights of at
 # least WGMMA_MIN_WEIGHTS (out x in) for the row count. H200, 2026-12-04
@@ -143,6 +150,8 @@ def kernel_for(num_rows: int, shape, table=None, num_sms: int = 132) -> str:
         return "wgmma"
     if name in ("wide", "dequant") and in_gemm_rows and with_cuda:
         return "gemm"
+    if name == "tile" and num_rows <= 8 and PAIRS and with_cuda:
+        return "gemv_pairs"
     if name == "tile" and num_rows <= min(GEMV_ROWS, 8) and cuda_nf4.gemv_warps(tuple(shape), num_sms) is not None:
         return "gemv"
     if name == "wide":
@@ -227,7 +236,7 @@ def nf4_linear_cuda(
     if kernel is None and TUNED and (choice := TUNED.get((tuple(shape), x.shape[0]))) is not None:
         kernel, options = choice.kernel, dict(choice.options)
     name = kernel or kernel_for(x.shape[0], shape, num_sms=num_sms)
-    if name in ("gemv", "tile", "wide", "gemm", "wgmma") and tiled is None:
+    if name in ("gemv", "gemv_pairs", "tile", "wide", "gemm", "wgmma") and tiled is None:
         name = "mma" if x.shape[0] <= 64 else "dequant"
     if name == "fused":
         from server.model.triton_nf4 import nf4_matmul_triton
@@ -239,6 +248,8 @@ def nf4_linear_cuda(
                                 num_sms=num_sms)
     if name == "gemv":
         return cuda_nf4.nf4_gemv(x, tiled, shape, code_table, bias, num_sms=num_sms)
+    if name == "gemv_pairs":
+        return cuda_nf4.nf4_gemv_pairs(x, tiled, shape, code_table, bias, num_sms=num_sms)
     if name == "tile":
         return cuda_nf4.nf4_tile(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "wide":
@@ -246,8 +257,11 @@ def nf4_linear_cuda(
     if name == "gemm":
         return cuda_nf4.nf4_gemm(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "wgmma":
+        options = dict(options or {})
+        if PAIRS and not options and cuda_nf4.wgmma_block_tokens(x.shape[0], shape, num_sms) <= 128:
+            options["pairs"] = True  # the default block, where the pairs instances exist
         return cuda_nf4.nf4_wgmma(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum,
-                                  **(options or {}))
+                                  **options)
     if name == "dequant":
         return dequant_linear(x, codes, absmax_f, shape, code_table, bias)
     if name == "bnb":

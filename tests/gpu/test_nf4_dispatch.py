@@ -41,7 +41,7 @@ def _rel_err(got, x, codes, absmax, shape, table, bias):
     ("fused", 1), ("fused", 3), ("fused", 16), ("fused", 33), ("fused", 64),
     ("dequant", 65), ("dequant", 300), (None, 1), (None, 7), (None, 128),
     ("mma", 1), ("mma", 2), ("mma", 9), ("mma", 16), ("mma", 31), ("mma", 64),
-    ("gemv", 1), ("gemv", 5), ("gemv", 8),
+    ("gemv", 1), ("gemv", 5), ("gemv", 8), ("gemv_pairs", 1), ("gemv_pairs", 7),
     ("tile", 1), ("tile", 5), ("tile", 9), ("tile", 16), ("tile", 24), ("tile", 32), ("tile", 40), ("tile", 64),
     ("wide", 1), ("wide", 13), ("wide", 64), ("wide", 65), ("wide", 128), ("wide", 129), ("wide", 300),
     ("gemm", 1), ("gemm", 17), ("gemm", 64), ("gemm", 128), ("gemm", 130), ("gemm", 300),

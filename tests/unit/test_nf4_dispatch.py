@@ -109,6 +109,16 @@ def test_gemv_takes_the_tile_kernels_rows_up_to_its_bound_where_it_fills_a_wave(
     assert nf4_dispatch.kernel_for(rows, shape, nf4_dispatch.WITH_CUDA_KERNEL) == expected
 
 
+@pytest.mark.parametrize("rows, shape, table, expected", [
+    (1, (6144, 4096), "cuda", "gemv_pairs"), (8, (28672, 4096), "cuda", "gemv_pairs"),  # gemv's and tile's rows
+    (9, (6144, 4096), "cuda", "tile"), (1, (6144, 4096), "triton", "bnb"), (3, (6144, 4096), "triton", "fused"),
+])  # fmt: skip
+def test_pairs_takes_the_gemv_and_tile_rows_up_to_eight_when_asked(monkeypatch, rows, shape, table, expected):
+    monkeypatch.setattr(nf4_dispatch, "PAIRS", True)
+    tables = {"cuda": nf4_dispatch.WITH_CUDA_KERNEL, "triton": nf4_dispatch.TRITON_ONLY}
+    assert nf4_dispatch.kernel_for(rows, shape, tables[table]) == expected
+
+
 @pytest.mark.parametrize("rows, shape, splits", [
     (128, (28672, 4096), 1),  # 448 blocks: past one wave of 2 x 132 already
     (128, (6144, 4096), 2), (128, (4096, 14336), 4), (1024, (4096, 4096), 1),

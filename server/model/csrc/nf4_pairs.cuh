@@ -32,35 +32,38 @@ __host__ __device__ constexpr int pairs_smem_bytes() { return static_cast<int>(k
 
 // The codes and scales of a warp's walk, PREFETCH steps ahead: tiles tile0, + stride, ..., each `steps` steps, step
 // s bringing quant block first + s where s < count (the warp's blocks). The next load is tracked as one index, tile *
-// num_blocks + first + s, and its step s: few registers under the kernel's cap of 64. Every load reads valid memory,
-// so none is predicated (a predicated refill made the compiler copy each slot before it, ~10 moves a step): a step
-// past the warp's blocks re-reads the tile's block before the warp's next (the tile's last where the warp has none),
-// a step past the last tile re-reads the last tile's last block; what such a load brings is never used.
+// num_blocks + first + s, with its step s and its tile's last block's index. Every load reads valid memory, so none
+// is predicated (a predicated refill made the compiler copy each slot before it, ~10 moves a step): a step past the
+// warp's blocks re-reads its tile's last block of the warp's, a step past the last tile the last tile's last block;
+// what such a load brings is never used. (A warp with no blocks re-reads the block before its first.)
 template <int PREFETCH>
 struct WalkRing {
-  const uint4* codes_at;  // the lane's code word of tile 0, block 0 (32 uint4 a block)
-  const float2* scales_at;  // the lane's scale pair of tile 0, block 0 (8 float2 a block)
-  int at, step;  // the next load's index and step
-  int count, steps, jump, end;  // jump: from a tile's step `steps` to the next tile's step 0; end: past the last tile
+  const uint4* tile_codes;  // 32 uint4 a block: the lane's at + lane (offsets, not per-lane pointers: fewer registers)
+  const float2* tile_scales;  // 8 float2 a block: the lane's at + lane / 4
+  int lane;
+  int at, step, tile_last;  // the next load's index and step, its tile's last block of the warp's
+  int steps, jump, next_tile, end;  // jump: a tile's step `steps` to the next's 0; next_tile: stride * num_blocks
   uint4 codes[PREFETCH];
   float2 scales[PREFETCH];
 
-  __device__ __forceinline__ WalkRing(const uint4* tile_codes, const float2* tile_scales, int lane, int tile0,
+  __device__ __forceinline__ WalkRing(const uint4* tile_codes_, const float2* tile_scales_, int lane_, int tile0,
                                       int stride, int steps_, int first, int last, int row_tiles, int num_blocks)
-      : codes_at(tile_codes + lane), scales_at(tile_scales + (lane >> 2)), at(tile0 * num_blocks + first), step(0),
-        count(last - first), steps(steps_), jump(stride * num_blocks - steps_), end(row_tiles * num_blocks) {
+      : tile_codes(tile_codes_), tile_scales(tile_scales_), lane(lane_), at(tile0 * num_blocks + first), step(0),
+        tile_last(tile0 * num_blocks + last - 1), steps(steps_), jump(stride * num_blocks - steps_),
+        next_tile(stride * num_blocks), end(row_tiles * num_blocks - 1) {
 #pragma unroll
     for (int p = 0; p < PREFETCH; ++p) load(p);
   }
 
   __device__ __forceinline__ void load(int p) {
-    const int i = min(step < count ? at : at - (step - count) - 1, end - 1);
-    codes[p] = load_tile_codes(codes_at + 32 * i);
-    scales[p] = __ldg(scales_at + 8 * i);
+    const int i = min(min(at, tile_last), end);
+    codes[p] = load_tile_codes(tile_codes + (32 * i + lane));
+    scales[p] = __ldg(tile_scales + (8 * i + (lane >> 2)));
     ++at;
     if (++step == steps) {
       step = 0;
       at += jump;
+      tile_last += next_tile;
     }
   }
 
@@ -111,7 +114,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
   wait_for_prior_grid();  // x is the kernel ahead's output
   const uint32_t pair_reg = kPairsTableWindow | pair_copy_offset();
   // token g (tokens past M re-read token M - 1: their columns are never stored), its 16 k of block 0 for lane t
-  const uint4* x_at = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(g, M - 1)) * K) + 2 * t;
+  // (a 32-bit offset in uint4 from x, one register: x holds at most 2^31 of them)
+  const int x_at = min(g, M - 1) * (K / 8) + 2 * t;
+  const uint4* x_words = reinterpret_cast<const uint4*>(x);
 
   int parity = 0;
   for (int tile = worker; tile < row_tiles; tile += workers, parity ^= 1) {  // group-uniform
@@ -125,7 +130,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
         const int blk = first + base + i;
         if (blk < last) {  // warp-uniform
           uint32_t xb[8];
-          load_x_block(x_at + 8 * blk, xb);
+          load_x_block(x_words + (x_at + 8 * blk), xb);
           mma_block<T, true>(nullptr, codes, scales, xb, acc, pair_reg);
         }
       }
