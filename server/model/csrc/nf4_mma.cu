@@ -568,6 +568,14 @@ __global__ void wgmma_built_kernel(int* flag) {
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+// run(T()) with T the CUDA type of x's dtype, bf16 or fp16.
+template <typename Run>
+auto run_for_dtype(const torch::Tensor& x, Run run) {
+  if (x.scalar_type() == torch::kBFloat16) return run(__nv_bfloat16());
+  TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
+  return run(__half());
+}
+
 // Launch `kernel` on `stream`, with programmatic dependent launch when `pdl` (see wait_for_prior_grid).
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Args... args) {
@@ -693,13 +701,10 @@ torch::Tensor nf4_tile(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 64, "nf4_tile takes 1..64 rows, got ", x.size(0));
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   check_tile_layout(x, tile_codes, tile_scales, out);
-  if (x.scalar_type() == torch::kBFloat16) {
-    return dispatch_tile<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, warps,
-                                        rows_per_warp, pdl, defer_sum);
-  }
-  TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-  return dispatch_tile<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, warps, rows_per_warp, pdl,
-                               defer_sum);
+  return run_for_dtype(x, [&](auto dtype_tag) {
+    return dispatch_tile<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, warps,
+                                              rows_per_warp, pdl, defer_sum);
+  });
 }
 
 // Resident blocks per SM of the tile kernel instance nf4_tile would launch (bf16 x).
@@ -752,12 +757,7 @@ torch::Tensor nf4_gemv(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
 #undef LORAPLEX_GEMV
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (x.scalar_type() == torch::kBFloat16) {
-    run(__nv_bfloat16());
-  } else {
-    TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-    run(__half());
-  }
+  run_for_dtype(x, run);
   return out;
 }
 
@@ -807,12 +807,7 @@ torch::Tensor nf4_gemv_pairs(torch::Tensor x, torch::Tensor tile_codes, torch::T
         reinterpret_cast<T*>(out.data_ptr()), M, N, K, static_cast<int>(group_warps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (x.scalar_type() == torch::kBFloat16) {
-    run(__nv_bfloat16());
-  } else {
-    TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-    run(__half());
-  }
+  run_for_dtype(x, run);
   return out;
 }
 
@@ -837,9 +832,7 @@ torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
           partial, M, N, static_cast<int>(x.size(1)), blocks_per_split);
     }, false, defer_sum);
   };
-  if (x.scalar_type() == torch::kBFloat16) return run(__nv_bfloat16());
-  TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-  return run(__half());
+  return run_for_dtype(x, run);
 }
 
 template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool PAIRS = false>
@@ -925,13 +918,10 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   check_tile_layout(x, tile_codes, tile_scales, out);
-  if (x.scalar_type() == torch::kBFloat16) {
-    return dispatch_wgmma<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
-                                         stage_blocks, blocks_per_sm, block_warps, defer_sum, pairs);
-  }
-  TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-  return dispatch_wgmma<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens, stage_blocks,
-                                blocks_per_sm, block_warps, defer_sum, pairs);
+  return run_for_dtype(x, [&](auto dtype_tag) {
+    return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
+                                               stage_blocks, blocks_per_sm, block_warps, defer_sum, pairs);
+  });
 }
 
 // Whether this build's code for the current GPU has the wgmma kernels (sm_90a), by running a one-thread probe.
@@ -1000,13 +990,10 @@ torch::Tensor nf4_wide(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   TORCH_CHECK(token_tiles == 2 || token_tiles == 4 || token_tiles == 8 || token_tiles == 16,
               "token_tiles must be 2, 4, 8 or 16");
   check_tile_layout(x, tile_codes, tile_scales, out);
-  if (x.scalar_type() == torch::kBFloat16) {
-    return dispatch_wide<__nv_bfloat16>(x, tile_codes, tile_scales, table, bias, out, split_k, token_tiles,
-                                        rows_per_warp, defer_sum);
-  }
-  TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-  return dispatch_wide<__half>(x, tile_codes, tile_scales, table, bias, out, split_k, token_tiles, rows_per_warp,
-                               defer_sum);
+  return run_for_dtype(x, [&](auto dtype_tag) {
+    return dispatch_wide<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, token_tiles,
+                                              rows_per_warp, defer_sum);
+  });
 }
 
 // Resident blocks per SM of a wide instance (bf16 x).
@@ -1051,12 +1038,9 @@ void nf4_mma(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax, torch::
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type(), "out must be contiguous, x's dtype");
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && absmax.scalar_type() == torch::kFloat32, "codes u8, absmax f32");
-  if (x.scalar_type() == torch::kBFloat16) {
-    dispatch_tiles<__nv_bfloat16>(x, codes, absmax, table, bias, out, split_k, warps);
-  } else {
-    TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-    dispatch_tiles<__half>(x, codes, absmax, table, bias, out, split_k, warps);
-  }
+  run_for_dtype(x, [&](auto dtype_tag) {
+    dispatch_tiles<decltype(dtype_tag)>(x, codes, absmax, table, bias, out, split_k, warps);
+  });
 }
 
 // Resident blocks per SM of the kernel instance nf4_mma would launch for `rows` and `warps` (bf16 x).
