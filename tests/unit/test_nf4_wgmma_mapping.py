@@ -7,6 +7,7 @@ be x @ W^T with W dequantized and rounded to bf16."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from server.model.nf4_ops import nf4_dequantize_reference
@@ -116,3 +117,40 @@ def test_a_two_block_stage_stages_each_block_as_its_own_tile():
             assert one.keys() == single.keys() and all(torch.equal(one[w], single[w]) for w in one)
             for word, values in one.items():
                 assert torch.equal(stage[kb * tile_words + word], values)
+
+
+def _store_half_rows(x: torch.Tensor, blk: int, tokens: int, threads: int) -> dict[int, torch.Tensor]:
+    """load_x + store_x with HALF_ROWS (one quant block a stage): unit u = thread + i * threads is row (u >> 1) %
+    tokens, chunks p, p + 2, p + 4, p + 6 (p = u & 1); destination chunk 4p + w holds word w of each of the four, in
+    order, stored whole: {physical 32-bit word of the tile: its two values}."""
+    words = {}
+    for thread in range(threads):
+        for i in range(tokens * 2 // threads):
+            u = thread + i * threads
+            row, p = (u >> 1) % tokens, u & 1
+            held = [x[row, 64 * blk + 8 * c:64 * blk + 8 * c + 8] for c in (p, p + 2, p + 4, p + 6)]
+            for w in range(4):
+                address = row * 128 + (((4 * p + w) ^ (row & 7)) << 4)
+                for column in range(4):
+                    assert (address + 4 * column) // 4 not in words  # no word written twice
+                    words[(address + 4 * column) // 4] = held[column][2 * w:2 * w + 2]
+    return words
+
+
+@pytest.mark.parametrize("tokens, threads", [(128, 256), (256, 256), (128, 128), (256, 128)])
+def test_half_row_staging_writes_the_tile_the_single_chunks_write(tokens, threads):
+    """From 128 tokens a stage (at one or two warpgroups) a thread stores four whole 16-byte chunks instead of sixteen
+    words: the tile must be the same, word for word, and a quarter-warp's 16-byte stores must touch 8 distinct chunks
+    of 4 distinct rows (no bank conflict)."""
+    x = torch.randn(tokens, 64 * 3).to(torch.bfloat16)
+    for blk in range(3):
+        got, want = _store_half_rows(x, blk, tokens, threads), _store_x(x, blk, tokens)
+        assert got.keys() == want.keys() and all(torch.equal(got[w], want[w]) for w in want)
+    for first in range(0, threads, 8):  # a quarter-warp: threads first .. first + 7, one store w at a time
+        for w in range(4):
+            banks = set()
+            for u in range(first, first + 8):
+                row, p = (u >> 1) % tokens, u & 1
+                chunk = ((4 * p + w) ^ (row & 7))
+                banks |= {(row * 128 + (chunk << 4)) // 4 % 32 + k for k in range(4)}
+            assert len(banks) == 32

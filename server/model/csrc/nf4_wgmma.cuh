@@ -80,26 +80,57 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   const int m0 = blockIdx.z * BM;
 
   // Chunk q of a stage: quant block q / (BM * 8) of the stage, token row (q / 8) % BM, 16-byte chunk q % 8.
+  // With HALF_ROWS (128 tokens and more) a thread takes whole half-rows instead, unit u: quant block u / (BM * 2),
+  // row (u / 2) % BM, chunks p, p + 2, p + 4, p + 6 (p = u % 2): word w of those four chunks is the whole destination
+  // chunk 4p + w (words c / 2 = 0-3, in chunk order), so it stores four 16-byte chunks where a thread of single
+  // chunks stores sixteen words. The same tile, word for word (tests/unit/test_nf4_wgmma_mapping.py). SASS, sm_90a,
+  // a two-block step: 128 tokens 479 -> 459 instructions (454 -> 396 with PAIRS), 256 tokens 603 -> 569, one
+  // warpgroup at 128 tokens 733 -> 560 (and no more spills); at 64 tokens (one warpgroup) 479 -> 485, so not there.
+  constexpr bool HALF_ROWS = BM >= 128 && KB * BM * 2 >= THREADS;
+  static_assert(!HALF_ROWS || KB * BM * 2 % THREADS == 0, "half-rows spread evenly");
   uint4 xr[CHUNKS];
   auto load_x = [&](int blk) {  // the stage from quant block blk (blocks past the split re-read its last)
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
-      const int q = threadIdx.x + i * THREADS, row = KB == 1 ? q >> 3 : (q >> 3) % BM, c = q & 7;
-      const int b = KB == 1 ? blk : min(blk + q / (BM * 8), last - 1);  // one block a stage: always within the split
+      int kb, row, c;
+      if constexpr (HALF_ROWS) {
+        const int u = threadIdx.x + (i / 4) * THREADS;
+        kb = u / (BM * 2), row = (u >> 1) % BM, c = (u & 1) + 2 * (i % 4);
+      } else {
+        const int q = threadIdx.x + i * THREADS;
+        kb = q / (BM * 8), row = KB == 1 ? q >> 3 : (q >> 3) % BM, c = q & 7;
+      }
+      const int b = KB == 1 ? blk : min(blk + kb, last - 1);  // one block a stage: always within the split
       xr[i] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(m0 + row, M - 1)) * K + 64 * b +
                                                    8 * c));
     }
   };
   auto store_x = [&](int buffer) {
+    if constexpr (HALF_ROWS) {
 #pragma unroll
-    for (int i = 0; i < CHUNKS; ++i) {
-      const int q = threadIdx.x + i * THREADS, row = KB == 1 ? q >> 3 : (q >> 3) % BM, c = q & 7;
-      uint8_t* tile = tiles_ptr + buffer * X_BYTES + (KB == 1 ? 0 : q / (BM * 8) * BM * 128);
-      const uint32_t words[4] = {xr[i].x, xr[i].y, xr[i].z, xr[i].w};
+      for (int i = 0; i < CHUNKS / 4; ++i) {
+        const int u = threadIdx.x + i * THREADS, row = (u >> 1) % BM, p = u & 1;
+        uint8_t* tile = tiles_ptr + buffer * X_BYTES + (KB == 1 ? 0 : u / (BM * 2) * BM * 128);
+        const uint4* held = xr + 4 * i;
+        const uint4 chunks[4] = {make_uint4(held[0].x, held[1].x, held[2].x, held[3].x),
+                                 make_uint4(held[0].y, held[1].y, held[2].y, held[3].y),
+                                 make_uint4(held[0].z, held[1].z, held[2].z, held[3].z),
+                                 make_uint4(held[0].w, held[1].w, held[2].w, held[3].w)};
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const int chunk = 4 * (c & 1) + w;
-        *reinterpret_cast<uint32_t*>(tile + row * 128 + ((chunk ^ (row & 7)) << 4) + 4 * (c >> 1)) = words[w];
+        for (int w = 0; w < 4; ++w)
+          *reinterpret_cast<uint4*>(tile + row * 128 + (((4 * p + w) ^ (row & 7)) << 4)) = chunks[w];
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < CHUNKS; ++i) {
+        const int q = threadIdx.x + i * THREADS, row = KB == 1 ? q >> 3 : (q >> 3) % BM, c = q & 7;
+        uint8_t* tile = tiles_ptr + buffer * X_BYTES + (KB == 1 ? 0 : q / (BM * 8) * BM * 128);
+        const uint32_t words[4] = {xr[i].x, xr[i].y, xr[i].z, xr[i].w};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const int chunk = 4 * (c & 1) + w;
+          *reinterpret_cast<uint32_t*>(tile + row * 128 + ((chunk ^ (row & 7)) << 4) + 4 * (c >> 1)) = words[w];
+        }
       }
     }
     fence_proxy_async_smem();
