@@ -161,7 +161,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                 impls[f"gemv_w{warps}"] = [lambda c=c, w=warps: cuda_nf4.nf4_gemv(x, c[3], layer.shape, layer.table,
                                                                                   warps=w)
                                            for c in layer.nf4]
-            # the byte-pair table on a persistent grid: its default group size, then each forced
+        if rows <= 16:  # the byte-pair table on a persistent grid: its default group size, then each forced
             impls["gemv_pairs"] = [lambda c=c: cuda_nf4.nf4_gemv_pairs(x, c[3], layer.shape, layer.table,
                                                                        num_sms=device_num_sms(0))
                                    for c in layer.nf4]

@@ -213,10 +213,11 @@ GEMV_PAIRS_GROUPS = (4, 8, 16, 32)  # warps a row tile of nf4_gemv_pairs (csrc/n
 
 
 @functools.cache
-def gemv_pairs_group_warps(shape: tuple[int, int], num_sms: int) -> int:
+def gemv_pairs_group_warps(shape: tuple[int, int], num_sms: int, token_tiles: int = 1) -> int:
     """Warps a row tile of nf4_gemv_pairs for an (out, in) weight, by a model not yet checked on a GPU: a step is a
-    quant block a warp, and a group of g warps takes ceil(blocks / g) steps a tile (at least the ring's 4: fewer
-    leave loads of the next tile, not of this one, in flight), + 1 for its sum; a round is one tile for each of the
+    quant block a warp, and a group of g warps takes ceil(blocks / g) steps a tile (at least the ring's depth, 4 for
+    one token tile and 2 for two: fewer leave loads of the next tile, not of this one, in flight), + 1 for its sum;
+    a round is one tile for each of the
     32 / g groups an SM holds (one block of 32 warps an SM). The fewest steps over all rounds wins, ties to the more
     warps a tile. On 132 SMs, 8B: qkv 8 (one round of 8 steps), o and down 16, gate_up 4 (two rounds of 16)."""
     out_features, in_features = shape
@@ -224,14 +225,14 @@ def gemv_pairs_group_warps(shape: tuple[int, int], num_sms: int) -> int:
     best = None
     for group in reversed(GEMV_PAIRS_GROUPS):
         rounds = -(-row_tiles // (num_sms * (GEMV_RESIDENT_WARPS // group)))
-        cost = rounds * (max(-(-num_blocks // group), 4) + 1)
+        cost = rounds * (max(-(-num_blocks // group), 4 if token_tiles == 1 else 2) + 1)
         if best is None or cost < best[0]:
             best = (cost, group)
     return best[1]
 
 
 def nf4_gemv_pairs(
-    x: torch.Tensor,  # [T, in] bf16 / fp16, T <= 8
+    x: torch.Tensor,  # [T, in] bf16 / fp16, T <= 16
     tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
     shape,  # (out, in)
     code_table: torch.Tensor,  # [16] float32
@@ -241,11 +242,13 @@ def nf4_gemv_pairs(
 ) -> torch.Tensor:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, the weights dequantized from a table of
     all 256 byte values (csrc/nf4_device.cuh, a_fragments_pairs: 5 instructions a weight pair against 8) that a
-    persistent grid fills once a block (csrc/nf4_pairs.cuh). The same bits as nf4_gemv(warps=group_warps). Not in the
-    dispatch until the GPU measures it (bench.kernels' gemv_pairs)."""
+    persistent grid fills once a block (csrc/nf4_pairs.cuh). The same bits as nf4_tile(split_k=group_warps) (and
+    nf4_gemv(warps=group_warps) up to 8 rows). 9-16 rows take two token tiles and 192 KB of shared memory a block
+    (sm_90). In the dispatch only with LORAPLEX_NF4_PAIRS=1, 1-8 rows, until the GPU measures it (bench.kernels'
+    gemv_pairs)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
-    group_warps = group_warps or gemv_pairs_group_warps(tuple(shape), num_sms)
+    group_warps = group_warps or gemv_pairs_group_warps(tuple(shape), num_sms, 1 if x.shape[0] <= 8 else 2)
     _extension().nf4_gemv_pairs(x, tiled[0], tiled[1], code_table, bias, out, group_warps)
     return out
 

@@ -130,6 +130,8 @@ def test_gemv_kernel_matches_the_tile_kernel_split_as_its_warps_bit_for_bit(rows
     (1, 1536, 48000, 8),  # 3,000 tiles: ~6 a group; 3 blocks a warp in 4 ring steps a tile
     (5, 256, 40000, 4),  # 2,500 tiles over 8 groups of 4 warps a block, 1 block a warp (3 empty ring steps)
     (2, 4096, 6000, 32),  # 375 tiles: ~3 a group of 32 warps, 2 blocks a warp
+    (9, 1536, 600, 8),  # two token tiles (9-16 rows): the ring 2 deep, the sums after the table
+    (16, 1536, 48000, 4), (13, 4096, 6000, 16),
 ])  # fmt: skip
 def test_gemv_pairs_matches_the_tile_kernel_split_as_its_group_bit_for_bit(rows, in_features, out_features,
                                                                            group_warps, dtype):

@@ -98,6 +98,14 @@ def test_gemv_pairs_groups_take_the_fewest_steps(shape, group):
     assert cuda_nf4.gemv_pairs_group_warps(shape, 132) == group
 
 
+def test_two_token_tiles_count_their_shallower_ring():
+    """9-16 rows: the ring is 2 blocks deep, so 2 blocks a warp are a full tile: qkv's 384 tiles take 3 rounds of 2
+    blocks at 32 warps a tile (9 steps), as one round of 8 at 8 (ties to the more warps); with one token tile 32
+    warps would count the ring's 4 (15)."""
+    assert cuda_nf4.gemv_pairs_group_warps((6144, 4096), 132, 2) == 32
+    assert cuda_nf4.gemv_pairs_group_warps((6144, 4096), 132, 1) == 8
+
+
 @pytest.mark.parametrize("gemv_rows, rows, shape, expected", [
     (0, 1, (6144, 4096), "tile"), (1, 1, (6144, 4096), "gemv"), (1, 2, (6144, 4096), "tile"),
     (8, 8, (6144, 4096), "gemv"), (8, 1, (28672, 4096), "tile"), (16, 9, (6144, 4096), "tile"),

@@ -761,34 +761,36 @@ torch::Tensor nf4_gemv(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   return out;
 }
 
-// nf4_gemv_pairs_kernel<__nv_bfloat16 | __half, kPairsWarps, kPairsPrefetch> with its dynamic shared memory allowed
-// (once an instance; the device must allow a block 128 KB: sm_80, sm_90, not sm_86/89) and the blocks of it an SM
-// holds.
-template <typename T>
+// nf4_gemv_pairs_kernel<__nv_bfloat16 | __half, kPairsWarps, NT, pairs_prefetch(NT)> with its dynamic shared memory
+// allowed (once an instance; the device must allow a block 128 KB for one token tile: sm_80, sm_90, not sm_86/89; 192
+// KB for two: sm_90) and the blocks of it an SM holds.
+template <typename T, int NT>
 int pairs_blocks_per_sm() {
   static const int blocks = [] {
-    auto* kernel = nf4_gemv_pairs_kernel<T, kPairsWarps, kPairsPrefetch>;
+    auto* kernel = nf4_gemv_pairs_kernel<T, kPairsWarps, NT, pairs_prefetch(NT)>;
+    constexpr int bytes = pairs_smem_bytes(kPairsWarps, NT);
     int device = 0, most = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    TORCH_CHECK(most >= pairs_smem_bytes(), "nf4_gemv_pairs needs ", pairs_smem_bytes(),
-                " bytes of shared memory a block; this GPU allows ", most);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pairs_smem_bytes()));
+    TORCH_CHECK(most >= bytes, "nf4_gemv_pairs needs ", bytes, " bytes of shared memory a block at ", 8 * NT,
+                " rows; this GPU allows ", most);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kPairsWarps * 32, pairs_smem_bytes()));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kPairsWarps * 32, bytes));
     return n;
   }();
   return blocks;
 }
 
-// out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout by nf4_gemv_pairs_kernel: 1 <= M <= 8, blocks of 32 warps
+// out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout by nf4_gemv_pairs_kernel: 1 <= M <= 16, blocks of 32 warps
 // in groups of `group_warps` (4, 8, 16 or 32) warps a row tile, as many blocks as the SMs hold at once or as the row
-// tiles need, whichever is fewer. The same bits as nf4_gemv(..., warps = group_warps).
+// tiles need, whichever is fewer. The same bits as nf4_tile(..., split_k = group_warps) (and nf4_gemv at that many
+// warps, up to 8 rows).
 torch::Tensor nf4_gemv_pairs(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales,
                              torch::Tensor table, c10::optional<torch::Tensor> bias, torch::Tensor out,
                              int64_t group_warps) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "nf4_gemv_pairs takes 1..8 rows, got ", x.size(0));
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 16, "nf4_gemv_pairs takes 1..16 rows, got ", x.size(0));
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(group_warps == 4 || group_warps == 8 || group_warps == 16 || group_warps == 32,
               "group_warps must be 4, 8, 16 or 32, got ", group_warps);
@@ -799,12 +801,19 @@ torch::Tensor nf4_gemv_pairs(torch::Tensor x, torch::Tensor tile_codes, torch::T
   auto stream = at::cuda::getCurrentCUDAStream();
   auto run = [&](auto dtype_tag) {
     using T = decltype(dtype_tag);
-    const int blocks = std::max(1, std::min(num_sms * pairs_blocks_per_sm<T>(), (row_tiles + groups - 1) / groups));
-    nf4_gemv_pairs_kernel<T, kPairsWarps, kPairsPrefetch><<<blocks, kPairsWarps * 32, pairs_smem_bytes(), stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(),
-        bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
-        reinterpret_cast<T*>(out.data_ptr()), M, N, K, static_cast<int>(group_warps));
+    auto launch = [&](auto token_tiles) {
+      constexpr int NT = decltype(token_tiles)::value;
+      const int resident = num_sms * pairs_blocks_per_sm<T, NT>();
+      const int blocks = std::max(1, std::min(resident, (row_tiles + groups - 1) / groups));
+      nf4_gemv_pairs_kernel<T, kPairsWarps, NT, pairs_prefetch(NT)>
+          <<<blocks, kPairsWarps * 32, pairs_smem_bytes(kPairsWarps, NT), stream>>>(
+              reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+              reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(),
+              bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
+              reinterpret_cast<T*>(out.data_ptr()), M, N, K, static_cast<int>(group_warps));
+    };
+    if (M <= 8) launch(std::integral_constant<int, 1>());
+    else launch(std::integral_constant<int, 2>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   run_for_dtype(x, run);

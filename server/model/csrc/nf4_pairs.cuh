@@ -1,4 +1,4 @@
-// One to eight rows (batch-1 decode) over the byte-pair table (nf4_device.cuh, a_fragments_pairs_at): 5 instructions
+// One to sixteen rows (one or two token tiles of 8; batch-1 decode first) over the byte-pair table (nf4_device.cuh, a_fragments_pairs_at): 5 instructions
 // a weight pair where the 16-entry table's dequant_pair takes 8. Included by nf4_mma.cu after its helpers
 // (wait_for_prior_grid, store_output).
 //
@@ -20,15 +20,25 @@
 
 namespace {
 
-constexpr int kPairsPrefetch = 4;
+// The code ring's depth: 4 quant blocks for one token tile; 2 for two, whose x and accumulators leave too few of the
+// 64 registers (SASS, sm_90a: 4 deep spilled 56 bytes inside the loop, 140 instructions a step against 2 deep's 136).
+__host__ __device__ constexpr int pairs_prefetch(int token_tiles) { return token_tiles == 1 ? 4 : 2; }
 constexpr int kPairsWarps = 32;
 constexpr uint32_t kPairsTableWindow = 0x10000;  // the table's offset in the block's shared-memory window
 
 // Dynamic shared memory of nf4_gemv_pairs_kernel: from wherever it starts (the window's first 1 KB is reserved on
-// sm_90) to the table's end. The warps' fp32 sums, two buffers (tile parity: a tile's sums are written while the tile
-// before's may still be read), sit at its start, below the table.
-__host__ __device__ constexpr int pairs_sums_bytes(int warps) { return 2 * warps * 16 * 8 * 4; }
-__host__ __device__ constexpr int pairs_smem_bytes() { return static_cast<int>(kPairsTableWindow) + kPairTableBytes; }
+// sm_90) to the table's end, and for two token tiles past it. The warps' fp32 sums, two buffers (tile parity: a tile's
+// sums are written while the tile before's may still be read), sit at its start, below the table, for one token tile
+// (32 KB); for two (64 KB, more than fits below) after the table: 192 KB in all, which sm_80 cannot give.
+__host__ __device__ constexpr int pairs_sums_bytes(int warps, int token_tiles) {
+  return 2 * warps * 16 * 8 * token_tiles * 4;
+}
+__host__ __device__ constexpr int pairs_table_end() {
+  return static_cast<int>(kPairsTableWindow) + (kPairTableBytes + 15) / 16 * 16;
+}
+__host__ __device__ constexpr int pairs_smem_bytes(int warps, int token_tiles) {
+  return pairs_table_end() + (token_tiles == 1 ? 0 : pairs_sums_bytes(warps, token_tiles));
+}
 
 // The codes and scales of a warp's walk, PREFETCH steps ahead: tiles tile0, + stride, ..., each `steps` steps, step
 // s bringing quant block first + s where s < count (the warp's blocks). The next load is tracked as one index, tile *
@@ -80,16 +90,21 @@ __device__ __forceinline__ void group_barrier(int group, int warps) {
   asm volatile("bar.sync %0, %1;" ::"r"(1 + group), "r"(warps * 32) : "memory");
 }
 
-template <typename T, int WARPS, int PREFETCH>
+template <typename T, int WARPS, int NT, int PREFETCH>
 __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pairs_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
     int group_warps) {
   extern __shared__ __align__(16) char smem[];
   const uint32_t window = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  if (window + pairs_sums_bytes(WARPS) > kPairsTableWindow) __trap();  // more static shared memory than planned
   char* pairs = smem + (kPairsTableWindow - window);
-  float(*sums)[WARPS][16][8] = reinterpret_cast<float(*)[WARPS][16][8]>(smem);
+  char* sums_at = smem;  // one token tile: below the table
+  if constexpr (NT == 1) {
+    if (window + pairs_sums_bytes(WARPS, NT) > kPairsTableWindow) __trap();  // more static shared memory than planned
+  } else {
+    sums_at = smem + (pairs_table_end() - window);
+  }
+  float(*sums)[WARPS][16][8 * NT] = reinterpret_cast<float(*)[WARPS][16][8 * NT]>(sums_at);
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -113,14 +128,16 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
   __syncthreads();
   wait_for_prior_grid();  // x is the kernel ahead's output
   const uint32_t pair_reg = kPairsTableWindow | pair_copy_offset();
-  // token g (tokens past M re-read token M - 1: their columns are never stored), its 16 k of block 0 for lane t
-  // (a 32-bit offset in uint4 from x, one register: x holds at most 2^31 of them)
-  const int x_at = min(g, M - 1) * (K / 8) + 2 * t;
+  // token nt * 8 + g (tokens past M re-read token M - 1: their columns are never stored), its 16 k of block 0 for
+  // lane t (32-bit offsets in uint4 from x, one register each: x holds at most 2^31 of them)
+  int x_at[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) x_at[nt] = min(nt * 8 + g, M - 1) * (K / 8) + 2 * t;
   const uint4* x_words = reinterpret_cast<const uint4*>(x);
 
   int parity = 0;
   for (int tile = worker; tile < row_tiles; tile += workers, parity ^= 1) {  // group-uniform
-    float acc[4] = {};
+    float acc[NT][4] = {};
     for (int base = 0; base < steps; base += PREFETCH) {
 #pragma unroll
       for (int i = 0; i < PREFETCH; ++i) {
@@ -129,21 +146,42 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
         ring.take(i, codes, scales);
         const int blk = first + base + i;
         if (blk < last) {  // warp-uniform
-          uint32_t xb[8];
-          load_x_block(x_words + (x_at + 8 * blk), xb);
-          mma_block<T, true>(nullptr, codes, scales, xb, acc, pair_reg);
+          if constexpr (NT == 1) {
+            uint32_t xb[8];
+            load_x_block(x_words + (x_at[0] + 8 * blk), xb);
+            mma_block<T, true>(nullptr, codes, scales, xb, acc[0], pair_reg);
+          } else {  // each weight dequantized once for the token tiles, k-step by k-step as nf4_tile_kernel
+            uint32_t xb[NT][8];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) load_x_block(x_words + (x_at[nt] + 8 * blk), xb[nt]);
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              uint32_t a[2][4];
+              a_fragments_pairs_at<T>(pair_reg, codes, scales, half, a);
+#pragma unroll
+              for (int jj = 0; jj < 2; ++jj) {
+                const int j = 2 * half + jj;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                  Ops<T>::mma(acc[nt], a[jj][0], a[jj][1], a[jj][2], a[jj][3], xb[nt][2 * j], xb[nt][2 * j + 1]);
+              }
+            }
+          }
         }
       }
     }
-    // C fragment: acc[0..1] = (row g, tokens 2t, 2t + 1), acc[2..3] = (row g + 8, same tokens)
-    float(*mine)[8] = sums[parity][warp];
-    mine[g][2 * t] = acc[0];
-    mine[g][2 * t + 1] = acc[1];
-    mine[g + 8][2 * t] = acc[2];
-    mine[g + 8][2 * t + 1] = acc[3];
+    // C fragment of token tile nt: acc[nt][0..1] = (row g, tokens 8 nt + 2t, + 1), acc[nt][2..3] = (row g + 8, same)
+    float(*mine)[8 * NT] = sums[parity][warp];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      mine[g][8 * nt + 2 * t] = acc[nt][0];
+      mine[g][8 * nt + 2 * t + 1] = acc[nt][1];
+      mine[g + 8][8 * nt + 2 * t] = acc[nt][2];
+      mine[g + 8][8 * nt + 2 * t + 1] = acc[nt][3];
+    }
     group_barrier(group, group_warps);  // the other buffer's readers (the tile before) are past it too
-    for (int i = member * 32 + lane; i < 16 * 8; i += group_warps * 32) {
-      const int r = i >> 3, tok = i & 7;
+    for (int i = member * 32 + lane; i < 16 * 8 * NT; i += group_warps * 32) {
+      const int r = i / (8 * NT), tok = i % (8 * NT);
       const int row = tile * 16 + r;
       if (tok >= M || row >= N) continue;
       float v = 0.f;
