@@ -217,9 +217,9 @@ def gemv_pairs_group_warps(shape: tuple[int, int], num_sms: int, token_tiles: in
     """Warps a row tile of nf4_gemv_pairs for an (out, in) weight, by a model not yet checked on a GPU: a step is a
     quant block a warp, and a group of g warps takes ceil(blocks / g) steps a tile (at least the ring's depth, 4 for
     one token tile and 2 for two: fewer leave loads of the next tile, not of this one, in flight), + 1 for its sum;
-    a round is one tile for each of the
-    32 / g groups an SM holds (one block of 32 warps an SM). The fewest steps over all rounds wins, ties to the more
-    warps a tile. On 132 SMs, 8B: qkv 8 (one round of 8 steps), o and down 16, gate_up 4 (two rounds of 16)."""
+    a round is one tile for each of the 32 / g groups an SM holds (one block of 32 warps an SM). The fewest steps
+    over all rounds wins, ties to the more warps a tile. On 132 SMs, 8B, one token tile: qkv 8 (one round of 8
+    steps), o and down 16, gate_up 4 (two rounds of 16)."""
     out_features, in_features = shape
     row_tiles, num_blocks = -(-out_features // 16), in_features // NF4_BLOCKSIZE
     best = None
