@@ -410,6 +410,7 @@ def nf4_wgmma(
     occupancy: int | None = None,
     block_warps: int = WGMMA_BLOCK_WARPS,
     pairs: bool = False,
+    smem_a: bool = False,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -426,11 +427,14 @@ def nf4_wgmma(
     dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32 multiplies, 1 pack). `pairs` (the
     default block at 32-128 block tokens; not in the dispatch until measured): that dequantization from the byte-pair
     table instead (one byte permute, one 8-byte table load, 2 multiplies, 1 pack; the same bits), 64 KB more shared
-    memory a block, so the instances are built for two blocks an SM (one at 128 tokens)."""
+    memory a block, so the instances are built for two blocks an SM (one at 128 tokens). `smem_a` (not in the
+    dispatch until measured): the 128-token block (forced) with A from shared memory, the byte-pair table's
+    dequantization of the next quant block running beside this one's wgmmas (csrc/nf4_wgmma.cuh,
+    nf4_wgmma_sa_kernel)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
-    block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
-    if pairs:
+    block_tokens = 128 if smem_a else block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
+    if pairs or smem_a:
         occupancy = 2
     if occupancy is None:
         occupancy = wgmma_occupancy(block_tokens, block_warps) if stage_blocks == 1 else 2
@@ -438,6 +442,6 @@ def nf4_wgmma(
         split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
     three_an_sm = occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS
     partials = _extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      3 if three_an_sm else 0, block_warps, defer_sum, pairs)
+                                      3 if three_an_sm else 0, block_warps, defer_sum, pairs, smem_a)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 

@@ -154,3 +154,41 @@ def test_half_row_staging_writes_the_tile_the_single_chunks_write(tokens, thread
                 chunk = ((4 * p + w) ^ (row & 7))
                 banks |= {(row * 128 + (chunk << 4)) // 4 % 32 + k for k in range(4)}
             assert len(banks) == 32
+
+
+def _store_a_fragments(tile: dict[int, torch.Tensor], r: int, t: int, half: int, regs) -> None:
+    """store_a_fragments (nf4_wgmma_sa_kernel) through a_tile_addresses (tile 0 at address 0): register q of k-step
+    j = 2 half + jj at at[2j + (q >> 1)] + 1,024 (q & 1), with at[c] = ((128 r + 4t) | 16 g) ^ 16 c; that must be row
+    r + 8 (q & 1), logical byte 32j + 16 (q >> 1) + 4t, its 16-byte chunk at chunk ^ (row & 7). Into {physical
+    32-bit word: its two values}."""
+    g = r % 8
+    at = [((128 * r + 4 * t) | (16 * g)) ^ (16 * c) for c in range(8)]
+    for jj in range(2):
+        j = 2 * half + jj
+        for q in range(4):
+            row, byte = r + 8 * (q & 1), 32 * j + 16 * (q >> 1) + 4 * t
+            address = at[2 * j + (q >> 1)] + 1024 * (q & 1)
+            assert address == row * 128 + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15)
+            assert address // 4 not in tile  # no word written twice
+            tile[address // 4] = torch.stack(regs[jj][q])
+
+
+def test_an_a_tile_in_shared_memory_is_the_register_a_the_tensor_cores_read():
+    """smem_a: each warp's A fragments of a quant block stored into its warpgroup's A tile (64 rows of 128 bytes,
+    K-major, 128-byte swizzle) must read back, k-step by k-step as the tensor cores read a K-major tile (_b_operand's
+    rule, rows for tokens), as the very A the registers give (_a_operand), and fill the tile."""
+    out_features, in_features = 64, 128
+    codes, absmax, table, x, tile_codes, tile_scales = random_layer(out_features, in_features, 8)
+    num_blocks = in_features // 64
+    for blk in range(num_blocks):
+        tile = {}
+        for warp in range(4):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for half in range(2):
+                    regs = _weight_regs(tile_codes, tile_scales, table, warp, blk, num_blocks, lane, half)
+                    _store_a_fragments(tile, 16 * warp + g, t, half, regs)
+        assert len(tile) == 64 * 32
+        for j in range(4):
+            read = _b_operand(tile, j, 64).t()  # [64 rows, 16]: row n's k-step j, as for x's tokens
+            assert torch.equal(read, _a_operand(tile_codes, tile_scales, table, range(4), blk, num_blocks, j))

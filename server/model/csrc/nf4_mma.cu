@@ -869,13 +869,44 @@ torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_cod
   }, false, defer_sum);
 }
 
+// nf4_wgmma_sa_kernel (A from shared memory, 128 block tokens) over the grid nf4_wgmma's default block takes.
+template <typename T>
+torch::Tensor launch_wgmma_sa(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                              int64_t split_k, bool defer_sum) {
+  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  constexpr int smem = WgmmaSaSmem::bytes;
+  auto kernel = nf4_wgmma_sa_kernel<T>;
+  static bool attribute_set[64] = {};  // per instance and device
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= 64 || !attribute_set[device]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    if (device < 64) attribute_set[device] = true;
+  }
+  const int row_groups = ((N + 15) / 16 + WG_WARPS - 1) / WG_WARPS;
+  return run_split<T>(x, bias, out, split_k,
+                      [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
+                          int blocks_per_split) {
+    kernel<<<dim3(row_groups, splits, (M + SA_TOKENS - 1) / SA_TOKENS), WG_WARPS * 32, smem, stream>>>(
+        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
+        M, N, K, blocks_per_split);
+  }, false, defer_sum);
+}
+
 template <typename T>
 torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
-                             int64_t block_warps, bool defer_sum, bool pairs) {
+                             int64_t block_warps, bool defer_sum, bool pairs, bool smem_a) {
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
+  if (smem_a) {
+    TORCH_CHECK(block_tokens == SA_TOKENS && block_warps == 8 && stage_blocks == 1 && blocks_per_sm == 0,
+                "smem_a takes the default block at 128 block tokens");
+    return launch_wgmma_sa<T>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
+  }
   // The byte-pair table's instances: the default block (two warpgroups, one quant block a stage) at 32-128 tokens,
   // two blocks an SM (at 32 tokens three no longer fit beside the table's 64 KB).
   if (pairs) {
@@ -916,20 +947,21 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
 // or 4 (one: 64 weight rows a block, up to 128 block tokens), pairs the byte-pair table's A fragments (the default
-// block at 32-128 block tokens, two blocks an SM); any M, K % 64 == 0. Only where
+// block at 32-128 block tokens, two blocks an SM), smem_a the 128-token block with A from shared memory (the next
+// quant block dequantized while this one's wgmmas run; nf4_wgmma_sa_kernel); any M, K % 64 == 0. Only where
 // nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N]
 // instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
                         int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool defer_sum,
-                        bool pairs) {
+                        bool pairs, bool smem_a) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   check_tile_layout(x, tile_codes, tile_scales, out);
   return run_for_dtype(x, [&](auto dtype_tag) {
     return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
-                                               stage_blocks, blocks_per_sm, block_warps, defer_sum, pairs);
+                                               stage_blocks, blocks_per_sm, block_warps, defer_sum, pairs, smem_a);
   });
 }
 
