@@ -844,55 +844,40 @@ torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   return run_for_dtype(x, run);
 }
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool PAIRS = false>
-torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
-                           const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                           int64_t split_k, bool defer_sum) {
+// A wgmma kernel (nf4_wgmma_kernel and nf4_wgmma_sa_kernel share one parameter list) of BM tokens and WARPS warps a
+// block over the grid (weight-row groups, splits of K, token groups), SMEM bytes of dynamic shared memory allowed once
+// per kernel and device (above 48 KB needs the opt-in).
+template <typename T, auto KERNEL, int BM, int WARPS, int SMEM>
+torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& tile_codes,
+                                const torch::Tensor& tile_scales, const torch::Tensor& table,
+                                const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
+                                bool defer_sum) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
-  constexpr int smem = WgmmaSmem<BM, KB, PAIRS>::bytes;
-  auto kernel = nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, PAIRS>;
-  static bool attribute_set[64] = {};  // per instance and device; above 48 KB of shared memory needs the opt-in
+  static bool attribute_set[64] = {};
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   if (device >= 64 || !attribute_set[device]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM));
     if (device < 64) attribute_set[device] = true;
   }
   const int row_groups = ((N + 15) / 16 + WARPS - 1) / WARPS;
   return run_split<T>(x, bias, out, split_k,
                       [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                           int blocks_per_split) {
-    kernel<<<dim3(row_groups, splits, (M + BM - 1) / BM), WARPS * 32, smem, stream>>>(
+    KERNEL<<<dim3(row_groups, splits, (M + BM - 1) / BM), WARPS * 32, SMEM, stream>>>(
         reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
         reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
         M, N, K, blocks_per_split);
   }, false, defer_sum);
 }
 
-// nf4_wgmma_sa_kernel (A from shared memory, 128 block tokens) over the grid nf4_wgmma's default block takes.
-template <typename T>
-torch::Tensor launch_wgmma_sa(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
-                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                              int64_t split_k, bool defer_sum) {
-  const int M = x.size(0), K = x.size(1), N = out.size(1);
-  constexpr int smem = WgmmaSaSmem::bytes;
-  auto kernel = nf4_wgmma_sa_kernel<T>;
-  static bool attribute_set[64] = {};  // per instance and device
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device >= 64 || !attribute_set[device]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    if (device < 64) attribute_set[device] = true;
-  }
-  const int row_groups = ((N + 15) / 16 + WG_WARPS - 1) / WG_WARPS;
-  return run_split<T>(x, bias, out, split_k,
-                      [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
-                          int blocks_per_split) {
-    kernel<<<dim3(row_groups, splits, (M + SA_TOKENS - 1) / SA_TOKENS), WG_WARPS * 32, smem, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        M, N, K, blocks_per_split);
-  }, false, defer_sum);
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool PAIRS = false>
+torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                           const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                           int64_t split_k, bool defer_sum) {
+  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, PAIRS>, BM, WARPS,
+                           WgmmaSmem<BM, KB, PAIRS>::bytes>(x, tile_codes, tile_scales, table, bias, out, split_k,
+                                                            defer_sum);
 }
 
 template <typename T>
@@ -905,7 +890,9 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
   if (smem_a) {
     TORCH_CHECK(block_tokens == SA_TOKENS && block_warps == 8 && stage_blocks == 1 && blocks_per_sm == 0,
                 "smem_a takes the default block at 128 block tokens");
-    return launch_wgmma_sa<T>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
+    // nf4_wgmma_sa_kernel: A from shared memory, 128 block tokens, over the default block's grid
+    return launch_wgmma_grid<T, nf4_wgmma_sa_kernel<T>, SA_TOKENS, WG_WARPS, WgmmaSaSmem::bytes>(
+        x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
   }
   // The byte-pair table's instances: the default block (two warpgroups, one quant block a stage) at 32-128 tokens,
   // two blocks an SM (at 32 tokens three no longer fit beside the table's 64 KB).

@@ -119,6 +119,24 @@ struct XStage {
   }
 };
 
+// A warp's wgmma accumulators of its 16-row tile (store_output; nothing for a tile past the weight): register 4b + e
+// of n8 block b is weight row g + 8 (e >> 1), token m0 + 8b + 2t + (e & 1).
+template <typename T, int BM>
+__device__ __forceinline__ void store_accumulators(const float (&acc)[BM / 2], int tile0, int row_tiles, int g, int t,
+                                                   int m0, int M, int N, const T* __restrict__ bias,
+                                                   T* __restrict__ out, float* __restrict__ partial) {
+  if (tile0 >= row_tiles) return;
+#pragma unroll
+  for (int b = 0; b < BM / 8; ++b) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = tile0 * 16 + g + 8 * (e >> 1);
+      const int tok = m0 + 8 * b + 2 * t + (e & 1);
+      if (row < N && tok < M) store_output<T>(acc[4 * b + e], tok, row, M, N, bias, out, partial);
+    }
+  }
+}
+
 // PAIRS: the A fragments from the byte-pair table (a_fragments_pairs: 5 instructions a weight pair against
 // a_fragments' 8, the same bits), 64 KB more shared memory a block.
 template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool PAIRS = false>
@@ -198,18 +216,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     }
   }
 
-  // Accumulator of n8 block b: registers 4b, 4b + 1 weight row g, tokens 8b + 2t, + 1; 4b + 2, 4b + 3 row g + 8.
-  if (tile0 < row_tiles) {
-#pragma unroll
-    for (int b = 0; b < BM / 8; ++b) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = tile0 * 16 + g + 8 * (e >> 1);
-        const int tok = m0 + 8 * b + 2 * t + (e & 1);
-        if (row < N && tok < M) store_output<T>(acc[4 * b + e], tok, row, M, N, bias, out, partial);
-      }
-    }
-  }
+  store_accumulators<T, BM>(acc, tile0, row_tiles, g, t, m0, M, N, bias, out, partial);
 #endif
 }
 
@@ -343,18 +350,7 @@ __global__ void __launch_bounds__(WG_WARPS * 32, 1) nf4_wgmma_sa_kernel(
   }
   wgmma_wait_group<0>();
 
-  // Accumulator of n8 block b: registers 4b, 4b + 1 weight row g, tokens 8b + 2t, + 1; 4b + 2, 4b + 3 row g + 8.
-  if (tile0 < row_tiles) {
-#pragma unroll
-    for (int b = 0; b < BM / 8; ++b) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = tile0 * 16 + g + 8 * (e >> 1);
-        const int tok = m0 + 8 * b + 2 * t + (e & 1);
-        if (row < N && tok < M) store_output<T>(acc[4 * b + e], tok, row, M, N, bias, out, partial);
-      }
-    }
-  }
+  store_accumulators<T, BM>(acc, tile0, row_tiles, g, t, m0, M, N, bias, out, partial);
 #endif
 }
 
