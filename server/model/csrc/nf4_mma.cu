@@ -576,6 +576,18 @@ auto run_for_dtype(const torch::Tensor& x, Run run) {
   return run(__half());
 }
 
+// KERNEL allowed `bytes` of dynamic shared memory (above 48 KB needs the opt-in), once per kernel and device: the
+// attribute is the device's, so a process on several GPUs sets it on each.
+template <auto KERNEL>
+void allow_dynamic_smem(int bytes) {
+  static bool allowed[64] = {};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 64 && allowed[device]) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  if (device < 64) allowed[device] = true;
+}
+
 // Launch `kernel` on `stream`, with programmatic dependent launch when `pdl` (see wait_for_prior_grid).
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Args... args) {
@@ -761,25 +773,26 @@ torch::Tensor nf4_gemv(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   return out;
 }
 
-// nf4_gemv_pairs_kernel<__nv_bfloat16 | __half, kPairsWarps, NT, pairs_prefetch(NT)> with its dynamic shared memory
-// allowed (once an instance; the device must allow a block 128 KB for one token tile: sm_80, sm_90, not sm_86/89; 192
-// KB for two: sm_90) and the blocks of it an SM holds.
+// Blocks an SM holds of nf4_gemv_pairs_kernel<T, kPairsWarps, NT, pairs_prefetch(NT)> on the current device, its
+// dynamic shared memory allowed first (the device must give a block 128 KB for one token tile: sm_80, sm_90, not
+// sm_86/89; 192 KB for two: sm_90). Once per instance and device.
 template <typename T, int NT>
 int pairs_blocks_per_sm() {
-  static const int blocks = [] {
-    auto* kernel = nf4_gemv_pairs_kernel<T, kPairsWarps, NT, pairs_prefetch(NT)>;
-    constexpr int bytes = pairs_smem_bytes(kPairsWarps, NT);
-    int device = 0, most = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    TORCH_CHECK(most >= bytes, "nf4_gemv_pairs needs ", bytes, " bytes of shared memory a block at ", 8 * NT,
-                " rows; this GPU allows ", most);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kPairsWarps * 32, bytes));
-    return n;
-  }();
-  return blocks;
+  constexpr auto kernel = nf4_gemv_pairs_kernel<T, kPairsWarps, NT, pairs_prefetch(NT)>;
+  constexpr int bytes = pairs_smem_bytes(kPairsWarps, NT);
+  static int blocks[64] = {};  // 0: not asked yet
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 64 && blocks[device] > 0) return blocks[device];
+  int most = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(most >= bytes, "nf4_gemv_pairs needs ", bytes, " bytes of shared memory a block at ", 8 * NT,
+              " rows; this GPU allows ", most);
+  allow_dynamic_smem<kernel>(bytes);
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kPairsWarps * 32, bytes));
+  if (device < 64) blocks[device] = n;
+  return n;
 }
 
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout by nf4_gemv_pairs_kernel: 1 <= M <= 16, blocks of 32 warps
@@ -845,21 +858,14 @@ torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
 }
 
 // A wgmma kernel (nf4_wgmma_kernel and nf4_wgmma_sa_kernel share one parameter list) of BM tokens and WARPS warps a
-// block over the grid (weight-row groups, splits of K, token groups), SMEM bytes of dynamic shared memory allowed once
-// per kernel and device (above 48 KB needs the opt-in).
+// block over the grid (weight-row groups, splits of K, token groups), with SMEM bytes of dynamic shared memory.
 template <typename T, auto KERNEL, int BM, int WARPS, int SMEM>
 torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& tile_codes,
                                 const torch::Tensor& tile_scales, const torch::Tensor& table,
                                 const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
                                 bool defer_sum) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
-  static bool attribute_set[64] = {};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device >= 64 || !attribute_set[device]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM));
-    if (device < 64) attribute_set[device] = true;
-  }
+  allow_dynamic_smem<KERNEL>(SMEM);
   const int row_groups = ((N + 15) / 16 + WARPS - 1) / WARPS;
   return run_split<T>(x, bias, out, split_k,
                       [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
@@ -977,14 +983,8 @@ torch::Tensor launch_wide(const torch::Tensor& x, const torch::Tensor& tile_code
   const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
   const int row_groups = (warps_needed + WIDE_WARPS - 1) / WIDE_WARPS, token_groups = (M + NT * 8 - 1) / (NT * 8);
   constexpr int smem = WideSmem<NT, WIDE_STAGES>::bytes;
-  auto kernel = nf4_wide_kernel<T, NT, RT, WIDE_WARPS, WIDE_STAGES, WidePrefetch<NT, RT>::value>;
-  static bool attribute_set[64] = {};  // per instance and device (the attribute is the current device's);
-  int device = 0;                       // above 48 KB needs the opt-in
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device >= 64 || !attribute_set[device]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    if (device < 64) attribute_set[device] = true;
-  }
+  constexpr auto kernel = nf4_wide_kernel<T, NT, RT, WIDE_WARPS, WIDE_STAGES, WidePrefetch<NT, RT>::value>;
+  allow_dynamic_smem<kernel>(smem);
   return run_split<T>(x, bias, out, split_k,
                       [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                           int blocks_per_split) {
@@ -1029,9 +1029,10 @@ int64_t nf4_wide_blocks_per_sm(int64_t token_tiles, int64_t rows_per_warp) {
   int blocks = 0;
 #define LORAPLEX_OCC_WIDE(NT, RT)                                                                          \
   {                                                                                                        \
-    auto kernel = nf4_wide_kernel<__nv_bfloat16, NT, RT, WIDE_WARPS, WIDE_STAGES, WidePrefetch<NT, RT>::value>; \
+    constexpr auto kernel =                                                                                \
+        nf4_wide_kernel<__nv_bfloat16, NT, RT, WIDE_WARPS, WIDE_STAGES, WidePrefetch<NT, RT>::value>;        \
     constexpr int smem = WideSmem<NT, WIDE_STAGES>::bytes;                                                 \
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));       \
+    allow_dynamic_smem<kernel>(smem);                                                                      \
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, WIDE_WARPS * 32, smem);                 \
   }
   if (token_tiles == 2) {
@@ -1092,7 +1093,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_tile", &nf4_tile, "NF4 x 16-bit matmul on tensor cores from the tile layout, M <= 64");
   m.def("nf4_tile_blocks_per_sm", &nf4_tile_blocks_per_sm, "resident blocks per SM of the tile kernel");
   m.def("nf4_gemv", &nf4_gemv, "NF4 x 16-bit matmul from the tile layout, 1-8 rows, K split among a block's warps");
-  m.def("nf4_gemv_pairs", &nf4_gemv_pairs, "NF4 x 16-bit matmul from the tile layout, 1-8 rows, byte-pair table");
+  m.def("nf4_gemv_pairs", &nf4_gemv_pairs, "NF4 x 16-bit matmul from the tile layout, 1-16 rows, byte-pair table");
   m.def("nf4_gemm", &nf4_gemm, "NF4 x 16-bit GEMM from the tile layout, x as the MMA's A operand, any M");
   m.def("nf4_wgmma", &nf4_wgmma, "NF4 x 16-bit GEMM from the tile layout on warpgroup MMA (sm_90a)");
   m.def("nf4_wgmma_built", &nf4_wgmma_built, "whether this build has the wgmma kernels (sm_90a)");

@@ -1,15 +1,16 @@
-// One to sixteen rows (one or two token tiles of 8; batch-1 decode first) over the byte-pair table (nf4_device.cuh, a_fragments_pairs_at): 5 instructions
-// a weight pair where the 16-entry table's dequant_pair takes 8. Included by nf4_mma.cu after its helpers
-// (wait_for_prior_grid, store_output).
+// One to sixteen rows (one or two token tiles of 8; batch-1 decode first) over the byte-pair table (nf4_device.cuh,
+// a_fragments_pairs_at): 5 instructions a weight pair where the 16-entry table's dequant_pair takes 8. Included by
+// nf4_mma.cu after its helpers (wait_for_prior_grid, store_output).
 //
 // The table is 64 KB of shared memory to fill, too much to fill once a row tile as nf4_gemv_kernel's blocks (one a
 // tile) would, so the grid is persistent: one block of WARPS (32) warps an SM, filling the table once. It sits at
-// offset 64 KB of the block's shared-memory window (the block asks for 128 KB; the warps' sums sit below it), so a
-// byte permute alone gives a pair's address (load_pair_at). The block's warps form at most 8 groups (named barriers
-// 1-8) of `group_warps`; group i of block b is worker b * groups + i, and walks row tiles worker, worker + workers,
-// ... Each tile's K is split among the group's warps as nf4_gemv_kernel with warps = group_warps splits it (warp w:
-// quant blocks [w * per_warp, (w + 1) * per_warp)), and their fp32 sums meet in shared memory and are added in warp
-// order: the same sums in the same order, so the same bits as nf4_gemv at group_warps warps.
+// offset 64 KB of the block's shared-memory window (pairs_smem_bytes: the warps' sums below it, or after it for two
+// token tiles), so a byte permute alone gives a pair's address (load_pair_at). The block's warps form at most 8
+// groups (named barriers 1-8) of `group_warps`; group i of block b is worker b * groups + i, and walks row tiles
+// worker, worker + workers, ... Each tile's K is split among the group's warps as nf4_tile with split_k = group_warps
+// splits it (warp w: quant blocks [w * per_warp, (w + 1) * per_warp)), and their fp32 sums meet in shared memory
+// and are added in warp order: the same sums in the same order, so the same bits as nf4_tile (and as nf4_gemv at
+// group_warps warps, up to 8 rows).
 //
 // A warp's code and scale loads run PREFETCH quant blocks ahead in registers along its whole walk, across tiles (the
 // next tile's first blocks load while it finishes the current one), so a tile's end costs a group barrier and the
