@@ -147,7 +147,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         impls["fused"] = [lambda c=c: nf4_matmul_triton(x, c[0], c[1], layer.shape, layer.table)
                           for c in layer.nf4]
     if rows <= 64 and _mma_available():
-        from server.model import cuda_nf4
+        from server.model import cuda_nf4, cuda_nf4_gemv
 
         impls["mma"] = [lambda c=c: cuda_nf4.nf4_mma(x, c[0], c[1], layer.shape, layer.table,
                                                      warps=2 if rows <= 8 else 4, num_sms=device_num_sms(0))
@@ -155,19 +155,20 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         impls["tile"] = [lambda c=c: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                          for c in layer.nf4]
         if rows <= 8:  # K split among a block's warps, summed in shared memory: no second kernel
-            impls["gemv"] = [lambda c=c: cuda_nf4.nf4_gemv(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
+            impls["gemv"] = [lambda c=c: cuda_nf4_gemv.nf4_gemv(x, c[3], layer.shape, layer.table,
+                                                                num_sms=device_num_sms(0))
                              for c in layer.nf4]
-            for warps in cuda_nf4.GEMV_WARPS:  # the warps a block, each forced
-                impls[f"gemv_w{warps}"] = [lambda c=c, w=warps: cuda_nf4.nf4_gemv(x, c[3], layer.shape, layer.table,
-                                                                                  warps=w)
-                                           for c in layer.nf4]
+            for warps in cuda_nf4_gemv.GEMV_WARPS:  # the warps a block, each forced
+                impls[f"gemv_w{warps}"] = [
+                    lambda c=c, w=warps: cuda_nf4_gemv.nf4_gemv(x, c[3], layer.shape, layer.table, warps=w)
+                    for c in layer.nf4]
         if rows <= 16:  # the byte-pair table on a persistent grid: its default group size, then each forced
-            impls["gemv_pairs"] = [lambda c=c: cuda_nf4.nf4_gemv_pairs(x, c[3], layer.shape, layer.table,
-                                                                       num_sms=device_num_sms(0))
+            impls["gemv_pairs"] = [lambda c=c: cuda_nf4_gemv.nf4_gemv_pairs(x, c[3], layer.shape, layer.table,
+                                                                            num_sms=device_num_sms(0))
                                    for c in layer.nf4]
-            for group in cuda_nf4.GEMV_PAIRS_GROUPS:
+            for group in cuda_nf4_gemv.GEMV_PAIRS_GROUPS:
                 impls[f"gemv_pairs_g{group}"] = [
-                    lambda c=c, g=group: cuda_nf4.nf4_gemv_pairs(x, c[3], layer.shape, layer.table, group_warps=g)
+                    lambda c=c, g=group: cuda_nf4_gemv.nf4_gemv_pairs(x, c[3], layer.shape, layer.table, group_warps=g)
                     for c in layer.nf4]
         if rows <= 16:  # programmatic dependent launch: the next copy's launch and code loads overlap this tail
             impls["tile_pdl"] = [lambda c=c: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table,

@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--pairs", action="store_true", help="also the byte-pair table's kernel at each row count")
     args = parser.parse_args()
     from bench.nf4_sol import PROBES, probe_calls
-    from server.model import cuda_nf4, nf4_dispatch
+    from server.model import cuda_nf4, cuda_nf4_gemv, nf4_dispatch
     from server.model.triton_nf4 import device_num_sms
 
     in_features, out_features = layer_shapes(args.model)[args.layer]
@@ -43,7 +43,7 @@ def main() -> None:
         if args.pairs and (rows <= 8 or 16 <= rows <= 128):
             for _ in range(2):
                 if rows <= 8:
-                    cuda_nf4.nf4_gemv_pairs(x, tiled, layer.shape, layer.table, num_sms=device_num_sms(0))
+                    cuda_nf4_gemv.nf4_gemv_pairs(x, tiled, layer.shape, layer.table, num_sms=device_num_sms(0))
                 else:
                     cuda_nf4.nf4_wgmma(x, tiled, layer.shape, layer.table, num_sms=device_num_sms(0), pairs=True)
             torch.cuda.synchronize()

@@ -4,7 +4,9 @@ Semantics: as ``nf4_ops.nf4_matmul_reference`` (fp32 dequantize, one rounding to
 accumulate). Two kernels share one MMA mapping: ``nf4_mma`` reads bitsandbytes' codes as stored;
 ``nf4_tile`` streams the forward-only tile layout (``nf4_layout.tile_pack``), which NF4Linear keeps
 beside the codes and rebuilds in place whenever they change (1-64 rows); ``nf4_wide`` reads the same layout
-with x staged once a block in shared memory (any number of rows). Needs nvcc and an sm_80+ GPU;
+with x staged once a block in shared memory (any number of rows); ``nf4_wgmma`` (Hopper) the same layout's fragments
+as a warpgroup MMA's A. The one-to-sixteen-row kernels (``nf4_gemv``, ``nf4_gemv_pairs``) are in cuda_nf4_gemv.
+Needs nvcc and an sm_80+ GPU;
 ``is_available()`` says whether it built. The CPU never imports torch's extension builder.
 """
 
@@ -38,7 +40,7 @@ def _pdl_supported(device_index: int) -> bool:
 
 
 @functools.cache
-def _extension():
+def extension():
     """Build (or load from torch's extension cache) the kernel for the current GPU's architecture."""
     from torch.utils.cpp_extension import load
 
@@ -64,7 +66,7 @@ def is_available() -> bool:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         return False
     try:
-        _extension()
+        extension()
     except Exception:  # a missing nvcc or a failed build: the Triton kernels serve instead
         log.exception("the CUDA NF4 kernel did not build; falling back to Triton")
         return False
@@ -80,8 +82,8 @@ def blocks_per_sm(num_rows_bucket: int, warps: int, rows_per_warp: int = 0) -> i
     """Resident blocks per SM of the kernel instance for this row bucket (8, 16, 32, 64) and warps;
     rows_per_warp 0: nf4_mma, 1 or 2: nf4_tile with that many 16-row tiles a warp."""
     if rows_per_warp:
-        return max(1, _extension().nf4_tile_blocks_per_sm(num_rows_bucket, warps, rows_per_warp))
-    return max(1, _extension().nf4_mma_blocks_per_sm(num_rows_bucket, warps))
+        return max(1, extension().nf4_tile_blocks_per_sm(num_rows_bucket, warps, rows_per_warp))
+    return max(1, extension().nf4_mma_blocks_per_sm(num_rows_bucket, warps))
 
 
 def pick_split_k(num_rows: int, out_features: int, in_features: int, num_sms: int, warps: int = 4,
@@ -127,7 +129,7 @@ def nf4_mma(
     out = torch.empty(x.shape[0], out_features, device=x.device, dtype=x.dtype)
     if split_k is None:
         split_k = pick_split_k(x.shape[0], out_features, in_features, num_sms, warps)
-    _extension().nf4_mma(x, codes_as_bytes(codes), absmax_f, code_table, bias, out, split_k, warps)
+    extension().nf4_mma(x, codes_as_bytes(codes), absmax_f, code_table, bias, out, split_k, warps)
     return out
 
 
@@ -166,97 +168,15 @@ def nf4_tile(
     if split_k is None:
         split_k = pick_split_k(x.shape[0], out_features, in_features, num_sms, warps, rows_per_warp=rows_per_warp)
     pdl = (PDL if pdl is None else pdl) and _pdl_supported(x.device.index or 0)
-    partials = _extension().nf4_tile(x, tiled[0], tiled[1], code_table, bias, out, split_k, warps, rows_per_warp, pdl,
+    partials = extension().nf4_tile(x, tiled[0], tiled[1], code_table, bias, out, split_k, warps, rows_per_warp, pdl,
                                      defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
-
-
-GEMV_WARPS = (16, 8, 4, 2)  # the instances built (csrc/nf4_mma.cu, nf4_gemv)
-GEMV_RESIDENT_WARPS = 32  # a block's launch bounds cap the kernel at 64 registers: 32 warps an SM
-
-
-@functools.cache
-def gemv_warps(shape: tuple[int, int], num_sms: int) -> int | None:
-    """Warps a block of nf4_gemv (each a slice of K) for an (out, in) weight: 16 or 8, the most whose blocks (one a
-    row tile) run in one wave with at least two quant blocks a warp; None where not even 8 do, and the tile kernel
-    serves. H200, 8B shapes at one row (µs, bench/results/2026-12-04-nvidia-h200-kernels-s20-gemv.json): qkv (384
-    row tiles) 8 warps 10.8, 16 11.8, tile 12.0; o and down (256) 16 warps 8.7 and 20.4 against tile 9.9 and 21.9;
-    gate_up (1,792 row tiles: 2 warps fill one wave) 2 warps 41.0, 4 38.9, 8 39.1 against the tile kernel's 16
-    splits 37.8: a weight that tall needs more waves than one block a tile gives."""
-    out_features, in_features = shape
-    row_tiles, num_blocks = -(-out_features // 16), in_features // NF4_BLOCKSIZE
-    for warps in GEMV_WARPS[:2]:
-        if row_tiles * warps <= GEMV_RESIDENT_WARPS * num_sms and num_blocks >= 2 * warps:
-            return warps
-    return None
-
-
-def nf4_gemv(
-    x: torch.Tensor,  # [T, in] bf16 / fp16, T <= 8
-    tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
-    shape,  # (out, in)
-    code_table: torch.Tensor,  # [16] float32
-    bias: torch.Tensor | None = None,  # [out]
-    warps: int | None = None,
-    num_sms: int = 132,
-) -> torch.Tensor:
-    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout: a block a row tile, K split among its
-    warps and summed in shared memory (csrc/nf4_mma.cu, nf4_gemv_kernel): one kernel, no fp32 partials. The same
-    sums in the same order as nf4_tile with split_k = warps."""
-    x = x.contiguous()
-    out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
-    _extension().nf4_gemv(x, tiled[0], tiled[1], code_table, bias, out, warps or gemv_warps(tuple(shape), num_sms) or 8)
-    return out
-
-
-GEMV_PAIRS_GROUPS = (4, 8, 16, 32)  # warps a row tile of nf4_gemv_pairs (csrc/nf4_pairs.cuh: blocks of 32 warps)
-
-
-@functools.cache
-def gemv_pairs_group_warps(shape: tuple[int, int], num_sms: int, token_tiles: int = 1) -> int:
-    """Warps a row tile of nf4_gemv_pairs for an (out, in) weight, by a model not yet checked on a GPU: a step is a
-    quant block a warp, and a group of g warps takes ceil(blocks / g) steps a tile (at least the ring's depth, 4 for
-    one token tile and 2 for two: fewer leave loads of the next tile, not of this one, in flight), + 1 for its sum;
-    a round is one tile for each of the 32 / g groups an SM holds (one block of 32 warps an SM). The fewest steps
-    over all rounds wins, ties to the more warps a tile. On 132 SMs, 8B, one token tile: qkv 8 (one round of 8
-    steps), o and down 16, gate_up 4 (two rounds of 16)."""
-    out_features, in_features = shape
-    row_tiles, num_blocks = -(-out_features // 16), in_features // NF4_BLOCKSIZE
-    best = None
-    for group in reversed(GEMV_PAIRS_GROUPS):
-        rounds = -(-row_tiles // (num_sms * (GEMV_RESIDENT_WARPS // group)))
-        cost = rounds * (max(-(-num_blocks // group), 4 if token_tiles == 1 else 2) + 1)
-        if best is None or cost < best[0]:
-            best = (cost, group)
-    return best[1]
-
-
-def nf4_gemv_pairs(
-    x: torch.Tensor,  # [T, in] bf16 / fp16, T <= 16
-    tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
-    shape,  # (out, in)
-    code_table: torch.Tensor,  # [16] float32
-    bias: torch.Tensor | None = None,  # [out]
-    group_warps: int | None = None,
-    num_sms: int = 132,
-) -> torch.Tensor:
-    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, the weights dequantized from a table of
-    all 256 byte values (csrc/nf4_device.cuh, a_fragments_pairs: 5 instructions a weight pair against 8) that a
-    persistent grid fills once a block (csrc/nf4_pairs.cuh). The same bits as nf4_tile(split_k=group_warps) (and
-    nf4_gemv(warps=group_warps) up to 8 rows). 9-16 rows take two token tiles and 192 KB of shared memory a block
-    (sm_90). In the dispatch only with LORAPLEX_NF4_PAIRS=1, 1-8 rows, until the GPU measures it (bench.kernels'
-    gemv_pairs)."""
-    x = x.contiguous()
-    out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
-    group_warps = group_warps or gemv_pairs_group_warps(tuple(shape), num_sms, 1 if x.shape[0] <= 8 else 2)
-    _extension().nf4_gemv_pairs(x, tiled[0], tiled[1], code_table, bias, out, group_warps)
-    return out
 
 
 @functools.cache
 def wide_blocks_per_sm(token_tiles: int, rows_per_warp: int) -> int:
     """Resident blocks per SM of the wide kernel instance (token tiles 2, 4, 8 or 16; rows_per_warp 1 or 2)."""
-    return max(1, _extension().nf4_wide_blocks_per_sm(token_tiles, rows_per_warp))
+    return max(1, extension().nf4_wide_blocks_per_sm(token_tiles, rows_per_warp))
 
 
 WIDE_WARPS = 4  # csrc/nf4_mma.cu, WIDE_WARPS
@@ -300,7 +220,7 @@ def nf4_wide(
     token_tiles, rows_per_warp = token_tiles or default_tiles, rows_per_warp or default_rows
     if split_k is None:
         split_k = wide_split_k(x.shape[0], shape, num_sms, token_tiles, rows_per_warp)
-    partials = _extension().nf4_wide(x, tiled[0], tiled[1], code_table, bias, out, split_k, token_tiles,
+    partials = extension().nf4_wide(x, tiled[0], tiled[1], code_table, bias, out, split_k, token_tiles,
                                      rows_per_warp, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 
@@ -338,14 +258,14 @@ def nf4_gemm(
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     if split_k is None:
         split_k = gemm_split_k(x.shape[0], shape, num_sms)
-    partials = _extension().nf4_gemm(x, tiled[0], tiled[1], code_table, bias, out, split_k, defer_sum)
+    partials = extension().nf4_gemm(x, tiled[0], tiled[1], code_table, bias, out, split_k, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 
 
 @functools.cache
 def wgmma_supported() -> bool:
     """The extension's code for this GPU has the warpgroup-MMA kernels (an sm_90a build: H100, H200)."""
-    return is_available() and bool(_extension().nf4_wgmma_built())
+    return is_available() and bool(extension().nf4_wgmma_built())
 
 
 WGMMA_BLOCK_TOKENS = (32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_mma.cu, dispatch_wgmma)
@@ -428,20 +348,19 @@ def nf4_wgmma(
     default block at 32-128 block tokens; not in the dispatch until measured): that dequantization from the byte-pair
     table instead (one byte permute, one 8-byte table load, 2 multiplies, 1 pack; the same bits), 64 KB more shared
     memory a block, so the instances are built for two blocks an SM (one at 128 tokens). `smem_a` (not in the
-    dispatch until measured): the 128-token block (forced) with A from shared memory, the byte-pair table's
-    dequantization of the next quant block running beside this one's wgmmas (csrc/nf4_wgmma.cuh,
+    dispatch until measured): the 128-token block (the only size it takes) with A from shared memory, the byte-pair
+    table's dequantization of the next quant block running beside this one's wgmmas (csrc/nf4_wgmma.cuh,
     nf4_wgmma_sa_kernel)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
-    block_tokens = 128 if smem_a else block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
-    if pairs or smem_a:
-        occupancy = 2
+    block_tokens = block_tokens or (128 if smem_a else wgmma_block_tokens(x.shape[0], shape, num_sms))
     if occupancy is None:
-        occupancy = wgmma_occupancy(block_tokens, block_warps) if stage_blocks == 1 else 2
+        one_stage = stage_blocks == 1 and not (pairs or smem_a)  # pairs: the instances built for two an SM
+        occupancy = wgmma_occupancy(block_tokens, block_warps) if one_stage else 2
     if split_k is None:
         split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
     three_an_sm = occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS
-    partials = _extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
+    partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
                                       3 if three_an_sm else 0, block_warps, defer_sum, pairs, smem_a)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 

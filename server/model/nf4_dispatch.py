@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.model import cuda_nf4
+from server.model import cuda_nf4, cuda_nf4_gemv
 from server.model.nf4_layout import codes_as_words
 from server.model.split_sums import SplitSums
 
@@ -56,7 +56,7 @@ WIDE_MIN_WEIGHTS = ((32, 0), (64, 16_000_000), (128, 30_000_000))  # (up to this
 TRITON_ONLY: tuple[tuple[int | None, str], ...] = ((2, "bnb"), (32, "fused"), (None, "dequant"))
 BNB_ONLY: tuple[tuple[int | None, str], ...] = ((None, "bnb"),)
 # Rows up to which `gemv` replaces `tile` on weights whose row tiles take 8+ warps each in one wave
-# (cuda_nf4.gemv_warps; 0: never). H200, 8B, 1-8 rows (bench/results/2026-12-04-nvidia-h200-kernels-s20-gemv.json):
+# (cuda_nf4_gemv.gemv_warps; 0: never). H200, 8B, 1-8 rows (bench/results/2026-12-04-nvidia-h200-kernels-s20-gemv.json):
 # qkv 10.8-11.2 µs against tile 12.0-12.6, o 8.7-8.9 against 9.9-10.6, down 20.4-20.8 against 21.9-22.4; gate_up
 # stays on tile.
 GEMV_ROWS = int(os.environ.get("LORAPLEX_NF4_GEMV_ROWS", "8"))
@@ -152,7 +152,7 @@ def kernel_for(num_rows: int, shape, table=None, num_sms: int = 132) -> str:
         return "gemm"
     if name == "tile" and num_rows <= 8 and PAIRS and with_cuda:
         return "gemv_pairs"
-    if name == "tile" and num_rows <= min(GEMV_ROWS, 8) and cuda_nf4.gemv_warps(tuple(shape), num_sms) is not None:
+    if name == "tile" and num_rows <= min(GEMV_ROWS, 8) and cuda_nf4_gemv.gemv_warps(tuple(shape), num_sms) is not None:
         return "gemv"
     if name == "wide":
         least = next((weights for rows, weights in WIDE_MIN_WEIGHTS if num_rows <= rows), None)
@@ -247,9 +247,9 @@ def nf4_linear_cuda(
         return cuda_nf4.nf4_mma(x, codes, absmax_f, shape, code_table, bias, warps=2 if x.shape[0] <= 8 else 4,
                                 num_sms=num_sms)
     if name == "gemv":
-        return cuda_nf4.nf4_gemv(x, tiled, shape, code_table, bias, num_sms=num_sms)
+        return cuda_nf4_gemv.nf4_gemv(x, tiled, shape, code_table, bias, num_sms=num_sms)
     if name == "gemv_pairs":
-        return cuda_nf4.nf4_gemv_pairs(x, tiled, shape, code_table, bias, num_sms=num_sms)
+        return cuda_nf4_gemv.nf4_gemv_pairs(x, tiled, shape, code_table, bias, num_sms=num_sms)
     if name == "tile":
         return cuda_nf4.nf4_tile(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "wide":

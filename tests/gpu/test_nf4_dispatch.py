@@ -109,16 +109,16 @@ def test_tile_kernel_matches_mma_bit_for_bit(rows, split_k, warps, rows_per_warp
 def test_gemv_kernel_matches_the_tile_kernel_split_as_its_warps_bit_for_bit(rows, warps, dtype):
     """A block's warps take the blocks split w of nf4_tile(split_k = warps) takes and sum in split order: the same
     bits (24 quant blocks: 16 warps leave four empty)."""
-    from server.model import cuda_nf4
+    from server.model import cuda_nf4, cuda_nf4_gemv
 
     codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: a partial last tile
     x = torch.randn(rows, 1536, device="cuda").to(dtype)
     bias = torch.randn(600, device="cuda").to(dtype)
     tiled = _tiled(codes, absmax, wshape)
-    got = cuda_nf4.nf4_gemv(x, tiled, wshape, table, bias, warps=warps)
+    got = cuda_nf4_gemv.nf4_gemv(x, tiled, wshape, table, bias, warps=warps)
     want = cuda_nf4.nf4_tile(x, tiled, wshape, table, bias, split_k=warps)
     assert got.shape == (rows, 600) and torch.equal(got, want)
-    _assert_replays(lambda xs: cuda_nf4.nf4_gemv(xs, tiled, wshape, table, bias, warps=warps), x,
+    _assert_replays(lambda xs: cuda_nf4_gemv.nf4_gemv(xs, tiled, wshape, table, bias, warps=warps), x,
                     lambda xs: cuda_nf4.nf4_tile(xs, tiled, wshape, table, bias, split_k=warps))
 
 
@@ -138,28 +138,28 @@ def test_gemv_pairs_matches_the_tile_kernel_split_as_its_group_bit_for_bit(rows,
     """The byte-pair table's fragments are a_fragments' bit for bit, and a group of warps splits and sums a tile's K as
     nf4_gemv's block (and nf4_tile with split_k = group_warps) does: the same bits, also where a group walks several
     tiles (its ring running across them, its sums in two buffers) and where a warp's blocks leave ring steps empty."""
-    from server.model import cuda_nf4
+    from server.model import cuda_nf4, cuda_nf4_gemv
 
     codes, absmax, wshape, table, _ = _layer(in_features, out_features)
     x = torch.randn(rows, in_features, device="cuda").to(dtype)
     bias = torch.randn(out_features, device="cuda").to(dtype)
     tiled = _tiled(codes, absmax, wshape)
-    got = cuda_nf4.nf4_gemv_pairs(x, tiled, wshape, table, bias, group_warps=group_warps)
+    got = cuda_nf4_gemv.nf4_gemv_pairs(x, tiled, wshape, table, bias, group_warps=group_warps)
     want = cuda_nf4.nf4_tile(x, tiled, wshape, table, bias, split_k=group_warps)
     assert got.shape == (rows, out_features) and torch.equal(got, want)
-    _assert_replays(lambda xs: cuda_nf4.nf4_gemv_pairs(xs, tiled, wshape, table, bias, group_warps=group_warps), x,
+    _assert_replays(lambda xs: cuda_nf4_gemv.nf4_gemv_pairs(xs, tiled, wshape, table, bias, group_warps=group_warps), x,
                     lambda xs: cuda_nf4.nf4_tile(xs, tiled, wshape, table, bias, split_k=group_warps))
 
 
 def test_gemv_pairs_default_groups_match_the_float64_reference():
     """The default group size for each 8B shape (gemv_pairs_group_warps), against the float64 reference."""
-    from server.model import cuda_nf4
+    from server.model import cuda_nf4_gemv
 
     for in_features, out_features in ((4096, 6144), (4096, 4096), (14336, 4096), (4096, 28672)):
         codes, absmax, wshape, table, _ = _layer(in_features, out_features)
         x = torch.randn(1, in_features, device="cuda").to(torch.bfloat16)
         bias = torch.randn(out_features, device="cuda").to(torch.bfloat16)
-        got = cuda_nf4.nf4_gemv_pairs(x, _tiled(codes, absmax, wshape), wshape, table, bias)
+        got = cuda_nf4_gemv.nf4_gemv_pairs(x, _tiled(codes, absmax, wshape), wshape, table, bias)
         assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3, wshape
 
 

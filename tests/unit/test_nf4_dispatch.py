@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from server.model import cuda_nf4, nf4_dispatch
+from server.model import cuda_nf4, cuda_nf4_gemv, nf4_dispatch
 
 
 @pytest.mark.parametrize("rows, expected", [(1, "tile"), (8, "tile"), (11, "tile"), (12, "wide"), (16, "wide"),
@@ -85,7 +85,7 @@ def test_wide_split_counts_each_token_group_as_a_full_grid(monkeypatch):
     ((320, 512), None),  # eight quant blocks: too few for 8 warps of two
 ])  # fmt: skip
 def test_gemv_warps_fill_one_wave_with_two_quant_blocks_a_warp(shape, warps):
-    assert cuda_nf4.gemv_warps(shape, 132) == warps
+    assert cuda_nf4_gemv.gemv_warps(shape, 132) == warps
 
 
 @pytest.mark.parametrize("shape, group", [
@@ -95,15 +95,15 @@ def test_gemv_warps_fill_one_wave_with_two_quant_blocks_a_warp(shape, warps):
     ((2048, 2048), 32),  # 128 tiles: one round of 132 groups of 32 (a block a warp; ties to the most warps)
 ])  # fmt: skip
 def test_gemv_pairs_groups_take_the_fewest_steps(shape, group):
-    assert cuda_nf4.gemv_pairs_group_warps(shape, 132) == group
+    assert cuda_nf4_gemv.gemv_pairs_group_warps(shape, 132) == group
 
 
 def test_two_token_tiles_count_their_shallower_ring():
     """9-16 rows: the ring is 2 blocks deep, so 2 blocks a warp are a full tile: qkv's 384 tiles take 3 rounds of 2
     blocks at 32 warps a tile (9 steps), as one round of 8 at 8 (ties to the more warps); with one token tile 32
     warps would count the ring's 4 (15)."""
-    assert cuda_nf4.gemv_pairs_group_warps((6144, 4096), 132, 2) == 32
-    assert cuda_nf4.gemv_pairs_group_warps((6144, 4096), 132, 1) == 8
+    assert cuda_nf4_gemv.gemv_pairs_group_warps((6144, 4096), 132, 2) == 32
+    assert cuda_nf4_gemv.gemv_pairs_group_warps((6144, 4096), 132, 1) == 8
 
 
 @pytest.mark.parametrize("gemv_rows, rows, shape, expected", [
