@@ -54,12 +54,13 @@ GEMV_PAIRS_GROUPS = (4, 8, 16, 32)  # warps a row tile of nf4_gemv_pairs (csrc/n
 
 @functools.cache
 def gemv_pairs_group_warps(shape: tuple[int, int], num_sms: int, token_tiles: int = 1) -> int:
-    """Warps a row tile of nf4_gemv_pairs for an (out, in) weight, by a model not yet checked on a GPU: a step is a
-    quant block a warp, and a group of g warps takes ceil(blocks / g) steps a tile (at least the ring's depth, 4 for
-    one token tile and 2 for two: fewer leave loads of the next tile, not of this one, in flight), + 1 for its sum;
-    a round is one tile for each of the 32 / g groups an SM holds (one block of 32 warps an SM). The fewest steps
-    over all rounds wins, ties to the more warps a tile. On 132 SMs, 8B, one token tile: qkv 8 (one round of 8
-    steps), o and down 16, gate_up 4 (two rounds of 16)."""
+    """Warps a row tile of nf4_gemv_pairs for an (out, in) weight, by a model: a step is a quant block a warp, and a
+    group of g warps takes ceil(blocks / g) steps a tile (at least 4 for one token tile and 2 for two: fewer leave
+    a warp little to overlap with its loads), + 1 for its sum; a round is one tile for each of the 32 / g groups an
+    SM holds (one block of 32 warps an SM). The fewest steps over all rounds wins, ties to the more warps a tile. On
+    132 SMs, 8B, one token tile: qkv 8 (one round of 8 steps), o and down 16, gate_up 4 (two rounds of 16). H100,
+    one row (bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-xnext.json, µs, the model's group against
+    the best of 4-32): qkv 11.53 (best), o 8.65 vs 8.62, gate_up 32.90 vs 32.73, down 17.07 (best)."""
     out_features, in_features = shape
     row_tiles, num_blocks = -(-out_features // 16), in_features // NF4_BLOCKSIZE
     best = None
@@ -84,10 +85,24 @@ def nf4_gemv_pairs(
     all 256 byte values (csrc/nf4_device.cuh, a_fragments_pairs: 5 instructions a weight pair against 8) that a
     persistent grid fills once a block (csrc/nf4_pairs.cuh). The same bits as nf4_tile(split_k=group_warps) (and
     nf4_gemv(warps=group_warps) up to 8 rows). 9-16 rows take two token tiles and 192 KB of shared memory a block
-    (sm_90). In the dispatch only with LORAPLEX_NF4_PAIRS=1, 1-8 rows, until the GPU measures it (bench.kernels'
-    gemv_pairs)."""
+    (sm_90); 1-8 rows 128 KB (pairs_supported). The dispatch gives it the large weights' 1-8 row calls
+    (nf4_dispatch.PAIRS_MIN_WEIGHTS)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     group_warps = group_warps or gemv_pairs_group_warps(tuple(shape), num_sms, 1 if x.shape[0] <= 8 else 2)
     extension().nf4_gemv_pairs(x, tiled[0], tiled[1], code_table, bias, out, group_warps)
     return out
+
+
+PAIRS_SMEM_BYTES = 128 * 1024  # nf4_gemv_pairs's shared memory a block at 1-8 rows (csrc/nf4_pairs.cuh)
+
+
+@functools.cache
+def pairs_supported(device_index: int) -> bool:
+    """Whether a block on this device may take the 128 KB of shared memory nf4_gemv_pairs asks for at 1-8 rows: A100,
+    H100 and H200 give up to 163-227 KB a block, sm_86 / sm_89 cards 99 KB (there the launch would fail)."""
+    props = torch.cuda.get_device_properties(device_index)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is None:  # a torch without the attribute: the compute capabilities known to give it
+        return (props.major, props.minor) in ((8, 0), (9, 0), (10, 0))
+    return optin >= PAIRS_SMEM_BYTES

@@ -12,9 +12,9 @@
   warps and summed in shared memory instead of by a second kernel; ``gemm``: the rows of ``GEMM_ROWS``
   (LORAPLEX_NF4_GEMM_ROWS, none by default) that the table gives ``wide`` or ``dequant``, x as the MMA's A operand;
   ``wgmma``: on Hopper (sm_90a builds), the wide and dequant rows from 17 to 256 where it measured faster
-  (``WGMMA_ROWS``, ``WGMMA_MIN_WEIGHTS``), the tile layout's fragments as a warpgroup MMA's A; with ``PAIRS``
-  (LORAPLEX_NF4_PAIRS=1, off until a GPU measures it) ``gemv_pairs`` takes the ``gemv`` and ``tile`` calls of 1-8
-  rows and ``wgmma`` dequantizes from the byte-pair table where its instances exist (32-128 block tokens);
+  (``WGMMA_ROWS``, ``WGMMA_MIN_WEIGHTS``), the tile layout's fragments as a warpgroup MMA's A; ``gemv_pairs``: the
+  ``gemv`` and ``tile`` calls of 1-8 rows on weights of at least ``PAIRS_MIN_WEIGHTS`` (``PAIRS``,
+  LORAPLEX_NF4_PAIRS), the weights dequantized from a table of all 256 byte values on a persistent grid;
 - ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
 
 The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESULTS.md);
@@ -64,11 +64,17 @@ GEMV_ROWS = int(os.environ.get("LORAPLEX_NF4_GEMV_ROWS", "8"))
 # default until the H200 measures it (LORAPLEX_NF4_GEMM_ROWS=65-512 for an engine A/B). It dequantizes each weight
 # twice a 128 tokens, so at prefill sizes of thousands of rows dequant + cuBLAS must keep them.
 GEMM_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_GEMM_ROWS", "0-0").split("-"))
-# The byte-pair table's kernels (csrc/nf4_pairs.cuh, nf4_wgmma's `pairs`): 5 instructions a weight pair where the
-# 16-entry table takes 8 (SASS, sm_90a), the same bits. Off until the H200 measures them (bench.kernels' gemv_pairs
-# and wgmma_pairs; an engine A/B: ENGINE_AB="LORAPLEX_NF4_PAIRS=1" in bench/gpu_nf4.sh). gemv_pairs asks for 128 KB
-# of shared memory a block: sm_80 and sm_90 give it, sm_86 and sm_89 do not (its launch says so).
-PAIRS = os.environ.get("LORAPLEX_NF4_PAIRS", "0") == "1"
+# nf4_gemv_pairs (csrc/nf4_pairs.cuh: the byte-pair table, 5 instructions a weight pair where the 16-entry table takes
+# 8, the same bits) takes 1-8 rows of the weights of at least PAIRS_MIN_WEIGHTS (out x in) on devices that give a
+# block its 128 KB of shared memory (A100, H100, H200; not sm_86/89). H100, 2026-12-05
+# (bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-xnext.json, µs, 8B, gemv_pairs against the dispatch
+# before it, at 1 / 4 / 8 rows): gate_up (117M weights) 32.8 / 33.4 / 36.6 vs 38.8 / 41.2 / 45.6, down (58.7M) 17.1 /
+# 18.2 / 19.2 vs 20.6 / 20.6 / 20.8; the small ones lose: qkv (25.2M) 11.5 / 12.0 / 12.4 vs 11.0 / 11.1 / 11.3, o
+# (16.8M) 8.6 / 9.2 / 9.4 vs 8.9 / 9.0 / 9.1 (a row tile's few steps a warp leave its loads little to overlap). The
+# bound sits between qkv and down. LORAPLEX_NF4_PAIRS: auto (that rule, the default), 1 (every weight's 1-8 rows), 0
+# (never).
+PAIRS = os.environ.get("LORAPLEX_NF4_PAIRS", "auto")
+PAIRS_MIN_WEIGHTS = 40_000_000
 # Hopper's warpgroup MMA (`wgmma`, the tile layout's A fragments in registers, x from shared memory; sm_90a builds only)
 # takes the wide and dequant rows within WGMMA_ROWS (LORAPLEX_NF4_WGMMA_ROWS=lo-hi; 0-0 turns it off) on weights of at
 # least WGMMA_MIN_WEIGHTS (out x in) for the row count. H200, 2026-12-04
@@ -133,6 +139,19 @@ def wgmma_takes(num_rows: int, shape) -> bool:
     return shape[0] * shape[1] >= least and cuda_nf4.wgmma_supported()
 
 
+def pairs_takes(shape) -> bool:
+    """Whether gemv_pairs runs the 1-8 row calls of an (out, in) weight on the current device (PAIRS,
+    PAIRS_MIN_WEIGHTS, cuda_nf4_gemv.pairs_supported)."""
+    if PAIRS == "0" or (PAIRS != "1" and shape[0] * shape[1] < PAIRS_MIN_WEIGHTS):
+        return False
+    return pairs_device()
+
+
+def pairs_device() -> bool:
+    """Whether the current CUDA device gives nf4_gemv_pairs its shared memory (False without CUDA)."""
+    return torch.cuda.is_available() and cuda_nf4_gemv.pairs_supported(torch.cuda.current_device())
+
+
 def kernel_for_rows(num_rows: int, table=None) -> str:
     """The kernel name the table gives a batch of `num_rows` rows."""
     return next(name for max_rows, name in table or kernel_table() if max_rows is None or num_rows <= max_rows)
@@ -150,7 +169,7 @@ def kernel_for(num_rows: int, shape, table=None, num_sms: int = 132) -> str:
         return "wgmma"
     if name in ("wide", "dequant") and in_gemm_rows and with_cuda:
         return "gemm"
-    if name == "tile" and num_rows <= 8 and PAIRS and with_cuda:
+    if name == "tile" and num_rows <= 8 and with_cuda and pairs_takes(shape):
         return "gemv_pairs"
     if name == "tile" and num_rows <= min(GEMV_ROWS, 8) and cuda_nf4_gemv.gemv_warps(tuple(shape), num_sms) is not None:
         return "gemv"
@@ -257,11 +276,8 @@ def nf4_linear_cuda(
     if name == "gemm":
         return cuda_nf4.nf4_gemm(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "wgmma":
-        options = dict(options or {})
-        if PAIRS and not options and cuda_nf4.wgmma_block_tokens(x.shape[0], shape, num_sms) <= 128:
-            options["pairs"] = True  # the default block, where the pairs instances exist
         return cuda_nf4.nf4_wgmma(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum,
-                                  **options)
+                                  **dict(options or {}))
     if name == "dequant":
         return dequant_linear(x, codes, absmax_f, shape, code_table, bias)
     if name == "bnb":

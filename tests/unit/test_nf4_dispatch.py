@@ -114,17 +114,30 @@ def test_two_token_tiles_count_their_shallower_ring():
 def test_gemv_takes_the_tile_kernels_rows_up_to_its_bound_where_it_fills_a_wave(monkeypatch, gemv_rows, rows, shape,
                                                                                  expected):
     monkeypatch.setattr(nf4_dispatch, "GEMV_ROWS", gemv_rows)
+    monkeypatch.setattr(nf4_dispatch, "pairs_device", lambda: False)
     assert nf4_dispatch.kernel_for(rows, shape, nf4_dispatch.WITH_CUDA_KERNEL) == expected
 
 
-@pytest.mark.parametrize("rows, shape, table, expected", [
-    (1, (6144, 4096), "cuda", "gemv_pairs"), (8, (28672, 4096), "cuda", "gemv_pairs"),  # gemv's and tile's rows
-    (9, (6144, 4096), "cuda", "tile"), (1, (6144, 4096), "triton", "bnb"), (3, (6144, 4096), "triton", "fused"),
+@pytest.mark.parametrize("pairs, rows, shape, table, expected", [
+    ("1", 1, (6144, 4096), "cuda", "gemv_pairs"), ("1", 8, (28672, 4096), "cuda", "gemv_pairs"),  # gemv's, tile's
+    ("1", 9, (6144, 4096), "cuda", "tile"), ("1", 1, (6144, 4096), "triton", "bnb"),
+    ("1", 3, (6144, 4096), "triton", "fused"),
+    ("auto", 1, (28672, 4096), "cuda", "gemv_pairs"), ("auto", 8, (4096, 14336), "cuda", "gemv_pairs"),
+    ("auto", 1, (6144, 4096), "cuda", "gemv"), ("auto", 1, (4096, 4096), "cuda", "gemv"),  # below the bound
+    ("auto", 12, (28672, 4096), "cuda", "wide"), ("0", 1, (28672, 4096), "cuda", "tile"),
 ])  # fmt: skip
-def test_pairs_takes_the_gemv_and_tile_rows_up_to_eight_when_asked(monkeypatch, rows, shape, table, expected):
-    monkeypatch.setattr(nf4_dispatch, "PAIRS", True)
+def test_pairs_takes_the_gemv_and_tile_rows_up_to_eight_of_large_weights(monkeypatch, pairs, rows, shape, table,
+                                                                          expected):
+    monkeypatch.setattr(nf4_dispatch, "PAIRS", pairs)
+    monkeypatch.setattr(nf4_dispatch, "pairs_device", lambda: True)
     tables = {"cuda": nf4_dispatch.WITH_CUDA_KERNEL, "triton": nf4_dispatch.TRITON_ONLY}
     assert nf4_dispatch.kernel_for(rows, shape, tables[table]) == expected
+
+
+def test_pairs_needs_a_device_that_gives_its_shared_memory(monkeypatch):
+    monkeypatch.setattr(nf4_dispatch, "PAIRS", "1")
+    monkeypatch.setattr(nf4_dispatch, "pairs_device", lambda: False)
+    assert nf4_dispatch.kernel_for(1, (28672, 4096), nf4_dispatch.WITH_CUDA_KERNEL) == "tile"
 
 
 @pytest.mark.parametrize("rows, shape, splits", [

@@ -199,10 +199,14 @@ __device__ __forceinline__ void load_x_block(const uint4* p, uint32_t (&xb)[8]) 
 // holds that offset in its upper half and the lane's copy offset in its low byte, so one byte permute (the byte's
 // value into byte 1, the rest from pair_reg) gives the load's whole address. Through a generic pointer the compiler
 // added the window's base to every address (nvcc 13, sm_90a: an IADD a pair, 6 instructions where the probes' 5).
+// Not volatile: a volatile load stays in program order with the (volatile) MMAs, so a k-step's table loads waited for
+// the MMAs before them (H100: gemv_pairs issued on 37% of cycles, 3.5 cycles a warp short-scoreboard stalls). The
+// table is constant once filled; the caller launders pair_reg through an empty volatile asm after the barrier that
+// publishes it, so that no load can move above that barrier.
 __device__ __forceinline__ float2 load_pair_at(uint32_t word, int b, uint32_t pair_reg) {
   const uint32_t addr = __byte_perm(word, pair_reg, 0x7604u | (static_cast<uint32_t>(b) << 4));
   float2 v;
-  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr));
+  asm("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr));
   return v;
 }
 

@@ -21,9 +21,10 @@
 
 namespace {
 
-// The code ring's depth: 4 quant blocks for one token tile; 2 for two, whose x and accumulators leave too few of the
-// 64 registers (SASS, sm_90a: 4 deep spilled 56 bytes inside the loop, 140 instructions a step against 2 deep's 136).
-__host__ __device__ constexpr int pairs_prefetch(int token_tiles) { return token_tiles == 1 ? 4 : 2; }
+// The code ring's depth, 2 quant blocks: with x one step ahead (one token tile) or two token tiles' x and
+// accumulators, 4 deep spills at the 64-register cap (SASS, sm_90a: 40 and 56 bytes). 2 deep is still ~4,000 cycles
+// ahead at the measured ~2,000 a warp's step (ncu, H100, 8B gate_up at one row), past any DRAM latency.
+__host__ __device__ constexpr int pairs_prefetch(int /*token_tiles*/) { return 2; }
 constexpr int kPairsWarps = 32;
 constexpr uint32_t kPairsTableWindow = 0x10000;  // the table's offset in the block's shared-memory window
 
@@ -96,6 +97,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
     int group_warps) {
+  static_assert(PREFETCH % 2 == 0, "x's two buffers take step s's x from buffer s % 2");
   extern __shared__ __align__(16) char smem[];
   const uint32_t window = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   char* pairs = smem + (kPairsTableWindow - window);
@@ -128,13 +130,18 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
   stage_pair_table(table, pairs);
   __syncthreads();
   wait_for_prior_grid();  // x is the kernel ahead's output
-  const uint32_t pair_reg = kPairsTableWindow | pair_copy_offset();
+  uint32_t pair_reg = kPairsTableWindow | pair_copy_offset();
+  asm volatile("" : "+r"(pair_reg));  // after the barrier: every table load's address depends on it
   // token nt * 8 + g (tokens past M re-read token M - 1: their columns are never stored), its 16 k of block 0 for
   // lane t (32-bit offsets in uint4 from x, one register each: x holds at most 2^31 of them)
   int x_at[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) x_at[nt] = min(nt * 8 + g, M - 1) * (K / 8) + 2 * t;
   const uint4* x_words = reinterpret_cast<const uint4*>(x);
+  // One token tile: x one step ahead in registers, two buffers (its loads waited at every step before: an L1 or L2
+  // round trip between a step's first instruction and its first MMA). A warp with no blocks reads block 0, unused.
+  uint32_t xs[2][8];
+  if constexpr (NT == 1) load_x_block(x_words + (x_at[0] + 8 * (first < last ? first : 0)), xs[0]);
 
   int parity = 0;
   for (int tile = worker; tile < row_tiles; tile += workers, parity ^= 1) {  // group-uniform
@@ -146,11 +153,15 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
         float2 scales;
         ring.take(i, codes, scales);
         const int blk = first + base + i;
+        // x of the next step, into the other buffer (steps a tile and PREFETCH are even, so step s's x is in buffer
+        // s % 2 on every tile): the next block, or the first for the next tile (a block's x is the same for every
+        // tile); a step past the warp's blocks loads the first block too, valid memory never used
+        if constexpr (NT == 1) {
+          load_x_block(x_words + (x_at[0] + 8 * (blk + 1 < last ? blk + 1 : first)), xs[(i + 1) % 2]);
+        }
         if (blk < last) {  // warp-uniform
           if constexpr (NT == 1) {
-            uint32_t xb[8];
-            load_x_block(x_words + (x_at[0] + 8 * blk), xb);
-            mma_block<T, true>(nullptr, codes, scales, xb, acc[0], pair_reg);
+            mma_block<T, true>(nullptr, codes, scales, xs[i % 2], acc[0], pair_reg);
           } else {  // each weight dequantized once for the token tiles, k-step by k-step as nf4_tile_kernel
             uint32_t xb[NT][8];
 #pragma unroll
