@@ -33,7 +33,7 @@ eval "test_args=(${TESTS_ARGS:-})"
 step "${TESTS_TIMEOUT:-220}" gpu_tests.log python3 -m pytest tests/gpu -q -m gpu -p no:cacheprovider "${test_args[@]}"
 # NCU_ROWS=1,32: Nsight Compute sections of the kernels the dispatch runs at those rows (8B gate_up; NCU_LAYER for
 # another); NCU_PROBES=stream,dequant,x: also bench.nf4_sol's probes at one row (NCU_PROBE_CONFIG warps,splits);
-# NCU_PAIRS=1: also the byte-pair table's kernels at those rows
+# NCU_PAIRS=1: also the byte-pair table's kernel (gemv_pairs) at those rows up to 8
 # The stall reasons a warp's cycles between issues split into (the sections print only their sum and the largest)
 NCU_STALLS="long_scoreboard short_scoreboard mio_throttle lg_throttle barrier wait math_pipe_throttle not_selected \
 selected dispatch_stall no_instruction branch_resolving membar sleeping"

@@ -203,10 +203,6 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         if cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0)) == 32:
             variants["wgmma_s2"] = {"stage_blocks": 2}  # two quant blocks a stage
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
-        if cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0)) <= 128:
-            variants["wgmma_pairs"] = {"pairs": True}  # the byte-pair table's A fragments
-        if rows > 64:
-            variants["wgmma_sa"] = {"smem_a": True}  # 128 block tokens, A from shared memory
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table,
                                                                   num_sms=device_num_sms(0), **kw)

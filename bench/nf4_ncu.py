@@ -4,7 +4,7 @@
         python -m bench.nf4_ncu --rows 1,32 --probes stream,dequant,x
 
 Per row count it launches the kernel the dispatch runs at that count (`tile`, `gemv`, `wide`, `wgmma`), and with
---pairs the byte-pair table's kernel too (`gemv_pairs` at 1-8 rows, wgmma's `pairs` variant at 16-128); with
+--pairs the byte-pair table's kernel too (`gemv_pairs`, at 1-8 rows); with
 --probes, once per layer the speed-of-light probes of bench.nf4_sol (one row, --probe-config warps,splits). Each
 launch runs twice (a warm-up, then the profiled one: pass --launch-skip to ncu or read the second of each pair)."""
 
@@ -24,10 +24,10 @@ def main() -> None:
     parser.add_argument("--rows", default="1,32")
     parser.add_argument("--probes", default="", help="bench.nf4_sol probes: stream,dequant,mma,x")
     parser.add_argument("--probe-config", default="2,8", help="warps a block, splits of K")
-    parser.add_argument("--pairs", action="store_true", help="also the byte-pair table's kernel at each row count")
+    parser.add_argument("--pairs", action="store_true", help="also the byte-pair table's kernel at 1-8 rows")
     args = parser.parse_args()
     from bench.nf4_sol import PROBES, probe_calls
-    from server.model import cuda_nf4, cuda_nf4_gemv, nf4_dispatch
+    from server.model import cuda_nf4_gemv, nf4_dispatch
     from server.model.triton_nf4 import device_num_sms
 
     in_features, out_features = layer_shapes(args.model)[args.layer]
@@ -40,12 +40,9 @@ def main() -> None:
             nf4_dispatch.nf4_linear_cuda(x, codes, absmax, layer.shape, layer.table, None, state, tiled=tiled)
         torch.cuda.synchronize()
         print(f"rows {rows}: launched {kernel} twice", flush=True)
-        if args.pairs and (rows <= 8 or 16 <= rows <= 128):
+        if args.pairs and rows <= 8:
             for _ in range(2):
-                if rows <= 8:
-                    cuda_nf4_gemv.nf4_gemv_pairs(x, tiled, layer.shape, layer.table, num_sms=device_num_sms(0))
-                else:
-                    cuda_nf4.nf4_wgmma(x, tiled, layer.shape, layer.table, num_sms=device_num_sms(0), pairs=True)
+                cuda_nf4_gemv.nf4_gemv_pairs(x, tiled, layer.shape, layer.table, num_sms=device_num_sms(0))
             torch.cuda.synchronize()
             print(f"rows {rows}: launched the pairs kernel twice", flush=True)
     warps, splits = (int(v) for v in args.probe_config.split(","))

@@ -1,6 +1,6 @@
 """The loops of compiled CUDA kernels, instruction by instruction, on a machine without a GPU.
 
-    python -m bench.sass_loops OBJECT_OR_CUBIN [--kernel SUBSTRING] [--all]
+    python -m bench.sass_loops OBJECT_OR_CUBIN [--kernel SUBSTRING] [--all] [--order]
 
 Disassembles with cuobjdump (which needs nvdisasm beside it or on PATH) and prints, for each kernel whose mangled
 name contains SUBSTRING, every backward branch's loop: its instruction count and the opcodes that matter to the NF4
@@ -18,6 +18,7 @@ import argparse
 import collections
 import re
 import subprocess
+import textwrap
 
 KEY_OPS = ("HMMA", "HGMMA", "LDS", "FMUL", "PRMT", "F2FP", "LDL", "STL", "BAR")
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+(.*?)\s*;")
@@ -50,11 +51,18 @@ def loops(instructions: list[tuple[int, str]]) -> list[tuple[int, int, collectio
     return out
 
 
+def sequence(instructions: list[tuple[int, str]], start: int, end: int) -> list[str]:
+    """The opcodes from address start to end in program order: where a loop's loads sit against their first use (the
+    thirty-fourth session found x's loads two instructions before each step's first MMA this way)."""
+    return [opcode(t) for a, t in instructions if start <= a <= end]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("object")
     parser.add_argument("--kernel", default="")
     parser.add_argument("--all", action="store_true", help="each loop's whole opcode histogram")
+    parser.add_argument("--order", action="store_true", help="each loop's opcodes in program order")
     args = parser.parse_args()
     sass = subprocess.run(["cuobjdump", "-sass", args.object], check=True, capture_output=True, text=True).stdout
     for name, instructions in kernels(sass).items():
@@ -66,6 +74,9 @@ def main() -> None:
             print(f"  loop {start:#x}-{end:#x}: {sum(ops.values())} instructions; {key}")
             if args.all:
                 print("    " + ", ".join(f"{op} {n}" for op, n in ops.most_common()))
+            if args.order:
+                print(textwrap.fill(" ".join(sequence(instructions, start, end)), 116, initial_indent="    ",
+                                    subsequent_indent="    "))
 
 
 if __name__ == "__main__":

@@ -329,8 +329,6 @@ def nf4_wgmma(
     stage_blocks: int = 1,
     occupancy: int | None = None,
     block_warps: int = WGMMA_BLOCK_WARPS,
-    pairs: bool = False,
-    smem_a: bool = False,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -344,23 +342,18 @@ def nf4_wgmma(
     (3-15%, bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep
     instead of two (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel issues on 51% of cycles (ncu, 8B
     gate_up: 13.5 warps an SM); about two thirds of a quant-block step's ~255 instructions (PTX) are the exact
-    dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32 multiplies, 1 pack). `pairs` (the
-    default block at 32-128 block tokens; not in the dispatch until measured): that dequantization from the byte-pair
-    table instead (one byte permute, one 8-byte table load, 2 multiplies, 1 pack; the same bits), 64 KB more shared
-    memory a block, so the instances are built for two blocks an SM (one at 128 tokens). `smem_a` (not in the
-    dispatch until measured): the 128-token block (the only size it takes) with A from shared memory, the byte-pair
-    table's dequantization of the next quant block running beside this one's wgmmas (csrc/nf4_wgmma.cuh,
-    nf4_wgmma_sa_kernel)."""
+    dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32 multiplies, 1 pack). Also measured
+    slower and removed (H100, every size: bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json):
+    that dequantization from the byte-pair table (wgmma_pairs) and A dequantized into shared memory (wgmma_sa)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
-    block_tokens = block_tokens or (128 if smem_a else wgmma_block_tokens(x.shape[0], shape, num_sms))
+    block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
     if occupancy is None:
-        one_stage = stage_blocks == 1 and not (pairs or smem_a)  # pairs: the instances built for two an SM
-        occupancy = wgmma_occupancy(block_tokens, block_warps) if one_stage else 2
+        occupancy = wgmma_occupancy(block_tokens, block_warps) if stage_blocks == 1 else 2
     if split_k is None:
         split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
     three_an_sm = occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS
     partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      3 if three_an_sm else 0, block_warps, defer_sum, pairs, smem_a)
+                                      3 if three_an_sm else 0, block_warps, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 

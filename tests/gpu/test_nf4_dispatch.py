@@ -221,16 +221,12 @@ def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_toke
 
 @pytest.mark.parametrize("block_tokens, variant", [(32, {"stage_blocks": 2}), (32, {"occupancy": 2}),
                                                    (32, {"block_warps": 4}), (64, {"block_warps": 4}),
-                                                   (128, {"block_warps": 4}), (32, {"pairs": True}),
-                                                   (64, {"pairs": True}), (128, {"pairs": True}),
-                                                   (128, {"smem_a": True})])
+                                                   (128, {"block_warps": 4})])
 @pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 5), (100, 5), (7, 7), (300, 2)])
 def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_tokens, variant):
     """The wgmma variants issue the same wgmmas in the same order into the same accumulators of each warpgroup: two
     quant blocks a stage (one barrier and wgmma wait for both), the 32-token instance built for two blocks an SM (the
-    default: three), one warpgroup a block (600 weight rows: a last block of 24 rows), and the A fragments from the
-    byte-pair table (a_fragments_pairs, bit for bit a_fragments' values), also written to shared memory as the
-    wgmmas' A (smem_a: the same A values and the same wgmmas in the same order). Not a bit may differ from
+    default: three) and one warpgroup a block (600 weight rows: a last block of 24 rows). Not a bit may differ from
     the default, with an odd count of blocks in a split (24 quant blocks in 5 splits: 5, 5, 5, 5, 4), tokens over
     several blocks of the grid (300 rows) and on replay."""
     from server.model import cuda_nf4

@@ -7,7 +7,6 @@ be x @ W^T with W dequantized and rounded to bf16."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from server.model.nf4_ops import nf4_dequantize_reference
@@ -118,77 +117,3 @@ def test_a_two_block_stage_stages_each_block_as_its_own_tile():
             for word, values in one.items():
                 assert torch.equal(stage[kb * tile_words + word], values)
 
-
-def _store_half_rows(x: torch.Tensor, blk: int, tokens: int, threads: int) -> dict[int, torch.Tensor]:
-    """load_x + store_x with HALF_ROWS (one quant block a stage): unit u = thread + i * threads is row (u >> 1) %
-    tokens, chunks p, p + 2, p + 4, p + 6 (p = u & 1); destination chunk 4p + w holds word w of each of the four, in
-    order, stored whole: {physical 32-bit word of the tile: its two values}."""
-    words = {}
-    for thread in range(threads):
-        for i in range(tokens * 2 // threads):
-            u = thread + i * threads
-            row, p = (u >> 1) % tokens, u & 1
-            held = [x[row, 64 * blk + 8 * c:64 * blk + 8 * c + 8] for c in (p, p + 2, p + 4, p + 6)]
-            for w in range(4):
-                address = row * 128 + (((4 * p + w) ^ (row & 7)) << 4)
-                for column in range(4):
-                    assert (address + 4 * column) // 4 not in words  # no word written twice
-                    words[(address + 4 * column) // 4] = held[column][2 * w:2 * w + 2]
-    return words
-
-
-@pytest.mark.parametrize("tokens, threads", [(128, 256), (256, 256), (128, 128), (256, 128)])
-def test_half_row_staging_writes_the_tile_the_single_chunks_write(tokens, threads):
-    """From 128 tokens a stage (at one or two warpgroups) a thread stores four whole 16-byte chunks instead of sixteen
-    words: the tile must be the same, word for word, and a quarter-warp's 16-byte stores must touch 8 distinct chunks
-    of 4 distinct rows (no bank conflict)."""
-    x = torch.randn(tokens, 64 * 3).to(torch.bfloat16)
-    for blk in range(3):
-        got, want = _store_half_rows(x, blk, tokens, threads), _store_x(x, blk, tokens)
-        assert got.keys() == want.keys() and all(torch.equal(got[w], want[w]) for w in want)
-    for first in range(0, threads, 8):  # a quarter-warp: threads first .. first + 7, one store w at a time
-        for w in range(4):
-            banks = set()
-            for u in range(first, first + 8):
-                row, p = (u >> 1) % tokens, u & 1
-                chunk = ((4 * p + w) ^ (row & 7))
-                banks |= {(row * 128 + (chunk << 4)) // 4 % 32 + k for k in range(4)}
-            assert len(banks) == 32
-
-
-def _store_a_fragments(tile: dict[int, torch.Tensor], r: int, t: int, half: int, regs) -> None:
-    """store_a_fragments (nf4_wgmma_sa_kernel) through a_tile_addresses (tile 0 at address 0): register q of k-step
-    j = 2 half + jj at at[2j + (q >> 1)] + 1,024 (q & 1), with at[c] = ((128 r + 4t) | 16 g) ^ 16 c; that must be row
-    r + 8 (q & 1), logical byte 32j + 16 (q >> 1) + 4t, its 16-byte chunk at chunk ^ (row & 7). Into {physical
-    32-bit word: its two values}."""
-    g = r % 8
-    at = [((128 * r + 4 * t) | (16 * g)) ^ (16 * c) for c in range(8)]
-    for jj in range(2):
-        j = 2 * half + jj
-        for q in range(4):
-            row, byte = r + 8 * (q & 1), 32 * j + 16 * (q >> 1) + 4 * t
-            address = at[2 * j + (q >> 1)] + 1024 * (q & 1)
-            assert address == row * 128 + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15)
-            assert address // 4 not in tile  # no word written twice
-            tile[address // 4] = torch.stack(regs[jj][q])
-
-
-def test_an_a_tile_in_shared_memory_is_the_register_a_the_tensor_cores_read():
-    """smem_a: each warp's A fragments of a quant block stored into its warpgroup's A tile (64 rows of 128 bytes,
-    K-major, 128-byte swizzle) must read back, k-step by k-step as the tensor cores read a K-major tile (_b_operand's
-    rule, rows for tokens), as the very A the registers give (_a_operand), and fill the tile."""
-    out_features, in_features = 64, 128
-    codes, absmax, table, x, tile_codes, tile_scales = random_layer(out_features, in_features, 8)
-    num_blocks = in_features // 64
-    for blk in range(num_blocks):
-        tile = {}
-        for warp in range(4):
-            for lane in range(32):
-                g, t = lane // 4, lane % 4
-                for half in range(2):
-                    regs = _weight_regs(tile_codes, tile_scales, table, warp, blk, num_blocks, lane, half)
-                    _store_a_fragments(tile, 16 * warp + g, t, half, regs)
-        assert len(tile) == 64 * 32
-        for j in range(4):
-            read = _b_operand(tile, j, 64).t()  # [64 rows, 16]: row n's k-step j, as for x's tokens
-            assert torch.equal(read, _a_operand(tile_codes, tile_scales, table, range(4), blk, num_blocks, j))

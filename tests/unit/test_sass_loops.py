@@ -30,3 +30,8 @@ def test_a_loop_runs_from_a_backward_branchs_target_to_the_branch():
     (start, end, ops), = sass_loops.loops(sass_loops.kernels(SASS)["_Z1kv"])  # the forward branch is no loop
     assert (start, end) == (0x10, 0x40)
     assert ops == {"LDS": 1, "FMUL": 1, "HMMA": 1, "BRA": 1}
+
+
+def test_a_loops_sequence_keeps_program_order():
+    instructions = sass_loops.kernels(SASS)["_Z1kv"]
+    assert sass_loops.sequence(instructions, 0x10, 0x40) == ["LDS", "FMUL", "HMMA", "BRA"]

@@ -857,8 +857,8 @@ torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   return run_for_dtype(x, run);
 }
 
-// A wgmma kernel (nf4_wgmma_kernel and nf4_wgmma_sa_kernel share one parameter list) of BM tokens and WARPS warps a
-// block over the grid (weight-row groups, splits of K, token groups), with SMEM bytes of dynamic shared memory.
+// A wgmma kernel (nf4_wgmma_kernel's parameter list) of BM tokens and WARPS warps a block over the grid (weight-row
+// groups, splits of K, token groups), with SMEM bytes of dynamic shared memory.
 template <typename T, auto KERNEL, int BM, int WARPS, int SMEM>
 torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& tile_codes,
                                 const torch::Tensor& tile_scales, const torch::Tensor& table,
@@ -877,38 +877,21 @@ torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& til
   }, false, defer_sum);
 }
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool PAIRS = false>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS>
 torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                            int64_t split_k, bool defer_sum) {
-  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, PAIRS>, BM, WARPS,
-                           WgmmaSmem<BM, KB, PAIRS>::bytes>(x, tile_codes, tile_scales, table, bias, out, split_k,
-                                                            defer_sum);
+  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS>, BM, WARPS, WgmmaSmem<BM, KB>::bytes>(
+      x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
 }
 
 template <typename T>
 torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
-                             int64_t block_warps, bool defer_sum, bool pairs, bool smem_a) {
+                             int64_t block_warps, bool defer_sum) {
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
-  if (smem_a) {
-    TORCH_CHECK(block_tokens == SA_TOKENS && block_warps == 8 && stage_blocks == 1 && blocks_per_sm == 0,
-                "smem_a takes the default block at 128 block tokens");
-    // nf4_wgmma_sa_kernel: A from shared memory, 128 block tokens, over the default block's grid
-    return launch_wgmma_grid<T, nf4_wgmma_sa_kernel<T>, SA_TOKENS, WG_WARPS, WgmmaSaSmem::bytes>(
-        x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
-  }
-  // The byte-pair table's instances: the default block (two warpgroups, one quant block a stage) at 32-128 tokens,
-  // two blocks an SM (at 32 tokens three no longer fit beside the table's 64 KB).
-  if (pairs) {
-    TORCH_CHECK(block_warps == 8 && stage_blocks == 1 && blocks_per_sm == 0 && block_tokens <= 128,
-                "pairs takes the default block (8 warps, one quant block a stage) at 32-128 block tokens");
-    if (block_tokens == 32) return LORAPLEX_WGMMA_LAUNCH(32, 2, 1, WG_WARPS, true);
-    return block_tokens == 64 ? LORAPLEX_WGMMA_LAUNCH(64, 2, 1, WG_WARPS, true)
-                              : LORAPLEX_WGMMA_LAUNCH(128, 1, 1, WG_WARPS, true);
-  }
   // The variants, at 32 tokens only: two blocks a stage (125 registers; at 64 tokens it spilled 24 bytes), or three
   // blocks an SM (80 registers, no spills: 24 warps an SM instead of 16 to hide the loads and the waits).
   TORCH_CHECK(stage_blocks == 1 || (stage_blocks == 2 && block_tokens == 32),
@@ -939,22 +922,19 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
-// or 4 (one: 64 weight rows a block, up to 128 block tokens), pairs the byte-pair table's A fragments (the default
-// block at 32-128 block tokens, two blocks an SM), smem_a the 128-token block with A from shared memory (the next
-// quant block dequantized while this one's wgmmas run; nf4_wgmma_sa_kernel); any M, K % 64 == 0. Only where
-// nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N]
-// instead (run_split); else None.
+// or 4 (one: 64 weight rows a block, up to 128 block tokens); any M, K % 64 == 0. Only where nf4_wgmma_built() (an
+// sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N] instead (run_split);
+// else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
-                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool defer_sum,
-                        bool pairs, bool smem_a) {
+                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool defer_sum) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   check_tile_layout(x, tile_codes, tile_scales, out);
   return run_for_dtype(x, [&](auto dtype_tag) {
     return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
-                                               stage_blocks, blocks_per_sm, block_warps, defer_sum, pairs, smem_a);
+                                               stage_blocks, blocks_per_sm, block_warps, defer_sum);
   });
 }
 

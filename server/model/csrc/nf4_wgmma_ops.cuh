@@ -139,41 +139,6 @@ LORAPLEX_WGMMA_N256(__nv_bfloat16, "bf16")
 LORAPLEX_WGMMA_N256(__half, "f16")
 #undef LORAPLEX_WGMMA_N256
 
-// The same m64n128k16 with A from shared memory too (nf4_wgmma_kernel's SMEM_A: the warps dequantize into an A tile
-// of the same K-major, 128-byte-swizzled form as x's, so the next quant block's dequantization runs while this one's
-// MMAs do, with no A fragments held in registers across them): desc_a as desc_b, no transposes.
-template <typename T, int N>
-struct WgmmaSS;
-
-#define LORAPLEX_WGMMA_SS_N128(CTYPE, PTX_TYPE)                                                              \
-  template <> struct WgmmaSS<CTYPE, 128> {                                                                   \
-    static __device__ __forceinline__ void mma(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {           \
-      asm volatile(                                                                                          \
-          "{\n.reg .pred p;\n"                                                                               \
-          "setp.ne.b32 p, %66, 0;\n"                                                                         \
-          "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " {"                          \
-          "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                           \
-          "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                 \
-          "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                 \
-          "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"                   \
-          "}, %64, %65, p, 1, 1, 0, 0;\n"                                                                    \
-          "}\n"                                                                                              \
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
-            "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),         \
-            "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),       \
-            "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),       \
-            "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),       \
-            "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),       \
-            "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),       \
-            "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),       \
-            "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])        \
-          : "l"(desc_a), "l"(desc_b), "r"(1));                                                               \
-    }                                                                                                        \
-  };
-
-LORAPLEX_WGMMA_SS_N128(__nv_bfloat16, "bf16")
-LORAPLEX_WGMMA_SS_N128(__half, "f16")
-#undef LORAPLEX_WGMMA_SS_N128
 #endif  // LORAPLEX_WGMMA
 
 // Shared-memory matrix descriptor of a K-major tile with the 128-byte swizzle: rows of 64 16-bit values (128 bytes),
@@ -207,13 +172,6 @@ __device__ __forceinline__ void wgmma_commit() {
 __device__ __forceinline__ void wgmma_wait_all() {
 #ifdef LORAPLEX_WGMMA
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#endif
-}
-// Until at most N of this warpgroup's committed wgmma groups are pending.
-template <int N>
-__device__ __forceinline__ void wgmma_wait_group() {
-#ifdef LORAPLEX_WGMMA
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
 // Generic-proxy stores to shared memory made visible to the async proxy (the wgmma's operand reads).
