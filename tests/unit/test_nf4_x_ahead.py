@@ -1,0 +1,38 @@
+"""The x-one-step-ahead schedules of the one-to-sixteen-row NF4 kernels, emulated step by step on the CPU: every step
+that computes must find its own block's x in the buffer it reads, whatever the split of K, the ring's depth and the
+number of row tiles a warp walks (csrc/nf4_pairs.cuh, nf4_gemv_pairs_kernel: two register buffers, step s of a tile
+in buffer s % 2, the steps a tile a multiple of the ring's even depth)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pairs_walk(num_blocks: int, group_warps: int, member: int, prefetch: int, tiles: int) -> list[tuple[int, int]]:
+    """(block computed, block whose x the read buffer holds) for each computing step of one warp of
+    nf4_gemv_pairs_kernel over `tiles` row tiles, mirroring its loops."""
+    per_warp = -(-num_blocks // group_warps)
+    first = min(member * per_warp, num_blocks)
+    last = min(first + per_warp, num_blocks)
+    steps = -(-per_warp // prefetch) * prefetch
+    buffers = [first if first < last else 0, None]  # the load before the tile loop
+    seen = []
+    for _ in range(tiles):
+        for base in range(0, steps, prefetch):
+            for i in range(prefetch):
+                blk = first + base + i
+                buffers[(i + 1) % 2] = blk + 1 if blk + 1 < last else first
+                if blk < last:
+                    seen.append((blk, buffers[i % 2]))
+    return seen
+
+
+@pytest.mark.parametrize("num_blocks, group_warps", [(64, 4), (64, 8), (224, 16), (24, 32), (4, 8), (6, 4), (7, 2)])
+@pytest.mark.parametrize("prefetch", [2, 4])
+@pytest.mark.parametrize("tiles", [1, 3])
+def test_every_pairs_step_reads_its_own_blocks_x(num_blocks, group_warps, prefetch, tiles):
+    for member in range(group_warps):
+        seen = pairs_walk(num_blocks, group_warps, member, prefetch, tiles)
+        assert all(blk == held for blk, held in seen)
+        per_warp = -(-num_blocks // group_warps)
+        assert len(seen) == tiles * max(0, min(per_warp, num_blocks - member * per_warp))
