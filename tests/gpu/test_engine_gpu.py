@@ -27,8 +27,17 @@ def make_requests(refs, names, n=8):
                     adapter=None if name is None else refs[name]) for p, name in zip(PROMPTS, names, strict=True)]
 
 
-@pytest.mark.parametrize("quantize,dtype", [(False, "float32"), (True, "bfloat16")])
-def test_graph_decode_equals_eager(tiny_llama_dir, tiny_adapters, quantize, dtype):
+@pytest.mark.parametrize("quantize,dtype,pairs", [(False, "float32", "auto"), (True, "bfloat16", "auto"),
+                                                  (True, "bfloat16", "1")])
+def test_graph_decode_equals_eager(tiny_llama_dir, tiny_adapters, quantize, dtype, pairs, monkeypatch):
+    """pairs "1": every NF4 call of 1-8 rows on nf4_gemv_pairs, which the tiny model's weights (all under
+    nf4_dispatch.PAIRS_MIN_WEIGHTS) never meet by default: eager and captured decode steps through it."""
+    from server.model import cuda_nf4_gemv, nf4_dispatch
+
+    monkeypatch.setattr(nf4_dispatch, "PAIRS", pairs)
+    calls = []
+    real_pairs = cuda_nf4_gemv.nf4_gemv_pairs
+    monkeypatch.setattr(cuda_nf4_gemv, "nf4_gemv_pairs", lambda *a, **k: calls.append(1) or real_pairs(*a, **k))
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     names = [None, "attn-r4", "all-r8", "mlp-r2-rs", "ko-r16"]
     results = []
@@ -39,6 +48,8 @@ def test_graph_decode_equals_eager(tiny_llama_dir, tiny_adapters, quantize, dtyp
         results.append((requests, captured))
         if graphs:
             assert engine.runner.graphs.num_captured > 0
+    if pairs == "1" and nf4_dispatch.kernel_table() == nf4_dispatch.WITH_CUDA_KERNEL and nf4_dispatch.pairs_device():
+        assert calls, "no decode call ran nf4_gemv_pairs"
     (eager_reqs, eager_logits), (graph_reqs, graph_logits) = results
     for a, b in zip(eager_reqs, graph_reqs, strict=True):
         assert a.output_token_ids == b.output_token_ids
