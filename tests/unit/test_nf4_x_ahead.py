@@ -8,20 +8,24 @@ from __future__ import annotations
 import pytest
 
 
-def pairs_walk(num_blocks: int, group_warps: int, member: int, prefetch: int, tiles: int) -> list[tuple[int, int]]:
+def pairs_walk(num_blocks: int, group_warps: int, member: int, prefetch: int, tiles: int,
+               loaded: list[int] | None = None) -> list[tuple[int, int]]:
     """(block computed, block whose x the read buffer holds) for each computing step of one warp of
-    nf4_gemv_pairs_kernel over `tiles` row tiles, mirroring its loops."""
+    nf4_gemv_pairs_kernel over `tiles` row tiles, mirroring its loops; every block whose x it loads into `loaded`."""
     per_warp = -(-num_blocks // group_warps)
     first = min(member * per_warp, num_blocks)
     last = min(first + per_warp, num_blocks)
     steps = -(-per_warp // prefetch) * prefetch
-    buffers = [first if first < last else 0, None]  # the load before the tile loop
+    buffers = [min(first, num_blocks - 1), None]  # the load before the tile loop
+    loaded = [] if loaded is None else loaded
+    loaded.append(buffers[0])
     seen = []
     for _ in range(tiles):
         for base in range(0, steps, prefetch):
             for i in range(prefetch):
                 blk = first + base + i
-                buffers[(i + 1) % 2] = blk + 1 if blk + 1 < last else first
+                buffers[(i + 1) % 2] = min(blk + 1 if blk + 1 < last else first, num_blocks - 1)
+                loaded.append(buffers[(i + 1) % 2])
                 if blk < last:
                     seen.append((blk, buffers[i % 2]))
     return seen
@@ -32,7 +36,9 @@ def pairs_walk(num_blocks: int, group_warps: int, member: int, prefetch: int, ti
 @pytest.mark.parametrize("tiles", [1, 3])
 def test_every_pairs_step_reads_its_own_blocks_x(num_blocks, group_warps, prefetch, tiles):
     for member in range(group_warps):
-        seen = pairs_walk(num_blocks, group_warps, member, prefetch, tiles)
+        loaded = []
+        seen = pairs_walk(num_blocks, group_warps, member, prefetch, tiles, loaded)
         assert all(blk == held for blk, held in seen)
+        assert all(0 <= blk < num_blocks for blk in loaded)  # within x's row, also for a warp with no blocks
         per_warp = -(-num_blocks // group_warps)
         assert len(seen) == tiles * max(0, min(per_warp, num_blocks - member * per_warp))

@@ -139,9 +139,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
   for (int nt = 0; nt < NT; ++nt) x_at[nt] = min(nt * 8 + g, M - 1) * (K / 8) + 2 * t;
   const uint4* x_words = reinterpret_cast<const uint4*>(x);
   // One token tile: x one step ahead in registers, two buffers (its loads waited at every step before: an L1 or L2
-  // round trip between a step's first instruction and its first MMA). A warp with no blocks reads block 0, unused.
+  // round trip between a step's first instruction and its first MMA). A warp with no blocks (first == last, which
+  // may be num_blocks: past x's row) reads the last block instead, never used.
   uint32_t xs[2][8];
-  if constexpr (NT == 1) load_x_block(x_words + (x_at[0] + 8 * (first < last ? first : 0)), xs[0]);
+  if constexpr (NT == 1) load_x_block(x_words + (x_at[0] + 8 * min(first, num_blocks - 1)), xs[0]);
 
   int parity = 0;
   for (int tile = worker; tile < row_tiles; tile += workers, parity ^= 1) {  // group-uniform
@@ -155,9 +156,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
         const int blk = first + base + i;
         // x of the next step, into the other buffer (steps a tile and PREFETCH are even, so step s's x is in buffer
         // s % 2 on every tile): the next block, or the first for the next tile (a block's x is the same for every
-        // tile); a step past the warp's blocks loads the first block too, valid memory never used
+        // tile); a step past the warp's blocks loads the first block too, never used (clamped to x's row)
         if constexpr (NT == 1) {
-          load_x_block(x_words + (x_at[0] + 8 * (blk + 1 < last ? blk + 1 : first)), xs[(i + 1) % 2]);
+          load_x_block(x_words + (x_at[0] + 8 * min(blk + 1 < last ? blk + 1 : first, num_blocks - 1)),
+                       xs[(i + 1) % 2]);
         }
         if (blk < last) {  // warp-uniform
           if constexpr (NT == 1) {
