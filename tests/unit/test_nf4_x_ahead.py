@@ -42,3 +42,31 @@ def test_every_pairs_step_reads_its_own_blocks_x(num_blocks, group_warps, prefet
         assert all(0 <= blk < num_blocks for blk in loaded)  # within x's row, also for a warp with no blocks
         per_warp = -(-num_blocks // group_warps)
         assert len(seen) == tiles * max(0, min(per_warp, num_blocks - member * per_warp))
+
+
+def gemv_walk(num_blocks: int, warps: int, warp: int, prefetch: int) -> list[tuple[int, int]]:
+    """(block computed, block whose x the read buffer holds) for each step of one warp of nf4_gemv_kernel (one tile,
+    blocks first..last - 1, the loop leaving at last), mirroring its loops."""
+    per_warp = -(-num_blocks // warps)
+    first = min(warp * per_warp, num_blocks)
+    last = min(first + per_warp, num_blocks)
+    seen = []
+    if first >= last:
+        return seen
+    buffers = [first, None]
+    for base in range(first, last, prefetch):
+        for i in range(prefetch):
+            blk = base + i
+            if blk >= last:
+                break
+            buffers[(i + 1) % 2] = min(blk + 1, last - 1)
+            seen.append((blk, buffers[i % 2]))
+    return seen
+
+
+@pytest.mark.parametrize("num_blocks, warps", [(64, 8), (64, 16), (224, 16), (7, 4), (3, 8), (24, 2)])
+@pytest.mark.parametrize("prefetch", [2, 4])
+def test_every_gemv_step_reads_its_own_blocks_x(num_blocks, warps, prefetch):
+    for warp in range(warps):
+        seen = gemv_walk(num_blocks, warps, warp, prefetch)
+        assert all(blk == held for blk, held in seen)
