@@ -213,6 +213,10 @@ struct TileMinBlocks {
   static constexpr int value = (NT == 1 && RT == 1) ? 65536 / (64 * WARPS * 32) : 1;
 };
 
+// The code ring's depth: 2 at the 64-register cap of one token tile and one row tile (x one block ahead takes the
+// room of the other two slots), 4 otherwise.
+__host__ __device__ constexpr int tile_prefetch(int nt, int rt) { return nt == 1 && rt == 1 ? 2 : 4; }
+
 template <typename T, int NT, int RT, int WARPS, int PREFETCH>
 __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::value)) nf4_tile_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
@@ -240,9 +244,18 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
     x_at[nt] = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(nt * 8 + g, M - 1)) * K) + 2 * t;
 
   float acc[RT][NT][4] = {};
+  // x one block ahead, two buffers, up to two token tiles: block blk's x in buffer (blk - first) % 2 (as
+  // nf4_gemv_kernel). From four token tiles it would take 64-128 registers more (246 at eight): loaded in its step.
+  constexpr bool AHEAD = NT <= 2;
+  static_assert(!AHEAD || PREFETCH % 2 == 0, "x's two buffers take block first + s's x from buffer s % 2");
 
   TileRing<RT, PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
   wait_for_prior_grid();  // codes in flight; x is the kernel ahead's output
+  uint32_t xs[AHEAD ? 2 : 1][NT][8];
+  if constexpr (AHEAD) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) load_x_block(x_at[nt] + 8 * min(first, num_blocks - 1), xs[0][nt]);
+  }
   for (int base = first; base < last; base += PREFETCH) {
 #pragma unroll
     for (int i = 0; i < PREFETCH; ++i) {
@@ -251,12 +264,15 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
       uint4 cur_codes[RT];
       float2 cur_scales[RT];
       ring.take(i, blk, last, cur_codes, cur_scales);
-
-      uint32_t xb[NT][8];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        load_x_block(x_at[nt] + 8 * blk, xb[nt]);
+        if constexpr (AHEAD) {
+          load_x_block(x_at[nt] + 8 * min(blk + 1, last - 1), xs[(i + 1) % 2][nt]);
+        } else {
+          load_x_block(x_at[nt] + 8 * blk, xs[0][nt]);
+        }
       }
+      const uint32_t(&xb)[NT][8] = xs[AHEAD ? i % 2 : 0];
 
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
@@ -673,7 +689,8 @@ torch::Tensor launch_tile(const torch::Tensor& x, const torch::Tensor& tile_code
   return run_split<T>(x, bias, out, split_k,
                       [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                           int blocks_per_split) {
-    launch_kernel(nf4_tile_kernel<T, NT, RT, W, 4>, dim3(groups, splits), dim3(W * 32), stream, pdl,
+    constexpr auto kernel = nf4_tile_kernel<T, NT, RT, W, tile_prefetch(NT, RT)>;
+    launch_kernel(kernel, dim3(groups, splits), dim3(W * 32), stream, pdl,
                   reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
                   reinterpret_cast<const float2*>(tile_scales.data_ptr()),
                   static_cast<const float*>(table.data_ptr<float>()), bias_ptr, out_ptr, partial, M, N, K,
@@ -729,8 +746,9 @@ int64_t nf4_tile_blocks_per_sm(int64_t rows, int64_t warps, int64_t rows_per_war
   int blocks = 0;
   const bool two = rows_per_warp == 2;
   const int threads = static_cast<int>(rows <= 8 ? warps : 4) * 32;
-#define LORAPLEX_OCC_TILE(NT, RT, W) \
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, nf4_tile_kernel<__nv_bfloat16, NT, RT, W, 4>, threads, 0)
+#define LORAPLEX_OCC_TILE(NT, RT, W)                                                                               \
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(                                                                    \
+      &blocks, nf4_tile_kernel<__nv_bfloat16, NT, RT, W, tile_prefetch(NT, RT)>, threads, 0)
   if (rows <= 8) {
     if (warps == 2) LORAPLEX_OCC_TILE(1, 1, 2); else LORAPLEX_OCC_TILE(1, 1, 4);
   } else if (rows <= 16) {
