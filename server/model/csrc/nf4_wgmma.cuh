@@ -163,11 +163,8 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
         }
       }
       wgmma_commit();
-      // x of the next stage stored and fenced while this stage's wgmmas run: its buffer, (i + 1) & 1, was last read
-      // by the stage before's wgmmas, which every warpgroup waited for before the barrier above. (Stored after the
-      // wait, the stores and the fence's MEMBAR.ALL.CTA ran with the tensor pipe idle, every stage: SASS, sm_90a.)
-      if (blk + KB < last) store_x((i + 1) & 1);
       wgmma_wait_all();
+      if (blk + KB < last) store_x((i + 1) & 1);
     }
   }
 
