@@ -166,8 +166,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
             impls["gemv_pairs"] = [lambda c=c: cuda_nf4_gemv.nf4_gemv_pairs(x, c[3], layer.shape, layer.table,
                                                                             num_sms=device_num_sms(0))
                                    for c in layer.nf4]
-            for group in [g for g in cuda_nf4_gemv.GEMV_PAIRS_GROUPS
-                          if g <= cuda_nf4_gemv.pairs_block_warps(1 if rows <= 8 else 2)]:
+            for group in cuda_nf4_gemv.GEMV_PAIRS_GROUPS:
                 impls[f"gemv_pairs_g{group}"] = [
                     lambda c=c, g=group: cuda_nf4_gemv.nf4_gemv_pairs(x, c[3], layer.shape, layer.table, group_warps=g)
                     for c in layer.nf4]

@@ -49,32 +49,24 @@ def nf4_gemv(
     return out
 
 
-GEMV_PAIRS_GROUPS = (4, 8, 16, 32)  # warps a row tile of nf4_gemv_pairs (at most its block's warps)
-
-
-def pairs_block_warps(token_tiles: int) -> int:
-    """Warps a block of nf4_gemv_pairs (csrc/nf4_pairs.cuh, pairs_warps): 32 at the 64-register cap for one token tile
-    (1-8 rows); 16 for two (9-16 rows), whose x one step ahead needs up to 128 registers."""
-    return 32 if token_tiles == 1 else 16
+GEMV_PAIRS_GROUPS = (4, 8, 16, 32)  # warps a row tile of nf4_gemv_pairs (csrc/nf4_pairs.cuh: blocks of 32 warps)
 
 
 @functools.cache
 def gemv_pairs_group_warps(shape: tuple[int, int], num_sms: int, token_tiles: int = 1) -> int:
     """Warps a row tile of nf4_gemv_pairs for an (out, in) weight, by a model: a step is a quant block a warp, and a
-    group of g warps takes ceil(blocks / g) steps a tile (at least 4: fewer leave a warp little to overlap with its
-    loads), + 1 for its sum; a round is one tile for each of the 32 / g groups an
-    SM holds (one block an SM, of pairs_block_warps). The fewest steps over all rounds wins, ties to the more warps a
-    tile. On
+    group of g warps takes ceil(blocks / g) steps a tile (at least 4 for one token tile and 2 for two: fewer leave
+    a warp little to overlap with its loads), + 1 for its sum; a round is one tile for each of the 32 / g groups an
+    SM holds (one block of 32 warps an SM). The fewest steps over all rounds wins, ties to the more warps a tile. On
     132 SMs, 8B, one token tile: qkv 8 (one round of 8 steps), o and down 16, gate_up 4 (two rounds of 16). H100,
     one row (bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-xnext.json, µs, the model's group against
     the best of 4-32): qkv 11.53 (best), o 8.65 vs 8.62, gate_up 32.90 vs 32.73, down 17.07 (best)."""
     out_features, in_features = shape
     row_tiles, num_blocks = -(-out_features // 16), in_features // NF4_BLOCKSIZE
-    block_warps = pairs_block_warps(token_tiles)
     best = None
-    for group in reversed([g for g in GEMV_PAIRS_GROUPS if g <= block_warps]):
-        rounds = -(-row_tiles // (num_sms * (block_warps // group)))
-        cost = rounds * (max(-(-num_blocks // group), 4) + 1)
+    for group in reversed(GEMV_PAIRS_GROUPS):
+        rounds = -(-row_tiles // (num_sms * (GEMV_RESIDENT_WARPS // group)))
+        cost = rounds * (max(-(-num_blocks // group), 4 if token_tiles == 1 else 2) + 1)
         if best is None or cost < best[0]:
             best = (cost, group)
     return best[1]
@@ -92,9 +84,9 @@ def nf4_gemv_pairs(
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, the weights dequantized from a table of
     all 256 byte values (csrc/nf4_device.cuh, a_fragments_pairs: 5 instructions a weight pair against 8) that a
     persistent grid fills once a block (csrc/nf4_pairs.cuh). The same bits as nf4_tile(split_k=group_warps) (and
-    nf4_gemv(warps=group_warps) up to 8 rows). 9-16 rows take two token tiles in blocks of 16 warps (group_warps at
-    most 16). A block takes 128 KB of shared memory (pairs_supported). The dispatch gives it the large weights' 1-8
-    row calls (nf4_dispatch.PAIRS_MIN_WEIGHTS)."""
+    nf4_gemv(warps=group_warps) up to 8 rows). 9-16 rows take two token tiles and 192 KB of shared memory a block
+    (sm_90); 1-8 rows 128 KB (pairs_supported). The dispatch gives it the large weights' 1-8 row calls
+    (nf4_dispatch.PAIRS_MIN_WEIGHTS)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     group_warps = group_warps or gemv_pairs_group_warps(tuple(shape), num_sms, 1 if x.shape[0] <= 8 else 2)

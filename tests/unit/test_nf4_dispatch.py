@@ -98,11 +98,11 @@ def test_gemv_pairs_groups_take_the_fewest_steps(shape, group):
     assert cuda_nf4_gemv.gemv_pairs_group_warps(shape, 132) == group
 
 
-def test_two_token_tiles_run_blocks_of_sixteen_warps():
-    """9-16 rows: a block has 16 warps (x one step ahead takes up to 128 registers), so qkv's 384 tiles take 3 rounds
-    of 4 steps at 16 warps a tile (15) against 2 rounds of 8 at 8 (18); no group is wider than the block."""
-    assert cuda_nf4_gemv.gemv_pairs_group_warps((6144, 4096), 132, 2) == 16
-    assert cuda_nf4_gemv.gemv_pairs_group_warps((2048, 2048), 132, 2) == 16
+def test_two_token_tiles_count_their_shallower_ring():
+    """9-16 rows: the ring is 2 blocks deep, so 2 blocks a warp are a full tile: qkv's 384 tiles take 3 rounds of 2
+    blocks at 32 warps a tile (9 steps), as one round of 8 at 8 (ties to the more warps); with one token tile 32
+    warps would count the ring's 4 (15)."""
+    assert cuda_nf4_gemv.gemv_pairs_group_warps((6144, 4096), 132, 2) == 32
     assert cuda_nf4_gemv.gemv_pairs_group_warps((6144, 4096), 132, 1) == 8
 
 

@@ -796,13 +796,13 @@ torch::Tensor nf4_gemv(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   return out;
 }
 
-// Blocks an SM holds of nf4_gemv_pairs_kernel<T, pairs_warps(NT), NT, pairs_prefetch(NT)> on the current device, its
-// dynamic shared memory allowed first (the device must give a block 128 KB: sm_80, sm_90, not sm_86/89). Once per
-// instance and device.
+// Blocks an SM holds of nf4_gemv_pairs_kernel<T, kPairsWarps, NT, pairs_prefetch(NT)> on the current device, its
+// dynamic shared memory allowed first (the device must give a block 128 KB for one token tile: sm_80, sm_90, not
+// sm_86/89; 192 KB for two: sm_90). Once per instance and device.
 template <typename T, int NT>
 int pairs_blocks_per_sm() {
-  constexpr auto kernel = nf4_gemv_pairs_kernel<T, pairs_warps(NT), NT, pairs_prefetch(NT)>;
-  constexpr int bytes = pairs_smem_bytes();
+  constexpr auto kernel = nf4_gemv_pairs_kernel<T, kPairsWarps, NT, pairs_prefetch(NT)>;
+  constexpr int bytes = pairs_smem_bytes(kPairsWarps, NT);
   static int blocks[64] = {};  // 0: not asked yet
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -813,14 +813,13 @@ int pairs_blocks_per_sm() {
               " rows; this GPU allows ", most);
   allow_dynamic_smem<kernel>(bytes);
   int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, pairs_warps(NT) * 32, bytes));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kPairsWarps * 32, bytes));
   if (device < 64) blocks[device] = n;
   return n;
 }
 
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout by nf4_gemv_pairs_kernel: 1 <= M <= 16, blocks of 32 warps
-// (16 from 9 rows: pairs_warps) in groups of `group_warps` (4, 8, 16 or 32) warps a row tile, as many blocks as the
-// SMs hold at once or as the row
+// in groups of `group_warps` (4, 8, 16 or 32) warps a row tile, as many blocks as the SMs hold at once or as the row
 // tiles need, whichever is fewer. The same bits as nf4_tile(..., split_k = group_warps) (and nf4_gemv at that many
 // warps, up to 8 rows).
 torch::Tensor nf4_gemv_pairs(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales,
@@ -833,20 +832,17 @@ torch::Tensor nf4_gemv_pairs(torch::Tensor x, torch::Tensor tile_codes, torch::T
               "group_warps must be 4, 8, 16 or 32, got ", group_warps);
   check_tile_layout(x, tile_codes, tile_scales, out);
   const int M = x.size(0), K = x.size(1), N = out.size(1);
-  const int row_tiles = (N + 15) / 16;
+  const int row_tiles = (N + 15) / 16, groups = kPairsWarps / static_cast<int>(group_warps);
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   auto stream = at::cuda::getCurrentCUDAStream();
   auto run = [&](auto dtype_tag) {
     using T = decltype(dtype_tag);
     auto launch = [&](auto token_tiles) {
       constexpr int NT = decltype(token_tiles)::value;
-      constexpr int warps = pairs_warps(NT);
-      TORCH_CHECK(group_warps <= warps, "nf4_gemv_pairs at ", M, " rows runs blocks of ", warps,
-                  " warps: group_warps ", group_warps, " does not fit");
-      const int groups = warps / static_cast<int>(group_warps);
       const int resident = num_sms * pairs_blocks_per_sm<T, NT>();
       const int blocks = std::max(1, std::min(resident, (row_tiles + groups - 1) / groups));
-      nf4_gemv_pairs_kernel<T, warps, NT, pairs_prefetch(NT)><<<blocks, warps * 32, pairs_smem_bytes(), stream>>>(
+      nf4_gemv_pairs_kernel<T, kPairsWarps, NT, pairs_prefetch(NT)>
+          <<<blocks, kPairsWarps * 32, pairs_smem_bytes(kPairsWarps, NT), stream>>>(
               reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
               reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(),
               bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,

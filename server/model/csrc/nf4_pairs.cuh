@@ -3,9 +3,9 @@
 // nf4_mma.cu after its helpers (wait_for_prior_grid, store_output).
 //
 // The table is 64 KB of shared memory to fill, too much to fill once a row tile as nf4_gemv_kernel's blocks (one a
-// tile) would, so the grid is persistent: one block of WARPS (pairs_warps: 32, or 16 for two token tiles) warps an SM,
-// filling the table once. It sits at offset 64 KB of the block's shared-memory window (pairs_smem_bytes: the warps'
-// sums below it), so a byte permute alone gives a pair's address (load_pair_at). The block's warps form at most 8
+// tile) would, so the grid is persistent: one block of WARPS (32) warps an SM, filling the table once. It sits at
+// offset 64 KB of the block's shared-memory window (pairs_smem_bytes: the warps' sums below it, or after it for two
+// token tiles), so a byte permute alone gives a pair's address (load_pair_at). The block's warps form at most 8
 // groups (named barriers 1-8) of `group_warps`; group i of block b is worker b * groups + i, and walks row tiles
 // worker, worker + workers, ... Each tile's K is split among the group's warps as nf4_tile with split_k = group_warps
 // splits it (warp w: quant blocks [w * per_warp, (w + 1) * per_warp)), and their fp32 sums meet in shared memory
@@ -21,25 +21,26 @@
 
 namespace {
 
-// A block's warps and its code ring's depth. One token tile: 32 warps at the 64-register cap, the ring 2 quant blocks
-// deep (with x one step ahead, 4 deep spilled 40 bytes; 2 deep is still ~4,000 cycles ahead at the measured ~2,000 a
-// warp's step: ncu, H100, 8B gate_up at one row). Two token tiles: x one step ahead is 32 registers, so 16 warps at
-// up to 128 registers, the ring 4 deep (32 warps at 64 registers, x not ahead, gained nothing at 16 rows:
-// -kernels-s34-xnext.json).
-__host__ __device__ constexpr int pairs_warps(int token_tiles) { return token_tiles == 1 ? 32 : 16; }
-__host__ __device__ constexpr int pairs_prefetch(int token_tiles) { return token_tiles == 1 ? 2 : 4; }
+// The code ring's depth, 2 quant blocks: with x one step ahead (one token tile) or two token tiles' x and
+// accumulators, 4 deep spills at the 64-register cap (SASS, sm_90a: 40 and 56 bytes). 2 deep is still ~4,000 cycles
+// ahead at the measured ~2,000 a warp's step (ncu, H100, 8B gate_up at one row), past any DRAM latency.
+__host__ __device__ constexpr int pairs_prefetch(int /*token_tiles*/) { return 2; }
+constexpr int kPairsWarps = 32;
 constexpr uint32_t kPairsTableWindow = 0x10000;  // the table's offset in the block's shared-memory window
 
 // Dynamic shared memory of nf4_gemv_pairs_kernel: from wherever it starts (the window's first 1 KB is reserved on
-// sm_90) to the table's end, 128 KB. The warps' fp32 sums, two buffers (tile parity: a tile's sums are written while
-// the tile before's may still be read), 32 KB for either configuration, sit at its start, below the table.
+// sm_90) to the table's end, and for two token tiles past it. The warps' fp32 sums, two buffers (tile parity: a tile's
+// sums are written while the tile before's may still be read), sit at its start, below the table, for one token tile
+// (32 KB); for two (64 KB, more than fits below) after the table: 192 KB in all, which sm_80 cannot give.
 __host__ __device__ constexpr int pairs_sums_bytes(int warps, int token_tiles) {
   return 2 * warps * 16 * 8 * token_tiles * 4;
 }
 __host__ __device__ constexpr int pairs_table_end() {
   return static_cast<int>(kPairsTableWindow) + (kPairTableBytes + 15) / 16 * 16;
 }
-__host__ __device__ constexpr int pairs_smem_bytes() { return pairs_table_end(); }
+__host__ __device__ constexpr int pairs_smem_bytes(int warps, int token_tiles) {
+  return pairs_table_end() + (token_tiles == 1 ? 0 : pairs_sums_bytes(warps, token_tiles));
+}
 
 // The codes and scales of a warp's walk, PREFETCH steps ahead: tiles tile0, + stride, ..., each `steps` steps, step
 // s bringing quant block first + s where s < count (the warp's blocks). The next load is tracked as one index, tile *
@@ -92,7 +93,7 @@ __device__ __forceinline__ void group_barrier(int group, int warps) {
 }
 
 template <typename T, int WARPS, int NT, int PREFETCH>
-__global__ void __launch_bounds__(WARPS * 32, 1) nf4_gemv_pairs_kernel(
+__global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pairs_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
     int group_warps) {
@@ -100,8 +101,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1) nf4_gemv_pairs_kernel(
   extern __shared__ __align__(16) char smem[];
   const uint32_t window = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   char* pairs = smem + (kPairsTableWindow - window);
-  if (window + pairs_sums_bytes(WARPS, NT) > kPairsTableWindow) __trap();  // more static shared memory than planned
-  float(*sums)[WARPS][16][8 * NT] = reinterpret_cast<float(*)[WARPS][16][8 * NT]>(smem);  // below the table
+  char* sums_at = smem;  // one token tile: below the table
+  if constexpr (NT == 1) {
+    if (window + pairs_sums_bytes(WARPS, NT) > kPairsTableWindow) __trap();  // more static shared memory than planned
+  } else {
+    sums_at = smem + (pairs_table_end() - window);
+  }
+  float(*sums)[WARPS][16][8 * NT] = reinterpret_cast<float(*)[WARPS][16][8 * NT]>(sums_at);
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -132,12 +138,11 @@ __global__ void __launch_bounds__(WARPS * 32, 1) nf4_gemv_pairs_kernel(
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) x_at[nt] = min(nt * 8 + g, M - 1) * (K / 8) + 2 * t;
   const uint4* x_words = reinterpret_cast<const uint4*>(x);
-  // x one step ahead in registers, two buffers (its loads waited at every step before: an L1 or L2 round trip
-  // between a step's first instruction and its first MMA). A warp with no blocks (first == last, which may be
-  // num_blocks: past x's row) reads the last block instead, never used.
-  uint32_t xs[2][NT][8];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) load_x_block(x_words + (x_at[nt] + 8 * min(first, num_blocks - 1)), xs[0][nt]);
+  // One token tile: x one step ahead in registers, two buffers (its loads waited at every step before: an L1 or L2
+  // round trip between a step's first instruction and its first MMA). A warp with no blocks (first == last, which
+  // may be num_blocks: past x's row) reads the last block instead, never used.
+  uint32_t xs[2][8];
+  if constexpr (NT == 1) load_x_block(x_words + (x_at[0] + 8 * min(first, num_blocks - 1)), xs[0]);
 
   int parity = 0;
   for (int tile = worker; tile < row_tiles; tile += workers, parity ^= 1) {  // group-uniform
@@ -152,16 +157,17 @@ __global__ void __launch_bounds__(WARPS * 32, 1) nf4_gemv_pairs_kernel(
         // x of the next step, into the other buffer (steps a tile and PREFETCH are even, so step s's x is in buffer
         // s % 2 on every tile): the next block, or the first for the next tile (a block's x is the same for every
         // tile); a step past the warp's blocks loads the first block too, never used (clamped to x's row)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          load_x_block(x_words + (x_at[nt] + 8 * min(blk + 1 < last ? blk + 1 : first, num_blocks - 1)),
-                       xs[(i + 1) % 2][nt]);
+        if constexpr (NT == 1) {
+          load_x_block(x_words + (x_at[0] + 8 * min(blk + 1 < last ? blk + 1 : first, num_blocks - 1)),
+                       xs[(i + 1) % 2]);
         }
         if (blk < last) {  // warp-uniform
           if constexpr (NT == 1) {
-            mma_block<T, true>(nullptr, codes, scales, xs[i % 2][0], acc[0], pair_reg);
+            mma_block<T, true>(nullptr, codes, scales, xs[i % 2], acc[0], pair_reg);
           } else {  // each weight dequantized once for the token tiles, k-step by k-step as nf4_tile_kernel
-            const uint32_t(&xb)[NT][8] = xs[i % 2];
+            uint32_t xb[NT][8];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) load_x_block(x_words + (x_at[nt] + 8 * blk), xb[nt]);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
               uint32_t a[2][4];
