@@ -71,10 +71,12 @@ GEMM_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_GEMM_ROWS", "0-0"
 # before it, at 1 / 4 / 8 rows): gate_up (117M weights) 32.8 / 33.4 / 36.6 vs 38.8 / 41.2 / 45.6, down (58.7M) 17.1 /
 # 18.2 / 19.2 vs 20.6 / 20.6 / 20.8; the small ones lose: qkv (25.2M) 11.5 / 12.0 / 12.4 vs 11.0 / 11.1 / 11.3, o
 # (16.8M) 8.6 / 9.2 / 9.4 vs 8.9 / 9.0 / 9.1 (a row tile's few steps a warp leave its loads little to overlap). The
-# bound sits between qkv and down. LORAPLEX_NF4_PAIRS: auto (that rule, the default), 1 (every weight's 1-8 rows), 0
-# (never).
+# bound sits between qkv and down. Then (-kernels-s35.json, gemv_pairs and nf4_gemv both with x one block ahead) 1B
+# gate_up (33.5M) 12.7 / 13.2 / 14.1 against the tile kernel's 13.8 / 14.0 / 15.1, 8B qkv 11.8 / 12.7 / 12.9 against
+# nf4_gemv's 10.7 / 10.9 / 11.2: the bound moved to 30M. LORAPLEX_NF4_PAIRS: auto (that rule, the default), 1
+# (every weight's 1-8 rows), 0 (never).
 PAIRS = os.environ.get("LORAPLEX_NF4_PAIRS", "auto")
-PAIRS_MIN_WEIGHTS = 40_000_000
+PAIRS_MIN_WEIGHTS = 30_000_000
 # Hopper's warpgroup MMA (`wgmma`, the tile layout's A fragments in registers, x from shared memory; sm_90a builds only)
 # takes the wide and dequant rows within WGMMA_ROWS (LORAPLEX_NF4_WGMMA_ROWS=lo-hi; 0-0 turns it off) on weights of at
 # least WGMMA_MIN_WEIGHTS (out x in) for the row count. H200, 2026-12-04

@@ -123,6 +123,7 @@ def test_gemv_takes_the_tile_kernels_rows_up_to_its_bound_where_it_fills_a_wave(
     ("1", 9, (6144, 4096), "cuda", "tile"), ("1", 1, (6144, 4096), "triton", "bnb"),
     ("1", 3, (6144, 4096), "triton", "fused"),
     ("auto", 1, (28672, 4096), "cuda", "gemv_pairs"), ("auto", 8, (4096, 14336), "cuda", "gemv_pairs"),
+    ("auto", 4, (16384, 2048), "cuda", "gemv_pairs"),  # 1B gate_up, 33.5M
     ("auto", 1, (6144, 4096), "cuda", "gemv"), ("auto", 1, (4096, 4096), "cuda", "gemv"),  # below the bound
     ("auto", 12, (28672, 4096), "cuda", "wide"), ("0", 1, (28672, 4096), "cuda", "tile"),
 ])  # fmt: skip

@@ -46,8 +46,8 @@ def test_every_pairs_step_reads_its_own_blocks_x(num_blocks, group_warps, prefet
 
 def gemv_walk(num_blocks: int, warps: int, warp: int, prefetch: int) -> list[tuple[int, int]]:
     """(block computed, block whose x the read buffer holds) for each step of one warp of nf4_gemv_kernel (one tile,
-    blocks first..last - 1, the loop leaving at last), mirroring its loops; nf4_tile_kernel's loop up to two token
-    tiles is the same."""
+    blocks first..last - 1, the loop leaving at last), mirroring its loops; nf4_tile_kernel's loop at one token
+    tile is the same."""
     per_warp = -(-num_blocks // warps)
     first = min(warp * per_warp, num_blocks)
     last = min(first + per_warp, num_blocks)

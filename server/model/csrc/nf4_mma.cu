@@ -244,9 +244,10 @@ __global__ void __launch_bounds__(WARPS * 32, (TileMinBlocks<WARPS, NT, RT>::val
     x_at[nt] = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(nt * 8 + g, M - 1)) * K) + 2 * t;
 
   float acc[RT][NT][4] = {};
-  // x one block ahead, two buffers, up to two token tiles: block blk's x in buffer (blk - first) % 2 (as
-  // nf4_gemv_kernel). From four token tiles it would take 64-128 registers more (246 at eight): loaded in its step.
-  constexpr bool AHEAD = NT <= 2;
+  // x one block ahead, two buffers, at one token tile: block blk's x in buffer (blk - first) % 2 (as
+  // nf4_gemv_kernel). Measured slower at two token tiles (H100, 12-16 rows: 8B gate_up 49.3 us against 45.0, down
+  // 25.3 against 23.9); from four it would take 64-128 registers more (246 at eight): loaded in its step.
+  constexpr bool AHEAD = NT == 1;
   static_assert(!AHEAD || PREFETCH % 2 == 0, "x's two buffers take block first + s's x from buffer s % 2");
 
   TileRing<RT, PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
