@@ -197,19 +197,11 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
 
         # the default and the variants start-up tuning would time (each other block size that holds M, one
         # warpgroup a block), then the 32-token instance's own variants
-        short = {"block_tokens": "b", "block_warps": "w"}
+        short = {"block_tokens": "b", "block_warps": "w", "stage_blocks": "s"}
         variants = {"wgmma" + "".join(f"_{short[k]}{v}" for k, v in choice.options): dict(choice.options)
                     for choice in candidates(rows, layer.shape, device_num_sms(0)) if choice.kernel == "wgmma"}
         if cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0)) == 32:
-            variants["wgmma_s2"] = {"stage_blocks": 2}  # two quant blocks a stage
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
-            # K split 2-4x the default's (which keeps one wave): ncu at 32 rows of 8B gate_up saw 224 blocks on 132
-            # SMs (92 SMs run two, 40 one) and barrier stalls first; more, shorter blocks even the SMs out
-            tokens = cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
-            split = cuda_nf4.wgmma_split_k(rows, layer.shape, device_num_sms(0), tokens, 3)
-            for times in (2, 3, 4):
-                if split * times <= min(cuda_nf4.WGMMA_MAX_SPLIT_K, layer.shape[1] // 64 // 4):
-                    variants[f"wgmma_k{times}x"] = {"split_k": split * times}
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table,
                                                                   num_sms=device_num_sms(0), **kw)

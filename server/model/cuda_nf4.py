@@ -296,7 +296,10 @@ def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupan
     blocks a split, or the default instance's split count: with ~5 a split the three-block one lost (H200, 32 rows,
     bench/results/2026-12-04-nvidia-h200-kernels-s25-variants.json, us, against two an SM: 8B o 11.7 vs 11.1 at 12
     splits, 1B down 12.3 vs 10.9 at 24), with 8+ it won (8B qkv 14.3 vs 15.4 at 8, down 25.5 vs 26.4 at 12, gate_up
-    50.0 vs 52.3 and 1B gate_up 18.9 vs 19.9 at 1 and 3; 1B qkv 7.6 vs 7.8 at the same 8)."""
+    50.0 vs 52.3 and 1B gate_up 18.9 vs 19.9 at 1 and 3; 1B qkv 7.6 vs 7.8 at the same 8). Past one wave loses even
+    where the wave is uneven: 8B gate_up at 32 rows runs 224 blocks on 132 SMs (92 SMs two, 40 one; ncu: barrier
+    stalls first), yet 2, 3 and 4 splits took 55.5, 52.8 and 50.4 us against one split's 47.7 (H100,
+    bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s35-splits.json)."""
     out_features, in_features = shape
     in_blocks = in_features // NF4_BLOCKSIZE
     blocks = -(-out_features // (16 * block_warps)) * -(-num_rows // block_tokens)

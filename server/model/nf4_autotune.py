@@ -32,8 +32,10 @@ ROWS = (16, 32, 48, 64, 96, 128, 192, 256)
 
 def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
     """What can run `rows` rows of an (out, in) weight: dequant + cuBLAS, the wide kernel, and on sm_90a builds
-    wgmma with its default block, each other block size that holds the rows in at most two blocks, and one
-    warpgroup a block."""
+    wgmma with its default block, each other block size that holds the rows in at most two blocks, one
+    warpgroup a block, and at 32 block tokens two quant blocks a stage (stage_blocks 2: 3-4% faster than the default
+    on an H100 on 8B gate_up, down and o at 16-32 rows, 1-2% slower on 8B gate_up on the H200; qkv slower on both;
+    bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s35*.json, 2026-12-04-nvidia-h200-kernels-s26-w4.json)."""
     choices = [Choice("dequant"), Choice("wide")]
     if cuda_nf4.wgmma_supported():
         default = cuda_nf4.wgmma_block_tokens(rows, shape, num_sms)
@@ -42,6 +44,8 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
                     if tokens != default and tokens // 2 < rows]
         if default <= 128:
             choices.append(Choice("wgmma", (("block_warps", 4),)))
+        if default == 32:
+            choices.append(Choice("wgmma", (("stage_blocks", 2),)))
     return choices
 
 
