@@ -106,6 +106,19 @@ def test_a_ratio_missing_from_the_newest_run_comes_from_the_newest_run_that_has_
     assert "old-8b.json" in rows["swap_speedup_vs_peft_8b"] and "| 30 |" in rows["swap_speedup_vs_peft_8b"]
 
 
+def test_an_h200_run_outranks_a_newer_run_of_another_card_for_the_ratios_it_measured(tmp_path):
+    h200 = fake_8b("2026-11-24T09:00:00+00:00", 3600.0)
+    h200["device"] = "NVIDIA H200"
+    h200["ratios"]["swap_speedup_vs_peft_8b"] = None  # only the H100 run measured PEFT's merge
+    _write(tmp_path, "h200-8b.json", h200)
+    _write(tmp_path, "h100-8b.json", fake_8b("2026-11-24T10:00:00+00:00", 3200.0))
+    rows = {line.split("|")[1].strip(" `"): line for line in build_report(tmp_path).splitlines()
+            if line.startswith("| `")}
+    assert "h200-8b.json" in rows["mixed32_over_merged_8b"] and "| 0.9 |" in rows["mixed32_over_merged_8b"]
+    assert "h100-8b.json" in rows["swap_speedup_vs_peft_8b"]
+    assert load_latest(tmp_path)["8b"][0] == "h200-8b.json"
+
+
 def test_a_kernel_run_that_records_its_time_outranks_an_older_plain_one_of_the_same_date(tmp_path):
     """Kernel files of one date: the plain -kernels.json used to rank first whatever ran later; a run that writes
     its timestamp (bench.results.write_named_result) now ranks by it, and files without one count as older."""
