@@ -191,16 +191,16 @@ def choose_num_splits(num_rows: int, num_kv_heads: int, max_blocks: int, block_s
     return max(1, min(16, max_by_length, (2 * _NUM_SMS) // max(programs, 1)))
 
 
-# Launch choices of the decode kernel; tests/gpu/test_triton_kernels.py's printout times the others. v_first: V's
-# load issued beside K's (before the QK dot) instead of after the softmax; tile_n: cache positions a loop iteration
-# takes; num_stages: Triton's software pipelining depth of that loop (None: Triton's default, 3). H200, Hq 32, Hkv 8,
-# D 128 (thirteenth session, graph replay, us): 8 warps against 4: batch 1 at context 192 6.15 / 6.91, batch 32 at
-# 192 8.60 / 9.10, at 1,024 42.95 / 47.93, batch 2 at 4,096 15.55 / 15.70; v_first changed nothing (Triton's
-# pipeliner already issues both loads early: one stage 7.47 / 9.77 / 55.37 / 19.78); tiles of 32 lost everywhere
-# without splits.
-# Measured and dropped (twenty-second session, H200, 8B batch 1, context 192, graph replay): the splits merged by
-# the decode kernel's last program of each (row, kv head) (a ticket counter a pair) instead of the merge kernel:
-# 6.48 against 6.30 us with the rotary fused in, 8.31 against 7.15 without.
+# Launch choices of the decode kernel; tests/gpu/test_triton_kernels.py
+# (test_decode_attention_tunings_at_the_engine_shapes, -s) checks and times the others. v_first: V's load issued beside
+# K's (before the QK dot) instead of after the softmax; tile_n: cache positions a loop iteration takes; num_stages:
+# Triton's software pipelining depth of that loop (None: Triton's default, 3). H200, Hq 32, Hkv 8, D 128 (thirteenth
+# session, graph replay, us): 8 warps against 4: batch 1 at context 192 6.15 / 6.91, batch 32 at 192 8.60 / 9.10, at
+# 1,024 42.95 / 47.93, batch 2 at 4,096 15.55 / 15.70; v_first changed nothing (Triton's pipeliner already issues both
+# loads early: one stage 7.47 / 9.77 / 55.37 / 19.78); tiles of 32 lost everywhere without splits. Measured and dropped
+# (twenty-second session, H200, 8B batch 1, context 192, graph replay): the splits merged by the decode kernel's last
+# program of each (row, kv head) (a ticket counter a pair) instead of the merge kernel: 6.48 against 6.30 us with the
+# rotary fused in, 8.31 against 7.15 without.
 DECODE_TUNING = {"v_first": True, "tile_n": 64, "num_stages": None, "num_warps": 8}
 
 

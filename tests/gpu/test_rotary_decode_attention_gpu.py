@@ -1,7 +1,7 @@
 """rotary_decode_attention's one Triton kernel on a CUDA GPU against the two Triton kernels it replaces (the rotary
 and cache-write glue kernel, then decode attention) and the attention reference: bf16, the 1B and 8B engine shapes,
 qkv as a tensor or as split-K partials, eager and replayed from a CUDA graph. Timings print with
-`pytest -s -k printout`; nothing asserts on them."""
+`pytest -s -k timings`; nothing asserts on them."""
 
 from __future__ import annotations
 
@@ -109,12 +109,19 @@ def test_graph_replays_follow_their_inputs(triton_attention):
         torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
 
 
-def test_rotary_decode_attention_printout(triton_attention):
-    """Read with -s: the unfused kernels (rotary, attention, merge) against the one kernel, graph replay, at the
-    engine benches' shapes (contexts of 192; the 8B batch-1 step's table of 256 blocks). No assertion on speed."""
+def test_one_kernel_at_the_engine_shapes_with_timings(triton_attention):
+    """At the engine benches' shapes (contexts of 192; the 8B batch-1 step's table of 256 blocks) the one kernel
+    computes the two kernels' attention; read with -s for both paths' times by graph replay (never asserted)."""
     shapes = [("8b b1", ([192], 32, 8, 128, 16), 0, 256), ("8b b32", ([192] * 32, 32, 8, 128, 16), 0, 16),
               ("1b b32 partials", ([192] * 32, 32, 8, 64, 16), 4, 16)]
     for label, case, splits, max_blocks in shapes:
+        qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits)
+        tables = _widened(tables, max_blocks)
+        scale = case[3] ** -0.5
+        expected, *_ = two_kernels(triton_attention, qkv, case[1], rope, slots, k_cache, v_cache, tables, lens, scale)
+        out = triton_attention.rotary_decode_attention_triton(qkv, case[1], rope, k_cache, v_cache, slots, tables,
+                                                              lens, scale)
+        torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
         unfused, fused = _timed_pair(triton_attention, case, splits, max_blocks)
         print(f"\nrotary decode attention {label}: two kernels {graph_time_us(unfused):.2f} us, "
               f"one {graph_time_us(fused):.2f} us")
@@ -123,7 +130,7 @@ def test_rotary_decode_attention_printout(triton_attention):
 def _timed_pair(triton_attention, case, splits, max_blocks):
     """(the two kernels, the one kernel) as calls on one step's inputs, its block tables max_blocks wide."""
     qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits)
-    tables = torch.cat([tables, tables[:, :1].expand(-1, max(0, max_blocks - tables.shape[1]))], 1).contiguous()
+    tables = _widened(tables, max_blocks)
     num_q_heads, num_kv_heads, head_dim = case[1:4]
     scale = head_dim**-0.5
 
@@ -136,3 +143,9 @@ def _timed_pair(triton_attention, case, splits, max_blocks):
                                                         scale)
 
     return unfused, fused
+
+
+def _widened(tables, max_blocks):
+    """Block tables max_blocks wide (the engine's are as wide as its longest context allows), the extra columns
+    naming block 0: past every row's context, never read."""
+    return torch.cat([tables, tables[:, :1].expand(-1, max(0, max_blocks - tables.shape[1]))], 1).contiguous()

@@ -313,7 +313,8 @@ DECODE_TUNINGS = [{"v_first": False}, {"v_first": True}, {"num_stages": 1}, {"nu
 @pytest.mark.parametrize("tuning", DECODE_TUNINGS, ids=str)
 @pytest.mark.parametrize("case", [ATTENTION_CASES[1], ATTENTION_CASES[3], ATTENTION_CASES[5]])
 def test_paged_attention_tunings_match_reference(triton_attention, case, tuning):
-    """Every launch choice the timing printout compares computes the same attention."""
+    """Every launch choice computes the same attention (test_decode_attention_tunings_at_the_engine_shapes times
+    them)."""
     lens, num_q_heads, num_kv_heads, head_dim, block_size = case
     inputs = paged_inputs(lens, num_q_heads, num_kv_heads, head_dim, block_size, torch.bfloat16)
     expected = paged_decode_attention_reference(*inputs, head_dim**-0.5)
@@ -336,16 +337,19 @@ def graph_time_us(fn, calls: int = 20, replays: int = 20) -> float:
     return start.elapsed_time(end) * 1000 / (replays * calls)
 
 
-def test_decode_attention_tuning_printout(triton_attention):
-    """Read with -s: decode attention's launch choices at the 8B engine bench's shapes (Hq 32, Hkv 8, D 128, blocks
-    of 16; contexts of 192 as at batch 1, and batch 32), by graph replay. No assertion on speed."""
+def test_decode_attention_tunings_at_the_engine_shapes(triton_attention):
+    """Each launch choice of decode attention at the 8B engine bench's shapes (Hq 32, Hkv 8, D 128, blocks of 16;
+    contexts of 192 as at batch 1, and batch 32; block tables wider than the contexts, as the engine's) computes the
+    reference's attention; read with -s for each one's time by graph replay (never asserted)."""
     for lens, max_blocks in (([192], 16), ([192], 256), ([192] * 32, 16), ([1024] * 32, 64), ([4096] * 2, 256)):
         inputs = list(paged_inputs(lens, 32, 8, 128, 16, torch.bfloat16))
         table = inputs[3]
         inputs[3] = torch.cat([table, table[:, :1].expand(-1, max(0, max_blocks - table.shape[1]))], 1)
         splits = triton_attention.choose_num_splits(len(lens), 8, inputs[3].shape[1], 16)
         attend = triton_attention.paged_decode_attention_triton
+        expected = paged_decode_attention_reference(*inputs, 128**-0.5)
         for tuning in DECODE_TUNINGS:
+            torch.testing.assert_close(attend(*inputs, 128**-0.5, tuning=tuning), expected, atol=6e-2, rtol=3e-2)
             us = graph_time_us(lambda: attend(*inputs, 128**-0.5, tuning=tuning))  # noqa: B023
             label = f"paged decode B={len(lens)} ctx={lens[0]} table={max_blocks} splits={splits} {tuning}"
             print(f"\n{label}: {us:.2f} us")
@@ -381,18 +385,26 @@ def test_write_kv_cache_graph_replay():
     assert flat.abs().sum(dim=(1, 2)).count_nonzero().item() == 2
 
 
-def test_timing_printout(triton_lora, triton_attention):
-    """Decode-shaped timings and effective bandwidth; read with -s. No assertions on speed."""
+def test_decode_shaped_lora_and_attention(triton_lora, triton_attention):
+    """The LoRA apply of 32 tokens over 32 adapters and paged decode attention at long contexts compute their
+    references; read with -s for their times and effective bandwidth (never asserted)."""
+    atol, rtol = TOLERANCE[torch.bfloat16]
     for out_features in (4096, 14336):
         y, x, lora_a, lora_b, pool = lora_inputs(32, 32, 16, (0, out_features), 4096, torch.bfloat16,
                                                  ranks=[16] * 32)
         meta = decode_lora_meta(torch.arange(32, dtype=torch.int32, device=DEVICE))
+        expected, actual = y.clone(), y.clone()
+        lora_apply_reference(expected, x, lora_a, lora_b, pool, meta, (0, out_features))
+        triton_lora.lora_apply_triton(actual, x, lora_a, lora_b, pool, meta, (0, out_features))
+        torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
         us = time_us(lambda: triton_lora.lora_apply_triton(y, x, lora_a, lora_b, pool, meta, (0, out_features)))  # noqa: B023
         moved = lora_a.numel() * 2 + lora_b.numel() * 2 + y.numel() * 4 + x.numel() * 2
         label = f"lora decode T=32 slots=32 in=4096 out={out_features} R=16"
         print(f"\n{label}: {us:.1f} us, {moved / us / 1e3:.0f} GB/s")
     for lens in ([1024] * 32, [4096] * 2):
         inputs = paged_inputs(lens, 32, 8, 128, 16, torch.bfloat16)
+        torch.testing.assert_close(triton_attention.paged_decode_attention_triton(*inputs, 128**-0.5),
+                                   paged_decode_attention_reference(*inputs, 128**-0.5), atol=atol, rtol=rtol)
         us = time_us(lambda: triton_attention.paged_decode_attention_triton(*inputs, 128**-0.5))  # noqa: B023
         moved = sum(lens) * 8 * 128 * 2 * 2
         label = f"paged decode B={len(lens)} ctx={lens[0]} Hq=32 Hkv=8 D=128"
