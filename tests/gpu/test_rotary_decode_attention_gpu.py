@@ -11,7 +11,7 @@ import torch
 from server.model import glue_ops
 from server.model.attention_ops import paged_decode_attention_reference
 from server.model.split_sums import SplitSums
-from tests.gpu.test_triton_kernels import capture, graph_time_us
+from tests.gpu.test_triton_kernels import capture, graph_time_us, widened_tables
 from tests.unit.test_rotary_decode_attention import decode_step
 
 pytestmark = [
@@ -116,7 +116,7 @@ def test_one_kernel_at_the_engine_shapes_with_timings(triton_attention):
               ("1b b32 partials", ([192] * 32, 32, 8, 64, 16), 4, 16)]
     for label, case, splits, max_blocks in shapes:
         qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits)
-        tables = _widened(tables, max_blocks)
+        tables = widened_tables(tables, max_blocks)
         scale = case[3] ** -0.5
         expected, *_ = two_kernels(triton_attention, qkv, case[1], rope, slots, k_cache, v_cache, tables, lens, scale)
         out = triton_attention.rotary_decode_attention_triton(qkv, case[1], rope, k_cache, v_cache, slots, tables,
@@ -130,7 +130,7 @@ def test_one_kernel_at_the_engine_shapes_with_timings(triton_attention):
 def _timed_pair(triton_attention, case, splits, max_blocks):
     """(the two kernels, the one kernel) as calls on one step's inputs, its block tables max_blocks wide."""
     qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits)
-    tables = _widened(tables, max_blocks)
+    tables = widened_tables(tables, max_blocks)
     num_q_heads, num_kv_heads, head_dim = case[1:4]
     scale = head_dim**-0.5
 
@@ -143,9 +143,3 @@ def _timed_pair(triton_attention, case, splits, max_blocks):
                                                         scale)
 
     return unfused, fused
-
-
-def _widened(tables, max_blocks):
-    """Block tables max_blocks wide (the engine's are as wide as its longest context allows), the extra columns
-    naming block 0: past every row's context, never read."""
-    return torch.cat([tables, tables[:, :1].expand(-1, max(0, max_blocks - tables.shape[1]))], 1).contiguous()

@@ -306,6 +306,12 @@ def test_paged_attention_matches_reference(triton_attention, case, num_splits, d
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
+def widened_tables(tables, max_blocks):
+    """Block tables max_blocks wide (the engine's are as wide as its longest context allows), the extra columns
+    naming block 0: past every row's context, never read."""
+    return torch.cat([tables, tables[:, :1].expand(-1, max(0, max_blocks - tables.shape[1]))], 1)
+
+
 DECODE_TUNINGS = [{"v_first": False}, {"v_first": True}, {"num_stages": 1}, {"num_stages": 2}, {"num_stages": 3},
                   {"tile_n": 32}, {"tile_n": 32, "num_stages": 3}, {"num_warps": 8}]
 
@@ -343,8 +349,7 @@ def test_decode_attention_tunings_at_the_engine_shapes(triton_attention):
     reference's attention; read with -s for each one's time by graph replay (never asserted)."""
     for lens, max_blocks in (([192], 16), ([192], 256), ([192] * 32, 16), ([1024] * 32, 64), ([4096] * 2, 256)):
         inputs = list(paged_inputs(lens, 32, 8, 128, 16, torch.bfloat16))
-        table = inputs[3]
-        inputs[3] = torch.cat([table, table[:, :1].expand(-1, max(0, max_blocks - table.shape[1]))], 1)
+        inputs[3] = widened_tables(inputs[3], max_blocks)
         splits = triton_attention.choose_num_splits(len(lens), 8, inputs[3].shape[1], 16)
         attend = triton_attention.paged_decode_attention_triton
         expected = paged_decode_attention_reference(*inputs, 128**-0.5)
