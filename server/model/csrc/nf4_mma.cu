@@ -797,12 +797,12 @@ torch::Tensor nf4_gemv(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   return out;
 }
 
-// Blocks an SM holds of nf4_gemv_pairs_kernel<T, kPairsWarps, NT, pairs_prefetch(NT)> on the current device, its
+// Blocks an SM holds of nf4_gemv_pairs_kernel<T, kPairsWarps, NT, kPairsPrefetch> on the current device, its
 // dynamic shared memory allowed first (the device must give a block 128 KB for one token tile: sm_80, sm_90, not
 // sm_86/89; 192 KB for two: sm_90). Once per instance and device.
 template <typename T, int NT>
 int pairs_blocks_per_sm() {
-  constexpr auto kernel = nf4_gemv_pairs_kernel<T, kPairsWarps, NT, pairs_prefetch(NT)>;
+  constexpr auto kernel = nf4_gemv_pairs_kernel<T, kPairsWarps, NT, kPairsPrefetch>;
   constexpr int bytes = pairs_smem_bytes(kPairsWarps, NT);
   static int blocks[64] = {};  // 0: not asked yet
   int device = 0;
@@ -842,7 +842,7 @@ torch::Tensor nf4_gemv_pairs(torch::Tensor x, torch::Tensor tile_codes, torch::T
       constexpr int NT = decltype(token_tiles)::value;
       const int resident = num_sms * pairs_blocks_per_sm<T, NT>();
       const int blocks = std::max(1, std::min(resident, (row_tiles + groups - 1) / groups));
-      nf4_gemv_pairs_kernel<T, kPairsWarps, NT, pairs_prefetch(NT)>
+      nf4_gemv_pairs_kernel<T, kPairsWarps, NT, kPairsPrefetch>
           <<<blocks, kPairsWarps * 32, pairs_smem_bytes(kPairsWarps, NT), stream>>>(
               reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
               reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(),

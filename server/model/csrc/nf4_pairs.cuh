@@ -24,7 +24,7 @@ namespace {
 // The code ring's depth, 2 quant blocks: with x one step ahead (one token tile) or two token tiles' x and
 // accumulators, 4 deep spills at the 64-register cap (SASS, sm_90a: 40 and 56 bytes). 2 deep is still ~4,000 cycles
 // ahead at the measured ~2,000 a warp's step (ncu, H100, 8B gate_up at one row), past any DRAM latency.
-__host__ __device__ constexpr int pairs_prefetch(int /*token_tiles*/) { return 2; }
+constexpr int kPairsPrefetch = 2;
 constexpr int kPairsWarps = 32;
 constexpr uint32_t kPairsTableWindow = 0x10000;  // the table's offset in the block's shared-memory window
 
