@@ -28,7 +28,8 @@ step() {  # step TIMEOUT LOG COMMAND...: run unless TIMEOUT is 0
 }
 python3 -c "from server.model import cuda_nf4; print('cuda_nf4 available:', cuda_nf4.is_available())" 2>&1 | tail -5
 # SOL_TIMEOUT (default 0: skipped): the one-row kernel's speed-of-light probes (bench.nf4_sol), first
-step "${SOL_TIMEOUT:-0}" nf4_sol.log python3 -m bench.nf4_sol --out "$OUT"
+eval "sol_args=(${SOL_ARGS:-})"  # e.g. SOL_ARGS="--probes pair_regs,pair_regs_trunc --warps 4,32"
+step "${SOL_TIMEOUT:-0}" nf4_sol.log python3 -m bench.nf4_sol --out "$OUT" "${sol_args[@]}"
 eval "test_args=(${TESTS_ARGS:-})"
 step "${TESTS_TIMEOUT:-220}" gpu_tests.log python3 -m pytest tests/gpu -q -m gpu -p no:cacheprovider "${test_args[@]}"
 # NCU_ROWS=1,32: Nsight Compute sections of the kernels the dispatch runs at those rows (8B gate_up; NCU_LAYER for

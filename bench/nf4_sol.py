@@ -12,7 +12,11 @@ load from a table of all 256 byte values, 16 copies so no load meets a bank conf
 instructions a weight pair against 8, half the loads); ``bf16_floor`` (NOT the semantics: a byte's two codes as
 bf16, times the scale in one bf16x2 multiply, each weight rounded twice: a floor for any table dequantization with
 the loads); then
-``tile`` (the kernel the dispatch runs at one row) and ``bf16``. Writes ``<out>/<date>-<device>-nf4-sol.json``
+``tile`` (the kernel the dispatch runs at one row) and ``bf16``. ``pair_regs_trunc`` / ``pair_trunc`` (NOT the
+semantics): ``pair_regs`` / ``pair`` with each pair packed by a byte permute of the products' upper halves instead
+of the rounding conversion, to tell what the conversion (issued at a fraction of the fp32 rate on Hopper) costs.
+``--probes`` times a subset, ``--warps 2,4,32`` also blocks of 32 warps (the table modes at one block an SM).
+Writes ``<out>/<date>-<device>-nf4-sol.json``
 with ``ratios``: each probe's geometric mean over the four shapes over bf16's (``sol_<probe>_over_bf16_m1``).
 If ``dequant`` is above 0.45 of bf16, the exact semantics' dequantization (fp32 code x fp32 scale, one rounding)
 cannot meet ``nf4_over_bf16_m1`` <= 0.45 with this instruction sequence, whatever the rest of the kernel; if
@@ -37,7 +41,9 @@ from bench.results import write_named_result
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "bench" / "csrc" / "nf4_sol.cu"
-PROBES = {"stream": 0, "dequant_regs": 4, "dequant": 1, "mma": 2, "x": 3, "pair_regs": 6, "pair": 5, "bf16_floor": 7}
+PROBES = {"stream": 0, "dequant_regs": 4, "dequant": 1, "mma": 2, "x": 3, "pair_regs": 6, "pair": 5, "bf16_floor": 7,
+          "pair_regs_trunc": 8, "pair_trunc": 9}
+WARPS = (2, 4)  # warps a block; 32 (--warps 2,4,32): one block an SM beside the 64 KB table, as nf4_gemv_pairs
 SPLITS = (1, 2, 4, 8, 16)
 
 
@@ -73,7 +79,8 @@ def probe_calls(layer: Layer, x: torch.Tensor, mode: int, warps: int, splits: in
     return [lambda c=c: call(c[3]) for c in layer.nf4]
 
 
-def run_shape(model: str, name: str, in_features: int, out_features: int) -> dict:
+def run_shape(model: str, name: str, in_features: int, out_features: int, probes: tuple[str, ...] = tuple(PROBES),
+              warps_list: tuple[int, ...] = WARPS) -> dict:
     from server.model import cuda_nf4
     from server.model.triton_nf4 import device_num_sms
 
@@ -85,8 +92,9 @@ def run_shape(model: str, name: str, in_features: int, out_features: int) -> dic
     shape, table, num_sms = layer.shape, layer.table, device_num_sms(0)
     entry["us"]["tile"] = round(time_calls([lambda c=c: cuda_nf4.nf4_tile(x, c[3], shape, table, num_sms=num_sms)
                                             for c in layer.nf4]), 2)
-    for probe, mode in PROBES.items():
-        for warps in (2, 4):
+    for probe in probes:
+        mode = PROBES[probe]
+        for warps in warps_list:
             for splits in SPLITS:
                 if splits > 1 and in_features // 64 // splits < 4:
                     continue
@@ -115,12 +123,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="8b")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--probes", default=",".join(PROBES), help="a subset of " + ",".join(PROBES))
+    parser.add_argument("--warps", default=",".join(map(str, WARPS)), help="warps a block to sweep: 2, 4, 32")
     args = parser.parse_args()
+    probes = tuple(args.probes.split(","))
+    warps_list = tuple(int(w) for w in args.warps.split(","))
+    if unknown := [p for p in probes if p not in PROBES] + [w for w in warps_list if w not in (2, 4, 32)]:
+        parser.error(f"unknown probes or warps: {unknown}")
     results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-               "command": f"python -m bench.nf4_sol --models {args.models}", "layers": []}
+               "command": f"python -m bench.nf4_sol --models {args.models} --probes {args.probes} --warps {args.warps}",
+               "layers": []}
     for model in args.models.split(","):
         for name, (in_features, out_features) in layer_shapes(model).items():
-            results["layers"].append(run_shape(model, name, in_features, out_features))
+            results["layers"].append(run_shape(model, name, in_features, out_features, probes, warps_list))
     results["ratios"] = ratios(results["layers"])
     print(results["ratios"], flush=True)
     write_named_result(args.out, results, "nf4-sol")

@@ -16,6 +16,12 @@
 //   mode 7: NOT the semantics, a floor for any table dequantization: a byte's two codes as bf16 from a 4-byte table
 //           (32 copies, one a lane), times the scale as bf16 in one bf16x2 multiply (each weight rounded twice), 3
 //           instructions a pair. If mode 7 with the loads is above 0.45 of bf16, no table sequence meets m1 <= 0.45.
+//   mode 8: NOT the semantics, mode 6 (the pair table, no loads) with each pair packed by one byte permute of the two
+//           products' upper halves (truncation) instead of the rounding pack (F2FP, a conversion: Hopper issues those
+//           at a fraction of the fp32 rate): how much of the exact dequantization's own rate the rounding costs;
+//   mode 9: NOT the semantics, mode 5 (the pair table with the loads) packed as mode 8.
+// Blocks of 2, 4 or 32 warps (32: one block an SM beside the 64 KB table, as nf4_gemv_pairs; at 2-4 warps the table
+// modes fit 6-12 warps an SM).
 // Built by nvcc alone (no torch headers), called through ctypes. Not part of the server.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -30,6 +36,16 @@ constexpr int kPrefetch = 4;  // as the tile kernel's instances
 // Mode 7's table: bf16x2 (code[byte >> 4], code[byte & 15]) of byte value v, copy c at byte 256 v + 4 c (the pair
 // table's rows, nf4_device.cuh: pair_offset addresses both); lane l reads copy l, bank l.
 constexpr int kHalfCopies = 32;
+
+// Modes 8-9: a_fragments_pairs with the pack truncating (one byte permute of the upper halves) instead of rounding.
+__device__ __forceinline__ void a_fragments_pairs_truncated(const char* pairs, uint32_t copy_off, uint4 codes,
+                                                            float2 scales, int half, uint32_t (&a)[2][4]) {
+  byte_table_fragments(codes, half, [&](uint32_t word, int b, int row) {
+    const float2 v = *reinterpret_cast<const float2*>(pairs + pair_offset(word, b, copy_off));
+    const float scale = row ? scales.y : scales.x;
+    return __byte_perm(__float_as_uint(v.x * scale), __float_as_uint(v.y * scale), 0x7632);
+  }, a);
+}
 
 // Mode 7: the byte's two bf16 codes by one 4-byte load, times the row's scale as bf16 in one bf16x2 multiply.
 __device__ __forceinline__ void a_fragments_bf16(const char* halves, uint32_t copy_off, uint4 codes, float2 scales,
@@ -54,7 +70,7 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_sol_kernel(const uint4* __rest
   // Modes 5-7's byte tables: dynamic shared memory, kPairTableBytes (launch); none for the other modes.
   extern __shared__ __align__(16) char bytes[];
   uint32_t copy_off = 0;
-  if constexpr (MODE == 5 || MODE == 6) {
+  if constexpr (MODE == 5 || MODE == 6 || MODE == 8 || MODE == 9) {
     stage_pair_table(table, bytes);
     copy_off = pair_copy_offset();
     __syncthreads();
@@ -87,7 +103,7 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_sol_kernel(const uint4* __rest
       if (blk >= last) break;
       uint4 codes[1];
       float2 scales[1];
-      if constexpr (MODE == 4 || MODE == 6) {
+      if constexpr (MODE == 4 || MODE == 6 || MODE == 8) {
         const uint32_t salt = static_cast<uint32_t>(blk) * 0x01010101u;  // other nibbles, other table entries
         const uint4 held = ring.codes[0][0];
         codes[0] = make_uint4(held.x ^ salt, held.y ^ salt, held.z ^ salt, held.w ^ salt);
@@ -104,6 +120,8 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_sol_kernel(const uint4* __rest
           uint32_t a[2][4];
           if constexpr (MODE == 5 || MODE == 6) {
             a_fragments_pairs<T>(bytes, copy_off, codes[0], scales[0], half, a);
+          } else if constexpr (MODE == 8 || MODE == 9) {
+            a_fragments_pairs_truncated(bytes, copy_off, codes[0], scales[0], half, a);
           } else if constexpr (MODE == 7) {
             a_fragments_bf16(bytes, copy_off, codes[0], scales[0], half, a);
           } else {
@@ -153,16 +171,19 @@ extern "C" long long loraplex_nf4_sol_sink_words(int warps, int N, int K, int sp
   return used_splits * ((row_tiles + warps - 1) / warps) * warps * 32;
 }
 
-// One probe of `mode` (0-7, above) with `warps` (2 or 4) warps a block over the tile layout of an [N, K] weight;
+// One probe of `mode` (0-9, above) with `warps` (2, 4 or 32) warps a block over the tile layout of an [N, K] weight;
 // x: K bf16 values (mode 3). Returns the launch's cudaError_t.
 extern "C" int loraplex_nf4_sol(int mode, int warps, void* stream, const void* codes, const void* scales,
                                 const float* table, const void* x, unsigned x_word, uint32_t* sink, int N, int K,
                                 int splits) {
   auto s = static_cast<cudaStream_t>(stream);
 #define LORAPLEX_SOL(MODE)                                                                               \
-  if (mode == MODE)                                                                                      \
-    return warps == 2 ? launch<MODE, 2>(s, codes, scales, table, x, x_word, sink, N, K, splits)         \
-                      : launch<MODE, 4>(s, codes, scales, table, x, x_word, sink, N, K, splits);
+  if (mode == MODE) {                                                                                    \
+    if (warps == 2) return launch<MODE, 2>(s, codes, scales, table, x, x_word, sink, N, K, splits);      \
+    if (warps == 4) return launch<MODE, 4>(s, codes, scales, table, x, x_word, sink, N, K, splits);      \
+    if (warps == 32) return launch<MODE, 32>(s, codes, scales, table, x, x_word, sink, N, K, splits);    \
+    return static_cast<int>(cudaErrorInvalidValue);                                                      \
+  }
   LORAPLEX_SOL(0)
   LORAPLEX_SOL(1)
   LORAPLEX_SOL(2)
@@ -171,6 +192,8 @@ extern "C" int loraplex_nf4_sol(int mode, int warps, void* stream, const void* c
   LORAPLEX_SOL(5)
   LORAPLEX_SOL(6)
   LORAPLEX_SOL(7)
+  LORAPLEX_SOL(8)
+  LORAPLEX_SOL(9)
 #undef LORAPLEX_SOL
   return static_cast<int>(cudaErrorInvalidValue);
 }
