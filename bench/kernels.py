@@ -200,19 +200,8 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         short = {"block_tokens": "b", "block_warps": "w", "stage_blocks": "s"}
         variants = {"wgmma" + "".join(f"_{short[k]}{v}" for k, v in choice.options): dict(choice.options)
                     for choice in candidates(rows, layer.shape, device_num_sms(0)) if choice.kernel == "wgmma"}
-        block_tokens = cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
-        if block_tokens == 32:
+        if cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0)) == 32:
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
-            # x two stages ahead, at three and two blocks an SM, and with the code ring four deep
-            variants["wgmma_xa2"] = {"x_ahead": 2}
-            variants["wgmma_xa2_o2"] = {"x_ahead": 2, "occupancy": 2}
-            variants["wgmma_xa2_o2_p4"] = {"x_ahead": 2, "occupancy": 2, "code_prefetch": 4}
-        elif block_tokens == 64:
-            variants["wgmma_xa2"] = {"x_ahead": 2}
-        elif block_tokens == 16:  # m64n16k16 at 16 rows, against the 32-token block's (half its x rows dead)
-            variants["wgmma_xa2"] = {"x_ahead": 2}
-            variants["wgmma_b32"] = {"block_tokens": 32}
-            variants["wgmma_b32_xa2"] = {"block_tokens": 32, "x_ahead": 2}
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table,
                                                                   num_sms=device_num_sms(0), **kw)

@@ -268,13 +268,10 @@ def wgmma_supported() -> bool:
     return is_available() and bool(extension().nf4_wgmma_built())
 
 
-WGMMA_BLOCK_TOKENS = (16, 32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_mma.cu, dispatch_wgmma)
+WGMMA_BLOCK_TOKENS = (32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_mma.cu, dispatch_wgmma)
 WGMMA_MAX_SPLIT_K = 16  # the Triton consumers of deferred partials sum at most 16 (triton_glue.MAX_SPLITS)
 WGMMA_BLOCK_WARPS = 8  # csrc/nf4_wgmma.cuh's default block: two warpgroups of 64 weight rows each
 WGMMA_BLOCK_WEIGHT_ROWS = 16 * WGMMA_BLOCK_WARPS
-# x stages ahead in nf4_wgmma's registers where its block allows two (two warpgroups, one quant block a stage, 16-64
-# block tokens): LORAPLEX_NF4_WGMMA_X_AHEAD, 1 (the default until measured) or 2, for an engine A/B in one call.
-WGMMA_X_AHEAD = int(os.environ.get("LORAPLEX_NF4_WGMMA_X_AHEAD", "1"))
 
 
 def wgmma_block_tokens(num_rows: int, shape, num_sms: int) -> int:
@@ -313,12 +310,12 @@ def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupan
 
 
 def wgmma_occupancy(block_tokens: int, block_warps: int = WGMMA_BLOCK_WARPS) -> int:
-    """Blocks an SM nf4_wgmma's instance is built for: 3 for 16 and 32 tokens (80 registers: 24 warps an SM to hide
-    the loads and the waits; the measurements at wgmma_split_k), else 2 (the 128- and 256-token instances run one);
+    """Blocks an SM nf4_wgmma's instance is built for: 3 for 32 tokens (80 registers: 24 warps an SM to hide the
+    loads and the waits; the measurements at wgmma_split_k), else 2 (the 128- and 256-token instances run one);
     with one warpgroup a block (block_warps 4): 6 at 32 tokens, 4 at 64, 3 at 128."""
     if block_warps != WGMMA_BLOCK_WARPS and block_tokens == 128:
         return 3  # 167 registers: three one-warpgroup blocks fit where one of two warpgroups does
-    blocks = 3 if block_tokens <= 32 else 2
+    blocks = 3 if block_tokens == 32 else 2
     return blocks * WGMMA_BLOCK_WARPS // block_warps
 
 
@@ -335,8 +332,6 @@ def nf4_wgmma(
     stage_blocks: int = 1,
     occupancy: int | None = None,
     block_warps: int = WGMMA_BLOCK_WARPS,
-    x_ahead: int | None = None,
-    code_prefetch: int = 2,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -344,18 +339,15 @@ def nf4_wgmma(
     `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait; `occupancy` 3 (32 block
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
     splits filling that wave (2: the instance built for two). `block_warps` 4 (up to 128 block tokens, one block a
-    stage): one warpgroup (64 weight rows) a block, so twice the blocks (wgmma_occupancy). `x_ahead` 2 (two
-    warpgroups, one block a stage, 16-64 block tokens; None: WGMMA_X_AHEAD where the block allows it, else 1): x
-    loaded two stages ahead into two register sets, so a stage no longer waits out x's L2 round trip;
-    `code_prefetch` 4 (with x_ahead 2 at 32 block tokens, occupancy 2): the code ring four quant blocks deep. Each
+    stage): one warpgroup (64 weight rows) a block, so twice the blocks (wgmma_occupancy). Each
     warpgroup issues the same wgmmas in the same order whatever the variant: the same bits for the same splits.
     Measured slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas run
     (3-15%, bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep
     instead of two (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel issues on 51% of cycles (ncu, 8B
     gate_up: 13.5 warps an SM); about two thirds of a quant-block step's ~255 instructions (PTX) are the exact
-    dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32 multiplies, 1 pack). Also measured slower
-    and removed (H100, every size: bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json): that
-    dequantization from the byte-pair table (wgmma_pairs) and A dequantized into shared memory (wgmma_sa)."""
+    dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32 multiplies, 1 pack). Also measured
+    slower and removed (H100, every size: bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json):
+    that dequantization from the byte-pair table (wgmma_pairs) and A dequantized into shared memory (wgmma_sa)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
@@ -364,10 +356,7 @@ def nf4_wgmma(
     if split_k is None:
         split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
     three_an_sm = occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS
-    if x_ahead is None:
-        two_ahead = block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1 and block_tokens <= 64 and code_prefetch == 2
-        x_ahead = WGMMA_X_AHEAD if two_ahead else 1
     partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      3 if three_an_sm else 0, block_warps, x_ahead, code_prefetch, defer_sum)
+                                      3 if three_an_sm else 0, block_warps, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 

@@ -42,7 +42,7 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
         choices.append(Choice("wgmma"))
         choices += [Choice("wgmma", (("block_tokens", tokens),)) for tokens in cuda_nf4.WGMMA_BLOCK_TOKENS
                     if tokens != default and tokens // 2 < rows]
-        if 32 <= default <= 128:  # one warpgroup a block: 32-128 block tokens
+        if default <= 128:
             choices.append(Choice("wgmma", (("block_warps", 4),)))
         if default == 32:
             choices.append(Choice("wgmma", (("stage_blocks", 2),)))

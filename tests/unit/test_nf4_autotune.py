@@ -24,10 +24,8 @@ def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
     assert nf4_autotune.candidates(32, (28672, 4096), 132) == [Choice("dequant"), Choice("wide")]
     monkeypatch.setattr(cuda_nf4, "wgmma_supported", lambda: True)
     assert nf4_autotune.candidates(32, (28672, 4096), 132) == [
-        Choice("dequant"), Choice("wide"), Choice("wgmma"), Choice("wgmma", (("block_tokens", 16),)),
-        Choice("wgmma", (("block_warps", 4),)), Choice("wgmma", (("stage_blocks", 2),))]
-    at_16 = nf4_autotune.candidates(16, (28672, 4096), 132)  # the 16-token block: two warpgroups only
-    assert Choice("wgmma") in at_16 and Choice("wgmma", (("block_warps", 4),)) not in at_16
+        Choice("dequant"), Choice("wide"), Choice("wgmma"), Choice("wgmma", (("block_warps", 4),)),
+        Choice("wgmma", (("stage_blocks", 2),))]
     at_128 = nf4_autotune.candidates(128, (28672, 4096), 132)  # default 128 tokens: 32 and 64 forced, not 256
     assert Choice("wgmma", (("block_tokens", 32),)) in at_128 and Choice("wgmma", (("block_tokens", 64),)) in at_128
     assert Choice("wgmma", (("block_tokens", 256),)) not in at_128

@@ -901,49 +901,28 @@ torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& til
   }, false, defer_sum);
 }
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, int XA = 1, int PREFETCH = WG_PREFETCH>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS>
 torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                            int64_t split_k, bool defer_sum) {
-  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, XA, PREFETCH>, BM, WARPS,
-                           WgmmaSmem<BM, KB>::bytes>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
+  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS>, BM, WARPS, WgmmaSmem<BM, KB>::bytes>(
+      x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
 }
 
 template <typename T>
 torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
-                             int64_t block_warps, int64_t x_ahead, int64_t code_prefetch, bool defer_sum) {
+                             int64_t block_warps, bool defer_sum) {
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
-  // x two stages ahead (x_ahead 2), the code ring 2 or 4 deep (code_prefetch): two warpgroups, one block a stage, 16
-  // or 32 block tokens (three blocks an SM, or two at 32 with either ring) or 64 (two).
-  TORCH_CHECK((x_ahead == 1 && code_prefetch == WG_PREFETCH) ||
-                  (x_ahead == 2 && block_warps == 8 && stage_blocks == 1 &&
-                   ((block_tokens == 16 && code_prefetch == 2 && blocks_per_sm == 3) ||
-                    (block_tokens == 32 && (code_prefetch == 2 || (code_prefetch == 4 && blocks_per_sm == 0))) ||
-                    (block_tokens == 64 && code_prefetch == 2 && blocks_per_sm == 0))),
-              "x_ahead 2 takes two warpgroups, one block a stage, 16 or 32 block tokens with code_prefetch 2 (or 4 "
-              "at 32 tokens, two blocks an SM) or 64 with code_prefetch 2; else x_ahead 1 and code_prefetch ",
-              WG_PREFETCH, "; got ", x_ahead, " and ", code_prefetch);
-  if (x_ahead == 2) {
-    if (block_tokens == 16) return LORAPLEX_WGMMA_LAUNCH(16, 3, 1, 8, 2, 2);
-    if (block_tokens == 64) return LORAPLEX_WGMMA_LAUNCH(64, 2, 1, 8, 2, 2);
-    if (blocks_per_sm == 3) return LORAPLEX_WGMMA_LAUNCH(32, 3, 1, 8, 2, 2);
-    return code_prefetch == 4 ? LORAPLEX_WGMMA_LAUNCH(32, 2, 1, 8, 2, 4) : LORAPLEX_WGMMA_LAUNCH(32, 2, 1, 8, 2, 2);
-  }
-  // 16 block tokens (m64n16k16: 16 rows without the 32-token block's 16 dead token rows of x), two warpgroups, one
-  // block a stage, three blocks an SM
-  TORCH_CHECK(block_tokens != 16 || (block_warps == 8 && stage_blocks == 1 && blocks_per_sm == 3),
-              "16 block tokens take two warpgroups, one block a stage, three blocks an SM");
-  if (block_tokens == 16) return LORAPLEX_WGMMA_LAUNCH(16, 3, 1);
   // The variants, at 32 tokens only: two blocks a stage (125 registers; at 64 tokens it spilled 24 bytes), or three
   // blocks an SM (80 registers, no spills: 24 warps an SM instead of 16 to hide the loads and the waits).
   TORCH_CHECK(stage_blocks == 1 || (stage_blocks == 2 && block_tokens == 32),
               "stage_blocks must be 1, or 2 with 32 block tokens, got ", stage_blocks);
-  TORCH_CHECK(blocks_per_sm == 0 || (blocks_per_sm == 3 && block_tokens <= 32 && stage_blocks == 1),
-              "blocks_per_sm must be 0 (the instance's own), or 3 with 16 or 32 block tokens and one block a stage, "
-              "got ", blocks_per_sm);
+  TORCH_CHECK(blocks_per_sm == 0 || (blocks_per_sm == 3 && block_tokens == 32 && stage_blocks == 1),
+              "blocks_per_sm must be 0 (the instance's own), or 3 with 32 block tokens and one block a stage, got ",
+              blocks_per_sm);
   // One warpgroup a block (64 weight rows): twice the blocks, so a grid of 224 row groups (8B gate_up) spreads over
   // 132 SMs as 448 instead of 1.7 blocks an SM at most 2. At 32 and 64 tokens as many warps an SM as the
   // two-warpgroup instance; at 128 three blocks (12 warps) where the two-warpgroup one fits one (8 warps), at 168
@@ -965,24 +944,21 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 }
 
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
-// weight rows x block_tokens (16, 32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
-// tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 16-32 block tokens), block_warps 8 (two
-// warpgroups) or 4 (one: 64 weight rows a block, 32-128 block tokens), x_ahead stages of x in registers (1, or 2: see
-// dispatch_wgmma) and code_prefetch quant blocks of codes (2, or 4); any M, K % 64 == 0. Only where
-// nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N]
-// instead (run_split); else None.
+// weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
+// tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
+// or 4 (one: 64 weight rows a block, up to 128 block tokens); any M, K % 64 == 0. Only where nf4_wgmma_built() (an
+// sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N] instead (run_split);
+// else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
-                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, int64_t x_ahead,
-                        int64_t code_prefetch, bool defer_sum) {
+                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool defer_sum) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   check_tile_layout(x, tile_codes, tile_scales, out);
   return run_for_dtype(x, [&](auto dtype_tag) {
     return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
-                                               stage_blocks, blocks_per_sm, block_warps, x_ahead, code_prefetch,
-                                               defer_sum);
+                                               stage_blocks, blocks_per_sm, block_warps, defer_sum);
   });
 }
 

@@ -20,17 +20,10 @@
 // descriptor names, the tile 1,024-byte aligned); the 8 threads of a row write 8 distinct banks per store.
 //
 // Pipeline: a stage's x (KB quant blocks: 1, or 2 to halve the barriers and waits) comes by 16-byte loads into
-// registers XA stages ahead (1, or 2: two register sets) and is stored permuted into the other of two shared-memory
-// buffers after this stage's wgmmas have completed; one barrier a stage. Codes come
-// PREFETCH blocks ahead in the tile layout's register ring.
-//
-// Why XA 2: with x one stage ahead, the load of stage i + 1 issued at stage i's start is stored at its end, so a
-// stage can take no less than x's L2 round trip (the loads-only probe of the thirty-sixth session: 34.7 of the full
-// kernel's 47.7 us for 8B gate_up at 32 rows on an H100, ~950 cycles a stage at 1.7 blocks an SM, with L2 and DRAM
-// under half busy by ncu). Two stages ahead give each load a whole stage more.
-//
-// Tokens past M re-read row M - 1 and weight tiles past N the last tile; neither is stored. Split K as the other
-// kernels: grid y, fp32 partials summed by split_k_sum_kernel.
+// registers one stage ahead and is stored permuted into the other of two shared-memory buffers after this stage's
+// wgmmas have completed; one barrier a stage. Codes come
+// PREFETCH blocks ahead in the tile layout's register ring. Tokens past M re-read row M - 1 and weight tiles past N
+// the last tile; neither is stored. Split K as the other kernels: grid y, fp32 partials summed by split_k_sum_kernel.
 #pragma once
 
 #include "nf4_wgmma_ops.cuh"
@@ -38,7 +31,7 @@
 namespace {
 
 constexpr int WG_WARPS = 8;  // two warpgroups: 128 weight rows a block (WARPS 4: one, 64 rows)
-constexpr int WG_PREFETCH = 2;  // the code ring's default depth
+constexpr int WG_PREFETCH = 2;
 
 // A stage is KB quant blocks: x's KB tiles of BM tokens x 64 k (each BM x 128 bytes, 1,024-byte aligned) in one
 // buffer, the KB blocks' A fragments in registers, one barrier and one wgmma wait for all of them. (A variant with
@@ -57,20 +50,14 @@ struct WgmmaSmem {
 // c / 2 (c = q % 8), at chunk ^ (row % 8) (the descriptor's 128-byte swizzle).
 template <typename T, int BM, int KB, int THREADS>
 struct XStage {
-  static constexpr int TOTAL = KB * BM * 8;  // 16-byte chunks a stage: fewer than the threads at 16 tokens
-  static constexpr int CHUNKS = (TOTAL + THREADS - 1) / THREADS;
-  static_assert(TOTAL % THREADS == 0 || TOTAL < THREADS, "x's chunks spread evenly, or one a thread for the first");
+  static constexpr int CHUNKS = KB * BM * 8 / THREADS;
   uint4 xr[CHUNKS];
-
-  // Whether thread chunk q exists (the same for every thread of a warp: TOTAL is a multiple of 32).
-  static __device__ __forceinline__ bool has(int q) { return TOTAL % THREADS == 0 || q < TOTAL; }
 
   // The stage from quant block blk (blocks past the split, last, re-read its last); tokens past M re-read row M - 1.
   __device__ __forceinline__ void load(const T* __restrict__ x, int M, int K, int m0, int blk, int last) {
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
       const int q = threadIdx.x + i * THREADS;
-      if (!has(q)) continue;
       const int kb = q / (BM * 8), row = KB == 1 ? q >> 3 : (q >> 3) % BM, c = q & 7;
       const int b = KB == 1 ? blk : min(blk + kb, last - 1);  // one block a stage: always within the split
       xr[i] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(m0 + row, M - 1)) * K + 64 * b +
@@ -83,7 +70,6 @@ struct XStage {
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
       const int q = threadIdx.x + i * THREADS, row = KB == 1 ? q >> 3 : (q >> 3) % BM, c = q & 7;
-      if (!has(q)) continue;
       uint8_t* tile = buffer + (KB == 1 ? 0 : q / (BM * 8) * BM * 128);
       const uint32_t words[4] = {xr[i].x, xr[i].y, xr[i].z, xr[i].w};
 #pragma unroll
@@ -114,18 +100,16 @@ __device__ __forceinline__ void store_accumulators(const float (&acc)[BM / 2], i
   }
 }
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, int XA = 1, int PREFETCH = WG_PREFETCH>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
     int M, int N, int K, int blocks_per_split) {
 #ifdef LORAPLEX_WGMMA
   constexpr int THREADS = WARPS * 32;
-  static_assert(WARPS % 4 == 0, "whole warpgroups");
+  static_assert(WARPS % 4 == 0 && KB * BM * 8 % THREADS == 0, "whole warpgroups; x's chunks spread evenly");
   constexpr int X_BYTES = WgmmaSmem<BM, KB>::x_bytes;
-  static_assert(PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
-  static_assert(XA == 1 || (XA == 2 && PREFETCH / KB % 2 == 0),
-                "x two stages ahead: a stage's register set (stage parity) must be known at compile time");
+  static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
   const uint32_t tiles = (raw + 1023) & ~1023u;
@@ -142,26 +126,22 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   const int last = min(first + blocks_per_split, num_blocks);
   const int m0 = blockIdx.z * BM;
 
-  // x of the stages ahead, in registers until stored: stage i's in set i % XA
-  XStage<T, BM, KB, THREADS> xs[XA];
-  auto load_x = [&](int set, int blk) { xs[set].load(x, M, K, m0, blk, last); };
-  auto store_x = [&](int set, int buffer) { xs[set].store(tiles_ptr + buffer * X_BYTES); };
+  XStage<T, BM, KB, THREADS> xs;  // x of the next stage, in registers until stored
+  auto load_x = [&](int blk) { xs.load(x, M, K, m0, blk, last); };
+  auto store_x = [&](int buffer) { xs.store(tiles_ptr + buffer * X_BYTES); };
 
   float acc[BM / 2] = {};
   const uint64_t x_desc0 = smem_desc_sw128(tiles);  // buffer 0's; the others by smem_desc_advance
-  TileRing<1, PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
-  load_x(0, first);
-  if (XA == 2 && first + KB < last) load_x(XA - 1, first + KB);
-  store_x(0, 0);
-  for (int base = first; base < last; base += PREFETCH) {
+  TileRing<1, WG_PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
+  load_x(first);
+  store_x(0);
+  for (int base = first; base < last; base += WG_PREFETCH) {
 #pragma unroll
-    for (int p = 0; p < PREFETCH; p += KB) {
+    for (int p = 0; p < WG_PREFETCH; p += KB) {
       const int blk = base + p;
       if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
       const int i = (blk - first) / KB;
-      const int set = (p / KB) % XA;  // i % XA: (base - first) / KB is a multiple of PREFETCH / KB, even for XA 2
-      // stage i + XA into the set stage i left (stored at the end of stage i - 1, or before the loop)
-      if (blk + XA * KB < last) load_x(set, blk + XA * KB);
+      if (blk + KB < last) load_x(blk + KB);
       uint32_t a[KB][2][2][4];  // [block of the stage][half][k-step of the half][4 registers]
 #pragma unroll
       for (int kb = 0; kb < KB; ++kb) {  // a block past the split takes valid clamped codes; its wgmmas are skipped
@@ -184,7 +164,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
       }
       wgmma_commit();
       wgmma_wait_all();
-      if (blk + KB < last) store_x((set + 1) % XA, (i + 1) & 1);
+      if (blk + KB < last) store_x((i + 1) & 1);
     }
   }
 
