@@ -347,7 +347,10 @@ def nf4_wgmma(
     gate_up: 13.5 warps an SM); about two thirds of a quant-block step's ~255 instructions (PTX) are the exact
     dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32 multiplies, 1 pack). Also measured
     slower and removed (H100, every size: bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json):
-    that dequantization from the byte-pair table (wgmma_pairs) and A dequantized into shared memory (wgmma_sa)."""
+    that dequantization from the byte-pair table (wgmma_pairs) and A dequantized into shared memory (wgmma_sa). And
+    (H100, -2026-12-06-nvidia-h100-80gb-hbm3-kernels-s37-xahead.json, the design in 55afbf5): x two stages ahead in
+    two register sets (8B gate_up 50.3 vs 47.9 us at 32 rows, 71.5 vs 60.6 at 64), with the code ring four deep too
+    (52.5), and a 16-token block at 16 rows (48.9 vs the 32-token block's 47.4)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
