@@ -58,19 +58,25 @@ struct WalkRing {
   uint4 codes[PREFETCH];
   float2 scales[PREFETCH];
 
+  // The walk's first `preload` steps into slots 0, 1, ...: PREFETCH (take: the refill PREFETCH steps ahead), or
+  // PREFETCH - 1 (the one-wait step of nf4_gemv_pairs_kernel's one token tile: the refill one step ahead).
   __device__ __forceinline__ WalkRing(const uint4* tile_codes_, const float2* tile_scales_, int lane_, int tile0,
-                                      int stride, int steps_, int first, int last, int row_tiles, int num_blocks)
+                                      int stride, int steps_, int first, int last, int row_tiles, int num_blocks,
+                                      int preload)
       : tile_codes(tile_codes_), tile_scales(tile_scales_), lane(lane_), at(tile0 * num_blocks + first), step(0),
         tile_last(tile0 * num_blocks + last - 1), steps(steps_), jump(stride * num_blocks - steps_),
         next_tile(stride * num_blocks), end(row_tiles * num_blocks - 1) {
 #pragma unroll
-    for (int p = 0; p < PREFETCH; ++p) load(p);
+    for (int p = 0; p < PREFETCH; ++p) {
+      if (p < preload) load(p);
+    }
   }
 
-  __device__ __forceinline__ void load(int p) {
+  // The walk's next step into slot p; `z` is 0, computed from loaded registers so that the load issues after them.
+  __device__ __forceinline__ void load(int p, uint32_t z = 0) {
     const int i = min(min(at, tile_last), end);
-    codes[p] = load_tile_codes(tile_codes + (32 * i + lane));
-    scales[p] = __ldg(tile_scales + (8 * i + (lane >> 2)));
+    codes[p] = load_tile_codes(tile_codes + (32 * i + lane + z));
+    scales[p] = __ldg(tile_scales + (8 * i + (lane >> 2) + z));
     ++at;
     if (++step == steps) {
       step = 0;
@@ -126,7 +132,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
   const int worker = blockIdx.x * groups + group;
 
   // Codes in flight while the table fills.
-  WalkRing<PREFETCH> ring(tile_codes, tile_scales, lane, worker, workers, steps, first, last, row_tiles, num_blocks);
+  WalkRing<PREFETCH> ring(tile_codes, tile_scales, lane, worker, workers, steps, first, last, row_tiles, num_blocks,
+                          NT == 1 ? PREFETCH - 1 : PREFETCH);
+  // 0, though the compiler cannot know it (K > 0): `loaded & zero` is a 0 that waits for `loaded`
+  const uint32_t zero = static_cast<uint32_t>(K) >> 31;
   stage_pair_table(table, pairs);
   __syncthreads();
   wait_for_prior_grid();  // x is the kernel ahead's output
@@ -152,14 +161,27 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
       for (int i = 0; i < PREFETCH; ++i) {
         uint4 codes;
         float2 scales;
-        ring.take(i, codes, scales);
         const int blk = first + base + i;
-        // x of the next step, into the other buffer (steps a tile and PREFETCH are even, so step s's x is in buffer
-        // s % 2 on every tile): the next block, or the first for the next tile (a block's x is the same for every
-        // tile); a step past the warp's blocks loads the first block too, never used (clamped to x's row)
         if constexpr (NT == 1) {
-          load_x_block(x_words + (x_at[0] + 8 * min(blk + 1 < last ? blk + 1 : first, num_blocks - 1)),
+          // One wait for global loads a step, then this step's loads for the next. A warp has a few scoreboards for
+          // its loads; ptxas gave every global load of the step one (the table loads hold the others), so the first
+          // read of any loaded register waited for all of them: x read by this step's MMAs also waited for the
+          // code refill issued the same step, from DRAM (SASS control bits of the sm_90a build; ncu's source page,
+          // 8B gate_up at one row on an H100: that MMA held 30% of the warps' stall samples). Here the step's
+          // codes, scales and x are read first (z: a 0 computed from them), and the next step's loads take z into
+          // their addresses so that they issue after that read: each load has a whole step to land.
+          codes = ring.codes[i];
+          scales = ring.scales[i];
+          const uint32_t z = (codes.x ^ __float_as_uint(scales.x) ^ xs[i % 2][0]) & zero;
+          ring.load((i + PREFETCH - 1) % PREFETCH, z);  // the next step, into the slot the last step read
+          // x of the next step, into the other buffer (steps a tile and PREFETCH are even, so step s's x is in
+          // buffer s % 2 on every tile): the next block, or the first for the next tile (a block's x is the same
+          // for every tile); a step past the warp's blocks loads the first block too, never used (clamped to x's
+          // row)
+          load_x_block(x_words + (x_at[0] + z + 8 * min(blk + 1 < last ? blk + 1 : first, num_blocks - 1)),
                        xs[(i + 1) % 2]);
+        } else {
+          ring.take(i, codes, scales);
         }
         if (blk < last) {  // warp-uniform
           if constexpr (NT == 1) {
