@@ -272,6 +272,11 @@ WGMMA_BLOCK_TOKENS = (32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_mma.c
 WGMMA_MAX_SPLIT_K = 16  # the Triton consumers of deferred partials sum at most 16 (triton_glue.MAX_SPLITS)
 WGMMA_BLOCK_WARPS = 8  # csrc/nf4_wgmma.cuh's default block: two warpgroups of 64 weight rows each
 WGMMA_BLOCK_WEIGHT_ROWS = 16 * WGMMA_BLOCK_WARPS
+# One wait for global loads a step or stage (csrc: nf4_gemv_pairs_kernel and nf4_wgmma_kernel's ONE_WAIT): ptxas gave
+# all of a step's global loads one scoreboard, so a read of x waited for the code refill from DRAM; this reads the
+# step's loads first and issues the next step's after. Compiled for sm_90a and read in SASS, not yet run on a GPU:
+# off by default; LORAPLEX_NF4_ONE_WAIT=1 turns it on (gemv_pairs at one token tile, wgmma where its block allows).
+ONE_WAIT = os.environ.get("LORAPLEX_NF4_ONE_WAIT", "0") == "1"
 
 
 def wgmma_block_tokens(num_rows: int, shape, num_sms: int) -> int:
@@ -332,24 +337,26 @@ def nf4_wgmma(
     stage_blocks: int = 1,
     occupancy: int | None = None,
     block_warps: int = WGMMA_BLOCK_WARPS,
+    one_wait: bool | None = None,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
     wgmma_supported(). With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead.
     `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait; `occupancy` 3 (32 block
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
-    splits filling that wave (2: the instance built for two). `block_warps` 4 (up to 128 block tokens, one block a
-    stage): one warpgroup (64 weight rows) a block, so twice the blocks (wgmma_occupancy). Each
-    warpgroup issues the same wgmmas in the same order whatever the variant: the same bits for the same splits.
-    Measured slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas run
-    (3-15%, bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep
-    instead of two (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel issues on 51% of cycles (ncu, 8B
-    gate_up: 13.5 warps an SM); about two thirds of a quant-block step's ~255 instructions (PTX) are the exact
-    dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32 multiplies, 1 pack). Also measured
-    slower and removed (H100, every size: bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json):
-    that dequantization from the byte-pair table (wgmma_pairs) and A dequantized into shared memory (wgmma_sa). And
-    (H100, -2026-12-06-nvidia-h100-80gb-hbm3-kernels-s37-xahead.json, the design in 55afbf5): x two stages ahead in
-    two register sets (8B gate_up 50.3 vs 47.9 us at 32 rows, 71.5 vs 60.6 at 64), with the code ring four deep too
+    splits filling that wave (2: the instance built for two). `one_wait` (None: ONE_WAIT where the block allows it;
+    two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage. `block_warps` 4 (up
+    to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice the blocks
+    (wgmma_occupancy). Each warpgroup issues the same wgmmas in the same order whatever the variant: the same bits for
+    the same splits. Measured slower and removed (H200, 32-256 rows): dequantizing the next quant block while this
+    one's wgmmas run (3-15%, bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four
+    blocks deep instead of two (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel issues on 51% of cycles
+    (ncu, 8B gate_up: 13.5 warps an SM); about two thirds of a quant-block step's ~255 instructions (PTX) are the
+    exact dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32 multiplies, 1 pack). Also measured
+    slower and removed (H100, every size: bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json): that
+    dequantization from the byte-pair table (wgmma_pairs) and A dequantized into shared memory (wgmma_sa). And (H100,
+    -2026-12-06-nvidia-h100-80gb-hbm3-kernels-s37-xahead.json, the design in 55afbf5): x two stages ahead in two
+    register sets (8B gate_up 50.3 vs 47.9 us at 32 rows, 71.5 vs 60.6 at 64), with the code ring four deep too
     (52.5), and a 16-token block at 16 rows (48.9 vs the 32-token block's 47.4)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
@@ -359,7 +366,9 @@ def nf4_wgmma(
     if split_k is None:
         split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
     three_an_sm = occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS
+    if one_wait is None:  # ONE_WAIT where the block allows it: two warpgroups, one block a stage, 32-128 tokens
+        one_wait = ONE_WAIT and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1 and block_tokens <= 128
     partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      3 if three_an_sm else 0, block_warps, defer_sum)
+                                      3 if three_an_sm else 0, block_warps, one_wait, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 

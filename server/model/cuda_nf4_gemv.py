@@ -8,6 +8,7 @@ import functools
 
 import torch
 
+from server.model import cuda_nf4
 from server.model.cuda_nf4 import extension
 from server.model.nf4_layout import NF4_BLOCKSIZE
 
@@ -80,17 +81,20 @@ def nf4_gemv_pairs(
     bias: torch.Tensor | None = None,  # [out]
     group_warps: int | None = None,
     num_sms: int = 132,
+    one_wait: bool | None = None,
 ) -> torch.Tensor:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, the weights dequantized from a table of
     all 256 byte values (csrc/nf4_device.cuh, a_fragments_pairs: 5 instructions a weight pair against 8) that a
     persistent grid fills once a block (csrc/nf4_pairs.cuh). The same bits as nf4_tile(split_k=group_warps) (and
     nf4_gemv(warps=group_warps) up to 8 rows). 9-16 rows take two token tiles and 192 KB of shared memory a block
     (sm_90); 1-8 rows 128 KB (pairs_supported). The dispatch gives it the large weights' 1-8 row calls
-    (nf4_dispatch.PAIRS_MIN_WEIGHTS)."""
+    (nf4_dispatch.PAIRS_MIN_WEIGHTS). `one_wait` (None: cuda_nf4.ONE_WAIT; 1-8 rows only): one wait for global loads
+    a step (csrc/nf4_pairs.cuh)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     group_warps = group_warps or gemv_pairs_group_warps(tuple(shape), num_sms, 1 if x.shape[0] <= 8 else 2)
-    extension().nf4_gemv_pairs(x, tiled[0], tiled[1], code_table, bias, out, group_warps)
+    one_wait = cuda_nf4.ONE_WAIT if one_wait is None else one_wait
+    extension().nf4_gemv_pairs(x, tiled[0], tiled[1], code_table, bias, out, group_warps, one_wait)
     return out
 
 

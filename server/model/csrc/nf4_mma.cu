@@ -825,7 +825,7 @@ int pairs_blocks_per_sm() {
 // warps, up to 8 rows).
 torch::Tensor nf4_gemv_pairs(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales,
                              torch::Tensor table, c10::optional<torch::Tensor> bias, torch::Tensor out,
-                             int64_t group_warps) {
+                             int64_t group_warps, bool one_wait) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 16, "nf4_gemv_pairs takes 1..16 rows, got ", x.size(0));
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
@@ -842,12 +842,24 @@ torch::Tensor nf4_gemv_pairs(torch::Tensor x, torch::Tensor tile_codes, torch::T
       constexpr int NT = decltype(token_tiles)::value;
       const int resident = num_sms * pairs_blocks_per_sm<T, NT>();
       const int blocks = std::max(1, std::min(resident, (row_tiles + groups - 1) / groups));
-      nf4_gemv_pairs_kernel<T, kPairsWarps, NT, kPairsPrefetch>
-          <<<blocks, kPairsWarps * 32, pairs_smem_bytes(kPairsWarps, NT), stream>>>(
-              reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-              reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(),
-              bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
-              reinterpret_cast<T*>(out.data_ptr()), M, N, K, static_cast<int>(group_warps));
+      auto go = [&](auto one_wait_tag) {
+        constexpr bool ONE_WAIT = decltype(one_wait_tag)::value;
+        constexpr auto kernel = nf4_gemv_pairs_kernel<T, kPairsWarps, NT, kPairsPrefetch, ONE_WAIT>;
+        if constexpr (ONE_WAIT) allow_dynamic_smem<kernel>(pairs_smem_bytes(kPairsWarps, NT));
+        kernel<<<blocks, kPairsWarps * 32, pairs_smem_bytes(kPairsWarps, NT), stream>>>(
+            reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+            reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(),
+            bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
+            reinterpret_cast<T*>(out.data_ptr()), M, N, K, static_cast<int>(group_warps));
+      };
+      // one_wait (one token tile): nf4_gemv_pairs_kernel's ONE_WAIT step, opt-in until a GPU has run it
+      if constexpr (NT == 1) {
+        if (one_wait) {
+          go(std::true_type());
+          return;
+        }
+      }
+      go(std::false_type());
     };
     if (M <= 8) launch(std::integral_constant<int, 1>());
     else launch(std::integral_constant<int, 2>());
@@ -901,21 +913,32 @@ torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& til
   }, false, defer_sum);
 }
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false>
 torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                            int64_t split_k, bool defer_sum) {
-  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS>, BM, WARPS, WgmmaSmem<BM, KB>::bytes>(
-      x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
+  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, ONE_WAIT>, BM, WARPS,
+                           WgmmaSmem<BM, KB, ONE_WAIT>::bytes>(x, tile_codes, tile_scales, table, bias, out, split_k,
+                                                               defer_sum);
 }
 
 template <typename T>
 torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
-                             int64_t block_warps, bool defer_sum) {
+                             int64_t block_warps, bool one_wait, bool defer_sum) {
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
+  // One wait for global loads a stage (nf4_wgmma_kernel's ONE_WAIT; opt-in until a GPU has run it): two warpgroups,
+  // one block a stage, 32-128 block tokens at the default instances' occupancy (or two blocks an SM at 32).
+  if (one_wait) {
+    TORCH_CHECK(block_warps == 8 && stage_blocks == 1 && block_tokens <= 128,
+                "one_wait takes two warpgroups, one block a stage and at most 128 block tokens");
+    if (block_tokens == 32) {
+      return blocks_per_sm == 3 ? LORAPLEX_WGMMA_LAUNCH(32, 3, 1, 8, true) : LORAPLEX_WGMMA_LAUNCH(32, 2, 1, 8, true);
+    }
+    return block_tokens == 64 ? LORAPLEX_WGMMA_LAUNCH(64, 2, 1, 8, true) : LORAPLEX_WGMMA_LAUNCH(128, 1, 1, 8, true);
+  }
   // The variants, at 32 tokens only: two blocks a stage (125 registers; at 64 tokens it spilled 24 bytes), or three
   // blocks an SM (80 registers, no spills: 24 warps an SM instead of 16 to hide the loads and the waits).
   TORCH_CHECK(stage_blocks == 1 || (stage_blocks == 2 && block_tokens == 32),
@@ -946,19 +969,21 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
-// or 4 (one: 64 weight rows a block, up to 128 block tokens); any M, K % 64 == 0. Only where nf4_wgmma_built() (an
+// or 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage); any M,
+// K % 64 == 0. Only where nf4_wgmma_built() (an
 // sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N] instead (run_split);
 // else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
-                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool defer_sum) {
+                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait,
+                        bool defer_sum) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   check_tile_layout(x, tile_codes, tile_scales, out);
   return run_for_dtype(x, [&](auto dtype_tag) {
     return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
-                                               stage_blocks, blocks_per_sm, block_warps, defer_sum);
+                                               stage_blocks, blocks_per_sm, block_warps, one_wait, defer_sum);
   });
 }
 

@@ -75,8 +75,8 @@ struct WalkRing {
   // The walk's next step into slot p; `z` is 0, computed from loaded registers so that the load issues after them.
   __device__ __forceinline__ void load(int p, uint32_t z = 0) {
     const int i = min(min(at, tile_last), end);
-    codes[p] = load_tile_codes(tile_codes + (32 * i + lane + z));
-    scales[p] = __ldg(tile_scales + (8 * i + (lane >> 2) + z));
+    codes[p] = load_tile_codes(tile_codes + (32 * i + lane + static_cast<int>(z)));
+    scales[p] = __ldg(tile_scales + (8 * i + (lane >> 2) + static_cast<int>(z)));
     ++at;
     if (++step == steps) {
       step = 0;
@@ -98,7 +98,7 @@ __device__ __forceinline__ void group_barrier(int group, int warps) {
   asm volatile("bar.sync %0, %1;" ::"r"(1 + group), "r"(warps * 32) : "memory");
 }
 
-template <typename T, int WARPS, int NT, int PREFETCH>
+template <typename T, int WARPS, int NT, int PREFETCH, bool ONE_WAIT = false>
 __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pairs_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
 
   // Codes in flight while the table fills.
   WalkRing<PREFETCH> ring(tile_codes, tile_scales, lane, worker, workers, steps, first, last, row_tiles, num_blocks,
-                          NT == 1 ? PREFETCH - 1 : PREFETCH);
+                          NT == 1 && ONE_WAIT ? PREFETCH - 1 : PREFETCH);
   // 0, though the compiler cannot know it (K > 0): `loaded & zero` is a 0 that waits for `loaded`
   const uint32_t zero = static_cast<uint32_t>(K) >> 31;
   stage_pair_table(table, pairs);
@@ -162,8 +162,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
         uint4 codes;
         float2 scales;
         const int blk = first + base + i;
-        if constexpr (NT == 1) {
-          // One wait for global loads a step, then this step's loads for the next. A warp has a few scoreboards for
+        if constexpr (NT == 1 && ONE_WAIT) {
+          // One wait for global loads a step, then this step's loads for the next (opt-in until a GPU runs it). A warp has a few scoreboards for
           // its loads; ptxas gave every global load of the step one (the table loads hold the others), so the first
           // read of any loaded register waited for all of them: x read by this step's MMAs also waited for the
           // code refill issued the same step, from DRAM (SASS control bits of the sm_90a build; ncu's source page,
@@ -182,6 +182,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
                        xs[(i + 1) % 2]);
         } else {
           ring.take(i, codes, scales);
+          if constexpr (NT == 1) {  // x of the next step, into the other buffer (as above)
+            load_x_block(x_words + (x_at[0] + 8 * min(blk + 1 < last ? blk + 1 : first, num_blocks - 1)),
+                         xs[(i + 1) % 2]);
+          }
         }
         if (blk < last) {  // warp-uniform
           if constexpr (NT == 1) {

@@ -20,11 +20,11 @@
 // descriptor names, the tile 1,024-byte aligned); the 8 threads of a row write 8 distinct banks per store.
 //
 // Pipeline: a stage's x (KB quant blocks: 1, or 2 to halve the barriers and waits) comes by 16-byte loads into
-// registers. One block a stage (every default instance): codes, scales and x of stage s + 1 are loaded at stage s's
-// start, right after its one wait for the loads the stage before issued, and x is stored permuted a stage early
-// into one of three shared-memory buffers (the kernel's comment says why). Two blocks a stage: x one stage ahead,
-// stored into the other of two buffers after this stage's wgmmas have completed, codes PREFETCH blocks ahead in the
-// tile layout's register ring. One barrier a stage. Tokens past M re-read row M - 1 and weight tiles past N
+// registers one stage ahead and is stored permuted into the other of two shared-memory buffers after this stage's
+// wgmmas have completed; codes come PREFETCH blocks ahead in the tile layout's register ring. With ONE_WAIT (one
+// block a stage; opt-in until a GPU has run it) codes, scales and x of stage s + 1 are loaded at stage s's start,
+// right after its one wait for the loads the stage before issued, and x is stored permuted a stage early into one
+// of three buffers (the kernel's comment says why). One barrier a stage. Tokens past M re-read row M - 1 and weight tiles past N
 // the last tile; neither is stored. Split K as the other kernels: grid y, fp32 partials summed by split_k_sum_kernel.
 #pragma once
 
@@ -39,10 +39,10 @@ constexpr int WG_PREFETCH = 2;
 // buffer, the KB blocks' A fragments in registers, one barrier and one wgmma wait for all of them. (A variant with
 // the A fragments from the byte-pair table and one with A dequantized into shared-memory tiles were measured slower
 // on an H100, bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json, and removed; see git history.)
-template <int BM, int KB>
+template <int BM, int KB, bool ONE_WAIT = false>
 struct WgmmaSmem {
   static constexpr int x_bytes = KB * BM * 128;
-  static constexpr int buffers = KB == 1 ? 3 : 2;  // one block a stage: x stored a stage earlier (the loop below)
+  static constexpr int buffers = ONE_WAIT ? 3 : 2;  // the one-wait stage stores x a stage earlier (the kernel)
   static constexpr int bytes = buffers * x_bytes + 1024;  // the x buffers, and room to align them to 1,024
 };
 
@@ -105,7 +105,7 @@ __device__ __forceinline__ void store_accumulators(const float (&acc)[BM / 2], i
   }
 }
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
@@ -113,7 +113,8 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
 #ifdef LORAPLEX_WGMMA
   constexpr int THREADS = WARPS * 32;
   static_assert(WARPS % 4 == 0 && KB * BM * 8 % THREADS == 0, "whole warpgroups; x's chunks spread evenly");
-  constexpr int X_BYTES = WgmmaSmem<BM, KB>::x_bytes;
+  constexpr int X_BYTES = WgmmaSmem<BM, KB, ONE_WAIT>::x_bytes;
+  static_assert(!ONE_WAIT || KB == 1, "the one-wait stage takes one quant block");
   static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
@@ -133,8 +134,8 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
 
   float acc[BM / 2] = {};
   const uint64_t x_desc0 = smem_desc_sw128(tiles);  // buffer 0's; the others by smem_desc_advance
-  if constexpr (KB == 1) {
-    // One wait for global loads a stage. A warp has a few scoreboards for its loads, and ptxas gave the stage's
+  if constexpr (ONE_WAIT) {
+    // One wait for global loads a stage (opt-in until a GPU runs it: cuda_nf4.ONE_WAIT). A warp has a few scoreboards for its loads, and ptxas gave the stage's
     // global loads one (the table loads hold the others), so the first read of any loaded register waited for all:
     // x's store at the stage's end waited for the code refill issued at its start, from DRAM, and so did the copy
     // out of the code ring (SASS control bits of the sm_90a build; ncu's source page, 8B gate_up at 32 rows on an
