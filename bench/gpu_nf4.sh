@@ -50,8 +50,9 @@ fi
 # NCU_SOURCE=1 (with NCU_ROWS): the same kernels' warp-stall samples per SASS instruction (SourceCounters), as
 # $OUT/source_sass.csv.gz (ncu's source page): where in a kernel's loop its warps wait, and on what
 if [ -n "${NCU_SOURCE:-}" ] && [ -n "${NCU_ROWS:-}" ]; then
-  timeout "${NCU_TIMEOUT:-120}" ncu --clock-control none --kernel-name regex:"nf4_(tile|gemv|gemv_pairs|wide|wgmma)_kernel" \
-    --launch-count "${NCU_SOURCE_LAUNCHES:-4}" --section SourceCounters --section WarpStateStats -f -o "$OUT/source" \
+  timeout "${NCU_TIMEOUT:-120}" ncu --clock-control none \
+    --kernel-name regex:"nf4_(tile|gemv|gemv_pairs|wide|wgmma)_kernel" --launch-count "${NCU_SOURCE_LAUNCHES:-4}" \
+    --section SourceCounters --section WarpStateStats -f -o "$OUT/source" \
     python3 -m bench.nf4_ncu --rows "$NCU_ROWS" --layer "${NCU_LAYER:-gate_up}" ${NCU_PAIRS:+--pairs} 2>&1 | tail -8
   { ncu -i "$OUT/source.ncu-rep" --page source --csv --print-source sass \
       || ncu -i "$OUT/source.ncu-rep" --page source --csv; } 2> "$OUT/source_err.txt" | gzip > "$OUT/source_sass.csv.gz"

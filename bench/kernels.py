@@ -205,9 +205,10 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         short = {"block_tokens": "b", "block_warps": "w", "stage_blocks": "s"}
         variants = {"wgmma" + "".join(f"_{short[k]}{v}" for k, v in choice.options): dict(choice.options)
                     for choice in candidates(rows, layer.shape, device_num_sms(0)) if choice.kernel == "wgmma"}
-        if cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0)) == 32:
+        block_tokens = cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
+        if block_tokens == 32:
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
-        if cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0)) <= 128:
+        if block_tokens <= 128:
             # one wait for global loads a stage (cuda_nf4.ONE_WAIT): the other setting than the default's
             variants["wgmma_1w"] = {"one_wait": not cuda_nf4.ONE_WAIT}
         for vname, kw in variants.items():

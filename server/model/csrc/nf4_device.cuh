@@ -135,8 +135,10 @@ struct TileRing {
   uint4 codes[PREFETCH][RT];
   float2 scales[PREFETCH][RT];
 
+  // Slots 0 .. preload - 1 loaded with blocks first, first + 1, ...: PREFETCH for take, fewer for a reader that
+  // refills by load (nf4_wgmma_kernel's one-wait stage preloads one).
   __device__ __forceinline__ TileRing(const uint4* tile_codes, const float2* tile_scales, int tile0, int row_tiles,
-                                      int num_blocks, int lane, int first, int last) {
+                                      int num_blocks, int lane, int first, int last, int preload = PREFETCH) {
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
       const int tile = tile0 + r < row_tiles ? tile0 + r : min(tile0, row_tiles - 1);
@@ -145,12 +147,18 @@ struct TileRing {
     }
 #pragma unroll
     for (int p = 0; p < PREFETCH; ++p) {
-      const int blk = min(first + p, last - 1);
+      if (p < preload) load(p, first + p, last);
+    }
+  }
+
+  // Slot p loaded with block blk (clamped to the split's last); `z` is 0, computed from loaded registers so that the
+  // loads issue after them.
+  __device__ __forceinline__ void load(int p, int blk, int last, uint32_t z = 0) {
+    const int b = min(blk, last - 1);
 #pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        codes[p][r] = load_tile_codes(codes_at[r] + 32 * blk);
-        scales[p][r] = __ldg(scales_at[r] + 8 * blk);
-      }
+    for (int r = 0; r < RT; ++r) {
+      codes[p][r] = load_tile_codes(codes_at[r] + 32 * b + static_cast<int>(z));
+      scales[p][r] = __ldg(scales_at[r] + 8 * b + static_cast<int>(z));
     }
   }
 

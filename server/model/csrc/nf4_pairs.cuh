@@ -162,30 +162,30 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
         uint4 codes;
         float2 scales;
         const int blk = first + base + i;
+        uint32_t z = 0;
         if constexpr (NT == 1 && ONE_WAIT) {
-          // One wait for global loads a step, then this step's loads for the next (opt-in until a GPU runs it). A warp has a few scoreboards for
-          // its loads; ptxas gave every global load of the step one (the table loads hold the others), so the first
-          // read of any loaded register waited for all of them: x read by this step's MMAs also waited for the
-          // code refill issued the same step, from DRAM (SASS control bits of the sm_90a build; ncu's source page,
-          // 8B gate_up at one row on an H100: that MMA held 30% of the warps' stall samples). Here the step's
-          // codes, scales and x are read first (z: a 0 computed from them), and the next step's loads take z into
-          // their addresses so that they issue after that read: each load has a whole step to land.
+          // One wait for global loads a step, then this step's loads for the next (opt-in until a GPU runs it). A
+          // warp has a few scoreboards for its loads; ptxas gave every global load of the step one (the table loads
+          // hold the others), so the first read of any loaded register waited for all of them: x read by this
+          // step's MMAs also waited for the code refill issued the same step, from DRAM (SASS control bits of the
+          // sm_90a build; ncu's source page, 8B gate_up at one row on an H100: that MMA held 30% of the warps' stall
+          // samples). Here the step's codes, scales and x are read first (z: a 0 computed from them), and the next
+          // step's loads take z into their addresses so that they issue after that read: each load has a whole step
+          // to land.
           codes = ring.codes[i];
           scales = ring.scales[i];
-          const uint32_t z = (codes.x ^ __float_as_uint(scales.x) ^ xs[i % 2][0]) & zero;
+          z = (codes.x ^ __float_as_uint(scales.x) ^ xs[i % 2][0]) & zero;
           ring.load((i + PREFETCH - 1) % PREFETCH, z);  // the next step, into the slot the last step read
-          // x of the next step, into the other buffer (steps a tile and PREFETCH are even, so step s's x is in
-          // buffer s % 2 on every tile): the next block, or the first for the next tile (a block's x is the same
-          // for every tile); a step past the warp's blocks loads the first block too, never used (clamped to x's
-          // row)
-          load_x_block(x_words + (x_at[0] + z + 8 * min(blk + 1 < last ? blk + 1 : first, num_blocks - 1)),
-                       xs[(i + 1) % 2]);
         } else {
           ring.take(i, codes, scales);
-          if constexpr (NT == 1) {  // x of the next step, into the other buffer (as above)
-            load_x_block(x_words + (x_at[0] + 8 * min(blk + 1 < last ? blk + 1 : first, num_blocks - 1)),
-                         xs[(i + 1) % 2]);
-          }
+        }
+        // x of the next step, into the other buffer (steps a tile and PREFETCH are even, so step s's x is in buffer
+        // s % 2 on every tile): the next block, or the first for the next tile (a block's x is the same for every
+        // tile); a step past the warp's blocks loads the first block too, never used (clamped to x's row)
+        if constexpr (NT == 1) {
+          load_x_block(x_words + (x_at[0] + static_cast<int>(z) +
+                                  8 * min(blk + 1 < last ? blk + 1 : first, num_blocks - 1)),
+                       xs[(i + 1) % 2]);
         }
         if (blk < last) {  // warp-uniform
           if constexpr (NT == 1) {

@@ -22,10 +22,11 @@
 // Pipeline: a stage's x (KB quant blocks: 1, or 2 to halve the barriers and waits) comes by 16-byte loads into
 // registers one stage ahead and is stored permuted into the other of two shared-memory buffers after this stage's
 // wgmmas have completed; codes come PREFETCH blocks ahead in the tile layout's register ring. With ONE_WAIT (one
-// block a stage; opt-in until a GPU has run it) codes, scales and x of stage s + 1 are loaded at stage s's start,
-// right after its one wait for the loads the stage before issued, and x is stored permuted a stage early into one
-// of three buffers (the kernel's comment says why). One barrier a stage. Tokens past M re-read row M - 1 and weight tiles past N
-// the last tile; neither is stored. Split K as the other kernels: grid y, fp32 partials summed by split_k_sum_kernel.
+// block a stage; opt-in until a GPU has run it) the codes and scales of stage s + 1 and x of stage s + 2 are loaded
+// at stage s's start, right after its one wait for the loads the stage before issued, and x is stored permuted a
+// stage early into one of three buffers (the kernel's comment says why). One barrier a stage. Tokens past M re-read
+// row M - 1 and weight tiles past N the last tile; neither is stored. Split K as the other kernels: grid y, fp32
+// partials summed by split_k_sum_kernel.
 #pragma once
 
 #include "nf4_wgmma_ops.cuh"
@@ -135,31 +136,24 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   float acc[BM / 2] = {};
   const uint64_t x_desc0 = smem_desc_sw128(tiles);  // buffer 0's; the others by smem_desc_advance
   if constexpr (ONE_WAIT) {
-    // One wait for global loads a stage (opt-in until a GPU runs it: cuda_nf4.ONE_WAIT). A warp has a few scoreboards for its loads, and ptxas gave the stage's
-    // global loads one (the table loads hold the others), so the first read of any loaded register waited for all:
+    // One wait for global loads a stage (opt-in until a GPU runs it: cuda_nf4.ONE_WAIT). A warp has a few
+    // scoreboards for its loads, and ptxas gave the stage's global loads one (the table loads hold the others), so
+    // the first read of any loaded register waited for all:
     // x's store at the stage's end waited for the code refill issued at its start, from DRAM, and so did the copy
     // out of the code ring (SASS control bits of the sm_90a build; ncu's source page, 8B gate_up at 32 rows on an
     // H100: those waits and the block barrier behind them held 45% of the warps' stall samples). Here stage s
     // first reads what the stage before loaded (its codes and scales, x of stage s + 1: z, a 0 computed from
-    // them, and x's store), then issues the loads for stage s + 1 with z in their addresses, so that they issue
-    // after that read and have a whole stage to land. x of stage s + 1 is stored at stage s's start, a stage
-    // early, so three buffers: buffer (s + 1) % 3 was last read by stage s - 2's wgmmas, done by every warp
-    // before the barrier of stage s - 1. The same wgmmas in the same order as before: the same bits.
+    // them, and x's store), then issues its loads (codes of stage s + 1, x of stage s + 2) with z in their
+    // addresses, so that they issue after that read and have a whole stage to land. x of stage s + 1 is stored at
+    // stage s's start, a stage early, so three buffers: buffer (s + 1) % 3 was last read by stage s - 2's wgmmas,
+    // done by every warp before the barrier of stage s - 1. The same wgmmas in the same order as before: the same
+    // bits.
     const uint32_t zero = static_cast<uint32_t>(K) >> 31;  // 0 (K > 0), which the compiler cannot know
-    const int tile = tile0 < row_tiles ? tile0 : row_tiles - 1;  // a tile past the last re-reads it, never stored
-    const uint4* codes_at = tile_codes + static_cast<int64_t>(tile) * num_blocks * 32 + lane;  // 32 uint4 a block
-    const float2* scales_at = tile_scales + static_cast<int64_t>(tile) * num_blocks * 8 + (lane >> 2);
-    uint4 codes[2];  // stage s's in slot s % 2 (the loop is unrolled by 2: constant slots)
-    float2 scales[2];
+    // stage s's codes in slot s % 2 (the loop is unrolled by 2: constant slots), block `first` preloaded
+    TileRing<1, 2> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last, 1);
     XStage<T, BM, KB, THREADS> xs[2];  // x of stage s + 1 in set (s + 1) % 2, loaded in stage s - 1
-    auto load_stage = [&](int slot, int set, int blk, uint32_t z) {  // codes of blk, x of blk + 1 (clamped)
-      const int b = min(blk, last - 1);
-      codes[slot] = load_tile_codes(codes_at + 32 * b + z);
-      scales[slot] = __ldg(scales_at + 8 * b + z);
-      xs[set].load(x, M, K, m0, min(blk + 1, last - 1), last, z);
-    };
     xs[0].load(x, M, K, m0, first, last);
-    load_stage(0, 1, first, 0);
+    xs[1].load(x, M, K, m0, min(first + 1, last - 1), last);
     xs[0].store(tiles_ptr);
     int buffer = 0;  // stage s's x buffer, s % 3
     for (int base = first; base < last; base += 2) {
@@ -168,12 +162,16 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
         const int blk = base + p;
         if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
         const int next = buffer == 2 ? 0 : buffer + 1;
-        const uint32_t z = (codes[p].x ^ __float_as_uint(scales[p].x) ^ xs[1 - p].xr[0].x) & zero;
+        const uint4 codes = ring.codes[p][0];
+        const float2 scales = ring.scales[p][0];
+        const uint32_t z = (codes.x ^ __float_as_uint(scales.x) ^ xs[1 - p].xr[0].x) & zero;
         if (blk + 1 < last) xs[1 - p].store(tiles_ptr + next * X_BYTES);
-        load_stage(1 - p, p, blk + 1, z);  // past the split: clamped re-reads, never used
+        // stage s + 1's codes and stage s + 2's x; past the split: clamped re-reads, never used
+        ring.load(1 - p, blk + 1, last, z);
+        xs[p].load(x, M, K, m0, min(blk + 2, last - 1), last, z);
         uint32_t a[2][2][4];  // [half][k-step of the half][4 registers]
-        a_fragments<T>(lut, codes[p], scales[p], 0, a[0]);
-        a_fragments<T>(lut, codes[p], scales[p], 1, a[1]);
+        a_fragments<T>(lut, codes, scales, 0, a[0]);
+        a_fragments<T>(lut, codes, scales, 1, a[1]);
         __syncthreads();  // x of this stage is stored and fenced by all
         const uint64_t x_desc = smem_desc_advance(x_desc0, buffer * X_BYTES);
         wgmma_fence();
