@@ -36,11 +36,12 @@ step "${TESTS_TIMEOUT:-220}" gpu_tests.log python3 -m pytest tests/gpu -q -m gpu
 # another); NCU_PROBES=stream,dequant,x: also bench.nf4_sol's probes at one row (NCU_PROBE_CONFIG warps,splits);
 # NCU_PAIRS=1: also the byte-pair table's kernel (gemv_pairs) at those rows up to 8
 # The stall reasons a warp's cycles between issues split into (the sections print only their sum and the largest)
+NCU_KERNELS='regex:nf4_(tile|gemv|gemv_pairs|sol|wide|wgmma)_kernel'  # every NF4 kernel and the probes
 NCU_STALLS="long_scoreboard short_scoreboard mio_throttle lg_throttle barrier wait math_pipe_throttle not_selected \
 selected dispatch_stall no_instruction branch_resolving membar sleeping"
 if [ -n "${NCU_ROWS:-}" ]; then
   step "${NCU_TIMEOUT:-120}" ncu.txt ncu --clock-control none \
-    --kernel-name regex:"nf4_(tile|gemv|gemv_pairs|sol|wide|wgmma)_kernel" \
+    --kernel-name "$NCU_KERNELS" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats \
     --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' $NCU_STALLS | sed 's/,$//')" \
@@ -51,7 +52,7 @@ fi
 # $OUT/source_sass.csv.gz (ncu's source page): where in a kernel's loop its warps wait, and on what
 if [ -n "${NCU_SOURCE:-}" ] && [ -n "${NCU_ROWS:-}" ]; then
   timeout "${NCU_TIMEOUT:-120}" ncu --clock-control none \
-    --kernel-name regex:"nf4_(tile|gemv|gemv_pairs|wide|wgmma)_kernel" --launch-count "${NCU_SOURCE_LAUNCHES:-4}" \
+    --kernel-name "$NCU_KERNELS" --launch-count "${NCU_SOURCE_LAUNCHES:-4}" \
     --section SourceCounters --section WarpStateStats -f -o "$OUT/source" \
     python3 -m bench.nf4_ncu --rows "$NCU_ROWS" --layer "${NCU_LAYER:-gate_up}" ${NCU_PAIRS:+--pairs} 2>&1 | tail -8
   { ncu -i "$OUT/source.ncu-rep" --page source --csv --print-source sass \
