@@ -166,10 +166,11 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
             impls["gemv_pairs"] = [lambda c=c: cuda_nf4_gemv.nf4_gemv_pairs(x, c[3], layer.shape, layer.table,
                                                                             num_sms=device_num_sms(0))
                                    for c in layer.nf4]
-            if rows <= 8:  # one wait for global loads a step (cuda_nf4.ONE_WAIT), against the default in one run
-                impls["gemv_pairs_1w"] = [
-                    lambda c=c, w=not cuda_nf4.ONE_WAIT: cuda_nf4_gemv.nf4_gemv_pairs(
-                        x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0), one_wait=w)
+            if rows <= 8:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for), in one run
+                one_wait = cuda_nf4.one_wait_for(8)
+                impls["gemv_pairs_nw" if one_wait else "gemv_pairs_1w"] = [
+                    lambda c=c: cuda_nf4_gemv.nf4_gemv_pairs(
+                        x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0), one_wait=not one_wait)
                     for c in layer.nf4]
             for group in cuda_nf4_gemv.GEMV_PAIRS_GROUPS:
                 impls[f"gemv_pairs_g{group}"] = [
@@ -208,9 +209,9 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         block_tokens = cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
         if block_tokens == 32:
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
-        if block_tokens <= 128:
-            # one wait for global loads a stage (cuda_nf4.ONE_WAIT): the other setting than the default's
-            variants["wgmma_1w"] = {"one_wait": not cuda_nf4.ONE_WAIT}
+        if block_tokens <= 128:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for)
+            one_wait = cuda_nf4.one_wait_for(block_tokens)
+            variants["wgmma_nw" if one_wait else "wgmma_1w"] = {"one_wait": not one_wait}
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table,
                                                                   num_sms=device_num_sms(0), **kw)

@@ -274,9 +274,24 @@ WGMMA_BLOCK_WARPS = 8  # csrc/nf4_wgmma.cuh's default block: two warpgroups of 6
 WGMMA_BLOCK_WEIGHT_ROWS = 16 * WGMMA_BLOCK_WARPS
 # One wait for global loads a step or stage (csrc: nf4_gemv_pairs_kernel and nf4_wgmma_kernel's ONE_WAIT): ptxas gave
 # all of a step's global loads one scoreboard, so a read of x waited for the code refill from DRAM; this reads the
-# step's loads first and issues the next step's after. Compiled for sm_90a and read in SASS, not yet run on a GPU:
-# off by default; LORAPLEX_NF4_ONE_WAIT=1 turns it on (gemv_pairs at one token tile, wgmma where its block allows).
-ONE_WAIT = os.environ.get("LORAPLEX_NF4_ONE_WAIT", "0") == "1"
+# step's loads first and issues the next step's after. The same bits either way. H200, 2026-12-06
+# (bench/results/2026-12-06-nvidia-h200-kernels-s38-onewait.json, µs, one wait against the scoreboard ptxas chose):
+# gemv_pairs at 1 / 8 rows 8B gate_up 32.0 / 36.0 vs 33.7 / 37.0, down 16.0 / 17.9 vs 17.6 / 19.7, o 7.4 / 7.8 vs
+# 9.1 / 9.8 (now ahead of nf4_gemv's 7.7 / 8.3: nf4_dispatch.PAIRS_MIN_WEIGHTS), 1B gate_up 11.0 / 11.9 vs 12.7 /
+# 13.7; wgmma's 64-token blocks (64-128 rows) 2-4% faster on every 8B layer (down at 128 rows 56.9 vs 59.3, gate_up at
+# 64 61.4 vs 63.2), its 32-token ones even (8B gate_up at 32 rows 49.3 vs 48.7) and its 128-token one slower (8B
+# gate_up at 128 rows 112.7 vs 107.6). LORAPLEX_NF4_ONE_WAIT: auto (those measured wins, the default), 1 (wherever
+# a kernel has it: gemv_pairs at 1-8 rows, wgmma blocks of two warpgroups and one quant block a stage up to 128
+# tokens), 0 (never).
+ONE_WAIT = os.environ.get("LORAPLEX_NF4_ONE_WAIT", "auto")
+
+
+def one_wait_for(block_tokens: int) -> bool:
+    """Whether a step of nf4_gemv_pairs (block_tokens 8: 1-8 rows) or of a wgmma block of `block_tokens` tokens (two
+    warpgroups, one quant block a stage) waits once for its global loads by default (ONE_WAIT)."""
+    if ONE_WAIT in ("0", "1"):
+        return ONE_WAIT == "1" and block_tokens <= 128
+    return block_tokens in (8, 64)
 
 
 def wgmma_block_tokens(num_rows: int, shape, num_sms: int) -> int:
@@ -344,17 +359,18 @@ def nf4_wgmma(
     wgmma_supported(). With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead.
     `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait; `occupancy` 3 (32 block
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
-    splits filling that wave (2: the instance built for two). `one_wait` (None: ONE_WAIT where the block allows it;
-    two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage. `block_warps` 4 (up
-    to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice the blocks
-    (wgmma_occupancy). Each warpgroup issues the same wgmmas in the same order whatever the variant: the same bits for
-    the same splits. Measured slower and removed (H200, 32-256 rows): dequantizing the next quant block while this
-    one's wgmmas run (3-15%, bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four
-    blocks deep instead of two (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel issues on 51% of cycles
-    (ncu, 8B gate_up: 13.5 warps an SM); about two thirds of a quant-block step's ~255 instructions (PTX) are the
-    exact dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32 multiplies, 1 pack). Also measured
-    slower and removed (H100, every size: bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json): that
-    dequantization from the byte-pair table (wgmma_pairs) and A dequantized into shared memory (wgmma_sa). And (H100,
+    splits filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the
+    block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
+    `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice
+    the blocks (wgmma_occupancy). Each warpgroup issues the same wgmmas in the same order whatever the variant: the
+    same bits for the same splits. Measured slower and removed (H200, 32-256 rows): dequantizing the next quant
+    block while this one's wgmmas run (3-15%, bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov)
+    and a code ring four blocks deep instead of two (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel
+    issues on 51% of cycles (ncu, 8B gate_up: 13.5 warps an SM); about two thirds of a quant-block step's ~255
+    instructions (PTX) are the exact dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32
+    multiplies, 1 pack). Also measured slower and removed (H100, every size:
+    bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json): that dequantization from the byte-pair
+    table (wgmma_pairs) and A dequantized into shared memory (wgmma_sa). And (H100,
     -2026-12-06-nvidia-h100-80gb-hbm3-kernels-s37-xahead.json, the design in 55afbf5): x two stages ahead in two
     register sets (8B gate_up 50.3 vs 47.9 us at 32 rows, 71.5 vs 60.6 at 64), with the code ring four deep too
     (52.5), and a 16-token block at 16 rows (48.9 vs the 32-token block's 47.4)."""
@@ -366,8 +382,8 @@ def nf4_wgmma(
     if split_k is None:
         split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
     three_an_sm = occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS
-    if one_wait is None:  # ONE_WAIT where the block allows it: two warpgroups, one block a stage, 32-128 tokens
-        one_wait = ONE_WAIT and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1 and block_tokens <= 128
+    if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens
+        one_wait = one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
     partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
                                       3 if three_an_sm else 0, block_warps, one_wait, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)

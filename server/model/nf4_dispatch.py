@@ -73,10 +73,14 @@ GEMM_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_GEMM_ROWS", "0-0"
 # (16.8M) 8.6 / 9.2 / 9.4 vs 8.9 / 9.0 / 9.1 (a row tile's few steps a warp leave its loads little to overlap). The
 # bound sits between qkv and down. Then (-kernels-s35.json, gemv_pairs and nf4_gemv both with x one block ahead) 1B
 # gate_up (33.5M) 12.7 / 13.2 / 14.1 against the tile kernel's 13.8 / 14.0 / 15.1, 8B qkv 11.8 / 12.7 / 12.9 against
-# nf4_gemv's 10.7 / 10.9 / 11.2: the bound moved to 30M. LORAPLEX_NF4_PAIRS: auto (that rule, the default), 1
-# (every weight's 1-8 rows), 0 (never).
+# nf4_gemv's 10.7 / 10.9 / 11.2: the bound moved to 30M. With one wait for a step's loads (cuda_nf4.one_wait_for;
+# H200, -2026-12-06-nvidia-h200-kernels-s38-onewait.json, 1 / 4 / 8 rows) 8B o (16.8M) 7.4 / 7.6 / 7.8 against
+# nf4_gemv's 7.7 / 7.9 / 8.3 and 1B down (16.8M) 7.4 / 7.6 / 8.1 against 7.9 / 7.9 / 8.0 win; 8B qkv (25.2M) 10.6 /
+# 10.8 / 11.5 against 10.7 / 10.8 / 10.7 ties but at 8 rows, 1B qkv (6.3M) 5.4 against 5.2 and o (4.2M) 5.0 against
+# 4.0 still lose: the bound is 16M. LORAPLEX_NF4_PAIRS: auto (that rule, the default), 1 (every weight's 1-8 rows),
+# 0 (never).
 PAIRS = os.environ.get("LORAPLEX_NF4_PAIRS", "auto")
-PAIRS_MIN_WEIGHTS = 30_000_000
+PAIRS_MIN_WEIGHTS = 16_000_000
 # Hopper's warpgroup MMA (`wgmma`, the tile layout's A fragments in registers, x from shared memory; sm_90a builds only)
 # takes the wide and dequant rows within WGMMA_ROWS (LORAPLEX_NF4_WGMMA_ROWS=lo-hi; 0-0 turns it off) on weights of at
 # least WGMMA_MIN_WEIGHTS (out x in) for the row count. H200, 2026-12-04

@@ -149,7 +149,7 @@ def test_gemv_pairs_matches_the_tile_kernel_split_as_its_group_bit_for_bit(rows,
     assert got.shape == (rows, out_features) and torch.equal(got, want)
     _assert_replays(lambda xs: cuda_nf4_gemv.nf4_gemv_pairs(xs, tiled, wshape, table, bias, group_warps=group_warps), x,
                     lambda xs: cuda_nf4.nf4_tile(xs, tiled, wshape, table, bias, split_k=group_warps))
-    if rows <= 8:  # one wait for global loads a step (cuda_nf4.ONE_WAIT), either setting: the same bits
+    if rows <= 8:  # one wait for global loads a step (cuda_nf4.one_wait_for), either setting: the same bits
         for one_wait in (False, True):
             again = cuda_nf4_gemv.nf4_gemv_pairs(x, tiled, wshape, table, bias, group_warps=group_warps,
                                                  one_wait=one_wait)
@@ -227,7 +227,7 @@ def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_toke
 @pytest.mark.parametrize("block_tokens, variant", [(32, {"stage_blocks": 2}), (32, {"occupancy": 2}),
                                                    (32, {"block_warps": 4}), (64, {"block_warps": 4}),
                                                    (128, {"block_warps": 4}), (32, {"one_wait": True}),
-                                                   (32, {"one_wait": True, "occupancy": 2}), (64, {"one_wait": True}),
+                                                   (32, {"one_wait": True, "occupancy": 2}), (64, {"one_wait": False}),
                                                    (128, {"one_wait": True})])
 @pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 5), (100, 5), (7, 7), (300, 2)])
 def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_tokens, variant):

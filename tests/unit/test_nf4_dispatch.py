@@ -124,7 +124,8 @@ def test_gemv_takes_the_tile_kernels_rows_up_to_its_bound_where_it_fills_a_wave(
     ("1", 3, (6144, 4096), "triton", "fused"),
     ("auto", 1, (28672, 4096), "cuda", "gemv_pairs"), ("auto", 8, (4096, 14336), "cuda", "gemv_pairs"),
     ("auto", 4, (16384, 2048), "cuda", "gemv_pairs"),  # 1B gate_up, 33.5M
-    ("auto", 1, (6144, 4096), "cuda", "gemv"), ("auto", 1, (4096, 4096), "cuda", "gemv"),  # below the bound
+    ("auto", 1, (6144, 4096), "cuda", "gemv_pairs"), ("auto", 1, (4096, 4096), "cuda", "gemv_pairs"),  # 25M, 16.8M
+    ("auto", 1, (3072, 2048), "cuda", "gemv"), ("auto", 8, (2048, 2048), "cuda", "gemv"),  # below the bound
     ("auto", 12, (28672, 4096), "cuda", "wide"), ("0", 1, (28672, 4096), "cuda", "tile"),
 ])  # fmt: skip
 def test_pairs_takes_the_gemv_and_tile_rows_up_to_eight_of_large_weights(monkeypatch, pairs, rows, shape, table,
@@ -220,3 +221,12 @@ def test_prepare_settles_the_wgmma_probe_before_any_capture(monkeypatch):
     assert "wgmma" not in nf4_dispatch.prepare() and calls == []
     monkeypatch.setattr(nf4_dispatch, "WGMMA_ROWS", (17, 256))
     assert nf4_dispatch.prepare().endswith("17-256:wgmma") and calls == [1]
+
+
+@pytest.mark.parametrize("setting, block_tokens, expected", [
+    ("auto", 8, True), ("auto", 64, True), ("auto", 32, False), ("auto", 128, False),  # the measured wins only
+    ("1", 32, True), ("1", 128, True), ("1", 256, False), ("0", 8, False), ("0", 64, False),
+])  # fmt: skip
+def test_one_wait_is_the_default_where_it_measured_faster(monkeypatch, setting, block_tokens, expected):
+    monkeypatch.setattr(cuda_nf4, "ONE_WAIT", setting)
+    assert cuda_nf4.one_wait_for(block_tokens) is expected

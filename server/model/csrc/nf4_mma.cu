@@ -852,7 +852,7 @@ torch::Tensor nf4_gemv_pairs(torch::Tensor x, torch::Tensor tile_codes, torch::T
             bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
             reinterpret_cast<T*>(out.data_ptr()), M, N, K, static_cast<int>(group_warps));
       };
-      // one_wait (one token tile): nf4_gemv_pairs_kernel's ONE_WAIT step, opt-in until a GPU has run it
+      // one_wait (one token tile): nf4_gemv_pairs_kernel's ONE_WAIT step (cuda_nf4.one_wait_for)
       if constexpr (NT == 1) {
         if (one_wait) {
           go(std::true_type());
@@ -929,7 +929,7 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
                              int64_t block_warps, bool one_wait, bool defer_sum) {
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
-  // One wait for global loads a stage (nf4_wgmma_kernel's ONE_WAIT; opt-in until a GPU has run it): two warpgroups,
+  // One wait for global loads a stage (nf4_wgmma_kernel's ONE_WAIT; cuda_nf4.one_wait_for): two warpgroups,
   // one block a stage, 32-128 block tokens at the default instances' occupancy (or two blocks an SM at 32).
   if (one_wait) {
     TORCH_CHECK(block_warps == 8 && stage_blocks == 1 && block_tokens <= 128,

@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
         const int blk = first + base + i;
         uint32_t z = 0;
         if constexpr (NT == 1 && ONE_WAIT) {
-          // One wait for global loads a step, then this step's loads for the next (opt-in until a GPU runs it). A
+          // One wait for global loads a step, then this step's loads for the next (the default: cuda_nf4.one_wait_for). A
           // warp has a few scoreboards for its loads; ptxas gave every global load of the step one (the table loads
           // hold the others), so the first read of any loaded register waited for all of them: x read by this
           // step's MMAs also waited for the code refill issued the same step, from DRAM (SASS control bits of the

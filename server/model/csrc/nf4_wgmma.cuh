@@ -22,7 +22,7 @@
 // Pipeline: a stage's x (KB quant blocks: 1, or 2 to halve the barriers and waits) comes by 16-byte loads into
 // registers one stage ahead and is stored permuted into the other of two shared-memory buffers after this stage's
 // wgmmas have completed; codes come PREFETCH blocks ahead in the tile layout's register ring. With ONE_WAIT (one
-// block a stage; opt-in until a GPU has run it) the codes and scales of stage s + 1 and x of stage s + 2 are loaded
+// block a stage; the default at 64 tokens: cuda_nf4.one_wait_for) the codes and scales of stage s + 1 and x of stage s + 2 are loaded
 // at stage s's start, right after its one wait for the loads the stage before issued, and x is stored permuted a
 // stage early into one of three buffers (the kernel's comment says why). One barrier a stage. Tokens past M re-read
 // row M - 1 and weight tiles past N the last tile; neither is stored. Split K as the other kernels: grid y, fp32
@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   float acc[BM / 2] = {};
   const uint64_t x_desc0 = smem_desc_sw128(tiles);  // buffer 0's; the others by smem_desc_advance
   if constexpr (ONE_WAIT) {
-    // One wait for global loads a stage (opt-in until a GPU runs it: cuda_nf4.ONE_WAIT). A warp has a few
+    // One wait for global loads a stage (the default at 64 tokens: cuda_nf4.one_wait_for). A warp has a few
     // scoreboards for its loads, and ptxas gave the stage's global loads one (the table loads hold the others), so
     // the first read of any loaded register waited for all:
     // x's store at the stage's end waited for the code refill issued at its start, from DRAM, and so did the copy
