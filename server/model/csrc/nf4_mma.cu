@@ -852,14 +852,9 @@ torch::Tensor nf4_gemv_pairs(torch::Tensor x, torch::Tensor tile_codes, torch::T
             bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
             reinterpret_cast<T*>(out.data_ptr()), M, N, K, static_cast<int>(group_warps));
       };
-      // one_wait (one token tile): nf4_gemv_pairs_kernel's ONE_WAIT step (cuda_nf4.one_wait_for)
-      if constexpr (NT == 1) {
-        if (one_wait) {
-          go(std::true_type());
-          return;
-        }
-      }
-      go(std::false_type());
+      // one_wait: nf4_gemv_pairs_kernel's ONE_WAIT step (cuda_nf4.one_wait_for)
+      if (one_wait) go(std::true_type());
+      else go(std::false_type());
     };
     if (M <= 8) launch(std::integral_constant<int, 1>());
     else launch(std::integral_constant<int, 2>());
