@@ -166,8 +166,8 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
             impls["gemv_pairs"] = [lambda c=c: cuda_nf4_gemv.nf4_gemv_pairs(x, c[3], layer.shape, layer.table,
                                                                             num_sms=device_num_sms(0))
                                    for c in layer.nf4]
-            if rows <= 16:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for), in one run
-                one_wait = cuda_nf4.one_wait_for(8 if rows <= 8 else 16)
+            if rows <= 8:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for), in one run
+                one_wait = cuda_nf4.one_wait_for(8)
                 impls["gemv_pairs_nw" if one_wait else "gemv_pairs_1w"] = [
                     lambda c=c: cuda_nf4_gemv.nf4_gemv_pairs(
                         x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0), one_wait=not one_wait)

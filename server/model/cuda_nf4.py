@@ -280,15 +280,17 @@ WGMMA_BLOCK_WEIGHT_ROWS = 16 * WGMMA_BLOCK_WARPS
 # 9.1 / 9.8 (now ahead of nf4_gemv's 7.7 / 8.3: nf4_dispatch.PAIRS_MIN_WEIGHTS), 1B gate_up 11.0 / 11.9 vs 12.7 /
 # 13.7; wgmma's 64-token blocks (64-128 rows) 2-4% faster on every 8B layer (down at 128 rows 56.9 vs 59.3, gate_up at
 # 64 61.4 vs 63.2), its 32-token ones even (8B gate_up at 32 rows 49.3 vs 48.7) and its 128-token one slower (8B
-# gate_up at 128 rows 112.7 vs 107.6). gemv_pairs' two token tiles (9-16 rows) wait once a step too since, not yet
-# timed: off under auto. LORAPLEX_NF4_ONE_WAIT: auto (those measured wins, the default), 1 (wherever a kernel has
-# it: gemv_pairs, wgmma blocks of two warpgroups and one quant block a stage up to 128 tokens), 0 (never).
+# gate_up at 128 rows 112.7 vs 107.6). The same for gemv_pairs' two token tiles (9-16 rows; x loaded in the step,
+# the refill after the MMAs read it) was mixed and removed (H100, -2026-12-06-nvidia-h100-80gb-hbm3-kernels-s38.json,
+# the design in 48198a4: 8B gate_up at 16 rows 51.4 vs 49.5 µs, down 24.6 vs 25.0). LORAPLEX_NF4_ONE_WAIT: auto
+# (those measured wins, the default), 1 (wherever a kernel has it: gemv_pairs at 1-8 rows, wgmma blocks of two
+# warpgroups and one quant block a stage up to 128 tokens), 0 (never).
 ONE_WAIT = os.environ.get("LORAPLEX_NF4_ONE_WAIT", "auto")
 
 
 def one_wait_for(block_tokens: int) -> bool:
-    """Whether a step of nf4_gemv_pairs (block_tokens 8: 1-8 rows, 16: 9-16) or of a wgmma block of `block_tokens`
-    tokens (two warpgroups, one quant block a stage) waits once for its global loads by default (ONE_WAIT)."""
+    """Whether a step of nf4_gemv_pairs (block_tokens 8: 1-8 rows) or of a wgmma block of `block_tokens` tokens (two
+    warpgroups, one quant block a stage) waits once for its global loads by default (ONE_WAIT)."""
     if ONE_WAIT in ("0", "1"):
         return ONE_WAIT == "1" and block_tokens <= 128
     return block_tokens in (8, 64)

@@ -88,12 +88,12 @@ def nf4_gemv_pairs(
     persistent grid fills once a block (csrc/nf4_pairs.cuh). The same bits as nf4_tile(split_k=group_warps) (and
     nf4_gemv(warps=group_warps) up to 8 rows). 9-16 rows take two token tiles and 192 KB of shared memory a block
     (sm_90); 1-8 rows 128 KB (pairs_supported). The dispatch gives it the large weights' 1-8 row calls
-    (nf4_dispatch.PAIRS_MIN_WEIGHTS). `one_wait` (None: cuda_nf4.one_wait_for with 8 or 16 tokens): one wait for
+    (nf4_dispatch.PAIRS_MIN_WEIGHTS). `one_wait` (None: cuda_nf4.one_wait_for(8); 1-8 rows only): one wait for
     global loads a step (csrc/nf4_pairs.cuh)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     group_warps = group_warps or gemv_pairs_group_warps(tuple(shape), num_sms, 1 if x.shape[0] <= 8 else 2)
-    one_wait = cuda_nf4.one_wait_for(8 if x.shape[0] <= 8 else 16) if one_wait is None else one_wait
+    one_wait = cuda_nf4.one_wait_for(8) and x.shape[0] <= 8 if one_wait is None else one_wait
     extension().nf4_gemv_pairs(x, tiled[0], tiled[1], code_table, bias, out, group_warps, one_wait)
     return out
 

@@ -149,7 +149,7 @@ def test_gemv_pairs_matches_the_tile_kernel_split_as_its_group_bit_for_bit(rows,
     assert got.shape == (rows, out_features) and torch.equal(got, want)
     _assert_replays(lambda xs: cuda_nf4_gemv.nf4_gemv_pairs(xs, tiled, wshape, table, bias, group_warps=group_warps), x,
                     lambda xs: cuda_nf4.nf4_tile(xs, tiled, wshape, table, bias, split_k=group_warps))
-    for one_wait in (False, True):  # one wait for global loads a step (cuda_nf4.one_wait_for): the same bits
+    for one_wait in (False, True) if rows <= 8 else ():  # one wait a step (cuda_nf4.one_wait_for): the same bits
         again = cuda_nf4_gemv.nf4_gemv_pairs(x, tiled, wshape, table, bias, group_warps=group_warps, one_wait=one_wait)
         assert torch.equal(again, want), one_wait
 

@@ -829,6 +829,7 @@ torch::Tensor nf4_gemv_pairs(torch::Tensor x, torch::Tensor tile_codes, torch::T
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CUDA [M, K] tensor");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 16, "nf4_gemv_pairs takes 1..16 rows, got ", x.size(0));
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
+  TORCH_CHECK(!one_wait || x.size(0) <= 8, "one_wait takes 1..8 rows (one token tile), got ", x.size(0));
   TORCH_CHECK(group_warps == 4 || group_warps == 8 || group_warps == 16 || group_warps == 32,
               "group_warps must be 4, 8, 16 or 32, got ", group_warps);
   check_tile_layout(x, tile_codes, tile_scales, out);
@@ -852,9 +853,14 @@ torch::Tensor nf4_gemv_pairs(torch::Tensor x, torch::Tensor tile_codes, torch::T
             bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
             reinterpret_cast<T*>(out.data_ptr()), M, N, K, static_cast<int>(group_warps));
       };
-      // one_wait: nf4_gemv_pairs_kernel's ONE_WAIT step (cuda_nf4.one_wait_for)
-      if (one_wait) go(std::true_type());
-      else go(std::false_type());
+      // one_wait (one token tile): nf4_gemv_pairs_kernel's ONE_WAIT step (cuda_nf4.one_wait_for)
+      if constexpr (NT == 1) {
+        if (one_wait) {
+          go(std::true_type());
+          return;
+        }
+      }
+      go(std::false_type());
     };
     if (M <= 8) launch(std::integral_constant<int, 1>());
     else launch(std::integral_constant<int, 2>());

@@ -176,14 +176,6 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
           scales = ring.scales[i];
           z = (codes.x ^ __float_as_uint(scales.x) ^ xs[i % 2][0]) & zero;
           ring.load((i + PREFETCH - 1) % PREFETCH, z);  // the next step, into the slot the last step read
-        } else if constexpr (ONE_WAIT) {
-          // Two token tiles: the same wait, x loaded in the step (two tiles of x a step ahead do not fit the
-          // 64-register cap). The step reads its codes first (z), then loads x with z in the addresses, and refills
-          // slot i (the step PREFETCH ahead) only after its MMAs have read x (zx below): x's first read waits for
-          // x and the refill of the step before, not for a refill issued in this step.
-          codes = ring.codes[i];
-          scales = ring.scales[i];
-          z = (codes.x ^ __float_as_uint(scales.x)) & zero;
         } else {
           ring.take(i, codes, scales);
         }
@@ -195,15 +187,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
                                   8 * min(blk + 1 < last ? blk + 1 : first, num_blocks - 1)),
                        xs[(i + 1) % 2]);
         }
-        uint32_t zx = z;  // two token tiles' one-wait step: a 0 read from this step's x (its refill comes after)
         if (blk < last) {  // warp-uniform
           if constexpr (NT == 1) {
             mma_block<T, true>(nullptr, codes, scales, xs[i % 2], acc[0], pair_reg);
           } else {  // each weight dequantized once for the token tiles, k-step by k-step as nf4_tile_kernel
             uint32_t xb[NT][8];
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) load_x_block(x_words + (x_at[nt] + static_cast<int>(z) + 8 * blk), xb[nt]);
-            zx = xb[NT - 1][7] & zero;
+            for (int nt = 0; nt < NT; ++nt) load_x_block(x_words + (x_at[nt] + 8 * blk), xb[nt]);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
               uint32_t a[2][4];
@@ -218,7 +208,6 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_pair
             }
           }
         }
-        if constexpr (NT > 1 && ONE_WAIT) ring.load(i, zx);  // the step PREFETCH ahead, into the slot just read
       }
     }
     // C fragment of token tile nt: acc[nt][0..1] = (row g, tokens 8 nt + 2t, + 1), acc[nt][2..3] = (row g + 8, same)
