@@ -30,6 +30,10 @@ python3 -c "from server.model import cuda_nf4; print('cuda_nf4 available:', cuda
 # SOL_TIMEOUT (default 0: skipped): the one-row kernel's speed-of-light probes (bench.nf4_sol), first
 eval "sol_args=(${SOL_ARGS:-})"  # e.g. SOL_ARGS="--probes pair_regs,pair_regs_trunc --warps 4,32"
 step "${SOL_TIMEOUT:-0}" nf4_sol.log python3 -m bench.nf4_sol --out "$OUT" "${sol_args[@]}"
+# WGMMA_SOL_TIMEOUT (default 0: skipped): the 17-32 row wgmma kernel's stage loop with parts left out
+# (bench.wgmma_sol; WGMMA_SOL_ARGS e.g. "--models 8b --rows 16,32")
+eval "wgmma_sol_args=(${WGMMA_SOL_ARGS:-})"
+step "${WGMMA_SOL_TIMEOUT:-0}" wgmma_sol.log python3 -m bench.wgmma_sol --out "$OUT" "${wgmma_sol_args[@]}"
 eval "test_args=(${TESTS_ARGS:-})"
 step "${TESTS_TIMEOUT:-220}" gpu_tests.log python3 -m pytest tests/gpu -q -m gpu -p no:cacheprovider "${test_args[@]}"
 # NCU_ROWS=1,32: Nsight Compute sections of the kernels the dispatch runs at those rows (8B gate_up; NCU_LAYER for

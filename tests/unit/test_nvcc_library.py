@@ -73,3 +73,16 @@ def test_an_advanced_wgmma_descriptor_is_the_descriptor_of_the_advanced_address(
     lib = ctypes.CDLL(str(nvcc_library.build(source, "desc", 9, 0, include_dirs=(csrc,))))
     lib.desc_mismatches.restype = ctypes.c_longlong
     assert lib.desc_mismatches() == 0
+
+
+def test_the_wgmma_probes_build_for_sm90a_against_the_kernel_header(tmp_path, monkeypatch):
+    """bench/csrc/wgmma_sol.cu instantiates the server's nf4_wgmma_kernel with parts of its stage left out: a change
+    to that kernel that breaks a probe shows here, and the feature suffix names an sm_90a build apart."""
+    from bench import wgmma_sol
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    include = (wgmma_sol.ROOT / "server" / "model" / "csrc",)
+    path = nvcc_library.build(wgmma_sol.SOURCE, "loraplex_wgmma_sol", 9, 0, include_dirs=include, feature="a",
+                              flags=("--use_fast_math",))
+    assert path.parent.name.endswith("_sm90a") and path.stat().st_size > 0
+    assert callable(ctypes.CDLL(str(path)).loraplex_wgmma_sol)

@@ -106,7 +106,15 @@ __device__ __forceinline__ void store_accumulators(const float (&acc)[BM / 2], i
   }
 }
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false>
+// Speed-of-light probes of the stage loop (bench/csrc/wgmma_sol.cu, bench.wgmma_sol; never the server's: its
+// instances take PROBE 0), OR-ed: each leaves out one part of a stage's work, so that the time it saves is that
+// part's share. NOT the semantics: a probe's output is garbage. No x: x stored once before the loop, every stage's
+// wgmmas read that buffer (no x loads, stores or fences in the loop); no barrier: none in the loop; no dequant: the
+// raw code words as A (no table loads, multiplies or packs); no MMA: no wgmma, fence or wait (A folded into one
+// accumulator so that the dequantization stays).
+constexpr int kWgmmaProbeNoX = 1, kWgmmaProbeNoBarrier = 2, kWgmmaProbeNoDequant = 4, kWgmmaProbeNoMma = 8;
+
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
@@ -117,6 +125,9 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   constexpr int X_BYTES = WgmmaSmem<BM, KB, ONE_WAIT>::x_bytes;
   static_assert(!ONE_WAIT || KB == 1, "the one-wait stage takes one quant block");
   static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
+  static_assert(PROBE == 0 || (!ONE_WAIT && KB == 1), "the probes take the default stage");
+  constexpr bool kNoX = PROBE & kWgmmaProbeNoX, kNoBarrier = PROBE & kWgmmaProbeNoBarrier;
+  constexpr bool kNoDequant = PROBE & kWgmmaProbeNoDequant, kNoMma = PROBE & kWgmmaProbeNoMma;
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
   const uint32_t tiles = (raw + 1023) & ~1023u;
@@ -196,31 +207,45 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     for (int p = 0; p < WG_PREFETCH; p += KB) {
       const int blk = base + p;
       if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
-      const int i = (blk - first) / KB;
-      if (blk + KB < last) load_x(blk + KB);
+      const int i = kNoX ? 0 : (blk - first) / KB;
+      if (!kNoX && blk + KB < last) load_x(blk + KB);
       uint32_t a[KB][2][2][4];  // [block of the stage][half][k-step of the half][4 registers]
 #pragma unroll
       for (int kb = 0; kb < KB; ++kb) {  // a block past the split takes valid clamped codes; its wgmmas are skipped
         uint4 codes[1];
         float2 scales[1];
         ring.take(p + kb, blk + kb, last, codes, scales);
-        a_fragments<T>(lut, codes[0], scales[0], 0, a[kb][0]);
-        a_fragments<T>(lut, codes[0], scales[0], 1, a[kb][1]);
-      }
-      __syncthreads();  // x of this stage is stored and fenced by all; the other buffer's wgmmas are done
-      const uint64_t x_desc = smem_desc_advance(x_desc0, (i & 1) * X_BYTES);
-      wgmma_fence();
+        if constexpr (kNoDequant) {
+          const uint32_t raw[4] = {codes[0].x, codes[0].y, codes[0].z, codes[0].w ^ __float_as_uint(scales[0].x)};
 #pragma unroll
-      for (int kb = 0; kb < KB; ++kb) {
-        if (kb > 0 && blk + kb >= last) break;  // uniform across the block
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          Wgmma<T, BM>::mma(acc, a[kb][j / 2][j % 2], smem_desc_advance(x_desc, kb * BM * 128 + 32 * j));
+          for (int r = 0; r < 16; ++r) a[kb][r / 8][(r / 4) % 2][r % 4] = raw[(r + r / 4) % 4];
+        } else {
+          a_fragments<T>(lut, codes[0], scales[0], 0, a[kb][0]);
+          a_fragments<T>(lut, codes[0], scales[0], 1, a[kb][1]);
         }
       }
-      wgmma_commit();
-      wgmma_wait_all();
-      if (blk + KB < last) store_x((i + 1) & 1);
+      // x of this stage is stored and fenced by all; the other buffer's wgmmas are done
+      if constexpr (!kNoBarrier) __syncthreads();
+      const uint64_t x_desc = smem_desc_advance(x_desc0, (i & 1) * X_BYTES);
+      if constexpr (kNoMma) {
+        uint32_t folded = 0;
+#pragma unroll
+        for (int r = 0; r < 16; ++r) folded ^= a[0][r / 8][(r / 4) % 2][r % 4];
+        acc[0] += __uint_as_float(folded);
+      } else {
+        wgmma_fence();
+#pragma unroll
+        for (int kb = 0; kb < KB; ++kb) {
+          if (kb > 0 && blk + kb >= last) break;  // uniform across the block
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            Wgmma<T, BM>::mma(acc, a[kb][j / 2][j % 2], smem_desc_advance(x_desc, kb * BM * 128 + 32 * j));
+          }
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+      }
+      if (!kNoX && blk + KB < last) store_x((i + 1) & 1);
     }
   }
 

@@ -1,0 +1,128 @@
+"""Where the NF4 wgmma kernel's time goes at 17-32 rows: its stage loop with parts left out, in one run.
+
+    python -m bench.wgmma_sol [--models 8b,1b] [--rows 32] [--out bench/results]
+
+Times by CUDA-graph replay over weight copies (bench.kernels.time_calls), per layer shape, the probes of
+bench/csrc/wgmma_sol.cu: the 32-token instance the dispatch runs at 17-32 rows (three blocks an SM, one quant block
+a stage, the server's grid and split of K), compiled again with parts of its stage loop left out
+(server/model/csrc/nf4_wgmma.cuh, kWgmmaProbe*; NOT the semantics, only the times mean anything): ``kernel`` (nothing
+left out: the server's kernel less its split-K sum), ``no_x`` (x stored once, no x loads, stores or fences in the
+loop), ``no_barrier``, ``no_x_barrier``, ``no_dequant`` (the raw code words as the wgmma's A), ``no_mma``,
+``dequant_loads`` (no x, barrier or MMA: the code loads and the exact dequantization alone) and ``mma_loads`` (no x,
+barrier or dequantization: the code loads and the wgmmas alone); beside them ``bf16`` (cuBLAS) and ``server``
+(cuda_nf4.nf4_wgmma with the same block and split, its sum included). A probe's time against ``kernel`` is what that
+part costs when the rest stays; ``dequant_loads`` and ``mma_loads`` against ``bf16`` tell whether the exact
+dequantization or the MMAs alone already pass issue 14's m32 target (0.5 of bf16). Writes
+``<out>/<date>-<device>-wgmma-sol.json`` with ``ratios``: each probe's geometric mean over the 8B shapes at 32 rows
+over ``kernel`` (``wsol_<probe>_over_kernel_m32``) and over ``bf16`` (``wsol_<probe>_over_bf16_m32``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import time
+from pathlib import Path
+
+import torch
+
+from bench.kernels import geomean, layer_shapes, time_calls, timing_layer
+from bench.results import write_named_result
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "bench" / "csrc" / "wgmma_sol.cu"
+NO_X, NO_BARRIER, NO_DEQUANT, NO_MMA = 1, 2, 4, 8  # csrc/nf4_wgmma.cuh's kWgmmaProbe* flags
+PROBES = {"kernel": 0, "no_x": NO_X, "no_barrier": NO_BARRIER, "no_x_barrier": NO_X | NO_BARRIER,
+          "no_dequant": NO_DEQUANT, "no_mma": NO_MMA, "dequant_loads": NO_X | NO_BARRIER | NO_MMA,
+          "mma_loads": NO_X | NO_BARRIER | NO_DEQUANT}
+BLOCK_TOKENS, OCCUPANCY = 32, 3  # the instance the probes build (wgmma_sol.cu)
+
+
+@functools.cache
+def _library() -> ctypes.PyDLL:
+    from server import nvcc_library
+
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        raise RuntimeError("the wgmma probes need Hopper (sm_90a)")
+    path = nvcc_library.build(SOURCE, "loraplex_wgmma_sol", major, minor, feature="a", flags=("--use_fast_math",),
+                              include_dirs=(ROOT / "server" / "model" / "csrc",))
+    lib = ctypes.PyDLL(str(path))
+    lib.loraplex_wgmma_sol.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4
+    return lib
+
+
+def probe_calls(layer, x: torch.Tensor, probe: int, splits: int) -> list:
+    """One launch a weight copy of `probe` at `splits` splits of K."""
+    lib = _library()
+    (out_features, in_features), rows = layer.shape, x.shape[0]
+    out = torch.empty(rows, out_features, dtype=x.dtype, device="cuda")
+    partial = torch.empty(splits, rows, out_features, dtype=torch.float32, device="cuda")
+
+    def call(tiled):
+        err = lib.loraplex_wgmma_sol(probe, torch.cuda.current_stream().cuda_stream, x.data_ptr(),
+                                     tiled[0].data_ptr(), tiled[1].data_ptr(), layer.table.data_ptr(),
+                                     out.data_ptr(), partial.data_ptr(), rows, out_features, in_features, splits)
+        if err:
+            raise RuntimeError(f"wgmma_sol launch failed: cudaError {err}")
+
+    return [lambda c=c: call(c[3]) for c in layer.nf4]
+
+
+def run_shape(model: str, name: str, in_features: int, out_features: int, rows: int) -> dict:
+    from server.model import cuda_nf4
+    from server.model.triton_nf4 import device_num_sms
+
+    layer = timing_layer(in_features, out_features)
+    x = torch.randn(rows, in_features, device="cuda").to(torch.bfloat16)
+    num_sms = device_num_sms(0)
+    splits = cuda_nf4.wgmma_split_k(rows, layer.shape, num_sms, BLOCK_TOKENS, OCCUPANCY)
+    entry = {"model": model, "layer": name, "in": in_features, "out": out_features, "rows": rows, "splits": splits,
+             "us": {}}
+    entry["us"]["bf16"] = round(time_calls([lambda w=w: torch.nn.functional.linear(x, w) for w in layer.bf16]), 2)
+    shape, table = layer.shape, layer.table
+    entry["us"]["server"] = round(time_calls([
+        lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], shape, table, split_k=splits, block_tokens=BLOCK_TOKENS,
+                                       num_sms=num_sms, occupancy=OCCUPANCY, one_wait=False)
+        for c in layer.nf4]), 2)
+    for probe, flags in PROBES.items():
+        entry["us"][probe] = round(time_calls(probe_calls(layer, x, flags, splits)), 2)
+    del layer
+    torch.cuda.empty_cache()
+    print(model, name, rows, splits, entry["us"], flush=True)
+    return entry
+
+
+def ratios(layers: list[dict]) -> dict[str, float | None]:
+    rows8b = [entry for entry in layers if entry["model"] == "8b" and entry["rows"] == 32]
+    out = {}
+    for probe in PROBES:
+        for base in ("kernel", "bf16"):
+            vals = [entry["us"][probe] / entry["us"][base] for entry in rows8b]
+            out[f"wsol_{probe}_over_{base}_m32"] = round(geomean(vals), 3) if len(vals) == 4 else None
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="8b,1b")
+    parser.add_argument("--rows", default="32", help="rows to time, each 17-32 (the 32-token instance)")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    rows_list = [int(r) for r in args.rows.split(",")]
+    if bad := [r for r in rows_list if not 0 < r <= BLOCK_TOKENS]:
+        parser.error(f"rows must be 1-{BLOCK_TOKENS}: {bad}")
+    results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+               "command": f"python -m bench.wgmma_sol --models {args.models} --rows {args.rows}", "layers": []}
+    for model in args.models.split(","):
+        for name, (in_features, out_features) in layer_shapes(model).items():
+            for rows in rows_list:
+                results["layers"].append(run_shape(model, name, in_features, out_features, rows))
+    results["ratios"] = ratios(results["layers"])
+    print(results["ratios"], flush=True)
+    write_named_result(args.out, results, "wgmma-sol")
+
+
+if __name__ == "__main__":
+    main()
