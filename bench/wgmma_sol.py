@@ -5,19 +5,23 @@
 Times by CUDA-graph replay over weight copies (bench.kernels.time_calls), per layer shape, the probes of
 bench/csrc/wgmma_sol.cu: the 32-token instance the dispatch runs at 17-32 rows (three blocks an SM, one quant block
 a stage, the server's grid and split of K), compiled again with parts of its stage loop left out
-(server/model/csrc/nf4_wgmma.cuh, kWgmmaProbe*; NOT the semantics, only the times mean anything): ``kernel`` (nothing
-left out: the server's kernel less its split-K sum), ``no_x`` (x stored once, no x loads, stores or fences in the
-loop), ``no_barrier``, ``no_x_barrier``, ``no_dequant`` (the raw code words as the wgmma's A), ``no_mma``,
-``dequant_loads`` (no x, barrier or MMA: the code loads and the exact dequantization alone) and ``mma_loads`` (no x,
-barrier or dequantization: the code loads and the wgmmas alone); ``async4`` and ``async8`` (the whole stage, the codes
-and scales brought by cp.async into a shared-memory ring of 4 or 8 slots, nf4_wgmma.cuh's AsyncTileRing, instead of
-the two-slot register ring; checked bit for bit against the server's output, ``exact``), and ``dequant_loads`` and
-``mma_loads`` over that ring (``_async8``); beside them ``bf16`` (cuBLAS) and ``server``
-(cuda_nf4.nf4_wgmma with the same block and split, its sum included). A probe's time against ``kernel`` is what that
-part costs when the rest stays; ``dequant_loads`` and ``mma_loads`` against ``bf16`` tell whether the exact
-dequantization or the MMAs alone already pass issue 14's m32 target (0.5 of bf16). Writes
-``<out>/<date>-<device>-wgmma-sol.json`` with ``ratios``: each probe's geometric mean over the 8B shapes at 32 rows
-over ``kernel`` (``wsol_<probe>_over_kernel_m32``) and over ``bf16`` (``wsol_<probe>_over_bf16_m32``).
+(server/model/csrc/nf4_wgmma.cuh, kWgmmaProbe*; NOT the semantics, only the times mean anything): ``kernel``
+(nothing left out: the server's kernel less its split-K sum, checked bit for bit against the server's output,
+``exact``), ``no_x`` (x stored once: no x loads, stores or fences in the loop), ``no_barrier``, ``no_x_barrier``,
+``no_dequant`` (the raw code words as the wgmma's A), ``no_mma``, ``dequant_loads`` (the code loads and the exact
+dequantization alone), ``mma_loads`` (the code loads and the wgmmas alone) and ``loads``; beside them ``bf16``
+(cuBLAS) and ``server`` (cuda_nf4.nf4_wgmma with the same block and split, its sum included). A probe's time against
+``kernel`` is what the part left out costs while the rest stays. Writes ``<out>/<date>-<device>-wgmma-sol.json``
+with ``ratios``: each probe's geometric mean over the 8B shapes at 32 rows over ``kernel``
+(``wsol_<probe>_over_kernel_m32``) and over ``bf16`` (``wsol_<probe>_over_bf16_m32``).
+
+H100, 2026-12-06 (bench/results/2026-12-06-nvidia-h100-80gb-hbm3-wgmma-sol-s38-async.json, µs, 8B gate_up at 32
+rows): kernel 48.1, dequant_loads 35.2, mma_loads 36.4, no_dequant 42.1, no_mma 44.8, no_x 43.7, no_barrier 46.7.
+The exact dequantization (the 16-entry table, 8 instructions a weight pair) with the code loads alone takes three
+quarters of the kernel: issue-bound on the SMs that hold two of gate_up's 224 blocks (132 SMs: 92 hold two, 40
+one). Codes brought by cp.async into a shared-memory ring of 4 or 8 slots instead of the register ring (design in
+674a251) sped the MMAs and loads alone (28.6 against 36.4 at 8 slots) but slowed the whole kernel (58.0 and 59.4):
+more shared-memory traffic beside the table loads.
 """
 
 from __future__ import annotations
@@ -36,13 +40,9 @@ from bench.results import write_named_result
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "bench" / "csrc" / "wgmma_sol.cu"
 NO_X, NO_BARRIER, NO_DEQUANT, NO_MMA = 1, 2, 4, 8  # csrc/nf4_wgmma.cuh's kWgmmaProbe* flags
-# name -> (probe flags, depth of the cp.async code ring; 0: the register ring), as wgmma_sol.cu instantiates them
-PROBES = {"kernel": (0, 0), "no_x": (NO_X, 0), "no_barrier": (NO_BARRIER, 0), "no_x_barrier": (NO_X | NO_BARRIER, 0),
-          "no_dequant": (NO_DEQUANT, 0), "no_mma": (NO_MMA, 0), "dequant_loads": (NO_X | NO_BARRIER | NO_MMA, 0),
-          "mma_loads": (NO_X | NO_BARRIER | NO_DEQUANT, 0), "async4": (0, 4), "async8": (0, 8),
-          "dequant_loads_async8": (NO_X | NO_BARRIER | NO_MMA, 8),
-          "mma_loads_async8": (NO_X | NO_BARRIER | NO_DEQUANT, 8)}
-EXACT = ("kernel", "async4", "async8")  # the whole stage: the server's output bit for bit
+PROBES = {"kernel": 0, "no_x": NO_X, "no_barrier": NO_BARRIER, "no_x_barrier": NO_X | NO_BARRIER,
+          "no_dequant": NO_DEQUANT, "no_mma": NO_MMA, "dequant_loads": NO_X | NO_BARRIER | NO_MMA,
+          "mma_loads": NO_X | NO_BARRIER | NO_DEQUANT, "loads": NO_X | NO_BARRIER | NO_DEQUANT | NO_MMA}
 BLOCK_TOKENS, OCCUPANCY = 32, 3  # the instance the probes build (wgmma_sol.cu)
 
 
@@ -56,21 +56,21 @@ def _library() -> ctypes.PyDLL:
     path = nvcc_library.build(SOURCE, "loraplex_wgmma_sol", major, minor, feature="a", flags=("--use_fast_math",),
                               include_dirs=(ROOT / "server" / "model" / "csrc",))
     lib = ctypes.PyDLL(str(path))
-    lib.loraplex_wgmma_sol.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4
+    lib.loraplex_wgmma_sol.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4
     return lib
 
 
-def probe_call(layer, x: torch.Tensor, name: str, splits: int):
-    """call(tiled): one launch of probe `name` at `splits` splits of K; and the output it leaves: out [M, N], or the
+def probe_call(layer, x: torch.Tensor, probe: str, splits: int):
+    """call(tiled): one launch of `probe` at `splits` splits of K; and the output it leaves: out [M, N], or the
     partials [splits, M, N] summed in split order as split_k_sum_kernel does."""
     lib = _library()
-    flags, depth = PROBES[name]
+    flags = PROBES[probe]
     (out_features, in_features), rows = layer.shape, x.shape[0]
     out = torch.empty(rows, out_features, dtype=x.dtype, device="cuda")
     partial = torch.empty(splits, rows, out_features, dtype=torch.float32, device="cuda")
 
     def call(tiled):
-        err = lib.loraplex_wgmma_sol(flags, depth, torch.cuda.current_stream().cuda_stream, x.data_ptr(),
+        err = lib.loraplex_wgmma_sol(flags, torch.cuda.current_stream().cuda_stream, x.data_ptr(),
                                      tiled[0].data_ptr(), tiled[1].data_ptr(), layer.table.data_ptr(),
                                      out.data_ptr(), partial.data_ptr(), rows, out_features, in_features, splits)
         if err:
@@ -105,13 +105,12 @@ def run_shape(model: str, name: str, in_features: int, out_features: int, rows: 
         for c in layer.nf4]), 2)
     want = cuda_nf4.nf4_wgmma(x, layer.nf4[0][3], shape, table, split_k=splits, block_tokens=BLOCK_TOKENS,
                               num_sms=num_sms, occupancy=OCCUPANCY, one_wait=False)
-    entry["exact"] = {}
-    for name in PROBES:
-        call, result = probe_call(layer, x, name, splits)
-        if name in EXACT:
+    for probe in PROBES:
+        call, result = probe_call(layer, x, probe, splits)
+        if probe == "kernel":
             call(layer.nf4[0][3])
-            entry["exact"][name] = bool(torch.equal(result(), want))
-        entry["us"][name] = round(time_calls([lambda c=c, call=call: call(c[3]) for c in layer.nf4]), 2)
+            entry["exact"] = bool(torch.equal(result(), want))
+        entry["us"][probe] = round(time_calls([lambda c=c, call=call: call(c[3]) for c in layer.nf4]), 2)
     del layer
     torch.cuda.empty_cache()
     print(model, name, rows, splits, entry["us"], entry["exact"], flush=True)

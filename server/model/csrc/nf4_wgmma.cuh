@@ -40,63 +40,11 @@ constexpr int WG_PREFETCH = 2;
 // buffer, the KB blocks' A fragments in registers, one barrier and one wgmma wait for all of them. (A variant with
 // the A fragments from the byte-pair table and one with A dequantized into shared-memory tiles were measured slower
 // on an H100, bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json, and removed; see git history.)
-template <int BM, int KB, bool ONE_WAIT = false, int WARPS = WG_WARPS, int ASYNC_DEPTH = 0>
+template <int BM, int KB, bool ONE_WAIT = false>
 struct WgmmaSmem {
   static constexpr int x_bytes = KB * BM * 128;
   static constexpr int buffers = ONE_WAIT ? 3 : 2;  // the one-wait stage stores x a stage earlier (the kernel)
-  static constexpr int ring_bytes = WARPS * ASYNC_DEPTH * 32 * 24;  // AsyncTileRing's slots, after the x buffers
-  static constexpr int bytes = buffers * x_bytes + ring_bytes + 1024;  // and room to align the buffers to 1,024
-};
-
-// The codes and scales of a warp's row tile, DEPTH - 1 quant blocks ahead in shared memory, brought by cp.async
-// (TileRing's interface for one row tile; take's slot argument unused). Measured on an H100
-// (bench/results/2026-12-06-nvidia-h100-80gb-hbm3-wgmma-sol.json): the 32-token kernel's stage loop with its x,
-// barrier, dequantization or MMAs left out all took the same ~42 of its 48 us on 8B gate_up at 32 rows, the code
-// loads alone as long: 66 MB in 42 us, half the bandwidth, where the one-row probe streams them in 23. A register
-// ring holds few bytes in flight (two blocks, 16 bytes a lane), and ptxas gives its loads the scoreboard x's loads
-// wait on, so it is never deeper than a stage in effect. cp.async copies take no registers and no scoreboard: each
-// lane copies its own 16 bytes of codes and 8 of scales a block into its slot and reads that slot back after its own
-// wait (cp.async.wait_group), so no barrier is needed. A slot is refilled in the stage after it was read.
-template <int DEPTH>
-struct AsyncTileRing {
-  const uint4* codes_at;
-  const float2* scales_at;
-  char* codes_slot0;  // this lane's codes in slot 0; slot s at + 512 s (the warp's region: 32 lanes x 16 bytes)
-  char* scales_slot0;  // this lane's scales in slot 0, after the codes' DEPTH slots; slot s at + 256 s
-  int slot;  // the slot the next take reads
-  int ahead;  // the block the next take issues
-
-  __device__ __forceinline__ AsyncTileRing(const uint4* tile_codes, const float2* tile_scales, int tile0,
-                                           int row_tiles, int num_blocks, int lane, int first, int last,
-                                           char* warp_slots)
-      : codes_slot0(warp_slots + 16 * lane), scales_slot0(warp_slots + 512 * DEPTH + 8 * lane), slot(0),
-        ahead(first + DEPTH - 1) {
-    const int tile = tile0 < row_tiles ? tile0 : row_tiles - 1;  // a tile past the last re-reads the last
-    codes_at = tile_codes + static_cast<int64_t>(tile) * num_blocks * 32 + lane;
-    scales_at = tile_scales + static_cast<int64_t>(tile) * num_blocks * 8 + (lane >> 2);
-#pragma unroll
-    for (int s = 0; s < DEPTH - 1; ++s) issue(s, first + s, last);
-  }
-
-  // Block blk (clamped to the split's last) into slot s, as one cp.async group.
-  __device__ __forceinline__ void issue(int s, int blk, int last) {
-    const int b = min(blk, last - 1);
-    cp_async_cg16(static_cast<uint32_t>(__cvta_generic_to_shared(codes_slot0 + 512 * s)), codes_at + 32 * b);
-    cp_async_ca8(static_cast<uint32_t>(__cvta_generic_to_shared(scales_slot0 + 256 * s)), scales_at + 8 * b);
-    cp_async_group_commit();
-  }
-
-  // The next block into cur (blocks are taken in order); the slot read a take ago refilled DEPTH - 1 blocks ahead.
-  __device__ __forceinline__ void take(int, int, int last, uint4 (&cur_codes)[1], float2 (&cur_scales)[1]) {
-    issue(slot == 0 ? DEPTH - 1 : slot - 1, ahead++, last);
-    cp_async_group_wait<DEPTH - 1>();  // the oldest group, this take's block, has landed
-    cur_codes[0] = *reinterpret_cast<const uint4*>(codes_slot0 + 512 * slot);
-    cur_scales[0] = *reinterpret_cast<const float2*>(scales_slot0 + 256 * slot);
-    slot = slot == DEPTH - 1 ? 0 : slot + 1;
-  }
-
-  // Every copy landed: none may write shared memory after the block exits.
-  __device__ __forceinline__ void drain() { cp_async_group_wait<0>(); }
+  static constexpr int bytes = buffers * x_bytes + 1024;  // the x buffers, and room to align them to 1,024
 };
 
 // x's staging for nf4_wgmma_kernel's stages: a stage's KB quant blocks of BM tokens x 64 k, loaded by each of the
@@ -166,8 +114,7 @@ __device__ __forceinline__ void store_accumulators(const float (&acc)[BM / 2], i
 // accumulator so that the dequantization stays).
 constexpr int kWgmmaProbeNoX = 1, kWgmmaProbeNoBarrier = 2, kWgmmaProbeNoDequant = 4, kWgmmaProbeNoMma = 8;
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0,
-          int ASYNC_DEPTH = 0>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
@@ -179,7 +126,6 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   static_assert(!ONE_WAIT || KB == 1, "the one-wait stage takes one quant block");
   static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
   static_assert(PROBE == 0 || (!ONE_WAIT && KB == 1), "the probes take the default stage");
-  static_assert(ASYNC_DEPTH == 0 || (!ONE_WAIT && KB == 1 && ASYNC_DEPTH >= 2), "the async ring: the default stage");
   constexpr bool kNoX = PROBE & kWgmmaProbeNoX, kNoBarrier = PROBE & kWgmmaProbeNoBarrier;
   constexpr bool kNoDequant = PROBE & kWgmmaProbeNoDequant, kNoMma = PROBE & kWgmmaProbeNoMma;
   extern __shared__ __align__(1024) uint8_t wg_smem[];
@@ -253,16 +199,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   XStage<T, BM, KB, THREADS> xs;  // x of the next stage, in registers until stored
   auto load_x = [&](int blk) { xs.load(x, M, K, m0, blk, last); };
   auto store_x = [&](int buffer) { xs.store(tiles_ptr + buffer * X_BYTES); };
-  // codes and scales: the register ring, or (ASYNC_DEPTH) the cp.async ring after the x buffers
-  auto ring = [&] {
-    if constexpr (ASYNC_DEPTH > 0) {
-      char* warp_slots = reinterpret_cast<char*>(tiles_ptr) + 2 * X_BYTES + (threadIdx.x >> 5) * ASYNC_DEPTH * 768;
-      return AsyncTileRing<ASYNC_DEPTH>(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last,
-                                        warp_slots);
-    } else {
-      return TileRing<1, WG_PREFETCH>(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
-    }
-  }();
+  TileRing<1, WG_PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
   load_x(first);
   store_x(0);
   for (int base = first; base < last; base += WG_PREFETCH) {
@@ -312,7 +249,6 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     }
   }
 
-  if constexpr (ASYNC_DEPTH > 0) ring.drain();
   store_accumulators<T, BM>(acc, tile0, row_tiles, g, t, m0, M, N, bias, out, partial);
 #endif
 }

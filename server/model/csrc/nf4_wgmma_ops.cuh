@@ -174,21 +174,6 @@ __device__ __forceinline__ void wgmma_wait_all() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
-// cp.async (sm_80+) for nf4_wgmma.cuh's AsyncTileRing: 16 bytes bypassing L1 (with a 256-byte L2 prefetch: a warp's
-// codes of a quant block are 512 contiguous bytes), 8 bytes through L1 (the 4 lanes of a quad read the same scales);
-// a thread's copies since its last commit form one group; wait until at most N of its groups are pending.
-__device__ __forceinline__ void cp_async_cg16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_ca8(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_group_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_group_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // Generic-proxy stores to shared memory made visible to the async proxy (the wgmma's operand reads).
 __device__ __forceinline__ void fence_proxy_async_smem() {
 #ifdef LORAPLEX_WGMMA
