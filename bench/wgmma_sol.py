@@ -1,6 +1,6 @@
 """Where the NF4 wgmma kernel's time goes at 17-32 rows: its stage loop with parts left out, in one run.
 
-    python -m bench.wgmma_sol [--models 8b,1b] [--rows 32] [--out bench/results]
+    python -m bench.wgmma_sol [--models 8b,1b] [--rows 32] [--shapes NAME:IN:OUT,...] [--out bench/results]
 
 Times by CUDA-graph replay over weight copies (bench.kernels.time_calls), per layer shape, the probes of
 bench/csrc/wgmma_sol.cu: the 32-token instance the dispatch runs at 17-32 rows (three blocks an SM, one quant block
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import itertools
 import time
 from pathlib import Path
 
@@ -129,7 +130,9 @@ def ratios(layers: list[dict]) -> dict[str, float | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="8b,1b")
+    parser.add_argument("--models", default="8b,1b", help="model shapes; '' for none (with --shapes)")
+    parser.add_argument("--shapes", default="", help="more weights, as NAME:IN:OUT (model 'custom'): e.g. "
+                        "gate_up264:4096:33792, 264 row groups of 128 where 8B gate_up has 224 over 132 SMs")
     parser.add_argument("--rows", default="32", help="rows to time, each 17-32 (the 32-token instance)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
@@ -137,11 +140,15 @@ def main() -> None:
     if bad := [r for r in rows_list if not 0 < r <= BLOCK_TOKENS]:
         parser.error(f"rows must be 1-{BLOCK_TOKENS}: {bad}")
     results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-               "command": f"python -m bench.wgmma_sol --models {args.models} --rows {args.rows}", "layers": []}
-    for model in args.models.split(","):
-        for name, (in_features, out_features) in layer_shapes(model).items():
-            for rows in rows_list:
-                results["layers"].append(run_shape(model, name, in_features, out_features, rows))
+               "command": f"python -m bench.wgmma_sol --models '{args.models}' --rows {args.rows} --shapes "
+                          f"'{args.shapes}'", "layers": []}
+    shapes = [(model, name, dims) for model in filter(None, args.models.split(","))
+              for name, dims in layer_shapes(model).items()]
+    for spec in filter(None, args.shapes.split(",")):
+        name, in_features, out_features = spec.split(":")
+        shapes.append(("custom", name, (int(in_features), int(out_features))))
+    for (model, name, (in_features, out_features)), rows in itertools.product(shapes, rows_list):
+        results["layers"].append(run_shape(model, name, in_features, out_features, rows))
     results["ratios"] = ratios(results["layers"])
     print(results["ratios"], flush=True)
     write_named_result(args.out, results, "wgmma-sol")
