@@ -8,7 +8,11 @@ candidate for each distinct NF4 weight shape of the model at each decode-graph r
 is captured (the replays then run the chosen kernel), and `nf4_dispatch.nf4_linear_cuda` runs the winner for exactly
 those row counts; other counts keep the rules. Every candidate computes the same semantics; they differ only in the
 order of fp32 sums, as the rule-chosen kernels at different row counts already do. Off by default until an H200
-run shows it helps (`bench.kernels` and `python -m bench --model 8b` with and without it).
+run shows it helps (`bench.kernels` and `python -m bench --model 8b` with and without it). An H100 A/B in one call
+(2026-12-06, bench/results/2026-12-06-nvidia-h100-80gb-hbm3-8b-s38.json and -8b-s38-autotune.log): the 8B merged
+batch-32 step 4.175 against 4.356 ms (roofline fraction 0.447 against 0.421), 32 distinct adapters 5.36 against 5.52,
+batch 1 the same (2.85 ms). Still off: the GPU suite has not run with it on (its choices are process-wide, TUNED,
+and a test that asserts the rule-chosen kernel would meet them).
 """
 
 from __future__ import annotations
