@@ -341,6 +341,14 @@ def wgmma_occupancy(block_tokens: int, block_warps: int = WGMMA_BLOCK_WARPS) -> 
     return blocks * WGMMA_BLOCK_WARPS // block_warps
 
 
+WGMMA_STREAM_BLOCKS_PER_SM = {32: 3, 64: 2, 128: 1}  # the default instances' occupancy (csrc: dispatch_wgmma)
+
+
+def wgmma_stream_workers(block_tokens: int, num_sms: int) -> int:
+    """Blocks of nf4_wgmma's balanced split: a full wave of the instance it runs at `block_tokens` tokens."""
+    return WGMMA_STREAM_BLOCKS_PER_SM[block_tokens] * num_sms
+
+
 def nf4_wgmma(
     x: torch.Tensor,  # [T, in] bf16 / fp16, any T
     tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
@@ -355,6 +363,7 @@ def nf4_wgmma(
     occupancy: int | None = None,
     block_warps: int = WGMMA_BLOCK_WARPS,
     one_wait: bool | None = None,
+    stream_workers: int = 0,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -363,6 +372,10 @@ def nf4_wgmma(
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
     splits filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the
     block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
+    `stream_workers` (> 0, up to 128 block tokens; opt-in until timed): the balanced split of K over that many blocks
+    (csrc/nf4_wgmma.cuh, STREAM; split_k, stage_blocks, occupancy, block_warps and one_wait then unused), every
+    block the same work where the row groups leave SMs uneven (8B gate_up: 224 on 132 SMs); its sums in a different
+    order from the default's, so not the same bits.
     `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice
     the blocks (wgmma_occupancy). Each warpgroup issues the same wgmmas in the same order whatever the variant: the
     same bits for the same splits. Measured slower and removed (H200, 32-256 rows): dequantizing the next quant
@@ -386,7 +399,11 @@ def nf4_wgmma(
     three_an_sm = occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS
     if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens
         one_wait = one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
+    if stream_workers:  # the balanced split: its own partial slots, the default stage and instance
+        partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, 1, block_tokens, 1, 0,
+                                          WGMMA_BLOCK_WARPS, False, stream_workers, defer_sum)
+        return out if partials is None else SplitSums(partials, bias, x.dtype)
     partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      3 if three_an_sm else 0, block_warps, one_wait, defer_sum)
+                                      3 if three_an_sm else 0, block_warps, one_wait, 0, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
 
