@@ -202,24 +202,29 @@ def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_toke
     """Warpgroup MMA over the tile layout's fragments, every block size: the same products as the tile kernel in
     another order of fp32 sums (against the float64 reference and x @ W^T in fp32); the deferred partials sum to the
     sum kernel's bits; a captured launch replays on new rows."""
+    run, x, got = _wgmma_against_the_reference(rows, dtype, split_k=split_k, block_tokens=block_tokens)
+    if split_k > 1:
+        assert torch.equal(run(x, defer_sum=True).materialize(), got)
+    _assert_replays(run, x)
+
+
+def _wgmma_against_the_reference(rows, dtype, **options):
+    """nf4_wgmma(**options) on `rows` random rows of a 600 x 1536 weight (a partial last group of 128 rows and tile of
+    16), checked against the float64 reference and x @ W^T in fp32: (run, x, its output)."""
     from server.model import cuda_nf4
 
     if not cuda_nf4.wgmma_supported():
         pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
-    codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: a partial last block of 128 and tile of 16
+    codes, absmax, wshape, table, _ = _layer(1536, 600)
     x = torch.randn(rows, 1536, device="cuda").to(dtype)
     bias = torch.randn(600, device="cuda").to(dtype)
     tiled = _tiled(codes, absmax, wshape)
-    run = lambda xs, **kw: cuda_nf4.nf4_wgmma(xs, tiled, wshape, table, bias, split_k=split_k,  # noqa: E731
-                                              block_tokens=block_tokens, **kw)
+    run = lambda xs, **kw: cuda_nf4.nf4_wgmma(xs, tiled, wshape, table, bias, **options, **kw)  # noqa: E731
     got = run(x)
     assert got.shape == (rows, 600) and _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
     weight = nf4_ops.nf4_dequantize_reference(codes, absmax, wshape, table).to(dtype).float()
-    want = (x.float() @ weight.t() + bias.float()).to(dtype)
-    torch.testing.assert_close(got, want, rtol=1e-2, atol=2e-2)
-    if split_k > 1:
-        assert torch.equal(run(x, defer_sum=True).materialize(), got)
-    _assert_replays(run, x)
+    torch.testing.assert_close(got, (x.float() @ weight.t() + bias.float()).to(dtype), rtol=1e-2, atol=2e-2)
+    return run, x, got
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -227,7 +232,7 @@ def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_toke
     (20, 32, 7),  # 5 row groups x 24 quant blocks over 7 workers: pieces of 17-18 blocks, groups cut in 2-3
     (33, 32, 13), (64, 64, 50),  # 50: 2-3 blocks a worker, ~10 pieces a group
     (100, 128, 3),  # fewer workers than row groups: a worker's range holds whole groups and parts
-    (300, 64, 5),  # three token groups on grid z
+    (300, 64, 5),  # five token groups of 64 on grid z
     (7, 32, 500),  # more workers than blocks of work: one block each, 24 pieces a group (past the 16 deferred)
 ])  # fmt: skip
 def test_wgmma_balanced_split_matches_the_reference_and_replays(rows, block_tokens, workers, dtype):
@@ -235,20 +240,7 @@ def test_wgmma_balanced_split_matches_the_reference_and_replays(rows, block_toke
     pieces in their own partial slots, the slots past a group's pieces zeroed. Against the float64 reference as the
     default's sums are, the same bits on a second run and on replay, and (up to 16 slots) the deferred partials sum
     to the same bits."""
-    from server.model import cuda_nf4
-
-    if not cuda_nf4.wgmma_supported():
-        pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
-    codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: a partial last group of 128 and tile of 16
-    x = torch.randn(rows, 1536, device="cuda").to(dtype)
-    bias = torch.randn(600, device="cuda").to(dtype)
-    tiled = _tiled(codes, absmax, wshape)
-    run = lambda xs, **kw: cuda_nf4.nf4_wgmma(xs, tiled, wshape, table, bias, block_tokens=block_tokens,  # noqa: E731
-                                              stream_workers=workers, **kw)
-    got = run(x)
-    assert got.shape == (rows, 600) and _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
-    weight = nf4_ops.nf4_dequantize_reference(codes, absmax, wshape, table).to(dtype).float()
-    torch.testing.assert_close(got, (x.float() @ weight.t() + bias.float()).to(dtype), rtol=1e-2, atol=2e-2)
+    run, x, got = _wgmma_against_the_reference(rows, dtype, block_tokens=block_tokens, stream_workers=workers)
     assert torch.equal(run(x), got)
     if workers <= 50:
         deferred = run(x, defer_sum=True)
