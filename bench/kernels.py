@@ -36,9 +36,9 @@ def _mma_available() -> bool:
 
 
 def _wgmma_available() -> bool:
-    from server.model import cuda_nf4
+    from server.model import cuda_nf4_wgmma
 
-    return cuda_nf4.wgmma_supported()
+    return cuda_nf4_wgmma.wgmma_supported()
 
 
 def layer_shapes(model: str) -> dict[str, tuple[int, int]]:
@@ -198,7 +198,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         impls["gemm"] = [lambda c=c: cuda_nf4.nf4_gemm(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                          for c in layer.nf4]
     if rows >= 16 and _mma_available() and _wgmma_available():  # warpgroup MMA (sm_90a; the dispatch's at 17-256)
-        from server.model import cuda_nf4
+        from server.model import cuda_nf4, cuda_nf4_wgmma
         from server.model.nf4_autotune import candidates
 
         # the default and the variants start-up tuning would time (each other block size that holds M, one
@@ -206,17 +206,17 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         short = {"block_tokens": "b", "block_warps": "w", "stage_blocks": "s"}
         variants = {"wgmma" + "".join(f"_{short[k]}{v}" for k, v in choice.options): dict(choice.options)
                     for choice in candidates(rows, layer.shape, device_num_sms(0)) if choice.kernel == "wgmma"}
-        block_tokens = cuda_nf4.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
+        block_tokens = cuda_nf4_wgmma.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
         if block_tokens == 32:
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
         if block_tokens <= 128:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for)
             one_wait = cuda_nf4.one_wait_for(block_tokens)
             variants["wgmma_nw" if one_wait else "wgmma_1w"] = {"one_wait": not one_wait}
-            # the balanced split of K over a full wave (cuda_nf4.nf4_wgmma's stream_workers)
-            variants["wgmma_sk"] = {"stream_workers": cuda_nf4.wgmma_stream_workers(rows, layer.shape,
+            # the balanced split of K over a full wave (cuda_nf4_wgmma.nf4_wgmma's stream_workers)
+            variants["wgmma_sk"] = {"stream_workers": cuda_nf4_wgmma.wgmma_stream_workers(rows, layer.shape,
                                                                                    device_num_sms(0))}
         for vname, kw in variants.items():
-            impls[vname] = [lambda c=c, kw=kw: cuda_nf4.nf4_wgmma(x, c[3], layer.shape, layer.table,
+            impls[vname] = [lambda c=c, kw=kw: cuda_nf4_wgmma.nf4_wgmma(x, c[3], layer.shape, layer.table,
                                                                   num_sms=device_num_sms(0), **kw)
                             for c in layer.nf4]
     if rows <= 256 and _mma_available():

@@ -10,8 +10,8 @@ a stage, the server's grid and split of K), compiled again with parts of its sta
 ``exact``), ``no_x`` (x stored once: no x loads, stores or fences in the loop), ``no_barrier``, ``no_x_barrier``,
 ``no_dequant`` (the raw code words as the wgmma's A), ``no_mma``, ``dequant_loads`` (the code loads and the exact
 dequantization alone), ``mma_loads`` (the code loads and the wgmmas alone) and ``loads``; beside them ``bf16``
-(cuBLAS) and ``server`` (cuda_nf4.nf4_wgmma with the same block and split, its sum included). A probe's time against
-``kernel`` is what the part left out costs while the rest stays. Writes ``<out>/<date>-<device>-wgmma-sol.json``
+(cuBLAS) and ``server`` (cuda_nf4_wgmma.nf4_wgmma with the same block and split, its sum included). A probe's time
+against ``kernel`` is what the part left out costs while the rest stays. Writes ``<out>/<date>-<device>-wgmma-sol.json``
 with ``ratios``: each probe's geometric mean over the 8B shapes at 32 rows over ``kernel``
 (``wsol_<probe>_over_kernel_m32``) and over ``bf16`` (``wsol_<probe>_over_bf16_m32``).
 
@@ -89,22 +89,22 @@ def probe_call(layer, x: torch.Tensor, probe: str, splits: int):
 
 
 def run_shape(model: str, name: str, in_features: int, out_features: int, rows: int) -> dict:
-    from server.model import cuda_nf4
+    from server.model import cuda_nf4_wgmma
     from server.model.triton_nf4 import device_num_sms
 
     layer = timing_layer(in_features, out_features)
     x = torch.randn(rows, in_features, device="cuda").to(torch.bfloat16)
     num_sms = device_num_sms(0)
-    splits = cuda_nf4.wgmma_split_k(rows, layer.shape, num_sms, BLOCK_TOKENS, OCCUPANCY)
+    splits = cuda_nf4_wgmma.wgmma_split_k(rows, layer.shape, num_sms, BLOCK_TOKENS, OCCUPANCY)
     entry = {"model": model, "layer": name, "in": in_features, "out": out_features, "rows": rows, "splits": splits,
              "us": {}}
     entry["us"]["bf16"] = round(time_calls([lambda w=w: torch.nn.functional.linear(x, w) for w in layer.bf16]), 2)
     shape, table = layer.shape, layer.table
     entry["us"]["server"] = round(time_calls([
-        lambda c=c: cuda_nf4.nf4_wgmma(x, c[3], shape, table, split_k=splits, block_tokens=BLOCK_TOKENS,
+        lambda c=c: cuda_nf4_wgmma.nf4_wgmma(x, c[3], shape, table, split_k=splits, block_tokens=BLOCK_TOKENS,
                                        num_sms=num_sms, occupancy=OCCUPANCY, one_wait=False)
         for c in layer.nf4]), 2)
-    want = cuda_nf4.nf4_wgmma(x, layer.nf4[0][3], shape, table, split_k=splits, block_tokens=BLOCK_TOKENS,
+    want = cuda_nf4_wgmma.nf4_wgmma(x, layer.nf4[0][3], shape, table, split_k=splits, block_tokens=BLOCK_TOKENS,
                               num_sms=num_sms, occupancy=OCCUPANCY, one_wait=False)
     for probe in PROBES:
         call, result = probe_call(layer, x, probe, splits)

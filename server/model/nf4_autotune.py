@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from server.model import cuda_nf4, nf4_dispatch
+from server.model import cuda_nf4_wgmma, nf4_dispatch
 from server.model.nf4_dispatch import Choice
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,10 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
     on an H100 on 8B gate_up, down and o at 16-32 rows, 1-2% slower on 8B gate_up on the H200; qkv slower on both;
     bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s35*.json, 2026-12-04-nvidia-h200-kernels-s26-w4.json)."""
     choices = [Choice("dequant"), Choice("wide")]
-    if cuda_nf4.wgmma_supported():
-        default = cuda_nf4.wgmma_block_tokens(rows, shape, num_sms)
+    if cuda_nf4_wgmma.wgmma_supported():
+        default = cuda_nf4_wgmma.wgmma_block_tokens(rows, shape, num_sms)
         choices.append(Choice("wgmma"))
-        choices += [Choice("wgmma", (("block_tokens", tokens),)) for tokens in cuda_nf4.WGMMA_BLOCK_TOKENS
+        choices += [Choice("wgmma", (("block_tokens", tokens),)) for tokens in cuda_nf4_wgmma.WGMMA_BLOCK_TOKENS
                     if tokens != default and tokens // 2 < rows]
         if default <= 128:
             choices.append(Choice("wgmma", (("block_warps", 4),)))

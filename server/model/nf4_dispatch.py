@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.model import cuda_nf4, cuda_nf4_gemv
+from server.model import cuda_nf4, cuda_nf4_gemv, cuda_nf4_wgmma
 from server.model.nf4_layout import codes_as_words
 from server.model.split_sums import SplitSums
 
@@ -86,18 +86,18 @@ PAIRS_MIN_WEIGHTS = 16_000_000
 # least WGMMA_MIN_WEIGHTS (out x in) for the row count. H200, 2026-12-04
 # (bench/results/2026-12-04-nvidia-h200-kernels-s24-wgmma.json, µs, wgmma against the dispatch before it): at 32 rows 8B
 # o 11.1 vs 12.1, gate_up 51.5 vs 67.7, down 26.5 vs 28.8, 1B qkv 7.7 vs 8.8, o 6.2 vs 7.7, gate_up 20.3 vs 21.2, down
-# 10.9 vs 11.7 (8B qkv 17.7 vs 16.2 before its splits filled the wave, cuda_nf4.wgmma_split_k, 15.5 vs 16.4 after; at 16
-# rows the wide kernel still wins: 8B gate_up 47.5 vs 51.8, qkv 13.0 vs 14.5, -kernels-s24-dispatch.json); at 64 rows
-# every layer (8B gate_up 62.8 vs 95.8, down 32.6 vs 49.2, qkv 22.2 vs 23.4, 1B qkv 9.7 vs 10.8); at 128 rows weights
-# from 16M (8B gate_up 108 vs 157, down 57 vs 68, o 22.3 vs 26.1, 1B gate_up 32.1 vs 38.3, 1B down 20.6 vs 29.2; 8B qkv
-# 38.7 vs 35.0 loses, 1B qkv 14.4 vs 11.3 and o 10.1 vs 10.0 stay on dequant); at 192-256 rows only the largest (8B
-# gate_up 159-162 vs 171-194, down 80-84 vs 93-97; 8B o 34-38 vs 27-31 and 1B gate_up 53-58 vs 50-52 lose: too few row
-# groups to fill the GPU at one wgmma block an SM); from 512 rows dequant + cuBLAS wins everywhere (8B gate_up 323 vs
-# 264). Rows past the table's last entry (a range asked for past 256) take every weight.
+# 10.9 vs 11.7 (8B qkv 17.7 vs 16.2 before its splits filled the wave, cuda_nf4_wgmma.wgmma_split_k, 15.5 vs 16.4 after;
+# at 16 rows the wide kernel still wins: 8B gate_up 47.5 vs 51.8, qkv 13.0 vs 14.5, -kernels-s24-dispatch.json); at 64
+# rows every layer (8B gate_up 62.8 vs 95.8, down 32.6 vs 49.2, qkv 22.2 vs 23.4, 1B qkv 9.7 vs 10.8); at 128 rows
+# weights from 16M (8B gate_up 108 vs 157, down 57 vs 68, o 22.3 vs 26.1, 1B gate_up 32.1 vs 38.3, 1B down 20.6 vs 29.2;
+# 8B qkv 38.7 vs 35.0 loses, 1B qkv 14.4 vs 11.3 and o 10.1 vs 10.0 stay on dequant); at 192-256 rows only the largest
+# (8B gate_up 159-162 vs 171-194, down 80-84 vs 93-97; 8B o 34-38 vs 27-31 and 1B gate_up 53-58 vs 50-52 lose: too few
+# row groups to fill the GPU at one wgmma block an SM); from 512 rows dequant + cuBLAS wins everywhere (8B gate_up 323
+# vs 264). Rows past the table's last entry (a range asked for past 256) take every weight.
 WGMMA_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_WGMMA_ROWS", "17-256").split("-"))
 WGMMA_MIN_WEIGHTS = ((64, 0), (128, 16_000_000), (256, 50_000_000))  # (up to this many rows, least out x in)
-# wgmma's balanced split of K (cuda_nf4.nf4_wgmma's stream_workers) for the calls whose default grid leaves the SMs
-# uneven (cuda_nf4.wgmma_wave_fill below WGMMA_STREAM_FILL: 8B gate_up's 224 row groups on 132 SMs, 0.85).
+# wgmma's balanced split of K (cuda_nf4_wgmma.nf4_wgmma's stream_workers) for the calls whose default grid leaves the
+# SMs uneven (cuda_nf4_wgmma.wgmma_wave_fill below WGMMA_STREAM_FILL: 8B gate_up's 224 row groups on 132 SMs, 0.85).
 # LORAPLEX_NF4_WGMMA_STREAM: 0 (never; the default until a GPU has timed it), auto (that rule), 1 (every wgmma call
 # up to 128 block tokens). On an H100 a grid with two blocks on every SM took 13% less a weight than gate_up's
 # (bench/results/2026-12-06-nvidia-h100-80gb-hbm3-wgmma-sol-s38-shapes.json).
@@ -110,7 +110,7 @@ class Choice:
     """A kernel start-up tuning chose (server.model.nf4_autotune)."""
 
     kernel: str  # a name nf4_linear_cuda runs
-    options: tuple[tuple[str, int], ...] = ()  # keyword arguments of cuda_nf4.nf4_wgmma
+    options: tuple[tuple[str, int], ...] = ()  # keyword arguments of cuda_nf4_wgmma.nf4_wgmma
 
     def __str__(self) -> str:
         return self.kernel + "".join(f" {name}={value}" for name, value in self.options)
@@ -139,7 +139,7 @@ def prepare() -> str:
     table = kernel_table()
     wgmma = ""
     if WGMMA_ROWS[0] > 0 and table == WITH_CUDA_KERNEL:
-        wgmma = f" {WGMMA_ROWS[0]}-{WGMMA_ROWS[1]}:wgmma" if cuda_nf4.wgmma_supported() else " (no wgmma build)"
+        wgmma = f" {WGMMA_ROWS[0]}-{WGMMA_ROWS[1]}:wgmma" if cuda_nf4_wgmma.wgmma_supported() else " (no wgmma build)"
     return " ".join(f"<={rows}:{name}" if rows else f"rest:{name}" for rows, name in table) + wgmma
 
 
@@ -149,14 +149,14 @@ def wgmma_takes(num_rows: int, shape) -> bool:
     if not 0 < WGMMA_ROWS[0] <= num_rows <= WGMMA_ROWS[1]:
         return False
     least = next((weights for rows, weights in WGMMA_MIN_WEIGHTS if num_rows <= rows), 0)
-    return shape[0] * shape[1] >= least and cuda_nf4.wgmma_supported()
+    return shape[0] * shape[1] >= least and cuda_nf4_wgmma.wgmma_supported()
 
 
 def wgmma_stream_takes(num_rows: int, shape, num_sms: int) -> bool:
     """Whether a wgmma call of `num_rows` rows on an (out, in) weight runs the balanced split (WGMMA_STREAM)."""
-    if WGMMA_STREAM == "0" or cuda_nf4.wgmma_block_tokens(num_rows, shape, num_sms) > 128:
+    if WGMMA_STREAM == "0" or cuda_nf4_wgmma.wgmma_block_tokens(num_rows, shape, num_sms) > 128:
         return False
-    return WGMMA_STREAM == "1" or cuda_nf4.wgmma_wave_fill(num_rows, shape, num_sms) < WGMMA_STREAM_FILL
+    return WGMMA_STREAM == "1" or cuda_nf4_wgmma.wgmma_wave_fill(num_rows, shape, num_sms) < WGMMA_STREAM_FILL
 
 
 def pairs_takes(shape) -> bool:
@@ -265,7 +265,7 @@ def nf4_linear_cuda(
     kernel: str | None = None,  # force one kernel (benchmarks, tests)
     tiled: tuple[torch.Tensor, torch.Tensor] | None = None,  # nf4_layout.tile_pack of (codes, absmax_f)
     defer_sum: bool = False,  # the tile and wide kernels may return split_sums.SplitSums
-    options: dict | None = None,  # with kernel="wgmma": cuda_nf4.nf4_wgmma's keyword arguments (nf4_autotune)
+    options: dict | None = None,  # with kernel="wgmma": cuda_nf4_wgmma.nf4_wgmma's keyword arguments (nf4_autotune)
 ) -> torch.Tensor | SplitSums:
     """y = x @ dequant(W)^T (+ bias), semantics of nf4_ops.nf4_matmul_reference, by the fastest kernel: the one
     start-up tuning chose for this shape and row count (TUNED, opt-in), else the rules (kernel_for)."""
@@ -297,8 +297,8 @@ def nf4_linear_cuda(
         return cuda_nf4.nf4_gemm(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "wgmma":
         if options is None and wgmma_stream_takes(x.shape[0], shape, num_sms):
-            options = {"stream_workers": cuda_nf4.wgmma_stream_workers(x.shape[0], shape, num_sms)}
-        return cuda_nf4.nf4_wgmma(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum,
+            options = {"stream_workers": cuda_nf4_wgmma.wgmma_stream_workers(x.shape[0], shape, num_sms)}
+        return cuda_nf4_wgmma.nf4_wgmma(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum,
                                   **dict(options or {}))
     if name == "dequant":
         return dequant_linear(x, codes, absmax_f, shape, code_table, bias)

@@ -51,9 +51,9 @@ def _rel_err(got, x, codes, absmax, shape, table, bias):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"in{s[0]}_out{s[1]}")
 def test_kernel_matches_float64_reference(kernel, rows, shape):
     if kernel == "wgmma":
-        from server.model import cuda_nf4
+        from server.model import cuda_nf4_wgmma
 
-        if not cuda_nf4.wgmma_supported():
+        if not cuda_nf4_wgmma.wgmma_supported():
             pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
     codes, absmax, wshape, table, state = _layer(*shape)
     gen = torch.Generator(device="cuda").manual_seed(rows)
@@ -211,15 +211,15 @@ def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_toke
 def _wgmma_against_the_reference(rows, dtype, **options):
     """nf4_wgmma(**options) on `rows` random rows of a 600 x 1536 weight (a partial last group of 128 rows and tile of
     16), checked against the float64 reference and x @ W^T in fp32: (run, x, its output)."""
-    from server.model import cuda_nf4
+    from server.model import cuda_nf4_wgmma
 
-    if not cuda_nf4.wgmma_supported():
+    if not cuda_nf4_wgmma.wgmma_supported():
         pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
     codes, absmax, wshape, table, _ = _layer(1536, 600)
     x = torch.randn(rows, 1536, device="cuda").to(dtype)
     bias = torch.randn(600, device="cuda").to(dtype)
     tiled = _tiled(codes, absmax, wshape)
-    run = lambda xs, **kw: cuda_nf4.nf4_wgmma(xs, tiled, wshape, table, bias, **options, **kw)  # noqa: E731
+    run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, bias, **options, **kw)  # noqa: E731
     got = run(x)
     assert got.shape == (rows, 600) and _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
     weight = nf4_ops.nf4_dequantize_reference(codes, absmax, wshape, table).to(dtype).float()
@@ -261,14 +261,14 @@ def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_token
     stored a stage early into three buffers; splits of 1-5 blocks: the loads past a split clamped). Not a bit may
     differ from the default, with an odd count of blocks in a split (24 quant blocks in 5 splits: 5, 5, 5, 5, 4),
     tokens over several blocks of the grid (300 rows) and on replay."""
-    from server.model import cuda_nf4
+    from server.model import cuda_nf4_wgmma
 
-    if not cuda_nf4.wgmma_supported():
+    if not cuda_nf4_wgmma.wgmma_supported():
         pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
     codes, absmax, wshape, table, _ = _layer(1536, 600)
     x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
     tiled = _tiled(codes, absmax, wshape)
-    run = lambda xs, **kw: cuda_nf4.nf4_wgmma(xs, tiled, wshape, table, None, split_k=split_k,  # noqa: E731
+    run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, None, split_k=split_k,  # noqa: E731
                                               block_tokens=block_tokens, **kw)
     got = run(x, **variant)
     assert torch.equal(got, run(x))
@@ -579,7 +579,7 @@ def test_fused_lora_sums_keep_the_engine_logits(monkeypatch):
 def test_lora_expand_sums_at_wide_rows_on_the_1b_gate_up(rows):
     """65-128 rows of the 1B gate_up (in 2,048, out 16,384) go to wgmma (Hopper) or wide, whose split-K partials the
     fused LoRA expand sums: bit for bit the summed output with the expand added, 32 adapters and a row without one."""
-    from server.model import cuda_nf4, triton_lora, triton_lora_decode
+    from server.model import cuda_nf4, cuda_nf4_wgmma, triton_lora, triton_lora_decode
     from server.model.lora_meta import decode_lora_meta
     from tests.lora_pools import mixed_ranks, random_pool
 
@@ -596,7 +596,7 @@ def test_lora_expand_sums_at_wide_rows_on_the_1b_gate_up(rows):
     tiled = _tiled(codes, absmax, wshape)
     name = nf4_dispatch.kernel_for(rows, wshape)
     assert name in ("wide", "wgmma")  # wgmma on an sm_90a build (Hopper) since the twenty-fourth session
-    run = cuda_nf4.nf4_wgmma if name == "wgmma" else cuda_nf4.nf4_wide
+    run = cuda_nf4_wgmma.nf4_wgmma if name == "wgmma" else cuda_nf4.nf4_wide
     sums = run(x, tiled, wshape, table, None, defer_sum=True)
     h = triton_lora.lora_shrink(x, lora_a, layout, meta, 2)
     got = (triton_lora_decode.lora_expand_sums(sums, h, lora_b, layout, meta, slice_offsets)

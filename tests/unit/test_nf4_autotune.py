@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from server.model import cuda_nf4, nf4_autotune, nf4_dispatch
+from server.model import cuda_nf4, cuda_nf4_wgmma, nf4_autotune, nf4_dispatch
 from server.model.nf4_dispatch import Choice
 
 
@@ -20,9 +20,9 @@ def clean_choices():
 
 
 def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
-    monkeypatch.setattr(cuda_nf4, "wgmma_supported", lambda: False)
+    monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: False)
     assert nf4_autotune.candidates(32, (28672, 4096), 132) == [Choice("dequant"), Choice("wide")]
-    monkeypatch.setattr(cuda_nf4, "wgmma_supported", lambda: True)
+    monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: True)
     assert nf4_autotune.candidates(32, (28672, 4096), 132) == [
         Choice("dequant"), Choice("wide"), Choice("wgmma"), Choice("wgmma", (("block_warps", 4),)),
         Choice("wgmma", (("stage_blocks", 2),))]
@@ -40,7 +40,7 @@ def _fake_layer(shape):
 
 
 def test_tune_records_the_fastest_candidate_and_skips_one_that_fails(monkeypatch):
-    monkeypatch.setattr(cuda_nf4, "wgmma_supported", lambda: True)
+    monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: True)
     cost = {("dequant", ()): 3.0, ("wide", ()): 2.0, ("wgmma", ()): 1.5, ("wgmma", (("block_warps", 4),)): 1.0}
     seen = []
 
@@ -64,7 +64,7 @@ def test_the_dispatch_runs_the_tuned_choice_for_that_shape_and_row_count_only(mo
 
     calls = []  # the dispatch's SM count comes from the Triton module (absent from the CPU test venv)
     monkeypatch.setitem(sys.modules, "server.model.triton_nf4", SimpleNamespace(device_num_sms=lambda index: 132))
-    monkeypatch.setattr(cuda_nf4, "nf4_wgmma", lambda *a, **kw: calls.append(("wgmma", kw)) or "wgmma")
+    monkeypatch.setattr(cuda_nf4_wgmma, "nf4_wgmma", lambda *a, **kw: calls.append(("wgmma", kw)) or "wgmma")
     monkeypatch.setattr(cuda_nf4, "nf4_wide", lambda *a, **kw: calls.append(("wide", kw)) or "wide")
     monkeypatch.setattr(nf4_dispatch, "kernel_for", lambda rows, shape, table=None, num_sms=132: "wide")
     nf4_dispatch.TUNED[((256, 128), 32)] = Choice("wgmma", (("block_tokens", 64), ("block_warps", 4)))

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from server.model import cuda_nf4, cuda_nf4_gemv, nf4_dispatch
+from server.model import cuda_nf4, cuda_nf4_gemv, cuda_nf4_wgmma, nf4_dispatch
 
 
 @pytest.mark.parametrize("rows, expected", [(1, "tile"), (8, "tile"), (11, "tile"), (12, "wide"), (16, "wide"),
@@ -179,7 +179,7 @@ def test_gemm_takes_wide_and_dequant_rows_only_when_asked(monkeypatch, gemm_rows
 def test_wgmma_takes_wide_and_dequant_rows_where_measured_faster(monkeypatch, wgmma_rows, supported, rows, shape,
                                                                   table, expected):
     monkeypatch.setattr(nf4_dispatch, "WGMMA_ROWS", wgmma_rows)
-    monkeypatch.setattr(cuda_nf4, "wgmma_supported", lambda: supported)
+    monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: supported)
     tables = {"cuda": nf4_dispatch.WITH_CUDA_KERNEL, "triton": nf4_dispatch.TRITON_ONLY}
     assert nf4_dispatch.kernel_for(rows, shape, tables[table]) == expected
 
@@ -192,8 +192,8 @@ def test_wgmma_takes_wide_and_dequant_rows_where_measured_faster(monkeypatch, wg
     (128, (320, 256), 64, 1),  # four quant blocks: no split keeps 4 of them
 ])  # fmt: skip
 def test_wgmma_blocks_and_splits(rows, shape, block_tokens, splits):
-    assert cuda_nf4.wgmma_block_tokens(rows, shape, 132) == block_tokens
-    assert cuda_nf4.wgmma_split_k(rows, shape, 132, block_tokens) == splits
+    assert cuda_nf4_wgmma.wgmma_block_tokens(rows, shape, 132) == block_tokens
+    assert cuda_nf4_wgmma.wgmma_split_k(rows, shape, 132, block_tokens) == splits
 
 
 @pytest.mark.parametrize("shape, two, three, one_warpgroup", [
@@ -205,18 +205,18 @@ def test_wgmma_blocks_and_splits(rows, shape, block_tokens, splits):
     ((512, 8192), 16, 16, 16),  # 4 row groups: 66 would fill the wave, 32 keep 4 blocks each; 16 at most
 ])  # fmt: skip
 def test_wgmma_splits_at_two_and_three_blocks_an_sm(shape, two, three, one_warpgroup):
-    assert cuda_nf4.wgmma_occupancy(32) == 3 and cuda_nf4.wgmma_occupancy(64) == 2
-    assert [cuda_nf4.wgmma_occupancy(tokens, block_warps=4) for tokens in (32, 64, 128)] == [6, 4, 3]
-    assert cuda_nf4.wgmma_split_k(32, shape, 132, 32) == two
-    assert cuda_nf4.wgmma_split_k(32, shape, 132, 32, occupancy=3) == three
-    assert cuda_nf4.wgmma_split_k(32, shape, 132, 32, occupancy=6, block_warps=4) == one_warpgroup
+    assert cuda_nf4_wgmma.wgmma_occupancy(32) == 3 and cuda_nf4_wgmma.wgmma_occupancy(64) == 2
+    assert [cuda_nf4_wgmma.wgmma_occupancy(tokens, block_warps=4) for tokens in (32, 64, 128)] == [6, 4, 3]
+    assert cuda_nf4_wgmma.wgmma_split_k(32, shape, 132, 32) == two
+    assert cuda_nf4_wgmma.wgmma_split_k(32, shape, 132, 32, occupancy=3) == three
+    assert cuda_nf4_wgmma.wgmma_split_k(32, shape, 132, 32, occupancy=6, block_warps=4) == one_warpgroup
 
 
 def test_prepare_settles_the_wgmma_probe_before_any_capture(monkeypatch):
     """The probe (a launch and a host sync) runs in prepare() unless WGMMA_ROWS is off, never inside a step."""
     calls = []
     monkeypatch.setattr(nf4_dispatch, "kernel_table", lambda: nf4_dispatch.WITH_CUDA_KERNEL)
-    monkeypatch.setattr(cuda_nf4, "wgmma_supported", lambda: calls.append(1) or True)
+    monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: calls.append(1) or True)
     monkeypatch.setattr(nf4_dispatch, "WGMMA_ROWS", (0, 0))
     assert "wgmma" not in nf4_dispatch.prepare() and calls == []
     monkeypatch.setattr(nf4_dispatch, "WGMMA_ROWS", (17, 256))
@@ -238,7 +238,7 @@ def test_one_wait_is_the_default_where_it_measured_faster(monkeypatch, setting, 
     (300, (28672, 4096), 1.0),  # 256-token blocks: no balanced instance
 ])  # fmt: skip
 def test_wave_fill_counts_the_blocks_an_sm_holds(rows, shape, fill):
-    assert cuda_nf4.wgmma_wave_fill(rows, shape, 132) == pytest.approx(fill, abs=1e-3)
+    assert cuda_nf4_wgmma.wgmma_wave_fill(rows, shape, 132) == pytest.approx(fill, abs=1e-3)
 
 
 @pytest.mark.parametrize("setting, rows, shape, expected", [
@@ -257,4 +257,4 @@ def test_the_balanced_split_takes_the_uneven_grids(monkeypatch, setting, rows, s
     (32, (2048, 2048), 240),  # 16 row groups: 15 workers a group at most (16 deferred slots)
 ])  # fmt: skip
 def test_the_balanced_split_fills_one_wave_within_the_deferred_slots(rows, shape, workers):
-    assert cuda_nf4.wgmma_stream_workers(rows, shape, 132) == workers
+    assert cuda_nf4_wgmma.wgmma_stream_workers(rows, shape, 132) == workers

@@ -2,7 +2,7 @@
 // rows) from registers, B (N tokens x 16, K-major, 128-byte swizzle) from shared memory by descriptor, fp32
 // accumulators in registers, D += A x B. Inline PTX names every accumulator register, so each N is written out (a
 // macro a shape, for both 16-bit types). Only compiled for sm_90a (nvcc defines __CUDA_ARCH_FEAT_SM90_ALL there);
-// elsewhere the kernels that use it are empty and never launched (cuda_nf4.wgmma_supported).
+// elsewhere the kernels that use it are empty and never launched (cuda_nf4_wgmma.wgmma_supported).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -1,0 +1,153 @@
+"""nf4_wgmma: the NF4 matmul on Hopper's warpgroup MMA (csrc/nf4_wgmma.cuh, built into cuda_nf4's extension), with
+the block, split and occupancy choices the dispatch gives it at 17-256 rows. The tile layout's fragments, as the
+other kernels in cuda_nf4, dequantized into registers as the wgmma's A; x from shared memory as its B."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from server.model.cuda_nf4 import extension, is_available, one_wait_for
+from server.model.nf4_layout import NF4_BLOCKSIZE
+from server.model.split_sums import SplitSums
+
+
+@functools.cache
+def wgmma_supported() -> bool:
+    """The extension's code for this GPU has the warpgroup-MMA kernels (an sm_90a build: H100, H200)."""
+    return is_available() and bool(extension().nf4_wgmma_built())
+
+
+WGMMA_BLOCK_TOKENS = (32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_mma.cu, dispatch_wgmma)
+WGMMA_MAX_SPLIT_K = 16  # the Triton consumers of deferred partials sum at most 16 (triton_glue.MAX_SPLITS)
+WGMMA_BLOCK_WARPS = 8  # csrc/nf4_wgmma.cuh's default block: two warpgroups of 64 weight rows each
+WGMMA_BLOCK_WEIGHT_ROWS = 16 * WGMMA_BLOCK_WARPS
+def wgmma_block_tokens(num_rows: int, shape, num_sms: int) -> int:
+    """Tokens a block of nf4_wgmma: the smallest instance that holds every row (each weight dequantized once), 256
+    beyond (blocks along grid z); but at 65-128 rows the 64-token instance (two blocks an SM, each weight
+    dequantized twice) where the weight's 128-row groups are fewer than the SMs: the 128-token instance (167
+    registers) runs one block an SM, too few warps to hide its loads. H200 at 128 rows
+    (bench/results/2026-12-04-nvidia-h200-kernels-s24-wgmma.json, us, 64 against 128 tokens): 1B gate_up 32.1 vs
+    47.1, 1B down 20.6 vs 22.4, 8B o 22.3 vs 23.8, 8B down 58.2 vs 57.4; 8B gate_up (224 groups) 122.6 vs 108.4."""
+    tokens = next((b for b in WGMMA_BLOCK_TOKENS if num_rows <= b), WGMMA_BLOCK_TOKENS[-1])
+    if tokens == 128 and -(-shape[0] // WGMMA_BLOCK_WEIGHT_ROWS) < num_sms:
+        return 64
+    return tokens
+
+
+def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupancy: int = 2,
+                  block_warps: int = WGMMA_BLOCK_WARPS) -> int:
+    """Splits of K for nf4_wgmma: as many as keep the grid within one wave of `occupancy` blocks an SM (not only
+    powers of two: 8B qkv's 48 row groups at 32 rows take 5 splits, 240 blocks, where doubling stopped at 4, 192 of
+    264), each split keeping at least 4 quant blocks, at most 16 splits (the Triton consumers of deferred partials
+    sum 16). The instances built for 24 warps an SM (three blocks of two warpgroups, or six of one) keep 8 quant
+    blocks a split, or the default instance's split count: with ~5 a split the three-block one lost (H200, 32 rows,
+    bench/results/2026-12-04-nvidia-h200-kernels-s25-variants.json, us, against two an SM: 8B o 11.7 vs 11.1 at 12
+    splits, 1B down 12.3 vs 10.9 at 24), with 8+ it won (8B qkv 14.3 vs 15.4 at 8, down 25.5 vs 26.4 at 12, gate_up
+    50.0 vs 52.3 and 1B gate_up 18.9 vs 19.9 at 1 and 3; 1B qkv 7.6 vs 7.8 at the same 8). Past one wave loses even
+    where the wave is uneven: 8B gate_up at 32 rows runs 224 blocks on 132 SMs (92 SMs two, 40 one; ncu: barrier
+    stalls first), yet 2, 3 and 4 splits took 55.5, 52.8 and 50.4 us against one split's 47.7 (H100,
+    bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s35-splits.json)."""
+    out_features, in_features = shape
+    in_blocks = in_features // NF4_BLOCKSIZE
+    blocks = -(-out_features // (16 * block_warps)) * -(-num_rows // block_tokens)
+    splits = max(1, min(WGMMA_MAX_SPLIT_K, in_blocks // 4, occupancy * num_sms // blocks))
+    if occupancy * block_warps == 24:
+        splits = max(min(splits, in_blocks // 8), wgmma_split_k(num_rows, shape, num_sms, block_tokens))
+    return splits
+
+
+def wgmma_occupancy(block_tokens: int, block_warps: int = WGMMA_BLOCK_WARPS) -> int:
+    """Blocks an SM nf4_wgmma's instance is built for: 3 for 32 tokens (80 registers: 24 warps an SM to hide the
+    loads and the waits; the measurements at wgmma_split_k), else 2 (the 128- and 256-token instances run one);
+    with one warpgroup a block (block_warps 4): 6 at 32 tokens, 4 at 64, 3 at 128."""
+    if block_warps != WGMMA_BLOCK_WARPS and block_tokens == 128:
+        return 3  # 167 registers: three one-warpgroup blocks fit where one of two warpgroups does
+    blocks = 3 if block_tokens == 32 else 2
+    return blocks * WGMMA_BLOCK_WARPS // block_warps
+
+
+WGMMA_STREAM_BLOCKS_PER_SM = {32: 3, 64: 2, 128: 1}  # the default instances' occupancy (csrc: dispatch_wgmma)
+
+
+def wgmma_stream_workers(num_rows: int, shape, num_sms: int) -> int:
+    """Blocks of nf4_wgmma's balanced split for `num_rows` rows of an (out, in) weight: a full wave of the instance
+    it runs (at wgmma_block_tokens), shared by the token groups on grid z, and at most 15 a row group, so that no
+    group is cut into more than the 16 partial slots the deferred sums take (a group's pieces are at most workers /
+    groups + 1)."""
+    block_tokens = wgmma_block_tokens(num_rows, shape, num_sms)
+    wave = WGMMA_STREAM_BLOCKS_PER_SM[block_tokens] * num_sms // -(-num_rows // block_tokens)
+    return max(1, min(wave, 15 * -(-shape[0] // WGMMA_BLOCK_WEIGHT_ROWS)))
+
+
+def wgmma_wave_fill(num_rows: int, shape, num_sms: int) -> float:
+    """How evenly nf4_wgmma's default grid spreads over the SMs: its blocks (row groups x splits x token groups) an SM
+    on average over the most any SM holds; 1.0 where every SM holds as many. 8B gate_up at 32 rows: 224 blocks on
+    132 SMs, 1.70 of 2, 0.85; down: 32 groups x 12 splits, 384 blocks, 2.91 of 3, 0.97. Block sizes past 128 tokens
+    (no balanced instance) count as even."""
+    block_tokens = wgmma_block_tokens(num_rows, shape, num_sms)
+    if block_tokens not in WGMMA_STREAM_BLOCKS_PER_SM:
+        return 1.0
+    splits = wgmma_split_k(num_rows, shape, num_sms, block_tokens, wgmma_occupancy(block_tokens))
+    blocks = -(-shape[0] // WGMMA_BLOCK_WEIGHT_ROWS) * splits * -(-num_rows // block_tokens)
+    return blocks / num_sms / -(-blocks // num_sms)
+
+
+def nf4_wgmma(
+    x: torch.Tensor,  # [T, in] bf16 / fp16, any T
+    tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
+    shape,  # (out, in)
+    code_table: torch.Tensor,  # [16] float32
+    bias: torch.Tensor | None = None,  # [out]
+    split_k: int | None = None,
+    block_tokens: int | None = None,
+    num_sms: int = 132,
+    defer_sum: bool = False,
+    stage_blocks: int = 1,
+    occupancy: int | None = None,
+    block_warps: int = WGMMA_BLOCK_WARPS,
+    one_wait: bool | None = None,
+    stream_workers: int = 0,
+) -> torch.Tensor | SplitSums:
+    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
+    16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
+    wgmma_supported(). With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead.
+    `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait; `occupancy` 3 (32 block
+    tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
+    splits filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the
+    block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
+    `stream_workers` (> 0, up to 128 block tokens; opt-in until timed): the balanced split of K over that many blocks
+    (csrc/nf4_wgmma.cuh, STREAM; split_k, stage_blocks, occupancy, block_warps and one_wait then unused), every
+    block the same work where the row groups leave SMs uneven (8B gate_up: 224 on 132 SMs); its sums in a different
+    order from the default's, so not the same bits.
+    `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice
+    the blocks (wgmma_occupancy). Each warpgroup issues the same wgmmas in the same order whatever the variant: the
+    same bits for the same splits. Measured slower and removed (H200, 32-256 rows): dequantizing the next quant
+    block while this one's wgmmas run (3-15%, bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov)
+    and a code ring four blocks deep instead of two (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel
+    issues on 51% of cycles (ncu, 8B gate_up: 13.5 warps an SM); about two thirds of a quant-block step's ~255
+    instructions (PTX) are the exact dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32
+    multiplies, 1 pack). Also measured slower and removed (H100, every size:
+    bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json): that dequantization from the byte-pair
+    table (wgmma_pairs) and A dequantized into shared memory (wgmma_sa). And (H100,
+    -2026-12-06-nvidia-h100-80gb-hbm3-kernels-s37-xahead.json, the design in 55afbf5): x two stages ahead in two
+    register sets (8B gate_up 50.3 vs 47.9 us at 32 rows, 71.5 vs 60.6 at 64), with the code ring four deep too
+    (52.5), and a 16-token block at 16 rows (48.9 vs the 32-token block's 47.4)."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
+    block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
+    if occupancy is None:
+        occupancy = wgmma_occupancy(block_tokens, block_warps) if stage_blocks == 1 else 2
+    if split_k is None:
+        split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
+    three_an_sm = occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS
+    if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens
+        one_wait = one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
+    if stream_workers:  # the balanced split: its own partial slots, the default stage and instance
+        partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, 1, block_tokens, 1, 0,
+                                          WGMMA_BLOCK_WARPS, False, stream_workers, defer_sum)
+        return out if partials is None else SplitSums(partials, bias, x.dtype)
+    partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
+                                      3 if three_an_sm else 0, block_warps, one_wait, 0, defer_sum)
+    return out if partials is None else SplitSums(partials, bias, x.dtype)
