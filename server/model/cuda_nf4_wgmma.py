@@ -137,17 +137,16 @@ def nf4_wgmma(
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
-    if occupancy is None:
-        occupancy = wgmma_occupancy(block_tokens, block_warps) if stage_blocks == 1 else 2
-    if split_k is None:
-        split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
-    three_an_sm = occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS
-    if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens
-        one_wait = one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
     if stream_workers:  # the balanced split: its own partial slots, the default stage and instance
-        partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, 1, block_tokens, 1, 0,
-                                          WGMMA_BLOCK_WARPS, False, stream_workers, defer_sum)
-        return out if partials is None else SplitSums(partials, bias, x.dtype)
+        split_k, stage_blocks, blocks_per_sm, block_warps, one_wait = 1, 1, 0, WGMMA_BLOCK_WARPS, False
+    else:
+        if occupancy is None:
+            occupancy = wgmma_occupancy(block_tokens, block_warps) if stage_blocks == 1 else 2
+        if split_k is None:
+            split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
+        blocks_per_sm = 3 if occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS else 0
+        if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens
+            one_wait = one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
     partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      3 if three_an_sm else 0, block_warps, one_wait, 0, defer_sum)
+                                      blocks_per_sm, block_warps, one_wait, stream_workers, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)
