@@ -22,7 +22,11 @@ def wgmma_supported() -> bool:
 WGMMA_BLOCK_TOKENS = (32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_mma.cu, dispatch_wgmma)
 WGMMA_MAX_SPLIT_K = 16  # the Triton consumers of deferred partials sum at most 16 (triton_glue.MAX_SPLITS)
 WGMMA_BLOCK_WARPS = 8  # csrc/nf4_wgmma.cuh's default block: two warpgroups of 64 weight rows each
-WGMMA_BLOCK_WEIGHT_ROWS = 16 * WGMMA_BLOCK_WARPS
+
+
+def wgmma_row_groups(out_features: int, block_warps: int = WGMMA_BLOCK_WARPS) -> int:
+    """Blocks of nf4_wgmma along the weight's rows (grid x): 16 rows a warp."""
+    return -(-out_features // (16 * block_warps))
 def wgmma_block_tokens(num_rows: int, shape, num_sms: int) -> int:
     """Tokens a block of nf4_wgmma: the smallest instance that holds every row (each weight dequantized once), 256
     beyond (blocks along grid z); but at 65-128 rows the 64-token instance (two blocks an SM, each weight
@@ -31,7 +35,7 @@ def wgmma_block_tokens(num_rows: int, shape, num_sms: int) -> int:
     (bench/results/2026-12-04-nvidia-h200-kernels-s24-wgmma.json, us, 64 against 128 tokens): 1B gate_up 32.1 vs
     47.1, 1B down 20.6 vs 22.4, 8B o 22.3 vs 23.8, 8B down 58.2 vs 57.4; 8B gate_up (224 groups) 122.6 vs 108.4."""
     tokens = next((b for b in WGMMA_BLOCK_TOKENS if num_rows <= b), WGMMA_BLOCK_TOKENS[-1])
-    if tokens == 128 and -(-shape[0] // WGMMA_BLOCK_WEIGHT_ROWS) < num_sms:
+    if tokens == 128 and wgmma_row_groups(shape[0]) < num_sms:
         return 64
     return tokens
 
@@ -51,7 +55,7 @@ def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupan
     bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s35-splits.json)."""
     out_features, in_features = shape
     in_blocks = in_features // NF4_BLOCKSIZE
-    blocks = -(-out_features // (16 * block_warps)) * -(-num_rows // block_tokens)
+    blocks = wgmma_row_groups(out_features, block_warps) * -(-num_rows // block_tokens)
     splits = max(1, min(WGMMA_MAX_SPLIT_K, in_blocks // 4, occupancy * num_sms // blocks))
     if occupancy * block_warps == 24:
         splits = max(min(splits, in_blocks // 8), wgmma_split_k(num_rows, shape, num_sms, block_tokens))
@@ -78,7 +82,7 @@ def wgmma_stream_workers(num_rows: int, shape, num_sms: int) -> int:
     groups + 1)."""
     block_tokens = wgmma_block_tokens(num_rows, shape, num_sms)
     wave = WGMMA_STREAM_BLOCKS_PER_SM[block_tokens] * num_sms // -(-num_rows // block_tokens)
-    return max(1, min(wave, 15 * -(-shape[0] // WGMMA_BLOCK_WEIGHT_ROWS)))
+    return max(1, min(wave, 15 * wgmma_row_groups(shape[0])))
 
 
 def wgmma_wave_fill(num_rows: int, shape, num_sms: int) -> float:
@@ -90,7 +94,7 @@ def wgmma_wave_fill(num_rows: int, shape, num_sms: int) -> float:
     if block_tokens not in WGMMA_STREAM_BLOCKS_PER_SM:
         return 1.0
     splits = wgmma_split_k(num_rows, shape, num_sms, block_tokens, wgmma_occupancy(block_tokens))
-    blocks = -(-shape[0] // WGMMA_BLOCK_WEIGHT_ROWS) * splits * -(-num_rows // block_tokens)
+    blocks = wgmma_row_groups(shape[0]) * splits * -(-num_rows // block_tokens)
     return blocks / num_sms / -(-blocks // num_sms)
 
 
