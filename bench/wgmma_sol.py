@@ -102,10 +102,10 @@ def run_shape(model: str, name: str, in_features: int, out_features: int, rows: 
     shape, table = layer.shape, layer.table
     entry["us"]["server"] = round(time_calls([
         lambda c=c: cuda_nf4_wgmma.nf4_wgmma(x, c[3], shape, table, split_k=splits, block_tokens=BLOCK_TOKENS,
-                                       num_sms=num_sms, occupancy=OCCUPANCY, one_wait=False)
+                                             num_sms=num_sms, occupancy=OCCUPANCY, one_wait=False)
         for c in layer.nf4]), 2)
     want = cuda_nf4_wgmma.nf4_wgmma(x, layer.nf4[0][3], shape, table, split_k=splits, block_tokens=BLOCK_TOKENS,
-                              num_sms=num_sms, occupancy=OCCUPANCY, one_wait=False)
+                                    num_sms=num_sms, occupancy=OCCUPANCY, one_wait=False)
     for probe in PROBES:
         call, result = probe_call(layer, x, probe, splits)
         if probe == "kernel":

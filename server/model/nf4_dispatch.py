@@ -299,7 +299,7 @@ def nf4_linear_cuda(
         if options is None and wgmma_stream_takes(x.shape[0], shape, num_sms):
             options = {"stream_workers": cuda_nf4_wgmma.wgmma_stream_workers(x.shape[0], shape, num_sms)}
         return cuda_nf4_wgmma.nf4_wgmma(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum,
-                                  **dict(options or {}))
+                                        **dict(options or {}))
     if name == "dequant":
         return dequant_linear(x, codes, absmax_f, shape, code_table, bias)
     if name == "bnb":

@@ -269,7 +269,7 @@ def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_token
     x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
     tiled = _tiled(codes, absmax, wshape)
     run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, None, split_k=split_k,  # noqa: E731
-                                              block_tokens=block_tokens, **kw)
+                                                    block_tokens=block_tokens, **kw)
     got = run(x, **variant)
     assert torch.equal(got, run(x))
     assert _rel_err(got, x, codes, absmax, wshape, table, torch.zeros(600, device="cuda")) < 4e-3
