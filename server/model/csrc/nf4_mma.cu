@@ -896,58 +896,41 @@ torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
 }
 
 // A wgmma kernel (nf4_wgmma_kernel's parameter list) of BM tokens and WARPS warps a block over the grid (weight-row
-// groups, splits of K, token groups), with SMEM bytes of dynamic shared memory.
+// groups, splits of K, token groups), with SMEM bytes of dynamic shared memory; or, with stream_workers (the kernel's
+// STREAM: the balanced split), that many workers on grid x (at most one a quant block of work) and their partials in
+// stream_slots slots (the most pieces any row group is cut into), passed in the split's place and summed in slot order.
 template <typename T, auto KERNEL, int BM, int WARPS, int SMEM>
 torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& tile_codes,
                                 const torch::Tensor& tile_scales, const torch::Tensor& table,
                                 const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
-                                bool defer_sum) {
+                                bool defer_sum, int64_t stream_workers = 0) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   allow_dynamic_smem<KERNEL>(SMEM);
   const int row_groups = ((N + 15) / 16 + WARPS - 1) / WARPS;
-  return run_split<T>(x, bias, out, split_k,
+  int grid_x = row_groups, slots = 0;  // slots 0: split_k's splits
+  if (stream_workers > 0) {
+    grid_x = static_cast<int>(std::min<int64_t>(stream_workers, static_cast<int64_t>(row_groups) * (K / 64)));
+    slots = stream_slots(row_groups, K / 64, grid_x);
+    TORCH_CHECK(!defer_sum || slots <= 16, "deferred partials are summed 16 at most; ", grid_x, " workers cut a row "
+                "group into ", slots, " pieces");
+  }
+  return run_split<T>(x, bias, out, slots > 0 ? 1 : split_k,
                       [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                           int blocks_per_split) {
-    KERNEL<<<dim3(row_groups, splits, (M + BM - 1) / BM), WARPS * 32, SMEM, stream>>>(
+    KERNEL<<<dim3(grid_x, slots > 0 ? 1 : splits, (M + BM - 1) / BM), WARPS * 32, SMEM, stream>>>(
         reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
         reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        M, N, K, blocks_per_split);
-  }, false, defer_sum);
+        M, N, K, slots > 0 ? splits : blocks_per_split);
+  }, false, defer_sum, slots);
 }
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, bool STREAM = false>
 torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                           int64_t split_k, bool defer_sum) {
-  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, ONE_WAIT>, BM, WARPS,
+                           int64_t split_k, bool defer_sum, int64_t stream_workers = 0) {
+  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, ONE_WAIT, 0, STREAM>, BM, WARPS,
                            WgmmaSmem<BM, KB, ONE_WAIT>::bytes>(x, tile_codes, tile_scales, table, bias, out, split_k,
-                                                               defer_sum);
-}
-
-// nf4_wgmma_kernel's balanced split of K (STREAM) over `workers` blocks (at most one a quant block of work), its
-// partials in stream_slots slots (the most pieces any row group is cut into), summed in slot order.
-template <typename T, int BM, int MIN_BLOCKS>
-torch::Tensor launch_wgmma_stream(const torch::Tensor& x, const torch::Tensor& tile_codes,
-                                  const torch::Tensor& tile_scales, const torch::Tensor& table,
-                                  const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t workers,
-                                  bool defer_sum) {
-  const int M = x.size(0), K = x.size(1), N = out.size(1), num_blocks = K / 64;
-  const int row_groups = ((N + 15) / 16 + WG_WARPS - 1) / WG_WARPS;
-  const int64_t work = static_cast<int64_t>(row_groups) * num_blocks;
-  const int used = static_cast<int>(std::min<int64_t>(workers, work));
-  const int slots = stream_slots(row_groups, num_blocks, used);
-  TORCH_CHECK(!defer_sum || slots <= 16, "deferred partials are summed 16 at most; ", used, " workers cut a row group "
-              "into ", slots, " pieces");
-  constexpr auto kernel = nf4_wgmma_kernel<T, BM, MIN_BLOCKS, 1, WG_WARPS, false, 0, true>;
-  constexpr int smem = WgmmaSmem<BM, 1>::bytes;
-  allow_dynamic_smem<kernel>(smem);
-  return run_split<T>(x, bias, out, 1, [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr,
-                                           int splits, int) {
-    kernel<<<dim3(used, 1, (M + BM - 1) / BM), WG_WARPS * 32, smem, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        M, N, K, splits);
-  }, false, defer_sum, slots);
+                                                               defer_sum, stream_workers);
 }
 
 template <typename T>
@@ -961,11 +944,12 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
     TORCH_CHECK(block_warps == 8 && stage_blocks == 1 && !one_wait && blocks_per_sm == 0 && block_tokens <= 128,
                 "stream_workers takes two warpgroups, one block a stage, the default stage and instance, and at most "
                 "128 block tokens");
-    if (block_tokens == 32) return launch_wgmma_stream<T, 32, 3>(x, tile_codes, tile_scales, table, bias, out,
-                                                                 stream_workers, defer_sum);
-    if (block_tokens == 64) return launch_wgmma_stream<T, 64, 2>(x, tile_codes, tile_scales, table, bias, out,
-                                                                 stream_workers, defer_sum);
-    return launch_wgmma_stream<T, 128, 1>(x, tile_codes, tile_scales, table, bias, out, stream_workers, defer_sum);
+#define LORAPLEX_WGMMA_STREAM(BM, MIN_BLOCKS)                                                              \
+  launch_wgmma<T, BM, MIN_BLOCKS, 1, WG_WARPS, false, true>(x, tile_codes, tile_scales, table, bias, out, 1, \
+                                                            defer_sum, stream_workers)
+    if (block_tokens == 32) return LORAPLEX_WGMMA_STREAM(32, 3);
+    return block_tokens == 64 ? LORAPLEX_WGMMA_STREAM(64, 2) : LORAPLEX_WGMMA_STREAM(128, 1);
+#undef LORAPLEX_WGMMA_STREAM
   }
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
