@@ -154,9 +154,12 @@ def wgmma_takes(num_rows: int, shape) -> bool:
 
 def wgmma_stream_takes(num_rows: int, shape, num_sms: int) -> bool:
     """Whether a wgmma call of `num_rows` rows on an (out, in) weight runs the balanced split (WGMMA_STREAM)."""
-    if WGMMA_STREAM == "0" or cuda_nf4_wgmma.wgmma_block_tokens(num_rows, shape, num_sms) > 128:
+    if WGMMA_STREAM == "0":
         return False
-    return WGMMA_STREAM == "1" or cuda_nf4_wgmma.wgmma_wave_fill(num_rows, shape, num_sms) < WGMMA_STREAM_FILL
+    if WGMMA_STREAM == "1":
+        return cuda_nf4_wgmma.wgmma_block_tokens(num_rows, shape, num_sms) <= 128
+    # auto: wave_fill counts blocks past 128 tokens (no balanced instance) as even
+    return cuda_nf4_wgmma.wgmma_wave_fill(num_rows, shape, num_sms) < WGMMA_STREAM_FILL
 
 
 def pairs_takes(shape) -> bool:
