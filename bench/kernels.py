@@ -212,9 +212,6 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         if block_tokens <= 128:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for)
             one_wait = cuda_nf4.one_wait_for(block_tokens)
             variants["wgmma_nw" if one_wait else "wgmma_1w"] = {"one_wait": not one_wait}
-            # the balanced split of K over a full wave (cuda_nf4_wgmma.nf4_wgmma's stream_workers)
-            workers = cuda_nf4_wgmma.wgmma_stream_workers(rows, layer.shape, device_num_sms(0))
-            variants["wgmma_sk"] = {"stream_workers": workers}
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4_wgmma.nf4_wgmma(x, c[3], layer.shape, layer.table,
                                                                         num_sms=device_num_sms(0), **kw)

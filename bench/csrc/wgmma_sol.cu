@@ -8,8 +8,6 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include <vector>
-
 #include "nf4_device.cuh"
 #include "nf4_wgmma.cuh"
 
@@ -57,28 +55,4 @@ extern "C" int loraplex_wgmma_sol(int probe, void* stream, const void* x, const 
   LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoDequant | kNoMma)
 #undef LORAPLEX_WGMMA_SOL
   return static_cast<int>(cudaErrorInvalidValue);
-}
-
-// The balanced split's partition (nf4_wgmma.cuh: stream_piece, stream_slots) walked on the host as the kernel walks
-// it, for the CPU tests: every unit of work covered exactly once, every piece inside [0, pieces) and pieces within
-// the slots. Workers past the units of work are dropped, as the launcher drops them. Returns the slot count, or -1
-// where any of that fails.
-extern "C" int loraplex_wgmma_stream_slots(int row_groups, int num_blocks, int workers) {
-  const int64_t work = static_cast<int64_t>(row_groups) * num_blocks;
-  workers = static_cast<int>(work < workers ? work : workers);
-  const int slots = stream_slots(row_groups, num_blocks, workers);
-  std::vector<int> covered(work, 0);
-  for (int worker = 0; worker < workers; ++worker) {
-    for (int64_t unit = stream_start(worker, work, workers), end = stream_start(worker + 1, work, workers);
-         unit < end;) {
-      const StreamPiece p = stream_piece(unit, end, num_blocks, work, workers, worker);
-      if (p.piece < 0 || p.piece >= p.pieces || p.pieces > slots || p.to <= p.from) return -1;
-      for (int blk = p.from; blk < p.to; ++blk) ++covered[static_cast<int64_t>(p.group) * num_blocks + blk];
-      unit += p.to - p.from;
-    }
-  }
-  for (int count : covered) {
-    if (count != 1) return -1;
-  }
-  return slots;
 }

@@ -72,32 +72,6 @@ def wgmma_occupancy(block_tokens: int, block_warps: int = WGMMA_BLOCK_WARPS) -> 
     return blocks * WGMMA_BLOCK_WARPS // block_warps
 
 
-WGMMA_STREAM_BLOCKS_PER_SM = {32: 3, 64: 2, 128: 1}  # the default instances' occupancy (csrc: dispatch_wgmma)
-
-
-def wgmma_stream_workers(num_rows: int, shape, num_sms: int) -> int:
-    """Blocks of nf4_wgmma's balanced split for `num_rows` rows of an (out, in) weight: a full wave of the instance
-    it runs (at wgmma_block_tokens), shared by the token groups on grid z, and at most 15 a row group, so that no
-    group is cut into more than the 16 partial slots the deferred sums take (a group's pieces are at most workers /
-    groups + 1)."""
-    block_tokens = wgmma_block_tokens(num_rows, shape, num_sms)
-    wave = WGMMA_STREAM_BLOCKS_PER_SM[block_tokens] * num_sms // -(-num_rows // block_tokens)
-    return max(1, min(wave, 15 * wgmma_row_groups(shape[0])))
-
-
-def wgmma_wave_fill(num_rows: int, shape, num_sms: int) -> float:
-    """How evenly nf4_wgmma's default grid spreads over the SMs: its blocks (row groups x splits x token groups) an SM
-    on average over the most any SM holds; 1.0 where every SM holds as many. 8B gate_up at 32 rows: 224 blocks on
-    132 SMs, 1.70 of 2, 0.85; down: 32 groups x 12 splits, 384 blocks, 2.91 of 3, 0.97. Block sizes past 128 tokens
-    (no balanced instance) count as even."""
-    block_tokens = wgmma_block_tokens(num_rows, shape, num_sms)
-    if block_tokens not in WGMMA_STREAM_BLOCKS_PER_SM:
-        return 1.0
-    splits = wgmma_split_k(num_rows, shape, num_sms, block_tokens, wgmma_occupancy(block_tokens))
-    blocks = wgmma_row_groups(shape[0]) * splits * -(-num_rows // block_tokens)
-    return blocks / num_sms / -(-blocks // num_sms)
-
-
 def nf4_wgmma(
     x: torch.Tensor,  # [T, in] bf16 / fp16, any T
     tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
@@ -112,7 +86,6 @@ def nf4_wgmma(
     occupancy: int | None = None,
     block_warps: int = WGMMA_BLOCK_WARPS,
     one_wait: bool | None = None,
-    stream_workers: int = 0,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -121,10 +94,6 @@ def nf4_wgmma(
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
     splits filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the
     block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
-    `stream_workers` (> 0, up to 128 block tokens; opt-in until timed): the balanced split of K over that many blocks
-    (csrc/nf4_wgmma.cuh, STREAM; split_k, stage_blocks, occupancy, block_warps and one_wait then unused), every
-    block the same work where the row groups leave SMs uneven (8B gate_up: 224 on 132 SMs); its sums in a different
-    order from the default's, so not the same bits.
     `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice
     the blocks (wgmma_occupancy). Each warpgroup issues the same wgmmas in the same order whatever the variant: the
     same bits for the same splits. Measured slower and removed (H200, 32-256 rows): dequantizing the next quant
@@ -137,20 +106,20 @@ def nf4_wgmma(
     table (wgmma_pairs) and A dequantized into shared memory (wgmma_sa). And (H100,
     -2026-12-06-nvidia-h100-80gb-hbm3-kernels-s37-xahead.json, the design in 55afbf5): x two stages ahead in two
     register sets (8B gate_up 50.3 vs 47.9 us at 32 rows, 71.5 vs 60.6 at 64), with the code ring four deep too
-    (52.5), and a 16-token block at 16 rows (48.9 vs the 32-token block's 47.4)."""
+    (52.5), and a 16-token block at 16 rows (48.9 vs the 32-token block's 47.4). And a balanced split of K over a
+    full wave (stream-K, every block the same share of the row groups' quant blocks, partials summed in slot order;
+    design in 8819aa9), for 8B gate_up's 224 row groups on 132 SMs: 52.6 vs 47.7 us at 32 rows, 83.9 vs 58.5 at 64,
+    47.4 vs 48.3 at 16 (H100, bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s39-sk.json)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
-    if stream_workers:  # the balanced split: its own partial slots, the default stage and instance
-        split_k, stage_blocks, blocks_per_sm, block_warps, one_wait = 1, 1, 0, WGMMA_BLOCK_WARPS, False
-    else:
-        if occupancy is None:
-            occupancy = wgmma_occupancy(block_tokens, block_warps) if stage_blocks == 1 else 2
-        if split_k is None:
-            split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
-        blocks_per_sm = 3 if occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS else 0
-        if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens
-            one_wait = one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
+    if occupancy is None:
+        occupancy = wgmma_occupancy(block_tokens, block_warps) if stage_blocks == 1 else 2
+    if split_k is None:
+        split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
+    blocks_per_sm = 3 if occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS else 0
+    if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens
+        one_wait = one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
     partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      blocks_per_sm, block_warps, one_wait, stream_workers, defer_sum)
+                                      blocks_per_sm, block_warps, one_wait, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)

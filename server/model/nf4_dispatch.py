@@ -96,13 +96,6 @@ PAIRS_MIN_WEIGHTS = 16_000_000
 # vs 264). Rows past the table's last entry (a range asked for past 256) take every weight.
 WGMMA_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_WGMMA_ROWS", "17-256").split("-"))
 WGMMA_MIN_WEIGHTS = ((64, 0), (128, 16_000_000), (256, 50_000_000))  # (up to this many rows, least out x in)
-# wgmma's balanced split of K (cuda_nf4_wgmma.nf4_wgmma's stream_workers) for the calls whose default grid leaves the
-# SMs uneven (cuda_nf4_wgmma.wgmma_wave_fill below WGMMA_STREAM_FILL: 8B gate_up's 224 row groups on 132 SMs, 0.85).
-# LORAPLEX_NF4_WGMMA_STREAM: 0 (never; the default until a GPU has timed it), auto (that rule), 1 (every wgmma call
-# up to 128 block tokens). On an H100 a grid with two blocks on every SM took 13% less a weight than gate_up's
-# (bench/results/2026-12-06-nvidia-h100-80gb-hbm3-wgmma-sol-s38-shapes.json).
-WGMMA_STREAM = os.environ.get("LORAPLEX_NF4_WGMMA_STREAM", "0")
-WGMMA_STREAM_FILL = 0.9
 
 
 @dataclass(frozen=True)
@@ -150,16 +143,6 @@ def wgmma_takes(num_rows: int, shape) -> bool:
         return False
     least = next((weights for rows, weights in WGMMA_MIN_WEIGHTS if num_rows <= rows), 0)
     return shape[0] * shape[1] >= least and cuda_nf4_wgmma.wgmma_supported()
-
-
-def wgmma_stream_takes(num_rows: int, shape, num_sms: int) -> bool:
-    """Whether a wgmma call of `num_rows` rows on an (out, in) weight runs the balanced split (WGMMA_STREAM)."""
-    if WGMMA_STREAM == "0":
-        return False
-    if WGMMA_STREAM == "1":
-        return cuda_nf4_wgmma.wgmma_block_tokens(num_rows, shape, num_sms) <= 128
-    # auto: wave_fill counts blocks past 128 tokens (no balanced instance) as even
-    return cuda_nf4_wgmma.wgmma_wave_fill(num_rows, shape, num_sms) < WGMMA_STREAM_FILL
 
 
 def pairs_takes(shape) -> bool:
@@ -299,8 +282,6 @@ def nf4_linear_cuda(
     if name == "gemm":
         return cuda_nf4.nf4_gemm(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "wgmma":
-        if options is None and wgmma_stream_takes(x.shape[0], shape, num_sms):
-            options = {"stream_workers": cuda_nf4_wgmma.wgmma_stream_workers(x.shape[0], shape, num_sms)}
         return cuda_nf4_wgmma.nf4_wgmma(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum,
                                         **dict(options or {}))
     if name == "dequant":

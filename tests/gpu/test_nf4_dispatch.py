@@ -227,27 +227,6 @@ def _wgmma_against_the_reference(rows, dtype, **options):
     return run, x, got
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows, block_tokens, workers", [
-    (20, 32, 7),  # 5 row groups x 24 quant blocks over 7 workers: pieces of 17-18 blocks, groups cut in 2-3
-    (33, 32, 13), (64, 64, 50),  # 50: 2-3 blocks a worker, ~10 pieces a group
-    (100, 128, 3),  # fewer workers than row groups: a worker's range holds whole groups and parts
-    (300, 64, 5),  # five token groups of 64 on grid z
-    (7, 32, 500),  # more workers than blocks of work: one block each, 24 pieces a group (past the 16 deferred)
-])  # fmt: skip
-def test_wgmma_balanced_split_matches_the_reference_and_replays(rows, block_tokens, workers, dtype):
-    """The balanced split of K (stream_workers): each worker the same share of the row groups' quant blocks, a group's
-    pieces in their own partial slots, the slots past a group's pieces zeroed. Against the float64 reference as the
-    default's sums are, the same bits on a second run and on replay, and (up to 16 slots) the deferred partials sum
-    to the same bits."""
-    run, x, got = _wgmma_against_the_reference(rows, dtype, block_tokens=block_tokens, stream_workers=workers)
-    assert torch.equal(run(x), got)
-    if workers <= 50:
-        deferred = run(x, defer_sum=True)
-        assert torch.equal(deferred.materialize() if hasattr(deferred, "materialize") else deferred, got)
-    _assert_replays(run, x)
-
-
 @pytest.mark.parametrize("block_tokens, variant", [(32, {"stage_blocks": 2}), (32, {"occupancy": 2}),
                                                    (32, {"block_warps": 4}), (64, {"block_warps": 4}),
                                                    (128, {"block_warps": 4}), (32, {"one_wait": True}),

@@ -230,31 +230,3 @@ def test_prepare_settles_the_wgmma_probe_before_any_capture(monkeypatch):
 def test_one_wait_is_the_default_where_it_measured_faster(monkeypatch, setting, block_tokens, expected):
     monkeypatch.setattr(cuda_nf4, "ONE_WAIT", setting)
     assert cuda_nf4.one_wait_for(block_tokens) is expected
-
-
-@pytest.mark.parametrize("rows, shape, fill", [
-    (32, (28672, 4096), 0.848), (128, (28672, 4096), 0.848),  # 8B gate_up: 224 row groups on 132 SMs
-    (32, (4096, 14336), 0.970), (32, (6144, 4096), 0.970),  # 8B down and qkv: 384 blocks of 396
-    (300, (28672, 4096), 1.0),  # 256-token blocks: no balanced instance
-])  # fmt: skip
-def test_wave_fill_counts_the_blocks_an_sm_holds(rows, shape, fill):
-    assert cuda_nf4_wgmma.wgmma_wave_fill(rows, shape, 132) == pytest.approx(fill, abs=1e-3)
-
-
-@pytest.mark.parametrize("setting, rows, shape, expected", [
-    ("0", 32, (28672, 4096), False),  # the default until a GPU has timed it
-    ("auto", 32, (28672, 4096), True), ("auto", 32, (4096, 14336), False),  # only the uneven grid
-    ("1", 32, (4096, 14336), True), ("1", 300, (28672, 4096), False),  # never past 128 block tokens
-])  # fmt: skip
-def test_the_balanced_split_takes_the_uneven_grids(monkeypatch, setting, rows, shape, expected):
-    monkeypatch.setattr(nf4_dispatch, "WGMMA_STREAM", setting)
-    assert nf4_dispatch.wgmma_stream_takes(rows, shape, 132) is expected
-
-
-@pytest.mark.parametrize("rows, shape, workers", [
-    (32, (28672, 4096), 396), (64, (28672, 4096), 264), (128, (28672, 4096), 132),  # a full wave of the instance
-    (100, (6144, 4096), 132),  # two token groups of 64 share the wave
-    (32, (2048, 2048), 240),  # 16 row groups: 15 workers a group at most (16 deferred slots)
-])  # fmt: skip
-def test_the_balanced_split_fills_one_wave_within_the_deferred_slots(rows, shape, workers):
-    assert cuda_nf4_wgmma.wgmma_stream_workers(rows, shape, 132) == workers

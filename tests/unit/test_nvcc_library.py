@@ -86,27 +86,3 @@ def test_the_wgmma_probes_build_for_sm90a_against_the_kernel_header(tmp_path, mo
                               flags=("--use_fast_math",))
     assert path.parent.name.endswith("_sm90a") and path.stat().st_size > 0
     assert callable(ctypes.CDLL(str(path)).loraplex_wgmma_sol)
-
-
-@pytest.mark.parametrize("row_groups, num_blocks, workers, slots", [
-    (224, 64, 396, 3),  # 8B gate_up at 32 rows over three blocks an SM: every group in at most 3 pieces
-    (224, 64, 132, 2), (32, 224, 396, 14),  # 8B down: 224 quant blocks over ~12 workers a group
-    (5, 24, 7, 3), (5, 24, 50, 10), (5, 24, 3, 2), (5, 24, 120, 24),  # the GPU test's weight
-    (1, 64, 396, 64), (3, 1, 7, 1),  # more workers than blocks of work: one block each
-])  # fmt: skip
-def test_the_balanced_split_covers_every_block_once(wgmma_sol_library, row_groups, num_blocks, workers, slots):
-    """nf4_wgmma's balanced split (STREAM): walked on the host by the kernel's own header functions, each worker's
-    range covers every quant block of every row group exactly once, and each group's pieces fit the partial slots."""
-    assert wgmma_sol_library.loraplex_wgmma_stream_slots(row_groups, num_blocks, workers) == slots
-
-
-@pytest.fixture(scope="module")
-def wgmma_sol_library(tmp_path_factory):
-    from bench import wgmma_sol
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("ext")))
-        include = (wgmma_sol.ROOT / "server" / "model" / "csrc",)
-        path = nvcc_library.build(wgmma_sol.SOURCE, "loraplex_wgmma_sol", 9, 0, feature="a",
-                                  flags=("--use_fast_math",), include_dirs=include)
-    return ctypes.CDLL(str(path))

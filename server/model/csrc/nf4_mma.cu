@@ -637,12 +637,11 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 // is not split, an undefined tensor (None in Python).
 template <typename T, typename Body>
 torch::Tensor run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                        int64_t split_k, Body body, bool pdl = false, bool defer_sum = false, int exact_splits = 0) {
+                        int64_t split_k, Body body, bool pdl = false, bool defer_sum = false) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int num_blocks = K / 64;
   const int blocks_per_split = (num_blocks + split_k - 1) / split_k;
-  // exact_splits: partial slots a kernel fills its own way (nf4_wgmma's balanced split), not split_k's even ranges
-  const int splits = exact_splits > 0 ? exact_splits : (num_blocks + blocks_per_split - 1) / blocks_per_split;
+  const int splits = (num_blocks + blocks_per_split - 1) / blocks_per_split;
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
   torch::Tensor partials;
   if (splits > 1) partials = torch::empty({splits, M, N}, x.options().dtype(torch::kFloat32));
@@ -896,61 +895,39 @@ torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
 }
 
 // A wgmma kernel (nf4_wgmma_kernel's parameter list) of BM tokens and WARPS warps a block over the grid (weight-row
-// groups, splits of K, token groups), with SMEM bytes of dynamic shared memory; or, with stream_workers (the kernel's
-// STREAM: the balanced split), that many workers on grid x (at most one a quant block of work) and their partials in
-// stream_slots slots (the most pieces any row group is cut into), passed in the split's place and summed in slot order.
+// groups, splits of K, token groups), with SMEM bytes of dynamic shared memory.
 template <typename T, auto KERNEL, int BM, int WARPS, int SMEM>
 torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& tile_codes,
                                 const torch::Tensor& tile_scales, const torch::Tensor& table,
                                 const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
-                                bool defer_sum, int64_t stream_workers = 0) {
+                                bool defer_sum) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   allow_dynamic_smem<KERNEL>(SMEM);
   const int row_groups = ((N + 15) / 16 + WARPS - 1) / WARPS;
-  int grid_x = row_groups, slots = 0;  // slots 0: split_k's splits
-  if (stream_workers > 0) {
-    grid_x = static_cast<int>(std::min<int64_t>(stream_workers, static_cast<int64_t>(row_groups) * (K / 64)));
-    slots = stream_slots(row_groups, K / 64, grid_x);
-    TORCH_CHECK(!defer_sum || slots <= 16, "deferred partials are summed 16 at most; ", grid_x, " workers cut a row "
-                "group into ", slots, " pieces");
-  }
-  return run_split<T>(x, bias, out, slots > 0 ? 1 : split_k,
+  return run_split<T>(x, bias, out, split_k,
                       [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                           int blocks_per_split) {
-    KERNEL<<<dim3(grid_x, slots > 0 ? 1 : splits, (M + BM - 1) / BM), WARPS * 32, SMEM, stream>>>(
+    KERNEL<<<dim3(row_groups, splits, (M + BM - 1) / BM), WARPS * 32, SMEM, stream>>>(
         reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
         reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        M, N, K, slots > 0 ? splits : blocks_per_split);
-  }, false, defer_sum, slots);
+        M, N, K, blocks_per_split);
+  }, false, defer_sum);
 }
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, bool STREAM = false>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false>
 torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                           int64_t split_k, bool defer_sum, int64_t stream_workers = 0) {
-  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, ONE_WAIT, 0, STREAM>, BM, WARPS,
+                           int64_t split_k, bool defer_sum) {
+  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, ONE_WAIT>, BM, WARPS,
                            WgmmaSmem<BM, KB, ONE_WAIT>::bytes>(x, tile_codes, tile_scales, table, bias, out, split_k,
-                                                               defer_sum, stream_workers);
+                                                               defer_sum);
 }
 
 template <typename T>
 torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
-                             int64_t block_warps, bool one_wait, int64_t stream_workers, bool defer_sum) {
-  // The balanced split (nf4_wgmma_kernel's STREAM) over stream_workers blocks: two warpgroups, one block a stage, the
-  // default stage, 32-128 block tokens at the default instances' occupancy.
-  if (stream_workers > 0) {
-    TORCH_CHECK(block_warps == 8 && stage_blocks == 1 && !one_wait && blocks_per_sm == 0 && block_tokens <= 128,
-                "stream_workers takes two warpgroups, one block a stage, the default stage and instance, and at most "
-                "128 block tokens");
-#define LORAPLEX_WGMMA_STREAM(BM, MIN_BLOCKS)                                                              \
-  launch_wgmma<T, BM, MIN_BLOCKS, 1, WG_WARPS, false, true>(x, tile_codes, tile_scales, table, bias, out, 1, \
-                                                            defer_sum, stream_workers)
-    if (block_tokens == 32) return LORAPLEX_WGMMA_STREAM(32, 3);
-    return block_tokens == 64 ? LORAPLEX_WGMMA_STREAM(64, 2) : LORAPLEX_WGMMA_STREAM(128, 1);
-#undef LORAPLEX_WGMMA_STREAM
-  }
+                             int64_t block_warps, bool one_wait, bool defer_sum) {
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
   // One wait for global loads a stage (nf4_wgmma_kernel's ONE_WAIT; cuda_nf4.one_wait_for): two warpgroups,
@@ -993,22 +970,20 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
-// or 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage),
-// stream_workers (> 0: the balanced split over that many blocks instead of split_k); any M, K % 64 == 0. Only where
-// nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N]
-// instead (run_split); else None.
+// or 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage); any M,
+// K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32
+// partials [splits, M, N] instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
                         int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait,
-                        int64_t stream_workers, bool defer_sum) {
+                        bool defer_sum) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   check_tile_layout(x, tile_codes, tile_scales, out);
   return run_for_dtype(x, [&](auto dtype_tag) {
     return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
-                                               stage_blocks, blocks_per_sm, block_warps, one_wait, stream_workers,
-                                               defer_sum);
+                                               stage_blocks, blocks_per_sm, block_warps, one_wait, defer_sum);
   });
 }
 

@@ -114,54 +114,7 @@ __device__ __forceinline__ void store_accumulators(const float (&acc)[BM / 2], i
 // accumulator so that the dequantization stays).
 constexpr int kWgmmaProbeNoX = 1, kWgmmaProbeNoBarrier = 2, kWgmmaProbeNoDequant = 4, kWgmmaProbeNoMma = 8;
 
-// Balanced split of K (STREAM, stream-K): grid x holds P workers, not one block a row group and split. The work is
-// the row groups' quant blocks in a row, group g's blocks [0, NB) at g NB, ...; worker w takes [w W / P, (w + 1) W /
-// P) of the W = G NB, so every worker has the same work to within a block while the grid keeps P (every SM's share)
-// blocks: 8B gate_up's 224 row groups leave 40 of 132 SMs one block where 92 hold two, and a grid with two blocks on
-// every SM measured 13% less a weight (bench/NOTES.md, thirty-eighth session). A worker's range crosses groups: each
-// piece of a group goes to its own fp32 partial slot, piece j of group g (j = w - stream_worker(g NB)) in slot j,
-// summed in slot order as split-K's splits are; the group's last piece zeroes the slots past its pieces
-// (stream_slots: the most pieces of any group), so every slot is written and the sum never reads stale memory.
-__host__ __device__ __forceinline__ int stream_worker(int64_t unit, int64_t work, int workers) {
-  return static_cast<int>(((unit + 1) * workers - 1) / work);  // the worker whose range holds `unit`
-}
-__host__ __device__ __forceinline__ int64_t stream_start(int worker, int64_t work, int workers) {
-  return static_cast<int64_t>(worker) * work / workers;
-}
-
-// The piece of a worker's range that starts at `unit` (its range ends at `end`): row group `group`'s quant blocks
-// [from, to), piece `piece` of the group's `pieces`.
-struct StreamPiece {
-  int group, from, to, piece, pieces;
-};
-__host__ __device__ __forceinline__ StreamPiece stream_piece(int64_t unit, int64_t end, int num_blocks, int64_t work,
-                                                             int workers, int worker) {
-  StreamPiece p;
-  p.group = static_cast<int>(unit / num_blocks);
-  p.from = static_cast<int>(unit % num_blocks);
-  p.to = static_cast<int>(end - unit < num_blocks - p.from ? p.from + (end - unit) : num_blocks);
-  const int64_t group_unit = static_cast<int64_t>(p.group) * num_blocks;
-  const int first_worker = stream_worker(group_unit, work, workers);
-  p.piece = worker - first_worker;
-  p.pieces = stream_worker(group_unit + num_blocks - 1, work, workers) - first_worker + 1;
-  return p;
-}
-
-// Partial slots of the balanced split: the most pieces any row group is cut into (workers <= row_groups x
-// num_blocks, each worker at least one unit).
-__host__ __device__ __forceinline__ int stream_slots(int row_groups, int num_blocks, int workers) {
-  const int64_t work = static_cast<int64_t>(row_groups) * num_blocks;
-  int slots = 1;
-  for (int group = 0; group < row_groups; ++group) {
-    const int64_t unit = static_cast<int64_t>(group) * num_blocks;
-    const int pieces = stream_worker(unit + num_blocks - 1, work, workers) - stream_worker(unit, work, workers) + 1;
-    slots = pieces > slots ? pieces : slots;
-  }
-  return slots;
-}
-
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0,
-          bool STREAM = false>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
@@ -173,7 +126,6 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   static_assert(!ONE_WAIT || KB == 1, "the one-wait stage takes one quant block");
   static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
   static_assert(PROBE == 0 || (!ONE_WAIT && KB == 1), "the probes take the default stage");
-  static_assert(!STREAM || (!ONE_WAIT && PROBE == 0), "the balanced split runs the default stage");
   constexpr bool kNoX = PROBE & kWgmmaProbeNoX, kNoBarrier = PROBE & kWgmmaProbeNoBarrier;
   constexpr bool kNoDequant = PROBE & kWgmmaProbeNoDequant, kNoMma = PROBE & kWgmmaProbeNoMma;
   extern __shared__ __align__(1024) uint8_t wg_smem[];
@@ -244,90 +196,60 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     store_accumulators<T, BM>(acc, tile0, row_tiles, g, t, m0, M, N, bias, out, partial);
     return;
   }
-  // The default stage loop: quant blocks [first, last) of row tile `tile` into acc.
-  auto run_blocks = [&](int tile, int first, int last) {
-    XStage<T, BM, KB, THREADS> xs;  // x of the next stage, in registers until stored
-    auto load_x = [&](int blk) { xs.load(x, M, K, m0, blk, last); };
-    auto store_x = [&](int buffer) { xs.store(tiles_ptr + buffer * X_BYTES); };
-    TileRing<1, WG_PREFETCH> ring(tile_codes, tile_scales, tile, row_tiles, num_blocks, lane, first, last);
-    load_x(first);
-    store_x(0);
-    for (int base = first; base < last; base += WG_PREFETCH) {
+  XStage<T, BM, KB, THREADS> xs;  // x of the next stage, in registers until stored
+  auto load_x = [&](int blk) { xs.load(x, M, K, m0, blk, last); };
+  auto store_x = [&](int buffer) { xs.store(tiles_ptr + buffer * X_BYTES); };
+  TileRing<1, WG_PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
+  load_x(first);
+  store_x(0);
+  for (int base = first; base < last; base += WG_PREFETCH) {
 #pragma unroll
-      for (int p = 0; p < WG_PREFETCH; p += KB) {
-        const int blk = base + p;
-        if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
-        const int i = kNoX ? 0 : (blk - first) / KB;
-        if (!kNoX && blk + KB < last) load_x(blk + KB);
-        uint32_t a[KB][2][2][4];  // [block of the stage][half][k-step of the half][4 registers]
+    for (int p = 0; p < WG_PREFETCH; p += KB) {
+      const int blk = base + p;
+      if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
+      const int i = kNoX ? 0 : (blk - first) / KB;
+      if (!kNoX && blk + KB < last) load_x(blk + KB);
+      uint32_t a[KB][2][2][4];  // [block of the stage][half][k-step of the half][4 registers]
 #pragma unroll
-        for (int kb = 0; kb < KB; ++kb) {  // a block past the split takes valid clamped codes; its wgmmas are skipped
-          uint4 codes[1];
-          float2 scales[1];
-          ring.take(p + kb, blk + kb, last, codes, scales);
-          if constexpr (kNoDequant) {
-            const uint32_t raw[4] = {codes[0].x, codes[0].y, codes[0].z, codes[0].w ^ __float_as_uint(scales[0].x)};
+      for (int kb = 0; kb < KB; ++kb) {  // a block past the split takes valid clamped codes; its wgmmas are skipped
+        uint4 codes[1];
+        float2 scales[1];
+        ring.take(p + kb, blk + kb, last, codes, scales);
+        if constexpr (kNoDequant) {
+          const uint32_t raw[4] = {codes[0].x, codes[0].y, codes[0].z, codes[0].w ^ __float_as_uint(scales[0].x)};
 #pragma unroll
-            for (int r = 0; r < 16; ++r) a[kb][r / 8][(r / 4) % 2][r % 4] = raw[(r + r / 4) % 4];
-          } else {
-            a_fragments<T>(lut, codes[0], scales[0], 0, a[kb][0]);
-            a_fragments<T>(lut, codes[0], scales[0], 1, a[kb][1]);
-          }
-        }
-        // x of this stage is stored and fenced by all; the other buffer's wgmmas are done
-        if constexpr (!kNoBarrier) __syncthreads();
-        const uint64_t x_desc = smem_desc_advance(x_desc0, (i & 1) * X_BYTES);
-        if constexpr (kNoMma) {
-          uint32_t folded = 0;
-#pragma unroll
-          for (int r = 0; r < 16; ++r) folded ^= a[0][r / 8][(r / 4) % 2][r % 4];
-          acc[0] += __uint_as_float(folded);
+          for (int r = 0; r < 16; ++r) a[kb][r / 8][(r / 4) % 2][r % 4] = raw[(r + r / 4) % 4];
         } else {
-          wgmma_fence();
+          a_fragments<T>(lut, codes[0], scales[0], 0, a[kb][0]);
+          a_fragments<T>(lut, codes[0], scales[0], 1, a[kb][1]);
+        }
+      }
+      // x of this stage is stored and fenced by all; the other buffer's wgmmas are done
+      if constexpr (!kNoBarrier) __syncthreads();
+      const uint64_t x_desc = smem_desc_advance(x_desc0, (i & 1) * X_BYTES);
+      if constexpr (kNoMma) {
+        uint32_t folded = 0;
 #pragma unroll
-          for (int kb = 0; kb < KB; ++kb) {
-            if (kb > 0 && blk + kb >= last) break;  // uniform across the block
+        for (int r = 0; r < 16; ++r) folded ^= a[0][r / 8][(r / 4) % 2][r % 4];
+        acc[0] += __uint_as_float(folded);
+      } else {
+        wgmma_fence();
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              Wgmma<T, BM>::mma(acc, a[kb][j / 2][j % 2], smem_desc_advance(x_desc, kb * BM * 128 + 32 * j));
-            }
+        for (int kb = 0; kb < KB; ++kb) {
+          if (kb > 0 && blk + kb >= last) break;  // uniform across the block
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            Wgmma<T, BM>::mma(acc, a[kb][j / 2][j % 2], smem_desc_advance(x_desc, kb * BM * 128 + 32 * j));
           }
-          wgmma_commit();
-          wgmma_wait_all();
         }
-        if (!kNoX && blk + KB < last) store_x((i + 1) & 1);
+        wgmma_commit();
+        wgmma_wait_all();
       }
+      if (!kNoX && blk + KB < last) store_x((i + 1) & 1);
     }
-  };
-  if constexpr (STREAM) {
-    const int row_groups = (row_tiles + WARPS - 1) / WARPS, workers = gridDim.x;
-    const int64_t work = static_cast<int64_t>(row_groups) * num_blocks;
-    const int slots = blocks_per_split;  // stream_slots, passed in the split's place
-    int64_t unit = stream_start(blockIdx.x, work, workers);
-    const int64_t end = stream_start(blockIdx.x + 1, work, workers);
-    while (unit < end) {  // the same for every thread of the block
-      const auto [group, from, to, piece, pieces] = stream_piece(unit, end, num_blocks, work, workers, blockIdx.x);
-      const int tile = group * WARPS + (threadIdx.x >> 5);
-      __syncthreads();  // every warp is past the last piece's x buffers
-#pragma unroll
-      for (int r = 0; r < BM / 2; ++r) acc[r] = 0.f;
-      run_blocks(tile, from, to);
-      const int64_t plane = static_cast<int64_t>(M) * N;
-      store_accumulators<T, BM>(acc, tile, row_tiles, g, t, m0, M, N, bias, out,
-                                slots > 1 ? partial + piece * plane : nullptr);
-      if (piece == pieces - 1) {  // the slots this group has no piece in
-#pragma unroll
-        for (int r = 0; r < BM / 2; ++r) acc[r] = 0.f;
-        for (int slot = pieces; slot < slots; ++slot) {
-          store_accumulators<T, BM>(acc, tile, row_tiles, g, t, m0, M, N, bias, out, partial + slot * plane);
-        }
-      }
-      unit += to - from;
-    }
-  } else {
-    run_blocks(tile0, first, last);
-    store_accumulators<T, BM>(acc, tile0, row_tiles, g, t, m0, M, N, bias, out, partial);
   }
+
+  store_accumulators<T, BM>(acc, tile0, row_tiles, g, t, m0, M, N, bias, out, partial);
 #endif
 }
 
