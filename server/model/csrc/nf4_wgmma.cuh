@@ -53,11 +53,15 @@ struct WgmmaSmem {
 // (1 KB a warp) in flight and ptxas gives its loads the scoreboard x's loads wait on; the cp.async ring (674a251)
 // took them off the scoreboard but cost each lane an LDGSTS a block beside the table's shared-memory loads, and
 // slowed the whole stage. Here lane 0 issues a block's 512 bytes of codes and 64 of scales as two bulk copies (the
-// TMA unit writes them; no thread loads anything) on the slot's mbarrier, and every lane waits on that barrier's
-// phase, then reads its 16 bytes of codes and its row pair's scales. A slot is refilled at the take after the one
-// that read it, after a __syncwarp: by then every lane has consumed what it read. Only blocks before the split's
-// last are copied, and every one of them is taken, so no copy is in flight when the block exits. A warp's region:
-// DEPTH slots of 576 bytes, then DEPTH 8-byte barriers (16-byte aligned for an even DEPTH).
+// TMA unit writes them; no thread loads anything) on the slot's mbarrier; every lane waits on that barrier's phase,
+// then reads its 16 bytes of codes and its row pair's scales, one block ahead of the take that returns them (held):
+// read at the take itself, the wait and the shared-memory read sat at the head of every block's dequantization
+// (H100, 8B gate_up at 32 rows: the loads alone 27.4 us against the register ring's 33.7, but with the
+// dequantization 44.7 against 35.5; bench/results/2026-12-06-nvidia-h100-80gb-hbm3-wgmma-sol-s39-bulk.json). The
+// slot of block i is refilled (block i + DEPTH) at the take of block i + 1, after a __syncwarp: block i was read
+// into registers a take before and dequantized since. Only blocks before the split's last are copied, and every one
+// of them is read, so no copy is in flight when the block exits. A warp's region: DEPTH slots of 576 bytes, then
+// DEPTH 8-byte barriers (16-byte aligned for an even DEPTH).
 template <int DEPTH>
 struct BulkTileRing {
   static_assert(DEPTH >= 2 && DEPTH % 2 == 0, "an even depth keeps each warp's region 16-byte aligned");
@@ -66,14 +70,17 @@ struct BulkTileRing {
   const float2* scales_at;  // the tile's block 0 (8 float2 a block)
   const char* region;  // the warp's slots (generic pointer, for the reads)
   uint32_t region_s;  // the same, as a shared-memory address (for the copies and barriers)
-  int lane, slot, ahead;
-  uint32_t phase;  // the parity of the phase the next take waits for
+  int lane, next, last;  // next: the block `held` holds (relative to the split's first)
+  int first;
+  uint32_t phase;  // the parity of the phase the next read waits for (slot next % DEPTH)
+  uint4 held_codes;
+  float2 held_scales;
 
   __device__ __forceinline__ BulkTileRing(const uint4* tile_codes, const float2* tile_scales, int tile0,
-                                          int row_tiles, int num_blocks, int lane_, int first, int last,
+                                          int row_tiles, int num_blocks, int lane_, int first_, int last_,
                                           char* warp_region)
       : region(warp_region), region_s(static_cast<uint32_t>(__cvta_generic_to_shared(warp_region))), lane(lane_),
-        slot(0), ahead(first + DEPTH - 1), phase(0) {
+        next(0), last(last_), first(first_), phase(0) {
     const int tile = tile0 < row_tiles ? tile0 : row_tiles - 1;  // a tile past the last re-reads the last
     codes_at = tile_codes + static_cast<int64_t>(tile) * num_blocks * 32;
     scales_at = tile_scales + static_cast<int64_t>(tile) * num_blocks * 8;
@@ -84,33 +91,42 @@ struct BulkTileRing {
     }
     __syncwarp();
 #pragma unroll
-    for (int s = 0; s < DEPTH - 1; ++s) issue(s, first + s, last);
+    for (int s = 0; s < DEPTH - 1; ++s) issue(s);
+    read();  // block 0 into held
   }
 
   __device__ __forceinline__ uint32_t barrier(int s) const { return region_s + DEPTH * kSlotBytes + 8 * s; }
 
-  // Block blk into slot s (lane 0; nothing past the split's last).
-  __device__ __forceinline__ void issue(int s, int blk, int last) {
-    if (lane == 0 && blk < last) {
+  // Block i (relative) into its slot i % DEPTH (lane 0; nothing past the split's last).
+  __device__ __forceinline__ void issue(int i) {
+    if (lane == 0 && first + i < last) {
+      const int s = i % DEPTH;
       const uint32_t dst = region_s + s * kSlotBytes;
       mbarrier_arrive_expect_tx(barrier(s), kSlotBytes);
-      bulk_copy_to_shared(dst, codes_at + 32 * blk, kCodeBytes, barrier(s));
-      bulk_copy_to_shared(dst + kCodeBytes, scales_at + 8 * blk, kSlotBytes - kCodeBytes, barrier(s));
+      bulk_copy_to_shared(dst, codes_at + 32 * (first + i), kCodeBytes, barrier(s));
+      bulk_copy_to_shared(dst + kCodeBytes, scales_at + 8 * (first + i), kSlotBytes - kCodeBytes, barrier(s));
     }
   }
 
-  // The next block into cur (blocks are taken in order, each before the split's last); the slot the take before
-  // read refilled DEPTH - 1 blocks ahead.
-  __device__ __forceinline__ void take(int, int, int last, uint4 (&cur_codes)[1], float2 (&cur_scales)[1]) {
-    __syncwarp();  // every lane is past the take before, whose values it has used
-    issue(slot == 0 ? DEPTH - 1 : slot - 1, ahead++, last);
-    mbarrier_wait_parity(barrier(slot), phase);
-    cur_codes[0] = *reinterpret_cast<const uint4*>(region + slot * kSlotBytes + 16 * lane);
-    cur_scales[0] = *reinterpret_cast<const float2*>(region + slot * kSlotBytes + kCodeBytes + 8 * (lane >> 2));
-    if (++slot == DEPTH) {
-      slot = 0;
-      phase ^= 1u;
-    }
+  // Block `next` from its slot into held, once its copies have landed (nothing past the split's last).
+  __device__ __forceinline__ void read() {
+    if (first + next >= last) return;  // the same for the whole warp
+    const int s = next % DEPTH;
+    mbarrier_wait_parity(barrier(s), phase);
+    held_codes = *reinterpret_cast<const uint4*>(region + s * kSlotBytes + 16 * lane);
+    held_scales = *reinterpret_cast<const float2*>(region + s * kSlotBytes + kCodeBytes + 8 * (lane >> 2));
+    if (s == DEPTH - 1) phase ^= 1u;
+  }
+
+  // The next block into cur (blocks are taken in order, each before the split's last): the one held; the slot of
+  // the block before refilled DEPTH blocks on, and the block after read into held.
+  __device__ __forceinline__ void take(int, int, int, uint4 (&cur_codes)[1], float2 (&cur_scales)[1]) {
+    cur_codes[0] = held_codes;
+    cur_scales[0] = held_scales;
+    __syncwarp();  // every lane is past the block before's dequantization
+    issue(next + DEPTH - 1);  // into the slot of block next - 1
+    ++next;
+    read();
   }
 };
 
