@@ -21,9 +21,12 @@ The exact dequantization (the 16-entry table, 8 instructions a weight pair) with
 quarters of the kernel: issue-bound on the SMs that hold two of gate_up's 224 blocks (132 SMs: 92 hold two, 40
 one). Codes brought by cp.async into a shared-memory ring of 4 or 8 slots instead of the register ring (design in
 674a251) sped the MMAs and loads alone (28.6 against 36.4 at 8 slots) but slowed the whole kernel (58.0 and 59.4):
-more shared-memory traffic beside the table loads. ``bulk4`` and ``bulk8`` (checked bit for bit too) bring them by
-bulk copies instead (nf4_wgmma.cuh's BulkTileRing: lane 0 issues a block's 576 bytes as two TMA copies on the slot's
-mbarrier, no per-lane load at all), with ``dequant_loads``, ``mma_loads`` and ``loads`` over that ring (``_bulk8``).
+more shared-memory traffic beside the table loads. Bulk copies (the TMA unit: lane 0 of a warp issued a block's 576
+bytes on the slot's mbarrier, the lanes waited on its phase and read the slot back; design in 3d4c4a2, read one block
+ahead in ccdd2ff) did the same: the loads alone 27.4-28.0 against 33.6, the MMAs and loads 32.2 (34.5 read ahead),
+but the dequantization with them 44.7 (49.4) against 35.5 and the whole kernel 62-69 against 48
+(-wgmma-sol-s39-bulk.json, -s39-bulk-ahead.json). So any ring through shared memory, however it is filled, slows the
+exact dequantization beside it.
 """
 
 from __future__ import annotations
@@ -43,14 +46,9 @@ from bench.results import write_named_result
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "bench" / "csrc" / "wgmma_sol.cu"
 NO_X, NO_BARRIER, NO_DEQUANT, NO_MMA = 1, 2, 4, 8  # csrc/nf4_wgmma.cuh's kWgmmaProbe* flags
-LOADS = NO_X | NO_BARRIER | NO_DEQUANT | NO_MMA
-# name -> (probe flags, depth of the bulk-copy code ring; 0: the register ring), as wgmma_sol.cu instantiates them
-PROBES = {"kernel": (0, 0), "no_x": (NO_X, 0), "no_barrier": (NO_BARRIER, 0), "no_x_barrier": (NO_X | NO_BARRIER, 0),
-          "no_dequant": (NO_DEQUANT, 0), "no_mma": (NO_MMA, 0), "dequant_loads": (NO_X | NO_BARRIER | NO_MMA, 0),
-          "mma_loads": (NO_X | NO_BARRIER | NO_DEQUANT, 0), "loads": (LOADS, 0), "bulk4": (0, 4), "bulk8": (0, 8),
-          "dequant_loads_bulk8": (NO_X | NO_BARRIER | NO_MMA, 8),
-          "mma_loads_bulk8": (NO_X | NO_BARRIER | NO_DEQUANT, 8), "loads_bulk8": (LOADS, 8)}
-EXACT = ("kernel", "bulk4", "bulk8")  # the whole stage: the server's output bit for bit
+PROBES = {"kernel": 0, "no_x": NO_X, "no_barrier": NO_BARRIER, "no_x_barrier": NO_X | NO_BARRIER,
+          "no_dequant": NO_DEQUANT, "no_mma": NO_MMA, "dequant_loads": NO_X | NO_BARRIER | NO_MMA,
+          "mma_loads": NO_X | NO_BARRIER | NO_DEQUANT, "loads": NO_X | NO_BARRIER | NO_DEQUANT | NO_MMA}
 BLOCK_TOKENS, OCCUPANCY = 32, 3  # the instance the probes build (wgmma_sol.cu)
 
 
@@ -64,7 +62,7 @@ def _library() -> ctypes.PyDLL:
     path = nvcc_library.build(SOURCE, "loraplex_wgmma_sol", major, minor, feature="a", flags=("--use_fast_math",),
                               include_dirs=(ROOT / "server" / "model" / "csrc",))
     lib = ctypes.PyDLL(str(path))
-    lib.loraplex_wgmma_sol.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4
+    lib.loraplex_wgmma_sol.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4
     return lib
 
 
@@ -72,13 +70,13 @@ def probe_call(layer, x: torch.Tensor, probe: str, splits: int):
     """call(tiled): one launch of `probe` at `splits` splits of K; and the output it leaves: out [M, N], or the
     partials [splits, M, N] summed in split order as split_k_sum_kernel does."""
     lib = _library()
-    flags, depth = PROBES[probe]
+    flags = PROBES[probe]
     (out_features, in_features), rows = layer.shape, x.shape[0]
     out = torch.empty(rows, out_features, dtype=x.dtype, device="cuda")
     partial = torch.empty(splits, rows, out_features, dtype=torch.float32, device="cuda")
 
     def call(tiled):
-        err = lib.loraplex_wgmma_sol(flags, depth, torch.cuda.current_stream().cuda_stream, x.data_ptr(),
+        err = lib.loraplex_wgmma_sol(flags, torch.cuda.current_stream().cuda_stream, x.data_ptr(),
                                      tiled[0].data_ptr(), tiled[1].data_ptr(), layer.table.data_ptr(),
                                      out.data_ptr(), partial.data_ptr(), rows, out_features, in_features, splits)
         if err:
@@ -113,12 +111,11 @@ def run_shape(model: str, name: str, in_features: int, out_features: int, rows: 
         for c in layer.nf4]), 2)
     want = cuda_nf4_wgmma.nf4_wgmma(x, layer.nf4[0][3], shape, table, split_k=splits, block_tokens=BLOCK_TOKENS,
                                     num_sms=num_sms, occupancy=OCCUPANCY, one_wait=False)
-    entry["exact"] = {}
     for probe in PROBES:
         call, result = probe_call(layer, x, probe, splits)
-        if probe in EXACT:
+        if probe == "kernel":
             call(layer.nf4[0][3])
-            entry["exact"][probe] = bool(torch.equal(result(), want))
+            entry["exact"] = bool(torch.equal(result(), want))
         entry["us"][probe] = round(time_calls([lambda c=c, call=call: call(c[3]) for c in layer.nf4]), 2)
     del layer
     torch.cuda.empty_cache()

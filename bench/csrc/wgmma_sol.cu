@@ -15,12 +15,11 @@ namespace {
 
 constexpr int kBlockTokens = 32, kMinBlocks = 3;
 
-template <int PROBE, int DEPTH>
+template <int PROBE>
 cudaError_t launch(cudaStream_t stream, const void* x, const void* codes, const void* scales, const float* table,
                    void* out, float* partial, int M, int N, int K, int splits) {
-  constexpr auto kernel =
-      nf4_wgmma_kernel<__nv_bfloat16, kBlockTokens, kMinBlocks, 1, WG_WARPS, false, PROBE, DEPTH>;
-  constexpr int smem = WgmmaSmem<kBlockTokens, 1, false, bulk_ring_bytes<DEPTH, WG_WARPS>()>::bytes;
+  constexpr auto kernel = nf4_wgmma_kernel<__nv_bfloat16, kBlockTokens, kMinBlocks, 1, WG_WARPS, false, PROBE>;
+  constexpr int smem = WgmmaSmem<kBlockTokens, 1>::bytes;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const int num_blocks = K / 64, blocks_per_split = (num_blocks + splits - 1) / splits;
@@ -35,33 +34,25 @@ cudaError_t launch(cudaStream_t stream, const void* x, const void* codes, const 
 
 }  // namespace
 
-// Probe `probe` (an OR of kWgmmaProbe* flags, one of those instantiated below; 0: the server's kernel itself) with
-// the codes in the register ring (depth 0) or a BulkTileRing of `depth` slots, over the tile layout of an [N, K]
-// weight and x [M, K] bf16, M <= 32: out [M, N] bf16, or with splits > 1 the fp32 partials [splits, M, N] (never
-// summed). Returns the launch's cudaError_t.
-extern "C" int loraplex_wgmma_sol(int probe, int depth, void* stream, const void* x, const void* codes,
-                                  const void* scales, const float* table, void* out, float* partial, int M, int N,
-                                  int K, int splits) {
+// Probe `probe` (an OR of kWgmmaProbe* flags, one of those instantiated below; 0: the server's kernel itself) over
+// the tile layout of an [N, K] weight and x [M, K] bf16, M <= 32: out [M, N] bf16, or with splits > 1 the fp32
+// partials [splits, M, N] (never summed). Returns the launch's cudaError_t.
+extern "C" int loraplex_wgmma_sol(int probe, void* stream, const void* x, const void* codes, const void* scales,
+                                  const float* table, void* out, float* partial, int M, int N, int K, int splits) {
   auto s = static_cast<cudaStream_t>(stream);
   constexpr int kNoX = kWgmmaProbeNoX, kNoBarrier = kWgmmaProbeNoBarrier;
   constexpr int kNoDequant = kWgmmaProbeNoDequant, kNoMma = kWgmmaProbeNoMma;
-#define LORAPLEX_WGMMA_SOL(PROBE, DEPTH)      \
-  if (probe == (PROBE) && depth == (DEPTH)) \
-    return launch<PROBE, DEPTH>(s, x, codes, scales, table, out, partial, M, N, K, splits);
-  LORAPLEX_WGMMA_SOL(0, 0)
-  LORAPLEX_WGMMA_SOL(kNoX, 0)
-  LORAPLEX_WGMMA_SOL(kNoBarrier, 0)
-  LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier, 0)
-  LORAPLEX_WGMMA_SOL(kNoDequant, 0)
-  LORAPLEX_WGMMA_SOL(kNoMma, 0)
-  LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoMma, 0)
-  LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoDequant, 0)
-  LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoDequant | kNoMma, 0)
-  LORAPLEX_WGMMA_SOL(0, 4)
-  LORAPLEX_WGMMA_SOL(0, 8)
-  LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoMma, 8)
-  LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoDequant, 8)
-  LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoDequant | kNoMma, 8)
+#define LORAPLEX_WGMMA_SOL(PROBE) \
+  if (probe == (PROBE)) return launch<PROBE>(s, x, codes, scales, table, out, partial, M, N, K, splits);
+  LORAPLEX_WGMMA_SOL(0)
+  LORAPLEX_WGMMA_SOL(kNoX)
+  LORAPLEX_WGMMA_SOL(kNoBarrier)
+  LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier)
+  LORAPLEX_WGMMA_SOL(kNoDequant)
+  LORAPLEX_WGMMA_SOL(kNoMma)
+  LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoMma)
+  LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoDequant)
+  LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoDequant | kNoMma)
 #undef LORAPLEX_WGMMA_SOL
   return static_cast<int>(cudaErrorInvalidValue);
 }

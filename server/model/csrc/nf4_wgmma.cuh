@@ -40,105 +40,12 @@ constexpr int WG_PREFETCH = 2;
 // buffer, the KB blocks' A fragments in registers, one barrier and one wgmma wait for all of them. (A variant with
 // the A fragments from the byte-pair table and one with A dequantized into shared-memory tiles were measured slower
 // on an H100, bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json, and removed; see git history.)
-template <int BM, int KB, bool ONE_WAIT = false, int RING_BYTES = 0>
+template <int BM, int KB, bool ONE_WAIT = false>
 struct WgmmaSmem {
   static constexpr int x_bytes = KB * BM * 128;
   static constexpr int buffers = ONE_WAIT ? 3 : 2;  // the one-wait stage stores x a stage earlier (the kernel)
-  // the x buffers, a code ring's bytes after them (BulkTileRing; 0: the register ring), room to align them to 1,024
-  static constexpr int bytes = buffers * x_bytes + RING_BYTES + 1024;
+  static constexpr int bytes = buffers * x_bytes + 1024;  // the x buffers, and room to align them to 1,024
 };
-
-// The codes and scales of a warp's row tile, DEPTH - 1 quant blocks ahead in a shared-memory ring filled by bulk
-// copies (TileRing's interface for one row tile; take's slot argument unused). The register ring keeps two blocks
-// (1 KB a warp) in flight and ptxas gives its loads the scoreboard x's loads wait on; the cp.async ring (674a251)
-// took them off the scoreboard but cost each lane an LDGSTS a block beside the table's shared-memory loads, and
-// slowed the whole stage. Here lane 0 issues a block's 512 bytes of codes and 64 of scales as two bulk copies (the
-// TMA unit writes them; no thread loads anything) on the slot's mbarrier; every lane waits on that barrier's phase,
-// then reads its 16 bytes of codes and its row pair's scales, one block ahead of the take that returns them (held):
-// read at the take itself, the wait and the shared-memory read sat at the head of every block's dequantization
-// (H100, 8B gate_up at 32 rows: the loads alone 27.4 us against the register ring's 33.7, but with the
-// dequantization 44.7 against 35.5; bench/results/2026-12-06-nvidia-h100-80gb-hbm3-wgmma-sol-s39-bulk.json). The
-// slot of block i is refilled (block i + DEPTH) at the take of block i + 1, after a __syncwarp: block i was read
-// into registers a take before and dequantized since. Only blocks before the split's last are copied, and every one
-// of them is read, so no copy is in flight when the block exits. A warp's region: DEPTH slots of 576 bytes, then
-// DEPTH 8-byte barriers (16-byte aligned for an even DEPTH).
-template <int DEPTH>
-struct BulkTileRing {
-  static_assert(DEPTH >= 2 && DEPTH % 2 == 0, "an even depth keeps each warp's region 16-byte aligned");
-  static constexpr int kCodeBytes = 512, kSlotBytes = kCodeBytes + 64, kWarpBytes = DEPTH * (kSlotBytes + 8);
-  const uint4* codes_at;  // the tile's block 0 (32 uint4 a block)
-  const float2* scales_at;  // the tile's block 0 (8 float2 a block)
-  const char* region;  // the warp's slots (generic pointer, for the reads)
-  uint32_t region_s;  // the same, as a shared-memory address (for the copies and barriers)
-  int lane, next, last;  // next: the block `held` holds (relative to the split's first)
-  int first;
-  uint32_t phase;  // the parity of the phase the next read waits for (slot next % DEPTH)
-  uint4 held_codes;
-  float2 held_scales;
-
-  __device__ __forceinline__ BulkTileRing(const uint4* tile_codes, const float2* tile_scales, int tile0,
-                                          int row_tiles, int num_blocks, int lane_, int first_, int last_,
-                                          char* warp_region)
-      : region(warp_region), region_s(static_cast<uint32_t>(__cvta_generic_to_shared(warp_region))), lane(lane_),
-        next(0), last(last_), first(first_), phase(0) {
-    const int tile = tile0 < row_tiles ? tile0 : row_tiles - 1;  // a tile past the last re-reads the last
-    codes_at = tile_codes + static_cast<int64_t>(tile) * num_blocks * 32;
-    scales_at = tile_scales + static_cast<int64_t>(tile) * num_blocks * 8;
-    if (lane == 0) {
-#pragma unroll
-      for (int s = 0; s < DEPTH; ++s) mbarrier_init(barrier(s), 1);
-      mbarrier_init_fence();
-    }
-    __syncwarp();
-#pragma unroll
-    for (int s = 0; s < DEPTH - 1; ++s) issue(s);
-    read();  // block 0 into held
-  }
-
-  __device__ __forceinline__ uint32_t barrier(int s) const { return region_s + DEPTH * kSlotBytes + 8 * s; }
-
-  // Block i (relative) into its slot i % DEPTH (lane 0; nothing past the split's last).
-  __device__ __forceinline__ void issue(int i) {
-    if (lane == 0 && first + i < last) {
-      const int s = i % DEPTH;
-      const uint32_t dst = region_s + s * kSlotBytes;
-      mbarrier_arrive_expect_tx(barrier(s), kSlotBytes);
-      bulk_copy_to_shared(dst, codes_at + 32 * (first + i), kCodeBytes, barrier(s));
-      bulk_copy_to_shared(dst + kCodeBytes, scales_at + 8 * (first + i), kSlotBytes - kCodeBytes, barrier(s));
-    }
-  }
-
-  // Block `next` from its slot into held, once its copies have landed (nothing past the split's last).
-  __device__ __forceinline__ void read() {
-    if (first + next >= last) return;  // the same for the whole warp
-    const int s = next % DEPTH;
-    mbarrier_wait_parity(barrier(s), phase);
-    held_codes = *reinterpret_cast<const uint4*>(region + s * kSlotBytes + 16 * lane);
-    held_scales = *reinterpret_cast<const float2*>(region + s * kSlotBytes + kCodeBytes + 8 * (lane >> 2));
-    if (s == DEPTH - 1) phase ^= 1u;
-  }
-
-  // The next block into cur (blocks are taken in order, each before the split's last): the one held; the slot of
-  // the block before refilled DEPTH blocks on, and the block after read into held.
-  __device__ __forceinline__ void take(int, int, int, uint4 (&cur_codes)[1], float2 (&cur_scales)[1]) {
-    cur_codes[0] = held_codes;
-    cur_scales[0] = held_scales;
-    __syncwarp();  // every lane is past the block before's dequantization
-    issue(next + DEPTH - 1);  // into the slot of block next - 1
-    ++next;
-    read();
-  }
-};
-
-// Shared-memory bytes of a block's WARPS BulkTileRing regions (DEPTH 0: the register ring, none).
-template <int DEPTH, int WARPS>
-constexpr int bulk_ring_bytes() {
-  if constexpr (DEPTH == 0) {
-    return 0;
-  } else {
-    return WARPS * BulkTileRing<DEPTH>::kWarpBytes;
-  }
-}
 
 // x's staging for nf4_wgmma_kernel's stages: a stage's KB quant blocks of BM tokens x 64 k, loaded by each of the
 // THREADS threads as CHUNKS 16-byte chunks into registers a stage ahead (load), then stored permuted and swizzled into
@@ -207,8 +114,7 @@ __device__ __forceinline__ void store_accumulators(const float (&acc)[BM / 2], i
 // accumulator so that the dequantization stays).
 constexpr int kWgmmaProbeNoX = 1, kWgmmaProbeNoBarrier = 2, kWgmmaProbeNoDequant = 4, kWgmmaProbeNoMma = 8;
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0,
-          int BULK = 0>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
@@ -220,7 +126,6 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   static_assert(!ONE_WAIT || KB == 1, "the one-wait stage takes one quant block");
   static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
   static_assert(PROBE == 0 || (!ONE_WAIT && KB == 1), "the probes take the default stage");
-  static_assert(BULK == 0 || (!ONE_WAIT && KB == 1), "the bulk code ring: the default stage, one block a stage");
   constexpr bool kNoX = PROBE & kWgmmaProbeNoX, kNoBarrier = PROBE & kWgmmaProbeNoBarrier;
   constexpr bool kNoDequant = PROBE & kWgmmaProbeNoDequant, kNoMma = PROBE & kWgmmaProbeNoMma;
   extern __shared__ __align__(1024) uint8_t wg_smem[];
@@ -294,17 +199,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   XStage<T, BM, KB, THREADS> xs;  // x of the next stage, in registers until stored
   auto load_x = [&](int blk) { xs.load(x, M, K, m0, blk, last); };
   auto store_x = [&](int buffer) { xs.store(tiles_ptr + buffer * X_BYTES); };
-  // codes and scales: the register ring, or (BULK) the bulk-copy ring after the x buffers
-  auto ring = [&] {
-    if constexpr (BULK > 0) {
-      char* warp_region = reinterpret_cast<char*>(tiles_ptr) + WgmmaSmem<BM, KB>::buffers * X_BYTES +
-                          (threadIdx.x >> 5) * BulkTileRing<BULK>::kWarpBytes;
-      return BulkTileRing<BULK>(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last,
-                                warp_region);
-    } else {
-      return TileRing<1, WG_PREFETCH>(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
-    }
-  }();
+  TileRing<1, WG_PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
   load_x(first);
   store_x(0);
   for (int base = first; base < last; base += WG_PREFETCH) {

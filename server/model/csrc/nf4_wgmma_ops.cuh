@@ -181,43 +181,4 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 #endif
 }
 
-// Bulk copies by the TMA unit (cp.async.bulk, sm_90) from global into shared memory, each completing its bytes on an
-// mbarrier: one thread issues a whole contiguous copy (no registers, no scoreboard, no per-thread load), and the
-// readers wait on the barrier's phase (BulkTileRing). Addresses are shared-memory byte addresses; sizes and addresses
-// multiples of 16.
-__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t count) {
-#ifdef LORAPLEX_WGMMA
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-#endif
-}
-// The barriers' initialization made visible to the async proxy (the TMA unit completes bytes on them).
-__device__ __forceinline__ void mbarrier_init_fence() {
-#ifdef LORAPLEX_WGMMA
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
-}
-// One arrival (the barrier's count is 1) that also expects `bytes` more to complete this phase.
-__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-#ifdef LORAPLEX_WGMMA
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-#endif
-}
-// Until the barrier's phase of parity `parity` has completed.
-__device__ __forceinline__ void mbarrier_wait_parity(uint32_t bar, uint32_t parity) {
-#ifdef LORAPLEX_WGMMA
-  asm volatile(
-      "{\n.reg .pred done;\n"
-      "wait:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait;\n"
-      "}\n" ::"r"(bar), "r"(parity) : "memory");
-#endif
-}
-__device__ __forceinline__ void bulk_copy_to_shared(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-#ifdef LORAPLEX_WGMMA
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-#endif
-}
-
 }  // namespace
