@@ -5,7 +5,9 @@
 For each layer shape of the model (fused qkv, o, fused gate_up, down) and each row count M it times,
 by CUDA-graph replay over enough weight copies to defeat the L2 cache, µs per call of:
 ``bf16`` (F.linear on a 16-bit weight), ``ours`` (the NF4 dispatch loraplex runs: server.model.
-nf4_dispatch), each of our kernels forced (``fused``, ``dequant``, ``mma``, ``tile``, ``wide`` and, with
+nf4_dispatch; at the row counts the engine tunes at start-up, nf4_autotune.ROWS, the kernel that tuning picks for
+the shape, as the engine does unless LORAPLEX_NF4_AUTOTUNE=0, with ``rules``, the rule-chosen kernel, beside it and
+the pick in ``tuned``), each of our kernels forced (``fused``, ``dequant``, ``mma``, ``tile``, ``wide`` and, with
 --sweep-mma, the tile and wide kernels' neighbours), ``bnb`` (bitsandbytes.matmul_4bit) and ``tinygemm``
 (torch._weight_int4pack_mm, int4, group 64: a speed reference only, not NF4). Each of ours is also
 checked against the float64 reference.
@@ -130,6 +132,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
     """name -> one callable per weight copy."""
     import bitsandbytes as bnb
 
+    from server.model import nf4_dispatch
     from server.model.nf4_dispatch import nf4_linear_cuda
     from server.model.triton_nf4 import device_num_sms, nf4_matmul_triton
 
@@ -140,6 +143,10 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                  for c in layer.nf4],
         "bnb": [lambda c=c: bnb.matmul_4bit(x, c[0].t(), c[2]) for c in layer.nf4],
     }
+    if (layer.shape, rows) in nf4_dispatch.TUNED:  # ours is the tuned pick: the rules' kernel beside it
+        rule = nf4_dispatch.kernel_for(rows, layer.shape, num_sms=device_num_sms(0))
+        impls["rules"] = [lambda c=c: nf4_linear_cuda(x, c[0], c[1], layer.shape, layer.table, None, c[2], rule,
+                                                      tiled=c[3]) for c in layer.nf4]
     for name in ("dequant",):
         impls[name] = [lambda c=c, n=name: nf4_linear_cuda(x, c[0], c[1], layer.shape, layer.table, None, c[2], n)
                        for c in layer.nf4]
@@ -249,12 +256,32 @@ def check_error(layer: Layer, x: torch.Tensor, fn) -> float:
     return ((got - ref).abs().max() / ref.abs().max()).item()
 
 
+def tune_like_the_engine(layer: Layer, rows: int) -> str | None:
+    """At the row counts the engine tunes at start-up (nf4_autotune.ROWS, unless LORAPLEX_NF4_AUTOTUNE=0), the same
+    tuning on copy 0's weight, recorded in nf4_dispatch.TUNED as the engine records it; the pick, or None."""
+    from types import SimpleNamespace
+
+    from server.model import nf4_autotune
+
+    if not nf4_autotune.AUTOTUNE or rows not in nf4_autotune.ROWS or not _mma_available():
+        return None
+    from server.model.triton_nf4 import device_num_sms
+
+    codes, absmax, state, tiled = layer.nf4[0]
+    weight = SimpleNamespace(codes=codes, absmax_f=absmax, quant_state=state, tiled=tiled,
+                             compute_dtype=torch.bfloat16)
+    chosen = nf4_autotune.tune({layer.shape: weight}, device_num_sms(0), rows_list=(rows,))
+    return str(chosen[(layer.shape, rows)]) if chosen else None
+
+
 def run_model(model: str, rows_list: list[int], results: dict) -> None:
     for layer_name, (in_features, out_features) in layer_shapes(model).items():
         layer = timing_layer(in_features, out_features)
         for rows in rows_list:
             x = torch.randn(rows, in_features, device="cuda").to(torch.bfloat16)
             entry = {"in": in_features, "out": out_features, "rows": rows, "us": {}, "rel_err": {}, "errors": {}}
+            if tuned := tune_like_the_engine(layer, rows):
+                entry["tuned"] = tuned
             if isinstance(layer.int4[0], str):
                 entry["errors"]["tinygemm"] = layer.int4[0]
             for name, fns in implementations(layer, x).items():
@@ -265,7 +292,8 @@ def run_model(model: str, rows_list: list[int], results: dict) -> None:
                 except Exception as err:  # record and go on: one broken variant must not end the run
                     entry["errors"][name] = f"{type(err).__name__}: {err}"[:300]
             results["layers"].append({"model": model, "layer": layer_name, **entry})
-            print(model, layer_name, rows, {k: v for k, v in entry["us"].items()}, entry["errors"] or "", flush=True)
+            print(model, layer_name, rows, {k: v for k, v in entry["us"].items()}, entry.get("tuned", ""),
+                  entry["errors"] or "", flush=True)
         del layer
         torch.cuda.empty_cache()
 

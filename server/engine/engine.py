@@ -120,7 +120,7 @@ class LLMEngine:
             with load_phase("kernels", "the CUDA NF4 kernels, built once per machine"):
                 log.info("NF4 kernels by batch rows: %s", nf4_dispatch.prepare())
             nf4_dispatch.reserve_scratch(self.model)  # one dequant buffer for every graph captured below
-            if nf4_autotune.AUTOTUNE:  # opt-in: each shape's kernel at each mid-sized bucket, before capture
+            if nf4_autotune.AUTOTUNE:  # each shape's kernel at each mid-sized bucket, before capture
                 with load_phase("kernel tuning", "the NF4 kernel for each weight shape and batch size, timed"):
                     log.info("NF4 kernels tuned: %s", nf4_autotune.tune_model(self.model))
         self.runner.prepare(settings.max_num_batched_tokens, (False, True) if self.runner.use_lora else (False,))

@@ -1,18 +1,18 @@
-"""The NF4 kernel for each weight shape and mid-sized row count, timed once at start-up (opt-in).
+"""The NF4 kernel for each weight shape and mid-sized row count, timed once at start-up (on by default).
 
 The dispatch's rules (server.model.nf4_dispatch) come from kernel tables of two model shapes, and some shapes lose
 under them: on the H200, 8B qkv at 65-128 rows ran wgmma at 38.7 us against dequant + cuBLAS's 35.0, and 1B down at
 192 rows dequant + cuBLAS at 35.9 against wgmma's 64-token instance at 31.0
-(bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json). With LORAPLEX_NF4_AUTOTUNE=1 the engine times every
-candidate for each distinct NF4 weight shape of the model at each decode-graph row count in ROWS, before any graph
-is captured (the replays then run the chosen kernel), and `nf4_dispatch.nf4_linear_cuda` runs the winner for exactly
-those row counts; other counts keep the rules. Every candidate computes the same semantics; they differ only in the
-order of fp32 sums, as the rule-chosen kernels at different row counts already do. Off by default until an H200
-run shows it helps (`bench.kernels` and `python -m bench --model 8b` with and without it). An H100 A/B in one call
-(2026-12-06, bench/results/2026-12-06-nvidia-h100-80gb-hbm3-8b-s38.json and -8b-s38-autotune.log): the 8B merged
-batch-32 step 4.175 against 4.356 ms (roofline fraction 0.447 against 0.421), 32 distinct adapters 5.36 against 5.52,
-batch 1 the same (2.85 ms). Still off: the GPU suite has not run with it on (its choices are process-wide, TUNED,
-and a test that asserts the rule-chosen kernel would meet them).
+(bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json). The engine times every candidate for each distinct NF4
+weight shape of the model at each decode-graph row count in ROWS, before any graph is captured (the replays then
+run the chosen kernel), and `nf4_dispatch.nf4_linear_cuda` runs the winner for exactly those row counts; other
+counts keep the rules. Every candidate computes the same semantics; they differ only in the order of fp32 sums, as
+the rule-chosen kernels at different row counts already do. An H100 A/B in one call (2026-12-06,
+bench/results/2026-12-06-nvidia-h100-80gb-hbm3-8b-s38.json and -8b-s38-autotune.log): the 8B merged batch-32 step
+4.175 against 4.356 ms (roofline fraction 0.447 against 0.421), 32 distinct adapters 5.36 against 5.52, batch 1 the
+same (2.85 ms); the kernel tables of the H100 and the H200 agree on the variants it picks (wgmma with two quant
+blocks a stage wins 1-7% at 16-32 rows on every shape but 8B qkv on both). On since the thirty-ninth session, when
+the GPU suite ran with it on; LORAPLEX_NF4_AUTOTUNE=0 keeps the rules alone (A/B runs).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from server.model.nf4_dispatch import Choice
 
 log = logging.getLogger(__name__)
 
-AUTOTUNE = os.environ.get("LORAPLEX_NF4_AUTOTUNE", "0") == "1"
+AUTOTUNE = os.environ.get("LORAPLEX_NF4_AUTOTUNE", "1") != "0"
 # The decode-graph buckets (server.engine.cuda_graphs.DECODE_BUCKETS) between the one-row kernels and prefill sizes.
 ROWS = (16, 32, 48, 64, 96, 128, 192, 256)
 
@@ -37,9 +37,10 @@ ROWS = (16, 32, 48, 64, 96, 128, 192, 256)
 def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
     """What can run `rows` rows of an (out, in) weight: dequant + cuBLAS, the wide kernel, and on sm_90a builds
     wgmma with its default block, each other block size that holds the rows in at most two blocks, one
-    warpgroup a block, and at 32 block tokens two quant blocks a stage (stage_blocks 2: 3-4% faster than the default
-    on an H100 on 8B gate_up, down and o at 16-32 rows, 1-2% slower on 8B gate_up on the H200; qkv slower on both;
-    bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s35*.json, 2026-12-04-nvidia-h200-kernels-s26-w4.json)."""
+    warpgroup a block, and at 32 block tokens two quant blocks a stage (stage_blocks 2: 1-7% faster than the default
+    at 16-32 rows on every 8B and 1B shape but 8B qkv, 6% slower there, on the H100 and the H200 alike:
+    bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s39-sk.json, 2026-12-06-nvidia-h200-kernels-s38-onewait.json;
+    an older H200 run had it 1-2% slower on 8B gate_up, 2026-12-04-nvidia-h200-kernels-s26-w4.json)."""
     choices = [Choice("dequant"), Choice("wide")]
     if cuda_nf4_wgmma.wgmma_supported():
         default = cuda_nf4_wgmma.wgmma_block_tokens(rows, shape, num_sms)

@@ -1,6 +1,6 @@
-"""GPU-suite fixtures. With LORAPLEX_NF4_AUTOTUNE=1 an engine built by a test fills nf4_dispatch.TUNED, which every
-later NF4 matmul of the process consults first; each test module gets the table as it found it back, so that one
-module's engines cannot change which kernel another module's tests run."""
+"""GPU-suite fixtures. An engine built by a test (LORAPLEX_NF4_AUTOTUNE, on by default) fills nf4_dispatch.TUNED,
+which every later NF4 matmul of the process consults first; each test module gets the table as it found it back, so
+that one module's engines cannot change which kernel another module's tests run."""
 
 from __future__ import annotations
 

@@ -82,7 +82,7 @@ def test_the_dispatch_runs_the_tuned_choice_for_that_shape_and_row_count_only(mo
     assert forced == "wide"  # a forced kernel (benchmarks, tests) wins over the tuning
 
 
-def test_off_by_default():
+def test_on_by_default():
     import os
 
-    assert os.environ.get("LORAPLEX_NF4_AUTOTUNE") is None and nf4_autotune.AUTOTUNE is False
+    assert os.environ.get("LORAPLEX_NF4_AUTOTUNE") is None and nf4_autotune.AUTOTUNE is True
