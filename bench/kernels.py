@@ -261,7 +261,7 @@ def tune_like_the_engine(layer: Layer, rows: int) -> str | None:
     tuning on copy 0's weight, recorded in nf4_dispatch.TUNED as the engine records it; the pick, or None."""
     from types import SimpleNamespace
 
-    from server.model import nf4_autotune
+    from server.model import nf4_autotune, nf4_dispatch
 
     if not nf4_autotune.AUTOTUNE or rows not in nf4_autotune.ROWS or not _mma_available():
         return None
@@ -270,8 +270,12 @@ def tune_like_the_engine(layer: Layer, rows: int) -> str | None:
     codes, absmax, state, tiled = layer.nf4[0]
     weight = SimpleNamespace(codes=codes, absmax_f=absmax, quant_state=state, tiled=tiled,
                              compute_dtype=torch.bfloat16)
-    chosen = nf4_autotune.tune({layer.shape: weight}, device_num_sms(0), rows_list=(rows,))
-    return str(chosen[(layer.shape, rows)]) if chosen else None
+    try:
+        nf4_autotune.tune({layer.shape: weight}, device_num_sms(0), rows_list=(rows,))
+    finally:
+        nf4_autotune.release_l2_flush_buffer()
+    choice = nf4_dispatch.TUNED.get((layer.shape, rows))
+    return None if choice is None else str(choice)
 
 
 def run_model(model: str, rows_list: list[int], results: dict) -> None:

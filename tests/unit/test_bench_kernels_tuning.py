@@ -12,12 +12,15 @@ from server.model import nf4_autotune, nf4_dispatch
 
 
 def test_ours_is_tuned_as_the_engine_tunes_at_its_row_counts(monkeypatch):
+    monkeypatch.setattr(nf4_dispatch, "TUNED", {})
     seen = []
 
     def tune(layers, num_sms, rows_list):
         ((shape, weight),) = layers.items()
         seen.append((shape, rows_list, weight.codes, weight.tiled, num_sms))
-        return {(shape, rows_list[0]): nf4_dispatch.Choice("wgmma", (("stage_blocks", 2),))}
+        chosen = {(shape, rows_list[0]): nf4_dispatch.Choice("wgmma", (("stage_blocks", 2),))}
+        nf4_dispatch.TUNED.update(chosen)
+        return chosen
 
     monkeypatch.setattr(nf4_autotune, "tune", tune)
     monkeypatch.setattr(kernels, "_mma_available", lambda: True)

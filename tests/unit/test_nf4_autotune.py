@@ -59,6 +59,18 @@ def test_tune_records_the_fastest_candidate_and_skips_one_that_fails(monkeypatch
     assert all(x_shape[1] == shape[1] for shape, x_shape, _, _ in seen)  # x has the weight's in_features
 
 
+def test_a_shape_tuned_already_in_the_process_keeps_its_pick(monkeypatch):
+    monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: False)
+    timed = []
+    monkeypatch.setattr(nf4_dispatch, "nf4_linear_cuda", lambda x, *a, kernel, **kw: timed.append((x.shape[0], kernel))
+                        or {"dequant": 2.0, "wide": 1.0}[kernel])
+    nf4_dispatch.TUNED[((256, 128), 16)] = Choice("dequant")  # an earlier engine's pick
+    chosen = nf4_autotune.tune({(256, 128): _fake_layer((256, 128))}, 132, timer=lambda run: run(), rows_list=(16, 32))
+    assert chosen == {((256, 128), 32): Choice("wide")}  # only the row count not tuned yet was timed
+    assert {rows for rows, _ in timed} == {32}
+    assert dict(nf4_dispatch.TUNED) == {((256, 128), 16): Choice("dequant"), ((256, 128), 32): Choice("wide")}
+
+
 def test_the_dispatch_runs_the_tuned_choice_for_that_shape_and_row_count_only(monkeypatch):
     import sys
 
