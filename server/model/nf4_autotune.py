@@ -81,12 +81,17 @@ _flush: torch.Tensor | None = None
 
 
 def _l2_flush_buffer() -> torch.Tensor:
-    """Twice the current GPU's L2 in bytes (held until release_l2_flush_buffer)."""
+    """Twice the current GPU's L2 in bytes (held until release_l2_flush_buffer); where that does not fit (a KV
+    cache sized near the whole memory), an empty buffer, and the candidates timed on a warm L2 (logged)."""
     global _flush
     if _flush is None:
         device = torch.cuda.current_device()
-        _flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.uint8,
-                             device=device)
+        size = 2 * torch.cuda.get_device_properties(device).L2_cache_size
+        try:
+            _flush = torch.empty(size, dtype=torch.uint8, device=device)
+        except torch.cuda.OutOfMemoryError:
+            log.warning("NF4 autotune: no room for a %d MiB L2 flush buffer; timing on a warm L2", size >> 20)
+            _flush = torch.empty(0, dtype=torch.uint8, device=device)
     return _flush
 
 
