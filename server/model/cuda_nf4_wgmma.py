@@ -86,6 +86,7 @@ def nf4_wgmma(
     occupancy: int | None = None,
     block_warps: int = WGMMA_BLOCK_WARPS,
     one_wait: bool | None = None,
+    warpgroup_x: bool = False,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -94,6 +95,8 @@ def nf4_wgmma(
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
     splits filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the
     block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
+    `warpgroup_x` (32 or 64 block tokens, the default stage and occupancy; opt-in until timed): each warpgroup
+    stages its own copy of x and waits at a barrier of its own 4 warps instead of the block's 8 (csrc WG_X).
     `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice
     the blocks (wgmma_occupancy). Each warpgroup issues the same wgmmas in the same order whatever the variant: the
     same bits for the same splits. Measured slower and removed (H200, 32-256 rows): dequantizing the next quant
@@ -118,8 +121,9 @@ def nf4_wgmma(
     if split_k is None:
         split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
     blocks_per_sm = 3 if occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS else 0
-    if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens
-        one_wait = one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
+    if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens, no WG_X
+        one_wait = (one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
+                    and not warpgroup_x)
     partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      blocks_per_sm, block_warps, one_wait, defer_sum)
+                                      blocks_per_sm, block_warps, one_wait, warpgroup_x, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)

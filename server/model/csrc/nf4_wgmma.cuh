@@ -40,20 +40,24 @@ constexpr int WG_PREFETCH = 2;
 // buffer, the KB blocks' A fragments in registers, one barrier and one wgmma wait for all of them. (A variant with
 // the A fragments from the byte-pair table and one with A dequantized into shared-memory tiles were measured slower
 // on an H100, bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json, and removed; see git history.)
-template <int BM, int KB, bool ONE_WAIT = false>
+template <int BM, int KB, bool ONE_WAIT = false, int X_COPIES = 1>
 struct WgmmaSmem {
   static constexpr int x_bytes = KB * BM * 128;
   static constexpr int buffers = ONE_WAIT ? 3 : 2;  // the one-wait stage stores x a stage earlier (the kernel)
-  static constexpr int bytes = buffers * x_bytes + 1024;  // the x buffers, and room to align them to 1,024
+  // the x buffers (X_COPIES sets: one a warpgroup with the kernel's WG_X), and room to align them to 1,024
+  static constexpr int bytes = X_COPIES * buffers * x_bytes + 1024;
 };
 
 // x's staging for nf4_wgmma_kernel's stages: a stage's KB quant blocks of BM tokens x 64 k, loaded by each of the
 // THREADS threads as CHUNKS 16-byte chunks into registers a stage ahead (load), then stored permuted and swizzled into
 // one of the shared-memory buffers (store). Chunk q of a stage: quant block q / (BM * 8) of the stage, token row
 // (q / 8) % BM, 16-byte chunk q % 8; its word w (x's word 4 (q % 8) + w of the row) goes to chunk 4 (c % 2) + w, word
-// c / 2 (c = q % 8), at chunk ^ (row % 8) (the descriptor's 128-byte swizzle).
-template <typename T, int BM, int KB, int THREADS>
+// c / 2 (c = q % 8), at chunk ^ (row % 8) (the descriptor's 128-byte swizzle). PER_WARPGROUP: the THREADS (128)
+// threads of each warpgroup stage the whole stage into their own buffers (the kernel's WG_X).
+template <typename T, int BM, int KB, int THREADS, bool PER_WARPGROUP = false>
 struct XStage {
+  static __device__ __forceinline__ int thread() { return PER_WARPGROUP ? threadIdx.x & 127 : threadIdx.x; }
+
   static constexpr int CHUNKS = KB * BM * 8 / THREADS;
   uint4 xr[CHUNKS];
 
@@ -63,7 +67,7 @@ struct XStage {
                                        uint32_t z = 0) {
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
-      const int q = threadIdx.x + i * THREADS;
+      const int q = thread() + i * THREADS;
       const int kb = q / (BM * 8), row = KB == 1 ? q >> 3 : (q >> 3) % BM, c = q & 7;
       const int b = KB == 1 ? blk : min(blk + kb, last - 1);  // one block a stage: always within the split
       xr[i] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(m0 + row, M - 1)) * K + 64 * b +
@@ -75,7 +79,7 @@ struct XStage {
   __device__ __forceinline__ void store(uint8_t* buffer) {
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
-      const int q = threadIdx.x + i * THREADS, row = KB == 1 ? q >> 3 : (q >> 3) % BM, c = q & 7;
+      const int q = thread() + i * THREADS, row = KB == 1 ? q >> 3 : (q >> 3) % BM, c = q & 7;
       uint8_t* tile = buffer + (KB == 1 ? 0 : q / (BM * 8) * BM * 128);
       const uint32_t words[4] = {xr[i].x, xr[i].y, xr[i].z, xr[i].w};
 #pragma unroll
@@ -114,7 +118,8 @@ __device__ __forceinline__ void store_accumulators(const float (&acc)[BM / 2], i
 // accumulator so that the dequantization stays).
 constexpr int kWgmmaProbeNoX = 1, kWgmmaProbeNoBarrier = 2, kWgmmaProbeNoDequant = 4, kWgmmaProbeNoMma = 8;
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0,
+          bool WG_X = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
@@ -126,6 +131,8 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   static_assert(!ONE_WAIT || KB == 1, "the one-wait stage takes one quant block");
   static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
   static_assert(PROBE == 0 || (!ONE_WAIT && KB == 1), "the probes take the default stage");
+  static_assert(!WG_X || (!ONE_WAIT && PROBE == 0 && WARPS == 8 && KB * BM * 8 % 128 == 0),
+                "WG_X: the default stage of two warpgroups");
   constexpr bool kNoX = PROBE & kWgmmaProbeNoX, kNoBarrier = PROBE & kWgmmaProbeNoBarrier;
   constexpr bool kNoDequant = PROBE & kWgmmaProbeNoDequant, kNoMma = PROBE & kWgmmaProbeNoMma;
   extern __shared__ __align__(1024) uint8_t wg_smem[];
@@ -196,9 +203,21 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     store_accumulators<T, BM>(acc, tile0, row_tiles, g, t, m0, M, N, bias, out, partial);
     return;
   }
-  XStage<T, BM, KB, THREADS> xs;  // x of the next stage, in registers until stored
+  // WG_X: each warpgroup stages x into its own two buffers and waits at a barrier of its own 128 threads, so a stage
+  // waits for the 3 other warps of its warpgroup, not for the 7 others of the block (the 32-row kernel's warps spent a
+  // quarter of their waiting at the block barrier: bench/NOTES.md, thirty-ninth session); x's loads and stores double.
+  // The same wgmmas in the same order: the same bits.
+  const int x_set = WG_X ? static_cast<int>(threadIdx.x >> 7) : 0;  // the warpgroup's buffers
+  XStage<T, BM, KB, WG_X ? 128 : THREADS, WG_X> xs;  // x of the next stage, in registers until stored
   auto load_x = [&](int blk) { xs.load(x, M, K, m0, blk, last); };
-  auto store_x = [&](int buffer) { xs.store(tiles_ptr + buffer * X_BYTES); };
+  auto store_x = [&](int buffer) { xs.store(tiles_ptr + (2 * x_set + buffer) * X_BYTES); };
+  auto stage_barrier = [&] {
+    if constexpr (WG_X) {
+      warpgroup_barrier();
+    } else {
+      __syncthreads();
+    }
+  };
   TileRing<1, WG_PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
   load_x(first);
   store_x(0);
@@ -224,9 +243,9 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
           a_fragments<T>(lut, codes[0], scales[0], 1, a[kb][1]);
         }
       }
-      // x of this stage is stored and fenced by all; the other buffer's wgmmas are done
-      if constexpr (!kNoBarrier) __syncthreads();
-      const uint64_t x_desc = smem_desc_advance(x_desc0, (i & 1) * X_BYTES);
+      // x of this stage is stored and fenced by all (of the warpgroup, WG_X); the other buffer's wgmmas are done
+      if constexpr (!kNoBarrier) stage_barrier();
+      const uint64_t x_desc = smem_desc_advance(x_desc0, (2 * x_set + (i & 1)) * X_BYTES);
       if constexpr (kNoMma) {
         uint32_t folded = 0;
 #pragma unroll
