@@ -98,3 +98,25 @@ def test_on_by_default():
     import os
 
     assert os.environ.get("LORAPLEX_NF4_AUTOTUNE") is None and nf4_autotune.AUTOTUNE is True
+
+
+def test_the_l2_flush_buffer_falls_back_to_warm_timing_where_it_does_not_fit(monkeypatch):
+    """Twice the L2, allocated once and released after tuning; where the memory is taken (a KV cache sized near the
+    whole GPU), an empty buffer: the engine still starts, its candidates timed on a warm L2."""
+    sizes = []
+
+    def empty(size, dtype, device):
+        sizes.append(size)
+        if size > 0:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return torch.zeros(0, dtype=dtype)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=50 << 20))
+    monkeypatch.setattr(torch, "empty", empty)
+    nf4_autotune.release_l2_flush_buffer()
+    flush = nf4_autotune._l2_flush_buffer()
+    assert sizes == [100 << 20, 0] and flush.numel() == 0
+    assert nf4_autotune._l2_flush_buffer() is flush  # kept until released
+    nf4_autotune.release_l2_flush_buffer()
+    assert nf4_autotune._flush is None
