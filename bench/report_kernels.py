@@ -109,7 +109,9 @@ def kernel_section(results_dir: Path, runs: dict) -> list[str]:
     name, data = kernels[0]
     lines += [f"Newest kernel run: `results/{name}` ({data.get('device')}, {data.get('date')}, torch "
               f"{data.get('torch')}, triton {data.get('triton', '?')}; `{data.get('command')}`). Times by CUDA-graph "
-              "replay over enough weight copies to defeat the L2 cache; `ours` is the dispatch loraplex runs.", "",
+              "replay over enough weight copies to defeat the L2 cache; `ours` is the dispatch loraplex runs"
+              + (" (at the engine's tuned row counts, the start-up tuning's pick; `rules` beside it)."
+                 if any("tuned" in layer for layer in data.get("layers", [])) else "."), "",
               "| ratio | what | target | measured | met | source |", "|---|---|---|---|---|---|"]
     for ratio in KERNEL_RATIOS:  # each from the newest run that measured it (a run may skip some row counts)
         source, value = next(((n, d["ratios"][ratio.key]) for n, d in kernels
