@@ -24,7 +24,8 @@
 // wgmmas have completed; codes come PREFETCH blocks ahead in the tile layout's register ring. With ONE_WAIT (one
 // block a stage; the default at 64 tokens: cuda_nf4.one_wait_for) the codes and scales of stage s + 1 and x of stage
 // s + 2 are loaded at stage s's start, right after its one wait for the loads the stage before issued, and x is
-// stored permuted a stage early into one of three buffers (the kernel's comment says why). One barrier a stage.
+// stored permuted a stage early into one of three buffers (the kernel's comment says why). One barrier a stage: the
+// block's, or with WG_X (opt-in) each warpgroup's own over its own copy of x.
 // Tokens past M re-read row M - 1 and weight tiles past N the last tile; neither is stored. Split K as the other
 // kernels: grid y, fp32 partials summed by split_k_sum_kernel.
 #pragma once
