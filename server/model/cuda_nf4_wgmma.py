@@ -95,8 +95,9 @@ def nf4_wgmma(
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
     splits filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the
     block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
-    `warpgroup_x` (32 or 64 block tokens, the default stage and occupancy; opt-in until timed): each warpgroup
-    stages its own copy of x and waits at a barrier of its own 4 warps instead of the block's 8 (csrc WG_X).
+    `warpgroup_x` (32-128 block tokens, the default stage and occupancy, or at 32 two blocks a stage; opt-in until
+    timed): each warpgroup stages its own copy of x and waits at a barrier of its own 4 warps instead of the
+    block's 8 (csrc WG_X).
     `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice
     the blocks (wgmma_occupancy). Each warpgroup issues the same wgmmas in the same order whatever the variant: the
     same bits for the same splits. Measured slower and removed (H200, 32-256 rows): dequantizing the next quant

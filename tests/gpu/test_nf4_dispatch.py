@@ -232,7 +232,8 @@ def _wgmma_against_the_reference(rows, dtype, **options):
                                                    (128, {"block_warps": 4}), (32, {"one_wait": True}),
                                                    (32, {"one_wait": True, "occupancy": 2}), (64, {"one_wait": False}),
                                                    (128, {"one_wait": True}), (32, {"warpgroup_x": True}),
-                                                   (64, {"warpgroup_x": True})])
+                                                   (32, {"warpgroup_x": True, "stage_blocks": 2}),
+                                                   (64, {"warpgroup_x": True}), (128, {"warpgroup_x": True})])
 @pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 5), (100, 5), (7, 7), (300, 2)])
 def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_tokens, variant):
     """The wgmma variants issue the same wgmmas in the same order into the same accumulators of each warpgroup: two

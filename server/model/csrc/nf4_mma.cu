@@ -930,15 +930,22 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
                              int64_t block_warps, bool one_wait, bool warpgroup_x, bool defer_sum) {
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
-  // Each warpgroup its own x behind a barrier of its own (nf4_wgmma_kernel's WG_X): two warpgroups, one block a stage,
-  // the default stage, 32 or 64 block tokens at the default instances' occupancy.
+  // Each warpgroup its own x behind a barrier of its own (nf4_wgmma_kernel's WG_X): two warpgroups, the default
+  // stage at the default instances' occupancy (32, 64 or 128 block tokens), or at 32 tokens two blocks a stage at
+  // two blocks an SM (128 registers; ptxas, sm_90a: none spill, the 128-token one takes 186).
   if (warpgroup_x) {
-    TORCH_CHECK(block_warps == 8 && stage_blocks == 1 && !one_wait &&
-                    ((block_tokens == 32 && blocks_per_sm == 3) || (block_tokens == 64 && blocks_per_sm == 0)),
-                "warpgroup_x takes two warpgroups, one block a stage, no one_wait, and 32 block tokens at three "
-                "blocks an SM or 64 at the instance's own");
-    if (block_tokens == 32) return LORAPLEX_WGMMA_LAUNCH(32, 3, 1, 8, false, true);
-    return LORAPLEX_WGMMA_LAUNCH(64, 2, 1, 8, false, true);
+    TORCH_CHECK(block_warps == 8 && !one_wait &&
+                    ((block_tokens == 32 && stage_blocks == 1 && blocks_per_sm == 3) ||
+                     (block_tokens == 32 && stage_blocks == 2 && blocks_per_sm == 0) ||
+                     ((block_tokens == 64 || block_tokens == 128) && stage_blocks == 1 && blocks_per_sm == 0)),
+                "warpgroup_x takes two warpgroups and no one_wait: 32 block tokens at three blocks an SM (or two "
+                "blocks a stage at two), or 64 or 128 at the instance's own");
+    if (block_tokens == 32) {
+      return stage_blocks == 2 ? LORAPLEX_WGMMA_LAUNCH(32, 2, 2, 8, false, true)
+                               : LORAPLEX_WGMMA_LAUNCH(32, 3, 1, 8, false, true);
+    }
+    return block_tokens == 64 ? LORAPLEX_WGMMA_LAUNCH(64, 2, 1, 8, false, true)
+                              : LORAPLEX_WGMMA_LAUNCH(128, 1, 1, 8, false, true);
   }
   // One wait for global loads a stage (nf4_wgmma_kernel's ONE_WAIT; cuda_nf4.one_wait_for): two warpgroups,
   // one block a stage, 32-128 block tokens at the default instances' occupancy (or two blocks an SM at 32).
@@ -981,7 +988,7 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
 // or 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage),
-// warpgroup_x (its WG_X: each warpgroup stages its own x behind its own barrier; 32 or 64 block tokens); any M,
+// warpgroup_x (its WG_X: each warpgroup stages its own x behind its own barrier; 32-128 block tokens); any M,
 // K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32
 // partials [splits, M, N] instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
