@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from server.model import cuda_nf4, cuda_nf4_gemv, cuda_nf4_wgmma, nf4_dispatch
 
@@ -230,3 +232,23 @@ def test_prepare_settles_the_wgmma_probe_before_any_capture(monkeypatch):
 def test_one_wait_is_the_default_where_it_measured_faster(monkeypatch, setting, block_tokens, expected):
     monkeypatch.setattr(cuda_nf4, "ONE_WAIT", setting)
     assert cuda_nf4.one_wait_for(block_tokens) is expected
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({}, (1, 32, 1, 3, 8, False, False)),  # the default 32-token block: three blocks an SM, no one-wait
+    ({"warpgroup_x": True}, (1, 32, 1, 3, 8, False, True)),
+    ({"warpgroup_x": True, "stage_blocks": 2}, (1, 32, 2, 0, 8, False, True)),  # two blocks an SM
+    ({"block_tokens": 64}, (1, 64, 1, 0, 8, True, False)),  # one wait a stage: the 64-token default
+    ({"block_tokens": 64, "warpgroup_x": True}, (1, 64, 1, 0, 8, False, True)),  # not with warpgroup_x
+])  # fmt: skip
+def test_wgmma_passes_the_variant_to_the_extension_in_its_order(monkeypatch, options, expected):
+    """cuda_nf4_wgmma.nf4_wgmma's arguments as csrc's nf4_wgmma takes them (x, codes, scales, table, bias, out,
+    split_k, block_tokens, stage_blocks, blocks_per_sm, block_warps, one_wait, warpgroup_x, defer_sum)."""
+    calls = []
+    fake = SimpleNamespace(nf4_wgmma=lambda *args: calls.append(args))
+    monkeypatch.setattr(cuda_nf4_wgmma, "extension", lambda: fake)
+    monkeypatch.setattr(cuda_nf4, "ONE_WAIT", "auto")
+    x = torch.zeros(20, 256, dtype=torch.bfloat16)
+    cuda_nf4_wgmma.nf4_wgmma(x, (torch.zeros(1), torch.zeros(1)), (300, 256), torch.zeros(16), split_k=1, **options)
+    (args,) = calls
+    assert args[6:13] == expected and args[13] is False
