@@ -216,13 +216,12 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         block_tokens = cuda_nf4_wgmma.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
         if block_tokens == 32:
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
+            variants["wgmma_wx_s2"] = {"warpgroup_x": True, "stage_blocks": 2}  # and two blocks a stage, as below
         if block_tokens <= 128:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for)
             one_wait = cuda_nf4.one_wait_for(block_tokens)
             variants["wgmma_nw" if one_wait else "wgmma_1w"] = {"one_wait": not one_wait}
-        if block_tokens <= 128:  # each warpgroup its own x behind its own barrier (cuda_nf4_wgmma's warpgroup_x)
+            # each warpgroup its own x behind its own barrier (cuda_nf4_wgmma.nf4_wgmma's warpgroup_x)
             variants["wgmma_wx"] = {"warpgroup_x": True}
-        if block_tokens == 32:
-            variants["wgmma_wx_s2"] = {"warpgroup_x": True, "stage_blocks": 2}
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4_wgmma.nf4_wgmma(x, c[3], layer.shape, layer.table,
                                                                         num_sms=device_num_sms(0), **kw)
@@ -274,10 +273,7 @@ def tune_like_the_engine(layer: Layer, rows: int) -> str | None:
     codes, absmax, state, tiled = layer.nf4[0]
     weight = SimpleNamespace(codes=codes, absmax_f=absmax, quant_state=state, tiled=tiled,
                              compute_dtype=torch.bfloat16)
-    try:
-        nf4_autotune.tune({layer.shape: weight}, device_num_sms(0), rows_list=(rows,))
-    finally:
-        nf4_autotune.release_l2_flush_buffer()
+    nf4_autotune.tune({layer.shape: weight}, device_num_sms(0), rows_list=(rows,))
     choice = nf4_dispatch.TUNED.get((layer.shape, rows))
     return None if choice is None else str(choice)
 

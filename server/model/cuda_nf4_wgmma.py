@@ -27,6 +27,8 @@ WGMMA_BLOCK_WARPS = 8  # csrc/nf4_wgmma.cuh's default block: two warpgroups of 6
 def wgmma_row_groups(out_features: int, block_warps: int = WGMMA_BLOCK_WARPS) -> int:
     """Blocks of nf4_wgmma along the weight's rows (grid x): 16 rows a warp."""
     return -(-out_features // (16 * block_warps))
+
+
 def wgmma_block_tokens(num_rows: int, shape, num_sms: int) -> int:
     """Tokens a block of nf4_wgmma: the smallest instance that holds every row (each weight dequantized once), 256
     beyond (blocks along grid z); but at 65-128 rows the 64-token instance (two blocks an SM, each weight

@@ -107,26 +107,36 @@ def tune(layers: dict[tuple[int, int], object], num_sms: int,
     nf4_dispatch.TUNED and return what was recorded. A candidate that raises is skipped (logged). A shape and row
     count already tuned in this process (an earlier engine on the same GPU) keeps its pick: timing again would cost
     the start-up time for nothing, and could pick another kernel on noise, so that two engines of one process would
-    sum in different orders (the GPU suite compares such engines bit for bit)."""
+    sum in different orders (the GPU suite compares such engines bit for bit). time_call's L2 flush buffer is
+    released at the end."""
     chosen = {}
-    for shape, layer in layers.items():
-        for rows in rows_list:
-            if (shape, rows) in nf4_dispatch.TUNED:
-                continue
-            x = torch.randn(rows, shape[1], device=layer.codes.device).to(layer.compute_dtype)
-            best, best_ms = None, float("inf")
-            for choice in candidates(rows, shape, num_sms):
-                try:
-                    ms = timer(_runner(layer, shape, x, choice))
-                except Exception as exc:  # a variant this build or shape lacks: the others still compete
-                    log.warning("NF4 autotune: %s at %d rows of %s failed: %s", choice, rows, shape, exc)
-                    continue
-                if ms < best_ms:
-                    best, best_ms = choice, ms
-            if best is not None:
-                chosen[(shape, rows)] = best
+    try:
+        for shape, layer in layers.items():
+            for rows in rows_list:
+                if (shape, rows) not in nf4_dispatch.TUNED:
+                    best = _fastest(layer, shape, rows, num_sms, timer)
+                    if best is not None:
+                        chosen[(shape, rows)] = best
+    finally:
+        release_l2_flush_buffer()
     nf4_dispatch.TUNED.update(chosen)
     return chosen
+
+
+def _fastest(layer, shape: tuple[int, int], rows: int, num_sms: int,
+             timer: Callable[[Callable[[], object]], float]) -> Choice | None:
+    """The candidate `timer` finds fastest at `rows` rows of the layer; None if every one raised (logged)."""
+    x = torch.randn(rows, shape[1], device=layer.codes.device).to(layer.compute_dtype)
+    best, best_ms = None, float("inf")
+    for choice in candidates(rows, shape, num_sms):
+        try:
+            ms = timer(_runner(layer, shape, x, choice))
+        except Exception as exc:  # a variant this build or shape lacks: the others still compete
+            log.warning("NF4 autotune: %s at %d rows of %s failed: %s", choice, rows, shape, exc)
+            continue
+        if ms < best_ms:
+            best, best_ms = choice, ms
+    return best
 
 
 def _runner(layer, shape: tuple[int, int], x: torch.Tensor, choice: Choice) -> Callable[[], object]:
@@ -147,10 +157,7 @@ def tune_model(model: torch.nn.Module) -> str:
     if not layers:
         return "no NF4 layer on CUDA"
     device = next(iter(layers.values())).codes.device
-    try:
-        chosen = tune(layers, device_num_sms(device.index or 0))
-    finally:
-        release_l2_flush_buffer()
+    chosen = tune(layers, device_num_sms(device.index or 0))
     if not chosen:
         return "every shape tuned already in this process"
     return "; ".join(f"{out}x{inp}@{rows}: {choice}" for ((out, inp), rows), choice in sorted(chosen.items()))

@@ -109,7 +109,7 @@ class Choice:
         return self.kernel + "".join(f" {name}={value}" for name, value in self.options)
 
 
-# (weight shape (out, in), rows) -> the kernel timed fastest at start-up (nf4_autotune.tune, opt-in); run instead of
+# (weight shape (out, in), rows) -> the kernel timed fastest at start-up (nf4_autotune.tune); run instead of
 # the rules for exactly those shapes and row counts. Empty: the rules alone.
 TUNED: dict[tuple[tuple[int, int], int], Choice] = {}
 
@@ -254,7 +254,7 @@ def nf4_linear_cuda(
     options: dict | None = None,  # with kernel="wgmma": cuda_nf4_wgmma.nf4_wgmma's keyword arguments (nf4_autotune)
 ) -> torch.Tensor | SplitSums:
     """y = x @ dequant(W)^T (+ bias), semantics of nf4_ops.nf4_matmul_reference, by the fastest kernel: the one
-    start-up tuning chose for this shape and row count (TUNED, opt-in), else the rules (kernel_for)."""
+    start-up tuning chose for this shape and row count (TUNED), else the rules (kernel_for)."""
     from server.model.triton_nf4 import device_num_sms
 
     num_sms = device_num_sms(x.device.index or 0)

@@ -68,6 +68,7 @@ def test_a_shape_tuned_already_in_the_process_keeps_its_pick(monkeypatch):
     chosen = nf4_autotune.tune({(256, 128): _fake_layer((256, 128))}, 132, timer=lambda run: run(), rows_list=(16, 32))
     assert chosen == {((256, 128), 32): Choice("wide")}  # only the row count not tuned yet was timed
     assert {rows for rows, _ in timed} == {32}
+    assert nf4_autotune._flush is None  # the timer's L2 flush buffer released by tune itself
     assert dict(nf4_dispatch.TUNED) == {((256, 128), 16): Choice("dequant"), ((256, 128), 32): Choice("wide")}
 
 
