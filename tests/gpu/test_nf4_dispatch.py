@@ -241,9 +241,9 @@ def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_token
     default: three), one warpgroup a block (600 weight rows: a last block of 24 rows), the one-wait stage (x
     stored a stage early into three buffers; splits of 1-5 blocks: the loads past a split clamped) and each
     warpgroup staging its own x behind its own barrier (a block's second warpgroup past the weight's rows still
-    stages and waits: its barrier is its own). Not a bit may
-    differ from the default, with an odd count of blocks in a split (24 quant blocks in 5 splits: 5, 5, 5, 5, 4),
-    tokens over several blocks of the grid (300 rows) and on replay."""
+    stages and waits: its barrier is its own). Not a bit may differ from the default, with an odd count of blocks in
+    a split (24 quant blocks in 5 splits: 5, 5, 5, 5, 4), tokens over several blocks of the grid (300 rows) and on
+    replay."""
     from server.model import cuda_nf4_wgmma
 
     if not cuda_nf4_wgmma.wgmma_supported():
