@@ -88,7 +88,7 @@ def nf4_wgmma(
     occupancy: int | None = None,
     block_warps: int = WGMMA_BLOCK_WARPS,
     one_wait: bool | None = None,
-    warpgroup_x: bool = False,
+    l2_ahead: int = 0,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -97,9 +97,10 @@ def nf4_wgmma(
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
     splits filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the
     block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
-    `warpgroup_x` (32-128 block tokens, the default stage and occupancy, or at 32 two blocks a stage; opt-in until
-    timed): each warpgroup stages its own copy of x and waits at a barrier of its own 4 warps instead of the
-    block's 8 (csrc WG_X).
+    `l2_ahead` (opt-in until timed; 0: none): lane 0 of each warp asks the L2 for its codes and scales that many
+    quant blocks ahead (csrc L2: the register ring's loads wait for all at once and so hide one stage of DRAM
+    latency); at 32 block tokens the default stage and occupancy or two blocks a stage, at 64 with one wait or
+    without, at 128 without.
     `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice
     the blocks (wgmma_occupancy). Each warpgroup issues the same wgmmas in the same order whatever the variant: the
     same bits for the same splits. Measured slower and removed (H200, 32-256 rows): dequantizing the next quant
@@ -115,7 +116,10 @@ def nf4_wgmma(
     (52.5), and a 16-token block at 16 rows (48.9 vs the 32-token block's 47.4). And a balanced split of K over a
     full wave (stream-K, every block the same share of the row groups' quant blocks, partials summed in slot order;
     design in 8819aa9), for 8B gate_up's 224 row groups on 132 SMs: 52.6 vs 47.7 us at 32 rows, 83.9 vs 58.5 at 64,
-    47.4 vs 48.3 at 16 (H100, bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s39-sk.json)."""
+    47.4 vs 48.3 at 16 (H100, bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s39-sk.json). And each
+    warpgroup staging its own copy of x behind a barrier of its own 4 warps instead of the block's 8 (design in
+    4136b96): slower at every shape, 8B gate_up 64.0 vs 47.7 us at 32 rows, 76.5 vs 58.6 at 64 (H100,
+    -2026-12-06-nvidia-h100-80gb-hbm3-kernels-s40-wx.json)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
@@ -124,9 +128,8 @@ def nf4_wgmma(
     if split_k is None:
         split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
     blocks_per_sm = 3 if occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS else 0
-    if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens, no WG_X
-        one_wait = (one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
-                    and not warpgroup_x)
+    if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens
+        one_wait = one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
     partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      blocks_per_sm, block_warps, one_wait, warpgroup_x, defer_sum)
+                                      blocks_per_sm, block_warps, one_wait, l2_ahead, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)

@@ -235,15 +235,15 @@ def test_one_wait_is_the_default_where_it_measured_faster(monkeypatch, setting, 
 
 
 @pytest.mark.parametrize("options, expected", [
-    ({}, (1, 32, 1, 3, 8, False, False)),  # the default 32-token block: three blocks an SM, no one-wait
-    ({"warpgroup_x": True}, (1, 32, 1, 3, 8, False, True)),
-    ({"warpgroup_x": True, "stage_blocks": 2}, (1, 32, 2, 0, 8, False, True)),  # two blocks an SM
-    ({"block_tokens": 64}, (1, 64, 1, 0, 8, True, False)),  # one wait a stage: the 64-token default
-    ({"block_tokens": 64, "warpgroup_x": True}, (1, 64, 1, 0, 8, False, True)),  # not with warpgroup_x
+    ({}, (1, 32, 1, 3, 8, False, 0)),  # the default 32-token block: three blocks an SM, no one-wait
+    ({"l2_ahead": 8}, (1, 32, 1, 3, 8, False, 8)),
+    ({"l2_ahead": 4, "stage_blocks": 2}, (1, 32, 2, 0, 8, False, 4)),  # two blocks an SM
+    ({"block_tokens": 64}, (1, 64, 1, 0, 8, True, 0)),  # one wait a stage: the 64-token default
+    ({"block_tokens": 64, "l2_ahead": 16}, (1, 64, 1, 0, 8, True, 16)),  # with it
 ])  # fmt: skip
 def test_wgmma_passes_the_variant_to_the_extension_in_its_order(monkeypatch, options, expected):
     """cuda_nf4_wgmma.nf4_wgmma's arguments as csrc's nf4_wgmma takes them (x, codes, scales, table, bias, out,
-    split_k, block_tokens, stage_blocks, blocks_per_sm, block_warps, one_wait, warpgroup_x, defer_sum)."""
+    split_k, block_tokens, stage_blocks, blocks_per_sm, block_warps, one_wait, l2_ahead, defer_sum)."""
     calls = []
     fake = SimpleNamespace(nf4_wgmma=lambda *args: calls.append(args))
     monkeypatch.setattr(cuda_nf4_wgmma, "extension", lambda: fake)

@@ -24,8 +24,9 @@
 // wgmmas have completed; codes come PREFETCH blocks ahead in the tile layout's register ring. With ONE_WAIT (one
 // block a stage; the default at 64 tokens: cuda_nf4.one_wait_for) the codes and scales of stage s + 1 and x of stage
 // s + 2 are loaded at stage s's start, right after its one wait for the loads the stage before issued, and x is
-// stored permuted a stage early into one of three buffers (the kernel's comment says why). One barrier a stage: the
-// block's, or with WG_X (opt-in) each warpgroup's own over its own copy of x.
+// stored permuted a stage early into one of three buffers (the kernel's comment says why). One barrier a stage.
+// With L2 (opt-in until timed), lane 0 of each warp also asks the L2 for its codes and scales `l2_ahead` blocks ahead
+// (the kernel's comment says why).
 // Tokens past M re-read row M - 1 and weight tiles past N the last tile; neither is stored. Split K as the other
 // kernels: grid y, fp32 partials summed by split_k_sum_kernel.
 #pragma once
@@ -41,24 +42,20 @@ constexpr int WG_PREFETCH = 2;
 // buffer, the KB blocks' A fragments in registers, one barrier and one wgmma wait for all of them. (A variant with
 // the A fragments from the byte-pair table and one with A dequantized into shared-memory tiles were measured slower
 // on an H100, bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json, and removed; see git history.)
-template <int BM, int KB, bool ONE_WAIT = false, int X_COPIES = 1>
+template <int BM, int KB, bool ONE_WAIT = false>
 struct WgmmaSmem {
   static constexpr int x_bytes = KB * BM * 128;
   static constexpr int buffers = ONE_WAIT ? 3 : 2;  // the one-wait stage stores x a stage earlier (the kernel)
-  // the x buffers (X_COPIES sets: one a warpgroup with the kernel's WG_X), and room to align them to 1,024
-  static constexpr int bytes = X_COPIES * buffers * x_bytes + 1024;
+  static constexpr int bytes = buffers * x_bytes + 1024;  // and room to align them to 1,024
 };
 
 // x's staging for nf4_wgmma_kernel's stages: a stage's KB quant blocks of BM tokens x 64 k, loaded by each of the
 // THREADS threads as CHUNKS 16-byte chunks into registers a stage ahead (load), then stored permuted and swizzled into
 // one of the shared-memory buffers (store). Chunk q of a stage: quant block q / (BM * 8) of the stage, token row
 // (q / 8) % BM, 16-byte chunk q % 8; its word w (x's word 4 (q % 8) + w of the row) goes to chunk 4 (c % 2) + w, word
-// c / 2 (c = q % 8), at chunk ^ (row % 8) (the descriptor's 128-byte swizzle). PER_WARPGROUP: the THREADS (128)
-// threads of each warpgroup stage the whole stage into their own buffers (the kernel's WG_X).
-template <typename T, int BM, int KB, int THREADS, bool PER_WARPGROUP = false>
+// c / 2 (c = q % 8), at chunk ^ (row % 8) (the descriptor's 128-byte swizzle).
+template <typename T, int BM, int KB, int THREADS>
 struct XStage {
-  static __device__ __forceinline__ int thread() { return PER_WARPGROUP ? threadIdx.x & 127 : threadIdx.x; }
-
   static constexpr int CHUNKS = KB * BM * 8 / THREADS;
   uint4 xr[CHUNKS];
 
@@ -68,7 +65,7 @@ struct XStage {
                                        uint32_t z = 0) {
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
-      const int q = thread() + i * THREADS;
+      const int q = threadIdx.x + i * THREADS;
       const int kb = q / (BM * 8), row = KB == 1 ? q >> 3 : (q >> 3) % BM, c = q & 7;
       const int b = KB == 1 ? blk : min(blk + kb, last - 1);  // one block a stage: always within the split
       xr[i] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(m0 + row, M - 1)) * K + 64 * b +
@@ -80,7 +77,7 @@ struct XStage {
   __device__ __forceinline__ void store(uint8_t* buffer) {
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
-      const int q = thread() + i * THREADS, row = KB == 1 ? q >> 3 : (q >> 3) % BM, c = q & 7;
+      const int q = threadIdx.x + i * THREADS, row = KB == 1 ? q >> 3 : (q >> 3) % BM, c = q & 7;
       uint8_t* tile = buffer + (KB == 1 ? 0 : q / (BM * 8) * BM * 128);
       const uint32_t words[4] = {xr[i].x, xr[i].y, xr[i].z, xr[i].w};
 #pragma unroll
@@ -119,12 +116,27 @@ __device__ __forceinline__ void store_accumulators(const float (&acc)[BM / 2], i
 // accumulator so that the dequantization stays).
 constexpr int kWgmmaProbeNoX = 1, kWgmmaProbeNoBarrier = 2, kWgmmaProbeNoDequant = 4, kWgmmaProbeNoMma = 8;
 
+// The L2 asked by lane 0 for the warp's codes and scales of quant blocks blk .. blk + count - 1 (clamped to the
+// split's last, as the ring's loads; a tile's blocks are consecutive in the tile layout): the TMA unit's bulk
+// prefetch, which takes no register and no scoreboard (nf4_wgmma_kernel's L2).
+template <int RT, int PREFETCH>
+__device__ __forceinline__ void prefetch_blocks_l2(const TileRing<RT, PREFETCH>& ring, int blk, int count, int last,
+                                                   int lane) {
+  if (lane != 0) return;
+  const int b = min(blk, last - 1), n = min(count, last - b);
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {  // lane 0's pointers are the tile's: a block's 512 bytes of codes, 64 of scales
+    prefetch_l2_bulk(ring.codes_at[r] + 32 * b, 512 * n);
+    prefetch_l2_bulk(ring.scales_at[r] + 8 * b, 64 * n);
+  }
+}
+
 template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0,
-          bool WG_X = false>
+          bool L2 = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
-    int M, int N, int K, int blocks_per_split) {
+    int M, int N, int K, int blocks_per_split, int l2_ahead) {
 #ifdef LORAPLEX_WGMMA
   constexpr int THREADS = WARPS * 32;
   static_assert(WARPS % 4 == 0 && KB * BM * 8 % THREADS == 0, "whole warpgroups; x's chunks spread evenly");
@@ -132,8 +144,6 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   static_assert(!ONE_WAIT || KB == 1, "the one-wait stage takes one quant block");
   static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
   static_assert(PROBE == 0 || (!ONE_WAIT && KB == 1), "the probes take the default stage");
-  static_assert(!WG_X || (!ONE_WAIT && PROBE == 0 && WARPS == 8 && KB * BM * 8 % 128 == 0),
-                "WG_X: the default stage of two warpgroups");
   constexpr bool kNoX = PROBE & kWgmmaProbeNoX, kNoBarrier = PROBE & kWgmmaProbeNoBarrier;
   constexpr bool kNoDequant = PROBE & kWgmmaProbeNoDequant, kNoMma = PROBE & kWgmmaProbeNoMma;
   extern __shared__ __align__(1024) uint8_t wg_smem[];
@@ -151,6 +161,12 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   const int first = blockIdx.y * blocks_per_split;
   const int last = min(first + blocks_per_split, num_blocks);
   const int m0 = blockIdx.z * BM;
+  // L2: a register ring waits for all its loads at once (ptxas gives a warp's global loads one scoreboard: the
+  // ONE_WAIT comment below), so however deep, it hides one stage of DRAM latency, ~1 us under load against a stage's
+  // ~0.4 us at 32 rows (the loads alone, no dequantization, took 33.7 us of the kernel's 48 on 8B gate_up, 1.95 TB/s:
+  // bench/results/2026-12-06-nvidia-h100-80gb-hbm3-wgmma-sol-s39-bulk.json). A prefetch into the L2 `l2_ahead`
+  // blocks ahead keeps no register and waits for nothing, so the ring's loads find their lines in the L2; the split's
+  // first l2_ahead blocks are asked for at the start (one bulk prefetch: a short split is asked for whole).
 
   float acc[BM / 2] = {};
   const uint64_t x_desc0 = smem_desc_sw128(tiles);  // buffer 0's; the others by smem_desc_advance
@@ -170,6 +186,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const uint32_t zero = static_cast<uint32_t>(K) >> 31;  // 0 (K > 0), which the compiler cannot know
     // stage s's codes in slot s % 2 (the loop is unrolled by 2: constant slots), block `first` preloaded
     TileRing<1, 2> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last, 1);
+    if constexpr (L2) prefetch_blocks_l2(ring, first, l2_ahead, last, lane);
     XStage<T, BM, KB, THREADS> xs[2];  // x of stage s + 1 in set (s + 1) % 2, loaded in stage s - 1
     xs[0].load(x, M, K, m0, first, last);
     xs[1].load(x, M, K, m0, min(first + 1, last - 1), last);
@@ -181,6 +198,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
         const int blk = base + p;
         if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
         const int next = buffer == 2 ? 0 : buffer + 1;
+        if constexpr (L2) prefetch_blocks_l2(ring, blk + l2_ahead, 1, last, lane);
         const uint4 codes = ring.codes[p][0];
         const float2 scales = ring.scales[p][0];
         const uint32_t z = (codes.x ^ __float_as_uint(scales.x) ^ xs[1 - p].xr[0].x) & zero;
@@ -204,22 +222,11 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     store_accumulators<T, BM>(acc, tile0, row_tiles, g, t, m0, M, N, bias, out, partial);
     return;
   }
-  // WG_X: each warpgroup stages x into its own two buffers and waits at a barrier of its own 128 threads, so a stage
-  // waits for the 3 other warps of its warpgroup, not for the 7 others of the block (the 32-row kernel's warps spent a
-  // quarter of their waiting at the block barrier: bench/NOTES.md, thirty-ninth session); x's loads and stores double.
-  // The same wgmmas in the same order: the same bits.
-  const int x_set = WG_X ? static_cast<int>(threadIdx.x >> 7) : 0;  // the warpgroup's buffers
-  XStage<T, BM, KB, WG_X ? 128 : THREADS, WG_X> xs;  // x of the next stage, in registers until stored
+  XStage<T, BM, KB, THREADS> xs;  // x of the next stage, in registers until stored
   auto load_x = [&](int blk) { xs.load(x, M, K, m0, blk, last); };
-  auto store_x = [&](int buffer) { xs.store(tiles_ptr + (2 * x_set + buffer) * X_BYTES); };
-  auto stage_barrier = [&] {
-    if constexpr (WG_X) {
-      warpgroup_barrier();
-    } else {
-      __syncthreads();
-    }
-  };
+  auto store_x = [&](int buffer) { xs.store(tiles_ptr + buffer * X_BYTES); };
   TileRing<1, WG_PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
+  if constexpr (L2) prefetch_blocks_l2(ring, first, l2_ahead, last, lane);
   load_x(first);
   store_x(0);
   for (int base = first; base < last; base += WG_PREFETCH) {
@@ -234,6 +241,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
       for (int kb = 0; kb < KB; ++kb) {  // a block past the split takes valid clamped codes; its wgmmas are skipped
         uint4 codes[1];
         float2 scales[1];
+        if constexpr (L2) prefetch_blocks_l2(ring, blk + kb + l2_ahead, 1, last, lane);
         ring.take(p + kb, blk + kb, last, codes, scales);
         if constexpr (kNoDequant) {
           const uint32_t raw[4] = {codes[0].x, codes[0].y, codes[0].z, codes[0].w ^ __float_as_uint(scales[0].x)};
@@ -244,9 +252,9 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
           a_fragments<T>(lut, codes[0], scales[0], 1, a[kb][1]);
         }
       }
-      // x of this stage is stored and fenced by all (of the warpgroup, WG_X); the other buffer's wgmmas are done
-      if constexpr (!kNoBarrier) stage_barrier();
-      const uint64_t x_desc = smem_desc_advance(x_desc0, (2 * x_set + (i & 1)) * X_BYTES);
+      // x of this stage is stored and fenced by all; the other buffer's wgmmas are done
+      if constexpr (!kNoBarrier) __syncthreads();
+      const uint64_t x_desc = smem_desc_advance(x_desc0, (i & 1) * X_BYTES);
       if constexpr (kNoMma) {
         uint32_t folded = 0;
 #pragma unroll

@@ -174,14 +174,12 @@ __device__ __forceinline__ void wgmma_wait_all() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
-// A barrier of the 128 threads of the calling thread's warpgroup (named barrier 1 or 2 of a block of two warpgroups;
-// 0 is __syncthreads'). Immediate ids: with the id in a register ptxas reserved all 16 of the block's barriers.
-__device__ __forceinline__ void warpgroup_barrier() {
-  if (threadIdx.x < 128) {
-    asm volatile("bar.sync 1, 128;\n" ::: "memory");
-  } else {
-    asm volatile("bar.sync 2, 128;\n" ::: "memory");
-  }
+// Ask the L2 for `bytes` at p (both multiples of 16), with no register, scoreboard or completion to wait for: the
+// TMA unit's bulk prefetch (sm_90).
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
+#ifdef LORAPLEX_WGMMA
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#endif
 }
 // Generic-proxy stores to shared memory made visible to the async proxy (the wgmma's operand reads).
 __device__ __forceinline__ void fence_proxy_async_smem() {
