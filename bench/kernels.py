@@ -216,12 +216,9 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         block_tokens = cuda_nf4_wgmma.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
         if block_tokens == 32:
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
-            variants["wgmma_s2_l2"] = {"stage_blocks": 2, "l2_ahead": 8}  # two blocks a stage, the L2 asked ahead
         if block_tokens <= 128:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for)
             one_wait = cuda_nf4.one_wait_for(block_tokens)
             variants["wgmma_nw" if one_wait else "wgmma_1w"] = {"one_wait": not one_wait}
-            # the codes asked of the L2 4, 8 or 16 quant blocks ahead (cuda_nf4_wgmma.nf4_wgmma's l2_ahead)
-            variants.update({f"wgmma_l2_{ahead}": {"l2_ahead": ahead} for ahead in (4, 8, 16)})
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4_wgmma.nf4_wgmma(x, c[3], layer.shape, layer.table,
                                                                         num_sms=device_num_sms(0), **kw)

@@ -15,10 +15,10 @@ namespace {
 
 constexpr int kBlockTokens = 32, kMinBlocks = 3;
 
-template <int PROBE, bool L2>
+template <int PROBE>
 cudaError_t launch(cudaStream_t stream, const void* x, const void* codes, const void* scales, const float* table,
-                   void* out, float* partial, int M, int N, int K, int splits, int l2_ahead) {
-  constexpr auto kernel = nf4_wgmma_kernel<__nv_bfloat16, kBlockTokens, kMinBlocks, 1, WG_WARPS, false, PROBE, L2>;
+                   void* out, float* partial, int M, int N, int K, int splits) {
+  constexpr auto kernel = nf4_wgmma_kernel<__nv_bfloat16, kBlockTokens, kMinBlocks, 1, WG_WARPS, false, PROBE>;
   constexpr int smem = WgmmaSmem<kBlockTokens, 1>::bytes;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -28,7 +28,7 @@ cudaError_t launch(cudaStream_t stream, const void* x, const void* codes, const 
   kernel<<<dim3(row_groups, used_splits, (M + kBlockTokens - 1) / kBlockTokens), WG_WARPS * 32, smem, stream>>>(
       static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(codes), static_cast<const float2*>(scales),
       table, nullptr, static_cast<__nv_bfloat16*>(out), used_splits > 1 ? partial : nullptr, M, N, K,
-      blocks_per_split, l2_ahead);
+      blocks_per_split);
   return cudaGetLastError();
 }
 
@@ -36,21 +36,14 @@ cudaError_t launch(cudaStream_t stream, const void* x, const void* codes, const 
 
 // Probe `probe` (an OR of kWgmmaProbe* flags, one of those instantiated below; 0: the server's kernel itself) over
 // the tile layout of an [N, K] weight and x [M, K] bf16, M <= 32: out [M, N] bf16, or with splits > 1 the fp32
-// partials [splits, M, N] (never summed); l2_ahead > 0: with the codes and scales asked of the L2 that many quant
-// blocks ahead (nf4_wgmma_kernel's L2; the kernel and the three probes with its loads). Returns the launch's
-// cudaError_t.
+// partials [splits, M, N] (never summed). Returns the launch's cudaError_t.
 extern "C" int loraplex_wgmma_sol(int probe, void* stream, const void* x, const void* codes, const void* scales,
-                                  const float* table, void* out, float* partial, int M, int N, int K, int splits,
-                                  int l2_ahead) {
+                                  const float* table, void* out, float* partial, int M, int N, int K, int splits) {
   auto s = static_cast<cudaStream_t>(stream);
   constexpr int kNoX = kWgmmaProbeNoX, kNoBarrier = kWgmmaProbeNoBarrier;
   constexpr int kNoDequant = kWgmmaProbeNoDequant, kNoMma = kWgmmaProbeNoMma;
-#define LORAPLEX_WGMMA_SOL(PROBE)                                                                         \
-  if (probe == (PROBE) && l2_ahead == 0)                                                                  \
-    return launch<PROBE, false>(s, x, codes, scales, table, out, partial, M, N, K, splits, 0);
-#define LORAPLEX_WGMMA_SOL_L2(PROBE)     \
-  if (probe == (PROBE) && l2_ahead > 0) \
-    return launch<PROBE, true>(s, x, codes, scales, table, out, partial, M, N, K, splits, l2_ahead);
+#define LORAPLEX_WGMMA_SOL(PROBE) \
+  if (probe == (PROBE)) return launch<PROBE>(s, x, codes, scales, table, out, partial, M, N, K, splits);
   LORAPLEX_WGMMA_SOL(0)
   LORAPLEX_WGMMA_SOL(kNoX)
   LORAPLEX_WGMMA_SOL(kNoBarrier)
@@ -60,11 +53,6 @@ extern "C" int loraplex_wgmma_sol(int probe, void* stream, const void* x, const 
   LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoMma)
   LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoDequant)
   LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoDequant | kNoMma)
-  LORAPLEX_WGMMA_SOL_L2(0)
-  LORAPLEX_WGMMA_SOL_L2(kNoX | kNoBarrier | kNoMma)
-  LORAPLEX_WGMMA_SOL_L2(kNoX | kNoBarrier | kNoDequant)
-  LORAPLEX_WGMMA_SOL_L2(kNoX | kNoBarrier | kNoDequant | kNoMma)
 #undef LORAPLEX_WGMMA_SOL
-#undef LORAPLEX_WGMMA_SOL_L2
   return static_cast<int>(cudaErrorInvalidValue);
 }

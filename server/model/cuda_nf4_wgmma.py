@@ -88,7 +88,6 @@ def nf4_wgmma(
     occupancy: int | None = None,
     block_warps: int = WGMMA_BLOCK_WARPS,
     one_wait: bool | None = None,
-    l2_ahead: int = 0,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -97,10 +96,6 @@ def nf4_wgmma(
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
     splits filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the
     block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
-    `l2_ahead` (opt-in until timed; 0: none): lane 0 of each warp asks the L2 for its codes and scales that many
-    quant blocks ahead (csrc L2: the register ring's loads wait for all at once and so hide one stage of DRAM
-    latency); at 32 block tokens the default stage and occupancy or two blocks a stage, at 64 with one wait or
-    without, at 128 without.
     `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice
     the blocks (wgmma_occupancy). Each warpgroup issues the same wgmmas in the same order whatever the variant: the
     same bits for the same splits. Measured slower and removed (H200, 32-256 rows): dequantizing the next quant
@@ -119,7 +114,11 @@ def nf4_wgmma(
     47.4 vs 48.3 at 16 (H100, bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s39-sk.json). And each
     warpgroup staging its own copy of x behind a barrier of its own 4 warps instead of the block's 8 (design in
     4136b96): slower at every shape, 8B gate_up 64.0 vs 47.7 us at 32 rows, 76.5 vs 58.6 at 64 (H100,
-    -2026-12-06-nvidia-h100-80gb-hbm3-kernels-s40-wx.json)."""
+    -2026-12-06-nvidia-h100-80gb-hbm3-kernels-s40-wx.json). And the codes and scales asked of the L2 4-16 quant
+    blocks ahead by the TMA unit's bulk prefetch (lane 0 a warp, a block's 576 bytes a stage; design in d9ec549),
+    for the register ring's loads to find them there: slower at every shape, 8B gate_up 55.2-58.4 vs 47.6 us at 32
+    rows, 66.7 vs 58.6 at 64; the loads alone no faster (34.3 vs 33.6 us: bench.wgmma_sol's loads_l2), so DRAM
+    latency is not what holds them (H100, -kernels-s40-l2.json, -wgmma-sol-s40-l2.json)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
@@ -131,5 +130,5 @@ def nf4_wgmma(
     if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens
         one_wait = one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
     partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      blocks_per_sm, block_warps, one_wait, l2_ahead, defer_sum)
+                                      blocks_per_sm, block_warps, one_wait, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)

@@ -900,7 +900,7 @@ template <typename T, auto KERNEL, int BM, int WARPS, int SMEM>
 torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& tile_codes,
                                 const torch::Tensor& tile_scales, const torch::Tensor& table,
                                 const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
-                                bool defer_sum, int l2_ahead) {
+                                bool defer_sum) {
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   allow_dynamic_smem<KERNEL>(SMEM);
   const int row_groups = ((N + 15) / 16 + WARPS - 1) / WARPS;
@@ -910,47 +910,26 @@ torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& til
     KERNEL<<<dim3(row_groups, splits, (M + BM - 1) / BM), WARPS * 32, SMEM, stream>>>(
         reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
         reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        M, N, K, blocks_per_split, l2_ahead);
+        M, N, K, blocks_per_split);
   }, false, defer_sum);
 }
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, bool L2 = false>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false>
 torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                           int64_t split_k, bool defer_sum, int l2_ahead) {
-  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, ONE_WAIT, 0, L2>, BM, WARPS,
+                           int64_t split_k, bool defer_sum) {
+  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, ONE_WAIT>, BM, WARPS,
                            WgmmaSmem<BM, KB, ONE_WAIT>::bytes>(x, tile_codes, tile_scales, table, bias, out, split_k,
-                                                               defer_sum, l2_ahead);
+                                                               defer_sum);
 }
 
 template <typename T>
 torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
-                             int64_t block_warps, bool one_wait, int64_t l2_ahead, bool defer_sum) {
-#define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...)                                                              \
-  launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum, \
-                                                     static_cast<int>(l2_ahead))
-  // The codes and scales asked of the L2 l2_ahead quant blocks ahead (nf4_wgmma_kernel's L2; opt-in until timed):
-  // two warpgroups, at 32 tokens the default stage at three blocks an SM or two blocks a stage at two, at 64 with or
-  // without one wait, at 128 without.
-  if (l2_ahead > 0) {
-    TORCH_CHECK(block_warps == 8 &&
-                    ((block_tokens == 32 && !one_wait && stage_blocks == 1 && blocks_per_sm == 3) ||
-                     (block_tokens == 32 && !one_wait && stage_blocks == 2 && blocks_per_sm == 0) ||
-                     (block_tokens == 64 && stage_blocks == 1 && blocks_per_sm == 0) ||
-                     (block_tokens == 128 && !one_wait && stage_blocks == 1 && blocks_per_sm == 0)),
-                "l2_ahead takes two warpgroups: 32 block tokens at three blocks an SM (or two blocks a stage at two), "
-                "64 (one_wait or not) or 128 (no one_wait) at the instance's own");
-    if (block_tokens == 32) {
-      return stage_blocks == 2 ? LORAPLEX_WGMMA_LAUNCH(32, 2, 2, 8, false, true)
-                               : LORAPLEX_WGMMA_LAUNCH(32, 3, 1, 8, false, true);
-    }
-    if (block_tokens == 64) {
-      return one_wait ? LORAPLEX_WGMMA_LAUNCH(64, 2, 1, 8, true, true) : LORAPLEX_WGMMA_LAUNCH(64, 2, 1, 8, false, true);
-    }
-    return LORAPLEX_WGMMA_LAUNCH(128, 1, 1, 8, false, true);
-  }
+                             int64_t block_warps, bool one_wait, bool defer_sum) {
+#define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
+  launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
   // One wait for global loads a stage (nf4_wgmma_kernel's ONE_WAIT; cuda_nf4.one_wait_for): two warpgroups,
   // one block a stage, 32-128 block tokens at the default instances' occupancy (or two blocks an SM at 32).
   if (one_wait) {
@@ -992,21 +971,18 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
 // or 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage),
-// l2_ahead (its L2: codes and scales asked of the L2 that many quant blocks ahead; 0 none); any M,
-// K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32
+// any M, K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32
 // partials [splits, M, N] instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
-                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait,
-                        int64_t l2_ahead, bool defer_sum) {
+                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait, bool defer_sum) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   check_tile_layout(x, tile_codes, tile_scales, out);
   return run_for_dtype(x, [&](auto dtype_tag) {
     return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
-                                               stage_blocks, blocks_per_sm, block_warps, one_wait, l2_ahead,
-                                               defer_sum);
+                                               stage_blocks, blocks_per_sm, block_warps, one_wait, defer_sum);
   });
 }
 

@@ -25,8 +25,6 @@
 // block a stage; the default at 64 tokens: cuda_nf4.one_wait_for) the codes and scales of stage s + 1 and x of stage
 // s + 2 are loaded at stage s's start, right after its one wait for the loads the stage before issued, and x is
 // stored permuted a stage early into one of three buffers (the kernel's comment says why). One barrier a stage.
-// With L2 (opt-in until timed), lane 0 of each warp also asks the L2 for its codes and scales `l2_ahead` blocks ahead
-// (the kernel's comment says why).
 // Tokens past M re-read row M - 1 and weight tiles past N the last tile; neither is stored. Split K as the other
 // kernels: grid y, fp32 partials summed by split_k_sum_kernel.
 #pragma once
@@ -116,27 +114,11 @@ __device__ __forceinline__ void store_accumulators(const float (&acc)[BM / 2], i
 // accumulator so that the dequantization stays).
 constexpr int kWgmmaProbeNoX = 1, kWgmmaProbeNoBarrier = 2, kWgmmaProbeNoDequant = 4, kWgmmaProbeNoMma = 8;
 
-// The L2 asked by lane 0 for the warp's codes and scales of quant blocks blk .. blk + count - 1 (clamped to the
-// split's last, as the ring's loads; a tile's blocks are consecutive in the tile layout): the TMA unit's bulk
-// prefetch, which takes no register and no scoreboard (nf4_wgmma_kernel's L2).
-template <int RT, int PREFETCH>
-__device__ __forceinline__ void prefetch_blocks_l2(const TileRing<RT, PREFETCH>& ring, int blk, int count, int last,
-                                                   int lane) {
-  if (lane != 0) return;
-  const int b = min(blk, last - 1), n = min(count, last - b);
-#pragma unroll
-  for (int r = 0; r < RT; ++r) {  // lane 0's pointers are the tile's: a block's 512 bytes of codes, 64 of scales
-    prefetch_l2_bulk(ring.codes_at[r] + 32 * b, 512 * n);
-    prefetch_l2_bulk(ring.scales_at[r] + 8 * b, 64 * n);
-  }
-}
-
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0,
-          bool L2 = false>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
-    int M, int N, int K, int blocks_per_split, int l2_ahead) {
+    int M, int N, int K, int blocks_per_split) {
 #ifdef LORAPLEX_WGMMA
   constexpr int THREADS = WARPS * 32;
   static_assert(WARPS % 4 == 0 && KB * BM * 8 % THREADS == 0, "whole warpgroups; x's chunks spread evenly");
@@ -161,12 +143,6 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   const int first = blockIdx.y * blocks_per_split;
   const int last = min(first + blocks_per_split, num_blocks);
   const int m0 = blockIdx.z * BM;
-  // L2: a register ring waits for all its loads at once (ptxas gives a warp's global loads one scoreboard: the
-  // ONE_WAIT comment below), so however deep, it hides one stage of DRAM latency, ~1 us under load against a stage's
-  // ~0.4 us at 32 rows (the loads alone, no dequantization, took 33.7 us of the kernel's 48 on 8B gate_up, 1.95 TB/s:
-  // bench/results/2026-12-06-nvidia-h100-80gb-hbm3-wgmma-sol-s39-bulk.json). A prefetch into the L2 `l2_ahead`
-  // blocks ahead keeps no register and waits for nothing, so the ring's loads find their lines in the L2; the split's
-  // first l2_ahead blocks are asked for at the start (one bulk prefetch: a short split is asked for whole).
 
   float acc[BM / 2] = {};
   const uint64_t x_desc0 = smem_desc_sw128(tiles);  // buffer 0's; the others by smem_desc_advance
@@ -186,7 +162,6 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const uint32_t zero = static_cast<uint32_t>(K) >> 31;  // 0 (K > 0), which the compiler cannot know
     // stage s's codes in slot s % 2 (the loop is unrolled by 2: constant slots), block `first` preloaded
     TileRing<1, 2> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last, 1);
-    if constexpr (L2) prefetch_blocks_l2(ring, first, l2_ahead, last, lane);
     XStage<T, BM, KB, THREADS> xs[2];  // x of stage s + 1 in set (s + 1) % 2, loaded in stage s - 1
     xs[0].load(x, M, K, m0, first, last);
     xs[1].load(x, M, K, m0, min(first + 1, last - 1), last);
@@ -198,7 +173,6 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
         const int blk = base + p;
         if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
         const int next = buffer == 2 ? 0 : buffer + 1;
-        if constexpr (L2) prefetch_blocks_l2(ring, blk + l2_ahead, 1, last, lane);
         const uint4 codes = ring.codes[p][0];
         const float2 scales = ring.scales[p][0];
         const uint32_t z = (codes.x ^ __float_as_uint(scales.x) ^ xs[1 - p].xr[0].x) & zero;
@@ -226,7 +200,6 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   auto load_x = [&](int blk) { xs.load(x, M, K, m0, blk, last); };
   auto store_x = [&](int buffer) { xs.store(tiles_ptr + buffer * X_BYTES); };
   TileRing<1, WG_PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
-  if constexpr (L2) prefetch_blocks_l2(ring, first, l2_ahead, last, lane);
   load_x(first);
   store_x(0);
   for (int base = first; base < last; base += WG_PREFETCH) {
@@ -241,7 +214,6 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
       for (int kb = 0; kb < KB; ++kb) {  // a block past the split takes valid clamped codes; its wgmmas are skipped
         uint4 codes[1];
         float2 scales[1];
-        if constexpr (L2) prefetch_blocks_l2(ring, blk + kb + l2_ahead, 1, last, lane);
         ring.take(p + kb, blk + kb, last, codes, scales);
         if constexpr (kNoDequant) {
           const uint32_t raw[4] = {codes[0].x, codes[0].y, codes[0].z, codes[0].w ^ __float_as_uint(scales[0].x)};

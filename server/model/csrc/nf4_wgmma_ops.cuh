@@ -174,13 +174,6 @@ __device__ __forceinline__ void wgmma_wait_all() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
-// Ask the L2 for `bytes` at p (both multiples of 16), with no register, scoreboard or completion to wait for: the
-// TMA unit's bulk prefetch (sm_90).
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
-#ifdef LORAPLEX_WGMMA
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
 // Generic-proxy stores to shared memory made visible to the async proxy (the wgmma's operand reads).
 __device__ __forceinline__ void fence_proxy_async_smem() {
 #ifdef LORAPLEX_WGMMA
