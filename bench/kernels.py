@@ -219,8 +219,6 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         if block_tokens <= 128:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for)
             one_wait = cuda_nf4.one_wait_for(block_tokens)
             variants["wgmma_nw" if one_wait else "wgmma_1w"] = {"one_wait": not one_wait}
-            # each row group's walk over K rotated (cuda_nf4_wgmma.nf4_wgmma's rotate; no one-wait)
-            variants["wgmma_rot"] = {"rotate": True}
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4_wgmma.nf4_wgmma(x, c[3], layer.shape, layer.table,
                                                                         num_sms=device_num_sms(0), **kw)

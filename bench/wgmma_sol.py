@@ -10,9 +10,7 @@ a stage, the server's grid and split of K), compiled again with parts of its sta
 ``exact``), ``no_x`` (x stored once: no x loads, stores or fences in the loop), ``no_barrier``, ``no_x_barrier``,
 ``no_dequant`` (the raw code words as the wgmma's A), ``no_mma``, ``dequant_loads`` (the code loads and the exact
 dequantization alone), ``mma_loads`` (the code loads and the wgmmas alone) and ``loads``; beside them ``bf16``
-(cuBLAS) and ``server`` (cuda_nf4_wgmma.nf4_wgmma with the same block and split, its sum included); and ``kernel``
-and the three probes with loads once more with each row group's walk over its split rotated (``<probe>_rot``:
-nf4_wgmma's ``rotate``). A probe's time
+(cuBLAS) and ``server`` (cuda_nf4_wgmma.nf4_wgmma with the same block and split, its sum included). A probe's time
 against ``kernel`` is what the part left out costs while the rest stays. Writes ``<out>/<date>-<device>-wgmma-sol.json``
 with ``ratios``: each probe's geometric mean over the 8B shapes at 32 rows over ``kernel``
 (``wsol_<probe>_over_kernel_m32``) and over ``bf16`` (``wsol_<probe>_over_bf16_m32``).
@@ -30,7 +28,9 @@ but the dequantization with them 44.7 (49.4) against 35.5 and the whole kernel 6
 (-wgmma-sol-s39-bulk.json, -s39-bulk-ahead.json). So any ring through shared memory, however it is filled, slows the
 exact dequantization beside it. Nor does DRAM latency hold the loads: with the codes and scales asked of the L2
 eight quant blocks ahead by the TMA unit's bulk prefetch (design in d9ec549), the loads alone took 34.3 against
-33.6 us and the whole kernel 57.0 against 48.8 (-wgmma-sol-s40-l2.json).
+33.6 us and the whole kernel 57.0 against 48.8 (-wgmma-sol-s40-l2.json); nor DRAM pages or channels shared by
+warps reading the same offset of their tiles at once: with each row group's walk rotated (design in 4e564b2) the
+loads alone took 34.2 against 33.6 (-wgmma-sol-s40-rot.json).
 """
 
 from __future__ import annotations
@@ -53,10 +53,6 @@ NO_X, NO_BARRIER, NO_DEQUANT, NO_MMA = 1, 2, 4, 8  # csrc/nf4_wgmma.cuh's kWgmma
 PROBES = {"kernel": 0, "no_x": NO_X, "no_barrier": NO_BARRIER, "no_x_barrier": NO_X | NO_BARRIER,
           "no_dequant": NO_DEQUANT, "no_mma": NO_MMA, "dequant_loads": NO_X | NO_BARRIER | NO_MMA,
           "mma_loads": NO_X | NO_BARRIER | NO_DEQUANT, "loads": NO_X | NO_BARRIER | NO_DEQUANT | NO_MMA}
-# The kernel and the probes with its loads once more with each row group's walk over its split rotated (csrc
-# nf4_wgmma_kernel's ROT; nf4_wgmma's rotate): `<probe>_rot`
-ROT_PROBES = ("kernel", "dequant_loads", "mma_loads", "loads")
-ALL_PROBES = (*PROBES, *(f"{name}_rot" for name in ROT_PROBES))
 BLOCK_TOKENS, OCCUPANCY = 32, 3  # the instance the probes build (wgmma_sol.cu)
 
 
@@ -70,7 +66,7 @@ def _library() -> ctypes.PyDLL:
     path = nvcc_library.build(SOURCE, "loraplex_wgmma_sol", major, minor, feature="a", flags=("--use_fast_math",),
                               include_dirs=(ROOT / "server" / "model" / "csrc",))
     lib = ctypes.PyDLL(str(path))
-    lib.loraplex_wgmma_sol.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 5
+    lib.loraplex_wgmma_sol.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4
     return lib
 
 
@@ -78,8 +74,7 @@ def probe_call(layer, x: torch.Tensor, probe: str, splits: int):
     """call(tiled): one launch of `probe` at `splits` splits of K; and the output it leaves: out [M, N], or the
     partials [splits, M, N] summed in split order as split_k_sum_kernel does."""
     lib = _library()
-    rotate = probe.endswith("_rot")
-    flags = PROBES[probe.removesuffix("_rot")]
+    flags = PROBES[probe]
     (out_features, in_features), rows = layer.shape, x.shape[0]
     out = torch.empty(rows, out_features, dtype=x.dtype, device="cuda")
     partial = torch.empty(splits, rows, out_features, dtype=torch.float32, device="cuda")
@@ -87,8 +82,7 @@ def probe_call(layer, x: torch.Tensor, probe: str, splits: int):
     def call(tiled):
         err = lib.loraplex_wgmma_sol(flags, torch.cuda.current_stream().cuda_stream, x.data_ptr(),
                                      tiled[0].data_ptr(), tiled[1].data_ptr(), layer.table.data_ptr(),
-                                     out.data_ptr(), partial.data_ptr(), rows, out_features, in_features, splits,
-                                     int(rotate))
+                                     out.data_ptr(), partial.data_ptr(), rows, out_features, in_features, splits)
         if err:
             raise RuntimeError(f"wgmma_sol launch failed: cudaError {err}")
 
@@ -121,14 +115,11 @@ def run_shape(model: str, name: str, in_features: int, out_features: int, rows: 
         for c in layer.nf4]), 2)
     want = cuda_nf4_wgmma.nf4_wgmma(x, layer.nf4[0][3], shape, table, split_k=splits, block_tokens=BLOCK_TOKENS,
                                     num_sms=num_sms, occupancy=OCCUPANCY, one_wait=False)
-    rotated = cuda_nf4_wgmma.nf4_wgmma(x, layer.nf4[0][3], shape, table, split_k=splits, block_tokens=BLOCK_TOKENS,
-                                       num_sms=num_sms, occupancy=OCCUPANCY, rotate=True)
-    for probe in ALL_PROBES:
+    for probe in PROBES:
         call, result = probe_call(layer, x, probe, splits)
-        if probe in ("kernel", "kernel_rot"):  # the rotated kernel against the server's rotated kernel
+        if probe == "kernel":
             call(layer.nf4[0][3])
-            expected = rotated if probe == "kernel_rot" else want
-            entry.setdefault("exact", {})[probe] = bool(torch.equal(result(), expected))
+            entry["exact"] = bool(torch.equal(result(), want))
         entry["us"][probe] = round(time_calls([lambda c=c, call=call: call(c[3]) for c in layer.nf4]), 2)
     del layer
     torch.cuda.empty_cache()
@@ -139,7 +130,7 @@ def run_shape(model: str, name: str, in_features: int, out_features: int, rows: 
 def ratios(layers: list[dict]) -> dict[str, float | None]:
     rows8b = [entry for entry in layers if entry["model"] == "8b" and entry["rows"] == 32]
     out = {}
-    for probe in ALL_PROBES:
+    for probe in PROBES:
         for base in ("kernel", "bf16"):
             vals = [entry["us"][probe] / entry["us"][base] for entry in rows8b]
             out[f"wsol_{probe}_over_{base}_m32"] = round(geomean(vals), 3) if len(vals) == 4 else None

@@ -15,10 +15,10 @@ namespace {
 
 constexpr int kBlockTokens = 32, kMinBlocks = 3;
 
-template <int PROBE, bool ROT = false>
+template <int PROBE>
 cudaError_t launch(cudaStream_t stream, const void* x, const void* codes, const void* scales, const float* table,
                    void* out, float* partial, int M, int N, int K, int splits) {
-  constexpr auto kernel = nf4_wgmma_kernel<__nv_bfloat16, kBlockTokens, kMinBlocks, 1, WG_WARPS, false, PROBE, ROT>;
+  constexpr auto kernel = nf4_wgmma_kernel<__nv_bfloat16, kBlockTokens, kMinBlocks, 1, WG_WARPS, false, PROBE>;
   constexpr int smem = WgmmaSmem<kBlockTokens, 1>::bytes;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -36,18 +36,14 @@ cudaError_t launch(cudaStream_t stream, const void* x, const void* codes, const 
 
 // Probe `probe` (an OR of kWgmmaProbe* flags, one of those instantiated below; 0: the server's kernel itself) over
 // the tile layout of an [N, K] weight and x [M, K] bf16, M <= 32: out [M, N] bf16, or with splits > 1 the fp32
-// partials [splits, M, N] (never summed); with rotate, each row group's walk over its split rotated
-// (nf4_wgmma_kernel's ROT: the kernel and the probes with its loads). Returns the launch's cudaError_t.
+// partials [splits, M, N] (never summed). Returns the launch's cudaError_t.
 extern "C" int loraplex_wgmma_sol(int probe, void* stream, const void* x, const void* codes, const void* scales,
-                                  const float* table, void* out, float* partial, int M, int N, int K, int splits,
-                                  int rotate) {
+                                  const float* table, void* out, float* partial, int M, int N, int K, int splits) {
   auto s = static_cast<cudaStream_t>(stream);
   constexpr int kNoX = kWgmmaProbeNoX, kNoBarrier = kWgmmaProbeNoBarrier;
   constexpr int kNoDequant = kWgmmaProbeNoDequant, kNoMma = kWgmmaProbeNoMma;
 #define LORAPLEX_WGMMA_SOL(PROBE) \
-  if (probe == (PROBE) && !rotate) return launch<PROBE>(s, x, codes, scales, table, out, partial, M, N, K, splits);
-#define LORAPLEX_WGMMA_SOL_ROT(PROBE) \
-  if (probe == (PROBE) && rotate) return launch<PROBE, true>(s, x, codes, scales, table, out, partial, M, N, K, splits);
+  if (probe == (PROBE)) return launch<PROBE>(s, x, codes, scales, table, out, partial, M, N, K, splits);
   LORAPLEX_WGMMA_SOL(0)
   LORAPLEX_WGMMA_SOL(kNoX)
   LORAPLEX_WGMMA_SOL(kNoBarrier)
@@ -57,11 +53,6 @@ extern "C" int loraplex_wgmma_sol(int probe, void* stream, const void* x, const 
   LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoMma)
   LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoDequant)
   LORAPLEX_WGMMA_SOL(kNoX | kNoBarrier | kNoDequant | kNoMma)
-  LORAPLEX_WGMMA_SOL_ROT(0)
-  LORAPLEX_WGMMA_SOL_ROT(kNoX | kNoBarrier | kNoMma)
-  LORAPLEX_WGMMA_SOL_ROT(kNoX | kNoBarrier | kNoDequant)
-  LORAPLEX_WGMMA_SOL_ROT(kNoX | kNoBarrier | kNoDequant | kNoMma)
 #undef LORAPLEX_WGMMA_SOL
-#undef LORAPLEX_WGMMA_SOL_ROT
   return static_cast<int>(cudaErrorInvalidValue);
 }

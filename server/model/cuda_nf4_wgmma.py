@@ -88,7 +88,6 @@ def nf4_wgmma(
     occupancy: int | None = None,
     block_warps: int = WGMMA_BLOCK_WARPS,
     one_wait: bool | None = None,
-    rotate: bool = False,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -97,9 +96,6 @@ def nf4_wgmma(
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
     splits filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the
     block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
-    `rotate` (opt-in until timed; 32-128 block tokens, the default stage and occupancy, no one-wait): each row
-    group walks its split's quant blocks from its own start, spread over the split, and wraps around (csrc ROT), so
-    that the grid's warps read codes at spread offsets; the sum runs in another order (not the default's bits).
     `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice
     the blocks (wgmma_occupancy). Each warpgroup issues the same wgmmas in the same order whatever the variant: the
     same bits for the same splits. Measured slower and removed (H200, 32-256 rows): dequantizing the next quant
@@ -122,7 +118,10 @@ def nf4_wgmma(
     blocks ahead by the TMA unit's bulk prefetch (lane 0 a warp, a block's 576 bytes a stage; design in d9ec549),
     for the register ring's loads to find them there: slower at every shape, 8B gate_up 55.2-58.4 vs 47.6 us at 32
     rows, 66.7 vs 58.6 at 64; the loads alone no faster (34.3 vs 33.6 us: bench.wgmma_sol's loads_l2), so DRAM
-    latency is not what holds them (H100, -kernels-s40-l2.json, -wgmma-sol-s40-l2.json)."""
+    latency is not what holds them (H100, -kernels-s40-l2.json, -wgmma-sol-s40-l2.json). Nor where in a tile the
+    grid's warps read at once: each row group walking its split from its own start and wrapping around (design in
+    4e564b2) left the loads alone as they were (34.2 vs 33.6 us) and slowed every shape (8B gate_up 55.5 vs 48.4 at
+    32 rows; -kernels-s40-rot.json, -wgmma-sol-s40-rot.json)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
@@ -131,9 +130,8 @@ def nf4_wgmma(
     if split_k is None:
         split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, occupancy, block_warps)
     blocks_per_sm = 3 if occupancy == 3 and block_warps == WGMMA_BLOCK_WARPS else 0
-    if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens, no rotation
-        one_wait = (one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
-                    and not rotate)
+    if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens
+        one_wait = one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
     partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      blocks_per_sm, block_warps, one_wait, rotate, defer_sum)
+                                      blocks_per_sm, block_warps, one_wait, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)

@@ -255,30 +255,6 @@ def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_token
     _assert_replays(lambda xs: run(xs, **variant), x)
 
 
-@pytest.mark.parametrize("block_tokens", [32, 64, 128])
-@pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 5), (100, 3), (7, 7), (300, 2)])
-def test_wgmma_rotated_walk_matches_the_reference(rows, split_k, block_tokens):
-    """Each row group walking its split's quant blocks from its own start and wrapping around (rotate) sums every
-    block once with x's matching block: the reference's result up to the order of the fp32 sums, with splits of 3-5
-    blocks (24 in 5 splits: 5, 5, 5, 5, 4; the rotation differs by row group: 600 rows, 5 groups), tokens over
-    several blocks of the grid, and the same bits on replay."""
-    from server.model import cuda_nf4_wgmma
-
-    if not cuda_nf4_wgmma.wgmma_supported():
-        pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
-    codes, absmax, wshape, table, _ = _layer(1536, 600)
-    x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
-    bias = torch.randn(600, device="cuda").to(torch.bfloat16)
-    tiled = _tiled(codes, absmax, wshape)
-    run = lambda xs: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, bias, split_k=split_k,  # noqa: E731
-                                              block_tokens=block_tokens, rotate=True)
-    got = run(x)
-    assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
-    weight = nf4_ops.nf4_dequantize_reference(codes, absmax, wshape, table).to(torch.bfloat16).float()
-    torch.testing.assert_close(got, (x.float() @ weight.t() + bias.float()).to(torch.bfloat16), rtol=1e-2, atol=2e-2)
-    _assert_replays(run, x)
-
-
 @pytest.mark.parametrize("rows, split_k, token_tiles, rows_per_warp", [
     (1, 1, 2, 1), (13, 3, 2, 2), (30, 2, 4, 1), (7, 3, 8, 2), (33, 2, 8, 1), (64, 8, 16, 2), (50, 4, 16, 1),
 ])  # fmt: skip

@@ -235,15 +235,14 @@ def test_one_wait_is_the_default_where_it_measured_faster(monkeypatch, setting, 
 
 
 @pytest.mark.parametrize("options, expected", [
-    ({}, (1, 32, 1, 3, 8, False, False)),  # the default 32-token block: three blocks an SM, no one-wait
-    ({"stage_blocks": 2}, (1, 32, 2, 0, 8, False, False)),  # two blocks a stage at two blocks an SM
-    ({"block_tokens": 64}, (1, 64, 1, 0, 8, True, False)),  # one wait a stage: the 64-token default
-    ({"block_tokens": 64, "block_warps": 4}, (1, 64, 1, 0, 4, False, False)),  # not with one warpgroup a block
-    ({"block_tokens": 64, "rotate": True}, (1, 64, 1, 0, 8, False, True)),  # nor with the rotated walk
+    ({}, (1, 32, 1, 3, 8, False)),  # the default 32-token block: three blocks an SM, no one-wait
+    ({"stage_blocks": 2}, (1, 32, 2, 0, 8, False)),  # two blocks a stage at two blocks an SM
+    ({"block_tokens": 64}, (1, 64, 1, 0, 8, True)),  # one wait a stage: the 64-token default
+    ({"block_tokens": 64, "block_warps": 4}, (1, 64, 1, 0, 4, False)),  # not with one warpgroup a block
 ])  # fmt: skip
 def test_wgmma_passes_the_variant_to_the_extension_in_its_order(monkeypatch, options, expected):
     """cuda_nf4_wgmma.nf4_wgmma's arguments as csrc's nf4_wgmma takes them (x, codes, scales, table, bias, out,
-    split_k, block_tokens, stage_blocks, blocks_per_sm, block_warps, one_wait, rotate, defer_sum)."""
+    split_k, block_tokens, stage_blocks, blocks_per_sm, block_warps, one_wait, defer_sum)."""
     calls = []
     fake = SimpleNamespace(nf4_wgmma=lambda *args: calls.append(args))
     monkeypatch.setattr(cuda_nf4_wgmma, "extension", lambda: fake)
@@ -251,4 +250,4 @@ def test_wgmma_passes_the_variant_to_the_extension_in_its_order(monkeypatch, opt
     x = torch.zeros(20, 256, dtype=torch.bfloat16)
     cuda_nf4_wgmma.nf4_wgmma(x, (torch.zeros(1), torch.zeros(1)), (300, 256), torch.zeros(16), split_k=1, **options)
     (args,) = calls
-    assert args[6:13] == expected and args[13] is False
+    assert args[6:12] == expected and args[12] is False

@@ -127,32 +127,18 @@ __device__ __forceinline__ uint4 load_tile_codes(const uint4* p) {
 
 // The codes and scales of a warp's RT row tiles in the tile layout, PREFETCH quant blocks ahead in a register
 // ring. A tile past the last re-reads the last one (its rows are never stored); blocks past the split are clamped
-// to its last one (refills that are never used): every load reads valid memory, so none is predicated. ROT: the
-// split's blocks read in a rotated order, block first + i of the walk being block first + (i + rot) % (last - first)
-// of the weight (phys; nf4_wgmma_kernel's ROT), and the clamp applied to the walk's index before it.
-template <int RT, int PREFETCH, bool ROT = false>
+// to its last one (refills that are never used): every load reads valid memory, so none is predicated.
+template <int RT, int PREFETCH>
 struct TileRing {
   const uint4* codes_at[RT];
   const float2* scales_at[RT];
   uint4 codes[PREFETCH][RT];
   float2 scales[PREFETCH][RT];
-  int rot_, wrap_at, span;  // ROT: the rotation, the walk index from which it wraps (last - rot), last - first
-
-  // The weight's block at walk index b (first <= b < last).
-  __device__ __forceinline__ int phys(int b) const {
-    if constexpr (ROT) {
-      return b + rot_ - (b >= wrap_at ? span : 0);
-    } else {
-      return b;
-    }
-  }
 
   // Slots 0 .. preload - 1 loaded with blocks first, first + 1, ...: PREFETCH for take, fewer for a reader that
   // refills by load (nf4_wgmma_kernel's one-wait stage preloads one).
   __device__ __forceinline__ TileRing(const uint4* tile_codes, const float2* tile_scales, int tile0, int row_tiles,
-                                      int num_blocks, int lane, int first, int last, int preload = PREFETCH,
-                                      int rot = 0)
-      : rot_(rot), wrap_at(last - rot), span(last - first) {
+                                      int num_blocks, int lane, int first, int last, int preload = PREFETCH) {
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
       const int tile = tile0 + r < row_tiles ? tile0 + r : min(tile0, row_tiles - 1);
@@ -168,7 +154,7 @@ struct TileRing {
   // Slot p loaded with block blk (clamped to the split's last); `z` is 0, computed from loaded registers so that the
   // loads issue after them.
   __device__ __forceinline__ void load(int p, int blk, int last, uint32_t z = 0) {
-    const int b = phys(min(blk, last - 1));
+    const int b = min(blk, last - 1);
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
       codes[p][r] = load_tile_codes(codes_at[r] + 32 * b + static_cast<int>(z));
@@ -178,7 +164,7 @@ struct TileRing {
 
   // Block `blk`, held in slot p, into cur; slot p refilled with block blk + PREFETCH (clamped).
   __device__ __forceinline__ void take(int p, int blk, int last, uint4 (&cur_codes)[RT], float2 (&cur_scales)[RT]) {
-    const int ahead = phys(min(blk + PREFETCH, last - 1));
+    const int ahead = min(blk + PREFETCH, last - 1);
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
       cur_codes[r] = codes[p][r];

@@ -914,11 +914,11 @@ torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& til
   }, false, defer_sum);
 }
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, bool ROT = false>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false>
 torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                            int64_t split_k, bool defer_sum) {
-  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, ONE_WAIT, 0, ROT>, BM, WARPS,
+  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, ONE_WAIT>, BM, WARPS,
                            WgmmaSmem<BM, KB, ONE_WAIT>::bytes>(x, tile_codes, tile_scales, table, bias, out, split_k,
                                                                defer_sum);
 }
@@ -927,21 +927,9 @@ template <typename T>
 torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
-                             int64_t block_warps, bool one_wait, bool rotate, bool defer_sum) {
+                             int64_t block_warps, bool one_wait, bool defer_sum) {
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
-  // Each row group's walk over its split rotated (nf4_wgmma_kernel's ROT; opt-in until timed): two warpgroups, the
-  // default stage at the default instances' occupancy, 32-128 block tokens, no one-wait.
-  if (rotate) {
-    TORCH_CHECK(block_warps == 8 && !one_wait && stage_blocks == 1 &&
-                    ((block_tokens == 32 && blocks_per_sm == 3) ||
-                     ((block_tokens == 64 || block_tokens == 128) && blocks_per_sm == 0)),
-                "rotate takes two warpgroups, one block a stage and no one_wait: 32 block tokens at three blocks an "
-                "SM, or 64 or 128 at the instance's own");
-    if (block_tokens == 32) return LORAPLEX_WGMMA_LAUNCH(32, 3, 1, 8, false, true);
-    return block_tokens == 64 ? LORAPLEX_WGMMA_LAUNCH(64, 2, 1, 8, false, true)
-                              : LORAPLEX_WGMMA_LAUNCH(128, 1, 1, 8, false, true);
-  }
   // One wait for global loads a stage (nf4_wgmma_kernel's ONE_WAIT; cuda_nf4.one_wait_for): two warpgroups,
   // one block a stage, 32-128 block tokens at the default instances' occupancy (or two blocks an SM at 32).
   if (one_wait) {
@@ -982,22 +970,19 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
-// or 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage), rotate
-// (its ROT: each row group's walk over its split rotated); any M, K % 64 == 0. Only where nf4_wgmma_built() (an
-// sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N] instead (run_split);
-// else None.
+// or 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage),
+// any M, K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32
+// partials [splits, M, N] instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
-                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait, bool rotate,
-                        bool defer_sum) {
+                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait, bool defer_sum) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   check_tile_layout(x, tile_codes, tile_scales, out);
   return run_for_dtype(x, [&](auto dtype_tag) {
     return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
-                                               stage_blocks, blocks_per_sm, block_warps, one_wait, rotate,
-                                               defer_sum);
+                                               stage_blocks, blocks_per_sm, block_warps, one_wait, defer_sum);
   });
 }
 

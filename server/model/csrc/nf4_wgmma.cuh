@@ -114,8 +114,7 @@ __device__ __forceinline__ void store_accumulators(const float (&acc)[BM / 2], i
 // accumulator so that the dequantization stays).
 constexpr int kWgmmaProbeNoX = 1, kWgmmaProbeNoBarrier = 2, kWgmmaProbeNoDequant = 4, kWgmmaProbeNoMma = 8;
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0,
-          bool ROT = false>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
@@ -127,7 +126,6 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   static_assert(!ONE_WAIT || KB == 1, "the one-wait stage takes one quant block");
   static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
   static_assert(PROBE == 0 || (!ONE_WAIT && KB == 1), "the probes take the default stage");
-  static_assert(!ROT || (!ONE_WAIT && KB == 1), "the rotated walk takes the default stage");
   constexpr bool kNoX = PROBE & kWgmmaProbeNoX, kNoBarrier = PROBE & kWgmmaProbeNoBarrier;
   constexpr bool kNoDequant = PROBE & kWgmmaProbeNoDequant, kNoMma = PROBE & kWgmmaProbeNoMma;
   extern __shared__ __align__(1024) uint8_t wg_smem[];
@@ -145,14 +143,6 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   const int first = blockIdx.y * blocks_per_split;
   const int last = min(first + blocks_per_split, num_blocks);
   const int m0 = blockIdx.z * BM;
-  // ROT (opt-in until timed): each row group walks its split's blocks from its own start, spread evenly over the
-  // split by blockIdx.x, and wraps around (TileRing::phys), so that the warps of the grid read codes from offsets
-  // spread over a tile instead of all from the same one (at 32 rows the code loads alone reach 1.95 TB/s on 8B
-  // gate_up, one split, where the one-row stream probe's reach 2.3 at one split and 2.8 at four:
-  // bench/results/2026-12-06-nvidia-h100-80gb-hbm3-nf4-sol-s38.json). The sum runs in another order: not the
-  // default's bits.
-  const int rot = ROT && last > first ? static_cast<int>(static_cast<int64_t>(blockIdx.x) * (last - first) / gridDim.x)
-                                      : 0;
 
   float acc[BM / 2] = {};
   const uint64_t x_desc0 = smem_desc_sw128(tiles);  // buffer 0's; the others by smem_desc_advance
@@ -209,9 +199,8 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   XStage<T, BM, KB, THREADS> xs;  // x of the next stage, in registers until stored
   auto load_x = [&](int blk) { xs.load(x, M, K, m0, blk, last); };
   auto store_x = [&](int buffer) { xs.store(tiles_ptr + buffer * X_BYTES); };
-  TileRing<1, WG_PREFETCH, ROT> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last,
-                                     WG_PREFETCH, rot);
-  load_x(ring.phys(first));
+  TileRing<1, WG_PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
+  load_x(first);
   store_x(0);
   for (int base = first; base < last; base += WG_PREFETCH) {
 #pragma unroll
@@ -219,7 +208,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
       const int blk = base + p;
       if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
       const int i = kNoX ? 0 : (blk - first) / KB;
-      if (!kNoX && blk + KB < last) load_x(ring.phys(blk + KB));
+      if (!kNoX && blk + KB < last) load_x(blk + KB);
       uint32_t a[KB][2][2][4];  // [block of the stage][half][k-step of the half][4 registers]
 #pragma unroll
       for (int kb = 0; kb < KB; ++kb) {  // a block past the split takes valid clamped codes; its wgmmas are skipped
