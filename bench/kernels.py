@@ -258,7 +258,8 @@ def check_error(layer: Layer, x: torch.Tensor, fn) -> float:
 
 def tune_like_the_engine(layer: Layer, rows: int) -> str | None:
     """At the row counts the engine tunes at start-up (nf4_autotune.ROWS, unless LORAPLEX_NF4_AUTOTUNE=0), the same
-    tuning on copy 0's weight, recorded in nf4_dispatch.TUNED as the engine records it; the pick, or None."""
+    tuning over the layer's weight copies (as the engine's over the model's layers of a shape), recorded in
+    nf4_dispatch.TUNED as the engine records it; the pick, or None."""
     from types import SimpleNamespace
 
     from server.model import nf4_autotune, nf4_dispatch
@@ -267,10 +268,9 @@ def tune_like_the_engine(layer: Layer, rows: int) -> str | None:
         return None
     from server.model.triton_nf4 import device_num_sms
 
-    codes, absmax, state, tiled = layer.nf4[0]
-    weight = SimpleNamespace(codes=codes, absmax_f=absmax, quant_state=state, tiled=tiled,
-                             compute_dtype=torch.bfloat16)
-    nf4_autotune.tune({layer.shape: weight}, device_num_sms(0), rows_list=(rows,))
+    weights = [SimpleNamespace(codes=codes, absmax_f=absmax, quant_state=state, tiled=tiled,
+                               compute_dtype=torch.bfloat16) for codes, absmax, state, tiled in layer.nf4]
+    nf4_autotune.tune({layer.shape: weights}, device_num_sms(0), rows_list=(rows,))
     choice = nf4_dispatch.TUNED.get((layer.shape, rows))
     return None if choice is None else str(choice)
 

@@ -54,26 +54,47 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
     return choices
 
 
-def time_call(run: Callable[[], object], repeats: int = 20) -> float:
-    """Median device time of `run()` in ms (CUDA events; three runs first, to build and warm it), each timed run on
-    a cold L2: a buffer twice the L2's size is zeroed before it, so the weight streams from HBM as it does in a
-    decode step (every layer's weights read once a step, the model many times the L2). Timed on a warm L2 (one
-    weight of 2-13 MB, rerun back to back) the picks favoured kernels that re-read their weight: on an H100, 1B qkv
-    at 64 rows the wide kernel (14.5 us in bench.kernels' cold timing against the rules' wgmma 9.3), 8B qkv at 16-32
-    rows two quant blocks a stage (15.2 against 14.6; bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s39-
-    tuned-warm.json)."""
-    for _ in range(3):
-        run()
+def time_calls(calls: list[Callable[[], object]], repeats: int = 10) -> float:
+    """Median device time in ms of one call of `calls` (one candidate on each of the model's weights of a shape), as
+    a decode step runs them: captured in turn as one CUDA graph behind an L2 flush (a buffer twice the L2 zeroed) and
+    replayed, less a graph of the flush alone. The graph times what the GPU does, not the host's launches: timed by
+    events around one eager call each, a candidate of more kernels or a longer Python path (dequant + cuBLAS; a split
+    K's sum) lost by its launch gaps. On a cold L2, as in a step (every layer's weights read once, the model many
+    times the L2): timed warm, back to back on one weight of 2-13 MB, the picks favoured kernels that re-read their
+    weight (H100: 1B qkv at 64 rows the wide kernel, 14.5 us in bench.kernels against the rules' wgmma 9.3;
+    bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s39-tuned-warm.json). Still timed one eager call at a time
+    after a flush, two picks lost to the table's best (8B qkv at 32 rows two quant blocks a stage, 15.2 against
+    14.5 us; 1B qkv at 128 wgmma, 13.2 against dequant + cuBLAS 12.1: -kernels-s40-wx.json)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # build, warm and allocate (the dequant scratch) before the capture
+        for _ in range(2):
+            for call in calls:
+                call()
+    torch.cuda.current_stream().wait_stream(side)
     flush = _l2_flush_buffer()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    passes, flushes = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(passes):
         flush.zero_()
+        for call in calls:
+            call()
+    with torch.cuda.graph(flushes):
+        flush.zero_()
+    ms = _median_replay(passes, repeats) - _median_replay(flushes, repeats)
+    return max(ms, 0.0) / len(calls)
+
+
+def _median_replay(graph: torch.cuda.CUDAGraph, repeats: int) -> float:
+    """Median ms of `repeats` replays of `graph`, after two untimed."""
+    times = []
+    for i in range(repeats + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        run()
+        graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        if i >= 2:
+            times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
@@ -101,20 +122,21 @@ def release_l2_flush_buffer() -> None:
 
 
 def tune(layers: dict[tuple[int, int], object], num_sms: int,
-         timer: Callable[[Callable[[], object]], float] = time_call,
+         timer: Callable[[list[Callable[[], object]]], float] = time_calls,
          rows_list: tuple[int, ...] = ROWS) -> dict[tuple[tuple[int, int], int], Choice]:
-    """Time the candidates for each (shape: an NF4Linear of that shape) at each row count; record the fastest in
-    nf4_dispatch.TUNED and return what was recorded. A candidate that raises is skipped (logged). A shape and row
-    count already tuned in this process (an earlier engine on the same GPU) keeps its pick: timing again would cost
-    the start-up time for nothing, and could pick another kernel on noise, so that two engines of one process would
-    sum in different orders (the GPU suite compares such engines bit for bit). time_call's L2 flush buffer is
-    released at the end."""
+    """Time the candidates for each (shape: an NF4Linear of that shape, or a list of them: each candidate runs on
+    every one in turn) at each row count; record the fastest in nf4_dispatch.TUNED and return what was recorded. A
+    candidate that raises is skipped (logged). A shape and row count already tuned in this process (an earlier
+    engine on the same GPU) keeps its pick: timing again would cost the start-up time for nothing, and could pick
+    another kernel on noise, so that two engines of one process would sum in different orders (the GPU suite
+    compares such engines bit for bit). time_calls' L2 flush buffer is released at the end."""
     chosen = {}
     try:
-        for shape, layer in layers.items():
+        for shape, group in layers.items():
+            group = list(group) if isinstance(group, (list, tuple)) else [group]
             for rows in rows_list:
                 if (shape, rows) not in nf4_dispatch.TUNED:
-                    best = _fastest(layer, shape, rows, num_sms, timer)
+                    best = _fastest(group, shape, rows, num_sms, timer)
                     if best is not None:
                         chosen[(shape, rows)] = best
     finally:
@@ -123,14 +145,15 @@ def tune(layers: dict[tuple[int, int], object], num_sms: int,
     return chosen
 
 
-def _fastest(layer, shape: tuple[int, int], rows: int, num_sms: int,
-             timer: Callable[[Callable[[], object]], float]) -> Choice | None:
-    """The candidate `timer` finds fastest at `rows` rows of the layer; None if every one raised (logged)."""
-    x = torch.randn(rows, shape[1], device=layer.codes.device).to(layer.compute_dtype)
+def _fastest(group: list, shape: tuple[int, int], rows: int, num_sms: int,
+             timer: Callable[[list[Callable[[], object]]], float]) -> Choice | None:
+    """The candidate `timer` finds fastest at `rows` rows over the layers of `group`; None if every one raised
+    (logged)."""
+    x = torch.randn(rows, shape[1], device=group[0].codes.device).to(group[0].compute_dtype)
     best, best_ms = None, float("inf")
     for choice in candidates(rows, shape, num_sms):
         try:
-            ms = timer(_runner(layer, shape, x, choice))
+            ms = timer([_runner(layer, shape, x, choice) for layer in group])
         except Exception as exc:  # a variant this build or shape lacks: the others still compete
             log.warning("NF4 autotune: %s at %d rows of %s failed: %s", choice, rows, shape, exc)
             continue
@@ -146,17 +169,26 @@ def _runner(layer, shape: tuple[int, int], x: torch.Tensor, choice: Choice) -> C
                                                 kernel=choice.kernel, tiled=layer.tiled, options=dict(choice.options))
 
 
+# The model's layers of one shape a candidate is timed over (time_calls): enough that they are read from HBM as in a
+# step (16 layers of the 1B model's smallest weight, o: 2.4 MB each, ~39 MB against the H100's 50 MB L2, and the
+# flush), few enough to keep start-up short.
+TUNE_LAYERS = 16
+
+
 def tune_model(model: torch.nn.Module) -> str:
-    """Tune every distinct NF4 weight shape of `model` (CUDA, with the tile layout); a one-line summary."""
+    """Tune every distinct NF4 weight shape of `model` (CUDA, with the tile layout) over up to TUNE_LAYERS of its
+    layers of that shape; a one-line summary."""
     from server.model.triton_nf4 import device_num_sms
 
-    layers = {}
+    layers: dict[tuple[int, int], list] = {}
     for module in model.modules():
         if getattr(module, "is_quantized", False) and getattr(module, "tiled", None) is not None:
-            layers.setdefault((module.out_features, module.in_features), module)
+            group = layers.setdefault((module.out_features, module.in_features), [])
+            if len(group) < TUNE_LAYERS:
+                group.append(module)
     if not layers:
         return "no NF4 layer on CUDA"
-    device = next(iter(layers.values())).codes.device
+    device = next(iter(layers.values()))[0].codes.device
     chosen = tune(layers, device_num_sms(device.index or 0))
     if not chosen:
         return "every shape tuned already in this process"

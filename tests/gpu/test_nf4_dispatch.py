@@ -615,6 +615,22 @@ def test_a_captured_dequant_keeps_its_scratch_when_a_larger_layer_outgrows_it(mo
     del filler
 
 
+def test_autotune_times_the_calls_replayed_as_one_graph_behind_the_flush():
+    """nf4_autotune.time_calls: two eager rounds to warm, then the calls captured in turn as one graph (behind the L2
+    flush) and replayed 2 + repeats times; a time per call, the flush's own taken off."""
+    from server.model import nf4_autotune
+
+    counter = torch.zeros(1, device="cuda")
+    a = torch.randn(1024, 1024, device="cuda")
+    try:
+        ms = nf4_autotune.time_calls([lambda: counter.add_(1), lambda: torch.mm(a, a)], repeats=4)
+        torch.cuda.synchronize()
+    finally:
+        nf4_autotune.release_l2_flush_buffer()
+    assert counter.item() == 2 + 2 + 4  # the warm rounds, then the replays of the captured pass (the capture runs none)
+    assert 0 < ms < 10
+
+
 def test_autotune_chooses_a_kernel_the_dispatch_then_runs_for_those_rows():
     """Start-up tuning (nf4_autotune, opt-in) times the candidates on a real NF4 layer; the dispatch then runs the
     chosen one for the tuned row counts, with the reference's results."""

@@ -52,7 +52,7 @@ def test_tune_records_the_fastest_candidate_and_skips_one_that_fails(monkeypatch
 
     monkeypatch.setattr(nf4_dispatch, "nf4_linear_cuda", fake_linear)
     shapes = {(256, 128): _fake_layer((256, 128)), (64, 256): _fake_layer((64, 256))}
-    chosen = nf4_autotune.tune(shapes, 132, timer=lambda run: run(), rows_list=(16, 32))
+    chosen = nf4_autotune.tune(shapes, 132, timer=lambda calls: calls[0](), rows_list=(16, 32))
     assert chosen == {(shape, rows): Choice("wgmma") for shape in shapes for rows in (16, 32)}
     assert chosen == nf4_dispatch.TUNED
     assert {(shape, x_shape[0]) for shape, x_shape, _, _ in seen} == {(s, r) for s in shapes for r in (16, 32)}
@@ -65,11 +65,55 @@ def test_a_shape_tuned_already_in_the_process_keeps_its_pick(monkeypatch):
     monkeypatch.setattr(nf4_dispatch, "nf4_linear_cuda", lambda x, *a, kernel, **kw: timed.append((x.shape[0], kernel))
                         or {"dequant": 2.0, "wide": 1.0}[kernel])
     nf4_dispatch.TUNED[((256, 128), 16)] = Choice("dequant")  # an earlier engine's pick
-    chosen = nf4_autotune.tune({(256, 128): _fake_layer((256, 128))}, 132, timer=lambda run: run(), rows_list=(16, 32))
+    chosen = nf4_autotune.tune({(256, 128): _fake_layer((256, 128))}, 132, timer=lambda calls: calls[0](),
+                               rows_list=(16, 32))
     assert chosen == {((256, 128), 32): Choice("wide")}  # only the row count not tuned yet was timed
     assert {rows for rows, _ in timed} == {32}
     assert nf4_autotune._flush is None  # the timer's L2 flush buffer released by tune itself
     assert dict(nf4_dispatch.TUNED) == {((256, 128), 16): Choice("dequant"), ((256, 128), 32): Choice("wide")}
+
+
+def test_each_candidate_is_timed_over_every_layer_of_the_shape(monkeypatch):
+    """A shape's layers (a list: the engine passes up to TUNE_LAYERS of the model's) each run the candidate once in
+    the timer's calls, with one x; the timer's figure picks the winner."""
+    monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: False)
+    ran = []
+    monkeypatch.setattr(nf4_dispatch, "nf4_linear_cuda", lambda x, codes, *a, kernel, **kw: ran.append((id(codes),
+                                                                                                        kernel, x)))
+    group = [_fake_layer((256, 128)) for _ in range(3)]
+    timed = []
+
+    def timer(calls):
+        for call in calls:
+            call()
+        timed.append(len(calls))
+        return {"dequant": 2.0, "wide": 1.0}[ran[-1][1]]
+
+    chosen = nf4_autotune.tune({(256, 128): group}, 132, timer=timer, rows_list=(32,))
+    assert chosen == {((256, 128), 32): Choice("wide")} and timed == [3, 3]
+    assert [codes for codes, kernel, _ in ran if kernel == "wide"] == [id(layer.codes) for layer in group]
+    assert len({id(x) for _, _, x in ran}) == 1 and ran[0][2].shape == (32, 128)
+
+
+def test_tune_model_groups_up_to_tune_layers_of_each_shape(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "server.model.triton_nf4", SimpleNamespace(device_num_sms=lambda index: 132))
+    seen = {}
+    monkeypatch.setattr(nf4_autotune, "tune", lambda layers, num_sms: seen.update(layers) or
+                        {(shape, 16): Choice("wide") for shape in layers})
+
+    def linear(out_features, in_features):
+        module = torch.nn.Module()
+        module.is_quantized, module.tiled = True, (torch.zeros(1), torch.zeros(1))
+        module.out_features, module.in_features, module.codes = out_features, in_features, torch.zeros(1)
+        return module
+
+    model = torch.nn.ModuleList([linear(256, 128) for _ in range(nf4_autotune.TUNE_LAYERS + 3)] + [linear(64, 256)])
+    summary = nf4_autotune.tune_model(model)
+    assert {shape: len(group) for shape, group in seen.items()} == {(256, 128): nf4_autotune.TUNE_LAYERS,
+                                                                   (64, 256): 1}
+    assert seen[(256, 128)][0] is model[0] and "256x128@16: wide" in summary
 
 
 def test_the_dispatch_runs_the_tuned_choice_for_that_shape_and_row_count_only(monkeypatch):
