@@ -64,7 +64,8 @@ def time_calls(calls: list[Callable[[], object]], repeats: int = 10) -> float:
     weight (H100: 1B qkv at 64 rows the wide kernel, 14.5 us in bench.kernels against the rules' wgmma 9.3;
     bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s39-tuned-warm.json). Still timed one eager call at a time
     after a flush, two picks lost to the table's best (8B qkv at 32 rows two quant blocks a stage, 15.2 against
-    14.5 us; 1B qkv at 128 wgmma, 13.2 against dequant + cuBLAS 12.1: -kernels-s40-wx.json)."""
+    14.5 us; 1B qkv at 128 wgmma, 13.2 against dequant + cuBLAS 12.1: -kernels-s40-wx.json); timed so, every pick
+    at 16-128 rows of both models came within 1.5% of the table's best (H100, -kernels-s40-graphtune.json)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # build, warm and allocate (the dequant scratch) before the capture
