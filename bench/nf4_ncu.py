@@ -1,12 +1,14 @@
 """Launch the CUDA NF4 kernels on one 8B layer for Nsight Compute (run under ``ncu``; times nothing itself).
 
     ncu --clock-control none --kernel-name regex:"nf4_(tile|gemv|gemv_pairs|sol|wide|wgmma)_kernel" \
-        python -m bench.nf4_ncu --rows 1,32 --probes stream,dequant,x
+        python -m bench.nf4_ncu --rows 1,32 --probes stream,dequant,x --wgmma-probes loads,kernel
 
 Per row count it launches the kernel the dispatch runs at that count (`tile`, `gemv`, `wide`, `wgmma`), and with
 --pairs the byte-pair table's kernel too (`gemv_pairs`, at 1-8 rows); with
---probes, once per layer the speed-of-light probes of bench.nf4_sol (one row, --probe-config warps,splits). Each
-launch runs twice (a warm-up, then the profiled one: pass --launch-skip to ncu or read the second of each pair)."""
+--probes, once per layer the speed-of-light probes of bench.nf4_sol (one row, --probe-config warps,splits); with
+--wgmma-probes, those of bench.wgmma_sol (32 rows, the server's split of K). Each launch runs twice (a warm-up, then
+the profiled one: pass --launch-skip to ncu or read the second of each pair). --rows '' launches no dispatch kernel
+(and needs no build of the CUDA extension: the probes build their own libraries)."""
 
 from __future__ import annotations
 
@@ -25,15 +27,17 @@ def main() -> None:
     parser.add_argument("--probes", default="", help="bench.nf4_sol probes: stream,dequant,mma,x")
     parser.add_argument("--probe-config", default="2,8", help="warps a block, splits of K")
     parser.add_argument("--pairs", action="store_true", help="also the byte-pair table's kernel at 1-8 rows")
+    parser.add_argument("--wgmma-probes", default="", help="bench.wgmma_sol probes at 32 rows: loads,kernel,...")
     args = parser.parse_args()
     from bench.nf4_sol import PROBES, probe_calls
-    from server.model import cuda_nf4_gemv, nf4_dispatch
     from server.model.triton_nf4 import device_num_sms
 
     in_features, out_features = layer_shapes(args.model)[args.layer]
     layer = Layer(in_features, out_features, copies=1, seed=1)
     codes, absmax, state, tiled = layer.nf4[0]
-    for rows in (int(r) for r in args.rows.split(",")):
+    for rows in (int(r) for r in filter(None, args.rows.split(","))):
+        from server.model import cuda_nf4_gemv, nf4_dispatch
+
         x = torch.randn(rows, in_features, device="cuda").to(torch.bfloat16)
         kernel = nf4_dispatch.kernel_for(rows, layer.shape, num_sms=device_num_sms(0))
         for _ in range(2):
@@ -53,6 +57,24 @@ def main() -> None:
             call()
         torch.cuda.synchronize()
         print(f"probe {probe} ({warps} warps, {splits} splits): launched twice", flush=True)
+    if args.wgmma_probes:
+        launch_wgmma_probes(layer, args.wgmma_probes.split(","), device_num_sms(0))
+
+
+def launch_wgmma_probes(layer: Layer, probes: list[str], num_sms: int) -> None:
+    """bench.wgmma_sol's probes at 32 rows on the server's split of K, each launched twice."""
+    from bench import wgmma_sol
+    from server.model.cuda_nf4_wgmma import wgmma_split_k
+
+    x = torch.randn(32, layer.shape[1], device="cuda").to(torch.bfloat16)
+    splits = wgmma_split_k(32, layer.shape, num_sms, wgmma_sol.BLOCK_TOKENS, wgmma_sol.OCCUPANCY)
+    tiled = layer.nf4[0][3]
+    for probe in probes:
+        call, _ = wgmma_sol.probe_call(layer, x, probe, splits)
+        for _ in range(2):
+            call(tiled)
+        torch.cuda.synchronize()
+        print(f"wgmma probe {probe} (32 rows, {splits} splits): launched twice", flush=True)
 
 
 if __name__ == "__main__":
