@@ -95,7 +95,8 @@ def nf4_wgmma(
     `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait; `occupancy` 3 (32 block
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
     splits filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the
-    block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
+    block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage;
+    True with `stage_blocks` 2 (opt-in until timed): one wait for both blocks' loads, issued together a stage ahead.
     `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice
     the blocks (wgmma_occupancy). Each warpgroup issues the same wgmmas in the same order whatever the variant: the
     same bits for the same splits. Measured slower and removed (H200, 32-256 rows): dequantizing the next quant

@@ -231,15 +231,17 @@ def _wgmma_against_the_reference(rows, dtype, **options):
                                                    (32, {"block_warps": 4}), (64, {"block_warps": 4}),
                                                    (128, {"block_warps": 4}), (32, {"one_wait": True}),
                                                    (32, {"one_wait": True, "occupancy": 2}), (64, {"one_wait": False}),
-                                                   (128, {"one_wait": True})])
+                                                   (128, {"one_wait": True}),
+                                                   (32, {"one_wait": True, "stage_blocks": 2})])
 @pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 5), (100, 5), (7, 7), (300, 2)])
 def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_tokens, variant):
     """The wgmma variants issue the same wgmmas in the same order into the same accumulators of each warpgroup: two
     quant blocks a stage (one barrier and wgmma wait for both), the 32-token instance built for two blocks an SM (the
-    default: three), one warpgroup a block (600 weight rows: a last block of 24 rows) and the one-wait stage (x stored
-    a stage early into three buffers; splits of 1-5 blocks: the loads past a split clamped). Not a bit may differ
-    from the default, with an odd count of blocks in a split (24 quant blocks in 5 splits: 5, 5, 5, 5, 4), tokens
-    over several blocks of the grid (300 rows) and on replay."""
+    default: three), one warpgroup a block (600 weight rows: a last block of 24 rows) and the one-wait stage of one or
+    two blocks (x stored a stage early into three buffers; splits of 1-5 blocks: the loads past a split clamped, an
+    odd count leaving a last stage of one block). Not a bit may differ from the default, with an odd count of blocks
+    in a split (24 quant blocks in 5 splits: 5, 5, 5, 5, 4), tokens over several blocks of the grid (300 rows) and on
+    replay."""
     from server.model import cuda_nf4_wgmma
 
     if not cuda_nf4_wgmma.wgmma_supported():

@@ -237,6 +237,7 @@ def test_one_wait_is_the_default_where_it_measured_faster(monkeypatch, setting, 
 @pytest.mark.parametrize("options, expected", [
     ({}, (1, 32, 1, 3, 8, False)),  # the default 32-token block: three blocks an SM, no one-wait
     ({"stage_blocks": 2}, (1, 32, 2, 0, 8, False)),  # two blocks a stage at two blocks an SM
+    ({"stage_blocks": 2, "one_wait": True}, (1, 32, 2, 0, 8, True)),  # and one wait for both
     ({"block_tokens": 64}, (1, 64, 1, 0, 8, True)),  # one wait a stage: the 64-token default
     ({"block_tokens": 64, "block_warps": 4}, (1, 64, 1, 0, 4, False)),  # not with one warpgroup a block
 ])  # fmt: skip

@@ -931,11 +931,15 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
   // One wait for global loads a stage (nf4_wgmma_kernel's ONE_WAIT; cuda_nf4.one_wait_for): two warpgroups,
-  // one block a stage, 32-128 block tokens at the default instances' occupancy (or two blocks an SM at 32).
+  // one block a stage, 32-128 block tokens at the default instances' occupancy (or two blocks an SM at 32); or two
+  // blocks a stage at 32 tokens, two blocks an SM (opt-in until timed).
   if (one_wait) {
-    TORCH_CHECK(block_warps == 8 && stage_blocks == 1 && block_tokens <= 128,
-                "one_wait takes two warpgroups, one block a stage and at most 128 block tokens");
+    TORCH_CHECK(block_warps == 8 && block_tokens <= 128 &&
+                    (stage_blocks == 1 || (stage_blocks == 2 && block_tokens == 32 && blocks_per_sm == 0)),
+                "one_wait takes two warpgroups, at most 128 block tokens and one block a stage, or two at 32 block "
+                "tokens and two blocks an SM");
     if (block_tokens == 32) {
+      if (stage_blocks == 2) return LORAPLEX_WGMMA_LAUNCH(32, 2, 2, 8, true);
       return blocks_per_sm == 3 ? LORAPLEX_WGMMA_LAUNCH(32, 3, 1, 8, true) : LORAPLEX_WGMMA_LAUNCH(32, 2, 1, 8, true);
     }
     return block_tokens == 64 ? LORAPLEX_WGMMA_LAUNCH(64, 2, 1, 8, true) : LORAPLEX_WGMMA_LAUNCH(128, 1, 1, 8, true);

@@ -22,8 +22,8 @@
 // Pipeline: a stage's x (KB quant blocks: 1, or 2 to halve the barriers and waits) comes by 16-byte loads into
 // registers one stage ahead and is stored permuted into the other of two shared-memory buffers after this stage's
 // wgmmas have completed; codes come PREFETCH blocks ahead in the tile layout's register ring. With ONE_WAIT (one
-// block a stage; the default at 64 tokens: cuda_nf4.one_wait_for) the codes and scales of stage s + 1 and x of stage
-// s + 2 are loaded at stage s's start, right after its one wait for the loads the stage before issued, and x is
+// block a stage, the default at 64 tokens: cuda_nf4.one_wait_for; or two) the codes and scales of stage s + 1 and x
+// of stage s + 2 are loaded at stage s's start, right after its one wait for the loads the stage before issued, and x is
 // stored permuted a stage early into one of three buffers (the kernel's comment says why). One barrier a stage.
 // Tokens past M re-read row M - 1 and weight tiles past N the last tile; neither is stored. Split K as the other
 // kernels: grid y, fp32 partials summed by split_k_sum_kernel.
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   constexpr int THREADS = WARPS * 32;
   static_assert(WARPS % 4 == 0 && KB * BM * 8 % THREADS == 0, "whole warpgroups; x's chunks spread evenly");
   constexpr int X_BYTES = WgmmaSmem<BM, KB, ONE_WAIT>::x_bytes;
-  static_assert(!ONE_WAIT || KB == 1, "the one-wait stage takes one quant block");
+  static_assert(!ONE_WAIT || KB <= 2, "the one-wait stage takes one or two quant blocks");
   static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
   static_assert(PROBE == 0 || (!ONE_WAIT && KB == 1), "the probes take the default stage");
   constexpr bool kNoX = PROBE & kWgmmaProbeNoX, kNoBarrier = PROBE & kWgmmaProbeNoBarrier;
@@ -159,35 +159,54 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     // stage s's start, a stage early, so three buffers: buffer (s + 1) % 3 was last read by stage s - 2's wgmmas,
     // done by every warp before the barrier of stage s - 1. The same wgmmas in the same order as before: the same
     // bits.
+    // With KB 2 (two quant blocks a stage), a stage's wait covers both blocks' codes, loaded together a stage ahead:
+    // a warp's loads in flight are one block's 576 bytes with KB 1, and the loads alone are bound by them (ncu, 8B
+    // gate_up at 32 rows on an H100: 12.9 warps an SM waiting ~600 ns a stage for 576 bytes each, 1.65 TB/s;
+    // bench/NOTES.md, fortieth session).
     const uint32_t zero = static_cast<uint32_t>(K) >> 31;  // 0 (K > 0), which the compiler cannot know
-    // stage s's codes in slot s % 2 (the loop is unrolled by 2: constant slots), block `first` preloaded
-    TileRing<1, 2> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last, 1);
+    // stage s's codes in slots KB (s % 2) .. + KB - 1 (the loop is unrolled by 2: constant slots), stage 0's preloaded
+    TileRing<1, 2 * KB> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last, KB);
     XStage<T, BM, KB, THREADS> xs[2];  // x of stage s + 1 in set (s + 1) % 2, loaded in stage s - 1
     xs[0].load(x, M, K, m0, first, last);
-    xs[1].load(x, M, K, m0, min(first + 1, last - 1), last);
+    xs[1].load(x, M, K, m0, min(first + KB, last - 1), last);
     xs[0].store(tiles_ptr);
     int buffer = 0;  // stage s's x buffer, s % 3
-    for (int base = first; base < last; base += 2) {
+    for (int base = first; base < last; base += 2 * KB) {
 #pragma unroll
       for (int p = 0; p < 2; ++p) {
-        const int blk = base + p;
+        const int blk = base + KB * p;
         if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
         const int next = buffer == 2 ? 0 : buffer + 1;
-        const uint4 codes = ring.codes[p][0];
-        const float2 scales = ring.scales[p][0];
-        const uint32_t z = (codes.x ^ __float_as_uint(scales.x) ^ xs[1 - p].xr[0].x) & zero;
-        if (blk + 1 < last) xs[1 - p].store(tiles_ptr + next * X_BYTES);
+        uint4 codes[KB];
+        float2 scales[KB];
+#pragma unroll
+        for (int kb = 0; kb < KB; ++kb) {
+          codes[kb] = ring.codes[KB * p + kb][0];
+          scales[kb] = ring.scales[KB * p + kb][0];
+        }
+        const uint32_t z = (codes[0].x ^ __float_as_uint(scales[0].x) ^ xs[1 - p].xr[0].x) & zero;
+        if (blk + KB < last) xs[1 - p].store(tiles_ptr + next * X_BYTES);
         // stage s + 1's codes and stage s + 2's x; past the split: clamped re-reads, never used
-        ring.load(1 - p, blk + 1, last, z);
-        xs[p].load(x, M, K, m0, min(blk + 2, last - 1), last, z);
-        uint32_t a[2][2][4];  // [half][k-step of the half][4 registers]
-        a_fragments<T>(lut, codes, scales, 0, a[0]);
-        a_fragments<T>(lut, codes, scales, 1, a[1]);
+#pragma unroll
+        for (int kb = 0; kb < KB; ++kb) ring.load(KB * (1 - p) + kb, blk + KB + kb, last, z);
+        xs[p].load(x, M, K, m0, min(blk + 2 * KB, last - 1), last, z);
+        uint32_t a[KB][2][2][4];  // [block of the stage][half][k-step of the half][4 registers]
+#pragma unroll
+        for (int kb = 0; kb < KB; ++kb) {  // a block past the split takes valid clamped codes; its wgmmas are skipped
+          a_fragments<T>(lut, codes[kb], scales[kb], 0, a[kb][0]);
+          a_fragments<T>(lut, codes[kb], scales[kb], 1, a[kb][1]);
+        }
         __syncthreads();  // x of this stage is stored and fenced by all
         const uint64_t x_desc = smem_desc_advance(x_desc0, buffer * X_BYTES);
         wgmma_fence();
 #pragma unroll
-        for (int j = 0; j < 4; ++j) Wgmma<T, BM>::mma(acc, a[j / 2][j % 2], smem_desc_advance(x_desc, 32 * j));
+        for (int kb = 0; kb < KB; ++kb) {
+          if (kb > 0 && blk + kb >= last) break;  // uniform across the block
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            Wgmma<T, BM>::mma(acc, a[kb][j / 2][j % 2], smem_desc_advance(x_desc, kb * BM * 128 + 32 * j));
+          }
+        }
         wgmma_commit();
         wgmma_wait_all();  // before the next stage's dequantization rewrites a
         buffer = next;
