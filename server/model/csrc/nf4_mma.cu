@@ -586,9 +586,40 @@ __global__ void wgmma_built_kernel(int* flag) {
 }
 }  // namespace
 
-#include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+// The few torch headers this file uses, not torch/extension.h: that one (all of ATen's operators, torch::nn, ...) cost
+// ~45 s of the extension's ~110 s build on the CPU of a fresh GPU machine, every call that changes the source
+// (nvcc --time: cudafe++ 22 s, cicc 26 s and gcc 16 s for the headers alone, against 8, 7 and 9 s for these).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/utils/pybind.h>
+
+namespace torch {  // the names this file takes from torch/extension.h, from the lighter headers above
+using at::Tensor;
+using at::empty;
+using at::zeros;
+using at::dtype;
+using c10::kBFloat16;
+using c10::kHalf;
+constexpr auto kFloat32 = c10::kFloat;  // as torch/types.h names them
+constexpr auto kInt32 = c10::kInt;
+constexpr auto kUInt8 = c10::kByte;
+using c10::kCUDA;
+}  // namespace torch
+
+// The current device's SM count (cached per device, as ATen's device properties are).
+static int current_device_sms() {
+  static int sms[64] = {};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 64 && sms[device] > 0) return sms[device];
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (device < 64) sms[device] = count;
+  return count;
+}
 
 // run(T()) with T the CUDA type of x's dtype, bf16 or fp16.
 template <typename Run>
@@ -645,7 +676,7 @@ torch::Tensor run_split(const torch::Tensor& x, const c10::optional<torch::Tenso
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
   torch::Tensor partials;
   if (splits > 1) partials = torch::empty({splits, M, N}, x.options().dtype(torch::kFloat32));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   T* out_ptr = reinterpret_cast<T*>(out.data_ptr());
   body(stream, out_ptr, splits > 1 ? partials.data_ptr<float>() : nullptr, bias_ptr, splits, blocks_per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -772,7 +803,7 @@ torch::Tensor nf4_gemv(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   check_tile_layout(x, tile_codes, tile_scales, out);
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const dim3 grid((N + 15) / 16);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const auto* codes = reinterpret_cast<const uint4*>(tile_codes.data_ptr());
   const auto* scales = reinterpret_cast<const float2*>(tile_scales.data_ptr());
   const float* table_ptr = table.data_ptr<float>();
@@ -835,8 +866,8 @@ torch::Tensor nf4_gemv_pairs(torch::Tensor x, torch::Tensor tile_codes, torch::T
   check_tile_layout(x, tile_codes, tile_scales, out);
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int row_tiles = (N + 15) / 16, groups = kPairsWarps / static_cast<int>(group_warps);
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const int num_sms = current_device_sms();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   auto run = [&](auto dtype_tag) {
     using T = decltype(dtype_tag);
     auto launch = [&](auto token_tiles) {
@@ -993,7 +1024,7 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
 // Whether this build's code for the current GPU has the wgmma kernels (sm_90a), by running a one-thread probe.
 bool nf4_wgmma_built() {
   auto flag = torch::zeros({1}, torch::dtype(torch::kInt32).device(torch::kCUDA));
-  wgmma_built_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(flag.data_ptr<int>());
+  wgmma_built_kernel<<<1, 1, 0, c10::cuda::getCurrentCUDAStream()>>>(flag.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return flag.item<int>() == 1;
 }
