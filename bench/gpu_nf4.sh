@@ -12,7 +12,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 python3 -c "import msgspec, zmq, llguidance, fastapi, bitsandbytes" \
   || { echo "missing wheels in .whl: see the comment above this check in $0"; exit 1; }
 export PYTHONUNBUFFERED=1
-# The CUDA NF4 extension takes ~90 s to build on a fresh machine: build it into .torch_ext, send it back
+# The CUDA NF4 extension takes ~90 s to build on a fresh machine (about half that since 47919fd: csrc/nf4_mma.cu
+# includes only the torch headers it uses): build it into .torch_ext, send it back
 # in $OUT/build_cache.tgz, and next time unpack that here (`tar xzf build_cache.tgz` in the checkout) and name
 # .torch_ext in `carry`
 # (the build is named by a digest of server/model/csrc, so a changed source or header rebuilds).
