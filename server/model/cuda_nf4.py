@@ -1,4 +1,5 @@
-"""NF4 matmul on tensor cores, a CUDA extension compiled on first use (csrc/nf4_mma.cu).
+"""NF4 matmul on tensor cores, a CUDA extension compiled on first use (csrc/nf4_mma.cu, nf4_wide.cu and
+nf4_wgmma.cu: translation units that build in parallel).
 
 Semantics: as ``nf4_ops.nf4_matmul_reference`` (fp32 dequantize, one rounding to x.dtype, fp32
 accumulate). Two kernels share one MMA mapping: ``nf4_mma`` reads bitsandbytes' codes as stored;
@@ -27,7 +28,7 @@ from server.model.split_sums import SplitSums
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 64
-# Programmatic dependent launch of the tile kernel and its split-K sum (csrc/nf4_mma.cu, wait_for_prior_grid):
+# Programmatic dependent launch of the tile kernel and its split-K sum (csrc/nf4_device.cuh, wait_for_prior_grid):
 # each may start while the kernel ahead finishes, its weight loads overlapping that tail; sm_90+ only. Measured and
 # left off (H200, twelfth session, bench/NOTES.md): "tile_pdl" within 0.25 us of "tile" on every 8B shape at 1 and
 # 16 rows (bench.kernels), and the 8B engine with LORAPLEX_NF4_PDL=1 decoded batch 1 at 287.2 / 284.2 tokens/s
@@ -56,7 +57,9 @@ def extension():
     arch = "9.0a" if (major, minor) == (9, 0) else os.environ["TORCH_CUDA_ARCH_LIST"]
     saved, os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["TORCH_CUDA_ARCH_LIST"], arch
     try:
-        return load(name=f"loraplex_nf4_mma_{digest[:10]}", sources=[str(csrc / "nf4_mma.cu")],
+        # every translation unit (nf4_mma.cu with the bindings, nf4_wide.cu, nf4_wgmma.cu): ninja builds them at once
+        sources = [str(path) for path in sorted(csrc.glob("*.cu"))]
+        return load(name=f"loraplex_nf4_mma_{digest[:10]}", sources=sources,
                     extra_cuda_cflags=["-O3", "--use_fast_math"], verbose=False)
     finally:
         os.environ["TORCH_CUDA_ARCH_LIST"] = saved
@@ -180,7 +183,7 @@ def wide_blocks_per_sm(token_tiles: int, rows_per_warp: int) -> int:
     return max(1, extension().nf4_wide_blocks_per_sm(token_tiles, rows_per_warp))
 
 
-WIDE_WARPS = 4  # csrc/nf4_mma.cu, WIDE_WARPS
+WIDE_WARPS = 4  # csrc/nf4_wide.cu, WIDE_WARPS
 
 
 def wide_config(num_rows: int) -> tuple[int, int]:
@@ -212,7 +215,7 @@ def nf4_wide(
     defer_sum: bool = False,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, x staged in shared memory once a
-    block for all its warps (csrc/nf4_mma.cu, nf4_wide_kernel); same MMA mapping and order of sums as nf4_tile.
+    block for all its warps (csrc/nf4_wide.cu, nf4_wide_kernel); same MMA mapping and order of sums as nf4_tile.
     With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead."""
     out_features = shape[0]
     x = x.contiguous()

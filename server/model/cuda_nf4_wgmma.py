@@ -19,7 +19,7 @@ def wgmma_supported() -> bool:
     return is_available() and bool(extension().nf4_wgmma_built())
 
 
-WGMMA_BLOCK_TOKENS = (32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_mma.cu, dispatch_wgmma)
+WGMMA_BLOCK_TOKENS = (32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_wgmma.cu, dispatch_wgmma)
 WGMMA_MAX_SPLIT_K = 16  # the Triton consumers of deferred partials sum at most 16 (triton_glue.MAX_SPLITS)
 WGMMA_BLOCK_WARPS = 8  # csrc/nf4_wgmma.cuh's default block: two warpgroups of 64 weight rows each
 

@@ -28,7 +28,7 @@ COMPILED_SPLITS = os.environ.get("LORAPLEX_GLUE_COMPILED_SPLITS", "1") == "1"
 def _summed(src_ptr, offs, mask, plane, splits, bias_ptr, bias_offs, dtype: tl.constexpr, HAS_BIAS: tl.constexpr,
             MOST_SPLITS: tl.constexpr = _MAX_SPLITS, delta_ptr=None, HAS_DELTA: tl.constexpr = False):
     """A linear's output at `offs` (offsets of any shape into one [M, N] plane) from its split-K partials: summed
-    from 0 in split order, plus the bias, rounded once to `dtype`, as csrc/nf4_mma.cu's split_k_sum_kernel does. The
+    from 0 in split order, plus the bias, rounded once to `dtype`, as csrc/nf4_device.cuh's split_k_sum_kernel does. The
     loads of every split up to MOST_SPLITS are issued together (unused ones masked): the most any consumer sums, or
     a caller's split count compiled in (silu_mul), one load a split. With HAS_DELTA, plus the fp32 delta at the same
     offsets (a contiguous [M, N]) and rounded again, as the LoRA expand adds its delta (SplitSums.delta)."""

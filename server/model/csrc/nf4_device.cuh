@@ -1,6 +1,7 @@
-// Device helpers of the NF4 tensor-core kernels (nf4_mma.cu), shared with the speed-of-light probes of
-// bench/csrc/nf4_sol.cu: the MMA and rounding per dtype, the code table in shared memory, the dequantization of
-// one lane's A fragments, the tile layout's register ring. No torch headers (the probes build with nvcc alone).
+// Device helpers of the NF4 tensor-core kernels (nf4_mma.cu, nf4_wide.cu, nf4_wgmma.cu), shared with the
+// speed-of-light probes of bench/csrc/nf4_sol.cu: the MMA and rounding per dtype, the code table in shared memory, the
+// dequantization of one lane's A fragments, the tile layout's register ring, the C fragments' store, the split-K sum.
+// No torch headers (the probes build with nvcc alone).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -262,6 +263,68 @@ __device__ __forceinline__ void store_output(float v, int tok, int row, int M, i
   }
   if (bias != nullptr) v += Ops<T>::to_float(bias[row]);
   out[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
+}
+
+// Programmatic dependent launch (sm_90+; LORAPLEX_NF4_PDL, off by default: measured without gain, see cuda_nf4.PDL):
+// a kernel launched with the attribute may start while the kernel ahead of it in the stream finishes, so its launch
+// and its first loads of weights (which no kernel writes) overlap that tail; this waits until the earlier kernel's
+// memory is visible, and must come before the kernel's first read of an activation and its first store. A no-op for
+// a kernel launched without the attribute and before sm_90.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Split K: each split's block stores its fp32 partials [split, M, N]; a second kernel (split_k_sum_kernel) sums
+// them in split order, adds the bias and stores out. Measured against (H200, 8B shapes, bench.kernels, two calls of
+// the eleventh session): the last block of each row group to arrive summing them itself (an atomic arrival count a
+// group, reset by that block) lost at every row count. With a fence a thread and one load after another: o at one
+// row 9.45 -> 10.0 us, qkv at 16 rows 15.8 -> 20.3 (that block summed 16 splits of 64 x 16 values alone); with one
+// fence a block, loads issued together and 1-8 rows only, still gate_up at one row 41.1 against 38.1 for the sum
+// kernel, and 8B batch-1 decode 278 against 286 tokens/s: the fence and the count lengthen every block's exit.
+constexpr int kUnrolledSplits = 16;  // pick_split_k's largest split
+
+// Sum of the `splits` partials at p, p + plane, ... in split order (loads issued together, then added).
+__device__ __forceinline__ float sum_splits(const float* p, int64_t plane, int splits) {
+  float part[kUnrolledSplits];
+#pragma unroll
+  for (int s = 0; s < kUnrolledSplits; ++s) part[s] = s < splits ? __ldcg(p + s * plane) : 0.f;
+  float v = 0.f;
+#pragma unroll
+  for (int s = 0; s < kUnrolledSplits; ++s) {
+    if (s < splits) v += part[s];
+  }
+  for (int s = kUnrolledSplits; s < splits; ++s) v += __ldcg(p + s * plane);
+  return v;
+}
+
+template <typename T>
+__global__ void split_k_sum_kernel(const float* __restrict__ partial, const T* __restrict__ bias, T* __restrict__ out,
+                                   int M, int N, int splits) {
+  wait_for_prior_grid();
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<int64_t>(M) * N) return;
+  float v = sum_splits(partial + i, static_cast<int64_t>(M) * N, splits);
+  if (bias != nullptr) v += Ops<T>::to_float(bias[i % N]);
+  out[i] = Ops<T>::from_float(v);
+}
+
+// C fragment: acc[nt][0..1] = (row g, tokens tok0 + nt*8 + 2t, +1), acc[nt][2..3] = (row g + 8, same tokens); into
+// out (+ bias, rounded to T) or, split over K (partial set), into this split's fp32 partials [split, M, N].
+template <typename T, int NT>
+__device__ __forceinline__ void store_c_fragments(const float (&acc)[NT][4], int row_lo, int t, int tok0, int M, int N,
+                                                  const T* __restrict__ bias, T* __restrict__ out,
+                                                  float* __restrict__ partial) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = (i < 2) ? row_lo : row_lo + 8;
+      const int tok = tok0 + nt * 8 + 2 * t + (i & 1);
+      if (row < N && tok < M) store_output<T>(acc[nt][i], tok, row, M, N, bias, out, partial);
+    }
+  }
 }
 
 }  // namespace

@@ -17,6 +17,10 @@
 // reading different entries hit different banks: one wavefront), scaled in fp32, rounded in pairs.
 // Code loads run PREFETCH blocks ahead in registers. Grid: (row tiles / WARPS, split_k); with split_k > 1
 // each split writes fp32 partials [split_k, M, N] that a second kernel sums.
+//
+// This translation unit holds the kernels of 1-64 rows and the Python bindings of the whole extension; the wide and
+// wgmma kernels build beside it in nf4_wide.cu and nf4_wgmma.cu (ninja compiles the three at once), all three on the
+// torch-side helpers of nf4_launch.cuh.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -53,68 +57,6 @@ __device__ __forceinline__ void load_x_fragments(const T* __restrict__ x, int M,
       for (int w = 0; w < 8; ++w) xb[nt][w] = 0u;
     }
   }
-}
-
-// C fragment: acc[nt][0..1] = (row g, tokens tok0 + nt*8 + 2t, +1), acc[nt][2..3] = (row g + 8, same tokens); into
-// out (+ bias, rounded to T) or, split over K (partial set), into this split's fp32 partials [split, M, N].
-template <typename T, int NT>
-__device__ __forceinline__ void store_c_fragments(const float (&acc)[NT][4], int row_lo, int t, int tok0, int M, int N,
-                                                  const T* __restrict__ bias, T* __restrict__ out,
-                                                  float* __restrict__ partial) {
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = (i < 2) ? row_lo : row_lo + 8;
-      const int tok = tok0 + nt * 8 + 2 * t + (i & 1);
-      if (row < N && tok < M) store_output<T>(acc[nt][i], tok, row, M, N, bias, out, partial);
-    }
-  }
-}
-
-// Programmatic dependent launch (sm_90+; LORAPLEX_NF4_PDL, off by default: measured without gain, see cuda_nf4.PDL):
-// a kernel launched with the attribute may start while the kernel ahead of it in the stream finishes, so its launch
-// and its first loads of weights (which no kernel writes) overlap that tail; this waits until the earlier kernel's
-// memory is visible, and must come before the kernel's first read of an activation and its first store. A no-op for
-// a kernel launched without the attribute and before sm_90.
-__device__ __forceinline__ void wait_for_prior_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
-// Split K: each split's block stores its fp32 partials [split, M, N]; a second kernel (split_k_sum_kernel) sums
-// them in split order, adds the bias and stores out. Measured against (H200, 8B shapes, bench.kernels, two calls of
-// the eleventh session): the last block of each row group to arrive summing them itself (an atomic arrival count a
-// group, reset by that block) lost at every row count. With a fence a thread and one load after another: o at one
-// row 9.45 -> 10.0 us, qkv at 16 rows 15.8 -> 20.3 (that block summed 16 splits of 64 x 16 values alone); with one
-// fence a block, loads issued together and 1-8 rows only, still gate_up at one row 41.1 against 38.1 for the sum
-// kernel, and 8B batch-1 decode 278 against 286 tokens/s: the fence and the count lengthen every block's exit.
-constexpr int kUnrolledSplits = 16;  // pick_split_k's largest split
-
-// Sum of the `splits` partials at p, p + plane, ... in split order (loads issued together, then added).
-__device__ __forceinline__ float sum_splits(const float* p, int64_t plane, int splits) {
-  float part[kUnrolledSplits];
-#pragma unroll
-  for (int s = 0; s < kUnrolledSplits; ++s) part[s] = s < splits ? __ldcg(p + s * plane) : 0.f;
-  float v = 0.f;
-#pragma unroll
-  for (int s = 0; s < kUnrolledSplits; ++s) {
-    if (s < splits) v += part[s];
-  }
-  for (int s = kUnrolledSplits; s < splits; ++s) v += __ldcg(p + s * plane);
-  return v;
-}
-
-template <typename T>
-__global__ void split_k_sum_kernel(const float* __restrict__ partial, const T* __restrict__ bias, T* __restrict__ out,
-                                   int M, int N, int splits) {
-  wait_for_prior_grid();
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= static_cast<int64_t>(M) * N) return;
-  float v = sum_splits(partial + i, static_cast<int64_t>(M) * N, splits);
-  if (bias != nullptr) v += Ops<T>::to_float(bias[i % N]);
-  out[i] = Ops<T>::from_float(v);
 }
 
 // Register cap: ncu (H200, 1 row) showed 92 registers limiting the SM to 20 warps (24% achieved occupancy)
@@ -462,232 +404,12 @@ __global__ void __launch_bounds__(GEMM_WARPS * 32) nf4_gemm_kernel(
   }
 }
 
-// Wide batches (16-256 rows): the tile layout's MMA mapping with x staged once a block in shared memory, where the
-// register kernel above has every warp load its own x fragments from L1 (8 cache lines an instruction; the L1 pipe,
-// not DRAM, bounded it at 32 rows). The block's warps (one or two 16-row tiles each) share one copy of x per quant
-// block: TOKENS rows of 64 values (128 bytes), brought in by cp.async STAGES - 1 blocks ahead. 16-byte chunk c of
-// row r sits at chunk c ^ (r & 7), so a quarter warp's LDS.128 (rows g and g + 1, chunks 2t and 2t + 1) and the
-// 8 threads of a staging wavefront (one row's 8 chunks) each touch 32 distinct banks. A warp dequantizes its
-// 16 x 64 weights of a block once into 16 A fragments (per row tile) and runs them against every token tile, so
-// the dequantization cost is shared by TOKENS tokens. More tokens than TOKENS: grid z walks token groups.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-template <int NT, int STAGES>
-struct WideSmem {
-  static constexpr int stage_bytes = NT * 8 * 128;
-  static constexpr int bytes = STAGES * stage_bytes;
-};
-
-template <typename T, int NT, int RT, int WARPS, int STAGES, int PREFETCH>
-__global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
-    const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
-    const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out,
-    float* __restrict__ partial, int M, int N, int K, int blocks_per_split) {
-  constexpr int TOKENS = NT * 8;
-  constexpr int THREADS = WARPS * 32;
-  constexpr int STAGE_BYTES = WideSmem<NT, STAGES>::stage_bytes;
-  extern __shared__ __align__(128) uint8_t x_stages[];
-  const char* lut = stage_code_table(table);
-
-  const int lane = threadIdx.x & 31;
-  const int g = lane >> 2;
-  const int t = lane & 3;
-  const int row_tiles = (N + 15) / 16;
-  const int tile0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * RT;
-  const int num_blocks = K / 64;
-  const int first = blockIdx.y * blocks_per_split;
-  const int last = min(first + blocks_per_split, num_blocks);
-  const int tok0 = blockIdx.z * TOKENS;
-
-  // Every warp stays to the end (the block's barriers): token rows past M re-read row M - 1 and are never stored.
-  const uint32_t smem = static_cast<uint32_t>(__cvta_generic_to_shared(x_stages));
-
-  // Stage x of quant block `blk` into buffer `stage`: TOKENS rows of 8 chunks, one 16-byte cp.async each.
-  auto stage_x = [&](int blk, int stage) {
-    static_assert(TOKENS * 8 % THREADS == 0, "whole staging rounds");
-#pragma unroll
-    for (int k = 0; k < TOKENS * 8 / THREADS; ++k) {
-      const int c = threadIdx.x + k * THREADS;
-      const int row = c >> 3, chunk = c & 7;
-      const T* src = x + static_cast<int64_t>(min(tok0 + row, M - 1)) * K + 64 * blk + 8 * chunk;
-      cp_async16(smem + stage * STAGE_BYTES + row * 128 + ((chunk ^ (row & 7)) << 4), src);
-    }
-  };
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (first + s < last) stage_x(first + s, s);
-    cp_async_commit();  // one group per block, empty or not, so that wait_group counts blocks
-  }
-
-  float acc[RT][NT][4] = {};
-
-  // Codes and scales run PREFETCH blocks ahead (one block ahead left DRAM idle at 16-32 rows).
-  TileRing<RT, PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
-  for (int base = first; base < last; base += PREFETCH) {
-#pragma unroll
-    for (int p = 0; p < PREFETCH; ++p) {
-      const int blk = base + p;
-      if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
-      const int i = blk - first;
-      uint4 cur_codes[RT];
-      float2 cur_scales[RT];
-      ring.take(p, blk, last, cur_codes, cur_scales);
-      uint32_t af[RT][2][2][4];  // A fragments of this block: [tile][half][k-step of the half][4 registers]
-#pragma unroll
-      for (int r = 0; r < RT; ++r)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) a_fragments<T>(lut, cur_codes[r], cur_scales[r], half, af[r][half]);
-      cp_async_wait<STAGES - 2>();  // this block's x has landed (for this thread's copies) ...
-      __syncthreads();              // ... and everyone's; the buffer refilled below was last read a block ago
-      if (blk + STAGES - 1 < last) stage_x(blk + STAGES - 1, (i + STAGES - 1) % STAGES);
-      cp_async_commit();
-      const uint8_t* stage = x_stages + (i % STAGES) * STAGE_BYTES;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const uint8_t* row = stage + (nt * 8 + g) * 128;  // (nt * 8 + g) & 7 == g
-        const uint4 v0 = *reinterpret_cast<const uint4*>(row + (((2 * t) ^ g) << 4));
-        const uint4 v1 = *reinterpret_cast<const uint4*>(row + (((2 * t + 1) ^ g) << 4));
-        const uint32_t xb[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int r = 0; r < RT; ++r)
-            Ops<T>::mma(acc[r][nt], af[r][j / 2][j % 2][0], af[r][j / 2][j % 2][1], af[r][j / 2][j % 2][2],
-                        af[r][j / 2][j % 2][3], xb[2 * j], xb[2 * j + 1]);
-      }
-    }
-  }
-  cp_async_wait<0>();
-
-#pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    if (tile0 + r < row_tiles)
-      store_c_fragments<T, NT>(acc[r], (tile0 + r) * 16 + g, t, tok0, M, N, bias, out, partial);
-  }
-}
-
 }  // namespace
 
 #include "nf4_pairs.cuh"
-#include "nf4_wgmma.cuh"
 
-namespace {
-__global__ void wgmma_built_kernel(int* flag) {
-#ifdef LORAPLEX_WGMMA
-  *flag = 1;
-#else
-  *flag = 0;
-#endif
-}
-}  // namespace
+#include "nf4_launch.cuh"
 
-// The few torch headers this file uses, not torch/extension.h: that one (all of ATen's operators, torch::nn, ...) cost
-// ~45 s of the extension's ~110 s build on the CPU of a fresh GPU machine, every call that changes the source
-// (nvcc --time: cudafe++ 22 s, cicc 26 s and gcc 16 s for the headers alone, against 8, 7 and 9 s for these).
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/csrc/utils/pybind.h>
-
-namespace torch {  // the names this file takes from torch/extension.h, from the lighter headers above
-using at::Tensor;
-using at::empty;
-using at::zeros;
-using at::dtype;
-using c10::kBFloat16;
-using c10::kHalf;
-constexpr auto kFloat32 = c10::kFloat;  // as torch/types.h names them
-constexpr auto kInt32 = c10::kInt;
-constexpr auto kUInt8 = c10::kByte;
-using c10::kCUDA;
-}  // namespace torch
-
-// The current device's SM count (cached per device, as ATen's device properties are).
-static int current_device_sms() {
-  static int sms[64] = {};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 64 && sms[device] > 0) return sms[device];
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  if (device < 64) sms[device] = count;
-  return count;
-}
-
-// run(T()) with T the CUDA type of x's dtype, bf16 or fp16.
-template <typename Run>
-auto run_for_dtype(const torch::Tensor& x, Run run) {
-  if (x.scalar_type() == torch::kBFloat16) return run(__nv_bfloat16());
-  TORCH_CHECK(x.scalar_type() == torch::kHalf, "x must be bf16 or fp16");
-  return run(__half());
-}
-
-// KERNEL allowed `bytes` of dynamic shared memory (above 48 KB needs the opt-in), once per kernel and device: the
-// attribute is the device's, so a process on several GPUs sets it on each.
-template <auto KERNEL>
-void allow_dynamic_smem(int bytes) {
-  static bool allowed[64] = {};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 64 && allowed[device]) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  if (device < 64) allowed[device] = true;
-}
-
-// Launch `kernel` on `stream`, with programmatic dependent launch when `pdl` (see wait_for_prior_grid).
-template <typename... Params, typename... Args>
-void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Args... args) {
-  if (!pdl) {
-    kernel<<<grid, block, 0, stream>>>(args...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  cudaLaunchAttribute attribute;
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
-}
-
-// Grid (row groups, splits[, token groups]) of a kernel whose warps each own `rows_per_warp` 16-row tiles; `body`
-// launches it with `partial` null, or fp32 partials [splits, M, N] when K is split, which split_k_sum_kernel sums
-// (launched programmatically dependent when `pdl`). With `defer_sum` the partials are returned unsummed (bias not
-// added, out not written) for the kernel that reads the output to sum (server/model/split_sums.py); else, and when K
-// is not split, an undefined tensor (None in Python).
-template <typename T, typename Body>
-torch::Tensor run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                        int64_t split_k, Body body, bool pdl = false, bool defer_sum = false) {
-  const int M = x.size(0), K = x.size(1), N = out.size(1);
-  const int num_blocks = K / 64;
-  const int blocks_per_split = (num_blocks + split_k - 1) / split_k;
-  const int splits = (num_blocks + blocks_per_split - 1) / blocks_per_split;
-  const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
-  torch::Tensor partials;
-  if (splits > 1) partials = torch::empty({splits, M, N}, x.options().dtype(torch::kFloat32));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  T* out_ptr = reinterpret_cast<T*>(out.data_ptr());
-  body(stream, out_ptr, splits > 1 ? partials.data_ptr<float>() : nullptr, bias_ptr, splits, blocks_per_split);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1 && defer_sum) return partials;
-  if (splits > 1) {
-    const int64_t total = static_cast<int64_t>(M) * N;
-    launch_kernel(split_k_sum_kernel<T>, dim3((total + 255) / 256), dim3(256), stream, pdl,
-                  static_cast<const float*>(partials.data_ptr<float>()), bias_ptr, out_ptr, M, N, splits);
-  }
-  return torch::Tensor();
-}
 
 template <typename T, int NT>
 void launch(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
@@ -745,17 +467,6 @@ torch::Tensor dispatch_tile(const torch::Tensor& x, const torch::Tensor& tile_co
   if (M <= 32) return two ? LORAPLEX_TILE(4, 2, 4) : LORAPLEX_TILE(4, 1, 4);
   return LORAPLEX_TILE(8, 1, 4);
 #undef LORAPLEX_TILE
-}
-
-// out and the tile layout (nf4_layout.tile_pack) of an [N, K] weight, against x [M, K].
-static void check_tile_layout(const torch::Tensor& x, const torch::Tensor& tile_codes,
-                              const torch::Tensor& tile_scales, const torch::Tensor& out) {
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type(), "out must be contiguous, x's dtype");
-  const int64_t tiles = (out.size(1) + 15) / 16, blocks = x.size(1) / 64;
-  TORCH_CHECK(tile_codes.scalar_type() == torch::kUInt8 && tile_codes.numel() == tiles * blocks * 512,
-              "tile_codes must be uint8 [tiles * blocks * 512]");
-  TORCH_CHECK(tile_scales.scalar_type() == torch::kFloat32 && tile_scales.numel() == tiles * blocks * 16,
-              "tile_scales must be float32 [tiles * blocks * 16]");
 }
 
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout; M <= 64, K % 64 == 0. With defer_sum and K split, returns
@@ -925,192 +636,6 @@ torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
   return run_for_dtype(x, run);
 }
 
-// A wgmma kernel (nf4_wgmma_kernel's parameter list) of BM tokens and WARPS warps a block over the grid (weight-row
-// groups, splits of K, token groups), with SMEM bytes of dynamic shared memory.
-template <typename T, auto KERNEL, int BM, int WARPS, int SMEM>
-torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& tile_codes,
-                                const torch::Tensor& tile_scales, const torch::Tensor& table,
-                                const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
-                                bool defer_sum) {
-  const int M = x.size(0), K = x.size(1), N = out.size(1);
-  allow_dynamic_smem<KERNEL>(SMEM);
-  const int row_groups = ((N + 15) / 16 + WARPS - 1) / WARPS;
-  return run_split<T>(x, bias, out, split_k,
-                      [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
-                          int blocks_per_split) {
-    KERNEL<<<dim3(row_groups, splits, (M + BM - 1) / BM), WARPS * 32, SMEM, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        M, N, K, blocks_per_split);
-  }, false, defer_sum);
-}
-
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false>
-torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
-                           const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                           int64_t split_k, bool defer_sum) {
-  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, ONE_WAIT>, BM, WARPS,
-                           WgmmaSmem<BM, KB, ONE_WAIT>::bytes>(x, tile_codes, tile_scales, table, bias, out, split_k,
-                                                               defer_sum);
-}
-
-template <typename T>
-torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
-                             const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                             int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
-                             int64_t block_warps, bool one_wait, bool defer_sum) {
-#define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
-  launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
-  // One wait for global loads a stage (nf4_wgmma_kernel's ONE_WAIT; cuda_nf4.one_wait_for): two warpgroups,
-  // one block a stage, 32-128 block tokens at the default instances' occupancy (or two blocks an SM at 32); or two
-  // blocks a stage at 32 tokens, two blocks an SM (opt-in until timed).
-  if (one_wait) {
-    TORCH_CHECK(block_warps == 8 && block_tokens <= 128 &&
-                    (stage_blocks == 1 || (stage_blocks == 2 && block_tokens == 32 && blocks_per_sm == 0)),
-                "one_wait takes two warpgroups, at most 128 block tokens and one block a stage, or two at 32 block "
-                "tokens and two blocks an SM");
-    if (block_tokens == 32) {
-      if (stage_blocks == 2) return LORAPLEX_WGMMA_LAUNCH(32, 2, 2, 8, true);
-      return blocks_per_sm == 3 ? LORAPLEX_WGMMA_LAUNCH(32, 3, 1, 8, true) : LORAPLEX_WGMMA_LAUNCH(32, 2, 1, 8, true);
-    }
-    return block_tokens == 64 ? LORAPLEX_WGMMA_LAUNCH(64, 2, 1, 8, true) : LORAPLEX_WGMMA_LAUNCH(128, 1, 1, 8, true);
-  }
-  // The variants, at 32 tokens only: two blocks a stage (125 registers; at 64 tokens it spilled 24 bytes), or three
-  // blocks an SM (80 registers, no spills: 24 warps an SM instead of 16 to hide the loads and the waits).
-  TORCH_CHECK(stage_blocks == 1 || (stage_blocks == 2 && block_tokens == 32),
-              "stage_blocks must be 1, or 2 with 32 block tokens, got ", stage_blocks);
-  TORCH_CHECK(blocks_per_sm == 0 || (blocks_per_sm == 3 && block_tokens == 32 && stage_blocks == 1),
-              "blocks_per_sm must be 0 (the instance's own), or 3 with 32 block tokens and one block a stage, got ",
-              blocks_per_sm);
-  // One warpgroup a block (64 weight rows): twice the blocks, so a grid of 224 row groups (8B gate_up) spreads over
-  // 132 SMs as 448 instead of 1.7 blocks an SM at most 2. At 32 and 64 tokens as many warps an SM as the
-  // two-warpgroup instance; at 128 three blocks (12 warps) where the two-warpgroup one fits one (8 warps), at 168
-  // registers with 36 bytes spilled (ptxas, sm_90a).
-  TORCH_CHECK(block_warps == 8 ||
-                  (block_warps == 4 && stage_blocks == 1 && blocks_per_sm == 0 && block_tokens <= 128),
-              "block_warps must be 8, or 4 with one block a stage and at most 128 block tokens, got ", block_warps);
-  if (block_warps == 4) {
-    if (block_tokens == 32) return LORAPLEX_WGMMA_LAUNCH(32, 6, 1, 4);
-    return block_tokens == 64 ? LORAPLEX_WGMMA_LAUNCH(64, 4, 1, 4) : LORAPLEX_WGMMA_LAUNCH(128, 3, 1, 4);
-  }
-  if (block_tokens == 32 && blocks_per_sm == 3) return LORAPLEX_WGMMA_LAUNCH(32, 3, 1);
-  if (block_tokens == 32) return stage_blocks == 2 ? LORAPLEX_WGMMA_LAUNCH(32, 2, 2) : LORAPLEX_WGMMA_LAUNCH(32, 2, 1);
-  if (block_tokens == 64) return LORAPLEX_WGMMA_LAUNCH(64, 2, 1);
-  if (block_tokens == 128) return LORAPLEX_WGMMA_LAUNCH(128, 1, 1);  // at two blocks an SM (128 registers) it spilled
-  TORCH_CHECK(block_tokens == 256, "block_tokens must be 32, 64, 128 or 256, got ", block_tokens);
-  return LORAPLEX_WGMMA_LAUNCH(256, 1, 1);
-#undef LORAPLEX_WGMMA_LAUNCH
-}
-
-// out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
-// weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
-// tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
-// or 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage),
-// any M, K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32
-// partials [splits, M, N] instead (run_split); else None.
-torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
-                        c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
-                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait, bool defer_sum) {
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
-  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
-  check_tile_layout(x, tile_codes, tile_scales, out);
-  return run_for_dtype(x, [&](auto dtype_tag) {
-    return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
-                                               stage_blocks, blocks_per_sm, block_warps, one_wait, defer_sum);
-  });
-}
-
-// Whether this build's code for the current GPU has the wgmma kernels (sm_90a), by running a one-thread probe.
-bool nf4_wgmma_built() {
-  auto flag = torch::zeros({1}, torch::dtype(torch::kInt32).device(torch::kCUDA));
-  wgmma_built_kernel<<<1, 1, 0, c10::cuda::getCurrentCUDAStream()>>>(flag.data_ptr<int>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return flag.item<int>() == 1;
-}
-
-// Wide instances (token tiles of 8, row tiles a warp): NT 2, 4, 8 or 16 (16 to 128 rows a pass), RT 1 or 2; four
-// warps a block, three x buffers. More rows than a pass holds: grid z takes the token groups.
-constexpr int WIDE_WARPS = 4;
-constexpr int WIDE_STAGES = 3;
-template <int NT, int RT>
-struct WidePrefetch {  // code blocks in flight: 4, or 2 where the accumulators already take most registers
-  static constexpr int value = NT * RT >= 16 ? 2 : 4;
-};
-
-template <typename T, int NT, int RT>
-torch::Tensor launch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
-                          const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                          int64_t split_k, bool defer_sum) {
-  const int M = x.size(0), K = x.size(1), N = out.size(1);
-  const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
-  const int row_groups = (warps_needed + WIDE_WARPS - 1) / WIDE_WARPS, token_groups = (M + NT * 8 - 1) / (NT * 8);
-  constexpr int smem = WideSmem<NT, WIDE_STAGES>::bytes;
-  constexpr auto kernel = nf4_wide_kernel<T, NT, RT, WIDE_WARPS, WIDE_STAGES, WidePrefetch<NT, RT>::value>;
-  allow_dynamic_smem<kernel>(smem);
-  return run_split<T>(x, bias, out, split_k,
-                      [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
-                          int blocks_per_split) {
-    kernel<<<dim3(row_groups, splits, token_groups), WIDE_WARPS * 32, smem, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        M, N, K, blocks_per_split);
-  }, false, defer_sum);
-}
-
-template <typename T>
-torch::Tensor dispatch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
-                            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                            int64_t split_k, int64_t token_tiles, int64_t rows_per_warp, bool defer_sum) {
-  const bool two = rows_per_warp == 2;
-#define LORAPLEX_WIDE(NT, RT) launch_wide<T, NT, RT>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
-  if (token_tiles == 2) return two ? LORAPLEX_WIDE(2, 2) : LORAPLEX_WIDE(2, 1);
-  if (token_tiles == 4) return two ? LORAPLEX_WIDE(4, 2) : LORAPLEX_WIDE(4, 1);
-  if (token_tiles == 8) return two ? LORAPLEX_WIDE(8, 2) : LORAPLEX_WIDE(8, 1);
-  return two ? LORAPLEX_WIDE(16, 2) : LORAPLEX_WIDE(16, 1);
-#undef LORAPLEX_WIDE
-}
-
-// out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout, x staged in shared memory; any M, K % 64 == 0. With
-// defer_sum and K split, returns the unsummed fp32 partials [splits, M, N] instead (run_split); else None.
-torch::Tensor nf4_wide(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
-                       c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t token_tiles,
-                       int64_t rows_per_warp, bool defer_sum) {
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
-  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
-  TORCH_CHECK(token_tiles == 2 || token_tiles == 4 || token_tiles == 8 || token_tiles == 16,
-              "token_tiles must be 2, 4, 8 or 16");
-  check_tile_layout(x, tile_codes, tile_scales, out);
-  return run_for_dtype(x, [&](auto dtype_tag) {
-    return dispatch_wide<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, token_tiles,
-                                              rows_per_warp, defer_sum);
-  });
-}
-
-// Resident blocks per SM of a wide instance (bf16 x).
-int64_t nf4_wide_blocks_per_sm(int64_t token_tiles, int64_t rows_per_warp) {
-  int blocks = 0;
-#define LORAPLEX_OCC_WIDE(NT, RT)                                                                          \
-  {                                                                                                        \
-    constexpr auto kernel =                                                                                \
-        nf4_wide_kernel<__nv_bfloat16, NT, RT, WIDE_WARPS, WIDE_STAGES, WidePrefetch<NT, RT>::value>;        \
-    constexpr int smem = WideSmem<NT, WIDE_STAGES>::bytes;                                                 \
-    allow_dynamic_smem<kernel>(smem);                                                                      \
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, WIDE_WARPS * 32, smem);                 \
-  }
-  if (token_tiles == 2) {
-    if (rows_per_warp == 2) LORAPLEX_OCC_WIDE(2, 2) else LORAPLEX_OCC_WIDE(2, 1)
-  } else if (token_tiles == 4) {
-    if (rows_per_warp == 2) LORAPLEX_OCC_WIDE(4, 2) else LORAPLEX_OCC_WIDE(4, 1)
-  } else if (token_tiles == 8) {
-    if (rows_per_warp == 2) LORAPLEX_OCC_WIDE(8, 2) else LORAPLEX_OCC_WIDE(8, 1)
-  } else {
-    if (rows_per_warp == 2) LORAPLEX_OCC_WIDE(16, 2) else LORAPLEX_OCC_WIDE(16, 1)
-  }
-#undef LORAPLEX_OCC_WIDE
-  return blocks;
-}
-
 template <typename T>
 void dispatch_tiles(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& absmax,
                     const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
@@ -1149,6 +674,17 @@ int64_t nf4_mma_blocks_per_sm(int64_t rows, int64_t warps) {
 #undef LORAPLEX_OCC
   return blocks;
 }
+
+// Defined in the extension's other translation units (nf4_wide.cu, nf4_wgmma.cu), which build in parallel.
+torch::Tensor nf4_wide(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
+                       c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t token_tiles,
+                       int64_t rows_per_warp, bool defer_sum);
+int64_t nf4_wide_blocks_per_sm(int64_t token_tiles, int64_t rows_per_warp);
+torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
+                        c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
+                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait,
+                        bool defer_sum);
+bool nf4_wgmma_built();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_mma", &nf4_mma, "NF4 x 16-bit matmul on tensor cores, M <= 64");

@@ -1,6 +1,6 @@
 // One to sixteen rows (one or two token tiles of 8; batch-1 decode first) over the byte-pair table (nf4_device.cuh,
 // a_fragments_pairs_at): 5 instructions a weight pair where the 16-entry table's dequant_pair takes 8. Included by
-// nf4_mma.cu after its helpers (wait_for_prior_grid, store_output).
+// nf4_mma.cu after nf4_device.cuh (wait_for_prior_grid, store_output).
 //
 // The table is 64 KB of shared memory to fill, too much to fill once a row tile as nf4_gemv_kernel's blocks (one a
 // tile) would, so the grid is persistent: one block of WARPS (32) warps an SM, filling the table once. It sits at

@@ -1,5 +1,5 @@
-// NF4 x 16-bit GEMM for prefill-sized batches on Hopper's warpgroup MMA (sm_90a). Included by nf4_mma.cu after its
-// cp.async helpers, from the same tile layout and the same A fragments as the tile and wide kernels.
+// NF4 x 16-bit GEMM for prefill-sized batches on Hopper's warpgroup MMA (sm_90a). Included by nf4_wgmma.cu (and
+// bench/csrc/wgmma_sol.cu) after nf4_device.cuh, from the same tile layout and A fragments as the other kernels.
 //
 // The wide kernel's mapping with mma.sync swapped for wgmma: a warp still owns one 16-row tile of the weights and
 // dequantizes its quant block into the MMA's A fragments in registers (a_fragments: bit for bit the same weights);
@@ -23,8 +23,8 @@
 // registers one stage ahead and is stored permuted into the other of two shared-memory buffers after this stage's
 // wgmmas have completed; codes come PREFETCH blocks ahead in the tile layout's register ring. With ONE_WAIT (one
 // block a stage, the default at 64 tokens: cuda_nf4.one_wait_for; or two) the codes and scales of stage s + 1 and x
-// of stage s + 2 are loaded at stage s's start, right after its one wait for the loads the stage before issued, and x is
-// stored permuted a stage early into one of three buffers (the kernel's comment says why). One barrier a stage.
+// of stage s + 2 are loaded at stage s's start, right after its one wait for the loads the stage before issued, and x
+// is stored permuted a stage early into one of three buffers (the kernel's comment says why). One barrier a stage.
 // Tokens past M re-read row M - 1 and weight tiles past N the last tile; neither is stored. Split K as the other
 // kernels: grid y, fp32 partials summed by split_k_sum_kernel.
 #pragma once

@@ -1,0 +1,125 @@
+// The warpgroup-MMA kernel's launches (nf4_wgmma.cuh: 17-256 rows on Hopper) and the probe of whether this build has
+// it. Its own translation unit so that the extension's sources build in parallel.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "nf4_device.cuh"
+#include "nf4_wgmma.cuh"
+
+namespace {
+__global__ void wgmma_built_kernel(int* flag) {
+#ifdef LORAPLEX_WGMMA
+  *flag = 1;
+#else
+  *flag = 0;
+#endif
+}
+}  // namespace
+
+#include "nf4_launch.cuh"
+
+// A wgmma kernel (nf4_wgmma_kernel's parameter list) of BM tokens and WARPS warps a block over the grid (weight-row
+// groups, splits of K, token groups), with SMEM bytes of dynamic shared memory.
+template <typename T, auto KERNEL, int BM, int WARPS, int SMEM>
+torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& tile_codes,
+                                const torch::Tensor& tile_scales, const torch::Tensor& table,
+                                const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
+                                bool defer_sum) {
+  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  allow_dynamic_smem<KERNEL>(SMEM);
+  const int row_groups = ((N + 15) / 16 + WARPS - 1) / WARPS;
+  return run_split<T>(x, bias, out, split_k,
+                      [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
+                          int blocks_per_split) {
+    KERNEL<<<dim3(row_groups, splits, (M + BM - 1) / BM), WARPS * 32, SMEM, stream>>>(
+        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
+        M, N, K, blocks_per_split);
+  }, false, defer_sum);
+}
+
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false>
+torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                           const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                           int64_t split_k, bool defer_sum) {
+  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, ONE_WAIT>, BM, WARPS,
+                           WgmmaSmem<BM, KB, ONE_WAIT>::bytes>(x, tile_codes, tile_scales, table, bias, out, split_k,
+                                                               defer_sum);
+}
+
+template <typename T>
+torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                             const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                             int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
+                             int64_t block_warps, bool one_wait, bool defer_sum) {
+#define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
+  launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
+  // One wait for global loads a stage (nf4_wgmma_kernel's ONE_WAIT; cuda_nf4.one_wait_for): two warpgroups,
+  // one block a stage, 32-128 block tokens at the default instances' occupancy (or two blocks an SM at 32); or two
+  // blocks a stage at 32 tokens, two blocks an SM (opt-in until timed).
+  if (one_wait) {
+    TORCH_CHECK(block_warps == 8 && block_tokens <= 128 &&
+                    (stage_blocks == 1 || (stage_blocks == 2 && block_tokens == 32 && blocks_per_sm == 0)),
+                "one_wait takes two warpgroups, at most 128 block tokens and one block a stage, or two at 32 block "
+                "tokens and two blocks an SM");
+    if (block_tokens == 32) {
+      if (stage_blocks == 2) return LORAPLEX_WGMMA_LAUNCH(32, 2, 2, 8, true);
+      return blocks_per_sm == 3 ? LORAPLEX_WGMMA_LAUNCH(32, 3, 1, 8, true) : LORAPLEX_WGMMA_LAUNCH(32, 2, 1, 8, true);
+    }
+    return block_tokens == 64 ? LORAPLEX_WGMMA_LAUNCH(64, 2, 1, 8, true) : LORAPLEX_WGMMA_LAUNCH(128, 1, 1, 8, true);
+  }
+  // The variants, at 32 tokens only: two blocks a stage (125 registers; at 64 tokens it spilled 24 bytes), or three
+  // blocks an SM (80 registers, no spills: 24 warps an SM instead of 16 to hide the loads and the waits).
+  TORCH_CHECK(stage_blocks == 1 || (stage_blocks == 2 && block_tokens == 32),
+              "stage_blocks must be 1, or 2 with 32 block tokens, got ", stage_blocks);
+  TORCH_CHECK(blocks_per_sm == 0 || (blocks_per_sm == 3 && block_tokens == 32 && stage_blocks == 1),
+              "blocks_per_sm must be 0 (the instance's own), or 3 with 32 block tokens and one block a stage, got ",
+              blocks_per_sm);
+  // One warpgroup a block (64 weight rows): twice the blocks, so a grid of 224 row groups (8B gate_up) spreads over
+  // 132 SMs as 448 instead of 1.7 blocks an SM at most 2. At 32 and 64 tokens as many warps an SM as the
+  // two-warpgroup instance; at 128 three blocks (12 warps) where the two-warpgroup one fits one (8 warps), at 168
+  // registers with 36 bytes spilled (ptxas, sm_90a).
+  TORCH_CHECK(block_warps == 8 ||
+                  (block_warps == 4 && stage_blocks == 1 && blocks_per_sm == 0 && block_tokens <= 128),
+              "block_warps must be 8, or 4 with one block a stage and at most 128 block tokens, got ", block_warps);
+  if (block_warps == 4) {
+    if (block_tokens == 32) return LORAPLEX_WGMMA_LAUNCH(32, 6, 1, 4);
+    return block_tokens == 64 ? LORAPLEX_WGMMA_LAUNCH(64, 4, 1, 4) : LORAPLEX_WGMMA_LAUNCH(128, 3, 1, 4);
+  }
+  if (block_tokens == 32 && blocks_per_sm == 3) return LORAPLEX_WGMMA_LAUNCH(32, 3, 1);
+  if (block_tokens == 32) return stage_blocks == 2 ? LORAPLEX_WGMMA_LAUNCH(32, 2, 2) : LORAPLEX_WGMMA_LAUNCH(32, 2, 1);
+  if (block_tokens == 64) return LORAPLEX_WGMMA_LAUNCH(64, 2, 1);
+  if (block_tokens == 128) return LORAPLEX_WGMMA_LAUNCH(128, 1, 1);  // at two blocks an SM (128 registers) it spilled
+  TORCH_CHECK(block_tokens == 256, "block_tokens must be 32, 64, 128 or 256, got ", block_tokens);
+  return LORAPLEX_WGMMA_LAUNCH(256, 1, 1);
+#undef LORAPLEX_WGMMA_LAUNCH
+}
+
+// out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
+// weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
+// tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
+// or 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage); any M,
+// K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32
+// partials [splits, M, N] instead (run_split); else None.
+torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
+                        c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
+                        int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait,
+                        bool defer_sum) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
+  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
+  check_tile_layout(x, tile_codes, tile_scales, out);
+  return run_for_dtype(x, [&](auto dtype_tag) {
+    return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
+                                               stage_blocks, blocks_per_sm, block_warps, one_wait, defer_sum);
+  });
+}
+
+// Whether this build's code for the current GPU has the wgmma kernels (sm_90a), by running a one-thread probe.
+bool nf4_wgmma_built() {
+  auto flag = torch::zeros({1}, torch::dtype(torch::kInt32).device(torch::kCUDA));
+  wgmma_built_kernel<<<1, 1, 0, c10::cuda::getCurrentCUDAStream()>>>(flag.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return flag.item<int>() == 1;
+}
