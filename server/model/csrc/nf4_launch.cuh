@@ -3,8 +3,8 @@
 // launches, split-K partials and their sum, the tile layout's checks). Included after the device code.
 #pragma once
 
-// The few torch headers this file uses, not torch/extension.h: that one (all of ATen's operators, torch::nn, ...) cost
-// ~45 s of the extension's ~110 s build on the CPU of a fresh GPU machine, every call that changes the source
+// The few torch headers the units use, not torch/extension.h: that one (all of ATen's operators, torch::nn, ...) cost
+// ~50 s of the extension's ~110 s build on this project's CPU machine, on every fresh GPU machine and changed source
 // (nvcc --time: cudafe++ 22 s, cicc 26 s and gcc 16 s for the headers alone, against 8, 7 and 9 s for these).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -13,7 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
-namespace torch {  // the names this file takes from torch/extension.h, from the lighter headers above
+namespace torch {  // the names the units take from torch/extension.h, from the lighter headers above
 using at::Tensor;
 using at::empty;
 using at::zeros;

@@ -10,7 +10,7 @@
 namespace {
 
 // Wide batches (16-256 rows): the tile layout's MMA mapping with x staged once a block in shared memory, where the
-// register kernel above has every warp load its own x fragments from L1 (8 cache lines an instruction; the L1 pipe,
+// tile kernel (nf4_mma.cu) has every warp load its own x fragments from L1 (8 cache lines an instruction; the L1 pipe,
 // not DRAM, bounded it at 32 rows). The block's warps (one or two 16-row tiles each) share one copy of x per quant
 // block: TOKENS rows of 64 values (128 bytes), brought in by cp.async STAGES - 1 blocks ahead. 16-byte chunk c of
 // row r sits at chunk c ^ (r & 7), so a quarter warp's LDS.128 (rows g and g + 1, chunks 2t and 2t + 1) and the
