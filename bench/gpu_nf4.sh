@@ -27,7 +27,8 @@ step() {  # step TIMEOUT LOG COMMAND...: run unless TIMEOUT is 0
   [ "$limit" = 0 ] && return 0
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$log" | tail -40
 }
-python3 -c "from server.model import cuda_nf4; print('cuda_nf4 available:', cuda_nf4.is_available())" 2>&1 | tail -5
+python3 -c "import time; t = time.time(); from server.model import cuda_nf4; ok = cuda_nf4.is_available(); \
+print('cuda_nf4 available:', ok, f'(built or loaded in {time.time() - t:.0f} s)')" 2>&1 | tail -5
 # SOL_TIMEOUT (default 0: skipped): the one-row kernel's speed-of-light probes (bench.nf4_sol), first
 eval "sol_args=(${SOL_ARGS:-})"  # e.g. SOL_ARGS="--probes pair_regs,pair_regs_trunc --warps 4,32"
 step "${SOL_TIMEOUT:-0}" nf4_sol.log python3 -m bench.nf4_sol --out "$OUT" "${sol_args[@]}"
