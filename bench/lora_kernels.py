@@ -48,6 +48,9 @@ SHRINK_SWEEP = {
                                                                                "num_warps": 2},
     "m1_p1056": {"block_m": 1, "target_programs": 1056}, "m1_s1": {"block_m": 1, "num_stages": 1},
     "m16": {"block_m": 16},  # the tensor-core tile, the default before one program per token (up to 32 tokens)
+    # fewer columns a program (the default takes a slot's n * rank columns up to 64: qkv's 48 in 64, a quarter masked),
+    # so more programs a token and longer K walks at the same program count
+    "n16": {"block_n": 16}, "n32": {"block_n": 32}, "n16_w2": {"block_n": 16, "num_warps": 2},
 }
 EXPAND_SWEEP = {
     "n64": {"block_n": 64}, "n128": {"block_n": 128}, "n512": {"block_n": 512}, "w2": {"num_warps": 2},

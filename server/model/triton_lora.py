@@ -247,13 +247,13 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
                 split_k: int | None = None, tuning: dict | None = None) -> torch.Tensor:
     """h[t, :n*r] = the token's slot's A @ x[t] in fp32, [T, n * max_rank]; columns past a token's
     n*r, and rows of slot -1, are unspecified. `tuning` overrides the launch choices (bench.lora_kernels'
-    sweep): block_m, block_k, num_warps, num_stages, target_programs."""
+    sweep): block_m, block_n, block_k, num_warps, num_stages, target_programs."""
     tuning = tuning or {}
     num_tokens, in_features = x.shape
     num_cols = num_slices * layout.max_rank
     default_m = _pow2_at_least_16(meta.max_seg_len) if meta.shrink_tiles else _shrink_block_m(meta.max_seg_len)
     block_m = tuning.get("block_m", default_m)
-    block_n = min(64, _pow2_at_least_16(num_cols))
+    block_n = tuning.get("block_n", min(64, _pow2_at_least_16(num_cols)))
     block_k = tuning.get("block_k", 64 if block_m >= 64 else 128)
     num_m = triton.cdiv(max(meta.max_seg_len, 1), block_m)
     num_n = triton.cdiv(num_cols, block_n)

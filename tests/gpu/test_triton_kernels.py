@@ -131,7 +131,7 @@ def test_lora_one_token_programs_match_reference(triton_lora, mode, shape, rank,
     one_row = {"block_m": 1, "block_n": 1024, "num_warps": 4 if dtype == torch.bfloat16 else 8}  # LORA_ONE_ROW's
     for shrink, expand in (({"block_m": 1}, {"block_m": 1}), ({"block_m": 1, "block_k": 512, "num_warps": 2},
                                                              {"block_m": 1, "block_n": 512, "num_warps": 8}),
-                           ({}, one_row)):
+                           ({}, one_row), ({"block_m": 1, "block_n": 16}, {"block_m": 1})):
         actual = y.clone()
         h = triton_lora.lora_shrink(x, lora_a, pool, meta, len(slice_offsets) - 1, tuning=shrink)
         triton_lora.lora_expand(actual, h, lora_b, pool, meta, slice_offsets, tuning=expand)

@@ -152,10 +152,10 @@ def test_triton_interpreted_one_token_programs_match_reference(triton_lora, layo
     expected = y.clone()
     lora_apply_reference(expected, x, lora_a, lora_b, pool, meta, slice_offsets)
     num_slices = len(slice_offsets) - 1
-    for split_k in (1, 3):
+    for split_k, block_n in ((1, 64), (3, 64), (1, 16), (3, 16)):  # block_n 16: a slice's columns over programs
         actual = y.clone()
         h = triton_lora.lora_shrink(x, lora_a, pool, meta, num_slices, split_k=split_k,
-                                    tuning={"block_m": 1, "block_k": 64})
+                                    tuning={"block_m": 1, "block_k": 64, "block_n": block_n})
         triton_lora.lora_expand(actual, h, lora_b, pool, meta, slice_offsets, tuning={"block_m": 1, "block_n": 16})
         atol, rtol = TOLERANCE[dtype]
         torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
