@@ -70,6 +70,10 @@ if [ -n "${NCU_SOURCE:-}" ] && [ -n "${NCU_ROWS:-}" ]; then
   ncu -i "$OUT/source.ncu-rep" --page details 2>&1 | grep -E "nf4_|Duration|Warp Cycles|Issued" | head -20
   rm -f "$OUT/source.ncu-rep"
 fi
+# LORA_TIMEOUT (default 0: skipped): the LoRA shrink and expand kernels and their launch sweeps (bench.lora_kernels;
+# LORA_ARGS, default "--models 8b --scenarios decode32": the mixed-adapter decode step's launches)
+eval "lora_args=(${LORA_ARGS:---models 8b --scenarios decode32})"
+step "${LORA_TIMEOUT:-0}" lora_kernels.log python3 -m bench.lora_kernels --out "$OUT" "${lora_args[@]}"
 eval "kernel_args=(${KERNELS_ARGS:-})"
 step "${KERNELS_TIMEOUT:-330}" kernels.log python3 -m bench.kernels --out "$OUT" "${kernel_args[@]}"
 step "${PREFILL_TIMEOUT:-150}" prefill.log python3 -m bench.prefill --out "$OUT"
