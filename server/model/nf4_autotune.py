@@ -122,11 +122,11 @@ def release_l2_flush_buffer() -> None:
     _flush = None
 
 
-def tune(layers: dict[tuple[int, int], object], num_sms: int,
+def tune(layers: dict[tuple[int, int], list], num_sms: int,
          timer: Callable[[list[Callable[[], object]]], float] = time_calls,
          rows_list: tuple[int, ...] = ROWS) -> dict[tuple[tuple[int, int], int], Choice]:
-    """Time the candidates for each (shape: an NF4Linear of that shape, or a list of them: each candidate runs on
-    every one in turn) at each row count; record the fastest in nf4_dispatch.TUNED and return what was recorded. A
+    """Time the candidates for each (shape: the NF4Linears of that shape, each candidate run on every one in turn)
+    at each row count; record the fastest in nf4_dispatch.TUNED and return what was recorded. A
     candidate that raises is skipped (logged). A shape and row count already tuned in this process (an earlier
     engine on the same GPU) keeps its pick: timing again would cost the start-up time for nothing, and could pick
     another kernel on noise, so that two engines of one process would sum in different orders (the GPU suite
@@ -134,7 +134,6 @@ def tune(layers: dict[tuple[int, int], object], num_sms: int,
     chosen = {}
     try:
         for shape, group in layers.items():
-            group = list(group) if isinstance(group, (list, tuple)) else [group]
             for rows in rows_list:
                 if (shape, rows) not in nf4_dispatch.TUNED:
                     best = _fastest(group, shape, rows, num_sms, timer)

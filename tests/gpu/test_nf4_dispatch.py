@@ -643,7 +643,7 @@ def test_autotune_chooses_a_kernel_the_dispatch_then_runs_for_those_rows():
     layer = make_linear(torch.randn(600, 1536, device="cuda"), None, torch.bfloat16, quantize=True)
     shape = (600, 1536)
     try:
-        chosen = nf4_autotune.tune({shape: layer}, device_num_sms(0), rows_list=(16, 32, 128))
+        chosen = nf4_autotune.tune({shape: [layer]}, device_num_sms(0), rows_list=(16, 32, 128))
         assert set(chosen) == {(shape, rows) for rows in (16, 32, 128)}
         for rows in (16, 32, 128):
             x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)

@@ -51,7 +51,7 @@ def test_tune_records_the_fastest_candidate_and_skips_one_that_fails(monkeypatch
         return cost[(kernel, tuple(options.items()))]
 
     monkeypatch.setattr(nf4_dispatch, "nf4_linear_cuda", fake_linear)
-    shapes = {(256, 128): _fake_layer((256, 128)), (64, 256): _fake_layer((64, 256))}
+    shapes = {(256, 128): [_fake_layer((256, 128))], (64, 256): [_fake_layer((64, 256))]}
     chosen = nf4_autotune.tune(shapes, 132, timer=lambda calls: calls[0](), rows_list=(16, 32))
     assert chosen == {(shape, rows): Choice("wgmma") for shape in shapes for rows in (16, 32)}
     assert chosen == nf4_dispatch.TUNED
@@ -65,7 +65,7 @@ def test_a_shape_tuned_already_in_the_process_keeps_its_pick(monkeypatch):
     monkeypatch.setattr(nf4_dispatch, "nf4_linear_cuda", lambda x, *a, kernel, **kw: timed.append((x.shape[0], kernel))
                         or {"dequant": 2.0, "wide": 1.0}[kernel])
     nf4_dispatch.TUNED[((256, 128), 16)] = Choice("dequant")  # an earlier engine's pick
-    chosen = nf4_autotune.tune({(256, 128): _fake_layer((256, 128))}, 132, timer=lambda calls: calls[0](),
+    chosen = nf4_autotune.tune({(256, 128): [_fake_layer((256, 128))]}, 132, timer=lambda calls: calls[0](),
                                rows_list=(16, 32))
     assert chosen == {((256, 128), 32): Choice("wide")}  # only the row count not tuned yet was timed
     assert {rows for rows, _ in timed} == {32}
@@ -74,7 +74,7 @@ def test_a_shape_tuned_already_in_the_process_keeps_its_pick(monkeypatch):
 
 
 def test_each_candidate_is_timed_over_every_layer_of_the_shape(monkeypatch):
-    """A shape's layers (a list: the engine passes up to TUNE_LAYERS of the model's) each run the candidate once in
+    """A shape's layers (the engine passes up to TUNE_LAYERS of the model's) each run the candidate once in
     the timer's calls, with one x; the timer's figure picks the winner."""
     monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: False)
     ran = []
