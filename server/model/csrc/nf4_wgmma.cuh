@@ -106,6 +106,25 @@ __device__ __forceinline__ void store_accumulators(const float (&acc)[BM / 2], i
   }
 }
 
+// A stage's wgmmas: its KB quant blocks' A fragments against x's tiles at x_desc (a block past the split skipped,
+// the same for every thread of the block), committed and waited for before the next stage's dequantization
+// rewrites a.
+template <typename T, int BM, int KB>
+__device__ __forceinline__ void stage_wgmmas(float (&acc)[BM / 2], const uint32_t (&a)[KB][2][2][4], uint64_t x_desc,
+                                             int blk, int last) {
+  wgmma_fence();
+#pragma unroll
+  for (int kb = 0; kb < KB; ++kb) {
+    if (kb > 0 && blk + kb >= last) break;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      Wgmma<T, BM>::mma(acc, a[kb][j / 2][j % 2], smem_desc_advance(x_desc, kb * BM * 128 + 32 * j));
+    }
+  }
+  wgmma_commit();
+  wgmma_wait_all();
+}
+
 // Speed-of-light probes of the stage loop (bench/csrc/wgmma_sol.cu, bench.wgmma_sol; never the server's: its
 // instances take PROBE 0), OR-ed: each leaves out one part of a stage's work, so that the time it saves is that
 // part's share. NOT the semantics: a probe's output is garbage. No x: x stored once before the loop, every stage's
@@ -197,18 +216,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
           a_fragments<T>(lut, codes[kb], scales[kb], 1, a[kb][1]);
         }
         __syncthreads();  // x of this stage is stored and fenced by all
-        const uint64_t x_desc = smem_desc_advance(x_desc0, buffer * X_BYTES);
-        wgmma_fence();
-#pragma unroll
-        for (int kb = 0; kb < KB; ++kb) {
-          if (kb > 0 && blk + kb >= last) break;  // uniform across the block
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            Wgmma<T, BM>::mma(acc, a[kb][j / 2][j % 2], smem_desc_advance(x_desc, kb * BM * 128 + 32 * j));
-          }
-        }
-        wgmma_commit();
-        wgmma_wait_all();  // before the next stage's dequantization rewrites a
+        stage_wgmmas<T, BM, KB>(acc, a, smem_desc_advance(x_desc0, buffer * X_BYTES), blk, last);
         buffer = next;
       }
     }
@@ -252,17 +260,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
         for (int r = 0; r < 16; ++r) folded ^= a[0][r / 8][(r / 4) % 2][r % 4];
         acc[0] += __uint_as_float(folded);
       } else {
-        wgmma_fence();
-#pragma unroll
-        for (int kb = 0; kb < KB; ++kb) {
-          if (kb > 0 && blk + kb >= last) break;  // uniform across the block
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            Wgmma<T, BM>::mma(acc, a[kb][j / 2][j % 2], smem_desc_advance(x_desc, kb * BM * 128 + 32 * j));
-          }
-        }
-        wgmma_commit();
-        wgmma_wait_all();
+        stage_wgmmas<T, BM, KB>(acc, a, x_desc, blk, last);
       }
       if (!kNoX && blk + KB < last) store_x((i + 1) & 1);
     }
