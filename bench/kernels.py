@@ -216,7 +216,8 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         block_tokens = cuda_nf4_wgmma.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
         if block_tokens == 32:
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
-            variants["wgmma_s2_1w"] = {"stage_blocks": 2, "one_wait": True}  # two blocks a stage, one wait for both
+            for warpgroups in cuda_nf4_wgmma.RESIDENT_WARPGROUPS:  # x resident, one block an SM (opt-in until timed)
+                variants[f"wgmma_r{warpgroups}"] = {"resident_warpgroups": warpgroups}
         if block_tokens <= 128:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for)
             one_wait = cuda_nf4.one_wait_for(block_tokens)
             variants["wgmma_nw" if one_wait else "wgmma_1w"] = {"one_wait": not one_wait}

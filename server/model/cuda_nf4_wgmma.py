@@ -64,6 +64,35 @@ def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupan
     return splits
 
 
+RESIDENT_MAX_BLOCKS = 55  # csrc nf4_wgmma_resident.cuh: x of 55 quant blocks of 32 tokens (4 KB each) in 226 KB
+RESIDENT_WARPGROUPS = (4, 5, 6, 7)  # its instances (csrc/nf4_wgmma.cu, dispatch_wgmma)
+
+
+RESIDENT_PARTIAL_BYTES_A_STAGE = 2.4e6  # fp32 partials written and read back in one quant block's stage (~0.8 us)
+
+
+def resident_split_k(num_rows: int, shape, num_sms: int, warpgroups: int) -> int:
+    """Splits of K for the x-resident kernel (nf4_wgmma(resident_warpgroups=...)): of those whose x fits an SM's
+    shared memory, the fewest that make its cost in stages least: the warpgroups' longest walk (rounds of 64-row units
+    x the split's quant blocks; one block an SM, num_sms // (splits x token groups) blocks a split) plus the fp32
+    partials a split writes and the sum reads back, in stages (RESIDENT_PARTIAL_BYTES_A_STAGE). 8B gate_up (448 units,
+    64 quant blocks) at 32 rows takes 2 splits: 66 blocks of 7 warpgroups, one round of 32 blocks, + 6 stages of
+    partials. Not measured yet: a guess until the table times it."""
+    units, in_blocks = -(-shape[0] // 64), shape[1] // NF4_BLOCKSIZE
+    token_groups = -(-num_rows // 32)
+    best = None
+    for splits in range(1, min(WGMMA_MAX_SPLIT_K, in_blocks) + 1):
+        per_split = -(-in_blocks // splits)
+        if per_split > RESIDENT_MAX_BLOCKS:
+            continue
+        blocks = max(1, min(-(-units // warpgroups), num_sms // (splits * token_groups)))
+        walk = -(-units // (blocks * warpgroups)) * per_split
+        partials = 0 if splits == 1 else splits * num_rows * shape[0] * 8 / RESIDENT_PARTIAL_BYTES_A_STAGE
+        if best is None or walk + partials < best[0]:
+            best = (walk + partials, splits)
+    return best[1]
+
+
 def wgmma_occupancy(block_tokens: int, block_warps: int = WGMMA_BLOCK_WARPS) -> int:
     """Blocks an SM nf4_wgmma's instance is built for: 3 for 32 tokens (80 registers: 24 warps an SM to hide the
     loads and the waits; the measurements at wgmma_split_k), else 2 (the 128- and 256-token instances run one);
@@ -88,6 +117,7 @@ def nf4_wgmma(
     occupancy: int | None = None,
     block_warps: int = WGMMA_BLOCK_WARPS,
     one_wait: bool | None = None,
+    resident_warpgroups: int = 0,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -95,12 +125,14 @@ def nf4_wgmma(
     `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait; `occupancy` 3 (32 block
     tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
     splits filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the
-    block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage;
-    True with `stage_blocks` 2 (opt-in until timed): one wait for both blocks' loads, issued together a stage ahead.
+    block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
     `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice
-    the blocks (wgmma_occupancy). Each warpgroup issues the same wgmmas in the same order whatever the variant: the
-    same bits for the same splits. Measured slower and removed (H200, 32-256 rows): dequantizing the next quant
-    block while this one's wgmmas run (3-15%, bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov)
+    the blocks (wgmma_occupancy). `resident_warpgroups` 4-7 (opt-in until timed; 32 block tokens): the x-resident
+    kernel (csrc/nf4_wgmma_resident.cuh), one block an SM of that many warpgroups holding x of its split of K, each
+    warpgroup walking 64-row units on its own (splits: resident_split_k). Each warpgroup issues the same wgmmas in
+    the same order whatever the variant: the same bits for the same splits. Measured slower and removed (H200,
+    32-256 rows): dequantizing the next quant block while this one's wgmmas run (3-15%,
+    bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov)
     and a code ring four blocks deep instead of two (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel
     issues on 51% of cycles (ncu, 8B gate_up: 13.5 warps an SM); about two thirds of a quant-block step's ~255
     instructions (PTX) are the exact dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32
@@ -122,9 +154,15 @@ def nf4_wgmma(
     latency is not what holds them (H100, -kernels-s40-l2.json, -wgmma-sol-s40-l2.json). Nor where in a tile the
     grid's warps read at once: each row group walking its split from its own start and wrapping around (design in
     4e564b2) left the loads alone as they were (34.2 vs 33.6 us) and slowed every shape (8B gate_up 55.5 vs 48.4 at
-    32 rows; -kernels-s40-rot.json, -wgmma-sol-s40-rot.json)."""
+    32 rows; -kernels-s40-rot.json, -wgmma-sol-s40-rot.json). Nor two quant blocks a stage with one wait for both
+    blocks' codes, issued together a stage ahead (a warp's loads in flight doubled; design in 96beb99): 8B gate_up
+    48.2 vs 46.2 us at 32 rows for two blocks a stage with two waits (H100, -kernels-s41-s2w.json)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
+    if resident_warpgroups:
+        block_tokens = 32
+        if split_k is None:
+            split_k = resident_split_k(x.shape[0], shape, num_sms, resident_warpgroups)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
     if occupancy is None:
         occupancy = wgmma_occupancy(block_tokens, block_warps) if stage_blocks == 1 else 2
@@ -134,5 +172,5 @@ def nf4_wgmma(
     if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens
         one_wait = one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
     partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      blocks_per_sm, block_warps, one_wait, defer_sum)
+                                      blocks_per_sm, block_warps, one_wait, resident_warpgroups, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)

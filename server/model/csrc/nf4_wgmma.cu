@@ -6,6 +6,7 @@
 
 #include "nf4_device.cuh"
 #include "nf4_wgmma.cuh"
+#include "nf4_wgmma_resident.cuh"
 
 namespace {
 __global__ void wgmma_built_kernel(int* flag) {
@@ -48,23 +49,57 @@ torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_cod
                                                                defer_sum);
 }
 
+// nf4_wgmma_resident_kernel of WGS warpgroups a block: grid (blocks a split, splits, token groups), as many blocks a
+// split as fill the SMs once (one block an SM) or give every unit a warpgroup, whichever is fewer.
+template <typename T, int WGS>
+torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor& tile_codes,
+                                    const torch::Tensor& tile_scales, const torch::Tensor& table,
+                                    const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
+                                    bool defer_sum) {
+  constexpr int BM = 32;
+  constexpr auto kernel = nf4_wgmma_resident_kernel<T, BM, WGS>;
+  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  allow_dynamic_smem<kernel>(kResidentSmemMax);
+  const int units = ((N + 15) / 16 + 3) / 4, token_groups = (M + BM - 1) / BM;
+  return run_split<T>(x, bias, out, split_k,
+                      [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
+                          int blocks_per_split) {
+    const int smem = resident_smem_bytes(BM, blocks_per_split);
+    TORCH_CHECK(smem <= kResidentSmemMax, "resident x of ", blocks_per_split, " quant blocks a split exceeds an SM's ",
+                "shared memory: split K further");
+    const int blocks = std::max(1, std::min((units + WGS - 1) / WGS, current_device_sms() / (splits * token_groups)));
+    kernel<<<dim3(blocks, splits, token_groups), WGS * 128, smem, stream>>>(
+        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
+        M, N, K, blocks_per_split);
+  }, false, defer_sum);
+}
+
 template <typename T>
 torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
-                             int64_t block_warps, bool one_wait, bool defer_sum) {
+                             int64_t block_warps, bool one_wait, int64_t resident_warpgroups, bool defer_sum) {
+  // x resident (nf4_wgmma_resident.cuh; opt-in until timed): 32 block tokens, 4-7 warpgroups a block
+  if (resident_warpgroups > 0) {
+    TORCH_CHECK(block_tokens == 32 && resident_warpgroups >= 4 && resident_warpgroups <= 7,
+                "resident_warpgroups takes 32 block tokens and 4-7 warpgroups, got ", block_tokens, " and ",
+                resident_warpgroups);
+    switch (resident_warpgroups) {
+      case 4: return launch_wgmma_resident<T, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
+      case 5: return launch_wgmma_resident<T, 5>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
+      case 6: return launch_wgmma_resident<T, 6>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
+      default: return launch_wgmma_resident<T, 7>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
+    }
+  }
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
   // One wait for global loads a stage (nf4_wgmma_kernel's ONE_WAIT; cuda_nf4.one_wait_for): two warpgroups,
-  // one block a stage, 32-128 block tokens at the default instances' occupancy (or two blocks an SM at 32); or two
-  // blocks a stage at 32 tokens, two blocks an SM (opt-in until timed).
+  // one block a stage, 32-128 block tokens at the default instances' occupancy (or two blocks an SM at 32).
   if (one_wait) {
-    TORCH_CHECK(block_warps == 8 && block_tokens <= 128 &&
-                    (stage_blocks == 1 || (stage_blocks == 2 && block_tokens == 32 && blocks_per_sm == 0)),
-                "one_wait takes two warpgroups, at most 128 block tokens and one block a stage, or two at 32 block "
-                "tokens and two blocks an SM");
+    TORCH_CHECK(block_warps == 8 && stage_blocks == 1 && block_tokens <= 128,
+                "one_wait takes two warpgroups, one block a stage and at most 128 block tokens");
     if (block_tokens == 32) {
-      if (stage_blocks == 2) return LORAPLEX_WGMMA_LAUNCH(32, 2, 2, 8, true);
       return blocks_per_sm == 3 ? LORAPLEX_WGMMA_LAUNCH(32, 3, 1, 8, true) : LORAPLEX_WGMMA_LAUNCH(32, 2, 1, 8, true);
     }
     return block_tokens == 64 ? LORAPLEX_WGMMA_LAUNCH(64, 2, 1, 8, true) : LORAPLEX_WGMMA_LAUNCH(128, 1, 1, 8, true);
@@ -99,20 +134,22 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
-// or 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage); any M,
-// K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32
+// or 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage),
+// resident_warpgroups (0, or 4-7 at 32 block tokens: nf4_wgmma_resident_kernel, x of a split held in shared memory);
+// any M, K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32
 // partials [splits, M, N] instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
                         int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait,
-                        bool defer_sum) {
+                        int64_t resident_warpgroups, bool defer_sum) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
   check_tile_layout(x, tile_codes, tile_scales, out);
   return run_for_dtype(x, [&](auto dtype_tag) {
     return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
-                                               stage_blocks, blocks_per_sm, block_warps, one_wait, defer_sum);
+                                               stage_blocks, blocks_per_sm, block_warps, one_wait,
+                                               resident_warpgroups, defer_sum);
   });
 }
 

@@ -47,11 +47,21 @@ struct WgmmaSmem {
   static constexpr int bytes = buffers * x_bytes + 1024;  // and room to align them to 1,024
 };
 
+// 16-byte chunk c (x's words 4c-4c+3) of token row `row` of one quant block into `tile` (BM x 128 bytes, 1,024-byte
+// aligned): word w to chunk 4 (c % 2) + w, word c / 2, at chunk ^ (row % 8) (the descriptor's 128-byte swizzle).
+__device__ __forceinline__ void store_x_chunk(uint8_t* tile, int row, int c, uint4 v) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const int chunk = 4 * (c & 1) + w;
+    *reinterpret_cast<uint32_t*>(tile + row * 128 + ((chunk ^ (row & 7)) << 4) + 4 * (c >> 1)) = words[w];
+  }
+}
+
 // x's staging for nf4_wgmma_kernel's stages: a stage's KB quant blocks of BM tokens x 64 k, loaded by each of the
 // THREADS threads as CHUNKS 16-byte chunks into registers a stage ahead (load), then stored permuted and swizzled into
 // one of the shared-memory buffers (store). Chunk q of a stage: quant block q / (BM * 8) of the stage, token row
-// (q / 8) % BM, 16-byte chunk q % 8; its word w (x's word 4 (q % 8) + w of the row) goes to chunk 4 (c % 2) + w, word
-// c / 2 (c = q % 8), at chunk ^ (row % 8) (the descriptor's 128-byte swizzle).
+// (q / 8) % BM, 16-byte chunk q % 8 (store_x_chunk).
 template <typename T, int BM, int KB, int THREADS>
 struct XStage {
   static constexpr int CHUNKS = KB * BM * 8 / THREADS;
@@ -75,14 +85,8 @@ struct XStage {
   __device__ __forceinline__ void store(uint8_t* buffer) {
 #pragma unroll
     for (int i = 0; i < CHUNKS; ++i) {
-      const int q = threadIdx.x + i * THREADS, row = KB == 1 ? q >> 3 : (q >> 3) % BM, c = q & 7;
-      uint8_t* tile = buffer + (KB == 1 ? 0 : q / (BM * 8) * BM * 128);
-      const uint32_t words[4] = {xr[i].x, xr[i].y, xr[i].z, xr[i].w};
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const int chunk = 4 * (c & 1) + w;
-        *reinterpret_cast<uint32_t*>(tile + row * 128 + ((chunk ^ (row & 7)) << 4) + 4 * (c >> 1)) = words[w];
-      }
+      const int q = threadIdx.x + i * THREADS, row = KB == 1 ? q >> 3 : (q >> 3) % BM;
+      store_x_chunk(buffer + (KB == 1 ? 0 : q / (BM * 8) * BM * 128), row, q & 7, xr[i]);
     }
     fence_proxy_async_smem();
   }
@@ -142,7 +146,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   constexpr int THREADS = WARPS * 32;
   static_assert(WARPS % 4 == 0 && KB * BM * 8 % THREADS == 0, "whole warpgroups; x's chunks spread evenly");
   constexpr int X_BYTES = WgmmaSmem<BM, KB, ONE_WAIT>::x_bytes;
-  static_assert(!ONE_WAIT || KB <= 2, "the one-wait stage takes one or two quant blocks");
+  static_assert(!ONE_WAIT || KB == 1, "the one-wait stage takes one quant block");
   static_assert(WG_PREFETCH % KB == 0, "a stage takes KB consecutive slots of the code ring");
   static_assert(PROBE == 0 || (!ONE_WAIT && KB == 1), "the probes take the default stage");
   constexpr bool kNoX = PROBE & kWgmmaProbeNoX, kNoBarrier = PROBE & kWgmmaProbeNoBarrier;
@@ -178,45 +182,32 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     // stage s's start, a stage early, so three buffers: buffer (s + 1) % 3 was last read by stage s - 2's wgmmas,
     // done by every warp before the barrier of stage s - 1. The same wgmmas in the same order as before: the same
     // bits.
-    // With KB 2 (two quant blocks a stage), a stage's wait covers both blocks' codes, loaded together a stage ahead:
-    // a warp's loads in flight are one block's 576 bytes with KB 1, and the loads alone are bound by them (ncu, 8B
-    // gate_up at 32 rows on an H100: 12.9 warps an SM waiting ~600 ns a stage for 576 bytes each, 1.65 TB/s;
-    // bench/NOTES.md, fortieth session).
     const uint32_t zero = static_cast<uint32_t>(K) >> 31;  // 0 (K > 0), which the compiler cannot know
-    // stage s's codes in slots KB (s % 2) .. + KB - 1 (the loop is unrolled by 2: constant slots), stage 0's preloaded
-    TileRing<1, 2 * KB> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last, KB);
-    XStage<T, BM, KB, THREADS> xs[2];  // x of stage s + 1 in set (s + 1) % 2, loaded in stage s - 1
+    // stage s's codes in slot s % 2 (the loop is unrolled by 2: constant slots), block `first` preloaded
+    TileRing<1, 2> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last, 1);
+    XStage<T, BM, 1, THREADS> xs[2];  // x of stage s + 1 in set (s + 1) % 2, loaded in stage s - 1
     xs[0].load(x, M, K, m0, first, last);
-    xs[1].load(x, M, K, m0, min(first + KB, last - 1), last);
+    xs[1].load(x, M, K, m0, min(first + 1, last - 1), last);
     xs[0].store(tiles_ptr);
     int buffer = 0;  // stage s's x buffer, s % 3
-    for (int base = first; base < last; base += 2 * KB) {
+    for (int base = first; base < last; base += 2) {
 #pragma unroll
       for (int p = 0; p < 2; ++p) {
-        const int blk = base + KB * p;
+        const int blk = base + p;
         if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
         const int next = buffer == 2 ? 0 : buffer + 1;
-        uint4 codes[KB];
-        float2 scales[KB];
-#pragma unroll
-        for (int kb = 0; kb < KB; ++kb) {
-          codes[kb] = ring.codes[KB * p + kb][0];
-          scales[kb] = ring.scales[KB * p + kb][0];
-        }
-        const uint32_t z = (codes[0].x ^ __float_as_uint(scales[0].x) ^ xs[1 - p].xr[0].x) & zero;
-        if (blk + KB < last) xs[1 - p].store(tiles_ptr + next * X_BYTES);
+        const uint4 codes = ring.codes[p][0];
+        const float2 scales = ring.scales[p][0];
+        const uint32_t z = (codes.x ^ __float_as_uint(scales.x) ^ xs[1 - p].xr[0].x) & zero;
+        if (blk + 1 < last) xs[1 - p].store(tiles_ptr + next * X_BYTES);
         // stage s + 1's codes and stage s + 2's x; past the split: clamped re-reads, never used
-#pragma unroll
-        for (int kb = 0; kb < KB; ++kb) ring.load(KB * (1 - p) + kb, blk + KB + kb, last, z);
-        xs[p].load(x, M, K, m0, min(blk + 2 * KB, last - 1), last, z);
-        uint32_t a[KB][2][2][4];  // [block of the stage][half][k-step of the half][4 registers]
-#pragma unroll
-        for (int kb = 0; kb < KB; ++kb) {  // a block past the split takes valid clamped codes; its wgmmas are skipped
-          a_fragments<T>(lut, codes[kb], scales[kb], 0, a[kb][0]);
-          a_fragments<T>(lut, codes[kb], scales[kb], 1, a[kb][1]);
-        }
+        ring.load(1 - p, blk + 1, last, z);
+        xs[p].load(x, M, K, m0, min(blk + 2, last - 1), last, z);
+        uint32_t a[1][2][2][4];  // [block of the stage][half][k-step of the half][4 registers]
+        a_fragments<T>(lut, codes, scales, 0, a[0][0]);
+        a_fragments<T>(lut, codes, scales, 1, a[0][1]);
         __syncthreads();  // x of this stage is stored and fenced by all
-        stage_wgmmas<T, BM, KB>(acc, a, smem_desc_advance(x_desc0, buffer * X_BYTES), blk, last);
+        stage_wgmmas<T, BM, 1>(acc, a, smem_desc_advance(x_desc0, buffer * X_BYTES), blk, last);
         buffer = next;
       }
     }
