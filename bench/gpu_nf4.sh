@@ -42,11 +42,12 @@ step "${TESTS_TIMEOUT:-220}" gpu_tests.log python3 -m pytest tests/gpu -q -m gpu
 # another); NCU_PROBES=stream,dequant,x: also bench.nf4_sol's probes at one row (NCU_PROBE_CONFIG warps,splits);
 # NCU_PAIRS=1: also the byte-pair table's kernel (gemv_pairs) at those rows up to 8
 # The stall reasons a warp's cycles between issues split into (the sections print only their sum and the largest)
-NCU_KERNELS='regex:nf4_(tile|gemv|gemv_pairs|sol|wide|wgmma)_kernel'  # every NF4 kernel and the probes
+NCU_KERNELS='regex:nf4_(tile|gemv|gemv_pairs|sol|wide|wgmma|wgmma_resident)_kernel'  # every NF4 kernel, the probes
 NCU_STALLS="long_scoreboard short_scoreboard mio_throttle lg_throttle barrier wait math_pipe_throttle not_selected \
 selected dispatch_stall no_instruction branch_resolving membar sleeping"
 # NCU_WGMMA_PROBES=loads,kernel: also bench.wgmma_sol's probes at 32 rows (NCU_ROWS=none: no dispatch kernel, so no
-# build of the CUDA extension); NCU_MEMORY_TABLES=1: the memory workload's per-unit tables (L1, L2, DRAM sectors)
+# build of the CUDA extension); NCU_MEMORY_TABLES=1: the memory workload's per-unit tables (L1, L2, DRAM sectors);
+# NCU_RESIDENT=4,7: the x-resident wgmma kernel at 32 rows with those warpgroup counts
 if [ -n "${NCU_ROWS:-}" ]; then
   [ "$NCU_ROWS" = none ] && NCU_ROWS=""
   step "${NCU_TIMEOUT:-120}" ncu.txt ncu --clock-control none \
@@ -56,7 +57,8 @@ if [ -n "${NCU_ROWS:-}" ]; then
     ${NCU_MEMORY_TABLES:+--section MemoryWorkloadAnalysis_Tables} \
     --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' $NCU_STALLS | sed 's/,$//')" \
     python3 -m bench.nf4_ncu --rows "$NCU_ROWS" --layer "${NCU_LAYER:-gate_up}" --probes "${NCU_PROBES:-}" \
-    --probe-config "${NCU_PROBE_CONFIG:-2,8}" ${NCU_PAIRS:+--pairs} --wgmma-probes "${NCU_WGMMA_PROBES:-}"
+    --probe-config "${NCU_PROBE_CONFIG:-2,8}" ${NCU_PAIRS:+--pairs} --wgmma-probes "${NCU_WGMMA_PROBES:-}" \
+    --resident "${NCU_RESIDENT:-}"
 fi
 # NCU_SOURCE=1 (with NCU_ROWS): the same kernels' warp-stall samples per SASS instruction (SourceCounters), as
 # $OUT/source_sass.csv.gz (ncu's source page): where in a kernel's loop its warps wait, and on what
