@@ -48,6 +48,11 @@ selected dispatch_stall no_instruction branch_resolving membar sleeping"
 # NCU_WGMMA_PROBES=loads,kernel: also bench.wgmma_sol's probes at 32 rows (NCU_ROWS=none: no dispatch kernel, so no
 # build of the CUDA extension); NCU_MEMORY_TABLES=1: the memory workload's per-unit tables (L1, L2, DRAM sectors);
 # NCU_RESIDENT=4,7: the x-resident wgmma kernel at 32 rows with those warpgroup counts
+# NCU_PIPES=1: also each pipe's share of its peak, the L1's shared-memory wavefronts, L1 and DRAM throughput, the clock
+[ -n "${NCU_PIPES:-}" ] && NCU_PIPES=",$(printf 'sm__pipe_%s_cycles_active.avg.pct_of_peak_sustained_active,' alu fma \
+  fmaheavy shared)sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active,\
+l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__throughput.avg.pct_of_peak_sustained_active,\
+dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__cycles_elapsed.avg.per_second"
 if [ -n "${NCU_ROWS:-}" ]; then
   [ "$NCU_ROWS" = none ] && NCU_ROWS=""
   step "${NCU_TIMEOUT:-120}" ncu.txt ncu --clock-control none \
@@ -55,7 +60,7 @@ if [ -n "${NCU_ROWS:-}" ]; then
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats \
     ${NCU_MEMORY_TABLES:+--section MemoryWorkloadAnalysis_Tables} \
-    --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' $NCU_STALLS | sed 's/,$//')" \
+    --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' $NCU_STALLS | sed 's/,$//')${NCU_PIPES:-}" \
     python3 -m bench.nf4_ncu --rows "$NCU_ROWS" --layer "${NCU_LAYER:-gate_up}" --probes "${NCU_PROBES:-}" \
     --probe-config "${NCU_PROBE_CONFIG:-2,8}" ${NCU_PAIRS:+--pairs} --wgmma-probes "${NCU_WGMMA_PROBES:-}" \
     --resident "${NCU_RESIDENT:-}"
