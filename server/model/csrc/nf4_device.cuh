@@ -46,14 +46,30 @@ template <> struct Ops<__half> {
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 };
 
+// The fp32 code at byte offset byte b of `offs` in the 16-entry table at `lut` (shared memory).
+__device__ __forceinline__ float load_code(const char* lut, uint32_t offs, int b) {
+  return *reinterpret_cast<const float*>(lut + __byte_perm(offs, 0u, 0x4440u | static_cast<uint32_t>(b)));
+}
+
+// The 16-entry table at a 256-byte-aligned shared-memory address: a code's address is one byte permute (the offset
+// into byte 0, the table's address bytes 1-3), where through a pointer ptxas added the table's base to every address
+// unless it could keep the base in a uniform register (nf4_wgmma_resident_kernel's walk: an IADD a load).
+struct TableAt {
+  uint32_t addr;
+};
+__device__ __forceinline__ float load_code(TableAt lut, uint32_t offs, int b) {
+  const uint32_t addr = __byte_perm(offs, lut.addr, 0x7650u | static_cast<uint32_t>(b));
+  float v;
+  asm("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr));
+  return v;
+}
+
 // Two dequantized, rounded values (element 2i: high nibble, element 2i + 1: low nibble) of byte `b` of
 // `hi_offs` / `lo_offs` (byte offsets into the fp32 table, precomputed for the 4 bytes of a word).
-template <typename T>
-__device__ __forceinline__ uint32_t dequant_pair(const char* lut, uint32_t hi_offs, uint32_t lo_offs, int b,
-                                                 float scale) {
-  const uint32_t sel = 0x4440u | static_cast<uint32_t>(b);
-  const float even = *reinterpret_cast<const float*>(lut + __byte_perm(hi_offs, 0u, sel));
-  const float odd = *reinterpret_cast<const float*>(lut + __byte_perm(lo_offs, 0u, sel));
+template <typename T, typename Lut>
+__device__ __forceinline__ uint32_t dequant_pair(Lut lut, uint32_t hi_offs, uint32_t lo_offs, int b, float scale) {
+  const float even = load_code(lut, hi_offs, b);
+  const float odd = load_code(lut, lo_offs, b);
   return Ops<T>::pack(even * scale, odd * scale);
 }
 
@@ -179,9 +195,8 @@ struct TileRing {
 // The A fragments of k-steps 2 * half and 2 * half + 1 of one row tile's quant block: lane (g, t) holds rows g and
 // g + 8, and in k-step j code bytes 2j (columns 2t, 2t + 1) and 2j + 1 (columns 2t + 8, 2t + 9) of its 8 (tile
 // layout: words x, y of row g; z, w of row g + 8).
-template <typename T>
-__device__ __forceinline__ void a_fragments(const char* lut, uint4 codes, float2 scales, int half,
-                                            uint32_t (&a)[2][4]) {
+template <typename T, typename Lut>
+__device__ __forceinline__ void a_fragments(Lut lut, uint4 codes, float2 scales, int half, uint32_t (&a)[2][4]) {
   const uint32_t w_lo = half ? codes.y : codes.x;  // row g
   const uint32_t w_hi = half ? codes.w : codes.z;  // row g + 8
   const uint32_t lo_even = (w_lo >> 2) & 0x3C3C3C3Cu, lo_odd = (w_lo << 2) & 0x3C3C3C3Cu;

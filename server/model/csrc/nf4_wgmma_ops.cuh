@@ -151,6 +151,18 @@ __host__ __device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr) {
          | (static_cast<uint64_t>(1) << 62);           // layout: 128-byte swizzle, bits 62-63
 }
 
+// smem_desc_sw128(addr) from its low word (the start address and the leading byte offset) and the high word every
+// tile of this layout shares: the low word alone varies, so a kernel that walks tiles in a loop ptxas cannot prove
+// uniform moves one register into the uniform file a wgmma, where a 64-bit descriptor took an add with carry and two
+// moves (nf4_wgmma_resident_kernel).
+constexpr uint32_t kSmemDescSw128Hi = (1024 >> 4) | (1u << 30);
+__host__ __device__ __forceinline__ uint32_t smem_desc_sw128_lo(uint32_t addr) {
+  return static_cast<uint32_t>(smem_desc_sw128(addr));
+}
+__host__ __device__ __forceinline__ uint64_t smem_desc_from_lo(uint32_t lo) {
+  return (static_cast<uint64_t>(kSmemDescSw128Hi) << 32) | lo;
+}
+
 // smem_desc_sw128(addr + bytes) from smem_desc_sw128(addr): one 64-bit add of bytes / 16 into the start address
 // field, where building a descriptor anew took six instructions (ptxas, sm_90a: add, mask, shift, or, two moves) a
 // wgmma. Exact while addr and addr + bytes are multiples of 16 below 2^18 (the field then cannot carry into bit 14;

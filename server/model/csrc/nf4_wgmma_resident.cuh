@@ -29,8 +29,9 @@ namespace {
 // A block's dynamic shared memory at most: an SM's 227 KB a block (sm_90) less room for the static code table
 constexpr int kResidentSmemMax = 226 * 1024;
 
-// Dynamic shared memory of a resident block: x's tiles for `blocks` quant blocks of BM tokens, 1,024-byte aligned.
-__host__ __device__ constexpr int resident_smem_bytes(int bm, int blocks) { return blocks * bm * 128 + 1024; }
+// Dynamic shared memory of a resident block: the code table's 1,024 bytes and x's tiles for `blocks` quant blocks of
+// BM tokens, 1,024-byte aligned.
+__host__ __device__ constexpr int resident_smem_bytes(int bm, int blocks) { return blocks * bm * 128 + 2048; }
 
 template <typename T, int BM, int WGS>
 __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
@@ -41,10 +42,12 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
   constexpr int THREADS = WGS * 128;
   constexpr int TILE_BYTES = BM * 128;  // x of one quant block
   extern __shared__ __align__(1024) uint8_t wg_smem[];
+  // the code table in the first 1,024 bytes (aligned: its address bytes 1-3 are the permute's, TableAt), then x's tiles
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
-  const uint32_t tiles = (raw + 1023) & ~1023u;
+  const uint32_t tiles = ((raw + 1023) & ~1023u) + 1024;
   uint8_t* tiles_ptr = wg_smem + (tiles - raw);
-  const char* lut = stage_code_table(table);
+  if (threadIdx.x < 16) reinterpret_cast<float*>(tiles_ptr - 1024)[threadIdx.x] = table[threadIdx.x];
+  const TableAt lut{tiles - 1024};  // stored before the barrier after x's staging
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -57,78 +60,101 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
   const int stride = gridDim.x * WGS;
   int unit = blockIdx.x * WGS + (warp >> 2);
 
-  // Codes and scales of (unit u, block blk) for this warp's 16-row tile (a tile past the last re-reads the last);
-  // `z` is 0, computed from registers loaded before, so that the loads issue after them.
-  const uint4* codes_at = tile_codes + lane;
-  const float2* scales_at = tile_scales + (lane >> 2);
-  auto block_at = [&](int u, int blk) {
-    return static_cast<int64_t>(min(4 * u + (warp & 3), row_tiles - 1)) * num_blocks + blk;
+  // The codes and scales of block `first` of unit u for this warp's 16-row tile (a tile past the last re-reads the
+  // last); a unit's next blocks follow 32 uint4 and 8 float2 on.
+  const int tile_in_unit = warp & 3;
+  auto unit_codes = [&](int u) {
+    const int tile = min(4 * u + tile_in_unit, row_tiles - 1);
+    return tile_codes + lane + (static_cast<int64_t>(tile) * num_blocks + first) * 32;
   };
+  auto unit_scales = [&](int u) {
+    const int tile = min(4 * u + tile_in_unit, row_tiles - 1);
+    return tile_scales + (lane >> 2) + (static_cast<int64_t>(tile) * num_blocks + first) * 8;
+  };
+  const uint4* codes_at = unit_codes(min(unit, units - 1));  // the current stage's block
+  const float2* scales_at = unit_scales(min(unit, units - 1));
   uint4 ring_codes[2];
   float2 ring_scales[2];
-  {  // the first stage's, issued before x's staging so that their DRAM latency overlaps it
-    const int64_t b = block_at(min(unit, units - 1), first);
-    ring_codes[0] = load_tile_codes(codes_at + 32 * b);
-    ring_scales[0] = __ldg(scales_at + 8 * b);
-  }
+  // the first stage's, issued before x's staging so that their DRAM latency overlaps it
+  ring_codes[0] = load_tile_codes(codes_at);
+  ring_scales[0] = __ldg(scales_at);
 
-  // x of the split, 16-byte chunk q of quant block q / (BM * 8): XStage's mapping, four chunks a thread in flight
-  const int chunks = (last - first) * BM * 8;
-  for (int q0 = threadIdx.x; q0 < chunks; q0 += 4 * THREADS) {
-    uint4 v[4];
+  // x of the split: the first STAGERS threads, whole quant blocks at once (XStage's chunk q = thread % (BM * 8) of
+  // block thread / (BM * 8), then every AT_ONCE blocks on), four chunks a thread in flight
+  constexpr int AT_ONCE = THREADS / (BM * 8), STAGERS = AT_ONCE * BM * 8;
+  static_assert(AT_ONCE >= 1, "a block stages at least one quant block of x at once");
+  if (threadIdx.x < STAGERS) {
+    const int row = (threadIdx.x >> 3) % BM, c = threadIdx.x & 7, kb0 = threadIdx.x / (BM * 8);
+    const T* src = x + static_cast<int64_t>(min(m0 + row, M - 1)) * K + 64 * (first + kb0) + 8 * c;
+    uint8_t* dst = tiles_ptr + kb0 * TILE_BYTES;
+    for (int kb = kb0; kb < last - first; kb += 4 * AT_ONCE) {
+      uint4 v[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int q = min(q0 + i * THREADS, chunks - 1);
-      const int row = (q >> 3) % BM, c = q & 7;
-      v[i] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(m0 + row, M - 1)) * K +
-                                                  64 * (first + q / (BM * 8)) + 8 * c));
-    }
+      for (int i = 0; i < 4; ++i) {
+        if (kb + i * AT_ONCE < last - first) v[i] = __ldg(reinterpret_cast<const uint4*>(src + 64 * AT_ONCE * i));
+      }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int q = q0 + i * THREADS;
-      if (q < chunks) store_x_chunk(tiles_ptr + q / (BM * 8) * TILE_BYTES, (q >> 3) % BM, q & 7, v[i]);
+      for (int i = 0; i < 4; ++i) {
+        if (kb + i * AT_ONCE < last - first) store_x_chunk(dst + AT_ONCE * TILE_BYTES * i, row, c, v[i]);
+      }
+      src += 4 * 64 * AT_ONCE;
+      dst += 4 * AT_ONCE * TILE_BYTES;
     }
   }
   fence_proxy_async_smem();
-  __syncthreads();  // x stored and fenced by all; no block barrier after this one
+  __syncthreads();  // the table and x stored (x fenced) by all; no block barrier after this one
   if (unit >= units) return;
 
   const uint32_t zero = static_cast<uint32_t>(K) >> 31;  // 0 (K > 0), which the compiler cannot know
-  const uint64_t x_desc0 = smem_desc_sw128(tiles);
+  const uint32_t x_desc_lo0 = smem_desc_sw128_lo(tiles);  // quant block i's tile: + i * TILE_BYTES / 16
+  const int unit_blocks = last - first;
   float acc[BM / 2] = {};
-  int blk = first;
-  // One stage, its codes in slot P (stages alternate slots: constant indices keep the ring in registers); whether it
-  // was the warpgroup's last.
-  auto stage = [&](auto slot) {
+  // One stage: the block in ring slot P (stages alternate slots: constant indices keep the ring in registers) at x's
+  // tile x_desc_lo (its descriptor's low word); the next block's loads issued first (the unit's, by an add, or the next unit's first block at the
+  // unit's end: none left, a clamped re-read, never used).
+  auto stage = [&](auto slot, uint32_t x_desc_lo, bool unit_end) {
     constexpr int P = decltype(slot)::value;
     const uint4 codes = ring_codes[P];
     const float2 scales = ring_scales[P];
     const uint32_t z = (codes.x ^ __float_as_uint(scales.x)) & zero;
-    int next_unit = unit, next_blk = blk + 1;
-    if (next_blk == last) {
-      next_blk = first;
-      next_unit += stride;
+    if (unit_end) {
+      codes_at = unit_codes(min(unit + stride, units - 1));
+      scales_at = unit_scales(min(unit + stride, units - 1));
+    } else {
+      codes_at += 32;
+      scales_at += 8;
     }
-    const bool done = next_unit >= units;
-    {  // the next stage's codes (none left: a re-read of this one's, never used)
-      const int64_t b = done ? block_at(unit, blk) : block_at(next_unit, next_blk);
-      ring_codes[1 - P] = load_tile_codes(codes_at + 32 * b + z);
-      ring_scales[1 - P] = __ldg(scales_at + 8 * b + z);
-    }
+    ring_codes[1 - P] = load_tile_codes(codes_at + z);
+    ring_scales[1 - P] = __ldg(scales_at + z);
     uint32_t a[1][2][2][4];
     a_fragments<T>(lut, codes, scales, 0, a[0][0]);
     a_fragments<T>(lut, codes, scales, 1, a[0][1]);
-    stage_wgmmas<T, BM, 1>(acc, a, smem_desc_advance(x_desc0, (blk - first) * TILE_BYTES), blk, last);
-    if (next_blk == first) {  // the unit's last block: its sums out, the next unit's from zero
-      store_accumulators<T, BM>(acc, 4 * unit + (warp & 3), row_tiles, g, t, m0, M, N, bias, out, partial);
+    wgmma_fence();
 #pragma unroll
-      for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
-    }
-    unit = next_unit;
-    blk = next_blk;
-    return done;
+    for (int j = 0; j < 4; ++j) Wgmma<T, BM>::mma(acc, a[0][j / 2][j % 2], smem_desc_from_lo(x_desc_lo + 2 * j));
+    wgmma_commit();
+    wgmma_wait_all();  // before the next stage's dequantization rewrites a
   };
-  while (!stage(std::integral_constant<int, 0>()) && !stage(std::integral_constant<int, 1>())) {
+  // A unit's stages, two a loop (the first in slot S), its sums out; whether a unit's odd block count flipped the slot
+  auto walk_unit = [&](auto first_slot) {
+    constexpr int S = decltype(first_slot)::value;
+    const int n = last - first;
+    for (int i = 0; i < n; i += 2) {
+      stage(std::integral_constant<int, S>(), x_desc_lo0 + i * (TILE_BYTES >> 4), i + 1 == n);
+      if (i + 1 == n) break;
+      stage(std::integral_constant<int, 1 - S>(), x_desc_lo0 + (i + 1) * (TILE_BYTES >> 4), i + 2 == n);
+    }
+    store_accumulators<T, BM>(acc, 4 * unit + tile_in_unit, row_tiles, g, t, m0, M, N, bias, out, partial);
+#pragma unroll
+    for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
+  };
+  for (bool odd = false; unit < units; unit += stride) {  // odd: this unit starts in slot 1
+    if (odd) {
+      walk_unit(std::integral_constant<int, 1>());
+    } else {
+      walk_unit(std::integral_constant<int, 0>());
+    }
+    odd ^= (last - first) & 1;
   }
 #endif
 }
