@@ -210,14 +210,12 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
 
         # the default and the variants start-up tuning would time (each other block size that holds M, one
         # warpgroup a block), then the 32-token instance's own variants
-        short = {"block_tokens": "b", "block_warps": "w", "stage_blocks": "s"}
+        short = {"block_tokens": "b", "block_warps": "w", "stage_blocks": "s", "resident_warpgroups": "r"}
         variants = {"wgmma" + "".join(f"_{short[k]}{v}" for k, v in choice.options): dict(choice.options)
                     for choice in candidates(rows, layer.shape, device_num_sms(0)) if choice.kernel == "wgmma"}
         block_tokens = cuda_nf4_wgmma.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
         if block_tokens == 32:
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
-            for warpgroups in cuda_nf4_wgmma.RESIDENT_WARPGROUPS:  # x resident, one block an SM (opt-in until timed)
-                variants[f"wgmma_r{warpgroups}"] = {"resident_warpgroups": warpgroups}
         if block_tokens <= 128:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for)
             one_wait = cuda_nf4.one_wait_for(block_tokens)
             variants["wgmma_nw" if one_wait else "wgmma_1w"] = {"one_wait": not one_wait}

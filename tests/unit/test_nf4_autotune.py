@@ -25,11 +25,14 @@ def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
     monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: True)
     assert nf4_autotune.candidates(32, (28672, 4096), 132) == [
         Choice("dequant"), Choice("wide"), Choice("wgmma"), Choice("wgmma", (("block_warps", 4),)),
-        Choice("wgmma", (("stage_blocks", 2),))]
+        Choice("wgmma", (("stage_blocks", 2),)), Choice("wgmma", (("resident_warpgroups", 4),)),
+        Choice("wgmma", (("resident_warpgroups", 5),)), Choice("wgmma", (("resident_warpgroups", 6),)),
+        Choice("wgmma", (("resident_warpgroups", 7),))]
     at_128 = nf4_autotune.candidates(128, (28672, 4096), 132)  # default 128 tokens: 32 and 64 forced, not 256
     assert Choice("wgmma", (("block_tokens", 32),)) in at_128 and Choice("wgmma", (("block_tokens", 64),)) in at_128
     assert Choice("wgmma", (("block_tokens", 256),)) not in at_128
     assert Choice("wgmma", (("block_warps", 4),)) in at_128 and Choice("wgmma", (("stage_blocks", 2),)) not in at_128
+    assert Choice("wgmma", (("resident_warpgroups", 7),)) not in at_128  # x resident: 32 block tokens only
     assert Choice("wgmma", (("block_warps", 4),)) not in nf4_autotune.candidates(200, (28672, 4096), 132)
 
 
