@@ -65,17 +65,19 @@ def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupan
 
 
 RESIDENT_MAX_BLOCKS = 55  # csrc nf4_wgmma_resident.cuh: x of 55 quant blocks of 32 tokens (4 KB each) in 226 KB
+RESIDENT_PAIRS_MAX_BLOCKS = 39  # beside the 64 KB byte-pair table (resident_smem_bytes)
 RESIDENT_WARPGROUPS = (4, 5, 6, 7)  # its instances (csrc/nf4_wgmma.cu, dispatch_wgmma)
 
 
 RESIDENT_PARTIAL_BYTES_A_STAGE = 2.4e6  # fp32 partials written and read back in one quant block's stage (~0.8 us)
 
 
-def resident_split_k(num_rows: int, shape, num_sms: int, warpgroups: int) -> int:
+def resident_split_k(num_rows: int, shape, num_sms: int, warpgroups: int, pairs: bool = False) -> int:
     """Splits of K for the x-resident kernel (nf4_wgmma(resident_warpgroups=...)): of those whose x fits an SM's
     shared memory, the fewest that make its cost in stages least: the warpgroups' longest walk (rounds of 64-row units
     x the split's quant blocks; one block an SM, num_sms // (splits x token groups) blocks a split) plus the fp32
-    partials a split writes and the sum reads back, in stages (RESIDENT_PARTIAL_BYTES_A_STAGE). 8B gate_up (448 units,
+    partials a split writes and the sum reads back, in stages (RESIDENT_PARTIAL_BYTES_A_STAGE); with `pairs`, x beside
+    the byte-pair table (RESIDENT_PAIRS_MAX_BLOCKS). 8B gate_up (448 units,
     64 quant blocks) at 32 rows takes 2 splits: 66 blocks of 7 warpgroups, one round of 32 blocks, + 6 stages of
     partials. Not measured yet: a guess until the table times it."""
     units, in_blocks = -(-shape[0] // 64), shape[1] // NF4_BLOCKSIZE
@@ -83,7 +85,7 @@ def resident_split_k(num_rows: int, shape, num_sms: int, warpgroups: int) -> int
     best = None
     for splits in range(1, min(WGMMA_MAX_SPLIT_K, in_blocks) + 1):
         per_split = -(-in_blocks // splits)
-        if per_split > RESIDENT_MAX_BLOCKS:
+        if per_split > (RESIDENT_PAIRS_MAX_BLOCKS if pairs else RESIDENT_MAX_BLOCKS):
             continue
         blocks = max(1, min(-(-units // warpgroups), num_sms // (splits * token_groups)))
         walk = -(-units // (blocks * warpgroups)) * per_split
@@ -118,6 +120,7 @@ def nf4_wgmma(
     block_warps: int = WGMMA_BLOCK_WARPS,
     one_wait: bool | None = None,
     resident_warpgroups: int = 0,
+    pairs: bool = False,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
     16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -127,18 +130,18 @@ def nf4_wgmma(
     splits filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the
     block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
     `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice
-    the blocks (wgmma_occupancy). `resident_warpgroups` 4-7 (opt-in until timed; 32 block tokens): the x-resident
+    the blocks (wgmma_occupancy). `resident_warpgroups` 4-7 (tuning candidates; 32 block tokens): the x-resident
     kernel (csrc/nf4_wgmma_resident.cuh), one block an SM of that many warpgroups holding x of its split of K, each
-    warpgroup walking 64-row units on its own (splits: resident_split_k). Each warpgroup issues the same wgmmas in
-    the same order whatever the variant: the same bits for the same splits. Measured slower and removed (H200,
-    32-256 rows): dequantizing the next quant block while this one's wgmmas run (3-15%,
-    bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov)
-    and a code ring four blocks deep instead of two (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel
-    issues on 51% of cycles (ncu, 8B gate_up: 13.5 warps an SM); about two thirds of a quant-block step's ~255
-    instructions (PTX) are the exact dequantization (per weight pair 2 byte-permutes, 2 table loads, 2 fp32
-    multiplies, 1 pack). Also measured slower and removed (H100, every size:
-    bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json): that dequantization from the byte-pair
-    table (wgmma_pairs) and A dequantized into shared memory (wgmma_sa). And (H100,
+    warpgroup walking 64-row units on its own (splits: resident_split_k); with `pairs`, its dequantization from the
+    byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), 64 KB beside x. Each warpgroup
+    issues the same wgmmas in the same order whatever the variant: the same bits for the same splits. Measured
+    slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas run (3-15%,
+    bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep instead of
+    two (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel issues on 51% of cycles (ncu, 8B gate_up:
+    13.5 warps an SM); about two thirds of a quant-block step's ~255 instructions (PTX) are the exact dequantization
+    (per weight pair 2 byte-permutes, 2 table loads, 2 fp32 multiplies, 1 pack). Also measured slower and removed
+    (H100, every size: bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json): that dequantization
+    from the byte-pair table (wgmma_pairs) and A dequantized into shared memory (wgmma_sa). And (H100,
     -2026-12-06-nvidia-h100-80gb-hbm3-kernels-s37-xahead.json, the design in 55afbf5): x two stages ahead in two
     register sets (8B gate_up 50.3 vs 47.9 us at 32 rows, 71.5 vs 60.6 at 64), with the code ring four deep too
     (52.5), and a 16-token block at 16 rows (48.9 vs the 32-token block's 47.4). And a balanced split of K over a
@@ -162,7 +165,7 @@ def nf4_wgmma(
     if resident_warpgroups:
         block_tokens = 32
         if split_k is None:
-            split_k = resident_split_k(x.shape[0], shape, num_sms, resident_warpgroups)
+            split_k = resident_split_k(x.shape[0], shape, num_sms, resident_warpgroups, pairs)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
     if occupancy is None:
         occupancy = wgmma_occupancy(block_tokens, block_warps) if stage_blocks == 1 else 2
@@ -172,5 +175,5 @@ def nf4_wgmma(
     if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens
         one_wait = one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
     partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      blocks_per_sm, block_warps, one_wait, resident_warpgroups, defer_sum)
+                                      blocks_per_sm, block_warps, one_wait, resident_warpgroups, pairs, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)

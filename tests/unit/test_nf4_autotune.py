@@ -27,7 +27,10 @@ def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
         Choice("dequant"), Choice("wide"), Choice("wgmma"), Choice("wgmma", (("block_warps", 4),)),
         Choice("wgmma", (("stage_blocks", 2),)), Choice("wgmma", (("resident_warpgroups", 4),)),
         Choice("wgmma", (("resident_warpgroups", 5),)), Choice("wgmma", (("resident_warpgroups", 6),)),
-        Choice("wgmma", (("resident_warpgroups", 7),))]
+        Choice("wgmma", (("resident_warpgroups", 7),)), Choice("wgmma", (("resident_warpgroups", 4), ("pairs", True))),
+        Choice("wgmma", (("resident_warpgroups", 5), ("pairs", True))),
+        Choice("wgmma", (("resident_warpgroups", 6), ("pairs", True))),
+        Choice("wgmma", (("resident_warpgroups", 7), ("pairs", True)))]
     at_128 = nf4_autotune.candidates(128, (28672, 4096), 132)  # default 128 tokens: 32 and 64 forced, not 256
     assert Choice("wgmma", (("block_tokens", 32),)) in at_128 and Choice("wgmma", (("block_tokens", 64),)) in at_128
     assert Choice("wgmma", (("block_tokens", 256),)) not in at_128

@@ -235,15 +235,17 @@ def test_one_wait_is_the_default_where_it_measured_faster(monkeypatch, setting, 
 
 
 @pytest.mark.parametrize("options, expected", [
-    ({}, (1, 32, 1, 3, 8, False, 0)),  # the default 32-token block: three blocks an SM, no one-wait
-    ({"stage_blocks": 2}, (1, 32, 2, 0, 8, False, 0)),  # two blocks a stage at two blocks an SM
-    ({"block_tokens": 64}, (1, 64, 1, 0, 8, True, 0)),  # one wait a stage: the 64-token default
-    ({"block_tokens": 64, "block_warps": 4}, (1, 64, 1, 0, 4, False, 0)),  # not with one warpgroup a block
-    ({"resident_warpgroups": 7}, (1, 32, 1, 3, 8, False, 7)),  # x resident: 32 block tokens
+    ({}, (1, 32, 1, 3, 8, False, 0, False)),  # the default 32-token block: three blocks an SM, no one-wait
+    ({"stage_blocks": 2}, (1, 32, 2, 0, 8, False, 0, False)),  # two blocks a stage at two blocks an SM
+    ({"block_tokens": 64}, (1, 64, 1, 0, 8, True, 0, False)),  # one wait a stage: the 64-token default
+    ({"block_tokens": 64, "block_warps": 4}, (1, 64, 1, 0, 4, False, 0, False)),  # not with one warpgroup a block
+    ({"resident_warpgroups": 7}, (1, 32, 1, 3, 8, False, 7, False)),  # x resident: 32 block tokens
+    ({"resident_warpgroups": 6, "pairs": True}, (1, 32, 1, 3, 8, False, 6, True)),  # and the byte-pair table
 ])  # fmt: skip
 def test_wgmma_passes_the_variant_to_the_extension_in_its_order(monkeypatch, options, expected):
     """cuda_nf4_wgmma.nf4_wgmma's arguments as csrc's nf4_wgmma takes them (x, codes, scales, table, bias, out,
-    split_k, block_tokens, stage_blocks, blocks_per_sm, block_warps, one_wait, resident_warpgroups, defer_sum)."""
+    split_k, block_tokens, stage_blocks, blocks_per_sm, block_warps, one_wait, resident_warpgroups, pairs,
+    defer_sum)."""
     calls = []
     fake = SimpleNamespace(nf4_wgmma=lambda *args: calls.append(args))
     monkeypatch.setattr(cuda_nf4_wgmma, "extension", lambda: fake)
@@ -251,17 +253,20 @@ def test_wgmma_passes_the_variant_to_the_extension_in_its_order(monkeypatch, opt
     x = torch.zeros(20, 256, dtype=torch.bfloat16)
     cuda_nf4_wgmma.nf4_wgmma(x, (torch.zeros(1), torch.zeros(1)), (300, 256), torch.zeros(16), split_k=1, **options)
     (args,) = calls
-    assert args[6:13] == expected and args[13] is False
+    assert args[6:14] == expected and args[14] is False
 
 
+@pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("warpgroups", cuda_nf4_wgmma.RESIDENT_WARPGROUPS)
 @pytest.mark.parametrize("rows", [16, 32, 64])
 @pytest.mark.parametrize("shape", [(28672, 4096), (4096, 14336), (4096, 4096), (6144, 4096), (2048, 8192)])
-def test_resident_split_k_keeps_x_within_shared_memory(shape, rows, warpgroups):
-    """Every split's x fits (8B down's 224 quant blocks need at least 5 splits of 45) and no split exceeds 16."""
-    splits = cuda_nf4_wgmma.resident_split_k(rows, shape, 132, warpgroups)
+def test_resident_split_k_keeps_x_within_shared_memory(shape, rows, warpgroups, pairs):
+    """Every split's x fits (8B down's 224 quant blocks need at least 5 splits of 45, or 6 of 38 beside the pair
+    table) and no split exceeds 16."""
+    splits = cuda_nf4_wgmma.resident_split_k(rows, shape, 132, warpgroups, pairs)
     assert 1 <= splits <= cuda_nf4_wgmma.WGMMA_MAX_SPLIT_K
-    assert -(-(shape[1] // 64) // splits) <= cuda_nf4_wgmma.RESIDENT_MAX_BLOCKS
+    most = cuda_nf4_wgmma.RESIDENT_PAIRS_MAX_BLOCKS if pairs else cuda_nf4_wgmma.RESIDENT_MAX_BLOCKS
+    assert -(-(shape[1] // 64) // splits) <= most
 
 
 def test_resident_split_k_gives_8b_gate_up_one_round_at_seven_warpgroups():

@@ -102,6 +102,13 @@ __device__ __forceinline__ void stage_pair_table(const float* __restrict__ table
   }
 }
 
+// Where a kernel that keeps the pair table at a 64 KB boundary of its block's shared-memory window puts it (its
+// address bytes 2-3 are then load_pair_at's permute's), and the window offset past it.
+constexpr uint32_t kPairsTableWindow = 0x10000;
+__host__ __device__ constexpr int pairs_table_end() {
+  return static_cast<int>(kPairsTableWindow) + (kPairTableBytes + 15) / 16 * 16;
+}
+
 // The lane's copy offset in the pair table (byte 0 of pair_offset's result).
 __device__ __forceinline__ uint32_t pair_copy_offset() { return 8u * (threadIdx.x & (kPairCopies - 1)); }
 

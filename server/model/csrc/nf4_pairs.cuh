@@ -26,7 +26,6 @@ namespace {
 // ahead at the measured ~2,000 a warp's step (ncu, H100, 8B gate_up at one row), past any DRAM latency.
 constexpr int kPairsPrefetch = 2;
 constexpr int kPairsWarps = 32;
-constexpr uint32_t kPairsTableWindow = 0x10000;  // the table's offset in the block's shared-memory window
 
 // Dynamic shared memory of nf4_gemv_pairs_kernel: from wherever it starts (the window's first 1 KB is reserved on
 // sm_90) to the table's end, and for two token tiles past it. The warps' fp32 sums, two buffers (tile parity: a tile's
@@ -34,9 +33,6 @@ constexpr uint32_t kPairsTableWindow = 0x10000;  // the table's offset in the bl
 // (32 KB); for two (64 KB, more than fits below) after the table: 192 KB in all, which sm_80 cannot give.
 __host__ __device__ constexpr int pairs_sums_bytes(int warps, int token_tiles) {
   return 2 * warps * 16 * 8 * token_tiles * 4;
-}
-__host__ __device__ constexpr int pairs_table_end() {
-  return static_cast<int>(kPairsTableWindow) + (kPairTableBytes + 15) / 16 * 16;
 }
 __host__ __device__ constexpr int pairs_smem_bytes(int warps, int token_tiles) {
   return pairs_table_end() + (token_tiles == 1 ? 0 : pairs_sums_bytes(warps, token_tiles));

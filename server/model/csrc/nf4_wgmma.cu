@@ -51,20 +51,20 @@ torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_cod
 
 // nf4_wgmma_resident_kernel of WGS warpgroups a block: grid (blocks a split, splits, token groups), as many blocks a
 // split as fill the SMs once (one block an SM) or give every unit a warpgroup, whichever is fewer.
-template <typename T, int WGS>
+template <typename T, int WGS, bool PAIRS>
 torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor& tile_codes,
                                     const torch::Tensor& tile_scales, const torch::Tensor& table,
                                     const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
                                     bool defer_sum) {
   constexpr int BM = 32;
-  constexpr auto kernel = nf4_wgmma_resident_kernel<T, BM, WGS>;
+  constexpr auto kernel = nf4_wgmma_resident_kernel<T, BM, WGS, PAIRS>;
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   allow_dynamic_smem<kernel>(kResidentSmemMax);
   const int units = ((N + 15) / 16 + 3) / 4, token_groups = (M + BM - 1) / BM;
   return run_split<T>(x, bias, out, split_k,
                       [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                           int blocks_per_split) {
-    const int smem = resident_smem_bytes(BM, blocks_per_split);
+    const int smem = resident_smem_bytes(BM, blocks_per_split, PAIRS);
     TORCH_CHECK(smem <= kResidentSmemMax, "resident x of ", blocks_per_split, " quant blocks a split exceeds an SM's ",
                 "shared memory: split K further");
     const int blocks = std::max(1, std::min((units + WGS - 1) / WGS, current_device_sms() / (splits * token_groups)));
@@ -79,18 +79,23 @@ template <typename T>
 torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
-                             int64_t block_warps, bool one_wait, int64_t resident_warpgroups, bool defer_sum) {
-  // x resident (nf4_wgmma_resident.cuh; opt-in until timed): 32 block tokens, 4-7 warpgroups a block
+                             int64_t block_warps, bool one_wait, int64_t resident_warpgroups, bool pairs,
+                             bool defer_sum) {
+  // x resident (nf4_wgmma_resident.cuh): 32 block tokens, 4-7 warpgroups a block, the 16-entry or the byte-pair table
+  TORCH_CHECK(!pairs || resident_warpgroups > 0, "pairs takes the x-resident kernel (resident_warpgroups)");
   if (resident_warpgroups > 0) {
     TORCH_CHECK(block_tokens == 32 && resident_warpgroups >= 4 && resident_warpgroups <= 7,
                 "resident_warpgroups takes 32 block tokens and 4-7 warpgroups, got ", block_tokens, " and ",
                 resident_warpgroups);
+#define LORAPLEX_RESIDENT_LAUNCH(WGS, PAIRS) \
+  launch_wgmma_resident<T, WGS, PAIRS>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
     switch (resident_warpgroups) {
-      case 4: return launch_wgmma_resident<T, 4>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
-      case 5: return launch_wgmma_resident<T, 5>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
-      case 6: return launch_wgmma_resident<T, 6>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
-      default: return launch_wgmma_resident<T, 7>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
+      case 4: return pairs ? LORAPLEX_RESIDENT_LAUNCH(4, true) : LORAPLEX_RESIDENT_LAUNCH(4, false);
+      case 5: return pairs ? LORAPLEX_RESIDENT_LAUNCH(5, true) : LORAPLEX_RESIDENT_LAUNCH(5, false);
+      case 6: return pairs ? LORAPLEX_RESIDENT_LAUNCH(6, true) : LORAPLEX_RESIDENT_LAUNCH(6, false);
+      default: return pairs ? LORAPLEX_RESIDENT_LAUNCH(7, true) : LORAPLEX_RESIDENT_LAUNCH(7, false);
     }
+#undef LORAPLEX_RESIDENT_LAUNCH
   }
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
@@ -135,13 +140,13 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups)
 // or 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage),
-// resident_warpgroups (0, or 4-7 at 32 block tokens: nf4_wgmma_resident_kernel, x of a split held in shared memory);
-// any M, K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32
+// resident_warpgroups (0, or 4-7 at 32 block tokens: nf4_wgmma_resident_kernel, x of a split held in shared memory)
+// with pairs (its dequantization from the byte-pair table); any M, K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32
 // partials [splits, M, N] instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
                         int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait,
-                        int64_t resident_warpgroups, bool defer_sum) {
+                        int64_t resident_warpgroups, bool pairs, bool defer_sum) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
@@ -149,7 +154,7 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
   return run_for_dtype(x, [&](auto dtype_tag) {
     return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
                                                stage_blocks, blocks_per_sm, block_warps, one_wait,
-                                               resident_warpgroups, defer_sum);
+                                               resident_warpgroups, pairs, defer_sum);
   });
 }
 

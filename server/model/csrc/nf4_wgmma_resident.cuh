@@ -1,4 +1,4 @@
-// The warpgroup-MMA kernel with x resident in shared memory (sm_90a; opt-in until timed: nf4_wgmma's
+// The warpgroup-MMA kernel with x resident in shared memory (sm_90a; start-up tuning candidates: nf4_wgmma's
 // resident_warpgroups). Included by nf4_wgmma.cu after nf4_wgmma.cuh, whose x layout, A fragments and wgmmas it
 // reuses.
 //
@@ -28,12 +28,21 @@ namespace {
 
 // A block's dynamic shared memory at most: an SM's 227 KB a block (sm_90) less room for the static code table
 constexpr int kResidentSmemMax = 226 * 1024;
+// With the byte-pair table (PAIRS): x's tiles below the table (at least this many, from the window's first 1,024-byte
+// boundary past its reserved 1 KB up to kPairsTableWindow) and past it
+constexpr int kResidentLowTiles = 15;
 
-// Dynamic shared memory of a resident block: the code table's 1,024 bytes and x's tiles for `blocks` quant blocks of
-// BM tokens, 1,024-byte aligned.
-__host__ __device__ constexpr int resident_smem_bytes(int bm, int blocks) { return blocks * bm * 128 + 2048; }
+// Dynamic shared memory of a resident block for `blocks` quant blocks of x at BM tokens, 1,024-byte aligned: the
+// 16-entry table's 1,024 bytes then x's tiles; or (PAIRS) x's first kResidentLowTiles tiles, the 64 KB pair table at
+// kPairsTableWindow and the other tiles past it.
+__host__ __device__ constexpr int resident_smem_bytes(int bm, int blocks, bool pairs = false) {
+  return pairs ? (pairs_table_end() + 1023) / 1024 * 1024 - 1024 + (blocks > kResidentLowTiles
+                                                                        ? (blocks - kResidentLowTiles) * bm * 128
+                                                                        : 0)
+               : blocks * bm * 128 + 2048;
+}
 
-template <typename T, int BM, int WGS>
+template <typename T, int BM, int WGS, bool PAIRS = false>
 __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
@@ -42,12 +51,23 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
   constexpr int THREADS = WGS * 128;
   constexpr int TILE_BYTES = BM * 128;  // x of one quant block
   extern __shared__ __align__(1024) uint8_t wg_smem[];
-  // the code table in the first 1,024 bytes (aligned: its address bytes 1-3 are the permute's, TableAt), then x's tiles
-  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
-  const uint32_t tiles = ((raw + 1023) & ~1023u) + 1024;
-  uint8_t* tiles_ptr = wg_smem + (tiles - raw);
-  if (threadIdx.x < 16) reinterpret_cast<float*>(tiles_ptr - 1024)[threadIdx.x] = table[threadIdx.x];
-  const TableAt lut{tiles - 1024};  // stored before the barrier after x's staging
+  const uint32_t window = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
+  const uint32_t aligned = (window + 1023) & ~1023u;
+  // x's tile q at shared address tile_at(q): q < low_tiles from low, the rest from high
+  uint32_t low, high;
+  int low_tiles;
+  if constexpr (PAIRS) {  // the pair table at kPairsTableWindow (its address bytes 2-3 are load_pair_at's permute's)
+    low = aligned;
+    low_tiles = static_cast<int>(kPairsTableWindow - aligned) / TILE_BYTES;
+    high = (pairs_table_end() + 1023) & ~1023;
+    if (low_tiles < kResidentLowTiles) __trap();  // more static shared memory than resident_smem_bytes planned
+    stage_pair_table(table, reinterpret_cast<char*>(wg_smem + (kPairsTableWindow - window)));
+  } else {  // the 16-entry table in the first 1,024 bytes (aligned: its address bytes 1-3 are the permute's, TableAt)
+    low = high = aligned + 1024;
+    low_tiles = 0;
+    if (threadIdx.x < 16) reinterpret_cast<float*>(wg_smem + (aligned - window))[threadIdx.x] = table[threadIdx.x];
+  }
+  auto tile_at = [&](int q) { return q < low_tiles ? low + q * TILE_BYTES : high + (q - low_tiles) * TILE_BYTES; };
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -86,7 +106,6 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
   if (threadIdx.x < STAGERS) {
     const int row = (threadIdx.x >> 3) % BM, c = threadIdx.x & 7, kb0 = threadIdx.x / (BM * 8);
     const T* src = x + static_cast<int64_t>(min(m0 + row, M - 1)) * K + 64 * (first + kb0) + 8 * c;
-    uint8_t* dst = tiles_ptr + kb0 * TILE_BYTES;
     for (int kb = kb0; kb < last - first; kb += 4 * AT_ONCE) {
       uint4 v[4];
 #pragma unroll
@@ -95,18 +114,24 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        if (kb + i * AT_ONCE < last - first) store_x_chunk(dst + AT_ONCE * TILE_BYTES * i, row, c, v[i]);
+        const int q = kb + i * AT_ONCE;
+        if (q < last - first) store_x_chunk(wg_smem + (tile_at(q) - window), row, c, v[i]);
       }
       src += 4 * 64 * AT_ONCE;
-      dst += 4 * AT_ONCE * TILE_BYTES;
     }
   }
   fence_proxy_async_smem();
   __syncthreads();  // the table and x stored (x fenced) by all; no block barrier after this one
   if (unit >= units) return;
+  uint32_t pair_reg = kPairsTableWindow | pair_copy_offset();
+  asm volatile("" : "+r"(pair_reg));  // after the barrier: every table load's address depends on it
+  const TableAt lut{aligned};
 
   const uint32_t zero = static_cast<uint32_t>(K) >> 31;  // 0 (K > 0), which the compiler cannot know
-  const uint32_t x_desc_lo0 = smem_desc_sw128_lo(tiles);  // quant block i's tile: + i * TILE_BYTES / 16
+  // quant block i's tile: + i * TILE_BYTES / 16 from low's, or past the low tiles from high's
+  const uint32_t low_desc = smem_desc_sw128_lo(low);
+  const uint32_t high_desc = smem_desc_sw128_lo(high) - low_tiles * (TILE_BYTES >> 4);
+  auto desc_at = [&](int i) { return (i < low_tiles ? low_desc : high_desc) + i * (TILE_BYTES >> 4); };
   const int unit_blocks = last - first;
   float acc[BM / 2] = {};
   // One stage: the block in ring slot P (stages alternate slots: constant indices keep the ring in registers) at x's
@@ -127,8 +152,13 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
     ring_codes[1 - P] = load_tile_codes(codes_at + z);
     ring_scales[1 - P] = __ldg(scales_at + z);
     uint32_t a[1][2][2][4];
-    a_fragments<T>(lut, codes, scales, 0, a[0][0]);
-    a_fragments<T>(lut, codes, scales, 1, a[0][1]);
+    if constexpr (PAIRS) {
+      a_fragments_pairs_at<T>(pair_reg, codes, scales, 0, a[0][0]);
+      a_fragments_pairs_at<T>(pair_reg, codes, scales, 1, a[0][1]);
+    } else {
+      a_fragments<T>(lut, codes, scales, 0, a[0][0]);
+      a_fragments<T>(lut, codes, scales, 1, a[0][1]);
+    }
     wgmma_fence();
 #pragma unroll
     for (int j = 0; j < 4; ++j) Wgmma<T, BM>::mma(acc, a[0][j / 2][j % 2], smem_desc_from_lo(x_desc_lo + 2 * j));
@@ -140,9 +170,9 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
     constexpr int S = decltype(first_slot)::value;
     const int n = last - first;
     for (int i = 0; i < n; i += 2) {
-      stage(std::integral_constant<int, S>(), x_desc_lo0 + i * (TILE_BYTES >> 4), i + 1 == n);
+      stage(std::integral_constant<int, S>(), desc_at(i), i + 1 == n);
       if (i + 1 == n) break;
-      stage(std::integral_constant<int, 1 - S>(), x_desc_lo0 + (i + 1) * (TILE_BYTES >> 4), i + 2 == n);
+      stage(std::integral_constant<int, 1 - S>(), desc_at(i + 1), i + 2 == n);
     }
     store_accumulators<T, BM>(acc, 4 * unit + tile_in_unit, row_tiles, g, t, m0, M, N, bias, out, partial);
 #pragma unroll
