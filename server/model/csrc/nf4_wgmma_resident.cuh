@@ -10,23 +10,30 @@
 // quant block, 576 bytes, a warp; bench/NOTES.md, fortieth session). Splitting K for more warps lost to the uneven
 // waves it made (448 blocks of 3 an SM: 1.13 waves).
 //
-// What. One block an SM holds x of its split of K (BM tokens x the split's quant blocks: 4 KB a block at 32 tokens,
-// up to 55 blocks), stored once at the start in nf4_wgmma_kernel's permuted, swizzled tile layout, one tile a quant
-// block. Its WGS warpgroups then walk 64-row groups (units) of the weight independently: unit u of the split goes to
-// warpgroup u % (blocks x WGS) of the split's blocks, so a grid of splits x blocks spreads units x splits over every
-// SM's warpgroups (8B gate_up: 2 splits x 66 blocks x 7 warpgroups = 924 slots for 896 units, one wave of 28 warps
-// an SM). No block barrier after x's: a warpgroup's stages wait only on their own loads and wgmmas. A warp's codes
-// come one stage ahead in a two-slot register ring with one wait a stage (nf4_wgmma_kernel's one-wait step), across
-// units: the last stage of a unit loads the first block of the next. Each unit's accumulators go to out (one split)
-// or to its split's fp32 partials, as nf4_wgmma_kernel's do; each warpgroup issues the same wgmmas in the same order
-// for a unit: the same bits as nf4_wgmma with the same splits.
+// What. One block an SM holds x of its split of K (BM tokens x the split's quant blocks: 4 KB a block at 32 tokens, up
+// to 55 blocks, or 39 beside the byte-pair table), stored once at the start in nf4_wgmma_kernel's permuted, swizzled
+// tile layout, one tile a quant block. Its WGS warpgroups then walk 64-row groups (units) of the weight independently:
+// unit u of the split goes to warpgroup u % (blocks x WGS) of the split's blocks, so a grid of splits x blocks spreads
+// units x splits over every SM's warpgroups (8B gate_up: 2 splits x 66 blocks x 7 warpgroups = 924 slots for 896 units,
+// one wave of 28 warps an SM). No block barrier after x's: a warpgroup's stages wait only on their own loads and
+// wgmmas. A warp's codes come one stage ahead in a two-slot register ring with one wait a stage (nf4_wgmma_kernel's
+// one-wait step), across units: the last stage of a unit loads the first block of the next. Each unit's accumulators go
+// to out (one split) or to its split's fp32 partials, as nf4_wgmma_kernel's do; each warpgroup issues the same wgmmas
+// in the same order for a unit: the same bits as nf4_wgmma with the same splits. The dequantization reads the 16-entry
+// table or (PAIRS) the byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), which one
+// block an SM has room for: 64 KB once an SM.
+//
+// Measured (H100, 8B gate_up at 32 rows, ncu; bench/NOTES.md, forty-first session): the first build kept the SMs
+// busier than the default kernel (issue slots 72% against 46%) but ran 44% more instructions (33.0M against 23.0M: an
+// add of the table's base every table load, 64-bit address arithmetic and descriptors rebuilt a stage, x's staging);
+// hence TableAt, the added addresses, descriptors from their low word and x staged by whole blocks.
 #pragma once
 
 #include <type_traits>
 
 namespace {
 
-// A block's dynamic shared memory at most: an SM's 227 KB a block (sm_90) less room for the static code table
+// A block's dynamic shared memory at most: an SM's 227 KB a block (sm_90), less 1 KB
 constexpr int kResidentSmemMax = 226 * 1024;
 // With the byte-pair table (PAIRS): x's tiles below the table (at least this many, from the window's first 1,024-byte
 // boundary past its reserved 1 KB up to kPairsTableWindow) and past it
@@ -132,11 +139,10 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
   const uint32_t low_desc = smem_desc_sw128_lo(low);
   const uint32_t high_desc = smem_desc_sw128_lo(high) - low_tiles * (TILE_BYTES >> 4);
   auto desc_at = [&](int i) { return (i < low_tiles ? low_desc : high_desc) + i * (TILE_BYTES >> 4); };
-  const int unit_blocks = last - first;
   float acc[BM / 2] = {};
   // One stage: the block in ring slot P (stages alternate slots: constant indices keep the ring in registers) at x's
-  // tile x_desc_lo (its descriptor's low word); the next block's loads issued first (the unit's, by an add, or the next unit's first block at the
-  // unit's end: none left, a clamped re-read, never used).
+  // tile x_desc_lo (its descriptor's low word); the next block's loads issued first (the unit's, by an add, or at the
+  // unit's end the next unit's first block: none left, a clamped re-read, never used).
   auto stage = [&](auto slot, uint32_t x_desc_lo, bool unit_end) {
     constexpr int P = decltype(slot)::value;
     const uint4 codes = ring_codes[P];
@@ -165,7 +171,8 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
     wgmma_commit();
     wgmma_wait_all();  // before the next stage's dequantization rewrites a
   };
-  // A unit's stages, two a loop (the first in slot S), its sums out; whether a unit's odd block count flipped the slot
+  // A unit's stages, two a loop (the first in slot S), then its sums out; after an odd count of blocks the next unit
+  // starts in the other slot
   auto walk_unit = [&](auto first_slot) {
     constexpr int S = decltype(first_slot)::value;
     const int n = last - first;
