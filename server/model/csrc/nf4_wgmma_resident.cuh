@@ -107,25 +107,32 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
   ring_scales[0] = __ldg(scales_at);
 
   // x of the split: the first STAGERS threads, whole quant blocks at once (XStage's chunk q = thread % (BM * 8) of
-  // block thread / (BM * 8), then every AT_ONCE blocks on), four chunks a thread in flight
+  // block thread / (BM * 8), then every AT_ONCE blocks on), four chunks a thread in flight; blocks [q0, q1) into the
+  // tiles from shared address `at` (one region at a time: the per-chunk choice of region cost ~4x the instructions)
   constexpr int AT_ONCE = THREADS / (BM * 8), STAGERS = AT_ONCE * BM * 8;
   static_assert(AT_ONCE >= 1, "a block stages at least one quant block of x at once");
-  if (threadIdx.x < STAGERS) {
-    const int row = (threadIdx.x >> 3) % BM, c = threadIdx.x & 7, kb0 = threadIdx.x / (BM * 8);
+  auto stage_x = [&](int q0, int q1, uint32_t at) {
+    const int row = (threadIdx.x >> 3) % BM, c = threadIdx.x & 7, kb0 = q0 + threadIdx.x / (BM * 8);
     const T* src = x + static_cast<int64_t>(min(m0 + row, M - 1)) * K + 64 * (first + kb0) + 8 * c;
-    for (int kb = kb0; kb < last - first; kb += 4 * AT_ONCE) {
+    uint8_t* dst = wg_smem + (at - window) + (kb0 - q0) * TILE_BYTES;
+    for (int kb = kb0; kb < q1; kb += 4 * AT_ONCE) {
       uint4 v[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        if (kb + i * AT_ONCE < last - first) v[i] = __ldg(reinterpret_cast<const uint4*>(src + 64 * AT_ONCE * i));
+        if (kb + i * AT_ONCE < q1) v[i] = __ldg(reinterpret_cast<const uint4*>(src + 64 * AT_ONCE * i));
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int q = kb + i * AT_ONCE;
-        if (q < last - first) store_x_chunk(wg_smem + (tile_at(q) - window), row, c, v[i]);
+        if (kb + i * AT_ONCE < q1) store_x_chunk(dst + AT_ONCE * TILE_BYTES * i, row, c, v[i]);
       }
       src += 4 * 64 * AT_ONCE;
+      dst += 4 * AT_ONCE * TILE_BYTES;
     }
+  };
+  if (threadIdx.x < STAGERS) {
+    const int split_low = min(low_tiles, last - first);
+    if (split_low > 0) stage_x(0, split_low, low);
+    stage_x(split_low, last - first, high);
   }
   fence_proxy_async_smem();
   __syncthreads();  // the table and x stored (x fenced) by all; no block barrier after this one
