@@ -7,8 +7,8 @@ Per row count it launches the kernel the dispatch runs at that count (`tile`, `g
 --pairs the byte-pair table's kernel too (`gemv_pairs`, at 1-8 rows); with
 --probes, once per layer the speed-of-light probes of bench.nf4_sol (one row, --probe-config warps,splits); with
 --wgmma-probes, those of bench.wgmma_sol (32 rows, the server's split of K). Each launch runs twice (a warm-up, then
-the profiled one: pass --launch-skip to ncu or read the second of each pair); with --resident 4,7 the x-resident
-wgmma kernel at 32 rows with those warpgroup counts. --rows '' launches no dispatch kernel
+the profiled one: pass --launch-skip to ncu or read the second of each pair); with --resident 4,7p the x-resident
+wgmma kernel at 32 rows with those warpgroup counts (p: the byte-pair table). --rows '' launches no dispatch kernel
 (and needs no build of the CUDA extension: the probes build their own libraries)."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--probe-config", default="2,8", help="warps a block, splits of K")
     parser.add_argument("--pairs", action="store_true", help="also the byte-pair table's kernel at 1-8 rows")
     parser.add_argument("--wgmma-probes", default="", help="bench.wgmma_sol probes at 32 rows: loads,kernel,...")
-    parser.add_argument("--resident", default="", help="warpgroup counts of the x-resident wgmma kernel at 32 rows")
+    parser.add_argument("--resident", default="", help="x-resident wgmma kernels at 32 rows: 7 or 7p (pair table)")
     args = parser.parse_args()
     from bench.nf4_sol import PROBES, probe_calls
     from server.model.triton_nf4 import device_num_sms
@@ -61,15 +61,16 @@ def main() -> None:
         print(f"probe {probe} ({warps} warps, {splits} splits): launched twice", flush=True)
     if args.wgmma_probes:
         launch_wgmma_probes(layer, args.wgmma_probes.split(","), device_num_sms(0))
-    for warpgroups in (int(w) for w in filter(None, args.resident.split(","))):
+    for spec in filter(None, args.resident.split(",")):  # "7": 7 warpgroups, the 16-entry table; "7p": the pair table
         from server.model import cuda_nf4_wgmma
 
         x = torch.randn(32, in_features, device="cuda").to(torch.bfloat16)
+        warpgroups, pairs = int(spec.rstrip("p")), spec.endswith("p")
         for _ in range(2):
             cuda_nf4_wgmma.nf4_wgmma(x, tiled, layer.shape, layer.table, num_sms=device_num_sms(0),
-                                     resident_warpgroups=warpgroups)
+                                     resident_warpgroups=warpgroups, pairs=pairs)
         torch.cuda.synchronize()
-        print(f"x-resident kernel, {warpgroups} warpgroups (32 rows): launched twice", flush=True)
+        print(f"x-resident kernel, {spec} (32 rows): launched twice", flush=True)
 
 
 def launch_wgmma_probes(layer: Layer, probes: list[str], num_sms: int) -> None:
