@@ -64,15 +64,18 @@ def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupan
     return splits
 
 
-RESIDENT_MAX_BLOCKS = 55  # csrc nf4_wgmma_resident.cuh: x of 55 quant blocks of 32 tokens (4 KB each) in 226 KB
-RESIDENT_PAIRS_MAX_BLOCKS = 39  # beside the 64 KB byte-pair table (resident_smem_bytes)
+# csrc nf4_wgmma_resident.cuh: the most quant blocks of x a block holds in 226 KB (resident_smem_bytes), by block
+# tokens: x alone (4 KB a block at 32 tokens, 2 KB at 16), or beside the 64 KB byte-pair table
+RESIDENT_MAX_BLOCKS = {32: 55, 16: 112}
+RESIDENT_PAIRS_MAX_BLOCKS = {32: 39, 16: 64}
 RESIDENT_WARPGROUPS = (4, 5, 6, 7)  # its instances (csrc/nf4_wgmma.cu, dispatch_wgmma)
 
 
 RESIDENT_PARTIAL_BYTES_A_STAGE = 2.4e6  # fp32 partials written and read back in one quant block's stage (~0.8 us)
 
 
-def resident_split_k(num_rows: int, shape, num_sms: int, warpgroups: int, pairs: bool = False) -> int:
+def resident_split_k(num_rows: int, shape, num_sms: int, warpgroups: int, pairs: bool = False,
+                     block_tokens: int = 32) -> int:
     """Splits of K for the x-resident kernel (nf4_wgmma(resident_warpgroups=...)): of those whose x fits an SM's
     shared memory, the fewest that make its cost in stages least: the warpgroups' longest walk (rounds of 64-row units
     x the split's quant blocks; one block an SM, num_sms // (splits x token groups) blocks a split) plus the fp32
@@ -81,11 +84,12 @@ def resident_split_k(num_rows: int, shape, num_sms: int, warpgroups: int, pairs:
     64 quant blocks) at 32 rows takes 2 splits: 66 blocks of 7 warpgroups, one round of 32 blocks, + 6 stages of
     partials. Not measured yet: a guess until the table times it."""
     units, in_blocks = -(-shape[0] // 64), shape[1] // NF4_BLOCKSIZE
-    token_groups = -(-num_rows // 32)
+    token_groups = -(-num_rows // block_tokens)
+    most = (RESIDENT_PAIRS_MAX_BLOCKS if pairs else RESIDENT_MAX_BLOCKS)[block_tokens]
     best = None
     for splits in range(1, min(WGMMA_MAX_SPLIT_K, in_blocks) + 1):
         per_split = -(-in_blocks // splits)
-        if per_split > (RESIDENT_PAIRS_MAX_BLOCKS if pairs else RESIDENT_MAX_BLOCKS):
+        if per_split > most:
             continue
         blocks = max(1, min(-(-units // warpgroups), num_sms // (splits * token_groups)))
         walk = -(-units // (blocks * warpgroups)) * per_split
@@ -130,7 +134,7 @@ def nf4_wgmma(
     splits filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the
     block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
     `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice
-    the blocks (wgmma_occupancy). `resident_warpgroups` 4-7 (tuning candidates; 32 block tokens): the x-resident
+    the blocks (wgmma_occupancy). `resident_warpgroups` 4-7 (tuning candidates; 32 block tokens, or 16): the x-resident
     kernel (csrc/nf4_wgmma_resident.cuh), one block an SM of that many warpgroups holding x of its split of K, each
     warpgroup walking 64-row units on its own (splits: resident_split_k); with `pairs`, its dequantization from the
     byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), 64 KB beside x. Each warpgroup
@@ -163,9 +167,9 @@ def nf4_wgmma(
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     if resident_warpgroups:
-        block_tokens = 32
+        block_tokens = 16 if block_tokens == 16 else 32
         if split_k is None:
-            split_k = resident_split_k(x.shape[0], shape, num_sms, resident_warpgroups, pairs)
+            split_k = resident_split_k(x.shape[0], shape, num_sms, resident_warpgroups, pairs, block_tokens)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)
     if occupancy is None:
         occupancy = wgmma_occupancy(block_tokens, block_warps) if stage_blocks == 1 else 2

@@ -257,15 +257,16 @@ def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_token
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("pairs", [False, True])
-@pytest.mark.parametrize("warpgroups", [4, 5, 6, 7])
+@pytest.mark.parametrize("warpgroups, block_tokens", [(4, 32), (5, 32), (6, 32), (7, 32), (4, 16), (7, 16)])
 @pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 2), (7, 5), (300, 12), (100, 24)])
-def test_resident_kernel_matches_the_default_bit_for_bit(rows, split_k, warpgroups, pairs, dtype):
+def test_resident_kernel_matches_the_default_bit_for_bit(rows, split_k, warpgroups, block_tokens, pairs, dtype):
     """x held in shared memory, warpgroups walking 64-row units on their own: the same wgmmas in the same order as the
     default kernel with the same splits, so the same bits, with bias, through the split sums and deferred, and on
     replay. 600 weight rows: 10 units, the last of 2 tiles (tiles past the weight clamped, never stored); 300 rows in
     12 splits and 100 in 24 leave one block a split (132 SMs over splits x token groups), so a warpgroup walks two
     units, its ring loading the next unit's first block in the last stage of one. The byte-pair table gives the same
-    products (fp32 code x fp32 scale, one rounding); with it, x's 24 tiles sit both below and past the table."""
+    products (fp32 code x fp32 scale, one rounding); with it, x's 24 tiles sit both below and past the table (at 32
+    block tokens). A 16-token x tile (m64n16 wgmmas) sums each output as the 32-token one does."""
     from server.model import cuda_nf4_wgmma
 
     if not cuda_nf4_wgmma.wgmma_supported():
@@ -275,14 +276,14 @@ def test_resident_kernel_matches_the_default_bit_for_bit(rows, split_k, warpgrou
     bias = torch.randn(600, device="cuda").to(dtype)
     tiled = _tiled(codes, absmax, wshape)
     run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, bias, split_k=split_k,  # noqa: E731
-                                                    block_tokens=32, **kw)
-    got = run(x, resident_warpgroups=warpgroups, pairs=pairs)
+                                                    **{"block_tokens": 32, **kw})
+    got = run(x, resident_warpgroups=warpgroups, pairs=pairs, block_tokens=block_tokens)
     assert torch.equal(got, run(x))
     assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
     if split_k > 1:
-        deferred = run(x, resident_warpgroups=warpgroups, pairs=pairs, defer_sum=True)
+        deferred = run(x, resident_warpgroups=warpgroups, pairs=pairs, block_tokens=block_tokens, defer_sum=True)
         assert torch.equal(deferred.partials, run(x, defer_sum=True).partials)
-    _assert_replays(lambda xs: run(xs, resident_warpgroups=warpgroups, pairs=pairs), x)
+    _assert_replays(lambda xs: run(xs, resident_warpgroups=warpgroups, pairs=pairs, block_tokens=block_tokens), x)
 
 
 @pytest.mark.parametrize("rows, split_k, token_tiles, rows_per_warp", [

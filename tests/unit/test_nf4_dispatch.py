@@ -241,6 +241,7 @@ def test_one_wait_is_the_default_where_it_measured_faster(monkeypatch, setting, 
     ({"block_tokens": 64, "block_warps": 4}, (1, 64, 1, 0, 4, False, 0, False)),  # not with one warpgroup a block
     ({"resident_warpgroups": 7}, (1, 32, 1, 3, 8, False, 7, False)),  # x resident: 32 block tokens
     ({"resident_warpgroups": 6, "pairs": True}, (1, 32, 1, 3, 8, False, 6, True)),  # and the byte-pair table
+    ({"resident_warpgroups": 7, "block_tokens": 16}, (1, 16, 1, 0, 8, False, 7, False)),  # a 16-token x tile
 ])  # fmt: skip
 def test_wgmma_passes_the_variant_to_the_extension_in_its_order(monkeypatch, options, expected):
     """cuda_nf4_wgmma.nf4_wgmma's arguments as csrc's nf4_wgmma takes them (x, codes, scales, table, bias, out,
@@ -256,16 +257,17 @@ def test_wgmma_passes_the_variant_to_the_extension_in_its_order(monkeypatch, opt
     assert args[6:14] == expected and args[14] is False
 
 
+@pytest.mark.parametrize("block_tokens", [16, 32])
 @pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("warpgroups", cuda_nf4_wgmma.RESIDENT_WARPGROUPS)
 @pytest.mark.parametrize("rows", [16, 32, 64])
 @pytest.mark.parametrize("shape", [(28672, 4096), (4096, 14336), (4096, 4096), (6144, 4096), (2048, 8192)])
-def test_resident_split_k_keeps_x_within_shared_memory(shape, rows, warpgroups, pairs):
-    """Every split's x fits (8B down's 224 quant blocks need at least 5 splits of 45, or 6 of 38 beside the pair
-    table) and no split exceeds 16."""
-    splits = cuda_nf4_wgmma.resident_split_k(rows, shape, 132, warpgroups, pairs)
+def test_resident_split_k_keeps_x_within_shared_memory(shape, rows, warpgroups, pairs, block_tokens):
+    """Every split's x fits (8B down's 224 quant blocks need at least 5 splits of 45 at 32 block tokens, or 6 of 38
+    beside the pair table) and no split exceeds 16."""
+    splits = cuda_nf4_wgmma.resident_split_k(rows, shape, 132, warpgroups, pairs, block_tokens)
     assert 1 <= splits <= cuda_nf4_wgmma.WGMMA_MAX_SPLIT_K
-    most = cuda_nf4_wgmma.RESIDENT_PAIRS_MAX_BLOCKS if pairs else cuda_nf4_wgmma.RESIDENT_MAX_BLOCKS
+    most = (cuda_nf4_wgmma.RESIDENT_PAIRS_MAX_BLOCKS if pairs else cuda_nf4_wgmma.RESIDENT_MAX_BLOCKS)[block_tokens]
     assert -(-(shape[1] // 64) // splits) <= most
 
 

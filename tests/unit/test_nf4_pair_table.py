@@ -16,10 +16,10 @@ CODES = [float(i) / 16 - 0.5 for i in range(16)]  # any 16 distinct values
 
 
 def _constants() -> dict[str, int]:
-    """kPairCopies and kPairTableBytes as nf4_device.cuh defines them, the byte permutes' selectors, and
-    nf4_pairs.cuh's table offset in the shared window."""
+    """kPairCopies, kPairTableBytes and the table's offset in the shared window (kPairsTableWindow) as nf4_device.cuh
+    defines them, and the byte permutes' selectors."""
     text = (CSRC / "nf4_device.cuh").read_text()
-    window = re.search(r"kPairsTableWindow = (0x[0-9a-fA-F]+);", (CSRC / "nf4_pairs.cuh").read_text()).group(1)
+    window = re.search(r"kPairsTableWindow = (0x[0-9a-fA-F]+);", text).group(1)
     copies = int(re.search(r"constexpr int kPairCopies = (\d+);", text).group(1))
     span = re.search(r"constexpr int kPairTableBytes = (.+?);", text).group(1).replace("kPairCopies", str(copies))
     selectors = re.findall(r"__byte_perm\(word, (?:copy_off|pair_reg), (0x[0-9a-f]+)u \|", text)

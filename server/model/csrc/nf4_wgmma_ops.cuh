@@ -19,6 +19,26 @@ template <typename T, int N>
 struct Wgmma;
 
 #ifdef LORAPLEX_WGMMA
+#define LORAPLEX_WGMMA_N16(CTYPE, PTX_TYPE)                                                              \
+  template <> struct Wgmma<CTYPE, 16> {                                                                  \
+    static __device__ __forceinline__ void mma(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b) { \
+      asm volatile(                                                                                      \
+          "{\n.reg .pred p;\n"                                                                           \
+          "setp.ne.b32 p, %13, 0;\n"                                                                     \
+          "wgmma.mma_async.sync.aligned.m64n16k16.f32." PTX_TYPE "." PTX_TYPE " {"                       \
+          "%0, %1, %2, %3, %4, %5, %6, %7"                                                               \
+          "}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n"                                                    \
+          "}\n"                                                                                          \
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),          \
+            "+f"(d[7])                                                                                   \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));                            \
+    }                                                                                                    \
+  };
+
+LORAPLEX_WGMMA_N16(__nv_bfloat16, "bf16")
+LORAPLEX_WGMMA_N16(__half, "f16")
+#undef LORAPLEX_WGMMA_N16
+
 #define LORAPLEX_WGMMA_N32(CTYPE, PTX_TYPE)                                                               \
   template <> struct Wgmma<CTYPE, 32> {                                                                   \
     static __device__ __forceinline__ void mma(float (&d)[16], const uint32_t (&a)[4], uint64_t desc_b) { \
