@@ -217,6 +217,10 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         block_tokens = cuda_nf4_wgmma.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
         if block_tokens == 32:
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
+        if rows <= 16:  # the x-resident kernel's 16-token x tile (not yet a tuning candidate)
+            for warpgroups in (4, 6, 7):
+                variants[f"wgmma_r{warpgroups}_b16_p"] = {"resident_warpgroups": warpgroups, "block_tokens": 16,
+                                                          "pairs": True}
         if block_tokens <= 128:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for)
             one_wait = cuda_nf4.one_wait_for(block_tokens)
             variants["wgmma_nw" if one_wait else "wgmma_1w"] = {"one_wait": not one_wait}

@@ -43,7 +43,7 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
     an older H200 run had it 1-2% slower on 8B gate_up, 2026-12-04-nvidia-h200-kernels-s26-w4.json), and there too
     the x-resident kernel at 4-7 warpgroups a block, with the 16-entry table (3-12% faster than the best other on 8B
     gate_up, down and qkv at 16-32 rows on an H100: bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s41-
-    resident2.json) or the byte-pair table, and up to 16 rows with a 16-token x tile."""
+    resident2.json) or the byte-pair table. (Its 16-token x tile is not a candidate until a GPU test has run it.)"""
     choices = [Choice("dequant"), Choice("wide")]
     if cuda_nf4_wgmma.wgmma_supported():
         default = cuda_nf4_wgmma.wgmma_block_tokens(rows, shape, num_sms)
@@ -54,9 +54,8 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
             choices.append(Choice("wgmma", (("block_warps", 4),)))
         if default == 32:
             choices.append(Choice("wgmma", (("stage_blocks", 2),)))
-            tokens = ((),) + (((("block_tokens", 16),),) if rows <= 16 else ())
-            choices += [Choice("wgmma", (("resident_warpgroups", w),) + t + ((("pairs", True),) if pairs else ()))
-                        for t in tokens for pairs in (False, True) for w in cuda_nf4_wgmma.RESIDENT_WARPGROUPS]
+            choices += [Choice("wgmma", (("resident_warpgroups", w),) + ((("pairs", True),) if pairs else ()))
+                        for pairs in (False, True) for w in cuda_nf4_wgmma.RESIDENT_WARPGROUPS]
     return choices
 
 
