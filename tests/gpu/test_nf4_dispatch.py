@@ -208,9 +208,9 @@ def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_toke
     _assert_replays(run, x)
 
 
-def _wgmma_against_the_reference(rows, dtype, **options):
-    """nf4_wgmma(**options) on `rows` random rows of a 600 x 1536 weight (a partial last group of 128 rows and tile of
-    16), checked against the float64 reference and x @ W^T in fp32: (run, x, its output)."""
+def _wgmma_layer(rows, dtype):
+    """A 600 x 1536 weight (a partial last group of 128 rows and tile of 16), `rows` random rows of x and a bias, for
+    the wgmma kernels (skipped without them): (codes, absmax, shape, table, tiled, x, bias)."""
     from server.model import cuda_nf4_wgmma
 
     if not cuda_nf4_wgmma.wgmma_supported():
@@ -218,7 +218,15 @@ def _wgmma_against_the_reference(rows, dtype, **options):
     codes, absmax, wshape, table, _ = _layer(1536, 600)
     x = torch.randn(rows, 1536, device="cuda").to(dtype)
     bias = torch.randn(600, device="cuda").to(dtype)
-    tiled = _tiled(codes, absmax, wshape)
+    return codes, absmax, wshape, table, _tiled(codes, absmax, wshape), x, bias
+
+
+def _wgmma_against_the_reference(rows, dtype, **options):
+    """nf4_wgmma(**options) on `rows` random rows of _wgmma_layer's weight, checked against the float64 reference
+    and x @ W^T in fp32: (run, x, its output)."""
+    from server.model import cuda_nf4_wgmma
+
+    codes, absmax, wshape, table, tiled, x, bias = _wgmma_layer(rows, dtype)
     run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, bias, **options, **kw)  # noqa: E731
     got = run(x)
     assert got.shape == (rows, 600) and _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
@@ -269,12 +277,7 @@ def test_resident_kernel_matches_the_default_bit_for_bit(rows, split_k, warpgrou
     block tokens). A 16-token x tile (m64n16 wgmmas) sums each output as the 32-token one does."""
     from server.model import cuda_nf4_wgmma
 
-    if not cuda_nf4_wgmma.wgmma_supported():
-        pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
-    codes, absmax, wshape, table, _ = _layer(1536, 600)
-    x = torch.randn(rows, 1536, device="cuda").to(dtype)
-    bias = torch.randn(600, device="cuda").to(dtype)
-    tiled = _tiled(codes, absmax, wshape)
+    codes, absmax, wshape, table, tiled, x, bias = _wgmma_layer(rows, dtype)
     run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, bias, split_k=split_k,  # noqa: E731
                                                     **{"block_tokens": 32, **kw})
     got = run(x, resident_warpgroups=warpgroups, pairs=pairs, block_tokens=block_tokens)
