@@ -64,11 +64,19 @@ def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupan
     return splits
 
 
-# csrc nf4_wgmma_resident.cuh: the most quant blocks of x a block holds in 226 KB (resident_smem_bytes), by block
-# tokens: x alone (4 KB a block at 32 tokens, 2 KB at 16), or beside the 64 KB byte-pair table
-RESIDENT_MAX_BLOCKS = {32: 55, 16: 112}
-RESIDENT_PAIRS_MAX_BLOCKS = {32: 39, 16: 64}
-RESIDENT_WARPGROUPS = (4, 5, 6, 7)  # its instances (csrc/nf4_wgmma.cu, dispatch_wgmma)
+RESIDENT_WARPGROUPS = (4, 5, 6, 7)  # the x-resident kernel's instances at 16 and 32 block tokens (dispatch_wgmma)
+RESIDENT_WARPGROUPS_AT = {16: RESIDENT_WARPGROUPS, 32: RESIDENT_WARPGROUPS, 64: (4,), 128: (2, 3)}  # and wider
+_RESIDENT_SMEM = 226 * 1024  # csrc nf4_wgmma_resident.cuh: kResidentSmemMax
+_PAIRS_BELOW, _PAIRS_PAST = 0x10000 - 1024, 130048  # its window below the pair table; resident_smem_bytes' base
+
+
+def resident_max_blocks(block_tokens: int, pairs: bool = False) -> int:
+    """The most quant blocks of x a split may hold in the x-resident kernel (csrc resident_smem_bytes within
+    kResidentSmemMax): 56 at 32 block tokens (4 KB a block), 39 beside the 64 KB byte-pair table."""
+    tile = block_tokens * 128
+    if not pairs:
+        return (_RESIDENT_SMEM - 2048) // tile
+    return _PAIRS_BELOW // tile + (_RESIDENT_SMEM - _PAIRS_PAST) // tile
 
 
 RESIDENT_PARTIAL_BYTES_A_STAGE = 2.4e6  # fp32 partials written and read back in one quant block's stage (~0.8 us)
@@ -80,12 +88,12 @@ def resident_split_k(num_rows: int, shape, num_sms: int, warpgroups: int, pairs:
     shared memory, the fewest that make its cost in stages least: the warpgroups' longest walk (rounds of 64-row units
     x the split's quant blocks; one block an SM, num_sms // (splits x token groups) blocks a split) plus the fp32
     partials a split writes and the sum reads back, in stages (RESIDENT_PARTIAL_BYTES_A_STAGE); with `pairs`, x beside
-    the byte-pair table (RESIDENT_PAIRS_MAX_BLOCKS). 8B gate_up (448 units,
+    the byte-pair table (resident_max_blocks). 8B gate_up (448 units,
     64 quant blocks) at 32 rows takes 2 splits: 66 blocks of 7 warpgroups, one round of 32 blocks, + 6 stages of
     partials. Not measured yet: a guess until the table times it."""
     units, in_blocks = -(-shape[0] // 64), shape[1] // NF4_BLOCKSIZE
     token_groups = -(-num_rows // block_tokens)
-    most = (RESIDENT_PAIRS_MAX_BLOCKS if pairs else RESIDENT_MAX_BLOCKS)[block_tokens]
+    most = resident_max_blocks(block_tokens, pairs)
     best = None
     for splits in range(1, min(WGMMA_MAX_SPLIT_K, in_blocks) + 1):
         per_split = -(-in_blocks // splits)
@@ -126,48 +134,48 @@ def nf4_wgmma(
     resident_warpgroups: int = 0,
     pairs: bool = False,
 ) -> torch.Tensor | SplitSums:
-    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's
-    16 weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
+    """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's 16
+    weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
     wgmma_supported(). With `defer_sum`, when K is split, the unsummed partials (split_sums.SplitSums) instead.
-    `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait; `occupancy` 3 (32 block
-    tokens, one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its
-    splits filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the
-    block allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
-    `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice
-    the blocks (wgmma_occupancy). `resident_warpgroups` 4-7 (tuning candidates; 32 block tokens, or 16): the x-resident
-    kernel (csrc/nf4_wgmma_resident.cuh), one block an SM of that many warpgroups holding x of its split of K, each
-    warpgroup walking 64-row units on its own (splits: resident_split_k); with `pairs`, its dequantization from the
-    byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), 64 KB beside x. Each warpgroup
-    issues the same wgmmas in the same order whatever the variant: the same bits for the same splits. Measured
+    `stage_blocks` 2 (32 block tokens only): two quant blocks a barrier and wgmma wait; `occupancy` 3 (32 block tokens,
+    one block a stage; the default there, wgmma_occupancy): the instance built for three blocks an SM, its splits
+    filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the block
+    allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
+    `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice the
+    blocks (wgmma_occupancy). `resident_warpgroups` 4-7 (tuning candidates at 32 block tokens; RESIDENT_WARPGROUPS_AT):
+    the x-resident kernel (csrc/nf4_wgmma_resident.cuh), one block an SM of that many warpgroups holding x of its split
+    of K, each warpgroup walking 64-row units on its own (splits: resident_split_k); with `pairs`, its dequantization
+    from the byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), 64 KB beside x. Each
+    warpgroup issues the same wgmmas in the same order whatever the variant: the same bits for the same splits. Measured
     slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas run (3-15%,
-    bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep instead of
-    two (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel issues on 51% of cycles (ncu, 8B gate_up:
-    13.5 warps an SM); about two thirds of a quant-block step's ~255 instructions (PTX) are the exact dequantization
-    (per weight pair 2 byte-permutes, 2 table loads, 2 fp32 multiplies, 1 pack). Also measured slower and removed
-    (H100, every size: bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json): that dequantization
-    from the byte-pair table (wgmma_pairs) and A dequantized into shared memory (wgmma_sa). And (H100,
+    bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep instead of two
+    (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel issues on 51% of cycles (ncu, 8B gate_up: 13.5 warps
+    an SM); about two thirds of a quant-block step's ~255 instructions (PTX) are the exact dequantization (per weight
+    pair 2 byte-permutes, 2 table loads, 2 fp32 multiplies, 1 pack). Also measured slower and removed (H100, every size:
+    bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s34-pairs.json): that dequantization from the byte-pair table
+    (wgmma_pairs) and A dequantized into shared memory (wgmma_sa). And (H100,
     -2026-12-06-nvidia-h100-80gb-hbm3-kernels-s37-xahead.json, the design in 55afbf5): x two stages ahead in two
-    register sets (8B gate_up 50.3 vs 47.9 us at 32 rows, 71.5 vs 60.6 at 64), with the code ring four deep too
-    (52.5), and a 16-token block at 16 rows (48.9 vs the 32-token block's 47.4). And a balanced split of K over a
-    full wave (stream-K, every block the same share of the row groups' quant blocks, partials summed in slot order;
-    design in 8819aa9), for 8B gate_up's 224 row groups on 132 SMs: 52.6 vs 47.7 us at 32 rows, 83.9 vs 58.5 at 64,
-    47.4 vs 48.3 at 16 (H100, bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s39-sk.json). And each
-    warpgroup staging its own copy of x behind a barrier of its own 4 warps instead of the block's 8 (design in
-    4136b96): slower at every shape, 8B gate_up 64.0 vs 47.7 us at 32 rows, 76.5 vs 58.6 at 64 (H100,
-    -2026-12-06-nvidia-h100-80gb-hbm3-kernels-s40-wx.json). And the codes and scales asked of the L2 4-16 quant
-    blocks ahead by the TMA unit's bulk prefetch (lane 0 a warp, a block's 576 bytes a stage; design in d9ec549),
-    for the register ring's loads to find them there: slower at every shape, 8B gate_up 55.2-58.4 vs 47.6 us at 32
-    rows, 66.7 vs 58.6 at 64; the loads alone no faster (34.3 vs 33.6 us: bench.wgmma_sol's loads_l2), so DRAM
-    latency is not what holds them (H100, -kernels-s40-l2.json, -wgmma-sol-s40-l2.json). Nor where in a tile the
-    grid's warps read at once: each row group walking its split from its own start and wrapping around (design in
-    4e564b2) left the loads alone as they were (34.2 vs 33.6 us) and slowed every shape (8B gate_up 55.5 vs 48.4 at
-    32 rows; -kernels-s40-rot.json, -wgmma-sol-s40-rot.json). Nor two quant blocks a stage with one wait for both
-    blocks' codes, issued together a stage ahead (a warp's loads in flight doubled; design in 96beb99): 8B gate_up
-    48.2 vs 46.2 us at 32 rows for two blocks a stage with two waits (H100, -kernels-s41-s2w.json)."""
+    register sets (8B gate_up 50.3 vs 47.9 us at 32 rows, 71.5 vs 60.6 at 64), with the code ring four deep too (52.5),
+    and a 16-token block at 16 rows (48.9 vs the 32-token block's 47.4). And a balanced split of K over a full wave
+    (stream-K, every block the same share of the row groups' quant blocks, partials summed in slot order; design in
+    8819aa9), for 8B gate_up's 224 row groups on 132 SMs: 52.6 vs 47.7 us at 32 rows, 83.9 vs 58.5 at 64, 47.4 vs 48.3
+    at 16 (H100, bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s39-sk.json). And each warpgroup staging its own
+    copy of x behind a barrier of its own 4 warps instead of the block's 8 (design in 4136b96): slower at every shape,
+    8B gate_up 64.0 vs 47.7 us at 32 rows, 76.5 vs 58.6 at 64 (H100,
+    -2026-12-06-nvidia-h100-80gb-hbm3-kernels-s40-wx.json). And the codes and scales asked of the L2 4-16 quant blocks
+    ahead by the TMA unit's bulk prefetch (lane 0 a warp, a block's 576 bytes a stage; design in d9ec549), for the
+    register ring's loads to find them there: slower at every shape, 8B gate_up 55.2-58.4 vs 47.6 us at 32 rows, 66.7 vs
+    58.6 at 64; the loads alone no faster (34.3 vs 33.6 us: bench.wgmma_sol's loads_l2), so DRAM latency is not what
+    holds them (H100, -kernels-s40-l2.json, -wgmma-sol-s40-l2.json). Nor where in a tile the grid's warps read at once:
+    each row group walking its split from its own start and wrapping around (design in 4e564b2) left the loads alone as
+    they were (34.2 vs 33.6 us) and slowed every shape (8B gate_up 55.5 vs 48.4 at 32 rows; -kernels-s40-rot.json,
+    -wgmma-sol-s40-rot.json). Nor two quant blocks a stage with one wait for both blocks' codes, issued together a stage
+    ahead (a warp's loads in flight doubled; design in 96beb99): 8B gate_up 48.2 vs 46.2 us at 32 rows for two blocks a
+    stage with two waits (H100, -kernels-s41-s2w.json)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     if resident_warpgroups:
-        block_tokens = 16 if block_tokens == 16 else 32
+        block_tokens = block_tokens if block_tokens in RESIDENT_WARPGROUPS_AT else 32
         if split_k is None:
             split_k = resident_split_k(x.shape[0], shape, num_sms, resident_warpgroups, pairs, block_tokens)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)

@@ -267,8 +267,18 @@ def test_resident_split_k_keeps_x_within_shared_memory(shape, rows, warpgroups, 
     beside the pair table) and no split exceeds 16."""
     splits = cuda_nf4_wgmma.resident_split_k(rows, shape, 132, warpgroups, pairs, block_tokens)
     assert 1 <= splits <= cuda_nf4_wgmma.WGMMA_MAX_SPLIT_K
-    most = (cuda_nf4_wgmma.RESIDENT_PAIRS_MAX_BLOCKS if pairs else cuda_nf4_wgmma.RESIDENT_MAX_BLOCKS)[block_tokens]
-    assert -(-(shape[1] // 64) // splits) <= most
+    assert -(-(shape[1] // 64) // splits) <= cuda_nf4_wgmma.resident_max_blocks(block_tokens, pairs)
+
+
+@pytest.mark.parametrize("block_tokens, pairs, expected", [
+    (32, False, 56), (32, True, 39), (16, False, 112), (16, True, 80), (64, True, 19), (128, False, 14),
+    (128, True, 9),
+])  # fmt: skip
+def test_resident_max_blocks_is_what_the_kernels_shared_memory_holds(block_tokens, pairs, expected):
+    """x's tiles (block_tokens x 128 bytes) beside the 16-entry table's 1 KB and alignment in 226 KB, or 63 KB below
+    the 64 KB pair table at 64 KB and 99 KB past it: csrc nf4_wgmma_resident.cuh's resident_smem_bytes, which the
+    launch checks against kResidentSmemMax."""
+    assert cuda_nf4_wgmma.resident_max_blocks(block_tokens, pairs) == expected
 
 
 def test_resident_split_k_gives_8b_gate_up_one_round_at_seven_warpgroups():

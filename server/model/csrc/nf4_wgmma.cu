@@ -49,8 +49,8 @@ torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_cod
                                                                defer_sum);
 }
 
-// nf4_wgmma_resident_kernel of BM tokens and WGS warpgroups a block: grid (blocks a split, splits, token groups), as many blocks a
-// split as fill the SMs once (one block an SM) or give every unit a warpgroup, whichever is fewer.
+// nf4_wgmma_resident_kernel of BM tokens and WGS warpgroups a block: grid (blocks a split, splits, token groups), as
+// many blocks a split as fill the SMs once (one block an SM) or give every unit a warpgroup, whichever is fewer.
 template <typename T, int BM, int WGS, bool PAIRS>
 torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor& tile_codes,
                                     const torch::Tensor& tile_scales, const torch::Tensor& table,
@@ -80,13 +80,16 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
                              int64_t block_warps, bool one_wait, int64_t resident_warpgroups, bool pairs,
                              bool defer_sum) {
-  // x resident (nf4_wgmma_resident.cuh): 16 or 32 block tokens, 4-7 warpgroups a block, the 16-entry or the byte-pair
-  // table
+  // x resident (nf4_wgmma_resident.cuh): 16 or 32 block tokens and 4-7 warpgroups a block, 64 and 4, or 128 and 2-3
+  // (the accumulators' registers: 5 at 64 and 4 at 128 spilled); the 16-entry or the byte-pair table
   TORCH_CHECK(!pairs || resident_warpgroups > 0, "pairs takes the x-resident kernel (resident_warpgroups)");
   if (resident_warpgroups > 0) {
-    TORCH_CHECK((block_tokens == 16 || block_tokens == 32) && resident_warpgroups >= 4 && resident_warpgroups <= 7,
-                "resident_warpgroups takes 16 or 32 block tokens and 4-7 warpgroups, got ", block_tokens, " and ",
-                resident_warpgroups);
+    const int w = static_cast<int>(resident_warpgroups);
+    const bool valid = block_tokens == 16 || block_tokens == 32 ? w >= 4 && w <= 7
+                       : block_tokens == 64                     ? w == 4
+                                                                : block_tokens == 128 && (w == 2 || w == 3);
+    TORCH_CHECK(valid, "resident_warpgroups takes 16 or 32 block tokens and 4-7 warpgroups, 64 and 4, or 128 and 2-3, ",
+                "got ", block_tokens, " and ", resident_warpgroups);
 #define LORAPLEX_RESIDENT_LAUNCH(BM, WGS)                                                                        \
   (pairs ? launch_wgmma_resident<T, BM, WGS, true>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum) \
          : launch_wgmma_resident<T, BM, WGS, false>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum))
@@ -97,6 +100,9 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
     case 6: return LORAPLEX_RESIDENT_LAUNCH(BM, 6);                 \
     default: return LORAPLEX_RESIDENT_LAUNCH(BM, 7);                \
   }
+    if (block_tokens == 128) return resident_warpgroups == 2 ? LORAPLEX_RESIDENT_LAUNCH(128, 2)
+                                                              : LORAPLEX_RESIDENT_LAUNCH(128, 3);
+    if (block_tokens == 64) return LORAPLEX_RESIDENT_LAUNCH(64, 4);
     if (block_tokens == 16) LORAPLEX_RESIDENT_WARPGROUPS(16)
     LORAPLEX_RESIDENT_WARPGROUPS(32)
 #undef LORAPLEX_RESIDENT_WARPGROUPS
@@ -145,10 +151,10 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups) or
 // 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage),
-// resident_warpgroups (0, or 4-7 at 16 or 32 block tokens: nf4_wgmma_resident_kernel, x of a split held in shared
-// memory) with pairs (its dequantization from the byte-pair table); any M, K % 64 == 0. Only where nf4_wgmma_built()
-// (an sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N] instead
-// (run_split); else None.
+// resident_warpgroups (0, or 4-7 at 16 or 32 block tokens, 4 at 64, 2-3 at 128: nf4_wgmma_resident_kernel, x of a split
+// held in shared memory) with pairs (its dequantization from the byte-pair table); any M, K % 64 == 0. Only where
+// nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N]
+// instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
                         int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait,

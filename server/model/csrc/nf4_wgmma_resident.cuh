@@ -35,17 +35,18 @@ namespace {
 
 // A block's dynamic shared memory at most: an SM's 227 KB a block (sm_90), less 1 KB
 constexpr int kResidentSmemMax = 226 * 1024;
-// With the byte-pair table (PAIRS): x's tiles below the table (at least this many, from the window's first 1,024-byte
-// boundary past its reserved 1 KB up to kPairsTableWindow) and past it
-constexpr int kResidentLowTiles = 15;
+// With the byte-pair table (PAIRS): x's tiles of BM tokens below the table, from the window's first 1,024-byte boundary
+// past its reserved 1 KB up to kPairsTableWindow (15 at 32 tokens), and past it
+__host__ __device__ constexpr int resident_low_tiles(int bm) {
+  return (static_cast<int>(kPairsTableWindow) - 1024) / (bm * 128);
+}
 
 // Dynamic shared memory of a resident block for `blocks` quant blocks of x at BM tokens, 1,024-byte aligned: the
-// 16-entry table's 1,024 bytes then x's tiles; or (PAIRS) x's first kResidentLowTiles tiles, the 64 KB pair table at
+// 16-entry table's 1,024 bytes then x's tiles; or (PAIRS) x's first resident_low_tiles tiles, the 64 KB pair table at
 // kPairsTableWindow and the other tiles past it.
 __host__ __device__ constexpr int resident_smem_bytes(int bm, int blocks, bool pairs = false) {
-  return pairs ? (pairs_table_end() + 1023) / 1024 * 1024 - 1024 + (blocks > kResidentLowTiles
-                                                                        ? (blocks - kResidentLowTiles) * bm * 128
-                                                                        : 0)
+  return pairs ? (pairs_table_end() + 1023) / 1024 * 1024 - 1024 +
+                     (blocks > resident_low_tiles(bm) ? (blocks - resident_low_tiles(bm)) * bm * 128 : 0)
                : blocks * bm * 128 + 2048;
 }
 
@@ -67,7 +68,7 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
     low = aligned;
     low_tiles = static_cast<int>(kPairsTableWindow - aligned) / TILE_BYTES;
     high = (pairs_table_end() + 1023) & ~1023;
-    if (low_tiles < kResidentLowTiles) __trap();  // more static shared memory than resident_smem_bytes planned
+    if (low_tiles < resident_low_tiles(BM)) __trap();  // more static shared memory than resident_smem_bytes planned
     stage_pair_table(table, reinterpret_cast<char*>(wg_smem + (kPairsTableWindow - window)));
   } else {  // the 16-entry table in the first 1,024 bytes (aligned: its address bytes 1-3 are the permute's, TableAt)
     low = high = aligned + 1024;
@@ -109,9 +110,29 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
   // x of the split: the first STAGERS threads, whole quant blocks at once (XStage's chunk q = thread % (BM * 8) of
   // block thread / (BM * 8), then every AT_ONCE blocks on), four chunks a thread in flight; blocks [q0, q1) into the
   // tiles from shared address `at` (one region at a time: the per-chunk choice of region cost ~4x the instructions)
-  constexpr int AT_ONCE = THREADS / (BM * 8), STAGERS = AT_ONCE * BM * 8;
-  static_assert(AT_ONCE >= 1, "a block stages at least one quant block of x at once");
+  // (at 128 block tokens a block's x has more chunks than the block threads: each thread takes up to CHUNKS of each
+  // block, THREADS apart, one block at a time)
+  constexpr int AT_ONCE = THREADS >= BM * 8 ? THREADS / (BM * 8) : 1;
+  constexpr int CHUNKS = THREADS >= BM * 8 ? 1 : (BM * 8 + THREADS - 1) / THREADS;
+  constexpr int STAGERS = THREADS >= BM * 8 ? AT_ONCE * BM * 8 : THREADS;
   auto stage_x = [&](int q0, int q1, uint32_t at) {
+    if constexpr (CHUNKS > 1) {
+      for (int kb = q0; kb < q1; ++kb) {
+        uint4 v[CHUNKS];
+#pragma unroll
+        for (int i = 0; i < CHUNKS; ++i) {
+          const int q = min(static_cast<int>(threadIdx.x) + i * THREADS, BM * 8 - 1);
+          v[i] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(m0 + (q >> 3), M - 1)) * K +
+                                                      64 * (first + kb) + 8 * (q & 7)));
+        }
+#pragma unroll
+        for (int i = 0; i < CHUNKS; ++i) {
+          const int q = threadIdx.x + i * THREADS;
+          if (q < BM * 8) store_x_chunk(wg_smem + (at - window) + (kb - q0) * TILE_BYTES, q >> 3, q & 7, v[i]);
+        }
+      }
+      return;
+    }
     const int row = (threadIdx.x >> 3) % BM, c = threadIdx.x & 7, kb0 = q0 + threadIdx.x / (BM * 8);
     const T* src = x + static_cast<int64_t>(min(m0 + row, M - 1)) * K + 64 * (first + kb0) + 8 * c;
     uint8_t* dst = wg_smem + (at - window) + (kb0 - q0) * TILE_BYTES;
