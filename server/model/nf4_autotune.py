@@ -41,9 +41,10 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
     at 16-32 rows on every 8B and 1B shape but 8B qkv, 6% slower there, on the H100 and the H200 alike:
     bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s39-sk.json, 2026-12-06-nvidia-h200-kernels-s38-onewait.json;
     an older H200 run had it 1-2% slower on 8B gate_up, 2026-12-04-nvidia-h200-kernels-s26-w4.json), and there too
-    the x-resident kernel at 4-7 warpgroups a block, with the 16-entry table (3-12% faster than the best other on 8B
-    gate_up, down and qkv at 16-32 rows on an H100: bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s41-
-    resident2.json) or the byte-pair table. (Its 16-token x tile is not a candidate until a GPU test has run it.)"""
+    the x-resident kernel at 4-7 warpgroups a block, with the 16-entry table or the byte-pair table (on an H100 the
+    tuned pick took 8B gate_up from 46.0 to 37.2 us at 16 rows, down from 23.8 to 20.5:
+    bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s41-pairs.json). Its 16-, 64- and 128-token x tiles are not
+    candidates until a GPU test has run them."""
     choices = [Choice("dequant"), Choice("wide")]
     if cuda_nf4_wgmma.wgmma_supported():
         default = cuda_nf4_wgmma.wgmma_block_tokens(rows, shape, num_sms)
