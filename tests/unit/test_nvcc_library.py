@@ -86,3 +86,36 @@ def test_the_wgmma_probes_build_for_sm90a_against_the_kernel_header(tmp_path, mo
                               flags=("--use_fast_math",))
     assert path.parent.name.endswith("_sm90a") and path.stat().st_size > 0
     assert callable(ctypes.CDLL(str(path)).loraplex_wgmma_sol)
+
+
+def test_the_resident_kernels_shared_memory_and_descriptors(tmp_path, monkeypatch):
+    """nf4_wgmma_resident.cuh's layout as the host sizes it: cuda_nf4_wgmma.resident_max_blocks quant blocks of x fit
+    the block's dynamic shared memory (resident_smem_bytes within kResidentSmemMax), one more does not, at every block
+    token count and with either table; and a descriptor built from its low word (the kernel's walk) is the whole
+    descriptor for every 16-byte-aligned address of an SM's 228 KB."""
+    from pathlib import Path
+
+    from server.model import cuda_nf4_wgmma
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    csrc = Path(__file__).resolve().parents[2] / "server" / "model" / "csrc"
+    source = tmp_path / "resident.cu"
+    source.write_text('#include "nf4_device.cuh"\n#include "nf4_wgmma.cuh"\n#include "nf4_wgmma_resident.cuh"\n'
+                      'extern "C" int smem_bytes(int bm, int blocks, int pairs) {\n'
+                      '  return resident_smem_bytes(bm, blocks, pairs != 0);\n'
+                      '}\n'
+                      'extern "C" int smem_max() { return kResidentSmemMax; }\n'
+                      'extern "C" long long lo_mismatches() {\n'
+                      '  long long bad = 0;\n'
+                      '  for (unsigned addr = 0; addr < 228u * 1024u; addr += 16)\n'
+                      '    if (smem_desc_from_lo(smem_desc_sw128_lo(addr)) != smem_desc_sw128(addr)) ++bad;\n'
+                      '  return bad;\n'
+                      '}\n')
+    lib = ctypes.CDLL(str(nvcc_library.build(source, "resident", 9, 0, include_dirs=(csrc,))))
+    lib.lo_mismatches.restype = ctypes.c_longlong
+    assert lib.lo_mismatches() == 0
+    for block_tokens in (16, 32, 64, 128):
+        for pairs in (False, True):
+            most = cuda_nf4_wgmma.resident_max_blocks(block_tokens, pairs)
+            assert lib.smem_bytes(block_tokens, most, pairs) <= lib.smem_max() < lib.smem_bytes(
+                block_tokens, most + 1, pairs), (block_tokens, pairs)
