@@ -48,12 +48,7 @@ def test_an_advanced_wgmma_descriptor_is_the_descriptor_of_the_advanced_address(
     """nf4_wgmma builds one shared-memory descriptor before its loop and advances it by each buffer's and k-step's
     byte offset (smem_desc_advance) instead of building each anew: the same 64 bits for every 16-byte-aligned address
     of an SM's 228 KB and every offset the kernel adds (two x buffers of up to 2 x 256 x 128 bytes, 4 k-steps)."""
-    from pathlib import Path
-
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    csrc = Path(__file__).resolve().parents[2] / "server" / "model" / "csrc"
-    source = tmp_path / "desc.cu"
-    source.write_text('#include "nf4_wgmma_ops.cuh"\n'
+    lib = _library_of(tmp_path, monkeypatch, "desc", '#include "nf4_wgmma_ops.cuh"\n'
                       'extern "C" long long desc_mismatches() {\n'
                       '  long long bad = 0, checked = 0;\n'
                       '  const unsigned bms[] = {32, 64, 128, 256};\n'
@@ -70,7 +65,6 @@ def test_an_advanced_wgmma_descriptor_is_the_descriptor_of_the_advanced_address(
                       '          }\n'
                       '  return checked > 0 ? bad : -1;\n'
                       '}\n')
-    lib = ctypes.CDLL(str(nvcc_library.build(source, "desc", 9, 0, include_dirs=(csrc,))))
     lib.desc_mismatches.restype = ctypes.c_longlong
     assert lib.desc_mismatches() == 0
 
@@ -93,14 +87,10 @@ def test_the_resident_kernels_shared_memory_and_descriptors(tmp_path, monkeypatc
     the block's dynamic shared memory (resident_smem_bytes within kResidentSmemMax), one more does not, at every block
     token count and with either table; and a descriptor built from its low word (the kernel's walk) is the whole
     descriptor for every 16-byte-aligned address of an SM's 228 KB."""
-    from pathlib import Path
-
     from server.model import cuda_nf4_wgmma
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    csrc = Path(__file__).resolve().parents[2] / "server" / "model" / "csrc"
-    source = tmp_path / "resident.cu"
-    source.write_text('#include "nf4_device.cuh"\n#include "nf4_wgmma.cuh"\n#include "nf4_wgmma_resident.cuh"\n'
+    lib = _library_of(tmp_path, monkeypatch, "resident",
+                      '#include "nf4_device.cuh"\n#include "nf4_wgmma.cuh"\n#include "nf4_wgmma_resident.cuh"\n'
                       'extern "C" int smem_bytes(int bm, int blocks, int pairs) {\n'
                       '  return resident_smem_bytes(bm, blocks, pairs != 0);\n'
                       '}\n'
@@ -111,7 +101,6 @@ def test_the_resident_kernels_shared_memory_and_descriptors(tmp_path, monkeypatc
                       '    if (smem_desc_from_lo(smem_desc_sw128_lo(addr)) != smem_desc_sw128(addr)) ++bad;\n'
                       '  return bad;\n'
                       '}\n')
-    lib = ctypes.CDLL(str(nvcc_library.build(source, "resident", 9, 0, include_dirs=(csrc,))))
     lib.lo_mismatches.restype = ctypes.c_longlong
     assert lib.lo_mismatches() == 0
     for block_tokens in (16, 32, 64, 128):
@@ -119,3 +108,14 @@ def test_the_resident_kernels_shared_memory_and_descriptors(tmp_path, monkeypatc
             most = cuda_nf4_wgmma.resident_max_blocks(block_tokens, pairs)
             assert lib.smem_bytes(block_tokens, most, pairs) <= lib.smem_max() < lib.smem_bytes(
                 block_tokens, most + 1, pairs), (block_tokens, pairs)
+
+
+def _library_of(tmp_path, monkeypatch, name: str, source_text: str) -> ctypes.CDLL:
+    """`source_text` built by nvcc_library against server/model/csrc (sm_90, no feature suffix) and loaded."""
+    from pathlib import Path
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    csrc = Path(__file__).resolve().parents[2] / "server" / "model" / "csrc"
+    source = tmp_path / f"{name}.cu"
+    source.write_text(source_text)
+    return ctypes.CDLL(str(nvcc_library.build(source, name, 9, 0, include_dirs=(csrc,))))
