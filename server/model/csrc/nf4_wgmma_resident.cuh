@@ -107,11 +107,11 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
   ring_codes[0] = load_tile_codes(codes_at);
   ring_scales[0] = __ldg(scales_at);
 
-  // x of the split: the first STAGERS threads, whole quant blocks at once (XStage's chunk q = thread % (BM * 8) of
-  // block thread / (BM * 8), then every AT_ONCE blocks on), four chunks a thread in flight; blocks [q0, q1) into the
-  // tiles from shared address `at` (one region at a time: the per-chunk choice of region cost ~4x the instructions)
-  // (at 128 block tokens a block's x has more chunks than the block threads: each thread takes up to CHUNKS of each
-  // block, THREADS apart, one block at a time)
+  // x of the split, quant blocks [q0, q1) into the tiles from shared address `at`, one region at a time (choosing the
+  // region a chunk took ~4x the instructions): the first STAGERS threads stage whole quant blocks at once (XStage's
+  // chunk q = thread % (BM * 8) of block thread / (BM * 8), then every AT_ONCE blocks on), four chunks a thread in
+  // flight; where a block's x has more chunks than the block threads (128 block tokens), each thread takes up to
+  // CHUNKS of each block, THREADS apart, a block at a time.
   constexpr int AT_ONCE = THREADS >= BM * 8 ? THREADS / (BM * 8) : 1;
   constexpr int CHUNKS = THREADS >= BM * 8 ? 1 : (BM * 8 + THREADS - 1) / THREADS;
   constexpr int STAGERS = THREADS >= BM * 8 ? AT_ONCE * BM * 8 : THREADS;
