@@ -280,9 +280,11 @@ def nf4_linear_cuda(
     from server.model.triton_nf4 import device_num_sms
 
     num_sms = device_num_sms(x.device.index or 0)
-    picks = TUNED_BESIDE if _beside and TUNED_BESIDE else TUNED
-    if kernel is None and picks and (choice := picks.get((tuple(shape), x.shape[0]))) is not None:
-        kernel, options = choice.kernel, dict(choice.options)
+    if kernel is None and TUNED:
+        key = (tuple(shape), x.shape[0])
+        choice = (TUNED_BESIDE.get(key) if _beside else None) or TUNED.get(key)
+        if choice is not None:
+            kernel, options = choice.kernel, dict(choice.options)
     name = kernel or kernel_for(x.shape[0], shape, num_sms=num_sms)
     if name in ("gemv", "gemv_pairs", "tile", "wide", "gemm", "wgmma") and tiled is None:
         name = "mma" if x.shape[0] <= 64 else "dequant"
