@@ -78,6 +78,18 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
 }
 
+// `kernel`, of the tile layout kernels' parameter list (x, codes, scales, the code table, bias, out, fp32 partials,
+// M, N, K, quant blocks a split), over `grid` on `stream`: the launch in run_split's body.
+template <typename T, typename Kernel>
+void launch_tile_layout(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream, const torch::Tensor& x,
+                        const torch::Tensor& tile_codes, const torch::Tensor& tile_scales, const torch::Tensor& table,
+                        const T* bias, T* out, float* partial, int N, int blocks_per_split) {
+  kernel<<<grid, threads, smem, stream>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+      reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias, out, partial,
+      static_cast<int>(x.size(0)), N, static_cast<int>(x.size(1)), blocks_per_split);
+}
+
 // Grid (row groups, splits[, token groups]) of a kernel whose warps each own `rows_per_warp` 16-row tiles; `body`
 // launches it with `partial` null, or fp32 partials [splits, M, N] when K is split, which split_k_sum_kernel sums
 // (launched programmatically dependent when `pdl`). With `defer_sum` the partials are returned unsummed (bias not

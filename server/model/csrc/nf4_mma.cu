@@ -627,10 +627,8 @@ torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
     return run_split<T>(x, bias, out, split_k,
                         [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                             int blocks_per_split) {
-      nf4_gemm_kernel<T><<<dim3(row_groups, splits, token_groups), GEMM_WARPS * 32, 0, stream>>>(
-          reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-          reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr,
-          partial, M, N, static_cast<int>(x.size(1)), blocks_per_split);
+      launch_tile_layout(nf4_gemm_kernel<T>, dim3(row_groups, splits, token_groups), GEMM_WARPS * 32, 0, stream, x,
+                         tile_codes, tile_scales, table, bias_ptr, out_ptr, partial, N, blocks_per_split);
     }, false, defer_sum);
   };
   return run_for_dtype(x, run);

@@ -27,16 +27,14 @@ torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& til
                                 const torch::Tensor& tile_scales, const torch::Tensor& table,
                                 const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
                                 bool defer_sum) {
-  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  const int M = x.size(0), N = out.size(1);
   allow_dynamic_smem<KERNEL>(SMEM);
   const int row_groups = ((N + 15) / 16 + WARPS - 1) / WARPS;
   return run_split<T>(x, bias, out, split_k,
                       [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                           int blocks_per_split) {
-    KERNEL<<<dim3(row_groups, splits, (M + BM - 1) / BM), WARPS * 32, SMEM, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        M, N, K, blocks_per_split);
+    launch_tile_layout(KERNEL, dim3(row_groups, splits, (M + BM - 1) / BM), WARPS * 32, SMEM, stream, x, tile_codes,
+                       tile_scales, table, bias_ptr, out_ptr, partial, N, blocks_per_split);
   }, false, defer_sum);
 }
 
@@ -57,7 +55,7 @@ torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor&
                                     const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
                                     bool defer_sum) {
   constexpr auto kernel = nf4_wgmma_resident_kernel<T, BM, WGS, PAIRS>;
-  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  const int M = x.size(0), N = out.size(1);
   allow_dynamic_smem<kernel>(kResidentSmemMax);
   const int units = ((N + 15) / 16 + 3) / 4, token_groups = (M + BM - 1) / BM;
   return run_split<T>(x, bias, out, split_k,
@@ -67,10 +65,8 @@ torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor&
     TORCH_CHECK(smem <= kResidentSmemMax, "resident x of ", blocks_per_split, " quant blocks a split exceeds an SM's ",
                 "shared memory: split K further");
     const int blocks = std::max(1, std::min((units + WGS - 1) / WGS, current_device_sms() / (splits * token_groups)));
-    kernel<<<dim3(blocks, splits, token_groups), WGS * 128, smem, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        M, N, K, blocks_per_split);
+    launch_tile_layout(kernel, dim3(blocks, splits, token_groups), WGS * 128, smem, stream, x, tile_codes, tile_scales,
+                       table, bias_ptr, out_ptr, partial, N, blocks_per_split);
   }, false, defer_sum);
 }
 

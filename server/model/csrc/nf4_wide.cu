@@ -135,7 +135,7 @@ template <typename T, int NT, int RT>
 torch::Tensor launch_wide(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                           const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                           int64_t split_k, bool defer_sum) {
-  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  const int M = x.size(0), N = out.size(1);
   const int warps_needed = ((N + 15) / 16 + RT - 1) / RT;
   const int row_groups = (warps_needed + WIDE_WARPS - 1) / WIDE_WARPS, token_groups = (M + NT * 8 - 1) / (NT * 8);
   constexpr int smem = WideSmem<NT, WIDE_STAGES>::bytes;
@@ -144,10 +144,8 @@ torch::Tensor launch_wide(const torch::Tensor& x, const torch::Tensor& tile_code
   return run_split<T>(x, bias, out, split_k,
                       [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                           int blocks_per_split) {
-    kernel<<<dim3(row_groups, splits, token_groups), WIDE_WARPS * 32, smem, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-        reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr, partial,
-        M, N, K, blocks_per_split);
+    launch_tile_layout(kernel, dim3(row_groups, splits, token_groups), WIDE_WARPS * 32, smem, stream, x, tile_codes,
+                       tile_scales, table, bias_ptr, out_ptr, partial, N, blocks_per_split);
   }, false, defer_sum);
 }
 
