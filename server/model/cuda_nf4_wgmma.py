@@ -88,9 +88,9 @@ def resident_split_k(num_rows: int, shape, num_sms: int, warpgroups: int, pairs:
     shared memory, the fewest that make its cost in stages least: the warpgroups' longest walk (rounds of 64-row units
     x the split's quant blocks; one block an SM, num_sms // (splits x token groups) blocks a split) plus the fp32
     partials a split writes and the sum reads back, in stages (RESIDENT_PARTIAL_BYTES_A_STAGE); with `pairs`, x beside
-    the byte-pair table (resident_max_blocks). 8B gate_up (448 units,
-    64 quant blocks) at 32 rows takes 2 splits: 66 blocks of 7 warpgroups, one round of 32 blocks, + 6 stages of
-    partials. Not measured yet: a guess until the table times it."""
+    the byte-pair table (resident_max_blocks). 8B gate_up (448 units, 64 quant blocks) at 32 rows takes 2 splits: 66
+    blocks of 7 warpgroups, one round of 32 blocks, + 6 stages of partials. The cost model is a guess; start-up
+    tuning times the warpgroup counts it splits for."""
     units, in_blocks = -(-shape[0] // 64), shape[1] // NF4_BLOCKSIZE
     token_groups = -(-num_rows // block_tokens)
     most = resident_max_blocks(block_tokens, pairs)

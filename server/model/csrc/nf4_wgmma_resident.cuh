@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   const uint32_t window = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
   const uint32_t aligned = (window + 1023) & ~1023u;
-  // x's tile q at shared address tile_at(q): q < low_tiles from low, the rest from high
+  // x's tiles: the first low_tiles from shared address low, the rest from high (stage_x, desc_at)
   uint32_t low, high;
   int low_tiles;
   if constexpr (PAIRS) {  // the pair table at kPairsTableWindow (its address bytes 2-3 are load_pair_at's permute's)
@@ -75,7 +75,6 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
     low_tiles = 0;
     if (threadIdx.x < 16) reinterpret_cast<float*>(wg_smem + (aligned - window))[threadIdx.x] = table[threadIdx.x];
   }
-  auto tile_at = [&](int q) { return q < low_tiles ? low + q * TILE_BYTES : high + (q - low_tiles) * TILE_BYTES; };
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
