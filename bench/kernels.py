@@ -217,13 +217,6 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         block_tokens = cuda_nf4_wgmma.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
         if block_tokens == 32:
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
-        # the x-resident kernel's 16-, 64- and 128-token x tiles (not yet tuning candidates)
-        tokens = 16 if rows <= 16 else 64 if 32 < rows <= 64 else 128 if 64 < rows <= 128 else None
-        for warpgroups in cuda_nf4_wgmma.RESIDENT_WARPGROUPS_AT.get(tokens, ()):
-            for pairs in (True,) if tokens == 16 else (False, True):
-                if tokens != 16 or warpgroups in (4, 6, 7):
-                    variants[f"wgmma_r{warpgroups}_b{tokens}" + "_p" * pairs] = {
-                        "resident_warpgroups": warpgroups, "block_tokens": tokens, "pairs": pairs}
         if block_tokens <= 128:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for)
             one_wait = cuda_nf4.one_wait_for(block_tokens)
             variants["wgmma_nw" if one_wait else "wgmma_1w"] = {"one_wait": not one_wait}

@@ -64,8 +64,12 @@ def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupan
     return splits
 
 
-RESIDENT_WARPGROUPS = (4, 5, 6, 7)  # the x-resident kernel's instances at 16 and 32 block tokens (dispatch_wgmma)
-RESIDENT_WARPGROUPS_AT = {16: RESIDENT_WARPGROUPS, 32: RESIDENT_WARPGROUPS, 64: (4,), 128: (2, 3)}  # and wider
+RESIDENT_WARPGROUPS = (4, 5, 6, 7)  # the x-resident kernel's instances (dispatch_wgmma)
+# and its x tiles: 16 tokens (m64n16 wgmmas) at up to 16 rows, 32 beyond. Tiles of 64 (4 warpgroups) and 128 (2-3)
+# tokens lost to nf4_wgmma_kernel at 33-128 rows and were removed (H100, 8B, us, best resident against the default:
+# gate_up 75.97 vs 58.64 at 64 rows, 138.68 vs 105.04 at 128; down 30.70 vs 31.29 and 72.40 vs 55.64;
+# bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-tiles.json)
+RESIDENT_BLOCK_TOKENS = (16, 32)
 _RESIDENT_SMEM = 226 * 1024  # csrc nf4_wgmma_resident.cuh: kResidentSmemMax
 _PAIRS_BELOW, _PAIRS_PAST = 0x10000 - 1024, 130048  # its window below the pair table; resident_smem_bytes' base
 
@@ -142,7 +146,7 @@ def nf4_wgmma(
     filling that wave (2: the instance built for two). `one_wait` (None: one_wait_for(block_tokens) where the block
     allows it: two warpgroups, one block a stage, up to 128 block tokens): one wait for global loads a stage.
     `block_warps` 4 (up to 128 block tokens, one block a stage): one warpgroup (64 weight rows) a block, so twice the
-    blocks (wgmma_occupancy). `resident_warpgroups` 4-7 (tuning candidates at 32 block tokens; RESIDENT_WARPGROUPS_AT):
+    blocks (wgmma_occupancy). `resident_warpgroups` 4-7 (tuning candidates; 16 or 32 block tokens):
     the x-resident kernel (csrc/nf4_wgmma_resident.cuh), one block an SM of that many warpgroups holding x of its split
     of K, each warpgroup walking 64-row units on its own (splits: resident_split_k); with `pairs`, its dequantization
     from the byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), 64 KB beside x. Each
@@ -175,7 +179,9 @@ def nf4_wgmma(
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
     if resident_warpgroups:
-        block_tokens = block_tokens if block_tokens in RESIDENT_WARPGROUPS_AT else 32
+        block_tokens = block_tokens or 32
+        if block_tokens not in RESIDENT_BLOCK_TOKENS:
+            raise ValueError(f"the x-resident kernel takes {RESIDENT_BLOCK_TOKENS} block tokens, got {block_tokens}")
         if split_k is None:
             split_k = resident_split_k(x.shape[0], shape, num_sms, resident_warpgroups, pairs, block_tokens)
     block_tokens = block_tokens or wgmma_block_tokens(x.shape[0], shape, num_sms)

@@ -43,8 +43,10 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
     an older H200 run had it 1-2% slower on 8B gate_up, 2026-12-04-nvidia-h200-kernels-s26-w4.json), and there too
     the x-resident kernel at 4-7 warpgroups a block, with the 16-entry table or the byte-pair table (on an H100 the
     tuned pick took 8B gate_up from 46.0 to 37.2 us at 16 rows, down from 23.8 to 20.5:
-    bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s41-pairs.json). Its 16-, 64- and 128-token x tiles are not
-    candidates until a GPU test has run them."""
+    bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s41-pairs.json), and at up to 16 rows its 16-token x tile
+    (m64n16 wgmmas: half the shared-memory reads of x) with the byte-pair table (H100, 8B at 16 rows, us, against the
+    32-token tile's best: gate_up 34.15 vs 37.63, down 18.79 vs 21.07, qkv 11.61 vs 12.42, o 9.51 vs 9.74;
+    bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-tiles.json)."""
     choices = [Choice("dequant"), Choice("wide")]
     if cuda_nf4_wgmma.wgmma_supported():
         default = cuda_nf4_wgmma.wgmma_block_tokens(rows, shape, num_sms)
@@ -57,6 +59,9 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
             choices.append(Choice("wgmma", (("stage_blocks", 2),)))
             choices += [Choice("wgmma", (("resident_warpgroups", w),) + ((("pairs", True),) if pairs else ()))
                         for pairs in (False, True) for w in cuda_nf4_wgmma.RESIDENT_WARPGROUPS]
+            if rows <= 16:
+                choices += [Choice("wgmma", (("resident_warpgroups", w), ("block_tokens", 16), ("pairs", True)))
+                            for w in cuda_nf4_wgmma.RESIDENT_WARPGROUPS]
     return choices
 
 

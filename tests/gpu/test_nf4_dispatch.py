@@ -265,8 +265,8 @@ def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_token
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("pairs", [False, True])
-@pytest.mark.parametrize("warpgroups, block_tokens", [(4, 32), (5, 32), (6, 32), (7, 32), (4, 16), (7, 16), (4, 64),
-                                                      (2, 128), (3, 128)])
+@pytest.mark.parametrize("warpgroups, block_tokens", [(4, 32), (5, 32), (6, 32), (7, 32), (4, 16), (5, 16), (6, 16),
+                                                      (7, 16)])
 @pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 2), (7, 5), (300, 12), (100, 24)])
 def test_resident_kernel_matches_the_default_bit_for_bit(rows, split_k, warpgroups, block_tokens, pairs, dtype):
     """x held in shared memory, warpgroups walking 64-row units on their own: the same wgmmas in the same order as the
@@ -275,8 +275,7 @@ def test_resident_kernel_matches_the_default_bit_for_bit(rows, split_k, warpgrou
     12 splits and 100 in 24 leave one block a split (132 SMs over splits x token groups), so a warpgroup walks two
     units, its ring loading the next unit's first block in the last stage of one. The byte-pair table gives the same
     products (fp32 code x fp32 scale, one rounding); with it, x's 24 tiles sit both below and past the table (at 32
-    block tokens). A 16-token x tile (m64n16 wgmmas) sums each output as the 32-token one does, and so do the 64- and
-    128-token ones (where a split's x fits their shared memory)."""
+    block tokens). A 16-token x tile (m64n16 wgmmas) sums each output as the 32-token one does."""
     from server.model import cuda_nf4_wgmma
 
     if -(-24 // split_k) > cuda_nf4_wgmma.resident_max_blocks(block_tokens, pairs):

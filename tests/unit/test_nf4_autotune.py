@@ -38,8 +38,11 @@ def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
     assert Choice("wgmma", (("block_tokens", 256),)) not in at_128
     assert Choice("wgmma", (("block_warps", 4),)) in at_128 and Choice("wgmma", (("stage_blocks", 2),)) not in at_128
     assert Choice("wgmma", (("resident_warpgroups", 7),)) not in at_128  # x resident: 16 or 32 block tokens only
-    at_16 = nf4_autotune.candidates(16, (28672, 4096), 132)  # its 16-token x tile not yet (no GPU test has run it)
-    assert not [c for c in at_16 if c.kernel == "wgmma" and dict(c.options).get("block_tokens") == 16]
+    at_16 = nf4_autotune.candidates(16, (28672, 4096), 132)  # and at up to 16 rows its 16-token x tile, pair table
+    assert [c for c in at_16 if dict(c.options).get("block_tokens") == 16] == [
+        Choice("wgmma", (("resident_warpgroups", w), ("block_tokens", 16), ("pairs", True))) for w in (4, 5, 6, 7)]
+    assert not [c for c in at_128 + nf4_autotune.candidates(17, (28672, 4096), 132)
+                if dict(c.options).get("block_tokens") == 16]
     assert Choice("wgmma", (("block_warps", 4),)) not in nf4_autotune.candidates(200, (28672, 4096), 132)
 
 

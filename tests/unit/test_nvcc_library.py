@@ -103,7 +103,7 @@ def test_the_resident_kernels_shared_memory_and_descriptors(tmp_path, monkeypatc
                       '}\n')
     lib.lo_mismatches.restype = ctypes.c_longlong
     assert lib.lo_mismatches() == 0
-    for block_tokens in (16, 32, 64, 128):
+    for block_tokens in cuda_nf4_wgmma.RESIDENT_BLOCK_TOKENS:
         for pairs in (False, True):
             most = cuda_nf4_wgmma.resident_max_blocks(block_tokens, pairs)
             assert lib.smem_bytes(block_tokens, most, pairs) <= lib.smem_max() < lib.smem_bytes(

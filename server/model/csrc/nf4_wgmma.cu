@@ -76,16 +76,13 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
                              int64_t block_warps, bool one_wait, int64_t resident_warpgroups, bool pairs,
                              bool defer_sum) {
-  // x resident (nf4_wgmma_resident.cuh): 16 or 32 block tokens and 4-7 warpgroups a block, 64 and 4, or 128 and 2-3
-  // (the accumulators' registers: 5 at 64 and 4 at 128 spilled); the 16-entry or the byte-pair table
+  // x resident (nf4_wgmma_resident.cuh): 16 or 32 block tokens and 4-7 warpgroups a block; the 16-entry or the
+  // byte-pair table
   TORCH_CHECK(!pairs || resident_warpgroups > 0, "pairs takes the x-resident kernel (resident_warpgroups)");
   if (resident_warpgroups > 0) {
-    const int w = static_cast<int>(resident_warpgroups);
-    const bool valid = block_tokens == 16 || block_tokens == 32 ? w >= 4 && w <= 7
-                       : block_tokens == 64                     ? w == 4
-                                                                : block_tokens == 128 && (w == 2 || w == 3);
-    TORCH_CHECK(valid, "resident_warpgroups takes 16 or 32 block tokens and 4-7 warpgroups, 64 and 4, or 128 and 2-3, ",
-                "got ", block_tokens, " and ", resident_warpgroups);
+    TORCH_CHECK((block_tokens == 16 || block_tokens == 32) && resident_warpgroups >= 4 && resident_warpgroups <= 7,
+                "resident_warpgroups takes 16 or 32 block tokens and 4-7 warpgroups, got ", block_tokens, " and ",
+                resident_warpgroups);
 #define LORAPLEX_RESIDENT_LAUNCH(BM, WGS)                                                                        \
   (pairs ? launch_wgmma_resident<T, BM, WGS, true>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum) \
          : launch_wgmma_resident<T, BM, WGS, false>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum))
@@ -96,9 +93,6 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
     case 6: return LORAPLEX_RESIDENT_LAUNCH(BM, 6);                 \
     default: return LORAPLEX_RESIDENT_LAUNCH(BM, 7);                \
   }
-    if (block_tokens == 128) return resident_warpgroups == 2 ? LORAPLEX_RESIDENT_LAUNCH(128, 2)
-                                                              : LORAPLEX_RESIDENT_LAUNCH(128, 3);
-    if (block_tokens == 64) return LORAPLEX_RESIDENT_LAUNCH(64, 4);
     if (block_tokens == 16) LORAPLEX_RESIDENT_WARPGROUPS(16)
     LORAPLEX_RESIDENT_WARPGROUPS(32)
 #undef LORAPLEX_RESIDENT_WARPGROUPS

@@ -109,29 +109,12 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
   // x of the split, quant blocks [q0, q1) into the tiles from shared address `at`, one region at a time (choosing the
   // region a chunk took ~4x the instructions): the first STAGERS threads stage whole quant blocks at once (XStage's
   // chunk q = thread % (BM * 8) of block thread / (BM * 8), then every AT_ONCE blocks on), four chunks a thread in
-  // flight; where a block's x has more chunks than the block threads (128 block tokens), each thread takes up to
-  // CHUNKS of each block, THREADS apart, a block at a time.
-  constexpr int AT_ONCE = THREADS >= BM * 8 ? THREADS / (BM * 8) : 1;
-  constexpr int CHUNKS = THREADS >= BM * 8 ? 1 : (BM * 8 + THREADS - 1) / THREADS;
-  constexpr int STAGERS = THREADS >= BM * 8 ? AT_ONCE * BM * 8 : THREADS;
+  // flight. (Tiles of 64 and 128 tokens, where a block's x has as many chunks as the block threads or more, measured
+  // slower than nf4_wgmma_kernel at 33-128 rows and were removed: bench/NOTES.md, forty-second session.)
+  static_assert(THREADS >= BM * 8, "a block's threads stage at least one quant block of x at once");
+  constexpr int AT_ONCE = THREADS / (BM * 8);
+  constexpr int STAGERS = AT_ONCE * BM * 8;
   auto stage_x = [&](int q0, int q1, uint32_t at) {
-    if constexpr (CHUNKS > 1) {
-      for (int kb = q0; kb < q1; ++kb) {
-        uint4 v[CHUNKS];
-#pragma unroll
-        for (int i = 0; i < CHUNKS; ++i) {
-          const int q = min(static_cast<int>(threadIdx.x) + i * THREADS, BM * 8 - 1);
-          v[i] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(m0 + (q >> 3), M - 1)) * K +
-                                                      64 * (first + kb) + 8 * (q & 7)));
-        }
-#pragma unroll
-        for (int i = 0; i < CHUNKS; ++i) {
-          const int q = threadIdx.x + i * THREADS;
-          if (q < BM * 8) store_x_chunk(wg_smem + (at - window) + (kb - q0) * TILE_BYTES, q >> 3, q & 7, v[i]);
-        }
-      }
-      return;
-    }
     const int row = (threadIdx.x >> 3) % BM, c = threadIdx.x & 7, kb0 = q0 + threadIdx.x / (BM * 8);
     const T* src = x + static_cast<int64_t>(min(m0 + row, M - 1)) * K + 64 * (first + kb0) + 8 * c;
     uint8_t* dst = wg_smem + (at - window) + (kb0 - q0) * TILE_BYTES;
