@@ -210,7 +210,8 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
 
         # the default and the variants start-up tuning would time (each other block size that holds M, one
         # warpgroup a block), then the 32-token instance's own variants
-        short = {"block_tokens": "b", "block_warps": "w", "stage_blocks": "s", "resident_warpgroups": "r", "pairs": "p"}
+        short = {"block_tokens": "b", "block_warps": "w", "stage_blocks": "s", "resident_warpgroups": "r", "pairs": "p",
+                 "code_ahead": "a"}
         variants = {"wgmma" + "".join(f"_{short[k]}{'' if v is True else v}" for k, v in choice.options):
                     dict(choice.options)
                     for choice in candidates(rows, layer.shape, device_num_sms(0)) if choice.kernel == "wgmma"}
