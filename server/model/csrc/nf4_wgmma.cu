@@ -74,6 +74,46 @@ torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor&
   }, false, defer_sum);
 }
 
+// The resident kernel's table and code ring for WGS warpgroups: the 16-entry or the pair table one block ahead, or (pair
+// table, up to 6 warpgroups: at 7 the deeper ring has no registers) 2 or 3 ahead.
+template <typename T, int BM, int WGS>
+torch::Tensor launch_resident_variant(bool pairs, int64_t code_ahead, const torch::Tensor& x,
+                                      const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                                      const torch::Tensor& table, const c10::optional<torch::Tensor>& bias,
+                                      torch::Tensor& out, int64_t split_k, bool defer_sum) {
+  if constexpr (WGS <= 6) {
+    if (code_ahead == 2) {
+      return launch_wgmma_resident<T, BM, WGS, true, 2>(x, tile_codes, tile_scales, table, bias, out, split_k,
+                                                         defer_sum);
+    }
+    if (code_ahead == 3) {
+      return launch_wgmma_resident<T, BM, WGS, true, 3>(x, tile_codes, tile_scales, table, bias, out, split_k,
+                                                         defer_sum);
+    }
+  }
+  return pairs ? launch_wgmma_resident<T, BM, WGS, true>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
+               : launch_wgmma_resident<T, BM, WGS, false>(x, tile_codes, tile_scales, table, bias, out, split_k,
+                                                          defer_sum);
+}
+
+// ... and for 4-7 warpgroups
+template <typename T, int BM>
+torch::Tensor launch_resident(int64_t warpgroups, bool pairs, int64_t code_ahead, const torch::Tensor& x,
+                              const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
+                              int64_t split_k, bool defer_sum) {
+  switch (warpgroups) {
+    case 4: return launch_resident_variant<T, BM, 4>(pairs, code_ahead, x, tile_codes, tile_scales, table, bias, out,
+                                                     split_k, defer_sum);
+    case 5: return launch_resident_variant<T, BM, 5>(pairs, code_ahead, x, tile_codes, tile_scales, table, bias, out,
+                                                     split_k, defer_sum);
+    case 6: return launch_resident_variant<T, BM, 6>(pairs, code_ahead, x, tile_codes, tile_scales, table, bias, out,
+                                                     split_k, defer_sum);
+    default: return launch_resident_variant<T, BM, 7>(pairs, code_ahead, x, tile_codes, tile_scales, table, bias,
+                                                      out, split_k, defer_sum);
+  }
+}
+
 template <typename T>
 torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
@@ -89,36 +129,10 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
     TORCH_CHECK((block_tokens == 16 || block_tokens == 32) && resident_warpgroups >= 4 && resident_warpgroups <= 7,
                 "resident_warpgroups takes 16 or 32 block tokens and 4-7 warpgroups, got ", block_tokens, " and ",
                 resident_warpgroups);
-    if (code_ahead > 1) {
-#define LORAPLEX_RESIDENT_AHEAD(BM, WGS)                                                                         \
-  (code_ahead == 2                                                                                                 \
-       ? launch_wgmma_resident<T, BM, WGS, true, 2>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum) \
-       : launch_wgmma_resident<T, BM, WGS, true, 3>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum))
-#define LORAPLEX_RESIDENT_AHEAD_WARPGROUPS(BM)            \
-  switch (resident_warpgroups) {                         \
-    case 4: return LORAPLEX_RESIDENT_AHEAD(BM, 4);       \
-    case 5: return LORAPLEX_RESIDENT_AHEAD(BM, 5);       \
-    default: return LORAPLEX_RESIDENT_AHEAD(BM, 6);      \
-  }
-      if (block_tokens == 16) LORAPLEX_RESIDENT_AHEAD_WARPGROUPS(16)
-      LORAPLEX_RESIDENT_AHEAD_WARPGROUPS(32)
-#undef LORAPLEX_RESIDENT_AHEAD_WARPGROUPS
-#undef LORAPLEX_RESIDENT_AHEAD
-    }
-#define LORAPLEX_RESIDENT_LAUNCH(BM, WGS)                                                                        \
-  (pairs ? launch_wgmma_resident<T, BM, WGS, true>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum) \
-         : launch_wgmma_resident<T, BM, WGS, false>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum))
-#define LORAPLEX_RESIDENT_WARPGROUPS(BM)                             \
-  switch (resident_warpgroups) {                                    \
-    case 4: return LORAPLEX_RESIDENT_LAUNCH(BM, 4);                 \
-    case 5: return LORAPLEX_RESIDENT_LAUNCH(BM, 5);                 \
-    case 6: return LORAPLEX_RESIDENT_LAUNCH(BM, 6);                 \
-    default: return LORAPLEX_RESIDENT_LAUNCH(BM, 7);                \
-  }
-    if (block_tokens == 16) LORAPLEX_RESIDENT_WARPGROUPS(16)
-    LORAPLEX_RESIDENT_WARPGROUPS(32)
-#undef LORAPLEX_RESIDENT_WARPGROUPS
-#undef LORAPLEX_RESIDENT_LAUNCH
+    return block_tokens == 16 ? launch_resident<T, 16>(resident_warpgroups, pairs, code_ahead, x, tile_codes,
+                                                       tile_scales, table, bias, out, split_k, defer_sum)
+                              : launch_resident<T, 32>(resident_warpgroups, pairs, code_ahead, x, tile_codes,
+                                                       tile_scales, table, bias, out, split_k, defer_sum);
   }
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
