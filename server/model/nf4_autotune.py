@@ -46,8 +46,8 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
     bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s41-pairs.json), and at up to 16 rows its 16-token x tile
     (m64n16 wgmmas: half the shared-memory reads of x) with the byte-pair table (H100, 8B at 16 rows, us, against the
     32-token tile's best: gate_up 34.15 vs 37.63, down 18.79 vs 21.07, qkv 11.61 vs 12.42, o 9.51 vs 9.74;
-    bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-tiles.json); each of those with the pair table at 4-6
-    warpgroups also with 2 or 3 quant blocks' codes in flight a warp (code_ahead)."""
+    bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-tiles.json). Not yet: its deeper code rings
+    (ahead_candidates), until a GPU test has run them."""
     choices = [Choice("dequant"), Choice("wide")]
     if cuda_nf4_wgmma.wgmma_supported():
         default = cuda_nf4_wgmma.wgmma_block_tokens(rows, shape, num_sms)
@@ -60,15 +60,18 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
             choices.append(Choice("wgmma", (("stage_blocks", 2),)))
             choices += [Choice("wgmma", (("resident_warpgroups", w),) + ((("pairs", True),) if pairs else ()))
                         for pairs in (False, True) for w in cuda_nf4_wgmma.RESIDENT_WARPGROUPS]
-            choices += [Choice("wgmma", (("resident_warpgroups", w), ("pairs", True), ("code_ahead", ahead)))
-                        for ahead in (2, 3) for w in cuda_nf4_wgmma.RESIDENT_AHEAD_WARPGROUPS]
             if rows <= 16:
                 choices += [Choice("wgmma", (("resident_warpgroups", w), ("block_tokens", 16), ("pairs", True)))
                             for w in cuda_nf4_wgmma.RESIDENT_WARPGROUPS]
-                choices += [Choice("wgmma", (("resident_warpgroups", w), ("block_tokens", 16), ("pairs", True),
-                                             ("code_ahead", ahead)))
-                            for ahead in (2, 3) for w in cuda_nf4_wgmma.RESIDENT_AHEAD_WARPGROUPS]
     return choices
+
+
+def ahead_candidates(rows: int) -> list[Choice]:
+    """The x-resident kernel with the pair table at 4-6 warpgroups and 2 or 3 quant blocks' codes in flight a warp
+    (code_ahead), at 16 or 32 block tokens as `candidates` takes them; bench.kernels times them with the candidates."""
+    tiles = ((), (("block_tokens", 16),)) if rows <= 16 else ((),)
+    return [Choice("wgmma", (("resident_warpgroups", w),) + tile + (("pairs", True), ("code_ahead", ahead)))
+            for tile in tiles for ahead in (2, 3) for w in cuda_nf4_wgmma.RESIDENT_AHEAD_WARPGROUPS]
 
 
 def time_calls(calls: list[Callable[[], object]], repeats: int = 10) -> float:
