@@ -204,6 +204,14 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
 
         impls["gemm"] = [lambda c=c: cuda_nf4.nf4_gemm(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                          for c in layer.nf4]
+    if rows < 16 and _mma_available() and _wgmma_available():  # the 16-token x-resident tile under the gemv rows
+        from server.model import cuda_nf4_wgmma
+
+        for w in (4, 6, 7):
+            impls[f"wgmma_r{w}_b16_p"] = [
+                lambda c=c, w=w: cuda_nf4_wgmma.nf4_wgmma(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0),
+                                                          resident_warpgroups=w, block_tokens=16, pairs=True)
+                for c in layer.nf4]
     if rows >= 16 and _mma_available() and _wgmma_available():  # warpgroup MMA (sm_90a; the dispatch's at 17-256)
         from server.model import cuda_nf4, cuda_nf4_wgmma
         from server.model.nf4_autotune import ahead_candidates, candidates

@@ -1,4 +1,4 @@
-"""The NF4 kernel for each weight shape and mid-sized row count, timed once at start-up (on by default).
+"""The NF4 kernel for each weight shape and decode row count, timed once at start-up (on by default).
 
 The dispatch's rules (server.model.nf4_dispatch) come from kernel tables of two model shapes, and some shapes lose
 under them: on the H200, 8B qkv at 65-128 rows ran wgmma at 38.7 us against dequant + cuBLAS's 35.0, and 1B down at
@@ -30,8 +30,8 @@ from server.model.nf4_dispatch import Choice
 log = logging.getLogger(__name__)
 
 AUTOTUNE = os.environ.get("LORAPLEX_NF4_AUTOTUNE", "1") != "0"
-# The decode-graph buckets (server.engine.cuda_graphs.DECODE_BUCKETS) between the one-row kernels and prefill sizes.
-ROWS = (16, 32, 48, 64, 96, 128, 192, 256)
+# The decode-graph buckets (server.engine.cuda_graphs.DECODE_BUCKETS) up to prefill sizes.
+ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 
 
 def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
@@ -46,8 +46,15 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
     bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s41-pairs.json), and at up to 16 rows its 16-token x tile
     (m64n16 wgmmas: half the shared-memory reads of x) with the byte-pair table (H100, 8B at 16 rows, us, against the
     32-token tile's best: gate_up 34.15 vs 37.63, down 18.79 vs 21.07, qkv 11.61 vs 12.42, o 9.51 vs 9.74;
-    bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-tiles.json). Not yet: its deeper code rings
+    bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-tiles.json). Below 16 rows: the rules' one-row kernel
+    against that 16-token tile (H100, 8B, us, rules / best tile: gate_up 31.04 / 30.43 at 1 row, 33.23 / 31.18 at 4,
+    35.54 / 31.97 at 8; qkv 11.34 / 10.58 at 8; down and o slower in the tile:
+    bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-few-rows.json). Not yet: its deeper code rings
     (ahead_candidates), until a GPU test has run them."""
+    if rows < 16:  # the one-row kernels' rule, and the x-resident kernel's 16-token tile
+        return [Choice(nf4_dispatch.kernel_for(rows, shape, num_sms=num_sms))] + (
+            [Choice("wgmma", (("resident_warpgroups", w), ("block_tokens", 16), ("pairs", True)))
+             for w in cuda_nf4_wgmma.RESIDENT_WARPGROUPS] if cuda_nf4_wgmma.wgmma_supported() else [])
     choices = [Choice("dequant"), Choice("wide")]
     if cuda_nf4_wgmma.wgmma_supported():
         default = cuda_nf4_wgmma.wgmma_block_tokens(rows, shape, num_sms)

@@ -50,6 +50,19 @@ def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
     assert Choice("wgmma", (("block_warps", 4),)) not in nf4_autotune.candidates(200, (28672, 4096), 132)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 4, 8])
+def test_below_16_rows_the_rules_one_row_kernel_meets_the_16_token_x_tile(monkeypatch, rows):
+    """At the decode buckets under 16 rows the candidates are the rules' kernel (gemv, gemv_pairs or tile) and the
+    x-resident kernel's 16-token tile with the pair table at 4-7 warpgroups; without wgmma, the rules' alone."""
+    rule = Choice(nf4_dispatch.kernel_for(rows, (28672, 4096), num_sms=132))
+    monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: False)
+    assert nf4_autotune.candidates(rows, (28672, 4096), 132) == [rule]
+    monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: True)
+    assert nf4_autotune.candidates(rows, (28672, 4096), 132) == [rule] + [
+        Choice("wgmma", (("resident_warpgroups", w), ("block_tokens", 16), ("pairs", True))) for w in (4, 5, 6, 7)]
+    assert rows in nf4_autotune.ROWS
+
+
 def _fake_layer(shape):
     return SimpleNamespace(codes=torch.zeros(shape[0] * shape[1] // 2, 1, dtype=torch.uint8),
                            absmax_f=torch.ones(shape[0] * shape[1] // 64), tiled=(torch.zeros(1), torch.zeros(1)),
