@@ -7,7 +7,6 @@ tokens of a prefill segment, while the torch path works per token.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import os
@@ -15,7 +14,6 @@ from types import SimpleNamespace
 
 import torch
 
-from server.model import nf4_dispatch
 from server.model.lora_meta import (  # noqa: F401  (re-exported: the ops' public surface)
     LoraBatchMeta,
     SlotLayout,
@@ -209,8 +207,7 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     pending = (FUSED_ACT and defer_delta and delta is None and one_token_segments
                and one_row_launch(lora_b, layout) is not None)
     fused = FUSED_SUMS and one_token_segments and getattr(base, "may_defer_sum", False)
-    with nf4_dispatch.beside_other_kernels() if nf4_dispatch.BESIDE_PICK else contextlib.nullcontext():
-        y = base(x, defer_sum=True) if fused else base(x)
+    y = base(x, defer_sum=True) if fused else base(x)
     current.wait_stream(side)
     if tuple(y.shape) != y_like.shape:
         raise ValueError(f"the base layer gave {tuple(y.shape)}, the adapters' slices need {y_like.shape}")

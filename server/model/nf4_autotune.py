@@ -155,33 +155,32 @@ def tune(layers: dict[tuple[int, int], list], num_sms: int,
          timer: Callable[[list[Callable[[], object]]], float] = time_calls,
          rows_list: tuple[int, ...] = ROWS) -> dict[tuple[tuple[int, int], int], Choice]:
     """Time the candidates for each (shape: the NF4Linears of that shape, each candidate run on every one in turn)
-    at each row count; record the fastest in nf4_dispatch.TUNED (and the fastest that leaves room on the SMs for a
-    kernel beside it in TUNED_BESIDE) and return what TUNED got. A
-    candidate that raises is skipped (logged). A shape and row count already tuned in this process (an earlier
-    engine on the same GPU) keeps its pick: timing again would cost the start-up time for nothing, and could pick
-    another kernel on noise, so that two engines of one process would sum in different orders (the GPU suite
-    compares such engines bit for bit). time_calls' L2 flush buffer is released at the end."""
-    chosen, beside = {}, {}
+    at each row count; record the fastest in nf4_dispatch.TUNED and return what it got. A candidate that raises is
+    skipped (logged). A shape and row count already tuned in this process (an earlier engine on the same GPU) keeps
+    its pick: timing again would cost the start-up time for nothing, and could pick another kernel on noise, so that
+    two engines of one process would sum in different orders (the GPU suite compares such engines bit for bit).
+    time_calls' L2 flush buffer is released at the end. Measured slower and removed (H100, 8B, 32 distinct adapters
+    at batch 32: 5.42 against 5.36 ms a step; bench/results/2026-12-06-nvidia-h100-80gb-hbm3-8b-s42-beside-ab.log,
+    the design in 9fae332): the LoRA linears' base matmul beside the side stream's shrink taking the fastest kernel
+    that leaves the SMs room (not the x-resident kernel, whose one block an SM fills them)."""
+    chosen = {}
     try:
         for shape, group in layers.items():
             for rows in rows_list:
                 if (shape, rows) not in nf4_dispatch.TUNED:
-                    best, best_beside = _fastest(group, shape, rows, num_sms, timer)
+                    best = _fastest(group, shape, rows, num_sms, timer)
                     if best is not None:
                         chosen[(shape, rows)] = best
-                    if best_beside is not None:
-                        beside[(shape, rows)] = best_beside
     finally:
         release_l2_flush_buffer()
     nf4_dispatch.TUNED.update(chosen)
-    nf4_dispatch.TUNED_BESIDE.update(beside)
     return chosen
 
 
 def _fastest(group: list, shape: tuple[int, int], rows: int, num_sms: int,
-             timer: Callable[[list[Callable[[], object]]], float]) -> tuple[Choice | None, Choice | None]:
-    """The candidate `timer` finds fastest at `rows` rows over the layers of `group`, and the fastest of those that
-    leave room on the SMs for a kernel beside them (fills_sms); None where every one raised (logged)."""
+             timer: Callable[[list[Callable[[], object]]], float]) -> Choice | None:
+    """The candidate `timer` finds fastest at `rows` rows over the layers of `group`; None where every one raised
+    (logged)."""
     x = torch.randn(rows, shape[1], device=group[0].codes.device).to(group[0].compute_dtype)
     timed = []
     for choice in candidates(rows, shape, num_sms):
@@ -189,15 +188,7 @@ def _fastest(group: list, shape: tuple[int, int], rows: int, num_sms: int,
             timed.append((timer([_runner(layer, shape, x, choice) for layer in group]), choice))
         except Exception as exc:  # a variant this build or shape lacks: the others still compete
             log.warning("NF4 autotune: %s at %d rows of %s failed: %s", choice, rows, shape, exc)
-    best = min(timed, key=lambda t: t[0], default=(None, None))[1]
-    beside = min(((ms, c) for ms, c in timed if not fills_sms(c)), key=lambda t: t[0], default=(None, None))[1]
-    return best, beside
-
-
-def fills_sms(choice: Choice) -> bool:
-    """Whether the kernel takes whole SMs (the x-resident wgmma kernel: one block an SM whose warpgroups fill its
-    registers and shared memory), so that a kernel launched beside it waits for it instead of sharing the SMs."""
-    return choice.kernel == "wgmma" and dict(choice.options).get("resident_warpgroups", 0) > 0
+    return min(timed, key=lambda t: t[0], default=(None, None))[1]
 
 
 def _runner(layer, shape: tuple[int, int], x: torch.Tensor, choice: Choice) -> Callable[[], object]:

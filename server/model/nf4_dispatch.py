@@ -23,7 +23,6 @@ The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESUL
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -113,26 +112,6 @@ class Choice:
 # (weight shape (out, in), rows) -> the kernel timed fastest at start-up (nf4_autotune.tune); run instead of
 # the rules for exactly those shapes and row counts. Empty: the rules alone.
 TUNED: dict[tuple[tuple[int, int], int], Choice] = {}
-# The same, of the kernels that leave room on the SMs for a kernel running beside them (not the x-resident wgmma
-# kernel, whose one block an SM fills its registers and shared memory): what nf4_linear_cuda runs inside
-# beside_other_kernels() (lora_ops.linear_with_lora's base matmul beside the LoRA shrink, with BESIDE_PICK).
-TUNED_BESIDE: dict[tuple[tuple[int, int], int], Choice] = {}
-# LORAPLEX_NF4_BESIDE_PICK=1: the LoRA linears' base matmuls take TUNED_BESIDE's pick (opt-in until measured: on an
-# H100 the x-resident kernel beside the shrink took 8B gate_up's stage of a mixed-adapter step from 46.5 to 41 us but
-# down's from 27.7 to 31.4, the shrink after it; bench/NOTES.md, forty-first session).
-BESIDE_PICK = os.environ.get("LORAPLEX_NF4_BESIDE_PICK", "0") == "1"
-_beside = 0  # how many beside_other_kernels() contexts are open (the engine thread's)
-
-
-@contextlib.contextmanager
-def beside_other_kernels():
-    """NF4 matmuls in this context take TUNED_BESIDE's pick where there is one: another kernel runs beside them."""
-    global _beside
-    _beside += 1
-    try:
-        yield
-    finally:
-        _beside -= 1
 
 
 @functools.cache
@@ -275,14 +254,13 @@ def nf4_linear_cuda(
     options: dict | None = None,  # with kernel="wgmma": cuda_nf4_wgmma.nf4_wgmma's keyword arguments (nf4_autotune)
 ) -> torch.Tensor | SplitSums:
     """y = x @ dequant(W)^T (+ bias), semantics of nf4_ops.nf4_matmul_reference, by the fastest kernel: the one
-    start-up tuning chose for this shape and row count (TUNED; inside beside_other_kernels(), TUNED_BESIDE), else the
-    rules (kernel_for)."""
+    start-up tuning chose for this shape and row count (TUNED), else the rules (kernel_for)."""
     from server.model.triton_nf4 import device_num_sms
 
     num_sms = device_num_sms(x.device.index or 0)
     if kernel is None and TUNED:
         key = (tuple(shape), x.shape[0])
-        choice = (TUNED_BESIDE.get(key) if _beside else None) or TUNED.get(key)
+        choice = TUNED.get(key)
         if choice is not None:
             kernel, options = choice.kernel, dict(choice.options)
     name = kernel or kernel_for(x.shape[0], shape, num_sms=num_sms)

@@ -1,6 +1,6 @@
-"""GPU-suite fixtures. An engine built by a test (LORAPLEX_NF4_AUTOTUNE, on by default) fills nf4_dispatch.TUNED and
-TUNED_BESIDE, which every later NF4 matmul of the process consults first; each test module gets the tables as it
-found them back, so that one module's engines cannot change which kernel another module's tests run."""
+"""GPU-suite fixtures. An engine built by a test (LORAPLEX_NF4_AUTOTUNE, on by default) fills nf4_dispatch.TUNED,
+which every later NF4 matmul of the process consults first; each test module gets the table as it found it back, so
+that one module's engines cannot change which kernel another module's tests run."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import pytest
 def _tuned_kernels_stay_in_their_module():
     from server.model import nf4_dispatch
 
-    saved = [(table, dict(table)) for table in (nf4_dispatch.TUNED, nf4_dispatch.TUNED_BESIDE)]
+    saved = dict(nf4_dispatch.TUNED)
     yield
-    for table, picks in saved:
-        table.clear()
-        table.update(picks)
+    nf4_dispatch.TUNED.clear()
+    nf4_dispatch.TUNED.update(saved)

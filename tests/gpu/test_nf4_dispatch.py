@@ -700,4 +700,3 @@ def test_autotune_chooses_a_kernel_the_dispatch_then_runs_for_those_rows():
             torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=5e-2)
     finally:
         nf4_dispatch.TUNED.clear()
-        nf4_dispatch.TUNED_BESIDE.clear()

@@ -15,10 +15,8 @@ from server.model.nf4_dispatch import Choice
 @pytest.fixture(autouse=True)
 def clean_choices():
     nf4_dispatch.TUNED.clear()
-    nf4_dispatch.TUNED_BESIDE.clear()
     yield
     nf4_dispatch.TUNED.clear()
-    nf4_dispatch.TUNED_BESIDE.clear()
 
 
 def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
@@ -194,44 +192,3 @@ def test_the_l2_flush_buffer_falls_back_to_warm_timing_where_it_does_not_fit(mon
     assert nf4_autotune._l2_flush_buffer() is flush  # kept until released
     nf4_autotune.release_l2_flush_buffer()
     assert nf4_autotune._flush is None
-
-
-def test_tune_also_records_the_fastest_kernel_that_leaves_the_sms_room(monkeypatch):
-    """The x-resident kernel fills every SM, so a LoRA shrink beside it waits: TUNED_BESIDE keeps the fastest of
-    the others, and nf4_linear_cuda runs it inside beside_other_kernels() only."""
-    monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: True)
-    resident = Choice("wgmma", (("resident_warpgroups", 7),))
-    cost = {"dequant": 3.0, "wide": 2.0}
-
-    def fake_linear(x, codes, absmax_f, shape, table, bias, state, kernel, tiled, options):
-        if kernel == "wgmma":
-            return 0.5 if options.get("resident_warpgroups") == 7 and not options.get("pairs") else 1.5
-        return cost[kernel]
-
-    monkeypatch.setattr(nf4_dispatch, "nf4_linear_cuda", fake_linear)
-    chosen = nf4_autotune.tune({(256, 128): [_fake_layer((256, 128))]}, 132, timer=lambda calls: calls[0](),
-                               rows_list=(16,))
-    assert chosen == {((256, 128), 16): resident} == nf4_dispatch.TUNED
-    assert nf4_autotune.fills_sms(resident) and not nf4_autotune.fills_sms(Choice("wgmma", (("stage_blocks", 2),)))
-    beside = nf4_dispatch.TUNED_BESIDE
-    assert beside == {((256, 128), 16): Choice("wgmma")}  # the first of the 1.5s, not the resident kernel
-
-
-def test_nf4_linear_cuda_takes_the_beside_pick_inside_the_context_only(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "server.model.triton_nf4", SimpleNamespace(device_num_sms=lambda index: 132))
-    ran = []
-    monkeypatch.setattr(cuda_nf4_wgmma, "nf4_wgmma", lambda x, *a, **kw: ran.append(kw.get("resident_warpgroups")))
-    key = ((256, 128), 16)
-    nf4_dispatch.TUNED[key] = Choice("wgmma", (("resident_warpgroups", 7),))
-    nf4_dispatch.TUNED_BESIDE[key] = Choice("wgmma", (("stage_blocks", 2),))
-    x = torch.zeros(16, 128, dtype=torch.bfloat16)
-    layer = _fake_layer((256, 128))
-    run = lambda: nf4_dispatch.nf4_linear_cuda(x, layer.codes, layer.absmax_f, (256, 128),  # noqa: E731
-                                               layer.quant_state.code, None, layer.quant_state, tiled=layer.tiled)
-    run()
-    with nf4_dispatch.beside_other_kernels():
-        run()
-    run()
-    assert ran == [7, None, 7]
