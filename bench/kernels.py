@@ -214,16 +214,14 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                 for c in layer.nf4]
     if rows >= 16 and _mma_available() and _wgmma_available():  # warpgroup MMA (sm_90a; the dispatch's at 17-256)
         from server.model import cuda_nf4, cuda_nf4_wgmma
-        from server.model.nf4_autotune import ahead_candidates, candidates
+        from server.model.nf4_autotune import candidates
 
         # the default and the variants start-up tuning would time (each other block size that holds M, one
         # warpgroup a block), then the 32-token instance's own variants
-        short = {"block_tokens": "b", "block_warps": "w", "stage_blocks": "s", "resident_warpgroups": "r", "pairs": "p",
-                 "code_ahead": "a"}
+        short = {"block_tokens": "b", "block_warps": "w", "stage_blocks": "s", "resident_warpgroups": "r", "pairs": "p"}
         variants = {"wgmma" + "".join(f"_{short[k]}{'' if v is True else v}" for k, v in choice.options):
                     dict(choice.options)
-                    for choice in candidates(rows, layer.shape, device_num_sms(0)) + ahead_candidates(rows)
-                    if choice.kernel == "wgmma"}
+                    for choice in candidates(rows, layer.shape, device_num_sms(0)) if choice.kernel == "wgmma"}
         block_tokens = cuda_nf4_wgmma.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
         if block_tokens == 32:
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)

@@ -70,9 +70,6 @@ RESIDENT_WARPGROUPS = (4, 5, 6, 7)  # the x-resident kernel's instances (dispatc
 # gate_up 75.97 vs 58.64 at 64 rows, 138.68 vs 105.04 at 128; down 30.70 vs 31.29 and 72.40 vs 55.64;
 # bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-tiles.json)
 RESIDENT_BLOCK_TOKENS = (16, 32)
-# its instances with 2-3 quant blocks' codes in flight a warp (code_ahead; with the pair table): at 7 warpgroups a
-# block (72 registers a thread) the deeper ring has no room
-RESIDENT_AHEAD_WARPGROUPS = (4, 5, 6)
 _RESIDENT_SMEM = 226 * 1024  # csrc nf4_wgmma_resident.cuh: kResidentSmemMax
 _PAIRS_BELOW, _PAIRS_PAST = 0x10000 - 1024, 130048  # its window below the pair table; resident_smem_bytes' base
 
@@ -140,7 +137,6 @@ def nf4_wgmma(
     one_wait: bool | None = None,
     resident_warpgroups: int = 0,
     pairs: bool = False,
-    code_ahead: int = 1,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's 16
     weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -153,8 +149,7 @@ def nf4_wgmma(
     blocks (wgmma_occupancy). `resident_warpgroups` 4-7 (tuning candidates; 16 or 32 block tokens):
     the x-resident kernel (csrc/nf4_wgmma_resident.cuh), one block an SM of that many warpgroups holding x of its split
     of K, each warpgroup walking 64-row units on its own (splits: resident_split_k); with `pairs`, its dequantization
-    from the byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), 64 KB beside x, and
-    `code_ahead` 2-3 (with `pairs`, 4-6 warpgroups): that many quant blocks' codes in flight a warp instead of one. Each
+    from the byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), 64 KB beside x. Each
     warpgroup issues the same wgmmas in the same order whatever the variant: the same bits for the same splits. Measured
     slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas run (3-15%,
     bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep instead of two
@@ -198,6 +193,5 @@ def nf4_wgmma(
     if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens
         one_wait = one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
     partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      blocks_per_sm, block_warps, one_wait, resident_warpgroups, pairs, code_ahead,
-                                      defer_sum)
+                                      blocks_per_sm, block_warps, one_wait, resident_warpgroups, pairs, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)

@@ -51,8 +51,7 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
     bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-tiles.json). Below 16 rows: the rules' one-row kernel
     against that 16-token tile (H100, 8B, us, rules / best tile: gate_up 31.04 / 30.43 at 1 row, 33.23 / 31.18 at 4,
     35.54 / 31.97 at 8; qkv 11.34 / 10.58 at 8; down and o slower in the tile:
-    bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-few-rows.json). Not yet: its deeper code rings
-    (ahead_candidates), until a GPU test has run them."""
+    bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-few-rows.json)."""
     if rows < 16:  # the one-row kernels' rule, and the x-resident kernel's 16-token tile
         return [Choice(nf4_dispatch.kernel_for(rows, shape, num_sms=num_sms))] + (
             [Choice("wgmma", (("resident_warpgroups", w), ("block_tokens", 16), ("pairs", True)))
@@ -73,14 +72,6 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
                 choices += [Choice("wgmma", (("resident_warpgroups", w), ("block_tokens", 16), ("pairs", True)))
                             for w in cuda_nf4_wgmma.RESIDENT_WARPGROUPS]
     return choices
-
-
-def ahead_candidates(rows: int) -> list[Choice]:
-    """The x-resident kernel with the pair table at 4-6 warpgroups and 2 or 3 quant blocks' codes in flight a warp
-    (code_ahead), at 16 or 32 block tokens as `candidates` takes them; bench.kernels times them with the candidates."""
-    tiles = ((), (("block_tokens", 16),)) if rows <= 16 else ((),)
-    return [Choice("wgmma", (("resident_warpgroups", w),) + tile + (("pairs", True), ("code_ahead", ahead)))
-            for tile in tiles for ahead in (2, 3) for w in cuda_nf4_wgmma.RESIDENT_AHEAD_WARPGROUPS]
 
 
 def time_calls(calls: list[Callable[[], object]], repeats: int = 10) -> float:

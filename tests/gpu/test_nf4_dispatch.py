@@ -264,40 +264,32 @@ def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_token
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("pairs, code_ahead", [(False, 1), (True, 1), (True, 2), (True, 3)])
+@pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("warpgroups, block_tokens", [(4, 32), (5, 32), (6, 32), (7, 32), (4, 16), (5, 16), (6, 16),
                                                       (7, 16)])
 @pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 2), (7, 5), (300, 12), (100, 24)])
-def test_resident_kernel_matches_the_default_bit_for_bit(rows, split_k, warpgroups, block_tokens, pairs, code_ahead,
-                                                         dtype):
+def test_resident_kernel_matches_the_default_bit_for_bit(rows, split_k, warpgroups, block_tokens, pairs, dtype):
     """x held in shared memory, warpgroups walking 64-row units on their own: the same wgmmas in the same order as the
     default kernel with the same splits, so the same bits, with bias, through the split sums and deferred, and on
     replay. 600 weight rows: 10 units, the last of 2 tiles (tiles past the weight clamped, never stored); 300 rows in
     12 splits and 100 in 24 leave one block a split (132 SMs over splits x token groups), so a warpgroup walks two
     units, its ring loading the next unit's first block in the last stage of one. The byte-pair table gives the same
     products (fp32 code x fp32 scale, one rounding); with it, x's 24 tiles sit both below and past the table (at 32
-    block tokens). A 16-token x tile (m64n16 wgmmas) sums each output as the 32-token one does. With 2-3 quant blocks'
-    codes in flight (code_ahead), a unit's last stages load the next unit's first blocks: 5 splits hold 5, 5, 5, 5
-    and 4 blocks; 12 splits of 2 cross units at every stage two ahead, and three ahead, like 24 splits of 1, take the
-    one-ahead ring (launch_wgmma_resident)."""
+    block tokens). A 16-token x tile (m64n16 wgmmas) sums each output as the 32-token one does."""
     from server.model import cuda_nf4_wgmma
 
-    if code_ahead > 1 and warpgroups not in cuda_nf4_wgmma.RESIDENT_AHEAD_WARPGROUPS:
-        pytest.skip("code_ahead > 1 is built for 4-6 warpgroups")
     if -(-24 // split_k) > cuda_nf4_wgmma.resident_max_blocks(block_tokens, pairs):
         pytest.skip(f"{-(-24 // split_k)} quant blocks of x at {block_tokens} tokens exceed the block's shared memory")
     codes, absmax, wshape, table, tiled, x, bias = _wgmma_layer(rows, dtype)
     run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, bias, split_k=split_k,  # noqa: E731
                                                     **{"block_tokens": 32, **kw})
-    got = run(x, resident_warpgroups=warpgroups, pairs=pairs, block_tokens=block_tokens, code_ahead=code_ahead)
+    got = run(x, resident_warpgroups=warpgroups, pairs=pairs, block_tokens=block_tokens)
     assert torch.equal(got, run(x))
     assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
     if split_k > 1:
-        deferred = run(x, resident_warpgroups=warpgroups, pairs=pairs, block_tokens=block_tokens,
-                       code_ahead=code_ahead, defer_sum=True)
+        deferred = run(x, resident_warpgroups=warpgroups, pairs=pairs, block_tokens=block_tokens, defer_sum=True)
         assert torch.equal(deferred.partials, run(x, defer_sum=True).partials)
-    _assert_replays(lambda xs: run(xs, resident_warpgroups=warpgroups, pairs=pairs, block_tokens=block_tokens,
-                                   code_ahead=code_ahead), x)
+    _assert_replays(lambda xs: run(xs, resident_warpgroups=warpgroups, pairs=pairs, block_tokens=block_tokens), x)
 
 
 @pytest.mark.parametrize("rows, split_k, token_tiles, rows_per_warp", [

@@ -39,10 +39,6 @@ def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
     at_16 = nf4_autotune.candidates(16, (28672, 4096), 132)  # and at up to 16 rows its 16-token x tile, pair table
     assert [c for c in at_16 if dict(c.options).get("block_tokens") == 16] == [
         Choice("wgmma", (("resident_warpgroups", w), ("block_tokens", 16), ("pairs", True))) for w in (4, 5, 6, 7)]
-    assert not [c for c in at_16 if "code_ahead" in dict(c.options)]  # deeper code rings: not until a GPU test
-    assert nf4_autotune.ahead_candidates(16)[-1] == Choice("wgmma", (
-        ("resident_warpgroups", 6), ("block_tokens", 16), ("pairs", True), ("code_ahead", 3)))
-    assert len(nf4_autotune.ahead_candidates(16)) == 12 and len(nf4_autotune.ahead_candidates(32)) == 6
     assert not [c for c in at_128 + nf4_autotune.candidates(17, (28672, 4096), 132)
                 if dict(c.options).get("block_tokens") == 16]
     assert Choice("wgmma", (("block_warps", 4),)) not in nf4_autotune.candidates(200, (28672, 4096), 132)

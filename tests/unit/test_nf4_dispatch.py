@@ -235,19 +235,18 @@ def test_one_wait_is_the_default_where_it_measured_faster(monkeypatch, setting, 
 
 
 @pytest.mark.parametrize("options, expected", [
-    ({}, (1, 32, 1, 3, 8, False, 0, False, 1)),  # the default 32-token block: three blocks an SM, no one-wait
-    ({"stage_blocks": 2}, (1, 32, 2, 0, 8, False, 0, False, 1)),  # two blocks a stage at two blocks an SM
-    ({"block_tokens": 64}, (1, 64, 1, 0, 8, True, 0, False, 1)),  # one wait a stage: the 64-token default
-    ({"block_tokens": 64, "block_warps": 4}, (1, 64, 1, 0, 4, False, 0, False, 1)),  # not with one warpgroup a block
-    ({"resident_warpgroups": 7}, (1, 32, 1, 3, 8, False, 7, False, 1)),  # x resident: 32 block tokens
-    ({"resident_warpgroups": 6, "pairs": True}, (1, 32, 1, 3, 8, False, 6, True, 1)),  # and the byte-pair table
-    ({"resident_warpgroups": 7, "block_tokens": 16}, (1, 16, 1, 0, 8, False, 7, False, 1)),  # a 16-token x tile
-    ({"resident_warpgroups": 4, "pairs": True, "code_ahead": 3}, (1, 32, 1, 3, 8, False, 4, True, 3)),  # a deeper ring
+    ({}, (1, 32, 1, 3, 8, False, 0, False)),  # the default 32-token block: three blocks an SM, no one-wait
+    ({"stage_blocks": 2}, (1, 32, 2, 0, 8, False, 0, False)),  # two blocks a stage at two blocks an SM
+    ({"block_tokens": 64}, (1, 64, 1, 0, 8, True, 0, False)),  # one wait a stage: the 64-token default
+    ({"block_tokens": 64, "block_warps": 4}, (1, 64, 1, 0, 4, False, 0, False)),  # not with one warpgroup a block
+    ({"resident_warpgroups": 7}, (1, 32, 1, 3, 8, False, 7, False)),  # x resident: 32 block tokens
+    ({"resident_warpgroups": 6, "pairs": True}, (1, 32, 1, 3, 8, False, 6, True)),  # and the byte-pair table
+    ({"resident_warpgroups": 7, "block_tokens": 16}, (1, 16, 1, 0, 8, False, 7, False)),  # a 16-token x tile
 ])  # fmt: skip
 def test_wgmma_passes_the_variant_to_the_extension_in_its_order(monkeypatch, options, expected):
     """cuda_nf4_wgmma.nf4_wgmma's arguments as csrc's nf4_wgmma takes them (x, codes, scales, table, bias, out,
     split_k, block_tokens, stage_blocks, blocks_per_sm, block_warps, one_wait, resident_warpgroups, pairs,
-    code_ahead, defer_sum)."""
+    defer_sum)."""
     calls = []
     fake = SimpleNamespace(nf4_wgmma=lambda *args: calls.append(args))
     monkeypatch.setattr(cuda_nf4_wgmma, "extension", lambda: fake)
@@ -255,7 +254,7 @@ def test_wgmma_passes_the_variant_to_the_extension_in_its_order(monkeypatch, opt
     x = torch.zeros(20, 256, dtype=torch.bfloat16)
     cuda_nf4_wgmma.nf4_wgmma(x, (torch.zeros(1), torch.zeros(1)), (300, 256), torch.zeros(16), split_k=1, **options)
     (args,) = calls
-    assert args[6:15] == expected and args[15] is False
+    assert args[6:14] == expected and args[14] is False
 
 
 @pytest.mark.parametrize("block_tokens", [64, 128])

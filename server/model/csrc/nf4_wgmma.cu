@@ -49,16 +49,14 @@ torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_cod
 
 // nf4_wgmma_resident_kernel of BM tokens and WGS warpgroups a block: grid (blocks a split, splits, token groups), as
 // many blocks a split as fill the SMs once (one block an SM) or give every unit a warpgroup, whichever is fewer.
-template <typename T, int BM, int WGS, bool PAIRS, int AHEAD = 1>
+template <typename T, int BM, int WGS, bool PAIRS>
 torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor& tile_codes,
                                     const torch::Tensor& tile_scales, const torch::Tensor& table,
                                     const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
                                     bool defer_sum) {
-  constexpr auto ahead_kernel = nf4_wgmma_resident_kernel<T, BM, WGS, PAIRS, AHEAD>;
-  constexpr auto one_ahead_kernel = nf4_wgmma_resident_kernel<T, BM, WGS, PAIRS, 1>;
-  const int M = x.size(0), N = out.size(1), num_blocks = x.size(1) / 64;
-  allow_dynamic_smem<ahead_kernel>(kResidentSmemMax);
-  allow_dynamic_smem<one_ahead_kernel>(kResidentSmemMax);
+  constexpr auto kernel = nf4_wgmma_resident_kernel<T, BM, WGS, PAIRS>;
+  const int M = x.size(0), N = out.size(1);
+  allow_dynamic_smem<kernel>(kResidentSmemMax);
   const int units = ((N + 15) / 16 + 3) / 4, token_groups = (M + BM - 1) / BM;
   return run_split<T>(x, bias, out, split_k,
                       [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
@@ -67,51 +65,9 @@ torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor&
     TORCH_CHECK(smem <= kResidentSmemMax, "resident x of ", blocks_per_split, " quant blocks a split exceeds an SM's ",
                 "shared memory: split K further");
     const int blocks = std::max(1, std::min((units + WGS - 1) / WGS, current_device_sms() / (splits * token_groups)));
-    // a split of fewer than AHEAD quant blocks (the last one may be short) takes the one-ahead ring: the same wgmmas
-    const bool fits = num_blocks - (splits - 1) * blocks_per_split >= AHEAD;
-    launch_tile_layout(fits ? ahead_kernel : one_ahead_kernel, dim3(blocks, splits, token_groups), WGS * 128, smem, stream, x, tile_codes, tile_scales,
+    launch_tile_layout(kernel, dim3(blocks, splits, token_groups), WGS * 128, smem, stream, x, tile_codes, tile_scales,
                        table, bias_ptr, out_ptr, partial, N, blocks_per_split);
   }, false, defer_sum);
-}
-
-// The resident kernel's table and code ring for WGS warpgroups: the 16-entry or the pair table one block ahead, or (pair
-// table, up to 6 warpgroups: at 7 the deeper ring has no registers) 2 or 3 ahead.
-template <typename T, int BM, int WGS>
-torch::Tensor launch_resident_variant(bool pairs, int64_t code_ahead, const torch::Tensor& x,
-                                      const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
-                                      const torch::Tensor& table, const c10::optional<torch::Tensor>& bias,
-                                      torch::Tensor& out, int64_t split_k, bool defer_sum) {
-  if constexpr (WGS <= 6) {
-    if (code_ahead == 2) {
-      return launch_wgmma_resident<T, BM, WGS, true, 2>(x, tile_codes, tile_scales, table, bias, out, split_k,
-                                                         defer_sum);
-    }
-    if (code_ahead == 3) {
-      return launch_wgmma_resident<T, BM, WGS, true, 3>(x, tile_codes, tile_scales, table, bias, out, split_k,
-                                                         defer_sum);
-    }
-  }
-  return pairs ? launch_wgmma_resident<T, BM, WGS, true>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
-               : launch_wgmma_resident<T, BM, WGS, false>(x, tile_codes, tile_scales, table, bias, out, split_k,
-                                                          defer_sum);
-}
-
-// ... and for 4-7 warpgroups
-template <typename T, int BM>
-torch::Tensor launch_resident(int64_t warpgroups, bool pairs, int64_t code_ahead, const torch::Tensor& x,
-                              const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
-                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
-                              int64_t split_k, bool defer_sum) {
-  switch (warpgroups) {
-    case 4: return launch_resident_variant<T, BM, 4>(pairs, code_ahead, x, tile_codes, tile_scales, table, bias, out,
-                                                     split_k, defer_sum);
-    case 5: return launch_resident_variant<T, BM, 5>(pairs, code_ahead, x, tile_codes, tile_scales, table, bias, out,
-                                                     split_k, defer_sum);
-    case 6: return launch_resident_variant<T, BM, 6>(pairs, code_ahead, x, tile_codes, tile_scales, table, bias, out,
-                                                     split_k, defer_sum);
-    default: return launch_resident_variant<T, BM, 7>(pairs, code_ahead, x, tile_codes, tile_scales, table, bias,
-                                                      out, split_k, defer_sum);
-  }
 }
 
 template <typename T>
@@ -119,20 +75,28 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
                              int64_t block_warps, bool one_wait, int64_t resident_warpgroups, bool pairs,
-                             int64_t code_ahead, bool defer_sum) {
+                             bool defer_sum) {
   // x resident (nf4_wgmma_resident.cuh): 16 or 32 block tokens and 4-7 warpgroups a block; the 16-entry or the
-  // byte-pair table; codes one quant block ahead, or (with the pair table, 4-6 warpgroups) 2 or 3
+  // byte-pair table
   TORCH_CHECK(!pairs || resident_warpgroups > 0, "pairs takes the x-resident kernel (resident_warpgroups)");
-  TORCH_CHECK(code_ahead == 1 || (pairs && code_ahead <= 3 && resident_warpgroups >= 4 && resident_warpgroups <= 6),
-              "code_ahead takes 1, or 2-3 with the pair table and 4-6 resident warpgroups, got ", code_ahead);
   if (resident_warpgroups > 0) {
     TORCH_CHECK((block_tokens == 16 || block_tokens == 32) && resident_warpgroups >= 4 && resident_warpgroups <= 7,
                 "resident_warpgroups takes 16 or 32 block tokens and 4-7 warpgroups, got ", block_tokens, " and ",
                 resident_warpgroups);
-    return block_tokens == 16 ? launch_resident<T, 16>(resident_warpgroups, pairs, code_ahead, x, tile_codes,
-                                                       tile_scales, table, bias, out, split_k, defer_sum)
-                              : launch_resident<T, 32>(resident_warpgroups, pairs, code_ahead, x, tile_codes,
-                                                       tile_scales, table, bias, out, split_k, defer_sum);
+#define LORAPLEX_RESIDENT_LAUNCH(BM, WGS)                                                                        \
+  (pairs ? launch_wgmma_resident<T, BM, WGS, true>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum) \
+         : launch_wgmma_resident<T, BM, WGS, false>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum))
+#define LORAPLEX_RESIDENT_WARPGROUPS(BM)                             \
+  switch (resident_warpgroups) {                                    \
+    case 4: return LORAPLEX_RESIDENT_LAUNCH(BM, 4);                 \
+    case 5: return LORAPLEX_RESIDENT_LAUNCH(BM, 5);                 \
+    case 6: return LORAPLEX_RESIDENT_LAUNCH(BM, 6);                 \
+    default: return LORAPLEX_RESIDENT_LAUNCH(BM, 7);                \
+  }
+    if (block_tokens == 16) LORAPLEX_RESIDENT_WARPGROUPS(16)
+    LORAPLEX_RESIDENT_WARPGROUPS(32)
+#undef LORAPLEX_RESIDENT_WARPGROUPS
+#undef LORAPLEX_RESIDENT_LAUNCH
   }
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
@@ -177,15 +141,14 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups) or
 // 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage),
-// resident_warpgroups (0, or 4-7 at 16 or 32 block tokens: nf4_wgmma_resident_kernel, x of a split held in shared
-// memory) with pairs (its dequantization from the byte-pair table) and code_ahead (its code ring's quant blocks in
-// flight a warp: 1, or 2-3 with pairs at 4-6 warpgroups); any M, K % 64 == 0. Only where
+// resident_warpgroups (0, or 4-7 at 16 or 32 block tokens, 4 at 64, 2-3 at 128: nf4_wgmma_resident_kernel, x of a split
+// held in shared memory) with pairs (its dequantization from the byte-pair table); any M, K % 64 == 0. Only where
 // nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N]
 // instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
                         int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait,
-                        int64_t resident_warpgroups, bool pairs, int64_t code_ahead, bool defer_sum) {
+                        int64_t resident_warpgroups, bool pairs, bool defer_sum) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
@@ -193,7 +156,7 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
   return run_for_dtype(x, [&](auto dtype_tag) {
     return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
                                                stage_blocks, blocks_per_sm, block_warps, one_wait,
-                                               resident_warpgroups, pairs, code_ahead, defer_sum);
+                                               resident_warpgroups, pairs, defer_sum);
   });
 }
 

@@ -26,11 +26,14 @@
 // Measured (H100, 8B gate_up at 32 rows, ncu; bench/NOTES.md, forty-first session): the first build kept the SMs
 // busier than the default kernel (issue slots 72% against 46%) but ran 44% more instructions (33.0M against 23.0M: an
 // add of the table's base every table load, 64-bit address arithmetic and descriptors rebuilt a stage, x's staging);
-// hence TableAt, the added addresses, descriptors from their low word and x staged by whole blocks.
+// hence TableAt, the added addresses, descriptors from their low word and x staged by whole blocks. Measured slower and
+// removed (H100, forty-second session; design in ef051e7): a code ring 2-3 quant blocks ahead at 4-6 warpgroups (the
+// registers allow no more), faster than one ahead at 4 warpgroups (8B gate_up at 16 rows 35.9 against 39.3 us) but
+// never than 7 warpgroups one ahead (34.5; at 32 rows 47.9 against 42.0): more warps beat more loads in flight
+// (bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-ahead.json).
 #pragma once
 
 #include <type_traits>
-#include <utility>
 
 namespace {
 
@@ -51,23 +54,7 @@ __host__ __device__ constexpr int resident_smem_bytes(int bm, int blocks, bool p
                : blocks * bm * 128 + 2048;
 }
 
-// The stages of one round of a unit's walk, from ring slot S on: f(slot, j) for j = 0, 1, ... until f returns true
-// (the unit's last stage); whether it did.
-template <int R, int S, typename F, int... J>
-__device__ __forceinline__ bool resident_round(F&& f, std::integer_sequence<int, J...>) {
-  return (f(std::integral_constant<int, (S + J) % R>(), J) || ...);
-}
-
-// f(std::integral_constant<int, s>()) for the runtime s in [0, R)
-template <int R, int S = 0, typename F>
-__device__ __forceinline__ void resident_at_slot(int s, F&& f) {
-  if constexpr (S + 1 < R) {
-    if (s != S) return resident_at_slot<R, S + 1>(s, f);
-  }
-  f(std::integral_constant<int, S>());
-}
-
-template <typename T, int BM, int WGS, bool PAIRS = false, int AHEAD = 1>
+template <typename T, int BM, int WGS, bool PAIRS = false>
 __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
@@ -115,26 +102,13 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
     const int tile = min(4 * u + tile_in_unit, row_tiles - 1);
     return tile_scales + (lane >> 2) + (static_cast<int64_t>(tile) * num_blocks + first) * 8;
   };
-  // The code ring: AHEAD quant blocks' codes and scales in flight a warp, in AHEAD + 1 register slots (a stage takes
-  // slot P and loads slot P + AHEAD; constant indices keep the ring in registers); codes_at and scales_at at the
-  // block loaded last. A unit's last AHEAD stages load the next unit's first blocks (none left: clamped re-reads,
-  // never used). Every split holds AHEAD quant blocks at least (launch_wgmma_resident).
-  constexpr int R = AHEAD + 1;
-  const int n = last - first;
-  const uint4* codes_at = unit_codes(min(unit, units - 1));
+  const uint4* codes_at = unit_codes(min(unit, units - 1));  // the current stage's block
   const float2* scales_at = unit_scales(min(unit, units - 1));
-  uint4 ring_codes[R];
-  float2 ring_scales[R];
-  // the first stages', issued before x's staging so that their DRAM latency overlaps it
-#pragma unroll
-  for (int i = 0; i < AHEAD; ++i) {
-    if (i > 0) {
-      codes_at += 32;
-      scales_at += 8;
-    }
-    ring_codes[i] = load_tile_codes(codes_at);
-    ring_scales[i] = __ldg(scales_at);
-  }
+  uint4 ring_codes[2];
+  float2 ring_scales[2];
+  // the first stage's, issued before x's staging so that their DRAM latency overlaps it
+  ring_codes[0] = load_tile_codes(codes_at);
+  ring_scales[0] = __ldg(scales_at);
 
   // x of the split, quant blocks [q0, q1) into the tiles from shared address `at`, one region at a time (choosing the
   // region a chunk took ~4x the instructions): the first STAGERS threads stage whole quant blocks at once (XStage's
@@ -180,23 +154,23 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
   const uint32_t high_desc = smem_desc_sw128_lo(high) - low_tiles * (TILE_BYTES >> 4);
   auto desc_at = [&](int i) { return (i < low_tiles ? low_desc : high_desc) + i * (TILE_BYTES >> 4); };
   float acc[BM / 2] = {};
-  // One stage: the block in ring slot P at x's tile x_desc_lo (its descriptor's low word), the loads of the block
-  // AHEAD on issued first (the unit's next by an add, or with `cross` the next unit's first), their addresses made
-  // to depend on this block's codes (one wait a stage).
-  auto stage = [&](auto slot, uint32_t x_desc_lo, bool cross) {
+  // One stage: the block in ring slot P (stages alternate slots: constant indices keep the ring in registers) at x's
+  // tile x_desc_lo (its descriptor's low word); the next block's loads issued first (the unit's, by an add, or at the
+  // unit's end the next unit's first block: none left, a clamped re-read, never used).
+  auto stage = [&](auto slot, uint32_t x_desc_lo, bool unit_end) {
     constexpr int P = decltype(slot)::value;
     const uint4 codes = ring_codes[P];
     const float2 scales = ring_scales[P];
     const uint32_t z = (codes.x ^ __float_as_uint(scales.x)) & zero;
-    if (cross) {
+    if (unit_end) {
       codes_at = unit_codes(min(unit + stride, units - 1));
       scales_at = unit_scales(min(unit + stride, units - 1));
     } else {
       codes_at += 32;
       scales_at += 8;
     }
-    ring_codes[(P + AHEAD) % R] = load_tile_codes(codes_at + z);
-    ring_scales[(P + AHEAD) % R] = __ldg(scales_at + z);
+    ring_codes[1 - P] = load_tile_codes(codes_at + z);
+    ring_scales[1 - P] = __ldg(scales_at + z);
     uint32_t a[1][2][2][4];
     if constexpr (PAIRS) {
       a_fragments_pairs_at<T>(pair_reg, codes, scales, 0, a[0][0]);
@@ -211,23 +185,27 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
     wgmma_commit();
     wgmma_wait_all();  // before the next stage's dequantization rewrites a
   };
-  // A unit's stages, R a loop (the first in slot S), then its sums out; the next unit starts in slot (S + n) % R
+  // A unit's stages, two a loop (the first in slot S), then its sums out; after an odd count of blocks the next unit
+  // starts in the other slot
   auto walk_unit = [&](auto first_slot) {
     constexpr int S = decltype(first_slot)::value;
-    for (int i = 0; i < n; i += R) {
-      const bool unit_done = resident_round<R, S>([&](auto slot, int j) {
-        stage(slot, desc_at(i + j), i + j + AHEAD == n);
-        return i + j + 1 == n;
-      }, std::make_integer_sequence<int, R>());
-      if (unit_done) break;
+    const int n = last - first;
+    for (int i = 0; i < n; i += 2) {
+      stage(std::integral_constant<int, S>(), desc_at(i), i + 1 == n);
+      if (i + 1 == n) break;
+      stage(std::integral_constant<int, 1 - S>(), desc_at(i + 1), i + 2 == n);
     }
     store_accumulators<T, BM>(acc, 4 * unit + tile_in_unit, row_tiles, g, t, m0, M, N, bias, out, partial);
 #pragma unroll
     for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
   };
-  for (int slot = 0; unit < units; unit += stride) {
-    resident_at_slot<R>(slot, walk_unit);
-    slot = (slot + n) % R;
+  for (bool odd = false; unit < units; unit += stride) {  // odd: this unit starts in slot 1
+    if (odd) {
+      walk_unit(std::integral_constant<int, 1>());
+    } else {
+      walk_unit(std::integral_constant<int, 0>());
+    }
+    odd ^= (last - first) & 1;
   }
 #endif
 }
