@@ -207,7 +207,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
     if rows < 16 and _mma_available() and _wgmma_available():  # the 16-token x-resident tile under the gemv rows
         from server.model import cuda_nf4_wgmma
 
-        for w in (4, 6, 7):
+        for w in cuda_nf4_wgmma.RESIDENT_WARPGROUPS:  # nf4_autotune's candidates there (with the rules' kernel)
             impls[f"wgmma_r{w}_b16_p"] = [
                 lambda c=c, w=w: cuda_nf4_wgmma.nf4_wgmma(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0),
                                                           resident_warpgroups=w, block_tokens=16, pairs=True)
