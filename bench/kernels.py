@@ -204,28 +204,21 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
 
         impls["gemm"] = [lambda c=c: cuda_nf4.nf4_gemm(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                          for c in layer.nf4]
-    if rows < 16 and _mma_available() and _wgmma_available():  # the 16-token x-resident tile under the gemv rows
-        from server.model import cuda_nf4_wgmma
-
-        for w in cuda_nf4_wgmma.RESIDENT_WARPGROUPS:  # nf4_autotune's candidates there (with the rules' kernel)
-            impls[f"wgmma_r{w}_b16_p"] = [
-                lambda c=c, w=w: cuda_nf4_wgmma.nf4_wgmma(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0),
-                                                          resident_warpgroups=w, block_tokens=16, pairs=True)
-                for c in layer.nf4]
-    if rows >= 16 and _mma_available() and _wgmma_available():  # warpgroup MMA (sm_90a; the dispatch's at 17-256)
+    if _mma_available() and _wgmma_available():  # warpgroup MMA (sm_90a; the dispatch's at 17-256)
         from server.model import cuda_nf4, cuda_nf4_wgmma
         from server.model.nf4_autotune import candidates
 
-        # the default and the variants start-up tuning would time (each other block size that holds M, one
-        # warpgroup a block), then the 32-token instance's own variants
+        # the wgmma variants start-up tuning would time (from 16 rows the default, each other block size that holds
+        # M, one warpgroup a block, the x-resident kernel; under 16 rows its 16-token tile), then from 16 rows the
+        # 32-token instance's own variants
         short = {"block_tokens": "b", "block_warps": "w", "stage_blocks": "s", "resident_warpgroups": "r", "pairs": "p"}
         variants = {"wgmma" + "".join(f"_{short[k]}{'' if v is True else v}" for k, v in choice.options):
                     dict(choice.options)
                     for choice in candidates(rows, layer.shape, device_num_sms(0)) if choice.kernel == "wgmma"}
         block_tokens = cuda_nf4_wgmma.wgmma_block_tokens(rows, layer.shape, device_num_sms(0))
-        if block_tokens == 32:
+        if rows >= 16 and block_tokens == 32:
             variants["wgmma_o2"] = {"occupancy": 2}  # the instance for two blocks an SM (the default: three)
-        if block_tokens <= 128:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for)
+        if rows >= 16 and block_tokens <= 128:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for)
             one_wait = cuda_nf4.one_wait_for(block_tokens)
             variants["wgmma_nw" if one_wait else "wgmma_1w"] = {"one_wait": not one_wait}
         for vname, kw in variants.items():
