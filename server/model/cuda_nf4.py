@@ -23,24 +23,12 @@ from pathlib import Path
 
 import torch
 
+from server.model import pdl as pdl_launch
 from server.model.nf4_layout import NF4_BLOCKSIZE, codes_as_bytes
 from server.model.split_sums import SplitSums
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 64
-# Programmatic dependent launch of the tile kernel and its split-K sum (csrc/nf4_device.cuh, wait_for_prior_grid):
-# each may start while the kernel ahead finishes, its weight loads overlapping that tail; sm_90+ only. Measured and
-# left off (H200, twelfth session, bench/NOTES.md): "tile_pdl" within 0.25 us of "tile" on every 8B shape at 1 and
-# 16 rows (bench.kernels), and the 8B engine with LORAPLEX_NF4_PDL=1 decoded batch 1 at 287.2 / 284.2 tokens/s
-# (unmerged / merged engine) against 287.2 / 287.2 without it, in one run. Why it gains nothing was not looked into.
-PDL = os.environ.get("LORAPLEX_NF4_PDL", "0") == "1"
-
-
-@functools.cache
-def _pdl_supported(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (9, 0)
-
-
 @functools.cache
 def extension():
     """Build (or load from torch's extension cache) the kernel for the current GPU's architecture."""
@@ -59,8 +47,11 @@ def extension():
     try:
         # every translation unit (nf4_mma.cu with the bindings, nf4_wide.cu, nf4_wgmma.cu): ninja builds them at once
         sources = [str(path) for path in sorted(csrc.glob("*.cu"))]
-        return load(name=f"loraplex_nf4_mma_{digest[:10]}", sources=sources,
-                    extra_cuda_cflags=["-O3", "--use_fast_math"], verbose=False)
+        module = load(name=f"loraplex_nf4_mma_{digest[:10]}", sources=sources,
+                      extra_cuda_cflags=["-O3", "--use_fast_math"], verbose=False)
+        # every NF4 launch programmatically dependent on the kernel ahead, or none (server.model.pdl)
+        module.set_programmatic_launch(pdl_launch.on(torch.device("cuda", torch.cuda.current_device())))
+        return module
     finally:
         os.environ["TORCH_CUDA_ARCH_LIST"] = saved
 
@@ -155,7 +146,7 @@ def nf4_tile(
     warps: int | None = None,
     rows_per_warp: int | None = None,
     num_sms: int = 132,
-    pdl: bool | None = None,  # PDL
+    pdl: bool | None = None,  # programmatically dependent (server.model.pdl); None: the process's setting
     defer_sum: bool = False,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout; with `defer_sum`, when K is split,
@@ -171,7 +162,7 @@ def nf4_tile(
         rows_per_warp = 1
     if split_k is None:
         split_k = pick_split_k(x.shape[0], out_features, in_features, num_sms, warps, rows_per_warp=rows_per_warp)
-    pdl = (PDL if pdl is None else pdl) and _pdl_supported(x.device.index or 0)
+    pdl = pdl_launch.on(x.device) if pdl is None else pdl and pdl_launch.supported(x.device)
     partials = extension().nf4_tile(x, tiled[0], tiled[1], code_table, bias, out, split_k, warps, rows_per_warp, pdl,
                                      defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)

@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from server.model import pdl
 from server.model.split_sums import SplitSums
-from server.model.triton_glue import _MAX_SPLITS, _delta, _rotated, _source, _summed
+from server.model.triton_glue import _MAX_SPLITS, _delta, _rotated, _source, _summed, pdl_enter
 
 _LOG2E = 1.4426950408889634
 _NUM_SMS = 132  # H100; only steers the split heuristic
@@ -34,11 +35,12 @@ def _decode_kernel(
     stride_bt, stride_ob, stride_oh, stride_src, stride_rope,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, V_FIRST: tl.constexpr, ROTARY: tl.constexpr,
-    SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr,
+    SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """With ROTARY, q and the row's new k and v come from the qkv projection's output row at src_ptr (or, with SUMS,
     from its split-K partials, plus its LoRA delta with HAS_DELTA): q is rotated here, and the program whose split
     holds the row's last position rotates k and stores k and v in the cache before it reads its tiles."""
+    pdl_enter(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -158,8 +160,9 @@ def _qkv_halves(src_ptr, bias_ptr, src_row, cols, mask, plane, splits, delta_ptr
 @triton.jit
 def _merge_splits_kernel(
     acc_ptr, stats_ptr, out_ptr, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     row = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
@@ -284,9 +287,11 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROTARY=rotary is not None,
         SUMS=plane > 0, HAS_BIAS=has_bias, HAS_DELTA=has_delta, num_warps=tuning["num_warps"],
         **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
+        **pdl.triton_launch(out.device),
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(num_rows, num_q_heads)](
             acc, stats, out, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            **pdl.triton_launch(out.device),
         )  # fmt: skip

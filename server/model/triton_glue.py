@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from server.model import pdl
 from server.model.pending_lora import PendingLora
 from server.model.split_sums import SplitSums
 from server.model.triton_lora import _row_delta, one_row_launch
@@ -84,18 +85,29 @@ def _delta(y: torch.Tensor | SplitSums) -> tuple[torch.Tensor, bool]:
     return delta, True
 
 
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """With PDL (a launch with server.model.pdl's options): wait until the kernel ahead has completed and its memory
+    is visible, then let the kernel behind launch. Before a kernel's first read of an activation and first store."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 @triton.jit(do_not_specialize=["plane", "splits"])
 def _add_rmsnorm_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, y_ptr, ids_ptr, n_cols, stride_h, stride_d, stride_ho,
                         stride_y, eps, plane, splits, bias_ptr, HAS_ADD: tl.constexpr, GATHER: tl.constexpr,
-                        SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                        SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One row: y = rmsnorm(x) with x = h[row] (+ delta[row], stored rounded as h_out[row]), or with GATHER
     x = h[ids[row]] (an embedding table's row, stored as h_out[row]). With SUMS, delta is summed from a linear's
     split-K partials at delta_ptr (rounded once, as the sum kernel rounds it) as it is read."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    # the weight first: loaded after the row's sum (as written before) it was a second memory round trip a row
+    # the weight first: loaded after the row's sum (as written before) it was a second memory round trip a row; and
+    # before the wait for the kernel ahead (no kernel of a step writes it)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    pdl_enter(PDL)
     src = tl.load(ids_ptr + row).to(tl.int64) if GATHER else row
     x = tl.load(h_ptr + src * stride_h + cols, mask=mask, other=0.0)
     if HAS_ADD:
@@ -133,6 +145,7 @@ def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | SplitSums | None, weight:
         h, d, weight, h_out, y, h, n_cols, h.stride(0), d.stride(-2), h_out.stride(0), y.stride(0), eps,
         plane, splits, bias, HAS_ADD=delta is not None, GATHER=False, SUMS=isinstance(delta, SplitSums),
         HAS_BIAS=has_bias, BLOCK=triton.next_power_of_2(n_cols), num_warps=num_warps or _norm_warps(n_cols),
+        **pdl.triton_launch(h.device),
     )  # fmt: skip
     return h_out, y
 
@@ -148,7 +161,7 @@ def embed_rmsnorm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, 
     _add_rmsnorm_kernel[(ids.shape[0],)](
         table, table, weight, h, y, ids, n_cols, table.stride(0), 0, h.stride(0), y.stride(0), eps, 0, 0, table,
         HAS_ADD=False, GATHER=True, SUMS=False, HAS_BIAS=False, BLOCK=triton.next_power_of_2(n_cols),
-        num_warps=_norm_warps(n_cols),
+        num_warps=_norm_warps(n_cols), **pdl.triton_launch(table.device),
     )
     return h, y
 
@@ -172,9 +185,10 @@ def _lora_added(v, row, cols, mask, h_ptr, slice_index, b_ptr, slot, slot_offset
 def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, splits, bias_ptr, delta_ptr,
                      h_ptr, b_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr, stride_hm, stride_br, stride_bn,
                      BLOCK: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, MOST_SPLITS: tl.constexpr,
-                     HAS_DELTA: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr):
+                     HAS_DELTA: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
     """One row's activation at BLOCK columns of the gate (and the same of up). With HAS_LORA, gate and up first take
     the token's pending LoRA delta (`_lora_added`; pending_lora.PendingLora), slice 0 and slice 1 of its h."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -242,6 +256,7 @@ def silu_mul(gate_up: torch.Tensor | SplitSums | PendingLora, launch: tuple[int,
         src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias, delta, *lora_args,
         BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, MOST_SPLITS=splits if sums and compiled_splits else MAX_SPLITS,
         HAS_DELTA=has_delta, HAS_LORA=lora is not None, BLOCK_R=block_r, num_warps=warps,
+        **pdl.triton_launch(out.device),
     )  # fmt: skip
     return out
 

@@ -3,6 +3,8 @@ odd shapes (in_features not a multiple of the tiles, rows not a power of two). R
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -393,6 +395,76 @@ def test_tile_kernel_launched_programmatically_dependent_reads_the_kernel_ahead(
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, want)
+
+
+@contextlib.contextmanager
+def _programmatic(on: bool):
+    """Every PDL-capable launch programmatically dependent (server.model.pdl) or none, for the block's launches."""
+    from server.model import cuda_nf4, pdl
+
+    saved = pdl.ENABLED
+    pdl.ENABLED = on
+    cuda_nf4.extension().set_programmatic_launch(on)
+    try:
+        yield
+    finally:
+        pdl.ENABLED = saved
+        cuda_nf4.extension().set_programmatic_launch(pdl.on(torch.device("cuda")))
+
+
+@pytest.mark.parametrize("kernel, rows, options", [
+    (None, 1, {}), ("gemv", 3, {}), ("tile", 5, {}), ("wgmma", 17, {}), ("wgmma", 32, {"stage_blocks": 2}),
+    ("wgmma", 32, {"resident_warpgroups": 7, "pairs": True}),
+    ("wgmma", 16, {"resident_warpgroups": 5, "block_tokens": 16, "pairs": True}), ("wgmma", 130, {}),
+    ("wide", 40, {}),
+])  # fmt: skip
+def test_decode_layer_chain_programmatically_dependent_equals_plain_launches(kernel, rows, options):
+    """LORAPLEX_PDL's chain (server.model.pdl): residual add + norm (Triton), the NF4 kernel (its split-K partials
+    summed by the next norm or by csrc's sum kernel), silu * up, again the NF4 kernel, four layers deep, gives the
+    plain launches' bits, eager and replayed from a CUDA graph. A kernel that read its input before its wait, or
+    released the next kernel before its own wait, would read a buffer before the kernel ahead wrote it."""
+    from server.model import cuda_nf4_wgmma, glue_ops
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    if kernel == "wgmma" and not cuda_nf4_wgmma.wgmma_supported():
+        pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
+    codes, absmax, wshape, table, state = _layer(1024, 2048)  # gate_up: 1024 -> 2 x 1024
+    down_codes, down_absmax, down_shape, down_table, down_state = _layer(1024, 1024)
+    tiled, down_tiled = _tiled(codes, absmax, wshape), _tiled(down_codes, down_absmax, down_shape)
+    norm = torch.rand(1024, device="cuda").to(torch.bfloat16) + 0.5
+    h0 = torch.randn(rows, 1024, device="cuda").to(torch.bfloat16)
+
+    def linear(x, c, a, s, t, st, tl, defer):
+        return nf4_dispatch.nf4_linear_cuda(x, c, a, s, t, None, st, kernel=kernel, tiled=tl, defer_sum=defer,
+                                            options=options)
+
+    def chain():
+        h, y = h0, glue_ops.rmsnorm(h0, norm, 1e-5)
+        for _ in range(4):
+            act = glue_ops.silu_mul(linear(y, codes, absmax, wshape, table, state, tiled, True))
+            delta = linear(act, down_codes, down_absmax, down_shape, down_table, down_state, down_tiled, rows >= 8)
+            h, y = glue_ops.add_rmsnorm(h, delta, norm, 1e-5)
+        return y
+
+    with _programmatic(False):
+        want = chain()
+    with _programmatic(True):
+        for _ in range(3):
+            assert torch.equal(chain(), want)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            chain()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        for _ in range(5):
+            out.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, want)
 
 
 @pytest.mark.parametrize("kernel, rows, split_k", [("tile", 1, 16), ("tile", 7, 3), ("wide", 13, 5), ("wide", 32, 2),

@@ -61,10 +61,10 @@ def test_decode_attention(modules, head_dim, splits, rotary, sums, delta):
     compile_sm90(modules["attention"]._decode_kernel, {
         "HEAD_DIM": head_dim, "BLOCK_SIZE": 16, "BLOCK_H": 16, "TILE_N": 64, "NUM_SPLITS": splits,
         "DOT_PRECISION": "tf32", "V_FIRST": True, "ROTARY": rotary, "SUMS": sums, "HAS_BIAS": sums,
-        "HAS_DELTA": delta}, types, 8)
+        "HAS_DELTA": delta, "PDL": splits > 1}, types, 8)
     if splits > 1:
         compile_sm90(modules["attention"]._merge_splits_kernel,
-                     {"HEAD_DIM": head_dim, "NUM_SPLITS": splits, "BLOCK_S": splits},
+                     {"HEAD_DIM": head_dim, "NUM_SPLITS": splits, "BLOCK_S": splits, "PDL": True},
                      {"acc_ptr": "*fp32", "stats_ptr": "*fp32"})
 
 
@@ -80,7 +80,7 @@ def test_prefill_attention(modules):
                                                 (True, False, True)])
 def test_norms(modules, has_add, gather, sums):
     compile_sm90(modules["glue"]._add_rmsnorm_kernel,
-                 {"HAS_ADD": has_add, "GATHER": gather, "SUMS": sums, "HAS_BIAS": sums, "BLOCK": 4096},
+                 {"HAS_ADD": has_add, "GATHER": gather, "SUMS": sums, "HAS_BIAS": sums, "BLOCK": 4096, "PDL": has_add},
                  {"ids_ptr": "*i64"} | ({"delta_ptr": "*fp32"} if sums else {}))
 
 
@@ -91,12 +91,12 @@ def test_activation_and_rotary(modules, sums, delta):
     for most in (16, 3) if sums else (16,):  # the count read at run time, or compiled in
         compile_sm90(modules["glue"]._silu_mul_kernel,
                      {"BLOCK": 256, "SUMS": sums, "HAS_BIAS": sums, "MOST_SPLITS": most, "HAS_DELTA": delta,
-                      "HAS_LORA": False, "BLOCK_R": 16},
+                      "HAS_LORA": False, "BLOCK_R": 16, "PDL": sums},
                      partials)
     if not delta:  # gate_up's pending LoRA delta (LORAPLEX_LORA_FUSED_ACT), on the base output or its partials
         compile_sm90(modules["glue"]._silu_mul_kernel,
                      {"BLOCK": 1024, "SUMS": sums, "HAS_BIAS": False, "MOST_SPLITS": 16 if sums else 1,
-                      "HAS_DELTA": False, "HAS_LORA": True, "BLOCK_R": 32},
+                      "HAS_DELTA": False, "HAS_LORA": True, "BLOCK_R": 32, "PDL": False},
                      partials | FUSED_ACT_META)
     compile_sm90(modules["glue"]._rotary_write_kv_kernel,
                  {"NUM_Q_HEADS": 32, "NUM_KV_HEADS": 8, "HALF": 64, "SUMS": sums, "HAS_BIAS": sums,

@@ -287,14 +287,18 @@ __device__ __forceinline__ void store_output(float v, int tok, int row, int M, i
   out[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
 }
 
-// Programmatic dependent launch (sm_90+; LORAPLEX_NF4_PDL, off by default: measured without gain, see cuda_nf4.PDL):
-// a kernel launched with the attribute may start while the kernel ahead of it in the stream finishes, so its launch
-// and its first loads of weights (which no kernel writes) overlap that tail; this waits until the earlier kernel's
-// memory is visible, and must come before the kernel's first read of an activation and its first store. A no-op for
-// a kernel launched without the attribute and before sm_90.
+// Programmatic dependent launch (sm_90+; LORAPLEX_PDL, cuda_nf4.PDL / server.model.pdl): a kernel launched with the
+// attribute may start while the kernel ahead of it in the stream finishes, so its launch and its first loads of
+// weights (which no kernel of a step writes) overlap that tail. This waits until the kernel ahead has completed and its
+// memory is visible, and must come before the kernel's first read of an activation and its first store; then it lets
+// the kernel behind this one launch (griddepcontrol.launch_dependents: its blocks take the SMs this kernel's blocks
+// leave, and wait there in turn). Triggered only after the wait, so at most one kernel runs ahead, and a kernel's
+// completion still implies every kernel's before it. No-ops for a kernel launched without the attribute and before
+// sm_90.
 __device__ __forceinline__ void wait_for_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
 

@@ -58,11 +58,21 @@ void allow_dynamic_smem(int bytes) {
   if (device < 64) allowed[device] = true;
 }
 
-// Launch `kernel` on `stream`, with programmatic dependent launch when `pdl` (see wait_for_prior_grid).
+// Whether the launches below that can be are programmatically dependent (wait_for_prior_grid): the process's
+// setting, from set_programmatic_launch (cuda_nf4.PDL, LORAPLEX_PDL=1 on sm_90+). One flag for every translation unit
+// (an inline function's static).
+inline bool& programmatic_launch() {
+  static bool on = false;
+  return on;
+}
+
+// Launch `kernel` on `stream` with `smem` bytes of dynamic shared memory, programmatically dependent when `pdl` (the
+// kernel must call wait_for_prior_grid before it reads an activation or stores).
 template <typename... Params, typename... Args>
-void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Args... args) {
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, int smem, cudaStream_t stream, bool pdl,
+                   Args... args) {
   if (!pdl) {
-    kernel<<<grid, block, 0, stream>>>(args...);
+    kernel<<<grid, block, smem, stream>>>(args...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -72,6 +82,7 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
+  config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = &attribute;
   config.numAttrs = 1;
@@ -79,15 +90,17 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 }
 
 // `kernel`, of the tile layout kernels' parameter list (x, codes, scales, the code table, bias, out, fp32 partials,
-// M, N, K, quant blocks a split), over `grid` on `stream`: the launch in run_split's body.
-template <typename T, typename Kernel>
-void launch_tile_layout(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream, const torch::Tensor& x,
-                        const torch::Tensor& tile_codes, const torch::Tensor& tile_scales, const torch::Tensor& table,
-                        const T* bias, T* out, float* partial, int N, int blocks_per_split) {
-  kernel<<<grid, threads, smem, stream>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-      reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias, out, partial,
-      static_cast<int>(x.size(0)), N, static_cast<int>(x.size(1)), blocks_per_split);
+// M, N, K, quant blocks a split), over `grid` on `stream`: the launch in run_split's body; programmatically dependent
+// with the process's setting (each such kernel waits for the kernel ahead before its first read of x).
+template <typename T, typename... Params>
+void launch_tile_layout(void (*kernel)(Params...), dim3 grid, int threads, int smem, cudaStream_t stream,
+                        const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
+                        const torch::Tensor& table, const T* bias, T* out, float* partial, int N,
+                        int blocks_per_split) {
+  launch_kernel(kernel, grid, dim3(threads), smem, stream, programmatic_launch(),
+                reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+                reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias, out, partial,
+                static_cast<int>(x.size(0)), N, static_cast<int>(x.size(1)), blocks_per_split);
 }
 
 // Grid (row groups, splits[, token groups]) of a kernel whose warps each own `rows_per_warp` 16-row tiles; `body`
@@ -112,7 +125,7 @@ torch::Tensor run_split(const torch::Tensor& x, const c10::optional<torch::Tenso
   if (splits > 1 && defer_sum) return partials;
   if (splits > 1) {
     const int64_t total = static_cast<int64_t>(M) * N;
-    launch_kernel(split_k_sum_kernel<T>, dim3((total + 255) / 256), dim3(256), stream, pdl,
+    launch_kernel(split_k_sum_kernel<T>, dim3((total + 255) / 256), dim3(256), 0, stream, pdl || programmatic_launch(),
                   static_cast<const float*>(partials.data_ptr<float>()), bias_ptr, out_ptr, M, N, splits);
   }
   return torch::Tensor();

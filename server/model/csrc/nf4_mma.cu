@@ -444,7 +444,7 @@ torch::Tensor launch_tile(const torch::Tensor& x, const torch::Tensor& tile_code
                       [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                           int blocks_per_split) {
     constexpr auto kernel = nf4_tile_kernel<T, NT, RT, W, tile_prefetch(NT, RT)>;
-    launch_kernel(kernel, dim3(groups, splits), dim3(W * 32), stream, pdl,
+    launch_kernel(kernel, dim3(groups, splits), dim3(W * 32), 0, stream, pdl || programmatic_launch(),
                   reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
                   reinterpret_cast<const float2*>(tile_scales.data_ptr()),
                   static_cast<const float*>(table.data_ptr<float>()), bias_ptr, out_ptr, partial, M, N, K,
@@ -523,8 +523,9 @@ torch::Tensor nf4_gemv(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
     const T* x_ptr = reinterpret_cast<const T*>(x.data_ptr());
     const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
     T* out_ptr = reinterpret_cast<T*>(out.data_ptr());
-#define LORAPLEX_GEMV(W) \
-  nf4_gemv_kernel<T, W, 2><<<grid, W * 32, 0, stream>>>(x_ptr, codes, scales, table_ptr, bias_ptr, out_ptr, M, N, K)
+#define LORAPLEX_GEMV(W)                                                                                       \
+  launch_kernel(nf4_gemv_kernel<T, W, 2>, grid, dim3(W * 32), 0, stream, programmatic_launch(), x_ptr, codes, scales, \
+                table_ptr, bias_ptr, out_ptr, M, N, K)
     switch (warps) {
       case 2: LORAPLEX_GEMV(2); break;
       case 4: LORAPLEX_GEMV(4); break;
@@ -589,11 +590,12 @@ torch::Tensor nf4_gemv_pairs(torch::Tensor x, torch::Tensor tile_codes, torch::T
         constexpr bool ONE_WAIT = decltype(one_wait_tag)::value;
         constexpr auto kernel = nf4_gemv_pairs_kernel<T, kPairsWarps, NT, kPairsPrefetch, ONE_WAIT>;
         if constexpr (ONE_WAIT) allow_dynamic_smem<kernel>(pairs_smem_bytes(kPairsWarps, NT));
-        kernel<<<blocks, kPairsWarps * 32, pairs_smem_bytes(kPairsWarps, NT), stream>>>(
-            reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-            reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(),
-            bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
-            reinterpret_cast<T*>(out.data_ptr()), M, N, K, static_cast<int>(group_warps));
+        launch_kernel(kernel, dim3(blocks), dim3(kPairsWarps * 32), pairs_smem_bytes(kPairsWarps, NT), stream,
+                      programmatic_launch(), reinterpret_cast<const T*>(x.data_ptr()),
+                      reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+                      reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(),
+                      bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
+                      reinterpret_cast<T*>(out.data_ptr()), M, N, K, static_cast<int>(group_warps));
       };
       // one_wait (one token tile): nf4_gemv_pairs_kernel's ONE_WAIT step (cuda_nf4.one_wait_for)
       if constexpr (NT == 1) {
@@ -684,6 +686,9 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
                         int64_t resident_warpgroups, bool pairs, bool defer_sum);
 bool nf4_wgmma_built();
 
+// Whether the NF4 kernels' launches are programmatically dependent (nf4_launch.cuh's programmatic_launch).
+void set_programmatic_launch(bool on) { programmatic_launch() = on; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_mma", &nf4_mma, "NF4 x 16-bit matmul on tensor cores, M <= 64");
   m.def("nf4_mma_blocks_per_sm", &nf4_mma_blocks_per_sm, "resident blocks per SM of the kernel for (rows, warps)");
@@ -696,4 +701,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_wgmma_built", &nf4_wgmma_built, "whether this build has the wgmma kernels (sm_90a)");
   m.def("nf4_wide", &nf4_wide, "NF4 x 16-bit matmul on tensor cores from the tile layout, x through shared memory");
   m.def("nf4_wide_blocks_per_sm", &nf4_wide_blocks_per_sm, "resident blocks per SM of a wide instance");
+  m.def("set_programmatic_launch", &set_programmatic_launch,
+        "launch the NF4 kernels programmatically dependent on the kernel ahead (sm_90+)");
 }

@@ -186,6 +186,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     // stage s's codes in slot s % 2 (the loop is unrolled by 2: constant slots), block `first` preloaded
     TileRing<1, 2> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last, 1);
     XStage<T, BM, 1, THREADS> xs[2];  // x of stage s + 1 in set (s + 1) % 2, loaded in stage s - 1
+    wait_for_prior_grid();            // codes in flight; x is the kernel ahead's output
     xs[0].load(x, M, K, m0, first, last);
     xs[1].load(x, M, K, m0, min(first + 1, last - 1), last);
     xs[0].store(tiles_ptr);
@@ -218,6 +219,7 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   auto load_x = [&](int blk) { xs.load(x, M, K, m0, blk, last); };
   auto store_x = [&](int buffer) { xs.store(tiles_ptr + buffer * X_BYTES); };
   TileRing<1, WG_PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
+  wait_for_prior_grid();  // codes in flight; x is the kernel ahead's output
   load_x(first);
   store_x(0);
   for (int base = first; base < last; base += WG_PREFETCH) {

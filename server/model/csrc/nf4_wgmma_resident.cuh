@@ -109,6 +109,7 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
   // the first stage's, issued before x's staging so that their DRAM latency overlaps it
   ring_codes[0] = load_tile_codes(codes_at);
   ring_scales[0] = __ldg(scales_at);
+  wait_for_prior_grid();  // x is the kernel ahead's output
 
   // x of the split, quant blocks [q0, q1) into the tiles from shared address `at`, one region at a time (choosing the
   // region a chunk took ~4x the instructions): the first STAGERS threads stage whole quant blocks at once (XStage's

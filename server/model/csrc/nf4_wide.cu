@@ -53,6 +53,7 @@ __global__ void __launch_bounds__(WARPS * 32) nf4_wide_kernel(
 
   // Every warp stays to the end (the block's barriers): token rows past M re-read row M - 1 and are never stored.
   const uint32_t smem = static_cast<uint32_t>(__cvta_generic_to_shared(x_stages));
+  wait_for_prior_grid();  // x is the kernel ahead's output
 
   // Stage x of quant block `blk` into buffer `stage`: TOKENS rows of 8 chunks, one 16-byte cp.async each.
   auto stage_x = [&](int blk, int stage) {

@@ -1,0 +1,47 @@
+"""Programmatic dependent launch (PDL) of a step's kernels, Hopper (sm_90+) and later; LORAPLEX_PDL=1 turns it on.
+
+A kernel launched with the attribute may start while the kernel ahead of it in the stream finishes: its launch, and
+what it does before it needs that kernel's output (the NF4 kernels: stage the code table, load their first weight
+codes, which no kernel of a step writes), overlap the other's tail. Each such kernel waits for the kernel ahead
+(`griddepcontrol.wait`) before it reads an activation or stores anything, then lets the kernel behind it launch
+(`griddepcontrol.launch_dependents`), so at most one kernel runs ahead and a kernel's completion still implies every
+earlier kernel's. Launches without the attribute (torch's own ops, cuBLAS, the LoRA kernels) keep plain stream order,
+which is always safe beside these. The kernels that take part: the CUDA NF4 kernels and their split-K sum
+(csrc/nf4_device.cuh, `wait_for_prior_grid`), and the decode step's Triton glue: the residual add + norm, silu * up,
+the decode attention and its split merge (`triton_glue.pdl_enter`).
+
+Why: a decode step is ~10 kernels a layer, each short (2-47 us for the 8B shape at batch 32), with ~0.4 us between
+them and a tail where part of the SMs idle (H100 profile, bench/results/2026-12-06-nvidia-h100-80gb-hbm3-8b-b32-
+merged-profile-s40.json). The twelfth session's PDL (the tile kernel and its sum at one row, waiting but never
+triggering its dependents, so each launch still waited for the whole kernel ahead) gained nothing; this one releases
+the next kernel as soon as its own wait is over.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+ENABLED = os.environ.get("LORAPLEX_PDL", "0") == "1"
+
+
+@functools.cache
+def _capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def supported(device: torch.device) -> bool:
+    """Whether `device` can launch programmatically dependent kernels (CUDA, sm_90+)."""
+    return device.type == "cuda" and _capable(device.index or 0)
+
+
+def on(device: torch.device) -> bool:
+    """Whether kernels launched on `device` launch programmatically dependent (LORAPLEX_PDL=1 and supported)."""
+    return ENABLED and supported(device)
+
+
+def triton_launch(device: torch.device) -> dict:
+    """The Triton launch options (and the kernels' PDL constexpr) for a kernel that calls triton_glue.pdl_enter."""
+    return {"PDL": True, "launch_pdl": True} if on(device) else {"PDL": False}
