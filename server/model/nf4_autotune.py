@@ -31,7 +31,11 @@ log = logging.getLogger(__name__)
 
 AUTOTUNE = os.environ.get("LORAPLEX_NF4_AUTOTUNE", "1") != "0"
 # The decode-graph buckets (server.engine.cuda_graphs.DECODE_BUCKETS) up to prefill sizes; those under 16 rows only
-# with LORAPLEX_NF4_TUNE_FEW_ROWS=1 until a GPU run of the engine tests has tuned them (the kernels each passed theirs)
+# with LORAPLEX_NF4_TUNE_FEW_ROWS=1. Measured without gain (H100, forty-third session, one call: the engine tests
+# passed with it on; bench/results/2026-12-06-nvidia-h100-80gb-hbm3-8b-s43-few-rows.json): 8B batch 1 at 347.3
+# tokens/s against 347.6 without it (-8b-s42.json); its picks: the 16-token tile for gate_up at one row (30.14 us
+# against the rules' 31.24), the rules at 4 and 8 rows though bench.kernels times the tile 2-3 us faster there
+# (-kernels-s43-few-rows-tuned.json: the graph-timed tuning and the table's timing disagree at these sizes).
 FEW_ROWS = (1, 2, 4, 8) if os.environ.get("LORAPLEX_NF4_TUNE_FEW_ROWS", "0") == "1" else ()
 ROWS = FEW_ROWS + (16, 32, 48, 64, 96, 128, 192, 256)
 
