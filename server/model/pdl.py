@@ -1,4 +1,5 @@
-"""Programmatic dependent launch (PDL) of a step's kernels, Hopper (sm_90+) and later; LORAPLEX_PDL=1 turns it on.
+"""Programmatic dependent launch (PDL) of a step's kernels, Hopper (sm_90+) and later; on by default, LORAPLEX_PDL=0
+turns it off (A/B runs).
 
 A kernel launched with the attribute may start while the kernel ahead of it in the stream finishes: its launch, and
 what it does before it needs that kernel's output (the NF4 kernels: stage the code table, load their first weight
@@ -15,6 +16,13 @@ them and a tail where part of the SMs idle (H100 profile, bench/results/2026-12-
 merged-profile-s40.json). The twelfth session's PDL (the tile kernel and its sum at one row, waiting but never
 triggering its dependents, so each launch still waited for the whole kernel ahead) gained nothing; this one releases
 the next kernel as soon as its own wait is over.
+
+Measured (H100, forty-third session, 8B engine bench, one call each way: bench/results/2026-12-06-nvidia-h100-80gb-
+hbm3-8b-s43-pdl-off.json against -8b-s43-pdl-ab.log): batch-1 decode 344.5 -> 369.3 tokens/s, the merged batch-32
+step 3.859 -> 3.658 ms (roofline fraction 0.472 -> 0.496), 32 distinct adapters 5.430 -> 5.206 ms, context 2,048
+6.578 -> 6.391 ms; swaps still bit-exact. The whole GPU suite passed with it on (882 tests, -gpu-tests-s43-pdl.log),
+and the default-on engine bench gave the same again (-8b-s43.json: 369.1 tokens/s, 3.658 ms). The LoRA kernels do not
+take part yet, so the adapters' share of a step grew (mixed32/merged 0.723 -> 0.710).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import os
 
 import torch
 
-ENABLED = os.environ.get("LORAPLEX_PDL", "0") == "1"
+ENABLED = os.environ.get("LORAPLEX_PDL", "1") != "0"
 
 
 @functools.cache
@@ -38,7 +46,7 @@ def supported(device: torch.device) -> bool:
 
 
 def on(device: torch.device) -> bool:
-    """Whether kernels launched on `device` launch programmatically dependent (LORAPLEX_PDL=1 and supported)."""
+    """Whether kernels launched on `device` launch programmatically dependent (not LORAPLEX_PDL=0, and supported)."""
     return ENABLED and supported(device)
 
 

@@ -287,7 +287,7 @@ __device__ __forceinline__ void store_output(float v, int tok, int row, int M, i
   out[static_cast<int64_t>(tok) * N + row] = Ops<T>::from_float(v);
 }
 
-// Programmatic dependent launch (sm_90+; LORAPLEX_PDL, cuda_nf4.PDL / server.model.pdl): a kernel launched with the
+// Programmatic dependent launch (sm_90+; server.model.pdl, LORAPLEX_PDL=0 turns it off): a kernel launched with the
 // attribute may start while the kernel ahead of it in the stream finishes, so its launch and its first loads of
 // weights (which no kernel of a step writes) overlap that tail. This waits until the kernel ahead has completed and its
 // memory is visible, and must come before the kernel's first read of an activation and its first store; then it lets

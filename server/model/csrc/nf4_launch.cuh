@@ -59,7 +59,7 @@ void allow_dynamic_smem(int bytes) {
 }
 
 // Whether the launches below that can be are programmatically dependent (wait_for_prior_grid): the process's
-// setting, from set_programmatic_launch (cuda_nf4.PDL, LORAPLEX_PDL=1 on sm_90+). One flag for every translation unit
+// setting, from set_programmatic_launch (server.model.pdl: on sm_90+ unless LORAPLEX_PDL=0). One flag for every unit
 // (an inline function's static).
 inline bool& programmatic_launch() {
   static bool on = false;
