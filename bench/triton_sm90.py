@@ -115,21 +115,25 @@ def lora_decode_variants():
     found = []
     for cols, linear in ((64, "qkv"), (32, "gate_up"), (16, "o, down")):
         found.append((f"shrink {linear} (BLOCK_N {cols}, BLOCK_K 128, a program a token)", shrink,
-                      {"BLOCK_M": 1, "BLOCK_N": cols, "BLOCK_K": 128, "ATOMIC": True, "DOT_PRECISION": "tf32"},
+                      {"BLOCK_M": 1, "BLOCK_N": cols, "BLOCK_K": 128, "ATOMIC": True, "DOT_PRECISION": "tf32",
+                       "PDL": False},
                       LORA_META, 4, _SHRINK_SPEC))
     for rows, cols, warps in ((16, 256, 4), (1, width, width // 256)):
         form = "one row" if rows == 1 else "16-row tile"
         found.append((f"expand gate_up ({form}, BLOCK_N {cols})", expand,
-                      {"BLOCK_M": rows, "BLOCK_N": cols, "BLOCK_R": 16, "NUM_SLICES": 2, "DOT_PRECISION": "tf32"},
+                      {"BLOCK_M": rows, "BLOCK_N": cols, "BLOCK_R": 16, "NUM_SLICES": 2, "DOT_PRECISION": "tf32",
+                       "PDL": False},
                       LORA_META, warps, _EXPAND_SPEC))
     for one_row, cols, warps in ((False, 256, 4), (True, width, width // 256)):
         form = "one row" if one_row else "tile"
         for slices, linear in ((3, "qkv"), (1, "o, down")):
             found.append((f"expand_sums {linear} ({form}, BLOCK_N {cols})", sums,
                           {"BLOCK_N": cols, "BLOCK_R": 16, "NUM_SLICES": slices, "HAS_BIAS": False,
-                           "DOT_PRECISION": "tf32", "ONE_ROW": one_row}, DECODE_META, warps, _DECODE_SPEC))
+                           "DOT_PRECISION": "tf32", "ONE_ROW": one_row, "PDL": False}, DECODE_META, warps,
+                          _DECODE_SPEC))
         found.append((f"side delta gate_up ({form}, BLOCK_N {cols})", delta,
-                      {"BLOCK_N": cols, "BLOCK_R": 16, "NUM_SLICES": 2, "DOT_PRECISION": "tf32", "ONE_ROW": one_row},
+                      {"BLOCK_N": cols, "BLOCK_R": 16, "NUM_SLICES": 2, "DOT_PRECISION": "tf32", "ONE_ROW": one_row,
+                       "PDL": False},
                       DELTA_META, warps, _DECODE_SPEC))
     found.append((f"activation with gate_up's pending delta (one row, BLOCK {width})", triton_glue._silu_mul_kernel,
                   {"BLOCK": width, "SUMS": False, "HAS_BIAS": False, "MOST_SPLITS": 16, "HAS_DELTA": False,

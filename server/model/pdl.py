@@ -9,7 +9,7 @@ codes, which no kernel of a step writes), overlap the other's tail. Each such ke
 earlier kernel's. Launches without the attribute (torch's own ops, cuBLAS, the LoRA kernels) keep plain stream order,
 which is always safe beside these. The kernels that take part: the CUDA NF4 kernels and their split-K sum
 (csrc/nf4_device.cuh, `wait_for_prior_grid`), and the decode step's Triton glue: the residual add + norm, silu * up,
-the decode attention and its split merge (`triton_glue.pdl_enter`).
+the decode attention and its split merge (`triton_pdl.pdl_enter`); with LORA, the LoRA kernels.
 
 Why: a decode step is ~10 kernels a layer, each short (2-47 us for the 8B shape at batch 32), with ~0.4 us between
 them and a tail where part of the SMs idle (H100 profile, bench/results/2026-12-06-nvidia-h100-80gb-hbm3-8b-b32-
@@ -33,6 +33,9 @@ import os
 import torch
 
 ENABLED = os.environ.get("LORAPLEX_PDL", "1") != "0"
+# The LoRA kernels (shrink, expand, and the decode step's expand + sum, side delta and its add) take part too only with
+# LORAPLEX_PDL_LORA=1: written in the forty-third session after its GPU time ran out, so not yet run on a GPU.
+LORA = os.environ.get("LORAPLEX_PDL_LORA", "0") == "1"
 
 
 @functools.cache
@@ -50,6 +53,7 @@ def on(device: torch.device) -> bool:
     return ENABLED and supported(device)
 
 
-def triton_launch(device: torch.device) -> dict:
-    """The Triton launch options (and the kernels' PDL constexpr) for a kernel that calls triton_glue.pdl_enter."""
-    return {"PDL": True, "launch_pdl": True} if on(device) else {"PDL": False}
+def triton_launch(device: torch.device, lora: bool = False) -> dict:
+    """The Triton launch options (and the kernels' PDL constexpr) for a kernel that calls triton_pdl.pdl_enter; a
+    LoRA kernel's (`lora`) only with LORA."""
+    return {"PDL": True, "launch_pdl": True} if on(device) and (LORA or not lora) else {"PDL": False}

@@ -20,7 +20,8 @@ import triton.language as tl
 
 from server.model import pdl
 from server.model.split_sums import SplitSums
-from server.model.triton_glue import _MAX_SPLITS, _delta, _rotated, _source, _summed, pdl_enter
+from server.model.triton_glue import COMPILED_SPLITS, MAX_SPLITS, _delta, _rotated, _source, _summed
+from server.model.triton_pdl import pdl_enter
 
 _LOG2E = 1.4426950408889634
 _NUM_SMS = 132  # H100; only steers the split heuristic
@@ -35,7 +36,8 @@ def _decode_kernel(
     stride_bt, stride_ob, stride_oh, stride_src, stride_rope,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, V_FIRST: tl.constexpr, ROTARY: tl.constexpr,
-    SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr,
+    SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """With ROTARY, q and the row's new k and v come from the qkv projection's output row at src_ptr (or, with SUMS,
     from its split-K partials, plus its LoRA delta with HAS_DELTA): q is rotated here, and the program whose split
@@ -58,7 +60,7 @@ def _decode_kernel(
                        splits, stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                        stride_vh, tl.num_programs(1) * group, tl.num_programs(1),
                        split == (tl.maximum(num_tiles, 1) - 1) // tl.maximum(tiles_per_split, 1), delta_ptr,
-                       out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, BLOCK_H, SUMS, HAS_BIAS, HAS_DELTA)
+                       out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, BLOCK_H, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
     else:
         q_ptrs = q_ptr + row.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :]
         q = tl.load(q_ptrs, mask=head_mask[:, None], other=0.0)
@@ -105,7 +107,7 @@ def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_he
                stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                num_q_heads, num_kv_heads, writes_kv, delta_ptr, dtype: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr,
-               HAS_DELTA: tl.constexpr):
+               HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr):
     """The group's rotated q heads [BLOCK_H, HEAD_DIM] from the qkv row (columns q | k | v, heads of HEAD_DIM);
     with `writes_kv`, also the row's new k (rotated) and v stored at its cache slot (none when the slot is -1),
     followed by a barrier, so that this program's tiles read them back."""
@@ -117,7 +119,7 @@ def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_he
     src_row = row.to(tl.int64) * stride_src
     q_cols = heads[:, None] * HEAD_DIM + half[None, :]
     q_lo, q_hi = _qkv_halves(src_ptr, bias_ptr, src_row, q_cols, head_mask[:, None], plane, splits, delta_ptr, dtype,
-                             HALF, SUMS, HAS_BIAS, HAS_DELTA)
+                             HALF, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
     q_lo, q_hi = _rotated(q_lo, q_hi, cos_lo[None, :], cos_hi[None, :], sin_lo[None, :], sin_hi[None, :], dtype)
     if writes_kv:  # (names of their own: Triton keeps a variable's shape across a branch)
         slot = tl.load(slot_ptr + row)
@@ -125,10 +127,10 @@ def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_he
             whole = half < HALF
             k_cols = (num_q_heads + kv_head) * HEAD_DIM + half
             k_lo, k_hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols, whole, plane, splits, delta_ptr, dtype,
-                                     HALF, SUMS, HAS_BIAS, HAS_DELTA)
+                                     HALF, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
             k_lo, k_hi = _rotated(k_lo, k_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
             v_lo, v_hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols + num_kv_heads * HEAD_DIM, whole, plane,
-                                     splits, delta_ptr, dtype, HALF, SUMS, HAS_BIAS, HAS_DELTA)
+                                     splits, delta_ptr, dtype, HALF, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
             block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
             k_at = kc_ptr + block * stride_kb + offset * stride_kt + kv_head * stride_kh + half
             v_at = vc_ptr + block * stride_vb + offset * stride_vt + kv_head * stride_vh + half
@@ -143,14 +145,16 @@ def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_he
 
 @triton.jit
 def _qkv_halves(src_ptr, bias_ptr, src_row, cols, mask, plane, splits, delta_ptr, dtype: tl.constexpr,
-                HALF: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr):
+                HALF: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr,
+                MOST_SPLITS: tl.constexpr):
     """The qkv output's values at `cols` and `cols + HALF` of one row (src_row: the row's offset), in `dtype`:
-    loaded, or summed from the split-K partials (plus the LoRA delta, with HAS_DELTA)."""
+    loaded, or summed from the split-K partials (plus the LoRA delta, with HAS_DELTA), at most MOST_SPLITS of them
+    (the launch's count compiled in, or the most any linear splits into: triton_glue._summed)."""
     if SUMS:
-        lo = _summed(src_ptr, src_row + cols, mask, plane, splits, bias_ptr, cols, dtype, HAS_BIAS, _MAX_SPLITS,
+        lo = _summed(src_ptr, src_row + cols, mask, plane, splits, bias_ptr, cols, dtype, HAS_BIAS, MOST_SPLITS,
                      delta_ptr, HAS_DELTA)
         hi = _summed(src_ptr, src_row + cols + HALF, mask, plane, splits, bias_ptr, cols + HALF, dtype, HAS_BIAS,
-                     _MAX_SPLITS, delta_ptr, HAS_DELTA)
+                     MOST_SPLITS, delta_ptr, HAS_DELTA)
     else:
         lo = tl.load(src_ptr + src_row + cols, mask=mask, other=0.0)
         hi = tl.load(src_ptr + src_row + cols + HALF, mask=mask, other=0.0)
@@ -286,6 +290,7 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         TILE_N=tuning["tile_n"], NUM_SPLITS=num_splits, V_FIRST=tuning["v_first"],
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROTARY=rotary is not None,
         SUMS=plane > 0, HAS_BIAS=has_bias, HAS_DELTA=has_delta, num_warps=tuning["num_warps"],
+        MOST_SPLITS=splits if plane > 0 and COMPILED_SPLITS else MAX_SPLITS,
         **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
         **pdl.triton_launch(out.device),
     )  # fmt: skip

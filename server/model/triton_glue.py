@@ -14,6 +14,7 @@ from server.model import pdl
 from server.model.pending_lora import PendingLora
 from server.model.split_sums import SplitSums
 from server.model.triton_lora import _row_delta, one_row_launch
+from server.model.triton_pdl import pdl_enter
 
 # The most split-K partials a kernel here sums: cuda_nf4.pick_split_k's largest split (csrc's kUnrolledSplits).
 MAX_SPLITS = 16
@@ -21,7 +22,9 @@ _MAX_SPLITS = tl.constexpr(MAX_SPLITS)  # compiled kernels read only constexpr g
 # silu_mul's split count compiled in (one build a count; the default) or read at run time, 16 masked loads an element
 # (LORAPLEX_GLUE_COMPILED_SPLITS=0). H200 (bench/results/2026-12-04-nvidia-h200-glue-kernels-s26.json, us, gate_up's
 # partials, run time against compiled in): 1B 16 rows 2.61 vs 2.20 (8 splits), 32 rows 2.86 vs 2.00 (3), 64 rows
-# 4.33 vs 2.28 (2); 8B 16 rows 3.36 vs 2.97 (8). No other launch shape beat 256 elements and 4 warps a program.
+# 4.33 vs 2.28 (2); 8B 16 rows 3.36 vs 2.97 (8). No other launch shape beat 256 elements and 4 warps a program. The
+# decode attention's q, k and v from qkv's partials likewise (triton_attention; since the forty-third session, not yet
+# timed on its own: the same sums, so the same bits, in one build a count).
 COMPILED_SPLITS = os.environ.get("LORAPLEX_GLUE_COMPILED_SPLITS", "1") == "1"
 
 
@@ -83,15 +86,6 @@ def _delta(y: torch.Tensor | SplitSums) -> tuple[torch.Tensor, bool]:
     if not y.partials.is_contiguous():  # the kernels index the delta with the partials' offsets
         raise ValueError("partials that carry a delta must be contiguous")
     return delta, True
-
-
-@triton.jit
-def pdl_enter(PDL: tl.constexpr):
-    """With PDL (a launch with server.model.pdl's options): wait until the kernel ahead has completed and its memory
-    is visible, then let the kernel behind launch. Before a kernel's first read of an activation and first store."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit(do_not_specialize=["plane", "splits"])

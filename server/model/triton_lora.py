@@ -21,8 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+from server.model import pdl
 from server.model.lora_meta import LoraBatchMeta, SlotLayout, check_lora_shapes, make_lora_meta
 from server.model.shrink_workspace import take_zeroed
+from server.model.triton_pdl import pdl_enter
 
 MAX_SLICES = 4
 # Enough programs to keep every SM of an H100 (132 SMs) busy with a few resident programs each.
@@ -44,11 +46,12 @@ def _shrink_kernel(
     in_features, num_slices, k_tiles_per_split, split_k,
     stride_xm, stride_xk, stride_an, stride_ak, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """A program: BLOCK_M tokens of one segment, BLOCK_N columns of h, one split of `in`. One token a program
     (BLOCK_M 1) sums its products in registers, each k-tile reduced across the lanes that hold it (reducing once
     after the loop instead was measured no faster: bench/NOTES.md, thirty-second session)."""
+    pdl_enter(PDL)
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2) // split_k
@@ -141,8 +144,9 @@ def _expand_kernel(
     out_features, bound1, bound2, bound3,
     stride_hm, stride_br, stride_bn, stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -277,7 +281,7 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), h.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=split_k > 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=tuning.get("num_warps", 4), **_stages(tuning),
+        num_warps=tuning.get("num_warps", 4), **_stages(tuning), **pdl.triton_launch(x.device, lora=True),
     )  # fmt: skip
     return h
 
@@ -314,7 +318,7 @@ def lora_expand(y, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_off
         h.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=num_slices,
         DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, **_stages(tuning),
+        num_warps=num_warps, **_stages(tuning), **pdl.triton_launch(y.device, lora=True),
     )  # fmt: skip
 
 

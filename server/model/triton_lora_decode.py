@@ -16,10 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
+from server.model import pdl
 from server.model.lora_meta import LoraBatchMeta, SlotLayout
 from server.model.split_sums import SplitSums
 from server.model.triton_glue import _MAX_SPLITS, MAX_SPLITS, _source, _summed, check_delta
 from server.model.triton_lora import _row_delta, _slice_bounds, _tile_delta, one_token_launch
+from server.model.triton_pdl import pdl_enter
 
 
 @triton.jit
@@ -68,12 +70,13 @@ def _expand_sums_kernel(
     src_ptr, bias_ptr, plane, splits, h_ptr, b_ptr, y_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
     out_features, bound1, bound2, bound3, stride_hm, stride_br, stride_bn,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SLICES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ONE_ROW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ONE_ROW: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One token a program: the base's output at these columns summed from its split-K partials and rounded (as
     csrc's sum kernel does), then, for a token with an adapter, plus its delta (`_token_delta_tile`, or with
     ONE_ROW `_token_delta_row`) and rounded again, stored into y [T, out] (contiguous): bit for bit the sum kernel,
     then `_expand_kernel`."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < out_features
@@ -101,11 +104,12 @@ def _lora_delta_kernel(
     h_ptr, b_ptr, delta_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
     out_features, bound1, bound2, bound3, stride_hm, stride_br, stride_bn,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ONE_ROW: tl.constexpr,
+    ONE_ROW: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One token a program: its delta at these columns (`_token_delta_tile`, or with ONE_ROW `_token_delta_row`), in
     fp32 into delta [T, out] (contiguous); a token without an adapter stores -0.0, which adds nothing to any value
     (signed zeros included)."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(token_slots_ptr + row).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -127,12 +131,13 @@ def _lora_delta_kernel(
 @triton.jit(do_not_specialize=["plane", "splits"])
 def _lora_add_delta_kernel(
     src_ptr, bias_ptr, plane, splits, delta_ptr, y_ptr, out_features,
-    BLOCK_N: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One token a program: the base's output at these columns (SUMS: summed from its split-K partials and rounded,
     as `_summed`; else read from y), plus the token's fp32 delta, rounded, stored into y [T, out] (contiguous; in
     place without SUMS): the same additions and roundings as `_expand_sums_kernel` and `_expand_kernel` on the same
     delta (tokens without an adapter add -0.0: their output's bits stay)."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < out_features
@@ -182,6 +187,7 @@ def lora_expand_sums(sums: SplitSums, h, lora_b, layout: SlotLayout, meta: LoraB
         out_features, bounds[0], bounds[1], bounds[2], h.stride(0), lora_b.stride(0), lora_b.stride(1),
         BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=num_slices, HAS_BIAS=sums.bias is not None,
         DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32", ONE_ROW=one_row, num_warps=num_warps,
+        **pdl.triton_launch(y.device, lora=True),
     )  # fmt: skip
     return y
 
@@ -211,6 +217,7 @@ def lora_delta(h, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_offsets
         out_features, bounds[0], bounds[1], bounds[2], h.stride(0), lora_b.stride(0), lora_b.stride(1),
         BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=num_slices,
         DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32", ONE_ROW=one_row, num_warps=num_warps,
+        **pdl.triton_launch(delta.device, lora=True),
     )  # fmt: skip
     return delta
 
@@ -238,5 +245,6 @@ def lora_add_delta(y: torch.Tensor | SplitSums, delta: torch.Tensor, meta: LoraB
     _lora_add_delta_kernel[(num_tokens, triton.cdiv(out_features, ADD_DELTA_BLOCK_N))](
         src, bias, plane, splits, delta, out, out_features,
         BLOCK_N=ADD_DELTA_BLOCK_N, SUMS=sums, HAS_BIAS=has_bias, num_warps=4,
+        **pdl.triton_launch(out.device, lora=True),
     )  # fmt: skip
     return out

@@ -61,7 +61,7 @@ def test_decode_attention(modules, head_dim, splits, rotary, sums, delta):
     compile_sm90(modules["attention"]._decode_kernel, {
         "HEAD_DIM": head_dim, "BLOCK_SIZE": 16, "BLOCK_H": 16, "TILE_N": 64, "NUM_SPLITS": splits,
         "DOT_PRECISION": "tf32", "V_FIRST": True, "ROTARY": rotary, "SUMS": sums, "HAS_BIAS": sums,
-        "HAS_DELTA": delta, "PDL": splits > 1}, types, 8)
+        "HAS_DELTA": delta, "MOST_SPLITS": 3 if sums else 16, "PDL": splits > 1}, types, 8)
     if splits > 1:
         compile_sm90(modules["attention"]._merge_splits_kernel,
                      {"HEAD_DIM": head_dim, "NUM_SPLITS": splits, "BLOCK_S": splits, "PDL": True},
@@ -125,33 +125,36 @@ def test_greedy_argmax(modules):
 @pytest.mark.parametrize("block_m,atomic", [(1, False), (16, True)])
 def test_lora_shrink(modules, block_m, atomic):
     compile_sm90(modules["lora"]._shrink_kernel, {"BLOCK_M": block_m, "BLOCK_N": 16, "BLOCK_K": 128,
-                                                  "ATOMIC": atomic, "DOT_PRECISION": "tf32"}, LORA_META)
+                                                  "ATOMIC": atomic, "DOT_PRECISION": "tf32", "PDL": atomic},
+                 LORA_META)
 
 
 @pytest.mark.parametrize("block_m,slices", [(1, 3), (16, 1), (16, 2)])
 def test_lora_expand(modules, block_m, slices):
     compile_sm90(modules["lora"]._expand_kernel, {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_R": 16,
-                                                  "NUM_SLICES": slices, "DOT_PRECISION": "tf32"}, LORA_META)
+                                                  "NUM_SLICES": slices, "DOT_PRECISION": "tf32",
+                                                  "PDL": slices == 2}, LORA_META)
 
 
 @pytest.mark.parametrize("one_row", [False, True])
 def test_lora_expand_with_split_sums(modules, one_row):
     compile_sm90(modules["lora_decode"]._expand_sums_kernel, {"BLOCK_N": 64, "BLOCK_R": 16, "NUM_SLICES": 3,
                                                        "HAS_BIAS": True, "DOT_PRECISION": "tf32",
-                                                       "ONE_ROW": one_row},
+                                                       "ONE_ROW": one_row, "PDL": one_row},
                  DECODE_META)
 
 
 @pytest.mark.parametrize("slices,one_row", [(2, False), (3, False), (2, True)])
 def test_lora_side_delta(modules, slices, one_row):
     compile_sm90(modules["lora_decode"]._lora_delta_kernel, {"BLOCK_N": 256, "BLOCK_R": 16, "NUM_SLICES": slices,
-                                                 "DOT_PRECISION": "tf32", "ONE_ROW": one_row},
+                                                 "DOT_PRECISION": "tf32", "ONE_ROW": one_row, "PDL": one_row},
                  DELTA_META)
 
 
 @pytest.mark.parametrize("sums,bias", [(False, False), (True, False), (True, True)])
 def test_lora_add_delta(modules, sums, bias):
-    compile_sm90(modules["lora_decode"]._lora_add_delta_kernel, {"BLOCK_N": 256, "SUMS": sums, "HAS_BIAS": bias},
+    compile_sm90(modules["lora_decode"]._lora_add_delta_kernel, {"BLOCK_N": 256, "SUMS": sums, "HAS_BIAS": bias,
+                                                                     "PDL": sums},
                  {"src_ptr": "*fp32" if sums else "*bf16", "delta_ptr": "*fp32"})
 
 
