@@ -14,6 +14,8 @@ cache before it reads them back, which takes the rotary kernel's launch off ever
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -37,17 +39,23 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, V_FIRST: tl.constexpr, ROTARY: tl.constexpr,
     SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr,
-    PDL: tl.constexpr,
+    FRESH_KV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """With ROTARY, q and the row's new k and v come from the qkv projection's output row at src_ptr (or, with SUMS,
     from its split-K partials, plus its LoRA delta with HAS_DELTA): q is rotated here, and the program whose split
-    holds the row's last position rotates k and stores k and v in the cache before it reads its tiles."""
+    holds the row's last position rotates k and stores k and v in the cache before it reads its tiles. With FRESH_KV
+    (ROTARY only) no tile reads a written row's last position back: the last split takes the new k and v from
+    registers after its tiles (`_fresh_kv_added`), so the tiles' loads need not wait for the store (no barrier)."""
     pdl_enter(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + row)
-    num_tiles = tl.cdiv(context_len, TILE_N)
+    cached = context_len  # the positions the tiles read from the cache: with FRESH_KV all but a written row's last
+    if ROTARY and FRESH_KV:  # compile-time
+        fresh = tl.load(slot_ptr + row) >= 0  # a row that writes no k and v reads them all from the cache
+        cached = context_len - fresh.to(tl.int32)
+    num_tiles = tl.cdiv(cached, TILE_N)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_start = split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
@@ -56,11 +64,20 @@ def _decode_kernel(
     head_mask = tl.arange(0, BLOCK_H) < group
     dims = tl.arange(0, HEAD_DIM)
     if ROTARY:
+        writes_kv = split == (tl.maximum(num_tiles, 1) - 1) // tl.maximum(tiles_per_split, 1)
+        if FRESH_KV:
+            writes_kv = split < 0  # none here: _fresh_kv stores them
         q = _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, k_ptr, v_ptr, row, kv_head, heads, head_mask, plane,
                        splits, stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                        stride_vh, tl.num_programs(1) * group, tl.num_programs(1),
-                       split == (tl.maximum(num_tiles, 1) - 1) // tl.maximum(tiles_per_split, 1), delta_ptr,
-                       out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, BLOCK_H, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
+                       writes_kv, delta_ptr, out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, BLOCK_H, SUMS, HAS_BIAS,
+                       HAS_DELTA, MOST_SPLITS)
+        if FRESH_KV:
+            k_new, v_new = _fresh_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, k_ptr, v_ptr, row, kv_head, plane, splits,
+                                     stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                                     stride_vh, tl.num_programs(1) * group, tl.num_programs(1),
+                                     split == NUM_SPLITS - 1, delta_ptr, out_ptr.dtype.element_ty, HEAD_DIM,
+                                     BLOCK_SIZE, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
     else:
         q_ptrs = q_ptr + row.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :]
         q = tl.load(q_ptrs, mask=head_mask[:, None], other=0.0)
@@ -70,7 +87,7 @@ def _decode_kernel(
     acc = tl.zeros((BLOCK_H, HEAD_DIM), dtype=tl.float32)
     for tile in range(tile_start, tile_end):
         positions = tile * TILE_N + tl.arange(0, TILE_N)
-        is_valid = positions < context_len
+        is_valid = positions < cached
         table_ptrs = block_tables_ptr + row * stride_bt + positions // BLOCK_SIZE
         block_ids = tl.load(table_ptrs, mask=is_valid, other=0).to(tl.int64)
         offsets = positions % BLOCK_SIZE
@@ -89,6 +106,10 @@ def _decode_kernel(
             v = tl.load(v_ptrs + dims[None, :], mask=is_valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    if ROTARY and FRESH_KV:  # noqa: SIM102 (compile-time branch: k_new and v_new exist only under it)
+        if (split == NUM_SPLITS - 1) & fresh:  # the row's last position, from registers
+            m_i, l_i, acc = _fresh_kv_added(q, k_new, v_new, m_i, l_i, acc, qk_scale, k_ptr.dtype.element_ty,
+                                            v_ptr.dtype.element_ty)
 
     if NUM_SPLITS == 1:
         out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
@@ -141,6 +162,55 @@ def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_he
         tl.debug_barrier()  # the stores above are seen by every thread of this program's tile loads
     # q's halves side by side again: [BLOCK_H, HALF, 2] -> [BLOCK_H, 2, HALF] -> [BLOCK_H, HEAD_DIM]
     return tl.permute(tl.join(q_lo, q_hi), (0, 2, 1)).reshape(BLOCK_H, HEAD_DIM)
+
+
+@triton.jit
+def _fresh_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_head, plane, splits, stride_src,
+              stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, num_q_heads, num_kv_heads,
+              writes, delta_ptr, dtype: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+              SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr):
+    """The row's new k (rotated) and v of this kv head [HEAD_DIM] each, as `_rotated_q` computes them; with `writes`,
+    also stored at the row's cache slot (none when the slot is -1), with no barrier: nothing here reads them back."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    half = tl.arange(0, HALF)
+    rope = rope_ptr + row.to(tl.int64) * stride_rope
+    cos_lo, cos_hi = tl.load(rope + half), tl.load(rope + HALF + half)
+    sin_lo, sin_hi = tl.load(rope + 2 * HALF + half), tl.load(rope + 3 * HALF + half)
+    src_row = row.to(tl.int64) * stride_src
+    whole = half < HALF
+    k_cols = (num_q_heads + kv_head) * HEAD_DIM + half
+    k_lo, k_hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols, whole, plane, splits, delta_ptr, dtype, HALF, SUMS,
+                             HAS_BIAS, HAS_DELTA, MOST_SPLITS)
+    k_lo, k_hi = _rotated(k_lo, k_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
+    v_lo, v_hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols + num_kv_heads * HEAD_DIM, whole, plane, splits,
+                             delta_ptr, dtype, HALF, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
+    slot = tl.load(slot_ptr + row)
+    if writes & (slot >= 0):
+        block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        k_at = kc_ptr + block * stride_kb + offset * stride_kt + kv_head * stride_kh + half
+        v_at = vc_ptr + block * stride_vb + offset * stride_vt + kv_head * stride_vh + half
+        tl.store(k_at, k_lo.to(kc_ptr.dtype.element_ty))
+        tl.store(k_at + HALF, k_hi.to(kc_ptr.dtype.element_ty))
+        tl.store(v_at, v_lo.to(vc_ptr.dtype.element_ty))
+        tl.store(v_at + HALF, v_hi.to(vc_ptr.dtype.element_ty))
+    # halves side by side: [HALF, 2] -> [2, HALF] -> [HEAD_DIM]
+    k_new = tl.permute(tl.join(k_lo, k_hi), (1, 0)).reshape(HEAD_DIM)
+    v_new = tl.permute(tl.join(v_lo, v_hi), (1, 0)).reshape(HEAD_DIM)
+    return k_new, v_new
+
+
+@triton.jit
+def _fresh_kv_added(q, k_new, v_new, m_i, l_i, acc, qk_scale, k_dtype: tl.constexpr, v_dtype: tl.constexpr):
+    """The online softmax's state (m_i, l_i, acc) after one more position whose k and v are k_new and v_new: as the
+    tiles take a position, its k and v as the cache holds them, its weight rounded to v's dtype before it scales v."""
+    k = k_new.to(k_dtype).to(tl.float32)
+    score = tl.sum(q.to(tl.float32) * k[None, :], axis=1) * qk_scale  # [BLOCK_H]
+    m_new = tl.maximum(m_i, score)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(score - m_new)
+    l_i = l_i * alpha + p
+    acc = acc * alpha[:, None] + p.to(v_dtype).to(tl.float32)[:, None] * v_new.to(v_dtype).to(tl.float32)[None, :]
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -208,7 +278,12 @@ def choose_num_splits(num_rows: int, num_kv_heads: int, max_blocks: int, block_s
 # (twenty-second session, H200, 8B batch 1, context 192, graph replay): the splits merged by the decode kernel's last
 # program of each (row, kv head) (a ticket counter a pair) instead of the merge kernel: 6.48 against 6.30 us with the
 # rotary fused in, 8.31 against 7.15 without.
-DECODE_TUNING = {"v_first": True, "tile_n": 64, "num_stages": None, "num_warps": 8}
+# fresh_kv (rotary only): the row's new k and v taken from registers instead of read back from the cache (the
+# kernel's FRESH_KV), so the tiles' loads do not wait for the rotary prologue's store and barrier. Off by default
+# (LORAPLEX_DECODE_FRESH_KV=1) until timed: at batch 32, context 192, the q-input path took 8.5 us on an H100 where the
+# 8B step's fused rotary one took 14.9 (bench/NOTES.md, forty-third session).
+DECODE_TUNING = {"v_first": True, "tile_n": 64, "num_stages": None, "num_warps": 8,
+                 "fresh_kv": os.environ.get("LORAPLEX_DECODE_FRESH_KV", "0") == "1"}
 
 
 def _check_shapes(num_q_heads: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -291,6 +366,7 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROTARY=rotary is not None,
         SUMS=plane > 0, HAS_BIAS=has_bias, HAS_DELTA=has_delta, num_warps=tuning["num_warps"],
         MOST_SPLITS=splits if plane > 0 and COMPILED_SPLITS else MAX_SPLITS,
+        FRESH_KV=tuning["fresh_kv"] and rotary is not None,
         **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
         **pdl.triton_launch(out.device),
     )  # fmt: skip

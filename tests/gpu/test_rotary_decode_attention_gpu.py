@@ -58,11 +58,13 @@ def two_kernels(triton_attention, qkv, num_q_heads, rope, slots, k_cache, v_cach
     return out, q, k_cache, v_cache
 
 
+@pytest.mark.parametrize("fresh_kv", [False, True], ids=["read-back", "fresh-kv"])
 @pytest.mark.parametrize("source", ["tensor", "partials", "partials+bias", "partials+delta"])
 @pytest.mark.parametrize("case", CASES, ids=["8b-b1", "1b-b32", "mixed", "gqa7", "d64-bs32"])
-def test_one_kernel_matches_the_two_kernels_and_the_reference(triton_attention, case, source):
+def test_one_kernel_matches_the_two_kernels_and_the_reference(triton_attention, case, source, fresh_kv):
     """partials+delta: a LoRA delta riding the partials (LORAPLEX_LORA_SIDE_EXPAND=2); the rotary glue kernel then
-    writes the same v, bit for bit, as from the materialized output."""
+    writes the same v, bit for bit, as from the materialized output. fresh_kv: the rows' new k and v taken from
+    registers (DECODE_TUNING's fresh_kv)."""
     splits = {"tensor": 0, "partials": 16, "partials+bias": 5, "partials+delta": 3}[source]
     qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits, bias=source.endswith("bias"),
                                                                  delta=source.endswith("delta"))
@@ -74,7 +76,7 @@ def test_one_kernel_matches_the_two_kernels_and_the_reference(triton_attention, 
                                   lens, scale)
         assert torch.equal(plain_v, expected_v)
     out = triton_attention.rotary_decode_attention_triton(qkv, case[1], rope, k_cache, v_cache, slots, tables, lens,
-                                                          scale)
+                                                          scale, tuning={"fresh_kv": fresh_kv})
     assert torch.equal(v_cache, expected_v)
     torch.testing.assert_close(k_cache, expected_k, atol=2e-2, rtol=1e-2)  # rotated in another kernel: <= 1 ulp
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
@@ -113,6 +115,7 @@ def test_one_kernel_at_the_engine_shapes_with_timings(triton_attention):
     """At the engine benches' shapes (contexts of 192; the 8B batch-1 step's table of 256 blocks) the one kernel
     computes the two kernels' attention; read with -s for both paths' times by graph replay (never asserted)."""
     shapes = [("8b b1", ([192], 32, 8, 128, 16), 0, 256), ("8b b32", ([192] * 32, 32, 8, 128, 16), 0, 16),
+              ("8b b32 partials", ([192] * 32, 32, 8, 128, 16), 2, 16),
               ("1b b32 partials", ([192] * 32, 32, 8, 64, 16), 4, 16)]
     for label, case, splits, max_blocks in shapes:
         qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits)
@@ -122,13 +125,14 @@ def test_one_kernel_at_the_engine_shapes_with_timings(triton_attention):
         out = triton_attention.rotary_decode_attention_triton(qkv, case[1], rope, k_cache, v_cache, slots, tables,
                                                               lens, scale)
         torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
-        unfused, fused = _timed_pair(triton_attention, case, splits, max_blocks)
+        unfused, fused, fresh = _timed_pair(triton_attention, case, splits, max_blocks)
         print(f"\nrotary decode attention {label}: two kernels {graph_time_us(unfused):.2f} us, "
-              f"one {graph_time_us(fused):.2f} us")
+              f"one {graph_time_us(fused):.2f} us, one with fresh_kv {graph_time_us(fresh):.2f} us")
 
 
 def _timed_pair(triton_attention, case, splits, max_blocks):
-    """(the two kernels, the one kernel) as calls on one step's inputs, its block tables max_blocks wide."""
+    """(the two kernels, the one kernel, the one kernel with fresh_kv) as calls on one step's inputs, its block
+    tables max_blocks wide."""
     qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits)
     tables = widened_tables(tables, max_blocks)
     num_q_heads, num_kv_heads, head_dim = case[1:4]
@@ -138,8 +142,8 @@ def _timed_pair(triton_attention, case, splits, max_blocks):
         q, _, _ = glue_ops.qkv_rotary_write_kv(qkv, num_q_heads, num_kv_heads, head_dim, rope, k_cache, v_cache, slots)
         triton_attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale)
 
-    def fused():
+    def fused(fresh_kv=False):
         triton_attention.rotary_decode_attention_triton(qkv, num_q_heads, rope, k_cache, v_cache, slots, tables, lens,
-                                                        scale)
+                                                        scale, tuning={"fresh_kv": fresh_kv})
 
-    return unfused, fused
+    return unfused, fused, lambda: fused(True)

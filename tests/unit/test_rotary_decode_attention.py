@@ -74,8 +74,10 @@ def triton_attention():
                                           (torch.float16, "tensor"), (torch.float16, "partials+bias"),
                                           (torch.float16, "partials+delta")])
 @pytest.mark.parametrize("case", CASES, ids=["gqa2-d64", "gqa4-d128"])
-def test_interpreted_kernel_matches_the_two_ops(triton_attention, case, source, num_splits, dtype):
-    """Same attention, and the caches hold the same rotated k and v at the new slots (padding rows write none)."""
+@pytest.mark.parametrize("fresh_kv", [False, True], ids=["read-back", "fresh-kv"])
+def test_interpreted_kernel_matches_the_two_ops(triton_attention, case, source, num_splits, dtype, fresh_kv):
+    """Same attention, and the caches hold the same rotated k and v at the new slots (padding rows write none); with
+    fresh_kv the rows' new k and v are taken from registers, not read back from the cache."""
     splits = {"tensor": 0, "partials": 4, "partials+bias": 16, "partials+delta": 3}[source]
     qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(case, dtype, splits, bias=source.endswith("bias"),
                                                                    delta=source.endswith("delta"))
@@ -83,7 +85,8 @@ def test_interpreted_kernel_matches_the_two_ops(triton_attention, case, source, 
     expected, expected_k, expected_v = two_ops(qkv, case[1], rope, slots, k_cache, v_cache, tables, lens, scale)
     before_k = k_cache.clone()
     out = triton_attention.rotary_decode_attention_triton(qkv, case[1], rope, k_cache, v_cache, slots, tables, lens,
-                                                          scale, num_splits=num_splits)
+                                                          scale, num_splits=num_splits,
+                                                          tuning={"fresh_kv": fresh_kv})
     atol, rtol = TOLERANCE[dtype]
     torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
     torch.testing.assert_close(k_cache, expected_k, atol=atol, rtol=rtol)
