@@ -44,8 +44,8 @@ def _decode_kernel(
     """With ROTARY, q and the row's new k and v come from the qkv projection's output row at src_ptr (or, with SUMS,
     from its split-K partials, plus its LoRA delta with HAS_DELTA): q is rotated here, and the program whose split
     holds the row's last position rotates k and stores k and v in the cache before it reads its tiles. With FRESH_KV
-    (ROTARY only) no tile reads a written row's last position back: the last split takes the new k and v from
-    registers after its tiles (`_fresh_kv_added`), so the tiles' loads need not wait for the store (no barrier)."""
+    (ROTARY only) no tile reads a written row's last position back: the last split computes and stores the new k and
+    v after its tiles and takes them from registers (`_fresh_kv_added`), so the tiles' loads wait only for q."""
     pdl_enter(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -72,12 +72,6 @@ def _decode_kernel(
                        stride_vh, tl.num_programs(1) * group, tl.num_programs(1),
                        writes_kv, delta_ptr, out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, BLOCK_H, SUMS, HAS_BIAS,
                        HAS_DELTA, MOST_SPLITS)
-        if FRESH_KV:
-            k_new, v_new = _fresh_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, k_ptr, v_ptr, row, kv_head, plane, splits,
-                                     stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                                     stride_vh, tl.num_programs(1) * group, tl.num_programs(1),
-                                     split == NUM_SPLITS - 1, delta_ptr, out_ptr.dtype.element_ty, HEAD_DIM,
-                                     BLOCK_SIZE, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
     else:
         q_ptrs = q_ptr + row.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :]
         q = tl.load(q_ptrs, mask=head_mask[:, None], other=0.0)
@@ -106,10 +100,16 @@ def _decode_kernel(
             v = tl.load(v_ptrs + dims[None, :], mask=is_valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-    if ROTARY and FRESH_KV:  # noqa: SIM102 (compile-time branch: k_new and v_new exist only under it)
-        if (split == NUM_SPLITS - 1) & fresh:  # the row's last position, from registers
-            m_i, l_i, acc = _fresh_kv_added(q, k_new, v_new, m_i, l_i, acc, qk_scale, k_ptr.dtype.element_ty,
-                                            v_ptr.dtype.element_ty)
+    if ROTARY and FRESH_KV:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if split == NUM_SPLITS - 1:  # the row's new k and v after the tiles (their loads wait for none of it)
+            k_new, v_new = _fresh_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, k_ptr, v_ptr, row, kv_head, plane, splits,
+                                     stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                                     stride_vh, tl.num_programs(1) * group, tl.num_programs(1), delta_ptr,
+                                     out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, SUMS, HAS_BIAS, HAS_DELTA,
+                                     MOST_SPLITS)
+            if fresh:  # the row's last position, from registers
+                m_i, l_i, acc = _fresh_kv_added(q, k_new, v_new, m_i, l_i, acc, qk_scale, k_ptr.dtype.element_ty,
+                                                v_ptr.dtype.element_ty)
 
     if NUM_SPLITS == 1:
         out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
@@ -167,10 +167,10 @@ def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_he
 @triton.jit
 def _fresh_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_head, plane, splits, stride_src,
               stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, num_q_heads, num_kv_heads,
-              writes, delta_ptr, dtype: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-              SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr):
-    """The row's new k (rotated) and v of this kv head [HEAD_DIM] each, as `_rotated_q` computes them; with `writes`,
-    also stored at the row's cache slot (none when the slot is -1), with no barrier: nothing here reads them back."""
+              delta_ptr, dtype: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SUMS: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr):
+    """The row's new k (rotated) and v of this kv head [HEAD_DIM] each, as `_rotated_q` computes them, also stored at
+    the row's cache slot (none when the slot is -1), with no barrier: this step reads them back nowhere."""
     HALF: tl.constexpr = HEAD_DIM // 2
     half = tl.arange(0, HALF)
     rope = rope_ptr + row.to(tl.int64) * stride_rope
@@ -185,7 +185,7 @@ def _fresh_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_hea
     v_lo, v_hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols + num_kv_heads * HEAD_DIM, whole, plane, splits,
                              delta_ptr, dtype, HALF, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
     slot = tl.load(slot_ptr + row)
-    if writes & (slot >= 0):
+    if slot >= 0:
         block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
         k_at = kc_ptr + block * stride_kb + offset * stride_kt + kv_head * stride_kh + half
         v_at = vc_ptr + block * stride_vb + offset * stride_vt + kv_head * stride_vh + half
