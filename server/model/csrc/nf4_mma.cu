@@ -523,9 +523,9 @@ torch::Tensor nf4_gemv(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
     const T* x_ptr = reinterpret_cast<const T*>(x.data_ptr());
     const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
     T* out_ptr = reinterpret_cast<T*>(out.data_ptr());
-#define LORAPLEX_GEMV(W)                                                                                       \
-  launch_kernel(nf4_gemv_kernel<T, W, 2>, grid, dim3(W * 32), 0, stream, programmatic_launch(), x_ptr, codes, scales, \
-                table_ptr, bias_ptr, out_ptr, M, N, K)
+#define LORAPLEX_GEMV(W)                                                                                      \
+  launch_kernel(nf4_gemv_kernel<T, W, 2>, grid, dim3(W * 32), 0, stream, programmatic_launch(), x_ptr, codes, \
+                scales, table_ptr, bias_ptr, out_ptr, M, N, K)
     switch (warps) {
       case 2: LORAPLEX_GEMV(2); break;
       case 4: LORAPLEX_GEMV(4); break;
