@@ -66,7 +66,7 @@ def _decode_kernel(
     if ROTARY:
         writes_kv = split == (tl.maximum(num_tiles, 1) - 1) // tl.maximum(tiles_per_split, 1)
         if FRESH_KV:
-            writes_kv = split < 0  # none here: _fresh_kv stores them
+            writes_kv = split < 0  # none here: the last split stores them after its tiles
         q = _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, k_ptr, v_ptr, row, kv_head, heads, head_mask, plane,
                        splits, stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                        stride_vh, tl.num_programs(1) * group, tl.num_programs(1),
@@ -102,11 +102,11 @@ def _decode_kernel(
         m_i = m_new
     if ROTARY and FRESH_KV:  # noqa: SIM102 (a compile-time branch around a run-time one)
         if split == NUM_SPLITS - 1:  # the row's new k and v after the tiles (their loads wait for none of it)
-            k_new, v_new = _fresh_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, k_ptr, v_ptr, row, kv_head, plane, splits,
-                                     stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                                     stride_vh, tl.num_programs(1) * group, tl.num_programs(1), delta_ptr,
-                                     out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, SUMS, HAS_BIAS, HAS_DELTA,
-                                     MOST_SPLITS)
+            k_new, v_new = _new_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, k_ptr, v_ptr, row, kv_head, plane, splits,
+                                   stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                                   stride_vh, tl.num_programs(1) * group, tl.num_programs(1), delta_ptr,
+                                   out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, SUMS, HAS_BIAS, HAS_DELTA,
+                                   MOST_SPLITS)
             if fresh:  # the row's last position, from registers
                 m_i, l_i, acc = _fresh_kv_added(q, k_new, v_new, m_i, l_i, acc, qk_scale, k_ptr.dtype.element_ty,
                                                 v_ptr.dtype.element_ty)
@@ -130,8 +130,8 @@ def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_he
                BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr,
                HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr):
     """The group's rotated q heads [BLOCK_H, HEAD_DIM] from the qkv row (columns q | k | v, heads of HEAD_DIM);
-    with `writes_kv`, also the row's new k (rotated) and v stored at its cache slot (none when the slot is -1),
-    followed by a barrier, so that this program's tiles read them back."""
+    with `writes_kv`, also the row's new k (rotated) and v stored at its cache slot (`_new_kv`; none when the slot is
+    -1), followed by a barrier, so that this program's tiles read them back."""
     HALF: tl.constexpr = HEAD_DIM // 2
     half = tl.arange(0, HALF)
     rope = rope_ptr + row.to(tl.int64) * stride_rope  # [2, D]: cos row, then sin row
@@ -142,35 +142,22 @@ def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_he
     q_lo, q_hi = _qkv_halves(src_ptr, bias_ptr, src_row, q_cols, head_mask[:, None], plane, splits, delta_ptr, dtype,
                              HALF, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
     q_lo, q_hi = _rotated(q_lo, q_hi, cos_lo[None, :], cos_hi[None, :], sin_lo[None, :], sin_hi[None, :], dtype)
-    if writes_kv:  # (names of their own: Triton keeps a variable's shape across a branch)
-        slot = tl.load(slot_ptr + row)
-        if slot >= 0:
-            whole = half < HALF
-            k_cols = (num_q_heads + kv_head) * HEAD_DIM + half
-            k_lo, k_hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols, whole, plane, splits, delta_ptr, dtype,
-                                     HALF, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
-            k_lo, k_hi = _rotated(k_lo, k_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
-            v_lo, v_hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols + num_kv_heads * HEAD_DIM, whole, plane,
-                                     splits, delta_ptr, dtype, HALF, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
-            block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-            k_at = kc_ptr + block * stride_kb + offset * stride_kt + kv_head * stride_kh + half
-            v_at = vc_ptr + block * stride_vb + offset * stride_vt + kv_head * stride_vh + half
-            tl.store(k_at, k_lo.to(kc_ptr.dtype.element_ty))
-            tl.store(k_at + HALF, k_hi.to(kc_ptr.dtype.element_ty))
-            tl.store(v_at, v_lo.to(vc_ptr.dtype.element_ty))
-            tl.store(v_at + HALF, v_hi.to(vc_ptr.dtype.element_ty))
+    if writes_kv:
+        _new_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_head, plane, splits, stride_src,
+                stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, num_q_heads,
+                num_kv_heads, delta_ptr, dtype, HEAD_DIM, BLOCK_SIZE, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
         tl.debug_barrier()  # the stores above are seen by every thread of this program's tile loads
     # q's halves side by side again: [BLOCK_H, HALF, 2] -> [BLOCK_H, 2, HALF] -> [BLOCK_H, HEAD_DIM]
     return tl.permute(tl.join(q_lo, q_hi), (0, 2, 1)).reshape(BLOCK_H, HEAD_DIM)
 
 
 @triton.jit
-def _fresh_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_head, plane, splits, stride_src,
+def _new_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_head, plane, splits, stride_src,
               stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, num_q_heads, num_kv_heads,
               delta_ptr, dtype: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SUMS: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr):
-    """The row's new k (rotated) and v of this kv head [HEAD_DIM] each, as `_rotated_q` computes them, also stored at
-    the row's cache slot (none when the slot is -1), with no barrier: this step reads them back nowhere."""
+    """The row's new k (rotated) and v of this kv head [HEAD_DIM] each, stored at the row's cache slot (none when the
+    slot is -1), with no barrier (`_rotated_q` puts one after it where its tiles read them back)."""
     HALF: tl.constexpr = HEAD_DIM // 2
     half = tl.arange(0, HALF)
     rope = rope_ptr + row.to(tl.int64) * stride_rope

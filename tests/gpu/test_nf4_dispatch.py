@@ -344,19 +344,7 @@ def test_split_k_sums_repeat_bit_for_bit_eager_and_replayed(kernel, rows):
     assert _rel_err(first, x, codes, absmax, wshape, table, bias) < 4e-3
     for _ in range(4):
         assert torch.equal(run(), first)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()  # allocations before capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    for _ in range(3):
-        out.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, first)
+    _assert_replays_give(run, first)
     assert torch.equal(run(), first)
 
 
@@ -382,15 +370,21 @@ def test_tile_kernel_launched_programmatically_dependent_reads_the_kernel_ahead(
 
     want = chain(False)
     assert torch.equal(chain(True), want)
+    _assert_replays_give(lambda: chain(True), want)
+
+
+def _assert_replays_give(fn, want, replays: int = 3):
+    """fn() captured in a CUDA graph (after one run on a side stream: its kernels built, its allocations made before
+    the capture) writes `want`, bit for bit, at each of `replays` replays (its output zeroed before each)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        chain(True)
+        fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = chain(True)
-    for _ in range(3):
+        out = fn()
+    for _ in range(replays):
         out.zero_()
         graph.replay()
         torch.cuda.synchronize()
@@ -452,19 +446,7 @@ def test_decode_layer_chain_programmatically_dependent_equals_plain_launches(ker
     with _programmatic(True):
         for _ in range(3):
             assert torch.equal(chain(), want)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            chain()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain()
-        for _ in range(5):
-            out.zero_()
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, want)
+        _assert_replays_give(chain, want, replays=5)
 
 
 @pytest.mark.parametrize("kernel, rows, split_k", [("tile", 1, 16), ("tile", 7, 3), ("wide", 13, 5), ("wide", 32, 2),
