@@ -266,9 +266,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_kern
   const uint4* x_at = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(g, M - 1)) * K) + 2 * t;
 
   float acc[4] = {};
-  wait_for_prior_grid();
   if (first < last) {  // warp-uniform: a warp past the last block (WARPS > blocks) adds zeros
     TileRing<1, PREFETCH> ring(tile_codes, tile_scales, tile, row_tiles, num_blocks, lane, first, last);
+    wait_for_prior_grid();  // codes in flight; x is the kernel ahead's output
     // x one block ahead, two buffers: block blk's x is in buffer (blk - first) % 2 (its loads had waited at every
     // block, between the block's first instruction and its first MMA: H100, 8B down at one row 20.5 -> 17.1 us
     // when nf4_gemv_pairs took the same change, -kernels-s34-xnext.json)
@@ -286,6 +286,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32)) nf4_gemv_kern
         mma_block<T>(lut, cur_codes[0], cur_scales[0], xs[i % 2], acc);
       }
     }
+  } else {
+    wait_for_prior_grid();  // no x to read, but this warp's threads store outputs below
   }
   // C fragment: acc[0..1] = (row g, tokens 2t, 2t + 1), acc[2..3] = (row g + 8, same tokens)
   sums[warp][g][2 * t] = acc[0];
