@@ -112,5 +112,9 @@ if [ -n "${ENGINE_AB:-}" ] && [ "${ENGINE_TIMEOUT:-0}" != 0 ]; then
   step "$ENGINE_TIMEOUT" engine_ab.log env "${ab_env[@]}" python3 -m bench --model 8b --skip-baseline \
     --budget-s $(( ENGINE_TIMEOUT - 30 )) --out "$OUT/ab"
 fi
-# One archive for both build caches (at most 8 files come back from a call)
+# At most 8 files come back from a call (the forty-third session lost an A/B run's JSON and a test log to that): the
+# subfolders (ENGINE_AB's ab/, PROFILE_AB's ab1/..., any a command moved its logs into) travel as one archive
+folders=$(cd "$OUT" && find . -mindepth 1 -maxdepth 1 -type d -printf '%P\n')
+if [ -n "$folders" ]; then (cd "$OUT" && tar czf folders.tgz $folders && rm -rf $folders); fi
+# One archive for both build caches
 tar czf "$OUT/build_cache.tgz" .torch_ext .triton_cache 2>/dev/null && du -h "$OUT/build_cache.tgz" || true
