@@ -159,7 +159,8 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         impls["mma"] = [lambda c=c: cuda_nf4.nf4_mma(x, c[0], c[1], layer.shape, layer.table,
                                                      warps=2 if rows <= 8 else 4, num_sms=device_num_sms(0))
                         for c in layer.nf4]
-        impls["tile"] = [lambda c=c: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
+        impls["tile"] = [lambda c=c: cuda_nf4.nf4_tile(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0),
+                                                       pdl=False)  # plain launches, beside tile_pdl
                          for c in layer.nf4]
         if rows <= 8:  # K split among a block's warps, summed in shared memory: no second kernel
             impls["gemv"] = [lambda c=c: cuda_nf4_gemv.nf4_gemv(x, c[3], layer.shape, layer.table,

@@ -56,10 +56,11 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
     against that 16-token tile (H100, 8B, us, rules / best tile: gate_up 31.04 / 30.43 at 1 row, 33.23 / 31.18 at 4,
     35.54 / 31.97 at 8; qkv 11.34 / 10.58 at 8; down and o slower in the tile:
     bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-few-rows.json)."""
+    sixteen_token_tiles = [Choice("wgmma", (("resident_warpgroups", w), ("block_tokens", 16), ("pairs", True)))
+                           for w in cuda_nf4_wgmma.RESIDENT_WARPGROUPS]
     if rows < 16:  # the one-row kernels' rule, and the x-resident kernel's 16-token tile
         return [Choice(nf4_dispatch.kernel_for(rows, shape, num_sms=num_sms))] + (
-            [Choice("wgmma", (("resident_warpgroups", w), ("block_tokens", 16), ("pairs", True)))
-             for w in cuda_nf4_wgmma.RESIDENT_WARPGROUPS] if cuda_nf4_wgmma.wgmma_supported() else [])
+            sixteen_token_tiles if cuda_nf4_wgmma.wgmma_supported() else [])
     choices = [Choice("dequant"), Choice("wide")]
     if cuda_nf4_wgmma.wgmma_supported():
         default = cuda_nf4_wgmma.wgmma_block_tokens(rows, shape, num_sms)
@@ -73,8 +74,7 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
             choices += [Choice("wgmma", (("resident_warpgroups", w),) + ((("pairs", True),) if pairs else ()))
                         for pairs in (False, True) for w in cuda_nf4_wgmma.RESIDENT_WARPGROUPS]
             if rows <= 16:
-                choices += [Choice("wgmma", (("resident_warpgroups", w), ("block_tokens", 16), ("pairs", True)))
-                            for w in cuda_nf4_wgmma.RESIDENT_WARPGROUPS]
+                choices += sixteen_token_tiles
     return choices
 
 

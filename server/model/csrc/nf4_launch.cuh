@@ -125,7 +125,7 @@ torch::Tensor run_split(const torch::Tensor& x, const c10::optional<torch::Tenso
   if (splits > 1 && defer_sum) return partials;
   if (splits > 1) {
     const int64_t total = static_cast<int64_t>(M) * N;
-    launch_kernel(split_k_sum_kernel<T>, dim3((total + 255) / 256), dim3(256), 0, stream, pdl || programmatic_launch(),
+    launch_kernel(split_k_sum_kernel<T>, dim3((total + 255) / 256), dim3(256), 0, stream, pdl,
                   static_cast<const float*>(partials.data_ptr<float>()), bias_ptr, out_ptr, M, N, splits);
   }
   return torch::Tensor();

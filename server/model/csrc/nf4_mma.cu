@@ -446,7 +446,7 @@ torch::Tensor launch_tile(const torch::Tensor& x, const torch::Tensor& tile_code
                       [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                           int blocks_per_split) {
     constexpr auto kernel = nf4_tile_kernel<T, NT, RT, W, tile_prefetch(NT, RT)>;
-    launch_kernel(kernel, dim3(groups, splits), dim3(W * 32), 0, stream, pdl || programmatic_launch(),
+    launch_kernel(kernel, dim3(groups, splits), dim3(W * 32), 0, stream, pdl,
                   reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
                   reinterpret_cast<const float2*>(tile_scales.data_ptr()),
                   static_cast<const float*>(table.data_ptr<float>()), bias_ptr, out_ptr, partial, M, N, K,
@@ -633,7 +633,7 @@ torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor 
                             int blocks_per_split) {
       launch_tile_layout(nf4_gemm_kernel<T>, dim3(row_groups, splits, token_groups), GEMM_WARPS * 32, 0, stream, x,
                          tile_codes, tile_scales, table, bias_ptr, out_ptr, partial, N, blocks_per_split);
-    }, false, defer_sum);
+    }, programmatic_launch(), defer_sum);
   };
   return run_for_dtype(x, run);
 }

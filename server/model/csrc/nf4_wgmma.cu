@@ -35,7 +35,7 @@ torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& til
                           int blocks_per_split) {
     launch_tile_layout(KERNEL, dim3(row_groups, splits, (M + BM - 1) / BM), WARPS * 32, SMEM, stream, x, tile_codes,
                        tile_scales, table, bias_ptr, out_ptr, partial, N, blocks_per_split);
-  }, false, defer_sum);
+  }, programmatic_launch(), defer_sum);
 }
 
 template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false>
@@ -67,7 +67,7 @@ torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor&
     const int blocks = std::max(1, std::min((units + WGS - 1) / WGS, current_device_sms() / (splits * token_groups)));
     launch_tile_layout(kernel, dim3(blocks, splits, token_groups), WGS * 128, smem, stream, x, tile_codes, tile_scales,
                        table, bias_ptr, out_ptr, partial, N, blocks_per_split);
-  }, false, defer_sum);
+  }, programmatic_launch(), defer_sum);
 }
 
 template <typename T>

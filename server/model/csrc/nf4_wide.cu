@@ -147,7 +147,7 @@ torch::Tensor launch_wide(const torch::Tensor& x, const torch::Tensor& tile_code
                           int blocks_per_split) {
     launch_tile_layout(kernel, dim3(row_groups, splits, token_groups), WIDE_WARPS * 32, smem, stream, x, tile_codes,
                        tile_scales, table, bias_ptr, out_ptr, partial, N, blocks_per_split);
-  }, false, defer_sum);
+  }, programmatic_launch(), defer_sum);
 }
 
 template <typename T>
