@@ -147,3 +147,73 @@ def _timed_pair(triton_attention, case, splits, max_blocks):
                                                         scale, tuning={"fresh_kv": fresh_kv})
 
     return unfused, fused, lambda: fused(True)
+
+
+@pytest.mark.parametrize("fresh_kv", [False, True], ids=["read-back", "fresh-kv"])
+def test_lora_fused_attention_equals_expand_then_attention(triton_attention, monkeypatch, fresh_kv):
+    """LORAPLEX_LORA_FUSED_ATTN: in a captured decode step (8B shape, batch 32) qkv's LoRA delta is left pending
+    (linear_with_lora with defer_delta="attention") and the rotary decode attention adds it. Within rounding of the
+    expand then the same kernel (`materialize`) and of the unfused graph (attention and cache contents), replayed
+    after x and the slots change in place (tokens without an adapter included); with the timings of both graphs
+    (`-s`; nothing asserts on them)."""
+    from server.model import lora_ops
+    from server.model.lora_ops import decode_lora_meta, linear_with_lora
+    from server.model.pending_lora import PendingLora
+    from tests.gpu.test_triton_kernels import lora_inputs
+
+    case = ([192] * 32, 32, 8, 128, 16)
+    num_tokens, num_q_heads, num_kv_heads, head_dim, hidden = 32, 32, 8, 128, 4096
+    q_width, kv_width = num_q_heads * head_dim, num_kv_heads * head_dim
+    slice_offsets = (0, q_width, q_width + kv_width, q_width + 2 * kv_width)
+    _, x, lora_a, lora_b, pool = lora_inputs(num_tokens, 6, 16, slice_offsets, hidden, torch.bfloat16)
+    base = torch.nn.Linear(hidden, slice_offsets[-1], bias=False, device="cuda", dtype=torch.bfloat16)
+    slots = torch.zeros(num_tokens, device="cuda", dtype=torch.int32)
+    meta = decode_lora_meta(slots)
+    _, rope, kv_slots, k_cache, v_cache, tables, lens = cuda_step(case)
+    scale = head_dim**-0.5
+    caches = {fused: (k_cache.clone(), v_cache.clone()) for fused in (False, True)}
+    outs = {fused: torch.empty(num_tokens, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+            for fused in (False, True)}
+    qkvs = {}
+
+    def step(fused):
+        monkeypatch.setattr(lora_ops, "FUSED_ATTN", fused)
+        qkvs[fused] = linear_with_lora(base, x, lora_a, lora_b, pool, meta, slice_offsets, defer_delta="attention")
+        outs[fused].copy_(triton_attention.rotary_decode_attention_triton(
+            qkvs[fused], num_q_heads, rope, *caches[fused], kv_slots, tables, lens, scale,
+            tuning={"fresh_kv": fresh_kv}))
+
+    graphs = {fused: capture(lambda fused=fused: step(fused)) for fused in (False, True)}
+    pending = qkvs[True]  # the captured step's tensors, which each replay refills
+    assert isinstance(pending, PendingLora) and isinstance(qkvs[False], torch.Tensor)
+    for seed in range(3):
+        slots.copy_(torch.randint(-1, 6, (num_tokens,), generator=torch.Generator().manual_seed(seed)))
+        x.normal_()
+        for graph in graphs.values():
+            graph.replay()
+        torch.cuda.synchronize()
+        expected, _, expected_k, expected_v = two_kernels(triton_attention, pending.materialize(), num_q_heads, rope,
+                                                          kv_slots, *caches[True], tables, lens, scale)
+        torch.testing.assert_close(outs[True], expected, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(caches[True][0], expected_k, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(caches[True][1], expected_v, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(outs[True], outs[False], atol=2e-2, rtol=2e-2)
+        without, *_ = two_kernels(triton_attention, pending.base, num_q_heads, rope, kv_slots, *caches[True], tables,
+                                  lens, scale)
+        with_adapter = slots.cpu() >= 0
+        assert not torch.allclose(outs[True][with_adapter], without[with_adapter], atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(outs[True][~with_adapter], without[~with_adapter], atol=2e-2, rtol=2e-2)
+    print(f"\nqkv's LoRA at 8b b32: expand then attention {_replay_us(graphs[False]):.2f} us, "
+          f"fused {_replay_us(graphs[True]):.2f} us (a replay each, the shrink and qkv's bf16 base matmul included)")
+
+
+def _replay_us(graph: torch.cuda.CUDAGraph, replays: int = 50) -> float:
+    """Mean time of a graph's replays queued back to back."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / replays
