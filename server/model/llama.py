@@ -192,8 +192,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
         if self.q_norm is None:  # the rotary kernel sums the projection's split-K partials (split_sums)
-            qkv = self.qkv_proj(x, ctx.lora, defer_sum=defer_sums(x),
-                                defer_delta="attention" if ctx.rows_read_own_kv else None)
+            qkv = self.qkv_proj(x, ctx.lora, defer_sum=defer_sums(x))
             if ctx.rows_read_own_kv:
                 out = rotary_decode_attention(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope, k_cache,
                                               v_cache, ctx.slot_mapping, ctx.block_tables, ctx.context_lens,
@@ -231,7 +230,7 @@ class MLP(nn.Module):
     def forward(self, x, lora: LoraContext | None) -> torch.Tensor:
         # silu_mul sums gate_up's split-K partials as it reads them (split_sums), and adds a pending LoRA delta
         # (pending_lora)
-        act = glue_ops.silu_mul(self.gate_up_proj(x, lora, defer_sum=defer_sums(x), defer_delta="act"))
+        act = glue_ops.silu_mul(self.gate_up_proj(x, lora, defer_sum=defer_sums(x), defer_delta=True))
         return self.down_proj(act, lora, defer_sum=defer_norm_sums(act))  # the next residual add sums partials
 
 

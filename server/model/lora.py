@@ -66,12 +66,12 @@ class LoraLinear(nn.Module):
         return start + num_a + num_b
 
     def forward(self, x: torch.Tensor, lora: LoraContext | None = None, defer_sum: bool = False,
-                defer_delta: str | None = None):
+                defer_delta: bool = False):
         """base(x) plus the adapters' deltas. `defer_sum`: the base may return unsummed split-K partials
         (split_sums.SplitSums) when no adapter applies; with adapters the output is summed, except in the decode
         graphs with LORAPLEX_LORA_SIDE_EXPAND=2 (the partials then carry the adapters' delta). `defer_delta`: the
-        caller's kernel that may add a pending delta (pending_lora.PendingLora), "act" or "attention", which the
-        decode graphs then leave to it (lora_ops.fuses_delta)."""
+        caller's kernel adds a pending delta (pending_lora.PendingLora), which the decode graphs then leave to it
+        under LORAPLEX_LORA_FUSED_ACT."""
         if lora is None or self.lora_a is None:
             return base_output(self.base, x, defer_sum)
         if lora.host_segments is not None and x.device.type == "cpu":

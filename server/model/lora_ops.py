@@ -58,18 +58,6 @@ SIDE_EXPAND = int(_SIDE_EXPAND_SETTING or 0)
 # (H100, thirty-first session, 8B mixed32 decode step, bench.profile_step's wall, one machine): 5.714 -> 5.667 ms.
 FUSED_ACT = os.environ.get("LORAPLEX_LORA_FUSED_ACT", "1") == "1"
 
-# LORAPLEX_LORA_FUSED_ATTN (default 0 until timed; with LORAPLEX_LORA_ONE_ROW): the same for qkv, whose expand is left
-# to the fused rotary decode attention (triton_attention: each program adds its q, k and v columns' deltas from the
-# token's h and its slot's B). Takes the 8B mixed step's qkv expand + sums launch (6.6 of a layer's ~157 us on an
-# H100, forty-first session's window) off the critical path, for ~25 KB of B a program read in the kernel's prologue.
-FUSED_ATTN = os.environ.get("LORAPLEX_LORA_FUSED_ATTN", "0") == "1"
-
-
-def fuses_delta(consumer: str | None) -> bool:
-    """Whether the decode graphs leave a LoRA linear's delta pending for `consumer`, the kernel that reads its output:
-    "act" (silu_mul after gate_up, FUSED_ACT) or "attention" (the rotary decode attention after qkv, FUSED_ATTN)."""
-    return (consumer == "act" and FUSED_ACT) or (consumer == "attention" and FUSED_ATTN)
-
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
 _GATHER_BUDGET = 1 << 24
 
@@ -173,7 +161,7 @@ def base_output(base, x: torch.Tensor, defer_sum: bool) -> torch.Tensor | SplitS
 
 def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
                      slice_offsets: tuple[int, ...], defer_sum: bool = False,
-                     defer_delta: str | None = None) -> torch.Tensor | SplitSums | PendingLora:
+                     defer_delta: bool = False) -> torch.Tensor | SplitSums | PendingLora:
     """base(x) plus the per-token LoRA delta. While a CUDA graph is captured (the decode steps), with the Triton
     kernels, the shrink (which reads only x) runs on a side stream beside the base matmul, and the expand adds
     into base(x) once both are done: the shrink's short, DRAM-bound launches fill SMs that the L1-bound NF4
@@ -184,10 +172,9 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     the delta in one launch (`triton_lora_decode.lora_expand_sums`), where csrc's sum kernel and the expand took
     two. With SIDE_EXPAND the expand of qkv and gate_up follows the shrink on the side stream, into an fp32 delta,
     and the join only adds it; with SIDE_EXPAND 2 and `defer_sum` (the caller's kernel sums partials), there is no
-    join: the partials come back with the delta (SplitSums.delta) for that kernel to add. With `defer_delta` naming
-    the kernel that reads the output and adds a pending delta (`fuses_delta`: the activation after gate_up, the
-    rotary decode attention after qkv), the expand is not run here: the base output (or its partials) comes back
-    with what the expand reads (PendingLora).
+    join: the partials come back with the delta (SplitSums.delta) for that kernel to add. With FUSED_ACT and
+    `defer_delta` (the caller's kernel adds a pending delta: the activation after gate_up), the expand is not run
+    here: the base output (or its partials) comes back with what the expand reads (PendingLora).
 
     Eager steps (prefills) run on one stream: there the host is the bound, not the GPU. The H200 8B prefill of
     32 x 128 tokens through 32 adapters took 57-98 ms of host time against 33.5 ms of kernels (merged: 26 ms
@@ -217,7 +204,7 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
         h = lora_shrink(x, lora_a, layout, meta, num_slices)
         side_expand = SIDE_EXPAND and one_token_segments and num_slices > 1
         delta = lora_delta(h, lora_b, layout, meta, slice_offsets) if side_expand else None
-    pending = (fuses_delta(defer_delta) and delta is None and one_token_segments
+    pending = (FUSED_ACT and defer_delta and delta is None and one_token_segments
                and one_row_launch(lora_b, layout) is not None)
     fused = FUSED_SUMS and one_token_segments and getattr(base, "may_defer_sum", False)
     y = base(x, defer_sum=True) if fused else base(x)

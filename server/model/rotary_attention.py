@@ -12,27 +12,22 @@ import torch
 from server.model import glue_ops
 from server.model.attention_ops import kernel_shapes, paged_decode_attention
 from server.model.lora_ops import triton_available
-from server.model.pending_lora import PendingLora
 from server.model.split_sums import SplitSums
 
 # One Triton kernel on CUDA (LORAPLEX_FUSED_DECODE_ROTARY=0: the rotary kernel, then attention, for A/B timing)
 FUSED_DECODE_ROTARY = os.environ.get("LORAPLEX_FUSED_DECODE_ROTARY", "1") == "1"
 
 
-def rotary_decode_attention(qkv: torch.Tensor | SplitSums | PendingLora, num_q_heads: int, num_kv_heads: int,
-                            head_dim: int, rope, k_cache, v_cache, slot_mapping, block_tables, context_lens,
-                            scale: float):
+def rotary_decode_attention(qkv: torch.Tensor | SplitSums, num_q_heads: int, num_kv_heads: int, head_dim: int, rope,
+                            k_cache, v_cache, slot_mapping, block_tables, context_lens, scale: float):
     """glue_ops.qkv_rotary_write_kv, then paged_decode_attention ([B, Hq, D]), for a decode step whose rows each
     read only their own new k and v (one token a row, no prompt chunk beside them): one Triton kernel on CUDA,
-    which writes a row's k and v and reads them back without waiting for the other rows' programs. A pending LoRA
-    delta (lora_ops.FUSED_ATTN) is added by that kernel, else expanded first."""
+    which writes a row's k and v and reads them back without waiting for the other rows' programs."""
     if FUSED_DECODE_ROTARY and qkv.device.type == "cuda" and kernel_shapes(head_dim, k_cache) and triton_available():
         from server.model.triton_attention import rotary_decode_attention_triton
 
         return rotary_decode_attention_triton(qkv, num_q_heads, rope, k_cache, v_cache, slot_mapping, block_tables,
                                               context_lens, scale)
-    if isinstance(qkv, PendingLora):
-        qkv = qkv.materialize()
     q, _, _ = glue_ops.qkv_rotary_write_kv(qkv, num_q_heads, num_kv_heads, head_dim, rope, k_cache, v_cache,
                                            slot_mapping)
     return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)

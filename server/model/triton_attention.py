@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 from server.model import pdl
-from server.model.pending_lora import PendingLora
 from server.model.split_sums import SplitSums
 from server.model.triton_glue import COMPILED_SPLITS, MAX_SPLITS, _delta, _rotated, _source, _summed
 from server.model.triton_pdl import pdl_enter
@@ -34,22 +33,19 @@ _NUM_SMS = 132  # H100; only steers the split heuristic
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, acc_ptr, stats_ptr,
     src_ptr, bias_ptr, rope_ptr, slot_ptr, plane, splits, delta_ptr,
-    h_ptr, lora_b_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr, stride_hm, stride_br, stride_bn,
     qk_scale, group,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_ob, stride_oh, stride_src, stride_rope,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, V_FIRST: tl.constexpr, ROTARY: tl.constexpr,
     SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr,
-    FRESH_KV: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
+    FRESH_KV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """With ROTARY, q and the row's new k and v come from the qkv projection's output row at src_ptr (or, with SUMS,
-    from its split-K partials, plus its LoRA delta with HAS_DELTA; with HAS_LORA, plus the delta of the token's
-    adapter computed here from its row of h and its slot's B: `_lora_added`): q is rotated here, and the program
-    whose split holds the row's last position rotates k and stores k and v in the cache before it reads its tiles.
-    With FRESH_KV (ROTARY only) no tile reads a written row's last position back: the last split computes and stores
-    the new k and v after its tiles and takes them from registers (`_fresh_kv_added`), so the tiles' loads wait only
-    for q."""
+    from its split-K partials, plus its LoRA delta with HAS_DELTA): q is rotated here, and the program whose split
+    holds the row's last position rotates k and stores k and v in the cache before it reads its tiles. With FRESH_KV
+    (ROTARY only) no tile reads a written row's last position back: the last split computes and stores the new k and
+    v after its tiles and takes them from registers (`_fresh_kv_added`), so the tiles' loads wait only for q."""
     pdl_enter(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -67,8 +63,6 @@ def _decode_kernel(
     heads = kv_head * group + tl.arange(0, BLOCK_H)
     head_mask = tl.arange(0, BLOCK_H) < group
     dims = tl.arange(0, HEAD_DIM)
-    lora = _row_lora(h_ptr, lora_b_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr, row, stride_hm,
-                     stride_br, stride_bn, HAS_LORA)
     if ROTARY:
         writes_kv = split == (tl.maximum(num_tiles, 1) - 1) // tl.maximum(tiles_per_split, 1)
         if FRESH_KV:
@@ -76,8 +70,8 @@ def _decode_kernel(
         q = _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, k_ptr, v_ptr, row, kv_head, heads, head_mask, plane,
                        splits, stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                        stride_vh, tl.num_programs(1) * group, tl.num_programs(1),
-                       writes_kv, delta_ptr, lora, out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, BLOCK_H, SUMS,
-                       HAS_BIAS, HAS_DELTA, MOST_SPLITS, HAS_LORA, BLOCK_R)
+                       writes_kv, delta_ptr, out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, BLOCK_H, SUMS, HAS_BIAS,
+                       HAS_DELTA, MOST_SPLITS)
     else:
         q_ptrs = q_ptr + row.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :]
         q = tl.load(q_ptrs, mask=head_mask[:, None], other=0.0)
@@ -110,9 +104,9 @@ def _decode_kernel(
         if split == NUM_SPLITS - 1:  # the row's new k and v after the tiles (their loads wait for none of it)
             k_new, v_new = _new_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, k_ptr, v_ptr, row, kv_head, plane, splits,
                                    stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                                   stride_vh, tl.num_programs(1) * group, tl.num_programs(1), delta_ptr, lora,
+                                   stride_vh, tl.num_programs(1) * group, tl.num_programs(1), delta_ptr,
                                    out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, SUMS, HAS_BIAS, HAS_DELTA,
-                                   MOST_SPLITS, HAS_LORA, BLOCK_R)
+                                   MOST_SPLITS)
             if fresh:  # the row's last position, from registers
                 m_i, l_i, acc = _fresh_kv_added(q, k_new, v_new, m_i, l_i, acc, qk_scale, k_ptr.dtype.element_ty,
                                                 v_ptr.dtype.element_ty)
@@ -132,9 +126,9 @@ def _decode_kernel(
 @triton.jit
 def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_head, heads, head_mask, plane, splits,
                stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-               num_q_heads, num_kv_heads, writes_kv, delta_ptr, lora, dtype: tl.constexpr, HEAD_DIM: tl.constexpr,
+               num_q_heads, num_kv_heads, writes_kv, delta_ptr, dtype: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr,
-               HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr):
+               HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr):
     """The group's rotated q heads [BLOCK_H, HEAD_DIM] from the qkv row (columns q | k | v, heads of HEAD_DIM);
     with `writes_kv`, also the row's new k (rotated) and v stored at its cache slot (`_new_kv`; none when the slot is
     -1), followed by a barrier, so that this program's tiles read them back."""
@@ -147,16 +141,11 @@ def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_he
     q_cols = heads[:, None] * HEAD_DIM + half[None, :]
     q_lo, q_hi = _qkv_halves(src_ptr, bias_ptr, src_row, q_cols, head_mask[:, None], plane, splits, delta_ptr, dtype,
                              HALF, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
-    if HAS_LORA:  # slice 0 of the token's h
-        first_col = kv_head * (num_q_heads // num_kv_heads) * HEAD_DIM
-        q_lo = _lora_added_heads(q_lo, first_col, num_q_heads // num_kv_heads, lora, dtype, BLOCK_R, HEAD_DIM)
-        q_hi = _lora_added_heads(q_hi, first_col + HALF, num_q_heads // num_kv_heads, lora, dtype, BLOCK_R, HEAD_DIM)
     q_lo, q_hi = _rotated(q_lo, q_hi, cos_lo[None, :], cos_hi[None, :], sin_lo[None, :], sin_hi[None, :], dtype)
     if writes_kv:
         _new_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_head, plane, splits, stride_src,
                 stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, num_q_heads,
-                num_kv_heads, delta_ptr, lora, dtype, HEAD_DIM, BLOCK_SIZE, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS,
-                HAS_LORA, BLOCK_R)
+                num_kv_heads, delta_ptr, dtype, HEAD_DIM, BLOCK_SIZE, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
         tl.debug_barrier()  # the stores above are seen by every thread of this program's tile loads
     # q's halves side by side again: [BLOCK_H, HALF, 2] -> [BLOCK_H, 2, HALF] -> [BLOCK_H, HEAD_DIM]
     return tl.permute(tl.join(q_lo, q_hi), (0, 2, 1)).reshape(BLOCK_H, HEAD_DIM)
@@ -165,9 +154,8 @@ def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_he
 @triton.jit
 def _new_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_head, plane, splits, stride_src,
               stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, num_q_heads, num_kv_heads,
-              delta_ptr, lora, dtype: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-              SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr,
-              HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr):
+              delta_ptr, dtype: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SUMS: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr):
     """The row's new k (rotated) and v of this kv head [HEAD_DIM] each, stored at the row's cache slot (none when the
     slot is -1), with no barrier (`_rotated_q` puts one after it where its tiles read them back)."""
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -180,15 +168,9 @@ def _new_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_head,
     k_cols = (num_q_heads + kv_head) * HEAD_DIM + half
     k_lo, k_hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols, whole, plane, splits, delta_ptr, dtype, HALF, SUMS,
                              HAS_BIAS, HAS_DELTA, MOST_SPLITS)
-    v_cols = k_cols + num_kv_heads * HEAD_DIM
-    v_lo, v_hi = _qkv_halves(src_ptr, bias_ptr, src_row, v_cols, whole, plane, splits, delta_ptr, dtype, HALF, SUMS,
-                             HAS_BIAS, HAS_DELTA, MOST_SPLITS)
-    if HAS_LORA:  # slices 1 and 2 of the token's h
-        k_lo = _lora_added(k_lo, k_cols, lora, 1, dtype, BLOCK_R)
-        k_hi = _lora_added(k_hi, k_cols + HALF, lora, 1, dtype, BLOCK_R)
-        v_lo = _lora_added(v_lo, v_cols, lora, 2, dtype, BLOCK_R)
-        v_hi = _lora_added(v_hi, v_cols + HALF, lora, 2, dtype, BLOCK_R)
     k_lo, k_hi = _rotated(k_lo, k_hi, cos_lo, cos_hi, sin_lo, sin_hi, dtype)
+    v_lo, v_hi = _qkv_halves(src_ptr, bias_ptr, src_row, k_cols + num_kv_heads * HEAD_DIM, whole, plane, splits,
+                             delta_ptr, dtype, HALF, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
     slot = tl.load(slot_ptr + row)
     if slot >= 0:
         block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
@@ -216,68 +198,6 @@ def _fresh_kv_added(q, k_new, v_new, m_i, l_i, acc, qk_scale, k_dtype: tl.conste
     l_i = l_i * alpha + p
     acc = acc * alpha[:, None] + p.to(v_dtype).to(tl.float32)[:, None] * v_new.to(v_dtype).to(tl.float32)[None, :]
     return m_new, l_i, acc
-
-
-@triton.jit
-def _row_lora(h_ptr, b_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr, row, stride_hm, stride_br, stride_bn,
-              HAS_LORA: tl.constexpr):
-    """What `_lora_added` reads of the row's token: (its row of h, B, its slot (-1: no adapter), the slot's first row
-    of B and rank, B's strides); a stand-in without HAS_LORA."""
-    if HAS_LORA:
-        slot = tl.load(token_slots_ptr + row).to(tl.int64)
-        at = tl.maximum(slot, 0)
-        first_row = tl.load(slot_offsets_ptr + at).to(tl.int64)
-        rank = tl.load(slot_ranks_ptr + at)
-    else:
-        slot, first_row, rank = -1, 0, 0
-    return h_ptr + row.to(tl.int64) * stride_hm, b_ptr, slot, first_row, rank, stride_br, stride_bn
-
-
-@triton.jit
-def _slice_delta(h_slice, b_ptr, first_row, rank, cols, mask, stride_br, stride_bn, BLOCK_R: tl.constexpr):
-    """The token's LoRA delta [N] at `cols` [N] against h_slice (its slice of h): the products of the one-row expand
-    (`triton_lora._row_delta`: each column's 16-rank blocks summed in fp32, h rounded to B's dtype first)."""
-    acc = tl.zeros(cols.shape, dtype=tl.float32)
-    for r0 in tl.static_range(0, BLOCK_R, 16):
-        rs = r0 + tl.arange(0, 16)
-        r_mask = rs < rank
-        h = tl.load(h_slice + rs, mask=r_mask, other=0.0).to(b_ptr.dtype.element_ty).to(tl.float32)
-        b = tl.load(b_ptr + (first_row + rs)[None, :] * stride_br + cols[:, None] * stride_bn,
-                    mask=mask[:, None] & r_mask[None, :], other=0.0)
-        acc += tl.sum(b.to(tl.float32) * h[None, :], axis=1)
-    return acc
-
-
-@triton.jit
-def _lora_added(v, cols, lora, slice_index: tl.constexpr, dtype: tl.constexpr, BLOCK_R: tl.constexpr):
-    """v (the qkv output at `cols` [N] of the row, rounded to dtype) plus the token's LoRA delta from slice
-    `slice_index` of its row of h (`_slice_delta`), rounded; unchanged for a token without an adapter. Its sums may
-    round apart from the expand's (another layout of the same products), so the fused path is tested within
-    tolerance of the expand, not bit for bit."""
-    h_row, b_ptr, slot, first_row, rank, stride_br, stride_bn = lora
-    if slot >= 0:
-        delta = _slice_delta(h_row + slice_index * rank, b_ptr, first_row, rank, cols, cols >= 0, stride_br,
-                             stride_bn, BLOCK_R)
-        v = (v.to(tl.float32) + delta).to(dtype)
-    return v
-
-
-@triton.jit
-def _lora_added_heads(v, col0, group, lora, dtype: tl.constexpr, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """v [BLOCK_H, N]: half of each of the group's q heads, head g at columns col0 + g * HEAD_DIM + [0, N) (rows
-    from `group` on are padding), plus the token's LoRA delta from slice 0 of its h, head by head (a [N, 16] B tile
-    at a time, where the whole [BLOCK_H, N, 16] would hold every register), rounded as `_lora_added`."""
-    h_row, b_ptr, slot, first_row, rank, stride_br, stride_bn = lora
-    if slot >= 0:
-        offs = tl.arange(0, v.shape[1])
-        heads = tl.arange(0, v.shape[0])
-        out = v.to(tl.float32)
-        for g in range(group):
-            delta = _slice_delta(h_row, b_ptr, first_row, rank, col0 + g * HEAD_DIM + offs, offs >= 0, stride_br,
-                                 stride_bn, BLOCK_R)
-            out = tl.where((heads == g)[:, None], out + delta[None, :], out)
-        v = out.to(dtype)
-    return v
 
 
 @triton.jit
@@ -378,22 +298,15 @@ def paged_decode_attention_triton(
 
 
 def rotary_decode_attention_triton(
-    qkv: torch.Tensor | SplitSums | PendingLora, num_q_heads: int, rope, k_cache, v_cache, slot_mapping, block_tables,
+    qkv: torch.Tensor | SplitSums, num_q_heads: int, rope, k_cache, v_cache, slot_mapping, block_tables,
     context_lens, scale: float, num_splits: int | None = None, tuning: dict | None = None,
 ):
     """glue_ops.qkv_rotary_write_kv, then paged_decode_attention_triton, in one kernel: qkv [B, (Hq + 2 Hkv) D]
-    (rows contiguous) or its split-K partials, either maybe with its LoRA delta pending (pending_lora: the q, k and
-    v slices of a one-token-a-row step, added here), rope [B, 2, D] float32, slot_mapping [B] int64 (-1: no write);
+    (rows contiguous) or its split-K partials, rope [B, 2, D] float32, slot_mapping [B] int64 (-1: no write);
     returns the attention [B, Hq, D]. Only for steps whose rows read no other row's new k and v (one decode token
     a row): a program stores its row's k and v and reads them back, with no order against other rows' programs."""
     head_dim, num_kv_heads = k_cache.shape[3], k_cache.shape[2]
     _check_shapes(num_q_heads, head_dim, k_cache, v_cache)
-    lora = None
-    if isinstance(qkv, PendingLora):
-        q_width, kv_width = num_q_heads * head_dim, num_kv_heads * head_dim
-        if qkv.slice_offsets != (0, q_width, q_width + kv_width, q_width + 2 * kv_width):
-            raise ValueError(f"a pending LoRA delta's slices {qkv.slice_offsets} are not q, k and v")
-        lora, qkv = qkv, qkv.base
     num_rows, width = qkv.shape
     if width != (num_q_heads + 2 * num_kv_heads) * head_dim:
         raise ValueError(f"qkv width {width} is not ({num_q_heads} + 2 x {num_kv_heads}) x {head_dim}")
@@ -401,15 +314,14 @@ def rotary_decode_attention_triton(
         raise ValueError("qkv's rows must be contiguous")
     out = torch.empty((num_rows, num_q_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     rotary = (*_source(qkv, takes_delta=True), rope.contiguous(), slot_mapping, *_delta(qkv))
-    _launch(out, None, rotary, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tuning, lora)
+    _launch(out, None, rotary, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tuning)
     return out
 
 
-def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tuning,
-            lora: PendingLora | None = None) -> None:
+def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tuning) -> None:
     """The decode kernel (and, with splits, the merge kernel) into out [B, Hq, D]: q read from
     `q`, or, with `rotary` = (source, plane, splits, bias, has_bias, rope, slot_mapping, delta, has_delta), from the
-    qkv output, plus `lora`'s pending delta."""
+    qkv output."""
     tuning = {**DECODE_TUNING, **(tuning or {})}
     num_rows, num_q_heads, head_dim = out.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -429,15 +341,9 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
     else:
         src, plane, splits, bias, has_bias, rope, slots, delta, has_delta = rotary
         q, stride_q = out, (0, 0)  # unused
-    if lora is None:
-        lora_args, block_r = (out,) * 5 + (0, 0, 0), 16  # stand-ins, never read
-    else:
-        lora_args = (lora.h, lora.lora_b, lora.meta.token_slots, lora.layout.offsets, lora.layout.ranks,
-                     lora.h.stride(0), lora.lora_b.stride(0), lora.lora_b.stride(1))
-        block_r = max(16, triton.next_power_of_2(lora.layout.max_rank))
     _decode_kernel[(num_rows, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, acc, stats,
-        src, bias, rope, slots, plane, splits, delta, *lora_args,
+        src, bias, rope, slots, plane, splits, delta,
         scale * _LOG2E, group,
         *stride_q, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -447,7 +353,7 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROTARY=rotary is not None,
         SUMS=plane > 0, HAS_BIAS=has_bias, HAS_DELTA=has_delta, num_warps=tuning["num_warps"],
         MOST_SPLITS=splits if plane > 0 and COMPILED_SPLITS else MAX_SPLITS,
-        FRESH_KV=tuning["fresh_kv"] and rotary is not None, HAS_LORA=lora is not None, BLOCK_R=block_r,
+        FRESH_KV=tuning["fresh_kv"] and rotary is not None,
         **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
         **pdl.triton_launch(out.device),
     )  # fmt: skip

@@ -249,7 +249,7 @@ def test_lora_fused_activation_equals_expand_then_activation(triton_lora, monkey
 
     def step(fused):
         monkeypatch.setattr(lora_ops, "FUSED_ACT", fused)
-        gate_ups[fused] = linear_with_lora(base, x, lora_a, lora_b, pool, meta, slice_offsets, defer_delta="act")
+        gate_ups[fused] = linear_with_lora(base, x, lora_a, lora_b, pool, meta, slice_offsets, defer_delta=True)
         outs[fused].copy_(glue_ops.silu_mul(gate_ups[fused]))
 
     graphs = {fused: capture(lambda fused=fused: step(fused)) for fused in (False, True)}

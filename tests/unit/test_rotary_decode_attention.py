@@ -94,60 +94,6 @@ def test_interpreted_kernel_matches_the_two_ops(triton_attention, case, source, 
     assert not torch.equal(k_cache, before_k)  # the new tokens' keys were written
 
 
-@pytest.mark.parametrize("fresh_kv", [False, True], ids=["read-back", "fresh-kv"])
-@pytest.mark.parametrize("max_rank", [8, 40])
-@pytest.mark.parametrize("dtype,splits,num_splits", [(torch.float32, 0, 1), (torch.float16, 4, 3)])
-@pytest.mark.parametrize("case", CASES, ids=["gqa2-d64", "gqa4-d128"])
-def test_interpreted_kernel_adds_a_pending_lora_delta_as_the_expand(triton_attention, case, dtype, splits,
-                                                                    num_splits, max_rank, fresh_kv):
-    """LORAPLEX_LORA_FUSED_ATTN: given qkv's output (or partials) with the tokens' LoRA delta pending, the kernel adds
-    each q, k and v slice's delta itself: the same attention and cache contents as the expand (`materialize`) then
-    the kernel, within rounding, for tokens with adapters of ranks up to 40 (three 16-rank blocks), without one, and
-    padding rows; B is NaN outside every slot, so a read past a slot's rows would show."""
-    from server.model.lora_ops import decode_lora_meta
-    from server.model.pending_lora import PendingLora
-    from tests.unit.test_lora_ops import make_inputs
-
-    triton_lora = interpreted("server.model.triton_lora")
-    lens, num_q_heads, num_kv_heads, head_dim, _ = case
-    qkv, rope, slots, k_cache, v_cache, tables, context_lens = decode_step(case, dtype, splits, bias=bool(splits))
-    q_width, kv_width = num_q_heads * head_dim, num_kv_heads * head_dim
-    slice_offsets = (0, q_width, q_width + kv_width, q_width + 2 * kv_width)
-    token_slots = [2, -1, 0, 1][: len(lens)]
-    _, x, lora_a, lora_b, pool, _ = make_inputs([1] * len(lens), token_slots, max_rank, slice_offsets, dtype,
-                                                in_features=48, seed=max_rank)
-    meta = decode_lora_meta(torch.tensor(token_slots, dtype=torch.int32))
-    pending = PendingLora(qkv, triton_lora.lora_shrink(x, lora_a, pool, meta, 3), lora_b, pool, meta, slice_offsets)
-    expanded = pending.materialize()
-    scale = head_dim**-0.5
-    expected, expected_k, expected_v = two_ops(expanded, num_q_heads, rope, slots, k_cache, v_cache, tables,
-                                               context_lens, scale)
-    without, _, _ = two_ops(qkv, num_q_heads, rope, slots, k_cache, v_cache, tables, context_lens, scale)
-    out = triton_attention.rotary_decode_attention_triton(pending, num_q_heads, rope, k_cache, v_cache, slots, tables,
-                                                          context_lens, scale, num_splits=num_splits,
-                                                          tuning={"fresh_kv": fresh_kv})
-    atol, rtol = TOLERANCE[dtype]
-    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
-    torch.testing.assert_close(k_cache, expected_k, atol=atol, rtol=rtol)
-    torch.testing.assert_close(v_cache, expected_v, atol=atol, rtol=rtol)
-    assert not torch.allclose(out[0], without[0], atol=atol, rtol=rtol), "the adapter's delta was added"
-    torch.testing.assert_close(out[1], without[1], atol=atol, rtol=rtol)  # no adapter (a padding row in gqa2)
-
-
-def test_a_pending_delta_must_be_the_q_k_and_v_slices(triton_attention):
-    from server.model.lora_ops import decode_lora_meta
-    from server.model.pending_lora import PendingLora
-    from tests.unit.test_lora_ops import make_inputs
-
-    qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(CASES[0], torch.float32)
-    width = qkv.shape[1]
-    _, _, _, lora_b, pool, _ = make_inputs([1] * 4, [0] * 4, 8, (0, width), torch.float32)
-    pending = PendingLora(qkv, torch.zeros(4, 8), lora_b, pool, decode_lora_meta(torch.zeros(4, dtype=torch.int32)),
-                          (0, width))
-    with pytest.raises(ValueError, match="not q, k and v"):
-        triton_attention.rotary_decode_attention_triton(pending, 4, rope, k_cache, v_cache, slots, tables, lens, 0.125)
-
-
 def test_rejects_a_qkv_width_that_does_not_match_the_heads(triton_attention):
     qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(CASES[0], torch.float32)
     with pytest.raises(ValueError, match="qkv width"):

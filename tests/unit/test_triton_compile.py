@@ -53,19 +53,16 @@ DECODE_TYPES = {"block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "acc_ptr
                 "rope_ptr": "*fp32", "slot_ptr": "*i64"}
 
 
-@pytest.mark.parametrize("head_dim,splits,rotary,sums,delta,lora", [
-    (128, 1, False, False, False, False), (128, 8, True, False, False, False), (64, 1, True, True, False, False),
-    (128, 4, False, False, False, False), (128, 2, True, True, True, False), (128, 1, True, True, False, True),
-    (128, 4, True, False, False, True)])
-def test_decode_attention(modules, head_dim, splits, rotary, sums, delta, lora):
+@pytest.mark.parametrize("head_dim,splits,rotary,sums,delta", [
+    (128, 1, False, False, False), (128, 8, True, False, False), (64, 1, True, True, False),
+    (128, 4, False, False, False), (128, 2, True, True, True)])
+def test_decode_attention(modules, head_dim, splits, rotary, sums, delta):
     types = DECODE_TYPES | ({"src_ptr": "*fp32"} if sums else {}) | ({"delta_ptr": "*fp32"} if delta else {})
-    if lora:  # qkv's pending LoRA delta (LORAPLEX_LORA_FUSED_ATTN)
-        types |= {"h_ptr": "*fp32", "token_slots_ptr": "*i32", "slot_offsets_ptr": "*i32", "slot_ranks_ptr": "*i32"}
     compile_sm90(modules["attention"]._decode_kernel, {
         "HEAD_DIM": head_dim, "BLOCK_SIZE": 16, "BLOCK_H": 16, "TILE_N": 64, "NUM_SPLITS": splits,
         "DOT_PRECISION": "tf32", "V_FIRST": True, "ROTARY": rotary, "SUMS": sums, "HAS_BIAS": sums,
-        "HAS_DELTA": delta, "MOST_SPLITS": 3 if sums else 16, "FRESH_KV": rotary and head_dim == 128 and splits != 1,
-        "HAS_LORA": lora, "BLOCK_R": 16, "PDL": splits > 1}, types, 8)
+        "HAS_DELTA": delta, "MOST_SPLITS": 3 if sums else 16, "FRESH_KV": rotary and head_dim == 128,
+        "PDL": splits > 1}, types, 8)
     if splits > 1:
         compile_sm90(modules["attention"]._merge_splits_kernel,
                      {"HEAD_DIM": head_dim, "NUM_SPLITS": splits, "BLOCK_S": splits, "PDL": True},
