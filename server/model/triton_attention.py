@@ -266,11 +266,35 @@ def choose_num_splits(num_rows: int, num_kv_heads: int, max_blocks: int, block_s
 # program of each (row, kv head) (a ticket counter a pair) instead of the merge kernel: 6.48 against 6.30 us with the
 # rotary fused in, 8.31 against 7.15 without.
 # fresh_kv (rotary only): the row's new k and v taken from registers instead of read back from the cache (the
-# kernel's FRESH_KV), so the tiles' loads do not wait for the rotary prologue's store and barrier. Off by default
-# (LORAPLEX_DECODE_FRESH_KV=1) until timed: at batch 32, context 192, the q-input path took 8.5 us on an H100 where the
-# 8B step's fused rotary one took 14.9 (bench/NOTES.md, forty-third session).
-DECODE_TUNING = {"v_first": True, "tile_n": 64, "num_stages": None, "num_warps": 8,
+# kernel's FRESH_KV), so the tiles' loads do not wait for the rotary prologue's store and barrier. Off
+# (LORAPLEX_DECODE_FRESH_KV=1): timed on an H100 (forty-fourth session, 8B shapes, graph replay) it won at batch 1
+# (7.50 -> 6.63 us) and lost at 32 (9.18 -> 10.19; 1B 7.01 -> 9.26), and the 8B engine bench moved within its spread
+# (batch 1 366.7 / 367.5 tokens/s, merged batch-32 step 3.667 / 3.676 ms with LORAPLEX_PDL_LORA=1 beside it).
+# maxnreg: registers a thread at most (ptxas spills past them; None: its choice). At 8 warps the kernel takes 194-202
+# registers, so an SM holds one program, and batch 32's 256 programs (8 kv heads a row) run in two waves over 132 SMs;
+# at 128 it would hold two. Also timed: 4 warps (two programs an SM at up to 255 registers).
+DECODE_TUNING = {"v_first": True, "tile_n": 64, "num_stages": None, "num_warps": 8, "maxnreg": None,
                  "fresh_kv": os.environ.get("LORAPLEX_DECODE_FRESH_KV", "0") == "1"}
+
+
+def tuning_overrides(text: str) -> dict:
+    """DECODE_TUNING entries from "name=value,..." (LORAPLEX_DECODE_TUNING, for engine A/Bs of the launch choices:
+    the tests time them on one layer's inputs, whose cache sits in L2, where a step reads each layer's from DRAM)."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in DECODE_TUNING or not value:
+            raise ValueError(f"LORAPLEX_DECODE_TUNING: {item!r} is not name=value of {sorted(DECODE_TUNING)}")
+        if value in ("true", "false"):
+            overrides[name] = value == "true"
+        elif value.isdigit():
+            overrides[name] = int(value)
+        else:
+            raise ValueError(f"LORAPLEX_DECODE_TUNING: {item!r} needs an integer, true or false")
+    return overrides
+
+
+DECODE_TUNING.update(tuning_overrides(os.environ.get("LORAPLEX_DECODE_TUNING", "")))
 
 
 def _check_shapes(num_q_heads: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -355,6 +379,7 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         MOST_SPLITS=splits if plane > 0 and COMPILED_SPLITS else MAX_SPLITS,
         FRESH_KV=tuning["fresh_kv"] and rotary is not None,
         **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
+        **({} if tuning["maxnreg"] is None else {"maxnreg": tuning["maxnreg"]}),
         **pdl.triton_launch(out.device),
     )  # fmt: skip
     if num_splits > 1:

@@ -147,3 +147,32 @@ def _timed_pair(triton_attention, case, splits, max_blocks):
                                                         scale, tuning={"fresh_kv": fresh_kv})
 
     return unfused, fused, lambda: fused(True)
+
+
+COLD_CHOICES = [({}, None), ({"num_warps": 4}, None), ({"maxnreg": 128}, None), ({"tile_n": 32}, None),
+                ({"num_warps": 4, "tile_n": 32}, None), ({"fresh_kv": True}, None),
+                ({"num_warps": 4, "fresh_kv": True}, None), ({"maxnreg": 128, "fresh_kv": True}, None),
+                ({"num_warps": 4}, 2), ({}, 2)]
+
+
+def test_rotary_decode_attention_choices_with_each_layer_cold(triton_attention):
+    """The 8B batch-32 step's attention (contexts of 192, qkv's split-K partials) as a step meets it: 32 calls in a
+    row, each on another layer's cache and partials (800 MB of cache, where the one-layer timings above read theirs
+    from the 50 MB L2), under each launch choice (DECODE_TUNING's entries, LORAPLEX_DECODE_TUNING in the engine, and
+    the split count): each computes the default's attention; read with -s for each one's time a layer (never
+    asserted). At 8 warps an SM holds one program (194 registers), so the 256 programs run in two waves."""
+    case = ([192] * 32, 32, 8, 128, 16)
+    layers = [cuda_step(case, splits=2, seed=seed) for seed in range(32)]
+    scale = 128**-0.5
+
+    def attend(layer, tuning, num_splits):
+        qkv, rope, slots, k_cache, v_cache, tables, lens = layer
+        return triton_attention.rotary_decode_attention_triton(qkv, 32, rope, k_cache, v_cache, slots, tables, lens,
+                                                               scale, num_splits=num_splits, tuning=tuning)
+
+    expected = attend(layers[0], {}, None)
+    for tuning, num_splits in COLD_CHOICES:
+        torch.testing.assert_close(attend(layers[0], tuning, num_splits), expected, atol=2e-2, rtol=2e-2)
+        us = graph_time_us(lambda: [attend(layer, tuning, num_splits) for layer in layers],  # noqa: B023
+                           calls=1, replays=10) / len(layers)
+        print(f"\nrotary decode attention 8b b32, each layer cold, {tuning} splits={num_splits}: {us:.2f} us a layer")

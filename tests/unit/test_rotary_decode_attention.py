@@ -99,3 +99,15 @@ def test_rejects_a_qkv_width_that_does_not_match_the_heads(triton_attention):
     with pytest.raises(ValueError, match="qkv width"):
         triton_attention.rotary_decode_attention_triton(qkv[:, :-64], 4, rope, k_cache, v_cache, slots, tables, lens,
                                                         0.125)
+
+
+def test_decode_tuning_overrides_parse_names_and_values():
+    pytest.importorskip("triton")
+    from server.model.triton_attention import tuning_overrides
+
+    assert tuning_overrides("") == {}
+    assert tuning_overrides("num_warps=4, tile_n=32,fresh_kv=true") == {"num_warps": 4, "tile_n": 32,
+                                                                        "fresh_kv": True}
+    for bad in ("warps=4", "num_warps", "num_warps=four"):
+        with pytest.raises(ValueError, match="LORAPLEX_DECODE_TUNING"):
+            tuning_overrides(bad)
