@@ -58,6 +58,13 @@ SIDE_EXPAND = int(_SIDE_EXPAND_SETTING or 0)
 # (H100, thirty-first session, 8B mixed32 decode step, bench.profile_step's wall, one machine): 5.714 -> 5.667 ms.
 FUSED_ACT = os.environ.get("LORAPLEX_LORA_FUSED_ACT", "1") == "1"
 
+# LORAPLEX_LORA_PREFETCH_B=1 (off until timed): in the decode graphs the shrink, which runs on the side stream beside
+# the base matmul, first asks the L2 for each token's slot's B rows (evict_last), which the expand after the base
+# reads (triton_lora._prefetch_slot_rows). The expands sit on the mixed step's critical path reading B from DRAM
+# (forty-first session's 8B window on an H100: qkv's expand + sum 6.6 us, gate_up's in silu_mul +12.4 for 29 MB);
+# the base kernels leave about half the DRAM bandwidth idle.
+PREFETCH_B = os.environ.get("LORAPLEX_LORA_PREFETCH_B", "0") == "1"
+
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
 _GATHER_BUDGET = 1 << 24
 
@@ -201,7 +208,8 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     current, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
-        h = lora_shrink(x, lora_a, layout, meta, num_slices)
+        h = lora_shrink(x, lora_a, layout, meta, num_slices,
+                        prefetch_b=lora_b if PREFETCH_B and one_token_segments else None)
         side_expand = SIDE_EXPAND and one_token_segments and num_slices > 1
         delta = lora_delta(h, lora_b, layout, meta, slice_offsets) if side_expand else None
     pending = (FUSED_ACT and defer_delta and delta is None and one_token_segments

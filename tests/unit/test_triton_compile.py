@@ -123,10 +123,11 @@ def test_greedy_argmax(modules):
 
 
 
-@pytest.mark.parametrize("block_m,atomic", [(1, False), (16, True)])
-def test_lora_shrink(modules, block_m, atomic):
+@pytest.mark.parametrize("block_m,atomic,prefetch", [(1, False, False), (16, True, False), (1, True, True)])
+def test_lora_shrink(modules, block_m, atomic, prefetch):
     compile_sm90(modules["lora"]._shrink_kernel, {"BLOCK_M": block_m, "BLOCK_N": 16, "BLOCK_K": 128,
-                                                  "ATOMIC": atomic, "DOT_PRECISION": "tf32", "PDL": atomic},
+                                                  "ATOMIC": atomic, "DOT_PRECISION": "tf32", "PREFETCH_B": prefetch,
+                                                  "PDL": atomic},
                  LORA_META)
 
 
