@@ -137,7 +137,8 @@ def lora_decode_variants():
                       DELTA_META, warps, _DECODE_SPEC))
     found.append((f"activation with gate_up's pending delta (one row, BLOCK {width})", triton_glue._silu_mul_kernel,
                   {"BLOCK": width, "SUMS": False, "HAS_BIAS": False, "MOST_SPLITS": 16, "HAS_DELTA": False,
-                   "HAS_LORA": True, "BLOCK_R": 16, "PDL": False}, FUSED_ACT_META, width // 256, _FUSED_ACT_SPEC))
+                   "HAS_LORA": True, "BLOCK_R": 16, "PREFETCH": False, "PDL": False}, FUSED_ACT_META, width // 256,
+                  _FUSED_ACT_SPEC))
     return found
 
 

@@ -82,10 +82,13 @@ def embed_rmsnorm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, 
     return kernels.embed_rmsnorm(ids, table, weight, eps)
 
 
-def silu_mul(gate_up) -> torch.Tensor:
-    """silu(gate) * up of gate_up [T, 2I], or of the output a SplitSums or PendingLora stands for."""
+def silu_mul(gate_up, prefetch: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """silu(gate) * up of gate_up [T, 2I], or of the output a SplitSums or PendingLora stands for; the CUDA kernel
+    also asks the L2 for `prefetch` (weight_prefetch)."""
     kernels = _kernels(gate_up)
-    return silu_mul_reference(materialized(gate_up)) if kernels is None else kernels.silu_mul(gate_up)
+    if kernels is None:
+        return silu_mul_reference(materialized(gate_up))
+    return kernels.silu_mul(gate_up, prefetch=prefetch)
 
 
 def rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping):

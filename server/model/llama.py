@@ -24,6 +24,7 @@ from server.model.lora import LoraContext, LoraLinear
 from server.model.quant import make_linear
 from server.model.rotary_attention import rotary_decode_attention
 from server.model.split_sums import SplitSums
+from server.model.weight_prefetch import decode_weights
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # qkv_proj and gate_up_proj hand their split-K partials to the glue kernel that reads them (server.model.split_sums);
@@ -196,7 +197,7 @@ class Attention(nn.Module):
             if ctx.rows_read_own_kv:
                 out = rotary_decode_attention(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope, k_cache,
                                               v_cache, ctx.slot_mapping, ctx.block_tables, ctx.context_lens,
-                                              self.scale)
+                                              self.scale, prefetch=decode_weights(self.o_proj))
                 return self._output(out, ctx)
             q, k, v = glue_ops.qkv_rotary_write_kv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope,
                                                    k_cache, v_cache, ctx.slot_mapping)
@@ -226,11 +227,13 @@ class MLP(nn.Module):
     def __init__(self, gate_up: LoraLinear, down: LoraLinear):
         super().__init__()
         self.gate_up_proj, self.down_proj = gate_up, down
+        self.next_qkv: tuple[LoraLinear, ...] = ()  # the next layer's qkv_proj (CausalLM links them; not a submodule)
 
-    def forward(self, x, lora: LoraContext | None) -> torch.Tensor:
+    def forward(self, x, lora: LoraContext | None, decode: bool = False) -> torch.Tensor:
         # silu_mul sums gate_up's split-K partials as it reads them (split_sums), and adds a pending LoRA delta
-        # (pending_lora)
-        act = glue_ops.silu_mul(self.gate_up_proj(x, lora, defer_sum=defer_sums(x), defer_delta=True))
+        # (pending_lora); in a decode step it may ask the L2 for the next layer's qkv weights (weight_prefetch)
+        ahead = decode_weights(self.next_qkv[0]) if decode and self.next_qkv else ()
+        act = glue_ops.silu_mul(self.gate_up_proj(x, lora, defer_sum=defer_sums(x), defer_delta=True), prefetch=ahead)
         return self.down_proj(act, lora, defer_sum=defer_norm_sums(act))  # the next residual add sums partials
 
 
@@ -248,7 +251,7 @@ class DecoderLayer(nn.Module):
         if x is None:
             h, x = (h, self.input_layernorm(h)) if pending is None else self.input_layernorm.add_forward(h, pending)
         h, x = self.post_attention_layernorm.add_forward(h, self.self_attn(x, rope, ctx, k_cache, v_cache))
-        return h, self.mlp(x, ctx.lora)
+        return h, self.mlp(x, ctx.lora, decode=not ctx.is_prefill)
 
 
 class CausalLM(nn.Module):
@@ -260,6 +263,8 @@ class CausalLM(nn.Module):
         self.config = config
         self.embed_tokens = nn.Parameter(embed, requires_grad=False)  # [vocab, hidden]
         self.layers = nn.ModuleList(layers)
+        for layer, after in zip(layers, layers[1:], strict=False):
+            layer.mlp.next_qkv = (after.self_attn.qkv_proj,)
         self.norm = norm
         self.lm_head = None if head is None else nn.Parameter(head, requires_grad=False)  # [vocab, hidden]
         self.rope = rotary_tables(config, config.max_position_embeddings, embed.device)

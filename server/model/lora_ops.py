@@ -60,7 +60,7 @@ FUSED_ACT = os.environ.get("LORAPLEX_LORA_FUSED_ACT", "1") == "1"
 
 # LORAPLEX_LORA_PREFETCH_B=1 (off until timed): in the decode graphs the shrink, which runs on the side stream beside
 # the base matmul, first asks the L2 for each token's slot's B rows (evict_last), which the expand after the base
-# reads (triton_lora._prefetch_slot_rows). The expands sit on the mixed step's critical path reading B from DRAM
+# reads (triton_prefetch.prefetch_share). The expands sit on the mixed step's critical path reading B from DRAM
 # (forty-first session's 8B window on an H100: qkv's expand + sum 6.6 us, gate_up's in silu_mul +12.4 for 29 MB);
 # the base kernels leave about half the DRAM bandwidth idle.
 PREFETCH_B = os.environ.get("LORAPLEX_LORA_PREFETCH_B", "0") == "1"

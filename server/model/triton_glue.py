@@ -15,6 +15,7 @@ from server.model.pending_lora import PendingLora
 from server.model.split_sums import SplitSums
 from server.model.triton_lora import _row_delta, one_row_launch
 from server.model.triton_pdl import pdl_enter
+from server.model.triton_prefetch import prefetch_args, prefetch_share
 
 # The most split-K partials a kernel here sums: cuda_nf4.pick_split_k's largest split (csrc's kUnrolledSplits).
 MAX_SPLITS = 16
@@ -178,10 +179,18 @@ def _lora_added(v, row, cols, mask, h_ptr, slice_index, b_ptr, slot, slot_offset
 @triton.jit(do_not_specialize=["plane", "splits"])
 def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, splits, bias_ptr, delta_ptr,
                      h_ptr, b_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr, stride_hm, stride_br, stride_bn,
+                     pf0_ptr, pf0_count, pf1_ptr, pf1_count,
                      BLOCK: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, MOST_SPLITS: tl.constexpr,
-                     HAS_DELTA: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+                     HAS_DELTA: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PREFETCH: tl.constexpr,
+                     PDL: tl.constexpr):
     """One row's activation at BLOCK columns of the gate (and the same of up). With HAS_LORA, gate and up first take
-    the token's pending LoRA delta (`_lora_added`; pending_lora.PendingLora), slice 0 and slice 1 of its h."""
+    the token's pending LoRA delta (`_lora_added`; pending_lora.PendingLora), slice 0 and slice 1 of its h. With
+    PREFETCH the programs first ask the L2 for their shares of two weight tensors (weight_prefetch)."""
+    if PREFETCH:
+        share = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        shares = tl.num_programs(0) * tl.num_programs(1)
+        prefetch_share(pf0_ptr, pf0_count, share, shares)
+        prefetch_share(pf1_ptr, pf1_count, share, shares)
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -215,12 +224,13 @@ def silu_launch(num_rows: int, sums: bool) -> tuple[int, int]:
 
 
 def silu_mul(gate_up: torch.Tensor | SplitSums | PendingLora, launch: tuple[int, int] | None = None,
-             compiled_splits: bool = COMPILED_SPLITS) -> torch.Tensor:
+             compiled_splits: bool = COMPILED_SPLITS, prefetch: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """gate_up [T, 2I] (or its split-K partials, or either with a pending LoRA delta) -> silu(gate) * up [T, I].
     `launch`: (elements a program, warps) in place of silu_launch's; `compiled_splits`: the partials' count compiled
     into the kernel (one build a count) instead of read at run time (16 masked loads an element); both for
     bench.glue_kernels' sweep. A pending delta is added here with the one-row expand's launch (its programs' columns
-    and warps); without LORAPLEX_LORA_ONE_ROW the expand runs first (its tiles round otherwise)."""
+    and warps); without LORAPLEX_LORA_ONE_ROW the expand runs first (its tiles round otherwise). `prefetch`: up to
+    two weight tensors that a later kernel reads, asked of the L2 (weight_prefetch.decode_weights)."""
     lora = one_row = None
     if isinstance(gate_up, PendingLora):
         one_row = one_row_launch(gate_up.lora_b, gate_up.layout)
@@ -246,10 +256,11 @@ def silu_mul(gate_up: torch.Tensor | SplitSums | PendingLora, launch: tuple[int,
     else:
         block, warps = launch or silu_launch(num_rows, sums)
         block_r, lora_args = 16, (src,) * 5 + (0, 0, 0)  # stand-ins, never read
+    *pf_args, pf_on = prefetch_args(prefetch, out)
     _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
-        src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias, delta, *lora_args,
+        src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias, delta, *lora_args, *pf_args,
         BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, MOST_SPLITS=splits if sums and compiled_splits else MAX_SPLITS,
-        HAS_DELTA=has_delta, HAS_LORA=lora is not None, BLOCK_R=block_r, num_warps=warps,
+        HAS_DELTA=has_delta, HAS_LORA=lora is not None, BLOCK_R=block_r, PREFETCH=pf_on, num_warps=warps,
         **pdl.triton_launch(out.device),
     )  # fmt: skip
     return out

@@ -25,6 +25,7 @@ from server.model import pdl
 from server.model.lora_meta import LoraBatchMeta, SlotLayout, check_lora_shapes, make_lora_meta
 from server.model.shrink_workspace import take_zeroed
 from server.model.triton_pdl import pdl_enter
+from server.model.triton_prefetch import prefetch_share
 
 MAX_SLICES = 4
 # Enough programs to keep every SM of an H100 (132 SMs) busy with a few resident programs each.
@@ -52,7 +53,7 @@ def _shrink_kernel(
     (BLOCK_M 1) sums its products in registers, each k-tile reduced across the lanes that hold it (reducing once
     after the loop instead was measured no faster: bench/NOTES.md, thirty-second session). With PREFETCH_B the
     segment's programs first ask the L2 for their shares of its slot's B rows (b_ptr: the expand's lora_b, rows of
-    b_row_len contiguous elements), which the expand after the base matmul reads (`_prefetch_slot_rows`)."""
+    b_row_len contiguous elements), which the expand after the base matmul reads (triton_prefetch)."""
     pdl_enter(PDL)
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -64,9 +65,9 @@ def _shrink_kernel(
     if (slot < 0) | (row_start >= row_end):
         return
     if PREFETCH_B:
-        _prefetch_slot_rows(b_ptr, tl.load(slot_offsets_ptr + slot).to(tl.int64) * b_row_len,
-                            tl.load(slot_ranks_ptr + slot).to(tl.int64) * b_row_len,
-                            pid_m * tl.num_programs(2) + tl.program_id(2), tl.num_programs(1) * tl.num_programs(2))
+        prefetch_share(b_ptr + tl.load(slot_offsets_ptr + slot).to(tl.int64) * b_row_len,
+                       tl.load(slot_ranks_ptr + slot) * b_row_len, pid_m * tl.num_programs(2) + tl.program_id(2),
+                       tl.num_programs(1) * tl.num_programs(2))
     num_cols = num_slices * tl.load(slot_ranks_ptr + slot)
     if pid_n * BLOCK_N >= num_cols:
         return
@@ -95,29 +96,6 @@ def _shrink_kernel(
         tl.atomic_add(h_ptrs, acc, mask=mask)
     else:
         tl.store(h_ptrs, acc, mask=mask)
-
-
-_LINE_BYTES = tl.constexpr(128)  # an L2 line
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Ask the L2 for the lines at ptrs, to be evicted after others (evict_last); nothing waits for them."""
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_slot_rows(b_ptr, start, count, share, shares):
-    """Prefetch share `share` of `shares` of the `count` elements of b_ptr from `start` (a slot's B rows), a line at
-    a time."""
-    per_line: tl.constexpr = _LINE_BYTES * 8 // b_ptr.dtype.element_ty.primitive_bitwidth
-    lines = tl.cdiv(count, per_line)
-    first = share * lines // shares
-    last = (share + 1) * lines // shares
-    for line in range(first, last, 64):
-        at = line + tl.arange(0, 64)
-        _prefetch_l2(b_ptr + start + tl.minimum(at, last - 1) * per_line)
 
 
 @triton.jit
