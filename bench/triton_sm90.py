@@ -116,7 +116,7 @@ def lora_decode_variants():
     for cols, linear in ((64, "qkv"), (32, "gate_up"), (16, "o, down")):
         found.append((f"shrink {linear} (BLOCK_N {cols}, BLOCK_K 128, a program a token)", shrink,
                       {"BLOCK_M": 1, "BLOCK_N": cols, "BLOCK_K": 128, "ATOMIC": True, "DOT_PRECISION": "tf32",
-                       "PREFETCH_B": False, "PDL": False},
+                       "PREFETCH_B": False, "THREADS": 128, "PDL": False},
                       LORA_META, 4, _SHRINK_SPEC))
     for rows, cols, warps in ((16, 256, 4), (1, width, width // 256)):
         form = "one row" if rows == 1 else "16-row tile"
@@ -137,7 +137,8 @@ def lora_decode_variants():
                       DELTA_META, warps, _DECODE_SPEC))
     found.append((f"activation with gate_up's pending delta (one row, BLOCK {width})", triton_glue._silu_mul_kernel,
                   {"BLOCK": width, "SUMS": False, "HAS_BIAS": False, "MOST_SPLITS": 16, "HAS_DELTA": False,
-                   "HAS_LORA": True, "BLOCK_R": 16, "PREFETCH": False, "PDL": False}, FUSED_ACT_META, width // 256,
+                   "HAS_LORA": True, "BLOCK_R": 16, "PREFETCH": False, "THREADS": width // 8, "PDL": False},
+                  FUSED_ACT_META, width // 256,
                   _FUSED_ACT_SPEC))
     return found
 

@@ -62,7 +62,8 @@ FUSED_ACT = os.environ.get("LORAPLEX_LORA_FUSED_ACT", "1") == "1"
 # the base matmul, first asks the L2 for each token's slot's B rows (evict_last), which the expand after the base
 # reads (triton_prefetch.prefetch_share). The expands sit on the mixed step's critical path reading B from DRAM
 # (forty-first session's 8B window on an H100: qkv's expand + sum 6.6 us, gate_up's in silu_mul +12.4 for 29 MB);
-# the base kernels leave about half the DRAM bandwidth idle.
+# the base kernels leave about half the DRAM bandwidth idle. Tokens that share an adapter each ask for its rows (L2
+# hits after the first; the 32-adapter bench step has none).
 PREFETCH_B = os.environ.get("LORAPLEX_LORA_PREFETCH_B", "0") == "1"
 
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
@@ -207,10 +208,10 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     one_token_segments = meta.max_seg_len == 1 and meta.num_segments == x.shape[0]
     current, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
     side.wait_stream(current)
-    with torch.cuda.stream(side):
+    side_expand = SIDE_EXPAND and one_token_segments and num_slices > 1
+    with torch.cuda.stream(side):  # (with side_expand B is read right after the shrink: nothing to prefetch)
         h = lora_shrink(x, lora_a, layout, meta, num_slices,
-                        prefetch_b=lora_b if PREFETCH_B and one_token_segments else None)
-        side_expand = SIDE_EXPAND and one_token_segments and num_slices > 1
+                        prefetch_b=lora_b if PREFETCH_B and one_token_segments and not side_expand else None)
         delta = lora_delta(h, lora_b, layout, meta, slice_offsets) if side_expand else None
     pending = (FUSED_ACT and defer_delta and delta is None and one_token_segments
                and one_row_launch(lora_b, layout) is not None)

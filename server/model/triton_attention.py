@@ -41,7 +41,7 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, V_FIRST: tl.constexpr, ROTARY: tl.constexpr,
     SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr,
-    FRESH_KV: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    FRESH_KV: tl.constexpr, PREFETCH: tl.constexpr, THREADS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """With ROTARY, q and the row's new k and v come from the qkv projection's output row at src_ptr (or, with SUMS,
     from its split-K partials, plus its LoRA delta with HAS_DELTA): q is rotated here, and the program whose split
@@ -52,8 +52,8 @@ def _decode_kernel(
     if PREFETCH:
         share = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
         shares = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        prefetch_share(pf0_ptr, pf0_count, share, shares)
-        prefetch_share(pf1_ptr, pf1_count, share, shares)
+        prefetch_share(pf0_ptr, pf0_count, share, shares, THREADS)
+        prefetch_share(pf1_ptr, pf1_count, share, shares, THREADS)
     pdl_enter(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -293,12 +293,16 @@ def tuning_overrides(text: str) -> dict:
         name, _, value = item.partition("=")
         if name not in DECODE_TUNING or not value:
             raise ValueError(f"LORAPLEX_DECODE_TUNING: {item!r} is not name=value of {sorted(DECODE_TUNING)}")
-        if value in ("true", "false"):
+        if isinstance(DECODE_TUNING[name], bool):
+            if value not in ("true", "false"):
+                raise ValueError(f"LORAPLEX_DECODE_TUNING: {item!r} needs true or false")
             overrides[name] = value == "true"
-        elif value.isdigit():
+        elif value == "none" and name in ("num_stages", "maxnreg"):
+            overrides[name] = None
+        elif value.isdigit() and int(value) > 0:
             overrides[name] = int(value)
         else:
-            raise ValueError(f"LORAPLEX_DECODE_TUNING: {item!r} needs an integer, true or false")
+            raise ValueError(f"LORAPLEX_DECODE_TUNING: {item!r} needs a positive integer")
     return overrides
 
 
@@ -389,7 +393,7 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROTARY=rotary is not None,
         SUMS=plane > 0, HAS_BIAS=has_bias, HAS_DELTA=has_delta, num_warps=tuning["num_warps"],
         MOST_SPLITS=splits if plane > 0 and COMPILED_SPLITS else MAX_SPLITS,
-        FRESH_KV=tuning["fresh_kv"] and rotary is not None, PREFETCH=pf_on,
+        FRESH_KV=tuning["fresh_kv"] and rotary is not None, PREFETCH=pf_on, THREADS=32 * tuning["num_warps"],
         **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
         **({} if tuning["maxnreg"] is None else {"maxnreg": tuning["maxnreg"]}),
         **pdl.triton_launch(out.device),

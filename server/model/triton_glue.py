@@ -182,15 +182,15 @@ def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, split
                      pf0_ptr, pf0_count, pf1_ptr, pf1_count,
                      BLOCK: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, MOST_SPLITS: tl.constexpr,
                      HAS_DELTA: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PREFETCH: tl.constexpr,
-                     PDL: tl.constexpr):
+                     THREADS: tl.constexpr, PDL: tl.constexpr):
     """One row's activation at BLOCK columns of the gate (and the same of up). With HAS_LORA, gate and up first take
     the token's pending LoRA delta (`_lora_added`; pending_lora.PendingLora), slice 0 and slice 1 of its h. With
     PREFETCH the programs first ask the L2 for their shares of two weight tensors (weight_prefetch)."""
     if PREFETCH:
         share = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         shares = tl.num_programs(0) * tl.num_programs(1)
-        prefetch_share(pf0_ptr, pf0_count, share, shares)
-        prefetch_share(pf1_ptr, pf1_count, share, shares)
+        prefetch_share(pf0_ptr, pf0_count, share, shares, THREADS)
+        prefetch_share(pf1_ptr, pf1_count, share, shares, THREADS)
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -260,7 +260,8 @@ def silu_mul(gate_up: torch.Tensor | SplitSums | PendingLora, launch: tuple[int,
     _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
         src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias, delta, *lora_args, *pf_args,
         BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, MOST_SPLITS=splits if sums and compiled_splits else MAX_SPLITS,
-        HAS_DELTA=has_delta, HAS_LORA=lora is not None, BLOCK_R=block_r, PREFETCH=pf_on, num_warps=warps,
+        HAS_DELTA=has_delta, HAS_LORA=lora is not None, BLOCK_R=block_r, PREFETCH=pf_on, THREADS=32 * warps,
+        num_warps=warps,
         **pdl.triton_launch(out.device),
     )  # fmt: skip
     return out

@@ -47,7 +47,8 @@ def _shrink_kernel(
     in_features, num_slices, k_tiles_per_split, split_k,
     stride_xm, stride_xk, stride_an, stride_ak, stride_hm, b_ptr, b_row_len,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH_B: tl.constexpr, PDL: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH_B: tl.constexpr, THREADS: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """A program: BLOCK_M tokens of one segment, BLOCK_N columns of h, one split of `in`. One token a program
     (BLOCK_M 1) sums its products in registers, each k-tile reduced across the lanes that hold it (reducing once
@@ -67,7 +68,7 @@ def _shrink_kernel(
     if PREFETCH_B:
         prefetch_share(b_ptr + tl.load(slot_offsets_ptr + slot).to(tl.int64) * b_row_len,
                        tl.load(slot_ranks_ptr + slot) * b_row_len, pid_m * tl.num_programs(2) + tl.program_id(2),
-                       tl.num_programs(1) * tl.num_programs(2))
+                       tl.num_programs(1) * tl.num_programs(2), THREADS)
     num_cols = num_slices * tl.load(slot_ranks_ptr + slot)
     if pid_n * BLOCK_N >= num_cols:
         return
@@ -287,6 +288,7 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
     if prefetch and prefetch_b.stride(1) != 1:
         raise ValueError("prefetch_b's rows must be contiguous")
     b, b_row_len = (prefetch_b, prefetch_b.stride(0)) if prefetch else (lora_a, 0)
+    num_warps = tuning.get("num_warps", 4)
     grid = (meta.num_segments, num_m, num_n * split_k)
     _shrink_kernel[grid](
         x, lora_a, h, meta.seg_starts, meta.seg_slots, layout.offsets, layout.ranks,
@@ -294,7 +296,7 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), h.stride(0), b, b_row_len,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=split_k > 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH_B=prefetch,
-        num_warps=tuning.get("num_warps", 4), **_stages(tuning), **pdl.triton_launch(x.device, lora=True),
+        THREADS=32 * num_warps, num_warps=num_warps, **_stages(tuning), **pdl.triton_launch(x.device, lora=True),
     )  # fmt: skip
     return h
 

@@ -15,8 +15,13 @@ PREFETCH_WEIGHTS = os.environ.get("LORAPLEX_PREFETCH_WEIGHTS", "0") == "1"
 
 def decode_weights(linear) -> tuple[torch.Tensor, ...]:
     """The tensors a decode step's NF4 kernel streams for `linear` (a LoraLinear's base, or an NF4Linear): its tile
-    layout's codes and scales; none when prefetching is off or the layer has no tile layout (CPU, 16-bit)."""
+    layout's codes and scales; none when prefetching is off, the layer has no tile layout (CPU, 16-bit), or the
+    kernels in force read bitsandbytes' layout instead (no CUDA extension: nf4_dispatch's table)."""
     if linear is None or not PREFETCH_WEIGHTS:
         return ()
     tiled = getattr(getattr(linear, "base", linear), "tiled", None)
-    return () if tiled is None else tuple(tiled)
+    if tiled is None:
+        return ()
+    from server.model import nf4_dispatch
+
+    return tuple(tiled) if nf4_dispatch.kernel_table() == nf4_dispatch.WITH_CUDA_KERNEL else ()

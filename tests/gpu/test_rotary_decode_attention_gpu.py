@@ -180,7 +180,7 @@ def test_rotary_decode_attention_choices_with_each_layer_cold(triton_attention):
 
 def test_kernels_that_prefetch_weights_compute_the_same(triton_attention):
     """LORAPLEX_PREFETCH_WEIGHTS: the fused rotary decode attention and silu_mul that first ask the L2 for two weight
-    tensors (an 8B o_proj's tile layout: 9.4 MB of codes, 1.2 MB of scales) give the same bits as without, eagerly
+    tensors (a 4096 x 4096 weight's tile layout: 8.4 MB of codes, 1 MB of scales) give the same bits as without, eagerly
     and replayed from a CUDA graph."""
     from server.model import triton_glue
     from server.model.nf4_layout import tile_pack

@@ -108,6 +108,8 @@ def test_decode_tuning_overrides_parse_names_and_values():
     assert tuning_overrides("") == {}
     assert tuning_overrides("num_warps=4, tile_n=32,fresh_kv=true") == {"num_warps": 4, "tile_n": 32,
                                                                         "fresh_kv": True}
-    for bad in ("warps=4", "num_warps", "num_warps=four"):
+    assert tuning_overrides("maxnreg=128,num_stages=none") == {"maxnreg": 128, "num_stages": None}
+    for bad in ("warps=4", "num_warps", "num_warps=four", "num_warps=true", "fresh_kv=1", "maxnreg=0",
+                "num_warps=none"):
         with pytest.raises(ValueError, match="LORAPLEX_DECODE_TUNING"):
             tuning_overrides(bad)

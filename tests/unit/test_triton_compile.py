@@ -62,7 +62,7 @@ def test_decode_attention(modules, head_dim, splits, rotary, sums, delta):
         "HEAD_DIM": head_dim, "BLOCK_SIZE": 16, "BLOCK_H": 16, "TILE_N": 64, "NUM_SPLITS": splits,
         "DOT_PRECISION": "tf32", "V_FIRST": True, "ROTARY": rotary, "SUMS": sums, "HAS_BIAS": sums,
         "HAS_DELTA": delta, "MOST_SPLITS": 3 if sums else 16, "FRESH_KV": rotary and head_dim == 128,
-        "PREFETCH": rotary and sums, "PDL": splits > 1},
+        "PREFETCH": rotary and sums, "THREADS": 256, "PDL": splits > 1},
         types | ({"pf0_ptr": "*u8", "pf1_ptr": "*fp32"} if rotary and sums else {}), 8)
     if splits > 1:
         compile_sm90(modules["attention"]._merge_splits_kernel,
@@ -93,13 +93,14 @@ def test_activation_and_rotary(modules, sums, delta):
     for most in (16, 3) if sums else (16,):  # the count read at run time, or compiled in
         compile_sm90(modules["glue"]._silu_mul_kernel,
                      {"BLOCK": 256, "SUMS": sums, "HAS_BIAS": sums, "MOST_SPLITS": most, "HAS_DELTA": delta,
-                      "HAS_LORA": False, "BLOCK_R": 16, "PREFETCH": sums, "PDL": sums},
+                      "HAS_LORA": False, "BLOCK_R": 16, "PREFETCH": sums, "THREADS": 128, "PDL": sums},
                      partials | ({"pf0_ptr": "*u8", "pf1_ptr": "*fp32"} if sums else {}))
     if not delta:  # gate_up's pending LoRA delta (LORAPLEX_LORA_FUSED_ACT), on the base output or its partials
         compile_sm90(modules["glue"]._silu_mul_kernel,
                      {"BLOCK": 1024, "SUMS": sums, "HAS_BIAS": False, "MOST_SPLITS": 16 if sums else 1,
-                      "HAS_DELTA": False, "HAS_LORA": True, "BLOCK_R": 32, "PREFETCH": False, "PDL": False},
-                     partials | FUSED_ACT_META)
+                      "HAS_DELTA": False, "HAS_LORA": True, "BLOCK_R": 32, "PREFETCH": sums, "THREADS": 128,
+                      "PDL": sums},
+                     partials | FUSED_ACT_META | ({"pf0_ptr": "*u8", "pf1_ptr": "*fp32"} if sums else {}))
     compile_sm90(modules["glue"]._rotary_write_kv_kernel,
                  {"NUM_Q_HEADS": 32, "NUM_KV_HEADS": 8, "HALF": 64, "SUMS": sums, "HAS_BIAS": sums,
                   "HAS_DELTA": delta},
@@ -128,7 +129,7 @@ def test_greedy_argmax(modules):
 def test_lora_shrink(modules, block_m, atomic, prefetch):
     compile_sm90(modules["lora"]._shrink_kernel, {"BLOCK_M": block_m, "BLOCK_N": 16, "BLOCK_K": 128,
                                                   "ATOMIC": atomic, "DOT_PRECISION": "tf32", "PREFETCH_B": prefetch,
-                                                  "PDL": atomic},
+                                                  "THREADS": 128, "PDL": atomic},
                  LORA_META)
 
 

@@ -16,6 +16,11 @@ def test_decode_weights_are_the_tile_layout_only_when_on(monkeypatch):
     monkeypatch.setattr(weight_prefetch, "PREFETCH_WEIGHTS", False)
     assert weight_prefetch.decode_weights(nf4) == ()
     monkeypatch.setattr(weight_prefetch, "PREFETCH_WEIGHTS", True)
+    from server.model import nf4_dispatch
+
+    monkeypatch.setattr(nf4_dispatch, "kernel_table", lambda: nf4_dispatch.TRITON_ONLY)
+    assert weight_prefetch.decode_weights(nf4) == (), "the kernels in force read bitsandbytes' layout"
+    monkeypatch.setattr(nf4_dispatch, "kernel_table", lambda: nf4_dispatch.WITH_CUDA_KERNEL)
     for linear in (nf4, SimpleNamespace(base=nf4)):  # an NF4 layer, or a LoRA layer around one
         got = weight_prefetch.decode_weights(linear)
         assert len(got) == 2 and got[0] is codes and got[1] is scales
