@@ -14,20 +14,18 @@ cache before it reads them back, which takes the rotary kernel's launch off ever
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from server.model import pdl
+from server.model.decode_tuning import DECODE_TUNING, choose_num_splits
 from server.model.split_sums import SplitSums
 from server.model.triton_glue import COMPILED_SPLITS, MAX_SPLITS, _delta, _rotated, _source, _summed
 from server.model.triton_pdl import pdl_enter
 from server.model.triton_prefetch import prefetch_args, prefetch_share
 
 _LOG2E = 1.4426950408889634
-_NUM_SMS = 132  # H100; only steers the split heuristic
 
 
 @triton.jit(do_not_specialize=["stride_bt", "plane", "splits"])  # the block-table width follows the contexts
@@ -250,63 +248,6 @@ def _merge_splits_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
 
 
-# Least cache positions a split may cover: one loop iteration. H200, batch 1, context 192 (3 tiles), Hkv 8: one
-# split 6.91 us (8 programs, the three tiles one after another); 8 splits with the merge kernel 5.45 (thirteenth
-# session; 512 before, which left batch 1 unsplit below 1,024 positions of block table).
-MIN_SPLIT_POSITIONS = 64
-
-
-def choose_num_splits(num_rows: int, num_kv_heads: int, max_blocks: int, block_size: int) -> int:
-    """Split each row's context when rows x kv heads leave SMs idle and contexts can be long."""
-    programs = num_rows * num_kv_heads
-    max_by_length = max(1, (max_blocks * block_size) // MIN_SPLIT_POSITIONS)
-    return max(1, min(16, max_by_length, (2 * _NUM_SMS) // max(programs, 1)))
-
-
-# Launch choices of the decode kernel; tests/gpu/test_triton_kernels.py
-# (test_decode_attention_tunings_at_the_engine_shapes, -s) checks and times the others. v_first: V's load issued beside
-# K's (before the QK dot) instead of after the softmax; tile_n: cache positions a loop iteration takes; num_stages:
-# Triton's software pipelining depth of that loop (None: Triton's default, 3). H200, Hq 32, Hkv 8, D 128 (thirteenth
-# session, graph replay, us): 8 warps against 4: batch 1 at context 192 6.15 / 6.91, batch 32 at 192 8.60 / 9.10, at
-# 1,024 42.95 / 47.93, batch 2 at 4,096 15.55 / 15.70; v_first changed nothing (Triton's pipeliner already issues both
-# loads early: one stage 7.47 / 9.77 / 55.37 / 19.78); tiles of 32 lost everywhere without splits. Measured and dropped
-# (twenty-second session, H200, 8B batch 1, context 192, graph replay): the splits merged by the decode kernel's last
-# program of each (row, kv head) (a ticket counter a pair) instead of the merge kernel: 6.48 against 6.30 us with the
-# rotary fused in, 8.31 against 7.15 without.
-# fresh_kv (rotary only): the row's new k and v taken from registers instead of read back from the cache (the
-# kernel's FRESH_KV), so the tiles' loads do not wait for the rotary prologue's store and barrier. Off
-# (LORAPLEX_DECODE_FRESH_KV=1): timed on an H100 (forty-fourth session, 8B shapes, graph replay) it won at batch 1
-# (7.50 -> 6.63 us) and lost at 32 (9.18 -> 10.19; 1B 7.01 -> 9.26), and the 8B engine bench moved within its spread
-# (batch 1 366.7 / 367.5 tokens/s, merged batch-32 step 3.667 / 3.676 ms with LORAPLEX_PDL_LORA=1 beside it).
-# maxnreg: registers a thread at most (ptxas spills past them; None: its choice). At 8 warps the kernel takes 194-202
-# registers, so an SM holds one program, and batch 32's 256 programs (8 kv heads a row) run in two waves over 132 SMs;
-# at 128 it would hold two. Also timed: 4 warps (two programs an SM at up to 255 registers).
-DECODE_TUNING = {"v_first": True, "tile_n": 64, "num_stages": None, "num_warps": 8, "maxnreg": None,
-                 "fresh_kv": os.environ.get("LORAPLEX_DECODE_FRESH_KV", "0") == "1"}
-
-
-def tuning_overrides(text: str) -> dict:
-    """DECODE_TUNING entries from "name=value,..." (LORAPLEX_DECODE_TUNING, for engine A/Bs of the launch choices:
-    the tests time them on one layer's inputs, whose cache sits in L2, where a step reads each layer's from DRAM)."""
-    overrides = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, value = item.partition("=")
-        if name not in DECODE_TUNING or not value:
-            raise ValueError(f"LORAPLEX_DECODE_TUNING: {item!r} is not name=value of {sorted(DECODE_TUNING)}")
-        if isinstance(DECODE_TUNING[name], bool):
-            if value not in ("true", "false"):
-                raise ValueError(f"LORAPLEX_DECODE_TUNING: {item!r} needs true or false")
-            overrides[name] = value == "true"
-        elif value == "none" and name in ("num_stages", "maxnreg"):
-            overrides[name] = None
-        elif value.isdigit() and int(value) > 0:
-            overrides[name] = int(value)
-        else:
-            raise ValueError(f"LORAPLEX_DECODE_TUNING: {item!r} needs a positive integer")
-    return overrides
-
-
-DECODE_TUNING.update(tuning_overrides(os.environ.get("LORAPLEX_DECODE_TUNING", "")))
 
 
 def _check_shapes(num_q_heads: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:

@@ -102,8 +102,7 @@ def test_rejects_a_qkv_width_that_does_not_match_the_heads(triton_attention):
 
 
 def test_decode_tuning_overrides_parse_names_and_values():
-    pytest.importorskip("triton")
-    from server.model.triton_attention import tuning_overrides
+    from server.model.decode_tuning import tuning_overrides
 
     assert tuning_overrides("") == {}
     assert tuning_overrides("num_warps=4, tile_n=32,fresh_kv=true") == {"num_warps": 4, "tile_n": 32,
