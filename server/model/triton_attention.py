@@ -23,7 +23,7 @@ from server.model.decode_tuning import DECODE_TUNING, choose_num_splits
 from server.model.split_sums import SplitSums
 from server.model.triton_glue import COMPILED_SPLITS, MAX_SPLITS, _delta, _rotated, _source, _summed
 from server.model.triton_pdl import pdl_enter
-from server.model.triton_prefetch import prefetch_args, prefetch_share
+from server.model.triton_prefetch import prefetch_args, prefetch_program_shares
 
 _LOG2E = 1.4426950408889634
 
@@ -48,10 +48,7 @@ def _decode_kernel(
     v after its tiles and takes them from registers (`_fresh_kv_added`), so the tiles' loads wait only for q. With
     PREFETCH the programs first ask the L2 for their shares of two weight tensors (weight_prefetch: o_proj's)."""
     if PREFETCH:
-        share = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-        shares = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        prefetch_share(pf0_ptr, pf0_count, share, shares, THREADS)
-        prefetch_share(pf1_ptr, pf1_count, share, shares, THREADS)
+        prefetch_program_shares(pf0_ptr, pf0_count, pf1_ptr, pf1_count, THREADS)
     pdl_enter(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)

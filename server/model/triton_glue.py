@@ -15,7 +15,7 @@ from server.model.pending_lora import PendingLora
 from server.model.split_sums import SplitSums
 from server.model.triton_lora import _row_delta, one_row_launch
 from server.model.triton_pdl import pdl_enter
-from server.model.triton_prefetch import prefetch_args, prefetch_share
+from server.model.triton_prefetch import prefetch_args, prefetch_program_shares
 
 # The most split-K partials a kernel here sums: cuda_nf4.pick_split_k's largest split (csrc's kUnrolledSplits).
 MAX_SPLITS = 16
@@ -187,10 +187,7 @@ def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, split
     the token's pending LoRA delta (`_lora_added`; pending_lora.PendingLora), slice 0 and slice 1 of its h. With
     PREFETCH the programs first ask the L2 for their shares of two weight tensors (weight_prefetch)."""
     if PREFETCH:
-        share = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        shares = tl.num_programs(0) * tl.num_programs(1)
-        prefetch_share(pf0_ptr, pf0_count, share, shares, THREADS)
-        prefetch_share(pf1_ptr, pf1_count, share, shares, THREADS)
+        prefetch_program_shares(pf0_ptr, pf0_count, pf1_ptr, pf1_count, THREADS)
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

@@ -65,11 +65,11 @@ def _shrink_kernel(
     row_end = tl.load(seg_starts_ptr + seg + 1)
     if (slot < 0) | (row_start >= row_end):
         return
+    rank = tl.load(slot_ranks_ptr + slot)
     if PREFETCH_B:
-        prefetch_share(b_ptr + tl.load(slot_offsets_ptr + slot).to(tl.int64) * b_row_len,
-                       tl.load(slot_ranks_ptr + slot) * b_row_len, pid_m * tl.num_programs(2) + tl.program_id(2),
-                       tl.num_programs(1) * tl.num_programs(2), THREADS)
-    num_cols = num_slices * tl.load(slot_ranks_ptr + slot)
+        prefetch_share(b_ptr + tl.load(slot_offsets_ptr + slot).to(tl.int64) * b_row_len, rank * b_row_len,
+                       pid_m * tl.num_programs(2) + tl.program_id(2), tl.num_programs(1) * tl.num_programs(2), THREADS)
+    num_cols = num_slices * rank
     if pid_n * BLOCK_N >= num_cols:
         return
     first_row = num_slices * tl.load(slot_offsets_ptr + slot).to(tl.int64)

@@ -33,6 +33,16 @@ def prefetch_share(ptr, count, share, shares, THREADS: tl.constexpr):
         prefetch_l2(ptr + tl.minimum(at, last - 1).to(tl.int64) * per_line)
 
 
+@triton.jit
+def prefetch_program_shares(ptr0, count0, ptr1, count1, THREADS: tl.constexpr):
+    """This program's shares of two ranges (prefetch_args' tensors), the grid's programs (up to three dimensions)
+    each taking one share of each."""
+    share = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    shares = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+    prefetch_share(ptr0, count0, share, shares, THREADS)
+    prefetch_share(ptr1, count1, share, shares, THREADS)
+
+
 def prefetch_args(tensors: tuple[torch.Tensor, ...], stand_in: torch.Tensor) -> tuple:
     """(ptr0, count0, ptr1, count1, enabled) for a kernel's two prefetch ranges: `tensors` (none, one or two
     contiguous CUDA tensors: weight_prefetch.decode_weights), stand_in where absent."""
