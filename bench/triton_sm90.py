@@ -89,6 +89,8 @@ DECODE_META = {"src_ptr": "*fp32", "token_slots_ptr": "*i32", "slot_offsets_ptr"
 DELTA_META = {name: kind for name, kind in DECODE_META.items() if name != "src_ptr"} | {"delta_ptr": "*fp32"}
 # triton_glue._silu_mul_kernel with a pending LoRA delta (pending_lora.PendingLora)
 FUSED_ACT_META = {name: kind for name, kind in DECODE_META.items() if name != "src_ptr"}
+# and down_proj's shrink of its result (act_shrink)
+SHRINK_META = {"h2_ptr": "*fp32", "slots2_ptr": "*i32", "slot2_offsets_ptr": "*i32", "slot2_ranks_ptr": "*i32"}
 
 
 # How a decode step's launches specialize the LoRA kernels' integer arguments (compile_sm90's ones / aligned): x, A,
@@ -99,6 +101,7 @@ _EXPAND_SPEC = {"ones": ("stride_bn", "stride_yn"),
                 "aligned": ("out_features", "stride_hm", "stride_br", "stride_ym", *_BOUNDS)}
 _DECODE_SPEC = {"ones": ("stride_bn",), "aligned": ("out_features", "stride_hm", "stride_br", *_BOUNDS)}
 _FUSED_ACT_SPEC = {"ones": ("stride_bn",), "aligned": ("inter", "stride_gu", "stride_out", "stride_hm", "stride_br")}
+_SHRINK_ACT_SPEC = {"ones": ("stride_bn",), "aligned": (*_FUSED_ACT_SPEC["aligned"], "stride_a2", "stride_h2")}
 
 
 def lora_decode_variants():
@@ -137,9 +140,17 @@ def lora_decode_variants():
                       DELTA_META, warps, _DECODE_SPEC))
     found.append((f"activation with gate_up's pending delta (one row, BLOCK {width})", triton_glue._silu_mul_kernel,
                   {"BLOCK": width, "SUMS": False, "HAS_BIAS": False, "MOST_SPLITS": 16, "HAS_DELTA": False,
-                   "HAS_LORA": True, "BLOCK_R": 16, "PREFETCH": False, "THREADS": width // 8, "PDL": False},
+                   "HAS_LORA": True, "BLOCK_R": 16, "PREFETCH": False, "THREADS": width // 8, "SHRINK": False,
+                   "BLOCK_R2": 16, "PDL": False},
                   FUSED_ACT_META, width // 256,
                   _FUSED_ACT_SPEC))
+    found.append((f"activation with gate_up's pending delta and down's shrink (one row, BLOCK {width})",
+                  triton_glue._silu_mul_kernel,
+                  {"BLOCK": width, "SUMS": False, "HAS_BIAS": False, "MOST_SPLITS": 16, "HAS_DELTA": False,
+                   "HAS_LORA": True, "BLOCK_R": 16, "PREFETCH": False, "THREADS": width // 8, "SHRINK": True,
+                   "BLOCK_R2": 16, "PDL": False},
+                  FUSED_ACT_META | SHRINK_META, width // 256,
+                  _SHRINK_ACT_SPEC))
     return found
 
 

@@ -82,13 +82,19 @@ def embed_rmsnorm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, 
     return kernels.embed_rmsnorm(ids, table, weight, eps)
 
 
-def silu_mul(gate_up, prefetch: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+def silu_mul(gate_up, prefetch: tuple[torch.Tensor, ...] = (), shrink=None) -> torch.Tensor:
     """silu(gate) * up of gate_up [T, 2I], or of the output a SplitSums or PendingLora stands for; the CUDA kernel
-    also asks the L2 for `prefetch` (weight_prefetch)."""
+    also asks the L2 for `prefetch` (weight_prefetch). `shrink` (act_shrink.ShrinkAhead): also add down_proj's LoRA
+    shrink of the result into shrink.h."""
     kernels = _kernels(gate_up)
     if kernels is None:
-        return silu_mul_reference(materialized(gate_up))
-    return kernels.silu_mul(gate_up, prefetch=prefetch)
+        act = silu_mul_reference(materialized(gate_up))
+        if shrink is not None:
+            from server.model.act_shrink import shrink_reference
+
+            shrink_reference(act, shrink)
+        return act
+    return kernels.silu_mul(gate_up, prefetch=prefetch, shrink=shrink)
 
 
 def rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping):

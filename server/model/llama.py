@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from server.model import glue_ops
+from server.model import act_shrink, glue_ops
 from server.model.attention_ops import paged_decode_attention, prefill_attention
 from server.model.lora import LoraContext, LoraLinear
 from server.model.quant import make_linear
@@ -232,9 +232,14 @@ class MLP(nn.Module):
     def forward(self, x, lora: LoraContext | None, decode: bool = False) -> torch.Tensor:
         # silu_mul sums gate_up's split-K partials as it reads them (split_sums), and adds a pending LoRA delta
         # (pending_lora); in a decode step it may ask the L2 for the next layer's qkv weights (weight_prefetch)
+        # and under LORAPLEX_LORA_SILU_SHRINK computes down_proj's LoRA shrink (act_shrink)
         ahead = decode_weights(self.next_qkv[0]) if decode and self.next_qkv else ()
-        act = glue_ops.silu_mul(self.gate_up_proj(x, lora, defer_sum=defer_sums(x), defer_delta=True), prefetch=ahead)
-        return self.down_proj(act, lora, defer_sum=defer_norm_sums(act))  # the next residual add sums partials
+        shrink = act_shrink.shrink_ahead(self.down_proj, lora, x.shape[0], x.device) if decode else None
+        gate_up = self.gate_up_proj(x, lora, defer_sum=defer_sums(x), defer_delta=True)
+        act_shrink.ready(shrink)
+        act = glue_ops.silu_mul(gate_up, prefetch=ahead, shrink=shrink)
+        h = shrink.h if shrink is not None else None  # the next residual add sums down's partials
+        return self.down_proj(act, lora, defer_sum=defer_norm_sums(act), h=h)
 
 
 class DecoderLayer(nn.Module):

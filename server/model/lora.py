@@ -66,12 +66,13 @@ class LoraLinear(nn.Module):
         return start + num_a + num_b
 
     def forward(self, x: torch.Tensor, lora: LoraContext | None = None, defer_sum: bool = False,
-                defer_delta: bool = False):
+                defer_delta: bool = False, h: torch.Tensor | None = None):
         """base(x) plus the adapters' deltas. `defer_sum`: the base may return unsummed split-K partials
         (split_sums.SplitSums) when no adapter applies; with adapters the output is summed, except in the decode
         graphs with LORAPLEX_LORA_SIDE_EXPAND=2 (the partials then carry the adapters' delta). `defer_delta`: the
         caller's kernel adds a pending delta (pending_lora.PendingLora), which the decode graphs then leave to it
-        under LORAPLEX_LORA_FUSED_ACT."""
+        under LORAPLEX_LORA_FUSED_ACT. `h`: the shrink's output, computed ahead by the kernel before
+        (act_shrink), in a decode graph."""
         if lora is None or self.lora_a is None:
             return base_output(self.base, x, defer_sum)
         if lora.host_segments is not None and x.device.type == "cpu":
@@ -79,7 +80,7 @@ class LoraLinear(nn.Module):
             self._apply_segments(y, x, lora.host_segments)
             return y
         return linear_with_lora(self.base, x, self.lora_a, self.lora_b, self.layout, lora.meta, self.slice_offsets,
-                                defer_sum=defer_sum, defer_delta=defer_delta)
+                                defer_sum=defer_sum, defer_delta=defer_delta, h=h)
 
     def _apply_segments(self, y, x, segments) -> None:
         """Eager prefill path: one pair of matmuls per (sequence, slice)."""

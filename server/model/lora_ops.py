@@ -59,7 +59,7 @@ SIDE_EXPAND = int(_SIDE_EXPAND_SETTING or 0)
 FUSED_ACT = os.environ.get("LORAPLEX_LORA_FUSED_ACT", "1") == "1"
 
 # LORAPLEX_LORA_PREFETCH_B=1 (off until timed): in the decode graphs the shrink, which runs on the side stream beside
-# the base matmul, first asks the L2 for each token's slot's B rows (evict_last), which the expand after the base
+# the base matmul, first asks the L2 for each token's slot's B rows (normal priority), which the expand after the base
 # reads (triton_prefetch.prefetch_share). The expands sit on the mixed step's critical path reading B from DRAM
 # (forty-first session's 8B window on an H100: qkv's expand + sum 6.6 us, gate_up's in silu_mul +12.4 for 29 MB);
 # the base kernels leave about half the DRAM bandwidth idle. Tokens that share an adapter each ask for its rows (L2
@@ -166,8 +166,18 @@ def lora_apply(y, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
 
 
 @functools.cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream that a device's decode graphs run LoRA shrinks on, beside the base matmuls."""
     return torch.cuda.Stream(device=device, priority=SIDE_PRIORITY)
+
+
+def on_side_stream(device: torch.device, work) -> None:
+    """Run work() on the side stream, after everything queued on the current one (the next LoRA linear's shrink
+    queues behind it, and its join orders the current stream after both)."""
+    side = side_stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        work()
 
 
 def base_output(base, x: torch.Tensor, defer_sum: bool) -> torch.Tensor | SplitSums:
@@ -177,8 +187,8 @@ def base_output(base, x: torch.Tensor, defer_sum: bool) -> torch.Tensor | SplitS
 
 
 def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
-                     slice_offsets: tuple[int, ...], defer_sum: bool = False,
-                     defer_delta: bool = False) -> torch.Tensor | SplitSums | PendingLora:
+                     slice_offsets: tuple[int, ...], defer_sum: bool = False, defer_delta: bool = False,
+                     h: torch.Tensor | None = None) -> torch.Tensor | SplitSums | PendingLora:
     """base(x) plus the per-token LoRA delta. While a CUDA graph is captured (the decode steps), with the Triton
     kernels, the shrink (which reads only x) runs on a side stream beside the base matmul, and the expand adds
     into base(x) once both are done: the shrink's short, DRAM-bound launches fill SMs that the L1-bound NF4
@@ -191,7 +201,9 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     and the join only adds it; with SIDE_EXPAND 2 and `defer_sum` (the caller's kernel sums partials), there is no
     join: the partials come back with the delta (SplitSums.delta) for that kernel to add. With FUSED_ACT and
     `defer_delta` (the caller's kernel adds a pending delta: the activation after gate_up), the expand is not run
-    here: the base output (or its partials) comes back with what the expand reads (PendingLora).
+    here: the base output (or its partials) comes back with what the expand reads (PendingLora). `h`: the shrink's
+    output, already computed by the kernel before (act_shrink: down_proj's, by the activation); then there is no
+    shrink and no fork, only the base and the expand.
 
     Eager steps (prefills) run on one stream: there the host is the bound, not the GPU. The H200 8B prefill of
     32 x 128 tokens through 32 adapters took 57-98 ms of host time against 33.5 ms of kernels (merged: 26 ms
@@ -202,20 +214,25 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     fp32 into the first split's partials) was measured and dropped (H200, 8B, fourteenth session): mixed32 step
     6.61 -> 6.91 ms; the expand into fp32 and the glue kernels' 16-plane reads at 32 rows cost more than the sum
     kernel they saved."""
-    side_stream = SIDE_STREAM and x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not (side_stream and USE_TRITON_LORA and triton_available()):
+    capturing = SIDE_STREAM and x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not (capturing and USE_TRITON_LORA and triton_available()):
         y = base(x)
         lora_apply(y, x, lora_a, lora_b, layout, meta, slice_offsets)
         return y
-    from server.model.triton_lora import lora_expand, lora_shrink, one_row_launch
-    from server.model.triton_lora_decode import lora_add_delta, lora_delta, lora_expand_sums
+    from server.model.triton_lora import lora_shrink, one_row_launch
+    from server.model.triton_lora_decode import lora_add_delta, lora_delta
 
     y_like = SimpleNamespace(shape=(x.shape[0], slice_offsets[-1]))  # base(x)'s shape, checked before it runs
     num_slices = check_lora_shapes(y_like, x, lora_a, lora_b, layout, meta, slice_offsets)
     if lora_b.shape[0] == 0 or layout.num_slots == 0:
         return base(x)
     one_token_segments = meta.max_seg_len == 1 and meta.num_segments == x.shape[0]
-    current, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+    fused = FUSED_SUMS and one_token_segments and getattr(base, "may_defer_sum", False)
+    if h is not None:
+        if not one_token_segments or h.shape != (x.shape[0], num_slices * layout.max_rank):
+            raise ValueError("a precomputed h takes one-token segments and the shape the shrink gives")
+        return _expanded(base(x, defer_sum=True) if fused else base(x), h, lora_b, layout, meta, slice_offsets)
+    current, side = torch.cuda.current_stream(x.device), side_stream(x.device)
     side.wait_stream(current)
     side_expand = SIDE_EXPAND and one_token_segments and num_slices > 1
     with torch.cuda.stream(side):  # (with side_expand B is read right after the shrink: nothing to prefetch)
@@ -224,7 +241,6 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
         delta = lora_delta(h, lora_b, layout, meta, slice_offsets) if side_expand else None
     pending = (FUSED_ACT and defer_delta and delta is None and one_token_segments
                and one_row_launch(lora_b, layout) is not None)
-    fused = FUSED_SUMS and one_token_segments and getattr(base, "may_defer_sum", False)
     y = base(x, defer_sum=True) if fused else base(x)
     current.wait_stream(side)
     if tuple(y.shape) != y_like.shape:
@@ -235,6 +251,15 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
         if SIDE_EXPAND >= 2 and defer_sum and isinstance(y, SplitSums):
             return SplitSums(y.partials, y.bias, y.dtype, delta)
         return lora_add_delta(y if isinstance(y, SplitSums) else y.contiguous(), delta, meta)
+    return _expanded(y, h, lora_b, layout, meta, slice_offsets)
+
+
+def _expanded(y: torch.Tensor | SplitSums, h, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
+              slice_offsets: tuple[int, ...]) -> torch.Tensor:
+    """The base output y (or its split-K partials, summed here) plus the expand of h."""
+    from server.model.triton_lora import lora_expand
+    from server.model.triton_lora_decode import lora_expand_sums
+
     if isinstance(y, SplitSums):
         return lora_expand_sums(y, h, lora_b, layout, meta, slice_offsets)
     lora_expand(y, h, lora_b, layout, meta, slice_offsets)

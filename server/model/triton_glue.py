@@ -176,16 +176,37 @@ def _lora_added(v, row, cols, mask, h_ptr, slice_index, b_ptr, slot, slot_offset
     return v
 
 
+@triton.jit
+def _shrink_added(v, row, cols, mask, a_ptr, h_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr, stride_an,
+                  stride_hm, BLOCK_R: tl.constexpr):
+    """Add the token's slot's A rows at `cols` times v (the row's rounded activation there), summed in fp32, into
+    its row of h (act_shrink: down_proj's shrink, one slice): 16 ranks at a time, atomic adds across a row's
+    programs as the split-K shrink adds its splits. A token without an adapter adds nothing."""
+    slot = tl.load(token_slots_ptr + row).to(tl.int64)
+    if slot >= 0:
+        rank = tl.load(slot_ranks_ptr + slot)
+        first_row = tl.load(slot_offsets_ptr + slot).to(tl.int64)
+        v32 = v.to(tl.float32)
+        for r0 in tl.static_range(0, BLOCK_R, 16):
+            rs = r0 + tl.arange(0, 16)
+            r_mask = rs < rank
+            a = tl.load(a_ptr + (first_row + rs)[:, None] * stride_an + cols[None, :],
+                        mask=r_mask[:, None] & mask[None, :], other=0.0)
+            tl.atomic_add(h_ptr + row * stride_hm + rs, tl.sum(a.to(tl.float32) * v32[None, :], axis=1), mask=r_mask)
+
+
 @triton.jit(do_not_specialize=["plane", "splits"])
 def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, splits, bias_ptr, delta_ptr,
                      h_ptr, b_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr, stride_hm, stride_br, stride_bn,
-                     pf0_ptr, pf0_count, pf1_ptr, pf1_count,
+                     pf0_ptr, pf0_count, pf1_ptr, pf1_count, a2_ptr, h2_ptr, slots2_ptr, slot2_offsets_ptr,
+                     slot2_ranks_ptr, stride_a2, stride_h2,
                      BLOCK: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, MOST_SPLITS: tl.constexpr,
                      HAS_DELTA: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PREFETCH: tl.constexpr,
-                     THREADS: tl.constexpr, PDL: tl.constexpr):
+                     THREADS: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R2: tl.constexpr, PDL: tl.constexpr):
     """One row's activation at BLOCK columns of the gate (and the same of up). With HAS_LORA, gate and up first take
     the token's pending LoRA delta (`_lora_added`; pending_lora.PendingLora), slice 0 and slice 1 of its h. With
-    PREFETCH the programs first ask the L2 for their shares of two weight tensors (weight_prefetch)."""
+    PREFETCH the programs first ask the L2 for their shares of two weight tensors (weight_prefetch). With SHRINK the
+    result's down_proj shrink is added into h2 (`_shrink_added`; act_shrink)."""
     if PREFETCH:
         prefetch_program_shares(pf0_ptr, pf0_count, pf1_ptr, pf1_count, THREADS)
     pdl_enter(PDL)
@@ -210,7 +231,11 @@ def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, split
                          stride_hm, stride_br, stride_bn, BLOCK, BLOCK_R)
     gate, up = gate.to(tl.float32), up.to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=mask)
+    out = (act * up).to(dtype)
+    tl.store(out_ptr + row * stride_out + cols, out, mask=mask)
+    if SHRINK:
+        _shrink_added(out, row, cols, mask, a2_ptr, h2_ptr, slots2_ptr, slot2_offsets_ptr, slot2_ranks_ptr, stride_a2,
+                      stride_h2, BLOCK_R2)
 
 
 def silu_launch(num_rows: int, sums: bool) -> tuple[int, int]:
@@ -221,13 +246,15 @@ def silu_launch(num_rows: int, sums: bool) -> tuple[int, int]:
 
 
 def silu_mul(gate_up: torch.Tensor | SplitSums | PendingLora, launch: tuple[int, int] | None = None,
-             compiled_splits: bool = COMPILED_SPLITS, prefetch: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+             compiled_splits: bool = COMPILED_SPLITS, prefetch: tuple[torch.Tensor, ...] = (),
+             shrink=None) -> torch.Tensor:
     """gate_up [T, 2I] (or its split-K partials, or either with a pending LoRA delta) -> silu(gate) * up [T, I].
     `launch`: (elements a program, warps) in place of silu_launch's; `compiled_splits`: the partials' count compiled
     into the kernel (one build a count) instead of read at run time (16 masked loads an element); both for
     bench.glue_kernels' sweep. A pending delta is added here with the one-row expand's launch (its programs' columns
     and warps); without LORAPLEX_LORA_ONE_ROW the expand runs first (its tiles round otherwise). `prefetch`: up to
-    two weight tensors that a later kernel reads, asked of the L2 (weight_prefetch.decode_weights)."""
+    two weight tensors that a later kernel reads, asked of the L2 (weight_prefetch.decode_weights). `shrink`
+    (act_shrink.ShrinkAhead): down_proj's LoRA shrink of the result, added into shrink.h."""
     lora = one_row = None
     if isinstance(gate_up, PendingLora):
         one_row = one_row_launch(gate_up.lora_b, gate_up.layout)
@@ -254,14 +281,28 @@ def silu_mul(gate_up: torch.Tensor | SplitSums | PendingLora, launch: tuple[int,
         block, warps = launch or silu_launch(num_rows, sums)
         block_r, lora_args = 16, (src,) * 5 + (0, 0, 0)  # stand-ins, never read
     *pf_args, pf_on = prefetch_args(prefetch, out)
+    shrink_args, block_r2 = _shrink_args(shrink, out)
     _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
         src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias, delta, *lora_args, *pf_args,
+        *shrink_args,
         BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, MOST_SPLITS=splits if sums and compiled_splits else MAX_SPLITS,
         HAS_DELTA=has_delta, HAS_LORA=lora is not None, BLOCK_R=block_r, PREFETCH=pf_on, THREADS=32 * warps,
-        num_warps=warps,
+        SHRINK=shrink is not None, BLOCK_R2=block_r2, num_warps=warps,
         **pdl.triton_launch(out.device),
     )  # fmt: skip
     return out
+
+
+def _shrink_args(shrink, out: torch.Tensor) -> tuple[tuple, int]:
+    """(a2, h2, token slots, slot offsets, slot ranks, a2's and h2's row strides) and BLOCK_R2 of silu_mul's shrink
+    (act_shrink.ShrinkAhead), or stand-ins never read."""
+    if shrink is None:
+        return (out,) * 5 + (0, 0), 16
+    a, h, layout = shrink.lora_a, shrink.h, shrink.layout
+    if a.stride(1) != 1 or a.shape[1] != out.shape[1] or h.dtype != torch.float32 or h.shape[0] != out.shape[0]:
+        raise ValueError("the shrink's A must have contiguous rows of the activation's width, h float32 of its rows")
+    block_r = max(16, triton.next_power_of_2(layout.max_rank))
+    return (a, h, shrink.meta.token_slots, layout.offsets, layout.ranks, a.stride(0), h.stride(0)), block_r
 
 
 @triton.jit

@@ -72,6 +72,32 @@ def test_gpu_mixed_batch_matches_peft_alone(tiny_llama_dir, tiny_adapters):
             torch.testing.assert_close(row.cpu(), reference[start + step], atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("one_row", [0, 256])
+def test_down_shrink_in_the_activation_matches_peft_alone(tiny_llama_dir, tiny_adapters, one_row, monkeypatch):
+    """LORAPLEX_LORA_SILU_SHRINK: the captured decode steps compute down_proj's LoRA shrink in the activation kernel
+    (act_shrink), with gate_up's delta pending there (one_row 256) or expanded before it (0); the mixed batch still
+    matches PEFT with each adapter alone."""
+    from server.model import act_shrink, triton_lora
+
+    monkeypatch.setattr(act_shrink, "SILU_SHRINK", True)
+    monkeypatch.setattr(triton_lora, "ONE_ROW_BLOCK_N", one_row)
+    taken = []
+    real = act_shrink.shrink_ahead
+    monkeypatch.setattr(act_shrink, "shrink_ahead", lambda *a: taken.append(real(*a)) or taken[-1])
+    refs = adapter_refs(tiny_llama_dir, tiny_adapters)
+    names = [None, "attn-r4", "all-r8", "mlp-r2-rs", "ko-r16"]
+    engine = gpu_engine(tiny_llama_dir, max_slots=4, max_rank=16)
+    requests = make_requests(refs, names, n=6)
+    captured, _ = run_capturing(engine, requests)
+    assert engine.runner.graphs.num_captured > 0 and any(s is not None for s in taken), "no step took the shrink"
+    for request, name in zip(requests, names, strict=True):
+        full = request.prompt_token_ids + request.output_token_ids
+        reference = peft_logits(tiny_llama_dir, None if name is None else tiny_adapters[name], full)
+        start = len(request.prompt_token_ids) - 1
+        for step, row in enumerate(captured[request.request_id]):
+            torch.testing.assert_close(row.cpu(), reference[start + step], atol=1e-3, rtol=1e-3)
+
+
 def test_gpu_merged_swap_restores_nf4_bit_exact(tiny_llama_dir, tiny_adapters):
     engine = gpu_engine(tiny_llama_dir, dtype="bfloat16", quantize=True, lora_mode="merged")
     refs = list(adapter_refs(tiny_llama_dir, tiny_adapters).values())

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from bench.triton_sm90 import DECODE_META, DELTA_META, FUSED_ACT_META, LORA_META
+from bench.triton_sm90 import DECODE_META, DELTA_META, FUSED_ACT_META, LORA_META, SHRINK_META
 
 pytestmark = pytest.mark.skipif(os.environ.get("LORAPLEX_TRITON_COMPILE") != "1",
                                 reason="set LORAPLEX_TRITON_COMPILE=1 to compile the Triton kernels for sm_90")
@@ -93,14 +93,21 @@ def test_activation_and_rotary(modules, sums, delta):
     for most in (16, 3) if sums else (16,):  # the count read at run time, or compiled in
         compile_sm90(modules["glue"]._silu_mul_kernel,
                      {"BLOCK": 256, "SUMS": sums, "HAS_BIAS": sums, "MOST_SPLITS": most, "HAS_DELTA": delta,
-                      "HAS_LORA": False, "BLOCK_R": 16, "PREFETCH": sums, "THREADS": 128, "PDL": sums},
+                      "HAS_LORA": False, "BLOCK_R": 16, "PREFETCH": sums, "THREADS": 128, "SHRINK": False,
+                      "BLOCK_R2": 16, "PDL": sums},
                      partials | ({"pf0_ptr": "*u8", "pf1_ptr": "*fp32"} if sums else {}))
     if not delta:  # gate_up's pending LoRA delta (LORAPLEX_LORA_FUSED_ACT), on the base output or its partials
         compile_sm90(modules["glue"]._silu_mul_kernel,
                      {"BLOCK": 1024, "SUMS": sums, "HAS_BIAS": False, "MOST_SPLITS": 16 if sums else 1,
                       "HAS_DELTA": False, "HAS_LORA": True, "BLOCK_R": 32, "PREFETCH": sums, "THREADS": 128,
-                      "PDL": sums},
+                      "SHRINK": False, "BLOCK_R2": 16, "PDL": sums},
                      partials | FUSED_ACT_META | ({"pf0_ptr": "*u8", "pf1_ptr": "*fp32"} if sums else {}))
+        # and down_proj's shrink of the result (LORAPLEX_LORA_SILU_SHRINK), at the one-row launch's 256 columns
+        compile_sm90(modules["glue"]._silu_mul_kernel,
+                     {"BLOCK": 256, "SUMS": sums, "HAS_BIAS": False, "MOST_SPLITS": 16 if sums else 1,
+                      "HAS_DELTA": False, "HAS_LORA": True, "BLOCK_R": 16, "PREFETCH": False, "THREADS": 32,
+                      "SHRINK": True, "BLOCK_R2": 32, "PDL": sums},
+                     partials | FUSED_ACT_META | SHRINK_META, 1)
     compile_sm90(modules["glue"]._rotary_write_kv_kernel,
                  {"NUM_Q_HEADS": 32, "NUM_KV_HEADS": 8, "HALF": 64, "SUMS": sums, "HAS_BIAS": sums,
                   "HAS_DELTA": delta},

@@ -1,0 +1,70 @@
+"""down_proj's LoRA shrink done by the activation kernel before it (LORAPLEX_LORA_SILU_SHRINK=1, off until timed).
+
+In a decode graph each LoRA linear's shrink runs on the side stream beside its base matmul (lora_ops.linear_with_lora).
+down's is the one that cannot hide there: its input is the activation, so the shrink (14.7 MB of A for 32 8B
+rank-16 adapters) becomes ready together with down's NF4 kernel, waits ~17 us for SMs that the kernel holds, and
+ends ~8 us after it, on the step's critical path (forty-first session's layer window, H100). Here the activation
+kernel (triton_glue.silu_mul), which already holds each token's rounded activation at its program's columns, also
+multiplies it by those columns of the token's slot's A_down and adds the [rank] partial sums into h (fp32, zeroed
+beforehand on the side stream, atomic adds across the programs of a row, as the split-K shrink adds its splits);
+down_proj then runs its base matmul and the expand from that h, with no shrink and no fork. The estimate
+(bench/NOTES.md, forty-fourth session): ~3 us a layer, the shrink's lag less the activation kernel's extra A loads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from server.model import lora_ops
+from server.model.lora_meta import LoraBatchMeta, SlotLayout
+
+SILU_SHRINK = os.environ.get("LORAPLEX_LORA_SILU_SHRINK", "0") == "1"
+
+
+@dataclass(frozen=True)
+class ShrinkAhead:
+    """What the activation kernel needs to compute down_proj's h: down's A pool (one slice), the shared slot
+    layout, the step's metadata (one-token segments), and h itself [T, max_rank] float32, zeroed."""
+
+    lora_a: torch.Tensor  # [capacity, in]
+    layout: SlotLayout
+    meta: LoraBatchMeta
+    h: torch.Tensor
+
+
+def shrink_ahead(down, lora, num_tokens: int, device: torch.device) -> ShrinkAhead | None:
+    """A ShrinkAhead for down_proj (a LoraLinear of one slice) in this step, or None where its own shrink runs:
+    off, no adapters, an eager step, segments of several tokens, or the torch LoRA path. Its h is zeroed on the
+    side stream, which the capturing stream joins before the activation (`ready`)."""
+    if not (SILU_SHRINK and lora is not None and getattr(down, "lora_a", None) is not None):
+        return None
+    meta, layout = lora.meta, down.layout
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing() and lora_ops.SIDE_STREAM
+            and lora_ops.USE_TRITON_LORA and lora_ops.triton_available()):
+        return None
+    if (len(down.slice_names) != 1 or meta.max_seg_len != 1 or meta.num_segments != num_tokens
+            or down.lora_b.shape[0] == 0 or layout.num_slots == 0):
+        return None
+    h = torch.empty(num_tokens, layout.max_rank, dtype=torch.float32, device=device)
+    lora_ops.on_side_stream(device, h.zero_)
+    return ShrinkAhead(down.lora_a, layout, meta, h)
+
+
+def ready(shrink: ShrinkAhead | None) -> None:
+    """Order the capturing stream after the side stream's zero fill of shrink.h (already ordered when gate_up's
+    LoRA join came after it, as it does in a decode layer; one more edge to the same node otherwise)."""
+    if shrink is not None:
+        torch.cuda.current_stream(shrink.h.device).wait_stream(lora_ops.side_stream(shrink.h.device))
+
+
+def shrink_reference(act: torch.Tensor, shrink: ShrinkAhead) -> None:
+    """Add each token's A_down @ act[t] (fp32) into shrink.h: what the activation kernel adds, for the paths
+    without it."""
+    offsets, ranks = shrink.layout.offsets.tolist(), shrink.layout.ranks.tolist()
+    for t, s in enumerate(shrink.meta.token_slots.tolist()):
+        if s >= 0:
+            o, r = offsets[s], ranks[s]
+            shrink.h[t, :r] += shrink.lora_a[o : o + r].float() @ act[t].float()
