@@ -64,9 +64,14 @@ def test_gpu_mixed_batch_matches_peft_alone(tiny_llama_dir, tiny_adapters):
     requests = make_requests(refs, names, n=6)
     captured, distinct = run_capturing(engine, requests)
     assert max(distinct) == 5
+    assert_match_peft_alone(tiny_llama_dir, tiny_adapters, requests, names, captured)
+
+
+def assert_match_peft_alone(model_dir, adapters, requests, names, captured):
+    """Each request's captured logits against PEFT's with its adapter alone (None: the base model)."""
     for request, name in zip(requests, names, strict=True):
         full = request.prompt_token_ids + request.output_token_ids
-        reference = peft_logits(tiny_llama_dir, None if name is None else tiny_adapters[name], full)
+        reference = peft_logits(model_dir, None if name is None else adapters[name], full)
         start = len(request.prompt_token_ids) - 1
         for step, row in enumerate(captured[request.request_id]):
             torch.testing.assert_close(row.cpu(), reference[start + step], atol=1e-3, rtol=1e-3)
@@ -90,12 +95,7 @@ def test_down_shrink_in_the_activation_matches_peft_alone(tiny_llama_dir, tiny_a
     requests = make_requests(refs, names, n=6)
     captured, _ = run_capturing(engine, requests)
     assert engine.runner.graphs.num_captured > 0 and any(s is not None for s in taken), "no step took the shrink"
-    for request, name in zip(requests, names, strict=True):
-        full = request.prompt_token_ids + request.output_token_ids
-        reference = peft_logits(tiny_llama_dir, None if name is None else tiny_adapters[name], full)
-        start = len(request.prompt_token_ids) - 1
-        for step, row in enumerate(captured[request.request_id]):
-            torch.testing.assert_close(row.cpu(), reference[start + step], atol=1e-3, rtol=1e-3)
+    assert_match_peft_alone(tiny_llama_dir, tiny_adapters, requests, names, captured)
 
 
 def test_gpu_merged_swap_restores_nf4_bit_exact(tiny_llama_dir, tiny_adapters):
