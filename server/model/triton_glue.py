@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from server.model import pdl
+from server.model import pdl, triton_lora
 from server.model.pending_lora import PendingLora
 from server.model.split_sums import SplitSums
 from server.model.triton_lora import _row_delta, one_row_launch
@@ -162,16 +162,24 @@ def embed_rmsnorm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, 
 
 
 @triton.jit
+def _lora_delta(row, cols, mask, h_ptr, slice_index, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, stride_hm,
+                stride_br, stride_bn, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The token's (slot >= 0) LoRA delta at `cols` of `row` from slice `slice_index` of its row of h, in fp32: as
+    the one-row expand computes it (`_row_delta` with the slice's h, the same products in the same order)."""
+    rank = tl.load(slot_ranks_ptr + slot)
+    first_row = tl.load(slot_offsets_ptr + slot).to(tl.int64)
+    return _row_delta(h_ptr + row * stride_hm + slice_index * rank, b_ptr, first_row, rank, cols, mask, 0, 0, 0,
+                      stride_br, stride_bn, BLOCK, BLOCK_R, 1)
+
+
+@triton.jit
 def _lora_added(v, row, cols, mask, h_ptr, slice_index, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, stride_hm,
                 stride_br, stride_bn, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
-    """v (a linear's output at `cols` of `row`, rounded) plus the token's LoRA delta from slice `slice_index` of its
-    row of h, rounded: as the one-row expand adds it (`_row_delta` with the slice's h, the same products in the same
-    order); a token without an adapter (slot < 0) keeps v's bits."""
+    """v (a linear's output at `cols` of `row`, rounded) plus the token's LoRA delta (`_lora_delta`), rounded, as the
+    one-row expand adds it; a token without an adapter (slot < 0) keeps v's bits."""
     if slot >= 0:
-        rank = tl.load(slot_ranks_ptr + slot)
-        first_row = tl.load(slot_offsets_ptr + slot).to(tl.int64)
-        delta = _row_delta(h_ptr + row * stride_hm + slice_index * rank, b_ptr, first_row, rank, cols, mask, 0, 0, 0,
-                           stride_br, stride_bn, BLOCK, BLOCK_R, 1)
+        delta = _lora_delta(row, cols, mask, h_ptr, slice_index, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr,
+                            stride_hm, stride_br, stride_bn, BLOCK, BLOCK_R)
         v = (v.to(tl.float32) + delta).to(v.dtype)
     return v
 
@@ -202,18 +210,29 @@ def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, split
                      slot2_ranks_ptr, stride_a2, stride_h2,
                      BLOCK: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, MOST_SPLITS: tl.constexpr,
                      HAS_DELTA: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PREFETCH: tl.constexpr,
-                     THREADS: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R2: tl.constexpr, PDL: tl.constexpr):
+                     THREADS: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R2: tl.constexpr, DELTA_FIRST: tl.constexpr,
+                     PDL: tl.constexpr):
     """One row's activation at BLOCK columns of the gate (and the same of up). With HAS_LORA, gate and up first take
     the token's pending LoRA delta (`_lora_added`; pending_lora.PendingLora), slice 0 and slice 1 of its h. With
     PREFETCH the programs first ask the L2 for their shares of two weight tensors (weight_prefetch). With SHRINK the
-    result's down_proj shrink is added into h2 (`_shrink_added`; act_shrink)."""
+    result's down_proj shrink is added into h2 (`_shrink_added`; act_shrink). With DELTA_FIRST the pending delta is
+    computed before the PDL wait (triton_lora.DELTA_FIRST)."""
     if PREFETCH:
         prefetch_program_shares(pf0_ptr, pf0_count, pf1_ptr, pf1_count, THREADS)
-    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     dtype = out_ptr.dtype.element_ty
+    if HAS_LORA and DELTA_FIRST:
+        slot = tl.load(token_slots_ptr + row).to(tl.int64)
+        gate_delta = tl.zeros((BLOCK,), dtype=tl.float32)
+        up_delta = tl.zeros((BLOCK,), dtype=tl.float32)
+        if slot >= 0:
+            gate_delta = _lora_delta(row, cols, mask, h_ptr, 0, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr,
+                                     stride_hm, stride_br, stride_bn, BLOCK, BLOCK_R)
+            up_delta = _lora_delta(row, inter + cols, mask, h_ptr, 1, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr,
+                                   stride_hm, stride_br, stride_bn, BLOCK, BLOCK_R)
+    pdl_enter(PDL)
     if SUMS:  # gu_ptr: split-K partials [splits, rows, 2 * inter], at most MOST_SPLITS of them
         at = row * stride_gu + cols
         gate = _summed(gu_ptr, at, mask, plane, splits, bias_ptr, cols, dtype, HAS_BIAS, MOST_SPLITS, delta_ptr,
@@ -223,7 +242,11 @@ def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, split
     else:
         gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0)
         up = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=mask, other=0.0)
-    if HAS_LORA:
+    if HAS_LORA and DELTA_FIRST:
+        if slot >= 0:
+            gate = (gate.to(tl.float32) + gate_delta).to(gate.dtype)
+            up = (up.to(tl.float32) + up_delta).to(up.dtype)
+    elif HAS_LORA:
         slot = tl.load(token_slots_ptr + row).to(tl.int64)
         gate = _lora_added(gate, row, cols, mask, h_ptr, 0, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, stride_hm,
                            stride_br, stride_bn, BLOCK, BLOCK_R)
@@ -287,7 +310,7 @@ def silu_mul(gate_up: torch.Tensor | SplitSums | PendingLora, launch: tuple[int,
         *shrink_args,
         BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, MOST_SPLITS=splits if sums and compiled_splits else MAX_SPLITS,
         HAS_DELTA=has_delta, HAS_LORA=lora is not None, BLOCK_R=block_r, PREFETCH=pf_on, THREADS=32 * warps,
-        SHRINK=shrink is not None, BLOCK_R2=block_r2, num_warps=warps,
+        SHRINK=shrink is not None, BLOCK_R2=block_r2, DELTA_FIRST=triton_lora.DELTA_FIRST, num_warps=warps,
         **pdl.triton_launch(out.device),
     )  # fmt: skip
     return out

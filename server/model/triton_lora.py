@@ -206,6 +206,15 @@ def _one_row_setting() -> int:
 # / 4.47; the 8B mixed32 decode step (bench.profile_step, wall) 6.36 -> 5.71 ms at N 1024.
 ONE_ROW_BLOCK_N = _one_row_setting()
 
+# LORAPLEX_LORA_DELTA_FIRST=1 (off until timed): in a decode step the kernels that add a one-row delta after the base
+# matmul (the activation with gate_up's pending delta, lora_expand_sums of qkv, o and down, the latter launched with
+# programmatic dependent launch then) compute the delta before their PDL wait, and only then read the base's output.
+# B is written by no kernel of the step and h by the side stream's shrink, which the graph's join makes the launch wait
+# for in full; only the base output needs the wait. So B's loads (the expands' bulk: 29 MB of 8B gate_up's for 32
+# adapters) overlap the base kernel's last wave instead of following it. The same products in the same order: the
+# same bits.
+DELTA_FIRST = os.environ.get("LORAPLEX_LORA_DELTA_FIRST", "0") == "1"
+
 
 def one_row_launch(lora_b: torch.Tensor, layout: SlotLayout) -> tuple[int, int, int] | None:
     """(block_r, block_n, num_warps) of one-token expand programs under LORAPLEX_LORA_ONE_ROW, None when it is off."""

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from server.model import pdl
+from server.model import pdl, triton_lora
 from server.model.lora_meta import LoraBatchMeta, SlotLayout
 from server.model.split_sums import SplitSums
 from server.model.triton_glue import _MAX_SPLITS, MAX_SPLITS, _source, _summed, check_delta
@@ -70,23 +70,31 @@ def _expand_sums_kernel(
     src_ptr, bias_ptr, plane, splits, h_ptr, b_ptr, y_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
     out_features, bound1, bound2, bound3, stride_hm, stride_br, stride_bn,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SLICES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ONE_ROW: tl.constexpr, PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ONE_ROW: tl.constexpr, DELTA_FIRST: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One token a program: the base's output at these columns summed from its split-K partials and rounded (as
     csrc's sum kernel does), then, for a token with an adapter, plus its delta (`_token_delta_tile`, or with
     ONE_ROW `_token_delta_row`) and rounded again, stored into y [T, out] (contiguous): bit for bit the sum kernel,
-    then `_expand_kernel`."""
-    pdl_enter(PDL)
+    then `_expand_kernel`. With ONE_ROW and DELTA_FIRST the delta is computed before the PDL wait
+    (triton_lora.DELTA_FIRST)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < out_features
-    out = _summed(src_ptr, row * out_features + cols, col_mask, plane, splits, bias_ptr, cols,
-                  y_ptr.dtype.element_ty, HAS_BIAS)
     slot = tl.load(token_slots_ptr + row).to(tl.int64)
-    if ONE_ROW:
+    if ONE_ROW and DELTA_FIRST:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if slot >= 0:
             acc = _token_delta_row(h_ptr, row, stride_hm, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, cols,
                                    col_mask, bound1, bound2, bound3, stride_br, stride_bn, BLOCK_N, BLOCK_R, NUM_SLICES)
+    pdl_enter(PDL)
+    out = _summed(src_ptr, row * out_features + cols, col_mask, plane, splits, bias_ptr, cols,
+                  y_ptr.dtype.element_ty, HAS_BIAS)
+    if ONE_ROW:
+        if slot >= 0:
+            if not DELTA_FIRST:
+                acc = _token_delta_row(h_ptr, row, stride_hm, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, cols,
+                                       col_mask, bound1, bound2, bound3, stride_br, stride_bn, BLOCK_N, BLOCK_R,
+                                       NUM_SLICES)
             out = (out.to(tl.float32) + acc).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + row * out_features + cols, out, mask=col_mask)
     elif slot >= 0:
@@ -186,8 +194,9 @@ def lora_expand_sums(sums: SplitSums, h, lora_b, layout: SlotLayout, meta: LoraB
         h, lora_b, y, meta.token_slots, layout.offsets, layout.ranks,
         out_features, bounds[0], bounds[1], bounds[2], h.stride(0), lora_b.stride(0), lora_b.stride(1),
         BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=num_slices, HAS_BIAS=sums.bias is not None,
-        DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32", ONE_ROW=one_row, num_warps=num_warps,
-        **pdl.triton_launch(y.device, lora=True),
+        DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32", ONE_ROW=one_row,
+        DELTA_FIRST=triton_lora.DELTA_FIRST and one_row, num_warps=num_warps,
+        **pdl.triton_launch(y.device, lora=not (triton_lora.DELTA_FIRST and one_row)),
     )  # fmt: skip
     return y
 
