@@ -14,10 +14,13 @@ python3 -c "import msgspec, zmq, llguidance, fastapi, bitsandbytes" \
 export PYTHONUNBUFFERED=1
 # The CUDA NF4 extension takes ~90 s to build on a fresh machine (about half that since 47919fd: csrc/nf4_mma.cu
 # includes only the torch headers it uses): build it into .torch_ext, send it back
-# in $OUT/build_cache.tgz, and next time unpack that here (`tar xzf build_cache.tgz` in the checkout) and name
+# in $OUT/torch_ext.tgz, and next time unpack that here (`tar xzf torch_ext.tgz` in the checkout) and name
 # .torch_ext in `carry`
 # (the build is named by a digest of server/model/csrc, so a changed source or header rebuilds).
 export TORCH_EXTENSIONS_DIR=$PWD/.torch_ext
+# A carried build is older than the checkout's copied sources: newer outputs tell ninja it is up to date (the build's
+# name is a digest of csrc, so a changed source still builds anew)
+[ -d .torch_ext ] && find .torch_ext -type f -exec touch {} +
 # Triton's compiled kernels likewise (a fresh machine compiles every kernel and variant again at first launch):
 # .triton_cache, in the same archive, carried next time too (mind carry's 64 MiB in all)
 export TRITON_CACHE_DIR=$PWD/.triton_cache && mkdir -p "$TRITON_CACHE_DIR"
@@ -116,5 +119,6 @@ fi
 # subfolders (ENGINE_AB's ab/, PROFILE_AB's ab1/..., any a command moved its logs into) travel as one archive
 folders=$(cd "$OUT" && find . -mindepth 1 -maxdepth 1 -type d -printf '%P\n')
 if [ -n "$folders" ]; then (cd "$OUT" && tar czf folders.tgz $folders && rm -rf $folders); fi
-# One archive for both build caches
-tar czf "$OUT/build_cache.tgz" .torch_ext .triton_cache 2>/dev/null && du -h "$OUT/build_cache.tgz" || true
+# One archive a build cache: the two together (28 MB) were more than a file that comes back may be (16 MiB)
+tar czf "$OUT/torch_ext.tgz" .torch_ext 2>/dev/null && du -h "$OUT/torch_ext.tgz" || true
+tar czf "$OUT/triton_cache.tgz" .triton_cache 2>/dev/null && du -h "$OUT/triton_cache.tgz" || true
