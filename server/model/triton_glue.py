@@ -13,7 +13,7 @@ import triton.language as tl
 from server.model import pdl, triton_lora
 from server.model.pending_lora import PendingLora
 from server.model.split_sums import SplitSums
-from server.model.triton_lora import _row_delta, one_row_launch
+from server.model.triton_lora import _prefetch_b_row, _row_delta, one_row_launch
 from server.model.triton_pdl import pdl_enter
 from server.model.triton_prefetch import prefetch_args, prefetch_program_shares
 
@@ -210,28 +210,27 @@ def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, split
                      slot2_ranks_ptr, stride_a2, stride_h2,
                      BLOCK: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, MOST_SPLITS: tl.constexpr,
                      HAS_DELTA: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PREFETCH: tl.constexpr,
-                     THREADS: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R2: tl.constexpr, DELTA_FIRST: tl.constexpr,
+                     THREADS: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R2: tl.constexpr, B_EARLY: tl.constexpr,
                      PDL: tl.constexpr):
     """One row's activation at BLOCK columns of the gate (and the same of up). With HAS_LORA, gate and up first take
     the token's pending LoRA delta (`_lora_added`; pending_lora.PendingLora), slice 0 and slice 1 of its h. With
     PREFETCH the programs first ask the L2 for their shares of two weight tensors (weight_prefetch). With SHRINK the
-    result's down_proj shrink is added into h2 (`_shrink_added`; act_shrink). With DELTA_FIRST the pending delta is
-    computed before the PDL wait (triton_lora.DELTA_FIRST)."""
+    result's down_proj shrink is added into h2 (`_shrink_added`; act_shrink). With B_EARLY the pending delta's B
+    lines are asked of the L2 before the PDL wait (triton_lora.B_EARLY)."""
     if PREFETCH:
         prefetch_program_shares(pf0_ptr, pf0_count, pf1_ptr, pf1_count, THREADS)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     dtype = out_ptr.dtype.element_ty
-    if HAS_LORA and DELTA_FIRST:
-        slot = tl.load(token_slots_ptr + row).to(tl.int64)
-        gate_delta = tl.zeros((BLOCK,), dtype=tl.float32)
-        up_delta = tl.zeros((BLOCK,), dtype=tl.float32)
-        if slot >= 0:
-            gate_delta = _lora_delta(row, cols, mask, h_ptr, 0, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr,
-                                     stride_hm, stride_br, stride_bn, BLOCK, BLOCK_R)
-            up_delta = _lora_delta(row, inter + cols, mask, h_ptr, 1, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr,
-                                   stride_hm, stride_br, stride_bn, BLOCK, BLOCK_R)
+    if HAS_LORA and B_EARLY:
+        early_slot = tl.load(token_slots_ptr + row).to(tl.int64)
+        if early_slot >= 0:
+            col0 = tl.program_id(1) * BLOCK
+            _prefetch_b_row(b_ptr, early_slot, slot_offsets_ptr, slot_ranks_ptr, col0, inter, stride_br, BLOCK,
+                            BLOCK_R)
+            _prefetch_b_row(b_ptr, early_slot, slot_offsets_ptr, slot_ranks_ptr, inter + col0, 2 * inter, stride_br,
+                            BLOCK, BLOCK_R)
     pdl_enter(PDL)
     if SUMS:  # gu_ptr: split-K partials [splits, rows, 2 * inter], at most MOST_SPLITS of them
         at = row * stride_gu + cols
@@ -242,11 +241,7 @@ def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, split
     else:
         gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0)
         up = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=mask, other=0.0)
-    if HAS_LORA and DELTA_FIRST:
-        if slot >= 0:
-            gate = (gate.to(tl.float32) + gate_delta).to(gate.dtype)
-            up = (up.to(tl.float32) + up_delta).to(up.dtype)
-    elif HAS_LORA:
+    if HAS_LORA:
         slot = tl.load(token_slots_ptr + row).to(tl.int64)
         gate = _lora_added(gate, row, cols, mask, h_ptr, 0, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, stride_hm,
                            stride_br, stride_bn, BLOCK, BLOCK_R)
@@ -310,7 +305,8 @@ def silu_mul(gate_up: torch.Tensor | SplitSums | PendingLora, launch: tuple[int,
         *shrink_args,
         BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, MOST_SPLITS=splits if sums and compiled_splits else MAX_SPLITS,
         HAS_DELTA=has_delta, HAS_LORA=lora is not None, BLOCK_R=block_r, PREFETCH=pf_on, THREADS=32 * warps,
-        SHRINK=shrink is not None, BLOCK_R2=block_r2, DELTA_FIRST=triton_lora.DELTA_FIRST, num_warps=warps,
+        SHRINK=shrink is not None, BLOCK_R2=block_r2, B_EARLY=triton_lora.B_EARLY and lora is not None and out.is_cuda,
+        num_warps=warps,
         **pdl.triton_launch(out.device),
     )  # fmt: skip
     return out

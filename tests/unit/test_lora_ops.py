@@ -378,17 +378,15 @@ def test_scatter_slot_load_fills_the_pools_as_the_per_linear_reference(model_dty
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("slice_offsets", SLICES)
 @pytest.mark.parametrize("splits, with_bias", [(1, False), (3, True), (16, True)])
-@pytest.mark.parametrize("delta_first", [False, True])
 def test_triton_interpreted_expand_sums_equals_sum_then_expand(triton_lora, lora_decode, monkeypatch, slice_offsets,
-                                                               dtype, splits, with_bias, one_row, delta_first):
+                                                               dtype, splits, with_bias, one_row):
     """lora_expand_sums (the decode graphs' LoRA linears whose base split K): bit for bit the base's partials
     summed (SplitSums.materialize, csrc's order) and then the expand added into that output, for tokens with and
-    without an adapter, in the tile form and the one-row form (LORAPLEX_LORA_ONE_ROW), the one-row delta computed
-    after the sums or before them (LORAPLEX_LORA_DELTA_FIRST); and within the reference's tolerance."""
+    without an adapter, in the tile form and the one-row form (LORAPLEX_LORA_ONE_ROW); and within the reference's
+    tolerance."""
     from server.model.split_sums import SplitSums
 
     monkeypatch.setattr(triton_lora, "ONE_ROW_BLOCK_N", one_row)
-    monkeypatch.setattr(triton_lora, "DELTA_FIRST", delta_first)
 
     gen = torch.Generator().manual_seed(splits)
     slots = [2, -1, 0, 2, 1]
@@ -414,15 +412,13 @@ def test_triton_interpreted_expand_sums_equals_sum_then_expand(triton_lora, lora
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("max_rank", [8, 40])
 @pytest.mark.parametrize("splits, with_bias", [(0, False), (3, True)])
-@pytest.mark.parametrize("delta_first", [False, True])
 def test_triton_interpreted_activation_adds_a_pending_delta_as_the_expand(triton_lora, lora_decode, monkeypatch,
                                                                           dtype, max_rank, splits, with_bias,
-                                                                          one_row, delta_first):
+                                                                          one_row):
     """LORAPLEX_LORA_FUSED_ACT: silu_mul given gate_up's output with its LoRA delta pending (pending_lora) gives bit
     for bit the expand (or expand_sums, from split-K partials) then silu_mul, for tokens with and without an
     adapter, ranks up to 40 (three 16-rank blocks) and an intermediate width that is no multiple of the program's
-    columns, the delta computed after the output is read or before (LORAPLEX_LORA_DELTA_FIRST); without
-    LORAPLEX_LORA_ONE_ROW it runs that expand first."""
+    columns; without LORAPLEX_LORA_ONE_ROW it runs that expand first."""
     from server.model.pending_lora import PendingLora
     from server.model.split_sums import SplitSums
 
@@ -441,9 +437,7 @@ def test_triton_interpreted_activation_adds_a_pending_delta_as_the_expand(triton
         base = torch.randn(len(slots), 2 * inter, generator=gen).to(dtype)
     h = triton_lora.lora_shrink(x, lora_a, pool, meta, 2)
     pending = PendingLora(base, h, lora_b, pool, meta, slice_offsets)
-    monkeypatch.setattr(triton_lora, "DELTA_FIRST", delta_first)
     got = glue.silu_mul(pending)
-    monkeypatch.setattr(triton_lora, "DELTA_FIRST", False)
     expanded = pending.materialize()
     assert torch.equal(got, glue.silu_mul(expanded))
     unchanged = base.materialize() if splits else base

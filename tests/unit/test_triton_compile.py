@@ -94,19 +94,19 @@ def test_activation_and_rotary(modules, sums, delta):
         compile_sm90(modules["glue"]._silu_mul_kernel,
                      {"BLOCK": 256, "SUMS": sums, "HAS_BIAS": sums, "MOST_SPLITS": most, "HAS_DELTA": delta,
                       "HAS_LORA": False, "BLOCK_R": 16, "PREFETCH": sums, "THREADS": 128, "SHRINK": False,
-                      "BLOCK_R2": 16, "DELTA_FIRST": False, "PDL": sums},
+                      "BLOCK_R2": 16, "B_EARLY": False, "PDL": sums},
                      partials | ({"pf0_ptr": "*u8", "pf1_ptr": "*fp32"} if sums else {}))
     if not delta:  # gate_up's pending LoRA delta (LORAPLEX_LORA_FUSED_ACT), on the base output or its partials
         compile_sm90(modules["glue"]._silu_mul_kernel,
                      {"BLOCK": 1024, "SUMS": sums, "HAS_BIAS": False, "MOST_SPLITS": 16 if sums else 1,
                       "HAS_DELTA": False, "HAS_LORA": True, "BLOCK_R": 32, "PREFETCH": sums, "THREADS": 128,
-                      "SHRINK": False, "BLOCK_R2": 16, "DELTA_FIRST": False, "PDL": sums},
+                      "SHRINK": False, "BLOCK_R2": 16, "B_EARLY": False, "PDL": sums},
                      partials | FUSED_ACT_META | ({"pf0_ptr": "*u8", "pf1_ptr": "*fp32"} if sums else {}))
         # and down_proj's shrink of the result (LORAPLEX_LORA_SILU_SHRINK), at the one-row launch's 256 columns
         compile_sm90(modules["glue"]._silu_mul_kernel,
                      {"BLOCK": 256, "SUMS": sums, "HAS_BIAS": False, "MOST_SPLITS": 16 if sums else 1,
                       "HAS_DELTA": False, "HAS_LORA": True, "BLOCK_R": 16, "PREFETCH": False, "THREADS": 32,
-                      "SHRINK": True, "BLOCK_R2": 32, "DELTA_FIRST": True, "PDL": True},
+                      "SHRINK": True, "BLOCK_R2": 32, "B_EARLY": True, "PDL": True},
                      partials | FUSED_ACT_META | SHRINK_META, 1)
     compile_sm90(modules["glue"]._rotary_write_kv_kernel,
                  {"NUM_Q_HEADS": 32, "NUM_KV_HEADS": 8, "HALF": 64, "SUMS": sums, "HAS_BIAS": sums,
@@ -147,11 +147,11 @@ def test_lora_expand(modules, block_m, slices):
                                                   "PDL": slices == 2}, LORA_META)
 
 
-@pytest.mark.parametrize("one_row,delta_first", [(False, False), (True, False), (True, True)])
-def test_lora_expand_with_split_sums(modules, one_row, delta_first):
+@pytest.mark.parametrize("one_row,b_early", [(False, False), (True, False), (True, True)])
+def test_lora_expand_with_split_sums(modules, one_row, b_early):
     compile_sm90(modules["lora_decode"]._expand_sums_kernel, {"BLOCK_N": 64, "BLOCK_R": 16, "NUM_SLICES": 3,
                                                        "HAS_BIAS": True, "DOT_PRECISION": "tf32",
-                                                       "ONE_ROW": one_row, "DELTA_FIRST": delta_first,
+                                                       "ONE_ROW": one_row, "B_EARLY": b_early,
                                                        "PDL": one_row},
                  DECODE_META)
 
