@@ -12,7 +12,7 @@ SLOTS = [2, -1, 0, 2, 1]
 
 
 def make_shrink(inter: int, max_rank: int, dtype: torch.dtype, seed: int) -> ShrinkAhead:
-    """down's pool (one slice, NaN outside every slot), the decode metadata of SLOTS and NaN in h's unused ranks."""
+    """down's pool (one slice, NaN outside every slot), the decode metadata of SLOTS and a zeroed h."""
     gen = torch.Generator().manual_seed(seed)
     lora_a, _, layout = random_pool(mixed_ranks(max_rank, 3), max_rank, 1, inter, 24, dtype, gen)
     h = torch.zeros(len(SLOTS), max_rank)
