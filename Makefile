@@ -49,7 +49,7 @@ chaos: $(STAMP)
 TRITON_TESTS = tests/unit/test_lora_ops.py tests/unit/test_attention_ops.py tests/unit/test_prefill_attention.py \
 	tests/unit/test_nf4_ops.py tests/unit/test_glue_ops.py tests/unit/test_sampler.py \
 	tests/unit/test_triton_nf4_variants.py tests/unit/test_row_argmax.py tests/unit/test_rotary_decode_attention.py \
-	tests/unit/test_step_inputs_fill.py
+	tests/unit/test_step_inputs_fill.py tests/unit/test_act_shrink.py
 test-triton: $(STAMP)
 	$(BIN)/python -c 'import triton' 2>/dev/null || $(BIN)/python -m pip install -q "triton==3.9.0"
 	LORAPLEX_TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(TRITON_TESTS) $(PYTEST_ARGS)
