@@ -80,14 +80,15 @@ def _expand_sums_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < out_features
-    slot = tl.load(token_slots_ptr + row).to(tl.int64)
-    if B_EARLY:  # noqa: SIM102 (a constexpr, then a tensor: Triton takes no `and` of the two)
-        if slot >= 0:
-            _prefetch_b_row(b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, tl.program_id(1) * BLOCK_N, out_features,
-                            stride_br, BLOCK_N, BLOCK_R)
+    if B_EARLY:
+        early_slot = tl.load(token_slots_ptr + row).to(tl.int64)
+        if early_slot >= 0:
+            _prefetch_b_row(b_ptr, early_slot, slot_offsets_ptr, slot_ranks_ptr, tl.program_id(1) * BLOCK_N,
+                            out_features, stride_br, BLOCK_N, BLOCK_R)
     pdl_enter(PDL)
     out = _summed(src_ptr, row * out_features + cols, col_mask, plane, splits, bias_ptr, cols,
                   y_ptr.dtype.element_ty, HAS_BIAS)
+    slot = tl.load(token_slots_ptr + row).to(tl.int64)
     if ONE_ROW:
         if slot >= 0:
             acc = _token_delta_row(h_ptr, row, stride_hm, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, cols,
