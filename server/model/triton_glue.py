@@ -13,6 +13,7 @@ import triton.language as tl
 from server.model import pdl, triton_lora
 from server.model.pending_lora import PendingLora
 from server.model.split_sums import SplitSums
+from server.model.triton_act_shrink import _shrink_added, silu_shrink_args
 from server.model.triton_lora import _prefetch_b_row, _row_delta, one_row_launch
 from server.model.triton_pdl import pdl_enter
 from server.model.triton_prefetch import prefetch_args, prefetch_program_shares
@@ -162,45 +163,18 @@ def embed_rmsnorm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, 
 
 
 @triton.jit
-def _lora_delta(row, cols, mask, h_ptr, slice_index, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, stride_hm,
-                stride_br, stride_bn, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The token's (slot >= 0) LoRA delta at `cols` of `row` from slice `slice_index` of its row of h, in fp32: as
-    the one-row expand computes it (`_row_delta` with the slice's h, the same products in the same order)."""
-    rank = tl.load(slot_ranks_ptr + slot)
-    first_row = tl.load(slot_offsets_ptr + slot).to(tl.int64)
-    return _row_delta(h_ptr + row * stride_hm + slice_index * rank, b_ptr, first_row, rank, cols, mask, 0, 0, 0,
-                      stride_br, stride_bn, BLOCK, BLOCK_R, 1)
-
-
-@triton.jit
 def _lora_added(v, row, cols, mask, h_ptr, slice_index, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, stride_hm,
                 stride_br, stride_bn, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
-    """v (a linear's output at `cols` of `row`, rounded) plus the token's LoRA delta (`_lora_delta`), rounded, as the
-    one-row expand adds it; a token without an adapter (slot < 0) keeps v's bits."""
-    if slot >= 0:
-        delta = _lora_delta(row, cols, mask, h_ptr, slice_index, b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr,
-                            stride_hm, stride_br, stride_bn, BLOCK, BLOCK_R)
-        v = (v.to(tl.float32) + delta).to(v.dtype)
-    return v
-
-
-@triton.jit
-def _shrink_added(v, row, cols, mask, a_ptr, h_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr, stride_an,
-                  stride_hm, BLOCK_R: tl.constexpr):
-    """Add the token's slot's A rows at `cols` times v (the row's rounded activation there), summed in fp32, into
-    its row of h (act_shrink: down_proj's shrink, one slice): 16 ranks at a time, atomic adds across a row's
-    programs as the split-K shrink adds its splits. A token without an adapter adds nothing."""
-    slot = tl.load(token_slots_ptr + row).to(tl.int64)
+    """v (a linear's output at `cols` of `row`, rounded) plus the token's LoRA delta from slice `slice_index` of its
+    row of h, rounded: as the one-row expand adds it (`_row_delta` with the slice's h, the same products in the same
+    order); a token without an adapter (slot < 0) keeps v's bits."""
     if slot >= 0:
         rank = tl.load(slot_ranks_ptr + slot)
         first_row = tl.load(slot_offsets_ptr + slot).to(tl.int64)
-        v32 = v.to(tl.float32)
-        for r0 in tl.static_range(0, BLOCK_R, 16):
-            rs = r0 + tl.arange(0, 16)
-            r_mask = rs < rank
-            a = tl.load(a_ptr + (first_row + rs)[:, None] * stride_an + cols[None, :],
-                        mask=r_mask[:, None] & mask[None, :], other=0.0)
-            tl.atomic_add(h_ptr + row * stride_hm + rs, tl.sum(a.to(tl.float32) * v32[None, :], axis=1), mask=r_mask)
+        delta = _row_delta(h_ptr + row * stride_hm + slice_index * rank, b_ptr, first_row, rank, cols, mask, 0, 0, 0,
+                           stride_br, stride_bn, BLOCK, BLOCK_R, 1)
+        v = (v.to(tl.float32) + delta).to(v.dtype)
+    return v
 
 
 @triton.jit(do_not_specialize=["plane", "splits"])
@@ -299,29 +273,18 @@ def silu_mul(gate_up: torch.Tensor | SplitSums | PendingLora, launch: tuple[int,
         block, warps = launch or silu_launch(num_rows, sums)
         block_r, lora_args = 16, (src,) * 5 + (0, 0, 0)  # stand-ins, never read
     *pf_args, pf_on = prefetch_args(prefetch, out)
-    shrink_args, block_r2 = _shrink_args(shrink, out)
+    shrink_args, block_r2 = silu_shrink_args(shrink, out)
+    early = triton_lora.B_EARLY and lora is not None and out.is_cuda and lora.lora_b.stride(1) == 1  # inline PTX
     _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
         src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias, delta, *lora_args, *pf_args,
         *shrink_args,
         BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, MOST_SPLITS=splits if sums and compiled_splits else MAX_SPLITS,
         HAS_DELTA=has_delta, HAS_LORA=lora is not None, BLOCK_R=block_r, PREFETCH=pf_on, THREADS=32 * warps,
-        SHRINK=shrink is not None, BLOCK_R2=block_r2, B_EARLY=triton_lora.B_EARLY and lora is not None and out.is_cuda,
+        SHRINK=shrink is not None, BLOCK_R2=block_r2, B_EARLY=early,
         num_warps=warps,
         **pdl.triton_launch(out.device),
     )  # fmt: skip
     return out
-
-
-def _shrink_args(shrink, out: torch.Tensor) -> tuple[tuple, int]:
-    """(a2, h2, token slots, slot offsets, slot ranks, a2's and h2's row strides) and BLOCK_R2 of silu_mul's shrink
-    (act_shrink.ShrinkAhead), or stand-ins never read."""
-    if shrink is None:
-        return (out,) * 5 + (0, 0), 16
-    a, h, layout = shrink.lora_a, shrink.h, shrink.layout
-    if a.stride(1) != 1 or a.shape[1] != out.shape[1] or h.dtype != torch.float32 or h.shape[0] != out.shape[0]:
-        raise ValueError("the shrink's A must have contiguous rows of the activation's width, h float32 of its rows")
-    block_r = max(16, triton.next_power_of_2(layout.max_rank))
-    return (a, h, shrink.meta.token_slots, layout.offsets, layout.ranks, a.stride(0), h.stride(0)), block_r
 
 
 @triton.jit
