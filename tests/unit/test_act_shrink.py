@@ -54,6 +54,26 @@ def test_no_shrink_ahead_outside_a_captured_decode_step(monkeypatch):
     assert shrink_ahead(down, None, len(SLOTS), torch.device("cpu")) is None
 
 
+@pytest.mark.parametrize("case", ["two slices", "several-token segments", "empty pool"])
+def test_no_shrink_ahead_where_down_proj_would_not_take_it(monkeypatch, case):
+    """In a captured CUDA step (stood in for here), a down_proj of several slices, a batch whose segments are not one
+    token each, or a pool without adapters keeps its own shrink: the conditions linear_with_lora's fork takes."""
+    from server.model import act_shrink, lora_ops
+    from server.model.lora import LoraContext
+    from server.model.lora_meta import make_lora_meta
+
+    monkeypatch.setattr(act_shrink, "SILU_SHRINK", True)
+    monkeypatch.setattr(act_shrink.torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(lora_ops, "triton_available", lambda: True)
+    shrink = make_shrink(inter=40, max_rank=8, dtype=torch.float32, seed=0)
+    meta = shrink.meta if case != "several-token segments" else make_lora_meta([2, 3], [0, 1], "cpu")
+    slices = ("gate_proj", "up_proj") if case == "two slices" else ("down_proj",)
+    lora_b = torch.zeros(0 if case == "empty pool" else 3, 24)
+    down = type("Down", (), {"lora_a": shrink.lora_a, "lora_b": lora_b, "layout": shrink.layout,
+                             "slice_names": slices})()
+    assert shrink_ahead(down, LoraContext(meta), len(SLOTS), torch.device("cuda")) is None
+
+
 @pytest.mark.parametrize("pending", [False, True])
 @pytest.mark.parametrize("max_rank", [8, 40])
 @pytest.mark.parametrize("splits", [0, 3])
