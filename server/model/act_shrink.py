@@ -42,11 +42,10 @@ def shrink_ahead(down, lora, num_tokens: int, device: torch.device) -> ShrinkAhe
     if not (SILU_SHRINK and lora is not None and getattr(down, "lora_a", None) is not None):
         return None
     meta, layout = lora.meta, down.layout
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing() and lora_ops.SIDE_STREAM
-            and lora_ops.USE_TRITON_LORA and lora_ops.triton_available()):
+    if not lora_ops.forks_beside(device):
         return None
-    if (len(down.slice_names) != 1 or meta.max_seg_len != 1 or meta.num_segments != num_tokens
-            or down.lora_b.shape[0] == 0 or layout.num_slots == 0):
+    if (len(down.slice_names) != 1 or not meta.one_token_segments(num_tokens) or down.lora_b.shape[0] == 0
+            or layout.num_slots == 0):
         return None
     h = torch.empty(num_tokens, layout.max_rank, dtype=torch.float32, device=device)
     lora_ops.on_side_stream(device, h.zero_)

@@ -28,6 +28,10 @@ class LoraBatchMeta:
     def num_segments(self) -> int:
         return self.seg_slots.shape[0]
 
+    def one_token_segments(self, num_tokens: int) -> bool:
+        """Each of the num_tokens tokens its own segment, in token order: a decode step's metadata."""
+        return self.max_seg_len == 1 and self.num_segments == num_tokens
+
 
 _INTS_PER_16_BYTES = 4
 

@@ -171,6 +171,13 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device, priority=SIDE_PRIORITY)
 
 
+def forks_beside(device: torch.device) -> bool:
+    """Whether a LoRA linear on `device` forks its shrink onto the side stream now: a CUDA graph being captured (the
+    decode steps) with the Triton kernels (linear_with_lora; act_shrink takes the same condition)."""
+    return (SIDE_STREAM and device.type == "cuda" and torch.cuda.is_current_stream_capturing() and USE_TRITON_LORA
+            and triton_available())
+
+
 def on_side_stream(device: torch.device, work) -> None:
     """Run work() on the side stream, after everything queued on the current one (the next LoRA linear's shrink
     queues behind it, and its join orders the current stream after both)."""
@@ -214,8 +221,7 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     fp32 into the first split's partials) was measured and dropped (H200, 8B, fourteenth session): mixed32 step
     6.61 -> 6.91 ms; the expand into fp32 and the glue kernels' 16-plane reads at 32 rows cost more than the sum
     kernel they saved."""
-    capturing = SIDE_STREAM and x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not (capturing and USE_TRITON_LORA and triton_available()):
+    if not forks_beside(x.device):
         y = base(x)
         lora_apply(y, x, lora_a, lora_b, layout, meta, slice_offsets)
         return y
@@ -226,7 +232,7 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     num_slices = check_lora_shapes(y_like, x, lora_a, lora_b, layout, meta, slice_offsets)
     if lora_b.shape[0] == 0 or layout.num_slots == 0:
         return base(x)
-    one_token_segments = meta.max_seg_len == 1 and meta.num_segments == x.shape[0]
+    one_token_segments = meta.one_token_segments(x.shape[0])
     fused = FUSED_SUMS and one_token_segments and getattr(base, "may_defer_sum", False)
     if h is not None:
         if not one_token_segments or h.shape != (x.shape[0], num_slices * layout.max_rank):

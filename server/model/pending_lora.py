@@ -32,7 +32,7 @@ class PendingLora:
     slice_offsets: tuple[int, ...]
 
     def __post_init__(self):
-        if self.meta.max_seg_len != 1 or self.meta.num_segments != self.base.shape[0]:
+        if not self.meta.one_token_segments(self.base.shape[0]):
             raise ValueError("a pending LoRA delta takes one-token segments (a decode step's metadata)")
 
     @property

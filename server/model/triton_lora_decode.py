@@ -159,7 +159,7 @@ def _lora_add_delta_kernel(
 
 
 def _check_one_token_segments(meta: LoraBatchMeta, num_tokens: int, what: str) -> None:
-    if meta.num_segments != num_tokens or meta.max_seg_len != 1:
+    if not meta.one_token_segments(num_tokens):
         raise ValueError(f"{what} takes one-token segments (a decode step's metadata)")
 
 
