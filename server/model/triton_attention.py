@@ -245,8 +245,6 @@ def _merge_splits_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty))
 
 
-
-
 def _check_shapes(num_q_heads: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if num_q_heads % num_kv_heads:
