@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
+import os
 import platform
 import subprocess
 from dataclasses import dataclass, field
@@ -84,6 +85,8 @@ def versions() -> dict[str, Any]:
         found["cuda"] = torch.version.cuda
     except ImportError:
         found["cuda"] = None
+    # The engine's LORAPLEX_* switches (an A/B run's set), so that a result file says which variant it timed
+    found["env"] = {name: value for name, value in sorted(os.environ.items()) if name.startswith("LORAPLEX_")}
     found["git_commit"] = _git("rev-parse", "HEAD")
     found["git_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
     return found

@@ -1,4 +1,4 @@
-"""down_proj's LoRA shrink done by the activation kernel before it (LORAPLEX_LORA_SILU_SHRINK=1, off until timed).
+"""down_proj's LoRA shrink done by the activation kernel before it (LORAPLEX_LORA_SILU_SHRINK: from how many tokens).
 
 In a decode graph each LoRA linear's shrink runs on the side stream beside its base matmul (lora_ops.linear_with_lora).
 down's is the one that cannot hide there: its input is the activation, so the shrink (14.7 MB of A for 32 8B
@@ -21,7 +21,11 @@ import torch
 from server.model import lora_ops
 from server.model.lora_meta import LoraBatchMeta, SlotLayout
 
-SILU_SHRINK = os.environ.get("LORAPLEX_LORA_SILU_SHRINK", "0") == "1"
+# The fewest tokens a decode step has for the activation to take down's shrink (0: never). H200, 8B engine bench
+# (bench/NOTES.md, forty-sixth session): batch 32 with one adapter 4.401 -> 4.291 ms a step, with 32 distinct
+# 4.760 -> 4.706, but batch 1 3.057 -> 3.185 (one token's activation kernel then waits on A_down's loads that its
+# own shrink would have hidden beside down's base matmul).
+SILU_SHRINK = int(os.environ.get("LORAPLEX_LORA_SILU_SHRINK", "2"))
 
 
 @dataclass(frozen=True)
@@ -37,9 +41,9 @@ class ShrinkAhead:
 
 def shrink_ahead(down, lora, num_tokens: int, device: torch.device) -> ShrinkAhead | None:
     """A ShrinkAhead for down_proj (a LoraLinear of one slice) in this step, or None where its own shrink runs:
-    off, no adapters, an eager step, segments of several tokens, or the torch LoRA path. Its h is zeroed on the
-    side stream, which the capturing stream joins before the activation (`ready`)."""
-    if not (SILU_SHRINK and lora is not None and getattr(down, "lora_a", None) is not None):
+    off, fewer tokens than SILU_SHRINK, no adapters, an eager step, segments of several tokens, or the torch LoRA
+    path. Its h is zeroed on the side stream, which the capturing stream joins before the activation (`ready`)."""
+    if not SILU_SHRINK or num_tokens < SILU_SHRINK or lora is None or getattr(down, "lora_a", None) is None:
         return None
     meta, layout = lora.meta, down.layout
     if not lora_ops.forks_beside(device):

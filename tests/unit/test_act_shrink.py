@@ -48,21 +48,23 @@ def test_no_shrink_ahead_outside_a_captured_decode_step(monkeypatch):
     down = type("Down", (), {"lora_a": shrink.lora_a, "lora_b": torch.zeros(3, 24), "layout": shrink.layout,
                              "slice_names": ("down_proj",)})()
     lora = LoraContext(shrink.meta)
+    monkeypatch.setattr(act_shrink, "SILU_SHRINK", 0)
     assert shrink_ahead(down, lora, len(SLOTS), torch.device("cpu")) is None
-    monkeypatch.setattr(act_shrink, "SILU_SHRINK", True)
+    monkeypatch.setattr(act_shrink, "SILU_SHRINK", 1)
     assert shrink_ahead(down, lora, len(SLOTS), torch.device("cpu")) is None
     assert shrink_ahead(down, None, len(SLOTS), torch.device("cpu")) is None
 
 
-@pytest.mark.parametrize("case", ["two slices", "several-token segments", "empty pool"])
+@pytest.mark.parametrize("case", ["two slices", "several-token segments", "empty pool", "fewer tokens"])
 def test_no_shrink_ahead_where_down_proj_would_not_take_it(monkeypatch, case):
     """In a captured CUDA step (stood in for here), a down_proj of several slices, a batch whose segments are not one
-    token each, or a pool without adapters keeps its own shrink: the conditions linear_with_lora's fork takes."""
+    token each, or a pool without adapters keeps its own shrink: the conditions linear_with_lora's fork takes; and
+    so does a step of fewer tokens than SILU_SHRINK (one token by default, where the separate shrink was faster)."""
     from server.model import act_shrink, lora_ops
     from server.model.lora import LoraContext
     from server.model.lora_meta import make_lora_meta
 
-    monkeypatch.setattr(act_shrink, "SILU_SHRINK", True)
+    monkeypatch.setattr(act_shrink, "SILU_SHRINK", len(SLOTS) + 1 if case == "fewer tokens" else 1)
     monkeypatch.setattr(act_shrink.torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(lora_ops, "triton_available", lambda: True)
     shrink = make_shrink(inter=40, max_rank=8, dtype=torch.float32, seed=0)
