@@ -132,24 +132,21 @@ def lora_decode_variants():
         for slices, linear in ((3, "qkv"), (1, "o, down")):
             found.append((f"expand_sums {linear} ({form}, BLOCK_N {cols})", sums,
                           {"BLOCK_N": cols, "BLOCK_R": 16, "NUM_SLICES": slices, "HAS_BIAS": False,
-                           "DOT_PRECISION": "tf32", "ONE_ROW": one_row, "B_EARLY": False, "PDL": False},
-                          DECODE_META, warps,
-                          _DECODE_SPEC))
+                           "DOT_PRECISION": "tf32", "ONE_ROW": one_row, "PDL": False},
+                          DECODE_META, warps, _DECODE_SPEC))
         found.append((f"side delta gate_up ({form}, BLOCK_N {cols})", delta,
                       {"BLOCK_N": cols, "BLOCK_R": 16, "NUM_SLICES": 2, "DOT_PRECISION": "tf32", "ONE_ROW": one_row,
                        "PDL": False},
                       DELTA_META, warps, _DECODE_SPEC))
     found.append((f"activation with gate_up's pending delta (one row, BLOCK {width})", triton_glue._silu_mul_kernel,
                   {"BLOCK": width, "SUMS": False, "HAS_BIAS": False, "MOST_SPLITS": 16, "HAS_DELTA": False,
-                   "HAS_LORA": True, "BLOCK_R": 16, "PREFETCH": False, "THREADS": width // 8, "SHRINK": False,
-                   "BLOCK_R2": 16, "B_EARLY": False, "PDL": False},
+                   "HAS_LORA": True, "BLOCK_R": 16, "SHRINK": False, "BLOCK_R2": 16, "PDL": False},
                   FUSED_ACT_META, width // 256,
                   _FUSED_ACT_SPEC))
     found.append((f"activation with gate_up's pending delta and down's shrink (one row, BLOCK {width})",
                   triton_glue._silu_mul_kernel,
                   {"BLOCK": width, "SUMS": False, "HAS_BIAS": False, "MOST_SPLITS": 16, "HAS_DELTA": False,
-                   "HAS_LORA": True, "BLOCK_R": 16, "PREFETCH": False, "THREADS": width // 8, "SHRINK": True,
-                   "BLOCK_R2": 16, "B_EARLY": False, "PDL": False},
+                   "HAS_LORA": True, "BLOCK_R": 16, "SHRINK": True, "BLOCK_R2": 16, "PDL": False},
                   FUSED_ACT_META | SHRINK_META, width // 256,
                   _SHRINK_ACT_SPEC))
     return found

@@ -82,10 +82,9 @@ def embed_rmsnorm(ids: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, 
     return kernels.embed_rmsnorm(ids, table, weight, eps)
 
 
-def silu_mul(gate_up, prefetch: tuple[torch.Tensor, ...] = (), shrink=None) -> torch.Tensor:
-    """silu(gate) * up of gate_up [T, 2I], or of the output a SplitSums or PendingLora stands for; the CUDA kernel
-    also asks the L2 for `prefetch` (weight_prefetch). `shrink` (act_shrink.ShrinkAhead): also add down_proj's LoRA
-    shrink of the result into shrink.h."""
+def silu_mul(gate_up, shrink=None) -> torch.Tensor:
+    """silu(gate) * up of gate_up [T, 2I], or of the output a SplitSums or PendingLora stands for. `shrink`
+    (act_shrink.ShrinkAhead): also add down_proj's LoRA shrink of the result into shrink.h."""
     kernels = _kernels(gate_up)
     if kernels is None:
         act = silu_mul_reference(materialized(gate_up))
@@ -94,7 +93,7 @@ def silu_mul(gate_up, prefetch: tuple[torch.Tensor, ...] = (), shrink=None) -> t
 
             shrink_reference(act, shrink)
         return act
-    return kernels.silu_mul(gate_up, prefetch=prefetch, shrink=shrink)
+    return kernels.silu_mul(gate_up, shrink=shrink)
 
 
 def rotary_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping):

@@ -24,7 +24,6 @@ from server.model.lora import LoraContext, LoraLinear
 from server.model.quant import make_linear
 from server.model.rotary_attention import rotary_decode_attention
 from server.model.split_sums import SplitSums
-from server.model.weight_prefetch import decode_weights
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # qkv_proj and gate_up_proj hand their split-K partials to the glue kernel that reads them (server.model.split_sums);
@@ -197,7 +196,7 @@ class Attention(nn.Module):
             if ctx.rows_read_own_kv:
                 out = rotary_decode_attention(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope, k_cache,
                                               v_cache, ctx.slot_mapping, ctx.block_tables, ctx.context_lens,
-                                              self.scale, prefetch=decode_weights(self.o_proj))
+                                              self.scale)
                 return self._output(out, ctx)
             q, k, v = glue_ops.qkv_rotary_write_kv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope,
                                                    k_cache, v_cache, ctx.slot_mapping)
@@ -227,17 +226,15 @@ class MLP(nn.Module):
     def __init__(self, gate_up: LoraLinear, down: LoraLinear):
         super().__init__()
         self.gate_up_proj, self.down_proj = gate_up, down
-        self.next_qkv: tuple[LoraLinear, ...] = ()  # the next layer's qkv_proj (CausalLM links them; not a submodule)
 
     def forward(self, x, lora: LoraContext | None, decode: bool = False) -> torch.Tensor:
         # silu_mul sums gate_up's split-K partials as it reads them (split_sums), and adds a pending LoRA delta
-        # (pending_lora); in a decode step it may ask the L2 for the next layer's qkv weights (weight_prefetch)
-        # and under LORAPLEX_LORA_SILU_SHRINK computes down_proj's LoRA shrink (act_shrink)
-        ahead = decode_weights(self.next_qkv[0]) if decode and self.next_qkv else ()
+        # (pending_lora); in a decode step under LORAPLEX_LORA_SILU_SHRINK it computes down_proj's LoRA shrink
+        # (act_shrink)
         shrink = act_shrink.shrink_ahead(self.down_proj, lora, x.shape[0], x.device) if decode else None
         gate_up = self.gate_up_proj(x, lora, defer_sum=defer_sums(x), defer_delta=True)
         act_shrink.ready(shrink)
-        act = glue_ops.silu_mul(gate_up, prefetch=ahead, shrink=shrink)
+        act = glue_ops.silu_mul(gate_up, shrink=shrink)
         h = shrink.h if shrink is not None else None  # the next residual add sums down's partials
         return self.down_proj(act, lora, defer_sum=defer_norm_sums(act), h=h)
 
@@ -268,8 +265,6 @@ class CausalLM(nn.Module):
         self.config = config
         self.embed_tokens = nn.Parameter(embed, requires_grad=False)  # [vocab, hidden]
         self.layers = nn.ModuleList(layers)
-        for layer, after in zip(layers, layers[1:], strict=False):
-            layer.mlp.next_qkv = (after.self_attn.qkv_proj,)
         self.norm = norm
         self.lm_head = None if head is None else nn.Parameter(head, requires_grad=False)  # [vocab, hidden]
         self.rope = rotary_tables(config, config.max_position_embeddings, embed.device)

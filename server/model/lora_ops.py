@@ -66,15 +66,6 @@ FUSED_ACT = os.environ.get("LORAPLEX_LORA_FUSED_ACT", "1") == "1"
 # hits after the first; the 32-adapter bench step has none).
 PREFETCH_B = os.environ.get("LORAPLEX_LORA_PREFETCH_B", "0") == "1"
 
-# LORAPLEX_LORA_SIDE_PRIORITY=-1 (0, the lowest, until timed): the side stream's priority (CUDA: lower is higher).
-# PyTorch instantiates its graphs with cudaGraphInstantiateFlagUseNodePriority, so the shrinks captured on a
-# higher-priority side stream keep that priority in the graph: their blocks are dispatched ahead of the base
-# kernel's pending ones as SMs free up. Why try it: down's shrink waits ~17 us for SMs behind the base kernel and
-# ends ~8 us after it, on the mixed step's critical path (forty-first session's window, H100). The risk, measured
-# in the twenty-ninth session: a shrink that takes SMs ahead of a one-wave base kernel pushes part of its grid into
-# a second wave (8B gate_up 51 -> 70 us).
-SIDE_PRIORITY = int(os.environ.get("LORAPLEX_LORA_SIDE_PRIORITY", "0"))
-
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
 _GATHER_BUDGET = 1 << 24
 
@@ -167,8 +158,10 @@ def lora_apply(y, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
 
 @functools.cache
 def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream that a device's decode graphs run LoRA shrinks on, beside the base matmuls."""
-    return torch.cuda.Stream(device=device, priority=SIDE_PRIORITY)
+    """The stream that a device's decode graphs run LoRA shrinks on, beside the base matmuls, at the default priority
+    (LORAPLEX_LORA_SIDE_PRIORITY, a higher one, measured slower on the H200 in the forty-sixth session, was removed;
+    design in 4f37464)."""
+    return torch.cuda.Stream(device=device)
 
 
 def forks_beside(device: torch.device) -> bool:

@@ -19,17 +19,15 @@ FUSED_DECODE_ROTARY = os.environ.get("LORAPLEX_FUSED_DECODE_ROTARY", "1") == "1"
 
 
 def rotary_decode_attention(qkv: torch.Tensor | SplitSums, num_q_heads: int, num_kv_heads: int, head_dim: int, rope,
-                            k_cache, v_cache, slot_mapping, block_tables, context_lens, scale: float,
-                            prefetch: tuple[torch.Tensor, ...] = ()):
+                            k_cache, v_cache, slot_mapping, block_tables, context_lens, scale: float):
     """glue_ops.qkv_rotary_write_kv, then paged_decode_attention ([B, Hq, D]), for a decode step whose rows each
     read only their own new k and v (one token a row, no prompt chunk beside them): one Triton kernel on CUDA,
-    which writes a row's k and v and reads them back without waiting for the other rows' programs, and asks the L2
-    for `prefetch` (weight_prefetch)."""
+    which writes a row's k and v and reads them back without waiting for the other rows' programs."""
     if FUSED_DECODE_ROTARY and qkv.device.type == "cuda" and kernel_shapes(head_dim, k_cache) and triton_available():
         from server.model.triton_attention import rotary_decode_attention_triton
 
         return rotary_decode_attention_triton(qkv, num_q_heads, rope, k_cache, v_cache, slot_mapping, block_tables,
-                                              context_lens, scale, prefetch=prefetch)
+                                              context_lens, scale)
     q, _, _ = glue_ops.qkv_rotary_write_kv(qkv, num_q_heads, num_kv_heads, head_dim, rope, k_cache, v_cache,
                                            slot_mapping)
     return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)

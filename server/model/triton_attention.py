@@ -23,7 +23,6 @@ from server.model.decode_tuning import DECODE_TUNING, choose_num_splits
 from server.model.split_sums import SplitSums
 from server.model.triton_glue import COMPILED_SPLITS, MAX_SPLITS, _delta, _rotated, _source, _summed
 from server.model.triton_pdl import pdl_enter
-from server.model.triton_prefetch import prefetch_args, prefetch_program_shares
 
 _LOG2E = 1.4426950408889634
 
@@ -32,23 +31,19 @@ _LOG2E = 1.4426950408889634
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, out_ptr, acc_ptr, stats_ptr,
     src_ptr, bias_ptr, rope_ptr, slot_ptr, plane, splits, delta_ptr,
-    pf0_ptr, pf0_count, pf1_ptr, pf1_count,
     qk_scale, group,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_ob, stride_oh, stride_src, stride_rope,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, V_FIRST: tl.constexpr, ROTARY: tl.constexpr,
     SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr,
-    FRESH_KV: tl.constexpr, PREFETCH: tl.constexpr, THREADS: tl.constexpr, PDL: tl.constexpr,
+    FRESH_KV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """With ROTARY, q and the row's new k and v come from the qkv projection's output row at src_ptr (or, with SUMS,
     from its split-K partials, plus its LoRA delta with HAS_DELTA): q is rotated here, and the program whose split
     holds the row's last position rotates k and stores k and v in the cache before it reads its tiles. With FRESH_KV
     (ROTARY only) no tile reads a written row's last position back: the last split computes and stores the new k and
-    v after its tiles and takes them from registers (`_fresh_kv_added`), so the tiles' loads wait only for q. With
-    PREFETCH the programs first ask the L2 for their shares of two weight tensors (weight_prefetch: o_proj's)."""
-    if PREFETCH:
-        prefetch_program_shares(pf0_ptr, pf0_count, pf1_ptr, pf1_count, THREADS)
+    v after its tiles and takes them from registers (`_fresh_kv_added`), so the tiles' loads wait only for q."""
     pdl_enter(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -272,13 +267,11 @@ def paged_decode_attention_triton(
 def rotary_decode_attention_triton(
     qkv: torch.Tensor | SplitSums, num_q_heads: int, rope, k_cache, v_cache, slot_mapping, block_tables,
     context_lens, scale: float, num_splits: int | None = None, tuning: dict | None = None,
-    prefetch: tuple[torch.Tensor, ...] = (),
 ):
     """glue_ops.qkv_rotary_write_kv, then paged_decode_attention_triton, in one kernel: qkv [B, (Hq + 2 Hkv) D]
     (rows contiguous) or its split-K partials, rope [B, 2, D] float32, slot_mapping [B] int64 (-1: no write);
     returns the attention [B, Hq, D]. Only for steps whose rows read no other row's new k and v (one decode token
-    a row): a program stores its row's k and v and reads them back, with no order against other rows' programs.
-    `prefetch`: up to two weight tensors that a later kernel reads, asked of the L2 (weight_prefetch)."""
+    a row): a program stores its row's k and v and reads them back, with no order against other rows' programs."""
     head_dim, num_kv_heads = k_cache.shape[3], k_cache.shape[2]
     _check_shapes(num_q_heads, head_dim, k_cache, v_cache)
     num_rows, width = qkv.shape
@@ -288,15 +281,14 @@ def rotary_decode_attention_triton(
         raise ValueError("qkv's rows must be contiguous")
     out = torch.empty((num_rows, num_q_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     rotary = (*_source(qkv, takes_delta=True), rope.contiguous(), slot_mapping, *_delta(qkv))
-    _launch(out, None, rotary, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tuning, prefetch)
+    _launch(out, None, rotary, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tuning)
     return out
 
 
-def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tuning,
-            prefetch: tuple[torch.Tensor, ...] = ()) -> None:
+def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale, num_splits, tuning) -> None:
     """The decode kernel (and, with splits, the merge kernel) into out [B, Hq, D]: q read from
     `q`, or, with `rotary` = (source, plane, splits, bias, has_bias, rope, slot_mapping, delta, has_delta), from the
-    qkv output; the kernel first prefetches `prefetch` (triton_prefetch.prefetch_args)."""
+    qkv output."""
     tuning = {**DECODE_TUNING, **(tuning or {})}
     num_rows, num_q_heads, head_dim = out.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -316,10 +308,9 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
     else:
         src, plane, splits, bias, has_bias, rope, slots, delta, has_delta = rotary
         q, stride_q = out, (0, 0)  # unused
-    *pf_args, pf_on = prefetch_args(prefetch, out)
     _decode_kernel[(num_rows, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, acc, stats,
-        src, bias, rope, slots, plane, splits, delta, *pf_args,
+        src, bias, rope, slots, plane, splits, delta,
         scale * _LOG2E, group,
         *stride_q, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -329,7 +320,7 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROTARY=rotary is not None,
         SUMS=plane > 0, HAS_BIAS=has_bias, HAS_DELTA=has_delta, num_warps=tuning["num_warps"],
         MOST_SPLITS=splits if plane > 0 and COMPILED_SPLITS else MAX_SPLITS,
-        FRESH_KV=tuning["fresh_kv"] and rotary is not None, PREFETCH=pf_on, THREADS=32 * tuning["num_warps"],
+        FRESH_KV=tuning["fresh_kv"] and rotary is not None,
         **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
         **({} if tuning["maxnreg"] is None else {"maxnreg": tuning["maxnreg"]}),
         **pdl.triton_launch(out.device),

@@ -10,13 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
-from server.model import pdl, triton_lora
+from server.model import pdl
 from server.model.pending_lora import PendingLora
 from server.model.split_sums import SplitSums
 from server.model.triton_act_shrink import _shrink_added, silu_shrink_args
-from server.model.triton_lora import _prefetch_b_row, _row_delta, one_row_launch
+from server.model.triton_lora import _row_delta, one_row_launch
 from server.model.triton_pdl import pdl_enter
-from server.model.triton_prefetch import prefetch_args, prefetch_program_shares
 
 # The most split-K partials a kernel here sums: cuda_nf4.pick_split_k's largest split (csrc's kUnrolledSplits).
 MAX_SPLITS = 16
@@ -180,32 +179,18 @@ def _lora_added(v, row, cols, mask, h_ptr, slice_index, b_ptr, slot, slot_offset
 @triton.jit(do_not_specialize=["plane", "splits"])
 def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, plane, splits, bias_ptr, delta_ptr,
                      h_ptr, b_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr, stride_hm, stride_br, stride_bn,
-                     pf0_ptr, pf0_count, pf1_ptr, pf1_count, a2_ptr, h2_ptr, slots2_ptr, slot2_offsets_ptr,
-                     slot2_ranks_ptr, stride_a2, stride_h2,
+                     a2_ptr, h2_ptr, slots2_ptr, slot2_offsets_ptr, slot2_ranks_ptr, stride_a2, stride_h2,
                      BLOCK: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, MOST_SPLITS: tl.constexpr,
-                     HAS_DELTA: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, PREFETCH: tl.constexpr,
-                     THREADS: tl.constexpr, SHRINK: tl.constexpr, BLOCK_R2: tl.constexpr, B_EARLY: tl.constexpr,
-                     PDL: tl.constexpr):
+                     HAS_DELTA: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, SHRINK: tl.constexpr,
+                     BLOCK_R2: tl.constexpr, PDL: tl.constexpr):
     """One row's activation at BLOCK columns of the gate (and the same of up). With HAS_LORA, gate and up first take
     the token's pending LoRA delta (`_lora_added`; pending_lora.PendingLora), slice 0 and slice 1 of its h. With
-    PREFETCH the programs first ask the L2 for their shares of two weight tensors (weight_prefetch). With SHRINK the
-    result's down_proj shrink is added into h2 (`_shrink_added`; act_shrink). With B_EARLY the pending delta's B
-    lines are asked of the L2 before the PDL wait (triton_lora.B_EARLY)."""
-    if PREFETCH:
-        prefetch_program_shares(pf0_ptr, pf0_count, pf1_ptr, pf1_count, THREADS)
+    SHRINK the result's down_proj shrink is added into h2 (`_shrink_added`; act_shrink)."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     dtype = out_ptr.dtype.element_ty
-    if HAS_LORA and B_EARLY:
-        early_slot = tl.load(token_slots_ptr + row).to(tl.int64)
-        if early_slot >= 0:
-            col0 = tl.program_id(1) * BLOCK
-            _prefetch_b_row(b_ptr, early_slot, slot_offsets_ptr, slot_ranks_ptr, col0, inter, stride_br, BLOCK,
-                            BLOCK_R)
-            _prefetch_b_row(b_ptr, early_slot, slot_offsets_ptr, slot_ranks_ptr, inter + col0, 2 * inter, stride_br,
-                            BLOCK, BLOCK_R)
-    pdl_enter(PDL)
     if SUMS:  # gu_ptr: split-K partials [splits, rows, 2 * inter], at most MOST_SPLITS of them
         at = row * stride_gu + cols
         gate = _summed(gu_ptr, at, mask, plane, splits, bias_ptr, cols, dtype, HAS_BIAS, MOST_SPLITS, delta_ptr,
@@ -238,14 +223,12 @@ def silu_launch(num_rows: int, sums: bool) -> tuple[int, int]:
 
 
 def silu_mul(gate_up: torch.Tensor | SplitSums | PendingLora, launch: tuple[int, int] | None = None,
-             compiled_splits: bool = COMPILED_SPLITS, prefetch: tuple[torch.Tensor, ...] = (),
-             shrink=None) -> torch.Tensor:
+             compiled_splits: bool = COMPILED_SPLITS, shrink=None) -> torch.Tensor:
     """gate_up [T, 2I] (or its split-K partials, or either with a pending LoRA delta) -> silu(gate) * up [T, I].
     `launch`: (elements a program, warps) in place of silu_launch's; `compiled_splits`: the partials' count compiled
     into the kernel (one build a count) instead of read at run time (16 masked loads an element); both for
     bench.glue_kernels' sweep. A pending delta is added here with the one-row expand's launch (its programs' columns
-    and warps); without LORAPLEX_LORA_ONE_ROW the expand runs first (its tiles round otherwise). `prefetch`: up to
-    two weight tensors that a later kernel reads, asked of the L2 (weight_prefetch.decode_weights). `shrink`
+    and warps); without LORAPLEX_LORA_ONE_ROW the expand runs first (its tiles round otherwise). `shrink`
     (act_shrink.ShrinkAhead): down_proj's LoRA shrink of the result, added into shrink.h."""
     lora = one_row = None
     if isinstance(gate_up, PendingLora):
@@ -272,16 +255,12 @@ def silu_mul(gate_up: torch.Tensor | SplitSums | PendingLora, launch: tuple[int,
     else:
         block, warps = launch or silu_launch(num_rows, sums)
         block_r, lora_args = 16, (src,) * 5 + (0, 0, 0)  # stand-ins, never read
-    *pf_args, pf_on = prefetch_args(prefetch, out)
     shrink_args, block_r2 = silu_shrink_args(shrink, out)
-    early = triton_lora.B_EARLY and lora is not None and out.is_cuda and lora.lora_b.stride(1) == 1  # inline PTX
     _silu_mul_kernel[(num_rows, triton.cdiv(inter, block))](
-        src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias, delta, *lora_args, *pf_args,
-        *shrink_args,
+        src, out, inter, src.stride(-2), out.stride(0), plane, splits, bias, delta, *lora_args, *shrink_args,
         BLOCK=block, SUMS=sums, HAS_BIAS=has_bias, MOST_SPLITS=splits if sums and compiled_splits else MAX_SPLITS,
-        HAS_DELTA=has_delta, HAS_LORA=lora is not None, BLOCK_R=block_r, PREFETCH=pf_on, THREADS=32 * warps,
-        SHRINK=shrink is not None, BLOCK_R2=block_r2, B_EARLY=early,
-        num_warps=warps,
+        HAS_DELTA=has_delta, HAS_LORA=lora is not None, BLOCK_R=block_r, SHRINK=shrink is not None,
+        BLOCK_R2=block_r2, num_warps=warps,
         **pdl.triton_launch(out.device),
     )  # fmt: skip
     return out

@@ -25,7 +25,7 @@ from server.model import pdl
 from server.model.lora_meta import LoraBatchMeta, SlotLayout, check_lora_shapes, make_lora_meta
 from server.model.shrink_workspace import take_zeroed
 from server.model.triton_pdl import pdl_enter
-from server.model.triton_prefetch import prefetch_l2, prefetch_share
+from server.model.triton_prefetch import prefetch_share
 
 MAX_SLICES = 4
 # Enough programs to keep every SM of an H100 (132 SMs) busy with a few resident programs each.
@@ -206,28 +206,8 @@ def _one_row_setting() -> int:
 # / 4.47; the 8B mixed32 decode step (bench.profile_step, wall) 6.36 -> 5.71 ms at N 1024.
 ONE_ROW_BLOCK_N = _one_row_setting()
 
-# LORAPLEX_LORA_B_EARLY=1 (off until timed): in a decode step the kernels that add a one-row delta after a base matmul
-# (the activation with gate_up's pending delta; lora_expand_sums of qkv, o and down, then launched with PDL) ask the L2
-# for their B lines before their PDL wait, so that B's loads (29 MB of 8B gate_up's for 32 adapters) start during the
-# base kernel's last wave instead of after it (`_prefetch_b_row`). Only B, which no kernel of the step writes: h is
-# not read before the wait. A kernel captured with PDL takes programmatic edges from every kernel it depends on, the
-# side stream's shrink across the join included, so its writes are guaranteed visible only after the wait (a probe on
-# an H100, forty-fifth session: a consumer reading before its wait saw a PDL-launched producer's old values in 20 of
-# 20 replays). The same values are computed: the same bits.
-B_EARLY = os.environ.get("LORAPLEX_LORA_B_EARLY", "0") == "1"
-
-
-@triton.jit
-def _prefetch_b_row(b_ptr, slot, slot_offsets_ptr, slot_ranks_ptr, col0, n_cols, stride_br, BLOCK_N: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
-    """Ask the L2 for the 128-byte lines of the slot's (>= 0) B rows at columns [col0, col0 + BLOCK_N), clamped to
-    the slot's rank and to the rows' n_cols (rows contiguous): what a one-row delta program reads. CUDA only."""
-    per_line: tl.constexpr = 1024 // b_ptr.dtype.element_ty.primitive_bitwidth
-    rank = tl.load(slot_ranks_ptr + slot)
-    first_row = tl.load(slot_offsets_ptr + slot).to(tl.int64)
-    rows = first_row + tl.minimum(tl.arange(0, BLOCK_R), tl.maximum(rank - 1, 0))
-    cols = tl.minimum(col0 + tl.arange(0, BLOCK_N // per_line) * per_line, n_cols - 1)
-    prefetch_l2(b_ptr + rows[:, None] * stride_br + cols[None, :])
+# (LORAPLEX_LORA_B_EARLY, B's lines asked of the L2 before the PDL wait of the kernels that add a one-row delta after
+# a base matmul, measured slower on the H200 in the forty-sixth session, was removed; design in 4f37464)
 
 
 def one_row_launch(lora_b: torch.Tensor, layout: SlotLayout) -> tuple[int, int, int] | None:

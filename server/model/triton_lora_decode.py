@@ -16,11 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from server.model import pdl, triton_lora
+from server.model import pdl
 from server.model.lora_meta import LoraBatchMeta, SlotLayout
 from server.model.split_sums import SplitSums
 from server.model.triton_glue import _MAX_SPLITS, MAX_SPLITS, _source, _summed, check_delta
-from server.model.triton_lora import _prefetch_b_row, _row_delta, _slice_bounds, _tile_delta, one_token_launch
+from server.model.triton_lora import _row_delta, _slice_bounds, _tile_delta, one_token_launch
 from server.model.triton_pdl import pdl_enter
 
 
@@ -70,22 +70,16 @@ def _expand_sums_kernel(
     src_ptr, bias_ptr, plane, splits, h_ptr, b_ptr, y_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
     out_features, bound1, bound2, bound3, stride_hm, stride_br, stride_bn,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SLICES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ONE_ROW: tl.constexpr, B_EARLY: tl.constexpr, PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ONE_ROW: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One token a program: the base's output at these columns summed from its split-K partials and rounded (as
     csrc's sum kernel does), then, for a token with an adapter, plus its delta (`_token_delta_tile`, or with
     ONE_ROW `_token_delta_row`) and rounded again, stored into y [T, out] (contiguous): bit for bit the sum kernel,
-    then `_expand_kernel`. With B_EARLY (one row) the slot's B lines are asked of the L2 before the PDL wait
-    (triton_lora.B_EARLY)."""
+    then `_expand_kernel`."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < out_features
-    if B_EARLY:
-        early_slot = tl.load(token_slots_ptr + row).to(tl.int64)
-        if early_slot >= 0:
-            _prefetch_b_row(b_ptr, early_slot, slot_offsets_ptr, slot_ranks_ptr, tl.program_id(1) * BLOCK_N,
-                            out_features, stride_br, BLOCK_N, BLOCK_R)
-    pdl_enter(PDL)
     out = _summed(src_ptr, row * out_features + cols, col_mask, plane, splits, bias_ptr, cols,
                   y_ptr.dtype.element_ty, HAS_BIAS)
     slot = tl.load(token_slots_ptr + row).to(tl.int64)
@@ -187,14 +181,13 @@ def lora_expand_sums(sums: SplitSums, h, lora_b, layout: SlotLayout, meta: LoraB
         return y
     partials = sums.partials
     block_r, block_n, num_warps, one_row = _one_token_launch(lora_b, layout)
-    early = triton_lora.B_EARLY and one_row and y.is_cuda and lora_b.stride(1) == 1  # inline PTX: CUDA only
     _expand_sums_kernel[(num_tokens, triton.cdiv(out_features, block_n))](
         partials, sums.bias if sums.bias is not None else partials, partials[0].numel(), partials.shape[0],
         h, lora_b, y, meta.token_slots, layout.offsets, layout.ranks,
         out_features, bounds[0], bounds[1], bounds[2], h.stride(0), lora_b.stride(0), lora_b.stride(1),
         BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=num_slices, HAS_BIAS=sums.bias is not None,
-        DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32", ONE_ROW=one_row,
-        B_EARLY=early, num_warps=num_warps, **pdl.triton_launch(y.device, lora=not early),
+        DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32", ONE_ROW=one_row, num_warps=num_warps,
+        **pdl.triton_launch(y.device, lora=True),
     )  # fmt: skip
     return y
 

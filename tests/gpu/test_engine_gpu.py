@@ -98,20 +98,18 @@ def test_down_shrink_in_the_activation_matches_peft_alone(tiny_llama_dir, tiny_a
     assert_match_peft_alone(tiny_llama_dir, tiny_adapters, requests, names, captured)
 
 
-@pytest.mark.parametrize("levers", ["b_early", "b_early pdl_lora", "silu_shrink", "b_early silu_shrink"])
+@pytest.mark.parametrize("levers", ["pdl_lora", "silu_shrink"])
 def test_decode_levers_give_the_default_graph_decode(tiny_llama_dir, tiny_adapters, levers, monkeypatch):
-    """LORAPLEX_LORA_B_EARLY (B's lines asked of the L2 before the PDL wait: in the activation, and in
-    lora_expand_sums, then launched with PDL; also with LORAPLEX_PDL_LORA) and LORAPLEX_LORA_SILU_SHRINK, alone and
-    together: the NF4 bf16 engine's captured decode steps give the default's tokens, and its logits within bf16
-    rounding (the split-K shrinks' atomic adds vary h's last bits from run to run); and the float32 engine's match
-    PEFT with each adapter alone (a delta lost or read too early shows there, not within bf16 rounding)."""
-    from server.model import act_shrink, pdl, triton_lora
+    """LORAPLEX_PDL_LORA (the LoRA kernels launched with PDL) and LORAPLEX_LORA_SILU_SHRINK: the NF4 bf16 engine's
+    captured decode steps give the default's tokens, and its logits within bf16 rounding (the split-K shrinks' atomic
+    adds vary h's last bits from run to run); and the float32 engine's match PEFT with each adapter alone (a delta
+    lost or read too early shows there, not within bf16 rounding)."""
+    from server.model import act_shrink, pdl
 
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     names = [None, "attn-r4", "all-r8", "mlp-r2-rs", "ko-r16"]
     results = []
     for on in (False, True):
-        monkeypatch.setattr(triton_lora, "B_EARLY", on and "b_early" in levers)
         monkeypatch.setattr(pdl, "LORA", on and "pdl_lora" in levers)
         monkeypatch.setattr(act_shrink, "SILU_SHRINK", on and "silu_shrink" in levers)
         engine = gpu_engine(tiny_llama_dir, dtype="bfloat16", quantize=True, max_slots=4, max_rank=16)

@@ -177,31 +177,3 @@ def test_rotary_decode_attention_choices_with_each_layer_cold(triton_attention):
                            calls=1, replays=10) / len(layers)
         print(f"\nrotary decode attention 8b b32, each layer cold, {tuning} splits={num_splits}: {us:.2f} us a layer")
 
-
-def test_kernels_that_prefetch_weights_compute_the_same(triton_attention):
-    """LORAPLEX_PREFETCH_WEIGHTS: the fused rotary decode attention and silu_mul that first ask the L2 for two weight
-    tensors (a 4096 x 4096 weight's tile layout: 8.4 MB of codes, 1 MB of scales) give the same bits as without, eagerly
-    and replayed from a CUDA graph."""
-    from server.model import triton_glue
-    from server.model.nf4_layout import tile_pack
-
-    gen = torch.Generator().manual_seed(7)
-    codes = torch.randint(0, 256, (4096 * 2048, 1), generator=gen, dtype=torch.uint8).cuda()
-    weights = tile_pack(codes, torch.rand(4096 * 64, generator=gen).cuda(), (4096, 4096))
-    case = ([192] * 32, 32, 8, 128, 16)
-    qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits=2)
-    gate_up = torch.randn(32, 2 * 14336, generator=gen).to(torch.bfloat16).cuda()
-    outs = {}
-    for prefetch in ((), weights):
-        caches = (k_cache.clone(), v_cache.clone())
-        outs[len(prefetch), "attention"] = triton_attention.rotary_decode_attention_triton(
-            qkv, 32, rope, *caches, slots, tables, lens, 128**-0.5, prefetch=prefetch)
-        outs[len(prefetch), "k"] = caches[0]
-        outs[len(prefetch), "silu"] = triton_glue.silu_mul(gate_up, prefetch=prefetch)
-        graph_out = torch.empty_like(outs[len(prefetch), "silu"])
-        graph = capture(lambda p=prefetch, o=graph_out: o.copy_(triton_glue.silu_mul(gate_up, prefetch=p)))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(graph_out, outs[len(prefetch), "silu"])
-    for what in ("attention", "k", "silu"):
-        assert torch.equal(outs[2, what], outs[0, what]), what

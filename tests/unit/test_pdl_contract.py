@@ -12,12 +12,8 @@ import pytest
 
 MODEL = Path(__file__).resolve().parents[2] / "server" / "model"
 TRITON_MODULES = ("triton_glue.py", "triton_attention.py", "triton_lora.py", "triton_lora_decode.py")
-# Pointers a Triton kernel may read before its wait: weights, which no kernel of a step writes; the adapters' slot
-# tables (written when an adapter loads, between steps); and each token's slot, a step input written at the
-# step's head, which every kernel that reads it ahead of its wait (LORAPLEX_LORA_B_EARLY) follows by two launches or
-# more: a kernel's trigger comes after its wait, so a kernel starts only once the one two ahead of it has completed.
-# What a kernel of the step writes (activations, h, partials) only after the wait.
-WEIGHT_POINTERS = {"weight_ptr", "slot_offsets_ptr", "slot_ranks_ptr", "token_slots_ptr"}
+# Pointers a Triton kernel may read before its wait: weights, which no kernel of a step writes.
+WEIGHT_POINTERS = {"weight_ptr"}
 # CUDA kernels launched plainly (`<<<...>>>`), never with the attribute, so they need no wait.
 PLAIN_CUDA_KERNELS = {"nf4_mma_kernel", "wgmma_built_kernel"}
 

@@ -62,8 +62,7 @@ def test_decode_attention(modules, head_dim, splits, rotary, sums, delta):
         "HEAD_DIM": head_dim, "BLOCK_SIZE": 16, "BLOCK_H": 16, "TILE_N": 64, "NUM_SPLITS": splits,
         "DOT_PRECISION": "tf32", "V_FIRST": True, "ROTARY": rotary, "SUMS": sums, "HAS_BIAS": sums,
         "HAS_DELTA": delta, "MOST_SPLITS": 3 if sums else 16, "FRESH_KV": rotary and head_dim == 128,
-        "PREFETCH": rotary and sums, "THREADS": 256, "PDL": splits > 1},
-        types | ({"pf0_ptr": "*u8", "pf1_ptr": "*fp32"} if rotary and sums else {}), 8)
+        "PDL": splits > 1}, types, 8)
     if splits > 1:
         compile_sm90(modules["attention"]._merge_splits_kernel,
                      {"HEAD_DIM": head_dim, "NUM_SPLITS": splits, "BLOCK_S": splits, "PDL": True},
@@ -93,20 +92,19 @@ def test_activation_and_rotary(modules, sums, delta):
     for most in (16, 3) if sums else (16,):  # the count read at run time, or compiled in
         compile_sm90(modules["glue"]._silu_mul_kernel,
                      {"BLOCK": 256, "SUMS": sums, "HAS_BIAS": sums, "MOST_SPLITS": most, "HAS_DELTA": delta,
-                      "HAS_LORA": False, "BLOCK_R": 16, "PREFETCH": sums, "THREADS": 128, "SHRINK": False,
-                      "BLOCK_R2": 16, "B_EARLY": False, "PDL": sums},
-                     partials | ({"pf0_ptr": "*u8", "pf1_ptr": "*fp32"} if sums else {}))
+                      "HAS_LORA": False, "BLOCK_R": 16, "SHRINK": False, "BLOCK_R2": 16, "PDL": sums},
+                     partials)
     if not delta:  # gate_up's pending LoRA delta (LORAPLEX_LORA_FUSED_ACT), on the base output or its partials
         compile_sm90(modules["glue"]._silu_mul_kernel,
                      {"BLOCK": 1024, "SUMS": sums, "HAS_BIAS": False, "MOST_SPLITS": 16 if sums else 1,
-                      "HAS_DELTA": False, "HAS_LORA": True, "BLOCK_R": 32, "PREFETCH": sums, "THREADS": 128,
-                      "SHRINK": False, "BLOCK_R2": 16, "B_EARLY": False, "PDL": sums},
-                     partials | FUSED_ACT_META | ({"pf0_ptr": "*u8", "pf1_ptr": "*fp32"} if sums else {}))
+                      "HAS_DELTA": False, "HAS_LORA": True, "BLOCK_R": 32, "SHRINK": False, "BLOCK_R2": 16,
+                      "PDL": sums},
+                     partials | FUSED_ACT_META)
         # and down_proj's shrink of the result (LORAPLEX_LORA_SILU_SHRINK), at the one-row launch's 256 columns
         compile_sm90(modules["glue"]._silu_mul_kernel,
                      {"BLOCK": 256, "SUMS": sums, "HAS_BIAS": False, "MOST_SPLITS": 16 if sums else 1,
-                      "HAS_DELTA": False, "HAS_LORA": True, "BLOCK_R": 16, "PREFETCH": False, "THREADS": 32,
-                      "SHRINK": True, "BLOCK_R2": 32, "B_EARLY": True, "PDL": True},
+                      "HAS_DELTA": False, "HAS_LORA": True, "BLOCK_R": 16, "SHRINK": True, "BLOCK_R2": 32,
+                      "PDL": True},
                      partials | FUSED_ACT_META | SHRINK_META, 1)
     compile_sm90(modules["glue"]._rotary_write_kv_kernel,
                  {"NUM_Q_HEADS": 32, "NUM_KV_HEADS": 8, "HALF": 64, "SUMS": sums, "HAS_BIAS": sums,
@@ -147,12 +145,11 @@ def test_lora_expand(modules, block_m, slices):
                                                   "PDL": slices == 2}, LORA_META)
 
 
-@pytest.mark.parametrize("one_row,b_early", [(False, False), (True, False), (True, True)])
-def test_lora_expand_with_split_sums(modules, one_row, b_early):
+@pytest.mark.parametrize("one_row", [False, True])
+def test_lora_expand_with_split_sums(modules, one_row):
     compile_sm90(modules["lora_decode"]._expand_sums_kernel, {"BLOCK_N": 64, "BLOCK_R": 16, "NUM_SLICES": 3,
                                                        "HAS_BIAS": True, "DOT_PRECISION": "tf32",
-                                                       "ONE_ROW": one_row, "B_EARLY": b_early,
-                                                       "PDL": one_row},
+                                                       "ONE_ROW": one_row, "PDL": one_row},
                  DECODE_META)
 
 
