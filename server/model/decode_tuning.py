@@ -39,7 +39,9 @@ def choose_num_splits(num_rows: int, num_kv_heads: int, max_blocks: int, block_s
 # (batch 1 366.7 / 367.5 tokens/s, merged batch-32 step 3.667 / 3.676 ms with LORAPLEX_PDL_LORA=1 beside it).
 # maxnreg: registers a thread at most (ptxas spills past them; None: its choice). At 8 warps the kernel takes 194-202
 # registers, so an SM holds one program, and batch 32's 256 programs (8 kv heads a row) run in two waves over 132 SMs;
-# at 128 it would hold two. Also timed: 4 warps (two programs an SM at up to 255 registers).
+# at 128 it would hold two. Timed with each of the 32 layers' caches and partials cold, as a step meets them (H200,
+# 8B batch 32, forty-sixth session, test_rotary_decode_attention_choices_with_each_layer_cold -s, us a layer): the
+# default 12.43, maxnreg 128 12.80, 4 warps 12.84, tile_n 32 17.24, fresh_kv 13.26, two splits 16.25: the defaults stay.
 DECODE_TUNING = {"v_first": True, "tile_n": 64, "num_stages": None, "num_warps": 8, "maxnreg": None,
                  "fresh_kv": os.environ.get("LORAPLEX_DECODE_FRESH_KV", "0") == "1"}
 
