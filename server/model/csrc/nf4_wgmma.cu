@@ -48,25 +48,34 @@ torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_cod
 }
 
 // nf4_wgmma_resident_kernel of BM tokens and WGS warpgroups a block: grid (blocks a split, splits, token groups), as
-// many blocks a split as fill the SMs once (one block an SM) or give every unit a warpgroup, whichever is fewer.
-template <typename T, int BM, int WGS, bool PAIRS>
+// many blocks a split as fill the SMs once (one block an SM) or give every unit a warpgroup, whichever is fewer. With
+// LORA also lora_a's [lora_rows, K] units, their sums into *lora_h [M, lora_rows] (allocated here, zeroed).
+template <typename T, int BM, int WGS, bool PAIRS, bool LORA = false>
 torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor& tile_codes,
                                     const torch::Tensor& tile_scales, const torch::Tensor& table,
                                     const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
-                                    bool defer_sum) {
-  constexpr auto kernel = nf4_wgmma_resident_kernel<T, BM, WGS, PAIRS>;
+                                    bool defer_sum, const T* lora_a = nullptr, int lora_rows = 0,
+                                    torch::Tensor* lora_h = nullptr) {
+  constexpr auto kernel = nf4_wgmma_resident_kernel<T, BM, WGS, PAIRS, LORA>;
   const int M = x.size(0), N = out.size(1);
   allow_dynamic_smem<kernel>(kResidentSmemMax);
-  const int units = ((N + 15) / 16 + 3) / 4, token_groups = (M + BM - 1) / BM;
+  const int weight_units = ((N + 15) / 16 + 3) / 4;
+  const int token_groups = (M + BM - 1) / BM;
   return run_split<T>(x, bias, out, split_k,
                       [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                           int blocks_per_split) {
     const int smem = resident_smem_bytes(BM, blocks_per_split, PAIRS);
     TORCH_CHECK(smem <= kResidentSmemMax, "resident x of ", blocks_per_split, " quant blocks a split exceeds an SM's ",
                 "shared memory: split K further");
+    const int units = weight_units + (LORA ? lora_units(lora_rows, blocks_per_split) : 0);
+    float* h = nullptr;
+    if constexpr (LORA) {
+      *lora_h = torch::zeros({M, lora_rows}, x.options().dtype(torch::kFloat32));
+      h = lora_h->data_ptr<float>();
+    }
     const int blocks = std::max(1, std::min((units + WGS - 1) / WGS, current_device_sms() / (splits * token_groups)));
     launch_tile_layout(kernel, dim3(blocks, splits, token_groups), WGS * 128, smem, stream, x, tile_codes, tile_scales,
-                       table, bias_ptr, out_ptr, partial, N, blocks_per_split);
+                       table, bias_ptr, out_ptr, partial, N, blocks_per_split, lora_a, lora_rows, h);
   }, programmatic_launch(), defer_sum);
 }
 
@@ -158,6 +167,49 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
                                                stage_blocks, blocks_per_sm, block_warps, one_wait,
                                                resident_warpgroups, pairs, defer_sum);
   });
+}
+
+// nf4_wgmma's x-resident kernel with the byte-pair table (resident_warpgroups 4-7, block_tokens 16 or 32) that also
+// takes lora_a [lora_rows, K] (bf16/fp16 as x, contiguous) as units of its walk (nf4_wgmma_resident.cuh's LoRA
+// units): returns {nf4_wgmma's result (partials with defer_sum and K split, else None), lora_h [M, lora_rows] fp32,
+// x @ lora_a^T}.
+std::vector<torch::Tensor> nf4_wgmma_lora(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales,
+                                          torch::Tensor table, c10::optional<torch::Tensor> bias, torch::Tensor out,
+                                          int64_t split_k, int64_t block_tokens, int64_t resident_warpgroups,
+                                          torch::Tensor lora_a, bool defer_sum) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
+  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
+  check_tile_layout(x, tile_codes, tile_scales, out);
+  TORCH_CHECK(lora_a.is_cuda() && lora_a.is_contiguous() && lora_a.dim() == 2 && lora_a.size(1) == x.size(1) &&
+                  lora_a.size(0) >= 1 && lora_a.scalar_type() == x.scalar_type(),
+              "lora_a must be a contiguous [rows >= 1, in_features] tensor of x's dtype");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(lora_a.data_ptr()) % 16 == 0, "lora_a must be 16-byte aligned");
+  TORCH_CHECK(lora_a.numel() < (int64_t{1} << 31), "lora_a must have fewer than 2^31 elements (32-bit offsets)");
+  TORCH_CHECK((block_tokens == 16 || block_tokens == 32) && resident_warpgroups >= 4 && resident_warpgroups <= 7,
+              "nf4_wgmma_lora takes 16 or 32 block tokens and 4-7 warpgroups, got ", block_tokens, " and ",
+              resident_warpgroups);
+  const int rows = lora_a.size(0);
+  torch::Tensor lora_h;
+  torch::Tensor result = run_for_dtype(x, [&](auto dtype_tag) {
+    using T = decltype(dtype_tag);
+    const T* a = reinterpret_cast<const T*>(lora_a.data_ptr());
+#define LORAPLEX_LORA_LAUNCH(BM, WGS) \
+  launch_wgmma_resident<T, BM, WGS, true, true>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum, a, \
+                                                rows, &lora_h)
+#define LORAPLEX_LORA_WARPGROUPS(BM)                  \
+  switch (resident_warpgroups) {                     \
+    case 4: return LORAPLEX_LORA_LAUNCH(BM, 4);      \
+    case 5: return LORAPLEX_LORA_LAUNCH(BM, 5);      \
+    case 6: return LORAPLEX_LORA_LAUNCH(BM, 6);      \
+    default: return LORAPLEX_LORA_LAUNCH(BM, 7);     \
+  }
+    if (block_tokens == 16) LORAPLEX_LORA_WARPGROUPS(16)
+    LORAPLEX_LORA_WARPGROUPS(32)
+#undef LORAPLEX_LORA_WARPGROUPS
+#undef LORAPLEX_LORA_LAUNCH
+  });
+  return {result, lora_h};
 }
 
 // Whether this build's code for the current GPU has the wgmma kernels (sm_90a), by running a one-thread probe.
