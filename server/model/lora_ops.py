@@ -66,6 +66,13 @@ FUSED_ACT = os.environ.get("LORAPLEX_LORA_FUSED_ACT", "1") == "1"
 # hits after the first; the 32-adapter bench step has none).
 PREFETCH_B = os.environ.get("LORAPLEX_LORA_PREFETCH_B", "0") == "1"
 
+# LORAPLEX_LORA_FUSED_SHRINK=1 (off until timed): in a decode graph of up to 32 tokens a LoRA linear whose base is NF4
+# runs the shrink inside the base's x-resident kernel, as more units of its walk (cuda_nf4_lora.shrink_in_base), with
+# no side stream and no fill of its own (h comes from the step's one zeroed workspace); the expand follows as before.
+# Why: beside a one-wave resident base kernel the side stream's shrink gets SMs only as the base's blocks retire and
+# ends 2-8 us after it (bench/NOTES.md, forty-sixth session's window).
+FUSED_SHRINK = os.environ.get("LORAPLEX_LORA_FUSED_SHRINK", "0") == "1"
+
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
 _GATHER_BUDGET = 1 << 24
 
@@ -231,6 +238,15 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
         if not one_token_segments or h.shape != (x.shape[0], num_slices * layout.max_rank):
             raise ValueError("a precomputed h takes one-token segments and the shape the shrink gives")
         return _expanded(base(x, defer_sum=True) if fused else base(x), h, lora_b, layout, meta, slice_offsets)
+    if FUSED_SHRINK and one_token_segments:
+        from server.model.cuda_nf4_lora import shrink_in_base
+
+        both = shrink_in_base(base, x, lora_a, layout, meta, num_slices, defer_sum=fused)
+        if both is not None:
+            y, h = both
+            if FUSED_ACT and defer_delta and one_row_launch(lora_b, layout) is not None:
+                return PendingLora(y, h, lora_b, layout, meta, slice_offsets)
+            return _expanded(y, h, lora_b, layout, meta, slice_offsets)
     current, side = torch.cuda.current_stream(x.device), side_stream(x.device)
     side.wait_stream(current)
     side_expand = SIDE_EXPAND and one_token_segments and num_slices > 1

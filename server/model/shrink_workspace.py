@@ -37,9 +37,12 @@ def _rounded(numel: int) -> int:
 
 
 class ShrinkWorkspace:
-    """The fp32 elements every split-K shrink of one captured forward takes, sized by a warm-up forward."""
+    """The fp32 elements every split-K shrink of one captured forward takes, sized by a warm-up forward. `kinds`: the
+    callers it serves ("split_k": triton_lora's split-K shrinks, LORAPLEX_LORA_ONE_FILL; "fused": the NF4 kernel's
+    LoRA units, cuda_nf4_lora); others get None, as outside a capture."""
 
-    def __init__(self) -> None:
+    def __init__(self, kinds: frozenset[str] = frozenset({"split_k"})) -> None:
+        self.kinds = kinds
         self.needed = 0
         self.buffer: torch.Tensor | None = None
         self._cursor = 0
@@ -62,7 +65,9 @@ class ShrinkWorkspace:
             raise RuntimeError(f"the shrinks took {self._cursor} elements where the warm-up forward took "
                                f"{self.needed}: the captured forward differs from the sized one")
 
-    def take(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+    def take(self, shape: tuple[int, ...], device: torch.device, kind: str = "split_k") -> torch.Tensor | None:
+        if kind not in self.kinds:
+            return None
         numel = _rounded(math.prod(shape))
         if self.buffer is None:
             self.needed += numel
@@ -87,8 +92,8 @@ def _activated(workspace: ShrinkWorkspace):
         _active.workspace = previous
 
 
-def take_zeroed(shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
-    """A zeroed fp32 h of `shape` from the active workspace, or None: no workspace is active, or it is sizing (the
-    caller then allocates one)."""
+def take_zeroed(shape: tuple[int, ...], device: torch.device, kind: str = "split_k") -> torch.Tensor | None:
+    """A zeroed fp32 h of `shape` from the active workspace, or None: no workspace is active, it does not serve
+    `kind`, or it is sizing (the caller then allocates one)."""
     workspace = getattr(_active, "workspace", None)
-    return None if workspace is None else workspace.take(shape, device)
+    return None if workspace is None else workspace.take(shape, device, kind)

@@ -27,42 +27,73 @@ def _layer(in_features: int, out_features: int):
     return tile_pack(codes, absmax, tuple(state.shape)), tuple(state.shape), state.code
 
 
-@pytest.mark.parametrize("rows, block_tokens, warpgroups, split_k, lora_rows", [
-    (32, 32, 6, 2, 1536), (32, 32, 7, 1, 100), (20, 32, 4, 3, 64), (16, 16, 5, 1, 48), (9, 16, 7, 2, 200),
-    (45, 32, 6, 2, 130),
+def _pool(slots: list[int], ranks: list[int], max_rank: int, num_slices: int, in_features: int, seed: int):
+    """A pool of len(ranks) slots (each at offset max_rank x slot, NaN-free random A), its layout and a step's meta."""
+    from server.model.lora_meta import SlotLayout, decode_lora_meta
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    lora_a = (torch.randn(num_slices * max_rank * len(ranks), in_features, device="cuda", generator=gen) * 0.05)
+    layout = SlotLayout.from_lists([max_rank * s for s in range(len(ranks))], ranks, max_rank, "cuda")
+    meta = decode_lora_meta(torch.tensor(slots, dtype=torch.int32, device="cuda"))
+    return lora_a.to(torch.bfloat16), layout, meta
+
+
+def _expected_h(x, lora_a, layout, slots, num_slices):
+    h = torch.zeros(x.shape[0], num_slices * layout.max_rank, dtype=torch.float64, device="cuda")
+    for t, s in enumerate(slots):
+        if s >= 0:
+            lo, r = num_slices * layout.host_offsets[s], layout.host_ranks[s]
+            h[t, : num_slices * r] = lora_a[lo : lo + num_slices * r].double() @ x[t].double()
+    return h
+
+
+@pytest.mark.parametrize("rows, block_tokens, warpgroups, split_k, num_slices, ranks", [
+    (32, 32, 6, 2, 3, [16] * 32), (32, 32, 7, 1, 2, [16] * 32), (20, 32, 4, 3, 1, [8, 16, 4, 0, 16]),
+    (16, 16, 5, 1, 3, [16, 2]), (9, 16, 7, 2, 2, [16] * 12), (45, 32, 6, 2, 1, [16, 16, 16]),
 ])  # fmt: skip
-def test_lora_units_leave_the_output_and_compute_the_shrink(rows, block_tokens, warpgroups, split_k, lora_rows):
-    from server.model import cuda_nf4_lora, cuda_nf4_wgmma
+def test_lora_units_leave_the_output_and_compute_the_shrink(rows, block_tokens, warpgroups, split_k, num_slices,
+                                                            ranks):
+    """Mixed ranks (an empty slot among them), tokens without an adapter, several tokens a slot and slots no token
+    reads (whose 64-row groups the kernel skips)."""
+    from server.model import cuda_nf4_lora, cuda_nf4_wgmma, triton_lora
 
     if not cuda_nf4_wgmma.wgmma_supported():
         pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
     tiled, shape, table = _layer(2048, 600)
-    gen = torch.Generator(device="cuda").manual_seed(rows * lora_rows)
+    live = [s for s, r in enumerate(ranks) if r > 0]
+    slots = [-1 if t % 7 == 3 else live[(5 * t) % len(live)] for t in range(rows)]
+    lora_a, layout, meta = _pool(slots, ranks, 16, num_slices, 2048, rows * len(ranks))
+    gen = torch.Generator(device="cuda").manual_seed(rows)
     x = torch.randn(rows, 2048, device="cuda", generator=gen).to(torch.bfloat16)
-    lora_a = (torch.randn(lora_rows, 2048, device="cuda", generator=gen) * 0.05).to(torch.bfloat16)
     bias = torch.randn(600, device="cuda", generator=gen).to(torch.bfloat16)
-    y, h = cuda_nf4_lora.nf4_wgmma_lora(x, tiled, shape, table, lora_a, bias, warpgroups, block_tokens, split_k)
+    run = lambda xs, **kw: cuda_nf4_lora.nf4_wgmma_lora(  # noqa: E731
+        xs, tiled, shape, table, lora_a, layout, meta, num_slices, bias=bias, warpgroups=warpgroups,
+        block_tokens=block_tokens, split_k=split_k, **kw)
+    y, h = run(x)
     plain = cuda_nf4_wgmma.nf4_wgmma(x, tiled, shape, table, bias, split_k=split_k, block_tokens=block_tokens,
                                      resident_warpgroups=warpgroups, pairs=True)
     assert torch.equal(y, plain)
-    want = x.double() @ lora_a.double().t()
-    assert h.shape == (rows, lora_rows) and h.dtype == torch.float32
+    want = _expected_h(x, lora_a, layout, slots, num_slices)
     torch.testing.assert_close(h.double(), want, atol=1e-4, rtol=1e-4)
+    shrink = triton_lora.lora_shrink(x, lora_a, layout, meta, num_slices)  # the layout it stands in for
+    for t, s in enumerate(slots):
+        if s >= 0:
+            n = num_slices * layout.host_ranks[s]
+            torch.testing.assert_close(h[t, :n], shrink[t, :n], atol=1e-4, rtol=1e-4)
     if split_k > 1:
-        deferred, h2 = cuda_nf4_lora.nf4_wgmma_lora(x, tiled, shape, table, lora_a, bias, warpgroups, block_tokens,
-                                                    split_k, defer_sum=True)
+        deferred, h2 = run(x, defer_sum=True)
         assert torch.equal(deferred.partials, cuda_nf4_wgmma.nf4_wgmma(
             x, tiled, shape, table, bias, split_k=split_k, block_tokens=block_tokens, resident_warpgroups=warpgroups,
             pairs=True, defer_sum=True).partials)
         torch.testing.assert_close(h2.double(), want, atol=1e-4, rtol=1e-4)
-    # replayed from a graph with new inputs: the zeroed h and the units follow the new x
+    # replayed from a graph with new inputs and the h zeroed inside it: the units follow the new x
     static_x = x.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _, static_h = cuda_nf4_lora.nf4_wgmma_lora(static_x, tiled, shape, table, lora_a, bias, warpgroups,
-                                                   block_tokens, split_k)
+        _, static_h = run(static_x)
     for seed in range(3):
-        static_x.copy_(torch.randn(rows, 2048, device="cuda", generator=torch.Generator(device="cuda").manual_seed(
-            seed)).to(torch.bfloat16))
+        fresh = torch.randn(rows, 2048, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
+        static_x.copy_(fresh.to(torch.bfloat16))
         graph.replay()
-        torch.testing.assert_close(static_h.double(), static_x.double() @ lora_a.double().t(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(static_h.double(), _expected_h(static_x, lora_a, layout, slots, num_slices),
+                                   atol=1e-4, rtol=1e-4)

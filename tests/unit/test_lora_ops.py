@@ -560,3 +560,25 @@ def test_side_expand_setting_takes_0_1_or_2(value, ok):
     assert (done.returncode == 0) == ok, done.stderr
     if not ok:
         assert "LORAPLEX_LORA_SIDE_EXPAND must be 0, 1 or 2" in done.stderr
+
+
+def test_the_fused_shrink_declines_what_its_kernel_cannot_take(monkeypatch):
+    """cuda_nf4_lora.shrink_in_base (LORAPLEX_LORA_FUSED_SHRINK) hands back None, so that linear_with_lora runs its own
+    shrink, for a base without the NF4 tile layout, on the CPU, past 32 tokens and without an sm_90a build."""
+    from types import SimpleNamespace
+
+    from server.model import cuda_nf4_lora, cuda_nf4_wgmma
+
+    layout_meta = (SimpleNamespace(max_rank=16), SimpleNamespace())
+    nf4_like = SimpleNamespace(tiled=(torch.zeros(1), torch.zeros(1)), out_features=64, in_features=64)
+    x, a = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(48, 64, dtype=torch.bfloat16)
+    assert cuda_nf4_lora.shrink_in_base(torch.nn.Linear(64, 64), x, a, *layout_meta, 3) is None
+    assert cuda_nf4_lora.shrink_in_base(nf4_like, x, a, *layout_meta, 3) is None  # a CPU x
+    monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: False)
+    cuda_x = SimpleNamespace(is_cuda=True, shape=(4, 64), dtype=torch.bfloat16)
+    assert cuda_nf4_lora.shrink_in_base(nf4_like, cuda_x, a, *layout_meta, 3) is None
+    monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: True)
+    many = SimpleNamespace(is_cuda=True, shape=(cuda_nf4_lora.MAX_ROWS + 1, 64), dtype=torch.bfloat16)
+    assert cuda_nf4_lora.shrink_in_base(nf4_like, many, a, *layout_meta, 3) is None
+    odd = SimpleNamespace(is_cuda=True, shape=(4, 96), dtype=torch.bfloat16)
+    assert cuda_nf4_lora.shrink_in_base(nf4_like, odd, a, *layout_meta, 3) is None

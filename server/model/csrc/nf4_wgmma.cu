@@ -49,13 +49,12 @@ torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_cod
 
 // nf4_wgmma_resident_kernel of BM tokens and WGS warpgroups a block: grid (blocks a split, splits, token groups), as
 // many blocks a split as fill the SMs once (one block an SM) or give every unit a warpgroup, whichever is fewer. With
-// LORA also lora_a's [lora_rows, K] units, their sums into *lora_h [M, lora_rows] (allocated here, zeroed).
+// LORA also `lora`'s units (nf4_wgmma_resident.cuh's LoraShrink).
 template <typename T, int BM, int WGS, bool PAIRS, bool LORA = false>
 torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor& tile_codes,
                                     const torch::Tensor& tile_scales, const torch::Tensor& table,
                                     const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
-                                    bool defer_sum, const T* lora_a = nullptr, int lora_rows = 0,
-                                    torch::Tensor* lora_h = nullptr) {
+                                    bool defer_sum, LoraShrink lora = {}) {
   constexpr auto kernel = nf4_wgmma_resident_kernel<T, BM, WGS, PAIRS, LORA>;
   const int M = x.size(0), N = out.size(1);
   allow_dynamic_smem<kernel>(kResidentSmemMax);
@@ -67,15 +66,10 @@ torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor&
     const int smem = resident_smem_bytes(BM, blocks_per_split, PAIRS);
     TORCH_CHECK(smem <= kResidentSmemMax, "resident x of ", blocks_per_split, " quant blocks a split exceeds an SM's ",
                 "shared memory: split K further");
-    const int units = weight_units + (LORA ? lora_units(lora_rows, blocks_per_split) : 0);
-    float* h = nullptr;
-    if constexpr (LORA) {
-      *lora_h = torch::zeros({M, lora_rows}, x.options().dtype(torch::kFloat32));
-      h = lora_h->data_ptr<float>();
-    }
+    const int units = weight_units + (LORA ? lora_units(lora.rows, blocks_per_split) : 0);
     const int blocks = std::max(1, std::min((units + WGS - 1) / WGS, current_device_sms() / (splits * token_groups)));
     launch_tile_layout(kernel, dim3(blocks, splits, token_groups), WGS * 128, smem, stream, x, tile_codes, tile_scales,
-                       table, bias_ptr, out_ptr, partial, N, blocks_per_split, lora_a, lora_rows, h);
+                       table, bias_ptr, out_ptr, partial, N, blocks_per_split, lora);
   }, programmatic_launch(), defer_sum);
 }
 
@@ -170,13 +164,15 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
 }
 
 // nf4_wgmma's x-resident kernel with the byte-pair table (resident_warpgroups 4-7, block_tokens 16 or 32) that also
-// takes lora_a [lora_rows, K] (bf16/fp16 as x, contiguous) as units of its walk (nf4_wgmma_resident.cuh's LoRA
-// units): returns {nf4_wgmma's result (partials with defer_sum and K split, else None), lora_h [M, lora_rows] fp32,
-// x @ lora_a^T}.
-std::vector<torch::Tensor> nf4_wgmma_lora(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales,
-                                          torch::Tensor table, c10::optional<torch::Tensor> bias, torch::Tensor out,
-                                          int64_t split_k, int64_t block_tokens, int64_t resident_warpgroups,
-                                          torch::Tensor lora_a, bool defer_sum) {
+// computes a LoRA shrink as units of its walk (nf4_wgmma_resident.cuh's LoRA units): lora_a [rows, K] (x's dtype,
+// contiguous), the step's token_slots [M] and the slot layout's offsets and ranks (int32), num_slices; each token's own
+// slot's sums are added into h [M, >= num_slices x its rank] fp32 (zeroed by the caller, rows contiguous). Returns
+// nf4_wgmma's result (partials with defer_sum and K split, else None).
+torch::Tensor nf4_wgmma_lora(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
+                             c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k,
+                             int64_t block_tokens, int64_t resident_warpgroups, torch::Tensor lora_a,
+                             torch::Tensor token_slots, torch::Tensor offsets, torch::Tensor ranks, int64_t num_slices,
+                             torch::Tensor h, bool defer_sum) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
@@ -186,17 +182,24 @@ std::vector<torch::Tensor> nf4_wgmma_lora(torch::Tensor x, torch::Tensor tile_co
               "lora_a must be a contiguous [rows >= 1, in_features] tensor of x's dtype");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(lora_a.data_ptr()) % 16 == 0, "lora_a must be 16-byte aligned");
   TORCH_CHECK(lora_a.numel() < (int64_t{1} << 31), "lora_a must have fewer than 2^31 elements (32-bit offsets)");
+  TORCH_CHECK(token_slots.is_cuda() && token_slots.scalar_type() == torch::kInt32 && token_slots.numel() >= x.size(0),
+              "token_slots must be CUDA int32 with a slot a row of x");
+  TORCH_CHECK(offsets.scalar_type() == torch::kInt32 && ranks.scalar_type() == torch::kInt32 &&
+                  offsets.numel() == ranks.numel() && offsets.is_cuda() && ranks.is_cuda(),
+              "offsets and ranks must be CUDA int32 of one length");
+  TORCH_CHECK(h.is_cuda() && h.scalar_type() == torch::kFloat32 && h.dim() == 2 && h.size(0) >= x.size(0) &&
+                  h.stride(1) == 1,
+              "h must be CUDA float32 [rows of x, columns] with contiguous rows");
   TORCH_CHECK((block_tokens == 16 || block_tokens == 32) && resident_warpgroups >= 4 && resident_warpgroups <= 7,
               "nf4_wgmma_lora takes 16 or 32 block tokens and 4-7 warpgroups, got ", block_tokens, " and ",
               resident_warpgroups);
-  const int rows = lora_a.size(0);
-  torch::Tensor lora_h;
-  torch::Tensor result = run_for_dtype(x, [&](auto dtype_tag) {
+  const LoraShrink lora{lora_a.data_ptr(), static_cast<int>(lora_a.size(0)), token_slots.data_ptr<int>(),
+                        offsets.data_ptr<int>(), ranks.data_ptr<int>(), static_cast<int>(num_slices),
+                        h.data_ptr<float>(), static_cast<int>(h.stride(0))};
+  return run_for_dtype(x, [&](auto dtype_tag) {
     using T = decltype(dtype_tag);
-    const T* a = reinterpret_cast<const T*>(lora_a.data_ptr());
 #define LORAPLEX_LORA_LAUNCH(BM, WGS) \
-  launch_wgmma_resident<T, BM, WGS, true, true>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum, a, \
-                                                rows, &lora_h)
+  launch_wgmma_resident<T, BM, WGS, true, true>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum, lora)
 #define LORAPLEX_LORA_WARPGROUPS(BM)                  \
   switch (resident_warpgroups) {                     \
     case 4: return LORAPLEX_LORA_LAUNCH(BM, 4);      \
@@ -209,7 +212,6 @@ std::vector<torch::Tensor> nf4_wgmma_lora(torch::Tensor x, torch::Tensor tile_co
 #undef LORAPLEX_LORA_WARPGROUPS
 #undef LORAPLEX_LORA_LAUNCH
   });
-  return {result, lora_h};
 }
 
 // Whether this build's code for the current GPU has the wgmma kernels (sm_90a), by running a one-thread probe.
