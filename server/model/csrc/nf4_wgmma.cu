@@ -73,6 +73,21 @@ torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor&
   }, programmatic_launch(), defer_sum);
 }
 
+// run(bm, wgs) with the x-resident kernel's block tokens (16, else 32) and warpgroups (4-7) as integral constants.
+template <typename Run>
+torch::Tensor with_resident_shape(int64_t block_tokens, int64_t warpgroups, Run run) {
+  auto by_warpgroups = [&](auto bm) {
+    switch (warpgroups) {
+      case 4: return run(bm, std::integral_constant<int, 4>());
+      case 5: return run(bm, std::integral_constant<int, 5>());
+      case 6: return run(bm, std::integral_constant<int, 6>());
+      default: return run(bm, std::integral_constant<int, 7>());
+    }
+  };
+  return block_tokens == 16 ? by_warpgroups(std::integral_constant<int, 16>())
+                            : by_warpgroups(std::integral_constant<int, 32>());
+}
+
 template <typename T>
 torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
@@ -86,20 +101,13 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
     TORCH_CHECK((block_tokens == 16 || block_tokens == 32) && resident_warpgroups >= 4 && resident_warpgroups <= 7,
                 "resident_warpgroups takes 16 or 32 block tokens and 4-7 warpgroups, got ", block_tokens, " and ",
                 resident_warpgroups);
-#define LORAPLEX_RESIDENT_LAUNCH(BM, WGS)                                                                        \
-  (pairs ? launch_wgmma_resident<T, BM, WGS, true>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum) \
-         : launch_wgmma_resident<T, BM, WGS, false>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum))
-#define LORAPLEX_RESIDENT_WARPGROUPS(BM)                             \
-  switch (resident_warpgroups) {                                    \
-    case 4: return LORAPLEX_RESIDENT_LAUNCH(BM, 4);                 \
-    case 5: return LORAPLEX_RESIDENT_LAUNCH(BM, 5);                 \
-    case 6: return LORAPLEX_RESIDENT_LAUNCH(BM, 6);                 \
-    default: return LORAPLEX_RESIDENT_LAUNCH(BM, 7);                \
-  }
-    if (block_tokens == 16) LORAPLEX_RESIDENT_WARPGROUPS(16)
-    LORAPLEX_RESIDENT_WARPGROUPS(32)
-#undef LORAPLEX_RESIDENT_WARPGROUPS
-#undef LORAPLEX_RESIDENT_LAUNCH
+    return with_resident_shape(block_tokens, resident_warpgroups, [&](auto bm, auto wgs) {
+      constexpr int BM = decltype(bm)::value, WGS = decltype(wgs)::value;
+      return pairs ? launch_wgmma_resident<T, BM, WGS, true>(x, tile_codes, tile_scales, table, bias, out, split_k,
+                                                             defer_sum)
+                   : launch_wgmma_resident<T, BM, WGS, false>(x, tile_codes, tile_scales, table, bias, out, split_k,
+                                                              defer_sum);
+    });
   }
 #define LORAPLEX_WGMMA_LAUNCH(BM, MIN_BLOCKS, KB, ...) \
   launch_wgmma<T, BM, MIN_BLOCKS, KB, ##__VA_ARGS__>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
@@ -198,19 +206,10 @@ torch::Tensor nf4_wgmma_lora(torch::Tensor x, torch::Tensor tile_codes, torch::T
                         h.data_ptr<float>(), static_cast<int>(h.stride(0))};
   return run_for_dtype(x, [&](auto dtype_tag) {
     using T = decltype(dtype_tag);
-#define LORAPLEX_LORA_LAUNCH(BM, WGS) \
-  launch_wgmma_resident<T, BM, WGS, true, true>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum, lora)
-#define LORAPLEX_LORA_WARPGROUPS(BM)                  \
-  switch (resident_warpgroups) {                     \
-    case 4: return LORAPLEX_LORA_LAUNCH(BM, 4);      \
-    case 5: return LORAPLEX_LORA_LAUNCH(BM, 5);      \
-    case 6: return LORAPLEX_LORA_LAUNCH(BM, 6);      \
-    default: return LORAPLEX_LORA_LAUNCH(BM, 7);     \
-  }
-    if (block_tokens == 16) LORAPLEX_LORA_WARPGROUPS(16)
-    LORAPLEX_LORA_WARPGROUPS(32)
-#undef LORAPLEX_LORA_WARPGROUPS
-#undef LORAPLEX_LORA_LAUNCH
+    return with_resident_shape(block_tokens, resident_warpgroups, [&](auto bm, auto wgs) {
+      return launch_wgmma_resident<T, decltype(bm)::value, decltype(wgs)::value, true, true>(
+          x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum, lora);
+    });
   });
 }
 
