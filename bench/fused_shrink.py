@@ -51,7 +51,7 @@ def run_linear(name: str, rows: int) -> dict:
 
     def fused(i):
         return cuda_nf4_lora.nf4_wgmma_lora(x, tiled[i % copies], shape, layer.table, pools[i % pool_copies], layout,
-                                            meta, slices, warpgroups=warpgroups,
+                                            meta, slices, warpgroups=min(warpgroups, cuda_nf4_lora.MAX_WARPGROUPS_32),
                                             defer_sum=True)
 
     def shrink(i):

@@ -26,6 +26,10 @@ from server.model.split_sums import SplitSums
 # The most tokens a step takes the fused shrink at: one 32-token block (more would read the pool once a block)
 MAX_ROWS = 32
 DEFAULT_WARPGROUPS = 6  # where start-up tuning chose no x-resident kernel for the shape and rows
+# At 32 block tokens 7 warpgroups (72 registers a thread) leave the LoRA units too few: ptxas serializes every wgmma
+# of that instance (C7512), so it is not built; 6 walk the same units (the same sums, the same bits)
+MAX_WARPGROUPS_32 = 6
+_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def shrink_in_base(base, x: torch.Tensor, lora_a: torch.Tensor, layout: SlotLayout, meta: LoraBatchMeta,
@@ -33,29 +37,34 @@ def shrink_in_base(base, x: torch.Tensor, lora_a: torch.Tensor, layout: SlotLayo
     """(base(x) or its partials with `defer_sum`, h) from one x-resident kernel (nf4_wgmma_lora) for an NF4 base
     (quant.NF4Linear with its tile layout) of up to MAX_ROWS tokens a step on an sm_90a build; else None, and the
     caller runs the shrink itself. The kernel's warpgroups, block tokens and splits are start-up tuning's where it
-    chose the x-resident kernel for this shape and row count (the same bits as the base alone), else
-    DEFAULT_WARPGROUPS; h comes zeroed from the step's workspace (shrink_workspace, kind "fused") or is allocated."""
+    chose the x-resident kernel for this shape and row count, with its splits (so y has the base's bits), else
+    DEFAULT_WARPGROUPS; h comes zeroed from the step's workspace (shrink_workspace, kind "fused") or is allocated.
+    Declines, rather than fail in a capture, whatever the kernel's checks refuse (dtype, alignment, size)."""
     tiled, rows = getattr(base, "tiled", None), x.shape[0]
-    if (tiled is None or not x.is_cuda or rows > MAX_ROWS or x.shape[1] % 64 or lora_a.dtype != x.dtype
-            or not lora_a.is_contiguous() or not cuda_nf4_wgmma.wgmma_supported()):
+    if (tiled is None or not x.is_cuda or rows > MAX_ROWS or x.shape[1] % 64 or x.dtype not in _DTYPES
+            or lora_a.dtype != x.dtype or not lora_a.is_contiguous() or lora_a.numel() >= 1 << 31
+            or (x.data_ptr() | lora_a.data_ptr()) % 16 or not cuda_nf4_wgmma.wgmma_supported()):
         return None
-    shape = (base.out_features, base.in_features)
+    from server.model.triton_nf4 import device_num_sms
+
+    shape, num_sms = (base.out_features, base.in_features), device_num_sms(x.device.index or 0)
     choice = nf4_dispatch.TUNED.get((shape, rows))
     options = dict(choice.options) if choice is not None and choice.kernel == "wgmma" else {}
-    if options.get("resident_warpgroups"):
+    if options.get("resident_warpgroups"):  # the base's own splits: the same sums in the same order, the same bits
         warpgroups, block_tokens = options["resident_warpgroups"], options.get("block_tokens", 32)
-        split_k = options.get("split_k")
+        split_k = options.get("split_k") or resident_split_k(rows, shape, num_sms, warpgroups,
+                                                             options.get("pairs", False), block_tokens)
     else:
         warpgroups, block_tokens, split_k = DEFAULT_WARPGROUPS, 16 if rows <= 16 else 32, None
+    if block_tokens == 32:
+        warpgroups = min(warpgroups, MAX_WARPGROUPS_32)
     columns = num_slices * layout.max_rank
     h = take_zeroed((rows, columns), x.device, kind="fused")
     if h is None:
         h = torch.zeros(rows, columns, dtype=torch.float32, device=x.device)
-    from server.model.triton_nf4 import device_num_sms
-
     return nf4_wgmma_lora(x, tiled, shape, base.quant_state.code, lora_a, layout, meta, num_slices, h=h,
                           bias=base.bias, warpgroups=warpgroups, block_tokens=block_tokens, split_k=split_k,
-                          num_sms=device_num_sms(x.device.index or 0), defer_sum=defer_sum)
+                          num_sms=num_sms, defer_sum=defer_sum)
 
 
 def nf4_wgmma_lora(

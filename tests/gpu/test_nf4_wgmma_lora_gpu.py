@@ -48,7 +48,7 @@ def _expected_h(x, lora_a, layout, slots, num_slices):
 
 
 @pytest.mark.parametrize("rows, block_tokens, warpgroups, split_k, num_slices, ranks", [
-    (32, 32, 6, 2, 3, [16] * 32), (32, 32, 7, 1, 2, [16] * 32), (20, 32, 4, 3, 1, [8, 16, 4, 0, 16]),
+    (32, 32, 6, 2, 3, [16] * 32), (32, 32, 5, 1, 2, [16] * 32), (20, 32, 4, 3, 1, [8, 16, 4, 0, 16]),
     (16, 16, 5, 1, 3, [16, 2]), (9, 16, 7, 2, 2, [16] * 12), (45, 32, 6, 2, 1, [16, 16, 16]),
 ])  # fmt: skip
 def test_lora_units_leave_the_output_and_compute_the_shrink(rows, block_tokens, warpgroups, split_k, num_slices,
@@ -97,3 +97,17 @@ def test_lora_units_leave_the_output_and_compute_the_shrink(rows, block_tokens, 
         graph.replay()
         torch.testing.assert_close(static_h.double(), _expected_h(static_x, lora_a, layout, slots, num_slices),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_seven_warpgroups_at_32_tokens_are_refused():
+    """The instance ptxas serialized (cuda_nf4_lora.MAX_WARPGROUPS_32) is not built: asked for, the op says so."""
+    from server.model import cuda_nf4_lora, cuda_nf4_wgmma
+
+    if not cuda_nf4_wgmma.wgmma_supported():
+        pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
+    tiled, shape, table = _layer(2048, 600)
+    lora_a, layout, meta = _pool([0] * 32, [16], 16, 1, 2048, 0)
+    x = torch.randn(32, 2048, device="cuda").to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="at most 6 warpgroups"):
+        cuda_nf4_lora.nf4_wgmma_lora(x, tiled, shape, table, lora_a, layout, meta, 1, warpgroups=7)
+

@@ -564,7 +564,8 @@ def test_side_expand_setting_takes_0_1_or_2(value, ok):
 
 def test_the_fused_shrink_declines_what_its_kernel_cannot_take(monkeypatch):
     """cuda_nf4_lora.shrink_in_base (LORAPLEX_LORA_FUSED_SHRINK) hands back None, so that linear_with_lora runs its own
-    shrink, for a base without the NF4 tile layout, on the CPU, past 32 tokens and without an sm_90a build."""
+    shrink, for a base without the NF4 tile layout, on the CPU, past 32 tokens, in float32, off 16-byte alignment and
+    without an sm_90a build, rather than fail in the kernel's checks (inside a graph capture)."""
     from types import SimpleNamespace
 
     from server.model import cuda_nf4_lora, cuda_nf4_wgmma
@@ -574,11 +575,13 @@ def test_the_fused_shrink_declines_what_its_kernel_cannot_take(monkeypatch):
     x, a = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(48, 64, dtype=torch.bfloat16)
     assert cuda_nf4_lora.shrink_in_base(torch.nn.Linear(64, 64), x, a, *layout_meta, 3) is None
     assert cuda_nf4_lora.shrink_in_base(nf4_like, x, a, *layout_meta, 3) is None  # a CPU x
+
+    def cuda_x(rows=4, cols=64, dtype=torch.bfloat16, at=0):
+        return SimpleNamespace(is_cuda=True, shape=(rows, cols), dtype=dtype, data_ptr=lambda: at)
+
     monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: False)
-    cuda_x = SimpleNamespace(is_cuda=True, shape=(4, 64), dtype=torch.bfloat16)
-    assert cuda_nf4_lora.shrink_in_base(nf4_like, cuda_x, a, *layout_meta, 3) is None
+    assert cuda_nf4_lora.shrink_in_base(nf4_like, cuda_x(), a, *layout_meta, 3) is None
     monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: True)
-    many = SimpleNamespace(is_cuda=True, shape=(cuda_nf4_lora.MAX_ROWS + 1, 64), dtype=torch.bfloat16)
-    assert cuda_nf4_lora.shrink_in_base(nf4_like, many, a, *layout_meta, 3) is None
-    odd = SimpleNamespace(is_cuda=True, shape=(4, 96), dtype=torch.bfloat16)
-    assert cuda_nf4_lora.shrink_in_base(nf4_like, odd, a, *layout_meta, 3) is None
+    for declined in (cuda_x(rows=cuda_nf4_lora.MAX_ROWS + 1), cuda_x(cols=96), cuda_x(dtype=torch.float32),
+                     cuda_x(at=8)):
+        assert cuda_nf4_lora.shrink_in_base(nf4_like, declined, a.to(declined.dtype), *layout_meta, 3) is None

@@ -207,8 +207,15 @@ torch::Tensor nf4_wgmma_lora(torch::Tensor x, torch::Tensor tile_codes, torch::T
   return run_for_dtype(x, [&](auto dtype_tag) {
     using T = decltype(dtype_tag);
     return with_resident_shape(block_tokens, resident_warpgroups, [&](auto bm, auto wgs) {
-      return launch_wgmma_resident<T, decltype(bm)::value, decltype(wgs)::value, true, true>(
-          x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum, lora);
+      constexpr int BM = decltype(bm)::value, WGS = decltype(wgs)::value;
+      // not built: at 72 registers a thread ptxas serialized every wgmma of it (C7512; cuda_nf4_lora takes 6)
+      if constexpr (BM == 32 && WGS == 7) {
+        TORCH_CHECK(false, "nf4_wgmma_lora takes at most 6 warpgroups at 32 block tokens");
+        return torch::Tensor();
+      } else {
+        return launch_wgmma_resident<T, BM, WGS, true, true>(x, tile_codes, tile_scales, table, bias, out, split_k,
+                                                             defer_sum, lora);
+      }
     });
   });
 }
