@@ -29,7 +29,6 @@ DEFAULT_WARPGROUPS = 6  # where start-up tuning chose no x-resident kernel for t
 # At 32 block tokens 7 warpgroups (72 registers a thread) leave the LoRA units too few: ptxas serializes every wgmma
 # of that instance (C7512), so it is not built, and a linear tuned to 7 there (8B gate_up) keeps its side-stream shrink
 MAX_WARPGROUPS_32 = 6
-_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def shrink_in_base(base, x: torch.Tensor, lora_a: torch.Tensor, layout: SlotLayout, meta: LoraBatchMeta,
@@ -39,9 +38,9 @@ def shrink_in_base(base, x: torch.Tensor, lora_a: torch.Tensor, layout: SlotLayo
     caller runs the shrink itself. The kernel's warpgroups, block tokens and splits are start-up tuning's where it
     chose the x-resident kernel for this shape and row count, with its splits (so y has the base's bits), else
     DEFAULT_WARPGROUPS; h comes zeroed from the step's workspace (shrink_workspace, kind "fused") or is allocated.
-    Declines, rather than fail in a capture, whatever the kernel's checks refuse (dtype, alignment, size)."""
+    Declines, rather than fail in a capture, whatever the kernel's checks refuse (not bf16, misaligned, too large)."""
     tiled, rows = getattr(base, "tiled", None), x.shape[0]
-    if (tiled is None or not x.is_cuda or rows > MAX_ROWS or x.shape[1] % 64 or x.dtype not in _DTYPES
+    if (tiled is None or not x.is_cuda or rows > MAX_ROWS or x.shape[1] % 64 or x.dtype != torch.bfloat16
             or lora_a.dtype != x.dtype or not lora_a.is_contiguous() or lora_a.numel() >= 1 << 31
             or (x.data_ptr() | lora_a.data_ptr()) % 16 or not cuda_nf4_wgmma.wgmma_supported()):
         return None
@@ -68,7 +67,7 @@ def shrink_in_base(base, x: torch.Tensor, lora_a: torch.Tensor, layout: SlotLayo
 
 
 def nf4_wgmma_lora(
-    x: torch.Tensor,  # [T, in] bf16 / fp16
+    x: torch.Tensor,  # [T, in] bf16
     tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
     shape,  # (out, in)
     code_table: torch.Tensor,  # [16] float32

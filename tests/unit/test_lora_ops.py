@@ -564,7 +564,7 @@ def test_side_expand_setting_takes_0_1_or_2(value, ok):
 
 def test_the_fused_shrink_declines_what_its_kernel_cannot_take(monkeypatch):
     """cuda_nf4_lora.shrink_in_base (LORAPLEX_LORA_FUSED_SHRINK) hands back None, so that linear_with_lora runs its own
-    shrink, for a base without the NF4 tile layout, on the CPU, past 32 tokens, in float32, off 16-byte alignment and
+    shrink, for a base without the NF4 tile layout, on the CPU, past 32 tokens, in fp16, off 16-byte alignment and
     without an sm_90a build, rather than fail in the kernel's checks (inside a graph capture)."""
     from types import SimpleNamespace
 
@@ -582,6 +582,6 @@ def test_the_fused_shrink_declines_what_its_kernel_cannot_take(monkeypatch):
     monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: False)
     assert cuda_nf4_lora.shrink_in_base(nf4_like, cuda_x(), a, *layout_meta, 3) is None
     monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: True)
-    for declined in (cuda_x(rows=cuda_nf4_lora.MAX_ROWS + 1), cuda_x(cols=96), cuda_x(dtype=torch.float32),
+    for declined in (cuda_x(rows=cuda_nf4_lora.MAX_ROWS + 1), cuda_x(cols=96), cuda_x(dtype=torch.float16),
                      cuda_x(at=8)):
         assert cuda_nf4_lora.shrink_in_base(nf4_like, declined, a.to(declined.dtype), *layout_meta, 3) is None

@@ -171,11 +171,11 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
   });
 }
 
-// nf4_wgmma's x-resident kernel with the byte-pair table (resident_warpgroups 4-7, block_tokens 16 or 32) that also
-// computes a LoRA shrink as units of its walk (nf4_wgmma_resident.cuh's LoRA units): lora_a [rows, K] (x's dtype,
-// contiguous), the step's token_slots [M] and the slot layout's offsets and ranks (int32), num_slices; each token's own
-// slot's sums are added into h [M, >= num_slices x its rank] fp32 (zeroed by the caller, rows contiguous). Returns
-// nf4_wgmma's result (partials with defer_sum and K split, else None).
+// nf4_wgmma's x-resident kernel with the byte-pair table (bf16; resident_warpgroups 4-7, 16 or 32 block tokens)
+// that also computes a LoRA shrink as units of its walk (nf4_wgmma_resident.cuh's LoRA units): lora_a [rows, K]
+// (bf16, contiguous), the step's token_slots [M] and the slot layout's offsets and ranks (int32), num_slices; each
+// token's own slot's sums are added into h [M, >= num_slices x its rank] fp32 (zeroed by the caller, rows
+// contiguous). Returns nf4_wgmma's result (partials with defer_sum and K split, else None).
 torch::Tensor nf4_wgmma_lora(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                              c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k,
                              int64_t block_tokens, int64_t resident_warpgroups, torch::Tensor lora_a,
@@ -204,19 +204,19 @@ torch::Tensor nf4_wgmma_lora(torch::Tensor x, torch::Tensor tile_codes, torch::T
   const LoraShrink lora{lora_a.data_ptr(), static_cast<int>(lora_a.size(0)), token_slots.data_ptr<int>(),
                         offsets.data_ptr<int>(), ranks.data_ptr<int>(), static_cast<int>(num_slices),
                         h.data_ptr<float>(), static_cast<int>(h.stride(0))};
-  return run_for_dtype(x, [&](auto dtype_tag) {
-    using T = decltype(dtype_tag);
-    return with_resident_shape(block_tokens, resident_warpgroups, [&](auto bm, auto wgs) {
-      constexpr int BM = decltype(bm)::value, WGS = decltype(wgs)::value;
-      // not built: at 72 registers a thread ptxas serialized every wgmma of it (C7512; cuda_nf4_lora takes 6)
-      if constexpr (BM == 32 && WGS == 7) {
-        TORCH_CHECK(false, "nf4_wgmma_lora takes at most 6 warpgroups at 32 block tokens");
-        return torch::Tensor();
-      } else {
-        return launch_wgmma_resident<T, BM, WGS, true, true>(x, tile_codes, tile_scales, table, bias, out, split_k,
-                                                             defer_sum, lora);
-      }
-    });
+  // bf16 only (the engine's 16-bit dtype on GPUs with bf16 tensor cores): each instance costs the extension's build
+  // on every fresh GPU machine a few seconds
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "nf4_wgmma_lora takes bf16 x");
+  return with_resident_shape(block_tokens, resident_warpgroups, [&](auto bm, auto wgs) {
+    constexpr int BM = decltype(bm)::value, WGS = decltype(wgs)::value;
+    // not built: at 72 registers a thread ptxas serialized every wgmma of it (C7512; cuda_nf4_lora takes 6)
+    if constexpr (BM == 32 && WGS == 7) {
+      TORCH_CHECK(false, "nf4_wgmma_lora takes at most 6 warpgroups at 32 block tokens");
+      return torch::Tensor();
+    } else {
+      return launch_wgmma_resident<__nv_bfloat16, BM, WGS, true, true>(x, tile_codes, tile_scales, table, bias, out,
+                                                                       split_k, defer_sum, lora);
+    }
   });
 }
 
