@@ -585,3 +585,47 @@ def test_the_fused_shrink_declines_what_its_kernel_cannot_take(monkeypatch):
     for declined in (cuda_x(rows=cuda_nf4_lora.MAX_ROWS + 1), cuda_x(cols=96), cuda_x(dtype=torch.float16),
                      cuda_x(at=8)):
         assert cuda_nf4_lora.shrink_in_base(nf4_like, declined, a.to(declined.dtype), *layout_meta, 3) is None
+
+
+def test_linear_with_lora_routes_through_the_fused_shrink(monkeypatch):
+    """Under LORAPLEX_LORA_FUSED_SHRINK a step of one-token segments takes the base and h from shrink_in_base and
+    expands them: eager (the graphs' warm-up) without deferring anything, captured with the base's partials and, for
+    the activation's input, the delta pending; several-token segments never ask it, and where it declines the linear
+    runs as before. (The kernels are stood in for: what is checked is which path runs with which flags.)"""
+    from types import SimpleNamespace
+
+    from server.model import cuda_nf4_lora, lora_ops, triton_lora
+    from server.model.pending_lora import PendingLora
+
+    _, x, lora_a, lora_b, layout, meta = make_inputs([1, 1, 1], [0, 2, 1], 8, (0, 24), torch.bfloat16)
+    cuda_x = SimpleNamespace(shape=x.shape, is_cuda=True, device=torch.device("cpu"))
+    y, h = torch.zeros(3, 24, dtype=torch.bfloat16), torch.zeros(3, 8)
+    asked, answer = [], [(y, h)]
+    monkeypatch.setattr(lora_ops, "FUSED_SHRINK", True)
+    monkeypatch.setattr(lora_ops, "triton_available", lambda: True)
+    monkeypatch.setattr(cuda_nf4_lora, "shrink_in_base", lambda *a, **k: asked.append(k["defer_sum"]) or answer[0])
+    monkeypatch.setattr(lora_ops, "_expanded", lambda y, h, *a: ("expanded", y, h))
+    monkeypatch.setattr(triton_lora, "one_row_launch", lambda *a: 256)
+    base = SimpleNamespace(may_defer_sum=True)
+    run = lambda xs, m, **k: lora_ops.linear_with_lora(base, xs, lora_a, lora_b, layout, m, (0, 24), **k)  # noqa: E731
+
+    capturing = [False]
+    monkeypatch.setattr(lora_ops.torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert run(cuda_x, meta, defer_delta=True) == ("expanded", y, h) and asked == [False]
+    capturing[0] = True
+    pending = run(cuda_x, meta, defer_delta=True)
+    assert isinstance(pending, PendingLora) and pending.base is y and pending.h is h and asked[-1] is True
+    assert run(cuda_x, meta) == ("expanded", y, h)
+
+    asked.clear()
+    answer[0] = None  # declined: the linear runs as before (stood in for by the eager path: forks_beside False)
+    monkeypatch.setattr(lora_ops, "forks_beside", lambda device: False)
+    applied = []
+    monkeypatch.setattr(lora_ops, "lora_apply", lambda out, *a: applied.append(out))
+    assert lora_ops.linear_with_lora(lambda xs: y, cuda_x, lora_a, lora_b, layout, meta, (0, 24)) is y
+    assert asked == [False] and applied == [y]  # a base that cannot defer its sums is not asked to
+
+    asked.clear()
+    several = make_inputs([2, 1], [0, 1], 8, (0, 24), torch.bfloat16)[5]
+    lora_ops.linear_with_lora(lambda xs: y, cuda_x, lora_a, lora_b, layout, several, (0, 24))
+    assert asked == []
