@@ -7,9 +7,8 @@ against every row of the linear's lora_a, of which each token keeps its own slot
 x in shared memory for its weight's units; it takes lora_a's 64-row groups (of 4 quant blocks of K each) as more
 units, bf16 rows straight into the warpgroup MMA's registers, in the warpgroups that the weight leaves free (8B
 qkv_proj at 32 rows: 192 weight units a step over 132 SMs of 6 warpgroups), skipping the groups that no token of a
-block reads. Why: a separate shrink beside a one-wave resident base
-kernel finds no SM until the base's blocks retire (bench/NOTES.md, forty-sixth session), so it runs after the base, on
-the step's critical path.
+block reads. Why: a separate shrink beside a one-wave resident base kernel finds no SM until the base's blocks retire
+(bench/NOTES.md, forty-sixth session), so it runs after the base, on the step's critical path.
 """
 
 from __future__ import annotations
