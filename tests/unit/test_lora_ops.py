@@ -592,10 +592,14 @@ def test_linear_with_lora_routes_through_the_fused_shrink(monkeypatch):
     expands them: eager (the graphs' warm-up) without deferring anything, captured with the base's partials and, for
     the activation's input, the delta pending; several-token segments never ask it, and where it declines the linear
     runs as before. (The kernels are stood in for: what is checked is which path runs with which flags.)"""
-    from types import SimpleNamespace
+    import sys
+    from types import ModuleType, SimpleNamespace
 
-    from server.model import cuda_nf4_lora, lora_ops, triton_lora
+    from server.model import cuda_nf4_lora, lora_ops
     from server.model.pending_lora import PendingLora
+
+    triton_lora = ModuleType("server.model.triton_lora")  # CI's CPU run has no Triton: the one name used, stood in
+    monkeypatch.setitem(sys.modules, "server.model.triton_lora", triton_lora)
 
     _, x, lora_a, lora_b, layout, meta = make_inputs([1, 1, 1], [0, 2, 1], 8, (0, 24), torch.bfloat16)
     cuda_x = SimpleNamespace(shape=x.shape, is_cuda=True, device=torch.device("cpu"))
@@ -605,7 +609,7 @@ def test_linear_with_lora_routes_through_the_fused_shrink(monkeypatch):
     monkeypatch.setattr(lora_ops, "triton_available", lambda: True)
     monkeypatch.setattr(cuda_nf4_lora, "shrink_in_base", lambda *a, **k: asked.append(k["defer_sum"]) or answer[0])
     monkeypatch.setattr(lora_ops, "_expanded", lambda y, h, *a: ("expanded", y, h))
-    monkeypatch.setattr(triton_lora, "one_row_launch", lambda *a: 256)
+    triton_lora.one_row_launch = lambda *a: 256
     base = SimpleNamespace(may_defer_sum=True)
     run = lambda xs, m, **k: lora_ops.linear_with_lora(base, xs, lora_a, lora_b, layout, m, (0, 24), **k)  # noqa: E731
 
