@@ -73,9 +73,12 @@ torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor&
   }, programmatic_launch(), defer_sum);
 }
 
-// run(bm, wgs) with the x-resident kernel's block tokens (16, else 32) and warpgroups (4-7) as integral constants.
+// run(bm, wgs) with the x-resident kernel's block tokens (16 or 32) and warpgroups (4-7) as integral constants.
 template <typename Run>
 torch::Tensor with_resident_shape(int64_t block_tokens, int64_t warpgroups, Run run) {
+  TORCH_CHECK((block_tokens == 16 || block_tokens == 32) && warpgroups >= 4 && warpgroups <= 7,
+              "the x-resident kernel takes 16 or 32 block tokens and 4-7 warpgroups, got ", block_tokens, " and ",
+              warpgroups);
   auto by_warpgroups = [&](auto bm) {
     switch (warpgroups) {
       case 4: return run(bm, std::integral_constant<int, 4>());
@@ -98,9 +101,6 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
   // byte-pair table
   TORCH_CHECK(!pairs || resident_warpgroups > 0, "pairs takes the x-resident kernel (resident_warpgroups)");
   if (resident_warpgroups > 0) {
-    TORCH_CHECK((block_tokens == 16 || block_tokens == 32) && resident_warpgroups >= 4 && resident_warpgroups <= 7,
-                "resident_warpgroups takes 16 or 32 block tokens and 4-7 warpgroups, got ", block_tokens, " and ",
-                resident_warpgroups);
     return with_resident_shape(block_tokens, resident_warpgroups, [&](auto bm, auto wgs) {
       constexpr int BM = decltype(bm)::value, WGS = decltype(wgs)::value;
       return pairs ? launch_wgmma_resident<T, BM, WGS, true>(x, tile_codes, tile_scales, table, bias, out, split_k,
@@ -148,6 +148,15 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 #undef LORAPLEX_WGMMA_LAUNCH
 }
 
+// x and the tile layout as the wgmma kernels take them: contiguous rows, K a multiple of 64, 16-byte aligned.
+static void check_wgmma_inputs(const torch::Tensor& x, const torch::Tensor& tile_codes,
+                               const torch::Tensor& tile_scales, const torch::Tensor& out) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
+  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
+  check_tile_layout(x, tile_codes, tile_scales, out);
+}
+
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups) or
@@ -160,10 +169,7 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
                         int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait,
                         int64_t resident_warpgroups, bool pairs, bool defer_sum) {
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
-  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
-  check_tile_layout(x, tile_codes, tile_scales, out);
+  check_wgmma_inputs(x, tile_codes, tile_scales, out);
   return run_for_dtype(x, [&](auto dtype_tag) {
     return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
                                                stage_blocks, blocks_per_sm, block_warps, one_wait,
@@ -181,10 +187,7 @@ torch::Tensor nf4_wgmma_lora(torch::Tensor x, torch::Tensor tile_codes, torch::T
                              int64_t block_tokens, int64_t resident_warpgroups, torch::Tensor lora_a,
                              torch::Tensor token_slots, torch::Tensor offsets, torch::Tensor ranks, int64_t num_slices,
                              torch::Tensor h, bool defer_sum) {
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
-  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
-  check_tile_layout(x, tile_codes, tile_scales, out);
+  check_wgmma_inputs(x, tile_codes, tile_scales, out);
   TORCH_CHECK(lora_a.is_cuda() && lora_a.is_contiguous() && lora_a.dim() == 2 && lora_a.size(1) == x.size(1) &&
                   lora_a.size(0) >= 1 && lora_a.scalar_type() == x.scalar_type(),
               "lora_a must be a contiguous [rows >= 1, in_features] tensor of x's dtype");
@@ -198,9 +201,6 @@ torch::Tensor nf4_wgmma_lora(torch::Tensor x, torch::Tensor tile_codes, torch::T
   TORCH_CHECK(h.is_cuda() && h.scalar_type() == torch::kFloat32 && h.dim() == 2 && h.size(0) >= x.size(0) &&
                   h.stride(1) == 1,
               "h must be CUDA float32 [rows of x, columns] with contiguous rows");
-  TORCH_CHECK((block_tokens == 16 || block_tokens == 32) && resident_warpgroups >= 4 && resident_warpgroups <= 7,
-              "nf4_wgmma_lora takes 16 or 32 block tokens and 4-7 warpgroups, got ", block_tokens, " and ",
-              resident_warpgroups);
   const LoraShrink lora{lora_a.data_ptr(), static_cast<int>(lora_a.size(0)), token_slots.data_ptr<int>(),
                         offsets.data_ptr<int>(), ranks.data_ptr<int>(), static_cast<int>(num_slices),
                         h.data_ptr<float>(), static_cast<int>(h.stride(0))};
