@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bench.kernels import L2_DEFEAT_BYTES, Layer, time_calls
+from bench.kernels import L2_DEFEAT_BYTES, time_calls, timing_layer
 from bench.results import write_named_result
 
 RANK, ADAPTERS = 16, 32
@@ -31,8 +31,8 @@ def run_linear(name: str, rows: int) -> dict:
     from server.model.lora_meta import SlotLayout, decode_lora_meta
 
     in_features, out_features, slices, warpgroups = LINEARS[name]
-    copies = max(1, min(8, math.ceil(L2_DEFEAT_BYTES / (in_features * out_features * 2))))
-    layer = Layer(in_features, out_features, copies=copies, seed=in_features + out_features)
+    layer = timing_layer(in_features, out_features)
+    copies = len(layer.nf4)
     shape = (out_features, in_features)
     gen = torch.Generator(device="cuda").manual_seed(7)
     pool_rows = slices * RANK * ADAPTERS

@@ -221,29 +221,43 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     fp32 into the first split's partials) was measured and dropped (H200, 8B, fourteenth session): mixed32 step
     6.61 -> 6.91 ms; the expand into fp32 and the glue kernels' 16-plane reads at 32 rows cost more than the sum
     kernel they saved."""
-    if FUSED_SHRINK and h is None and x.is_cuda and USE_TRITON_LORA and triton_available():
-        # captured and eager alike, so that the graphs' warm-up forward sizes the h the capture takes
-        # (shrink_workspace) and sets the kernel up outside the capture
-        fused = _fused_shrink(base, x, lora_a, lora_b, layout, meta, slice_offsets, defer_delta)
-        if fused is not None:
-            return fused
-    if not forks_beside(x.device):
+    fuses = FUSED_SHRINK and h is None and x.is_cuda and USE_TRITON_LORA and triton_available()
+    if not (fuses or forks_beside(x.device)):
         y = base(x)
         lora_apply(y, x, lora_a, lora_b, layout, meta, slice_offsets)
         return y
-    from server.model.triton_lora import lora_shrink, one_row_launch
-    from server.model.triton_lora_decode import lora_add_delta, lora_delta
-
     y_like = SimpleNamespace(shape=(x.shape[0], slice_offsets[-1]))  # base(x)'s shape, checked before it runs
     num_slices = check_lora_shapes(y_like, x, lora_a, lora_b, layout, meta, slice_offsets)
     if lora_b.shape[0] == 0 or layout.num_slots == 0:
         return base(x)
     one_token_segments = meta.one_token_segments(x.shape[0])
     fused = FUSED_SUMS and one_token_segments and getattr(base, "may_defer_sum", False)
+    if fuses and one_token_segments:
+        # FUSED_SHRINK: the base and the shrink from one kernel, then the expand; captured and eager alike, so that
+        # the graphs' warm-up forward sizes the h the capture takes (shrink_workspace) and sets the kernel up
+        # outside the capture. Captured, the base may hand back its partials and the activation after gate_up its
+        # pending delta, as on the side-stream path below.
+        from server.model.cuda_nf4_lora import shrink_in_base
+        from server.model.triton_lora import one_row_launch
+
+        captured = torch.cuda.is_current_stream_capturing()
+        both = shrink_in_base(base, x, lora_a, layout, meta, num_slices, defer_sum=captured and fused)
+        if both is not None:
+            y, h = both
+            if captured and FUSED_ACT and defer_delta and one_row_launch(lora_b, layout) is not None:
+                return PendingLora(y, h, lora_b, layout, meta, slice_offsets)
+            return _expanded(y, h, lora_b, layout, meta, slice_offsets)
+    if not forks_beside(x.device):  # an eager step where the fused kernel declined
+        y = base(x)
+        lora_apply(y, x, lora_a, lora_b, layout, meta, slice_offsets)
+        return y
     if h is not None:
         if not one_token_segments or h.shape != (x.shape[0], num_slices * layout.max_rank):
             raise ValueError("a precomputed h takes one-token segments and the shape the shrink gives")
         return _expanded(base(x, defer_sum=True) if fused else base(x), h, lora_b, layout, meta, slice_offsets)
+    from server.model.triton_lora import lora_shrink, one_row_launch
+    from server.model.triton_lora_decode import lora_add_delta, lora_delta
+
     current, side = torch.cuda.current_stream(x.device), side_stream(x.device)
     side.wait_stream(current)
     side_expand = SIDE_EXPAND and one_token_segments and num_slices > 1
@@ -263,29 +277,6 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
         if SIDE_EXPAND >= 2 and defer_sum and isinstance(y, SplitSums):
             return SplitSums(y.partials, y.bias, y.dtype, delta)
         return lora_add_delta(y if isinstance(y, SplitSums) else y.contiguous(), delta, meta)
-    return _expanded(y, h, lora_b, layout, meta, slice_offsets)
-
-
-def _fused_shrink(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta, slice_offsets: tuple[int, ...],
-                  defer_delta: bool) -> torch.Tensor | SplitSums | PendingLora | None:
-    """linear_with_lora under FUSED_SHRINK: the base and the shrink from one kernel (cuda_nf4_lora.shrink_in_base),
-    then the expand, for a step of one-token segments; None where that kernel declines. While a graph is captured the
-    base may hand back its partials and the activation after gate_up its pending delta, as on the side-stream path."""
-    from server.model.cuda_nf4_lora import shrink_in_base
-    from server.model.triton_lora import one_row_launch
-
-    y_like = SimpleNamespace(shape=(x.shape[0], slice_offsets[-1]))
-    num_slices = check_lora_shapes(y_like, x, lora_a, lora_b, layout, meta, slice_offsets)
-    if lora_b.shape[0] == 0 or layout.num_slots == 0 or not meta.one_token_segments(x.shape[0]):
-        return None
-    captured = torch.cuda.is_current_stream_capturing()
-    both = shrink_in_base(base, x, lora_a, layout, meta, num_slices,
-                          defer_sum=captured and FUSED_SUMS and getattr(base, "may_defer_sum", False))
-    if both is None:
-        return None
-    y, h = both
-    if captured and FUSED_ACT and defer_delta and one_row_launch(lora_b, layout) is not None:
-        return PendingLora(y, h, lora_b, layout, meta, slice_offsets)
     return _expanded(y, h, lora_b, layout, meta, slice_offsets)
 
 
