@@ -52,12 +52,7 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
     bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s41-pairs.json), and at up to 16 rows its 16-token x tile
     (m64n16 wgmmas: half the shared-memory reads of x) with the byte-pair table (H100, 8B at 16 rows, us, against the
     32-token tile's best: gate_up 34.15 vs 37.63, down 18.79 vs 21.07, qkv 11.61 vs 12.42, o 9.51 vs 9.74;
-    bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-tiles.json), and from 17 to 32 rows that tile over two
-    token groups (not yet timed: on the H200, 8B gate_up at 16 rows took 31.95 us on 64 blocks of 7 warpgroups, its
-    whole K a warpgroup, where the 32-token tile at 32 rows took 40.06 on 2 x 64, its x split in two for want of
-    shared memory; two 16-token groups fill the other 64 SMs and read each weight tile at the same time, so from
-    DRAM once: forty-sixth session, bench/results/2026-12-06-nvidia-h200-kernels-s46.json). Below 16 rows: the
-    rules' one-row kernel
+    bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-tiles.json). Below 16 rows: the rules' one-row kernel
     against that 16-token tile (H100, 8B, us, rules / best tile: gate_up 31.04 / 30.43 at 1 row, 33.23 / 31.18 at 4,
     35.54 / 31.97 at 8; qkv 11.34 / 10.58 at 8; down and o slower in the tile:
     bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-few-rows.json)."""
@@ -78,7 +73,7 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
             choices.append(Choice("wgmma", (("stage_blocks", 2),)))
             choices += [Choice("wgmma", (("resident_warpgroups", w),) + ((("pairs", True),) if pairs else ()))
                         for pairs in (False, True) for w in cuda_nf4_wgmma.RESIDENT_WARPGROUPS]
-            if rows <= 32:  # above 16 rows two token groups of it, which read each weight tile at once
+            if rows <= 16:
                 choices += sixteen_token_tiles
     return choices
 
