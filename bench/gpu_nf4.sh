@@ -86,9 +86,6 @@ eval "lora_args=(${LORA_ARGS:---models 8b --scenarios decode32})"
 step "${LORA_TIMEOUT:-0}" lora_kernels.log python3 -m bench.lora_kernels --out "$OUT" "${lora_args[@]}"
 eval "kernel_args=(${KERNELS_ARGS:-})"
 step "${KERNELS_TIMEOUT:-330}" kernels.log python3 -m bench.kernels --out "$OUT" "${kernel_args[@]}"
-# FUSED_TIMEOUT (default 0: skipped): bench.fused_shrink, the LoRA shrink inside the x-resident NF4 kernel against the
-# base alone and the Triton shrink (8B linears, 32 tokens, 32 adapters)
-step "${FUSED_TIMEOUT:-0}" fused_shrink.log python3 -m bench.fused_shrink --out "$OUT"
 step "${PREFILL_TIMEOUT:-150}" prefill.log python3 -m bench.prefill --out "$OUT"
 eval "profile_args=(${PROFILE_ARGS:---model 1b})"
 step "${PROFILE_TIMEOUT:-120}" profile.log python3 -m bench.profile_step --out "$OUT" "${profile_args[@]}"

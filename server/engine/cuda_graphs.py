@@ -17,7 +17,6 @@ import os
 
 import torch
 
-from server.model import lora_ops
 from server.model.host_device import to_device
 from server.model.lora_meta import LoraBatchMeta
 from server.model.lora_ops import triton_available
@@ -234,11 +233,10 @@ class DecodeGraphs:
         inputs = {k: v.to(self.runner.device) for k, v in self.step_inputs(bucket, tiled).items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        kinds = frozenset({"split_k"} if ONE_FILL else ()) | frozenset({"fused"} if lora_ops.FUSED_SHRINK else ())
-        workspace = ShrinkWorkspace(kinds)
+        workspace = ShrinkWorkspace()
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up: autotuning, lazy inits and allocations happen outside capture
-                with workspace.sizing() if kinds else contextlib.nullcontext():
+                with workspace.sizing() if ONE_FILL else contextlib.nullcontext():
                     self.runner.forward_decode(inputs, with_lora, chunks)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()

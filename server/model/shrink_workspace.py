@@ -37,12 +37,9 @@ def _rounded(numel: int) -> int:
 
 
 class ShrinkWorkspace:
-    """The fp32 elements every split-K shrink of one captured forward takes, sized by a warm-up forward. `kinds`: the
-    callers it serves ("split_k": triton_lora's split-K shrinks, LORAPLEX_LORA_ONE_FILL; "fused": the NF4 kernel's
-    LoRA units, cuda_nf4_lora); others get None, as outside a capture."""
+    """The fp32 elements every split-K shrink of one captured forward takes, sized by a warm-up forward."""
 
-    def __init__(self, kinds: frozenset[str] = frozenset({"split_k"})) -> None:
-        self.kinds = kinds
+    def __init__(self) -> None:
         self.needed = 0
         self.buffer: torch.Tensor | None = None
         self._cursor = 0
@@ -65,9 +62,7 @@ class ShrinkWorkspace:
         with _activated(self):
             yield self
 
-    def take(self, shape: tuple[int, ...], device: torch.device, kind: str = "split_k") -> torch.Tensor | None:
-        if kind not in self.kinds:
-            return None
+    def take(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
         numel = _rounded(math.prod(shape))
         if self.buffer is None:
             self.needed += numel
@@ -92,8 +87,8 @@ def _activated(workspace: ShrinkWorkspace):
         _active.workspace = previous
 
 
-def take_zeroed(shape: tuple[int, ...], device: torch.device, kind: str = "split_k") -> torch.Tensor | None:
-    """A zeroed fp32 h of `shape` from the active workspace, or None: no workspace is active, it does not serve
-    `kind`, or it is sizing (the caller then allocates one)."""
+def take_zeroed(shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+    """A zeroed fp32 h of `shape` from the active workspace, or None: no workspace is active, or it is sizing (the
+    caller then allocates one)."""
     workspace = getattr(_active, "workspace", None)
-    return None if workspace is None else workspace.take(shape, device, kind)
+    return None if workspace is None else workspace.take(shape, device)

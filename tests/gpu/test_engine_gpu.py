@@ -98,33 +98,24 @@ def test_down_shrink_in_the_activation_matches_peft_alone(tiny_llama_dir, tiny_a
     assert_match_peft_alone(tiny_llama_dir, tiny_adapters, requests, names, captured)
 
 
-@pytest.mark.parametrize("levers", ["pdl_lora", "silu_shrink", "fused_shrink", "fused_shrink silu_shrink"])
+@pytest.mark.parametrize("levers", ["pdl_lora", "silu_shrink"])
 def test_decode_levers_give_the_default_graph_decode(tiny_llama_dir, tiny_adapters, levers, monkeypatch):
-    """LORAPLEX_PDL_LORA (the LoRA kernels launched with PDL), LORAPLEX_LORA_SILU_SHRINK and LORAPLEX_LORA_FUSED_SHRINK
-    (the shrink in the NF4 base's x-resident kernel; with the activation's shrink beside it, down keeps that one): the
-    NF4 bf16 engine's captured decode steps give the default's tokens, and its logits within bf16 rounding (the
-    split-K shrinks' atomic adds vary h's last bits from run to run); and the float32 engine's match PEFT with each
-    adapter alone (a delta lost or read too early shows there, not within bf16 rounding)."""
-    from server.model import act_shrink, cuda_nf4_lora, cuda_nf4_wgmma, lora_ops, pdl
+    """LORAPLEX_PDL_LORA (the LoRA kernels launched with PDL) and LORAPLEX_LORA_SILU_SHRINK: the NF4 bf16 engine's
+    captured decode steps give the default's tokens, and its logits within bf16 rounding (the split-K shrinks' atomic
+    adds vary h's last bits from run to run); and the float32 engine's match PEFT with each adapter alone (a delta
+    lost or read too early shows there, not within bf16 rounding)."""
+    from server.model import act_shrink, pdl
 
-    if "fused_shrink" in levers and not cuda_nf4_wgmma.wgmma_supported():
-        pytest.skip("the fused shrink needs an sm_90a build (H100, H200)")
-    fused = []
-    real = cuda_nf4_lora.shrink_in_base
-    monkeypatch.setattr(cuda_nf4_lora, "shrink_in_base", lambda *a, **k: fused.append(real(*a, **k)) or fused[-1])
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     names = [None, "attn-r4", "all-r8", "mlp-r2-rs", "ko-r16"]
     results = []
     for on in (False, True):
         monkeypatch.setattr(pdl, "LORA", on and "pdl_lora" in levers)
         monkeypatch.setattr(act_shrink, "SILU_SHRINK", on and "silu_shrink" in levers)
-        monkeypatch.setattr(lora_ops, "FUSED_SHRINK", on and "fused_shrink" in levers)
         engine = gpu_engine(tiny_llama_dir, dtype="bfloat16", quantize=True, max_slots=4, max_rank=16)
         requests = make_requests(refs, names)
         results.append((requests, run_capturing(engine, requests)[0]))
         assert engine.runner.graphs.num_captured > 0
-    if "fused_shrink" in levers:
-        assert any(both is not None for both in fused), "no LoRA linear took the fused shrink"
     (default_reqs, default_logits), (lever_reqs, lever_logits) = results
     for a, b in zip(default_reqs, lever_reqs, strict=True):
         assert a.output_token_ids == b.output_token_ids

@@ -119,24 +119,3 @@ def _library_of(tmp_path, monkeypatch, name: str, source_text: str) -> ctypes.CD
     source = tmp_path / f"{name}.cu"
     source.write_text(source_text)
     return ctypes.CDLL(str(nvcc_library.build(source, name, 9, 0, include_dirs=(csrc,))))
-
-
-def test_the_resident_kernels_lora_units_build_for_sm90a_and_cover_the_pool(tmp_path, monkeypatch):
-    """The x-resident kernel with LoRA units (cuda_nf4_lora) builds for sm_90a at both block token counts, and its unit
-    count (lora_units, which the launch sizes the grid by) covers every 64-row group of the pool for every chunk of a
-    split's quant blocks."""
-    from pathlib import Path
-
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    source = tmp_path / "lora_units.cu"
-    source.write_text('#include <cuda_bf16.h>\n#include "nf4_device.cuh"\n#include "nf4_wgmma.cuh"\n'
-                      '#include "nf4_wgmma_resident.cuh"\n'
-                      'void* kernels[] = {(void*)nf4_wgmma_resident_kernel<__nv_bfloat16, 32, 6, true, true>,\n'
-                      '                   (void*)nf4_wgmma_resident_kernel<__nv_bfloat16, 16, 7, true, true>};\n'
-                      'extern "C" int units(int rows, int blocks) { return lora_units(rows, blocks); }\n'
-                      'extern "C" int chunk() { return kLoraChunk; }\n')
-    csrc = Path(__file__).resolve().parents[2] / "server" / "model" / "csrc"
-    lib = ctypes.CDLL(str(nvcc_library.build(source, "lora_units", 9, 0, include_dirs=(csrc,), feature="a")))
-    chunk = lib.chunk()
-    for rows, blocks in ((1536, 32), (1, 1), (64, 4), (65, 5), (512, 224), (100, 39)):
-        assert lib.units(rows, blocks) == -(-rows // 64) * -(-blocks // chunk), (rows, blocks)

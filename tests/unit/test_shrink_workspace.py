@@ -30,21 +30,6 @@ def test_sizing_records_and_serving_hands_out_zeroed_aligned_slices_in_order():
     assert take_zeroed((2, 3), torch.device("cpu")) is None  # deactivated on exit
 
 
-def test_a_workspace_serves_only_its_kinds_and_counts_nothing_else():
-    """The fused shrink's h (kind "fused", LORAPLEX_LORA_FUSED_SHRINK) and the split-K shrinks' (LORAPLEX_LORA_ONE_FILL)
-    come from the step's buffer only where the engine turned that kind on: a kind not served allocates its own, as
-    outside a capture, and takes nothing of the buffer."""
-    workspace = ShrinkWorkspace(frozenset({"fused"}))
-    with workspace.sizing():
-        assert take_zeroed((2, 3), torch.device("cpu")) is None  # split_k: not served
-        take_zeroed((4, 8), torch.device("cpu"), kind="fused")
-    assert workspace.needed == 32
-    with workspace.serving("cpu"):
-        assert take_zeroed((2, 3), torch.device("cpu")) is None
-        fused = take_zeroed((4, 8), torch.device("cpu"), kind="fused")
-        assert fused.shape == (4, 8) and fused.data_ptr() == workspace.buffer.data_ptr() and not fused.any()
-
-
 def test_a_captured_forward_may_take_less_than_the_sized_one_never_more():
     """down_proj's shrink, which the warm-up forward runs, is the activation's in the captured one (act_shrink): the
     capture takes less, and its slices stay within the zeroed buffer; a capture that asks for more is refused."""

@@ -90,18 +90,17 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, int smem, c
 }
 
 // `kernel`, of the tile layout kernels' parameter list (x, codes, scales, the code table, bias, out, fp32 partials,
-// M, N, K, quant blocks a split, then any `extra` of its own), over `grid` on `stream`: the launch in run_split's body;
-// programmatically dependent with the process's setting (each such kernel waits for the kernel ahead before its first
-// read of x).
-template <typename T, typename... Params, typename... Extra>
+// M, N, K, quant blocks a split), over `grid` on `stream`: the launch in run_split's body; programmatically dependent
+// with the process's setting (each such kernel waits for the kernel ahead before its first read of x).
+template <typename T, typename... Params>
 void launch_tile_layout(void (*kernel)(Params...), dim3 grid, int threads, int smem, cudaStream_t stream,
                         const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                         const torch::Tensor& table, const T* bias, T* out, float* partial, int N,
-                        int blocks_per_split, Extra... extra) {
+                        int blocks_per_split) {
   launch_kernel(kernel, grid, dim3(threads), smem, stream, programmatic_launch(),
                 reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
                 reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias, out, partial,
-                static_cast<int>(x.size(0)), N, static_cast<int>(x.size(1)), blocks_per_split, extra...);
+                static_cast<int>(x.size(0)), N, static_cast<int>(x.size(1)), blocks_per_split);
 }
 
 // Grid (row groups, splits[, token groups]) of a kernel whose warps each own `rows_per_warp` 16-row tiles; `body`

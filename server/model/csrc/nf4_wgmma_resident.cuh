@@ -54,110 +54,11 @@ __host__ __device__ constexpr int resident_smem_bytes(int bm, int blocks, bool p
                : blocks * bm * 128 + 2048;
 }
 
-// LoRA units (LORA; cuda_nf4_lora, not yet in the engine). A mixed-adapter step's LoRA shrink h[t] = A_slot(t) x[t] is
-// a dense product over the pool: x against every row of the linear's lora_a, of which each token keeps its own slot's
-// rows. So the resident kernel can take it as more units of its walk, over lora_a [rows, K] (bf16 rows, no
-// dequantization) against the same resident x, after the weight's own units (a warpgroup's units are unit, unit +
-// stride, ...: its weight units first, then its LoRA units). Why: beside a one-wave resident base kernel a separate
-// shrink finds no SM until the base's blocks retire, so it runs after it, on the step's critical path (bench/NOTES.md,
-// forty-sixth session). A LoRA unit's stage is four 16-byte loads a thread and the 4 wgmmas: x's permutation
-// (store_x_chunk) gives lane t of a k-step's fragments the 16 consecutive k 16t..16t+15 of its rows, so words 2j and
-// 2j + 1 of a row's 32 bytes are k-step j's two registers (load_x_block's order). A LoRA unit takes kLoraChunk quant
-// blocks of the split, so that the pool's bytes spread over as many warpgroups as the SMs have free (8B qkv at 32
-// rows: 96 weight units a split where 132 blocks of 6 warpgroups hold 792), skips its rows when no token of the block
-// has its slot there, and adds each token's own slot's sums into h, laid out as triton_lora.lora_shrink's.
-constexpr int kLoraChunk = 4;
-
-// The pool and the step's slots (lora_meta.SlotLayout, LoraBatchMeta.token_slots): slot s owns lora_a's rows
-// [num_slices * offsets[s], num_slices * (offsets[s] + ranks[s])); token t's sums go to h[t, 0 : num_slices * rank]
-// (fp32, zeroed by the caller; every split and chunk adds its share, so their order varies from run to run, as the
-// split-K Triton shrink's does).
-struct LoraShrink {
-  const void* a;  // [rows, K], x's dtype, contiguous
-  int rows;
-  const int* token_slots;  // [M], -1: no adapter
-  const int* offsets;  // [slots], in rank units
-  const int* ranks;
-  int num_slices;
-  float* h;  // [M, h_stride]
-  int h_stride;
-
-  // lora_a's rows of token tok's slot: [lo, hi), empty without one
-  __device__ __forceinline__ int2 rows_of(int tok) const {
-    const int s = __ldg(token_slots + tok);
-    if (s < 0) return make_int2(0, 0);
-    const int off = __ldg(offsets + s);
-    return make_int2(num_slices * off, num_slices * (off + __ldg(ranks + s)));
-  }
-};
-
-// LoRA units of a split of `blocks` quant blocks: 64-row groups of lora_a's rows times its chunks
-__host__ __device__ constexpr int lora_units(int lora_rows, int blocks) {
-  return (lora_rows + 63) / 64 * ((blocks + kLoraChunk - 1) / kLoraChunk);
-}
-
-template <typename T, int BM>
-struct LoraRows {
-  uint4 v[4];  // row g's 16 k (two chunks), then row g + 8's
-
-  __device__ __forceinline__ void load(const T* row0, const T* row8) {
-    v[0] = __ldg(reinterpret_cast<const uint4*>(row0));
-    v[1] = __ldg(reinterpret_cast<const uint4*>(row0 + 8));
-    v[2] = __ldg(reinterpret_cast<const uint4*>(row8));
-    v[3] = __ldg(reinterpret_cast<const uint4*>(row8 + 8));
-  }
-
-  // k-step j's A fragment registers: row g's words 2j, 2j + 1 and row g + 8's (a_fragments' order)
-  __device__ __forceinline__ void fragment(int j, uint32_t (&a)[4]) const {
-    const uint32_t lo[8] = {v[0].x, v[0].y, v[0].z, v[0].w, v[1].x, v[1].y, v[1].z, v[1].w};
-    const uint32_t hi[8] = {v[2].x, v[2].y, v[2].z, v[2].w, v[3].x, v[3].y, v[3].z, v[3].w};
-    a[0] = lo[2 * j];
-    a[1] = hi[2 * j];
-    a[2] = lo[2 * j + 1];
-    a[3] = hi[2 * j + 1];
-  }
-};
-
-// A LoRA unit's sums of each token's own slot's rows added into h: register 4b + e of n8 block b is lora_a's row 16 tile
-// + g + 8 (e >> 1), token m0 + 8b + 2t + (e & 1) (store_accumulators' mapping).
-template <int BM>
-__device__ __forceinline__ void add_lora_h(const float (&acc)[BM / 2], int tile, int g, int t, int m0, int M,
-                                           const LoraShrink& lora) {
-#pragma unroll
-  for (int b = 0; b < BM / 8; ++b) {
-#pragma unroll
-    for (int odd = 0; odd < 2; ++odd) {
-      const int tok = m0 + 8 * b + 2 * t + odd;
-      if (tok >= M) continue;
-      const int2 own = lora.rows_of(tok);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = tile * 16 + g + 8 * half;
-        if (row >= own.x && row < own.y) {
-          atomicAdd(lora.h + static_cast<int64_t>(tok) * lora.h_stride + (row - own.x), acc[4 * b + 2 * half + odd]);
-        }
-      }
-    }
-  }
-}
-
-// Whether a token of the block (tokens m0..m0 + BM - 1) has its slot's rows in [lo, lo + 64): the same answer in each
-// warp of a warpgroup, which takes or skips the unit's wgmmas together.
-template <int BM>
-__device__ __forceinline__ bool lora_rows_wanted(const LoraShrink& lora, int m0, int M, int lo, int lane) {
-  bool wanted = false;
-  if (lane < BM && m0 + lane < M) {
-    const int2 own = lora.rows_of(m0 + lane);
-    wanted = own.x < lo + 64 && own.y > lo;
-  }
-  return __any_sync(0xffffffffu, wanted);
-}
-
-template <typename T, int BM, int WGS, bool PAIRS = false, bool LORA = false>
+template <typename T, int BM, int WGS, bool PAIRS = false>
 __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
-    int M, int N, int K, int blocks_per_split, LoraShrink lora) {
+    int M, int N, int K, int blocks_per_split) {
 #ifdef LORAPLEX_WGMMA
   constexpr int THREADS = WGS * 128;
   constexpr int TILE_BYTES = BM * 128;  // x of one quant block
@@ -186,7 +87,6 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
   const int num_blocks = K / 64;
   const int first = blockIdx.y * blocks_per_split;
   const int last = min(first + blocks_per_split, num_blocks);
-  const int all_units = units + (LORA ? lora_units(lora.rows, last - first) : 0);  // the weight's, then the LoRA units
   const int m0 = blockIdx.z * BM;
   const int stride = gridDim.x * WGS;
   int unit = blockIdx.x * WGS + (warp >> 2);
@@ -244,7 +144,7 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
   }
   fence_proxy_async_smem();
   __syncthreads();  // the table and x stored (x fenced) by all; no block barrier after this one
-  if (unit >= all_units) return;
+  if (unit >= units) return;
   uint32_t pair_reg = kPairsTableWindow | pair_copy_offset();
   asm volatile("" : "+r"(pair_reg));  // after the barrier: every table load's address depends on it
   const TableAt lut{aligned};
@@ -307,45 +207,6 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
       walk_unit(std::integral_constant<int, 0>());
     }
     odd ^= (last - first) & 1;
-  }
-  if constexpr (LORA) {
-    // LoRA unit u: 64 rows of lora_a (row unit u / chunks) over kLoraChunk quant blocks of the split (chunk u %
-    // chunks), the next block's rows loaded a stage ahead
-    const T* lora_a = static_cast<const T*>(lora.a);
-    const int chunks = (last - first + kLoraChunk - 1) / kLoraChunk;  // a split's
-    for (; unit < all_units; unit += stride) {
-      const int lora_unit = unit - units;
-      if (!lora_rows_wanted<BM>(lora, m0, M, 64 * (lora_unit / chunks), lane)) continue;
-      const int tile = 4 * (lora_unit / chunks) + tile_in_unit;
-      const int b0 = (lora_unit % chunks) * kLoraChunk, b1 = min(b0 + kLoraChunk, last - first);
-      const int k0 = 64 * (first + b0) + 16 * t;
-      const T* row0 = lora_a + min(tile * 16 + g, lora.rows - 1) * K + k0;  // < 2^31 elements (the caller checks)
-      const T* row8 = lora_a + min(tile * 16 + g + 8, lora.rows - 1) * K + k0;
-      LoraRows<T, BM> ring[2];
-      ring[0].load(row0, row8);
-      // stage i of the chunk from ring slot P, the next block's rows into the other first
-      auto lora_stage = [&](auto slot, int i) {
-        constexpr int P = decltype(slot)::value;
-        if (b0 + i + 1 < b1) ring[1 - P].load(row0 + 64 * (i + 1), row8 + 64 * (i + 1));
-        uint32_t a[4][4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) ring[P].fragment(j, a[j]);
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < 4; ++j) Wgmma<T, BM>::mma(acc, a[j], smem_desc_from_lo(desc_at(b0 + i) + 2 * j));
-        wgmma_commit();
-        wgmma_wait_all();  // before the slot's registers take the stage after next
-      };
-#pragma unroll 1
-      for (int i = 0; b0 + i < b1; i += 2) {
-        lora_stage(std::integral_constant<int, 0>(), i);
-        if (b0 + i + 1 == b1) break;
-        lora_stage(std::integral_constant<int, 1>(), i + 1);
-      }
-      add_lora_h<BM>(acc, tile, g, t, m0, M, lora);
-#pragma unroll
-      for (int i = 0; i < BM / 2; ++i) acc[i] = 0.f;
-    }
   }
 #endif
 }
