@@ -119,7 +119,7 @@ def lora_decode_variants():
     for cols, linear in ((64, "qkv"), (32, "gate_up"), (16, "o, down")):
         found.append((f"shrink {linear} (BLOCK_N {cols}, BLOCK_K 128, a program a token)", shrink,
                       {"BLOCK_M": 1, "BLOCK_N": cols, "BLOCK_K": 128, "ATOMIC": True, "DOT_PRECISION": "tf32",
-                       "PREFETCH_B": False, "THREADS": 128, "PDL": False},
+                       "PDL": False},
                       LORA_META, 4, _SHRINK_SPEC))
     for rows, cols, warps in ((16, 256, 4), (1, width, width // 256)):
         form = "one row" if rows == 1 else "16-row tile"

@@ -58,21 +58,6 @@ SIDE_EXPAND = int(_SIDE_EXPAND_SETTING or 0)
 # (H100, thirty-first session, 8B mixed32 decode step, bench.profile_step's wall, one machine): 5.714 -> 5.667 ms.
 FUSED_ACT = os.environ.get("LORAPLEX_LORA_FUSED_ACT", "1") == "1"
 
-# LORAPLEX_LORA_PREFETCH_B=1 (off until timed): in the decode graphs the shrink, which runs on the side stream beside
-# the base matmul, first asks the L2 for each token's slot's B rows (normal priority), which the expand after the base
-# reads (triton_prefetch.prefetch_share). The expands sit on the mixed step's critical path reading B from DRAM
-# (forty-first session's 8B window on an H100: qkv's expand + sum 6.6 us, gate_up's in silu_mul +12.4 for 29 MB);
-# the base kernels leave about half the DRAM bandwidth idle. Tokens that share an adapter each ask for its rows (L2
-# hits after the first; the 32-adapter bench step has none).
-PREFETCH_B = os.environ.get("LORAPLEX_LORA_PREFETCH_B", "0") == "1"
-
-# LORAPLEX_LORA_FUSED_SHRINK=1 (off until timed): in a decode graph of up to 32 tokens a LoRA linear whose base is NF4
-# runs the shrink inside the base's x-resident kernel, as more units of its walk (cuda_nf4_lora.shrink_in_base), with
-# no side stream and no fill of its own (h comes from the step's one zeroed workspace); the expand follows as before.
-# Why: beside a one-wave resident base kernel the side stream's shrink gets SMs only as the base's blocks retire and
-# ends 2-8 us after it (bench/NOTES.md, forty-sixth session's window).
-FUSED_SHRINK = os.environ.get("LORAPLEX_LORA_FUSED_SHRINK", "0") == "1"
-
 # Cap on the elements of the per-token gathered A or B held at once by the torch path.
 _GATHER_BUDGET = 1 << 24
 
@@ -221,49 +206,28 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     fp32 into the first split's partials) was measured and dropped (H200, 8B, fourteenth session): mixed32 step
     6.61 -> 6.91 ms; the expand into fp32 and the glue kernels' 16-plane reads at 32 rows cost more than the sum
     kernel they saved."""
-    fuses = FUSED_SHRINK and h is None and x.is_cuda and USE_TRITON_LORA and triton_available()
-    if not (fuses or forks_beside(x.device)):
+    if not forks_beside(x.device):
         y = base(x)
         lora_apply(y, x, lora_a, lora_b, layout, meta, slice_offsets)
         return y
+    from server.model.triton_lora import lora_shrink, one_row_launch
+    from server.model.triton_lora_decode import lora_add_delta, lora_delta
+
     y_like = SimpleNamespace(shape=(x.shape[0], slice_offsets[-1]))  # base(x)'s shape, checked before it runs
     num_slices = check_lora_shapes(y_like, x, lora_a, lora_b, layout, meta, slice_offsets)
     if lora_b.shape[0] == 0 or layout.num_slots == 0:
         return base(x)
     one_token_segments = meta.one_token_segments(x.shape[0])
     fused = FUSED_SUMS and one_token_segments and getattr(base, "may_defer_sum", False)
-    if fuses and one_token_segments:
-        # FUSED_SHRINK: the base and the shrink from one kernel, then the expand; captured and eager alike, so that
-        # the graphs' warm-up forward sizes the h the capture takes (shrink_workspace) and sets the kernel up
-        # outside the capture. Captured, the base may hand back its partials and the activation after gate_up its
-        # pending delta, as on the side-stream path below.
-        from server.model.cuda_nf4_lora import shrink_in_base
-        from server.model.triton_lora import one_row_launch
-
-        captured = torch.cuda.is_current_stream_capturing()
-        both = shrink_in_base(base, x, lora_a, layout, meta, num_slices, defer_sum=captured and fused)
-        if both is not None:
-            y, h = both
-            if captured and FUSED_ACT and defer_delta and one_row_launch(lora_b, layout) is not None:
-                return PendingLora(y, h, lora_b, layout, meta, slice_offsets)
-            return _expanded(y, h, lora_b, layout, meta, slice_offsets)
-    if not forks_beside(x.device):  # an eager step where the fused kernel declined
-        y = base(x)
-        lora_apply(y, x, lora_a, lora_b, layout, meta, slice_offsets)
-        return y
     if h is not None:
         if not one_token_segments or h.shape != (x.shape[0], num_slices * layout.max_rank):
             raise ValueError("a precomputed h takes one-token segments and the shape the shrink gives")
         return _expanded(base(x, defer_sum=True) if fused else base(x), h, lora_b, layout, meta, slice_offsets)
-    from server.model.triton_lora import lora_shrink, one_row_launch
-    from server.model.triton_lora_decode import lora_add_delta, lora_delta
-
     current, side = torch.cuda.current_stream(x.device), side_stream(x.device)
     side.wait_stream(current)
     side_expand = SIDE_EXPAND and one_token_segments and num_slices > 1
-    with torch.cuda.stream(side):  # (with side_expand B is read right after the shrink: nothing to prefetch)
-        h = lora_shrink(x, lora_a, layout, meta, num_slices,
-                        prefetch_b=lora_b if PREFETCH_B and one_token_segments and not side_expand else None)
+    with torch.cuda.stream(side):
+        h = lora_shrink(x, lora_a, layout, meta, num_slices)
         delta = lora_delta(h, lora_b, layout, meta, slice_offsets) if side_expand else None
     pending = (FUSED_ACT and defer_delta and delta is None and one_token_segments
                and one_row_launch(lora_b, layout) is not None)

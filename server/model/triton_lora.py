@@ -25,7 +25,6 @@ from server.model import pdl
 from server.model.lora_meta import LoraBatchMeta, SlotLayout, check_lora_shapes, make_lora_meta
 from server.model.shrink_workspace import take_zeroed
 from server.model.triton_pdl import pdl_enter
-from server.model.triton_prefetch import prefetch_share
 
 MAX_SLICES = 4
 # Enough programs to keep every SM of an H100 (132 SMs) busy with a few resident programs each.
@@ -45,16 +44,13 @@ SHRINK_RUNTIME_INTS = ("k_tiles_per_split", "split_k")
 def _shrink_kernel(
     x_ptr, a_ptr, h_ptr, seg_starts_ptr, seg_slots_ptr, slot_offsets_ptr, slot_ranks_ptr,
     in_features, num_slices, k_tiles_per_split, split_k,
-    stride_xm, stride_xk, stride_an, stride_ak, stride_hm, b_ptr, b_row_len,
+    stride_xm, stride_xk, stride_an, stride_ak, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH_B: tl.constexpr, THREADS: tl.constexpr,
-    PDL: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """A program: BLOCK_M tokens of one segment, BLOCK_N columns of h, one split of `in`. One token a program
     (BLOCK_M 1) sums its products in registers, each k-tile reduced across the lanes that hold it (reducing once
-    after the loop instead was measured no faster: bench/NOTES.md, thirty-second session). With PREFETCH_B the
-    segment's programs first ask the L2 for their shares of its slot's B rows (b_ptr: the expand's lora_b, rows of
-    b_row_len contiguous elements), which the expand after the base matmul reads (triton_prefetch)."""
+    after the loop instead was measured no faster: bench/NOTES.md, thirty-second session)."""
     pdl_enter(PDL)
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -66,9 +62,6 @@ def _shrink_kernel(
     if (slot < 0) | (row_start >= row_end):
         return
     rank = tl.load(slot_ranks_ptr + slot)
-    if PREFETCH_B:
-        prefetch_share(b_ptr + tl.load(slot_offsets_ptr + slot).to(tl.int64) * b_row_len, rank * b_row_len,
-                       pid_m * tl.num_programs(2) + tl.program_id(2), tl.num_programs(1) * tl.num_programs(2), THREADS)
     num_cols = num_slices * rank
     if pid_n * BLOCK_N >= num_cols:
         return
@@ -259,12 +252,10 @@ def _shrink_block_m(max_seg_len: int) -> int:
 
 
 def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: int,
-                split_k: int | None = None, tuning: dict | None = None,
-                prefetch_b: torch.Tensor | None = None) -> torch.Tensor:
+                split_k: int | None = None, tuning: dict | None = None) -> torch.Tensor:
     """h[t, :n*r] = the token's slot's A @ x[t] in fp32, [T, n * max_rank]; columns past a token's
     n*r, and rows of slot -1, are unspecified. `tuning` overrides the launch choices (bench.lora_kernels'
-    sweep): block_m, block_n, block_k, num_warps, num_stages, target_programs. `prefetch_b`: the expand's lora_b
-    (rows contiguous), whose rows of each segment's slot the kernel asks the L2 for on CUDA (lora_ops.PREFETCH_B)."""
+    sweep): block_m, block_n, block_k, num_warps, num_stages, target_programs."""
     tuning = tuning or {}
     num_tokens, in_features = x.shape
     num_cols = num_slices * layout.max_rank
@@ -287,19 +278,15 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
         h = alloc((num_tokens, num_cols), dtype=torch.float32, device=x.device)
     if num_tokens == 0 or meta.num_segments == 0:
         return h
-    prefetch = prefetch_b is not None and x.is_cuda  # inline PTX: not under the interpreter
-    if prefetch and prefetch_b.stride(1) != 1:
-        raise ValueError("prefetch_b's rows must be contiguous")
-    b, b_row_len = (prefetch_b, prefetch_b.stride(0)) if prefetch else (lora_a, 0)
     num_warps = tuning.get("num_warps", 4)
     grid = (meta.num_segments, num_m, num_n * split_k)
     _shrink_kernel[grid](
         x, lora_a, h, meta.seg_starts, meta.seg_slots, layout.offsets, layout.ranks,
         in_features, num_slices, k_tiles_per_split, split_k,
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), h.stride(0), b, b_row_len,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), h.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=split_k > 1,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH_B=prefetch,
-        THREADS=32 * num_warps, num_warps=num_warps, **_stages(tuning), **pdl.triton_launch(x.device, lora=True),
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, **_stages(tuning),
+        **pdl.triton_launch(x.device, lora=True),
     )  # fmt: skip
     return h
 
