@@ -79,7 +79,7 @@ def launch_wgmma_probes(layer: Layer, probes: list[str], num_sms: int) -> None:
     from server.model.cuda_nf4_wgmma import wgmma_split_k
 
     x = torch.randn(32, layer.shape[1], device="cuda").to(torch.bfloat16)
-    splits = wgmma_split_k(32, layer.shape, num_sms, wgmma_sol.BLOCK_TOKENS, wgmma_sol.OCCUPANCY)
+    splits = wgmma_split_k(32, layer.shape, num_sms, 32, wgmma_sol.INSTANCES[32])
     tiled = layer.nf4[0][3]
     for probe in probes:
         call, _ = wgmma_sol.probe_call(layer, x, probe, splits)

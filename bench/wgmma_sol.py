@@ -1,10 +1,11 @@
-"""Where the NF4 wgmma kernel's time goes at 17-32 rows: its stage loop with parts left out, in one run.
+"""Where the NF4 wgmma kernel's time goes at 17-32 and 65-128 rows: its stage loop with parts left out, in one run.
 
     python -m bench.wgmma_sol [--models 8b,1b] [--rows 32] [--shapes NAME:IN:OUT,...] [--out bench/results]
 
 Times by CUDA-graph replay over weight copies (bench.kernels.time_calls), per layer shape, the probes of
-bench/csrc/wgmma_sol.cu: the 32-token instance the dispatch runs at 17-32 rows (three blocks an SM, one quant block
-a stage, the server's grid and split of K), compiled again with parts of its stage loop left out
+bench/csrc/wgmma_sol.cu: at up to 32 rows the 32-token instance (three blocks an SM, one quant block a stage), at
+33-128 rows the 128-token one the dispatch runs at 128 rows (one block an SM), on the server's grid and split of K,
+compiled again with parts of its stage loop left out
 (server/model/csrc/nf4_wgmma.cuh, kWgmmaProbe*; NOT the semantics, only the times mean anything): ``kernel``
 (nothing left out: the server's kernel less its split-K sum, checked bit for bit against the server's output,
 ``exact``), ``no_x`` (x stored once: no x loads, stores or fences in the loop), ``no_barrier``, ``no_x_barrier``,
@@ -12,8 +13,11 @@ a stage, the server's grid and split of K), compiled again with parts of its sta
 dequantization alone), ``mma_loads`` (the code loads and the wgmmas alone) and ``loads``; beside them ``bf16``
 (cuBLAS) and ``server`` (cuda_nf4_wgmma.nf4_wgmma with the same block and split, its sum included). A probe's time
 against ``kernel`` is what the part left out costs while the rest stays. Writes ``<out>/<date>-<device>-wgmma-sol.json``
-with ``ratios``: each probe's geometric mean over the 8B shapes at 32 rows over ``kernel``
-(``wsol_<probe>_over_kernel_m32``) and over ``bf16`` (``wsol_<probe>_over_bf16_m32``).
+with ``ratios``: each probe's geometric mean over the 8B shapes at 32 (128) rows over ``kernel``
+(``wsol_<probe>_over_kernel_m32``, ``_m128``) and over ``bf16`` (``wsol_<probe>_over_bf16_m32``, ``_m128``). Why the
+128-token probes: at 128 rows that instance is 1.6 of bf16 on the H200 (issue 14's target 1.0), and x's staging
+(16-byte loads, permuted 4-byte stores, a fence and a barrier a quant block, by every thread) is there 16 KB a
+block and quant block against 4 KB of codes; ``no_x`` bounds what x brought by the TMA unit instead would save.
 
 H100, 2026-12-06 (bench/results/2026-12-06-nvidia-h100-80gb-hbm3-wgmma-sol-s38-async.json, µs, 8B gate_up at 32
 rows): kernel 48.1, dequant_loads 35.2, mma_loads 36.4, no_dequant 42.1, no_mma 44.8, no_x 43.7, no_barrier 46.7.
@@ -53,7 +57,7 @@ NO_X, NO_BARRIER, NO_DEQUANT, NO_MMA = 1, 2, 4, 8  # csrc/nf4_wgmma.cuh's kWgmma
 PROBES = {"kernel": 0, "no_x": NO_X, "no_barrier": NO_BARRIER, "no_x_barrier": NO_X | NO_BARRIER,
           "no_dequant": NO_DEQUANT, "no_mma": NO_MMA, "dequant_loads": NO_X | NO_BARRIER | NO_MMA,
           "mma_loads": NO_X | NO_BARRIER | NO_DEQUANT, "loads": NO_X | NO_BARRIER | NO_DEQUANT | NO_MMA}
-BLOCK_TOKENS, OCCUPANCY = 32, 3  # the instance the probes build (wgmma_sol.cu)
+INSTANCES = {32: 3, 128: 2}  # block tokens: the occupancy the server splits K for (wgmma_sol.cu builds both)
 
 
 @functools.cache
@@ -66,13 +70,17 @@ def _library() -> ctypes.PyDLL:
     path = nvcc_library.build(SOURCE, "loraplex_wgmma_sol", major, minor, feature="a", flags=("--use_fast_math",),
                               include_dirs=(ROOT / "server" / "model" / "csrc",))
     lib = ctypes.PyDLL(str(path))
-    lib.loraplex_wgmma_sol.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4
+    lib.loraplex_wgmma_sol.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4
     return lib
 
 
+def block_tokens_for(rows: int) -> int:
+    return 32 if rows <= 32 else 128
+
+
 def probe_call(layer, x: torch.Tensor, probe: str, splits: int):
-    """call(tiled): one launch of `probe` at `splits` splits of K; and the output it leaves: out [M, N], or the
-    partials [splits, M, N] summed in split order as split_k_sum_kernel does."""
+    """call(tiled): one launch of `probe` (the instance of block_tokens_for(rows)) at `splits` splits of K; and the
+    output it leaves: out [M, N], or the partials [splits, M, N] summed in split order as split_k_sum_kernel does."""
     lib = _library()
     flags = PROBES[probe]
     (out_features, in_features), rows = layer.shape, x.shape[0]
@@ -80,8 +88,8 @@ def probe_call(layer, x: torch.Tensor, probe: str, splits: int):
     partial = torch.empty(splits, rows, out_features, dtype=torch.float32, device="cuda")
 
     def call(tiled):
-        err = lib.loraplex_wgmma_sol(flags, torch.cuda.current_stream().cuda_stream, x.data_ptr(),
-                                     tiled[0].data_ptr(), tiled[1].data_ptr(), layer.table.data_ptr(),
+        err = lib.loraplex_wgmma_sol(flags, block_tokens_for(rows), torch.cuda.current_stream().cuda_stream,
+                                     x.data_ptr(), tiled[0].data_ptr(), tiled[1].data_ptr(), layer.table.data_ptr(),
                                      out.data_ptr(), partial.data_ptr(), rows, out_features, in_features, splits)
         if err:
             raise RuntimeError(f"wgmma_sol launch failed: cudaError {err}")
@@ -104,17 +112,19 @@ def run_shape(model: str, name: str, in_features: int, out_features: int, rows: 
     layer = timing_layer(in_features, out_features)
     x = torch.randn(rows, in_features, device="cuda").to(torch.bfloat16)
     num_sms = device_num_sms(0)
-    splits = cuda_nf4_wgmma.wgmma_split_k(rows, layer.shape, num_sms, BLOCK_TOKENS, OCCUPANCY)
+    block_tokens = block_tokens_for(rows)
+    occupancy = INSTANCES[block_tokens]
+    splits = cuda_nf4_wgmma.wgmma_split_k(rows, layer.shape, num_sms, block_tokens, occupancy)
     entry = {"model": model, "layer": name, "in": in_features, "out": out_features, "rows": rows, "splits": splits,
              "us": {}}
     entry["us"]["bf16"] = round(time_calls([lambda w=w: torch.nn.functional.linear(x, w) for w in layer.bf16]), 2)
     shape, table = layer.shape, layer.table
     entry["us"]["server"] = round(time_calls([
-        lambda c=c: cuda_nf4_wgmma.nf4_wgmma(x, c[3], shape, table, split_k=splits, block_tokens=BLOCK_TOKENS,
-                                             num_sms=num_sms, occupancy=OCCUPANCY, one_wait=False)
+        lambda c=c: cuda_nf4_wgmma.nf4_wgmma(x, c[3], shape, table, split_k=splits, block_tokens=block_tokens,
+                                             num_sms=num_sms, occupancy=occupancy, one_wait=False)
         for c in layer.nf4]), 2)
-    want = cuda_nf4_wgmma.nf4_wgmma(x, layer.nf4[0][3], shape, table, split_k=splits, block_tokens=BLOCK_TOKENS,
-                                    num_sms=num_sms, occupancy=OCCUPANCY, one_wait=False)
+    want = cuda_nf4_wgmma.nf4_wgmma(x, layer.nf4[0][3], shape, table, split_k=splits, block_tokens=block_tokens,
+                                    num_sms=num_sms, occupancy=occupancy, one_wait=False)
     for probe in PROBES:
         call, result = probe_call(layer, x, probe, splits)
         if probe == "kernel":
@@ -128,12 +138,13 @@ def run_shape(model: str, name: str, in_features: int, out_features: int, rows: 
 
 
 def ratios(layers: list[dict]) -> dict[str, float | None]:
-    rows8b = [entry for entry in layers if entry["model"] == "8b" and entry["rows"] == 32]
     out = {}
-    for probe in PROBES:
-        for base in ("kernel", "bf16"):
-            vals = [entry["us"][probe] / entry["us"][base] for entry in rows8b]
-            out[f"wsol_{probe}_over_{base}_m32"] = round(geomean(vals), 3) if len(vals) == 4 else None
+    for rows in (32, 128):
+        rows8b = [entry for entry in layers if entry["model"] == "8b" and entry["rows"] == rows]
+        for probe in PROBES:
+            for base in ("kernel", "bf16"):
+                vals = [entry["us"][probe] / entry["us"][base] for entry in rows8b]
+                out[f"wsol_{probe}_over_{base}_m{rows}"] = round(geomean(vals), 3) if len(vals) == 4 else None
     return out
 
 
@@ -142,12 +153,13 @@ def main() -> None:
     parser.add_argument("--models", default="8b,1b", help="model shapes; '' for none (with --shapes)")
     parser.add_argument("--shapes", default="", help="more weights, as NAME:IN:OUT (model 'custom'): e.g. "
                         "gate_up264:4096:33792, 264 row groups of 128 where 8B gate_up has 224 over 132 SMs")
-    parser.add_argument("--rows", default="32", help="rows to time, each 17-32 (the 32-token instance)")
+    parser.add_argument("--rows", default="32", help="rows to time, each 1-128 (17-32: the 32-token instance's "
+                        "rows in the dispatch of old; 65-128: the 128-token one's)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]
-    if bad := [r for r in rows_list if not 0 < r <= BLOCK_TOKENS]:
-        parser.error(f"rows must be 1-{BLOCK_TOKENS}: {bad}")
+    if bad := [r for r in rows_list if not 0 < r <= 128]:
+        parser.error(f"rows must be 1-128: {bad}")
     results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                "command": f"python -m bench.wgmma_sol --models '{args.models}' --rows {args.rows} --shapes "
                           f"'{args.shapes}'", "layers": []}

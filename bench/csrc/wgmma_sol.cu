@@ -1,7 +1,7 @@
 // Speed-of-light probes of the NF4 wgmma kernel's stage loop (bench/wgmma_sol.py): the 32-token instance the dispatch
-// runs at 17-32 rows (nf4_wgmma_kernel<bf16, 32, 3, 1>: three blocks an SM, one quant block a stage), each probe the
-// same kernel with parts of a stage left out (server/model/csrc/nf4_wgmma.cuh, kWgmmaProbe*), on the server's grid
-// and split of K. NOT the semantics: a probe's output is garbage; only its time means anything.
+// ran at 17-32 rows (nf4_wgmma_kernel<bf16, 32, 3, 1>: three blocks an SM, one quant block a stage) and the 128-token
+// one it runs at 65-128 (<bf16, 128, 1, 1>: one block an SM), each probe the same kernel with parts of a stage left
+// out (server/model/csrc/nf4_wgmma.cuh, kWgmmaProbe*), on the server's grid and split of K. NOT the semantics: a probe's output is garbage; only its time means anything.
 // Built by nvcc alone for sm_90a (no torch headers), called through ctypes. Not part of the server.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -13,9 +13,7 @@
 
 namespace {
 
-constexpr int kBlockTokens = 32, kMinBlocks = 3;
-
-template <int PROBE>
+template <int kBlockTokens, int kMinBlocks, int PROBE>
 cudaError_t launch(cudaStream_t stream, const void* x, const void* codes, const void* scales, const float* table,
                    void* out, float* partial, int M, int N, int K, int splits) {
   constexpr auto kernel = nf4_wgmma_kernel<__nv_bfloat16, kBlockTokens, kMinBlocks, 1, WG_WARPS, false, PROBE>;
@@ -34,16 +32,20 @@ cudaError_t launch(cudaStream_t stream, const void* x, const void* codes, const 
 
 }  // namespace
 
-// Probe `probe` (an OR of kWgmmaProbe* flags, one of those instantiated below; 0: the server's kernel itself) over
-// the tile layout of an [N, K] weight and x [M, K] bf16, M <= 32: out [M, N] bf16, or with splits > 1 the fp32
-// partials [splits, M, N] (never summed). Returns the launch's cudaError_t.
-extern "C" int loraplex_wgmma_sol(int probe, void* stream, const void* x, const void* codes, const void* scales,
-                                  const float* table, void* out, float* partial, int M, int N, int K, int splits) {
+// Probe `probe` (an OR of kWgmmaProbe* flags, one of those instantiated below; 0: the server's kernel itself) of the
+// block_tokens (32 or 128) instance over the tile layout of an [N, K] weight and x [M, K] bf16: out [M, N] bf16, or
+// with splits > 1 the fp32 partials [splits, M, N] (never summed). Returns the launch's cudaError_t.
+extern "C" int loraplex_wgmma_sol(int probe, int block_tokens, void* stream, const void* x, const void* codes,
+                                  const void* scales, const float* table, void* out, float* partial, int M, int N,
+                                  int K, int splits) {
   auto s = static_cast<cudaStream_t>(stream);
   constexpr int kNoX = kWgmmaProbeNoX, kNoBarrier = kWgmmaProbeNoBarrier;
   constexpr int kNoDequant = kWgmmaProbeNoDequant, kNoMma = kWgmmaProbeNoMma;
-#define LORAPLEX_WGMMA_SOL(PROBE) \
-  if (probe == (PROBE)) return launch<PROBE>(s, x, codes, scales, table, out, partial, M, N, K, splits);
+#define LORAPLEX_WGMMA_SOL(PROBE)                                                             \
+  if (probe == (PROBE) && block_tokens == 32)                                                 \
+    return launch<32, 3, PROBE>(s, x, codes, scales, table, out, partial, M, N, K, splits);   \
+  if (probe == (PROBE) && block_tokens == 128)                                                \
+    return launch<128, 1, PROBE>(s, x, codes, scales, table, out, partial, M, N, K, splits);
   LORAPLEX_WGMMA_SOL(0)
   LORAPLEX_WGMMA_SOL(kNoX)
   LORAPLEX_WGMMA_SOL(kNoBarrier)
