@@ -137,6 +137,7 @@ def nf4_wgmma(
     one_wait: bool | None = None,
     resident_warpgroups: int = 0,
     pairs: bool = False,
+    bulk_x: bool = False,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's 16
     weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -149,7 +150,10 @@ def nf4_wgmma(
     blocks (wgmma_occupancy). `resident_warpgroups` 4-7 (tuning candidates; 16 or 32 block tokens):
     the x-resident kernel (csrc/nf4_wgmma_resident.cuh), one block an SM of that many warpgroups holding x of its split
     of K, each warpgroup walking 64-row units on its own (splits: resident_split_k); with `pairs`, its dequantization
-    from the byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), 64 KB beside x. Each
+    from the byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), 64 KB beside x.
+    `bulk_x` (128 block tokens; off until timed): the default block with x's tiles written once as their shared-memory
+    images and brought a stage at a time by the TMA unit (csrc/nf4_wgmma_bulk.cuh): no thread stages x, 127
+    registers where the default takes 167, so two blocks an SM instead of one. Each
     warpgroup issues the same wgmmas in the same order whatever the variant: the same bits for the same splits. Measured
     slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas run (3-15%,
     bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep instead of two
@@ -178,6 +182,13 @@ def nf4_wgmma(
     stage with two waits (H100, -kernels-s41-s2w.json)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
+    if bulk_x:  # the default 128-token block with x's tiles brought by the TMA unit (csrc/nf4_wgmma_bulk.cuh)
+        if (block_tokens or 128) != 128 or stage_blocks != 1 or block_warps != WGMMA_BLOCK_WARPS or resident_warpgroups:
+            raise ValueError("bulk_x takes the 128-token block of two warpgroups, one quant block a stage")
+        if split_k is None:
+            split_k = wgmma_split_k(x.shape[0], shape, num_sms, 128, wgmma_occupancy(128, WGMMA_BLOCK_WARPS))
+        partials = extension().nf4_wgmma_bulk_x(x, tiled[0], tiled[1], code_table, bias, out, split_k, defer_sum)
+        return out if partials is None else SplitSums(partials, bias, x.dtype)
     if resident_warpgroups:
         block_tokens = block_tokens or 32
         if block_tokens not in RESIDENT_BLOCK_TOKENS:

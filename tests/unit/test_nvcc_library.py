@@ -8,6 +8,7 @@ import ctypes
 import shutil
 
 import pytest
+import torch
 
 from server import nvcc_library
 
@@ -108,6 +109,30 @@ def test_the_resident_kernels_shared_memory_and_descriptors(tmp_path, monkeypatc
             most = cuda_nf4_wgmma.resident_max_blocks(block_tokens, pairs)
             assert lib.smem_bytes(block_tokens, most, pairs) <= lib.smem_max() < lib.smem_bytes(
                 block_tokens, most + 1, pairs), (block_tokens, pairs)
+
+
+def test_x_images_are_the_tiles_each_thread_would_have_stored(tmp_path, monkeypatch):
+    """nf4_wgmma(bulk_x=True) brings x's tiles as images written once (nf4_wgmma_bulk.cuh, x_image_kernel): each
+    16-byte chunk's words must land where store_x_chunk puts them, as test_nf4_wgmma_mapping's emulation of the
+    threads' stores (whose tensor-core reads it checks against x @ W^T) places them, for every row of a 128-token
+    tile; a wrong permutation or swizzle fails here."""
+    from tests.unit.test_nf4_wgmma_mapping import _store_x
+
+    lib = _library_of(tmp_path, monkeypatch, "x_image",
+                      '#include "nf4_device.cuh"\n#include "nf4_wgmma_bulk.cuh"\n'
+                      'extern "C" int word(int r, int c, int w) { return x_image_word(r, c, w); }\n')
+    tokens, blk = 128, 1
+    x = torch.randn(tokens, 128).to(torch.bfloat16)
+    images = {}
+    for r in range(tokens):
+        for c in range(8):
+            for w in range(4):
+                at = r * 32 + lib.word(r, c, w)
+                assert 0 <= lib.word(r, c, w) < 32 and at not in images
+                images[at] = x[r, 64 * blk + 8 * c + 2 * w:64 * blk + 8 * c + 2 * w + 2]
+    stored = _store_x(x, blk, tokens)
+    assert images.keys() == stored.keys()
+    assert all(torch.equal(images[at], stored[at]) for at in stored)
 
 
 def _library_of(tmp_path, monkeypatch, name: str, source_text: str) -> ctypes.CDLL:

@@ -6,6 +6,7 @@
 
 #include "nf4_device.cuh"
 #include "nf4_wgmma.cuh"
+#include "nf4_wgmma_bulk.cuh"
 #include "nf4_wgmma_resident.cuh"
 
 namespace {
@@ -157,6 +158,42 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
     return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
                                                stage_blocks, blocks_per_sm, block_warps, one_wait,
                                                resident_warpgroups, pairs, defer_sum);
+  });
+}
+
+// nf4_wgmma's 128-token block with x's tiles brought by the TMA unit (nf4_wgmma_bulk.cuh): x_image_kernel writes x's
+// tile images, then nf4_wgmma_bulk_x_kernel runs over the grid of nf4_wgmma_kernel<T, 128, 1, 1>, whose bits it gives
+// for the same split_k. Any M, K % 64 == 0; only where nf4_wgmma_built(). With defer_sum and K split, returns the
+// unsummed fp32 partials [splits, M, N] instead (run_split); else None.
+torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales,
+                               torch::Tensor table, c10::optional<torch::Tensor> bias, torch::Tensor out,
+                               int64_t split_k, bool defer_sum) {
+  constexpr int BM = 128;
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
+  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
+  check_tile_layout(x, tile_codes, tile_scales, out);
+  const int M = x.size(0), K = x.size(1), N = out.size(1), groups = (M + BM - 1) / BM;
+  torch::Tensor images = torch::empty({static_cast<int64_t>(groups) * BM * K}, x.options());
+  return run_for_dtype(x, [&](auto dtype_tag) {
+    using T = decltype(dtype_tag);
+    const int64_t chunks = static_cast<int64_t>(groups) * BM * K / 8;
+    launch_kernel(x_image_kernel<T, BM>, dim3(static_cast<unsigned>((chunks + 255) / 256)), dim3(256), 0,
+                  c10::cuda::getCurrentCUDAStream(), programmatic_launch(), reinterpret_cast<const T*>(x.data_ptr()),
+                  reinterpret_cast<uint32_t*>(images.data_ptr()), M, K);
+    constexpr auto kernel = nf4_wgmma_bulk_x_kernel<T, BM, 2>;  // 127 registers: two blocks an SM
+    constexpr int smem = BulkSmem<BM>::bytes;
+    allow_dynamic_smem<kernel>(smem);
+    const int row_groups = ((N + 15) / 16 + WG_WARPS - 1) / WG_WARPS;
+    return run_split<T>(x, bias, out, split_k,
+                        [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
+                            int blocks_per_split) {
+      launch_kernel(kernel, dim3(row_groups, splits, groups), dim3(WG_WARPS * 32), smem, stream, programmatic_launch(),
+                    reinterpret_cast<const uint8_t*>(images.data_ptr()),
+                    reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+                    reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr,
+                    out_ptr, partial, M, N, K, blocks_per_split);
+    }, programmatic_launch(), defer_sum);
   });
 }
 

@@ -1,0 +1,160 @@
+// x brought by the TMA unit into nf4_wgmma_kernel's stages (nf4_wgmma(..., bulk_x=True); 128 block tokens; off
+// until timed). Included by nf4_wgmma.cu after nf4_wgmma.cuh.
+//
+// Why: at 128 rows the default 128-token block is 1.6 of bf16 on the H200 (issue 14's target 1.0), and there x's
+// staging is the heaviest part of a stage outside the dequantization: 16 KB of x a block and quant block (against 4 KB
+// of codes), each thread's 16-byte loads landing before its four permuted 4-byte stores, a fence, and the barrier
+// that waits for the slowest thread's chain. Here a first kernel (x_image_kernel, ~1 MB at 128 rows) writes x once
+// as the images those stores would leave in shared memory (store_x_chunk's permutation and 128-byte swizzle: a tile
+// placed at a 1,024-byte aligned address reads as the descriptor expects), and the GEMM's thread 0 asks the TMA unit
+// for each stage's tile with one bulk copy (cp.async.bulk) on the buffer's mbarrier, kBulkBuffers stages ahead. No
+// other thread loads or stores x: every thread waits on the mbarrier's phase before the stage's wgmmas. The same A
+// fragments and wgmmas in the same order as nf4_wgmma_kernel<T, BM, 1, 1>: the same bits for the same splits.
+#pragma once
+
+#include "nf4_wgmma.cuh"
+
+namespace {
+
+constexpr int kBulkBuffers = 3;  // x tiles in flight: stage s's wgmmas read buffer s % 3 while s + 1, s + 2 land
+
+template <int BM>
+struct BulkSmem {
+  static constexpr int x_bytes = BM * 128;
+  // the tiles from a 1,024-byte aligned address (up to 1,008 bytes of slack), then one 8-byte mbarrier a buffer
+  static constexpr int bytes = kBulkBuffers * x_bytes + 1024 + 8 * kBulkBuffers;
+};
+
+// The mbarrier (shared-memory byte address `bar`) with `count` arrivals a phase; its initialization made visible to
+// the async proxy (the TMA unit completes bytes on it) by mbarrier_init_fence.
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t count) {
+#ifdef LORAPLEX_WGMMA
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbarrier_init_fence() {
+#ifdef LORAPLEX_WGMMA
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+// One arrival (the count is 1) that also expects `bytes` to complete this phase.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+#ifdef LORAPLEX_WGMMA
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+// Until the phase of parity `parity` has completed (labels local to the braces: inlined at several places).
+__device__ __forceinline__ void mbarrier_wait_parity(uint32_t bar, uint32_t parity) {
+#ifdef LORAPLEX_WGMMA
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "retry:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra retry;\n"
+      "}\n" ::"r"(bar), "r"(parity) : "memory");
+#endif
+}
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global `src` to shared `dst` by the TMA unit,
+// completed on mbarrier `bar`.
+__device__ __forceinline__ void bulk_copy_to_shared(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+#ifdef LORAPLEX_WGMMA
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+#endif
+}
+
+// The word of a tile row (32 words of 128 bytes) where word w of x's 16-byte chunk c of row r lands: chunk
+// 4 (c % 2) + w, word c / 2, at chunk ^ (r % 8) (store_x_chunk's permutation and the descriptor's 128-byte swizzle).
+__host__ __device__ constexpr int x_image_word(int r, int c, int w) {
+  return ((4 * (c & 1) + w) ^ (r & 7)) * 4 + (c >> 1);
+}
+
+// x [M, K] as tile images: token group z's quant block b at word (z * K / 64 + b) * BM * 32, BM rows of 128 bytes
+// each, as XStage::store leaves a stage's tile (rows past M: row M - 1, as its loads re-read it). A thread a 16-byte
+// chunk of x: chunk c of row r's quant block, its words placed by x_image_word.
+template <typename T, int BM>
+__global__ void __launch_bounds__(256) x_image_kernel(const T* __restrict__ x, uint32_t* __restrict__ images, int M,
+                                                      int K) {
+  const int blocks = K / 64;
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  wait_for_prior_grid();  // x is the kernel ahead's output
+  if (q >= static_cast<int64_t>((M + BM - 1) / BM) * blocks * BM * 8) return;
+  const int c = static_cast<int>(q & 7), r = static_cast<int>((q >> 3) % BM);
+  const int64_t tile = (q >> 3) / BM;  // z * blocks + b
+  const int b = static_cast<int>(tile % blocks), z = static_cast<int>(tile / blocks);
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(z * BM + r, M - 1)) * K +
+                                                       64 * b + 8 * c));
+  uint32_t* row = images + (tile * BM + r) * 32;
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int w = 0; w < 4; ++w) row[x_image_word(r, c, w)] = words[w];
+}
+
+// nf4_wgmma_kernel<T, BM, MIN_BLOCKS, 1> (two warpgroups, one quant block a stage) with x's tiles from `images`
+// (x_image_kernel) by bulk copies instead of staged by every thread. One barrier a stage, after its wgmmas: the
+// buffer they read is free for the stage kBulkBuffers on, which thread 0 then asks for.
+template <typename T, int BM, int MIN_BLOCKS>
+__global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_bulk_x_kernel(
+    const uint8_t* __restrict__ images, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
+    const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
+    int M, int N, int K, int blocks_per_split) {
+#ifdef LORAPLEX_WGMMA
+  constexpr int X_BYTES = BulkSmem<BM>::x_bytes;
+  extern __shared__ __align__(1024) uint8_t wg_smem[];
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
+  const uint32_t tiles = (raw + 1023) & ~1023u;
+  const uint32_t bars = tiles + kBulkBuffers * X_BYTES;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kBulkBuffers; ++s) mbarrier_init(bars + 8 * s, 1);
+    mbarrier_init_fence();
+  }
+  const char* lut = stage_code_table(table);  // its barrier also orders the mbarriers' initialization
+
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int row_tiles = (N + 15) / 16;
+  const int tile0 = blockIdx.x * WG_WARPS + (threadIdx.x >> 5);
+  const int num_blocks = K / 64;
+  const int first = blockIdx.y * blocks_per_split;
+  const int last = min(first + blocks_per_split, num_blocks);
+  const int m0 = blockIdx.z * BM;
+
+  float acc[BM / 2] = {};
+  const uint64_t x_desc0 = smem_desc_sw128(tiles);
+  const uint8_t* src = images + (static_cast<int64_t>(blockIdx.z) * num_blocks + first) * X_BYTES;
+  auto ask = [&](int i) {  // stage i (quant block first + i) into buffer i % kBulkBuffers
+    if (threadIdx.x == 0 && first + i < last) {
+      const uint32_t bar = bars + 8 * (i % kBulkBuffers);
+      mbarrier_arrive_expect_tx(bar, X_BYTES);
+      bulk_copy_to_shared(tiles + (i % kBulkBuffers) * X_BYTES, src + static_cast<int64_t>(i) * X_BYTES, X_BYTES,
+                          bar);
+    }
+  };
+  TileRing<1, WG_PREFETCH> ring(tile_codes, tile_scales, tile0, row_tiles, num_blocks, lane, first, last);
+  wait_for_prior_grid();  // codes in flight; the images are the kernel ahead's output
+#pragma unroll
+  for (int i = 0; i < kBulkBuffers; ++i) ask(i);
+  for (int base = first; base < last; base += WG_PREFETCH) {
+#pragma unroll
+    for (int p = 0; p < WG_PREFETCH; ++p) {
+      const int blk = base + p;
+      if (blk >= last) break;  // the same for every thread of the block: the barrier below stays uniform
+      const int i = blk - first;
+      uint4 codes[1];
+      float2 scales[1];
+      ring.take(p, blk, last, codes, scales);
+      uint32_t a[1][2][2][4];
+      a_fragments<T>(lut, codes[0], scales[0], 0, a[0][0]);
+      a_fragments<T>(lut, codes[0], scales[0], 1, a[0][1]);
+      mbarrier_wait_parity(bars + 8 * (i % kBulkBuffers), (i / kBulkBuffers) & 1);
+      stage_wgmmas<T, BM, 1>(acc, a, smem_desc_advance(x_desc0, (i % kBulkBuffers) * X_BYTES), blk, last);
+      __syncthreads();  // every warpgroup's wgmmas of this buffer are done
+      ask(i + kBulkBuffers);
+    }
+  }
+  store_accumulators<T, BM>(acc, tile0, row_tiles, g, t, m0, M, N, bias, out, partial);
+#endif
+}
+
+}  // namespace
