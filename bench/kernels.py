@@ -224,6 +224,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
             variants["wgmma_nw" if one_wait else "wgmma_1w"] = {"one_wait": not one_wait}
         if rows > 32:  # the 128-token block with x brought by the TMA unit (two blocks an SM; off until timed)
             variants["wgmma_bx"] = {"bulk_x": True, "block_tokens": 128}
+            variants["wgmma_bx16"] = {"bulk_x": True, "block_tokens": 128, "block_warps": 16}
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4_wgmma.nf4_wgmma(x, c[3], layer.shape, layer.table,
                                                                         num_sms=device_num_sms(0), **kw)

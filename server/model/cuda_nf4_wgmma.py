@@ -22,6 +22,7 @@ def wgmma_supported() -> bool:
 WGMMA_BLOCK_TOKENS = (32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_wgmma.cu, dispatch_wgmma)
 WGMMA_MAX_SPLIT_K = 16  # the Triton consumers of deferred partials sum at most 16 (triton_glue.MAX_SPLITS)
 WGMMA_BLOCK_WARPS = 8  # csrc/nf4_wgmma.cuh's default block: two warpgroups of 64 weight rows each
+BULK_X_BLOCK_WARPS = (8, 16)  # nf4_wgmma(bulk_x=True)'s blocks: two or four warpgroups
 
 
 def wgmma_row_groups(out_features: int, block_warps: int = WGMMA_BLOCK_WARPS) -> int:
@@ -153,7 +154,8 @@ def nf4_wgmma(
     from the byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), 64 KB beside x.
     `bulk_x` (128 block tokens; off until timed): the default block with x's tiles written once as their shared-memory
     images and brought a stage at a time by the TMA unit (csrc/nf4_wgmma_bulk.cuh): no thread stages x, 127
-    registers where the default takes 167, so two blocks an SM instead of one. Each
+    registers where the default takes 167, so two blocks an SM instead of one; with `block_warps` 16, four warpgroups
+    (256 weight rows) share each tile, one block an SM: half the x a weight row reads from the L2. Each
     warpgroup issues the same wgmmas in the same order whatever the variant: the same bits for the same splits. Measured
     slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas run (3-15%,
     bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep instead of two
@@ -182,12 +184,15 @@ def nf4_wgmma(
     stage with two waits (H100, -kernels-s41-s2w.json)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
-    if bulk_x:  # the default 128-token block with x's tiles brought by the TMA unit (csrc/nf4_wgmma_bulk.cuh)
-        if (block_tokens or 128) != 128 or stage_blocks != 1 or block_warps != WGMMA_BLOCK_WARPS or resident_warpgroups:
-            raise ValueError("bulk_x takes the 128-token block of two warpgroups, one quant block a stage")
-        if split_k is None:
-            split_k = wgmma_split_k(x.shape[0], shape, num_sms, 128, wgmma_occupancy(128, WGMMA_BLOCK_WARPS))
-        partials = extension().nf4_wgmma_bulk_x(x, tiled[0], tiled[1], code_table, bias, out, split_k, defer_sum)
+    if bulk_x:  # the 128-token block with x's tiles brought by the TMA unit (csrc/nf4_wgmma_bulk.cuh)
+        if ((block_tokens or 128) != 128 or stage_blocks != 1 or block_warps not in BULK_X_BLOCK_WARPS
+                or resident_warpgroups or pairs or one_wait or occupancy is not None):
+            raise ValueError("bulk_x takes 128 block tokens, 8 or 16 block warps and one quant block a stage, "
+                             "with no other variant")
+        if split_k is None:  # a grid of 8 warps' blocks fills two an SM, of 16 warps' one (127 registers a thread)
+            split_k = wgmma_split_k(x.shape[0], shape, num_sms, 128, 2 * WGMMA_BLOCK_WARPS // block_warps, block_warps)
+        partials = extension().nf4_wgmma_bulk_x(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_warps,
+                                                 defer_sum)
         return out if partials is None else SplitSums(partials, bias, x.dtype)
     if resident_warpgroups:
         block_tokens = block_tokens or 32

@@ -266,23 +266,30 @@ def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_token
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows, split_k", [(100, 5), (128, 1), (300, 2), (7, 24), (129, 3)])
-def test_bulk_x_matches_the_128_token_block_bit_for_bit(rows, split_k, dtype):
-    """x's tiles written as their shared-memory images and brought by the TMA unit (bulk_x): the same wgmmas in the
-    same order as the default 128-token block with the same splits, so the same bits, with bias, through the split
-    sums and deferred, and on replay. 300 and 129 rows: several token groups, the last one short (its rows past M are
-    row M - 1's image); 24 splits of 24 quant blocks: one stage a split, fewer than the three buffers."""
+@pytest.mark.parametrize("block_warps", [8, 16])
+@pytest.mark.parametrize("rows, split_k", [(100, 5), (128, 1), (300, 2), (7, 24), (129, 3), (64, 12), (64, 8)])
+def test_bulk_x_matches_the_128_token_block_bit_for_bit(rows, split_k, block_warps, dtype):
+    """x's tiles written as their shared-memory images and brought by the TMA unit (bulk_x), in blocks of two or four
+    warpgroups: the same wgmmas in the same order as the default 128-token block with the same splits, so the same
+    bits, with bias, through the split sums and deferred, and on replay. 300 and 129 rows: several token groups, the
+    last one short (its rows past M are row M - 1's image); 24 quant blocks in 24, 12, 8 and 5 splits: one, two,
+    three (each buffer used once) and five stages a split; 600 weight rows: a last block of a few warps' tiles."""
     from server.model import cuda_nf4_wgmma
 
     codes, absmax, wshape, table, tiled, x, bias = _wgmma_layer(rows, dtype)
     run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, bias, split_k=split_k,  # noqa: E731
-                                                    block_tokens=128, one_wait=False, **kw)
-    got = run(x, bulk_x=True)
-    assert torch.equal(got, run(x))
+                                                    block_tokens=128, **kw)
+    bulk = lambda xs, **kw: run(xs, bulk_x=True, block_warps=block_warps, **kw)  # noqa: E731
+    want = run(x, one_wait=False)
+    got = bulk(x)
+    assert torch.equal(got, want)
     assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
-    if split_k > 1:
-        assert torch.equal(run(x, bulk_x=True, defer_sum=True).partials, run(x, defer_sum=True).partials)
-    _assert_replays(lambda xs: run(xs, bulk_x=True), x)
+    if split_k > 1:  # partials of the same size freed just before, filled with NaN: the bulk call must write its own
+        torch.full((split_k, rows, 600), float("nan"), device="cuda")
+        deferred = bulk(x, defer_sum=True)
+        assert torch.equal(deferred.partials, run(x, one_wait=False, defer_sum=True).partials)
+        assert torch.equal(deferred.materialize(), want)
+    _assert_replays(bulk, x)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

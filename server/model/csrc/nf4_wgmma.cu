@@ -162,13 +162,15 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
 }
 
 // nf4_wgmma's 128-token block with x's tiles brought by the TMA unit (nf4_wgmma_bulk.cuh): x_image_kernel writes x's
-// tile images, then nf4_wgmma_bulk_x_kernel runs over the grid of nf4_wgmma_kernel<T, 128, 1, 1>, whose bits it gives
-// for the same split_k. Any M, K % 64 == 0; only where nf4_wgmma_built(). With defer_sum and K split, returns the
-// unsummed fp32 partials [splits, M, N] instead (run_split); else None.
+// tile images, then nf4_wgmma_bulk_x_kernel runs with block_warps 8 (two warpgroups, two blocks an SM: the grid of
+// nf4_wgmma_kernel<T, 128, 1, 1>) or 16 (four warpgroups, one block an SM), giving that kernel's bits for the same
+// split_k. Any M, K % 64 == 0; only where nf4_wgmma_built(). With defer_sum and K split, returns the unsummed fp32
+// partials [splits, M, N] instead (run_split); else None.
 torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales,
                                torch::Tensor table, c10::optional<torch::Tensor> bias, torch::Tensor out,
-                               int64_t split_k, bool defer_sum) {
+                               int64_t split_k, int64_t block_warps, bool defer_sum) {
   constexpr int BM = 128;
+  TORCH_CHECK(block_warps == 8 || block_warps == 16, "bulk_x takes 8 or 16 block warps, got ", block_warps);
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
   TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
@@ -181,19 +183,27 @@ torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch:
     launch_kernel(x_image_kernel<T, BM>, dim3(static_cast<unsigned>((chunks + 255) / 256)), dim3(256), 0,
                   c10::cuda::getCurrentCUDAStream(), programmatic_launch(), reinterpret_cast<const T*>(x.data_ptr()),
                   reinterpret_cast<uint32_t*>(images.data_ptr()), M, K);
-    constexpr auto kernel = nf4_wgmma_bulk_x_kernel<T, BM, 2>;  // 127 registers: two blocks an SM
-    constexpr int smem = BulkSmem<BM>::bytes;
-    allow_dynamic_smem<kernel>(smem);
-    const int row_groups = ((N + 15) / 16 + WG_WARPS - 1) / WG_WARPS;
-    return run_split<T>(x, bias, out, split_k,
-                        [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
-                            int blocks_per_split) {
-      launch_kernel(kernel, dim3(row_groups, splits, groups), dim3(WG_WARPS * 32), smem, stream, programmatic_launch(),
-                    reinterpret_cast<const uint8_t*>(images.data_ptr()),
-                    reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-                    reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr,
-                    out_ptr, partial, M, N, K, blocks_per_split);
-    }, programmatic_launch(), defer_sum);
+    // 127 registers a thread (ptxas, sm_90a): two blocks of 8 warps or one of 16 fill the register file
+    auto gemm = [&](auto kernel, int warps) {
+      constexpr int smem = BulkSmem<BM>::bytes;
+      allow_dynamic_smem<decltype(kernel)::value>(smem);
+      const int row_groups = ((N + 15) / 16 + warps - 1) / warps;
+      return run_split<T>(x, bias, out, split_k,
+                          [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
+                              int blocks_per_split) {
+        launch_kernel(decltype(kernel)::value, dim3(row_groups, splits, groups), dim3(warps * 32), smem, stream,
+                      programmatic_launch(), reinterpret_cast<const uint8_t*>(images.data_ptr()),
+                      reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+                      reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr,
+                      out_ptr, partial, M, N, K, blocks_per_split);
+      }, programmatic_launch(), defer_sum);
+    };
+    if (block_warps == 16) {
+      return gemm(std::integral_constant<decltype(&nf4_wgmma_bulk_x_kernel<T, BM, 1, 16>),
+                                         &nf4_wgmma_bulk_x_kernel<T, BM, 1, 16>>(), 16);
+    }
+    return gemm(std::integral_constant<decltype(&nf4_wgmma_bulk_x_kernel<T, BM, 2, 8>),
+                                       &nf4_wgmma_bulk_x_kernel<T, BM, 2, 8>>(), 8);
   });
 }
 

@@ -90,11 +90,12 @@ __global__ void __launch_bounds__(256) x_image_kernel(const T* __restrict__ x, u
   for (int w = 0; w < 4; ++w) row[x_image_word(r, c, w)] = words[w];
 }
 
-// nf4_wgmma_kernel<T, BM, MIN_BLOCKS, 1> (two warpgroups, one quant block a stage) with x's tiles from `images`
-// (x_image_kernel) by bulk copies instead of staged by every thread. One barrier a stage, after its wgmmas: the
-// buffer they read is free for the stage kBulkBuffers on, which thread 0 then asks for.
-template <typename T, int BM, int MIN_BLOCKS>
-__global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_bulk_x_kernel(
+// nf4_wgmma_kernel<T, BM, MIN_BLOCKS, 1> (one quant block a stage) with x's tiles from `images` (x_image_kernel) by
+// bulk copies instead of staged by every thread, and WARPS / 4 warpgroups a block (8: two, as the default; 16: four,
+// 256 weight rows sharing each tile, so half the x a weight row reads from the L2). One barrier a stage, after its
+// wgmmas: the buffer they read is free for the stage kBulkBuffers on, which thread 0 then asks for.
+template <typename T, int BM, int MIN_BLOCKS, int WARPS = WG_WARPS>
+__global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_bulk_x_kernel(
     const uint8_t* __restrict__ images, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
     int M, int N, int K, int blocks_per_split) {
@@ -107,6 +108,7 @@ __global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_bulk_x_ke
   if (threadIdx.x == 0) {
     for (int s = 0; s < kBulkBuffers; ++s) mbarrier_init(bars + 8 * s, 1);
     mbarrier_init_fence();
+    fence_proxy_async_smem();  // as the CUDA guide's TMA example after the initialization (once a block)
   }
   const char* lut = stage_code_table(table);  // its barrier also orders the mbarriers' initialization
 
@@ -114,7 +116,7 @@ __global__ void __launch_bounds__(WG_WARPS * 32, MIN_BLOCKS) nf4_wgmma_bulk_x_ke
   const int g = lane >> 2;
   const int t = lane & 3;
   const int row_tiles = (N + 15) / 16;
-  const int tile0 = blockIdx.x * WG_WARPS + (threadIdx.x >> 5);
+  const int tile0 = blockIdx.x * WARPS + (threadIdx.x >> 5);
   const int num_blocks = K / 64;
   const int first = blockIdx.y * blocks_per_split;
   const int last = min(first + blocks_per_split, num_blocks);
