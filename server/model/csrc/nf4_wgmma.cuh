@@ -92,6 +92,19 @@ struct XStage {
   }
 };
 
+// Where a thread of a wgmma block of WARPS warps and BM tokens works: its lane (g, t), its warp's 16-row weight tile
+// (tile0, of row_tiles), its split's quant blocks [first, last) of num_blocks, and its token group's first row m0
+// (grid: row groups, splits, token groups).
+template <int WARPS, int BM>
+struct WgmmaPlace {
+  int lane, g, t, row_tiles, tile0, num_blocks, first, last, m0;
+
+  __device__ __forceinline__ WgmmaPlace(int N, int K, int blocks_per_split)
+      : lane(threadIdx.x & 31), g(lane >> 2), t(lane & 3), row_tiles((N + 15) / 16),
+        tile0(blockIdx.x * WARPS + (threadIdx.x >> 5)), num_blocks(K / 64), first(blockIdx.y * blocks_per_split),
+        last(min(first + blocks_per_split, num_blocks)), m0(blockIdx.z * BM) {}
+};
+
 // A warp's wgmma accumulators of its 16-row tile (store_output; nothing for a tile past the weight): register 4b + e
 // of n8 block b is weight row g + 8 (e >> 1), token m0 + 8b + 2t + (e & 1).
 template <typename T, int BM>
@@ -157,15 +170,9 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
   uint8_t* tiles_ptr = wg_smem + (tiles - raw);
   const char* lut = stage_code_table(table);
 
-  const int lane = threadIdx.x & 31;
-  const int g = lane >> 2;
-  const int t = lane & 3;
-  const int row_tiles = (N + 15) / 16;
-  const int tile0 = blockIdx.x * WARPS + (threadIdx.x >> 5);
-  const int num_blocks = K / 64;
-  const int first = blockIdx.y * blocks_per_split;
-  const int last = min(first + blocks_per_split, num_blocks);
-  const int m0 = blockIdx.z * BM;
+  const WgmmaPlace<WARPS, BM> at(N, K, blocks_per_split);
+  const int lane = at.lane, g = at.g, t = at.t, row_tiles = at.row_tiles, tile0 = at.tile0;
+  const int num_blocks = at.num_blocks, first = at.first, last = at.last, m0 = at.m0;
 
   float acc[BM / 2] = {};
   const uint64_t x_desc0 = smem_desc_sw128(tiles);  // buffer 0's; the others by smem_desc_advance

@@ -112,15 +112,9 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_bulk_x_kerne
   }
   const char* lut = stage_code_table(table);  // its barrier also orders the mbarriers' initialization
 
-  const int lane = threadIdx.x & 31;
-  const int g = lane >> 2;
-  const int t = lane & 3;
-  const int row_tiles = (N + 15) / 16;
-  const int tile0 = blockIdx.x * WARPS + (threadIdx.x >> 5);
-  const int num_blocks = K / 64;
-  const int first = blockIdx.y * blocks_per_split;
-  const int last = min(first + blocks_per_split, num_blocks);
-  const int m0 = blockIdx.z * BM;
+  const WgmmaPlace<WARPS, BM> at(N, K, blocks_per_split);
+  const int lane = at.lane, g = at.g, t = at.t, row_tiles = at.row_tiles, tile0 = at.tile0;
+  const int num_blocks = at.num_blocks, first = at.first, last = at.last, m0 = at.m0;
 
   float acc[BM / 2] = {};
   const uint64_t x_desc0 = smem_desc_sw128(tiles);
