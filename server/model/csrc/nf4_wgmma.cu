@@ -138,6 +138,15 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
 #undef LORAPLEX_WGMMA_LAUNCH
 }
 
+// x and the tile layout as the wgmma kernels take them: contiguous rows, K a multiple of 64, 16-byte aligned.
+static void check_wgmma_inputs(const torch::Tensor& x, const torch::Tensor& tile_codes,
+                               const torch::Tensor& tile_scales, const torch::Tensor& out) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
+  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
+  check_tile_layout(x, tile_codes, tile_scales, out);
+}
+
 // out[M, N] = x[M, K] @ W^T (+ bias) from the tile layout on Hopper's warpgroup MMA (nf4_wgmma.cuh): blocks of 128
 // weight rows x block_tokens (32, 64, 128 or 256) tokens, stage_blocks quant blocks a barrier (1; 2 at 32 block
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups) or
@@ -150,10 +159,7 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
                         int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait,
                         int64_t resident_warpgroups, bool pairs, bool defer_sum) {
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
-  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
-  check_tile_layout(x, tile_codes, tile_scales, out);
+  check_wgmma_inputs(x, tile_codes, tile_scales, out);
   return run_for_dtype(x, [&](auto dtype_tag) {
     return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
                                                stage_blocks, blocks_per_sm, block_warps, one_wait,
@@ -171,10 +177,7 @@ torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch:
                                int64_t split_k, int64_t block_warps, bool defer_sum) {
   constexpr int BM = 128;
   TORCH_CHECK(block_warps == 8 || block_warps == 16, "bulk_x takes 8 or 16 block warps, got ", block_warps);
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "x must be a contiguous CUDA [M, K]");
-  TORCH_CHECK(x.size(1) % 64 == 0, "in_features must be a multiple of 64");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
-  check_tile_layout(x, tile_codes, tile_scales, out);
+  check_wgmma_inputs(x, tile_codes, tile_scales, out);
   const int M = x.size(0), K = x.size(1), N = out.size(1), groups = (M + BM - 1) / BM;
   torch::Tensor images = torch::empty({static_cast<int64_t>(groups) * BM * K}, x.options());
   return run_for_dtype(x, [&](auto dtype_tag) {
