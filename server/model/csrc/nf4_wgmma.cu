@@ -167,6 +167,30 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
   });
 }
 
+// nf4_wgmma_bulk_x_kernel<T, 128, MIN_BLOCKS, WARPS> over x's tile images (x_image_kernel's, for x [M, K]): grid
+// (row groups, splits, token groups) as run_split gives it.
+template <typename T, int MIN_BLOCKS, int WARPS>
+torch::Tensor launch_wgmma_bulk_x(const torch::Tensor& x, const torch::Tensor& images, const torch::Tensor& tile_codes,
+                                  const torch::Tensor& tile_scales, const torch::Tensor& table,
+                                  const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
+                                  bool defer_sum) {
+  constexpr int BM = 128;
+  constexpr auto kernel = nf4_wgmma_bulk_x_kernel<T, BM, MIN_BLOCKS, WARPS>;
+  constexpr int smem = BulkSmem<BM>::bytes;
+  allow_dynamic_smem<kernel>(smem);
+  const int M = x.size(0), K = x.size(1), N = out.size(1);
+  const int row_groups = ((N + 15) / 16 + WARPS - 1) / WARPS, groups = (M + BM - 1) / BM;
+  return run_split<T>(x, bias, out, split_k,
+                      [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
+                          int blocks_per_split) {
+    launch_kernel(kernel, dim3(row_groups, splits, groups), dim3(WARPS * 32), smem, stream, programmatic_launch(),
+                  reinterpret_cast<const uint8_t*>(images.data_ptr()),
+                  reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
+                  reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr,
+                  partial, M, N, K, blocks_per_split);
+  }, programmatic_launch(), defer_sum);
+}
+
 // nf4_wgmma's 128-token block with x's tiles brought by the TMA unit (nf4_wgmma_bulk.cuh): x_image_kernel writes x's
 // tile images, then nf4_wgmma_bulk_x_kernel runs with block_warps 8 (two warpgroups, two blocks an SM: the grid of
 // nf4_wgmma_kernel<T, 128, 1, 1>) or 16 (four warpgroups, one block an SM), giving that kernel's bits for the same
@@ -178,7 +202,7 @@ torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch:
   constexpr int BM = 128;
   TORCH_CHECK(block_warps == 8 || block_warps == 16, "bulk_x takes 8 or 16 block warps, got ", block_warps);
   check_wgmma_inputs(x, tile_codes, tile_scales, out);
-  const int M = x.size(0), K = x.size(1), N = out.size(1), groups = (M + BM - 1) / BM;
+  const int M = x.size(0), K = x.size(1), groups = (M + BM - 1) / BM;
   torch::Tensor images = torch::empty({static_cast<int64_t>(groups) * BM * K}, x.options());
   return run_for_dtype(x, [&](auto dtype_tag) {
     using T = decltype(dtype_tag);
@@ -187,26 +211,9 @@ torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch:
                   c10::cuda::getCurrentCUDAStream(), programmatic_launch(), reinterpret_cast<const T*>(x.data_ptr()),
                   reinterpret_cast<uint32_t*>(images.data_ptr()), M, K);
     // 127 registers a thread (ptxas, sm_90a): two blocks of 8 warps or one of 16 fill the register file
-    auto gemm = [&](auto kernel, int warps) {
-      constexpr int smem = BulkSmem<BM>::bytes;
-      allow_dynamic_smem<decltype(kernel)::value>(smem);
-      const int row_groups = ((N + 15) / 16 + warps - 1) / warps;
-      return run_split<T>(x, bias, out, split_k,
-                          [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
-                              int blocks_per_split) {
-        launch_kernel(decltype(kernel)::value, dim3(row_groups, splits, groups), dim3(warps * 32), smem, stream,
-                      programmatic_launch(), reinterpret_cast<const uint8_t*>(images.data_ptr()),
-                      reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-                      reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr,
-                      out_ptr, partial, M, N, K, blocks_per_split);
-      }, programmatic_launch(), defer_sum);
-    };
-    if (block_warps == 16) {
-      return gemm(std::integral_constant<decltype(&nf4_wgmma_bulk_x_kernel<T, BM, 1, 16>),
-                                         &nf4_wgmma_bulk_x_kernel<T, BM, 1, 16>>(), 16);
-    }
-    return gemm(std::integral_constant<decltype(&nf4_wgmma_bulk_x_kernel<T, BM, 2, 8>),
-                                       &nf4_wgmma_bulk_x_kernel<T, BM, 2, 8>>(), 8);
+    return block_warps == 16
+               ? launch_wgmma_bulk_x<T, 1, 16>(x, images, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
+               : launch_wgmma_bulk_x<T, 2, 8>(x, images, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
   });
 }
 
