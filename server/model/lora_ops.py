@@ -176,12 +176,17 @@ def forks_beside(device: torch.device) -> bool:
             and triton_available())
 
 
+def wait_for(stream: torch.cuda.Stream, other: torch.cuda.Stream) -> None:
+    """Order `stream` after everything queued on `other`: nothing to order when they are one stream (ONE_STREAM)."""
+    if stream != other:
+        stream.wait_stream(other)
+
+
 def on_side_stream(device: torch.device, work) -> None:
     """Run work() on the side stream, after everything queued on the current one (the next LoRA linear's shrink
     queues behind it, and its join orders the current stream after both)."""
-    side, current = side_stream(device), torch.cuda.current_stream(device)
-    if side != current:
-        side.wait_stream(current)
+    side = side_stream(device)
+    wait_for(side, torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         work()
 
@@ -238,9 +243,7 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
             raise ValueError("a precomputed h takes one-token segments and the shape the shrink gives")
         return _expanded(base(x, defer_sum=True) if fused else base(x), h, lora_b, layout, meta, slice_offsets)
     current, side = torch.cuda.current_stream(x.device), side_stream(x.device)
-    forked = side != current  # not with ONE_STREAM
-    if forked:
-        side.wait_stream(current)
+    wait_for(side, current)
     side_expand = SIDE_EXPAND and one_token_segments and num_slices > 1
     with torch.cuda.stream(side):
         h = lora_shrink(x, lora_a, layout, meta, num_slices)
@@ -248,8 +251,7 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     pending = (FUSED_ACT and defer_delta and delta is None and one_token_segments
                and one_row_launch(lora_b, layout) is not None)
     y = base(x, defer_sum=True) if fused else base(x)
-    if forked:
-        current.wait_stream(side)
+    wait_for(current, side)
     if tuple(y.shape) != y_like.shape:
         raise ValueError(f"the base layer gave {tuple(y.shape)}, the adapters' slices need {y_like.shape}")
     if pending:
