@@ -257,8 +257,8 @@ def test_wgmma_passes_the_variant_to_the_extension_in_its_order(monkeypatch, opt
     assert args[6:14] == expected and args[14] is False
 
 
-@pytest.mark.parametrize("block_warps, splits", [(8, 1), (16, 1)])
-def test_bulk_x_passes_its_block_and_the_splits_of_its_wave(monkeypatch, block_warps, splits):
+@pytest.mark.parametrize("block_warps", [8, 16])
+def test_bulk_x_passes_its_block_and_the_splits_of_its_wave(monkeypatch, block_warps):
     """nf4_wgmma(bulk_x=True) calls csrc's nf4_wgmma_bulk_x (x, codes, scales, table, bias, out, split_k, block_warps,
     defer_sum), its splits filling one wave: 8B gate_up at 128 rows has 224 row groups of 8 warps on 2 x 132 block
     slots, or 112 of 16 warps on 132 (one split either way), as many as the default 128-token block takes."""
@@ -269,8 +269,8 @@ def test_bulk_x_passes_its_block_and_the_splits_of_its_wave(monkeypatch, block_w
     cuda_nf4_wgmma.nf4_wgmma(x, (torch.zeros(1), torch.zeros(1)), (28672, 4096), torch.zeros(16), bulk_x=True,
                              block_warps=block_warps)
     (args,) = calls
-    assert args[6:] == (splits, block_warps, False)
-    assert splits == cuda_nf4_wgmma.wgmma_split_k(128, (28672, 4096), 132, 128)
+    assert args[6:] == (1, block_warps, False)
+    assert cuda_nf4_wgmma.wgmma_split_k(128, (28672, 4096), 132, 128) == 1
     down = cuda_nf4_wgmma.wgmma_split_k(128, (4096, 14336), 132, 128, 1, 16)  # 16 row groups of 16 warps: 8 splits
     assert down == 8 == cuda_nf4_wgmma.wgmma_split_k(128, (4096, 14336), 132, 128)
 
