@@ -60,7 +60,7 @@ def ready(shrink: ShrinkAhead | None) -> None:
     """Order the capturing stream after the side stream's zero fill of shrink.h (already ordered when gate_up's
     LoRA join came after it, as it does in a decode layer; one more edge to the same node otherwise)."""
     if shrink is not None:
-        lora_ops.wait_for(torch.cuda.current_stream(shrink.h.device), lora_ops.side_stream(shrink.h.device))
+        torch.cuda.current_stream(shrink.h.device).wait_stream(lora_ops.side_stream(shrink.h.device))
 
 
 def shrink_reference(act: torch.Tensor, shrink: ShrinkAhead) -> None:

@@ -28,15 +28,6 @@ from server.model.split_sums import SplitSums
 USE_TRITON_LORA = os.environ.get("LORAPLEX_LORA_KERNEL", "triton") == "triton"
 # LORAPLEX_LORA_SIDE_STREAM=0 runs the shrink after the base matmul on one stream (A/B timing).
 SIDE_STREAM = os.environ.get("LORAPLEX_LORA_SIDE_STREAM", "1") == "1"
-# LORAPLEX_LORA_ONE_STREAM=1 (off until timed): the decode graphs' "side stream" is the capturing stream itself, so a
-# LoRA linear's shrink runs ahead of its base matmul with no fork or join, every decode-graph path kept (the fused
-# sums, the activation's delta and shrink). Why: at 32 rows the base kernels are one-wave resident grids, so a
-# side-stream shrink finds no SM until the base retires and runs after it anyway (the forty-sixth session's layer
-# window: each shrink ends 2-8 us after its base, each expand adds 5-7), and the join leaves the expand two
-# predecessors, which no programmatic edge reaches; one adapter's LoRA costs ~0.9 ms over the merged batch-32 step
-# for ~84 MB (H100, forty-seventh session). With LORAPLEX_PDL_LORA=1 and LORAPLEX_LORA_ONE_FILL=1 a linear's shrink,
-# base and expand then chain programmatically.
-ONE_STREAM = os.environ.get("LORAPLEX_LORA_ONE_STREAM", "0") == "1"
 # In the decode graphs, a LoRA linear whose base splits K has the expand sum the base's partials itself
 # (triton_lora_decode.lora_expand_sums: one launch instead of csrc's sum kernel then the expand, bit for bit the same).
 # H200, fourteenth session, one machine each: the 1B c32 engine's decode step (32 adapters) 1.849 -> 1.785 ms; 8B
@@ -157,15 +148,14 @@ def lora_apply(y, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatchMeta,
         lora_apply_torch(y, x, lora_a, lora_b, layout, meta, slice_offsets)
 
 
+@functools.cache
 def side_stream(device: torch.device) -> torch.cuda.Stream:
     """The stream that a device's decode graphs run LoRA shrinks on, beside the base matmuls, at the default priority
     (LORAPLEX_LORA_SIDE_PRIORITY, a higher one, measured slower on the H200 in the forty-sixth session, was removed;
-    design in 4f37464); with ONE_STREAM the current stream."""
-    return torch.cuda.current_stream(device) if ONE_STREAM else _side_stream(device)
-
-
-@functools.cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    design in 4f37464). The shrinks on the capturing stream itself, ahead of the base with no fork or join
+    (LORAPLEX_LORA_ONE_STREAM, design in e0ffd91), measured slower on the H200 in the forty-eighth session: 8B
+    mixed32 step 4.685 -> 5.208 ms alone, 4.67 -> 5.31 with LORAPLEX_PDL_LORA and LORAPLEX_LORA_ONE_FILL, so the
+    side-stream shrink still overlaps the base; removed."""
     return torch.cuda.Stream(device=device)
 
 
@@ -176,17 +166,11 @@ def forks_beside(device: torch.device) -> bool:
             and triton_available())
 
 
-def wait_for(stream: torch.cuda.Stream, other: torch.cuda.Stream) -> None:
-    """Order `stream` after everything queued on `other`: nothing to order when they are one stream (ONE_STREAM)."""
-    if stream != other:
-        stream.wait_stream(other)
-
-
 def on_side_stream(device: torch.device, work) -> None:
     """Run work() on the side stream, after everything queued on the current one (the next LoRA linear's shrink
     queues behind it, and its join orders the current stream after both)."""
     side = side_stream(device)
-    wait_for(side, torch.cuda.current_stream(device))
+    side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         work()
 
@@ -243,7 +227,7 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
             raise ValueError("a precomputed h takes one-token segments and the shape the shrink gives")
         return _expanded(base(x, defer_sum=True) if fused else base(x), h, lora_b, layout, meta, slice_offsets)
     current, side = torch.cuda.current_stream(x.device), side_stream(x.device)
-    wait_for(side, current)
+    side.wait_stream(current)
     side_expand = SIDE_EXPAND and one_token_segments and num_slices > 1
     with torch.cuda.stream(side):
         h = lora_shrink(x, lora_a, layout, meta, num_slices)
@@ -251,7 +235,7 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     pending = (FUSED_ACT and defer_delta and delta is None and one_token_segments
                and one_row_launch(lora_b, layout) is not None)
     y = base(x, defer_sum=True) if fused else base(x)
-    wait_for(current, side)
+    current.wait_stream(side)
     if tuple(y.shape) != y_like.shape:
         raise ValueError(f"the base layer gave {tuple(y.shape)}, the adapters' slices need {y_like.shape}")
     if pending:
