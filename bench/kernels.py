@@ -145,8 +145,9 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
     }
     if (layer.shape, rows) in nf4_dispatch.TUNED:  # ours is the tuned pick: the rules' kernel beside it
         rule = nf4_dispatch.kernel_for(rows, layer.shape, num_sms=device_num_sms(0))
+        options = nf4_dispatch.rule_options(rule, rows, layer.shape, device_num_sms(0))
         impls["rules"] = [lambda c=c: nf4_linear_cuda(x, c[0], c[1], layer.shape, layer.table, None, c[2], rule,
-                                                      tiled=c[3]) for c in layer.nf4]
+                                                      tiled=c[3], options=options) for c in layer.nf4]
     for name in ("dequant",):
         impls[name] = [lambda c=c, n=name: nf4_linear_cuda(x, c[0], c[1], layer.shape, layer.table, None, c[2], n)
                        for c in layer.nf4]
@@ -212,7 +213,8 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         # the wgmma variants start-up tuning would time (from 16 rows the default, each other block size that holds
         # M, one warpgroup a block, the x-resident kernel; under 16 rows its 16-token tile), then from 16 rows the
         # 32-token instance's own variants
-        short = {"block_tokens": "b", "block_warps": "w", "stage_blocks": "s", "resident_warpgroups": "r", "pairs": "p"}
+        short = {"block_tokens": "b", "block_warps": "w", "stage_blocks": "s", "resident_warpgroups": "r", "pairs": "p",
+                 "bulk_x": "bx"}
         variants = {"wgmma" + "".join(f"_{short[k]}{'' if v is True else v}" for k, v in choice.options):
                     dict(choice.options)
                     for choice in candidates(rows, layer.shape, device_num_sms(0)) if choice.kernel == "wgmma"}
@@ -222,9 +224,9 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         if rows >= 16 and block_tokens <= 128:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for)
             one_wait = cuda_nf4.one_wait_for(block_tokens)
             variants["wgmma_nw" if one_wait else "wgmma_1w"] = {"one_wait": not one_wait}
-        if rows > 32:  # the 128-token block with x brought by the TMA unit (two blocks an SM; off until timed)
-            variants["wgmma_bx"] = {"bulk_x": True, "block_tokens": 128}
-            variants["wgmma_bx16"] = {"bulk_x": True, "block_tokens": 128, "block_warps": 16}
+        if 32 < rows <= 64:  # the 128-token block with x by the TMA unit (a tuning candidate from 65 rows)
+            variants["wgmma_bx"] = {"bulk_x": True}
+            variants["wgmma_bx_w16"] = {"bulk_x": True, "block_warps": 16}
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4_wgmma.nf4_wgmma(x, c[3], layer.shape, layer.table,
                                                                         num_sms=device_num_sms(0), **kw)

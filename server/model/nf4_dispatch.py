@@ -96,6 +96,17 @@ PAIRS_MIN_WEIGHTS = 16_000_000
 # vs 264). Rows past the table's last entry (a range asked for past 256) take every weight.
 WGMMA_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_WGMMA_ROWS", "17-256").split("-"))
 WGMMA_MIN_WEIGHTS = ((64, 0), (128, 16_000_000), (256, 50_000_000))  # (up to this many rows, least out x in)
+# The rules' wgmma calls whose default block would hold 128 or 256 tokens (65-256 rows; at 65-128 only weights of at
+# least as many 128-row groups as SMs, cuda_nf4_wgmma.wgmma_block_tokens) run the 128-token block with x brought by
+# the TMA unit (nf4_wgmma(bulk_x=True): 127 registers, two blocks an SM). H200, forty-eighth session
+# (bench/results/2026-12-07-nvidia-h200-kernels-s48-bulk-x.json, us, bulk_x against the dispatch's pick then): 8B at
+# 128 rows qkv 24.6 vs 32.6, o 18.2 vs 21.1, gate_up 70.3 vs 113.9, down 38.4 vs 55.5; at 256 rows gate_up 136.0 vs
+# 178.1, down 69.7 vs 98.1. Where the default block is the 64-token one it does not always win (1B at 128 rows: o
+# 11.1 vs 9.2, gate_up 36.2 vs 31.0, down 17.0 vs 19.3), nor against dequant + cuBLAS on the smaller weights at 256
+# (8B qkv 47.5 vs 41.6, o 29.4 vs 27.7), which WGMMA_MIN_WEIGHTS keeps there; start-up tuning times it against
+# the others at every bucket (nf4_autotune). 192 rows (two 128-token groups) is not measured: taken as at 256. At 64
+# rows the 64-token block wins (8B gate_up 60.5 vs 66.9). LORAPLEX_NF4_BULK_X=0: the default block (A/B runs).
+BULK_X = os.environ.get("LORAPLEX_NF4_BULK_X", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -143,6 +154,14 @@ def wgmma_takes(num_rows: int, shape) -> bool:
         return False
     least = next((weights for rows, weights in WGMMA_MIN_WEIGHTS if num_rows <= rows), 0)
     return shape[0] * shape[1] >= least and cuda_nf4_wgmma.wgmma_supported()
+
+
+def rule_options(name: str, num_rows: int, shape, num_sms: int = 132) -> dict:
+    """nf4_wgmma's keyword arguments for a call the rules give `name` (kernel_for): bulk_x where the default block
+    would hold 128 or more tokens (BULK_X), else none."""
+    if name == "wgmma" and BULK_X and cuda_nf4_wgmma.wgmma_block_tokens(num_rows, shape, num_sms) >= 128:
+        return {"bulk_x": True}
+    return {}
 
 
 def pairs_takes(shape) -> bool:
@@ -254,7 +273,7 @@ def nf4_linear_cuda(
     options: dict | None = None,  # with kernel="wgmma": cuda_nf4_wgmma.nf4_wgmma's keyword arguments (nf4_autotune)
 ) -> torch.Tensor | SplitSums:
     """y = x @ dequant(W)^T (+ bias), semantics of nf4_ops.nf4_matmul_reference, by the fastest kernel: the one
-    start-up tuning chose for this shape and row count (TUNED), else the rules (kernel_for)."""
+    start-up tuning chose for this shape and row count (TUNED), else the rules (kernel_for, rule_options)."""
     from server.model.triton_nf4 import device_num_sms
 
     num_sms = device_num_sms(x.device.index or 0)
@@ -263,7 +282,10 @@ def nf4_linear_cuda(
         choice = TUNED.get(key)
         if choice is not None:
             kernel, options = choice.kernel, dict(choice.options)
-    name = kernel or kernel_for(x.shape[0], shape, num_sms=num_sms)
+    if kernel is None:
+        kernel = kernel_for(x.shape[0], shape, num_sms=num_sms)
+        options = rule_options(kernel, x.shape[0], shape, num_sms)
+    name = kernel
     if name in ("gemv", "gemv_pairs", "tile", "wide", "gemm", "wgmma") and tiled is None:
         name = "mma" if x.shape[0] <= 64 else "dequant"
     if name == "fused":

@@ -292,6 +292,30 @@ def test_bulk_x_matches_the_128_token_block_bit_for_bit(rows, split_k, block_war
     _assert_replays(bulk, x)
 
 
+@pytest.mark.parametrize("rows", [65, 128, 200, 256])
+def test_the_rules_run_bulk_x_where_the_block_would_hold_128_tokens(monkeypatch, rows):
+    """The rules' wgmma call at 65-256 rows of a weight of at least as many 128-row groups as SMs (the default
+    block 128 or 256 tokens) is nf4_wgmma(bulk_x=True), bit for bit, and within the reference's tolerance."""
+    from server.model import cuda_nf4_wgmma
+    from server.model.triton_nf4 import device_num_sms
+
+    if not cuda_nf4_wgmma.wgmma_supported():
+        pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
+    shape = (4096, 128 * (device_num_sms(0) + 1))  # (in, out): a 128-row group more than the SMs; 50M+ weights
+    codes, absmax, wshape, table, _ = _layer(*shape)
+    tiled = _tiled(codes, absmax, wshape)
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, shape[0], device="cuda", generator=gen).to(torch.bfloat16)
+    bias = torch.randn(shape[1], device="cuda", generator=gen).to(torch.bfloat16)
+    monkeypatch.setattr(nf4_dispatch, "TUNED", {})  # the rules, whatever an engine of this process tuned
+    assert nf4_dispatch.kernel_for(rows, wshape, num_sms=device_num_sms(0)) == "wgmma"
+    assert nf4_dispatch.rule_options("wgmma", rows, wshape, device_num_sms(0)) == {"bulk_x": True}
+    got = nf4_dispatch.nf4_linear_cuda(x, codes, absmax, wshape, table, bias, tiled=tiled)
+    assert torch.equal(got, cuda_nf4_wgmma.nf4_wgmma(x, tiled, wshape, table, bias, num_sms=device_num_sms(0),
+                                                     bulk_x=True))
+    assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("warpgroups, block_tokens", [(4, 32), (5, 32), (6, 32), (7, 32), (4, 16), (5, 16), (6, 16),

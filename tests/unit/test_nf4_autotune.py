@@ -42,6 +42,10 @@ def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
     assert not [c for c in at_128 + nf4_autotune.candidates(17, (28672, 4096), 132)
                 if dict(c.options).get("block_tokens") == 16]
     assert Choice("wgmma", (("block_warps", 4),)) not in nf4_autotune.candidates(200, (28672, 4096), 132)
+    bulk_x = [Choice("wgmma", (("bulk_x", True),)), Choice("wgmma", (("bulk_x", True), ("block_warps", 16)))]
+    for rows in (65, 128, 200, 256):  # x by the TMA unit from 65 rows, in blocks of 8 and 16 warps
+        assert [c for c in nf4_autotune.candidates(rows, (4096, 4096), 132) if "bulk_x" in dict(c.options)] == bulk_x
+    assert not [c for c in nf4_autotune.candidates(64, (4096, 4096), 132) if "bulk_x" in dict(c.options)]
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 8])
@@ -160,6 +164,33 @@ def test_the_dispatch_runs_the_tuned_choice_for_that_shape_and_row_count_only(mo
     forced = nf4_dispatch.nf4_linear_cuda(torch.zeros(32, 128), layer.codes, layer.absmax_f, (256, 128),
                                           layer.quant_state.code, None, kernel="wide", tiled=layer.tiled)
     assert forced == "wide"  # a forced kernel (benchmarks, tests) wins over the tuning
+
+
+@pytest.mark.parametrize("bulk_x, rows, shape, expected", [
+    (True, 128, (28672, 4096), {"bulk_x": True}),  # 224 row groups: the default block would be 128 tokens
+    (True, 256, (28672, 4096), {"bulk_x": True}),  # 256 tokens
+    (True, 128, (3072, 2048), {}),  # 24 row groups: the 64-token block stays
+    (True, 64, (28672, 4096), {}),
+    (False, 128, (28672, 4096), {}),  # LORAPLEX_NF4_BULK_X=0
+])  # fmt: skip
+def test_the_rules_wgmma_calls_take_bulk_x_where_the_block_would_hold_128_tokens(monkeypatch, bulk_x, rows, shape,
+                                                                                 expected):
+    import sys
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "server.model.triton_nf4", SimpleNamespace(device_num_sms=lambda index: 132))
+    monkeypatch.setattr(cuda_nf4_wgmma, "nf4_wgmma", lambda *a, **kw: calls.append(kw) or "wgmma")
+    monkeypatch.setattr(nf4_dispatch, "kernel_for", lambda rows, shape, table=None, num_sms=132: "wgmma")
+    monkeypatch.setattr(nf4_dispatch, "BULK_X", bulk_x)
+    assert nf4_dispatch.rule_options("wgmma", rows, shape) == expected
+    assert nf4_dispatch.rule_options("dequant", rows, shape) == {}
+    layer = _fake_layer(shape)
+    assert nf4_dispatch.nf4_linear_cuda(torch.zeros(rows, shape[1]), layer.codes, layer.absmax_f, shape,
+                                        layer.quant_state.code, None, tiled=layer.tiled) == "wgmma"
+    assert {k: v for k, v in calls[-1].items() if k == "bulk_x"} == expected
+    nf4_dispatch.nf4_linear_cuda(torch.zeros(rows, shape[1]), layer.codes, layer.absmax_f, shape,
+                                 layer.quant_state.code, None, kernel="wgmma", tiled=layer.tiled)
+    assert "bulk_x" not in calls[-1]  # a forced kernel runs its default block
 
 
 def test_on_by_default():
