@@ -96,17 +96,19 @@ PAIRS_MIN_WEIGHTS = 16_000_000
 # vs 264). Rows past the table's last entry (a range asked for past 256) take every weight.
 WGMMA_ROWS = tuple(int(v) for v in os.environ.get("LORAPLEX_NF4_WGMMA_ROWS", "17-256").split("-"))
 WGMMA_MIN_WEIGHTS = ((64, 0), (128, 16_000_000), (256, 50_000_000))  # (up to this many rows, least out x in)
-# The rules' wgmma calls whose default block would hold 128 or 256 tokens (65-256 rows; at 65-128 only weights of at
-# least as many 128-row groups as SMs, cuda_nf4_wgmma.wgmma_block_tokens) run the 128-token block with x brought by
-# the TMA unit (nf4_wgmma(bulk_x=True): 127 registers, two blocks an SM). H200, forty-eighth session
+# The rules' wgmma calls of 65-256 rows on weights of at least 4,096 inputs run the 128-token block with x brought
+# by the TMA unit (nf4_wgmma(bulk_x=True): 127 registers, two blocks an SM). H200, forty-eighth session
 # (bench/results/2026-12-07-nvidia-h200-kernels-s48-bulk-x.json, us, bulk_x against the dispatch's pick then): 8B at
-# 128 rows qkv 24.6 vs 32.6, o 18.2 vs 21.1, gate_up 70.3 vs 113.9, down 38.4 vs 55.5; at 256 rows gate_up 136.0 vs
-# 178.1, down 69.7 vs 98.1. Where the default block is the 64-token one it does not always win (1B at 128 rows: o
-# 11.1 vs 9.2, gate_up 36.2 vs 31.0, down 17.0 vs 19.3), nor against dequant + cuBLAS on the smaller weights at 256
-# (8B qkv 47.5 vs 41.6, o 29.4 vs 27.7), which WGMMA_MIN_WEIGHTS keeps there; start-up tuning times it against
-# the others at every bucket (nf4_autotune). 192 rows (two 128-token groups) is not measured: taken as at 256. At 64
-# rows the 64-token block wins (8B gate_up 60.5 vs 66.9). LORAPLEX_NF4_BULK_X=0: the default block (A/B runs).
+# 128 rows qkv 24.6 vs 32.6, o 18.2 vs 21.1, gate_up 70.3 vs 113.9, down 38.4 vs 55.5, 1B down (8,192 inputs) 17.0
+# vs 19.3; at 256 rows gate_up 136.0 vs 178.1, down 69.7 vs 98.1. H100 at 96 rows, against the default block
+# (2026-12-07-nvidia-h100-80gb-hbm3-kernels-s48-bulk-x-tuned.json): 8B qkv 22.6 vs 34.8, o 17.1 vs 19.9, gate_up
+# 68.3 vs 106.4, down 35.9 vs 52.8, 1B down 16.4 vs 19.2. On 2,048 inputs (32 quant blocks) it loses: 1B gate_up 36.2 vs
+# 31.2 at 128 rows on the H200, 1B qkv 11.2 vs 10.9 at 96 on the H100. Where WGMMA_MIN_WEIGHTS leaves dequant +
+# cuBLAS it may also win (1B gate_up at 256 rows 37.4 vs 52.7) or lose (8B qkv 47.5 vs 41.6): start-up tuning times
+# it against the others at every bucket (nf4_autotune), these rules cover the other row counts (prefill chunks).
+# At 64 rows the 64-token block wins (8B gate_up 60.5 vs 66.9). LORAPLEX_NF4_BULK_X=0: the default block (A/B runs).
 BULK_X = os.environ.get("LORAPLEX_NF4_BULK_X", "1") != "0"
+BULK_X_MIN_INPUTS = 4096
 
 
 @dataclass(frozen=True)
@@ -157,9 +159,9 @@ def wgmma_takes(num_rows: int, shape) -> bool:
 
 
 def rule_options(name: str, num_rows: int, shape, num_sms: int = 132) -> dict:
-    """nf4_wgmma's keyword arguments for a call the rules give `name` (kernel_for): bulk_x where the default block
-    would hold 128 or more tokens (BULK_X), else none."""
-    if name == "wgmma" and BULK_X and cuda_nf4_wgmma.wgmma_block_tokens(num_rows, shape, num_sms) >= 128:
+    """nf4_wgmma's keyword arguments for a call the rules give `name` (kernel_for): bulk_x past 64 rows on weights of
+    at least BULK_X_MIN_INPUTS inputs (BULK_X), else none."""
+    if name == "wgmma" and BULK_X and num_rows > 64 and shape[1] >= BULK_X_MIN_INPUTS:
         return {"bulk_x": True}
     return {}
 

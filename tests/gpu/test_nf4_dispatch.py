@@ -293,9 +293,9 @@ def test_bulk_x_matches_the_128_token_block_bit_for_bit(rows, split_k, block_war
 
 
 @pytest.mark.parametrize("rows", [65, 128, 200, 256])
-def test_the_rules_run_bulk_x_where_the_block_would_hold_128_tokens(monkeypatch, rows):
-    """The rules' wgmma call at 65-256 rows of a weight of at least as many 128-row groups as SMs (the default
-    block 128 or 256 tokens) is nf4_wgmma(bulk_x=True), bit for bit, and within the reference's tolerance."""
+def test_the_rules_run_bulk_x_past_64_rows_on_4096_inputs(monkeypatch, rows):
+    """The rules' wgmma call at 65-256 rows of a weight of 4,096 inputs is nf4_wgmma(bulk_x=True), bit for bit, and
+    within the reference's tolerance."""
     from server.model import cuda_nf4_wgmma
     from server.model.triton_nf4 import device_num_sms
 

@@ -167,13 +167,14 @@ def test_the_dispatch_runs_the_tuned_choice_for_that_shape_and_row_count_only(mo
 
 
 @pytest.mark.parametrize("bulk_x, rows, shape, expected", [
-    (True, 128, (28672, 4096), {"bulk_x": True}),  # 224 row groups: the default block would be 128 tokens
-    (True, 256, (28672, 4096), {"bulk_x": True}),  # 256 tokens
-    (True, 128, (3072, 2048), {}),  # 24 row groups: the 64-token block stays
+    (True, 128, (28672, 4096), {"bulk_x": True}), (True, 256, (28672, 4096), {"bulk_x": True}),
+    (True, 65, (4096, 4096), {"bulk_x": True}),  # 32 row groups: the default block would be 64 tokens
+    (True, 128, (2048, 8192), {"bulk_x": True}),
+    (True, 128, (16384, 2048), {}),  # 2,048 inputs: the default block stays
     (True, 64, (28672, 4096), {}),
     (False, 128, (28672, 4096), {}),  # LORAPLEX_NF4_BULK_X=0
 ])  # fmt: skip
-def test_the_rules_wgmma_calls_take_bulk_x_where_the_block_would_hold_128_tokens(monkeypatch, bulk_x, rows, shape,
+def test_the_rules_wgmma_calls_take_bulk_x_past_64_rows_on_4096_inputs(monkeypatch, bulk_x, rows, shape,
                                                                                  expected):
     import sys
 
