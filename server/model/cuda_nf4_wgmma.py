@@ -156,7 +156,7 @@ def nf4_wgmma(
     written once as their shared-memory images and brought a stage at a time by the TMA unit
     (csrc/nf4_wgmma_bulk.cuh): no thread stages x, 127 registers where the default takes 167, so two blocks an SM
     instead of one; with `block_warps` 16, four warpgroups (256 weight rows) share each tile, one block an SM: half
-    the x a weight row reads from the L2 (slower than 8 warps at every measured shape, 5-20%). Each
+    the x a weight row reads from the L2 (slower than 8 warps at every measured shape, by 6-20%). Each
     warpgroup issues the same wgmmas in the same order whatever the variant: the same bits for the same splits. Measured
     slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas run (3-15%,
     bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep instead of two
