@@ -27,8 +27,11 @@ from server.model.shrink_workspace import take_zeroed
 from server.model.triton_pdl import pdl_enter
 
 MAX_SLICES = 4
-# Enough programs to keep every SM of an H100 (132 SMs) busy with a few resident programs each.
-_TARGET_PROGRAMS = 4 * 132
+# Enough programs to keep every SM of an H100 (132 SMs) busy with a few resident programs each. In the decode graphs
+# the shrinks run beside x-resident base kernels that hold every SM (the forty-eighth session's H200 profile of the 8B
+# mixed32 step: 1.77 ms of _shrink_kernel time a step for ~0.8 GB of A, ~0.46 TB/s while they overlap);
+# LORAPLEX_LORA_SHRINK_PROGRAMS sets the target for an engine A/B (fewer, longer programs queue less behind the base).
+_TARGET_PROGRAMS = int(os.environ.get("LORAPLEX_LORA_SHRINK_PROGRAMS", str(4 * 132)))
 
 
 # Integer arguments that follow the batch (the prompts of a prefill): Triton would build a variant for each
