@@ -145,7 +145,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
     }
     if (layer.shape, rows) in nf4_dispatch.TUNED:  # ours is the tuned pick: the rules' kernel beside it
         rule = nf4_dispatch.kernel_for(rows, layer.shape, num_sms=device_num_sms(0))
-        options = nf4_dispatch.rule_options(rule, rows, layer.shape, device_num_sms(0))
+        options = nf4_dispatch.rule_options(rule, rows, layer.shape)
         impls["rules"] = [lambda c=c: nf4_linear_cuda(x, c[0], c[1], layer.shape, layer.table, None, c[2], rule,
                                                       tiled=c[3], options=options) for c in layer.nf4]
     for name in ("dequant",):

@@ -12,7 +12,8 @@
   warps and summed in shared memory instead of by a second kernel; ``gemm``: the rows of ``GEMM_ROWS``
   (LORAPLEX_NF4_GEMM_ROWS, none by default) that the table gives ``wide`` or ``dequant``, x as the MMA's A operand;
   ``wgmma``: on Hopper (sm_90a builds), the wide and dequant rows from 17 to 256 where it measured faster
-  (``WGMMA_ROWS``, ``WGMMA_MIN_WEIGHTS``), the tile layout's fragments as a warpgroup MMA's A; ``gemv_pairs``: the
+  (``WGMMA_ROWS``, ``WGMMA_MIN_WEIGHTS``), the tile layout's fragments as a warpgroup MMA's A (past 64 rows its
+  128-token block with x brought by the TMA unit, ``BULK_X``); ``gemv_pairs``: the
   ``gemv`` and ``tile`` calls of 1-8 rows on weights of at least ``PAIRS_MIN_WEIGHTS`` (``PAIRS``,
   LORAPLEX_NF4_PAIRS), the weights dequantized from a table of all 256 byte values on a persistent grid;
 - ``bnb``: bitsandbytes' own ``matmul_4bit`` (``gemv_4bit`` at one row), kept as a measured fallback.
@@ -158,7 +159,7 @@ def wgmma_takes(num_rows: int, shape) -> bool:
     return shape[0] * shape[1] >= least and cuda_nf4_wgmma.wgmma_supported()
 
 
-def rule_options(name: str, num_rows: int, shape, num_sms: int = 132) -> dict:
+def rule_options(name: str, num_rows: int, shape) -> dict:
     """nf4_wgmma's keyword arguments for a call the rules give `name` (kernel_for): bulk_x past 64 rows on weights of
     at least BULK_X_MIN_INPUTS inputs (BULK_X), else none."""
     if name == "wgmma" and BULK_X and num_rows > 64 and shape[1] >= BULK_X_MIN_INPUTS:
@@ -286,7 +287,7 @@ def nf4_linear_cuda(
             kernel, options = choice.kernel, dict(choice.options)
     if kernel is None:
         kernel = kernel_for(x.shape[0], shape, num_sms=num_sms)
-        options = rule_options(kernel, x.shape[0], shape, num_sms)
+        options = rule_options(kernel, x.shape[0], shape)
     name = kernel
     if name in ("gemv", "gemv_pairs", "tile", "wide", "gemm", "wgmma") and tiled is None:
         name = "mma" if x.shape[0] <= 64 else "dequant"

@@ -309,7 +309,7 @@ def test_the_rules_run_bulk_x_past_64_rows_on_4096_inputs(monkeypatch, rows):
     bias = torch.randn(shape[1], device="cuda", generator=gen).to(torch.bfloat16)
     monkeypatch.setattr(nf4_dispatch, "TUNED", {})  # the rules, whatever an engine of this process tuned
     assert nf4_dispatch.kernel_for(rows, wshape, num_sms=device_num_sms(0)) == "wgmma"
-    assert nf4_dispatch.rule_options("wgmma", rows, wshape, device_num_sms(0)) == {"bulk_x": True}
+    assert nf4_dispatch.rule_options("wgmma", rows, wshape) == {"bulk_x": True}
     got = nf4_dispatch.nf4_linear_cuda(x, codes, absmax, wshape, table, bias, tiled=tiled)
     assert torch.equal(got, cuda_nf4_wgmma.nf4_wgmma(x, tiled, wshape, table, bias, num_sms=device_num_sms(0),
                                                      bulk_x=True))
