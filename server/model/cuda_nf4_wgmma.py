@@ -22,7 +22,9 @@ def wgmma_supported() -> bool:
 WGMMA_BLOCK_TOKENS = (32, 64, 128, 256)  # nf4_wgmma's instances (csrc/nf4_wgmma.cu, dispatch_wgmma)
 WGMMA_MAX_SPLIT_K = 16  # the Triton consumers of deferred partials sum at most 16 (triton_glue.MAX_SPLITS)
 WGMMA_BLOCK_WARPS = 8  # csrc/nf4_wgmma.cuh's default block: two warpgroups of 64 weight rows each
-BULK_X_BLOCK_WARPS = (8, 16)  # nf4_wgmma(bulk_x=True)'s blocks: two or four warpgroups
+# nf4_wgmma(bulk_x=True)'s instances, (block tokens, block warps) -> blocks an SM (csrc nf4_wgmma.cu, bulk_x_for; ptxas
+# sm_90a: 127 registers a thread at 128 tokens, 80 at 64)
+BULK_X_BLOCKS = {(128, 8): 2, (128, 16): 1, (64, 8): 3}
 
 
 def wgmma_row_groups(out_features: int, block_warps: int = WGMMA_BLOCK_WARPS) -> int:
@@ -152,7 +154,8 @@ def nf4_wgmma(
     the x-resident kernel (csrc/nf4_wgmma_resident.cuh), one block an SM of that many warpgroups holding x of its split
     of K, each warpgroup walking 64-row units on its own (splits: resident_split_k); with `pairs`, its dequantization
     from the byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), 64 KB beside x.
-    `bulk_x` (128 block tokens; the rules' pick past 64 rows, nf4_dispatch.BULK_X): the default block with x's tiles
+    `bulk_x` (128 block tokens, or 64 in 8 warps, three blocks an SM at 80 registers; the rules' pick past 64 rows,
+    nf4_dispatch.BULK_X): the default block with x's tiles
     written once as their shared-memory images and brought a stage at a time by the TMA unit
     (csrc/nf4_wgmma_bulk.cuh): no thread stages x, 127 registers where the default takes 167, so two blocks an SM
     instead of one; with `block_warps` 16, four warpgroups (256 weight rows) share each tile, one block an SM: half
@@ -185,15 +188,17 @@ def nf4_wgmma(
     stage with two waits (H100, -kernels-s41-s2w.json)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
-    if bulk_x:  # the 128-token block with x's tiles brought by the TMA unit (csrc/nf4_wgmma_bulk.cuh)
-        if ((block_tokens or 128) != 128 or stage_blocks != 1 or block_warps not in BULK_X_BLOCK_WARPS
-                or resident_warpgroups or pairs or one_wait or occupancy is not None):
-            raise ValueError("bulk_x takes 128 block tokens, 8 or 16 block warps and one quant block a stage, "
-                             "with no other variant")
-        if split_k is None:  # a grid of 8 warps' blocks fills two an SM, of 16 warps' one (127 registers a thread)
-            split_k = wgmma_split_k(x.shape[0], shape, num_sms, 128, 2 * WGMMA_BLOCK_WARPS // block_warps, block_warps)
-        partials = extension().nf4_wgmma_bulk_x(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_warps,
-                                                 defer_sum)
+    if bulk_x:  # the 128- or 64-token block with x's tiles brought by the TMA unit (csrc/nf4_wgmma_bulk.cuh)
+        block_tokens = block_tokens or 128
+        if ((block_tokens, block_warps) not in BULK_X_BLOCKS or stage_blocks != 1 or resident_warpgroups or pairs
+                or one_wait or occupancy is not None):
+            raise ValueError("bulk_x takes 128 block tokens in 8 or 16 warps, or 64 in 8, and one quant block a "
+                             "stage, with no other variant")
+        if split_k is None:  # its grid fills one wave of BULK_X_BLOCKS' blocks an SM
+            split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, BULK_X_BLOCKS[block_tokens, block_warps],
+                                    block_warps)
+        partials = extension().nf4_wgmma_bulk_x(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens,
+                                                 block_warps, defer_sum)
         return out if partials is None else SplitSums(partials, bias, x.dtype)
     if resident_warpgroups:
         block_tokens = block_tokens or 32

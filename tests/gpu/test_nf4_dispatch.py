@@ -266,19 +266,20 @@ def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_token
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("block_warps", [8, 16])
+@pytest.mark.parametrize("block_tokens, block_warps", [(128, 8), (128, 16), (64, 8)])
 @pytest.mark.parametrize("rows, split_k", [(100, 5), (128, 1), (300, 2), (7, 24), (129, 3), (64, 12), (64, 8)])
-def test_bulk_x_matches_the_128_token_block_bit_for_bit(rows, split_k, block_warps, dtype):
-    """x's tiles written as their shared-memory images and brought by the TMA unit (bulk_x), in blocks of two or four
-    warpgroups: the same wgmmas in the same order as the default 128-token block with the same splits, so the same
-    bits, with bias, through the split sums and deferred, and on replay. 300 and 129 rows: several token groups, the
-    last one short (its rows past M are row M - 1's image); 24 quant blocks in 24, 12, 8 and 5 splits: one, two,
-    three (each buffer used once) and five stages a split; 600 weight rows: a last block of a few warps' tiles."""
+def test_bulk_x_matches_the_default_block_bit_for_bit(rows, split_k, block_tokens, block_warps, dtype):
+    """x's tiles written as their shared-memory images and brought by the TMA unit (bulk_x), 128 tokens in blocks of
+    two or four warpgroups or 64 in two: the same wgmmas in the same order as the default block of as many tokens with
+    the same splits, so the same bits, with bias, through the split sums and deferred, and on replay. 300 and 129
+    rows: several token groups, the last one short (its rows past M are row M - 1's image); 24 quant blocks in 24,
+    12, 8 and 5 splits: one, two, three (each buffer used once) and five stages a split; 600 weight rows: a last
+    block of a few warps' tiles."""
     from server.model import cuda_nf4_wgmma
 
     codes, absmax, wshape, table, tiled, x, bias = _wgmma_layer(rows, dtype)
     run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, bias, split_k=split_k,  # noqa: E731
-                                                    block_tokens=128, **kw)
+                                                    block_tokens=block_tokens, **kw)
     bulk = lambda xs, **kw: run(xs, bulk_x=True, block_warps=block_warps, **kw)  # noqa: E731
     want = run(x, one_wait=False)
     got = bulk(x)

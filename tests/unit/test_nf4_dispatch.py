@@ -257,29 +257,35 @@ def test_wgmma_passes_the_variant_to_the_extension_in_its_order(monkeypatch, opt
     assert args[6:14] == expected and args[14] is False
 
 
-@pytest.mark.parametrize("block_warps", [8, 16])
-def test_bulk_x_passes_its_block_and_the_splits_of_its_wave(monkeypatch, block_warps):
-    """nf4_wgmma(bulk_x=True) calls csrc's nf4_wgmma_bulk_x (x, codes, scales, table, bias, out, split_k, block_warps,
-    defer_sum), its splits filling one wave: 8B gate_up at 128 rows has 224 row groups of 8 warps on 2 x 132 block
-    slots, or 112 of 16 warps on 132 (one split either way), as many as the default 128-token block takes."""
+@pytest.mark.parametrize("block_tokens, block_warps, shape, splits", [
+    (None, 8, (28672, 4096), 1), (128, 16, (28672, 4096), 1),
+    (64, 8, (28672, 4096), 1),  # 448 blocks past 3 x 132: one split
+    (64, 8, (6144, 4096), 4),  # 8B qkv: 96 blocks of 64 tokens; 4 splits fill 384 of 3 x 132 (two an SM's: 2)
+])  # fmt: skip
+def test_bulk_x_passes_its_block_and_the_splits_of_its_wave(monkeypatch, block_tokens, block_warps, shape, splits):
+    """nf4_wgmma(bulk_x=True) calls csrc's nf4_wgmma_bulk_x (x, codes, scales, table, bias, out, split_k, block_tokens,
+    block_warps, defer_sum), its splits filling one wave: 8B gate_up at 128 rows has 224 row groups of 8 warps on 2 x
+    132 block slots, or 112 of 16 warps on 132 (one split either way), as many as the default 128-token block takes;
+    the 64-token block runs three an SM (80 registers)."""
     calls = []
     fake = SimpleNamespace(nf4_wgmma_bulk_x=lambda *args: calls.append(args))
     monkeypatch.setattr(cuda_nf4_wgmma, "extension", lambda: fake)
     x = torch.zeros(128, 4096, dtype=torch.bfloat16)
-    cuda_nf4_wgmma.nf4_wgmma(x, (torch.zeros(1), torch.zeros(1)), (28672, 4096), torch.zeros(16), bulk_x=True,
-                             block_warps=block_warps)
+    cuda_nf4_wgmma.nf4_wgmma(x, (torch.zeros(1), torch.zeros(1)), shape, torch.zeros(16), bulk_x=True,
+                             block_tokens=block_tokens, block_warps=block_warps)
     (args,) = calls
-    assert args[6:] == (1, block_warps, False)
+    assert args[6:] == (splits, block_tokens or 128, block_warps, False)
     assert cuda_nf4_wgmma.wgmma_split_k(128, (28672, 4096), 132, 128) == 1
     down = cuda_nf4_wgmma.wgmma_split_k(128, (4096, 14336), 132, 128, 1, 16)  # 16 row groups of 16 warps: 8 splits
     assert down == 8 == cuda_nf4_wgmma.wgmma_split_k(128, (4096, 14336), 132, 128)
 
 
-@pytest.mark.parametrize("options", [{"block_tokens": 64}, {"block_warps": 4}, {"one_wait": True}, {"pairs": True},
+@pytest.mark.parametrize("options", [{"block_tokens": 32}, {"block_tokens": 256}, {"block_warps": 4},
+                                     {"block_tokens": 64, "block_warps": 16}, {"one_wait": True}, {"pairs": True},
                                      {"occupancy": 2}, {"stage_blocks": 2}, {"resident_warpgroups": 4}])
 def test_bulk_x_refuses_every_other_variant(monkeypatch, options):
-    """bulk_x is the 128-token block of 8 or 16 warps, one quant block a stage: any other option is a ValueError, not
-    silently dropped."""
+    """bulk_x is the 128-token block of 8 or 16 warps or the 64-token block of 8, one quant block a stage: any other
+    option is a ValueError, not silently dropped."""
     monkeypatch.setattr(cuda_nf4_wgmma, "extension", lambda: pytest.fail("reached the extension"))
     x = torch.zeros(128, 256, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="bulk_x"):

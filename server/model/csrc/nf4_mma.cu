@@ -688,7 +688,7 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
                         int64_t resident_warpgroups, bool pairs, bool defer_sum);
 torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales,
                                torch::Tensor table, c10::optional<torch::Tensor> bias, torch::Tensor out,
-                               int64_t split_k, int64_t block_warps, bool defer_sum);
+                               int64_t split_k, int64_t block_tokens, int64_t block_warps, bool defer_sum);
 bool nf4_wgmma_built();
 
 // Whether the NF4 kernels' launches are programmatically dependent (nf4_launch.cuh's programmatic_launch).
@@ -703,7 +703,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_gemv_pairs", &nf4_gemv_pairs, "NF4 x 16-bit matmul from the tile layout, 1-16 rows, byte-pair table");
   m.def("nf4_gemm", &nf4_gemm, "NF4 x 16-bit GEMM from the tile layout, x as the MMA's A operand, any M");
   m.def("nf4_wgmma", &nf4_wgmma, "NF4 x 16-bit GEMM from the tile layout on warpgroup MMA (sm_90a)");
-  m.def("nf4_wgmma_bulk_x", &nf4_wgmma_bulk_x, "nf4_wgmma's 128-token block with x brought by the TMA unit (sm_90a)");
+  m.def("nf4_wgmma_bulk_x", &nf4_wgmma_bulk_x, "nf4_wgmma's 128- or 64-token block with x brought by the TMA unit (sm_90a)");
   m.def("nf4_wgmma_built", &nf4_wgmma_built, "whether this build has the wgmma kernels (sm_90a)");
   m.def("nf4_wide", &nf4_wide, "NF4 x 16-bit matmul on tensor cores from the tile layout, x through shared memory");
   m.def("nf4_wide_blocks_per_sm", &nf4_wide_blocks_per_sm, "resident blocks per SM of a wide instance");

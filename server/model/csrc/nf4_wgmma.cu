@@ -167,14 +167,13 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
   });
 }
 
-// nf4_wgmma_bulk_x_kernel<T, 128, MIN_BLOCKS, WARPS> over x's tile images (x_image_kernel's, for x [M, K]): grid
+// nf4_wgmma_bulk_x_kernel<T, BM, MIN_BLOCKS, WARPS> over x's tile images (x_image_kernel's, for x [M, K]): grid
 // (row groups, splits, token groups) as run_split gives it.
-template <typename T, int MIN_BLOCKS, int WARPS>
+template <typename T, int BM, int MIN_BLOCKS, int WARPS>
 torch::Tensor launch_wgmma_bulk_x(const torch::Tensor& x, const torch::Tensor& images, const torch::Tensor& tile_codes,
                                   const torch::Tensor& tile_scales, const torch::Tensor& table,
                                   const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
                                   bool defer_sum) {
-  constexpr int BM = 128;
   constexpr auto kernel = nf4_wgmma_bulk_x_kernel<T, BM, MIN_BLOCKS, WARPS>;
   constexpr int smem = BulkSmem<BM>::bytes;
   allow_dynamic_smem<kernel>(smem);
@@ -191,17 +190,16 @@ torch::Tensor launch_wgmma_bulk_x(const torch::Tensor& x, const torch::Tensor& i
   }, programmatic_launch(), defer_sum);
 }
 
-// nf4_wgmma's 128-token block with x's tiles brought by the TMA unit (nf4_wgmma_bulk.cuh): x_image_kernel writes x's
-// tile images, then nf4_wgmma_bulk_x_kernel runs with block_warps 8 (two warpgroups, two blocks an SM: the grid of
-// nf4_wgmma_kernel<T, 128, 1, 1>) or 16 (four warpgroups, one block an SM), giving that kernel's bits for the same
-// split_k. Any M, K % 64 == 0; only where nf4_wgmma_built(). With defer_sum and K split, returns the unsummed fp32
-// partials [splits, M, N] instead (run_split); else None.
-torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales,
-                               torch::Tensor table, c10::optional<torch::Tensor> bias, torch::Tensor out,
-                               int64_t split_k, int64_t block_warps, bool defer_sum) {
-  constexpr int BM = 128;
-  TORCH_CHECK(block_warps == 8 || block_warps == 16, "bulk_x takes 8 or 16 block warps, got ", block_warps);
-  check_wgmma_inputs(x, tile_codes, tile_scales, out);
+// nf4_wgmma's 128- or 64-token block with x's tiles brought by the TMA unit (nf4_wgmma_bulk.cuh): x_image_kernel
+// writes x's tile images, then nf4_wgmma_bulk_x_kernel runs with block_warps 8 (two warpgroups; 128 tokens: two
+// blocks an SM, the grid of nf4_wgmma_kernel<T, 128, 1, 1>; 64 tokens: three) or, at 128 tokens, 16 (four
+// warpgroups, one block an SM), giving that block's bits for the same split_k. Any M, K % 64 == 0; only where
+// nf4_wgmma_built(). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N] instead
+// (run_split); else None.
+template <int BM>
+torch::Tensor bulk_x_for(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
+                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_warps,
+                         bool defer_sum) {
   const int M = x.size(0), K = x.size(1), groups = (M + BM - 1) / BM;
   torch::Tensor images = torch::empty({static_cast<int64_t>(groups) * BM * K}, x.options());
   return run_for_dtype(x, [&](auto dtype_tag) {
@@ -210,11 +208,30 @@ torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch:
     launch_kernel(x_image_kernel<T, BM>, dim3(static_cast<unsigned>((chunks + 255) / 256)), dim3(256), 0,
                   c10::cuda::getCurrentCUDAStream(), programmatic_launch(), reinterpret_cast<const T*>(x.data_ptr()),
                   reinterpret_cast<uint32_t*>(images.data_ptr()), M, K);
-    // 127 registers a thread (ptxas, sm_90a): two blocks of 8 warps or one of 16 fill the register file
-    return block_warps == 16
-               ? launch_wgmma_bulk_x<T, 1, 16>(x, images, tile_codes, tile_scales, table, bias, out, split_k, defer_sum)
-               : launch_wgmma_bulk_x<T, 2, 8>(x, images, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
+    // ptxas, sm_90a: 127 registers a thread at 128 tokens (two blocks of 8 warps or one of 16 fill the register
+    // file), BULK_X_64_REGS at 64 (three blocks of 8 warps)
+    if constexpr (BM == 64) {
+      return launch_wgmma_bulk_x<T, 64, 3, 8>(x, images, tile_codes, tile_scales, table, bias, out, split_k,
+                                              defer_sum);
+    } else {
+      return block_warps == 16 ? launch_wgmma_bulk_x<T, BM, 1, 16>(x, images, tile_codes, tile_scales, table, bias,
+                                                                  out, split_k, defer_sum)
+                               : launch_wgmma_bulk_x<T, BM, 2, 8>(x, images, tile_codes, tile_scales, table, bias,
+                                                                 out, split_k, defer_sum);
+    }
   });
+}
+
+torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales,
+                               torch::Tensor table, c10::optional<torch::Tensor> bias, torch::Tensor out,
+                               int64_t split_k, int64_t block_tokens, int64_t block_warps, bool defer_sum) {
+  TORCH_CHECK((block_tokens == 128 && (block_warps == 8 || block_warps == 16)) ||
+                  (block_tokens == 64 && block_warps == 8),
+              "bulk_x takes 128 block tokens in 8 or 16 warps, or 64 in 8, got ", block_tokens, " in ", block_warps);
+  check_wgmma_inputs(x, tile_codes, tile_scales, out);
+  return block_tokens == 64
+             ? bulk_x_for<64>(x, tile_codes, tile_scales, table, bias, out, split_k, block_warps, defer_sum)
+             : bulk_x_for<128>(x, tile_codes, tile_scales, table, bias, out, split_k, block_warps, defer_sum);
 }
 
 // Whether this build's code for the current GPU has the wgmma kernels (sm_90a), by running a one-thread probe.
