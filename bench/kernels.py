@@ -224,9 +224,9 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         if rows >= 16 and block_tokens <= 128:  # the other one-wait setting than the default's (cuda_nf4.one_wait_for)
             one_wait = cuda_nf4.one_wait_for(block_tokens)
             variants["wgmma_nw" if one_wait else "wgmma_1w"] = {"one_wait": not one_wait}
-        if 32 < rows <= 64:  # x by the TMA unit (tuning candidates from 65 rows)
-            variants["wgmma_bx"] = {"bulk_x": True}
-            variants["wgmma_bx_b64"] = {"bulk_x": True, "block_tokens": 64}
+        if rows > 32:  # x by the TMA unit (tuning candidates from 65 rows; the 64-token block with BULK_X_64)
+            variants.setdefault("wgmma_bx", {"bulk_x": True})
+            variants.setdefault("wgmma_bx_b64", {"bulk_x": True, "block_tokens": 64})
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4_wgmma.nf4_wgmma(x, c[3], layer.shape, layer.table,
                                                                         num_sms=device_num_sms(0), **kw)

@@ -42,11 +42,13 @@ def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
     assert not [c for c in at_128 + nf4_autotune.candidates(17, (28672, 4096), 132)
                 if dict(c.options).get("block_tokens") == 16]
     assert Choice("wgmma", (("block_warps", 4),)) not in nf4_autotune.candidates(200, (28672, 4096), 132)
-    bulk_x = [Choice("wgmma", (("bulk_x", True),)), Choice("wgmma", (("bulk_x", True), ("block_warps", 16))),
-              Choice("wgmma", (("bulk_x", True), ("block_tokens", 64)))]
-    for rows in (65, 128, 200, 256):  # x by the TMA unit from 65 rows: 128 tokens in 8 and 16 warps, 64 in 8
+    bulk_x = [Choice("wgmma", (("bulk_x", True),)), Choice("wgmma", (("bulk_x", True), ("block_warps", 16)))]
+    for rows in (65, 128, 200, 256):  # x by the TMA unit from 65 rows: 128 tokens in 8 and 16 warps
         assert [c for c in nf4_autotune.candidates(rows, (4096, 4096), 132) if "bulk_x" in dict(c.options)] == bulk_x
     assert not [c for c in nf4_autotune.candidates(64, (4096, 4096), 132) if "bulk_x" in dict(c.options)]
+    monkeypatch.setattr(nf4_autotune, "BULK_X_64", True)  # and the 64-token block when asked for
+    assert [c for c in nf4_autotune.candidates(128, (4096, 4096), 132) if "bulk_x" in dict(c.options)] == bulk_x + [
+        Choice("wgmma", (("bulk_x", True), ("block_tokens", 64)))]
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 8])
