@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+from server.model.launch_overrides import launch_overrides
+
 _NUM_SMS = 132  # H100; only steers the split heuristic
 
 
@@ -49,22 +51,7 @@ DECODE_TUNING = {"v_first": True, "tile_n": 64, "num_stages": None, "num_warps":
 def tuning_overrides(text: str) -> dict:
     """DECODE_TUNING entries from "name=value,..." (LORAPLEX_DECODE_TUNING, for engine A/Bs of the launch choices:
     the tests time them on one layer's inputs, whose cache sits in L2, where a step reads each layer's from DRAM)."""
-    overrides = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, value = item.partition("=")
-        if name not in DECODE_TUNING or not value:
-            raise ValueError(f"LORAPLEX_DECODE_TUNING: {item!r} is not name=value of {sorted(DECODE_TUNING)}")
-        if isinstance(DECODE_TUNING[name], bool):
-            if value not in ("true", "false"):
-                raise ValueError(f"LORAPLEX_DECODE_TUNING: {item!r} needs true or false")
-            overrides[name] = value == "true"
-        elif value == "none" and name in ("num_stages", "maxnreg"):
-            overrides[name] = None
-        elif value.isdigit() and int(value) > 0:
-            overrides[name] = int(value)
-        else:
-            raise ValueError(f"LORAPLEX_DECODE_TUNING: {item!r} needs a positive integer")
-    return overrides
+    return launch_overrides(text, DECODE_TUNING, "LORAPLEX_DECODE_TUNING")
 
 
 DECODE_TUNING.update(tuning_overrides(os.environ.get("LORAPLEX_DECODE_TUNING", "")))

@@ -22,16 +22,22 @@ import triton
 import triton.language as tl
 
 from server.model import pdl
+from server.model.launch_overrides import launch_overrides
 from server.model.lora_meta import LoraBatchMeta, SlotLayout, check_lora_shapes, make_lora_meta
 from server.model.shrink_workspace import take_zeroed
 from server.model.triton_pdl import pdl_enter
 
 MAX_SLICES = 4
-# Enough programs to keep every SM of an H100 (132 SMs) busy with a few resident programs each. In the decode graphs
-# the shrinks run beside x-resident base kernels that hold every SM (the forty-eighth session's H200 profile of the 8B
-# mixed32 step: 1.77 ms of _shrink_kernel time a step for ~0.8 GB of A, ~0.46 TB/s while they overlap);
-# LORAPLEX_LORA_SHRINK_PROGRAMS sets the target for an engine A/B (fewer, longer programs queue less behind the base).
-_TARGET_PROGRAMS = int(os.environ.get("LORAPLEX_LORA_SHRINK_PROGRAMS", str(4 * 132)))
+# Enough programs to keep every SM of an H100 (132 SMs) busy with a few resident programs each.
+_TARGET_PROGRAMS = 4 * 132
+# The shrink's launch choices for engine A/Bs ("block_k=64,num_warps=2,num_stages=3,target_programs=264"; the sum
+# order follows block_k): in the decode graphs the shrinks run beside x-resident base kernels that hold every SM, and
+# the forty-eighth session's H200 profile of the 8B mixed32 step gave them 1.77 ms of kernel time a step for ~0.8 GB
+# of A (~0.46 TB/s while they overlap), which bench.lora_kernels' sweep, timing them alone, cannot see.
+SHRINK_TUNABLE = dict.fromkeys(("block_k", "num_warps", "num_stages", "target_programs"))  # none: the default
+_shrink_overrides = launch_overrides(os.environ.get("LORAPLEX_LORA_SHRINK_TUNING", ""), SHRINK_TUNABLE,
+                                     "LORAPLEX_LORA_SHRINK_TUNING")
+SHRINK_TUNING = {name: value for name, value in _shrink_overrides.items() if value is not None}
 
 
 # Integer arguments that follow the batch (the prompts of a prefill): Triton would build a variant for each
@@ -259,7 +265,7 @@ def lora_shrink(x, lora_a, layout: SlotLayout, meta: LoraBatchMeta, num_slices: 
     """h[t, :n*r] = the token's slot's A @ x[t] in fp32, [T, n * max_rank]; columns past a token's
     n*r, and rows of slot -1, are unspecified. `tuning` overrides the launch choices (bench.lora_kernels'
     sweep): block_m, block_n, block_k, num_warps, num_stages, target_programs."""
-    tuning = tuning or {}
+    tuning = SHRINK_TUNING if tuning is None else tuning
     num_tokens, in_features = x.shape
     num_cols = num_slices * layout.max_rank
     default_m = _pow2_at_least_16(meta.max_seg_len) if meta.shrink_tiles else _shrink_block_m(meta.max_seg_len)

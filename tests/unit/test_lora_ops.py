@@ -560,3 +560,18 @@ def test_side_expand_setting_takes_0_1_or_2(value, ok):
     assert (done.returncode == 0) == ok, done.stderr
     if not ok:
         assert "LORAPLEX_LORA_SIDE_EXPAND must be 0, 1 or 2" in done.stderr
+
+
+def test_shrink_tuning_overrides_take_its_launch_choices_only():
+    """LORAPLEX_LORA_SHRINK_TUNING's text: the shrink's launch choices as positive integers (none: the default),
+    anything else a ValueError naming the setting."""
+    from server.model.launch_overrides import launch_overrides
+
+    tunable = dict.fromkeys(("block_k", "num_warps", "num_stages", "target_programs"))  # triton_lora.SHRINK_TUNABLE
+    parse = lambda text: launch_overrides(text, tunable, "LORAPLEX_LORA_SHRINK_TUNING")  # noqa: E731
+    assert parse("block_k=64, num_warps=2,target_programs=264") == {"block_k": 64, "num_warps": 2,
+                                                                    "target_programs": 264}
+    assert parse("num_stages=none") == {"num_stages": None}
+    for bad in ("block_m=1", "block_k", "block_k=0", "num_warps=two", "num_warps=true"):
+        with pytest.raises(ValueError, match="LORAPLEX_LORA_SHRINK_TUNING"):
+            parse(bad)
