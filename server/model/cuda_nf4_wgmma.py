@@ -194,7 +194,8 @@ def nf4_wgmma(
                 or one_wait or occupancy is not None):
             raise ValueError("bulk_x takes 128 block tokens in 8 or 16 warps, or 64 in 8, and one quant block a "
                              "stage, with no other variant")
-        if split_k is None:  # its grid fills one wave of BULK_X_BLOCKS' blocks an SM
+        if split_k is None:  # one wave of BULK_X_BLOCKS' blocks an SM (the 64-token block's three of 8 warps keep 8
+            # quant blocks a split, as the 32-token three-an-SM instance measured best; not yet timed for it)
             split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, BULK_X_BLOCKS[block_tokens, block_warps],
                                     block_warps)
         partials = extension().nf4_wgmma_bulk_x(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens,

@@ -51,7 +51,7 @@ DECODE_TUNING = {"v_first": True, "tile_n": 64, "num_stages": None, "num_warps":
 def tuning_overrides(text: str) -> dict:
     """DECODE_TUNING entries from "name=value,..." (LORAPLEX_DECODE_TUNING, for engine A/Bs of the launch choices:
     the tests time them on one layer's inputs, whose cache sits in L2, where a step reads each layer's from DRAM)."""
-    return launch_overrides(text, DECODE_TUNING, "LORAPLEX_DECODE_TUNING")
+    return launch_overrides(text, DECODE_TUNING, "LORAPLEX_DECODE_TUNING", nullable=("num_stages", "maxnreg"))
 
 
 DECODE_TUNING.update(tuning_overrides(os.environ.get("LORAPLEX_DECODE_TUNING", "")))

@@ -4,9 +4,9 @@ micro-benchmarks run on inputs warmer than a step's (LORAPLEX_DECODE_TUNING, LOR
 from __future__ import annotations
 
 
-def launch_overrides(text: str, known: dict, setting: str) -> dict:
+def launch_overrides(text: str, known: dict, setting: str, nullable: tuple[str, ...] = ()) -> dict:
     """{name: value} from "name=value,..." for names of `known`: true or false where known's value is a bool, a
-    positive integer otherwise, or none where known's value is None. A ValueError names the setting and the item."""
+    positive integer otherwise, or none for the names in `nullable`. A ValueError names the setting and the item."""
     overrides = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, value = item.partition("=")
@@ -16,7 +16,7 @@ def launch_overrides(text: str, known: dict, setting: str) -> dict:
             if value not in ("true", "false"):
                 raise ValueError(f"{setting}: {item!r} needs true or false")
             overrides[name] = value == "true"
-        elif value == "none" and known[name] is None:
+        elif value == "none" and name in nullable:
             overrides[name] = None
         elif value.isdigit() and int(value) > 0:
             overrides[name] = int(value)

@@ -73,7 +73,7 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
                     if tokens != default and tokens // 2 < rows]
         if default <= 128:
             choices.append(Choice("wgmma", (("block_warps", 4),)))
-        if rows > 64:  # x by the TMA unit: the 128-token block in 8 or 16 warps (and the 64-token one, BULK_X_64)
+        if rows > 64 and nf4_dispatch.BULK_X:  # x by the TMA unit: 128 tokens in 8 or 16 warps (64 with BULK_X_64)
             choices += [Choice("wgmma", (("bulk_x", True),) + ((("block_tokens", 64),) if tokens == 64 else ())
                                + ((("block_warps", w),) if w != 8 else ()))
                         for tokens, w in cuda_nf4_wgmma.BULK_X_BLOCKS if tokens == 128 or BULK_X_64]

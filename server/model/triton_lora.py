@@ -34,10 +34,20 @@ _TARGET_PROGRAMS = 4 * 132
 # order follows block_k): in the decode graphs the shrinks run beside x-resident base kernels that hold every SM, and
 # the forty-eighth session's H200 profile of the 8B mixed32 step gave them 1.77 ms of kernel time a step for ~0.8 GB
 # of A (~0.46 TB/s while they overlap), which bench.lora_kernels' sweep, timing them alone, cannot see.
-SHRINK_TUNABLE = dict.fromkeys(("block_k", "num_warps", "num_stages", "target_programs"))  # none: the default
-_shrink_overrides = launch_overrides(os.environ.get("LORAPLEX_LORA_SHRINK_TUNING", ""), SHRINK_TUNABLE,
-                                     "LORAPLEX_LORA_SHRINK_TUNING")
-SHRINK_TUNING = {name: value for name, value in _shrink_overrides.items() if value is not None}
+SHRINK_TUNABLE = dict.fromkeys(("block_k", "num_warps", "num_stages", "target_programs"), 0)
+
+
+def shrink_tuning(text: str) -> dict:
+    """LORAPLEX_LORA_SHRINK_TUNING's overrides; block_k and num_warps powers of two (Triton's tiles and warps), so
+    that a bad value stops start-up instead of a graph capture."""
+    overrides = launch_overrides(text, SHRINK_TUNABLE, "LORAPLEX_LORA_SHRINK_TUNING")
+    for name in ("block_k", "num_warps"):
+        if name in overrides and overrides[name] & (overrides[name] - 1):
+            raise ValueError(f"LORAPLEX_LORA_SHRINK_TUNING: {name} must be a power of two, got {overrides[name]}")
+    return overrides
+
+
+SHRINK_TUNING = shrink_tuning(os.environ.get("LORAPLEX_LORA_SHRINK_TUNING", ""))
 
 
 # Integer arguments that follow the batch (the prompts of a prefill): Triton would build a variant for each

@@ -310,10 +310,11 @@ def test_the_rules_run_bulk_x_past_64_rows_on_4096_inputs(monkeypatch, rows):
     bias = torch.randn(shape[1], device="cuda", generator=gen).to(torch.bfloat16)
     monkeypatch.setattr(nf4_dispatch, "TUNED", {})  # the rules, whatever an engine of this process tuned
     assert nf4_dispatch.kernel_for(rows, wshape, num_sms=device_num_sms(0)) == "wgmma"
-    assert nf4_dispatch.rule_options("wgmma", rows, wshape) == {"bulk_x": True}
+    real, asked = cuda_nf4_wgmma.nf4_wgmma, []
+    monkeypatch.setattr(cuda_nf4_wgmma, "nf4_wgmma", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
     got = nf4_dispatch.nf4_linear_cuda(x, codes, absmax, wshape, table, bias, tiled=tiled)
-    assert torch.equal(got, cuda_nf4_wgmma.nf4_wgmma(x, tiled, wshape, table, bias, num_sms=device_num_sms(0),
-                                                     bulk_x=True))
+    assert [kw.get("bulk_x") for kw in asked] == [True]  # the same splits as the default block: the same bits
+    assert torch.equal(got, real(x, tiled, wshape, table, bias, num_sms=device_num_sms(0), bulk_x=True))
     assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
 
 

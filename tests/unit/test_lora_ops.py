@@ -563,15 +563,38 @@ def test_side_expand_setting_takes_0_1_or_2(value, ok):
 
 
 def test_shrink_tuning_overrides_take_its_launch_choices_only():
-    """LORAPLEX_LORA_SHRINK_TUNING's text: the shrink's launch choices as positive integers (none: the default),
-    anything else a ValueError naming the setting."""
+    """LORAPLEX_LORA_SHRINK_TUNING's text: the shrink's launch choices as positive integers, block_k and num_warps
+    powers of two; anything else a ValueError naming the setting (triton_lora.shrink_tuning, whose module imports
+    Triton: run by make test-triton's phase, here the parser it calls with its names)."""
     from server.model.launch_overrides import launch_overrides
 
-    tunable = dict.fromkeys(("block_k", "num_warps", "num_stages", "target_programs"))  # triton_lora.SHRINK_TUNABLE
+    tunable = dict.fromkeys(("block_k", "num_warps", "num_stages", "target_programs"), 0)  # triton_lora's
     parse = lambda text: launch_overrides(text, tunable, "LORAPLEX_LORA_SHRINK_TUNING")  # noqa: E731
     assert parse("block_k=64, num_warps=2,target_programs=264") == {"block_k": 64, "num_warps": 2,
                                                                     "target_programs": 264}
-    assert parse("num_stages=none") == {"num_stages": None}
-    for bad in ("block_m=1", "block_k", "block_k=0", "num_warps=two", "num_warps=true"):
+    assert parse("num_stages=3") == {"num_stages": 3}
+    for bad in ("block_m=1", "block_k", "block_k=0", "num_warps=two", "num_warps=true", "num_stages=none"):
         with pytest.raises(ValueError, match="LORAPLEX_LORA_SHRINK_TUNING"):
             parse(bad)
+
+
+def test_decode_tuning_takes_none_where_its_defaults_allow_it_whatever_the_environment_set():
+    """num_stages and maxnreg take none even after LORAPLEX_DECODE_TUNING set them to numbers at import."""
+    from server.model import decode_tuning
+
+    saved = dict(decode_tuning.DECODE_TUNING)
+    try:
+        decode_tuning.DECODE_TUNING.update(num_stages=3, maxnreg=128)
+        assert decode_tuning.tuning_overrides("num_stages=none,maxnreg=none") == {"num_stages": None, "maxnreg": None}
+    finally:
+        decode_tuning.DECODE_TUNING.clear()
+        decode_tuning.DECODE_TUNING.update(saved)
+
+
+def test_shrink_tuning_takes_powers_of_two_tiles_and_warps(triton_lora):
+    assert triton_lora.shrink_tuning("block_k=64,num_warps=2,num_stages=3") == {"block_k": 64, "num_warps": 2,
+                                                                         "num_stages": 3}
+    assert triton_lora.shrink_tuning("") == {} and triton_lora.SHRINK_TUNING == {}  # CI sets no override
+    for bad in ("block_k=96", "num_warps=3", "block_m=16"):
+        with pytest.raises(ValueError, match="LORAPLEX_LORA_SHRINK_TUNING"):
+            triton_lora.shrink_tuning(bad)

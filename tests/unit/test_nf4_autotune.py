@@ -46,6 +46,9 @@ def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
     for rows in (65, 128, 200, 256):  # x by the TMA unit from 65 rows: 128 tokens in 8 and 16 warps
         assert [c for c in nf4_autotune.candidates(rows, (4096, 4096), 132) if "bulk_x" in dict(c.options)] == bulk_x
     assert not [c for c in nf4_autotune.candidates(64, (4096, 4096), 132) if "bulk_x" in dict(c.options)]
+    monkeypatch.setattr(nf4_dispatch, "BULK_X", False)  # LORAPLEX_NF4_BULK_X=0: none, for a clean A/B
+    assert not [c for c in nf4_autotune.candidates(128, (4096, 4096), 132) if "bulk_x" in dict(c.options)]
+    monkeypatch.setattr(nf4_dispatch, "BULK_X", True)
     monkeypatch.setattr(nf4_autotune, "BULK_X_64", True)  # and the 64-token block when asked for
     assert [c for c in nf4_autotune.candidates(128, (4096, 4096), 132) if "bulk_x" in dict(c.options)] == bulk_x + [
         Choice("wgmma", (("bulk_x", True), ("block_tokens", 64)))]

@@ -209,7 +209,7 @@ torch::Tensor bulk_x_for(torch::Tensor x, torch::Tensor tile_codes, torch::Tenso
                   c10::cuda::getCurrentCUDAStream(), programmatic_launch(), reinterpret_cast<const T*>(x.data_ptr()),
                   reinterpret_cast<uint32_t*>(images.data_ptr()), M, K);
     // ptxas, sm_90a: 127 registers a thread at 128 tokens (two blocks of 8 warps or one of 16 fill the register
-    // file), BULK_X_64_REGS at 64 (three blocks of 8 warps)
+    // file), 80 at 64 (three blocks of 8 warps)
     if constexpr (BM == 64) {
       return launch_wgmma_bulk_x<T, 64, 3, 8>(x, images, tile_codes, tile_scales, table, bias, out, split_k,
                                               defer_sum);

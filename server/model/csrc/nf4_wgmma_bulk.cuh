@@ -1,5 +1,6 @@
-// x brought by the TMA unit into nf4_wgmma_kernel's stages (nf4_wgmma(..., bulk_x=True); 128 block tokens; off
-// until timed). Included by nf4_wgmma.cu after nf4_wgmma.cuh.
+// x brought by the TMA unit into nf4_wgmma_kernel's stages (nf4_wgmma(..., bulk_x=True); 128 block tokens, the
+// dispatch's pick past 64 rows on 4,096+ inputs since the forty-eighth session, or 64). Included by nf4_wgmma.cu
+// after nf4_wgmma.cuh.
 //
 // Why: at 128 rows the default 128-token block is 1.6 of bf16 on the H200 (issue 14's target 1.0), and there x's
 // staging is the heaviest part of a stage outside the dequantization: 16 KB of x a block and quant block (against 4 KB
@@ -92,7 +93,7 @@ __global__ void __launch_bounds__(256) x_image_kernel(const T* __restrict__ x, u
 
 // nf4_wgmma_kernel<T, BM, MIN_BLOCKS, 1> (one quant block a stage) with x's tiles from `images` (x_image_kernel) by
 // bulk copies instead of staged by every thread, and WARPS / 4 warpgroups a block (8: two, as the default; 16: four,
-// 256 weight rows sharing each tile, so half the x a weight row reads from the L2). One barrier a stage, after its
+// 256 weight rows sharing each tile, so half the x a weight row reads from the L2; 128 tokens only). One barrier a stage, after its
 // wgmmas: the buffer they read is free for the stage kBulkBuffers on, which thread 0 then asks for.
 template <typename T, int BM, int MIN_BLOCKS, int WARPS = WG_WARPS>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_bulk_x_kernel(
