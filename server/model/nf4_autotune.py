@@ -38,7 +38,7 @@ AUTOTUNE = os.environ.get("LORAPLEX_NF4_AUTOTUNE", "1") != "0"
 # (-kernels-s43-few-rows-tuned.json: the graph-timed tuning and the table's timing disagree at these sizes).
 FEW_ROWS = (1, 2, 4, 8) if os.environ.get("LORAPLEX_NF4_TUNE_FEW_ROWS", "0") == "1" else ()
 ROWS = FEW_ROWS + (16, 32, 48, 64, 96, 128, 192, 256)
-# LORAPLEX_NF4_BULK_X_64=1: bulk_x's 64-token block among the candidates from 65 rows (off until its GPU test has run:
+# LORAPLEX_NF4_BULK_X_64=1: bulk_x's 64-token block among the candidates from 33 rows (off until its GPU test has run:
 # written in the forty-eighth session after the calls; bench.kernels times it as wgmma_bx_b64)
 BULK_X_64 = os.environ.get("LORAPLEX_NF4_BULK_X_64", "0") == "1"
 
@@ -73,10 +73,11 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
                     if tokens != default and tokens // 2 < rows]
         if default <= 128:
             choices.append(Choice("wgmma", (("block_warps", 4),)))
-        if rows > 64 and nf4_dispatch.BULK_X:  # x by the TMA unit: 128 tokens in 8 or 16 warps (64 with BULK_X_64)
+        if nf4_dispatch.BULK_X:  # x by the TMA unit: 128 tokens in 8 or 16 warps from 65 rows, 64 from 33 (BULK_X_64)
             choices += [Choice("wgmma", (("bulk_x", True),) + ((("block_tokens", 64),) if tokens == 64 else ())
                                + ((("block_warps", w),) if w != 8 else ()))
-                        for tokens, w in cuda_nf4_wgmma.BULK_X_BLOCKS if tokens == 128 or BULK_X_64]
+                        for tokens, w in cuda_nf4_wgmma.BULK_X_BLOCKS
+                        if (tokens == 128 and rows > 64) or (tokens == 64 and rows > 32 and BULK_X_64)]
         if default == 32:
             choices.append(Choice("wgmma", (("stage_blocks", 2),)))
             choices += [Choice("wgmma", (("resident_warpgroups", w),) + ((("pairs", True),) if pairs else ()))

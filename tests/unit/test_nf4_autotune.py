@@ -50,8 +50,10 @@ def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
     assert not [c for c in nf4_autotune.candidates(128, (4096, 4096), 132) if "bulk_x" in dict(c.options)]
     monkeypatch.setattr(nf4_dispatch, "BULK_X", True)
     monkeypatch.setattr(nf4_autotune, "BULK_X_64", True)  # and the 64-token block when asked for
-    assert [c for c in nf4_autotune.candidates(128, (4096, 4096), 132) if "bulk_x" in dict(c.options)] == bulk_x + [
-        Choice("wgmma", (("bulk_x", True), ("block_tokens", 64)))]
+    bulk_64 = [Choice("wgmma", (("bulk_x", True), ("block_tokens", 64)))]
+    bulk_at = lambda rows: [c for c in nf4_autotune.candidates(rows, (4096, 4096), 132)  # noqa: E731
+                            if "bulk_x" in dict(c.options)]
+    assert bulk_at(128) == bulk_x + bulk_64 and bulk_at(48) == bulk_64 and bulk_at(32) == []  # from 33 rows
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 8])
