@@ -214,7 +214,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         # M, one warpgroup a block, the x-resident kernel; under 16 rows its 16-token tile), then from 16 rows the
         # 32-token instance's own variants
         short = {"block_tokens": "b", "block_warps": "w", "stage_blocks": "s", "resident_warpgroups": "r", "pairs": "p",
-                 "bulk_x": "bx"}
+                 "bulk_x": "bx", "cluster_sum": "cs"}
         variants = {"wgmma" + "".join(f"_{short[k]}{'' if v is True else v}" for k, v in choice.options):
                     dict(choice.options)
                     for choice in candidates(rows, layer.shape, device_num_sms(0)) if choice.kernel == "wgmma"}
@@ -227,6 +227,8 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         if rows > 32:  # x by the TMA unit (tuning candidates from 65 rows; the 64-token block with BULK_X_64)
             variants.setdefault("wgmma_bx", {"bulk_x": True})
             variants.setdefault("wgmma_bx_b64", {"bulk_x": True, "block_tokens": 64})
+            variants.setdefault("wgmma_bx_cs", {"bulk_x": True, "cluster_sum": True})  # LORAPLEX_NF4_CLUSTER_SUM's
+            variants.setdefault("wgmma_bx_b64_cs", {"bulk_x": True, "block_tokens": 64, "cluster_sum": True})
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4_wgmma.nf4_wgmma(x, c[3], layer.shape, layer.table,
                                                                         num_sms=device_num_sms(0), **kw)

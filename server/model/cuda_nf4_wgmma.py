@@ -25,6 +25,7 @@ WGMMA_BLOCK_WARPS = 8  # csrc/nf4_wgmma.cuh's default block: two warpgroups of 6
 # nf4_wgmma(bulk_x=True)'s instances, (block tokens, block warps) -> blocks an SM (csrc nf4_wgmma.cu, bulk_x_for; ptxas
 # sm_90a: 127 registers a thread at 128 tokens, 80 at 64)
 BULK_X_BLOCKS = {(128, 8): 2, (128, 16): 1, (64, 8): 3}
+CLUSTER_MAX_SPLITS = 8  # nf4_wgmma(bulk_x=True, cluster_sum=True): the splits a portable cluster holds
 
 
 def wgmma_row_groups(out_features: int, block_warps: int = WGMMA_BLOCK_WARPS) -> int:
@@ -141,6 +142,7 @@ def nf4_wgmma(
     resident_warpgroups: int = 0,
     pairs: bool = False,
     bulk_x: bool = False,
+    cluster_sum: bool = False,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's 16
     weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -159,7 +161,10 @@ def nf4_wgmma(
     written once as their shared-memory images and brought a stage at a time by the TMA unit
     (csrc/nf4_wgmma_bulk.cuh): no thread stages x, 127 registers where the default takes 167, so two blocks an SM
     instead of one; with `block_warps` 16, four warpgroups (256 weight rows) share each tile, one block an SM: half
-    the x a weight row reads from the L2 (slower than 8 warps at every measured shape, by 6-20%). Each
+    the x a weight row reads from the L2 (slower than 8 warps at every measured shape, by 6-20%); with `cluster_sum`
+    (off until timed; at most CLUSTER_MAX_SPLITS splits) a row and token group's splits are one thread-block cluster
+    that sums them through distributed shared memory in split order, instead of fp32 partials and a second kernel
+    (the same bits; nothing to defer). Each
     warpgroup issues the same wgmmas in the same order whatever the variant: the same bits for the same splits. Measured
     slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas run (3-15%,
     bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep instead of two
@@ -188,18 +193,24 @@ def nf4_wgmma(
     stage with two waits (H100, -kernels-s41-s2w.json)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)
+    if cluster_sum and not bulk_x:
+        raise ValueError("cluster_sum is bulk_x's: its splits of K summed in a thread-block cluster")
     if bulk_x:  # the 128- or 64-token block with x's tiles brought by the TMA unit (csrc/nf4_wgmma_bulk.cuh)
         block_tokens = block_tokens or 128
         if ((block_tokens, block_warps) not in BULK_X_BLOCKS or stage_blocks != 1 or resident_warpgroups or pairs
-                or one_wait or occupancy is not None):
+                or one_wait or occupancy is not None):  # fmt: skip
             raise ValueError("bulk_x takes 128 block tokens in 8 or 16 warps, or 64 in 8, and one quant block a "
                              "stage, with no other variant")
         if split_k is None:  # one wave of BULK_X_BLOCKS' blocks an SM (the 64-token block's three of 8 warps keep 8
             # quant blocks a split, as the 32-token three-an-SM instance measured best; not yet timed for it)
             split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, BULK_X_BLOCKS[block_tokens, block_warps],
                                     block_warps)
+            if cluster_sum:
+                split_k = min(split_k, CLUSTER_MAX_SPLITS)
+        if cluster_sum and split_k > CLUSTER_MAX_SPLITS:
+            raise ValueError(f"cluster_sum sums at most {CLUSTER_MAX_SPLITS} splits in a cluster, got {split_k}")
         partials = extension().nf4_wgmma_bulk_x(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens,
-                                                 block_warps, defer_sum)
+                                                 block_warps, cluster_sum, defer_sum)
         return out if partials is None else SplitSums(partials, bias, x.dtype)
     if resident_warpgroups:
         block_tokens = block_tokens or 32

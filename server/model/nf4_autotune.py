@@ -41,6 +41,9 @@ ROWS = FEW_ROWS + (16, 32, 48, 64, 96, 128, 192, 256)
 # LORAPLEX_NF4_BULK_X_64=1: bulk_x's 64-token block among the candidates from 33 rows (off until its GPU test has run:
 # written in the forty-eighth session after the calls; bench.kernels times it as wgmma_bx_b64)
 BULK_X_64 = os.environ.get("LORAPLEX_NF4_BULK_X_64", "0") == "1"
+# LORAPLEX_NF4_CLUSTER_SUM=1: each bulk_x candidate also with its splits of K summed in a thread-block cluster
+# (nf4_wgmma's cluster_sum; off until its GPU test has run, written in the forty-eighth session after the calls)
+CLUSTER_SUM = os.environ.get("LORAPLEX_NF4_CLUSTER_SUM", "0") == "1"
 
 
 def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
@@ -75,9 +78,10 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
             choices.append(Choice("wgmma", (("block_warps", 4),)))
         if nf4_dispatch.BULK_X:  # x by the TMA unit: 128 tokens in 8 or 16 warps from 65 rows, 64 from 33 (BULK_X_64)
             choices += [Choice("wgmma", (("bulk_x", True),) + ((("block_tokens", 64),) if tokens == 64 else ())
-                               + ((("block_warps", w),) if w != 8 else ()))
-                        for tokens, w in cuda_nf4_wgmma.BULK_X_BLOCKS
-                        if (tokens == 128 and rows > 64) or (tokens == 64 and rows > 32 and BULK_X_64)]
+                               + ((("block_warps", w),) if w != 8 else ()) + ((("cluster_sum", True),) if sums else ()))
+                        for tokens, w in cuda_nf4_wgmma.BULK_X_BLOCKS for sums in (False, True)
+                        if ((tokens == 128 and rows > 64) or (tokens == 64 and rows > 32 and BULK_X_64))
+                        and (not sums or CLUSTER_SUM)]
         if default == 32:
             choices.append(Choice("wgmma", (("stage_blocks", 2),)))
             choices += [Choice("wgmma", (("resident_warpgroups", w),) + ((("pairs", True),) if pairs else ()))

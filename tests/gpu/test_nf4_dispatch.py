@@ -274,7 +274,7 @@ def test_bulk_x_matches_the_default_block_bit_for_bit(rows, split_k, block_token
     the same splits, so the same bits, with bias, through the split sums and deferred, and on replay. 300 and 129
     rows: several token groups, the last one short (its rows past M are row M - 1's image); 24 quant blocks in 24,
     12, 8 and 5 splits: one, two, three (each buffer used once) and five stages a split; 600 weight rows: a last
-    block of a few warps' tiles."""
+    block of a few warps' tiles. Up to 8 splits, also summed in a cluster (cluster_sum): the sum kernel's bits."""
     from server.model import cuda_nf4_wgmma
 
     codes, absmax, wshape, table, tiled, x, bias = _wgmma_layer(rows, dtype)
@@ -291,6 +291,11 @@ def test_bulk_x_matches_the_default_block_bit_for_bit(rows, split_k, block_token
         assert torch.equal(deferred.partials, run(x, one_wait=False, defer_sum=True).partials)
         assert torch.equal(deferred.materialize(), want)
     _assert_replays(bulk, x)
+    if split_k <= cuda_nf4_wgmma.CLUSTER_MAX_SPLITS:  # the splits summed in a thread-block cluster: the same bits
+        summed = lambda xs, **kw: bulk(xs, cluster_sum=True, **kw)  # noqa: E731
+        assert torch.equal(summed(x), want)
+        assert torch.equal(summed(x, defer_sum=True), want)  # nothing left to defer
+        _assert_replays(summed, x)
 
 
 @pytest.mark.parametrize("rows", [65, 128, 200, 256])

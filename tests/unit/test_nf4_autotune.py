@@ -54,6 +54,9 @@ def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
     bulk_at = lambda rows: [c for c in nf4_autotune.candidates(rows, (4096, 4096), 132)  # noqa: E731
                             if "bulk_x" in dict(c.options)]
     assert bulk_at(128) == bulk_x + bulk_64 and bulk_at(48) == bulk_64 and bulk_at(32) == []  # from 33 rows
+    monkeypatch.setattr(nf4_autotune, "CLUSTER_SUM", True)  # each also with its splits summed in a cluster
+    assert bulk_at(48) == bulk_64 + [Choice("wgmma", (("bulk_x", True), ("block_tokens", 64), ("cluster_sum", True)))]
+    assert len(bulk_at(128)) == 6
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 8])

@@ -274,10 +274,33 @@ def test_bulk_x_passes_its_block_and_the_splits_of_its_wave(monkeypatch, block_t
     cuda_nf4_wgmma.nf4_wgmma(x, (torch.zeros(1), torch.zeros(1)), shape, torch.zeros(16), bulk_x=True,
                              block_tokens=block_tokens, block_warps=block_warps)
     (args,) = calls
-    assert args[6:] == (splits, block_tokens or 128, block_warps, False)
+    assert args[6:] == (splits, block_tokens or 128, block_warps, False, False)
     assert cuda_nf4_wgmma.wgmma_split_k(128, (28672, 4096), 132, 128) == 1
     down = cuda_nf4_wgmma.wgmma_split_k(128, (4096, 14336), 132, 128, 1, 16)  # 16 row groups of 16 warps: 8 splits
     assert down == 8 == cuda_nf4_wgmma.wgmma_split_k(128, (4096, 14336), 132, 128)
+
+
+@pytest.mark.parametrize("shape, split_k, splits", [
+    ((4096, 14336), None, 8),  # 8B down at 128 rows: 8 splits fill the wave, and a cluster holds 8
+    ((2048, 8192), None, 8),  # 1B down: 16 would fill it; a cluster's 8
+    ((6144, 4096), 3, 3),
+])  # fmt: skip
+def test_cluster_sum_passes_at_most_a_clusters_splits(monkeypatch, shape, split_k, splits):
+    """nf4_wgmma(bulk_x=True, cluster_sum=True): csrc's nf4_wgmma_bulk_x with cluster_sum set, its splits capped at
+    the 8 blocks a portable cluster holds; more asked for, a ValueError; without bulk_x, a ValueError."""
+    calls = []
+    fake = SimpleNamespace(nf4_wgmma_bulk_x=lambda *args: calls.append(args))
+    monkeypatch.setattr(cuda_nf4_wgmma, "extension", lambda: fake)
+    x = torch.zeros(128, shape[1], dtype=torch.bfloat16)
+    run = lambda **kw: cuda_nf4_wgmma.nf4_wgmma(x, (torch.zeros(1), torch.zeros(1)), shape,  # noqa: E731
+                                                torch.zeros(16), bulk_x=True, cluster_sum=True, **kw)
+    run(split_k=split_k)
+    assert calls[-1][6:] == (splits, 128, 8, True, False)
+    with pytest.raises(ValueError, match="cluster_sum"):
+        run(split_k=9)
+    with pytest.raises(ValueError, match="cluster_sum"):
+        cuda_nf4_wgmma.nf4_wgmma(x, (torch.zeros(1), torch.zeros(1)), shape, torch.zeros(16), cluster_sum=True)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("options", [{"block_tokens": 32}, {"block_tokens": 256}, {"block_warps": 4},

@@ -89,6 +89,27 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, int smem, c
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
 }
 
+// launch_kernel's launch with the grid's blocks in clusters of `cluster_y` along y (a portable size, <= 8).
+template <typename... Params, typename... Args>
+void launch_kernel_clustered(void (*kernel)(Params...), dim3 grid, dim3 block, int smem, cudaStream_t stream,
+                             bool pdl, int cluster_y, Args... args) {
+  cudaLaunchAttribute attributes[2];
+  attributes[0].id = cudaLaunchAttributeClusterDimension;
+  attributes[0].val.clusterDim.x = 1;
+  attributes[0].val.clusterDim.y = cluster_y;
+  attributes[0].val.clusterDim.z = 1;
+  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[1].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attributes;
+  config.numAttrs = pdl ? 2 : 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+}
+
 // `kernel`, of the tile layout kernels' parameter list (x, codes, scales, the code table, bias, out, fp32 partials,
 // M, N, K, quant blocks a split), over `grid` on `stream`: the launch in run_split's body; programmatically dependent
 // with the process's setting (each such kernel waits for the kernel ahead before its first read of x).

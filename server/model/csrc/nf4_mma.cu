@@ -688,7 +688,8 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
                         int64_t resident_warpgroups, bool pairs, bool defer_sum);
 torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales,
                                torch::Tensor table, c10::optional<torch::Tensor> bias, torch::Tensor out,
-                               int64_t split_k, int64_t block_tokens, int64_t block_warps, bool defer_sum);
+                               int64_t split_k, int64_t block_tokens, int64_t block_warps, bool cluster_sum,
+                               bool defer_sum);
 bool nf4_wgmma_built();
 
 // Whether the NF4 kernels' launches are programmatically dependent (nf4_launch.cuh's programmatic_launch).

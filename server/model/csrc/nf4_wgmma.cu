@@ -168,26 +168,41 @@ torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor
 }
 
 // nf4_wgmma_bulk_x_kernel<T, BM, MIN_BLOCKS, WARPS> over x's tile images (x_image_kernel's, for x [M, K]): grid
-// (row groups, splits, token groups) as run_split gives it.
-template <typename T, int BM, int MIN_BLOCKS, int WARPS>
+// (row groups, splits, token groups) as run_split gives it; with CLUSTER_SUM the splits (at most kMaxClusterSplits)
+// one cluster, summed by the kernel into out (nothing deferred).
+template <typename T, int BM, int MIN_BLOCKS, int WARPS, bool CLUSTER_SUM = false>
 torch::Tensor launch_wgmma_bulk_x(const torch::Tensor& x, const torch::Tensor& images, const torch::Tensor& tile_codes,
                                   const torch::Tensor& tile_scales, const torch::Tensor& table,
                                   const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
                                   bool defer_sum) {
-  constexpr auto kernel = nf4_wgmma_bulk_x_kernel<T, BM, MIN_BLOCKS, WARPS>;
-  constexpr int smem = BulkSmem<BM>::bytes;
+  constexpr auto kernel = nf4_wgmma_bulk_x_kernel<T, BM, MIN_BLOCKS, WARPS, CLUSTER_SUM>;
+  constexpr int smem = BulkSmem<BM, WARPS, CLUSTER_SUM>::bytes;
   allow_dynamic_smem<kernel>(smem);
   const int M = x.size(0), K = x.size(1), N = out.size(1);
   const int row_groups = ((N + 15) / 16 + WARPS - 1) / WARPS, groups = (M + BM - 1) / BM;
-  return run_split<T>(x, bias, out, split_k,
-                      [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
-                          int blocks_per_split) {
-    launch_kernel(kernel, dim3(row_groups, splits, groups), dim3(WARPS * 32), smem, stream, programmatic_launch(),
-                  reinterpret_cast<const uint8_t*>(images.data_ptr()),
-                  reinterpret_cast<const uint4*>(tile_codes.data_ptr()),
-                  reinterpret_cast<const float2*>(tile_scales.data_ptr()), table.data_ptr<float>(), bias_ptr, out_ptr,
-                  partial, M, N, K, blocks_per_split);
-  }, programmatic_launch(), defer_sum);
+  const auto images_ptr = reinterpret_cast<const uint8_t*>(images.data_ptr());
+  const auto codes_ptr = reinterpret_cast<const uint4*>(tile_codes.data_ptr());
+  const auto scales_ptr = reinterpret_cast<const float2*>(tile_scales.data_ptr());
+  if constexpr (CLUSTER_SUM) {  // run_split's splits, summed in the kernel
+    const int num_blocks = K / 64, blocks_per_split = (num_blocks + split_k - 1) / split_k;
+    const int splits = (num_blocks + blocks_per_split - 1) / blocks_per_split;
+    TORCH_CHECK(splits <= kMaxClusterSplits, "cluster_sum takes at most ", kMaxClusterSplits, " splits, got ", splits);
+    launch_kernel_clustered(kernel, dim3(row_groups, splits, groups), dim3(WARPS * 32), smem,
+                            c10::cuda::getCurrentCUDAStream(), programmatic_launch(), splits, images_ptr, codes_ptr,
+                            scales_ptr, table.data_ptr<float>(),
+                            bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
+                            reinterpret_cast<T*>(out.data_ptr()),
+                            static_cast<float*>(nullptr), M, N, K, blocks_per_split);
+    return torch::Tensor();
+  } else {
+    return run_split<T>(x, bias, out, split_k,
+                        [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
+                            int blocks_per_split) {
+      launch_kernel(kernel, dim3(row_groups, splits, groups), dim3(WARPS * 32), smem, stream, programmatic_launch(),
+                    images_ptr, codes_ptr, scales_ptr, table.data_ptr<float>(), bias_ptr, out_ptr, partial, M, N, K,
+                    blocks_per_split);
+    }, programmatic_launch(), defer_sum);
+  }
 }
 
 // nf4_wgmma's 128- or 64-token block with x's tiles brought by the TMA unit (nf4_wgmma_bulk.cuh): x_image_kernel
@@ -195,11 +210,12 @@ torch::Tensor launch_wgmma_bulk_x(const torch::Tensor& x, const torch::Tensor& i
 // blocks an SM, the grid of nf4_wgmma_kernel<T, 128, 1, 1>; 64 tokens: three) or, at 128 tokens, 16 (four
 // warpgroups, one block an SM), giving that block's bits for the same split_k. Any M, K % 64 == 0; only where
 // nf4_wgmma_built(). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N] instead
-// (run_split); else None.
+// (run_split); else None. With cluster_sum the splits (at most 8) are summed in the kernel, the same bits, and
+// defer_sum is moot: None.
 template <int BM>
 torch::Tensor bulk_x_for(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                          c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_warps,
-                         bool defer_sum) {
+                         bool cluster_sum, bool defer_sum) {
   const int M = x.size(0), K = x.size(1), groups = (M + BM - 1) / BM;
   torch::Tensor images = torch::empty({static_cast<int64_t>(groups) * BM * K}, x.options());
   return run_for_dtype(x, [&](auto dtype_tag) {
@@ -211,27 +227,36 @@ torch::Tensor bulk_x_for(torch::Tensor x, torch::Tensor tile_codes, torch::Tenso
     // ptxas, sm_90a: 127 registers a thread at 128 tokens (two blocks of 8 warps or one of 16 fill the register
     // file), 80 at 64 (three blocks of 8 warps)
     if constexpr (BM == 64) {
-      return launch_wgmma_bulk_x<T, 64, 3, 8>(x, images, tile_codes, tile_scales, table, bias, out, split_k,
-                                              defer_sum);
+      return cluster_sum ? launch_wgmma_bulk_x<T, 64, 3, 8, true>(x, images, tile_codes, tile_scales, table, bias,
+                                                                   out, split_k, defer_sum)
+                         : launch_wgmma_bulk_x<T, 64, 3, 8>(x, images, tile_codes, tile_scales, table, bias, out,
+                                                            split_k, defer_sum);
+    } else if (block_warps == 16) {
+      return cluster_sum ? launch_wgmma_bulk_x<T, BM, 1, 16, true>(x, images, tile_codes, tile_scales, table, bias,
+                                                                    out, split_k, defer_sum)
+                         : launch_wgmma_bulk_x<T, BM, 1, 16>(x, images, tile_codes, tile_scales, table, bias, out,
+                                                             split_k, defer_sum);
     } else {
-      return block_warps == 16 ? launch_wgmma_bulk_x<T, BM, 1, 16>(x, images, tile_codes, tile_scales, table, bias,
-                                                                  out, split_k, defer_sum)
-                               : launch_wgmma_bulk_x<T, BM, 2, 8>(x, images, tile_codes, tile_scales, table, bias,
-                                                                 out, split_k, defer_sum);
+      return cluster_sum ? launch_wgmma_bulk_x<T, BM, 2, 8, true>(x, images, tile_codes, tile_scales, table, bias,
+                                                                   out, split_k, defer_sum)
+                         : launch_wgmma_bulk_x<T, BM, 2, 8>(x, images, tile_codes, tile_scales, table, bias, out,
+                                                            split_k, defer_sum);
     }
   });
 }
 
 torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales,
                                torch::Tensor table, c10::optional<torch::Tensor> bias, torch::Tensor out,
-                               int64_t split_k, int64_t block_tokens, int64_t block_warps, bool defer_sum) {
+                               int64_t split_k, int64_t block_tokens, int64_t block_warps, bool cluster_sum,
+                               bool defer_sum) {
   TORCH_CHECK((block_tokens == 128 && (block_warps == 8 || block_warps == 16)) ||
                   (block_tokens == 64 && block_warps == 8),
               "bulk_x takes 128 block tokens in 8 or 16 warps, or 64 in 8, got ", block_tokens, " in ", block_warps);
   check_wgmma_inputs(x, tile_codes, tile_scales, out);
-  return block_tokens == 64
-             ? bulk_x_for<64>(x, tile_codes, tile_scales, table, bias, out, split_k, block_warps, defer_sum)
-             : bulk_x_for<128>(x, tile_codes, tile_scales, table, bias, out, split_k, block_warps, defer_sum);
+  return block_tokens == 64 ? bulk_x_for<64>(x, tile_codes, tile_scales, table, bias, out, split_k, block_warps,
+                                             cluster_sum, defer_sum)
+                            : bulk_x_for<128>(x, tile_codes, tile_scales, table, bias, out, split_k, block_warps,
+                                              cluster_sum, defer_sum);
 }
 
 // Whether this build's code for the current GPU has the wgmma kernels (sm_90a), by running a one-thread probe.

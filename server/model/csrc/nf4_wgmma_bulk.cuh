@@ -11,20 +11,65 @@
 // for each stage's tile with one bulk copy (cp.async.bulk) on the buffer's mbarrier, kBulkBuffers stages ahead. No
 // other thread loads or stores x: every thread waits on the mbarrier's phase before the stage's wgmmas. The same A
 // fragments and wgmmas in the same order as nf4_wgmma_kernel<T, BM, 1, 1>: the same bits for the same splits.
+//
+// With CLUSTER_SUM (nf4_wgmma(..., bulk_x=True, cluster_sum=True); off until timed) the splits of K of a row and token
+// group are one thread-block cluster (grid y), and instead of fp32 partials in global memory and split_k_sum_kernel,
+// each block but the first stages its accumulators in its shared memory, and the first adds them, split by split in
+// order, through distributed shared memory, then adds the bias and stores: split_k_sum_kernel's additions in its
+// order (from 0, split 0 first), so the same bits. Why: at 128 rows 8B qkv, o and down split K 5-8 ways, and their
+// partials (12-17 MB a call, more than the weight's codes) go to memory and back through a second kernel
+// (bench.wgmma_sol --rows 128: qkv 32.6 us with the sum against 26.8 without).
 #pragma once
+
+#include <cooperative_groups.h>
 
 #include "nf4_wgmma.cuh"
 
 namespace {
 
 constexpr int kBulkBuffers = 3;  // x tiles in flight: stage s's wgmmas read buffer s % 3 while s + 1, s + 2 land
+constexpr int kMaxClusterSplits = 8;  // the portable cluster size
 
-template <int BM>
+template <int BM, int WARPS = WG_WARPS, bool CLUSTER_SUM = false>
 struct BulkSmem {
   static constexpr int x_bytes = BM * 128;
-  // the tiles from a 1,024-byte aligned address (up to 1,008 bytes of slack), then one 8-byte mbarrier a buffer
-  static constexpr int bytes = kBulkBuffers * x_bytes + 1024 + 8 * kBulkBuffers;
+  // with CLUSTER_SUM, a block's accumulators (BM / 2 floats a thread) staged after the loop where the tiles were
+  static constexpr int sum_bytes = CLUSTER_SUM ? BM / 2 * WARPS * 32 * 4 : 0;
+  static constexpr int region = kBulkBuffers * x_bytes > sum_bytes ? kBulkBuffers * x_bytes : sum_bytes;
+  // the region from a 1,024-byte aligned address (up to 1,008 bytes of slack), then one 8-byte mbarrier a buffer (not
+  // in the region: an mbarrier's memory is not reused without mbarrier.inval)
+  static constexpr int bytes = region + 1024 + 8 * kBulkBuffers;
 };
+
+// The cluster's (its blocks: the splits of K of one row and token group, rank = split) accumulators summed into the
+// first block's: every other block stages its own in `stage` (float j of thread i at j * THREADS + i: a warp's loads
+// hit 32 banks), and the first adds them in rank order. Returns whether this block holds the sum. Both cluster-wide
+// barriers are needed: the first orders the stores before the remote loads, the second keeps every block (its shared
+// memory) alive until the first has read it.
+template <int BM, int THREADS>
+__device__ __forceinline__ bool cluster_summed(float (&acc)[BM / 2], float* stage) {
+#ifdef LORAPLEX_WGMMA  // clusters are sm_90's (the kernel is empty elsewhere)
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank();
+  if (rank != 0) {
+#pragma unroll
+    for (int j = 0; j < BM / 2; ++j) stage[j * THREADS + threadIdx.x] = acc[j];
+  }
+  cluster.sync();
+  if (rank == 0) {
+    for (unsigned r = 1; r < cluster.num_blocks(); ++r) {
+      const float* remote = cluster.map_shared_rank(stage, r);
+#pragma unroll
+      for (int j = 0; j < BM / 2; ++j) acc[j] += remote[j * THREADS + threadIdx.x];
+    }
+  }
+  cluster.sync();
+  return rank == 0;
+#else
+  return true;
+#endif
+}
 
 // The mbarrier (shared-memory byte address `bar`) with `count` arrivals a phase; its initialization made visible to
 // the async proxy (the TMA unit completes bytes on it) by mbarrier_init_fence.
@@ -95,17 +140,18 @@ __global__ void __launch_bounds__(256) x_image_kernel(const T* __restrict__ x, u
 // bulk copies instead of staged by every thread, and WARPS / 4 warpgroups a block (8: two, as the default; 16: four,
 // 256 weight rows sharing each tile, so half the x a weight row reads from the L2; 128 tokens only). One barrier a stage, after its
 // wgmmas: the buffer they read is free for the stage kBulkBuffers on, which thread 0 then asks for.
-template <typename T, int BM, int MIN_BLOCKS, int WARPS = WG_WARPS>
+template <typename T, int BM, int MIN_BLOCKS, int WARPS = WG_WARPS, bool CLUSTER_SUM = false>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_bulk_x_kernel(
     const uint8_t* __restrict__ images, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
     int M, int N, int K, int blocks_per_split) {
 #ifdef LORAPLEX_WGMMA
-  constexpr int X_BYTES = BulkSmem<BM>::x_bytes;
+  using Smem = BulkSmem<BM, WARPS, CLUSTER_SUM>;
+  constexpr int X_BYTES = Smem::x_bytes;
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem));
   const uint32_t tiles = (raw + 1023) & ~1023u;
-  const uint32_t bars = tiles + kBulkBuffers * X_BYTES;
+  const uint32_t bars = tiles + Smem::region;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kBulkBuffers; ++s) mbarrier_init(bars + 8 * s, 1);
     mbarrier_init_fence();
@@ -149,6 +195,9 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_bulk_x_kerne
       __syncthreads();  // every warpgroup's wgmmas of this buffer are done
       ask(i + kBulkBuffers);
     }
+  }
+  if constexpr (CLUSTER_SUM) {  // the tiles' buffers are free: every bulk copy asked for has landed and been read
+    if (!cluster_summed<BM, WARPS * 32>(acc, reinterpret_cast<float*>(wg_smem + (tiles - raw)))) return;
   }
   store_accumulators<T, BM>(acc, tile0, row_tiles, g, t, m0, M, N, bias, out, partial);
 #endif
