@@ -293,9 +293,42 @@ def test_bulk_x_matches_the_default_block_bit_for_bit(rows, split_k, block_token
     _assert_replays(bulk, x)
     if split_k <= cuda_nf4_wgmma.CLUSTER_MAX_SPLITS:  # the splits summed in a thread-block cluster: the same bits
         summed = lambda xs, **kw: bulk(xs, cluster_sum=True, **kw)  # noqa: E731
-        assert torch.equal(summed(x), want)
-        assert torch.equal(summed(x, defer_sum=True), want)  # nothing left to defer
+        assert torch.equal(summed(x).view(torch.int16), want.view(torch.int16))  # as integers: -0.0 is not +0.0
+        assert torch.equal(summed(x, defer_sum=True).view(torch.int16), want.view(torch.int16))  # nothing to defer
         _assert_replays(summed, x)
+
+
+@pytest.mark.parametrize("block_tokens", [128, 64])
+@pytest.mark.parametrize("splits", [3, 4, 6, 7])
+def test_cluster_sum_adds_the_splits_in_the_sum_kernels_order(block_tokens, splits):
+    """Split 1's partials the exact negation of split 0's (split 1's weight columns a copy of split 0's, its x the
+    negation of split 0's, scaled by 4096), the other splits' small: the sum kernel's order (0 + p0 + p1 + p2 + ...)
+    cancels the first two exactly, where any other order rounds p0's magnitude into the rest. The cluster's sum must
+    give the sum kernel's bits, compared as integers (torch.equal takes -0.0 for +0.0)."""
+    from server.model import cuda_nf4_wgmma
+
+    if not cuda_nf4_wgmma.wgmma_supported():
+        pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
+    gen = torch.Generator(device="cuda").manual_seed(splits)
+    in_features, out_features, rows = 256 * splits, 600, 100  # four quant blocks a split
+    w = torch.randn(out_features, in_features, device="cuda", generator=gen).to(torch.bfloat16)
+    w[:, 256:512] = w[:, :256]  # whole quant blocks: the same codes and absmax (no double quantization here)
+    codes, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+    absmax, wshape = nf4_ops.nf4_absmax_float(state).contiguous(), tuple(state.shape)
+    tiled = _tiled(codes, absmax, wshape)
+    x = torch.randn(rows, in_features, device="cuda", generator=gen)
+    x[:, :256] *= 4096  # fp32 rounding of the large partials reaches bf16 bits in ~1 output of 16
+    x[:, 256:512] = -x[:, :256]
+    x = x.to(torch.bfloat16)
+    bias = torch.randn(out_features, device="cuda", generator=gen).to(torch.bfloat16)
+    run = lambda **kw: cuda_nf4_wgmma.nf4_wgmma(x, tiled, wshape, state.code, bias, split_k=splits,  # noqa: E731
+                                                bulk_x=True, block_tokens=block_tokens, **kw)
+    partials = run(defer_sum=True).partials
+    assert partials.shape[0] == splits and torch.equal(partials[1], -partials[0])  # the cancellation holds
+    want = run()
+    assert torch.equal(run(cluster_sum=True).view(torch.int16), want.view(torch.int16))
+    swapped = (partials[0] + (partials[1] + partials[2:].sum(0))) + bias.float()  # another order: not these bits
+    assert not torch.equal(swapped.to(torch.bfloat16).view(torch.int16), want.view(torch.int16))
 
 
 @pytest.mark.parametrize("rows", [65, 128, 200, 256])
