@@ -157,15 +157,14 @@ def nf4_wgmma(
     of K, each warpgroup walking 64-row units on its own (splits: resident_split_k); with `pairs`, its dequantization
     from the byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), 64 KB beside x.
     `bulk_x` (128 block tokens, or 64 in 8 warps, three blocks an SM at 80 registers; the rules' pick past 64 rows,
-    nf4_dispatch.BULK_X): the default block with x's tiles
-    written once as their shared-memory images and brought a stage at a time by the TMA unit
-    (csrc/nf4_wgmma_bulk.cuh): no thread stages x, 127 registers where the default takes 167, so two blocks an SM
-    instead of one; with `block_warps` 16, four warpgroups (256 weight rows) share each tile, one block an SM: half
-    the x a weight row reads from the L2 (slower than 8 warps at every measured shape, by 6-20%); with `cluster_sum`
-    (off until timed; at most CLUSTER_MAX_SPLITS splits) a row and token group's splits are one thread-block cluster
-    that sums them through distributed shared memory in split order, instead of fp32 partials and a second kernel
-    (the same bits; nothing to defer). Each
-    warpgroup issues the same wgmmas in the same order whatever the variant: the same bits for the same splits. Measured
+    nf4_dispatch.BULK_X): the default block with x's tiles written once as their shared-memory images and brought a
+    stage at a time by the TMA unit (csrc/nf4_wgmma_bulk.cuh): no thread stages x, 127 registers where the default
+    takes 167, so two blocks an SM instead of one; with `block_warps` 16, four warpgroups (256 weight rows) share
+    each tile, one block an SM: half the x a weight row reads from the L2 (slower than 8 warps at every measured
+    shape, by 6-20%); with `cluster_sum` (off until timed; at most CLUSTER_MAX_SPLITS splits) a row and token group's
+    splits are one thread-block cluster that sums them through distributed shared memory in split order, instead of
+    fp32 partials and a second kernel (the same bits; nothing to defer). Each warpgroup issues the same wgmmas in the
+    same order whatever the variant: the same bits for the same splits. Measured
     slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas run (3-15%,
     bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep instead of two
     (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel issues on 51% of cycles (ncu, 8B gate_up: 13.5 warps

@@ -67,47 +67,52 @@ inline bool& programmatic_launch() {
 }
 
 // Launch `kernel` on `stream` with `smem` bytes of dynamic shared memory, programmatically dependent when `pdl` (the
-// kernel must call wait_for_prior_grid before it reads an activation or stores).
+// kernel must call wait_for_prior_grid before it reads an activation or stores), its grid's blocks in clusters of
+// `cluster_y` along y where that is more than 1 (a portable size, <= 8).
 template <typename... Params, typename... Args>
-void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, int smem, cudaStream_t stream, bool pdl,
-                   Args... args) {
-  if (!pdl) {
+void launch_clustered(void (*kernel)(Params...), dim3 grid, dim3 block, int smem, cudaStream_t stream, bool pdl,
+                      int cluster_y, Args... args) {
+  if (!pdl && cluster_y == 1) {
     kernel<<<grid, block, smem, stream>>>(args...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  cudaLaunchAttribute attribute;
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
-}
-
-// launch_kernel's launch with the grid's blocks in clusters of `cluster_y` along y (a portable size, <= 8).
-template <typename... Params, typename... Args>
-void launch_kernel_clustered(void (*kernel)(Params...), dim3 grid, dim3 block, int smem, cudaStream_t stream,
-                             bool pdl, int cluster_y, Args... args) {
   cudaLaunchAttribute attributes[2];
-  attributes[0].id = cudaLaunchAttributeClusterDimension;
-  attributes[0].val.clusterDim.x = 1;
-  attributes[0].val.clusterDim.y = cluster_y;
-  attributes[0].val.clusterDim.z = 1;
-  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[1].val.programmaticStreamSerializationAllowed = 1;
+  int count = 0;
+  if (pdl) {
+    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[count++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster_y > 1) {
+    attributes[count].id = cudaLaunchAttributeClusterDimension;
+    attributes[count++].val.clusterDim = {1, static_cast<unsigned>(cluster_y), 1};
+  }
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = attributes;
-  config.numAttrs = pdl ? 2 : 1;
+  config.numAttrs = count;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+}
+
+// launch_clustered's launch with no clusters.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, int smem, cudaStream_t stream, bool pdl,
+                   Args... args) {
+  launch_clustered(kernel, grid, block, smem, stream, pdl, 1, args...);
+}
+
+// How run_split splits K: `split_k` asked for over K / 64 quant blocks gives that many blocks a split (the last may
+// have fewer) and the splits they make.
+struct SplitShape {
+  int blocks_per_split, splits;
+};
+inline SplitShape split_shape(int K, int64_t split_k) {
+  const int num_blocks = K / 64;
+  const int blocks_per_split = static_cast<int>((num_blocks + split_k - 1) / split_k);
+  return {blocks_per_split, (num_blocks + blocks_per_split - 1) / blocks_per_split};
 }
 
 // `kernel`, of the tile layout kernels' parameter list (x, codes, scales, the code table, bias, out, fp32 partials,
@@ -132,10 +137,8 @@ void launch_tile_layout(void (*kernel)(Params...), dim3 grid, int threads, int s
 template <typename T, typename Body>
 torch::Tensor run_split(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                         int64_t split_k, Body body, bool pdl = false, bool defer_sum = false) {
-  const int M = x.size(0), K = x.size(1), N = out.size(1);
-  const int num_blocks = K / 64;
-  const int blocks_per_split = (num_blocks + split_k - 1) / split_k;
-  const int splits = (num_blocks + blocks_per_split - 1) / blocks_per_split;
+  const int M = x.size(0), N = out.size(1);
+  const auto [blocks_per_split, splits] = split_shape(x.size(1), split_k);
   const T* bias_ptr = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
   torch::Tensor partials;
   if (splits > 1) partials = torch::empty({splits, M, N}, x.options().dtype(torch::kFloat32));

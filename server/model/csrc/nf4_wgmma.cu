@@ -184,15 +184,13 @@ torch::Tensor launch_wgmma_bulk_x(const torch::Tensor& x, const torch::Tensor& i
   const auto codes_ptr = reinterpret_cast<const uint4*>(tile_codes.data_ptr());
   const auto scales_ptr = reinterpret_cast<const float2*>(tile_scales.data_ptr());
   if constexpr (CLUSTER_SUM) {  // run_split's splits, summed in the kernel
-    const int num_blocks = K / 64, blocks_per_split = (num_blocks + split_k - 1) / split_k;
-    const int splits = (num_blocks + blocks_per_split - 1) / blocks_per_split;
+    const auto [blocks_per_split, splits] = split_shape(K, split_k);
     TORCH_CHECK(splits <= kMaxClusterSplits, "cluster_sum takes at most ", kMaxClusterSplits, " splits, got ", splits);
-    launch_kernel_clustered(kernel, dim3(row_groups, splits, groups), dim3(WARPS * 32), smem,
-                            c10::cuda::getCurrentCUDAStream(), programmatic_launch(), splits, images_ptr, codes_ptr,
-                            scales_ptr, table.data_ptr<float>(),
-                            bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
-                            reinterpret_cast<T*>(out.data_ptr()),
-                            static_cast<float*>(nullptr), M, N, K, blocks_per_split);
+    launch_clustered(kernel, dim3(row_groups, splits, groups), dim3(WARPS * 32), smem,
+                     c10::cuda::getCurrentCUDAStream(), programmatic_launch(), splits, images_ptr, codes_ptr,
+                     scales_ptr, table.data_ptr<float>(),
+                     bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
+                     reinterpret_cast<T*>(out.data_ptr()), static_cast<float*>(nullptr), M, N, K, blocks_per_split);
     return torch::Tensor();
   } else {
     return run_split<T>(x, bias, out, split_k,
@@ -226,22 +224,19 @@ torch::Tensor bulk_x_for(torch::Tensor x, torch::Tensor tile_codes, torch::Tenso
                   reinterpret_cast<uint32_t*>(images.data_ptr()), M, K);
     // ptxas, sm_90a: 127 registers a thread at 128 tokens (two blocks of 8 warps or one of 16 fill the register
     // file), 80 at 64 (three blocks of 8 warps)
-    if constexpr (BM == 64) {
-      return cluster_sum ? launch_wgmma_bulk_x<T, 64, 3, 8, true>(x, images, tile_codes, tile_scales, table, bias,
-                                                                   out, split_k, defer_sum)
-                         : launch_wgmma_bulk_x<T, 64, 3, 8>(x, images, tile_codes, tile_scales, table, bias, out,
-                                                            split_k, defer_sum);
-    } else if (block_warps == 16) {
-      return cluster_sum ? launch_wgmma_bulk_x<T, BM, 1, 16, true>(x, images, tile_codes, tile_scales, table, bias,
-                                                                    out, split_k, defer_sum)
-                         : launch_wgmma_bulk_x<T, BM, 1, 16>(x, images, tile_codes, tile_scales, table, bias, out,
-                                                             split_k, defer_sum);
-    } else {
-      return cluster_sum ? launch_wgmma_bulk_x<T, BM, 2, 8, true>(x, images, tile_codes, tile_scales, table, bias,
-                                                                   out, split_k, defer_sum)
-                         : launch_wgmma_bulk_x<T, BM, 2, 8>(x, images, tile_codes, tile_scales, table, bias, out,
-                                                            split_k, defer_sum);
-    }
+    auto launch = [&](auto summed) {
+      constexpr bool SUM = decltype(summed)::value;
+      if constexpr (BM == 64) {
+        return launch_wgmma_bulk_x<T, 64, 3, 8, SUM>(x, images, tile_codes, tile_scales, table, bias, out, split_k,
+                                                      defer_sum);
+      } else {
+        return block_warps == 16 ? launch_wgmma_bulk_x<T, BM, 1, 16, SUM>(x, images, tile_codes, tile_scales, table,
+                                                                          bias, out, split_k, defer_sum)
+                                 : launch_wgmma_bulk_x<T, BM, 2, 8, SUM>(x, images, tile_codes, tile_scales, table,
+                                                                         bias, out, split_k, defer_sum);
+      }
+    };
+    return cluster_sum ? launch(std::true_type()) : launch(std::false_type());
   });
 }
 
