@@ -227,7 +227,9 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         if rows > 32:  # x by the TMA unit (tuning candidates from 65 rows; the 64-token block with BULK_X_64)
             variants.setdefault("wgmma_bx", {"bulk_x": True})
             variants.setdefault("wgmma_bx_b64", {"bulk_x": True, "block_tokens": 64})
-            variants.setdefault("wgmma_bx_cs", {"bulk_x": True, "cluster_sum": True})  # LORAPLEX_NF4_CLUSTER_SUM's
+            variants.setdefault("wgmma_bx_cs", {"bulk_x": True, "cluster_sum": True})  # a tuning candidate
+            variants["wgmma_bx_cs2"] = {"bulk_x": True, "cluster_sum": True, "split_k": 2}
+            variants["wgmma_bx_cs8"] = {"bulk_x": True, "cluster_sum": True, "split_k": 8}
             variants.setdefault("wgmma_bx_b64_cs", {"bulk_x": True, "block_tokens": 64, "cluster_sum": True})
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4_wgmma.nf4_wgmma(x, c[3], layer.shape, layer.table,

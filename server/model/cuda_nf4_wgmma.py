@@ -28,6 +28,15 @@ BULK_X_BLOCKS = {(128, 8): 2, (128, 16): 1, (64, 8): 3}
 CLUSTER_MAX_SPLITS = 8  # nf4_wgmma(bulk_x=True, cluster_sum=True): the splits a portable cluster holds
 
 
+def cluster_split_k(wave_split_k: int) -> int:
+    """The splits of K for cluster_sum's default: the largest power of two up to the wave's split and
+    CLUSTER_MAX_SPLITS. Why a power of two: the H100's first timing (forty-ninth session,
+    bench/results/2026-12-07-nvidia-h100-80gb-hbm3-kernels-s49-cluster.json) had 5- to 8-block clusters at 1.8-2.5x
+    the unclustered kernel (8B qkv, o, down at 96-128 rows) and 2-block ones 18% faster (1B gate_up); a GPC's SMs hold
+    a whole number of clusters, and 5 or 7 leave slots empty."""
+    return 1 << (min(wave_split_k, CLUSTER_MAX_SPLITS).bit_length() - 1)
+
+
 def wgmma_row_groups(out_features: int, block_warps: int = WGMMA_BLOCK_WARPS) -> int:
     """Blocks of nf4_wgmma along the weight's rows (grid x): 16 rows a warp."""
     return -(-out_features // (16 * block_warps))
@@ -161,10 +170,10 @@ def nf4_wgmma(
     stage at a time by the TMA unit (csrc/nf4_wgmma_bulk.cuh): no thread stages x, 127 registers where the default
     takes 167, so two blocks an SM instead of one; with `block_warps` 16, four warpgroups (256 weight rows) share
     each tile, one block an SM: half the x a weight row reads from the L2 (slower than 8 warps at every measured
-    shape, by 6-20%); with `cluster_sum` (off until timed; at most CLUSTER_MAX_SPLITS splits) a row and token group's
-    splits are one thread-block cluster that sums them through distributed shared memory in split order, instead of
-    fp32 partials and a second kernel (the same bits; nothing to defer). Each warpgroup issues the same wgmmas in the
-    same order whatever the variant: the same bits for the same splits. Measured
+    shape, by 6-20%); with `cluster_sum` (default splits: cluster_split_k; at most CLUSTER_MAX_SPLITS) a row and token
+    group's splits are one thread-block cluster whose blocks each sum a share of the tile through distributed shared
+    memory in split order, instead of fp32 partials and a second kernel (the same bits; nothing to defer). Each
+    warpgroup issues the same wgmmas in the same order whatever the variant: the same bits for the same splits. Measured
     slower and removed (H200, 32-256 rows): dequantizing the next quant block while this one's wgmmas run (3-15%,
     bench/results/2026-12-04-nvidia-h200-kernels-s25-o3.json, wgmma_ov) and a code ring four blocks deep instead of two
     (3-20%, -kernels-s25-p4.json, wgmma_p4). At 32 rows the kernel issues on 51% of cycles (ncu, 8B gate_up: 13.5 warps
@@ -204,8 +213,8 @@ def nf4_wgmma(
             # quant blocks a split, as the 32-token three-an-SM instance measured best; not yet timed for it)
             split_k = wgmma_split_k(x.shape[0], shape, num_sms, block_tokens, BULK_X_BLOCKS[block_tokens, block_warps],
                                     block_warps)
-            if cluster_sum:
-                split_k = min(split_k, CLUSTER_MAX_SPLITS)
+            if cluster_sum:  # a power of two: 2-way clusters won where 5- and 8-way lost (cluster_split_k)
+                split_k = cluster_split_k(split_k)
         if cluster_sum and split_k > CLUSTER_MAX_SPLITS:
             raise ValueError(f"cluster_sum sums at most {CLUSTER_MAX_SPLITS} splits in a cluster, got {split_k}")
         partials = extension().nf4_wgmma_bulk_x(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens,

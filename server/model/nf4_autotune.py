@@ -41,9 +41,11 @@ ROWS = FEW_ROWS + (16, 32, 48, 64, 96, 128, 192, 256)
 # LORAPLEX_NF4_BULK_X_64=1: bulk_x's 64-token block among the candidates from 33 rows (off until its GPU test has run:
 # written in the forty-eighth session after the calls; bench.kernels times it as wgmma_bx_b64)
 BULK_X_64 = os.environ.get("LORAPLEX_NF4_BULK_X_64", "0") == "1"
-# LORAPLEX_NF4_CLUSTER_SUM=1: each bulk_x candidate also with its splits of K summed in a thread-block cluster
-# (nf4_wgmma's cluster_sum; off until its GPU test has run, written in the forty-eighth session after the calls)
-CLUSTER_SUM = os.environ.get("LORAPLEX_NF4_CLUSTER_SUM", "0") == "1"
+# The 128-token bulk_x block of 8 warps also with its splits of K summed in a thread-block cluster (nf4_wgmma's
+# cluster_sum; its GPU tests passed on an H100 in the forty-ninth session; 18% faster on 1B gate_up at 96-128 rows,
+# 10% on 8B qkv at 256: bench/results/2026-12-07-nvidia-h100-80gb-hbm3-kernels-s49-cluster.json).
+# LORAPLEX_NF4_CLUSTER_SUM=0 leaves it out.
+CLUSTER_SUM = os.environ.get("LORAPLEX_NF4_CLUSTER_SUM", "1") != "0"
 
 
 def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
@@ -81,7 +83,7 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
                                + ((("block_warps", w),) if w != 8 else ()) + ((("cluster_sum", True),) if sums else ()))
                         for tokens, w in cuda_nf4_wgmma.BULK_X_BLOCKS for sums in (False, True)
                         if ((tokens == 128 and rows > 64) or (tokens == 64 and rows > 32 and BULK_X_64))
-                        and (not sums or CLUSTER_SUM)]
+                        and (not sums or (CLUSTER_SUM and (tokens, w) == (128, 8)))]
         if default == 32:
             choices.append(Choice("wgmma", (("stage_blocks", 2),)))
             choices += [Choice("wgmma", (("resident_warpgroups", w),) + ((("pairs", True),) if pairs else ()))

@@ -42,8 +42,10 @@ def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
     assert not [c for c in at_128 + nf4_autotune.candidates(17, (28672, 4096), 132)
                 if dict(c.options).get("block_tokens") == 16]
     assert Choice("wgmma", (("block_warps", 4),)) not in nf4_autotune.candidates(200, (28672, 4096), 132)
-    bulk_x = [Choice("wgmma", (("bulk_x", True),)), Choice("wgmma", (("bulk_x", True), ("block_warps", 16)))]
-    for rows in (65, 128, 200, 256):  # x by the TMA unit from 65 rows: 128 tokens in 8 and 16 warps
+    bulk_x = [Choice("wgmma", (("bulk_x", True),)), Choice("wgmma", (("bulk_x", True), ("cluster_sum", True))),
+              Choice("wgmma", (("bulk_x", True), ("block_warps", 16)))]
+    for rows in (65, 128, 200, 256):  # x by the TMA unit from 65 rows: 128 tokens in 8 and 16 warps, in 8 warps also
+        # with the splits summed in a cluster
         assert [c for c in nf4_autotune.candidates(rows, (4096, 4096), 132) if "bulk_x" in dict(c.options)] == bulk_x
     assert not [c for c in nf4_autotune.candidates(64, (4096, 4096), 132) if "bulk_x" in dict(c.options)]
     monkeypatch.setattr(nf4_dispatch, "BULK_X", False)  # LORAPLEX_NF4_BULK_X=0: none, for a clean A/B
@@ -54,9 +56,8 @@ def test_candidates_are_the_rules_kernels_and_the_wgmma_variants(monkeypatch):
     bulk_at = lambda rows: [c for c in nf4_autotune.candidates(rows, (4096, 4096), 132)  # noqa: E731
                             if "bulk_x" in dict(c.options)]
     assert bulk_at(128) == bulk_x + bulk_64 and bulk_at(48) == bulk_64 and bulk_at(32) == []  # from 33 rows
-    monkeypatch.setattr(nf4_autotune, "CLUSTER_SUM", True)  # each also with its splits summed in a cluster
-    assert bulk_at(48) == bulk_64 + [Choice("wgmma", (("bulk_x", True), ("block_tokens", 64), ("cluster_sum", True)))]
-    assert len(bulk_at(128)) == 6
+    monkeypatch.setattr(nf4_autotune, "CLUSTER_SUM", False)  # LORAPLEX_NF4_CLUSTER_SUM=0: no cluster sum
+    assert bulk_at(128) == [bulk_x[0], bulk_x[2]] + bulk_64
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 8])

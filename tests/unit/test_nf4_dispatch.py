@@ -283,11 +283,13 @@ def test_bulk_x_passes_its_block_and_the_splits_of_its_wave(monkeypatch, block_t
 @pytest.mark.parametrize("shape, split_k, splits", [
     ((4096, 14336), None, 8),  # 8B down at 128 rows: 8 splits fill the wave, and a cluster holds 8
     ((2048, 8192), None, 8),  # 1B down: 16 would fill it; a cluster's 8
-    ((6144, 4096), 3, 3),
+    ((6144, 4096), None, 4),  # 8B qkv: 5 would fill it; a power of two
+    ((6144, 4096), 3, 3),  # as asked
 ])  # fmt: skip
 def test_cluster_sum_passes_at_most_a_clusters_splits(monkeypatch, shape, split_k, splits):
-    """nf4_wgmma(bulk_x=True, cluster_sum=True): csrc's nf4_wgmma_bulk_x with cluster_sum set, its splits capped at
-    the 8 blocks a portable cluster holds; more asked for, a ValueError; without bulk_x, a ValueError."""
+    """nf4_wgmma(bulk_x=True, cluster_sum=True): csrc's nf4_wgmma_bulk_x with cluster_sum set, its default splits the
+    wave's down to a power of two and at most the 8 blocks a portable cluster holds; more asked for, a ValueError;
+    without bulk_x, a ValueError."""
     calls = []
     fake = SimpleNamespace(nf4_wgmma_bulk_x=lambda *args: calls.append(args))
     monkeypatch.setattr(cuda_nf4_wgmma, "extension", lambda: fake)
@@ -301,6 +303,7 @@ def test_cluster_sum_passes_at_most_a_clusters_splits(monkeypatch, shape, split_
     with pytest.raises(ValueError, match="cluster_sum"):
         cuda_nf4_wgmma.nf4_wgmma(x, (torch.zeros(1), torch.zeros(1)), shape, torch.zeros(16), cluster_sum=True)
     assert len(calls) == 1
+    assert [cuda_nf4_wgmma.cluster_split_k(s) for s in (1, 2, 3, 5, 7, 8, 16)] == [1, 2, 2, 4, 4, 8, 8]
 
 
 @pytest.mark.parametrize("options", [{"block_tokens": 32}, {"block_tokens": 256}, {"block_warps": 4},

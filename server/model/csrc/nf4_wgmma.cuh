@@ -106,14 +106,17 @@ struct WgmmaPlace {
 };
 
 // A warp's wgmma accumulators of its 16-row tile (store_output; nothing for a tile past the weight): register 4b + e
-// of n8 block b is weight row g + 8 (e >> 1), token m0 + 8b + 2t + (e & 1).
+// of n8 block b is weight row g + 8 (e >> 1), token m0 + 8b + 2t + (e & 1). Only the blocks b with b % shares == share
+// (a cluster's block stores its share of the tile it summed: cluster_summed).
 template <typename T, int BM>
 __device__ __forceinline__ void store_accumulators(const float (&acc)[BM / 2], int tile0, int row_tiles, int g, int t,
                                                    int m0, int M, int N, const T* __restrict__ bias,
-                                                   T* __restrict__ out, float* __restrict__ partial) {
+                                                   T* __restrict__ out, float* __restrict__ partial, int share = 0,
+                                                   int shares = 1) {
   if (tile0 >= row_tiles) return;
 #pragma unroll
   for (int b = 0; b < BM / 8; ++b) {
+    if (b % shares != share) continue;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int row = tile0 * 16 + g + 8 * (e >> 1);

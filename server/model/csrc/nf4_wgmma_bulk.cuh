@@ -14,9 +14,9 @@
 //
 // With CLUSTER_SUM (nf4_wgmma(..., bulk_x=True, cluster_sum=True); off until timed) the splits of K of a row and token
 // group are one thread-block cluster (grid y), and instead of fp32 partials in global memory and split_k_sum_kernel,
-// each block but the first stages its accumulators in its shared memory, and the first adds them, split by split in
-// order, through distributed shared memory, then adds the bias and stores: split_k_sum_kernel's additions in its
-// order (from 0, split 0 first), so the same bits. Why: at 128 rows 8B qkv, o and down split K 5-8 ways, and their
+// every block stages its accumulators in its shared memory, and each adds a share of the tile's tokens, split by split
+// in order, through distributed shared memory, then adds the bias and stores them: split_k_sum_kernel's additions in
+// its order (from 0, split 0 first), so the same bits. Why: at 128 rows 8B qkv, o and down split K 5-8 ways, and their
 // partials (12-17 MB a call, more than the weight's codes) go to memory and back through a second kernel
 // (bench.wgmma_sol --rows 128: qkv 32.6 us with the sum against 26.8 without).
 #pragma once
@@ -41,33 +41,39 @@ struct BulkSmem {
   static constexpr int bytes = region + 1024 + 8 * kBulkBuffers;
 };
 
-// The cluster's (its blocks: the splits of K of one row and token group, rank = split) accumulators summed into the
-// first block's: every other block stages its own in `stage` (float j of thread i at j * THREADS + i: a warp's loads
-// hit 32 banks), and the first adds them in rank order. Returns whether this block holds the sum. Both cluster-wide
-// barriers are needed: the first orders the stores before the remote loads, the second keeps every block (its shared
-// memory) alive until the first has read it.
+// The cluster's accumulators (its blocks: the splits of K of one row and token group, rank = split) summed a share
+// a block: every block stages its own in `stage` (float j of thread i at j * THREADS + i: a warp's loads hit 32
+// banks); then block r takes the 8-token groups b with b % size == r (store_accumulators' `share` of `shares`) and
+// adds, for those, every block's in rank order (split 0 first, as split_k_sum_kernel: the same bits). Each block
+// reads 1/size of the cluster's partials through distributed shared memory. Why shares: the first design had the first
+// block read them all while the others waited (7 x 64 KB a cluster at 8 splits), and measured 1.8-2.5x the kernel
+// with split_k_sum_kernel at 8B qkv, o and down's 96-128 rows (H100, forty-ninth session,
+// bench/results/2026-12-07-nvidia-h100-80gb-hbm3-kernels-s49-cluster.json; a 2-split cluster, 1B gate_up at 96-128
+// rows, won: 25.2 against 30.7 us). Both cluster-wide barriers are needed: the first orders the stores before the
+// remote loads, the second keeps every block (its shared memory) alive until all have read it.
 template <int BM, int THREADS>
-__device__ __forceinline__ bool cluster_summed(float (&acc)[BM / 2], float* stage) {
+__device__ __forceinline__ void cluster_summed(float (&acc)[BM / 2], float* stage, int& share, int& shares) {
 #ifdef LORAPLEX_WGMMA  // clusters are sm_90's (the kernel is empty elsewhere)
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
-  const unsigned rank = cluster.block_rank();
-  if (rank != 0) {
+  share = static_cast<int>(cluster.block_rank());
+  shares = static_cast<int>(cluster.num_blocks());
 #pragma unroll
-    for (int j = 0; j < BM / 2; ++j) stage[j * THREADS + threadIdx.x] = acc[j];
-  }
+  for (int j = 0; j < BM / 2; ++j) stage[j * THREADS + threadIdx.x] = acc[j];
   cluster.sync();
-  if (rank == 0) {
-    for (unsigned r = 1; r < cluster.num_blocks(); ++r) {
-      const float* remote = cluster.map_shared_rank(stage, r);
+  for (int r = 0; r < shares; ++r) {
+    const float* remote = cluster.map_shared_rank(stage, r);
 #pragma unroll
-      for (int j = 0; j < BM / 2; ++j) acc[j] += remote[j * THREADS + threadIdx.x];
+    for (int b = 0; b < BM / 8; ++b) {
+      if (b % shares != share) continue;  // the same for the whole block
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float v = remote[(4 * b + e) * THREADS + threadIdx.x];
+        acc[4 * b + e] = r == 0 ? v : acc[4 * b + e] + v;
+      }
     }
   }
   cluster.sync();
-  return rank == 0;
-#else
-  return true;
 #endif
 }
 
@@ -196,10 +202,11 @@ __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_bulk_x_kerne
       ask(i + kBulkBuffers);
     }
   }
+  int share = 0, shares = 1;  // with CLUSTER_SUM this block's share of the cluster's summed tile
   if constexpr (CLUSTER_SUM) {  // the tiles' buffers are free: every bulk copy asked for has landed and been read
-    if (!cluster_summed<BM, WARPS * 32>(acc, reinterpret_cast<float*>(wg_smem + (tiles - raw)))) return;
+    cluster_summed<BM, WARPS * 32>(acc, reinterpret_cast<float*>(wg_smem + (tiles - raw)), share, shares);
   }
-  store_accumulators<T, BM>(acc, tile0, row_tiles, g, t, m0, M, N, bias, out, partial);
+  store_accumulators<T, BM>(acc, tile0, row_tiles, g, t, m0, M, N, bias, out, partial, share, shares);
 #endif
 }
 
