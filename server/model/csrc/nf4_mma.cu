@@ -691,6 +691,8 @@ torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch:
                                int64_t split_k, int64_t block_tokens, int64_t block_warps, bool cluster_sum,
                                bool defer_sum);
 bool nf4_wgmma_built();
+std::vector<torch::Tensor> split_sums_add_rmsnorm(torch::Tensor partials, c10::optional<torch::Tensor> bias,
+                                                  torch::Tensor h, torch::Tensor weight, double eps);
 
 // Whether the NF4 kernels' launches are programmatically dependent (nf4_launch.cuh's programmatic_launch).
 void set_programmatic_launch(bool on) { programmatic_launch() = on; }
@@ -708,6 +710,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_wgmma_built", &nf4_wgmma_built, "whether this build has the wgmma kernels (sm_90a)");
   m.def("nf4_wide", &nf4_wide, "NF4 x 16-bit matmul on tensor cores from the tile layout, x through shared memory");
   m.def("nf4_wide_blocks_per_sm", &nf4_wide_blocks_per_sm, "resident blocks per SM of a wide instance");
+  m.def("split_sums_add_rmsnorm", &split_sums_add_rmsnorm,
+        "residual add + RMS norm over a linear's split-K partials, a thread-block cluster a row (sm_90+)");
   m.def("set_programmatic_launch", &set_programmatic_launch,
         "launch the NF4 kernels programmatically dependent on the kernel ahead (sm_90+)");
 }
