@@ -11,7 +11,7 @@ import torch
 
 from server.model.split_sums import SplitSums
 
-MAX_COLS = 8 * 128 * 8  # csrc's kNormCluster blocks x kNormThreads threads x kNormValues columns
+MAX_COLS = 8 * 512 * 2  # csrc's kNormCluster blocks x kNormThreads threads x kNormValues columns
 
 
 @functools.cache

@@ -42,6 +42,9 @@ DEFER_MIN_ROWS = int(os.environ.get("LORAPLEX_DEFER_MIN_ROWS", "1"))
 # 1B shape's 32 rows the sum kernel takes 32 launches a step (52 us of its 1.16 ms, twenty-second session's
 # profile). Off: the twenty-third session's A/B (1B batch-32 profile, H200) put the step at 1.168 ms against 1.145
 # with the sum kernel; under PDL the 8B merged batch-32 step took 4.250 ms against 3.812 (forty-fourth session, H100).
+# On sm_90+ the norm over partials is now a thread-block cluster a row (cuda_norm_sums): its first form took the step
+# to 4.131 ms against 3.724 (H100, forty-ninth session; csrc/norm_sums.cu has the figures); a second, four times the
+# threads, is not yet timed.
 NORM_SPLIT_SUMS = os.environ.get("LORAPLEX_NORM_SPLIT_SUMS", "0") == "1"
 NORM_SUMS_MIN_ROWS = int(os.environ.get("LORAPLEX_NORM_SUMS_MIN_ROWS", "8"))
 

@@ -20,8 +20,13 @@
 namespace {
 
 constexpr int kNormCluster = 8;  // blocks a row (a portable cluster)
-constexpr int kNormThreads = 128;
-constexpr int kNormValues = 8;  // columns a thread at most: rows up to kNormCluster * kNormThreads * 8 = 8,192 wide
+// One column a thread at 4,096 (the 8B shape). The first form, 128 threads of 4 columns, measured slower than the sum
+// kernel then the norm: H100, 8B merged batch-32 step 4.131 against 3.724 ms, o's and down's sum + norm ending 7.7
+// and 8.7 us after their projection against 4.3 and 3.9, and gate_up after it slower (45 against 38 us; bench/results/
+// 2026-12-07-nvidia-h100-80gb-hbm3-8b-b32-merged-profile-s49-cluster-norm.json): a quarter of the sum kernel's
+// threads, each with its columns' partial loads. This form is not yet timed.
+constexpr int kNormThreads = 512;
+constexpr int kNormValues = 2;  // columns a thread at most: rows up to kNormCluster * kNormThreads * 2 = 8,192 wide
 
 template <typename T>
 __global__ void __launch_bounds__(kNormThreads) split_sums_add_rmsnorm_kernel(
