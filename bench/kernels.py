@@ -228,10 +228,6 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
             variants.setdefault("wgmma_bx", {"bulk_x": True})
             variants.setdefault("wgmma_bx_b64", {"bulk_x": True, "block_tokens": 64})
             variants.setdefault("wgmma_bx_cs", {"bulk_x": True, "cluster_sum": True})  # a tuning candidate
-            variants["wgmma_bx_cs2"] = {"bulk_x": True, "cluster_sum": True, "split_k": 2}
-            variants["wgmma_bx_cs8"] = {"bulk_x": True, "cluster_sum": True, "split_k": 8}
-            for split_k in (2, 3, 4):  # fewer splits than the wave's: less fp32 partial traffic, SMs left idle
-                variants[f"wgmma_bx_k{split_k}"] = {"bulk_x": True, "split_k": split_k}
             variants.setdefault("wgmma_bx_b64_cs", {"bulk_x": True, "block_tokens": 64, "cluster_sum": True})
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4_wgmma.nf4_wgmma(x, c[3], layer.shape, layer.table,

@@ -33,7 +33,11 @@ def cluster_split_k(wave_split_k: int) -> int:
     CLUSTER_MAX_SPLITS. Why a power of two: the H100's first timing (forty-ninth session,
     bench/results/2026-12-07-nvidia-h100-80gb-hbm3-kernels-s49-cluster.json) had 5- to 8-block clusters at 1.8-2.5x
     the unclustered kernel (8B qkv, o, down at 96-128 rows) and 2-block ones 18% faster (1B gate_up); a GPC's SMs hold
-    a whole number of clusters, and 5 or 7 leave slots empty."""
+    a whole number of clusters, and 5 or 7 leave slots empty. With every block summing a share (the second form,
+    -kernels-s49-cluster-shares.json): 8B qkv at 128 rows 28.0 us at 4 splits against 25.1 unclustered at 5, o 37.1
+    at 8 against 19.3; 1B gate_up 24.4 against 30.2 for the rules' pick, 8B qkv at 256 39.8 against 46.4. So a
+    tuning candidate, not the rules' pick: clusters of 4-8 still take about twice the kernel (not the sum: the
+    shares cut its reads 8-fold and moved 8B o by a fifth), clusters of 2 win."""
     return 1 << (min(wave_split_k, CLUSTER_MAX_SPLITS).bit_length() - 1)
 
 
@@ -67,7 +71,10 @@ def wgmma_split_k(num_rows: int, shape, num_sms: int, block_tokens: int, occupan
     50.0 vs 52.3 and 1B gate_up 18.9 vs 19.9 at 1 and 3; 1B qkv 7.6 vs 7.8 at the same 8). Past one wave loses even
     where the wave is uneven: 8B gate_up at 32 rows runs 224 blocks on 132 SMs (92 SMs two, 40 one; ncu: barrier
     stalls first), yet 2, 3 and 4 splits took 55.5, 52.8 and 50.4 us against one split's 47.7 (H100,
-    bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s35-splits.json)."""
+    bench/results/2026-12-05-nvidia-h100-80gb-hbm3-kernels-s35-splits.json). bulk_x at 128 rows likewise: 2-4 splits
+    against the wave's 5 (8B qkv) and 8 (o, down) lost everywhere, so the fp32 partials' traffic is not what holds
+    it (H100, us: qkv 26.7 at 4 against 24.8, o 23.2 at 3 against 18.4, down 63.3 at 4 against 39.5;
+    -kernels-s49-splits.json, bench.kernels' wgmma_bx_k2-k4 then)."""
     out_features, in_features = shape
     in_blocks = in_features // NF4_BLOCKSIZE
     blocks = wgmma_row_groups(out_features, block_warps) * -(-num_rows // block_tokens)
