@@ -38,8 +38,9 @@ AUTOTUNE = os.environ.get("LORAPLEX_NF4_AUTOTUNE", "1") != "0"
 # (-kernels-s43-few-rows-tuned.json: the graph-timed tuning and the table's timing disagree at these sizes).
 FEW_ROWS = (1, 2, 4, 8) if os.environ.get("LORAPLEX_NF4_TUNE_FEW_ROWS", "0") == "1" else ()
 ROWS = FEW_ROWS + (16, 32, 48, 64, 96, 128, 192, 256)
-# LORAPLEX_NF4_BULK_X_64=1: bulk_x's 64-token block among the candidates from 33 rows (off until its GPU test has run:
-# written in the forty-eighth session after the calls; bench.kernels times it as wgmma_bx_b64)
+# LORAPLEX_NF4_BULK_X_64=1: bulk_x's 64-token block among the candidates from 33 rows (bench.kernels' wgmma_bx_b64).
+# Off: correct (GPU tests, H100, forty-ninth session) and slower than the 128-token block at every 96-256-row shape
+# timed (8B gate_up at 128 rows 105.1 against 70.5 us; -kernels-s49-cluster.json); 33-64 rows not yet timed.
 BULK_X_64 = os.environ.get("LORAPLEX_NF4_BULK_X_64", "0") == "1"
 # The 128-token bulk_x block of 8 warps also with its splits of K summed in a thread-block cluster (nf4_wgmma's
 # cluster_sum; its GPU tests passed on an H100 in the forty-ninth session; 18% faster on 1B gate_up at 96-128 rows,
