@@ -325,6 +325,19 @@ def ratios(results: dict) -> dict[str, float | None]:
     return out
 
 
+def cluster_occupancy() -> dict[int, int] | str:
+    """Clusters of 2, 4 and 8 cluster-summing bulk_x blocks the GPU holds at once (cudaOccupancyMaxActiveClusters),
+    beside the SMs' two blocks each: where fewer fit than a grid's clusters, it runs in more than one wave."""
+    from server.model import cuda_nf4, cuda_nf4_wgmma
+
+    if not cuda_nf4_wgmma.wgmma_supported():
+        return "no wgmma kernels in this build"
+    try:
+        return {splits: cuda_nf4.extension().nf4_wgmma_cluster_occupancy(splits) for splits in (2, 4, 8)}
+    except RuntimeError as err:  # recorded, not fatal: the table above is the run's point
+        return repr(err)[:300]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="8b,1b")
@@ -345,6 +358,7 @@ def main() -> None:
         pass
     for model in args.models.split(","):
         run_model(model, [int(r) for r in args.rows.split(",")], results)
+    results["cluster_occupancy"] = cluster_occupancy()
     results["ratios"] = ratios(results)
     write_named_result(args.out, results, "kernels")
 

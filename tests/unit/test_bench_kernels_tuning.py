@@ -33,3 +33,21 @@ def test_ours_is_tuned_as_the_engine_tunes_at_its_row_counts(monkeypatch):
     monkeypatch.setattr(nf4_autotune, "AUTOTUNE", False)  # LORAPLEX_NF4_AUTOTUNE=0
     assert kernels.tune_like_the_engine(layer, 32) is None
     assert len(seen) == 1
+
+
+def test_the_run_records_how_many_clusters_of_the_cluster_sum_fit(monkeypatch):
+    """bench.kernels' cluster_occupancy: the extension's count for clusters of 2, 4 and 8 blocks; a note where the
+    build has no wgmma kernels, and the error's text (not a failed run) where the query fails."""
+    from server.model import cuda_nf4, cuda_nf4_wgmma
+
+    monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: False)
+    assert kernels.cluster_occupancy() == "no wgmma kernels in this build"
+    monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: True)
+    monkeypatch.setattr(cuda_nf4, "extension", lambda: SimpleNamespace(nf4_wgmma_cluster_occupancy=lambda s: 132 // s))
+    assert kernels.cluster_occupancy() == {2: 66, 4: 33, 8: 16}
+
+    def fails(splits):
+        raise RuntimeError("cluster misconfiguration")
+
+    monkeypatch.setattr(cuda_nf4, "extension", lambda: SimpleNamespace(nf4_wgmma_cluster_occupancy=fails))
+    assert "cluster misconfiguration" in kernels.cluster_occupancy()

@@ -254,6 +254,28 @@ torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch:
                                               cluster_sum, defer_sum);
 }
 
+// How many clusters of `splits` blocks of the cluster-summing 128-token bulk_x block (8 warps) the current GPU holds at
+// once (cudaOccupancyMaxActiveClusters): why clusters of 4-8 blocks took about twice the kernel where 2 won (forty-ninth
+// session; bench.kernels records it). 0 where this build has no wgmma kernels.
+int64_t nf4_wgmma_cluster_occupancy(int64_t splits) {
+  TORCH_CHECK(splits >= 1 && splits <= kMaxClusterSplits, "splits must be 1-", kMaxClusterSplits, ", got ", splits);
+  constexpr auto kernel = nf4_wgmma_bulk_x_kernel<__nv_bfloat16, 128, 2, 8, true>;
+  constexpr int smem = BulkSmem<128, 8, true>::bytes;
+  allow_dynamic_smem<kernel>(smem);
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim = {1, static_cast<unsigned>(splits), 1};
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(current_device_sms(), static_cast<unsigned>(splits), 1);
+  config.blockDim = dim3(8 * 32);
+  config.dynamicSmemBytes = smem;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  int clusters = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+  return clusters;
+}
+
 // Whether this build's code for the current GPU has the wgmma kernels (sm_90a), by running a one-thread probe.
 bool nf4_wgmma_built() {
   auto flag = torch::zeros({1}, torch::dtype(torch::kInt32).device(torch::kCUDA));
