@@ -37,7 +37,9 @@ def cluster_split_k(wave_split_k: int) -> int:
     -kernels-s49-cluster-shares.json): 8B qkv at 128 rows 28.0 us at 4 splits against 25.1 unclustered at 5, o 37.1
     at 8 against 19.3; 1B gate_up 24.4 against 30.2 for the rules' pick, 8B qkv at 256 39.8 against 46.4. So a
     tuning candidate, not the rules' pick: clusters of 4-8 still take about twice the kernel (not the sum: the
-    shares cut its reads 8-fold and moved 8B o by a fifth), clusters of 2 win."""
+    shares cut its reads 8-fold and moved 8B o by a fifth), clusters of 2 win. Why (H100,
+    nf4_wgmma_cluster_occupancy, -cluster-occupancy-s49.txt): 30 clusters of 8 fit at once (240 blocks of the 264
+    slots), so 8B o's and down's 32 row groups at 128 rows run in two waves; 62 of 4 and 132 of 2 fit (248, 264)."""
     return 1 << (min(wave_split_k, CLUSTER_MAX_SPLITS).bit_length() - 1)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from server.model import cuda_norm_sums
 from server.model.split_sums import SplitSums, materialized
 
 
@@ -66,9 +65,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | SplitSums, weight: torch.Tensor, eps: float):
     """(h + delta, rmsnorm(h + delta)): the residual add fused into the next norm; delta may be a linear's split-K
-    partials (summed as the norm kernel reads them: on Hopper by cuda_norm_sums' cluster a row)."""
-    if cuda_norm_sums.usable(h, delta):
-        return cuda_norm_sums.split_sums_add_rmsnorm(h, delta, weight, eps)
+    partials (summed as the norm kernel reads them)."""
     kernels = _kernels(h)
     if kernels is None:
         h = h + materialized(delta)

@@ -42,9 +42,12 @@ DEFER_MIN_ROWS = int(os.environ.get("LORAPLEX_DEFER_MIN_ROWS", "1"))
 # 1B shape's 32 rows the sum kernel takes 32 launches a step (52 us of its 1.16 ms, twenty-second session's
 # profile). Off: the twenty-third session's A/B (1B batch-32 profile, H200) put the step at 1.168 ms against 1.145
 # with the sum kernel; under PDL the 8B merged batch-32 step took 4.250 ms against 3.812 (forty-fourth session, H100).
-# On sm_90+ the norm over partials is now a thread-block cluster a row (cuda_norm_sums): its first form took the step
-# to 4.131 ms against 3.724 (H100, forty-ninth session; csrc/norm_sums.cu has the figures); a second, four times the
-# threads, is not yet timed.
+# Also measured slower and removed (design in 765e5c3 and 2225127): the norm over partials as a thread-block cluster of
+# 8 blocks a row, each summing an eighth of the row's columns, the sum of squares added across the cluster (H100, 8B
+# merged batch-32 step, forty-ninth session: 4.131 ms against 3.724 at 128 threads a block, 3.892 against 3.793 at
+# 512). Each sum + norm ended 1.3-1.6 us later than the sum kernel then the norm, and the resident grid after it ran
+# 3-4 us slower: the norm's blocks sit on every SM when that grid's one block an SM launches
+# (bench/results/2026-12-07-nvidia-h100-80gb-hbm3-8b-b32-merged-profile-s49-cluster-norm-512.json).
 NORM_SPLIT_SUMS = os.environ.get("LORAPLEX_NORM_SPLIT_SUMS", "0") == "1"
 NORM_SUMS_MIN_ROWS = int(os.environ.get("LORAPLEX_NORM_SUMS_MIN_ROWS", "8"))
 

@@ -43,35 +43,6 @@ def test_add_rmsnorm_sums_split_partials_bit_for_bit(rows, cols, splits):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("rows, cols, splits, dtype, with_bias", [
-    (1, 4096, 16, torch.bfloat16, False), (32, 4096, 8, torch.bfloat16, False), (32, 2048, 4, torch.bfloat16, True),
-    (5, 576, 3, torch.float16, True), (3, 100, 2, torch.bfloat16, False), (7, 8192, 2, torch.bfloat16, True),
-    (40, 4096, 17, torch.bfloat16, False),
-])  # fmt: skip
-def test_cluster_norm_sums_the_partials_bit_for_bit_and_norms_as_the_norm_kernel(rows, cols, splits, dtype, with_bias):
-    """cuda_norm_sums (a thread-block cluster a row, sm_90+): the residual add over the summed partials bit for bit
-    the sum kernel's output added by the norm kernel, and the norm within an ulp of it (the sum of squares in
-    another order); twice the same bits; glue_ops.add_rmsnorm's path for partials on Hopper."""
-    from server.model import cuda_norm_sums
-    from server.model.split_sums import SplitSums
-
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("thread-block clusters need sm_90")
-    h = torch.randn(rows, cols, device="cuda").to(dtype)
-    sums = SplitSums(torch.randn(splits, rows, cols, device="cuda") * 4,
-                     torch.randn(cols, device="cuda").to(dtype) if with_bias else None, dtype)
-    w = torch.rand(cols, device="cuda").to(dtype)
-    assert cuda_norm_sums.usable(h, sums)
-    got_h, got_y = cuda_norm_sums.split_sums_add_rmsnorm(h, sums, w, 1e-5)
-    want_h, want_y = triton_glue.add_rmsnorm(h, sums.materialize(), w, 1e-5)
-    assert torch.equal(got_h, want_h)
-    _within_ulps(got_y, want_y, ulps=1)
-    again = cuda_norm_sums.split_sums_add_rmsnorm(h, sums, w, 1e-5)
-    assert torch.equal(again[0], got_h) and torch.equal(again[1], got_y)
-    via_glue = glue_ops.add_rmsnorm(h, sums, w, 1e-5)
-    assert torch.equal(via_glue[0], got_h) and torch.equal(via_glue[1], got_y)
-
-
 @pytest.mark.parametrize("rows, cols", [(1, 4096), (32, 2048), (300, 576)])
 def test_embed_rmsnorm_equals_the_lookup_then_the_norm_kernel(rows, cols):
     """The first layer's norm gathering the embedding rows: bit for bit F.embedding, then the plain norm kernel."""

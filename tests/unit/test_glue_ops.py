@@ -31,25 +31,6 @@ def test_fused_residual_equals_plain_residual():
     assert torch.equal(h2, h1) and torch.equal(got, expected)
 
 
-def test_add_rmsnorm_takes_the_cluster_kernel_for_partials_where_it_can(monkeypatch):
-    """On Hopper, partials without a LoRA delta go to cuda_norm_sums' cluster-a-row kernel; on the CPU (and for a
-    tensor, or partials with a delta) nowhere near it."""
-    from server.model import cuda_norm_sums
-
-    gen = torch.Generator().manual_seed(1)
-    h, w = torch.randn(3, 32, generator=gen).bfloat16(), torch.rand(32, generator=gen).bfloat16()
-    sums = SplitSums(torch.randn(2, 3, 32, generator=gen), None, torch.bfloat16)
-    assert not cuda_norm_sums.usable(h, sums)  # a CPU tensor
-    assert not cuda_norm_sums.usable(h, sums.materialize())
-    assert not cuda_norm_sums.usable(h, SplitSums(sums.partials, None, torch.bfloat16, delta=torch.zeros(3, 32)))
-    calls = []
-    monkeypatch.setattr(cuda_norm_sums, "usable", lambda h, delta: isinstance(delta, SplitSums))
-    monkeypatch.setattr(cuda_norm_sums, "split_sums_add_rmsnorm", lambda *args: calls.append(args) or ("h", "y"))
-    assert glue_ops.add_rmsnorm(h, sums, w, 1e-5) == ("h", "y") and calls == [(h, sums, w, 1e-5)]
-    glue_ops.add_rmsnorm(h, sums.materialize(), w, 1e-5)
-    assert len(calls) == 1
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n_cols, with_add", [(64, True), (576, False), (2048, True), (100, True)])
 def test_add_rmsnorm_kernel(dtype, n_cols, with_add):

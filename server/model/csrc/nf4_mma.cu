@@ -692,8 +692,6 @@ torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch:
                                bool defer_sum);
 bool nf4_wgmma_built();
 int64_t nf4_wgmma_cluster_occupancy(int64_t splits);
-std::vector<torch::Tensor> split_sums_add_rmsnorm(torch::Tensor partials, c10::optional<torch::Tensor> bias,
-                                                  torch::Tensor h, torch::Tensor weight, double eps);
 
 // Whether the NF4 kernels' launches are programmatically dependent (nf4_launch.cuh's programmatic_launch).
 void set_programmatic_launch(bool on) { programmatic_launch() = on; }
@@ -713,8 +711,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nf4_wide_blocks_per_sm", &nf4_wide_blocks_per_sm, "resident blocks per SM of a wide instance");
   m.def("nf4_wgmma_cluster_occupancy", &nf4_wgmma_cluster_occupancy,
         "clusters of `splits` cluster-summing bulk_x blocks the GPU holds at once (sm_90a)");
-  m.def("split_sums_add_rmsnorm", &split_sums_add_rmsnorm,
-        "residual add + RMS norm over a linear's split-K partials, a thread-block cluster a row (sm_90+)");
   m.def("set_programmatic_launch", &set_programmatic_launch,
         "launch the NF4 kernels programmatically dependent on the kernel ahead (sm_90+)");
 }
