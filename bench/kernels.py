@@ -228,7 +228,6 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
             variants.setdefault("wgmma_bx", {"bulk_x": True})
             variants.setdefault("wgmma_bx_b64", {"bulk_x": True, "block_tokens": 64})
             variants.setdefault("wgmma_bx_cs", {"bulk_x": True, "cluster_sum": True})  # a tuning candidate
-            variants.setdefault("wgmma_bx_b64_cs", {"bulk_x": True, "block_tokens": 64, "cluster_sum": True})
         for vname, kw in variants.items():
             impls[vname] = [lambda c=c, kw=kw: cuda_nf4_wgmma.nf4_wgmma(x, c[3], layer.shape, layer.table,
                                                                         num_sms=device_num_sms(0), **kw)

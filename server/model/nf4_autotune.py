@@ -79,12 +79,15 @@ def candidates(rows: int, shape: tuple[int, int], num_sms: int) -> list[Choice]:
                     if tokens != default and tokens // 2 < rows]
         if default <= 128:
             choices.append(Choice("wgmma", (("block_warps", 4),)))
-        if nf4_dispatch.BULK_X:  # x by the TMA unit: 128 tokens in 8 or 16 warps from 65 rows, 64 from 33 (BULK_X_64)
-            choices += [Choice("wgmma", (("bulk_x", True),) + ((("block_tokens", 64),) if tokens == 64 else ())
-                               + ((("block_warps", w),) if w != 8 else ()) + ((("cluster_sum", True),) if sums else ()))
-                        for tokens, w in cuda_nf4_wgmma.BULK_X_BLOCKS for sums in (False, True)
-                        if ((tokens == 128 and rows > 64) or (tokens == 64 and rows > 32 and BULK_X_64))
-                        and (not sums or (CLUSTER_SUM and (tokens, w) == (128, 8)))]
+        if nf4_dispatch.BULK_X:  # x by the TMA unit: 128 tokens in 8 warps (also cluster-summed) or 16 from 65
+            # rows, 64 tokens from 33 (BULK_X_64)
+            bulk = []
+            if rows > 64:
+                bulk += [(), (("cluster_sum", True),)] if CLUSTER_SUM else [()]
+                bulk.append((("block_warps", 16),))
+            if rows > 32 and BULK_X_64:
+                bulk.append((("block_tokens", 64),))
+            choices += [Choice("wgmma", (("bulk_x", True),) + options) for options in bulk]
         if default == 32:
             choices.append(Choice("wgmma", (("stage_blocks", 2),)))
             choices += [Choice("wgmma", (("resident_warpgroups", w),) + ((("pairs", True),) if pairs else ()))

@@ -256,7 +256,8 @@ torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch:
 
 // How many clusters of `splits` blocks of the cluster-summing 128-token bulk_x block (8 warps) the current GPU holds at
 // once (cudaOccupancyMaxActiveClusters): why clusters of 4-8 blocks took about twice the kernel where 2 won (forty-ninth
-// session; bench.kernels records it). 0 where this build has no wgmma kernels.
+// session; bench.kernels records it). Hopper only: elsewhere the query fails (bench.kernels asks where
+// wgmma_supported()).
 int64_t nf4_wgmma_cluster_occupancy(int64_t splits) {
   TORCH_CHECK(splits >= 1 && splits <= kMaxClusterSplits, "splits must be 1-", kMaxClusterSplits, ", got ", splits);
   constexpr auto kernel = nf4_wgmma_bulk_x_kernel<__nv_bfloat16, 128, 2, 8, true>;
