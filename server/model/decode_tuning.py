@@ -44,24 +44,13 @@ def choose_num_splits(num_rows: int, num_kv_heads: int, max_blocks: int, block_s
 # at 128 it would hold two. Timed with each of the 32 layers' caches and partials cold, as a step meets them (H200,
 # 8B batch 32, forty-sixth session, test_rotary_decode_attention_choices_with_each_layer_cold -s, us a layer): the
 # default 12.43, maxnreg 128 12.80, 4 warps 12.84, tile_n 32 17.24, fresh_kv 13.26, two splits 16.25: the defaults stay.
-# kv_pack: kv heads a program takes (the kernel's KV_PACK; 1, 2 or 4, where it divides the model's kv heads, else 1).
-# Why more than one: at batch 32 the 8B step's 256 programs (32 rows x 8 kv heads) run in two waves of one program an
-# SM, each reading 256 bytes a cache position (one head's row, 2 KB apart); two heads a program make 128 programs of
-# 512-byte rows, one wave, and the same attention (the other head's q dims are zeros in each row's dot products).
-# Rotary steps with fresh_kv take 1 only.
+# Measured slower and removed (fiftieth session, H100, design in ff7cf0a): kv_pack, two or four adjacent kv heads a
+# program (128 or 64 programs, one wave; each tile's rows 512 or 1,024 contiguous bytes; each q row's dots over every
+# head's dims with the other heads' q dims zero, the same attention): each layer cold, us a layer, default 14.04,
+# two heads 21.75 (num_stages 1 16.72, 2 17.38, 4 warps 17.64, tile_n 32 17.19), four heads 30.93; the 8B engine's
+# merged batch-32 step 3.983 against 3.672 ms. The time follows a program's bytes, not the waves.
 DECODE_TUNING = {"v_first": True, "tile_n": 64, "num_stages": None, "num_warps": 8, "maxnreg": None,
-                 "fresh_kv": os.environ.get("LORAPLEX_DECODE_FRESH_KV", "0") == "1", "kv_pack": 1}
-
-KV_PACKS = (1, 2, 4)
-
-
-def kv_pack(tuning: dict, num_kv_heads: int) -> int:
-    """The kv heads a decode program takes under `tuning` (DECODE_TUNING's entries): its kv_pack where that divides
-    num_kv_heads, else 1."""
-    pack = tuning["kv_pack"]
-    if pack not in KV_PACKS:
-        raise ValueError(f"kv_pack must be one of {KV_PACKS}, got {pack}")
-    return pack if num_kv_heads % pack == 0 else 1
+                 "fresh_kv": os.environ.get("LORAPLEX_DECODE_FRESH_KV", "0") == "1"}
 
 
 def tuning_overrides(text: str) -> dict:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from server.model import pdl
-from server.model.decode_tuning import DECODE_TUNING, choose_num_splits, kv_pack
+from server.model.decode_tuning import DECODE_TUNING, choose_num_splits
 from server.model.split_sums import SplitSums
 from server.model.triton_glue import COMPILED_SPLITS, MAX_SPLITS, _delta, _rotated, _source, _summed
 from server.model.triton_pdl import pdl_enter
@@ -37,20 +37,16 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, V_FIRST: tl.constexpr, ROTARY: tl.constexpr,
     SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr,
-    FRESH_KV: tl.constexpr, KV_PACK: tl.constexpr, PDL: tl.constexpr,
+    FRESH_KV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """With ROTARY, q and the row's new k and v come from the qkv projection's output row at src_ptr (or, with SUMS,
     from its split-K partials, plus its LoRA delta with HAS_DELTA): q is rotated here, and the program whose split
     holds the row's last position rotates k and stores k and v in the cache before it reads its tiles. With FRESH_KV
     (ROTARY only) no tile reads a written row's last position back: the last split computes and stores the new k and
-    v after its tiles and takes them from registers (`_fresh_kv_added`), so the tiles' loads wait only for q. With
-    KV_PACK > 1 a program takes KV_PACK adjacent kv heads: its q rows are their groups' heads, each tile loads the
-    heads' adjacent k and v rows at once, and a row's dot products run over all KV_PACK heads' dims with the other
-    heads' q dims zero (`_packed`), which adds exact zeros: the same attention from 1 / KV_PACK of the programs."""
+    v after its tiles and takes them from registers (`_fresh_kv_added`), so the tiles' loads wait only for q."""
     pdl_enter(PDL)
     row = tl.program_id(0)
-    kv_head = tl.program_id(1) * KV_PACK  # the program's first kv head
-    num_kv_heads = tl.num_programs(1) * KV_PACK
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + row)
     cached = context_len  # the positions the tiles read from the cache: with FRESH_KV all but a written row's last
@@ -63,32 +59,24 @@ def _decode_kernel(
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
 
     heads = kv_head * group + tl.arange(0, BLOCK_H)
-    head_mask = tl.arange(0, BLOCK_H) < KV_PACK * group
+    head_mask = tl.arange(0, BLOCK_H) < group
     dims = tl.arange(0, HEAD_DIM)
-    WIDE: tl.constexpr = KV_PACK * HEAD_DIM  # a tile row's dims: its KV_PACK heads' side by side
-    wide = tl.arange(0, WIDE)
-    # a wide dim's cache offset from the program's first head's (the dim itself without packing)
-    wide_kh = (wide // HEAD_DIM) * stride_kh + wide % HEAD_DIM if KV_PACK > 1 else wide
-    wide_vh = (wide // HEAD_DIM) * stride_vh + wide % HEAD_DIM if KV_PACK > 1 else wide
-    # which of the program's kv heads each q row reads, as a [BLOCK_H, KV_PACK] mask
-    owner = (tl.arange(0, BLOCK_H) // group)[:, None] == tl.arange(0, KV_PACK)[None, :]
     if ROTARY:
         writes_kv = split == (tl.maximum(num_tiles, 1) - 1) // tl.maximum(tiles_per_split, 1)
         if FRESH_KV:
             writes_kv = split < 0  # none here: the last split stores them after its tiles
         q = _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, k_ptr, v_ptr, row, kv_head, heads, head_mask, plane,
                        splits, stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                       stride_vh, num_kv_heads * group, num_kv_heads,
+                       stride_vh, tl.num_programs(1) * group, tl.num_programs(1),
                        writes_kv, delta_ptr, out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, BLOCK_H, SUMS, HAS_BIAS,
-                       HAS_DELTA, MOST_SPLITS, KV_PACK)
+                       HAS_DELTA, MOST_SPLITS)
     else:
         q_ptrs = q_ptr + row.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :]
         q = tl.load(q_ptrs, mask=head_mask[:, None], other=0.0)
 
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)  # running max, log2 domain
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    q = _packed(q, owner, BLOCK_H, KV_PACK, HEAD_DIM)
-    acc = tl.zeros((BLOCK_H, WIDE), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, HEAD_DIM), dtype=tl.float32)
     for tile in range(tile_start, tile_end):
         positions = tile * TILE_N + tl.arange(0, TILE_N)
         is_valid = positions < cached
@@ -96,10 +84,10 @@ def _decode_kernel(
         block_ids = tl.load(table_ptrs, mask=is_valid, other=0).to(tl.int64)
         offsets = positions % BLOCK_SIZE
         k_ptrs = k_ptr + block_ids[:, None] * stride_kb + offsets[:, None] * stride_kt + kv_head * stride_kh
-        k = tl.load(k_ptrs + wide_kh[None, :], mask=is_valid[:, None], other=0.0)
+        k = tl.load(k_ptrs + dims[None, :], mask=is_valid[:, None], other=0.0)
         v_ptrs = v_ptr + block_ids[:, None] * stride_vb + offsets[:, None] * stride_vt + kv_head * stride_vh
         if V_FIRST:  # V's load issued beside K's, before the dot that waits for K
-            v = tl.load(v_ptrs + wide_vh[None, :], mask=is_valid[:, None], other=0.0)
+            v = tl.load(v_ptrs + dims[None, :], mask=is_valid[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, TILE_N]
         scores = tl.where(is_valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -107,28 +95,27 @@ def _decode_kernel(
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if not V_FIRST:
-            v = tl.load(v_ptrs + wide_vh[None, :], mask=is_valid[:, None], other=0.0)
+            v = tl.load(v_ptrs + dims[None, :], mask=is_valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     if ROTARY and FRESH_KV:  # noqa: SIM102 (a compile-time branch around a run-time one)
         if split == NUM_SPLITS - 1:  # the row's new k and v after the tiles (their loads wait for none of it)
             k_new, v_new = _new_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, k_ptr, v_ptr, row, kv_head, plane, splits,
                                    stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                                   stride_vh, num_kv_heads * group, num_kv_heads, delta_ptr,
+                                   stride_vh, tl.num_programs(1) * group, tl.num_programs(1), delta_ptr,
                                    out_ptr.dtype.element_ty, HEAD_DIM, BLOCK_SIZE, SUMS, HAS_BIAS, HAS_DELTA,
                                    MOST_SPLITS)
             if fresh:  # the row's last position, from registers
                 m_i, l_i, acc = _fresh_kv_added(q, k_new, v_new, m_i, l_i, acc, qk_scale, k_ptr.dtype.element_ty,
                                                 v_ptr.dtype.element_ty)
 
-    acc = _unpacked(acc, owner, BLOCK_H, KV_PACK, HEAD_DIM)
     if NUM_SPLITS == 1:
         out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
         out_ptrs = out_ptr + row.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
     else:
         # Partials laid out [B, Hq, NUM_SPLITS, ...]: acc unnormalised, stats = (max, sum of exp).
-        part = (row.to(tl.int64) * num_kv_heads * group + heads) * NUM_SPLITS + split
+        part = (row.to(tl.int64) * tl.num_programs(1) * group + heads) * NUM_SPLITS + split
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_mask[:, None])
         tl.store(stats_ptr + part * 2, m_i, mask=head_mask)
         tl.store(stats_ptr + part * 2 + 1, l_i, mask=head_mask)
@@ -139,11 +126,10 @@ def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_he
                stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                num_q_heads, num_kv_heads, writes_kv, delta_ptr, dtype: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, SUMS: tl.constexpr, HAS_BIAS: tl.constexpr,
-               HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr, KV_PACK: tl.constexpr):
-    """The groups' rotated q heads [BLOCK_H, HEAD_DIM] from the qkv row (columns q | k | v, heads of HEAD_DIM);
-    with `writes_kv`, also the row's new k (rotated) and v of kv heads kv_head .. kv_head + KV_PACK - 1 stored at its
-    cache slot (`_new_kv`; none when the slot is -1), followed by a barrier, so that this program's tiles read them
-    back."""
+               HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr):
+    """The group's rotated q heads [BLOCK_H, HEAD_DIM] from the qkv row (columns q | k | v, heads of HEAD_DIM);
+    with `writes_kv`, also the row's new k (rotated) and v stored at its cache slot (`_new_kv`; none when the slot is
+    -1), followed by a barrier, so that this program's tiles read them back."""
     HALF: tl.constexpr = HEAD_DIM // 2
     half = tl.arange(0, HALF)
     rope = rope_ptr + row.to(tl.int64) * stride_rope  # [2, D]: cos row, then sin row
@@ -155,11 +141,9 @@ def _rotated_q(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_he
                              HALF, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
     q_lo, q_hi = _rotated(q_lo, q_hi, cos_lo[None, :], cos_hi[None, :], sin_lo[None, :], sin_hi[None, :], dtype)
     if writes_kv:
-        for i in tl.static_range(KV_PACK):
-            _new_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_head + i, plane, splits,
-                    stride_src, stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                    num_q_heads, num_kv_heads, delta_ptr, dtype, HEAD_DIM, BLOCK_SIZE, SUMS, HAS_BIAS, HAS_DELTA,
-                    MOST_SPLITS)
+        _new_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, kc_ptr, vc_ptr, row, kv_head, plane, splits, stride_src,
+                stride_rope, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, num_q_heads,
+                num_kv_heads, delta_ptr, dtype, HEAD_DIM, BLOCK_SIZE, SUMS, HAS_BIAS, HAS_DELTA, MOST_SPLITS)
         tl.debug_barrier()  # the stores above are seen by every thread of this program's tile loads
     # q's halves side by side again: [BLOCK_H, HALF, 2] -> [BLOCK_H, 2, HALF] -> [BLOCK_H, HEAD_DIM]
     return tl.permute(tl.join(q_lo, q_hi), (0, 2, 1)).reshape(BLOCK_H, HEAD_DIM)
@@ -212,26 +196,6 @@ def _fresh_kv_added(q, k_new, v_new, m_i, l_i, acc, qk_scale, k_dtype: tl.conste
     l_i = l_i * alpha + p
     acc = acc * alpha[:, None] + p.to(v_dtype).to(tl.float32)[:, None] * v_new.to(v_dtype).to(tl.float32)[None, :]
     return m_new, l_i, acc
-
-
-@triton.jit
-def _packed(q, owner, BLOCK_H: tl.constexpr, KV_PACK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """q [BLOCK_H, HEAD_DIM] as [BLOCK_H, KV_PACK * HEAD_DIM]: each row's values at its own kv head's dims (owner:
-    the rows' heads as a [BLOCK_H, KV_PACK] mask), zeros at the others' (q itself without packing)."""
-    if KV_PACK == 1:
-        return q
-    zeros = tl.zeros((BLOCK_H, KV_PACK, HEAD_DIM), dtype=q.dtype)
-    return tl.reshape(tl.where(owner[:, :, None], q[:, None, :], zeros), (BLOCK_H, KV_PACK * HEAD_DIM))
-
-
-@triton.jit
-def _unpacked(acc, owner, BLOCK_H: tl.constexpr, KV_PACK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """acc [BLOCK_H, KV_PACK * HEAD_DIM] back to [BLOCK_H, HEAD_DIM]: each row's own kv head's dims, the others'
-    dropped (a sum with exact zeros; acc itself without packing)."""
-    if KV_PACK == 1:
-        return acc
-    wide = tl.reshape(acc, (BLOCK_H, KV_PACK, HEAD_DIM))
-    return tl.sum(tl.where(owner[:, :, None], wide, 0.0), axis=1)
 
 
 @triton.jit
@@ -329,11 +293,8 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
     num_rows, num_q_heads, head_dim = out.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    pack = kv_pack(tuning, num_kv_heads)
-    if pack > 1 and tuning["fresh_kv"] and rotary is not None:
-        raise ValueError("the decode kernel takes fresh_kv at one kv head a program only (kv_pack 1)")
     if num_splits is None:
-        num_splits = choose_num_splits(num_rows, num_kv_heads // pack, block_tables.shape[1], block_size)
+        num_splits = choose_num_splits(num_rows, num_kv_heads, block_tables.shape[1], block_size)
     if num_rows == 0:
         return
     if num_splits > 1:
@@ -347,19 +308,19 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
     else:
         src, plane, splits, bias, has_bias, rope, slots, delta, has_delta = rotary
         q, stride_q = out, (0, 0)  # unused
-    _decode_kernel[(num_rows, num_kv_heads // pack, num_splits)](
+    _decode_kernel[(num_rows, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, acc, stats,
         src, bias, rope, slots, plane, splits, delta,
         scale * _LOG2E, group,
         *stride_q, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), src.stride(-2), rope.stride(0),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(pack * group)),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group)),
         TILE_N=tuning["tile_n"], NUM_SPLITS=num_splits, V_FIRST=tuning["v_first"],
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROTARY=rotary is not None,
         SUMS=plane > 0, HAS_BIAS=has_bias, HAS_DELTA=has_delta, num_warps=tuning["num_warps"],
         MOST_SPLITS=splits if plane > 0 and COMPILED_SPLITS else MAX_SPLITS,
-        FRESH_KV=tuning["fresh_kv"] and rotary is not None, KV_PACK=pack,
+        FRESH_KV=tuning["fresh_kv"] and rotary is not None,
         **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
         **({} if tuning["maxnreg"] is None else {"maxnreg": tuning["maxnreg"]}),
         **pdl.triton_launch(out.device),

@@ -84,25 +84,6 @@ def test_one_kernel_matches_the_two_kernels_and_the_reference(triton_attention, 
     torch.testing.assert_close(out, reference, atol=6e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("kv_pack", [2, 4])
-@pytest.mark.parametrize("source", ["tensor", "partials", "partials+delta"])
-@pytest.mark.parametrize("case", CASES, ids=["8b-b1", "1b-b32", "mixed", "gqa7", "d64-bs32"])
-def test_kv_heads_packed_match_one_head_a_program(triton_attention, case, source, kv_pack):
-    """kv_pack heads a program (DECODE_TUNING's kv_pack; gqa7's 4 kv heads take 2 or 4, d64-bs32's 4 too): the
-    caches as one head a program leaves them, bit for bit, and the same attention (printed: whether bit for bit)."""
-    splits = {"tensor": 0, "partials": 16, "partials+delta": 3}[source]
-    qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits, delta=source.endswith("delta"))
-    scale = case[3] ** -0.5
-    one_k, one_v = k_cache.clone(), v_cache.clone()
-    expected = triton_attention.rotary_decode_attention_triton(qkv, case[1], rope, one_k, one_v, slots, tables, lens,
-                                                               scale)
-    out = triton_attention.rotary_decode_attention_triton(qkv, case[1], rope, k_cache, v_cache, slots, tables, lens,
-                                                          scale, tuning={"kv_pack": kv_pack})
-    assert torch.equal(k_cache, one_k) and torch.equal(v_cache, one_v)
-    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
-    print(f"\nkv_pack {kv_pack} {source}: bit for bit {torch.equal(out, expected)}")
-
-
 def test_graph_replays_follow_their_inputs(triton_attention):
     """Captured once (split 4 ways), replayed with other contexts, tokens, tables and slots: each replay gives the
     two kernels' answer."""
@@ -168,9 +149,10 @@ def _timed_pair(triton_attention, case, splits, max_blocks):
     return unfused, fused, lambda: fused(True)
 
 
-COLD_CHOICES = [({}, None), ({"kv_pack": 2}, None), ({"kv_pack": 2, "num_stages": 2}, None),
-                ({"kv_pack": 2, "num_warps": 4}, None), ({"kv_pack": 4}, None), ({"kv_pack": 2, "tile_n": 32}, None),
-                ({"kv_pack": 2, "num_stages": 1}, None)]
+COLD_CHOICES = [({}, None), ({"num_warps": 4}, None), ({"maxnreg": 128}, None), ({"tile_n": 32}, None),
+                ({"num_warps": 4, "tile_n": 32}, None), ({"fresh_kv": True}, None),
+                ({"num_warps": 4, "fresh_kv": True}, None), ({"maxnreg": 128, "fresh_kv": True}, None),
+                ({"num_warps": 4}, 2), ({}, 2)]
 
 
 def test_rotary_decode_attention_choices_with_each_layer_cold(triton_attention):

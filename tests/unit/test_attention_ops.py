@@ -121,26 +121,3 @@ def test_triton_interpreted_launch_choices_match_reference(triton_attention, tun
     expected = paged_decode_attention_reference(*inputs, head_dim**-0.5)
     actual = triton_attention.paged_decode_attention_triton(*inputs, head_dim**-0.5, num_splits=3, tuning=tuning)
     torch.testing.assert_close(actual, expected, **dict(zip(("atol", "rtol"), TOLERANCE[torch.float32], strict=True)))
-
-
-@pytest.mark.parametrize("kv_pack", [2, 4])
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("case", [([5, 0, 17, 1], 8, 4, 64, 16), ([33, 16, 0, 70], 12, 4, 64, 32)], ids=str)
-def test_triton_interpreted_kv_heads_packed_match_reference(triton_attention, case, num_splits, kv_pack):
-    """kv_pack heads a program (2 or 4 of 4 kv heads; 3 q heads a kv head pads its rows): the reference's attention."""
-    lens, num_q_heads, num_kv_heads, head_dim, block_size = case
-    inputs = make_paged(lens, num_q_heads, num_kv_heads, head_dim, block_size, torch.float32, seed=3)
-    expected = paged_decode_attention_reference(*inputs, head_dim**-0.5)
-    actual = triton_attention.paged_decode_attention_triton(*inputs, head_dim**-0.5, num_splits=num_splits,
-                                                            tuning={"kv_pack": kv_pack})
-    torch.testing.assert_close(actual, expected, **dict(zip(("atol", "rtol"), TOLERANCE[torch.float32], strict=True)))
-
-
-def test_kv_pack_divides_the_kv_heads_or_is_one():
-    from server.model.decode_tuning import DECODE_TUNING, kv_pack
-
-    assert kv_pack({**DECODE_TUNING, "kv_pack": 2}, 8) == 2
-    assert kv_pack({**DECODE_TUNING, "kv_pack": 4}, 2) == 1  # 4 does not divide 2 kv heads
-    assert kv_pack({**DECODE_TUNING, "kv_pack": 2}, 1) == 1
-    with pytest.raises(ValueError, match="kv_pack"):
-        kv_pack({**DECODE_TUNING, "kv_pack": 3}, 6)
