@@ -35,7 +35,7 @@ def _decode_kernel(
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_ob, stride_oh, stride_src, stride_rope,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, V_FIRST: tl.constexpr, ROTARY: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, EARLY_TILE: tl.constexpr, ROTARY: tl.constexpr,
     SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr,
     FRESH_KV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
@@ -61,6 +61,15 @@ def _decode_kernel(
     heads = kv_head * group + tl.arange(0, BLOCK_H)
     head_mask = tl.arange(0, BLOCK_H) < group
     dims = tl.arange(0, HEAD_DIM)
+    if EARLY_TILE:  # the first tile's k and v asked of memory before q's loads, where no store of this program precedes
+        first_k, first_v, first_valid = _tile_ptrs(block_tables_ptr, row, stride_bt, tile_start, cached, k_ptr, v_ptr,
+                                                   kv_head, dims, stride_kb, stride_kt, stride_kh, stride_vb,
+                                                   stride_vt, stride_vh, TILE_N, BLOCK_SIZE)
+        # a rotary program reading positions back stores the row's last one first: a tile ending before it is early
+        early = (tile_start + 1) * TILE_N < context_len if ROTARY and not FRESH_KV else context_len >= 0
+        early_valid = tile_start * TILE_N + tl.arange(0, TILE_N) < tl.where(early, cached, 0)  # all or none
+        k = tl.load(first_k, mask=early_valid[:, None], other=0.0)
+        v = tl.load(first_v, mask=early_valid[:, None], other=0.0)
     if ROTARY:
         writes_kv = split == (tl.maximum(num_tiles, 1) - 1) // tl.maximum(tiles_per_split, 1)
         if FRESH_KV:
@@ -77,27 +86,21 @@ def _decode_kernel(
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)  # running max, log2 domain
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, HEAD_DIM), dtype=tl.float32)
-    for tile in range(tile_start, tile_end):
-        positions = tile * TILE_N + tl.arange(0, TILE_N)
-        is_valid = positions < cached
-        table_ptrs = block_tables_ptr + row * stride_bt + positions // BLOCK_SIZE
-        block_ids = tl.load(table_ptrs, mask=is_valid, other=0).to(tl.int64)
-        offsets = positions % BLOCK_SIZE
-        k_ptrs = k_ptr + block_ids[:, None] * stride_kb + offsets[:, None] * stride_kt + kv_head * stride_kh
-        k = tl.load(k_ptrs + dims[None, :], mask=is_valid[:, None], other=0.0)
-        v_ptrs = v_ptr + block_ids[:, None] * stride_vb + offsets[:, None] * stride_vt + kv_head * stride_vh
-        if V_FIRST:  # V's load issued beside K's, before the dot that waits for K
-            v = tl.load(v_ptrs + dims[None, :], mask=is_valid[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, TILE_N]
-        scores = tl.where(is_valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if not V_FIRST:
-            v = tl.load(v_ptrs + dims[None, :], mask=is_valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    loop_start = tile_start
+    if EARLY_TILE:
+        if not early:  # the tile holds the position stored above: read after it
+            k = tl.load(first_k, mask=first_valid[:, None], other=0.0)
+            v = tl.load(first_v, mask=first_valid[:, None], other=0.0)
+        if tile_start < tile_end:
+            m_i, l_i, acc = _attended(q, k, v, first_valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        loop_start = tile_start + 1
+    for tile in range(loop_start, tile_end):
+        k_ptrs, v_ptrs, is_valid = _tile_ptrs(block_tables_ptr, row, stride_bt, tile, cached, k_ptr, v_ptr, kv_head,
+                                              dims, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                              TILE_N, BLOCK_SIZE)
+        k = tl.load(k_ptrs, mask=is_valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=is_valid[:, None], other=0.0)  # beside K's, before the dot that waits for K
+        m_i, l_i, acc = _attended(q, k, v, is_valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
     if ROTARY and FRESH_KV:  # noqa: SIM102 (a compile-time branch around a run-time one)
         if split == NUM_SPLITS - 1:  # the row's new k and v after the tiles (their loads wait for none of it)
             k_new, v_new = _new_kv(src_ptr, bias_ptr, rope_ptr, slot_ptr, k_ptr, v_ptr, row, kv_head, plane, splits,
@@ -119,6 +122,35 @@ def _decode_kernel(
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_mask[:, None])
         tl.store(stats_ptr + part * 2, m_i, mask=head_mask)
         tl.store(stats_ptr + part * 2 + 1, l_i, mask=head_mask)
+
+
+@triton.jit
+def _tile_ptrs(block_tables_ptr, row, stride_bt, tile, cached, k_ptr, v_ptr, kv_head, dims, stride_kb, stride_kt,
+               stride_kh, stride_vb, stride_vt, stride_vh, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """The k and v addresses [TILE_N, HEAD_DIM] of a row's cache positions tile * TILE_N .., and which of them the
+    row holds (< cached)."""
+    positions = tile * TILE_N + tl.arange(0, TILE_N)
+    is_valid = positions < cached
+    block_ids = tl.load(block_tables_ptr + row * stride_bt + positions // BLOCK_SIZE, mask=is_valid, other=0)
+    block_ids = block_ids.to(tl.int64)
+    offsets = positions % BLOCK_SIZE
+    k_ptrs = k_ptr + block_ids[:, None] * stride_kb + offsets[:, None] * stride_kt + kv_head * stride_kh
+    v_ptrs = v_ptr + block_ids[:, None] * stride_vb + offsets[:, None] * stride_vt + kv_head * stride_vh
+    return k_ptrs + dims[None, :], v_ptrs + dims[None, :], is_valid
+
+
+@triton.jit
+def _attended(q, k, v, is_valid, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """The online softmax's state (m_i, l_i, acc) after one tile of positions (k, v [TILE_N, HEAD_DIM]; the invalid
+    ones weigh nothing)."""
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_H, TILE_N]
+    scores = tl.where(is_valid[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -316,7 +348,7 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), src.stride(-2), rope.stride(0),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        TILE_N=tuning["tile_n"], NUM_SPLITS=num_splits, V_FIRST=tuning["v_first"],
+        TILE_N=tuning["tile_n"], NUM_SPLITS=num_splits, EARLY_TILE=tuning["early_tile"],
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROTARY=rotary is not None,
         SUMS=plane > 0, HAS_BIAS=has_bias, HAS_DELTA=has_delta, num_warps=tuning["num_warps"],
         MOST_SPLITS=splits if plane > 0 and COMPILED_SPLITS else MAX_SPLITS,

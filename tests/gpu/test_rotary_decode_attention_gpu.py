@@ -58,13 +58,14 @@ def two_kernels(triton_attention, qkv, num_q_heads, rope, slots, k_cache, v_cach
     return out, q, k_cache, v_cache
 
 
-@pytest.mark.parametrize("fresh_kv", [False, True], ids=["read-back", "fresh-kv"])
+@pytest.mark.parametrize("tuning", [{}, {"fresh_kv": True}, {"early_tile": True}],
+                         ids=["read-back", "fresh-kv", "early-tile"])
 @pytest.mark.parametrize("source", ["tensor", "partials", "partials+bias", "partials+delta"])
 @pytest.mark.parametrize("case", CASES, ids=["8b-b1", "1b-b32", "mixed", "gqa7", "d64-bs32"])
-def test_one_kernel_matches_the_two_kernels_and_the_reference(triton_attention, case, source, fresh_kv):
+def test_one_kernel_matches_the_two_kernels_and_the_reference(triton_attention, case, source, tuning):
     """partials+delta: a LoRA delta riding the partials (LORAPLEX_LORA_SIDE_EXPAND=2); the rotary glue kernel then
     writes the same v, bit for bit, as from the materialized output. fresh_kv: the rows' new k and v taken from
-    registers (DECODE_TUNING's fresh_kv)."""
+    registers (DECODE_TUNING's fresh_kv); early-tile: the first tile loaded before q (DECODE_TUNING's early_tile)."""
     splits = {"tensor": 0, "partials": 16, "partials+bias": 5, "partials+delta": 3}[source]
     qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits, bias=source.endswith("bias"),
                                                                  delta=source.endswith("delta"))
@@ -76,7 +77,7 @@ def test_one_kernel_matches_the_two_kernels_and_the_reference(triton_attention, 
                                   lens, scale)
         assert torch.equal(plain_v, expected_v)
     out = triton_attention.rotary_decode_attention_triton(qkv, case[1], rope, k_cache, v_cache, slots, tables, lens,
-                                                          scale, tuning={"fresh_kv": fresh_kv})
+                                                          scale, tuning=tuning)
     assert torch.equal(v_cache, expected_v)
     torch.testing.assert_close(k_cache, expected_k, atol=2e-2, rtol=1e-2)  # rotated in another kernel: <= 1 ulp
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
@@ -149,10 +150,8 @@ def _timed_pair(triton_attention, case, splits, max_blocks):
     return unfused, fused, lambda: fused(True)
 
 
-COLD_CHOICES = [({}, None), ({"num_warps": 4}, None), ({"maxnreg": 128}, None), ({"tile_n": 32}, None),
-                ({"num_warps": 4, "tile_n": 32}, None), ({"fresh_kv": True}, None),
-                ({"num_warps": 4, "fresh_kv": True}, None), ({"maxnreg": 128, "fresh_kv": True}, None),
-                ({"num_warps": 4}, 2), ({}, 2)]
+COLD_CHOICES = [({}, None), ({"early_tile": True}, None), ({"early_tile": True, "num_stages": 2}, None),
+                ({"early_tile": True, "fresh_kv": True}, None), ({"fresh_kv": True}, None), ({"num_warps": 4}, None)]
 
 
 def test_rotary_decode_attention_choices_with_each_layer_cold(triton_attention):

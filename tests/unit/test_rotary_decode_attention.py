@@ -94,6 +94,28 @@ def test_interpreted_kernel_matches_the_two_ops(triton_attention, case, source, 
     assert not torch.equal(k_cache, before_k)  # the new tokens' keys were written
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("source", ["tensor", "partials+delta"])
+@pytest.mark.parametrize("case", CASES, ids=["gqa2-d64", "gqa4-d128"])
+@pytest.mark.parametrize("fresh_kv", [False, True], ids=["read-back", "fresh-kv"])
+def test_interpreted_kernel_with_the_first_tile_early_matches_the_two_ops(triton_attention, case, source,
+                                                                          num_splits, fresh_kv):
+    """DECODE_TUNING's early_tile: the first tile loaded before q; where it holds the position the program stores
+    (rows of up to 64 positions, or the last split's), loaded again after the store."""
+    splits = {"tensor": 0, "partials+delta": 3}[source]
+    qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(case, torch.float32, splits,
+                                                                   delta=source.endswith("delta"))
+    scale = case[3] ** -0.5
+    expected, expected_k, expected_v = two_ops(qkv, case[1], rope, slots, k_cache, v_cache, tables, lens, scale)
+    out = triton_attention.rotary_decode_attention_triton(qkv, case[1], rope, k_cache, v_cache, slots, tables, lens,
+                                                          scale, num_splits=num_splits,
+                                                          tuning={"early_tile": True, "fresh_kv": fresh_kv})
+    atol, rtol = TOLERANCE[torch.float32]
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+    torch.testing.assert_close(k_cache, expected_k, atol=atol, rtol=rtol)
+    torch.testing.assert_close(v_cache, expected_v, atol=0, rtol=0)
+
+
 def test_rejects_a_qkv_width_that_does_not_match_the_heads(triton_attention):
     qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(CASES[0], torch.float32)
     with pytest.raises(ValueError, match="qkv width"):
@@ -108,6 +130,7 @@ def test_decode_tuning_overrides_parse_names_and_values():
     assert tuning_overrides("num_warps=4, tile_n=32,fresh_kv=true") == {"num_warps": 4, "tile_n": 32,
                                                                         "fresh_kv": True}
     assert tuning_overrides("maxnreg=128,num_stages=none") == {"maxnreg": 128, "num_stages": None}
+    assert tuning_overrides("early_tile=true") == {"early_tile": True}
     for bad in ("warps=4", "num_warps", "num_warps=four", "num_warps=true", "fresh_kv=1", "maxnreg=0",
                 "num_warps=none"):
         with pytest.raises(ValueError, match="LORAPLEX_DECODE_TUNING"):
