@@ -122,7 +122,8 @@ class LLMEngine:
             nf4_dispatch.reserve_scratch(self.model)  # one dequant buffer for every graph captured below
             if nf4_autotune.AUTOTUNE:  # each shape's kernel at each mid-sized bucket, before capture
                 with load_phase("kernel tuning", "the NF4 kernel for each weight shape and batch size, timed"):
-                    log.info("NF4 kernels tuned: %s", nf4_autotune.tune_model(self.model))
+                    log.info("NF4 kernels tuned: %s", nf4_autotune.tune_model(
+                        self.model, cache=nf4_autotune.cache_path(settings.cache_dir)))
         self.runner.prepare(settings.max_num_batched_tokens, (False, True) if self.runner.use_lora else (False,))
         with load_phase("sampler kernels", "the sampler's draw paths (CUDA), built and loaded before serving"):
             self.sampler.warm_up()

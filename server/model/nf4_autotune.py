@@ -21,10 +21,11 @@ import logging
 import os
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from server.model import cuda_nf4_wgmma, nf4_dispatch
+from server.model import cuda_nf4_wgmma, nf4_dispatch, tuning_cache
 from server.model.nf4_dispatch import Choice
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,8 @@ def release_l2_flush_buffer() -> None:
 
 def tune(layers: dict[tuple[int, int], list], num_sms: int,
          timer: Callable[[list[Callable[[], object]]], float] = time_calls,
-         rows_list: tuple[int, ...] = ROWS) -> dict[tuple[tuple[int, int], int], Choice]:
+         rows_list: tuple[int, ...] = ROWS, cache: Path | None = None,
+         key: str = "") -> dict[tuple[tuple[int, int], int], Choice]:
     """Time the candidates for each (shape: the NF4Linears of that shape, each candidate run on every one in turn)
     at each row count; record the fastest in nf4_dispatch.TUNED and return what it got. A candidate that raises is
     skipped (logged). A shape and row count already tuned in this process (an earlier engine on the same GPU) keeps
@@ -176,18 +178,29 @@ def tune(layers: dict[tuple[int, int], list], num_sms: int,
     time_calls' L2 flush buffer is released at the end. Measured slower and removed (H100, 8B, 32 distinct adapters
     at batch 32: 5.42 against 5.36 ms a step; bench/results/2026-12-06-nvidia-h100-80gb-hbm3-8b-s42-beside-ab.log,
     the design in 9fae332): the LoRA linears' base matmul beside the side stream's shrink taking the fastest kernel
-    that leaves the SMs room (not the x-resident kernel, whose one block an SM fills them)."""
-    chosen = {}
+    that leaves the SMs room (not the x-resident kernel, whose one block an SM fills them).
+    With `cache` (tuning_cache's file) the picks stored there under `key` are taken untimed, and what was timed is
+    added to them."""
+    stored = tuning_cache.load(cache, key) if cache is not None else {}
+    chosen, timed = {}, 0
     try:
         for shape, group in layers.items():
             for rows in rows_list:
-                if (shape, rows) not in nf4_dispatch.TUNED:
+                if (shape, rows) in nf4_dispatch.TUNED:
+                    continue
+                best = stored.get((shape, rows))
+                if best is None:
                     best = _fastest(group, shape, rows, num_sms, timer)
-                    if best is not None:
-                        chosen[(shape, rows)] = best
+                    timed += 1
+                if best is not None:
+                    chosen[(shape, rows)] = best
     finally:
         release_l2_flush_buffer()
     nf4_dispatch.TUNED.update(chosen)
+    if cache is not None:
+        if timed:
+            tuning_cache.save(cache, key, {**stored, **chosen})
+        log.info("NF4 autotune: %d picks from %s, %d timed", len(chosen) - timed, cache, timed)
     return chosen
 
 
@@ -218,9 +231,18 @@ def _runner(layer, shape: tuple[int, int], x: torch.Tensor, choice: Choice) -> C
 TUNE_LAYERS = 16
 
 
-def tune_model(model: torch.nn.Module) -> str:
+def cache_path(cache_dir: Path) -> Path | None:
+    """Where the engine keeps its picks (tuning_cache) under the server's cache_dir; None under
+    LORAPLEX_NF4_TUNING_CACHE=0 (every start times afresh)."""
+    if os.environ.get("LORAPLEX_NF4_TUNING_CACHE", "1") == "0":
+        return None
+    return Path(cache_dir) / tuning_cache.FILE_NAME
+
+
+def tune_model(model: torch.nn.Module, cache: Path | None = None) -> str:
     """Tune every distinct NF4 weight shape of `model` (CUDA, with the tile layout) over up to TUNE_LAYERS of its
-    layers of that shape; a one-line summary."""
+    layers of that shape, taking what `cache` holds for this GPU, software and kernel sources; a one-line
+    summary."""
     from server.model.triton_nf4 import device_num_sms
 
     layers: dict[tuple[int, int], list] = {}
@@ -232,7 +254,11 @@ def tune_model(model: torch.nn.Module) -> str:
     if not layers:
         return "no NF4 layer on CUDA"
     device = next(iter(layers.values()))[0].codes.device
-    chosen = tune(layers, device_num_sms(device.index or 0))
+    index = device.index or 0
+    if cache is None:
+        chosen = tune(layers, device_num_sms(index))
+    else:
+        chosen = tune(layers, device_num_sms(index), cache=cache, key=tuning_cache.device_key(index))
     if not chosen:
         return "every shape tuned already in this process"
     return "; ".join(f"{out}x{inp}@{rows}: {choice}" for ((out, inp), rows), choice in sorted(chosen.items()))
