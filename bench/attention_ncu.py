@@ -19,8 +19,8 @@ from server.model.split_sums import SplitSums
 
 
 def decode_inputs(rows: int, context: int, num_q_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 128,
-                  block_size: int = 16, splits: int = 2, seed: int = 0):
-    """(qkv partials, rope, slots, k_cache, v_cache, block_tables, context_lens) on the GPU: each row's blocks
+                  block_size: int = 16, splits: int = 2, seed: int = 0, device: str = "cuda"):
+    """(qkv partials, rope, slots, k_cache, v_cache, block_tables, context_lens) on `device`: each row's blocks
     shuffled over the cache, its new token's slot at its last position."""
     gen = torch.Generator().manual_seed(seed)
     blocks_per_row = -(-context // block_size)
@@ -37,8 +37,8 @@ def decode_inputs(rows: int, context: int, num_q_heads: int = 32, num_kv_heads: 
     angles = torch.rand(rows, head_dim // 2, generator=gen) * 6.28
     angles = torch.cat([angles, angles], dim=-1)
     rope = torch.stack([angles.cos(), angles.sin()], dim=1)
-    qkv = SplitSums(partials.cuda(), None, torch.bfloat16)
-    return qkv, rope.cuda(), slots.cuda(), k_cache.cuda(), v_cache.cuda(), tables.cuda(), lens.cuda()
+    qkv = SplitSums(partials.to(device), None, torch.bfloat16)
+    return qkv, *(t.to(device) for t in (rope, slots, k_cache, v_cache, tables, lens))
 
 
 def main() -> None:

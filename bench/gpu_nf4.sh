@@ -68,6 +68,23 @@ if [ -n "${NCU_ROWS:-}" ]; then
     --probe-config "${NCU_PROBE_CONFIG:-2,8}" ${NCU_PAIRS:+--pairs} --wgmma-probes "${NCU_WGMMA_PROBES:-}" \
     --resident "${NCU_RESIDENT:-}"
 fi
+# ATTN_NCU="default;early_tile=true": Nsight Compute sections and warp stalls of the decode step's attention kernel
+# (bench.attention_ncu: 8B batch 32, cold) under each LORAPLEX_DECODE_TUNING of the list, into attention_ncu_<i>.txt
+if [ -n "${ATTN_NCU:-}" ]; then
+  IFS=';' read -r -a attn_tunings <<< "$ATTN_NCU"
+  for i in "${!attn_tunings[@]}"; do
+    tuning=${attn_tunings[$i]}; [ "$tuning" = default ] && tuning=""
+    echo "attention ncu $i: LORAPLEX_DECODE_TUNING=$tuning"
+    LORAPLEX_DECODE_TUNING=$tuning timeout "${ATTN_NCU_TIMEOUT:-90}" ncu --clock-control none \
+      --kernel-name regex:_decode_kernel --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section InstructionStats --section SchedulerStats \
+      --metrics "$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' $NCU_STALLS | sed 's/,$//')" \
+      python3 -m bench.attention_ncu > "$OUT/attention_ncu_$i.txt" 2>&1
+    grep -E "Duration|DRAM Throughput|Registers Per|Achieved Active|stalled_(long|wait|barrier)" \
+      "$OUT/attention_ncu_$i.txt" | head -12
+  done
+fi
 # NCU_SOURCE=1 (with NCU_ROWS): the same kernels' warp-stall samples per SASS instruction (SourceCounters), as
 # $OUT/source_sass.csv.gz (ncu's source page): where in a kernel's loop its warps wait, and on what
 if [ -n "${NCU_SOURCE:-}" ] && [ -n "${NCU_ROWS:-}" ]; then
