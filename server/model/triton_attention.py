@@ -43,8 +43,10 @@ def _decode_kernel(
     from its split-K partials, plus its LoRA delta with HAS_DELTA): q is rotated here, and the program whose split
     holds the row's last position rotates k and stores k and v in the cache before it reads its tiles. With FRESH_KV
     (ROTARY only) no tile reads a written row's last position back: the last split computes and stores the new k and
-    v after its tiles and takes them from registers (`_fresh_kv_added`), so the tiles' loads wait only for q."""
-    pdl_enter(PDL)
+    v after its tiles and takes them from registers (`_fresh_kv_added`), so the tiles' loads wait only for q. With
+    EARLY_TILE the first tile's k and v are loaded before the wait for the kernel ahead and q's loads."""
+    if not EARLY_TILE:
+        pdl_enter(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -70,6 +72,10 @@ def _decode_kernel(
         early_valid = tile_start * TILE_N + tl.arange(0, TILE_N) < tl.where(early, cached, 0)  # all or none
         k = tl.load(first_k, mask=early_valid[:, None], other=0.0)
         v = tl.load(first_v, mask=early_valid[:, None], other=0.0)
+        # Only now wait for the kernel ahead (the qkv projection): the lengths, block tables and slots are the step's
+        # inputs and the cache's earlier positions earlier steps' (written before any kernel ahead in the chain ran),
+        # so these loads overlap that kernel's last blocks, as the NF4 kernels' first code loads do.
+        pdl_enter(PDL)
     if ROTARY:
         writes_kv = split == (tl.maximum(num_tiles, 1) - 1) // tl.maximum(tiles_per_split, 1)
         if FRESH_KV:
