@@ -55,8 +55,12 @@ def choose_num_splits(num_rows: int, num_kv_heads: int, max_blocks: int, block_s
 # the store. Why (fiftieth session, ncu on an H100, 8B batch 32, cold: bench.attention_ncu): 98 registers, two programs
 # an SM, one wave; DRAM at 51% of its peak; 34% of the warp-stall samples at the first tile's wait, which Triton's
 # pipeliner issues only after the prologue's barrier, and 25% in that prologue.
+# prefetch: cache positions after the first tile (0: none; a power of two, 128 covers the engine benches' contexts of
+# 192) whose k and v lines the kernel asks of the L2 (prefetch.global.L2) at its start, before its wait for the kernel
+# ahead, so that the loop's loads find them there; beside early_tile, the whole of a short context is asked for before
+# the prologue (CUDA only: the interpreter has no inline PTX).
 DECODE_TUNING = {"early_tile": False, "tile_n": 64, "num_stages": None, "num_warps": 8, "maxnreg": None,
-                 "fresh_kv": os.environ.get("LORAPLEX_DECODE_FRESH_KV", "0") == "1"}
+                 "fresh_kv": os.environ.get("LORAPLEX_DECODE_FRESH_KV", "0") == "1", "prefetch": 0}
 
 
 def tuning_overrides(text: str) -> dict:

@@ -37,15 +37,16 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, EARLY_TILE: tl.constexpr, ROTARY: tl.constexpr,
     SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr,
-    FRESH_KV: tl.constexpr, PDL: tl.constexpr,
+    FRESH_KV: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """With ROTARY, q and the row's new k and v come from the qkv projection's output row at src_ptr (or, with SUMS,
     from its split-K partials, plus its LoRA delta with HAS_DELTA): q is rotated here, and the program whose split
     holds the row's last position rotates k and stores k and v in the cache before it reads its tiles. With FRESH_KV
     (ROTARY only) no tile reads a written row's last position back: the last split computes and stores the new k and
     v after its tiles and takes them from registers (`_fresh_kv_added`), so the tiles' loads wait only for q. With
-    EARLY_TILE the first tile's k and v are loaded before the wait for the kernel ahead and q's loads."""
-    if not EARLY_TILE:
+    EARLY_TILE the first tile's k and v are loaded before the wait for the kernel ahead and q's loads; with PREFETCH
+    (> 0) the next PREFETCH positions' k and v lines after the first tile are asked of the L2 there too."""
+    if not (EARLY_TILE or PREFETCH > 0):
         pdl_enter(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -63,6 +64,13 @@ def _decode_kernel(
     heads = kv_head * group + tl.arange(0, BLOCK_H)
     head_mask = tl.arange(0, BLOCK_H) < group
     dims = tl.arange(0, HEAD_DIM)
+    if PREFETCH > 0:  # the split's positions after its first tile, up to PREFETCH of them, into the L2
+        ahead = (tile_start + 1) * TILE_N + tl.arange(0, PREFETCH)
+        ahead_valid = (ahead < cached) & (ahead < tile_end * TILE_N)
+        _prefetch_rows(block_tables_ptr, row, stride_bt, ahead, ahead_valid, k_ptr, kv_head, stride_kb, stride_kt,
+                       stride_kh, HEAD_DIM, BLOCK_SIZE)
+        _prefetch_rows(block_tables_ptr, row, stride_bt, ahead, ahead_valid, v_ptr, kv_head, stride_vb, stride_vt,
+                       stride_vh, HEAD_DIM, BLOCK_SIZE)
     if EARLY_TILE:  # the first tile's k and v asked of memory before q's loads, where no store of this program precedes
         first_k, first_v, first_valid = _tile_ptrs(block_tables_ptr, row, stride_bt, tile_start, cached, k_ptr, v_ptr,
                                                    kv_head, dims, stride_kb, stride_kt, stride_kh, stride_vb,
@@ -72,9 +80,11 @@ def _decode_kernel(
         early_valid = tile_start * TILE_N + tl.arange(0, TILE_N) < tl.where(early, cached, 0)  # all or none
         k = tl.load(first_k, mask=early_valid[:, None], other=0.0)
         v = tl.load(first_v, mask=early_valid[:, None], other=0.0)
+    if EARLY_TILE or PREFETCH > 0:
         # Only now wait for the kernel ahead (the qkv projection): the lengths, block tables and slots are the step's
         # inputs and the cache's earlier positions earlier steps' (written before any kernel ahead in the chain ran),
-        # so these loads overlap that kernel's last blocks, as the NF4 kernels' first code loads do.
+        # so these loads overlap that kernel's last blocks, as the NF4 kernels' first code loads do. (A line the L2
+        # holds early is still the one a later store of this program updates: prefetches go to the L2, not the L1.)
         pdl_enter(PDL)
     if ROTARY:
         writes_kv = split == (tl.maximum(num_tiles, 1) - 1) // tl.maximum(tiles_per_split, 1)
@@ -143,6 +153,22 @@ def _tile_ptrs(block_tables_ptr, row, stride_bt, tile, cached, k_ptr, v_ptr, kv_
     k_ptrs = k_ptr + block_ids[:, None] * stride_kb + offsets[:, None] * stride_kt + kv_head * stride_kh
     v_ptrs = v_ptr + block_ids[:, None] * stride_vb + offsets[:, None] * stride_vt + kv_head * stride_vh
     return k_ptrs + dims[None, :], v_ptrs + dims[None, :], is_valid
+
+
+@triton.jit
+def _prefetch_rows(block_tables_ptr, row, stride_bt, positions, valid, cache_ptr, kv_head, stride_b, stride_t, stride_h,
+                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Ask the L2 for the 128-byte lines of one kv head's cache rows at the row's `positions` (where valid), with
+    prefetch.global.L2: nothing waits on them."""
+    LINE: tl.constexpr = 1024 // cache_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
+    LINES: tl.constexpr = (HEAD_DIM + LINE - 1) // LINE
+    block_ids = tl.load(block_tables_ptr + row * stride_bt + positions // BLOCK_SIZE, mask=valid, other=0)
+    starts = cache_ptr + block_ids.to(tl.int64) * stride_b + (positions % BLOCK_SIZE) * stride_t + kv_head * stride_h
+    lines = tl.arange(0, LINES) * LINE
+    wanted = valid[:, None] & (lines < HEAD_DIM)[None, :]
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                              "=r,l,r", [starts[:, None] + lines[None, :], wanted.to(tl.int32)], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -331,6 +357,8 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
     num_rows, num_q_heads, head_dim = out.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
+    if tuning["prefetch"] & (tuning["prefetch"] - 1):
+        raise ValueError(f"the decode kernel's prefetch takes a power of two of positions, got {tuning['prefetch']}")
     if num_splits is None:
         num_splits = choose_num_splits(num_rows, num_kv_heads, block_tables.shape[1], block_size)
     if num_rows == 0:
@@ -358,7 +386,7 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROTARY=rotary is not None,
         SUMS=plane > 0, HAS_BIAS=has_bias, HAS_DELTA=has_delta, num_warps=tuning["num_warps"],
         MOST_SPLITS=splits if plane > 0 and COMPILED_SPLITS else MAX_SPLITS,
-        FRESH_KV=tuning["fresh_kv"] and rotary is not None,
+        FRESH_KV=tuning["fresh_kv"] and rotary is not None, PREFETCH=tuning["prefetch"],
         **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
         **({} if tuning["maxnreg"] is None else {"maxnreg": tuning["maxnreg"]}),
         **pdl.triton_launch(out.device),

@@ -58,14 +58,16 @@ def two_kernels(triton_attention, qkv, num_q_heads, rope, slots, k_cache, v_cach
     return out, q, k_cache, v_cache
 
 
-@pytest.mark.parametrize("tuning", [{}, {"fresh_kv": True}, {"early_tile": True}],
-                         ids=["read-back", "fresh-kv", "early-tile"])
+@pytest.mark.parametrize("tuning", [{}, {"fresh_kv": True}, {"early_tile": True},
+                                    {"early_tile": True, "prefetch": 128}, {"prefetch": 64, "fresh_kv": True}],
+                         ids=["read-back", "fresh-kv", "early-tile", "early-tile-prefetch", "prefetch-fresh-kv"])
 @pytest.mark.parametrize("source", ["tensor", "partials", "partials+bias", "partials+delta"])
 @pytest.mark.parametrize("case", CASES, ids=["8b-b1", "1b-b32", "mixed", "gqa7", "d64-bs32"])
 def test_one_kernel_matches_the_two_kernels_and_the_reference(triton_attention, case, source, tuning):
     """partials+delta: a LoRA delta riding the partials (LORAPLEX_LORA_SIDE_EXPAND=2); the rotary glue kernel then
     writes the same v, bit for bit, as from the materialized output. fresh_kv: the rows' new k and v taken from
-    registers (DECODE_TUNING's fresh_kv); early-tile: the first tile loaded before q (DECODE_TUNING's early_tile)."""
+    registers (DECODE_TUNING's fresh_kv); early-tile: the first tile loaded before q (DECODE_TUNING's early_tile);
+    prefetch: the next positions' lines asked of the L2 first (DECODE_TUNING's prefetch)."""
     splits = {"tensor": 0, "partials": 16, "partials+bias": 5, "partials+delta": 3}[source]
     qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits, bias=source.endswith("bias"),
                                                                  delta=source.endswith("delta"))
@@ -150,8 +152,9 @@ def _timed_pair(triton_attention, case, splits, max_blocks):
     return unfused, fused, lambda: fused(True)
 
 
-COLD_CHOICES = [({}, None), ({"early_tile": True}, None), ({"early_tile": True, "num_stages": 2}, None),
-                ({"early_tile": True, "fresh_kv": True}, None), ({"fresh_kv": True}, None), ({"num_warps": 4}, None)]
+COLD_CHOICES = [({}, None), ({"early_tile": True}, None), ({"early_tile": True, "prefetch": 128}, None),
+                ({"prefetch": 128}, None), ({"early_tile": True, "num_stages": 2}, None),
+                ({"early_tile": True, "fresh_kv": True}, None), ({"fresh_kv": True}, None)]
 
 
 def test_rotary_decode_attention_choices_with_each_layer_cold(triton_attention):

@@ -116,6 +116,13 @@ def test_interpreted_kernel_with_the_first_tile_early_matches_the_two_ops(triton
     torch.testing.assert_close(v_cache, expected_v, atol=0, rtol=0)
 
 
+def test_rejects_a_prefetch_that_is_not_a_power_of_two(triton_attention):
+    qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(CASES[0], torch.float32)
+    with pytest.raises(ValueError, match="power of two"):
+        triton_attention.rotary_decode_attention_triton(qkv, 4, rope, k_cache, v_cache, slots, tables, lens, 0.125,
+                                                        tuning={"prefetch": 96})
+
+
 def test_rejects_a_qkv_width_that_does_not_match_the_heads(triton_attention):
     qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(CASES[0], torch.float32)
     with pytest.raises(ValueError, match="qkv width"):
@@ -130,7 +137,7 @@ def test_decode_tuning_overrides_parse_names_and_values():
     assert tuning_overrides("num_warps=4, tile_n=32,fresh_kv=true") == {"num_warps": 4, "tile_n": 32,
                                                                         "fresh_kv": True}
     assert tuning_overrides("maxnreg=128,num_stages=none") == {"maxnreg": 128, "num_stages": None}
-    assert tuning_overrides("early_tile=true") == {"early_tile": True}
+    assert tuning_overrides("early_tile=true,prefetch=128") == {"early_tile": True, "prefetch": 128}
     for bad in ("warps=4", "num_warps", "num_warps=four", "num_warps=true", "fresh_kv=1", "maxnreg=0",
                 "num_warps=none"):
         with pytest.raises(ValueError, match="LORAPLEX_DECODE_TUNING"):
