@@ -44,8 +44,10 @@ def _decode_kernel(
     holds the row's last position rotates k and stores k and v in the cache before it reads its tiles. With FRESH_KV
     (ROTARY only) no tile reads a written row's last position back: the last split computes and stores the new k and
     v after its tiles and takes them from registers (`_fresh_kv_added`), so the tiles' loads wait only for q. With
-    EARLY_TILE the first tile's k and v are loaded before the wait for the kernel ahead and q's loads; with PREFETCH
-    (> 0) the next PREFETCH positions' k and v lines after the first tile are asked of the L2 there too."""
+    EARLY_TILE (ROTARY only) the first tile's k and v are loaded before the wait for the kernel ahead and q's loads;
+    with PREFETCH (> 0, ROTARY only) the next PREFETCH positions' k and v lines after the first tile are asked of the
+    L2 there too. Not without ROTARY: there the kernel ahead may be the rotary kernel that stores this step's k and v
+    (chunk graphs, q/k-normed models), whose stores only the wait makes visible."""
     if not (EARLY_TILE or PREFETCH > 0):
         pdl_enter(PDL)
     row = tl.program_id(0)
@@ -81,8 +83,9 @@ def _decode_kernel(
         k = tl.load(first_k, mask=early_valid[:, None], other=0.0)
         v = tl.load(first_v, mask=early_valid[:, None], other=0.0)
     if EARLY_TILE or PREFETCH > 0:
-        # Only now wait for the kernel ahead (the qkv projection): the lengths, block tables and slots are the step's
-        # inputs and the cache's earlier positions earlier steps' (written before any kernel ahead in the chain ran),
+        # Only now wait for the kernel ahead (the qkv projection: this is the rotary kernel, launched only where every
+        # row reads its own new k and v alone): the lengths, block tables and slots are the step's inputs and the
+        # cache's other positions earlier steps' (written before any kernel ahead in the chain ran),
         # so these loads overlap that kernel's last blocks, as the NF4 kernels' first code loads do. (A line the L2
         # holds early is still the one a later store of this program updates: prefetches go to the L2, not the L1.)
         pdl_enter(PDL)
@@ -382,11 +385,11 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), src.stride(-2), rope.stride(0),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        TILE_N=tuning["tile_n"], NUM_SPLITS=num_splits, EARLY_TILE=tuning["early_tile"],
+        TILE_N=tuning["tile_n"], NUM_SPLITS=num_splits, EARLY_TILE=tuning["early_tile"] and rotary is not None,
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROTARY=rotary is not None,
         SUMS=plane > 0, HAS_BIAS=has_bias, HAS_DELTA=has_delta, num_warps=tuning["num_warps"],
         MOST_SPLITS=splits if plane > 0 and COMPILED_SPLITS else MAX_SPLITS,
-        FRESH_KV=tuning["fresh_kv"] and rotary is not None, PREFETCH=tuning["prefetch"],
+        FRESH_KV=tuning["fresh_kv"] and rotary is not None, PREFETCH=tuning["prefetch"] if rotary is not None else 0,
         **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
         **({} if tuning["maxnreg"] is None else {"maxnreg": tuning["maxnreg"]}),
         **pdl.triton_launch(out.device),

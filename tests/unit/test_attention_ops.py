@@ -114,7 +114,7 @@ def test_triton_interpreted_matches_reference(triton_attention, case, num_splits
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("tuning", [{"early_tile": True}, {"tile_n": 32}], ids=str)
+@pytest.mark.parametrize("tuning", [{"tile_n": 16}, {"tile_n": 32}], ids=str)
 def test_triton_interpreted_launch_choices_match_reference(triton_attention, tuning):
     lens, num_q_heads, num_kv_heads, head_dim, block_size = CASES[1]
     inputs = make_paged(lens, num_q_heads, num_kv_heads, head_dim, block_size, torch.float32)

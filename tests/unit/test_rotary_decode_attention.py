@@ -94,14 +94,16 @@ def test_interpreted_kernel_matches_the_two_ops(triton_attention, case, source, 
     assert not torch.equal(k_cache, before_k)  # the new tokens' keys were written
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("num_splits", [1, 2, 3])
 @pytest.mark.parametrize("source", ["tensor", "partials+delta"])
-@pytest.mark.parametrize("case", CASES, ids=["gqa2-d64", "gqa4-d128"])
+@pytest.mark.parametrize("case", [*CASES, ([64, 128, 192, 0], 4, 2, 64, 16)],
+                         ids=["gqa2-d64", "gqa4-d128", "whole-tiles"])
 @pytest.mark.parametrize("fresh_kv", [False, True], ids=["read-back", "fresh-kv"])
 def test_interpreted_kernel_with_the_first_tile_early_matches_the_two_ops(triton_attention, case, source,
                                                                           num_splits, fresh_kv):
     """DECODE_TUNING's early_tile: the first tile loaded before q; where it holds the position the program stores
-    (rows of up to 64 positions, or the last split's), loaded again after the store."""
+    (rows of up to 64 positions, or the last split's), loaded again after the store; whole-tiles: contexts of 64,
+    128 and 192 positions, whose last tile ends at the stored position."""
     splits = {"tensor": 0, "partials+delta": 3}[source]
     qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(case, torch.float32, splits,
                                                                    delta=source.endswith("delta"))
