@@ -182,16 +182,22 @@ def tune(layers: dict[tuple[int, int], list], num_sms: int,
     With `cache` (tuning_cache's file) the picks stored there under `key` are taken untimed, and what was timed is
     added to them."""
     stored = tuning_cache.load(cache, key) if cache is not None else {}
-    chosen, timed = {}, 0
+    chosen, timed, kept = {}, 0, 0
     try:
         for shape, group in layers.items():
             for rows in rows_list:
                 if (shape, rows) in nf4_dispatch.TUNED:
                     continue
                 best = stored.get((shape, rows))
+                if best is not None and best not in candidates(rows, shape, num_sms):
+                    log.warning("NF4 autotune: stored pick %s at %d rows of %s is no candidate here: timed", best,
+                                rows, shape)
+                    best = None
                 if best is None:
                     best = _fastest(group, shape, rows, num_sms, timer)
                     timed += 1
+                else:
+                    kept += 1
                 if best is not None:
                     chosen[(shape, rows)] = best
     finally:
@@ -200,7 +206,7 @@ def tune(layers: dict[tuple[int, int], list], num_sms: int,
     if cache is not None:
         if timed:
             tuning_cache.save(cache, key, {**stored, **chosen})
-        log.info("NF4 autotune: %d picks from %s, %d timed", len(chosen) - timed, cache, timed)
+        log.info("NF4 autotune: %d picks from %s, %d timed", kept, cache, timed)
     return chosen
 
 
@@ -258,7 +264,8 @@ def tune_model(model: torch.nn.Module, cache: Path | None = None) -> str:
     if cache is None:
         chosen = tune(layers, device_num_sms(index))
     else:
-        chosen = tune(layers, device_num_sms(index), cache=cache, key=tuning_cache.device_key(index))
+        dtype = next(iter(layers.values()))[0].compute_dtype
+        chosen = tune(layers, device_num_sms(index), cache=cache, key=tuning_cache.device_key(index, dtype))
     if not chosen:
         return "every shape tuned already in this process"
     return "; ".join(f"{out}x{inp}@{rows}: {choice}" for ((out, inp), rows), choice in sorted(chosen.items()))

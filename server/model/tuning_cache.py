@@ -1,20 +1,23 @@
 """The NF4 start-up tuning's picks kept on disk (server.model.nf4_autotune), so that a restart takes them instead of
 timing every candidate again.
 
-Why: the tuning times ~10-20 kernels for each weight shape at each of 8 row counts, part of every cold start, and
-on a warm GPU machine the larger part of it once Triton's and the CUDA extension's own caches hold their builds.
-A restart that reads its picks back also runs the same kernels as before it, so the same inputs give the same bits
-(picks timed again could differ on noise, and the candidates sum in different orders).
+Why: every start times ~10-20 kernels for each weight shape at each of 8 row counts, each over up to 16 layers in
+CUDA graphs (not yet timed apart from the rest of a start; the 8B engine bench's whole start took 20-50 s on an H100
+in the fiftieth session). A restart that reads its picks back also runs the same kernels as before it, so the same
+inputs give the same bits (picks timed again could differ on noise, and the candidates sum in different orders).
 
 The file (JSON, `<cache_dir>/nf4-tuning.json`) holds, under a key, the picks {"out,in@rows": [kernel, [[option,
 value], ...]]}. The key names everything a pick depends on: the GPU (name, SMs, compute capability), torch and
-CUDA versions, the LORAPLEX_NF4_* switches and a hash of the kernels' sources (csrc and the NF4 modules), so a
-change to any of them is a miss, timed afresh. A file that does not parse is ignored (logged) and written anew; a
-write goes through a temporary file and a rename, so a crash or a second server never leaves half of one. The
-newest KEEP keys are kept."""
+CUDA versions, the compute dtype, the LORAPLEX_NF4_* and LORAPLEX_PDL* switches and a hash of the kernels' sources
+(csrc and the NF4 modules), so a change to any of them is a miss, timed afresh; a stored pick that is not among the
+candidates the build offers is timed afresh too (nf4_autotune.tune). A file that does not parse is ignored (logged)
+and written anew; a write reads, merges and replaces under a lock file, through a temporary file and a rename, so a
+crash or a second server never leaves half of one. The newest KEEP keys are kept."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -31,7 +34,12 @@ KEEP = 8  # keys kept in the file, newest first (a machine's GPUs, software vers
 _MODEL_DIR = Path(__file__).resolve().parent
 # The sources a pick depends on: the CUDA kernels, and the Python that builds, launches and picks them.
 SOURCES = ("csrc", "cuda_nf4.py", "cuda_nf4_gemv.py", "cuda_nf4_wgmma.py", "nf4_autotune.py", "nf4_dispatch.py",
-           "nf4_layout.py", "triton_nf4.py", "triton_nf4_dequant.py")
+           "nf4_layout.py", "triton_nf4.py", "triton_nf4_dequant.py", "split_sums.py", "triton_split_k.py", "pdl.py",
+           "quant.py")
+# Switches the picks depend on: the NF4 kernels' and programmatic dependent launch's (the tuning's own on/off
+# switches are not: a start with the cache on finds the same picks whichever way they were spelled).
+SWITCH_PREFIXES = ("LORAPLEX_NF4_", "LORAPLEX_PDL")
+NOT_SWITCHES = ("LORAPLEX_NF4_TUNING_CACHE", "LORAPLEX_NF4_AUTOTUNE")
 
 Picks = dict[tuple[tuple[int, int], int], Choice]
 
@@ -50,22 +58,24 @@ def sources_digest(root: Path = _MODEL_DIR, names: tuple[str, ...] = SOURCES) ->
 
 
 def cache_key(device_name: str, num_sms: int, capability: tuple[int, int], torch_version: str,
-              cuda_version: str | None, environ: dict[str, str] | None = None, digest: str | None = None) -> str:
-    """The key of one GPU, software and source tree's picks (a sha256 of them all, so that keys are short)."""
+              cuda_version: str | None, dtype: str, environ: dict[str, str] | None = None,
+              digest: str | None = None) -> str:
+    """The key of one GPU, software, compute dtype and source tree's picks (a sha256 of them all: short keys)."""
     environ = os.environ if environ is None else environ
-    switches = sorted((k, v) for k, v in environ.items() if k.startswith("LORAPLEX_NF4_"))
+    switches = sorted((k, v) for k, v in environ.items()
+                      if k.startswith(SWITCH_PREFIXES) and k not in NOT_SWITCHES)
     parts = {"device": device_name, "sms": num_sms, "capability": list(capability), "torch": torch_version,
-             "cuda": cuda_version, "switches": switches, "sources": digest or sources_digest()}
+             "cuda": cuda_version, "dtype": dtype, "switches": switches, "sources": digest or sources_digest()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def device_key(device_index: int) -> str:
-    """cache_key of the current process's CUDA device `device_index`."""
+def device_key(device_index: int, dtype) -> str:
+    """cache_key of the current process's CUDA device `device_index`, for weights computed in `dtype`."""
     import torch
 
     props = torch.cuda.get_device_properties(device_index)
     return cache_key(props.name, props.multi_processor_count, (props.major, props.minor), torch.__version__,
-                     torch.version.cuda)
+                     torch.version.cuda, str(dtype))
 
 
 def _read(path: Path) -> dict:
@@ -83,7 +93,11 @@ def _read(path: Path) -> dict:
 def load(path: Path, key: str) -> Picks:
     """The picks stored under `key` ({} for none); entries that do not parse are skipped (logged)."""
     picks: Picks = {}
-    for name, value in _read(path).get(key, {}).items():
+    entries = _read(path).get(key, {})
+    if not isinstance(entries, dict):
+        log.warning("NF4 tuning cache %s: the picks under this key are not a mapping: timing afresh", path)
+        return picks
+    for name, value in entries.items():
         try:
             shape, rows = name.split("@")
             out_features, in_features = (int(n) for n in shape.split(","))
@@ -102,14 +116,30 @@ def save(path: Path, key: str, picks: Picks) -> None:
     picks still hold in this process)."""
     entries = {f"{out},{inp}@{rows}": [choice.kernel, [list(option) for option in choice.options]]
                for ((out, inp), rows), choice in sorted(picks.items())}
-    data = {k: v for k, v in _read(path).items() if k != key}
-    data[key] = entries
-    data = dict(list(data.items())[-KEEP:])
+    temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
-            json.dump(data, f, indent=1)
-            temporary = Path(f.name)
-        os.replace(temporary, path)
+        with _locked(path):  # read, merge and replace under one lock: two servers starting at once keep both keys
+            data = {k: v for k, v in _read(path).items() if k != key}
+            data[key] = entries
+            data = dict(list(data.items())[-KEEP:])
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp",
+                                             delete=False) as f:
+                temporary = Path(f.name)
+                json.dump(data, f, indent=1)
+            os.replace(temporary, path)
     except OSError as exc:
         log.warning("NF4 tuning cache %s not written (%s)", path, exc)
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on `<path>.lock` (flock: released when the process ends, however it ends)."""
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -31,7 +31,7 @@ def test_picks_round_trip_under_their_key_only(tmp_path):
     assert tuning_cache.load(path, "k2") == {}
     tuning_cache.save(path, "k2", {((1, 2), 3): Choice("wide")})
     assert tuning_cache.load(path, "k1") == PICKS  # another key's picks kept beside
-    assert list(path.parent.iterdir()) == [path]  # no temporary file left
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".lock"]  # no temporary left
 
 
 def test_the_newest_keys_are_kept(tmp_path):
@@ -62,6 +62,29 @@ def test_a_broken_file_or_entry_is_timed_afresh(tmp_path, caplog):
     assert "'12@16' skipped" in caplog.text and "'8,8@16' skipped" in caplog.text
 
 
+def test_picks_that_are_not_a_mapping_are_timed_afresh(tmp_path, caplog):
+    path = tmp_path / tuning_cache.FILE_NAME
+    path.write_text(json.dumps({"k": ["wide"]}))
+    with caplog.at_level(logging.WARNING):
+        assert tuning_cache.load(path, "k") == {}
+    assert "not a mapping" in caplog.text
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch, caplog):
+    path = tmp_path / tuning_cache.FILE_NAME
+    tuning_cache.save(path, "k", PICKS)
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tuning_cache.json, "dump", full_disk)
+    with caplog.at_level(logging.WARNING):
+        tuning_cache.save(path, "k2", PICKS)
+    assert "not written" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".lock"]
+    assert tuning_cache.load(path, "k") == PICKS  # the file as it was
+
+
 def test_an_unwritable_cache_is_logged_not_raised(tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -72,13 +95,16 @@ def test_an_unwritable_cache_is_logged_not_raised(tmp_path, caplog):
 
 def test_the_key_follows_the_gpu_software_switches_and_sources():
     base = dict(device_name="NVIDIA H200", num_sms=132, capability=(9, 0), torch_version="2.11.0",
-                cuda_version="13.0", environ={"HOME": "/root"}, digest="d1")
+                cuda_version="13.0", dtype="torch.bfloat16", environ={"HOME": "/root"}, digest="d1")
     key = tuning_cache.cache_key(**base)
     assert tuning_cache.cache_key(**base) == key
-    assert tuning_cache.cache_key(**{**base, "environ": {"HOME": "/other", "LORAPLEX_DECODE_TUNING": "x"}}) == key
+    for same in ({"HOME": "/other", "LORAPLEX_DECODE_TUNING": "x"}, {"LORAPLEX_NF4_TUNING_CACHE": "1"},
+                 {"LORAPLEX_NF4_AUTOTUNE": "1"}):
+        assert tuning_cache.cache_key(**{**base, "environ": same}) == key, same
     for change in ({"device_name": "NVIDIA H100 80GB HBM3"}, {"num_sms": 114}, {"capability": (8, 0)},
-                   {"torch_version": "2.13.0"}, {"cuda_version": None}, {"digest": "d2"},
-                   {"environ": {"LORAPLEX_NF4_CLUSTER_SUM": "0"}}):
+                   {"torch_version": "2.13.0"}, {"cuda_version": None}, {"dtype": "torch.float16"},
+                   {"digest": "d2"}, {"environ": {"LORAPLEX_NF4_CLUSTER_SUM": "0"}},
+                   {"environ": {"LORAPLEX_PDL": "0"}}):
         assert tuning_cache.cache_key(**{**base, **change}) != key, change
 
 
@@ -93,7 +119,8 @@ def test_the_sources_digest_follows_each_file(tmp_path):
     assert changed != digest
     (tmp_path / "csrc" / "c.cuh").write_text("")
     assert tuning_cache.sources_digest(tmp_path, ("csrc", "b.py")) != changed
-    assert len(tuning_cache.sources_digest()) == 64  # the package's own sources are all there
+    model_dir = tuning_cache._MODEL_DIR
+    assert all((model_dir / name).exists() for name in tuning_cache.SOURCES)  # a renamed source fails here
 
 
 def test_tune_takes_the_stored_picks_untimed_and_stores_what_it_timed(monkeypatch, tmp_path):
@@ -119,6 +146,22 @@ def test_tune_takes_the_stored_picks_untimed_and_stores_what_it_timed(monkeypatc
     nf4_dispatch.TUNED.clear()  # another key (another GPU, build or switch): timed afresh
     assert nf4_autotune.tune(layers, 132, timer=lambda calls: calls[0](), rows_list=(16, 32), cache=path,
                              key="other")[((256, 128), 16)] == Choice("wide")
+
+
+def test_a_stored_pick_that_is_no_candidate_here_is_timed(monkeypatch, tmp_path, caplog):
+    """A hand-edited file, or a build without the wgmma kernels: the stored pick is never run."""
+    monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: False)
+    monkeypatch.setattr(nf4_dispatch, "nf4_linear_cuda",
+                        lambda x, *a, kernel, **kw: {"dequant": 2.0, "wide": 1.0}[kernel])
+    path = tmp_path / tuning_cache.FILE_NAME
+    tuning_cache.save(path, "key", {((256, 128), 16): Choice("wgmma", (("block_warps", 4),)),
+                                    ((256, 128), 32): Choice("bogus")})
+    with caplog.at_level(logging.WARNING):
+        chosen = nf4_autotune.tune({(256, 128): [_fake_layer((256, 128))]}, 132, timer=lambda calls: calls[0](),
+                                   rows_list=(16, 32), cache=path, key="key")
+    assert chosen == {((256, 128), 16): Choice("wide"), ((256, 128), 32): Choice("wide")}
+    assert "is no candidate here" in caplog.text
+    assert tuning_cache.load(path, "key") == chosen  # replaced by what was timed
 
 
 def test_the_engine_cache_path_is_under_cache_dir_unless_switched_off(monkeypatch, tmp_path):
