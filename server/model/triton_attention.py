@@ -48,8 +48,6 @@ def _decode_kernel(
     with PREFETCH (> 0, ROTARY only) the next PREFETCH positions' k and v lines after the first tile are asked of the
     L2 there too. Not without ROTARY: there the kernel ahead may be the rotary kernel that stores this step's k and v
     (chunk graphs, q/k-normed models), whose stores only the wait makes visible."""
-    if not (EARLY_TILE or PREFETCH > 0):
-        pdl_enter(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -66,29 +64,28 @@ def _decode_kernel(
     heads = kv_head * group + tl.arange(0, BLOCK_H)
     head_mask = tl.arange(0, BLOCK_H) < group
     dims = tl.arange(0, HEAD_DIM)
-    if PREFETCH > 0:  # the split's positions after its first tile, up to PREFETCH of them, into the L2
+    if ROTARY and PREFETCH > 0:  # the split's positions after its first tile, up to PREFETCH of them, into the L2
         ahead = (tile_start + 1) * TILE_N + tl.arange(0, PREFETCH)
         ahead_valid = (ahead < cached) & (ahead < tile_end * TILE_N)
         _prefetch_rows(block_tables_ptr, row, stride_bt, ahead, ahead_valid, k_ptr, kv_head, stride_kb, stride_kt,
                        stride_kh, HEAD_DIM, BLOCK_SIZE)
         _prefetch_rows(block_tables_ptr, row, stride_bt, ahead, ahead_valid, v_ptr, kv_head, stride_vb, stride_vt,
                        stride_vh, HEAD_DIM, BLOCK_SIZE)
-    if EARLY_TILE:  # the first tile's k and v asked of memory before q's loads, where no store of this program precedes
+    if ROTARY and EARLY_TILE:  # the first tile's k and v asked of memory before q's, where no store of ours precedes
         first_k, first_v, first_valid = _tile_ptrs(block_tables_ptr, row, stride_bt, tile_start, cached, k_ptr, v_ptr,
                                                    kv_head, dims, stride_kb, stride_kt, stride_kh, stride_vb,
                                                    stride_vt, stride_vh, TILE_N, BLOCK_SIZE)
         # a rotary program reading positions back stores the row's last one first: a tile ending before it is early
-        early = (tile_start + 1) * TILE_N < context_len if ROTARY and not FRESH_KV else context_len >= 0
+        early = (tile_start + 1) * TILE_N < context_len if not FRESH_KV else context_len >= 0
         early_valid = tile_start * TILE_N + tl.arange(0, TILE_N) < tl.where(early, cached, 0)  # all or none
         k = tl.load(first_k, mask=early_valid[:, None], other=0.0)
         v = tl.load(first_v, mask=early_valid[:, None], other=0.0)
-    if EARLY_TILE or PREFETCH > 0:
-        # Only now wait for the kernel ahead (the qkv projection: this is the rotary kernel, launched only where every
-        # row reads its own new k and v alone): the lengths, block tables and slots are the step's inputs and the
-        # cache's other positions earlier steps' (written before any kernel ahead in the chain ran),
-        # so these loads overlap that kernel's last blocks, as the NF4 kernels' first code loads do. (A line the L2
-        # holds early is still the one a later store of this program updates: prefetches go to the L2, not the L1.)
-        pdl_enter(PDL)
+    # Only now wait for the kernel ahead. What was read above is none of its output: the lengths, slots and block
+    # tables are the step's inputs, written before the step's first kernel; the cache's positions (EARLY_TILE and
+    # PREFETCH, ROTARY only: the kernel ahead is then the qkv projection, which writes no cache) are earlier steps'.
+    # So these loads overlap that kernel's last blocks, as the NF4 kernels' first code loads do. (A line the L2 holds
+    # early is still the one a later store of this program updates: prefetches go to the L2, not the L1.)
+    pdl_enter(PDL)
     if ROTARY:
         writes_kv = split == (tl.maximum(num_tiles, 1) - 1) // tl.maximum(tiles_per_split, 1)
         if FRESH_KV:
@@ -106,7 +103,7 @@ def _decode_kernel(
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, HEAD_DIM), dtype=tl.float32)
     loop_start = tile_start
-    if EARLY_TILE:
+    if ROTARY and EARLY_TILE:
         if not early:  # the tile holds the position stored above: read after it
             k = tl.load(first_k, mask=first_valid[:, None], other=0.0)
             v = tl.load(first_v, mask=first_valid[:, None], other=0.0)
