@@ -813,6 +813,38 @@ def test_autotune_times_the_calls_replayed_as_one_graph_behind_the_flush():
     assert 0 < ms < 10
 
 
+def test_tune_model_stores_its_picks_and_a_restart_takes_them_untimed(tmp_path, monkeypatch):
+    """tune_model with the engine's cache file (tuning_cache): the first start times and stores, a restart (the
+    process's picks cleared) times nothing and runs the same kernels; another dtype is another key."""
+    from server.model import nf4_autotune, tuning_cache
+    from server.model.quant import make_linear
+
+    model = torch.nn.ModuleList([make_linear(torch.randn(600, 1536, device="cuda"), None, torch.bfloat16,
+                                             quantize=True)])
+    path = tmp_path / tuning_cache.FILE_NAME
+    timed = []
+    real_tune, real_time_calls = nf4_autotune.tune, nf4_autotune.time_calls
+
+    def counted(calls):
+        timed.append(len(calls))
+        return real_time_calls(calls)
+
+    monkeypatch.setattr(nf4_autotune, "tune", lambda layers, num_sms, **kw: real_tune(layers, num_sms, timer=counted,
+                                                                                       rows_list=(16, 32), **kw))
+    try:
+        nf4_autotune.tune_model(model, cache=path)
+        first = dict(nf4_dispatch.TUNED)
+        assert set(first) == {((600, 1536), 16), ((600, 1536), 32)} and timed
+        key = tuning_cache.device_key(0, torch.bfloat16)
+        assert tuning_cache.load(path, key) == first and key != tuning_cache.device_key(0, torch.float16)
+        nf4_dispatch.TUNED.clear()
+        timed.clear()
+        nf4_autotune.tune_model(model, cache=path)
+        assert timed == [] and dict(nf4_dispatch.TUNED) == first
+    finally:
+        nf4_dispatch.TUNED.clear()
+
+
 def test_autotune_chooses_a_kernel_the_dispatch_then_runs_for_those_rows():
     """Start-up tuning (nf4_autotune, opt-in) times the candidates on a real NF4 layer; the dispatch then runs the
     chosen one for the tuned row counts, with the reference's results."""
