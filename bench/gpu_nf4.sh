@@ -125,7 +125,9 @@ fi
 # 150 fits every row on a fresh machine (at 100-110 the bench's own budget skipped the merged rows twice)
 step "${ENGINE_TIMEOUT:-0}" engine.log python3 -m bench --model 8b --skip-baseline --budget-s $(( ${ENGINE_TIMEOUT:-0} - 30 )) \
   --out "$OUT"
-# ENGINE_AB="NAME=value ...": the engine bench once more with those variables set, into $OUT/ab (an A/B in one call)
+# ENGINE_AB="NAME=value ...": the engine bench once more with those variables set, into $OUT/ab (an A/B in one call;
+# it takes the first run's NF4 tuning picks from the cache file unless the variables are LORAPLEX_NF4_* or
+# LORAPLEX_PDL* ones, so its start is shorter and the two run the same NF4 kernels)
 if [ -n "${ENGINE_AB:-}" ] && [ "${ENGINE_TIMEOUT:-0}" != 0 ]; then
   mkdir -p "$OUT/ab"
   eval "ab_env=(${ENGINE_AB})"
