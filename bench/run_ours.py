@@ -9,6 +9,7 @@ from bench.build import build_engine, free_memory, gpu_mem_gib, kv_blocks_for, l
 from bench.ours import make_requests, measure_context, measure_generation, measure_swap
 from bench.plan import Plan
 from bench.results import Recorder
+from server.model.loader import LOAD_PROGRESS
 
 
 def run_ours(rec: Recorder, state: dict, plan: Plan, config, device) -> None:
@@ -54,13 +55,21 @@ def _start_engine(rec: Recorder, name: str, loaded, mode: str, device, kv_blocks
     holder: dict[str, Any] = {}
 
     def start() -> dict:
+        before = dict(LOAD_PROGRESS.finished)
         began = time.perf_counter()
         holder["engine"] = build_engine(loaded, mode, device, kv_blocks)
         return {"mode": mode, "kv_blocks": kv_blocks, "seconds": time.perf_counter() - began,
-                "gpu_allocated_gib": gpu_mem_gib(device)}
+                "gpu_allocated_gib": gpu_mem_gib(device), "phases_s": phase_seconds(before)}
 
     rec.measure("ours", name, start)
     return holder.get("engine")
+
+
+def phase_seconds(before: dict[str, float]) -> dict[str, float]:
+    """Seconds each loading phase (loader.load_phase: the NF4 kernels' build, their tuning, the sampler's kernels...)
+    took since `before` (a copy of LOAD_PROGRESS.finished)."""
+    return {name: round(total - before.get(name, 0.0), 2) for name, total in LOAD_PROGRESS.finished.items()
+            if total - before.get(name, 0.0) > 0}
 
 
 def _stop_engine(rec: Recorder, engine, device) -> None:
