@@ -58,16 +58,28 @@ def two_kernels(triton_attention, qkv, num_q_heads, rope, slots, k_cache, v_cach
     return out, q, k_cache, v_cache
 
 
-@pytest.mark.parametrize("tuning", [{}, {"fresh_kv": True}, {"early_tile": True},
-                                    {"early_tile": True, "prefetch": 128}, {"prefetch": 64, "fresh_kv": True}],
-                         ids=["read-back", "fresh-kv", "early-tile", "early-tile-prefetch", "prefetch-fresh-kv"])
+@pytest.mark.parametrize("fresh_kv", [False, True], ids=["read-back", "fresh-kv"])
 @pytest.mark.parametrize("source", ["tensor", "partials", "partials+bias", "partials+delta"])
 @pytest.mark.parametrize("case", CASES, ids=["8b-b1", "1b-b32", "mixed", "gqa7", "d64-bs32"])
-def test_one_kernel_matches_the_two_kernels_and_the_reference(triton_attention, case, source, tuning):
+def test_one_kernel_matches_the_two_kernels_and_the_reference(triton_attention, case, source, fresh_kv):
     """partials+delta: a LoRA delta riding the partials (LORAPLEX_LORA_SIDE_EXPAND=2); the rotary glue kernel then
     writes the same v, bit for bit, as from the materialized output. fresh_kv: the rows' new k and v taken from
-    registers (DECODE_TUNING's fresh_kv); early-tile: the first tile loaded before q (DECODE_TUNING's early_tile);
-    prefetch: the next positions' lines asked of the L2 first (DECODE_TUNING's prefetch)."""
+    registers (DECODE_TUNING's fresh_kv)."""
+    _check_one_kernel(triton_attention, case, source, {"fresh_kv": fresh_kv})
+
+
+@pytest.mark.parametrize("tuning", [{"early_tile": True}, {"early_tile": True, "prefetch": 128},
+                                    {"prefetch": 64, "fresh_kv": True}],
+                         ids=["early-tile", "early-tile-prefetch", "prefetch-fresh-kv"])
+@pytest.mark.parametrize("source", ["tensor", "partials+delta"])
+@pytest.mark.parametrize("case", CASES, ids=["8b-b1", "1b-b32", "mixed", "gqa7", "d64-bs32"])
+def test_early_loads_match_the_two_kernels_and_the_reference(triton_attention, case, source, tuning):
+    """DECODE_TUNING's early_tile (the first tile loaded before the wait and q) and prefetch (the next positions'
+    lines asked of the L2 there): the same checks."""
+    _check_one_kernel(triton_attention, case, source, tuning)
+
+
+def _check_one_kernel(triton_attention, case, source, tuning):
     splits = {"tensor": 0, "partials": 16, "partials+bias": 5, "partials+delta": 3}[source]
     qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits, bias=source.endswith("bias"),
                                                                  delta=source.endswith("delta"))
