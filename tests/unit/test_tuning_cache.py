@@ -7,21 +7,14 @@ import json
 import logging
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from server.model import cuda_nf4_wgmma, nf4_autotune, nf4_dispatch, tuning_cache
 from server.model.nf4_dispatch import Choice
+from tests.unit.test_nf4_autotune import clean_choices  # noqa: F401  (autouse: the process's picks cleared around each)
 
 PICKS = {((6144, 4096), 32): Choice("wgmma", (("resident_warpgroups", 6), ("pairs", 1))),
          ((4096, 4096), 128): Choice("wgmma", (("bulk_x", 1),)), ((4096, 14336), 16): Choice("dequant")}
-
-
-@pytest.fixture(autouse=True)
-def clean_choices():
-    nf4_dispatch.TUNED.clear()
-    yield
-    nf4_dispatch.TUNED.clear()
 
 
 def test_picks_round_trip_under_their_key_only(tmp_path):
