@@ -98,13 +98,14 @@ def test_down_shrink_in_the_activation_matches_peft_alone(tiny_llama_dir, tiny_a
     assert_match_peft_alone(tiny_llama_dir, tiny_adapters, requests, names, captured)
 
 
-@pytest.mark.parametrize("levers", ["pdl_lora", "silu_shrink"])
+@pytest.mark.parametrize("levers", ["pdl_lora", "silu_shrink", "silu_shrink side_expand2"])
 def test_decode_levers_give_the_default_graph_decode(tiny_llama_dir, tiny_adapters, levers, monkeypatch):
-    """LORAPLEX_PDL_LORA (the LoRA kernels launched with PDL) and LORAPLEX_LORA_SILU_SHRINK: the NF4 bf16 engine's
+    """LORAPLEX_PDL_LORA (the LoRA kernels launched with PDL), LORAPLEX_LORA_SILU_SHRINK and LORAPLEX_LORA_SIDE_EXPAND=2
+    (qkv's and gate_up's delta beside the base, added by the attention and the activation): the NF4 bf16 engine's
     captured decode steps give the default's tokens, and its logits within bf16 rounding (the split-K shrinks' atomic
     adds vary h's last bits from run to run); and the float32 engine's match PEFT with each adapter alone (a delta
     lost or read too early shows there, not within bf16 rounding)."""
-    from server.model import act_shrink, pdl
+    from server.model import act_shrink, lora_ops, pdl
 
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     names = [None, "attn-r4", "all-r8", "mlp-r2-rs", "ko-r16"]
@@ -112,6 +113,7 @@ def test_decode_levers_give_the_default_graph_decode(tiny_llama_dir, tiny_adapte
     for on in (False, True):
         monkeypatch.setattr(pdl, "LORA", on and "pdl_lora" in levers)
         monkeypatch.setattr(act_shrink, "SILU_SHRINK", on and "silu_shrink" in levers)
+        monkeypatch.setattr(lora_ops, "SIDE_EXPAND", 2 if on and "side_expand2" in levers else 0)
         engine = gpu_engine(tiny_llama_dir, dtype="bfloat16", quantize=True, max_slots=4, max_rank=16)
         requests = make_requests(refs, names)
         results.append((requests, run_capturing(engine, requests)[0]))
