@@ -67,10 +67,11 @@ def _decode_kernel(
     if ROTARY and PREFETCH > 0:  # the split's positions after its first tile, up to PREFETCH of them, into the L2
         ahead = (tile_start + 1) * TILE_N + tl.arange(0, PREFETCH)
         ahead_valid = (ahead < cached) & (ahead < tile_end * TILE_N)
-        _prefetch_rows(block_tables_ptr, row, stride_bt, ahead, ahead_valid, k_ptr, kv_head, stride_kb, stride_kt,
-                       stride_kh, HEAD_DIM, BLOCK_SIZE)
-        _prefetch_rows(block_tables_ptr, row, stride_bt, ahead, ahead_valid, v_ptr, kv_head, stride_vb, stride_vt,
-                       stride_vh, HEAD_DIM, BLOCK_SIZE)
+        ahead_blocks = _block_ids(block_tables_ptr, row, stride_bt, ahead, ahead_valid, BLOCK_SIZE)
+        _prefetch_rows(_row_starts(k_ptr, ahead_blocks, ahead, kv_head, stride_kb, stride_kt, stride_kh, BLOCK_SIZE),
+                       ahead_valid, HEAD_DIM)
+        _prefetch_rows(_row_starts(v_ptr, ahead_blocks, ahead, kv_head, stride_vb, stride_vt, stride_vh, BLOCK_SIZE),
+                       ahead_valid, HEAD_DIM)
     if ROTARY and EARLY_TILE:  # the first tile's k and v asked of memory before q's, where no store of ours precedes
         first_k, first_v, first_valid = _tile_ptrs(block_tables_ptr, row, stride_bt, tile_start, cached, k_ptr, v_ptr,
                                                    kv_head, dims, stride_kb, stride_kt, stride_kh, stride_vb,
@@ -147,27 +148,34 @@ def _tile_ptrs(block_tables_ptr, row, stride_bt, tile, cached, k_ptr, v_ptr, kv_
     row holds (< cached)."""
     positions = tile * TILE_N + tl.arange(0, TILE_N)
     is_valid = positions < cached
-    block_ids = tl.load(block_tables_ptr + row * stride_bt + positions // BLOCK_SIZE, mask=is_valid, other=0)
-    block_ids = block_ids.to(tl.int64)
-    offsets = positions % BLOCK_SIZE
-    k_ptrs = k_ptr + block_ids[:, None] * stride_kb + offsets[:, None] * stride_kt + kv_head * stride_kh
-    v_ptrs = v_ptr + block_ids[:, None] * stride_vb + offsets[:, None] * stride_vt + kv_head * stride_vh
-    return k_ptrs + dims[None, :], v_ptrs + dims[None, :], is_valid
+    block_ids = _block_ids(block_tables_ptr, row, stride_bt, positions, is_valid, BLOCK_SIZE)
+    k_rows = _row_starts(k_ptr, block_ids, positions, kv_head, stride_kb, stride_kt, stride_kh, BLOCK_SIZE)
+    v_rows = _row_starts(v_ptr, block_ids, positions, kv_head, stride_vb, stride_vt, stride_vh, BLOCK_SIZE)
+    return k_rows + dims[None, :], v_rows + dims[None, :], is_valid
 
 
 @triton.jit
-def _prefetch_rows(block_tables_ptr, row, stride_bt, positions, valid, cache_ptr, kv_head, stride_b, stride_t, stride_h,
-                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Ask the L2 for the 128-byte lines of one kv head's cache rows at the row's `positions` (where valid), with
-    prefetch.global.L2: nothing waits on them."""
-    LINE: tl.constexpr = 1024 // cache_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
+def _block_ids(block_tables_ptr, row, stride_bt, positions, valid, BLOCK_SIZE: tl.constexpr):
+    """The cache blocks (int64) that hold the row's `positions` (0 where not valid: never read)."""
+    return tl.load(block_tables_ptr + row * stride_bt + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+
+
+@triton.jit
+def _row_starts(cache_ptr, block_ids, positions, kv_head, stride_b, stride_t, stride_h, BLOCK_SIZE: tl.constexpr):
+    """Where one kv head's cache row of each position starts ([positions, 1]), the positions in `block_ids`' blocks."""
+    return cache_ptr + block_ids[:, None] * stride_b + (positions % BLOCK_SIZE)[:, None] * stride_t + kv_head * stride_h
+
+
+@triton.jit
+def _prefetch_rows(starts, valid, HEAD_DIM: tl.constexpr):
+    """Ask the L2 for the 128-byte lines of the cache rows at `starts` (where valid), with prefetch.global.L2:
+    nothing waits on them."""
+    LINE: tl.constexpr = 1024 // starts.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
     LINES: tl.constexpr = (HEAD_DIM + LINE - 1) // LINE
-    block_ids = tl.load(block_tables_ptr + row * stride_bt + positions // BLOCK_SIZE, mask=valid, other=0)
-    starts = cache_ptr + block_ids.to(tl.int64) * stride_b + (positions % BLOCK_SIZE) * stride_t + kv_head * stride_h
     lines = tl.arange(0, LINES) * LINE
     wanted = valid[:, None] & (lines < HEAD_DIM)[None, :]
     tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-                              "=r,l,r", [starts[:, None] + lines[None, :], wanted.to(tl.int32)], dtype=tl.int32,
+                              "=r,l,r", [starts + lines[None, :], wanted.to(tl.int32)], dtype=tl.int32,
                               is_pure=False, pack=1)
 
 
@@ -382,11 +390,11 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), src.stride(-2), rope.stride(0),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        TILE_N=tuning["tile_n"], NUM_SPLITS=num_splits, EARLY_TILE=tuning["early_tile"] and rotary is not None,
+        TILE_N=tuning["tile_n"], NUM_SPLITS=num_splits, EARLY_TILE=tuning["early_tile"],
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROTARY=rotary is not None,
         SUMS=plane > 0, HAS_BIAS=has_bias, HAS_DELTA=has_delta, num_warps=tuning["num_warps"],
         MOST_SPLITS=splits if plane > 0 and COMPILED_SPLITS else MAX_SPLITS,
-        FRESH_KV=tuning["fresh_kv"] and rotary is not None, PREFETCH=tuning["prefetch"] if rotary is not None else 0,
+        FRESH_KV=tuning["fresh_kv"] and rotary is not None, PREFETCH=tuning["prefetch"],
         **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
         **({} if tuning["maxnreg"] is None else {"maxnreg": tuning["maxnreg"]}),
         **pdl.triton_launch(out.device),
