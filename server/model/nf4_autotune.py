@@ -259,13 +259,10 @@ def tune_model(model: torch.nn.Module, cache: Path | None = None) -> str:
                 group.append(module)
     if not layers:
         return "no NF4 layer on CUDA"
-    device = next(iter(layers.values()))[0].codes.device
-    index = device.index or 0
-    if cache is None:
-        chosen = tune(layers, device_num_sms(index))
-    else:
-        dtype = next(iter(layers.values()))[0].compute_dtype
-        chosen = tune(layers, device_num_sms(index), cache=cache, key=tuning_cache.device_key(index, dtype))
+    first = next(iter(layers.values()))[0]
+    index = first.codes.device.index or 0
+    key = "" if cache is None else tuning_cache.device_key(index, first.compute_dtype)
+    chosen = tune(layers, device_num_sms(index), cache=cache, key=key)
     if not chosen:
         return "every shape tuned already in this process"
     return "; ".join(f"{out}x{inp}@{rows}: {choice}" for ((out, inp), rows), choice in sorted(chosen.items()))

@@ -139,7 +139,7 @@ def test_tune_model_groups_up_to_tune_layers_of_each_shape(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "server.model.triton_nf4", SimpleNamespace(device_num_sms=lambda index: 132))
     seen = {}
-    monkeypatch.setattr(nf4_autotune, "tune", lambda layers, num_sms: seen.update(layers) or
+    monkeypatch.setattr(nf4_autotune, "tune", lambda layers, num_sms, cache, key: seen.update(layers) or
                         {(shape, 16): Choice("wide") for shape in layers})
 
     def linear(out_features, in_features):
