@@ -68,8 +68,8 @@ def _start_engine(rec: Recorder, name: str, loaded, mode: str, device, kv_blocks
 def phase_seconds(before: dict[str, float]) -> dict[str, float]:
     """Seconds each loading phase (loader.load_phase: the NF4 kernels' build, their tuning, the sampler's kernels...)
     took since `before` (a copy of LOAD_PROGRESS.finished)."""
-    return {name: round(total - before.get(name, 0.0), 2) for name, total in LOAD_PROGRESS.finished.items()
-            if total - before.get(name, 0.0) > 0}
+    return {name: round(spent, 2) for name, total in LOAD_PROGRESS.finished.items()
+            if (spent := total - before.get(name, 0.0)) > 0}
 
 
 def _stop_engine(rec: Recorder, engine, device) -> None:
