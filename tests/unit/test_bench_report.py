@@ -188,3 +188,19 @@ def test_recorder_marks_a_run_with_loraplex_variables_as_ab(tmp_path, monkeypatc
     rec = Recorder(tmp_path / "ab.json", {}, 10.0)
     assert rec.data["ab"] == "LORAPLEX_LORA_SIDE_EXPAND=1"
     assert json.loads((tmp_path / "ab.json").read_text())["ab"] == "LORAPLEX_LORA_SIDE_EXPAND=1"
+
+
+def test_the_raw_figures_come_from_the_newest_whole_run_of_the_default_settings(tmp_path):
+    whole = fake_8b("2026-11-24T09:00:00+00:00", 3600.0)
+    cut = fake_8b("2026-11-24T10:00:00+00:00", 3200.0)
+    cut["ours"]["mixed32_b32"] = {"skipped": "time budget: 10 s left, needs about 10 s"}
+    a_b = dict(fake_8b("2026-11-24T11:00:00+00:00", 3000.0), ab="LORAPLEX_DECODE_TUNING=early_tile=true")
+    _write(tmp_path, "whole-8b.json", whole)
+    _write(tmp_path, "cut-8b.json", cut)
+    _write(tmp_path, "ab-8b.json", a_b)
+    assert load_latest(tmp_path)["8b"][0] == "whole-8b.json"
+    assert "### 8b shape — `results/whole-8b.json`" in build_report(tmp_path)
+    (tmp_path / "whole-8b.json").unlink()
+    assert load_latest(tmp_path)["8b"][0] == "cut-8b.json"  # a cut run of the defaults before any A/B
+    (tmp_path / "cut-8b.json").unlink()
+    assert load_latest(tmp_path)["8b"][0] == "ab-8b.json"
