@@ -30,13 +30,15 @@ SILU_SHRINK = int(os.environ.get("LORAPLEX_LORA_SILU_SHRINK", "2"))
 
 @dataclass(frozen=True)
 class ShrinkAhead:
-    """What the activation kernel needs to compute down_proj's h: down's A pool (one slice), the shared slot
-    layout, the step's metadata (one-token segments), and h itself [T, max_rank] float32, zeroed."""
+    """What the kernel ahead of a LoRA linear needs to compute its h: the linear's A pool, the shared slot layout,
+    the step's metadata (one-token segments), and h itself [T, num_slices * max_rank] float32, zeroed. The
+    activation's (down_proj's) has one slice; the norms' (norm_shrink: qkv's, gate_up's) have their linear's."""
 
-    lora_a: torch.Tensor  # [capacity, in]
+    lora_a: torch.Tensor  # [num_slices * capacity, in]
     layout: SlotLayout
     meta: LoraBatchMeta
     h: torch.Tensor
+    num_slices: int = 1
 
 
 def shrink_ahead(down, lora, num_tokens: int, device: torch.device) -> ShrinkAhead | None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 MODEL = Path(__file__).resolve().parents[2] / "server" / "model"
-TRITON_MODULES = ("triton_glue.py", "triton_attention.py", "triton_lora.py", "triton_lora_decode.py")
+TRITON_MODULES = ("triton_glue.py", "triton_attention.py", "triton_lora.py", "triton_lora_decode.py",
+                  "triton_norm_shrink.py")
 # Pointers a Triton kernel may read before its wait: weights, which no kernel of a step writes.
 WEIGHT_POINTERS = {"weight_ptr"}
 # And, per kernel, other pointers no kernel ahead of it writes: the decode attention's step inputs (lengths, slots,
@@ -43,7 +44,7 @@ def test_the_triton_kernels_that_take_part_are_the_expected_ones():
     names = {node.name for _, node in _pdl_kernels()}
     assert names >= {"_add_rmsnorm_kernel", "_silu_mul_kernel", "_decode_kernel", "_merge_splits_kernel",
                      "_shrink_kernel", "_expand_kernel", "_expand_sums_kernel", "_lora_delta_kernel",
-                     "_lora_add_delta_kernel"}
+                     "_lora_add_delta_kernel", "_add_rmsnorm_shrink_kernel"}
 
 
 @pytest.mark.parametrize("module,kernel", _pdl_kernels(), ids=lambda v: v if isinstance(v, str) else v.name)

@@ -1,0 +1,92 @@
+"""The Triton side of norm_shrink (LORAPLEX_LORA_NORM_SHRINK): the residual add + RMSNorm ahead of a LoRA linear,
+which also adds that linear's LoRA shrink of its output into h.
+
+triton_glue's norm takes a row a program (32 programs at batch 32), too few to read 32 adapters' A (8B qkv: 12.6 MB)
+at the bandwidth. Here a row takes `chunks` programs: each sums the whole row's squares (the same reduction, over the
+same block and warps, as triton_glue._add_rmsnorm_kernel: the same bits), then stores its chunk of the sum and of the
+norm, and adds the token's slot's A rows at the chunk times the norm there (fp32, atomic adds across the row's
+programs, as the split-K shrink adds its splits) into h. The row's re-reads come from the L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from server.model import pdl
+from server.model.triton_pdl import pdl_enter
+
+# Columns a program stores and shrinks. H200 arithmetic for 8B qkv at 32 tokens (4096 columns, 48 A rows a token):
+# 8 programs a row, 256 over 132 SMs, each 48 x 512 x 2 = 48 KB of A.
+CHUNK = 512
+
+
+@triton.jit
+def _add_rmsnorm_shrink_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, y_ptr, n_cols, stride_h, stride_d,
+                               stride_ho, stride_y, eps, a_ptr, hl_ptr, token_slots_ptr, slot_offsets_ptr,
+                               slot_ranks_ptr, num_slices, stride_a, stride_hl, BLOCK: tl.constexpr,
+                               CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+    """Row program_id(0)'s chunk program_id(1): x = h + delta rounded, y = rmsnorm(x) * weight, both stored at the
+    chunk's columns; and the token's slot's num_slices * rank A rows (from row num_slices * offset of the pool) at
+    those columns times y, summed in fp32, added into the row's h (hl) at columns 0..num_slices * rank."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    mask = cols < n_cols
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    pdl_enter(PDL)
+    dtype = h_out_ptr.dtype.element_ty
+    every = tl.arange(0, BLOCK)
+    whole = every < n_cols
+    xs = tl.load(h_ptr + row * stride_h + every, mask=whole, other=0.0)
+    xs = (xs.to(tl.float32) + tl.load(delta_ptr + row * stride_d + every, mask=whole, other=0.0).to(tl.float32))
+    xs = xs.to(dtype).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(xs * xs, axis=0) / n_cols + eps)
+    x = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0)
+    x = (x.to(tl.float32) + tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+    tl.store(h_out_ptr + row * stride_ho + cols, x, mask=mask)
+    normed = (x.to(tl.float32) * inv).to(y_ptr.dtype.element_ty).to(tl.float32)
+    y = (w * normed).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * stride_y + cols, y, mask=mask)
+    slot = tl.load(token_slots_ptr + row).to(tl.int64)
+    if slot >= 0:
+        width = num_slices * tl.load(slot_ranks_ptr + slot)
+        first_row = num_slices * tl.load(slot_offsets_ptr + slot).to(tl.int64)
+        y32 = y.to(tl.float32)
+        for r0 in tl.static_range(0, BLOCK_R, 16):
+            rs = r0 + tl.arange(0, 16)
+            r_mask = rs < width
+            a = tl.load(a_ptr + (first_row + rs)[:, None] * stride_a + cols[None, :],
+                        mask=r_mask[:, None] & mask[None, :], other=0.0)
+            tl.atomic_add(hl_ptr + row * stride_hl + rs, tl.sum(a.to(tl.float32) * y32[None, :], axis=1), mask=r_mask)
+
+
+def norm_warps(n_cols: int) -> int:
+    """triton_glue._norm_warps: the same warps over the same block sum the squares in the same order."""
+    return 4 if n_cols <= 4096 else 8
+
+
+def add_rmsnorm_shrink(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, shrink,
+                       chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, rmsnorm(h + delta)) for h, delta [T, N] (rows contiguous), the same bits as triton_glue's
+    add_rmsnorm; and the next linear's shrink of the norm added into shrink.h (act_shrink.ShrinkAhead, zeroed,
+    [T, num_slices * max_rank] float32)."""
+    num_rows, n_cols = h.shape
+    lora_a, hl, layout = shrink.lora_a, shrink.h, shrink.layout
+    if delta.shape != h.shape or delta.stride(1) != 1 or h.stride(1) != 1:
+        raise ValueError("the norm's shrink takes h and a plain delta of its shape, rows contiguous")
+    if (lora_a.stride(1) != 1 or lora_a.shape[1] != n_cols or hl.dtype != torch.float32
+            or hl.shape != (num_rows, shrink.num_slices * layout.max_rank)):
+        raise ValueError("the shrink's A must have contiguous rows of the norm's width, h float32 [T, slices x rank]")
+    y = torch.empty_like(h)
+    h_out = torch.empty_like(h)
+    if num_rows == 0:
+        return h_out, y
+    block_r = max(16, triton.next_power_of_2(shrink.num_slices * layout.max_rank))
+    _add_rmsnorm_shrink_kernel[(num_rows, triton.cdiv(n_cols, chunk))](
+        h, delta, weight, h_out, y, n_cols, h.stride(0), delta.stride(0), h_out.stride(0), y.stride(0), eps,
+        lora_a, hl, shrink.meta.token_slots, layout.offsets, layout.ranks, shrink.num_slices, lora_a.stride(0),
+        hl.stride(0), BLOCK=triton.next_power_of_2(n_cols), CHUNK=chunk, BLOCK_R=block_r,
+        num_warps=norm_warps(n_cols), **pdl.triton_launch(h.device),
+    )  # fmt: skip
+    return h_out, y
