@@ -262,11 +262,10 @@ class DecoderLayer(nn.Module):
         if x is None and pending is None:
             x = self.input_layernorm(h)
         elif x is None:  # in a decode step under LORAPLEX_LORA_NORM_SHRINK each norm adds its linear's LoRA shrink
-            h, x, qkv_h = norm_shrink.add_norm(self.input_layernorm, h, pending, self.self_attn.qkv_proj, ctx.lora,
-                                               decode)
+            h, x, qkv_h = norm_shrink.add_norm(self.input_layernorm, h, pending, self.self_attn.qkv_proj, ctx)
         h, x, gate_up_h = norm_shrink.add_norm(self.post_attention_layernorm, h,
                                                self.self_attn(x, rope, ctx, k_cache, v_cache, lora_h=qkv_h),
-                                               self.mlp.gate_up_proj, ctx.lora, decode)
+                                               self.mlp.gate_up_proj, ctx)
         return h, self.mlp(x, ctx.lora, decode=decode, lora_h=gate_up_h)
 
 
@@ -302,6 +301,9 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids/positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
+        norm_shrink.begin_step(ctx, [linear for layer in self.layers
+                                     for linear in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj)],
+                               input_ids.shape[0], self.device)
         h, x = self.layers[0].input_layernorm.embed_forward(input_ids, self.embed_tokens)  # one launch on CUDA
         rope = self.rope[positions]
         pending = None

@@ -1,6 +1,8 @@
 """qkv_proj's and gate_up_proj's LoRA shrinks computed by the residual add + norm before them (norm_shrink,
 LORAPLEX_LORA_NORM_SHRINK)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -41,32 +43,64 @@ def test_shrink_reference_adds_each_tokens_slices_and_ranks_only():
     assert shrink.h[SLOTS.index(-1)].eq(0).all() and shrink.h[0].ne(0).any()
 
 
-@pytest.mark.parametrize("case", ["off", "eager", "no lora", "partials", "several-token segments", "empty pool",
-                                  "fewer tokens"])
-def test_no_shrink_ahead_where_the_linear_keeps_its_own(monkeypatch, case):
-    """Off, an eager step (no CUDA graph being captured: the CPU), no adapters in the step, a residual that comes as
-    split-K partials, segments of several tokens, a pool without adapters, or fewer tokens than NORM_SHRINK: the
-    linear keeps its own shrink beside its base."""
+@pytest.mark.parametrize("case", ["off", "eager", "prefill", "no lora", "fewer tokens"])
+def test_no_step_buffer_where_no_norm_may_take_a_shrink(monkeypatch, case):
+    """Off, an eager step (no CUDA graph being captured: the CPU), a prefill, no adapters in the step, or fewer tokens
+    than NORM_SHRINK: no StepBuffer, so every linear keeps its own shrink beside its base."""
     from server.model import lora_ops, norm_shrink
     from server.model.lora import LoraContext
-    from server.model.lora_meta import make_lora_meta
-    from server.model.split_sums import SplitSums
 
-    monkeypatch.setattr(norm_shrink, "NORM_SHRINK", 0 if case == "off" else len(SLOTS) + 1 if case == "fewer tokens"
-                        else 1)
+    monkeypatch.setattr(norm_shrink, "NORM_SHRINK", {"off": 0, "fewer tokens": len(SLOTS) + 1}.get(case, 1))
     if case != "eager":
         monkeypatch.setattr(norm_shrink.torch.cuda, "is_current_stream_capturing", lambda: True)
         monkeypatch.setattr(lora_ops, "triton_available", lambda: True)
     shrink = make_shrink(width=40, max_rank=8, num_slices=3, dtype=torch.float32, seed=0)
-    meta = shrink.meta if case != "several-token segments" else make_lora_meta([2, 3], [0, 1], "cpu")
-    linear = type("Qkv", (), {"lora_a": shrink.lora_a, "lora_b": torch.zeros(0 if case == "empty pool" else 3, 24),
-                              "layout": shrink.layout, "slice_names": ("q_proj", "k_proj", "v_proj")})()
+    linear = SimpleNamespace(layout=shrink.layout, slice_names=("q_proj", "k_proj", "v_proj"))
+    ctx = SimpleNamespace(is_prefill=case == "prefill", lora=None if case == "no lora" else LoraContext(shrink.meta),
+                          memo={})
+    norm_shrink.begin_step(ctx, [linear], len(SLOTS), torch.device("cpu" if case == "eager" else "cuda"))
+    assert ctx.memo == {}
+    assert norm_shrink.shrink_ahead(linear, ctx, torch.zeros(len(SLOTS), 40), len(SLOTS)) is None
+
+
+def step_context(shrink: ShrinkAhead, meta=None, numel: int = 4096):
+    """A decode step's context holding a zeroed StepBuffer (already joined: no CUDA stream on the CPU)."""
+    from server.model.lora import LoraContext
+    from server.model.norm_shrink import StepBuffer
+
+    return SimpleNamespace(is_prefill=False, lora=LoraContext(meta or shrink.meta),
+                           memo={"norm_shrink": StepBuffer(torch.zeros(numel), joined=True)})
+
+
+def test_each_norm_takes_its_own_aligned_zeroed_h_from_the_steps_buffer():
+    shrink = make_shrink(width=40, max_rank=8, num_slices=3, dtype=torch.float32, seed=0)
+    linear = SimpleNamespace(lora_a=shrink.lora_a, lora_b=torch.zeros(3, 24), layout=shrink.layout,
+                             slice_names=("q_proj", "k_proj", "v_proj"))
+    ctx = step_context(shrink, numel=256)
+    first = shrink_ahead(linear, ctx, torch.zeros(len(SLOTS), 40), len(SLOTS))
+    second = shrink_ahead(linear, ctx, torch.zeros(len(SLOTS), 40), len(SLOTS))
+    assert first.num_slices == 3 and first.h.shape == (len(SLOTS), 24) and first.h.eq(0).all()
+    assert first.h.data_ptr() % 64 == second.h.data_ptr() % 64 and second.h.data_ptr() >= first.h.data_ptr() + 120 * 4
+    with pytest.raises(RuntimeError, match="past the step's"):
+        shrink_ahead(linear, ctx, torch.zeros(len(SLOTS), 40), len(SLOTS))
+
+
+@pytest.mark.parametrize("case", ["partials", "several-token segments", "empty pool", "no pool"])
+def test_no_shrink_ahead_where_the_linear_keeps_its_own(case):
+    """A residual that comes as split-K partials (each chunk of the norm would sum them again), segments of several
+    tokens, a pool without adapters, or a linear without a pool: the linear keeps its own shrink."""
+    from server.model.lora_meta import make_lora_meta
+    from server.model.split_sums import SplitSums
+
+    shrink = make_shrink(width=40, max_rank=8, num_slices=3, dtype=torch.float32, seed=0)
+    meta = make_lora_meta([2, 3], [0, 1], "cpu") if case == "several-token segments" else None
+    linear = SimpleNamespace(lora_a=None if case == "no pool" else shrink.lora_a,
+                             lora_b=torch.zeros(0 if case == "empty pool" else 3, 24), layout=shrink.layout,
+                             slice_names=("q_proj", "k_proj", "v_proj"))
     delta = torch.zeros(len(SLOTS), 40)
     if case == "partials":
         delta = SplitSums(torch.zeros(2, len(SLOTS), 40), None, torch.float32)
-    lora = None if case == "no lora" else LoraContext(meta)
-    device = torch.device("cpu" if case == "eager" else "cuda")
-    assert shrink_ahead(linear, lora, delta, len(SLOTS), device) is None
+    assert shrink_ahead(linear, step_context(shrink, meta), delta, len(SLOTS)) is None
 
 
 @pytest.mark.parametrize("num_slices,max_rank", [(3, 16), (2, 8), (1, 40)])
