@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from server.model import pdl
+from server.model.triton_act_shrink import _shrink_added
 from server.model.triton_pdl import pdl_enter
 
 # Columns a program stores and shrinks. H200 arithmetic for 8B qkv at 32 tokens (4096 columns, 48 A rows a token):
@@ -25,11 +26,11 @@ CHUNK = 512
 @triton.jit
 def _add_rmsnorm_shrink_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, y_ptr, n_cols, stride_h, stride_d,
                                stride_ho, stride_y, eps, a_ptr, hl_ptr, token_slots_ptr, slot_offsets_ptr,
-                               slot_ranks_ptr, num_slices, stride_a, stride_hl, BLOCK: tl.constexpr,
-                               CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+                               slot_ranks_ptr, stride_a, stride_hl, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                               BLOCK_R: tl.constexpr, NUM_SLICES: tl.constexpr, PDL: tl.constexpr):
     """Row program_id(0)'s chunk program_id(1): x = h + delta rounded, y = rmsnorm(x) * weight, both stored at the
-    chunk's columns; and the token's slot's num_slices * rank A rows (from row num_slices * offset of the pool) at
-    those columns times y, summed in fp32, added into the row's h (hl) at columns 0..num_slices * rank."""
+    chunk's columns; and the token's slot's A rows at those columns times y, summed in fp32, added into the row's h
+    (hl; triton_act_shrink._shrink_added)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     mask = cols < n_cols
@@ -48,17 +49,8 @@ def _add_rmsnorm_shrink_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, y_ptr, n
     normed = (x.to(tl.float32) * inv).to(y_ptr.dtype.element_ty).to(tl.float32)
     y = (w * normed).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + row * stride_y + cols, y, mask=mask)
-    slot = tl.load(token_slots_ptr + row).to(tl.int64)
-    if slot >= 0:
-        width = num_slices * tl.load(slot_ranks_ptr + slot)
-        first_row = num_slices * tl.load(slot_offsets_ptr + slot).to(tl.int64)
-        y32 = y.to(tl.float32)
-        for r0 in tl.static_range(0, BLOCK_R, 16):
-            rs = r0 + tl.arange(0, 16)
-            r_mask = rs < width
-            a = tl.load(a_ptr + (first_row + rs)[:, None] * stride_a + cols[None, :],
-                        mask=r_mask[:, None] & mask[None, :], other=0.0)
-            tl.atomic_add(hl_ptr + row * stride_hl + rs, tl.sum(a.to(tl.float32) * y32[None, :], axis=1), mask=r_mask)
+    _shrink_added(y, row, cols, mask, a_ptr, hl_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr, stride_a,
+                  stride_hl, BLOCK_R, NUM_SLICES)
 
 
 def norm_warps(n_cols: int) -> int:
@@ -85,8 +77,8 @@ def add_rmsnorm_shrink(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tenso
     block_r = max(16, triton.next_power_of_2(shrink.num_slices * layout.max_rank))
     _add_rmsnorm_shrink_kernel[(num_rows, triton.cdiv(n_cols, chunk))](
         h, delta, weight, h_out, y, n_cols, h.stride(0), delta.stride(0), h_out.stride(0), y.stride(0), eps,
-        lora_a, hl, shrink.meta.token_slots, layout.offsets, layout.ranks, shrink.num_slices, lora_a.stride(0),
-        hl.stride(0), BLOCK=triton.next_power_of_2(n_cols), CHUNK=chunk, BLOCK_R=block_r,
+        lora_a, hl, shrink.meta.token_slots, layout.offsets, layout.ranks, lora_a.stride(0), hl.stride(0),
+        BLOCK=triton.next_power_of_2(n_cols), CHUNK=chunk, BLOCK_R=block_r, NUM_SLICES=shrink.num_slices,
         num_warps=norm_warps(n_cols), **pdl.triton_launch(h.device),
     )  # fmt: skip
     return h_out, y

@@ -91,7 +91,7 @@ def test_norm_with_the_next_linears_shrink():
     from server.model import triton_norm_shrink
 
     compile_sm90(triton_norm_shrink._add_rmsnorm_shrink_kernel,
-                 {"BLOCK": 4096, "CHUNK": triton_norm_shrink.CHUNK, "BLOCK_R": 64, "PDL": True},
+                 {"BLOCK": 4096, "CHUNK": triton_norm_shrink.CHUNK, "BLOCK_R": 64, "NUM_SLICES": 3, "PDL": True},
                  {"hl_ptr": "*fp32", "token_slots_ptr": "*i32", "slot_offsets_ptr": "*i32", "slot_ranks_ptr": "*i32"})
 
 
