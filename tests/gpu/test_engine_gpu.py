@@ -115,20 +115,21 @@ def test_decode_levers_give_the_default_graph_decode(tiny_llama_dir, tiny_adapte
     taken, real = [], triton_norm_shrink.add_rmsnorm_shrink
     for on in (False, True):
         monkeypatch.setattr(pdl, "LORA", on and "pdl_lora" in levers)
-        if "no_silu_shrink" in levers:  # the default's, then off beside the norms' shrinks
-            monkeypatch.setattr(act_shrink, "SILU_SHRINK", 0 if on else silu_default)
+        if levers.startswith("norm_shrink"):  # the default's, then beside the norms' shrinks (or off)
+            monkeypatch.setattr(act_shrink, "SILU_SHRINK", 0 if on and "no_silu_shrink" in levers else silu_default)
         else:
             monkeypatch.setattr(act_shrink, "SILU_SHRINK", on and "silu_shrink" in levers)
         monkeypatch.setattr(lora_ops, "SIDE_EXPAND", 2 if on and "side_expand2" in levers else 0)
         monkeypatch.setattr(norm_shrink, "NORM_SHRINK", 1 if on and levers.startswith("norm_shrink") else 0)
         if on and levers.startswith("norm_shrink"):
             monkeypatch.setattr(triton_norm_shrink, "add_rmsnorm_shrink",
-                                lambda *args, **kwargs: taken.append(1) or real(*args, **kwargs))
+                                lambda *args, **kwargs: taken.append(args[4].num_slices) or real(*args, **kwargs))
         engine = gpu_engine(tiny_llama_dir, dtype="bfloat16", quantize=True, max_slots=4, max_rank=16)
         requests = make_requests(refs, names)
         results.append((requests, run_capturing(engine, requests)[0]))
         assert engine.runner.graphs.num_captured > 0
-        assert taken or not (on and levers.startswith("norm_shrink")), "no norm took its linear's shrink"
+        if on and levers.startswith("norm_shrink"):  # qkv's norm (three slices) and gate_up's (two)
+            assert set(taken) == {2, 3}, f"the norms took the shrinks of linears of {set(taken)} slices"
     (default_reqs, default_logits), (lever_reqs, lever_logits) = results
     for a, b in zip(default_reqs, lever_reqs, strict=True):
         assert a.output_token_ids == b.output_token_ids
