@@ -115,10 +115,21 @@ def _add_rmsnorm_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, y_ptr, ids_ptr,
         tl.store(h_out_ptr + row * stride_ho + cols, x, mask=mask)
     if GATHER:
         tl.store(h_out_ptr + row * stride_ho + cols, x, mask=mask)
+    tl.store(y_ptr + row * stride_y + cols, _normed(x, _inv_rms(x, n_cols, eps), w, y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _inv_rms(x, n_cols, eps):
+    """1 / rms of a row's values x (the row's whole block; masked columns hold 0), its squares summed in fp32."""
     xf = x.to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    normed = (xf * inv).to(y_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
+    return 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+
+
+@triton.jit
+def _normed(x, inv, w, dtype: tl.constexpr):
+    """weight * (x * inv rounded to dtype), rounded to dtype: the norm's output at x's columns."""
+    return (w * (x.to(tl.float32) * inv).to(dtype).to(tl.float32)).to(dtype)
 
 
 def _norm_warps(n_cols: int) -> int:

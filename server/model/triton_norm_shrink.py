@@ -2,9 +2,9 @@
 which also adds that linear's LoRA shrink of its output into h.
 
 triton_glue's norm takes a row a program (32 programs at batch 32), too few to read 32 adapters' A (8B qkv: 12.6 MB)
-at the bandwidth. Here a row takes `chunks` programs: each sums the whole row's squares (the same reduction, over the
-same block and warps, as triton_glue._add_rmsnorm_kernel: the same bits), then stores its chunk of the sum and of the
-norm, and adds the token's slot's A rows at the chunk times the norm there (fp32, atomic adds across the row's
+at the bandwidth. Here a row takes `chunks` programs: each sums the whole row's squares (triton_glue's _inv_rms and
+_normed, over the block and warps of its _add_rmsnorm_kernel: the same bits), then stores its chunk of the sum and of
+the norm, and adds the token's slot's A rows at the chunk times the norm there (fp32, atomic adds across the row's
 programs, as the split-K shrink adds its splits) into h. The row's re-reads come from the L2.
 """
 
@@ -16,6 +16,7 @@ import triton.language as tl
 
 from server.model import pdl
 from server.model.triton_act_shrink import _shrink_added
+from server.model.triton_glue import _inv_rms, _norm_warps, _normed
 from server.model.triton_pdl import pdl_enter
 
 # Columns a program stores and shrinks. H200 arithmetic for 8B qkv at 32 tokens (4096 columns, 48 A rows a token):
@@ -41,21 +42,14 @@ def _add_rmsnorm_shrink_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, y_ptr, n
     whole = every < n_cols
     xs = tl.load(h_ptr + row * stride_h + every, mask=whole, other=0.0)
     xs = (xs.to(tl.float32) + tl.load(delta_ptr + row * stride_d + every, mask=whole, other=0.0).to(tl.float32))
-    xs = xs.to(dtype).to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(xs * xs, axis=0) / n_cols + eps)
+    inv = _inv_rms(xs.to(dtype), n_cols, eps)
     x = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0)
     x = (x.to(tl.float32) + tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)).to(dtype)
     tl.store(h_out_ptr + row * stride_ho + cols, x, mask=mask)
-    normed = (x.to(tl.float32) * inv).to(y_ptr.dtype.element_ty).to(tl.float32)
-    y = (w * normed).to(y_ptr.dtype.element_ty)
+    y = _normed(x, inv, w, y_ptr.dtype.element_ty)
     tl.store(y_ptr + row * stride_y + cols, y, mask=mask)
     _shrink_added(y, row, cols, mask, a_ptr, hl_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr, stride_a,
                   stride_hl, BLOCK_R, NUM_SLICES)
-
-
-def norm_warps(n_cols: int) -> int:
-    """triton_glue._norm_warps: the same warps over the same block sum the squares in the same order."""
-    return 4 if n_cols <= 4096 else 8
 
 
 def add_rmsnorm_shrink(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, shrink,
@@ -79,6 +73,6 @@ def add_rmsnorm_shrink(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tenso
         h, delta, weight, h_out, y, n_cols, h.stride(0), delta.stride(0), h_out.stride(0), y.stride(0), eps,
         lora_a, hl, shrink.meta.token_slots, layout.offsets, layout.ranks, lora_a.stride(0), hl.stride(0),
         BLOCK=triton.next_power_of_2(n_cols), CHUNK=chunk, BLOCK_R=block_r, NUM_SLICES=shrink.num_slices,
-        num_warps=norm_warps(n_cols), **pdl.triton_launch(h.device),
+        num_warps=_norm_warps(n_cols), **pdl.triton_launch(h.device),  # the plain norm's: the same sum
     )  # fmt: skip
     return h_out, y
