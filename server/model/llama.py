@@ -301,9 +301,7 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids/positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
-        norm_shrink.begin_step(ctx, [layer.self_attn.qkv_proj for layer in self.layers[1:]]  # the first's norm
-                               + [layer.mlp.gate_up_proj for layer in self.layers],  # gathers: not an add
-                               input_ids.shape[0], self.device)
+        norm_shrink.begin_step(ctx, self.layers, input_ids.shape[0], self.device)
         h, x = self.layers[0].input_layernorm.embed_forward(input_ids, self.embed_tokens)  # one launch on CUDA
         rope = self.rope[positions]
         pending = None

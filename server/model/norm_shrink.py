@@ -49,13 +49,15 @@ class StepBuffer:
         return h
 
 
-def begin_step(ctx, linears, num_tokens: int, device: torch.device) -> None:
-    """At a decode step's start: one zeroed StepBuffer in ctx.memo for the h of each of `linears` (those whose norm
-    may take its shrink: every layer's qkv_proj and gate_up_proj), where the norms may take them at all (on, enough
-    tokens, adapters, one token a segment, a captured step on the Triton path)."""
+def begin_step(ctx, layers, num_tokens: int, device: torch.device) -> None:
+    """At a decode step's start: one zeroed StepBuffer in ctx.memo for the h of each linear whose norm may take its
+    shrink (every layer's gate_up_proj, and qkv_proj but the first layer's, whose norm gathers the embeddings: no
+    residual add), where the norms may take them at all (on, enough tokens, adapters, one token a segment, a
+    captured step on the Triton path)."""
     if (not NORM_SHRINK or num_tokens < NORM_SHRINK or ctx.is_prefill or ctx.lora is None
             or not lora_ops.forks_beside(device) or not ctx.lora.meta.one_token_segments(num_tokens)):
         return
+    linears = [layer.self_attn.qkv_proj for layer in layers[1:]] + [layer.mlp.gate_up_proj for layer in layers]
     numel = sum(-(-num_tokens * len(linear.slice_names) * linear.layout.max_rank // _ALIGN) * _ALIGN
                 for linear in linears if getattr(linear, "layout", None) is not None)
     if numel:

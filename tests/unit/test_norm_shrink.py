@@ -58,7 +58,8 @@ def test_no_step_buffer_where_no_norm_may_take_a_shrink(monkeypatch, case):
     linear = SimpleNamespace(layout=shrink.layout, slice_names=("q_proj", "k_proj", "v_proj"))
     ctx = SimpleNamespace(is_prefill=case == "prefill", lora=None if case == "no lora" else LoraContext(shrink.meta),
                           memo={})
-    norm_shrink.begin_step(ctx, [linear], len(SLOTS), torch.device("cpu" if case == "eager" else "cuda"))
+    layer = SimpleNamespace(self_attn=SimpleNamespace(qkv_proj=linear), mlp=SimpleNamespace(gate_up_proj=linear))
+    norm_shrink.begin_step(ctx, [layer, layer], len(SLOTS), torch.device("cpu" if case == "eager" else "cuda"))
     assert ctx.memo == {}
     assert norm_shrink.shrink_ahead(linear, ctx, torch.zeros(len(SLOTS), 40), len(SLOTS)) is None
 
