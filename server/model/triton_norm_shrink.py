@@ -2,26 +2,34 @@
 which also adds that linear's LoRA shrink of its output into h.
 
 triton_glue's norm takes a row a program (32 programs at batch 32), too few to read 32 adapters' A (8B qkv: 12.6 MB)
-at the bandwidth. Here a row takes `chunks` programs: each sums the whole row's squares (triton_glue's _inv_rms and
-_normed, over the block and warps of its _add_rmsnorm_kernel: the same bits), then stores its chunk of the sum and of
-the norm, and adds the token's slot's A rows at the chunk times the norm there (fp32, atomic adds across the row's
-programs, as the split-K shrink adds its splits) into h. The row's re-reads come from the L2.
+at the bandwidth. Here a row takes `chunks` programs: each loads the token's slot's A rows at its chunk's columns
+before its programmatic-launch wait (A is the pool's weights, the slots step inputs: no kernel of the step writes
+them), so that read overlaps the kernel ahead; then it sums the whole row's squares (triton_glue's _inv_rms and
+_normed, over the block and warps of its _add_rmsnorm_kernel: the same bits), stores its chunk of the sum and of the
+norm, and adds those A rows times the norm there (fp32, relaxed atomic adds across the row's programs, as the split-K
+shrink adds its splits) into h. The row's re-reads come from the L2.
+
+The first form (the fifty-first session: A loaded after the norm, 16 rows and an atomic add at a time) made each
+norm the step's slowest glue: 12.7 us for qkv's and 9.5 for gate_up's against the plain norm's 2.2 (H100, 8B,
+32 adapters), the base behind it waiting, so the 32-adapter step lost 0.2 ms.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from server.model import pdl
-from server.model.triton_act_shrink import _shrink_added
 from server.model.triton_glue import _inv_rms, _norm_warps, _normed
 from server.model.triton_pdl import pdl_enter
 
-# Columns a program stores and shrinks. H200 arithmetic for 8B qkv at 32 tokens (4096 columns, 48 A rows a token):
-# 8 programs a row, 256 over 132 SMs, each 48 x 512 x 2 = 48 KB of A.
-CHUNK = 512
+# Columns a program stores and shrinks. 8B qkv at 32 tokens (4096 columns, 48 A rows a token, padded to 64): 16
+# programs a row, 512 in all, each holding 64 x 256 of A in registers (128 a thread at 4 warps), so that every
+# program fits on the SMs at once (4 an SM) and asks for its A at launch.
+CHUNK = int(os.environ.get("LORAPLEX_LORA_NORM_SHRINK_CHUNK", "256"))
 
 
 @triton.jit
@@ -31,11 +39,18 @@ def _add_rmsnorm_shrink_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, y_ptr, n
                                BLOCK_R: tl.constexpr, NUM_SLICES: tl.constexpr, PDL: tl.constexpr):
     """Row program_id(0)'s chunk program_id(1): x = h + delta rounded, y = rmsnorm(x) * weight, both stored at the
     chunk's columns; and the token's slot's A rows at those columns times y, summed in fp32, added into the row's h
-    (hl; triton_act_shrink._shrink_added)."""
+    (hl). The slot's rows are NUM_SLICES x rank from NUM_SLICES x its offset (the pool's layout), its h columns 0 ..
+    NUM_SLICES x rank; a token without an adapter adds nothing."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     mask = cols < n_cols
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    slot = tl.load(token_slots_ptr + row).to(tl.int64)
+    width = NUM_SLICES * tl.load(slot_ranks_ptr + slot, mask=slot >= 0, other=0)
+    first_row = NUM_SLICES * tl.load(slot_offsets_ptr + slot, mask=slot >= 0, other=0).to(tl.int64)
+    rs = tl.arange(0, BLOCK_R)
+    a = tl.load(a_ptr + (first_row + rs)[:, None] * stride_a + cols[None, :],
+                mask=(rs < width)[:, None] & mask[None, :], other=0.0)
     pdl_enter(PDL)
     dtype = h_out_ptr.dtype.element_ty
     every = tl.arange(0, BLOCK)
@@ -48,8 +63,8 @@ def _add_rmsnorm_shrink_kernel(h_ptr, delta_ptr, weight_ptr, h_out_ptr, y_ptr, n
     tl.store(h_out_ptr + row * stride_ho + cols, x, mask=mask)
     y = _normed(x, inv, w, y_ptr.dtype.element_ty)
     tl.store(y_ptr + row * stride_y + cols, y, mask=mask)
-    _shrink_added(y, row, cols, mask, a_ptr, hl_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr, stride_a,
-                  stride_hl, BLOCK_R, NUM_SLICES)
+    tl.atomic_add(hl_ptr + row * stride_hl + rs, tl.sum(a.to(tl.float32) * y.to(tl.float32)[None, :], axis=1),
+                  mask=rs < width, sem="relaxed")
 
 
 def add_rmsnorm_shrink(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, shrink,
