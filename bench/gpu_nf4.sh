@@ -68,7 +68,7 @@ if [ -n "${NCU_ROWS:-}" ]; then
     --probe-config "${NCU_PROBE_CONFIG:-2,8}" ${NCU_PAIRS:+--pairs} --wgmma-probes "${NCU_WGMMA_PROBES:-}" \
     --resident "${NCU_RESIDENT:-}"
 fi
-# ATTN_NCU="default;early_tile=true": Nsight Compute sections and warp stalls of the decode step's attention kernel
+# ATTN_NCU="default;fresh_kv=true": Nsight Compute sections and warp stalls of the decode step's attention kernel
 # (bench.attention_ncu: 8B batch 32, cold) under each LORAPLEX_DECODE_TUNING of the list, into attention_ncu_<i>.txt
 if [ -n "${ATTN_NCU:-}" ]; then
   IFS=';' read -r -a attn_tunings <<< "$ATTN_NCU"

@@ -50,17 +50,12 @@ def choose_num_splits(num_rows: int, num_kv_heads: int, max_blocks: int, block_s
 # head's dims with the other heads' q dims zero, the same attention): each layer cold, us a layer, default 14.04, two
 # heads 21.75 (num_stages 1 16.72, 2 17.38, 4 warps 17.64, tile_n 32 17.19), four heads 30.93; the 8B engine's merged
 # batch-32 step 3.983 against 3.672 ms. The time follows a program's bytes, not the waves.
-# early_tile: the first tile's k and v loaded before q's (the qkv partials, the rotary and the new k and v's store), so
-# that their DRAM round trips overlap; a rotary program whose first tile holds the position it stores reloads it after
-# the store. Why (fiftieth session, ncu on an H100, 8B batch 32, cold: bench.attention_ncu): 98 registers, two programs
-# an SM, one wave; DRAM at 51% of its peak; 34% of the warp-stall samples at the first tile's wait, which Triton's
-# pipeliner issues only after the prologue's barrier, and 25% in that prologue.
-# prefetch: cache positions after the first tile (0: none; a power of two, 128 covers the engine benches' contexts of
-# 192) whose k and v lines the kernel asks of the L2 (prefetch.global.L2) at its start, before its wait for the kernel
-# ahead, so that the loop's loads find them there; beside early_tile, the whole of a short context is asked for before
-# the prologue (CUDA only: the interpreter has no inline PTX).
-DECODE_TUNING = {"early_tile": False, "tile_n": 64, "num_stages": None, "num_warps": 8, "maxnreg": None,
-                 "fresh_kv": os.environ.get("LORAPLEX_DECODE_FRESH_KV", "0") == "1", "prefetch": 0}
+# Measured slower and removed (2026-12-07; design in 94b1e42): early_tile (the first tile loaded before the PDL wait)
+# and prefetch (the next positions' k and v lines asked of the L2 there). H200 8B batch-32 step: both 3.428 ms, default
+# 3.382. H100 merged batch-32 step profile, GPU time: default 5.999 ms, early_tile 6.002, prefetch=128 6.011 (attention
+# 0.770, 0.794, 0.811 ms a step).
+DECODE_TUNING = {"tile_n": 64, "num_stages": None, "num_warps": 8, "maxnreg": None,
+                 "fresh_kv": os.environ.get("LORAPLEX_DECODE_FRESH_KV", "0") == "1"}
 
 
 def tuning_overrides(text: str) -> dict:

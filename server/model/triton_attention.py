@@ -22,7 +22,7 @@ from server.model import pdl
 from server.model.decode_tuning import DECODE_TUNING, choose_num_splits
 from server.model.split_sums import SplitSums
 from server.model.triton_glue import COMPILED_SPLITS, MAX_SPLITS, _delta, _rotated, _source, _summed
-from server.model.triton_paged_cache import _block_ids, _prefetch_rows, _row_starts, _tile_ptrs
+from server.model.triton_paged_cache import _tile_ptrs
 from server.model.triton_pdl import pdl_enter
 
 _LOG2E = 1.4426950408889634
@@ -36,19 +36,15 @@ def _decode_kernel(
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_bt, stride_ob, stride_oh, stride_src, stride_rope,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TILE_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, EARLY_TILE: tl.constexpr, ROTARY: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, ROTARY: tl.constexpr,
     SUMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, MOST_SPLITS: tl.constexpr,
-    FRESH_KV: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    FRESH_KV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """With ROTARY, q and the row's new k and v come from the qkv projection's output row at src_ptr (or, with SUMS,
     from its split-K partials, plus its LoRA delta with HAS_DELTA): q is rotated here, and the program whose split
     holds the row's last position rotates k and stores k and v in the cache before it reads its tiles. With FRESH_KV
     (ROTARY only) no tile reads a written row's last position back: the last split computes and stores the new k and
-    v after its tiles and takes them from registers (`_fresh_kv_added`), so the tiles' loads wait only for q. With
-    EARLY_TILE (ROTARY only) the first tile's k and v are loaded before the wait for the kernel ahead and q's loads;
-    with PREFETCH (> 0, ROTARY only) the next PREFETCH positions' k and v lines after the first tile are asked of the
-    L2 there too. Not without ROTARY: there the kernel ahead may be the rotary kernel that stores this step's k and v
-    (chunk graphs, q/k-normed models), whose stores only the wait makes visible."""
+    v after its tiles and takes them from registers (`_fresh_kv_added`), so the tiles' loads wait only for q."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -65,28 +61,8 @@ def _decode_kernel(
     heads = kv_head * group + tl.arange(0, BLOCK_H)
     head_mask = tl.arange(0, BLOCK_H) < group
     dims = tl.arange(0, HEAD_DIM)
-    if ROTARY and PREFETCH > 0:  # the split's positions after its first tile, up to PREFETCH of them, into the L2
-        ahead = (tile_start + 1) * TILE_N + tl.arange(0, PREFETCH)
-        ahead_valid = (ahead < cached) & (ahead < tile_end * TILE_N)
-        ahead_blocks = _block_ids(block_tables_ptr, row, stride_bt, ahead, ahead_valid, BLOCK_SIZE)
-        _prefetch_rows(_row_starts(k_ptr, ahead_blocks, ahead, kv_head, stride_kb, stride_kt, stride_kh, BLOCK_SIZE),
-                       ahead_valid, HEAD_DIM)
-        _prefetch_rows(_row_starts(v_ptr, ahead_blocks, ahead, kv_head, stride_vb, stride_vt, stride_vh, BLOCK_SIZE),
-                       ahead_valid, HEAD_DIM)
-    if ROTARY and EARLY_TILE:  # the first tile's k and v asked of memory before q's, where no store of ours precedes
-        first_k, first_v, first_valid = _tile_ptrs(block_tables_ptr, row, stride_bt, tile_start, cached, k_ptr, v_ptr,
-                                                   kv_head, dims, stride_kb, stride_kt, stride_kh, stride_vb,
-                                                   stride_vt, stride_vh, TILE_N, BLOCK_SIZE)
-        # a rotary program reading positions back stores the row's last one first: a tile ending before it is early
-        early = (tile_start + 1) * TILE_N < context_len if not FRESH_KV else context_len >= 0
-        early_valid = tile_start * TILE_N + tl.arange(0, TILE_N) < tl.where(early, cached, 0)  # all or none
-        k = tl.load(first_k, mask=early_valid[:, None], other=0.0)
-        v = tl.load(first_v, mask=early_valid[:, None], other=0.0)
-    # Only now wait for the kernel ahead. What was read above is none of its output: the lengths, slots and block
-    # tables are the step's inputs, written before the step's first kernel; the cache's positions (EARLY_TILE and
-    # PREFETCH, ROTARY only: the kernel ahead is then the qkv projection, which writes no cache) are earlier steps'.
-    # So these loads overlap that kernel's last blocks, as the NF4 kernels' first code loads do. (A line the L2 holds
-    # early is still the one a later store of this program updates: prefetches go to the L2, not the L1.)
+    # Only now wait for the kernel ahead. What was read above is none of its output: the lengths (and, with FRESH_KV,
+    # the slots) are the step's inputs, written before the step's first kernel, so these loads overlap its last blocks.
     pdl_enter(PDL)
     if ROTARY:
         writes_kv = split == (tl.maximum(num_tiles, 1) - 1) // tl.maximum(tiles_per_split, 1)
@@ -104,15 +80,7 @@ def _decode_kernel(
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)  # running max, log2 domain
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, HEAD_DIM), dtype=tl.float32)
-    loop_start = tile_start
-    if ROTARY and EARLY_TILE:
-        if not early:  # the tile holds the position stored above: read after it
-            k = tl.load(first_k, mask=first_valid[:, None], other=0.0)
-            v = tl.load(first_v, mask=first_valid[:, None], other=0.0)
-        if tile_start < tile_end:
-            m_i, l_i, acc = _attended(q, k, v, first_valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
-        loop_start = tile_start + 1
-    for tile in range(loop_start, tile_end):
+    for tile in range(tile_start, tile_end):
         k_ptrs, v_ptrs, is_valid = _tile_ptrs(block_tables_ptr, row, stride_bt, tile, cached, k_ptr, v_ptr, kv_head,
                                               dims, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                                               TILE_N, BLOCK_SIZE)
@@ -328,8 +296,6 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
     num_rows, num_q_heads, head_dim = out.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    if tuning["prefetch"] & (tuning["prefetch"] - 1):
-        raise ValueError(f"the decode kernel's prefetch takes a power of two of positions, got {tuning['prefetch']}")
     if num_splits is None:
         num_splits = choose_num_splits(num_rows, num_kv_heads, block_tables.shape[1], block_size)
     if num_rows == 0:
@@ -353,11 +319,11 @@ def _launch(out, q, rotary, k_cache, v_cache, block_tables, context_lens, scale,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), src.stride(-2), rope.stride(0),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        TILE_N=tuning["tile_n"], NUM_SPLITS=num_splits, EARLY_TILE=tuning["early_tile"],
+        TILE_N=tuning["tile_n"], NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32", ROTARY=rotary is not None,
         SUMS=plane > 0, HAS_BIAS=has_bias, HAS_DELTA=has_delta, num_warps=tuning["num_warps"],
         MOST_SPLITS=splits if plane > 0 and COMPILED_SPLITS else MAX_SPLITS,
-        FRESH_KV=tuning["fresh_kv"] and rotary is not None, PREFETCH=tuning["prefetch"],
+        FRESH_KV=tuning["fresh_kv"] and rotary is not None,
         **({} if tuning["num_stages"] is None else {"num_stages": tuning["num_stages"]}),
         **({} if tuning["maxnreg"] is None else {"maxnreg": tuning["maxnreg"]}),
         **pdl.triton_launch(out.device),

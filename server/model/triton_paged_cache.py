@@ -1,6 +1,5 @@
 """Where a row's positions sit in the paged KV cache, for the decode attention's kernel (triton_attention): the block
-table's lookup, the address of each position's row of one kv head, a tile's k and v addresses, and the L2 prefetch of
-rows ahead (its PREFETCH tuning)."""
+table's lookup, the address of each position's row of one kv head, and a tile's k and v addresses."""
 
 from __future__ import annotations
 
@@ -32,15 +31,3 @@ def _row_starts(cache_ptr, block_ids, positions, kv_head, stride_b, stride_t, st
     """Where one kv head's cache row of each position starts ([positions, 1]), the positions in `block_ids`' blocks."""
     return cache_ptr + block_ids[:, None] * stride_b + (positions % BLOCK_SIZE)[:, None] * stride_t + kv_head * stride_h
 
-
-@triton.jit
-def _prefetch_rows(starts, valid, HEAD_DIM: tl.constexpr):
-    """Ask the L2 for the 128-byte lines of the cache rows at `starts` (where valid), with prefetch.global.L2:
-    nothing waits on them."""
-    LINE: tl.constexpr = 1024 // starts.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
-    LINES: tl.constexpr = (HEAD_DIM + LINE - 1) // LINE
-    lines = tl.arange(0, LINES) * LINE
-    wanted = valid[:, None] & (lines < HEAD_DIM)[None, :]
-    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-                              "=r,l,r", [starts + lines[None, :], wanted.to(tl.int32)], dtype=tl.int32,
-                              is_pure=False, pack=1)

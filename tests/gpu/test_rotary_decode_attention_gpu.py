@@ -68,17 +68,6 @@ def test_one_kernel_matches_the_two_kernels_and_the_reference(triton_attention, 
     _check_one_kernel(triton_attention, case, source, {"fresh_kv": fresh_kv})
 
 
-@pytest.mark.parametrize("tuning", [{"early_tile": True}, {"early_tile": True, "prefetch": 128},
-                                    {"prefetch": 64, "fresh_kv": True}],
-                         ids=["early-tile", "early-tile-prefetch", "prefetch-fresh-kv"])
-@pytest.mark.parametrize("source", ["tensor", "partials+delta"])
-@pytest.mark.parametrize("case", CASES, ids=["8b-b1", "1b-b32", "mixed", "gqa7", "d64-bs32"])
-def test_early_loads_match_the_two_kernels_and_the_reference(triton_attention, case, source, tuning):
-    """DECODE_TUNING's early_tile (the first tile loaded before the wait and q) and prefetch (the next positions'
-    lines asked of the L2 there): the same checks."""
-    _check_one_kernel(triton_attention, case, source, tuning)
-
-
 def _check_one_kernel(triton_attention, case, source, tuning):
     splits = {"tensor": 0, "partials": 16, "partials+bias": 5, "partials+delta": 3}[source]
     qkv, rope, slots, k_cache, v_cache, tables, lens = cuda_step(case, splits, bias=source.endswith("bias"),
@@ -164,9 +153,7 @@ def _timed_pair(triton_attention, case, splits, max_blocks):
     return unfused, fused, lambda: fused(True)
 
 
-COLD_CHOICES = [({}, None), ({"early_tile": True}, None), ({"early_tile": True, "prefetch": 128}, None),
-                ({"prefetch": 128}, None), ({"early_tile": True, "num_stages": 2}, None),
-                ({"early_tile": True, "fresh_kv": True}, None), ({"fresh_kv": True}, None)]
+COLD_CHOICES = [({}, None), ({"fresh_kv": True}, None)]
 
 
 def test_rotary_decode_attention_choices_with_each_layer_cold(triton_attention):

@@ -312,7 +312,7 @@ def widened_tables(tables, max_blocks):
     return torch.cat([tables, tables[:, :1].expand(-1, max(0, max_blocks - tables.shape[1]))], 1)
 
 
-DECODE_TUNINGS = [{"early_tile": False}, {"early_tile": True}, {"num_stages": 1}, {"num_stages": 2}, {"num_stages": 3},
+DECODE_TUNINGS = [{}, {"num_stages": 1}, {"num_stages": 2}, {"num_stages": 3},
                   {"tile_n": 32}, {"tile_n": 32, "num_stages": 3}, {"num_warps": 8}]
 
 

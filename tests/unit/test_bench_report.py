@@ -194,7 +194,7 @@ def test_the_raw_figures_come_from_the_newest_whole_run_of_the_default_settings(
     whole = fake_8b("2026-11-24T09:00:00+00:00", 3600.0)
     cut = fake_8b("2026-11-24T10:00:00+00:00", 3200.0)
     cut["ours"]["mixed32_b32"] = {"skipped": "time budget: 10 s left, needs about 10 s"}
-    a_b = dict(fake_8b("2026-11-24T11:00:00+00:00", 3000.0), ab="LORAPLEX_DECODE_TUNING=early_tile=true")
+    a_b = dict(fake_8b("2026-11-24T11:00:00+00:00", 3000.0), ab="LORAPLEX_DECODE_TUNING=num_warps=4")
     _write(tmp_path, "whole-8b.json", whole)
     _write(tmp_path, "cut-8b.json", cut)
     _write(tmp_path, "ab-8b.json", a_b)

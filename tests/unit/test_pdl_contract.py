@@ -15,10 +15,9 @@ TRITON_MODULES = ("triton_glue.py", "triton_attention.py", "triton_lora.py", "tr
                   "triton_norm_shrink.py")
 # Pointers a Triton kernel may read before its wait: weights, which no kernel of a step writes.
 WEIGHT_POINTERS = {"weight_ptr"}
-# And, per kernel, other pointers no kernel ahead of it writes: the decode attention's step inputs (lengths, slots,
-# block tables: written before the step's first kernel) and, on its rotary path only (EARLY_TILE, PREFETCH: the kernel
-# ahead is the qkv projection), the cache's positions of earlier steps.
-PRE_WAIT_READS = {"_decode_kernel": {"context_lens_ptr", "slot_ptr", "block_tables_ptr", "k_ptr", "v_ptr"},
+# And, per kernel, other pointers no kernel ahead of it writes: the decode attention's step inputs (lengths, slots:
+# written before the step's first kernel).
+PRE_WAIT_READS = {"_decode_kernel": {"context_lens_ptr", "slot_ptr"},
                   # norm_shrink's: the pool's A (written by slot loads joined before the step) and the step's slots.
                   "_add_rmsnorm_shrink_kernel": {"a_ptr", "token_slots_ptr", "slot_offsets_ptr", "slot_ranks_ptr"}}
 # CUDA kernels launched plainly (`<<<...>>>`), never with the attribute, so they need no wait.

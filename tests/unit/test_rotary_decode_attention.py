@@ -96,33 +96,21 @@ def test_interpreted_kernel_matches_the_two_ops(triton_attention, case, source, 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3])
 @pytest.mark.parametrize("source", ["tensor", "partials+delta"])
-@pytest.mark.parametrize("case", [*CASES, ([64, 128, 192, 0], 4, 2, 64, 16)],
-                         ids=["gqa2-d64", "gqa4-d128", "whole-tiles"])
 @pytest.mark.parametrize("fresh_kv", [False, True], ids=["read-back", "fresh-kv"])
-def test_interpreted_kernel_with_the_first_tile_early_matches_the_two_ops(triton_attention, case, source,
-                                                                          num_splits, fresh_kv):
-    """DECODE_TUNING's early_tile: the first tile loaded before q; where it holds the position the program stores
-    (rows of up to 64 positions, or the last split's), loaded again after the store; whole-tiles: contexts of 64,
-    128 and 192 positions, whose last tile ends at the stored position."""
+def test_interpreted_kernel_at_whole_tiles_matches_the_two_ops(triton_attention, source, num_splits, fresh_kv):
+    """Contexts of 64, 128 and 192 positions: each row's last tile ends at the position its program stores."""
+    case = ([64, 128, 192, 0], 4, 2, 64, 16)
     splits = {"tensor": 0, "partials+delta": 3}[source]
     qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(case, torch.float32, splits,
                                                                    delta=source.endswith("delta"))
     scale = case[3] ** -0.5
     expected, expected_k, expected_v = two_ops(qkv, case[1], rope, slots, k_cache, v_cache, tables, lens, scale)
     out = triton_attention.rotary_decode_attention_triton(qkv, case[1], rope, k_cache, v_cache, slots, tables, lens,
-                                                          scale, num_splits=num_splits,
-                                                          tuning={"early_tile": True, "fresh_kv": fresh_kv})
+                                                          scale, num_splits=num_splits, tuning={"fresh_kv": fresh_kv})
     atol, rtol = TOLERANCE[torch.float32]
     torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
     torch.testing.assert_close(k_cache, expected_k, atol=atol, rtol=rtol)
     torch.testing.assert_close(v_cache, expected_v, atol=0, rtol=0)
-
-
-def test_rejects_a_prefetch_that_is_not_a_power_of_two(triton_attention):
-    qkv, rope, slots, k_cache, v_cache, tables, lens = decode_step(CASES[0], torch.float32)
-    with pytest.raises(ValueError, match="power of two"):
-        triton_attention.rotary_decode_attention_triton(qkv, 4, rope, k_cache, v_cache, slots, tables, lens, 0.125,
-                                                        tuning={"prefetch": 96})
 
 
 def test_rejects_a_qkv_width_that_does_not_match_the_heads(triton_attention):
@@ -139,7 +127,6 @@ def test_decode_tuning_overrides_parse_names_and_values():
     assert tuning_overrides("num_warps=4, tile_n=32,fresh_kv=true") == {"num_warps": 4, "tile_n": 32,
                                                                         "fresh_kv": True}
     assert tuning_overrides("maxnreg=128,num_stages=none") == {"maxnreg": 128, "num_stages": None}
-    assert tuning_overrides("early_tile=true,prefetch=128") == {"early_tile": True, "prefetch": 128}
     for bad in ("warps=4", "num_warps", "num_warps=four", "num_warps=true", "fresh_kv=1", "maxnreg=0",
                 "num_warps=none"):
         with pytest.raises(ValueError, match="LORAPLEX_DECODE_TUNING"):

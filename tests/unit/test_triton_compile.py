@@ -60,9 +60,8 @@ def test_decode_attention(modules, head_dim, splits, rotary, sums, delta):
     types = DECODE_TYPES | ({"src_ptr": "*fp32"} if sums else {}) | ({"delta_ptr": "*fp32"} if delta else {})
     compile_sm90(modules["attention"]._decode_kernel, {
         "HEAD_DIM": head_dim, "BLOCK_SIZE": 16, "BLOCK_H": 16, "TILE_N": 64, "NUM_SPLITS": splits,
-        "DOT_PRECISION": "tf32", "EARLY_TILE": sums, "PREFETCH": 128 if sums else 0, "ROTARY": rotary, "SUMS": sums,
-        "HAS_BIAS": sums, "HAS_DELTA": delta, "MOST_SPLITS": 3 if sums else 16, "FRESH_KV": rotary and head_dim == 128,
-        "PDL": splits > 1}, types, 8)
+        "DOT_PRECISION": "tf32", "ROTARY": rotary, "SUMS": sums, "HAS_BIAS": sums, "HAS_DELTA": delta,
+        "MOST_SPLITS": 3 if sums else 16, "FRESH_KV": rotary and head_dim == 128, "PDL": splits > 1}, types, 8)
     if splits > 1:
         compile_sm90(modules["attention"]._merge_splits_kernel,
                      {"HEAD_DIM": head_dim, "NUM_SPLITS": splits, "BLOCK_S": splits, "PDL": True},
