@@ -21,6 +21,8 @@ import torch
 from server.model import lora_ops
 from server.model.act_shrink import ShrinkAhead
 
+# Its first form lost 0.2 ms a 32-token step (H100, 8B: its norms took 12.7 and 9.5 us, the plain one 2.2; fifty-second
+# session); the second loads A before the norm's wait (triton_norm_shrink).
 NORM_SHRINK = int(os.environ.get("LORAPLEX_LORA_NORM_SHRINK", "0"))
 _MEMO_KEY = "norm_shrink"
 _ALIGN = 16  # elements: each h starts 64-byte aligned (Triton specializes pointers on their 16-byte alignment)
