@@ -10,20 +10,18 @@ import triton.language as tl
 
 @triton.jit
 def _shrink_added(v, row, cols, mask, a_ptr, h_ptr, token_slots_ptr, slot_offsets_ptr, slot_ranks_ptr, stride_an,
-                  stride_hm, BLOCK_R: tl.constexpr, NUM_SLICES: tl.constexpr = 1):
-    """Add the token's slot's A rows at `cols` times v (the row's rounded input of the linear there), summed in fp32,
-    into its row of h: 16 rows at a time, atomic adds across a row's programs as the split-K shrink adds its splits.
-    The slot's rows are NUM_SLICES x rank from NUM_SLICES x its offset (the pool's layout), its h columns 0 ..
-    NUM_SLICES x rank (act_shrink: down_proj's, one slice; norm_shrink: qkv's and gate_up's). A token without an
-    adapter adds nothing."""
+                  stride_hm, BLOCK_R: tl.constexpr):
+    """Add the token's slot's A rows at `cols` times v (the row's rounded activation there), summed in fp32, into
+    its row of h (act_shrink: down_proj's shrink, one slice): 16 ranks at a time, atomic adds across a row's
+    programs as the split-K shrink adds its splits. A token without an adapter adds nothing."""
     slot = tl.load(token_slots_ptr + row).to(tl.int64)
     if slot >= 0:
-        width = NUM_SLICES * tl.load(slot_ranks_ptr + slot)
-        first_row = NUM_SLICES * tl.load(slot_offsets_ptr + slot).to(tl.int64)
+        rank = tl.load(slot_ranks_ptr + slot)
+        first_row = tl.load(slot_offsets_ptr + slot).to(tl.int64)
         v32 = v.to(tl.float32)
         for r0 in tl.static_range(0, BLOCK_R, 16):
             rs = r0 + tl.arange(0, 16)
-            r_mask = rs < width
+            r_mask = rs < rank
             a = tl.load(a_ptr + (first_row + rs)[:, None] * stride_an + cols[None, :],
                         mask=r_mask[:, None] & mask[None, :], other=0.0)
             tl.atomic_add(h_ptr + row * stride_hm + rs, tl.sum(a.to(tl.float32) * v32[None, :], axis=1), mask=r_mask)
