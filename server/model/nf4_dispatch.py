@@ -24,6 +24,8 @@ The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESUL
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 from dataclasses import dataclass
@@ -126,6 +128,38 @@ class Choice:
 # (weight shape (out, in), rows) -> the kernel timed fastest at start-up (nf4_autotune.tune); run instead of
 # the rules for exactly those shapes and row counts. Empty: the rules alone.
 TUNED: dict[tuple[tuple[int, int], int], Choice] = {}
+
+# LORAPLEX_LORA_BASE_ROOM=1 or 2 (0: off, the default): inside side_room() (a LoRA linear's base matmul with its shrink
+# on the side stream beside it, lora_ops.linear_with_lora), a call that runs the x-resident kernel at 32 block tokens
+# runs it as 7 - BASE_ROOM warpgroups built to 7's registers (cuda_nf4_wgmma.nf4_wgmma's resident_room). Why: that
+# kernel is a one-wave grid of one block an SM with the register file full (72 registers x 7 warpgroups), so the
+# shrink's programs get SMs only as its blocks retire and end 3-5 us after it on the step's critical path (8B mixed32
+# layer window, bench/NOTES.md, fifty-second session); a block of 6 (5) warpgroups at 72 registers leaves an SM 10K
+# (19K) registers, one (two) of the gate_up shrink's 4-warp programs at 64 registers. The cost: fewer warps on the
+# base's weight walk. Measured: see bench/NOTES.md, fifty-third session.
+BASE_ROOM = int(os.environ.get("LORAPLEX_LORA_BASE_ROOM", "0"))
+if BASE_ROOM not in (0, 1, 2):
+    raise ValueError(f"LORAPLEX_LORA_BASE_ROOM must be 0, 1 or 2, got {BASE_ROOM}")
+_SIDE_ROOM: contextvars.ContextVar[bool] = contextvars.ContextVar("nf4_side_room", default=False)
+
+
+@contextlib.contextmanager
+def side_room():
+    """The NF4 calls within leave room on each SM for kernels beside them (BASE_ROOM; nothing when it is 0)."""
+    token = _SIDE_ROOM.set(True)
+    try:
+        yield
+    finally:
+        _SIDE_ROOM.reset(token)
+
+
+def with_room(options: dict) -> dict:
+    """A wgmma call's options, with BASE_ROOM warpgroups' registers left free where the call runs the x-resident
+    kernel at 32 block tokens inside side_room()."""
+    if (not BASE_ROOM or not _SIDE_ROOM.get() or not options.get("resident_warpgroups")
+            or options.get("block_tokens", 32) != 32):
+        return options
+    return {**options, "resident_warpgroups": 7 - BASE_ROOM, "resident_room": BASE_ROOM}
 
 
 @functools.cache
@@ -311,7 +345,7 @@ def nf4_linear_cuda(
         return cuda_nf4.nf4_gemm(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "wgmma":
         return cuda_nf4_wgmma.nf4_wgmma(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum,
-                                        **dict(options or {}))
+                                        **with_room(dict(options or {})))
     if name == "dequant":
         return dequant_linear(x, codes, absmax_f, shape, code_table, bias)
     if name == "bnb":

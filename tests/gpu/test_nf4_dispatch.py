@@ -385,6 +385,74 @@ def test_resident_kernel_matches_the_default_bit_for_bit(rows, split_k, warpgrou
     _assert_replays(lambda xs: run(xs, resident_warpgroups=warpgroups, pairs=pairs, block_tokens=block_tokens), x)
 
 
+@pytest.mark.parametrize("pairs", [False, True])
+@pytest.mark.parametrize("room", [1, 2])
+@pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 2), (100, 24)])
+def test_resident_kernel_with_room_matches_it_without(rows, split_k, room, pairs):
+    """resident_room (nf4_dispatch.BASE_ROOM): 7 - room warpgroups built to 7's registers run the same wgmmas in the
+    same order as that many warpgroups built to their own: the same bits, summed, deferred and on replay."""
+    from server.model import cuda_nf4_wgmma
+
+    codes, absmax, wshape, table, tiled, x, bias = _wgmma_layer(rows, torch.bfloat16)
+    run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, bias, split_k=split_k,  # noqa: E731
+                                                    block_tokens=32, resident_warpgroups=7 - room, pairs=pairs, **kw)
+    got = run(x, resident_room=room)
+    assert torch.equal(got, run(x))
+    assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
+    if split_k > 1:
+        assert torch.equal(run(x, resident_room=room, defer_sum=True).partials, run(x, defer_sum=True).partials)
+    _assert_replays(lambda xs: run(xs, resident_room=room), x)
+
+
+def test_lora_base_beside_its_shrink_takes_the_room(monkeypatch):
+    """LORAPLEX_LORA_BASE_ROOM in a captured graph: linear_with_lora's base, an x-resident wgmma call, runs with
+    resident_room while its shrink runs on the side stream, and the output matches the call without the room (within
+    rounding: fewer warpgroups may split K differently), replayed after x changes."""
+    from server.model import cuda_nf4_wgmma, lora_ops
+    from server.model.lora_meta import decode_lora_meta
+    from tests.lora_pools import mixed_ranks, random_pool
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    in_features, out_features, rows, slots = 4096, 2 * 2048, 32, 9
+    slice_offsets = (0, out_features // 2, out_features)
+    lora_a, lora_b, layout = random_pool(mixed_ranks(16, slots), 16, 2, in_features, out_features, torch.bfloat16,
+                                         gen, device="cuda")
+    meta = decode_lora_meta((torch.arange(rows, dtype=torch.int32, device="cuda") % (slots + 1)) - 1)
+    if not cuda_nf4_wgmma.wgmma_supported():
+        pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
+    codes, absmax, wshape, table, _ = _layer(in_features, out_features)
+    tiled = _tiled(codes, absmax, wshape)
+    real, asked = cuda_nf4_wgmma.nf4_wgmma, []
+    monkeypatch.setattr(cuda_nf4_wgmma, "nf4_wgmma", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
+
+    def base(xs):
+        return nf4_dispatch.nf4_linear_cuda(xs, codes, absmax, wshape, table, None, tiled=tiled, kernel="wgmma",
+                                            options={"resident_warpgroups": 7, "pairs": True})
+
+    x = torch.randn(rows, in_features, device="cuda", generator=gen).to(torch.bfloat16)
+    x_replay = torch.randn(rows, in_features, device="cuda", generator=gen).to(torch.bfloat16)
+    outs = {}
+    for room in (0, 1, 2):
+        monkeypatch.setattr(nf4_dispatch, "BASE_ROOM", room)
+        step = lambda: lora_ops.linear_with_lora(base, x, lora_a, lora_b, layout, meta, slice_offsets)  # noqa: E731
+        step()  # compiles outside the capture
+        asked.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        assert [kw.get("resident_room", 0) for kw in asked] == [room]
+        before = x.clone()
+        x.copy_(x_replay)
+        graph.replay()
+        torch.cuda.synchronize()
+        outs[room] = out.clone()
+        x.copy_(before)
+    assert base(x_replay).shape == outs[0].shape  # outside the side stream's shrink: no room asked
+    assert asked[-1].get("resident_room", 0) == 0
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(outs[2], outs[0], atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("rows, split_k, token_tiles, rows_per_warp", [
     (1, 1, 2, 1), (13, 3, 2, 2), (30, 2, 4, 1), (7, 3, 8, 2), (33, 2, 8, 1), (64, 8, 16, 2), (50, 4, 16, 1),
 ])  # fmt: skip

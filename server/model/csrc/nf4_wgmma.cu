@@ -48,14 +48,15 @@ torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_cod
                                                                defer_sum);
 }
 
-// nf4_wgmma_resident_kernel of BM tokens and WGS warpgroups a block: grid (blocks a split, splits, token groups), as
-// many blocks a split as fill the SMs once (one block an SM) or give every unit a warpgroup, whichever is fewer.
-template <typename T, int BM, int WGS, bool PAIRS>
+// nf4_wgmma_resident_kernel of BM tokens and WGS warpgroups a block (built to BOUND_WGS warpgroups' registers): grid
+// (blocks a split, splits, token groups), as many blocks a split as fill the SMs once (one block an SM) or give every
+// unit a warpgroup, whichever is fewer.
+template <typename T, int BM, int WGS, bool PAIRS, int BOUND_WGS = WGS>
 torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor& tile_codes,
                                     const torch::Tensor& tile_scales, const torch::Tensor& table,
                                     const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
                                     bool defer_sum) {
-  constexpr auto kernel = nf4_wgmma_resident_kernel<T, BM, WGS, PAIRS>;
+  constexpr auto kernel = nf4_wgmma_resident_kernel<T, BM, WGS, PAIRS, BOUND_WGS>;
   const int M = x.size(0), N = out.size(1);
   allow_dynamic_smem<kernel>(kResidentSmemMax);
   const int units = ((N + 15) / 16 + 3) / 4, token_groups = (M + BM - 1) / BM;
@@ -76,10 +77,26 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
                              int64_t block_warps, bool one_wait, int64_t resident_warpgroups, bool pairs,
-                             bool defer_sum) {
+                             int64_t resident_room, bool defer_sum) {
   // x resident (nf4_wgmma_resident.cuh): 16 or 32 block tokens and 4-7 warpgroups a block; the 16-entry or the
   // byte-pair table
   TORCH_CHECK(!pairs || resident_warpgroups > 0, "pairs takes the x-resident kernel (resident_warpgroups)");
+  TORCH_CHECK(resident_room == 0 || (block_tokens == 32 && resident_room + resident_warpgroups == 7 &&
+                                      (resident_room == 1 || resident_room == 2)),
+              "resident_room takes 32 block tokens and 1 or 2 of 7 warpgroups' registers left free, got ",
+              resident_room, " beside ", resident_warpgroups, " warpgroups at ", block_tokens, " block tokens");
+  if (resident_room > 0) {  // 6 or 5 warpgroups built to 7's registers
+    if (resident_room == 1) {
+      return pairs ? launch_wgmma_resident<T, 32, 6, true, 7>(x, tile_codes, tile_scales, table, bias, out, split_k,
+                                                              defer_sum)
+                   : launch_wgmma_resident<T, 32, 6, false, 7>(x, tile_codes, tile_scales, table, bias, out, split_k,
+                                                               defer_sum);
+    }
+    return pairs ? launch_wgmma_resident<T, 32, 5, true, 7>(x, tile_codes, tile_scales, table, bias, out, split_k,
+                                                            defer_sum)
+                 : launch_wgmma_resident<T, 32, 5, false, 7>(x, tile_codes, tile_scales, table, bias, out, split_k,
+                                                             defer_sum);
+  }
   if (resident_warpgroups > 0) {
     TORCH_CHECK((block_tokens == 16 || block_tokens == 32) && resident_warpgroups >= 4 && resident_warpgroups <= 7,
                 "resident_warpgroups takes 16 or 32 block tokens and 4-7 warpgroups, got ", block_tokens, " and ",
@@ -152,18 +169,19 @@ static void check_wgmma_inputs(const torch::Tensor& x, const torch::Tensor& tile
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups) or
 // 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage),
 // resident_warpgroups (0, or 4-7 at 16 or 32 block tokens: nf4_wgmma_resident_kernel, x of a split held in shared
-// memory) with pairs (its dequantization from the byte-pair table); any M, K % 64 == 0. Only where nf4_wgmma_built()
+// memory) with pairs (its dequantization from the byte-pair table) and resident_room (0, or 1-2: that many of 7
+// warpgroups' registers left free, for kernels beside it); any M, K % 64 == 0. Only where nf4_wgmma_built()
 // (an sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N]
 // instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
                         int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait,
-                        int64_t resident_warpgroups, bool pairs, bool defer_sum) {
+                        int64_t resident_warpgroups, bool pairs, int64_t resident_room, bool defer_sum) {
   check_wgmma_inputs(x, tile_codes, tile_scales, out);
   return run_for_dtype(x, [&](auto dtype_tag) {
     return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
                                                stage_blocks, blocks_per_sm, block_warps, one_wait,
-                                               resident_warpgroups, pairs, defer_sum);
+                                               resident_warpgroups, pairs, resident_room, defer_sum);
   });
 }
 
