@@ -175,9 +175,9 @@ def nf4_wgmma(
     the x-resident kernel (csrc/nf4_wgmma_resident.cuh), one block an SM of that many warpgroups holding x of its split
     of K, each warpgroup walking 64-row units on its own (splits: resident_split_k); with `pairs`, its dequantization
     from the byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), 64 KB beside x;
-    `resident_room` 1-2 (32 block tokens, resident_warpgroups 7 - resident_room): that kernel built to 7 warpgroups'
-    registers (72 a thread) while it runs 6 or 5, so that its block leaves an SM 10-19K registers for kernels beside it
-    (nf4_dispatch.side_room: a LoRA linear's shrink on the side stream); the same bits as resident_warpgroups alone.
+    `resident_room` 1 (32 block tokens, 6 or 7 resident warpgroups): that kernel built to one warpgroup more's
+    registers (64 a thread at 7, 72 at 6), so that its block leaves an SM 8-10K registers for a kernel beside it
+    (nf4_dispatch.side_room: a LoRA linear's shrink on the side stream); the same bits as without.
     `bulk_x` (128 block tokens, or 64 in 8 warps, three blocks an SM at 80 registers; the rules' pick past 64 rows,
     nf4_dispatch.BULK_X): the default block with x's tiles written once as their shared-memory images and brought a
     stage at a time by the TMA unit (csrc/nf4_wgmma_bulk.cuh): no thread stages x, 127 registers where the default
@@ -233,9 +233,9 @@ def nf4_wgmma(
         partials = extension().nf4_wgmma_bulk_x(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens,
                                                  block_warps, cluster_sum, defer_sum)
         return out if partials is None else SplitSums(partials, bias, x.dtype)
-    if resident_room and (resident_room not in (1, 2) or resident_warpgroups + resident_room != 7):
-        raise ValueError(f"resident_room takes 1 or 2 of 7 warpgroups, got {resident_room} beside "
-                         f"{resident_warpgroups}")
+    if resident_room and (resident_room != 1 or resident_warpgroups not in (6, 7) or (block_tokens or 32) != 32):
+        raise ValueError(f"resident_room takes 1 beside 6 or 7 warpgroups at 32 block tokens, got {resident_room} "
+                         f"beside {resident_warpgroups} at {block_tokens}")
     if resident_warpgroups:
         block_tokens = block_tokens or 32
         if block_tokens not in RESIDENT_BLOCK_TOKENS:

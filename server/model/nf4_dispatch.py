@@ -129,17 +129,18 @@ class Choice:
 # the rules for exactly those shapes and row counts. Empty: the rules alone.
 TUNED: dict[tuple[tuple[int, int], int], Choice] = {}
 
-# LORAPLEX_LORA_BASE_ROOM=1 or 2 (0: off, the default): inside side_room() (a LoRA linear's base matmul with its shrink
-# on the side stream beside it, lora_ops.linear_with_lora), a call that runs the x-resident kernel at 32 block tokens
-# runs it as 7 - BASE_ROOM warpgroups built to 7's registers (cuda_nf4_wgmma.nf4_wgmma's resident_room). Why: that
-# kernel is a one-wave grid of one block an SM with the register file full (72 registers x 7 warpgroups), so the
+# LORAPLEX_LORA_BASE_ROOM=1 (0: off, the default): inside side_room() (a LoRA linear's base matmul with its shrink on
+# the side stream beside it, lora_ops.linear_with_lora), a call that runs the x-resident kernel at 32 block tokens
+# and 6-7 warpgroups runs it built to one warpgroup more's registers (cuda_nf4_wgmma.nf4_wgmma's resident_room). Why:
+# that kernel is a one-wave grid of one block an SM with the register file full (7 warpgroups x 72 registers), so the
 # shrink's programs get SMs only as its blocks retire and end 3-5 us after it on the step's critical path (8B mixed32
-# layer window, bench/NOTES.md, fifty-second session); a block of 6 (5) warpgroups at 72 registers leaves an SM 10K
-# (19K) registers, one (two) of the gate_up shrink's 4-warp programs at 64 registers. The cost: fewer warps on the
-# base's weight walk. Measured: see bench/NOTES.md, fifty-third session.
+# layer window, bench/NOTES.md, fifty-second and fifty-third sessions). At 64 registers the 7 warpgroups leave an SM
+# 8K: one of gate_up's shrink programs (4 warps at 64 registers). Fewer warpgroups would leave more, but 8B gate_up's
+# 448 units fill 64 blocks x 7 in one round; 6 would take three splits' rounds (44 stages against 32). The cost: 20
+# bytes spilled, one more local load a stage. Measured: see bench/NOTES.md, fifty-third session.
 BASE_ROOM = int(os.environ.get("LORAPLEX_LORA_BASE_ROOM", "0"))
-if BASE_ROOM not in (0, 1, 2):
-    raise ValueError(f"LORAPLEX_LORA_BASE_ROOM must be 0, 1 or 2, got {BASE_ROOM}")
+if BASE_ROOM not in (0, 1):
+    raise ValueError(f"LORAPLEX_LORA_BASE_ROOM must be 0 or 1, got {BASE_ROOM}")
 _SIDE_ROOM: contextvars.ContextVar[bool] = contextvars.ContextVar("nf4_side_room", default=False)
 
 
@@ -154,12 +155,12 @@ def side_room():
 
 
 def with_room(options: dict) -> dict:
-    """A wgmma call's options, with BASE_ROOM warpgroups' registers left free where the call runs the x-resident
-    kernel at 32 block tokens inside side_room()."""
-    if (not BASE_ROOM or not _SIDE_ROOM.get() or not options.get("resident_warpgroups")
+    """A wgmma call's options, with the x-resident kernel's room (BASE_ROOM) where the call runs it at 32 block tokens
+    and 6-7 warpgroups inside side_room()."""
+    if (not BASE_ROOM or not _SIDE_ROOM.get() or options.get("resident_warpgroups") not in (6, 7)
             or options.get("block_tokens", 32) != 32):
         return options
-    return {**options, "resident_warpgroups": 7 - BASE_ROOM, "resident_room": BASE_ROOM}
+    return {**options, "resident_room": BASE_ROOM}
 
 
 @functools.cache

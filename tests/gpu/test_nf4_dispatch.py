@@ -386,40 +386,40 @@ def test_resident_kernel_matches_the_default_bit_for_bit(rows, split_k, warpgrou
 
 
 @pytest.mark.parametrize("pairs", [False, True])
-@pytest.mark.parametrize("room", [1, 2])
+@pytest.mark.parametrize("warpgroups", [6, 7])
 @pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 2), (100, 24)])
-def test_resident_kernel_with_room_matches_it_without(rows, split_k, room, pairs):
-    """resident_room (nf4_dispatch.BASE_ROOM): 7 - room warpgroups built to 7's registers run the same wgmmas in the
-    same order as that many warpgroups built to their own: the same bits, summed, deferred and on replay."""
+def test_resident_kernel_with_room_matches_it_without(rows, split_k, warpgroups, pairs):
+    """resident_room (nf4_dispatch.BASE_ROOM): the x-resident kernel built to one warpgroup more's registers runs the
+    same wgmmas in the same order: the same bits, summed, deferred and on replay."""
     from server.model import cuda_nf4_wgmma
 
     codes, absmax, wshape, table, tiled, x, bias = _wgmma_layer(rows, torch.bfloat16)
     run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, bias, split_k=split_k,  # noqa: E731
-                                                    block_tokens=32, resident_warpgroups=7 - room, pairs=pairs, **kw)
-    got = run(x, resident_room=room)
+                                                    block_tokens=32, resident_warpgroups=warpgroups, pairs=pairs, **kw)
+    got = run(x, resident_room=1)
     assert torch.equal(got, run(x))
     assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
     if split_k > 1:
-        assert torch.equal(run(x, resident_room=room, defer_sum=True).partials, run(x, defer_sum=True).partials)
-    _assert_replays(lambda xs: run(xs, resident_room=room), x)
+        assert torch.equal(run(x, resident_room=1, defer_sum=True).partials, run(x, defer_sum=True).partials)
+    _assert_replays(lambda xs: run(xs, resident_room=1), x)
 
 
 def test_lora_base_beside_its_shrink_takes_the_room(monkeypatch):
     """LORAPLEX_LORA_BASE_ROOM in a captured graph: linear_with_lora's base, an x-resident wgmma call, runs with
-    resident_room while its shrink runs on the side stream, and the output matches the call without the room (within
-    rounding: fewer warpgroups may split K differently), replayed after x changes."""
+    resident_room while its shrink runs on the side stream, and gives the same output as without it (the same bits
+    from the kernel; the shrink's atomic adds vary h's last bits), replayed after x changes; outside, no room."""
     from server.model import cuda_nf4_wgmma, lora_ops
     from server.model.lora_meta import decode_lora_meta
     from tests.lora_pools import mixed_ranks, random_pool
 
+    if not cuda_nf4_wgmma.wgmma_supported():
+        pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
     gen = torch.Generator(device="cuda").manual_seed(5)
     in_features, out_features, rows, slots = 4096, 2 * 2048, 32, 9
     slice_offsets = (0, out_features // 2, out_features)
     lora_a, lora_b, layout = random_pool(mixed_ranks(16, slots), 16, 2, in_features, out_features, torch.bfloat16,
                                          gen, device="cuda")
     meta = decode_lora_meta((torch.arange(rows, dtype=torch.int32, device="cuda") % (slots + 1)) - 1)
-    if not cuda_nf4_wgmma.wgmma_supported():
-        pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
     codes, absmax, wshape, table, _ = _layer(in_features, out_features)
     tiled = _tiled(codes, absmax, wshape)
     real, asked = cuda_nf4_wgmma.nf4_wgmma, []
@@ -432,7 +432,7 @@ def test_lora_base_beside_its_shrink_takes_the_room(monkeypatch):
     x = torch.randn(rows, in_features, device="cuda", generator=gen).to(torch.bfloat16)
     x_replay = torch.randn(rows, in_features, device="cuda", generator=gen).to(torch.bfloat16)
     outs = {}
-    for room in (0, 1, 2):
+    for room in (0, 1):
         monkeypatch.setattr(nf4_dispatch, "BASE_ROOM", room)
         step = lambda: lora_ops.linear_with_lora(base, x, lora_a, lora_b, layout, meta, slice_offsets)  # noqa: E731
         step()  # compiles outside the capture
@@ -447,10 +447,9 @@ def test_lora_base_beside_its_shrink_takes_the_room(monkeypatch):
         torch.cuda.synchronize()
         outs[room] = out.clone()
         x.copy_(before)
-    assert base(x_replay).shape == outs[0].shape  # outside the side stream's shrink: no room asked
-    assert asked[-1].get("resident_room", 0) == 0
+    base(x_replay)
+    assert asked[-1].get("resident_room", 0) == 0  # outside a LoRA linear's fork
     torch.testing.assert_close(outs[1], outs[0], atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(outs[2], outs[0], atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("rows, split_k, token_tiles, rows_per_warp", [

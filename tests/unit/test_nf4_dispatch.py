@@ -362,14 +362,14 @@ def test_resident_split_k_gives_8b_gate_up_one_round_at_seven_warpgroups():
 
 def test_side_room_leaves_the_resident_kernel_room_only_where_asked(monkeypatch):
     """LORAPLEX_LORA_BASE_ROOM: only within side_room() (a LoRA base beside its shrink) and only an x-resident call of
-    32 block tokens runs as 7 - BASE_ROOM warpgroups with that room; off (0), nothing changes."""
+    32 block tokens and 6-7 warpgroups runs with the room; off (0), nothing changes."""
     monkeypatch.setattr(nf4_dispatch, "BASE_ROOM", 1)
     resident = {"resident_warpgroups": 7, "pairs": True}
     assert nf4_dispatch.with_room(resident) == resident
     with nf4_dispatch.side_room():
-        assert nf4_dispatch.with_room(resident) == {"resident_warpgroups": 6, "pairs": True, "resident_room": 1}
-        assert nf4_dispatch.with_room({"resident_warpgroups": 4}) == {"resident_warpgroups": 6, "resident_room": 1}
-        for other in ({}, {"bulk_x": True}, {"resident_warpgroups": 7, "block_tokens": 16}):
+        assert nf4_dispatch.with_room(resident) == {"resident_warpgroups": 7, "pairs": True, "resident_room": 1}
+        assert nf4_dispatch.with_room({"resident_warpgroups": 6}) == {"resident_warpgroups": 6, "resident_room": 1}
+        for other in ({}, {"bulk_x": True}, {"resident_warpgroups": 7, "block_tokens": 16}, {"resident_warpgroups": 5}):
             assert nf4_dispatch.with_room(other) == other
     assert nf4_dispatch.with_room(resident) == resident
     monkeypatch.setattr(nf4_dispatch, "BASE_ROOM", 0)
@@ -377,8 +377,9 @@ def test_side_room_leaves_the_resident_kernel_room_only_where_asked(monkeypatch)
         assert nf4_dispatch.with_room(resident) == resident
 
 
-@pytest.mark.parametrize("options", [{"resident_warpgroups": 7, "resident_room": 1},
-                                     {"resident_warpgroups": 4, "resident_room": 3}, {"resident_room": 1}])
+@pytest.mark.parametrize("options", [{"resident_warpgroups": 5, "resident_room": 1},
+                                     {"resident_warpgroups": 7, "resident_room": 2}, {"resident_room": 1},
+                                     {"resident_warpgroups": 7, "block_tokens": 16, "resident_room": 1}])
 def test_wgmma_refuses_a_room_the_resident_kernel_has_no_instance_for(monkeypatch, options):
     monkeypatch.setattr(cuda_nf4_wgmma, "extension", lambda: pytest.fail("reached the extension"))
     x = torch.zeros(20, 256, dtype=torch.bfloat16)

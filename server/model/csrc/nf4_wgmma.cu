@@ -81,21 +81,19 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
   // x resident (nf4_wgmma_resident.cuh): 16 or 32 block tokens and 4-7 warpgroups a block; the 16-entry or the
   // byte-pair table
   TORCH_CHECK(!pairs || resident_warpgroups > 0, "pairs takes the x-resident kernel (resident_warpgroups)");
-  TORCH_CHECK(resident_room == 0 || (block_tokens == 32 && resident_room + resident_warpgroups == 7 &&
-                                      (resident_room == 1 || resident_room == 2)),
-              "resident_room takes 32 block tokens and 1 or 2 of 7 warpgroups' registers left free, got ",
-              resident_room, " beside ", resident_warpgroups, " warpgroups at ", block_tokens, " block tokens");
-  if (resident_room > 0) {  // 6 or 5 warpgroups built to 7's registers
-    if (resident_room == 1) {
-      return pairs ? launch_wgmma_resident<T, 32, 6, true, 7>(x, tile_codes, tile_scales, table, bias, out, split_k,
-                                                              defer_sum)
-                   : launch_wgmma_resident<T, 32, 6, false, 7>(x, tile_codes, tile_scales, table, bias, out, split_k,
-                                                               defer_sum);
-    }
-    return pairs ? launch_wgmma_resident<T, 32, 5, true, 7>(x, tile_codes, tile_scales, table, bias, out, split_k,
-                                                            defer_sum)
-                 : launch_wgmma_resident<T, 32, 5, false, 7>(x, tile_codes, tile_scales, table, bias, out, split_k,
-                                                             defer_sum);
+  TORCH_CHECK(resident_room == 0 || (resident_room == 1 && block_tokens == 32 &&
+                                      (resident_warpgroups == 6 || resident_warpgroups == 7)),
+              "resident_room takes 1 beside 6 or 7 warpgroups at 32 block tokens, got ", resident_room, " beside ",
+              resident_warpgroups, " at ", block_tokens);
+  if (resident_room > 0) {  // built to one warpgroup more's registers: 64 a thread at 7 warpgroups, 72 at 6
+#define LORAPLEX_RESIDENT_ROOM(WGS)                                                                                 \
+  (pairs ? launch_wgmma_resident<T, 32, WGS, true, WGS + 1>(x, tile_codes, tile_scales, table, bias, out, split_k,  \
+                                                           defer_sum)                                            \
+         : launch_wgmma_resident<T, 32, WGS, false, WGS + 1>(x, tile_codes, tile_scales, table, bias, out, split_k, \
+                                                            defer_sum))
+    if (resident_warpgroups == 7) return LORAPLEX_RESIDENT_ROOM(7);
+    return LORAPLEX_RESIDENT_ROOM(6);
+#undef LORAPLEX_RESIDENT_ROOM
   }
   if (resident_warpgroups > 0) {
     TORCH_CHECK((block_tokens == 16 || block_tokens == 32) && resident_warpgroups >= 4 && resident_warpgroups <= 7,
@@ -169,8 +167,9 @@ static void check_wgmma_inputs(const torch::Tensor& x, const torch::Tensor& tile
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups) or
 // 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage),
 // resident_warpgroups (0, or 4-7 at 16 or 32 block tokens: nf4_wgmma_resident_kernel, x of a split held in shared
-// memory) with pairs (its dequantization from the byte-pair table) and resident_room (0, or 1-2: that many of 7
-// warpgroups' registers left free, for kernels beside it); any M, K % 64 == 0. Only where nf4_wgmma_built()
+// memory) with pairs (its dequantization from the byte-pair table) and resident_room (0, or 1 at 6-7 warpgroups and 32
+// block tokens: built to one warpgroup more's registers, so that an SM keeps 8-10K for kernels beside it); any M,
+// K % 64 == 0. Only where nf4_wgmma_built()
 // (an sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N]
 // instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,

@@ -54,9 +54,10 @@ __host__ __device__ constexpr int resident_smem_bytes(int bm, int blocks, bool p
                : blocks * bm * 128 + 2048;
 }
 
-// BOUND_WGS (>= WGS): the warpgroups whose share of the register file the kernel is built to (ptxas: 72 registers at 7,
-// 80 at 6, 96 at 5). Built for 7 while running 5 or 6 (nf4_wgmma's resident_room), the block leaves the SM 10-19K
-// registers, where a side stream's LoRA kernels can run beside it instead of after it.
+// BOUND_WGS (>= WGS): the warpgroups whose share of the register file the kernel is built to (ptxas, sm_90a: 72
+// registers at 7, 80 at 6, 96 at 5). Built for one more than it runs (nf4_wgmma's resident_room: 64 registers at 7
+// warpgroups, 20 bytes spilled, one more local load a stage; 72 at 6), its block leaves an SM 8-10K registers, where a
+// side stream's LoRA kernel can run beside it instead of after it.
 template <typename T, int BM, int WGS, bool PAIRS = false, int BOUND_WGS = WGS>
 __global__ void __launch_bounds__(BOUND_WGS * 128, 1) nf4_wgmma_resident_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
