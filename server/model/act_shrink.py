@@ -9,6 +9,15 @@ multiplies it by those columns of the token's slot's A_down and adds the [rank] 
 beforehand on the side stream, atomic adds across the programs of a row, as the split-K shrink adds its splits);
 down_proj then runs its base matmul and the expand from that h, with no shrink and no fork. The estimate
 (bench/NOTES.md, forty-fourth session): ~3 us a layer, the shrink's lag less the activation kernel's extra A loads.
+
+The same for qkv_proj's and gate_up_proj's shrinks, done by the residual add + RMSNorm before each
+(LORAPLEX_LORA_NORM_SHRINK, "norm_shrink"), was measured and removed. Its first form (A loaded after the norm) lost
+0.2 ms a 32-token step (H100, 8B, fifty-second session). Its second (A loaded before the norm's PDL wait, one relaxed
+atomic add a row) was neutral (H100, 8B engine, fifty-third session; ms a step, default / norm_shrink: one adapter at
+batch 32 4.596 / 4.581, 8 adapters 4.703 / 4.684, 32 adapters 5.193 / 5.200, merged 3.723 / 3.737; the mixed32
+profile's wall 5.232 / 5.221): a layer took 147.8 / 149.2 us, its norms 6.4-8.6 us against 2.0-2.7, the A reads
+landing on the critical path as much as the side shrinks' tails they removed (qkv +4.3 us, gate_up +4.2). Designs in
+git: 7b493e8 (first form), 1f2972b (second).
 """
 
 from __future__ import annotations
@@ -30,15 +39,13 @@ SILU_SHRINK = int(os.environ.get("LORAPLEX_LORA_SILU_SHRINK", "2"))
 
 @dataclass(frozen=True)
 class ShrinkAhead:
-    """What the kernel ahead of a LoRA linear needs to compute its h: the linear's A pool, the shared slot layout,
-    the step's metadata (one-token segments), and h itself [T, num_slices * max_rank] float32, zeroed. The
-    activation's (down_proj's) has one slice; the norms' (norm_shrink: qkv's, gate_up's) have their linear's."""
+    """What the activation kernel needs to compute down_proj's h: down's A pool (one slice), the shared slot
+    layout, the step's metadata (one-token segments), and h itself [T, max_rank] float32, zeroed."""
 
-    lora_a: torch.Tensor  # [num_slices * capacity, in]
+    lora_a: torch.Tensor  # [capacity, in]
     layout: SlotLayout
     meta: LoraBatchMeta
     h: torch.Tensor
-    num_slices: int = 1
 
 
 def shrink_ahead(down, lora, num_tokens: int, device: torch.device) -> ShrinkAhead | None:

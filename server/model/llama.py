@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from server.model import act_shrink, glue_ops, norm_shrink
+from server.model import act_shrink, glue_ops
 from server.model.attention_ops import paged_decode_attention, prefill_attention
 from server.model.lora import LoraContext, LoraLinear
 from server.model.quant import make_linear
@@ -196,10 +196,9 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = q_norm, k_norm
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x, rope, ctx: StepContext, k_cache, v_cache, lora_h=None) -> torch.Tensor:
-        """lora_h: qkv_proj's LoRA shrink of x, computed by the norm before (norm_shrink), or None."""
+    def forward(self, x, rope, ctx: StepContext, k_cache, v_cache) -> torch.Tensor:
         if self.q_norm is None:  # the rotary kernel sums the projection's split-K partials (split_sums)
-            qkv = self.qkv_proj(x, ctx.lora, defer_sum=defer_sums(x), h=lora_h)
+            qkv = self.qkv_proj(x, ctx.lora, defer_sum=defer_sums(x))
             if ctx.rows_read_own_kv:
                 out = rotary_decode_attention(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope, k_cache,
                                               v_cache, ctx.slot_mapping, ctx.block_tables, ctx.context_lens,
@@ -208,8 +207,7 @@ class Attention(nn.Module):
             q, k, v = glue_ops.qkv_rotary_write_kv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope,
                                                    k_cache, v_cache, ctx.slot_mapping)
         else:
-            q, k, v = glue_ops.split_qkv(self.qkv_proj(x, ctx.lora, h=lora_h), self.num_heads, self.num_kv_heads,
-                                         self.head_dim)
+            q, k, v = glue_ops.split_qkv(self.qkv_proj(x, ctx.lora), self.num_heads, self.num_kv_heads, self.head_dim)
             q, k = glue_ops.rotary_write_kv(self.q_norm(q), self.k_norm(k), v, rope, k_cache, v_cache,
                                             ctx.slot_mapping)
         if ctx.is_prefill:
@@ -235,12 +233,12 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj, self.down_proj = gate_up, down
 
-    def forward(self, x, lora: LoraContext | None, decode: bool = False, lora_h=None) -> torch.Tensor:
+    def forward(self, x, lora: LoraContext | None, decode: bool = False) -> torch.Tensor:
         # silu_mul sums gate_up's split-K partials as it reads them (split_sums), and adds a pending LoRA delta
         # (pending_lora); in a decode step under LORAPLEX_LORA_SILU_SHRINK it computes down_proj's LoRA shrink
-        # (act_shrink). lora_h: gate_up's shrink of x, computed by the norm before (norm_shrink), or None.
+        # (act_shrink)
         shrink = act_shrink.shrink_ahead(self.down_proj, lora, x.shape[0], x.device) if decode else None
-        gate_up = self.gate_up_proj(x, lora, defer_sum=defer_sums(x), defer_delta=True, h=lora_h)
+        gate_up = self.gate_up_proj(x, lora, defer_sum=defer_sums(x), defer_delta=True)
         act_shrink.ready(shrink)
         act = glue_ops.silu_mul(gate_up, shrink=shrink)
         h = shrink.h if shrink is not None else None  # the next residual add sums down's partials
@@ -258,15 +256,10 @@ class DecoderLayer(nn.Module):
         before the first layer). Returns (h, this layer's MLP output): each residual add is fused into
         the norm that follows it. x: this layer's normed input when the caller has it (the first layer's, from
         the norm that gathered the embeddings)."""
-        decode, qkv_h = not ctx.is_prefill, None
-        if x is None and pending is None:
-            x = self.input_layernorm(h)
-        elif x is None:  # in a decode step under LORAPLEX_LORA_NORM_SHRINK each norm adds its linear's LoRA shrink
-            h, x, qkv_h = norm_shrink.add_norm(self.input_layernorm, h, pending, self.self_attn.qkv_proj, ctx)
-        h, x, gate_up_h = norm_shrink.add_norm(self.post_attention_layernorm, h,
-                                               self.self_attn(x, rope, ctx, k_cache, v_cache, lora_h=qkv_h),
-                                               self.mlp.gate_up_proj, ctx)
-        return h, self.mlp(x, ctx.lora, decode=decode, lora_h=gate_up_h)
+        if x is None:
+            h, x = (h, self.input_layernorm(h)) if pending is None else self.input_layernorm.add_forward(h, pending)
+        h, x = self.post_attention_layernorm.add_forward(h, self.self_attn(x, rope, ctx, k_cache, v_cache))
+        return h, self.mlp(x, ctx.lora, decode=not ctx.is_prefill)
 
 
 class CausalLM(nn.Module):
@@ -301,7 +294,6 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids/positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
-        norm_shrink.begin_step(ctx, self.layers, input_ids.shape[0], self.device)
         h, x = self.layers[0].input_layernorm.embed_forward(input_ids, self.embed_tokens)  # one launch on CUDA
         rope = self.rope[positions]
         pending = None

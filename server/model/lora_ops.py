@@ -198,9 +198,8 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     join: the partials come back with the delta (SplitSums.delta) for that kernel to add. With FUSED_ACT and
     `defer_delta` (the caller's kernel adds a pending delta: the activation after gate_up), the expand is not run
     here: the base output (or its partials) comes back with what the expand reads (PendingLora). `h`: the shrink's
-    output, already computed by the kernel before (act_shrink: down_proj's, by the activation; norm_shrink: qkv's and
-    gate_up's, by the norm); then there is no shrink and no fork, only the base and the expand (left pending, with
-    `defer_delta`, as above).
+    output, already computed by the kernel before (act_shrink: down_proj's, by the activation); then there is no
+    shrink and no fork, only the base and the expand.
 
     Eager steps (prefills) run on one stream: there the host is the bound, not the GPU. The H200 8B prefill of
     32 x 128 tokens through 32 adapters took 57-98 ms of host time against 33.5 ms of kernels (merged: 26 ms
@@ -227,10 +226,7 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
     if h is not None:
         if not one_token_segments or h.shape != (x.shape[0], num_slices * layout.max_rank):
             raise ValueError("a precomputed h takes one-token segments and the shape the shrink gives")
-        y = base(x, defer_sum=True) if fused else base(x)
-        if FUSED_ACT and defer_delta and one_row_launch(lora_b, layout) is not None:  # gate_up's h from its norm
-            return PendingLora(y, h, lora_b, layout, meta, slice_offsets)
-        return _expanded(y, h, lora_b, layout, meta, slice_offsets)
+        return _expanded(base(x, defer_sum=True) if fused else base(x), h, lora_b, layout, meta, slice_offsets)
     current, side = torch.cuda.current_stream(x.device), side_stream(x.device)
     side.wait_stream(current)
     side_expand = SIDE_EXPAND and one_token_segments and num_slices > 1

@@ -98,38 +98,26 @@ def test_down_shrink_in_the_activation_matches_peft_alone(tiny_llama_dir, tiny_a
     assert_match_peft_alone(tiny_llama_dir, tiny_adapters, requests, names, captured)
 
 
-@pytest.mark.parametrize("levers", ["pdl_lora", "silu_shrink", "silu_shrink side_expand2", "norm_shrink",
-                                    "norm_shrink no_silu_shrink"])
+@pytest.mark.parametrize("levers", ["pdl_lora", "silu_shrink", "silu_shrink side_expand2"])
 def test_decode_levers_give_the_default_graph_decode(tiny_llama_dir, tiny_adapters, levers, monkeypatch):
-    """LORAPLEX_PDL_LORA (the LoRA kernels launched with PDL), LORAPLEX_LORA_SILU_SHRINK, LORAPLEX_LORA_SIDE_EXPAND=2
-    (qkv's and gate_up's delta beside the base, added by the attention and the activation) and
-    LORAPLEX_LORA_NORM_SHRINK (qkv's and gate_up's shrinks by the norms, with the activation's or without): the
-    NF4 bf16 engine's captured decode steps give the default's tokens, and its logits within bf16 rounding (the
-    split-K shrinks' atomic adds vary h's last bits from run to run); and the float32 engine's match PEFT with each
-    adapter alone (a delta lost or read too early shows there, not within bf16 rounding)."""
-    from server.model import act_shrink, lora_ops, norm_shrink, pdl, triton_norm_shrink
+    """LORAPLEX_PDL_LORA (the LoRA kernels launched with PDL), LORAPLEX_LORA_SILU_SHRINK and LORAPLEX_LORA_SIDE_EXPAND=2
+    (qkv's and gate_up's delta beside the base, added by the attention and the activation): the NF4 bf16 engine's
+    captured decode steps give the default's tokens, and its logits within bf16 rounding (the split-K shrinks' atomic
+    adds vary h's last bits from run to run); and the float32 engine's match PEFT with each adapter alone (a delta
+    lost or read too early shows there, not within bf16 rounding)."""
+    from server.model import act_shrink, lora_ops, pdl
 
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     names = [None, "attn-r4", "all-r8", "mlp-r2-rs", "ko-r16"]
-    results, silu_default = [], act_shrink.SILU_SHRINK
-    taken, real = [], triton_norm_shrink.add_rmsnorm_shrink
+    results = []
     for on in (False, True):
         monkeypatch.setattr(pdl, "LORA", on and "pdl_lora" in levers)
-        if levers.startswith("norm_shrink"):  # the default's, then beside the norms' shrinks (or off)
-            monkeypatch.setattr(act_shrink, "SILU_SHRINK", 0 if on and "no_silu_shrink" in levers else silu_default)
-        else:
-            monkeypatch.setattr(act_shrink, "SILU_SHRINK", on and "silu_shrink" in levers)
+        monkeypatch.setattr(act_shrink, "SILU_SHRINK", on and "silu_shrink" in levers)
         monkeypatch.setattr(lora_ops, "SIDE_EXPAND", 2 if on and "side_expand2" in levers else 0)
-        monkeypatch.setattr(norm_shrink, "NORM_SHRINK", 1 if on and levers.startswith("norm_shrink") else 0)
-        if on and levers.startswith("norm_shrink"):
-            monkeypatch.setattr(triton_norm_shrink, "add_rmsnorm_shrink",
-                                lambda *args, **kwargs: taken.append(args[4].num_slices) or real(*args, **kwargs))
         engine = gpu_engine(tiny_llama_dir, dtype="bfloat16", quantize=True, max_slots=4, max_rank=16)
         requests = make_requests(refs, names)
         results.append((requests, run_capturing(engine, requests)[0]))
         assert engine.runner.graphs.num_captured > 0
-        if on and levers.startswith("norm_shrink"):  # qkv's norm (three slices) and gate_up's (two)
-            assert set(taken) == {2, 3}, f"the norms took the shrinks of linears of {set(taken)} slices"
     (default_reqs, default_logits), (lever_reqs, lever_logits) = results
     for a, b in zip(default_reqs, lever_reqs, strict=True):
         assert a.output_token_ids == b.output_token_ids

@@ -82,34 +82,3 @@ def test_rotary_write_kv(hq, hkv, d):
     _within_ulps(k, k_ref)
     _within_ulps(caches[2], caches[0])
     assert torch.equal(caches[3], caches[1])
-
-
-@pytest.mark.parametrize("rows, cols, num_slices, max_rank", [(32, 4096, 3, 16), (32, 4096, 2, 16), (5, 576, 3, 8),
-                                                              (3, 8192, 2, 40)])
-def test_norm_with_the_next_linears_shrink_keeps_the_norms_bits(rows, cols, num_slices, max_rank):
-    """triton_norm_shrink.add_rmsnorm_shrink (LORAPLEX_LORA_NORM_SHRINK): the residual sum and the norm bit for bit
-    triton_glue.add_rmsnorm's on the GPU (the interpreter cannot show that the compiled reductions agree), and h the
-    shrink of that norm at each token's slices x ranks (fp32 atomics: float64's within summation order)."""
-    from server.model import triton_norm_shrink
-    from server.model.act_shrink import ShrinkAhead
-    from server.model.lora_meta import decode_lora_meta
-    from tests.lora_pools import mixed_ranks, random_pool
-
-    gen = torch.Generator(device="cuda").manual_seed(rows + cols)
-    slots = [(t * 7) % 5 - 1 for t in range(rows)]  # -1 (no adapter) and slots 0-3
-    lora_a, _, layout = random_pool(mixed_ranks(max_rank, 4), max_rank, num_slices, cols, 64, torch.bfloat16, gen,
-                                    "cuda")
-    meta = decode_lora_meta(torch.tensor(slots, dtype=torch.int32, device="cuda"))
-    shrink = ShrinkAhead(lora_a, layout, meta, torch.zeros(rows, num_slices * max_rank, device="cuda"), num_slices)
-    h, d = (torch.randn(rows, cols, device="cuda").to(torch.bfloat16) for _ in range(2))
-    w = torch.rand(cols, device="cuda").to(torch.bfloat16)
-    want_h, want_y = triton_glue.add_rmsnorm(h, d, w, 1e-5)
-    got_h, got_y = triton_norm_shrink.add_rmsnorm_shrink(h, d, w, 1e-5, shrink)
-    assert torch.equal(got_h, want_h) and torch.equal(got_y, want_y)
-    offsets, ranks = layout.offsets.tolist(), layout.ranks.tolist()
-    want = torch.zeros(rows, num_slices * max_rank, dtype=torch.float64, device="cuda")
-    for t, s in enumerate(slots):
-        if s >= 0:
-            o, r = offsets[s], ranks[s]
-            want[t, : num_slices * r] = lora_a[num_slices * o : num_slices * (o + r)].double() @ want_y[t].double()
-    torch.testing.assert_close(shrink.h.double(), want, atol=1e-3, rtol=1e-3)

@@ -11,15 +11,13 @@ from pathlib import Path
 import pytest
 
 MODEL = Path(__file__).resolve().parents[2] / "server" / "model"
-TRITON_MODULES = ("triton_glue.py", "triton_attention.py", "triton_lora.py", "triton_lora_decode.py",
-                  "triton_norm_shrink.py")
+TRITON_MODULES = ("triton_glue.py", "triton_attention.py", "triton_lora.py", "triton_lora_decode.py")
 # Pointers a Triton kernel may read before its wait: weights, which no kernel of a step writes.
 WEIGHT_POINTERS = {"weight_ptr"}
 # And, per kernel, other pointers no kernel ahead of it writes: the decode attention's step inputs (lengths, slots:
-# written before the step's first kernel).
-PRE_WAIT_READS = {"_decode_kernel": {"context_lens_ptr", "slot_ptr"},
-                  # norm_shrink's: the pool's A (written by slot loads joined before the step) and the step's slots.
-                  "_add_rmsnorm_shrink_kernel": {"a_ptr", "token_slots_ptr", "slot_offsets_ptr", "slot_ranks_ptr"}}
+# written before the step's first kernel). norm_shrink's kernel (the residual add + norm adding qkv's or gate_up's LoRA
+# shrink) read its linear's A and the step's slots there too; it measured neutral and was removed (design in 1f2972b).
+PRE_WAIT_READS = {"_decode_kernel": {"context_lens_ptr", "slot_ptr"}}
 # CUDA kernels launched plainly (`<<<...>>>`), never with the attribute, so they need no wait.
 PLAIN_CUDA_KERNELS = {"nf4_mma_kernel", "wgmma_built_kernel"}
 
@@ -45,7 +43,7 @@ def test_the_triton_kernels_that_take_part_are_the_expected_ones():
     names = {node.name for _, node in _pdl_kernels()}
     assert names >= {"_add_rmsnorm_kernel", "_silu_mul_kernel", "_decode_kernel", "_merge_splits_kernel",
                      "_shrink_kernel", "_expand_kernel", "_expand_sums_kernel", "_lora_delta_kernel",
-                     "_lora_add_delta_kernel", "_add_rmsnorm_shrink_kernel"}
+                     "_lora_add_delta_kernel"}
 
 
 @pytest.mark.parametrize("module,kernel", _pdl_kernels(), ids=lambda v: v if isinstance(v, str) else v.name)

@@ -84,16 +84,6 @@ def test_norms(modules, has_add, gather, sums):
                  {"ids_ptr": "*i64"} | ({"delta_ptr": "*fp32"} if sums else {}))
 
 
-def test_norm_with_the_next_linears_shrink():
-    """norm_shrink's kernel (LORAPLEX_LORA_NORM_SHRINK) at the 8B width, 48 A rows a token (qkv, rank 16)."""
-    pytest.importorskip("triton")
-    from server.model import triton_norm_shrink
-
-    compile_sm90(triton_norm_shrink._add_rmsnorm_shrink_kernel,
-                 {"BLOCK": 4096, "CHUNK": triton_norm_shrink.CHUNK, "BLOCK_R": 64, "NUM_SLICES": 3, "PDL": True},
-                 {"hl_ptr": "*fp32", "token_slots_ptr": "*i32", "slot_offsets_ptr": "*i32", "slot_ranks_ptr": "*i32"})
-
-
 @pytest.mark.parametrize("sums,delta", [(False, False), (True, False), (True, True)])
 def test_activation_and_rotary(modules, sums, delta):
     deltas = {"delta_ptr": "*fp32"} if delta else {}
