@@ -404,24 +404,49 @@ def test_resident_kernel_with_room_matches_it_without(rows, split_k, warpgroups,
     _assert_replays(lambda xs: run(xs, resident_room=1), x)
 
 
-def test_lora_base_beside_its_shrink_takes_the_room(monkeypatch):
-    """LORAPLEX_LORA_BASE_ROOM in a captured graph: linear_with_lora's base, an x-resident wgmma call, runs with
-    resident_room while its shrink runs on the side stream, and gives the same output as without it (the same bits
-    from the kernel; the shrink's atomic adds vary h's last bits), replayed after x changes; outside, no room."""
-    from server.model import cuda_nf4_wgmma, lora_ops
+def _replayed(step, x, x_replay):
+    """step() run once (its kernels built outside the capture), captured in a CUDA graph, and replayed with x holding
+    x_replay's rows: the output then (x is restored after)."""
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    before = x.clone()
+    x.copy_(x_replay)
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = out.clone()
+    x.copy_(before)
+    return replayed
+
+
+def _two_slice_lora_linear(gen, in_features: int, out_features: int):
+    """A decode step's two-slice LoRA linear (gate_up's form) on an NF4 weight: 32 rows over 9 mixed-rank adapters
+    and rows without one. Returns (rows, in_features, linear_with_lora's pool arguments (lora_a, lora_b, layout,
+    meta, slice_offsets), (codes, absmax, weight shape, table, tiled))."""
     from server.model.lora_meta import decode_lora_meta
     from tests.lora_pools import mixed_ranks, random_pool
 
-    if not cuda_nf4_wgmma.wgmma_supported():
-        pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    in_features, out_features, rows, slots = 4096, 2 * 2048, 32, 9
+    rows, slots = 32, 9
     slice_offsets = (0, out_features // 2, out_features)
     lora_a, lora_b, layout = random_pool(mixed_ranks(16, slots), 16, 2, in_features, out_features, torch.bfloat16,
                                          gen, device="cuda")
     meta = decode_lora_meta((torch.arange(rows, dtype=torch.int32, device="cuda") % (slots + 1)) - 1)
     codes, absmax, wshape, table, _ = _layer(in_features, out_features)
-    tiled = _tiled(codes, absmax, wshape)
+    return rows, in_features, (lora_a, lora_b, layout, meta, slice_offsets), (
+        codes, absmax, wshape, table, _tiled(codes, absmax, wshape))
+
+
+def test_lora_base_beside_its_shrink_takes_the_room(monkeypatch):
+    """LORAPLEX_LORA_BASE_ROOM in a captured graph: linear_with_lora's base, an x-resident wgmma call, runs with
+    resident_room while its shrink runs on the side stream, and gives the same output as without it (the same bits
+    from the kernel; the shrink's atomic adds vary h's last bits), replayed after x changes; outside, no room."""
+    from server.model import cuda_nf4_wgmma, lora_ops
+
+    if not cuda_nf4_wgmma.wgmma_supported():
+        pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    rows, in_features, pool, (codes, absmax, wshape, table, tiled) = _two_slice_lora_linear(gen, 4096, 2 * 2048)
     real, asked = cuda_nf4_wgmma.nf4_wgmma, []
     monkeypatch.setattr(cuda_nf4_wgmma, "nf4_wgmma", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
 
@@ -434,19 +459,9 @@ def test_lora_base_beside_its_shrink_takes_the_room(monkeypatch):
     outs = {}
     for room in (0, 1):
         monkeypatch.setattr(nf4_dispatch, "BASE_ROOM", room)
-        step = lambda: lora_ops.linear_with_lora(base, x, lora_a, lora_b, layout, meta, slice_offsets)  # noqa: E731
-        step()  # compiles outside the capture
         asked.clear()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        assert [kw.get("resident_room", 0) for kw in asked] == [room]
-        before = x.clone()
-        x.copy_(x_replay)
-        graph.replay()
-        torch.cuda.synchronize()
-        outs[room] = out.clone()
-        x.copy_(before)
+        outs[room] = _replayed(lambda: lora_ops.linear_with_lora(base, x, *pool), x, x_replay)
+        assert [kw.get("resident_room", 0) for kw in asked] == [0, room]  # eager (no fork), then captured
     base(x_replay)
     assert asked[-1].get("resident_room", 0) == 0  # outside a LoRA linear's fork
     torch.testing.assert_close(outs[1], outs[0], atol=2e-2, rtol=2e-2)
@@ -721,18 +736,10 @@ def test_side_expand_hands_the_delta_to_the_activation(monkeypatch):
     with the delta computed on the side stream (no join), and silu_mul over them matches silu_mul over the default
     path's summed output (within rounding: the shrink's split K adds with atomics), replayed after x changes."""
     from server.model import glue_ops, lora_ops
-    from server.model.lora_meta import decode_lora_meta
     from server.model.split_sums import SplitSums
-    from tests.lora_pools import mixed_ranks, random_pool
 
     gen = torch.Generator(device="cuda").manual_seed(3)
-    in_features, out_features, rows, slots = 2048, 2 * 4096, 32, 9
-    slice_offsets = (0, out_features // 2, out_features)
-    lora_a, lora_b, layout = random_pool(mixed_ranks(16, slots), 16, 2, in_features, out_features, torch.bfloat16,
-                                         gen, device="cuda")
-    meta = decode_lora_meta((torch.arange(rows, dtype=torch.int32, device="cuda") % (slots + 1)) - 1)
-    codes, absmax, wshape, table, _ = _layer(in_features, out_features)
-    tiled = _tiled(codes, absmax, wshape)
+    rows, in_features, pool, (codes, absmax, wshape, table, tiled) = _two_slice_lora_linear(gen, 2048, 2 * 4096)
 
     class Base(torch.nn.Module):
         may_defer_sum = True
@@ -750,21 +757,12 @@ def test_side_expand_hands_the_delta_to_the_activation(monkeypatch):
         seen = {}
 
         def step(mode=mode, seen=seen):
-            y = lora_ops.linear_with_lora(Base(), x, lora_a, lora_b, layout, meta, slice_offsets, defer_sum=True)
+            y = lora_ops.linear_with_lora(Base(), x, *pool, defer_sum=True)
             seen["deferred"] = isinstance(y, SplitSums) and y.delta is not None
             return glue_ops.silu_mul(y)
 
-        step()  # compiles outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
+        outs[mode] = _replayed(step, x, x_replay)
         assert seen["deferred"] == (mode == 2)
-        before = x.clone()
-        x.copy_(x_replay)
-        graph.replay()
-        torch.cuda.synchronize()
-        outs[mode] = out.clone()
-        x.copy_(before)
     torch.testing.assert_close(outs[2], outs[0], atol=2e-2, rtol=2e-2)
 
 
