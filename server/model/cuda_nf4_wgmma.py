@@ -219,7 +219,7 @@ def nf4_wgmma(
     if bulk_x:  # the 128- or 64-token block with x's tiles brought by the TMA unit (csrc/nf4_wgmma_bulk.cuh)
         block_tokens = block_tokens or 128
         if ((block_tokens, block_warps) not in BULK_X_BLOCKS or stage_blocks != 1 or resident_warpgroups or pairs
-                or one_wait or occupancy is not None):  # fmt: skip
+                or resident_room or one_wait or occupancy is not None):  # fmt: skip
             raise ValueError("bulk_x takes 128 block tokens in 8 or 16 warps, or 64 in 8, and one quant block a "
                              "stage, with no other variant")
         if split_k is None:  # one wave of BULK_X_BLOCKS' blocks an SM (the 64-token block's three of 8 warps keep 8

@@ -137,7 +137,8 @@ TUNED: dict[tuple[tuple[int, int], int], Choice] = {}
 # layer window, bench/NOTES.md, fifty-second and fifty-third sessions). At 64 registers the 7 warpgroups leave an SM
 # 8K: one of gate_up's shrink programs (4 warps at 64 registers). Fewer warpgroups would leave more, but 8B gate_up's
 # 448 units fill 64 blocks x 7 in one round; 6 would take three splits' rounds (44 stages against 32). The cost: 20
-# bytes spilled, one more local load a stage. Measured: see bench/NOTES.md, fifty-third session.
+# bytes of spill stores (nvcc 13.0), one more local load every two stages in the pair table's loop. Not yet timed
+# (bench/NOTES.md, fifty-third session: its first GPU call is planned there).
 BASE_ROOM = int(os.environ.get("LORAPLEX_LORA_BASE_ROOM", "0"))
 if BASE_ROOM not in (0, 1):
     raise ValueError(f"LORAPLEX_LORA_BASE_ROOM must be 0 or 1, got {BASE_ROOM}")

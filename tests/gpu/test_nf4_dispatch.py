@@ -385,15 +385,16 @@ def test_resident_kernel_matches_the_default_bit_for_bit(rows, split_k, warpgrou
     _assert_replays(lambda xs: run(xs, resident_warpgroups=warpgroups, pairs=pairs, block_tokens=block_tokens), x)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("warpgroups", [6, 7])
 @pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 2), (100, 24)])
-def test_resident_kernel_with_room_matches_it_without(rows, split_k, warpgroups, pairs):
+def test_resident_kernel_with_room_matches_it_without(rows, split_k, warpgroups, pairs, dtype):
     """resident_room (nf4_dispatch.BASE_ROOM): the x-resident kernel built to one warpgroup more's registers runs the
     same wgmmas in the same order: the same bits, summed, deferred and on replay."""
     from server.model import cuda_nf4_wgmma
 
-    codes, absmax, wshape, table, tiled, x, bias = _wgmma_layer(rows, torch.bfloat16)
+    codes, absmax, wshape, table, tiled, x, bias = _wgmma_layer(rows, dtype)
     run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, bias, split_k=split_k,  # noqa: E731
                                                     block_tokens=32, resident_warpgroups=warpgroups, pairs=pairs, **kw)
     got = run(x, resident_room=1)
@@ -405,8 +406,9 @@ def test_resident_kernel_with_room_matches_it_without(rows, split_k, warpgroups,
 
 
 def _replayed(step, x, x_replay):
-    """step() run once (its kernels built outside the capture), captured in a CUDA graph, and replayed with x holding
-    x_replay's rows: the output then (x is restored after)."""
+    """step() run once eagerly (the Triton kernels built outside the capture; a LoRA linear's fork, and with it
+    BASE_ROOM's kernel instance, happens only while capturing, as in the engine's decode graphs), captured in a CUDA
+    graph, and replayed with x holding x_replay's rows: the output then (x is restored after)."""
     step()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -447,12 +449,14 @@ def test_lora_base_beside_its_shrink_takes_the_room(monkeypatch):
         pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
     gen = torch.Generator(device="cuda").manual_seed(5)
     rows, in_features, pool, (codes, absmax, wshape, table, tiled) = _two_slice_lora_linear(gen, 4096, 2 * 2048)
-    real, asked = cuda_nf4_wgmma.nf4_wgmma, []
+    real, asked, base_outputs = cuda_nf4_wgmma.nf4_wgmma, [], []
     monkeypatch.setattr(cuda_nf4_wgmma, "nf4_wgmma", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
 
     def base(xs):
-        return nf4_dispatch.nf4_linear_cuda(xs, codes, absmax, wshape, table, None, tiled=tiled, kernel="wgmma",
-                                            options={"resident_warpgroups": 7, "pairs": True})
+        y = nf4_dispatch.nf4_linear_cuda(xs, codes, absmax, wshape, table, None, tiled=tiled, kernel="wgmma",
+                                         options={"resident_warpgroups": 7, "pairs": True})
+        base_outputs.append(y.clone())  # before the expand adds into y (captured too: replays refresh it)
+        return y
 
     x = torch.randn(rows, in_features, device="cuda", generator=gen).to(torch.bfloat16)
     x_replay = torch.randn(rows, in_features, device="cuda", generator=gen).to(torch.bfloat16)
@@ -462,6 +466,7 @@ def test_lora_base_beside_its_shrink_takes_the_room(monkeypatch):
         asked.clear()
         outs[room] = _replayed(lambda: lora_ops.linear_with_lora(base, x, *pool), x, x_replay)
         assert [kw.get("resident_room", 0) for kw in asked] == [0, room]  # eager (no fork), then captured
+    assert torch.equal(base_outputs[3], base_outputs[1])  # the captured bases' replays: the same bits
     base(x_replay)
     assert asked[-1].get("resident_room", 0) == 0  # outside a LoRA linear's fork
     torch.testing.assert_close(outs[1], outs[0], atol=2e-2, rtol=2e-2)

@@ -386,3 +386,11 @@ def test_wgmma_refuses_a_room_the_resident_kernel_has_no_instance_for(monkeypatc
     with pytest.raises(ValueError, match="resident_room"):
         cuda_nf4_wgmma.nf4_wgmma(x, (torch.zeros(1), torch.zeros(1)), (300, 256), torch.zeros(16), split_k=1,
                                  **options)
+
+
+def test_bulk_x_refuses_the_resident_kernels_room(monkeypatch):
+    """resident_room is the x-resident kernel's: the TMA block would drop it silently."""
+    monkeypatch.setattr(cuda_nf4_wgmma, "extension", lambda: pytest.fail("reached the extension"))
+    with pytest.raises(ValueError, match="bulk_x takes"):
+        cuda_nf4_wgmma.nf4_wgmma(torch.zeros(100, 4096, dtype=torch.bfloat16), (torch.zeros(1), torch.zeros(1)),
+                                 (4096, 4096), torch.zeros(16), bulk_x=True, resident_room=1)

@@ -169,9 +169,8 @@ static void check_wgmma_inputs(const torch::Tensor& x, const torch::Tensor& tile
 // resident_warpgroups (0, or 4-7 at 16 or 32 block tokens: nf4_wgmma_resident_kernel, x of a split held in shared
 // memory) with pairs (its dequantization from the byte-pair table) and resident_room (0, or 1 at 6-7 warpgroups and 32
 // block tokens: built to one warpgroup more's registers, so that an SM keeps 8-10K for kernels beside it); any M,
-// K % 64 == 0. Only where nf4_wgmma_built()
-// (an sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N]
-// instead (run_split); else None.
+// K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32
+// partials [splits, M, N] instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
                         int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait,
