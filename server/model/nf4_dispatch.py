@@ -131,14 +131,16 @@ TUNED: dict[tuple[tuple[int, int], int], Choice] = {}
 
 # LORAPLEX_LORA_BASE_ROOM=1 (0: off, the default): inside side_room() (a LoRA linear's base matmul with its shrink on
 # the side stream beside it, lora_ops.linear_with_lora), a call that runs the x-resident kernel at 32 block tokens
-# and 6-7 warpgroups runs it built to one warpgroup more's registers (cuda_nf4_wgmma.nf4_wgmma's resident_room). Why:
+# and 6-7 warpgroups runs it built to one warpgroup more's registers (cuda_nf4_wgmma.nf4_wgmma's room; so does the
+# 32-token block at two quant blocks a stage, qkv's and o's at 32 rows, at 96 registers instead of 125). Why:
 # that kernel is a one-wave grid of one block an SM with the register file full (7 warpgroups x 72 registers), so the
 # shrink's programs get SMs only as its blocks retire and end 3-5 us after it on the step's critical path (8B mixed32
 # layer window, bench/NOTES.md, fifty-second and fifty-third sessions). At 64 registers the 7 warpgroups leave an SM
 # 8K: one of gate_up's shrink programs (4 warps at 64 registers). Fewer warpgroups would leave more, but 8B gate_up's
 # 448 units fill 64 blocks x 7 in one round; 6 would take three splits' rounds (44 stages against 32). The cost: 20
-# bytes of spill stores (nvcc 13.0), one more local load every two stages in the pair table's loop. Not yet timed
-# (bench/NOTES.md, fifty-third session: its first GPU call is planned there).
+# bytes of spill stores (nvcc 13.0), one more local load every two stages in the pair table's loop. The 32-token
+# block's two blocks an SM at 96 registers (no spills) leave 16K: qkv's shrink (4 warps at 96) or two of o's. Not yet
+# timed (bench/NOTES.md, fifty-third session: its first GPU call is planned there).
 BASE_ROOM = int(os.environ.get("LORAPLEX_LORA_BASE_ROOM", "0"))
 if BASE_ROOM not in (0, 1):
     raise ValueError(f"LORAPLEX_LORA_BASE_ROOM must be 0 or 1, got {BASE_ROOM}")
@@ -156,12 +158,14 @@ def side_room():
 
 
 def with_room(options: dict) -> dict:
-    """A wgmma call's options, with the x-resident kernel's room (BASE_ROOM) where the call runs it at 32 block tokens
-    and 6-7 warpgroups inside side_room()."""
-    if (not BASE_ROOM or not _SIDE_ROOM.get() or options.get("resident_warpgroups") not in (6, 7)
-            or options.get("block_tokens", 32) != 32):
+    """A wgmma call's options, with room (BASE_ROOM) inside side_room() where the call runs an instance that has a
+    roomy build: 32 block tokens, and 6-7 x-resident warpgroups or two quant blocks a stage."""
+    if not BASE_ROOM or not _SIDE_ROOM.get() or options.get("block_tokens", 32) != 32:
         return options
-    return {**options, "resident_room": BASE_ROOM}
+    resident = options.get("resident_warpgroups")
+    two_a_stage = (not resident and options.get("stage_blocks") == 2 and options.get("occupancy", 2) == 2
+                   and not options.get("one_wait") and not options.get("bulk_x"))
+    return {**options, "room": BASE_ROOM} if resident in (6, 7) or two_a_stage else options
 
 
 @functools.cache

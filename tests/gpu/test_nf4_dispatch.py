@@ -386,23 +386,26 @@ def test_resident_kernel_matches_the_default_bit_for_bit(rows, split_k, warpgrou
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("pairs", [False, True])
-@pytest.mark.parametrize("warpgroups", [6, 7])
+@pytest.mark.parametrize("options", [
+    {"resident_warpgroups": 6}, {"resident_warpgroups": 7}, {"resident_warpgroups": 6, "pairs": True},
+    {"resident_warpgroups": 7, "pairs": True}, {"stage_blocks": 2},
+])  # fmt: skip
 @pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 2), (100, 24)])
-def test_resident_kernel_with_room_matches_it_without(rows, split_k, warpgroups, pairs, dtype):
-    """resident_room (nf4_dispatch.BASE_ROOM): the x-resident kernel built to one warpgroup more's registers runs the
-    same wgmmas in the same order: the same bits, summed, deferred and on replay."""
+def test_wgmma_with_room_matches_it_without(rows, split_k, options, dtype):
+    """room (nf4_dispatch.BASE_ROOM): the x-resident kernel built to one warpgroup more's registers, and the 32-token
+    block at two quant blocks a stage built to 96, run the same wgmmas in the same order: the same bits, summed,
+    deferred and on replay."""
     from server.model import cuda_nf4_wgmma
 
     codes, absmax, wshape, table, tiled, x, bias = _wgmma_layer(rows, dtype)
     run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, bias, split_k=split_k,  # noqa: E731
-                                                    block_tokens=32, resident_warpgroups=warpgroups, pairs=pairs, **kw)
-    got = run(x, resident_room=1)
+                                                    block_tokens=32, **options, **kw)
+    got = run(x, room=1)
     assert torch.equal(got, run(x))
     assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
     if split_k > 1:
-        assert torch.equal(run(x, resident_room=1, defer_sum=True).partials, run(x, defer_sum=True).partials)
-    _assert_replays(lambda xs: run(xs, resident_room=1), x)
+        assert torch.equal(run(x, room=1, defer_sum=True).partials, run(x, defer_sum=True).partials)
+    _assert_replays(lambda xs: run(xs, room=1), x)
 
 
 def _replayed(step, x, x_replay):
@@ -441,7 +444,7 @@ def _two_slice_lora_linear(gen, in_features: int, out_features: int):
 
 def test_lora_base_beside_its_shrink_takes_the_room(monkeypatch):
     """LORAPLEX_LORA_BASE_ROOM in a captured graph: linear_with_lora's base, an x-resident wgmma call, runs with
-    resident_room while its shrink runs on the side stream, and gives the same output as without it (the same bits
+    room while its shrink runs on the side stream, and gives the same output as without it (the same bits
     from the kernel; the shrink's atomic adds vary h's last bits), replayed after x changes; outside, no room."""
     from server.model import cuda_nf4_wgmma, lora_ops
 
@@ -465,10 +468,10 @@ def test_lora_base_beside_its_shrink_takes_the_room(monkeypatch):
         monkeypatch.setattr(nf4_dispatch, "BASE_ROOM", room)
         asked.clear()
         outs[room] = _replayed(lambda: lora_ops.linear_with_lora(base, x, *pool), x, x_replay)
-        assert [kw.get("resident_room", 0) for kw in asked] == [0, room]  # eager (no fork), then captured
+        assert [kw.get("room", 0) for kw in asked] == [0, room]  # eager (no fork), then captured
     assert torch.equal(base_outputs[3], base_outputs[1])  # the captured bases' replays: the same bits
     base(x_replay)
-    assert asked[-1].get("resident_room", 0) == 0  # outside a LoRA linear's fork
+    assert asked[-1].get("room", 0) == 0  # outside a LoRA linear's fork
     torch.testing.assert_close(outs[1], outs[0], atol=2e-2, rtol=2e-2)
 
 

@@ -55,7 +55,7 @@ __host__ __device__ constexpr int resident_smem_bytes(int bm, int blocks, bool p
 }
 
 // BOUND_WGS (>= WGS): the warpgroups whose share of the register file the kernel is built to (ptxas, sm_90a: 72
-// registers at 7, 80 at 6, 96 at 5). Built for one more than it runs (nf4_wgmma's resident_room: 64 registers at 7
+// registers at 7, 80 at 6, 96 at 5). Built for one more than it runs (nf4_wgmma's room: 64 registers at 7
 // warpgroups, 20 bytes of spill stores, one more local load every two stages of the pair table's loop (nvcc 13.0); 72
 // at 6, 4 bytes spilled as the plain 7-warpgroup instance), its block leaves an SM 8-10K registers, where a
 // side stream's LoRA kernel can run beside it instead of after it.
