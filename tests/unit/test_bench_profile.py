@@ -1,5 +1,7 @@
 """The decode-step profile's kernel grouping (the profiling itself runs on the GPU machine)."""
 
+import pytest
+
 from bench.profile_step import kind_of, summarize
 
 
@@ -34,7 +36,7 @@ def test_triton_resources_reads_each_compiled_variant():
     fills n_regs then), through an autotuner-style wrapper too; kernels that never ran are left out."""
     from types import SimpleNamespace
 
-    from bench.profile_step import decode_step_kernels, triton_resources
+    from bench.profile_step import triton_resources
 
     class Compiled:
         def __init__(self, regs, warps):
@@ -52,4 +54,10 @@ def test_triton_resources_reads_each_compiled_variant():
     assert got == {"_shrink_kernel": [{"registers": 64, "spills": 0, "warps": 4, "shared": 512},
                                       {"registers": 96, "spills": 0, "warps": 4, "shared": 512}],
                    "_decode_kernel": [{"registers": 80, "spills": 0, "warps": 8, "shared": 512}]}
+
+
+def test_the_decode_steps_triton_kernels_import():
+    pytest.importorskip("triton")
+    from bench.profile_step import decode_step_kernels, triton_resources
+
     assert len(decode_step_kernels()) == 8 and isinstance(triton_resources(decode_step_kernels()), dict)
