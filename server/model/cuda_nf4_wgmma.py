@@ -143,6 +143,19 @@ def wgmma_occupancy(block_tokens: int, block_warps: int = WGMMA_BLOCK_WARPS) -> 
     return blocks * WGMMA_BLOCK_WARPS // block_warps
 
 
+def has_room_build(block_tokens: int | None = None, resident_warpgroups: int = 0, stage_blocks: int = 1,
+                   occupancy: int | None = None, block_warps: int = WGMMA_BLOCK_WARPS, one_wait: bool | None = None,
+                   bulk_x: bool = False, **_) -> bool:
+    """Whether the nf4_wgmma call of these options (its defaults for those left out; others ignored) runs an instance
+    that csrc also builds with room for a kernel beside it (nf4_wgmma's `room`): 32 block tokens, and 6-7 x-resident
+    warpgroups or two quant blocks a stage at two blocks an SM."""
+    if bulk_x or (block_tokens or 32) != 32:
+        return False
+    if resident_warpgroups:
+        return resident_warpgroups in (6, 7)
+    return stage_blocks == 2 and occupancy in (None, 2) and block_warps == WGMMA_BLOCK_WARPS and not one_wait
+
+
 def nf4_wgmma(
     x: torch.Tensor,  # [T, in] bf16 / fp16, any T
     tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
@@ -234,9 +247,8 @@ def nf4_wgmma(
         partials = extension().nf4_wgmma_bulk_x(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens,
                                                  block_warps, cluster_sum, defer_sum)
         return out if partials is None else SplitSums(partials, bias, x.dtype)
-    if room and (room != 1 or (block_tokens or 32) != 32 or not (
-            resident_warpgroups in (6, 7) or (not resident_warpgroups and stage_blocks == 2 and occupancy in (None, 2)
-                                              and block_warps == WGMMA_BLOCK_WARPS and not one_wait))):
+    if room and (room != 1 or not has_room_build(block_tokens, resident_warpgroups, stage_blocks, occupancy,
+                                                 block_warps, one_wait)):
         raise ValueError(f"room takes 1 beside 6 or 7 resident warpgroups or two quant blocks a stage, at 32 block "
                          f"tokens, got {room} beside {resident_warpgroups} warpgroups, {stage_blocks} blocks a "
                          f"stage at {block_tokens}")

@@ -158,14 +158,11 @@ def side_room():
 
 
 def with_room(options: dict) -> dict:
-    """A wgmma call's options, with room (BASE_ROOM) inside side_room() where the call runs an instance that has a
-    roomy build: 32 block tokens, and 6-7 x-resident warpgroups or two quant blocks a stage."""
-    if not BASE_ROOM or not _SIDE_ROOM.get() or options.get("block_tokens", 32) != 32:
+    """A wgmma call's options, with room (BASE_ROOM) inside side_room() where the call runs an instance that csrc
+    also builds with room (cuda_nf4_wgmma.has_room_build)."""
+    if not BASE_ROOM or not _SIDE_ROOM.get() or not cuda_nf4_wgmma.has_room_build(**options):
         return options
-    resident = options.get("resident_warpgroups")
-    two_a_stage = (not resident and options.get("stage_blocks") == 2 and options.get("occupancy", 2) == 2
-                   and not options.get("one_wait") and not options.get("bulk_x"))
-    return {**options, "room": BASE_ROOM} if resident in (6, 7) or two_a_stage else options
+    return {**options, "room": BASE_ROOM}
 
 
 @functools.cache
