@@ -16,10 +16,7 @@ timed on the host, a fifth round's first step is profiled on the device and a si
 ``...-prefill-profile.json`` (no ratios): per-kind GPU ms of that step beside its host wall time, which tells
 a step bound by its launches from one bound by its kernels, and the host's top functions. Both modes add
 ``timeline`` (bench.timeline): the profiled span's idle time between kernels across streams, its longest gaps, and a
-``window`` of 60 kernels from a mid-step layer on (start, duration, stream: what each waits on). The decode profile
-also records ``triton_resources``: the registers, spills, warps and shared memory of the step's Triton kernels as
-this machine's Triton compiled them (whether a side-stream kernel fits beside an NF4 kernel's blocks depends on them:
-LORAPLEX_LORA_BASE_ROOM).
+``window`` of 60 kernels from a mid-step layer on (start, duration, stream: what each waits on).
 """
 
 from __future__ import annotations
@@ -45,38 +42,6 @@ KINDS = (  # first match wins; lower-case substrings of kernel names
 
 
 LAYER_ANCHOR = "_add_rmsnorm"  # the first kernel of each layer's block (bench.timeline.window)
-
-
-def triton_resources(kernels) -> dict[str, list[dict]]:
-    """{kernel name: each compiled variant's registers a thread, spills, warps and shared bytes} of Triton JITFunctions,
-    read from their per-device caches after they ran (Triton 3.x keeps (kernel cache, ...) a device, the compiled
-    kernels as its values); a kernel this Triton keeps elsewhere, or one that never ran, is left out."""
-    out = {}
-    for fn in kernels:
-        fn = getattr(fn, "fn", fn)  # an autotuner's or heuristics' wrapper
-        variants = []
-        for caches in getattr(fn, "device_caches", {}).values():
-            cache = caches[0] if isinstance(caches, tuple) else caches
-            for compiled in getattr(cache, "values", lambda: ())():
-                init = getattr(compiled, "_init_handles", None)
-                if init is not None:
-                    init()  # loads the binary, which fills n_regs and n_spills
-                meta = getattr(compiled, "metadata", None)
-                variants.append({"registers": getattr(compiled, "n_regs", None),
-                                 "spills": getattr(compiled, "n_spills", None),
-                                 "warps": getattr(meta, "num_warps", None), "shared": getattr(meta, "shared", None)})
-        if variants:
-            out[getattr(fn, "__name__", str(fn))] = variants
-    return out
-
-
-def decode_step_kernels() -> list:
-    """The Triton kernels of a decode step: LoRA shrinks, expands and deltas, the glue, the attention."""
-    from server.model import triton_attention, triton_glue, triton_lora, triton_lora_decode
-
-    return [triton_lora._shrink_kernel, triton_lora._expand_kernel, triton_lora_decode._expand_sums_kernel,
-            triton_lora_decode._lora_delta_kernel, triton_lora_decode._lora_add_delta_kernel,
-            triton_glue._silu_mul_kernel, triton_glue._add_rmsnorm_kernel, triton_attention._decode_kernel]
 
 
 def kind_of(kernel_name: str) -> str:
@@ -234,7 +199,6 @@ def main() -> None:
               "batch": args.batch, "mode": args.mode, "torch": torch.__version__,
               "command": f"python -m bench.profile_step --model {args.model} --batch {args.batch} --mode {args.mode}",
               "wall_ms_per_step": wall_ms, **summary, "timeline": timeline,
-              "triton_resources": triton_resources(decode_step_kernels()),
               "ratios": {f"decode_step_ms_{tag}": summary["total_ms_per_step"],
                          f"glue_fraction_{tag}": summary["glue_fraction"]}}
     shown = ("wall_ms_per_step", "ms_per_step", "total_ms_per_step", "glue_fraction", "launches_per_step")

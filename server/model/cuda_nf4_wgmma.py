@@ -143,19 +143,6 @@ def wgmma_occupancy(block_tokens: int, block_warps: int = WGMMA_BLOCK_WARPS) -> 
     return blocks * WGMMA_BLOCK_WARPS // block_warps
 
 
-def has_room_build(block_tokens: int | None = None, resident_warpgroups: int = 0, stage_blocks: int = 1,
-                   occupancy: int | None = None, block_warps: int = WGMMA_BLOCK_WARPS, one_wait: bool | None = None,
-                   bulk_x: bool = False, **_) -> bool:
-    """Whether the nf4_wgmma call of these options (its defaults for those left out; others ignored) runs an instance
-    that csrc also builds with room for a kernel beside it (nf4_wgmma's `room`): 32 block tokens, and 6-7 x-resident
-    warpgroups or two quant blocks a stage at two blocks an SM."""
-    if bulk_x or (block_tokens or 32) != 32:
-        return False
-    if resident_warpgroups:
-        return resident_warpgroups in (6, 7)
-    return stage_blocks == 2 and occupancy in (None, 2) and block_warps == WGMMA_BLOCK_WARPS and not one_wait
-
-
 def nf4_wgmma(
     x: torch.Tensor,  # [T, in] bf16 / fp16, any T
     tiled: tuple[torch.Tensor, torch.Tensor],  # nf4_layout.tile_pack(codes, absmax_f, shape)
@@ -174,7 +161,6 @@ def nf4_wgmma(
     pairs: bool = False,
     bulk_x: bool = False,
     cluster_sum: bool = False,
-    room: int = 0,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, on Hopper's warpgroup MMA: a warp's 16
     weight rows dequantized into registers as the wgmma's A, x (B) from shared memory (csrc/nf4_wgmma.cuh). Needs
@@ -187,11 +173,7 @@ def nf4_wgmma(
     blocks (wgmma_occupancy). `resident_warpgroups` 4-7 (tuning candidates; 16 or 32 block tokens):
     the x-resident kernel (csrc/nf4_wgmma_resident.cuh), one block an SM of that many warpgroups holding x of its split
     of K, each warpgroup walking 64-row units on its own (splits: resident_split_k); with `pairs`, its dequantization
-    from the byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), 64 KB beside x;
-    `room` 1 (32 block tokens; 6 or 7 resident warpgroups, or two quant blocks a stage at two blocks an SM): the
-    instance built to leave an SM registers for a kernel beside it (nf4_dispatch.side_room: a LoRA linear's shrink on
-    the side stream): the x-resident kernel built to one warpgroup more's (64 a thread at 7, 72 at 6: 8-10K free),
-    the 32-token block at 96 registers instead of 125 (16K free); the same bits as without.
+    from the byte-pair table (5 instructions a weight pair where the 16-entry table's take 8), 64 KB beside x.
     `bulk_x` (128 block tokens, or 64 in 8 warps, three blocks an SM at 80 registers; the rules' pick past 64 rows,
     nf4_dispatch.BULK_X): the default block with x's tiles written once as their shared-memory images and brought a
     stage at a time by the TMA unit (csrc/nf4_wgmma_bulk.cuh): no thread stages x, 127 registers where the default
@@ -233,7 +215,7 @@ def nf4_wgmma(
     if bulk_x:  # the 128- or 64-token block with x's tiles brought by the TMA unit (csrc/nf4_wgmma_bulk.cuh)
         block_tokens = block_tokens or 128
         if ((block_tokens, block_warps) not in BULK_X_BLOCKS or stage_blocks != 1 or resident_warpgroups or pairs
-                or room or one_wait or occupancy is not None):  # fmt: skip
+                or one_wait or occupancy is not None):  # fmt: skip
             raise ValueError("bulk_x takes 128 block tokens in 8 or 16 warps, or 64 in 8, and one quant block a "
                              "stage, with no other variant")
         if split_k is None:  # one wave of BULK_X_BLOCKS' blocks an SM (the 64-token block's three of 8 warps keep 8
@@ -247,11 +229,6 @@ def nf4_wgmma(
         partials = extension().nf4_wgmma_bulk_x(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens,
                                                  block_warps, cluster_sum, defer_sum)
         return out if partials is None else SplitSums(partials, bias, x.dtype)
-    if room and (room != 1 or not has_room_build(block_tokens, resident_warpgroups, stage_blocks, occupancy,
-                                                 block_warps, one_wait)):
-        raise ValueError(f"room takes 1 beside 6 or 7 resident warpgroups or two quant blocks a stage, at 32 block "
-                         f"tokens, got {room} beside {resident_warpgroups} warpgroups, {stage_blocks} blocks a "
-                         f"stage at {block_tokens}")
     if resident_warpgroups:
         block_tokens = block_tokens or 32
         if block_tokens not in RESIDENT_BLOCK_TOKENS:
@@ -267,6 +244,5 @@ def nf4_wgmma(
     if one_wait is None:  # where the block allows it: two warpgroups, one block a stage, 32-128 tokens
         one_wait = one_wait_for(block_tokens) and block_warps == WGMMA_BLOCK_WARPS and stage_blocks == 1
     partials = extension().nf4_wgmma(x, tiled[0], tiled[1], code_table, bias, out, split_k, block_tokens, stage_blocks,
-                                      blocks_per_sm, block_warps, one_wait, resident_warpgroups, pairs, room,
-                                      defer_sum)
+                                      blocks_per_sm, block_warps, one_wait, resident_warpgroups, pairs, defer_sum)
     return out if partials is None else SplitSums(partials, bias, x.dtype)

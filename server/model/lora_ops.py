@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import torch
 
-from server.model import nf4_dispatch
 from server.model.lora_meta import (  # noqa: F401  (re-exported: the ops' public surface)
     LoraBatchMeta,
     SlotLayout,
@@ -235,8 +234,7 @@ def linear_with_lora(base, x, lora_a, lora_b, layout: SlotLayout, meta: LoraBatc
         delta = lora_delta(h, lora_b, layout, meta, slice_offsets) if side_expand else None
     pending = (FUSED_ACT and defer_delta and delta is None and one_token_segments
                and one_row_launch(lora_b, layout) is not None)
-    with nf4_dispatch.side_room():  # the shrink runs beside it (nf4_dispatch.BASE_ROOM)
-        y = base(x, defer_sum=True) if fused else base(x)
+    y = base(x, defer_sum=True) if fused else base(x)
     current.wait_stream(side)
     if tuple(y.shape) != y_like.shape:
         raise ValueError(f"the base layer gave {tuple(y.shape)}, the adapters' slices need {y_like.shape}")

@@ -24,8 +24,6 @@ The crossovers come from ``python -m bench.kernels`` on an H200 (see bench/RESUL
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import os
 from dataclasses import dataclass
@@ -128,41 +126,6 @@ class Choice:
 # (weight shape (out, in), rows) -> the kernel timed fastest at start-up (nf4_autotune.tune); run instead of
 # the rules for exactly those shapes and row counts. Empty: the rules alone.
 TUNED: dict[tuple[tuple[int, int], int], Choice] = {}
-
-# LORAPLEX_LORA_BASE_ROOM=1 (0: off, the default): inside side_room() (a LoRA linear's base matmul with its shrink on
-# the side stream beside it, lora_ops.linear_with_lora), a call that runs the x-resident kernel at 32 block tokens
-# and 6-7 warpgroups runs it built to one warpgroup more's registers (cuda_nf4_wgmma.nf4_wgmma's room; so does the
-# 32-token block at two quant blocks a stage, qkv's and o's at 32 rows, at 96 registers instead of 125). Why:
-# that kernel is a one-wave grid of one block an SM with the register file full (7 warpgroups x 72 registers), so the
-# shrink's programs get SMs only as its blocks retire and end 3-5 us after it on the step's critical path (8B mixed32
-# layer window, bench/NOTES.md, fifty-second and fifty-third sessions). At 64 registers the 7 warpgroups leave an SM
-# 8K: one of gate_up's shrink programs (4 warps at 64 registers). Fewer warpgroups would leave more, but 8B gate_up's
-# 448 units fill 64 blocks x 7 in one round; 6 would take three splits' rounds (44 stages against 32). The cost: 20
-# bytes of spill stores (nvcc 13.0), one more local load every two stages in the pair table's loop. The 32-token
-# block's two blocks an SM at 96 registers (no spills) leave 16K: qkv's shrink (4 warps at 96) or two of o's. Not yet
-# timed (bench/NOTES.md, fifty-third session: its first GPU call is planned there).
-BASE_ROOM = int(os.environ.get("LORAPLEX_LORA_BASE_ROOM", "0"))
-if BASE_ROOM not in (0, 1):
-    raise ValueError(f"LORAPLEX_LORA_BASE_ROOM must be 0 or 1, got {BASE_ROOM}")
-_SIDE_ROOM: contextvars.ContextVar[bool] = contextvars.ContextVar("nf4_side_room", default=False)
-
-
-@contextlib.contextmanager
-def side_room():
-    """The NF4 calls within leave room on each SM for kernels beside them (BASE_ROOM; nothing when it is 0)."""
-    token = _SIDE_ROOM.set(True)
-    try:
-        yield
-    finally:
-        _SIDE_ROOM.reset(token)
-
-
-def with_room(options: dict) -> dict:
-    """A wgmma call's options, with room (BASE_ROOM) inside side_room() where the call runs an instance that csrc
-    also builds with room (cuda_nf4_wgmma.has_room_build)."""
-    if not BASE_ROOM or not _SIDE_ROOM.get() or not cuda_nf4_wgmma.has_room_build(**options):
-        return options
-    return {**options, "room": BASE_ROOM}
 
 
 @functools.cache
@@ -348,7 +311,7 @@ def nf4_linear_cuda(
         return cuda_nf4.nf4_gemm(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum)
     if name == "wgmma":
         return cuda_nf4_wgmma.nf4_wgmma(x, tiled, shape, code_table, bias, num_sms=num_sms, defer_sum=defer_sum,
-                                        **with_room(dict(options or {})))
+                                        **dict(options or {}))
     if name == "dequant":
         return dequant_linear(x, codes, absmax_f, shape, code_table, bias)
     if name == "bnb":

@@ -385,33 +385,10 @@ def test_resident_kernel_matches_the_default_bit_for_bit(rows, split_k, warpgrou
     _assert_replays(lambda xs: run(xs, resident_warpgroups=warpgroups, pairs=pairs, block_tokens=block_tokens), x)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("options", [
-    {"resident_warpgroups": 6}, {"resident_warpgroups": 7}, {"resident_warpgroups": 6, "pairs": True},
-    {"resident_warpgroups": 7, "pairs": True}, {"stage_blocks": 2},
-])  # fmt: skip
-@pytest.mark.parametrize("rows, split_k", [(20, 1), (33, 2), (100, 24)])
-def test_wgmma_with_room_matches_it_without(rows, split_k, options, dtype):
-    """room (nf4_dispatch.BASE_ROOM): the x-resident kernel built to one warpgroup more's registers, and the 32-token
-    block at two quant blocks a stage built to 96, run the same wgmmas in the same order: the same bits, summed,
-    deferred and on replay."""
-    from server.model import cuda_nf4_wgmma
-
-    codes, absmax, wshape, table, tiled, x, bias = _wgmma_layer(rows, dtype)
-    run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, bias, split_k=split_k,  # noqa: E731
-                                                    block_tokens=32, **options, **kw)
-    got = run(x, room=1)
-    assert torch.equal(got, run(x))
-    assert _rel_err(got, x, codes, absmax, wshape, table, bias) < 4e-3
-    if split_k > 1:
-        assert torch.equal(run(x, room=1, defer_sum=True).partials, run(x, defer_sum=True).partials)
-    _assert_replays(lambda xs: run(xs, room=1), x)
-
-
 def _replayed(step, x, x_replay):
-    """step() run once eagerly (the Triton kernels built outside the capture; a LoRA linear's fork, and with it
-    BASE_ROOM's kernel instance, happens only while capturing, as in the engine's decode graphs), captured in a CUDA
-    graph, and replayed with x holding x_replay's rows: the output then (x is restored after)."""
+    """step() run once eagerly (the Triton kernels built outside the capture; a LoRA linear's fork happens only
+    while capturing, as in the engine's decode graphs), captured in a CUDA graph, and replayed with x holding
+    x_replay's rows: the output then (x is restored after)."""
     step()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -440,39 +417,6 @@ def _two_slice_lora_linear(gen, in_features: int, out_features: int):
     codes, absmax, wshape, table, _ = _layer(in_features, out_features)
     return rows, in_features, (lora_a, lora_b, layout, meta, slice_offsets), (
         codes, absmax, wshape, table, _tiled(codes, absmax, wshape))
-
-
-def test_lora_base_beside_its_shrink_takes_the_room(monkeypatch):
-    """LORAPLEX_LORA_BASE_ROOM in a captured graph: linear_with_lora's base, an x-resident wgmma call, runs with
-    room while its shrink runs on the side stream, and gives the same output as without it (the same bits
-    from the kernel; the shrink's atomic adds vary h's last bits), replayed after x changes; outside, no room."""
-    from server.model import cuda_nf4_wgmma, lora_ops
-
-    if not cuda_nf4_wgmma.wgmma_supported():
-        pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    rows, in_features, pool, (codes, absmax, wshape, table, tiled) = _two_slice_lora_linear(gen, 4096, 2 * 2048)
-    real, asked, base_outputs = cuda_nf4_wgmma.nf4_wgmma, [], []
-    monkeypatch.setattr(cuda_nf4_wgmma, "nf4_wgmma", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
-
-    def base(xs):
-        y = nf4_dispatch.nf4_linear_cuda(xs, codes, absmax, wshape, table, None, tiled=tiled, kernel="wgmma",
-                                         options={"resident_warpgroups": 7, "pairs": True})
-        base_outputs.append(y.clone())  # before the expand adds into y (captured too: replays refresh it)
-        return y
-
-    x = torch.randn(rows, in_features, device="cuda", generator=gen).to(torch.bfloat16)
-    x_replay = torch.randn(rows, in_features, device="cuda", generator=gen).to(torch.bfloat16)
-    outs = {}
-    for room in (0, 1):
-        monkeypatch.setattr(nf4_dispatch, "BASE_ROOM", room)
-        asked.clear()
-        outs[room] = _replayed(lambda: lora_ops.linear_with_lora(base, x, *pool), x, x_replay)
-        assert [kw.get("room", 0) for kw in asked] == [0, room]  # eager (no fork), then captured
-    assert torch.equal(base_outputs[3], base_outputs[1])  # the captured bases' replays: the same bits
-    base(x_replay)
-    assert asked[-1].get("room", 0) == 0  # outside a LoRA linear's fork
-    torch.testing.assert_close(outs[1], outs[0], atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("rows, split_k, token_tiles, rows_per_warp", [

@@ -235,21 +235,18 @@ def test_one_wait_is_the_default_where_it_measured_faster(monkeypatch, setting, 
 
 
 @pytest.mark.parametrize("options, expected", [
-    ({}, (1, 32, 1, 3, 8, False, 0, False, 0)),  # the default 32-token block: three blocks an SM, no one-wait
-    ({"stage_blocks": 2}, (1, 32, 2, 0, 8, False, 0, False, 0)),  # two blocks a stage at two blocks an SM
-    ({"block_tokens": 64}, (1, 64, 1, 0, 8, True, 0, False, 0)),  # one wait a stage: the 64-token default
-    ({"block_tokens": 64, "block_warps": 4}, (1, 64, 1, 0, 4, False, 0, False, 0)),  # not with one warpgroup a block
-    ({"resident_warpgroups": 7}, (1, 32, 1, 3, 8, False, 7, False, 0)),  # x resident: 32 block tokens
-    ({"resident_warpgroups": 6, "pairs": True}, (1, 32, 1, 3, 8, False, 6, True, 0)),  # and the byte-pair table
-    ({"resident_warpgroups": 6, "pairs": True, "room": 1},
-     (1, 32, 1, 3, 8, False, 6, True, 1)),  # built to 7 warpgroups' registers
-    ({"stage_blocks": 2, "room": 1}, (1, 32, 2, 0, 8, False, 0, False, 1)),  # two blocks a stage at 96 registers
-    ({"resident_warpgroups": 7, "block_tokens": 16}, (1, 16, 1, 0, 8, False, 7, False, 0)),  # a 16-token x tile
+    ({}, (1, 32, 1, 3, 8, False, 0, False)),  # the default 32-token block: three blocks an SM, no one-wait
+    ({"stage_blocks": 2}, (1, 32, 2, 0, 8, False, 0, False)),  # two blocks a stage at two blocks an SM
+    ({"block_tokens": 64}, (1, 64, 1, 0, 8, True, 0, False)),  # one wait a stage: the 64-token default
+    ({"block_tokens": 64, "block_warps": 4}, (1, 64, 1, 0, 4, False, 0, False)),  # not with one warpgroup a block
+    ({"resident_warpgroups": 7}, (1, 32, 1, 3, 8, False, 7, False)),  # x resident: 32 block tokens
+    ({"resident_warpgroups": 6, "pairs": True}, (1, 32, 1, 3, 8, False, 6, True)),  # and the byte-pair table
+    ({"resident_warpgroups": 7, "block_tokens": 16}, (1, 16, 1, 0, 8, False, 7, False)),  # a 16-token x tile
 ])  # fmt: skip
 def test_wgmma_passes_the_variant_to_the_extension_in_its_order(monkeypatch, options, expected):
     """cuda_nf4_wgmma.nf4_wgmma's arguments as csrc's nf4_wgmma takes them (x, codes, scales, table, bias, out,
     split_k, block_tokens, stage_blocks, blocks_per_sm, block_warps, one_wait, resident_warpgroups, pairs,
-    room, defer_sum)."""
+    defer_sum)."""
     calls = []
     fake = SimpleNamespace(nf4_wgmma=lambda *args: calls.append(args))
     monkeypatch.setattr(cuda_nf4_wgmma, "extension", lambda: fake)
@@ -257,7 +254,7 @@ def test_wgmma_passes_the_variant_to_the_extension_in_its_order(monkeypatch, opt
     x = torch.zeros(20, 256, dtype=torch.bfloat16)
     cuda_nf4_wgmma.nf4_wgmma(x, (torch.zeros(1), torch.zeros(1)), (300, 256), torch.zeros(16), split_k=1, **options)
     (args,) = calls
-    assert args[6:15] == expected and args[15] is False
+    assert args[6:14] == expected and args[14] is False
 
 
 @pytest.mark.parametrize("block_tokens, block_warps, shape, splits", [
@@ -359,42 +356,3 @@ def test_resident_max_blocks_is_what_the_kernels_shared_memory_holds(block_token
 def test_resident_split_k_gives_8b_gate_up_one_round_at_seven_warpgroups():
     """448 units of 64 rows over 2 splits x 66 blocks x 7 warpgroups (924 slots): one round of 32 quant blocks."""
     assert cuda_nf4_wgmma.resident_split_k(32, (28672, 4096), 132, 7) == 2
-
-
-def test_side_room_leaves_room_only_where_asked(monkeypatch):
-    """LORAPLEX_LORA_BASE_ROOM: only within side_room() (a LoRA base beside its shrink) and only an x-resident call of
-    32 block tokens, with 6-7 warpgroups or two quant blocks a stage, runs with the room; off (0), nothing changes."""
-    monkeypatch.setattr(nf4_dispatch, "BASE_ROOM", 1)
-    resident = {"resident_warpgroups": 7, "pairs": True}
-    assert nf4_dispatch.with_room(resident) == resident
-    with nf4_dispatch.side_room():
-        assert nf4_dispatch.with_room(resident) == {"resident_warpgroups": 7, "pairs": True, "room": 1}
-        assert nf4_dispatch.with_room({"resident_warpgroups": 6}) == {"resident_warpgroups": 6, "room": 1}
-        assert nf4_dispatch.with_room({"stage_blocks": 2}) == {"stage_blocks": 2, "room": 1}
-        for other in ({}, {"bulk_x": True}, {"resident_warpgroups": 7, "block_tokens": 16}, {"resident_warpgroups": 5},
-                      {"stage_blocks": 2, "block_tokens": 64}, {"block_warps": 4}):
-            assert nf4_dispatch.with_room(other) == other
-    assert nf4_dispatch.with_room(resident) == resident
-    monkeypatch.setattr(nf4_dispatch, "BASE_ROOM", 0)
-    with nf4_dispatch.side_room():
-        assert nf4_dispatch.with_room(resident) == resident
-
-
-@pytest.mark.parametrize("options", [{"resident_warpgroups": 5, "room": 1},
-                                     {"resident_warpgroups": 7, "room": 2}, {"room": 1},
-                                     {"resident_warpgroups": 7, "block_tokens": 16, "room": 1},
-                                     {"stage_blocks": 2, "occupancy": 3, "room": 1}, {"stage_blocks": 2, "room": 2}])
-def test_wgmma_refuses_a_room_the_resident_kernel_has_no_instance_for(monkeypatch, options):
-    monkeypatch.setattr(cuda_nf4_wgmma, "extension", lambda: pytest.fail("reached the extension"))
-    x = torch.zeros(20, 256, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="room"):
-        cuda_nf4_wgmma.nf4_wgmma(x, (torch.zeros(1), torch.zeros(1)), (300, 256), torch.zeros(16), split_k=1,
-                                 **options)
-
-
-def test_bulk_x_refuses_the_resident_kernels_room(monkeypatch):
-    """room is the x-resident kernel's: the TMA block would drop it silently."""
-    monkeypatch.setattr(cuda_nf4_wgmma, "extension", lambda: pytest.fail("reached the extension"))
-    with pytest.raises(ValueError, match="bulk_x takes"):
-        cuda_nf4_wgmma.nf4_wgmma(torch.zeros(100, 4096, dtype=torch.bfloat16), (torch.zeros(1), torch.zeros(1)),
-                                 (4096, 4096), torch.zeros(16), bulk_x=True, room=1)

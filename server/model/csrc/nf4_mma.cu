@@ -685,7 +685,7 @@ int64_t nf4_wide_blocks_per_sm(int64_t token_tiles, int64_t rows_per_warp);
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
                         int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait,
-                        int64_t resident_warpgroups, bool pairs, int64_t room, bool defer_sum);
+                        int64_t resident_warpgroups, bool pairs, bool defer_sum);
 torch::Tensor nf4_wgmma_bulk_x(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales,
                                torch::Tensor table, c10::optional<torch::Tensor> bias, torch::Tensor out,
                                int64_t split_k, int64_t block_tokens, int64_t block_warps, bool cluster_sum,

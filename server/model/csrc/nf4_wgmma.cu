@@ -39,25 +39,23 @@ torch::Tensor launch_wgmma_grid(const torch::Tensor& x, const torch::Tensor& til
   }, programmatic_launch(), defer_sum);
 }
 
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false,
-          int BOUND_WARPS = WARPS>
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false>
 torch::Tensor launch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_codes, const torch::Tensor& tile_scales,
                            const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                            int64_t split_k, bool defer_sum) {
-  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, ONE_WAIT, 0, BOUND_WARPS>, BM, WARPS,
+  return launch_wgmma_grid<T, nf4_wgmma_kernel<T, BM, MIN_BLOCKS, KB, WARPS, ONE_WAIT>, BM, WARPS,
                            WgmmaSmem<BM, KB, ONE_WAIT>::bytes>(x, tile_codes, tile_scales, table, bias, out, split_k,
                                                                defer_sum);
 }
 
-// nf4_wgmma_resident_kernel of BM tokens and WGS warpgroups a block (built to BOUND_WGS warpgroups' registers): grid
-// (blocks a split, splits, token groups), as many blocks a split as fill the SMs once (one block an SM) or give every
-// unit a warpgroup, whichever is fewer.
-template <typename T, int BM, int WGS, bool PAIRS, int BOUND_WGS = WGS>
+// nf4_wgmma_resident_kernel of BM tokens and WGS warpgroups a block: grid (blocks a split, splits, token groups), as
+// many blocks a split as fill the SMs once (one block an SM) or give every unit a warpgroup, whichever is fewer.
+template <typename T, int BM, int WGS, bool PAIRS>
 torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor& tile_codes,
                                     const torch::Tensor& tile_scales, const torch::Tensor& table,
                                     const c10::optional<torch::Tensor>& bias, torch::Tensor& out, int64_t split_k,
                                     bool defer_sum) {
-  constexpr auto kernel = nf4_wgmma_resident_kernel<T, BM, WGS, PAIRS, BOUND_WGS>;
+  constexpr auto kernel = nf4_wgmma_resident_kernel<T, BM, WGS, PAIRS>;
   const int M = x.size(0), N = out.size(1);
   allow_dynamic_smem<kernel>(kResidentSmemMax);
   const int units = ((N + 15) / 16 + 3) / 4, token_groups = (M + BM - 1) / BM;
@@ -78,33 +76,10 @@ torch::Tensor dispatch_wgmma(const torch::Tensor& x, const torch::Tensor& tile_c
                              const torch::Tensor& table, const c10::optional<torch::Tensor>& bias, torch::Tensor& out,
                              int64_t split_k, int64_t block_tokens, int64_t stage_blocks, int64_t blocks_per_sm,
                              int64_t block_warps, bool one_wait, int64_t resident_warpgroups, bool pairs,
-                             int64_t room, bool defer_sum) {
+                             bool defer_sum) {
   // x resident (nf4_wgmma_resident.cuh): 16 or 32 block tokens and 4-7 warpgroups a block; the 16-entry or the
   // byte-pair table
   TORCH_CHECK(!pairs || resident_warpgroups > 0, "pairs takes the x-resident kernel (resident_warpgroups)");
-  // room: built to leave an SM registers for a kernel beside it (nf4_dispatch.side_room), for the two instances a
-  // LoRA linear's base runs at 32 rows: the x-resident kernel at 6-7 warpgroups (built to one warpgroup more's
-  // registers: 64 a thread at 7, 72 at 6) and the 32-token block at two quant blocks a stage (96 registers, not 125)
-  TORCH_CHECK(room == 0 || (room == 1 && block_tokens == 32 &&
-                            (resident_warpgroups == 6 || resident_warpgroups == 7 ||
-                             (resident_warpgroups == 0 && stage_blocks == 2 && blocks_per_sm == 0 &&
-                              block_warps == 8 && !one_wait))),
-              "room takes 1 beside 6 or 7 resident warpgroups, or beside two quant blocks a stage, at 32 block tokens,"
-              " got ", room, " beside ", resident_warpgroups, " warpgroups, ", stage_blocks, " blocks a stage at ",
-              block_tokens);
-  if (room > 0 && resident_warpgroups == 0) {
-    return launch_wgmma<T, 32, 2, 2, 8, false, 9>(x, tile_codes, tile_scales, table, bias, out, split_k, defer_sum);
-  }
-  if (room > 0) {
-#define LORAPLEX_RESIDENT_ROOM(WGS)                                                                                 \
-  (pairs ? launch_wgmma_resident<T, 32, WGS, true, WGS + 1>(x, tile_codes, tile_scales, table, bias, out, split_k,  \
-                                                           defer_sum)                                            \
-         : launch_wgmma_resident<T, 32, WGS, false, WGS + 1>(x, tile_codes, tile_scales, table, bias, out, split_k, \
-                                                            defer_sum))
-    if (resident_warpgroups == 7) return LORAPLEX_RESIDENT_ROOM(7);
-    return LORAPLEX_RESIDENT_ROOM(6);
-#undef LORAPLEX_RESIDENT_ROOM
-  }
   if (resident_warpgroups > 0) {
     TORCH_CHECK((block_tokens == 16 || block_tokens == 32) && resident_warpgroups >= 4 && resident_warpgroups <= 7,
                 "resident_warpgroups takes 16 or 32 block tokens and 4-7 warpgroups, got ", block_tokens, " and ",
@@ -177,19 +152,18 @@ static void check_wgmma_inputs(const torch::Tensor& x, const torch::Tensor& tile
 // tokens), blocks_per_sm the instance's occupancy (0: its own; 3 at 32 block tokens), block_warps 8 (two warpgroups) or
 // 4 (one: 64 weight rows a block, up to 128 block tokens), one_wait (nf4_wgmma_kernel's ONE_WAIT stage),
 // resident_warpgroups (0, or 4-7 at 16 or 32 block tokens: nf4_wgmma_resident_kernel, x of a split held in shared
-// memory) with pairs (its dequantization from the byte-pair table), and room (0, or 1 at 32 block tokens with 6-7
-// resident warpgroups or two quant blocks a stage: built to leave an SM 8-16K registers for kernels beside it); any
-// M, K % 64 == 0. Only where nf4_wgmma_built() (an sm_90a build). With defer_sum and K split, returns the unsummed fp32
-// partials [splits, M, N] instead (run_split); else None.
+// memory) with pairs (its dequantization from the byte-pair table); any M, K % 64 == 0. Only where nf4_wgmma_built()
+// (an sm_90a build). With defer_sum and K split, returns the unsummed fp32 partials [splits, M, N]
+// instead (run_split); else None.
 torch::Tensor nf4_wgmma(torch::Tensor x, torch::Tensor tile_codes, torch::Tensor tile_scales, torch::Tensor table,
                         c10::optional<torch::Tensor> bias, torch::Tensor out, int64_t split_k, int64_t block_tokens,
                         int64_t stage_blocks, int64_t blocks_per_sm, int64_t block_warps, bool one_wait,
-                        int64_t resident_warpgroups, bool pairs, int64_t room, bool defer_sum) {
+                        int64_t resident_warpgroups, bool pairs, bool defer_sum) {
   check_wgmma_inputs(x, tile_codes, tile_scales, out);
   return run_for_dtype(x, [&](auto dtype_tag) {
     return dispatch_wgmma<decltype(dtype_tag)>(x, tile_codes, tile_scales, table, bias, out, split_k, block_tokens,
                                                stage_blocks, blocks_per_sm, block_warps, one_wait,
-                                               resident_warpgroups, pairs, room, defer_sum);
+                                               resident_warpgroups, pairs, defer_sum);
   });
 }
 

@@ -153,12 +153,8 @@ __device__ __forceinline__ void stage_wgmmas(float (&acc)[BM / 2], const uint32_
 // accumulator so that the dequantization stays).
 constexpr int kWgmmaProbeNoX = 1, kWgmmaProbeNoBarrier = 2, kWgmmaProbeNoDequant = 4, kWgmmaProbeNoMma = 8;
 
-// BOUND_WARPS (>= WARPS): the warps a block whose share of the register file the kernel is built to. One more than
-// WARPS (nf4_wgmma's room) takes the 32-token block at two quant blocks a stage from 125 registers to 96 (ptxas,
-// nvcc 13.0, sm_90a: no spills), so its two blocks an SM leave 16K registers for a kernel beside them.
-template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0,
-          int BOUND_WARPS = WARPS>
-__global__ void __launch_bounds__(BOUND_WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
+template <typename T, int BM, int MIN_BLOCKS, int KB, int WARPS = WG_WARPS, bool ONE_WAIT = false, int PROBE = 0>
+__global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wgmma_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
     int M, int N, int K, int blocks_per_split) {

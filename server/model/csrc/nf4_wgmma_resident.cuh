@@ -54,13 +54,8 @@ __host__ __device__ constexpr int resident_smem_bytes(int bm, int blocks, bool p
                : blocks * bm * 128 + 2048;
 }
 
-// BOUND_WGS (>= WGS): the warpgroups whose share of the register file the kernel is built to (ptxas, sm_90a: 72
-// registers at 7, 80 at 6, 96 at 5). Built for one more than it runs (nf4_wgmma's room: 64 registers at 7
-// warpgroups, 20 bytes of spill stores, one more local load every two stages of the pair table's loop (nvcc 13.0); 72
-// at 6, 4 bytes spilled as the plain 7-warpgroup instance), its block leaves an SM 8-10K registers, where a
-// side stream's LoRA kernel can run beside it instead of after it.
-template <typename T, int BM, int WGS, bool PAIRS = false, int BOUND_WGS = WGS>
-__global__ void __launch_bounds__(BOUND_WGS * 128, 1) nf4_wgmma_resident_kernel(
+template <typename T, int BM, int WGS, bool PAIRS = false>
+__global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
     int M, int N, int K, int blocks_per_split) {
