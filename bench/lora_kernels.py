@@ -14,6 +14,7 @@ adapter, ``decode1`` one token; ``prefill32`` 32 prompts of 128 tokens, one adap
 tokens of one adapter. Floor = bytes of the adapters the batch uses (A and B) / the copy bandwidth measured in
 the same run; prefill scenarios add the activations (x read, y read and written), and time the default launch
 only (no sweep: the reference check of each variant is a Python loop over 4,096 tokens).
+For ``decode32`` it also times the dense cuBLAS form of the same apply (``dense``: bench.lora_dense).
 For one-token scenarios of linears of several slices (qkv, gate_up in decode32 and decode1) it also times the
 side-stream split of LORAPLEX_LORA_SIDE_EXPAND (``side``): ``delta`` (`lora_delta`, beside the base matmul) and
 ``join`` (`lora_add_delta` into a plain output, after it), checked bit for bit against the expand.
@@ -31,6 +32,7 @@ import time
 import torch
 
 from bench.kernels import layer_shapes, time_calls
+from bench.lora_dense import time_dense
 from bench.results import write_named_result
 
 RANK = 16
@@ -210,6 +212,11 @@ def run_linear(model: str, name: str, in_features: int, slice_offsets, scenarios
         except Exception as err:
             entry["errors"]["best"] = f"{type(err).__name__}: {err}"[:300]
         entry["best"] = {"shrink": best_s, "expand": best_e}
+        if scenario == "decode32":  # every slot in use once: the dense cuBLAS form (bench.lora_dense)
+            try:
+                entry["dense"] = time_dense(pools, x, meta, time_calls)
+            except Exception as err:
+                entry["errors"]["dense"] = f"{type(err).__name__}: {err}"[:300]
         if len(slice_offsets) > 2 and max(seg_lens) == 1:
             try:
                 entry["side"] = time_side(pools, x, meta)
@@ -217,7 +224,8 @@ def run_linear(model: str, name: str, in_features: int, slice_offsets, scenarios
                 entry["errors"]["side"] = f"{type(err).__name__}: {err}"[:300]
         results["linears"].append(entry)
         print(model, name, scenario, "floor", entry["floor_us"], "default", entry["apply"].get("default"),
-              "best", entry["apply"].get("best"), entry["best"], entry["errors"] or "", flush=True)
+              "best", entry["apply"].get("best"), entry["best"], entry.get("dense", ""), entry["errors"] or "",
+              flush=True)
     del pools
     torch.cuda.empty_cache()
 
