@@ -12,6 +12,8 @@ fifty-fourth session: bench/NOTES.md).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -46,10 +48,20 @@ def _mm_fp32(m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
     elsewhere (the CPU) the inputs are taken to fp32 first."""
     if m1.dtype == torch.float32 or m1.device.type != "cuda":
         return torch.mm(m1.float(), m2.float())
-    try:
+    if _has_out_dtype(m1.device):
         return torch.mm(m1, m2, out_dtype=torch.float32)
+    return torch.mm(m1, m2).float()
+
+
+@functools.cache
+def _has_out_dtype(device: torch.device) -> bool:
+    """Whether this torch's mm takes out_dtype on `device`: asked once, eagerly, never inside a graph capture."""
+    probe = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
+    try:
+        torch.mm(probe, probe, out_dtype=torch.float32)
     except (TypeError, RuntimeError, NotImplementedError):
-        return torch.mm(m1, m2).float()
+        return False
+    return True
 
 
 def time_dense(pools, x: torch.Tensor, meta, time_calls) -> dict:
@@ -59,6 +71,7 @@ def time_dense(pools, x: torch.Tensor, meta, time_calls) -> dict:
     from server.model.lora_ops import lora_apply_reference
 
     rank = int(pools.layout.ranks[0].item())
+    _mm_fp32(x, pools.a[0].t())  # out_dtype's support asked here, before any capture
     cols, rows = dense_index(pools.layout.offsets, meta.token_slots, pools.num_slices, rank)
     y0 = torch.randn(x.shape[0], pools.slice_offsets[-1], device=x.device).to(torch.bfloat16)
     expected, actual = y0.float(), y0.clone()
