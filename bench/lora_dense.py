@@ -71,13 +71,13 @@ def time_dense(pools, x: torch.Tensor, meta, time_calls) -> dict:
     from server.model.lora_ops import lora_apply_reference
 
     rank = int(pools.layout.ranks[0].item())
-    _mm_fp32(x, pools.a[0].t())  # out_dtype's support asked here, before any capture
     cols, rows = dense_index(pools.layout.offsets, meta.token_slots, pools.num_slices, rank)
     y0 = torch.randn(x.shape[0], pools.slice_offsets[-1], device=x.device).to(torch.bfloat16)
     expected, actual = y0.float(), y0.clone()
     lora_apply_reference(expected, x.float(), pools.a[0].float(), pools.b[0].float(), pools.layout, meta,
                          pools.slice_offsets)
-    dense_expand(actual, dense_shrink(x, pools.a[0], cols), pools.b[0], rows, pools.slice_offsets)
+    dense_expand(actual, dense_shrink(x, pools.a[0], cols), pools.b[0], rows, pools.slice_offsets)  # eager: before
+    # any capture, so mm's out_dtype is asked here
     rel_err = ((actual.float() - expected).abs().max() / (expected - y0.float()).abs().max()).item()
     y = torch.zeros_like(y0)
     hs = [dense_shrink(x, a, cols) for a in pools.a]
