@@ -155,7 +155,10 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     design in 4f37464). The shrinks on the capturing stream itself, ahead of the base with no fork or join
     (LORAPLEX_LORA_ONE_STREAM, design in e0ffd91), measured slower on the H200 in the forty-eighth session: 8B
     mixed32 step 4.685 -> 5.208 ms alone, 4.67 -> 5.31 with LORAPLEX_PDL_LORA and LORAPLEX_LORA_ONE_FILL, so the
-    side-stream shrink still overlaps the base; removed."""
+    side-stream shrink still overlaps the base; removed. Building the x-resident base to fewer registers so that the
+    shrink's programs fit beside its blocks (LORAPLEX_LORA_BASE_ROOM, designs in f3ee169 and 3f33b24) measured slower
+    on an H100 in the fifty-fourth session: gate_up's base 36.9 -> 41.0 us a layer and its shrink no sooner done, the
+    mixed32 step 5.167 -> 5.353 ms; removed."""
     return torch.cuda.Stream(device=device)
 
 
