@@ -83,6 +83,19 @@ def test_the_wgmma_probes_build_for_sm90a_against_the_kernel_header(tmp_path, mo
     assert callable(ctypes.CDLL(str(path)).loraplex_wgmma_sol)
 
 
+def test_the_resident_ring_probe_builds_for_sm90a_against_the_kernel_header(tmp_path, monkeypatch):
+    """bench/csrc/resident_ring.cu instantiates the server's nf4_wgmma_resident_kernel with its RING probe (bulk copies
+    beside the walk): a change to that kernel that breaks the probe shows here."""
+    from bench import resident_ring
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    include = (resident_ring.ROOT / "server" / "model" / "csrc",)
+    path = nvcc_library.build(resident_ring.SOURCE, "loraplex_resident_ring", 9, 0, include_dirs=include,
+                              feature="a", flags=("--use_fast_math",))
+    lib = ctypes.CDLL(str(path))
+    assert callable(lib.loraplex_resident_ring) and callable(lib.loraplex_resident_ring_source)
+
+
 def test_the_resident_kernels_shared_memory_and_descriptors(tmp_path, monkeypatch):
     """nf4_wgmma_resident.cuh's layout as the host sizes it: cuda_nf4_wgmma.resident_max_blocks quant blocks of x fit
     the block's dynamic shared memory (resident_smem_bytes within kResidentSmemMax), one more does not, at every block

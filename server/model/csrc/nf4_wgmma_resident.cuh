@@ -35,7 +35,62 @@
 
 #include <type_traits>
 
+#include "nf4_wgmma_bulk.cuh"
+
 namespace {
+
+// RING > 0 only (bench/resident_ring.py's probe; nothing of the server's): the bytes the ring's bulk copies walk, set
+// by the probe before its launches
+__device__ const uint8_t* g_ring_src = nullptr;
+__device__ uint64_t g_ring_src_bytes = 0;
+
+// The ring at the top of the block's dynamic shared memory (the probe's launch adds 2 x RING + 256 bytes to the
+// server's): the copy count at `state`, the two slots' mbarriers 16 and 24 bytes past it, the slots below it. Every
+// address is derived again from %dynamic_smem_size at each use, so the ring holds no register across the walk.
+template <int RING>
+struct RingAt {
+  uint32_t state, slots;
+  __device__ __forceinline__ explicit RingAt(uint32_t window) {
+    uint32_t size;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(size));
+    state = (window + size - 64) & ~15u;
+    slots = (state & ~127u) - 2 * RING;
+  }
+  __device__ __forceinline__ uint32_t bar(uint32_t slot) const { return state + 16 + 8 * slot; }
+};
+
+template <int RING>
+__device__ __forceinline__ void ring_init(uint32_t window) {
+  const RingAt<RING> at(window);
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(at.state), "r"(0u) : "memory");
+  mbarrier_init(at.bar(0), 1);
+  mbarrier_init(at.bar(1), 1);
+  mbarrier_init_fence();
+}
+
+// Copy n (the state's count) into slot n % 2, after waiting for that slot's copy n - 2
+template <int RING>
+__device__ __forceinline__ void ring_step(uint32_t window) {
+  const RingAt<RING> at(window);
+  uint32_t n;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(n) : "r"(at.state) : "memory");
+  const uint32_t slot = n & 1;
+  if (n >= 2) mbarrier_wait_parity(at.bar(slot), ((n >> 1) - 1) & 1);
+  const uint64_t block = (static_cast<uint64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+  const uint64_t offset = (block * 256 + n) * RING % g_ring_src_bytes;  // the source's bytes: a multiple of RING
+  mbarrier_arrive_expect_tx(at.bar(slot), RING);
+  bulk_copy_to_shared(at.slots + slot * RING, g_ring_src + offset, RING, at.bar(slot));
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(at.state), "r"(n + 1) : "memory");
+}
+
+// The last two copies landed, before the block's shared memory goes
+template <int RING>
+__device__ __forceinline__ void ring_drain(uint32_t window) {
+  const RingAt<RING> at(window);
+  uint32_t n;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(n) : "r"(at.state) : "memory");
+  for (uint32_t i = n > 2 ? n - 2 : 0; i < n; ++i) mbarrier_wait_parity(at.bar(i & 1), (i >> 1) & 1);
+}
 
 // A block's dynamic shared memory at most: an SM's 227 KB a block (sm_90), less 1 KB
 constexpr int kResidentSmemMax = 226 * 1024;
@@ -54,7 +109,12 @@ __host__ __device__ constexpr int resident_smem_bytes(int bm, int blocks, bool p
                : blocks * bm * 128 + 2048;
 }
 
-template <typename T, int BM, int WGS, bool PAIRS = false>
+// RING (0 in every server instance): a probe of what a LoRA shrink whose pool tiles come by the TMA unit would cost
+// beside the dequantization (bench/NOTES.md, fifty-fourth session), NOT the semantics of anything: thread 0 brings
+// RING bytes of g_ring_src by one bulk copy a stage of its warpgroup's walk into one of two shared-memory slots at the
+// top of the block's dynamic shared memory (RingAt; waiting for that slot's copy two stages before), and nothing
+// reads them.
+template <typename T, int BM, int WGS, bool PAIRS = false, int RING = 0>
 __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
     const float* __restrict__ table, const T* __restrict__ bias, T* __restrict__ out, float* __restrict__ partial,
@@ -142,6 +202,9 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
     if (split_low > 0) stage_x(0, split_low, low);
     stage_x(split_low, last - first, high);
   }
+  if constexpr (RING > 0) {
+    if (threadIdx.x == 0) ring_init<RING>(window);
+  }
   fence_proxy_async_smem();
   __syncthreads();  // the table and x stored (x fenced) by all; no block barrier after this one
   if (unit >= units) return;
@@ -172,6 +235,9 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
     }
     ring_codes[1 - P] = load_tile_codes(codes_at + z);
     ring_scales[1 - P] = __ldg(scales_at + z);
+    if constexpr (RING > 0) {
+      if (threadIdx.x == 0) ring_step<RING>(window);
+    }
     uint32_t a[1][2][2][4];
     if constexpr (PAIRS) {
       a_fragments_pairs_at<T>(pair_reg, codes, scales, 0, a[0][0]);
@@ -207,6 +273,9 @@ __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
       walk_unit(std::integral_constant<int, 0>());
     }
     odd ^= (last - first) & 1;
+  }
+  if constexpr (RING > 0) {
+    if (threadIdx.x == 0) ring_drain<RING>(window);
   }
 #endif
 }
