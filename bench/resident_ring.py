@@ -30,7 +30,7 @@ from bench.results import write_named_result
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "bench" / "csrc" / "resident_ring.cu"
 RINGS = (0, 1024, 2048, 3072, 4096)  # bytes a stage (the instances resident_ring.cu builds)
-SOURCE_BYTES = 12288 * 40960  # what the copies walk: ~500 MB, a multiple of every ring, far past the L2
+SOURCE_BYTES = 12288 * 40960  # what the copies walk (~500 MB, a multiple of every ring): a launch's epoch moves them
 WARPGROUPS = {"gate_up": 7, "down": 6}  # the server's picks at 32 rows in the s53-s54 H100 profiles
 
 
@@ -79,12 +79,14 @@ def run_shape(name: str, in_features: int, out_features: int, rows: int, num_sms
     entry["us"]["server"] = round(time_calls([lambda c=c: server(x, c[3]) for c in layer.nf4]), 2)
     for ring in RINGS:
         try:
+            out.fill_(float("nan"))  # a launch that wrote nothing fails the check
+            partial.fill_(float("nan"))
             call(ring, layer.nf4[0][3])
             got = partial if splits > 1 else out
             entry["exact"][str(ring)] = bool(torch.equal(got, want))
             entry["us"][str(ring)] = round(time_calls([lambda c=c, r=ring: call(r, c[3]) for c in layer.nf4]), 2)
-        except RuntimeError as err:  # a ring that does not fit beside x and the table, say
-            entry["errors"][str(ring)] = str(err)[:200]
+        except RuntimeError as err:  # a ring that does not fit beside x and the table, say (a fault would break
+            entry["errors"][str(ring)] = str(err)[:200]  # the context: the rings after it fail too, and say so)
     del layer
     torch.cuda.empty_cache()
     print(name, rows, warpgroups, splits, entry["us"], entry["exact"], entry["errors"] or "", flush=True)

@@ -45,7 +45,8 @@ __device__ const uint8_t* g_ring_src = nullptr;
 __device__ uint64_t g_ring_src_bytes = 0;
 
 // The ring at the top of the block's dynamic shared memory (the probe's launch adds 2 x RING + 256 bytes to the
-// server's): the copy count at `state`, the two slots' mbarriers 16 and 24 bytes past it, the slots below it. Every
+// server's): the copy count and the launch's epoch at `state`, the two slots' mbarriers 16 and 24 bytes past it, the
+// slots below it. Every
 // address is derived again from %dynamic_smem_size at each use, so the ring holds no register across the walk.
 template <int RING>
 struct RingAt {
@@ -62,7 +63,12 @@ struct RingAt {
 template <int RING>
 __device__ __forceinline__ void ring_init(uint32_t window) {
   const RingAt<RING> at(window);
-  asm volatile("st.shared.u32 [%0], %1;" ::"r"(at.state), "r"(0u) : "memory");
+  uint64_t now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  // the launch's epoch (the clock in 4-us steps, 1 ns a tick) beside the count: each launch walks other bytes of the
+  // source, so that a replayed graph's copies come from DRAM as a step's LoRA pool would, not from the L2
+  asm volatile("st.shared.v2.u32 [%0], {%1, %2};" ::"r"(at.state), "r"(0u), "r"(static_cast<uint32_t>(now >> 12))
+               : "memory");
   mbarrier_init(at.bar(0), 1);
   mbarrier_init(at.bar(1), 1);
   mbarrier_init_fence();
@@ -72,15 +78,17 @@ __device__ __forceinline__ void ring_init(uint32_t window) {
 template <int RING>
 __device__ __forceinline__ void ring_step(uint32_t window) {
   const RingAt<RING> at(window);
-  uint32_t n;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(n) : "r"(at.state) : "memory");
+  uint32_t n, epoch;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(n), "=r"(epoch) : "r"(at.state) : "memory");
   const uint32_t slot = n & 1;
   if (n >= 2) mbarrier_wait_parity(at.bar(slot), ((n >> 1) - 1) & 1);
   const uint64_t block = (static_cast<uint64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-  const uint64_t offset = (block * 256 + n) * RING % g_ring_src_bytes;  // the source's bytes: a multiple of RING
+  // copy n of block b of the launch of epoch e: copy (e x 2^16 + b x 2^8 + n) of the source, which (a multiple of
+  // RING bytes) it wraps
+  const uint64_t offset = ((static_cast<uint64_t>(epoch) << 16) + block * 256 + n) * RING % g_ring_src_bytes;
   mbarrier_arrive_expect_tx(at.bar(slot), RING);
   bulk_copy_to_shared(at.slots + slot * RING, g_ring_src + offset, RING, at.bar(slot));
-  asm volatile("st.shared.u32 [%0], %1;" ::"r"(at.state), "r"(n + 1) : "memory");
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(at.state), "r"(n + 1) : "memory");  // the count; the epoch stays
 }
 
 // The last two copies landed, before the block's shared memory goes
@@ -88,7 +96,7 @@ template <int RING>
 __device__ __forceinline__ void ring_drain(uint32_t window) {
   const RingAt<RING> at(window);
   uint32_t n;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(n) : "r"(at.state) : "memory");
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(n) : "r"(at.state) : "memory");  // the count
   for (uint32_t i = n > 2 ? n - 2 : 0; i < n; ++i) mbarrier_wait_parity(at.bar(i & 1), (i >> 1) & 1);
 }
 
