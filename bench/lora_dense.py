@@ -35,12 +35,16 @@ def dense_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, rows: torch.
                  slice_offsets: tuple[int, ...]) -> None:
     """y[:, lo:hi] += H_i @ B[:, lo:hi] for each slice i, in place; H_i is zero but for each token's h of slice i
     (rounded to B's dtype, as the Triton expand rounds it) at its slot's rows."""
-    rank = rows.shape[1]
     for i in range(len(slice_offsets) - 1):
         lo, hi = slice_offsets[i], slice_offsets[i + 1]
-        big = torch.zeros(h.shape[0], b.shape[0], dtype=b.dtype, device=b.device)
-        big.scatter_(1, rows, h[:, i * rank:(i + 1) * rank].to(b.dtype))
-        y[:, lo:hi].addmm_(big, b[:, lo:hi])
+        y[:, lo:hi].addmm_(slice_h(h, b, rows, i), b[:, lo:hi])
+
+
+def slice_h(h: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, i: int) -> torch.Tensor:
+    """H_i [T, capacity] in B's dtype: zero but for each token's h of slice i at its slot's rows of B."""
+    rank = rows.shape[1]
+    big = torch.zeros(h.shape[0], b.shape[0], dtype=b.dtype, device=b.device)
+    return big.scatter_(1, rows, h[:, i * rank:(i + 1) * rank].to(b.dtype))
 
 
 def _mm_fp32(m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
@@ -64,30 +68,23 @@ def _has_out_dtype(device: torch.device) -> bool:
     return True
 
 
-def time_dense(pools, x: torch.Tensor, meta, time_calls) -> dict:
+def time_dense(pools, x: torch.Tensor, meta) -> dict:
     """µs per call (bench.kernels.time_calls over the pools' copies) of the dense shrink's product alone
     (``shrink_mm``), the expand's products alone (``expand_mm``, H built once), and the whole apply with its
-    gather and scatters (``apply``); ``rel_err`` against lora_apply_reference on copy 0."""
-    from server.model.lora_ops import lora_apply_reference
+    gather and scatters (``apply``); ``rel_err`` against lora_apply_reference on copy 0 (bench.lora_kernels'
+    apply_error)."""
+    from bench.kernels import time_calls
+    from bench.lora_kernels import apply_error
 
     rank = int(pools.layout.ranks[0].item())
     cols, rows = dense_index(pools.layout.offsets, meta.token_slots, pools.num_slices, rank)
-    y0 = torch.randn(x.shape[0], pools.slice_offsets[-1], device=x.device).to(torch.bfloat16)
-    expected, actual = y0.float(), y0.clone()
-    lora_apply_reference(expected, x.float(), pools.a[0].float(), pools.b[0].float(), pools.layout, meta,
-                         pools.slice_offsets)
-    dense_expand(actual, dense_shrink(x, pools.a[0], cols), pools.b[0], rows, pools.slice_offsets)  # eager: before
-    # any capture, so mm's out_dtype is asked here
-    rel_err = ((actual.float() - expected).abs().max() / (expected - y0.float()).abs().max()).item()
-    y = torch.zeros_like(y0)
-    hs = [dense_shrink(x, a, cols) for a in pools.a]
-    bigs = []
-    for h, b in zip(hs, pools.b, strict=True):  # H of every slice, built once for expand_mm
-        per_slice = []
-        for i in range(pools.num_slices):
-            big = torch.zeros(x.shape[0], b.shape[0], dtype=b.dtype, device=b.device)
-            per_slice.append(big.scatter_(1, rows, h[:, i * rank:(i + 1) * rank].to(b.dtype)))
-        bigs.append(per_slice)
+    # eager, before any capture, so that mm's out_dtype is asked here
+    rel_err = apply_error(pools, x, meta,
+                          lambda y: dense_expand(y, dense_shrink(x, pools.a[0], cols), pools.b[0], rows,
+                                                 pools.slice_offsets))
+    y = torch.zeros(x.shape[0], pools.slice_offsets[-1], device=x.device, dtype=torch.bfloat16)
+    bigs = [[slice_h(dense_shrink(x, a, cols), b, rows, i) for i in range(pools.num_slices)]
+            for a, b in zip(pools.a, pools.b, strict=True)]  # H of every slice, built once for expand_mm
     bounds = list(zip(pools.slice_offsets[:-1], pools.slice_offsets[1:], strict=True))
 
     def expand_mm(per_slice, b):

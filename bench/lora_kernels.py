@@ -117,18 +117,27 @@ def copy_bandwidth() -> float:
     return 2 * (2 << 30) / seconds
 
 
-def check(pools: Pools, x, meta, shrink_tuning, expand_tuning) -> float:
-    """max |ours - reference| / max |reference| of one apply on copy 0."""
-    from server.model import triton_lora
+def apply_error(pools: Pools, x, meta, apply) -> float:
+    """max |ours - reference| / max |reference| of one apply on copy 0: apply(y) adds the delta into y in place."""
     from server.model.lora_ops import lora_apply_reference
 
-    y0 = torch.randn(x.shape[0], pools.slice_offsets[-1], device=DEVICE).to(torch.bfloat16)
+    y0 = torch.randn(x.shape[0], pools.slice_offsets[-1], device=x.device).to(torch.bfloat16)
     expected, actual = y0.float(), y0.clone()
     lora_apply_reference(expected, x.float(), pools.a[0].float(), pools.b[0].float(), pools.layout, meta,
                          pools.slice_offsets)
-    h = triton_lora.lora_shrink(x, pools.a[0], pools.layout, meta, pools.num_slices, tuning=shrink_tuning)
-    triton_lora.lora_expand(actual, h, pools.b[0], pools.layout, meta, pools.slice_offsets, tuning=expand_tuning)
+    apply(actual)
     return ((actual.float() - expected).abs().max() / (expected - y0.float()).abs().max()).item()
+
+
+def check(pools: Pools, x, meta, shrink_tuning, expand_tuning) -> float:
+    """apply_error of the Triton shrink and expand under these launch choices."""
+    from server.model import triton_lora
+
+    def apply(y):
+        h = triton_lora.lora_shrink(x, pools.a[0], pools.layout, meta, pools.num_slices, tuning=shrink_tuning)
+        triton_lora.lora_expand(y, h, pools.b[0], pools.layout, meta, pools.slice_offsets, tuning=expand_tuning)
+
+    return apply_error(pools, x, meta, apply)
 
 
 def time_variant(pools: Pools, x, meta, shrink_tuning: dict, expand_tuning: dict) -> dict[str, float]:
@@ -214,7 +223,7 @@ def run_linear(model: str, name: str, in_features: int, slice_offsets, scenarios
         entry["best"] = {"shrink": best_s, "expand": best_e}
         if scenario == "decode32":  # every slot in use once: the dense cuBLAS form (bench.lora_dense)
             try:
-                entry["dense"] = time_dense(pools, x, meta, time_calls)
+                entry["dense"] = time_dense(pools, x, meta)
             except Exception as err:
                 entry["errors"]["dense"] = f"{type(err).__name__}: {err}"[:300]
         if len(slice_offsets) > 2 and max(seg_lens) == 1:

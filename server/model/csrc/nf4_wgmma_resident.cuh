@@ -46,8 +46,8 @@ __device__ uint64_t g_ring_src_bytes = 0;
 
 // The ring at the top of the block's dynamic shared memory (the probe's launch adds 2 x RING + 256 bytes to the
 // server's): the copy count and the launch's epoch at `state`, the two slots' mbarriers 16 and 24 bytes past it, the
-// slots below it. Every
-// address is derived again from %dynamic_smem_size at each use, so the ring holds no register across the walk.
+// slots below it. Every address is derived again from %dynamic_smem_size at each use, so the ring holds no register
+// across the walk.
 template <int RING>
 struct RingAt {
   uint32_t state, slots;
