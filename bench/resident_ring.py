@@ -6,8 +6,9 @@ The question (bench/NOTES.md, fifty-fourth session): a LoRA shrink inside the re
 tiles by the TMA unit into a shared-memory ring during the weights' walk, but the thirty-ninth session saw any ring
 through shared memory slow the exact dequantization beside it (the codes' ring: 48 -> 58-69 us). This probe runs the
 server's kernel (8B shapes, 32 block tokens, the byte-pair table, the server's warpgroups and splits) built with
-bench/csrc/resident_ring.cu's RING: RING bytes a stage brought by one bulk copy per block into two slots nobody reads
-(the shrink's tiles would be ~2 KB a stage and SM for gate_up's 8.4 MB of A, ~3 KB for down's 14.7), timed by
+bench/csrc/resident_ring.cu's RING: RING bytes a stage brought by one bulk copy per block into a ring of slots
+nobody reads (2-8 slots, as many as 12 KB hold; a copy waits only for the one that many stages before it) (the
+shrink's tiles would be ~2 KB a stage and SM for gate_up's 8.4 MB of A, ~6 KB for down's 14.7), timed by
 CUDA-graph replay over weight copies (bench.kernels.time_calls) against RING 0 (the server's kernel itself, SASS for
 SASS) and the server's call. Every ring's output is checked bit for bit against the server's (``exact``): the copies
 change no arithmetic and must not touch x's tiles. Writes ``<out>/<date>-<device>-resident-ring.json`` with

@@ -26,7 +26,7 @@ cudaError_t launch(cudaStream_t stream, const void* x, const void* codes, const 
   const int used_splits = (num_blocks + blocks_per_split - 1) / blocks_per_split;
   // the server's bytes (nf4_wgmma.cu's launch_wgmma_resident), then the ring's (RingAt: its slots, mbarriers and count
   // at the top)
-  const int smem = resident_smem_bytes(BM, blocks_per_split, true) + (RING > 0 ? 2 * RING + 256 : 0);
+  const int smem = resident_smem_bytes(BM, blocks_per_split, true) + (RING > 0 ? ring_slots(RING) * RING + 256 : 0);
   if (smem > kResidentSmemMax) return cudaErrorInvalidConfiguration;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;

@@ -44,18 +44,27 @@ namespace {
 __device__ const uint8_t* g_ring_src = nullptr;
 __device__ uint64_t g_ring_src_bytes = 0;
 
-// The ring at the top of the block's dynamic shared memory (the probe's launch adds 2 x RING + 256 bytes to the
-// server's): the copy count and the launch's epoch at `state`, the two slots' mbarriers 16 and 24 bytes past it, the
+// The ring's slots for RING bytes a copy: as many as 12 KB hold (down's 32-token block leaves ~14 KB beside x and the
+// table), 2 to 8. A copy waits only for the one ring_slots copies before it (about that many stages of ~1 us: room
+// for a DRAM round trip; the fifty-fifth session's two slots made warpgroup 0 wait for each copy two stages later,
+// which the probe then timed instead of the shared memory's traffic).
+__host__ __device__ constexpr int ring_slots(int ring) {
+  return ring <= 0 ? 0 : (12288 / ring < 2 ? 2 : (12288 / ring > 8 ? 8 : 12288 / ring));
+}
+
+// The ring at the top of the block's dynamic shared memory (the probe's launch adds ring_slots x RING + 256 bytes to
+// the server's): the copy count and the launch's epoch at `state`, the slots' mbarriers 16 + 8 s bytes past it, the
 // slots below it. Every address is derived again from %dynamic_smem_size at each use, so the ring holds no register
 // across the walk.
 template <int RING>
 struct RingAt {
+  static constexpr int kSlots = ring_slots(RING);
   uint32_t state, slots;
   __device__ __forceinline__ explicit RingAt(uint32_t window) {
     uint32_t size;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(size));
-    state = (window + size - 64) & ~15u;
-    slots = (state & ~127u) - 2 * RING;
+    state = (window + size - 128) & ~15u;
+    slots = (state & ~127u) - kSlots * RING;
   }
   __device__ __forceinline__ uint32_t bar(uint32_t slot) const { return state + 16 + 8 * slot; }
 };
@@ -69,19 +78,19 @@ __device__ __forceinline__ void ring_init(uint32_t window) {
   // source, so that a replayed graph's copies come from DRAM as a step's LoRA pool would, not from the L2
   asm volatile("st.shared.v2.u32 [%0], {%1, %2};" ::"r"(at.state), "r"(0u), "r"(static_cast<uint32_t>(now >> 12))
                : "memory");
-  mbarrier_init(at.bar(0), 1);
-  mbarrier_init(at.bar(1), 1);
+  for (int s = 0; s < RingAt<RING>::kSlots; ++s) mbarrier_init(at.bar(s), 1);
   mbarrier_init_fence();
 }
 
-// Copy n (the state's count) into slot n % 2, after waiting for that slot's copy n - 2
+// Copy n (the state's count) into slot n % kSlots, after waiting for that slot's copy n - kSlots
 template <int RING>
 __device__ __forceinline__ void ring_step(uint32_t window) {
+  constexpr uint32_t kSlots = RingAt<RING>::kSlots;
   const RingAt<RING> at(window);
   uint32_t n, epoch;
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(n), "=r"(epoch) : "r"(at.state) : "memory");
-  const uint32_t slot = n & 1;
-  if (n >= 2) mbarrier_wait_parity(at.bar(slot), ((n >> 1) - 1) & 1);
+  const uint32_t slot = n % kSlots;
+  if (n >= kSlots) mbarrier_wait_parity(at.bar(slot), ((n / kSlots) - 1) & 1);
   const uint64_t block = (static_cast<uint64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
   // copy n of block b of the launch of epoch e: copy (e x 2^16 + b x 2^8 + n) of the source, which (a multiple of
   // RING bytes) it wraps
@@ -91,13 +100,14 @@ __device__ __forceinline__ void ring_step(uint32_t window) {
   asm volatile("st.shared.u32 [%0], %1;" ::"r"(at.state), "r"(n + 1) : "memory");  // the count; the epoch stays
 }
 
-// The last two copies landed, before the block's shared memory goes
+// The last kSlots copies landed, before the block's shared memory goes
 template <int RING>
 __device__ __forceinline__ void ring_drain(uint32_t window) {
+  constexpr uint32_t kSlots = RingAt<RING>::kSlots;
   const RingAt<RING> at(window);
   uint32_t n;
   asm volatile("ld.shared.u32 %0, [%1];" : "=r"(n) : "r"(at.state) : "memory");  // the count
-  for (uint32_t i = n > 2 ? n - 2 : 0; i < n; ++i) mbarrier_wait_parity(at.bar(i & 1), (i >> 1) & 1);
+  for (uint32_t i = n > kSlots ? n - kSlots : 0; i < n; ++i) mbarrier_wait_parity(at.bar(i % kSlots), (i / kSlots) & 1);
 }
 
 // A block's dynamic shared memory at most: an SM's 227 KB a block (sm_90), less 1 KB
@@ -119,9 +129,9 @@ __host__ __device__ constexpr int resident_smem_bytes(int bm, int blocks, bool p
 
 // RING (0 in every server instance): a probe of what a LoRA shrink whose pool tiles come by the TMA unit would cost
 // beside the dequantization (bench/NOTES.md, fifty-fourth session), NOT the semantics of anything: thread 0 brings
-// RING bytes of g_ring_src by one bulk copy a stage of its warpgroup's walk into one of two shared-memory slots at the
-// top of the block's dynamic shared memory (RingAt; waiting for that slot's copy two stages before), and nothing
-// reads them.
+// RING bytes of g_ring_src by one bulk copy a stage of its warpgroup's walk into one of ring_slots(RING) shared-memory
+// slots at the top of the block's dynamic shared memory (RingAt; waiting for that slot's copy ring_slots stages
+// before), and nothing reads them.
 template <typename T, int BM, int WGS, bool PAIRS = false, int RING = 0>
 __global__ void __launch_bounds__(WGS * 128, 1) nf4_wgmma_resident_kernel(
     const T* __restrict__ x, const uint4* __restrict__ tile_codes, const float2* __restrict__ tile_scales,
