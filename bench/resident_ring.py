@@ -50,7 +50,9 @@ def _library() -> ctypes.PyDLL:
     return lib
 
 
-def run_shape(name: str, in_features: int, out_features: int, rows: int, num_sms: int) -> dict:
+def run_shape(name: str, in_features: int, out_features: int, rows: int, num_sms: int, server_too: bool = True) -> dict:
+    """One shape's times and checks; without `server_too` the rings are checked against RING 0 (the server's kernel
+    from this build) and the server's call is neither built (~75 s for the CUDA extension) nor timed."""
     from server.model import cuda_nf4_wgmma
 
     lib = _library()
@@ -65,8 +67,10 @@ def run_shape(name: str, in_features: int, out_features: int, rows: int, num_sms
     partial = torch.empty(splits, rows, out_features, dtype=torch.float32, device="cuda")
     server = functools.partial(cuda_nf4_wgmma.nf4_wgmma, shape=shape, code_table=table, split_k=splits,
                                block_tokens=32, num_sms=num_sms, resident_warpgroups=warpgroups, pairs=True)
-    want = server(x, layer.nf4[0][3], defer_sum=True)
-    want = want.partials if splits > 1 else want
+    want = None
+    if server_too:
+        want = server(x, layer.nf4[0][3], defer_sum=True)
+        want = want.partials if splits > 1 else want
 
     def call(ring, tiled):
         err = lib.loraplex_resident_ring(warpgroups, ring, torch.cuda.current_stream().cuda_stream, x.data_ptr(),
@@ -77,13 +81,16 @@ def run_shape(name: str, in_features: int, out_features: int, rows: int, num_sms
 
     entry = {"layer": name, "in": in_features, "out": out_features, "rows": rows, "warpgroups": warpgroups,
              "splits": splits, "us": {}, "exact": {}, "errors": {}}
-    entry["us"]["server"] = round(time_calls([lambda c=c: server(x, c[3]) for c in layer.nf4]), 2)
+    if server_too:
+        entry["us"]["server"] = round(time_calls([lambda c=c: server(x, c[3]) for c in layer.nf4]), 2)
     for ring in RINGS:
         try:
             out.fill_(float("nan"))  # a launch that wrote nothing fails the check
             partial.fill_(float("nan"))
             call(ring, layer.nf4[0][3])
             got = partial if splits > 1 else out
+            if want is None:  # RING 0 (the first) is the reference
+                want = got.clone()
             entry["exact"][str(ring)] = bool(torch.equal(got, want))
             entry["us"][str(ring)] = round(time_calls([lambda c=c, r=ring: call(r, c[3]) for c in layer.nf4]), 2)
         except RuntimeError as err:  # a ring that does not fit beside x and the table, say (a fault would break
@@ -101,6 +108,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="gate_up,down", help="8B layers (those the resident kernel serves)")
     parser.add_argument("--rows", type=int, default=32, help="1-32 (one 32-token group)")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--no-server", action="store_true",
+                        help="check the rings against RING 0 and skip the server's call (no CUDA extension build)")
     args = parser.parse_args()
     if not 0 < args.rows <= 32:
         parser.error("rows must be 1-32")
@@ -113,7 +122,7 @@ def main() -> None:
                "command": f"python -m bench.resident_ring --shapes {args.shapes} --rows {args.rows}", "layers": []}
     shapes = layer_shapes("8b")
     for name in args.shapes.split(","):
-        results["layers"].append(run_shape(name, *shapes[name], args.rows, num_sms))
+        results["layers"].append(run_shape(name, *shapes[name], args.rows, num_sms, server_too=not args.no_server))
     results["ratios"] = {f"ring{ring}_over_ring0_{e['layer']}_m{e['rows']}": round(e["us"][str(ring)] / e["us"]["0"], 3)
                          for e in results["layers"] for ring in RINGS[1:] if str(ring) in e["us"] and "0" in e["us"]}
     print(results["ratios"], flush=True)
