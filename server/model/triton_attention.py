@@ -10,6 +10,11 @@ static shapes only (max_blocks, not the real lengths), so both kernels can be ca
 rotary_decode_attention_triton runs the same kernel on the qkv projection's output row instead of q: each program
 rotates its q heads, and the one that holds the row's last position rotates the new k and stores k and v in the
 cache before it reads them back, which takes the rotary kernel's launch off every layer of a decode step.
+
+Why not FlashInfer's decode kernel (measured, fifty-fifth session, bench.flashinfer_decode, H100, 8B shape, 32 rows,
+us): its CUDA-core paged batch decode (0.7.2.post1) took 15.31 against this kernel's 12.27 at 192 positions and
+125.48 against 94.16 at 2,048, where this one reads K and V at 94% of the card's copy bandwidth
+(bench/results/2026-12-08-nvidia-h100-80gb-hbm3-flashinfer-decode-s55.json).
 """
 
 from __future__ import annotations
