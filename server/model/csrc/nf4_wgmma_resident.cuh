@@ -46,8 +46,8 @@ __device__ uint64_t g_ring_src_bytes = 0;
 
 // The ring's slots for RING bytes a copy: as many as 12 KB hold (down's 32-token block leaves ~14 KB beside x and the
 // table), 2 to 8. A copy waits only for the one ring_slots copies before it (about that many stages of ~1 us: room
-// for a DRAM round trip; the fifty-fifth session's two slots made warpgroup 0 wait for each copy two stages later,
-// which the probe then timed instead of the shared memory's traffic).
+// for a DRAM round trip; the first form's two slots, run in the fifty-fifth session, likely made warpgroup 0 wait for
+// each copy two stages later, which the probe then timed instead of the shared memory's traffic).
 __host__ __device__ constexpr int ring_slots(int ring) {
   return ring <= 0 ? 0 : (12288 / ring < 2 ? 2 : (12288 / ring > 8 ? 8 : 12288 / ring));
 }
@@ -107,7 +107,9 @@ __device__ __forceinline__ void ring_drain(uint32_t window) {
   const RingAt<RING> at(window);
   uint32_t n;
   asm volatile("ld.shared.u32 %0, [%1];" : "=r"(n) : "r"(at.state) : "memory");  // the count
-  for (uint32_t i = n > kSlots ? n - kSlots : 0; i < n; ++i) mbarrier_wait_parity(at.bar(i % kSlots), (i / kSlots) & 1);
+  for (uint32_t i = n > kSlots ? n - kSlots : 0; i < n; ++i) {
+    mbarrier_wait_parity(at.bar(i % kSlots), (i / kSlots) & 1);
+  }
 }
 
 // A block's dynamic shared memory at most: an SM's 227 KB a block (sm_90), less 1 KB
