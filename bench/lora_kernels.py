@@ -32,7 +32,7 @@ import time
 import torch
 
 from bench.kernels import layer_shapes, time_calls
-from bench.lora_dense import time_dense
+from bench.lora_dense import dense_apply, time_dense
 from bench.results import write_named_result
 
 RANK = 16
@@ -223,7 +223,8 @@ def run_linear(model: str, name: str, in_features: int, slice_offsets, scenarios
         entry["best"] = {"shrink": best_s, "expand": best_e}
         if scenario == "decode32":  # every slot in use once: the dense cuBLAS form (bench.lora_dense)
             try:
-                entry["dense"] = time_dense(pools, x, meta)
+                rel_err = apply_error(pools, x, meta, dense_apply(pools, x, meta))
+                entry["dense"] = {**time_dense(pools, x, meta), "rel_err": round(rel_err, 5)}
             except Exception as err:
                 entry["errors"]["dense"] = f"{type(err).__name__}: {err}"[:300]
         if len(slice_offsets) > 2 and max(seg_lens) == 1:

@@ -1,10 +1,12 @@
 """bench.lora_dense: the mixed-adapter LoRA as dense products over the whole pool gives lora_apply_reference's
 result (CPU, fp32), whatever the order of the tokens' slots and for one, two and three slices."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from bench.lora_dense import dense_expand, dense_index, dense_shrink
+from bench.lora_dense import dense_apply, dense_expand, dense_index, dense_shrink
 from server.model.lora_meta import SlotLayout, make_lora_meta
 from server.model.lora_ops import lora_apply_reference
 
@@ -27,3 +29,7 @@ def test_dense_products_match_the_reference(slice_offsets):
     dense_expand(actual, dense_shrink(x, lora_a, cols), lora_b, rows, slice_offsets)
     assert not torch.allclose(expected, y0)  # the adapters add something
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    pools = SimpleNamespace(a=[lora_a], b=[lora_b], layout=layout, num_slices=num_slices, slice_offsets=slice_offsets)
+    applied = y0.clone()
+    dense_apply(pools, x, meta)(applied)  # the form bench.lora_kernels times and checks
+    torch.testing.assert_close(applied, actual)
