@@ -41,7 +41,6 @@ WHEEL = "flashinfer-python==0.7.2.post1"
 # the wheel's folders the kernel's headers need, and where they go under HEADERS
 WHEEL_FOLDERS = {"flashinfer/data/include/": "include", "flashinfer/data/cccl/libcudacxx/include/": "libcudacxx"}
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
-L2_DEFEAT_BYTES = 256 << 20
 
 
 def fetch(target: Path = HEADERS) -> None:
@@ -61,18 +60,21 @@ def fetch(target: Path = HEADERS) -> None:
     print(f"FlashInfer's headers in {target}: carry it to the GPU machine")
 
 
-@functools.cache
-def _library() -> ctypes.PyDLL:
+def build(major: int, minor: int) -> Path:
+    """The probe's shared library for compute capability major.minor, built by nvcc against the fetched headers."""
     from server import nvcc_library
 
+    return nvcc_library.build(SOURCE, "loraplex_flashinfer_decode", major, minor,
+                              flags=("--use_fast_math", "--expt-relaxed-constexpr"),
+                              include_dirs=(HEADERS / "libcudacxx", HEADERS / "include"))
+
+
+@functools.cache
+def _library() -> ctypes.PyDLL:
     if not (HEADERS / "include" / "flashinfer").is_dir():
         raise SystemExit(f"no FlashInfer headers in {HEADERS}: run `python -m bench.flashinfer_decode --fetch` where "
                          "PyPI is reachable, and carry .flashinfer")
-    major, minor = torch.cuda.get_device_capability()
-    path = nvcc_library.build(SOURCE, "loraplex_flashinfer_decode", major, minor,
-                              flags=("--use_fast_math", "--expt-relaxed-constexpr"),
-                              include_dirs=(HEADERS / "libcudacxx", HEADERS / "include"))
-    lib = ctypes.PyDLL(str(path))
+    lib = ctypes.PyDLL(str(build(*torch.cuda.get_device_capability())))
     lib.loraplex_flashinfer_decode.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_int] * 4 + [ctypes.c_float]
     return lib
 
@@ -112,7 +114,7 @@ def flashinfer_call(q, k_cache, v_cache, arrays: dict, scale: float):
 
 def run_context(rows: int, context: int) -> dict:
     from bench.attention_ncu import decode_inputs
-    from bench.kernels import time_calls
+    from bench.kernels import L2_DEFEAT_BYTES, time_calls
     from server.model.attention_ops import paged_decode_attention_torch
     from server.model.triton_attention import paged_decode_attention_triton
 

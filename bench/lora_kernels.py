@@ -31,13 +31,12 @@ import time
 
 import torch
 
-from bench.kernels import layer_shapes, time_calls
+from bench.kernels import L2_DEFEAT_BYTES, layer_shapes, time_calls
 from bench.lora_dense import dense_apply, time_dense
 from bench.results import write_named_result
 
 RANK = 16
 NUM_ADAPTERS = 32
-L2_DEFEAT_BYTES = 256 << 20
 DEVICE = "cuda"  # a CPU smoke test (tests/unit) runs it on "cpu" under the Triton interpreter
 SCENARIOS = {"decode32": ([1] * 32, list(range(32))), "single32": ([32], [0]), "decode1": ([1], [0]),
              "prefill32": ([128] * 32, list(range(32))), "prefill1": ([4096], [0])}

@@ -35,16 +35,19 @@ SOURCE_BYTES = 12288 * 40960  # what the copies walk (~500 MB, a multiple of eve
 WARPGROUPS = {"gate_up": 7, "down": 6}  # the server's picks at 32 rows in the s53-s54 H100 profiles
 
 
-@functools.cache
-def _library() -> ctypes.PyDLL:
+def build() -> Path:
+    """The probe's shared library for sm_90a, built by nvcc against the server's kernel headers."""
     from server import nvcc_library
 
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) != (9, 0):
+    return nvcc_library.build(SOURCE, "loraplex_resident_ring", 9, 0, feature="a", flags=("--use_fast_math",),
+                              include_dirs=(ROOT / "server" / "model" / "csrc",))
+
+
+@functools.cache
+def _library() -> ctypes.PyDLL:
+    if torch.cuda.get_device_capability() != (9, 0):
         raise RuntimeError("the resident ring probe needs Hopper (sm_90a)")
-    path = nvcc_library.build(SOURCE, "loraplex_resident_ring", major, minor, feature="a",
-                              flags=("--use_fast_math",), include_dirs=(ROOT / "server" / "model" / "csrc",))
-    lib = ctypes.PyDLL(str(path))
+    lib = ctypes.PyDLL(str(build()))
     lib.loraplex_resident_ring_source.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong]
     lib.loraplex_resident_ring.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 5
     return lib

@@ -89,10 +89,7 @@ def test_the_resident_ring_probe_builds_for_sm90a_against_the_kernel_header(tmp_
     from bench import resident_ring
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    include = (resident_ring.ROOT / "server" / "model" / "csrc",)
-    path = nvcc_library.build(resident_ring.SOURCE, "loraplex_resident_ring", 9, 0, include_dirs=include,
-                              feature="a", flags=("--use_fast_math",))
-    lib = ctypes.CDLL(str(path))
+    lib = ctypes.CDLL(str(resident_ring.build()))
     assert callable(lib.loraplex_resident_ring) and callable(lib.loraplex_resident_ring_source)
 
 
