@@ -30,9 +30,7 @@ cudaError_t launch(cudaStream_t stream, const void* x, const void* codes, const 
   if (smem > kResidentSmemMax) return cudaErrorInvalidConfiguration;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const int units = ((N + 15) / 16 + 3) / 4, token_groups = (M + BM - 1) / BM;
-  const int grid_x = std::max(1, std::min((units + WGS - 1) / WGS, num_sms / (used_splits * token_groups)));
-  kernel<<<dim3(grid_x, used_splits, token_groups), WGS * 128, smem, stream>>>(
+  kernel<<<resident_grid(M, N, BM, WGS, used_splits, num_sms), WGS * 128, smem, stream>>>(
       static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(codes), static_cast<const float2*>(scales),
       table, nullptr, static_cast<__nv_bfloat16*>(out), used_splits > 1 ? partial : nullptr, M, N, K,
       blocks_per_split);

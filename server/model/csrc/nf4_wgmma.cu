@@ -58,16 +58,14 @@ torch::Tensor launch_wgmma_resident(const torch::Tensor& x, const torch::Tensor&
   constexpr auto kernel = nf4_wgmma_resident_kernel<T, BM, WGS, PAIRS>;
   const int M = x.size(0), N = out.size(1);
   allow_dynamic_smem<kernel>(kResidentSmemMax);
-  const int units = ((N + 15) / 16 + 3) / 4, token_groups = (M + BM - 1) / BM;
   return run_split<T>(x, bias, out, split_k,
                       [&](cudaStream_t stream, T* out_ptr, float* partial, const T* bias_ptr, int splits,
                           int blocks_per_split) {
     const int smem = resident_smem_bytes(BM, blocks_per_split, PAIRS);
     TORCH_CHECK(smem <= kResidentSmemMax, "resident x of ", blocks_per_split, " quant blocks a split exceeds an SM's ",
                 "shared memory: split K further");
-    const int blocks = std::max(1, std::min((units + WGS - 1) / WGS, current_device_sms() / (splits * token_groups)));
-    launch_tile_layout(kernel, dim3(blocks, splits, token_groups), WGS * 128, smem, stream, x, tile_codes, tile_scales,
-                       table, bias_ptr, out_ptr, partial, N, blocks_per_split);
+    launch_tile_layout(kernel, resident_grid(M, N, BM, WGS, splits, current_device_sms()), WGS * 128, smem, stream,
+                       x, tile_codes, tile_scales, table, bias_ptr, out_ptr, partial, N, blocks_per_split);
   }, programmatic_launch(), defer_sum);
 }
 

@@ -33,6 +33,7 @@
 // (bench/results/2026-12-06-nvidia-h100-80gb-hbm3-kernels-s42-ahead.json).
 #pragma once
 
+#include <algorithm>
 #include <type_traits>
 
 #include "nf4_wgmma_bulk.cuh"
@@ -127,6 +128,13 @@ __host__ __device__ constexpr int resident_smem_bytes(int bm, int blocks, bool p
   return pairs ? (pairs_table_end() + 1023) / 1024 * 1024 - 1024 +
                      (blocks > resident_low_tiles(bm) ? (blocks - resident_low_tiles(bm)) * bm * 128 : 0)
                : blocks * bm * 128 + 2048;
+}
+
+// The resident kernel's grid for x [M, K] and N outputs in `splits` splits of K: as many blocks of WGS warpgroups a
+// split and token group as its units of 4 row tiles need, but one wave over the SMs (one block an SM)
+inline dim3 resident_grid(int M, int N, int bm, int wgs, int splits, int num_sms) {
+  const int units = ((N + 15) / 16 + 3) / 4, token_groups = (M + bm - 1) / bm;
+  return dim3(std::max(1, std::min((units + wgs - 1) / wgs, num_sms / (splits * token_groups))), splits, token_groups);
 }
 
 // RING (0 in every server instance): a probe of what a LoRA shrink whose pool tiles come by the TMA unit would cost
