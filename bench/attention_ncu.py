@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from server.model.split_sums import SplitSums
+from server.kernels.split_sums import SplitSums
 
 
 def decode_inputs(rows: int, context: int, num_q_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 128,
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=192)
     parser.add_argument("--launches", type=int, default=2, help="the first compiles")
     args = parser.parse_args()
-    from server.model.triton_attention import rotary_decode_attention_triton
+    from server.kernels.attention.triton_attention import rotary_decode_attention_triton
 
     qkv, rope, slots, k_cache, v_cache, tables, lens = decode_inputs(args.rows, args.context)
     for _ in range(args.launches):

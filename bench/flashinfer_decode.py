@@ -115,8 +115,8 @@ def flashinfer_call(q, k_cache, v_cache, arrays: dict, scale: float):
 def run_context(rows: int, context: int) -> dict:
     from bench.attention_ncu import decode_inputs
     from bench.kernels import L2_DEFEAT_BYTES, time_calls
-    from server.model.attention_ops import paged_decode_attention_torch
-    from server.model.triton_attention import paged_decode_attention_triton
+    from server.kernels.attention.attention_ops import paged_decode_attention_torch
+    from server.kernels.attention.triton_attention import paged_decode_attention_triton
 
     kv_bytes = 2 * rows * context * NUM_KV_HEADS * HEAD_DIM * 2
     copies = max(2, min(8, -(-L2_DEFEAT_BYTES // kv_bytes)))

@@ -43,9 +43,9 @@ def kernel_us(fn, name: str) -> float:
 
 
 def shape_rows(model: str, rows: int) -> dict:
-    from server.model import triton_glue
+    from server.kernels.glue import triton_glue
+    from server.kernels.split_sums import SplitSums
     from server.model.quant import NF4Linear
-    from server.model.split_sums import SplitSums
 
     cfg = SHAPES[model]
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]

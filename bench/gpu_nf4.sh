@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1
 # includes only the torch headers it uses): build it into .torch_ext, send it back
 # in $OUT/torch_ext.tgz, and next time unpack that here (`tar xzf torch_ext.tgz` in the checkout) and name
 # .torch_ext in `carry`
-# (the build is named by a digest of server/model/csrc, so a changed source or header rebuilds).
+# (the build is named by a digest of server/kernels/nf4/csrc, so a changed source or header rebuilds).
 export TORCH_EXTENSIONS_DIR=$PWD/.torch_ext
 # A carried build is older than the checkout's copied sources: newer outputs tell ninja it is up to date (the build's
 # name is a digest of csrc, so a changed source still builds anew)

@@ -32,13 +32,13 @@ SWEEP_MMA = False  # --sweep-mma: also time the CUDA kernel's warps and split-K 
 
 
 def _mma_available() -> bool:
-    from server.model import cuda_nf4
+    from server.kernels.nf4 import cuda_nf4
 
     return cuda_nf4.is_available()
 
 
 def _wgmma_available() -> bool:
-    from server.model import cuda_nf4_wgmma
+    from server.kernels.nf4 import cuda_nf4_wgmma
 
     return cuda_nf4_wgmma.wgmma_supported()
 
@@ -89,8 +89,8 @@ class Layer:
     def __init__(self, in_features: int, out_features: int, copies: int, seed: int):
         import bitsandbytes.functional as bnbf
 
-        from server.model.nf4_layout import tile_pack
-        from server.model.nf4_ops import nf4_absmax_float
+        from server.kernels.nf4.nf4_layout import tile_pack
+        from server.kernels.nf4.nf4_ops import nf4_absmax_float
 
         gen = torch.Generator(device="cuda").manual_seed(seed)
         self.shape = (out_features, in_features)
@@ -132,9 +132,9 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
     """name -> one callable per weight copy."""
     import bitsandbytes as bnb
 
-    from server.model import nf4_dispatch
-    from server.model.nf4_dispatch import nf4_linear_cuda
-    from server.model.triton_nf4 import device_num_sms, nf4_matmul_triton
+    from server.kernels.nf4 import nf4_dispatch
+    from server.kernels.nf4.nf4_dispatch import nf4_linear_cuda
+    from server.kernels.nf4.triton_nf4 import device_num_sms, nf4_matmul_triton
 
     rows = x.shape[0]
     impls = {
@@ -155,7 +155,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
         impls["fused"] = [lambda c=c: nf4_matmul_triton(x, c[0], c[1], layer.shape, layer.table)
                           for c in layer.nf4]
     if rows <= 64 and _mma_available():
-        from server.model import cuda_nf4, cuda_nf4_gemv
+        from server.kernels.nf4 import cuda_nf4, cuda_nf4_gemv
 
         impls["mma"] = [lambda c=c: cuda_nf4.nf4_mma(x, c[0], c[1], layer.shape, layer.table,
                                                      warps=2 if rows <= 8 else 4, num_sms=device_num_sms(0))
@@ -202,13 +202,13 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                                                                      num_sms=device_num_sms(0), **kw)
                                 for c in layer.nf4]
     if rows >= 16 and _mma_available():  # x as the MMA's A operand (not in the dispatch until measured)
-        from server.model import cuda_nf4
+        from server.kernels.nf4 import cuda_nf4
 
         impls["gemm"] = [lambda c=c: cuda_nf4.nf4_gemm(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                          for c in layer.nf4]
     if _mma_available() and _wgmma_available():  # warpgroup MMA (sm_90a; the dispatch's at 17-256)
-        from server.model import cuda_nf4, cuda_nf4_wgmma
-        from server.model.nf4_autotune import candidates
+        from server.kernels.nf4 import cuda_nf4, cuda_nf4_wgmma
+        from server.kernels.nf4.nf4_autotune import candidates
 
         # the wgmma variants start-up tuning would time (from 16 rows the default, each other block size that holds
         # M, one warpgroup a block, the x-resident kernel; under 16 rows its 16-token tile), then from 16 rows the
@@ -233,7 +233,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
                                                                         num_sms=device_num_sms(0), **kw)
                             for c in layer.nf4]
     if rows <= 256 and _mma_available():
-        from server.model import cuda_nf4
+        from server.kernels.nf4 import cuda_nf4
 
         impls["wide"] = [lambda c=c: cuda_nf4.nf4_wide(x, c[3], layer.shape, layer.table, num_sms=device_num_sms(0))
                          for c in layer.nf4]
@@ -256,7 +256,7 @@ def implementations(layer: Layer, x: torch.Tensor) -> dict[str, list]:
 
 def check_error(layer: Layer, x: torch.Tensor, fn) -> float:
     """max |y - ref| / max |ref| against the float64 reference on copy 0's weight."""
-    from server.model.nf4_ops import nf4_dequantize_reference
+    from server.kernels.nf4.nf4_ops import nf4_dequantize_reference
 
     codes, absmax = layer.nf4[0][:2]
     weight = nf4_dequantize_reference(codes, absmax, layer.shape, layer.table).to(x.dtype).double()
@@ -271,11 +271,11 @@ def tune_like_the_engine(layer: Layer, rows: int) -> str | None:
     nf4_dispatch.TUNED as the engine records it; the pick, or None."""
     from types import SimpleNamespace
 
-    from server.model import nf4_autotune, nf4_dispatch
+    from server.kernels.nf4 import nf4_autotune, nf4_dispatch
 
     if not nf4_autotune.AUTOTUNE or rows not in nf4_autotune.ROWS or not _mma_available():
         return None
-    from server.model.triton_nf4 import device_num_sms
+    from server.kernels.nf4.triton_nf4 import device_num_sms
 
     weights = [SimpleNamespace(codes=codes, absmax_f=absmax, quant_state=state, tiled=tiled,
                                compute_dtype=torch.bfloat16) for codes, absmax, state, tiled in layer.nf4]
@@ -327,7 +327,7 @@ def ratios(results: dict) -> dict[str, float | None]:
 def cluster_occupancy() -> dict[int, int] | str:
     """Clusters of 2, 4 and 8 cluster-summing bulk_x blocks the GPU holds at once (cudaOccupancyMaxActiveClusters),
     beside the SMs' two blocks each: where fewer fit than a grid's clusters, it runs in more than one wave."""
-    from server.model import cuda_nf4, cuda_nf4_wgmma
+    from server.kernels.nf4 import cuda_nf4, cuda_nf4_wgmma
 
     if not cuda_nf4_wgmma.wgmma_supported():
         return "no wgmma kernels in this build"

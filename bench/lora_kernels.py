@@ -40,7 +40,7 @@ NUM_ADAPTERS = 32
 DEVICE = "cuda"  # a CPU smoke test (tests/unit) runs it on "cpu" under the Triton interpreter
 SCENARIOS = {"decode32": ([1] * 32, list(range(32))), "single32": ([32], [0]), "decode1": ([1], [0]),
              "prefill32": ([128] * 32, list(range(32))), "prefill1": ([4096], [0])}
-# One override at a time, from the default launch (see server.model.triton_lora).
+# One override at a time, from the default launch (see server.kernels.lora.triton_lora).
 SHRINK_SWEEP = {
     "w2": {"num_warps": 2}, "w8": {"num_warps": 8}, "k64": {"block_k": 64}, "k256": {"block_k": 256},
     "p264": {"target_programs": 264}, "p1056": {"target_programs": 1056}, "p2112": {"target_programs": 2112},
@@ -82,7 +82,7 @@ class Pools:
     """`copies` rank pools of one LoRA linear (A [n * capacity, in], B [capacity, out], bf16), 32 slots of rank 16."""
 
     def __init__(self, in_features: int, slice_offsets: tuple[int, ...], copies: int, seed: int):
-        from server.model.lora_meta import SlotLayout
+        from server.kernels.lora.lora_meta import SlotLayout
 
         gen = torch.Generator(device=DEVICE).manual_seed(seed)
         self.num_slices, self.slice_offsets = len(slice_offsets) - 1, slice_offsets
@@ -118,7 +118,7 @@ def copy_bandwidth() -> float:
 
 def apply_error(pools: Pools, x, meta, apply) -> float:
     """max |ours - reference| / max |reference| of one apply on copy 0: apply(y) adds the delta into y in place."""
-    from server.model.lora_ops import lora_apply_reference
+    from server.kernels.lora.lora_ops import lora_apply_reference
 
     y0 = torch.randn(x.shape[0], pools.slice_offsets[-1], device=x.device).to(torch.bfloat16)
     expected, actual = y0.float(), y0.clone()
@@ -130,7 +130,7 @@ def apply_error(pools: Pools, x, meta, apply) -> float:
 
 def check(pools: Pools, x, meta, shrink_tuning, expand_tuning) -> float:
     """apply_error of the Triton shrink and expand under these launch choices."""
-    from server.model import triton_lora
+    from server.kernels.lora import triton_lora
 
     def apply(y):
         h = triton_lora.lora_shrink(x, pools.a[0], pools.layout, meta, pools.num_slices, tuning=shrink_tuning)
@@ -141,7 +141,7 @@ def check(pools: Pools, x, meta, shrink_tuning, expand_tuning) -> float:
 
 def time_variant(pools: Pools, x, meta, shrink_tuning: dict, expand_tuning: dict) -> dict[str, float]:
     """µs per call of shrink alone, expand alone and both."""
-    from server.model import triton_lora
+    from server.kernels.lora import triton_lora
 
     y = torch.zeros(x.shape[0], pools.slice_offsets[-1], device=DEVICE, dtype=torch.bfloat16)
     hs = [triton_lora.lora_shrink(x, a, pools.layout, meta, pools.num_slices, tuning=shrink_tuning) for a in pools.a]
@@ -160,7 +160,7 @@ def time_variant(pools: Pools, x, meta, shrink_tuning: dict, expand_tuning: dict
 
 def time_side(pools: Pools, x, meta) -> dict[str, float | bool]:
     """µs per call of lora_delta and of lora_add_delta (a plain output), and whether the two give the expand's bits."""
-    from server.model import triton_lora, triton_lora_decode
+    from server.kernels.lora import triton_lora, triton_lora_decode
 
     y = torch.randn(x.shape[0], pools.slice_offsets[-1], device=DEVICE).to(torch.bfloat16)
     hs = [triton_lora.lora_shrink(x, a, pools.layout, meta, pools.num_slices) for a in pools.a]
@@ -177,7 +177,7 @@ def time_side(pools: Pools, x, meta) -> dict[str, float | bool]:
 
 def run_linear(model: str, name: str, in_features: int, slice_offsets, scenarios: list[str], bandwidth: float,
                results: dict) -> None:
-    from server.model.lora_meta import make_lora_meta
+    from server.kernels.lora.lora_meta import make_lora_meta
 
     per_copy = NUM_ADAPTERS * RANK * ((len(slice_offsets) - 1) * in_features + slice_offsets[-1]) * 2
     pools = Pools(in_features, slice_offsets, copies=max(2, min(16, math.ceil(L2_DEFEAT_BYTES / per_copy))),

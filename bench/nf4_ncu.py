@@ -32,13 +32,13 @@ def main() -> None:
     parser.add_argument("--resident", default="", help="x-resident wgmma kernels at 32 rows: 7 or 7p (pair table)")
     args = parser.parse_args()
     from bench.nf4_sol import PROBES, probe_calls
-    from server.model.triton_nf4 import device_num_sms
+    from server.kernels.nf4.triton_nf4 import device_num_sms
 
     in_features, out_features = layer_shapes(args.model)[args.layer]
     layer = Layer(in_features, out_features, copies=1, seed=1)
     codes, absmax, state, tiled = layer.nf4[0]
     for rows in (int(r) for r in filter(None, args.rows.split(","))):
-        from server.model import cuda_nf4_gemv, nf4_dispatch
+        from server.kernels.nf4 import cuda_nf4_gemv, nf4_dispatch
 
         x = torch.randn(rows, in_features, device="cuda").to(torch.bfloat16)
         kernel = nf4_dispatch.kernel_for(rows, layer.shape, num_sms=device_num_sms(0))
@@ -62,7 +62,7 @@ def main() -> None:
     if args.wgmma_probes:
         launch_wgmma_probes(layer, args.wgmma_probes.split(","), device_num_sms(0))
     for spec in filter(None, args.resident.split(",")):  # "7": 7 warpgroups, the 16-entry table; "7p": the pair table
-        from server.model import cuda_nf4_wgmma
+        from server.kernels.nf4 import cuda_nf4_wgmma
 
         x = torch.randn(32, in_features, device="cuda").to(torch.bfloat16)
         warpgroups, pairs = int(spec.rstrip("p")), spec.endswith("p")
@@ -76,7 +76,7 @@ def main() -> None:
 def launch_wgmma_probes(layer: Layer, probes: list[str], num_sms: int) -> None:
     """bench.wgmma_sol's probes at 32 rows on the server's split of K, each launched twice."""
     from bench import wgmma_sol
-    from server.model.cuda_nf4_wgmma import wgmma_split_k
+    from server.kernels.nf4.cuda_nf4_wgmma import wgmma_split_k
 
     x = torch.randn(32, layer.shape[1], device="cuda").to(torch.bfloat16)
     splits = wgmma_split_k(32, layer.shape, num_sms, 32, wgmma_sol.INSTANCES[32])

@@ -21,9 +21,9 @@ def main() -> None:
     args = parser.parse_args()
     import bitsandbytes.functional as bnbf
 
-    from server.model import cuda_nf4
-    from server.model.nf4_layout import tile_pack
-    from server.model.nf4_ops import nf4_absmax_float
+    from server.kernels.nf4 import cuda_nf4
+    from server.kernels.nf4.nf4_layout import tile_pack
+    from server.kernels.nf4.nf4_ops import nf4_absmax_float
 
     w = torch.randn(args.out_features, args.in_features, device="cuda").to(torch.bfloat16)
     codes, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")

@@ -52,7 +52,7 @@ def _library() -> ctypes.PyDLL:
     from server import nvcc_library
 
     path = nvcc_library.build(SOURCE, "loraplex_nf4_sol", *torch.cuda.get_device_capability(),
-                              include_dirs=(ROOT / "server" / "model" / "csrc",))
+                              include_dirs=(ROOT / "server" / "kernels" / "nf4" / "csrc",))
     lib = ctypes.PyDLL(str(path))
     lib.loraplex_nf4_sol_sink_words.argtypes = [ctypes.c_int] * 4
     lib.loraplex_nf4_sol_sink_words.restype = ctypes.c_longlong
@@ -81,8 +81,8 @@ def probe_calls(layer: Layer, x: torch.Tensor, mode: int, warps: int, splits: in
 
 def run_shape(model: str, name: str, in_features: int, out_features: int, probes: tuple[str, ...] = tuple(PROBES),
               warps_list: tuple[int, ...] = WARPS) -> dict:
-    from server.model import cuda_nf4
-    from server.model.triton_nf4 import device_num_sms
+    from server.kernels.nf4 import cuda_nf4
+    from server.kernels.nf4.triton_nf4 import device_num_sms
 
     layer = timing_layer(in_features, out_features)
     x = torch.randn(1, in_features, device="cuda").to(torch.bfloat16)

@@ -40,7 +40,7 @@ def build() -> Path:
     from server import nvcc_library
 
     return nvcc_library.build(SOURCE, "loraplex_resident_ring", 9, 0, feature="a", flags=("--use_fast_math",),
-                              include_dirs=(ROOT / "server" / "model" / "csrc",))
+                              include_dirs=(ROOT / "server" / "kernels" / "nf4" / "csrc",))
 
 
 @functools.cache
@@ -56,7 +56,7 @@ def _library() -> ctypes.PyDLL:
 def run_shape(name: str, in_features: int, out_features: int, rows: int, num_sms: int, server_too: bool = True) -> dict:
     """One shape's times and checks; without `server_too` the rings are checked against RING 0 (the server's kernel
     from this build) and the server's call is neither built (~75 s for the CUDA extension) nor timed."""
-    from server.model import cuda_nf4_wgmma
+    from server.kernels.nf4 import cuda_nf4_wgmma
 
     lib = _library()
     warpgroups = WARPGROUPS[name]
@@ -105,7 +105,7 @@ def run_shape(name: str, in_features: int, out_features: int, rows: int, num_sms
 
 
 def main() -> None:
-    from server.model.triton_nf4 import device_num_sms
+    from server.kernels.nf4.triton_nf4 import device_num_sms
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="gate_up,down", help="8B layers (those the resident kernel serves)")

@@ -7,7 +7,7 @@ name contains SUBSTRING, every backward branch's loop: its instruction count and
 kernels (the tensor-core MMAs, the shared loads, the fp32 multiplies, the spills), with --all each loop's whole opcode
 histogram. Neither tool ships with the CPU machine's nvcc; both come from PyPI as wheels (no GPU needed):
 ``pip download --no-deps nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm``, unzip, and put their ``nvidia/cu13/bin`` on
-PATH. An object comes from ``nvcc -gencode arch=compute_90a,code=sm_90a -c`` (for server/model/csrc/nf4_*.cu the
+PATH. An object comes from ``nvcc -gencode arch=compute_90a,code=sm_90a -c`` (for server/kernels/nf4/csrc/nf4_*.cu the
 torch and Python include flags too, and ``-DTORCH_EXTENSION_NAME=x``). Used to count the per-pair dequantization
 instructions of the byte-pair table (thirty-third session: 5 a pair in SASS against the 16-entry table's 8).
 """

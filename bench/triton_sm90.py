@@ -108,7 +108,8 @@ def lora_decode_variants():
     """(label, kernel function, constexprs, types, num_warps, compile_sm90's ones and aligned) of a batch-32 decode
     step's LoRA launches (rank 16): the tile forms, and the one-row forms at LORAPLEX_LORA_ONE_ROW's width (256 when
     it is off), N / 256 warps for bf16 B as one_row_launch gives."""
-    from server.model import triton_glue, triton_lora, triton_lora_decode
+    from server.kernels.glue import triton_glue
+    from server.kernels.lora import triton_lora, triton_lora_decode
 
     shrink = triton_lora._shrink_kernel
     expand = triton_lora._expand_kernel

@@ -6,7 +6,7 @@ Times by CUDA-graph replay over weight copies (bench.kernels.time_calls), per la
 bench/csrc/wgmma_sol.cu: at up to 32 rows the 32-token instance (three blocks an SM, one quant block a stage), at
 33-128 rows the 128-token one the dispatch runs at 128 rows (one block an SM), on the server's grid and split of K,
 compiled again with parts of its stage loop left out
-(server/model/csrc/nf4_wgmma.cuh, kWgmmaProbe*; NOT the semantics, only the times mean anything): ``kernel``
+(server/kernels/nf4/csrc/nf4_wgmma.cuh, kWgmmaProbe*; NOT the semantics, only the times mean anything): ``kernel``
 (nothing left out: the server's kernel less its split-K sum, checked bit for bit against the server's output,
 ``exact``), ``no_x`` (x stored once: no x loads, stores or fences in the loop), ``no_barrier``, ``no_x_barrier``,
 ``no_dequant`` (the raw code words as the wgmma's A), ``no_mma``, ``dequant_loads`` (the code loads and the exact
@@ -68,7 +68,7 @@ def _library() -> ctypes.PyDLL:
     if (major, minor) != (9, 0):
         raise RuntimeError("the wgmma probes need Hopper (sm_90a)")
     path = nvcc_library.build(SOURCE, "loraplex_wgmma_sol", major, minor, feature="a", flags=("--use_fast_math",),
-                              include_dirs=(ROOT / "server" / "model" / "csrc",))
+                              include_dirs=(ROOT / "server" / "kernels" / "nf4" / "csrc",))
     lib = ctypes.PyDLL(str(path))
     lib.loraplex_wgmma_sol.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4
     return lib
@@ -106,8 +106,8 @@ def probe_call(layer, x: torch.Tensor, probe: str, splits: int):
 
 
 def run_shape(model: str, name: str, in_features: int, out_features: int, rows: int) -> dict:
-    from server.model import cuda_nf4_wgmma
-    from server.model.triton_nf4 import device_num_sms
+    from server.kernels.nf4 import cuda_nf4_wgmma
+    from server.kernels.nf4.triton_nf4 import device_num_sms
 
     layer = timing_layer(in_features, out_features)
     x = torch.randn(rows, in_features, device="cuda").to(torch.bfloat16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from server.model.lora_meta import SlotLayout
+from server.kernels.lora.lora_meta import SlotLayout
 
 
 def mixed_ranks(max_rank: int, num_slots: int) -> list[int]:

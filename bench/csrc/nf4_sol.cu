@@ -1,5 +1,5 @@
 // Speed-of-light probes of the NF4 one-row kernel (bench/nf4_sol.py): how fast the work nf4_tile_kernel does at one
-// row could go, step by step, over the same tile layout and with the same device helpers (server/model/csrc/
+// row could go, step by step, over the same tile layout and with the same device helpers (server/kernels/nf4/csrc/
 // nf4_device.cuh). Each warp walks one 16-row tile over its split of K, as the tile kernel does, and folds what it
 // computed into one word a lane (a sink the compiler cannot drop); nothing is summed or stored otherwise.
 //   mode 0: the code and scale loads alone (the bandwidth floor of the NF4 bytes);

@@ -1,7 +1,7 @@
 // Speed-of-light probes of the NF4 wgmma kernel's stage loop (bench/wgmma_sol.py): the 32-token instance the dispatch
 // ran at 17-32 rows (nf4_wgmma_kernel<bf16, 32, 3, 1>: three blocks an SM, one quant block a stage) and the 128-token
 // one it runs at 65-128 (<bf16, 128, 1, 1>: one block an SM), each probe the same kernel with parts of a stage left
-// out (server/model/csrc/nf4_wgmma.cuh, kWgmmaProbe*), on the server's grid and split of K. NOT the semantics: a
+// out (server/kernels/nf4/csrc/nf4_wgmma.cuh, kWgmmaProbe*), on the server's grid and split of K. NOT the semantics: a
 // probe's output is garbage; only its time means anything.
 // Built by nvcc alone for sm_90a (no torch headers), called through ctypes. Not part of the server.
 #include <cuda_bf16.h>

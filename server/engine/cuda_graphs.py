@@ -17,10 +17,10 @@ import os
 
 import torch
 
-from server.model.host_device import to_device
-from server.model.lora_meta import LoraBatchMeta
-from server.model.lora_ops import triton_available
-from server.model.shrink_workspace import ShrinkWorkspace
+from server.kernels.backends import triton_available
+from server.kernels.host_device import to_device
+from server.kernels.lora.lora_meta import LoraBatchMeta
+from server.kernels.lora.shrink_workspace import ShrinkWorkspace
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ LORA_TILE = int(os.environ.get("LORAPLEX_LORA_TILE", "16"))
 # token, as in decode steps (A/B).
 SHRINK_TILES = os.environ.get("LORAPLEX_LORA_TILE_SHRINK", "tile") != "token"
 # LORAPLEX_LORA_ONE_FILL=1: the split-K LoRA shrinks of a captured step take their zeroed h from one buffer zeroed
-# once at the step's start (server/model/shrink_workspace.py), where each shrink has its own fill kernel (128 in an
-# 8B step). Off: slower on the H200 (twenty-ninth session, 8B mixed32 decode step, unprofiled wall 5.93 -> 7.00 ms,
+# once at the step's start (server/kernels/lora/shrink_workspace.py), where each shrink has its own fill kernel (128 in
+# an 8B step). Off: slower on the H200 (twenty-ninth session, 8B mixed32 decode step, unprofiled wall 5.93 -> 7.00 ms,
 # while the LoRA kernels' summed time fell 3.36 -> 2.32 ms): without the fill ahead of it, each shrink reaches the
 # SMs as early as the base NF4 kernel beside it and takes blocks from the step's critical path.
 ONE_FILL = os.environ.get("LORAPLEX_LORA_ONE_FILL", "0") == "1"
@@ -204,7 +204,7 @@ class DecodeGraphs:
             flat += starts + [starts[-1]] * pad + slots + [-1] * pad
         values = to_device(flat, torch.long, self.runner.device)
         if self.fill_kernel:
-            from server.engine.triton_step_inputs import scatter_step_inputs
+            from server.kernels.triton_step_inputs import scatter_step_inputs
 
             scatter_step_inputs(inputs, values, tuple(DECODE_ROW_FIELDS), len(rows[0]), width, len(tables))
         else:

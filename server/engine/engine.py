@@ -114,7 +114,7 @@ class LLMEngine:
         self._last_step_end = 0.0
         self.prefix_per_tenant = settings.prefix_cache_scope == "tenant"
         if self.model.device.type == "cuda" and settings.quantization == "nf4":
-            from server.model import nf4_autotune, nf4_dispatch
+            from server.kernels.nf4 import nf4_autotune, nf4_dispatch
 
             # Before any graph capture: building the CUDA NF4 kernel takes ~90 s on a fresh machine.
             with load_phase("kernels", "the CUDA NF4 kernels, built once per machine"):

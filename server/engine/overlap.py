@@ -40,7 +40,7 @@ import torch
 from server.engine.request import Request, RequestStatus
 from server.engine.sampler import PendingTokens
 from server.engine.scheduler import ScheduledBatch, Scheduler
-from server.model.host_device import to_device
+from server.kernels.host_device import to_device
 
 PLACEHOLDER = -1  # an output token the host has not read yet
 

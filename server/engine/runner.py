@@ -19,11 +19,11 @@ import torch
 from server.engine.cuda_graphs import DECODE_ROW_FIELDS, DecodeGraphs, tiled_lora_meta
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request
-from server.model.host_device import host_list, to_device
+from server.kernels.host_device import host_list, to_device
+from server.kernels.lora.lora_ops import LoraBatchMeta, decode_lora_meta, make_lora_meta
 from server.model.llama import CausalLM, PrefillSeq, StepContext
 from server.model.loader import load_phase
 from server.model.lora import LoraContext
-from server.model.lora_ops import LoraBatchMeta, decode_lora_meta, make_lora_meta
 
 log = logging.getLogger(__name__)
 

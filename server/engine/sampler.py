@@ -47,16 +47,16 @@ import torch
 
 from server.engine.grammar import GrammarBackend
 from server.engine.request import Request, SamplingError, SamplingParams
-from server.engine.row_argmax import row_argmax
-from server.engine.sampling_masses import (
+from server.engine.token_counts import TokenCounts
+from server.kernels.host_device import HostCopy, to_device
+from server.kernels.sampling.row_argmax import row_argmax
+from server.kernels.sampling.sampling_masses import (
     NO_TOP_P,
     draw_from_masses,
     fused_top_p_available,
     integer_masses,
     top_p_keep,
 )
-from server.engine.token_counts import TokenCounts
-from server.model.host_device import HostCopy, to_device
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
@@ -343,7 +343,7 @@ class Sampler:
         )
         probs = filtered.softmax(dim=-1)
         if probs.is_cuda and fused_top_p_available():
-            from server.engine.triton_top_p import full_draw, top_p_draw
+            from server.kernels.sampling.triton_top_p import full_draw, top_p_draw
 
             return top_p_draw(probs, params[2], params[4]) if top_p is not None else full_draw(probs, params[4])
         masses = integer_masses(probs)

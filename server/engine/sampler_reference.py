@@ -10,7 +10,7 @@ import torch
 
 from server.engine.request import SamplingParams
 from server.engine.sampler import draw_uniform
-from server.engine.sampling_masses import integer_masses, top_p_threshold
+from server.kernels.sampling.sampling_masses import integer_masses, top_p_threshold
 
 
 def sample_row_reference(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],

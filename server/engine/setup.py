@@ -9,7 +9,8 @@ from server.api.auth import tenant_policies
 from server.config import Settings
 from server.engine.fairness import TenantCounters, TenantPolicy
 from server.engine.rank_pool import block_size
-from server.model import lora_ops
+from server.kernels.backends import triton_available
+from server.kernels.lora import lora_ops
 from server.model.loader import load_phase
 from server.model.lora import LoraSlots
 
@@ -39,15 +40,15 @@ def allocate_adapter_pool(model, units: int, max_rank: int, num_slot_ids: int) -
     with load_phase("adapter pool", f"{units} rank units, {units * LoraSlots.rank_nbytes(model) / 2**20:.0f} MiB"):
         slots = LoraSlots(model, units, max_rank, num_slot_ids)
         slots.warm_up_copies()
-    if model.device.type == "cuda" and lora_ops.USE_TRITON_LORA and lora_ops.triton_available():
-        from server.model import triton_lora
+    if model.device.type == "cuda" and lora_ops.USE_TRITON_LORA and triton_available():
+        from server.kernels.lora import triton_lora
 
         with load_phase("lora kernels", "every Triton LoRA variant a prefill can meet, built before serving"):
             triton_lora.warm_up([linear for _, linear in model.lora_linears()], slots.layout, model.device)
     if slots.use_scatter:
         # Whatever the LoRA kernels: a float32 engine loads slots with the scatter kernel too, and would
         # otherwise build it (about a second) inside its first load.
-        from server.model import triton_slot_load
+        from server.kernels.lora import triton_slot_load
 
         with load_phase("slot load kernel", "the scatter kernel for every source dtype"):
             triton_slot_load.warm_up(slots.flat)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from server.engine.request import Request
-from server.model.host_device import to_device
+from server.kernels.host_device import to_device
 
 
 class TokenCounts:

@@ -18,15 +18,16 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from server.model import act_shrink, glue_ops
-from server.model.attention_ops import paged_decode_attention, prefill_attention
+from server.kernels.attention.attention_ops import paged_decode_attention, prefill_attention
+from server.kernels.attention.rotary_attention import rotary_decode_attention
+from server.kernels.glue import glue_ops
+from server.kernels.lora import act_shrink
+from server.kernels.split_sums import SplitSums
 from server.model.lora import LoraContext, LoraLinear
 from server.model.quant import make_linear
-from server.model.rotary_attention import rotary_decode_attention
-from server.model.split_sums import SplitSums
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-# qkv_proj and gate_up_proj hand their split-K partials to the glue kernel that reads them (server.model.split_sums);
+# qkv_proj and gate_up_proj hand their split-K partials to the glue kernel that reads them (server.kernels.split_sums);
 # LORAPLEX_DEFER_SPLIT_SUMS=0 runs csrc's sum kernel instead (A/B timing). From DEFER_MIN_ROWS rows (H200, 8B engine
 # bench, one run each): one row was left to the sum kernel in the fourteenth session (3.317 ms of kernels deferred
 # against 3.292, when qkv's 16 planes went to the rotary kernel too); with qkv on nf4_gemv (no partials) and

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from server.model import lora_ops
-from server.model.host_device import to_device
-from server.model.lora_ops import LoraBatchMeta, SlotLayout, base_output, linear_with_lora
+from server.kernels.backends import triton_available
+from server.kernels.host_device import to_device
+from server.kernels.lora.lora_ops import LoraBatchMeta, SlotLayout, base_output, linear_with_lora
 from server.model.lora_staging import element_offset, round_up, stage, tensors_to_device
 
 
@@ -175,7 +175,7 @@ class LoraSlots:
         # keeps the foreach path). On the H200 (tests/gpu/test_adapter_prefetch_gpu.py, 1B rank 16) it was
         # bit-equal to the per-linear reference in bf16 and fp16 and issued a load in 1.3-1.6 ms against
         # 1.9-2.5 for the foreach path; on the CPU (and under the interpreter) it is opt-in with =1.
-        default = "1" if model.device.type == "cuda" and lora_ops.triton_available() else "0"
+        default = "1" if model.device.type == "cuda" and triton_available() else "0"
         self.use_scatter = os.environ.get("LORAPLEX_SLOT_SCATTER", default) == "1"
 
     def warm_up_copies(self) -> None:
@@ -188,7 +188,7 @@ class LoraSlots:
         at 8B, max_rank 64); the engine sizes the KV cache after this, with the block counted. CUDA only."""
         if self._copy_stream is None:
             return
-        from server.model.triton_slot_load import FIELDS
+        from server.kernels.lora.triton_slot_load import FIELDS
 
         element = torch.tensor([], dtype=self.model.dtype).element_size()
         tensors = sum(2 * len(linear.slice_names) for _, linear in self.model.lora_linears())
@@ -238,7 +238,7 @@ class LoraSlots:
     def _scatter_into(self, offset: int, rank: int, adapter) -> None:
         """The slot load as one descriptor per tensor and one `triton_slot_load.scatter` per source dtype,
         after one scatter launch that zeroes the slot's rows."""
-        from server.model import triton_slot_load
+        from server.kernels.lora import triton_slot_load
 
         device = self.model.device
         staging, locate = stage(adapter.tensors, device)

@@ -63,12 +63,12 @@ class NF4Linear(nn.Module):
         self.tiled = self._derive_tiled() if self.codes.is_cuda else None
 
     def _derive_tiled(self, out=None):
-        from server.model.nf4_layout import tile_pack
+        from server.kernels.nf4.nf4_layout import tile_pack
 
         return tile_pack(self.codes.data, self.absmax_f, (self.out_features, self.in_features), out=out)
 
     def _derive_absmax(self) -> torch.Tensor:
-        from server.model.nf4_ops import nf4_absmax_float
+        from server.kernels.nf4.nf4_ops import nf4_absmax_float
 
         return nf4_absmax_float(self.quant_state).float().contiguous()
 
@@ -81,7 +81,7 @@ class NF4Linear(nn.Module):
             if self._cpu_weight is None:
                 self._cpu_weight = self.dequantize().to(self.compute_dtype)
             return nn.functional.linear(x, self._cpu_weight, self.bias)
-        from server.model.nf4_ops import nf4_matmul  # kernels by rows, measured crossovers (nf4_dispatch)
+        from server.kernels.nf4.nf4_ops import nf4_matmul  # kernels by rows, measured crossovers (nf4_dispatch)
 
         shape = (self.out_features, self.in_features)
         return nf4_matmul(x, self.codes, self.absmax_f, shape, self.quant_state.code, bias=self.bias,

@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(autouse=True, scope="module")
 def _tuned_kernels_stay_in_their_module():
-    from server.model import nf4_dispatch
+    from server.kernels.nf4 import nf4_dispatch
 
     saved = dict(nf4_dispatch.TUNED)
     yield

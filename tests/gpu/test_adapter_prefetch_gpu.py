@@ -45,7 +45,8 @@ def _timed_calls(monkeypatch, targets) -> dict:
 
 
 def test_copy_waits_for_queued_compute_and_reports_loading(tiny_llama_dir, tiny_adapters, monkeypatch):
-    from server.model import lora, triton_slot_load
+    from server.kernels.lora import triton_slot_load
+    from server.model import lora
 
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     engine = gpu_engine(tiny_llama_dir, max_slots=2)

@@ -32,7 +32,7 @@ def make_requests(refs, names, n=8):
 def test_graph_decode_equals_eager(tiny_llama_dir, tiny_adapters, quantize, dtype, pairs, monkeypatch):
     """pairs "1": every NF4 call of 1-8 rows on nf4_gemv_pairs, which the tiny model's weights (all under
     nf4_dispatch.PAIRS_MIN_WEIGHTS) never meet by default: eager and captured decode steps through it."""
-    from server.model import cuda_nf4_gemv, nf4_dispatch
+    from server.kernels.nf4 import cuda_nf4_gemv, nf4_dispatch
 
     monkeypatch.setattr(nf4_dispatch, "PAIRS", pairs)
     calls = []
@@ -82,7 +82,7 @@ def test_down_shrink_in_the_activation_matches_peft_alone(tiny_llama_dir, tiny_a
     """LORAPLEX_LORA_SILU_SHRINK: the captured decode steps compute down_proj's LoRA shrink in the activation kernel
     (act_shrink), with gate_up's delta pending there (one_row 256) or expanded before it (0); the mixed batch still
     matches PEFT with each adapter alone."""
-    from server.model import act_shrink, triton_lora
+    from server.kernels.lora import act_shrink, triton_lora
 
     monkeypatch.setattr(act_shrink, "SILU_SHRINK", True)
     monkeypatch.setattr(triton_lora, "ONE_ROW_BLOCK_N", one_row)
@@ -105,7 +105,8 @@ def test_decode_levers_give_the_default_graph_decode(tiny_llama_dir, tiny_adapte
     captured decode steps give the default's tokens, and its logits within bf16 rounding (the split-K shrinks' atomic
     adds vary h's last bits from run to run); and the float32 engine's match PEFT with each adapter alone (a delta
     lost or read too early shows there, not within bf16 rounding)."""
-    from server.model import act_shrink, lora_ops, pdl
+    from server.kernels import pdl
+    from server.kernels.lora import act_shrink, lora_ops
 
     refs = adapter_refs(tiny_llama_dir, tiny_adapters)
     names = [None, "attn-r4", "all-r8", "mlp-r2-rs", "ko-r16"]

@@ -8,8 +8,8 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from server.model import glue_ops, triton_glue  # noqa: E402
-from server.model.attention_ops import write_kv_cache  # noqa: E402
+from server.kernels.attention.attention_ops import write_kv_cache  # noqa: E402
+from server.kernels.glue import glue_ops, triton_glue  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -33,7 +33,7 @@ def test_add_rmsnorm(rows, cols):
 def test_add_rmsnorm_sums_split_partials_bit_for_bit(rows, cols, splits):
     """o_proj's / down_proj's split-K partials summed by the residual add + norm (LORAPLEX_NORM_SPLIT_SUMS): bit for
     bit the summed output handed to it."""
-    from server.model.split_sums import SplitSums
+    from server.kernels.split_sums import SplitSums
 
     h = torch.randn(rows, cols, device="cuda").to(torch.bfloat16)
     sums = SplitSums(torch.randn(splits, rows, cols, device="cuda"), torch.randn(cols, device="cuda").bfloat16(),

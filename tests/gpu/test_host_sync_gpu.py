@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from server.model.host_device import host_list
+from server.kernels.host_device import host_list
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

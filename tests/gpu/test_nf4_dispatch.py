@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 import bitsandbytes.functional as bnbf  # noqa: E402
 
-from server.model import nf4_dispatch, nf4_ops  # noqa: E402
+from server.kernels.nf4 import nf4_dispatch, nf4_ops  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -28,7 +28,7 @@ def _layer(in_features, out_features):
 
 
 def _tiled(codes, absmax, shape):
-    from server.model.nf4_layout import tile_pack
+    from server.kernels.nf4.nf4_layout import tile_pack
 
     return tile_pack(codes, absmax, shape)
 
@@ -53,7 +53,7 @@ def _rel_err(got, x, codes, absmax, shape, table, bias):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"in{s[0]}_out{s[1]}")
 def test_kernel_matches_float64_reference(kernel, rows, shape):
     if kernel == "wgmma":
-        from server.model import cuda_nf4_wgmma
+        from server.kernels.nf4 import cuda_nf4_wgmma
 
         if not cuda_nf4_wgmma.wgmma_supported():
             pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
@@ -71,8 +71,8 @@ def test_kernel_matches_float64_reference(kernel, rows, shape):
 
 
 def test_dequantize_kernel_is_bit_exact():
-    from server.model.nf4_layout import codes_as_words
-    from server.model.triton_nf4_dequant import nf4_dequantize_triton
+    from server.kernels.nf4.nf4_layout import codes_as_words
+    from server.kernels.nf4.triton_nf4_dequant import nf4_dequantize_triton
 
     codes, absmax, wshape, table, _ = _layer(4096, 6144)
     scratch = torch.empty(wshape[0] * wshape[1], device="cuda", dtype=torch.bfloat16)
@@ -82,7 +82,7 @@ def test_dequantize_kernel_is_bit_exact():
 
 @pytest.mark.parametrize("split_k, warps", [(1, 4), (3, 2), (8, 4)])
 def test_mma_kernel_splits_and_warps(split_k, warps):
-    from server.model import cuda_nf4
+    from server.kernels.nf4 import cuda_nf4
 
     codes, absmax, wshape, table, _ = _layer(1536, 576)
     x = torch.randn(5, 1536, device="cuda").to(torch.float16)
@@ -95,7 +95,7 @@ def test_mma_kernel_splits_and_warps(split_k, warps):
                                                                 (20, 2, 4, 2), (30, 5, 4, 1), (50, 4, 4, 1)])
 def test_tile_kernel_matches_mma_bit_for_bit(rows, split_k, warps, rows_per_warp):
     """Same MMA mapping, same order of fp32 sums: the tile layout must not change a single bit."""
-    from server.model import cuda_nf4
+    from server.kernels.nf4 import cuda_nf4
 
     codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: a partial last tile
     x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
@@ -111,7 +111,7 @@ def test_tile_kernel_matches_mma_bit_for_bit(rows, split_k, warps, rows_per_warp
 def test_gemv_kernel_matches_the_tile_kernel_split_as_its_warps_bit_for_bit(rows, warps, dtype):
     """A block's warps take the blocks split w of nf4_tile(split_k = warps) takes and sum in split order: the same
     bits (24 quant blocks: 16 warps leave four empty)."""
-    from server.model import cuda_nf4, cuda_nf4_gemv
+    from server.kernels.nf4 import cuda_nf4, cuda_nf4_gemv
 
     codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: a partial last tile
     x = torch.randn(rows, 1536, device="cuda").to(dtype)
@@ -140,7 +140,7 @@ def test_gemv_pairs_matches_the_tile_kernel_split_as_its_group_bit_for_bit(rows,
     """The byte-pair table's fragments are a_fragments' bit for bit, and a group of warps splits and sums a tile's K as
     nf4_gemv's block (and nf4_tile with split_k = group_warps) does: the same bits, also where a group walks several
     tiles (its ring running across them, its sums in two buffers) and where a warp's blocks leave ring steps empty."""
-    from server.model import cuda_nf4, cuda_nf4_gemv
+    from server.kernels.nf4 import cuda_nf4, cuda_nf4_gemv
 
     codes, absmax, wshape, table, _ = _layer(in_features, out_features)
     x = torch.randn(rows, in_features, device="cuda").to(dtype)
@@ -158,7 +158,7 @@ def test_gemv_pairs_matches_the_tile_kernel_split_as_its_group_bit_for_bit(rows,
 
 def test_gemv_pairs_default_groups_match_the_float64_reference():
     """The default group size for each 8B shape (gemv_pairs_group_warps), against the float64 reference."""
-    from server.model import cuda_nf4_gemv
+    from server.kernels.nf4 import cuda_nf4_gemv
 
     for in_features, out_features in ((4096, 6144), (4096, 4096), (14336, 4096), (4096, 28672)):
         codes, absmax, wshape, table, _ = _layer(in_features, out_features)
@@ -183,7 +183,7 @@ def _assert_replays(run, x, eager=None):
 def test_gemm_kernel_splits_deferred_sums_and_replays(rows, split_k, dtype):
     """x as the MMA's A operand: against the float64 reference at every split; the deferred partials sum to the same
     bits as the sum kernel; a captured launch replays on new rows."""
-    from server.model import cuda_nf4
+    from server.kernels.nf4 import cuda_nf4
 
     codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: a partial last group of 64
     x = torch.randn(rows, 1536, device="cuda").to(dtype)
@@ -213,7 +213,7 @@ def test_wgmma_splits_blocks_deferred_sums_and_replays(rows, split_k, block_toke
 def _wgmma_layer(rows, dtype):
     """A 600 x 1536 weight (a partial last group of 128 rows and tile of 16), `rows` random rows of x and a bias, for
     the wgmma kernels (skipped without them): (codes, absmax, shape, table, tiled, x, bias)."""
-    from server.model import cuda_nf4_wgmma
+    from server.kernels.nf4 import cuda_nf4_wgmma
 
     if not cuda_nf4_wgmma.wgmma_supported():
         pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
@@ -226,7 +226,7 @@ def _wgmma_layer(rows, dtype):
 def _wgmma_against_the_reference(rows, dtype, **options):
     """nf4_wgmma(**options) on `rows` random rows of _wgmma_layer's weight, checked against the float64 reference
     and x @ W^T in fp32: (run, x, its output)."""
-    from server.model import cuda_nf4_wgmma
+    from server.kernels.nf4 import cuda_nf4_wgmma
 
     codes, absmax, wshape, table, tiled, x, bias = _wgmma_layer(rows, dtype)
     run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, bias, **options, **kw)  # noqa: E731
@@ -250,7 +250,7 @@ def test_wgmma_variants_match_the_default_bit_for_bit(rows, split_k, block_token
     a stage early into three buffers; splits of 1-5 blocks: the loads past a split clamped). Not a bit may differ
     from the default, with an odd count of blocks in a split (24 quant blocks in 5 splits: 5, 5, 5, 5, 4), tokens
     over several blocks of the grid (300 rows) and on replay."""
-    from server.model import cuda_nf4_wgmma
+    from server.kernels.nf4 import cuda_nf4_wgmma
 
     if not cuda_nf4_wgmma.wgmma_supported():
         pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
@@ -275,7 +275,7 @@ def test_bulk_x_matches_the_default_block_bit_for_bit(rows, split_k, block_token
     rows: several token groups, the last one short (its rows past M are row M - 1's image); 24 quant blocks in 24,
     12, 8 and 5 splits: one, two, three (each buffer used once) and five stages a split; 600 weight rows: a last
     block of a few warps' tiles. Up to 8 splits, also summed in a cluster (cluster_sum): the sum kernel's bits."""
-    from server.model import cuda_nf4_wgmma
+    from server.kernels.nf4 import cuda_nf4_wgmma
 
     codes, absmax, wshape, table, tiled, x, bias = _wgmma_layer(rows, dtype)
     run = lambda xs, **kw: cuda_nf4_wgmma.nf4_wgmma(xs, tiled, wshape, table, bias, split_k=split_k,  # noqa: E731
@@ -305,7 +305,7 @@ def test_cluster_sum_adds_the_splits_in_the_sum_kernels_order(block_tokens, spli
     negation of split 0's, scaled by 4096), the other splits' small: the sum kernel's order (0 + p0 + p1 + p2 + ...)
     cancels the first two exactly, where any other order rounds p0's magnitude into the rest. The cluster's sum must
     give the sum kernel's bits, compared as integers (torch.equal takes -0.0 for +0.0)."""
-    from server.model import cuda_nf4_wgmma
+    from server.kernels.nf4 import cuda_nf4_wgmma
 
     if not cuda_nf4_wgmma.wgmma_supported():
         pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
@@ -335,8 +335,8 @@ def test_cluster_sum_adds_the_splits_in_the_sum_kernels_order(block_tokens, spli
 def test_the_rules_run_bulk_x_past_64_rows_on_4096_inputs(monkeypatch, rows):
     """The rules' wgmma call at 65-256 rows of a weight of 4,096 inputs is nf4_wgmma(bulk_x=True), bit for bit, and
     within the reference's tolerance."""
-    from server.model import cuda_nf4_wgmma
-    from server.model.triton_nf4 import device_num_sms
+    from server.kernels.nf4 import cuda_nf4_wgmma
+    from server.kernels.nf4.triton_nf4 import device_num_sms
 
     if not cuda_nf4_wgmma.wgmma_supported():
         pytest.skip("warpgroup MMA needs an sm_90a build (H100, H200)")
@@ -369,7 +369,7 @@ def test_resident_kernel_matches_the_default_bit_for_bit(rows, split_k, warpgrou
     units, its ring loading the next unit's first block in the last stage of one. The byte-pair table gives the same
     products (fp32 code x fp32 scale, one rounding); with it, x's 24 tiles sit both below and past the table (at 32
     block tokens). A 16-token x tile (m64n16 wgmmas) sums each output as the 32-token one does."""
-    from server.model import cuda_nf4_wgmma
+    from server.kernels.nf4 import cuda_nf4_wgmma
 
     if -(-24 // split_k) > cuda_nf4_wgmma.resident_max_blocks(block_tokens, pairs):
         pytest.skip(f"{-(-24 // split_k)} quant blocks of x at {block_tokens} tokens exceed the block's shared memory")
@@ -406,7 +406,7 @@ def _two_slice_lora_linear(gen, in_features: int, out_features: int):
     """A decode step's two-slice LoRA linear (gate_up's form) on an NF4 weight: 32 rows over 9 mixed-rank adapters
     and rows without one. Returns (rows, in_features, linear_with_lora's pool arguments (lora_a, lora_b, layout,
     meta, slice_offsets), (codes, absmax, weight shape, table, tiled))."""
-    from server.model.lora_meta import decode_lora_meta
+    from server.kernels.lora.lora_meta import decode_lora_meta
     from tests.lora_pools import mixed_ranks, random_pool
 
     rows, slots = 32, 9
@@ -424,7 +424,7 @@ def _two_slice_lora_linear(gen, in_features: int, out_features: int):
 ])  # fmt: skip
 def test_wide_kernel_matches_tile_bit_for_bit(rows, split_k, token_tiles, rows_per_warp):
     """x through shared memory, same MMA mapping and order of fp32 sums as the tile kernel: not a bit may differ."""
-    from server.model import cuda_nf4
+    from server.kernels.nf4 import cuda_nf4
 
     codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: a partial last tile
     x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
@@ -439,7 +439,7 @@ def test_wide_kernel_matches_tile_bit_for_bit(rows, split_k, token_tiles, rows_p
 @pytest.mark.parametrize("rows, token_tiles, rows_per_warp", [(130, 8, 1), (257, 16, 2), (200, 16, 1)])
 def test_wide_kernel_token_groups_match_reference(rows, token_tiles, rows_per_warp):
     """More rows than one pass holds: grid z walks the token groups; fp16 too."""
-    from server.model import cuda_nf4
+    from server.kernels.nf4 import cuda_nf4
 
     codes, absmax, wshape, table, _ = _layer(576, 1536)
     x = torch.randn(rows, 576, device="cuda").to(torch.float16)
@@ -454,7 +454,7 @@ def test_wide_kernel_token_groups_match_reference(rows, token_tiles, rows_per_wa
 def test_split_k_sums_repeat_bit_for_bit_eager_and_replayed(kernel, rows):
     """Split K (partials summed by split_k_sum_kernel in split order): the same bits at every launch, eager or replayed
     from a CUDA graph; 37 rows in wide passes of 16 give three token groups."""
-    from server.model import cuda_nf4
+    from server.kernels.nf4 import cuda_nf4
 
     codes, absmax, wshape, table, _ = _layer(1536, 600)  # 600 rows: the tile kernel's last block has idle warps
     x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
@@ -478,7 +478,7 @@ def test_tile_kernel_launched_programmatically_dependent_reads_the_kernel_ahead(
     """pdl=True (csrc wait_for_prior_grid): a chain of three launches, each reading the one before's output, gives
     the same bits as plain launches, eager and replayed from a CUDA graph. A read of x before the wait would see
     the buffer before the kernel ahead wrote it."""
-    from server.model import cuda_nf4
+    from server.kernels.nf4 import cuda_nf4
 
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90")
@@ -518,8 +518,9 @@ def _assert_replays_give(fn, want, replays: int = 3):
 
 @contextlib.contextmanager
 def _programmatic(on: bool):
-    """Every PDL-capable launch programmatically dependent (server.model.pdl) or none, for the block's launches."""
-    from server.model import cuda_nf4, pdl
+    """Every PDL-capable launch programmatically dependent (server.kernels.pdl) or none, for the block's launches."""
+    from server.kernels import pdl
+    from server.kernels.nf4 import cuda_nf4
 
     saved = pdl.ENABLED
     pdl.ENABLED = on
@@ -538,11 +539,12 @@ def _programmatic(on: bool):
     ("wide", 40, {}),
 ])  # fmt: skip
 def test_decode_layer_chain_programmatically_dependent_equals_plain_launches(kernel, rows, options):
-    """LORAPLEX_PDL's chain (server.model.pdl): residual add + norm (Triton), the NF4 kernel (its split-K partials
+    """LORAPLEX_PDL's chain (server.kernels.pdl): residual add + norm (Triton), the NF4 kernel (its split-K partials
     summed by the next norm or by csrc's sum kernel), silu * up, again the NF4 kernel, four layers deep, gives the
     plain launches' bits, eager and replayed from a CUDA graph. A kernel that read its input before its wait, or
     released the next kernel before its own wait, would read a buffer before the kernel ahead wrote it."""
-    from server.model import cuda_nf4_wgmma, glue_ops
+    from server.kernels.glue import glue_ops
+    from server.kernels.nf4 import cuda_nf4_wgmma
 
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90")
@@ -579,8 +581,9 @@ def test_decode_layer_chain_programmatically_dependent_equals_plain_launches(ker
 def test_deferred_split_sums_equal_the_sum_kernel_bit_for_bit(kernel, rows, split_k):
     """defer_sum hands back the partials the sum kernel would have read; summed by SplitSums.materialize and by the
     glue kernels that take them (silu_mul and the rotary write, bf16), not a bit may differ from the summed output."""
-    from server.model import cuda_nf4, glue_ops, triton_glue
-    from server.model.split_sums import SplitSums
+    from server.kernels.glue import glue_ops, triton_glue
+    from server.kernels.nf4 import cuda_nf4
+    from server.kernels.split_sums import SplitSums
 
     codes, absmax, wshape, table, _ = _layer(1536, 1024)  # out 1024 = gate|up of 512, or q|k|v heads of 64
     x = torch.randn(rows, 1536, device="cuda").to(torch.bfloat16)
@@ -649,8 +652,9 @@ def test_deferred_split_sums_leave_the_engine_logits_bit_for_bit(monkeypatch, ba
 def test_lora_expand_sums_equals_the_sum_kernel_then_the_expand():
     """The fused sum + expand of the decode graphs' LoRA linears, on an 8B gate_up's split-K partials of 32 rows with
     32 adapters and a row without one: bit for bit csrc's sum kernel's output with the expand added."""
-    from server.model import cuda_nf4, triton_lora, triton_lora_decode
-    from server.model.lora_meta import decode_lora_meta
+    from server.kernels.lora import triton_lora, triton_lora_decode
+    from server.kernels.lora.lora_meta import decode_lora_meta
+    from server.kernels.nf4 import cuda_nf4
     from tests.lora_pools import mixed_ranks, random_pool
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -678,7 +682,7 @@ def test_lora_expand_sums_equals_the_sum_kernel_then_the_expand():
     # =2: the delta rides the partials to the activation kernel, which adds it after the sum's rounding
     from dataclasses import replace
 
-    from server.model import triton_glue
+    from server.kernels.glue import triton_glue
 
     assert torch.equal(triton_glue.silu_mul(replace(sums, delta=delta)), triton_glue.silu_mul(expected))
 
@@ -687,8 +691,9 @@ def test_side_expand_hands_the_delta_to_the_activation(monkeypatch):
     """LORAPLEX_LORA_SIDE_EXPAND=2 in a captured graph: linear_with_lora on a base that splits K returns its partials
     with the delta computed on the side stream (no join), and silu_mul over them matches silu_mul over the default
     path's summed output (within rounding: the shrink's split K adds with atomics), replayed after x changes."""
-    from server.model import glue_ops, lora_ops
-    from server.model.split_sums import SplitSums
+    from server.kernels.glue import glue_ops
+    from server.kernels.lora import lora_ops
+    from server.kernels.split_sums import SplitSums
 
     gen = torch.Generator(device="cuda").manual_seed(3)
     rows, in_features, pool, (codes, absmax, wshape, table, tiled) = _two_slice_lora_linear(gen, 2048, 2 * 4096)
@@ -697,7 +702,7 @@ def test_side_expand_hands_the_delta_to_the_activation(monkeypatch):
         may_defer_sum = True
 
         def forward(self, x, defer_sum=False):
-            from server.model import cuda_nf4
+            from server.kernels.nf4 import cuda_nf4
 
             return cuda_nf4.nf4_wide(x, tiled, wshape, table, None, split_k=4, defer_sum=defer_sum)
 
@@ -728,7 +733,7 @@ def test_fused_lora_sums_keep_the_engine_logits(monkeypatch):
     test_lora_expand_sums_equals_the_sum_kernel_then_the_expand is the bit-for-bit check, on one shrink's output."""
     from bench.build import build_engine, kv_blocks_for, loaded_model, random_adapters
     from server.engine.request import Request, SamplingParams
-    from server.model import lora_ops
+    from server.kernels.lora import lora_ops
     from tests.unit.test_mixed_batch_oracle import run_capturing
 
     config, model = _k_splitting_model()
@@ -757,8 +762,9 @@ def test_fused_lora_sums_keep_the_engine_logits(monkeypatch):
 def test_lora_expand_sums_at_wide_rows_on_the_1b_gate_up(rows):
     """65-128 rows of the 1B gate_up (in 2,048, out 16,384) go to wgmma (Hopper) or wide, whose split-K partials the
     fused LoRA expand sums: bit for bit the summed output with the expand added, 32 adapters and a row without one."""
-    from server.model import cuda_nf4, cuda_nf4_wgmma, triton_lora, triton_lora_decode
-    from server.model.lora_meta import decode_lora_meta
+    from server.kernels.lora import triton_lora, triton_lora_decode
+    from server.kernels.lora.lora_meta import decode_lora_meta
+    from server.kernels.nf4 import cuda_nf4, cuda_nf4_wgmma
     from tests.lora_pools import mixed_ranks, random_pool
 
     gen = torch.Generator(device="cuda").manual_seed(rows)
@@ -817,7 +823,7 @@ def test_a_captured_dequant_keeps_its_scratch_when_a_larger_layer_outgrows_it(mo
 def test_autotune_times_the_calls_replayed_as_one_graph_behind_the_flush():
     """nf4_autotune.time_calls: two eager rounds to warm, then the calls captured in turn as one graph (behind the L2
     flush) and replayed 2 + repeats times; a time per call, the flush's own taken off."""
-    from server.model import nf4_autotune
+    from server.kernels.nf4 import nf4_autotune
 
     counter = torch.zeros(1, device="cuda")
     a = torch.randn(1024, 1024, device="cuda")
@@ -833,7 +839,7 @@ def test_autotune_times_the_calls_replayed_as_one_graph_behind_the_flush():
 def test_tune_model_stores_its_picks_and_a_restart_takes_them_untimed(tmp_path, monkeypatch):
     """tune_model with the engine's cache file (tuning_cache): the first start times and stores, a restart (the
     process's picks cleared) times nothing and runs the same kernels; another dtype is another key."""
-    from server.model import nf4_autotune, tuning_cache
+    from server.kernels.nf4 import nf4_autotune, tuning_cache
     from server.model.quant import make_linear
 
     model = torch.nn.ModuleList([make_linear(torch.randn(600, 1536, device="cuda"), None, torch.bfloat16,
@@ -865,9 +871,9 @@ def test_tune_model_stores_its_picks_and_a_restart_takes_them_untimed(tmp_path, 
 def test_autotune_chooses_a_kernel_the_dispatch_then_runs_for_those_rows():
     """Start-up tuning (nf4_autotune, opt-in) times the candidates on a real NF4 layer; the dispatch then runs the
     chosen one for the tuned row counts, with the reference's results."""
-    from server.model import nf4_autotune
+    from server.kernels.nf4 import nf4_autotune
+    from server.kernels.nf4.triton_nf4 import device_num_sms
     from server.model.quant import make_linear
-    from server.model.triton_nf4 import device_num_sms
 
     layer = make_linear(torch.randn(600, 1536, device="cuda"), None, torch.bfloat16, quantize=True)
     shape = (600, 1536)

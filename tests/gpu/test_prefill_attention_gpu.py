@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from server.model.attention_ops import prefill_attention, prefill_attention_torch  # noqa: E402
+from server.kernels.attention.attention_ops import prefill_attention, prefill_attention_torch  # noqa: E402
 from tests.unit.test_prefill_attention import _case  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -39,7 +39,7 @@ def test_dispatch_matches_sdpa(lengths, prefixes, head_dim):
 def test_flash_varlen_matches_the_reference_for_fresh_prompts(dtype, head_dim, lengths):
     """Fresh prompts of unequal lengths (bench.prefill's shape, scaled down): one varlen call against SDPA one prompt at
     a time; k and v are column slices of one qkv projection, as the model makes them (rows strided)."""
-    from server.model import flash_varlen
+    from server.kernels.attention import flash_varlen
 
     q, k, v, k_cache, v_cache, seqs = _case(lengths, [0] * len(lengths), num_q_heads=32, num_kv_heads=8,
                                             head_dim=head_dim)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.model import glue_ops
-from server.model.attention_ops import paged_decode_attention_reference
-from server.model.split_sums import SplitSums
+from server.kernels.attention.attention_ops import paged_decode_attention_reference
+from server.kernels.glue import glue_ops
+from server.kernels.split_sums import SplitSums
 from tests.gpu.test_triton_kernels import capture, graph_time_us, widened_tables
 from tests.unit.test_rotary_decode_attention import decode_step
 
@@ -32,7 +32,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def triton_attention():
     pytest.importorskip("triton")
-    from server.model import triton_attention
+    from server.kernels.attention import triton_attention
 
     return triton_attention
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.sampling_masses import draw_from_masses, integer_masses, top_p_keep
+from server.kernels.sampling.sampling_masses import draw_from_masses, integer_masses, top_p_keep
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -24,7 +24,7 @@ def test_top_p_and_draw_on_cuda_equal_the_cpu(spread):
     drawn = draw_from_masses(masses, uniform)
     assert torch.equal(draw_from_masses(masses.cuda(), uniform.cuda()).cpu(), drawn)
     assert keep.gather(1, drawn[:, None]).all()
-    from server.engine.triton_top_p import top_p_draw
+    from server.kernels.sampling.triton_top_p import top_p_draw
 
     assert torch.equal(top_p_draw(probs.cuda(), top_p.cuda(), uniform.cuda()).cpu(), drawn)
 
@@ -32,7 +32,7 @@ def test_top_p_and_draw_on_cuda_equal_the_cpu(spread):
 def test_fused_top_p_timing_printout():
     """Read with -s: the fused kernels (chunk, digit and block sizes) against the torch steps they replace,
     32 x 128256; each must give the torch steps' tokens. No assertion on speed."""
-    from server.engine.triton_top_p import top_p_draw
+    from server.kernels.sampling.triton_top_p import top_p_draw
 
     probs = (torch.randn(32, 128256, device="cuda") * 2.0).softmax(-1)
     top_p, uniform = torch.full((32,), 0.9, device="cuda"), torch.rand(32, device="cuda")
@@ -65,7 +65,7 @@ def test_fused_top_p_timing_printout():
 def test_full_draw_on_cuda_equals_the_cpu(spread):
     """Rows without top-p at 32 x 128256 (the sampler's temperature-only draws): the fused chunk masses and draw
     against draw_from_masses over every token on the CPU."""
-    from server.engine.triton_top_p import full_draw
+    from server.kernels.sampling.triton_top_p import full_draw
 
     gen = torch.Generator().manual_seed(7)
     probs = (torch.randn(32, 128256, generator=gen) * spread).softmax(-1)
@@ -86,12 +86,12 @@ def _rows_a_cut_meets(vocab: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("vocab,chunk", [(128256, 4096), (5003, 1024), (5003, 4096)])
 def test_cuda_top_p_cut_equals_the_triton_kernels(vocab, chunk):
-    """The CUDA radix passes (server/engine/csrc/top_p.cu) leave the cut and every chunk's mass above it and
+    """The CUDA radix passes (server/kernels/sampling/csrc/top_p.cu) leave the cut and every chunk's mass above it and
     ties at it bit for bit as the Triton passes do, on every kind of row and top_p (none, 1.0 in float32 only,
     small, large); a vocabulary that ends inside a chunk, and chunks of one and many per row."""
-    from server.engine import cuda_top_p
-    from server.engine.sampling_masses import NO_TOP_P
-    from server.engine.triton_top_p import top_p_cut
+    from server.kernels.sampling import cuda_top_p
+    from server.kernels.sampling.sampling_masses import NO_TOP_P
+    from server.kernels.sampling.triton_top_p import top_p_cut
 
     probs = _rows_a_cut_meets(vocab, seed=vocab + chunk).cuda()
     gen = torch.Generator().manual_seed(3)
@@ -113,7 +113,7 @@ def test_cuda_top_p_draw_equals_the_triton_kernels_and_the_cpu(vocab, chunk):
     """Each row drawn at 16 uniforms across [0, 1) (so a wrong kept set or a wrong scan shows): the CUDA draw
     gives the Triton draw's tokens and the CPU's (sorting top_p_keep, draw_from_masses), with and without
     top-p."""
-    from server.engine.triton_top_p import full_draw, top_p_draw
+    from server.kernels.sampling.triton_top_p import full_draw, top_p_draw
 
     base = _rows_a_cut_meets(vocab, seed=vocab)
     probs = base.repeat_interleave(16, dim=0)  # [512, vocab]
@@ -133,7 +133,7 @@ def test_cuda_top_p_draw_equals_the_triton_kernels_and_the_cpu(vocab, chunk):
 def test_cuda_top_p_is_captured_by_a_cuda_graph():
     """The ctypes launches go to the current stream, so a graph captures them: a replay on new probabilities
     draws what an eager call draws."""
-    from server.engine.triton_top_p import top_p_draw
+    from server.kernels.sampling.triton_top_p import top_p_draw
 
     probs = _rows_a_cut_meets(128256, seed=1).cuda()
     top_p, uniform = torch.full((32,), 0.9, device="cuda"), torch.rand(32, device="cuda")
@@ -152,7 +152,7 @@ def test_cuda_top_p_is_captured_by_a_cuda_graph():
 def test_row_argmax_on_cuda_equals_argmax_with_ties_and_nan(dtype, rows):
     """The two-pass argmax of the greedy rows (row_argmax) against torch's own on the GPU: bf16 rows of few
     distinct values (ties at the max in many chunks), a masked row, NaN."""
-    from server.engine.row_argmax import row_argmax
+    from server.kernels.sampling.row_argmax import row_argmax
 
     gen = torch.Generator().manual_seed(rows)
     x = torch.randint(-6, 7, (rows, 128256), generator=gen).to(dtype).cuda()

@@ -1,4 +1,4 @@
-"""The one-kernel fill of a decode replay's static inputs (server.engine.triton_step_inputs) on a CUDA GPU writes what
+"""The one-kernel fill of a decode replay's static inputs (server.kernels.triton_step_inputs) on a CUDA GPU writes what
 the torch reference writes; the engine tests replay graphs filled by it."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("bucket,max_blocks,width,num_tables,tiles", [(1, 16, 3, 2, 0), (37, 300, 260, 9, 0),
                                                                       (1024, 64, 50, 33, 96)])
 def test_fill_kernel_matches_torch_on_cuda(bucket, max_blocks, width, num_tables, tiles):
-    from server.engine.triton_step_inputs import scatter_step_inputs
+    from server.kernels.triton_step_inputs import scatter_step_inputs
 
     rng = random.Random(bucket)
     expected = {k: v.cuda() for k, v in static_inputs(bucket, max_blocks, min(bucket, 256), tiles).items()}

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from server.model.attention_ops import paged_decode_attention_reference, write_kv_cache
-from server.model.lora_ops import decode_lora_meta, lora_apply_reference, make_lora_meta
+from server.kernels.attention.attention_ops import paged_decode_attention_reference, write_kv_cache
+from server.kernels.lora.lora_ops import decode_lora_meta, lora_apply_reference, make_lora_meta
 from tests.lora_pools import mixed_ranks, random_pool
 
 pytestmark = [
@@ -22,7 +22,7 @@ DEVICE = "cuda"
 @pytest.fixture(scope="module")
 def triton_lora():
     pytest.importorskip("triton")
-    from server.model import triton_lora
+    from server.kernels.lora import triton_lora
 
     return triton_lora
 
@@ -30,7 +30,7 @@ def triton_lora():
 @pytest.fixture(scope="module")
 def triton_attention():
     pytest.importorskip("triton")
-    from server.model import triton_attention
+    from server.kernels.attention import triton_attention
 
     return triton_attention
 
@@ -200,8 +200,8 @@ def test_lora_side_stream_equals_one_stream(triton_lora, graph, side_expand, mon
     """linear_with_lora forks the shrink (and, with LORAPLEX_LORA_SIDE_EXPAND, the expand into an fp32 delta) onto a
     side stream beside the base matmul and joins before the expand (the delta's add): the same results as base then
     lora_apply on one stream, eager and replayed from a CUDA graph after x and the slots change in place."""
-    from server.model import lora_ops
-    from server.model.lora_ops import linear_with_lora
+    from server.kernels.lora import lora_ops
+    from server.kernels.lora.lora_ops import linear_with_lora
 
     monkeypatch.setattr(lora_ops, "SIDE_EXPAND", side_expand)
 
@@ -233,9 +233,10 @@ def test_lora_fused_activation_equals_expand_then_activation(triton_lora, monkey
     same base output and h (the shrink's split-K atomics make h's last bits differ from run to run, so the unfused
     graph is compared within tolerance), replayed after x and the slots change in place (tokens without an adapter
     included)."""
-    from server.model import glue_ops, lora_ops
-    from server.model.lora_ops import linear_with_lora
-    from server.model.pending_lora import PendingLora
+    from server.kernels.glue import glue_ops
+    from server.kernels.lora import lora_ops
+    from server.kernels.lora.lora_ops import linear_with_lora
+    from server.kernels.lora.pending_lora import PendingLora
 
     monkeypatch.setattr(triton_lora, "ONE_ROW_BLOCK_N", 1024)
     inter, num_slots, num_tokens = 2816, 6, 32

@@ -18,7 +18,7 @@ import bitsandbytes as bnb  # noqa: E402  (after the skip: CPU CI never imports 
 import bitsandbytes.functional as bnbf  # noqa: E402
 import triton.testing  # noqa: E402
 
-from server.model import nf4_ops, triton_nf4  # noqa: E402
+from server.kernels.nf4 import nf4_ops, triton_nf4  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from server.model.act_shrink import ShrinkAhead, shrink_ahead, shrink_reference
-from server.model.lora_meta import decode_lora_meta
+from server.kernels.lora.act_shrink import ShrinkAhead, shrink_ahead, shrink_reference
+from server.kernels.lora.lora_meta import decode_lora_meta
 from tests.lora_pools import mixed_ranks, random_pool
 from tests.unit.triton_interp import interpreted
 
@@ -41,7 +41,7 @@ def test_shrink_reference_adds_each_tokens_ranks_only():
 
 def test_no_shrink_ahead_outside_a_captured_decode_step(monkeypatch):
     """Off, or on with no CUDA graph being captured (an eager step, the CPU), down_proj keeps its own shrink."""
-    from server.model import act_shrink
+    from server.kernels.lora import act_shrink
     from server.model.lora import LoraContext
 
     shrink = make_shrink(inter=40, max_rank=8, dtype=torch.float32, seed=0)
@@ -60,9 +60,9 @@ def test_no_shrink_ahead_where_down_proj_would_not_take_it(monkeypatch, case):
     """In a captured CUDA step (stood in for here), a down_proj of several slices, a batch whose segments are not one
     token each, or a pool without adapters keeps its own shrink: the conditions linear_with_lora's fork takes; and
     so does a step of fewer tokens than SILU_SHRINK (one token by default, where the separate shrink was faster)."""
-    from server.model import act_shrink, lora_ops
+    from server.kernels.lora import act_shrink, lora_ops
+    from server.kernels.lora.lora_meta import make_lora_meta
     from server.model.lora import LoraContext
-    from server.model.lora_meta import make_lora_meta
 
     monkeypatch.setattr(act_shrink, "SILU_SHRINK", len(SLOTS) + 1 if case == "fewer tokens" else 1)
     monkeypatch.setattr(act_shrink.torch.cuda, "is_current_stream_capturing", lambda: True)
@@ -84,11 +84,11 @@ def test_triton_interpreted_activation_adds_down_shrink(monkeypatch, max_rank, s
     plain loop's within summation order) at each token's ranks, zeros past them and for a token without an
     adapter; ranks up to 40 (three 16-rank blocks), an intermediate width that is no multiple of the program's
     columns, from split-K partials and with gate_up's own LoRA delta pending (LORAPLEX_LORA_ONE_ROW)."""
-    from server.model.pending_lora import PendingLora
-    from server.model.split_sums import SplitSums
+    from server.kernels.lora.pending_lora import PendingLora
+    from server.kernels.split_sums import SplitSums
 
-    glue = interpreted("server.model.triton_glue")
-    triton_lora = interpreted("server.model.triton_lora")
+    glue = interpreted("server.kernels.glue.triton_glue")
+    triton_lora = interpreted("server.kernels.lora.triton_lora")
     monkeypatch.setattr(triton_lora, "ONE_ROW_BLOCK_N", 256)
     gen = torch.Generator().manual_seed(max_rank + splits)
     inter, dtype = 300, torch.float16

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.model.attention_ops import (
+from server.kernels.attention.attention_ops import (
     paged_decode_attention,
     paged_decode_attention_reference,
     paged_decode_attention_torch,
@@ -97,7 +97,7 @@ def test_write_kv_cache_all_padding_is_a_no_op():
 
 @pytest.fixture(scope="module")
 def triton_attention():
-    return interpreted("server.model.triton_attention")
+    return interpreted("server.kernels.attention.triton_attention")
 
 
 # The interpreter multiplies bf16 operands of tl.dot as raw uint16 (Triton 3.9), so bf16 is GPU-only.

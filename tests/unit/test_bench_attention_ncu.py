@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from bench.attention_ncu import decode_inputs
-from server.model import glue_ops
-from server.model.attention_ops import paged_decode_attention_reference
+from server.kernels.attention.attention_ops import paged_decode_attention_reference
+from server.kernels.glue import glue_ops
 
 
 def test_decode_inputs_are_a_decode_step_of_the_8b_shape():

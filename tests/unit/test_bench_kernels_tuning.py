@@ -8,7 +8,7 @@ import sys
 from types import SimpleNamespace
 
 from bench import kernels
-from server.model import nf4_autotune, nf4_dispatch
+from server.kernels.nf4 import nf4_autotune, nf4_dispatch
 
 
 def test_ours_is_tuned_as_the_engine_tunes_at_its_row_counts(monkeypatch):
@@ -24,7 +24,7 @@ def test_ours_is_tuned_as_the_engine_tunes_at_its_row_counts(monkeypatch):
 
     monkeypatch.setattr(nf4_autotune, "tune", tune)
     monkeypatch.setattr(kernels, "_mma_available", lambda: True)
-    monkeypatch.setitem(sys.modules, "server.model.triton_nf4", SimpleNamespace(device_num_sms=lambda index: 132))
+    monkeypatch.setitem(sys.modules, "server.kernels.nf4.triton_nf4", SimpleNamespace(device_num_sms=lambda index: 132))
     layer = SimpleNamespace(shape=(256, 128), nf4=[("codes", "absmax", "state", "tiled"), ("c1", "a1", "s1", "t1")])
     monkeypatch.setattr(nf4_autotune, "AUTOTUNE", True)
     assert kernels.tune_like_the_engine(layer, 32) == "wgmma stage_blocks=2"
@@ -38,7 +38,7 @@ def test_ours_is_tuned_as_the_engine_tunes_at_its_row_counts(monkeypatch):
 def test_the_run_records_how_many_clusters_of_the_cluster_sum_fit(monkeypatch):
     """bench.kernels' cluster_occupancy: the extension's count for clusters of 2, 4 and 8 blocks; a note where the
     build has no wgmma kernels, and the error's text (not a failed run) where the query fails."""
-    from server.model import cuda_nf4, cuda_nf4_wgmma
+    from server.kernels.nf4 import cuda_nf4, cuda_nf4_wgmma
 
     monkeypatch.setattr(cuda_nf4_wgmma, "wgmma_supported", lambda: False)
     assert kernels.cluster_occupancy() == "no wgmma kernels in this build"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from bench.lora_dense import dense_apply, dense_expand, dense_index, dense_shrink
-from server.model.lora_meta import SlotLayout, make_lora_meta
-from server.model.lora_ops import lora_apply_reference
+from server.kernels.lora.lora_meta import SlotLayout, make_lora_meta
+from server.kernels.lora.lora_ops import lora_apply_reference
 
 
 @pytest.mark.parametrize("slice_offsets", [(0, 24), (0, 20, 40), (0, 16, 24, 32)])

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from server.engine import cuda_top_p
+from server.kernels.sampling import cuda_top_p
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")

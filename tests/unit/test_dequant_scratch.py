@@ -8,7 +8,7 @@ import weakref
 
 import torch
 
-from server.model import nf4_dispatch
+from server.kernels.nf4 import nf4_dispatch
 from tests.unit.engine_helpers import load_tiny
 
 

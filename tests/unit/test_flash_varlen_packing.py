@@ -1,10 +1,10 @@
-"""How fresh prompts are packed for one flash-attention varlen call (server.model.flash_varlen.packing): the
+"""How fresh prompts are packed for one flash-attention varlen call (server.kernels.attention.flash_varlen.packing): the
 cumulative lengths and the rows the call reads and writes. The call itself runs on the GPU suite
 (tests/gpu/test_prefill_attention_gpu.py)."""
 
 from __future__ import annotations
 
-from server.model.flash_varlen import Packing, packing
+from server.kernels.attention.flash_varlen import Packing, packing
 from server.model.llama import PrefillSeq
 
 

@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from server.model import glue_ops
-from server.model.split_sums import SplitSums, materialized
+from server.kernels.glue import glue_ops
+from server.kernels.split_sums import SplitSums, materialized
 from tests.unit.triton_interp import interpreted
 
 
@@ -34,7 +34,7 @@ def test_fused_residual_equals_plain_residual():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n_cols, with_add", [(64, True), (576, False), (2048, True), (100, True)])
 def test_add_rmsnorm_kernel(dtype, n_cols, with_add):
-    glue = interpreted("server.model.triton_glue")
+    glue = interpreted("server.kernels.glue.triton_glue")
     gen = torch.Generator().manual_seed(n_cols)
     h = (torch.randn(7, n_cols, generator=gen) * 3).to(dtype)
     delta = torch.randn(7, n_cols, generator=gen).to(dtype) if with_add else None
@@ -52,7 +52,7 @@ def test_add_rmsnorm_kernel(dtype, n_cols, with_add):
 def test_add_rmsnorm_kernel_sums_split_partials_bit_for_bit(splits, with_bias):
     """o_proj's / down_proj's split-K partials summed by the residual add + norm as it reads them: the same h and y
     as the summed output handed to it (float16: the interpreter rounds it as torch does)."""
-    glue = interpreted("server.model.triton_glue")
+    glue = interpreted("server.kernels.glue.triton_glue")
     gen = torch.Generator().manual_seed(splits)
     h = torch.randn(5, 96, generator=gen).to(torch.float16)
     sums = SplitSums(torch.randn(splits, 5, 96, generator=gen), torch.randn(96, generator=gen).to(torch.float16)
@@ -76,7 +76,7 @@ def test_add_rmsnorm_on_the_cpu_materializes_partials():
 @pytest.mark.parametrize("n_cols", [64, 576, 100])
 def test_embed_rmsnorm_kernel_gathers_rows_then_normalizes(dtype, n_cols):
     """The first norm's launch gathers the embedding rows itself: h is the table's rows exactly, y their norm."""
-    glue = interpreted("server.model.triton_glue")
+    glue = interpreted("server.kernels.glue.triton_glue")
     gen = torch.Generator().manual_seed(n_cols)
     table = (torch.randn(50, n_cols, generator=gen) * 3).to(dtype)
     ids = torch.tensor([3, 49, 0, 3, 17])
@@ -97,16 +97,16 @@ def test_embed_rmsnorm_on_the_cpu_is_the_lookup_then_the_norm():
 
 @pytest.mark.parametrize("inter", [128, 1536, 3000])
 def test_silu_mul_kernel(inter):
-    glue = interpreted("server.model.triton_glue")
+    glue = interpreted("server.kernels.glue.triton_glue")
     gate_up = (torch.randn(3, 2 * inter, generator=torch.Generator().manual_seed(inter)) * 4).to(torch.bfloat16)
     _close(glue.silu_mul(gate_up), glue_ops.silu_mul_reference(gate_up), torch.bfloat16)
 
 
 @pytest.mark.parametrize("num_q_heads, num_kv_heads, head_dim", [(4, 2, 32), (9, 3, 64)])
 def test_rotary_write_kv_kernel(num_q_heads, num_kv_heads, head_dim):
-    from server.model.attention_ops import write_kv_cache
+    from server.kernels.attention.attention_ops import write_kv_cache
 
-    glue = interpreted("server.model.triton_glue")
+    glue = interpreted("server.kernels.glue.triton_glue")
     gen = torch.Generator().manual_seed(head_dim)
     tokens, block_size, num_blocks = 6, 4, 5
     qkv = torch.randn(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(torch.bfloat16)
@@ -177,7 +177,7 @@ def test_split_sums_materialize_in_split_order_then_the_bias():
 def test_silu_mul_kernel_sums_split_partials_bit_for_bit(splits, with_bias, rows, with_delta):
     """Under 8 rows and from 8 (silu_mul's two launch shapes for partials); with a LoRA delta riding the partials
     (LORAPLEX_LORA_SIDE_EXPAND=2), added after the sum's rounding."""
-    glue = interpreted("server.model.triton_glue")
+    glue = interpreted("server.kernels.glue.triton_glue")
     sums = _split_sums(rows, 2 * 600, splits, torch.float16, with_bias, splits, with_delta)
     assert torch.equal(glue.silu_mul(sums), glue.silu_mul(sums.materialize()))
     if with_delta:
@@ -185,7 +185,7 @@ def test_silu_mul_kernel_sums_split_partials_bit_for_bit(splits, with_bias, rows
 
 
 def test_a_kernel_that_adds_no_delta_refuses_partials_that_carry_one():
-    glue = interpreted("server.model.triton_glue")
+    glue = interpreted("server.kernels.glue.triton_glue")
     sums = _split_sums(3, 64, 2, torch.float16, False, 0, with_delta=True)
     with pytest.raises(ValueError, match="does not add a LoRA delta"):
         glue.add_rmsnorm(torch.zeros(3, 64, dtype=torch.float16), sums, torch.ones(64, dtype=torch.float16), 1e-5)
@@ -194,7 +194,7 @@ def test_a_kernel_that_adds_no_delta_refuses_partials_that_carry_one():
 @pytest.mark.parametrize("splits, with_bias, launch", [(3, True, (1024, 4)), (16, False, (512, 8)), (1, False, None)])
 def test_silu_mul_with_the_split_count_compiled_in_gives_the_same_bits(splits, with_bias, launch):
     """bench.glue_kernels' variants: the split count as a compile-time constant, other launch shapes."""
-    glue = interpreted("server.model.triton_glue")
+    glue = interpreted("server.kernels.glue.triton_glue")
     sums = _split_sums(9, 2 * 700, splits, torch.float16, with_bias, splits)
     expected = glue.silu_mul(sums.materialize())
     assert torch.equal(glue.silu_mul(sums, launch=launch, compiled_splits=True), expected)
@@ -203,7 +203,7 @@ def test_silu_mul_with_the_split_count_compiled_in_gives_the_same_bits(splits, w
 
 @pytest.mark.parametrize("splits, with_bias, with_delta", [(3, True, False), (16, False, False), (4, True, True)])
 def test_rotary_write_kv_kernel_sums_split_partials_bit_for_bit(splits, with_bias, with_delta):
-    glue = interpreted("server.model.triton_glue")
+    glue = interpreted("server.kernels.glue.triton_glue")
     num_q_heads, num_kv_heads, head_dim, tokens = 4, 2, 32, 5
     sums = _split_sums(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, splits, torch.float16, with_bias, 7,
                        with_delta)
@@ -228,7 +228,7 @@ def test_rotary_write_kv_kernel_sums_split_partials_bit_for_bit(splits, with_bia
 
 
 def test_qkv_rotary_write_kv_on_the_cpu_materializes_partials():
-    from server.model.attention_ops import write_kv_cache
+    from server.kernels.attention.attention_ops import write_kv_cache
 
     sums = _split_sums(3, 4 * 16, 4, torch.float32, True, 1)
     rope = torch.stack([torch.ones(3, 16), torch.zeros(3, 16)], dim=1)  # angle 0: the rotation is the identity

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from server.model.lora_ops import (
+from server.kernels.lora.lora_ops import (
     SlotLayout,
     decode_lora_meta,
     lora_apply,
@@ -66,7 +66,7 @@ def test_torch_chunks_tokens_like_one_pass(monkeypatch):
     whole, chunked = y.clone(), y.clone()
     lora_apply_torch(whole, x, lora_a, lora_b, pool, meta, SLICES[1])
     per_token = 8 * (3 * lora_a.shape[1] + lora_b.shape[1])
-    monkeypatch.setattr("server.model.lora_ops._GATHER_BUDGET", 7 * per_token)
+    monkeypatch.setattr("server.kernels.lora.lora_ops._GATHER_BUDGET", 7 * per_token)
     lora_apply_torch(chunked, x, lora_a, lora_b, pool, meta, SLICES[1])
     torch.testing.assert_close(chunked, whole)
 
@@ -117,12 +117,12 @@ def test_layout_refuses_a_rank_above_max_rank():
 
 @pytest.fixture(scope="module")
 def triton_lora():
-    return interpreted("server.model.triton_lora")
+    return interpreted("server.kernels.lora.triton_lora")
 
 
 @pytest.fixture(scope="module")
 def lora_decode():
-    return interpreted("server.model.triton_lora_decode")
+    return interpreted("server.kernels.lora.triton_lora_decode")
 
 
 # The interpreter multiplies bf16 operands of tl.dot as raw uint16 (Triton 3.9), so bf16 is GPU-only.
@@ -218,7 +218,7 @@ def test_one_row_setting_takes_a_power_of_two_from_256_to_2048(value, ok):
     if importlib.util.find_spec("triton") is None:  # not imported here: the interpreter tests need it unimported
         pytest.skip("triton is not installed")
 
-    done = _import_with("server.model.triton_lora", "LORAPLEX_LORA_ONE_ROW", value)
+    done = _import_with("server.kernels.lora.triton_lora", "LORAPLEX_LORA_ONE_ROW", value)
     assert (done.returncode == 0) == ok, done.stderr
     if not ok:
         assert "LORAPLEX_LORA_ONE_ROW must be 0 or a power of two" in done.stderr
@@ -328,7 +328,7 @@ def test_scatter_slot_load_fills_the_pools_as_the_per_linear_reference(model_dty
     leaves every pool as `LoraLinear.load_slot` does, bit for bit, over a slot that held another adapter
     of a higher rank; the tensors are read from pages as the CPU tier holds them. Fused linears (q|k|v,
     gate|up) with untargeted slices, odd widths."""
-    interpreted("server.model.triton_slot_load")  # first: Triton must be imported for the interpreter
+    interpreted("server.kernels.lora.triton_slot_load")  # first: Triton must be imported for the interpreter
     from adapters_store import AdapterWeights
     from server.model.lora import LoraLinear, LoraSlots, max_adapter_rank
     from server.pinned_pages import pin_packed
@@ -384,7 +384,7 @@ def test_triton_interpreted_expand_sums_equals_sum_then_expand(triton_lora, lora
     summed (SplitSums.materialize, csrc's order) and then the expand added into that output, for tokens with and
     without an adapter, in the tile form and the one-row form (LORAPLEX_LORA_ONE_ROW); and within the reference's
     tolerance."""
-    from server.model.split_sums import SplitSums
+    from server.kernels.split_sums import SplitSums
 
     monkeypatch.setattr(triton_lora, "ONE_ROW_BLOCK_N", one_row)
 
@@ -419,10 +419,10 @@ def test_triton_interpreted_activation_adds_a_pending_delta_as_the_expand(triton
     for bit the expand (or expand_sums, from split-K partials) then silu_mul, for tokens with and without an
     adapter, ranks up to 40 (three 16-rank blocks) and an intermediate width that is no multiple of the program's
     columns; without LORAPLEX_LORA_ONE_ROW it runs that expand first."""
-    from server.model.pending_lora import PendingLora
-    from server.model.split_sums import SplitSums
+    from server.kernels.lora.pending_lora import PendingLora
+    from server.kernels.split_sums import SplitSums
 
-    glue = interpreted("server.model.triton_glue")
+    glue = interpreted("server.kernels.glue.triton_glue")
     monkeypatch.setattr(triton_lora, "ONE_ROW_BLOCK_N", one_row)
     gen = torch.Generator().manual_seed(max_rank + splits)
     slots, inter = [2, -1, 0, 2, 1], 300
@@ -451,7 +451,7 @@ def test_triton_interpreted_activation_adds_a_pending_delta_as_the_expand(triton
 
 
 def test_a_pending_delta_takes_one_token_segments():
-    from server.model.pending_lora import PendingLora
+    from server.kernels.lora.pending_lora import PendingLora
 
     _, _, _, lora_b, pool, meta = make_inputs([2, 1], [0, 1], 8, (0, 8, 16), torch.float32)
     with pytest.raises(ValueError, match="one-token segments"):
@@ -459,7 +459,7 @@ def test_a_pending_delta_takes_one_token_segments():
 
 
 def test_expand_sums_refuses_segments_of_several_tokens(triton_lora, lora_decode):
-    from server.model.split_sums import SplitSums
+    from server.kernels.split_sums import SplitSums
 
     _, x, lora_a, lora_b, pool, meta = make_inputs([2, 1], [0, 1], 8, SLICES[0], torch.float32)
     sums = SplitSums(torch.zeros(2, 3, SLICES[0][-1]), None, torch.float32)
@@ -480,7 +480,7 @@ def test_triton_interpreted_side_delta_equals_the_expand(triton_lora, lora_decod
     included). Linears of several slices (lora_delta refuses one: the compiled expand folds the base output
     into its dot, which the interpreter does not show; the GPU test compares the compiled kernels). Tile and one-row
     forms (LORAPLEX_LORA_ONE_ROW) alike."""
-    from server.model.split_sums import SplitSums
+    from server.kernels.split_sums import SplitSums
 
     monkeypatch.setattr(triton_lora, "ONE_ROW_BLOCK_N", one_row)
 
@@ -514,7 +514,7 @@ def test_triton_interpreted_side_delta_equals_the_expand(triton_lora, lora_decod
 
 
 def test_side_delta_refuses_bad_inputs(triton_lora, lora_decode):
-    from server.model.split_sums import SplitSums
+    from server.kernels.split_sums import SplitSums
 
     slices = SLICES[1]
     _, x, lora_a, lora_b, pool, meta = make_inputs([2, 1], [0, 1], 8, slices, torch.float32)
@@ -543,7 +543,7 @@ def test_side_delta_refuses_bad_inputs(triton_lora, lora_decode):
 def test_expand_sums_refuses_partials_that_carry_a_delta(triton_lora, lora_decode):
     """A SplitSums whose delta was computed beside the base (LORAPLEX_LORA_SIDE_EXPAND=2) goes to the kernels that add
     it; the fused sum-expand would drop it."""
-    from server.model.split_sums import SplitSums
+    from server.kernels.split_sums import SplitSums
 
     _, x, lora_a, lora_b, pool, _ = make_inputs([1, 1], [0, 1], 8, SLICES[1], torch.float32)
     meta = decode_lora_meta(torch.tensor([0, 1], dtype=torch.int32))
@@ -556,7 +556,7 @@ def test_expand_sums_refuses_partials_that_carry_a_delta(triton_lora, lora_decod
 
 @pytest.mark.parametrize("value, ok", [("0", True), ("2", True), ("", True), ("yes", False), ("-1", False)])
 def test_side_expand_setting_takes_0_1_or_2(value, ok):
-    done = _import_with("server.model.lora_ops", "LORAPLEX_LORA_SIDE_EXPAND", value)
+    done = _import_with("server.kernels.lora.lora_ops", "LORAPLEX_LORA_SIDE_EXPAND", value)
     assert (done.returncode == 0) == ok, done.stderr
     if not ok:
         assert "LORAPLEX_LORA_SIDE_EXPAND must be 0, 1 or 2" in done.stderr
@@ -566,7 +566,7 @@ def test_shrink_tuning_overrides_take_its_launch_choices_only():
     """LORAPLEX_LORA_SHRINK_TUNING's text: the shrink's launch choices as positive integers, block_k and num_warps
     powers of two; anything else a ValueError naming the setting (triton_lora.shrink_tuning, whose module imports
     Triton: run by make test-triton's phase, here the parser it calls with its names)."""
-    from server.model.launch_overrides import launch_overrides
+    from server.kernels.launch_overrides import launch_overrides
 
     tunable = dict.fromkeys(("block_k", "num_warps", "num_stages", "target_programs"), 0)  # triton_lora's
     parse = lambda text: launch_overrides(text, tunable, "LORAPLEX_LORA_SHRINK_TUNING")  # noqa: E731
@@ -580,7 +580,7 @@ def test_shrink_tuning_overrides_take_its_launch_choices_only():
 
 def test_decode_tuning_takes_none_where_its_defaults_allow_it_whatever_the_environment_set():
     """num_stages and maxnreg take none even after LORAPLEX_DECODE_TUNING set them to numbers at import."""
-    from server.model import decode_tuning
+    from server.kernels.attention import decode_tuning
 
     saved = dict(decode_tuning.DECODE_TUNING)
     try:

@@ -1,4 +1,4 @@
-"""Start-up kernel tuning for NF4 weights (server/model/nf4_autotune.py): the candidates, the choice, and the
+"""Start-up kernel tuning for NF4 weights (server/kernels/nf4/nf4_autotune.py): the candidates, the choice, and the
 dispatch running the choice for exactly the tuned shape and row count (CPU: the kernels replaced by recorders)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from server.model import cuda_nf4, cuda_nf4_wgmma, nf4_autotune, nf4_dispatch
-from server.model.nf4_dispatch import Choice
+from server.kernels.nf4 import cuda_nf4, cuda_nf4_wgmma, nf4_autotune, nf4_dispatch
+from server.kernels.nf4.nf4_dispatch import Choice
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +137,7 @@ def test_each_candidate_is_timed_over_every_layer_of_the_shape(monkeypatch):
 def test_tune_model_groups_up_to_tune_layers_of_each_shape(monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "server.model.triton_nf4", SimpleNamespace(device_num_sms=lambda index: 132))
+    monkeypatch.setitem(sys.modules, "server.kernels.nf4.triton_nf4", SimpleNamespace(device_num_sms=lambda index: 132))
     seen = {}
     monkeypatch.setattr(nf4_autotune, "tune", lambda layers, num_sms, cache, key: seen.update(layers) or
                         {(shape, 16): Choice("wide") for shape in layers})
@@ -159,7 +159,7 @@ def test_the_dispatch_runs_the_tuned_choice_for_that_shape_and_row_count_only(mo
     import sys
 
     calls = []  # the dispatch's SM count comes from the Triton module (absent from the CPU test venv)
-    monkeypatch.setitem(sys.modules, "server.model.triton_nf4", SimpleNamespace(device_num_sms=lambda index: 132))
+    monkeypatch.setitem(sys.modules, "server.kernels.nf4.triton_nf4", SimpleNamespace(device_num_sms=lambda index: 132))
     monkeypatch.setattr(cuda_nf4_wgmma, "nf4_wgmma", lambda *a, **kw: calls.append(("wgmma", kw)) or "wgmma")
     monkeypatch.setattr(cuda_nf4, "nf4_wide", lambda *a, **kw: calls.append(("wide", kw)) or "wide")
     monkeypatch.setattr(nf4_dispatch, "kernel_for", lambda rows, shape, table=None, num_sms=132: "wide")
@@ -191,7 +191,7 @@ def test_the_rules_wgmma_calls_take_bulk_x_past_64_rows_on_4096_inputs(monkeypat
     import sys
 
     calls = []
-    monkeypatch.setitem(sys.modules, "server.model.triton_nf4", SimpleNamespace(device_num_sms=lambda index: 132))
+    monkeypatch.setitem(sys.modules, "server.kernels.nf4.triton_nf4", SimpleNamespace(device_num_sms=lambda index: 132))
     monkeypatch.setattr(cuda_nf4_wgmma, "nf4_wgmma", lambda *a, **kw: calls.append(kw) or "wgmma")
     monkeypatch.setattr(nf4_dispatch, "kernel_for", lambda rows, shape, table=None, num_sms=132: "wgmma")
     monkeypatch.setattr(nf4_dispatch, "BULK_X", bulk_x)

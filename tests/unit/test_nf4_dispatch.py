@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from server.model import cuda_nf4, cuda_nf4_gemv, cuda_nf4_wgmma, nf4_dispatch
+from server.kernels.nf4 import cuda_nf4, cuda_nf4_gemv, cuda_nf4_wgmma, nf4_dispatch
 
 
 @pytest.mark.parametrize("rows, expected", [(1, "tile"), (8, "tile"), (11, "tile"), (12, "wide"), (16, "wide"),

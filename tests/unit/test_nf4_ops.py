@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from server.model import nf4_ops
+from server.kernels.nf4 import nf4_ops
 
 IS_INTERPRETER_WANTED = os.environ.get("LORAPLEX_TRITON_INTERPRET") == "1"
 IS_TRITON_COMPILED_MODE = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
@@ -110,7 +110,7 @@ def _interpreted_triton_nf4():
     if IS_TRITON_COMPILED_MODE:
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; export it too")
     pytest.importorskip("triton")
-    return importlib.import_module("server.model.triton_nf4")
+    return importlib.import_module("server.kernels.nf4.triton_nf4")
 
 
 # (num_tokens, out, in, config or None): pick_config's split-K and plain tiles, explicit split-K with
@@ -152,7 +152,7 @@ def test_triton_kernel_matches_reference_interpreted(case, dtype):
 @pytest.mark.parametrize("in_features, out_features", [(2048, 2048), (8192, 2048), (14336, 4096), (4096, 28672)])
 @pytest.mark.parametrize("num_tokens", [1, 8, 32, 64, 300, 8192])
 def test_pick_config_is_launchable(in_features, out_features, num_tokens):
-    triton_nf4 = pytest.importorskip("server.model.triton_nf4")
+    triton_nf4 = pytest.importorskip("server.kernels.nf4.triton_nf4")
     config = triton_nf4.pick_config(num_tokens, out_features, in_features, num_sms=132)
     assert (in_features // 64) % (config.split_k * config.k_groups) == 0
     assert config.block_t >= 16 and (num_tokens > 64 or config.block_t >= num_tokens)
@@ -163,7 +163,7 @@ def test_pick_config_is_launchable(in_features, out_features, num_tokens):
 def test_dequant_linear_matches_the_reference():
     """dequant + cuBLAS (nf4_dispatch.dequant_linear, the dequantize kernel under the interpreter), bias included."""
     _interpreted_triton_nf4()
-    from server.model import nf4_dispatch
+    from server.kernels.nf4 import nf4_dispatch
 
     codes, state = _quantize((320, 192), seed=9)
     absmax, shape = nf4_ops.nf4_absmax_float(state), tuple(state.shape)

@@ -1,5 +1,5 @@
-"""The byte-pair table (server/model/csrc/nf4_device.cuh: stage_pair_table, pair_offset, load_pair_at), emulated on
-the CPU before any GPU runs it: the bytes stage_pair_table writes, the addresses a lane's byte permute gives, and the
+"""The byte-pair table (server/kernels/nf4/csrc/nf4_device.cuh: stage_pair_table, pair_offset, load_pair_at), emulated
+on the CPU before any GPU runs it: the bytes stage_pair_table writes, the addresses a lane's byte permute gives, and the
 shared-memory banks a half-warp's 8-byte loads touch. Every byte value must read back its two codes (high nibble
 first), from the lane's own copy, and no load of a half-warp may meet a bank conflict, whatever bytes it reads."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-CSRC = Path(__file__).resolve().parents[2] / "server" / "model" / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "server" / "kernels" / "nf4" / "csrc"
 CODES = [float(i) / 16 - 0.5 for i in range(16)]  # any 16 distinct values
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.model.nf4_layout import tile_layout_sizes, tile_pack
-from server.model.nf4_ops import nf4_dequantize_reference
+from server.kernels.nf4.nf4_layout import tile_layout_sizes, tile_pack
+from server.kernels.nf4.nf4_ops import nf4_dequantize_reference
 
 TABLE = torch.linspace(-1, 1, 16)
 

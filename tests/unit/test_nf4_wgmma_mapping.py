@@ -1,6 +1,6 @@
-"""nf4_wgmma_kernel's data movement (server/model/csrc/nf4_wgmma.cuh), emulated on the CPU before any GPU runs it: x's
-16-byte chunks stored permuted into a 128-byte-swizzled tile as each thread's store_x does, the tensor cores' reads of
-that tile for k-step j (a token's 16 values at bytes 32j-32j+31 of its row, through the swizzle), the weights' A
+"""nf4_wgmma_kernel's data movement (server/kernels/nf4/csrc/nf4_wgmma.cuh), emulated on the CPU before any GPU runs it:
+x's 16-byte chunks stored permuted into a 128-byte-swizzled tile as each thread's store_x does, the tensor cores' reads
+of that tile for k-step j (a token's 16 values at bytes 32j-32j+31 of its row, through the swizzle), the weights' A
 fragments from the tile layout (a_fragments, emulated as in test_nf4_gemm_mapping), a warpgroup's 64 x 16 A assembled
 from its 4 warps as for m16n8k16, and the accumulator registers' (weight row, token) of the epilogue. The result must
 be x @ W^T with W dequantized and rounded to bf16."""
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from server.model.nf4_ops import nf4_dequantize_reference
+from server.kernels.nf4.nf4_ops import nf4_dequantize_reference
 from tests.unit.test_nf4_gemm_mapping import _bf16, _weight_regs, place_a, random_layer
 
 THREADS = 256  # WG_WARPS * 32

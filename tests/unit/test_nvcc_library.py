@@ -19,7 +19,7 @@ def test_the_probes_build_against_the_kernel_header_and_size_their_sink(tmp_path
     from bench import nf4_sol
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    include = (nf4_sol.ROOT / "server" / "model" / "csrc",)
+    include = (nf4_sol.ROOT / "server" / "kernels" / "nf4" / "csrc",)
     path = nvcc_library.build(nf4_sol.SOURCE, "loraplex_nf4_sol", 9, 0, include_dirs=include)
     assert path.is_relative_to(tmp_path) and path.stat().st_size > 0
     assert nvcc_library.build(nf4_sol.SOURCE, "loraplex_nf4_sol", 9, 0, include_dirs=include) == path
@@ -76,7 +76,7 @@ def test_the_wgmma_probes_build_for_sm90a_against_the_kernel_header(tmp_path, mo
     from bench import wgmma_sol
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    include = (wgmma_sol.ROOT / "server" / "model" / "csrc",)
+    include = (wgmma_sol.ROOT / "server" / "kernels" / "nf4" / "csrc",)
     path = nvcc_library.build(wgmma_sol.SOURCE, "loraplex_wgmma_sol", 9, 0, include_dirs=include, feature="a",
                               flags=("--use_fast_math",))
     assert path.parent.name.endswith("_sm90a") and path.stat().st_size > 0
@@ -98,7 +98,7 @@ def test_the_resident_kernels_shared_memory_and_descriptors(tmp_path, monkeypatc
     the block's dynamic shared memory (resident_smem_bytes within kResidentSmemMax), one more does not, at every block
     token count and with either table; and a descriptor built from its low word (the kernel's walk) is the whole
     descriptor for every 16-byte-aligned address of an SM's 228 KB."""
-    from server.model import cuda_nf4_wgmma
+    from server.kernels.nf4 import cuda_nf4_wgmma
 
     lib = _library_of(tmp_path, monkeypatch, "resident",
                       '#include "nf4_device.cuh"\n#include "nf4_wgmma.cuh"\n#include "nf4_wgmma_resident.cuh"\n'
@@ -146,11 +146,11 @@ def test_x_images_are_the_tiles_each_thread_would_have_stored(tmp_path, monkeypa
 
 
 def _library_of(tmp_path, monkeypatch, name: str, source_text: str) -> ctypes.CDLL:
-    """`source_text` built by nvcc_library against server/model/csrc (sm_90, no feature suffix) and loaded."""
+    """`source_text` built by nvcc_library against server/kernels/nf4/csrc (sm_90, no feature suffix) and loaded."""
     from pathlib import Path
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    csrc = Path(__file__).resolve().parents[2] / "server" / "model" / "csrc"
+    csrc = Path(__file__).resolve().parents[2] / "server" / "kernels" / "nf4" / "csrc"
     source = tmp_path / f"{name}.cu"
     source.write_text(source_text)
     return ctypes.CDLL(str(nvcc_library.build(source, name, 9, 0, include_dirs=(csrc,))))

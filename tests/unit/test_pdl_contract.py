@@ -1,4 +1,4 @@
-"""Programmatic dependent launch's contract, read from the kernels' source (server/model/pdl.py): a kernel launched
+"""Programmatic dependent launch's contract, read from the kernels' source (server/kernels/pdl.py): a kernel launched
 with the attribute may start while the kernel ahead still writes its output, so before its wait it may read only
 weights and store nothing. A kernel that broke this would race only on a GPU, at random; these checks fail at once."""
 
@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-MODEL = Path(__file__).resolve().parents[2] / "server" / "model"
-TRITON_MODULES = ("triton_glue.py", "triton_attention.py", "triton_lora.py", "triton_lora_decode.py")
+KERNELS = Path(__file__).resolve().parents[2] / "server" / "kernels"
+CSRC = KERNELS / "nf4" / "csrc"
+# Every Triton module of the kernels but triton_pdl.py, whose pdl_enter is the wait itself
+TRITON_MODULES = sorted(str(path.relative_to(KERNELS)) for path in KERNELS.rglob("triton_*.py")
+                        if path.name != "triton_pdl.py")
 # Pointers a Triton kernel may read before its wait: weights, which no kernel of a step writes.
 WEIGHT_POINTERS = {"weight_ptr"}
 # And, per kernel, other pointers no kernel ahead of it writes: the decode attention's step inputs (lengths, slots:
@@ -23,10 +26,10 @@ PLAIN_CUDA_KERNELS = {"nf4_mma_kernel", "wgmma_built_kernel"}
 
 
 def _pdl_kernels() -> list[tuple[str, ast.FunctionDef]]:
-    """(module, function) for every @triton.jit function of the model's Triton modules that takes a PDL argument."""
+    """(module, function) for every @triton.jit function of the Triton modules that takes a PDL argument."""
     found = []
     for module in TRITON_MODULES:
-        tree = ast.parse((MODEL / module).read_text())
+        tree = ast.parse((KERNELS / module).read_text())
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and any(arg.arg == "PDL" for arg in node.args.args):
                 found.append((module, node))
@@ -66,9 +69,9 @@ def test_a_triton_kernel_waits_before_it_reads_an_activation_or_stores(module, k
 
 
 def _cuda_kernels() -> dict[str, str]:
-    """Every __global__ kernel of server/model/csrc: name -> body (from its opening brace to the matching one)."""
+    """Every __global__ kernel of server/kernels/nf4/csrc: name -> body (from its opening brace to the matching one)."""
     kernels = {}
-    for path in sorted((MODEL / "csrc").iterdir()):
+    for path in sorted(CSRC.iterdir()):
         text = path.read_text()
         for match in re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\([^;{]*?\)\s+)?(\w+)\s*\(", text):
             start = text.index("{", match.end())
@@ -93,7 +96,7 @@ def test_every_cuda_kernel_but_the_plain_ones_waits_for_the_kernel_ahead():
 def test_the_plain_cuda_kernels_launch_without_the_attribute():
     """The kernels without a wait are launched only by `<<<...>>>` (never through launch_kernel or
     launch_tile_layout, which add the attribute)."""
-    text = "\n".join(path.read_text() for path in sorted((MODEL / "csrc").iterdir()))
+    text = "\n".join(path.read_text() for path in sorted(CSRC.iterdir()))
     for name in PLAIN_CUDA_KERNELS:
         assert re.search(rf"{name}(<[^;]*?>)?<<<", text), f"{name} has no plain launch"
         assert not re.search(rf"launch_(kernel|tile_layout)\(\s*{name}\b", text), f"{name} launched with PDL"

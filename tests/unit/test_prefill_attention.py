@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.model.attention_ops import prefill_attention_torch, write_kv_cache
+from server.kernels.attention.attention_ops import prefill_attention_torch, write_kv_cache
 from server.model.llama import PrefillSeq
 from tests.unit.triton_interp import interpreted
 
@@ -40,7 +40,7 @@ def _case(lengths, prefixes, num_q_heads=4, num_kv_heads=2, head_dim=64, block_s
     ([130], [0]),                        # one prompt over several query tiles
 ])  # fmt: skip
 def test_triton_prefill_matches_sdpa(lengths, prefixes):
-    kernel = interpreted("server.model.triton_prefill_attention")
+    kernel = interpreted("server.kernels.attention.triton_prefill_attention")
     q, k, v, k_cache, v_cache, seqs = _case(lengths, prefixes)
     expected = prefill_attention_torch(q, k, v, k_cache, v_cache, seqs, None, scale=0.125)
     got = kernel.prefill_attention_triton(q, k_cache, v_cache, seqs, scale=0.125, block_m=32, block_n=32)

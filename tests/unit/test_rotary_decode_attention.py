@@ -1,5 +1,5 @@
 """rotary_decode_attention: the qkv output's rotary, the new k/v's cache write and decode attention in one Triton
-kernel (server.model.triton_attention, under the interpreter), against the two ops it replaces (glue_ops'
+kernel (server.kernels.attention.triton_attention, under the interpreter), against the two ops it replaces (glue_ops'
 qkv_rotary_write_kv, then the attention reference); the CPU dispatch is those two ops."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.model import glue_ops
-from server.model.attention_ops import paged_decode_attention_reference
-from server.model.rotary_attention import rotary_decode_attention
-from server.model.split_sums import SplitSums
+from server.kernels.attention.attention_ops import paged_decode_attention_reference
+from server.kernels.attention.rotary_attention import rotary_decode_attention
+from server.kernels.glue import glue_ops
+from server.kernels.split_sums import SplitSums
 from tests.unit.test_attention_ops import TOLERANCE, make_paged
 from tests.unit.triton_interp import interpreted
 
@@ -65,7 +65,7 @@ def test_cpu_dispatch_is_the_two_ops():
 
 @pytest.fixture(scope="module")
 def triton_attention():
-    return interpreted("server.model.triton_attention")
+    return interpreted("server.kernels.attention.triton_attention")
 
 
 # The interpreter multiplies bf16 operands of tl.dot as raw uint16 (Triton 3.9), so bf16 is GPU-only.
@@ -121,7 +121,7 @@ def test_rejects_a_qkv_width_that_does_not_match_the_heads(triton_attention):
 
 
 def test_decode_tuning_overrides_parse_names_and_values():
-    from server.model.decode_tuning import tuning_overrides
+    from server.kernels.attention.decode_tuning import tuning_overrides
 
     assert tuning_overrides("") == {}
     assert tuning_overrides("num_warps=4, tile_n=32,fresh_kv=true") == {"num_warps": 4, "tile_n": 32,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.row_argmax import num_chunks, row_argmax
+from server.kernels.sampling.row_argmax import num_chunks, row_argmax
 from tests.unit.triton_interp import interpreted
 
 
@@ -47,7 +47,7 @@ def test_chunking():
 
 @pytest.mark.parametrize("vocab", [128_256, 5_000, 257, 4_096])
 def test_triton_kernel_equals_argmax_with_ties_masks_and_nan(vocab):
-    argmax = interpreted("server.engine.triton_argmax")
+    argmax = interpreted("server.kernels.sampling.triton_argmax")
     x = rows_with_ties(5, vocab, torch.float32, seed=vocab + 1)
     x[2, vocab // 3] = float("nan")
     x[2, vocab - 1] = float("nan")

@@ -17,7 +17,7 @@ from server.engine.sampler import (
     sample,
 )
 from server.engine.sampler_reference import sample_row_reference
-from server.engine.sampling_masses import draw_from_masses, integer_masses, top_p_keep, top_p_threshold
+from server.kernels.sampling.sampling_masses import draw_from_masses, integer_masses, top_p_keep, top_p_threshold
 from tests.unit.triton_interp import interpreted
 from tests.unit.triton_variants import LaunchRecorder
 
@@ -359,7 +359,7 @@ def test_fused_top_p_draw_equals_the_torch_steps_bit_for_bit(vocab, spread, quan
     chunk and of up to 6 (ties and the drawn token then fall in any chunk); radix digits of 2-6 bits (2 bits:
     15 passes, each carrying the mass above its prefix from the one before, over nearly flat rows whose tokens
     share the high bits for many passes)."""
-    triton_top_p = interpreted("server.engine.triton_top_p")
+    triton_top_p = interpreted("server.kernels.sampling.triton_top_p")
     gen = torch.Generator().manual_seed(vocab)
     logits = torch.randn(8, vocab, generator=gen) * spread
     if quantum:
@@ -380,7 +380,7 @@ def test_fused_top_p_draw_settles_the_last_digits_in_every_chunk(digit_bits):
     """Every probability within 64 float32 steps of one value (built from bit patterns; rows of 6 chunks, sums
     about 0.73): the cut falls among the last digits, where each chunk's mass above the cut takes the last pass's
     digits over the chosen one (softmax rows rarely put tokens that close above the cut)."""
-    triton_top_p = interpreted("server.engine.triton_top_p")
+    triton_top_p = interpreted("server.kernels.sampling.triton_top_p")
     gen = torch.Generator().manual_seed(digit_bits)
     probs = (0x3A000000 + torch.randint(0, 64, (6, 1500), generator=gen, dtype=torch.int32)).view(torch.float32)
     top_p = torch.tensor([0.3, 0.5, 0.55, 0.7, 0.9, 0.05]) * probs.sum(-1).double().float()
@@ -394,7 +394,7 @@ def test_fused_top_p_draw_keeps_every_token_of_a_row_without_top_p():
     """Floored masses can sum past 2**40 (here the first two alone do): a row without top-p (NO_TOP_P) must
     still keep the tail, as the torch path does. u near 1 lands on the last token. A top_p under 1.0 that is
     1.0 in float32 (0.99999999) is a top-p row: it cuts the tail with need 2**40, as the torch steps do."""
-    triton_top_p = interpreted("server.engine.triton_top_p")
+    triton_top_p = interpreted("server.kernels.sampling.triton_top_p")
     probs = torch.tensor([[0.50000006, 0.50000006, 1e-6]])
     uniform = torch.tensor([1.0 - 2**-23])
     expected = draw_from_masses(integer_masses(probs), uniform)
@@ -411,7 +411,7 @@ def test_full_draw_equals_the_torch_draw_bit_for_bit(vocab, spread, chunk):
     """Rows without top-p (the sampler's temperature-only draws on CUDA): the chunk masses and the draw kernel
     (interpreted) against draw_from_masses over every token, with a row of dropped tokens, a row of one chunk and
     of up to 9, uniforms at both ends; and floored masses summing past 2**40 keep their tail."""
-    triton_top_p = interpreted("server.engine.triton_top_p")
+    triton_top_p = interpreted("server.kernels.sampling.triton_top_p")
     gen = torch.Generator().manual_seed(vocab)
     logits = torch.randn(6, vocab, generator=gen) * spread
     logits[2, vocab // 3:] = float("-inf")
@@ -429,7 +429,7 @@ def test_fused_top_p_draw_builds_the_same_variants_for_every_batch_size(monkeypa
     variants mid-serving (a 1.05 s step) that start-up, at another batch size, had not."""
     import inspect
 
-    triton_top_p = interpreted("server.engine.triton_top_p")
+    triton_top_p = interpreted("server.kernels.sampling.triton_top_p")
     recorders = {}
     for name, runtime in (("_histogram_kernel", ("shift",)), ("_cut_stats_kernel", ()), ("_draw_kernel", ())):
         params = list(inspect.signature(getattr(triton_top_p, name).fn).parameters)

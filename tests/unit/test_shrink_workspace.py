@@ -1,16 +1,16 @@
-"""The decode graphs' one zeroed buffer for the split-K LoRA shrinks (server/model/shrink_workspace.py)."""
+"""The decode graphs' one zeroed buffer for the split-K LoRA shrinks (server/kernels/lora/shrink_workspace.py)."""
 
 import pytest
 import torch
 
-from server.model.shrink_workspace import ShrinkWorkspace, take_zeroed
+from server.kernels.lora.shrink_workspace import ShrinkWorkspace, take_zeroed
 from tests.unit.test_lora_ops import SLICES, make_inputs
 from tests.unit.triton_interp import interpreted
 
 
 @pytest.fixture(scope="module")
 def triton_lora():
-    return interpreted("server.model.triton_lora")
+    return interpreted("server.kernels.lora.triton_lora")
 
 
 def test_sizing_records_and_serving_hands_out_zeroed_aligned_slices_in_order():

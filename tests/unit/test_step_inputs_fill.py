@@ -1,4 +1,4 @@
-"""A decode replay's static inputs: the one-kernel fill (server.engine.triton_step_inputs, under the Triton
+"""A decode replay's static inputs: the one-kernel fill (server.kernels.triton_step_inputs, under the Triton
 interpreter) writes what the torch reference (cuda_graphs.scatter_torch) writes, stale columns and all."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tests.unit.triton_interp import interpreted
 
 @pytest.fixture(scope="module")
 def kernel():
-    return interpreted("server.engine.triton_step_inputs")
+    return interpreted("server.kernels.triton_step_inputs")
 
 
 def static_inputs(bucket: int, max_blocks: int, logit_rows: int, tiles: int) -> dict[str, torch.Tensor]:

@@ -34,15 +34,12 @@ def modules():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("Triton runs interpreted in this process")
     pytest.importorskip("triton")
-    from server.engine import triton_argmax, triton_step_inputs
-    from server.model import (
-        triton_attention,
-        triton_glue,
-        triton_lora,
-        triton_lora_decode,
-        triton_nf4,
-        triton_prefill_attention,
-    )
+    from server.kernels import triton_step_inputs
+    from server.kernels.attention import triton_attention, triton_prefill_attention
+    from server.kernels.glue import triton_glue
+    from server.kernels.lora import triton_lora, triton_lora_decode
+    from server.kernels.nf4 import triton_nf4
+    from server.kernels.sampling import triton_argmax
 
     return {"attention": triton_attention, "glue": triton_glue, "lora": triton_lora, "lora_decode": triton_lora_decode,
             "nf4": triton_nf4,

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from server.model import nf4_layout, nf4_ops
+from server.kernels.nf4 import nf4_layout, nf4_ops
 from tests.unit.triton_interp import interpreted
 
 # bitsandbytes imports triton, which picks interpreter mode at its first import: set it first (as test_nf4_ops
@@ -40,7 +40,7 @@ def _assert_close(got, expected, dtype):
     (1, 64, 1024, (16, 32, 2, 4)), (5, 80, 256, (16, 32, 2, 2)), (17, 96, 192, (32, 32, 1, 1)),
 ])  # fmt: skip
 def test_words_kernel_matches_reference(num_tokens, out_features, in_features, tiles):
-    triton_nf4 = interpreted("server.model.triton_nf4")
+    triton_nf4 = interpreted("server.kernels.nf4.triton_nf4")
     codes, absmax, shape, table = _weight(out_features, in_features, seed=num_tokens)
     x = _x(num_tokens, in_features, torch.bfloat16)
     config = triton_nf4.Nf4KernelConfig(*tiles)
@@ -50,7 +50,7 @@ def test_words_kernel_matches_reference(num_tokens, out_features, in_features, t
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_dequantize_kernel_is_exact(dtype):
-    dequant = interpreted("server.model.triton_nf4_dequant")
+    dequant = interpreted("server.kernels.nf4.triton_nf4_dequant")
     codes, absmax, shape, table = _weight(48, 320, seed=5)
     scratch = torch.full((48 * 320 + 7,), float("nan"), dtype=dtype)
     got = dequant.nf4_dequantize_triton(nf4_layout.codes_as_words(codes), absmax, table, scratch)

@@ -1,4 +1,4 @@
-"""The NF4 start-up tuning's picks on disk (server/model/tuning_cache.py) and nf4_autotune taking them: a restart
+"""The NF4 start-up tuning's picks on disk (server/kernels/nf4/tuning_cache.py) and nf4_autotune taking them: a restart
 with the same key times nothing it stored; any change to the key, a broken file or entry times afresh."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import torch
 
-from server.model import cuda_nf4_wgmma, nf4_autotune, nf4_dispatch, tuning_cache
-from server.model.nf4_dispatch import Choice
+from server.kernels.nf4 import cuda_nf4_wgmma, nf4_autotune, nf4_dispatch, tuning_cache
+from server.kernels.nf4.nf4_dispatch import Choice
 from tests.unit.test_nf4_autotune import clean_choices  # noqa: F401  (autouse: the process's picks cleared around each)
 
 PICKS = {((6144, 4096), 32): Choice("wgmma", (("resident_warpgroups", 6), ("pairs", 1))),
@@ -111,9 +111,13 @@ def test_the_sources_digest_follows_each_file(tmp_path):
     changed = tuning_cache.sources_digest(tmp_path, ("csrc", "b.py"))
     assert changed != digest
     (tmp_path / "csrc" / "c.cuh").write_text("")
-    assert tuning_cache.sources_digest(tmp_path, ("csrc", "b.py")) != changed
-    model_dir = tuning_cache._MODEL_DIR
-    assert all((model_dir / name).exists() for name in tuning_cache.SOURCES)  # a renamed source fails here
+    with_header = tuning_cache.sources_digest(tmp_path, ("csrc", "b.py"))
+    assert with_header != changed
+    (tmp_path / "csrc" / "__pycache__").mkdir()
+    (tmp_path / "csrc" / "__pycache__" / "d.pyc").write_bytes(b"bytecode")  # Python's caches come and go
+    assert tuning_cache.sources_digest(tmp_path, ("csrc", "b.py")) == with_header
+    server_dir = tuning_cache._SERVER_DIR
+    assert all((server_dir / name).exists() for name in tuning_cache.SOURCES)  # a renamed source fails here
 
 
 def test_tune_takes_the_stored_picks_untimed_and_stores_what_it_timed(monkeypatch, tmp_path):
