@@ -1,8 +1,8 @@
-"""nf4_gemm_kernel's fragment mapping (server/kernels/nf4/csrc/nf4_mma.cu), emulated lane by lane on the CPU before any
-GPU runs it: x as the MMA's A operand from each lane's 16-byte loads, the weights as its B operand from the registers
-a_fragments fills out of the tile layout (nf4_layout.tile_pack), the m16n8k16 MMA by its PTX fragment definitions,
-and the epilogue's (token, weight row) of every C register. The result must be x @ W^T with W dequantized and rounded
-to bf16, in fp32."""
+"""nf4_gemm_kernel's fragment mapping (server/kernels/nf4/csrc/nf4_gemm.cuh), emulated lane by lane on the CPU before
+any GPU runs it: x as the MMA's A operand from each lane's 16-byte loads, the weights as its B operand from the
+registers a_fragments fills out of the tile layout (nf4_layout.tile_pack), the m16n8k16 MMA by its PTX fragment
+definitions, and the epilogue's (token, weight row) of every C register. The result must be x @ W^T with W dequantized
+and rounded to bf16, in fp32."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from server.kernels.nf4.nf4_layout import tile_pack
 from server.kernels.nf4.nf4_ops import nf4_dequantize_reference
 
-MT, NT = 4, 2  # GEMM_MT, GEMM_NT of csrc/nf4_mma.cu
+MT, NT = 4, 2  # GEMM_MT, GEMM_NT of csrc/nf4_gemm.cuh
 
 
 def _bf16(value: torch.Tensor) -> torch.Tensor:

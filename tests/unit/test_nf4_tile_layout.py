@@ -1,5 +1,5 @@
 """The tile layout the CUDA tile kernel streams (nf4_layout.tile_pack), decoded on the CPU the way the
-kernel reads it (csrc/nf4_mma.cu, nf4_tile_kernel), must give back exactly the reference weight."""
+kernel reads it (csrc/nf4_tile.cuh, nf4_tile_kernel), must give back exactly the reference weight."""
 
 from __future__ import annotations
 

@@ -247,7 +247,7 @@ def nf4_gemm(
     defer_sum: bool = False,
 ) -> torch.Tensor | SplitSums:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout, x as the MMA's A operand
-    (csrc/nf4_mma.cu, nf4_gemm_kernel); with `defer_sum`, when K is split, the unsummed partials
+    (csrc/nf4_gemm.cuh, nf4_gemm_kernel); with `defer_sum`, when K is split, the unsummed partials
     (split_sums.SplitSums) instead."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)

@@ -1,4 +1,4 @@
-"""The one-to-sixteen-row NF4 kernels of the CUDA extension (csrc/nf4_mma.cu, csrc/nf4_pairs.cuh) and their
+"""The one-to-sixteen-row NF4 kernels of the CUDA extension (csrc/nf4_tile.cuh, csrc/nf4_pairs.cuh) and their
 configuration: ``nf4_gemv`` (a block a row tile, K split among its warps and summed in shared memory; 1-8 rows) and
 ``nf4_gemv_pairs`` (the byte-pair table on a persistent grid; 1-16 rows). The other kernels are in cuda_nf4."""
 
@@ -42,7 +42,7 @@ def nf4_gemv(
     num_sms: int = 132,
 ) -> torch.Tensor:
     """y [T, out] = x @ dequant(W)^T (+ bias) in x.dtype, from the tile layout: a block a row tile, K split among its
-    warps and summed in shared memory (csrc/nf4_mma.cu, nf4_gemv_kernel): one kernel, no fp32 partials. The same
+    warps and summed in shared memory (csrc/nf4_tile.cuh, nf4_gemv_kernel): one kernel, no fp32 partials. The same
     sums in the same order as nf4_tile with split_k = warps."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], device=x.device, dtype=x.dtype)

@@ -40,7 +40,7 @@ def validate_matmul_args(x: torch.Tensor, shape, bias: torch.Tensor | None) -> N
         raise ValueError(f"bias must be [{shape[0]}], got {list(bias.shape)}")
 
 
-TILE_ROWS = 16  # weight rows of one MMA tile (server/kernels/nf4/csrc/nf4_mma.cu, nf4_tile_kernel)
+TILE_ROWS = 16  # weight rows of one MMA tile (server/kernels/nf4/csrc/nf4_tile.cuh, nf4_tile_kernel)
 
 
 def tile_layout_sizes(shape) -> tuple[int, int]:

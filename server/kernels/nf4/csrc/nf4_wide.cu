@@ -1,5 +1,5 @@
 // The wide kernel (16-256 rows on every sm_80+ GPU; below Hopper's wgmma range elsewhere): x staged in shared
-// memory for a block's warps, the tile layout's MMA mapping (nf4_mma.cu's header says how), and its launches.
+// memory for a block's warps, the tile layout's MMA mapping (nf4_mma.cuh's header says how), and its launches.
 // Its own translation unit so that the extension's sources build in parallel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -10,7 +10,7 @@
 namespace {
 
 // Wide batches (16-256 rows): the tile layout's MMA mapping with x staged once a block in shared memory, where the
-// tile kernel (nf4_mma.cu) has every warp load its own x fragments from L1 (8 cache lines an instruction; the L1 pipe,
+// tile kernel (nf4_tile.cuh) has every warp load its own x fragments from L1 (8 cache lines an instruction; the L1 pipe,
 // not DRAM, bounded it at 32 rows). The block's warps (one or two 16-row tiles each) share one copy of x per quant
 // block: TOKENS rows of 64 values (128 bytes), brought in by cp.async STAGES - 1 blocks ahead. 16-byte chunk c of
 // row r sits at chunk c ^ (r & 7), so a quarter warp's LDS.128 (rows g and g + 1, chunks 2t and 2t + 1) and the
