@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Literal
@@ -10,7 +11,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server import settings_help
+from server import env_switches, settings_help
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loraplex"
 # Default max_prompt_chars per token of max_model_len: English averages about 4.5 characters per token
@@ -242,6 +243,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     )
     _add_flags(parser)
     args = parser.parse_args(argv)
+    unknown = env_switches.unknown_variables(os.environ, Settings.model_fields)
+    if unknown:  # pydantic-settings' extra="forbid" covers keyword arguments, not the environment
+        parser.exit(2, f"loraplex: unknown environment variables: {'; '.join(unknown)}: every setting is "
+                    "LORAPLEX_<NAME> of a field (see --help)\n")
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
         return Settings(**overrides)

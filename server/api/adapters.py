@@ -68,9 +68,9 @@ def _path_name(request: Request, name: str) -> str:
     return _checked_name(name)
 
 
-def _visible(caller: Principal, name: str) -> str:
+def _visible(caller: Principal, name: str, param: str = "name") -> str:
     """`name` if the caller may see it; otherwise the same 404 as a missing adapter."""
-    if not caller.may_use(_checked_name(name)):
+    if not caller.may_use(_checked_name(name, param)):
         raise adapter_not_found(name)
     return name
 
@@ -231,8 +231,8 @@ async def delete_adapter(name: str, request: Request, state: StateDep, caller: A
     return await _delete(_path_name(request, name), state, caller)
 
 
-async def _delete(name: str, state: ServerState, caller: Principal) -> dict:
-    _visible(caller, name)
+async def _delete(name: str, state: ServerState, caller: Principal, param: str = "name") -> dict:
+    _visible(caller, name, param)
     try:
         await asyncio.to_thread(state.store.delete, name)
     except AdapterNotFoundError:
@@ -277,7 +277,7 @@ async def load_lora_adapter(body: LoadLoraRequest, state: StateDep, caller: Admi
 @router.post("/unload_lora_adapter", response_class=PlainTextResponse, summary="vLLM alias: delete an adapter")
 async def unload_lora_adapter(body: UnloadLoraRequest, state: StateDep, caller: AdminCaller) -> PlainTextResponse:
     try:
-        await _delete(body.lora_name, state, caller)
+        await _delete(body.lora_name, state, caller, param="lora_name")
     except APIError as exc:
         if exc.status_code != 404:
             raise

@@ -77,9 +77,11 @@ def _encodable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def model_not_found(model: str) -> APIError:
-    """The one 404 for a missing adapter and for one the caller may not use (indistinguishable)."""
-    return APIError(404, f"The model {model!r} does not exist", param="model")
+def model_not_found(model: str, param: str = "model") -> APIError:
+    """The one 404 for a missing adapter and for one the caller may not use (indistinguishable); `param`: the
+    field that named it (TGI's `parameters.adapter_id`)."""
+    what = "model" if param == "model" else "adapter"
+    return APIError(404, f"The {what} {model!r} does not exist", param=param)
 
 
 def adapter_not_found(name: str) -> APIError:
@@ -122,6 +124,12 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     problems, first_param = [], None
     for error in exc.errors()[:5]:
         loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
+        if error.get("type") == "json_invalid":  # its loc is the body and the character where parsing failed
+            position = loc[0] if loc else "?"
+            reason = (error.get("ctx") or {}).get("error", "JSON decode error")
+            problems.append(f"the request body is not valid JSON: {reason} at character {position}")
+            first_param = first_param or "body"
+            continue
         param = ".".join(loc) or None
         first_param = first_param or param
         message = INVALID_UNICODE if error.get("type") == "string_unicode" else error.get("msg")

@@ -2,12 +2,14 @@
 (`stream` picks one; huggingface_hub's InferenceClient(base_url).text_generation posts there).
 
 Sampling follows TGI: greedy unless `do_sample` is true or temperature/top_p/top_k ask for
-sampling. `details` adds finish reason, token count, seed and per-token logprobs, and with
-`top_n_tokens` the likeliest alternatives of each token.
+sampling, a sampled request without a seed drawing one here, which `details` reports as TGI does.
+`details` adds finish reason, token count, seed and per-token logprobs, and with `top_n_tokens` the
+likeliest alternatives of each token. As in TGI, `generated_text` keeps the stop sequence that ended it.
 """
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 
@@ -35,8 +37,9 @@ def _sampling_params(p: GenerateParameters) -> SamplingParams:
         top_k=p.top_k or 0,
         repetition_penalty=p.repetition_penalty or 1.0,
         frequency_penalty=p.frequency_penalty or 0.0,
-        seed=p.seed,
+        seed=p.seed if p.seed is not None or not sampling else secrets.randbits(64),  # TGI's seed is a u64
         stop=list(p.stop),
+        include_stop_str_in_output=True,
         logprobs=True,
         top_logprobs=p.top_n_tokens or 0,
         grammar=tgi_grammar(p),
@@ -46,7 +49,7 @@ def _sampling_params(p: GenerateParameters) -> SamplingParams:
 async def _start(state: ServerState, caller, body: GenerateRequest) -> Generation:
     reject_invalid_text(body)
     params = body.parameters
-    adapter = await resolve_model(state, caller, params.adapter_id or None)
+    adapter = await resolve_model(state, caller, params.adapter_id or None, "parameters.adapter_id")
     prompt_ids = await state.prompts.encode_text(body.inputs, "inputs")
     if params.truncate:
         prompt_ids = prompt_ids[-params.truncate:]
@@ -98,7 +101,7 @@ async def generate(body: GenerateRequest, state: StateDep, caller: GenerateCalle
         response["details"] = {
             "finish_reason": tokens.finish_reason(outputs[-1]),
             "generated_tokens": generation.completion_tokens,
-            "seed": body.parameters.seed,
+            "seed": generation.request.params.seed,
             "prefill": [],
             "tokens": [t for o in outputs for t in tokens.render(o)],
         }
@@ -126,7 +129,8 @@ async def generate_stream(body: GenerateRequest, state: StateDep, caller: Genera
                 details = None
                 if last and body.parameters.details:
                     details = {"finish_reason": tokens.finish_reason(output),
-                               "generated_tokens": generation.completion_tokens, "seed": body.parameters.seed}
+                               "generated_tokens": generation.completion_tokens,
+                               "seed": generation.request.params.seed}
                 event = {"index": index, "token": token, "generated_text": text if last else None,
                          "details": details}
                 if with_top:

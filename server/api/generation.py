@@ -42,19 +42,20 @@ T = TypeVar("T")
 _NAME = re.compile(NAME_RE)
 
 
-async def resolve_model(state: ServerState, principal: Principal, model: str | None) -> AdapterRef | None:
+async def resolve_model(state: ServerState, principal: Principal, model: str | None,
+                        param: str = "model") -> AdapterRef | None:
     """None for the base model; the adapter's current version otherwise; 404 if the caller may not
-    use it or it does not exist (the same answer for both)."""
+    use it or it does not exist (the same answer for both), naming `param`, the field that named it."""
     if model is None or model == state.model_id:
         return None
     if not _NAME.fullmatch(model) or not principal.may_use(model):
-        raise model_not_found(model)
+        raise model_not_found(model, param)
     if (ref := state.registry.resolve_nowait(model)) is not None:
         return ref
     try:
         return await asyncio.to_thread(state.registry.resolve, model)
     except AdapterNotFoundError:
-        raise model_not_found(model) from None
+        raise model_not_found(model, param) from None
 
 
 class Generation:

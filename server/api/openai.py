@@ -48,6 +48,7 @@ def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens
         seed=seed,
         stop=body.stop_list,
         stop_token_ids=list(body.stop_token_ids or []),
+        include_stop_str_in_output=body.include_stop_str_in_output,
         ignore_eos=body.ignore_eos,
         min_tokens=body.min_tokens,
         allowed_token_ids=None if body.allowed_token_ids is None else sorted(set(body.allowed_token_ids)),

@@ -115,7 +115,8 @@ class _OpenAISampling(_Body):
     best_of: Annotated[int | None, _ONLY_BEST_OF_ONE] = Field(None, description="only 1 is supported")
     use_beam_search: _refused("use_beam_search", "no beam search", False)
     length_penalty: _refused("length_penalty", "it applies to beam search only", 1, 1.0)
-    include_stop_str_in_output: _refused("include_stop_str_in_output", "stop strings are always cut", False)
+    include_stop_str_in_output: bool = Field(
+        False, description="keep a stop string found and the text of the stop token that ended the output")
     skip_special_tokens: _refused("skip_special_tokens", "special tokens are always skipped", True)
     spaces_between_special_tokens: _refused("spaces_between_special_tokens", "special tokens are skipped", True)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,

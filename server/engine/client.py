@@ -233,7 +233,8 @@ class EngineProcessClient:
             raise QueueFullError(f"{self.num_in_flight} requests in flight; the queue holds {self.max_queue_size}")
         request_id = request.request_id
         stream = _Stream(OutputStream(asyncio.get_running_loop()),
-                         IncrementalDetokenizer(self._decoder, request.params.stop))
+                         IncrementalDetokenizer(self._decoder, request.params.stop,
+                                                request.params.include_stop_str_in_output))
         with self._lock:
             self._streams[request_id] = stream
         finished = False
@@ -328,7 +329,8 @@ class EngineProcessClient:
         text = ""
         if reason not in (FinishReason.ABORT, FinishReason.ERROR):
             stream.token_ids += output.new_token_ids
-            text = stream.detokenizer.step(stream.token_ids, is_last=reason is not None)
+            text = stream.detokenizer.step(stream.token_ids, is_last=reason is not None,
+                                           drop_last=output.ends_on_stop_token)
             if stream.detokenizer.is_stopped:
                 if reason is None:
                     self.abort(output.request_id, FinishReason.STOP)

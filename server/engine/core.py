@@ -119,17 +119,24 @@ class EngineCore:
             return
         weights = self.registry.cached(*message.adapter)
         if weights is not None:
-            self._admit(message, weights)
+            self._admit(message, AdapterRef(*message.adapter, weights))
             return
         self._pending[message.request_id] = message
-        future = self._loader.submit(self._load_weights, *message.adapter)
+        future = self._loader.submit(self.load_adapter, *message.adapter)
         future.add_done_callback(lambda done, m=message: self._loaded.put((m, done)))
 
-    def _load_weights(self, name: str, version: int):
-        return self.registry.weights(self.store.get(name, version))
+    def load_adapter(self, name: str, version: int) -> AdapterRef:
+        """The adapter at the version the API process resolved, or at the latest if that one was pruned since
+        (more uploads than adapter_versions_kept in between), as AdapterRegistry.resolve does in one process:
+        the request has not started, so no running request changes version. Raises AdapterNotFoundError once
+        the adapter is gone."""
+        try:
+            record = self.store.get(name, version)
+        except AdapterNotFoundError:
+            record = self.store.get(name)
+        return AdapterRef(record.name, record.version, self.registry.weights(record))
 
-    def _admit(self, message: AddRequest, weights) -> None:
-        adapter = None if message.adapter is None else AdapterRef(*message.adapter, weights)
+    def _admit(self, message: AddRequest, adapter: AdapterRef | None) -> None:
         request = Request(message.prompt_token_ids, message.params, adapter, request_id=message.request_id,
                           arrival_time=message.arrival_time, tenant=message.tenant)
         try:
@@ -147,7 +154,7 @@ class EngineCore:
             if self._pending.pop(message.request_id, None) is None:
                 continue
             try:
-                weights = future.result()
+                adapter = future.result()
             except AdapterNotFoundError as err:
                 self._rejected.append(Rejected(message.request_id, "adapter", str(err)))
             except Exception as err:
@@ -155,7 +162,7 @@ class EngineCore:
                 self._rejected.append(Rejected(message.request_id, "error", f"{type(err).__name__} while "
                                                "loading the adapter"))
             else:
-                self._admit(message, weights)
+                self._admit(message, adapter)
 
     def _abort(self, message: AbortRequests) -> None:
         for request_id in message.request_ids:
@@ -217,7 +224,8 @@ def route_outputs(message: Outputs, clients: dict[str, int], num_clients: int) -
 def _token_output(output: RequestOutput) -> TokenOutput:
     return TokenOutput(output.request_id, output.new_token_ids, output.new_logprobs,
                        output.finish_reason if output.finished else None, output.prompt_tokens,
-                       output.completion_tokens, output.error, output.new_top_logprobs, output.prompt_logprobs)
+                       output.completion_tokens, output.error, output.new_top_logprobs, output.prompt_logprobs,
+                       output.ends_on_stop_token)
 
 
 def serve(core: EngineCore, inputs: zmq.Socket, outputs: list[zmq.Socket]) -> None:

@@ -7,6 +7,10 @@ same context as a full decode does. `tokenizers`' DecodeStream runs the same sch
 flush: a trailing partial character at the end of a stream never comes out, so its text can fall
 short of a full decode. Here `step(..., is_last=True)` releases it, and the concatenated output equals
 `tokenizer.decode(output_ids, skip_special_tokens=True)` (cut before the first stop string).
+
+As in vLLM, a stop or EOS token that ends a request leaves no text (`step(..., drop_last=True)`), and
+`include_stop`, vLLM's `include_stop_str_in_output`, keeps both that token's text and a stop string found,
+cutting the text right after the stop string instead of before it.
 """
 
 from __future__ import annotations
@@ -48,11 +52,16 @@ class TokenDecoder:
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into released text: a few tokens are decoded per step."""
 
-    def __init__(self, decoder: TokenDecoder, stop: Sequence[str] = ()):
+    def __init__(self, decoder: TokenDecoder, stop: Sequence[str] = (), include_stop: bool = False):
         self._decode = decoder.decode
         self._is_additive = decoder.is_additive
         self._byte_token_ids = decoder.byte_token_ids
         self._stop = [s for s in stop if s]
+        self._include_stop = include_stop
+        # include_stop: nothing is held back (the stop string is released with the text before it), so a stop
+        # string that starts in text already released is searched for in its last characters (`_tail`).
+        self._lookback = max((len(s) for s in self._stop), default=1) - 1 if include_stop else 0
+        self._tail = ""
         self._prefix_offset = 0  # first token of the decode window
         self._read_offset = 0  # tokens whose text has been decoded (released or held)
         self._prefix_text = ""  # decode(ids[prefix_offset:read_offset]), alone
@@ -65,14 +74,20 @@ class IncrementalDetokenizer:
         """Everything decoded so far: the released text and the held-back tail."""
         return "".join(self._released) + self._held
 
-    def step(self, token_ids: list[int], is_last: bool = False) -> str:
+    def step(self, token_ids: list[int], is_last: bool = False, drop_last: bool = False) -> str:
         """Decode the tokens appended to `token_ids` since the last call; return the text to release.
 
         `token_ids` is the whole output so far (only its tail is read). `is_last`: no token follows,
-        so a trailing partial character and any held-back tail are released too.
+        so a trailing partial character and any held-back tail are released too. `drop_last` (with
+        `is_last`): the last token is the stop or EOS token that ended the request, whose text is not
+        released unless `include_stop`.
         """
         if self.is_stopped:
             return ""
+        if drop_last and not self._include_stop:
+            token_ids = token_ids[:-1]
+        if self._include_stop:
+            return self._step_including(self._decode_new(token_ids, is_last))
         candidate = self._held + self._decode_new(token_ids, is_last)
         if not candidate:
             return ""
@@ -98,6 +113,18 @@ class IncrementalDetokenizer:
         self._prefix_text = (new_text if self._is_additive
                              else self._decode(token_ids[self._prefix_offset:self._read_offset]))
         return new_text
+
+    def _step_including(self, new_text: str) -> str:
+        """include_stop's step: release `new_text` up to the end of the first stop string, if one ends in it."""
+        if not new_text:
+            return ""
+        window = self._tail + new_text
+        ends = [(start, start + len(s)) for s in self._stop if (start := window.find(s)) >= 0]
+        if ends:
+            self.is_stopped = True
+            return self._release(new_text[: max(0, min(ends)[1] - len(self._tail))])
+        self._tail = window[-self._lookback:] if self._lookback else ""
+        return self._release(new_text)
 
     def _find_stop(self, text: str) -> int:
         """Start of the first stop string in `text` (held tail + new text), or -1.
@@ -127,9 +154,11 @@ class IncrementalDetokenizer:
 def update_text(request: Request, decoder: TokenDecoder) -> str:
     """Detokenize the request's new tokens; return the text to stream. A stop string finishes it."""
     if request.detokenizer is None:
-        request.detokenizer = IncrementalDetokenizer(decoder, request.params.stop)
+        request.detokenizer = IncrementalDetokenizer(decoder, request.params.stop,
+                                                     request.params.include_stop_str_in_output)
     detokenizer = request.detokenizer
-    new_text = detokenizer.step(request.output_token_ids, is_last=request.finish_reason is not None)
+    new_text = detokenizer.step(request.output_token_ids, is_last=request.finish_reason is not None,
+                                drop_last=request.ends_on_stop_token)
     if detokenizer.is_stopped:
         request.finish_reason = FinishReason.STOP
     return new_text

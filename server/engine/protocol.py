@@ -78,6 +78,7 @@ class TokenOutput(msgspec.Struct, array_like=True):
     error: str | None = None
     new_top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token: (id, logprob), best first
     prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]] | None] | None = None  # first output only
+    ends_on_stop_token: bool = False  # the last new token is the stop or EOS token that ended it (no text)
 
 
 class Rejected(msgspec.Struct, array_like=True):

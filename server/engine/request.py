@@ -49,6 +49,9 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    # vLLM's: keep a stop string found, and the text of the stop or EOS token that ended the request (both are
+    # left out by default)
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS (unless ignore_eos) and stop_token_ids are masked until this many are out
     allowed_token_ids: list[int] | None = None  # only these tokens may be sampled; None = all
@@ -159,6 +162,7 @@ class RequestOutput:
     # With params.prompt_logprobs, in the first output: per prompt position None (the first) or
     # (logprob of that prompt token, its rank (1 = likeliest), alternatives (id, logprob), best first).
     prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]] | None] | None = None
+    ends_on_stop_token: bool = False  # with finished: the last new token is the stop or EOS token that ended it
 
 
 @dataclass(eq=False)
@@ -200,6 +204,7 @@ class Request:
     grammar_matcher: Any = None  # llguidance matcher of params.grammar, made at the first sampled token
     prompt_logprobs: list = field(default_factory=list)  # filled chunk by chunk during the first prefill
     tenant: str = ""  # who sent it (the API key's tenant): fair scheduling and per-tenant caps
+    ends_on_stop_token: bool = False  # its last output token is the stop or EOS token that ended it
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -226,11 +231,14 @@ class Request:
     def adapter_key(self) -> tuple[str, int] | None:
         return None if self.adapter is None else (self.adapter.name, self.adapter.version)
 
+    def is_stop_token(self, token: int, eos_token_ids: frozenset[int] | set[int]) -> bool:
+        """Whether `token` ends the request as a stop token (or EOS, unless ignore_eos)."""
+        return token in self.params.stop_token_ids or (not self.params.ignore_eos and token in eos_token_ids)
+
     def finish_reason_after(self, token: int, eos_token_ids: frozenset[int] | set[int], max_model_len: int):
         """Why the request ends with `token` (just appended), or None: a stop or EOS token, a grammar that
         admits nothing longer, max_tokens or the model's length."""
-        params = self.params
-        if (token in params.stop_token_ids) or (not params.ignore_eos and token in eos_token_ids):
+        if self.is_stop_token(token, eos_token_ids):
             return FinishReason.STOP
         if self.grammar_matcher is not None and self.grammar_matcher.is_stopped():
             return FinishReason.STOP
@@ -260,4 +268,5 @@ class Request:
             completion_tokens=len(self.output_token_ids),
             error=error,
             prompt_logprobs=list(self.prompt_logprobs) if is_first else None,
+            ends_on_stop_token=finished and self.ends_on_stop_token,
         )

@@ -147,6 +147,8 @@ REQUEST_CASES = [
     ("/v1/completions", {"prompt": "Hi"}, 400, ["model"]),
     ("/generate", {"inputs": "Hi", "parameters": {"top_p": 1.5}}, 400, ["top_p"]),
     ("/generate", {"inputs": "", "parameters": {}}, 400, ["inputs"]),
+    ("/generate", {"inputs": "Hi", "parameters": {"adapter_id": "missing"}}, 404,
+     ["adapter", "missing", "does not exist"]),
 ]
 
 
@@ -159,9 +161,20 @@ def test_bad_request(server, path, body, status, needles):
         _assert_unharmed(client, before)
 
 
+def test_the_param_of_an_error_is_the_field_that_caused_it(server):
+    with server.client() as client:
+        error = assert_error(client.post("/generate", json={"inputs": "Hi", "parameters": {"adapter_id": "x"}}), 404)
+        assert error["param"] == "parameters.adapter_id"
+        error = assert_error(client.post("/v1/completions", json={"model": "x", "prompt": "Hi"}), 404)
+        assert error["param"] == "model"
+        error = assert_error(client.post("/v1/unload_lora_adapter", json={"lora_name": "bad name!"}), 400, "bad name!")
+        assert error["param"] == "lora_name"
+
+
 def test_invalid_json_and_unknown_route(server):
     with server.client() as client:
-        assert_error(client.post("/v1/completions", content=b"{not json",
-                                 headers={"content-type": "application/json"}), 400)
+        error = assert_error(client.post("/v1/completions", content=b"{not json",
+                                         headers={"content-type": "application/json"}), 400, "not valid JSON")
+        assert error["param"] == "body"
         assert_error(client.get("/v1/nothing-here"), 404)
         assert_error(client.delete("/v1/completions"), 405)

@@ -105,6 +105,17 @@ def test_a_stop_string_found_by_the_api_process_stops_the_engine_request(server)
     assert _count("vllm:request_success_total", finished_reason="stop") == stopped + 1
 
 
+def test_the_stop_token_that_ends_a_request_leaves_no_text_across_the_processes(server):
+    forced = {**LONG, "logit_bias": {"42": 100}, "stop_token_ids": [42], "max_tokens": 6}
+    token_text = server.state.prompts.tokenizer.decode([42])
+    with server.client() as client:
+        for include, expected in ((False, ""), (True, token_text)):
+            response = client.post("/v1/completions", json={**forced, "include_stop_str_in_output": include})
+            choice = response.json()["choices"][0]
+            assert choice["finish_reason"] == "stop" and choice["text"] == expected, include
+            assert response.json()["usage"]["completion_tokens"] == 1
+
+
 def test_an_adapter_version_gone_before_the_engine_loads_it_is_404(server):
     state = server.state
     prompt_ids = state.prompts.tokenizer.encode("Hello")

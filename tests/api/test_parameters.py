@@ -63,7 +63,7 @@ _TOOL = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
 REFUSED = [
     ("both", "best_of", 2), ("both", "service_tier", "flex"), ("both", "store", True),
     ("both", "metadata", {"k": "v"}), ("both", "use_beam_search", True), ("both", "length_penalty", 0.5),
-    ("both", "include_stop_str_in_output", True), ("both", "skip_special_tokens", False),
+    ("both", "skip_special_tokens", False),
     ("both", "spaces_between_special_tokens", False), ("both", "prompt_logprobs", 50),
     ("both", "bad_words", ["x"]), ("both", "logits_processors", ["m.f"]),
     ("both", "response_format", {"type": "json_schema"}), ("both", "guided_json", "{not json"),
@@ -362,6 +362,18 @@ def _ignore_eos(api):
 def _stop_token_ids(api):
     result = api.complete(logit_bias={"42": 100}, stop_token_ids=[42], ignore_eos=True, max_tokens=6)
     assert result["usage"]["completion_tokens"] == 1 and result["choices"][0]["finish_reason"] == "stop"
+    assert result["choices"][0]["text"] == ""  # the stop token's text is left out, as in vLLM
+
+
+@honoured("both", "include_stop_str_in_output")
+def _include_stop_str_in_output(api):
+    text = api.text(max_tokens=16, ignore_eos=True)
+    stop = text[4:6]
+    kept = api.complete(max_tokens=16, ignore_eos=True, stop=[stop], include_stop_str_in_output=True)["choices"][0]
+    assert kept["text"] == text[: text.index(stop) + len(stop)] and kept["finish_reason"] == "stop"
+    forced = {"logit_bias": {"42": 100}, "stop_token_ids": [42], "ignore_eos": True, "max_tokens": 6}
+    token_text = api.tokenizer.decode([42])
+    assert token_text and api.text(include_stop_str_in_output=True, **forced) == token_text
 
 
 @honoured("both", "min_tokens")
@@ -612,6 +624,13 @@ def _tgi_sampling(api):
     for narrow in ({"top_k": 1}, {"top_p": 1e-6}):
         assert api.generate(max_new_tokens=12, do_sample=True, temperature=2.0, seed=4, **narrow)[
             "generated_text"] == greedy
+    # details report the seed a sampled request used, drawn where none was given: it gives the same text again
+    unseeded = api.generate(max_new_tokens=12, do_sample=True, temperature=2.0, details=True)
+    seed = unseeded["details"]["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**64
+    assert api.generate(max_new_tokens=12, do_sample=True, temperature=2.0, seed=seed)["generated_text"] == \
+        unseeded["generated_text"]
+    assert api.generate(max_new_tokens=4, details=True)["details"]["seed"] is None  # greedy draws none
 
 
 @honoured("generate", "repetition_penalty", "frequency_penalty")
@@ -624,7 +643,8 @@ def _tgi_penalties(api):
 @honoured("generate", "stop", "return_full_text", "truncate")
 def _tgi_text(api):
     text = api.generate(max_new_tokens=16)["generated_text"]
-    assert api.generate(max_new_tokens=16, stop=[text[4:6]])["generated_text"] == text[: text.index(text[4:6])]
+    stop = text[4:6]  # TGI keeps the stop sequence in generated_text
+    assert api.generate(max_new_tokens=16, stop=[stop])["generated_text"] == text[: text.index(stop) + len(stop)]
     assert api.generate(max_new_tokens=16, return_full_text=True)["generated_text"] == "Hello world" + text
     assert api.generate(max_new_tokens=16, truncate=1)["generated_text"] != text
 

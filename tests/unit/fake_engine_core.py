@@ -78,9 +78,11 @@ def fake_engine_core(settings, hf_dir, model_id, endpoints, parent_pid) -> None:
             prompt, params = entry.message.prompt_token_ids, entry.message.params
             token = prompt[entry.num_sent % len(prompt)]
             entry.num_sent += 1
-            done = entry.num_sent >= params.max_tokens
+            stop_token = token in params.stop_token_ids  # as the engine: STOP, and the token is the one that ended it
+            done = stop_token or entry.num_sent >= params.max_tokens
+            reason = FinishReason.STOP if stop_token else FinishReason.LENGTH if done else None
             steps.setdefault(entry.message.client, []).append(TokenOutput(
-                request_id, [token], None, FinishReason.LENGTH if done else None, len(prompt), entry.num_sent))
+                request_id, [token], None, reason, len(prompt), entry.num_sent, ends_on_stop_token=stop_token))
             if done:
                 del running[request_id]
         for client, step in steps.items():

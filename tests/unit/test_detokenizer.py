@@ -70,10 +70,12 @@ def full_decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def stream(tokenizer, ids: list[int], stop=()) -> tuple[list[str], IncrementalDetokenizer]:
-    """Feed ids one by one (the last with is_last); return the released pieces."""
-    detok = IncrementalDetokenizer(TokenDecoder(tokenizer), stop)
-    pieces = [detok.step(ids[: i + 1], is_last=i == len(ids) - 1) for i in range(len(ids))]
+def stream(tokenizer, ids: list[int], stop=(), include_stop: bool = False,
+           drop_last: bool = False) -> tuple[list[str], IncrementalDetokenizer]:
+    """Feed ids one by one (the last with is_last, and `drop_last`); return the released pieces."""
+    detok = IncrementalDetokenizer(TokenDecoder(tokenizer), stop, include_stop)
+    last = len(ids) - 1
+    pieces = [detok.step(ids[: i + 1], is_last=i == last, drop_last=drop_last and i == last) for i in range(len(ids))]
     return pieces, detok
 
 
@@ -164,6 +166,42 @@ def test_stop_strings_are_never_released_even_in_part(tokenizer):
             assert expected.startswith(released)
 
 
+def test_with_include_stop_the_text_runs_to_the_end_of_the_first_stop_string(tokenizer):
+    """vLLM's include_stop_str_in_output: the released text is the full decode cut right after the first stop
+    string (searched across pieces already released: nothing is held back)."""
+    rng = random.Random(2)
+    text = TEXTS[0] + " " + TEXTS[2]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    full = full_decode(tokenizer, ids)
+    checked = 0
+    for _ in range(30):
+        start = rng.randrange(1, len(full) - 4)
+        stop = full[start : start + rng.randrange(1, 5)]
+        if "\ufffd" in stop:
+            continue
+        expected = full[: full.index(stop) + len(stop)]
+        pieces, detok = stream(tokenizer, ids, [stop, "never-there"], include_stop=True)
+        assert detok.is_stopped and "".join(pieces) == expected, stop
+        released = ""
+        for piece in pieces:
+            released += piece
+            assert expected.startswith(released)
+        checked += 1
+    assert checked >= 20
+
+
+def test_the_stop_token_that_ends_a_request_leaves_no_text(tokenizer):
+    """drop_last: the last token's text is not released (vLLM's default), unless include_stop."""
+    rng = random.Random(3)
+    for ids in token_streams(tokenizer, rng)[:30]:
+        if len(ids) < 2:
+            continue
+        pieces, detok = stream(tokenizer, ids, drop_last=True)
+        assert "".join(pieces) == full_decode(tokenizer, ids[:-1]) == detok.text
+        pieces, _ = stream(tokenizer, ids, include_stop=True, drop_last=True)
+        assert "".join(pieces) == full_decode(tokenizer, ids)
+
+
 class CharTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(i) for i in ids)
@@ -211,3 +249,21 @@ def test_the_last_token_releases_the_held_tail():
             request.finish_reason = FinishReason.LENGTH
         emitted += update_text(request, TokenDecoder(CharTokenizer()))
     assert emitted == "the EN" and request.finish_reason is FinishReason.LENGTH
+
+
+def test_update_text_leaves_out_the_stop_token_only():
+    """A stop token id ends the request without its text; a stop string found in the same step still cuts."""
+    decoder = TokenDecoder(CharTokenizer())
+    for stop_tokens, expected in (([ord("!")], "hello"), ([], "hello!")):
+        request = Request([1], SamplingParams(stop_token_ids=stop_tokens))
+        emitted = ""
+        for ch in "hello!":
+            token = ord(ch)
+            request.output_token_ids.append(token)
+            request.finish_reason = request.finish_reason_after(token, frozenset(), 1000)
+            request.ends_on_stop_token = request.finish_reason is FinishReason.STOP and request.is_stop_token(
+                token, frozenset())
+            if len(request.output_token_ids) == 6 and request.finish_reason is None:
+                request.finish_reason = FinishReason.LENGTH
+            emitted += update_text(request, decoder)
+        assert emitted == expected == request.text

@@ -200,6 +200,17 @@ def test_stop_string_is_cut_and_stops_the_engine_request(client, tokenizer):
     assert now == (stopped or 0) + 1
 
 
+def test_the_stop_token_that_ends_a_request_leaves_no_text_unless_asked(client, tokenizer):
+    prompt = tokenizer.encode("Hello world! loraplex serves")
+    stop_token = prompt[3]
+    for include, kept in ((False, prompt[:3]), (True, prompt[:4])):
+        outputs = asyncio.run(_collect(client, prompt, max_tokens=100, stop_token_ids=[stop_token],
+                                       include_stop_str_in_output=include))
+        assert [t for o in outputs for t in o.new_token_ids] == prompt[:4]
+        assert "".join(o.new_text for o in outputs) == tokenizer.decode(kept)
+        assert outputs[-1].finish_reason is FinishReason.STOP
+
+
 def test_refusal_raises_the_engines_error(client):
     with pytest.raises(SamplingError, match="top_p"):
         asyncio.run(_collect(client, [REFUSE], max_tokens=3))

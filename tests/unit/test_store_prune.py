@@ -104,3 +104,22 @@ def test_get_list_and_count_see_the_newest_complete_version_whatever_is_half_wri
     assert store.count() == len(store.list()) == 1
     with pytest.raises(AdapterNotFoundError, match="not found"):
         store.get("b", 1)
+
+
+def test_the_engine_process_loads_the_latest_version_when_the_resolved_one_was_pruned(tmp_path):
+    """The API process resolved v1; uploads pruned it before the engine process loaded it: the request (not
+    started yet) gets the latest version, as resolve does in one process, and a 404 only once the adapter is gone."""
+    from server.engine.core import EngineCore
+
+    store = kept_store(tmp_path, 1)
+    put_versions(store, 1)
+    core = EngineCore(None, store, AdapterRegistry(store, max_cpu_adapters=4), None)
+    newer = peft_adapter(seed=1)
+    store.put("a", newer.config_bytes, newer.safetensors_bytes)
+    ref = core.load_adapter("a", 1)
+    assert ref.version == 2
+    assert torch.equal(ref.weights.tensors[0, "q_proj"][0], newer.lora_pair(0, "q_proj")[0])
+    assert core.load_adapter("a", 2).version == 2
+    store.delete("a")
+    with pytest.raises(AdapterNotFoundError):
+        core.load_adapter("a", 2)
