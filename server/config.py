@@ -34,6 +34,11 @@ class Settings(BaseSettings):
 
     model: str = Field("embedded", description="HF model dir (safetensors), a .gguf file, or 'embedded'")
     served_model_name: str | None = Field(None, description="the base model's id in /v1/models; unset = from model")
+    generation_config: Literal["auto", "none"] = Field(
+        "auto", description="auto (vLLM's default): the model's generation_config.json gives the OpenAI routes' "
+        "temperature, top_p, top_k, min_p and repetition_penalty where a request leaves them unset; none: 1.0, "
+        "1.0, off, off, 1.0"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype; auto = bfloat16 on CUDA, float32 on the CPU"
     )

@@ -1,10 +1,11 @@
-"""TGI / LoRAX-style routes: POST /generate, POST /generate_stream, and TGI's root route POST /
-(`stream` picks one; huggingface_hub's InferenceClient(base_url).text_generation posts there).
+"""TGI / LoRAX-style routes: POST /generate, POST /generate_stream, and TGI's root route POST / (`stream` picks
+one; huggingface_hub's InferenceClient(base_url).text_generation posts there).
 
-Sampling follows TGI: greedy unless `do_sample` is true or temperature/top_p/top_k ask for
-sampling, a sampled request without a seed drawing one here, which `details` reports as TGI does.
-`details` adds finish reason, token count, seed and per-token logprobs, and with `top_n_tokens` the
-likeliest alternatives of each token. As in TGI, `generated_text` keeps the stop sequence that ended it.
+Sampling follows TGI: greedy unless `do_sample` is true or temperature/top_p/top_k ask for sampling, a sampled
+request without a seed drawing one here, which `details` reports as TGI does. `details` adds finish reason,
+token count, seed and per-token logprobs, and with `top_n_tokens` the likeliest alternatives of each token,
+and with `decoder_input_details` the prompt tokens' logprobs. As in TGI, `generated_text` keeps the stop
+sequence that ended it.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ def _sampling_params(p: GenerateParameters) -> SamplingParams:
         top_k=p.top_k or 0,
         repetition_penalty=p.repetition_penalty or 1.0,
         frequency_penalty=p.frequency_penalty or 0.0,
-        seed=p.seed if p.seed is not None or not sampling else secrets.randbits(64),  # TGI's seed is a u64
+        # TGI's: a u64, drawn here for a sampled request without one; none for a greedy request (details say null)
+        seed=(secrets.randbits(64) if p.seed is None else p.seed) if sampling else None,
         stop=list(p.stop),
         include_stop_str_in_output=True,
         logprobs=True,
         top_logprobs=p.top_n_tokens or 0,
         grammar=tgi_grammar(p),
+        prompt_logprobs=0 if p.decoder_input_details else None,
     )
 
 
@@ -78,6 +81,12 @@ class _Tokens:
             for i, (token, logprob) in enumerate(zip(ids, logprobs, strict=False))
         ]
 
+    def render_prefill(self, prompt_ids: list[int], entries: list | None) -> list[dict]:
+        """decoder_input_details: each prompt token with its logprob (None for the first, as TGI)."""
+        entries = entries or [None] * len(prompt_ids)
+        return [{"id": token, "text": self.tokenizer.decode([token]), "logprob": None if entry is None else entry[0]}
+                for token, entry in zip(prompt_ids, entries, strict=False)]
+
     def render_top(self, output: RequestOutput) -> list[list[dict]]:
         """top_n_tokens: for each new token, its alternatives, likeliest first."""
         return [[{"id": t, "text": self.tokenizer.decode([t]), "logprob": v, "special": t in self.special_ids}
@@ -102,7 +111,8 @@ async def generate(body: GenerateRequest, state: StateDep, caller: GenerateCalle
             "finish_reason": tokens.finish_reason(outputs[-1]),
             "generated_tokens": generation.completion_tokens,
             "seed": generation.request.params.seed,
-            "prefill": [],
+            "prefill": (tokens.render_prefill(generation.request.prompt_token_ids, outputs[0].prompt_logprobs)
+                        if body.parameters.decoder_input_details else []),
             "tokens": [t for o in outputs for t in tokens.render(o)],
         }
         if body.parameters.top_n_tokens:

@@ -34,14 +34,20 @@ router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 
 def _sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: bool,
                      top_logprobs: int, seed: int | None, grammar: Grammar | None,
-                     prompt_logprobs: int | None) -> SamplingParams:
+                     prompt_logprobs: int | None, defaults: dict[str, float]) -> SamplingParams:
+    """The request's sampling; where it leaves a value unset, the model's default (`defaults`, from its
+    generation_config.json: server.api.generation_defaults) or else the OpenAI one."""
+
+    def unset_or(value, name: str, fallback):
+        return defaults.get(name, fallback) if value is None else value
+
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(0, body.top_k or 0),
-        min_p=body.min_p or 0.0,
-        repetition_penalty=body.repetition_penalty or 1.0,
+        temperature=unset_or(body.temperature, "temperature", 1.0),
+        top_p=unset_or(body.top_p, "top_p", 1.0),
+        top_k=max(0, unset_or(body.top_k, "top_k", 0)),
+        min_p=unset_or(body.min_p, "min_p", 0.0),
+        repetition_penalty=unset_or(body.repetition_penalty, "repetition_penalty", 1.0),
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         logit_bias=dict(body.logit_bias or {}),
@@ -170,7 +176,8 @@ async def _start(state: ServerState, caller, body, adapter, prompt_ids: list[int
                        f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the {prompt_field}, "
                        f"{max_tokens} in the completion). Please reduce the length of the {prompt_field} or "
                        f"{max_tokens_field}.", param=max_tokens_field)
-    params = _sampling_params(body, max_tokens, logprobs, top_logprobs, seed, grammar, prompt_logprobs)
+    params = _sampling_params(body, max_tokens, logprobs, top_logprobs, seed, grammar, prompt_logprobs,
+                              state.sampling_defaults)
     return await Generation.start(state, caller, prompt_ids, params, adapter, request_id, prompt_field)
 
 

@@ -106,7 +106,8 @@ class _OpenAISampling(_Body):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
-    min_tokens: int = Field(0, ge=0, description="EOS and stop_token_ids are masked until this many tokens are out")
+    min_tokens: int = Field(0, ge=0, description="EOS and stop_token_ids are masked, and stop strings not looked "
+                            "for, until this many tokens are out")
     allowed_token_ids: _TokenIds | None = Field(None, description="only these token ids may be generated")
     truncate_prompt_tokens: int | None = Field(None, ge=1, description="keep only the last N prompt tokens")
     return_tokens_as_token_ids: bool = Field(False, description="logprob tokens as 'token_id:<id>'")
@@ -253,9 +254,8 @@ class GenerateParameters(_Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     top_n_tokens: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                      description="details: the N likeliest alternatives of each token")
-    decoder_input_details: Annotated[
-        bool, _unsupported(lambda v: not v, "decoder_input_details is not supported: no prompt logprobs yet")
-    ] = Field(False, description="not supported")
+    decoder_input_details: bool = Field(
+        False, description="details.prefill: each prompt token's id, text and logprob (the first's null)")
     grammar: TgiGrammar | None = Field(None, description="TGI: {type: json | regex, value}")
     adapter_source: _refused("adapter_source", "adapters come from this server's store", "hub", "local")
     adapter_parameters: _refused("adapter_parameters", "no adapter merging per request")

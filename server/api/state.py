@@ -13,6 +13,7 @@ from collections.abc import Callable
 from adapters_store import AdapterStore, BaseModelSpec
 from server import metrics
 from server.api.auth import KeyRing
+from server.api.generation_defaults import generation_defaults
 from server.api.prompts import PromptEncoder
 from server.api.ratelimit import RateLimiter
 from server.config import Settings
@@ -63,6 +64,7 @@ class ServerState:
         self.prompts: PromptEncoder | None = None
         self.model_id = settings.served_model_name or ""
         self.max_model_len = settings.max_model_len
+        self.sampling_defaults: dict[str, float] = {}  # the OpenAI routes' (server.api.generation_defaults)
         self.created = int(time.time())
         self.num_active_requests = 0  # HTTP requests in progress, probes excluded
 
@@ -101,6 +103,8 @@ class ServerState:
                                 served_model_name=settings.served_model_name)
         loaded.model_id = settings.served_model_name or loaded.model_id
         self.model_id = loaded.model_id
+        if settings.generation_config == "auto":
+            self.sampling_defaults = generation_defaults(loaded.hf_dir)
         spec = BaseModelSpec.from_hf_config(loaded.config.hf_config)
         self.store = AdapterStore(settings.adapters_dir, spec, settings.max_rank, settings.max_upload_bytes,
                                   versions_kept=settings.adapter_versions_kept)

@@ -234,7 +234,7 @@ class EngineProcessClient:
         request_id = request.request_id
         stream = _Stream(OutputStream(asyncio.get_running_loop()),
                          IncrementalDetokenizer(self._decoder, request.params.stop,
-                                                request.params.include_stop_str_in_output))
+                                                request.params.include_stop_str_in_output, request.params.min_tokens))
         with self._lock:
             self._streams[request_id] = stream
         finished = False

@@ -10,7 +10,8 @@ short of a full decode. Here `step(..., is_last=True)` releases it, and the conc
 
 As in vLLM, a stop or EOS token that ends a request leaves no text (`step(..., drop_last=True)`), and
 `include_stop`, vLLM's `include_stop_str_in_output`, keeps both that token's text and a stop string found,
-cutting the text right after the stop string instead of before it.
+cutting the text right after the stop string instead of before it. As in vLLM too, stop strings are
+looked for only once the output is longer than `min_tokens`.
 """
 
 from __future__ import annotations
@@ -52,12 +53,14 @@ class TokenDecoder:
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into released text: a few tokens are decoded per step."""
 
-    def __init__(self, decoder: TokenDecoder, stop: Sequence[str] = (), include_stop: bool = False):
+    def __init__(self, decoder: TokenDecoder, stop: Sequence[str] = (), include_stop: bool = False,
+                 min_tokens: int = 0):
         self._decode = decoder.decode
         self._is_additive = decoder.is_additive
         self._byte_token_ids = decoder.byte_token_ids
         self._stop = [s for s in stop if s]
         self._include_stop = include_stop
+        self._min_tokens = min_tokens  # no stop string ends the output before it has more tokens than this
         # include_stop: nothing is held back (the stop string is released with the text before it), so a stop
         # string that starts in text already released is searched for in its last characters (`_tail`).
         self._lookback = max((len(s) for s in self._stop), default=1) - 1 if include_stop else 0
@@ -86,12 +89,13 @@ class IncrementalDetokenizer:
             return ""
         if drop_last and not self._include_stop:
             token_ids = token_ids[:-1]
+        searching = len(token_ids) > self._min_tokens
         if self._include_stop:
-            return self._step_including(self._decode_new(token_ids, is_last))
+            return self._step_including(self._decode_new(token_ids, is_last), searching)
         candidate = self._held + self._decode_new(token_ids, is_last)
         if not candidate:
             return ""
-        stop_at = self._find_stop(candidate)
+        stop_at = self._find_stop(candidate) if searching else -1
         if stop_at >= 0:
             self.is_stopped = True
             self._held = ""
@@ -114,12 +118,12 @@ class IncrementalDetokenizer:
                              else self._decode(token_ids[self._prefix_offset:self._read_offset]))
         return new_text
 
-    def _step_including(self, new_text: str) -> str:
+    def _step_including(self, new_text: str, searching: bool) -> str:
         """include_stop's step: release `new_text` up to the end of the first stop string, if one ends in it."""
         if not new_text:
             return ""
         window = self._tail + new_text
-        ends = [(start, start + len(s)) for s in self._stop if (start := window.find(s)) >= 0]
+        ends = [(start, start + len(s)) for s in self._stop if searching and (start := window.find(s)) >= 0]
         if ends:
             self.is_stopped = True
             return self._release(new_text[: max(0, min(ends)[1] - len(self._tail))])
@@ -155,7 +159,8 @@ def update_text(request: Request, decoder: TokenDecoder) -> str:
     """Detokenize the request's new tokens; return the text to stream. A stop string finishes it."""
     if request.detokenizer is None:
         request.detokenizer = IncrementalDetokenizer(decoder, request.params.stop,
-                                                     request.params.include_stop_str_in_output)
+                                                     request.params.include_stop_str_in_output,
+                                                     request.params.min_tokens)
     detokenizer = request.detokenizer
     new_text = detokenizer.step(request.output_token_ids, is_last=request.finish_reason is not None,
                                 drop_last=request.ends_on_stop_token)

@@ -102,7 +102,7 @@ class LLMEngine:
                                    str(self.model.dtype).removeprefix("torch."),
                                    None if settings.kv_cache_blocks else settings.kv_cache_memory_fraction,
                                    settings.enable_prefix_caching)
-        self.eos_token_ids = eos_ids(self.tokenizer, loaded.config.hf_config)
+        self.eos_token_ids = eos_ids(self.tokenizer, loaded.config.hf_config, loaded.hf_dir)
         self.sampler = Sampler(self.model.config.vocab_size, self.model.device, self.eos_token_ids,
                                GrammarBackend(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids))
         self.token_decoder = TokenDecoder(self.tokenizer)

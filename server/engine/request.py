@@ -53,7 +53,8 @@ class SamplingParams:
     # left out by default)
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    min_tokens: int = 0  # EOS (unless ignore_eos) and stop_token_ids are masked until this many are out
+    # EOS (unless ignore_eos) and stop_token_ids are masked, and stop strings not looked for, until this many are out
+    min_tokens: int = 0
     allowed_token_ids: list[int] | None = None  # only these tokens may be sampled; None = all
     logprobs: bool = False  # report the chosen tokens' logprobs
     top_logprobs: int = 0  # also report this many most likely alternatives per token (needs logprobs)

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import torch
 
 from server.api.auth import tenant_policies
@@ -13,6 +17,8 @@ from server.kernels.backends import triton_available
 from server.kernels.lora import lora_ops
 from server.model.loader import load_phase
 from server.model.lora import LoraSlots
+
+log = logging.getLogger(__name__)
 
 
 def adapter_pool_units(model, settings: Settings) -> int:
@@ -64,10 +70,17 @@ def tenant_counters(settings: Settings) -> TenantCounters:
                           is_fair=settings.scheduling_policy == "fair")
 
 
-def eos_ids(tokenizer, hf_config) -> set[int]:
-    """End-of-sequence token ids from the tokenizer and the model config (either may hold a list)."""
+def eos_ids(tokenizer, hf_config, hf_dir: Path | None = None) -> set[int]:
+    """End-of-sequence token ids from the tokenizer, the model config and, as vLLM takes them, the model's
+    generation_config.json (instruct models list their end-of-turn tokens there; any may hold a list)."""
+    generation_eos = None
+    if hf_dir is not None and (path := Path(hf_dir) / "generation_config.json").is_file():
+        try:
+            generation_eos = json.loads(path.read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            log.warning("generation_config.json of %s is unreadable: its eos_token_id is not used", hf_dir)
     ids = set()
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None), generation_eos):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, list):

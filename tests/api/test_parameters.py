@@ -79,7 +79,7 @@ REFUSED = [
     ("chat", "prediction", {"type": "content", "content": "x"}), ("chat", "reasoning_effort", "high"),
     ("chat", "verbosity", "low"), ("chat", "web_search_options", {}), ("chat", "chat_template", "{{ 1 }}"),
     ("chat", "documents", [{"text": "d"}]), ("chat", "mm_processor_kwargs", {"a": 1}), ("chat", "echo", True),
-    ("generate", "best_of", 2), ("generate", "decoder_input_details", True),
+    ("generate", "best_of", 2),
     ("generate", "grammar", {"type": "regex", "value": "(unclosed"}),
     ("generate", "typical_p", 0.5), ("generate", "watermark", True), ("generate", "adapter_source", "s3"),
     ("generate", "adapter_parameters", {"adapter_ids": ["a", "b"]}),
@@ -383,6 +383,12 @@ def _min_tokens(api):
     assert result["usage"]["completion_tokens"] == 5 and result["choices"][0]["finish_reason"] == "stop"
     ids = api.token_ids(min_tokens=3, logit_bias={"42": 100}, stop_token_ids=[42], max_tokens=10)
     assert len(ids) == 4 and 42 not in ids[:3] and ids[3] == 42
+    free = api.text(max_tokens=16, ignore_eos=True)
+    stopped = api.complete(max_tokens=16, ignore_eos=True, stop=[free[:1]])  # the first character's token ends it...
+    early = stopped["usage"]["completion_tokens"]
+    assert stopped["choices"][0]["text"] == "" and early < 14
+    held = api.complete(max_tokens=16, ignore_eos=True, stop=[free[:1]], min_tokens=early + 2)  # ...not before these
+    assert held["usage"]["completion_tokens"] > early + 2 and held["choices"][0]["text"].startswith(free[:1])
     assert_error(api.client.post("/v1/completions", json={"model": BASE_ID, "prompt": "x", "max_tokens": 2,
                                                           "min_tokens": 3}), 400, "min_tokens")
 
@@ -613,6 +619,14 @@ def _tgi_details(api):
     assert [len(top) for top in details["top_tokens"]] == [3] * 4
     assert all(top[0]["id"] == token["id"] for top, token in zip(details["top_tokens"], details["tokens"],
                                                                    strict=True))
+
+
+@honoured("generate", "decoder_input_details")
+def _tgi_prefill(api):
+    prefill = api.generate(max_new_tokens=2, details=True, decoder_input_details=True)["details"]["prefill"]
+    assert [token["id"] for token in prefill] == api.tokenizer.encode("Hello world")
+    assert prefill[0]["logprob"] is None and all(token["logprob"] <= 0 for token in prefill[1:])
+    assert api.generate(max_new_tokens=2, details=True)["details"]["prefill"] == []
 
 
 @honoured("generate", "do_sample", "temperature", "seed", "top_k", "top_p")

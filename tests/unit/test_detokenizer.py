@@ -267,3 +267,12 @@ def test_update_text_leaves_out_the_stop_token_only():
                 request.finish_reason = FinishReason.LENGTH
             emitted += update_text(request, decoder)
         assert emitted == expected == request.text
+
+
+@pytest.mark.parametrize("include_stop, expected", [(False, "hiix"), (True, "hiixi")])
+def test_stop_strings_wait_for_min_tokens(include_stop, expected):
+    """As in vLLM, no stop string ends an output of min_tokens tokens or fewer."""
+    detok = IncrementalDetokenizer(TokenDecoder(CharTokenizer()), ["i"], include_stop, min_tokens=3)
+    ids = [ord(ch) for ch in "hiixii"]
+    out = "".join(detok.step(ids[: i + 1]) for i in range(len(ids)))
+    assert out == expected and detok.is_stopped
