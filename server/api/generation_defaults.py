@@ -6,9 +6,10 @@ of 50 is not a recommendation). The TGI routes keep TGI's own defaults (greedy u
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
+
+from server.model.loader import read_generation_config
 
 log = logging.getLogger(__name__)
 
@@ -25,21 +26,14 @@ _KEYS = {
 def generation_defaults(hf_dir: Path | str) -> dict[str, float]:
     """The sampling values of `hf_dir`/generation_config.json that differ from transformers' defaults; {} without
     the file. A value of the wrong type or range is left out, with a warning."""
-    path = Path(hf_dir) / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        log.warning("%s is unreadable (%s): no sampling defaults from it", path, err)
-        return {}
+    config = read_generation_config(hf_dir)
     defaults = {}
     for name, (transformers_default, is_valid) in _KEYS.items():
-        value = config.get(name) if isinstance(config, dict) else None
+        value = config.get(name)
         if value is None or value == transformers_default:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or not is_valid(value):
-            log.warning("%s: %s = %r is not a valid default; left out", path, name, value)
+            log.warning("%s/generation_config.json: %s = %r is not a valid default; left out", hf_dir, name, value)
             continue
         defaults[name] = int(value) if name == "top_k" else float(value)
     if defaults:

@@ -233,8 +233,7 @@ class EngineProcessClient:
             raise QueueFullError(f"{self.num_in_flight} requests in flight; the queue holds {self.max_queue_size}")
         request_id = request.request_id
         stream = _Stream(OutputStream(asyncio.get_running_loop()),
-                         IncrementalDetokenizer(self._decoder, request.params.stop,
-                                                request.params.include_stop_str_in_output, request.params.min_tokens))
+                         IncrementalDetokenizer.for_params(self._decoder, request.params))
         with self._lock:
             self._streams[request_id] = stream
         finished = False

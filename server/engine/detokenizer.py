@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from tokenizers import decoders
 
-from server.engine.request import FinishReason, Request
+from server.engine.request import FinishReason, Request, SamplingParams
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for the bytes of a character not complete yet
 
@@ -71,6 +71,11 @@ class IncrementalDetokenizer:
         self._released: list[str] = []
         self._held = ""  # decoded text that ends like the start of a stop string
         self.is_stopped = False  # a stop string was found; nothing more is released
+
+    @classmethod
+    def for_params(cls, decoder: TokenDecoder, params: SamplingParams) -> IncrementalDetokenizer:
+        """The detokenizer of a request with these sampling parameters (its stop strings and their rules)."""
+        return cls(decoder, params.stop, params.include_stop_str_in_output, params.min_tokens)
 
     @property
     def text(self) -> str:
@@ -158,9 +163,7 @@ class IncrementalDetokenizer:
 def update_text(request: Request, decoder: TokenDecoder) -> str:
     """Detokenize the request's new tokens; return the text to stream. A stop string finishes it."""
     if request.detokenizer is None:
-        request.detokenizer = IncrementalDetokenizer(decoder, request.params.stop,
-                                                     request.params.include_stop_str_in_output,
-                                                     request.params.min_tokens)
+        request.detokenizer = IncrementalDetokenizer.for_params(decoder, request.params)
     detokenizer = request.detokenizer
     new_text = detokenizer.step(request.output_token_ids, is_last=request.finish_reason is not None,
                                 drop_last=request.ends_on_stop_token)

@@ -374,8 +374,7 @@ class LLMEngine:
             if request.grammar_matcher is not None:
                 request.grammar_matcher.consume_token(token)
             request.finish_reason = request.finish_reason_after(token, self.eos_token_ids, self.max_model_len)
-            request.ends_on_stop_token = (request.finish_reason is FinishReason.STOP
-                                          and request.is_stop_token(token, self.eos_token_ids))
+            request.ends_on_stop_token = request.is_stop_token(token, self.eos_token_ids)  # then finished: STOP
             new_text = update_text(request, self.token_decoder) if self.detokenize else ""
             finished = request.finish_reason is not None
             if finished:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
 import torch
@@ -15,10 +13,8 @@ from server.engine.fairness import TenantCounters, TenantPolicy
 from server.engine.rank_pool import block_size
 from server.kernels.backends import triton_available
 from server.kernels.lora import lora_ops
-from server.model.loader import load_phase
+from server.model.loader import load_phase, read_generation_config
 from server.model.lora import LoraSlots
-
-log = logging.getLogger(__name__)
 
 
 def adapter_pool_units(model, settings: Settings) -> int:
@@ -73,12 +69,7 @@ def tenant_counters(settings: Settings) -> TenantCounters:
 def eos_ids(tokenizer, hf_config, hf_dir: Path | None = None) -> set[int]:
     """End-of-sequence token ids from the tokenizer, the model config and, as vLLM takes them, the model's
     generation_config.json (instruct models list their end-of-turn tokens there; any may hold a list)."""
-    generation_eos = None
-    if hf_dir is not None and (path := Path(hf_dir) / "generation_config.json").is_file():
-        try:
-            generation_eos = json.loads(path.read_text()).get("eos_token_id")
-        except (OSError, ValueError, AttributeError):
-            log.warning("generation_config.json of %s is unreadable: its eos_token_id is not used", hf_dir)
+    generation_eos = None if hf_dir is None else read_generation_config(hf_dir).get("eos_token_id")
     ids = set()
     for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None), generation_eos):
         if isinstance(value, int):

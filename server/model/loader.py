@@ -191,6 +191,20 @@ def _read_safetensors(hf_dir: Path, device: torch.device) -> dict[str, torch.Ten
     return tensors
 
 
+def read_generation_config(hf_dir: Path | str) -> dict:
+    """The model's generation_config.json as a dict (its sampling values and extra EOS ids, read as vLLM reads
+    them); {} without the file, or with a warning if it is unreadable."""
+    path = Path(hf_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("%s is unreadable (%s): nothing of it is used", path, err)
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def load_hf_dir(
     hf_dir: Path, *, device: torch.device, dtype: torch.dtype, quantize: bool, model_id: str | None = None
 ) -> LoadedModel:

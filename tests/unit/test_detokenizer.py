@@ -261,8 +261,7 @@ def test_update_text_leaves_out_the_stop_token_only():
             token = ord(ch)
             request.output_token_ids.append(token)
             request.finish_reason = request.finish_reason_after(token, frozenset(), 1000)
-            request.ends_on_stop_token = request.finish_reason is FinishReason.STOP and request.is_stop_token(
-                token, frozenset())
+            request.ends_on_stop_token = request.is_stop_token(token, frozenset())  # as the engine sets it
             if len(request.output_token_ids) == 6 and request.finish_reason is None:
                 request.finish_reason = FinishReason.LENGTH
             emitted += update_text(request, decoder)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from server.kernels.backends import triton_available  # noqa: F401  (re-exported: the ops ask it, tests patch it)
+from server.kernels.backends import triton_available  # a name of this module: tests patch it here
 from server.kernels.lora.lora_meta import (  # noqa: F401  (re-exported: the ops' public surface)
     LoraBatchMeta,
     SlotLayout,
