@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -234,6 +235,12 @@ KILL_POINTS = {
 }
 
 
+def _kill_if_alive(pid: int) -> None:
+    """SIGKILL `pid` unless it is gone already (a worker that reached DONE first was killed and reaped there)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
 def test_sigkill_mid_put_leaves_old_or_new_version(tmp_path):
     small, big = big_adapter(rank=4, seed=0), big_adapter(rank=64, seed=1)
     assert len(big[1]) > 16_000_000
@@ -267,7 +274,7 @@ def test_sigkill_mid_put_leaves_old_or_new_version(tmp_path):
             if event == "PAUSED":
                 os.kill(int(value), signal.SIGKILL)
             elif event == "START" and roots[root][0] == "none":
-                killer = threading.Timer(random.uniform(0.0, 0.5), os.kill, (int(value), signal.SIGKILL))
+                killer = threading.Timer(random.uniform(0.0, 0.5), _kill_if_alive, (int(value),))
                 killer.daemon = True
                 killer.start()
             elif event == "DONE":
